@@ -1,0 +1,1 @@
+"""Dataflows built from a config, the simulator, importers and the CLI."""

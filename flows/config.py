@@ -1,0 +1,263 @@
+"""The flow's configuration: typed dataclasses, TOML loading, env overrides, validation.
+
+One source of truth: every key, its type, default, unit and meaning live here, in
+the dataclass fields' metadata; ``streamrec config-reference`` renders them.
+A config with an unknown key or a value of the wrong type fails at load time with a
+message naming the key (e.g. ``join.allowed_lateness_ms: expected int, got str``).
+
+Environment overrides: ``STREAMREC__SECTION__KEY=value`` (double underscores between
+levels, case-insensitive), the value read as a TOML literal when it parses as one
+(``1000``, ``true``, ``"x"``, ``[1, 2]``) and as a plain string otherwise. Example:
+``STREAMREC__JOIN__ALLOWED_LATENESS_MS=5000``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from state.join_state import JoinConfig
+from state.settings import doc
+
+ENV_PREFIX = "STREAMREC__"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+@dataclass
+class InputConfig:
+    """One input; several inputs run in order (e.g. a replay log, then Kafka)."""
+
+    kind: Literal["simulator", "replay", "kafka"] = doc("Source kind.", "simulator")
+    events: int = doc("simulator: number of events to generate; 0 = endless.", 200_000)
+    seed: int = doc("simulator: random seed.", 0)
+    n_users: int = doc("simulator: number of users.", 2_000)
+    n_items: int = doc("simulator: number of items.", 1_000)
+    path: str = doc("replay: JSONL log path (plain or .gz).", "")
+    speed: float = doc("replay: pace by event time at this many times real time; 0 = as fast as possible.", 0.0)
+    topics: list[str] = doc("kafka: input topics (the app name prefixes them).", factory=lambda: ["events"])
+    start: Literal["earliest", "latest"] = doc("kafka: where to start without a snapshot.", "earliest")
+    tail: bool = doc("kafka: keep consuming forever (false: stop once drained).", True)
+    batch_size: int = doc("Events per micro-batch.", 1_000)
+
+
+@dataclass
+class KafkaConfig:
+    """Kafka connection shared by Kafka inputs and outputs."""
+
+    bootstrap: str = doc("Bootstrap servers, host:port[,host:port].", "127.0.0.1:9092")
+    client: dict[str, Any] = doc(
+        "Extra kafka-python settings passed through to consumers and producers "
+        "(security_protocol, sasl_mechanism, sasl_plain_username, ssl_cafile, ...).",
+        factory=dict,
+    )
+
+
+@dataclass
+class OutputConfig:
+    """Where the output topics go."""
+
+    kind: Literal["files", "kafka"] = doc("files: one JSONL file per topic under dir; kafka: topics.", "files")
+    dir: str = doc("files: output directory.", "streamrec-out")
+
+
+@dataclass
+class ParseConfig:
+    """Input validation limits."""
+
+    max_bytes: int = doc("Largest accepted raw event, in bytes.", 65_536)
+    max_future_skew_ms: int = doc("Reject events further ahead of the stream watermark than this (ms).", 86_400_000)
+
+
+@dataclass
+class SamplerConfig:
+    """Negative downsampling."""
+
+    negative_rate: float = doc("Keep this fraction r of negatives (0 < r <= 1); kept ones get weight 1/r.", 1.0)
+    seed: int = doc("Salt of the deterministic per-impression keep decision.", 0)
+
+
+@dataclass
+class ShardConfig:
+    """How many keys the large tables are sharded under."""
+
+    users: int = doc("User shards (join, profiles, user vectors, serving).", 8)
+    items: int = doc("Item shards (item factors, co-visitation, item profiles).", 4)
+
+
+@dataclass
+class Config:
+    """The whole flow configuration."""
+
+    app: str = doc("Application name: namespaces topics, snapshot store and metrics.", "streamrec")
+    inputs: list[InputConfig] = doc("Inputs, consumed in order.", factory=lambda: [InputConfig()])
+    kafka: KafkaConfig = doc("Kafka connection.", factory=KafkaConfig)
+    output: OutputConfig = doc("Outputs.", factory=OutputConfig)
+    parse: ParseConfig = doc("Validation.", factory=ParseConfig)
+    shards: ShardConfig = doc("Sharding.", factory=ShardConfig)
+    join: JoinConfig = doc("Joiner.", factory=JoinConfig)
+    sampler: SamplerConfig = doc("Negative downsampling.", factory=SamplerConfig)
+
+    def topic(self, name: str) -> str:
+        """The Kafka topic of an output or input name, namespaced by the app."""
+        return f"{self.app}.{name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full effective config as plain data."""
+        return dataclasses.asdict(self)
+
+
+def _check(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+        return _from_dict(hint, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key}: expected one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ConfigError(f"{key}: expected {origin.__name__}, got {type(value).__name__}")
+        args = typing.get_args(hint)
+        if origin is list:
+            return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return {str(k): _check(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _check(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__}")
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected bool, got {type(value).__name__}")
+    if hint is not bool and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got bool")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _check(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def env_overrides(environ: typing.Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Nested overrides from ``STREAMREC__A__B=value`` environment variables."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(text)
+    return out
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | Config | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> Config:
+    """Build a validated Config from a TOML path, a dict, or defaults, plus env overrides."""
+    if isinstance(source, Config):
+        data = source.to_dict()
+    elif source is None:
+        data = {}
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    data = _merge(data, env_overrides(environ))
+    config = _from_dict(Config, data)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    if not 0.0 < config.sampler.negative_rate <= 1.0:
+        raise ConfigError("sampler.negative_rate: must be in (0, 1]")
+    if config.shards.users < 1 or config.shards.items < 1:
+        raise ConfigError("shards: users and items must be >= 1")
+    if not config.inputs:
+        raise ConfigError("inputs: at least one input is required")
+    for i, inp in enumerate(config.inputs):
+        if inp.kind == "replay" and not inp.path:
+            raise ConfigError(f"inputs[{i}].path: required for a replay input")
+        if inp.batch_size < 1:
+            raise ConfigError(f"inputs[{i}].batch_size: must be >= 1")
+    if not config.app or not config.app.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError("app: must be a non-empty name of letters, digits, '-' and '_'")
+
+
+def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Rows (key, type, default, doc) of every config key, generated from the dataclasses."""
+    rows: list[tuple[str, str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+        if dataclasses.is_dataclass(inner):
+            rows.append((key, "table" if inner is hint else "array of tables", "", f.metadata.get("doc", "")))
+            rows.extend(reference(inner, f"{key}{'[]' if inner is not hint else ''}."))
+            continue
+        type_name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
+        rows.append((key, type_name, repr(default), f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,1 @@
+"""Learning code with no Bytewax in it: rankers, MF, calibration, metrics."""

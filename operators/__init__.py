@@ -1,0 +1,1 @@
+"""Bytewax operator logic: parsing, sources, sinks, joiner, trainers, serving."""

@@ -1,0 +1,299 @@
+"""The event model of DESIGN section 1: typed records, validation, dead letters.
+
+Every input (a JSON line, a Kafka message value, or a dict from the simulator) is
+either parsed into one of the typed records below or turned into a dead-letter
+record ``{"reason", "detail", "raw", "ingest_ts"}``. Parsing never raises.
+
+Invariants of a parsed record: ``ts`` is an int in epoch milliseconds within
+``[0, MAX_TS_MS]`` and not further ahead of the stream watermark than the
+configured skew; every ID is a non-empty ``str`` (integer IDs are turned into
+their decimal string); optional fields hold their documented defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+MAX_TS_MS = 4_102_444_800_000
+"""2100-01-01T00:00:00Z in epoch ms; later timestamps are absurd."""
+
+MAX_ID_LEN = 256
+"""Longest accepted ID, in characters."""
+
+MAX_RAW_IN_DEAD_LETTER = 4096
+"""Raw input longer than this (bytes) is truncated inside its dead-letter record."""
+
+
+@dataclass(slots=True)
+class Impression:
+    """An item shown to a user. ``position`` is 0-based, -1 when unknown."""
+
+    ts: int
+    impression_id: str
+    user_id: str
+    item_id: str
+    request_id: str | None = None
+    position: int = -1
+    context: dict[str, Any] = field(default_factory=dict)
+    type = "impression"
+
+
+@dataclass(slots=True)
+class Feedback:
+    """A user action on an item; ``impression_id`` is None for organic interactions."""
+
+    ts: int
+    user_id: str
+    item_id: str
+    action: str
+    impression_id: str | None = None
+    value: float = 1.0
+    context: dict[str, Any] = field(default_factory=dict)
+    type = "feedback"
+
+
+@dataclass(slots=True)
+class Request:
+    """A request for ``k`` recommendations for a user."""
+
+    ts: int
+    request_id: str
+    user_id: str
+    k: int = 10
+    context: dict[str, Any] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+    type = "request"
+
+
+@dataclass(slots=True)
+class Item:
+    """Item catalog update: attributes and availability."""
+
+    ts: int
+    item_id: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    available: bool = True
+    type = "item"
+
+
+@dataclass(slots=True)
+class User:
+    """User attributes (user-provided data such as demographics)."""
+
+    ts: int
+    user_id: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    type = "user"
+
+
+Event = Impression | Feedback | Request | Item | User
+
+EVENT_TYPES = ("impression", "feedback", "request", "item", "user")
+
+
+class Invalid(Exception):
+    """A validation failure: ``reason`` is a stable code, ``detail`` a human message."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _id(obj: dict[str, Any], name: str, required: bool = True) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise Invalid("missing_field", f"'{name}' is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise Invalid("wrong_type", f"'{name}' must be a string or integer, got {type(value).__name__}")
+    text = value if isinstance(value, str) else str(value)
+    if not text or len(text) > MAX_ID_LEN:
+        raise Invalid("invalid_value", f"'{name}' must have 1..{MAX_ID_LEN} characters")
+    return text
+
+
+def _dict(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    value = obj.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Invalid("wrong_type", f"'{name}' must be an object, got {type(value).__name__}")
+    return value
+
+
+def _int(obj: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid("wrong_type", f"'{name}' must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise Invalid("invalid_value", f"'{name}' must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _number(obj: dict[str, Any], name: str, default: float) -> float:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid("wrong_type", f"'{name}' must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise Invalid("invalid_value", f"'{name}' must be finite")
+    return value
+
+
+def _build(kind: str, obj: dict[str, Any], ts: int) -> Event:
+    if kind == "impression":
+        return Impression(
+            ts,
+            _id(obj, "impression_id"),
+            _id(obj, "user_id"),
+            _id(obj, "item_id"),
+            _id(obj, "request_id", required=False),
+            _int(obj, "position", -1, -1, 100_000),
+            _dict(obj, "context"),
+        )
+    if kind == "feedback":
+        action = obj.get("action")
+        if action is None:
+            raise Invalid("missing_field", "'action' is required")
+        if not isinstance(action, str) or not action or len(action) > 64:
+            raise Invalid("wrong_type", "'action' must be a non-empty string of at most 64 characters")
+        return Feedback(
+            ts,
+            _id(obj, "user_id"),
+            _id(obj, "item_id"),
+            action,
+            _id(obj, "impression_id", required=False),
+            _number(obj, "value", 1.0),
+            _dict(obj, "context"),
+        )
+    if kind == "request":
+        exclude = obj.get("exclude")
+        if exclude is None:
+            exclude = []
+        elif not isinstance(exclude, list) or len(exclude) > 10_000:
+            raise Invalid("wrong_type", "'exclude' must be a list of at most 10000 IDs")
+        else:
+            exclude = [_id({"exclude": x}, "exclude") for x in exclude]
+        return Request(
+            ts,
+            _id(obj, "request_id"),
+            _id(obj, "user_id"),
+            _int(obj, "k", 10, 1, 1000),
+            _dict(obj, "context"),
+            exclude,
+        )
+    if kind == "item":
+        available = obj.get("available", True)
+        if not isinstance(available, bool):
+            raise Invalid("wrong_type", "'available' must be a boolean")
+        return Item(ts, _id(obj, "item_id"), _dict(obj, "attrs"), available)
+    return User(ts, _id(obj, "user_id"), _dict(obj, "attrs"))
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """The canonical JSON-ready dict of a parsed event (inverse of parsing)."""
+    out: dict[str, Any] = {"type": event.type}
+    for name in event.__slots__:
+        out[name] = getattr(event, name)
+    return out
+
+
+class EventParser:
+    """Parses raw inputs into events or dead letters; tracks the stream watermark.
+
+    ``max_bytes`` bounds a raw payload (bytes). ``max_future_skew_ms`` bounds how far
+    an event may be ahead of the highest valid ``ts`` seen so far (the watermark);
+    the first event sets the watermark. Old logs (e.g. 1997) are valid.
+    """
+
+    def __init__(self, max_bytes: int = 65_536, max_future_skew_ms: int = 86_400_000) -> None:
+        self.max_bytes = max_bytes
+        self.max_future_skew_ms = max_future_skew_ms
+        self.watermark_ms: int | None = None
+
+    def parse(self, raw: bytes | str | dict[str, Any]) -> Event | dict[str, Any]:
+        """Return a typed event, or a dead-letter dict when ``raw`` is invalid."""
+        try:
+            return self._parse(raw)
+        except Invalid as err:
+            return dead_letter(raw, err.reason, err.detail)
+
+    def parse_batch(self, raws: list[Any]) -> tuple[list[Event], list[dict[str, Any]]]:
+        """Parse a micro-batch in order; returns (events, dead letters)."""
+        events: list[Event] = []
+        dead: list[dict[str, Any]] = []
+        for raw in raws:
+            out = self.parse(raw)
+            if isinstance(out, dict):
+                dead.append(out)
+            else:
+                events.append(out)
+        return events, dead
+
+    def _parse(self, raw: bytes | str | dict[str, Any]) -> Event:
+        if isinstance(raw, dict):
+            obj: Any = raw
+        else:
+            if len(raw) > self.max_bytes:
+                raise Invalid("oversized", f"payload of {len(raw)} bytes exceeds {self.max_bytes}")
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as err:
+                raise Invalid("malformed_json", str(err)) from None
+            if not isinstance(obj, dict):
+                raise Invalid("not_object", f"expected a JSON object, got {type(obj).__name__}")
+        kind = obj.get("type")
+        if kind is None:
+            raise Invalid("missing_field", "'type' is required")
+        if kind not in EVENT_TYPES:
+            raise Invalid("unknown_type", f"unknown event type {str(kind)[:64]!r}")
+        ts = obj.get("ts")
+        if ts is None:
+            raise Invalid("missing_field", "'ts' is required")
+        if isinstance(ts, bool) or not isinstance(ts, int):
+            raise Invalid("bad_ts", f"'ts' must be integer epoch ms, got {type(ts).__name__}")
+        if ts < 0 or ts > MAX_TS_MS:
+            raise Invalid("absurd_ts", f"'ts' {ts} is outside [0, {MAX_TS_MS}] (1970..2100)")
+        watermark = self.watermark_ms
+        if watermark is not None and ts > watermark + self.max_future_skew_ms:
+            raise Invalid(
+                "ts_ahead",
+                f"'ts' {ts} is {ts - watermark} ms ahead of the watermark {watermark} "
+                f"(limit {self.max_future_skew_ms} ms)",
+            )
+        event = _build(kind, obj, ts)
+        if watermark is None or ts > watermark:
+            self.watermark_ms = ts
+        return event
+
+
+def dead_letter(raw: bytes | str | dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    """A dead-letter record: raw input (text, truncated past 4 KiB), reason code, detail, ingest time (ms)."""
+    if isinstance(raw, dict):
+        try:
+            raw = orjson.dumps(raw, default=str)
+        except TypeError:
+            raw = repr(raw).encode()
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "backslashreplace")
+    record: dict[str, Any] = {
+        "reason": reason,
+        "detail": detail,
+        "raw": raw[:MAX_RAW_IN_DEAD_LETTER].decode("utf-8", "backslashreplace"),
+        "ingest_ts": int(time.time() * 1000),
+    }
+    if len(raw) > MAX_RAW_IN_DEAD_LETTER:
+        record["raw_truncated"] = True
+        record["raw_bytes"] = len(raw)
+    return record

@@ -1,0 +1,255 @@
+"""Bytewax partitioned sources for replay logs and the simulator, and input chaining.
+
+Every source emits micro-batches: each item is a ``list`` of raw events (bytes lines
+or dicts), never a single event, so per-item Bytewax overhead is paid once per batch.
+Each partition's position is its resume state, so a resumed flow continues exactly
+where the last snapshot was taken. (The Kafka source lives in ``kafka_io``.)
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
+from flows.simulator import SimConfig, Simulator
+
+log = logging.getLogger(__name__)
+
+
+def open_log(path: str | Path) -> IO[bytes]:
+    """Open a JSONL log for binary reading, transparently gunzipping ``.gz``."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+class Gate:
+    """A one-way latch: inputs chained after another wait until it opens (in-process)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def open(self) -> None:
+        self._event.set()
+
+    def is_open(self) -> bool:
+        return self._event.is_set()
+
+
+class _Pacer:
+    """Paces emission by event time: ``speed`` times real time (0 = no pacing)."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self._anchor: tuple[int, float] | None = None
+
+    def delay_s(self, ts_ms: int) -> float:
+        """Seconds to wait before an event with ``ts_ms`` is due (<= 0: due now)."""
+        if self.speed <= 0:
+            return 0.0
+        now = time.monotonic()
+        if self._anchor is None:
+            self._anchor = (ts_ms, now)
+            return 0.0
+        ts0, wall0 = self._anchor
+        return wall0 + (ts_ms - ts0) / 1000.0 / self.speed - now
+
+
+def _event_ts(raw: bytes | dict[str, Any]) -> int | None:
+    try:
+        obj = raw if isinstance(raw, dict) else orjson.loads(raw)
+        ts = obj.get("ts") if isinstance(obj, dict) else None
+    except orjson.JSONDecodeError:
+        return None
+    return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+
+
+class _ReplayPartition(StatefulSourcePartition[list[bytes], int]):
+    """Reads a JSONL log in batches of lines; state = byte offset of the next line."""
+
+    def __init__(self, path: str, offset: int, batch_size: int, speed: float) -> None:
+        self._file = open_log(path)
+        self._file.seek(offset)
+        self._offset = offset
+        self._batch_size = batch_size
+        self._pacer = _Pacer(speed)
+        self._held: list[bytes] = []
+        self._awake: datetime | None = None
+
+    def next_batch(self) -> list[list[bytes]]:
+        self._awake = None
+        raw = self._held
+        self._held = []
+        while len(raw) < self._batch_size:
+            line = self._file.readline()
+            if not line:
+                break
+            raw.append(line)
+        if not raw:
+            raise StopIteration
+        if self._pacer.speed > 0:
+            raw = self._pace(raw)
+        self._offset += sum(len(x) for x in raw)
+        batch = [x.rstrip(b"\r\n") for x in raw if x.strip()]
+        return [batch] if batch else []
+
+    def _pace(self, raw: list[bytes]) -> list[bytes]:
+        """Return the lines that are due; hold the rest (they count as unread)."""
+        for i, line in enumerate(raw):
+            ts = _event_ts(line) if line.strip() else None
+            if ts is None:
+                continue
+            wait = self._pacer.delay_s(ts)
+            if wait > 0:
+                self._held = raw[i:]
+                self._awake = datetime.now(UTC) + timedelta(seconds=min(wait, 1.0))
+                return raw[:i]
+        return raw
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
+
+    def snapshot(self) -> int:
+        return self._offset
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ReplaySource(FixedPartitionedSource[list[bytes], int]):
+    """A JSONL log (plain or .gz), one partition; ``speed`` > 0 paces by event time.
+
+    The resume state is the byte offset (of the decompressed stream for .gz) of the
+    first line not yet emitted.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = 1000, speed: float = 0.0) -> None:
+        self.path = str(path)
+        self.batch_size = batch_size
+        self.speed = speed
+
+    def list_parts(self) -> list[str]:
+        return [f"replay:{self.path}"]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _ReplayPartition:
+        return _ReplayPartition(self.path, resume_state or 0, self.batch_size, self.speed)
+
+
+class _SimulatorPartition(StatefulSourcePartition[list[dict[str, Any]], Any]):
+    """Generates batches from a Simulator; state = the simulator's own snapshot."""
+
+    def __init__(self, sim: Simulator, batch_size: int) -> None:
+        self._sim = sim
+        self._batch_size = batch_size
+
+    def next_batch(self) -> list[list[dict[str, Any]]]:
+        batch = self._sim.next_batch(self._batch_size)
+        if not batch:
+            raise StopIteration
+        return [batch]
+
+    def snapshot(self) -> Any:
+        return self._sim.snapshot()
+
+
+class SimulatorSource(FixedPartitionedSource[list[dict[str, Any]], Any]):
+    """The seeded simulator as a one-partition source (``max_events`` None = endless)."""
+
+    def __init__(self, config: SimConfig, seed: int, max_events: int | None,
+                 batch_size: int = 1000) -> None:
+        self.config = config
+        self.seed = seed
+        self.max_events = max_events
+        self.batch_size = batch_size
+
+    def list_parts(self) -> list[str]:
+        return [f"simulator:{self.seed}"]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _SimulatorPartition:
+        if resume_state is not None:
+            sim = Simulator.restore(resume_state)
+        else:
+            sim = Simulator(self.config, seed=self.seed, max_events=self.max_events)
+        return _SimulatorPartition(sim, self.batch_size)
+
+
+class _GatedPartition(StatefulSourcePartition[Any, Any]):
+    def __init__(self, inner: StatefulSourcePartition[Any, Any], done: Gate | None,
+                 wait_for: Gate | None) -> None:
+        self._inner = inner
+        self._done = done
+        self._wait_for = wait_for
+
+    def next_batch(self) -> list[Any]:
+        if self._wait_for is not None and not self._wait_for.is_open():
+            return []
+        try:
+            return list(self._inner.next_batch())
+        except StopIteration:
+            if self._done is not None:
+                self._done.open()
+            raise
+
+    def next_awake(self) -> datetime | None:
+        if self._wait_for is not None and not self._wait_for.is_open():
+            return datetime.now(UTC) + timedelta(milliseconds=50)
+        return self._inner.next_awake()
+
+    def snapshot(self) -> Any:
+        return self._inner.snapshot()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class GatedSource(FixedPartitionedSource[Any, Any]):
+    """Chains inputs: waits until ``wait_for`` opens; opens ``done`` when every partition ends.
+
+    The gates are in-process latches: chaining (a replay log, then Kafka) is exact in a
+    single-process run; in a multi-process run each process only waits for the
+    partitions it owns, so run the backfill as its own job there.
+    """
+
+    def __init__(self, inner: FixedPartitionedSource[Any, Any], done: Gate | None = None,
+                 wait_for: Gate | None = None) -> None:
+        self.inner = inner
+        self.done = done
+        self.wait_for = wait_for
+        self._remaining: int | None = None
+        self._lock = threading.Lock()
+
+    def list_parts(self) -> list[str]:
+        return self.inner.list_parts()
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _GatedPartition:
+        inner = self.inner.build_part(step_id, for_part, resume_state)
+        return _GatedPartition(inner, self._part_done(), self.wait_for)
+
+    def _part_done(self) -> Gate | None:
+        """A per-partition gate; ``done`` opens once every built partition has ended."""
+        if self.done is None:
+            return None
+        outer = self
+        with self._lock:
+            self._remaining = (self._remaining or 0) + 1
+
+        class _Countdown(Gate):
+            def open(self) -> None:
+                if self.is_open():
+                    return
+                super().open()
+                with outer._lock:
+                    outer._remaining -= 1
+                    if outer._remaining == 0:
+                        outer.done.open()
+
+        return _Countdown()

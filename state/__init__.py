@@ -1,0 +1,1 @@
+"""Stores with no Bytewax in them: hashing, embedding table, profiles, snapshots."""

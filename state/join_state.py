@@ -1,0 +1,399 @@
+"""The online joiner of one user shard: impressions + feedback -> labelled examples.
+
+Monolith's joiner, in event time. Rules (docs/architecture.md repeats them):
+
+* An impression waits ``max(window_ms over positive actions)`` after its ``ts``. The
+  shard's watermark is ``max ts seen - allowed_lateness_ms``; a window closes when
+  the watermark passes its deadline (or at end of input, or when pending state is
+  full: oldest deadline first, counted as ``forced_closes``).
+* Feedback for a pending impression within that action's window is recorded in
+  ``labels`` (action -> value). The first *positive* feedback (action listed in
+  ``positive`` with value >= its threshold) emits the positive example at once with
+  every label recorded so far. Feedback after that emission is not a second
+  example: it goes out as a ``late-labels`` record with reason ``after_emission``.
+* A window that closes without positive feedback emits a negative example (labels
+  may hold non-positive actions), kept or dropped by the negative sampler.
+* Feedback arriving before its impression waits (``orphans``) until the impression
+  arrives or the watermark passes ``feedback ts + allowed_lateness_ms``; an orphan
+  that never matches goes out as a late label with reason ``no_impression``.
+* Feedback for an impression whose window closed: late label ``after_window``;
+  feedback outside that action's own window while the impression still waits:
+  late label ``outside_window``. Late labels are never counted as examples.
+* Duplicates: an impression id seen before (pending or emitted within
+  ``dedup_horizon_ms``) and a repeated (impression id, action) are ignored, counted.
+* Feedback without ``impression_id`` is an interaction: positive -> a positive
+  example plus ``interaction_negatives`` negatives sampled by popularity among items
+  the user has not interacted with (weight 1, never downsampled); non-positive -> a
+  negative example subject to downsampling.
+
+Example ids are deterministic (``imp:<impression_id>``, ``int:<hash>``,
+``neg:<hash>:<j>``), so replays and at-least-once recovery produce the same ids.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from models.sampling import NegativeSampler
+from state.hashing import stable_hash64
+from state.popularity import PopularityCounter
+from state.settings import doc
+from state.user_history import UserHistory
+
+if TYPE_CHECKING:
+    from operators.events import Feedback, Impression
+
+Record = dict[str, Any]
+FeatureHook = Callable[[str, str, int], dict[str, Any]]
+"""(user_id, item_id, ts_ms) -> features known strictly before ts_ms."""
+
+
+@dataclass
+class JoinConfig:
+    """The online joiner: impressions + feedback -> labelled examples."""
+
+    window_ms: dict[str, int] = doc(
+        "Attribution window per action (ms): how long after an impression that action counts.",
+        factory=lambda: {"click": 600_000, "like": 1_800_000, "purchase": 3_600_000},
+    )
+    default_window_ms: int = doc("Attribution window for actions not in window_ms (ms).", 600_000)
+    allowed_lateness_ms: int = doc("Watermark = max event time seen minus this (ms).", 30_000)
+    idle_flush_s: float = doc(
+        "Wall-clock fallback: when a shard saw no event for this long (s), its watermark "
+        "advances by the idle wall time so windows of an idle live stream still close.",
+        10.0,
+    )
+    positive: dict[str, float] = doc(
+        "Actions that make an example positive, each with the minimum feedback value that "
+        "counts (click 0 = any click; rating 4 = rating >= 4; dwell 30 = 30 s).",
+        factory=lambda: {"click": 0.0, "like": 0.0, "purchase": 0.0, "share": 0.0, "rating": 4.0},
+    )
+    max_pending: int = doc("Pending impressions per user shard; the oldest close first beyond it.", 200_000)
+    max_orphans: int = doc("Feedback waiting for its impression, per user shard.", 50_000)
+    dedup_horizon_ms: int = doc("How long closed impression ids are remembered for dedup (ms).", 86_400_000)
+    interaction_negatives: int = doc("Negatives sampled per positive organic interaction.", 4)
+    popularity_pool: int = doc("Items in each shard's popularity pool for sampled negatives.", 5_000)
+
+    def window_for(self, action: str) -> int:
+        """Attribution window of an action (ms)."""
+        return self.window_ms.get(action, self.default_window_ms)
+
+    def wait_ms(self) -> int:
+        """How long an impression waits: the longest window of a positive action (ms)."""
+        return max((self.window_for(a) for a in self.positive), default=self.default_window_ms)
+
+    def is_positive(self, action: str, value: float) -> bool:
+        threshold = self.positive.get(action)
+        return threshold is not None and value >= threshold
+
+
+@dataclass(slots=True)
+class Pending:
+    """An impression waiting for feedback."""
+
+    impression: Impression
+    deadline_ms: int
+    labels: dict[str, float]
+    features: dict[str, Any]
+    emitted: bool = False
+
+
+@dataclass(slots=True)
+class JoinCounters:
+    """Monotonic counters of one shard's joiner."""
+
+    impressions: int = 0
+    feedback: int = 0
+    positives: int = 0
+    negatives_kept: int = 0
+    negatives_dropped: int = 0
+    sampled_negatives: int = 0
+    late_labels: int = 0
+    dup_impressions: int = 0
+    dup_feedback: int = 0
+    windows_closed: int = 0
+    forced_closes: int = 0
+    orphans_expired: int = 0
+    orphans_dropped: int = 0
+
+
+_LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
+
+
+def _interaction_id(fb: Feedback) -> str:
+    return format(stable_hash64(f"{fb.user_id}\x1f{fb.item_id}\x1f{fb.action}\x1f{fb.ts}"), "016x")
+
+
+class Joiner:
+    """Join state of one user shard. Feed events in arrival order; collect records.
+
+    ``on_impression``/``on_feedback`` append outputs to ``self.examples`` and
+    ``self.late_labels``; the caller drains them with ``drain()``. Times are event
+    time in epoch ms.
+    """
+
+    def __init__(self, config: JoinConfig, sampler: NegativeSampler, history: UserHistory,
+                 features: FeatureHook | None = None) -> None:
+        self.config = config
+        self.sampler = sampler
+        self.history = history
+        self.features = features
+        self.wait_ms = config.wait_ms()
+        self.pending: dict[str, Pending] = {}
+        self._deadlines: list[tuple[int, str]] = []
+        self.orphans: OrderedDict[str, list[Feedback]] = OrderedDict()
+        self.closed_ids: OrderedDict[str, int] = OrderedDict()
+        self.popularity = PopularityCounter(capacity=config.popularity_pool)
+        self.max_ts_ms: int | None = None
+        self.counters = JoinCounters()
+        self.examples: list[Record] = []
+        self.late_labels: list[Record] = []
+
+    # -- time -------------------------------------------------------------------
+    @property
+    def watermark_ms(self) -> int | None:
+        """Max event time seen minus the allowed lateness (ms); None before any event."""
+        if self.max_ts_ms is None:
+            return None
+        return self.max_ts_ms - self.config.allowed_lateness_ms
+
+    def observe(self, ts_ms: int) -> None:
+        """Advance the shard's event clock with any event's ``ts`` (ms)."""
+        if self.max_ts_ms is None or ts_ms > self.max_ts_ms:
+            self.max_ts_ms = ts_ms
+
+    # -- inputs -----------------------------------------------------------------
+    def on_impression(self, imp: Impression) -> None:
+        """Start waiting for feedback on an impression (idempotent by impression_id)."""
+        self.observe(imp.ts)
+        iid = imp.impression_id
+        if iid in self.pending or iid in self.closed_ids:
+            self.counters.dup_impressions += 1
+            return
+        self.counters.impressions += 1
+        features = self.features(imp.user_id, imp.item_id, imp.ts) if self.features else {}
+        entry = Pending(imp, imp.ts + self.wait_ms, {}, features)
+        self.pending[iid] = entry
+        heapq.heappush(self._deadlines, (entry.deadline_ms, iid))
+        for fb in self.orphans.pop(iid, ()):
+            self._apply(entry, fb)
+        if len(self.pending) > self.config.max_pending:
+            self._close_oldest(len(self.pending) - self.config.max_pending)
+
+    def on_feedback(self, fb: Feedback) -> None:
+        """Attach feedback to its impression, or treat it as an organic interaction."""
+        self.observe(fb.ts)
+        self.counters.feedback += 1
+        if fb.impression_id is None:
+            self._interaction(fb)
+        else:
+            entry = self.pending.get(fb.impression_id)
+            if entry is not None:
+                self._apply(entry, fb)
+            elif fb.impression_id in self.closed_ids:
+                self._late(fb, "after_window")
+            else:
+                self._orphan(fb)
+        self.history.add(fb.user_id, fb.item_id, fb.ts)
+        if self.config.is_positive(fb.action, fb.value):
+            self.popularity.add(fb.item_id, fb.ts)
+
+    def advance(self) -> None:
+        """Close every window whose deadline the watermark has passed; expire orphans."""
+        watermark = self.watermark_ms
+        if watermark is None:
+            return
+        self._close_until(watermark)
+        self._expire_orphans(watermark)
+        self._forget_closed(watermark - self.config.dedup_horizon_ms)
+
+    def advance_idle(self, idle_ms: int) -> None:
+        """Wall-clock fallback: move the clock ``idle_ms`` forward and close windows."""
+        if self.max_ts_ms is not None and idle_ms > 0:
+            self.max_ts_ms += idle_ms
+            self.advance()
+
+    def flush(self) -> None:
+        """End of input: close every window and release every orphan."""
+        self._close_until(None)
+        for iid in list(self.orphans):
+            for fb in self.orphans.pop(iid):
+                self.counters.orphans_expired += 1
+                self._late(fb, "no_impression")
+
+    def drain(self) -> tuple[list[Record], list[Record]]:
+        """Take the examples and late labels produced since the last drain."""
+        out = (self.examples, self.late_labels)
+        self.examples, self.late_labels = [], []
+        return out
+
+    # -- internals --------------------------------------------------------------
+    def _apply(self, entry: Pending, fb: Feedback) -> None:
+        imp = entry.impression
+        if fb.user_id != imp.user_id or fb.item_id != imp.item_id:
+            self._late(fb, "mismatch")
+            return
+        if fb.action in entry.labels:
+            self.counters.dup_feedback += 1
+            return
+        if fb.ts - imp.ts > self.config.window_for(fb.action):
+            self._late(fb, "outside_window")
+            return
+        entry.labels[fb.action] = fb.value
+        if entry.emitted:
+            self._late(fb, "after_emission")
+        elif self.config.is_positive(fb.action, fb.value):
+            entry.emitted = True
+            self._emit(entry, 1)
+
+    def _orphan(self, fb: Feedback) -> None:
+        waiting = self.orphans.get(fb.impression_id)
+        if waiting is None:
+            waiting = self.orphans[fb.impression_id] = []
+        elif any(w.action == fb.action for w in waiting):
+            self.counters.dup_feedback += 1
+            return
+        waiting.append(fb)
+        while len(self.orphans) > self.config.max_orphans:
+            _, dropped = self.orphans.popitem(last=False)
+            for old in dropped:
+                self.counters.orphans_dropped += 1
+                self._late(old, "no_impression")
+
+    def _expire_orphans(self, watermark: int) -> None:
+        lateness = self.config.allowed_lateness_ms
+        while self.orphans:
+            iid, waiting = next(iter(self.orphans.items()))
+            if waiting[0].ts + lateness > watermark:
+                break
+            del self.orphans[iid]
+            for fb in waiting:
+                self.counters.orphans_expired += 1
+                self._late(fb, "no_impression")
+
+    def _close_until(self, watermark: int | None) -> None:
+        heap = self._deadlines
+        while heap and (watermark is None or heap[0][0] <= watermark):
+            _, iid = heapq.heappop(heap)
+            entry = self.pending.pop(iid, None)
+            if entry is not None:
+                self._close(iid, entry)
+
+    def _close_oldest(self, n: int) -> None:
+        heap = self._deadlines
+        while n > 0 and heap:
+            _, iid = heapq.heappop(heap)
+            entry = self.pending.pop(iid, None)
+            if entry is not None:
+                self.counters.forced_closes += 1
+                self._close(iid, entry)
+                n -= 1
+
+    def _close(self, iid: str, entry: Pending) -> None:
+        self.counters.windows_closed += 1
+        self.closed_ids[iid] = entry.deadline_ms
+        if not entry.emitted:
+            self._emit(entry, 0)
+
+    def _forget_closed(self, horizon_ms: int) -> None:
+        closed = self.closed_ids
+        while closed:
+            iid, deadline = next(iter(closed.items()))
+            if deadline > horizon_ms and len(closed) <= 4 * self.config.max_pending:
+                break
+            del closed[iid]
+
+    def _emit(self, entry: Pending, label: int) -> None:
+        imp = entry.impression
+        example_id = f"imp:{imp.impression_id}"
+        weight = 1.0
+        if label == 0:
+            if not self.sampler.keep(example_id):
+                self.counters.negatives_dropped += 1
+                return
+            weight = self.sampler.weight
+            self.counters.negatives_kept += 1
+        else:
+            self.counters.positives += 1
+        self.examples.append({
+            "example_id": example_id,
+            "ts": imp.ts,
+            "user_id": imp.user_id,
+            "item_id": imp.item_id,
+            "label": label,
+            "labels": dict(entry.labels),
+            "weight": weight,
+            "position": imp.position,
+            "request_id": imp.request_id,
+            "impression_id": imp.impression_id,
+            "context": imp.context,
+            "features": entry.features,
+            "source": "impression",
+        })
+
+    def _late(self, fb: Feedback, reason: str) -> None:
+        self.counters.late_labels += 1
+        record = {name: getattr(fb, name) for name in _LATE_LABEL_FIELDS}
+        record["reason"] = reason
+        if fb.impression_id is not None:
+            record["example_id"] = f"imp:{fb.impression_id}"
+        self.late_labels.append(record)
+
+    def _interaction(self, fb: Feedback) -> None:
+        key = _interaction_id(fb)
+        if key in self.closed_ids:
+            self.counters.dup_feedback += 1
+            return
+        self.closed_ids[key] = fb.ts
+        features = self.features(fb.user_id, fb.item_id, fb.ts) if self.features else {}
+        positive = self.config.is_positive(fb.action, fb.value)
+        example_id = f"int:{key}"
+        weight = 1.0
+        if positive:
+            self.counters.positives += 1
+        elif self.sampler.keep(example_id):
+            self.counters.negatives_kept += 1
+            weight = self.sampler.weight
+        else:
+            self.counters.negatives_dropped += 1
+            return
+        base = {
+            "ts": fb.ts, "user_id": fb.user_id, "position": -1, "request_id": None,
+            "impression_id": None, "context": fb.context,
+        }
+        self.examples.append({
+            "example_id": example_id, **base, "item_id": fb.item_id, "label": int(positive),
+            "labels": {fb.action: fb.value}, "weight": weight, "features": features,
+            "source": "interaction",
+        })
+        if positive:
+            self._sample_negatives(fb, key, base)
+
+    def _sample_negatives(self, fb: Feedback, key: str, base: Record) -> None:
+        n = self.config.interaction_negatives
+        ids, probs = self.popularity.arrays()
+        if n <= 0 or not ids:
+            return
+        consumed = self.history.consumed(fb.user_id)
+        rng = np.random.default_rng(stable_hash64(key))
+        draws = rng.choice(len(ids), size=min(len(ids), 4 * n), replace=True, p=probs)
+        chosen: list[str] = []
+        for j in draws:
+            item = ids[int(j)]
+            if item != fb.item_id and item not in consumed and item not in chosen:
+                chosen.append(item)
+                if len(chosen) == n:
+                    break
+        for j, item in enumerate(chosen):
+            self.counters.sampled_negatives += 1
+            features = self.features(fb.user_id, item, fb.ts) if self.features else {}
+            self.examples.append({
+                "example_id": f"neg:{key}:{j}", **base, "item_id": item, "label": 0,
+                "labels": {}, "weight": 1.0, "features": features, "source": "sampled",
+            })
