@@ -258,6 +258,27 @@ def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str,
             rows.append((key, "table" if inner is hint else "array of tables", "", f.metadata.get("doc", "")))
             rows.extend(reference(inner, f"{key}{'[]' if inner is not hint else ''}."))
             continue
-        type_name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
+        if typing.get_origin(hint) is Literal:
+            type_name = " \\| ".join(repr(a) for a in typing.get_args(hint))
+        elif typing.get_origin(hint) is not None:
+            type_name = str(hint).replace("typing.", "")
+        else:
+            type_name = hint.__name__
         rows.append((key, type_name, repr(default), f.metadata.get("doc", "")))
     return rows
+
+
+def reference_markdown() -> str:
+    """The configuration reference as a markdown document (docs/config.md is this output)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the code by `streamrec config-reference`; do not edit by hand.",
+        "Every key can be set in the TOML file or overridden as `STREAMREC__SECTION__KEY=value`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for key, type_name, default, text in reference():
+        lines.append(f"| `{key}` | {type_name} | `{default}` | {text} |")
+    return "\n".join(lines) + "\n"

@@ -8,28 +8,20 @@ where the last snapshot was taken. (The Kafka source lives in ``kafka_io``.)
 
 from __future__ import annotations
 
-import gzip
 import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from flows.logfile import open_log
 from flows.simulator import SimConfig, Simulator
 
 log = logging.getLogger(__name__)
-
-
-def open_log(path: str | Path) -> IO[bytes]:
-    """Open a JSONL log for binary reading, transparently gunzipping ``.gz``."""
-    path = Path(path)
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")
-    return path.open("rb")
 
 
 class Gate:

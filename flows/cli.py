@@ -1,0 +1,305 @@
+"""The ``streamrec`` console script (DESIGN section 9).
+
+Subcommands: simulate, import {movielens,obd}, replay, tap, broker, eval,
+config-reference. Long-running commands report progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from flows.config import load_config, reference_markdown
+from flows.logfile import open_log
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+class Progress:
+    """Prints ``label: N events, R/s, Ts`` to stderr at most every ``every_s`` seconds."""
+
+    def __init__(self, label: str, every_s: float = 1.0) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.every_s = every_s if self.tty else 10 * every_s
+        self.count = 0
+        self.start = time.monotonic()
+        self._last = self.start
+
+    def add(self, n: int = 1) -> None:
+        self.count += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._print(now, end="\r" if self.tty else "\n")
+
+    def done(self) -> None:
+        self._print(time.monotonic(), end="\n")
+
+    def _print(self, now: float, end: str) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        line = f"{self.label}: {self.count:,} events, {self.count / elapsed:,.0f}/s, {elapsed:.1f}s"
+        print(line, file=sys.stderr, end=end, flush=True)
+
+
+def _bootstrap(args: argparse.Namespace) -> str:
+    if getattr(args, "bootstrap", None):
+        return args.bootstrap
+    return load_config(getattr(args, "config", None)).kafka.bootstrap
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from flows.logfile import open_log_for_write
+    from flows.simulator import SimConfig, Simulator
+
+    config = SimConfig(n_users=args.users, n_items=args.items)
+    sim = Simulator(config, seed=args.seed, max_events=args.n)
+    progress = Progress("simulate")
+    with open_log_for_write(args.output) as f:
+        while batch := sim.next_batch(10_000):
+            f.write(b"".join(orjson.dumps(e, option=orjson.OPT_APPEND_NEWLINE) for e in batch))
+            progress.add(len(batch))
+    progress.done()
+    print(f"wrote {progress.count} events to {args.output}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from flows.importers import movielens_events, obd_events, write_events
+
+    if args.dataset == "movielens":
+        events = movielens_events(args.path, with_requests=args.with_requests)
+    else:
+        events = obd_events(args.path)
+    n = write_events(events, args.output)
+    print(f"wrote {n} events to {args.output}")
+    return 0
+
+
+def _log_lines(path: str) -> Iterator[bytes]:
+    with open_log(path) as f:
+        for line in f:
+            line = line.rstrip(b"\r\n")
+            if line:
+                yield line
+
+
+def _event_ts(line: bytes) -> int | None:
+    try:
+        ts = orjson.loads(line).get("ts")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return ts if isinstance(ts, int) else None
+
+
+def _event_key(line: bytes) -> bytes | None:
+    try:
+        uid = orjson.loads(line).get("user_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return str(uid).encode() if uid is not None else None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from kafka import KafkaProducer
+    from operators.kafka_io import create_topics
+
+    bootstrap = _bootstrap(args)
+    create_topics(bootstrap, [args.topic], args.partitions)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024,
+                             retries=10, acks="all")
+    progress = Progress("replay")
+    anchor: tuple[int, float] | None = None
+    for line in _log_lines(args.log):
+        if args.speed > 0:
+            ts = _event_ts(line)
+            if ts is not None:
+                if anchor is None:
+                    anchor = (ts, time.monotonic())
+                wait = anchor[1] + (ts - anchor[0]) / 1000 / args.speed - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+        producer.send(args.topic, key=_event_key(line), value=line)
+        progress.add()
+    producer.flush()
+    producer.close()
+    progress.done()
+    return 0
+
+
+def _format(record: dict[str, Any]) -> str:
+    return orjson.dumps(record).decode()
+
+
+def _matches(record: dict[str, Any], expr: str | None) -> bool:
+    if not expr:
+        return True
+    try:
+        return bool(eval(expr, {"__builtins__": {}}, {"r": record, **record}))  # noqa: S307
+    except Exception:
+        return False
+
+
+def _tap_file(path: Path, follow: bool) -> Iterable[bytes]:
+    with path.open("rb") as f:
+        while True:
+            line = f.readline()
+            if line:
+                yield line
+            elif follow:
+                time.sleep(0.2)
+            else:
+                return
+
+
+def _tap_kafka(bootstrap: str, topic: str, follow: bool, client: dict[str, Any]) -> Iterable[bytes]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **client)
+    parts = None
+    for _ in range(50):
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            break
+        time.sleep(0.2)
+    if not parts:
+        raise SystemExit(f"tap: topic {topic!r} not found on {bootstrap}")
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, 0)
+    idle = 0
+    while True:
+        polled = consumer.poll(timeout_ms=500)
+        if not polled:
+            idle += 1
+            if not follow and idle >= 4:
+                return
+            continue
+        idle = 0
+        for messages in polled.values():
+            for m in messages:
+                yield m.value
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.bootstrap or config.output.kind == "kafka":
+        from flows.recsys import OUTPUTS
+
+        topic = config.topic(args.topic) if args.topic in OUTPUTS else args.topic
+        lines = _tap_kafka(_bootstrap(args), topic, args.follow, config.kafka.client)
+    else:
+        path = Path(args.dir or config.output.dir) / f"{args.topic}.jsonl"
+        if not path.exists():
+            raise SystemExit(f"tap: {path} does not exist (has the flow written {args.topic!r}?)")
+        lines = _tap_file(path, args.follow)
+    shown = 0
+    try:
+        for line in lines:
+            record = orjson.loads(line)
+            if _matches(record, args.filter):
+                print(_format(record), flush=True)
+                shown += 1
+                if args.limit and shown >= args.limit:
+                    break
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from flows.broker import LocalBroker
+
+    with LocalBroker(port=args.port) as broker:
+        print(f"broker listening on {broker.bootstrap} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from flows.evaluate import evaluate
+
+    report = evaluate(args.log, args.report, config=args.config, out_dir=args.out)
+    print(orjson.dumps({k: v for k, v in report.items() if k != "config"},
+                       option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    print(reference_markdown(), end="")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamrec", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="write a seeded synthetic event log")
+    s.add_argument("-n", type=int, required=True, help="number of events")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--users", type=int, default=2_000)
+    s.add_argument("--items", type=int, default=1_000)
+    s.add_argument("-o", "--output", required=True, help="LOG.jsonl (or .jsonl.gz)")
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("import", help="convert a public dataset to an event log")
+    s.add_argument("dataset", choices=["movielens", "obd"])
+    s.add_argument("path")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--with-requests", action="store_true",
+                   help="movielens: a request before each positive (rating >= 4)")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("replay", help="produce a log into Kafka, paced by event time")
+    s.add_argument("log")
+    s.add_argument("--topic", required=True)
+    s.add_argument("--speed", type=float, default=0.0, help="X times real time; 0 = as fast as possible")
+    s.add_argument("--bootstrap", help=f"Kafka bootstrap (default: config, else {DEFAULT_BOOTSTRAP})")
+    s.add_argument("--partitions", type=int, default=4, help="partitions if the topic is created")
+    s.add_argument("--config")
+    s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("tap", help="print an output topic (Kafka or local JSONL) readably")
+    s.add_argument("topic", help="output name (examples, recommendations, ...) or a Kafka topic")
+    s.add_argument("--follow", "-f", action="store_true")
+    s.add_argument("--filter", help="Python expression over the record's fields, e.g. \"label == 1\"")
+    s.add_argument("--limit", type=int, default=0)
+    s.add_argument("--bootstrap", help="read from Kafka at this bootstrap")
+    s.add_argument("--dir", help="local output directory (default: config output.dir)")
+    s.add_argument("--config")
+    s.set_defaults(func=cmd_tap)
+
+    s = sub.add_parser("broker", help="start the local Kafka-protocol broker (Tansu) for demos")
+    s.add_argument("--port", type=int, default=9092)
+    s.set_defaults(func=cmd_broker)
+
+    s = sub.add_parser("eval", help="replay a log through the real flow and write a JSON report")
+    s.add_argument("log")
+    s.add_argument("--report", required=True)
+    s.add_argument("--config")
+    s.add_argument("--out", help="directory for the flow's outputs (default: beside the report)")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("config-reference", help="print every config key (markdown table)")
+    s.set_defaults(func=cmd_config_reference)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

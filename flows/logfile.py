@@ -1,0 +1,24 @@
+"""Event log files: JSONL, one event per line, gzip when the name ends with ``.gz``."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import IO
+
+
+def open_log(path: str | Path) -> IO[bytes]:
+    """Open a JSONL log for binary reading, transparently gunzipping ``.gz``."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def open_log_for_write(path: str | Path) -> IO[bytes]:
+    """Open (truncate) a JSONL log for binary writing, gzipped when ``.gz``; parents created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        return gzip.open(path, "wb", compresslevel=6)
+    return path.open("wb")

@@ -1,0 +1,57 @@
+"""Config loading: defaults, TOML, env overrides, and clear errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.config import ConfigError, load_config, reference, reference_markdown
+
+
+def test_defaults_and_topic_namespacing() -> None:
+    cfg = load_config({}, environ={})
+    assert cfg.inputs[0].kind == "simulator" and cfg.output.dir == "streamrec-out"
+    assert load_config({"app": "shop"}, environ={}).topic("examples") == "shop.examples"
+
+
+def test_toml_file_and_env_overrides(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('app = "feed"\n[join]\nallowed_lateness_ms = 5000\n[[inputs]]\nkind = "replay"\n'
+                    'path = "x.jsonl"\n')
+    env = {"STREAMREC__JOIN__ALLOWED_LATENESS_MS": "7000", "STREAMREC__SAMPLER__NEGATIVE_RATE": "0.5",
+           "STREAMREC__OUTPUT__DIR": "elsewhere", "OTHER": "1"}
+    cfg = load_config(path, environ=env)
+    assert cfg.app == "feed" and cfg.join.allowed_lateness_ms == 7000
+    assert cfg.sampler.negative_rate == 0.5 and cfg.output.dir == "elsewhere"
+    assert cfg.inputs[0].path == "x.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"jion": {}}, "jion: unknown key"),
+        ({"join": {"allowed_lateness": 1}}, "join.allowed_lateness: unknown key"),
+        ({"join": {"allowed_lateness_ms": "1s"}}, "join.allowed_lateness_ms: expected int, got str"),
+        ({"join": {"window_ms": {"click": "x"}}}, "join.window_ms.click: expected int"),
+        ({"inputs": [{"kind": "nope"}]}, "inputs[0].kind: expected one of"),
+        ({"inputs": [{"kind": "replay"}]}, "inputs[0].path: required"),
+        ({"sampler": {"negative_rate": 0}}, "sampler.negative_rate"),
+        ({"output": {"kind": "files", "dir": 3}}, "output.dir: expected str, got int"),
+        ({"kafka": {"client": []}}, "kafka.client: expected dict, got list"),
+    ],
+)
+def test_errors_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(data, environ={})
+
+
+def test_reference_lists_every_key_with_doc() -> None:
+    rows = {key: (kind, default, text) for key, kind, default, text in reference()}
+    assert "join.allowed_lateness_ms" in rows and "inputs[].path" in rows
+    assert all(text for text in (r[2] for r in rows.values()))
+
+
+def test_docs_config_md_is_the_generated_reference() -> None:
+    docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert docs.read_text() == reference_markdown(), "regenerate: streamrec config-reference > docs/config.md"

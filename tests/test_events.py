@@ -1,0 +1,128 @@
+"""The event model: every kind of bad input becomes a dead letter with its reason."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from operators.events import (
+    MAX_TS_MS,
+    EventParser,
+    Feedback,
+    Impression,
+    Item,
+    Request,
+    User,
+    event_to_dict,
+)
+
+TS = 1_767_225_600_000
+
+
+def line(**fields) -> bytes:
+    return orjson.dumps(fields)
+
+
+def test_every_type_parses_with_defaults() -> None:
+    p = EventParser()
+    imp = p.parse(line(type="impression", ts=TS, impression_id="i1", user_id=7, item_id="a"))
+    assert imp == Impression(TS, "i1", "7", "a", None, -1, {})
+    fb = p.parse(line(type="feedback", ts=TS, user_id="u", item_id="a", action="click"))
+    assert fb == Feedback(TS, "u", "a", "click", None, 1.0, {})
+    req = p.parse(line(type="request", ts=TS, request_id="r", user_id="u", exclude=["a", 3]))
+    assert req == Request(TS, "r", "u", 10, {}, ["a", "3"])
+    item = p.parse(line(type="item", ts=TS, item_id="a", attrs={"category": "c"}, available=False))
+    assert item == Item(TS, "a", {"category": "c"}, False)
+    assert p.parse(line(type="user", ts=TS, user_id="u")) == User(TS, "u", {})
+
+
+def test_dict_input_and_round_trip() -> None:
+    p = EventParser()
+    event = {"type": "feedback", "ts": TS, "user_id": "u", "item_id": "a", "action": "rating",
+             "value": 4, "impression_id": None, "context": {}}
+    parsed = p.parse(event)
+    assert isinstance(parsed, Feedback) and parsed.value == 4.0
+    assert p.parse(event_to_dict(parsed)) == parsed
+
+
+def test_old_logs_are_valid() -> None:
+    movielens_1997 = 881_250_949_000
+    assert isinstance(EventParser().parse(line(type="user", ts=movielens_1997, user_id="1")), User)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"type": "user", "ts": 1', "malformed_json"),
+        (b"\xff\xfe{}", "malformed_json"),
+        (b'{"type":"user","ts":NaN,"user_id":"u"}', "malformed_json"),
+        (b"[1, 2]", "not_object"),
+        (b'"text"', "not_object"),
+        (line(ts=TS, user_id="u"), "missing_field"),
+        (line(type="click", ts=TS, user_id="u"), "unknown_type"),
+        (line(type="user", user_id="u"), "missing_field"),
+        (line(type="user", ts="2026-01-01", user_id="u"), "bad_ts"),
+        (line(type="user", ts=1.5e12, user_id="u"), "bad_ts"),
+        (line(type="user", ts=True, user_id="u"), "bad_ts"),
+        (line(type="user", ts=-1, user_id="u"), "absurd_ts"),
+        (line(type="user", ts=MAX_TS_MS + 1, user_id="u"), "absurd_ts"),
+        (line(type="impression", ts=TS, user_id="u", item_id="a"), "missing_field"),
+        (line(type="impression", ts=TS, impression_id=[1], user_id="u", item_id="a"), "wrong_type"),
+        (line(type="impression", ts=TS, impression_id="i", user_id="u", item_id="a", position="1"),
+         "wrong_type"),
+        (line(type="impression", ts=TS, impression_id="i", user_id="u", item_id="a", position=-5),
+         "invalid_value"),
+        (line(type="impression", ts=TS, impression_id="", user_id="u", item_id="a"), "invalid_value"),
+        (line(type="impression", ts=TS, impression_id="x" * 300, user_id="u", item_id="a"),
+         "invalid_value"),
+        (line(type="feedback", ts=TS, user_id="u", item_id="a"), "missing_field"),
+        (line(type="feedback", ts=TS, user_id="u", item_id="a", action=3), "wrong_type"),
+        (line(type="feedback", ts=TS, user_id="u", item_id="a", action="c", value="1"), "wrong_type"),
+        (line(type="feedback", ts=TS, user_id="u", item_id="a", action="c", context=[1]), "wrong_type"),
+        (line(type="request", ts=TS, request_id="r", user_id="u", k=0), "invalid_value"),
+        (line(type="request", ts=TS, request_id="r", user_id="u", exclude="a"), "wrong_type"),
+        (line(type="item", ts=TS, item_id="a", available="yes"), "wrong_type"),
+        (line(type="user", ts=TS, user_id=False), "wrong_type"),
+        (line(type="user", ts=TS, user_id="u", attrs="x"), "wrong_type"),
+    ],
+)
+def test_dead_letter_reasons(raw: bytes, reason: str) -> None:
+    out = EventParser().parse(raw)
+    assert isinstance(out, dict), out
+    assert out["reason"] == reason, out
+    assert out["detail"]
+    assert isinstance(out["ingest_ts"], int)
+    assert out["raw"] == raw.decode("utf-8", "backslashreplace")
+
+
+def test_oversized_payload_is_dead_lettered_and_truncated() -> None:
+    raw = line(type="user", ts=TS, user_id="u", attrs={"blob": "x" * 100_000})
+    out = EventParser(max_bytes=65_536).parse(raw)
+    assert out["reason"] == "oversized"
+    assert out["raw_truncated"] is True and out["raw_bytes"] == len(raw)
+    assert len(out["raw"]) == 4096
+    assert isinstance(EventParser(max_bytes=1 << 20).parse(raw), User)
+
+
+def test_ts_too_far_ahead_of_watermark() -> None:
+    p = EventParser(max_future_skew_ms=1_000)
+    assert isinstance(p.parse(line(type="user", ts=TS, user_id="u")), User)
+    assert isinstance(p.parse(line(type="user", ts=TS + 1_000, user_id="u")), User)
+    out = p.parse(line(type="user", ts=TS + 5_000, user_id="u"))
+    assert out["reason"] == "ts_ahead"
+    assert p.watermark_ms == TS + 1_000
+    assert isinstance(p.parse(line(type="user", ts=TS - 10_000_000, user_id="u")), User)
+
+
+def test_batch_keeps_every_valid_event_in_order() -> None:
+    p = EventParser()
+    raws = [line(type="user", ts=TS + i, user_id=f"u{i}") if i % 3 else b"{bad" for i in range(30)]
+    events, dead = p.parse_batch(raws)
+    assert [e.user_id for e in events] == [f"u{i}" for i in range(30) if i % 3]
+    assert len(dead) == 10 and {d["reason"] for d in dead} == {"malformed_json"}
+
+
+def test_deep_nesting_is_a_dead_letter_not_a_crash() -> None:
+    raw = b'{"type":"user","ts":1,"user_id":"u","attrs":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    out = EventParser(max_bytes=1 << 20).parse(raw)
+    assert out["reason"] == "malformed_json"
