@@ -1,0 +1,51 @@
+"""Shared pieces of the benchmarks: a cached simulated log and the passthrough baseline."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import bytewax.operators as op  # noqa: E402
+from bytewax.dataflow import Dataflow  # noqa: E402
+from bytewax.testing import run_main  # noqa: E402
+
+from flows.simulator import write_log  # noqa: E402
+from operators.sinks import NullSink  # noqa: E402
+from operators.sources import ReplaySource  # noqa: E402
+
+CACHE = Path(tempfile.gettempdir()) / "streamrec-bench"
+
+
+def simulated_log(n: int, seed: int = 0) -> Path:
+    """A simulated JSONL log of ``n`` events (cached across runs in the temp dir)."""
+    path = CACHE / f"sim-{n}-{seed}.jsonl"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        write_log(tmp, n, seed)
+        tmp.rename(path)
+    return path
+
+
+def count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def passthrough_events_per_s(log: Path, batch_size: int = 1000) -> float:
+    """Events/s of a trivial Bytewax flow: the same replay source, one item per event, a null sink."""
+    flow = Dataflow("passthrough")
+    batches = op.input("in", flow, ReplaySource(log, batch_size=batch_size))
+    events = op.flat_map("events", batches, lambda batch: batch)
+    sink = NullSink()
+    op.output("out", events, sink)
+    start = time.perf_counter()
+    run_main(flow)
+    elapsed = time.perf_counter() - start
+    return sink.count[0] / elapsed

@@ -1,0 +1,116 @@
+"""Joiner path throughput and pending-state memory, beside the passthrough baseline.
+
+* ``events_per_s``: the real flow (parse, validate, route by user shard, join, sample,
+  write examples/late-labels/metrics as JSONL) over a simulated log, one process,
+  one worker.
+* ``joiner_only_events_per_s``: the same parsed events through ``UserShard`` objects
+  directly (no Bytewax, no parsing, no output encoding): the joiner's own cost.
+* ``passthrough_events_per_s``: the trivial Bytewax flow of bench/common.py over the
+  same log (one item per event, nothing done).
+* ``pending_bytes_per_impression``: tracemalloc growth per impression held in a
+  joiner's pending state (impression record, labels, heap entry, dict slot).
+
+Usage: ``python bench/joiner.py [-n EVENTS]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import orjson
+from bytewax.testing import run_main
+
+from flows.evaluate import read_jsonl
+from flows.recsys import build
+from models.sampling import NegativeSampler
+from operators.events import EventParser, Impression
+from operators.user_shard import UserShard, route_events
+from state.hashing import shard_of
+from state.join_state import JoinConfig, Joiner
+from state.user_history import UserHistory
+
+from common import count_lines, passthrough_events_per_s, simulated_log
+
+
+def flow_rate(log: Path, negative_rate: float) -> tuple[float, dict]:
+    out = Path(tempfile.mkdtemp(prefix="streamrec-joiner-"))
+    try:
+        flow = build({"inputs": [{"kind": "replay", "path": str(log)}], "output": {"dir": str(out)},
+                      "sampler": {"negative_rate": negative_rate}})
+        start = time.perf_counter()
+        run_main(flow)
+        elapsed = time.perf_counter() - start
+        summary = [m for m in read_jsonl(out / "metrics.jsonl") if m["kind"] == "summary"][-1]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return summary["events_in"] / elapsed, summary
+
+
+def joiner_only_rate(log: Path) -> float:
+    parser = EventParser()
+    with log.open("rb") as f:
+        lines = [line.rstrip(b"\n") for line in f]
+    batches = [parser.parse_batch(lines[i:i + 1000])[0] for i in range(0, len(lines), 1000)]
+    routed = [route_events(b, 8, lambda u: shard_of(u, 8)) for b in batches]
+    shards: dict[str, UserShard] = {}
+    start = time.perf_counter()
+    for parts in routed:
+        for key, (name, events) in parts:
+            shard = shards.get(key) or shards.setdefault(key, UserShard(JoinConfig(), NegativeSampler()))
+            shard.process(name, events)
+    for shard in shards.values():
+        shard.flush()
+    return len(lines) / (time.perf_counter() - start)
+
+
+def pending_bytes_per_impression(n: int = 100_000) -> float:
+    joiner = Joiner(JoinConfig(), NegativeSampler(), UserHistory())
+    t0 = 1_767_225_600_000
+    impressions = [Impression(t0 + i, f"imp{i}", f"u{i % 5000}", f"i{i % 3000}", f"r{i // 10}", i % 10,
+                              {"device": "web"}) for i in range(n)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for imp in impressions:
+        joiner.on_impression(imp)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(joiner.pending) == n
+    return (after - before) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=1_000_000)
+    args = parser.parse_args()
+    log = simulated_log(args.n)
+    n = count_lines(log)
+    passthrough = passthrough_events_per_s(log)
+    rate, summary = flow_rate(log, 1.0)
+    rate_r01, _ = flow_rate(log, 0.1)
+    joiner_only = joiner_only_rate(log)
+    pending = pending_bytes_per_impression()
+    print(f"log: {n:,} simulated events, mix {summary['events_by_type']}")
+    print(f"join counters: {summary['join']}")
+    print(f"passthrough flow:         {passthrough:>12,.0f} events/s")
+    print(f"joiner path flow (r=1):   {rate:>12,.0f} events/s  ({rate / passthrough:.3f}x passthrough)")
+    print(f"joiner path flow (r=0.1): {rate_r01:>12,.0f} events/s")
+    print(f"joiner state only:        {joiner_only:>12,.0f} events/s (no parse, no output)")
+    print(f"pending state:            {pending:>12,.0f} bytes per waiting impression")
+    print(orjson.dumps({
+        "events": n,
+        "events_per_s": round(rate, 1),
+        "events_per_s_r01": round(rate_r01, 1),
+        "joiner_only_events_per_s": round(joiner_only, 1),
+        "passthrough_events_per_s": round(passthrough, 1),
+        "ratio": round(rate / passthrough, 4),
+        "pending_bytes_per_impression": round(pending, 1),
+    }).decode())
+
+
+if __name__ == "__main__":
+    main()
