@@ -1,0 +1,217 @@
+"""A directory of versioned, immutable snapshot files, each announced by a manifest.
+
+Layout: ``<root>/<kind>/v<version:010d>.<ext>`` with the manifest beside it as
+``v<version:010d>.json`` and ``<root>/<kind>/LATEST`` naming the newest manifest.
+Every file is written to a temporary name in the same directory, flushed and
+fsynced, then renamed into place, so a reader never sees a partial file. Versions
+of a kind increase by one per write (strictly monotonic, also across restarts).
+
+Readers verify before loading: the manifest's path must resolve inside this store's
+root and the file's sha256 must match; anything else raises ``SnapshotError`` with
+the reason. ``SnapshotReader`` keeps serving its previous version when a new one is
+refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Manifest = dict[str, Any]
+"""{kind, version, path (relative to the store root), sha256, bytes, ts (event time, ms),
+created_ms (wall time), counts{}}."""
+
+
+class SnapshotError(Exception):
+    """A snapshot that must not be loaded (outside the store, missing, or altered)."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's content."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SnapshotStore:
+    """Versioned immutable files under ``root``; keeps the newest ``keep`` versions per kind."""
+
+    def __init__(self, root: str | Path, keep: int = 5) -> None:
+        self.root = Path(root).resolve()
+        self.keep = keep
+        self._lock = threading.Lock()
+
+    def _kind_dir(self, kind: str) -> Path:
+        if not kind or "/" in kind or kind.startswith("."):
+            raise ValueError(f"invalid snapshot kind {kind!r}")
+        return self.root / kind
+
+    def next_version(self, kind: str) -> int:
+        """One more than the highest version of ``kind`` present (1 for a new kind)."""
+        latest = self.latest(kind)
+        versions = [int(p.stem[1:]) for p in self._kind_dir(kind).glob("v*.json") if p.stem[1:].isdigit()]
+        return max([latest["version"] if latest else 0, *versions]) + 1
+
+    def write(self, kind: str, ext: str, writer: Callable[[Path], None], ts: int,
+              counts: dict[str, Any] | None = None) -> Manifest:
+        """Write a new version: ``writer(tmp_path)`` fills the file; returns its manifest.
+
+        ``ts`` is the event time (ms) the snapshot reflects.
+        """
+        folder = self._kind_dir(kind)
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            version = self.next_version(kind)
+            name = f"v{version:010d}"
+            final = folder / f"{name}.{ext}"
+            tmp = folder / f".{name}.{ext}.tmp-{os.getpid()}"
+            writer(tmp)
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+            sha = sha256_file(tmp)
+            os.replace(tmp, final)
+            manifest: Manifest = {
+                "kind": kind,
+                "version": version,
+                "path": str(final.relative_to(self.root)),
+                "sha256": sha,
+                "bytes": final.stat().st_size,
+                "ts": int(ts),
+                "created_ms": int(time.time() * 1000),
+                "counts": counts or {},
+            }
+            body = orjson.dumps(manifest)
+            _atomic_write_bytes(folder / f"{name}.json", body)
+            _atomic_write_bytes(folder / "LATEST", body)
+            _fsync_dir(folder)
+            self._prune(folder, version)
+        return manifest
+
+    def write_bytes(self, kind: str, ext: str, data: bytes, ts: int,
+                    counts: dict[str, Any] | None = None) -> Manifest:
+        """Write ``data`` as a new version of ``kind``."""
+        return self.write(kind, ext, lambda p: p.write_bytes(data), ts, counts)
+
+    def _prune(self, folder: Path, newest: int) -> None:
+        for manifest_path in folder.glob("v*.json"):
+            stem = manifest_path.stem
+            if stem[1:].isdigit() and int(stem[1:]) <= newest - self.keep:
+                for p in folder.glob(f"{stem}.*"):
+                    p.unlink(missing_ok=True)
+
+    def latest(self, kind: str) -> Manifest | None:
+        """The newest manifest of ``kind``, or None."""
+        try:
+            return orjson.loads((self._kind_dir(kind) / "LATEST").read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def verified_path(self, manifest: Manifest) -> Path:
+        """The manifest's file, after checking it lies inside the store and its sha256 matches."""
+        try:
+            rel = manifest["path"]
+            expected = manifest["sha256"]
+        except (KeyError, TypeError):
+            raise SnapshotError(f"not a snapshot manifest: {manifest!r}") from None
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root):
+            raise SnapshotError(f"refused {rel!r}: outside the snapshot store {self.root}")
+        if not path.is_file():
+            raise SnapshotError(f"refused {rel!r}: no such snapshot file in {self.root}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise SnapshotError(
+                f"refused {rel!r}: sha256 {actual[:16]}... does not match the manifest's "
+                f"{str(expected)[:16]}... (truncated or altered)"
+            )
+        return path
+
+
+class SnapshotReader(Generic[T]):
+    """Holds the newest verified snapshot of one kind, loaded by ``loader(path)``.
+
+    ``offer(manifest)`` loads a newer version if it verifies; on any failure the
+    previous version stays current and the error is kept in ``last_error``.
+    Loaded objects are shared by every reader of the same store in a process
+    (cache keyed by sha256), and are never mutated by readers.
+    """
+
+    _cache: dict[tuple[str, str, str], Any] = {}
+    _cache_lock = threading.Lock()
+
+    def __init__(self, store: SnapshotStore, kind: str, loader: Callable[[Path], T]) -> None:
+        self.store = store
+        self.kind = kind
+        self.loader = loader
+        self.current: T | None = None
+        self.manifest: Manifest | None = None
+        self.refused = 0
+        self.last_error: str | None = None
+
+    @property
+    def version(self) -> int | None:
+        return self.manifest["version"] if self.manifest else None
+
+    def offer(self, manifest: Manifest) -> bool:
+        """Load ``manifest`` if it is newer and verifies; True when it became current."""
+        if manifest.get("kind") != self.kind:
+            return False
+        if self.manifest is not None and manifest.get("version", 0) <= self.manifest["version"]:
+            return False
+        try:
+            key = (str(self.store.root), self.kind, manifest["sha256"])
+            with self._cache_lock:
+                obj = self._cache.get(key)
+            if obj is None:
+                obj = self.loader(self.store.verified_path(manifest))
+                with self._cache_lock:
+                    if len(self._cache) > 32:
+                        self._cache.clear()
+                    self._cache[key] = obj
+        except (SnapshotError, KeyError, OSError, ValueError, EOFError) as err:
+            self.refused += 1
+            self.last_error = str(err)
+            log.error("snapshot %s v%s refused, keeping v%s: %s", self.kind, manifest.get("version"),
+                      self.version, err)
+            return False
+        self.current = obj
+        self.manifest = manifest
+        return True
+
+    def refresh(self) -> bool:
+        """Offer the store's LATEST manifest of this kind (for readers in other processes)."""
+        latest = self.store.latest(self.kind)
+        return latest is not None and self.offer(latest)

@@ -1,0 +1,84 @@
+"""The snapshot store: versions, atomic writes, verification, refusal keeps the previous."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from state.snapshot_store import SnapshotError, SnapshotReader, SnapshotStore
+
+
+def test_versions_monotonic_across_restarts_and_pruned(tmp_path) -> None:
+    store = SnapshotStore(tmp_path / "snaps", keep=3)
+    versions = [store.write_bytes("ranker", "bin", b"x%d" % i, ts=1000 + i)["version"] for i in range(5)]
+    assert versions == [1, 2, 3, 4, 5]
+    again = SnapshotStore(tmp_path / "snaps", keep=3)
+    assert again.write_bytes("ranker", "bin", b"y", ts=2000)["version"] == 6
+    files = sorted(p.name for p in (tmp_path / "snaps" / "ranker").glob("v*"))
+    assert files == [f"v{v:010d}.{ext}" for v in (4, 5, 6) for ext in ("bin", "json")]
+    latest = again.latest("ranker")
+    assert latest["version"] == 6 and latest["ts"] == 2000 and latest["bytes"] == 1
+    assert again.verified_path(latest).read_bytes() == b"y"
+
+
+def test_tampered_and_truncated_and_outside_refused(tmp_path) -> None:
+    store = SnapshotStore(tmp_path / "s")
+    m1 = store.write_bytes("model", "bin", b"first version", ts=1)
+    m2 = store.write_bytes("model", "bin", b"second version", ts=2)
+    reader = SnapshotReader(store, "model", lambda p: p.read_bytes())
+    assert reader.offer(m1) and reader.current == b"first version"
+    path = store.verified_path(m2)
+    path.write_bytes(b"second vers")  # truncated
+    with pytest.raises(SnapshotError, match="sha256"):
+        store.verified_path(m2)
+    assert not reader.offer(m2)
+    assert reader.current == b"first version" and reader.version == 1 and reader.refused == 1
+    assert "truncated or altered" in reader.last_error
+    outside = tmp_path / "evil.bin"
+    outside.write_bytes(b"evil")
+    forged = dict(m2, version=9, path="../evil.bin")
+    with pytest.raises(SnapshotError, match="outside the snapshot store"):
+        store.verified_path(forged)
+    assert not reader.offer(forged) and reader.version == 1
+    with pytest.raises(SnapshotError, match="no such snapshot"):
+        store.verified_path(dict(m2, path="model/v0000000099.bin"))
+
+
+def test_reader_takes_only_newer_versions(tmp_path) -> None:
+    store = SnapshotStore(tmp_path)
+    m1 = store.write_bytes("k", "bin", b"1", ts=1)
+    m2 = store.write_bytes("k", "bin", b"2", ts=2)
+    reader = SnapshotReader(store, "k", lambda p: p.read_bytes())
+    assert reader.offer(m2) and not reader.offer(m1) and reader.current == b"2"
+    assert not reader.offer(dict(m2, kind="other"))
+
+
+def test_readers_never_see_a_partial_file(tmp_path) -> None:
+    store = SnapshotStore(tmp_path, keep=50)
+    payloads = [bytes([i % 251]) * (200_000 + i) for i in range(40)]
+    failures: list[str] = []
+    done = threading.Event()
+
+    def read_loop() -> None:
+        while not done.is_set():
+            latest = store.latest("big")
+            if latest is None:
+                continue
+            try:
+                data = store.verified_path(latest).read_bytes()
+            except SnapshotError as err:
+                failures.append(str(err))
+                continue
+            if data != payloads[latest["version"] - 1]:
+                failures.append(f"v{latest['version']} content differs")
+
+    threads = [threading.Thread(target=read_loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for p in payloads:
+        store.write_bytes("big", "bin", p, ts=0)
+    done.set()
+    for t in threads:
+        t.join()
+    assert failures == []
