@@ -108,7 +108,8 @@ def _event_key(line: bytes) -> bytes | None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
-    from operators.kafka_io import create_topics
+
+    from flows.broker import create_topics
 
     bootstrap = _bootstrap(args)
     create_topics(bootstrap, [args.topic], args.partitions)
