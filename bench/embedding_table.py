@@ -233,12 +233,12 @@ def main() -> None:
     st = tb["stats"]
     print(
         f"table: index {st['index_slots']:,} slots (load {st['load_factor']:.3f}), "
-        f"{st['index_rebuilds']} index growths while inserting"
+        f"{st['index_growths']} index growths while inserting"
     )
     print(
         f"memory  (bytes/ID)  raw {raw}  table {bpi:.1f} (goal <= {goal_bytes:.0f}; embeddings "
-        f"+ index + time/count/key)  + adagrad slots {slot_bpi:.1f}  | tracemalloc on restore "
-        f"{traced_bpi:.1f} (accounted {tb['restored_accounted_bytes'] / n:.1f})"
+        f"+ index + time/count/key)  + adagrad slots {slot_bpi:.1f}  | tracemalloc of a restored "
+        f"table (table + slots) {traced_bpi:.1f} vs accounted {tb['restored_accounted_bytes'] / n:.1f}"
     )
     print(
         f"                    dict {dict_bpi:.1f}  river FM ({rv['dtype']} latents + weights) "
