@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from operators.trainer import RankerConfig
 from state.join_state import JoinConfig
 from state.settings import doc
 
@@ -86,6 +87,14 @@ class SamplerConfig:
 
 
 @dataclass
+class SnapshotConfig:
+    """The snapshot store (serving models, indexes)."""
+
+    dir: str = doc("Store directory; empty = <output.dir>/snapshots. Files go under <dir>/<app>/.", "")
+    keep: int = doc("Versions kept per snapshot kind (older ones are deleted).", 5)
+
+
+@dataclass
 class ShardConfig:
     """How many keys the large tables are sharded under."""
 
@@ -105,10 +114,16 @@ class Config:
     shards: ShardConfig = doc("Sharding.", factory=ShardConfig)
     join: JoinConfig = doc("Joiner.", factory=JoinConfig)
     sampler: SamplerConfig = doc("Negative downsampling.", factory=SamplerConfig)
+    ranker: RankerConfig = doc("Online ranker (training copy -> serving copy).", factory=RankerConfig)
+    snapshots: SnapshotConfig = doc("Snapshot store.", factory=SnapshotConfig)
 
     def topic(self, name: str) -> str:
         """The Kafka topic of an output or input name, namespaced by the app."""
         return f"{self.app}.{name}"
+
+    def snapshot_root(self) -> Path:
+        """The snapshot store directory of this app."""
+        return Path(self.snapshots.dir or Path(self.output.dir) / "snapshots") / self.app
 
     def to_dict(self) -> dict[str, Any]:
         """The full effective config as plain data."""

@@ -29,8 +29,10 @@ from operators.events import Event, EventParser
 from operators.metrics import MetricsLogic, MetricsState
 from operators.sinks import JsonlFileSink
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
+from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import shard_of
+from state.snapshot_store import SnapshotStore
 
 OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
 """Every output topic (Kafka topics are prefixed with the app name)."""
@@ -127,6 +129,9 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     for name in ("examples", "late-labels"):
         _output(name, op.filter_map(f"take_{name}", outputs, lambda o, n=name: o.get(n)), config)
 
+    examples = op.filter_map("examples_for_training", outputs, lambda o: o.get("examples"))
+    trainer_out = _trainer(examples, config)
+
     counts = op.flat_map("count_outputs", outputs, _shard_counts)
     metrics_in = op.merge("metrics_in", op.map("count_parse", parsed, _parse_counts), counts)
     metrics = op.stateful(
@@ -134,8 +139,28 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         op.key_on("metrics_key", metrics_in, lambda _: "metrics"),
         lambda resume: MetricsLogic(resume or MetricsState(config.app)),
     )
-    _output("metrics", op.map("metrics_records", metrics, lambda kv: kv[1]), config)
+    metric_records = op.map("metrics_records", metrics, lambda kv: kv[1])
+    if trainer_out is not None:
+        metric_records = op.merge("all_metrics", metric_records,
+                                  op.filter_map("ranker_metrics", trainer_out, lambda o: o.get("metrics")))
+        _output("snapshots", op.filter_map("ranker_snapshots", trainer_out, lambda o: o.get("snapshots")),
+                config)
+    _output("metrics", metric_records, config)
     return flow
+
+
+def _trainer(examples: Stream[list[Record]], config: Config) -> Stream[dict[str, list[Record]]] | None:
+    """The ranker trainer on one key; None when training runs in its own flow."""
+    if not config.ranker.enabled:
+        return None
+    store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
+    rate = config.sampler.negative_rate
+
+    def builder(resume: Trainer | None) -> TrainerLogic:
+        return TrainerLogic(resume or Trainer(config.ranker, rate, store))
+
+    keyed = op.key_on("ranker_key", examples, lambda _: "ranker")
+    return op.map("ranker_out", op.stateful("ranker", keyed, builder), lambda kv: kv[1])
 
 
 flow = build()

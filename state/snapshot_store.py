@@ -74,6 +74,12 @@ class SnapshotStore:
         self.keep = keep
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": str(self.root), "keep": self.keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"], state["keep"])
+
     def _kind_dir(self, kind: str) -> Path:
         if not kind or "/" in kind or kind.startswith("."):
             raise ValueError(f"invalid snapshot kind {kind!r}")
