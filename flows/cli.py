@@ -55,18 +55,13 @@ def _bootstrap(args: argparse.Namespace) -> str:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from flows.logfile import open_log_for_write
-    from flows.simulator import SimConfig, Simulator
+    from flows.simulator import SimConfig, write_log
 
-    config = SimConfig(n_users=args.users, n_items=args.items)
-    sim = Simulator(config, seed=args.seed, max_events=args.n)
     progress = Progress("simulate")
-    with open_log_for_write(args.output) as f:
-        while batch := sim.next_batch(10_000):
-            f.write(b"".join(orjson.dumps(e, option=orjson.OPT_APPEND_NEWLINE) for e in batch))
-            progress.add(len(batch))
+    n = write_log(args.output, args.n, args.seed, SimConfig(n_users=args.users, n_items=args.items),
+                  on_batch=progress.add)
     progress.done()
-    print(f"wrote {progress.count} events to {args.output}")
+    print(f"wrote {n} events to {args.output}")
     return 0
 
 
