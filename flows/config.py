@@ -42,6 +42,8 @@ class InputConfig:
     seed: int = doc("simulator: random seed.", 0)
     n_users: int = doc("simulator: number of users.", 2_000)
     n_items: int = doc("simulator: number of items.", 1_000)
+    requests_per_s: float = doc("simulator: requests per event-time second (sets the event-time "
+                                "pace: ~12 events per request).", 2.0)
     path: str = doc("replay: JSONL log path (plain or .gz).", "")
     speed: float = doc("replay: pace by event time at this many times real time; 0 = as fast as possible.", 0.0)
     topics: list[str] = doc("kafka: input topics (the app name prefixes them).", factory=lambda: ["events"])

@@ -24,6 +24,7 @@ from bytewax.dataflow import Dataflow, Stream
 
 from flows.config import Config, InputConfig, load_config
 from flows.simulator import SimConfig
+from models.rankers import positive_hold_ms
 from models.sampling import NegativeSampler
 from operators.events import Event, EventParser
 from operators.metrics import MetricsLogic, MetricsState
@@ -42,7 +43,7 @@ Record = dict[str, Any]
 
 def _source(inp: InputConfig, config: Config) -> Any:
     if inp.kind == "simulator":
-        sim = SimConfig(n_users=inp.n_users, n_items=inp.n_items)
+        sim = SimConfig(n_users=inp.n_users, n_items=inp.n_items, requests_per_s=inp.requests_per_s)
         return SimulatorSource(sim, inp.seed, inp.events or None, inp.batch_size)
     if inp.kind == "replay":
         return ReplaySource(inp.path, inp.batch_size, inp.speed)
@@ -157,7 +158,7 @@ def _trainer(examples: Stream[list[Record]], config: Config) -> Stream[dict[str,
     rate = config.sampler.negative_rate
 
     def builder(resume: Trainer | None) -> TrainerLogic:
-        return TrainerLogic(resume or Trainer(config.ranker, rate, store))
+        return TrainerLogic(resume or Trainer(config.ranker, rate, store, positive_hold_ms(config.join)))
 
     keyed = op.key_on("ranker_key", examples, lambda _: "ranker")
     return op.map("ranker_out", op.stateful("ranker", keyed, builder), lambda kv: kv[1])

@@ -11,6 +11,7 @@ Metrics go out every ``metrics_every_examples`` examples and at end of input.
 
 from __future__ import annotations
 
+import heapq
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ class RankerConfig:
     sync_interval_ms: int = doc("Event time between serving-copy syncs (ms).", 300_000)
     sync_every_examples: int = doc("Also sync after this many examples.", 100_000)
     metrics_every_examples: int = doc("Emit progressive metrics after this many examples.", 20_000)
+    delay_to_labels: bool = doc(
+        "Score and learn examples in impression-time order once every label of that time is "
+        "known (join wait + lateness later): unbiased progressive metrics and a calibrated "
+        "model. False scores and learns on arrival (positives first: fresher, biased up).", True)
     params: dict[str, Any] = doc("Model parameters passed to models.rankers.make_ranker "
                                  "(e.g. lr, n_factors, k, admit_threshold).", factory=dict)
 
@@ -56,10 +61,15 @@ def load_ranker(path: Path) -> Ranker:
 class Trainer:
     """Training copy, progressive metrics and sync schedule (pure Python)."""
 
-    def __init__(self, config: RankerConfig, negative_rate: float, store: SnapshotStore) -> None:
+    def __init__(self, config: RankerConfig, negative_rate: float, store: SnapshotStore,
+                 label_delay_ms: int = 0) -> None:
         self.config = config
         self.store = store
         self.model = make_ranker(config.kind, negative_rate=negative_rate, **config.params)
+        self.label_delay_ms = label_delay_ms if config.delay_to_labels else 0
+        self._waiting: list[tuple[int, int, Record]] = []
+        self._seq = 0
+        self.max_seen_ms: int | None = None
         self.metrics = ProgressiveMetrics()
         self.examples = 0
         self.max_ts_ms: int | None = None
@@ -69,7 +79,25 @@ class Trainer:
         self.version: int | None = None
 
     def process(self, examples: list[Record]) -> TrainerOutput:
-        """Score-then-learn a batch; sync and report when due."""
+        """Queue a batch; score-then-learn what is due (impression-time order); sync/report."""
+        for e in examples:
+            ts = e["ts"]
+            if self.max_seen_ms is None or ts > self.max_seen_ms:
+                self.max_seen_ms = ts
+            heapq.heappush(self._waiting, (ts, self._seq, e))
+            self._seq += 1
+        if self.max_seen_ms is None:
+            return {}
+        return self._learn(self._due(self.max_seen_ms - self.label_delay_ms))
+
+    def _due(self, until_ms: int | None) -> list[Record]:
+        """Pop queued examples with ts <= until_ms (all when None), oldest first."""
+        waiting, out = self._waiting, []
+        while waiting and (until_ms is None or waiting[0][0] <= until_ms):
+            out.append(heapq.heappop(waiting)[2])
+        return out
+
+    def _learn(self, examples: list[Record]) -> TrainerOutput:
         if not examples:
             return {}
         features = [example_features(e) for e in examples]
@@ -119,9 +147,12 @@ class Trainer:
 
     def finish(self) -> TrainerOutput:
         """End of input: a last sync (if anything was learned since) and final metrics."""
-        out: TrainerOutput = {"metrics": [self.report(final=True)]}
+        snapshots = self._learn(self._due(None)).get("snapshots", [])
         if self.since_sync:
-            out["snapshots"] = [self.sync()]
+            snapshots.append(self.sync())
+        out: TrainerOutput = {"metrics": [self.report(final=True)]}
+        if snapshots:
+            out["snapshots"] = snapshots
         return out
 
 

@@ -1,0 +1,121 @@
+"""The ranker's feature function, shared verbatim by training and serving.
+
+``ranking_features`` turns one (user, item, time, context, position, extra) tuple into
+a River-style sparse dict ``{name: float}``. Naming:
+
+* ids: ``user=<user_id>``, ``item=<item_id>`` (1.0);
+* event time (UTC): ``hour=<0..23>``, ``dow=<0..6>`` (Monday = 0) (1.0);
+* position: ``pos=<p>`` (1.0); ``-1`` = unknown (organic interactions);
+* context (request/impression ``context``): string ``v`` -> ``ctx.<key>=<v>`` (1.0),
+  number -> ``ctx.<key>`` (numeric, see below);
+* ``extra`` (an example's ``features``: attributes such as ``u:age_bucket``, profile
+  aggregates such as ``user.clicks.1h``, later model scores): string ``v`` ->
+  ``<key>=<v>`` (1.0), number -> ``<key>`` (numeric), list/tuple of strings -> one
+  ``<key>=<s>`` per element (multi-hot); ``None``, NaN and infinities are left out.
+
+Numbers go through the fixed signed log ``sign(v) * ln(1 + |v|)`` (booleans become
+0/1) so counts and prices of any scale feed SGD/Adagrad without a stateful scaler,
+identically at training and serving time.
+
+**Serving position convention.** A training example carries the position it was shown
+at; at serving time the position is not known yet, so every candidate is scored with
+``position = SERVING_POSITION`` (0): the score is "P(positive if shown first)". The
+position feature then only shifts every candidate by the same term in LR (ranking
+unchanged), and the calibrated probability refers to the top slot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+SERVING_POSITION = 0
+"""Position passed by the serving path for every candidate (see module docstring)."""
+
+_MS_PER_HOUR = 3_600_000
+_MS_PER_DAY = 86_400_000
+_EPOCH_DOW = 3  # 1970-01-01 was a Thursday (Monday = 0)
+
+# Interned names of the time and position features (avoid formatting per call).
+_HOUR = [f"hour={h}" for h in range(24)]
+_DOW = [f"dow={d}" for d in range(7)]
+_POS = {p: f"pos={p}" for p in range(-1, 64)}
+
+Features = dict[str, float]
+
+
+def signed_log(v: float) -> float:
+    """``sign(v) * ln(1 + |v|)``: the fixed transform of every numeric feature."""
+    return math.log1p(v) if v >= 0.0 else -math.log1p(-v)
+
+
+def _add(out: Features, name: str, value: Any) -> None:
+    """Add one raw value under ``name`` (categorical, numeric or multi-hot)."""
+    if isinstance(value, str):
+        out[f"{name}={value}"] = 1.0
+    elif isinstance(value, bool):
+        out[name] = 1.0 if value else 0.0
+    elif isinstance(value, int | float):
+        v = float(value)
+        if math.isfinite(v):
+            out[name] = signed_log(v)
+    elif isinstance(value, list | tuple):
+        for s in value:
+            if isinstance(s, str | int) and not isinstance(s, bool):
+                out[f"{name}={s}"] = 1.0
+    # None, dicts and other types carry no feature
+
+
+def ranking_features(
+    user_id: str,
+    item_id: str,
+    ts_ms: int,
+    context: Mapping[str, Any] | None = None,
+    position: int | None = -1,
+    extra: Mapping[str, Any] | None = None,
+) -> Features:
+    """Sparse features of showing ``item_id`` to ``user_id`` at event time ``ts_ms``.
+
+    ``ts_ms`` is epoch milliseconds (UTC hour and weekday are derived from it);
+    ``position`` is the 0-based slot (-1 unknown; serving passes ``SERVING_POSITION``).
+    Values are floats; categoricals are one-hot (``name=value: 1.0``).
+    """
+    out: Features = {
+        f"user={user_id}": 1.0,
+        f"item={item_id}": 1.0,
+        _HOUR[(ts_ms // _MS_PER_HOUR) % 24]: 1.0,
+        _DOW[(ts_ms // _MS_PER_DAY + _EPOCH_DOW) % 7]: 1.0,
+    }
+    pos_name = _POS.get(-1 if position is None else position)
+    out[pos_name if pos_name is not None else f"pos={position}"] = 1.0
+    if context:
+        for key, value in context.items():
+            _add(out, f"ctx.{key}", value)
+    if extra:
+        for key, value in extra.items():
+            _add(out, key, value)
+    return out
+
+
+def example_features(example: Mapping[str, Any]) -> Features:
+    """``ranking_features`` of a training example (the joiner's record)."""
+    return ranking_features(
+        example["user_id"],
+        example["item_id"],
+        example["ts"],
+        example.get("context"),
+        example.get("position", -1),
+        example.get("features"),
+    )
+
+
+def serving_features(
+    user_id: str,
+    item_id: str,
+    ts_ms: int,
+    context: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Features:
+    """``ranking_features`` of a (request, candidate) pair at serving time (position 0)."""
+    return ranking_features(user_id, item_id, ts_ms, context, SERVING_POSITION, extra)
