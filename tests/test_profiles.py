@@ -1,0 +1,651 @@
+"""Tests for the IPS-style profile store and the declarative feature specs.
+
+Every aggregate and window is checked against a brute-force reference (a scan of the
+raw events) over random streams: exactly at day-aligned query times (where every window
+edge falls on a slice boundary), and within the documented slice-rounding bounds at
+arbitrary times.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from state.feature_spec import (
+    DEFAULT_FEATURES,
+    FeatureSpecError,
+    default_features,
+    load_features,
+    parse_duration,
+    parse_features,
+)
+from state.profiles import DEFAULT_TIERS, ProfileStore, stores_for
+
+SEC, MIN, HOUR, DAY = 1_000, 60_000, 3_600_000, 86_400_000
+BASE = 19_675 * DAY  # a day boundary (2023-11-14)
+WINDOWS = ["30s", "5m", "1h", "1d", "7d", "all"]
+WIN_MS: dict[str, int | None] = {"30s": 30 * SEC, "5m": 5 * MIN, "1h": HOUR, "1d": DAY,
+                                 "7d": 7 * DAY, "all": None}
+HYP = settings(max_examples=75, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _spec(name: str, flt: dict[str, Any], agg: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "entity": "user", "filter": flt, "aggregate": agg,
+            "windows": WINDOWS, **kw}
+
+
+FB = {"type": "feedback"}
+SPECS = [
+    _spec("imps", {"type": "impression"}, "count"),
+    _spec("fb_sum", {"type": "feedback", "action": ["click", "rating"]}, "sum"),
+    _spec("r_mean", {"type": "feedback", "action": "rating"}, "mean"),
+    _spec("r_min", {"type": "feedback", "action": "rating"}, "min"),
+    _spec("r_max", {"type": "feedback", "action": "rating"}, "max"),
+    _spec("r_last", {"type": "feedback", "action": "rating"}, "last"),
+    _spec("fb_last_ts", FB, "last", value="ts"),
+    _spec("click_decay", {"type": "feedback", "action": "click"}, "decay_sum", half_life="1h"),
+    _spec("imp_items", {"type": "impression"}, "distinct_count", k=10_000),
+    _spec("recent", FB, "last_k", k=5),
+]
+
+
+# ----------------------------------------------------------------- reference
+
+
+def _matches(spec: dict[str, Any], ev: dict[str, Any]) -> bool:
+    f = spec["filter"]
+    if ev["type"] != f["type"]:
+        return False
+    act = f.get("action")
+    if act is not None:
+        acts = [act] if isinstance(act, str) else act
+        if ev.get("action") not in acts:
+            return False
+    return not ("min_value" in f and ev.get("value", 1.0) < f["min_value"])
+
+
+def reference(spec: dict[str, Any], events: list[dict[str, Any]], key_field: str, key: Any,
+              t: int, lo: int | None) -> Any:
+    """Brute force: the feature over events of entity ``key`` with lo <= ts < t.
+
+    ``events`` are in application order: among equal ts the later applied is newer."""
+    sel = [e for e in events if e.get(key_field) == key and _matches(spec, e)
+           and e["ts"] < t and (lo is None or e["ts"] >= lo)]
+    agg = spec["aggregate"]
+    field = spec.get("value", "value" if agg not in ("distinct_count", "last_k") else "item_id")
+    vals = [(e["ts"], e.get(field, 1.0) if field == "value" else e[field]) for e in sel]
+    if agg == "count":
+        return float(len(sel))
+    if agg == "sum":
+        return float(sum(v for _, v in vals))
+    if agg == "decay_sum":
+        hl = parse_duration(spec["half_life"])
+        return sum(v * 2.0 ** (-(t - ts) / hl) for ts, v in vals)
+    if agg == "distinct_count":
+        return float(len({v for _, v in vals}))
+    if agg == "last_k":  # distinct items by their newest occurrence, newest first
+        latest: dict[Any, int] = {}
+        for ts, v in vals:
+            if latest.get(v, ts) <= ts:
+                latest.pop(v, None)
+                latest[v] = ts  # dict order = order of the newest occurrences' application
+        return sorted(reversed(latest), key=lambda v: -latest[v])[: spec["k"]]
+    if not vals:
+        return None
+    if agg == "mean":
+        return sum(v for _, v in vals) / len(vals)
+    if agg == "min":
+        return min(v for _, v in vals)
+    if agg == "max":
+        return max(v for _, v in vals)
+    if agg == "last":
+        best = vals[0]
+        for tv in vals:
+            if tv[0] >= best[0]:
+                best = tv
+        return best[1]
+    raise AssertionError(agg)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return a == b
+
+
+# ----------------------------------------------------------------- event streams
+
+USERS = ["u0", "u1"]
+
+
+@st.composite
+def streams(draw: Any, max_size: int = 60) -> list[dict[str, Any]]:
+    """Events with non-decreasing ts (ties included) over up to ~12 days (mixed gaps)."""
+    n = draw(st.integers(1, max_size))
+    gap = st.one_of(st.just(0), st.integers(1, 20 * SEC), st.integers(1, 2 * HOUR),
+                    st.integers(1, 2 * DAY))
+    ts = BASE + draw(st.integers(0, DAY))
+    out = []
+    for i in range(n):
+        ts += draw(gap)
+        kind = draw(st.sampled_from(["impression", "click", "rating", "like"]))
+        ev: dict[str, Any] = {"ts": ts, "user_id": draw(st.sampled_from(USERS)),
+                              "item_id": f"it{draw(st.integers(0, 7))}"}
+        if kind == "impression":
+            ev.update(type="impression", impression_id=f"i{i}")
+        else:
+            ev.update(type="feedback", action=kind)
+            if kind == "rating":
+                ev["value"] = float(draw(st.integers(1, 5)))
+            elif draw(st.booleans()):
+                ev["value"] = draw(st.floats(0.0, 3.0, allow_nan=False))
+        out.append(ev)
+    return out
+
+
+def _check_exact(store: ProfileStore, events: list[dict[str, Any]], t: int) -> None:
+    for u in USERS:
+        got = store.query(u, t)
+        for spec in SPECS:
+            for win in WINDOWS:
+                w = WIN_MS[win]
+                want = reference(spec, events, "user_id", u, t, None if w is None else t - w)
+                if want is None and spec["aggregate"] != "last_k":
+                    want = None
+                name = f"user.{spec['name']}.{win}"
+                assert _same(got[name], want), (name, u, t, got[name], want)
+
+
+# ----------------------------------------------------------------- exactness
+
+
+@HYP
+@given(streams())
+def test_every_aggregate_and_window_exact_at_aligned_times(events: list[dict[str, Any]]) -> None:
+    store = ProfileStore(SPECS, "user", batch_size=7)
+    applied: list[dict[str, Any]] = []
+    for i, ev in enumerate(events):
+        store.apply(ev)
+        applied.append(ev)
+        nxt = events[i + 1]["ts"] if i + 1 < len(events) else ev["ts"] + 2 * DAY
+        b = (ev["ts"] // DAY + 1) * DAY
+        while b <= nxt:  # day boundaries before the next event: every edge slice-aligned
+            _check_exact(store, applied, b)
+            b += DAY
+
+
+@HYP
+@given(streams(), st.randoms(use_true_random=False))
+def test_out_of_order_and_late_events_land_in_the_right_slice(
+        events: list[dict[str, Any]], rnd: random.Random) -> None:
+    """Late events (older than watermark - lateness) still count where their slice is kept."""
+    shuffled = list(events)
+    # displace events by up to ~1 day: many arrive behind the watermark
+    shuffled.sort(key=lambda e: e["ts"] + rnd.randint(0, DAY))
+    store = ProfileStore(SPECS, "user", batch_size=3)
+    for ev in shuffled:
+        store.apply(ev)
+    t = (max(e["ts"] for e in events) // DAY + 1) * DAY
+    _check_exact(store, shuffled, t)
+    _check_exact(store, shuffled, t + DAY)
+
+
+def test_late_event_older_than_lateness_goes_to_existing_slice() -> None:
+    spec = _spec("clicks", {"type": "feedback", "action": "click"}, "count")
+    store = ProfileStore([spec], "user", batch_size=1)
+    t0 = BASE + 10 * HOUR
+    for i in range(30):
+        store.apply({"type": "feedback", "ts": t0 + i * MIN, "user_id": "u", "item_id": "a",
+                     "action": "click"})
+    info = store.inspect("u")
+    assert info is not None
+    before = info["features"]["clicks"]["slices"]
+    late_ts = t0 + 3 * MIN + 5 * SEC  # 26 minutes behind the watermark
+    store.apply({"type": "feedback", "ts": late_ts, "user_id": "u", "item_id": "a",
+                 "action": "click"})
+    after = store.inspect("u")["features"]["clicks"]["slices"]  # type: ignore[index]
+    assert after == before  # merged into the existing 1-minute slice, none created
+    assert store.stats()["late_writes"] == 1
+    t = t0 + 30 * MIN
+    assert store.query("u", t)["user.clicks.1h"] == 31.0
+    assert store.query("u", t0 + 4 * MIN)["user.clicks.5m"] == 5.0  # slice-aligned, exact
+
+
+def test_point_in_time_never_includes_the_label_event() -> None:
+    specs = [_spec("clicks", {"type": "feedback", "action": "click"}, "count"),
+             _spec("recent", FB, "last_k", k=5)]
+    store = ProfileStore(specs, "user", batch_size=1000)
+    t = BASE + 5 * HOUR + 12_345
+
+    def click(ts: int, item: str) -> None:
+        store.apply({"type": "feedback", "ts": ts, "user_id": "u", "item_id": item,
+                     "action": "click"})
+
+    click(t - 40 * MIN, "old")
+    click(t - 2 * SEC, "a")
+    click(t, "label")
+    click(t + 20 * SEC, "later")
+    got = store.query("u", t)  # t is inside the raw region: exact at both edges
+    assert got["user.clicks.1h"] == 2.0 and got["user.clicks.all"] == 2.0
+    assert got["user.recent.all"] == ["a", "old"]
+    now = store.query("u")
+    assert now["user.clicks.all"] == 4.0
+    assert now["user.recent.all"] == ["later", "label", "a", "old"]
+    # once t is older than the raw region its minute slice is cut off (rounded inward):
+    # the event at t - 2s is lost, the label still never counts
+    click(t + 10 * MIN, "much-later")
+    got = store.query("u", t)
+    assert got["user.clicks.all"] == 1.0 and got["user.recent.all"] == ["old"]
+    assert store.query("u", t - t % MIN)["user.clicks.1h"] == 1.0  # slice-aligned: exact
+
+
+# ----------------------------------------------------------------- bounds
+
+
+def _gran_at(store: ProfileStore, cf: int, x: int) -> int:
+    """Coarsest slice granularity that can contain time x (0 = raw, exact)."""
+    raw_cut = (cf - store.params["raw_ms"]) // store.tiers[0][0] * store.tiers[0][0]
+    if x >= raw_cut:
+        return 0
+    for g, span in store.tiers:
+        if span is None or x >= cf - span:
+            return g
+    return store.tiers[-1][0]
+
+
+@HYP
+@given(streams(), st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4))
+def test_bounded_approximation_at_arbitrary_times(events: list[dict[str, Any]],
+                                                  fracs: list[float]) -> None:
+    store = ProfileStore(SPECS, "user", batch_size=5)
+    for ev in events:
+        store.apply(ev)
+    lo_ts, hi_ts = events[0]["ts"], events[-1]["ts"]
+    times = [int(lo_ts + f * (hi_ts + 3 * DAY - lo_ts)) for f in fracs] + [None]
+    sandwich = {"count", "sum", "distinct_count", "max"}
+    for u in USERS:
+        info = store.inspect(u)
+        if info is None:
+            continue
+        cf = info["watermark"]
+        for t in times:
+            got = store.query(u, t)
+            tq = store.now + 1 if t is None else t  # type: ignore[operator]
+            full = tq > info["max_ts"]
+            gr = 0 if full else _gran_at(store, cf, tq)
+            kept = tq >= cf - store.params["retention_ms"]
+            for spec in SPECS:
+                if spec["aggregate"] not in sandwich:
+                    continue
+                for win in WINDOWS:
+                    w = WIN_MS[win]
+                    val = got[f"user.{spec['name']}.{win}"]
+                    x = None if w is None else tq - w
+                    gx = 0 if x is None else _gran_at(store, cf, x)
+                    outer = reference(spec, events, "user_id", u, tq, None if x is None else x - gx)
+                    inner = reference(spec, events, "user_id", u, tq - gr, x)
+                    if spec["aggregate"] == "max":
+                        if val is not None:
+                            assert outer is not None and val <= outer
+                        if inner is not None and kept:
+                            assert val is not None and val >= inner
+                        continue
+                    assert val <= outer + 1e-9, (spec["name"], win, t, val, outer)
+                    if kept:
+                        assert val >= inner - 1e-9, (spec["name"], win, t, val, inner)
+
+
+# ----------------------------------------------------------------- memoisation
+
+
+@HYP
+@given(streams(max_size=80), st.randoms(use_true_random=False))
+def test_memoised_reads_equal_cold_recomputation(events: list[dict[str, Any]],
+                                                 rnd: random.Random) -> None:
+    """Memoised hot values == values recomputed from a freshly decoded profile."""
+    hot = ProfileStore(SPECS, "user", batch_size=4)
+    cold = ProfileStore(SPECS, "user", batch_size=4, hot_capacity=1)
+    for ev in events:
+        hot.apply(ev)
+        cold.apply(ev)
+        if rnd.random() < 0.5:
+            t = None if rnd.random() < 0.7 else ev["ts"] + rnd.randint(-HOUR, 3 * DAY)
+            _compare(hot, cold, rnd.choice(USERS), t)
+    for u in USERS:
+        _compare(hot, cold, u, None)
+    assert cold.stats()["decodes"] > 0 or cold.stats()["entities"] < 2
+
+
+def _compare(hot: ProfileStore, cold: ProfileStore, u: str, t: int | None) -> None:
+    a, b = hot.query(u, t), cold.query(u, t)
+    cold.query(USERS[1 - USERS.index(u)])  # evicts u from cold's one-profile hot set
+    assert a == b  # bit for bit: memoised values equal a recomputation
+
+
+# ----------------------------------------------------------------- compaction / truncation
+
+
+def _check_layout(store: ProfileStore, uid: str, strict: bool) -> None:
+    info = store.inspect(uid)
+    assert info is not None
+    cf = info["watermark"]
+    g_last = store.tiers[-1][0]
+    raw_cut = (cf - store.params["raw_ms"]) // store.tiers[0][0] * store.tiers[0][0]
+    for spec in store.specs:
+        feat = info["features"].get(spec.name)
+        if feat is None:
+            continue
+        slices = feat["slices"]
+        if feat["raw_oldest"] is not None:
+            assert feat["raw_oldest"] >= raw_cut, "raw event older than the raw cut"
+        horizon = spec.longest_window_ms + store.params["retention_ms"]
+        for (_, e0), (s1, _) in zip(slices, slices[1:], strict=False):
+            assert e0 <= s1, "slices overlap or are unsorted"
+        bound = 0
+        for i, (g, span) in enumerate(store.tiers):
+            if span is None:
+                bound += (horizon + g) // g + 1
+            else:
+                nxt = store.tiers[i + 1][0]
+                bound += (span + nxt) // g + 1
+        assert len(slices) <= bound
+        for s, e in slices:
+            g = e - s
+            assert g in {t[0] for t in store.tiers} and s % g == 0
+            assert e <= raw_cut
+            assert e > cf - horizon, "slice past the truncation horizon"
+            if strict:  # no slice older than the longest window + one coarse slice
+                assert s >= cf - spec.longest_window_ms - g_last
+            # data younger than a tier's span is at that tier's granularity or finer
+            for tg, span in store.tiers:
+                if span is not None and s >= cf - span:
+                    assert g <= tg
+
+
+@pytest.mark.parametrize("retention_ms", [0, HOUR])
+def test_compaction_and_truncation_invariants(retention_ms: int) -> None:
+    rng = random.Random(7)
+    specs = [_spec("clicks", {"type": "feedback", "action": "click"}, "count") | {"windows": ["5m", "1d"]},
+             _spec("rsum", {"type": "feedback", "action": "rating"}, "sum") | {"windows": ["7d"]},
+             _spec("decay", {"type": "feedback", "action": "click"}, "decay_sum", half_life="1d")
+             | {"windows": ["all"]},
+             _spec("recent", FB, "last_k", k=3) | {"windows": ["1h", "all"]}]
+    store = ProfileStore(specs, "user", batch_size=50, retention_ms=retention_ms)
+    events = []
+    ts = BASE
+    for i in range(4000):  # ~2 weeks, dense bursts and idle gaps
+        ts += rng.choice([rng.randint(1, 30 * SEC), rng.randint(1, 20 * MIN), rng.randint(1, 6 * HOUR)])
+        ev = {"type": "feedback", "ts": ts - rng.randint(0, 2 * HOUR) * (rng.random() < 0.1),
+              "user_id": "u", "item_id": f"it{rng.randint(0, 30)}",
+              "action": rng.choice(["click", "rating"]), "value": float(rng.randint(1, 5))}
+        events.append(ev)
+        store.apply(ev)
+        if i % 2:  # (inspect merges the buffered writes first)
+            _check_layout(store, "u", strict=retention_ms == 0)
+    _check_layout(store, "u", strict=retention_ms == 0)
+    t = (ts // DAY + 1) * DAY
+    got = store.query("u", t)
+    for spec in specs:
+        for win in spec["windows"]:
+            w = WIN_MS[win]
+            want = reference(spec, events, "user_id", "u", t, None if w is None else t - w)
+            assert _same(got[f"user.{spec['name']}.{win}"], want), (spec["name"], win)
+    st_ = store.stats()
+    assert st_["hot_slices"] < 400
+    assert st_["tail_writes"] + st_["dropped_writes"] + st_["late_writes"] > 0
+
+
+# ----------------------------------------------------------------- snapshot / compression
+
+
+@HYP
+@given(streams())
+def test_write_buffer_survives_snapshot_and_restore(events: list[dict[str, Any]]) -> None:
+    store = ProfileStore(SPECS, "user", batch_size=10**9, flush_interval_ms=10**12)
+    half = len(events) // 2
+    for ev in events[:half]:
+        store.apply(ev)
+    store.flush()
+    for ev in events[half:]:
+        store.apply(ev)
+    assert store.stats()["buffered_writes"] > 0 or len(events) - half == 0
+    snap = store.snapshot()
+    assert store.stats()["buffered_writes"] == sum(len(w) for _, w in snap["buffer"])
+    restored = ProfileStore.restore(pickle.loads(pickle.dumps(snap)))
+    direct = pickle.loads(pickle.dumps(store))  # the store itself pickles via snapshot
+    t = (events[-1]["ts"] // DAY + 1) * DAY
+    for u in USERS:
+        for tq in (None, t, events[-1]["ts"], events[0]["ts"] + 1):
+            a, b, c = store.query(u, tq), restored.query(u, tq), direct.query(u, tq)
+            assert a == b == c
+    _check_exact(restored, events, t)
+    # both keep evolving identically after the restore
+    later = [dict(e, ts=e["ts"] + 3 * DAY) for e in events[: max(1, len(events) // 3)]]
+    for ev in later:
+        store.apply(ev)
+        restored.apply(ev)
+        u = ev["user_id"]
+        assert store.query(u) == restored.query(u)
+        assert store.query(u, ev["ts"] - HOUR) == restored.query(u, ev["ts"] - HOUR)
+
+
+def test_write_buffer_flushes_by_count_and_event_time() -> None:
+    spec = _spec("clicks", {"type": "feedback", "action": "click"}, "count")
+    store = ProfileStore([spec], "user", batch_size=3, flush_interval_ms=10 * SEC)
+
+    def click(ts: int, user: str = "u") -> None:
+        store.apply({"type": "feedback", "ts": ts, "user_id": user, "item_id": "a",
+                     "action": "click"})
+
+    click(BASE)
+    click(BASE + SEC)
+    assert store.stats()["buffered_writes"] == 2 and store.stats()["flushes"] == 0
+    click(BASE + 2 * SEC)  # third write: batch full
+    assert store.stats()["buffered_writes"] == 0 and store.stats()["flushes"] == 1
+    click(BASE + 3 * SEC, "v")
+    store.apply({"type": "request", "ts": BASE + 14 * SEC, "user_id": "w", "request_id": "r"})
+    assert store.stats()["buffered_writes"] == 0  # 10 s of event time after the first write
+    click(BASE + 15 * SEC, "v")
+    store.advance(BASE + 30 * SEC)  # idle stream: the wall-clock fallback flushes too
+    assert store.stats()["buffered_writes"] == 0 and store.stats()["flushes"] == 3
+    click(BASE + 31 * SEC)
+    assert store.stats()["buffered_writes"] == 1
+    assert store.query("u")["user.clicks.all"] == 4.0  # reads merge the entity's own writes
+    assert store.stats()["buffered_writes"] == 0
+
+
+def test_compression_round_trip_and_lru() -> None:
+    rng = random.Random(3)
+    specs = default_features("user")
+    big = ProfileStore(specs, "user", hot_capacity=10_000)
+    small = ProfileStore(specs, "user", hot_capacity=3)
+    users = [f"u{i}" for i in range(40)]
+    ts = BASE
+    for i in range(4000):
+        ts += rng.randint(1, 90 * SEC)
+        u = rng.choice(users)
+        act = rng.choice(["impression", "click", "like", "purchase", "rating", "dwell"])
+        ev: dict[str, Any] = {"ts": ts, "user_id": u, "item_id": f"it{rng.randint(0, 99)}"}
+        if act == "impression":
+            ev.update(type="impression", impression_id=str(i))
+        else:
+            ev.update(type="feedback", action=act, value=float(rng.randint(1, 5)))
+        big.apply(ev)
+        small.apply(ev)
+    big.flush()
+    small.flush()
+    assert small.stats()["hot"] <= 3 and small.stats()["cold"] >= 37
+    for u in users:
+        for t in (None, ts - 30 * MIN, ts + DAY):
+            assert big.query(u, t) == small.query(u, t)
+    # every profile round-trips through zlib(orjson(...)) unchanged
+    snap = big.snapshot()
+    for key, blob in snap["profiles"].items():
+        p = big._decode(blob)
+        assert big._decode(big._encode(p)).feats == p.feats
+        assert big._hot[key].feats == p.feats
+    info = big.inspect("u1")
+    assert info is not None and 0 < info["encoded_bytes"] < 20_000
+
+
+# ----------------------------------------------------------------- user x category
+
+
+def test_user_x_category_entity() -> None:
+    cats = {"a": "c1", "b": "c1", "c": "c2", "m": ["drama", "comedy"]}
+
+    def attrs(item: Any) -> dict[str, Any] | None:
+        return {"category": cats[item]} if item in cats else None
+
+    specs = [{"name": "clicks", "entity": "user_x_category",
+              "filter": {"type": "feedback", "action": "click"}, "aggregate": "count",
+              "windows": ["1h", "1d", "all"]},
+             {"name": "recent", "entity": "user_x_category", "filter": {"type": "feedback"},
+              "aggregate": "last_k", "k": 3, "windows": ["all"]},
+             {"name": "clicks", "entity": "user", "filter": {"type": "feedback", "action": "click"},
+              "aggregate": "count", "windows": ["1d"]}]
+    stores = stores_for(specs, batch_size=2)
+    assert set(stores) == {"user_x_category", "user"}
+    x = stores["user_x_category"]
+    assert x.output_names == ["user_x_category.clicks.1h", "user_x_category.clicks.1d",
+                              "user_x_category.clicks.all", "user_x_category.recent.all"]
+    evs = [("u1", "a", 0), ("u1", "b", MIN), ("u1", "c", 2 * MIN), ("u2", "a", 3 * MIN),
+           ("u1", "m", 4 * MIN), ("u1", "zzz", 5 * MIN), ("u1", "a", 3 * HOUR)]
+    for u, it, dt in evs:
+        ev = {"type": "feedback", "ts": BASE + dt, "user_id": u, "item_id": it, "action": "click"}
+        for s in stores.values():
+            s.apply(ev, attrs)
+    t = BASE + DAY
+    q = x.query(("u1", "c1"), t)
+    assert q["user_x_category.clicks.1d"] == 3.0 and q["user_x_category.recent.all"] == ["a", "b"]
+    assert x.query(("u1", "c1"), BASE + 2 * HOUR)["user_x_category.clicks.1h"] == 0.0
+    assert x.query(("u1", "c2"), t)["user_x_category.clicks.all"] == 1.0
+    assert x.query(("u2", "c1"), t)["user_x_category.clicks.all"] == 1.0
+    assert x.query(("u1", "drama"), t)["user_x_category.recent.all"] == ["m"]  # list attr
+    assert x.query(("u1", "comedy"), t)["user_x_category.clicks.all"] == 1.0
+    assert x.query(("u9", "c1"), t)["user_x_category.clicks.all"] == 0.0
+    assert x.stats()["skipped_no_attr"] == 1
+    assert stores["user"].query("u1", t)["user.clicks.1d"] == 6.0
+    with pytest.raises(TypeError, match="item_attrs"):
+        x.apply({"type": "feedback", "ts": BASE, "user_id": "u", "item_id": "a", "action": "click"})
+    with pytest.raises(TypeError, match="pairs"):
+        x.query("u1")
+
+
+# ----------------------------------------------------------------- specs
+
+
+def test_distinct_count_sketch_is_exact_below_k_and_bounded_above() -> None:
+    spec = _spec("items", {"type": "impression"}, "distinct_count", k=256) | {"windows": ["1d", "all"]}
+    store = ProfileStore([spec], "user")
+    for i in range(5000):
+        store.apply({"type": "impression", "ts": BASE + i * 10 * SEC, "user_id": "u",
+                     "item_id": f"item-{i % 4000}", "impression_id": str(i)})
+        if i == 200:
+            assert store.query("u")["user.items.all"] == 201.0
+    est = store.query("u")["user.items.all"]
+    assert abs(est - 4000) / 4000 < 0.2  # KMV relative std error ~ 1/sqrt(k - 2) = 6 %
+
+
+def test_default_set_parses_and_names() -> None:
+    specs = default_features()
+    names = [n for s in specs for n in s.output_names]
+    assert len(names) == len(set(names))
+    assert "user.clicks.1h" in names and "user.click_decay.all" in names
+    assert "user.recent_positives.1h" in names and "item.viewers.7d" in names
+    assert "user_x_category.clicks.7d" in names
+    assert {s.entity for s in specs} == {"user", "item", "user_x_category"}
+    assert {s.aggregate for s in specs} >= {"count", "sum", "mean", "last", "decay_sum",
+                                            "distinct_count", "last_k"}
+    # MovieLens-style feedback populates rating features
+    store = ProfileStore(list(DEFAULT_FEATURES), "user")
+    for i, r in enumerate([5, 3, 4]):
+        store.apply({"type": "feedback", "ts": BASE + i * HOUR, "user_id": "7",
+                     "item_id": str(100 + i), "action": "rating", "value": r})
+    q = store.query(7)  # int and str ids hash alike
+    assert q["user.ratings.all"] == 3.0 and q["user.rating_mean.all"] == 4.0
+    assert q["user.recent_high_ratings.all"] == ["102", "100"]
+    assert q["user.last_feedback_ts.all"] == BASE + 2 * HOUR
+
+
+def test_toml_specs(tmp_path: Any) -> None:
+    p = tmp_path / "f.toml"
+    p.write_text('[[features]]\nname = "clicks"\nentity = "user"\naggregate = "count"\n'
+                 'windows = ["5m", "1h"]\nfilter = { type = "feedback", action = ["click", "like"] }\n')
+    (spec,) = load_features(p)
+    assert spec.output_names == ("user.clicks.5m", "user.clicks.1h")
+    assert spec.windows == (5 * MIN, HOUR) and spec.actions == frozenset({"click", "like"})
+
+
+OK = {"name": "x", "entity": "user", "filter": {"type": "feedback", "action": "click"},
+      "aggregate": "count", "windows": ["1h"]}
+
+
+@pytest.mark.parametrize(("patch", "key"), [
+    ({"aggregate": "median"}, "aggregate"),
+    ({"windows": ["5x"]}, "windows"),
+    ({"windows": "1h"}, "windows"),
+    ({"windows": ["1h", "60m"]}, "windows"),
+    ({"windows": ["0s"]}, "windows"),
+    ({"entity": "shop"}, "entity"),
+    ({"name": "Bad Name"}, "name"),
+    ({"filter": {"type": "click"}}, "filter.type"),
+    ({"filter": {"type": "impression", "action": "click"}}, "filter.action"),
+    ({"filter": {"type": "feedback", "action": []}}, "filter.action"),
+    ({"filter": {"type": "feedback", "kind": "x"}}, "filter.kind"),
+    ({"filter": {"type": "item"}}, "filter.type"),
+    ({"filter": {"type": "feedback", "min_value": "4"}}, "filter.min_value"),
+    ({"value": "value"}, "value"),
+    ({"aggregate": "sum", "value": "item_id"}, "value"),
+    ({"aggregate": "sum", "value": {"a": 1}}, "value"),
+    ({"aggregate": "decay_sum"}, "half_life"),
+    ({"aggregate": "decay_sum", "half_life": "soon"}, "half_life"),
+    ({"half_life": "1h"}, "half_life"),
+    ({"aggregate": "last_k", "k": 0}, "k"),
+    ({"k": 5}, "k"),
+    ({"aggregate": "mean", "default": "zero"}, "default"),
+    ({"colour": "red"}, "colour"),
+])
+def test_spec_validation_names_the_offending_key(patch: dict[str, Any], key: str) -> None:
+    raw = dict(OK) | patch
+    with pytest.raises(FeatureSpecError, match=rf"features\[0\] .*key '{key}'"):
+        parse_features([raw])
+
+
+def test_spec_validation_missing_and_duplicate() -> None:
+    raw = dict(OK)
+    del raw["aggregate"]
+    with pytest.raises(FeatureSpecError, match="key 'aggregate': missing"):
+        parse_features([raw])
+    with pytest.raises(FeatureSpecError, match=r"features\[1\] 'x': key 'name': duplicate"):
+        parse_features([OK, OK])
+    with pytest.raises(FeatureSpecError, match="key 'features'"):
+        parse_features({"feature": []})
+    with pytest.raises(ValueError, match="no feature spec has entity 'item'"):
+        ProfileStore([OK], "item")
+    with pytest.raises(ValueError, match="tiers"):
+        ProfileStore([OK], "user", tiers=[(MIN, HOUR), (90 * SEC, DAY)])
+    assert DEFAULT_TIERS[0] == (MIN, HOUR)
+
+
+def test_bad_values_are_counted_not_applied() -> None:
+    spec = _spec("s", {"type": "feedback"}, "sum")
+    store = ProfileStore([spec], "user")
+    store.apply({"type": "feedback", "ts": BASE, "user_id": "u", "item_id": "a", "action": "x",
+                 "value": "oops"})
+    store.apply({"type": "feedback", "ts": BASE, "user_id": "u", "item_id": "a", "action": "x",
+                 "value": float("nan")})
+    store.apply({"type": "feedback", "ts": BASE, "item_id": "a", "action": "x"})
+    store.apply({"type": "feedback", "ts": BASE + 1, "user_id": "u", "item_id": "a", "action": "x"})
+    s = store.stats()
+    assert s["skipped_bad_value"] == 2 and s["skipped_no_id"] == 1
+    assert store.query("u")["user.s.all"] == 1.0
+    with pytest.raises(ValueError, match="ts"):
+        store.apply({"type": "feedback", "ts": "yesterday", "user_id": "u", "action": "x"})
