@@ -22,7 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from operators.index_builder import IndexSettings
+from operators.item_shard import ItemsConfig
+from operators.serving import ServingConfig
 from operators.trainer import RankerConfig
+from state.feature_spec import DEFAULT_FEATURES, FeatureSpecError, parse_features
 from state.join_state import JoinConfig
 from state.settings import doc
 
@@ -84,7 +88,8 @@ class ParseConfig:
 class SamplerConfig:
     """Negative downsampling."""
 
-    negative_rate: float = doc("Keep this fraction r of negatives (0 < r <= 1); kept ones get weight 1/r.", 1.0)
+    negative_rate: float = doc("Keep this fraction r of negatives (0 < r <= 1); kept ones get "
+                               "weight 1/r, and served scores are corrected for r.", 0.1)
     seed: int = doc("Salt of the deterministic per-impression keep decision.", 0)
 
 
@@ -101,6 +106,7 @@ class ShardConfig:
     """How many keys the large tables are sharded under."""
 
     users: int = doc("User shards (join, profiles, user vectors, serving).", 8)
+    max_users: int = doc("Users remembered per user shard (history, attributes).", 1_000_000)
     items: int = doc("Item shards (item factors, co-visitation, item profiles).", 4)
 
 
@@ -117,6 +123,12 @@ class Config:
     join: JoinConfig = doc("Joiner.", factory=JoinConfig)
     sampler: SamplerConfig = doc("Negative downsampling.", factory=SamplerConfig)
     ranker: RankerConfig = doc("Online ranker (training copy -> serving copy).", factory=RankerConfig)
+    features: list[dict[str, Any]] = doc(
+        "Profile feature specs (IPS), see docs/profiles.md; default: the shipped set for "
+        "simulator and MovieLens logs.", factory=lambda: [dict(f) for f in DEFAULT_FEATURES])
+    items: ItemsConfig = doc("Item-side state and item tables.", factory=ItemsConfig)
+    index: IndexSettings = doc("ANN index of item vectors.", factory=IndexSettings)
+    serving: ServingConfig = doc("Serving on the user shard.", factory=ServingConfig)
     snapshots: SnapshotConfig = doc("Snapshot store.", factory=SnapshotConfig)
 
     def topic(self, name: str) -> str:
@@ -258,6 +270,10 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"inputs[{i}].path: required for a replay input")
         if inp.batch_size < 1:
             raise ConfigError(f"inputs[{i}].batch_size: must be >= 1")
+    try:
+        parse_features(config.features)
+    except FeatureSpecError as err:
+        raise ConfigError(f"features: {err}") from None
     if not config.app or not config.app.replace("-", "").replace("_", "").isalnum():
         raise ConfigError("app: must be a non-empty name of letters, digits, '-' and '_'")
 

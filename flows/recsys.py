@@ -4,16 +4,24 @@
 in, every output as JSONL under ``./streamrec-out/``);
 ``python -m bytewax.run "flows.recsys:build('my.toml')"`` runs a configured one.
 
-Shape (DESIGN section 2)::
+Shape (DESIGN section 2; docs/architecture.md has the details)::
 
     inputs (chained) -> parse -> dead-letters
-                     -> route by user shard -> user_shard (joiner, ...) -> examples, late-labels
-    every stage -> metrics (counters, summary at end of input)
+      -> route by user shard -> user_shard [u000..]: joiner, profiles, history, MF user
+         vectors, serving  -> examples, late-labels, recommendations
+           examples -> ranker [one key]: score, learn, sync serving copy -> snapshots
+           item updates -> route by item shard -> item_shard [i000..]: MF item vectors,
+              co-visitation, popularity -> item tables -> snapshots
+              changed vectors -> index [one key]: HNSW refresh -> snapshots
+      every stage -> metrics (counters, summary at end of input)
+
+Serving reads the snapshots back from the store (nearline), so the graph stays a DAG.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +35,10 @@ from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
 from models.sampling import NegativeSampler
 from operators.events import Event, EventParser
+from operators.index_builder import IndexBuilderLogic, IndexStage
+from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key
 from operators.metrics import MetricsLogic, MetricsState
+from operators.serving import SnapshotViews
 from operators.sinks import JsonlFileSink
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
 from operators.trainer import Trainer, TrainerLogic
@@ -37,6 +48,10 @@ from state.snapshot_store import SnapshotStore
 
 OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
 """Every output topic (Kafka topics are prefixed with the app name)."""
+
+GC_THRESHOLD = (50_000, 20, 100)
+"""CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
+joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
 Record = dict[str, Any]
 
@@ -84,23 +99,24 @@ def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
                                           producer_config=config.kafka.client))
 
 
-def _parse_counts(parsed: tuple[list[Event], list[Record]]) -> tuple[str, dict[str, Any]]:
-    events, dead = parsed
+def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:
+    """The ``name`` list of every stage-output dict that has one."""
+    return op.filter_map(f"take_{name.replace('-', '_')}", stream, lambda out: out.get(name))
+
+
+def _parse_counts(parsed: tuple[list[Event], list[Record], int]) -> tuple[str, dict[str, Any]]:
+    events, dead, _ = parsed
     return "parse", {
         "events_by_type": Counter(e.type for e in events),
         "dead_by_reason": Counter(d["reason"] for d in dead),
     }
 
 
-def _shard_counts(out: dict[str, list[Record]]) -> list[tuple[str, dict[str, Any]]]:
-    items = [("outputs", {k: len(v) for k, v in out.items() if k != "counters"})]
+def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
+    items = [("outputs", {k: len(out[k]) for k in ("examples", "late-labels", "recommendations")
+                          if k in out})]
     items.extend(("shard", c) for c in out.get("counters", ()))
     return items
-
-
-GC_THRESHOLD = (50_000, 20, 100)
-"""CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
-joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
 
 def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
@@ -111,50 +127,93 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     config = load_config(config)
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
+    store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
     raw = _inputs(flow, config)
 
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms)
-    parsed = op.map("parse", raw, parser.parse_batch)
+    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns()))
     _output("dead-letters", op.filter_map("dead_letters", parsed, lambda p: p[1] or None), config)
 
-    n_shards = config.shards.users
-    user_shard_of = lru_cache(maxsize=1 << 18)(lambda uid: shard_of(uid, n_shards))
-    routed = op.flat_map("route_users", parsed, lambda p: route_events(p[0], n_shards, user_shard_of))
+    n_users, n_items = config.shards.users, config.shards.items
+    user_shard_of = lru_cache(maxsize=1 << 18)(lambda uid: shard_of(uid, n_users))
+    item_shard_of = lru_cache(maxsize=1 << 18)(lambda iid: item_shard_key(shard_of(iid, n_items)))
+    routed = op.flat_map("route_users", parsed,
+                         lambda p: route_events(p[0], n_users, user_shard_of, p[2]))
     sampler = NegativeSampler(config.sampler.negative_rate, config.sampler.seed)
+    item_keys = [item_shard_key(i) for i in range(n_items)]
 
     def user_shard_builder(resume: UserShard | None) -> UserShardLogic:
-        return UserShardLogic(resume or UserShard(config.join, sampler))
+        if resume is None:
+            views = SnapshotViews(store, item_keys, config.serving.poll_ms)
+            resume = UserShard(
+                config.join, sampler, features=config.features, mf=config.items.mf_config(),
+                covis=config.items.covis_config(), serving=config.serving, views=views,
+                item_shard_of=item_shard_of, max_users=config.shards.max_users)
+        return UserShardLogic(resume)
 
-    shard_out = op.stateful("user_shard", routed, user_shard_builder)
-    outputs = op.map("shard_outputs", shard_out, lambda kv: kv[1])
-    for name in ("examples", "late-labels"):
-        _output(name, op.filter_map(f"take_{name}", outputs, lambda o, n=name: o.get(n)), config)
+    outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),
+                     lambda kv: kv[1])
+    examples = _take("examples", outputs)
+    _output("examples", examples, config)
+    for name in ("late-labels", "recommendations"):
+        _output(name, _take(name, outputs), config)
 
-    examples = op.filter_map("examples_for_training", outputs, lambda o: o.get("examples"))
-    trainer_out = _trainer(examples, config)
-
-    counts = op.flat_map("count_outputs", outputs, _shard_counts)
-    metrics_in = op.merge("metrics_in", op.map("count_parse", parsed, _parse_counts), counts)
+    snapshots = [_item_side(_take("item-updates", outputs), config, store, item_shard_of)]
+    ranker_out = _trainer(examples, config, store)
+    metric_streams = [
+        op.map("count_parse", parsed, _parse_counts),
+        op.flat_map("count_outputs", outputs, _shard_counts),
+    ]
     metrics = op.stateful(
         "metrics",
-        op.key_on("metrics_key", metrics_in, lambda _: "metrics"),
+        op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
         lambda resume: MetricsLogic(resume or MetricsState(config.app)),
     )
-    metric_records = op.map("metrics_records", metrics, lambda kv: kv[1])
-    if trainer_out is not None:
-        metric_records = op.merge("all_metrics", metric_records,
-                                  op.filter_map("ranker_metrics", trainer_out, lambda o: o.get("metrics")))
-        _output("snapshots", op.filter_map("ranker_snapshots", trainer_out, lambda o: o.get("snapshots")),
-                config)
-    _output("metrics", metric_records, config)
+    metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
+    if ranker_out is not None:
+        metric_records.append(op.filter_map("ranker_metrics", ranker_out, lambda o: o.get("metrics")))
+        snapshots.append(op.filter_map("ranker_snapshots", ranker_out, lambda o: o.get("snapshots")))
+    _output("metrics", op.merge("all_metrics", *metric_records), config)
+    _output("snapshots", op.merge("all_snapshots", *snapshots), config)
     return flow
 
 
-def _trainer(examples: Stream[list[Record]], config: Config) -> Stream[dict[str, list[Record]]] | None:
+def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: SnapshotStore,
+               item_shard_of: Any) -> Stream[list[Record]]:
+    """Item shards and the index builder; returns the stream of their snapshot manifests."""
+
+    def route(batch: list[tuple[Any, ...]]) -> list[tuple[str, tuple[str, list[tuple[Any, ...]]]]]:
+        buckets: dict[str, list[tuple[Any, ...]]] = {}
+        for update in batch:
+            item = update[1].item_id if update[0] == "item" else update[1]
+            buckets.setdefault(item_shard_of(item), []).append(update)
+        return [(key, (key, part)) for key, part in buckets.items()]
+
+    def item_builder(resume: ItemShard | None) -> ItemShardLogic:
+        return ItemShardLogic(resume or ItemShard(config.items, store))
+
+    item_out = op.map("item_shard_out",
+                      op.stateful("item_shard", op.flat_map("route_items", updates, route),
+                                  item_builder),
+                      lambda kv: kv[1])
+    dim = config.items.mf_config().dim
+
+    def index_builder(resume: IndexStage | None) -> IndexBuilderLogic:
+        return IndexBuilderLogic(resume or IndexStage(config.index, dim, store))
+
+    changes = op.flat_map("index_changes", item_out, lambda o: o.get("index", []))
+    index_out = op.map("index_out",
+                       op.stateful("index", op.key_on("index_key", changes, lambda _: "index"),
+                                   index_builder),
+                       lambda kv: kv[1])
+    return op.merge("item_snapshots", _take("snapshots", item_out), index_out)
+
+
+def _trainer(examples: Stream[list[Record]], config: Config,
+             store: SnapshotStore) -> Stream[dict[str, list[Record]]] | None:
     """The ranker trainer on one key; None when training runs in its own flow."""
     if not config.ranker.enabled:
         return None
-    store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
     rate = config.sampler.negative_rate
 
     def builder(resume: Trainer | None) -> TrainerLogic:

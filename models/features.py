@@ -98,6 +98,46 @@ def ranking_features(
     return out
 
 
+def ranking_features_many(
+    user_id: str,
+    item_ids: list[str],
+    ts_ms: int,
+    context: Mapping[str, Any] | None,
+    position: int | None,
+    user_extra: Mapping[str, Any] | None,
+    item_extras: list[Mapping[str, Any]],
+) -> list[Features]:
+    """``ranking_features`` of one user and many items, sharing the per-user work.
+
+    Equal to ``ranking_features(user_id, item, ts_ms, context, position,
+    {**user_extra, **item_extra})`` for each item (item keys win on a clash), but the
+    user, time, context and ``user_extra`` part is transformed once per call.
+    """
+    shared = ranking_features(user_id, "", ts_ms, context, position, user_extra)
+    del shared["item="]
+    out = []
+    for item, extra in zip(item_ids, item_extras, strict=True):
+        feats = dict(shared)
+        feats[f"item={item}"] = 1.0
+        for key, value in extra.items():
+            if user_extra is not None and key in user_extra:
+                _drop(feats, key, user_extra[key])
+            _add(feats, key, value)
+        out.append(feats)
+    return out
+
+
+def _drop(feats: Features, name: str, value: Any) -> None:
+    """Remove what ``_add(feats, name, value)`` added (for overridden user keys)."""
+    if isinstance(value, str):
+        feats.pop(f"{name}={value}", None)
+    elif isinstance(value, list | tuple):
+        for s in value:
+            feats.pop(f"{name}={s}", None)
+    else:
+        feats.pop(name, None)
+
+
 def example_features(example: Mapping[str, Any]) -> Features:
     """``ranking_features`` of a training example (the joiner's record)."""
     return ranking_features(

@@ -36,6 +36,7 @@ SYNTH_SIM = SimConfig(requests_per_s=5.0)
 SYNTH_JOIN = JoinConfig(
     window_ms={"click": 60_000},
     default_window_ms=60_000,
+    wait_ms_override=0,
     allowed_lateness_ms=5_000,
     positive={"click": 0.0, "rating": 4.0},
 )

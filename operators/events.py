@@ -29,8 +29,17 @@ MAX_RAW_IN_DEAD_LETTER = 4096
 """Raw input longer than this (bytes) is truncated inside its dead-letter record."""
 
 
+class _Record:
+    """Mapping-style read access (``event.get("ts")``) for code written against dicts."""
+
+    __slots__ = ()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+
 @dataclass(slots=True)
-class Impression:
+class Impression(_Record):
     """An item shown to a user. ``position`` is 0-based, -1 when unknown."""
 
     ts: int
@@ -44,7 +53,7 @@ class Impression:
 
 
 @dataclass(slots=True)
-class Feedback:
+class Feedback(_Record):
     """A user action on an item; ``impression_id`` is None for organic interactions."""
 
     ts: int
@@ -58,7 +67,7 @@ class Feedback:
 
 
 @dataclass(slots=True)
-class Request:
+class Request(_Record):
     """A request for ``k`` recommendations for a user."""
 
     ts: int
@@ -71,7 +80,7 @@ class Request:
 
 
 @dataclass(slots=True)
-class Item:
+class Item(_Record):
     """Item catalog update: attributes and availability."""
 
     ts: int
@@ -82,7 +91,7 @@ class Item:
 
 
 @dataclass(slots=True)
-class User:
+class User(_Record):
     """User attributes (user-provided data such as demographics)."""
 
     ts: int

@@ -2,7 +2,8 @@
 
 Monolith's joiner, in event time. Rules (docs/architecture.md repeats them):
 
-* An impression waits ``max(window_ms over positive actions)`` after its ``ts``. The
+* An impression waits ``wait_ms_override`` (or, when 0, ``max(window_ms over positive
+  actions)``) after its ``ts``. The
   shard's watermark is ``max ts seen - allowed_lateness_ms``; a window closes when
   the watermark passes its deadline (or at end of input, or when pending state is
   full: oldest deadline first, counted as ``forced_closes``).
@@ -63,6 +64,10 @@ class JoinConfig:
         factory=lambda: {"click": 600_000, "like": 1_800_000, "purchase": 3_600_000},
     )
     default_window_ms: int = doc("Attribution window for actions not in window_ms (ms).", 600_000)
+    wait_ms_override: int = doc(
+        "How long an impression waits for positive feedback before it leaves as a negative "
+        "(ms); 0 = the longest window of a positive action. Feedback arriving later, even "
+        "within its action's own window, goes to late-labels (after_window).", 600_000)
     allowed_lateness_ms: int = doc("Watermark = max event time seen minus this (ms).", 30_000)
     idle_flush_s: float = doc(
         "Wall-clock fallback: when a shard saw no event for this long (s), its watermark "
@@ -85,7 +90,10 @@ class JoinConfig:
         return self.window_ms.get(action, self.default_window_ms)
 
     def wait_ms(self) -> int:
-        """How long an impression waits: the longest window of a positive action (ms)."""
+        """How long an impression waits (ms): ``wait_ms_override``, or the longest window
+        of a positive action when that is 0."""
+        if self.wait_ms_override > 0:
+            return self.wait_ms_override
         return max((self.window_for(a) for a in self.positive), default=self.default_window_ms)
 
     def is_positive(self, action: str, value: float) -> bool:
@@ -101,6 +109,8 @@ class Pending:
     deadline_ms: int
     labels: dict[str, float]
     features: dict[str, Any]
+    """Taken when the impression is processed (never later: features taken at emission
+    would see same-request clicks and fresher item tables, a train/serve skew)."""
     emitted: bool = False
 
 
@@ -321,6 +331,7 @@ class Joiner:
             self.counters.negatives_kept += 1
         else:
             self.counters.positives += 1
+        features = entry.features
         self.examples.append({
             "example_id": example_id,
             "ts": imp.ts,
@@ -333,7 +344,7 @@ class Joiner:
             "request_id": imp.request_id,
             "impression_id": imp.impression_id,
             "context": imp.context,
-            "features": entry.features,
+            "features": features,
             "source": "impression",
         })
 

@@ -36,6 +36,11 @@ class PopularityCounter:
         keep = sorted(self._log_scores.items(), key=lambda kv: kv[1], reverse=True)[: self.capacity]
         self._log_scores = dict(keep)
 
+    def scores(self, now_ms: int) -> dict[str, float]:
+        """Every tracked item's count decayed to ``now_ms`` (event time)."""
+        shift = now_ms * math.log(2.0) / self.half_life_ms
+        return {k: math.exp(v - shift) for k, v in self._log_scores.items()}
+
     def top(self, n: int) -> list[str]:
         """The ``n`` most popular items, most popular first."""
         return [k for k, _ in sorted(self._log_scores.items(), key=lambda kv: kv[1], reverse=True)[:n]]

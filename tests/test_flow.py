@@ -35,7 +35,8 @@ def small_log(path: Path) -> list[bytes]:
 
 def config(log: Path, out: Path, **extra) -> dict:
     return {"inputs": [{"kind": "replay", "path": str(log), "batch_size": 3}],
-            "output": {"dir": str(out)}, "shards": {"users": 3}, **extra}
+            "output": {"dir": str(out)}, "shards": {"users": 3},
+            "sampler": {"negative_rate": 1.0}, **extra}
 
 
 def test_flow_exact_outputs_on_a_small_log(tmp_path) -> None:
@@ -66,7 +67,8 @@ def test_zero_config_flow_builds_from_env(monkeypatch, tmp_path) -> None:
 
 def test_eval_report_on_a_small_log(tmp_path) -> None:
     small_log(tmp_path / "log.jsonl")
-    report = evaluate(tmp_path / "log.jsonl", tmp_path / "report.json")
+    report = evaluate(tmp_path / "log.jsonl", tmp_path / "report.json",
+                      config={"sampler": {"negative_rate": 1.0}})
     on_disk = orjson.loads((tmp_path / "report.json").read_bytes())
     assert on_disk == report
     for key in ("events", "positives", "hr_at_10", "ndcg_at_10", "auc", "logloss", "calibration",

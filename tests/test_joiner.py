@@ -15,7 +15,7 @@ MIN = 60_000
 
 
 def make(rate: float = 1.0, features=None, **overrides) -> Joiner:
-    config = JoinConfig(window_ms={"click": 10 * MIN, "like": 30 * MIN},
+    config = JoinConfig(window_ms={"click": 10 * MIN, "like": 30 * MIN}, wait_ms_override=0,
                         positive={"click": 0.0, "like": 0.0, "rating": 4.0},
                         allowed_lateness_ms=MIN, **overrides)
     return Joiner(config, NegativeSampler(rate), UserHistory(), features)

@@ -1,0 +1,99 @@
+"""The index builder: one key (``index``) that owns the mutable HNSW index.
+
+It collects item-vector changes from every item shard and, every
+``index.refresh_interval_ms`` of event time (and at end of input), applies them
+(incremental upsert / mark-deleted, or a full rebuild when cheaper) and publishes a
+versioned immutable snapshot (kind ``index``) whose manifest goes to ``snapshots``.
+Serving never touches this index: it loads the published snapshots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from bytewax.operators import StatefulLogic
+
+from state.item_index import IndexBuilder, IndexConfig
+from state.settings import doc
+from state.snapshot_store import Manifest, SnapshotStore
+
+IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
+"""(upsert ids, vectors (n, dim) or None, removed ids, event time ms of the change)."""
+
+
+@dataclass
+class IndexSettings:
+    """The ANN index of item vectors and its refresh."""
+
+    refresh_interval_ms: int = doc("Event time between index snapshots (ms).", 300_000)
+    M: int = doc("HNSW graph degree.", 16)
+    ef_construction: int = doc("HNSW build breadth.", 100)
+    ef: int = doc("HNSW serving search breadth.", 200)
+    rebuild_fraction: float = doc("Changed/live items above which a refresh rebuilds.", 0.3)
+
+    def index_config(self, dim: int) -> IndexConfig:
+        return IndexConfig(dim=dim, M=self.M, ef_construction=self.ef_construction, ef=self.ef,
+                           rebuild_fraction=self.rebuild_fraction)
+
+
+class IndexStage:
+    """Pending changes (last write wins per item) and the refresh schedule."""
+
+    def __init__(self, settings: IndexSettings, dim: int, store: SnapshotStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.builder = IndexBuilder(settings.index_config(dim))
+        self.pending: dict[str, np.ndarray | None] = {}
+        self.max_ts_ms: int | None = None
+        self.last_publish_ms: int | None = None
+
+    def add(self, change: IndexChange) -> list[Manifest]:
+        """Queue one shard's change; publish when the refresh interval has passed."""
+        ids, vectors, removed, ts = change
+        for i, item in enumerate(ids):
+            self.pending[item] = vectors[i]
+        for item in removed:
+            self.pending[item] = None
+        if self.max_ts_ms is None or ts > self.max_ts_ms:
+            self.max_ts_ms = ts
+        if self.last_publish_ms is None:
+            self.last_publish_ms = self.max_ts_ms
+        if self.max_ts_ms - self.last_publish_ms >= self.settings.refresh_interval_ms:
+            return [self.refresh()]
+        return []
+
+    def refresh(self) -> Manifest:
+        """Apply pending changes and publish a snapshot."""
+        ups = [i for i, v in self.pending.items() if v is not None]
+        gone = [i for i, v in self.pending.items() if v is None]
+        vectors = np.stack([self.pending[i] for i in ups]) if ups else None
+        self.builder.apply(ups, vectors, gone)
+        self.pending.clear()
+        ts = self.max_ts_ms or 0
+        self.last_publish_ms = ts
+        return self.builder.publish(self.store, ts)
+
+    def finish(self) -> list[Manifest]:
+        return [self.refresh()] if self.pending else []
+
+
+class IndexBuilderLogic(StatefulLogic[IndexChange, list[Manifest], IndexStage]):
+    """Bytewax glue for the single-key index builder."""
+
+    def __init__(self, stage: IndexStage) -> None:
+        self.stage = stage
+
+    def on_item(self, value: IndexChange) -> tuple[list[list[Manifest]], bool]:
+        out = self.stage.add(value)
+        return ([out] if out else []), StatefulLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[list[Manifest]], bool]:
+        out = self.stage.finish()
+        return ([out] if out else []), StatefulLogic.RETAIN
+
+    def snapshot(self) -> IndexStage:
+        return self.stage
+
+
+

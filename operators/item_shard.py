@@ -1,0 +1,205 @@
+"""The item-shard stage: item-side state, keyed by item shard (``i000``..).
+
+Each ``ItemShard`` owns, for the items hashed to it: MF item factors (the item half
+of every ISGD step, with the user vector sent through the flow), co-visitation rows
+(pairs routed by their first item), decayed popularity and trending counts, and the
+catalog (category, availability). Inputs are micro-batches of updates produced by
+the user shards::
+
+    ("pos", item_id, ts_ms)                    a positive interaction (popularity)
+    ("mf", item_id, ts_ms, user_vec, coef)     the item half of an MF step (coef None: ISGD)
+    ("pair", a, b, weight, ts_ms)             a co-visitation pair for a's row
+    ("item", Item)                             a catalog event
+
+Outputs per batch: changed item vectors for the index builder, and, every
+``items.refresh_interval_ms`` of event time (and at end of input), a published
+``ItemTable`` snapshot (kind ``items-<shard>``) whose manifest goes to ``snapshots``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from bytewax.operators import StatefulLogic
+
+from models.mf import ItemFactors, MFConfig
+from operators.events import Item
+from state.covisitation import CoVisConfig, CoVisitation
+from state.item_table import CatalogEntry, ItemTable
+from state.popularity import PopularityCounter
+from state.settings import doc
+from state.snapshot_store import Manifest, SnapshotStore
+
+Record = dict[str, Any]
+Update = tuple[Any, ...]
+IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
+"""(upsert ids, their vectors (n, dim) float32 or None, removed ids, event time ms)."""
+
+
+@dataclass
+class ItemsConfig:
+    """Item-side state: MF item factors, co-visitation, popularity, the item tables."""
+
+    refresh_interval_ms: int = doc("Event time between item-table snapshots of a shard (ms).",
+                                   60_000)
+    popular_half_life_ms: int = doc("Half-life of the popularity counts (ms).", 7 * 86_400_000)
+    trending_half_life_ms: int = doc("Half-life of the trending counts (ms).", 6 * 3_600_000)
+    max_items: int = doc("Items tracked per shard by popularity counters.", 1_000_000)
+    covis: dict[str, Any] = doc("Co-visitation parameters (state.covisitation.CoVisConfig: "
+                                "half_life_ms, max_neighbors, window, position_decay, pop_alpha).",
+                                factory=dict)
+    mf: dict[str, Any] = doc("Incremental MF parameters (models.mf.MFConfig: dim, lr, reg, "
+                             "init_scale, max_users, max_items, admit_threshold).", factory=dict)
+
+    def covis_config(self) -> CoVisConfig:
+        return CoVisConfig(**self.covis)
+
+    def mf_config(self) -> MFConfig:
+        return MFConfig(**self.mf)
+
+
+class ItemShard:
+    """All item-side state of one shard (pure Python); ``process`` a batch, ``publish`` a view."""
+
+    def __init__(self, config: ItemsConfig, store: SnapshotStore) -> None:
+        self.config = config
+        self.store = store
+        self.shard = ""
+        self.factors = ItemFactors(config.mf_config())
+        self.covis = CoVisitation(config.covis_config())
+        self.popular = PopularityCounter(config.max_items, config.popular_half_life_ms)
+        self.trending = PopularityCounter(config.max_items, config.trending_half_life_ms)
+        self.catalog: dict[str, CatalogEntry] = {}
+        self.max_ts_ms: int | None = None
+        self.last_publish_ms: int | None = None
+        self.sent_version = 0
+        self.dirty = False
+
+    def process(self, shard: str, updates: list[Update]) -> dict[str, list[Any]]:
+        """Apply a batch of updates in order; return index changes and due snapshots."""
+        self.shard = shard
+        mf_items: list[str] = []
+        mf_vecs: list[np.ndarray] = []
+        mf_coefs: list[float | None] = []
+        mf_ts = 0
+        pairs: list[tuple[str, str, float]] = []
+        removed: list[str] = []
+        for update in updates:
+            kind = update[0]
+            if kind == "pos":
+                _, item_id, ts = update
+                self._observe(ts)
+                self._see(item_id, ts)
+                self.popular.add(item_id, ts)
+                self.trending.add(item_id, ts)
+            elif kind == "mf":
+                _, item_id, ts, user_vec, coef = update
+                mf_items.append(item_id)
+                mf_vecs.append(user_vec)
+                mf_coefs.append(coef)
+                mf_ts = max(mf_ts, ts)
+            elif kind == "pair":
+                _, a, b, w, ts = update
+                self._observe(ts)
+                pairs.append((a, b, w))
+            else:
+                event: Item = update[1]
+                self._observe(event.ts)
+                entry = self._see(event.item_id, event.ts)
+                entry.category = _category(event.attrs) or entry.category
+                if entry.available and not event.available:
+                    removed.append(event.item_id)
+                elif event.available and not entry.available:
+                    self.factors.revive([event.item_id])
+                entry.available = event.available
+        if pairs:
+            self.covis.add(pairs, self.max_ts_ms or 0)
+        if mf_items:
+            coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
+            self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
+        if removed:
+            self.factors.remove(removed)
+            self.covis.remove(removed)
+        self.dirty = self.dirty or bool(updates)
+        out: dict[str, list[Any]] = {}
+        change = self._index_change()
+        if change is not None:
+            out["index"] = [change]
+        if self._publish_due():
+            out["snapshots"] = [self.publish()]
+        return out
+
+    def _observe(self, ts: int) -> None:
+        if self.max_ts_ms is None or ts > self.max_ts_ms:
+            self.max_ts_ms = ts
+
+    def _see(self, item_id: str, ts: int) -> CatalogEntry:
+        entry = self.catalog.get(item_id)
+        if entry is None:
+            entry = self.catalog[item_id] = CatalogEntry(first_seen_ms=ts)
+        return entry
+
+    def _index_change(self) -> IndexChange | None:
+        changes = self.factors.changed_since(self.sent_version)
+        self.sent_version = changes.version
+        if not changes.upserted and not changes.removed:
+            return None
+        vectors = self.factors.vectors(changes.upserted) if changes.upserted else None
+        return (changes.upserted, vectors, changes.removed, self.max_ts_ms or 0)
+
+    def _publish_due(self) -> bool:
+        if self.max_ts_ms is None or not self.dirty:
+            return False
+        if self.last_publish_ms is None:
+            self.last_publish_ms = self.max_ts_ms
+            return True
+        return self.max_ts_ms - self.last_publish_ms >= self.config.refresh_interval_ms
+
+    def table(self) -> ItemTable:
+        """The current read view, for immediate saving (it shares the live co-visitation rows)."""
+        now = self.max_ts_ms or 0
+        return ItemTable(self.shard, now, self.covis, self.popular.scores(now),
+                         self.trending.scores(now), dict(self.catalog))
+
+    def publish(self) -> Manifest:
+        """Write the item table of this shard as a new snapshot version."""
+        ts = self.max_ts_ms or 0
+        self.last_publish_ms = ts
+        self.dirty = False
+        return self.store.write(f"items-{self.shard}", "npz", self.table().save, ts,
+                                {"items": len(self.catalog), "covis_rows": len(self.covis),
+                                 "mf_items": len(self.factors)})
+
+    def finish(self) -> dict[str, list[Any]]:
+        """End of input: publish what changed since the last table."""
+        return {"snapshots": [self.publish()]} if self.dirty else {}
+
+
+def _category(attrs: dict[str, Any]) -> str | None:
+    value = attrs.get("category")
+    return str(value) if value is not None else None
+
+
+class ItemShardLogic(StatefulLogic[tuple[str, list[Update]], dict[str, list[Any]], ItemShard]):
+    """Bytewax glue for one item shard."""
+
+    def __init__(self, shard: ItemShard) -> None:
+        self.shard = shard
+
+    def on_item(self, value: tuple[str, list[Update]]) -> tuple[list[dict[str, list[Any]]], bool]:
+        out = self.shard.process(*value)
+        return ([out] if out else []), StatefulLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[dict[str, list[Any]]], bool]:
+        out = self.shard.finish()
+        return ([out] if out else []), StatefulLogic.RETAIN
+
+    def snapshot(self) -> ItemShard:
+        return self.shard
+
+
+def item_shard_key(index: int) -> str:
+    """The Bytewax key of item shard ``index``."""
+    return f"i{index:03d}"

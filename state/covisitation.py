@@ -1,0 +1,374 @@
+"""Item-to-item co-visitation: decayed, bounded counts of items consumed close together.
+
+A retrieval source ("users who consumed your recent items next consumed ...") and a
+ranking feature, with no Bytewax in it.
+
+* **Pairs.** When a user consumes ``new_item``, each of their recent items (newest
+  first, position ``k = 0, 1, ...``, at most ``window``) forms the symmetric pairs
+  ``(new_item, r_k, w)`` and ``(r_k, new_item, w)`` with ``w = position_decay**k``
+  (so the most recent item weighs 1). :meth:`CoVisitation.pairs_for` builds them on
+  the user side; :meth:`CoVisitation.add` applies them on the side that owns the
+  row's item (``pair[0]``), so an item-sharded flow routes each pair by its first item.
+* **Decay.** Weights decay exponentially in event time with ``half_life_ms``: a pair
+  added at ``t`` weighs ``w * 2**(-(now - t) / half_life_ms)`` at ``now``. Stored as
+  ``w * 2**((t - t_ref) / half_life_ms)`` (a "grown" value) so adding is a plain sum
+  and comparisons never need ``now``; ``t_ref`` is moved forward (all values rescaled)
+  before the growth factor could overflow. Out-of-order events are exact.
+* **Bound.** Each row keeps at most ``max_neighbors`` (M) neighbours: when a new
+  neighbour arrives in a full row, the weakest (smallest decayed weight, the new one
+  included) is dropped. At most ``max_items`` rows (least recently written dropped
+  first), so memory is O(max_items * M).
+* **Candidates.** ``score(c) = sum_k position_decay**k * covis(r_k, c)`` over the
+  user's recent items ``r_k``, divided by ``popularity[c] ** pop_alpha`` when a
+  popularity map is given (so merely popular items do not dominate every list).
+* **Sharding / serving.** :meth:`merge` folds another table's rows in (rows of the
+  same item are summed, then cut to M) so a serving copy can be assembled from the
+  item shards' snapshots; :meth:`select` keeps the rows an owner predicate accepts
+  (re-sharding). ``save``/``load`` write one ``.npz`` file (no pickled objects) for the
+  snapshot store; pickling uses the same compact arrays.
+
+Times are event time in **ms**. Scores are in "decayed pair weight" units.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+Pair = tuple[str, str, float]
+
+_MAX_EXP2 = 600.0  # rebase before values could exceed 2**600 (float64 max is ~2**1024)
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CoVisConfig:
+    """Parameters of a :class:`CoVisitation` table (all of them are snapshotted)."""
+
+    half_life_ms: int = 30 * 86_400_000  # event-time half-life of a pair's weight
+    max_neighbors: int = 100  # M: neighbours kept per item row
+    window: int = 20  # recent items paired with each new one
+    position_decay: float = 0.8  # the k-th most recent item (k = 0 newest) pairs with weight decay**k
+    max_items: int = 1_000_000  # rows kept (least recently written dropped first)
+    pop_alpha: float = 0.25  # candidates: divide by popularity**pop_alpha when given
+
+    def __post_init__(self) -> None:
+        if self.half_life_ms <= 0 or self.max_neighbors < 1 or self.window < 1 or self.max_items < 1:
+            raise ValueError("need half_life_ms > 0, max_neighbors >= 1, window >= 1, max_items >= 1")
+        if not 0.0 < self.position_decay <= 1.0:
+            raise ValueError("position_decay must be in (0, 1]")
+
+
+class CoVisitation:
+    """Decayed co-visitation rows ``item -> {neighbour: grown weight}``, bounded per row."""
+
+    def __init__(self, config: CoVisConfig | None = None, **kw: float) -> None:
+        if config is None:
+            config = CoVisConfig(**kw)  # type: ignore[arg-type]
+        elif kw:
+            raise TypeError("pass either config or keyword options, not both")
+        self.config = config
+        self._rows: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._t_ref: int | None = None  # event time (ms) where grown == decayed
+        self.pairs_added = 0
+        self.evicted_neighbors = 0
+        self.evicted_rows = 0
+
+    # --- time ------------------------------------------------------------------------------
+
+    def _grow(self, ts_ms: int) -> float:
+        """Growth factor ``2**((ts - t_ref) / half_life)``, rebasing ``t_ref`` if needed."""
+        if self._t_ref is None:
+            self._t_ref = int(ts_ms)
+        e = (ts_ms - self._t_ref) / self.config.half_life_ms
+        if e > _MAX_EXP2:
+            self._rebase(int(ts_ms))
+            e = 0.0
+        return 2.0**e
+
+    def _rebase(self, t_new: int) -> None:
+        """Move ``t_ref`` to ``t_new`` (rescaling every value; amortised over ~600 half-lives)."""
+        assert self._t_ref is not None
+        f = 2.0 ** (-(t_new - self._t_ref) / self.config.half_life_ms)
+        for row in self._rows.values():
+            for k in row:
+                row[k] *= f
+        self._t_ref = t_new
+
+    def _decay(self, now_ms: int) -> float:
+        """Factor turning grown values into weights decayed to ``now_ms``."""
+        if self._t_ref is None:
+            return 0.0
+        return 2.0 ** (-(now_ms - self._t_ref) / self.config.half_life_ms)
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def pairs_for(self, recent_items: Sequence[str], new_item: str, ts_ms: int | None = None) -> list[Pair]:
+        """Symmetric weighted pairs for ``new_item`` consumed after ``recent_items``
+        (newest first): ``(new, r_k, d**k)`` and ``(r_k, new, d**k)`` for the first
+        ``window`` distinct recent items other than ``new_item`` (``k`` counts those
+        kept, 0 = most recent). ``ts_ms`` is accepted for API symmetry (unused)."""
+        c = self.config
+        out: list[Pair] = []
+        seen = {new_item}
+        w = 1.0
+        for r in recent_items:
+            if r in seen:
+                continue
+            seen.add(r)
+            out.append((new_item, r, w))
+            out.append((r, new_item, w))
+            if len(seen) > c.window:
+                break
+            w *= c.position_decay
+        return out
+
+    def add(self, pairs: Iterable[Pair], ts_ms: int) -> None:
+        """Add each ``(a, b, w)`` to row ``a`` at event time ``ts_ms`` (ms), keeping each
+        row to the ``max_neighbors`` strongest neighbours."""
+        g = self._grow(ts_ms)
+        m = self.config.max_neighbors
+        rows = self._rows
+        for a, b, w in pairs:
+            row = rows.get(a)
+            if row is None:
+                row = rows[a] = {}
+                if len(rows) > self.config.max_items:
+                    rows.popitem(last=False)
+                    self.evicted_rows += 1
+            else:
+                rows.move_to_end(a)
+            self.pairs_added += 1
+            val = row.get(b)
+            if val is not None:
+                row[b] = val + w * g
+                continue
+            row[b] = w * g
+            if len(row) > m:
+                weakest = min(row, key=row.__getitem__)
+                del row[weakest]
+                self.evicted_neighbors += 1
+
+    def observe(self, recent_items: Sequence[str], new_item: str, ts_ms: int) -> list[Pair]:
+        """``add(pairs_for(...))`` in one call (unsharded use); returns the pairs."""
+        pairs = self.pairs_for(recent_items, new_item, ts_ms)
+        self.add(pairs, ts_ms)
+        return pairs
+
+    def remove(self, item_ids: Iterable[str]) -> int:
+        """Drop the rows of retired items (they stay as neighbours until they fade or are
+        evicted; filter them at serving). Returns how many rows were dropped."""
+        return sum(self._rows.pop(i, None) is not None for i in item_ids)
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Rows (items with at least one neighbour)."""
+        return len(self._rows)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._rows
+
+    def row_size(self, item_id: str) -> int:
+        return len(self._rows.get(item_id, ()))
+
+    def score(self, item_a: str, item_b: str, now_ms: int) -> float:
+        """Decayed co-visitation weight of ``b`` in ``a``'s row at ``now_ms`` (0 if absent)."""
+        row = self._rows.get(item_a)
+        if not row:
+            return 0.0
+        return row.get(item_b, 0.0) * self._decay(now_ms)
+
+    def neighbors(self, item_id: str, n: int, now_ms: int) -> list[tuple[str, float]]:
+        """The ``n`` strongest neighbours of ``item_id`` with decayed weights, strongest first."""
+        row = self._rows.get(item_id)
+        if not row:
+            return []
+        f = self._decay(now_ms)
+        top = heapq.nlargest(n, row.items(), key=lambda kv: kv[1])
+        return [(b, v * f) for b, v in top]
+
+    def candidates(
+        self,
+        recent_items: Sequence[str],
+        n: int,
+        now_ms: int,
+        popularity: Mapping[str, float] | None = None,
+        exclude: set[str] | frozenset[str] | None = None,
+    ) -> list[tuple[str, float]]:
+        """Top ``n`` items by ``sum_k d**k covis(r_k, c)`` over the first ``window`` recent
+        items (newest first), divided by ``popularity[c] ** pop_alpha`` if ``popularity``
+        is given (items missing from it count as popularity 1). The recent items and
+        ``exclude`` are never returned. Scores are decayed to ``now_ms``."""
+        c = self.config
+        acc: dict[str, float] = {}
+        w = 1.0
+        seen: set[str] = set()
+        for r in recent_items:
+            if r in seen:
+                continue
+            seen.add(r)
+            if len(seen) > c.window:
+                break
+            row = self._rows.get(r)
+            if row:
+                get = acc.get
+                for b, v in row.items():
+                    acc[b] = get(b, 0.0) + w * v
+            w *= c.position_decay
+        for r in seen:
+            acc.pop(r, None)
+        if exclude:
+            for e in exclude:
+                acc.pop(e, None)
+        if not acc:
+            return []
+        if popularity is not None and c.pop_alpha != 0.0:
+            a = c.pop_alpha
+            for b in acc:
+                p = popularity.get(b, 1.0)
+                if p > 0.0:
+                    acc[b] /= p**a
+        f = self._decay(now_ms)
+        top = heapq.nlargest(n, acc.items(), key=lambda kv: kv[1])
+        return [(b, v * f) for b, v in top]
+
+    # --- sharding --------------------------------------------------------------------------
+
+    def merge(self, other: CoVisitation) -> CoVisitation:
+        """Fold ``other``'s rows into this table (same config; values of a shared
+        ``(a, b)`` summed, rows cut to M). Returns self."""
+        if other.config.half_life_ms != self.config.half_life_ms:
+            raise ValueError("cannot merge tables with different half-lives")
+        if other._t_ref is None:
+            return self
+        if self._t_ref is None:
+            self._t_ref = other._t_ref
+        if other._t_ref > self._t_ref:
+            self._rebase(other._t_ref)
+        f = 2.0 ** ((other._t_ref - self._t_ref) / self.config.half_life_ms)
+        m = self.config.max_neighbors
+        for a, orow in other._rows.items():
+            row = self._rows.setdefault(a, {})
+            for b, v in orow.items():
+                row[b] = row.get(b, 0.0) + v * f
+            if len(row) > m:
+                keep = heapq.nlargest(m, row.items(), key=lambda kv: kv[1])
+                self.evicted_neighbors += len(row) - m
+                self._rows[a] = dict(keep)
+        while len(self._rows) > self.config.max_items:
+            self._rows.popitem(last=False)
+            self.evicted_rows += 1
+        return self
+
+    def select(self, owns: Callable[[str], bool]) -> CoVisitation:
+        """A new table with the rows whose item ``owns(item)`` accepts (e.g. one shard's)."""
+        out = CoVisitation(self.config)
+        out._t_ref = self._t_ref
+        for a, row in self._rows.items():
+            if owns(a):
+                out._rows[a] = dict(row)
+        return out
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Compact arrays: item vocabulary, CSR rows (neighbour indices, grown values)."""
+        vocab: dict[str, int] = {}
+        for a, row in self._rows.items():
+            vocab.setdefault(a, len(vocab))
+            for b in row:
+                vocab.setdefault(b, len(vocab))
+        blob, offsets = _pack(list(vocab))
+        sizes = np.fromiter((len(r) for r in self._rows.values()), np.int64, len(self._rows))
+        nbr = np.fromiter((vocab[b] for r in self._rows.values() for b in r), np.int32, int(sizes.sum()))
+        val = np.fromiter((v for r in self._rows.values() for v in r.values()), np.float64, nbr.size)
+        cfg = {f"cfg_{k}": np.asarray(v) for k, v in asdict(self.config).items()}
+        return {
+            "format": np.asarray(_FORMAT),
+            "vocab_blob": blob,
+            "vocab_offsets": offsets,
+            "n_rows": np.asarray(len(self._rows)),
+            "row_sizes": sizes,
+            "neighbors": nbr,
+            "values": val,
+            "t_ref": np.asarray(-1 if self._t_ref is None else self._t_ref, np.int64),
+            "has_t_ref": np.asarray(self._t_ref is not None),
+            "stats": np.array([self.pairs_added, self.evicted_neighbors, self.evicted_rows], np.int64),
+            **cfg,
+        }
+
+    @classmethod
+    def from_arrays(cls, s: Mapping[str, np.ndarray]) -> CoVisitation:
+        """Inverse of :meth:`to_arrays`."""
+        if int(s["format"]) != _FORMAT:
+            raise ValueError(f"unsupported co-visitation format {s['format']}")
+        cfg = {k[4:]: np.asarray(v).item() for k, v in s.items() if k.startswith("cfg_")}
+        out = cls(CoVisConfig(**cfg))
+        vocab = _unpack(np.asarray(s["vocab_blob"]), np.asarray(s["vocab_offsets"]))
+        n_rows = int(s["n_rows"])
+        sizes = np.asarray(s["row_sizes"]).tolist()
+        nbr = np.asarray(s["neighbors"]).tolist()
+        val = np.asarray(s["values"]).tolist()
+        pos = 0
+        for i in range(n_rows):
+            end = pos + sizes[i]
+            out._rows[vocab[i]] = dict(zip((vocab[j] for j in nbr[pos:end]), val[pos:end], strict=True))
+            pos = end
+        out._t_ref = int(s["t_ref"]) if bool(s["has_t_ref"]) else None
+        out.pairs_added, out.evicted_neighbors, out.evicted_rows = (int(x) for x in s["stats"])
+        return out
+
+    def __getstate__(self) -> dict[str, np.ndarray]:
+        return self.to_arrays()
+
+    def __setstate__(self, state: dict[str, np.ndarray]) -> None:
+        self.__dict__.update(CoVisitation.from_arrays(state).__dict__)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one uncompressed ``.npz`` file (no pickled objects)."""
+        with open(path, "wb") as f:
+            np.savez(f, **self.to_arrays())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CoVisitation:
+        """Read a table written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as z:
+            return cls.from_arrays({k: z[k] for k in z.files})
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters and sizes."""
+        sizes = [len(r) for r in self._rows.values()]
+        return {
+            "rows": len(self._rows),
+            "neighbors": int(sum(sizes)),
+            "max_row": max(sizes, default=0),
+            "pairs_added": self.pairs_added,
+            "evicted_neighbors": self.evicted_neighbors,
+            "evicted_rows": self.evicted_rows,
+        }
+
+
+def _pack(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as one UTF-8 byte array plus offsets (no fixed-width padding)."""
+    data = [s.encode("utf-8") for s in ids]
+    offsets = np.zeros(len(data) + 1, np.int64)
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    return np.frombuffer(b"".join(data), np.uint8).copy(), offsets
+
+
+def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    raw = blob.tobytes()
+    off = offsets.tolist()
+    return [raw[off[i] : off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+
+
+def decayed(weight: float, added_ms: int, now_ms: int, half_life_ms: int) -> float:
+    """Reference formula: ``weight`` added at ``added_ms`` seen at ``now_ms``."""
+    return weight * math.pow(2.0, -(now_ms - added_ms) / half_life_ms)

@@ -1,0 +1,83 @@
+"""The nearline read view of one item shard: co-visitation, popularity, trending, catalog.
+
+Item shards publish an ``ItemTable`` per shard (snapshot kind ``items-<shard>``) every
+refresh interval of event time; serving loads the newest verified one of each shard.
+One ``.npz`` file, no pickled objects. Popularity and trending are decayed counts as
+of ``ts`` (event time, ms) with the half-lives of the item config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from state.covisitation import CoVisitation
+
+_COVIS = "covis_"
+
+
+@dataclass
+class CatalogEntry:
+    """What serving needs to know of an item: category, availability, first sighting (ms)."""
+
+    category: str | None = None
+    available: bool = True
+    first_seen_ms: int = 0
+
+
+@dataclass
+class ItemTable:
+    """Immutable once published; readers never mutate it."""
+
+    shard: str
+    ts: int
+    covis: CoVisitation
+    popular: dict[str, float] = field(default_factory=dict)
+    trending: dict[str, float] = field(default_factory=dict)
+    catalog: dict[str, CatalogEntry] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one uncompressed ``.npz`` file."""
+        arrays = {f"{_COVIS}{k}": v for k, v in self.covis.to_arrays().items()}
+        cat_ids = list(self.catalog)
+        with open(path, "wb") as f:
+            np.savez(
+                f,
+                shard=np.asarray(self.shard),
+                ts=np.asarray(self.ts, np.int64),
+                popular_ids=np.asarray(list(self.popular), dtype=np.str_),
+                popular=np.fromiter(self.popular.values(), np.float64, len(self.popular)),
+                trending_ids=np.asarray(list(self.trending), dtype=np.str_),
+                trending=np.fromiter(self.trending.values(), np.float64, len(self.trending)),
+                catalog_ids=np.asarray(cat_ids, dtype=np.str_),
+                catalog_category=np.asarray([self.catalog[i].category or "" for i in cat_ids],
+                                            dtype=np.str_),
+                catalog_available=np.asarray([self.catalog[i].available for i in cat_ids], bool),
+                catalog_first_seen=np.asarray([self.catalog[i].first_seen_ms for i in cat_ids],
+                                              np.int64),
+                **arrays,
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | Path) -> ItemTable:
+        """Read a table written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as z:
+            covis = CoVisitation.from_arrays({k[len(_COVIS):]: z[k] for k in z.files
+                                              if k.startswith(_COVIS)})
+            catalog = {
+                str(i): CatalogEntry(str(c) or None, bool(a), int(t))
+                for i, c, a, t in zip(z["catalog_ids"].tolist(), z["catalog_category"].tolist(),
+                                      z["catalog_available"].tolist(),
+                                      z["catalog_first_seen"].tolist(), strict=True)
+            }
+            return cls(
+                shard=str(z["shard"]),
+                ts=int(z["ts"]),
+                covis=covis,
+                popular=dict(zip(z["popular_ids"].tolist(), z["popular"].tolist(), strict=True)),
+                trending=dict(zip(z["trending_ids"].tolist(), z["trending"].tolist(), strict=True)),
+                catalog=catalog,
+            )

@@ -1,0 +1,158 @@
+"""Co-visitation: exact decayed counts on a hand-made log, position weights, the top-M
+bound, candidates with popularity normalisation, merge/select and persistence."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from state.covisitation import CoVisConfig, CoVisitation, decayed
+
+H = 3_600_000  # one hour in ms
+T0 = 1_767_225_600_000
+
+
+def test_pairs_for_position_decay_symmetric_and_windowed() -> None:
+    cv = CoVisitation(CoVisConfig(position_decay=0.5, window=3))
+    pairs = cv.pairs_for(["c", "b", "c", "x", "a", "z"], "x", T0)
+    # distinct recent items other than the new one, newest first: c (k=0), b (1), a (2); z is
+    # beyond the window of 3
+    assert pairs == [
+        ("x", "c", 1.0), ("c", "x", 1.0),
+        ("x", "b", 0.5), ("b", "x", 0.5),
+        ("x", "a", 0.25), ("a", "x", 0.25),
+    ]
+    assert cv.pairs_for([], "x", T0) == []
+
+
+def test_decayed_counts_exact_on_a_small_log() -> None:
+    cv = CoVisitation(CoVisConfig(half_life_ms=2 * H, position_decay=0.5, window=10))
+    # user 1 consumes a, b, c one hour apart; user 2 consumes c then a at hour 3
+    log = [("u1", "a", T0), ("u1", "b", T0 + H), ("u1", "c", T0 + 2 * H),
+           ("u2", "c", T0 + 3 * H), ("u2", "a", T0 + 3 * H)]
+    recent: dict[str, list[str]] = {}
+    for user, item, ts in log:
+        hist = recent.setdefault(user, [])
+        cv.add(cv.pairs_for(hist, item, ts), ts)
+        hist.insert(0, item)
+    now = T0 + 5 * H
+
+    def expect(*terms: tuple[float, int]) -> float:
+        return sum(decayed(w, t, now, 2 * H) for w, t in terms)
+
+    # (a, b): u1 at T0+H with weight 1 (b after a, a at k=0)
+    assert cv.score("a", "b", now) == pytest.approx(expect((1.0, T0 + H)), rel=1e-12)
+    assert cv.score("b", "a", now) == pytest.approx(cv.score("a", "b", now), rel=1e-12)
+    # (a, c): u1 at T0+2H, a at k=1 -> 0.5; u2 at T0+3H, c at k=0 -> 1
+    ac = expect((0.5, T0 + 2 * H), (1.0, T0 + 3 * H))
+    assert cv.score("a", "c", now) == pytest.approx(ac, rel=1e-12)
+    assert cv.score("c", "a", now) == pytest.approx(ac, rel=1e-12)
+    # numerically: 0.5 * 2**-1.5 + 2**-1
+    assert ac == pytest.approx(0.5 * 2**-1.5 + 0.5, rel=1e-12)
+    assert cv.score("b", "c", now) == pytest.approx(expect((1.0, T0 + 2 * H)), rel=1e-12)
+    assert cv.score("a", "zz", now) == 0.0 and cv.score("zz", "a", now) == 0.0
+    # neighbours, strongest first, with the same decayed values
+    nb = cv.neighbors("a", 5, now)
+    assert [b for b, _ in nb] == ["c", "b"]
+    assert [s for _, s in nb] == pytest.approx([ac, expect((1.0, T0 + H))], rel=1e-12)
+    # half a half-life later every score shrinks by 2**-0.5
+    later = cv.score("a", "c", now + H)
+    assert later == pytest.approx(ac * 2**-0.5, rel=1e-12)
+
+
+def test_out_of_order_and_rebase_keep_exact_values() -> None:
+    hl = 1000  # 1 s half-life: 600 half-lives pass in 10 minutes of event time
+    cv = CoVisitation(CoVisConfig(half_life_ms=hl))
+    cv.add([("a", "b", 1.0)], T0 + 5_000)
+    cv.add([("a", "b", 2.0)], T0)  # late event
+    now = T0 + 6_000
+    assert cv.score("a", "b", now) == pytest.approx(decayed(1, T0 + 5_000, now, hl) + decayed(2, T0, now, hl))
+    far = T0 + 700_000  # forces a rebase of the reference time
+    cv.add([("a", "c", 1.0)], far)
+    assert cv.score("a", "c", far) == pytest.approx(1.0)
+    old = decayed(1, T0 + 5_000, far, hl) + decayed(2, T0, far, hl)
+    assert cv.score("a", "b", far) == pytest.approx(old, rel=1e-9) and old > 0
+
+
+def test_top_m_bound_keeps_the_strongest() -> None:
+    m = 5
+    cv = CoVisitation(CoVisConfig(max_neighbors=m, half_life_ms=10 * H))
+    for j in range(50):
+        # neighbour n{j} gets weight j (stronger later), all at the same time
+        cv.add([("hub", f"n{j}", float(j + 1))], T0)
+        assert cv.row_size("hub") <= m
+    assert {b for b, _ in cv.neighbors("hub", 10, T0)} == {f"n{j}" for j in range(45, 50)}
+    assert cv.stats()["evicted_neighbors"] == 45
+    # a weak newcomer is not admitted into a full row of stronger ones
+    cv.add([("hub", "weak", 0.5)], T0)
+    assert cv.score("hub", "weak", T0) == 0.0 and cv.row_size("hub") == m
+    # a much later pair outweighs decayed old ones
+    cv.add([("hub", "fresh", 1.0)], T0 + 100 * H)
+    assert cv.score("hub", "fresh", T0 + 100 * H) == pytest.approx(1.0)
+    assert cv.row_size("hub") == m
+
+
+def test_rows_bounded_by_max_items() -> None:
+    cv = CoVisitation(CoVisConfig(max_items=10, max_neighbors=3))
+    for j in range(100):
+        cv.observe([f"x{j - 1}", f"x{j - 2}"] if j >= 2 else [], f"x{j}", T0 + j)
+    assert len(cv) <= 10
+    assert sum(cv.row_size(f"x{j}") for j in range(100)) <= 10 * 3
+
+
+def test_candidates_position_weights_and_popularity() -> None:
+    cv = CoVisitation(CoVisConfig(position_decay=0.5, pop_alpha=1.0))
+    cv.add([("r0", "p", 1.0), ("r0", "q", 1.0), ("r1", "q", 1.0), ("r1", "s", 3.0)], T0)
+    # p: 1 (via r0, k=0); q: 1 + 0.5 = 1.5; s: 0.5 * 3 = 1.5 ; r1 itself never returned
+    cands = dict(cv.candidates(["r0", "r1"], 10, T0))
+    assert cands == pytest.approx({"p": 1.0, "q": 1.5, "s": 1.5})
+    # normalised by popularity**1: s is very popular, p rare
+    pop = {"p": 0.5, "q": 1.0, "s": 10.0}
+    ranked = cv.candidates(["r0", "r1"], 10, T0, popularity=pop)
+    assert [c for c, _ in ranked] == ["p", "q", "s"]
+    assert dict(ranked)["s"] == pytest.approx(0.15)
+    assert [c for c, _ in cv.candidates(["r0", "r1"], 1, T0, exclude={"q"})] == ["s"]
+    assert cv.candidates(["unknown"], 5, T0) == []
+
+
+def test_merge_of_shards_equals_one_table_and_select_splits() -> None:
+    cfg = CoVisConfig(max_neighbors=4, half_life_ms=H)
+    full = CoVisitation(cfg)
+    shards = [CoVisitation(cfg), CoVisitation(cfg)]
+    owner = {f"i{j}": j % 2 for j in range(12)}
+    hist: list[str] = []
+    for t in range(40):
+        item = f"i{(t * 7) % 12}"
+        pairs = full.pairs_for(hist, item, T0 + t * 60_000)
+        full.add(pairs, T0 + t * 60_000)
+        for s in (0, 1):  # route each pair to the shard owning its row's item
+            shards[s].add([p for p in pairs if owner[p[0]] == s], T0 + t * 60_000)
+        hist.insert(0, item)
+    merged = CoVisitation(cfg).merge(shards[1]).merge(shards[0])
+    now = T0 + 50 * 60_000
+    for a in owner:
+        got, want = merged.neighbors(a, 4, now), full.neighbors(a, 4, now)
+        assert [b for b, _ in got] == [b for b, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], rel=1e-9)
+    even = full.select(lambda i: owner[i] == 0)
+    assert set(even._rows) == {a for a in owner if owner[a] == 0 and a in full}
+
+
+def test_pickle_and_save_load_roundtrip(tmp_path) -> None:
+    cv = CoVisitation(CoVisConfig(max_neighbors=3, half_life_ms=H))
+    hist: list[str] = []
+    for t, item in enumerate(["a", "b", "c", "é", "a", "d", "b"]):
+        cv.observe(hist, item, T0 + t * 1000)
+        hist.insert(0, item)
+    now = T0 + 10_000
+    for other in (pickle.loads(pickle.dumps(cv)), None):
+        if other is None:
+            cv.save(tmp_path / "cv.npz")
+            other = CoVisitation.load(tmp_path / "cv.npz")
+        assert other.config == cv.config and other.stats() == cv.stats()
+        for a in "abcd":
+            assert other.neighbors(a, 3, now) == cv.neighbors(a, 3, now)
+        assert other.score("é", "c", now) == cv.score("é", "c", now) > 0
+    empty = pickle.loads(pickle.dumps(CoVisitation()))
+    assert len(empty) == 0 and empty.candidates(["a"], 3, T0) == []
