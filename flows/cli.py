@@ -227,8 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate
 
     report = evaluate(args.log, args.report, config=args.config, out_dir=args.out)
-    print(orjson.dumps({k: v for k, v in report.items() if k != "config"},
-                       option=orjson.OPT_INDENT_2).decode())
+    brief = {k: v for k, v in report.items() if k not in ("config", "hr_curve", "reliability")}
+    print(orjson.dumps(brief, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

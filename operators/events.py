@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,13 +223,19 @@ class EventParser:
     """Parses raw inputs into events or dead letters; tracks the stream watermark.
 
     ``max_bytes`` bounds a raw payload (bytes). ``max_future_skew_ms`` bounds how far
-    an event may be ahead of the highest valid ``ts`` seen so far (the watermark);
-    the first event sets the watermark. Old logs (e.g. 1997) are valid.
+    an event may be ahead of ``max(watermark, wall clock)``, the watermark being the
+    highest valid ``ts`` seen so far. Taking the wall clock too means a legitimate gap
+    in an old log (MovieLens has multi-day pauses) never starts rejecting everything
+    after it: in a replay of an old log only timestamps beyond the present are
+    rejected; in a live stream the two references coincide. ``clock_ms`` is the wall
+    clock (epoch ms), injectable for tests.
     """
 
-    def __init__(self, max_bytes: int = 65_536, max_future_skew_ms: int = 86_400_000) -> None:
+    def __init__(self, max_bytes: int = 65_536, max_future_skew_ms: int = 86_400_000,
+                 clock_ms: Callable[[], int] | None = None) -> None:
         self.max_bytes = max_bytes
         self.max_future_skew_ms = max_future_skew_ms
+        self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.watermark_ms: int | None = None
 
     def parse(self, raw: bytes | str | dict[str, Any]) -> Event | dict[str, Any]:
@@ -275,12 +282,14 @@ class EventParser:
         if ts < 0 or ts > MAX_TS_MS:
             raise Invalid("absurd_ts", f"'ts' {ts} is outside [0, {MAX_TS_MS}] (1970..2100)")
         watermark = self.watermark_ms
-        if watermark is not None and ts > watermark + self.max_future_skew_ms:
-            raise Invalid(
-                "ts_ahead",
-                f"'ts' {ts} is {ts - watermark} ms ahead of the watermark {watermark} "
-                f"(limit {self.max_future_skew_ms} ms)",
-            )
+        if ts > (watermark or 0) + self.max_future_skew_ms:
+            reference = max(watermark or 0, self.clock_ms())
+            if ts > reference + self.max_future_skew_ms:
+                raise Invalid(
+                    "ts_ahead",
+                    f"'ts' {ts} is {ts - reference} ms ahead of max(watermark, wall clock) "
+                    f"{reference} (limit {self.max_future_skew_ms} ms)",
+                )
         event = _build(kind, obj, ts)
         if watermark is None or ts > watermark:
             self.watermark_ms = ts

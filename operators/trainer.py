@@ -142,8 +142,12 @@ class Trainer:
     def report(self, final: bool = False) -> Record:
         """A ``metrics`` record of the progressive (score-before-learn) figures."""
         self.since_metrics = 0
-        return {"kind": "ranker_final" if final else "ranker", "ts": self.max_ts_ms,
-                "model_version": self.version, "ranker": self.config.kind, **self.metrics.report()}
+        record = {"kind": "ranker_final" if final else "ranker", "ts": self.max_ts_ms,
+                  "model_version": self.version, "ranker": self.config.kind,
+                  **self.metrics.report()}
+        if final and self.metrics.count:
+            record["reliability"] = self.metrics.reliability(10)
+        return record
 
     def finish(self) -> TrainerOutput:
         """End of input: a last sync (if anything was learned since) and final metrics."""

@@ -104,14 +104,24 @@ def test_oversized_payload_is_dead_lettered_and_truncated() -> None:
     assert isinstance(EventParser(max_bytes=1 << 20).parse(raw), User)
 
 
-def test_ts_too_far_ahead_of_watermark() -> None:
-    p = EventParser(max_future_skew_ms=1_000)
+def test_ts_too_far_ahead_of_watermark_and_wall_clock() -> None:
+    p = EventParser(max_future_skew_ms=1_000, clock_ms=lambda: TS)
     assert isinstance(p.parse(line(type="user", ts=TS, user_id="u")), User)
     assert isinstance(p.parse(line(type="user", ts=TS + 1_000, user_id="u")), User)
     out = p.parse(line(type="user", ts=TS + 5_000, user_id="u"))
     assert out["reason"] == "ts_ahead"
     assert p.watermark_ms == TS + 1_000
     assert isinstance(p.parse(line(type="user", ts=TS - 10_000_000, user_id="u")), User)
+
+
+def test_gap_in_an_old_log_is_not_rejected() -> None:
+    p = EventParser(max_future_skew_ms=86_400_000)  # real wall clock: 2026 or later
+    day = 86_400_000
+    old = 881_250_949_000  # 1997
+    for ts in (old, old + 5 * day, old + 30 * day):  # multi-day pauses, as in MovieLens
+        assert isinstance(p.parse(line(type="user", ts=ts, user_id="u")), User)
+    far = p.parse(line(type="user", ts=p.clock_ms() + 10 * day, user_id="u"))
+    assert far["reason"] == "ts_ahead"
 
 
 def test_batch_keeps_every_valid_event_in_order() -> None:
