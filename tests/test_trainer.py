@@ -75,3 +75,22 @@ def test_tampered_serving_copy_is_refused(tmp_path, examples) -> None:
     path.write_bytes(bytes(data))
     assert not reader.offer(manifests[1])
     assert reader.version == 1 and "sha256" in reader.last_error
+
+
+def test_trainer_as_its_own_flow(tmp_path) -> None:
+    from bytewax.testing import run_main
+
+    from flows.evaluate import read_jsonl
+    from flows.recsys import build
+    from flows.trainer import build as build_trainer
+
+    config = {"inputs": [{"kind": "simulator", "events": 20_000, "seed": 4}],
+              "output": {"dir": str(tmp_path)}, "ranker": {"enabled": False}}
+    run_main(build(config))
+    assert not (tmp_path / "snapshots" / "streamrec" / "ranker").exists()
+    examples = read_jsonl(tmp_path / "examples.jsonl")
+    run_main(build_trainer(config))
+    manifests = [m for m in read_jsonl(tmp_path / "trainer-snapshots.jsonl") if m["kind"] == "ranker"]
+    assert manifests and (tmp_path / "snapshots" / "streamrec" / "ranker" / "LATEST").exists()
+    [final] = [m for m in read_jsonl(tmp_path / "trainer-metrics.jsonl") if m["kind"] == "ranker_final"]
+    assert final["count"] == len(examples)
