@@ -80,6 +80,8 @@ class UserShard:
         """Apply a micro-batch of shard ``shard`` in order; return its outputs."""
         self.shard = shard
         self._ingest_ns = ingest_ns or time.time_ns()
+        if self.server is not None:
+            self.server.views.poll()  # impressions and MF see the same snapshots as requests
         joiner = self.joiner
         for event in events:
             kind = event.type
