@@ -1,8 +1,9 @@
 """Joiner path throughput and pending-state memory, beside the passthrough baseline.
 
-* ``events_per_s``: the real flow (parse, validate, route by user shard, join, sample,
-  write examples/late-labels/metrics as JSONL) over a simulated log, one process,
-  one worker.
+* ``events_per_s``: the real flow with only the joiner path on (parse, validate,
+  route by user shard, join, sample, write examples/late-labels/metrics as JSONL; no
+  profiles, serving, trainer or item side) over a simulated log, one process, one
+  worker.
 * ``joiner_only_events_per_s``: the same parsed events through ``UserShard`` objects
   directly (no Bytewax, no parsing, no output encoding): the joiner's own cost.
 * ``passthrough_events_per_s``: the trivial Bytewax flow of bench/common.py over the
@@ -36,12 +37,16 @@ from state.user_history import UserHistory
 
 from common import count_lines, passthrough_events_per_s, simulated_log
 
+JOINER_PATH = {"features": [], "serving": {"enabled": False}, "ranker": {"enabled": False},
+               "items": {"enabled": False}}
+"""The main flow with only the joiner path on: parse, validate, route, join, sample, write."""
+
 
 def flow_rate(log: Path, negative_rate: float) -> tuple[float, dict]:
     out = Path(tempfile.mkdtemp(prefix="streamrec-joiner-"))
     try:
         flow = build({"inputs": [{"kind": "replay", "path": str(log)}], "output": {"dir": str(out)},
-                      "sampler": {"negative_rate": negative_rate}})
+                      "sampler": {"negative_rate": negative_rate}, **JOINER_PATH})
         start = time.perf_counter()
         run_main(flow)
         elapsed = time.perf_counter() - start
@@ -56,13 +61,13 @@ def joiner_only_rate(log: Path) -> float:
     with log.open("rb") as f:
         lines = [line.rstrip(b"\n") for line in f]
     batches = [parser.parse_batch(lines[i:i + 1000])[0] for i in range(0, len(lines), 1000)]
-    routed = [route_events(b, 8, lambda u: shard_of(u, 8)) for b in batches]
+    routed = [route_events(b, 8, lambda u: shard_of(u, 8), 0) for b in batches]
     shards: dict[str, UserShard] = {}
     start = time.perf_counter()
     for parts in routed:
-        for key, (name, events) in parts:
+        for key, (name, events, _) in parts:
             shard = shards.get(key) or shards.setdefault(key, UserShard(JoinConfig(), NegativeSampler()))
-            shard.process(name, events)
+            shard.process(name, events, 0)
     for shard in shards.values():
         shard.flush()
     return len(lines) / (time.perf_counter() - start)

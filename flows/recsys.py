@@ -145,9 +145,12 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     def user_shard_builder(resume: UserShard | None) -> UserShardLogic:
         if resume is None:
             views = SnapshotViews(store, item_keys, config.serving.poll_ms)
+            items_on = config.items.enabled
             resume = UserShard(
-                config.join, sampler, features=config.features, mf=config.items.mf_config(),
-                covis=config.items.covis_config(), serving=config.serving, views=views,
+                config.join, sampler, features=config.features,
+                mf=config.items.mf_config() if items_on else None,
+                covis=config.items.covis_config() if items_on else None,
+                serving=config.serving, views=views,
                 item_shard_of=item_shard_of, max_users=config.shards.max_users)
         return UserShardLogic(resume)
 
@@ -158,7 +161,9 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     for name in ("late-labels", "recommendations"):
         _output(name, _take(name, outputs), config)
 
-    snapshots = [_item_side(_take("item-updates", outputs), config, store, item_shard_of)]
+    snapshots = []
+    if config.items.enabled:
+        snapshots.append(_item_side(_take("item-updates", outputs), config, store, item_shard_of))
     ranker_out = _trainer(examples, config, store)
     metric_streams = [
         op.map("count_parse", parsed, _parse_counts),
@@ -174,7 +179,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         metric_records.append(op.filter_map("ranker_metrics", ranker_out, lambda o: o.get("metrics")))
         snapshots.append(op.filter_map("ranker_snapshots", ranker_out, lambda o: o.get("snapshots")))
     _output("metrics", op.merge("all_metrics", *metric_records), config)
-    _output("snapshots", op.merge("all_snapshots", *snapshots), config)
+    if snapshots:
+        _output("snapshots", op.merge("all_snapshots", *snapshots), config)
     return flow
 
 

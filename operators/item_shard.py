@@ -42,6 +42,8 @@ IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
 class ItemsConfig:
     """Item-side state: MF item factors, co-visitation, popularity, the item tables."""
 
+    enabled: bool = doc("Run the item side (MF, co-visitation, popularity, item tables, index).",
+                        True)
     refresh_interval_ms: int = doc("Event time between item-table snapshots of a shard (ms).",
                                    60_000)
     popular_half_life_ms: int = doc("Half-life of the popularity counts (ms).", 7 * 86_400_000)
