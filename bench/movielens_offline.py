@@ -11,6 +11,13 @@ pass; nothing ever looks ahead.
 
     python bench/movielens_offline.py [--path PATH] [--quick] [--project-ranker] [--mf]
 
+The recipe: two co-visitation channels (pairs among positives; pairs among all rated
+items) seeded by the user's recent items, blended into a 100-item pool, reranked by an
+online listwise (softmax) model over ten features, learned only when the rated item was
+in the pool. ``--quick``: 4 rows; ``--mf``: MF rows (project ``models.mf``);
+``--project-ranker``: the recipe through the project's River LR (``models.rankers``);
+``--project-covis M``: the retrieval through ``state.covisitation`` bounded to M.
+
 Prints a table (HR@10, NDCG@10, HR@10 on the first / second half of the positives,
 seconds) and, as the last line, one JSON object. Without the data file it prints a
 message and a JSON line of nulls and exits 0.
@@ -111,8 +118,9 @@ class Config:
     ranker: str = "softmax"  # softmax (listwise, numpy) | lr (project River LR, pointwise)
     lr_id_features: bool = True  # lr: features through serving_features (ids, hour, dow, pos)
     lr_pairwise: bool = False  # lr: learn on differences x_target - x_negative (RankNet/BPR)
-    lr: float = 0.1
-    negatives: int = 10  # pointwise lr only
+    lr: float = 0.1  # softmax: Adagrad step
+    negatives: int = 10  # lr ranker: pool candidates sampled as negatives per positive
+    long_max: int = 0  # long_pos: only the last long_max positives (0: all of them)
     learn_outside_pool: bool = False  # also learn when the target was not in the pool
     mf: bool = False  # add the MF dot product (project ISGD) as a feature
     tie: str = "file"
@@ -123,7 +131,7 @@ POS = CovisSpec("pos")
 ALL = CovisSpec("all")
 RECIPE_FEATURES = ("cov_pos", "cov_all", "long_pos", "pop", "n_ratings", "pos_rate",
                    "trend_1d", "pop_30d", "age", "pop_cold")
-RECIPE = Config("recipe", kind="rerank", channels=(POS, ALL), features=RECIPE_FEATURES)
+RECIPE = Config("recipe", kind="rerank", channels=(POS, ALL), features=RECIPE_FEATURES, long_max=100)
 
 
 def configs(quick: bool, project_ranker: bool, mf: bool) -> list[tuple[str, Config]]:
@@ -151,6 +159,7 @@ def configs(quick: bool, project_ranker: bool, mf: bool) -> list[tuple[str, Conf
         ("recipe, ties in reverse file order", replace(RECIPE, name="recipe_ties_reverse", tie="reverse")),
     ]
     if mf:
+        rows.append(("anchor: ISGD MF alone (project models.mf, k10, no fold-in)", Config("isgd_mf", kind="mf", mf=True)))
         rows.append(("recipe + MF dot feature (project ISGD k10)", replace(RECIPE, name="recipe_mf", mf=True)))
     if project_ranker:
         rows.append(("recipe features via serving_features, project River LR, pointwise",
@@ -266,10 +275,13 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return top[np.argsort(-scores[top], kind="stable")]
 
 
-def retrieval_scores(st: State, cfg: Config, u: int, ts: int) -> np.ndarray:
+def retrieval_scores(st: State, cfg: Config, u: int, ts: int, mf: MFFeature | None = None) -> np.ndarray:
     """Score of every item (-inf: unseen or already consumed by u)."""
     if cfg.kind == "popularity":
         s = st.pos_count.copy()
+    elif cfg.kind == "mf":
+        assert mf is not None
+        s = mf.dot(u, np.arange(st.seen.size)) + 1e-9 * _max_norm(st.pos_count)
     elif cfg.kind == "decayed_popularity":
         s = st.decayed_pos.copy()
     else:
@@ -302,7 +314,7 @@ def pool_features(st: State, cfg: Config, u: int, ts: int, pool: np.ndarray,
             s = ch_scores[j]
             cols.append(np.zeros(pool.size) if s is None else s[pool])
         elif f == "long_pos":  # item-kNN over ALL the user's positives, seed weight 1/count
-            h = st.hist_pos[u]
+            h = st.hist_pos[u][-cfg.long_max:] if cfg.long_max else st.hist_pos[u]
             ch = next(c for c in st.channels if c.spec.source == "pos")
             if h:
                 hi = np.array(h)
@@ -477,7 +489,7 @@ def prequential(path: Path, cfg: Config) -> Result:
         positive = r >= 4
         if positive:
             if not rerank:
-                top = top_k(retrieval_scores(st, cfg, u, ts), K)
+                top = top_k(retrieval_scores(st, cfg, u, ts, mf), K)
             else:
                 ch_scores = st.channel_scores(u)
                 pool = top_k(retrieval_scores(st, cfg, u, ts), cfg.pool)
@@ -534,6 +546,61 @@ def prequential(path: Path, cfg: Config) -> Result:
     )
 
 
+def prequential_project_covis(path: Path, max_neighbors: int) -> Result:
+    """The retrieval recipe (covis_blend) on the project's ``state.covisitation``
+    tables (dict rows bounded to ``max_neighbors``, half-life 10 years ~ no decay),
+    through the public API: ``observe`` to learn, ``neighbors`` to read rows (the
+    query decay differs from the pair decay, which ``candidates`` cannot express).
+    Slow (pure-Python rows): minutes."""
+    from state.covisitation import CoVisConfig, CoVisitation
+
+    ev = load_movielens(path)
+    t_start = time.perf_counter()
+    n = ev.n_items
+    tabs = {src: CoVisitation(CoVisConfig(half_life_ms=3650 * DAY_MS, max_neighbors=max_neighbors,
+                                          window=POS.window, position_decay=POS.pair_decay))
+            for src in ("pos", "all")}
+    counts = {"pos": np.zeros(n), "all": np.zeros(n)}
+    hist: dict[str, list[list[int]]] = {src: [[] for _ in range(ev.n_users)] for src in ("pos", "all")}
+    seen = np.zeros(n, bool)
+    consumed = np.zeros((ev.n_users, n), bool)
+    qw = POS.query_decay ** np.arange(POS.window)
+    hits: list[bool] = []
+    gains = 0.0
+    for u, i, r, ts in zip(ev.user.tolist(), ev.item.tolist(), ev.rating.tolist(), ev.ts_ms.tolist(), strict=True):
+        positive = r >= 4
+        if positive:
+            parts = []
+            for src, tab in tabs.items():
+                h = hist[src][u][-POS.window:]
+                if h:
+                    s = np.zeros(n)
+                    for k, it in enumerate(reversed(h)):
+                        for b, v in tab.neighbors(str(it), max_neighbors, ts):
+                            s[int(b)] += qw[k] * v
+                    parts.append(_max_norm(s / np.maximum(counts[src], 1.0) ** POS.pop_alpha))
+            pop = _max_norm(counts["pos"])
+            s = sum(parts) / len(parts) + 1e-9 * pop if parts else pop
+            s[~seen] = -np.inf
+            s[consumed[u]] = -np.inf
+            top = top_k(s, K)
+            rank = np.flatnonzero(top == i)
+            hits.append(bool(rank.size))
+            if rank.size:
+                gains += 1.0 / math.log2(rank[0] + 2)
+        for src in ("pos", "all"):
+            if src == "all" or positive:
+                tabs[src].observe([str(x) for x in reversed(hist[src][u][-POS.window - 1:])], str(i), ts)
+                hist[src][u].append(i)
+                counts[src][i] += 1
+        seen[i] = True
+        consumed[u, i] = True
+    h = np.array(hits, bool)
+    mid = h.size // 2
+    return Result(float(h.mean()), gains / h.size, h.size, float(h[:mid].mean()), float(h[mid:].mean()),
+                  time.perf_counter() - t_start)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--path", type=Path, default=DEFAULT_PATH, help="MovieLens u.data")
@@ -541,6 +608,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--project-ranker", action="store_true",
                     help="also the recipe features through the project's River LR (slower)")
     ap.add_argument("--mf", action="store_true", help="also the recipe + project ISGD MF feature (slower)")
+    ap.add_argument("--project-covis", type=int, default=0, metavar="M",
+                    help="also the retrieval recipe on state.covisitation with max_neighbors M (minutes)")
     args = ap.parse_args(argv)
     rows = configs(args.quick, args.project_ranker, args.mf)
     if not args.path.exists():
@@ -562,6 +631,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{res.hr_second_half:7.4f} {res.seconds:6.1f}  {desc}", flush=True)
         figures[f"{cfg.name}_hr_at_10"] = round(res.hr, 4)
         figures[f"{cfg.name}_ndcg_at_10"] = round(res.ndcg, 4)
+    if args.project_covis:
+        res = prequential_project_covis(args.path, args.project_covis)
+        name = f"covis_blend_project_m{args.project_covis}"
+        print(f"{name:30s} {res.hr:7.4f} {res.ndcg:8.4f} {res.hr_first_half:7.4f} "
+              f"{res.hr_second_half:7.4f} {res.seconds:6.1f}  retrieval recipe on state.covisitation, "
+              f"max_neighbors {args.project_covis}", flush=True)
+        figures[f"{name}_hr_at_10"] = round(res.hr, 4)
+        figures[f"{name}_ndcg_at_10"] = round(res.ndcg, 4)
     rec = results["recipe"]
     print(f"recipe: positives {rec.positives}, target in the 100-pool {rec.pool_recall:.4f}, "
           f"HR@10 per fifth of the stream {rec.curve}")
