@@ -44,6 +44,9 @@ _POS = {p: f"pos={p}" for p in range(-1, 64)}
 
 Features = dict[str, float]
 
+_isfinite = math.isfinite
+_log1p = math.log1p
+
 
 def signed_log(v: float) -> float:
     """``sign(v) * ln(1 + |v|)``: the fixed transform of every numeric feature."""
@@ -52,6 +55,14 @@ def signed_log(v: float) -> float:
 
 def _add(out: Features, name: str, value: Any) -> None:
     """Add one raw value under ``name`` (categorical, numeric or multi-hot)."""
+    kind = type(value)
+    if kind is float:  # fast paths of the two common exact types (same results as below)
+        if _isfinite(value):
+            out[name] = _log1p(value) if value >= 0.0 else -_log1p(-value)
+        return
+    if kind is str:
+        out[f"{name}={value}"] = 1.0
+        return
     if isinstance(value, str):
         out[f"{name}={value}"] = 1.0
     elif isinstance(value, bool):
@@ -113,18 +124,67 @@ def ranking_features_many(
     {**user_extra, **item_extra})`` for each item (item keys win on a clash), but the
     user, time, context and ``user_extra`` part is transformed once per call.
     """
+    shared = shared_features(user_id, ts_ms, context, position, user_extra)
+    return [join_features(shared, user_extra, item, extra)
+            for item, extra in zip(item_ids, item_extras, strict=True)]
+
+
+def shared_features(
+    user_id: str,
+    ts_ms: int,
+    context: Mapping[str, Any] | None,
+    position: int | None,
+    user_extra: Mapping[str, Any] | None,
+) -> Features:
+    """The item-independent part of ``ranking_features_many`` (user, time, position,
+    context, ``user_extra``), in the order its dicts hold it."""
     shared = ranking_features(user_id, "", ts_ms, context, position, user_extra)
     del shared["item="]
-    out = []
-    for item, extra in zip(item_ids, item_extras, strict=True):
-        feats = dict(shared)
-        feats[f"item={item}"] = 1.0
-        for key, value in extra.items():
-            if user_extra is not None and key in user_extra:
-                _drop(feats, key, user_extra[key])
-            _add(feats, key, value)
-        out.append(feats)
-    return out
+    return shared
+
+
+def join_features(shared: Features, user_extra: Mapping[str, Any] | None, item_id: str,
+                  extra: Mapping[str, Any]) -> Features:
+    """One item's dict of ``ranking_features_many`` from its ``shared_features``."""
+    feats = dict(shared)
+    feats[f"item={item_id}"] = 1.0
+    for key, value in extra.items():
+        if user_extra is not None and key in user_extra:
+            _drop(feats, key, user_extra[key])
+        _add(feats, key, value)
+    return feats
+
+
+def item_part(shared: Features, user_extra: Mapping[str, Any] | None, item_id: str,
+              extra: Mapping[str, Any]) -> Features | None:
+    """The item's own features such that ``join_features(shared, user_extra, item_id,
+    extra) == {**shared, **part}`` *in the same key order* (the part's keys are new and
+    come after the shared ones), or None when that does not hold (an ``extra`` key
+    overrides a ``user_extra`` key, or an item feature name is also a shared one).
+
+    Lets a linear scorer sum the shared part once per request and only the part per
+    item, adding the terms in exactly the order a dot product over the full dict would.
+    """
+    part: Features = {f"item={item_id}": 1.0}
+    clash = user_extra is not None and len(user_extra) > 0
+    for key, value in extra.items():
+        if clash and key in user_extra:  # type: ignore[operator]
+            return None
+        kind = type(value)  # _add, with its commonest cases (float, str, int) inlined
+        if kind is float:
+            if _isfinite(value):
+                part[key] = _log1p(value) if value >= 0.0 else -_log1p(-value)
+        elif kind is str:
+            part[f"{key}={value}"] = 1.0
+        elif kind is int:
+            v = float(value)
+            part[key] = _log1p(v) if v >= 0.0 else -_log1p(-v)
+        else:
+            _add(part, key, value)
+    for name in part:
+        if name in shared:
+            return None
+    return part
 
 
 def _drop(feats: Features, name: str, value: Any) -> None:

@@ -20,16 +20,33 @@ called as ``hook(request, candidates) -> candidates``):
 
 from __future__ import annotations
 
+import heapq
 import importlib
+import itertools
+import logging
 import math
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from river import linear_model, optim
+from river.utils.math import sigmoid
+from river.utils.vectordict import VectorDict
 
-from models.features import SERVING_POSITION, ranking_features_many
+from models.calibration import correct_downsampled_many
+from models.features import (
+    SERVING_POSITION,
+    Features,
+    item_part,
+    join_features,
+    ranking_features_many,
+    shared_features,
+)
+from models.rankers import Ranker
 from operators.trainer import load_ranker
 from state.hashing import stable_hash64
 from state.item_index import IndexReader
@@ -37,8 +54,14 @@ from state.item_table import CatalogEntry, ItemTable
 from state.settings import doc
 from state.snapshot_store import SnapshotReader, SnapshotStore
 
+log = logging.getLogger(__name__)
+
 Record = dict[str, Any]
 Hook = Callable[[Any, list["Candidate"]], list["Candidate"]]
+
+
+def _by_score(kv: tuple[str, float]) -> float:
+    return kv[1]
 
 
 @dataclass
@@ -99,6 +122,113 @@ def load_hook(spec: str) -> Hook:
     return getattr(importlib.import_module(module), name)
 
 
+class LinearScorer:
+    """Exact fast path of a River ``LogisticRegression`` serving ranker (kind ``lr``).
+
+    ``Ranker.predict_many(ranking_features_many(...))`` copies the ~100 shared
+    (user, time, context, profile) features into every candidate's dict and runs a
+    ~100-term dot product per candidate. River's dot walks the feature dict in its
+    order, adding ``w[name] * value`` for the names it has a weight for; a candidate's
+    dict is the shared features followed by its own part (``item_part``), so summing
+    the shared terms once per request and continuing that sum with each candidate's
+    part adds exactly the same floats in the same order. Scores are bitwise equal to
+    River's (checked against the model when a snapshot is first used, and in
+    ``tests/test_serving_fast.py``); a candidate whose part cannot be split off
+    (it overrides a profile key) is scored through its full dict the same way.
+    """
+
+    def __init__(self, ranker: Ranker) -> None:
+        model = ranker.model
+        self.n_learned = ranker.n_learned
+        self.weights: dict[str, float] = model._weights.to_dict()
+        self.intercept = float(model.intercept)
+        self.rate = ranker.rate
+
+    @staticmethod
+    def supports(ranker: Ranker) -> bool:
+        """A frozen serving copy of a River LogisticRegression (log loss, weight dict)."""
+        model = ranker.model
+        return (ranker.kind == "lr" and ranker.frozen
+                and type(model) is linear_model.LogisticRegression
+                and type(model.loss) is optim.losses.Log
+                and type(getattr(model, "_weights", None)) is VectorDict
+                and isinstance(getattr(model, "intercept", None), float))
+
+    def agrees_with(self, ranker: Ranker) -> bool:
+        """Self-check against River on dicts built from the model's own weights."""
+        names = list(self.weights)[:64]
+        probes = [{}, {"__missing__": 1.0}]
+        for k in (1, 2, 3):
+            x = {name: (-1.0) ** i * (i + k) / 7.0 for i, name in enumerate(reversed(names))}
+            x["__missing__"] = 2.5
+            probes.append(x)
+        for x in probes:
+            mine = sigmoid(self._dot(x, 0.0) + self.intercept)
+            if mine != ranker.model.predict_proba_one(x).get(True, 0.0):
+                return False
+        return True
+
+    def _dot(self, x: Features, start: float) -> float:
+        get = self.weights.get
+        s = start
+        for name, value in x.items():
+            w = get(name)
+            if w is not None:
+                s += w * value
+        return s
+
+    def predict_many(self, user_id: str, item_ids: list[str], ts_ms: int,
+                     context: dict[str, Any] | None, position: int | None,
+                     user_extra: dict[str, Any] | None,
+                     item_extras: list[dict[str, Any]]) -> np.ndarray:
+        """Calibrated P(positive) per item: equal to ``ranker.predict_many(
+        ranking_features_many(user_id, item_ids, ts_ms, context, position, user_extra,
+        item_extras))``."""
+        get = self.weights.get
+        shared = shared_features(user_id, ts_ms, context, position, user_extra)
+        base = self._dot(shared, 0.0)
+        intercept = self.intercept
+        out = np.empty(len(item_ids), np.float64)
+        for n, (item, extra) in enumerate(zip(item_ids, item_extras, strict=True)):
+            part = item_part(shared, user_extra, item, extra)
+            if part is None:
+                s = self._dot(join_features(shared, user_extra, item, extra), 0.0)
+            else:
+                s = base
+                for name, value in part.items():
+                    w = get(name)
+                    if w is not None:
+                        s += w * value
+            out[n] = sigmoid(s + intercept)
+        return correct_downsampled_many(out, self.rate)
+
+
+_SCORERS: weakref.WeakKeyDictionary[Ranker, LinearScorer | None] = weakref.WeakKeyDictionary()
+_SCORERS_LOCK = threading.Lock()
+
+
+def linear_scorer(ranker: Ranker) -> LinearScorer | None:
+    """The ``LinearScorer`` of a serving ranker snapshot, or None if it has none (other
+    kinds, a ranker that can still learn, or a River version whose predictions it does
+    not reproduce). Built once per snapshot object (its weights copied once) and shared
+    by every server in the process: snapshots are immutable and shared through
+    ``SnapshotReader``'s cache."""
+    with _SCORERS_LOCK:
+        if ranker in _SCORERS:
+            known = _SCORERS[ranker]
+            if known is None or known.n_learned == ranker.n_learned:
+                return known
+    scorer = None
+    if LinearScorer.supports(ranker):
+        scorer = LinearScorer(ranker)
+        if not scorer.agrees_with(ranker):
+            log.warning("LinearScorer disagrees with River on %r; serving through River", ranker)
+            scorer = None
+    with _SCORERS_LOCK:
+        _SCORERS[ranker] = scorer
+    return scorer
+
+
 class SnapshotViews:
     """The newest verified serving ranker, index and item tables, polled from the store."""
 
@@ -109,6 +239,8 @@ class SnapshotViews:
         self.index = IndexReader(store)
         self.tables = {s: SnapshotReader(store, f"items-{s}", ItemTable.load) for s in item_shards}
         self._next_poll = 0.0
+        self._table_cache: tuple[tuple[ItemTable | None, ...], list[ItemTable],
+                                 dict[str, ItemTable]] | None = None
 
     def poll(self) -> None:
         """Pick up new snapshot versions (at most every ``poll_ms`` of wall time)."""
@@ -122,7 +254,22 @@ class SnapshotViews:
             reader.refresh()
 
     def loaded_tables(self) -> list[ItemTable]:
-        return [r.current for r in self.tables.values() if r.current is not None]
+        """The loaded item tables, in ``item_shards`` order (a fresh list)."""
+        return list(self._tables()[1])
+
+    def table_map(self) -> dict[str, ItemTable]:
+        """The loaded item tables by their shard. Cached until a reader's current table
+        changes (one identity check per reader per call); callers must not modify it."""
+        return self._tables()[2]
+
+    def _tables(self) -> tuple[tuple[ItemTable | None, ...], list[ItemTable], dict[str, ItemTable]]:
+        current = tuple(r.current for r in self.tables.values())
+        cached = self._table_cache
+        if (cached is None or len(cached[0]) != len(current)
+                or any(a is not b for a, b in zip(cached[0], current, strict=True))):
+            loaded = [t for t in current if t is not None]
+            cached = self._table_cache = (current, loaded, {t.shard: t for t in loaded})
+        return cached
 
     def __getstate__(self) -> dict[str, Any]:
         return {"store": self.store, "item_shards": list(self.tables), "poll_ms": self.poll_ms}
@@ -144,6 +291,19 @@ class Server:
         to its own function, which the joiner also uses at impression time."""
         self.hooks = {stage: load_hook(spec) for stage, spec in config.hooks.items()}
         self.served = 0
+        self._top_cache: dict[tuple[str, int], tuple[tuple[ItemTable, ...],
+                                                     list[tuple[str, float]]]] = {}
+        self.stage_ns: dict[str, int] | None = None
+        """Optional profiling: set it to ``{}`` and ``recommend`` adds the wall time (ns)
+        of each stage to it (``retrieve`` includes the snapshot poll, hooks count in
+        their stage: ``filter``, ``score``, ``order``) and the number of candidates
+        scored (``candidates``). None (the default) costs one check per stage."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Recovery state without caches (they hold snapshot objects, reloaded on resume)."""
+        state = self.__dict__.copy()
+        state["_top_cache"] = {}
+        return state
 
     # -- features shared by training (impression time) and serving ---------------------
     def item_extras(self, ctx: UserContext, item_ids: list[str], ts_ms: int,
@@ -154,7 +314,7 @@ class Server:
         ``covis``: precomputed co-visitation scores of every candidate (serving);
         None computes them per item (one impression at a time).
         """
-        tables = {t.shard: t for t in self.views.loaded_tables()}
+        tables = self.views.table_map()
         mf = self._mf_scores(ctx.vector, item_ids)
         seeds = ctx.recent[: self.config.recent_items]
         out = []
@@ -210,14 +370,28 @@ class Server:
     # -- the four stages ---------------------------------------------------------------
     def recommend(self, request: Any, ctx: UserContext, ingest_ns: int) -> Record:
         """Answer one request with its top k."""
+        timing = self.stage_ns
+        t0 = time.perf_counter_ns() if timing is not None else 0
         self.views.poll()
         cands, covis = self.retrieve(ctx, request.ts)
+        if timing is not None:
+            t1 = time.perf_counter_ns()
+            timing["retrieve"] = timing.get("retrieve", 0) + t1 - t0
         cands = self.filter(request, ctx, cands)
         cands = self._hook("after_retrieval", request, cands)
+        if timing is not None:
+            t2 = time.perf_counter_ns()
+            timing["filter"] = timing.get("filter", 0) + t2 - t1
+            timing["candidates"] = timing.get("candidates", 0) + len(cands)
         self.score(request, ctx, cands, covis)
         cands = self._hook("after_scoring", request, cands)
+        if timing is not None:
+            t3 = time.perf_counter_ns()
+            timing["score"] = timing.get("score", 0) + t3 - t2
         ranked = self.order(request, cands, request.k, ctx.consumed)
         ranked = self._hook("after_ordering", request, ranked)
+        if timing is not None:
+            timing["order"] = timing.get("order", 0) + time.perf_counter_ns() - t3
         self.served += 1
         ranker, index = self.views.ranker, self.views.index
         return {
@@ -250,20 +424,32 @@ class Server:
         n = sizes.get("ann", 0)
         if n and ctx.vector is not None and self.views.index.index is not None:
             add("ann", self.views.index.query(ctx.vector, n))
-        covis = self._covis_scores(ctx.recent, {t.shard: t for t in tables}, ts_ms)
+        covis = self._covis_scores(ctx.recent, self.views.table_map(), ts_ms)
         n = sizes.get("covis", 0)
         if n and covis:
-            add("covis", sorted(covis.items(), key=lambda kv: kv[1], reverse=True)[:n])
-        for source, attr in (("trending", "trending"), ("popular", "popular")):
+            add("covis", heapq.nlargest(n, covis.items(), key=_by_score))
+        for source in ("trending", "popular"):
             n = sizes.get(source, 0)
             if n and tables:
-                merged: list[tuple[str, float]] = []
-                for t in tables:
-                    merged.extend(getattr(t, attr).items())
-                merged.sort(key=lambda kv: kv[1], reverse=True)
                 # Fetch extra to make up for the consumed items the filter will drop.
-                add(source, merged[: n + min(len(ctx.consumed), 5 * n)])
+                add(source, self._top(tables, source, n, n + min(len(ctx.consumed), 5 * n)))
         return cands, covis
+
+    def _top(self, tables: list[ItemTable], source: str, n: int, m: int) -> list[tuple[str, float]]:
+        """The ``m`` best ``(item, score)`` of ``source`` over every table, best first, equal
+        scores in table then dict order: what a stable sort of all the tables' items
+        gives, from each table's cached top list (``ItemTable.top``). The merged list is
+        cached per set of loaded tables for the most a request can ask (``6 n``)."""
+        key = (source, n)
+        cached = self._top_cache.get(key)
+        if cached is None or len(cached[0]) != len(tables) or any(
+                a is not b for a, b in zip(cached[0], tables, strict=True)):
+            most = 6 * n
+            merged = list(itertools.islice(
+                heapq.merge(*(t.top(source, most) for t in tables), key=_by_score, reverse=True),
+                most))
+            cached = self._top_cache[key] = (tuple(tables), merged)
+        return cached[1][:m]
 
     def filter(self, request: Any, ctx: UserContext, cands: dict[str, Candidate]) -> list[Candidate]:
         """Drop consumed, unavailable and excluded items; attach categories."""
@@ -282,7 +468,7 @@ class Server:
         return out
 
     def _catalog_lookup(self) -> Callable[[str], CatalogEntry | None]:
-        tables = {t.shard: t for t in self.views.loaded_tables()}
+        tables = self.views.table_map()
 
         def lookup(item: str) -> CatalogEntry | None:
             table = tables.get(self.item_shard_of(item))
@@ -299,10 +485,16 @@ class Server:
         if ranker is not None:
             items = [c.item_id for c in cands]
             extras = self.features(ctx, items, request.ts, covis)
-            feats = ranking_features_many(ctx.user_id, items, request.ts, request.context,
-                                          SERVING_POSITION, ctx.profile, extras)
-            for c, p in zip(cands, ranker.predict_many(feats), strict=True):
-                c.score = float(p)
+            scorer = linear_scorer(ranker)
+            if scorer is not None:
+                p = scorer.predict_many(ctx.user_id, items, request.ts, request.context,
+                                        SERVING_POSITION, ctx.profile, extras)
+            else:
+                p = ranker.predict_many(ranking_features_many(
+                    ctx.user_id, items, request.ts, request.context, SERVING_POSITION,
+                    ctx.profile, extras))
+            for c, score in zip(cands, p.tolist(), strict=True):
+                c.score = score
             return
         for c in cands:
             s = c.scores

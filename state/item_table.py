@@ -8,6 +8,7 @@ of ``ts`` (event time, ms) with the half-lives of the item config.
 
 from __future__ import annotations
 
+import heapq
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,10 @@ import numpy as np
 from state.covisitation import CoVisitation
 
 _COVIS = "covis_"
+
+
+def _score(kv: tuple[str, float]) -> float:
+    return kv[1]
 
 
 @dataclass
@@ -38,6 +43,25 @@ class ItemTable:
     popular: dict[str, float] = field(default_factory=dict)
     trending: dict[str, float] = field(default_factory=dict)
     catalog: dict[str, CatalogEntry] = field(default_factory=dict)
+    _top: dict[str, tuple[int, list[tuple[str, float]]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    def top(self, source: str, n: int) -> list[tuple[str, float]]:
+        """The ``n`` best ``(item, score)`` of ``popular`` or ``trending``, best first;
+        equal scores keep the dict's order (as a stable sort would).
+
+        Computed once per table and cached (a published table is immutable; tables are
+        loaded once per snapshot version, so this costs one pass per version instead
+        of a sort per request). Only ask on tables that are no longer written to.
+        """
+        if source not in ("popular", "trending"):
+            raise ValueError(f"unknown source {source!r} (popular or trending)")
+        cached = self._top.get(source)
+        if cached is not None and (n <= cached[0] or len(cached[1]) < cached[0]):
+            return cached[1][:n]
+        best = heapq.nlargest(n, getattr(self, source).items(), key=_score)
+        self._top[source] = (n, best)
+        return best
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one uncompressed ``.npz`` file."""
