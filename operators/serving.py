@@ -278,6 +278,10 @@ class SnapshotViews:
         self.__init__(state["store"], state["item_shards"], state["poll_ms"])
 
 
+def _never(_item: str) -> bool:
+    return False
+
+
 class Server:
     """Retrieval, filtering, scoring and ordering for one user shard."""
 
@@ -286,6 +290,9 @@ class Server:
         self.config = config
         self.views = views
         self.item_shard_of = item_shard_of
+        self.unavailable: Callable[[str], bool] = _never
+        """Item -> True when the user shard's own catalog (fed by broadcast ``item`` events)
+        already knows it is unavailable, before its item table is republished."""
         self.features: Callable[..., list[dict[str, Any]]] = self.item_extras
         """(ctx, item_ids, ts_ms, covis) -> extra features per item; the user shard sets it
         to its own function, which the joiner also uses at impression time."""
@@ -455,9 +462,10 @@ class Server:
         """Drop consumed, unavailable and excluded items; attach categories."""
         excluded = set(request.exclude)
         catalog = self._catalog_lookup()
+        unavailable = self.unavailable
         out = []
         for item, c in cands.items():
-            if item in ctx.consumed or item in excluded:
+            if item in ctx.consumed or item in excluded or unavailable(item):
                 continue
             entry = catalog(item)
             if entry is not None:
@@ -542,13 +550,15 @@ class Server:
         horizon = request.ts - self.config.new_item_ms
         excluded = set(request.exclude)
         out = []
+        unavailable = self.unavailable
         for table in self.views.loaded_tables():
             for item, entry in table.catalog.items():
                 if (entry.available and entry.first_seen_ms >= horizon and item not in shown
-                        and item not in excluded):
+                        and item not in excluded and not unavailable(item)):
                     out.append(Candidate(item, [], {}, 0.0, entry.category))
         out.sort(key=lambda c: c.item_id)
-        return out
+        # Business rules apply to the exploration pick too.
+        return self._hook("after_retrieval", request, out)
 
     def _hook(self, stage: str, request: Any, cands: list[Candidate]) -> list[Candidate]:
         hook = self.hooks.get(stage)

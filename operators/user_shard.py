@@ -68,6 +68,7 @@ class UserShard:
                        and item_shard_of is not None else None)
         if self.server is not None:
             self.server.features = self.item_features
+            self.server.unavailable = self._unavailable
         self.idle_flush_s = join.idle_flush_s
         self.requests = 0
         self._item_updates: list[tuple[Any, ...]] = []
@@ -186,6 +187,10 @@ class UserShard:
     def _profile(self, event: Event) -> None:
         for store in self.profiles.values():
             store.apply(event, self._item_attrs)
+
+    def _unavailable(self, item_id: str) -> bool:
+        attrs = self.catalog.get(item_id)
+        return attrs is not None and attrs.get("available", True) is False
 
     def _item_attrs(self, item_id: str) -> dict[str, Any] | None:
         return self.catalog.get(item_id)

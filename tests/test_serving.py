@@ -501,10 +501,6 @@ def test_bad_hook_spec_is_refused() -> None:
         load_hook(hook("no_such_function"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG operators/serving.py Server.order/_explore: the exploration slot is filled from "
-    "the catalog after the after_retrieval/after_scoring hooks ran, so a business rule "
-    "registered after_retrieval is bypassed by the explored item"))
 def test_exploration_respects_after_retrieval_hook(world: World) -> None:
     world.publish_all()  # NEW_ITEM is in category c1
     shard = world.user_shard(exploration=1.0, hooks={"after_retrieval": hook("drop_category_c1")})
@@ -659,11 +655,6 @@ def test_item_event_unavailable_is_filtered_once_its_table_is_published(world: W
     assert ids(record)[-1] == "fresh" and "explore" in sources(record)["fresh"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG operators/serving.py Server.filter: availability is read only from the published "
-    "item tables, not from the user shard's own catalog (UserShard.catalog, updated by the "
-    "broadcast item event), so an item made unavailable keeps being served until its item "
-    "shard next publishes a table (items.refresh_interval_ms of that shard's event time)"))
 def test_item_event_unavailable_is_filtered_before_the_next_table(world: World) -> None:
     shard = world.user_shard()
     side = ItemSide(world.store)
