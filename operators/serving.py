@@ -72,7 +72,7 @@ class ServingConfig:
     sources: dict[str, int] = doc(
         "Candidates per retrieval source: ann (MF user vector over the HNSW index), covis "
         "(co-visitation of recent items), trending, popular.",
-        factory=lambda: {"ann": 100, "covis": 200, "trending": 50, "popular": 100},
+        factory=lambda: {"ann": 100, "covis": 150, "trending": 50, "popular": 50},
     )
     recent_items: int = doc("Recent items of the user used as co-visitation seeds.", 20)
     diversity: float = doc("Score penalty factor per item of an already chosen category "
@@ -439,7 +439,7 @@ class Server:
             n = sizes.get(source, 0)
             if n and tables:
                 # Fetch extra to make up for the consumed items the filter will drop.
-                add(source, self._top(tables, source, n, n + min(len(ctx.consumed), 5 * n)))
+                add(source, self._top(tables, source, n, n + min(len(ctx.consumed), 2 * n)))
         return cands, covis
 
     def _top(self, tables: list[ItemTable], source: str, n: int, m: int) -> list[tuple[str, float]]:

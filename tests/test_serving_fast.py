@@ -227,7 +227,7 @@ def _reference_retrieve(tables: list[ItemTable], sources: dict[str, int],
         for t in tables:
             merged.extend(getattr(t, source).items())
         merged.sort(key=lambda kv: kv[1], reverse=True)
-        for item, score in merged[: n + min(consumed, 5 * n)]:
+        for item, score in merged[: n + min(consumed, 2 * n)]:
             c = cands.setdefault(item, Candidate(item))
             c.sources.append(source)
             c.scores[source] = score
