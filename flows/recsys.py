@@ -191,12 +191,12 @@ def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: Sn
     def route(batch: list[tuple[Any, ...]]) -> list[tuple[str, tuple[str, list[tuple[Any, ...]]]]]:
         buckets: dict[str, list[tuple[Any, ...]]] = {}
         for update in batch:
-            item = update[1].item_id if update[0] == "item" else update[1]
+            item = update[1].item_id if update[0] in ("item", "ev") else update[1]
             buckets.setdefault(item_shard_of(item), []).append(update)
         return [(key, (key, part)) for key, part in buckets.items()]
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
-        return ItemShardLogic(resume or ItemShard(config.items, store))
+        return ItemShardLogic(resume or ItemShard(config.items, store, config.features))
 
     item_out = op.map("item_shard_out",
                       op.stateful("item_shard", op.flat_map("route_items", updates, route),

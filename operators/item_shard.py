@@ -10,6 +10,7 @@ the user shards::
     ("mf", item_id, ts_ms, user_vec, coef)     the item half of an MF step (coef None: ISGD)
     ("pair", a, b, weight, ts_ms)             a co-visitation pair for a's row
     ("item", Item)                             a catalog event
+    ("ev", Impression | Feedback)              an event for the item profiles (IPS)
 
 Outputs per batch: changed item vectors for the index builder, and, every
 ``items.refresh_interval_ms`` of event time (and at end of input), a published
@@ -27,8 +28,10 @@ from bytewax.operators import StatefulLogic
 from models.mf import ItemFactors, MFConfig
 from operators.events import Item
 from state.covisitation import CoVisConfig, CoVisitation
+from state.feature_spec import parse_features
 from state.item_table import CatalogEntry, ItemTable
 from state.popularity import PopularityCounter
+from state.profiles import ProfileStore
 from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotStore
 
@@ -65,9 +68,13 @@ class ItemsConfig:
 class ItemShard:
     """All item-side state of one shard (pure Python); ``process`` a batch, ``publish`` a view."""
 
-    def __init__(self, config: ItemsConfig, store: SnapshotStore) -> None:
+    def __init__(self, config: ItemsConfig, store: SnapshotStore,
+                 features: list[dict[str, Any]] | None = None) -> None:
         self.config = config
         self.store = store
+        specs = [f for f in (features or []) if f.get("entity") == "item"]
+        self.profiles = ProfileStore(parse_features(specs), "item") if specs else None
+        self.profiled: set[str] = set()
         self.shard = ""
         self.factors = ItemFactors(config.mf_config())
         self.covis = CoVisitation(config.covis_config())
@@ -102,6 +109,12 @@ class ItemShard:
                 mf_vecs.append(user_vec)
                 mf_coefs.append(coef)
                 mf_ts = max(mf_ts, ts)
+            elif kind == "ev":
+                event = update[1]
+                self._observe(event.ts)
+                if self.profiles is not None:
+                    self.profiles.apply(event)
+                    self.profiled.add(event.item_id)
             elif kind == "pair":
                 _, a, b, w, ts = update
                 self._observe(ts)
@@ -163,7 +176,17 @@ class ItemShard:
         """The current read view, for immediate saving (it shares the live co-visitation rows)."""
         now = self.max_ts_ms or 0
         return ItemTable(self.shard, now, self.covis, self.popular.scores(now),
-                         self.trending.scores(now), dict(self.catalog))
+                         self.trending.scores(now), dict(self.catalog), self._features())
+
+    def _features(self) -> dict[str, dict[str, float]]:
+        """Numeric item-profile features of every profiled item, as of now."""
+        if self.profiles is None:
+            return {}
+        out = {}
+        for item in self.profiled:
+            out[item] = {name: float(v) for name, v in self.profiles.query(item).items()
+                         if isinstance(v, int | float) and not isinstance(v, bool)}
+        return out
 
     def publish(self) -> Manifest:
         """Write the item table of this shard as a new snapshot version."""

@@ -315,8 +315,9 @@ class Server:
     # -- features shared by training (impression time) and serving ---------------------
     def item_extras(self, ctx: UserContext, item_ids: list[str], ts_ms: int,
                     covis: dict[str, float] | None = None) -> list[dict[str, Any]]:
-        """Per-item features from the snapshots: category, co-visitation with the recent
-        items, popularity, trending, MF score (the user's own features are separate).
+        """Per-item features from the snapshots: item profile features (IPS ``item``
+        entity), category, co-visitation with the recent items, popularity, trending, MF
+        score (the user's own features are separate).
 
         ``covis``: precomputed co-visitation scores of every candidate (serving);
         None computes them per item (one impression at a time).
@@ -329,6 +330,9 @@ class Server:
             table = tables.get(self.item_shard_of(item))
             extra: dict[str, Any] = {}
             if table is not None:
+                profile = table.features.get(item)
+                if profile:
+                    extra.update(profile)
                 entry = table.catalog.get(item)
                 extra["i:category"] = entry.category if entry else None
                 extra["pop"] = table.popular.get(item, 0.0)

@@ -61,6 +61,9 @@ class UserShard:
         self.max_users = max_users
         specs = [f for f in (features or []) if f.get("entity") != "item"]
         self.profiles: dict[str, ProfileStore] = stores_for(specs) if specs else {}
+        self.item_profiles = covis is not None and any(
+            f.get("entity") == "item" for f in (features or []))
+        """Send impressions and feedback to the item shards (item profiles live there)."""
         self.users = UserFactors(mf) if mf is not None else None
         self.pairs = CoVisitation(covis) if covis is not None else None
         self.server = (Server(serving, views, item_shard_of)
@@ -89,6 +92,8 @@ class UserShard:
             if kind == "impression":
                 joiner.on_impression(event)
                 self._profile(event)
+                if self.item_profiles:
+                    self._item_updates.append(("ev", event))
             elif kind == "feedback":
                 self._feedback(event)
             elif kind == "request":
@@ -109,6 +114,8 @@ class UserShard:
         recent = self.history.recent(fb.user_id, self.pairs.config.window) if self.pairs else []
         self.joiner.on_feedback(fb)  # adds fb to the history after taking features
         self._profile(fb)
+        if self.item_profiles:
+            self._item_updates.append(("ev", fb))
         if not self.joiner.config.is_positive(fb.action, fb.value):
             return
         if self.users is not None:

@@ -12,6 +12,7 @@ import heapq
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,8 @@ class ItemTable:
     popular: dict[str, float] = field(default_factory=dict)
     trending: dict[str, float] = field(default_factory=dict)
     catalog: dict[str, CatalogEntry] = field(default_factory=dict)
+    features: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Item profile features (IPS ``item`` entity) per item, numeric ones, as of ``ts``."""
     _top: dict[str, tuple[int, list[tuple[str, float]]]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
@@ -67,6 +70,13 @@ class ItemTable:
         """Write one uncompressed ``.npz`` file."""
         arrays = {f"{_COVIS}{k}": v for k, v in self.covis.to_arrays().items()}
         cat_ids = list(self.catalog)
+        feat_ids = list(self.features)
+        names = sorted({n for feats in self.features.values() for n in feats})
+        col = {n: j for j, n in enumerate(names)}
+        matrix = np.full((len(feat_ids), len(names)), np.nan)
+        for i, item in enumerate(feat_ids):
+            for n, v in self.features[item].items():
+                matrix[i, col[n]] = v
         with open(path, "wb") as f:
             np.savez(
                 f,
@@ -82,6 +92,9 @@ class ItemTable:
                 catalog_available=np.asarray([self.catalog[i].available for i in cat_ids], bool),
                 catalog_first_seen=np.asarray([self.catalog[i].first_seen_ms for i in cat_ids],
                                               np.int64),
+                feature_ids=np.asarray(feat_ids, dtype=np.str_),
+                feature_names=np.asarray(names, dtype=np.str_),
+                feature_values=matrix,
                 **arrays,
             )
 
@@ -104,4 +117,16 @@ class ItemTable:
                 popular=dict(zip(z["popular_ids"].tolist(), z["popular"].tolist(), strict=True)),
                 trending=dict(zip(z["trending_ids"].tolist(), z["trending"].tolist(), strict=True)),
                 catalog=catalog,
+                features=_features(z),
             )
+
+
+def _features(z: Any) -> dict[str, dict[str, float]]:
+    """Per-item feature dicts from the saved matrix (NaN = no value); {} for old files."""
+    if "feature_ids" not in z.files:
+        return {}
+    names = z["feature_names"].tolist()
+    out = {}
+    for item, row in zip(z["feature_ids"].tolist(), z["feature_values"].tolist(), strict=True):
+        out[item] = {n: v for n, v in zip(names, row, strict=True) if v == v}
+    return out

@@ -99,3 +99,23 @@ def test_obd_join_reproduces_every_label(tmp_path) -> None:
     report = evaluate(log, tmp_path / "r2.json", config={"sampler": {"negative_rate": 0.1}})
     assert report["examples_positive"] == sum(rows.values())
     assert abs(report["examples_negative_weighted"] - true_negatives) / true_negatives <= 0.05
+
+
+def test_profiles_flow_into_examples_and_item_tables(tmp_path) -> None:
+    """User, user x category and item profile features reach examples (impression time)."""
+    import glob
+
+    from state.item_table import ItemTable
+
+    run_main(build({"inputs": [{"kind": "simulator", "events": 20_000, "seed": 2}],
+                    "output": {"dir": str(tmp_path)}, "sampler": {"negative_rate": 1.0},
+                    "items": {"refresh_interval_ms": 30_000}}))
+    examples = read_jsonl(tmp_path / "examples.jsonl")
+    late = examples[len(examples) // 2:]
+    assert all("user.impressions.1h" in e["features"] for e in late)
+    assert any(e["features"].get("user_x_category.impressions.1d", 0) > 0 for e in late)
+    with_items = [e for e in late if "item.impressions.1h" in e["features"]]
+    assert with_items and any(e["features"]["item.impressions.1h"] > 0 for e in with_items)
+    tables = sorted(glob.glob(str(tmp_path / "snapshots" / "streamrec" / "items-*" / "v*.npz")))
+    table = ItemTable.load(tables[-1])
+    assert table.features and all("item.impressions.1d" in f for f in table.features.values())
