@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -15,6 +16,8 @@ import bytewax.operators as op  # noqa: E402
 from bytewax.dataflow import Dataflow  # noqa: E402
 from bytewax.testing import run_main  # noqa: E402
 
+from flows.evaluate import read_jsonl  # noqa: E402
+from flows.recsys import build  # noqa: E402
 from flows.simulator import write_log  # noqa: E402
 from operators.sinks import NullSink  # noqa: E402
 from operators.sources import ReplaySource  # noqa: E402
@@ -49,3 +52,19 @@ def passthrough_events_per_s(log: Path, batch_size: int = 1000) -> float:
     run_main(flow)
     elapsed = time.perf_counter() - start
     return sink.count[0] / elapsed
+
+
+def flow_events_per_s(log: Path, **overrides: object) -> tuple[float, dict]:
+    """Events/s of the main flow replaying ``log`` (config ``overrides`` on top), one
+    worker, outputs to a temp dir; returns (rate, the run's summary metrics record)."""
+    out = Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
+    try:
+        flow = build({"inputs": [{"kind": "replay", "path": str(log)}],
+                      "output": {"dir": str(out)}, **overrides})
+        start = time.perf_counter()
+        run_main(flow)
+        elapsed = time.perf_counter() - start
+        summary = [m for m in read_jsonl(out / "metrics.jsonl") if m["kind"] == "summary"][-1]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return summary["events_in"] / elapsed, summary

@@ -17,17 +17,12 @@ Usage: ``python bench/joiner.py [-n EVENTS]``.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
 import orjson
-from bytewax.testing import run_main
 
-from flows.evaluate import read_jsonl
-from flows.recsys import build
 from models.sampling import NegativeSampler
 from operators.events import EventParser, Impression
 from operators.user_shard import UserShard, route_events
@@ -35,7 +30,7 @@ from state.hashing import shard_of
 from state.join_state import JoinConfig, Joiner
 from state.user_history import UserHistory
 
-from common import count_lines, passthrough_events_per_s, simulated_log
+from common import count_lines, flow_events_per_s, passthrough_events_per_s, simulated_log
 
 JOINER_PATH = {"features": [], "serving": {"enabled": False}, "ranker": {"enabled": False},
                "items": {"enabled": False}}
@@ -43,17 +38,7 @@ JOINER_PATH = {"features": [], "serving": {"enabled": False}, "ranker": {"enable
 
 
 def flow_rate(log: Path, negative_rate: float) -> tuple[float, dict]:
-    out = Path(tempfile.mkdtemp(prefix="streamrec-joiner-"))
-    try:
-        flow = build({"inputs": [{"kind": "replay", "path": str(log)}], "output": {"dir": str(out)},
-                      "sampler": {"negative_rate": negative_rate}, **JOINER_PATH})
-        start = time.perf_counter()
-        run_main(flow)
-        elapsed = time.perf_counter() - start
-        summary = [m for m in read_jsonl(out / "metrics.jsonl") if m["kind"] == "summary"][-1]
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    return summary["events_in"] / elapsed, summary
+    return flow_events_per_s(log, sampler={"negative_rate": negative_rate}, **JOINER_PATH)
 
 
 def joiner_only_rate(log: Path) -> float:

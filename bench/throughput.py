@@ -9,27 +9,10 @@ Bytewax item and drops it. Usage: ``python bench/throughput.py [-n EVENTS]``.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
-import time
-from pathlib import Path
 
 import orjson
-from bytewax.testing import run_main
 
-from flows.evaluate import read_jsonl
-from flows.recsys import build
-
-from common import count_lines, passthrough_events_per_s, simulated_log
-
-
-def main_flow_events_per_s(log: Path, out: Path) -> tuple[float, dict]:
-    flow = build({"inputs": [{"kind": "replay", "path": str(log)}], "output": {"dir": str(out)}})
-    start = time.perf_counter()
-    run_main(flow)
-    elapsed = time.perf_counter() - start
-    summary = [m for m in read_jsonl(out / "metrics.jsonl") if m["kind"] == "summary"][-1]
-    return summary["events_in"] / elapsed, summary
+from common import count_lines, flow_events_per_s, passthrough_events_per_s, simulated_log
 
 
 def main() -> None:
@@ -38,12 +21,8 @@ def main() -> None:
     args = parser.parse_args()
     log = simulated_log(args.n)
     n = count_lines(log)
-    out = Path(tempfile.mkdtemp(prefix="streamrec-throughput-"))
-    try:
-        passthrough = passthrough_events_per_s(log)
-        main_rate, summary = main_flow_events_per_s(log, out)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    passthrough = passthrough_events_per_s(log)
+    main_rate, summary = flow_events_per_s(log)
     mix = summary["events_by_type"]
     print(f"log: {n:,} simulated events, mix {mix}")
     print(f"outputs: {summary['outputs']}")
