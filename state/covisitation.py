@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from state.packing import pack_strings, unpack_strings
+
 Pair = tuple[str, str, float]
 
 _MAX_EXP2 = 600.0  # rebase before values could exceed 2**600 (float64 max is ~2**1024)
@@ -285,7 +287,7 @@ class CoVisitation:
             vocab.setdefault(a, len(vocab))
             for b in row:
                 vocab.setdefault(b, len(vocab))
-        blob, offsets = _pack(list(vocab))
+        blob, offsets = pack_strings(list(vocab))
         sizes = np.fromiter((len(r) for r in self._rows.values()), np.int64, len(self._rows))
         nbr = np.fromiter((vocab[b] for r in self._rows.values() for b in r), np.int32, int(sizes.sum()))
         val = np.fromiter((v for r in self._rows.values() for v in r.values()), np.float64, nbr.size)
@@ -311,7 +313,7 @@ class CoVisitation:
             raise ValueError(f"unsupported co-visitation format {s['format']}")
         cfg = {k[4:]: np.asarray(v).item() for k, v in s.items() if k.startswith("cfg_")}
         out = cls(CoVisConfig(**cfg))
-        vocab = _unpack(np.asarray(s["vocab_blob"]), np.asarray(s["vocab_offsets"]))
+        vocab = unpack_strings(np.asarray(s["vocab_blob"]), np.asarray(s["vocab_offsets"]))
         n_rows = int(s["n_rows"])
         sizes = np.asarray(s["row_sizes"]).tolist()
         nbr = np.asarray(s["neighbors"]).tolist()
@@ -353,20 +355,6 @@ class CoVisitation:
             "evicted_neighbors": self.evicted_neighbors,
             "evicted_rows": self.evicted_rows,
         }
-
-
-def _pack(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Strings as one UTF-8 byte array plus offsets (no fixed-width padding)."""
-    data = [s.encode("utf-8") for s in ids]
-    offsets = np.zeros(len(data) + 1, np.int64)
-    np.cumsum([len(b) for b in data], out=offsets[1:])
-    return np.frombuffer(b"".join(data), np.uint8).copy(), offsets
-
-
-def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
-    raw = blob.tobytes()
-    off = offsets.tolist()
-    return [raw[off[i] : off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
 
 
 def decayed(weight: float, added_ms: int, now_ms: int, half_life_ms: int) -> float:

@@ -48,6 +48,7 @@ from typing import Any, Literal
 import hnswlib
 import numpy as np
 
+from state.packing import pack_strings, unpack_strings
 from state.snapshot_store import Manifest, SnapshotReader, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -94,19 +95,6 @@ def exact_topk(
     ps = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-ps, axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(ps, order, axis=1)
-
-
-def _pack_ids(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    data = [s.encode("utf-8") for s in ids]
-    offsets = np.zeros(len(data) + 1, np.int64)
-    np.cumsum([len(b) for b in data], out=offsets[1:])
-    return np.frombuffer(b"".join(data), np.uint8).copy(), offsets
-
-
-def _unpack_ids(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
-    raw = blob.tobytes()
-    off = offsets.tolist()
-    return [raw[off[i] : off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
 
 
 class ItemIndex:
@@ -338,7 +326,7 @@ class ItemIndex:
         state = self._index.__getstate__()[0]
         out = {f"hnsw_{k}": np.asarray(v) for k, v in state.items()}
         ids = list(self._label_of)
-        blob, offsets = _pack_ids(ids)
+        blob, offsets = pack_strings(ids)
         out.update(
             format=np.asarray(_FORMAT),
             config=np.asarray(json.dumps(asdict(self.config))),
@@ -371,7 +359,7 @@ class ItemIndex:
         index.set_ef(config.ef)
         index.set_num_threads(config.num_threads)
         self._index = index
-        ids = _unpack_ids(s["ids_blob"], s["ids_offsets"])
+        ids = unpack_strings(s["ids_blob"], s["ids_offsets"])
         labels = np.asarray(s["labels"]).tolist()
         if len(ids) != len(labels):
             raise ValueError("index snapshot: label map is inconsistent")
