@@ -176,7 +176,8 @@ class ItemShard:
         """The current read view, for immediate saving (it shares the live co-visitation rows)."""
         now = self.max_ts_ms or 0
         return ItemTable(self.shard, now, self.covis, self.popular.scores(now),
-                         self.trending.scores(now), dict(self.catalog), self._features())
+                         self.trending.scores(now), dict(self.catalog), self._features(),
+                         self.config.popular_half_life_ms, self.config.trending_half_life_ms)
 
     def _features(self) -> dict[str, dict[str, float]]:
         """Numeric item-profile features of every profiled item, as of now."""

@@ -325,6 +325,7 @@ class Server:
         tables = self.views.table_map()
         mf = self._mf_scores(ctx.vector, item_ids)
         seeds = ctx.recent[: self.config.recent_items]
+        factors: dict[str, tuple[float, float]] = {}
         out = []
         for n, item in enumerate(item_ids):
             table = tables.get(self.item_shard_of(item))
@@ -335,8 +336,11 @@ class Server:
                     extra.update(profile)
                 entry = table.catalog.get(item)
                 extra["i:category"] = entry.category if entry else None
-                extra["pop"] = table.popular.get(item, 0.0)
-                extra["trend"] = table.trending.get(item, 0.0)
+                fp, ft = factors.get(table.shard) or factors.setdefault(
+                    table.shard, (table.decay_factor("popular", ts_ms),
+                                  table.decay_factor("trending", ts_ms)))
+                extra["pop"] = table.popular.get(item, 0.0) * fp
+                extra["trend"] = table.trending.get(item, 0.0) * ft
             if covis is not None:
                 extra["covis"] = covis.get(item, 0.0)
             else:
@@ -449,16 +453,21 @@ class Server:
     def _top(self, tables: list[ItemTable], source: str, n: int, m: int) -> list[tuple[str, float]]:
         """The ``m`` best ``(item, score)`` of ``source`` over every table, best first, equal
         scores in table then dict order: what a stable sort of all the tables' items
-        gives, from each table's cached top list (``ItemTable.top``). The merged list is
-        cached per set of loaded tables for the most a request can ask (``6 n``)."""
+        gives, from each table's cached top list (``ItemTable.top``), every table's counts
+        decayed to the newest table's time so they compare. The merged list is cached
+        per set of loaded tables for the most a request can ask (``6 n``)."""
         key = (source, n)
         cached = self._top_cache.get(key)
         if cached is None or len(cached[0]) != len(tables) or any(
                 a is not b for a, b in zip(cached[0], tables, strict=True)):
             most = 6 * n
+            ref = max(t.ts for t in tables)
+            lists = []
+            for t in tables:
+                f = t.decay_factor(source, ref)
+                lists.append([(item, score * f) for item, score in t.top(source, most)])
             merged = list(itertools.islice(
-                heapq.merge(*(t.top(source, most) for t in tables), key=_by_score, reverse=True),
-                most))
+                heapq.merge(*lists, key=_by_score, reverse=True), most))
             cached = self._top_cache[key] = (tuple(tables), merged)
         return cached[1][:m]
 

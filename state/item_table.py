@@ -46,6 +46,14 @@ class ItemTable:
     catalog: dict[str, CatalogEntry] = field(default_factory=dict)
     features: dict[str, dict[str, float]] = field(default_factory=dict)
     """Item profile features (IPS ``item`` entity) per item, numeric ones, as of ``ts``."""
+    popular_half_life_ms: int = 7 * 86_400_000
+    trending_half_life_ms: int = 6 * 3_600_000
+
+    def decay_factor(self, source: str, now_ms: int) -> float:
+        """Multiplier that decays this table's ``popular``/``trending`` counts (as of
+        ``ts``) to ``now_ms``, so tables published at different times compare."""
+        half_life = self.popular_half_life_ms if source == "popular" else self.trending_half_life_ms
+        return 2.0 ** (-(now_ms - self.ts) / half_life)
     _top: dict[str, tuple[int, list[tuple[str, float]]]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
@@ -92,6 +100,8 @@ class ItemTable:
                 catalog_available=np.asarray([self.catalog[i].available for i in cat_ids], bool),
                 catalog_first_seen=np.asarray([self.catalog[i].first_seen_ms for i in cat_ids],
                                               np.int64),
+                half_lives=np.asarray([self.popular_half_life_ms, self.trending_half_life_ms],
+                                      np.int64),
                 feature_ids=np.asarray(feat_ids, dtype=np.str_),
                 feature_names=np.asarray(names, dtype=np.str_),
                 feature_values=matrix,
@@ -118,6 +128,7 @@ class ItemTable:
                 trending=dict(zip(z["trending_ids"].tolist(), z["trending"].tolist(), strict=True)),
                 catalog=catalog,
                 features=_features(z),
+                **_half_lives(z),
             )
 
 
@@ -130,3 +141,10 @@ def _features(z: Any) -> dict[str, dict[str, float]]:
     for item, row in zip(z["feature_ids"].tolist(), z["feature_values"].tolist(), strict=True):
         out[item] = {n: v for n, v in zip(names, row, strict=True) if v == v}
     return out
+
+
+def _half_lives(z: Any) -> dict[str, int]:
+    if "half_lives" not in z.files:
+        return {}
+    popular, trending = (int(x) for x in z["half_lives"].tolist())
+    return {"popular_half_life_ms": popular, "trending_half_life_ms": trending}
