@@ -151,7 +151,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
                 mf=config.items.mf_config() if items_on else None,
                 covis=config.items.covis_config() if items_on else None,
                 serving=config.serving, views=views,
-                item_shard_of=item_shard_of, max_users=config.shards.max_users)
+                item_shard_of=item_shard_of, max_users=config.shards.max_users,
+                covis_any=items_on and config.items.covis_any)
         return UserShardLogic(resume)
 
     outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),

@@ -6,9 +6,10 @@ of every ISGD step, with the user vector sent through the flow), co-visitation r
 catalog (category, availability). Inputs are micro-batches of updates produced by
 the user shards::
 
-    ("pos", item_id, ts_ms)                    a positive interaction (popularity)
+    ("fb", item_id, ts_ms, positive)           an interaction (counts; positives: popularity)
     ("mf", item_id, ts_ms, user_vec, coef)     the item half of an MF step (coef None: ISGD)
-    ("pair", a, b, weight, ts_ms)             a co-visitation pair for a's row
+    ("pair", a, b, weight, ts_ms)             a "liked" co-visitation pair for a's row
+    ("pair_any", a, b, weight, ts_ms)         an "any interaction" co-visitation pair
     ("item", Item)                             a catalog event
     ("ev", Impression | Feedback)              an event for the item profiles (IPS)
 
@@ -41,6 +42,15 @@ IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
 """(upsert ids, their vectors (n, dim) float32 or None, removed ids, event time ms)."""
 
 
+COVIS_DEFAULTS: dict[str, Any] = {
+    "window": 40, "position_decay": 0.95, "max_neighbors": 300, "prune_slack": 0.5,
+    "half_life_ms": 10 * 365 * 86_400_000,
+}
+"""Co-visitation defaults of the flow (docs/movielens-recipe.md): a long, gently decayed
+pair window (a page of ratings is one session), rows of 300 so they do not freeze, and
+no practical time decay (bursty activity makes decayed rows fade between bursts)."""
+
+
 @dataclass
 class ItemsConfig:
     """Item-side state: MF item factors, co-visitation, popularity, the item tables."""
@@ -53,13 +63,16 @@ class ItemsConfig:
     trending_half_life_ms: int = doc("Half-life of the trending counts (ms).", 6 * 3_600_000)
     max_items: int = doc("Items tracked per shard by popularity counters.", 1_000_000)
     covis: dict[str, Any] = doc("Co-visitation parameters (state.covisitation.CoVisConfig: "
-                                "half_life_ms, max_neighbors, window, position_decay, pop_alpha).",
-                                factory=dict)
+                                "half_life_ms, max_neighbors, window, position_decay, "
+                                "prune_slack, max_items); keys not given keep the defaults shown.",
+                                factory=lambda: dict(COVIS_DEFAULTS))
+    covis_any: bool = doc("Keep a second co-visitation channel over every interaction (any "
+                          "feedback, e.g. any rating) beside the one over positives.", True)
     mf: dict[str, Any] = doc("Incremental MF parameters (models.mf.MFConfig: dim, lr, reg, "
                              "init_scale, max_users, max_items, admit_threshold).", factory=dict)
 
     def covis_config(self) -> CoVisConfig:
-        return CoVisConfig(**self.covis)
+        return CoVisConfig(**{**COVIS_DEFAULTS, **self.covis})
 
     def mf_config(self) -> MFConfig:
         return MFConfig(**self.mf)
@@ -78,6 +91,12 @@ class ItemShard:
         self.shard = ""
         self.factors = ItemFactors(config.mf_config())
         self.covis = CoVisitation(config.covis_config())
+        self.covis_any = CoVisitation(config.covis_config()) if config.covis_any else None
+        half_life = config.covis_config().half_life_ms
+        self.liked_counts = PopularityCounter(config.max_items, half_life)
+        self.interactions = PopularityCounter(config.max_items, half_life)
+        """Positives / interactions per item, decayed like co-visitation pairs: the
+        popularity that normalises each channel's candidate scores at serving."""
         self.popular = PopularityCounter(config.max_items, config.popular_half_life_ms)
         self.trending = PopularityCounter(config.max_items, config.trending_half_life_ms)
         self.catalog: dict[str, CatalogEntry] = {}
@@ -94,15 +113,19 @@ class ItemShard:
         mf_coefs: list[float | None] = []
         mf_ts = 0
         pairs: list[tuple[str, str, float]] = []
+        pairs_any: list[tuple[str, str, float]] = []
         removed: list[str] = []
         for update in updates:
             kind = update[0]
-            if kind == "pos":
-                _, item_id, ts = update
+            if kind == "fb":
+                _, item_id, ts, positive = update
                 self._observe(ts)
                 self._see(item_id, ts)
-                self.popular.add(item_id, ts)
-                self.trending.add(item_id, ts)
+                self.interactions.add(item_id, ts)
+                if positive:
+                    self.liked_counts.add(item_id, ts)
+                    self.popular.add(item_id, ts)
+                    self.trending.add(item_id, ts)
             elif kind == "mf":
                 _, item_id, ts, user_vec, coef = update
                 mf_items.append(item_id)
@@ -119,6 +142,10 @@ class ItemShard:
                 _, a, b, w, ts = update
                 self._observe(ts)
                 pairs.append((a, b, w))
+            elif kind == "pair_any":
+                _, a, b, w, ts = update
+                self._observe(ts)
+                pairs_any.append((a, b, w))
             else:
                 event: Item = update[1]
                 self._observe(event.ts)
@@ -131,12 +158,16 @@ class ItemShard:
                 entry.available = event.available
         if pairs:
             self.covis.add(pairs, self.max_ts_ms or 0)
+        if pairs_any and self.covis_any is not None:
+            self.covis_any.add(pairs_any, self.max_ts_ms or 0)
         if mf_items:
             coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
             self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
         if removed:
             self.factors.remove(removed)
             self.covis.remove(removed)
+            if self.covis_any is not None:
+                self.covis_any.remove(removed)
         self.dirty = self.dirty or bool(updates)
         out: dict[str, list[Any]] = {}
         change = self._index_change()
@@ -177,7 +208,9 @@ class ItemShard:
         now = self.max_ts_ms or 0
         return ItemTable(self.shard, now, self.covis, self.popular.scores(now),
                          self.trending.scores(now), dict(self.catalog), self._features(),
-                         self.config.popular_half_life_ms, self.config.trending_half_life_ms)
+                         self.config.popular_half_life_ms, self.config.trending_half_life_ms,
+                         covis_any=self.covis_any, liked_counts=self.liked_counts.scores(now),
+                         interactions=self.interactions.scores(now))
 
     def _features(self) -> dict[str, dict[str, float]]:
         """Numeric item-profile features of every profiled item, as of now."""

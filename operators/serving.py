@@ -74,7 +74,13 @@ class ServingConfig:
         "(co-visitation of recent items), trending, popular.",
         factory=lambda: {"ann": 100, "covis": 150, "trending": 50, "popular": 50},
     )
-    recent_items: int = doc("Recent items of the user used as co-visitation seeds.", 20)
+    recent_items: int = doc("Recent items of the user used as co-visitation seeds (per "
+                            "channel: recent positives for 'liked', recent interactions for "
+                            "'any').", 40)
+    covis_query_decay: float = doc("Weight of the k-th most recent seed is decay**k (k = 0 "
+                                   "newest).", 0.8)
+    covis_pop_alpha: float = doc("A channel's candidate score is divided by the item's count "
+                                 "in that channel ** alpha (0 = raw co-counts).", 0.5)
     diversity: float = doc("Score penalty factor per item of an already chosen category "
                            "(0 = off; 0.2 = each repeat costs 20%).", 0.0)
     exploration: float = doc("Probability that the last slot goes to a new item "
@@ -112,6 +118,8 @@ class UserContext:
     consumed: dict[str, int]
     vector: np.ndarray | None
     profile: dict[str, Any]
+    liked: list[str] = field(default_factory=list)
+    """Recent positives, newest first (``recent`` holds every interaction)."""
 
 
 def load_hook(spec: str) -> Hook:
@@ -314,17 +322,21 @@ class Server:
 
     # -- features shared by training (impression time) and serving ---------------------
     def item_extras(self, ctx: UserContext, item_ids: list[str], ts_ms: int,
-                    covis: dict[str, float] | None = None) -> list[dict[str, Any]]:
+                    covis: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
         """Per-item features from the snapshots: item profile features (IPS ``item``
-        entity), category, co-visitation with the recent items, popularity, trending, MF
-        score (the user's own features are separate).
+        entity), category, co-visitation with the recent items (``covis``: liked channel,
+        ``covis_any``: any-interaction channel, raw seed-decayed sums), popularity,
+        trending, MF score (the user's own features are separate).
 
-        ``covis``: precomputed co-visitation scores of every candidate (serving);
-        None computes them per item (one impression at a time).
+        ``covis``: precomputed raw channel sums of every reachable item (serving, from
+        :meth:`covis_channels`); None looks each item up (one impression at a time).
         """
         tables = self.views.table_map()
         mf = self._mf_scores(ctx.vector, item_ids)
-        seeds = ctx.recent[: self.config.recent_items]
+        if covis is None:
+            covis = {name: self._covis_lookup(name, seeds, item_ids, tables, ts_ms)
+                     for name, seeds in self._seeds(ctx)}
+        liked, any_ = covis.get("liked", {}), covis.get("any")
         factors: dict[str, tuple[float, float]] = {}
         out = []
         for n, item in enumerate(item_ids):
@@ -341,39 +353,91 @@ class Server:
                                   table.decay_factor("trending", ts_ms)))
                 extra["pop"] = table.popular.get(item, 0.0) * fp
                 extra["trend"] = table.trending.get(item, 0.0) * ft
-            if covis is not None:
-                extra["covis"] = covis.get(item, 0.0)
-            else:
-                extra["covis"] = self._covis_score(seeds, item, tables, ts_ms)
+            extra["covis"] = liked.get(item, 0.0)
+            if any_ is not None:
+                extra["covis_any"] = any_.get(item, 0.0)
             if mf is not None:
                 extra["mf"] = float(mf[n])
             out.append(extra)
         return out
 
-    def _covis_score(self, seeds: list[str], item: str, tables: dict[str, ItemTable],
-                     ts_ms: int) -> float:
-        total, weight = 0.0, 1.0
+    def _seeds(self, ctx: UserContext) -> list[tuple[str, list[str]]]:
+        """(channel, seeds newest first) of every channel the loaded tables carry."""
+        n = self.config.recent_items
+        out = [("liked", ctx.liked[:n])]
+        tables = self.views.loaded_tables()
+        if tables and tables[0].covis_any is not None:
+            out.append(("any", ctx.recent[:n]))
+        return out
+
+    def _covis_lookup(self, name: str, seeds: list[str], item_ids: list[str],
+                      tables: dict[str, ItemTable], ts_ms: int) -> dict[str, float]:
+        """``sum_k decay**k covis(seed_k, item)`` for the given items only (impressions)."""
+        wanted = {item: 0.0 for item in item_ids}
+        q = self.config.covis_query_decay
+        weight = 1.0
         for seed in seeds:
             table = tables.get(self.item_shard_of(seed))
             if table is not None:
-                total += weight * table.covis.score(seed, item, ts_ms)
-                weight *= table.covis.config.position_decay
-        return total
+                row = table.covis_row(name, seed)
+                if row:
+                    wf = weight * table.covis_factor(ts_ms)
+                    for item in wanted:
+                        v = row.get(item)
+                        if v is not None:
+                            wanted[item] += wf * v
+            weight *= q
+        return wanted
 
-    def _covis_scores(self, recent: list[str], tables: dict[str, ItemTable],
-                      ts_ms: int) -> dict[str, float]:
-        """sum_k decay**k * covis(recent_k, c) over the user's recent items (newest first)."""
-        acc: dict[str, float] = {}
-        if not recent or not tables:
-            return acc
-        weight = 1.0
-        for seed in recent[: self.config.recent_items]:
-            table = tables.get(self.item_shard_of(seed))
-            if table is not None:
-                for item, score in table.covis.neighbors(seed, table.covis.config.max_neighbors, ts_ms):
-                    acc[item] = acc.get(item, 0.0) + weight * score
-                weight *= table.covis.config.position_decay
-        return acc
+    def covis_channels(self, ctx: UserContext, ts_ms: int
+                       ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Co-visitation retrieval (docs/movielens-recipe.md): per channel, the raw sum
+        ``s[c] = sum_k decay**k covis(seed_k, c)`` over the channel's seeds (newest
+        first); then ``s[c] / max(count[c], 1)**alpha`` (count: the item's positives for
+        ``liked``, interactions for ``any``), divided by its max so each channel is in
+        [0, 1]; the blend is their mean over the channels that have seeds.
+
+        Returns (blend per item, raw sums per channel: the ranker features)."""
+        tables = self.views.table_map()
+        raw: dict[str, dict[str, float]] = {}
+        blend: dict[str, float] = {}
+        if not tables:
+            return blend, raw
+        q = self.config.covis_query_decay
+        alpha = self.config.covis_pop_alpha
+        normed: list[dict[str, float]] = []
+        for name, seeds in self._seeds(ctx):
+            acc: dict[str, float] = {}
+            weight = 1.0
+            for seed in seeds:
+                table = tables.get(self.item_shard_of(seed))
+                if table is not None:
+                    row = table.covis_row(name, seed)
+                    if row:
+                        wf = weight * table.covis_factor(ts_ms)
+                        get = acc.get
+                        for item, v in row.items():
+                            acc[item] = get(item, 0.0) + wf * v
+                weight *= q
+            raw[name] = acc
+            if not acc:
+                continue
+            norm = {}
+            for item, v in acc.items():
+                table = tables.get(self.item_shard_of(item))
+                count = table.channel(name)[1].get(item, 0.0) * table.covis_factor(ts_ms) \
+                    if table is not None else 0.0
+                norm[item] = v / max(count, 1.0) ** alpha if alpha else v
+            top = max(norm.values())
+            if top > 0:
+                normed.append({item: v / top for item, v in norm.items()})
+        if normed:
+            share = 1.0 / len(normed)
+            for part in normed:
+                get = blend.get
+                for item, v in part.items():
+                    blend[item] = get(item, 0.0) + share * v
+        return blend, raw
 
     def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str]) -> np.ndarray | None:
         if vector is None or self.views.index.index is None or not item_ids:
@@ -421,9 +485,10 @@ class Server:
             **({"eval_item": request.context["eval_item"]} if "eval_item" in request.context else {}),
         }
 
-    def retrieve(self, ctx: UserContext, ts_ms: int) -> tuple[dict[str, Candidate], dict[str, float]]:
+    def retrieve(self, ctx: UserContext, ts_ms: int
+                 ) -> tuple[dict[str, Candidate], dict[str, dict[str, float]]]:
         """Candidates from every source, merged by item (sources and scores kept), and the
-        co-visitation score of every item reachable from the recent items."""
+        raw co-visitation sums per channel of every item reachable from the seeds."""
         sizes = self.config.sources
         tables = self.views.loaded_tables()
         cands: dict[str, Candidate] = {}
@@ -439,10 +504,10 @@ class Server:
         n = sizes.get("ann", 0)
         if n and ctx.vector is not None and self.views.index.index is not None:
             add("ann", self.views.index.query(ctx.vector, n))
-        covis = self._covis_scores(ctx.recent, self.views.table_map(), ts_ms)
+        blend, covis = self.covis_channels(ctx, ts_ms)
         n = sizes.get("covis", 0)
-        if n and covis:
-            add("covis", heapq.nlargest(n, covis.items(), key=_by_score))
+        if n and blend:
+            add("covis", heapq.nlargest(n, blend.items(), key=_by_score))
         for source in ("trending", "popular"):
             n = sizes.get(source, 0)
             if n and tables:
@@ -498,7 +563,7 @@ class Server:
         return lookup
 
     def score(self, request: Any, ctx: UserContext, cands: list[Candidate],
-              covis: dict[str, float] | None = None) -> None:
+              covis: dict[str, dict[str, float]] | None = None) -> None:
         """Set ``score``: the serving ranker's calibrated probability, else a blended score."""
         if not cands:
             return
@@ -517,10 +582,11 @@ class Server:
             for c, score in zip(cands, p.tolist(), strict=True):
                 c.score = score
             return
-        for c in cands:
+        for c in cands:  # co-visitation blend in [0, 1] first; the rest breaks ties
             s = c.scores
-            c.score = (s.get("covis", 0.0) * 10.0 + s.get("ann", 0.0)
-                       + math.log1p(s.get("trending", 0.0)) + 0.1 * math.log1p(s.get("popular", 0.0)))
+            c.score = (s.get("covis", 0.0) + 1e-3 * s.get("ann", 0.0)
+                       + 1e-4 * math.log1p(s.get("trending", 0.0))
+                       + 1e-6 * math.log1p(s.get("popular", 0.0)))
 
     def order(self, request: Any, cands: list[Candidate], k: int,
               consumed: dict[str, int] | None = None) -> list[Candidate]:

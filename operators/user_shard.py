@@ -52,9 +52,11 @@ class UserShard:
                  mf: MFConfig | None = None, covis: CoVisConfig | None = None,
                  serving: ServingConfig | None = None, views: SnapshotViews | None = None,
                  item_shard_of: Callable[[str], str] | None = None,
-                 max_users: int = 1_000_000) -> None:
+                 max_users: int = 1_000_000, covis_any: bool = False) -> None:
         self.shard = ""
         self.history = UserHistory(max_users=max_users)
+        self.liked = UserHistory(max_users=max_users)
+        """Each user's positives only (``history`` holds every interaction)."""
         self.joiner = Joiner(join, sampler, self.history, self.example_features)
         self.catalog: dict[str, dict[str, Any]] = {}
         self.user_attrs: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -66,6 +68,8 @@ class UserShard:
         """Send impressions and feedback to the item shards (item profiles live there)."""
         self.users = UserFactors(mf) if mf is not None else None
         self.pairs = CoVisitation(covis) if covis is not None else None
+        self.pairs_any = covis_any and self.pairs is not None
+        """Also emit "any interaction" co-visitation pairs (``pair_any``)."""
         self.server = (Server(serving, views, item_shard_of)
                        if serving is not None and serving.enabled and views is not None
                        and item_shard_of is not None else None)
@@ -111,19 +115,31 @@ class UserShard:
         return self._drain()
 
     def _feedback(self, fb: Feedback) -> None:
-        recent = self.history.recent(fb.user_id, self.pairs.config.window) if self.pairs else []
+        window = self.pairs.config.window if self.pairs is not None else 0
+        recent = self.history.recent(fb.user_id, window + 1) if window else []
         self.joiner.on_feedback(fb)  # adds fb to the history after taking features
         self._profile(fb)
+        updates = self._item_updates
         if self.item_profiles:
-            self._item_updates.append(("ev", fb))
-        if not self.joiner.config.is_positive(fb.action, fb.value):
+            updates.append(("ev", fb))
+        positive = self.joiner.config.is_positive(fb.action, fb.value)
+        updates.append(("fb", fb.item_id, fb.ts, positive))
+        if self.pairs_any and recent:
+            self._pairs("pair_any", recent, fb)
+        if not positive:
             return
         if self.users is not None:
             self._mf_pending.append((fb.user_id, fb.item_id, fb.ts, recent))
-        self._item_updates.append(("pos", fb.item_id, fb.ts))
-        if self.pairs is not None and recent:
-            for a, b, w in self.pairs.pairs_for([r for r in recent if r != fb.item_id], fb.item_id):
-                self._item_updates.append(("pair", a, b, w, fb.ts))
+        if self.pairs is not None:
+            self._pairs("pair", self.liked.recent(fb.user_id, window + 1), fb)
+            self.liked.add(fb.user_id, fb.item_id, fb.ts)
+
+    def _pairs(self, kind: str, recent: list[str], fb: Feedback) -> None:
+        """Co-visitation pairs of ``fb``'s item with ``recent`` (newest first) as updates."""
+        assert self.pairs is not None
+        ts = fb.ts
+        self._item_updates.extend((kind, a, b, w, ts) for a, b, w in self.pairs.pairs_for(
+            [r for r in recent if r != fb.item_id], fb.item_id))
 
     def _mf_steps(self) -> None:
         """The user half of this batch's MF steps (BPR or ISGD), with item vectors from the
@@ -218,7 +234,8 @@ class UserShard:
         recent = self.history.recent(user_id, 50)
         if vector is None and self.users is not None and recent:
             vector = self._item_vectors(recent[:20]).mean(axis=0)
-        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile)
+        liked = self.liked.recent(user_id, 50) if self.pairs is not None else []
+        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked)
 
     def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
         """The joiner's hook: features known strictly before ``ts_ms`` (point in time)."""

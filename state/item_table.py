@@ -1,5 +1,8 @@
 """The nearline read view of one item shard: co-visitation, popularity, trending, catalog.
 
+Co-visitation has two channels: ``liked`` (pairs among a user's positives) and ``any``
+(pairs among every interaction), each with the counts that normalise its candidates.
+
 Item shards publish an ``ItemTable`` per shard (snapshot kind ``items-<shard>``) every
 refresh interval of event time; serving loads the newest verified one of each shard.
 One ``.npz`` file, no pickled objects. Popularity and trending are decayed counts as
@@ -19,6 +22,7 @@ import numpy as np
 from state.covisitation import CoVisitation
 
 _COVIS = "covis_"
+_COVIS_ANY = "covisany_"
 
 
 def _score(kv: tuple[str, float]) -> float:
@@ -48,6 +52,12 @@ class ItemTable:
     """Item profile features (IPS ``item`` entity) per item, numeric ones, as of ``ts``."""
     popular_half_life_ms: int = 7 * 86_400_000
     trending_half_life_ms: int = 6 * 3_600_000
+    covis_any: CoVisitation | None = None
+    """The "any interaction" co-visitation channel (``covis`` is the "liked" one)."""
+    liked_counts: dict[str, float] = field(default_factory=dict)
+    """Positives per item, decayed with the co-visitation half-life, as of ``ts``."""
+    interactions: dict[str, float] = field(default_factory=dict)
+    """Interactions per item, decayed with the co-visitation half-life, as of ``ts``."""
 
     def decay_factor(self, source: str, now_ms: int) -> float:
         """Multiplier that decays this table's ``popular``/``trending`` counts (as of
@@ -56,6 +66,33 @@ class ItemTable:
         return 2.0 ** (-(now_ms - self.ts) / half_life)
     _top: dict[str, tuple[int, list[tuple[str, float]]]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    _rows: dict[tuple[str, str], dict[str, float]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    def channel(self, name: str) -> tuple[CoVisitation | None, dict[str, float]]:
+        """Co-visitation table and normalising counts of channel ``liked`` or ``any``."""
+        if name == "liked":
+            return self.covis, self.liked_counts
+        if name == "any":
+            return self.covis_any, self.interactions
+        raise ValueError(f"unknown co-visitation channel {name!r} (liked or any)")
+
+    def covis_row(self, name: str, item_id: str) -> dict[str, float]:
+        """Every neighbour of ``item_id`` in channel ``name`` -> its weight decayed to
+        ``ts``, strongest first; cached per table (published tables are immutable, so
+        callers must not modify the dict)."""
+        key = (name, item_id)
+        row = self._rows.get(key)
+        if row is None:
+            covis = self.channel(name)[0]
+            row = self._rows[key] = (dict(covis.neighbors(item_id, covis.row_size(item_id), self.ts))
+                                     if covis is not None else {})
+        return row
+
+    def covis_factor(self, now_ms: int) -> float:
+        """Multiplier that decays this table's co-visitation weights and counts (as of
+        ``ts``) to ``now_ms``."""
+        return 2.0 ** (-(now_ms - self.ts) / self.covis.config.half_life_ms)
 
     def top(self, source: str, n: int) -> list[tuple[str, float]]:
         """The ``n`` best ``(item, score)`` of ``popular`` or ``trending``, best first;
@@ -77,6 +114,12 @@ class ItemTable:
     def save(self, path: str | os.PathLike) -> None:
         """Write one uncompressed ``.npz`` file."""
         arrays = {f"{_COVIS}{k}": v for k, v in self.covis.to_arrays().items()}
+        if self.covis_any is not None:
+            arrays.update({f"{_COVIS_ANY}{k}": v for k, v in self.covis_any.to_arrays().items()})
+        for name in ("liked_counts", "interactions"):
+            counts = getattr(self, name)
+            arrays[f"{name}_ids"] = np.asarray(list(counts), dtype=np.str_)
+            arrays[name] = np.fromiter(counts.values(), np.float64, len(counts))
         cat_ids = list(self.catalog)
         feat_ids = list(self.features)
         names = sorted({n for feats in self.features.values() for n in feats})
@@ -114,6 +157,8 @@ class ItemTable:
         with np.load(path, allow_pickle=False) as z:
             covis = CoVisitation.from_arrays({k[len(_COVIS):]: z[k] for k in z.files
                                               if k.startswith(_COVIS)})
+            any_arrays = {k[len(_COVIS_ANY):]: z[k] for k in z.files if k.startswith(_COVIS_ANY)}
+            covis_any = CoVisitation.from_arrays(any_arrays) if any_arrays else None
             catalog = {
                 str(i): CatalogEntry(str(c) or None, bool(a), int(t))
                 for i, c, a, t in zip(z["catalog_ids"].tolist(), z["catalog_category"].tolist(),
@@ -129,6 +174,9 @@ class ItemTable:
                 catalog=catalog,
                 features=_features(z),
                 **_half_lives(z),
+                covis_any=covis_any,
+                liked_counts=_counts(z, "liked_counts"),
+                interactions=_counts(z, "interactions"),
             )
 
 
@@ -141,6 +189,12 @@ def _features(z: Any) -> dict[str, dict[str, float]]:
     for item, row in zip(z["feature_ids"].tolist(), z["feature_values"].tolist(), strict=True):
         out[item] = {n: v for n, v in zip(names, row, strict=True) if v == v}
     return out
+
+
+def _counts(z: Any, name: str) -> dict[str, float]:
+    if name not in z.files:
+        return {}
+    return dict(zip(z[f"{name}_ids"].tolist(), z[name].tolist(), strict=True))
 
 
 def _half_lives(z: Any) -> dict[str, int]:

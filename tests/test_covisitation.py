@@ -156,3 +156,14 @@ def test_pickle_and_save_load_roundtrip(tmp_path) -> None:
         assert other.score("é", "c", now) == cv.score("é", "c", now) > 0
     empty = pickle.loads(pickle.dumps(CoVisitation()))
     assert len(empty) == 0 and empty.candidates(["a"], 3, T0) == []
+
+
+def test_round_trip_keeps_rows_whose_neighbours_are_not_rows() -> None:
+    """Rows are named by the first ``n_rows`` vocabulary entries: a neighbour that is not
+    a row itself must not shift the names of later rows."""
+    cv = CoVisitation(CoVisConfig())
+    cv.add([("a", "x", 1.0), ("a", "y", 2.0), ("b", "z", 3.0), ("c", "a", 4.0)], T0)
+    back = pickle.loads(pickle.dumps(cv))
+    assert back._rows == cv._rows
+    assert CoVisitation.from_arrays(cv.to_arrays())._rows == {
+        "a": {"x": 1.0, "y": 2.0}, "b": {"z": 3.0}, "c": {"a": 4.0}}

@@ -1,0 +1,179 @@
+"""Two co-visitation channels end to end: user shard pairs -> item shards -> item tables
+-> serving's retrieval blend, checked against a from-scratch reference computation."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.sampling import NegativeSampler
+from operators.events import Feedback, Request
+from operators.item_shard import ItemsConfig, ItemShard, item_shard_key
+from operators.serving import ServingConfig, SnapshotViews
+from operators.user_shard import UserShard
+from state.covisitation import CoVisConfig, CoVisitation
+from state.hashing import shard_of
+from state.item_table import ItemTable
+from state.join_state import JoinConfig
+from state.snapshot_store import SnapshotStore
+
+T0 = 1_767_225_600_000
+N_ITEM_SHARDS = 3
+ITEM_KEYS = [item_shard_key(i) for i in range(N_ITEM_SHARDS)]
+NO_DECAY = 10**15  # half-life (ms): weights stay put within a test
+WINDOW, PAIR_DECAY, QUERY_DECAY, ALPHA, SEEDS = 4, 0.5, 0.7, 0.5, 3
+
+
+def item_shard_of(item: str) -> str:
+    return item_shard_key(shard_of(item, N_ITEM_SHARDS))
+
+
+def rating(ts: int, user: str, item: str, value: float) -> Feedback:
+    return Feedback(ts, user, item, "rating", value=value)
+
+
+def covis_config(**kw: Any) -> CoVisConfig:
+    return CoVisConfig(window=WINDOW, position_decay=PAIR_DECAY, half_life_ms=NO_DECAY, **kw)
+
+
+def user_shard(store: SnapshotStore | None = None) -> UserShard:
+    serving = ServingConfig(poll_ms=0, recent_items=SEEDS, covis_query_decay=QUERY_DECAY,
+                            covis_pop_alpha=ALPHA, sources={"covis": 1000})
+    views = SnapshotViews(store, ITEM_KEYS, 0) if store is not None else None
+    return UserShard(JoinConfig(interaction_negatives=0), NegativeSampler(1.0, 0),
+                     covis=covis_config(), covis_any=True, serving=serving, views=views,
+                     item_shard_of=item_shard_of)
+
+
+def test_user_shard_emits_pairs_of_both_channels() -> None:
+    shard = user_shard()
+    out = shard.process("u000", [rating(T0, "u", "a", 5), rating(T0 + 1, "u", "b", 2),
+                                 rating(T0 + 2, "u", "c", 4), rating(T0 + 3, "v", "a", 1)])
+    assert out["item-updates"] == [
+        ("fb", "a", T0, True),
+        ("fb", "b", T0 + 1, False),
+        ("pair_any", "b", "a", 1.0, T0 + 1), ("pair_any", "a", "b", 1.0, T0 + 1),
+        ("fb", "c", T0 + 2, True),
+        # any interaction: c with b (k = 0) and a (k = 1)
+        ("pair_any", "c", "b", 1.0, T0 + 2), ("pair_any", "b", "c", 1.0, T0 + 2),
+        ("pair_any", "c", "a", PAIR_DECAY, T0 + 2), ("pair_any", "a", "c", PAIR_DECAY, T0 + 2),
+        # liked: c with the recent positives only (a; b was rated 2)
+        ("pair", "c", "a", 1.0, T0 + 2), ("pair", "a", "c", 1.0, T0 + 2),
+        ("fb", "a", T0 + 3, False),  # v's first interaction pairs with nothing
+    ]
+    assert shard.liked.recent("u", 10) == ["c", "a"]
+    assert shard.history.recent("u", 10) == ["c", "b", "a"]
+
+
+def _log(seed: int) -> list[Feedback]:
+    rng = random.Random(seed)
+    items = [f"m{j}" for j in range(25)]
+    events, ts = [], T0
+    for _ in range(400):
+        user = f"u{rng.randrange(12)}"
+        item = items[min(int(rng.expovariate(0.12)), len(items) - 1)]
+        ts += rng.randrange(1, 5_000)
+        events.append(rating(ts, user, item, float(rng.randint(1, 5))))
+    return events
+
+
+def _reference(events: list[Feedback], user: str) -> dict[str, float]:
+    """The recipe's blend from scratch: dense pair sums, counts, seeds, max-normalised."""
+    covis: dict[str, dict[tuple[str, str], float]] = {"liked": {}, "any": {}}
+    counts: dict[str, dict[str, float]] = {"liked": {}, "any": {}}
+    hist: dict[str, dict[str, list[str]]] = {"liked": {}, "any": {}}
+    for fb in events:
+        channels = ["any"] + (["liked"] if fb.value >= 4 else [])
+        for ch in channels:
+            recent = [r for r in hist[ch].get(fb.user_id, []) if r != fb.item_id][:WINDOW]
+            for k, r in enumerate(recent):
+                for pair in ((fb.item_id, r), (r, fb.item_id)):
+                    covis[ch][pair] = covis[ch].get(pair, 0.0) + PAIR_DECAY**k
+            counts[ch][fb.item_id] = counts[ch].get(fb.item_id, 0.0) + 1
+            h = hist[ch].setdefault(fb.user_id, [])
+            if fb.item_id in h:
+                h.remove(fb.item_id)
+            h.insert(0, fb.item_id)
+    parts = []
+    for ch in ("liked", "any"):
+        seeds = hist[ch].get(user, [])[:SEEDS]
+        acc: dict[str, float] = {}
+        for k, s in enumerate(seeds):
+            for (a, b), w in covis[ch].items():
+                if a == s:
+                    acc[b] = acc.get(b, 0.0) + QUERY_DECAY**k * w
+        if acc:
+            norm = {c: v / max(counts[ch].get(c, 0.0), 1.0) ** ALPHA for c, v in acc.items()}
+            top = max(norm.values())
+            parts.append({c: v / top for c, v in norm.items()})
+    blend: dict[str, float] = {}
+    for part in parts:
+        for c, v in part.items():
+            blend[c] = blend.get(c, 0.0) + v / len(parts)
+    return blend
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_serving_blend_equals_the_reference(tmp_path: Path, seed: int) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    shard = user_shard(store)
+    config = ItemsConfig(refresh_interval_ms=10**12, covis={"window": WINDOW, "position_decay":
+                                                             PAIR_DECAY, "half_life_ms": NO_DECAY})
+    items = {key: ItemShard(config, store) for key in ITEM_KEYS}
+    events = _log(seed)
+    for start in range(0, len(events), 50):  # micro-batches, like the flow
+        out = shard.process("u000", events[start:start + 50])
+        buckets: dict[str, list[tuple[Any, ...]]] = {}
+        for update in out.get("item-updates", []):
+            buckets.setdefault(item_shard_of(update[1]), []).append(update)
+        for key, updates in buckets.items():
+            items[key].process(key, updates)
+    for key, item_shard in items.items():
+        item_shard.publish()
+    shard.server.views.poll()
+    for user in ("u0", "u3", "u7"):
+        want = _reference(events, user)
+        ctx = shard.context(user, events[-1].ts)
+        blend, raw = shard.server.covis_channels(ctx, events[-1].ts)
+        assert set(raw) == {"liked", "any"}
+        assert blend.keys() == want.keys() and want
+        for item, value in want.items():
+            assert blend[item] == pytest.approx(value, rel=1e-6), item
+        # the retrieval source serves that order (consumed items filtered)
+        rec = shard.process("u000", [Request(events[-1].ts, f"r-{user}", user, 5)])
+        [record] = rec["recommendations"]
+        expected = [c for c, _ in sorted(want.items(), key=lambda kv: -kv[1])
+                    if c not in shard.history.consumed(user)][:5]
+        assert [i["item_id"] for i in record["items"]] == expected
+
+
+def test_item_table_round_trips_both_channels_and_counts(tmp_path: Path) -> None:
+    liked, any_ = CoVisitation(covis_config()), CoVisitation(covis_config())
+    liked.observe(["a"], "b", T0)
+    any_.observe(["a", "c"], "b", T0)
+    table = ItemTable("i000", T0, liked, covis_any=any_, liked_counts={"a": 2.0, "b": 1.0},
+                      interactions={"a": 3.0, "b": 2.0, "c": 1.0})
+    table.save(tmp_path / "t.npz")
+    back = ItemTable.load(tmp_path / "t.npz")
+    assert back.liked_counts == table.liked_counts and back.interactions == table.interactions
+    assert back.covis_row("liked", "b") == {"a": pytest.approx(1.0)}
+    assert back.covis_row("any", "b") == {"a": pytest.approx(1.0), "c": pytest.approx(PAIR_DECAY)}
+    assert back.channel("any")[1] is back.interactions
+    with pytest.raises(ValueError, match="channel"):
+        back.channel("nope")
+
+
+def test_prune_slack_bounds_rows_and_keeps_the_strongest() -> None:
+    m = 10
+    cv = CoVisitation(covis_config(max_neighbors=m, prune_slack=0.5))
+    for j in range(100):
+        cv.add([("hub", f"n{j}", float(j + 1))], T0)
+        assert cv.row_size("hub") <= m + m // 2
+    kept = {b for b, _ in cv.neighbors("hub", 100, T0)}
+    assert {f"n{j}" for j in range(90, 100)} <= kept
+    assert cv.stats()["evicted_neighbors"] == 100 - cv.row_size("hub")
+    with pytest.raises(ValueError):
+        covis_config(prune_slack=-1.0)
