@@ -24,7 +24,7 @@ Then ``--requests`` requests (after ``--warmup`` untimed ones) are answered the 
 ``UserShard._request`` does it: ``context(user, ts)`` then ``Server.recommend``. The
 latency of a request is context + recommend (wall time, ``perf_counter``); the stage
 times come from ``Server.stage_ns`` (optional profiling, off in the flow). The same
-requests run again with the ranker off (``use_ranker=False``, the blended retrieval
+requests run again with the ranker off (``scorer="retrieval"``, the blended retrieval
 score) as a baseline.
 
 Also measured once, outside the figures: publishing new versions of the four item
@@ -339,8 +339,8 @@ def main() -> None:
     log(f"setup {setup_s:.1f} s; timing {args.requests} requests "
         f"(+{args.warmup} warm-up), load average {os.getloadavg()[0]:.2f}")
 
-    base = run_requests(_with(shard, use_ranker=False), requests, args.warmup)
-    res = run_requests(_with(shard, use_ranker=True), requests, args.warmup)
+    base = run_requests(_with(shard, scorer="retrieval"), requests, args.warmup)
+    res = run_requests(_with(shard, scorer="ranker"), requests, args.warmup)
     refresh = snapshot_refresh(shard, store, requests[:3])
     log(f"new item-table versions: poll (verify + load 4 tables) {refresh['poll_ms']:.0f} ms, "
         f"first request after it {refresh['first_request_ms']:.2f} ms, "

@@ -12,8 +12,10 @@ called as ``hook(request, candidates) -> candidates``):
 2. filter: consumed items, unavailable items, the request's ``exclude``; hook
    ``after_retrieval``;
 3. score: the serving ranker on the user shard's feature function (the same one the
-   joiner uses at impression time, so training and serving features agree); without
-   a ranker yet, the blended retrieval score; hook ``after_scoring``;
+   joiner uses at impression time, so training and serving features agree) or the
+   retrieval blend (co-visitation channels, docs/movielens-recipe.md), chosen by
+   ``serving.scorer`` (``auto``: a champion/challenger duel on the users' next
+   positives, ``operators/scorer_duel.py``); hook ``after_scoring``;
 4. order: diversity across categories and an epsilon-greedy exploration slot (a new
    item), both configurable and off-able; hook ``after_ordering``.
 """
@@ -47,6 +49,7 @@ from models.features import (
     shared_features,
 )
 from models.rankers import Ranker
+from operators.scorer_duel import SCORERS, ScorerDuel
 from operators.trainer import load_ranker
 from state.hashing import stable_hash64
 from state.item_index import IndexReader
@@ -89,7 +92,14 @@ class ServingConfig:
                            86_400_000)
     poll_ms: int = doc("Wall time between checks of the snapshot store for new versions "
                        "(ms; 0 = every micro-batch).", 1_000)
-    use_ranker: bool = doc("Score with the serving ranker (false: blended retrieval score).", True)
+    scorer: str = doc("Final score: 'ranker' (the serving ranker's probability), 'retrieval' "
+                      "(the co-visitation blend, other sources breaking ties) or 'auto' (the "
+                      "one whose top k held the user's next positive more often lately; "
+                      "operators/scorer_duel.py).", "auto")
+    scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the ranker may take "
+                                   "over.", 200)
+    scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
+                             5_000)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
                                 "after_ordering): 'module:function'.", factory=dict)
 
@@ -305,6 +315,10 @@ class Server:
         """(ctx, item_ids, ts_ms, covis) -> extra features per item; the user shard sets it
         to its own function, which the joiner also uses at impression time."""
         self.hooks = {stage: load_hook(spec) for stage, spec in config.hooks.items()}
+        if config.scorer not in SCORERS:
+            raise ValueError(f"serving.scorer must be one of {SCORERS}, not {config.scorer!r}")
+        self.duel = ScorerDuel(config.scorer_window, config.scorer_min_outcomes)
+        self.served_by = {"ranker": 0, "retrieval": 0}
         self.served = 0
         self._top_cache: dict[tuple[str, int], tuple[tuple[ItemTable, ...],
                                                      list[tuple[str, float]]]] = {}
@@ -564,29 +578,43 @@ class Server:
 
     def score(self, request: Any, ctx: UserContext, cands: list[Candidate],
               covis: dict[str, dict[str, float]] | None = None) -> None:
-        """Set ``score``: the serving ranker's calibrated probability, else a blended score."""
+        """Set ``score``: the serving ranker's calibrated probability or the retrieval
+        blend, whichever ``serving.scorer`` (``auto``: the duel) picks; under ``auto``
+        both top k lists are recorded for the duel."""
         if not cands:
-            return
-        ranker = self.views.ranker.current if self.config.use_ranker else None
-        if ranker is not None:
-            items = [c.item_id for c in cands]
-            extras = self.features(ctx, items, request.ts, covis)
-            scorer = linear_scorer(ranker)
-            if scorer is not None:
-                p = scorer.predict_many(ctx.user_id, items, request.ts, request.context,
-                                        SERVING_POSITION, ctx.profile, extras)
-            else:
-                p = ranker.predict_many(ranking_features_many(
-                    ctx.user_id, items, request.ts, request.context, SERVING_POSITION,
-                    ctx.profile, extras))
-            for c, score in zip(cands, p.tolist(), strict=True):
-                c.score = score
             return
         for c in cands:  # co-visitation blend in [0, 1] first; the rest breaks ties
             s = c.scores
             c.score = (s.get("covis", 0.0) + 1e-3 * s.get("ann", 0.0)
                        + 1e-4 * math.log1p(s.get("trending", 0.0))
                        + 1e-6 * math.log1p(s.get("popular", 0.0)))
+        scorer_mode = self.config.scorer
+        ranker = self.views.ranker.current if scorer_mode != "retrieval" else None
+        if ranker is None:
+            self.served_by["retrieval"] += 1
+            return
+        items = [c.item_id for c in cands]
+        extras = self.features(ctx, items, request.ts, covis)
+        scorer = linear_scorer(ranker)
+        if scorer is not None:
+            p = scorer.predict_many(ctx.user_id, items, request.ts, request.context,
+                                    SERVING_POSITION, ctx.profile, extras)
+        else:
+            p = ranker.predict_many(ranking_features_many(
+                ctx.user_id, items, request.ts, request.context, SERVING_POSITION,
+                ctx.profile, extras))
+        probs = p.tolist()
+        if scorer_mode == "auto":
+            k = request.k
+            by_ranker = heapq.nlargest(k, range(len(cands)), key=probs.__getitem__)
+            by_blend = heapq.nlargest(k, range(len(cands)), key=lambda n: cands[n].score)
+            self.duel.record(ctx.user_id, [items[n] for n in by_ranker],
+                             [items[n] for n in by_blend])
+        choice = self.duel.choice(scorer_mode)
+        self.served_by[choice] += 1
+        if choice == "ranker":
+            for c, prob in zip(cands, probs, strict=True):
+                c.score = prob
 
     def order(self, request: Any, cands: list[Candidate], k: int,
               consumed: dict[str, int] | None = None) -> list[Candidate]:

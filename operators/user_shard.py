@@ -128,6 +128,8 @@ class UserShard:
             self._pairs("pair_any", recent, fb)
         if not positive:
             return
+        if self.server is not None:
+            self.server.duel.outcome(fb.user_id, fb.item_id)
         if self.users is not None:
             self._mf_pending.append((fb.user_id, fb.item_id, fb.ts, recent))
         if self.pairs is not None:
@@ -287,6 +289,13 @@ class UserShard:
         out["pending"] = len(self.joiner.pending)
         out["orphans"] = len(self.joiner.orphans)
         out["requests"] = self.requests
+        if self.server is not None:
+            duel = self.server.duel
+            out["served_by_ranker"] = self.server.served_by["ranker"]
+            out["served_by_retrieval"] = self.server.served_by["retrieval"]
+            out["duel_outcomes"] = duel.outcomes
+            out["duel_hits_ranker"] = duel.hits_ranker
+            out["duel_hits_retrieval"] = duel.hits_retrieval
         return out
 
     def has_pending(self) -> bool:

@@ -131,7 +131,7 @@ def test_serving_blend_equals_the_reference(tmp_path: Path, seed: int) -> None:
             buckets.setdefault(item_shard_of(update[1]), []).append(update)
         for key, updates in buckets.items():
             items[key].process(key, updates)
-    for key, item_shard in items.items():
+    for item_shard in items.values():
         item_shard.publish()
     shard.server.views.poll()
     for user in ("u0", "u3", "u7"):

@@ -184,6 +184,7 @@ class World:
     def user_shard(self, **serving: Any) -> UserShard:
         """A UserShard wired like ``flows.recsys.user_shard_builder``."""
         serving.setdefault("poll_ms", 0)
+        serving.setdefault("scorer", "ranker")  # these tests pin the ranker; the duel has its own
         config = ServingConfig(**serving)
         defaults = load_config(None)
         return UserShard(
