@@ -51,6 +51,7 @@ from models.features import (
 from models.rankers import Ranker
 from operators.scorer_duel import SCORERS, ScorerDuel
 from operators.trainer import load_ranker
+from state.covis_view import CovisView
 from state.hashing import stable_hash64
 from state.item_index import IndexReader
 from state.item_table import CatalogEntry, ItemTable
@@ -318,6 +319,7 @@ class Server:
         if config.scorer not in SCORERS:
             raise ValueError(f"serving.scorer must be one of {SCORERS}, not {config.scorer!r}")
         self.duel = ScorerDuel(config.scorer_window, config.scorer_min_outcomes)
+        self.covis_view = CovisView()
         self.served_by = {"ranker": 0, "retrieval": 0}
         self.served = 0
         self._top_cache: dict[tuple[str, int], tuple[tuple[ItemTable, ...],
@@ -332,6 +334,7 @@ class Server:
         """Recovery state without caches (they hold snapshot objects, reloaded on resume)."""
         state = self.__dict__.copy()
         state["_top_cache"] = {}
+        state["covis_view"] = CovisView()
         return state
 
     # -- features shared by training (impression time) and serving ---------------------
@@ -414,9 +417,46 @@ class Server:
         Returns (blend per item, raw sums per channel: the ranker features)."""
         tables = self.views.table_map()
         raw: dict[str, dict[str, float]] = {}
-        blend: dict[str, float] = {}
         if not tables:
-            return blend, raw
+            return {}, raw
+        view = self.covis_view
+        view.sync(tables)
+        q = self.config.covis_query_decay
+        alpha = self.config.covis_pop_alpha
+        names = view.names
+        total: np.ndarray | None = None
+        channels = 0
+        for name, seeds in self._seeds(ctx):
+            triples = []
+            weight = 1.0
+            for seed in seeds:
+                table = tables.get(self.item_shard_of(seed))
+                if table is not None:
+                    triples.append((table, seed, weight * table.covis_factor(ts_ms)))
+                weight *= q
+            acc = view.channel_sums(name, triples)
+            nz = np.flatnonzero(acc)
+            vals = acc[nz]
+            raw[name] = dict(zip([names[i] for i in nz.tolist()], vals.tolist(), strict=True))
+            if not nz.size:
+                continue
+            if alpha:
+                vals = vals / np.maximum(view.counts[name][nz], 1.0) ** alpha
+            top = vals.max()
+            if top > 0:
+                if total is None or total.size < len(names):
+                    grown = np.zeros(len(names))
+                    if total is not None:
+                        grown[: total.size] = total
+                    total = grown
+                total[nz] += vals / top
+                channels += 1
+        if total is None or not channels:
+            return {}, raw
+        nz = np.flatnonzero(total)
+        blend = dict(zip([names[i] for i in nz.tolist()], (total[nz] / channels).tolist(),
+                         strict=True))
+        return blend, raw
         q = self.config.covis_query_decay
         alpha = self.config.covis_pop_alpha
         normed: list[dict[str, float]] = []

@@ -124,26 +124,33 @@ def test_serving_blend_equals_the_reference(tmp_path: Path, seed: int) -> None:
                                                              PAIR_DECAY, "half_life_ms": NO_DECAY})
     items = {key: ItemShard(config, store) for key in ITEM_KEYS}
     events = _log(seed)
-    for start in range(0, len(events), 50):  # micro-batches, like the flow
-        out = shard.process("u000", events[start:start + 50])
-        buckets: dict[str, list[tuple[Any, ...]]] = {}
-        for update in out.get("item-updates", []):
-            buckets.setdefault(item_shard_of(update[1]), []).append(update)
-        for key, updates in buckets.items():
-            items[key].process(key, updates)
-    for item_shard in items.values():
-        item_shard.publish()
-    shard.server.views.poll()
+    cuts = [0, len(events) // 2, len(events)]
+    for begin, end in zip(cuts, cuts[1:]):  # a second table version replaces the first
+        for start in range(begin, end, 50):  # micro-batches, like the flow
+            out = shard.process("u000", events[start:min(start + 50, end)])
+            buckets: dict[str, list[tuple[Any, ...]]] = {}
+            for update in out.get("item-updates", []):
+                buckets.setdefault(item_shard_of(update[1]), []).append(update)
+            for key, updates in buckets.items():
+                items[key].process(key, updates)
+        for item_shard in items.values():
+            item_shard.publish()
+        shard.server.views.poll()
+        _check(shard, events[:end])
+
+
+def _check(shard: UserShard, events: list[Feedback]) -> None:
+    """Serving's blend and top list equal the reference over ``events``."""
+    now = events[-1].ts
     for user in ("u0", "u3", "u7"):
         want = _reference(events, user)
-        ctx = shard.context(user, events[-1].ts)
-        blend, raw = shard.server.covis_channels(ctx, events[-1].ts)
+        blend, raw = shard.server.covis_channels(shard.context(user, now), now)
         assert set(raw) == {"liked", "any"}
         assert blend.keys() == want.keys() and want
         for item, value in want.items():
             assert blend[item] == pytest.approx(value, rel=1e-6), item
         # the retrieval source serves that order (consumed items filtered)
-        rec = shard.process("u000", [Request(events[-1].ts, f"r-{user}", user, 5)])
+        rec = shard.process("u000", [Request(now, f"r-{user}-{now}", user, 5)])
         [record] = rec["recommendations"]
         expected = [c for c, _ in sorted(want.items(), key=lambda kv: -kv[1])
                     if c not in shard.history.consumed(user)][:5]

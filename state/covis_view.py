@@ -1,0 +1,95 @@
+"""Serving-side view of the item tables' co-visitation rows in one numeric id space.
+
+Serving sums up to ``recent_items`` rows of up to ``max_neighbors`` (x 1.5) neighbours
+per channel for every request: ~25k additions, ~8 ms as Python dict updates. Here
+each row is a pair of numpy arrays (neighbour ids in a process-wide id space, weights
+decayed to the table's ``ts``), built once per table version and row, so a request
+is one ``bincount`` per channel. Counts (the channel's normalising popularity) live
+in one dense array per channel, refreshed from each table as a new version of it is
+seen (an item belongs to one shard, so a shard's new table overwrites only its own
+items' counts).
+
+Invariant: ids are dense ``0..len(names)-1`` and never reused; an id grows the dense
+arrays, so memory is O(items seen) per process, like the tables themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from state.item_table import ItemTable
+
+CHANNELS = ("liked", "any")
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
+
+
+class CovisView:
+    """Numeric co-visitation rows and counts of the loaded item tables."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.names: list[str] = []
+        self.counts = {ch: np.zeros(0) for ch in CHANNELS}
+        self._tables: dict[str, ItemTable] = {}
+        self._rows: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def intern(self, items: Iterable[str]) -> np.ndarray:
+        """Ids of ``items`` (new ones get the next ids)."""
+        ids, names = self.ids, self.names
+        out = []
+        for item in items:
+            i = ids.get(item)
+            if i is None:
+                i = ids[item] = len(names)
+                names.append(item)
+            out.append(i)
+        return np.asarray(out, np.int64)
+
+    def _grow(self) -> None:
+        n = len(self.names)
+        for ch in CHANNELS:
+            arr = self.counts[ch]
+            if arr.size < n:
+                bigger = np.zeros(max(n, 2 * arr.size))
+                bigger[: arr.size] = arr
+                self.counts[ch] = bigger
+
+    def sync(self, tables: dict[str, ItemTable]) -> None:
+        """Take in every table that is new since the last call (identity check)."""
+        for shard, table in tables.items():
+            if self._tables.get(shard) is table:
+                continue
+            old = self._tables.get(shard)
+            if old is not None:  # rows of the replaced version go
+                self._rows = {k: v for k, v in self._rows.items() if k[0] != id(old)}
+            self._tables[shard] = table
+            for ch in CHANNELS:
+                counts = table.channel(ch)[1]
+                idx = self.intern(counts)
+                self._grow()
+                self.counts[ch][idx] = np.fromiter(counts.values(), np.float64, len(counts))
+
+    def row(self, table: ItemTable, channel: str, item: str) -> tuple[np.ndarray, np.ndarray]:
+        """(neighbour ids, weights decayed to ``table.ts``) of ``item``'s row."""
+        key = (id(table), channel, item)
+        row = self._rows.get(key)
+        if row is None:
+            plain = table.covis_row(channel, item)
+            row = (self.intern(plain), np.fromiter(plain.values(), np.float64, len(plain))) \
+                if plain else _EMPTY
+            self._rows[key] = row
+            self._grow()
+        return row
+
+    def channel_sums(self, channel: str, seeds: list[tuple[ItemTable, str, float]]) -> np.ndarray:
+        """Dense ``sum weight * row(seed)`` over ``(table, seed, weight)``; length = ids."""
+        parts = [(ids, w * weight) for table, seed, weight in seeds
+                 for ids, w in (self.row(table, channel, seed),) if ids.size]
+        n = len(self.names)
+        if not parts:
+            return np.zeros(n)
+        ids = np.concatenate([p[0] for p in parts])
+        w = np.concatenate([p[1] for p in parts])
+        return np.bincount(ids, weights=w, minlength=n)
