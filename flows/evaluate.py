@@ -70,6 +70,19 @@ def hit_rates(recommendations: list[dict[str, Any]], k: int = 10) -> dict[str, A
             "curve": curve}
 
 
+def scorer_counts(join: dict[str, Any]) -> dict[str, Any]:
+    """Requests served by each scorer and the duel's shadow HR@k of both (the share of
+    outcomes, a user's next positive after a request, that each one's top k held)."""
+    n = join.get("duel_outcomes", 0)
+    return {
+        "served_by_ranker": join.get("served_by_ranker", 0),
+        "served_by_retrieval": join.get("served_by_retrieval", 0),
+        "duel_outcomes": n,
+        "duel_hr_ranker": round(join.get("duel_hits_ranker", 0) / n, 5) if n else None,
+        "duel_hr_retrieval": round(join.get("duel_hits_retrieval", 0) / n, 5) if n else None,
+    }
+
+
 def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
              out_dir: str | Path | None = None, plots: bool = True) -> dict[str, Any]:
     """Run the flow over ``log``, write the report JSON (and PNG plots) next to
@@ -118,6 +131,7 @@ def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
         "late_labels": summary.get("outputs", {}).get("late-labels", 0),
         "hr_curve": rates["curve"],
         "reliability": ranker.get("reliability"),
+        "scorers": scorer_counts(summary.get("join", {})),
         "elapsed_s": round(elapsed, 3),
         "outputs_dir": str(out),
         "config": cfg.to_dict(),

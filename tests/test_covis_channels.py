@@ -125,7 +125,7 @@ def test_serving_blend_equals_the_reference(tmp_path: Path, seed: int) -> None:
     items = {key: ItemShard(config, store) for key in ITEM_KEYS}
     events = _log(seed)
     cuts = [0, len(events) // 2, len(events)]
-    for begin, end in zip(cuts, cuts[1:]):  # a second table version replaces the first
+    for begin, end in zip(cuts[:-1], cuts[1:], strict=True):  # a second table version replaces the first
         for start in range(begin, end, 50):  # micro-batches, like the flow
             out = shard.process("u000", events[start:min(start + 50, end)])
             buckets: dict[str, list[tuple[Any, ...]]] = {}
