@@ -51,7 +51,7 @@ from models.features import (
 from models.rankers import Ranker
 from operators.scorer_duel import SCORERS, ScorerDuel
 from operators.trainer import load_ranker
-from state.covis_view import CovisView
+from state.covis_view import CovisView, sparse_sum
 from state.hashing import stable_hash64
 from state.item_index import IndexReader
 from state.item_table import CatalogEntry, ItemTable
@@ -424,8 +424,7 @@ class Server:
         q = self.config.covis_query_decay
         alpha = self.config.covis_pop_alpha
         names = view.names
-        total: np.ndarray | None = None
-        channels = 0
+        parts_ids, parts_vals = [], []
         for name, seeds in self._seeds(ctx):
             triples = []
             weight = 1.0
@@ -434,27 +433,20 @@ class Server:
                 if table is not None:
                     triples.append((table, seed, weight * table.covis_factor(ts_ms)))
                 weight *= q
-            acc = view.channel_sums(name, triples)
-            nz = np.flatnonzero(acc)
-            vals = acc[nz]
-            raw[name] = dict(zip([names[i] for i in nz.tolist()], vals.tolist(), strict=True))
-            if not nz.size:
+            ids, vals = view.channel_sums(name, triples)
+            raw[name] = dict(zip([names[i] for i in ids.tolist()], vals.tolist(), strict=True))
+            if not ids.size:
                 continue
             if alpha:
-                vals = vals / np.maximum(view.counts[name][nz], 1.0) ** alpha
+                vals = vals / np.maximum(view.counts[name][ids], 1.0) ** alpha
             top = vals.max()
             if top > 0:
-                if total is None or total.size < len(names):
-                    grown = np.zeros(len(names))
-                    if total is not None:
-                        grown[: total.size] = total
-                    total = grown
-                total[nz] += vals / top
-                channels += 1
-        if total is None or not channels:
+                parts_ids.append(ids)
+                parts_vals.append(vals / top)
+        if not parts_ids:
             return {}, raw
-        nz = np.flatnonzero(total)
-        blend = dict(zip([names[i] for i in nz.tolist()], (total[nz] / channels).tolist(),
+        ids, vals = sparse_sum(np.concatenate(parts_ids), np.concatenate(parts_vals), len(names))
+        blend = dict(zip([names[i] for i in ids.tolist()], (vals / len(parts_ids)).tolist(),
                          strict=True))
         return blend, raw
         q = self.config.covis_query_decay

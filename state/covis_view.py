@@ -83,13 +83,24 @@ class CovisView:
             self._grow()
         return row
 
-    def channel_sums(self, channel: str, seeds: list[tuple[ItemTable, str, float]]) -> np.ndarray:
-        """Dense ``sum weight * row(seed)`` over ``(table, seed, weight)``; length = ids."""
+    def channel_sums(self, channel: str, seeds: list[tuple[ItemTable, str, float]]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``sum weight * row(seed)`` over ``(table, seed, weight)`` as sparse (ids
+        ascending, sums); items no row reaches are absent."""
         parts = [(ids, w * weight) for table, seed, weight in seeds
                  for ids, w in (self.row(table, channel, seed),) if ids.size]
-        n = len(self.names)
         if not parts:
-            return np.zeros(n)
-        ids = np.concatenate([p[0] for p in parts])
-        w = np.concatenate([p[1] for p in parts])
-        return np.bincount(ids, weights=w, minlength=n)
+            return _EMPTY
+        return sparse_sum(np.concatenate([p[0] for p in parts]),
+                          np.concatenate([p[1] for p in parts]), len(self.names))
+
+
+def sparse_sum(ids: np.ndarray, weights: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``weights`` per id: (distinct ids ascending, their sums). Dense ``bincount``
+    when the id space ``n`` is small next to the entries, a sort otherwise."""
+    if n <= 8 * ids.size:
+        dense = np.bincount(ids, weights=weights, minlength=n)
+        nz = np.flatnonzero(dense)
+        return nz, dense[nz]
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    return uniq, np.bincount(inverse, weights=weights)

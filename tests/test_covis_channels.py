@@ -184,3 +184,20 @@ def test_prune_slack_bounds_rows_and_keeps_the_strongest() -> None:
     assert cv.stats()["evicted_neighbors"] == 100 - cv.row_size("hub")
     with pytest.raises(ValueError):
         covis_config(prune_slack=-1.0)
+
+
+def test_sparse_sum_dense_and_sorted_paths_agree() -> None:
+    import numpy as np
+
+    from state.covis_view import sparse_sum
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 50, 200)
+    w = rng.random(200)
+    want: dict[int, float] = {}
+    for i, v in zip(ids.tolist(), w.tolist(), strict=True):
+        want[i] = want.get(i, 0.0) + v
+    for n in (50, 10_000):  # bincount path, then the sort path
+        got_ids, got = sparse_sum(ids, w, n)
+        assert got_ids.tolist() == sorted(want)
+        assert got.tolist() == pytest.approx([want[i] for i in sorted(want)])
