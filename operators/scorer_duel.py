@@ -2,14 +2,18 @@
 
 Every request scored by the serving ranker also has the retrieval blend score of each
 candidate, so both orderings exist at no extra cost. The duel keeps each one's top k
-for the user's latest request; the user's next positive interaction is the outcome: a
-hit for every list that holds the item. Hit counts decay by ``1 - 1/window`` per
-outcome, so the choice follows a ranker that improves (or degrades) as it learns.
-``auto`` serves with the ranker only while its decayed hit count is higher than the
-retrieval blend's after at least ``min_outcomes`` outcomes: a ranker that has not
-shown it orders better than retrieval never takes over (on MovieLens, a pointwise
-ranker trained on sampled negatives orders worse than co-visitation; on the
-simulator's impression/click logs it can order better).
+for the user's latest request; the user's next *organic* positive interaction (one
+without an ``impression_id``) is the outcome: a hit for every list that holds the item.
+Clicks on served impressions are not outcomes: a user can only click what was shown,
+so they would favour whichever scorer served (selection bias). Hit counts decay by
+``1 - 1/window`` per outcome, so the choice follows a ranker that improves (or
+degrades) as it learns.
+
+``auto``: the ranker (the champion) serves unless, after at least ``min_outcomes``
+outcomes, the retrieval blend's decayed hit count is higher. On MovieLens (organic
+ratings only) a pointwise ranker trained on sampled negatives orders worse than
+co-visitation and the blend takes over after the first outcomes; on impression/click
+streams with no organic positives the ranker keeps serving.
 
 No Bytewax here; one duel per user shard (shards choose independently).
 """
@@ -46,7 +50,7 @@ class ScorerDuel:
             self.pending.popitem(last=False)
 
     def outcome(self, user_id: str, item_id: str) -> None:
-        """The user's positive interaction after a recorded request (at most one counts)."""
+        """The user's organic positive after a recorded request (at most one counts)."""
         lists = self.pending.pop(user_id, None)
         if lists is None:
             return
@@ -64,6 +68,6 @@ class ScorerDuel:
         """``ranker`` or ``retrieval`` for a request when the ranker is available."""
         if scorer != "auto":
             return scorer
-        if self.outcomes >= self.min_outcomes and self.decayed[1] > self.decayed[2]:
-            return "ranker"
-        return "retrieval"
+        if self.outcomes >= self.min_outcomes and self.decayed[2] > self.decayed[1]:
+            return "retrieval"
+        return "ranker"

@@ -95,10 +95,10 @@ class ServingConfig:
                        "(ms; 0 = every micro-batch).", 1_000)
     scorer: str = doc("Final score: 'ranker' (the serving ranker's probability), 'retrieval' "
                       "(the co-visitation blend, other sources breaking ties) or 'auto' (the "
-                      "one whose top k held the user's next positive more often lately; "
-                      "operators/scorer_duel.py).", "auto")
-    scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the ranker may take "
-                                   "over.", 200)
+                      "ranker, unless the blend's top k held the users' next organic "
+                      "positives more often lately; operators/scorer_duel.py).", "auto")
+    scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the blend may take "
+                                   "over from the ranker.", 200)
     scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
                              5_000)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "

@@ -128,7 +128,7 @@ class UserShard:
             self._pairs("pair_any", recent, fb)
         if not positive:
             return
-        if self.server is not None:
+        if self.server is not None and fb.impression_id is None:
             self.server.duel.outcome(fb.user_id, fb.item_id)
         if self.users is not None:
             self._mf_pending.append((fb.user_id, fb.item_id, fb.ts, recent))

@@ -6,28 +6,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_serving import FAVOURITE, T0, World, ask, click, feed, ids
+from test_serving import FAVOURITE, SEED, T0, World, ask, click, feed, ids
 
+from operators.events import Feedback
 from operators.scorer_duel import ScorerDuel
 from operators.serving import Server, ServingConfig
 
 
-def test_auto_waits_for_evidence_then_follows_the_better_list() -> None:
+def test_auto_keeps_the_ranker_until_evidence_then_follows_the_better_list() -> None:
     duel = ScorerDuel(window=100, min_outcomes=10)
-    assert duel.choice("auto") == "retrieval"
-    assert duel.choice("ranker") == "ranker" and duel.choice("retrieval") == "retrieval"
-    for n in range(9):  # the ranker's list holds every next positive, retrieval's none
-        duel.record(f"u{n}", ["hit"], ["miss"])
-        duel.outcome(f"u{n}", "hit")
-    assert duel.outcomes == 9 and duel.choice("auto") == "retrieval"  # too few outcomes
-    duel.record("u9", ["hit"], ["miss"])
-    duel.outcome("u9", "hit")
     assert duel.choice("auto") == "ranker"
-    for n in range(40):  # then retrieval is right and the ranker wrong: the choice follows
-        duel.record(f"v{n}", ["miss"], ["hit"])
-        duel.outcome(f"v{n}", "hit")
+    assert duel.choice("ranker") == "ranker" and duel.choice("retrieval") == "retrieval"
+    for n in range(9):  # the blend's list holds every next positive, the ranker's none
+        duel.record(f"u{n}", ["miss"], ["hit"])
+        duel.outcome(f"u{n}", "hit")
+    assert duel.outcomes == 9 and duel.choice("auto") == "ranker"  # too few outcomes
+    duel.record("u9", ["miss"], ["hit"])
+    duel.outcome("u9", "hit")
     assert duel.choice("auto") == "retrieval"
-    assert (duel.hits_ranker, duel.hits_retrieval, duel.outcomes) == (10, 40, 50)
+    for n in range(40):  # then the ranker is right and the blend wrong: the choice follows
+        duel.record(f"v{n}", ["hit"], ["miss"])
+        duel.outcome(f"v{n}", "hit")
+    assert duel.choice("auto") == "ranker"
+    assert (duel.hits_ranker, duel.hits_retrieval, duel.outcomes) == (40, 10, 50)
 
 
 def test_only_the_latest_request_and_first_positive_count() -> None:
@@ -48,21 +49,26 @@ def test_unknown_scorer_is_refused(tmp_path: Path) -> None:
         Server(ServingConfig(scorer="best"), None, str)  # type: ignore[arg-type]
 
 
-def test_user_shard_serves_retrieval_until_the_ranker_wins(tmp_path: Path) -> None:
-    """Users keep consuming the ranker's favourite right after each request: the ranker's
-    list held it, the co-visitation list did not, so ``auto`` hands over to the ranker."""
+def test_user_shard_hands_over_to_the_blend_on_organic_evidence(tmp_path: Path) -> None:
+    """Users keep rating an item the co-visitation blend ranks first and the ranker does
+    not: ``auto`` serves the ranker until the evidence, then the blend. Clicks on served
+    impressions are no evidence."""
     world = World(tmp_path)
     world.publish_all()
     shard = world.user_shard(scorer="auto", scorer_min_outcomes=5)
+    feed(shard, [click("c0", SEED, T0 - 10)])  # a30 -> a31 is the strongest co-visitation
     first = ask(shard, "c0", ts=T0)
-    assert shard.server.served_by == {"ranker": 0, "retrieval": 1}
-    feed(shard, [click("c0", FAVOURITE, T0 + 1)])
+    assert ids(first)[0] == FAVOURITE and shard.server.served_by == {"ranker": 1, "retrieval": 0}
+    feed(shard, [Feedback(T0 + 1, "c0", "a31", "click", "imp-1")])  # a served impression
+    assert shard.counters()["duel_outcomes"] == 0
     for n in range(1, 6):
-        ask(shard, f"c{n}", ts=T0 + 10 * n)
-        feed(shard, [click(f"c{n}", FAVOURITE, T0 + 10 * n + 1)])
+        user = f"c{n}"
+        feed(shard, [click(user, SEED, T0 + 10 * n)])
+        ask(shard, user, ts=T0 + 10 * n + 1)
+        feed(shard, [click(user, "a31", T0 + 10 * n + 2)])  # organic: no impression id
     counters = shard.counters()
-    assert counters["duel_outcomes"] == 6 and counters["duel_hits_ranker"] == 6
+    assert counters["duel_outcomes"] == 5 and counters["duel_hits_retrieval"] == 5
+    assert counters["duel_hits_ranker"] < 5
+    feed(shard, [click("c9", SEED, T0 + 99)])
     last = ask(shard, "c9", ts=T0 + 100)
-    # c5 (after 5 outcomes) and c9 were served by the ranker
-    assert ids(last)[0] == FAVOURITE and shard.server.served_by == {"ranker": 2, "retrieval": 5}
-    assert ids(first)[0] != FAVOURITE  # the retrieval order served before
+    assert ids(last)[0] == "a31" and shard.server.served_by["retrieval"] == 1
