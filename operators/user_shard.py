@@ -270,6 +270,10 @@ class UserShard:
         out["pending"] = len(self.joiner.pending)
         out["orphans"] = len(self.joiner.orphans)
         out["requests"] = self.requests
+        if self.users is not None:  # MF user table: admissions, evictions, rows (metrics)
+            stats = self.users.table.stats()
+            out.update({f"user_table_{k}": int(stats[k])
+                        for k in ("admitted", "rejected", "expired", "evicted", "rows")})
         return out
 
     def has_pending(self) -> bool:
