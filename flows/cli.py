@@ -1,12 +1,13 @@
 """The ``streamrec`` console script (DESIGN section 9).
 
-Subcommands: simulate, import {movielens,obd}, replay, tap, broker, eval,
+Subcommands: simulate, import {movielens,obd}, replay, tap, broker, loop, eval,
 config-reference. Long-running commands report progress on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -228,6 +229,20 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loop(args: argparse.Namespace) -> int:
+    from flows.loop import LoopSettings, run_loop
+
+    config = load_config(args.config)
+    if args.bootstrap:
+        config.kafka.bootstrap = args.bootstrap
+    settings = LoopSettings(seed=args.seed, n_users=args.users, n_items=args.items,
+                            warmup_events=args.warmup, requests=args.requests, rate=args.rate,
+                            step_ms=args.step_ms, window=args.window)
+    with contextlib.suppress(KeyboardInterrupt):
+        run_loop(config, settings, partitions=args.partitions)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate
 
@@ -286,6 +301,22 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("broker", help="start the local Kafka-protocol broker (Tansu) for demos")
     s.add_argument("--port", type=int, default=9092)
     s.set_defaults(func=cmd_broker)
+
+    s = sub.add_parser("loop", help="simulated users in a closed loop with a running flow "
+                       "(requests in, recommendations -> impressions and clicks back)")
+    s.add_argument("--config", help="the flow's config (app, kafka)")
+    s.add_argument("--bootstrap", help="Kafka bootstrap (default: the config's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--users", type=int, default=2_000, help="simulated users")
+    s.add_argument("--items", type=int, default=1_000, help="simulated items")
+    s.add_argument("--warmup", type=int, default=3_000,
+                   help="events of the simulator's own stream sent first (catalog, history)")
+    s.add_argument("--requests", type=int, default=0, help="stop after this many; 0 = endless")
+    s.add_argument("--rate", type=float, default=40.0, help="requests per wall second")
+    s.add_argument("--step-ms", type=int, default=1_000, help="event time between requests (ms)")
+    s.add_argument("--window", type=int, default=200, help="answered requests per CTR line")
+    s.add_argument("--partitions", type=int, default=4, help="partitions of created topics")
+    s.set_defaults(func=cmd_loop)
 
     s = sub.add_parser("eval", help="replay a log through the real flow and write a JSON report")
     s.add_argument("log")
