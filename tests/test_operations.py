@@ -171,21 +171,53 @@ def test_compose_file_validates_with_docker_compose() -> None:
     if exe is None:
         pytest.skip("needs Debian's docker-compose package (apt-get install -y docker-compose; "
                     ".ci/run installs it when it can) to validate docker/compose.yaml")
-    run = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
-                         timeout=120, env={"PATH": "/usr/bin:/bin", "PARTITIONS": "6"})
-    assert run.returncode == 0, run.stderr
-    import yaml  # docker-compose depends on PyYAML (the system one)
-
-    resolved = yaml.safe_load(run.stdout)
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "PARTITIONS": "6"}
+    as_json = subprocess.run([exe, "-f", str(COMPOSE), "config", "--format", "json"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    if as_json.returncode == 0:  # Compose v2
+        resolved = orjson.loads(as_json.stdout)
+    else:  # Debian's docker-compose 1.29 (Python): YAML only
+        run = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert run.returncode == 0, run.stderr
+        # It ships with PyYAML: let its interpreter turn the YAML into JSON.
+        python = Path(exe).read_text(errors="replace").splitlines()[0].removeprefix("#!").split()
+        to_json = subprocess.run([*python, "-c", "import json, sys, yaml; "
+                                  "print(json.dumps(yaml.safe_load(sys.stdin)))"],
+                                 input=run.stdout, capture_output=True, text=True, timeout=60)
+        assert to_json.returncode == 0, to_json.stderr
+        resolved = orjson.loads(to_json.stdout)
     services = resolved["services"]
     assert {"kafka", "topics", "flow", "users"} <= set(services)
     kafka_env = services["kafka"]["environment"]
-    assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
     from flows.recsys import OUTPUTS
 
-    script = " ".join(services["topics"]["command"]) if isinstance(
-        services["topics"]["command"], list) else services["topics"]["command"]
-    for name in ("events", *OUTPUTS):
-        assert f"demo.{name}" in script or name in services["topics"]["environment"]["TOPICS"]
-    assert services["topics"]["environment"]["PARTITIONS"] == "6"
-    assert services["flow"]["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    topics = services["topics"]["environment"]
+    assert topics["TOPICS"].split() == ["events", *OUTPUTS]
+    assert topics["PARTITIONS"] == "6" and topics["APP"] == "demo"
+    for name in ("flow", "users"):
+        assert services[name]["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+        assert services[name]["environment"]["STREAMREC__KAFKA__BOOTSTRAP"] == "kafka:9092"
+        assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
+    assert services["flow"]["environment"]["STREAMREC__METRICS__PORT"] == "9100"
+    assert services["users"]["command"][:2] == ["streamrec", "loop"]
+    # Both services read the config baked into the image; it must load.
+    load_config(ROOT / "docker" / "streamrec.toml")
+
+
+def test_dockerfile_is_slim_non_root_and_pinned() -> None:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
+    assert froms and all(f.startswith("python:3.11") and "slim" in f for f in froms)
+    assert "\nUSER streamrec" in text
+    pins = [line for line in (ROOT / "docker" / "requirements.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert pins and all("==" in line for line in pins)
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {line.split("==")[0].lower() for line in pins}
+    for dep in deps:
+        name = dep.split(">")[0].split("<")[0].split("=")[0].strip().lower()
+        assert name in pinned, f"{name} is not pinned in docker/requirements.txt"
