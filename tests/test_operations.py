@@ -174,7 +174,7 @@ def test_compose_file_validates_with_docker_compose() -> None:
     env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "PARTITIONS": "6"}
     as_json = subprocess.run([exe, "-f", str(COMPOSE), "config", "--format", "json"],
                              capture_output=True, text=True, timeout=120, env=env)
-    if as_json.returncode == 0:  # Compose v2
+    if as_json.returncode == 0 and as_json.stdout.lstrip().startswith("{"):  # Compose v2
         resolved = orjson.loads(as_json.stdout)
     else:  # Debian's docker-compose 1.29 (Python): YAML only
         run = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
