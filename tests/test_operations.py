@@ -221,3 +221,58 @@ def test_dockerfile_is_slim_non_root_and_pinned() -> None:
     for dep in deps:
         name = dep.split(">")[0].split("<")[0].split("=")[0].strip().lower()
         assert name in pinned, f"{name} is not pinned in docker/requirements.txt"
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.kafka
+def test_two_apps_share_one_kafka_and_store_without_touching_each_other(
+        kafka_broker, kafka_produce, kafka_read_records, tmp_path) -> None:
+    from flows.broker import broker_metadata, create_topics
+    from flows.simulator import SimConfig, Simulator
+
+    bootstrap = kafka_broker.bootstrap
+    store = tmp_path / "snapshots"
+    apps = {f"shop{n}-{tmp_path.name[-6:]}".replace("_", "-"): seed for n, seed in ((1, 11), (2, 22))}
+    runs = {}
+    for app, seed in apps.items():
+        events = Simulator(SimConfig(n_users=30, n_items=40), seed=seed).next_batch(1500)
+        create_topics(bootstrap, [f"{app}.events"], 2)
+        kafka_produce(bootstrap, f"{app}.events", [orjson.dumps(e) for e in events],
+                      keys=[str(e.get("user_id", "")).encode() for e in events])
+        before = {a: _tree(store / a) for a in runs}
+        run_main(build({
+            "app": app,
+            "kafka": {"bootstrap": bootstrap},
+            "inputs": [{"kind": "kafka", "topics": ["events"], "tail": False, "batch_size": 200}],
+            "output": {"kind": "kafka", "dir": str(tmp_path / "out")},
+            "snapshots": {"dir": str(store)},
+            "shards": {"users": 2, "items": 2},
+            "sampler": {"negative_rate": 1.0},
+        }))
+        # The other app's snapshot store is untouched by this run.
+        assert {a: _tree(store / a) for a in runs} == before
+        runs[app] = events
+    topics = broker_metadata(bootstrap)
+    from flows.recsys import OUTPUTS
+
+    for app, seed in apps.items():
+        mine = {t for t in topics if t.startswith(f"{app}.")}
+        assert {f"{app}.{n}" for n in ("events", "examples", "snapshots", "metrics")} <= mine
+        assert mine <= {f"{app}.{name}" for name in ("events", *OUTPUTS)}
+        impressions = {e["impression_id"] for e in runs[app] if e["type"] == "impression"}
+        examples = [orjson.loads(r.value) for r in kafka_read_records(bootstrap, f"{app}.examples")]
+        ids = {e["example_id"] for e in examples if e["example_id"].startswith("imp:")}
+        assert ids and ids <= {f"imp:{i}" for i in impressions}  # only its own events
+        assert all(i.startswith(f"imp:imp{seed}-") for i in ids)
+        manifests = [orjson.loads(r.value) for r in kafka_read_records(bootstrap, f"{app}.snapshots")]
+        assert manifests and all((store / app / m["path"]).is_file() for m in manifests)
+        [summary] = [m for m in map(orjson.loads, (r.value for r in kafka_read_records(
+            bootstrap, f"{app}.metrics"))) if m["kind"] == "summary"]
+        assert summary["app"] == app and summary["events_in"] == len(runs[app])
+        recs = [orjson.loads(r.value) for r in kafka_read_records(bootstrap, f"{app}.recommendations")]
+        requests = {e["request_id"] for e in runs[app] if e["type"] == "request"}
+        assert recs and {r["request_id"] for r in recs} == requests
+    assert sorted(p.name for p in store.iterdir()) == sorted(apps)
