@@ -65,6 +65,9 @@ SECURITY_KEYS = (
 )
 """KafkaConfig fields that are kafka-python security settings of the same name."""
 
+SECRET_KEYS = ("sasl_plain_password", "ssl_password")
+"""KafkaConfig fields never written into reports (``Config.redacted``)."""
+
 
 @dataclass
 class KafkaConfig:
@@ -199,6 +202,15 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The full effective config as plain data."""
         return dataclasses.asdict(self)
+
+    def redacted(self) -> dict[str, Any]:
+        """``to_dict()`` with secrets (passwords) replaced by ``"***"`` when set: for
+        reports and logs."""
+        data = self.to_dict()
+        for key in SECRET_KEYS:
+            if data["kafka"][key]:
+                data["kafka"][key] = "***"
+        return data
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:

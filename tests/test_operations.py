@@ -151,6 +151,8 @@ def test_kafka_security_settings_reach_kafka_python() -> None:
     assert set(consumer_kwargs) <= set(KafkaConsumer.DEFAULT_CONFIG)
     assert set(producer_kwargs) <= set(KafkaProducer.DEFAULT_CONFIG)
     assert set(config.kafka.client_settings("admin")) <= set(KafkaAdminClient.DEFAULT_CONFIG)
+    assert config.redacted()["kafka"]["sasl_plain_password"] == "***"
+    assert config.to_dict()["kafka"]["sasl_plain_password"] == "s3cret"
     # Defaults: plaintext, nothing else.
     assert load_config({}).kafka.client_settings() == {"security_protocol": "PLAINTEXT"}
 
