@@ -99,7 +99,13 @@ class MetricsState:
         self.max_event_ts: int | None = None
         self.started = time.time()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Resume (Bytewax recovery), filling fields a snapshot of an older version lacks."""
+        self.__init__(state.get("app", "streamrec"))  # type: ignore[misc]
+        self.__dict__.update(state)
+
     def add(self, kind: str, payload: Any) -> None:
+        """Fold one ``(kind, payload)`` item from a stage into the counters."""
         if kind == "parse":
             self.events_by_type.update(payload["events_by_type"])
             self.dead_by_reason.update(payload["dead_by_reason"])

@@ -278,3 +278,36 @@ def test_two_apps_share_one_kafka_and_store_without_touching_each_other(
         requests = {e["request_id"] for e in runs[app] if e["type"] == "request"}
         assert recs and {r["request_id"] for r in recs} == requests
     assert sorted(p.name for p in store.iterdir()) == sorted(apps)
+
+
+def test_config_reference_states_units_of_times() -> None:
+    from flows.config import reference, reference_markdown
+
+    rows = reference()
+    for key, _type, _default, text in rows:
+        name = key.rsplit(".", 1)[-1]
+        if name.endswith("_ms"):
+            assert "ms" in text, key
+        elif name.endswith("_s") and not name.endswith("per_s"):
+            assert "(s" in text or "seconds" in text, key
+    markdown = reference_markdown()
+    for key in ("metrics.port", "log.format", "kafka.security_protocol", "kafka.sasl_plain_password",
+                "kafka.ssl_cafile", "app"):
+        assert f"| `{key}` |" in markdown
+
+
+def test_metrics_state_resumes_from_an_older_snapshot() -> None:
+    import pickle
+
+    from operators.metrics import MetricsState
+
+    old = MetricsState("shop")
+    old.events_by_type["click"] = 3
+    state = dict(old.__dict__)
+    for key in ("examples", "snapshots", "latency_ms"):  # fields an older version lacked
+        del state[key]
+    resumed = MetricsState.__new__(MetricsState)
+    resumed.__setstate__(state)
+    resumed.add("examples", {"1": (2, 2.0)})
+    assert resumed.events_by_type["click"] == 3 and resumed.examples["1"] == 2
+    assert pickle.loads(pickle.dumps(resumed)).record()["examples_by_label"] == {"1": 2}
