@@ -3,8 +3,8 @@
 Stages send ``(kind, payload)`` items:
 
 * ``("parse", {"events_by_type", "dead_by_reason", "max_ts"})`` per micro-batch;
-* ``("shard", {"shard": key, "counters": {...}})`` cumulative user-shard counters
-  (joiner counters, pending sizes, requests, ``user_table_*`` embedding-table counters);
+* ``("shard", {"shard": key, "counters": {...}, "table": {...}})`` cumulative user-shard
+  counters (joiner counters, pending sizes, requests) and its MF user-table counters;
 * ``("outputs", {topic: records})``, ``("examples", {label: [count, weight]})``,
   ``("latency", [ms, ...])`` serving latencies of a batch of recommendations;
 * ``("snapshots", [manifest, ...])`` every published snapshot (ranker sync, item
@@ -93,6 +93,7 @@ class MetricsState:
         self.examples: Counter[str] = Counter()
         self.example_weight: Counter[str] = Counter()
         self.shards: dict[str, dict[str, int]] = {}
+        self.user_tables: dict[str, dict[str, int]] = {}
         self.item_tables: dict[str, dict[str, int]] = {}
         self.snapshots: dict[str, Record] = {}
         self.latency_ms = Histogram(latency_buckets_ms)
@@ -114,6 +115,7 @@ class MetricsState:
                 self.max_event_ts = ts
         elif kind == "shard":
             self.shards[payload["shard"]] = payload["counters"]
+            self.user_tables[payload["shard"]] = payload.get("table", {})
         elif kind == "outputs":
             self.outputs.update(payload)
         elif kind == "examples":
@@ -131,21 +133,22 @@ class MetricsState:
 
     # -- derived figures ----------------------------------------------------------------
     def join(self) -> Counter[str]:
-        """Joiner counters summed over user shards (table counters excluded)."""
+        """User-shard counters (joiner, requests) summed over shards."""
         out: Counter[str] = Counter()
         for counters in self.shards.values():
-            out.update({k: v for k, v in counters.items() if not k.startswith("user_table_")})
+            out.update(counters)
         return out
 
     def tables(self) -> dict[str, dict[str, int]]:
         """Embedding-table counters and rows, summed per table (``user``, ``item``)."""
-        user: Counter[str] = Counter()
-        for counters in self.shards.values():
-            user.update({k[11:]: v for k, v in counters.items() if k.startswith("user_table_")})
-        item: Counter[str] = Counter()
-        for table in self.item_tables.values():
-            item.update({k: v for k, v in table.items() if k in (*TABLE_COUNTERS, "rows")})
-        return {name: dict(c) for name, c in (("user", user), ("item", item)) if c}
+        out = {}
+        for name, per_shard in (("user", self.user_tables), ("item", self.item_tables)):
+            total: Counter[str] = Counter()
+            for table in per_shard.values():
+                total.update({k: v for k, v in table.items() if k in (*TABLE_COUNTERS, "rows")})
+            if total:
+                out[name] = dict(total)
+        return out
 
     def snapshot_ages(self, now_s: float) -> dict[str, Record]:
         """Per snapshot kind: version, event time, wall age (s) and freshness lag (s): how
