@@ -69,6 +69,8 @@ def test_closed_loop_click_rate_rises(kafka_broker, tmp_path) -> None:
     mean_expected = sum(w["expected_ctr"] for w in later) / len(later)
     print(f"first window ctr {first['ctr']} (expected {first['expected_ctr']}), "
           f"later windows ctr {mean_ctr:.4f} (expected {mean_expected:.4f})")
-    assert mean_expected > 1.15 * first["expected_ctr"], windows
+    # Measured: +31% (0.0467 -> 0.0612); a system that does not learn from the loop goes
+    # down instead (-26% measured with a retrieval-only scorer), so 10% separates them.
+    assert mean_expected > 1.10 * first["expected_ctr"], windows
     assert mean_ctr > first["ctr"], windows
     assert (tmp_path / "snapshots" / app).is_dir()

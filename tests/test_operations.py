@@ -206,6 +206,15 @@ def test_compose_file_validates_with_docker_compose() -> None:
     assert services["users"]["command"][:2] == ["streamrec", "loop"]
     # Both services read the config baked into the image; it must load.
     load_config(ROOT / "docker" / "streamrec.toml")
+    # The validation is real: a mistake in the file fails it.
+    broken = COMPOSE.parent / ".compose-broken-test.yaml"
+    try:
+        broken.write_text(COMPOSE.read_text().replace("    depends_on:\n", "    depends_onn:\n", 1))
+        bad = subprocess.run([exe, "-f", str(broken), "config"], capture_output=True, text=True,
+                             timeout=120, env=env)
+    finally:
+        broken.unlink()
+    assert bad.returncode != 0 and "depends_onn" in bad.stdout + bad.stderr
 
 
 def test_dockerfile_is_slim_non_root_and_pinned() -> None:
