@@ -57,7 +57,7 @@ class LoopSettings:
     rate: float = 40.0  # requests per wall second
     step_ms: int = 1_000  # event time between requests
     window: int = 200  # answered requests per reported window
-    timeout_s: float = 30.0  # give up waiting for outstanding recommendations after this
+    timeout_s: float = 30.0  # forget a request unanswered for this long (wall s)
 
 
 @dataclass
@@ -70,11 +70,13 @@ class Window:
     impressions: int = 0
     clicks: int = 0
     expected_clicks: float = 0.0
+    lost: int = 0
     latency_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latency_ms)
         return {"window": self.index, "requests": self.requests, "empty": self.empty,
+                "lost": self.lost,
                 "impressions": self.impressions, "clicks": self.clicks,
                 "ctr": round(self.clicks / self.impressions, 4) if self.impressions else None,
                 "expected_ctr": (round(self.expected_clicks / self.impressions, 4)
@@ -157,6 +159,16 @@ class ClosedLoop:
                 heapq.heappush(self._later, (ev["ts"], next(self._seq), ev))
         return now
 
+    def expire(self, max_age_s: float) -> int:
+        """Forget requests unanswered for ``max_age_s`` wall seconds (flow down or lagging);
+        returns how many (also counted as ``lost`` in the current window)."""
+        cutoff = time.monotonic() - max_age_s
+        old = [rid for rid, (_, sent) in self.pending.items() if sent < cutoff]
+        for rid in old:
+            del self.pending[rid]
+        self.windows[-1].lost += len(old)
+        return len(old)
+
     def _due(self) -> list[Event]:
         out = []
         while self._later and self._later[0][0] <= self.clock_ms:
@@ -213,7 +225,7 @@ def run_loop(config: Config, settings: LoopSettings, partitions: int = 4,
         logger.info("closed loop: warm-up sent; requests to %s, recommendations from %s",
                     events_topic, recs_topic, extra={"settings": asdict(settings)})
         start = time.monotonic()
-        last_answer = start
+        last_answer = last_expire = start
         while True:
             target = int((time.monotonic() - start) * settings.rate)
             if settings.requests:
@@ -225,6 +237,11 @@ def run_loop(config: Config, settings: LoopSettings, partitions: int = 4,
                 for rec in records:
                     send(loop.respond(orjson.loads(rec.value)))
                     last_answer = time.monotonic()
+            if loop.pending and time.monotonic() - last_expire > 1.0:
+                last_expire = time.monotonic()
+                if lost := loop.expire(settings.timeout_s):
+                    logger.warning("closed loop: %d requests unanswered after %.0f s (is the "
+                                   "flow running?)", lost, settings.timeout_s)
             windows = loop.finished_windows()
             for summary in windows[reported:]:
                 (on_window or _print_window)(summary)

@@ -36,6 +36,10 @@ def test_closed_loop_logic_without_kafka() -> None:
     [window] = loop.finished_windows()
     assert window["requests"] == 2 and window["empty"] == 1 and window["impressions"] == 10
     assert 0 < window["expected_ctr"] < 1
+    loop.requests(2)
+    assert len(loop.pending) == 3  # requests[2] and the two new ones
+    assert loop.expire(60.0) == 0 and loop.expire(0.0) == 3 and not loop.pending
+    assert loop.windows[-1].lost == 3
     later = loop.requests(10) + loop.drain()  # the clicks arrive after their impressions
     clicks = [e for e in later if e["type"] == "feedback"]
     assert all(e["ts"] > impressions[0]["ts"] for e in clicks)
