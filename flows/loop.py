@@ -204,9 +204,9 @@ def run_loop(config: Config, settings: LoopSettings, partitions: int = 4,
     create_topics(kafka.bootstrap, [events_topic] + [config.topic(n) for n in OUTPUTS],
                   partitions, admin_config=kafka.client_settings("admin"))
     producer = KafkaProducer(**{"linger_ms": 5, "acks": "all", **kafka.client_settings("producer"),
-                                "bootstrap_servers": kafka.bootstrap.split(",")})
+                                "bootstrap_servers": kafka.bootstrap})
     consumer = KafkaConsumer(**{**kafka.client_settings("consumer"),
-                                "bootstrap_servers": kafka.bootstrap.split(","),
+                                "bootstrap_servers": kafka.bootstrap,
                                 "enable_auto_commit": False, "fetch_max_wait_ms": 50})
     tps = [TopicPartition(recs_topic, p) for p in sorted(consumer.partitions_for_topic(recs_topic))]
     consumer.assign(tps)
