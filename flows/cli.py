@@ -1,12 +1,13 @@
 """The ``streamrec`` console script (DESIGN section 9).
 
-Subcommands: simulate, import {movielens,obd}, replay, tap, broker, eval,
+Subcommands: simulate, import {movielens,obd}, replay, tap, broker, loop, eval,
 config-reference. Long-running commands report progress on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -15,8 +16,9 @@ from typing import Any
 
 import orjson
 
-from flows.config import load_config, reference_markdown
+from flows.config import ConfigError, KafkaConfig, load_config, reference_markdown
 from flows.logfile import open_log
+from flows.logs import LogConfig, setup_logging
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
@@ -48,10 +50,10 @@ class Progress:
         print(line, file=sys.stderr, end=end, flush=True)
 
 
-def _bootstrap(args: argparse.Namespace) -> str:
-    if getattr(args, "bootstrap", None):
-        return args.bootstrap
-    return load_config(getattr(args, "config", None)).kafka.bootstrap
+def _kafka(args: argparse.Namespace) -> tuple[str, KafkaConfig]:
+    """Bootstrap (``--bootstrap``, else the config's) and the Kafka config (security)."""
+    kafka = load_config(getattr(args, "config", None)).kafka
+    return getattr(args, "bootstrap", None) or kafka.bootstrap, kafka
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -106,10 +108,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from flows.broker import create_topics
 
-    bootstrap = _bootstrap(args)
-    create_topics(bootstrap, [args.topic], args.partitions)
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024,
-                             retries=10, acks="all")
+    bootstrap, kafka = _kafka(args)
+    create_topics(bootstrap, [args.topic], args.partitions,
+                  admin_config=kafka.client_settings("admin"))
+    producer = KafkaProducer(**{"linger_ms": 20, "batch_size": 256 * 1024, "retries": 10,
+                                "acks": "all", **kafka.client_settings("producer"),
+                                "bootstrap_servers": bootstrap})
     progress = Progress("replay")
     anchor: tuple[int, float] | None = None
     for line in _log_lines(args.log):
@@ -157,7 +161,8 @@ def _tap_file(path: Path, follow: bool) -> Iterable[bytes]:
 def _tap_kafka(bootstrap: str, topic: str, follow: bool, client: dict[str, Any]) -> Iterable[bytes]:
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **client)
+    consumer = KafkaConsumer(**{**client, "bootstrap_servers": bootstrap,
+                                "enable_auto_commit": False})
     parts = None
     for _ in range(50):
         parts = consumer.partitions_for_topic(topic)
@@ -190,7 +195,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
         from flows.recsys import OUTPUTS
 
         topic = config.topic(args.topic) if args.topic in OUTPUTS else args.topic
-        lines = _tap_kafka(_bootstrap(args), topic, args.follow, config.kafka.client)
+        bootstrap, kafka = _kafka(args)
+        lines = _tap_kafka(bootstrap, topic, args.follow, kafka.client_settings("consumer"))
     else:
         path = Path(args.dir or config.output.dir) / f"{args.topic}.jsonl"
         if not path.exists():
@@ -223,6 +229,20 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loop(args: argparse.Namespace) -> int:
+    from flows.loop import LoopSettings, run_loop
+
+    config = load_config(args.config)
+    if args.bootstrap:
+        config.kafka.bootstrap = args.bootstrap
+    settings = LoopSettings(seed=args.seed, n_users=args.users, n_items=args.items,
+                            warmup_events=args.warmup, requests=args.requests, rate=args.rate,
+                            step_ms=args.step_ms, window=args.window)
+    with contextlib.suppress(KeyboardInterrupt):
+        run_loop(config, settings, partitions=args.partitions)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate
 
@@ -239,6 +259,8 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamrec", description=__doc__.splitlines()[0])
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="stderr logs as text or one JSON object per line")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("simulate", help="write a seeded synthetic event log")
@@ -280,6 +302,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=9092)
     s.set_defaults(func=cmd_broker)
 
+    s = sub.add_parser("loop", help="simulated users in a closed loop with a running flow "
+                       "(requests in, recommendations -> impressions and clicks back)")
+    s.add_argument("--config", help="the flow's config (app, kafka)")
+    s.add_argument("--bootstrap", help="Kafka bootstrap (default: the config's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--users", type=int, default=2_000, help="simulated users")
+    s.add_argument("--items", type=int, default=1_000, help="simulated items")
+    s.add_argument("--warmup", type=int, default=3_000,
+                   help="events of the simulator's own stream sent first (catalog, history)")
+    s.add_argument("--requests", type=int, default=0, help="stop after this many; 0 = endless")
+    s.add_argument("--rate", type=float, default=40.0, help="requests per wall second")
+    s.add_argument("--step-ms", type=int, default=1_000, help="event time between requests (ms)")
+    s.add_argument("--window", type=int, default=200, help="answered requests per CTR line")
+    s.add_argument("--partitions", type=int, default=4, help="partitions of created topics")
+    s.set_defaults(func=cmd_loop)
+
     s = sub.add_parser("eval", help="replay a log through the real flow and write a JSON report")
     s.add_argument("log")
     s.add_argument("--report", required=True)
@@ -294,7 +332,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    setup_logging(LogConfig(format=args.log_format))
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"streamrec: config error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

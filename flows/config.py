@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from flows.logs import LogConfig
 from operators.index_builder import IndexSettings
 from operators.item_shard import ItemsConfig
+from operators.metrics import MetricsConfig
 from operators.serving import ServingConfig
 from operators.trainer import RankerConfig
 from state.feature_spec import DEFAULT_FEATURES, FeatureSpecError, parse_features
@@ -56,16 +58,72 @@ class InputConfig:
     batch_size: int = doc("Events per micro-batch.", 1_000)
 
 
+SECURITY_KEYS = (
+    "security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
+    "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "ssl_cafile", "ssl_certfile",
+    "ssl_keyfile", "ssl_password", "ssl_crlfile", "ssl_check_hostname",
+)
+"""KafkaConfig fields that are kafka-python security settings of the same name."""
+
+SECRET_KEYS = ("sasl_plain_password", "ssl_password")
+"""KafkaConfig fields never written into reports (``Config.redacted``)."""
+
+
 @dataclass
 class KafkaConfig:
-    """Kafka connection shared by Kafka inputs and outputs."""
+    """Kafka connection shared by Kafka inputs, outputs and the CLI (security included)."""
 
     bootstrap: str = doc("Bootstrap servers, host:port[,host:port].", "127.0.0.1:9092")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = doc(
+        "Protocol to talk to brokers.", "PLAINTEXT")
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"] = doc(
+        "SASL mechanism (SASL_* protocols); empty = none.", "")
+    sasl_plain_username: str = doc("SASL PLAIN/SCRAM user name.", "")
+    sasl_plain_password: str = doc("SASL PLAIN/SCRAM password (set it from the environment: "
+                                   "STREAMREC__KAFKA__SASL_PLAIN_PASSWORD).", "")
+    sasl_kerberos_service_name: str = doc("GSSAPI: Kerberos service name.", "kafka")
+    sasl_kerberos_domain_name: str = doc("GSSAPI: Kerberos domain; empty = the broker host.", "")
+    ssl_cafile: str = doc("SSL: CA bundle (PEM path) to verify brokers; empty = system CAs.", "")
+    ssl_certfile: str = doc("SSL: client certificate (PEM path) for mutual TLS.", "")
+    ssl_keyfile: str = doc("SSL: client private key (PEM path).", "")
+    ssl_password: str = doc("SSL: password of the client key.", "")
+    ssl_crlfile: str = doc("SSL: certificate revocation list (PEM path).", "")
+    ssl_check_hostname: bool = doc("SSL: verify that the broker certificate matches its host name.",
+                                   True)
     client: dict[str, Any] = doc(
-        "Extra kafka-python settings passed through to consumers and producers "
-        "(security_protocol, sasl_mechanism, sasl_plain_username, ssl_cafile, ...).",
+        "Extra kafka-python settings passed through to consumers and producers (e.g. "
+        "request_timeout_ms); each must be a setting both KafkaConsumer and KafkaProducer know.",
         factory=dict,
     )
+
+    def client_settings(self, role: Literal["consumer", "producer", "admin"] = "consumer") -> dict[str, Any]:
+        """kafka-python keyword arguments (without bootstrap_servers) for a client of ``role``:
+        the security settings that differ from kafka-python's defaults, then ``client``
+        extras (for ``admin``, only the extras an admin client accepts)."""
+        from kafka.admin import KafkaAdminClient
+
+        out: dict[str, Any] = {"security_protocol": self.security_protocol}
+        for key in SECURITY_KEYS[1:]:
+            value = getattr(self, key)
+            if value != KafkaAdminClient.DEFAULT_CONFIG.get(key) and value != "":
+                out[key] = value
+        extras = self.client
+        if role == "admin":
+            extras = {k: v for k, v in extras.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+        return {**out, **extras}
+
+
+def _check_kafka_client(kafka: KafkaConfig) -> None:
+    """Fail at load time on ``kafka.client`` settings kafka-python would reject later."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    known = set(KafkaConsumer.DEFAULT_CONFIG) & set(KafkaProducer.DEFAULT_CONFIG)
+    for key in kafka.client:
+        if key in SECURITY_KEYS:
+            raise ConfigError(f"kafka.client.{key}: set kafka.{key} instead")
+        if key not in known or key == "bootstrap_servers":
+            raise ConfigError(f"kafka.client.{key}: not a setting of both kafka-python's "
+                              "KafkaConsumer and KafkaProducer")
 
 
 @dataclass
@@ -130,6 +188,8 @@ class Config:
     index: IndexSettings = doc("ANN index of item vectors.", factory=IndexSettings)
     serving: ServingConfig = doc("Serving on the user shard.", factory=ServingConfig)
     snapshots: SnapshotConfig = doc("Snapshot store.", factory=SnapshotConfig)
+    metrics: MetricsConfig = doc("Metrics records and the Prometheus endpoint.", factory=MetricsConfig)
+    log: LogConfig = doc("Logs (stderr).", factory=LogConfig)
 
     def topic(self, name: str) -> str:
         """The Kafka topic of an output or input name, namespaced by the app."""
@@ -142,6 +202,15 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The full effective config as plain data."""
         return dataclasses.asdict(self)
+
+    def redacted(self) -> dict[str, Any]:
+        """``to_dict()`` with secrets (passwords) replaced by ``"***"`` when set: for
+        reports and logs."""
+        data = self.to_dict()
+        for key in SECRET_KEYS:
+            if data["kafka"][key]:
+                data["kafka"][key] = "***"
+        return data
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:
@@ -274,6 +343,11 @@ def _validate(config: Config) -> None:
         parse_features(config.features)
     except FeatureSpecError as err:
         raise ConfigError(f"features: {err}") from None
+    _check_kafka_client(config.kafka)
+    if not 0 <= config.metrics.port <= 65535:
+        raise ConfigError("metrics.port: must be in 0..65535")
+    if config.metrics.interval_s <= 0:
+        raise ConfigError("metrics.interval_s: must be > 0")
     if not config.app or not config.app.replace("-", "").replace("_", "").isalnum():
         raise ConfigError("app: must be a non-empty name of letters, digits, '-' and '_'")
 

@@ -134,7 +134,7 @@ def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
         "scorers": scorer_counts(summary.get("join", {})),
         "elapsed_s": round(elapsed, 3),
         "outputs_dir": str(out),
-        "config": cfg.to_dict(),
+        "config": cfg.redacted(),
         "version": _version(),
     })
     report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
 from flows.config import Config, InputConfig, load_config
+from flows.logs import setup_logging
 from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
 from models.sampling import NegativeSampler
@@ -69,7 +70,7 @@ def _source(inp: InputConfig, config: Config) -> Any:
         [config.topic(t) for t in inp.topics],
         start=inp.start,
         batch_size=inp.batch_size,
-        consumer_config=config.kafka.client,
+        consumer_config=config.kafka.client_settings("consumer"),
         tail=inp.tail,
     )
 
@@ -96,7 +97,7 @@ def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
         from operators.kafka_io import KafkaSink
 
         op.output(step, stream, KafkaSink(config.kafka.bootstrap, config.topic(name),
-                                          producer_config=config.kafka.client))
+                                          producer_config=config.kafka.client_settings("producer")))
 
 
 def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:
@@ -109,12 +110,25 @@ def _parse_counts(parsed: tuple[list[Event], list[Record], int]) -> tuple[str, d
     return "parse", {
         "events_by_type": Counter(e.type for e in events),
         "dead_by_reason": Counter(d["reason"] for d in dead),
+        "max_ts": max((e.ts for e in events), default=None),
     }
 
 
-def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
-    items = [("outputs", {k: len(out[k]) for k in ("examples", "late-labels", "recommendations")
-                          if k in out})]
+def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
+    """Metrics items of one user-shard output: outputs, examples by label, serving
+    latencies, the shard's counters."""
+    items: list[tuple[str, Any]] = [
+        ("outputs", {k: len(out[k]) for k in ("examples", "late-labels", "recommendations")
+                     if k in out})]
+    if "examples" in out:
+        by_label: dict[str, list[float]] = {}
+        for ex in out["examples"]:
+            acc = by_label.setdefault(str(ex["label"]), [0, 0.0])
+            acc[0] += 1
+            acc[1] += ex.get("weight", 1.0)
+        items.append(("examples", by_label))
+    if "recommendations" in out:
+        items.append(("latency", [r["latency_ms"] for r in out["recommendations"]]))
     items.extend(("shard", c) for c in out.get("counters", ()))
     return items
 
@@ -122,9 +136,11 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]
 def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
     """Build the main flow from a TOML path, a dict or a Config (env overrides apply).
 
-    Side effect: raises this process's GC thresholds to ``GC_THRESHOLD``.
+    Side effects: installs the configured log handler (``log``) and raises this
+    process's GC thresholds to ``GC_THRESHOLD``.
     """
     config = load_config(config)
+    setup_logging(config.log)
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
     store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
@@ -170,18 +186,22 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         op.map("count_parse", parsed, _parse_counts),
         op.flat_map("count_outputs", outputs, _shard_counts),
     ]
+    if ranker_out is not None:
+        snapshots.append(op.filter_map("ranker_snapshots", ranker_out, lambda o: o.get("snapshots")))
+    if snapshots:
+        all_snapshots = op.merge("all_snapshots", *snapshots)
+        _output("snapshots", all_snapshots, config)
+        metric_streams.append(op.map("count_snapshots", all_snapshots, lambda m: ("snapshots", m)))
     metrics = op.stateful(
         "metrics",
         op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
-        lambda resume: MetricsLogic(resume or MetricsState(config.app)),
+        lambda resume: MetricsLogic(
+            resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics),
     )
     metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
     if ranker_out is not None:
         metric_records.append(op.filter_map("ranker_metrics", ranker_out, lambda o: o.get("metrics")))
-        snapshots.append(op.filter_map("ranker_snapshots", ranker_out, lambda o: o.get("snapshots")))
     _output("metrics", op.merge("all_metrics", *metric_records), config)
-    if snapshots:
-        _output("snapshots", op.merge("all_snapshots", *snapshots), config)
     return flow
 
 

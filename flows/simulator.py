@@ -748,6 +748,11 @@ class Simulator:
             raise KeyError(f"unknown item {item_id!r}")
         return i
 
+    def draw_users(self, n: int, rng: np.random.Generator) -> list[str]:
+        """``n`` user IDs drawn by activity (the simulator's Zipf weights) with ``rng``
+        (the caller's generator: the simulator's own stream is not touched)."""
+        return [self._user_ids[u] for u in np.searchsorted(self._user_cdf, rng.random(n)).tolist()]
+
     def click_probability(self, user_id: str, item_id: str, position: int, ts_ms: int) -> float:
         """True P(click) of ``item_id`` shown to ``user_id`` at ``position`` (0-based).
 

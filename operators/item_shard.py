@@ -229,7 +229,10 @@ class ItemShard:
         self.dirty = False
         return self.store.write(f"items-{self.shard}", "npz", self.table().save, ts,
                                 {"items": len(self.catalog), "covis_rows": len(self.covis),
-                                 "mf_items": len(self.factors)})
+                                 "mf_items": len(self.factors),
+                                 "table": {k: int(v) for k, v in self.factors.table.stats().items()
+                                           if k in ("admitted", "rejected", "expired", "evicted",
+                                                    "rows")}})
 
     def finish(self) -> dict[str, list[Any]]:
         """End of input: publish what changed since the last table."""

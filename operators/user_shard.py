@@ -313,8 +313,16 @@ class UserShard:
         if self._item_updates:
             out["item-updates"], self._item_updates = self._item_updates, []
         if out:
-            out["counters"] = [{"shard": self.shard, "counters": self.counters()}]
+            out["counters"] = [{"shard": self.shard, "counters": self.counters(),
+                                "table": self.table_counters()}]
         return out
+
+    def table_counters(self) -> dict[str, int]:
+        """Counters of the MF user table (admissions, evictions, rows; for metrics)."""
+        if self.users is None:
+            return {}
+        stats = self.users.table.stats()
+        return {k: int(stats[k]) for k in ("admitted", "rejected", "expired", "evicted", "rows")}
 
 
 def _query_time(store: ProfileStore, ts_ms: int | None) -> int | None:

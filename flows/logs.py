@@ -1,0 +1,90 @@
+"""Logging setup: plain text or structured JSON lines (one object per record) on stderr.
+
+``setup_logging(LogConfig(format="json"))`` makes every record one JSON object:
+``{"ts": ISO-8601 UTC, "level", "logger", "message", ...extra fields}``; extra fields
+are whatever the caller passed as ``extra={...}`` (and ``exc`` with the traceback).
+streamrec's own loggers (flows, operators, state, models) log at ``level``; other
+libraries (kafka-python is chatty at INFO) only from WARNING up.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from state.settings import doc
+
+OWN_LOGGERS = ("flows", "operators", "state", "models", "streamrec")
+"""Logger name prefixes of this project (set to the configured level)."""
+
+# Attributes every LogRecord has; anything else came in through ``extra=``.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+@dataclass
+class LogConfig:
+    """Logs of the flow and the CLI (stderr)."""
+
+    format: Literal["text", "json"] = doc("text: human-readable lines; json: one JSON object "
+                                          "per line (ts, level, logger, message, extra fields).",
+                                          "text")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = doc("Level of streamrec's own loggers "
+                                                              "(other libraries: WARNING).", "INFO")
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a caller attached with ``extra={...}``."""
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts (UTC, ms), level, logger, message, extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **extra_fields(record),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message key=value ...`` (extra fields as JSON values)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = extra_fields(record)
+        if extras:
+            line += " " + " ".join(f"{k}={orjson.dumps(v, default=str).decode()}"
+                                   for k, v in extras.items())
+        return line
+
+
+def setup_logging(config: LogConfig | None = None) -> None:
+    """Install one stderr handler on the root logger (replacing a previous one of ours)."""
+    config = config or LogConfig()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_streamrec", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._streamrec = True  # type: ignore[attr-defined]
+    handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter())
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(config.level)

@@ -1,0 +1,322 @@
+"""Operations (issue 10): Prometheus metrics, JSON logs, config errors at start,
+Kafka security pass-through, the docker compose file."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+from bytewax.testing import run_main
+
+from flows.broker import free_port
+from flows.config import ConfigError, load_config
+from flows.logs import LogConfig, setup_logging
+from flows.recsys import build
+from operators.metrics import MetricsServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_prometheus_endpoint_serves_real_counters(tmp_path) -> None:
+    port = free_port()
+    flow = build({
+        "app": "promtest",
+        "inputs": [{"kind": "simulator", "events": 4000, "seed": 3, "n_users": 50, "n_items": 60,
+                    "batch_size": 500}],
+        "output": {"dir": str(tmp_path / "out")},
+        "shards": {"users": 2, "items": 2},
+        "items": {"refresh_interval_ms": 10_000},
+        "metrics": {"port": port, "host": "127.0.0.1"},
+    })
+    try:
+        run_main(flow)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = resp.read().decode()
+    finally:
+        MetricsServer.stop_all()
+    [summary] = [m for m in map(orjson.loads, (tmp_path / "out" / "metrics.jsonl").read_bytes()
+                                .splitlines()) if m["kind"] == "summary"]
+    s = _samples(text)
+    app = 'app="promtest"'
+    for etype, n in summary["events_by_type"].items():
+        assert s[f'streamrec_events_in_total{{{app},type="{etype}"}}'] == n
+    assert sum(summary["events_by_type"].values()) == 4000
+    for label, n in summary["examples_by_label"].items():
+        assert s[f'streamrec_examples_total{{{app},label="{label}"}}'] == n
+    assert summary["examples_by_label"]["1"] > 0
+    assert s[f"streamrec_join_windows_closed_total{{{app}}}"] == summary["join"]["windows_closed"] > 0
+    assert s[f'streamrec_table_admitted_total{{{app},table="user"}}'] > 0
+    assert s[f'streamrec_table_admitted_total{{{app},table="item"}}'] > 0
+    assert s[f'streamrec_snapshot_version{{{app},kind="ranker"}}'] >= 1
+    assert s[f'streamrec_snapshot_version{{{app},kind="index"}}'] >= 1
+    assert f'streamrec_freshness_lag_seconds{{{app},kind="index"}}' in s
+    requests = summary["events_by_type"]["request"]
+    assert s[f'streamrec_serving_latency_seconds_count{{{app}}}'] == requests
+    assert s[f'streamrec_serving_latency_seconds_bucket{{{app},le="+Inf"}}'] == requests
+    assert "# TYPE streamrec_serving_latency_seconds histogram" in text
+    assert summary["serving_latency_ms"]["count"] == requests
+
+
+def test_json_logs_one_object_per_line(capsys) -> None:
+    setup_logging(LogConfig(format="json", level="INFO"))
+    try:
+        logging.getLogger("operators.test").info("hello %s", "world", extra={"shard": "u001"})
+        logging.getLogger("kafka.conn").info("library chatter stays out")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("flows.test").exception("failed")
+    finally:
+        setup_logging()
+    lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(r["level"], r["logger"], r["message"]) for r in lines] == [
+        ("INFO", "operators.test", "hello world"), ("ERROR", "flows.test", "failed")]
+    assert lines[0]["shard"] == "u001" and lines[0]["ts"].endswith("+00:00")
+    assert "ValueError: boom" in lines[1]["exc"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [('[join]\nallowed_lateness = 5\n', "join.allowed_lateness: unknown key"),
+     ('[metrics]\nport = "9100"\n', "metrics.port: expected int, got str"),
+     ('[kafka]\nsasl_mechanism = "PLAN"\n', "kafka.sasl_mechanism: expected one of"),
+     ('[kafka.client]\nlinger_ms = 5\n', "kafka.client.linger_ms: not a setting of both"),
+     ('[kafka.client]\nsasl_plain_password = "x"\n', "kafka.client.sasl_plain_password: set "
+      "kafka.sasl_plain_password instead")],
+)
+def test_bad_config_file_fails_at_start_naming_the_key(tmp_path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        build(str(path))
+
+
+def test_bad_config_fails_the_flow_process_and_the_cli(tmp_path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[sampler]\nnegative_rte = 0.5\n")
+    run = subprocess.run([sys.executable, "-m", "bytewax.run", f"flows.recsys:build('{path}')"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode != 0
+    assert "ConfigError: sampler.negative_rte: unknown key" in run.stderr
+    cli = subprocess.run([sys.executable, "-m", "flows.cli", "tap", "examples", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert cli.returncode == 2
+    assert cli.stderr.startswith("streamrec: config error: sampler.negative_rte: unknown key")
+
+
+def test_kafka_security_settings_reach_kafka_python() -> None:
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient
+
+    from operators.kafka_io import KafkaSink, KafkaSource
+
+    config = load_config({"kafka": {
+        "bootstrap": "k1:9093,k2:9093", "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "svc",
+        "ssl_cafile": "/etc/ca.pem", "ssl_check_hostname": False,
+        "client": {"request_timeout_ms": 20_000}}},
+        environ={"STREAMREC__KAFKA__SASL_PLAIN_PASSWORD": "s3cret"})
+    security = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_plain_username": "svc", "sasl_plain_password": "s3cret",
+                "ssl_cafile": "/etc/ca.pem", "ssl_check_hostname": False}
+    assert config.kafka.client_settings("consumer") == {**security, "request_timeout_ms": 20_000}
+    assert config.kafka.client_settings("admin") == {**security, "request_timeout_ms": 20_000}
+    # What the flow's source and sink hand to kafka-python: every key known to the client.
+    flow_config = {**config.to_dict(), "inputs": [{"kind": "kafka"}], "output": {"kind": "kafka"}}
+    flow = build(flow_config)
+    steps = {s.step_id: s for s in _steps(flow)}
+    source = next(s.source.inner for name, s in steps.items() if name.endswith("input_0_kafka"))
+    sink = next(s.sink for name, s in steps.items() if name.endswith("out_examples"))
+    assert isinstance(source, KafkaSource) and isinstance(sink, KafkaSink)
+    consumer_kwargs = source._kafka_config()
+    producer_kwargs = sink._kafka_config()
+    assert consumer_kwargs.items() >= {**security, "bootstrap_servers": ["k1:9093", "k2:9093"]}.items()
+    assert producer_kwargs.items() >= {**security, "bootstrap_servers": ["k1:9093", "k2:9093"]}.items()
+    assert set(consumer_kwargs) <= set(KafkaConsumer.DEFAULT_CONFIG)
+    assert set(producer_kwargs) <= set(KafkaProducer.DEFAULT_CONFIG)
+    assert set(config.kafka.client_settings("admin")) <= set(KafkaAdminClient.DEFAULT_CONFIG)
+    assert config.redacted()["kafka"]["sasl_plain_password"] == "***"
+    assert config.to_dict()["kafka"]["sasl_plain_password"] == "s3cret"
+    # Defaults: plaintext, nothing else.
+    assert load_config({}).kafka.client_settings() == {"security_protocol": "PLAINTEXT"}
+
+
+def _steps(flow):  # noqa: ANN001, ANN202 - walks Bytewax's step tree
+    stack = list(flow.substeps)
+    while stack:
+        step = stack.pop()
+        yield step
+        stack.extend(getattr(step, "substeps", []))
+
+
+COMPOSE = ROOT / "docker" / "compose.yaml"
+
+
+def test_compose_file_validates_with_docker_compose() -> None:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("needs Debian's docker-compose package (apt-get install -y docker-compose; "
+                    ".ci/run installs it when it can) to validate docker/compose.yaml")
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "PARTITIONS": "6"}
+    as_json = subprocess.run([exe, "-f", str(COMPOSE), "config", "--format", "json"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    if as_json.returncode == 0 and as_json.stdout.lstrip().startswith("{"):  # Compose v2
+        resolved = orjson.loads(as_json.stdout)
+    else:  # Debian's docker-compose 1.29 (Python): YAML only
+        run = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert run.returncode == 0, run.stderr
+        # It ships with PyYAML: let its interpreter turn the YAML into JSON.
+        python = Path(exe).read_text(errors="replace").splitlines()[0].removeprefix("#!").split()
+        to_json = subprocess.run([*python, "-c", "import json, sys, yaml; "
+                                  "print(json.dumps(yaml.safe_load(sys.stdin)))"],
+                                 input=run.stdout, capture_output=True, text=True, timeout=60)
+        assert to_json.returncode == 0, to_json.stderr
+        resolved = orjson.loads(to_json.stdout)
+    services = resolved["services"]
+    assert {"kafka", "topics", "flow", "users"} <= set(services)
+    kafka_env = services["kafka"]["environment"]
+    assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
+    from flows.recsys import OUTPUTS
+
+    topics = services["topics"]["environment"]
+    assert topics["TOPICS"].split() == ["events", *OUTPUTS]
+    assert topics["PARTITIONS"] == "6" and topics["APP"] == "demo"
+    for name in ("flow", "users"):
+        assert services[name]["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+        assert services[name]["environment"]["STREAMREC__KAFKA__BOOTSTRAP"] == "kafka:9092"
+        assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
+    assert services["flow"]["environment"]["STREAMREC__METRICS__PORT"] == "9100"
+    assert services["users"]["command"][:2] == ["streamrec", "loop"]
+    # Both services read the config baked into the image; it must load.
+    load_config(ROOT / "docker" / "streamrec.toml")
+    # The validation is real: a mistake in the file fails it.
+    broken = COMPOSE.parent / ".compose-broken-test.yaml"
+    try:
+        broken.write_text(COMPOSE.read_text().replace("    depends_on:\n", "    depends_onn:\n", 1))
+        bad = subprocess.run([exe, "-f", str(broken), "config"], capture_output=True, text=True,
+                             timeout=120, env=env)
+    finally:
+        broken.unlink()
+    assert bad.returncode != 0 and "depends_onn" in bad.stdout + bad.stderr
+
+
+def test_dockerfile_is_slim_non_root_and_pinned() -> None:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
+    assert froms and all(f.startswith("python:3.11") and "slim" in f for f in froms)
+    assert "\nUSER streamrec" in text
+    pins = [line for line in (ROOT / "docker" / "requirements.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert pins and all("==" in line for line in pins)
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {line.split("==")[0].lower() for line in pins}
+    for dep in deps:
+        name = dep.split(">")[0].split("<")[0].split("=")[0].strip().lower()
+        assert name in pinned, f"{name} is not pinned in docker/requirements.txt"
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.kafka
+def test_two_apps_share_one_kafka_and_store_without_touching_each_other(
+        kafka_broker, kafka_produce, kafka_read_records, tmp_path) -> None:
+    from flows.broker import broker_metadata, create_topics
+    from flows.simulator import SimConfig, Simulator
+
+    bootstrap = kafka_broker.bootstrap
+    store = tmp_path / "snapshots"
+    apps = {f"shop{n}-{tmp_path.name[-6:]}".replace("_", "-"): seed for n, seed in ((1, 11), (2, 22))}
+    runs = {}
+    for app, seed in apps.items():
+        events = Simulator(SimConfig(n_users=30, n_items=40), seed=seed).next_batch(1500)
+        create_topics(bootstrap, [f"{app}.events"], 2)
+        kafka_produce(bootstrap, f"{app}.events", [orjson.dumps(e) for e in events],
+                      keys=[str(e.get("user_id", "")).encode() for e in events])
+        before = {a: _tree(store / a) for a in runs}
+        run_main(build({
+            "app": app,
+            "kafka": {"bootstrap": bootstrap},
+            "inputs": [{"kind": "kafka", "topics": ["events"], "tail": False, "batch_size": 200}],
+            "output": {"kind": "kafka", "dir": str(tmp_path / "out")},
+            "snapshots": {"dir": str(store)},
+            "shards": {"users": 2, "items": 2},
+            "sampler": {"negative_rate": 1.0},
+        }))
+        # The other app's snapshot store is untouched by this run.
+        assert {a: _tree(store / a) for a in runs} == before
+        runs[app] = events
+    topics = broker_metadata(bootstrap)
+    from flows.recsys import OUTPUTS
+
+    for app, seed in apps.items():
+        mine = {t for t in topics if t.startswith(f"{app}.")}
+        assert {f"{app}.{n}" for n in ("events", "examples", "snapshots", "metrics")} <= mine
+        assert mine <= {f"{app}.{name}" for name in ("events", *OUTPUTS)}
+        impressions = {e["impression_id"] for e in runs[app] if e["type"] == "impression"}
+        examples = [orjson.loads(r.value) for r in kafka_read_records(bootstrap, f"{app}.examples")]
+        ids = {e["example_id"] for e in examples if e["example_id"].startswith("imp:")}
+        assert ids and ids <= {f"imp:{i}" for i in impressions}  # only its own events
+        assert all(i.startswith(f"imp:imp{seed}-") for i in ids)
+        manifests = [orjson.loads(r.value) for r in kafka_read_records(bootstrap, f"{app}.snapshots")]
+        assert manifests and all((store / app / m["path"]).is_file() for m in manifests)
+        [summary] = [m for m in map(orjson.loads, (r.value for r in kafka_read_records(
+            bootstrap, f"{app}.metrics"))) if m["kind"] == "summary"]
+        assert summary["app"] == app and summary["events_in"] == len(runs[app])
+        recs = [orjson.loads(r.value) for r in kafka_read_records(bootstrap, f"{app}.recommendations")]
+        requests = {e["request_id"] for e in runs[app] if e["type"] == "request"}
+        assert recs and {r["request_id"] for r in recs} == requests
+    assert sorted(p.name for p in store.iterdir()) == sorted(apps)
+
+
+def test_config_reference_states_units_of_times() -> None:
+    from flows.config import reference, reference_markdown
+
+    rows = reference()
+    for key, _type, _default, text in rows:
+        name = key.rsplit(".", 1)[-1]
+        if name.endswith("_ms"):
+            assert "ms" in text, key
+        elif name.endswith("_s") and not name.endswith("per_s"):
+            assert "(s" in text or "seconds" in text, key
+    markdown = reference_markdown()
+    for key in ("metrics.port", "log.format", "kafka.security_protocol", "kafka.sasl_plain_password",
+                "kafka.ssl_cafile", "app"):
+        assert f"| `{key}` |" in markdown
+
+
+def test_metrics_state_resumes_from_an_older_snapshot() -> None:
+    import pickle
+
+    from operators.metrics import MetricsState
+
+    old = MetricsState("shop")
+    old.events_by_type["click"] = 3
+    state = dict(old.__dict__)
+    for key in ("examples", "snapshots", "latency_ms"):  # fields an older version lacked
+        del state[key]
+    resumed = MetricsState.__new__(MetricsState)
+    resumed.__setstate__(state)
+    resumed.add("examples", {"1": (2, 2.0)})
+    assert resumed.events_by_type["click"] == 3 and resumed.examples["1"] == 2
+    assert pickle.loads(pickle.dumps(resumed)).record()["examples_by_label"] == {"1": 2}
