@@ -51,7 +51,7 @@ from models.features import (
 from models.rankers import Ranker
 from operators.scorer_duel import SCORERS, ScorerDuel
 from operators.trainer import load_ranker
-from state.covis_view import CovisView, sparse_sum
+from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.hashing import stable_hash64
 from state.item_index import IndexReader
 from state.item_table import CatalogEntry, ItemTable
@@ -339,21 +339,23 @@ class Server:
 
     # -- features shared by training (impression time) and serving ---------------------
     def item_extras(self, ctx: UserContext, item_ids: list[str], ts_ms: int,
-                    covis: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
+                    covis: dict[str, SparseScores] | None = None) -> list[dict[str, Any]]:
         """Per-item features from the snapshots: item profile features (IPS ``item``
         entity), category, co-visitation with the recent items (``covis``: liked channel,
         ``covis_any``: any-interaction channel, raw seed-decayed sums), popularity,
         trending, MF score (the user's own features are separate).
 
-        ``covis``: precomputed raw channel sums of every reachable item (serving, from
-        :meth:`covis_channels`); None looks each item up (one impression at a time).
+        ``covis``: the raw channel sums of :meth:`covis_channels` (serving); None looks
+        each item up (one impression at a time). Both give the same numbers.
         """
         tables = self.views.table_map()
         mf = self._mf_scores(ctx.vector, item_ids)
         if covis is None:
-            covis = {name: self._covis_lookup(name, seeds, item_ids, tables, ts_ms)
-                     for name, seeds in self._seeds(ctx)}
-        liked, any_ = covis.get("liked", {}), covis.get("any")
+            sums = {name: self._covis_lookup(name, seeds, item_ids, tables, ts_ms)
+                    for name, seeds in self._seeds(ctx)}
+        else:
+            sums = {name: scores.many(item_ids) for name, scores in covis.items()}
+        liked, any_ = sums.get("liked") or [0.0] * len(item_ids), sums.get("any")
         factors: dict[str, tuple[float, float]] = {}
         out = []
         for n, item in enumerate(item_ids):
@@ -370,9 +372,9 @@ class Server:
                                   table.decay_factor("trending", ts_ms)))
                 extra["pop"] = table.popular.get(item, 0.0) * fp
                 extra["trend"] = table.trending.get(item, 0.0) * ft
-            extra["covis"] = liked.get(item, 0.0)
+            extra["covis"] = liked[n]
             if any_ is not None:
-                extra["covis_any"] = any_.get(item, 0.0)
+                extra["covis_any"] = any_[n]
             if mf is not None:
                 extra["mf"] = float(mf[n])
             out.append(extra)
@@ -388,9 +390,9 @@ class Server:
         return out
 
     def _covis_lookup(self, name: str, seeds: list[str], item_ids: list[str],
-                      tables: dict[str, ItemTable], ts_ms: int) -> dict[str, float]:
+                      tables: dict[str, ItemTable], ts_ms: int) -> list[float]:
         """``sum_k decay**k covis(seed_k, item)`` for the given items only (impressions)."""
-        wanted = {item: 0.0 for item in item_ids}
+        wanted = [0.0] * len(item_ids)
         q = self.config.covis_query_decay
         weight = 1.0
         for seed in seeds:
@@ -399,31 +401,31 @@ class Server:
                 row = table.covis_row(name, seed)
                 if row:
                     wf = weight * table.covis_factor(ts_ms)
-                    for item in wanted:
+                    for n, item in enumerate(item_ids):
                         v = row.get(item)
                         if v is not None:
-                            wanted[item] += wf * v
+                            wanted[n] += wf * v
             weight *= q
         return wanted
 
-    def covis_channels(self, ctx: UserContext, ts_ms: int
-                       ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    def covis_channels(self, ctx: UserContext, ts_ms: int, n: int
+                       ) -> tuple[list[tuple[str, float]], dict[str, SparseScores]]:
         """Co-visitation retrieval (docs/movielens-recipe.md): per channel, the raw sum
         ``s[c] = sum_k decay**k covis(seed_k, c)`` over the channel's seeds (newest
         first); then ``s[c] / max(count[c], 1)**alpha`` (count: the item's positives for
         ``liked``, interactions for ``any``), divided by its max so each channel is in
         [0, 1]; the blend is their mean over the channels that have seeds.
 
-        Returns (blend per item, raw sums per channel: the ranker features)."""
+        Returns (the ``n`` best ``(item, blend)``, best first, ties by id order; the raw
+        sums per channel: the ranker features)."""
         tables = self.views.table_map()
-        raw: dict[str, dict[str, float]] = {}
+        raw: dict[str, SparseScores] = {}
         if not tables:
-            return {}, raw
+            return [], raw
         view = self.covis_view
         view.sync(tables)
         q = self.config.covis_query_decay
         alpha = self.config.covis_pop_alpha
-        names = view.names
         parts_ids, parts_vals = [], []
         for name, seeds in self._seeds(ctx):
             triples = []
@@ -434,7 +436,7 @@ class Server:
                     triples.append((table, seed, weight * table.covis_factor(ts_ms)))
                 weight *= q
             ids, vals = view.channel_sums(name, triples)
-            raw[name] = dict(zip([names[i] for i in ids.tolist()], vals.tolist(), strict=True))
+            raw[name] = SparseScores(ids, vals, view.ids)
             if not ids.size:
                 continue
             if alpha:
@@ -443,47 +445,15 @@ class Server:
             if top > 0:
                 parts_ids.append(ids)
                 parts_vals.append(vals / top)
-        if not parts_ids:
-            return {}, raw
-        ids, vals = sparse_sum(np.concatenate(parts_ids), np.concatenate(parts_vals), len(names))
-        blend = dict(zip([names[i] for i in ids.tolist()], (vals / len(parts_ids)).tolist(),
-                         strict=True))
-        return blend, raw
-        q = self.config.covis_query_decay
-        alpha = self.config.covis_pop_alpha
-        normed: list[dict[str, float]] = []
-        for name, seeds in self._seeds(ctx):
-            acc: dict[str, float] = {}
-            weight = 1.0
-            for seed in seeds:
-                table = tables.get(self.item_shard_of(seed))
-                if table is not None:
-                    row = table.covis_row(name, seed)
-                    if row:
-                        wf = weight * table.covis_factor(ts_ms)
-                        get = acc.get
-                        for item, v in row.items():
-                            acc[item] = get(item, 0.0) + wf * v
-                weight *= q
-            raw[name] = acc
-            if not acc:
-                continue
-            norm = {}
-            for item, v in acc.items():
-                table = tables.get(self.item_shard_of(item))
-                count = table.channel(name)[1].get(item, 0.0) * table.covis_factor(ts_ms) \
-                    if table is not None else 0.0
-                norm[item] = v / max(count, 1.0) ** alpha if alpha else v
-            top = max(norm.values())
-            if top > 0:
-                normed.append({item: v / top for item, v in norm.items()})
-        if normed:
-            share = 1.0 / len(normed)
-            for part in normed:
-                get = blend.get
-                for item, v in part.items():
-                    blend[item] = get(item, 0.0) + share * v
-        return blend, raw
+        if not parts_ids or n <= 0:
+            return [], raw
+        ids, vals = sparse_sum(np.concatenate(parts_ids), np.concatenate(parts_vals),
+                               len(view.names))
+        order = np.lexsort((ids, -vals))[:n]  # best first, ties by id
+        names = view.names
+        share = 1.0 / len(parts_ids)
+        return [(names[i], v * share) for i, v in zip(ids[order].tolist(), vals[order].tolist(),
+                                                       strict=True)], raw
 
     def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str]) -> np.ndarray | None:
         if vector is None or self.views.index.index is None or not item_ids:
@@ -532,7 +502,7 @@ class Server:
         }
 
     def retrieve(self, ctx: UserContext, ts_ms: int
-                 ) -> tuple[dict[str, Candidate], dict[str, dict[str, float]]]:
+                 ) -> tuple[dict[str, Candidate], dict[str, SparseScores]]:
         """Candidates from every source, merged by item (sources and scores kept), and the
         raw co-visitation sums per channel of every item reachable from the seeds."""
         sizes = self.config.sources
@@ -550,10 +520,9 @@ class Server:
         n = sizes.get("ann", 0)
         if n and ctx.vector is not None and self.views.index.index is not None:
             add("ann", self.views.index.query(ctx.vector, n))
-        blend, covis = self.covis_channels(ctx, ts_ms)
-        n = sizes.get("covis", 0)
-        if n and blend:
-            add("covis", heapq.nlargest(n, blend.items(), key=_by_score))
+        best, covis = self.covis_channels(ctx, ts_ms, sizes.get("covis", 0))
+        if best:
+            add("covis", best)
         for source in ("trending", "popular"):
             n = sizes.get(source, 0)
             if n and tables:
@@ -609,7 +578,7 @@ class Server:
         return lookup
 
     def score(self, request: Any, ctx: UserContext, cands: list[Candidate],
-              covis: dict[str, dict[str, float]] | None = None) -> None:
+              covis: dict[str, SparseScores] | None = None) -> None:
         """Set ``score``: the serving ranker's calibrated probability or the retrieval
         blend, whichever ``serving.scorer`` (``auto``: the duel) picks; under ``auto``
         both top k lists are recorded for the duel."""

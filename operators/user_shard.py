@@ -33,6 +33,7 @@ from models.mf import MFConfig, UserFactors
 from models.sampling import NegativeSampler
 from operators.events import Event, Feedback, Item, Request
 from operators.serving import Server, ServingConfig, SnapshotViews, UserContext
+from state.covis_view import SparseScores
 from state.covisitation import CoVisConfig, CoVisitation
 from state.embedding_table import keys_of
 from state.hashing import stable_hash64
@@ -245,7 +246,7 @@ class UserShard:
         return {**ctx.profile, **self.item_features(ctx, [item_id], ts_ms)[0]}
 
     def item_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
-                      covis: dict[str, float] | None = None) -> list[dict[str, Any]]:
+                      covis: dict[str, SparseScores] | None = None) -> list[dict[str, Any]]:
         """Per-item features (item attributes, user x item-attribute profiles, snapshot
         features), for each item; the same at impression time and at serving time."""
         extras = (Server.item_extras(self.server, ctx, item_ids, ts_ms or 0, covis)

@@ -95,6 +95,34 @@ class CovisView:
                           np.concatenate([p[1] for p in parts]), len(self.names))
 
 
+class SparseScores:
+    """Per-item scores held as (ids ascending, values) in a :class:`CovisView` id space;
+    looked up for a few items at a time (the candidates) instead of built into a dict
+    of every reachable item."""
+
+    def __init__(self, ids: np.ndarray, values: np.ndarray, index: dict[str, int]) -> None:
+        self.ids = ids
+        self.values = values
+        self.index = index
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+    def many(self, items: list[str]) -> list[float]:
+        """Score of each item (0.0 where absent), in order."""
+        if not self.ids.size or not items:
+            return [0.0] * len(items)
+        get = self.index.get
+        wanted = np.fromiter((get(i, -1) for i in items), np.int64, len(items))
+        pos = np.minimum(np.searchsorted(self.ids, wanted), self.ids.size - 1)
+        found = self.ids[pos] == wanted
+        return np.where(found, self.values[pos], 0.0).tolist()
+
+    def to_dict(self, names: list[str]) -> dict[str, float]:
+        """Every item -> score (for tests and small views)."""
+        return dict(zip([names[i] for i in self.ids.tolist()], self.values.tolist(), strict=True))
+
+
 def sparse_sum(ids: np.ndarray, weights: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Sum ``weights`` per id: (distinct ids ascending, their sums). Dense ``bincount``
     when the id space ``n`` is small next to the entries, a sort otherwise."""

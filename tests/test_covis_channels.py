@@ -144,9 +144,13 @@ def _check(shard: UserShard, events: list[Feedback]) -> None:
     now = events[-1].ts
     for user in ("u0", "u3", "u7"):
         want = _reference(events, user)
-        blend, raw = shard.server.covis_channels(shard.context(user, now), now)
+        best, raw = shard.server.covis_channels(shard.context(user, now), now, 10**6)
+        blend = dict(best)
         assert set(raw) == {"liked", "any"}
         assert blend.keys() == want.keys() and want
+        assert [v for _, v in best] == sorted(blend.values(), reverse=True)
+        top3, _ = shard.server.covis_channels(shard.context(user, now), now, 3)
+        assert top3 == best[:3]
         for item, value in want.items():
             assert blend[item] == pytest.approx(value, rel=1e-6), item
         # the retrieval source serves that order (consumed items filtered)
