@@ -31,7 +31,7 @@ class ScorerDuel:
     """Shadow hit counts of the ranker's and the retrieval blend's top k."""
 
     window: int = 5_000
-    min_outcomes: int = 200
+    min_outcomes: int = 30
     max_users: int = 100_000
     outcomes: int = 0
     hits_ranker: int = 0

@@ -98,7 +98,8 @@ class ServingConfig:
                       "ranker, unless the blend's top k held the users' next organic "
                       "positives more often lately; operators/scorer_duel.py).", "auto")
     scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the blend may take "
-                                   "over from the ranker.", 200)
+                                   "over from the ranker (the choice is revisited at every "
+                                   "request after that).", 30)
     scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
                              5_000)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
