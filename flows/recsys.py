@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from operators.sinks import JsonlFileSink
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
-from state.hashing import shard_of
+from state.hashing import ShardOf
 from state.snapshot_store import SnapshotStore
 
 OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
@@ -151,8 +150,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     _output("dead-letters", op.filter_map("dead_letters", parsed, lambda p: p[1] or None), config)
 
     n_users, n_items = config.shards.users, config.shards.items
-    user_shard_of = lru_cache(maxsize=1 << 18)(lambda uid: shard_of(uid, n_users))
-    item_shard_of = lru_cache(maxsize=1 << 18)(lambda iid: item_shard_key(shard_of(iid, n_items)))
+    user_shard_of = ShardOf(n_users)
+    item_shard_of = ShardOf(n_items, item_shard_key)  # kept in user-shard state: picklable
     routed = op.flat_map("route_users", parsed,
                          lambda p: route_events(p[0], n_users, user_shard_of, p[2]))
     sampler = NegativeSampler(config.sampler.negative_rate, config.sampler.seed)

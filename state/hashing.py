@@ -8,6 +8,8 @@ integer arrays are mixed with splitmix64 (vectorized).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -36,3 +38,34 @@ def splitmix64(keys: np.ndarray, seed: int = 0) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
+
+
+class ShardOf:
+    """Memoised ``entity id -> shard`` for ``shards`` shards, picklable (flow state holds it).
+
+    ``name`` maps the shard index to what callers use (e.g. a Bytewax key); it must be a
+    module-level function so the object pickles. The memo (at most ``max_cached`` ids,
+    cleared when full) is not pickled.
+    """
+
+    def __init__(self, shards: int, name: Callable[[int], Any] | None = None,
+                 max_cached: int = 1 << 18) -> None:
+        self.shards = shards
+        self.name = name
+        self.max_cached = max_cached
+        self._memo: dict[str | int, Any] = {}
+
+    def __call__(self, entity_id: str | int) -> Any:
+        found = self._memo.get(entity_id)
+        if found is None:
+            if len(self._memo) >= self.max_cached:
+                self._memo.clear()
+            index = shard_of(entity_id, self.shards)
+            found = self._memo[entity_id] = index if self.name is None else self.name(index)
+        return found
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"shards": self.shards, "name": self.name, "max_cached": self.max_cached}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["shards"], state["name"], state["max_cached"])
