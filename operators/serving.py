@@ -292,10 +292,15 @@ class SnapshotViews:
         return cached
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"store": self.store, "item_shards": list(self.tables), "poll_ms": self.poll_ms}
+        """Recovery state: the readers, each as its current manifest (reloaded and verified
+        on resume, so a resumed shard serves the versions it served, even when the
+        store's LATEST is refused), never the loaded snapshot objects."""
+        return {"store": self.store, "poll_ms": self.poll_ms, "ranker": self.ranker,
+                "index": self.index, "tables": self.tables}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["store"], state["item_shards"], state["poll_ms"])
+        self.__init__(state["store"], list(state["tables"]), state["poll_ms"])
+        self.ranker, self.index, self.tables = state["ranker"], state["index"], state["tables"]
 
 
 def _never(_item: str) -> bool:

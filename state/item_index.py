@@ -556,9 +556,8 @@ class IndexReader:
                 cache.pop(key, None)
 
     def refresh(self) -> bool:
-        """Offer the store's LATEST index manifest."""
-        latest = self.store.latest(KIND)
-        return latest is not None and self.offer(latest)
+        """Offer the store's LATEST index manifest (see ``SnapshotReader.refresh``)."""
+        return any(self.offer(m) for m in self._reader.candidates())
 
     def offer_async(self, manifest: Manifest) -> Future[bool]:
         """Load in the background; queries keep using the current version meanwhile."""

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -145,6 +145,19 @@ class SnapshotStore:
         except FileNotFoundError:
             return None
 
+    def manifests(self, kind: str) -> list[Manifest]:
+        """Every readable manifest of ``kind`` still in the store, newest version first."""
+        out = []
+        for path in self._kind_dir(kind).glob("v*.json"):
+            if path.stem[1:].isdigit():
+                try:
+                    manifest = orjson.loads(path.read_bytes())
+                except (OSError, orjson.JSONDecodeError):
+                    continue
+                if isinstance(manifest, dict) and isinstance(manifest.get("version"), int):
+                    out.append(manifest)
+        return sorted(out, key=lambda m: m["version"], reverse=True)
+
     def verified_path(self, manifest: Manifest) -> Path:
         """The manifest's file, after checking it lies inside the store and its sha256 matches."""
         try:
@@ -157,11 +170,17 @@ class SnapshotStore:
             raise SnapshotError(f"refused {rel!r}: outside the snapshot store {self.root}")
         if not path.is_file():
             raise SnapshotError(f"refused {rel!r}: no such snapshot file in {self.root}")
+        size, expected_size = path.stat().st_size, manifest.get("bytes")
+        if isinstance(expected_size, int) and size != expected_size:
+            raise SnapshotError(
+                f"refused {rel!r}: {size} bytes, the manifest says {expected_size} "
+                f"({'truncated' if size < expected_size else 'altered'})"
+            )
         actual = sha256_file(path)
         if actual != expected:
             raise SnapshotError(
                 f"refused {rel!r}: sha256 {actual[:16]}... does not match the manifest's "
-                f"{str(expected)[:16]}... (truncated or altered)"
+                f"{str(expected)[:16]}... (altered)"
             )
         return path
 
@@ -170,9 +189,15 @@ class SnapshotReader(Generic[T]):
     """Holds the newest verified snapshot of one kind, loaded by ``loader(path)``.
 
     ``offer(manifest)`` loads a newer version if it verifies; on any failure the
-    previous version stays current and the error is kept in ``last_error``.
+    previous version stays current and the error is kept in ``last_error`` (logged
+    once per refused file, not at every poll). ``refresh`` takes the newest version in
+    the store that verifies: when LATEST is refused, the one before it (so a new
+    process, with nothing loaded yet, still serves).
     Loaded objects are shared by every reader of the same store in a process
-    (cache keyed by sha256), and are never mutated by readers.
+    (cache keyed by sha256), and are never mutated by readers. Pickles as (store,
+    kind, loader, current manifest) and reloads that version on unpickle, so flow
+    state holding a reader resumes serving what it served (``loader`` must pickle:
+    a module-level function).
     """
 
     _cache: dict[tuple[str, str, str], Any] = {}
@@ -186,10 +211,30 @@ class SnapshotReader(Generic[T]):
         self.manifest: Manifest | None = None
         self.refused = 0
         self.last_error: str | None = None
+        self._refused: set[tuple[Any, ...]] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"store": self.store, "kind": self.kind, "loader": self.loader,
+                "manifest": self.manifest, "refused": self.refused}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["store"], state["kind"], state["loader"])
+        self.refused = state["refused"]
+        if state["manifest"] is not None:
+            self.offer(state["manifest"])
 
     @property
     def version(self) -> int | None:
         return self.manifest["version"] if self.manifest else None
+
+    def _refusal_key(self, manifest: Manifest) -> tuple[Any, ...]:
+        """Identifies a manifest and the file state it was refused for."""
+        try:
+            st = (self.store.root / manifest["path"]).stat()
+            stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+        except (OSError, KeyError, TypeError):
+            stat = None
+        return (manifest.get("version"), manifest.get("sha256"), manifest.get("path"), stat)
 
     def offer(self, manifest: Manifest) -> bool:
         """Load ``manifest`` if it is newer and verifies; True when it became current."""
@@ -197,6 +242,9 @@ class SnapshotReader(Generic[T]):
             return False
         if self.manifest is not None and manifest.get("version", 0) <= self.manifest["version"]:
             return False
+        refusal = self._refusal_key(manifest)
+        if refusal in self._refused:
+            return False  # refused before and the file has not changed since
         try:
             key = (str(self.store.root), self.kind, manifest["sha256"])
             with self._cache_lock:
@@ -210,14 +258,32 @@ class SnapshotReader(Generic[T]):
         except (SnapshotError, KeyError, OSError, ValueError, EOFError) as err:
             self.refused += 1
             self.last_error = str(err)
-            log.error("snapshot %s v%s refused, keeping v%s: %s", self.kind, manifest.get("version"),
-                      self.version, err)
+            if len(self._refused) >= 64:
+                self._refused.clear()
+            self._refused.add(refusal)
+            keeping = (f"keeping v{self.version}" if self.version is not None
+                       else "nothing loaded yet, trying older versions")
+            log.error("snapshot %s v%s refused, %s: %s", self.kind, manifest.get("version"),
+                      keeping, err)
             return False
         self.current = obj
         self.manifest = manifest
         return True
 
-    def refresh(self) -> bool:
-        """Offer the store's LATEST manifest of this kind (for readers in other processes)."""
+    def candidates(self) -> Iterator[Manifest]:
+        """Manifests worth offering, best first: LATEST, then the older versions still in
+        the store that are newer than the current one, newest first (consumed lazily:
+        the older ones are only listed when LATEST was not taken)."""
         latest = self.store.latest(self.kind)
-        return latest is not None and self.offer(latest)
+        if latest is None:
+            return
+        yield latest
+        if self.manifest is None or self.manifest["version"] < latest.get("version", 0):
+            yield from (m for m in self.store.manifests(self.kind)
+                        if m["version"] < latest.get("version", 0))
+
+    def refresh(self) -> bool:
+        """Load the newest version of this kind in the store that verifies, if newer than
+        the current one (LATEST first; when it is refused, the versions before it);
+        True when a version became current."""
+        return any(self.offer(m) for m in self.candidates())

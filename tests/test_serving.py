@@ -867,12 +867,6 @@ class _AnyLatency:
 ANY_LATENCY = _AnyLatency()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG operators/serving.py SnapshotViews.__getstate__/__setstate__: only (store, item "
-    "shards, poll_ms) are pickled, so after a recovery resume (Bytewax pickles the UserShard) "
-    "the readers start empty and only offer LATEST; when LATEST is refused the shard serves "
-    "with no ranker, no index and no item tables (empty lists, versions None), although the "
-    "verified previous versions are still in the store"))
 def test_tampered_snapshots_keep_the_previous_version_after_resume(world: World) -> None:
     world.publish_all()
     shard = world.user_shard()

@@ -30,11 +30,14 @@ def test_tampered_and_truncated_and_outside_refused(tmp_path) -> None:
     assert reader.offer(m1) and reader.current == b"first version"
     path = store.verified_path(m2)
     path.write_bytes(b"second vers")  # truncated
-    with pytest.raises(SnapshotError, match="sha256"):
+    with pytest.raises(SnapshotError, match=r"11 bytes, the manifest says 14 \(truncated\)"):
         store.verified_path(m2)
     assert not reader.offer(m2)
     assert reader.current == b"first version" and reader.version == 1 and reader.refused == 1
-    assert "truncated or altered" in reader.last_error
+    assert "truncated" in reader.last_error
+    path.write_bytes(b"second versio!")  # same size, altered
+    with pytest.raises(SnapshotError, match=r"sha256 .* does not match .* \(altered\)"):
+        store.verified_path(m2)
     outside = tmp_path / "evil.bin"
     outside.write_bytes(b"evil")
     forged = dict(m2, version=9, path="../evil.bin")
