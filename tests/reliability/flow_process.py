@@ -127,3 +127,39 @@ def simulated_log(path: Path, n: int, seed: int, **sim: Any) -> list[bytes]:
         lines.append(orjson.dumps(event))
     path.write_bytes(b"\n".join(lines) + b"\n")
     return lines
+
+
+class Follower:
+    """Follows one Kafka topic from its start (partition 0 of a one-partition topic),
+    keeping every record's decoded value in ``values``."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                      fetch_max_wait_ms=100)
+        tp = TopicPartition(topic, 0)
+        self.consumer.assign([tp])
+        self.consumer.seek(tp, 0)
+        self.values: list[dict[str, Any]] = []
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Read what arrived; returns ``values``."""
+        for records in self.consumer.poll(timeout_ms=100).values():
+            self.values.extend(orjson.loads(r.value) for r in records)
+        return self.values
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float,
+                 alive: FlowProcess | None = None) -> dict[str, Any]:
+        """The first record matching ``predicate`` (waiting up to ``timeout_s``)."""
+        found: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            found[:] = [v for v in self.poll() if predicate(v)][:1]
+            return bool(found)
+
+        wait_until(check, timeout_s, "a matching record", every_s=0.05, alive=alive)
+        return found[0]
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)

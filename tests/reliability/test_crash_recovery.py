@@ -32,7 +32,7 @@ from flows.recsys import OUTPUTS
 from state.item_table import ItemTable
 from state.snapshot_store import SnapshotStore
 
-from .flow_process import FlowProcess, init_recovery, simulated_log, wait_until
+from .flow_process import FlowProcess, Follower, init_recovery, simulated_log, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -112,20 +112,10 @@ def test_kill9_mid_topic_then_resume_loses_nothing(kafka_broker, kafka_produce, 
     config = flow_config(crash_app, bootstrap, tmp_path / "store")
     first = FlowProcess(config, tmp_path / "crash-1.log", recovery=db, snapshot_s=SNAPSHOT_S)
     first.start()
-    from kafka import KafkaConsumer, TopicPartition
-
-    watch = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tp = TopicPartition(f"{crash_app}.examples", 0)
-    watch.assign([tp])
-    watch.seek(tp, 0)
-    seen = [0]
-
-    def enough_out() -> bool:
-        seen[0] += sum(len(r) for r in watch.poll(timeout_ms=100).values())
-        return seen[0] >= KILL_AT * len(ref)
-
+    watch = Follower(bootstrap, f"{crash_app}.examples")
     try:
-        wait_until(enough_out, 120, "the first third of the examples", every_s=0.05, alive=first)
+        wait_until(lambda: len(watch.poll()) >= KILL_AT * len(ref), 120,
+                   "the first third of the examples", every_s=0.05, alive=first)
     finally:
         watch.close()
     first.kill9()
