@@ -262,16 +262,23 @@ class SnapshotViews:
         self._table_cache: tuple[tuple[ItemTable | None, ...], list[ItemTable],
                                  dict[str, ItemTable]] | None = None
 
-    def poll(self) -> None:
-        """Pick up new snapshot versions (at most every ``poll_ms`` of wall time)."""
+    def poll(self, max_ts: int | None = None) -> None:
+        """Pick up new snapshot versions (at most every ``poll_ms`` of wall time), only
+        versions reflecting no event after ``max_ts`` (event time, ms; None = any).
+
+        Point in time: serving (and impression-time features) must not see snapshots
+        built from events after the ones being processed. A live stream never does
+        (snapshots reflect the past); a replay through several processes would, as one
+        process's item side runs ahead of another's user shards.
+        """
         now = time.monotonic()
         if now < self._next_poll:
             return
         self._next_poll = now + self.poll_ms / 1000.0
-        self.ranker.refresh()
-        self.index.refresh()
+        self.ranker.refresh(max_ts)
+        self.index.refresh(max_ts)
         for reader in self.tables.values():
-            reader.refresh()
+            reader.refresh(max_ts)
 
     def loaded_tables(self) -> list[ItemTable]:
         """The loaded item tables, in ``item_shards`` order (a fresh list)."""
@@ -473,7 +480,7 @@ class Server:
         """Answer one request with its top k."""
         timing = self.stage_ns
         t0 = time.perf_counter_ns() if timing is not None else 0
-        self.views.poll()
+        self.views.poll(request.ts)
         cands, covis = self.retrieve(ctx, request.ts)
         if timing is not None:
             t1 = time.perf_counter_ns()

@@ -89,8 +89,10 @@ class UserShard:
         """Apply a micro-batch of shard ``shard`` in order; return its outputs."""
         self.shard = shard
         self._ingest_ns = ingest_ns or time.time_ns()
-        if self.server is not None:
-            self.server.views.poll()  # impressions and MF see the same snapshots as requests
+        if self.server is not None and events:
+            # Impressions and MF see the same snapshots as requests, none newer than the
+            # batch's first event (point in time).
+            self.server.views.poll(min(e.ts for e in events))
         joiner = self.joiner
         for event in events:
             kind = event.type

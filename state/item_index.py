@@ -555,9 +555,9 @@ class IndexReader:
             for key in [k for k in cache if k[0] == root and k[1] == KIND and k[2] != sha]:
                 cache.pop(key, None)
 
-    def refresh(self) -> bool:
+    def refresh(self, max_ts: int | None = None) -> bool:
         """Offer the store's LATEST index manifest (see ``SnapshotReader.refresh``)."""
-        return any(self.offer(m) for m in self._reader.candidates())
+        return any(self.offer(m) for m in self._reader.candidates(max_ts))
 
     def offer_async(self, manifest: Manifest) -> Future[bool]:
         """Load in the background; queries keep using the current version meanwhile."""

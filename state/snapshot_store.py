@@ -270,20 +270,24 @@ class SnapshotReader(Generic[T]):
         self.manifest = manifest
         return True
 
-    def candidates(self) -> Iterator[Manifest]:
+    def candidates(self, max_ts: int | None = None) -> Iterator[Manifest]:
         """Manifests worth offering, best first: LATEST, then the older versions still in
         the store that are newer than the current one, newest first (consumed lazily:
-        the older ones are only listed when LATEST was not taken)."""
+        the older ones are only listed when LATEST was not taken). With ``max_ts``
+        (event time, ms), only versions that reflect no event after it."""
         latest = self.store.latest(self.kind)
         if latest is None:
             return
-        yield latest
+        if max_ts is None or latest.get("ts", 0) <= max_ts:
+            yield latest
         if self.manifest is None or self.manifest["version"] < latest.get("version", 0):
             yield from (m for m in self.store.manifests(self.kind)
-                        if m["version"] < latest.get("version", 0))
+                        if m["version"] < latest.get("version", 0)
+                        and (max_ts is None or m.get("ts", 0) <= max_ts))
 
-    def refresh(self) -> bool:
-        """Load the newest version of this kind in the store that verifies, if newer than
-        the current one (LATEST first; when it is refused, the versions before it);
-        True when a version became current."""
-        return any(self.offer(m) for m in self.candidates())
+    def refresh(self, max_ts: int | None = None) -> bool:
+        """Load the newest version of this kind in the store that verifies (and, with
+        ``max_ts``, whose event time is at most ``max_ts`` ms), if newer than the
+        current one (LATEST first; when it is refused or too new, the versions before
+        it); True when a version became current."""
+        return any(self.offer(m) for m in self.candidates(max_ts))
