@@ -190,7 +190,7 @@ class SnapshotReader(Generic[T]):
 
     ``offer(manifest)`` loads a newer version if it verifies; on any failure the
     previous version stays current and the error is kept in ``last_error`` (logged
-    once per refused file, not at every poll). ``refresh`` takes the newest version in
+    once per refused file and process, not at every poll). ``refresh`` takes the newest version in
     the store that verifies: when LATEST is refused, the one before it (so a new
     process, with nothing loaded yet, still serves).
     Loaded objects are shared by every reader of the same store in a process
@@ -202,6 +202,9 @@ class SnapshotReader(Generic[T]):
 
     _cache: dict[tuple[str, str, str], Any] = {}
     _cache_lock = threading.Lock()
+    _refusals: set[tuple[Any, ...]] = set()
+    """Refused (store, kind, manifest, file size and mtime): not verified or logged again by
+    any reader of the process until the file changes."""
 
     def __init__(self, store: SnapshotStore, kind: str, loader: Callable[[Path], T]) -> None:
         self.store = store
@@ -211,7 +214,6 @@ class SnapshotReader(Generic[T]):
         self.manifest: Manifest | None = None
         self.refused = 0
         self.last_error: str | None = None
-        self._refused: set[tuple[Any, ...]] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"store": self.store, "kind": self.kind, "loader": self.loader,
@@ -234,7 +236,8 @@ class SnapshotReader(Generic[T]):
             stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
         except (OSError, KeyError, TypeError):
             stat = None
-        return (manifest.get("version"), manifest.get("sha256"), manifest.get("path"), stat)
+        return (str(self.store.root), self.kind, manifest.get("version"), manifest.get("sha256"),
+                manifest.get("path"), stat)
 
     def offer(self, manifest: Manifest) -> bool:
         """Load ``manifest`` if it is newer and verifies; True when it became current."""
@@ -243,8 +246,9 @@ class SnapshotReader(Generic[T]):
         if self.manifest is not None and manifest.get("version", 0) <= self.manifest["version"]:
             return False
         refusal = self._refusal_key(manifest)
-        if refusal in self._refused:
-            return False  # refused before and the file has not changed since
+        with self._cache_lock:
+            if refusal in self._refusals:
+                return False  # refused before and the file has not changed since
         try:
             key = (str(self.store.root), self.kind, manifest["sha256"])
             with self._cache_lock:
@@ -258,9 +262,10 @@ class SnapshotReader(Generic[T]):
         except (SnapshotError, KeyError, OSError, ValueError, EOFError) as err:
             self.refused += 1
             self.last_error = str(err)
-            if len(self._refused) >= 64:
-                self._refused.clear()
-            self._refused.add(refusal)
+            with self._cache_lock:
+                if len(self._refusals) >= 256:
+                    self._refusals.clear()
+                self._refusals.add(refusal)
             keeping = (f"keeping v{self.version}" if self.version is not None
                        else "nothing loaded yet, trying older versions")
             log.error("snapshot %s v%s refused, %s: %s", self.kind, manifest.get("version"),
