@@ -190,9 +190,9 @@ class SnapshotReader(Generic[T]):
 
     ``offer(manifest)`` loads a newer version if it verifies; on any failure the
     previous version stays current and the error is kept in ``last_error`` (logged
-    once per refused file and process, not at every poll). ``refresh`` takes the newest version in
-    the store that verifies: when LATEST is refused, the one before it (so a new
-    process, with nothing loaded yet, still serves).
+    once per refused file and process, not at every poll). ``refresh`` takes the
+    newest version in the store that verifies: when LATEST is refused, the one before
+    it (so a new process, with nothing loaded yet, still serves).
     Loaded objects are shared by every reader of the same store in a process
     (cache keyed by sha256), and are never mutated by readers. Pickles as (store,
     kind, loader, current manifest) and reloads that version on unpickle, so flow

@@ -34,8 +34,6 @@ from state.snapshot_store import SnapshotStore
 
 from .flow_process import FlowProcess, Follower, init_recovery, simulated_log, wait_until
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
 N_EVENTS = 15_000
 SNAPSHOT_S = 1
 KILL_AT = 0.35
@@ -118,6 +116,8 @@ def test_every_stage_state_snapshots_and_resumes(tmp_path) -> None:
         assert len({r["request_id"] for r in recs}) == len(recs)
 
 
+@pytest.mark.kafka
+@pytest.mark.slow
 def test_kill9_mid_topic_then_resume_loses_nothing(kafka_broker, kafka_produce, kafka_read_records,
                                                    tmp_path) -> None:
     bootstrap = kafka_broker.bootstrap

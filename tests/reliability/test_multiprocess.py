@@ -24,8 +24,6 @@ from state.snapshot_store import SnapshotReader, SnapshotStore
 
 from .flow_process import FlowProcess, simulated_log
 
-pytestmark = pytest.mark.slow
-
 SPEED = 50.0
 
 
@@ -51,6 +49,7 @@ def run(log: Path, out: Path, processes: int) -> dict[str, Any]:
             "positives": rates["positives"], "summary": summary}
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_examples_and_hr(tmp_path) -> None:
     lines = simulated_log(tmp_path / "log.jsonl", 10_000, seed=3, requests_per_s=1.0,
                           n_users=300, n_items=100, n_categories=5, organic_per_request=1.0,
