@@ -2,7 +2,7 @@
 (``python -m bytewax.run -i/-a``) gives the same examples and the same HR@10 within noise.
 
 The log is a seeded simulator log with an evaluation request before every organic
-positive (prequential HR@10, ``flows.evaluate.hit_rates``), replayed at 50x event time:
+positive (prequential HR@10, ``flows.evaluate.hit_rates``), replayed at 30x event time:
 a pace both runs keep up with, like a live stream. (Replayed as fast as possible, the
 2-process run serves from staler index snapshots, because its single-key index builder
 and trainer lag further behind the user shards in wall time; docs/operations.md has the
@@ -24,7 +24,7 @@ from state.snapshot_store import SnapshotReader, SnapshotStore
 
 from .flow_process import FlowProcess, simulated_log
 
-SPEED = 50.0
+SPEED = 30.0
 
 
 def run(log: Path, out: Path, processes: int) -> dict[str, Any]:
