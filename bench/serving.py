@@ -32,7 +32,7 @@ tables, the poll that verifies and loads them (it runs inside ``recommend``) and
 first request on them (which builds the cached top lists).
 
 ``--sources`` defaults to about 200 candidates per request after filtering (the flow's
-default ``serving.sources`` gives ~2.5x more). ``gc`` thresholds are the flow's
+default ``serving.sources`` asks for 350). ``gc`` thresholds are the flow's
 (``flows.recsys.GC_THRESHOLD``).
 
 Usage: ``python bench/serving.py [--items N] [--users U] [--requests R] [--sources S]
@@ -260,7 +260,7 @@ def main() -> None:
     ap.add_argument("--impressions", type=int, default=40, help="impressions per user")
     ap.add_argument("--requests", type=int, default=2_000)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--sources", default="ann=50,covis=80,trending=10,popular=20",
+    ap.add_argument("--sources", default="ann=70,covis=110,trending=15,popular=25",
                     help="candidates per retrieval source (ServingConfig.sources)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
