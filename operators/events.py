@@ -29,6 +29,12 @@ MAX_ID_LEN = 256
 MAX_RAW_IN_DEAD_LETTER = 4096
 """Raw input longer than this (bytes) is truncated inside its dead-letter record."""
 
+MAX_DEPTH = 32
+"""Deepest accepted nesting of objects and arrays; the event object itself is level 1.
+Deeper payloads could not be written back out (orjson serialises at most 254 levels,
+and examples embed ``context`` one level down) nor pickled reliably (Python's
+recursion limit), so they are dead letters (``too_deep``)."""
+
 
 class _Record:
     """Mapping-style read access (``event.get("ts")``) for code written against dicts."""
@@ -211,6 +217,31 @@ def _build(kind: str, obj: dict[str, Any], ts: int) -> Event:
     return User(ts, _id(obj, "user_id"), _dict(obj, "attrs"))
 
 
+def _too_deep(obj: dict[str, Any], limit: int) -> bool:
+    """True when objects/arrays inside ``obj`` (level 1) nest deeper than ``limit``.
+
+    Iterative (no recursion on hostile input); a flat event costs one pass over its
+    top-level values (~0.4 us)."""
+    stack: list[tuple[Any, int]] | None = None
+    for value in obj.values():
+        kind = type(value)
+        if (kind is dict or kind is list) and value:
+            if stack is None:
+                stack = []
+            stack.append((value, 2))
+    if stack is None:
+        return False
+    while stack:
+        value, depth = stack.pop()
+        for child in (value.values() if isinstance(value, dict) else value):
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                if child:
+                    stack.append((child, depth + 1))
+    return False
+
+
 def event_to_dict(event: Event) -> dict[str, Any]:
     """The canonical JSON-ready dict of a parsed event (inverse of parsing)."""
     out: dict[str, Any] = {"type": event.type}
@@ -266,9 +297,13 @@ class EventParser:
             try:
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError as err:
+                if str(err).startswith("depth limit exceeded"):
+                    raise Invalid("too_deep", f"nesting deeper than {MAX_DEPTH} levels") from None
                 raise Invalid("malformed_json", str(err)) from None
             if not isinstance(obj, dict):
                 raise Invalid("not_object", f"expected a JSON object, got {type(obj).__name__}")
+        if _too_deep(obj, MAX_DEPTH):
+            raise Invalid("too_deep", f"nesting deeper than {MAX_DEPTH} levels")
         kind = obj.get("type")
         if kind is None:
             raise Invalid("missing_field", "'type' is required")
@@ -301,8 +336,11 @@ def dead_letter(raw: bytes | str | dict[str, Any], reason: str, detail: str) -> 
     if isinstance(raw, dict):
         try:
             raw = orjson.dumps(raw, default=str)
-        except TypeError:
-            raw = repr(raw).encode()
+        except TypeError:  # e.g. nested deeper than orjson writes
+            try:
+                raw = repr(raw).encode("utf-8", "backslashreplace")
+            except RecursionError:
+                raw = f"<{type(raw).__name__} nested too deep to print>".encode()
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "backslashreplace")
     record: dict[str, Any] = {

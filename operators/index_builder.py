@@ -31,10 +31,13 @@ class IndexSettings:
     ef_construction: int = doc("HNSW build breadth.", 100)
     ef: int = doc("HNSW serving search breadth.", 200)
     rebuild_fraction: float = doc("Changed/live items above which a refresh rebuilds.", 0.3)
+    threads: int = doc("Threads inserting into the HNSW graph (refreshes and rebuilds); 1 makes "
+                       "the graph, and so the ANN candidates, the same in every replay of a "
+                       "log (several threads insert in a racy order).", 2)
 
     def index_config(self, dim: int) -> IndexConfig:
         return IndexConfig(dim=dim, M=self.M, ef_construction=self.ef_construction, ef=self.ef,
-                           rebuild_fraction=self.rebuild_fraction)
+                           rebuild_fraction=self.rebuild_fraction, num_threads=self.threads)
 
 
 class IndexStage:

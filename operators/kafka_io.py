@@ -655,6 +655,13 @@ class KafkaSink(DynamicSink[list[dict[str, Any]]]):
             "bootstrap_timeout_ms": 5000,
             "max_block_ms": 10_000,
             "reconnect_backoff_max_ms": 1000,
+            # kafka-python's idempotent producer (its default since 2.1) lost records
+            # that were in flight when the broker restarted: their futures succeeded
+            # but the records were not on the broker afterwards (Tansu; 30-60 of
+            # ~10,000 over three restarts, tests/reliability/test_broker_outage.py).
+            # Without idempotence a retry may write a record twice instead, which
+            # at-least-once delivery with deterministic ids allows.
+            "enable_idempotence": False,
         }
         cfg.update(self.producer_config)
         cfg["bootstrap_servers"] = self.bootstrap

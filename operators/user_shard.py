@@ -276,9 +276,12 @@ class UserShard:
         return extras
 
     # -- lifecycle --------------------------------------------------------------------
-    def idle(self, idle_s: float) -> ShardOutput:
-        """Wall-clock fallback for idle live streams: advance by ``idle_s`` seconds."""
-        self.joiner.advance_idle(int(idle_s * 1000))
+    def idle(self, idle_s: float, now_ms: int | None = None) -> ShardOutput:
+        """Wall-clock fallback for idle live streams: advance by ``idle_s`` seconds
+        (only when event time tracks the wall clock ``now_ms``, epoch ms; see
+        ``Joiner.advance_idle``)."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        self.joiner.advance_idle(int(idle_s * 1000), now)
         return self._drain()
 
     def flush(self) -> ShardOutput:

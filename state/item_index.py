@@ -73,8 +73,10 @@ class IndexConfig:
     seed: int = 100
 
     def __post_init__(self) -> None:
-        if self.dim < 1 or self.M < 2 or self.ef < 1 or self.ef_construction < 1:
-            raise ValueError("need dim >= 1, M >= 2, ef >= 1, ef_construction >= 1")
+        if (self.dim < 1 or self.M < 2 or self.ef < 1 or self.ef_construction < 1
+                or self.num_threads < 1):
+            raise ValueError("need dim >= 1, M >= 2, ef >= 1, ef_construction >= 1, "
+                             "num_threads >= 1")
         if self.space not in ("ip", "cosine"):
             raise ValueError(f"unsupported space {self.space!r} (ip or cosine)")
 

@@ -71,7 +71,10 @@ class JoinConfig:
     allowed_lateness_ms: int = doc("Watermark = max event time seen minus this (ms).", 30_000)
     idle_flush_s: float = doc(
         "Wall-clock fallback: when a shard saw no event for this long (s), its watermark "
-        "advances by the idle wall time so windows of an idle live stream still close.",
+        "advances by the idle wall time so windows of an idle live stream still close. Only "
+        "for live streams: the shard's newest event time must have been within "
+        "allowed_lateness_ms of the wall clock when its last event arrived (a replayed or "
+        "backlogged stream that stalls, e.g. in a broker outage, keeps event time).",
         10.0,
     )
     positive: dict[str, float] = doc(
@@ -174,9 +177,12 @@ class Joiner:
         return self.max_ts_ms - self.config.allowed_lateness_ms
 
     def observe(self, ts_ms: int) -> None:
-        """Advance the shard's event clock with any event's ``ts`` (ms)."""
+        """Advance the shard's event clock with any event's ``ts`` (ms); windows (and
+        orphans) the new watermark passes close at once, before the event is applied,
+        so results never depend on where micro-batches begin and end."""
         if self.max_ts_ms is None or ts_ms > self.max_ts_ms:
             self.max_ts_ms = ts_ms
+            self.advance()
 
     # -- inputs -----------------------------------------------------------------
     def on_impression(self, imp: Impression) -> None:
@@ -223,11 +229,23 @@ class Joiner:
         self._expire_orphans(watermark)
         self._forget_closed(watermark - self.config.dedup_horizon_ms)
 
-    def advance_idle(self, idle_ms: int) -> None:
-        """Wall-clock fallback: move the clock ``idle_ms`` forward and close windows."""
-        if self.max_ts_ms is not None and idle_ms > 0:
-            self.max_ts_ms += idle_ms
-            self.advance()
+    def advance_idle(self, idle_ms: int, now_ms: int) -> bool:
+        """Wall-clock fallback: move the clock ``idle_ms`` forward and close windows,
+        when the stream is live: the newest event time was within the allowed lateness
+        of the wall clock ``now_ms - idle_ms`` at which the last event arrived (epoch
+        ms). Returns whether it advanced.
+
+        A replayed log (event time far behind the wall clock) or a backlog that stalls
+        (broker outage, slow producer) is not idle in event time: closing its windows
+        by wall time would turn feedback that is still coming into late labels.
+        """
+        if self.max_ts_ms is None or idle_ms <= 0:
+            return False
+        if self.max_ts_ms < now_ms - idle_ms - self.config.allowed_lateness_ms:
+            return False
+        self.max_ts_ms += idle_ms
+        self.advance()
+        return True
 
     def flush(self) -> None:
         """End of input: close every window and release every orphan."""

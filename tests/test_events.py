@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from operators.events import (
+    MAX_DEPTH,
     MAX_TS_MS,
     EventParser,
     Feedback,
@@ -132,7 +133,15 @@ def test_batch_keeps_every_valid_event_in_order() -> None:
     assert len(dead) == 10 and {d["reason"] for d in dead} == {"malformed_json"}
 
 
-def test_deep_nesting_is_a_dead_letter_not_a_crash() -> None:
-    raw = b'{"type":"user","ts":1,"user_id":"u","attrs":' + b"[" * 5000 + b"]" * 5000 + b"}"
+@pytest.mark.parametrize("levels", [MAX_DEPTH, MAX_DEPTH + 1, 300, 5000])
+def test_deep_nesting_is_a_dead_letter_not_a_crash(levels: int) -> None:
+    """The event object is level 1 and ``attrs`` level 2: ``levels - 2`` arrays inside
+    it make ``levels`` levels in all."""
+    inner = b"[" * (levels - 2) + b"]" * (levels - 2)
+    raw = b'{"type":"user","ts":1,"user_id":"u","attrs":{"a":' + inner + b"}}"
     out = EventParser(max_bytes=1 << 20).parse(raw)
-    assert out["reason"] == "malformed_json"
+    if levels <= MAX_DEPTH:
+        assert isinstance(out, User)
+        orjson.dumps({"features": {}, "context": event_to_dict(out)})  # writable
+    else:
+        assert out["reason"] == "too_deep", out
