@@ -14,11 +14,13 @@ refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -172,10 +174,13 @@ class SnapshotReader(Generic[T]):
     ``offer(manifest)`` loads a newer version if it verifies; on any failure the
     previous version stays current and the error is kept in ``last_error``.
     Loaded objects are shared by every reader of the same store in a process
-    (cache keyed by sha256), and are never mutated by readers.
+    (cache keyed by sha256), and are never mutated by readers. The cache holds them
+    weakly: a version stays loaded while some reader has it current, so a process holds
+    one copy of each version in use and never the versions its readers moved past.
     """
 
-    _cache: dict[tuple[str, str, str], Any] = {}
+    _cache: weakref.WeakValueDictionary[tuple[str, str, str], Any] = (
+        weakref.WeakValueDictionary())
     _cache_lock = threading.Lock()
 
     def __init__(self, store: SnapshotStore, kind: str, loader: Callable[[Path], T]) -> None:
@@ -203,10 +208,8 @@ class SnapshotReader(Generic[T]):
                 obj = self._cache.get(key)
             if obj is None:
                 obj = self.loader(self.store.verified_path(manifest))
-                with self._cache_lock:
-                    if len(self._cache) > 32:
-                        self._cache.clear()
-                    self._cache[key] = obj
+                with self._cache_lock, contextlib.suppress(TypeError):
+                    self._cache[key] = obj  # TypeError: not weakly referable, not shared
         except (SnapshotError, KeyError, OSError, ValueError, EOFError) as err:
             self.refused += 1
             self.last_error = str(err)
