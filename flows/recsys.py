@@ -167,6 +167,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
                 covis=config.items.covis_config() if items_on else None,
                 serving=config.serving, views=views,
                 item_shard_of=item_shard_of, max_users=config.shards.max_users,
+                max_items=config.shards.max_items, hot_profiles=config.shards.hot_profiles,
                 covis_any=items_on and config.items.covis_any)
         return UserShardLogic(resume)
 
@@ -216,7 +217,8 @@ def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: Sn
         return [(key, (key, part)) for key, part in buckets.items()]
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
-        return ItemShardLogic(resume or ItemShard(config.items, store, config.features))
+        return ItemShardLogic(resume or ItemShard(config.items, store, config.features,
+                                                  hot_profiles=config.shards.hot_profiles))
 
     item_out = op.map("item_shard_out",
                       op.stateful("item_shard", op.flat_map("route_items", updates, route),
@@ -224,8 +226,12 @@ def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: Sn
                       lambda kv: kv[1])
     dim = config.items.mf_config().dim
 
+    # Changed items between refreshes: at most what the item tables hold, twice over
+    # (items leaving and entering) before an early refresh.
+    max_pending = 2 * config.shards.items * config.items.mf_config().max_items
+
     def index_builder(resume: IndexStage | None) -> IndexBuilderLogic:
-        return IndexBuilderLogic(resume or IndexStage(config.index, dim, store))
+        return IndexBuilderLogic(resume or IndexStage(config.index, dim, store, max_pending))
 
     changes = op.flat_map("index_changes", item_out, lambda o: o.get("index", []))
     index_out = op.map("index_out",

@@ -67,11 +67,15 @@ class Ranker:
         batch_size: mini-batch size of ``learn_many`` for ``efm`` (others learn per example).
         hold_positives_ms: hold positives until the clock passes ``ts + hold`` (ms);
             None learns every example on arrival (see the module docstring).
+        max_features: lr/fm: most weights kept (one per distinct feature name, e.g. one
+            per user and item ID); beyond it the smallest ``|weight|`` are dropped down
+            to 90% of it (with their optimizer state). 0: no limit. efm is bounded by
+            its table's ``max_rows``.
     """
 
     def __init__(self, kind: RankerKind, model: base.Classifier,
                  negative_rate: float | None = None, batch_size: int = 256,
-                 hold_positives_ms: int | None = None) -> None:
+                 hold_positives_ms: int | None = None, max_features: int = 0) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown ranker kind {kind!r}; expected one of {KINDS}")
         if negative_rate is not None and not 0.0 < negative_rate <= 1.0:
@@ -80,6 +84,8 @@ class Ranker:
             raise ValueError("batch_size must be >= 1")
         if hold_positives_ms is not None and hold_positives_ms < 0:
             raise ValueError("hold_positives_ms must be >= 0 or None")
+        if max_features < 0:
+            raise ValueError("max_features must be >= 0 (0 = no limit)")
         self.kind = kind
         self.model = model
         self.negative_rate = negative_rate
@@ -91,6 +97,8 @@ class Ranker:
         self.last_ts_ms: int | None = None  # latest example ts seen (ms): the ranker's clock
         self._held: list[tuple[int, int, Example, Features | None]] = []  # heap by release ms
         self._held_seq = 0
+        self.max_features = max_features
+        self.pruned = 0  # weights dropped by the max_features bound
 
     def __repr__(self) -> str:
         return (f"Ranker(kind={self.kind!r}, rate={self.rate:g}, n_learned={self.n_learned}, "
@@ -188,6 +196,8 @@ class Ranker:
         if self.kind != "efm":
             for i, ex in enumerate(examples):
                 self._learn_one(ex, None if features is None else features[i])
+            if self.max_features:
+                self._prune()
             return
         bs = self.batch_size
         for start in range(0, len(examples), bs):
@@ -198,6 +208,20 @@ class Ranker:
             ys = [bool(ex["label"]) for ex in chunk]
             self.model.learn_many(xs, ys, ws, now_ms=self.last_ts_ms)
             self.n_learned += len(chunk)
+
+    def _prune(self) -> None:
+        """Keep the ``0.9 * max_features`` largest ``|weight|`` once there are more than
+        ``max_features`` weights (lr: with their Adagrad sums; fm: with their latents)."""
+        model = self.model
+        weights = model._weights if self.kind == "lr" else model.weights
+        if len(weights) <= self.max_features:
+            return
+        ranked = sorted(weights.items(), key=lambda kv: abs(kv[1]), reverse=True)
+        state = (getattr(model.optimizer, "g2", {}) if self.kind == "lr" else model.latents)
+        for name, _ in ranked[int(0.9 * self.max_features):]:
+            weights.pop(name)
+            state.pop(name, None)
+            self.pruned += 1
 
     # --- serving --------------------------------------------------------------------------
 
@@ -238,6 +262,10 @@ class Ranker:
         """kind, rate, n_learned, last_ts_ms, plus the table's stats for efm."""
         out: dict[str, Any] = {"kind": self.kind, "rate": self.rate, "n_learned": self.n_learned,
                                "held": self.held, "last_ts_ms": self.last_ts_ms}
+        if self.kind != "efm":
+            model = self.model
+            out["weights"] = len(model._weights if self.kind == "lr" else model.weights)
+            out["pruned"] = self.pruned
         if self.kind == "efm":
             out["table"] = self.model.stats()
         return out
@@ -251,7 +279,7 @@ def positive_hold_ms(join: JoinConfig) -> int:
 
 def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
                 batch_size: int = 256, hold_positives_ms: int | None = None,
-                **params: Any) -> Ranker:
+                max_features: int = 0, **params: Any) -> Ranker:
     """Build a ``Ranker``; ``params`` go to the model.
 
     * lr: ``lr`` (Adagrad rate, 0.1), ``l2`` (0), ``intercept_lr`` (0.01);
@@ -277,4 +305,4 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
     else:
         raise ValueError(f"unknown ranker kind {kind!r}; expected one of {KINDS}")
     return Ranker(kind, model, negative_rate=negative_rate, batch_size=batch_size,
-                  hold_positives_ms=hold_positives_ms)
+                  hold_positives_ms=hold_positives_ms, max_features=max_features)

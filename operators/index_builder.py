@@ -41,10 +41,17 @@ class IndexSettings:
 
 
 class IndexStage:
-    """Pending changes (last write wins per item) and the refresh schedule."""
+    """Pending changes (last write wins per item) and the refresh schedule.
 
-    def __init__(self, settings: IndexSettings, dim: int, store: SnapshotStore) -> None:
+    ``max_pending``: changed items held between refreshes at most (0 = no limit); beyond
+    it the index refreshes before its interval, so under heavy churn the pending
+    vectors stay bounded by the item tables' capacity instead of the churn rate.
+    """
+
+    def __init__(self, settings: IndexSettings, dim: int, store: SnapshotStore,
+                 max_pending: int = 0) -> None:
         self.settings = settings
+        self.max_pending = max_pending
         self.store = store
         self.builder = IndexBuilder(settings.index_config(dim))
         self.pending: dict[str, np.ndarray | None] = {}
@@ -62,7 +69,8 @@ class IndexStage:
             self.max_ts_ms = ts
         if self.last_publish_ms is None:
             self.last_publish_ms = self.max_ts_ms
-        if self.max_ts_ms - self.last_publish_ms >= self.settings.refresh_interval_ms:
+        if (self.max_ts_ms - self.last_publish_ms >= self.settings.refresh_interval_ms
+                or 0 < self.max_pending < len(self.pending)):
             return [self.refresh()]
         return []
 

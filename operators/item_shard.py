@@ -20,6 +20,7 @@ Outputs per batch: changed item vectors for the index builder, and, every
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from state.popularity import PopularityCounter
 from state.profiles import ProfileStore
 from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotStore
+from state.user_history import lru_put
 
 Record = dict[str, Any]
 Update = tuple[Any, ...]
@@ -61,7 +63,9 @@ class ItemsConfig:
                                    60_000)
     popular_half_life_ms: int = doc("Half-life of the popularity counts (ms).", 7 * 86_400_000)
     trending_half_life_ms: int = doc("Half-life of the trending counts (ms).", 6 * 3_600_000)
-    max_items: int = doc("Items tracked per shard by popularity counters.", 1_000_000)
+    max_items: int = doc("Items tracked per item shard: catalog entries (published in its item "
+                         "table), item profiles and popularity counters; least recently seen "
+                         "forgotten first.", 1_000_000)
     covis: dict[str, Any] = doc("Co-visitation parameters (state.covisitation.CoVisConfig: "
                                 "half_life_ms, max_neighbors, window, position_decay, "
                                 "prune_slack, max_items); keys not given keep the defaults shown.",
@@ -82,12 +86,15 @@ class ItemShard:
     """All item-side state of one shard (pure Python); ``process`` a batch, ``publish`` a view."""
 
     def __init__(self, config: ItemsConfig, store: SnapshotStore,
-                 features: list[dict[str, Any]] | None = None) -> None:
+                 features: list[dict[str, Any]] | None = None,
+                 hot_profiles: int = 10_000) -> None:
         self.config = config
         self.store = store
         specs = [f for f in (features or []) if f.get("entity") == "item"]
-        self.profiles = ProfileStore(parse_features(specs), "item") if specs else None
-        self.profiled: set[str] = set()
+        self.profiles = (ProfileStore(parse_features(specs), "item", max_entities=config.max_items,
+                                      hot_capacity=hot_profiles) if specs else None)
+        self.profiled: OrderedDict[str, None] = OrderedDict()
+        """Items with a profile, least recently seen first (at most ``max_items``)."""
         self.shard = ""
         self.factors = ItemFactors(config.mf_config())
         self.covis = CoVisitation(config.covis_config())
@@ -99,7 +106,8 @@ class ItemShard:
         popularity that normalises each channel's candidate scores at serving."""
         self.popular = PopularityCounter(config.max_items, config.popular_half_life_ms)
         self.trending = PopularityCounter(config.max_items, config.trending_half_life_ms)
-        self.catalog: dict[str, CatalogEntry] = {}
+        self.catalog: OrderedDict[str, CatalogEntry] = OrderedDict()
+        """Least recently seen first; at most ``max_items`` entries."""
         self.max_ts_ms: int | None = None
         self.last_publish_ms: int | None = None
         self.sent_version = 0
@@ -137,7 +145,7 @@ class ItemShard:
                 self._observe(event.ts)
                 if self.profiles is not None:
                     self.profiles.apply(event)
-                    self.profiled.add(event.item_id)
+                    lru_put(self.profiled, event.item_id, None, self.config.max_items)
             elif kind == "pair":
                 _, a, b, w, ts = update
                 self._observe(ts)
@@ -184,7 +192,8 @@ class ItemShard:
     def _see(self, item_id: str, ts: int) -> CatalogEntry:
         entry = self.catalog.get(item_id)
         if entry is None:
-            entry = self.catalog[item_id] = CatalogEntry(first_seen_ms=ts)
+            entry = CatalogEntry(first_seen_ms=ts)
+        lru_put(self.catalog, item_id, entry, self.config.max_items)
         return entry
 
     def _index_change(self) -> IndexChange | None:

@@ -70,7 +70,8 @@ class _ReplayPartition(StatefulSourcePartition[list[bytes], int]):
 
     def __init__(self, path: str, offset: int, batch_size: int, speed: float) -> None:
         self._file = open_log(path)
-        self._file.seek(offset)
+        if offset:  # a fresh start never seeks, so the log may be a named pipe (FIFO)
+            self._file.seek(offset)
         self._offset = offset
         self._batch_size = batch_size
         self._pacer = _Pacer(speed)

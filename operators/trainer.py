@@ -47,6 +47,13 @@ class RankerConfig:
         "model. False scores and learns on arrival (positives first: fresher, biased up).", True)
     params: dict[str, Any] = doc("Model parameters passed to models.rankers.make_ranker "
                                  "(e.g. lr, n_factors, k, admit_threshold).", factory=dict)
+    max_waiting: int = doc("delay_to_labels: examples waiting for their labels at most (the queue "
+                           "holds example rate x (join wait + lateness)); beyond it the oldest "
+                           "are scored and learned early (counted as learned_early).", 200_000)
+    max_features: int = doc("lr/fm: weights kept (one per distinct feature, e.g. one per user "
+                            "and item ID); beyond it the smallest |weight| are dropped down to "
+                            "90% of it. 0 = no limit (efm: bounded by params.max_rows).",
+                            1_000_000)
 
 
 def load_ranker(path: Path) -> Ranker:
@@ -65,7 +72,8 @@ class Trainer:
                  label_delay_ms: int = 0) -> None:
         self.config = config
         self.store = store
-        self.model = make_ranker(config.kind, negative_rate=negative_rate, **config.params)
+        self.model = make_ranker(config.kind, negative_rate=negative_rate,
+                                 max_features=config.max_features, **config.params)
         self.label_delay_ms = label_delay_ms if config.delay_to_labels else 0
         self._waiting: list[tuple[int, int, Record]] = []
         self._seq = 0
@@ -77,6 +85,8 @@ class Trainer:
         self.since_sync = 0
         self.since_metrics = 0
         self.version: int | None = None
+        self.learned_early = 0
+        """Examples learned before their labels were all known (``max_waiting``)."""
 
     def process(self, examples: list[Record]) -> TrainerOutput:
         """Queue a batch; score-then-learn what is due (impression-time order); sync/report."""
@@ -88,7 +98,12 @@ class Trainer:
             self._seq += 1
         if self.max_seen_ms is None:
             return {}
-        return self._learn(self._due(self.max_seen_ms - self.label_delay_ms))
+        due = self._due(self.max_seen_ms - self.label_delay_ms)
+        over = len(self._waiting) - self.config.max_waiting
+        if over > 0:  # the oldest (next due) go early: a bound on the queue's memory
+            due.extend(heapq.heappop(self._waiting)[2] for _ in range(over))
+            self.learned_early += over
+        return self._learn(due)
 
     def _due(self, until_ms: int | None) -> list[Record]:
         """Pop queued examples with ts <= until_ms (all when None), oldest first."""
@@ -144,7 +159,7 @@ class Trainer:
         self.since_metrics = 0
         record = {"kind": "ranker_final" if final else "ranker", "ts": self.max_ts_ms,
                   "model_version": self.version, "ranker": self.config.kind,
-                  **self.metrics.report()}
+                  "learned_early": self.learned_early, **self.metrics.report()}
         if final and self.metrics.count:
             record["reliability"] = self.metrics.reliability(10)
         return record

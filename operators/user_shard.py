@@ -39,7 +39,7 @@ from state.embedding_table import keys_of
 from state.hashing import stable_hash64
 from state.join_state import JoinConfig, Joiner
 from state.profiles import ProfileStore, stores_for
-from state.user_history import UserHistory
+from state.user_history import UserHistory, lru_put
 
 Record = dict[str, Any]
 ShardOutput = dict[str, list[Any]]
@@ -53,17 +53,22 @@ class UserShard:
                  mf: MFConfig | None = None, covis: CoVisConfig | None = None,
                  serving: ServingConfig | None = None, views: SnapshotViews | None = None,
                  item_shard_of: Callable[[str], str] | None = None,
-                 max_users: int = 1_000_000, covis_any: bool = False) -> None:
+                 max_users: int = 1_000_000, covis_any: bool = False,
+                 max_items: int = 1_000_000, hot_profiles: int = 10_000) -> None:
         self.shard = ""
         self.history = UserHistory(max_users=max_users)
         self.liked = UserHistory(max_users=max_users)
         """Each user's positives only (``history`` holds every interaction)."""
         self.joiner = Joiner(join, sampler, self.history, self.example_features)
-        self.catalog: dict[str, dict[str, Any]] = {}
+        self.catalog: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        """Item attributes (+ ``available``), least recently updated or used first."""
+        self.max_items = max_items
         self.user_attrs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.max_users = max_users
         specs = [f for f in (features or []) if f.get("entity") != "item"]
-        self.profiles: dict[str, ProfileStore] = stores_for(specs) if specs else {}
+        self.profiles: dict[str, ProfileStore] = (
+            stores_for(specs, max_entities=max_users, hot_capacity=hot_profiles)
+            if specs else {})
         self.item_profiles = covis is not None and any(
             f.get("entity") == "item" for f in (features or []))
         """Send impressions and feedback to the item shards (item profiles live there)."""
@@ -77,6 +82,8 @@ class UserShard:
         if self.server is not None:
             self.server.features = self.item_features
             self.server.unavailable = self._unavailable
+            duel = self.server.duel  # remembers each requesting user's last two top-k lists
+            duel.max_users = min(duel.max_users, max_users)
         self.idle_flush_s = join.idle_flush_s
         self.requests = 0
         self._item_updates: list[tuple[Any, ...]] = []
@@ -203,14 +210,12 @@ class UserShard:
                                                 self._ingest_ns))
 
     def _item(self, item: Item) -> None:
-        self.catalog[item.item_id] = dict(item.attrs, available=item.available)
+        lru_put(self.catalog, item.item_id, dict(item.attrs, available=item.available),
+                self.max_items)
         self._item_updates.append(("item", item))
 
     def _remember_user(self, user_id: str, attrs: dict[str, Any]) -> None:
-        self.user_attrs[user_id] = attrs
-        self.user_attrs.move_to_end(user_id)
-        if len(self.user_attrs) > self.max_users:
-            self.user_attrs.popitem(last=False)
+        lru_put(self.user_attrs, user_id, attrs, self.max_users)
 
     def _profile(self, event: Event) -> None:
         for store in self.profiles.values():
@@ -221,7 +226,11 @@ class UserShard:
         return attrs is not None and attrs.get("available", True) is False
 
     def _item_attrs(self, item_id: str) -> dict[str, Any] | None:
-        return self.catalog.get(item_id)
+        """The item's attributes for the profiles of an interaction (marks it used)."""
+        attrs = self.catalog.get(item_id)
+        if attrs is not None:
+            self.catalog.move_to_end(item_id)
+        return attrs
 
     # -- features -------------------------------------------------------------------
     def context(self, user_id: str, ts_ms: int | None) -> UserContext:

@@ -542,20 +542,7 @@ class IndexReader:
                 return False
             assert self._reader.manifest is not None and self._reader.current is not None
             self._live = (self._reader.manifest, self._reader.current)
-            self._drop_stale_cache()
             return True
-
-    def _drop_stale_cache(self) -> None:
-        """Let older index versions be freed: SnapshotReader caches up to 33 loaded
-        objects per process, which for indexes would pin many full copies."""
-        cache = getattr(SnapshotReader, "_cache", None)
-        lock = getattr(SnapshotReader, "_cache_lock", None)
-        if not isinstance(cache, dict) or lock is None or self._live is None:
-            return
-        root, sha = str(self.store.root), self._live[0].get("sha256")
-        with lock:
-            for key in [k for k in cache if k[0] == root and k[1] == KIND and k[2] != sha]:
-                cache.pop(key, None)
 
     def refresh(self, max_ts: int | None = None) -> bool:
         """Offer the store's LATEST index manifest (see ``SnapshotReader.refresh``)."""

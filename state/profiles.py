@@ -306,13 +306,14 @@ class _Cache:
 class _Profile:
     """Decoded profile. ``feats[f]`` is None or ``[raw, slices, tail, tail_end]``."""
 
-    __slots__ = ("max_ts", "cf", "feats", "dirty", "cache", "due", "due_min")
+    __slots__ = ("max_ts", "cf", "feats", "dirty", "blob", "cache", "due", "due_min")
 
     def __init__(self, n_feats: int, due: int = FAR) -> None:
         self.max_ts: int | None = None  # newest event ts of this entity (ms)
         self.cf: int | None = None  # watermark floored to g0 at the last compaction pass
         self.feats: list[Any] = [None] * n_feats
         self.dirty = True
+        self.blob: bytes | None = None  # the encoded profile while not dirty
         self.cache: _Cache | None = None
         # per feature: the watermark at which its layout next needs compaction work
         # (not persisted: a decoded profile starts at -FAR = "check everything")
@@ -377,6 +378,7 @@ class ProfileStore:
         flush_interval_ms: int = 1_000,
         hot_capacity: int = 10_000,
         compress_level: int = 6,
+        max_entities: int = 0,
     ) -> None:
         all_specs = as_specs(specs)
         self.entity_kind = entity_kind
@@ -393,18 +395,21 @@ class ProfileStore:
             raise ValueError("raw_ms: must be <= the finest tier's span minus its granularity")
         if batch_size < 1 or hot_capacity < 1:
             raise ValueError("batch_size and hot_capacity must be >= 1")
+        if max_entities < 0:
+            raise ValueError("max_entities must be >= 0 (0 = no limit)")
         self.params: dict[str, Any] = {
             "tiers": [list(t) for t in self.tiers], "raw_ms": raw_ms, "lateness_ms": lateness_ms,
             "retention_ms": retention_ms, "batch_size": batch_size,
             "flush_interval_ms": flush_interval_ms, "hot_capacity": hot_capacity,
-            "compress_level": compress_level,
+            "compress_level": compress_level, "max_entities": max_entities,
         }
         self._g0 = self.tiers[0][0]
         self._raw_ms = raw_ms
         self._lateness = lateness_ms
         self._batch = batch_size
         self._flush_ms = flush_interval_ms
-        self._cap = hot_capacity
+        self._cap = min(hot_capacity, max_entities) if max_entities else hot_capacity
+        self._max_entities = max_entities
         self._level = compress_level
         self._cross = self.specs[0].cross_attr
 
@@ -462,7 +467,8 @@ class ProfileStore:
         self.counters: dict[str, int] = dict.fromkeys((
             "events", "writes", "flushes", "merged_writes", "late_writes", "tail_writes",
             "dropped_writes", "skipped_no_id", "skipped_no_attr", "skipped_bad_value",
-            "cache_hits", "cache_refreshes", "past_queries", "encodes", "decodes"), 0)
+            "cache_hits", "cache_refreshes", "past_queries", "encodes", "decodes",
+            "evicted"), 0)
 
     # ------------------------------------------------------------------ public API
 
@@ -602,12 +608,15 @@ class ProfileStore:
     def snapshot(self) -> dict[str, Any]:
         """Picklable state: config, compressed profiles and the unflushed write buffer.
 
-        Does not flush; hot profiles that changed are encoded (and stay hot).
+        Does not flush; hot profiles that changed are encoded (and stay hot). Profiles
+        are listed least recently used first.
         """
+        profiles = dict(self._cold)
         for key, p in self._hot.items():
             if p.dirty:
-                self._cold[key] = self._encode(p)
+                p.blob = self._encode(p)
                 p.dirty = False
+            profiles[key] = p.blob
         return {
             "format": _FORMAT,
             "entity_kind": self.entity_kind,
@@ -615,7 +624,7 @@ class ProfileStore:
             "params": dict(self.params),
             "now": self._now,
             "buf_since": self._buf_since,
-            "profiles": dict(self._cold),
+            "profiles": profiles,
             "buffer": [(k, [tuple(w) for w in ws]) for k, ws in self._buffer.items()],
             "counters": dict(self.counters),
         }
@@ -642,14 +651,13 @@ class ProfileStore:
 
     def stats(self) -> dict[str, Any]:
         """Counters plus sizes: entities, hot profiles, compressed bytes, buffered writes."""
-        keys = set(self._cold).union(self._hot)
         hot_slices = sum(len(fs[1]) for p in self._hot.values() for fs in p.feats if fs)
         hot_raw = sum(len(fs[0]) for p in self._hot.values() for fs in p.feats if fs)
         return {
             "entity_kind": self.entity_kind,
             "features": len(self.specs),
             "outputs": len(self._out_names),
-            "entities": len(keys),
+            "entities": len(self._cold) + len(self._hot),
             "hot": len(self._hot),
             "cold": len(self._cold),
             "cold_bytes": sum(len(b) for b in self._cold.values()),
@@ -716,13 +724,18 @@ class ProfileStore:
         return keys
 
     def _load(self, key: int, create: bool) -> _Profile | None:
+        """The decoded profile of ``key`` (created when ``create``), now the most
+        recently used. ``_hot`` (decoded, LRU) and ``_cold`` (encoded, least recently
+        used first) hold disjoint keys; beyond ``max_entities`` the least recently used
+        profile is dropped (``evicted``)."""
         p = self._hot.get(key)
         if p is not None:
             self._hot.move_to_end(key)
             return p
-        blob = self._cold.get(key)
+        blob = self._cold.pop(key, None)
         if blob is not None:
             p = self._decode(blob)
+            p.blob = blob
         elif create:
             p = _Profile(len(self.specs))
         else:
@@ -730,8 +743,12 @@ class ProfileStore:
         self._hot[key] = p
         if len(self._hot) > self._cap:
             k, q = self._hot.popitem(last=False)
-            if q.dirty:
-                self._cold[k] = self._encode(q)
+            self._cold[k] = self._encode(q) if q.dirty or q.blob is None else q.blob
+        if self._max_entities and len(self._cold) + len(self._hot) > self._max_entities:
+            cold = self._cold
+            while cold and len(cold) + len(self._hot) > self._max_entities:
+                del cold[next(iter(cold))]
+                self.counters["evicted"] += 1
         return p
 
     def _encode(self, p: _Profile) -> bytes:
@@ -820,6 +837,7 @@ class ProfileStore:
                 if c is not None:
                     self._invalidate(c, f)
         p.dirty = True
+        p.blob = None
 
     def _invalidate(self, c: _Cache, f: int) -> None:
         """Forget feature f's memoised values (its slices changed)."""

@@ -14,11 +14,13 @@ refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -194,13 +196,16 @@ class SnapshotReader(Generic[T]):
     newest version in the store that verifies: when LATEST is refused, the one before
     it (so a new process, with nothing loaded yet, still serves).
     Loaded objects are shared by every reader of the same store in a process
-    (cache keyed by sha256), and are never mutated by readers. Pickles as (store,
-    kind, loader, current manifest) and reloads that version on unpickle, so flow
-    state holding a reader resumes serving what it served (``loader`` must pickle:
-    a module-level function).
+    (cache keyed by sha256), and are never mutated by readers. The cache holds them
+    weakly: a version stays loaded while some reader has it current, so a process holds
+    one copy of each version in use and never the versions its readers moved past.
+    Pickles as (store, kind, loader, current manifest) and reloads that version on
+    unpickle, so flow state holding a reader resumes serving what it served (``loader``
+    must pickle: a module-level function).
     """
 
-    _cache: dict[tuple[str, str, str], Any] = {}
+    _cache: weakref.WeakValueDictionary[tuple[str, str, str], Any] = (
+        weakref.WeakValueDictionary())
     _cache_lock = threading.Lock()
     _refusals: set[tuple[Any, ...]] = set()
     """Refused (store, kind, manifest, file size and mtime): not verified or logged again by
@@ -255,10 +260,8 @@ class SnapshotReader(Generic[T]):
                 obj = self._cache.get(key)
             if obj is None:
                 obj = self.loader(self.store.verified_path(manifest))
-                with self._cache_lock:
-                    if len(self._cache) > 32:
-                        self._cache.clear()
-                    self._cache[key] = obj
+                with self._cache_lock, contextlib.suppress(TypeError):
+                    self._cache[key] = obj  # TypeError: not weakly referable, not shared
         except (SnapshotError, KeyError, OSError, ValueError, EOFError) as err:
             self.refused += 1
             self.last_error = str(err)

@@ -9,6 +9,16 @@ most ``max_items_per_user`` items per user (oldest forgotten first) and at most
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
+
+
+def lru_put(lru: OrderedDict[Any, Any], key: Any, value: Any, capacity: int) -> None:
+    """``lru[key] = value`` as its most recent entry; the oldest entries beyond
+    ``capacity`` are dropped."""
+    lru[key] = value
+    lru.move_to_end(key)
+    while len(lru) > capacity:
+        lru.popitem(last=False)
 
 
 class UserHistory:

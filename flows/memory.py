@@ -1,0 +1,155 @@
+"""Memory under ID churn: a stream of ever-new IDs, and the resident memory it may use.
+
+Every large structure of the flow is bounded by a capacity of the config (least
+recently used entries dropped beyond it), so a stream that never repeats an ID makes
+memory plateau instead of grow. ``churn_blocks`` writes such a stream;
+``memory_bound`` turns a config into the resident-memory bound it sets
+(docs/operations.md, "Bounded memory"); ``bench/memory_churn.py`` and
+``tests/reliability/test_bounded_memory.py`` run the real flow on the stream and
+compare its RSS with the bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from flows.config import Config
+
+T0_MS = 1_767_225_600_000
+"""Event time of the first churn event (2026-01-01, epoch ms)."""
+
+def churn_blocks(n_ids: int, block_ids: int = 10, step_ms: int = 50,
+                 request_every: int = 25) -> Iterator[list[bytes]]:
+    """JSONL lines introducing ``n_ids`` distinct IDs (half users, half items), one list
+    per block of ``block_ids`` new IDs (even, >= 4), blocks ``step_ms`` of event time
+    apart.
+
+    A block: ``block_ids / 2`` new items (``item`` events, 50 categories), new users who
+    only send a ``user`` event, and one new user who sees and clicks the block's first
+    item and the previous block's first item (impressions, clicks: the joiner,
+    profiles, MF, co-visitation, the ranker and the index see new IDs all the time);
+    every ``request_every`` blocks that user also asks for recommendations. So
+    ``2 / block_ids`` of the IDs interact. Deterministic.
+    """
+    if block_ids < 4 or block_ids % 2:
+        raise ValueError("block_ids must be even and >= 4")
+    half = block_ids // 2
+    dumps = orjson.dumps
+    for b in range((n_ids + block_ids - 1) // block_ids):
+        ts = T0_MS + b * step_ms
+        first = half * b
+        lines = [dumps({"type": "item", "ts": ts, "item_id": f"x{first + k}",
+                        "attrs": {"category": f"c{(first + k) % 50}",
+                                  "price": (first + k) % 97 + 0.5}})
+                 for k in range(half)]
+        lines += [dumps({"type": "user", "ts": ts, "user_id": f"u{first + k}",
+                         "attrs": {"age": (first + k) % 80}}) for k in range(1, half)]
+        user = f"u{first}"
+        seen = [f"x{first}"] if b == 0 else [f"x{first}", f"x{first - half}"]
+        lines += [dumps({"type": "impression", "ts": ts + 1 + j, "impression_id": f"m{b}-{j}",
+                         "user_id": user, "item_id": item, "position": j})
+                  for j, item in enumerate(seen)]
+        lines += [dumps({"type": "feedback", "ts": ts + 10 + j, "user_id": user,
+                         "item_id": item, "action": "click", "impression_id": f"m{b}-{j}"})
+                  for j, item in enumerate(seen)]
+        if b % request_every == 0:
+            lines.append(dumps({"type": "request", "ts": ts + 20, "request_id": f"r{b}",
+                                "user_id": user}))
+        yield lines
+
+
+def rss_mb() -> float:
+    """Resident set size of this process, MB (Linux ``/proc/self/status``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise OSError("VmRSS not found in /proc/self/status")
+
+
+BYTES: dict[str, float] = {
+    "user": 1_700,
+    "hot_user_profile": 10_000,
+    "user_catalog_item": 360,
+    "pending_impression": 3_200,
+    "closed_impression": 150,
+    "orphan": 500,
+    "pool_item": 120,
+    "duel_user": 2_700,
+    "mf_row": 310,
+    "item": 700,
+    "hot_item_profile": 6_000,
+    "covis_neighbor": 105,
+    "loaded_table_item": 2_500,
+    "index_item": 500,
+    "waiting_example": 3_100,
+    "ranker_weight": 130,
+    "routing_cache_entry": 150,
+}
+"""Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
+deep-size walk of every store at the plateau of the churn stream (one or two
+interactions per ID) and for full co-visitation rows; docs/operations.md lists them.
+An ID with a long history costs more per entry, within the per-entity limits (2,000
+history items per user, profile windows)."""
+
+ROUTING_CACHE = 1 << 18
+"""Entries of each of the flow's two ID -> shard caches (users, items)."""
+
+ALLOCATOR_OVERHEAD = 1.25
+"""Resident bytes per live byte (malloc arenas, fragmentation, interpreter caches)."""
+
+
+def memory_bound(config: Config) -> dict[str, Any]:
+    """The resident memory, MB, that the flow of ``config`` (one process holding every
+    shard) may use above the process's memory before the flow starts: the sum over its
+    bounded structures of capacity x bytes per entry (``BYTES``), times
+    ``ALLOCATOR_OVERHEAD``. Returns ``{"total_mb", "parts_mb": {part: MB}}``.
+
+    Parts: ``user_shards`` (users: history, attributes, profiles, duel; hot profiles;
+    catalog copy; joiner; MF user rows), ``item_shards`` (items: catalog, counters,
+    profiles; co-visitation rows, full; MF item rows), ``serving_tables`` (the loaded
+    item tables, one version per shard), ``index`` (builder and serving copies),
+    ``ranker`` (waiting examples; weights of the training, serving and pickled copies)
+    and ``routing`` (the ID -> shard caches).
+    """
+    b = BYTES
+    sh, join, items, mf, covis = config.shards, config.join, config.items, \
+        config.items.mf_config(), config.items.covis_config()
+    kinds = {f.get("entity") for f in config.features}
+    user_kinds = len(kinds - {"item"})
+    hot_users = min(sh.hot_profiles, sh.max_users)
+    per_user_shard = (
+        sh.max_users * b["user"]
+        + user_kinds * hot_users * b["hot_user_profile"]
+        + sh.max_items * b["user_catalog_item"]
+        + join.max_pending * (b["pending_impression"] + 4 * b["closed_impression"])
+        + join.max_orphans * b["orphan"]
+        + 1.25 * join.popularity_pool * b["pool_item"]
+        + min(100_000, sh.max_users) * b["duel_user"]
+        + (mf.max_users * b["mf_row"] if items.enabled else 0)
+    )
+    channels = 2 if items.covis_any else 1
+    covis_bytes = channels * covis.max_items * 1.5 * covis.max_neighbors * b["covis_neighbor"]
+    per_item_shard = (
+        items.max_items * b["item"]
+        + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
+        + covis_bytes
+        + mf.max_items * b["mf_row"]
+    )
+    parts = {
+        "user_shards": sh.users * per_user_shard,
+        "item_shards": sh.items * per_item_shard if items.enabled else 0.0,
+        "serving_tables": (sh.items * (items.max_items * b["loaded_table_item"] + covis_bytes)
+                           if items.enabled else 0.0),
+        "index": 2 * sh.items * mf.max_items * b["index_item"] if items.enabled else 0.0,
+        "ranker": (config.ranker.max_waiting * b["waiting_example"]
+                   + 3 * config.ranker.max_features * b["ranker_weight"]
+                   if config.ranker.enabled else 0.0),
+        "routing": 2 * ROUTING_CACHE * b["routing_cache_entry"],
+    }
+    parts_mb = {k: v * ALLOCATOR_OVERHEAD / 2**20 for k, v in parts.items()}
+    return {"total_mb": sum(parts_mb.values()), "parts_mb": parts_mb}
