@@ -32,8 +32,9 @@ import orjson  # noqa: E402
 from bytewax.testing import run_main  # noqa: E402
 
 from flows.config import load_config  # noqa: E402
-from flows.memory import churn_blocks, memory_bound, rss_mb  # noqa: E402
+from flows.memory import churn_blocks, memory_bound  # noqa: E402
 from flows.recsys import build  # noqa: E402
+from operators.metrics import resident_mb  # noqa: E402
 
 CHURN_CONFIG: dict[str, Any] = {
     "shards": {"users": 2, "items": 2, "max_users": 20_000, "max_items": 20_000,
@@ -77,20 +78,20 @@ def run(n_ids: int, points: int, config: dict[str, Any], workdir: Path,
                 events[0] += len(lines)
                 ids += block_ids
                 if ids >= (len(curve) + 1) * every:
-                    curve.append((ids, round(rss_mb(), 1), round(time.perf_counter() - start, 1)))
+                    curve.append((ids, round(resident_mb()[0], 1), round(time.perf_counter() - start, 1)))
                     print(f"{ids:>11,} IDs  RSS {curve[-1][1]:8.1f} MB  {curve[-1][2]:7.1f} s",
                           flush=True)
         if trace:
             _print_trace()
 
-    baseline = rss_mb()
+    baseline = resident_mb()[0]
     writer = threading.Thread(target=write, name="churn-writer")
     writer.start()
     run_main(build(cfg))
     writer.join()
     elapsed = time.perf_counter() - start
     bound = memory_bound(load_config(cfg))
-    peak = max(r for _, r, _ in curve)
+    peak = max(max(r for _, r, _ in curve), resident_mb()[1])
     half = [r for i, r, _ in curve if i > n_ids // 2]
     return {
         "ids": n_ids,

@@ -174,6 +174,8 @@ class ShardConfig:
     hot_profiles: int = doc("Profiles kept decoded per profile store (user and user_x_<attr> in "
                             "each user shard, item in each item shard; ~5 KB each); the others "
                             "stay compressed until used.", 10_000)
+    routing_cache: int = doc("IDs whose shard is memoised, per ID kind (users, items; each "
+                             "entry ~150 B); the memo is cleared when full.", 1 << 18)
 
 
 @dataclass

@@ -62,15 +62,6 @@ def churn_blocks(n_ids: int, block_ids: int = 10, step_ms: int = 50,
         yield lines
 
 
-def rss_mb() -> float:
-    """Resident set size of this process, MB (Linux ``/proc/self/status``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise OSError("VmRSS not found in /proc/self/status")
-
-
 BYTES: dict[str, float] = {
     "user": 1_700,
     "hot_user_profile": 10_000,
@@ -95,9 +86,6 @@ deep-size walk of every store at the plateau of the churn stream (one or two
 interactions per ID) and for full co-visitation rows; docs/operations.md lists them.
 An ID with a long history costs more per entry, within the per-entity limits (2,000
 history items per user, profile windows)."""
-
-ROUTING_CACHE = 1 << 18
-"""Entries of each of the flow's two ID -> shard caches (users, items)."""
 
 ALLOCATOR_OVERHEAD = 1.25
 """Resident bytes per live byte (malloc arenas, fragmentation, interpreter caches)."""
@@ -149,7 +137,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
         "ranker": (config.ranker.max_waiting * b["waiting_example"]
                    + 3 * config.ranker.max_features * b["ranker_weight"]
                    if config.ranker.enabled else 0.0),
-        "routing": 2 * ROUTING_CACHE * b["routing_cache_entry"],
+        "routing": 2 * sh.routing_cache * b["routing_cache_entry"],
     }
     parts_mb = {k: v * ALLOCATOR_OVERHEAD / 2**20 for k, v in parts.items()}
     return {"total_mb": sum(parts_mb.values()), "parts_mb": parts_mb}

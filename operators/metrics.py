@@ -43,6 +43,20 @@ TABLE_COUNTERS = ("admitted", "rejected", "expired", "evicted")
 _LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
+def resident_mb() -> tuple[float, float]:
+    """``(now, peak)`` resident set size of this process, MB (Linux ``/proc/self/status``:
+    ``VmRSS``, ``VmHWM``); ``(nan, nan)`` where that file does not exist."""
+    found: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    found[line[:5]] = int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return found.get("VmRSS", float("nan")), found.get("VmHWM", float("nan"))
+
+
 @dataclass
 class MetricsConfig:
     """Metrics: the ``metrics`` output records and the Prometheus endpoint."""
@@ -99,11 +113,15 @@ class MetricsState:
         self.latency_ms = Histogram(latency_buckets_ms)
         self.max_event_ts: int | None = None
         self.started = time.time()
+        self.rss_start_mb = resident_mb()[0]
+        """RSS (MB) of this process when the stage started or resumed, before the flow's
+        tables filled up: the base of the bound of docs/operations.md, "Bounded memory"."""
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Resume (Bytewax recovery), filling fields a snapshot of an older version lacks."""
+        """Resume (Bytewax recovery), filling fields a snapshot of an older version lacks;
+        ``rss_start_mb`` is this process's."""
         self.__init__(state.get("app", "streamrec"))  # type: ignore[misc]
-        self.__dict__.update(state)
+        self.__dict__.update({k: v for k, v in state.items() if k != "rss_start_mb"})
 
     def add(self, kind: str, payload: Any) -> None:
         """Fold one ``(kind, payload)`` item from a stage into the counters."""
@@ -167,6 +185,7 @@ class MetricsState:
         events_in = sum(self.events_by_type.values()) + sum(self.dead_by_reason.values())
         elapsed = max(now - self.started, 1e-9)
         lat = self.latency_ms
+        rss, peak = resident_mb()
         return {
             "kind": "summary" if final else "periodic",
             "app": self.app,
@@ -185,6 +204,9 @@ class MetricsState:
             "max_event_ts": self.max_event_ts,
             "elapsed_s": round(elapsed, 3),
             "events_per_s": round(events_in / elapsed, 1),
+            "rss_mb": round(rss, 1),
+            "peak_rss_mb": round(peak, 1),
+            "rss_start_mb": round(self.rss_start_mb, 1),
         }
 
 
@@ -259,6 +281,12 @@ def prometheus_text(state: MetricsState, now_s: float | None = None) -> str:
         family("streamrec_event_lag_seconds", "gauge",
                "Wall time now minus the newest event time seen (s; live streams: input lag).",
                [({}, round(now_s - state.max_event_ts / 1000, 3))])
+    rss, peak = resident_mb()
+    if rss == rss:  # not NaN
+        family("process_resident_memory_bytes", "gauge", "Resident memory of the process "
+               "serving this endpoint (bytes).", [({}, int(rss * 2**20))])
+        family("streamrec_peak_resident_memory_bytes", "gauge", "Peak resident memory of "
+               "that process since it started (bytes, VmHWM).", [({}, int(peak * 2**20))])
     lat = state.latency_ms
     name = "streamrec_serving_latency_seconds"
     lines.append(f"# HELP {name} Request ingest to recommendation emit (s).")
