@@ -1,6 +1,6 @@
 """The ``streamrec`` console script (DESIGN section 9).
 
-Subcommands: simulate, import {movielens,obd}, replay, tap, broker, loop, eval,
+Subcommands: run, simulate, import {movielens,obd}, replay, tap, broker, loop, eval,
 config-reference. Long-running commands report progress on stderr.
 """
 
@@ -54,6 +54,30 @@ def _kafka(args: argparse.Namespace) -> tuple[str, KafkaConfig]:
     """Bootstrap (``--bootstrap``, else the config's) and the Kafka config (security)."""
     kafka = load_config(getattr(args, "config", None)).kafka
     return getattr(args, "bootstrap", None) or kafka.bootstrap, kafka
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main flow, as ``python -m bytewax.run flows.recsys:build(CONFIG)`` would run it,
+    with a Bytewax epoch of ``--epoch-ms`` (that CLI only takes whole seconds)."""
+    from datetime import timedelta
+
+    from bytewax.recovery import RecoveryConfig
+    from bytewax.run import cli_main
+
+    from flows.recsys import build
+
+    config = load_config(args.config)
+    if args.process_id is not None and not args.addresses:
+        raise ConfigError("run: -i/--process-id needs -a/--addresses")
+    if args.epoch_ms < 0:
+        raise ConfigError("run: --epoch-ms must be >= 0")
+    recovery = None
+    if args.recovery_directory is not None:
+        recovery = RecoveryConfig(args.recovery_directory, timedelta(seconds=args.backup_s))
+    cli_main(build(config), workers_per_process=args.workers, process_id=args.process_id,
+             addresses=args.addresses.split(";") if args.addresses else None,
+             epoch_interval=timedelta(milliseconds=args.epoch_ms), recovery_config=recovery)
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -262,6 +286,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="stderr logs as text or one JSON object per line")
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="run the main flow (one process of it with -i/-a)")
+    s.add_argument("--config", help="TOML (or .json) config; default: the embedded demo")
+    s.add_argument("-i", "--process-id", type=int, help="this process's index in the cluster")
+    s.add_argument("-a", "--addresses", help='every process\'s "host:port", ";"-separated')
+    s.add_argument("-w", "--workers", type=int, default=1, help="worker threads per process")
+    s.add_argument("--epoch-ms", type=int, default=10_000,
+                   help="Bytewax epoch (ms): at each epoch's end every stage drains before the "
+                   "input reads on, so it bounds how far stages trail the input; 0 = one "
+                   "micro-batch per epoch (replays through several processes, in lockstep); "
+                   "with -r also the recovery snapshot interval")
+    s.add_argument("-r", "--recovery-directory", type=Path,
+                   help="recovery partitions (python -m bytewax.recovery DIR N)")
+    s.add_argument("-b", "--backup-s", type=int, default=10,
+                   help="with -r: seconds older recovery snapshots are kept")
+    s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("simulate", help="write a seeded synthetic event log")
     s.add_argument("-n", type=int, required=True, help="number of events")

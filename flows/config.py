@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 from flows.logs import LogConfig
 from operators.index_builder import IndexSettings
 from operators.item_shard import ItemsConfig
@@ -316,7 +318,8 @@ def load_config(
     source: str | Path | dict[str, Any] | Config | None = None,
     environ: typing.Mapping[str, str] | None = None,
 ) -> Config:
-    """Build a validated Config from a TOML path, a dict, or defaults, plus env overrides."""
+    """Build a validated Config from a TOML path (or a ``.json`` one), a dict, or defaults,
+    plus env overrides."""
     if isinstance(source, Config):
         data = source.to_dict()
     elif source is None:
@@ -326,11 +329,17 @@ def load_config(
     else:
         path = Path(source)
         try:
-            data = tomllib.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        try:
+            data = orjson.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        except orjson.JSONDecodeError as err:
+            raise ConfigError(f"{path}: invalid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a table / JSON object")
     data = _merge(data, env_overrides(environ))
     config = _from_dict(Config, data)
     _validate(config)

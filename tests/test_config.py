@@ -27,6 +27,22 @@ def test_toml_file_and_env_overrides(tmp_path) -> None:
     assert cfg.inputs[0].path == "x.jsonl"
 
 
+def test_json_config_file_and_its_errors(tmp_path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{"app": "feed", "join": {"allowed_lateness_ms": 5000}}')
+    cfg = load_config(path, environ={})
+    assert cfg.app == "feed" and cfg.join.allowed_lateness_ms == 5000
+    path.write_text('{"app": "feed",')
+    with pytest.raises(ConfigError, match="c.json: invalid JSON"):
+        load_config(path, environ={})
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a table / JSON object"):
+        load_config(path, environ={})
+    path.write_text('{"jion": {}}')
+    with pytest.raises(ConfigError, match="jion: unknown key"):
+        load_config(path, environ={})
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

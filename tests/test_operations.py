@@ -118,6 +118,10 @@ def test_bad_config_fails_the_flow_process_and_the_cli(tmp_path) -> None:
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert cli.returncode == 2
     assert cli.stderr.startswith("streamrec: config error: sampler.negative_rte: unknown key")
+    for args in (["--config", str(path)], ["-i", "0"], ["--epoch-ms", "-1"]):
+        cli = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert cli.returncode == 2 and cli.stderr.startswith("streamrec: config error: ")
 
 
 def test_kafka_security_settings_reach_kafka_python() -> None:

@@ -2,7 +2,8 @@
 
 ``FlowProcess`` runs ``python -m bytewax.run "flows.recsys:build({...})"`` exactly as an
 operator would (optionally with Bytewax recovery ``-r/-s/-b`` and the multi-process
-flags ``-i/-a``), with its stderr in a log file, and can ``kill -9`` it. ``init_recovery``
+flags ``-i/-a``), or ``streamrec run`` with a sub-second ``--epoch-ms``, with its
+stderr in a log file, and can ``kill -9`` it. ``init_recovery``
 creates a recovery database with the documented command ``python -m bytewax.recovery
 DIR N``. ``simulated_log`` writes a seeded simulator log whose organic positives are
 each preceded by an evaluation request (``context.eval_item``), so prequential HR@10
@@ -46,14 +47,24 @@ class FlowProcess:
             length).
         backup_s: ``-b``: whole seconds older snapshots are kept.
         process_id, addresses: ``-i`` / ``-a`` of a multi-process cluster.
+        epoch_ms: Run ``streamrec run --epoch-ms`` instead (config in ``<log>.json``; no
+            recovery).
     """
 
     def __init__(self, config: dict[str, Any], log: Path, *, recovery: Path | None = None,
                  snapshot_s: int = 1, backup_s: int = 10,
-                 process_id: int | None = None, addresses: list[str] | None = None) -> None:
+                 process_id: int | None = None, addresses: list[str] | None = None,
+                 epoch_ms: int | None = None) -> None:
         self.config = config
         self.log = log
-        self.args = [sys.executable, "-m", "bytewax.run", f"flows.recsys:build({config!r})"]
+        if epoch_ms is not None:
+            assert recovery is None, "epoch_ms runs without recovery"
+            config_file = log.with_suffix(".json")
+            config_file.write_bytes(orjson.dumps(config))
+            self.args = [sys.executable, "-m", "flows.cli", "run", "--config", str(config_file),
+                         "--epoch-ms", str(epoch_ms)]
+        else:
+            self.args = [sys.executable, "-m", "bytewax.run", f"flows.recsys:build({config!r})"]
         if recovery is not None:
             self.args += ["-r", str(recovery), "-s", str(snapshot_s), "-b", str(backup_s)]
         if process_id is not None:
