@@ -91,7 +91,7 @@ def run(n_ids: int, points: int, config: dict[str, Any], workdir: Path,
     writer.join()
     elapsed = time.perf_counter() - start
     bound = memory_bound(load_config(cfg))
-    peak = max(max(r for _, r, _ in curve), resident_mb()[1])
+    peak = resident_mb()[1]  # VmHWM: at least every sampled RSS
     half = [r for i, r, _ in curve if i > n_ids // 2]
     return {
         "ids": n_ids,

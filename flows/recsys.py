@@ -151,8 +151,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
 
     n_users, n_items = config.shards.users, config.shards.items
     user_shard_of = ShardOf(n_users, max_cached=config.shards.routing_cache)
-    # kept in user-shard state: picklable
-    item_shard_of = ShardOf(n_items, item_shard_key, config.shards.routing_cache)
+    item_shard_of = ShardOf(n_items, item_shard_key,  # kept in user-shard state: picklable
+                            config.shards.routing_cache)
     routed = op.flat_map("route_users", parsed,
                          lambda p: route_events(p[0], n_users, user_shard_of, p[2]))
     sampler = NegativeSampler(config.sampler.negative_rate, config.sampler.seed)
