@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -282,7 +283,7 @@ def prometheus_text(state: MetricsState, now_s: float | None = None) -> str:
                "Wall time now minus the newest event time seen (s; live streams: input lag).",
                [({}, round(now_s - state.max_event_ts / 1000, 3))])
     rss, peak = resident_mb()
-    if rss == rss:  # not NaN
+    if not math.isnan(rss):
         family("process_resident_memory_bytes", "gauge", "Resident memory of the process "
                "serving this endpoint (bytes).", [({}, int(rss * 2**20))])
         family("streamrec_peak_resident_memory_bytes", "gauge", "Peak resident memory of "
