@@ -23,11 +23,11 @@ from pathlib import Path
 
 import orjson
 
-from models.sampling import NegativeSampler
-from operators.events import EventParser, Impression
+from events.model import EventParser, Impression
 from operators.user_shard import UserShard, route_events
 from state.hashing import shard_of
 from state.join_state import JoinConfig, Joiner
+from state.sampling import NegativeSampler
 from state.user_history import UserHistory
 
 from common import count_lines, flow_events_per_s, passthrough_events_per_s, simulated_log

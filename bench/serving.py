@@ -61,11 +61,10 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from events.model import Feedback, Impression, Item, Request, User  # noqa: E402
 from flows.config import load_config  # noqa: E402
 from flows.recsys import GC_THRESHOLD  # noqa: E402
 from models.rankers import positive_hold_ms  # noqa: E402
-from models.sampling import NegativeSampler  # noqa: E402
-from operators.events import Feedback, Impression, Item, Request, User  # noqa: E402
 from operators.item_shard import item_shard_key  # noqa: E402
 from operators.serving import SnapshotViews  # noqa: E402
 from operators.trainer import Trainer  # noqa: E402
@@ -74,6 +73,7 @@ from state.covisitation import CoVisitation  # noqa: E402
 from state.hashing import shard_of  # noqa: E402
 from state.item_index import IndexBuilder  # noqa: E402
 from state.item_table import CatalogEntry, ItemTable  # noqa: E402
+from state.sampling import NegativeSampler  # noqa: E402
 from state.snapshot_store import SnapshotStore  # noqa: E402
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the requests start here

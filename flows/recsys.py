@@ -29,12 +29,11 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
+from events.model import Event, EventParser, Record
+from events.simulator import SimConfig
 from flows.config import Config, InputConfig, load_config
 from flows.logs import setup_logging
-from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
-from models.sampling import NegativeSampler
-from operators.events import Event, EventParser
 from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key
 from operators.metrics import MetricsLogic, MetricsState
@@ -44,6 +43,7 @@ from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
+from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
 
 OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
@@ -53,7 +53,6 @@ GC_THRESHOLD = (50_000, 20, 100)
 """CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
 joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
-Record = dict[str, Any]
 
 
 def _source(inp: InputConfig, config: Config) -> Any:

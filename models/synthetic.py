@@ -1,6 +1,6 @@
 """Labelled training examples from the simulator, without Bytewax (tests and benchmarks).
 
-Simulator events go through the real parser (``operators.events.EventParser``) and the
+Simulator events go through the real parser (``events.model.EventParser``) and the
 real joiner (``state.join_state.Joiner``, one shard), with a feature hook that attaches
 the user's and item's attributes to ``features`` the way the flow does at impression
 time (``u:<attr>``, ``i:<attr>``; only attributes from events already processed, so
@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from flows.simulator import SimConfig, Simulator
-from models.sampling import NegativeSampler
-from operators.events import EventParser
+from events.model import EventParser
+from events.simulator import SimConfig, Simulator
 from state.join_state import JoinConfig, Joiner
+from state.sampling import NegativeSampler
 from state.user_history import UserHistory
 
 Example = dict[str, Any]

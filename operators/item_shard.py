@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from bytewax.operators import StatefulLogic
 
+from events.model import Item
 from models.mf import ItemFactors, MFConfig
-from operators.events import Item
 from state.covisitation import CoVisConfig, CoVisitation
 from state.feature_spec import parse_features
 from state.item_table import CatalogEntry, ItemTable
@@ -38,7 +38,6 @@ from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotStore
 from state.user_history import lru_put
 
-Record = dict[str, Any]
 Update = tuple[Any, ...]
 IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
 """(upsert ids, their vectors (n, dim) float32 or None, removed ids, event time ms)."""

@@ -39,6 +39,7 @@ from river import linear_model, optim
 from river.utils.math import sigmoid
 from river.utils.vectordict import VectorDict
 
+from events.model import Record
 from models.calibration import correct_downsampled_many
 from models.features import (
     SERVING_POSITION,
@@ -60,7 +61,6 @@ from state.snapshot_store import SnapshotReader, SnapshotStore
 
 log = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 Hook = Callable[[Any, list["Candidate"]], list["Candidate"]]
 
 

@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 from bytewax.operators import StatefulLogic
 
+from events.model import Event, Feedback, Item, Record, Request
 from models.mf import MFConfig, UserFactors
-from models.sampling import NegativeSampler
-from operators.events import Event, Feedback, Item, Request
 from operators.serving import Server, ServingConfig, SnapshotViews, UserContext
 from state.covis_view import SparseScores
 from state.covisitation import CoVisConfig, CoVisitation
@@ -39,9 +38,9 @@ from state.embedding_table import keys_of
 from state.hashing import stable_hash64
 from state.join_state import JoinConfig, Joiner
 from state.profiles import ProfileStore, stores_for
+from state.sampling import NegativeSampler
 from state.user_history import UserHistory, lru_put
 
-Record = dict[str, Any]
 ShardOutput = dict[str, list[Any]]
 
 

@@ -41,16 +41,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.sampling import NegativeSampler
+from events.model import Record
 from state.hashing import stable_hash64
 from state.popularity import PopularityCounter
+from state.sampling import NegativeSampler
 from state.settings import doc
 from state.user_history import UserHistory
 
 if TYPE_CHECKING:
-    from operators.events import Feedback, Impression
-
-Record = dict[str, Any]
+    from events.model import Feedback, Impression
 FeatureHook = Callable[[str, str, int], dict[str, Any]]
 """(user_id, item_id, ts_ms) -> features known strictly before ts_ms."""
 

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from models.sampling import NegativeSampler
-from operators.events import Feedback, Request
+from events.model import Feedback, Request
 from operators.item_shard import ItemsConfig, ItemShard, item_shard_key
 from operators.serving import ServingConfig, SnapshotViews
 from operators.user_shard import UserShard
@@ -18,6 +17,7 @@ from state.covisitation import CoVisConfig, CoVisitation
 from state.hashing import shard_of
 from state.item_table import ItemTable
 from state.join_state import JoinConfig
+from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
 
 T0 = 1_767_225_600_000

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.sampling import NegativeSampler
-from operators.events import Feedback, Impression
+from events.model import Feedback, Impression
 from state.join_state import JoinConfig, Joiner
+from state.sampling import NegativeSampler
 from state.user_history import UserHistory
 
 T0 = 1_767_225_600_000

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_serving import FAVOURITE, SEED, T0, World, ask, click, feed, ids
 
-from operators.events import Feedback
+from events.model import Feedback
 from operators.scorer_duel import ScorerDuel
 from operators.serving import Server, ServingConfig
 

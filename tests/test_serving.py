@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from events.model import Event, EventParser, Feedback, Impression, Item, Request
 from flows.config import load_config
 from models.mf import MFConfig
-from models.sampling import NegativeSampler
-from operators.events import Event, EventParser, Feedback, Impression, Item, Request
 from operators.index_builder import IndexSettings, IndexStage
 from operators.item_shard import ItemsConfig, ItemShard, item_shard_key
 from operators.serving import Candidate, ServingConfig, SnapshotViews, load_hook
@@ -38,6 +37,7 @@ from state.hashing import shard_of
 from state.item_index import IndexBuilder, IndexConfig
 from state.item_table import CatalogEntry, ItemTable
 from state.join_state import JoinConfig
+from state.sampling import NegativeSampler
 from state.snapshot_store import Manifest, SnapshotStore, sha256_file
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z

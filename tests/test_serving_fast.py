@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from events.model import Request
 from models.calibration import correct_downsampled
 from models.features import (
     _add,
@@ -31,7 +32,6 @@ from models.features import (
     shared_features,
 )
 from models.rankers import Ranker, make_ranker
-from operators.events import Request
 from operators.serving import (
     Candidate,
     LinearScorer,
