@@ -31,6 +31,14 @@ from bytewax.operators import StatefulLogic
 
 from events.model import Event, Feedback, Item, Record, Request
 from models.mf import MFConfig, UserFactors
+from operators.item_updates import (
+    CatalogChange,
+    CovisPair,
+    Interaction,
+    ItemUpdate,
+    MFStep,
+    ProfileEvent,
+)
 from operators.serving import Server, ServingConfig, SnapshotViews, UserContext
 from state.covis_view import SparseScores
 from state.covisitation import CoVisConfig, CoVisitation
@@ -85,7 +93,7 @@ class UserShard:
             duel.max_users = min(duel.max_users, max_users)
         self.idle_flush_s = join.idle_flush_s
         self.requests = 0
-        self._item_updates: list[tuple[Any, ...]] = []
+        self._item_updates: list[ItemUpdate] = []
         self._mf_pending: list[tuple[str, str, int, list[str]]] = []
         self._recs: list[Record] = []
         self._ingest_ns = 0
@@ -106,7 +114,7 @@ class UserShard:
                 joiner.on_impression(event)
                 self._profile(event)
                 if self.item_profiles:
-                    self._item_updates.append(("ev", event))
+                    self._item_updates.append(ProfileEvent(event.item_id, event))
             elif kind == "feedback":
                 self._feedback(event)
             elif kind == "request":
@@ -130,11 +138,11 @@ class UserShard:
         self._profile(fb)
         updates = self._item_updates
         if self.item_profiles:
-            updates.append(("ev", fb))
+            updates.append(ProfileEvent(fb.item_id, fb))
         positive = self.joiner.config.is_positive(fb.action, fb.value)
-        updates.append(("fb", fb.item_id, fb.ts, positive))
+        updates.append(Interaction(fb.item_id, fb.ts, positive))
         if self.pairs_any and recent:
-            self._pairs("pair_any", recent, fb)
+            self._pairs("any", recent, fb)
         if not positive:
             return
         if self.server is not None and fb.impression_id is None:
@@ -142,20 +150,20 @@ class UserShard:
         if self.users is not None:
             self._mf_pending.append((fb.user_id, fb.item_id, fb.ts, recent))
         if self.pairs is not None:
-            self._pairs("pair", self.liked.recent(fb.user_id, window + 1), fb)
+            self._pairs("liked", self.liked.recent(fb.user_id, window + 1), fb)
             self.liked.add(fb.user_id, fb.item_id, fb.ts)
 
-    def _pairs(self, kind: str, recent: list[str], fb: Feedback) -> None:
+    def _pairs(self, channel: str, recent: list[str], fb: Feedback) -> None:
         """Co-visitation pairs of ``fb``'s item with ``recent`` (newest first) as updates."""
         assert self.pairs is not None
         ts = fb.ts
-        self._item_updates.extend((kind, a, b, w, ts) for a, b, w in self.pairs.pairs_for(
+        self._item_updates.extend(CovisPair(a, b, w, ts, channel) for a, b, w in self.pairs.pairs_for(
             [r for r in recent if r != fb.item_id], fb.item_id))
 
     def _mf_steps(self) -> None:
         """The user half of this batch's MF steps (BPR or ISGD), with item vectors from the
         newest index snapshot (or their deterministic initial vectors); the item half
-        goes to the item shards as ``("mf", item, ts, user_vec, coef)`` updates."""
+        goes to the item shards as ``MFStep`` updates."""
         pending, self._mf_pending = self._mf_pending, []
         if not pending or self.users is None:
             return
@@ -179,8 +187,8 @@ class UserShard:
         ids, user_vecs, coefs = self.users.step_batch(users, items, self._item_vectors(items), ts,
                                                       neg_ids, neg_vecs)
         for n, item in enumerate(ids):
-            self._item_updates.append(("mf", item, ts, user_vecs[n],
-                                       None if coefs is None else float(coefs[n])))
+            self._item_updates.append(MFStep(item, ts, user_vecs[n],
+                                             None if coefs is None else float(coefs[n])))
 
     def _negative_pool(self) -> list[str]:
         """Items to sample BPR negatives from: the newest index snapshot, else the catalog."""
@@ -211,7 +219,7 @@ class UserShard:
     def _item(self, item: Item) -> None:
         lru_put(self.catalog, item.item_id, dict(item.attrs, available=item.available),
                 self.max_items)
-        self._item_updates.append(("item", item))
+        self._item_updates.append(CatalogChange(item.item_id, item))
 
     def _remember_user(self, user_id: str, attrs: dict[str, Any]) -> None:
         lru_put(self.user_attrs, user_id, attrs, self.max_users)

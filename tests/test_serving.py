@@ -28,7 +28,7 @@ from events.model import Event, EventParser, Feedback, Impression, Item, Request
 from flows.config import load_config
 from models.mf import MFConfig
 from operators.index_builder import IndexSettings, IndexStage
-from operators.item_shard import ItemsConfig, ItemShard, item_shard_key
+from operators.item_shard import ItemsConfig, ItemShard, item_shard_key, route_updates
 from operators.serving import Candidate, ServingConfig, SnapshotViews, load_hook
 from operators.trainer import RankerConfig, Trainer
 from operators.user_shard import UserShard
@@ -609,12 +609,8 @@ class ItemSide:
         self.index = IndexStage(IndexSettings(refresh_interval_ms=10**12), DIM, store)
 
     def apply(self, out: dict[str, list[Any]]) -> None:
-        """Route updates like flows.recsys._item_side; publish every changed table and the index."""
-        buckets: dict[str, list[tuple[Any, ...]]] = {}
-        for update in out.get("item-updates", []):
-            item = update[1].item_id if update[0] == "item" else update[1]
-            buckets.setdefault(item_shard_of(item), []).append(update)
-        for key, updates in buckets.items():
+        """Route updates as the flow does; publish every changed table and the index."""
+        for key, updates in route_updates(out.get("item-updates", []), item_shard_of).items():
             shard = self.shards[key]
             for change in shard.process(key, updates).get("index", []):
                 self.index.add(change)
