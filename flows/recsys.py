@@ -38,8 +38,8 @@ from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
 from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
-from operators.serving import SnapshotViews
 from operators.sinks import JsonlFileSink
+from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events

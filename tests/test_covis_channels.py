@@ -12,7 +12,8 @@ import pytest
 from events.model import Feedback, Request
 from operators.item_shard import ItemsConfig, ItemShard, item_shard_key, route_updates
 from operators.item_updates import CovisPair, Interaction
-from operators.serving import ServingConfig, SnapshotViews
+from operators.serving import ServingConfig
+from operators.snapshot_views import SnapshotViews
 from operators.user_shard import UserShard
 from state.covisitation import CoVisConfig, CoVisitation
 from state.hashing import shard_of
@@ -142,12 +143,12 @@ def _check(shard: UserShard, events: list[Feedback]) -> None:
     now = events[-1].ts
     for user in ("u0", "u3", "u7"):
         want = _reference(events, user)
-        best, raw = shard.server.covis_channels(shard.context(user, now), now, 10**6)
+        best, raw = shard.server.covis_channels(shard.context.user(user, now), now, 10**6)
         blend = dict(best)
         assert set(raw) == {"liked", "any"}
         assert blend.keys() == want.keys() and want
         assert [v for _, v in best] == sorted(blend.values(), reverse=True)
-        top3, _ = shard.server.covis_channels(shard.context(user, now), now, 3)
+        top3, _ = shard.server.covis_channels(shard.context.user(user, now), now, 3)
         assert top3 == best[:3]
         for item, value in want.items():
             assert blend[item] == pytest.approx(value, rel=1e-6), item
