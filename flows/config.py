@@ -25,12 +25,12 @@ from typing import Any, Literal
 import orjson
 
 from flows.logs import LogConfig
-from operators.index_builder import IndexSettings
 from operators.item_shard import ItemsConfig
 from operators.metrics import MetricsConfig
 from operators.serving import ServingConfig
 from operators.trainer import RankerConfig
 from state.feature_spec import DEFAULT_FEATURES, FeatureSpecError, parse_features
+from state.item_index import IndexConfig
 from state.join_state import JoinConfig
 from state.settings import doc
 
@@ -197,7 +197,7 @@ class Config:
         "Profile feature specs (IPS), see docs/profiles.md; default: the shipped set for "
         "simulator and MovieLens logs.", factory=lambda: [dict(f) for f in DEFAULT_FEATURES])
     items: ItemsConfig = doc("Item-side state and item tables.", factory=ItemsConfig)
-    index: IndexSettings = doc("ANN index of item vectors.", factory=IndexSettings)
+    index: IndexConfig = doc("ANN index of item vectors.", factory=IndexConfig)
     serving: ServingConfig = doc("Serving on the user shard.", factory=ServingConfig)
     snapshots: SnapshotConfig = doc("Snapshot store.", factory=SnapshotConfig)
     metrics: MetricsConfig = doc("Metrics records and the Prometheus endpoint.", factory=MetricsConfig)
@@ -212,8 +212,8 @@ class Config:
         return Path(self.snapshots.dir or Path(self.output.dir) / "snapshots") / self.app
 
     def to_dict(self) -> dict[str, Any]:
-        """The full effective config as plain data."""
-        return dataclasses.asdict(self)
+        """The full effective config as plain data (its keys only: ``load_config`` reads it)."""
+        return _plain(self)
 
     def redacted(self) -> dict[str, Any]:
         """``to_dict()`` with secrets (passwords) replaced by ``"***"`` when set: for
@@ -268,9 +268,26 @@ def _check(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def _keys(cls: type) -> list[dataclasses.Field[Any]]:
+    """The config keys of a dataclass: its fields, except those marked ``config: False``
+    (set by the code, e.g. ``index.dim``)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("config", True)]
+
+
+def _plain(value: Any) -> Any:
+    """``dataclasses.asdict`` restricted to config keys."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in _keys(type(value))}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in _keys(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
@@ -375,7 +392,7 @@ def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str,
     """Rows (key, type, default, doc) of every config key, generated from the dataclasses."""
     rows: list[tuple[str, str, str, str]] = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in _keys(cls):
         key = f"{prefix}{f.name}"
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import ConfigError, load_config, reference, reference_markdown
+from state.item_index import IndexConfig
 
 
 def test_defaults_and_topic_namespacing() -> None:
@@ -71,3 +72,14 @@ def test_reference_lists_every_key_with_doc() -> None:
 def test_docs_config_md_is_the_generated_reference() -> None:
     docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert docs.read_text() == reference_markdown(), "regenerate: streamrec config-reference > docs/config.md"
+
+
+def test_index_table_keys_and_the_code_set_dim() -> None:
+    config = load_config({"index": {"threads": 1, "ef": 50, "rebuild_fraction": 0.4}}, environ={})
+    assert (config.index.threads, config.index.ef, config.index.rebuild_fraction) == (1, 50, 0.4)
+    assert (load_config(None, environ={}).index.ef, IndexConfig().rebuild_fraction) == (200, 0.3)
+    with pytest.raises(ConfigError, match="index.dim: unknown key"):
+        load_config({"index": {"dim": 8}}, environ={})
+    assert "dim" not in config.to_dict()["index"]
+    assert load_config(config, environ={}) == config
+    assert "index.dim" not in {row[0] for row in reference()}
