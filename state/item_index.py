@@ -127,6 +127,14 @@ class ItemIndex:
     Invariants: every live item has exactly one label and every live label one item;
     labels are never reused; ``slots - len(self)`` slots hold deleted items.
     A ``frozen`` index (a loaded serving copy) refuses writes.
+
+    >>> index = ItemIndex(IndexConfig(dim=2, threads=1))
+    >>> index.upsert(["a", "b", "c"], np.array([[1, 0], [0, 1], [0.9, 0.1]], np.float32))
+    (3, 0)
+    >>> [item for item, _ in index.query(np.array([1, 0], np.float32), k=2)]
+    ['a', 'c']
+    >>> index.remove(["a"]), [item for item, _ in index.query(np.array([1, 0], np.float32), k=2)]
+    (1, ['c', 'b'])
     """
 
     def __init__(self, config: IndexConfig, capacity: int | None = None) -> None:
@@ -524,6 +532,19 @@ class IndexReader:
     (missing, altered, unreadable) leaves the current version serving.
     Pickles as (store root, manifest) and reloads on unpickle, so it can sit inside
     flow state without copying the index into every recovery snapshot.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> store = SnapshotStore(tmp.name)
+    >>> builder = IndexBuilder(IndexConfig(dim=2, threads=1))
+    >>> builder.upsert(["a", "b"], np.eye(2, dtype=np.float32))
+    'incremental'
+    >>> builder.publish(store, ts_ms=1_700_000_000_000)["version"]
+    1
+    >>> reader = IndexReader(store)
+    >>> reader.refresh(), reader.version, reader.query(np.array([0, 1], np.float32), k=1)
+    (True, 1, [('b', 1.0)])
+    >>> reader.close(); tmp.cleanup()
     """
 
     def __init__(self, store: SnapshotStore) -> None:
