@@ -72,6 +72,13 @@ class ProfileParams:
     ``retention_ms``: kept past the longest finite window; ``batch_size`` writes or
     ``flush_interval_ms`` of event time per merge of the write buffer; ``hot_capacity``
     decoded profiles; ``compress_level`` (zlib) at rest; ``max_entities`` (0 = no limit).
+
+    >>> ProfileParams()  # the defaults  # doctest: +NORMALIZE_WHITESPACE
+    ProfileParams(tiers=((60000, 3600000), (3600000, 86400000), (86400000, None)),
+                  raw_ms=60000, lateness_ms=5000, retention_ms=3600000, batch_size=1024,
+                  flush_interval_ms=1000, hot_capacity=10000, compress_level=6, max_entities=0)
+    >>> ProfileParams(tiers=[("1m", "1h"), ("1d", None)]).tiers
+    ((60000, 3600000), (86400000, None))
     """
 
     tiers: tuple[tuple[int, int | None], ...] = DEFAULT_TIERS

@@ -1,4 +1,5 @@
-"""The docstring examples (``>>>``) of the project's modules run and pass.
+"""The docstring examples (``>>>``) of the project's modules run and pass; docs tables of
+defaults match the code.
 
 Only modules whose source holds an example are imported (found by reading the files),
 so collecting this test imports no flow module that has none and starts nothing.
@@ -6,12 +7,16 @@ so collecting this test imports no flow module that has none and starts nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import importlib
+import re
 import time
 from pathlib import Path
 
 import pytest
+
+from events.simulator import SimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("events", "state", "models", "operators", "flows")
@@ -51,3 +56,10 @@ def test_public_classes_carry_an_example(qualname: str) -> None:
     assert module in MODULES
     doc = getattr(importlib.import_module(module), name).__doc__ or ""
     assert ">>> " in doc, f"{qualname}: add a runnable example (>>>) to its docstring"
+
+
+def test_simulator_md_lists_every_simconfig_default() -> None:
+    text = (ROOT / "docs" / "simulator.md").read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", text, re.M))
+    defaults = {f.name: str(f.default) for f in dataclasses.fields(SimConfig)}
+    assert {name: table.get(name) for name in defaults} == defaults
