@@ -28,7 +28,6 @@ from operators.user_shard import UserShard, route_events
 from state.hashing import shard_of
 from state.join_state import JoinConfig, Joiner
 from state.sampling import NegativeSampler
-from state.user_history import UserHistory
 
 from common import count_lines, flow_events_per_s, passthrough_events_per_s, simulated_log
 
@@ -59,7 +58,7 @@ def joiner_only_rate(log: Path) -> float:
 
 
 def pending_bytes_per_impression(n: int = 100_000) -> float:
-    joiner = Joiner(JoinConfig(), NegativeSampler(), UserHistory())
+    joiner = Joiner(JoinConfig(), NegativeSampler())
     t0 = 1_767_225_600_000
     impressions = [Impression(t0 + i, f"imp{i}", f"u{i % 5000}", f"i{i % 3000}", f"r{i // 10}", i % 10,
                               {"device": "web"}) for i in range(n)]

@@ -35,10 +35,11 @@ from flows.config import Config, InputConfig, load_config
 from flows.logs import setup_logging
 from models.rankers import positive_hold_ms
 from operators.index_builder import IndexBuilderLogic, IndexStage
-from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key
+from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
+from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
-from operators.serving import SnapshotViews
 from operators.sinks import JsonlFileSink
+from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
@@ -205,16 +206,12 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     return flow
 
 
-def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: SnapshotStore,
+def _item_side(updates: Stream[list[ItemUpdate]], config: Config, store: SnapshotStore,
                item_shard_of: Any) -> Stream[list[Record]]:
     """Item shards and the index builder; returns the stream of their snapshot manifests."""
 
-    def route(batch: list[tuple[Any, ...]]) -> list[tuple[str, tuple[str, list[tuple[Any, ...]]]]]:
-        buckets: dict[str, list[tuple[Any, ...]]] = {}
-        for update in batch:
-            item = update[1].item_id if update[0] in ("item", "ev") else update[1]
-            buckets.setdefault(item_shard_of(item), []).append(update)
-        return [(key, (key, part)) for key, part in buckets.items()]
+    def route(batch: list[ItemUpdate]) -> list[tuple[str, tuple[str, list[ItemUpdate]]]]:
+        return [(key, (key, part)) for key, part in route_updates(batch, item_shard_of).items()]
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
         return ItemShardLogic(resume or ItemShard(config.items, store, config.features,
