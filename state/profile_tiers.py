@@ -69,8 +69,9 @@ class Tiers:
 
     def raw_due(self, ts: int) -> int:
         """The watermark at which a raw event at ``ts`` leaves the raw region."""
-        g0 = self.params.g0
-        return ts - ts % g0 + g0 + self.params.raw_ms
+        params = self.params
+        g0 = params.tiers[0][0]
+        return ts - ts % g0 + g0 + params.raw_ms
 
     def place_late(self, fs: list[Any], f: int, ts: int, v: Any, cf: int,
                    bounds: list[int]) -> None:
