@@ -19,11 +19,15 @@ Kinds (``make_ranker(kind, **params)``):
 when the impression's window closes (``JoinConfig.wait_ms()`` plus the allowed
 lateness later), so a model learning examples as they arrive has always seen the
 last window's positives but not its negatives, and over-predicts (measured on the
-simulator: up to +10% with a 65 s window, x17 with the flow's default 1 h window).
-``hold_positives_ms`` holds each positive until the ranker's clock (the latest example
-``ts`` seen) passes its ``ts + hold``, so both labels of an impression time are learned
-together (``positive_hold_ms(join_config)`` gives the matching hold). It costs
-freshness: positives count ``hold`` later.
+simulator: up to +10% with a 65 s wait, x17 with a 1 h wait). ``hold_positives_ms``
+holds each positive until the ranker's clock (the latest example ``ts`` seen) passes
+its ``ts + hold``, so both labels of an impression time are learned together
+(``positive_hold_ms(join_config)`` gives the matching hold; the example below reads it
+for the flow's join defaults). It costs freshness: positives count ``hold`` later.
+
+>>> from state.join_state import JoinConfig
+>>> positive_hold_ms(JoinConfig())
+630000
 
 A ranker pickles (the trainer snapshots the serving copy that way) and ``copy()``
 gives an independent serving copy that refuses to learn.
@@ -71,6 +75,16 @@ class Ranker:
             per user and item ID); beyond it the smallest ``|weight|`` are dropped down
             to 90% of it (with their optimizer state). 0: no limit. efm is bounded by
             its table's ``max_rows``.
+
+    >>> ranker = make_ranker("lr", negative_rate=0.5)  # negatives thinned to half: weight 2
+    >>> liked = {"user_id": "u1", "item_id": "i1", "ts": 1_000, "label": True}
+    >>> other = {"user_id": "u1", "item_id": "i2", "ts": 1_000, "label": False, "weight": 2.0}
+    >>> ranker.learn_many([liked, other] * 50)
+    >>> ranker.predict(liked) > 0.5 > ranker.predict(other)
+    True
+    >>> serving = ranker.copy()  # a frozen serving copy: it predicts alike, refuses to learn
+    >>> serving.predict(liked) == ranker.predict(liked), serving.frozen
+    (True, True)
     """
 
     def __init__(self, kind: RankerKind, model: base.Classifier,
@@ -287,6 +301,11 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
       ``intercept_lr`` (0.01), ``seed`` (0);
     * efm: any ``EmbeddingFM`` argument (``k``, ``lr``, ``l2``, ``admit_threshold``,
       ``max_rows``, ``init_scale``, ``ttl_ms``, ...).
+
+    >>> make_ranker("efm", negative_rate=0.1, k=4)
+    Ranker(kind='efm', rate=0.1, n_learned=0, frozen=False)
+    >>> make_ranker("efm", k=4).model.table.dim  # k latent floats + the linear weight
+    5
     """
     model: base.Classifier
     if kind == "lr":

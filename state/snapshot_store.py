@@ -69,7 +69,22 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class SnapshotStore:
-    """Versioned immutable files under ``root``; keeps the newest ``keep`` versions per kind."""
+    """Versioned immutable files under ``root``; keeps the newest ``keep`` versions per kind.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> store = SnapshotStore(tmp.name, keep=2)
+    >>> for ts in (1_000, 2_000, 3_000):
+    ...     manifest = store.write_bytes("ranker", "pkl", b"model@%d" % ts, ts=ts)
+    >>> manifest["version"], manifest["path"], [m["version"] for m in store.manifests("ranker")]
+    (3, 'ranker/v0000000003.pkl', [3, 2])
+    >>> store.verified_path(manifest).read_bytes()
+    b'model@3000'
+    >>> reader = SnapshotReader(store, "ranker", lambda path: path.read_bytes())
+    >>> reader.refresh(max_ts=2_500), reader.version, reader.current
+    (True, 2, b'model@2000')
+    >>> tmp.cleanup()
+    """
 
     def __init__(self, root: str | Path, keep: int = 5) -> None:
         self.root = Path(root).resolve()

@@ -27,7 +27,7 @@ import pytest
 from events.model import Event, EventParser, Feedback, Impression, Item, Request
 from flows.config import load_config
 from models.mf import MFConfig
-from operators.index_builder import IndexSettings, IndexStage
+from operators.index_builder import IndexStage
 from operators.item_shard import ItemsConfig, ItemShard, item_shard_key, route_updates
 from operators.serving import Candidate, ServingConfig, load_hook
 from operators.snapshot_views import SnapshotViews
@@ -150,7 +150,7 @@ class World:
         return manifests
 
     def publish_index(self, ts: int = T0 - 60_000) -> Manifest:
-        builder = IndexBuilder(IndexConfig(dim=DIM, num_threads=1))
+        builder = IndexBuilder(IndexConfig(dim=DIM, threads=1))
         builder.upsert(list(self.vectors), np.stack(list(self.vectors.values())))
         return builder.publish(self.store, ts)
 
@@ -607,7 +607,7 @@ class ItemSide:
     def __init__(self, store: SnapshotStore) -> None:
         config = ItemsConfig(refresh_interval_ms=10**12, mf={"dim": DIM})
         self.shards = {key: ItemShard(config, store) for key in ITEM_KEYS}
-        self.index = IndexStage(IndexSettings(refresh_interval_ms=10**12), DIM, store)
+        self.index = IndexStage(IndexConfig(refresh_interval_ms=10**12), DIM, store)
 
     def apply(self, out: dict[str, list[Any]]) -> None:
         """Route updates as the flow does; publish every changed table and the index."""
