@@ -142,6 +142,9 @@ class ParseConfig:
 
     max_bytes: int = doc("Largest accepted raw event, in bytes.", 65_536)
     max_future_skew_ms: int = doc("Reject events further ahead of the stream watermark than this (ms).", 86_400_000)
+    min_ts_ms: int = doc("Dead-letter events whose ts is below this (reason ts_seconds): epoch "
+                         "seconds sent as ms (default 1e11 ms = 1973-03-03; MovieLens' 1997 "
+                         "logs pass). 0 accepts every ts from 1970.", 100_000_000_000)
 
 
 @dataclass

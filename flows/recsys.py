@@ -145,7 +145,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
     raw = _inputs(flow, config)
 
-    parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms)
+    parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,
+                         min_ts_ms=config.parse.min_ts_ms)
     parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns()))
     _output("dead-letters", op.filter_map("dead_letters", parsed, lambda p: p[1] or None), config)
 
