@@ -12,6 +12,7 @@ their decimal string); optional fields hold their documented defaults.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+log = logging.getLogger(__name__)
 
 MAX_TS_MS = 4_102_444_800_000
 """2100-01-01T00:00:00Z in epoch ms; later timestamps are absurd."""
@@ -361,4 +364,26 @@ def dead_letter(raw: bytes | str | dict[str, Any], reason: str, detail: str) -> 
     if len(raw) > MAX_RAW_IN_DEAD_LETTER:
         record["raw_truncated"] = True
         record["raw_bytes"] = len(raw)
+    return record
+
+
+_ERRORS_LOGGED: dict[str, int] = {}
+"""Processing errors seen per stage in this process (tracebacks logged for the first few)."""
+
+
+def processing_error(stage: str, raw: Event | dict[str, Any], err: BaseException) -> dict[str, Any]:
+    """The dead letter of an input that a stateful stage failed to apply (reason
+    ``processing_error``): the input, ``stage`` and ``error`` (exception type and text).
+
+    Logged as an error; the first 10 per stage and process with their traceback, then
+    every 1,000th."""
+    error = f"{type(err).__name__}: {err}"[:1000]
+    seen = _ERRORS_LOGGED[stage] = _ERRORS_LOGGED.get(stage, 0) + 1
+    if seen <= 10 or seen % 1000 == 0:
+        log.error("%s failed on an input (dead-lettered, %d so far in this process): %s",
+                  stage, seen, error, exc_info=err if seen <= 10 else None)
+    payload = event_to_dict(raw) if isinstance(raw, _Record) else raw
+    record = dead_letter(payload, "processing_error", f"{stage}: {error}")
+    record["stage"] = stage
+    record["error"] = error
     return record

@@ -21,6 +21,7 @@ Outputs per batch: changed item vectors for the index builder, and, every
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 from bytewax.operators import StatefulLogic
 
 from models.mf import ItemFactors, MFConfig
-from operators.events import Item
+from operators.events import Feedback, Impression, Item, event_to_dict, processing_error
 from state.covisitation import CoVisConfig, CoVisitation
 from state.feature_spec import parse_features
 from state.item_table import CatalogEntry, ItemTable
@@ -112,6 +113,8 @@ class ItemShard:
         self.last_publish_ms: int | None = None
         self.sent_version = 0
         self.dirty = False
+        self._dead: list[Record] = []
+        """Dead letters (``processing_error``) of updates this shard failed to apply."""
 
     def process(self, shard: str, updates: list[Update]) -> dict[str, list[Any]]:
         """Apply a batch of updates in order; return index changes and due snapshots."""
@@ -123,59 +126,70 @@ class ItemShard:
         pairs: list[tuple[str, str, float]] = []
         pairs_any: list[tuple[str, str, float]] = []
         removed: list[str] = []
+        stage = f"item_shard {shard}"
         for update in updates:
             kind = update[0]
-            if kind == "fb":
-                _, item_id, ts, positive = update
-                self._observe(ts)
-                self._see(item_id, ts)
-                self.interactions.add(item_id, ts)
-                if positive:
-                    self.liked_counts.add(item_id, ts)
-                    self.popular.add(item_id, ts)
-                    self.trending.add(item_id, ts)
-            elif kind == "mf":
-                _, item_id, ts, user_vec, coef = update
-                mf_items.append(item_id)
-                mf_vecs.append(user_vec)
-                mf_coefs.append(coef)
-                mf_ts = max(mf_ts, ts)
-            elif kind == "ev":
-                event = update[1]
-                self._observe(event.ts)
-                if self.profiles is not None:
-                    self.profiles.apply(event)
-                    lru_put(self.profiled, event.item_id, None, self.config.max_items)
-            elif kind == "pair":
-                _, a, b, w, ts = update
-                self._observe(ts)
-                pairs.append((a, b, w))
-            elif kind == "pair_any":
-                _, a, b, w, ts = update
-                self._observe(ts)
-                pairs_any.append((a, b, w))
-            else:
-                event: Item = update[1]
-                self._observe(event.ts)
-                entry = self._see(event.item_id, event.ts)
-                entry.category = _category(event.attrs) or entry.category
-                if entry.available and not event.available:
-                    removed.append(event.item_id)
-                elif event.available and not entry.available:
-                    self.factors.revive([event.item_id])
-                entry.available = event.available
+            try:
+                if kind == "fb":
+                    _, item_id, ts, positive = update
+                    self._observe(ts)
+                    self._see(item_id, ts)
+                    self.interactions.add(item_id, ts)
+                    if positive:
+                        self.liked_counts.add(item_id, ts)
+                        self.popular.add(item_id, ts)
+                        self.trending.add(item_id, ts)
+                elif kind == "mf":
+                    _, item_id, ts, user_vec, coef = update
+                    mf_items.append(item_id)
+                    mf_vecs.append(user_vec)
+                    mf_coefs.append(coef)
+                    mf_ts = max(mf_ts, ts)
+                elif kind == "ev":
+                    event = update[1]
+                    self._observe(event.ts)
+                    if self.profiles is not None:
+                        self.profiles.apply(event)
+                        lru_put(self.profiled, event.item_id, None, self.config.max_items)
+                elif kind == "pair":
+                    _, a, b, w, ts = update
+                    self._observe(ts)
+                    pairs.append((a, b, w))
+                elif kind == "pair_any":
+                    _, a, b, w, ts = update
+                    self._observe(ts)
+                    pairs_any.append((a, b, w))
+                else:
+                    event: Item = update[1]
+                    self._observe(event.ts)
+                    entry = self._see(event.item_id, event.ts)
+                    entry.category = _category(event.attrs) or entry.category
+                    if entry.available and not event.available:
+                        removed.append(event.item_id)
+                    elif event.available and not entry.available:
+                        self.factors.revive([event.item_id])
+                    entry.available = event.available
+            except Exception as err:  # one bad update must not stop the flow
+                self._dead.append(processing_error(stage, _update_raw(update), err))
+        now = self.max_ts_ms or 0
         if pairs:
-            self.covis.add(pairs, self.max_ts_ms or 0)
+            self._batch_step(stage + " covis", updates, "pair",
+                             lambda: self.covis.add(pairs, now))
         if pairs_any and self.covis_any is not None:
-            self.covis_any.add(pairs_any, self.max_ts_ms or 0)
+            self._batch_step(stage + " covis_any", updates, "pair_any",
+                             lambda: self.covis_any.add(pairs_any, now))
         if mf_items:
-            coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
-            self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
+            def mf_step() -> None:
+                coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
+                self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
+            self._batch_step(stage + " mf", updates, "mf", mf_step)
         if removed:
-            self.factors.remove(removed)
-            self.covis.remove(removed)
-            if self.covis_any is not None:
-                self.covis_any.remove(removed)
+            def remove_step() -> None:
+                self.factors.remove(removed)
+                self.covis.remove(removed)
+                if self.covis_any is not None:
+                    self.covis_any.remove(removed)
+            self._batch_step(stage + " remove", updates, "item", remove_step)
         self.dirty = self.dirty or bool(updates)
         out: dict[str, list[Any]] = {}
         change = self._index_change()
@@ -183,7 +197,19 @@ class ItemShard:
             out["index"] = [change]
         if self._publish_due():
             out["snapshots"] = [self.publish()]
+        if self._dead:
+            out["dead-letters"], self._dead = self._dead, []
         return out
+
+    def _batch_step(self, stage: str, updates: list[Update], kind: str,
+                    step: Callable[[], None]) -> None:
+        """Run a step that applies every update of ``kind`` of the batch at once; if it
+        raises, each of those updates becomes a dead letter and the batch goes on."""
+        try:
+            step()
+        except Exception as err:
+            self._dead.extend(processing_error(stage, _update_raw(u), err)
+                              for u in updates if u[0] == kind)
 
     def _observe(self, ts: int) -> None:
         if self.max_ts_ms is None or ts > self.max_ts_ms:
@@ -246,6 +272,12 @@ class ItemShard:
     def finish(self) -> dict[str, list[Any]]:
         """End of input: publish what changed since the last table."""
         return {"snapshots": [self.publish()]} if self.dirty else {}
+
+
+def _update_raw(update: Update) -> dict[str, Any]:
+    """An update as a JSON-ready dict for its dead letter (events as their dicts)."""
+    return {"update": [event_to_dict(x) if isinstance(x, Impression | Feedback | Item) else x
+                       for x in update]}
 
 
 def _category(attrs: dict[str, Any]) -> str | None:

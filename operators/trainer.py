@@ -23,6 +23,7 @@ from bytewax.operators import StatefulLogic
 from models.features import example_features
 from models.metrics import ProgressiveMetrics
 from models.rankers import Ranker, make_ranker
+from operators.events import processing_error
 from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotStore
 
@@ -103,7 +104,15 @@ class Trainer:
         if over > 0:  # the oldest (next due) go early: a bound on the queue's memory
             due.extend(heapq.heappop(self._waiting)[2] for _ in range(over))
             self.learned_early += over
-        return self._learn(due)
+        return self._learn_safely(due)
+
+    def _learn_safely(self, examples: list[Record]) -> TrainerOutput:
+        """``_learn``; if it raises, the examples become ``processing_error`` dead letters
+        (the unit is the batch of due examples) and training goes on."""
+        try:
+            return self._learn(examples)
+        except Exception as err:
+            return {"dead-letters": [processing_error("ranker", e, err) for e in examples]}
 
     def _due(self, until_ms: int | None) -> list[Record]:
         """Pop queued examples with ts <= until_ms (all when None), oldest first."""
@@ -166,12 +175,15 @@ class Trainer:
 
     def finish(self) -> TrainerOutput:
         """End of input: a last sync (if anything was learned since) and final metrics."""
-        snapshots = self._learn(self._due(None)).get("snapshots", [])
+        last = self._learn_safely(self._due(None))
+        snapshots = last.get("snapshots", [])
         if self.since_sync:
             snapshots.append(self.sync())
         out: TrainerOutput = {"metrics": [self.report(final=True)]}
         if snapshots:
             out["snapshots"] = snapshots
+        if "dead-letters" in last:
+            out["dead-letters"] = last["dead-letters"]
         return out
 
 
