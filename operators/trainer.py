@@ -4,7 +4,8 @@ One Bytewax key (``ranker``). For each micro-batch of examples: score every exam
 with the training copy *before* learning from it (progressive AUC, log loss,
 calibration), then learn. Every ``sync_interval_ms`` of event time (or every
 ``sync_every_examples`` examples) the training copy is frozen into a serving copy,
-pickled into the snapshot store as a new immutable version, and its manifest is
+written into the snapshot store as data (``models.ranker_io``: arrays and JSON, no
+pickle) as a new immutable version, and its manifest is
 emitted (``snapshots`` output, and the serving stage, which loads it verified).
 Metrics go out every ``metrics_every_examples`` examples and at end of input.
 """
@@ -12,7 +13,6 @@ Metrics go out every ``metrics_every_examples`` examples and at end of input.
 from __future__ import annotations
 
 import heapq
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +22,7 @@ from bytewax.operators import StatefulLogic
 
 from models.features import example_features
 from models.metrics import ProgressiveMetrics
+from models.ranker_io import load_ranker_file, save_ranker
 from models.rankers import Ranker, make_ranker
 from operators.events import processing_error
 from state.settings import doc
@@ -58,12 +59,9 @@ class RankerConfig:
 
 
 def load_ranker(path: Path) -> Ranker:
-    """Loader of a ``ranker`` snapshot file (only ever called on verified store paths)."""
-    with path.open("rb") as f:
-        ranker = pickle.load(f)
-    if not isinstance(ranker, Ranker):
-        raise ValueError(f"{path.name} does not hold a Ranker")
-    return ranker
+    """Loader of a ``ranker`` snapshot file (only ever called on verified store paths):
+    data only (``models.ranker_io``), so a planted file can be refused but never run."""
+    return load_ranker_file(path)
 
 
 class Trainer:
@@ -149,14 +147,9 @@ class Trainer:
 
     def sync(self) -> Manifest:
         """Write the serving copy as a new snapshot version; returns its manifest."""
-        serving = self.model.copy(frozen=True)
         ts = self.max_ts_ms or 0
-
-        def write(path: Path) -> None:
-            with path.open("wb") as f:
-                pickle.dump(serving, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-        manifest = self.store.write("ranker", "pkl", write, ts,
+        manifest = self.store.write("ranker", "npz",
+                                    lambda path: save_ranker(self.model, path, frozen=True), ts,
                                     {"examples": self.examples, "kind": self.config.kind})
         self.version = manifest["version"]
         self.last_sync_ts_ms = ts
