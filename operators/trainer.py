@@ -20,15 +20,14 @@ from typing import Any, Literal
 import numpy as np
 from bytewax.operators import StatefulLogic
 
+from events.model import Record, processing_error
 from models.features import example_features
 from models.metrics import ProgressiveMetrics
 from models.ranker_io import load_ranker_file, save_ranker
 from models.rankers import Ranker, make_ranker
-from operators.events import processing_error
 from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotStore
 
-Record = dict[str, Any]
 TrainerOutput = dict[str, list[Record]]
 
 

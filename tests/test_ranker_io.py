@@ -12,7 +12,7 @@ import pytest
 from models.features import example_features
 from models.ranker_io import load_ranker_file, save_ranker
 from models.rankers import make_ranker
-from operators.serving import LinearScorer
+from operators.linear_scorer import LinearScorer
 
 T0 = 1_767_225_600_000
 

@@ -19,7 +19,7 @@ import pytest
 
 from models.ranker_io import save_ranker
 from models.rankers import make_ranker
-from operators.serving import SnapshotViews
+from operators.snapshot_views import SnapshotViews
 from operators.trainer import load_ranker
 from state.covisitation import CoVisConfig, CoVisitation
 from state.item_index import IndexBuilder, IndexConfig, load_frozen

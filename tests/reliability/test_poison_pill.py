@@ -21,9 +21,8 @@ from pathlib import Path
 
 import orjson
 
+from events.model import MAX_TS_MS, Feedback, Request, User
 from flows.evaluate import read_jsonl
-from models.sampling import NegativeSampler
-from operators.events import MAX_TS_MS, Feedback, Request, User
 from operators.user_shard import UserShard
 from state.covisitation import CoVisConfig, CoVisitation, decayed
 from state.feature_spec import parse_features
@@ -31,6 +30,7 @@ from state.item_table import ItemTable
 from state.join_state import JoinConfig
 from state.popularity import PopularityCounter
 from state.profiles import ProfileStore
+from state.sampling import NegativeSampler
 
 from .flow_process import FlowProcess, init_recovery, simulated_log
 from .poison_hook import POISON_USER

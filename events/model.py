@@ -23,6 +23,9 @@ import orjson
 
 log = logging.getLogger(__name__)
 
+Record = dict[str, Any]
+"""A JSON-shaped record (an output row, a raw event, a dead letter): the one alias."""
+
 MAX_TS_MS = 4_102_444_800_000
 """2100-01-01T00:00:00Z in epoch ms; later timestamps are absurd."""
 
