@@ -130,14 +130,17 @@ def ranker_from_arrays(z: dict[str, np.ndarray]) -> Ranker:
         ranker.rate = float(header["rate"])
         ranker.frozen = bool(header["frozen"])
         ranker.n_learned = int(header["n_learned"])
-        last = header["last_ts_ms"]
-        ranker.last_ts_ms = None if last is None else int(last)
+        ranker.last_ts_ms = _int_or_none(header["last_ts_ms"])
         ranker.pruned = int(header["pruned"])
     except ValueError:
         raise
     except Exception as err:  # KeyError, TypeError, orjson errors: a malformed file
         raise ValueError(f"malformed ranker snapshot: {type(err).__name__}: {err}") from None
     return ranker
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _restore_lr(model: linear_model.LogisticRegression, z: dict[str, np.ndarray],
@@ -181,8 +184,7 @@ def _restore_efm(model: EmbeddingFM, z: dict[str, np.ndarray], header: dict[str,
     model.bias = float(header["bias"])
     model._bias_acc = float(header["bias_acc"])
     model.now_ms = int(header["now_ms"])
-    last = header["last_expire_ms"]
-    model._last_expire_ms = None if last is None else int(last)
+    model._last_expire_ms = _int_or_none(header["last_expire_ms"])
     model.n_learned = int(header["model_n_learned"])
 
 
