@@ -91,6 +91,8 @@ class Fuzzer:
         kind = self.rng.choice(self.kinds)
         line, reason = kind(dict(event))
         assert b"\n" not in line and b"\r" not in line and line.strip(), (kind, line)
+        if len(line) > MAX_BYTES:  # the parser checks the size first (a big event made deep)
+            reason = "oversized"
         return line, reason
 
     # -- the mutations ------------------------------------------------------------------
