@@ -33,6 +33,7 @@ from operators.trainer import RankerConfig
 from state.feature_spec import DEFAULT_FEATURES, FeatureSpecError, parse_features
 from state.join_state import JoinConfig
 from state.settings import doc
+from state.snapshot_store import SnapshotStore
 
 ENV_PREFIX = "STREAMREC__"
 
@@ -162,6 +163,10 @@ class SnapshotConfig:
 
     dir: str = doc("Store directory; empty = <output.dir>/snapshots. Files go under <dir>/<app>/.", "")
     keep: int = doc("Versions kept per snapshot kind (older ones are deleted).", 5)
+    hmac_key: str = doc("Secret that signs every manifest (HMAC-SHA256); when set, readers "
+                        "refuse unsigned or mis-signed versions, so only holders of the key can "
+                        "publish. Give it with STREAMREC__SNAPSHOTS__HMAC_KEY, not in a file. "
+                        "Empty = unsigned.", "")
 
 
 @dataclass
@@ -225,7 +230,14 @@ class Config:
         for key in SECRET_KEYS:
             if data["kafka"][key]:
                 data["kafka"][key] = "***"
+        if data["snapshots"]["hmac_key"]:
+            data["snapshots"]["hmac_key"] = "***"
         return data
+
+    def snapshot_store(self) -> SnapshotStore:
+        """The snapshot store of this config (root, versions kept, signing key)."""
+        return SnapshotStore(self.snapshot_root(), keep=self.snapshots.keep,
+                             hmac_key=self.snapshots.hmac_key or None)
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:

@@ -147,7 +147,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     setup_logging(config.log)
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
-    store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
+    store = config.snapshot_store()
     raw = _inputs(flow, config)
 
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,

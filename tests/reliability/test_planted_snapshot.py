@@ -15,8 +15,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
+from flows.config import load_config
 from models.ranker_io import save_ranker
 from models.rankers import make_ranker
 from operators.snapshot_views import SnapshotViews
@@ -100,3 +102,40 @@ def test_serving_skips_a_planted_ranker(tmp_path: Path) -> None:
     views.poll()
     assert views.ranker.version == 1 and views.ranker.current is not None
     assert not marker.exists()
+
+
+# -- signed manifests (snapshots.hmac_key) ------------------------------------------------
+
+
+def test_with_a_key_only_signed_versions_load(tmp_path: Path) -> None:
+    """Data can still be a wrong model: with ``snapshots.hmac_key`` only a writer holding
+    the key can publish. A valid ranker file with a matching sha256 manifest, written
+    without the key (or with a forged signature), is refused."""
+    key = "s3cret-key"
+    signed = SnapshotStore(tmp_path / "store", hmac_key=key)
+    good = signed.write("ranker", "npz", _good_ranker, T0)
+    assert len(good["hmac"]) == 64
+    planter = SnapshotStore(tmp_path / "store")  # same directory, no key
+    planter.write("ranker", "npz", _good_ranker, T0 + 1)
+    reader = SnapshotReader(signed, "ranker", load_ranker)
+    assert reader.refresh() and reader.version == 1
+    assert "not signed" in (reader.last_error or "")
+    forged = planter.write("ranker", "npz", _good_ranker, T0 + 2)
+    forged["hmac"] = "0" * 64
+    (signed.root / "ranker" / "LATEST").write_bytes(orjson.dumps(forged))
+    assert not reader.refresh() and reader.version == 1
+    assert "signature does not match" in (reader.last_error or "")
+    assert signed.write("ranker", "npz", _good_ranker, T0 + 3)["version"] == 4
+    assert reader.refresh() and reader.version == 4
+    # readers without a key still read signed stores; recovery keeps the key
+    assert SnapshotReader(planter, "ranker", load_ranker).refresh()
+    resumed = pickle.loads(pickle.dumps(reader))
+    assert resumed.version == 4 and resumed.store.verified_path(good)
+
+
+def test_the_key_comes_from_the_config_and_stays_out_of_reports(tmp_path: Path) -> None:
+    config = load_config({"snapshots": {"dir": str(tmp_path), "hmac_key": "k"}})
+    store = config.snapshot_store()
+    assert "hmac" in store.write_bytes("x", "bin", b"1", T0)
+    assert config.redacted()["snapshots"]["hmac_key"] == "***"
+    assert load_config({}).redacted()["snapshots"]["hmac_key"] == ""
