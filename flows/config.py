@@ -34,6 +34,7 @@ from state.feature_spec import DEFAULT_FEATURES, FeatureSpecError, parse_feature
 from state.item_index import IndexConfig
 from state.join_state import JoinConfig
 from state.settings import doc
+from state.snapshot_store import SnapshotStore
 
 ENV_PREFIX = "STREAMREC__"
 
@@ -143,6 +144,9 @@ class ParseConfig:
 
     max_bytes: int = doc("Largest accepted raw event, in bytes.", 65_536)
     max_future_skew_ms: int = doc("Reject events further ahead of the stream watermark than this (ms).", 86_400_000)
+    min_ts_ms: int = doc("Dead-letter events whose ts is below this (reason ts_seconds): epoch "
+                         "seconds sent as ms (default 1e11 ms = 1973-03-03; MovieLens' 1997 "
+                         "logs pass). 0 accepts every ts from 1970.", 100_000_000_000)
 
 
 @dataclass
@@ -160,6 +164,10 @@ class SnapshotConfig:
 
     dir: str = doc("Store directory; empty = <output.dir>/snapshots. Files go under <dir>/<app>/.", "")
     keep: int = doc("Versions kept per snapshot kind (older ones are deleted).", 5)
+    hmac_key: str = doc("Secret that signs every manifest (HMAC-SHA256); when set, readers "
+                        "refuse unsigned or mis-signed versions, so only holders of the key can "
+                        "publish. Give it with STREAMREC__SNAPSHOTS__HMAC_KEY, not in a file. "
+                        "Empty = unsigned.", "")
 
 
 @dataclass
@@ -223,7 +231,14 @@ class Config:
         for key in SECRET_KEYS:
             if data["kafka"][key]:
                 data["kafka"][key] = "***"
+        if data["snapshots"]["hmac_key"]:
+            data["snapshots"]["hmac_key"] = "***"
         return data
+
+    def snapshot_store(self) -> SnapshotStore:
+        """The snapshot store of this config (root, versions kept, signing key)."""
+        return SnapshotStore(self.snapshot_root(), keep=self.snapshots.keep,
+                             hmac_key=self.snapshots.hmac_key or None)
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:

@@ -29,8 +29,9 @@ for the flow's join defaults). It costs freshness: positives count ``hold`` late
 >>> positive_hold_ms(JoinConfig())
 630000
 
-A ranker pickles (the trainer snapshots the serving copy that way) and ``copy()``
-gives an independent serving copy that refuses to learn.
+A ranker pickles (Bytewax recovery state) and ``copy()`` gives an independent serving
+copy that refuses to learn; snapshots are written as data, not pickles
+(``models.ranker_io``).
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class Ranker:
         self._held_seq = 0
         self.max_features = max_features
         self.pruned = 0  # weights dropped by the max_features bound
+        self.params: dict[str, Any] = {}
+        """The model parameters ``make_ranker`` built ``model`` from (``models.ranker_io``
+        rebuilds a saved ranker from them)."""
 
     def __repr__(self) -> str:
         return (f"Ranker(kind={self.kind!r}, rate={self.rate:g}, n_learned={self.n_learned}, "
@@ -323,5 +327,7 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
         model = EmbeddingFM(**params)
     else:
         raise ValueError(f"unknown ranker kind {kind!r}; expected one of {KINDS}")
-    return Ranker(kind, model, negative_rate=negative_rate, batch_size=batch_size,
-                  hold_positives_ms=hold_positives_ms, max_features=max_features)
+    ranker = Ranker(kind, model, negative_rate=negative_rate, batch_size=batch_size,
+                    hold_positives_ms=hold_positives_ms, max_features=max_features)
+    ranker.params = dict(params)
+    return ranker

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
+from state.decay import exp2
 from state.feature_spec import DEFAULT_DISTINCT_K, DEFAULT_LAST_K, FeatureSpec
 from state.hashing import stable_hash64
 
@@ -104,19 +105,19 @@ class _Decay(_Count):
         self.hl = float(half_life_ms)
 
     def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
-        x = v * math.exp2((ts - r) / self.hl)
+        x = v * exp2((ts - r) / self.hl)
         return x if acc is None else acc + x
 
     def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
         if a is None:
-            return b if b is None or rb == r else b * math.exp2((rb - r) / self.hl)
-        x = a if ra == r else a * math.exp2((ra - r) / self.hl)
+            return b if b is None or rb == r else b * exp2((rb - r) / self.hl)
+        x = a if ra == r else a * exp2((ra - r) / self.hl)
         if b is None:
             return x
-        return x + (b if rb == r else b * math.exp2((rb - r) / self.hl))
+        return x + (b if rb == r else b * exp2((rb - r) / self.hl))
 
     def out(self, acc: Any, r: int, t: int) -> Any:
-        return acc * math.exp2((r - t) / self.hl)
+        return acc * exp2((r - t) / self.hl)
 
 
 class _Distinct(_Count):

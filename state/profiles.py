@@ -46,12 +46,12 @@ parameters, ``ProfileParams``, and the specs compiled into routing and output ta
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
 from state.aggregates import BAD, TS
+from state.decay import exp2
 from state.feature_spec import MISSING, FeatureSpec, as_specs
 from state.profile_codec import FORMAT, HotCold, Profile
 from state.profile_plan import FAR, ItemAttrs, ProfileParams, ProfilePlan, entity_key
@@ -255,7 +255,7 @@ class ProfileStore:
             for j, name, hl in plan.decay_outs:
                 acc = c.acc[j]
                 if acc is not None:
-                    out[name] = acc * math.exp2((c.ref[j] - t) / hl)
+                    out[name] = acc * exp2((c.ref[j] - t) / hl)
             for name in plan.list_outs:
                 out[name] = list(out[name])
             return out

@@ -27,6 +27,7 @@ import pytest
 from events.model import Event, EventParser, Feedback, Impression, Item, Request
 from flows.config import load_config
 from models.mf import MFConfig
+from models.ranker_io import load_ranker_file, save_ranker
 from operators.index_builder import IndexStage
 from operators.item_shard import ItemsConfig, ItemShard, item_shard_key, route_updates
 from operators.serving import Candidate, ServingConfig, load_hook
@@ -887,10 +888,11 @@ def test_snapshot_outside_the_store_is_refused(world: World, tmp_path: Path) -> 
     shard = world.user_shard()
     assert ask(shard, "cold", request_id="a")["model_version"] == 1
     # A well-formed ranker file with a matching sha256, but outside the store root.
-    outside = tmp_path / "outside.pkl"
-    ranker = pickle.loads((world.store.root / world.store.latest("ranker")["path"]).read_bytes())
-    outside.write_bytes(pickle.dumps(ranker))
-    manifest = {**world.store.latest("ranker"), "version": 2, "path": "../outside.pkl",
+    outside = tmp_path / "outside.npz"
+    ranker = load_ranker_file(world.store.root / world.store.latest("ranker")["path"])
+    ranker.n_learned += 1  # another version (the same bytes would be the verified v1)
+    save_ranker(ranker, outside)
+    manifest = {**world.store.latest("ranker"), "version": 2, "path": "../outside.npz",
                 "sha256": sha256_file(outside)}
     (world.store.root / "ranker" / "LATEST").write_text(json.dumps(manifest))
     record = ask(shard, "cold", request_id="b")
