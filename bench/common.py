@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,20 +20,24 @@ from bytewax.testing import run_main  # noqa: E402
 
 from flows.evaluate import read_jsonl  # noqa: E402
 from flows.recsys import build  # noqa: E402
-from flows.simulator import write_log  # noqa: E402
+from flows.simulator import SimConfig, write_log  # noqa: E402
 from operators.sinks import NullSink  # noqa: E402
 from operators.sources import ReplaySource  # noqa: E402
+from state.hashing import stable_hash64  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "streamrec-bench"
 
 
-def simulated_log(n: int, seed: int = 0) -> Path:
-    """A simulated JSONL log of ``n`` events (cached across runs in the temp dir)."""
-    path = CACHE / f"sim-{n}-{seed}.jsonl"
+def simulated_log(n: int, seed: int = 0, config: SimConfig | None = None) -> Path:
+    """A simulated JSONL log of ``n`` events of the world ``config`` (the simulator's
+    defaults when None), cached across runs in the temp dir."""
+    tag = "" if config is None else "-" + format(
+        stable_hash64(repr(sorted(asdict(config).items()))), "016x")
+    path = CACHE / f"sim-{n}-{seed}{tag}.jsonl"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        write_log(tmp, n, seed)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        write_log(tmp, n, seed, config)
         tmp.rename(path)
     return path
 

@@ -310,6 +310,43 @@ class SnapshotViews:
         self.ranker, self.index, self.tables = state["ranker"], state["index"], state["tables"]
 
 
+class FrozenViews:
+    """The snapshots a ``SnapshotViews`` serves at one moment (published snapshots are
+    immutable): what ``Server.item_extras`` reads, kept to compute features later
+    exactly as they were (deferred impression features, ``operators/user_shard.py``)."""
+
+    __slots__ = ("tables", "loaded", "index")
+
+    def __init__(self, views: SnapshotViews) -> None:
+        self.tables = views.table_map()
+        self.loaded = views.loaded_tables()
+        self.index = _FrozenIndex(views.index.index)
+
+    def current(self, views: SnapshotViews) -> bool:
+        """Whether ``views`` still serves exactly these snapshots."""
+        return views.table_map() is self.tables and views.index.index is self.index.index
+
+    def table_map(self) -> dict[str, ItemTable]:
+        return self.tables
+
+    def loaded_tables(self) -> list[ItemTable]:
+        return list(self.loaded)
+
+
+class _FrozenIndex:
+    """``IndexReader``'s read methods over one loaded index version."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+
+    def vectors(self, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.index is None:
+            return np.zeros((len(item_ids), 0), np.float32), np.zeros(len(item_ids), bool)
+        return self.index.vectors(item_ids)
+
+
 def _never(_item: str) -> bool:
     return False
 
@@ -352,7 +389,8 @@ class Server:
 
     # -- features shared by training (impression time) and serving ---------------------
     def item_extras(self, ctx: UserContext, item_ids: list[str], ts_ms: int,
-                    covis: dict[str, SparseScores] | None = None) -> list[dict[str, Any]]:
+                    covis: dict[str, SparseScores] | None = None,
+                    views: SnapshotViews | FrozenViews | None = None) -> list[dict[str, Any]]:
         """Per-item features from the snapshots: item profile features (IPS ``item``
         entity), category, co-visitation with the recent items (``covis``: liked channel,
         ``covis_any``: any-interaction channel, raw seed-decayed sums), popularity,
@@ -360,12 +398,15 @@ class Server:
 
         ``covis``: the raw channel sums of :meth:`covis_channels` (serving); None looks
         each item up (one impression at a time). Both give the same numbers.
+        ``views``: the snapshots to read (default: the current ones; a ``FrozenViews``
+        taken earlier gives the features as of that moment).
         """
-        tables = self.views.table_map()
-        mf = self._mf_scores(ctx.vector, item_ids)
+        views = views or self.views
+        tables = views.table_map()
+        mf = self._mf_scores(ctx.vector, item_ids, views)
         if covis is None:
             sums = {name: self._covis_lookup(name, seeds, item_ids, tables, ts_ms)
-                    for name, seeds in self._seeds(ctx)}
+                    for name, seeds in self._seeds(ctx, views)}
         else:
             sums = {name: scores.many(item_ids) for name, scores in covis.items()}
         liked, any_ = sums.get("liked") or [0.0] * len(item_ids), sums.get("any")
@@ -393,11 +434,12 @@ class Server:
             out.append(extra)
         return out
 
-    def _seeds(self, ctx: UserContext) -> list[tuple[str, list[str]]]:
+    def _seeds(self, ctx: UserContext, views: SnapshotViews | FrozenViews | None = None
+               ) -> list[tuple[str, list[str]]]:
         """(channel, seeds newest first) of every channel the loaded tables carry."""
         n = self.config.recent_items
         out = [("liked", ctx.liked[:n])]
-        tables = self.views.loaded_tables()
+        tables = (views or self.views).loaded_tables()
         if tables and tables[0].covis_any is not None:
             out.append(("any", ctx.recent[:n]))
         return out
@@ -468,10 +510,12 @@ class Server:
         return [(names[i], v * share) for i, v in zip(ids[order].tolist(), vals[order].tolist(),
                                                        strict=True)], raw
 
-    def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str]) -> np.ndarray | None:
-        if vector is None or self.views.index.index is None or not item_ids:
+    def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str],
+                   views: SnapshotViews | FrozenViews | None = None) -> np.ndarray | None:
+        index = (views or self.views).index
+        if vector is None or index.index is None or not item_ids:
             return None
-        vecs, found = self.views.index.vectors(item_ids)
+        vecs, found = index.vectors(item_ids)
         scores = vecs @ np.asarray(vector, np.float32)
         return np.where(found, scores, 0.0)
 

@@ -32,7 +32,7 @@ from bytewax.operators import StatefulLogic
 from models.mf import MFConfig, UserFactors
 from models.sampling import NegativeSampler
 from operators.events import Event, Feedback, Item, Request
-from operators.serving import Server, ServingConfig, SnapshotViews, UserContext
+from operators.serving import FrozenViews, Server, ServingConfig, SnapshotViews, UserContext
 from state.covis_view import SparseScores
 from state.covisitation import CoVisConfig, CoVisitation
 from state.embedding_table import keys_of
@@ -59,7 +59,8 @@ class UserShard:
         self.history = UserHistory(max_users=max_users)
         self.liked = UserHistory(max_users=max_users)
         """Each user's positives only (``history`` holds every interaction)."""
-        self.joiner = Joiner(join, sampler, self.history, self.example_features)
+        self.joiner = Joiner(join, sampler, self.history, self.example_features,
+                             self.deferred_features)
         self.catalog: OrderedDict[str, dict[str, Any]] = OrderedDict()
         """Item attributes (+ ``available``), least recently updated or used first."""
         self.max_items = max_items
@@ -90,6 +91,12 @@ class UserShard:
         self._mf_pending: list[tuple[str, str, int, list[str]]] = []
         self._recs: list[Record] = []
         self._ingest_ns = 0
+        self._group: object = None
+        """What the event being joined shares its user context with: its request id
+        (impressions of one request), the feedback event itself (an interaction and its
+        sampled negatives), or None (nothing)."""
+        self._shared: _SharedContext | None = None
+        self._frozen: FrozenViews | None = None
 
     # -- the batch ----------------------------------------------------------------
     def process(self, shard: str, events: list[Event], ingest_ns: int | None = None) -> ShardOutput:
@@ -104,11 +111,17 @@ class UserShard:
         for event in events:
             kind = event.type
             if kind == "impression":
+                self._group = event.request_id
                 joiner.on_impression(event)
                 self._profile(event)
                 if self.item_profiles:
                     self._item_updates.append(("ev", event))
-            elif kind == "feedback":
+                continue
+            shared = self._shared
+            if shared is not None and kind != "item" and event.user_id == shared.user_id:
+                self._shared = None  # the user's state changes: contexts taken before are stale
+            if kind == "feedback":
+                self._group = event
                 self._feedback(event)
             elif kind == "request":
                 joiner.observe(event.ts)
@@ -163,6 +176,8 @@ class UserShard:
         users = [p[0] for p in pending]
         items = [p[1] for p in pending]
         ts = max(p[2] for p in pending)
+        if self._shared is not None and self._shared.user_id in users:
+            self._shared = None  # its MF vector changes
         for user, _, t, recent in pending:
             if user not in self.users and recent:
                 self.users.fold_in(user, self._item_vectors(recent), t)
@@ -252,9 +267,78 @@ class UserShard:
         return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked)
 
     def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
-        """The joiner's hook: features known strictly before ``ts_ms`` (point in time)."""
-        ctx = self.context(user_id, ts_ms)
-        return {**ctx.profile, **self.item_features(ctx, [item_id], ts_ms)[0]}
+        """The joiner's hook: features known strictly before ``ts_ms`` (point in time).
+
+        The user's context (profile, MF vector, recent items) is taken once per group
+        (the impressions of one request; an interaction and its sampled negatives), as
+        of the group's first event: its siblings do not count as earlier impressions."""
+        shared = self._shared_context(user_id, ts_ms)
+        attrs = self.catalog.get(item_id)
+        crosses = self._cross_features(shared, attrs, ts_ms)
+        return {**shared.ctx.profile,
+                **self._item_part(shared.ctx, item_id, ts_ms, attrs, crosses, None)}
+
+    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> DeferredFeatures:
+        """``example_features`` computed later, only if needed (the joiner asks for
+        impressions whose negative the sampler will drop: they need features only if
+        clicked). What the snapshot part reads is kept (the user context, the item's
+        attributes, the user x attribute profiles, the snapshots, all immutable
+        once taken), so the result is exactly what ``example_features`` returns now."""
+        shared = self._shared_context(user_id, ts_ms)
+        attrs = self.catalog.get(item_id)
+        return DeferredFeatures(self, shared.ctx, item_id, ts_ms, attrs,
+                                self._cross_features(shared, attrs, ts_ms), self._frozen_views())
+
+    def _shared_context(self, user_id: str, ts_ms: int) -> _SharedContext:
+        shared = self._shared
+        group = self._group
+        if (shared is None or group is None or shared.group != group or shared.ts != ts_ms
+                or shared.user_id != user_id):
+            shared = _SharedContext(user_id, group, ts_ms, self.context(user_id, ts_ms))
+            self._shared = shared if group is not None else None
+        return shared
+
+    def _frozen_views(self) -> FrozenViews | None:
+        if self.server is None:
+            return None
+        frozen = self._frozen
+        if frozen is None or not frozen.current(self.server.views):
+            frozen = self._frozen = FrozenViews(self.server.views)
+        return frozen
+
+    def _cross_features(self, shared: _SharedContext | None, attrs: dict[str, Any] | None,
+                        ts_ms: int | None, user_id: str | None = None) -> list[dict[str, Any]]:
+        """The user x item-attribute profile features for an item with ``attrs``, one dict
+        per ``user_x_<attr>`` profile whose attribute is a string (cached per group)."""
+        if not attrs:
+            return []
+        cache = shared.crosses if shared is not None else {}
+        user = shared.user_id if shared is not None else user_id
+        out = []
+        for kind, store in self.profiles.items():
+            if not kind.startswith("user_x_"):
+                continue
+            attr = kind[7:]
+            value = attrs.get(attr)
+            if isinstance(value, str):
+                feats = cache.get((attr, value))
+                if feats is None:
+                    at = _query_time(store, ts_ms)
+                    feats = cache[(attr, value)] = {
+                        name: _feature_value(name, v, ts_ms)
+                        for name, v in store.query((user, value), at).items()}
+                out.append(feats)
+        return out
+
+    def _item_part(self, ctx: UserContext, item_id: str, ts_ms: int | None,
+                   attrs: dict[str, Any] | None, crosses: list[dict[str, Any]],
+                   views: FrozenViews | None) -> dict[str, Any]:
+        """One item's features (snapshot features, item attributes, user x attribute
+        profiles), in the order ``item_features`` gives them."""
+        extra = (Server.item_extras(self.server, ctx, [item_id], ts_ms or 0, None, views)[0]
+                 if self.server is not None else {})
+        _add_attrs(extra, attrs, crosses)
+        return extra
 
     def item_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
                       covis: dict[str, SparseScores] | None = None) -> list[dict[str, Any]]:
@@ -262,27 +346,17 @@ class UserShard:
         features), for each item; the same at impression time and at serving time."""
         extras = (Server.item_extras(self.server, ctx, item_ids, ts_ms or 0, covis)
                   if self.server is not None else [{} for _ in item_ids])
-        crosses = [(kind[7:], store) for kind, store in self.profiles.items()
-                   if kind.startswith("user_x_")]
-        cross_cache: dict[tuple[str, str], dict[str, Any]] = {}
+        cache = _SharedContext(ctx.user_id, None, ts_ms or 0, ctx)
         for item, extra in zip(item_ids, extras, strict=True):
             attrs = self.catalog.get(item)
-            if not attrs:
-                continue
-            for key, value in attrs.items():
-                if key != "available" and not isinstance(value, dict):
-                    extra[f"i:{key}"] = value
-            for attr, store in crosses:
-                value = attrs.get(attr)
-                if isinstance(value, str):
-                    feats = cross_cache.get((attr, value))
-                    if feats is None:
-                        at = _query_time(store, ts_ms)
-                        feats = cross_cache[(attr, value)] = {
-                            name: _feature_value(name, v, ts_ms)
-                            for name, v in store.query((ctx.user_id, value), at).items()}
-                    extra.update(feats)
+            _add_attrs(extra, attrs, self._cross_features(cache, attrs, ts_ms))
         return extras
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Recovery state without the frozen snapshot views (reloaded from the store)."""
+        state = self.__dict__.copy()
+        state["_frozen"] = None
+        return state
 
     # -- lifecycle --------------------------------------------------------------------
     def idle(self, idle_s: float, now_ms: int | None = None) -> ShardOutput:
@@ -338,6 +412,62 @@ class UserShard:
             return {}
         stats = self.users.table.stats()
         return {k: int(stats[k]) for k in ("admitted", "rejected", "expired", "evicted", "rows")}
+
+
+def _add_attrs(extra: dict[str, Any], attrs: dict[str, Any] | None,
+               crosses: list[dict[str, Any]]) -> None:
+    """Add an item's attributes (``i:<key>``) and its user x attribute features."""
+    if not attrs:
+        return
+    for key, value in attrs.items():
+        if key != "available" and not isinstance(value, dict):
+            extra[f"i:{key}"] = value
+    for feats in crosses:
+        extra.update(feats)
+
+
+class _SharedContext:
+    """One user's context shared by a group of events (see ``example_features``)."""
+
+    __slots__ = ("user_id", "group", "ts", "ctx", "crosses")
+
+    def __init__(self, user_id: str, group: object, ts: int, ctx: UserContext) -> None:
+        self.user_id = user_id
+        self.group = group
+        self.ts = ts
+        self.ctx = ctx
+        self.crosses: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+class DeferredFeatures:
+    """An impression's features, computed when first asked for (``resolve``) from what
+    was kept when the impression was processed. Pickles as the resolved dict (recovery
+    state holds plain features, never snapshot objects)."""
+
+    __slots__ = ("shard", "ctx", "item_id", "ts", "attrs", "crosses", "views", "_resolved")
+
+    def __init__(self, shard: UserShard, ctx: UserContext, item_id: str, ts: int,
+                 attrs: dict[str, Any] | None, crosses: list[dict[str, Any]],
+                 views: FrozenViews | None) -> None:
+        self.shard = shard
+        self.ctx = ctx
+        self.item_id = item_id
+        self.ts = ts
+        self.attrs = attrs
+        self.crosses = crosses
+        self.views = views
+        self._resolved: dict[str, Any] | None = None
+
+    def resolve(self) -> dict[str, Any]:
+        """The features ``UserShard.example_features`` gave when this was taken."""
+        if self._resolved is None:
+            ctx = self.ctx
+            self._resolved = {**ctx.profile, **self.shard._item_part(
+                ctx, self.item_id, self.ts, self.attrs, self.crosses, self.views)}
+        return self._resolved
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return dict, (self.resolve(),)
 
 
 def _query_time(store: ProfileStore, ts_ms: int | None) -> int | None:

@@ -37,7 +37,7 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -53,6 +53,18 @@ if TYPE_CHECKING:
 Record = dict[str, Any]
 FeatureHook = Callable[[str, str, int], dict[str, Any]]
 """(user_id, item_id, ts_ms) -> features known strictly before ts_ms."""
+
+
+class Deferred(Protocol):
+    """Features taken at impression time but computed only if needed."""
+
+    def resolve(self) -> dict[str, Any]: ...
+
+
+DeferredHook = Callable[[str, str, int], Deferred]
+"""(user_id, item_id, ts_ms) -> what the FeatureHook would return now, computed on
+``resolve()`` (for impressions whose negative the sampler drops: only a positive
+needs their features)."""
 
 
 @dataclass
@@ -111,9 +123,10 @@ class Pending:
     impression: Impression
     deadline_ms: int
     labels: dict[str, float]
-    features: dict[str, Any]
+    features: dict[str, Any] | Deferred
     """Taken when the impression is processed (never later: features taken at emission
-    would see same-request clicks and fresher item tables, a train/serve skew)."""
+    would see same-request clicks and fresher item tables, a train/serve skew); deferred
+    (the same values, computed on demand) when the sampler drops its negative."""
     emitted: bool = False
 
 
@@ -152,11 +165,15 @@ class Joiner:
     """
 
     def __init__(self, config: JoinConfig, sampler: NegativeSampler, history: UserHistory,
-                 features: FeatureHook | None = None) -> None:
+                 features: FeatureHook | None = None, deferred: DeferredHook | None = None
+                 ) -> None:
         self.config = config
         self.sampler = sampler
         self.history = history
         self.features = features
+        self.deferred = deferred
+        """Used instead of ``features`` for impressions whose negative will be dropped
+        (the keep decision is a hash of the example id, known at impression time)."""
         self.wait_ms = config.wait_ms()
         self.pending: dict[str, Pending] = {}
         self._deadlines: list[tuple[int, str]] = []
@@ -193,7 +210,11 @@ class Joiner:
             self.counters.dup_impressions += 1
             return
         self.counters.impressions += 1
-        features = self.features(imp.user_id, imp.item_id, imp.ts) if self.features else {}
+        features: dict[str, Any] | Deferred = {}
+        if self.deferred is not None and not self.sampler.keep(f"imp:{iid}"):
+            features = self.deferred(imp.user_id, imp.item_id, imp.ts)
+        elif self.features is not None:
+            features = self.features(imp.user_id, imp.item_id, imp.ts)
         entry = Pending(imp, imp.ts + self.wait_ms, {}, features)
         self.pending[iid] = entry
         heapq.heappush(self._deadlines, (entry.deadline_ms, iid))
@@ -350,6 +371,8 @@ class Joiner:
         else:
             self.counters.positives += 1
         features = entry.features
+        if type(features) is not dict:
+            features = features.resolve()
         self.examples.append({
             "example_id": example_id,
             "ts": imp.ts,
