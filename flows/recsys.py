@@ -181,7 +181,10 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
 
     snapshots = []
     if config.items.enabled:
-        snapshots.append(_item_side(_take("item-updates", outputs), config, store, item_shard_of))
+        updates = op.filter_map("take_item_updates", outputs,
+                                lambda out: (out["batch"], out["item-updates"])
+                                if "item-updates" in out else None)
+        snapshots.append(_item_side(updates, config, store, item_shard_of))
     ranker_out = _trainer(examples, config, store)
     metric_streams = [
         op.map("count_parse", parsed, _parse_counts),
@@ -206,16 +209,19 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     return flow
 
 
-def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: SnapshotStore,
-               item_shard_of: Any) -> Stream[list[Record]]:
-    """Item shards and the index builder; returns the stream of their snapshot manifests."""
+def _item_side(updates: Stream[tuple[int, list[tuple[Any, ...]]]], config: Config,
+               store: SnapshotStore, item_shard_of: Any) -> Stream[list[Record]]:
+    """Item shards and the index builder; returns the stream of their snapshot manifests.
+    ``updates``: (source micro-batch id, item updates) from each user shard."""
 
-    def route(batch: list[tuple[Any, ...]]) -> list[tuple[str, tuple[str, list[tuple[Any, ...]]]]]:
+    def route(tagged: tuple[int, list[tuple[Any, ...]]]
+              ) -> list[tuple[str, tuple[str, list[tuple[Any, ...]], int]]]:
+        batch_id, batch = tagged
         buckets: dict[str, list[tuple[Any, ...]]] = {}
         for update in batch:
             item = update[1].item_id if update[0] in ("item", "ev") else update[1]
             buckets.setdefault(item_shard_of(item), []).append(update)
-        return [(key, (key, part)) for key, part in buckets.items()]
+        return [(key, (key, part, batch_id)) for key, part in buckets.items()]
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
         return ItemShardLogic(resume or ItemShard(config.items, store, config.features,

@@ -401,6 +401,7 @@ class UserShard:
             out["recommendations"], self._recs = self._recs, []
         if self._item_updates:
             out["item-updates"], self._item_updates = self._item_updates, []
+            out["batch"] = self._ingest_ns  # the source micro-batch (item shards publish per batch)
         if out:
             out["counters"] = [{"shard": self.shard, "counters": self.counters(),
                                 "table": self.table_counters()}]
