@@ -62,7 +62,8 @@ def passthrough_events_per_s(log: Path, batch_size: int = 1000) -> float:
 
 def flow_events_per_s(log: Path, **overrides: object) -> tuple[float, dict]:
     """Events/s of the main flow replaying ``log`` (config ``overrides`` on top), one
-    worker, outputs to a temp dir; returns (rate, the run's summary metrics record)."""
+    worker, outputs to a temp dir; returns (rate, the run's summary metrics record, with
+    ``output_bytes``: the size of each output file)."""
     out = Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
     try:
         flow = build({"inputs": [{"kind": "replay", "path": str(log)}],
@@ -71,6 +72,7 @@ def flow_events_per_s(log: Path, **overrides: object) -> tuple[float, dict]:
         run_main(flow)
         elapsed = time.perf_counter() - start
         summary = [m for m in read_jsonl(out / "metrics.jsonl") if m["kind"] == "summary"][-1]
+        summary["output_bytes"] = {p.stem: p.stat().st_size for p in out.glob("*.jsonl")}
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return summary["events_in"] / elapsed, summary

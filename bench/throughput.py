@@ -10,6 +10,7 @@
 * ``requests_per_s``: requests answered per wall second of the main flow.
 * ``serving_cpu_ms_per_request``: thread CPU time inside ``Server.recommend`` per
   request (the main flow's serving cost, measured in the same run).
+* ``bytes_per_example``: the examples output's size per example (its wire form).
 
 Usage: ``python bench/throughput.py [-n EVENTS]`` (default: the zero-config 200,000).
 """
@@ -124,6 +125,7 @@ def main() -> None:
     with ServingTimer() as timer:
         main_rate, summary = flow_events_per_s(log)
     elapsed = summary["events_in"] / main_rate
+    example_bytes = summary["output_bytes"]["examples"] / max(summary["outputs"]["examples"], 1)
     requests = summary["events_by_type"].get("request", 0)
     print(f"log: {n:,} events of the zero-config world {world.n_users} users, "
           f"{world.n_items} items, {world.requests_per_s} requests/s; mix {summary['events_by_type']}")
@@ -132,6 +134,7 @@ def main() -> None:
     print(f"zero-config flow:     {main_rate:>10,.0f} events/s  ({main_rate / passthrough:.3f}x "
           f"passthrough), {requests / elapsed:,.0f} requests/s, serving "
           f"{timer.cpu_ns / 1e6 / max(timer.calls, 1):.2f} ms CPU per request")
+    print(f"examples:             {example_bytes:>10,.0f} bytes each on the wire")
     print(orjson.dumps({
         "events": n,
         "events_per_s": round(main_rate, 1),
@@ -139,6 +142,7 @@ def main() -> None:
         "ratio": round(main_rate / passthrough, 4),
         "requests_per_s": round(requests / elapsed, 1),
         "serving_cpu_ms_per_request": round(timer.cpu_ns / 1e6 / max(timer.calls, 1), 3),
+        "bytes_per_example": round(example_bytes, 1),
     }).decode())
 
 

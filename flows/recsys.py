@@ -35,6 +35,7 @@ from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
 from models.sampling import NegativeSampler
 from operators.events import Event, EventParser
+from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key
 from operators.metrics import MetricsLogic, MetricsState
@@ -175,7 +176,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),
                      lambda kv: kv[1])
     examples = _take("examples", outputs)
-    _output("examples", examples, config)
+    _output("examples", op.map("pack_examples", examples,
+                               lambda batch: [pack_example(e) for e in batch]), config)
     for name in ("late-labels", "recommendations"):
         _output(name, _take(name, outputs), config)
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from bytewax.operators import StatefulLogic
 
+from models.features import compact
 from models.mf import MFConfig, UserFactors
 from models.sampling import NegativeSampler
 from operators.events import Event, Feedback, Item, Request
@@ -267,7 +268,8 @@ class UserShard:
         return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked)
 
     def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
-        """The joiner's hook: features known strictly before ``ts_ms`` (point in time).
+        """The joiner's hook: features known strictly before ``ts_ms`` (point in time),
+        without the values that add nothing to the model (``models.features.compact``).
 
         The user's context (profile, MF vector, recent items) is taken once per group
         (the impressions of one request; an interaction and its sampled negatives), as
@@ -275,8 +277,8 @@ class UserShard:
         shared = self._shared_context(user_id, ts_ms)
         attrs = self.catalog.get(item_id)
         crosses = self._cross_features(shared, attrs, ts_ms)
-        return {**shared.ctx.profile,
-                **self._item_part(shared.ctx, item_id, ts_ms, attrs, crosses, None)}
+        return compact({**shared.ctx.profile,
+                        **self._item_part(shared.ctx, item_id, ts_ms, attrs, crosses, None)})
 
     def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> DeferredFeatures:
         """``example_features`` computed later, only if needed (the joiner asks for
@@ -463,8 +465,8 @@ class DeferredFeatures:
         """The features ``UserShard.example_features`` gave when this was taken."""
         if self._resolved is None:
             ctx = self.ctx
-            self._resolved = {**ctx.profile, **self.shard._item_part(
-                ctx, self.item_id, self.ts, self.attrs, self.crosses, self.views)}
+            self._resolved = compact({**ctx.profile, **self.shard._item_part(
+                ctx, self.item_id, self.ts, self.attrs, self.crosses, self.views)})
         return self._resolved
 
     def __reduce__(self) -> tuple[Any, ...]:
