@@ -152,9 +152,10 @@ def test_user_context_is_taken_once_per_request(published: World,
     examples = feed(shard, [Feedback(T0 + DAY + 1_000 + p, "u", ITEMS[p], "click", f"i{p}")
                             for p in range(10)])["examples"]
     assert len(examples) == 10
-    seen = {e["features"]["user.impressions.5m"] for e in examples}
+    seen = {e["features"].get("user.impressions.5m", 0.0) for e in examples}
     assert seen == {0.0}, "siblings of one request are not earlier impressions"
     # A later request of the same user sees the first one's impressions.
-    feed(shard, [Impression(T0 + DAY + 60_000, "j0", "u", ITEMS[20], "r2", 0, {}),
-                 Feedback(T0 + DAY + 61_000, "u", ITEMS[20], "click", "j0")])
+    later = feed(shard, [Impression(T0 + DAY + 60_000, "j0", "u", ITEMS[20], "r2", 0, {}),
+                         Feedback(T0 + DAY + 61_000, "u", ITEMS[20], "click", "j0")])
     assert calls == ["u", "u"]
+    assert later["examples"][0]["features"]["user.impressions.5m"] == 10.0
