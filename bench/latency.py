@@ -37,9 +37,9 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from events.simulator import SimConfig, Simulator
 from flows.broker import LocalBroker, create_topics
 from flows.recsys import OUTPUTS
-from flows.simulator import SimConfig, Simulator
 
 from common import ROOT
 

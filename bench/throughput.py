@@ -30,9 +30,9 @@ from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulLogic
 from bytewax.testing import run_main
 
+from events.model import EventParser, event_to_dict
+from events.simulator import SimConfig
 from flows.config import InputConfig
-from flows.simulator import SimConfig
-from operators.events import EventParser, event_to_dict
 from operators.serving import Server
 from operators.sinks import JsonlFileSink
 from operators.sources import ReplaySource

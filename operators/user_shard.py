@@ -29,20 +29,26 @@ from typing import Any
 import numpy as np
 from bytewax.operators import StatefulLogic
 
-from models.features import compact
+from events.model import Event, Feedback, Item, Record, Request
 from models.mf import MFConfig, UserFactors
-from models.sampling import NegativeSampler
-from operators.events import Event, Feedback, Item, Request
-from operators.serving import FrozenViews, Server, ServingConfig, SnapshotViews, UserContext
-from state.covis_view import SparseScores
+from operators.item_updates import (
+    CatalogChange,
+    CovisPair,
+    Interaction,
+    ItemUpdate,
+    MFStep,
+    ProfileEvent,
+)
+from operators.point_in_time import CovisQuery, PointInTime
+from operators.serving import Server, ServingConfig
+from operators.snapshot_views import SnapshotViews
 from state.covisitation import CoVisConfig, CoVisitation
-from state.embedding_table import keys_of
 from state.hashing import stable_hash64
 from state.join_state import JoinConfig, Joiner
 from state.profiles import ProfileStore, stores_for
+from state.sampling import NegativeSampler
 from state.user_history import UserHistory, lru_put
 
-Record = dict[str, Any]
 ShardOutput = dict[str, list[Any]]
 
 
@@ -60,8 +66,6 @@ class UserShard:
         self.history = UserHistory(max_users=max_users)
         self.liked = UserHistory(max_users=max_users)
         """Each user's positives only (``history`` holds every interaction)."""
-        self.joiner = Joiner(join, sampler, self.history, self.example_features,
-                             self.deferred_features)
         self.catalog: OrderedDict[str, dict[str, Any]] = OrderedDict()
         """Item attributes (+ ``available``), least recently updated or used first."""
         self.max_items = max_items
@@ -78,51 +82,50 @@ class UserShard:
         self.pairs = CoVisitation(covis) if covis is not None else None
         self.pairs_any = covis_any and self.pairs is not None
         """Also emit "any interaction" co-visitation pairs (``pair_any``)."""
-        self.server = (Server(serving, views, item_shard_of)
-                       if serving is not None and serving.enabled and views is not None
-                       and item_shard_of is not None else None)
-        if self.server is not None:
-            self.server.features = self.item_features
-            self.server.unavailable = self._unavailable
-            duel = self.server.duel  # remembers each requesting user's last two top-k lists
-            duel.max_users = min(duel.max_users, max_users)
+        serves = (serving is not None and serving.enabled and views is not None
+                  and item_shard_of is not None)
+        self.views = views if serves else None
+        """The item side as of the batch's first event; polled once per batch."""
+        self.context = PointInTime(
+            history=self.history, liked=self.liked if self.pairs is not None else None,
+            profiles=self.profiles, catalog=self.catalog, user_attrs=self.user_attrs,
+            users=self.users, views=self.views, item_shard_of=item_shard_of,
+            covis=CovisQuery(serving.recent_items, serving.covis_query_decay)
+            if serving is not None else None)
+        self.joiner = Joiner(join, sampler, self.context)
+        self.server = (Server(serving, self.context, max_users=max_users)
+                       if serves and serving is not None else None)
         self.idle_flush_s = join.idle_flush_s
         self.requests = 0
-        self._item_updates: list[tuple[Any, ...]] = []
+        self._item_updates: list[ItemUpdate] = []
         self._mf_pending: list[tuple[str, str, int, list[str]]] = []
         self._recs: list[Record] = []
         self._ingest_ns = 0
-        self._group: object = None
-        """What the event being joined shares its user context with: its request id
-        (impressions of one request), the feedback event itself (an interaction and its
-        sampled negatives), or None (nothing)."""
-        self._shared: _SharedContext | None = None
-        self._frozen: FrozenViews | None = None
 
     # -- the batch ----------------------------------------------------------------
     def process(self, shard: str, events: list[Event], ingest_ns: int | None = None) -> ShardOutput:
         """Apply a micro-batch of shard ``shard`` in order; return its outputs."""
         self.shard = shard
         self._ingest_ns = ingest_ns or time.time_ns()
-        if self.server is not None and events:
-            # Impressions and MF see the same snapshots as requests, none newer than the
-            # batch's first event (point in time).
-            self.server.views.poll(min(e.ts for e in events))
+        if self.views is not None and events:
+            # Requests, impressions and MF all see the same snapshots, none newer than
+            # the batch's first event (point in time).
+            self.views.poll(min(e.ts for e in events))
         joiner = self.joiner
+        context = self.context
         for event in events:
             kind = event.type
             if kind == "impression":
-                self._group = event.request_id
+                context.group = event.request_id  # its request's impressions share a context
                 joiner.on_impression(event)
                 self._profile(event)
                 if self.item_profiles:
-                    self._item_updates.append(("ev", event))
+                    self._item_updates.append(ProfileEvent(event.item_id, event))
                 continue
-            shared = self._shared
-            if shared is not None and kind != "item" and event.user_id == shared.user_id:
-                self._shared = None  # the user's state changes: contexts taken before are stale
+            if kind != "item":
+                context.forget(event.user_id)  # the user's state changes
             if kind == "feedback":
-                self._group = event
+                context.group = event  # an interaction and its sampled negatives
                 self._feedback(event)
             elif kind == "request":
                 joiner.observe(event.ts)
@@ -141,94 +144,76 @@ class UserShard:
     def _feedback(self, fb: Feedback) -> None:
         window = self.pairs.config.window if self.pairs is not None else 0
         recent = self.history.recent(fb.user_id, window + 1) if window else []
-        self.joiner.on_feedback(fb)  # adds fb to the history after taking features
+        self.joiner.on_feedback(fb)  # takes features first
+        self.history.add(fb.user_id, fb.item_id, fb.ts)
         self._profile(fb)
         updates = self._item_updates
         if self.item_profiles:
-            updates.append(("ev", fb))
+            updates.append(ProfileEvent(fb.item_id, fb))
         positive = self.joiner.config.is_positive(fb.action, fb.value)
-        updates.append(("fb", fb.item_id, fb.ts, positive))
+        updates.append(Interaction(fb.item_id, fb.ts, positive))
         if self.pairs_any and recent:
-            self._pairs("pair_any", recent, fb)
+            self._pairs("any", recent, fb)
         if not positive:
             return
         if self.server is not None and fb.impression_id is None:
-            self.server.duel.outcome(fb.user_id, fb.item_id)
+            self.server.outcome(fb.user_id, fb.item_id)
         if self.users is not None:
             self._mf_pending.append((fb.user_id, fb.item_id, fb.ts, recent))
         if self.pairs is not None:
-            self._pairs("pair", self.liked.recent(fb.user_id, window + 1), fb)
+            self._pairs("liked", self.liked.recent(fb.user_id, window + 1), fb)
             self.liked.add(fb.user_id, fb.item_id, fb.ts)
 
-    def _pairs(self, kind: str, recent: list[str], fb: Feedback) -> None:
+    def _pairs(self, channel: str, recent: list[str], fb: Feedback) -> None:
         """Co-visitation pairs of ``fb``'s item with ``recent`` (newest first) as updates."""
         assert self.pairs is not None
         ts = fb.ts
-        self._item_updates.extend((kind, a, b, w, ts) for a, b, w in self.pairs.pairs_for(
+        self._item_updates.extend(CovisPair(a, b, w, ts, channel) for a, b, w in self.pairs.pairs_for(
             [r for r in recent if r != fb.item_id], fb.item_id))
 
     def _mf_steps(self) -> None:
         """The user half of this batch's MF steps (BPR or ISGD), with item vectors from the
         newest index snapshot (or their deterministic initial vectors); the item half
-        goes to the item shards as ``("mf", item, ts, user_vec, coef)`` updates."""
+        goes to the item shards as ``MFStep`` updates."""
         pending, self._mf_pending = self._mf_pending, []
         if not pending or self.users is None:
             return
         users = [p[0] for p in pending]
         items = [p[1] for p in pending]
         ts = max(p[2] for p in pending)
-        if self._shared is not None and self._shared.user_id in users:
-            self._shared = None  # its MF vector changes
+        for user in users:
+            self.context.forget(user)  # its MF vector changes
         for user, _, t, recent in pending:
             if user not in self.users and recent:
-                self.users.fold_in(user, self._item_vectors(recent), t)
+                self.users.fold_in(user, self.context.item_vectors(recent), t)
         neg_ids = neg_vecs = None
         config = self.users.config
         if config.algorithm == "bpr":
             rng = np.random.default_rng(stable_hash64(f"{users[0]}|{items[0]}|{ts}"))
-            pool = self._negative_pool()
+            pool = self.context.negative_pool()
             if not pool:
                 return
             m = config.negatives
             neg_ids = [[pool[j] for j in rng.integers(0, len(pool), m).tolist()] for _ in items]
             flat = [j for negs in neg_ids for j in negs]
-            neg_vecs = self._item_vectors(flat).reshape(len(items), m, config.dim)
-        ids, user_vecs, coefs = self.users.step_batch(users, items, self._item_vectors(items), ts,
+            neg_vecs = self.context.item_vectors(flat).reshape(len(items), m, config.dim)
+        ids, user_vecs, coefs = self.users.step_batch(users, items, self.context.item_vectors(items), ts,
                                                       neg_ids, neg_vecs)
         for n, item in enumerate(ids):
-            self._item_updates.append(("mf", item, ts, user_vecs[n],
-                                       None if coefs is None else float(coefs[n])))
-
-    def _negative_pool(self) -> list[str]:
-        """Items to sample BPR negatives from: the newest index snapshot, else the catalog."""
-        index = self.server.views.index if self.server is not None else None
-        if index is not None and index.index is not None:
-            return index.index.item_ids()
-        return [i for i, attrs in self.catalog.items() if attrs.get("available", True)]
-
-    def _item_vectors(self, items: list[str]) -> np.ndarray:
-        vecs = self._initial_item_vectors(items)
-        index = self.server.views.index if self.server is not None else None
-        if index is not None and index.index is not None:
-            found_vecs, found = index.vectors(items)
-            vecs[found] = found_vecs[found]
-        return vecs
-
-    def _initial_item_vectors(self, items: list[str]) -> np.ndarray:
-        """Items' deterministic initial MF vectors (user and item tables share init params)."""
-        return self.users.table.initial_vectors(keys_of(items))
+            self._item_updates.append(MFStep(item, ts, user_vecs[n],
+                                             None if coefs is None else float(coefs[n])))
 
     def _request(self, req: Request) -> None:
         self.requests += 1
         if self.server is None:
             return
-        self._recs.append(self.server.recommend(req, self.context(req.user_id, req.ts),
+        self._recs.append(self.server.recommend(req, self.context.user(req.user_id, req.ts),
                                                 self._ingest_ns))
 
     def _item(self, item: Item) -> None:
         lru_put(self.catalog, item.item_id, dict(item.attrs, available=item.available),
                 self.max_items)
-        self._item_updates.append(("item", item))
+        self._item_updates.append(CatalogChange(item.item_id, item))
 
     def _remember_user(self, user_id: str, attrs: dict[str, Any]) -> None:
         lru_put(self.user_attrs, user_id, attrs, self.max_users)
@@ -237,128 +222,12 @@ class UserShard:
         for store in self.profiles.values():
             store.apply(event, self._item_attrs)
 
-    def _unavailable(self, item_id: str) -> bool:
-        attrs = self.catalog.get(item_id)
-        return attrs is not None and attrs.get("available", True) is False
-
     def _item_attrs(self, item_id: str) -> dict[str, Any] | None:
         """The item's attributes for the profiles of an interaction (marks it used)."""
         attrs = self.catalog.get(item_id)
         if attrs is not None:
             self.catalog.move_to_end(item_id)
         return attrs
-
-    # -- features -------------------------------------------------------------------
-    def context(self, user_id: str, ts_ms: int | None) -> UserContext:
-        """The user's state for features: profile as of ``ts_ms`` (events before it)."""
-        profile: dict[str, Any] = {}
-        store = self.profiles.get("user")
-        if store is not None:
-            for name, value in store.query(user_id, _query_time(store, ts_ms)).items():
-                profile[name] = _feature_value(name, value, ts_ms)
-        for key, value in self.user_attrs.get(user_id, {}).items():
-            profile[f"u:{key}"] = value
-        vector = None
-        if self.users is not None:
-            vector = self.users.vector(user_id)
-        recent = self.history.recent(user_id, 50)
-        if vector is None and self.users is not None and recent:
-            vector = self._item_vectors(recent[:20]).mean(axis=0)
-        liked = self.liked.recent(user_id, 50) if self.pairs is not None else []
-        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked)
-
-    def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
-        """The joiner's hook: features known strictly before ``ts_ms`` (point in time),
-        without the values that add nothing to the model (``models.features.compact``).
-
-        The user's context (profile, MF vector, recent items) is taken once per group
-        (the impressions of one request; an interaction and its sampled negatives), as
-        of the group's first event: its siblings do not count as earlier impressions."""
-        shared = self._shared_context(user_id, ts_ms)
-        attrs = self.catalog.get(item_id)
-        crosses = self._cross_features(shared, attrs, ts_ms)
-        return compact({**shared.ctx.profile,
-                        **self._item_part(shared.ctx, item_id, ts_ms, attrs, crosses, None)})
-
-    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> DeferredFeatures:
-        """``example_features`` computed later, only if needed (the joiner asks for
-        impressions whose negative the sampler will drop: they need features only if
-        clicked). What the snapshot part reads is kept (the user context, the item's
-        attributes, the user x attribute profiles, the snapshots, all immutable
-        once taken), so the result is exactly what ``example_features`` returns now."""
-        shared = self._shared_context(user_id, ts_ms)
-        attrs = self.catalog.get(item_id)
-        return DeferredFeatures(self, shared.ctx, item_id, ts_ms, attrs,
-                                self._cross_features(shared, attrs, ts_ms), self._frozen_views())
-
-    def _shared_context(self, user_id: str, ts_ms: int) -> _SharedContext:
-        shared = self._shared
-        group = self._group
-        if (shared is None or group is None or shared.group != group or shared.ts != ts_ms
-                or shared.user_id != user_id):
-            shared = _SharedContext(user_id, group, ts_ms, self.context(user_id, ts_ms))
-            self._shared = shared if group is not None else None
-        return shared
-
-    def _frozen_views(self) -> FrozenViews | None:
-        if self.server is None:
-            return None
-        frozen = self._frozen
-        if frozen is None or not frozen.current(self.server.views):
-            frozen = self._frozen = FrozenViews(self.server.views)
-        return frozen
-
-    def _cross_features(self, shared: _SharedContext | None, attrs: dict[str, Any] | None,
-                        ts_ms: int | None, user_id: str | None = None) -> list[dict[str, Any]]:
-        """The user x item-attribute profile features for an item with ``attrs``, one dict
-        per ``user_x_<attr>`` profile whose attribute is a string (cached per group)."""
-        if not attrs:
-            return []
-        cache = shared.crosses if shared is not None else {}
-        user = shared.user_id if shared is not None else user_id
-        out = []
-        for kind, store in self.profiles.items():
-            if not kind.startswith("user_x_"):
-                continue
-            attr = kind[7:]
-            value = attrs.get(attr)
-            if isinstance(value, str):
-                feats = cache.get((attr, value))
-                if feats is None:
-                    at = _query_time(store, ts_ms)
-                    feats = cache[(attr, value)] = {
-                        name: _feature_value(name, v, ts_ms)
-                        for name, v in store.query((user, value), at).items()}
-                out.append(feats)
-        return out
-
-    def _item_part(self, ctx: UserContext, item_id: str, ts_ms: int | None,
-                   attrs: dict[str, Any] | None, crosses: list[dict[str, Any]],
-                   views: FrozenViews | None) -> dict[str, Any]:
-        """One item's features (snapshot features, item attributes, user x attribute
-        profiles), in the order ``item_features`` gives them."""
-        extra = (Server.item_extras(self.server, ctx, [item_id], ts_ms or 0, None, views)[0]
-                 if self.server is not None else {})
-        _add_attrs(extra, attrs, crosses)
-        return extra
-
-    def item_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
-                      covis: dict[str, SparseScores] | None = None) -> list[dict[str, Any]]:
-        """Per-item features (item attributes, user x item-attribute profiles, snapshot
-        features), for each item; the same at impression time and at serving time."""
-        extras = (Server.item_extras(self.server, ctx, item_ids, ts_ms or 0, covis)
-                  if self.server is not None else [{} for _ in item_ids])
-        cache = _SharedContext(ctx.user_id, None, ts_ms or 0, ctx)
-        for item, extra in zip(item_ids, extras, strict=True):
-            attrs = self.catalog.get(item)
-            _add_attrs(extra, attrs, self._cross_features(cache, attrs, ts_ms))
-        return extras
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Recovery state without the frozen snapshot views (reloaded from the store)."""
-        state = self.__dict__.copy()
-        state["_frozen"] = None
-        return state
 
     # -- lifecycle --------------------------------------------------------------------
     def idle(self, idle_s: float, now_ms: int | None = None) -> ShardOutput:
@@ -381,12 +250,7 @@ class UserShard:
         out["orphans"] = len(self.joiner.orphans)
         out["requests"] = self.requests
         if self.server is not None:
-            duel = self.server.duel
-            out["served_by_ranker"] = self.server.served_by["ranker"]
-            out["served_by_retrieval"] = self.server.served_by["retrieval"]
-            out["duel_outcomes"] = duel.outcomes
-            out["duel_hits_ranker"] = duel.hits_ranker
-            out["duel_hits_retrieval"] = duel.hits_retrieval
+            out.update(self.server.counters())
         return out
 
     def has_pending(self) -> bool:
@@ -415,82 +279,6 @@ class UserShard:
             return {}
         stats = self.users.table.stats()
         return {k: int(stats[k]) for k in ("admitted", "rejected", "expired", "evicted", "rows")}
-
-
-def _add_attrs(extra: dict[str, Any], attrs: dict[str, Any] | None,
-               crosses: list[dict[str, Any]]) -> None:
-    """Add an item's attributes (``i:<key>``) and its user x attribute features."""
-    if not attrs:
-        return
-    for key, value in attrs.items():
-        if key != "available" and not isinstance(value, dict):
-            extra[f"i:{key}"] = value
-    for feats in crosses:
-        extra.update(feats)
-
-
-class _SharedContext:
-    """One user's context shared by a group of events (see ``example_features``)."""
-
-    __slots__ = ("user_id", "group", "ts", "ctx", "crosses")
-
-    def __init__(self, user_id: str, group: object, ts: int, ctx: UserContext) -> None:
-        self.user_id = user_id
-        self.group = group
-        self.ts = ts
-        self.ctx = ctx
-        self.crosses: dict[tuple[str, str], dict[str, Any]] = {}
-
-
-class DeferredFeatures:
-    """An impression's features, computed when first asked for (``resolve``) from what
-    was kept when the impression was processed. Pickles as the resolved dict (recovery
-    state holds plain features, never snapshot objects)."""
-
-    __slots__ = ("shard", "ctx", "item_id", "ts", "attrs", "crosses", "views", "_resolved")
-
-    def __init__(self, shard: UserShard, ctx: UserContext, item_id: str, ts: int,
-                 attrs: dict[str, Any] | None, crosses: list[dict[str, Any]],
-                 views: FrozenViews | None) -> None:
-        self.shard = shard
-        self.ctx = ctx
-        self.item_id = item_id
-        self.ts = ts
-        self.attrs = attrs
-        self.crosses = crosses
-        self.views = views
-        self._resolved: dict[str, Any] | None = None
-
-    def resolve(self) -> dict[str, Any]:
-        """The features ``UserShard.example_features`` gave when this was taken."""
-        if self._resolved is None:
-            ctx = self.ctx
-            self._resolved = compact({**ctx.profile, **self.shard._item_part(
-                ctx, self.item_id, self.ts, self.attrs, self.crosses, self.views)})
-        return self._resolved
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return dict, (self.resolve(),)
-
-
-def _query_time(store: ProfileStore, ts_ms: int | None) -> int | None:
-    """Query the current profile (fast path) unless events after ``ts_ms`` were applied.
-
-    In order, the store's clock is at most ``ts_ms`` when an event is processed, so the
-    current profile holds only earlier events (and same-millisecond ones); windows then
-    end at the store clock instead of exactly at ``ts_ms``. After an out-of-order
-    arrival the exact past query runs instead (events strictly before ``ts_ms``).
-    """
-    if ts_ms is None or store.now is None or store.now <= ts_ms:
-        return None
-    return ts_ms
-
-
-def _feature_value(name: str, value: Any, ts_ms: int | None) -> Any:
-    """Profile outputs as model features: timestamps become ages in seconds."""
-    if name.endswith("_ts.all") and isinstance(value, int | float) and ts_ms is not None:
-        return (ts_ms - value) / 1000.0
-    return value
 
 
 class UserShardLogic(StatefulLogic[tuple[str, list[Event], int], ShardOutput, UserShard]):

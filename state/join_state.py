@@ -35,24 +35,33 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from models.sampling import NegativeSampler
+from events.model import Record
 from state.hashing import stable_hash64
 from state.popularity import PopularityCounter
+from state.sampling import NegativeSampler
 from state.settings import doc
 from state.user_history import UserHistory
 
 if TYPE_CHECKING:
-    from operators.events import Feedback, Impression
+    from events.model import Feedback, Impression
 
-Record = dict[str, Any]
-FeatureHook = Callable[[str, str, int], dict[str, Any]]
-"""(user_id, item_id, ts_ms) -> features known strictly before ts_ms."""
+
+class JoinContext(Protocol):
+    """What the joiner reads of its shard at an event's time (it never writes it)."""
+
+    def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
+        """Features of (user, item) known strictly before ``ts_ms`` (epoch ms)."""
+        ...
+
+    def consumed(self, user_id: str) -> Container[str]:
+        """Items the user interacted with (sampled negatives avoid them)."""
+        ...
 
 
 class Deferred(Protocol):
@@ -61,10 +70,28 @@ class Deferred(Protocol):
     def resolve(self) -> dict[str, Any]: ...
 
 
-DeferredHook = Callable[[str, str, int], Deferred]
-"""(user_id, item_id, ts_ms) -> what the FeatureHook would return now, computed on
-``resolve()`` (for impressions whose negative the sampler drops: only a positive
-needs their features)."""
+class DeferringContext(JoinContext, Protocol):
+    """A ``JoinContext`` that can also defer an impression's features."""
+
+    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
+        """What ``example_features`` would return now, computed on ``resolve()`` (the
+        joiner asks for impressions whose negative the sampler drops: only a click
+        makes them an example)."""
+        ...
+
+
+class HistoryContext:
+    """A ``JoinContext`` without features: consumed items from a ``UserHistory`` that the
+    caller updates after each event (standalone joiners: tests, benches, synthetic data)."""
+
+    def __init__(self, history: UserHistory | None = None) -> None:
+        self.history = history if history is not None else UserHistory()
+
+    def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
+        return {}
+
+    def consumed(self, user_id: str) -> Container[str]:
+        return self.history.consumed(user_id)
 
 
 @dataclass
@@ -164,16 +191,15 @@ class Joiner:
     time in epoch ms.
     """
 
-    def __init__(self, config: JoinConfig, sampler: NegativeSampler, history: UserHistory,
-                 features: FeatureHook | None = None, deferred: DeferredHook | None = None
-                 ) -> None:
+    def __init__(self, config: JoinConfig, sampler: NegativeSampler,
+                 context: JoinContext | None = None) -> None:
         self.config = config
         self.sampler = sampler
-        self.history = history
-        self.features = features
-        self.deferred = deferred
-        """Used instead of ``features`` for impressions whose negative will be dropped
-        (the keep decision is a hash of the example id, known at impression time)."""
+        self.context: JoinContext = context if context is not None else HistoryContext()
+        self._defer: Callable[[str, str, int], Deferred] | None = getattr(
+            self.context, "deferred_features", None)
+        """The context's ``deferred_features`` when it has one (``DeferringContext``):
+        used for impressions whose negative the sampler will drop."""
         self.wait_ms = config.wait_ms()
         self.pending: dict[str, Pending] = {}
         self._deadlines: list[tuple[int, str]] = []
@@ -210,11 +236,11 @@ class Joiner:
             self.counters.dup_impressions += 1
             return
         self.counters.impressions += 1
-        features: dict[str, Any] | Deferred = {}
-        if self.deferred is not None and not self.sampler.keep(f"imp:{iid}"):
-            features = self.deferred(imp.user_id, imp.item_id, imp.ts)
-        elif self.features is not None:
-            features = self.features(imp.user_id, imp.item_id, imp.ts)
+        features: dict[str, Any] | Deferred
+        if self._defer is not None and not self.sampler.keep(f"imp:{iid}"):
+            features = self._defer(imp.user_id, imp.item_id, imp.ts)  # decided now, by id
+        else:
+            features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
         entry = Pending(imp, imp.ts + self.wait_ms, {}, features)
         self.pending[iid] = entry
         heapq.heappush(self._deadlines, (entry.deadline_ms, iid))
@@ -237,7 +263,6 @@ class Joiner:
                 self._late(fb, "after_window")
             else:
                 self._orphan(fb)
-        self.history.add(fb.user_id, fb.item_id, fb.ts)
         if self.config.is_positive(fb.action, fb.value):
             self.popularity.add(fb.item_id, fb.ts)
 
@@ -403,7 +428,7 @@ class Joiner:
             self.counters.dup_feedback += 1
             return
         self.closed_ids[key] = fb.ts
-        features = self.features(fb.user_id, fb.item_id, fb.ts) if self.features else {}
+        features = self.context.example_features(fb.user_id, fb.item_id, fb.ts)
         positive = self.config.is_positive(fb.action, fb.value)
         example_id = f"int:{key}"
         weight = 1.0
@@ -432,7 +457,7 @@ class Joiner:
         ids, probs = self.popularity.arrays()
         if n <= 0 or not ids:
             return
-        consumed = self.history.consumed(fb.user_id)
+        consumed = self.context.consumed(fb.user_id)
         rng = np.random.default_rng(stable_hash64(key))
         draws = rng.choice(len(ids), size=min(len(ids), 4 * n), replace=True, p=probs)
         chosen: list[str] = []
@@ -444,7 +469,7 @@ class Joiner:
                     break
         for j, item in enumerate(chosen):
             self.counters.sampled_negatives += 1
-            features = self.features(fb.user_id, item, fb.ts) if self.features else {}
+            features = self.context.example_features(fb.user_id, item, fb.ts)
             self.examples.append({
                 "example_id": f"neg:{key}:{j}", **base, "item_id": item, "label": 0,
                 "labels": {}, "weight": 1.0, "features": features, "source": "sampled",

@@ -13,8 +13,8 @@ from test_serving import World
 
 from models.features import compact, ranking_features
 from models.rankers import make_ranker
-from models.sampling import NegativeSampler
 from operators.example_codec import pack_example, unpack_example
+from state.sampling import NegativeSampler
 
 
 def wire(record: dict) -> dict:

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from test_serving import DAY, ITEMS, SEED, T0, World, _TypeSpy, feed, warm_up
 
-from models.sampling import NegativeSampler
-from operators.events import Event, Feedback, Impression, Item, Request
+from events.model import Event, Feedback, Impression, Item, Request
+from operators.point_in_time import PointInTime
 from operators.user_shard import UserShard
+from state.sampling import NegativeSampler
 
 RATE = 0.3
 
@@ -52,7 +53,7 @@ def shard_pair(world: World) -> tuple[UserShard, UserShard]:
     lazy, eager = world.user_shard(), world.user_shard()
     for shard in (lazy, eager):
         shard.joiner.sampler = NegativeSampler(RATE, 0)
-    eager.joiner.deferred = None
+    eager.joiner._defer = None
     return lazy, eager
 
 
@@ -101,7 +102,7 @@ def test_deferred_features_survive_new_snapshots_and_recovery(published: World) 
     published.publish_tables(ts=T0 + 1_000)
     for shard in (lazy, eager):  # both now serve the new tables
         feed(shard, [Request(T0 + 1_500, "rz", "someone-else")])
-    assert {t.ts for t in lazy.server.views.loaded_tables()} == {T0 + 1_000}
+    assert {t.ts for t in lazy.views.loaded_tables()} == {T0 + 1_000}
     spy = _TypeSpy(io.BytesIO())
     spy.dump(lazy)
     assert not {"ItemTable", "ItemIndex", "Index", "FrozenViews"} & spy.types
@@ -116,13 +117,14 @@ def test_deferred_features_survive_new_snapshots_and_recovery(published: World) 
 def test_dropped_impressions_compute_no_item_features(published: World,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    original = UserShard._item_part
+    original = PointInTime.item_features
 
-    def counting(self: UserShard, ctx: Any, item_id: str, *args: Any) -> Any:
-        calls.append(item_id)
-        return original(self, ctx, item_id, *args)
+    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
+        if kw.get("cross") is not None:  # the joiner's (serving passes no cross profiles)
+            calls.extend(item_ids)
+        return original(self, ctx, item_ids, *args, **kw)
 
-    monkeypatch.setattr(UserShard, "_item_part", counting)
+    monkeypatch.setattr(PointInTime, "item_features", counting)
     lazy, _ = shard_pair(published)
     examples = run(lazy, stream())
     impressions = [e for e in examples if e["source"] == "impression"]
@@ -138,13 +140,13 @@ def test_user_context_is_taken_once_per_request(published: World,
     warm_up(shard)
     feed(shard, [Feedback(T0 + DAY - 5_000, "u", SEED, "click")])
     calls: list[str] = []
-    original = UserShard.context
+    original = PointInTime.user
 
-    def counting(self: UserShard, user_id: str, ts_ms: int | None) -> Any:
+    def counting(self: PointInTime, user_id: str, ts_ms: int | None) -> Any:
         calls.append(user_id)
         return original(self, user_id, ts_ms)
 
-    monkeypatch.setattr(UserShard, "context", counting)
+    monkeypatch.setattr(PointInTime, "user", counting)
     imps = [Impression(T0 + DAY, f"i{p}", "u", ITEMS[p], "r1", p, {}) for p in range(10)]
     feed(shard, imps[:4])
     feed(shard, imps[4:])  # the request's impressions straddle two micro-batches

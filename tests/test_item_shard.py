@@ -1,27 +1,71 @@
-"""Item-table publication: at most once per source micro-batch (issue 18 point 4)."""
+"""The item shard applies typed item updates (operators/item_updates.py) by kind, and
+publishes its item table at most once per source micro-batch."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from operators.item_shard import ItemsConfig, ItemShard
+import numpy as np
+import pytest
+
+from events.model import Item
+from operators.item_shard import ItemsConfig, ItemShard, route_updates
+from operators.item_updates import CatalogChange, CovisPair, Interaction, MFStep
 from state.item_table import ItemTable
 from state.snapshot_store import SnapshotStore
 
 T0 = 1_767_225_600_000
-STEP = 100_000  # event time per user-shard part: more than the refresh interval
-
-
-def parts(batch: int, n_parts: int = 8) -> list[list[tuple[Any, ...]]]:
-    """The item updates one source batch sends this shard: one part per user shard,
-    each further in event time than the refresh interval."""
-    base = T0 + batch * n_parts * STEP
-    return [[("fb", f"i{p}", base + p * STEP, True), ("fb", "i0", base + p * STEP + 1, True)]
-            for p in range(n_parts)]
 
 
 def shard(tmp_path: Path) -> ItemShard:
+    return ItemShard(ItemsConfig(refresh_interval_ms=10**12, mf={"dim": 4}),
+                     SnapshotStore(tmp_path))
+
+
+def test_each_kind_lands_in_its_state(tmp_path: Path) -> None:
+    s = shard(tmp_path)
+    s.process("i000", [
+        CatalogChange("a", Item(T0, "a", {"category": "books"}, True)),
+        Interaction("a", T0 + 1, True),
+        Interaction("b", T0 + 2, False),
+        CovisPair("a", "b", 1.0, T0 + 2, "liked"),
+        CovisPair("b", "a", 0.5, T0 + 2, "any"),
+        MFStep("a", T0 + 3, np.ones(4, np.float32), None),
+    ])
+    assert s.catalog["a"].category == "books" and s.catalog["b"].first_seen_ms == T0 + 2
+    assert list(s.popular.scores(T0 + 2)) == ["a"]
+    assert sorted(s.interactions.scores(T0 + 2)) == ["a", "b"]
+    assert s.covis.score("a", "b", T0 + 2) == pytest.approx(1.0)
+    assert s.covis.score("b", "a", T0 + 2) == 0.0
+    assert s.covis_any is not None and s.covis_any.score("b", "a", T0 + 2) == pytest.approx(0.5)
+    assert s.max_ts_ms == T0 + 2  # MF steps carry the time of the positive already counted
+    assert s.factors.changed_since(0).version > 0
+
+
+def test_an_unknown_kind_raises(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="unknown item update tuple"):
+        shard(tmp_path).process("i000", [("fb", "a", T0, True)])
+
+
+def test_updates_route_by_item_id_in_order() -> None:
+    updates = [Interaction("a", 1, True), Interaction("b", 2, True), Interaction("a", 3, False)]
+    assert route_updates(updates, lambda item: f"i-{item}") == {
+        "i-a": [updates[0], updates[2]], "i-b": [updates[1]]}
+
+
+STEP = 100_000  # event time per user-shard part: more than the refresh interval
+
+
+def parts(batch: int, n_parts: int = 8) -> list[list[Interaction]]:
+    """The item updates one source batch sends this shard: one part per user shard,
+    each further in event time than the refresh interval."""
+    base = T0 + batch * n_parts * STEP
+    return [[Interaction(f"i{p}", base + p * STEP, True), Interaction("i0", base + p * STEP + 1, True)]
+            for p in range(n_parts)]
+
+
+def publishing_shard(tmp_path: Path) -> ItemShard:
     return ItemShard(ItemsConfig(refresh_interval_ms=60_000), SnapshotStore(tmp_path))
 
 
@@ -30,7 +74,7 @@ def published(outputs: list[dict[str, list[Any]]]) -> list[dict[str, Any]]:
 
 
 def test_one_table_per_source_batch_with_every_part_in_it(tmp_path: Path) -> None:
-    items = shard(tmp_path)
+    items = publishing_shard(tmp_path)
     outputs = []
     for batch in range(3):
         outputs.extend(items.process("i000", part, batch) for part in parts(batch))
@@ -38,7 +82,7 @@ def test_one_table_per_source_batch_with_every_part_in_it(tmp_path: Path) -> Non
     manifests = published(outputs)
     # Batches 0 and 1 are published when the next batch's first part arrives; batch 2 at EOF.
     assert len(manifests) == 3
-    ends = [max(u[2] for part in parts(b) for u in part) for b in range(3)]
+    ends = [max(u.ts for part in parts(b) for u in part) for b in range(3)]
     assert [m["ts"] for m in manifests] == ends
     table = ItemTable.load(SnapshotStore(tmp_path).verified_path(manifests[0]))
     assert set(table.popular) == {f"i{p}" for p in range(8)}  # every part of batch 0
@@ -46,6 +90,6 @@ def test_one_table_per_source_batch_with_every_part_in_it(tmp_path: Path) -> Non
 
 def test_without_batch_ids_every_due_part_publishes(tmp_path: Path) -> None:
     """The control: called without a source batch, a shard publishes whenever due."""
-    items = shard(tmp_path)
+    items = publishing_shard(tmp_path)
     outputs = [items.process("i000", part) for part in parts(0)]
     assert len(published(outputs)) == 8
