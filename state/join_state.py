@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,6 +61,22 @@ class JoinContext(Protocol):
 
     def consumed(self, user_id: str) -> Container[str]:
         """Items the user interacted with (sampled negatives avoid them)."""
+        ...
+
+
+class Deferred(Protocol):
+    """Features taken at impression time but computed only if needed."""
+
+    def resolve(self) -> dict[str, Any]: ...
+
+
+class DeferringContext(JoinContext, Protocol):
+    """A ``JoinContext`` that can also defer an impression's features."""
+
+    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
+        """What ``example_features`` would return now, computed on ``resolve()`` (the
+        joiner asks for impressions whose negative the sampler drops: only a click
+        makes them an example)."""
         ...
 
 
@@ -134,9 +150,10 @@ class Pending:
     impression: Impression
     deadline_ms: int
     labels: dict[str, float]
-    features: dict[str, Any]
+    features: dict[str, Any] | Deferred
     """Taken when the impression is processed (never later: features taken at emission
-    would see same-request clicks and fresher item tables, a train/serve skew)."""
+    would see same-request clicks and fresher item tables, a train/serve skew); deferred
+    (the same values, computed on demand) when the sampler drops its negative."""
     emitted: bool = False
 
 
@@ -179,6 +196,10 @@ class Joiner:
         self.config = config
         self.sampler = sampler
         self.context: JoinContext = context if context is not None else HistoryContext()
+        self._defer: Callable[[str, str, int], Deferred] | None = getattr(
+            self.context, "deferred_features", None)
+        """The context's ``deferred_features`` when it has one (``DeferringContext``):
+        used for impressions whose negative the sampler will drop."""
         self.wait_ms = config.wait_ms()
         self.pending: dict[str, Pending] = {}
         self._deadlines: list[tuple[int, str]] = []
@@ -215,7 +236,11 @@ class Joiner:
             self.counters.dup_impressions += 1
             return
         self.counters.impressions += 1
-        features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
+        features: dict[str, Any] | Deferred
+        if self._defer is not None and not self.sampler.keep(f"imp:{iid}"):
+            features = self._defer(imp.user_id, imp.item_id, imp.ts)  # decided now, by id
+        else:
+            features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
         entry = Pending(imp, imp.ts + self.wait_ms, {}, features)
         self.pending[iid] = entry
         heapq.heappush(self._deadlines, (entry.deadline_ms, iid))
@@ -371,6 +396,8 @@ class Joiner:
         else:
             self.counters.positives += 1
         features = entry.features
+        if type(features) is not dict:
+            features = features.resolve()
         self.examples.append({
             "example_id": example_id,
             "ts": imp.ts,

@@ -925,10 +925,11 @@ def test_vectorised_ranker_scores_equal_river_within_1e_9(world: World) -> None:
     world.publish_index()
     shard = world.user_shard()
     rng = random.Random(5)
-    events: list[Event] = [Item(T0 - 2 * DAY, item, {"category": CATEGORY[item], "brand": f"b{i % 3}",
-                                                     "price": 3.5 * i, "tags": ["x", f"t{i % 2}"]})
-                           for i, item in enumerate(ITEMS[:30])]
-    ts = T0 - DAY
+    feed(shard, [Item(T0 - 2 * DAY, item, {"category": CATEGORY[item], "brand": f"b{i % 3}",
+                                           "price": 3.5 * i, "tags": ["x", f"t{i % 2}"]})
+                 for i, item in enumerate(ITEMS[:30])])
+    events: list[Event] = [Feedback(T0 + n, "u0", SEED, "click") for n in range(3)]
+    ts = T0  # after the snapshots' time: impressions see them (point in time)
     for n in range(600):
         ts += 1_000
         user, item = f"u{rng.randrange(12)}", rng.choice(ITEMS)
@@ -939,7 +940,8 @@ def test_vectorised_ranker_scores_equal_river_within_1e_9(world: World) -> None:
     # The windows close: the negatives.
     examples += feed(shard, [Request(ts + DAY, "flush", "nobody", 10)]).get("examples", [])
     assert 0.2 < np.mean([e["label"] for e in examples]) < 0.6
-    assert any("covis" in e["features"] and "i:brand" in e["features"] for e in examples)
+    seen = {k for e in examples for k in e["features"]}
+    assert {"pop", "trend", "covis", "mf", "i:brand", "i:tags"} <= seen
     trainer = Trainer(RankerConfig(kind="lr", delay_to_labels=False, sync_interval_ms=10**12,
                                    sync_every_examples=10**9, metrics_every_examples=10**9),
                       1.0, world.store)
