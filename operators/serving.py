@@ -102,6 +102,14 @@ class ServingConfig:
                                    "request after that).", 30)
     scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
                              5_000)
+    repeat: str = doc("Items the user already interacted with: 'never' (filtered out), "
+                      "'allow' (candidates like any other), 'cooldown' (allowed again "
+                      "repeat_cooldown_ms after the last interaction) or 'not-positive' "
+                      "(allowed unless the interaction was positive: viewed, not bought).",
+                      "never")
+    repeat_cooldown_ms: int = doc("cooldown: event time after the user's last interaction "
+                                  "with an item before it may be recommended again (ms).",
+                                  86_400_000)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
                                 "after_ordering): 'module:function'.", factory=dict)
 
@@ -132,6 +140,22 @@ class UserContext:
     profile: dict[str, Any]
     liked: list[str] = field(default_factory=list)
     """Recent positives, newest first (``recent`` holds every interaction)."""
+
+
+REPEAT_POLICIES = ("never", "allow", "cooldown", "not-positive")
+
+
+def repeat_blocked(config: ServingConfig, ctx: UserContext, ts_ms: int) -> Any:
+    """The user's items that ``serving.repeat`` keeps out of the answer (a container)."""
+    mode = config.repeat
+    if mode == "never":
+        return ctx.consumed
+    if mode == "allow":
+        return ()
+    if mode == "cooldown":
+        since = ts_ms - config.repeat_cooldown_ms
+        return {item for item, ts in ctx.consumed.items() if ts > since}
+    return set(ctx.liked)  # not-positive
 
 
 def load_hook(spec: str) -> Hook:
@@ -329,6 +353,9 @@ class Server:
         """(ctx, item_ids, ts_ms, covis) -> extra features per item; the user shard sets it
         to its own function, which the joiner also uses at impression time."""
         self.hooks = {stage: load_hook(spec) for stage, spec in config.hooks.items()}
+        if config.repeat not in REPEAT_POLICIES:
+            raise ValueError(f"serving.repeat must be one of {REPEAT_POLICIES}, "
+                             f"not {config.repeat!r}")
         if config.scorer not in SCORERS:
             raise ValueError(f"serving.scorer must be one of {SCORERS}, not {config.scorer!r}")
         self.duel = ScorerDuel(config.scorer_window, config.scorer_min_outcomes)
@@ -569,9 +596,10 @@ class Server:
         excluded = set(request.exclude)
         catalog = self._catalog_lookup()
         unavailable = self.unavailable
+        blocked = repeat_blocked(self.config, ctx, request.ts)
         out = []
         for item, c in cands.items():
-            if item in ctx.consumed or item in excluded or unavailable(item):
+            if item in blocked or item in excluded or unavailable(item):
                 continue
             entry = catalog(item)
             if entry is not None:
