@@ -102,11 +102,15 @@ class ServingConfig:
                                    "request after that).", 30)
     scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
                              5_000)
-    repeat: str = doc("Items the user already interacted with: 'never' (filtered out), "
-                      "'allow' (candidates like any other), 'cooldown' (allowed again "
-                      "repeat_cooldown_ms after the last interaction) or 'not-positive' "
-                      "(allowed unless the interaction was positive: viewed, not bought).",
-                      "never")
+    repeat: str = doc("Items the user already interacted with: 'not-consumed' (allowed "
+                      "again unless an interaction was a consuming action, consume_actions: "
+                      "e.g. viewed or clicked but not bought or rated), 'never' (no item "
+                      "interacted with), 'allow' (candidates like any other) or 'cooldown' "
+                      "(allowed repeat_cooldown_ms after the last interaction). Default by "
+                      "measurement: docs/evaluation.md.", "not-consumed")
+    consume_actions: list[str] = doc("Feedback actions after which an item counts as consumed "
+                                     "(repeat 'not-consumed').",
+                                     factory=lambda: ["purchase", "rating"])
     repeat_cooldown_ms: int = doc("cooldown: event time after the user's last interaction "
                                   "with an item before it may be recommended again (ms).",
                                   86_400_000)
@@ -140,9 +144,11 @@ class UserContext:
     profile: dict[str, Any]
     liked: list[str] = field(default_factory=list)
     """Recent positives, newest first (``recent`` holds every interaction)."""
+    finished: dict[str, int] = field(default_factory=dict)
+    """Items with a consuming action (``serving.consume_actions``) -> its last ts (ms)."""
 
 
-REPEAT_POLICIES = ("never", "allow", "cooldown", "not-positive")
+REPEAT_POLICIES = ("not-consumed", "never", "allow", "cooldown")
 
 
 def repeat_blocked(config: ServingConfig, ctx: UserContext, ts_ms: int) -> Any:
@@ -155,7 +161,7 @@ def repeat_blocked(config: ServingConfig, ctx: UserContext, ts_ms: int) -> Any:
     if mode == "cooldown":
         since = ts_ms - config.repeat_cooldown_ms
         return {item for item, ts in ctx.consumed.items() if ts > since}
-    return set(ctx.liked)  # not-positive
+    return ctx.finished  # not-consumed
 
 
 def load_hook(spec: str) -> Hook:

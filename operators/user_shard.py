@@ -31,8 +31,9 @@ from bytewax.operators import StatefulLogic
 
 from models.mf import MFConfig, UserFactors
 from models.sampling import NegativeSampler
+from operators.cold_start import backfill
 from operators.events import Event, Feedback, Item, Request
-from operators.serving import Server, ServingConfig, SnapshotViews, UserContext
+from operators.serving import Server, ServingConfig, SnapshotViews, UserContext, repeat_blocked
 from state.covis_view import SparseScores
 from state.covisitation import CoVisConfig, CoVisitation
 from state.embedding_table import keys_of
@@ -59,6 +60,9 @@ class UserShard:
         self.history = UserHistory(max_users=max_users)
         self.liked = UserHistory(max_users=max_users)
         """Each user's positives only (``history`` holds every interaction)."""
+        self.finished = UserHistory(max_users=max_users)
+        """Each user's items with a consuming action (``serving.consume_actions``)."""
+        self.consume_actions = frozenset(serving.consume_actions if serving is not None else ())
         self.joiner = Joiner(join, sampler, self.history, self.example_features)
         self.catalog: OrderedDict[str, dict[str, Any]] = OrderedDict()
         """Item attributes (+ ``available``), least recently updated or used first."""
@@ -86,6 +90,8 @@ class UserShard:
             duel.max_users = min(duel.max_users, max_users)
         self.idle_flush_s = join.idle_flush_s
         self.requests = 0
+        self.empty_answers = 0
+        self.backfilled = 0
         self._item_updates: list[tuple[Any, ...]] = []
         self._mf_pending: list[tuple[str, str, int, list[str]]] = []
         self._recs: list[Record] = []
@@ -129,6 +135,8 @@ class UserShard:
         recent = self.history.recent(fb.user_id, window + 1) if window else []
         self.joiner.on_feedback(fb)  # adds fb to the history after taking features
         self._profile(fb)
+        if fb.action in self.consume_actions:
+            self.finished.add(fb.user_id, fb.item_id, fb.ts)
         updates = self._item_updates
         if self.item_profiles:
             updates.append(("ev", fb))
@@ -206,8 +214,13 @@ class UserShard:
         self.requests += 1
         if self.server is None:
             return
-        self._recs.append(self.server.recommend(req, self.context(req.user_id, req.ts),
-                                                self._ingest_ns))
+        ctx = self.context(req.user_id, req.ts)
+        record = self.server.recommend(req, ctx, self._ingest_ns)
+        self.backfilled += backfill(record, req.k, self.catalog, self.joiner.popularity,
+                                    repeat_blocked(self.server.config, ctx, req.ts),
+                                    set(req.exclude))
+        self.empty_answers += not record["items"]
+        self._recs.append(record)
 
     def _item(self, item: Item) -> None:
         lru_put(self.catalog, item.item_id, dict(item.attrs, available=item.available),
@@ -249,7 +262,8 @@ class UserShard:
         if vector is None and self.users is not None and recent:
             vector = self._item_vectors(recent[:20]).mean(axis=0)
         liked = self.liked.recent(user_id, 50) if self.pairs is not None else []
-        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked)
+        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
+                           self.finished.consumed(user_id))
 
     def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
         """The joiner's hook: features known strictly before ``ts_ms`` (point in time)."""
@@ -304,6 +318,8 @@ class UserShard:
         out["pending"] = len(self.joiner.pending)
         out["orphans"] = len(self.joiner.orphans)
         out["requests"] = self.requests
+        out["empty_answers"] = self.empty_answers
+        out["backfilled"] = self.backfilled
         if self.server is not None:
             duel = self.server.duel
             out["served_by_ranker"] = self.server.served_by["ranker"]

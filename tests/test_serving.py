@@ -185,6 +185,7 @@ class World:
         """A UserShard wired like ``flows.recsys.user_shard_builder``."""
         serving.setdefault("poll_ms", 0)
         serving.setdefault("scorer", "ranker")  # these tests pin the ranker; the duel has its own
+        serving.setdefault("repeat", "never")  # the consumed filter; test_repeat_policy the others
         config = ServingConfig(**serving)
         defaults = load_config(None)
         return UserShard(
@@ -352,7 +353,7 @@ def test_consumed_items_are_never_recommended(world: World, feedback: Any) -> No
     world.publish_tables()
     world.publish_index()
     world.publish_ranker(favourites=tuple(targets))
-    shard = world.user_shard()
+    shard = world.user_shard(repeat="never")
     feed(shard, [click("control", SEED, T0 - 10_000), click("user", SEED, T0 - 10_000)])
     control = ask(shard, "control", k=10)
     assert set(ids(control)[:4]) == set(targets), "control: targets are recommended otherwise"
@@ -363,6 +364,27 @@ def test_consumed_items_are_never_recommended(world: World, feedback: Any) -> No
     assert not set(targets) & set(ids(record))
     assert SEED not in ids(record)
     assert ids(record) == [i for i in ids(ask(shard, "control", k=20)) if i not in targets][:10]
+
+
+@pytest.mark.parametrize("repeat, blocked", [
+    ("not-consumed", {"bought", "rated"}),  # default: clicked / viewed items may come back
+    ("never", {"clicked", "viewed", "bought", "rated"}),
+    ("allow", set()),
+    ("cooldown", {"viewed", "bought", "rated"}),  # the click is older than the cool-down
+])
+def test_repeat_policy(world: World, repeat: str, blocked: set[str]) -> None:
+    world.publish_tables()
+    world.publish_index()
+    targets = {"clicked": FAVOURITE, "viewed": TRENDING[0], "bought": "a31", "rated": ITEMS[0]}
+    world.publish_ranker(favourites=tuple(targets.values()))
+    shard = world.user_shard(repeat=repeat, repeat_cooldown_ms=60_000)
+    feed(shard, [click("user", SEED, T0 - 100_000),
+                 Feedback(T0 - 90_000, "user", targets["clicked"], "click"),
+                 Feedback(T0 - 5_000, "user", targets["viewed"], "view"),
+                 Feedback(T0 - 5_000, "user", targets["bought"], "purchase"),
+                 Feedback(T0 - 5_000, "user", targets["rated"], "rating", None, 5.0)])
+    served = set(ids(ask(shard, "user", k=10)))
+    assert {name for name, item in targets.items() if item not in served} == blocked
 
 
 def test_consumed_filter_applies_to_ann_candidates(world: World) -> None:
