@@ -1,6 +1,6 @@
 """Closed loop against the oracle (DESIGN section 5), in one process, deterministic per seed.
 
-Simulated users (``flows.loop.ClosedLoop`` over ``flows.simulator.Simulator``) ask for
+Simulated users (``flows.loop.ClosedLoop`` over ``events.simulator.Simulator``) ask for
 recommendations; each policy answers; the users respond with their hidden tastes
 (impressions, clicks, likes, purchases) and those events flow back into the policy.
 Policies, each in its own copy of the same world with the same request sequence:

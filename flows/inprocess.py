@@ -18,16 +18,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from events.model import EventParser
 from flows.config import Config, load_config
 from models.rankers import positive_hold_ms
-from models.sampling import NegativeSampler
-from operators.events import EventParser
 from operators.index_builder import IndexStage
-from operators.item_shard import ItemShard, item_shard_key
-from operators.serving import SnapshotViews
+from operators.item_shard import ItemShard, item_shard_key, route_updates
+from operators.snapshot_views import SnapshotViews
 from operators.trainer import Trainer
 from operators.user_shard import UserShard, route_events, shard_key
 from state.hashing import ShardOf
+from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
 
 Record = dict[str, Any]
@@ -112,10 +112,7 @@ class InProcessFlow:
             self.trainer.process(examples)
         if not self.items or not updates:
             return
-        buckets: dict[str, list[Any]] = {}
-        for update in updates:  # as flows.recsys._item_side routes them
-            item = update[1].item_id if update[0] in ("item", "ev") else update[1]
-            buckets.setdefault(self.item_shard_of(item), []).append(update)
+        buckets = route_updates(updates, self.item_shard_of)
         for key in sorted(buckets):
             for change in self.items[key].process(key, buckets[key]).get("index", ()):
                 assert self.index is not None

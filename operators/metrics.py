@@ -32,9 +32,8 @@ from typing import Any
 
 from bytewax.operators import StatefulLogic
 
+from events.model import Record
 from state.settings import doc
-
-Record = dict[str, Any]
 
 logger = logging.getLogger(__name__)
 

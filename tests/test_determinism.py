@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from events.simulator import SimConfig, write_log
 from flows.evaluate import evaluate, read_jsonl
-from flows.simulator import SimConfig, write_log
 
 TIMING_KEYS = {"events_per_s", "latency_ms_p50", "latency_ms_p99", "elapsed_s", "outputs_dir",
                "plots"}
