@@ -40,13 +40,15 @@ def backfill(record: dict[str, Any], k: int, catalog: Mapping[str, Mapping[str, 
             break
         if eligible(item):
             taken.add(item)
-            items.append({"item_id": item, "score": 0.0, "source": "catalog"})
+            items.append({"item_id": item, "score": 0.0, "source": "catalog",
+                          "propensity": 1.0})
             added += 1
     if added < missing:
         seed = record.get("request_id", "")
         rest = sorted((i for i in catalog if eligible(i)),
                       key=lambda i: stable_hash64(f"{seed}|{i}"))
         for item in rest[: missing - added]:
-            items.append({"item_id": item, "score": 0.0, "source": "catalog"})
+            items.append({"item_id": item, "score": 0.0, "source": "catalog",
+                          "propensity": 1.0})
             added += 1
     return added

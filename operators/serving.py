@@ -113,6 +113,8 @@ class Candidate:
     scores: dict[str, float] = field(default_factory=dict)
     score: float = 0.0
     category: str | None = None
+    propensity: float = 1.0
+    """Probability that the policy puts this item in this slot (exploration logging)."""
 
     @property
     def source(self) -> str:
@@ -273,7 +275,8 @@ class Server:
             "request_id": request.request_id,
             "user_id": request.user_id,
             "ts": request.ts,
-            "items": [{"item_id": c.item_id, "score": round(c.score, 6), "source": c.source}
+            "items": [{"item_id": c.item_id, "score": round(c.score, 6), "source": c.source,
+                       "propensity": round(c.propensity, 6)}
                       for c in ranked[: request.k]],
             "model_version": ranker.version,
             "index_version": index.version,
@@ -422,16 +425,24 @@ class Server:
 
     def _explore(self, request: Any, ranked: list[Candidate], k: int,
                  consumed: dict[str, int] | None) -> list[Candidate]:
-        """Epsilon-greedy (deterministic per request id): the last slot goes to a new item."""
+        """Epsilon-greedy (deterministic per request id): the last slot goes to a new item,
+        drawn uniformly, with probability ``exploration``; the propensity of the slot's item
+        is logged on the record (``epsilon / new items`` for an explored one, ``1 - epsilon``
+        for the ranked one it replaces otherwise; 1 for every other slot), so off-policy
+        estimators (IPS) can reweight the logged clicks."""
+        epsilon = self.config.exploration
         h = stable_hash64(f"explore:{request.request_id}")
-        if (h & 0xFFFFFFFF) / 2**32 >= self.config.exploration:
+        slot = min(k, len(ranked)) - 1
+        if (h & 0xFFFFFFFF) / 2**32 >= epsilon:
+            # Logged as if a new item had been eligible (not looked up when not exploring).
+            ranked[slot].propensity = 1.0 - epsilon
             return ranked
         fresh = self._new_items(request, {c.item_id for c in ranked[:k]} | set(consumed or ()))
         if not fresh:
             return ranked
         pick = fresh[(h >> 32) % len(fresh)]
         pick.sources.append("explore")
-        slot = min(k, len(ranked)) - 1
+        pick.propensity = epsilon / len(fresh)
         return ranked[:slot] + [pick] + ranked[slot:]
 
     def _new_items(self, request: Any, shown: set[str]) -> list[Candidate]:

@@ -59,7 +59,7 @@ NEW_ITEM = "n01"  # first seen an hour before T0, never interacted, in no retrie
 
 RECORD_KEYS = {"request_id", "user_id", "ts", "items", "model_version", "index_version",
                "latency_ms"}
-ITEM_KEYS_OUT = {"item_id", "score", "source"}
+ITEM_KEYS_OUT = {"item_id", "score", "source", "propensity"}
 
 
 def item_shard_of(item_id: str) -> str:
@@ -323,7 +323,8 @@ def test_request_before_any_snapshot_gets_a_valid_answer(world: World) -> None:
         assert_record_shape(record, req)
         # Cold start: the one known item (catalog), unless the user consumed it.
         assert record["items"] == ([] if user == "warm" else
-                                   [{"item_id": "a01", "score": 0.0, "source": "catalog"}])
+                                   [{"item_id": "a01", "score": 0.0, "source": "catalog",
+                                     "propensity": 1.0}])
         assert record["model_version"] is None and record["index_version"] is None
 
     # Only item tables so far: popular/trending answers, still no versions.
@@ -616,8 +617,15 @@ def test_exploration_only_picks_new_available_unseen_items(world: World) -> None
 def test_exploration_probability_is_respected(world: World) -> None:
     world.publish_all()
     shard = world.user_shard(exploration=0.3)
-    explored = sum(NEW_ITEM in ids(ask(shard, "cold", request_id=f"p{n}")) for n in range(200))
+    records = [ask(shard, "cold", request_id=f"p{n}") for n in range(200)]
+    explored = sum(NEW_ITEM in ids(r) for r in records)
     assert 30 <= explored <= 90  # ~60 expected (deterministic per request id)
+    # Logged propensities: the explored slot 0.3 / eligible new items (one here), the
+    # ranked item it would replace 0.7, every other slot 1.
+    for r in records:
+        *rest, last = [i["propensity"] for i in r["items"]]
+        assert rest == [1.0] * (len(r["items"]) - 1)
+        assert last == (0.3 if r["items"][-1]["item_id"] == NEW_ITEM else 0.7)
 
 
 # -------------------------------------------------------------------------------------
