@@ -158,7 +158,12 @@ class UserShard:
             self._pairs("any", recent, fb)
         if not positive:
             return
-        if self.server is not None and fb.impression_id is None:
+        if (self.server is not None and fb.impression_id is None
+                and fb.action in self.joiner.config.positive):
+            # The duel's outcomes are organic positive actions (a rating, a search click,
+            # a purchase), not declared organic signals such as views: measured in the
+            # closed loop (docs/evaluation.md), judging by the next view handed serving to
+            # the blend, whose lists held fewer clicks.
             self.server.outcome(fb.user_id, fb.item_id)
         if self.users is not None:
             self._mf_pending.append((fb.user_id, fb.item_id, fb.ts, recent))
