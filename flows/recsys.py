@@ -165,9 +165,13 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     sampler = NegativeSampler(config.sampler.negative_rate, config.sampler.seed)
     item_keys = [item_shard_key(i) for i in range(n_items)]
 
+    # Replays and the simulator read snapshots by event time at every micro-batch (a
+    # replay gives the same answers at any speed); live Kafka input polls by wall time.
+    poll_ms = (config.serving.poll_ms if any(i.kind == "kafka" for i in config.inputs) else 0)
+
     def user_shard_builder(resume: UserShard | None) -> UserShardLogic:
         if resume is None:
-            views = SnapshotViews(store, item_keys, config.serving.poll_ms)
+            views = SnapshotViews(store, item_keys, poll_ms)
             items_on = config.items.enabled
             resume = UserShard(
                 config.join, sampler, features=config.features,

@@ -48,6 +48,8 @@ class UserContext:
     profile: dict[str, Any]
     liked: list[str] = field(default_factory=list)
     """Recent positives, newest first (``recent`` holds every interaction)."""
+    finished: dict[str, int] = field(default_factory=dict)
+    """Items with a consuming action (``serving.consume_actions``) -> its last ts (ms)."""
 
 
 NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf")
@@ -108,11 +110,14 @@ class PointInTime:
                  user_attrs: OrderedDict[str, dict[str, Any]] | None = None,
                  users: UserFactors | None = None, views: SnapshotViews | None = None,
                  item_shard_of: Callable[[str], str] | None = None,
-                 covis: CovisQuery | None = None) -> None:
+                 covis: CovisQuery | None = None,
+                 finished: UserHistory | None = None) -> None:
         """The user shard passes its own state (read, never written here); what is not
         given is empty (e.g. a context over snapshots only, for serving tests)."""
         self.history = history if history is not None else UserHistory()
         self.liked = liked
+        self.finished = finished
+        """Each user's items with a consuming action (the repeat policy); None = none."""
         """Each user's positives; None when co-visitation is off."""
         profiles = profiles if profiles is not None else {}
         self.profiles = profiles
@@ -160,7 +165,9 @@ class PointInTime:
         if vector is None and self.users is not None and recent:
             vector = self.item_vectors(recent[:20]).mean(axis=0)
         liked = self.liked.recent(user_id, 50) if self.liked is not None else []
-        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked)
+        finished = self.finished.consumed(user_id) if self.finished is not None else {}
+        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
+                           finished)
 
     def consumed(self, user_id: str) -> Container[str]:
         """Items the user interacted with (the joiner's sampled negatives avoid them)."""

@@ -121,6 +121,12 @@ class JoinConfig:
         "counts (click 0 = any click; rating 4 = rating >= 4; dwell 30 = 30 s).",
         factory=lambda: {"click": 0.0, "like": 0.0, "purchase": 0.0, "share": 0.0, "rating": 4.0},
     )
+    organic: dict[str, float] = doc(
+        "Organic signals: actions (views, add-to-cart, plays, ...) that reveal taste without "
+        "making an impression positive on their own terms, each with the weight of its "
+        "positive example. They count as positive interactions: examples for the ranker, MF, "
+        "co-visitation, popularity, profiles. Empty = organic actions are only history.",
+        factory=lambda: {"view": 0.3, "add_to_cart": 0.6, "play": 0.6})
     max_pending: int = doc("Pending impressions per user shard; the oldest close first beyond it.", 200_000)
     max_orphans: int = doc("Feedback waiting for its impression, per user shard.", 50_000)
     dedup_horizon_ms: int = doc("How long closed impression ids are remembered for dedup (ms).", 86_400_000)
@@ -139,8 +145,15 @@ class JoinConfig:
         return max((self.window_for(a) for a in self.positive), default=self.default_window_ms)
 
     def is_positive(self, action: str, value: float) -> bool:
+        """A positive action at or above its threshold, or a declared organic signal."""
         threshold = self.positive.get(action)
-        return threshold is not None and value >= threshold
+        if threshold is None:
+            return action in self.organic
+        return value >= threshold
+
+    def weight_of(self, action: str) -> float:
+        """Example weight of a positive organic interaction of ``action``."""
+        return 1.0 if action in self.positive else self.organic.get(action, 1.0)
 
 
 @dataclass(slots=True)
@@ -434,6 +447,7 @@ class Joiner:
         weight = 1.0
         if positive:
             self.counters.positives += 1
+            weight = self.config.weight_of(fb.action)
         elif self.sampler.keep(example_id):
             self.counters.negatives_kept += 1
             weight = self.sampler.weight
@@ -458,6 +472,7 @@ class Joiner:
         if n <= 0 or not ids:
             return
         consumed = self.context.consumed(fb.user_id)
+        weight = self.config.weight_of(fb.action)  # as much negative as positive evidence
         rng = np.random.default_rng(stable_hash64(key))
         draws = rng.choice(len(ids), size=min(len(ids), 4 * n), replace=True, p=probs)
         chosen: list[str] = []
@@ -472,5 +487,5 @@ class Joiner:
             features = self.context.example_features(fb.user_id, item, fb.ts)
             self.examples.append({
                 "example_id": f"neg:{key}:{j}", **base, "item_id": item, "label": 0,
-                "labels": {}, "weight": 1.0, "features": features, "source": "sampled",
+                "labels": {}, "weight": weight, "features": features, "source": "sampled",
             })
