@@ -153,7 +153,7 @@ class ProfileStore:
 
     def key_of(self, entity_id: Any) -> int:
         """Stable 64-bit key of an entity id of this store's kind."""
-        return entity_key(self.entity_kind, entity_id)
+        return entity_key(self.plan.entity_kind, entity_id)
 
     def apply(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None = None) -> None:
         """Buffer the writes of every matching feature for ``event`` (ts in epoch ms).
