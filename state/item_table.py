@@ -68,6 +68,9 @@ class ItemTable:
         default_factory=dict, init=False, repr=False, compare=False)
     _rows: dict[tuple[str, str], dict[str, float]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Readers' caches of values derived from this version (e.g. a serving ranker's item
+    terms), keyed by their owner; dropped with the table, never saved."""
 
     def channel(self, name: str) -> tuple[CoVisitation | None, dict[str, float]]:
         """Co-visitation table and normalising counts of channel ``liked`` or ``any``."""

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from events.model import Request
 from models.calibration import correct_downsampled
 from models.features import (
-    _add,
+    add_feature,
     item_part,
     join_features,
     ranking_features,
@@ -79,7 +79,7 @@ def test_split_features_rebuild_ranking_features_many(
         elif not (user_extra and set(extra) & set(user_extra)):
             naive = {f"item={item}": 1.0}
             for key, value in extra.items():
-                _add(naive, key, value)
+                add_feature(naive, key, value)
             assert set(naive) & set(shared)  # refused only for a name clash
 
 
