@@ -1,4 +1,4 @@
-"""The ``streamrec`` console script (DESIGN section 9).
+"""The ``streamrec`` console script: run, replay, evaluate and inspect the flow.
 
 Subcommands: run, simulate, import {movielens,obd}, replay, tap, broker, loop, eval,
 config-reference. Long-running commands report progress on stderr.

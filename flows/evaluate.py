@@ -1,10 +1,10 @@
 """``streamrec eval``: replay a log through the real flow and write a JSON report.
 
-The report keys are fixed by DESIGN section 9; metrics that do not apply to a log
+The report keys are fixed (docs/evaluation.md, "The eval report"); metrics that do not apply to a log
 (or whose stage has not run) are ``null``. The flow runs in this process (one
 worker) with the log as its only input and JSONL outputs under ``out_dir``.
 
-Prequential HR@10 / NDCG@10 (DESIGN section 5) apply to logs whose requests name the
+Prequential HR@10 / NDCG@10 (docs/evaluation.md, "Protocols") apply to logs whose requests name the
 item the user consumed next (``context.eval_item``, written by ``streamrec import
 movielens --with-requests``): each such request is answered by the serving path
 before the flow learns from that positive; a hit is the item in the top 10.

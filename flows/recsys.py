@@ -4,7 +4,7 @@
 in, every output as JSONL under ``./streamrec-out/``);
 ``python -m bytewax.run "flows.recsys:build('my.toml')"`` runs a configured one.
 
-Shape (DESIGN section 2; docs/architecture.md has the details)::
+Shape (docs/architecture.md has the details)::
 
     inputs (chained) -> parse -> dead-letters
       -> route by user shard -> user_shard [u000..]: joiner, profiles, history, MF user
