@@ -277,6 +277,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
+    if args.write:
+        from flows.config import write_docs
+
+        for page in write_docs(args.write):
+            print(f"regenerated {page}")
+        return 0
     print(reference_markdown(), end="")
     return 0
 
@@ -366,6 +372,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config-reference", help="print every config key (markdown table)")
+    s.add_argument("--write", metavar="ROOT", nargs="?", const=".",
+                   help="instead, regenerate docs/config.md and the config tables of README.md "
+                   "and docs/*.md under the project root ROOT (default: .)")
     s.set_defaults(func=cmd_config_reference)
     return p
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -92,6 +93,10 @@ class KafkaConfig:
     ssl_crlfile: str = doc("SSL: certificate revocation list (PEM path).", "")
     ssl_check_hostname: bool = doc("SSL: verify that the broker certificate matches its host name.",
                                    True)
+    startup_timeout_s: float = doc(
+        "How long the flow and the CLI wait for a broker to answer at start (s), with one "
+        "summary line per retry interval, before failing with one error; 0 = no check at "
+        "start (the Kafka sources and sinks still retry).", 60.0)
     client: dict[str, Any] = doc(
         "Extra kafka-python settings passed through to consumers and producers (e.g. "
         "request_timeout_ms); each must be a setting both KafkaConsumer and KafkaProducer know.",
@@ -365,6 +370,8 @@ def _validate(config: Config) -> None:
     _check_kafka_client(config.kafka)
     if not 0 <= config.metrics.port <= 65535:
         raise ConfigError("metrics.port: must be in 0..65535")
+    if config.kafka.startup_timeout_s < 0:
+        raise ConfigError("kafka.startup_timeout_s: must be >= 0")
     if config.metrics.interval_s <= 0:
         raise ConfigError("metrics.interval_s: must be > 0")
     if not config.app or not config.app.replace("-", "").replace("_", "").isalnum():
@@ -408,3 +415,76 @@ def reference_markdown() -> str:
     for key, type_name, default, text in reference():
         lines.append(f"| `{key}` | {type_name} | `{default}` | {text} |")
     return "\n".join(lines) + "\n"
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` as a TOML literal, as a user would write it in a config file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:_}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return repr(value)
+
+
+def _defaults(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Default value of every leaf key (``inputs[].kind`` style keys for arrays of tables)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        hint = hints[f.name]
+        inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+        if dataclasses.is_dataclass(inner):
+            out.update(_defaults(inner, f"{prefix}{f.name}{'[]' if inner is not hint else ''}."))
+        else:
+            out[f"{prefix}{f.name}"] = default
+    return out
+
+
+def key_table(keys: list[str]) -> str:
+    """A markdown table (key, meaning, default) of ``keys``, generated from the code (the
+    README's tables of defaults); an unknown key raises ConfigError."""
+    docs = {key: text for key, _, _, text in reference()}
+    defaults = _defaults()
+    lines = ["| key | meaning | default |", "|---|---|---|"]
+    for key in keys:
+        if key not in defaults:
+            raise ConfigError(f"{key}: not a config key")
+        lines.append(f"| `{key}` | {docs[key]} | `{toml_literal(defaults[key])}` |")
+    return "\n".join(lines) + "\n"
+
+
+GENERATED_TABLE = re.compile(r"(<!-- config-table: (?P<keys>[^>]*?) -->\n)(?P<body>.*?)(<!-- /config-table -->)",
+                             re.DOTALL)
+"""A generated table in a markdown page: ``<!-- config-table: KEY KEY ... -->``, the
+table, ``<!-- /config-table -->``."""
+
+
+def refresh_tables(markdown: str) -> str:
+    """``markdown`` with every generated config table rewritten from the code."""
+    return GENERATED_TABLE.sub(
+        lambda m: m.group(1) + key_table(m.group("keys").split()) + m.group(4), markdown)
+
+
+def write_docs(root: str | Path = ".") -> list[Path]:
+    """Regenerate ``docs/config.md`` and the config tables of ``README.md`` and
+    ``docs/*.md`` under the project ``root``; returns the files that changed."""
+    root = Path(root)
+    changed = []
+    pages = {root / "docs" / "config.md": reference_markdown()}
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        if page not in pages:
+            pages[page] = refresh_tables(page.read_text())
+    for page, text in pages.items():
+        if not page.exists() or page.read_text() != text:
+            page.write_text(text)
+            changed.append(page)
+    return changed
