@@ -17,37 +17,11 @@ from typing import Any
 import orjson
 
 from flows.config import ConfigError, KafkaConfig, load_config, reference_markdown
-from flows.logfile import open_log
+from flows.logfile import count_lines, open_log
 from flows.logs import LogConfig, setup_logging
+from flows.progress import Progress
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-
-
-class Progress:
-    """Prints ``label: N events, R/s, Ts`` to stderr at most every ``every_s`` seconds."""
-
-    def __init__(self, label: str, every_s: float = 1.0) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
-        self.every_s = every_s if self.tty else 10 * every_s
-        self.count = 0
-        self.start = time.monotonic()
-        self._last = self.start
-
-    def add(self, n: int = 1) -> None:
-        self.count += n
-        now = time.monotonic()
-        if now - self._last >= self.every_s:
-            self._last = now
-            self._print(now, end="\r" if self.tty else "\n")
-
-    def done(self) -> None:
-        self._print(time.monotonic(), end="\n")
-
-    def _print(self, now: float, end: str) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        line = f"{self.label}: {self.count:,} events, {self.count / elapsed:,.0f}/s, {elapsed:.1f}s"
-        print(line, file=sys.stderr, end=end, flush=True)
 
 
 def _kafka(args: argparse.Namespace) -> tuple[str, KafkaConfig]:
@@ -83,10 +57,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from flows.simulator import SimConfig, write_log
 
-    progress = Progress("simulate")
-    n = write_log(args.output, args.n, args.seed, SimConfig(n_users=args.users, n_items=args.items),
-                  on_batch=progress.add)
-    progress.done()
+    with Progress("simulate", args.n, quiet=args.quiet) as progress:
+        n = write_log(args.output, args.n, args.seed,
+                      SimConfig(n_users=args.users, n_items=args.items), on_batch=progress.add)
     print(f"wrote {n} events to {args.output}")
     return 0
 
@@ -98,7 +71,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         events = movielens_events(args.path, with_requests=args.with_requests)
     else:
         events = obd_events(args.path)
-    n = write_events(events, args.output)
+    with Progress(f"import {args.dataset}", len(events), quiet=args.quiet) as progress:
+        n = write_events(events, args.output, on_batch=progress.add)
     print(f"wrote {n} events to {args.output}")
     return 0
 
@@ -138,7 +112,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     producer = KafkaProducer(**{"linger_ms": 20, "batch_size": 256 * 1024, "retries": 10,
                                 "acks": "all", **kafka.client_settings("producer"),
                                 "bootstrap_servers": bootstrap})
-    progress = Progress("replay")
+    progress = Progress("replay", count_lines(args.log), quiet=args.quiet)
     anchor: tuple[int, float] | None = None
     for line in _log_lines(args.log):
         if args.speed > 0:
@@ -153,7 +127,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         progress.add()
     producer.flush()
     producer.close()
-    progress.done()
+    progress.close()
     return 0
 
 
@@ -270,7 +244,9 @@ def cmd_loop(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate
 
-    report = evaluate(args.log, args.report, config=args.config, out_dir=args.out)
+    with Progress("eval", count_lines(args.log), quiet=args.quiet) as progress:
+        report = evaluate(args.log, args.report, config=args.config, out_dir=args.out,
+                          progress=progress.set)
     brief = {k: v for k, v in report.items() if k not in ("config", "hr_curve", "reliability")}
     print(orjson.dumps(brief, option=orjson.OPT_INDENT_2).decode())
     return 0
@@ -285,6 +261,11 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
         return 0
     print(reference_markdown(), end="")
     return 0
+
+
+def _quiet(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar (status lines still go to the log)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -315,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--users", type=int, default=2_000)
     s.add_argument("--items", type=int, default=1_000)
     s.add_argument("-o", "--output", required=True, help="LOG.jsonl (or .jsonl.gz)")
+    _quiet(s)
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("import", help="convert a public dataset to an event log")
@@ -323,6 +305,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--with-requests", action="store_true",
                    help="movielens: a request before each positive (rating >= 4)")
+    _quiet(s)
     s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("replay", help="produce a log into Kafka, paced by event time")
@@ -332,6 +315,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap", help=f"Kafka bootstrap (default: config, else {DEFAULT_BOOTSTRAP})")
     s.add_argument("--partitions", type=int, default=4, help="partitions if the topic is created")
     s.add_argument("--config")
+    _quiet(s)
     s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("tap", help="print an output topic (Kafka or local JSONL) readably")
@@ -369,6 +353,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--report", required=True)
     s.add_argument("--config")
     s.add_argument("--out", help="directory for the flow's outputs (default: beside the report)")
+    _quiet(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config-reference", help="print every config key (markdown table)")

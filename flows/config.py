@@ -372,6 +372,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("metrics.port: must be in 0..65535")
     if config.kafka.startup_timeout_s < 0:
         raise ConfigError("kafka.startup_timeout_s: must be >= 0")
+    if config.log.status_interval_s < 0:
+        raise ConfigError("log.status_interval_s: must be >= 0")
     if config.metrics.interval_s <= 0:
         raise ConfigError("metrics.interval_s: must be > 0")
     if not config.app or not config.app.replace("-", "").replace("_", "").isalnum():

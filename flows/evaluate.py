@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,10 @@ def scorer_counts(join: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
-             out_dir: str | Path | None = None, plots: bool = True) -> dict[str, Any]:
+             out_dir: str | Path | None = None, plots: bool = True,
+             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run the flow over ``log``, write the report JSON (and PNG plots) next to
-    ``report_path``, return the report."""
+    ``report_path``, return the report; ``progress(events_in)`` as in ``build``."""
     from flows.recsys import build
 
     report_path = Path(report_path)
@@ -100,7 +102,7 @@ def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
     cfg.output.dir = str(out)
     cfg.snapshots.dir = ""
     start = time.perf_counter()
-    run_main(build(cfg))
+    run_main(build(cfg, progress=progress))
     elapsed = time.perf_counter() - start
 
     metrics = read_jsonl(out / "metrics.jsonl")

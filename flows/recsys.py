@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from operators.metrics import MetricsLogic, MetricsState
 from operators.serving import SnapshotViews
 from operators.sinks import JsonlFileSink
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
+from operators.status import StatusLog
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
@@ -132,8 +134,11 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
     return items
 
 
-def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
-    """Build the main flow from a TOML path, a dict or a Config (env overrides apply).
+def build(config: str | Path | dict[str, Any] | Config | None = None,
+          progress: Callable[[int], None] | None = None) -> Dataflow:
+    """Build the main flow from a TOML path, a dict or a Config (env overrides apply);
+    ``progress(events_in)`` is called from the metrics stage about twice a second
+    (``streamrec eval``'s progress bar).
 
     Side effects: installs the configured log handler (``log``) and raises this
     process's GC thresholds to ``GC_THRESHOLD``.
@@ -197,7 +202,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         "metrics",
         op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
         lambda resume: MetricsLogic(
-            resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics),
+            resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics,
+            StatusLog(config.log.status_interval_s, progress)),
     )
     metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
     if ranker_out is not None:
