@@ -17,8 +17,9 @@ from typing import Any
 import orjson
 
 from flows.config import ConfigError, KafkaConfig, load_config, reference_markdown
+from flows.kafka_logs import wait_for_broker
 from flows.logfile import count_lines, open_log
-from flows.logs import LogConfig, setup_logging
+from flows.logs import LogConfig, StreamrecError, setup_logging
 from flows.progress import Progress
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -107,6 +108,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from flows.broker import create_topics
 
     bootstrap, kafka = _kafka(args)
+    wait_for_broker(bootstrap, kafka.client_settings("consumer"), kafka.startup_timeout_s,
+                    f"replay into {args.topic}")
     create_topics(bootstrap, [args.topic], args.partitions,
                   admin_config=kafka.client_settings("admin"))
     producer = KafkaProducer(**{"linger_ms": 20, "batch_size": 256 * 1024, "retries": 10,
@@ -194,6 +197,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
 
         topic = config.topic(args.topic) if args.topic in OUTPUTS else args.topic
         bootstrap, kafka = _kafka(args)
+        wait_for_broker(bootstrap, kafka.client_settings("consumer"), kafka.startup_timeout_s,
+                        f"tap {topic}")
         lines = _tap_kafka(bootstrap, topic, args.follow, kafka.client_settings("consumer"))
     else:
         path = Path(args.dir or config.output.dir) / f"{args.topic}.jsonl"
@@ -215,9 +220,15 @@ def cmd_tap(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from flows.broker import LocalBroker
+    from flows.broker import BrokerStartError, LocalBroker
 
-    with LocalBroker(port=args.port) as broker:
+    broker = LocalBroker(port=args.port)
+    try:
+        broker.binary()
+    except BrokerStartError as err:
+        print(f"streamrec broker: {err}", file=sys.stderr)
+        return 1
+    with broker:
         print(f"broker listening on {broker.bootstrap} (Ctrl-C to stop)", flush=True)
         try:
             while True:
@@ -372,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"streamrec: config error: {err}", file=sys.stderr)
         return 2
+    except StreamrecError as err:
+        print(f"streamrec: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import orjson
 
-from flows.logs import LogConfig
+from flows.logs import LogConfig, StreamrecError
 from operators.index_builder import IndexSettings
 from operators.item_shard import ItemsConfig
 from operators.metrics import MetricsConfig
@@ -38,7 +38,7 @@ from state.settings import doc
 ENV_PREFIX = "STREAMREC__"
 
 
-class ConfigError(ValueError):
+class ConfigError(StreamrecError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 

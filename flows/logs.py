@@ -26,7 +26,7 @@ OWN_LOGGERS = ("flows", "operators", "state", "models", "streamrec")
 # Attributes every LogRecord has; anything else came in through ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
-TEXT_HIDDEN = ("status", "summary")
+TEXT_HIDDEN = ("status", "summary", "kafka")
 """Extra fields the text format leaves out: their message already says them readably
 (the JSON format keeps them)."""
 
@@ -81,6 +81,41 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class StreamrecError(Exception):
+    """An error the user fixes (a config key, an unreachable broker): reported as one
+    line without a traceback (the CLI, and ``install_excepthook`` for
+    ``python -m bytewax.run``)."""
+
+
+def _streamrec_error(exc: BaseException | None) -> StreamrecError | None:
+    """The StreamrecError in ``exc``'s cause chain (Bytewax wraps errors of sources)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, StreamrecError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def install_excepthook() -> None:
+    """Uncaught StreamrecErrors print ``streamrec: error: MESSAGE`` (one line, exit
+    status 1) instead of a traceback; any other error keeps its traceback."""
+    if getattr(sys.excepthook, "_streamrec", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        err = _streamrec_error(exc)
+        if err is None:
+            previous(kind, exc, tb)
+        else:
+            print(f"streamrec: error: {err}", file=sys.stderr, flush=True)
+
+    hook._streamrec = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 class StderrForLogs:
     """The stream of our log handler: ``sys.stderr`` as it is at each write (so a
     redirected or captured stderr is honoured), or ``above`` while a progress bar sets
@@ -114,6 +149,9 @@ def setup_logging(config: LogConfig | None = None) -> None:
     handler = logging.StreamHandler(STDERR)
     handler._streamrec = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter())
+    from flows.kafka_logs import KafkaRetrySummary
+
+    handler.addFilter(KafkaRetrySummary())
     root.addHandler(handler)
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)

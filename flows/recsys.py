@@ -31,7 +31,8 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
 from flows.config import Config, InputConfig, load_config
-from flows.logs import setup_logging
+from flows.kafka_logs import wait_for_kafka
+from flows.logs import install_excepthook, setup_logging
 from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
 from models.sampling import NegativeSampler
@@ -140,11 +141,16 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     ``progress(events_in)`` is called from the metrics stage about twice a second
     (``streamrec eval``'s progress bar).
 
-    Side effects: installs the configured log handler (``log``) and raises this
-    process's GC thresholds to ``GC_THRESHOLD``.
+    Side effects: installs the configured log handler (``log``), waits for the Kafka
+    broker when the config uses Kafka (``kafka.startup_timeout_s``; ``BrokerUnavailable``
+    after it), makes uncaught config and broker errors print one line
+    (``flows.logs.install_excepthook``) and raises this process's GC thresholds to
+    ``GC_THRESHOLD``.
     """
+    install_excepthook()
     config = load_config(config)
     setup_logging(config.log)
+    wait_for_kafka(config, f"the {config.app} flow's topics")
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
     store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)

@@ -140,7 +140,8 @@ def test_kafka_security_settings_reach_kafka_python() -> None:
         "bootstrap": "k1:9093,k2:9093", "security_protocol": "SASL_SSL",
         "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "svc",
         "ssl_cafile": "/etc/ca.pem", "ssl_check_hostname": False,
-        "client": {"request_timeout_ms": 20_000}}},
+        "client": {"request_timeout_ms": 20_000},
+        "startup_timeout_s": 0}},  # built, not run: no broker to wait for
         environ={"STREAMREC__KAFKA__SASL_PLAIN_PASSWORD": "s3cret"})
     security = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
                 "sasl_plain_username": "svc", "sasl_plain_password": "s3cret",
