@@ -40,9 +40,9 @@ class LogConfig:
                                           "text")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = doc("Level of streamrec's own loggers "
                                                               "(other libraries: WARNING).", "INFO")
-    status_interval_s: float = doc("Wall time between the main flow's status lines (events, "
+    status_interval_s: float = doc("Wall time between the main flow's status lines (s): events, "
                                    "events/s, requests answered, dead letters, event-time lag, "
-                                   "snapshot versions), s; 0 = none.", 5.0)
+                                   "snapshot versions; 0 = none.", 5.0)
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
