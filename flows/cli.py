@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
+from events.logfile import count_lines, open_log
 from flows.config import ConfigError, KafkaConfig, load_config, reference_markdown
-from flows.kafka_logs import wait_for_broker
-from flows.logfile import count_lines, open_log
+from flows.kafka_wait import wait_for_broker
 from flows.logs import LogConfig, StreamrecError, setup_logging
 from flows.progress import Progress
 
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from flows.simulator import SimConfig, write_log
+    from events.simulator import SimConfig, write_log
 
     with Progress("simulate", args.n, quiet=args.quiet) as progress:
         n = write_log(args.output, args.n, args.seed,

@@ -149,7 +149,7 @@ def setup_logging(config: LogConfig | None = None) -> None:
     handler = logging.StreamHandler(STDERR)
     handler._streamrec = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter())
-    from flows.kafka_logs import KafkaRetrySummary
+    from operators.kafka_logs import KafkaRetrySummary
 
     handler.addFilter(KafkaRetrySummary())
     root.addHandler(handler)

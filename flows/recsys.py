@@ -30,23 +30,24 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
+from events.model import Event, EventParser, Record
+from events.simulator import SimConfig
 from flows.config import Config, InputConfig, load_config
-from flows.kafka_logs import wait_for_kafka
+from flows.kafka_wait import wait_for_kafka
 from flows.logs import install_excepthook, setup_logging
-from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
-from models.sampling import NegativeSampler
-from operators.events import Event, EventParser
 from operators.index_builder import IndexBuilderLogic, IndexStage
-from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key
+from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
+from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
-from operators.serving import SnapshotViews
 from operators.sinks import JsonlFileSink
+from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
 from operators.status import StatusLog
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
+from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
 
 OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
@@ -56,7 +57,6 @@ GC_THRESHOLD = (50_000, 20, 100)
 """CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
 joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
-Record = dict[str, Any]
 
 
 def _source(inp: InputConfig, config: Config) -> Any:
@@ -218,16 +218,12 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     return flow
 
 
-def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: SnapshotStore,
+def _item_side(updates: Stream[list[ItemUpdate]], config: Config, store: SnapshotStore,
                item_shard_of: Any) -> Stream[list[Record]]:
     """Item shards and the index builder; returns the stream of their snapshot manifests."""
 
-    def route(batch: list[tuple[Any, ...]]) -> list[tuple[str, tuple[str, list[tuple[Any, ...]]]]]:
-        buckets: dict[str, list[tuple[Any, ...]]] = {}
-        for update in batch:
-            item = update[1].item_id if update[0] in ("item", "ev") else update[1]
-            buckets.setdefault(item_shard_of(item), []).append(update)
-        return [(key, (key, part)) for key, part in buckets.items()]
+    def route(batch: list[ItemUpdate]) -> list[tuple[str, tuple[str, list[ItemUpdate]]]]:
+        return [(key, (key, part)) for key, part in route_updates(batch, item_shard_of).items()]
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
         return ItemShardLogic(resume or ItemShard(config.items, store, config.features,

@@ -23,7 +23,7 @@ import orjson
 from bytewax.dataflow import Dataflow
 
 from flows.config import Config, load_config
-from flows.kafka_logs import wait_for_kafka
+from flows.kafka_wait import wait_for_kafka
 from flows.logs import install_excepthook
 from flows.recsys import _output
 from models.rankers import positive_hold_ms

@@ -41,7 +41,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
 
-from flows.kafka_logs import waiting_for
+from operators.kafka_logs import waiting_for
 
 logger = logging.getLogger(__name__)
 

@@ -32,10 +32,9 @@ from typing import Any
 
 from bytewax.operators import StatefulLogic
 
+from events.model import Record
 from operators.status import StatusLog
 from state.settings import doc
-
-Record = dict[str, Any]
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-Record = dict[str, Any]
+from events.model import Record
 
 logger = logging.getLogger("streamrec.status")
 

@@ -16,8 +16,9 @@ import pytest
 
 from flows.broker import broker_metadata, free_port
 from flows.cli import main
-from flows.kafka_logs import BrokerUnavailable, KafkaRetrySummary, wait_for_broker, waiting_for
+from flows.kafka_wait import BrokerUnavailable, wait_for_broker
 from flows.logs import LogConfig, setup_logging
+from operators.kafka_logs import KafkaRetrySummary, waiting_for
 
 ROOT = Path(__file__).resolve().parents[1]
 KAFKA_PYTHON_LINE = re.compile(r" (DEBUG|INFO|WARNING|ERROR|CRITICAL) kafka\.")

@@ -11,11 +11,11 @@ import orjson
 import pytest
 from bytewax.testing import run_main
 
+from events.simulator import write_log
 from flows.cli import main
 from flows.logs import JsonFormatter, TextFormatter
 from flows.progress import Progress
 from flows.recsys import build
-from flows.simulator import write_log
 from operators.status import StatusLog, human_duration, status_line, summary_table
 
 STATUS = re.compile(

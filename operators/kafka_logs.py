@@ -6,11 +6,8 @@ filter on streamrec's log handler (``flows.logs.setup_logging``), turns them int
 line when the trouble starts and one line per ``interval_s`` while it lasts, naming the
 broker, the failure and what streamrec is waiting for (registered by the waiting code
 with :func:`waiting_for`). Nothing is dropped silently: every distinct failure is
-named in the next summary with its count.
-
-:func:`wait_for_broker` is the start-up check of the flow and the CLI: it waits up to
-``kafka.startup_timeout_s`` for the broker to answer, then fails with one
-:class:`BrokerUnavailable` error that says what to check.
+named in the next summary with its count. (The start-up wait for a broker:
+``flows.kafka_wait``.)
 """
 
 from __future__ import annotations
@@ -22,13 +19,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
-
-from flows.logs import StreamrecError
-
-if TYPE_CHECKING:
-    from flows.config import Config
+from collections.abc import Iterator
 
 logger = logging.getLogger("streamrec.kafka")
 
@@ -37,10 +28,6 @@ SUMMARY_EVERY_S = 5.0
 
 _ERROR = re.compile(r"(\w+(?:Error|Exception))(?::\s*([^()\n]*?))?\s*(?:\(backoff|\(|$)")
 _BOOTSTRAP = re.compile(r"from \[([^\]]+)\]")
-
-
-class BrokerUnavailable(StreamrecError, RuntimeError):
-    """No Kafka broker answered in time; the message says which and what to check."""
 
 
 _waits: dict[int, tuple[str, str]] = {}
@@ -146,45 +133,3 @@ def _waiting() -> tuple[list[str], list[str]]:
     whats = list(dict.fromkeys(w for w, _ in waits))
     brokers = [b for _, bs in waits for b in bs.split(",") if b]
     return whats, brokers
-
-
-def wait_for_broker(bootstrap: str, client: Mapping[str, Any] | None = None,
-                    timeout_s: float = 60.0, what: str = "the broker") -> None:
-    """Block until a broker at ``bootstrap`` answers a metadata request (kafka-python
-    settings ``client``: security), up to ``timeout_s``; then raise
-    :class:`BrokerUnavailable`. Logs one line when the broker answers after failures."""
-    from kafka.errors import KafkaError
-
-    from flows.broker import broker_metadata
-
-    start = time.monotonic()
-    deadline = start + timeout_s
-    problem = ""
-    with waiting_for(what, bootstrap):
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                broker_metadata(bootstrap, timeout_s=max(0.5, min(5.0, remaining)),
-                                client=client)
-                if problem:
-                    logger.info("Kafka: %s answered after %.0f s", bootstrap,
-                                time.monotonic() - start)
-                return
-            except (KafkaError, OSError) as exc:
-                problem = str(exc) if str(exc).startswith(type(exc).__name__) else \
-                    f"{type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                raise BrokerUnavailable(
-                    f"no Kafka broker answered at {bootstrap} within {timeout_s:g} s "
-                    f"(waiting for {what}; last error {problem}). Check kafka.bootstrap "
-                    f"(or --bootstrap) and that the broker runs; a local one: streamrec broker")
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-
-
-def wait_for_kafka(config: Config, what: str) -> None:
-    """The start-up check of a flow built from ``config``: when it reads or writes Kafka
-    and ``kafka.startup_timeout_s`` > 0, :func:`wait_for_broker` for ``what``."""
-    uses_kafka = config.output.kind == "kafka" or any(i.kind == "kafka" for i in config.inputs)
-    if uses_kafka and config.kafka.startup_timeout_s > 0:
-        wait_for_broker(config.kafka.bootstrap, config.kafka.client_settings("consumer"),
-                        config.kafka.startup_timeout_s, what)
