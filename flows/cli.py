@@ -280,7 +280,9 @@ def _quiet(s: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="streamrec", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="streamrec", description="Run, replay, evaluate and inspect the streamrec flow "
+        "(README.md; every page: docs/README.md; every config key: streamrec config-reference).")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="stderr logs as text or one JSON object per line")
     sub = p.add_subparsers(dest="command", required=True)

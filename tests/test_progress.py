@@ -163,3 +163,17 @@ def test_cli_simulate_and_import_report_progress(tmp_path, caplog, quiet) -> Non
     assert any(line.startswith("simulate: 25,000 of 25,000 events (100%)") for line in lines)
     n = len((tmp_path / "m.jsonl").read_bytes().splitlines())
     assert any(line.startswith(f"import movielens: {n:,} of {n:,} events (100%)") for line in lines)
+
+
+@pytest.mark.kafka
+def test_cli_replay_reports_progress_toward_the_log_size(tmp_path, caplog, kafka_broker) -> None:
+    caplog.set_level(logging.INFO, logger="streamrec.progress")
+    log = tmp_path / "log.jsonl"
+    write_log(log, 3000, seed=5)
+    with log.open("ab") as f:
+        f.write(b"\n\n")  # blank lines are not events: the total counts only events
+    topic = f"progress-{tmp_path.name}"
+    assert main(["replay", str(log), "--topic", topic, "--bootstrap", kafka_broker.bootstrap,
+                 "--partitions", "1", "-q"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "streamrec.progress"]
+    assert lines[-1].startswith("replay: 3,000 of 3,000 events (100%)"), lines
