@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from events.logfile import count_lines, open_log
-from flows.config import ConfigError, KafkaConfig, load_config, reference_markdown
+from flows.config import ConfigError, InputConfig, KafkaConfig, load_config, reference_markdown
 from flows.kafka_wait import wait_for_broker
 from flows.logs import LogConfig, StreamrecError, setup_logging
 from flows.progress import Progress
@@ -59,8 +59,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from events.simulator import SimConfig, write_log
 
     with Progress("simulate", args.n, quiet=args.quiet) as progress:
-        n = write_log(args.output, args.n, args.seed,
-                      SimConfig(n_users=args.users, n_items=args.items), on_batch=progress.add)
+        sim = SimConfig(n_users=args.users, n_items=args.items,
+                        requests_per_s=args.requests_per_s)
+        n = write_log(args.output, args.n, args.seed, sim, on_batch=progress.add)
     print(f"wrote {n} events to {args.output}")
     return 0
 
@@ -308,6 +309,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--users", type=int, default=2_000)
     s.add_argument("--items", type=int, default=1_000)
+    s.add_argument("--requests-per-s", type=float, default=InputConfig().requests_per_s,
+                   help="requests per event-time second (the pace of event time; default: "
+                   "the flow's simulator input's)")
     s.add_argument("-o", "--output", required=True, help="LOG.jsonl (or .jsonl.gz)")
     _quiet(s)
     s.set_defaults(func=cmd_simulate)
