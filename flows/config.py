@@ -380,18 +380,30 @@ def _validate(config: Config) -> None:
         raise ConfigError("app: must be a non-empty name of letters, digits, '-' and '_'")
 
 
-def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Rows (key, type, default, doc) of every config key, generated from the dataclasses."""
-    rows: list[tuple[str, str, str, str]] = []
+def _walk(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, Any, str, bool]]:
+    """(key, type hint, default value, doc, is a table) of every config key, tables first
+    and then their keys (``inputs[].kind`` for arrays of tables)."""
+    out: list[tuple[str, Any, Any, str, bool]] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
-        if dataclasses.is_dataclass(inner):
-            rows.append((key, "table" if inner is hint else "array of tables", "", f.metadata.get("doc", "")))
-            rows.extend(reference(inner, f"{key}{'[]' if inner is not hint else ''}."))
+        is_table = dataclasses.is_dataclass(inner)
+        out.append((key, hint, default, f.metadata.get("doc", ""), is_table))
+        if is_table:
+            out.extend(_walk(inner, f"{key}{'[]' if inner is not hint else ''}."))
+    return out
+
+
+def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Rows (key, type, default, doc) of every config key, generated from the dataclasses."""
+    rows: list[tuple[str, str, str, str]] = []
+    for key, hint, default, text, is_table in _walk(cls, prefix):
+        if is_table:
+            type_name = "table" if dataclasses.is_dataclass(hint) else "array of tables"
+            rows.append((key, type_name, "", text))
             continue
         if typing.get_origin(hint) is Literal:
             type_name = " \\| ".join(repr(a) for a in typing.get_args(hint))
@@ -399,7 +411,7 @@ def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str,
             type_name = str(hint).replace("typing.", "")
         else:
             type_name = hint.__name__
-        rows.append((key, type_name, repr(default), f.metadata.get("doc", "")))
+        rows.append((key, type_name, repr(default), text))
     return rows
 
 
@@ -436,31 +448,16 @@ def toml_literal(value: Any) -> str:
     return repr(value)
 
 
-def _defaults(cls: type = Config, prefix: str = "") -> dict[str, Any]:
-    """Default value of every leaf key (``inputs[].kind`` style keys for arrays of tables)."""
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        hint = hints[f.name]
-        inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
-        if dataclasses.is_dataclass(inner):
-            out.update(_defaults(inner, f"{prefix}{f.name}{'[]' if inner is not hint else ''}."))
-        else:
-            out[f"{prefix}{f.name}"] = default
-    return out
-
-
 def key_table(keys: list[str]) -> str:
     """A markdown table (key, meaning, default) of ``keys``, generated from the code (the
     README's tables of defaults); an unknown key raises ConfigError."""
-    docs = {key: text for key, _, _, text in reference()}
-    defaults = _defaults()
+    leaves = {key: (default, text) for key, _, default, text, is_table in _walk() if not is_table}
     lines = ["| key | meaning | default |", "|---|---|---|"]
     for key in keys:
-        if key not in defaults:
+        if key not in leaves:
             raise ConfigError(f"{key}: not a config key")
-        lines.append(f"| `{key}` | {docs[key]} | `{toml_literal(defaults[key])}` |")
+        default, text = leaves[key]
+        lines.append(f"| `{key}` | {text} | `{toml_literal(default)}` |")
     return "\n".join(lines) + "\n"
 
 

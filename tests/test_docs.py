@@ -364,3 +364,14 @@ def test_streamrec_simulate_writes_the_stream_of_the_flows_simulator_input(tmp_p
     expected = [e for batch in iter(lambda: sim.next_batch(1000), []) for e in batch]
     written = [orjson.loads(line) for line in (tmp_path / "log.jsonl").read_bytes().splitlines()]
     assert written == orjson.loads(orjson.dumps(expected))
+
+
+def test_table_generator_rewrites_stale_tables_and_rejects_unknown_keys() -> None:
+    stale = ("intro\n<!-- config-table: sampler.negative_rate -->\n| key | meaning | default |\n"
+             "|---|---|---|\n| `sampler.negative_rate` | r | `1.0` |\n<!-- /config-table -->\nend\n")
+    fresh = refresh_tables(stale)
+    assert fresh.startswith("intro\n") and fresh.endswith("<!-- /config-table -->\nend\n")
+    assert "| `sampler.negative_rate` | Keep this fraction r" in fresh and "`0.1` |" in fresh
+    assert refresh_tables(fresh) == fresh
+    with pytest.raises(ConfigError, match="join.nope: not a config key"):
+        refresh_tables("<!-- config-table: join.nope -->\n<!-- /config-table -->\n")
