@@ -21,14 +21,14 @@ reads in the real flow:
   shard's own feature hook, exactly as in the flow).
 
 Then ``--requests`` requests (after ``--warmup`` untimed ones) are answered the way
-``UserShard._request`` does it: ``context(user, ts)`` then ``Server.recommend``. The
+``UserShard._request`` does it: ``context.user(user, ts)`` then ``Server.recommend``. The
 latency of a request is context + recommend (wall time, ``perf_counter``); the stage
 times come from ``Server.stage_ns`` (optional profiling, off in the flow). The same
 requests run again with the ranker off (``scorer="retrieval"``, the blended retrieval
 score) as a baseline.
 
 Also measured once, outside the figures: publishing new versions of the four item
-tables, the poll that verifies and loads them (it runs inside ``recommend``) and the
+tables, the poll that verifies and loads them (once per micro-batch in the flow) and the
 first request on them (which builds the cached top lists).
 
 ``--sources`` defaults to about 200 candidates per request after filtering (the flow's
@@ -279,7 +279,7 @@ def main() -> None:
 
     world = World(args.items, mf.dim, rng)
     t = time.perf_counter()
-    builder = IndexBuilder(config.index.index_config(mf.dim))
+    builder = IndexBuilder(config.index.with_dim(mf.dim))
     builder.upsert(world.ids, world.vectors)
     builder.publish(store, NOW_MS)
     log(f"index: {args.items} items, dim {mf.dim}, built in {time.perf_counter() - t:.1f} s")
@@ -364,8 +364,8 @@ def snapshot_refresh(shard: UserShard, store: SnapshotStore, requests: list[Requ
                      ) -> dict[str, float]:
     """Publish a new version of every item table (same content, ts + 1) and time the poll
     that verifies and loads them, then the first request on them (which builds the
-    cached top lists) and the next one. In the flow the poll runs inside ``recommend``
-    at most every ``serving.poll_ms`` of wall time."""
+    cached top lists) and the next one. In the flow the user shard polls once per
+    micro-batch, at most every ``serving.poll_ms`` of wall time."""
     server = shard.server
     assert server is not None
     views = server.views

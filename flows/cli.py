@@ -17,7 +17,14 @@ from typing import Any
 import orjson
 
 from events.logfile import count_lines, open_log
-from flows.config import ConfigError, InputConfig, KafkaConfig, load_config, reference_markdown
+from flows.config import (
+    ConfigError,
+    InputConfig,
+    KafkaConfig,
+    generated_docs,
+    load_config,
+    reference_markdown,
+)
 from flows.kafka_wait import wait_for_broker
 from flows.logs import LogConfig, StreamrecError, setup_logging
 from flows.progress import Progress
@@ -265,13 +272,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    if args.write:
-        from flows.config import write_docs
-
-        for page in write_docs(args.write):
-            print(f"regenerated {page}")
+    if not args.update_docs:
+        print(reference_markdown(), end="")
         return 0
-    print(reference_markdown(), end="")
+    for path, text in generated_docs(Path(__file__).resolve().parents[1]).items():
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            print(f"updated {path}")
     return 0
 
 
@@ -374,9 +381,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config-reference", help="print every config key (markdown table)")
-    s.add_argument("--write", metavar="ROOT", nargs="?", const=".",
-                   help="instead, regenerate docs/config.md and the config tables of README.md "
-                   "and docs/*.md under the project root ROOT (default: .)")
+    s.add_argument("--update-docs", action="store_true",
+                   help="rewrite docs/config.md and the generated config tables of README.md "
+                        "and docs/*.md instead")
     s.set_defaults(func=cmd_config_reference)
     return p
 

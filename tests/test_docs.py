@@ -34,7 +34,7 @@ import orjson
 import pytest
 
 from flows.cli import parser as streamrec_parser
-from flows.config import ConfigError, load_config, reference_markdown, refresh_tables
+from flows.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -283,23 +283,7 @@ def test_commands_split_like_a_shell() -> None:
     ]
 
 
-# -- generated tables and pages --------------------------------------------------------
-
-
-def test_generated_tables_are_current() -> None:
-    """README's (and any page's) tables of defaults are the generator's output."""
-    stale = [str(p.relative_to(ROOT)) for p in PAGES if refresh_tables(p.read_text()) != p.read_text()]
-    assert not stale, f"regenerate: streamrec config-reference --write  ({stale})"
-    assert (ROOT / "docs" / "config.md").read_text() == reference_markdown()
-    assert "<!-- config-table:" in (ROOT / "README.md").read_text()
-
-
-def test_readme_joiner_table_shows_the_code_defaults() -> None:
-    text = (ROOT / "README.md").read_text()
-    default = load_config({}, environ={}).sampler.negative_rate
-    assert "| `sampler.negative_rate` |" in text
-    row = next(line for line in text.splitlines() if line.startswith("| `sampler.negative_rate`"))
-    assert row.endswith(f"| `{default}` |")
+# -- pages ------------------------------------------------------------------------------
 
 
 def test_docs_index_lists_every_page() -> None:
@@ -365,13 +349,3 @@ def test_streamrec_simulate_writes_the_stream_of_the_flows_simulator_input(tmp_p
     written = [orjson.loads(line) for line in (tmp_path / "log.jsonl").read_bytes().splitlines()]
     assert written == orjson.loads(orjson.dumps(expected))
 
-
-def test_table_generator_rewrites_stale_tables_and_rejects_unknown_keys() -> None:
-    stale = ("intro\n<!-- config-table: sampler.negative_rate -->\n| key | meaning | default |\n"
-             "|---|---|---|\n| `sampler.negative_rate` | r | `1.0` |\n<!-- /config-table -->\nend\n")
-    fresh = refresh_tables(stale)
-    assert fresh.startswith("intro\n") and fresh.endswith("<!-- /config-table -->\nend\n")
-    assert "| `sampler.negative_rate` | Keep this fraction r" in fresh and "`0.1` |" in fresh
-    assert refresh_tables(fresh) == fresh
-    with pytest.raises(ConfigError, match="join.nope: not a config key"):
-        refresh_tables("<!-- config-table: join.nope -->\n<!-- /config-table -->\n")
