@@ -112,7 +112,7 @@ class KafkaRetrySummary(logging.Filter):
                                  for r, n in self._reasons.most_common(3))
             head = (f"cannot reach {', '.join(brokers) or 'the brokers'}" if since < 1e-3 else
                     f"still failing with {', '.join(brokers) or 'the brokers'} after "
-                    f"{since:.0f} s, {self._attempts} kafka-python errors")
+                    f"{since:.0f} s, {self._attempts} kafka-python warnings since the last line")
             text = f"Kafka: {head}: {failures}"
             if whats:
                 text += f"; waiting for {', '.join(whats)}"
