@@ -28,6 +28,7 @@ from flows.config import (
 from flows.kafka_wait import wait_for_broker
 from flows.logs import LogConfig, StreamrecError, setup_logging
 from flows.progress import Progress
+from operators.example_codec import unpack_example
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
@@ -217,6 +218,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
     try:
         for line in lines:
             record = orjson.loads(line)
+            if args.topic.endswith("examples"):
+                record = unpack_example(record)
             if _matches(record, args.filter):
                 print(_format(record), flush=True)
                 shown += 1

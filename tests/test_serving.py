@@ -60,7 +60,7 @@ NEW_ITEM = "n01"  # first seen an hour before T0, never interacted, in no retrie
 
 RECORD_KEYS = {"request_id", "user_id", "ts", "items", "model_version", "index_version",
                "latency_ms"}
-ITEM_KEYS_OUT = {"item_id", "score", "source"}
+ITEM_KEYS_OUT = {"item_id", "score", "source", "propensity"}
 
 
 def item_shard_of(item_id: str) -> str:
@@ -187,6 +187,7 @@ class World:
         """A UserShard wired like ``flows.recsys.user_shard_builder``."""
         serving.setdefault("poll_ms", 0)
         serving.setdefault("scorer", "ranker")  # these tests pin the ranker; the duel has its own
+        serving.setdefault("repeat", "never")  # the consumed filter; test_repeat_policy the others
         config = ServingConfig(**serving)
         defaults = load_config(None)
         return UserShard(
@@ -321,7 +322,10 @@ def test_request_before_any_snapshot_gets_a_valid_answer(world: World) -> None:
         req = Request(T0, f"r-{user}", user, 10, {}, ["a03"])
         [record] = feed(shard, [req])["recommendations"]
         assert_record_shape(record, req)
-        assert record["items"] == []
+        # Cold start: the one known item (catalog), unless the user consumed it.
+        assert record["items"] == ([] if user == "warm" else
+                                   [{"item_id": "a01", "score": 0.0, "source": "catalog",
+                                     "propensity": 1.0}])
         assert record["model_version"] is None and record["index_version"] is None
 
     # Only item tables so far: popular/trending answers, still no versions.
@@ -354,7 +358,7 @@ def test_consumed_items_are_never_recommended(world: World, feedback: Any) -> No
     world.publish_tables()
     world.publish_index()
     world.publish_ranker(favourites=tuple(targets))
-    shard = world.user_shard()
+    shard = world.user_shard(repeat="never")
     feed(shard, [click("control", SEED, T0 - 10_000), click("user", SEED, T0 - 10_000)])
     control = ask(shard, "control", k=10)
     assert set(ids(control)[:4]) == set(targets), "control: targets are recommended otherwise"
@@ -365,6 +369,27 @@ def test_consumed_items_are_never_recommended(world: World, feedback: Any) -> No
     assert not set(targets) & set(ids(record))
     assert SEED not in ids(record)
     assert ids(record) == [i for i in ids(ask(shard, "control", k=20)) if i not in targets][:10]
+
+
+@pytest.mark.parametrize("repeat, blocked", [
+    ("not-consumed", {"bought", "rated"}),  # default: clicked / viewed items may come back
+    ("never", {"clicked", "viewed", "bought", "rated"}),
+    ("allow", set()),
+    ("cooldown", {"viewed", "bought", "rated"}),  # the click is older than the cool-down
+])
+def test_repeat_policy(world: World, repeat: str, blocked: set[str]) -> None:
+    world.publish_tables()
+    world.publish_index()
+    targets = {"clicked": FAVOURITE, "viewed": TRENDING[0], "bought": "a31", "rated": ITEMS[0]}
+    world.publish_ranker(favourites=tuple(targets.values()))
+    shard = world.user_shard(repeat=repeat, repeat_cooldown_ms=60_000)
+    feed(shard, [click("user", SEED, T0 - 100_000),
+                 Feedback(T0 - 90_000, "user", targets["clicked"], "click"),
+                 Feedback(T0 - 5_000, "user", targets["viewed"], "view"),
+                 Feedback(T0 - 5_000, "user", targets["bought"], "purchase"),
+                 Feedback(T0 - 5_000, "user", targets["rated"], "rating", None, 5.0)])
+    served = set(ids(ask(shard, "user", k=10)))
+    assert {name for name, item in targets.items() if item not in served} == blocked
 
 
 def test_consumed_filter_applies_to_ann_candidates(world: World) -> None:
@@ -593,8 +618,15 @@ def test_exploration_only_picks_new_available_unseen_items(world: World) -> None
 def test_exploration_probability_is_respected(world: World) -> None:
     world.publish_all()
     shard = world.user_shard(exploration=0.3)
-    explored = sum(NEW_ITEM in ids(ask(shard, "cold", request_id=f"p{n}")) for n in range(200))
+    records = [ask(shard, "cold", request_id=f"p{n}") for n in range(200)]
+    explored = sum(NEW_ITEM in ids(r) for r in records)
     assert 30 <= explored <= 90  # ~60 expected (deterministic per request id)
+    # Logged propensities: the explored slot 0.3 / eligible new items (one here), the
+    # ranked item it would replace 0.7, every other slot 1.
+    for r in records:
+        *rest, last = [i["propensity"] for i in r["items"]]
+        assert rest == [1.0] * (len(r["items"]) - 1)
+        assert last == (0.3 if r["items"][-1]["item_id"] == NEW_ITEM else 0.7)
 
 
 # -------------------------------------------------------------------------------------
@@ -758,8 +790,9 @@ def test_random_requests_never_return_excluded_consumed_or_unavailable_items(wor
                 assert not got & set(req.exclude), (name, req, rec)
                 assert not got & consumed_at[req.request_id], (name, req, rec)
                 assert not {i for i in got if not available.get(i, True)}, (name, req, rec)
-                # Filters drop only what they must: every popular item left is eligible.
-                eligible = set(items[:30]) - forbidden
+                # Filters drop only what they must: every known item left is eligible
+                # (popular ones retrieved, the rest from the catalog: cold start).
+                eligible = set(items) - forbidden
                 if name == "plain":
                     assert len(got) == min(req.k, len(eligible)), (name, req, rec)
                 else:
@@ -925,10 +958,11 @@ def test_vectorised_ranker_scores_equal_river_within_1e_9(world: World) -> None:
     world.publish_index()
     shard = world.user_shard()
     rng = random.Random(5)
-    events: list[Event] = [Item(T0 - 2 * DAY, item, {"category": CATEGORY[item], "brand": f"b{i % 3}",
-                                                     "price": 3.5 * i, "tags": ["x", f"t{i % 2}"]})
-                           for i, item in enumerate(ITEMS[:30])]
-    ts = T0 - DAY
+    feed(shard, [Item(T0 - 2 * DAY, item, {"category": CATEGORY[item], "brand": f"b{i % 3}",
+                                           "price": 3.5 * i, "tags": ["x", f"t{i % 2}"]})
+                 for i, item in enumerate(ITEMS[:30])])
+    events: list[Event] = [Feedback(T0 + n, "u0", SEED, "click") for n in range(3)]
+    ts = T0  # after the snapshots' time: impressions see them (point in time)
     for n in range(600):
         ts += 1_000
         user, item = f"u{rng.randrange(12)}", rng.choice(ITEMS)
@@ -939,7 +973,8 @@ def test_vectorised_ranker_scores_equal_river_within_1e_9(world: World) -> None:
     # The windows close: the negatives.
     examples += feed(shard, [Request(ts + DAY, "flush", "nobody", 10)]).get("examples", [])
     assert 0.2 < np.mean([e["label"] for e in examples]) < 0.6
-    assert any("covis" in e["features"] and "i:brand" in e["features"] for e in examples)
+    seen = {k for e in examples for k in e["features"]}
+    assert {"pop", "trend", "covis", "mf", "i:brand", "i:tags"} <= seen
     trainer = Trainer(RankerConfig(kind="lr", delay_to_labels=False, sync_interval_ms=10**12,
                                    sync_every_examples=10**9, metrics_every_examples=10**9),
                       1.0, world.store)
