@@ -131,6 +131,7 @@ def check_bytewax_run(args: list[str], files: dict[str, str], tmp: Path,
     import bytewax.run as bw
 
     monkeypatch.setattr(sys, "argv", ["bytewax.run", *args])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # _prepare_import prepends the cwd
     try:
         ns = bw._parse_args()
     except SystemExit as exc:
