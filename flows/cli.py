@@ -255,6 +255,8 @@ def cmd_loop(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.bootstrap:
         config.kafka.bootstrap = args.bootstrap
+    wait_for_broker(config.kafka.bootstrap, config.kafka.client_settings("consumer"),
+                    config.kafka.startup_timeout_s, f"the {config.app} loop's topics")
     settings = LoopSettings(seed=args.seed, n_users=args.users, n_items=args.items,
                             warmup_events=args.warmup, requests=args.requests, rate=args.rate,
                             step_ms=args.step_ms, window=args.window)
