@@ -18,6 +18,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import orjson
 
 from flows.logs import LogConfig
+from models.rankers import ranker_param_names
 from operators.index_builder import IndexSettings
 from operators.item_shard import ItemsConfig
 from operators.metrics import MetricsConfig
@@ -58,6 +60,11 @@ class InputConfig:
     start: Literal["earliest", "latest"] = doc("kafka: where to start without a snapshot.", "earliest")
     tail: bool = doc("kafka: keep consuming forever (false: stop once drained).", True)
     batch_size: int = doc("Events per micro-batch.", 1_000)
+    offset_out_of_range: Literal["earliest", "latest", "stop"] = doc(
+        "kafka: what to do when a saved offset is not on the broker (the topic was deleted "
+        "and recreated, the broker lost its data, or retention deleted it): earliest = read "
+        "from the first offset still there, latest = skip to the end, stop = fail the flow. "
+        "Logged as an error in every case.", "earliest")
 
 
 SECURITY_KEYS = (
@@ -92,6 +99,8 @@ class KafkaConfig:
     ssl_crlfile: str = doc("SSL: certificate revocation list (PEM path).", "")
     ssl_check_hostname: bool = doc("SSL: verify that the broker certificate matches its host name.",
                                    True)
+    startup_wait_s: float = doc("How long Kafka inputs wait at start for the broker (and their "
+                                "topics) before the flow fails (s).", 60.0)
     client: dict[str, Any] = doc(
         "Extra kafka-python settings passed through to consumers and producers (e.g. "
         "request_timeout_ms); each must be a setting both KafkaConsumer and KafkaProducer know.",
@@ -346,7 +355,54 @@ def load_config(
     return config
 
 
+def _durations(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) of every duration or window in a config tree: the fields (and dict
+    entries) whose name ends in ``_ms`` or ``_s`` or contains ``window``."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        is_duration = f.name.endswith(("_ms", "_s")) or "window" in f.name
+        if dataclasses.is_dataclass(value):
+            yield from _durations(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if dataclasses.is_dataclass(v):
+                    yield from _durations(v, f"{key}[{i}].")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if is_duration or str(k).endswith(("_ms", "_s")) or "window" in str(k):
+                    yield f"{key}.{k}", v
+        elif is_duration:
+            yield key, value
+
+
 def _validate(config: Config) -> None:
+    for key, value in _durations(config):
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{key}: must be >= 0 (a duration or window), got {value}")
+    for key, value, least in (
+        ("parse.max_bytes", config.parse.max_bytes, 1),
+        ("snapshots.keep", config.snapshots.keep, 1),
+        ("index.M", config.index.M, 2),
+        ("index.ef_construction", config.index.ef_construction, 1),
+        ("index.ef", config.index.ef, 1),
+        ("index.threads", config.index.threads, 1),
+        ("metrics.max_connections", config.metrics.max_connections, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"{key}: must be >= {least}, got {value}")
+    if config.metrics.timeout_s <= 0:
+        raise ConfigError(f"metrics.timeout_s: must be > 0, got {config.metrics.timeout_s}")
+    known = ranker_param_names(config.ranker.kind)
+    for key in config.ranker.params:
+        if key not in known:
+            raise ConfigError(f"ranker.params.{key}: unknown parameter of the "
+                              f"{config.ranker.kind} ranker (known: {', '.join(sorted(known))})")
+    for name, make in (("items.covis", config.items.covis_config),
+                       ("items.mf", config.items.mf_config)):
+        try:
+            make()
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name}: {err}") from None
     if not 0.0 < config.sampler.negative_rate <= 1.0:
         raise ConfigError("sampler.negative_rate: must be in (0, 1]")
     if config.shards.users < 1 or config.shards.items < 1:

@@ -64,7 +64,11 @@ class MetricsConfig:
 
     interval_s: float = doc("Wall time between periodic metrics records (s).", 10.0)
     port: int = doc("Serve Prometheus text format on this TCP port at /metrics; 0 = off.", 0)
-    host: str = doc("Address the Prometheus endpoint binds to.", "0.0.0.0")
+    host: str = doc("Address the Prometheus endpoint binds to (0.0.0.0: every interface, "
+                    "e.g. inside a container).", "127.0.0.1")
+    timeout_s: float = doc("Prometheus endpoint: a connection idle this long (s) is closed.", 5.0)
+    max_connections: int = doc("Prometheus endpoint: connections served at once (one thread "
+                               "each); more are closed at once.", 8)
     latency_buckets_ms: list[float] = doc(
         "Upper bounds of the serving-latency histogram buckets (ms).",
         factory=lambda: [float(b) for b in _LATENCY_BUCKETS_MS])
@@ -302,6 +306,35 @@ def prometheus_text(state: MetricsState, now_s: float | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server with at most ``max_connections`` handler threads: a
+    connection beyond them is closed at once (a flood of idle connections cannot make
+    thousands of threads)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsServer:
     """A daemon HTTP thread serving ``render()`` at ``/metrics`` (Prometheus text format).
 
@@ -312,11 +345,14 @@ class MetricsServer:
     _running: dict[tuple[str, int], MetricsServer] = {}
     _guard = threading.Lock()
 
-    def __init__(self, host: str, port: int, render: Callable[[], str]) -> None:
+    def __init__(self, host: str, port: int, render: Callable[[], str], *,
+                 timeout_s: float = 5.0, max_connections: int = 8) -> None:
         self.render = render
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # socket timeout: a silent client is dropped after it
+
             def do_GET(self) -> None:  # noqa: N802 - http.server API
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404)
@@ -331,8 +367,7 @@ class MetricsServer:
             def log_message(self, fmt: str, *args: Any) -> None:
                 logger.debug("metrics http: " + fmt, *args)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedHTTPServer((host, port), Handler, max_connections)
         self.address = self.httpd.server_address
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="streamrec-metrics",
                                        daemon=True)
@@ -341,12 +376,13 @@ class MetricsServer:
                     extra={"host": host, "port": self.address[1]})
 
     @classmethod
-    def serve(cls, host: str, port: int, render: Callable[[], str]) -> MetricsServer:
-        """The running server on ``(host, port)`` (now rendering ``render``), or a new one."""
+    def serve(cls, host: str, port: int, render: Callable[[], str], **limits: Any) -> MetricsServer:
+        """The running server on ``(host, port)`` (now rendering ``render``), or a new one
+        (``limits``: ``timeout_s``, ``max_connections``)."""
         with cls._guard:
             server = cls._running.get((host, port))
             if server is None:
-                server = cls._running[(host, port)] = cls(host, port, render)
+                server = cls._running[(host, port)] = cls(host, port, render, **limits)
             server.render = render
             return server
 
@@ -377,7 +413,9 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
         self._lock = threading.Lock()
         self._next = time.monotonic() + self.interval_s
         if self.config.port:
-            MetricsServer.serve(self.config.host, self.config.port, self.render)
+            MetricsServer.serve(self.config.host, self.config.port, self.render,
+                                timeout_s=self.config.timeout_s,
+                                max_connections=self.config.max_connections)
 
     def render(self) -> str:
         """Prometheus text of the current state (called from the HTTP thread)."""
