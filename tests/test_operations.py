@@ -79,6 +79,38 @@ def test_prometheus_endpoint_serves_real_counters(tmp_path) -> None:
     assert peak_mb >= summary["rss_start_mb"] - 0.05 and summary["rss_start_mb"] > 20
 
 
+def test_metrics_endpoint_is_local_with_timeouts_and_bounded_threads() -> None:
+    """Issue 19 point 6: by default the endpoint binds 127.0.0.1; a flood of idle
+    connections makes at most ``max_connections`` handler threads (the rest are closed at
+    once) and each idle one is dropped after ``timeout_s``, after which scrapes work."""
+    import socket
+    import threading
+    import time
+
+    from operators.metrics import MetricsConfig
+
+    assert MetricsConfig().host == "127.0.0.1"
+    port = free_port()
+    server = MetricsServer.serve("127.0.0.1", port, lambda: "up 1\n", timeout_s=0.5,
+                                 max_connections=2)
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(100):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.3)
+        assert threading.active_count() - before <= 2
+        time.sleep(0.7)  # past timeout_s: the idle connections are closed by the server
+        assert threading.active_count() - before <= 0
+        assert all(s.recv(1) == b"" for s in idle[:2])  # closed by the server, not by us
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.read() == b"up 1\n"
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+
+
 def test_json_logs_one_object_per_line(capsys) -> None:
     setup_logging(LogConfig(format="json", level="INFO"))
     try:
