@@ -29,7 +29,8 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
-from flows.config import Config, InputConfig, load_config
+from flows.config import Config, ConfigError, InputConfig, load_config
+from flows.logfile import LogFileError, check_log
 from flows.logs import setup_logging
 from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
@@ -40,7 +41,7 @@ from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key
 from operators.metrics import MetricsLogic, MetricsState
 from operators.serving import SnapshotViews
 from operators.sinks import JsonlFileSink
-from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
+from operators.sources import Gate, GatedSource, OnceSource, ReplaySource, SimulatorSource
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
@@ -61,7 +62,7 @@ def _source(inp: InputConfig, config: Config) -> Any:
         sim = SimConfig(n_users=inp.n_users, n_items=inp.n_items, requests_per_s=inp.requests_per_s)
         return SimulatorSource(sim, inp.seed, inp.events or None, inp.batch_size)
     if inp.kind == "replay":
-        return ReplaySource(inp.path, inp.batch_size, inp.speed)
+        return ReplaySource(inp.path, inp.batch_size, inp.speed, config.parse.max_bytes)
     from operators.kafka_io import KafkaSource
 
     return KafkaSource(
@@ -74,6 +75,17 @@ def _source(inp: InputConfig, config: Config) -> Any:
         discovery_timeout_s=config.kafka.startup_wait_s,
         on_lost_offset=inp.offset_out_of_range,
     )
+
+
+def check_inputs(config: Config) -> None:
+    """Fail at start (``ConfigError`` naming the key) on a replay log that cannot be read:
+    missing, a directory, or a ``.gz`` that is not gzip."""
+    for i, inp in enumerate(config.inputs):
+        if inp.kind == "replay":
+            try:
+                check_log(inp.path)
+            except LogFileError as err:
+                raise ConfigError(f"inputs[{i}].path: {err}") from None
 
 
 def _inputs(flow: Dataflow, config: Config) -> Stream[list[Any]]:
@@ -142,6 +154,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     """
     config = load_config(config)
     setup_logging(config.log)
+    check_inputs(config)
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
     store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
@@ -186,6 +199,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         snapshots.append(_item_side(_take("item-updates", outputs), config, store, item_shard_of))
     ranker_out = _trainer(examples, config, store)
     metric_streams = [
+        op.input("metrics_start", flow, OnceSource(("start", None))),  # a summary even for empty input
         op.map("count_parse", parsed, _parse_counts),
         op.flat_map("count_outputs", outputs, _shard_counts),
     ]

@@ -129,7 +129,8 @@ class MetricsState:
         self.__dict__.update({k: v for k, v in state.items() if k != "rss_start_mb"})
 
     def add(self, kind: str, payload: Any) -> None:
-        """Fold one ``(kind, payload)`` item from a stage into the counters."""
+        """Fold one ``(kind, payload)`` item from a stage into the counters (``start``,
+        sent once when the flow starts, and unknown kinds add nothing)."""
         if kind == "parse":
             self.events_by_type.update(payload["events_by_type"])
             self.dead_by_reason.update(payload["dead_by_reason"])
