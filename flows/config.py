@@ -177,14 +177,14 @@ class ShardConfig:
     users: int = doc("User shards (join, profiles, user vectors, serving).", 8)
     max_users: int = doc("Users remembered per user shard (history, attributes, and the "
                          "entities of each user-side profile kind: user, user_x_<attr>); "
-                         "least recently active forgotten first.", 1_000_000)
+                         "least recently active forgotten first.", 50_000)
     max_items: int = doc("Items whose attributes each user shard remembers (its copy of the "
                          "catalog, from broadcast item events); least recently updated or "
-                         "interacted with forgotten first.", 1_000_000)
+                         "interacted with forgotten first.", 100_000)
     items: int = doc("Item shards (item factors, co-visitation, item profiles).", 4)
     hot_profiles: int = doc("Profiles kept decoded per profile store (user and user_x_<attr> in "
                             "each user shard, item in each item shard; ~5 KB each); the others "
-                            "stay compressed until used.", 10_000)
+                            "stay compressed until used.", 2_000)
     routing_cache: int = doc("IDs whose shard is memoised, per ID kind (users, items; each "
                              "entry ~150 B); the memo is cleared when full.", 1 << 18)
 

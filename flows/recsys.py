@@ -21,6 +21,8 @@ Serving reads the snapshots back from the store (nearline), so the graph stays a
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +34,7 @@ from bytewax.dataflow import Dataflow, Stream
 from flows.config import Config, ConfigError, InputConfig, load_config
 from flows.logfile import LogFileError, check_log
 from flows.logs import setup_logging
+from flows.memory import memory_bound
 from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
 from models.sampling import NegativeSampler
@@ -56,6 +59,8 @@ joiner path re-scanning long-lived pending state; the flow creates few cycles.""
 
 Record = dict[str, Any]
 
+log = logging.getLogger(__name__)
+
 
 def _source(inp: InputConfig, config: Config) -> Any:
     if inp.kind == "simulator":
@@ -75,6 +80,27 @@ def _source(inp: InputConfig, config: Config) -> Any:
         discovery_timeout_s=config.kafka.startup_wait_s,
         on_lost_offset=inp.offset_out_of_range,
     )
+
+
+def log_memory_bound(config: Config) -> float:
+    """Log the resident memory (MB) the config's capacities allow above the process's
+    memory at start (``flows.memory.memory_bound``), with a warning when it exceeds the
+    machine's physical memory; returns it."""
+    bound = memory_bound(config)
+    total_mb = bound["total_mb"]
+    parts = ", ".join(f"{k} {v:,.0f}" for k, v in bound["parts_mb"].items())
+    log.info("memory bound: %s MB above the process at start (%s MB); see docs/operations.md, "
+             "Bounded memory", f"{total_mb:,.0f}", parts,
+             extra={"memory_bound_mb": round(total_mb, 1)})
+    try:
+        physical_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError):
+        return total_mb
+    if total_mb > physical_mb:
+        log.warning("memory bound %s MB exceeds this machine's %s MB: lower the capacities "
+                    "(shards.max_users, items.max_items, items.covis.max_items, ...)",
+                    f"{total_mb:,.0f}", f"{physical_mb:,.0f}")
+    return total_mb
 
 
 def check_inputs(config: Config) -> None:
@@ -155,6 +181,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     config = load_config(config)
     setup_logging(config.log)
     check_inputs(config)
+    log_memory_bound(config)
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
     store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)

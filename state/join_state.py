@@ -82,8 +82,8 @@ class JoinConfig:
         "counts (click 0 = any click; rating 4 = rating >= 4; dwell 30 = 30 s).",
         factory=lambda: {"click": 0.0, "like": 0.0, "purchase": 0.0, "share": 0.0, "rating": 4.0},
     )
-    max_pending: int = doc("Pending impressions per user shard; the oldest close first beyond it.", 200_000)
-    max_orphans: int = doc("Feedback waiting for its impression, per user shard.", 50_000)
+    max_pending: int = doc("Pending impressions per user shard; the oldest close first beyond it.", 50_000)
+    max_orphans: int = doc("Feedback waiting for its impression, per user shard.", 20_000)
     dedup_horizon_ms: int = doc("How long closed impression ids are remembered for dedup (ms).", 86_400_000)
     interaction_negatives: int = doc("Negatives sampled per positive organic interaction.", 4)
     popularity_pool: int = doc("Items in each shard's popularity pool for sampled negatives.", 5_000)
