@@ -114,7 +114,7 @@ def test_two_process_cluster_killed_and_restarted_writes_every_example_once(
     from .test_crash_recovery import flow_config
 
     bootstrap = kafka_broker.bootstrap
-    lines = simulated_log(tmp_path / "log.jsonl", 8_000, seed=11, requests_per_s=1.0,
+    lines = simulated_log(tmp_path / "log.jsonl", 5_000, seed=11, requests_per_s=1.0,
                           n_users=500, n_items=300, organic_per_request=0.1)
     app = f"mp{free_port()}"
     create_topics(bootstrap, [f"{app}.events"], 1)
@@ -132,9 +132,14 @@ def test_two_process_cluster_killed_and_restarted_writes_every_example_once(
                 for e in read_jsonl(path)]
 
     (tmp_path / "ref").mkdir()
-    FlowProcess(config("ref"), tmp_path / "ref" / "flow.log").start().wait(timeout_s=300)
+    ref_s = FlowProcess(config("ref"), tmp_path / "ref" / "flow.log").start().wait(timeout_s=300)
     ref = examples("ref")
-    assert len(ref) > 2000 and len({e[0] for e in ref}) == len(ref)
+    assert len(ref) > 1000 and len({e[0] for e in ref}) == len(ref)
+
+    def written(name: str) -> int:
+        """Complete lines of the examples file (the last one may be half written)."""
+        path = tmp_path / name / "out" / "examples.jsonl"
+        return path.read_bytes().count(b"\n") if path.exists() else 0
 
     (tmp_path / "two").mkdir()
     db = init_recovery(tmp_path / "two" / "recovery", partitions=2)
@@ -147,14 +152,14 @@ def test_two_process_cluster_killed_and_restarted_writes_every_example_once(
 
     first = cluster(1)
     try:
-        wait_until(lambda: len(examples("two")) >= 0.35 * len(ref), 240,
+        wait_until(lambda: written("two") >= 0.35 * len(ref), 240,
                    "a third of the examples", every_s=0.05, alive=first[0])
     finally:
         for flow in first:
             flow.stop()  # kill -9, no shutdown code
     assert all(flow.proc is not None and flow.proc.returncode == -9 for flow in first)
-    before = examples("two")
-    assert len(before) < 0.9 * len(ref), "the kill must land mid-topic"
+    before = written("two")
+    assert before < 0.9 * len(ref), "the kill must land mid-topic"
 
     second = cluster(2)
     try:
@@ -164,7 +169,7 @@ def test_two_process_cluster_killed_and_restarted_writes_every_example_once(
         for flow in second:
             flow.stop()
     after = examples("two")
-    print(f"1 process: {len(ref)} examples; 2 processes killed after {len(before)}, "
-          f"{len(after)} after the restart")
+    print(f"1 process: {len(ref)} examples in {ref_s:.1f} s; 2 processes killed after "
+          f"{before}, {len(after)} after the restart")
     assert len({e[0] for e in after}) == len(after), "an example written twice"
     assert sorted(after) == sorted(ref)
