@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
+from events.logfile import LogFileError, LongLine, check_log, iter_lines, open_log
 from flows.config import ConfigError, KafkaConfig, load_config, reference_markdown
-from flows.logfile import LogFileError, LongLine, check_log, iter_lines, open_log
 from flows.logs import LogConfig, setup_logging
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from flows.simulator import SimConfig, write_log
+    from events.simulator import SimConfig, write_log
 
     progress = Progress("simulate")
     n = write_log(args.output, args.n, args.seed, SimConfig(n_users=args.users, n_items=args.items),

@@ -31,23 +31,24 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
+from events.logfile import LogFileError, check_log
+from events.model import Event, EventParser, Record
+from events.simulator import SimConfig
 from flows.config import Config, ConfigError, InputConfig, load_config
-from flows.logfile import LogFileError, check_log
 from flows.logs import setup_logging
 from flows.memory import memory_bound
-from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
-from models.sampling import NegativeSampler
-from operators.events import Event, EventParser
 from operators.index_builder import IndexBuilderLogic, IndexStage
-from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key
+from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
+from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
-from operators.serving import SnapshotViews
 from operators.sinks import JsonlFileSink
+from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, OnceSource, ReplaySource, SimulatorSource
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
+from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
 
 OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
@@ -56,8 +57,6 @@ OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-lett
 GC_THRESHOLD = (50_000, 20, 100)
 """CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
 joiner path re-scanning long-lived pending state; the flow creates few cycles."""
-
-Record = dict[str, Any]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,8 @@ def _source(inp: InputConfig, config: Config) -> Any:
 def log_memory_bound(config: Config) -> float:
     """Log the resident memory (MB) the config's capacities allow above the process's
     memory at start (``flows.memory.memory_bound``), with a warning when it exceeds the
-    machine's physical memory; returns it."""
+    machine's physical memory; returns it. Called when the metrics stage starts (once per
+    run, in the process that runs it), not when the flow is built."""
     bound = memory_bound(config)
     total_mb = bound["total_mb"]
     parts = ", ".join(f"{k} {v:,.0f}" for k, v in bound["parts_mb"].items())
@@ -181,7 +181,6 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     config = load_config(config)
     setup_logging(config.log)
     check_inputs(config)
-    log_memory_bound(config)
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
     store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
@@ -240,7 +239,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         "metrics",
         op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
         lambda resume: MetricsLogic(
-            resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics),
+            resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics,
+            on_start=lambda: log_memory_bound(config)),
     )
     metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
     if ranker_out is not None:
@@ -249,16 +249,12 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     return flow
 
 
-def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: SnapshotStore,
+def _item_side(updates: Stream[list[ItemUpdate]], config: Config, store: SnapshotStore,
                item_shard_of: Any) -> Stream[list[Record]]:
     """Item shards and the index builder; returns the stream of their snapshot manifests."""
 
-    def route(batch: list[tuple[Any, ...]]) -> list[tuple[str, tuple[str, list[tuple[Any, ...]]]]]:
-        buckets: dict[str, list[tuple[Any, ...]]] = {}
-        for update in batch:
-            item = update[1].item_id if update[0] in ("item", "ev") else update[1]
-            buckets.setdefault(item_shard_of(item), []).append(update)
-        return [(key, (key, part)) for key, part in buckets.items()]
+    def route(batch: list[ItemUpdate]) -> list[tuple[str, tuple[str, list[ItemUpdate]]]]:
+        return [(key, (key, part)) for key, part in route_updates(batch, item_shard_of).items()]
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
         return ItemShardLogic(resume or ItemShard(config.items, store, config.features,

@@ -32,9 +32,8 @@ from typing import Any
 
 from bytewax.operators import StatefulLogic
 
+from events.model import Record
 from state.settings import doc
-
-Record = dict[str, Any]
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +406,12 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
     """Aggregates counters; emits periodically (wall clock) and a summary at EOF; serves
     Prometheus text when ``config.port`` is set."""
 
-    def __init__(self, state: MetricsState, config: MetricsConfig | None = None) -> None:
+    def __init__(self, state: MetricsState, config: MetricsConfig | None = None,
+                 on_start: Callable[[], Any] | None = None) -> None:
+        """``on_start``: called once here, when the stage starts (e.g. to log the memory
+        bound)."""
+        if on_start is not None:
+            on_start()
         self.state = state
         self.config = config or MetricsConfig()
         self.interval_s = self.config.interval_s

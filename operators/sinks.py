@@ -21,7 +21,7 @@ from bytewax.outputs import (
     StatelessSinkPartition,
 )
 
-Record = dict[str, Any]
+from events.model import Record
 
 
 def encode_record(record: Record) -> bytes:

@@ -19,9 +19,9 @@ from typing import Any
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from flows.logfile import LongLine, iter_lines, open_log
-from flows.simulator import SimConfig, Simulator
-from operators.events import MAX_RAW_IN_DEAD_LETTER, Rejected
+from events.logfile import LongLine, iter_lines, open_log
+from events.model import MAX_RAW_IN_DEAD_LETTER, Rejected
+from events.simulator import SimConfig, Simulator
 
 log = logging.getLogger(__name__)
 

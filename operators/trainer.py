@@ -20,13 +20,13 @@ from typing import Any, Literal
 import numpy as np
 from bytewax.operators import StatefulLogic
 
+from events.model import Record
 from models.features import example_features
 from models.metrics import ProgressiveMetrics
 from models.rankers import Ranker, make_ranker
 from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotStore
 
-Record = dict[str, Any]
 TrainerOutput = dict[str, list[Record]]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from operators.events import (
+from events.model import (
     MAX_DEPTH,
     MAX_TS_MS,
     EventParser,

@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 import pytest
 
+from events.logfile import LongLine, iter_lines
 from flows.evaluate import read_jsonl
-from flows.logfile import LongLine, iter_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from test_serving import FAVOURITE, SEED, T0, World, ask, click, feed, ids
 
-from operators.events import Feedback
+from events.model import Feedback
+from operators.point_in_time import PointInTime
 from operators.scorer_duel import ScorerDuel
 from operators.serving import Server, ServingConfig
 
@@ -46,7 +47,7 @@ def test_only_the_latest_request_and_first_positive_count() -> None:
 
 def test_unknown_scorer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="serving.scorer"):
-        Server(ServingConfig(scorer="best"), None, str)  # type: ignore[arg-type]
+        Server(ServingConfig(scorer="best"), PointInTime(views=object(), item_shard_of=str))  # type: ignore[arg-type]
 
 
 def test_user_shard_hands_over_to_the_blend_on_organic_evidence(tmp_path: Path) -> None:

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from events.model import Event, EventParser, Feedback, Impression, Item, Request
 from flows.config import load_config
 from models.mf import MFConfig
-from models.sampling import NegativeSampler
-from operators.events import Event, EventParser, Feedback, Impression, Item, Request
 from operators.index_builder import IndexSettings, IndexStage
-from operators.item_shard import ItemsConfig, ItemShard, item_shard_key
-from operators.serving import Candidate, ServingConfig, SnapshotViews, load_hook
+from operators.item_shard import ItemsConfig, ItemShard, item_shard_key, route_updates
+from operators.serving import Candidate, ServingConfig, load_hook
+from operators.snapshot_views import SnapshotViews
 from operators.trainer import RankerConfig, Trainer
 from operators.user_shard import UserShard
 from state.covisitation import CoVisConfig, CoVisitation
@@ -38,6 +38,7 @@ from state.hashing import shard_of
 from state.item_index import IndexBuilder, IndexConfig
 from state.item_table import CatalogEntry, ItemTable
 from state.join_state import JoinConfig
+from state.sampling import NegativeSampler
 from state.snapshot_store import Manifest, SnapshotStore, sha256_file
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -372,10 +373,10 @@ def test_consumed_filter_applies_to_ann_candidates(world: World) -> None:
     warm_up(shard)
     feed(shard, [click("u", "a10", T0 - 60_000)])
     # Let the user consume their own nearest neighbours (raw ANN over their vector).
-    vector = shard.context("u", T0 - 50_000).vector
+    vector = shard.context.user("u", T0 - 50_000).vector
     nearest = [i for i, _ in shard.server.views.index.query(vector, 5)]
     feed(shard, [click("u", item, T0 - 50_000 + n) for n, item in enumerate(nearest)])
-    vector = shard.context("u", T0).vector
+    vector = shard.context.user("u", T0).vector
     raw = [i for i, _ in shard.server.views.index.query(vector, 10)]
     consumed = set(nearest) | {"a10"}
     assert consumed & set(raw), "control: ANN retrieves consumed items"
@@ -401,7 +402,7 @@ def test_unavailable_items_are_never_recommended(world: World) -> None:
     shard = world.user_shard(exploration=1.0)
     warm_up(shard)
     feed(shard, [click("u", SEED, T0 - 10_000)])
-    vector = shard.context("u", T0).vector
+    vector = shard.context.user("u", T0).vector
     ann_top = next(i for i, _ in shard.server.views.index.query(vector, 10)
                    if i not in {SEED, FAVOURITE, TRENDING[0], "a31", ITEMS[0]})
     targets = [FAVOURITE, TRENDING[0], "a31", ITEMS[0], ann_top]
@@ -609,12 +610,8 @@ class ItemSide:
         self.index = IndexStage(IndexSettings(refresh_interval_ms=10**12), DIM, store)
 
     def apply(self, out: dict[str, list[Any]]) -> None:
-        """Route updates like flows.recsys._item_side; publish every changed table and the index."""
-        buckets: dict[str, list[tuple[Any, ...]]] = {}
-        for update in out.get("item-updates", []):
-            item = update[1].item_id if update[0] == "item" else update[1]
-            buckets.setdefault(item_shard_of(item), []).append(update)
-        for key, updates in buckets.items():
+        """Route updates as the flow does; publish every changed table and the index."""
+        for key, updates in route_updates(out.get("item-updates", []), item_shard_of).items():
             shard = self.shards[key]
             for change in shard.process(key, updates).get("index", []):
                 self.index.add(change)

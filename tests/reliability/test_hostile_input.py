@@ -34,16 +34,16 @@ from bytewax.testing import run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.evaluate import read_jsonl
-from flows.recsys import build
-from flows.simulator import SimConfig, write_log
-from operators.events import (
+from events.model import (
     MAX_DEPTH,
     MAX_RAW_IN_DEAD_LETTER,
     MAX_TS_MS,
     EventParser,
     event_to_dict,
 )
+from events.simulator import SimConfig, write_log
+from flows.evaluate import read_jsonl
+from flows.recsys import build
 
 pytestmark = pytest.mark.slow
 

@@ -20,6 +20,9 @@ from typing import Any
 
 import orjson
 
+Record = dict[str, Any]
+"""A JSON-shaped record (an output row, a raw event, a dead letter): the one alias."""
+
 MAX_TS_MS = 4_102_444_800_000
 """2100-01-01T00:00:00Z in epoch ms; later timestamps are absurd."""
 
