@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from bytewax.operators import StatefulLogic
 
+from events.model import Feedback, Impression, Item, Record, event_to_dict, processing_error
 from models.mf import ItemFactors, MFConfig
 from operators.item_updates import (
     CatalogChange,
@@ -121,6 +122,8 @@ class ItemShard:
         self.last_publish_ms: int | None = None
         self.sent_version = 0
         self.dirty = False
+        self._dead: list[Record] = []
+        """Dead letters (``processing_error``) of updates this shard failed to apply."""
 
     def process(self, shard: str, updates: list[ItemUpdate]) -> dict[str, list[Any]]:
         """Apply a batch of updates in order; return index changes and due snapshots."""
@@ -132,52 +135,68 @@ class ItemShard:
         pairs: list[tuple[str, str, float]] = []
         pairs_any: list[tuple[str, str, float]] = []
         removed: list[str] = []
+        stage = f"item_shard {shard}"
         for update in updates:
-            match update:
-                case Interaction(item_id, ts, positive):
-                    self._observe(ts)
-                    self._see(item_id, ts)
-                    self.interactions.add(item_id, ts)
-                    if positive:
-                        self.liked_counts.add(item_id, ts)
-                        self.popular.add(item_id, ts)
-                        self.trending.add(item_id, ts)
-                case MFStep(item_id, ts, user_vec, coef):
-                    mf_items.append(item_id)
-                    mf_vecs.append(user_vec)
-                    mf_coefs.append(coef)
-                    mf_ts = max(mf_ts, ts)
-                case ProfileEvent(item_id, event):
-                    self._observe(event.ts)
-                    if self.profiles is not None:
-                        self.profiles.apply(event)
-                        lru_put(self.profiled, item_id, None, self.config.max_items)
-                case CovisPair(a, b, w, ts, channel):
-                    self._observe(ts)
-                    (pairs if channel == "liked" else pairs_any).append((a, b, w))
-                case CatalogChange(item_id, event):
-                    self._observe(event.ts)
-                    entry = self._see(item_id, event.ts)
-                    entry.category = _category(event.attrs) or entry.category
-                    if entry.available and not event.available:
-                        removed.append(item_id)
-                    elif event.available and not entry.available:
-                        self.factors.revive([item_id])
-                    entry.available = event.available
-                case _:
-                    raise TypeError(f"unknown item update {type(update).__name__}: {update!r}")
+            if type(update) not in _UPDATE_TYPES:  # a programming error, not bad data
+                raise TypeError(f"unknown item update {type(update).__name__}: {update!r}")
+            try:
+                match update:
+                    case Interaction(item_id, ts, positive):
+                        self._observe(ts)
+                        self._see(item_id, ts)
+                        self.interactions.add(item_id, ts)
+                        if positive:
+                            self.liked_counts.add(item_id, ts)
+                            self.popular.add(item_id, ts)
+                            self.trending.add(item_id, ts)
+                    case MFStep(item_id, ts, user_vec, coef):
+                        mf_items.append(item_id)
+                        mf_vecs.append(user_vec)
+                        mf_coefs.append(coef)
+                        mf_ts = max(mf_ts, ts)
+                    case ProfileEvent(item_id, event):
+                        self._observe(event.ts)
+                        if self.profiles is not None:
+                            self.profiles.apply(event)
+                            lru_put(self.profiled, item_id, None, self.config.max_items)
+                    case CovisPair(a, b, w, ts, channel):
+                        self._observe(ts)
+                        (pairs if channel == "liked" else pairs_any).append((a, b, w))
+                    case CatalogChange(item_id, event):
+                        self._observe(event.ts)
+                        entry = self._see(item_id, event.ts)
+                        entry.category = _category(event.attrs) or entry.category
+                        if entry.available and not event.available:
+                            removed.append(item_id)
+                        elif event.available and not entry.available:
+                            self.factors.revive([item_id])
+                        entry.available = event.available
+            except Exception as err:  # one bad update must not stop the flow
+                self._dead.append(processing_error(stage, _update_raw(update), err))
+        now = self.max_ts_ms or 0
         if pairs:
-            self.covis.add(pairs, self.max_ts_ms or 0)
+            self._batch_step(stage + " covis", updates,
+                             lambda u: isinstance(u, CovisPair) and u.channel == "liked",
+                             lambda: self.covis.add(pairs, now))
         if pairs_any and self.covis_any is not None:
-            self.covis_any.add(pairs_any, self.max_ts_ms or 0)
+            covis_any = self.covis_any
+            self._batch_step(stage + " covis_any", updates,
+                             lambda u: isinstance(u, CovisPair) and u.channel != "liked",
+                             lambda: covis_any.add(pairs_any, now))
         if mf_items:
-            coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
-            self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
+            def mf_step() -> None:
+                coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
+                self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
+            self._batch_step(stage + " mf", updates, lambda u: isinstance(u, MFStep), mf_step)
         if removed:
-            self.factors.remove(removed)
-            self.covis.remove(removed)
-            if self.covis_any is not None:
-                self.covis_any.remove(removed)
+            def remove_step() -> None:
+                self.factors.remove(removed)
+                self.covis.remove(removed)
+                if self.covis_any is not None:
+                    self.covis_any.remove(removed)
+            self._batch_step(stage + " remove", updates,
+                             lambda u: isinstance(u, CatalogChange) and u.item_id in removed,
+                             remove_step)
         self.dirty = self.dirty or bool(updates)
         out: dict[str, list[Any]] = {}
         change = self._index_change()
@@ -185,7 +204,20 @@ class ItemShard:
             out["index"] = [change]
         if self._publish_due():
             out["snapshots"] = [self.publish()]
+        if self._dead:
+            out["dead-letters"], self._dead = self._dead, []
         return out
+
+    def _batch_step(self, stage: str, updates: list[ItemUpdate],
+                    applies: Callable[[ItemUpdate], bool], step: Callable[[], None]) -> None:
+        """Run a step that applies several updates of the batch at once (those for which
+        ``applies`` is true); if it raises, each of them becomes a dead letter and the
+        batch goes on."""
+        try:
+            step()
+        except Exception as err:
+            self._dead.extend(processing_error(stage, _update_raw(u), err)
+                              for u in updates if applies(u))
 
     def _observe(self, ts: int) -> None:
         if self.max_ts_ms is None or ts > self.max_ts_ms:
@@ -248,6 +280,16 @@ class ItemShard:
     def finish(self) -> dict[str, list[Any]]:
         """End of input: publish what changed since the last table."""
         return {"snapshots": [self.publish()]} if self.dirty else {}
+
+
+_UPDATE_TYPES = (Interaction, MFStep, CovisPair, CatalogChange, ProfileEvent)
+
+
+def _update_raw(update: ItemUpdate) -> dict[str, Any]:
+    """An update as a JSON-ready dict for its dead letter (events as their dicts)."""
+    fields = {k: event_to_dict(v) if isinstance(v, Impression | Feedback | Item) else v
+              for k, v in update._asdict().items()}
+    return {"update": type(update).__name__, **fields}
 
 
 def _category(attrs: dict[str, Any]) -> str | None:

@@ -8,7 +8,9 @@ Stages send ``(kind, payload)`` items:
 * ``("outputs", {topic: records})``, ``("examples", {label: [count, weight]})``,
   ``("latency", [ms, ...])`` serving latencies of a batch of recommendations;
 * ``("snapshots", [manifest, ...])`` every published snapshot (ranker sync, item
-  tables with their embedding-table counters, index).
+  tables with their embedding-table counters, index);
+* ``("errors", {stage: n})`` inputs a stateful stage failed to apply (dead-lettered as
+  ``processing_error``; counted apart from ``dead_by_reason``, which counts raw inputs).
 
 The stage emits a ``metrics`` record every ``metrics.interval_s`` of wall time and a
 final one at end of input (also logged as the run summary). With ``metrics.port`` set
@@ -107,6 +109,7 @@ class MetricsState:
         self.app = app
         self.events_by_type: Counter[str] = Counter()
         self.dead_by_reason: Counter[str] = Counter()
+        self.processing_errors: Counter[str] = Counter()
         self.outputs: Counter[str] = Counter()
         self.examples: Counter[str] = Counter()
         self.example_weight: Counter[str] = Counter()
@@ -136,6 +139,8 @@ class MetricsState:
             ts = payload.get("max_ts")
             if ts is not None and (self.max_event_ts is None or ts > self.max_event_ts):
                 self.max_event_ts = ts
+        elif kind == "errors":
+            self.processing_errors.update(payload)
         elif kind == "shard":
             self.shards[payload["shard"]] = payload["counters"]
             self.user_tables[payload["shard"]] = payload.get("table", {})
@@ -199,6 +204,7 @@ class MetricsState:
             "events_by_type": dict(self.events_by_type),
             "dead_letters": sum(self.dead_by_reason.values()),
             "dead_by_reason": dict(self.dead_by_reason),
+            "processing_errors": dict(self.processing_errors),
             "outputs": dict(self.outputs),
             "examples_by_label": dict(self.examples),
             "join": dict(self.join()),
@@ -247,6 +253,9 @@ def prometheus_text(state: MetricsState, now_s: float | None = None) -> str:
            (({"type": t}, n) for t, n in sorted(state.events_by_type.items())))
     family("streamrec_dead_letters_total", "counter", "Rejected inputs by reason.",
            (({"reason": r}, n) for r, n in sorted(state.dead_by_reason.items())))
+    family("streamrec_processing_errors_total", "counter",
+           "Inputs a stage failed to apply (dead letters with reason processing_error).",
+           (({"stage": st}, n) for st, n in sorted(state.processing_errors.items())))
     family("streamrec_outputs_total", "counter", "Records written by output topic.",
            (({"topic": t}, n) for t, n in sorted(state.outputs.items())))
     family("streamrec_examples_total", "counter", "Training examples by label.",

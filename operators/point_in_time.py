@@ -49,6 +49,47 @@ class UserContext:
     """Recent positives, newest first (``recent`` holds every interaction)."""
 
 
+NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf")
+"""Numeric per-candidate features read from the snapshots: popularity and trending
+(decayed to the event's time), co-visitation sums of the liked and any-interaction
+channels, MF score. Absent means 0.0 (no table, no seeds, no vector)."""
+
+
+@dataclass
+class ItemColumns:
+    """Candidate features column-wise: the same values as ``PointInTime.item_features``."""
+
+    item_ids: list[str]
+    numeric: dict[str, np.ndarray]
+    """``NUMERIC_ITEM_FEATURES`` present for this request, raw values (float64, 0.0 where
+    absent), in that order."""
+    tables: list[ItemTable | None]
+    """The item table holding each item (None: not published yet)."""
+    attrs: list[dict[str, Any] | None]
+    """The shard catalog's attributes of each item (a new object when they change)."""
+    cross: list[list[dict[str, Any]]]
+    """The user x item-attribute profile features of each item (one dict per value)."""
+
+
+def static_item_features(item_id: str, table: ItemTable | None,
+                         attrs: dict[str, Any] | None) -> dict[str, Any]:
+    """The item's features that change only with its table version or its attributes:
+    item profile (IPS ``item`` entity, as of the table), ``i:category`` (the table's
+    catalog), then ``i:<attr>`` of the shard's catalog (``item`` events; they win)."""
+    extra: dict[str, Any] = {}
+    if table is not None:
+        profile = table.features.get(item_id)
+        if profile:
+            extra.update(profile)
+        entry = table.catalog.get(item_id)
+        extra["i:category"] = entry.category if entry else None
+    if attrs:
+        for key, value in attrs.items():
+            if key != "available" and not isinstance(value, dict):
+                extra[f"i:{key}"] = value
+    return extra
+
+
 @dataclass(frozen=True)
 class CovisQuery:
     """How recent items seed co-visitation (serving.recent_items, covis_query_decay)."""
@@ -115,74 +156,80 @@ class PointInTime:
 
     def item_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
                       covis: dict[str, SparseScores] | None = None) -> list[dict[str, Any]]:
-        """Per-item features (item attributes, user x item-attribute profiles, snapshot
-        features), for each item; the same at impression time and at serving time.
+        """Per-item features, for each item; the same at impression time and at serving
+        time: the item's static features (``static_item_features``), then its numeric
+        snapshot features (``NUMERIC_ITEM_FEATURES``: popularity, trending, co-visitation
+        with the recent items, MF score), then the user x item-attribute profiles.
 
         ``covis``: the raw channel sums of ``Server.covis_channels`` (serving); None
         looks each item up (one impression at a time). Both give the same numbers.
         """
-        extras = self._snapshot_features(ctx, item_ids, ts_ms or 0, covis)
-        crosses = self._crosses
-        cross_cache: dict[tuple[str, str], dict[str, Any]] = {}
-        for item, extra in zip(item_ids, extras, strict=True):
-            attrs = self.catalog.get(item)
-            if not attrs:
-                continue
-            for key, value in attrs.items():
-                if key != "available" and not isinstance(value, dict):
-                    extra[f"i:{key}"] = value
-            for attr, store in crosses:
-                value = attrs.get(attr)
-                if isinstance(value, str):
-                    feats = cross_cache.get((attr, value))
-                    if feats is None:
-                        at = _query_time(store, ts_ms)
-                        feats = cross_cache[(attr, value)] = {
-                            name: _feature_value(name, v, ts_ms)
-                            for name, v in store.query((ctx.user_id, value), at).items()}
-                    extra.update(feats)
-        return extras
-
-    def _snapshot_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int,
-                           covis: dict[str, SparseScores] | None) -> list[dict[str, Any]]:
-        """Per-item features from the snapshots: item profile features (IPS ``item``
-        entity), category, co-visitation with the recent items (``covis``: liked channel,
-        ``covis_any``: any-interaction channel, raw seed-decayed sums), popularity,
-        trending, MF score (the user's own features are separate)."""
-        if self.views is None or self.item_shard_of is None:
-            return [{} for _ in item_ids]
-        tables = self.views.table_map()
-        mf = self._mf_scores(ctx.vector, item_ids)
-        if covis is None:
-            sums = {name: self._covis_lookup(seeds, name, item_ids, tables, ts_ms)
-                    for name, seeds in self.seeds(ctx)}
-        else:
-            sums = {name: scores.many(item_ids) for name, scores in covis.items()}
-        liked, any_ = sums.get("liked") or [0.0] * len(item_ids), sums.get("any")
-        factors: dict[str, tuple[float, float]] = {}
+        cols = self.item_columns(ctx, item_ids, ts_ms, covis)
+        numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
         out = []
-        shard_of = self.item_shard_of
         for n, item in enumerate(item_ids):
-            table = tables.get(shard_of(item))
-            extra: dict[str, Any] = {}
-            if table is not None:
-                profile = table.features.get(item)
-                if profile:
-                    extra.update(profile)
-                entry = table.catalog.get(item)
-                extra["i:category"] = entry.category if entry else None
-                fp, ft = factors.get(table.shard) or factors.setdefault(
-                    table.shard, (table.decay_factor("popular", ts_ms),
-                                  table.decay_factor("trending", ts_ms)))
-                extra["pop"] = table.popular.get(item, 0.0) * fp
-                extra["trend"] = table.trending.get(item, 0.0) * ft
-            extra["covis"] = liked[n]
-            if any_ is not None:
-                extra["covis_any"] = any_[n]
-            if mf is not None:
-                extra["mf"] = float(mf[n])
+            extra = static_item_features(item, cols.tables[n], cols.attrs[n])
+            for name, values in numeric:
+                extra[name] = values[n]
+            for feats in cols.cross[n]:
+                extra.update(feats)
             out.append(extra)
         return out
+
+    def item_columns(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
+                     covis: dict[str, SparseScores] | None = None) -> ItemColumns:
+        """The raw material of ``item_features`` column-wise, for vectorised scoring:
+        numeric features as arrays, and per item its table, attributes and cross
+        profile dicts (one shared dict per attribute value)."""
+        n = len(item_ids)
+        tables: list[ItemTable | None] = [None] * n
+        attrs = [self.catalog.get(item) for item in item_ids]
+        numeric: dict[str, np.ndarray] = {}
+        if self.views is not None and self.item_shard_of is not None:
+            at = ts_ms or 0
+            table_map = self.views.table_map()
+            shard_of = self.item_shard_of
+            pop = np.zeros(n)
+            trend = np.zeros(n)
+            factors: dict[str, tuple[float, float]] = {}
+            for j, item in enumerate(item_ids):
+                table = table_map.get(shard_of(item))
+                if table is not None:
+                    tables[j] = table
+                    fp, ft = factors.get(table.shard) or factors.setdefault(
+                        table.shard, (table.decay_factor("popular", at),
+                                      table.decay_factor("trending", at)))
+                    pop[j] = table.popular.get(item, 0.0) * fp
+                    trend[j] = table.trending.get(item, 0.0) * ft
+            numeric["pop"] = pop
+            numeric["trend"] = trend
+            if covis is None:
+                sums = {name: self._covis_lookup(seeds, name, item_ids, table_map, at)
+                        for name, seeds in self.seeds(ctx)}
+            else:
+                sums = {name: scores.many(item_ids) for name, scores in covis.items()}
+            numeric["covis"] = np.asarray(sums.get("liked") or [0.0] * n, np.float64)
+            if sums.get("any") is not None:
+                numeric["covis_any"] = np.asarray(sums["any"], np.float64)
+            mf = self._mf_scores(ctx.vector, item_ids)
+            if mf is not None:
+                numeric["mf"] = np.asarray(mf, np.float64)
+        cross: list[list[dict[str, Any]]] = [[] for _ in item_ids]
+        if self._crosses:
+            cache: dict[tuple[str, str], dict[str, Any]] = {}
+            for j, a in enumerate(attrs):
+                if not a:
+                    continue
+                for attr, store in self._crosses:
+                    value = a.get(attr)
+                    if isinstance(value, str):
+                        feats = cache.get((attr, value))
+                        if feats is None:
+                            feats = cache[(attr, value)] = {
+                                name: _feature_value(name, v, ts_ms) for name, v in
+                                store.query((ctx.user_id, value), _query_time(store, ts_ms)).items()}
+                        cross[j].append(feats)
+        return ItemColumns(item_ids, numeric, tables, attrs, cross)
 
     def seeds(self, ctx: UserContext) -> list[tuple[str, list[str]]]:
         """(channel, seeds newest first) of every co-visitation channel the loaded tables

@@ -36,7 +36,7 @@ import numpy as np
 
 from events.model import Record
 from models.features import SERVING_POSITION, ranking_features_many
-from operators.linear_scorer import linear_scorer
+from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import PointInTime, UserContext
 from operators.scorer_duel import SCORERS, ScorerDuel
 from operators.snapshot_views import SnapshotViews
@@ -86,6 +86,9 @@ class ServingConfig:
     scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the blend may take "
                                    "over from the ranker (the choice is revisited at every "
                                    "request after that).", 30)
+    scorer_shadow_rate: float = doc("auto: once the blend leads the duel, the share of "
+                                    "requests the ranker still scores (shadow) to keep the "
+                                    "duel going (1 = every request).", 0.1)
     scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
                              5_000)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
@@ -340,20 +343,11 @@ class Server:
                        + 1e-6 * math.log1p(s.get("popular", 0.0)))
         scorer_mode = self.config.scorer
         ranker = self.views.ranker.current if scorer_mode != "retrieval" else None
-        if ranker is None:
+        if ranker is None or self._unscored(request, ctx, scorer_mode):
             self.served_by["retrieval"] += 1
             return
         items = [c.item_id for c in cands]
-        extras = self.context.item_features(ctx, items, request.ts, covis)
-        scorer = linear_scorer(ranker)
-        if scorer is not None:
-            p = scorer.predict_many(ctx.user_id, items, request.ts, request.context,
-                                    SERVING_POSITION, ctx.profile, extras)
-        else:
-            p = ranker.predict_many(ranking_features_many(
-                ctx.user_id, items, request.ts, request.context, SERVING_POSITION,
-                ctx.profile, extras))
-        probs = p.tolist()
+        probs = self._ranker_scores(ranker, request, ctx, items, covis).tolist()
         if scorer_mode == "auto":
             k = request.k
             by_ranker = heapq.nlargest(k, range(len(cands)), key=probs.__getitem__)
@@ -365,6 +359,37 @@ class Server:
         if choice == "ranker":
             for c, prob in zip(cands, probs, strict=True):
                 c.score = prob
+
+    def _unscored(self, request: Any, ctx: UserContext, scorer_mode: str) -> bool:
+        """``auto`` once the blend leads the duel: only a ``scorer_shadow_rate`` sample of
+        requests (by request id) is scored by the ranker, to keep the duel going."""
+        if scorer_mode != "auto" or self.duel.choice("auto") != "retrieval":
+            return False
+        h = stable_hash64(f"shadow:{request.request_id}")
+        if (h & 0xFFFFFFFF) / 2**32 < self.config.scorer_shadow_rate:
+            return False
+        self.duel.forget(ctx.user_id)
+        return True
+
+    def _ranker_scores(self, ranker: Any, request: Any, ctx: UserContext, items: list[str],
+                       covis: dict[str, SparseScores] | None) -> np.ndarray:
+        """Calibrated P(positive) per candidate: vectorised for River LR (``ColumnScorer``,
+        within 1e-9 of River), else through the feature dicts (``LinearScorer``: bitwise
+        River; other rankers: their own ``predict_many``)."""
+        scorer = linear_scorer(ranker)
+        if scorer is not None:
+            cols = self.context.item_columns(ctx, items, request.ts, covis)
+            p = column_scorer(scorer).predict(ctx.user_id, request.ts, request.context,
+                                              SERVING_POSITION, ctx.profile, cols)
+            if p is not None:
+                return p
+        extras = self.context.item_features(ctx, items, request.ts, covis)
+        if scorer is not None:
+            return scorer.predict_many(ctx.user_id, items, request.ts, request.context,
+                                       SERVING_POSITION, ctx.profile, extras)
+        return ranker.predict_many(ranking_features_many(
+            ctx.user_id, items, request.ts, request.context, SERVING_POSITION,
+            ctx.profile, extras))
 
     def order(self, request: Any, cands: list[Candidate], k: int,
               consumed: dict[str, int] | None = None) -> list[Candidate]:

@@ -6,7 +6,9 @@ MF user vectors, the item catalog (broadcast ``item`` events) and the serving
 operator, so all user-side state of a user lives on one worker and snapshots as one
 object. Input items are micro-batches ``(shard key, events, ingest wall ns)``; each
 produces one ``ShardOutput`` dict of record lists (``examples``, ``late-labels``,
-``recommendations``, ``item-updates``, ``counters``).
+``recommendations``, ``item-updates``, ``dead-letters``, ``counters``). An event whose
+application raises becomes a ``processing_error`` dead letter and the batch goes on
+(what it changed before failing stays).
 
 Order of work for one event (so nothing sees its own future):
 
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 from bytewax.operators import StatefulLogic
 
-from events.model import Event, Feedback, Item, Record, Request
+from events.model import Event, Feedback, Item, Record, Request, processing_error
 from models.mf import MFConfig, UserFactors
 from operators.item_updates import (
     CatalogChange,
@@ -100,6 +102,8 @@ class UserShard:
         self._item_updates: list[ItemUpdate] = []
         self._mf_pending: list[tuple[str, str, int, list[str]]] = []
         self._recs: list[Record] = []
+        self._dead: list[Record] = []
+        """Dead letters (``processing_error``) of events this shard failed to apply."""
         self._ingest_ns = 0
 
     # -- the batch ----------------------------------------------------------------
@@ -111,29 +115,41 @@ class UserShard:
             # Requests, impressions and MF all see the same snapshots, none newer than
             # the batch's first event (point in time).
             self.views.poll(min(e.ts for e in events))
-        joiner = self.joiner
         for event in events:
-            kind = event.type
-            if kind == "impression":
-                joiner.on_impression(event)
-                self._profile(event)
-                if self.item_profiles:
-                    self._item_updates.append(ProfileEvent(event.item_id, event))
-            elif kind == "feedback":
-                self._feedback(event)
-            elif kind == "request":
-                joiner.observe(event.ts)
-                self._request(event)
-                self._profile(event)
-            elif kind == "item":
-                joiner.observe(event.ts)
-                self._item(event)
-            else:
-                joiner.observe(event.ts)
-                self._remember_user(event.user_id, event.attrs)
-        joiner.advance()
-        self._mf_steps()
+            try:
+                self._apply(event)
+            except Exception as err:  # one bad event must not stop the flow
+                self._dead.append(processing_error(f"user_shard {shard}", event, err))
+        self.joiner.advance()
+        pending = self._mf_pending
+        try:
+            self._mf_steps()
+        except Exception as err:
+            self._dead.extend(processing_error(f"user_shard {shard} mf", {
+                "user_id": user, "item_id": item, "ts": ts}, err) for user, item, ts, _ in pending)
         return self._drain()
+
+    def _apply(self, event: Event) -> None:
+        """Apply one event (see the module docstring for the order of work)."""
+        joiner = self.joiner
+        kind = event.type
+        if kind == "impression":
+            joiner.on_impression(event)
+            self._profile(event)
+            if self.item_profiles:
+                self._item_updates.append(ProfileEvent(event.item_id, event))
+        elif kind == "feedback":
+            self._feedback(event)
+        elif kind == "request":
+            joiner.observe(event.ts)
+            self._request(event)
+            self._profile(event)
+        elif kind == "item":
+            joiner.observe(event.ts)
+            self._item(event)
+        else:
+            joiner.observe(event.ts)
+            self._remember_user(event.user_id, event.attrs)
 
     def _feedback(self, fb: Feedback) -> None:
         window = self.pairs.config.window if self.pairs is not None else 0
@@ -259,6 +275,8 @@ class UserShard:
             out["recommendations"], self._recs = self._recs, []
         if self._item_updates:
             out["item-updates"], self._item_updates = self._item_updates, []
+        if self._dead:
+            out["dead-letters"], self._dead = self._dead, []
         if out:
             out["counters"] = [{"shard": self.shard, "counters": self.counters(),
                                 "table": self.table_counters()}]
