@@ -310,6 +310,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+LEAST: dict[str, int] = {
+    "parse.max_bytes": 1, "snapshots.keep": 1, "index.M": 2, "index.ef_construction": 1,
+    "index.ef": 1, "index.threads": 1, "metrics.max_connections": 1,
+}
+"""Smallest accepted value of keys whose smaller values would start a flow that
+misbehaves silently (``snapshots.keep = 0`` deleted every snapshot)."""
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in _keys(cls)}
@@ -319,7 +327,13 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
         kwargs[key] = _check(value, hints[key], full)
-    return cls(**kwargs)
+        least = LEAST.get(full)
+        if least is not None and kwargs[key] < least:
+            raise ConfigError(f"{full}: must be >= {least}, got {kwargs[key]}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # the table's own checks (__post_init__)
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -412,17 +426,6 @@ def _validate(config: Config) -> None:
     for key, value in _durations(config):
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{key}: must be >= 0 (a duration or window), got {value}")
-    for key, value, least in (
-        ("parse.max_bytes", config.parse.max_bytes, 1),
-        ("snapshots.keep", config.snapshots.keep, 1),
-        ("index.M", config.index.M, 2),
-        ("index.ef_construction", config.index.ef_construction, 1),
-        ("index.ef", config.index.ef, 1),
-        ("index.threads", config.index.threads, 1),
-        ("metrics.max_connections", config.metrics.max_connections, 1),
-    ):
-        if value < least:
-            raise ConfigError(f"{key}: must be >= {least}, got {value}")
     if config.metrics.timeout_s <= 0:
         raise ConfigError(f"metrics.timeout_s: must be > 0, got {config.metrics.timeout_s}")
     known = ranker_param_names(config.ranker.kind)
