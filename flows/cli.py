@@ -19,6 +19,7 @@ import orjson
 from events.logfile import LogFileError, LongLine, check_log, iter_lines, open_log
 from flows.config import ConfigError, KafkaConfig, generated_docs, load_config, reference_markdown
 from flows.logs import LogConfig, setup_logging
+from operators.example_codec import unpack_example
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
@@ -264,6 +265,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
     try:
         for line in lines:
             record = orjson.loads(line)
+            if args.topic.endswith("examples"):
+                record = unpack_example(record)
             if _matches(record, args.filter):
                 print(_format(record), flush=True)
                 shown += 1

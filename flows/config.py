@@ -76,6 +76,12 @@ SECURITY_KEYS = (
 )
 """KafkaConfig fields that are kafka-python security settings of the same name."""
 
+CONSUMER_DEFAULTS: dict[str, Any] = {"fetch_max_wait_ms": 10}
+"""Consumer settings of the flow and the CLI unless ``kafka.consumer`` sets them: a fetch
+with no data waits at most 10 ms at the broker (kafka-python's 500 ms default put half a
+second into every request's round trip on brokers that hold a fetch for its whole wait;
+docs/architecture.md, batches and latency)."""
+
 SECRET_KEYS = ("sasl_plain_password", "ssl_password")
 """KafkaConfig fields never written into reports (``Config.redacted``)."""
 
@@ -108,6 +114,13 @@ class KafkaConfig:
         "request_timeout_ms); each must be a setting both KafkaConsumer and KafkaProducer know.",
         factory=dict,
     )
+    consumer: dict[str, Any] = doc(
+        "Extra kafka-python KafkaConsumer settings (e.g. fetch_max_wait_ms, fetch_min_bytes, "
+        "max_partition_fetch_bytes), over CONSUMER_DEFAULTS and client; keys not given keep "
+        "the defaults shown.", factory=lambda: dict(CONSUMER_DEFAULTS))
+    producer: dict[str, Any] = doc(
+        "Extra kafka-python KafkaProducer settings (e.g. linger_ms, batch_size, "
+        "compression_type), over client.", factory=dict)
 
     def client_settings(self, role: Literal["consumer", "producer", "admin"] = "consumer") -> dict[str, Any]:
         """kafka-python keyword arguments (without bootstrap_servers) for a client of ``role``:
@@ -123,6 +136,10 @@ class KafkaConfig:
         extras = self.client
         if role == "admin":
             extras = {k: v for k, v in extras.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+        elif role == "consumer":
+            extras = {**extras, **CONSUMER_DEFAULTS, **self.consumer}
+        else:
+            extras = {**extras, **self.producer}
         return {**out, **extras}
 
 
@@ -136,7 +153,15 @@ def _check_kafka_client(kafka: KafkaConfig) -> None:
             raise ConfigError(f"kafka.client.{key}: set kafka.{key} instead")
         if key not in known or key == "bootstrap_servers":
             raise ConfigError(f"kafka.client.{key}: not a setting of both kafka-python's "
-                              "KafkaConsumer and KafkaProducer")
+                              "KafkaConsumer and KafkaProducer (role-specific settings go "
+                              "in kafka.consumer or kafka.producer)")
+    for role, cls in (("consumer", KafkaConsumer), ("producer", KafkaProducer)):
+        for key in getattr(kafka, role):
+            if key in SECURITY_KEYS:
+                raise ConfigError(f"kafka.{role}.{key}: set kafka.{key} instead")
+            if key not in cls.DEFAULT_CONFIG or key == "bootstrap_servers":
+                raise ConfigError(f"kafka.{role}.{key}: not a setting of kafka-python's "
+                                  f"{cls.__name__}")
 
 
 @dataclass

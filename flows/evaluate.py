@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import replace
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -99,8 +101,14 @@ def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
     cfg.output.kind = "files"
     cfg.output.dir = str(out)
     cfg.snapshots.dir = ""
+    # Deterministic replay: snapshots are read by event time at every micro-batch (no
+    # wall-clock polling), one micro-batch per epoch (every stage drains it before the
+    # next is read, so a request sees exactly the snapshots of the events before its
+    # batch), and the HNSW graph is built by one thread (insertion order fixed).
+    cfg.serving = replace(cfg.serving, poll_ms=0)
+    cfg.index = replace(cfg.index, threads=1)
     start = time.perf_counter()
-    run_main(build(cfg))
+    run_main(build(cfg), epoch_interval=timedelta(0))
     elapsed = time.perf_counter() - start
 
     metrics = read_jsonl(out / "metrics.jsonl")
@@ -132,6 +140,8 @@ def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
         "hr_curve": rates["curve"],
         "reliability": ranker.get("reliability"),
         "scorers": scorer_counts(summary.get("join", {})),
+        "empty_answers": summary.get("join", {}).get("empty_answers", 0),
+        "backfilled_items": summary.get("join", {}).get("backfilled", 0),
         "elapsed_s": round(elapsed, 3),
         "outputs_dir": str(out),
         "config": cfg.redacted(),

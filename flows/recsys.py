@@ -38,6 +38,7 @@ from flows.config import Config, ConfigError, InputConfig, load_config
 from flows.logs import setup_logging
 from flows.memory import memory_bound
 from models.rankers import positive_hold_ms
+from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
 from operators.item_updates import ItemUpdate
@@ -205,9 +206,13 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     sampler = NegativeSampler(config.sampler.negative_rate, config.sampler.seed)
     item_keys = [item_shard_key(i) for i in range(n_items)]
 
+    # Replays and the simulator read snapshots by event time at every micro-batch (a
+    # replay gives the same answers at any speed); live Kafka input polls by wall time.
+    poll_ms = (config.serving.poll_ms if any(i.kind == "kafka" for i in config.inputs) else 0)
+
     def user_shard_builder(resume: UserShard | None) -> UserShardLogic:
         if resume is None:
-            views = SnapshotViews(store, item_keys, config.serving.poll_ms)
+            views = SnapshotViews(store, item_keys, poll_ms)
             items_on = config.items.enabled
             resume = UserShard(
                 config.join, sampler, features=config.features,
@@ -222,15 +227,18 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),
                      lambda kv: kv[1])
     examples = _take("examples", outputs)
-    _output("examples", examples, config)
+    _output("examples", op.map("pack_examples", examples,
+                               lambda batch: [pack_example(e) for e in batch]), config)
     for name in ("late-labels", "recommendations"):
         _output(name, _take(name, outputs), config)
 
     snapshots = []
     failed = [_take("dead-letters", outputs)]  # processing errors of the stateful stages
     if config.items.enabled:
-        item_snapshots, item_dead = _item_side(_take("item-updates", outputs), config, store,
-                                               item_shard_of)
+        updates = op.filter_map("take_item_updates", outputs,
+                                lambda out: (out["batch"], out["item-updates"])
+                                if "item-updates" in out else None)
+        item_snapshots, item_dead = _item_side(updates, config, store, item_shard_of)
         snapshots.append(item_snapshots)
         failed.append(item_dead)
     ranker_out = _trainer(examples, config, store)
@@ -266,13 +274,18 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     return flow
 
 
-def _item_side(updates: Stream[list[ItemUpdate]], config: Config, store: SnapshotStore,
-               item_shard_of: Any) -> tuple[Stream[list[Record]], Stream[list[Record]]]:
+def _item_side(updates: Stream[tuple[int, list[ItemUpdate]]], config: Config,
+               store: SnapshotStore, item_shard_of: Any
+               ) -> tuple[Stream[list[Record]], Stream[list[Record]]]:
     """Item shards and the index builder; returns the streams of their snapshot manifests
-    and of the item shards' processing-error dead letters."""
+    and of the item shards' processing-error dead letters. ``updates``: (source
+    micro-batch id, item updates) from each user shard."""
 
-    def route(batch: list[ItemUpdate]) -> list[tuple[str, tuple[str, list[ItemUpdate]]]]:
-        return [(key, (key, part)) for key, part in route_updates(batch, item_shard_of).items()]
+    def route(tagged: tuple[int, list[ItemUpdate]]
+              ) -> list[tuple[str, tuple[str, list[ItemUpdate], int]]]:
+        batch_id, batch = tagged
+        return [(key, (key, part, batch_id))
+                for key, part in route_updates(batch, item_shard_of).items()]
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
         return ItemShardLogic(resume or ItemShard(config.items, store, config.features,

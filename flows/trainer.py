@@ -25,6 +25,7 @@ from bytewax.dataflow import Dataflow
 from flows.config import Config, load_config
 from flows.recsys import _output
 from models.rankers import positive_hold_ms
+from operators.example_codec import unpack_example
 from operators.sources import ReplaySource
 from operators.trainer import Trainer, TrainerLogic
 
@@ -42,7 +43,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     else:
         source = ReplaySource(Path(config.output.dir) / "examples.jsonl")
     raw = op.input("examples_in", flow, source)
-    examples = op.map("decode", raw, lambda batch: [orjson.loads(line) for line in batch])
+    examples = op.map("decode", raw,
+                      lambda batch: [unpack_example(orjson.loads(line)) for line in batch])
     store = config.snapshot_store()
     rate = config.sampler.negative_rate
 

@@ -48,6 +48,7 @@ from typing import Literal
 import numpy as np
 
 from state.embedding_table import EmbeddingTable, keys_of
+from state.hashing import stable_hash64
 
 Algorithm = Literal["isgd", "bpr"]
 
@@ -142,10 +143,7 @@ class UserFactors:
 
     def vector(self, user_id: str) -> np.ndarray | None:
         """The user's current vector (float32 ``(dim,)``, a copy), or None without a row."""
-        keys = keys_of([user_id])
-        if self.table.lookup(keys)[0] < 0:
-            return None
-        return self.table.gather(keys)[0]
+        return self.table.vector_of(stable_hash64(user_id))
 
     def vectors(self, user_ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(vectors (n, dim), has_row (n,) bool)``; users without a row read their

@@ -37,9 +37,10 @@ from typing import Literal
 import numpy as np
 
 from state.count_min import CountMinSketch
-from state.hashing import splitmix64, stable_hash64
+from state.hashing import splitmix64, splitmix64_one, stable_hash64
 
 EMPTY_KEY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+_EMPTY_INT = int(EMPTY_KEY)
 """Reserved key marking an empty index slot (the real ID with this value is kept aside)."""
 FREE_TS = np.int64(np.iinfo(np.int64).min)
 """Last-update time of a free row (no real event time is this small)."""
@@ -402,6 +403,26 @@ class EmbeddingTable:
         if self._reserved_row >= 0:
             rows[keys == EMPTY_KEY] = self._reserved_row
         return rows
+
+    def row_of(self, key: int) -> int:
+        """Row of one uint64 key (-1 if it has no row): ``lookup`` for a single ID in
+        plain Python (a few us instead of ~40 us of numpy overhead per call)."""
+        if key == _EMPTY_INT:
+            return self._reserved_row
+        h = splitmix64_one(key, _INDEX_SEED + self.config.hash_seed)
+        mask = self._nb - 1
+        b1 = h & mask
+        for b in (b1, b1 ^ (((h >> 32) & mask) | 1)):
+            start = b * SLOTS
+            bucket = self._idx_keys[start:start + SLOTS].tolist()
+            if key in bucket:
+                return int(self._idx_rows[start + bucket.index(key)])
+        return -1
+
+    def vector_of(self, key: int) -> np.ndarray | None:
+        """The embedding of one uint64 key (float32 ``(dim,)``, a copy), or None without a row."""
+        row = self.row_of(key)
+        return None if row < 0 else self._emb[row].copy()
 
     def __contains__(self, id_: int) -> bool:
         return bool(self.lookup([id_])[0] >= 0)

@@ -510,3 +510,22 @@ def test_matches_a_dict_model(script: list) -> None:
             assert table.last_update_ms[rows[k]] == t
         stats = table.stats()
         assert {k: stats[k] for k in want} == want
+
+
+def test_single_key_lookup_agrees_with_the_vectorised_one() -> None:
+    """``row_of``/``vector_of`` (plain Python, one key) give what ``lookup``/``gather`` give:
+    present, absent, evicted and the reserved EMPTY_KEY ID, across index growth."""
+    table = EmbeddingTable(4, max_rows=3_000, evict_fraction=0.1)
+    keys = keys_of([f"u{i}" for i in range(4_000)])  # more than max_rows: evictions
+    for start in range(0, keys.size, 500):
+        table.insert(keys[start:start + 500], 1_000 + start)
+    table.insert(np.array([EMPTY_KEY]), 9_999)
+    probe = np.concatenate([keys, keys_of([f"absent{i}" for i in range(500)]),
+                            np.array([EMPTY_KEY])])
+    rows = table.lookup(probe)
+    assert (rows >= 0).sum() > 2_000 and (rows < 0).sum() > 500
+    assert [table.row_of(int(k)) for k in probe] == rows.tolist()
+    vectors = table.gather(probe)
+    for k, row, vec in zip(probe.tolist(), rows.tolist(), vectors, strict=True):
+        got = table.vector_of(k)
+        assert (got is None) if row < 0 else np.array_equal(got, vec)

@@ -194,7 +194,8 @@ def test_kafka_security_settings_reach_kafka_python() -> None:
     security = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
                 "sasl_plain_username": "svc", "sasl_plain_password": "s3cret",
                 "ssl_cafile": "/etc/ca.pem", "ssl_check_hostname": False}
-    assert config.kafka.client_settings("consumer") == {**security, "request_timeout_ms": 20_000}
+    assert config.kafka.client_settings("consumer") == {**security, "request_timeout_ms": 20_000,
+                                                         "fetch_max_wait_ms": 10}
     assert config.kafka.client_settings("admin") == {**security, "request_timeout_ms": 20_000}
     # What the flow's source and sink hand to kafka-python: every key known to the client.
     flow_config = {**config.to_dict(), "inputs": [{"kind": "kafka"}], "output": {"kind": "kafka"}}
@@ -213,7 +214,9 @@ def test_kafka_security_settings_reach_kafka_python() -> None:
     assert config.redacted()["kafka"]["sasl_plain_password"] == "***"
     assert config.to_dict()["kafka"]["sasl_plain_password"] == "s3cret"
     # Defaults: plaintext, nothing else.
-    assert load_config({}).kafka.client_settings() == {"security_protocol": "PLAINTEXT"}
+    assert load_config({}).kafka.client_settings("producer") == {"security_protocol": "PLAINTEXT"}
+    assert load_config({}).kafka.client_settings("consumer") == {"security_protocol": "PLAINTEXT",
+                                                                 "fetch_max_wait_ms": 10}
 
 
 def _steps(flow):  # noqa: ANN001, ANN202 - walks Bytewax's step tree

@@ -87,6 +87,29 @@ def test_readers_never_see_a_partial_file(tmp_path) -> None:
     assert failures == []
 
 
+class _Loaded:
+    """A weakly referable loaded snapshot (bytes are not)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def test_readers_of_a_store_share_each_loaded_version(tmp_path) -> None:
+    """One load per version and process: a second reader (another shard) gets the same
+    object from the cache, as long as a reader holds it."""
+    store = SnapshotStore(tmp_path)
+    store.write_bytes("k", "bin", b"v1", ts=1)
+    loads: list[str] = []
+
+    def loader(path) -> _Loaded:
+        loads.append(path.name)
+        return _Loaded(path.read_bytes())
+
+    a, b = SnapshotReader(store, "k", loader), SnapshotReader(store, "k", loader)
+    assert a.refresh() and b.refresh()
+    assert a.current is b.current and loads == ["v0000000001.bin"]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not_a_manifest", "other_kind"])
 def test_damaged_latest_is_refused_and_the_newest_verified_version_served(
         tmp_path, caplog, damage: str) -> None:
