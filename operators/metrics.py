@@ -321,6 +321,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     thousands of threads)."""
 
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst is accepted (and shed) at once
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
                  max_connections: int) -> None:
