@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from events.logfile import count_lines, open_log
+from events.logfile import LogFileError, LongLine, check_log, count_lines, iter_lines, open_log
 from flows.config import (
     ConfigError,
     InputConfig,
@@ -87,9 +87,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_lines(path: str) -> Iterator[bytes]:
+def _log_lines(path: str, max_bytes: int | None = None) -> Iterator[bytes | LongLine]:
+    """The non-empty lines of a log (without line endings); with ``max_bytes``, longer
+    lines come as ``LongLine`` and are never read into memory whole."""
     with open_log(path) as f:
-        for line in f:
+        for _, line in iter_lines(f, max_bytes):
+            if isinstance(line, LongLine):
+                yield line
+                continue
             line = line.rstrip(b"\r\n")
             if line:
                 yield line
@@ -112,21 +117,39 @@ def _event_key(line: bytes) -> bytes | None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """Produce a log into a topic. Lines larger than ``--max-bytes`` (or than the broker
+    accepts) are skipped and counted, not sent; any other failed send fails the command."""
     from kafka import KafkaProducer
+    from kafka.errors import MessageSizeTooLargeError
 
     from flows.broker import create_topics
 
+    check_log(args.log)
+    if args.max_bytes < 1:
+        raise ConfigError("replay: --max-bytes must be >= 1")
     bootstrap, kafka = _kafka(args)
     wait_for_broker(bootstrap, kafka.client_settings("consumer"), kafka.startup_timeout_s,
                     f"replay into {args.topic}")
     create_topics(bootstrap, [args.topic], args.partitions,
                   admin_config=kafka.client_settings("admin"))
     producer = KafkaProducer(**{"linger_ms": 20, "batch_size": 256 * 1024, "retries": 10,
-                                "acks": "all", **kafka.client_settings("producer"),
+                                "acks": "all",
+                                "max_request_size": max(1_048_576, args.max_bytes + 1024),
+                                **kafka.client_settings("producer"),
                                 "bootstrap_servers": bootstrap})
     progress = Progress("replay", count_lines(args.log), quiet=args.quiet)
     anchor: tuple[int, float] | None = None
-    for line in _log_lines(args.log):
+    too_large: list[int] = []
+    failed: list[BaseException] = []
+
+    def on_error(size: int, exc: BaseException) -> None:
+        (too_large.append(size) if isinstance(exc, MessageSizeTooLargeError)
+         else failed.append(exc))
+
+    for line in _log_lines(args.log, args.max_bytes):
+        if isinstance(line, LongLine):
+            too_large.append(line.size)
+            continue
         if args.speed > 0:
             ts = _event_ts(line)
             if ts is not None:
@@ -135,11 +158,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 wait = anchor[1] + (ts - anchor[0]) / 1000 / args.speed - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
-        producer.send(args.topic, key=_event_key(line), value=line)
+        try:
+            future = producer.send(args.topic, key=_event_key(line), value=line)
+        except MessageSizeTooLargeError:
+            too_large.append(len(line))
+            continue
+        future.add_errback(on_error, len(line))  # on_error(size, exc)
         progress.add()
     producer.flush()
     producer.close()
     progress.close()
+    if too_large:
+        print(f"streamrec replay: skipped {len(too_large)} lines larger than the broker accepts "
+              f"(--max-bytes {args.max_bytes}; largest {max(too_large)} bytes)", file=sys.stderr)
+    if failed:
+        print(f"streamrec replay: {len(failed)} records failed: {failed[0]!r}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -343,6 +377,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--speed", type=float, default=0.0, help="X times real time; 0 = as fast as possible")
     s.add_argument("--bootstrap", help=f"Kafka bootstrap (default: config, else {DEFAULT_BOOTSTRAP})")
     s.add_argument("--partitions", type=int, default=4, help="partitions if the topic is created")
+    s.add_argument("--max-bytes", type=int, default=1_000_000,
+                   help="skip (and count) lines longer than this many bytes, read in bounded "
+                        "chunks (Kafka's default message.max.bytes is 1,048,588)")
     s.add_argument("--config")
     _quiet(s)
     s.set_defaults(func=cmd_replay)
@@ -400,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"streamrec: config error: {err}", file=sys.stderr)
+        return 2
+    except LogFileError as err:
+        print(f"streamrec: input error: {err}", file=sys.stderr)
         return 2
     except StreamrecError as err:
         print(f"streamrec: error: {err}", file=sys.stderr)

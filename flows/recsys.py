@@ -21,6 +21,8 @@ Serving reads the snapshots back from the store (nearline), so the graph stays a
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,11 +32,13 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
+from events.logfile import LogFileError, check_log
 from events.model import Event, EventParser, Record
 from events.simulator import SimConfig
-from flows.config import Config, InputConfig, load_config
+from flows.config import Config, ConfigError, InputConfig, load_config
 from flows.kafka_wait import wait_for_kafka
 from flows.logs import install_excepthook, setup_logging
+from flows.memory import memory_bound
 from models.rankers import positive_hold_ms
 from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
@@ -43,7 +47,7 @@ from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
 from operators.sinks import JsonlFileSink
 from operators.snapshot_views import SnapshotViews
-from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
+from operators.sources import Gate, GatedSource, OnceSource, ReplaySource, SimulatorSource
 from operators.status import StatusLog
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
@@ -58,6 +62,7 @@ GC_THRESHOLD = (50_000, 20, 100)
 """CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
 joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
+log = logging.getLogger(__name__)
 
 
 def _source(inp: InputConfig, config: Config) -> Any:
@@ -65,7 +70,7 @@ def _source(inp: InputConfig, config: Config) -> Any:
         sim = SimConfig(n_users=inp.n_users, n_items=inp.n_items, requests_per_s=inp.requests_per_s)
         return SimulatorSource(sim, inp.seed, inp.events or None, inp.batch_size)
     if inp.kind == "replay":
-        return ReplaySource(inp.path, inp.batch_size, inp.speed)
+        return ReplaySource(inp.path, inp.batch_size, inp.speed, config.parse.max_bytes)
     from operators.kafka_io import KafkaSource
 
     return KafkaSource(
@@ -75,7 +80,42 @@ def _source(inp: InputConfig, config: Config) -> Any:
         batch_size=inp.batch_size,
         consumer_config=config.kafka.client_settings("consumer"),
         tail=inp.tail,
+        discovery_timeout_s=config.kafka.startup_timeout_s,
+        on_lost_offset=inp.offset_out_of_range,
     )
+
+
+def log_memory_bound(config: Config) -> float:
+    """Log the resident memory (MB) the config's capacities allow above the process's
+    memory at start (``flows.memory.memory_bound``), with a warning when it exceeds the
+    machine's physical memory; returns it. Called when the metrics stage starts (once per
+    run, in the process that runs it), not when the flow is built."""
+    bound = memory_bound(config)
+    total_mb = bound["total_mb"]
+    parts = ", ".join(f"{k} {v:,.0f}" for k, v in bound["parts_mb"].items())
+    log.info("memory bound: %s MB above the process at start (%s MB); see docs/operations.md, "
+             "Bounded memory", f"{total_mb:,.0f}", parts,
+             extra={"memory_bound_mb": round(total_mb, 1)})
+    try:
+        physical_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError):
+        return total_mb
+    if total_mb > physical_mb:
+        log.warning("memory bound %s MB exceeds this machine's %s MB: lower the capacities "
+                    "(shards.max_users, items.max_items, items.covis.max_items, ...)",
+                    f"{total_mb:,.0f}", f"{physical_mb:,.0f}")
+    return total_mb
+
+
+def check_inputs(config: Config) -> None:
+    """Fail at start (``ConfigError`` naming the key) on a replay log that cannot be read:
+    missing, a directory, or a ``.gz`` that is not gzip."""
+    for i, inp in enumerate(config.inputs):
+        if inp.kind == "replay":
+            try:
+                check_log(inp.path)
+            except LogFileError as err:
+                raise ConfigError(f"inputs[{i}].path: {err}") from None
 
 
 def _inputs(flow: Dataflow, config: Config) -> Stream[list[Any]]:
@@ -156,6 +196,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     install_excepthook()
     config = load_config(config)
     setup_logging(config.log)
+    check_inputs(config)
     wait_for_kafka(config, f"the {config.app} flow's topics")
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
@@ -219,6 +260,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     dead_letters.append(all_failed)
     _output("dead-letters", op.merge("all_dead_letters", *dead_letters), config)
     metric_streams = [
+        op.input("metrics_start", flow, OnceSource(("start", None))),  # a summary even for empty input
         op.map("count_parse", parsed, _parse_counts),
         op.flat_map("count_outputs", outputs, _shard_counts),
         op.map("count_errors", all_failed, _error_counts),
@@ -234,7 +276,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
         op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
         lambda resume: MetricsLogic(
             resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics,
-            StatusLog(config.log.status_interval_s, progress)),
+            StatusLog(config.log.status_interval_s, progress),
+            on_start=lambda: log_memory_bound(config)),
     )
     metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
     if ranker_out is not None:

@@ -66,7 +66,11 @@ class MetricsConfig:
 
     interval_s: float = doc("Wall time between periodic metrics records (s).", 10.0)
     port: int = doc("Serve Prometheus text format on this TCP port at /metrics; 0 = off.", 0)
-    host: str = doc("Address the Prometheus endpoint binds to.", "0.0.0.0")
+    host: str = doc("Address the Prometheus endpoint binds to (0.0.0.0: every interface, "
+                    "e.g. inside a container).", "127.0.0.1")
+    timeout_s: float = doc("Prometheus endpoint: a connection idle this long (s) is closed.", 5.0)
+    max_connections: int = doc("Prometheus endpoint: connections served at once (one thread "
+                               "each); more are closed at once.", 8)
     latency_buckets_ms: list[float] = doc(
         "Upper bounds of the serving-latency histogram buckets (ms).",
         factory=lambda: [float(b) for b in _LATENCY_BUCKETS_MS])
@@ -128,7 +132,8 @@ class MetricsState:
         self.__dict__.update({k: v for k, v in state.items() if k != "rss_start_mb"})
 
     def add(self, kind: str, payload: Any) -> None:
-        """Fold one ``(kind, payload)`` item from a stage into the counters."""
+        """Fold one ``(kind, payload)`` item from a stage into the counters (``start``,
+        sent once when the flow starts, and unknown kinds add nothing)."""
         if kind == "parse":
             self.events_by_type.update(payload["events_by_type"])
             self.dead_by_reason.update(payload["dead_by_reason"])
@@ -311,6 +316,36 @@ def prometheus_text(state: MetricsState, now_s: float | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server with at most ``max_connections`` handler threads: a
+    connection beyond them is closed at once (a flood of idle connections cannot make
+    thousands of threads)."""
+
+    daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst is accepted (and shed) at once
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsServer:
     """A daemon HTTP thread serving ``render()`` at ``/metrics`` (Prometheus text format).
 
@@ -321,11 +356,14 @@ class MetricsServer:
     _running: dict[tuple[str, int], MetricsServer] = {}
     _guard = threading.Lock()
 
-    def __init__(self, host: str, port: int, render: Callable[[], str]) -> None:
+    def __init__(self, host: str, port: int, render: Callable[[], str], *,
+                 timeout_s: float = 5.0, max_connections: int = 8) -> None:
         self.render = render
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # socket timeout: a silent client is dropped after it
+
             def do_GET(self) -> None:  # noqa: N802 - http.server API
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404)
@@ -340,8 +378,7 @@ class MetricsServer:
             def log_message(self, fmt: str, *args: Any) -> None:
                 logger.debug("metrics http: " + fmt, *args)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedHTTPServer((host, port), Handler, max_connections)
         self.address = self.httpd.server_address
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="streamrec-metrics",
                                        daemon=True)
@@ -350,12 +387,13 @@ class MetricsServer:
                     extra={"host": host, "port": self.address[1]})
 
     @classmethod
-    def serve(cls, host: str, port: int, render: Callable[[], str]) -> MetricsServer:
-        """The running server on ``(host, port)`` (now rendering ``render``), or a new one."""
+    def serve(cls, host: str, port: int, render: Callable[[], str], **limits: Any) -> MetricsServer:
+        """The running server on ``(host, port)`` (now rendering ``render``), or a new one
+        (``limits``: ``timeout_s``, ``max_connections``)."""
         with cls._guard:
             server = cls._running.get((host, port))
             if server is None:
-                server = cls._running[(host, port)] = cls(host, port, render)
+                server = cls._running[(host, port)] = cls(host, port, render, **limits)
             server.render = render
             return server
 
@@ -380,7 +418,12 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
     Prometheus text when ``config.port`` is set."""
 
     def __init__(self, state: MetricsState, config: MetricsConfig | None = None,
-                 status: StatusLog | None = None) -> None:
+                 status: StatusLog | None = None,
+                 on_start: Callable[[], Any] | None = None) -> None:
+        """``on_start``: called once here, when the stage starts (e.g. to log the memory
+        bound)."""
+        if on_start is not None:
+            on_start()
         self.state = state
         self.config = config or MetricsConfig()
         self.status = status
@@ -388,7 +431,9 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
         self._lock = threading.Lock()
         self._next = time.monotonic() + self.interval_s
         if self.config.port:
-            MetricsServer.serve(self.config.host, self.config.port, self.render)
+            MetricsServer.serve(self.config.host, self.config.port, self.render,
+                                timeout_s=self.config.timeout_s,
+                                max_connections=self.config.max_connections)
 
     def render(self) -> str:
         """Prometheus text of the current state (called from the HTTP thread)."""

@@ -79,6 +79,38 @@ def test_prometheus_endpoint_serves_real_counters(tmp_path) -> None:
     assert peak_mb >= summary["rss_start_mb"] - 0.05 and summary["rss_start_mb"] > 20
 
 
+def test_metrics_endpoint_is_local_with_timeouts_and_bounded_threads() -> None:
+    """Issue 19 point 6: by default the endpoint binds 127.0.0.1; a flood of idle
+    connections makes at most ``max_connections`` handler threads (the rest are closed at
+    once) and each idle one is dropped after ``timeout_s``, after which scrapes work."""
+    import socket
+    import threading
+    import time
+
+    from operators.metrics import MetricsConfig
+
+    assert MetricsConfig().host == "127.0.0.1"
+    port = free_port()
+    server = MetricsServer.serve("127.0.0.1", port, lambda: "up 1\n", timeout_s=0.5,
+                                 max_connections=2)
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(100):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.3)
+        assert threading.active_count() - before <= 2
+        time.sleep(0.7)  # past timeout_s: the idle connections are closed by the server
+        assert threading.active_count() - before <= 0
+        assert all(s.recv(1) == b"" for s in idle[:2])  # closed by the server, not by us
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.read() == b"up 1\n"
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+
+
 def test_json_logs_one_object_per_line(capsys) -> None:
     setup_logging(LogConfig(format="json", level="INFO"))
     try:
@@ -104,7 +136,24 @@ def test_json_logs_one_object_per_line(capsys) -> None:
      ('[kafka]\nsasl_mechanism = "PLAN"\n', "kafka.sasl_mechanism: expected one of"),
      ('[kafka.client]\nlinger_ms = 5\n', "kafka.client.linger_ms: not a setting of both"),
      ('[kafka.client]\nsasl_plain_password = "x"\n', "kafka.client.sasl_plain_password: set "
-      "kafka.sasl_plain_password instead")],
+      "kafka.sasl_plain_password instead"),
+     # issue 19 point 5: values that used to start a flow that silently misbehaves
+     ('[snapshots]\nkeep = 0\n', "snapshots.keep: must be >= 1"),
+     ('[index]\nM = 0\n', "index.M: must be >= 2"),
+     ('[index]\nM = -3\n', "index.M: must be >= 2"),
+     ('[ranker.params]\nlearning_rate = 0.1\n', "ranker.params.learning_rate: unknown parameter"),
+     ('[ranker]\nkind = "fm"\n[ranker.params]\nk = 4\n', "ranker.params.k: unknown parameter"),
+     ('[parse]\nmax_bytes = 0\n', "parse.max_bytes: must be >= 1"),
+     ('[ranker]\nsync_interval_ms = -1\n', "ranker.sync_interval_ms: must be >= 0"),
+     ('[index]\nrefresh_interval_ms = -60000\n', "index.refresh_interval_ms: must be >= 0"),
+     ('[join]\ndefault_window_ms = -5\n', "join.default_window_ms: must be >= 0"),
+     ('[join.window_ms]\nclick = -600000\n', "join.window_ms.click: must be >= 0"),
+     ('[join]\nidle_flush_s = -1.0\n', "join.idle_flush_s: must be >= 0"),
+     ('[serving]\nscorer_window = -1\n', "serving.scorer_window: must be >= 0"),
+     ('[items.covis]\nwindow = -2\n', "items.covis.window: must be >= 0"),
+     ('[items.covis]\nwindw = 2\n', "items.covis: "),
+     ('[kafka]\nstartup_timeout_s = -1\n', "kafka.startup_timeout_s: must be >= 0"),
+     ('[metrics]\nmax_connections = 0\n', "metrics.max_connections: must be >= 1")],
 )
 def test_bad_config_file_fails_at_start_naming_the_key(tmp_path, toml: str, message: str) -> None:
     path = tmp_path / "bad.toml"
@@ -229,6 +278,23 @@ def test_compose_file_validates_with_docker_compose() -> None:
     finally:
         broken.unlink()
     assert bad.returncode != 0 and "depends_onn" in bad.stdout + bad.stderr
+
+
+def test_compose_publishes_ports_on_localhost_only() -> None:
+    """Every published port binds 127.0.0.1 (Docker's default, 0.0.0.0, would open the
+    broker and the metrics endpoint to the network); the flow's endpoint listens on every
+    interface inside its container so that the published port reaches it."""
+    lines = COMPOSE.read_text().splitlines()
+    published = []
+    for i, line in enumerate(lines):
+        if line.strip() == "ports:":
+            for entry in lines[i + 1:]:
+                if not entry.strip().startswith("- "):
+                    break
+                published.append(entry.strip()[2:].split("#")[0].strip().strip('"'))
+    assert len(published) == 2, published  # the broker's host listener, the metrics port
+    assert all(p.startswith("127.0.0.1:") for p in published), published
+    assert "STREAMREC__METRICS__HOST: 0.0.0.0" in COMPOSE.read_text()
 
 
 def test_dockerfile_is_slim_non_root_and_pinned() -> None:
