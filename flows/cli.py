@@ -217,8 +217,10 @@ def cmd_loop(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate
 
-    report = evaluate(args.log, args.report, config=args.config, out_dir=args.out)
-    brief = {k: v for k, v in report.items() if k not in ("config", "hr_curve", "reliability")}
+    report = evaluate(args.log, args.report, config=args.config, out_dir=args.out,
+                      plots=not args.no_plots, examples=args.examples)
+    brief = {k: v for k, v in report.items()
+             if k not in ("config", "hr_curve", "hr_windows", "reliability")}
     print(orjson.dumps(brief, option=orjson.OPT_INDENT_2).decode())
     return 0
 
@@ -322,6 +324,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--report", required=True)
     s.add_argument("--config")
     s.add_argument("--out", help="directory for the flow's outputs (default: beside the report)")
+    s.add_argument("--examples", action="store_true",
+                   help="also write the training examples (examples.jsonl; large)")
+    s.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config-reference", help="print every config key (markdown table)")

@@ -128,12 +128,19 @@ def _check_kafka_client(kafka: KafkaConfig) -> None:
                               "KafkaConsumer and KafkaProducer")
 
 
+OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
+"""Every output topic (Kafka topics are prefixed with the app name)."""
+
+
 @dataclass
 class OutputConfig:
     """Where the output topics go."""
 
     kind: Literal["files", "kafka"] = doc("files: one JSONL file per topic under dir; kafka: topics.", "files")
     dir: str = doc("files: output directory.", "streamrec-out")
+    skip: list[str] = doc("Outputs not written at all (their counts still reach the metrics), "
+                          "e.g. [\"examples\"] when nothing consumes them; streamrec eval skips "
+                          "examples unless --examples.", factory=list)
 
 
 @dataclass
@@ -353,6 +360,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("shards: users and items must be >= 1")
     if not config.inputs:
         raise ConfigError("inputs: at least one input is required")
+    for name in config.output.skip:
+        if name not in OUTPUTS:
+            raise ConfigError(f"output.skip: {name!r} is not an output (one of {', '.join(OUTPUTS)})")
     for i, inp in enumerate(config.inputs):
         if inp.kind == "replay" and not inp.path:
             raise ConfigError(f"inputs[{i}].path: required for a replay input")

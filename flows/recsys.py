@@ -29,7 +29,7 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
-from flows.config import Config, InputConfig, load_config
+from flows.config import OUTPUTS, Config, InputConfig, load_config  # noqa: F401 - OUTPUTS re-exported
 from flows.logs import setup_logging
 from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
@@ -45,9 +45,6 @@ from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
 from state.snapshot_store import SnapshotStore
-
-OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
-"""Every output topic (Kafka topics are prefixed with the app name)."""
 
 GC_THRESHOLD = (50_000, 20, 100)
 """CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
@@ -89,6 +86,8 @@ def _inputs(flow: Dataflow, config: Config) -> Stream[list[Any]]:
 def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
     """Send record batches to the output topic ``name`` (file or Kafka)."""
     step = f"out_{name.replace('-', '_')}"
+    if name in config.output.skip:
+        return
     if config.output.kind == "files":
         keyed = op.key_on(f"{step}_key", stream, lambda _batch: name)
         op.output(step, keyed, JsonlFileSink(config.output.dir, name))
@@ -128,6 +127,8 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
         items.append(("examples", by_label))
     if "recommendations" in out:
         items.append(("latency", [r["latency_ms"] for r in out["recommendations"]]))
+    if "serving-cost" in out:
+        items.append(("serving_cost", out["serving-cost"]))
     items.extend(("shard", c) for c in out.get("counters", ()))
     return items
 

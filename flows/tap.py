@@ -41,7 +41,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from flows.config import Config
+from flows.config import OUTPUTS, Config
 
 UNKNOWN_FIELD_PROBE = 1_000
 """Records read before an unknown filter field is reported (if the stream is not caught
@@ -90,8 +90,6 @@ class Where:
 
 def app_names(config: Config) -> set[str]:
     """Names that are the app's own topics: every output and every Kafka input topic."""
-    from flows.recsys import OUTPUTS
-
     names = set(OUTPUTS) | {"events"}
     for inp in config.inputs:
         if inp.kind == "kafka":
@@ -102,8 +100,6 @@ def app_names(config: Config) -> set[str]:
 def resolve(name: str, config: Config, source: str = "auto", bootstrap: str | None = None,
             directory: str | None = None) -> Where:
     """Decide between Kafka and a local output file (module docstring)."""
-    from flows.recsys import OUTPUTS
-
     topic = config.topic(name) if name in app_names(config) else name
     if source == "files" or directory:
         if name not in OUTPUTS:

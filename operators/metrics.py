@@ -42,6 +42,7 @@ TABLE_COUNTERS = ("admitted", "rejected", "expired", "evicted")
 """Embedding-table counters exported per table (user / item factors)."""
 
 _LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_CPU_BUCKETS_MS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)
 
 
 def resident_mb() -> tuple[float, float]:
@@ -112,6 +113,8 @@ class MetricsState:
         self.item_tables: dict[str, dict[str, int]] = {}
         self.snapshots: dict[str, Record] = {}
         self.latency_ms = Histogram(latency_buckets_ms)
+        self.serving_cpu_ms = Histogram(_CPU_BUCKETS_MS)
+        self.queue_ms = Histogram(latency_buckets_ms)
         self.max_event_ts: int | None = None
         self.started = time.time()
         self.rss_start_mb = resident_mb()[0]
@@ -143,6 +146,9 @@ class MetricsState:
                 self.example_weight[label] += weight
         elif kind == "latency":
             self.latency_ms.observe(payload)
+        elif kind == "serving_cost":
+            self.serving_cpu_ms.observe(cpu for cpu, _ in payload)
+            self.queue_ms.observe(queue for _, queue in payload)
         elif kind == "snapshots":
             for manifest in payload:
                 self.snapshots[manifest["kind"]] = manifest
@@ -197,11 +203,17 @@ class MetricsState:
             "dead_by_reason": dict(self.dead_by_reason),
             "outputs": dict(self.outputs),
             "examples_by_label": dict(self.examples),
+            "examples_weight_by_label": {k: round(v, 3) for k, v in self.example_weight.items()},
             "join": dict(self.join()),
             "tables": self.tables(),
             "snapshots": self.snapshot_ages(now),
             "serving_latency_ms": {"count": lat.count, "p50_le": lat.quantile(0.5),
                                    "p99_le": lat.quantile(0.99)},
+            "serving_cpu_ms": {"count": self.serving_cpu_ms.count,
+                               "p50_le": self.serving_cpu_ms.quantile(0.5),
+                               "p99_le": self.serving_cpu_ms.quantile(0.99)},
+            "queue_ms": {"count": self.queue_ms.count, "p50_le": self.queue_ms.quantile(0.5),
+                         "p99_le": self.queue_ms.quantile(0.99)},
             "max_event_ts": self.max_event_ts,
             "elapsed_s": round(elapsed, 3),
             "events_per_s": round(events_in / elapsed, 1),
