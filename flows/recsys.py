@@ -34,7 +34,7 @@ from flows.logs import setup_logging
 from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
 from models.sampling import NegativeSampler
-from operators.events import Event, EventParser
+from operators.events import EventParser
 from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key
 from operators.metrics import MetricsLogic, MetricsState
@@ -103,12 +103,15 @@ def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:
     return op.filter_map(f"take_{name.replace('-', '_')}", stream, lambda out: out.get(name))
 
 
-def _parse_counts(parsed: tuple[list[Event], list[Record], int]) -> tuple[str, dict[str, Any]]:
-    events, dead, _ = parsed
+def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+    """Metrics item of one parsed batch: events by type, dead letters by reason, max event
+    time, and the Kafka read positions the batch carries (consumer lag)."""
+    events, dead = parsed[0], parsed[1]
     return "parse", {
         "events_by_type": Counter(e.type for e in events),
         "dead_by_reason": Counter(d["reason"] for d in dead),
         "max_ts": max((e.ts for e in events), default=None),
+        "offsets": parsed[3] if len(parsed) > 3 else None,
     }
 
 
@@ -136,18 +139,23 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
 def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
     """Build the main flow from a TOML path, a dict or a Config (env overrides apply).
 
-    Side effects: installs the configured log handler (``log``) and raises this
-    process's GC thresholds to ``GC_THRESHOLD``.
+    Side effects: installs the configured log handler (``log``), raises this process's GC
+    thresholds to ``GC_THRESHOLD`` and, with ``metrics.port``, starts the metrics endpoint.
     """
     config = load_config(config)
     setup_logging(config.log)
     gc.set_threshold(*GC_THRESHOLD)
+    if config.metrics.port:  # /healthz from the start, before the metrics stage has items
+        from operators.prometheus import MetricsServer
+
+        MetricsServer.serve(config.metrics)
     flow = Dataflow(config.app)
     store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
     raw = _inputs(flow, config)
 
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms)
-    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns()))
+    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns(),
+                                                   getattr(batch, "offsets", None)))
     _output("dead-letters", op.filter_map("dead_letters", parsed, lambda p: p[1] or None), config)
 
     n_users, n_items = config.shards.users, config.shards.items

@@ -20,6 +20,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from flows.logfile import open_log
 from flows.simulator import SimConfig, Simulator
+from operators import health
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class _GatedPartition(StatefulSourcePartition[Any, Any]):
         self._wait_for = wait_for
 
     def next_batch(self) -> list[Any]:
+        health.beat()
         if self._wait_for is not None and not self._wait_for.is_open():
             return []
         try:

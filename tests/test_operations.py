@@ -18,7 +18,7 @@ from flows.broker import free_port
 from flows.config import ConfigError, load_config
 from flows.logs import LogConfig, setup_logging
 from flows.recsys import build
-from operators.metrics import MetricsServer
+from operators.prometheus import MetricsServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_prometheus_endpoint_serves_real_counters(tmp_path) -> None:
     assert summary["serving_latency_ms"]["count"] == requests
     # this process's memory: the same order as the summary's, peak >= start (the summary
     # rounds MB to 0.1, so compare within half a rounding step)
-    rss = s[f"process_resident_memory_bytes{{{app}}}"] / 2**20
+    rss = s["process_resident_memory_bytes"] / 2**20
     assert 20 < rss < 10_000 and abs(rss - summary["rss_mb"]) < 0.5 * summary["rss_mb"]
     peak_mb = s[f"streamrec_peak_resident_memory_bytes{{{app}}}"] / 2**20
     assert peak_mb >= summary["rss_start_mb"] - 0.05 and summary["rss_start_mb"] > 20
