@@ -16,9 +16,9 @@ import bytewax.operators as op  # noqa: E402
 from bytewax.dataflow import Dataflow  # noqa: E402
 from bytewax.testing import run_main  # noqa: E402
 
+from events.simulator import write_log  # noqa: E402
 from flows.evaluate import read_jsonl  # noqa: E402
 from flows.recsys import build  # noqa: E402
-from flows.simulator import write_log  # noqa: E402
 from operators.sinks import NullSink  # noqa: E402
 from operators.sources import ReplaySource  # noqa: E402
 

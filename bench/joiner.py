@@ -23,12 +23,11 @@ from pathlib import Path
 
 import orjson
 
-from models.sampling import NegativeSampler
-from operators.events import EventParser, Impression
+from events.model import EventParser, Impression
 from operators.user_shard import UserShard, route_events
 from state.hashing import shard_of
 from state.join_state import JoinConfig, Joiner
-from state.user_history import UserHistory
+from state.sampling import NegativeSampler
 
 from common import count_lines, flow_events_per_s, passthrough_events_per_s, simulated_log
 
@@ -59,7 +58,7 @@ def joiner_only_rate(log: Path) -> float:
 
 
 def pending_bytes_per_impression(n: int = 100_000) -> float:
-    joiner = Joiner(JoinConfig(), NegativeSampler(), UserHistory())
+    joiner = Joiner(JoinConfig(), NegativeSampler())
     t0 = 1_767_225_600_000
     impressions = [Impression(t0 + i, f"imp{i}", f"u{i % 5000}", f"i{i % 3000}", f"r{i // 10}", i % 10,
                               {"device": "web"}) for i in range(n)]

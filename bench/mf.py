@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from flows.simulator import SimConfig, Simulator  # noqa: E402
+from events.simulator import SimConfig, Simulator  # noqa: E402
 from models.mf import ItemFactors, MFConfig, UserFactors  # noqa: E402
 from state.covisitation import CoVisConfig, CoVisitation  # noqa: E402
 

@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from flows.simulator import DEFAULT_START_TS_MS, SimConfig  # noqa: E402
+from events.simulator import DEFAULT_START_TS_MS, SimConfig  # noqa: E402
 from models.features import example_features, serving_features  # noqa: E402
 from models.metrics import PrequentialResult, delayed_prequential  # noqa: E402
 from models.rankers import Ranker, make_ranker, positive_hold_ms  # noqa: E402

@@ -21,14 +21,14 @@ reads in the real flow:
   shard's own feature hook, exactly as in the flow).
 
 Then ``--requests`` requests (after ``--warmup`` untimed ones) are answered the way
-``UserShard._request`` does it: ``context(user, ts)`` then ``Server.recommend``. The
+``UserShard._request`` does it: ``context.user(user, ts)`` then ``Server.recommend``. The
 latency of a request is context + recommend (wall time, ``perf_counter``); the stage
 times come from ``Server.stage_ns`` (optional profiling, off in the flow). The same
 requests run again with the ranker off (``scorer="retrieval"``, the blended retrieval
 score) as a baseline.
 
 Also measured once, outside the figures: publishing new versions of the four item
-tables, the poll that verifies and loads them (it runs inside ``recommend``) and the
+tables, the poll that verifies and loads them (once per micro-batch in the flow) and the
 first request on them (which builds the cached top lists).
 
 ``--sources`` defaults to about 200 candidates per request after filtering (the flow's
@@ -61,19 +61,19 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from events.model import Feedback, Impression, Item, Request, User  # noqa: E402
 from flows.config import load_config  # noqa: E402
 from flows.recsys import GC_THRESHOLD  # noqa: E402
 from models.rankers import positive_hold_ms  # noqa: E402
-from models.sampling import NegativeSampler  # noqa: E402
-from operators.events import Feedback, Impression, Item, Request, User  # noqa: E402
 from operators.item_shard import item_shard_key  # noqa: E402
-from operators.serving import SnapshotViews  # noqa: E402
+from operators.snapshot_views import SnapshotViews  # noqa: E402
 from operators.trainer import Trainer  # noqa: E402
 from operators.user_shard import UserShard  # noqa: E402
 from state.covisitation import CoVisitation  # noqa: E402
 from state.hashing import shard_of  # noqa: E402
 from state.item_index import IndexBuilder  # noqa: E402
 from state.item_table import CatalogEntry, ItemTable  # noqa: E402
+from state.sampling import NegativeSampler  # noqa: E402
 from state.snapshot_store import SnapshotStore  # noqa: E402
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the requests start here
@@ -209,7 +209,7 @@ def run_requests(shard: UserShard, requests: list[Request], warmup: int) -> dict
     server = shard.server
     assert server is not None
     for req in requests[:warmup]:
-        server.recommend(req, shard.context(req.user_id, req.ts), time.time_ns())
+        server.recommend(req, shard.context.user(req.user_id, req.ts), time.time_ns())
     timed = requests[warmup:]
     server.stage_ns = {}
     ctx_ms = np.zeros(len(timed))
@@ -220,7 +220,7 @@ def run_requests(shard: UserShard, requests: list[Request], warmup: int) -> dict
     start = clock()
     for n, req in enumerate(timed):
         t0 = clock()
-        ctx = shard.context(req.user_id, req.ts)
+        ctx = shard.context.user(req.user_id, req.ts)
         t1 = clock()
         out = server.recommend(req, ctx, time.time_ns())
         t2 = clock()
@@ -279,7 +279,7 @@ def main() -> None:
 
     world = World(args.items, mf.dim, rng)
     t = time.perf_counter()
-    builder = IndexBuilder(config.index.index_config(mf.dim))
+    builder = IndexBuilder(config.index.with_dim(mf.dim))
     builder.upsert(world.ids, world.vectors)
     builder.publish(store, NOW_MS)
     log(f"index: {args.items} items, dim {mf.dim}, built in {time.perf_counter() - t:.1f} s")
@@ -327,7 +327,7 @@ def main() -> None:
     log(f"ranker: {ranker!r}, {n_weights} weights, trained in {time.perf_counter() - t:.1f} s")
 
     users = [f"u{u}" for u in range(args.users)]
-    ctx0 = shard.context(users[0], NOW_MS)
+    ctx0 = shard.context.user(users[0], NOW_MS)
     log(f"user context: {len(ctx0.recent)} recent, {len(ctx0.consumed)} consumed, "
         f"vector {None if ctx0.vector is None else ctx0.vector.shape}, "
         f"{len(ctx0.profile)} profile entries")
@@ -364,8 +364,8 @@ def snapshot_refresh(shard: UserShard, store: SnapshotStore, requests: list[Requ
                      ) -> dict[str, float]:
     """Publish a new version of every item table (same content, ts + 1) and time the poll
     that verifies and loads them, then the first request on them (which builds the
-    cached top lists) and the next one. In the flow the poll runs inside ``recommend``
-    at most every ``serving.poll_ms`` of wall time."""
+    cached top lists) and the next one. In the flow the user shard polls once per
+    micro-batch, at most every ``serving.poll_ms`` of wall time."""
     server = shard.server
     assert server is not None
     views = server.views
@@ -380,7 +380,7 @@ def snapshot_refresh(shard: UserShard, store: SnapshotStore, requests: list[Requ
     times = []
     for req in requests[:2]:
         t2 = clock()
-        server.recommend(req, shard.context(req.user_id, req.ts), time.time_ns())
+        server.recommend(req, shard.context.user(req.user_id, req.ts), time.time_ns())
         times.append((clock() - t2) * 1e3)
     return {"poll_ms": round((t1 - t0) * 1e3, 1), "first_request_ms": round(times[0], 3),
             "next_request_ms": round(times[1], 3)}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import orjson
 
-from flows.config import ConfigError, KafkaConfig, load_config, reference_markdown
-from flows.logfile import open_log
+from events.logfile import open_log
+from flows.config import ConfigError, KafkaConfig, generated_docs, load_config, reference_markdown
 from flows.logs import LogConfig, setup_logging
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from flows.simulator import SimConfig, write_log
+    from events.simulator import SimConfig, write_log
 
     progress = Progress("simulate")
     n = write_log(args.output, args.n, args.seed, SimConfig(n_users=args.users, n_items=args.items),
@@ -226,7 +226,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    print(reference_markdown(), end="")
+    if not args.update_docs:
+        print(reference_markdown(), end="")
+        return 0
+    for path, text in generated_docs(Path(__file__).resolve().parents[1]).items():
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            print(f"updated {path}")
     return 0
 
 
@@ -330,6 +336,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config-reference", help="print every config key (markdown table)")
+    s.add_argument("--update-docs", action="store_true",
+                   help="rewrite docs/config.md and the generated config tables of README.md "
+                        "and docs/*.md instead")
     s.set_defaults(func=cmd_config_reference)
     return p
 

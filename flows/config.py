@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -25,14 +26,15 @@ from typing import Any, Literal
 import orjson
 
 from flows.logs import LogConfig
-from operators.index_builder import IndexSettings
 from operators.item_shard import ItemsConfig
 from operators.metrics import MetricsConfig
 from operators.serving import ServingConfig
 from operators.trainer import RankerConfig
 from state.feature_spec import DEFAULT_FEATURES, FeatureSpecError, parse_features
+from state.item_index import IndexConfig
 from state.join_state import JoinConfig
 from state.settings import doc
+from state.snapshot_store import SnapshotStore
 
 ENV_PREFIX = "STREAMREC__"
 
@@ -149,6 +151,9 @@ class ParseConfig:
 
     max_bytes: int = doc("Largest accepted raw event, in bytes.", 65_536)
     max_future_skew_ms: int = doc("Reject events further ahead of the stream watermark than this (ms).", 86_400_000)
+    min_ts_ms: int = doc("Dead-letter events whose ts is below this (reason ts_seconds): epoch "
+                         "seconds sent as ms (default 1e11 ms = 1973-03-03; MovieLens' 1997 "
+                         "logs pass). 0 accepts every ts from 1970.", 100_000_000_000)
 
 
 @dataclass
@@ -166,6 +171,10 @@ class SnapshotConfig:
 
     dir: str = doc("Store directory; empty = <output.dir>/snapshots. Files go under <dir>/<app>/.", "")
     keep: int = doc("Versions kept per snapshot kind (older ones are deleted).", 5)
+    hmac_key: str = doc("Secret that signs every manifest (HMAC-SHA256); when set, readers "
+                        "refuse unsigned or mis-signed versions, so only holders of the key can "
+                        "publish. Give it with STREAMREC__SNAPSHOTS__HMAC_KEY, not in a file. "
+                        "Empty = unsigned.", "")
 
 
 @dataclass
@@ -204,7 +213,7 @@ class Config:
         "Profile feature specs (IPS), see docs/profiles.md; default: the shipped set for "
         "simulator and MovieLens logs.", factory=lambda: [dict(f) for f in DEFAULT_FEATURES])
     items: ItemsConfig = doc("Item-side state and item tables.", factory=ItemsConfig)
-    index: IndexSettings = doc("ANN index of item vectors.", factory=IndexSettings)
+    index: IndexConfig = doc("ANN index of item vectors.", factory=IndexConfig)
     serving: ServingConfig = doc("Serving on the user shard.", factory=ServingConfig)
     snapshots: SnapshotConfig = doc("Snapshot store.", factory=SnapshotConfig)
     metrics: MetricsConfig = doc("Metrics records and the Prometheus endpoint.", factory=MetricsConfig)
@@ -219,8 +228,8 @@ class Config:
         return Path(self.snapshots.dir or Path(self.output.dir) / "snapshots") / self.app
 
     def to_dict(self) -> dict[str, Any]:
-        """The full effective config as plain data."""
-        return dataclasses.asdict(self)
+        """The full effective config as plain data (its keys only: ``load_config`` reads it)."""
+        return _plain(self)
 
     def redacted(self) -> dict[str, Any]:
         """``to_dict()`` with secrets (passwords) replaced by ``"***"`` when set: for
@@ -229,7 +238,14 @@ class Config:
         for key in SECRET_KEYS:
             if data["kafka"][key]:
                 data["kafka"][key] = "***"
+        if data["snapshots"]["hmac_key"]:
+            data["snapshots"]["hmac_key"] = "***"
         return data
+
+    def snapshot_store(self) -> SnapshotStore:
+        """The snapshot store of this config (root, versions kept, signing key)."""
+        return SnapshotStore(self.snapshot_root(), keep=self.snapshots.keep,
+                             hmac_key=self.snapshots.hmac_key or None)
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:
@@ -275,9 +291,26 @@ def _check(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def _keys(cls: type) -> list[dataclasses.Field[Any]]:
+    """The config keys of a dataclass: its fields, except those marked ``config: False``
+    (set by the code, e.g. ``index.dim``)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("config", True)]
+
+
+def _plain(value: Any) -> Any:
+    """``dataclasses.asdict`` restricted to config keys."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in _keys(type(value))}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in _keys(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
@@ -383,16 +416,26 @@ def _validate(config: Config) -> None:
 
 def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """Rows (key, type, default, doc) of every config key, generated from the dataclasses."""
-    rows: list[tuple[str, str, str, str]] = []
+    return [(key, kind, "" if value is _TABLE else repr(value), text)
+            for key, kind, value, text in _reference(cls, prefix)]
+
+
+_TABLE = object()
+
+
+def _reference(cls: type, prefix: str) -> list[tuple[str, str, Any, str]]:
+    """``reference`` rows with the default as a value (``_TABLE`` for a table)."""
+    rows: list[tuple[str, str, Any, str]] = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in _keys(cls):
         key = f"{prefix}{f.name}"
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
         if dataclasses.is_dataclass(inner):
-            rows.append((key, "table" if inner is hint else "array of tables", "", f.metadata.get("doc", "")))
-            rows.extend(reference(inner, f"{key}{'[]' if inner is not hint else ''}."))
+            rows.append((key, "table" if inner is hint else "array of tables", _TABLE,
+                         f.metadata.get("doc", "")))
+            rows.extend(_reference(inner, f"{key}{'[]' if inner is not hint else ''}."))
             continue
         if typing.get_origin(hint) is Literal:
             type_name = " \\| ".join(repr(a) for a in typing.get_args(hint))
@@ -400,7 +443,7 @@ def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str,
             type_name = str(hint).replace("typing.", "")
         else:
             type_name = hint.__name__
-        rows.append((key, type_name, repr(default), f.metadata.get("doc", "")))
+        rows.append((key, type_name, default, f.metadata.get("doc", "")))
     return rows
 
 
@@ -418,3 +461,58 @@ def reference_markdown() -> str:
     for key, type_name, default, text in reference():
         lines.append(f"| `{key}` | {type_name} | `{default}` | {text} |")
     return "\n".join(lines) + "\n"
+
+
+DOC_TABLE = re.compile(r"(<!-- config-table: (?P<keys>[^>]*?) -->\n)(?P<body>.*?)(<!-- /config-table -->)",
+                       re.S)
+"""A generated table of chosen keys inside a hand-written doc (README.md, docs/*.md)."""
+_UNITS = ((86_400_000, "d"), (3_600_000, "h"), (60_000, "min"), (1_000, "s"))
+
+
+def _ms_text(ms: int) -> str:
+    """``600000`` -> ``10 min`` (the largest unit that divides it; ms otherwise)."""
+    for size, unit in _UNITS:
+        if ms and ms % size == 0:
+            return f"{ms // size:,} {unit}"
+    return f"{ms:,} ms"
+
+
+def config_table(keys: typing.Sequence[str]) -> str:
+    """Markdown rows (key, default, meaning) of ``keys``; durations in ms also in words.
+
+    >>> config_table(["join.wait_ms_override"]).splitlines()[-1].split(" | ")[:2]
+    ['| `join.wait_ms_override`', '600000 (10 min)']
+    """
+    rows = {key: (value, text) for key, _, value, text in _reference(Config, "")}
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key in keys:
+        if key not in rows or rows[key][0] is _TABLE:
+            raise ConfigError(f"{key}: not a config key")
+        value, text = rows[key]
+        in_ms = "_ms" in key.rsplit(".", 1)[-1]
+        if in_ms and isinstance(value, int):
+            default = f"{value} ({_ms_text(value)})"
+        elif isinstance(value, dict):
+            default = ", ".join(
+                f"{k} {_ms_text(v) if (in_ms or str(k).endswith('_ms')) and isinstance(v, int) else v}"
+                for k, v in value.items())
+        else:
+            default = str(value)
+        lines.append(f"| `{key}` | {default} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_doc_tables(text: str) -> str:
+    """``text`` with every ``<!-- config-table: k1 k2 -->`` block regenerated from the code."""
+    return DOC_TABLE.sub(lambda m: m[1] + config_table(m["keys"].split()) + m[4], text)
+
+
+def generated_docs(root: Path) -> dict[Path, str]:
+    """What the docs under the project ``root`` must read: docs/config.md, and README.md and
+    docs/*.md with their config tables regenerated (``streamrec config-reference
+    --update-docs`` writes them)."""
+    out = {root / "docs" / "config.md": reference_markdown()}
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        if path not in out:
+            out[path] = render_doc_tables(path.read_text())
+    return out

@@ -39,8 +39,8 @@ import numpy as np
 import orjson
 from bytewax.testing import run_main
 
+from events.logfile import open_log
 from flows.config import InputConfig, load_config
-from flows.logfile import open_log
 from models.baselines import BASELINES, PrequentialBaselines
 from models.metrics import wilson_interval
 from operators.metrics import resident_mb

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from flows.logfile import open_log_for_write
+from events.logfile import open_log_for_write
 
 Event = dict[str, Any]
 

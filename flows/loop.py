@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from events.simulator import SimConfig, Simulator
 from flows.config import Config
-from flows.simulator import SimConfig, Simulator
 
 logger = logging.getLogger(__name__)
 

@@ -29,28 +29,28 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
+from events.model import EventParser, Record
+from events.simulator import SimConfig
 from flows.config import OUTPUTS, Config, InputConfig, load_config  # noqa: F401 - OUTPUTS re-exported
 from flows.logs import setup_logging
-from flows.simulator import SimConfig
 from models.rankers import positive_hold_ms
-from models.sampling import NegativeSampler
-from operators.events import EventParser
 from operators.index_builder import IndexBuilderLogic, IndexStage
-from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key
+from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
+from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
-from operators.serving import SnapshotViews
 from operators.sinks import JsonlFileSink
+from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
+from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
 
 GC_THRESHOLD = (50_000, 20, 100)
 """CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
 joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
-Record = dict[str, Any]
 
 
 def _source(inp: InputConfig, config: Config) -> Any:
@@ -115,6 +115,11 @@ def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
     }
 
 
+def _error_counts(dead: list[Record]) -> tuple[str, Counter[str]]:
+    """Metrics item of a batch of processing-error dead letters: count per stage kind."""
+    return "errors", Counter(d["stage"].split(" ", 1)[0] for d in dead)
+
+
 def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
     """Metrics items of one user-shard output: outputs, examples by label, serving
     latencies, the shard's counters."""
@@ -150,13 +155,14 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
 
         MetricsServer.serve(config.metrics)
     flow = Dataflow(config.app)
-    store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
+    store = config.snapshot_store()
     raw = _inputs(flow, config)
 
-    parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms)
+    parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,
+                         min_ts_ms=config.parse.min_ts_ms)
     parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns(),
                                                    getattr(batch, "offsets", None)))
-    _output("dead-letters", op.filter_map("dead_letters", parsed, lambda p: p[1] or None), config)
+    dead_letters = [op.filter_map("dead_letters", parsed, lambda p: p[1] or None)]
 
     n_users, n_items = config.shards.users, config.shards.items
     user_shard_of = ShardOf(n_users, max_cached=config.shards.routing_cache)
@@ -189,12 +195,23 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         _output(name, _take(name, outputs), config)
 
     snapshots = []
+    failed = [_take("dead-letters", outputs)]  # processing errors of the stateful stages
     if config.items.enabled:
-        snapshots.append(_item_side(_take("item-updates", outputs), config, store, item_shard_of))
+        item_snapshots, item_dead = _item_side(_take("item-updates", outputs), config, store,
+                                               item_shard_of)
+        snapshots.append(item_snapshots)
+        failed.append(item_dead)
     ranker_out = _trainer(examples, config, store)
+    if ranker_out is not None:
+        failed.append(op.filter_map("ranker_dead_letters", ranker_out,
+                                    lambda o: o.get("dead-letters")))
+    all_failed = op.merge("processing_errors", *failed)
+    dead_letters.append(all_failed)
+    _output("dead-letters", op.merge("all_dead_letters", *dead_letters), config)
     metric_streams = [
         op.map("count_parse", parsed, _parse_counts),
         op.flat_map("count_outputs", outputs, _shard_counts),
+        op.map("count_errors", all_failed, _error_counts),
     ]
     if ranker_out is not None:
         snapshots.append(op.filter_map("ranker_snapshots", ranker_out, lambda o: o.get("snapshots")))
@@ -215,16 +232,13 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     return flow
 
 
-def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: SnapshotStore,
-               item_shard_of: Any) -> Stream[list[Record]]:
-    """Item shards and the index builder; returns the stream of their snapshot manifests."""
+def _item_side(updates: Stream[list[ItemUpdate]], config: Config, store: SnapshotStore,
+               item_shard_of: Any) -> tuple[Stream[list[Record]], Stream[list[Record]]]:
+    """Item shards and the index builder; returns the streams of their snapshot manifests
+    and of the item shards' processing-error dead letters."""
 
-    def route(batch: list[tuple[Any, ...]]) -> list[tuple[str, tuple[str, list[tuple[Any, ...]]]]]:
-        buckets: dict[str, list[tuple[Any, ...]]] = {}
-        for update in batch:
-            item = update[1].item_id if update[0] in ("item", "ev") else update[1]
-            buckets.setdefault(item_shard_of(item), []).append(update)
-        return [(key, (key, part)) for key, part in buckets.items()]
+    def route(batch: list[ItemUpdate]) -> list[tuple[str, tuple[str, list[ItemUpdate]]]]:
+        return [(key, (key, part)) for key, part in route_updates(batch, item_shard_of).items()]
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
         return ItemShardLogic(resume or ItemShard(config.items, store, config.features,
@@ -248,7 +262,8 @@ def _item_side(updates: Stream[list[tuple[Any, ...]]], config: Config, store: Sn
                        op.stateful("index", op.key_on("index_key", changes, lambda _: "index"),
                                    index_builder),
                        lambda kv: kv[1])
-    return op.merge("item_snapshots", _take("snapshots", item_out), index_out)
+    return (op.merge("item_snapshots", _take("snapshots", item_out), index_out),
+            op.filter_map("item_dead_letters", item_out, lambda o: o.get("dead-letters")))
 
 
 def _trainer(examples: Stream[list[Record]], config: Config,

@@ -27,7 +27,6 @@ from flows.recsys import _output
 from models.rankers import positive_hold_ms
 from operators.sources import ReplaySource
 from operators.trainer import Trainer, TrainerLogic
-from state.snapshot_store import SnapshotStore
 
 
 def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
@@ -43,7 +42,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         source = ReplaySource(Path(config.output.dir) / "examples.jsonl")
     raw = op.input("examples_in", flow, source)
     examples = op.map("decode", raw, lambda batch: [orjson.loads(line) for line in batch])
-    store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
+    store = config.snapshot_store()
     rate = config.sampler.negative_rate
 
     def builder(resume: Trainer | None) -> TrainerLogic:

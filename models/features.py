@@ -53,7 +53,7 @@ def signed_log(v: float) -> float:
     return math.log1p(v) if v >= 0.0 else -math.log1p(-v)
 
 
-def _add(out: Features, name: str, value: Any) -> None:
+def add_feature(out: Features, name: str, value: Any) -> None:
     """Add one raw value under ``name`` (categorical, numeric or multi-hot)."""
     kind = type(value)
     if kind is float:  # fast paths of the two common exact types (same results as below)
@@ -102,10 +102,10 @@ def ranking_features(
     out[pos_name if pos_name is not None else f"pos={position}"] = 1.0
     if context:
         for key, value in context.items():
-            _add(out, f"ctx.{key}", value)
+            add_feature(out, f"ctx.{key}", value)
     if extra:
         for key, value in extra.items():
-            _add(out, key, value)
+            add_feature(out, key, value)
     return out
 
 
@@ -151,7 +151,7 @@ def join_features(shared: Features, user_extra: Mapping[str, Any] | None, item_i
     for key, value in extra.items():
         if user_extra is not None and key in user_extra:
             _drop(feats, key, user_extra[key])
-        _add(feats, key, value)
+        add_feature(feats, key, value)
     return feats
 
 
@@ -170,7 +170,7 @@ def item_part(shared: Features, user_extra: Mapping[str, Any] | None, item_id: s
     for key, value in extra.items():
         if clash and key in user_extra:  # type: ignore[operator]
             return None
-        kind = type(value)  # _add, with its commonest cases (float, str, int) inlined
+        kind = type(value)  # add_feature, with its commonest cases (float, str, int) inlined
         if kind is float:
             if _isfinite(value):
                 part[key] = _log1p(value) if value >= 0.0 else -_log1p(-value)
@@ -180,7 +180,7 @@ def item_part(shared: Features, user_extra: Mapping[str, Any] | None, item_id: s
             v = float(value)
             part[key] = _log1p(v) if v >= 0.0 else -_log1p(-v)
         else:
-            _add(part, key, value)
+            add_feature(part, key, value)
     for name in part:
         if name in shared:
             return None
@@ -188,7 +188,7 @@ def item_part(shared: Features, user_extra: Mapping[str, Any] | None, item_id: s
 
 
 def _drop(feats: Features, name: str, value: Any) -> None:
-    """Remove what ``_add(feats, name, value)`` added (for overridden user keys)."""
+    """Remove what ``add_feature(feats, name, value)`` added (for overridden user keys)."""
     if isinstance(value, str):
         feats.pop(f"{name}={value}", None)
     elif isinstance(value, list | tuple):

@@ -1,6 +1,6 @@
 """Labelled training examples from the simulator, without Bytewax (tests and benchmarks).
 
-Simulator events go through the real parser (``operators.events.EventParser``) and the
+Simulator events go through the real parser (``events.model.EventParser``) and the
 real joiner (``state.join_state.Joiner``, one shard), with a feature hook that attaches
 the user's and item's attributes to ``features`` the way the flow does at impression
 time (``u:<attr>``, ``i:<attr>``; only attributes from events already processed, so
@@ -12,8 +12,8 @@ Defaults are chosen so that a short stream is a useful training stream: a positi
 a click (or a rating >= 4) within 60 s, so negatives are emitted ~65 s of event time
 after their impression, and the simulator runs at 5 requests per event-time second
 (~50 impressions/s), so the negatives' lag is a few thousand examples, not millions
-(the flow's default 1 h purchase window would hold every negative back to the end of
-a short stream).
+(the flow's longer join wait, ``JoinConfig().wait_ms()``, would hold most negatives of a
+short stream back to its end).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from flows.simulator import SimConfig, Simulator
-from models.sampling import NegativeSampler
-from operators.events import EventParser
-from state.join_state import JoinConfig, Joiner
-from state.user_history import UserHistory
+from events.model import EventParser
+from events.simulator import SimConfig, Simulator
+from state.join_state import HistoryContext, JoinConfig, Joiner
+from state.sampling import NegativeSampler
 
 Example = dict[str, Any]
 _BATCH = 200  # simulator events per parse/advance step (~3.5 s of event time by default)
@@ -43,13 +42,14 @@ SYNTH_JOIN = JoinConfig(
 """Joiner defaults for synthetic examples: click or rating >= 4 within 60 s is positive."""
 
 
-class AttributeHook:
-    """Feature hook ``(user_id, item_id, ts_ms) -> {"u:<attr>": .., "i:<attr>": ..}``.
-
-    Holds the latest attributes of every user and item seen so far (``observe``).
+class AttributeHook(HistoryContext):
+    """The joiner's context: features ``{"u:<attr>": .., "i:<attr>": ..}`` from the latest
+    attributes of every user and item seen so far (``observe``), and the users' history
+    (the caller adds each feedback after joining it).
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.users: dict[str, dict[str, Any]] = {}
         self.items: dict[str, dict[str, Any]] = {}
 
@@ -60,7 +60,7 @@ class AttributeHook:
         elif event.type == "item":
             self.items[event.item_id] = {f"i:{k}": v for k, v in event.attrs.items()}
 
-    def __call__(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
+    def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
         out = dict(self.users.get(user_id, ()))
         out.update(self.items.get(item_id, ()))
         return out
@@ -101,7 +101,7 @@ def simulated_stream(
     cfg = replace(sim_config or SYNTH_SIM, **sim_overrides)
     sim = Simulator(cfg, seed=seed, max_events=n_events)
     hook = AttributeHook()
-    joiner = Joiner(join_config or SYNTH_JOIN, NegativeSampler(negative_rate), UserHistory(), hook)
+    joiner = Joiner(join_config or SYNTH_JOIN, NegativeSampler(negative_rate), hook)
     parser = EventParser(max_future_skew_ms=365 * 86_400_000)
     examples: list[Example] = []
     emitted: list[int] = []
@@ -120,6 +120,7 @@ def simulated_stream(
                 joiner.on_impression(event)
             elif kind == "feedback":
                 joiner.on_feedback(event)
+                hook.history.add(event.user_id, event.item_id, event.ts)
                 drain()  # a positive leaves at its feedback's time
             else:
                 hook.observe(event)

@@ -4,14 +4,9 @@ Each ``ItemShard`` owns, for the items hashed to it: MF item factors (the item h
 of every ISGD step, with the user vector sent through the flow), co-visitation rows
 (pairs routed by their first item), decayed popularity and trending counts, and the
 catalog (category, availability). Inputs are micro-batches of updates produced by
-the user shards::
-
-    ("fb", item_id, ts_ms, positive)           an interaction (counts; positives: popularity)
-    ("mf", item_id, ts_ms, user_vec, coef)     the item half of an MF step (coef None: ISGD)
-    ("pair", a, b, weight, ts_ms)             a "liked" co-visitation pair for a's row
-    ("pair_any", a, b, weight, ts_ms)         an "any interaction" co-visitation pair
-    ("item", Item)                             a catalog event
-    ("ev", Impression | Feedback)              an event for the item profiles (IPS)
+the user shards, the typed messages of ``operators/item_updates.py`` (``Interaction``,
+``MFStep``, ``CovisPair``, ``CatalogChange``, ``ProfileEvent``), each with the
+``item_id`` it was routed by.
 
 Outputs per batch: changed item vectors for the index builder, and, every
 ``items.refresh_interval_ms`` of event time (and at end of input), a published
@@ -21,14 +16,23 @@ Outputs per batch: changed item vectors for the index builder, and, every
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from bytewax.operators import StatefulLogic
 
+from events.model import Feedback, Impression, Item, Record, event_to_dict, processing_error
 from models.mf import ItemFactors, MFConfig
-from operators.events import Item
+from operators.item_updates import (
+    CatalogChange,
+    CovisPair,
+    Interaction,
+    ItemUpdate,
+    MFStep,
+    ProfileEvent,
+)
 from state.covisitation import CoVisConfig, CoVisitation
 from state.feature_spec import parse_features
 from state.item_table import CatalogEntry, ItemTable
@@ -38,8 +42,6 @@ from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotStore
 from state.user_history import lru_put
 
-Record = dict[str, Any]
-Update = tuple[Any, ...]
 IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
 """(upsert ids, their vectors (n, dim) float32 or None, removed ids, event time ms)."""
 
@@ -112,8 +114,10 @@ class ItemShard:
         self.last_publish_ms: int | None = None
         self.sent_version = 0
         self.dirty = False
+        self._dead: list[Record] = []
+        """Dead letters (``processing_error``) of updates this shard failed to apply."""
 
-    def process(self, shard: str, updates: list[Update]) -> dict[str, list[Any]]:
+    def process(self, shard: str, updates: list[ItemUpdate]) -> dict[str, list[Any]]:
         """Apply a batch of updates in order; return index changes and due snapshots."""
         self.shard = shard
         mf_items: list[str] = []
@@ -123,59 +127,68 @@ class ItemShard:
         pairs: list[tuple[str, str, float]] = []
         pairs_any: list[tuple[str, str, float]] = []
         removed: list[str] = []
+        stage = f"item_shard {shard}"
         for update in updates:
-            kind = update[0]
-            if kind == "fb":
-                _, item_id, ts, positive = update
-                self._observe(ts)
-                self._see(item_id, ts)
-                self.interactions.add(item_id, ts)
-                if positive:
-                    self.liked_counts.add(item_id, ts)
-                    self.popular.add(item_id, ts)
-                    self.trending.add(item_id, ts)
-            elif kind == "mf":
-                _, item_id, ts, user_vec, coef = update
-                mf_items.append(item_id)
-                mf_vecs.append(user_vec)
-                mf_coefs.append(coef)
-                mf_ts = max(mf_ts, ts)
-            elif kind == "ev":
-                event = update[1]
-                self._observe(event.ts)
-                if self.profiles is not None:
-                    self.profiles.apply(event)
-                    lru_put(self.profiled, event.item_id, None, self.config.max_items)
-            elif kind == "pair":
-                _, a, b, w, ts = update
-                self._observe(ts)
-                pairs.append((a, b, w))
-            elif kind == "pair_any":
-                _, a, b, w, ts = update
-                self._observe(ts)
-                pairs_any.append((a, b, w))
-            else:
-                event: Item = update[1]
-                self._observe(event.ts)
-                entry = self._see(event.item_id, event.ts)
-                entry.category = _category(event.attrs) or entry.category
-                if entry.available and not event.available:
-                    removed.append(event.item_id)
-                elif event.available and not entry.available:
-                    self.factors.revive([event.item_id])
-                entry.available = event.available
+            if type(update) not in _UPDATE_TYPES:  # a programming error, not bad data
+                raise TypeError(f"unknown item update {type(update).__name__}: {update!r}")
+            try:
+                match update:
+                    case Interaction(item_id, ts, positive):
+                        self._observe(ts)
+                        self._see(item_id, ts)
+                        self.interactions.add(item_id, ts)
+                        if positive:
+                            self.liked_counts.add(item_id, ts)
+                            self.popular.add(item_id, ts)
+                            self.trending.add(item_id, ts)
+                    case MFStep(item_id, ts, user_vec, coef):
+                        mf_items.append(item_id)
+                        mf_vecs.append(user_vec)
+                        mf_coefs.append(coef)
+                        mf_ts = max(mf_ts, ts)
+                    case ProfileEvent(item_id, event):
+                        self._observe(event.ts)
+                        if self.profiles is not None:
+                            self.profiles.apply(event)
+                            lru_put(self.profiled, item_id, None, self.config.max_items)
+                    case CovisPair(a, b, w, ts, channel):
+                        self._observe(ts)
+                        (pairs if channel == "liked" else pairs_any).append((a, b, w))
+                    case CatalogChange(item_id, event):
+                        self._observe(event.ts)
+                        entry = self._see(item_id, event.ts)
+                        entry.category = _category(event.attrs) or entry.category
+                        if entry.available and not event.available:
+                            removed.append(item_id)
+                        elif event.available and not entry.available:
+                            self.factors.revive([item_id])
+                        entry.available = event.available
+            except Exception as err:  # one bad update must not stop the flow
+                self._dead.append(processing_error(stage, _update_raw(update), err))
+        now = self.max_ts_ms or 0
         if pairs:
-            self.covis.add(pairs, self.max_ts_ms or 0)
+            self._batch_step(stage + " covis", updates,
+                             lambda u: isinstance(u, CovisPair) and u.channel == "liked",
+                             lambda: self.covis.add(pairs, now))
         if pairs_any and self.covis_any is not None:
-            self.covis_any.add(pairs_any, self.max_ts_ms or 0)
+            covis_any = self.covis_any
+            self._batch_step(stage + " covis_any", updates,
+                             lambda u: isinstance(u, CovisPair) and u.channel != "liked",
+                             lambda: covis_any.add(pairs_any, now))
         if mf_items:
-            coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
-            self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
+            def mf_step() -> None:
+                coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
+                self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
+            self._batch_step(stage + " mf", updates, lambda u: isinstance(u, MFStep), mf_step)
         if removed:
-            self.factors.remove(removed)
-            self.covis.remove(removed)
-            if self.covis_any is not None:
-                self.covis_any.remove(removed)
+            def remove_step() -> None:
+                self.factors.remove(removed)
+                self.covis.remove(removed)
+                if self.covis_any is not None:
+                    self.covis_any.remove(removed)
+            self._batch_step(stage + " remove", updates,
+                             lambda u: isinstance(u, CatalogChange) and u.item_id in removed,
+                             remove_step)
         self.dirty = self.dirty or bool(updates)
         out: dict[str, list[Any]] = {}
         change = self._index_change()
@@ -183,7 +196,20 @@ class ItemShard:
             out["index"] = [change]
         if self._publish_due():
             out["snapshots"] = [self.publish()]
+        if self._dead:
+            out["dead-letters"], self._dead = self._dead, []
         return out
+
+    def _batch_step(self, stage: str, updates: list[ItemUpdate],
+                    applies: Callable[[ItemUpdate], bool], step: Callable[[], None]) -> None:
+        """Run a step that applies several updates of the batch at once (those for which
+        ``applies`` is true); if it raises, each of them becomes a dead letter and the
+        batch goes on."""
+        try:
+            step()
+        except Exception as err:
+            self._dead.extend(processing_error(stage, _update_raw(u), err)
+                              for u in updates if applies(u))
 
     def _observe(self, ts: int) -> None:
         if self.max_ts_ms is None or ts > self.max_ts_ms:
@@ -248,18 +274,28 @@ class ItemShard:
         return {"snapshots": [self.publish()]} if self.dirty else {}
 
 
+_UPDATE_TYPES = (Interaction, MFStep, CovisPair, CatalogChange, ProfileEvent)
+
+
+def _update_raw(update: ItemUpdate) -> dict[str, Any]:
+    """An update as a JSON-ready dict for its dead letter (events as their dicts)."""
+    fields = {k: event_to_dict(v) if isinstance(v, Impression | Feedback | Item) else v
+              for k, v in update._asdict().items()}
+    return {"update": type(update).__name__, **fields}
+
+
 def _category(attrs: dict[str, Any]) -> str | None:
     value = attrs.get("category")
     return str(value) if value is not None else None
 
 
-class ItemShardLogic(StatefulLogic[tuple[str, list[Update]], dict[str, list[Any]], ItemShard]):
+class ItemShardLogic(StatefulLogic[tuple[str, list[ItemUpdate]], dict[str, list[Any]], ItemShard]):
     """Bytewax glue for one item shard."""
 
     def __init__(self, shard: ItemShard) -> None:
         self.shard = shard
 
-    def on_item(self, value: tuple[str, list[Update]]) -> tuple[list[dict[str, list[Any]]], bool]:
+    def on_item(self, value: tuple[str, list[ItemUpdate]]) -> tuple[list[dict[str, list[Any]]], bool]:
         out = self.shard.process(*value)
         return ([out] if out else []), StatefulLogic.RETAIN
 
@@ -274,3 +310,12 @@ class ItemShardLogic(StatefulLogic[tuple[str, list[Update]], dict[str, list[Any]
 def item_shard_key(index: int) -> str:
     """The Bytewax key of item shard ``index``."""
     return f"i{index:03d}"
+
+
+def route_updates(updates: list[ItemUpdate],
+                  item_shard_of: Callable[[str], str]) -> dict[str, list[ItemUpdate]]:
+    """Split a batch of updates by item shard key, order kept within each shard."""
+    buckets: dict[str, list[ItemUpdate]] = {}
+    for update in updates:
+        buckets.setdefault(item_shard_of(update.item_id), []).append(update)
+    return buckets

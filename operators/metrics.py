@@ -8,7 +8,9 @@ Stages send ``(kind, payload)`` items:
 * ``("outputs", {topic: records})``, ``("examples", {label: [count, weight]})``,
   ``("latency", [ms, ...])`` serving latencies of a batch of recommendations;
 * ``("snapshots", [manifest, ...])`` every published snapshot (ranker sync, item
-  tables with their embedding-table counters, index).
+  tables with their embedding-table counters, index);
+* ``("errors", {stage: n})`` inputs a stateful stage failed to apply (dead-lettered as
+  ``processing_error``; counted apart from ``dead_by_reason``, which counts raw inputs).
 
 * ``("serving_cost", [(cpu_ms, queue_ms), ...])`` per answered request;
 * ``("parse", {..., "offsets": {"topic#p": (next, end)}})`` Kafka read positions.
@@ -34,10 +36,9 @@ from typing import Any
 
 from bytewax.operators import StatefulLogic
 
+from events.model import Record
 from operators import health
 from state.settings import doc
-
-Record = dict[str, Any]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class MetricsState:
         self.app = app
         self.events_by_type: Counter[str] = Counter()
         self.dead_by_reason: Counter[str] = Counter()
+        self.processing_errors: Counter[str] = Counter()
         self.outputs: Counter[str] = Counter()
         self.examples: Counter[str] = Counter()
         self.example_weight: Counter[str] = Counter()
@@ -149,6 +151,8 @@ class MetricsState:
                 self.max_event_ts = ts
             if payload.get("offsets"):
                 self.consumer.update(payload["offsets"])
+        elif kind == "errors":
+            self.processing_errors.update(payload)
         elif kind == "shard":
             self.shards[payload["shard"]] = payload["counters"]
             self.user_tables[payload["shard"]] = payload.get("table", {})
@@ -215,6 +219,7 @@ class MetricsState:
             "events_by_type": dict(self.events_by_type),
             "dead_letters": sum(self.dead_by_reason.values()),
             "dead_by_reason": dict(self.dead_by_reason),
+            "processing_errors": dict(self.processing_errors),
             "outputs": dict(self.outputs),
             "examples_by_label": dict(self.examples),
             "examples_weight_by_label": {k: round(v, 3) for k, v in self.example_weight.items()},

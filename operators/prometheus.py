@@ -100,6 +100,9 @@ def _families(state: MetricsState, now_s: float) -> Iterator[Metric]:
                    (((app, t), n) for t, n in sorted(state.events_by_type.items())))
     yield _counter("streamrec_dead_letters", "Rejected inputs by reason.", ["reason"],
                    (((app, r), n) for r, n in sorted(state.dead_by_reason.items())))
+    yield _counter("streamrec_processing_errors", "Inputs a stage failed to apply (dead "
+                   "letters with reason processing_error).", ["stage"],
+                   (((app, st), n) for st, n in sorted(state.processing_errors.items())))
     consumer = sorted(state.consumer.items())
     yield _gauge("streamrec_kafka_consumer_lag", "Messages of the partition not read yet: end "
                  "offset (high watermark of the last fetch) minus the next offset to read.",

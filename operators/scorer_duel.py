@@ -49,6 +49,11 @@ class ScorerDuel:
         if len(self.pending) > self.max_users:
             self.pending.popitem(last=False)
 
+    def forget(self, user_id: str) -> None:
+        """The user's latest request was not shadow-scored: drop its older lists, so the
+        next outcome is not matched against a request the user no longer saw."""
+        self.pending.pop(user_id, None)
+
     def outcome(self, user_id: str, item_id: str) -> None:
         """The user's organic positive after a recorded request (at most one counts)."""
         lists = self.pending.pop(user_id, None)

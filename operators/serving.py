@@ -2,9 +2,9 @@
 
 The user shard answers each ``request`` with the user's own state (recent items,
 consumed set, MF vector, profile features) and the newest verified nearline
-snapshots (serving ranker copy, HNSW index, one item table per item shard), which it
-reads from the snapshot store (``SnapshotViews``; polled every ``serving.poll_ms`` of
-wall time). Stages, each with a hook for business rules (``"module:function"``,
+snapshots (serving ranker copy, HNSW index, one item table per item shard), both read
+through the shard's ``PointInTime`` (its ``SnapshotViews`` are polled by the user shard
+once per micro-batch, at most every ``serving.poll_ms`` of wall time). Stages, each with a hook for business rules (``"module:function"``,
 called as ``hook(request, candidates) -> candidates``):
 
 1. retrieve: ANN over the user vector, co-visitation of recent items, trending,
@@ -27,40 +27,26 @@ import importlib
 import itertools
 import logging
 import math
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from river import linear_model, optim
-from river.utils.math import sigmoid
-from river.utils.vectordict import VectorDict
 
-from models.calibration import correct_downsampled_many
-from models.features import (
-    SERVING_POSITION,
-    Features,
-    item_part,
-    join_features,
-    ranking_features_many,
-    shared_features,
-)
-from models.rankers import Ranker
+from events.model import Record
+from models.features import SERVING_POSITION, ranking_features_many
+from operators.linear_scorer import column_scorer, linear_scorer
+from operators.point_in_time import PointInTime, UserContext
 from operators.scorer_duel import SCORERS, ScorerDuel
-from operators.trainer import load_ranker
+from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.hashing import stable_hash64
-from state.item_index import IndexReader
 from state.item_table import CatalogEntry, ItemTable
 from state.settings import doc
-from state.snapshot_store import SnapshotReader, SnapshotStore
 
 log = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 Hook = Callable[[Any, list["Candidate"]], list["Candidate"]]
 
 
@@ -100,6 +86,9 @@ class ServingConfig:
     scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the blend may take "
                                    "over from the ranker (the choice is revisited at every "
                                    "request after that).", 30)
+    scorer_shadow_rate: float = doc("auto: once the blend leads the duel, the share of "
+                                    "requests the ranker still scores (shadow) to keep the "
+                                    "duel going (1 = every request).", 0.1)
     scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
                              5_000)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
@@ -124,19 +113,6 @@ class Candidate:
         return "+".join(self.sources)
 
 
-@dataclass
-class UserContext:
-    """What the user shard knows of the user at request (or impression) time."""
-
-    user_id: str
-    recent: list[str]
-    consumed: dict[str, int]
-    vector: np.ndarray | None
-    profile: dict[str, Any]
-    liked: list[str] = field(default_factory=list)
-    """Recent positives, newest first (``recent`` holds every interaction)."""
-
-
 def load_hook(spec: str) -> Hook:
     """Import ``module:function``."""
     module, _, name = spec.partition(":")
@@ -145,196 +121,26 @@ def load_hook(spec: str) -> Hook:
     return getattr(importlib.import_module(module), name)
 
 
-class LinearScorer:
-    """Exact fast path of a River ``LogisticRegression`` serving ranker (kind ``lr``).
-
-    ``Ranker.predict_many(ranking_features_many(...))`` copies the ~100 shared
-    (user, time, context, profile) features into every candidate's dict and runs a
-    ~100-term dot product per candidate. River's dot walks the feature dict in its
-    order, adding ``w[name] * value`` for the names it has a weight for; a candidate's
-    dict is the shared features followed by its own part (``item_part``), so summing
-    the shared terms once per request and continuing that sum with each candidate's
-    part adds exactly the same floats in the same order. Scores are bitwise equal to
-    River's (checked against the model when a snapshot is first used, and in
-    ``tests/test_serving_fast.py``); a candidate whose part cannot be split off
-    (it overrides a profile key) is scored through its full dict the same way.
-    """
-
-    def __init__(self, ranker: Ranker) -> None:
-        model = ranker.model
-        self.n_learned = ranker.n_learned
-        self.weights: dict[str, float] = model._weights.to_dict()
-        self.intercept = float(model.intercept)
-        self.rate = ranker.rate
-
-    @staticmethod
-    def supports(ranker: Ranker) -> bool:
-        """A frozen serving copy of a River LogisticRegression (log loss, weight dict)."""
-        model = ranker.model
-        return (ranker.kind == "lr" and ranker.frozen
-                and type(model) is linear_model.LogisticRegression
-                and type(model.loss) is optim.losses.Log
-                and type(getattr(model, "_weights", None)) is VectorDict
-                and isinstance(getattr(model, "intercept", None), float))
-
-    def agrees_with(self, ranker: Ranker) -> bool:
-        """Self-check against River on dicts built from the model's own weights."""
-        names = list(self.weights)[:64]
-        probes = [{}, {"__missing__": 1.0}]
-        for k in (1, 2, 3):
-            x = {name: (-1.0) ** i * (i + k) / 7.0 for i, name in enumerate(reversed(names))}
-            x["__missing__"] = 2.5
-            probes.append(x)
-        for x in probes:
-            mine = sigmoid(self._dot(x, 0.0) + self.intercept)
-            if mine != ranker.model.predict_proba_one(x).get(True, 0.0):
-                return False
-        return True
-
-    def _dot(self, x: Features, start: float) -> float:
-        get = self.weights.get
-        s = start
-        for name, value in x.items():
-            w = get(name)
-            if w is not None:
-                s += w * value
-        return s
-
-    def predict_many(self, user_id: str, item_ids: list[str], ts_ms: int,
-                     context: dict[str, Any] | None, position: int | None,
-                     user_extra: dict[str, Any] | None,
-                     item_extras: list[dict[str, Any]]) -> np.ndarray:
-        """Calibrated P(positive) per item: equal to ``ranker.predict_many(
-        ranking_features_many(user_id, item_ids, ts_ms, context, position, user_extra,
-        item_extras))``."""
-        get = self.weights.get
-        shared = shared_features(user_id, ts_ms, context, position, user_extra)
-        base = self._dot(shared, 0.0)
-        intercept = self.intercept
-        out = np.empty(len(item_ids), np.float64)
-        for n, (item, extra) in enumerate(zip(item_ids, item_extras, strict=True)):
-            part = item_part(shared, user_extra, item, extra)
-            if part is None:
-                s = self._dot(join_features(shared, user_extra, item, extra), 0.0)
-            else:
-                s = base
-                for name, value in part.items():
-                    w = get(name)
-                    if w is not None:
-                        s += w * value
-            out[n] = sigmoid(s + intercept)
-        return correct_downsampled_many(out, self.rate)
-
-
-_SCORERS: weakref.WeakKeyDictionary[Ranker, LinearScorer | None] = weakref.WeakKeyDictionary()
-_SCORERS_LOCK = threading.Lock()
-
-
-def linear_scorer(ranker: Ranker) -> LinearScorer | None:
-    """The ``LinearScorer`` of a serving ranker snapshot, or None if it has none (other
-    kinds, a ranker that can still learn, or a River version whose predictions it does
-    not reproduce). Built once per snapshot object (its weights copied once) and shared
-    by every server in the process: snapshots are immutable and shared through
-    ``SnapshotReader``'s cache."""
-    with _SCORERS_LOCK:
-        if ranker in _SCORERS:
-            known = _SCORERS[ranker]
-            if known is None or known.n_learned == ranker.n_learned:
-                return known
-    scorer = None
-    if LinearScorer.supports(ranker):
-        scorer = LinearScorer(ranker)
-        if not scorer.agrees_with(ranker):
-            log.warning("LinearScorer disagrees with River on %r; serving through River", ranker)
-            scorer = None
-    with _SCORERS_LOCK:
-        _SCORERS[ranker] = scorer
-    return scorer
-
-
-class SnapshotViews:
-    """The newest verified serving ranker, index and item tables, polled from the store."""
-
-    def __init__(self, store: SnapshotStore, item_shards: list[str], poll_ms: int) -> None:
-        self.store = store
-        self.poll_ms = poll_ms
-        self.ranker = SnapshotReader(store, "ranker", load_ranker)
-        self.index = IndexReader(store)
-        self.tables = {s: SnapshotReader(store, f"items-{s}", ItemTable.load) for s in item_shards}
-        self._next_poll = 0.0
-        self._table_cache: tuple[tuple[ItemTable | None, ...], list[ItemTable],
-                                 dict[str, ItemTable]] | None = None
-
-    def poll(self, max_ts: int | None = None) -> None:
-        """Pick up new snapshot versions (at most every ``poll_ms`` of wall time), only
-        versions reflecting no event after ``max_ts`` (event time, ms; None = any).
-
-        Point in time: serving (and impression-time features) must not see snapshots
-        built from events after the ones being processed. A live stream never does
-        (snapshots reflect the past); a replay through several processes would, as one
-        process's item side runs ahead of another's user shards.
-        """
-        now = time.monotonic()
-        if now < self._next_poll:
-            return
-        self._next_poll = now + self.poll_ms / 1000.0
-        self.ranker.refresh(max_ts)
-        self.index.refresh(max_ts)
-        for reader in self.tables.values():
-            reader.refresh(max_ts)
-
-    def loaded_tables(self) -> list[ItemTable]:
-        """The loaded item tables, in ``item_shards`` order (a fresh list)."""
-        return list(self._tables()[1])
-
-    def table_map(self) -> dict[str, ItemTable]:
-        """The loaded item tables by their shard. Cached until a reader's current table
-        changes (one identity check per reader per call); callers must not modify it."""
-        return self._tables()[2]
-
-    def _tables(self) -> tuple[tuple[ItemTable | None, ...], list[ItemTable], dict[str, ItemTable]]:
-        current = tuple(r.current for r in self.tables.values())
-        cached = self._table_cache
-        if (cached is None or len(cached[0]) != len(current)
-                or any(a is not b for a, b in zip(cached[0], current, strict=True))):
-            loaded = [t for t in current if t is not None]
-            cached = self._table_cache = (current, loaded, {t.shard: t for t in loaded})
-        return cached
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Recovery state: the readers, each as its current manifest (reloaded and verified
-        on resume, so a resumed shard serves the versions it served, even when the
-        store's LATEST is refused), never the loaded snapshot objects."""
-        return {"store": self.store, "poll_ms": self.poll_ms, "ranker": self.ranker,
-                "index": self.index, "tables": self.tables}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["store"], list(state["tables"]), state["poll_ms"])
-        self.ranker, self.index, self.tables = state["ranker"], state["index"], state["tables"]
-
-
-def _never(_item: str) -> bool:
-    return False
-
-
 class Server:
     """Retrieval, filtering, scoring and ordering for one user shard."""
 
-    def __init__(self, config: ServingConfig, views: SnapshotViews,
-                 item_shard_of: Callable[[str], str]) -> None:
+    def __init__(self, config: ServingConfig, context: PointInTime,
+                 max_users: int = 1_000_000) -> None:
         self.config = config
-        self.views = views
-        self.item_shard_of = item_shard_of
-        self.unavailable: Callable[[str], bool] = _never
-        """Item -> True when the user shard's own catalog (fed by broadcast ``item`` events)
-        already knows it is unavailable, before its item table is republished."""
-        self.features: Callable[..., list[dict[str, Any]]] = self.item_extras
-        """(ctx, item_ids, ts_ms, covis) -> extra features per item; the user shard sets it
-        to its own function, which the joiner also uses at impression time."""
+        self.context = context
+        """The user shard's point-in-time state: users, catalog, features, snapshot views."""
+        views = context.views
+        item_shard_of = context.item_shard_of
+        if views is None or item_shard_of is None:
+            raise ValueError("serving needs the context's snapshot views and item routing")
+        self.views: SnapshotViews = views
+        self.item_shard_of: Callable[[str], str] = item_shard_of
         self.hooks = {stage: load_hook(spec) for stage, spec in config.hooks.items()}
         if config.scorer not in SCORERS:
             raise ValueError(f"serving.scorer must be one of {SCORERS}, not {config.scorer!r}")
         self.duel = ScorerDuel(config.scorer_window, config.scorer_min_outcomes)
+        self.duel.max_users = min(self.duel.max_users, max_users)
+        """Remembers each requesting user's last two top-k lists."""
         self.covis_view = CovisView()
         self.served_by = {"ranker": 0, "retrieval": 0}
         self.served = 0
@@ -342,7 +148,7 @@ class Server:
                                                      list[tuple[str, float]]]] = {}
         self.stage_ns: dict[str, int] | None = None
         """Optional profiling: set it to ``{}`` and ``recommend`` adds the wall time (ns)
-        of each stage to it (``retrieve`` includes the snapshot poll, hooks count in
+        of each stage to it (hooks count in
         their stage: ``filter``, ``score``, ``order``) and the number of candidates
         scored (``candidates``). None (the default) costs one check per stage."""
         self.costs: list[tuple[float, float]] = []
@@ -355,77 +161,6 @@ class Server:
         state["_top_cache"] = {}
         state["covis_view"] = CovisView()
         return state
-
-    # -- features shared by training (impression time) and serving ---------------------
-    def item_extras(self, ctx: UserContext, item_ids: list[str], ts_ms: int,
-                    covis: dict[str, SparseScores] | None = None) -> list[dict[str, Any]]:
-        """Per-item features from the snapshots: item profile features (IPS ``item``
-        entity), category, co-visitation with the recent items (``covis``: liked channel,
-        ``covis_any``: any-interaction channel, raw seed-decayed sums), popularity,
-        trending, MF score (the user's own features are separate).
-
-        ``covis``: the raw channel sums of :meth:`covis_channels` (serving); None looks
-        each item up (one impression at a time). Both give the same numbers.
-        """
-        tables = self.views.table_map()
-        mf = self._mf_scores(ctx.vector, item_ids)
-        if covis is None:
-            sums = {name: self._covis_lookup(name, seeds, item_ids, tables, ts_ms)
-                    for name, seeds in self._seeds(ctx)}
-        else:
-            sums = {name: scores.many(item_ids) for name, scores in covis.items()}
-        liked, any_ = sums.get("liked") or [0.0] * len(item_ids), sums.get("any")
-        factors: dict[str, tuple[float, float]] = {}
-        out = []
-        for n, item in enumerate(item_ids):
-            table = tables.get(self.item_shard_of(item))
-            extra: dict[str, Any] = {}
-            if table is not None:
-                profile = table.features.get(item)
-                if profile:
-                    extra.update(profile)
-                entry = table.catalog.get(item)
-                extra["i:category"] = entry.category if entry else None
-                fp, ft = factors.get(table.shard) or factors.setdefault(
-                    table.shard, (table.decay_factor("popular", ts_ms),
-                                  table.decay_factor("trending", ts_ms)))
-                extra["pop"] = table.popular.get(item, 0.0) * fp
-                extra["trend"] = table.trending.get(item, 0.0) * ft
-            extra["covis"] = liked[n]
-            if any_ is not None:
-                extra["covis_any"] = any_[n]
-            if mf is not None:
-                extra["mf"] = float(mf[n])
-            out.append(extra)
-        return out
-
-    def _seeds(self, ctx: UserContext) -> list[tuple[str, list[str]]]:
-        """(channel, seeds newest first) of every channel the loaded tables carry."""
-        n = self.config.recent_items
-        out = [("liked", ctx.liked[:n])]
-        tables = self.views.loaded_tables()
-        if tables and tables[0].covis_any is not None:
-            out.append(("any", ctx.recent[:n]))
-        return out
-
-    def _covis_lookup(self, name: str, seeds: list[str], item_ids: list[str],
-                      tables: dict[str, ItemTable], ts_ms: int) -> list[float]:
-        """``sum_k decay**k covis(seed_k, item)`` for the given items only (impressions)."""
-        wanted = [0.0] * len(item_ids)
-        q = self.config.covis_query_decay
-        weight = 1.0
-        for seed in seeds:
-            table = tables.get(self.item_shard_of(seed))
-            if table is not None:
-                row = table.covis_row(name, seed)
-                if row:
-                    wf = weight * table.covis_factor(ts_ms)
-                    for n, item in enumerate(item_ids):
-                        v = row.get(item)
-                        if v is not None:
-                            wanted[n] += wf * v
-            weight *= q
-        return wanted
 
     def covis_channels(self, ctx: UserContext, ts_ms: int, n: int
                        ) -> tuple[list[tuple[str, float]], dict[str, SparseScores]]:
@@ -446,7 +181,7 @@ class Server:
         q = self.config.covis_query_decay
         alpha = self.config.covis_pop_alpha
         parts_ids, parts_vals = [], []
-        for name, seeds in self._seeds(ctx):
+        for name, seeds in self.context.seeds(ctx):
             triples = []
             weight = 1.0
             for seed in seeds:
@@ -474,19 +209,23 @@ class Server:
         return [(names[i], v * share) for i, v in zip(ids[order].tolist(), vals[order].tolist(),
                                                        strict=True)], raw
 
-    def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str]) -> np.ndarray | None:
-        if vector is None or self.views.index.index is None or not item_ids:
-            return None
-        vecs, found = self.views.index.vectors(item_ids)
-        scores = vecs @ np.asarray(vector, np.float32)
-        return np.where(found, scores, 0.0)
+    def outcome(self, user_id: str, item_id: str) -> None:
+        """An organic positive of the user: the scorer duel's outcome."""
+        self.duel.outcome(user_id, item_id)
+
+    def counters(self) -> dict[str, int]:
+        """Requests served by each scorer and the duel's outcome counts (metrics)."""
+        duel = self.duel
+        return {"served_by_ranker": self.served_by["ranker"],
+                "served_by_retrieval": self.served_by["retrieval"],
+                "duel_outcomes": duel.outcomes, "duel_hits_ranker": duel.hits_ranker,
+                "duel_hits_retrieval": duel.hits_retrieval}
 
     # -- the four stages ---------------------------------------------------------------
     def recommend(self, request: Any, ctx: UserContext, ingest_ns: int) -> Record:
         """Answer one request with its top k (its cost is appended to ``costs``)."""
         timing = self.stage_ns
         cpu0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-        self.views.poll(request.ts)
         cands, covis = self.retrieve(ctx, request.ts)
         if timing is not None:
             t1 = time.perf_counter_ns()
@@ -585,7 +324,7 @@ class Server:
         """Drop consumed, unavailable and excluded items; attach categories."""
         excluded = set(request.exclude)
         catalog = self._catalog_lookup()
-        unavailable = self.unavailable
+        unavailable = self.context.unavailable
         out = []
         for item, c in cands.items():
             if item in ctx.consumed or item in excluded or unavailable(item):
@@ -621,20 +360,11 @@ class Server:
                        + 1e-6 * math.log1p(s.get("popular", 0.0)))
         scorer_mode = self.config.scorer
         ranker = self.views.ranker.current if scorer_mode != "retrieval" else None
-        if ranker is None:
+        if ranker is None or self._unscored(request, ctx, scorer_mode):
             self.served_by["retrieval"] += 1
             return
         items = [c.item_id for c in cands]
-        extras = self.features(ctx, items, request.ts, covis)
-        scorer = linear_scorer(ranker)
-        if scorer is not None:
-            p = scorer.predict_many(ctx.user_id, items, request.ts, request.context,
-                                    SERVING_POSITION, ctx.profile, extras)
-        else:
-            p = ranker.predict_many(ranking_features_many(
-                ctx.user_id, items, request.ts, request.context, SERVING_POSITION,
-                ctx.profile, extras))
-        probs = p.tolist()
+        probs = self._ranker_scores(ranker, request, ctx, items, covis).tolist()
         if scorer_mode == "auto":
             k = request.k
             by_ranker = heapq.nlargest(k, range(len(cands)), key=probs.__getitem__)
@@ -646,6 +376,37 @@ class Server:
         if choice == "ranker":
             for c, prob in zip(cands, probs, strict=True):
                 c.score = prob
+
+    def _unscored(self, request: Any, ctx: UserContext, scorer_mode: str) -> bool:
+        """``auto`` once the blend leads the duel: only a ``scorer_shadow_rate`` sample of
+        requests (by request id) is scored by the ranker, to keep the duel going."""
+        if scorer_mode != "auto" or self.duel.choice("auto") != "retrieval":
+            return False
+        h = stable_hash64(f"shadow:{request.request_id}")
+        if (h & 0xFFFFFFFF) / 2**32 < self.config.scorer_shadow_rate:
+            return False
+        self.duel.forget(ctx.user_id)
+        return True
+
+    def _ranker_scores(self, ranker: Any, request: Any, ctx: UserContext, items: list[str],
+                       covis: dict[str, SparseScores] | None) -> np.ndarray:
+        """Calibrated P(positive) per candidate: vectorised for River LR (``ColumnScorer``,
+        within 1e-9 of River), else through the feature dicts (``LinearScorer``: bitwise
+        River; other rankers: their own ``predict_many``)."""
+        scorer = linear_scorer(ranker)
+        if scorer is not None:
+            cols = self.context.item_columns(ctx, items, request.ts, covis)
+            p = column_scorer(scorer).predict(ctx.user_id, request.ts, request.context,
+                                              SERVING_POSITION, ctx.profile, cols)
+            if p is not None:
+                return p
+        extras = self.context.item_features(ctx, items, request.ts, covis)
+        if scorer is not None:
+            return scorer.predict_many(ctx.user_id, items, request.ts, request.context,
+                                       SERVING_POSITION, ctx.profile, extras)
+        return ranker.predict_many(ranking_features_many(
+            ctx.user_id, items, request.ts, request.context, SERVING_POSITION,
+            ctx.profile, extras))
 
     def order(self, request: Any, cands: list[Candidate], k: int,
               consumed: dict[str, int] | None = None) -> list[Candidate]:
@@ -688,7 +449,7 @@ class Server:
         horizon = request.ts - self.config.new_item_ms
         excluded = set(request.exclude)
         out = []
-        unavailable = self.unavailable
+        unavailable = self.context.unavailable
         for table in self.views.loaded_tables():
             for item, entry in table.catalog.items():
                 if (entry.available and entry.first_seen_ms >= horizon and item not in shown

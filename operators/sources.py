@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from flows.logfile import open_log
-from flows.simulator import SimConfig, Simulator
+from events.logfile import open_log
+from events.simulator import SimConfig, Simulator
 from operators import health
 
 log = logging.getLogger(__name__)

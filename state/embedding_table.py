@@ -132,6 +132,16 @@ class EmbeddingTable:
 
     Invariants: every live ID owns exactly one row and every live row exactly one ID;
     ``len(self) <= max_rows``; index load <= ``max_load``.
+
+    >>> table = EmbeddingTable(dim=4, max_rows=1_000, admit_threshold=2)
+    >>> ids = keys_of(["user:1", "user:2"])
+    >>> table.insert(ids, now_ms=1_000).tolist()  # first sighting: not admitted yet
+    [-1, -1]
+    >>> rows = table.insert(ids[:1], now_ms=2_000)  # second sighting of user:1: a row
+    >>> len(table), table.gather(ids).shape, bool(table.gather(ids)[1].any())
+    (1, (2, 4), False)
+    >>> bool((EmbeddingTable.restore(table.snapshot()).gather(ids) == table.gather(ids)).all())
+    True
     """
 
     def __init__(self, dim: int | None = None, config: TableConfig | None = None, **kw) -> None:

@@ -35,24 +35,47 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from models.sampling import NegativeSampler
+from events.model import Record
 from state.hashing import stable_hash64
 from state.popularity import PopularityCounter
+from state.sampling import NegativeSampler
 from state.settings import doc
 from state.user_history import UserHistory
 
 if TYPE_CHECKING:
-    from operators.events import Feedback, Impression
+    from events.model import Feedback, Impression
 
-Record = dict[str, Any]
-FeatureHook = Callable[[str, str, int], dict[str, Any]]
-"""(user_id, item_id, ts_ms) -> features known strictly before ts_ms."""
+
+class JoinContext(Protocol):
+    """What the joiner reads of its shard at an event's time (it never writes it)."""
+
+    def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
+        """Features of (user, item) known strictly before ``ts_ms`` (epoch ms)."""
+        ...
+
+    def consumed(self, user_id: str) -> Container[str]:
+        """Items the user interacted with (sampled negatives avoid them)."""
+        ...
+
+
+class HistoryContext:
+    """A ``JoinContext`` without features: consumed items from a ``UserHistory`` that the
+    caller updates after each event (standalone joiners: tests, benches, synthetic data)."""
+
+    def __init__(self, history: UserHistory | None = None) -> None:
+        self.history = history if history is not None else UserHistory()
+
+    def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
+        return {}
+
+    def consumed(self, user_id: str) -> Container[str]:
+        return self.history.consumed(user_id)
 
 
 @dataclass
@@ -151,12 +174,11 @@ class Joiner:
     time in epoch ms.
     """
 
-    def __init__(self, config: JoinConfig, sampler: NegativeSampler, history: UserHistory,
-                 features: FeatureHook | None = None) -> None:
+    def __init__(self, config: JoinConfig, sampler: NegativeSampler,
+                 context: JoinContext | None = None) -> None:
         self.config = config
         self.sampler = sampler
-        self.history = history
-        self.features = features
+        self.context: JoinContext = context if context is not None else HistoryContext()
         self.wait_ms = config.wait_ms()
         self.pending: dict[str, Pending] = {}
         self._deadlines: list[tuple[int, str]] = []
@@ -193,7 +215,7 @@ class Joiner:
             self.counters.dup_impressions += 1
             return
         self.counters.impressions += 1
-        features = self.features(imp.user_id, imp.item_id, imp.ts) if self.features else {}
+        features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
         entry = Pending(imp, imp.ts + self.wait_ms, {}, features)
         self.pending[iid] = entry
         heapq.heappush(self._deadlines, (entry.deadline_ms, iid))
@@ -216,7 +238,6 @@ class Joiner:
                 self._late(fb, "after_window")
             else:
                 self._orphan(fb)
-        self.history.add(fb.user_id, fb.item_id, fb.ts)
         if self.config.is_positive(fb.action, fb.value):
             self.popularity.add(fb.item_id, fb.ts)
 
@@ -380,7 +401,7 @@ class Joiner:
             self.counters.dup_feedback += 1
             return
         self.closed_ids[key] = fb.ts
-        features = self.features(fb.user_id, fb.item_id, fb.ts) if self.features else {}
+        features = self.context.example_features(fb.user_id, fb.item_id, fb.ts)
         positive = self.config.is_positive(fb.action, fb.value)
         example_id = f"int:{key}"
         weight = 1.0
@@ -409,7 +430,7 @@ class Joiner:
         ids, probs = self.popularity.arrays()
         if n <= 0 or not ids:
             return
-        consumed = self.history.consumed(fb.user_id)
+        consumed = self.context.consumed(fb.user_id)
         rng = np.random.default_rng(stable_hash64(key))
         draws = rng.choice(len(ids), size=min(len(ids), 4 * n), replace=True, p=probs)
         chosen: list[str] = []
@@ -421,7 +442,7 @@ class Joiner:
                     break
         for j, item in enumerate(chosen):
             self.counters.sampled_negatives += 1
-            features = self.features(fb.user_id, item, fb.ts) if self.features else {}
+            features = self.context.example_features(fb.user_id, item, fb.ts)
             self.examples.append({
                 "example_id": f"neg:{key}:{j}", **base, "item_id": item, "label": 0,
                 "labels": {}, "weight": 1.0, "features": features, "source": "sampled",

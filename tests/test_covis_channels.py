@@ -9,15 +9,17 @@ from typing import Any
 
 import pytest
 
-from models.sampling import NegativeSampler
-from operators.events import Feedback, Request
-from operators.item_shard import ItemsConfig, ItemShard, item_shard_key
-from operators.serving import ServingConfig, SnapshotViews
+from events.model import Feedback, Request
+from operators.item_shard import ItemsConfig, ItemShard, item_shard_key, route_updates
+from operators.item_updates import CovisPair, Interaction
+from operators.serving import ServingConfig
+from operators.snapshot_views import SnapshotViews
 from operators.user_shard import UserShard
 from state.covisitation import CoVisConfig, CoVisitation
 from state.hashing import shard_of
 from state.item_table import ItemTable
 from state.join_state import JoinConfig
+from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
 
 T0 = 1_767_225_600_000
@@ -53,16 +55,16 @@ def test_user_shard_emits_pairs_of_both_channels() -> None:
     out = shard.process("u000", [rating(T0, "u", "a", 5), rating(T0 + 1, "u", "b", 2),
                                  rating(T0 + 2, "u", "c", 4), rating(T0 + 3, "v", "a", 1)])
     assert out["item-updates"] == [
-        ("fb", "a", T0, True),
-        ("fb", "b", T0 + 1, False),
-        ("pair_any", "b", "a", 1.0, T0 + 1), ("pair_any", "a", "b", 1.0, T0 + 1),
-        ("fb", "c", T0 + 2, True),
+        Interaction("a", T0, True),
+        Interaction("b", T0 + 1, False),
+        CovisPair("b", "a", 1.0, T0 + 1, "any"), CovisPair("a", "b", 1.0, T0 + 1, "any"),
+        Interaction("c", T0 + 2, True),
         # any interaction: c with b (k = 0) and a (k = 1)
-        ("pair_any", "c", "b", 1.0, T0 + 2), ("pair_any", "b", "c", 1.0, T0 + 2),
-        ("pair_any", "c", "a", PAIR_DECAY, T0 + 2), ("pair_any", "a", "c", PAIR_DECAY, T0 + 2),
+        CovisPair("c", "b", 1.0, T0 + 2, "any"), CovisPair("b", "c", 1.0, T0 + 2, "any"),
+        CovisPair("c", "a", PAIR_DECAY, T0 + 2, "any"), CovisPair("a", "c", PAIR_DECAY, T0 + 2, "any"),
         # liked: c with the recent positives only (a; b was rated 2)
-        ("pair", "c", "a", 1.0, T0 + 2), ("pair", "a", "c", 1.0, T0 + 2),
-        ("fb", "a", T0 + 3, False),  # v's first interaction pairs with nothing
+        CovisPair("c", "a", 1.0, T0 + 2, "liked"), CovisPair("a", "c", 1.0, T0 + 2, "liked"),
+        Interaction("a", T0 + 3, False),  # v's first interaction pairs with nothing
     ]
     assert shard.liked.recent("u", 10) == ["c", "a"]
     assert shard.history.recent("u", 10) == ["c", "b", "a"]
@@ -128,10 +130,7 @@ def test_serving_blend_equals_the_reference(tmp_path: Path, seed: int) -> None:
     for begin, end in zip(cuts[:-1], cuts[1:], strict=True):  # a second table version replaces the first
         for start in range(begin, end, 50):  # micro-batches, like the flow
             out = shard.process("u000", events[start:min(start + 50, end)])
-            buckets: dict[str, list[tuple[Any, ...]]] = {}
-            for update in out.get("item-updates", []):
-                buckets.setdefault(item_shard_of(update[1]), []).append(update)
-            for key, updates in buckets.items():
+            for key, updates in route_updates(out.get("item-updates", []), item_shard_of).items():
                 items[key].process(key, updates)
         for item_shard in items.values():
             item_shard.publish()
@@ -144,12 +143,12 @@ def _check(shard: UserShard, events: list[Feedback]) -> None:
     now = events[-1].ts
     for user in ("u0", "u3", "u7"):
         want = _reference(events, user)
-        best, raw = shard.server.covis_channels(shard.context(user, now), now, 10**6)
+        best, raw = shard.server.covis_channels(shard.context.user(user, now), now, 10**6)
         blend = dict(best)
         assert set(raw) == {"liked", "any"}
         assert blend.keys() == want.keys() and want
         assert [v for _, v in best] == sorted(blend.values(), reverse=True)
-        top3, _ = shard.server.covis_channels(shard.context(user, now), now, 3)
+        top3, _ = shard.server.covis_channels(shard.context.user(user, now), now, 3)
         assert top3 == best[:3]
         for item, value in want.items():
             assert blend[item] == pytest.approx(value, rel=1e-6), item

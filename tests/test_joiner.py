@@ -5,20 +5,37 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.sampling import NegativeSampler
-from operators.events import Feedback, Impression
-from state.join_state import JoinConfig, Joiner
+from events.model import Feedback, Impression
+from state.join_state import HistoryContext, JoinConfig, Joiner
+from state.sampling import NegativeSampler
 from state.user_history import UserHistory
 
 T0 = 1_767_225_600_000
 MIN = 60_000
 
 
+class Context(HistoryContext):
+    """The shard's side of the joiner: optional feature function, a history it updates."""
+
+    def __init__(self, features=None) -> None:
+        super().__init__(UserHistory())
+        self.features = features
+
+    def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict:
+        return self.features(user_id, item_id, ts_ms) if self.features else {}
+
+
 def make(rate: float = 1.0, features=None, **overrides) -> Joiner:
     config = JoinConfig(window_ms={"click": 10 * MIN, "like": 30 * MIN}, wait_ms_override=0,
                         positive={"click": 0.0, "like": 0.0, "rating": 4.0},
                         allowed_lateness_ms=MIN, **overrides)
-    return Joiner(config, NegativeSampler(rate), UserHistory(), features)
+    return Joiner(config, NegativeSampler(rate), Context(features))
+
+
+def feed(joiner: Joiner, f: Feedback) -> None:
+    """Join feedback, then record it in the history, as the user shard does."""
+    joiner.on_feedback(f)
+    joiner.context.history.add(f.user_id, f.item_id, f.ts)
 
 
 def imp(iid: str, ts: int, user: str = "u1", item: str = "a", pos: int = 0) -> Impression:
@@ -32,7 +49,10 @@ def fb(iid: str | None, ts: int, action: str = "click", user: str = "u1", item: 
 
 def run(joiner: Joiner, events: list, advance_each: bool = True) -> tuple[list, list]:
     for e in events:
-        (joiner.on_impression if isinstance(e, Impression) else joiner.on_feedback)(e)
+        if isinstance(e, Impression):
+            joiner.on_impression(e)
+        else:
+            feed(joiner, e)
         if advance_each:
             joiner.advance()
     return joiner.drain()
@@ -122,10 +142,10 @@ def test_click_outside_its_own_window_while_waiting_for_likes() -> None:
 def test_interaction_positive_with_popularity_negatives() -> None:
     j = make(interaction_negatives=2)
     for n, item in enumerate(["p1", "p1", "p2", "p3", "p4"]):
-        j.on_feedback(fb(None, T0 + n, user=f"other{n}", item=item))
+        feed(j, fb(None, T0 + n, user=f"other{n}", item=item))
     j.drain()
-    j.on_feedback(fb(None, T0 + 100, "rating", user="u1", item="p2", value=2.0))  # consumed, negative
-    j.on_feedback(fb(None, T0 + 200, "rating", user="u1", item="x", value=5.0))
+    feed(j, fb(None, T0 + 100, "rating", user="u1", item="p2", value=2.0))  # consumed, negative
+    feed(j, fb(None, T0 + 200, "rating", user="u1", item="x", value=5.0))
     examples, _ = j.drain()
     assert [(e["source"], e["item_id"], e["label"]) for e in examples[:2]] == [
         ("interaction", "p2", 0), ("interaction", "x", 1)]
@@ -137,9 +157,9 @@ def test_interaction_positive_with_popularity_negatives() -> None:
     # Deterministic: the same log gives the same sampled negatives.
     j2 = make(interaction_negatives=2)
     for n, item in enumerate(["p1", "p1", "p2", "p3", "p4"]):
-        j2.on_feedback(fb(None, T0 + n, user=f"other{n}", item=item))
-    j2.on_feedback(fb(None, T0 + 100, "rating", user="u1", item="p2", value=2.0))
-    j2.on_feedback(fb(None, T0 + 200, "rating", user="u1", item="x", value=5.0))
+        feed(j2, fb(None, T0 + n, user=f"other{n}", item=item))
+    feed(j2, fb(None, T0 + 100, "rating", user="u1", item="p2", value=2.0))
+    feed(j2, fb(None, T0 + 200, "rating", user="u1", item="x", value=5.0))
     assert j2.drain()[0][-len(examples):] == examples
 
 

@@ -125,7 +125,7 @@ def test_loopback_default_bounded_threads_and_timeout() -> None:
 
 @pytest.mark.kafka
 def test_kafka_consumer_lag_per_partition(kafka_broker, kafka_topic, kafka_produce, tmp_path) -> None:
-    from flows.simulator import SimConfig, Simulator
+    from events.simulator import SimConfig, Simulator
     from operators.kafka_io import KafkaSource
 
     bootstrap = kafka_broker.bootstrap

@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from flows.simulator import SimConfig, Simulator
+from events.simulator import SimConfig, Simulator
 from models.mf import ItemFactors, MFConfig, UserFactors
 
 POSITIVE = {"click", "like", "purchase"}

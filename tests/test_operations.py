@@ -263,8 +263,8 @@ def _tree(path: Path) -> dict[str, bytes]:
 @pytest.mark.kafka
 def test_two_apps_share_one_kafka_and_store_without_touching_each_other(
         kafka_broker, kafka_produce, kafka_read_records, tmp_path) -> None:
+    from events.simulator import SimConfig, Simulator
     from flows.broker import broker_metadata, create_topics
-    from flows.simulator import SimConfig, Simulator
 
     bootstrap = kafka_broker.bootstrap
     store = tmp_path / "snapshots"
@@ -352,8 +352,8 @@ def test_flow_entrypoint_initialises_recovery_once_and_restarts_without_duplicat
     output twice; events produced meanwhile are processed exactly once."""
     import os
 
+    from events.simulator import SimConfig, Simulator
     from flows.broker import create_topics
-    from flows.simulator import SimConfig, Simulator
 
     bootstrap = kafka_broker.bootstrap
     app = f"restart{tmp_path.name[-6:]}".replace("_", "")

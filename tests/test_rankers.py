@@ -17,7 +17,7 @@ import pytest
 from river.checks import clf as river_clf
 from river.checks import common as river_common
 
-from flows.simulator import DEFAULT_START_TS_MS
+from events.simulator import DEFAULT_START_TS_MS
 from models.calibration import (
     calibration_ratio,
     correct_downsampled,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from test_serving import FAVOURITE, SEED, T0, World, ask, click, feed, ids
 
-from operators.events import Feedback
+from events.model import Feedback
+from operators.point_in_time import PointInTime
 from operators.scorer_duel import ScorerDuel
 from operators.serving import Server, ServingConfig
 
@@ -46,7 +47,7 @@ def test_only_the_latest_request_and_first_positive_count() -> None:
 
 def test_unknown_scorer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="serving.scorer"):
-        Server(ServingConfig(scorer="best"), None, str)  # type: ignore[arg-type]
+        Server(ServingConfig(scorer="best"), PointInTime(views=object(), item_shard_of=str))  # type: ignore[arg-type]
 
 
 def test_user_shard_hands_over_to_the_blend_on_organic_evidence(tmp_path: Path) -> None:
@@ -72,3 +73,30 @@ def test_user_shard_hands_over_to_the_blend_on_organic_evidence(tmp_path: Path) 
     feed(shard, [click("c9", SEED, T0 + 99)])
     last = ask(shard, "c9", ts=T0 + 100)
     assert ids(last)[0] == "a31" and shard.server.served_by["retrieval"] == 1
+
+
+def test_once_the_blend_leads_only_a_sample_is_shadow_scored(tmp_path: Path) -> None:
+    """Under ``auto`` with the blend ahead, the ranker scores about
+    ``scorer_shadow_rate`` of the requests (deterministic by request id); the other
+    requests leave no stale lists in the duel; at rate 1 every request is scored."""
+    world = World(tmp_path)
+    world.publish_all()
+    counts, shards = {}, {}
+    for rate in (0.2, 1.0):
+        shard = world.user_shard(scorer="auto", scorer_min_outcomes=1, scorer_shadow_rate=rate)
+        duel = shard.server.duel
+        duel.record("lead", ["miss"], ["hit"])
+        duel.outcome("lead", "hit")
+        assert duel.choice("auto") == "retrieval"
+        recorded = 0
+        for n in range(300):
+            ask(shard, f"v{n}", ts=T0 + n, request_id=f"req-{n}")
+            recorded += f"v{n}" in duel.pending
+        assert shard.server.served_by == {"ranker": 0, "retrieval": 300}
+        counts[rate], shards[rate] = recorded, shard
+    assert 40 <= counts[0.2] <= 80 and counts[1.0] == 300
+    duel = shards[0.2].server.duel
+    unsampled = next(n for n in range(300) if f"v{n}" not in duel.pending)
+    duel.record("w", ["a"], ["b"])  # an older request of w's
+    ask(shards[0.2], "w", ts=T0 + 1_000, request_id=f"req-{unsampled}")
+    assert "w" not in duel.pending  # its next positive is not matched to the old lists

@@ -21,26 +21,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from events.model import Request
 from models.calibration import correct_downsampled
 from models.features import (
-    _add,
+    add_feature,
     item_part,
     join_features,
     ranking_features,
     ranking_features_many,
     shared_features,
 )
+from models.ranker_io import save_ranker
 from models.rankers import Ranker, make_ranker
-from operators.events import Request
-from operators.serving import (
-    Candidate,
-    LinearScorer,
-    Server,
-    ServingConfig,
-    SnapshotViews,
-    UserContext,
-    linear_scorer,
-)
+from operators.linear_scorer import LinearScorer, linear_scorer
+from operators.point_in_time import PointInTime, UserContext
+from operators.serving import Candidate, Server, ServingConfig
+from operators.snapshot_views import SnapshotViews
 from state.covisitation import CoVisConfig, CoVisitation
 from state.item_table import CatalogEntry, ItemTable
 from state.snapshot_store import SnapshotStore
@@ -84,7 +80,7 @@ def test_split_features_rebuild_ranking_features_many(
         elif not (user_extra and set(extra) & set(user_extra)):
             naive = {f"item={item}": 1.0}
             for key, value in extra.items():
-                _add(naive, key, value)
+                add_feature(naive, key, value)
             assert set(naive) & set(shared)  # refused only for a name clash
 
 
@@ -214,7 +210,8 @@ def _server(tables: list[ItemTable], sources: dict[str, int]) -> Server:
         index = None
 
     views.index = _NoIndex()  # type: ignore[assignment]
-    return Server(ServingConfig(sources=sources), views, lambda item: "i00" + item[1])
+    return Server(ServingConfig(sources=sources),
+                  PointInTime(views=views, item_shard_of=lambda item: "i00" + item[1]))
 
 
 def _reference_retrieve(tables: list[ItemTable], sources: dict[str, int],
@@ -271,7 +268,7 @@ def test_table_map_follows_new_table_versions(tmp_path: Path) -> None:
 
 def test_recommend_is_the_same_with_and_without_the_fast_scorer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """End to end through Server.recommend (item extras from Server.item_extras)."""
+    """End to end through Server.recommend (item features from PointInTime)."""
     import operators.serving as serving
 
     rng = random.Random(11)
@@ -286,10 +283,11 @@ def test_recommend_is_the_same_with_and_without_the_fast_scorer(
                           {i: CatalogEntry(f"c{int(i[1:]) % 5}", True, T0 - 10) for i in mine})
         store.write(f"items-{s}", "npz", table.save, T0)
     ranker = _trained_lr(rng)
-    store.write("ranker", "pkl", lambda p: p.write_bytes(__import__("pickle").dumps(ranker)), T0)
+    store.write("ranker", "npz", lambda p: save_ranker(ranker, p, frozen=True), T0)
     views = SnapshotViews(store, ["i000", "i001"], poll_ms=0)
-    server = Server(ServingConfig(sources={"covis": 30, "trending": 10, "popular": 20}), views,
-                    lambda item: f"i00{int(item[1:]) % 2}")
+    views.poll()
+    server = Server(ServingConfig(sources={"covis": 30, "trending": 10, "popular": 20}),
+                    PointInTime(views=views, item_shard_of=lambda item: f"i00{int(item[1:]) % 2}"))
     ctx = UserContext("u3", ["i0", "i2", "i4"], {"i0": 1, "i2": 2, "i4": 3}, None,
                       {"u:age": "25-34", "user.clicks.1h": 4})
     req = Request(T0 + 5, "r1", "u3", 10, {"device": "web"})

@@ -1,4 +1,4 @@
-"""Tests of the seeded synthetic event simulator (flows/simulator.py)."""
+"""Tests of the seeded synthetic event simulator (events/simulator.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from flows.simulator import DEFAULT_START_TS_MS, SimConfig, Simulator, write_log
+from events.simulator import DEFAULT_START_TS_MS, SimConfig, Simulator, write_log
 
 N = 20_000
 

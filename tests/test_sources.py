@@ -7,8 +7,8 @@ import time
 import orjson
 import pytest
 
-from flows.logfile import open_log_for_write
-from flows.simulator import SimConfig
+from events.logfile import open_log_for_write
+from events.simulator import SimConfig
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
 
 T0 = 1_767_225_600_000

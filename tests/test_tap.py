@@ -50,7 +50,7 @@ def test_resolve_decides_between_kafka_and_local_files(tmp_path) -> None:
 def test_replay_then_tap_events_shows_what_replay_produced(kafka_broker, tmp_path, capsys) -> None:
     """The README sequence: `streamrec replay LOG --topic <app>.events`, then `streamrec
     tap events` (an input topic) prints exactly the replayed records."""
-    from flows.simulator import write_log
+    from events.simulator import write_log
 
     app = f"tap{tmp_path.name[-8:]}".replace("_", "")
     log = tmp_path / "log.jsonl"

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from flows.simulator import SimConfig, Simulator
+from events.simulator import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -29,15 +29,15 @@ import orjson
 import pytest
 from bytewax.testing import run_main
 
+from events.model import Impression
+from events.simulator import SimConfig, write_log
 from flows.broker import LocalBroker, LocalS3Store, create_topics
 from flows.evaluate import read_jsonl
 from flows.recsys import OUTPUTS, build
-from flows.simulator import SimConfig, write_log
-from models.sampling import NegativeSampler
-from operators.events import Impression
 from operators.kafka_io import KafkaSink, KafkaSource
 from operators.user_shard import UserShard
 from state.join_state import JoinConfig
+from state.sampling import NegativeSampler
 
 APP = "outage"
 EVENTS = 15_000

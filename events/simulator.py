@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from flows.logfile import open_log_for_write
+from events.logfile import open_log_for_write
 
 __all__ = ["DEFAULT_START_TS_MS", "SimConfig", "Simulator", "write_log"]
 
@@ -830,7 +830,7 @@ def write_log(path: str | os.PathLike[str], n: int, seed: int,
 
 
 def _main(argv: list[str] | None = None) -> None:
-    """Benchmark / writer: ``python -m flows.simulator -n 1000000 [--seed S] [-o LOG]``."""
+    """Benchmark / writer: ``python -m events.simulator -n 1000000 [--seed S] [-o LOG]``."""
     ap = argparse.ArgumentParser(description=_main.__doc__)
     ap.add_argument("-n", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=0)

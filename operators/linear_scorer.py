@@ -1,0 +1,224 @@
+"""Exact fast scoring of a River ``LogisticRegression`` serving ranker (kind ``lr``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+from river import linear_model, optim
+from river.utils.math import sigmoid
+from river.utils.vectordict import VectorDict
+
+from models.calibration import correct_downsampled_many
+from models.features import Features, add_feature, item_part, join_features, shared_features
+from models.rankers import Ranker
+from operators.point_in_time import ItemColumns, static_item_features
+from state.item_table import ItemTable
+
+log = logging.getLogger(__name__)
+
+
+class LinearScorer:
+    """Exact fast path of a River ``LogisticRegression`` serving ranker (kind ``lr``).
+
+    ``Ranker.predict_many(ranking_features_many(...))`` copies the ~100 shared
+    (user, time, context, profile) features into every candidate's dict and runs a
+    ~100-term dot product per candidate. River's dot walks the feature dict in its
+    order, adding ``w[name] * value`` for the names it has a weight for; a candidate's
+    dict is the shared features followed by its own part (``item_part``), so summing
+    the shared terms once per request and continuing that sum with each candidate's
+    part adds exactly the same floats in the same order. Scores are bitwise equal to
+    River's (checked against the model when a snapshot is first used, and in
+    ``tests/test_serving_fast.py``); a candidate whose part cannot be split off
+    (it overrides a profile key) is scored through its full dict the same way.
+    """
+
+    def __init__(self, ranker: Ranker) -> None:
+        model = ranker.model
+        self.n_learned = ranker.n_learned
+        self.weights: dict[str, float] = model._weights.to_dict()
+        self.intercept = float(model.intercept)
+        self.rate = ranker.rate
+
+    @staticmethod
+    def supports(ranker: Ranker) -> bool:
+        """A frozen serving copy of a River LogisticRegression (log loss, weight dict)."""
+        model = ranker.model
+        return (ranker.kind == "lr" and ranker.frozen
+                and type(model) is linear_model.LogisticRegression
+                and type(model.loss) is optim.losses.Log
+                and type(getattr(model, "_weights", None)) is VectorDict
+                and isinstance(getattr(model, "intercept", None), float))
+
+    def agrees_with(self, ranker: Ranker) -> bool:
+        """Self-check against River on dicts built from the model's own weights."""
+        names = list(self.weights)[:64]
+        probes = [{}, {"__missing__": 1.0}]
+        for k in (1, 2, 3):
+            x = {name: (-1.0) ** i * (i + k) / 7.0 for i, name in enumerate(reversed(names))}
+            x["__missing__"] = 2.5
+            probes.append(x)
+        for x in probes:
+            mine = sigmoid(self._dot(x, 0.0) + self.intercept)
+            if mine != ranker.model.predict_proba_one(x).get(True, 0.0):
+                return False
+        return True
+
+    def _dot(self, x: Features, start: float) -> float:
+        get = self.weights.get
+        s = start
+        for name, value in x.items():
+            w = get(name)
+            if w is not None:
+                s += w * value
+        return s
+
+    def predict_many(self, user_id: str, item_ids: list[str], ts_ms: int,
+                     context: dict[str, Any] | None, position: int | None,
+                     user_extra: dict[str, Any] | None,
+                     item_extras: list[dict[str, Any]]) -> np.ndarray:
+        """Calibrated P(positive) per item: equal to ``ranker.predict_many(
+        ranking_features_many(user_id, item_ids, ts_ms, context, position, user_extra,
+        item_extras))``."""
+        get = self.weights.get
+        shared = shared_features(user_id, ts_ms, context, position, user_extra)
+        base = self._dot(shared, 0.0)
+        intercept = self.intercept
+        out = np.empty(len(item_ids), np.float64)
+        for n, (item, extra) in enumerate(zip(item_ids, item_extras, strict=True)):
+            part = item_part(shared, user_extra, item, extra)
+            if part is None:
+                s = self._dot(join_features(shared, user_extra, item, extra), 0.0)
+            else:
+                s = base
+                for name, value in part.items():
+                    w = get(name)
+                    if w is not None:
+                        s += w * value
+            out[n] = sigmoid(s + intercept)
+        return correct_downsampled_many(out, self.rate)
+
+
+_SCORERS: weakref.WeakKeyDictionary[Ranker, LinearScorer | None] = weakref.WeakKeyDictionary()
+_SCORERS_LOCK = threading.Lock()
+
+
+def linear_scorer(ranker: Ranker) -> LinearScorer | None:
+    """The ``LinearScorer`` of a serving ranker snapshot, or None if it has none (other
+    kinds, a ranker that can still learn, or a River version whose predictions it does
+    not reproduce). Built once per snapshot object (its weights copied once) and shared
+    by every server in the process: snapshots are immutable and shared through
+    ``SnapshotReader``'s cache."""
+    with _SCORERS_LOCK:
+        if ranker in _SCORERS:
+            known = _SCORERS[ranker]
+            if known is None or known.n_learned == ranker.n_learned:
+                return known
+    scorer = None
+    if LinearScorer.supports(ranker):
+        scorer = LinearScorer(ranker)
+        if not scorer.agrees_with(ranker):
+            log.warning("LinearScorer disagrees with River on %r; serving through River", ranker)
+            scorer = None
+    with _SCORERS_LOCK:
+        _SCORERS[ranker] = scorer
+    return scorer
+
+
+_MAX_UNPUBLISHED = 100_000
+"""Most memoised static terms of items outside every loaded table, per ranker."""
+
+
+class ColumnScorer:
+    """Vectorised scoring of a ``LinearScorer`` over ``ItemColumns`` (operators/point_in_time.py).
+
+    The logit of a candidate is ``intercept + w . shared + w . item part``; the item part
+    splits into terms that change only with the item's table version or attributes
+    (``item=<id>``, item profile, category and attributes: computed once per ranker,
+    table version and attribute object, memoised on the table), terms shared by every
+    item with the same attribute value (user x attribute profiles: once per request and
+    value) and the numeric snapshot features (``w * signed_log(x)`` over arrays). The
+    sums are those of River's dot product in another order: equal within 1e-9, not
+    bitwise (``LinearScorer.predict_many`` is the bitwise path).
+    """
+
+    def __init__(self, scorer: LinearScorer) -> None:
+        self.scorer = scorer
+        self._no_table: dict[str, tuple[dict[str, Any] | None, float, frozenset[str]]] = {}
+        """Static terms of items outside every loaded table, by item id."""
+
+    def predict(self, user_id: str, ts_ms: int, context: dict[str, Any] | None,
+                position: int | None, user_extra: dict[str, Any] | None,
+                cols: ItemColumns) -> np.ndarray | None:
+        """Calibrated P(positive) per candidate, or None when an item feature would
+        override a user feature (then only the per-dict path is exact)."""
+        user_keys = user_extra.keys() if user_extra else frozenset()
+        if user_keys and any(name in user_keys for name in cols.numeric):
+            return None
+        scorer = self.scorer
+        weights = scorer.weights
+        shared = shared_features(user_id, ts_ms, context, position, user_extra)
+        n = len(cols.item_ids)
+        logit = np.full(n, scorer._dot(shared, 0.0) + scorer.intercept)
+        for name, values in cols.numeric.items():
+            w = weights.get(name)
+            if w is not None:
+                finite = np.isfinite(values)
+                x = np.where(finite, values, 0.0)
+                logit += w * (np.sign(x) * np.log1p(np.abs(x)))
+        static = np.empty(n)
+        cross_terms: dict[int, float] = {}
+        for j, item in enumerate(cols.item_ids):
+            term, keys = self._static(item, cols.tables[j], cols.attrs[j])
+            if user_keys and not keys.isdisjoint(user_keys):
+                return None
+            for feats in cols.cross[j]:
+                t = cross_terms.get(id(feats))
+                if t is None:
+                    if user_keys and not user_keys.isdisjoint(feats):
+                        return None
+                    t = cross_terms[id(feats)] = self._sum(feats)
+                term += t
+            static[j] = term
+        logit += static
+        p = np.where(logit < -30, 0.0, np.where(logit > 30, 1.0,
+                                                1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))))
+        return correct_downsampled_many(p, scorer.rate)
+
+    def _static(self, item: str, table: ItemTable | None,
+                attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
+        """(sum of the item's static terms incl. ``item=<id>``, the static feature keys)."""
+        memo = self._no_table if table is None else table.memo.setdefault(self, {})
+        hit = memo.get(item)
+        if hit is not None and hit[0] is attrs:
+            return hit[1], hit[2]
+        extra = static_item_features(item, table, attrs)
+        term = self.scorer.weights.get(f"item={item}", 0.0) + self._sum(extra)
+        keys = frozenset(extra)
+        if table is None and len(memo) >= _MAX_UNPUBLISHED:
+            memo.clear()  # bounded: items outside every table are few and short-lived
+        memo[item] = (attrs, term, keys)
+        return term, keys
+
+    def _sum(self, extra: dict[str, Any]) -> float:
+        """``w . x`` over the features ``extra`` expands to (``models.features``)."""
+        part: Features = {}
+        for key, value in extra.items():
+            add_feature(part, key, value)
+        get = self.scorer.weights.get
+        return sum(w * v for name, v in part.items() if (w := get(name)) is not None)
+
+
+_COLUMN_SCORERS: weakref.WeakKeyDictionary[LinearScorer, ColumnScorer] = weakref.WeakKeyDictionary()
+
+
+def column_scorer(scorer: LinearScorer) -> ColumnScorer:
+    """The one ``ColumnScorer`` of a ``LinearScorer`` in this process (its memos shared)."""
+    with _SCORERS_LOCK:
+        found = _COLUMN_SCORERS.get(scorer)
+        if found is None:
+            found = _COLUMN_SCORERS[scorer] = ColumnScorer(scorer)
+        return found

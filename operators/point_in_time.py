@@ -1,0 +1,315 @@
+"""What a user shard knows at an event's time: the one feature source of training and serving.
+
+``PointInTime`` is built once per user shard over the shard's own state (history,
+positives, profiles, catalog, user attributes, MF user vectors) and its
+``SnapshotViews`` (the item side: item tables, index, serving ranker, as of the
+micro-batch's first event). The joiner takes example features from it at impression
+time and serving takes candidate features from it at request time, so training and
+serving features are the same function of the same state:
+
+* ``user(user_id, ts_ms)``: the ``UserContext`` (profile as of ``ts_ms``, recent and
+  liked items, consumed set, MF vector), built once per request;
+* ``item_features(ctx, item_ids, ts_ms, covis)``: per-item features (item attributes,
+  user x item-attribute profiles, item profile, category, co-visitation with the recent
+  items, popularity, trending, MF score);
+* ``example_features(user_id, item_id, ts_ms)``: both, for one impression (the
+  joiner's ``JoinContext``), with ``consumed`` for its sampled negatives.
+
+It only reads: the user shard applies every event after taking its features.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.mf import UserFactors
+from operators.snapshot_views import SnapshotViews
+from state.covis_view import SparseScores
+from state.embedding_table import keys_of
+from state.item_table import ItemTable
+from state.profiles import ProfileStore
+from state.user_history import UserHistory
+
+
+@dataclass
+class UserContext:
+    """What the user shard knows of the user at request (or impression) time."""
+
+    user_id: str
+    recent: list[str]
+    consumed: dict[str, int]
+    vector: np.ndarray | None
+    profile: dict[str, Any]
+    liked: list[str] = field(default_factory=list)
+    """Recent positives, newest first (``recent`` holds every interaction)."""
+
+
+NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf")
+"""Numeric per-candidate features read from the snapshots: popularity and trending
+(decayed to the event's time), co-visitation sums of the liked and any-interaction
+channels, MF score. Absent means 0.0 (no table, no seeds, no vector)."""
+
+
+@dataclass
+class ItemColumns:
+    """Candidate features column-wise: the same values as ``PointInTime.item_features``."""
+
+    item_ids: list[str]
+    numeric: dict[str, np.ndarray]
+    """``NUMERIC_ITEM_FEATURES`` present for this request, raw values (float64, 0.0 where
+    absent), in that order."""
+    tables: list[ItemTable | None]
+    """The item table holding each item (None: not published yet)."""
+    attrs: list[dict[str, Any] | None]
+    """The shard catalog's attributes of each item (a new object when they change)."""
+    cross: list[list[dict[str, Any]]]
+    """The user x item-attribute profile features of each item (one dict per value)."""
+
+
+def static_item_features(item_id: str, table: ItemTable | None,
+                         attrs: dict[str, Any] | None) -> dict[str, Any]:
+    """The item's features that change only with its table version or its attributes:
+    item profile (IPS ``item`` entity, as of the table), ``i:category`` (the table's
+    catalog), then ``i:<attr>`` of the shard's catalog (``item`` events; they win)."""
+    extra: dict[str, Any] = {}
+    if table is not None:
+        profile = table.features.get(item_id)
+        if profile:
+            extra.update(profile)
+        entry = table.catalog.get(item_id)
+        extra["i:category"] = entry.category if entry else None
+    if attrs:
+        for key, value in attrs.items():
+            if key != "available" and not isinstance(value, dict):
+                extra[f"i:{key}"] = value
+    return extra
+
+
+@dataclass(frozen=True)
+class CovisQuery:
+    """How recent items seed co-visitation (serving.recent_items, covis_query_decay)."""
+
+    recent_items: int = 40
+    decay: float = 0.8
+
+
+class PointInTime:
+    """Features known strictly before an event, from the user shard's state and snapshots."""
+
+    def __init__(self, *, history: UserHistory | None = None, liked: UserHistory | None = None,
+                 profiles: dict[str, ProfileStore] | None = None,
+                 catalog: OrderedDict[str, dict[str, Any]] | None = None,
+                 user_attrs: OrderedDict[str, dict[str, Any]] | None = None,
+                 users: UserFactors | None = None, views: SnapshotViews | None = None,
+                 item_shard_of: Callable[[str], str] | None = None,
+                 covis: CovisQuery | None = None) -> None:
+        """The user shard passes its own state (read, never written here); what is not
+        given is empty (e.g. a context over snapshots only, for serving tests)."""
+        self.history = history if history is not None else UserHistory()
+        self.liked = liked
+        """Each user's positives; None when co-visitation is off."""
+        profiles = profiles if profiles is not None else {}
+        self.profiles = profiles
+        self.catalog = catalog if catalog is not None else OrderedDict()
+        """Item attributes (+ ``available``), from broadcast ``item`` events."""
+        self.user_attrs = user_attrs if user_attrs is not None else OrderedDict()
+        self.users = users
+        self.views = views
+        self.item_shard_of = item_shard_of
+        self.covis = covis or CovisQuery()
+        self._crosses = [(kind[7:], store) for kind, store in profiles.items()
+                         if kind.startswith("user_x_")]
+
+    # -- the user ------------------------------------------------------------------
+    def user(self, user_id: str, ts_ms: int | None) -> UserContext:
+        """The user's state for features: profile as of ``ts_ms`` (events before it)."""
+        profile: dict[str, Any] = {}
+        store = self.profiles.get("user")
+        if store is not None:
+            for name, value in store.query(user_id, _query_time(store, ts_ms)).items():
+                profile[name] = _feature_value(name, value, ts_ms)
+        for key, value in self.user_attrs.get(user_id, {}).items():
+            profile[f"u:{key}"] = value
+        vector = None
+        if self.users is not None:
+            vector = self.users.vector(user_id)
+        recent = self.history.recent(user_id, 50)
+        if vector is None and self.users is not None and recent:
+            vector = self.item_vectors(recent[:20]).mean(axis=0)
+        liked = self.liked.recent(user_id, 50) if self.liked is not None else []
+        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked)
+
+    def consumed(self, user_id: str) -> Container[str]:
+        """Items the user interacted with (the joiner's sampled negatives avoid them)."""
+        return self.history.consumed(user_id)
+
+    # -- features ------------------------------------------------------------------
+    def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
+        """The joiner's features of one (user, item) at ``ts_ms`` (point in time)."""
+        ctx = self.user(user_id, ts_ms)
+        return {**ctx.profile, **self.item_features(ctx, [item_id], ts_ms)[0]}
+
+    def item_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
+                      covis: dict[str, SparseScores] | None = None) -> list[dict[str, Any]]:
+        """Per-item features, for each item; the same at impression time and at serving
+        time: the item's static features (``static_item_features``), then its numeric
+        snapshot features (``NUMERIC_ITEM_FEATURES``: popularity, trending, co-visitation
+        with the recent items, MF score), then the user x item-attribute profiles.
+
+        ``covis``: the raw channel sums of ``Server.covis_channels`` (serving); None
+        looks each item up (one impression at a time). Both give the same numbers.
+        """
+        cols = self.item_columns(ctx, item_ids, ts_ms, covis)
+        numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
+        out = []
+        for n, item in enumerate(item_ids):
+            extra = static_item_features(item, cols.tables[n], cols.attrs[n])
+            for name, values in numeric:
+                extra[name] = values[n]
+            for feats in cols.cross[n]:
+                extra.update(feats)
+            out.append(extra)
+        return out
+
+    def item_columns(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
+                     covis: dict[str, SparseScores] | None = None) -> ItemColumns:
+        """The raw material of ``item_features`` column-wise, for vectorised scoring:
+        numeric features as arrays, and per item its table, attributes and cross
+        profile dicts (one shared dict per attribute value)."""
+        n = len(item_ids)
+        tables: list[ItemTable | None] = [None] * n
+        attrs = [self.catalog.get(item) for item in item_ids]
+        numeric: dict[str, np.ndarray] = {}
+        if self.views is not None and self.item_shard_of is not None:
+            at = ts_ms or 0
+            table_map = self.views.table_map()
+            shard_of = self.item_shard_of
+            pop = np.zeros(n)
+            trend = np.zeros(n)
+            factors: dict[str, tuple[float, float]] = {}
+            for j, item in enumerate(item_ids):
+                table = table_map.get(shard_of(item))
+                if table is not None:
+                    tables[j] = table
+                    fp, ft = factors.get(table.shard) or factors.setdefault(
+                        table.shard, (table.decay_factor("popular", at),
+                                      table.decay_factor("trending", at)))
+                    pop[j] = table.popular.get(item, 0.0) * fp
+                    trend[j] = table.trending.get(item, 0.0) * ft
+            numeric["pop"] = pop
+            numeric["trend"] = trend
+            if covis is None:
+                sums = {name: self._covis_lookup(seeds, name, item_ids, table_map, at)
+                        for name, seeds in self.seeds(ctx)}
+            else:
+                sums = {name: scores.many(item_ids) for name, scores in covis.items()}
+            numeric["covis"] = np.asarray(sums.get("liked") or [0.0] * n, np.float64)
+            if sums.get("any") is not None:
+                numeric["covis_any"] = np.asarray(sums["any"], np.float64)
+            mf = self._mf_scores(ctx.vector, item_ids)
+            if mf is not None:
+                numeric["mf"] = np.asarray(mf, np.float64)
+        cross: list[list[dict[str, Any]]] = [[] for _ in item_ids]
+        if self._crosses:
+            cache: dict[tuple[str, str], dict[str, Any]] = {}
+            for j, a in enumerate(attrs):
+                if not a:
+                    continue
+                for attr, store in self._crosses:
+                    value = a.get(attr)
+                    if isinstance(value, str):
+                        feats = cache.get((attr, value))
+                        if feats is None:
+                            feats = cache[(attr, value)] = {
+                                name: _feature_value(name, v, ts_ms) for name, v in
+                                store.query((ctx.user_id, value), _query_time(store, ts_ms)).items()}
+                        cross[j].append(feats)
+        return ItemColumns(item_ids, numeric, tables, attrs, cross)
+
+    def seeds(self, ctx: UserContext) -> list[tuple[str, list[str]]]:
+        """(channel, seeds newest first) of every co-visitation channel the loaded tables
+        carry: recent positives for ``liked``, recent interactions for ``any``."""
+        n = self.covis.recent_items
+        out = [("liked", ctx.liked[:n])]
+        tables = self.views.loaded_tables() if self.views is not None else []
+        if tables and tables[0].covis_any is not None:
+            out.append(("any", ctx.recent[:n]))
+        return out
+
+    def _covis_lookup(self, seeds: list[str], name: str, item_ids: list[str],
+                      tables: dict[str, ItemTable], ts_ms: int) -> list[float]:
+        """``sum_k decay**k covis(seed_k, item)`` for the given items only (impressions)."""
+        assert self.item_shard_of is not None
+        wanted = [0.0] * len(item_ids)
+        q = self.covis.decay
+        weight = 1.0
+        for seed in seeds:
+            table = tables.get(self.item_shard_of(seed))
+            if table is not None:
+                row = table.covis_row(name, seed)
+                if row:
+                    wf = weight * table.covis_factor(ts_ms)
+                    for n, item in enumerate(item_ids):
+                        v = row.get(item)
+                        if v is not None:
+                            wanted[n] += wf * v
+            weight *= q
+        return wanted
+
+    def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str]) -> np.ndarray | None:
+        index = self.views.index if self.views is not None else None
+        if vector is None or index is None or index.index is None or not item_ids:
+            return None
+        vecs, found = index.vectors(item_ids)
+        scores = vecs @ np.asarray(vector, np.float32)
+        return np.where(found, scores, 0.0)
+
+    # -- items ---------------------------------------------------------------------
+    def unavailable(self, item_id: str) -> bool:
+        """True when the shard's own catalog (fed by broadcast ``item`` events) already
+        knows the item is unavailable, before its item table is republished."""
+        attrs = self.catalog.get(item_id)
+        return attrs is not None and attrs.get("available", True) is False
+
+    def item_vectors(self, items: list[str]) -> np.ndarray:
+        """Items' MF vectors from the newest index snapshot, else their deterministic
+        initial vectors (user and item tables share init params)."""
+        assert self.users is not None
+        vecs = self.users.table.initial_vectors(keys_of(items))
+        index = self.views.index if self.views is not None else None
+        if index is not None and index.index is not None:
+            found_vecs, found = index.vectors(items)
+            vecs[found] = found_vecs[found]
+        return vecs
+
+    def negative_pool(self) -> list[str]:
+        """Items to sample BPR negatives from: the newest index snapshot, else the catalog."""
+        index = self.views.index if self.views is not None else None
+        if index is not None and index.index is not None:
+            return index.index.item_ids()
+        return [i for i, attrs in self.catalog.items() if attrs.get("available", True)]
+
+
+def _query_time(store: ProfileStore, ts_ms: int | None) -> int | None:
+    """Query the current profile (fast path) unless events after ``ts_ms`` were applied.
+
+    In order, the store's clock is at most ``ts_ms`` when an event is processed, so the
+    current profile holds only earlier events (and same-millisecond ones); windows then
+    end at the store clock instead of exactly at ``ts_ms``. After an out-of-order
+    arrival the exact past query runs instead (events strictly before ``ts_ms``).
+    """
+    if ts_ms is None or store.now is None or store.now <= ts_ms:
+        return None
+    return ts_ms
+
+
+def _feature_value(name: str, value: Any, ts_ms: int | None) -> Any:
+    """Profile outputs as model features: timestamps become ages in seconds."""
+    if name.endswith("_ts.all") and isinstance(value, int | float) and ts_ms is not None:
+        return (ts_ms - value) / 1000.0
+    return value

@@ -1,0 +1,51 @@
+"""The item shard applies typed item updates (operators/item_updates.py) by kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from events.model import Item
+from operators.item_shard import ItemsConfig, ItemShard, route_updates
+from operators.item_updates import CatalogChange, CovisPair, Interaction, MFStep
+from state.snapshot_store import SnapshotStore
+
+T0 = 1_767_225_600_000
+
+
+def shard(tmp_path: Path) -> ItemShard:
+    return ItemShard(ItemsConfig(refresh_interval_ms=10**12, mf={"dim": 4}),
+                     SnapshotStore(tmp_path))
+
+
+def test_each_kind_lands_in_its_state(tmp_path: Path) -> None:
+    s = shard(tmp_path)
+    s.process("i000", [
+        CatalogChange("a", Item(T0, "a", {"category": "books"}, True)),
+        Interaction("a", T0 + 1, True),
+        Interaction("b", T0 + 2, False),
+        CovisPair("a", "b", 1.0, T0 + 2, "liked"),
+        CovisPair("b", "a", 0.5, T0 + 2, "any"),
+        MFStep("a", T0 + 3, np.ones(4, np.float32), None),
+    ])
+    assert s.catalog["a"].category == "books" and s.catalog["b"].first_seen_ms == T0 + 2
+    assert list(s.popular.scores(T0 + 2)) == ["a"]
+    assert sorted(s.interactions.scores(T0 + 2)) == ["a", "b"]
+    assert s.covis.score("a", "b", T0 + 2) == pytest.approx(1.0)
+    assert s.covis.score("b", "a", T0 + 2) == 0.0
+    assert s.covis_any is not None and s.covis_any.score("b", "a", T0 + 2) == pytest.approx(0.5)
+    assert s.max_ts_ms == T0 + 2  # MF steps carry the time of the positive already counted
+    assert s.factors.changed_since(0).version > 0
+
+
+def test_an_unknown_kind_raises(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="unknown item update tuple"):
+        shard(tmp_path).process("i000", [("fb", "a", T0, True)])
+
+
+def test_updates_route_by_item_id_in_order() -> None:
+    updates = [Interaction("a", 1, True), Interaction("b", 2, True), Interaction("a", 3, False)]
+    assert route_updates(updates, lambda item: f"i-{item}") == {
+        "i-a": [updates[0], updates[2]], "i-b": [updates[1]]}
