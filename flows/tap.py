@@ -30,6 +30,7 @@ name no record read has as a field, or an expression that fails on every record 
 from __future__ import annotations
 
 import ast
+import builtins
 import re
 import sys
 import time
@@ -48,7 +49,7 @@ UNKNOWN_FIELD_PROBE = 1_000
 up earlier)."""
 
 FILTER_BUILTINS: dict[str, Any] = {
-    name: __builtins__[name] if isinstance(__builtins__, dict) else getattr(__builtins__, name)
+    name: getattr(builtins, name)
     for name in ("abs", "all", "any", "bool", "float", "int", "len", "max", "min", "round",
                  "set", "sorted", "str", "sum", "isinstance", "list", "dict", "True", "False",
                  "None")
