@@ -10,9 +10,8 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -28,7 +27,6 @@ from flows.config import (
 from flows.kafka_wait import wait_for_broker
 from flows.logs import LogConfig, StreamrecError, setup_logging
 from flows.progress import Progress
-from operators.example_codec import unpack_example
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
@@ -177,90 +175,36 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format(record: dict[str, Any]) -> str:
-    return orjson.dumps(record).decode()
-
-
-def _matches(record: dict[str, Any], expr: str | None) -> bool:
-    if not expr:
-        return True
-    try:
-        return bool(eval(expr, {"__builtins__": {}}, {"r": record, **record}))  # noqa: S307
-    except Exception:
-        return False
-
-
-def _tap_file(path: Path, follow: bool) -> Iterable[bytes]:
-    with path.open("rb") as f:
-        while True:
-            line = f.readline()
-            if line:
-                yield line
-            elif follow:
-                time.sleep(0.2)
-            else:
-                return
-
-
-def _tap_kafka(bootstrap: str, topic: str, follow: bool, client: dict[str, Any]) -> Iterable[bytes]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(**{**client, "bootstrap_servers": bootstrap,
-                                "enable_auto_commit": False})
-    parts = None
-    for _ in range(50):
-        parts = consumer.partitions_for_topic(topic)
-        if parts:
-            break
-        time.sleep(0.2)
-    if not parts:
-        raise SystemExit(f"tap: topic {topic!r} not found on {bootstrap}")
-    tps = [TopicPartition(topic, p) for p in sorted(parts)]
-    consumer.assign(tps)
-    for tp in tps:
-        consumer.seek(tp, 0)
-    idle = 0
-    while True:
-        polled = consumer.poll(timeout_ms=500)
-        if not polled:
-            idle += 1
-            if not follow and idle >= 4:
-                return
-            continue
-        idle = 0
-        for messages in polled.values():
-            for m in messages:
-                yield m.value
-
-
 def cmd_tap(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if args.bootstrap or config.output.kind == "kafka":
-        from flows.recsys import OUTPUTS
+    """Print a topic's records (flows/tap.py); a filter, format or position error exits 2."""
+    from flows.tap import TapError, parse_from, read_file, read_kafka, resolve, tap
 
-        topic = config.topic(args.topic) if args.topic in OUTPUTS else args.topic
-        bootstrap, kafka = _kafka(args)
-        wait_for_broker(bootstrap, kafka.client_settings("consumer"), kafka.startup_timeout_s,
-                        f"tap {topic}")
-        lines = _tap_kafka(bootstrap, topic, args.follow, kafka.client_settings("consumer"))
-    else:
-        path = Path(args.dir or config.output.dir) / f"{args.topic}.jsonl"
-        if not path.exists():
-            raise SystemExit(f"tap: {path} does not exist (has the flow written {args.topic!r}?)")
-        lines = _tap_file(path, args.follow)
-    shown = 0
+    config = load_config(args.config)
     try:
-        for line in lines:
-            record = orjson.loads(line)
-            if args.topic.endswith("examples"):
-                record = unpack_example(record)
-            if _matches(record, args.filter):
-                print(_format(record), flush=True)
-                shown += 1
-                if args.limit and shown >= args.limit:
-                    break
-    except (KeyboardInterrupt, BrokenPipeError):
-        pass
+        start = parse_from(args.from_)
+        where = resolve(args.topic, config, args.source, args.bootstrap, args.dir)
+        if where.kind == "files":
+            assert where.path is not None
+            if args.partition:
+                raise TapError("--partition applies to Kafka topics, not local output files")
+            if not where.path.exists():
+                raise SystemExit(f"tap: {where.path} does not exist (has the flow written "
+                                 f"{args.topic!r}? output.kind = {config.output.kind!r})")
+            print(f"tap: {where.path} (local output: output.kind = \"files\"; Kafka: "
+                  "--bootstrap or a config with output.kind = \"kafka\")", file=sys.stderr)
+            messages = read_file(where.path, start, args.follow)
+        else:
+            bootstrap, kafka = _kafka(args)
+            wait_for_broker(bootstrap, kafka.client_settings("consumer"),
+                            kafka.startup_timeout_s, f"tap {where.topic}")
+            print(f"tap: Kafka topic {where.topic} on {bootstrap}", file=sys.stderr)
+            messages = read_kafka(bootstrap, where.topic, start, args.follow, args.partition,
+                                  kafka.client_settings("consumer"))
+        with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+            tap(messages, sys.stdout, args.format, args.filter, args.limit)
+    except TapError as err:
+        print(f"streamrec tap: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -304,8 +248,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     with Progress("eval", count_lines(args.log), quiet=args.quiet) as progress:
         report = evaluate(args.log, args.report, config=args.config, out_dir=args.out,
+                          plots=not args.no_plots, examples=args.examples,
                           progress=progress.set)
-    brief = {k: v for k, v in report.items() if k not in ("config", "hr_curve", "reliability")}
+    brief = {k: v for k, v in report.items()
+             if k not in ("config", "hr_curve", "hr_windows", "reliability")}
     print(orjson.dumps(brief, option=orjson.OPT_INDENT_2).decode())
     return 0
 
@@ -384,11 +330,23 @@ def parser() -> argparse.ArgumentParser:
     _quiet(s)
     s.set_defaults(func=cmd_replay)
 
-    s = sub.add_parser("tap", help="print an output topic (Kafka or local JSONL) readably")
-    s.add_argument("topic", help="output name (examples, recommendations, ...) or a Kafka topic")
-    s.add_argument("--follow", "-f", action="store_true")
-    s.add_argument("--filter", help="Python expression over the record's fields, e.g. \"label == 1\"")
-    s.add_argument("--limit", type=int, default=0)
+    s = sub.add_parser("tap", help="print a topic's records like kcat (Kafka or local JSONL)")
+    s.add_argument("topic", help="an app topic (outputs: examples, recommendations, ...; inputs: "
+                   "events), read as <app>.<name>, or any Kafka topic")
+    s.add_argument("--follow", "-f", action="store_true", help="keep reading new records")
+    s.add_argument("--from", dest="from_", default="beginning", metavar="WHERE",
+                   help="beginning (default), end, -N (last N per partition) or an offset N")
+    s.add_argument("--partition", "-p", type=int, action="append",
+                   help="only this partition (repeatable)")
+    s.add_argument("--format", help="kcat tokens (%%t %%p %%o %%k %%s %%T %%S), named "
+                   "placeholders ({partition} {offset} {key} {timestamp} {value} {r[FIELD]}) or "
+                   "json (an envelope per message); default: the record")
+    s.add_argument("--filter", help="Python expression over the record's fields, e.g. "
+                   "\"label == 1\" (r = the record; a bad expression or unknown field exits 2)")
+    s.add_argument("--limit", type=int, default=0, help="stop after printing this many")
+    s.add_argument("--source", choices=["auto", "kafka", "files"], default="auto",
+                   help="auto: outputs from local files when output.kind = files (and no "
+                   "--bootstrap), everything else from Kafka")
     s.add_argument("--bootstrap", help="read from Kafka at this bootstrap")
     s.add_argument("--dir", help="local output directory (default: config output.dir)")
     s.add_argument("--config")
@@ -420,6 +378,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config")
     s.add_argument("--out", help="directory for the flow's outputs (default: beside the report)")
     _quiet(s)
+    s.add_argument("--examples", action="store_true",
+                   help="also write the training examples (examples.jsonl; large)")
+    s.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config-reference", help="print every config key (markdown table)")

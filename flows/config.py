@@ -167,12 +167,19 @@ def _check_kafka_client(kafka: KafkaConfig) -> None:
                                   f"{cls.__name__}")
 
 
+OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
+"""Every output topic (Kafka topics are prefixed with the app name)."""
+
+
 @dataclass
 class OutputConfig:
     """Where the output topics go."""
 
     kind: Literal["files", "kafka"] = doc("files: one JSONL file per topic under dir; kafka: topics.", "files")
     dir: str = doc("files: output directory.", "streamrec-out")
+    skip: list[str] = doc("Outputs not written at all (their counts still reach the metrics), "
+                          "e.g. [\"examples\"] when nothing consumes them; streamrec eval skips "
+                          "examples unless --examples.", factory=list)
 
 
 @dataclass
@@ -340,7 +347,7 @@ def _plain(value: Any) -> Any:
 
 LEAST: dict[str, int] = {
     "parse.max_bytes": 1, "snapshots.keep": 1, "index.M": 2, "index.ef_construction": 1,
-    "index.ef": 1, "index.threads": 1, "metrics.max_connections": 1,
+    "index.ef": 1, "index.threads": 1, "metrics.max_threads": 1,
 }
 """Smallest accepted value of keys whose smaller values would start a flow that
 misbehaves silently (``snapshots.keep = 0`` deleted every snapshot)."""
@@ -454,8 +461,8 @@ def _validate(config: Config) -> None:
     for key, value in _durations(config):
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{key}: must be >= 0 (a duration or window), got {value}")
-    if config.metrics.timeout_s <= 0:
-        raise ConfigError(f"metrics.timeout_s: must be > 0, got {config.metrics.timeout_s}")
+    if config.metrics.request_timeout_s <= 0:
+        raise ConfigError(f"metrics.request_timeout_s: must be > 0, got {config.metrics.request_timeout_s}")
     known = ranker_param_names(config.ranker.kind)
     for key in config.ranker.params:
         if key not in known:
@@ -473,6 +480,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("shards: users and items must be >= 1")
     if not config.inputs:
         raise ConfigError("inputs: at least one input is required")
+    for name in config.output.skip:
+        if name not in OUTPUTS:
+            raise ConfigError(f"output.skip: {name!r} is not an output (one of {', '.join(OUTPUTS)})")
     for i, inp in enumerate(config.inputs):
         if inp.kind == "replay" and not inp.path:
             raise ConfigError(f"inputs[{i}].path: required for a replay input")

@@ -33,9 +33,9 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
 from events.logfile import LogFileError, check_log
-from events.model import Event, EventParser, Record
+from events.model import EventParser, Record
 from events.simulator import SimConfig
-from flows.config import Config, ConfigError, InputConfig, load_config
+from flows.config import OUTPUTS, Config, ConfigError, InputConfig, load_config  # noqa: F401 - OUTPUTS re-exported
 from flows.kafka_wait import wait_for_kafka
 from flows.logs import install_excepthook, setup_logging
 from flows.memory import memory_bound
@@ -54,9 +54,6 @@ from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
 from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
-
-OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
-"""Every output topic (Kafka topics are prefixed with the app name)."""
 
 GC_THRESHOLD = (50_000, 20, 100)
 """CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
@@ -133,6 +130,8 @@ def _inputs(flow: Dataflow, config: Config) -> Stream[list[Any]]:
 def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
     """Send record batches to the output topic ``name`` (file or Kafka)."""
     step = f"out_{name.replace('-', '_')}"
+    if name in config.output.skip:
+        return
     if config.output.kind == "files":
         keyed = op.key_on(f"{step}_key", stream, lambda _batch: name)
         op.output(step, keyed, JsonlFileSink(config.output.dir, name))
@@ -148,12 +147,15 @@ def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:
     return op.filter_map(f"take_{name.replace('-', '_')}", stream, lambda out: out.get(name))
 
 
-def _parse_counts(parsed: tuple[list[Event], list[Record], int]) -> tuple[str, dict[str, Any]]:
-    events, dead, _ = parsed
+def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+    """Metrics item of one parsed batch: events by type, dead letters by reason, max event
+    time, and the Kafka read positions the batch carries (consumer lag)."""
+    events, dead = parsed[0], parsed[1]
     return "parse", {
         "events_by_type": Counter(e.type for e in events),
         "dead_by_reason": Counter(d["reason"] for d in dead),
         "max_ts": max((e.ts for e in events), default=None),
+        "offsets": parsed[3] if len(parsed) > 3 else None,
     }
 
 
@@ -177,6 +179,8 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
         items.append(("examples", by_label))
     if "recommendations" in out:
         items.append(("latency", [r["latency_ms"] for r in out["recommendations"]]))
+    if "serving-cost" in out:
+        items.append(("serving_cost", out["serving-cost"]))
     items.extend(("shard", c) for c in out.get("counters", ()))
     return items
 
@@ -190,8 +194,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     Side effects: installs the configured log handler (``log``), waits for the Kafka
     broker when the config uses Kafka (``kafka.startup_timeout_s``; ``BrokerUnavailable``
     after it), makes uncaught config and broker errors print one line
-    (``flows.logs.install_excepthook``) and raises this process's GC thresholds to
-    ``GC_THRESHOLD``.
+    (``flows.logs.install_excepthook``), raises this process's GC thresholds to
+    ``GC_THRESHOLD`` and, with ``metrics.port``, starts the metrics endpoint.
     """
     install_excepthook()
     config = load_config(config)
@@ -199,13 +203,18 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     check_inputs(config)
     wait_for_kafka(config, f"the {config.app} flow's topics")
     gc.set_threshold(*GC_THRESHOLD)
+    if config.metrics.port:  # /healthz from the start, before the metrics stage has items
+        from operators.prometheus import MetricsServer
+
+        MetricsServer.serve(config.metrics)
     flow = Dataflow(config.app)
     store = config.snapshot_store()
     raw = _inputs(flow, config)
 
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,
                          min_ts_ms=config.parse.min_ts_ms)
-    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns()))
+    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns(),
+                                                   getattr(batch, "offsets", None)))
     dead_letters = [op.filter_map("dead_letters", parsed, lambda p: p[1] or None)]
 
     n_users, n_items = config.shards.users, config.shards.items

@@ -76,6 +76,17 @@ def parse_part_key(key: str) -> TopicPartition:
     return TopicPartition(topic, int(partition))
 
 
+class OffsetBatch(list):
+    """A micro-batch of message values carrying its partition's read position:
+    ``offsets = {"topic#p": (next offset, end offset)}``, the end being the high
+    watermark of the last Fetch response; the metrics stage reports ``end - next`` as the
+    consumer lag of the partition."""
+
+    def __init__(self, values: list[bytes], offsets: dict[str, tuple[int, int]]) -> None:
+        super().__init__(values)
+        self.offsets = offsets
+
+
 @dataclass
 class _Backoff:
     """Capped exponential backoff, in seconds."""
@@ -203,7 +214,10 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[bytes], int | None]):
         if values:
             self._offset = next_offset
             self._caught_up_since = None
-            return [values]
+            hw = consumer.highwater(self._tp)
+            if hw is None:
+                return [values]
+            return [OffsetBatch(values, {part_key(*self._tp): (next_offset, max(int(hw), next_offset))})]
 
         # Nothing new. Skip over offsets the consumer consumed without returning
         # records (transaction markers, aborted records).

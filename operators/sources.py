@@ -22,6 +22,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from events.logfile import LongLine, iter_lines, open_log
 from events.model import MAX_RAW_IN_DEAD_LETTER, Rejected
 from events.simulator import SimConfig, Simulator
+from operators import health
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ class _GatedPartition(StatefulSourcePartition[Any, Any]):
         self._wait_for = wait_for
 
     def next_batch(self) -> list[Any]:
+        health.beat()
         if self._wait_for is not None and not self._wait_for.is_open():
             return []
         try:
