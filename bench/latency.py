@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,7 +139,8 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
             send(marker)
             producer.flush()
             if not receiver.wait_for("warm-up-done", 600):
-                raise RuntimeError(f"the flow did not take the warm-up; see {out / 'flow.log'}")
+                raise RuntimeError("the flow did not take the warm-up in 600 s:\n"
+                                   + (out / "flow.log").read_text()[-3000:])
             sent: dict[str, float] = {}
             tick = 0.01  # the client's schedule: every 10 ms, what is due by then
             start = time.monotonic()
@@ -170,6 +172,7 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
             producer.close()
             flow.kill()
             flow.wait(timeout=30)
+            shutil.rmtree(out, ignore_errors=True)
     got = [(receiver.received[r][0] - t) * 1000 for r, t in sent.items() if r in receiver.received]
     inflow = [receiver.received[r][1] for r in sent if r in receiver.received]
     rt, fl = np.asarray(got), np.asarray(inflow)

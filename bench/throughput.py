@@ -8,6 +8,8 @@
   parse + validate (``EventParser``) -> route to 8 user shards (``route_events``) ->
   identity stateful step per shard -> JSONL write of every event.
 * ``requests_per_s``: requests answered per wall second of the main flow.
+* ``*_per_cpu_s``, ``ratio_cpu``: the same per second of the process's CPU time (on a
+  shared machine the wall figures follow the load; these hold).
 * ``serving_cpu_ms_per_request``: thread CPU time inside ``Server.recommend`` per
   request (the main flow's serving cost, measured in the same run).
 * ``bytes_per_example``: the examples output's size per example (its wire form).
@@ -28,7 +30,6 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulLogic
-from bytewax.testing import run_main
 
 from events.model import EventParser, event_to_dict
 from events.simulator import SimConfig
@@ -39,7 +40,7 @@ from operators.sources import ReplaySource
 from operators.user_shard import route_events
 from state.hashing import ShardOf
 
-from common import count_lines, flow_events_per_s, simulated_log
+from common import count_lines, flow_events_per_s, simulated_log, timed_run
 
 SHARDS = 8
 
@@ -65,8 +66,9 @@ class _Identity(StatefulLogic):
         return self.seen
 
 
-def decoding_passthrough_events_per_s(log: Path, batch_size: int = 1000) -> float:
-    """Events/s of replay -> parse -> validate -> route -> identity stateful -> JSONL."""
+def decoding_passthrough_events_per_s(log: Path, batch_size: int = 1000) -> tuple[float, float]:
+    """(events per wall second, per CPU second) of replay -> parse -> validate -> route ->
+    identity stateful -> JSONL."""
     out = Path(tempfile.mkdtemp(prefix="streamrec-bench-pass-"))
     try:
         flow = Dataflow("decoding_passthrough")
@@ -79,12 +81,10 @@ def decoding_passthrough_events_per_s(log: Path, batch_size: int = 1000) -> floa
                       lambda kv: [event_to_dict(e) for e in kv[1]])
         op.output("out", op.key_on("out_key", kept, lambda _: "events"),
                   JsonlFileSink(out, "events"))
-        start = time.perf_counter()
-        run_main(flow)
-        elapsed = time.perf_counter() - start
+        n = count_lines(log)
+        return timed_run(flow, lambda: n)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return count_lines(log) / elapsed
 
 
 class ServingTimer:
@@ -121,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     log = simulated_log(args.n, seed, world)
     n = count_lines(log)
-    passthrough = decoding_passthrough_events_per_s(log)
+    passthrough, passthrough_cpu = decoding_passthrough_events_per_s(log)
     with ServingTimer() as timer:
         main_rate, summary = flow_events_per_s(log)
     elapsed = summary["events_in"] / main_rate
@@ -130,9 +130,11 @@ def main() -> None:
     print(f"log: {n:,} events of the zero-config world {world.n_users} users, "
           f"{world.n_items} items, {world.requests_per_s} requests/s; mix {summary['events_by_type']}")
     print(f"outputs: {summary['outputs']}")
-    print(f"decoding passthrough: {passthrough:>10,.0f} events/s")
+    main_cpu = summary["events_per_cpu_s"]
+    print(f"decoding passthrough: {passthrough:>10,.0f} events/s ({passthrough_cpu:,.0f} per CPU-s)")
     print(f"zero-config flow:     {main_rate:>10,.0f} events/s  ({main_rate / passthrough:.3f}x "
-          f"passthrough), {requests / elapsed:,.0f} requests/s, serving "
+          f"passthrough; {main_cpu:,.0f} per CPU-s, {main_cpu / passthrough_cpu:.3f}x), "
+          f"{requests / elapsed:,.0f} requests/s, serving "
           f"{timer.cpu_ns / 1e6 / max(timer.calls, 1):.2f} ms CPU per request")
     print(f"examples:             {example_bytes:>10,.0f} bytes each on the wire")
     print(orjson.dumps({
@@ -140,6 +142,9 @@ def main() -> None:
         "events_per_s": round(main_rate, 1),
         "passthrough_events_per_s": round(passthrough, 1),
         "ratio": round(main_rate / passthrough, 4),
+        "events_per_cpu_s": round(main_cpu, 1),
+        "passthrough_events_per_cpu_s": round(passthrough_cpu, 1),
+        "ratio_cpu": round(main_cpu / passthrough_cpu, 4),
         "requests_per_s": round(requests / elapsed, 1),
         "serving_cpu_ms_per_request": round(timer.cpu_ns / 1e6 / max(timer.calls, 1), 3),
         "bytes_per_example": round(example_bytes, 1),

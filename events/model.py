@@ -1,4 +1,4 @@
-"""The event model of DESIGN section 1: typed records, validation, dead letters.
+"""The event model (docs/events.md): typed records, validation, dead letters.
 
 Every input (a JSON line, a Kafka message value, or a dict from the simulator) is
 either parsed into one of the typed records below or turned into a dead-letter

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import orjson
 
-from flows.logs import LogConfig
+from flows.logs import LogConfig, StreamrecError
 from models.rankers import ranker_param_names
 from operators.item_shard import ItemsConfig
 from operators.metrics import MetricsConfig
@@ -41,7 +41,7 @@ from state.snapshot_store import SnapshotStore
 ENV_PREFIX = "STREAMREC__"
 
 
-class ConfigError(ValueError):
+class ConfigError(StreamrecError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
@@ -107,8 +107,10 @@ class KafkaConfig:
     ssl_crlfile: str = doc("SSL: certificate revocation list (PEM path).", "")
     ssl_check_hostname: bool = doc("SSL: verify that the broker certificate matches its host name.",
                                    True)
-    startup_wait_s: float = doc("How long Kafka inputs wait at start for the broker (and their "
-                                "topics) before the flow fails (s).", 60.0)
+    startup_timeout_s: float = doc(
+        "How long the flow and the CLI wait for a broker to answer at start (s), with one "
+        "summary line per retry interval, before failing with one error; 0 = no check at "
+        "start (the Kafka sources and sinks still retry).", 60.0)
     client: dict[str, Any] = doc(
         "Extra kafka-python settings passed through to consumers and producers (e.g. "
         "request_timeout_ms); each must be a setting both KafkaConsumer and KafkaProducer know.",
@@ -482,6 +484,10 @@ def _validate(config: Config) -> None:
     _check_kafka_client(config.kafka)
     if not 0 <= config.metrics.port <= 65535:
         raise ConfigError("metrics.port: must be in 0..65535")
+    if config.kafka.startup_timeout_s < 0:
+        raise ConfigError("kafka.startup_timeout_s: must be >= 0")
+    if config.log.status_interval_s < 0:
+        raise ConfigError("log.status_interval_s: must be >= 0")
     if config.metrics.interval_s <= 0:
         raise ConfigError("metrics.interval_s: must be > 0")
     if not config.app or not config.app.replace("-", "").replace("_", "").isalnum():

@@ -4,7 +4,7 @@
 in, every output as JSONL under ``./streamrec-out/``);
 ``python -m bytewax.run "flows.recsys:build('my.toml')"`` runs a configured one.
 
-Shape (DESIGN section 2; docs/architecture.md has the details)::
+Shape (docs/architecture.md has the details)::
 
     inputs (chained) -> parse -> dead-letters
       -> route by user shard -> user_shard [u000..]: joiner, profiles, history, MF user
@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ from events.logfile import LogFileError, check_log
 from events.model import Event, EventParser, Record
 from events.simulator import SimConfig
 from flows.config import Config, ConfigError, InputConfig, load_config
-from flows.logs import setup_logging
+from flows.kafka_wait import wait_for_kafka
+from flows.logs import install_excepthook, setup_logging
 from flows.memory import memory_bound
 from models.rankers import positive_hold_ms
 from operators.example_codec import pack_example
@@ -46,6 +48,7 @@ from operators.metrics import MetricsLogic, MetricsState
 from operators.sinks import JsonlFileSink
 from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, OnceSource, ReplaySource, SimulatorSource
+from operators.status import StatusLog
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
@@ -77,7 +80,7 @@ def _source(inp: InputConfig, config: Config) -> Any:
         batch_size=inp.batch_size,
         consumer_config=config.kafka.client_settings("consumer"),
         tail=inp.tail,
-        discovery_timeout_s=config.kafka.startup_wait_s,
+        discovery_timeout_s=config.kafka.startup_timeout_s or 60.0,
         on_lost_offset=inp.offset_out_of_range,
     )
 
@@ -178,15 +181,23 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
     return items
 
 
-def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
-    """Build the main flow from a TOML path, a dict or a Config (env overrides apply).
+def build(config: str | Path | dict[str, Any] | Config | None = None,
+          progress: Callable[[int], None] | None = None) -> Dataflow:
+    """Build the main flow from a TOML path, a dict or a Config (env overrides apply);
+    ``progress(events_in)`` is called from the metrics stage about twice a second
+    (``streamrec eval``'s progress bar).
 
-    Side effects: installs the configured log handler (``log``) and raises this
-    process's GC thresholds to ``GC_THRESHOLD``.
+    Side effects: installs the configured log handler (``log``), waits for the Kafka
+    broker when the config uses Kafka (``kafka.startup_timeout_s``; ``BrokerUnavailable``
+    after it), makes uncaught config and broker errors print one line
+    (``flows.logs.install_excepthook``) and raises this process's GC thresholds to
+    ``GC_THRESHOLD``.
     """
+    install_excepthook()
     config = load_config(config)
     setup_logging(config.log)
     check_inputs(config)
+    wait_for_kafka(config, f"the {config.app} flow's topics")
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
     store = config.snapshot_store()
@@ -265,6 +276,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
         lambda resume: MetricsLogic(
             resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics,
+            StatusLog(config.log.status_interval_s, progress),
             on_start=lambda: log_memory_bound(config)),
     )
     metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]

@@ -23,6 +23,8 @@ import orjson
 from bytewax.dataflow import Dataflow
 
 from flows.config import Config, load_config
+from flows.kafka_wait import wait_for_kafka
+from flows.logs import install_excepthook
 from flows.recsys import _output
 from models.rankers import positive_hold_ms
 from operators.example_codec import unpack_example
@@ -32,14 +34,16 @@ from operators.trainer import Trainer, TrainerLogic
 
 def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
     """The trainer flow: examples in, serving-copy snapshots and metrics out."""
+    install_excepthook()
     config = load_config(config)
+    wait_for_kafka(config, f"the {config.app} trainer's topics")
     flow = Dataflow(f"{config.app}-trainer")
     if config.output.kind == "kafka":
         from operators.kafka_io import KafkaSource
 
         source: Any = KafkaSource(config.kafka.bootstrap, [config.topic("examples")],
                                   consumer_config=config.kafka.client_settings("consumer"),
-                                  discovery_timeout_s=config.kafka.startup_wait_s)
+                                  discovery_timeout_s=config.kafka.startup_timeout_s or 60.0)
     else:
         source = ReplaySource(Path(config.output.dir) / "examples.jsonl")
     raw = op.input("examples_in", flow, source)

@@ -35,6 +35,7 @@ from typing import Any
 from bytewax.operators import StatefulLogic
 
 from events.model import Record
+from operators.status import StatusLog
 from state.settings import doc
 
 logger = logging.getLogger(__name__)
@@ -417,6 +418,7 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
     Prometheus text when ``config.port`` is set."""
 
     def __init__(self, state: MetricsState, config: MetricsConfig | None = None,
+                 status: StatusLog | None = None,
                  on_start: Callable[[], Any] | None = None) -> None:
         """``on_start``: called once here, when the stage starts (e.g. to log the memory
         bound)."""
@@ -424,6 +426,7 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
             on_start()
         self.state = state
         self.config = config or MetricsConfig()
+        self.status = status
         self.interval_s = self.config.interval_s
         self._lock = threading.Lock()
         self._next = time.monotonic() + self.interval_s
@@ -440,6 +443,8 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
     def on_item(self, value: tuple[str, Any]) -> tuple[list[list[Record]], bool]:
         with self._lock:
             self.state.add(*value)
+        if self.status is not None:
+            self.status.tick(self.state.record)
         if time.monotonic() >= self._next:
             return self.on_notify()
         return [], StatefulLogic.RETAIN
@@ -447,13 +452,24 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
     def on_eof(self) -> tuple[list[list[Record]], bool]:
         with self._lock:
             record = self.state.record(final=True)
-        logger.info("streamrec summary", extra={"summary": record})
+        if self.status is not None:
+            self.status.finish(record)
+        else:
+            logger.info("streamrec summary", extra={"summary": record})
         return [[record]], StatefulLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return datetime.now(UTC) + timedelta(seconds=self.interval_s)
+        waits = [max(0.0, self._next - time.monotonic())]
+        status_due = self.status.next_due_s() if self.status is not None else None
+        if status_due is not None:
+            waits.append(status_due)
+        return datetime.now(UTC) + timedelta(seconds=min(waits))
 
     def on_notify(self) -> tuple[list[list[Record]], bool]:
+        if self.status is not None:
+            self.status.tick(self.state.record)
+        if time.monotonic() < self._next:
+            return [], StatefulLogic.RETAIN
         self._next = time.monotonic() + self.interval_s
         with self._lock:
             return [[self.state.record()]], StatefulLogic.RETAIN

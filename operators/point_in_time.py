@@ -52,10 +52,12 @@ class UserContext:
     """Items with a consuming action (``serving.consume_actions``) -> its last ts (ms)."""
 
 
-NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf")
-"""Numeric per-candidate features read from the snapshots: popularity and trending
-(decayed to the event's time), co-visitation sums of the liked and any-interaction
-channels, MF score. Absent means 0.0 (no table, no seeds, no vector)."""
+NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked")
+"""Numeric per-candidate features: from the snapshots, popularity and trending (decayed
+to the event's time), co-visitation sums of the liked and any-interaction channels, MF
+score; from the user shard, whether the user already interacted with the item and had a
+positive on it (1.0 / 0.0). Absent means 0.0 (no table, no seeds, no vector, no
+interaction with any of the items)."""
 
 
 @dataclass
@@ -241,7 +243,8 @@ class PointInTime:
         """Per-item features, for each item; the same at impression time and at serving
         time: the item's static features (``static_item_features``), then its numeric
         snapshot features (``NUMERIC_ITEM_FEATURES``: popularity, trending, co-visitation
-        with the recent items, MF score), then the user x item-attribute profiles.
+        with the recent items, MF score; ``ui.interacted`` / ``ui.liked`` when the user
+        already interacted with some of the items), then the user x item-attribute profiles.
 
         ``covis``: the raw channel sums of ``Server.covis_channels`` (serving); None
         looks each item up (one impression at a time). Both give the same numbers.
@@ -304,6 +307,14 @@ class PointInTime:
             mf = self._mf_scores(ctx.vector, item_ids, views)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
+        consumed = ctx.consumed
+        if consumed:  # the user's own history with the item: do repeats pay off?
+            seen = np.fromiter((item in consumed for item in item_ids), np.float64, n)
+            if seen.any():
+                liked = set(ctx.liked)
+                numeric["ui.interacted"] = seen
+                numeric["ui.liked"] = np.fromiter((item in liked for item in item_ids),
+                                                  np.float64, n)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
         cross = [[] for _ in item_ids]

@@ -225,7 +225,7 @@ def click(user: str, item: str, ts: int) -> Feedback:
 
 
 def assert_record_shape(record: dict[str, Any], request: Request) -> None:
-    """DESIGN section 1: request_id, user_id, ts, items[{item_id, score, source}],
+    """docs/events.md, outputs: request_id, user_id, ts, items[{item_id, score, source}],
     model_version, index_version, latency_ms - exactly these keys."""
     assert set(record) == RECORD_KEYS
     assert record["request_id"] == request.request_id
