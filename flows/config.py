@@ -109,8 +109,9 @@ class KafkaConfig:
                                    True)
     startup_timeout_s: float = doc(
         "How long the flow and the CLI wait for a broker to answer at start (s), with one "
-        "summary line per retry interval, before failing with one error; 0 = no check at "
-        "start (the Kafka sources and sinks still retry).", 60.0)
+        "summary line per retry interval, before failing with one error; Kafka inputs also "
+        "keep retrying partition discovery this long. 0 = no check at start (inputs then "
+        "fail at their first failed discovery).", 60.0)
     client: dict[str, Any] = doc(
         "Extra kafka-python settings passed through to consumers and producers (e.g. "
         "request_timeout_ms); each must be a setting both KafkaConsumer and KafkaProducer know.",

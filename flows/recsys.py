@@ -80,7 +80,7 @@ def _source(inp: InputConfig, config: Config) -> Any:
         batch_size=inp.batch_size,
         consumer_config=config.kafka.client_settings("consumer"),
         tail=inp.tail,
-        discovery_timeout_s=config.kafka.startup_timeout_s or 60.0,
+        discovery_timeout_s=config.kafka.startup_timeout_s,
         on_lost_offset=inp.offset_out_of_range,
     )
 

@@ -43,7 +43,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
 
         source: Any = KafkaSource(config.kafka.bootstrap, [config.topic("examples")],
                                   consumer_config=config.kafka.client_settings("consumer"),
-                                  discovery_timeout_s=config.kafka.startup_timeout_s or 60.0)
+                                  discovery_timeout_s=config.kafka.startup_timeout_s)
     else:
         source = ReplaySource(Path(config.output.dir) / "examples.jsonl")
     raw = op.input("examples_in", flow, source)

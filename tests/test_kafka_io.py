@@ -460,3 +460,30 @@ def test_saved_offset_beyond_the_log_follows_the_policy(
     assert any(f"{topic}#0: saved offset 1000 is not on the broker" in r.getMessage()
                for r in caplog.records if r.levelname == "ERROR")
 
+
+def test_broker_down_at_start_waits_the_configured_time(tmp_path: Path) -> None:
+    """The wait for a broker that is down at start is ``kafka.startup_timeout_s`` (it was
+    a fixed 60 s): with 2 s the flow fails after about 2 s with one error naming the
+    broker; with 0 there is no wait at start and the Kafka input fails at its first
+    failed partition discovery instead."""
+    from flows.kafka_wait import BrokerUnavailable
+    from flows.recsys import build
+
+    port = free_port()
+    config = {"kafka": {"bootstrap": f"127.0.0.1:{port}", "startup_timeout_s": 2.0},
+              "inputs": [{"kind": "kafka"}], "output": {"dir": str(tmp_path / "out")}}
+    t0 = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{port}"):
+        build(config)
+    assert 2.0 <= time.monotonic() - t0 < 15
+    config["kafka"]["startup_timeout_s"] = 0
+    flow = build(config)
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as info:  # noqa: PT011 - Bytewax wraps the source's error
+        run_main(flow)
+    assert time.monotonic() - t0 < 15
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert any("could not discover partitions" in text for text in chain), chain
