@@ -246,6 +246,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate
 
+    check_log(args.log)  # one line, before any progress output
     with Progress("eval", count_lines(args.log), quiet=args.quiet) as progress:
         report = evaluate(args.log, args.report, config=args.config, out_dir=args.out,
                           plots=not args.no_plots, examples=args.examples,
