@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     n, dim = args.items, args.dim
-    cfg = IndexConfig(dim=dim, num_threads=args.threads)
+    cfg = IndexConfig(dim=dim, threads=args.threads, ef=400, rebuild_fraction=0.5)
     print(f"index: {n} items, dim {dim}, space {cfg.space}, M {cfg.M}, ef_construction "
           f"{cfg.ef_construction}, serving ef {cfg.ef}, {args.threads} build threads")
     ids = [f"item{j}" for j in range(n)]

@@ -279,7 +279,7 @@ def main() -> None:
 
     world = World(args.items, mf.dim, rng)
     t = time.perf_counter()
-    builder = IndexBuilder(config.index.index_config(mf.dim))
+    builder = IndexBuilder(config.index.with_dim(mf.dim))
     builder.upsert(world.ids, world.vectors)
     builder.publish(store, NOW_MS)
     log(f"index: {args.items} items, dim {mf.dim}, built in {time.perf_counter() - t:.1f} s")

@@ -1,17 +1,18 @@
-"""The event model of DESIGN section 1: typed records, validation, dead letters.
+"""The event model (docs/events.md): typed records, validation, dead letters.
 
 Every input (a JSON line, a Kafka message value, or a dict from the simulator) is
 either parsed into one of the typed records below or turned into a dead-letter
 record ``{"reason", "detail", "raw", "ingest_ts"}``. Parsing never raises.
 
 Invariants of a parsed record: ``ts`` is an int in epoch milliseconds within
-``[0, MAX_TS_MS]`` and not further ahead of the stream watermark than the
+``[min_ts_ms, MAX_TS_MS]`` (``min_ts_ms`` defaults to ``MIN_TS_MS``, 1973) and not further ahead of the stream watermark than the
 configured skew; every ID is a non-empty ``str`` (integer IDs are turned into
 their decimal string); optional fields hold their documented defaults.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -20,11 +21,17 @@ from typing import Any
 
 import orjson
 
+log = logging.getLogger(__name__)
+
 Record = dict[str, Any]
 """A JSON-shaped record (an output row, a raw event, a dead letter): the one alias."""
 
 MAX_TS_MS = 4_102_444_800_000
 """2100-01-01T00:00:00Z in epoch ms; later timestamps are absurd."""
+
+MIN_TS_MS = 100_000_000_000
+"""Default floor of ``ts`` (1973-03-03 in epoch ms): smaller values are almost surely
+seconds, not milliseconds (``parse.min_ts_ms``; MovieLens' 1997 logs are ~8.7e11)."""
 
 MAX_ID_LEN = 256
 """Longest accepted ID, in characters."""
@@ -113,6 +120,25 @@ class User(_Record):
 Event = Impression | Feedback | Request | Item | User
 
 EVENT_TYPES = ("impression", "feedback", "request", "item", "user")
+
+
+@dataclass(slots=True, frozen=True)
+class Rejected:
+    """Input a source already rejected while reading (a line over ``parse.max_bytes``,
+    the unreadable rest of a damaged file); the parser turns it into a dead letter.
+    ``raw`` is what is kept of the input, ``raw_bytes`` its full size when larger."""
+
+    reason: str
+    detail: str
+    raw: bytes = b""
+    raw_bytes: int | None = None
+
+    def dead_letter(self) -> dict[str, Any]:
+        record = dead_letter(self.raw, self.reason, self.detail)
+        if self.raw_bytes is not None and self.raw_bytes > len(record["raw"]):
+            record["raw_truncated"] = True
+            record["raw_bytes"] = self.raw_bytes
+        return record
 
 
 class Invalid(Exception):
@@ -262,18 +288,22 @@ class EventParser:
     in an old log (MovieLens has multi-day pauses) never starts rejecting everything
     after it: in a replay of an old log only timestamps beyond the present are
     rejected; in a live stream the two references coincide. ``clock_ms`` is the wall
-    clock (epoch ms), injectable for tests.
+    clock (epoch ms), injectable for tests. ``min_ts_ms``: smaller ``ts`` values (but
+    >= 0) are dead letters with reason ``ts_seconds`` (a producer sending seconds).
     """
 
     def __init__(self, max_bytes: int = 65_536, max_future_skew_ms: int = 86_400_000,
-                 clock_ms: Callable[[], int] | None = None) -> None:
+                 clock_ms: Callable[[], int] | None = None, min_ts_ms: int = MIN_TS_MS) -> None:
         self.max_bytes = max_bytes
         self.max_future_skew_ms = max_future_skew_ms
+        self.min_ts_ms = min_ts_ms
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.watermark_ms: int | None = None
 
-    def parse(self, raw: bytes | str | dict[str, Any]) -> Event | dict[str, Any]:
+    def parse(self, raw: bytes | str | dict[str, Any] | Rejected) -> Event | dict[str, Any]:
         """Return a typed event, or a dead-letter dict when ``raw`` is invalid."""
+        if isinstance(raw, Rejected):
+            return raw.dead_letter()
         try:
             return self._parse(raw)
         except Invalid as err:
@@ -328,6 +358,9 @@ class EventParser:
             raise Invalid("bad_ts", f"'ts' must be integer epoch ms, got {type(ts).__name__}")
         if ts < 0 or ts > MAX_TS_MS:
             raise Invalid("absurd_ts", f"'ts' {ts} is outside [0, {MAX_TS_MS}] (1970..2100)")
+        if ts < self.min_ts_ms:
+            raise Invalid("ts_seconds", f"'ts' {ts} is below {self.min_ts_ms} (parse.min_ts_ms): "
+                          "epoch seconds instead of milliseconds?")
         watermark = self.watermark_ms
         if ts > (watermark or 0) + self.max_future_skew_ms:
             reference = max(watermark or 0, self.clock_ms())
@@ -364,4 +397,26 @@ def dead_letter(raw: bytes | str | dict[str, Any], reason: str, detail: str) -> 
     if len(raw) > MAX_RAW_IN_DEAD_LETTER:
         record["raw_truncated"] = True
         record["raw_bytes"] = len(raw)
+    return record
+
+
+_ERRORS_LOGGED: dict[str, int] = {}
+"""Processing errors seen per stage in this process (tracebacks logged for the first few)."""
+
+
+def processing_error(stage: str, raw: Event | dict[str, Any], err: BaseException) -> dict[str, Any]:
+    """The dead letter of an input that a stateful stage failed to apply (reason
+    ``processing_error``): the input, ``stage`` and ``error`` (exception type and text).
+
+    Logged as an error; the first 10 per stage and process with their traceback, then
+    every 1,000th."""
+    error = f"{type(err).__name__}: {err}"[:1000]
+    seen = _ERRORS_LOGGED[stage] = _ERRORS_LOGGED.get(stage, 0) + 1
+    if seen <= 10 or seen % 1000 == 0:
+        log.error("%s failed on an input (dead-lettered, %d so far in this process): %s",
+                  stage, seen, error, exc_info=err if seen <= 10 else None)
+    payload = event_to_dict(raw) if isinstance(raw, _Record) else raw
+    record = dead_letter(payload, "processing_error", f"{stage}: {error}")
+    record["stage"] = stage
+    record["error"] = error
     return record

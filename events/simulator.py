@@ -1,6 +1,6 @@
 """Seeded synthetic event simulator (pure Python + numpy, no Bytewax).
 
-Produces the five event types of DESIGN section 1 (``impression``, ``feedback``,
+Produces the five event types of docs/events.md (``impression``, ``feedback``,
 ``request``, ``item``, ``user``) as plain dicts, in non-decreasing event time
 (``ts``, integer epoch milliseconds), from a hidden model that makes ranking and
 retrieval learnable:
@@ -753,6 +753,24 @@ class Simulator:
         (the caller's generator: the simulator's own stream is not touched)."""
         return [self._user_ids[u] for u in np.searchsorted(self._user_cdf, rng.random(n)).tolist()]
 
+    def views(self, user_id: str, ts_ms: int, n: int, rng: np.random.Generator,
+              candidates: int = 20) -> list[dict[str, Any]]:
+        """``n`` organic ``view`` events (feedback without impression_id) of ``user_id`` at
+        ``ts_ms``: each the best of ``candidates`` random available items by the user's
+        true affinity (tastes as of ``ts_ms``, like :meth:`click_probability`), so views
+        reveal taste. Uses the caller's ``rng``: the simulator's own stream is untouched."""
+        if n <= 0:
+            return []
+        if self._policy_dirty:
+            self._refresh_policy()
+        u = self._user_index(user_id)
+        avail = self._avail_idx
+        cand = avail[rng.integers(0, len(avail), size=(n, candidates))]
+        aff = self._affinity(self._tastes_at(ts_ms), np.full(n, u), cand)
+        items = cand[np.arange(n), np.argmax(aff, axis=1)].tolist()
+        return [{"type": "feedback", "ts": int(ts_ms), "user_id": user_id,
+                 "item_id": self._item_ids[i], "action": "view", "value": 1.0} for i in items]
+
     def click_probability(self, user_id: str, item_id: str, position: int, ts_ms: int) -> float:
         """True P(click) of ``item_id`` shown to ``user_id`` at ``position`` (0-based).
 
@@ -766,6 +784,19 @@ class Simulator:
         pos = -self.config.position_bias_eta * math.log1p(max(0, position))
         x = self._b0 + aff + float(self._item_bias(i)) + pos
         return 1.0 / (1.0 + math.exp(-x))
+
+    def top_items(self, user_id: str, k: int, ts_ms: int) -> list[str]:
+        """The oracle's list: the ``k`` available items of highest true click probability
+        for ``user_id`` (tastes as of ``ts_ms``), best first (position bias is the same
+        for every item, so this order is also the best order by position)."""
+        if self._policy_dirty:
+            self._refresh_policy()
+        u = self._user_index(user_id)
+        avail = self._avail_idx
+        logit = (self.config.affinity_scale * (self._V[avail] @ self._tastes_at(ts_ms)[u])
+                 + self._item_bias(avail))
+        top = np.argsort(-logit, kind="stable")[:k]
+        return [self._item_ids[int(i)] for i in avail[top]]
 
     def respond(self, user_id: str, item_ids: list[str], ts_ms: int,
                 request_id: str) -> list[dict[str, Any]]:

@@ -15,29 +15,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 
-from flows.logs import LogConfig
-from operators.index_builder import IndexSettings
+from flows.logs import LogConfig, StreamrecError
+from models.rankers import ranker_param_names
 from operators.item_shard import ItemsConfig
 from operators.metrics import MetricsConfig
 from operators.serving import ServingConfig
 from operators.trainer import RankerConfig
 from state.feature_spec import DEFAULT_FEATURES, FeatureSpecError, parse_features
+from state.item_index import IndexConfig
 from state.join_state import JoinConfig
 from state.settings import doc
+from state.snapshot_store import SnapshotStore
 
 ENV_PREFIX = "STREAMREC__"
 
 
-class ConfigError(ValueError):
+class ConfigError(StreamrecError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
@@ -58,6 +62,11 @@ class InputConfig:
     start: Literal["earliest", "latest"] = doc("kafka: where to start without a snapshot.", "earliest")
     tail: bool = doc("kafka: keep consuming forever (false: stop once drained).", True)
     batch_size: int = doc("Events per micro-batch.", 1_000)
+    offset_out_of_range: Literal["earliest", "latest", "stop"] = doc(
+        "kafka: what to do when a saved offset is not on the broker (the topic was deleted "
+        "and recreated, the broker lost its data, or retention deleted it): earliest = read "
+        "from the first offset still there, latest = skip to the end, stop = fail the flow. "
+        "Logged as an error in every case.", "earliest")
 
 
 SECURITY_KEYS = (
@@ -98,6 +107,11 @@ class KafkaConfig:
     ssl_crlfile: str = doc("SSL: certificate revocation list (PEM path).", "")
     ssl_check_hostname: bool = doc("SSL: verify that the broker certificate matches its host name.",
                                    True)
+    startup_timeout_s: float = doc(
+        "How long the flow and the CLI wait for a broker to answer at start (s), with one "
+        "summary line per retry interval, before failing with one error; Kafka inputs also "
+        "keep retrying partition discovery this long. 0 = no check at start (inputs then "
+        "fail at their first failed discovery).", 60.0)
     client: dict[str, Any] = doc(
         "Extra kafka-python settings passed through to consumers and producers (e.g. "
         "request_timeout_ms); each must be a setting both KafkaConsumer and KafkaProducer know.",
@@ -153,12 +167,19 @@ def _check_kafka_client(kafka: KafkaConfig) -> None:
                                   f"{cls.__name__}")
 
 
+OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
+"""Every output topic (Kafka topics are prefixed with the app name)."""
+
+
 @dataclass
 class OutputConfig:
     """Where the output topics go."""
 
     kind: Literal["files", "kafka"] = doc("files: one JSONL file per topic under dir; kafka: topics.", "files")
     dir: str = doc("files: output directory.", "streamrec-out")
+    skip: list[str] = doc("Outputs not written at all (their counts still reach the metrics), "
+                          "e.g. [\"examples\"] when nothing consumes them; streamrec eval skips "
+                          "examples unless --examples.", factory=list)
 
 
 @dataclass
@@ -167,6 +188,9 @@ class ParseConfig:
 
     max_bytes: int = doc("Largest accepted raw event, in bytes.", 65_536)
     max_future_skew_ms: int = doc("Reject events further ahead of the stream watermark than this (ms).", 86_400_000)
+    min_ts_ms: int = doc("Dead-letter events whose ts is below this (reason ts_seconds): epoch "
+                         "seconds sent as ms (default 1e11 ms = 1973-03-03; MovieLens' 1997 "
+                         "logs pass). 0 accepts every ts from 1970.", 100_000_000_000)
 
 
 @dataclass
@@ -184,6 +208,10 @@ class SnapshotConfig:
 
     dir: str = doc("Store directory; empty = <output.dir>/snapshots. Files go under <dir>/<app>/.", "")
     keep: int = doc("Versions kept per snapshot kind (older ones are deleted).", 5)
+    hmac_key: str = doc("Secret that signs every manifest (HMAC-SHA256); when set, readers "
+                        "refuse unsigned or mis-signed versions, so only holders of the key can "
+                        "publish. Give it with STREAMREC__SNAPSHOTS__HMAC_KEY, not in a file. "
+                        "Empty = unsigned.", "")
 
 
 @dataclass
@@ -193,14 +221,14 @@ class ShardConfig:
     users: int = doc("User shards (join, profiles, user vectors, serving).", 8)
     max_users: int = doc("Users remembered per user shard (history, attributes, and the "
                          "entities of each user-side profile kind: user, user_x_<attr>); "
-                         "least recently active forgotten first.", 1_000_000)
+                         "least recently active forgotten first.", 50_000)
     max_items: int = doc("Items whose attributes each user shard remembers (its copy of the "
                          "catalog, from broadcast item events); least recently updated or "
-                         "interacted with forgotten first.", 1_000_000)
+                         "interacted with forgotten first.", 100_000)
     items: int = doc("Item shards (item factors, co-visitation, item profiles).", 4)
     hot_profiles: int = doc("Profiles kept decoded per profile store (user and user_x_<attr> in "
                             "each user shard, item in each item shard; ~5 KB each); the others "
-                            "stay compressed until used.", 10_000)
+                            "stay compressed until used.", 2_000)
     routing_cache: int = doc("IDs whose shard is memoised, per ID kind (users, items; each "
                              "entry ~150 B); the memo is cleared when full.", 1 << 18)
 
@@ -222,7 +250,7 @@ class Config:
         "Profile feature specs (IPS), see docs/profiles.md; default: the shipped set for "
         "simulator and MovieLens logs.", factory=lambda: [dict(f) for f in DEFAULT_FEATURES])
     items: ItemsConfig = doc("Item-side state and item tables.", factory=ItemsConfig)
-    index: IndexSettings = doc("ANN index of item vectors.", factory=IndexSettings)
+    index: IndexConfig = doc("ANN index of item vectors.", factory=IndexConfig)
     serving: ServingConfig = doc("Serving on the user shard.", factory=ServingConfig)
     snapshots: SnapshotConfig = doc("Snapshot store.", factory=SnapshotConfig)
     metrics: MetricsConfig = doc("Metrics records and the Prometheus endpoint.", factory=MetricsConfig)
@@ -237,8 +265,8 @@ class Config:
         return Path(self.snapshots.dir or Path(self.output.dir) / "snapshots") / self.app
 
     def to_dict(self) -> dict[str, Any]:
-        """The full effective config as plain data."""
-        return dataclasses.asdict(self)
+        """The full effective config as plain data (its keys only: ``load_config`` reads it)."""
+        return _plain(self)
 
     def redacted(self) -> dict[str, Any]:
         """``to_dict()`` with secrets (passwords) replaced by ``"***"`` when set: for
@@ -247,7 +275,14 @@ class Config:
         for key in SECRET_KEYS:
             if data["kafka"][key]:
                 data["kafka"][key] = "***"
+        if data["snapshots"]["hmac_key"]:
+            data["snapshots"]["hmac_key"] = "***"
         return data
+
+    def snapshot_store(self) -> SnapshotStore:
+        """The snapshot store of this config (root, versions kept, signing key)."""
+        return SnapshotStore(self.snapshot_root(), keep=self.snapshots.keep,
+                             hmac_key=self.snapshots.hmac_key or None)
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:
@@ -293,16 +328,47 @@ def _check(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def _keys(cls: type) -> list[dataclasses.Field[Any]]:
+    """The config keys of a dataclass: its fields, except those marked ``config: False``
+    (set by the code, e.g. ``index.dim``)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("config", True)]
+
+
+def _plain(value: Any) -> Any:
+    """``dataclasses.asdict`` restricted to config keys."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in _keys(type(value))}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+LEAST: dict[str, int] = {
+    "parse.max_bytes": 1, "snapshots.keep": 1, "index.M": 2, "index.ef_construction": 1,
+    "index.ef": 1, "index.threads": 1, "metrics.max_threads": 1,
+}
+"""Smallest accepted value of keys whose smaller values would start a flow that
+misbehaves silently (``snapshots.keep = 0`` deleted every snapshot)."""
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in _keys(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
             raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
         kwargs[key] = _check(value, hints[key], full)
-    return cls(**kwargs)
+        least = LEAST.get(full)
+        if least is not None and kwargs[key] < least:
+            raise ConfigError(f"{full}: must be >= {least}, got {kwargs[key]}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # the table's own checks (__post_init__)
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -371,13 +437,52 @@ def load_config(
     return config
 
 
+def _durations(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) of every duration or window in a config tree: the fields (and dict
+    entries) whose name ends in ``_ms`` or ``_s`` or contains ``window``."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        is_duration = f.name.endswith(("_ms", "_s")) or "window" in f.name
+        if dataclasses.is_dataclass(value):
+            yield from _durations(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if dataclasses.is_dataclass(v):
+                    yield from _durations(v, f"{key}[{i}].")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if is_duration or str(k).endswith(("_ms", "_s")) or "window" in str(k):
+                    yield f"{key}.{k}", v
+        elif is_duration:
+            yield key, value
+
+
 def _validate(config: Config) -> None:
+    for key, value in _durations(config):
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{key}: must be >= 0 (a duration or window), got {value}")
+    if config.metrics.request_timeout_s <= 0:
+        raise ConfigError(f"metrics.request_timeout_s: must be > 0, got {config.metrics.request_timeout_s}")
+    known = ranker_param_names(config.ranker.kind)
+    for key in config.ranker.params:
+        if key not in known:
+            raise ConfigError(f"ranker.params.{key}: unknown parameter of the "
+                              f"{config.ranker.kind} ranker (known: {', '.join(sorted(known))})")
+    for name, make in (("items.covis", config.items.covis_config),
+                       ("items.mf", config.items.mf_config)):
+        try:
+            make()
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name}: {err}") from None
     if not 0.0 < config.sampler.negative_rate <= 1.0:
         raise ConfigError("sampler.negative_rate: must be in (0, 1]")
     if config.shards.users < 1 or config.shards.items < 1:
         raise ConfigError("shards: users and items must be >= 1")
     if not config.inputs:
         raise ConfigError("inputs: at least one input is required")
+    for name in config.output.skip:
+        if name not in OUTPUTS:
+            raise ConfigError(f"output.skip: {name!r} is not an output (one of {', '.join(OUTPUTS)})")
     for i, inp in enumerate(config.inputs):
         if inp.kind == "replay" and not inp.path:
             raise ConfigError(f"inputs[{i}].path: required for a replay input")
@@ -390,6 +495,10 @@ def _validate(config: Config) -> None:
     _check_kafka_client(config.kafka)
     if not 0 <= config.metrics.port <= 65535:
         raise ConfigError("metrics.port: must be in 0..65535")
+    if config.kafka.startup_timeout_s < 0:
+        raise ConfigError("kafka.startup_timeout_s: must be >= 0")
+    if config.log.status_interval_s < 0:
+        raise ConfigError("log.status_interval_s: must be >= 0")
     if config.metrics.interval_s <= 0:
         raise ConfigError("metrics.interval_s: must be > 0")
     if not config.app or not config.app.replace("-", "").replace("_", "").isalnum():
@@ -398,16 +507,26 @@ def _validate(config: Config) -> None:
 
 def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """Rows (key, type, default, doc) of every config key, generated from the dataclasses."""
-    rows: list[tuple[str, str, str, str]] = []
+    return [(key, kind, "" if value is _TABLE else repr(value), text)
+            for key, kind, value, text in _reference(cls, prefix)]
+
+
+_TABLE = object()
+
+
+def _reference(cls: type, prefix: str) -> list[tuple[str, str, Any, str]]:
+    """``reference`` rows with the default as a value (``_TABLE`` for a table)."""
+    rows: list[tuple[str, str, Any, str]] = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in _keys(cls):
         key = f"{prefix}{f.name}"
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
         if dataclasses.is_dataclass(inner):
-            rows.append((key, "table" if inner is hint else "array of tables", "", f.metadata.get("doc", "")))
-            rows.extend(reference(inner, f"{key}{'[]' if inner is not hint else ''}."))
+            rows.append((key, "table" if inner is hint else "array of tables", _TABLE,
+                         f.metadata.get("doc", "")))
+            rows.extend(_reference(inner, f"{key}{'[]' if inner is not hint else ''}."))
             continue
         if typing.get_origin(hint) is Literal:
             type_name = " \\| ".join(repr(a) for a in typing.get_args(hint))
@@ -415,7 +534,7 @@ def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str,
             type_name = str(hint).replace("typing.", "")
         else:
             type_name = hint.__name__
-        rows.append((key, type_name, repr(default), f.metadata.get("doc", "")))
+        rows.append((key, type_name, default, f.metadata.get("doc", "")))
     return rows
 
 
@@ -433,3 +552,58 @@ def reference_markdown() -> str:
     for key, type_name, default, text in reference():
         lines.append(f"| `{key}` | {type_name} | `{default}` | {text} |")
     return "\n".join(lines) + "\n"
+
+
+DOC_TABLE = re.compile(r"(<!-- config-table: (?P<keys>[^>]*?) -->\n)(?P<body>.*?)(<!-- /config-table -->)",
+                       re.S)
+"""A generated table of chosen keys inside a hand-written doc (README.md, docs/*.md)."""
+_UNITS = ((86_400_000, "d"), (3_600_000, "h"), (60_000, "min"), (1_000, "s"))
+
+
+def _ms_text(ms: int) -> str:
+    """``600000`` -> ``10 min`` (the largest unit that divides it; ms otherwise)."""
+    for size, unit in _UNITS:
+        if ms and ms % size == 0:
+            return f"{ms // size:,} {unit}"
+    return f"{ms:,} ms"
+
+
+def config_table(keys: typing.Sequence[str]) -> str:
+    """Markdown rows (key, default, meaning) of ``keys``; durations in ms also in words.
+
+    >>> config_table(["join.wait_ms_override"]).splitlines()[-1].split(" | ")[:2]
+    ['| `join.wait_ms_override`', '600000 (10 min)']
+    """
+    rows = {key: (value, text) for key, _, value, text in _reference(Config, "")}
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key in keys:
+        if key not in rows or rows[key][0] is _TABLE:
+            raise ConfigError(f"{key}: not a config key")
+        value, text = rows[key]
+        in_ms = "_ms" in key.rsplit(".", 1)[-1]
+        if in_ms and isinstance(value, int):
+            default = f"{value} ({_ms_text(value)})"
+        elif isinstance(value, dict):
+            default = ", ".join(
+                f"{k} {_ms_text(v) if (in_ms or str(k).endswith('_ms')) and isinstance(v, int) else v}"
+                for k, v in value.items())
+        else:
+            default = str(value)
+        lines.append(f"| `{key}` | {default} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_doc_tables(text: str) -> str:
+    """``text`` with every ``<!-- config-table: k1 k2 -->`` block regenerated from the code."""
+    return DOC_TABLE.sub(lambda m: m[1] + config_table(m["keys"].split()) + m[4], text)
+
+
+def generated_docs(root: Path) -> dict[Path, str]:
+    """What the docs under the project ``root`` must read: docs/config.md, and README.md and
+    docs/*.md with their config tables regenerated (``streamrec config-reference
+    --update-docs`` writes them)."""
+    out = {root / "docs" / "config.md": reference_markdown()}
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        if path not in out:
+            out[path] = render_doc_tables(path.read_text())
+    return out

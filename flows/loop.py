@@ -58,6 +58,8 @@ class LoopSettings:
     step_ms: int = 1_000  # event time between requests
     window: int = 200  # answered requests per reported window
     timeout_s: float = 30.0  # forget a request unanswered for this long (wall s)
+    views_per_request: float = 0.0  # mean organic views (Poisson) the user makes before a request
+    world: dict[str, Any] = field(default_factory=dict)  # other SimConfig fields (e.g. drift_at)
 
 
 @dataclass
@@ -92,8 +94,9 @@ class ClosedLoop:
         self.settings = settings
         # The warm-up runs at the loop's pace (one request per step_ms of event time), so
         # it spans the flow's refresh intervals like the loop itself does.
-        world = SimConfig(n_users=settings.n_users, n_items=settings.n_items, k=settings.k,
-                          requests_per_s=1000.0 / settings.step_ms)
+        world = SimConfig(**{"n_users": settings.n_users, "n_items": settings.n_items,
+                             "k": settings.k, "requests_per_s": 1000.0 / settings.step_ms,
+                             **settings.world})
         self.sim = Simulator(world, seed=settings.seed, max_events=settings.warmup_events)
         self.rng = np.random.default_rng([settings.seed, 7])
         self.run_id = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:x}"
@@ -122,6 +125,9 @@ class ClosedLoop:
             self.sent += 1
             self.pending[rid] = (user, time.monotonic())
             out.extend(self._due())
+            if self.settings.views_per_request > 0:
+                n_views = int(self.rng.poisson(self.settings.views_per_request))
+                out.extend(self.sim.views(user, self.clock_ms - 1, n_views, self.rng))
             out.append({"type": "request", "ts": self.clock_ms, "request_id": rid,
                         "user_id": user, "k": self.settings.k})
         return out

@@ -4,7 +4,7 @@
 in, every output as JSONL under ``./streamrec-out/``);
 ``python -m bytewax.run "flows.recsys:build('my.toml')"`` runs a configured one.
 
-Shape (DESIGN section 2; docs/architecture.md has the details)::
+Shape (docs/architecture.md has the details)::
 
     inputs (chained) -> parse -> dead-letters
       -> route by user shard -> user_shard [u000..]: joiner, profiles, history, MF user
@@ -21,18 +21,24 @@ Serving reads the snapshots back from the store (nearline), so the graph stays a
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
-from events.model import Event, EventParser, Record
+from events.logfile import LogFileError, check_log
+from events.model import EventParser, Record
 from events.simulator import SimConfig
-from flows.config import Config, InputConfig, load_config
-from flows.logs import setup_logging
+from flows.config import OUTPUTS, Config, ConfigError, InputConfig, load_config  # noqa: F401 - OUTPUTS re-exported
+from flows.kafka_wait import wait_for_kafka
+from flows.logs import install_excepthook, setup_logging
+from flows.memory import memory_bound
 from models.rankers import positive_hold_ms
 from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
@@ -41,20 +47,19 @@ from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
 from operators.sinks import JsonlFileSink
 from operators.snapshot_views import SnapshotViews
-from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
+from operators.sources import Gate, GatedSource, OnceSource, ReplaySource, SimulatorSource
+from operators.status import StatusLog
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
 from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
 
-OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
-"""Every output topic (Kafka topics are prefixed with the app name)."""
-
 GC_THRESHOLD = (50_000, 20, 100)
 """CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
 joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
+log = logging.getLogger(__name__)
 
 
 def _source(inp: InputConfig, config: Config) -> Any:
@@ -62,7 +67,7 @@ def _source(inp: InputConfig, config: Config) -> Any:
         sim = SimConfig(n_users=inp.n_users, n_items=inp.n_items, requests_per_s=inp.requests_per_s)
         return SimulatorSource(sim, inp.seed, inp.events or None, inp.batch_size)
     if inp.kind == "replay":
-        return ReplaySource(inp.path, inp.batch_size, inp.speed)
+        return ReplaySource(inp.path, inp.batch_size, inp.speed, config.parse.max_bytes)
     from operators.kafka_io import KafkaSource
 
     return KafkaSource(
@@ -72,7 +77,42 @@ def _source(inp: InputConfig, config: Config) -> Any:
         batch_size=inp.batch_size,
         consumer_config=config.kafka.client_settings("consumer"),
         tail=inp.tail,
+        discovery_timeout_s=config.kafka.startup_timeout_s,
+        on_lost_offset=inp.offset_out_of_range,
     )
+
+
+def log_memory_bound(config: Config) -> float:
+    """Log the resident memory (MB) the config's capacities allow above the process's
+    memory at start (``flows.memory.memory_bound``), with a warning when it exceeds the
+    machine's physical memory; returns it. Called when the metrics stage starts (once per
+    run, in the process that runs it), not when the flow is built."""
+    bound = memory_bound(config)
+    total_mb = bound["total_mb"]
+    parts = ", ".join(f"{k} {v:,.0f}" for k, v in bound["parts_mb"].items())
+    log.info("memory bound: %s MB above the process at start (%s MB); see docs/operations.md, "
+             "Bounded memory", f"{total_mb:,.0f}", parts,
+             extra={"memory_bound_mb": round(total_mb, 1)})
+    try:
+        physical_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError):
+        return total_mb
+    if total_mb > physical_mb:
+        log.warning("memory bound %s MB exceeds this machine's %s MB: lower the capacities "
+                    "(shards.max_users, items.max_items, items.covis.max_items, ...)",
+                    f"{total_mb:,.0f}", f"{physical_mb:,.0f}")
+    return total_mb
+
+
+def check_inputs(config: Config) -> None:
+    """Fail at start (``ConfigError`` naming the key) on a replay log that cannot be read:
+    missing, a directory, or a ``.gz`` that is not gzip."""
+    for i, inp in enumerate(config.inputs):
+        if inp.kind == "replay":
+            try:
+                check_log(inp.path)
+            except LogFileError as err:
+                raise ConfigError(f"inputs[{i}].path: {err}") from None
 
 
 def _inputs(flow: Dataflow, config: Config) -> Stream[list[Any]]:
@@ -90,6 +130,8 @@ def _inputs(flow: Dataflow, config: Config) -> Stream[list[Any]]:
 def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
     """Send record batches to the output topic ``name`` (file or Kafka)."""
     step = f"out_{name.replace('-', '_')}"
+    if name in config.output.skip:
+        return
     if config.output.kind == "files":
         keyed = op.key_on(f"{step}_key", stream, lambda _batch: name)
         op.output(step, keyed, JsonlFileSink(config.output.dir, name))
@@ -105,13 +147,21 @@ def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:
     return op.filter_map(f"take_{name.replace('-', '_')}", stream, lambda out: out.get(name))
 
 
-def _parse_counts(parsed: tuple[list[Event], list[Record], int]) -> tuple[str, dict[str, Any]]:
-    events, dead, _ = parsed
+def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+    """Metrics item of one parsed batch: events by type, dead letters by reason, max event
+    time, and the Kafka read positions the batch carries (consumer lag)."""
+    events, dead = parsed[0], parsed[1]
     return "parse", {
         "events_by_type": Counter(e.type for e in events),
         "dead_by_reason": Counter(d["reason"] for d in dead),
         "max_ts": max((e.ts for e in events), default=None),
+        "offsets": parsed[3] if len(parsed) > 3 else None,
     }
+
+
+def _error_counts(dead: list[Record]) -> tuple[str, Counter[str]]:
+    """Metrics item of a batch of processing-error dead letters: count per stage kind."""
+    return "errors", Counter(d["stage"].split(" ", 1)[0] for d in dead)
 
 
 def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
@@ -129,26 +179,43 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
         items.append(("examples", by_label))
     if "recommendations" in out:
         items.append(("latency", [r["latency_ms"] for r in out["recommendations"]]))
+    if "serving-cost" in out:
+        items.append(("serving_cost", out["serving-cost"]))
     items.extend(("shard", c) for c in out.get("counters", ()))
     return items
 
 
-def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
-    """Build the main flow from a TOML path, a dict or a Config (env overrides apply).
+def build(config: str | Path | dict[str, Any] | Config | None = None,
+          progress: Callable[[int], None] | None = None) -> Dataflow:
+    """Build the main flow from a TOML path, a dict or a Config (env overrides apply);
+    ``progress(events_in)`` is called from the metrics stage about twice a second
+    (``streamrec eval``'s progress bar).
 
-    Side effects: installs the configured log handler (``log``) and raises this
-    process's GC thresholds to ``GC_THRESHOLD``.
+    Side effects: installs the configured log handler (``log``), waits for the Kafka
+    broker when the config uses Kafka (``kafka.startup_timeout_s``; ``BrokerUnavailable``
+    after it), makes uncaught config and broker errors print one line
+    (``flows.logs.install_excepthook``), raises this process's GC thresholds to
+    ``GC_THRESHOLD`` and, with ``metrics.port``, starts the metrics endpoint.
     """
+    install_excepthook()
     config = load_config(config)
     setup_logging(config.log)
+    check_inputs(config)
+    wait_for_kafka(config, f"the {config.app} flow's topics")
     gc.set_threshold(*GC_THRESHOLD)
+    if config.metrics.port:  # /healthz from the start, before the metrics stage has items
+        from operators.prometheus import MetricsServer
+
+        MetricsServer.serve(config.metrics)
     flow = Dataflow(config.app)
-    store = SnapshotStore(config.snapshot_root(), keep=config.snapshots.keep)
+    store = config.snapshot_store()
     raw = _inputs(flow, config)
 
-    parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms)
-    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns()))
-    _output("dead-letters", op.filter_map("dead_letters", parsed, lambda p: p[1] or None), config)
+    parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,
+                         min_ts_ms=config.parse.min_ts_ms)
+    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns(),
+                                                   getattr(batch, "offsets", None)))
+    dead_letters = [op.filter_map("dead_letters", parsed, lambda p: p[1] or None)]
 
     n_users, n_items = config.shards.users, config.shards.items
     user_shard_of = ShardOf(n_users, max_cached=config.shards.routing_cache)
@@ -159,9 +226,13 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     sampler = NegativeSampler(config.sampler.negative_rate, config.sampler.seed)
     item_keys = [item_shard_key(i) for i in range(n_items)]
 
+    # Replays and the simulator read snapshots by event time at every micro-batch (a
+    # replay gives the same answers at any speed); live Kafka input polls by wall time.
+    poll_ms = (config.serving.poll_ms if any(i.kind == "kafka" for i in config.inputs) else 0)
+
     def user_shard_builder(resume: UserShard | None) -> UserShardLogic:
         if resume is None:
-            views = SnapshotViews(store, item_keys, config.serving.poll_ms)
+            views = SnapshotViews(store, item_keys, poll_ms)
             items_on = config.items.enabled
             resume = UserShard(
                 config.join, sampler, features=config.features,
@@ -182,15 +253,26 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         _output(name, _take(name, outputs), config)
 
     snapshots = []
+    failed = [_take("dead-letters", outputs)]  # processing errors of the stateful stages
     if config.items.enabled:
         updates = op.filter_map("take_item_updates", outputs,
                                 lambda out: (out["batch"], out["item-updates"])
                                 if "item-updates" in out else None)
-        snapshots.append(_item_side(updates, config, store, item_shard_of))
+        item_snapshots, item_dead = _item_side(updates, config, store, item_shard_of)
+        snapshots.append(item_snapshots)
+        failed.append(item_dead)
     ranker_out = _trainer(examples, config, store)
+    if ranker_out is not None:
+        failed.append(op.filter_map("ranker_dead_letters", ranker_out,
+                                    lambda o: o.get("dead-letters")))
+    all_failed = op.merge("processing_errors", *failed)
+    dead_letters.append(all_failed)
+    _output("dead-letters", op.merge("all_dead_letters", *dead_letters), config)
     metric_streams = [
+        op.input("metrics_start", flow, OnceSource(("start", None))),  # a summary even for empty input
         op.map("count_parse", parsed, _parse_counts),
         op.flat_map("count_outputs", outputs, _shard_counts),
+        op.map("count_errors", all_failed, _error_counts),
     ]
     if ranker_out is not None:
         snapshots.append(op.filter_map("ranker_snapshots", ranker_out, lambda o: o.get("snapshots")))
@@ -202,7 +284,9 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         "metrics",
         op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
         lambda resume: MetricsLogic(
-            resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics),
+            resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics,
+            StatusLog(config.log.status_interval_s, progress),
+            on_start=lambda: log_memory_bound(config)),
     )
     metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
     if ranker_out is not None:
@@ -212,9 +296,11 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
 
 
 def _item_side(updates: Stream[tuple[int, list[ItemUpdate]]], config: Config,
-               store: SnapshotStore, item_shard_of: Any) -> Stream[list[Record]]:
-    """Item shards and the index builder; returns the stream of their snapshot manifests.
-    ``updates``: (source micro-batch id, item updates) from each user shard."""
+               store: SnapshotStore, item_shard_of: Any
+               ) -> tuple[Stream[list[Record]], Stream[list[Record]]]:
+    """Item shards and the index builder; returns the streams of their snapshot manifests
+    and of the item shards' processing-error dead letters. ``updates``: (source
+    micro-batch id, item updates) from each user shard."""
 
     def route(tagged: tuple[int, list[ItemUpdate]]
               ) -> list[tuple[str, tuple[str, list[ItemUpdate], int]]]:
@@ -244,7 +330,8 @@ def _item_side(updates: Stream[tuple[int, list[ItemUpdate]]], config: Config,
                        op.stateful("index", op.key_on("index_key", changes, lambda _: "index"),
                                    index_builder),
                        lambda kv: kv[1])
-    return op.merge("item_snapshots", _take("snapshots", item_out), index_out)
+    return (op.merge("item_snapshots", _take("snapshots", item_out), index_out),
+            op.filter_map("item_dead_letters", item_out, lambda o: o.get("dead-letters")))
 
 
 def _trainer(examples: Stream[list[Record]], config: Config,

@@ -107,6 +107,15 @@ class EmbeddingFM(base.Classifier):
         ttl_ms: expire rows not updated for this long (event time, ms); None = never.
         key_cache_size: bound of the feature name -> key cache (cleared when full).
         seed: seed of the rows' initialisation.
+
+    >>> fm = EmbeddingFM(k=4, lr=0.1, max_rows=1_000)
+    >>> liked, other = {"user=u1": 1.0, "item=i1": 1.0}, {"user=u1": 1.0, "item=i2": 1.0}
+    >>> for _ in range(50):
+    ...     fm.learn_many([liked, other], [True, False], now_ms=1_000)
+    >>> fm.predict_proba_one(liked)[True] > 0.8 > 0.2 > fm.predict_proba_one(other)[True]
+    True
+    >>> len(fm.table)  # one row per feature name seen in training
+    3
     """
 
     def __init__(self, k: int = 8, lr: float = 0.1, l2: float = 0.0, admit_threshold: int = 1,

@@ -19,14 +19,19 @@ Kinds (``make_ranker(kind, **params)``):
 when the impression's window closes (``JoinConfig.wait_ms()`` plus the allowed
 lateness later), so a model learning examples as they arrive has always seen the
 last window's positives but not its negatives, and over-predicts (measured on the
-simulator: up to +10% with a 65 s window, x17 with the flow's default 1 h window).
-``hold_positives_ms`` holds each positive until the ranker's clock (the latest example
-``ts`` seen) passes its ``ts + hold``, so both labels of an impression time are learned
-together (``positive_hold_ms(join_config)`` gives the matching hold). It costs
-freshness: positives count ``hold`` later.
+simulator: up to +10% with a 65 s wait, x17 with a 1 h wait). ``hold_positives_ms``
+holds each positive until the ranker's clock (the latest example ``ts`` seen) passes
+its ``ts + hold``, so both labels of an impression time are learned together
+(``positive_hold_ms(join_config)`` gives the matching hold; the example below reads it
+for the flow's join defaults). It costs freshness: positives count ``hold`` later.
 
-A ranker pickles (the trainer snapshots the serving copy that way) and ``copy()``
-gives an independent serving copy that refuses to learn.
+>>> from state.join_state import JoinConfig
+>>> positive_hold_ms(JoinConfig())
+630000
+
+A ranker pickles (Bytewax recovery state) and ``copy()`` gives an independent serving
+copy that refuses to learn; snapshots are written as data, not pickles
+(``models.ranker_io``).
 """
 
 from __future__ import annotations
@@ -71,6 +76,16 @@ class Ranker:
             per user and item ID); beyond it the smallest ``|weight|`` are dropped down
             to 90% of it (with their optimizer state). 0: no limit. efm is bounded by
             its table's ``max_rows``.
+
+    >>> ranker = make_ranker("lr", negative_rate=0.5)  # negatives thinned to half: weight 2
+    >>> liked = {"user_id": "u1", "item_id": "i1", "ts": 1_000, "label": True}
+    >>> other = {"user_id": "u1", "item_id": "i2", "ts": 1_000, "label": False, "weight": 2.0}
+    >>> ranker.learn_many([liked, other] * 50)
+    >>> ranker.predict(liked) > 0.5 > ranker.predict(other)
+    True
+    >>> serving = ranker.copy()  # a frozen serving copy: it predicts alike, refuses to learn
+    >>> serving.predict(liked) == ranker.predict(liked), serving.frozen
+    (True, True)
     """
 
     def __init__(self, kind: RankerKind, model: base.Classifier,
@@ -99,6 +114,9 @@ class Ranker:
         self._held_seq = 0
         self.max_features = max_features
         self.pruned = 0  # weights dropped by the max_features bound
+        self.params: dict[str, Any] = {}
+        """The model parameters ``make_ranker`` built ``model`` from (``models.ranker_io``
+        rebuilds a saved ranker from them)."""
 
     def __repr__(self) -> str:
         return (f"Ranker(kind={self.kind!r}, rate={self.rate:g}, n_learned={self.n_learned}, "
@@ -287,6 +305,11 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
       ``intercept_lr`` (0.01), ``seed`` (0);
     * efm: any ``EmbeddingFM`` argument (``k``, ``lr``, ``l2``, ``admit_threshold``,
       ``max_rows``, ``init_scale``, ``ttl_ms``, ...).
+
+    >>> make_ranker("efm", negative_rate=0.1, k=4)
+    Ranker(kind='efm', rate=0.1, n_learned=0, frozen=False)
+    >>> make_ranker("efm", k=4).model.table.dim  # k latent floats + the linear weight
+    5
     """
     model: base.Classifier
     if kind == "lr":
@@ -304,5 +327,27 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
         model = EmbeddingFM(**params)
     else:
         raise ValueError(f"unknown ranker kind {kind!r}; expected one of {KINDS}")
-    return Ranker(kind, model, negative_rate=negative_rate, batch_size=batch_size,
-                  hold_positives_ms=hold_positives_ms, max_features=max_features)
+    ranker = Ranker(kind, model, negative_rate=negative_rate, batch_size=batch_size,
+                    hold_positives_ms=hold_positives_ms, max_features=max_features)
+    ranker.params = dict(params)
+    return ranker
+
+
+def ranker_param_names(kind: RankerKind) -> set[str]:
+    """The ``params`` keys ``make_ranker(kind, **params)`` accepts (the model's own
+    constructor arguments plus the names it translates), for validating configs."""
+    import inspect
+
+    def args(cls: type) -> set[str]:
+        return {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    if kind == "lr":
+        return {"lr", "l2", "intercept_lr"} | args(linear_model.LogisticRegression) - {"optimizer"}
+    if kind == "fm":
+        return ({"lr", "l2", "n_factors", "intercept_lr", "seed"}
+                | args(facto.FMClassifier)
+                - {"weight_optimizer", "latent_optimizer", "l2_weight", "l2_latent"})
+    if kind == "efm":
+        return args(EmbeddingFM)
+    raise ValueError(f"unknown ranker kind {kind!r}; expected one of {KINDS}")

@@ -12,8 +12,8 @@ Defaults are chosen so that a short stream is a useful training stream: a positi
 a click (or a rating >= 4) within 60 s, so negatives are emitted ~65 s of event time
 after their impression, and the simulator runs at 5 requests per event-time second
 (~50 impressions/s), so the negatives' lag is a few thousand examples, not millions
-(the flow's default 1 h purchase window would hold every negative back to the end of
-a short stream).
+(the flow's longer join wait, ``JoinConfig().wait_ms()``, would hold most negatives of a
+short stream back to its end).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-Record = dict[str, Any]
+from events.model import Record
 
 
 def pack_example(example: Record) -> Record:

@@ -9,35 +9,14 @@ Serving never touches this index: it loads the published snapshots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from bytewax.operators import StatefulLogic
 
 from state.item_index import IndexBuilder, IndexConfig
-from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotStore
 
 IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
 """(upsert ids, vectors (n, dim) or None, removed ids, event time ms of the change)."""
-
-
-@dataclass
-class IndexSettings:
-    """The ANN index of item vectors and its refresh."""
-
-    refresh_interval_ms: int = doc("Event time between index snapshots (ms).", 300_000)
-    M: int = doc("HNSW graph degree.", 16)
-    ef_construction: int = doc("HNSW build breadth.", 100)
-    ef: int = doc("HNSW serving search breadth.", 200)
-    rebuild_fraction: float = doc("Changed/live items above which a refresh rebuilds.", 0.3)
-    threads: int = doc("Threads inserting into the HNSW graph (refreshes and rebuilds); 1 makes "
-                       "the graph, and so the ANN candidates, the same in every replay of a "
-                       "log (several threads insert in a racy order).", 2)
-
-    def index_config(self, dim: int) -> IndexConfig:
-        return IndexConfig(dim=dim, M=self.M, ef_construction=self.ef_construction, ef=self.ef,
-                           rebuild_fraction=self.rebuild_fraction, num_threads=self.threads)
 
 
 class IndexStage:
@@ -48,12 +27,12 @@ class IndexStage:
     vectors stay bounded by the item tables' capacity instead of the churn rate.
     """
 
-    def __init__(self, settings: IndexSettings, dim: int, store: SnapshotStore,
+    def __init__(self, config: IndexConfig, dim: int, store: SnapshotStore,
                  max_pending: int = 0) -> None:
-        self.settings = settings
+        self.config = config.with_dim(dim)
         self.max_pending = max_pending
         self.store = store
-        self.builder = IndexBuilder(settings.index_config(dim))
+        self.builder = IndexBuilder(self.config)
         self.pending: dict[str, np.ndarray | None] = {}
         self.max_ts_ms: int | None = None
         self.last_publish_ms: int | None = None
@@ -69,7 +48,7 @@ class IndexStage:
             self.max_ts_ms = ts
         if self.last_publish_ms is None:
             self.last_publish_ms = self.max_ts_ms
-        if (self.max_ts_ms - self.last_publish_ms >= self.settings.refresh_interval_ms
+        if (self.max_ts_ms - self.last_publish_ms >= self.config.refresh_interval_ms
                 or 0 < self.max_pending < len(self.pending)):
             return [self.refresh()]
         return []

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from bytewax.operators import StatefulLogic
 
+from events.model import Feedback, Impression, Item, Record, event_to_dict, processing_error
 from models.mf import ItemFactors, MFConfig
 from operators.item_updates import (
     CatalogChange,
@@ -47,11 +48,17 @@ IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
 
 COVIS_DEFAULTS: dict[str, Any] = {
     "window": 40, "position_decay": 0.95, "max_neighbors": 300, "prune_slack": 0.5,
-    "half_life_ms": 10 * 365 * 86_400_000,
+    "half_life_ms": 10 * 365 * 86_400_000, "max_items": 5_000,
 }
 """Co-visitation defaults of the flow (docs/movielens-recipe.md): a long, gently decayed
 pair window (a page of ratings is one session), rows of 300 so they do not freeze, and
-no practical time decay (bursty activity makes decayed rows fade between bursts)."""
+no practical time decay (bursty activity makes decayed rows fade between bursts). Rows
+for the 5,000 most recently co-visited items of each shard: full rows of 300 neighbours
+are the largest part of the memory bound (docs/operations.md, "Bounded memory")."""
+
+MF_DEFAULTS: dict[str, Any] = {"max_users": 50_000, "max_items": 50_000}
+"""MF table capacities of the flow (per user shard and per item shard), sized with the
+other defaults so that the default config's memory bound fits a 24 GB machine."""
 
 
 @dataclass
@@ -66,7 +73,7 @@ class ItemsConfig:
     trending_half_life_ms: int = doc("Half-life of the trending counts (ms).", 6 * 3_600_000)
     max_items: int = doc("Items tracked per item shard: catalog entries (published in its item "
                          "table), item profiles and popularity counters; least recently seen "
-                         "forgotten first.", 1_000_000)
+                         "forgotten first.", 50_000)
     covis: dict[str, Any] = doc("Co-visitation parameters (state.covisitation.CoVisConfig: "
                                 "half_life_ms, max_neighbors, window, position_decay, "
                                 "prune_slack, max_items); keys not given keep the defaults shown.",
@@ -74,13 +81,15 @@ class ItemsConfig:
     covis_any: bool = doc("Keep a second co-visitation channel over every interaction (any "
                           "feedback, e.g. any rating) beside the one over positives.", True)
     mf: dict[str, Any] = doc("Incremental MF parameters (models.mf.MFConfig: dim, lr, reg, "
-                             "init_scale, max_users, max_items, admit_threshold).", factory=dict)
+                             "init_scale, max_users (per user shard), max_items (per item "
+                             "shard), admit_threshold); keys not given keep the defaults shown "
+                             "or MFConfig's.", factory=lambda: dict(MF_DEFAULTS))
 
     def covis_config(self) -> CoVisConfig:
         return CoVisConfig(**{**COVIS_DEFAULTS, **self.covis})
 
     def mf_config(self) -> MFConfig:
-        return MFConfig(**self.mf)
+        return MFConfig(**{**MF_DEFAULTS, **self.mf})
 
 
 class ItemShard:
@@ -113,6 +122,8 @@ class ItemShard:
         self.last_publish_ms: int | None = None
         self.sent_version = 0
         self.dirty = False
+        self._dead: list[Record] = []
+        """Dead letters (``processing_error``) of updates this shard failed to apply."""
         self.batch: int | None = None
         """The source micro-batch of the last updates (see ``process``)."""
 
@@ -138,59 +149,88 @@ class ItemShard:
         pairs: list[tuple[str, str, float]] = []
         pairs_any: list[tuple[str, str, float]] = []
         removed: list[str] = []
+        stage = f"item_shard {shard}"
         for update in updates:
-            match update:
-                case Interaction(item_id, ts, positive):
-                    self._observe(ts)
-                    self._see(item_id, ts)
-                    self.interactions.add(item_id, ts)
-                    if positive:
-                        self.liked_counts.add(item_id, ts)
-                        self.popular.add(item_id, ts)
-                        self.trending.add(item_id, ts)
-                case MFStep(item_id, ts, user_vec, coef):
-                    mf_items.append(item_id)
-                    mf_vecs.append(user_vec)
-                    mf_coefs.append(coef)
-                    mf_ts = max(mf_ts, ts)
-                case ProfileEvent(item_id, event):
-                    self._observe(event.ts)
-                    if self.profiles is not None:
-                        self.profiles.apply(event)
-                        lru_put(self.profiled, item_id, None, self.config.max_items)
-                case CovisPair(a, b, w, ts, channel):
-                    self._observe(ts)
-                    (pairs if channel == "liked" else pairs_any).append((a, b, w))
-                case CatalogChange(item_id, event):
-                    self._observe(event.ts)
-                    entry = self._see(item_id, event.ts)
-                    entry.category = _category(event.attrs) or entry.category
-                    if entry.available and not event.available:
-                        removed.append(item_id)
-                    elif event.available and not entry.available:
-                        self.factors.revive([item_id])
-                    entry.available = event.available
-                case _:
-                    raise TypeError(f"unknown item update {type(update).__name__}: {update!r}")
+            if type(update) not in _UPDATE_TYPES:  # a programming error, not bad data
+                raise TypeError(f"unknown item update {type(update).__name__}: {update!r}")
+            try:
+                match update:
+                    case Interaction(item_id, ts, positive):
+                        self._observe(ts)
+                        self._see(item_id, ts)
+                        self.interactions.add(item_id, ts)
+                        if positive:
+                            self.liked_counts.add(item_id, ts)
+                            self.popular.add(item_id, ts)
+                            self.trending.add(item_id, ts)
+                    case MFStep(item_id, ts, user_vec, coef):
+                        mf_items.append(item_id)
+                        mf_vecs.append(user_vec)
+                        mf_coefs.append(coef)
+                        mf_ts = max(mf_ts, ts)
+                    case ProfileEvent(item_id, event):
+                        self._observe(event.ts)
+                        if self.profiles is not None:
+                            self.profiles.apply(event)
+                            lru_put(self.profiled, item_id, None, self.config.max_items)
+                    case CovisPair(a, b, w, ts, channel):
+                        self._observe(ts)
+                        (pairs if channel == "liked" else pairs_any).append((a, b, w))
+                    case CatalogChange(item_id, event):
+                        self._observe(event.ts)
+                        entry = self._see(item_id, event.ts)
+                        entry.category = _category(event.attrs) or entry.category
+                        if entry.available and not event.available:
+                            removed.append(item_id)
+                        elif event.available and not entry.available:
+                            self.factors.revive([item_id])
+                        entry.available = event.available
+            except Exception as err:  # one bad update must not stop the flow
+                self._dead.append(processing_error(stage, _update_raw(update), err))
+        now = self.max_ts_ms or 0
         if pairs:
-            self.covis.add(pairs, self.max_ts_ms or 0)
+            self._batch_step(stage + " covis", updates,
+                             lambda u: isinstance(u, CovisPair) and u.channel == "liked",
+                             lambda: self.covis.add(pairs, now))
         if pairs_any and self.covis_any is not None:
-            self.covis_any.add(pairs_any, self.max_ts_ms or 0)
+            covis_any = self.covis_any
+            self._batch_step(stage + " covis_any", updates,
+                             lambda u: isinstance(u, CovisPair) and u.channel != "liked",
+                             lambda: covis_any.add(pairs_any, now))
         if mf_items:
-            coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
-            self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
+            def mf_step() -> None:
+                coefs = None if mf_coefs[0] is None else np.asarray(mf_coefs, np.float32)
+                self.factors.update_batch(mf_items, np.stack(mf_vecs), mf_ts, coefs)
+            self._batch_step(stage + " mf", updates, lambda u: isinstance(u, MFStep), mf_step)
         if removed:
-            self.factors.remove(removed)
-            self.covis.remove(removed)
-            if self.covis_any is not None:
-                self.covis_any.remove(removed)
+            def remove_step() -> None:
+                self.factors.remove(removed)
+                self.covis.remove(removed)
+                if self.covis_any is not None:
+                    self.covis_any.remove(removed)
+            self._batch_step(stage + " remove", updates,
+                             lambda u: isinstance(u, CatalogChange) and u.item_id in removed,
+                             remove_step)
         self.dirty = self.dirty or bool(updates)
         change = self._index_change()
         if change is not None:
             out["index"] = [change]
         if batch is None and self._publish_due():
             out["snapshots"] = [self.publish()]
+        if self._dead:
+            out["dead-letters"], self._dead = self._dead, []
         return out
+
+    def _batch_step(self, stage: str, updates: list[ItemUpdate],
+                    applies: Callable[[ItemUpdate], bool], step: Callable[[], None]) -> None:
+        """Run a step that applies several updates of the batch at once (those for which
+        ``applies`` is true); if it raises, each of them becomes a dead letter and the
+        batch goes on."""
+        try:
+            step()
+        except Exception as err:
+            self._dead.extend(processing_error(stage, _update_raw(u), err)
+                              for u in updates if applies(u))
 
     def _observe(self, ts: int) -> None:
         if self.max_ts_ms is None or ts > self.max_ts_ms:
@@ -253,6 +293,16 @@ class ItemShard:
     def finish(self) -> dict[str, list[Any]]:
         """End of input: publish what changed since the last table."""
         return {"snapshots": [self.publish()]} if self.dirty else {}
+
+
+_UPDATE_TYPES = (Interaction, MFStep, CovisPair, CatalogChange, ProfileEvent)
+
+
+def _update_raw(update: ItemUpdate) -> dict[str, Any]:
+    """An update as a JSON-ready dict for its dead letter (events as their dicts)."""
+    fields = {k: event_to_dict(v) if isinstance(v, Impression | Feedback | Item) else v
+              for k, v in update._asdict().items()}
+    return {"update": type(update).__name__, **fields}
 
 
 def _category(attrs: dict[str, Any]) -> str | None:

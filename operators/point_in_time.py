@@ -48,12 +48,16 @@ class UserContext:
     profile: dict[str, Any]
     liked: list[str] = field(default_factory=list)
     """Recent positives, newest first (``recent`` holds every interaction)."""
+    finished: dict[str, int] = field(default_factory=dict)
+    """Items with a consuming action (``serving.consume_actions``) -> its last ts (ms)."""
 
 
-NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf")
-"""Numeric per-candidate features read from the snapshots: popularity and trending
-(decayed to the event's time), co-visitation sums of the liked and any-interaction
-channels, MF score. Absent means 0.0 (no table, no seeds, no vector)."""
+NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked")
+"""Numeric per-candidate features: from the snapshots, popularity and trending (decayed
+to the event's time), co-visitation sums of the liked and any-interaction channels, MF
+score; from the user shard, whether the user already interacted with the item and had a
+positive on it (1.0 / 0.0). Absent means 0.0 (no table, no seeds, no vector, no
+interaction with any of the items)."""
 
 
 @dataclass
@@ -108,11 +112,14 @@ class PointInTime:
                  user_attrs: OrderedDict[str, dict[str, Any]] | None = None,
                  users: UserFactors | None = None, views: SnapshotViews | None = None,
                  item_shard_of: Callable[[str], str] | None = None,
-                 covis: CovisQuery | None = None) -> None:
+                 covis: CovisQuery | None = None,
+                 finished: UserHistory | None = None) -> None:
         """The user shard passes its own state (read, never written here); what is not
         given is empty (e.g. a context over snapshots only, for serving tests)."""
         self.history = history if history is not None else UserHistory()
         self.liked = liked
+        self.finished = finished
+        """Each user's items with a consuming action (the repeat policy); None = none."""
         """Each user's positives; None when co-visitation is off."""
         profiles = profiles if profiles is not None else {}
         self.profiles = profiles
@@ -160,7 +167,9 @@ class PointInTime:
         if vector is None and self.users is not None and recent:
             vector = self.item_vectors(recent[:20]).mean(axis=0)
         liked = self.liked.recent(user_id, 50) if self.liked is not None else []
-        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked)
+        finished = self.finished.consumed(user_id) if self.finished is not None else {}
+        return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
+                           finished)
 
     def consumed(self, user_id: str) -> Container[str]:
         """Items the user interacted with (the joiner's sampled negatives avoid them)."""
@@ -234,7 +243,8 @@ class PointInTime:
         """Per-item features, for each item; the same at impression time and at serving
         time: the item's static features (``static_item_features``), then its numeric
         snapshot features (``NUMERIC_ITEM_FEATURES``: popularity, trending, co-visitation
-        with the recent items, MF score), then the user x item-attribute profiles.
+        with the recent items, MF score; ``ui.interacted`` / ``ui.liked`` when the user
+        already interacted with some of the items), then the user x item-attribute profiles.
 
         ``covis``: the raw channel sums of ``Server.covis_channels`` (serving); None
         looks each item up (one impression at a time). Both give the same numbers.
@@ -297,6 +307,14 @@ class PointInTime:
             mf = self._mf_scores(ctx.vector, item_ids, views)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
+        consumed = ctx.consumed
+        if consumed:  # the user's own history with the item: do repeats pay off?
+            seen = np.fromiter((item in consumed for item in item_ids), np.float64, n)
+            if seen.any():
+                liked = set(ctx.liked)
+                numeric["ui.interacted"] = seen
+                numeric["ui.liked"] = np.fromiter((item in liked for item in item_ids),
+                                                  np.float64, n)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
         cross = [[] for _ in item_ids]

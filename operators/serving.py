@@ -91,8 +91,23 @@ class ServingConfig:
                                     "duel going (1 = every request).", 0.1)
     scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
                              5_000)
+    repeat: str = doc("Items the user already interacted with: 'not-consumed' (allowed "
+                      "again unless an interaction was a consuming action, consume_actions: "
+                      "e.g. viewed or clicked but not bought or rated), 'never' (no item "
+                      "interacted with), 'allow' (candidates like any other) or 'cooldown' "
+                      "(allowed repeat_cooldown_ms after the last interaction). Default by "
+                      "measurement: docs/evaluation.md.", "not-consumed")
+    consume_actions: list[str] = doc("Feedback actions after which an item counts as consumed "
+                                     "(repeat 'not-consumed').",
+                                     factory=lambda: ["purchase", "rating"])
+    repeat_cooldown_ms: int = doc("cooldown: event time after the user's last interaction "
+                                  "with an item before it may be recommended again (ms).",
+                                  86_400_000)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
                                 "after_ordering): 'module:function'.", factory=dict)
+    record_cost: bool = doc("Add cpu_ms (CPU time of this request's serving call, ms) and "
+                            "queue_ms (latency_ms minus that call's wall time: waiting in the "
+                            "flow) to every recommendation; streamrec eval sets it.", False)
 
 
 @dataclass(slots=True)
@@ -104,10 +119,28 @@ class Candidate:
     scores: dict[str, float] = field(default_factory=dict)
     score: float = 0.0
     category: str | None = None
+    propensity: float = 1.0
+    """Probability that the policy puts this item in this slot (exploration logging)."""
 
     @property
     def source(self) -> str:
         return "+".join(self.sources)
+
+
+REPEAT_POLICIES = ("not-consumed", "never", "allow", "cooldown")
+
+
+def repeat_blocked(config: ServingConfig, ctx: UserContext, ts_ms: int) -> Any:
+    """The user's items that ``serving.repeat`` keeps out of the answer (a container)."""
+    mode = config.repeat
+    if mode == "never":
+        return ctx.consumed
+    if mode == "allow":
+        return ()
+    if mode == "cooldown":
+        since = ts_ms - config.repeat_cooldown_ms
+        return {item for item, ts in ctx.consumed.items() if ts > since}
+    return ctx.finished  # not-consumed
 
 
 def load_hook(spec: str) -> Hook:
@@ -133,6 +166,9 @@ class Server:
         self.views: SnapshotViews = views
         self.item_shard_of: Callable[[str], str] = item_shard_of
         self.hooks = {stage: load_hook(spec) for stage, spec in config.hooks.items()}
+        if config.repeat not in REPEAT_POLICIES:
+            raise ValueError(f"serving.repeat must be one of {REPEAT_POLICIES}, "
+                             f"not {config.repeat!r}")
         if config.scorer not in SCORERS:
             raise ValueError(f"serving.scorer must be one of {SCORERS}, not {config.scorer!r}")
         self.duel = ScorerDuel(config.scorer_window, config.scorer_min_outcomes)
@@ -148,6 +184,9 @@ class Server:
         of each stage to it (hooks count in
         their stage: ``filter``, ``score``, ``order``) and the number of candidates
         scored (``candidates``). None (the default) costs one check per stage."""
+        self.costs: list[tuple[float, float]] = []
+        """``(cpu_ms, queue_ms)`` of every request answered since the owner last took
+        them (the metrics stage's serving-cost histograms)."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Recovery state without caches (they hold snapshot objects, reloaded on resume)."""
@@ -217,9 +256,9 @@ class Server:
 
     # -- the four stages ---------------------------------------------------------------
     def recommend(self, request: Any, ctx: UserContext, ingest_ns: int) -> Record:
-        """Answer one request with its top k."""
+        """Answer one request with its top k (its cost is appended to ``costs``)."""
         timing = self.stage_ns
-        t0 = time.perf_counter_ns() if timing is not None else 0
+        cpu0, t0 = time.thread_time_ns(), time.perf_counter_ns()
         cands, covis = self.retrieve(ctx, request.ts)
         if timing is not None:
             t1 = time.perf_counter_ns()
@@ -241,17 +280,29 @@ class Server:
             timing["order"] = timing.get("order", 0) + time.perf_counter_ns() - t3
         self.served += 1
         ranker, index = self.views.ranker, self.views.index
-        return {
+        cpu_ms = (time.thread_time_ns() - cpu0) / 1e6
+        serve_ns = time.perf_counter_ns() - t0
+        latency_ns = time.time_ns() - ingest_ns
+        queue_ms = max(latency_ns - serve_ns, 0) / 1e6
+        if not hasattr(self, "costs"):  # resumed from a version without it
+            self.costs = []
+        self.costs.append((cpu_ms, queue_ms))
+        record = {
             "request_id": request.request_id,
             "user_id": request.user_id,
             "ts": request.ts,
-            "items": [{"item_id": c.item_id, "score": round(c.score, 6), "source": c.source}
+            "items": [{"item_id": c.item_id, "score": round(c.score, 6), "source": c.source,
+                       "propensity": round(c.propensity, 6)}
                       for c in ranked[: request.k]],
             "model_version": ranker.version,
             "index_version": index.version,
-            "latency_ms": round((time.time_ns() - ingest_ns) / 1e6, 3),
+            "latency_ms": round(latency_ns / 1e6, 3),
             **({"eval_item": request.context["eval_item"]} if "eval_item" in request.context else {}),
         }
+        if self.config.record_cost:
+            record["cpu_ms"] = round(cpu_ms, 4)
+            record["queue_ms"] = round(queue_ms, 3)
+        return record
 
     def retrieve(self, ctx: UserContext, ts_ms: int
                  ) -> tuple[dict[str, Candidate], dict[str, SparseScores]]:
@@ -308,9 +359,10 @@ class Server:
         excluded = set(request.exclude)
         catalog = self._catalog_lookup()
         unavailable = self.context.unavailable
+        blocked = repeat_blocked(self.config, ctx, request.ts)
         out = []
         for item, c in cands.items():
-            if item in ctx.consumed or item in excluded or unavailable(item):
+            if item in blocked or item in excluded or unavailable(item):
                 continue
             entry = catalog(item)
             if entry is not None:
@@ -415,16 +467,24 @@ class Server:
 
     def _explore(self, request: Any, ranked: list[Candidate], k: int,
                  consumed: dict[str, int] | None) -> list[Candidate]:
-        """Epsilon-greedy (deterministic per request id): the last slot goes to a new item."""
+        """Epsilon-greedy (deterministic per request id): the last slot goes to a new item,
+        drawn uniformly, with probability ``exploration``; the propensity of the slot's item
+        is logged on the record (``epsilon / new items`` for an explored one, ``1 - epsilon``
+        for the ranked one it replaces otherwise; 1 for every other slot), so off-policy
+        estimators (IPS) can reweight the logged clicks."""
+        epsilon = self.config.exploration
         h = stable_hash64(f"explore:{request.request_id}")
-        if (h & 0xFFFFFFFF) / 2**32 >= self.config.exploration:
+        slot = min(k, len(ranked)) - 1
+        if (h & 0xFFFFFFFF) / 2**32 >= epsilon:
+            # Logged as if a new item had been eligible (not looked up when not exploring).
+            ranked[slot].propensity = 1.0 - epsilon
             return ranked
         fresh = self._new_items(request, {c.item_id for c in ranked[:k]} | set(consumed or ()))
         if not fresh:
             return ranked
         pick = fresh[(h >> 32) % len(fresh)]
         pick.sources.append("explore")
-        slot = min(k, len(ranked)) - 1
+        pick.propensity = epsilon / len(fresh)
         return ranked[:slot] + [pick] + ranked[slot:]
 
     def _new_items(self, request: Any, shown: set[str]) -> list[Candidate]:

@@ -3,8 +3,9 @@
 Items reaching a sink are micro-batches: ``list[dict]`` records. The file sink is a
 fixed-partitioned sink whose resume state is the file length in bytes, so a resumed
 flow truncates what was written after the last snapshot and appends from there:
-file outputs are exactly-once under Bytewax recovery. (The Kafka sink lives in
-``kafka_io``.)
+file outputs are exactly-once under Bytewax recovery. A resume whose file is missing
+or shorter than that length stops at start (``OutputFileLost``, naming the file)
+instead of padding it with NUL bytes. (The Kafka sink lives in ``kafka_io``.)
 """
 
 from __future__ import annotations
@@ -30,8 +31,33 @@ def encode_record(record: Record) -> bytes:
                         default=str)
 
 
+class OutputFileLost(RuntimeError):
+    """A resumed flow's output file is missing or shorter than its recovery snapshot says."""
+
+
+def check_resumable(path: Path, resume_bytes: int | None) -> None:
+    """Raise ``OutputFileLost`` (naming ``path``) unless ``path`` holds at least the
+    ``resume_bytes`` a recovery snapshot recorded: truncating a shorter file "back" to
+    that length would pad it with NUL bytes instead of the lost records."""
+    if not resume_bytes:
+        return
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        size = None
+    if size is not None and size >= resume_bytes:
+        return
+    found = "is missing" if size is None else f"has {size} bytes"
+    raise OutputFileLost(
+        f"cannot resume: output file {path} {found}, but the recovery snapshot says "
+        f"{resume_bytes} bytes were written to it. Restore the output directory "
+        f"{path.parent} from the same backup as the recovery directory, or start over with "
+        f"a new recovery directory (docs/operations.md, 'How to restore').")
+
+
 class _JsonlPartition(StatefulSinkPartition[list[Record], int]):
     def __init__(self, path: Path, resume_bytes: int | None) -> None:
+        check_resumable(path, resume_bytes)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("ab")
         self._file.truncate(resume_bytes or 0)

@@ -4,7 +4,8 @@ One Bytewax key (``ranker``). For each micro-batch of examples: score every exam
 with the training copy *before* learning from it (progressive AUC, log loss,
 calibration), then learn. Every ``sync_interval_ms`` of event time (or every
 ``sync_every_examples`` examples) the training copy is frozen into a serving copy,
-pickled into the snapshot store as a new immutable version, and its manifest is
+written into the snapshot store as data (``models.ranker_io``: arrays and JSON, no
+pickle) as a new immutable version, and its manifest is
 emitted (``snapshots`` output, and the serving stage, which loads it verified).
 Metrics go out every ``metrics_every_examples`` examples and at end of input.
 """
@@ -12,7 +13,6 @@ Metrics go out every ``metrics_every_examples`` examples and at end of input.
 from __future__ import annotations
 
 import heapq
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,9 +20,10 @@ from typing import Any, Literal
 import numpy as np
 from bytewax.operators import StatefulLogic
 
-from events.model import Record
+from events.model import Record, processing_error
 from models.features import example_features
 from models.metrics import ProgressiveMetrics
+from models.ranker_io import load_ranker_file, save_ranker
 from models.rankers import Ranker, make_ranker
 from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotStore
@@ -49,7 +50,7 @@ class RankerConfig:
                                  "(e.g. lr, n_factors, k, admit_threshold).", factory=dict)
     max_waiting: int = doc("delay_to_labels: examples waiting for their labels at most (the queue "
                            "holds example rate x (join wait + lateness)); beyond it the oldest "
-                           "are scored and learned early (counted as learned_early).", 200_000)
+                           "are scored and learned early (counted as learned_early).", 100_000)
     max_features: int = doc("lr/fm: weights kept (one per distinct feature, e.g. one per user "
                             "and item ID); beyond it the smallest |weight| are dropped down to "
                             "90% of it. 0 = no limit (efm: bounded by params.max_rows).",
@@ -57,12 +58,9 @@ class RankerConfig:
 
 
 def load_ranker(path: Path) -> Ranker:
-    """Loader of a ``ranker`` snapshot file (only ever called on verified store paths)."""
-    with path.open("rb") as f:
-        ranker = pickle.load(f)
-    if not isinstance(ranker, Ranker):
-        raise ValueError(f"{path.name} does not hold a Ranker")
-    return ranker
+    """Loader of a ``ranker`` snapshot file (only ever called on verified store paths):
+    data only (``models.ranker_io``), so a planted file can be refused but never run."""
+    return load_ranker_file(path)
 
 
 class Trainer:
@@ -103,7 +101,15 @@ class Trainer:
         if over > 0:  # the oldest (next due) go early: a bound on the queue's memory
             due.extend(heapq.heappop(self._waiting)[2] for _ in range(over))
             self.learned_early += over
-        return self._learn(due)
+        return self._learn_safely(due)
+
+    def _learn_safely(self, examples: list[Record]) -> TrainerOutput:
+        """``_learn``; if it raises, the examples become ``processing_error`` dead letters
+        (the unit is the batch of due examples) and training goes on."""
+        try:
+            return self._learn(examples)
+        except Exception as err:
+            return {"dead-letters": [processing_error("ranker", e, err) for e in examples]}
 
     def _due(self, until_ms: int | None) -> list[Record]:
         """Pop queued examples with ts <= until_ms (all when None), oldest first."""
@@ -140,14 +146,9 @@ class Trainer:
 
     def sync(self) -> Manifest:
         """Write the serving copy as a new snapshot version; returns its manifest."""
-        serving = self.model.copy(frozen=True)
         ts = self.max_ts_ms or 0
-
-        def write(path: Path) -> None:
-            with path.open("wb") as f:
-                pickle.dump(serving, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-        manifest = self.store.write("ranker", "pkl", write, ts,
+        manifest = self.store.write("ranker", "npz",
+                                    lambda path: save_ranker(self.model, path, frozen=True), ts,
                                     {"examples": self.examples, "kind": self.config.kind})
         self.version = manifest["version"]
         self.last_sync_ts_ms = ts
@@ -166,12 +167,15 @@ class Trainer:
 
     def finish(self) -> TrainerOutput:
         """End of input: a last sync (if anything was learned since) and final metrics."""
-        snapshots = self._learn(self._due(None)).get("snapshots", [])
+        last = self._learn_safely(self._due(None))
+        snapshots = last.get("snapshots", [])
         if self.since_sync:
             snapshots.append(self.sync())
         out: TrainerOutput = {"metrics": [self.report(final=True)]}
         if snapshots:
             out["snapshots"] = snapshots
+        if "dead-letters" in last:
+            out["dead-letters"] = last["dead-letters"]
         return out
 
 

@@ -6,7 +6,9 @@ MF user vectors, the item catalog (broadcast ``item`` events) and the serving
 operator, so all user-side state of a user lives on one worker and snapshots as one
 object. Input items are micro-batches ``(shard key, events, ingest wall ns)``; each
 produces one ``ShardOutput`` dict of record lists (``examples``, ``late-labels``,
-``recommendations``, ``item-updates``, ``counters``).
+``recommendations``, ``item-updates``, ``dead-letters``, ``counters``). An event whose
+application raises becomes a ``processing_error`` dead letter and the batch goes on
+(what it changed before failing stays).
 
 Order of work for one event (so nothing sees its own future):
 
@@ -29,8 +31,9 @@ from typing import Any
 import numpy as np
 from bytewax.operators import StatefulLogic
 
-from events.model import Event, Feedback, Item, Record, Request
+from events.model import Event, Feedback, Item, Record, Request, processing_error
 from models.mf import MFConfig, UserFactors
+from operators.cold_start import backfill
 from operators.item_updates import (
     CatalogChange,
     CovisPair,
@@ -40,7 +43,7 @@ from operators.item_updates import (
     ProfileEvent,
 )
 from operators.point_in_time import CovisQuery, PointInTime
-from operators.serving import Server, ServingConfig
+from operators.serving import Server, ServingConfig, repeat_blocked
 from operators.snapshot_views import SnapshotViews
 from state.covisitation import CoVisConfig, CoVisitation
 from state.hashing import stable_hash64
@@ -66,6 +69,9 @@ class UserShard:
         self.history = UserHistory(max_users=max_users)
         self.liked = UserHistory(max_users=max_users)
         """Each user's positives only (``history`` holds every interaction)."""
+        self.finished = UserHistory(max_users=max_users)
+        """Each user's items with a consuming action (``serving.consume_actions``)."""
+        self.consume_actions = frozenset(serving.consume_actions if serving is not None else ())
         self.catalog: OrderedDict[str, dict[str, Any]] = OrderedDict()
         """Item attributes (+ ``available``), least recently updated or used first."""
         self.max_items = max_items
@@ -91,15 +97,19 @@ class UserShard:
             profiles=self.profiles, catalog=self.catalog, user_attrs=self.user_attrs,
             users=self.users, views=self.views, item_shard_of=item_shard_of,
             covis=CovisQuery(serving.recent_items, serving.covis_query_decay)
-            if serving is not None else None)
+            if serving is not None else None, finished=self.finished)
         self.joiner = Joiner(join, sampler, self.context)
         self.server = (Server(serving, self.context, max_users=max_users)
                        if serves and serving is not None else None)
         self.idle_flush_s = join.idle_flush_s
         self.requests = 0
+        self.empty_answers = 0
+        self.backfilled = 0
         self._item_updates: list[ItemUpdate] = []
         self._mf_pending: list[tuple[str, str, int, list[str]]] = []
         self._recs: list[Record] = []
+        self._dead: list[Record] = []
+        """Dead letters (``processing_error``) of events this shard failed to apply."""
         self._ingest_ns = 0
 
     # -- the batch ----------------------------------------------------------------
@@ -111,35 +121,47 @@ class UserShard:
             # Requests, impressions and MF all see the same snapshots, none newer than
             # the batch's first event (point in time).
             self.views.poll(min(e.ts for e in events))
+        for event in events:
+            try:
+                self._apply(event)
+            except Exception as err:  # one bad event must not stop the flow
+                self._dead.append(processing_error(f"user_shard {shard}", event, err))
+        self.joiner.advance()
+        pending = self._mf_pending
+        try:
+            self._mf_steps()
+        except Exception as err:
+            self._dead.extend(processing_error(f"user_shard {shard} mf", {
+                "user_id": user, "item_id": item, "ts": ts}, err) for user, item, ts, _ in pending)
+        return self._drain()
+
+    def _apply(self, event: Event) -> None:
+        """Apply one event (see the module docstring for the order of work)."""
         joiner = self.joiner
         context = self.context
-        for event in events:
-            kind = event.type
-            if kind == "impression":
-                context.group = event.request_id  # its request's impressions share a context
-                joiner.on_impression(event)
-                self._profile(event)
-                if self.item_profiles:
-                    self._item_updates.append(ProfileEvent(event.item_id, event))
-                continue
-            if kind != "item":
-                context.forget(event.user_id)  # the user's state changes
-            if kind == "feedback":
-                context.group = event  # an interaction and its sampled negatives
-                self._feedback(event)
-            elif kind == "request":
-                joiner.observe(event.ts)
-                self._request(event)
-                self._profile(event)
-            elif kind == "item":
-                joiner.observe(event.ts)
-                self._item(event)
-            else:
-                joiner.observe(event.ts)
-                self._remember_user(event.user_id, event.attrs)
-        joiner.advance()
-        self._mf_steps()
-        return self._drain()
+        kind = event.type
+        if kind == "impression":
+            context.group = event.request_id  # its request's impressions share a context
+            joiner.on_impression(event)
+            self._profile(event)
+            if self.item_profiles:
+                self._item_updates.append(ProfileEvent(event.item_id, event))
+            return
+        if kind != "item":
+            context.forget(event.user_id)  # the user's state changes
+        if kind == "feedback":
+            context.group = event  # an interaction and its sampled negatives
+            self._feedback(event)
+        elif kind == "request":
+            joiner.observe(event.ts)
+            self._request(event)
+            self._profile(event)
+        elif kind == "item":
+            joiner.observe(event.ts)
+            self._item(event)
+        else:
+            joiner.observe(event.ts)
+            self._remember_user(event.user_id, event.attrs)
 
     def _feedback(self, fb: Feedback) -> None:
         window = self.pairs.config.window if self.pairs is not None else 0
@@ -147,6 +169,8 @@ class UserShard:
         self.joiner.on_feedback(fb)  # takes features first
         self.history.add(fb.user_id, fb.item_id, fb.ts)
         self._profile(fb)
+        if fb.action in self.consume_actions:
+            self.finished.add(fb.user_id, fb.item_id, fb.ts)
         updates = self._item_updates
         if self.item_profiles:
             updates.append(ProfileEvent(fb.item_id, fb))
@@ -156,7 +180,12 @@ class UserShard:
             self._pairs("any", recent, fb)
         if not positive:
             return
-        if self.server is not None and fb.impression_id is None:
+        if (self.server is not None and fb.impression_id is None
+                and fb.action in self.joiner.config.positive):
+            # The duel's outcomes are organic positive actions (a rating, a search click,
+            # a purchase), not declared organic signals such as views: measured in the
+            # closed loop (docs/evaluation.md), judging by the next view handed serving to
+            # the blend, whose lists held fewer clicks.
             self.server.outcome(fb.user_id, fb.item_id)
         if self.users is not None:
             self._mf_pending.append((fb.user_id, fb.item_id, fb.ts, recent))
@@ -207,8 +236,13 @@ class UserShard:
         self.requests += 1
         if self.server is None:
             return
-        self._recs.append(self.server.recommend(req, self.context.user(req.user_id, req.ts),
-                                                self._ingest_ns))
+        ctx = self.context.user(req.user_id, req.ts)
+        record = self.server.recommend(req, ctx, self._ingest_ns)
+        self.backfilled += backfill(record, req.k, self.catalog, self.joiner.popularity,
+                                    repeat_blocked(self.server.config, ctx, req.ts),
+                                    set(req.exclude))
+        self.empty_answers += not record["items"]
+        self._recs.append(record)
 
     def _item(self, item: Item) -> None:
         lru_put(self.catalog, item.item_id, dict(item.attrs, available=item.available),
@@ -249,6 +283,8 @@ class UserShard:
         out["pending"] = len(self.joiner.pending)
         out["orphans"] = len(self.joiner.orphans)
         out["requests"] = self.requests
+        out["empty_answers"] = self.empty_answers
+        out["backfilled"] = self.backfilled
         if self.server is not None:
             out.update(self.server.counters())
         return out
@@ -265,9 +301,14 @@ class UserShard:
             out["late-labels"] = late
         if self._recs:
             out["recommendations"], self._recs = self._recs, []
+            costs = getattr(self.server, "costs", None)
+            if costs:
+                out["serving-cost"], self.server.costs = costs, []  # type: ignore[union-attr]
         if self._item_updates:
             out["item-updates"], self._item_updates = self._item_updates, []
             out["batch"] = self._ingest_ns  # the source micro-batch (item shards publish per batch)
+        if self._dead:
+            out["dead-letters"], self._dead = self._dead, []
         if out:
             out["counters"] = [{"shard": self.shard, "counters": self.counters(),
                                 "table": self.table_counters()}]

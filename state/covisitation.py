@@ -37,7 +37,6 @@ Times are event time in **ms**. Scores are in "decayed pair weight" units.
 from __future__ import annotations
 
 import heapq
-import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +44,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from state.decay import decay_factor
 from state.packing import pack_strings, unpack_strings
 
 Pair = tuple[str, str, float]
@@ -108,7 +108,7 @@ class CoVisitation:
     def _rebase(self, t_new: int) -> None:
         """Move ``t_ref`` to ``t_new`` (rescaling every value; amortised over ~600 half-lives)."""
         assert self._t_ref is not None
-        f = 2.0 ** (-(t_new - self._t_ref) / self.config.half_life_ms)
+        f = decay_factor(t_new - self._t_ref, self.config.half_life_ms)
         for row in self._rows.values():
             for k in row:
                 row[k] *= f
@@ -118,7 +118,7 @@ class CoVisitation:
         """Factor turning grown values into weights decayed to ``now_ms``."""
         if self._t_ref is None:
             return 0.0
-        return 2.0 ** (-(now_ms - self._t_ref) / self.config.half_life_ms)
+        return decay_factor(now_ms - self._t_ref, self.config.half_life_ms)
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -270,7 +270,7 @@ class CoVisitation:
             self._t_ref = other._t_ref
         if other._t_ref > self._t_ref:
             self._rebase(other._t_ref)
-        f = 2.0 ** ((other._t_ref - self._t_ref) / self.config.half_life_ms)
+        f = decay_factor(self._t_ref - other._t_ref, self.config.half_life_ms)
         m = self.config.max_neighbors
         for a, orow in other._rows.items():
             row = self._rows.setdefault(a, {})
@@ -374,4 +374,4 @@ class CoVisitation:
 
 def decayed(weight: float, added_ms: int, now_ms: int, half_life_ms: int) -> float:
     """Reference formula: ``weight`` added at ``added_ms`` seen at ``now_ms``."""
-    return weight * math.pow(2.0, -(now_ms - added_ms) / half_life_ms)
+    return weight * decay_factor(now_ms - added_ms, half_life_ms)

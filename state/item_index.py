@@ -41,7 +41,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ import hnswlib
 import numpy as np
 
 from state.packing import pack_strings, unpack_strings
+from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotReader, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -59,26 +60,47 @@ _FORMAT = 1
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """Build and serving parameters (stored in every snapshot)."""
+    """The ANN index of item vectors: build, serving and refresh parameters (the flow's
+    ``[index]`` config table; stored in every snapshot). ``dim`` is not a config key:
+    the flow sets it to the item vectors' dimension (``with_dim``).
 
-    dim: int
-    space: Literal["ip", "cosine"] = "ip"
-    M: int = 16  # graph degree (level 0 holds 2 M links)
-    ef_construction: int = 100
-    ef: int = 400  # serving ef (search breadth; effective ef is max(ef, k))
-    num_threads: int = 2  # threads for add_items / rebuilds (queries use 1)
-    initial_capacity: int = 1024  # slots allocated at first (grows by >= 1.5x)
-    rebuild_fraction: float = 0.5  # changed / live items above which a batch rebuilds
-    max_deleted_fraction: float = 0.3  # deleted / allocated slots above which it rebuilds
-    seed: int = 100
+    >>> IndexConfig().with_dim(8).dim
+    8
+    """
+
+    dim: int = field(default=0, metadata={"config": False})
+    space: Literal["ip", "cosine"] = doc("Similarity: ip (inner product on the raw MF "
+                                         "vectors) or cosine.", "ip")
+    M: int = doc("HNSW graph degree (level 0 holds 2 M links).", 16)
+    ef_construction: int = doc("HNSW build breadth.", 100)
+    ef: int = doc("HNSW serving search breadth (effective ef is max(ef, k)).", 200)
+    threads: int = doc("Threads inserting into the HNSW graph (refreshes and rebuilds; queries "
+                       "use 1); 1 makes the graph, and so the ANN candidates, the same in every "
+                       "replay of a log (several threads insert in a racy order).", 2)
+    rebuild_fraction: float = doc("Changed/live items above which a refresh rebuilds.", 0.3)
+    max_deleted_fraction: float = doc("Deleted/allocated slots above which a refresh rebuilds.", 0.3)
+    initial_capacity: int = doc("Slots allocated at first (grows by >= 1.5x).", 1024)
+    seed: int = doc("HNSW level generator seed.", 100)
+    refresh_interval_ms: int = doc("Event time between index snapshots (ms).", 300_000)
 
     def __post_init__(self) -> None:
-        if (self.dim < 1 or self.M < 2 or self.ef < 1 or self.ef_construction < 1
-                or self.num_threads < 1):
-            raise ValueError("need dim >= 1, M >= 2, ef >= 1, ef_construction >= 1, "
-                             "num_threads >= 1")
+        if (self.dim < 0 or self.M < 2 or self.ef < 1 or self.ef_construction < 1
+                or self.threads < 1):
+            raise ValueError("need dim >= 0, M >= 2, ef >= 1, ef_construction >= 1, threads >= 1")
         if self.space not in ("ip", "cosine"):
             raise ValueError(f"unsupported space {self.space!r} (ip or cosine)")
+
+    def with_dim(self, dim: int) -> IndexConfig:
+        """This config for vectors of ``dim`` dimensions."""
+        return replace(self, dim=dim)
+
+    @classmethod
+    def from_json(cls, text: str) -> IndexConfig:
+        """The config of a snapshot (``num_threads``: the name before ``threads``)."""
+        data = json.loads(text)
+        if "num_threads" in data:
+            data["threads"] = data.pop("num_threads")
+        return cls(**data)
 
 
 def exact_topk(
@@ -105,9 +127,19 @@ class ItemIndex:
     Invariants: every live item has exactly one label and every live label one item;
     labels are never reused; ``slots - len(self)`` slots hold deleted items.
     A ``frozen`` index (a loaded serving copy) refuses writes.
+
+    >>> index = ItemIndex(IndexConfig(dim=2, threads=1))
+    >>> index.upsert(["a", "b", "c"], np.array([[1, 0], [0, 1], [0.9, 0.1]], np.float32))
+    (3, 0)
+    >>> [item for item, _ in index.query(np.array([1, 0], np.float32), k=2)]
+    ['a', 'c']
+    >>> index.remove(["a"]), [item for item, _ in index.query(np.array([1, 0], np.float32), k=2)]
+    (1, ['c', 'b'])
     """
 
     def __init__(self, config: IndexConfig, capacity: int | None = None) -> None:
+        if config.dim < 1:
+            raise ValueError("IndexConfig.dim: set the vector dimension (with_dim) first")
         self.config = config
         self.frozen = False
         self._label_of: dict[str, int] = {}
@@ -126,7 +158,7 @@ class ItemIndex:
             random_seed=c.seed, allow_replace_deleted=False,
         )
         index.set_ef(c.ef)
-        index.set_num_threads(c.num_threads)
+        index.set_num_threads(c.threads)
         return index
 
     # --- sizes ------------------------------------------------------------------------------
@@ -203,7 +235,7 @@ class ItemIndex:
             self._index.resize_index(max(need, int(self.capacity * 1.5) + 1))
         labels = np.arange(self._next_label, self._next_label + len(ids), dtype=np.uint64)
         self._next_label += len(ids)
-        self._index.add_items(x, labels, num_threads=self.config.num_threads)
+        self._index.add_items(x, labels, num_threads=self.config.threads)
         for item, lab in zip(ids, labels.tolist(), strict=True):
             self._label_of[item] = lab
             self._id_of[lab] = item
@@ -235,7 +267,7 @@ class ItemIndex:
         x = self._index.get_items(labels, return_type="numpy") if ids else np.zeros((0, self.config.dim))
         index = self._new_hnsw(max(self.config.initial_capacity, int(len(ids) * 1.25)))
         if ids:
-            index.add_items(np.asarray(x, np.float32), labels, num_threads=self.config.num_threads)
+            index.add_items(np.asarray(x, np.float32), labels, num_threads=self.config.threads)
         self._index = index
         self._exact_cache = None
 
@@ -343,7 +375,7 @@ class ItemIndex:
     def from_arrays(cls, s: dict[str, np.ndarray], frozen: bool = False) -> ItemIndex:
         if int(s["format"]) != _FORMAT:
             raise ValueError(f"unsupported index snapshot format {s['format']}")
-        config = IndexConfig(**json.loads(str(s["config"])))
+        config = IndexConfig.from_json(str(s["config"]))
         self = cls.__new__(cls)
         self.config = config
         self.frozen = frozen
@@ -359,7 +391,7 @@ class ItemIndex:
         if index.dim != config.dim or index.space != config.space:
             raise ValueError("index snapshot: hnswlib state does not match its config")
         index.set_ef(config.ef)
-        index.set_num_threads(config.num_threads)
+        index.set_num_threads(config.threads)
         self._index = index
         ids = unpack_strings(s["ids_blob"], s["ids_offsets"])
         labels = np.asarray(s["labels"]).tolist()
@@ -500,6 +532,19 @@ class IndexReader:
     (missing, altered, unreadable) leaves the current version serving.
     Pickles as (store root, manifest) and reloads on unpickle, so it can sit inside
     flow state without copying the index into every recovery snapshot.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> store = SnapshotStore(tmp.name)
+    >>> builder = IndexBuilder(IndexConfig(dim=2, threads=1))
+    >>> builder.upsert(["a", "b"], np.eye(2, dtype=np.float32))
+    'incremental'
+    >>> builder.publish(store, ts_ms=1_700_000_000_000)["version"]
+    1
+    >>> reader = IndexReader(store)
+    >>> reader.refresh(), reader.version, reader.query(np.array([0, 1], np.float32), k=1)
+    (True, 1, [('b', 1.0)])
+    >>> reader.close(); tmp.cleanup()
     """
 
     def __init__(self, store: SnapshotStore) -> None:

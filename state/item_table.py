@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from state.covisitation import CoVisitation
+from state.decay import decay_factor
 
 _COVIS = "covis_"
 _COVIS_ANY = "covisany_"
@@ -63,7 +64,7 @@ class ItemTable:
         """Multiplier that decays this table's ``popular``/``trending`` counts (as of
         ``ts``) to ``now_ms``, so tables published at different times compare."""
         half_life = self.popular_half_life_ms if source == "popular" else self.trending_half_life_ms
-        return 2.0 ** (-(now_ms - self.ts) / half_life)
+        return decay_factor(now_ms - self.ts, half_life)
     _top: dict[str, tuple[int, list[tuple[str, float]]]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
     _rows: dict[tuple[str, str], dict[str, float]] = field(
@@ -95,7 +96,7 @@ class ItemTable:
     def covis_factor(self, now_ms: int) -> float:
         """Multiplier that decays this table's co-visitation weights and counts (as of
         ``ts``) to ``now_ms``."""
-        return 2.0 ** (-(now_ms - self.ts) / self.covis.config.half_life_ms)
+        return decay_factor(now_ms - self.ts, self.covis.config.half_life_ms)
 
     def top(self, source: str, n: int) -> list[tuple[str, float]]:
         """The ``n`` best ``(item, score)`` of ``popular`` or ``trending``, best first;

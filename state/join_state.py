@@ -36,7 +36,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -121,8 +121,14 @@ class JoinConfig:
         "counts (click 0 = any click; rating 4 = rating >= 4; dwell 30 = 30 s).",
         factory=lambda: {"click": 0.0, "like": 0.0, "purchase": 0.0, "share": 0.0, "rating": 4.0},
     )
-    max_pending: int = doc("Pending impressions per user shard; the oldest close first beyond it.", 200_000)
-    max_orphans: int = doc("Feedback waiting for its impression, per user shard.", 50_000)
+    organic: dict[str, float] = doc(
+        "Organic signals: actions (views, add-to-cart, plays, ...) that reveal taste without "
+        "making an impression positive on their own terms, each with the weight of its "
+        "positive example. They count as positive interactions: examples for the ranker, MF, "
+        "co-visitation, popularity, profiles. Empty = organic actions are only history.",
+        factory=lambda: {"view": 0.3, "add_to_cart": 0.6, "play": 0.6})
+    max_pending: int = doc("Pending impressions per user shard; the oldest close first beyond it.", 50_000)
+    max_orphans: int = doc("Feedback waiting for its impression, per user shard.", 20_000)
     dedup_horizon_ms: int = doc("How long closed impression ids are remembered for dedup (ms).", 86_400_000)
     interaction_negatives: int = doc("Negatives sampled per positive organic interaction.", 4)
     popularity_pool: int = doc("Items in each shard's popularity pool for sampled negatives.", 5_000)
@@ -139,8 +145,15 @@ class JoinConfig:
         return max((self.window_for(a) for a in self.positive), default=self.default_window_ms)
 
     def is_positive(self, action: str, value: float) -> bool:
+        """A positive action at or above its threshold, or a declared organic signal."""
         threshold = self.positive.get(action)
-        return threshold is not None and value >= threshold
+        if threshold is None:
+            return action in self.organic
+        return value >= threshold
+
+    def weight_of(self, action: str) -> float:
+        """Example weight of a positive organic interaction of ``action``."""
+        return 1.0 if action in self.positive else self.organic.get(action, 1.0)
 
 
 @dataclass(slots=True)
@@ -155,6 +168,40 @@ class Pending:
     would see same-request clicks and fresher item tables, a train/serve skew); deferred
     (the same values, computed on demand) when the sampler drops its negative."""
     emitted: bool = False
+
+
+@dataclass(slots=True)
+class Example:
+    """A labelled training example, built here and nowhere else; leaves the joiner as its
+    ``record()`` (the ``examples`` output, docs/architecture.md "Example record")."""
+
+    example_id: str
+    """``imp:<impression_id>``, ``int:<hash>`` or ``neg:<hash>:<j>``: deterministic."""
+    ts: int
+    """Event time of the impression or interaction (ms)."""
+    user_id: str
+    item_id: str
+    label: int
+    labels: dict[str, float]
+    """Every action joined to the impression, with its value."""
+    weight: float
+    """1/r for a kept downsampled negative, the action's weight for organic signals."""
+    features: dict[str, Any]
+    """Point-in-time features taken at the impression (or interaction)."""
+    source: str
+    """``impression``, ``interaction`` or ``sampled``."""
+    position: int = -1
+    request_id: str | None = None
+    impression_id: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> Record:
+        """The output record (a dict, keys in this order)."""
+        return {"example_id": self.example_id, "ts": self.ts, "user_id": self.user_id,
+                "item_id": self.item_id, "label": self.label, "labels": self.labels,
+                "weight": self.weight, "position": self.position,
+                "request_id": self.request_id, "impression_id": self.impression_id,
+                "context": self.context, "features": self.features, "source": self.source}
 
 
 @dataclass(slots=True)
@@ -398,21 +445,10 @@ class Joiner:
         features = entry.features
         if type(features) is not dict:
             features = features.resolve()
-        self.examples.append({
-            "example_id": example_id,
-            "ts": imp.ts,
-            "user_id": imp.user_id,
-            "item_id": imp.item_id,
-            "label": label,
-            "labels": dict(entry.labels),
-            "weight": weight,
-            "position": imp.position,
-            "request_id": imp.request_id,
-            "impression_id": imp.impression_id,
-            "context": imp.context,
-            "features": features,
-            "source": "impression",
-        })
+        self.examples.append(Example(
+            example_id, imp.ts, imp.user_id, imp.item_id, label, dict(entry.labels), weight,
+            features, "impression", imp.position, imp.request_id, imp.impression_id,
+            imp.context).record())
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1
@@ -434,30 +470,26 @@ class Joiner:
         weight = 1.0
         if positive:
             self.counters.positives += 1
+            weight = self.config.weight_of(fb.action)
         elif self.sampler.keep(example_id):
             self.counters.negatives_kept += 1
             weight = self.sampler.weight
         else:
             self.counters.negatives_dropped += 1
             return
-        base = {
-            "ts": fb.ts, "user_id": fb.user_id, "position": -1, "request_id": None,
-            "impression_id": None, "context": fb.context,
-        }
-        self.examples.append({
-            "example_id": example_id, **base, "item_id": fb.item_id, "label": int(positive),
-            "labels": {fb.action: fb.value}, "weight": weight, "features": features,
-            "source": "interaction",
-        })
+        self.examples.append(Example(
+            example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
+            weight, features, "interaction", context=fb.context).record())
         if positive:
-            self._sample_negatives(fb, key, base)
+            self._sample_negatives(fb, key)
 
-    def _sample_negatives(self, fb: Feedback, key: str, base: Record) -> None:
+    def _sample_negatives(self, fb: Feedback, key: str) -> None:
         n = self.config.interaction_negatives
         ids, probs = self.popularity.arrays()
         if n <= 0 or not ids:
             return
         consumed = self.context.consumed(fb.user_id)
+        weight = self.config.weight_of(fb.action)  # as much negative as positive evidence
         rng = np.random.default_rng(stable_hash64(key))
         draws = rng.choice(len(ids), size=min(len(ids), 4 * n), replace=True, p=probs)
         chosen: list[str] = []
@@ -470,7 +502,6 @@ class Joiner:
         for j, item in enumerate(chosen):
             self.counters.sampled_negatives += 1
             features = self.context.example_features(fb.user_id, item, fb.ts)
-            self.examples.append({
-                "example_id": f"neg:{key}:{j}", **base, "item_id": item, "label": 0,
-                "labels": {}, "weight": 1.0, "features": features, "source": "sampled",
-            })
+            self.examples.append(Example(
+                f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, weight, features, "sampled",
+                context=fb.context).record())

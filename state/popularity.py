@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from state.decay import exp
+
 
 class PopularityCounter:
     """Decayed counts per item id; scores are comparable at any common ``now``."""
@@ -30,7 +32,7 @@ class PopularityCounter:
                 self._shrink()
         else:
             hi, lo = (old, grown) if old > grown else (grown, old)
-            self._log_scores[item_id] = hi + math.log1p(math.exp(lo - hi))
+            self._log_scores[item_id] = hi + math.log1p(math.exp(lo - hi))  # lo <= hi
 
     def _shrink(self) -> None:
         keep = sorted(self._log_scores.items(), key=lambda kv: kv[1], reverse=True)[: self.capacity]
@@ -39,7 +41,7 @@ class PopularityCounter:
     def scores(self, now_ms: int) -> dict[str, float]:
         """Every tracked item's count decayed to ``now_ms`` (event time)."""
         shift = now_ms * math.log(2.0) / self.half_life_ms
-        return {k: math.exp(v - shift) for k, v in self._log_scores.items()}
+        return {k: exp(v - shift) for k, v in self._log_scores.items()}
 
     def top(self, n: int) -> list[str]:
         """The ``n`` most popular items, most popular first."""

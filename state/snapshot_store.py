@@ -9,13 +9,17 @@ of a kind increase by one per write (strictly monotonic, also across restarts).
 Readers verify before loading: the manifest's path must resolve inside this store's
 root and the file's sha256 must match; anything else raises ``SnapshotError`` with
 the reason. ``SnapshotReader`` keeps serving its previous version when a new one is
-refused.
+refused. With an ``hmac_key`` every manifest carries ``hmac`` (HMAC-SHA256 of the
+manifest's other fields, keys sorted) and readers refuse a manifest whose signature is
+missing or wrong: a sha256 beside the file only detects damage, since whoever can
+write a file can write its manifest; the signature needs the key.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import threading
@@ -68,19 +72,46 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-class SnapshotStore:
-    """Versioned immutable files under ``root``; keeps the newest ``keep`` versions per kind."""
+def manifest_signature(manifest: Manifest, key: bytes) -> str:
+    """Hex HMAC-SHA256 of every field of ``manifest`` but ``hmac`` (JSON, keys sorted)."""
+    body = orjson.dumps({k: v for k, v in manifest.items() if k != "hmac"},
+                        option=orjson.OPT_SORT_KEYS)
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
 
-    def __init__(self, root: str | Path, keep: int = 5) -> None:
+
+class SnapshotStore:
+    """Versioned immutable files under ``root``; keeps the newest ``keep`` versions per kind.
+
+    ``hmac_key``: sign every manifest written and refuse manifests without a valid
+    signature (None: unsigned).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> store = SnapshotStore(tmp.name, keep=2)
+    >>> for ts in (1_000, 2_000, 3_000):
+    ...     manifest = store.write_bytes("ranker", "bin", b"model@%d" % ts, ts=ts)
+    >>> manifest["version"], manifest["path"], [m["version"] for m in store.manifests("ranker")]
+    (3, 'ranker/v0000000003.bin', [3, 2])
+    >>> store.verified_path(manifest).read_bytes()
+    b'model@3000'
+    >>> reader = SnapshotReader(store, "ranker", lambda path: path.read_bytes())
+    >>> reader.refresh(max_ts=2_500), reader.version, reader.current
+    (True, 2, b'model@2000')
+    >>> tmp.cleanup()
+    """
+
+    def __init__(self, root: str | Path, keep: int = 5, hmac_key: str | bytes | None = None
+                 ) -> None:
         self.root = Path(root).resolve()
         self.keep = keep
+        self._key = hmac_key.encode() if isinstance(hmac_key, str) else hmac_key
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": str(self.root), "keep": self.keep}
+        return {"root": str(self.root), "keep": self.keep, "hmac_key": self._key}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"], state["keep"])
+        self.__init__(state["root"], state["keep"], state.get("hmac_key"))
 
     def _kind_dir(self, kind: str) -> Path:
         if not kind or "/" in kind or kind.startswith("."):
@@ -121,6 +152,8 @@ class SnapshotStore:
                 "created_ms": int(time.time() * 1000),
                 "counts": counts or {},
             }
+            if self._key:
+                manifest["hmac"] = manifest_signature(manifest, self._key)
             body = orjson.dumps(manifest)
             _atomic_write_bytes(folder / f"{name}.json", body)
             _atomic_write_bytes(folder / "LATEST", body)
@@ -140,12 +173,44 @@ class SnapshotStore:
                 for p in folder.glob(f"{stem}.*"):
                     p.unlink(missing_ok=True)
 
+    _bad_latest: set[tuple[str, int, int]] = set()
+    """LATEST files (path, size, mtime) already reported as damaged by this process."""
+
     def latest(self, kind: str) -> Manifest | None:
-        """The newest manifest of ``kind``, or None."""
+        """The newest manifest of ``kind``, or None. A damaged ``LATEST`` (truncated, not
+        JSON, not a manifest of this kind) is refused like a damaged snapshot: an error
+        is logged (once per file state and process) and the newest readable version
+        manifest in the store stands in for it."""
+        path = self._kind_dir(kind) / "LATEST"
         try:
-            return orjson.loads((self._kind_dir(kind) / "LATEST").read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
+        try:
+            manifest = orjson.loads(data)
+        except orjson.JSONDecodeError as err:
+            problem = f"not valid JSON ({len(data)} bytes: {err})"
+        else:
+            if (isinstance(manifest, dict) and manifest.get("kind") == kind
+                    and isinstance(manifest.get("version"), int)
+                    and isinstance(manifest.get("path"), str)
+                    and isinstance(manifest.get("sha256"), str)):
+                return manifest
+            problem = f"not a manifest of kind {kind!r}: {data[:80]!r}"
+        newest = self.manifests(kind)
+        try:
+            st = path.stat()
+            seen = (str(path), st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = (str(path), -1, -1)
+        if seen not in self._bad_latest:
+            if len(self._bad_latest) >= 256:
+                self._bad_latest.clear()
+            self._bad_latest.add(seen)
+            log.error("snapshot %s: LATEST manifest refused (%s); using the newest version "
+                      "manifest instead: %s", kind, problem,
+                      f"v{newest[0]['version']}" if newest else "none")
+        return newest[0] if newest else None
 
     def manifests(self, kind: str) -> list[Manifest]:
         """Every readable manifest of ``kind`` still in the store, newest version first."""
@@ -160,6 +225,19 @@ class SnapshotStore:
                     out.append(manifest)
         return sorted(out, key=lambda m: m["version"], reverse=True)
 
+    def check_signature(self, manifest: Manifest) -> None:
+        """With an ``hmac_key``: raise ``SnapshotError`` unless the manifest is signed with it."""
+        if not self._key:
+            return
+        rel = manifest.get("path")
+        signature = manifest.get("hmac")
+        if not isinstance(signature, str):
+            raise SnapshotError(f"refused {rel!r}: the manifest is not signed "
+                                "(snapshots.hmac_key is set)")
+        if not hmac.compare_digest(signature, manifest_signature(manifest, self._key)):
+            raise SnapshotError(f"refused {rel!r}: the manifest's signature does not match "
+                                "(not written with this store's snapshots.hmac_key)")
+
     def verified_path(self, manifest: Manifest) -> Path:
         """The manifest's file, after checking it lies inside the store and its sha256 matches."""
         try:
@@ -167,6 +245,7 @@ class SnapshotStore:
             expected = manifest["sha256"]
         except (KeyError, TypeError):
             raise SnapshotError(f"not a snapshot manifest: {manifest!r}") from None
+        self.check_signature(manifest)
         path = (self.root / rel).resolve()
         if not path.is_relative_to(self.root):
             raise SnapshotError(f"refused {rel!r}: outside the snapshot store {self.root}")
@@ -262,6 +341,8 @@ class SnapshotReader(Generic[T]):
                 obj = self.loader(self.store.verified_path(manifest))
                 with self._cache_lock, contextlib.suppress(TypeError):
                     self._cache[key] = obj  # TypeError: not weakly referable, not shared
+            else:  # the content is a verified version's; the manifest must be genuine too
+                self.store.check_signature(manifest)
         except (SnapshotError, KeyError, OSError, ValueError, EOFError) as err:
             self.refused += 1
             self.last_error = str(err)

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, load_config, reference, reference_markdown
+from flows.config import (
+    ConfigError,
+    config_table,
+    generated_docs,
+    load_config,
+    reference,
+    reference_markdown,
+    render_doc_tables,
+)
+from state.item_index import IndexConfig
 
 
 def test_defaults_and_topic_namespacing() -> None:
@@ -71,6 +80,36 @@ def test_reference_lists_every_key_with_doc() -> None:
 def test_docs_config_md_is_the_generated_reference() -> None:
     docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert docs.read_text() == reference_markdown(), "regenerate: streamrec config-reference > docs/config.md"
+
+
+def test_config_tables_in_docs_are_generated_from_the_code() -> None:
+    root = Path(__file__).resolve().parents[1]
+    docs = generated_docs(root)
+    assert sum(text.count("<!-- config-table:") for text in docs.values()) >= 2
+    stale = [str(path.relative_to(root)) for path, text in docs.items() if path.read_text() != text]
+    assert not stale, f"regenerate: streamrec config-reference --update-docs ({stale})"
+
+
+def test_config_table_renders_the_code_defaults() -> None:
+    block = "<!-- config-table: join.wait_ms_override sampler.negative_rate -->\nold\n<!-- /config-table -->"
+    text = render_doc_tables(f"intro\n{block}\nrest")
+    assert "| `join.wait_ms_override` | 600000 (10 min) |" in text
+    assert "| `sampler.negative_rate` | 0.1 |" in text and "old" not in text
+    assert text.startswith("intro\n<!-- config-table:") and text.endswith("<!-- /config-table -->\nrest")
+    assert render_doc_tables(text) == text
+    with pytest.raises(ConfigError, match="join.nope: not a config key"):
+        config_table(["join.nope"])
+
+
+def test_index_table_keys_and_the_code_set_dim() -> None:
+    config = load_config({"index": {"threads": 1, "ef": 50, "rebuild_fraction": 0.4}}, environ={})
+    assert (config.index.threads, config.index.ef, config.index.rebuild_fraction) == (1, 50, 0.4)
+    assert (load_config(None, environ={}).index.ef, IndexConfig().rebuild_fraction) == (200, 0.3)
+    with pytest.raises(ConfigError, match="index.dim: unknown key"):
+        load_config({"index": {"dim": 8}}, environ={})
+    assert "dim" not in config.to_dict()["index"]
+    assert load_config(config, environ={}) == config
+    assert "index.dim" not in {row[0] for row in reference()}
 
 
 def test_consumer_and_producer_only_kafka_settings() -> None:

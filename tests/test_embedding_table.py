@@ -79,14 +79,14 @@ def test_growth_under_high_load_factor() -> None:
 
 
 def test_failed_cuckoo_walk_grows_the_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    import state.embedding_table as et
+    import state.cuckoo_index as et
 
     table = EmbeddingTable(2, max_rows=10_000)
     table.insert(_random_ids(500, 4), now_ms=1)
     slots = table.stats()["index_slots"]
     monkeypatch.setattr(et, "_MAX_ROUNDS", 0)  # every placement attempt "fails"
     calls = []
-    real = et.EmbeddingTable._try_place
+    real = et.CuckooIndex._try_place
 
     def flaky(self: EmbeddingTable, keys: np.ndarray, rows: np.ndarray) -> tuple:
         calls.append(keys.size)
@@ -95,7 +95,7 @@ def test_failed_cuckoo_walk_grows_the_index(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setattr(et, "_MAX_ROUNDS", 500)
         return real(self, keys, rows)
 
-    monkeypatch.setattr(et.EmbeddingTable, "_try_place", flaky)
+    monkeypatch.setattr(et.CuckooIndex, "_try_place", flaky)
     new = _random_ids(10, 5)
     growths = table.stats()["index_growths"]
     table.insert(new, now_ms=2)

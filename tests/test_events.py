@@ -51,6 +51,23 @@ def test_old_logs_are_valid() -> None:
     assert isinstance(EventParser().parse(line(type="user", ts=movielens_1997, user_id="1")), User)
 
 
+@pytest.mark.parametrize("ts", [0, 1, 1_000, TS // 1000, 99_999_999_999])
+def test_ts_in_seconds_is_a_dead_letter(ts: int) -> None:
+    """A producer sending epoch seconds (or any ts before 1973) is refused with
+    ``ts_seconds``, not accepted silently as 1970 (issue 19 point 2)."""
+    out = EventParser().parse(line(type="user", ts=ts, user_id="u"))
+    assert isinstance(out, dict) and out["reason"] == "ts_seconds", out
+    assert "parse.min_ts_ms" in out["detail"]
+
+
+def test_ts_floor_is_configurable() -> None:
+    assert isinstance(EventParser(min_ts_ms=0).parse(line(type="user", ts=1, user_id="u")), User)
+    floor = EventParser(min_ts_ms=TS)
+    assert isinstance(floor.parse(line(type="user", ts=TS, user_id="u")), User)
+    assert floor.parse(line(type="user", ts=TS - 1, user_id="u"))["reason"] == "ts_seconds"
+    assert floor.parse(line(type="user", ts=-1, user_id="u"))["reason"] == "absurd_ts"
+
+
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
@@ -138,7 +155,7 @@ def test_deep_nesting_is_a_dead_letter_not_a_crash(levels: int) -> None:
     """The event object is level 1 and ``attrs`` level 2: ``levels - 2`` arrays inside
     it make ``levels`` levels in all."""
     inner = b"[" * (levels - 2) + b"]" * (levels - 2)
-    raw = b'{"type":"user","ts":1,"user_id":"u","attrs":{"a":' + inner + b"}}"
+    raw = b'{"type":"user","ts":%d,"user_id":"u","attrs":{"a":' % TS + inner + b"}}"
     out = EventParser(max_bytes=1 << 20).parse(raw)
     if levels <= MAX_DEPTH:
         assert isinstance(out, User)

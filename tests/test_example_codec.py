@@ -8,8 +8,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from serving_world import World
 from test_impression_features import run, stream
-from test_serving import World
 
 from models.features import compact, ranking_features
 from models.rankers import make_ranker

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_serving import DAY, ITEMS, SEED, T0, World, _TypeSpy, feed, warm_up
+from serving_world import DAY, ITEMS, SEED, T0, TypeSpy, World, feed, warm_up
 
 from events.model import Event, Feedback, Impression, Item, Request
 from operators.point_in_time import PointInTime
@@ -103,7 +103,7 @@ def test_deferred_features_survive_new_snapshots_and_recovery(published: World) 
     for shard in (lazy, eager):  # both now serve the new tables
         feed(shard, [Request(T0 + 1_500, "rz", "someone-else")])
     assert {t.ts for t in lazy.views.loaded_tables()} == {T0 + 1_000}
-    spy = _TypeSpy(io.BytesIO())
+    spy = TypeSpy(io.BytesIO())
     spy.dump(lazy)
     assert not {"ItemTable", "ItemIndex", "Index", "FrozenViews"} & spy.types
     lazy = pickle.loads(pickle.dumps(lazy))

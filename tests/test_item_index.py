@@ -22,7 +22,7 @@ def _data(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
 
 def _builder(n: int = 3000, seed: int = 0, **kw) -> tuple[IndexBuilder, list[str], np.ndarray]:
     ids, x = _data(n, seed)
-    b = IndexBuilder(IndexConfig(dim=DIM, num_threads=2, **kw))
+    b = IndexBuilder(IndexConfig(dim=DIM, threads=2, **kw))
     b.apply(ids, x)
     return b, ids, x
 
@@ -229,3 +229,11 @@ def test_sync_of_one_owner_and_builder_pickles() -> None:
     assert set(b.index.item_ids()) == set(keep) | {i for i in ids if not owns(i)}
     clone = pickle.loads(pickle.dumps(b))
     assert clone.query(x[0], 5) == b.query(x[0], 5) and len(clone) == len(b) == 200
+
+
+def test_config_of_an_older_snapshot_and_dim_required() -> None:
+    old = '{"dim": 4, "space": "ip", "M": 16, "ef_construction": 100, "ef": 400, "num_threads": 3}'
+    assert IndexConfig.from_json(old) == IndexConfig(dim=4, ef=400, threads=3)
+    with pytest.raises(ValueError, match="dim"):
+        ItemIndex(IndexConfig())
+    assert ItemIndex(IndexConfig().with_dim(4)).config.dim == 4

@@ -31,6 +31,7 @@ from models.features import (
     ranking_features_many,
     shared_features,
 )
+from models.ranker_io import save_ranker
 from models.rankers import Ranker, make_ranker
 from operators.linear_scorer import LinearScorer, linear_scorer
 from operators.point_in_time import PointInTime, UserContext
@@ -282,7 +283,7 @@ def test_recommend_is_the_same_with_and_without_the_fast_scorer(
                           {i: CatalogEntry(f"c{int(i[1:]) % 5}", True, T0 - 10) for i in mine})
         store.write(f"items-{s}", "npz", table.save, T0)
     ranker = _trained_lr(rng)
-    store.write("ranker", "pkl", lambda p: p.write_bytes(__import__("pickle").dumps(ranker)), T0)
+    store.write("ranker", "npz", lambda p: save_ranker(ranker, p, frozen=True), T0)
     views = SnapshotViews(store, ["i000", "i001"], poll_ms=0)
     views.poll()
     server = Server(ServingConfig(sources={"covis": 30, "trending": 10, "popular": 20}),

@@ -54,7 +54,8 @@ HOSTILE_PER_BATCH = 100
 MAX_BYTES = 65_536
 
 REASONS = {"oversized", "malformed_json", "too_deep", "not_object", "missing_field",
-           "unknown_type", "bad_ts", "absurd_ts", "ts_ahead", "wrong_type", "invalid_value"}
+           "unknown_type", "bad_ts", "absurd_ts", "ts_seconds", "ts_ahead", "wrong_type",
+           "invalid_value"}
 """Every dead-letter reason of docs/events.md."""
 
 REQUIRED_IDS = {"impression": ("impression_id", "user_id", "item_id"),
@@ -80,7 +81,7 @@ class Fuzzer:
         self.kinds: list[Callable[[dict[str, Any]], Mutation]] = [
             self.truncated, self.wrong_id_type, self.wrong_ts_type, self.huge_id,
             self.oversized, self.deep, self.very_deep, self.non_finite, self.invalid_utf8,
-            self.lone_surrogate, self.absurd_ts, self.future_ts, self.unknown_type,
+            self.lone_surrogate, self.absurd_ts, self.seconds_ts, self.future_ts, self.unknown_type,
             self.missing_type, self.not_object, self.missing_field, self.invalid_value,
             self.garbage, self.duplicate_key, self.wrong_container,
         ]
@@ -90,6 +91,8 @@ class Fuzzer:
         kind = self.rng.choice(self.kinds)
         line, reason = kind(dict(event))
         assert b"\n" not in line and b"\r" not in line and line.strip(), (kind, line)
+        if len(line) > MAX_BYTES:  # the parser checks the size first (a big event made deep)
+            reason = "oversized"
         return line, reason
 
     # -- the mutations ------------------------------------------------------------------
@@ -145,6 +148,11 @@ class Fuzzer:
     def absurd_ts(self, ev: dict[str, Any]) -> Mutation:
         ev["ts"] = self.rng.choice([-1, -(10**12), MAX_TS_MS + 1, 2**62, 2**63 - 1, 2**64 - 1])
         return orjson.dumps(ev), "absurd_ts"
+
+    def seconds_ts(self, ev: dict[str, Any]) -> Mutation:
+        """Epoch seconds (or anything before 1973) where milliseconds belong."""
+        ev["ts"] = self.rng.choice([ev["ts"] // 1000, 0, 1, 99_999_999_999])
+        return orjson.dumps(ev), "ts_seconds"
 
     def future_ts(self, ev: dict[str, Any]) -> Mutation:
         """Before 2100 but far ahead of the stream and the wall clock."""
@@ -337,12 +345,12 @@ _fields = st.fixed_dictionaries(
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=st.binary(max_size=300) | _fields.map(orjson.dumps)
-       | st.builds(lambda levels: b'{"type":"user","ts":1,"user_id":"u","attrs":'
+       | st.builds(lambda levels: b'{"type":"user","ts":1767225600000,"user_id":"u","attrs":'
                    + _nest(levels) + b"}", st.integers(1, 1500)))
 def test_parser_never_raises_and_everything_it_accepts_can_be_written(raw: bytes) -> None:
     """Any bytes: a typed event whose dict can be written (orjson) and pickled, or a
     dead letter with a documented reason that can be written too."""
-    out = EventParser(max_future_skew_ms=86_400_000, clock_ms=lambda: 0).parse(raw)
+    out = EventParser(max_future_skew_ms=86_400_000, clock_ms=lambda: 1_767_225_600_000).parse(raw)
     if isinstance(out, dict):
         assert out["reason"] in REASONS, out
         orjson.dumps(out)

@@ -1,4 +1,4 @@
-"""The online joiner: exact outputs on small logs, every correctness edge."""
+"""The online joiner (state/join_state.py): exact outputs on small logs, every correctness edge."""
 
 from __future__ import annotations
 
@@ -161,6 +161,25 @@ def test_interaction_positive_with_popularity_negatives() -> None:
     feed(j2, fb(None, T0 + 100, "rating", user="u1", item="p2", value=2.0))
     feed(j2, fb(None, T0 + 200, "rating", user="u1", item="x", value=5.0))
     assert j2.drain()[0][-len(examples):] == examples
+
+
+def test_declared_organic_signals_are_weighted_positives() -> None:
+    j = make(interaction_negatives=2, organic={"view": 0.3})
+    for n, item in enumerate(["p1", "p2", "p3"]):
+        feed(j, fb(None, T0 + n, user=f"other{n}", item=item))
+    j.drain()
+    feed(j, fb(None, T0 + 100, "view", item="x"))
+    feed(j, fb(None, T0 + 200, "wishlist", item="y"))  # undeclared: a negative interaction
+    examples, _ = j.drain()
+    assert [(e["source"], e["item_id"], e["label"], e["weight"]) for e in examples[:3]] == [
+        ("interaction", "x", 1, 0.3), ("sampled", examples[1]["item_id"], 0, 0.3),
+        ("sampled", examples[2]["item_id"], 0, 0.3)]
+    assert [(e["item_id"], e["label"]) for e in examples[3:]] == [("y", 0)]
+    assert j.config.is_positive("view", 0.0) and not j.config.is_positive("wishlist", 1.0)
+    # Declared nothing: a view is an interaction without a positive label.
+    plain = make(organic={})
+    feed(plain, fb(None, T0, "view", item="x"))
+    assert [(e["item_id"], e["label"]) for e in plain.drain()[0]] == [("x", 0)]
 
 
 def test_end_of_input_flushes_every_window() -> None:

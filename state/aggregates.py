@@ -1,0 +1,229 @@
+"""The aggregate algebra of profile features (no Bytewax).
+
+One accumulator kind per ``FeatureSpec.aggregate``. Accumulators are plain JSON values
+and are never mutated (so they may be shared between slices, caches and snapshots):
+
+* ``add(acc, ts, v, r)``: fold one event (time ``ts`` ms, value ``v``) into ``acc``
+  (referenced at ``r``; ``None`` = empty);
+* ``merge(a, ra, b, rb, r)``: ``a`` (older) with ``b`` (newer, wins ties), the result
+  referenced at ``r``;
+* ``out(acc, r, t)``: the feature value at query time ``t`` (ms).
+
+"Referenced at r" only matters for ``decay_sum``: ``acc = sum(v * 2**((ts - r) / half_life))``.
+
+>>> from state.feature_spec import parse_features
+>>> spec = parse_features([{"name": "clicks", "entity": "user", "filter": {"type": "feedback"},
+...                         "aggregate": "count", "windows": ["1h"]}])[0]
+>>> agg = make_agg(spec)
+>>> agg.out(agg.merge(agg.add(None, 0, 1, 0), 0, agg.add(None, 5, 1, 5), 5, 5), 5, 5)
+2.0
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+from operator import itemgetter
+from typing import Any
+
+from state.decay import exp2
+from state.feature_spec import DEFAULT_DISTINCT_K, DEFAULT_LAST_K, FeatureSpec
+from state.hashing import stable_hash64
+
+TS = itemgetter(0)
+"""Sort key of ``[ts, ...]`` entries (raw events, last_k entries, slices by start)."""
+BAD = object()
+"""A raw value a feature cannot aggregate (skipped and counted by the store)."""
+EXACT_INCREMENTAL = frozenset({"count", "min", "max", "last", "distinct_count", "last_k"})
+"""Aggregates whose memoised value can be updated in place exactly (order-free, no floats)."""
+
+
+class _Count:
+    def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
+        return 1 if acc is None else acc + 1
+
+    def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
+        return b if a is None else a if b is None else a + b
+
+    def out(self, acc: Any, r: int, t: int) -> Any:
+        return float(acc)
+
+
+class _Sum(_Count):
+    def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
+        return v if acc is None else acc + v
+
+
+class _Mean(_Count):
+    def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
+        return [v, 1] if acc is None else [acc[0] + v, acc[1] + 1]
+
+    def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
+        return b if a is None else a if b is None else [a[0] + b[0], a[1] + b[1]]
+
+    def out(self, acc: Any, r: int, t: int) -> Any:
+        return acc[0] / acc[1]
+
+
+class _Min(_Count):
+    def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
+        return v if acc is None or v < acc else acc
+
+    def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
+        return b if a is None else a if b is None else (b if b < a else a)
+
+    def out(self, acc: Any, r: int, t: int) -> Any:
+        return acc
+
+
+class _Max(_Min):
+    def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
+        return v if acc is None or v > acc else acc
+
+    def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
+        return b if a is None else a if b is None else (b if b > a else a)
+
+
+class _Last(_Min):
+    """acc = [ts, value] of the newest event (ties: the later applied)."""
+
+    def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
+        return [ts, v] if acc is None or ts >= acc[0] else acc
+
+    def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
+        return b if a is None else a if b is None else (b if b[0] >= a[0] else a)
+
+    def out(self, acc: Any, r: int, t: int) -> Any:
+        return acc[1]
+
+
+class _Decay(_Count):
+    """Exponentially decayed sum; merging two slices decays both to the new reference."""
+
+    def __init__(self, half_life_ms: int) -> None:
+        self.hl = float(half_life_ms)
+
+    def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
+        x = v * exp2((ts - r) / self.hl)
+        return x if acc is None else acc + x
+
+    def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
+        if a is None:
+            return b if b is None or rb == r else b * exp2((rb - r) / self.hl)
+        x = a if ra == r else a * exp2((ra - r) / self.hl)
+        if b is None:
+            return x
+        return x + (b if rb == r else b * exp2((rb - r) / self.hl))
+
+    def out(self, acc: Any, r: int, t: int) -> Any:
+        return acc * exp2((r - t) / self.hl)
+
+
+class _Distinct(_Count):
+    """KMV sketch: the k smallest 64-bit hashes, sorted. Exact below k distinct values."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
+        if acc is None:
+            return [v]
+        i = bisect.bisect_left(acc, v)
+        if (i < len(acc) and acc[i] == v) or i >= self.k:
+            return acc
+        new = acc[:i] + [v] + acc[i:self.k - 1 if len(acc) >= self.k else None]
+        return new
+
+    def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return sorted(set(a).union(b))[: self.k]
+
+    def out(self, acc: Any, r: int, t: int) -> Any:
+        n = len(acc)
+        if n < self.k:
+            return float(n)
+        return (self.k - 1) * 18446744073709551616.0 / (acc[-1] + 1.0)
+
+
+class _LastK(_Count):
+    """acc = [[ts, item], ...] newest first (ties: later applied first), distinct, <= k."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
+        if acc is None:
+            return [[ts, v]]
+        for e in acc:
+            if e[1] == v and e[0] > ts:
+                return acc
+        new = [e for e in acc if e[1] != v]
+        i = 0
+        while i < len(new) and new[i][0] > ts:
+            i += 1
+        if i >= self.k:
+            return acc
+        new.insert(i, [ts, v])
+        del new[self.k:]
+        return new
+
+    def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
+        if a is None:
+            return b
+        if b is None:
+            return a
+        out: list[Any] = []
+        seen: set[Any] = set()
+        for e in sorted(b + a, key=TS, reverse=True):  # stable: b (newer) first on ties
+            if e[1] not in seen:
+                seen.add(e[1])
+                out.append(e)
+                if len(out) == self.k:
+                    break
+        return out
+
+    def out(self, acc: Any, r: int, t: int) -> Any:
+        return [e[1] for e in acc]
+
+
+def make_agg(spec: FeatureSpec) -> Any:
+    """The accumulator algebra of ``spec.aggregate`` (with its k / half-life)."""
+    a = spec.aggregate
+    if a == "decay_sum":
+        return _Decay(spec.half_life_ms or 1)
+    if a == "distinct_count":
+        return _Distinct(spec.k or DEFAULT_DISTINCT_K)
+    if a == "last_k":
+        return _LastK(spec.k or DEFAULT_LAST_K)
+    return {"count": _Count, "sum": _Sum, "mean": _Mean, "min": _Min, "max": _Max,
+            "last": _Last}[a]()
+
+
+def make_prep(spec: FeatureSpec) -> Callable[[Any], Any]:
+    """Raw event value -> stored value, or BAD (skipped, counted in stats)."""
+    a = spec.aggregate
+    if a == "count":
+        return lambda v: 1
+    if a == "distinct_count":
+        return lambda v: stable_hash64(v) if isinstance(v, (str, int)) and not isinstance(v, bool) else BAD
+    if a == "last_k":
+        return lambda v: v if isinstance(v, (str, int)) and not isinstance(v, bool) else BAD
+    if a == "last":
+        def prep_last(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return BAD
+            return v if isinstance(v, (str, int, float)) else BAD
+        return prep_last
+
+    def prep_num(v: Any) -> Any:
+        if isinstance(v, (int, float)):
+            f = float(v)
+            if math.isfinite(f):
+                return f
+        return BAD
+    return prep_num
+

@@ -1,0 +1,128 @@
+"""Profiles at rest and in memory: the decoded layout, its codec, the hot/cold table.
+
+No Bytewax in here. A decoded profile (``Profile``) holds, per feature, ``[raw,
+slices, tail, tail_end]`` (see ``state.profiles``). At rest a profile is
+``zlib(orjson([format, max_ts, cf, [[f, raw, slices, tail, tail_end], ...]]))``.
+``HotCold`` keeps at most ``limit`` profiles decoded (LRU) and the others encoded,
+and forgets the least recently used ones beyond ``max_entities``.
+
+>>> from collections import Counter
+>>> table = HotCold(n_feats=1, limit=1, level=6, max_entities=0, counters=Counter())
+>>> table.load(1, create=True).feats[0] = [[[5, 1]], [], None, None]
+>>> _ = table.load(2, create=True)  # evicts profile 1 to the cold (encoded) side
+>>> sorted(table.cold), table.load(1, create=False).feats[0][0]
+([1], [[5, 1]])
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+
+from state.profile_plan import FAR
+
+FORMAT = 1
+"""Format tag of encoded profiles and of store snapshots."""
+
+
+class Profile:
+    """Decoded profile. ``feats[f]`` is None or ``[raw, slices, tail, tail_end]``."""
+
+    __slots__ = ("max_ts", "cf", "feats", "dirty", "blob", "cache", "due", "due_min")
+
+    def __init__(self, n_feats: int, due: int = FAR) -> None:
+        self.max_ts: int | None = None  # newest event ts of this entity (ms)
+        self.cf: int | None = None  # watermark floored to g0 at the last compaction pass
+        self.feats: list[Any] = [None] * n_feats
+        self.dirty = True
+        self.blob: bytes | None = None  # the encoded profile while not dirty
+        self.cache: Any = None  # the store's memoised outputs (state.profiles.OutputCache)
+        # per feature: the watermark at which its layout next needs compaction work
+        # (not persisted: a decoded profile starts at -FAR = "check everything")
+        self.due: list[int] = [due] * n_feats
+        self.due_min = due
+
+
+def encode(p: Profile, level: int) -> bytes:
+    """The at-rest bytes of a profile (zlib ``level``)."""
+    feats = [[f, fs[0], fs[1], fs[2], fs[3]] for f, fs in enumerate(p.feats) if fs is not None]
+    return zlib.compress(orjson.dumps([FORMAT, p.max_ts, p.cf, feats]), level)
+
+
+def decode(blob: bytes, n_feats: int) -> Profile:
+    """The decoded profile of ``encode``'s bytes (clean: ``blob`` is not kept here)."""
+    fmt, max_ts, cf, feats = orjson.loads(zlib.decompress(blob))
+    if fmt != FORMAT:
+        raise ValueError(f"unsupported profile format {fmt!r}")
+    p = Profile(n_feats, -FAR)
+    p.max_ts, p.cf, p.dirty = max_ts, cf, False
+    for f, raw, slices, tail, tail_end in feats:
+        p.feats[f] = [raw, slices, tail, tail_end]
+    return p
+
+
+class HotCold:
+    """Profiles by key: ``hot`` (decoded, LRU order) and ``cold`` (encoded, least
+    recently used first) hold disjoint keys. Counts ``encodes``, ``decodes`` and
+    ``evicted`` in ``counters``."""
+
+    def __init__(self, n_feats: int, limit: int, level: int, max_entities: int,
+                 counters: dict[str, int]) -> None:
+        self.n_feats = n_feats
+        self.limit = limit
+        self.level = level
+        self.max_entities = max_entities
+        self.counters = counters
+        self.hot: OrderedDict[int, Profile] = OrderedDict()
+        self.cold: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self.hot) + len(self.cold)
+
+    def encode(self, p: Profile) -> bytes:
+        """``encode`` at this table's level, counted."""
+        self.counters["encodes"] += 1
+        return encode(p, self.level)
+
+    def load(self, key: int, create: bool) -> Profile | None:
+        """The decoded profile of ``key`` (created when ``create``; else None if unknown),
+        now the most recently used; beyond ``max_entities`` the least recently used
+        profile is dropped (``evicted``)."""
+        hot = self.hot
+        p = hot.get(key)
+        if p is not None:
+            hot.move_to_end(key)
+            return p
+        blob = self.cold.pop(key, None)
+        if blob is not None:
+            self.counters["decodes"] += 1
+            p = decode(blob, self.n_feats)
+            p.blob = blob
+        elif create:
+            p = Profile(self.n_feats)
+        else:
+            return None
+        hot[key] = p
+        if len(hot) > self.limit:
+            k, q = hot.popitem(last=False)
+            self.cold[k] = self.encode(q) if q.dirty or q.blob is None else q.blob
+        if self.max_entities and len(self.cold) + len(hot) > self.max_entities:
+            cold = self.cold
+            while cold and len(cold) + len(hot) > self.max_entities:
+                del cold[next(iter(cold))]
+                self.counters["evicted"] += 1
+        return p
+
+    def blobs(self) -> dict[int, bytes]:
+        """Every profile encoded, least recently used first (changed hot ones are
+        encoded now and stay hot)."""
+        out = dict(self.cold)
+        for key, p in self.hot.items():
+            if p.dirty:
+                p.blob = self.encode(p)
+                p.dirty = False
+            out[key] = p.blob  # type: ignore[assignment]
+        return out

@@ -1,0 +1,230 @@
+"""What a profile store is configured with: its parameters and its compiled feature plan.
+
+No Bytewax in here. ``ProfileParams`` holds a store's parameters (validated once, kept
+once: the store, its tiers and its snapshots all read this one object).
+``ProfilePlan`` compiles the feature specs of one entity kind into flat per-feature
+and per-output tables (aggregate algebra, value getter, horizon, output names and
+defaults) and the event routing table ``(type, action) -> features``, so the store's
+write and read paths index lists instead of interpreting specs.
+
+>>> params = ProfileParams(raw_ms=30_000)
+>>> params.g0, params.tiers[-1]
+(60000, (86400000, None))
+>>> from state.feature_spec import default_features
+>>> plan = ProfilePlan(default_features("user"), "user", params)
+>>> "user.clicks.1h" in plan.out_names
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from state.aggregates import EXACT_INCREMENTAL, make_agg, make_prep
+from state.feature_spec import FeatureSpec, parse_duration
+from state.hashing import stable_hash64
+
+FAR = 1 << 62
+""""Never" / "infinitely late", in ms."""
+DEFAULT_TIERS: tuple[tuple[int, int | None], ...] = (
+    (60_000, 3_600_000),  # 1-minute slices for data younger than 1 hour
+    (3_600_000, 86_400_000),  # 1-hour slices for data younger than 1 day
+    (86_400_000, None),  # 1-day slices beyond, up to truncation
+)
+"""(granularity ms, span ms or None) per tier, finest first."""
+ItemAttrs = Callable[[Any], Mapping[str, Any] | None]
+"""``item_id -> attrs dict`` (or None): where ``user_x_<attr>`` stores read an item's attribute."""
+
+
+def parse_tiers(tiers: Sequence[Sequence[Any]]) -> tuple[tuple[int, int | None], ...]:
+    """Validated ``((granularity_ms, span_ms | None), ...)``; durations may be strings."""
+    out: list[tuple[int, int | None]] = []
+    for i, t in enumerate(tiers):
+        if len(t) != 2:
+            raise ValueError(f"tiers[{i}]: expected (granularity, span), got {t!r}")
+        g = parse_duration(t[0], f"tiers[{i}] granularity")
+        span = None if t[1] is None else parse_duration(t[1], f"tiers[{i}] span")
+        out.append((g, span))
+    if not out:
+        raise ValueError("tiers: at least one tier is required")
+    for i in range(1, len(out)):
+        g0, s0 = out[i - 1]
+        g1, s1 = out[i]
+        if s0 is None:
+            raise ValueError(f"tiers[{i - 1}]: only the last tier may have span None")
+        if g1 % g0 or g1 <= g0:
+            raise ValueError(f"tiers[{i}]: granularity {g1} ms must be a multiple of {g0} ms")
+        if s1 is not None and s1 < s0:
+            raise ValueError(f"tiers[{i}]: span must not be shorter than the previous one")
+    if out[-1][1] is not None:
+        out[-1] = (out[-1][0], None)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ProfileParams:
+    """A profile store's parameters (times in ms). See ``state.profiles`` for their roles.
+
+    ``tiers``: slice granularity and span per tier (parsed by ``parse_tiers``);
+    ``raw_ms``: how long events stay unaggregated; ``lateness_ms``: watermark lag;
+    ``retention_ms``: kept past the longest finite window; ``batch_size`` writes or
+    ``flush_interval_ms`` of event time per merge of the write buffer; ``hot_capacity``
+    decoded profiles; ``compress_level`` (zlib) at rest; ``max_entities`` (0 = no limit).
+
+    >>> ProfileParams()  # the defaults  # doctest: +NORMALIZE_WHITESPACE
+    ProfileParams(tiers=((60000, 3600000), (3600000, 86400000), (86400000, None)),
+                  raw_ms=60000, lateness_ms=5000, retention_ms=3600000, batch_size=1024,
+                  flush_interval_ms=1000, hot_capacity=10000, compress_level=6, max_entities=0)
+    >>> ProfileParams(tiers=[("1m", "1h"), ("1d", None)]).tiers
+    ((60000, 3600000), (86400000, None))
+    """
+
+    tiers: tuple[tuple[int, int | None], ...] = DEFAULT_TIERS
+    raw_ms: int = 60_000
+    lateness_ms: int = 5_000
+    retention_ms: int = 3_600_000
+    batch_size: int = 1024
+    flush_interval_ms: int = 1_000
+    hot_capacity: int = 10_000
+    compress_level: int = 6
+    max_entities: int = 0
+
+    def __post_init__(self) -> None:
+        tiers = parse_tiers(self.tiers)
+        object.__setattr__(self, "tiers", tiers)
+        for name in ("raw_ms", "lateness_ms", "retention_ms", "flush_interval_ms"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"{name}: must be an integer >= 0 (ms), got {val!r}")
+        if tiers[0][1] is not None and self.raw_ms + tiers[0][0] > tiers[0][1]:
+            raise ValueError("raw_ms: must be <= the finest tier's span minus its granularity")
+        if self.batch_size < 1 or self.hot_capacity < 1:
+            raise ValueError("batch_size and hot_capacity must be >= 1")
+        if self.max_entities < 0:
+            raise ValueError("max_entities must be >= 0 (0 = no limit)")
+
+    @property
+    def g0(self) -> int:
+        """The finest slice granularity (ms)."""
+        return self.tiers[0][0]
+
+    @property
+    def hot_limit(self) -> int:
+        """Decoded profiles kept at most (``hot_capacity``, capped by ``max_entities``)."""
+        return min(self.hot_capacity, self.max_entities) if self.max_entities else self.hot_capacity
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tiers as lists) for snapshots; ``ProfileParams(**d)`` reads it back."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["tiers"] = [list(t) for t in self.tiers]
+        return out
+
+
+def entity_key(entity_kind: str, entity_id: Any) -> int:
+    """Stable 64-bit key of an entity; ``user_x_<attr>`` ids are ``(user_id, attr_value)``.
+
+    >>> entity_key("user_x_genre", ("u1", "drama")) == entity_key("user_x_genre", ["u1", "drama"])
+    True
+    """
+    if entity_kind.startswith("user_x_"):
+        if not isinstance(entity_id, (tuple, list)) or len(entity_id) != 2:
+            raise TypeError(f"{entity_kind} ids are (user_id, attr_value) pairs, got {entity_id!r}")
+        return stable_hash64(f"{entity_id[0]}\x1f{entity_id[1]}")
+    return stable_hash64(entity_id)
+
+
+class ProfilePlan:
+    """The features of one entity kind compiled into flat tables (index f = feature,
+    j = output, one output per window of a feature)."""
+
+    def __init__(self, specs: Sequence[FeatureSpec], entity_kind: str,
+                 params: ProfileParams) -> None:
+        self.entity_kind = entity_kind
+        self.specs: list[FeatureSpec] = [s for s in specs if s.entity == entity_kind]
+        if not self.specs:
+            kinds = sorted({s.entity for s in specs})
+            raise ValueError(f"no feature spec has entity {entity_kind!r} (have: {kinds})")
+        self.cross_attr = self.specs[0].cross_attr
+        # per feature f
+        self.aggs = [make_agg(s) for s in self.specs]
+        self.getters = [s.value_getter() for s in self.specs]
+        self.preps = [make_prep(s) for s in self.specs]
+        self.horizon = [s.longest_window_ms + params.retention_ms for s in self.specs]
+        self.incremental = [s.aggregate in EXACT_INCREMENTAL for s in self.specs]
+        self.has_all = [s.has_all for s in self.specs]
+        self.min_values = [s.min_value for s in self.specs]
+        self.feat_outs: list[list[int]] = []
+        # per output j
+        self.out_names: list[str] = []
+        self.out_feat: list[int] = []
+        self.out_w: list[int | None] = []
+        self.defaults: dict[str, Any] = {}
+        self.decay_outs: list[tuple[int, str, float]] = []  # (j, name, half-life ms)
+        self.list_outs: list[str] = []  # last_k outputs (a fresh list per answer)
+        for f, s in enumerate(self.specs):
+            js = []
+            for w, name in zip(s.windows, s.output_names, strict=True):
+                j = len(self.out_names)
+                js.append(j)
+                self.out_names.append(name)
+                self.out_feat.append(f)
+                self.out_w.append(w)
+                self.defaults[name] = s.default
+                if s.aggregate == "decay_sum":
+                    self.decay_outs.append((j, name, float(s.half_life_ms or 1)))
+                if s.aggregate == "last_k":
+                    self.list_outs.append(name)
+            self.feat_outs.append(js)
+        self.route = self._routes()
+
+    def _routes(self) -> dict[tuple[str, Any], list[int]]:
+        """(type, action) -> feature indices; (type, None) -> the action-agnostic ones."""
+        any_by_type: dict[str, list[int]] = {}
+        by_action: dict[tuple[str, str], list[int]] = {}
+        for f, s in enumerate(self.specs):
+            if s.actions is None:
+                any_by_type.setdefault(s.event_type, []).append(f)
+            else:
+                for a in s.actions:
+                    by_action.setdefault((s.event_type, a), []).append(f)
+        route: dict[tuple[str, Any], list[int]] = {(t, None): fs for t, fs in any_by_type.items()}
+        for (t, a), fs in by_action.items():
+            route[(t, a)] = sorted(fs + any_by_type.get(t, []))
+        return route
+
+    def features_for(self, etype: str, action: str | None) -> list[int] | None:
+        """Indices of the features an event of this type and action feeds (None: none)."""
+        fids = self.route.get((etype, action))
+        return self.route.get((etype, None)) if fids is None else fids
+
+    def empty_outputs(self) -> dict[str, Any]:
+        """Every output at its empty-window default (a fresh list for last_k)."""
+        out = dict(self.defaults)
+        for name in self.list_outs:
+            out[name] = []
+        return out
+
+    def keys_for(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None
+                 ) -> tuple[list[int], str | None]:
+        """(entity keys an event writes to, or [] with the reason counter to bump)."""
+        kind = self.entity_kind
+        if kind == "user" or kind == "item":
+            eid = event.get("user_id" if kind == "user" else "item_id")
+            if eid is None:
+                return [], "skipped_no_id"
+            return [stable_hash64(eid)], None
+        uid, iid = event.get("user_id"), event.get("item_id")
+        if uid is None or iid is None:
+            return [], "skipped_no_id"
+        if item_attrs is None:
+            raise TypeError(f"{kind} store needs item_attrs (item_id -> attrs dict) in apply()")
+        attrs = item_attrs(iid) or {}
+        av = attrs.get(self.cross_attr)
+        if av is None or av == [] or av == ():
+            return [], "skipped_no_attr"
+        vals = av if isinstance(av, (list, tuple)) else (av,)
+        keys = [stable_hash64(f"{uid}\x1f{a}") for a in dict.fromkeys(
+            a for a in vals if isinstance(a, (str, int)) and not isinstance(a, bool))]
+        return keys, None if keys else "skipped_no_attr"

@@ -1,0 +1,232 @@
+"""Time-slice tiers of a profile: where data belongs at a watermark, and compaction.
+
+No Bytewax in here. Per feature, a profile layout is ``[raw, slices, tail, tail_end]``
+(``state.profiles`` explains it). ``Tiers`` knows, for a floored watermark ``cf``, the
+raw cut and the tier bounds; it places late events into their slice, runs the
+compaction pass (fold old raw events into finest slices, merge slices into coarser
+tiers, truncate past the horizon into the tail or drop them) and computes when a
+feature's layout next needs work (``due``), so a pass touches only features due.
+
+>>> from collections import Counter
+>>> from state.feature_spec import default_features
+>>> from state.profile_plan import ProfileParams, ProfilePlan
+>>> params = ProfileParams()
+>>> tiers = Tiers(ProfilePlan(default_features("user"), "user", params), params, Counter())
+>>> raw_cut, bounds = tiers.cuts(7_200_000)  # watermark 2 h: raw from 1 h 59 m, 1-min slices from 1 h
+>>> raw_cut, bounds[0]
+(7140000, 3600000)
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+from state.aggregates import TS
+from state.profile_codec import Profile
+from state.profile_plan import FAR, ProfileParams, ProfilePlan
+
+
+def _neg_gran(s: list[Any]) -> int:
+    """Sort key of slices by decreasing granularity."""
+    return s[0] - s[1]
+
+
+class Tiers:
+    """Layout work of one store: ``plan`` (aggregates, horizons), ``params`` (tiers,
+    raw_ms); counts ``late_writes``, ``tail_writes`` and ``dropped_writes``."""
+
+    def __init__(self, plan: ProfilePlan, params: ProfileParams, counters: dict[str, int]) -> None:
+        self.plan = plan
+        self.params = params
+        self.counters = counters
+        self._cuts_memo: dict[int, tuple[int, list[int]]] = {}
+
+    def cuts(self, cf: int) -> tuple[int, list[int]]:
+        """(raw cut, tier bounds) for watermark cf: tier i holds slices starting in
+        [bounds[i], bounds[i-1]) (tier 0 ends at the raw cut, the last tier is open)."""
+        memo = self._cuts_memo.get(cf)
+        if memo is not None:
+            return memo
+        g0 = self.params.g0
+        raw_cut = (cf - self.params.raw_ms) // g0 * g0
+        bounds = []
+        for i in range(len(self.params.tiers) - 1):
+            span = self.params.tiers[i][1]
+            g_next = self.params.tiers[i + 1][0]
+            bounds.append((cf - span) // g_next * g_next)  # type: ignore[operator]
+        if len(self._cuts_memo) > 4096:
+            self._cuts_memo.clear()
+        memo = self._cuts_memo[cf] = (raw_cut, bounds)
+        return memo
+
+    def gran(self, ts: int, bounds: list[int]) -> int:
+        """The granularity (ms) of the tier that holds a slice starting at ``ts``."""
+        for i, b in enumerate(bounds):
+            if ts >= b:
+                return self.params.tiers[i][0]
+        return self.params.tiers[-1][0]
+
+    def raw_due(self, ts: int) -> int:
+        """The watermark at which a raw event at ``ts`` leaves the raw region."""
+        params = self.params
+        g0 = params.tiers[0][0]
+        return ts - ts % g0 + g0 + params.raw_ms
+
+    def place_late(self, fs: list[Any], f: int, ts: int, v: Any, cf: int,
+                   bounds: list[int]) -> None:
+        """Apply an event older than the raw region to the slice that covers ts."""
+        agg = self.plan.aggs[f]
+        g = self.gran(ts, bounds)
+        start = ts - ts % g
+        end = start + g
+        if end <= cf - self.plan.horizon[f]:
+            self.counters["tail_writes" if self.plan.has_all[f] else "dropped_writes"] += 1
+            self._to_tail(fs, f, agg.add(None, ts, v, end), end)
+            return
+        self.counters["late_writes"] += 1
+        slices = fs[1]
+        i = bisect.bisect_left(slices, start, key=TS)
+        if i < len(slices) and slices[i][0] == start:
+            s = slices[i]
+            s[2] = agg.add(s[2], ts, v, s[1])
+        else:
+            slices.insert(i, [start, end, agg.add(None, ts, v, end)])
+
+    def compact(self, p: Profile) -> list[int]:
+        """Compaction pass at watermark p.cf; returns the features whose layout changed.
+
+        Folds raw events older than the raw cut into g0 slices and truncates (or folds
+        into the tail) slices ending at or before ``cf - horizon``. Slices are merged into
+        a coarser tier (full rebuild) only when one lies past its tier's bound, which a
+        couple of bisections detect: granularity never increases along the slice list.
+        """
+        cf = p.cf
+        assert cf is not None
+        raw_cut, bounds = self.cuts(cf)
+        g0 = self.params.g0
+        changed: list[int] = []
+        due = p.due
+        for f, fs in enumerate(p.feats):
+            if due[f] > cf:
+                continue
+            if fs is None:
+                due[f] = FAR
+                continue
+            agg = self.plan.aggs[f]
+            raw, slices = fs[0], fs[1]
+            n = bisect.bisect_left(raw, raw_cut, key=TS) if raw and raw[0][0] < raw_cut else 0
+            if n:
+                folded: list[Any] = []
+                for ts, v in raw[:n]:
+                    start = ts - ts % g0
+                    if folded and folded[-1][0] == start:
+                        last = folded[-1]
+                        last[2] = agg.add(last[2], ts, v, last[1])
+                    else:
+                        folded.append([start, start + g0, agg.add(None, ts, v, start + g0)])
+                del raw[:n]
+                if slices and folded[0][0] <= slices[-1][0]:
+                    slices = fs[1] = sorted(slices + folded, key=TS)  # stable: existing first
+                else:
+                    slices.extend(folded)
+            trunc = cf - self.plan.horizon[f]
+            work = bool(n)
+            if slices and self._misplaced(slices, bounds):
+                self._rebuild(fs, f, bounds, trunc)
+                slices = fs[1]
+                work = True
+            if slices and slices[0][1] <= trunc:
+                k = 0
+                while k < len(slices) and slices[k][1] <= trunc:
+                    self._to_tail(fs, f, slices[k][2], slices[k][1])
+                    k += 1
+                del slices[:k]
+                work = True
+            if not work:
+                due[f] = self.due(fs, f)
+                continue
+            changed.append(f)
+            if not fs[0] and not fs[1] and fs[2] is None:
+                p.feats[f] = None
+                due[f] = FAR
+            else:
+                due[f] = self.due(fs, f)
+        p.due_min = min(due)
+        return changed
+
+    def due(self, fs: list[Any], f: int) -> int:
+        """Smallest watermark (multiple of g0) at which feature f's layout changes:
+        the oldest raw event folds, the oldest slice is truncated, or the oldest slice of
+        a tier crosses that tier's bound. Granularity never increases along the list."""
+        raw, slices = fs[0], fs[1]
+        d = FAR
+        if raw:
+            d = self.raw_due(raw[0][0])
+        if slices:
+            d = min(d, slices[0][1] + self.plan.horizon[f])
+            tiers = self.params.tiers
+            for i in range(len(tiers) - 1):
+                g, span = tiers[i]
+                gn = tiers[i + 1][0]
+                idx = bisect.bisect_left(slices, -g, key=_neg_gran)  # first with gran <= g
+                if idx < len(slices):
+                    st = slices[idx][0]
+                    d = min(d, st - st % gn + gn + span)  # type: ignore[operator]
+        return d
+
+    def _misplaced(self, slices: list[Any], bounds: list[int]) -> bool:
+        """True if a slice older than tier bound i is finer than tier i+1's granularity."""
+        tiers = self.params.tiers
+        for i, b in enumerate(bounds):
+            if slices[0][0] >= b:
+                return False
+            idx = bisect.bisect_left(slices, b, key=TS)
+            s = slices[idx - 1]  # the newest (finest) slice starting before b
+            if s[1] - s[0] < tiers[i + 1][0]:
+                return True
+        return False
+
+    def _to_tail(self, fs: list[Any], f: int, acc: Any, end: int) -> None:
+        """Fold a truncated slice (acc referenced at end) into the tail, or drop it."""
+        if not self.plan.has_all[f]:
+            return
+        tail, tail_end = fs[2], fs[3]
+        if tail is None:
+            fs[2], fs[3] = acc, end
+        else:
+            r = max(end, tail_end)
+            fs[2], fs[3] = self.plan.aggs[f].merge(tail, tail_end, acc, end, r), r
+
+    def _rebuild(self, fs: list[Any], f: int, bounds: list[int], trunc: int) -> None:
+        """Merge the slices older than the finest tier into the slice of their tier's
+        granularity (or the tail, past ``trunc``); finest-tier slices are already right."""
+        agg = self.plan.aggs[f]
+        slices = fs[1]
+        n_old = bisect.bisect_left(slices, bounds[0], key=TS)
+        tiers = self.params.tiers
+        last_g = tiers[-1][0]
+        new: list[Any] = []
+        for s in slices[:n_old]:
+            start, end, acc = s
+            g = last_g
+            for i in range(1, len(bounds)):
+                if start >= bounds[i]:
+                    g = tiers[i][0]
+                    break
+            if end - start != g or start % g:
+                start -= start % g
+                end = start + g
+            if end <= trunc:
+                self._to_tail(fs, f, acc, s[1])
+                continue
+            if new and new[-1][0] == start:
+                prev = new[-1]
+                prev[2] = agg.merge(prev[2], prev[1], acc, s[1], end)
+                prev[1] = end
+            elif end == s[1]:
+                new.append(s)
+            else:
+                new.append([start, end, agg.merge(None, end, acc, s[1], end)])
+        new.extend(slices[n_old:])
+        fs[1] = new
