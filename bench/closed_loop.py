@@ -1,4 +1,4 @@
-"""Closed loop against the oracle (DESIGN section 5), in one process, deterministic per seed.
+"""Closed loop against the oracle (docs/evaluation.md, "Protocols"), in one process, deterministic per seed.
 
 Simulated users (``flows.loop.ClosedLoop`` over ``events.simulator.Simulator``) ask for
 recommendations; each policy answers; the users respond with their hidden tastes

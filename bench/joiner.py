@@ -4,6 +4,8 @@
   route by user shard, join, sample, write examples/late-labels/metrics as JSONL; no
   profiles, serving, trainer or item side) over a simulated log, one process, one
   worker.
+* ``events_per_cpu_s`` (``_r01``): the same per second of the process's CPU time (on a
+  shared machine the wall figures follow the load; these hold).
 * ``joiner_only_events_per_s``: the same parsed events through ``UserShard`` objects
   directly (no Bytewax, no parsing, no output encoding): the joiner's own cost.
 * ``passthrough_events_per_s``: the trivial Bytewax flow of bench/common.py over the
@@ -80,20 +82,24 @@ def main() -> None:
     n = count_lines(log)
     passthrough = passthrough_events_per_s(log)
     rate, summary = flow_rate(log, 1.0)
-    rate_r01, _ = flow_rate(log, 0.1)
+    rate_r01, summary_r01 = flow_rate(log, 0.1)
+    cpu, cpu_r01 = summary["events_per_cpu_s"], summary_r01["events_per_cpu_s"]
     joiner_only = joiner_only_rate(log)
     pending = pending_bytes_per_impression()
     print(f"log: {n:,} simulated events, mix {summary['events_by_type']}")
     print(f"join counters: {summary['join']}")
     print(f"passthrough flow:         {passthrough:>12,.0f} events/s")
-    print(f"joiner path flow (r=1):   {rate:>12,.0f} events/s  ({rate / passthrough:.3f}x passthrough)")
-    print(f"joiner path flow (r=0.1): {rate_r01:>12,.0f} events/s")
+    print(f"joiner path flow (r=1):   {rate:>12,.0f} events/s  ({rate / passthrough:.3f}x passthrough)"
+          f"; {cpu:,.0f} per CPU-s")
+    print(f"joiner path flow (r=0.1): {rate_r01:>12,.0f} events/s; {cpu_r01:,.0f} per CPU-s")
     print(f"joiner state only:        {joiner_only:>12,.0f} events/s (no parse, no output)")
     print(f"pending state:            {pending:>12,.0f} bytes per waiting impression")
     print(orjson.dumps({
         "events": n,
         "events_per_s": round(rate, 1),
         "events_per_s_r01": round(rate_r01, 1),
+        "events_per_cpu_s": round(cpu, 1),
+        "events_per_cpu_s_r01": round(cpu_r01, 1),
         "joiner_only_events_per_s": round(joiner_only, 1),
         "passthrough_events_per_s": round(passthrough, 1),
         "ratio": round(rate / passthrough, 4),

@@ -1,7 +1,7 @@
 """Prequential HR@10 of the retrieval models: ISGD vs BPR (the MF default), co-visitation,
 popularity - on seeded simulator data and on MovieLens 100k (when present).
 
-Protocol (DESIGN section 5): events in time order (stable on ties); for each positive,
+Protocol (docs/evaluation.md, "Protocols"): events in time order (stable on ties); for each positive,
 before learning from it, the model's top 10 excluding items the user already
 interacted with; hit if the item is in it. Only the first positive of a (user, item)
 pair is a trial (a like after a click on the same item cannot be new). MF runs split

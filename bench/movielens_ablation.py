@@ -3,7 +3,7 @@
 Every row is ``streamrec eval`` (``flows.evaluate.evaluate``: the replay source, the
 user and item shards, the trainer, the snapshot store, serving; one process) on the
 same MovieLens log with one change to the default configuration, on the prequential
-protocol of DESIGN section 5 (a request before every positive, answered before the
+protocol of docs/evaluation.md (a request before every positive, answered before the
 flow learns from it).
 
     python bench/movielens_ablation.py [--path u.data] [--rows full,covis_only,...]

@@ -1,7 +1,7 @@
 """Prequential HR@10 / NDCG@10 on MovieLens 100k: the anchors, the retrieval + scoring
 recipe of ``docs/movielens-recipe.md`` and its ablations.
 
-Protocol (DESIGN section 5, Vinagre et al. 2014): ratings in time order (stable sort
+Protocol (docs/evaluation.md, Vinagre et al. 2014): ratings in time order (stable sort
 on the timestamp, ties keep file order); a positive is a rating >= 4. For each
 positive (u, i), *before* anything learns from it, the recommender returns u's top 10
 among the items seen so far in the stream, excluding every item u rated earlier (any

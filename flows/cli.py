@@ -1,4 +1,4 @@
-"""The ``streamrec`` console script (DESIGN section 9).
+"""The ``streamrec`` console script: run, replay, evaluate and inspect the flow.
 
 Subcommands: run, simulate, import {movielens,obd}, replay, tap, broker, loop, eval,
 config-reference. Long-running commands report progress on stderr.
@@ -16,38 +16,21 @@ from typing import Any
 
 import orjson
 
-from events.logfile import open_log
-from flows.config import ConfigError, KafkaConfig, generated_docs, load_config, reference_markdown
-from flows.logs import LogConfig, setup_logging
+from events.logfile import count_lines, open_log
+from flows.config import (
+    ConfigError,
+    InputConfig,
+    KafkaConfig,
+    generated_docs,
+    load_config,
+    reference_markdown,
+)
+from flows.kafka_wait import wait_for_broker
+from flows.logs import LogConfig, StreamrecError, setup_logging
+from flows.progress import Progress
+from operators.example_codec import unpack_example
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-
-
-class Progress:
-    """Prints ``label: N events, R/s, Ts`` to stderr at most every ``every_s`` seconds."""
-
-    def __init__(self, label: str, every_s: float = 1.0) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
-        self.every_s = every_s if self.tty else 10 * every_s
-        self.count = 0
-        self.start = time.monotonic()
-        self._last = self.start
-
-    def add(self, n: int = 1) -> None:
-        self.count += n
-        now = time.monotonic()
-        if now - self._last >= self.every_s:
-            self._last = now
-            self._print(now, end="\r" if self.tty else "\n")
-
-    def done(self) -> None:
-        self._print(time.monotonic(), end="\n")
-
-    def _print(self, now: float, end: str) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        line = f"{self.label}: {self.count:,} events, {self.count / elapsed:,.0f}/s, {elapsed:.1f}s"
-        print(line, file=sys.stderr, end=end, flush=True)
 
 
 def _kafka(args: argparse.Namespace) -> tuple[str, KafkaConfig]:
@@ -83,10 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from events.simulator import SimConfig, write_log
 
-    progress = Progress("simulate")
-    n = write_log(args.output, args.n, args.seed, SimConfig(n_users=args.users, n_items=args.items),
-                  on_batch=progress.add)
-    progress.done()
+    with Progress("simulate", args.n, quiet=args.quiet) as progress:
+        sim = SimConfig(n_users=args.users, n_items=args.items,
+                        requests_per_s=args.requests_per_s)
+        n = write_log(args.output, args.n, args.seed, sim, on_batch=progress.add)
     print(f"wrote {n} events to {args.output}")
     return 0
 
@@ -98,7 +81,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         events = movielens_events(args.path, with_requests=args.with_requests)
     else:
         events = obd_events(args.path)
-    n = write_events(events, args.output)
+    with Progress(f"import {args.dataset}", len(events), quiet=args.quiet) as progress:
+        n = write_events(events, args.output, on_batch=progress.add)
     print(f"wrote {n} events to {args.output}")
     return 0
 
@@ -133,12 +117,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from flows.broker import create_topics
 
     bootstrap, kafka = _kafka(args)
+    wait_for_broker(bootstrap, kafka.client_settings("consumer"), kafka.startup_timeout_s,
+                    f"replay into {args.topic}")
     create_topics(bootstrap, [args.topic], args.partitions,
                   admin_config=kafka.client_settings("admin"))
     producer = KafkaProducer(**{"linger_ms": 20, "batch_size": 256 * 1024, "retries": 10,
                                 "acks": "all", **kafka.client_settings("producer"),
                                 "bootstrap_servers": bootstrap})
-    progress = Progress("replay")
+    progress = Progress("replay", count_lines(args.log), quiet=args.quiet)
     anchor: tuple[int, float] | None = None
     for line in _log_lines(args.log):
         if args.speed > 0:
@@ -153,7 +139,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         progress.add()
     producer.flush()
     producer.close()
-    progress.done()
+    progress.close()
     return 0
 
 
@@ -220,6 +206,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
 
         topic = config.topic(args.topic) if args.topic in OUTPUTS else args.topic
         bootstrap, kafka = _kafka(args)
+        wait_for_broker(bootstrap, kafka.client_settings("consumer"), kafka.startup_timeout_s,
+                        f"tap {topic}")
         lines = _tap_kafka(bootstrap, topic, args.follow, kafka.client_settings("consumer"))
     else:
         path = Path(args.dir or config.output.dir) / f"{args.topic}.jsonl"
@@ -230,6 +218,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
     try:
         for line in lines:
             record = orjson.loads(line)
+            if args.topic.endswith("examples"):
+                record = unpack_example(record)
             if _matches(record, args.filter):
                 print(_format(record), flush=True)
                 shown += 1
@@ -241,9 +231,15 @@ def cmd_tap(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from flows.broker import LocalBroker
+    from flows.broker import BrokerStartError, LocalBroker
 
-    with LocalBroker(port=args.port) as broker:
+    broker = LocalBroker(port=args.port)
+    try:
+        broker.binary()
+    except BrokerStartError as err:
+        print(f"streamrec broker: {err}", file=sys.stderr)
+        return 1
+    with broker:
         print(f"broker listening on {broker.bootstrap} (Ctrl-C to stop)", flush=True)
         try:
             while True:
@@ -259,6 +255,8 @@ def cmd_loop(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.bootstrap:
         config.kafka.bootstrap = args.bootstrap
+    wait_for_broker(config.kafka.bootstrap, config.kafka.client_settings("consumer"),
+                    config.kafka.startup_timeout_s, f"the {config.app} loop's topics")
     settings = LoopSettings(seed=args.seed, n_users=args.users, n_items=args.items,
                             warmup_events=args.warmup, requests=args.requests, rate=args.rate,
                             step_ms=args.step_ms, window=args.window)
@@ -270,7 +268,9 @@ def cmd_loop(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate
 
-    report = evaluate(args.log, args.report, config=args.config, out_dir=args.out)
+    with Progress("eval", count_lines(args.log), quiet=args.quiet) as progress:
+        report = evaluate(args.log, args.report, config=args.config, out_dir=args.out,
+                          progress=progress.set)
     brief = {k: v for k, v in report.items() if k not in ("config", "hr_curve", "reliability")}
     print(orjson.dumps(brief, option=orjson.OPT_INDENT_2).decode())
     return 0
@@ -287,8 +287,15 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar (status lines still go to the log)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="streamrec", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="streamrec", description="Run, replay, evaluate and inspect the streamrec flow "
+        "(README.md; every page: docs/README.md; every config key: streamrec config-reference).")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="stderr logs as text or one JSON object per line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -314,7 +321,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--users", type=int, default=2_000)
     s.add_argument("--items", type=int, default=1_000)
+    s.add_argument("--requests-per-s", type=float, default=InputConfig().requests_per_s,
+                   help="requests per event-time second (the pace of event time; default: "
+                   "the flow's simulator input's)")
     s.add_argument("-o", "--output", required=True, help="LOG.jsonl (or .jsonl.gz)")
+    _quiet(s)
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("import", help="convert a public dataset to an event log")
@@ -323,6 +334,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--with-requests", action="store_true",
                    help="movielens: a request before each positive (rating >= 4)")
+    _quiet(s)
     s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("replay", help="produce a log into Kafka, paced by event time")
@@ -332,6 +344,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap", help=f"Kafka bootstrap (default: config, else {DEFAULT_BOOTSTRAP})")
     s.add_argument("--partitions", type=int, default=4, help="partitions if the topic is created")
     s.add_argument("--config")
+    _quiet(s)
     s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("tap", help="print an output topic (Kafka or local JSONL) readably")
@@ -369,6 +382,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--report", required=True)
     s.add_argument("--config")
     s.add_argument("--out", help="directory for the flow's outputs (default: beside the report)")
+    _quiet(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config-reference", help="print every config key (markdown table)")
@@ -387,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"streamrec: config error: {err}", file=sys.stderr)
         return 2
+    except StreamrecError as err:
+        print(f"streamrec: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

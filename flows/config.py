@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import orjson
 
-from flows.logs import LogConfig
+from flows.logs import LogConfig, StreamrecError
 from operators.item_shard import ItemsConfig
 from operators.metrics import MetricsConfig
 from operators.serving import ServingConfig
@@ -39,7 +39,7 @@ from state.snapshot_store import SnapshotStore
 ENV_PREFIX = "STREAMREC__"
 
 
-class ConfigError(ValueError):
+class ConfigError(StreamrecError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
@@ -69,6 +69,12 @@ SECURITY_KEYS = (
 )
 """KafkaConfig fields that are kafka-python security settings of the same name."""
 
+CONSUMER_DEFAULTS: dict[str, Any] = {"fetch_max_wait_ms": 10}
+"""Consumer settings of the flow and the CLI unless ``kafka.consumer`` sets them: a fetch
+with no data waits at most 10 ms at the broker (kafka-python's 500 ms default put half a
+second into every request's round trip on brokers that hold a fetch for its whole wait;
+docs/architecture.md, batches and latency)."""
+
 SECRET_KEYS = ("sasl_plain_password", "ssl_password")
 """KafkaConfig fields never written into reports (``Config.redacted``)."""
 
@@ -94,11 +100,22 @@ class KafkaConfig:
     ssl_crlfile: str = doc("SSL: certificate revocation list (PEM path).", "")
     ssl_check_hostname: bool = doc("SSL: verify that the broker certificate matches its host name.",
                                    True)
+    startup_timeout_s: float = doc(
+        "How long the flow and the CLI wait for a broker to answer at start (s), with one "
+        "summary line per retry interval, before failing with one error; 0 = no check at "
+        "start (the Kafka sources and sinks still retry).", 60.0)
     client: dict[str, Any] = doc(
         "Extra kafka-python settings passed through to consumers and producers (e.g. "
         "request_timeout_ms); each must be a setting both KafkaConsumer and KafkaProducer know.",
         factory=dict,
     )
+    consumer: dict[str, Any] = doc(
+        "Extra kafka-python KafkaConsumer settings (e.g. fetch_max_wait_ms, fetch_min_bytes, "
+        "max_partition_fetch_bytes), over CONSUMER_DEFAULTS and client; keys not given keep "
+        "the defaults shown.", factory=lambda: dict(CONSUMER_DEFAULTS))
+    producer: dict[str, Any] = doc(
+        "Extra kafka-python KafkaProducer settings (e.g. linger_ms, batch_size, "
+        "compression_type), over client.", factory=dict)
 
     def client_settings(self, role: Literal["consumer", "producer", "admin"] = "consumer") -> dict[str, Any]:
         """kafka-python keyword arguments (without bootstrap_servers) for a client of ``role``:
@@ -114,6 +131,10 @@ class KafkaConfig:
         extras = self.client
         if role == "admin":
             extras = {k: v for k, v in extras.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+        elif role == "consumer":
+            extras = {**extras, **CONSUMER_DEFAULTS, **self.consumer}
+        else:
+            extras = {**extras, **self.producer}
         return {**out, **extras}
 
 
@@ -127,7 +148,15 @@ def _check_kafka_client(kafka: KafkaConfig) -> None:
             raise ConfigError(f"kafka.client.{key}: set kafka.{key} instead")
         if key not in known or key == "bootstrap_servers":
             raise ConfigError(f"kafka.client.{key}: not a setting of both kafka-python's "
-                              "KafkaConsumer and KafkaProducer")
+                              "KafkaConsumer and KafkaProducer (role-specific settings go "
+                              "in kafka.consumer or kafka.producer)")
+    for role, cls in (("consumer", KafkaConsumer), ("producer", KafkaProducer)):
+        for key in getattr(kafka, role):
+            if key in SECURITY_KEYS:
+                raise ConfigError(f"kafka.{role}.{key}: set kafka.{key} instead")
+            if key not in cls.DEFAULT_CONFIG or key == "bootstrap_servers":
+                raise ConfigError(f"kafka.{role}.{key}: not a setting of kafka-python's "
+                                  f"{cls.__name__}")
 
 
 @dataclass
@@ -398,6 +427,10 @@ def _validate(config: Config) -> None:
     _check_kafka_client(config.kafka)
     if not 0 <= config.metrics.port <= 65535:
         raise ConfigError("metrics.port: must be in 0..65535")
+    if config.kafka.startup_timeout_s < 0:
+        raise ConfigError("kafka.startup_timeout_s: must be >= 0")
+    if config.log.status_interval_s < 0:
+        raise ConfigError("log.status_interval_s: must be >= 0")
     if config.metrics.interval_s <= 0:
         raise ConfigError("metrics.interval_s: must be > 0")
     if not config.app or not config.app.replace("-", "").replace("_", "").isalnum():

@@ -1,10 +1,10 @@
 """``streamrec eval``: replay a log through the real flow and write a JSON report.
 
-The report keys are fixed by DESIGN section 9; metrics that do not apply to a log
+The report keys are fixed (docs/evaluation.md, "The eval report"); metrics that do not apply to a log
 (or whose stage has not run) are ``null``. The flow runs in this process (one
 worker) with the log as its only input and JSONL outputs under ``out_dir``.
 
-Prequential HR@10 / NDCG@10 (DESIGN section 5) apply to logs whose requests name the
+Prequential HR@10 / NDCG@10 (docs/evaluation.md, "Protocols") apply to logs whose requests name the
 item the user consumed next (``context.eval_item``, written by ``streamrec import
 movielens --with-requests``): each such request is answered by the serving path
 before the flow learns from that positive; a hit is the item in the top 10.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
@@ -86,9 +87,10 @@ def scorer_counts(join: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
-             out_dir: str | Path | None = None, plots: bool = True) -> dict[str, Any]:
+             out_dir: str | Path | None = None, plots: bool = True,
+             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run the flow over ``log``, write the report JSON (and PNG plots) next to
-    ``report_path``, return the report."""
+    ``report_path``, return the report; ``progress(events_in)`` as in ``build``."""
     from flows.recsys import build
 
     report_path = Path(report_path)
@@ -108,7 +110,7 @@ def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
     cfg.serving = replace(cfg.serving, poll_ms=0)
     cfg.index = replace(cfg.index, threads=1)
     start = time.perf_counter()
-    run_main(build(cfg), epoch_interval=timedelta(0))
+    run_main(build(cfg, progress=progress), epoch_interval=timedelta(0))
     elapsed = time.perf_counter() - start
 
     metrics = read_jsonl(out / "metrics.jsonl")

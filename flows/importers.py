@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -143,9 +143,14 @@ def obd_events(path: str | Path, click_delay_ms: int = 1_000) -> list[Event]:
     return [e for _, _, e in events]
 
 
-def write_events(events: list[Event], out: str | Path) -> int:
-    """Write events as JSONL (gzip when ``out`` ends with .gz); returns the count."""
+def write_events(events: list[Event], out: str | Path,
+                 on_batch: Callable[[int], None] | None = None) -> int:
+    """Write events as JSONL (gzip when ``out`` ends with .gz); returns the count.
+    ``on_batch(n)`` is called after every 10,000 events written (progress)."""
     with open_log_for_write(out) as f:
-        for event in events:
-            f.write(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE))
+        for start in range(0, len(events), 10_000):
+            chunk = events[start:start + 10_000]
+            f.write(b"".join(orjson.dumps(e, option=orjson.OPT_APPEND_NEWLINE) for e in chunk))
+            if on_batch is not None:
+                on_batch(len(chunk))
     return len(events)

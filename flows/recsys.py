@@ -4,7 +4,7 @@
 in, every output as JSONL under ``./streamrec-out/``);
 ``python -m bytewax.run "flows.recsys:build('my.toml')"`` runs a configured one.
 
-Shape (DESIGN section 2; docs/architecture.md has the details)::
+Shape (docs/architecture.md has the details)::
 
     inputs (chained) -> parse -> dead-letters
       -> route by user shard -> user_shard [u000..]: joiner, profiles, history, MF user
@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,10 @@ from bytewax.dataflow import Dataflow, Stream
 from events.model import Event, EventParser, Record
 from events.simulator import SimConfig
 from flows.config import Config, InputConfig, load_config
-from flows.logs import setup_logging
+from flows.kafka_wait import wait_for_kafka
+from flows.logs import install_excepthook, setup_logging
 from models.rankers import positive_hold_ms
+from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
 from operators.item_updates import ItemUpdate
@@ -41,6 +44,7 @@ from operators.metrics import MetricsLogic, MetricsState
 from operators.sinks import JsonlFileSink
 from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
+from operators.status import StatusLog
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
@@ -137,14 +141,22 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
     return items
 
 
-def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
-    """Build the main flow from a TOML path, a dict or a Config (env overrides apply).
+def build(config: str | Path | dict[str, Any] | Config | None = None,
+          progress: Callable[[int], None] | None = None) -> Dataflow:
+    """Build the main flow from a TOML path, a dict or a Config (env overrides apply);
+    ``progress(events_in)`` is called from the metrics stage about twice a second
+    (``streamrec eval``'s progress bar).
 
-    Side effects: installs the configured log handler (``log``) and raises this
-    process's GC thresholds to ``GC_THRESHOLD``.
+    Side effects: installs the configured log handler (``log``), waits for the Kafka
+    broker when the config uses Kafka (``kafka.startup_timeout_s``; ``BrokerUnavailable``
+    after it), makes uncaught config and broker errors print one line
+    (``flows.logs.install_excepthook``) and raises this process's GC thresholds to
+    ``GC_THRESHOLD``.
     """
+    install_excepthook()
     config = load_config(config)
     setup_logging(config.log)
+    wait_for_kafka(config, f"the {config.app} flow's topics")
     gc.set_threshold(*GC_THRESHOLD)
     flow = Dataflow(config.app)
     store = config.snapshot_store()
@@ -185,15 +197,18 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),
                      lambda kv: kv[1])
     examples = _take("examples", outputs)
-    _output("examples", examples, config)
+    _output("examples", op.map("pack_examples", examples,
+                               lambda batch: [pack_example(e) for e in batch]), config)
     for name in ("late-labels", "recommendations"):
         _output(name, _take(name, outputs), config)
 
     snapshots = []
     failed = [_take("dead-letters", outputs)]  # processing errors of the stateful stages
     if config.items.enabled:
-        item_snapshots, item_dead = _item_side(_take("item-updates", outputs), config, store,
-                                               item_shard_of)
+        updates = op.filter_map("take_item_updates", outputs,
+                                lambda out: (out["batch"], out["item-updates"])
+                                if "item-updates" in out else None)
+        item_snapshots, item_dead = _item_side(updates, config, store, item_shard_of)
         snapshots.append(item_snapshots)
         failed.append(item_dead)
     ranker_out = _trainer(examples, config, store)
@@ -218,7 +233,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         "metrics",
         op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
         lambda resume: MetricsLogic(
-            resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics),
+            resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics,
+            StatusLog(config.log.status_interval_s, progress)),
     )
     metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
     if ranker_out is not None:
@@ -227,13 +243,18 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     return flow
 
 
-def _item_side(updates: Stream[list[ItemUpdate]], config: Config, store: SnapshotStore,
-               item_shard_of: Any) -> tuple[Stream[list[Record]], Stream[list[Record]]]:
+def _item_side(updates: Stream[tuple[int, list[ItemUpdate]]], config: Config,
+               store: SnapshotStore, item_shard_of: Any
+               ) -> tuple[Stream[list[Record]], Stream[list[Record]]]:
     """Item shards and the index builder; returns the streams of their snapshot manifests
-    and of the item shards' processing-error dead letters."""
+    and of the item shards' processing-error dead letters. ``updates``: (source
+    micro-batch id, item updates) from each user shard."""
 
-    def route(batch: list[ItemUpdate]) -> list[tuple[str, tuple[str, list[ItemUpdate]]]]:
-        return [(key, (key, part)) for key, part in route_updates(batch, item_shard_of).items()]
+    def route(tagged: tuple[int, list[ItemUpdate]]
+              ) -> list[tuple[str, tuple[str, list[ItemUpdate], int]]]:
+        batch_id, batch = tagged
+        return [(key, (key, part, batch_id))
+                for key, part in route_updates(batch, item_shard_of).items()]
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
         return ItemShardLogic(resume or ItemShard(config.items, store, config.features,

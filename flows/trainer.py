@@ -23,15 +23,20 @@ import orjson
 from bytewax.dataflow import Dataflow
 
 from flows.config import Config, load_config
+from flows.kafka_wait import wait_for_kafka
+from flows.logs import install_excepthook
 from flows.recsys import _output
 from models.rankers import positive_hold_ms
+from operators.example_codec import unpack_example
 from operators.sources import ReplaySource
 from operators.trainer import Trainer, TrainerLogic
 
 
 def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflow:
     """The trainer flow: examples in, serving-copy snapshots and metrics out."""
+    install_excepthook()
     config = load_config(config)
+    wait_for_kafka(config, f"the {config.app} trainer's topics")
     flow = Dataflow(f"{config.app}-trainer")
     if config.output.kind == "kafka":
         from operators.kafka_io import KafkaSource
@@ -41,7 +46,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     else:
         source = ReplaySource(Path(config.output.dir) / "examples.jsonl")
     raw = op.input("examples_in", flow, source)
-    examples = op.map("decode", raw, lambda batch: [orjson.loads(line) for line in batch])
+    examples = op.map("decode", raw,
+                      lambda batch: [unpack_example(orjson.loads(line)) for line in batch])
     store = config.snapshot_store()
     rate = config.sampler.negative_rate
 

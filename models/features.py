@@ -187,6 +187,36 @@ def item_part(shared: Features, user_extra: Mapping[str, Any] | None, item_id: s
     return part
 
 
+def compact(features: Mapping[str, Any]) -> dict[str, Any]:
+    """``features`` without the values that add no term to a linear model: None, NaN,
+    infinities, numeric zeros (and False), empty lists, dicts (``_add`` turns them into
+    nothing or into ``name: 0.0``). Strings stay (``""`` is the category ``name=``).
+
+    For the default ranker (River LR with AdaGrad) training on the compact dict is
+    exact: a term ``w * 0.0`` adds nothing to the score and a zero gradient leaves the
+    weight and its AdaGrad state as they were. (FM-style rankers no longer draw a latent
+    vector for a feature that was only ever zero.)"""
+    out = {}
+    for name, value in features.items():
+        kind = type(value)
+        if kind is float:
+            if value != 0.0 and _isfinite(value):
+                out[name] = value
+        elif kind is str:
+            out[name] = value
+        elif value is None or kind is dict:
+            continue
+        elif kind is list or kind is tuple:
+            if value:
+                out[name] = value
+        elif isinstance(value, int | float):  # bool and int included
+            if value and _isfinite(value):
+                out[name] = value
+        else:
+            out[name] = value
+    return out
+
+
 def _drop(feats: Features, name: str, value: Any) -> None:
     """Remove what ``add_feature(feats, name, value)`` added (for overridden user keys)."""
     if isinstance(value, str):

@@ -1,6 +1,6 @@
 """Progressive (prequential) metrics of a probabilistic classifier, weighted.
 
-Protocol (DESIGN section 5): score each example *before* learning from it, then call
+Protocol (docs/evaluation.md, "Protocols"): score each example *before* learning from it, then call
 ``update(y, p, weight)``. Every figure is weighted by the example's ``weight`` (1/r
 for kept downsampled negatives), so a downsampled stream yields the figures of the
 full stream.

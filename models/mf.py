@@ -1,6 +1,6 @@
 """Incremental matrix factorisation for positive-only feedback, split for a sharded flow.
 
-Two learners (DESIGN section 4), both plain numpy over :class:`EmbeddingTable` rows
+Two learners (docs/retrieval.md), both plain numpy over :class:`EmbeddingTable` rows
 (no Bytewax):
 
 * **BPR** with sampled negatives ``j`` (the default): ``g_j = sigmoid(-<u, v_i - v_j>)``;
@@ -11,7 +11,7 @@ Two learners (DESIGN section 4), both plain numpy over :class:`EmbeddingTable` r
 
 Why BPR (k=10, lr 0.1, 4 uniform negatives) is the default, measured by
 ``python bench/mf.py`` (prequential HR@10, split user/item steps as in the flow; see
-``docs/retrieval.md``): MovieLens 100k BPR 0.120 vs ISGD 0.068 (lr 0.05; the DESIGN
+``docs/retrieval.md``): MovieLens 100k BPR 0.120 vs ISGD 0.068 (lr 0.05; the published
 anchor is 0.063) / 0.064 (lr 0.1); simulator (1M events, seed 0) BPR 0.184 vs ISGD
 0.126 (lr 0.1) / 0.036 (lr 0.05). ISGD regresses every score towards 1 and has no
 contrast between items, so on positive-only data it mostly learns popularity slowly
@@ -48,6 +48,7 @@ from typing import Literal
 import numpy as np
 
 from state.embedding_table import EmbeddingTable, keys_of
+from state.hashing import stable_hash64
 
 Algorithm = Literal["isgd", "bpr"]
 
@@ -142,10 +143,7 @@ class UserFactors:
 
     def vector(self, user_id: str) -> np.ndarray | None:
         """The user's current vector (float32 ``(dim,)``, a copy), or None without a row."""
-        keys = keys_of([user_id])
-        if self.table.lookup(keys)[0] < 0:
-            return None
-        return self.table.gather(keys)[0]
+        return self.table.vector_of(stable_hash64(user_id))
 
     def vectors(self, user_ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(vectors (n, dim), has_row (n,) bool)``; users without a row read their

@@ -116,10 +116,24 @@ class ItemShard:
         self.dirty = False
         self._dead: list[Record] = []
         """Dead letters (``processing_error``) of updates this shard failed to apply."""
+        self.batch: int | None = None
+        """The source micro-batch of the last updates (see ``process``)."""
 
-    def process(self, shard: str, updates: list[ItemUpdate]) -> dict[str, list[Any]]:
-        """Apply a batch of updates in order; return index changes and due snapshots."""
+    def process(self, shard: str, updates: list[ItemUpdate], batch: int | None = None
+                ) -> dict[str, list[Any]]:
+        """Apply a batch of updates in order; return index changes and due snapshots.
+
+        ``batch``: the source micro-batch the updates come from (its parts arrive from
+        every user shard). A due table is then published when the first part of a later
+        batch arrives, before applying it, so a shard publishes at most once per source
+        batch (and at end of input); None publishes after these updates when due.
+        """
         self.shard = shard
+        out: dict[str, list[Any]] = {}
+        if batch is not None and batch != self.batch:
+            self.batch = batch
+            if self._publish_due():
+                out["snapshots"] = [self.publish()]
         mf_items: list[str] = []
         mf_vecs: list[np.ndarray] = []
         mf_coefs: list[float | None] = []
@@ -190,11 +204,10 @@ class ItemShard:
                              lambda u: isinstance(u, CatalogChange) and u.item_id in removed,
                              remove_step)
         self.dirty = self.dirty or bool(updates)
-        out: dict[str, list[Any]] = {}
         change = self._index_change()
         if change is not None:
             out["index"] = [change]
-        if self._publish_due():
+        if batch is None and self._publish_due():
             out["snapshots"] = [self.publish()]
         if self._dead:
             out["dead-letters"], self._dead = self._dead, []
@@ -289,13 +302,13 @@ def _category(attrs: dict[str, Any]) -> str | None:
     return str(value) if value is not None else None
 
 
-class ItemShardLogic(StatefulLogic[tuple[str, list[ItemUpdate]], dict[str, list[Any]], ItemShard]):
-    """Bytewax glue for one item shard."""
+class ItemShardLogic(StatefulLogic[tuple[Any, ...], dict[str, list[Any]], ItemShard]):
+    """Bytewax glue for one item shard: items are ``(shard, updates[, source batch])``."""
 
     def __init__(self, shard: ItemShard) -> None:
         self.shard = shard
 
-    def on_item(self, value: tuple[str, list[ItemUpdate]]) -> tuple[list[dict[str, list[Any]]], bool]:
+    def on_item(self, value: tuple[Any, ...]) -> tuple[list[dict[str, list[Any]]], bool]:
         out = self.shard.process(*value)
         return ([out] if out else []), StatefulLogic.RETAIN
 

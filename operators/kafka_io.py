@@ -41,6 +41,8 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
 
+from operators.kafka_logs import waiting_for
+
 logger = logging.getLogger(__name__)
 
 StartFrom = Literal["earliest", "latest"]
@@ -423,6 +425,10 @@ class KafkaSource(FixedPartitionedSource[list[bytes], int | None]):
         Retries (with backoff, a warning each time) while the broker is unreachable or
         a topic is not visible yet, for up to ``discovery_timeout_s`` seconds.
         """
+        with waiting_for(f"partitions of {', '.join(self.topics)}", self.bootstrap):
+            return self._list_parts()
+
+    def _list_parts(self) -> list[str]:
         backoff = _Backoff(self.backoff_initial_s, self.backoff_max_s)
         deadline = time.monotonic() + self.discovery_timeout_s
         while True:
@@ -514,6 +520,11 @@ class _KafkaSinkPartition(StatelessSinkPartition[list[dict[str, Any]]]):
         acknowledged are never re-sent, records whose send failed are re-sent (their
         order relative to the rest of the batch may change).
         """
+        with waiting_for(f"acknowledgements of records to {self._topic}",
+                         self._config.get("bootstrap_servers", [])):
+            self._write_batch(items)
+
+    def _write_batch(self, items: list[list[dict[str, Any]]]) -> None:
         pending: list[tuple[bytes | None, bytes]] = []
         for item in items:
             if isinstance(item, Mapping):  # tolerate single records

@@ -35,6 +35,7 @@ from typing import Any
 from bytewax.operators import StatefulLogic
 
 from events.model import Record
+from operators.status import StatusLog
 from state.settings import doc
 
 logger = logging.getLogger(__name__)
@@ -378,9 +379,11 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
     """Aggregates counters; emits periodically (wall clock) and a summary at EOF; serves
     Prometheus text when ``config.port`` is set."""
 
-    def __init__(self, state: MetricsState, config: MetricsConfig | None = None) -> None:
+    def __init__(self, state: MetricsState, config: MetricsConfig | None = None,
+                 status: StatusLog | None = None) -> None:
         self.state = state
         self.config = config or MetricsConfig()
+        self.status = status
         self.interval_s = self.config.interval_s
         self._lock = threading.Lock()
         self._next = time.monotonic() + self.interval_s
@@ -395,6 +398,8 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
     def on_item(self, value: tuple[str, Any]) -> tuple[list[list[Record]], bool]:
         with self._lock:
             self.state.add(*value)
+        if self.status is not None:
+            self.status.tick(self.state.record)
         if time.monotonic() >= self._next:
             return self.on_notify()
         return [], StatefulLogic.RETAIN
@@ -402,13 +407,24 @@ class MetricsLogic(StatefulLogic[tuple[str, Any], list[Record], MetricsState]):
     def on_eof(self) -> tuple[list[list[Record]], bool]:
         with self._lock:
             record = self.state.record(final=True)
-        logger.info("streamrec summary", extra={"summary": record})
+        if self.status is not None:
+            self.status.finish(record)
+        else:
+            logger.info("streamrec summary", extra={"summary": record})
         return [[record]], StatefulLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return datetime.now(UTC) + timedelta(seconds=self.interval_s)
+        waits = [max(0.0, self._next - time.monotonic())]
+        status_due = self.status.next_due_s() if self.status is not None else None
+        if status_due is not None:
+            waits.append(status_due)
+        return datetime.now(UTC) + timedelta(seconds=min(waits))
 
     def on_notify(self) -> tuple[list[list[Record]], bool]:
+        if self.status is not None:
+            self.status.tick(self.state.record)
+        if time.monotonic() < self._next:
+            return [], StatefulLogic.RETAIN
         self._next = time.monotonic() + self.interval_s
         with self._lock:
             return [[self.state.record()]], StatefulLogic.RETAIN

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from models.features import compact
 from models.mf import UserFactors
-from operators.snapshot_views import SnapshotViews
+from operators.snapshot_views import FrozenViews, SnapshotViews
 from state.covis_view import SparseScores
 from state.embedding_table import keys_of
 from state.item_table import ItemTable
@@ -131,6 +132,23 @@ class PointInTime:
         self.covis = covis or CovisQuery()
         self._crosses = [(kind[7:], store) for kind, store in profiles.items()
                          if kind.startswith("user_x_")]
+        self.group: object = None
+        """What the event being joined shares its user context with (set by the user
+        shard): its request id (the impressions of one request), the feedback event
+        itself (an interaction and its sampled negatives), or None (nothing)."""
+        self._shared: _Shared | None = None
+        self._frozen: FrozenViews | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Recovery state without the frozen snapshot views (reloaded from the store)."""
+        state = self.__dict__.copy()
+        state["_frozen"] = None
+        return state
+
+    def forget(self, user_id: str) -> None:
+        """The user's state is about to change: contexts taken before it are stale."""
+        if self._shared is not None and self._shared.user_id == user_id:
+            self._shared = None
 
     # -- the user ------------------------------------------------------------------
     def user(self, user_id: str, ts_ms: int | None) -> UserContext:
@@ -159,12 +177,69 @@ class PointInTime:
 
     # -- features ------------------------------------------------------------------
     def example_features(self, user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
-        """The joiner's features of one (user, item) at ``ts_ms`` (point in time)."""
-        ctx = self.user(user_id, ts_ms)
-        return {**ctx.profile, **self.item_features(ctx, [item_id], ts_ms)[0]}
+        """The joiner's features of one (user, item) at ``ts_ms`` (point in time), without
+        the values that add nothing to the model (``models.features.compact``).
+
+        The user's context is taken once per ``group`` (the impressions of one request;
+        an interaction and its sampled negatives), as of the group's first event: its
+        siblings do not count as earlier impressions."""
+        shared = self._shared_context(user_id, ts_ms)
+        attrs = self.catalog.get(item_id)
+        cross = self._cross(shared, attrs, ts_ms)
+        extra = self.item_features(shared.ctx, [item_id], ts_ms, attrs=[attrs], cross=[cross])[0]
+        return compact({**shared.ctx.profile, **extra})
+
+    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> DeferredFeatures:
+        """``example_features`` computed later, only if needed (the joiner asks for
+        impressions whose negative the sampler will drop: they need features only if
+        clicked). What they read is kept now (the user context, the item's attributes,
+        its user x attribute profile values, the snapshots served), all immutable once
+        taken, so ``resolve()`` gives exactly what ``example_features`` gives now."""
+        shared = self._shared_context(user_id, ts_ms)
+        attrs = self.catalog.get(item_id)
+        return DeferredFeatures(self, shared.ctx, item_id, ts_ms, attrs,
+                                self._cross(shared, attrs, ts_ms), self._frozen_views())
+
+    def _shared_context(self, user_id: str, ts_ms: int) -> _Shared:
+        shared, group = self._shared, self.group
+        if (shared is None or group is None or shared.group != group or shared.ts != ts_ms
+                or shared.user_id != user_id):
+            shared = _Shared(user_id, group, ts_ms, self.user(user_id, ts_ms))
+            self._shared = shared if group is not None else None
+        return shared
+
+    def _frozen_views(self) -> FrozenViews | None:
+        if self.views is None:
+            return None
+        frozen = self._frozen
+        if frozen is None or not frozen.current(self.views):
+            frozen = self._frozen = FrozenViews(self.views)
+        return frozen
+
+    def _cross(self, shared: _Shared, attrs: dict[str, Any] | None,
+               ts_ms: int | None) -> list[dict[str, Any]]:
+        """The user x item-attribute profile features of an item with ``attrs`` (one dict
+        per ``user_x_<attr>`` profile whose attribute value is a string), cached per group."""
+        out: list[dict[str, Any]] = []
+        if not attrs:
+            return out
+        cache = shared.crosses
+        for attr, store in self._crosses:
+            value = attrs.get(attr)
+            if isinstance(value, str):
+                feats = cache.get((attr, value))
+                if feats is None:
+                    feats = cache[(attr, value)] = {
+                        name: _feature_value(name, v, ts_ms) for name, v in
+                        store.query((shared.user_id, value), _query_time(store, ts_ms)).items()}
+                out.append(feats)
+        return out
 
     def item_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
-                      covis: dict[str, SparseScores] | None = None) -> list[dict[str, Any]]:
+                      covis: dict[str, SparseScores] | None = None, *,
+                      views: SnapshotViews | FrozenViews | None = None,
+                      attrs: list[dict[str, Any] | None] | None = None,
+                      cross: list[list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
         """Per-item features, for each item; the same at impression time and at serving
         time: the item's static features (``static_item_features``), then its numeric
         snapshot features (``NUMERIC_ITEM_FEATURES``: popularity, trending, co-visitation
@@ -173,8 +248,11 @@ class PointInTime:
 
         ``covis``: the raw channel sums of ``Server.covis_channels`` (serving); None
         looks each item up (one impression at a time). Both give the same numbers.
+        ``views``, ``attrs``, ``cross``: what to read instead of the current snapshots,
+        catalog and cross profiles (what was taken earlier, for deferred features).
         """
-        cols = self.item_columns(ctx, item_ids, ts_ms, covis)
+        cols = self.item_columns(ctx, item_ids, ts_ms, covis, views=views, attrs=attrs,
+                                 cross=cross)
         numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
         out = []
         for n, item in enumerate(item_ids):
@@ -187,17 +265,22 @@ class PointInTime:
         return out
 
     def item_columns(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
-                     covis: dict[str, SparseScores] | None = None) -> ItemColumns:
+                     covis: dict[str, SparseScores] | None = None, *,
+                     views: SnapshotViews | FrozenViews | None = None,
+                     attrs: list[dict[str, Any] | None] | None = None,
+                     cross: list[list[dict[str, Any]]] | None = None) -> ItemColumns:
         """The raw material of ``item_features`` column-wise, for vectorised scoring:
         numeric features as arrays, and per item its table, attributes and cross
         profile dicts (one shared dict per attribute value)."""
         n = len(item_ids)
         tables: list[ItemTable | None] = [None] * n
-        attrs = [self.catalog.get(item) for item in item_ids]
+        if attrs is None:
+            attrs = [self.catalog.get(item) for item in item_ids]
         numeric: dict[str, np.ndarray] = {}
-        if self.views is not None and self.item_shard_of is not None:
+        views = views or self.views
+        if views is not None and self.item_shard_of is not None:
             at = ts_ms or 0
-            table_map = self.views.table_map()
+            table_map = views.table_map()
             shard_of = self.item_shard_of
             pop = np.zeros(n)
             trend = np.zeros(n)
@@ -215,13 +298,13 @@ class PointInTime:
             numeric["trend"] = trend
             if covis is None:
                 sums = {name: self._covis_lookup(seeds, name, item_ids, table_map, at)
-                        for name, seeds in self.seeds(ctx)}
+                        for name, seeds in self.seeds(ctx, views)}
             else:
                 sums = {name: scores.many(item_ids) for name, scores in covis.items()}
             numeric["covis"] = np.asarray(sums.get("liked") or [0.0] * n, np.float64)
             if sums.get("any") is not None:
                 numeric["covis_any"] = np.asarray(sums["any"], np.float64)
-            mf = self._mf_scores(ctx.vector, item_ids)
+            mf = self._mf_scores(ctx.vector, item_ids, views)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
         consumed = ctx.consumed
@@ -232,7 +315,9 @@ class PointInTime:
                 numeric["ui.interacted"] = seen
                 numeric["ui.liked"] = np.fromiter((item in liked for item in item_ids),
                                                   np.float64, n)
-        cross: list[list[dict[str, Any]]] = [[] for _ in item_ids]
+        if cross is not None:
+            return ItemColumns(item_ids, numeric, tables, attrs, cross)
+        cross = [[] for _ in item_ids]
         if self._crosses:
             cache: dict[tuple[str, str], dict[str, Any]] = {}
             for j, a in enumerate(attrs):
@@ -249,12 +334,14 @@ class PointInTime:
                         cross[j].append(feats)
         return ItemColumns(item_ids, numeric, tables, attrs, cross)
 
-    def seeds(self, ctx: UserContext) -> list[tuple[str, list[str]]]:
+    def seeds(self, ctx: UserContext, views: SnapshotViews | FrozenViews | None = None
+              ) -> list[tuple[str, list[str]]]:
         """(channel, seeds newest first) of every co-visitation channel the loaded tables
         carry: recent positives for ``liked``, recent interactions for ``any``."""
         n = self.covis.recent_items
         out = [("liked", ctx.liked[:n])]
-        tables = self.views.loaded_tables() if self.views is not None else []
+        views = views or self.views
+        tables = views.loaded_tables() if views is not None else []
         if tables and tables[0].covis_any is not None:
             out.append(("any", ctx.recent[:n]))
         return out
@@ -279,8 +366,10 @@ class PointInTime:
             weight *= q
         return wanted
 
-    def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str]) -> np.ndarray | None:
-        index = self.views.index if self.views is not None else None
+    def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str],
+                   views: SnapshotViews | FrozenViews | None = None) -> np.ndarray | None:
+        views = views or self.views
+        index = views.index if views is not None else None
         if vector is None or index is None or index.index is None or not item_ids:
             return None
         vecs, found = index.vectors(item_ids)
@@ -311,6 +400,51 @@ class PointInTime:
         if index is not None and index.index is not None:
             return index.index.item_ids()
         return [i for i, attrs in self.catalog.items() if attrs.get("available", True)]
+
+
+class _Shared:
+    """One user's context shared by a group of events (see ``example_features``)."""
+
+    __slots__ = ("user_id", "group", "ts", "ctx", "crosses")
+
+    def __init__(self, user_id: str, group: object, ts: int, ctx: UserContext) -> None:
+        self.user_id = user_id
+        self.group = group
+        self.ts = ts
+        self.ctx = ctx
+        self.crosses: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+class DeferredFeatures:
+    """An impression's features, computed when first asked for (``resolve``) from what
+    was kept when the impression was processed. Pickles as the resolved dict (recovery
+    state holds plain features, never snapshot objects)."""
+
+    __slots__ = ("source", "ctx", "item_id", "ts", "attrs", "cross", "views", "_resolved")
+
+    def __init__(self, source: PointInTime, ctx: UserContext, item_id: str, ts: int,
+                 attrs: dict[str, Any] | None, cross: list[dict[str, Any]],
+                 views: FrozenViews | None) -> None:
+        self.source = source
+        self.ctx = ctx
+        self.item_id = item_id
+        self.ts = ts
+        self.attrs = attrs
+        self.cross = cross
+        self.views = views
+        self._resolved: dict[str, Any] | None = None
+
+    def resolve(self) -> dict[str, Any]:
+        """What ``PointInTime.example_features`` gave when this was taken."""
+        if self._resolved is None:
+            ctx = self.ctx
+            extra = self.source.item_features(ctx, [self.item_id], self.ts, views=self.views,
+                                              attrs=[self.attrs], cross=[self.cross])[0]
+            self._resolved = compact({**ctx.profile, **extra})
+        return self._resolved
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return dict, (self.resolve(),)
 
 
 def _query_time(store: ProfileStore, ts_ms: int | None) -> int | None:

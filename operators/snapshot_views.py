@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from operators.trainer import load_ranker
 from state.item_index import IndexReader
 from state.item_table import ItemTable
@@ -75,3 +77,40 @@ class SnapshotViews:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["store"], list(state["tables"]), state["poll_ms"])
         self.ranker, self.index, self.tables = state["ranker"], state["index"], state["tables"]
+
+
+class FrozenViews:
+    """The snapshots a ``SnapshotViews`` serves at one moment (published snapshots are
+    immutable): what ``PointInTime.item_features`` reads, kept to compute features later
+    exactly as they were (deferred impression features, ``operators/point_in_time.py``)."""
+
+    __slots__ = ("tables", "loaded", "index")
+
+    def __init__(self, views: SnapshotViews) -> None:
+        self.tables = views.table_map()
+        self.loaded = views.loaded_tables()
+        self.index = _FrozenIndex(views.index.index)
+
+    def current(self, views: SnapshotViews) -> bool:
+        """Whether ``views`` still serves exactly these snapshots."""
+        return views.table_map() is self.tables and views.index.index is self.index.index
+
+    def table_map(self) -> dict[str, ItemTable]:
+        return self.tables
+
+    def loaded_tables(self) -> list[ItemTable]:
+        return list(self.loaded)
+
+
+class _FrozenIndex:
+    """``IndexReader``'s read methods over one loaded index version."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+
+    def vectors(self, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.index is None:
+            return np.zeros((len(item_ids), 0), np.float32), np.zeros(len(item_ids), bool)
+        return self.index.vectors(item_ids)

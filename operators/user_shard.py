@@ -138,13 +138,19 @@ class UserShard:
     def _apply(self, event: Event) -> None:
         """Apply one event (see the module docstring for the order of work)."""
         joiner = self.joiner
+        context = self.context
         kind = event.type
         if kind == "impression":
+            context.group = event.request_id  # its request's impressions share a context
             joiner.on_impression(event)
             self._profile(event)
             if self.item_profiles:
                 self._item_updates.append(ProfileEvent(event.item_id, event))
-        elif kind == "feedback":
+            return
+        if kind != "item":
+            context.forget(event.user_id)  # the user's state changes
+        if kind == "feedback":
+            context.group = event  # an interaction and its sampled negatives
             self._feedback(event)
         elif kind == "request":
             joiner.observe(event.ts)
@@ -204,6 +210,8 @@ class UserShard:
         users = [p[0] for p in pending]
         items = [p[1] for p in pending]
         ts = max(p[2] for p in pending)
+        for user in users:
+            self.context.forget(user)  # its MF vector changes
         for user, _, t, recent in pending:
             if user not in self.users and recent:
                 self.users.fold_in(user, self.context.item_vectors(recent), t)
@@ -295,6 +303,7 @@ class UserShard:
             out["recommendations"], self._recs = self._recs, []
         if self._item_updates:
             out["item-updates"], self._item_updates = self._item_updates, []
+            out["batch"] = self._ingest_ns  # the source micro-batch (item shards publish per batch)
         if self._dead:
             out["dead-letters"], self._dead = self._dead, []
         if out:

@@ -32,7 +32,7 @@ AGGREGATES: tuple[str, ...] = (
     "count", "sum", "mean", "min", "max", "last", "decay_sum", "distinct_count", "last_k",
 )
 EVENT_TYPES: tuple[str, ...] = ("impression", "feedback", "request", "item", "user")
-# Which id fields each event type carries (DESIGN section 1).
+# Which id fields each event type carries (docs/events.md).
 _HAS_USER = frozenset({"impression", "feedback", "request", "user"})
 _HAS_ITEM = frozenset({"impression", "feedback", "item"})
 
@@ -76,7 +76,7 @@ def parse_duration(text: str | int, where: str = "duration") -> int:
 
 
 def _field_getter(path: str) -> Callable[[Mapping[str, Any]], Any]:
-    """Getter for a (dotted) event field; ``value`` defaults to 1.0 as in DESIGN section 1."""
+    """Getter for a (dotted) event field; ``value`` defaults to 1.0 as in docs/events.md."""
     if path == "value":
         return lambda e: e.get("value", 1.0)
     parts = path.split(".")

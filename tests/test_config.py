@@ -110,3 +110,25 @@ def test_index_table_keys_and_the_code_set_dim() -> None:
     assert "dim" not in config.to_dict()["index"]
     assert load_config(config, environ={}) == config
     assert "index.dim" not in {row[0] for row in reference()}
+
+
+def test_consumer_and_producer_only_kafka_settings() -> None:
+    """kafka.consumer / kafka.producer take settings only one client knows (fetch waits,
+    linger); the flow's consumers wait at most 10 ms per empty fetch unless told."""
+    config = load_config({"kafka": {"consumer": {"fetch_min_bytes": 1024},
+                                    "producer": {"linger_ms": 0}}})
+    consumer = config.kafka.client_settings("consumer")
+    assert consumer["fetch_min_bytes"] == 1024 and consumer["fetch_max_wait_ms"] == 10
+    assert config.kafka.client_settings("producer")["linger_ms"] == 0
+    assert "linger_ms" not in consumer and "fetch_min_bytes" not in config.kafka.client_settings(
+        "producer")
+    waits = load_config({"kafka": {"consumer": {"fetch_max_wait_ms": 200}}})
+    assert waits.kafka.client_settings("consumer")["fetch_max_wait_ms"] == 200
+    for bad, message in (
+        ({"consumer": {"linger_ms": 5}}, "kafka.consumer.linger_ms: not a setting of kafka-python's KafkaConsumer"),
+        ({"producer": {"fetch_max_wait_ms": 5}}, "kafka.producer.fetch_max_wait_ms: not a setting"),
+        ({"consumer": {"ssl_cafile": "x"}}, "kafka.consumer.ssl_cafile: set kafka.ssl_cafile instead"),
+        ({"client": {"fetch_max_wait_ms": 5}}, "kafka.consumer or kafka.producer"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config({"kafka": bad})

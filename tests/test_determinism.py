@@ -1,5 +1,5 @@
 """Deterministic replays: two ``streamrec eval`` runs of the same log give the same
-recommendations and report (DESIGN section 5), snapshots being read by event time."""
+recommendations and report (docs/evaluation.md, "Protocols"), snapshots being read by event time."""
 
 from __future__ import annotations
 

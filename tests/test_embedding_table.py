@@ -79,14 +79,14 @@ def test_growth_under_high_load_factor() -> None:
 
 
 def test_failed_cuckoo_walk_grows_the_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    import state.embedding_table as et
+    import state.cuckoo_index as et
 
     table = EmbeddingTable(2, max_rows=10_000)
     table.insert(_random_ids(500, 4), now_ms=1)
     slots = table.stats()["index_slots"]
     monkeypatch.setattr(et, "_MAX_ROUNDS", 0)  # every placement attempt "fails"
     calls = []
-    real = et.EmbeddingTable._try_place
+    real = et.CuckooIndex._try_place
 
     def flaky(self: EmbeddingTable, keys: np.ndarray, rows: np.ndarray) -> tuple:
         calls.append(keys.size)
@@ -95,7 +95,7 @@ def test_failed_cuckoo_walk_grows_the_index(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setattr(et, "_MAX_ROUNDS", 500)
         return real(self, keys, rows)
 
-    monkeypatch.setattr(et.EmbeddingTable, "_try_place", flaky)
+    monkeypatch.setattr(et.CuckooIndex, "_try_place", flaky)
     new = _random_ids(10, 5)
     growths = table.stats()["index_growths"]
     table.insert(new, now_ms=2)
@@ -510,3 +510,22 @@ def test_matches_a_dict_model(script: list) -> None:
             assert table.last_update_ms[rows[k]] == t
         stats = table.stats()
         assert {k: stats[k] for k in want} == want
+
+
+def test_single_key_lookup_agrees_with_the_vectorised_one() -> None:
+    """``row_of``/``vector_of`` (plain Python, one key) give what ``lookup``/``gather`` give:
+    present, absent, evicted and the reserved EMPTY_KEY ID, across index growth."""
+    table = EmbeddingTable(4, max_rows=3_000, evict_fraction=0.1)
+    keys = keys_of([f"u{i}" for i in range(4_000)])  # more than max_rows: evictions
+    for start in range(0, keys.size, 500):
+        table.insert(keys[start:start + 500], 1_000 + start)
+    table.insert(np.array([EMPTY_KEY]), 9_999)
+    probe = np.concatenate([keys, keys_of([f"absent{i}" for i in range(500)]),
+                            np.array([EMPTY_KEY])])
+    rows = table.lookup(probe)
+    assert (rows >= 0).sum() > 2_000 and (rows < 0).sum() > 500
+    assert [table.row_of(int(k)) for k in probe] == rows.tolist()
+    vectors = table.gather(probe)
+    for k, row, vec in zip(probe.tolist(), rows.tolist(), vectors, strict=True):
+        got = table.vector_of(k)
+        assert (got is None) if row < 0 else np.array_equal(got, vec)

@@ -105,14 +105,16 @@ def test_profiles_flow_into_examples_and_item_tables(tmp_path) -> None:
     """User, user x category and item profile features reach examples (impression time)."""
     import glob
 
+    from operators.example_codec import unpack_example
     from state.item_table import ItemTable
 
     run_main(build({"inputs": [{"kind": "simulator", "events": 20_000, "seed": 2}],
                     "output": {"dir": str(tmp_path)}, "sampler": {"negative_rate": 1.0},
                     "items": {"refresh_interval_ms": 30_000}}))
-    examples = read_jsonl(tmp_path / "examples.jsonl")
+    examples = [unpack_example(e) for e in read_jsonl(tmp_path / "examples.jsonl")]
     late = examples[len(examples) // 2:]
-    assert all("user.impressions.1h" in e["features"] for e in late)
+    # Zero counts are left out of examples (models.features.compact); most users have some.
+    assert sum("user.impressions.1h" in e["features"] for e in late) > 0.5 * len(late)
     assert any(e["features"].get("user_x_category.impressions.1d", 0) > 0 for e in late)
     with_items = [e for e in late if "item.impressions.1h" in e["features"]]
     assert with_items and any(e["features"]["item.impressions.1h"] > 0 for e in with_items)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_serving import FAVOURITE, SEED, T0, World, ask, click, feed, ids
+from serving_world import FAVOURITE, SEED, T0, World, ask, click, feed, ids
 
 from events.model import Feedback
 from operators.point_in_time import PointInTime

@@ -15,7 +15,7 @@ from events.simulator import DEFAULT_START_TS_MS, SimConfig, Simulator, write_lo
 
 N = 20_000
 
-# Required fields (name -> accepted types) per event type, DESIGN section 1.
+# Required fields (name -> accepted types) per event type, docs/events.md.
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "impression": {"ts": (int,), "impression_id": (str,), "user_id": (str,), "item_id": (str,),
                    "request_id": (str,), "position": (int,), "context": (dict,)},

@@ -85,3 +85,26 @@ def test_readers_never_see_a_partial_file(tmp_path) -> None:
     for t in threads:
         t.join()
     assert failures == []
+
+
+class _Loaded:
+    """A weakly referable loaded snapshot (bytes are not)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def test_readers_of_a_store_share_each_loaded_version(tmp_path) -> None:
+    """One load per version and process: a second reader (another shard) gets the same
+    object from the cache, as long as a reader holds it."""
+    store = SnapshotStore(tmp_path)
+    store.write_bytes("k", "bin", b"v1", ts=1)
+    loads: list[str] = []
+
+    def loader(path) -> _Loaded:
+        loads.append(path.name)
+        return _Loaded(path.read_bytes())
+
+    a, b = SnapshotReader(store, "k", loader), SnapshotReader(store, "k", loader)
+    assert a.refresh() and b.refresh()
+    assert a.current is b.current and loads == ["v0000000001.bin"]

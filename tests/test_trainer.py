@@ -94,3 +94,28 @@ def test_trainer_as_its_own_flow(tmp_path) -> None:
     assert manifests and (tmp_path / "snapshots" / "streamrec" / "ranker" / "LATEST").exists()
     [final] = [m for m in read_jsonl(tmp_path / "trainer-metrics.jsonl") if m["kind"] == "ranker_final"]
     assert final["count"] == len(examples)
+
+
+def test_trainer_flow_learns_what_the_in_flow_trainer_learns(tmp_path) -> None:
+    """The examples topic carries packed features (operators/example_codec.py); the trainer
+    flow unpacks them and ends with the in-flow trainer's model, weight for weight."""
+    from bytewax.testing import run_main
+
+    from flows.recsys import build
+    from flows.trainer import build as build_trainer
+    from operators.trainer import load_ranker
+    from state.snapshot_store import SnapshotStore
+
+    config = {"inputs": [{"kind": "simulator", "events": 12_000, "seed": 5}],
+              "output": {"dir": str(tmp_path)}}
+    run_main(build(config))
+    lines = (tmp_path / "examples.jsonl").read_bytes().splitlines()
+    assert any(b'"user.":{' in line for line in lines[-50:])  # packed on the wire
+    run_main(build_trainer({**config, "snapshots": {"dir": str(tmp_path / "apart")}}))
+
+    def final(root) -> dict:
+        store = SnapshotStore(root / "streamrec")
+        return load_ranker(store.verified_path(store.latest("ranker"))).model._weights.to_dict()
+
+    in_flow, apart = final(tmp_path / "snapshots"), final(tmp_path / "apart")
+    assert len(in_flow) > 100 and in_flow == apart

@@ -1,4 +1,4 @@
-"""The online joiner: exact outputs on small logs, every correctness edge."""
+"""The online joiner (state/join_state.py): exact outputs on small logs, every correctness edge."""
 
 from __future__ import annotations
 

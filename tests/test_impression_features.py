@@ -1,0 +1,163 @@
+"""Impression-time features paid only where used (issue 18 point 4).
+
+A real ``UserShard`` with real snapshots (the ``World`` of test_serving): impressions
+whose negative the sampler will drop keep what their features need and compute them
+only if clicked, with exactly the values they had at impression time; the user
+context is taken once per request.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serving_world import DAY, ITEMS, SEED, T0, TypeSpy, World, feed, warm_up
+
+from events.model import Event, Feedback, Impression, Item, Request
+from operators.point_in_time import PointInTime
+from operators.user_shard import UserShard
+from state.sampling import NegativeSampler
+
+RATE = 0.3
+
+
+def stream(n_requests: int = 30, users: tuple[str, ...] = ("u1", "u2", "u3")) -> list[Event]:
+    """Requests of 10 impressions each; every third impression is clicked a minute later,
+    with state changes in between (the user's other clicks, catalog updates)."""
+    events: list[Event] = []
+    clicks: list[Feedback] = []
+    for r in range(n_requests):
+        ts = T0 + r * 20_000
+        user = users[r % len(users)]
+        events.append(Request(ts, f"r{r}", user))
+        for p in range(10):
+            item = ITEMS[(r * 7 + p * 3) % len(ITEMS)]
+            events.append(Impression(ts + 20, f"imp{r}-{p}", user, item, f"r{r}", p, {}))
+            if (r + p) % 3 == 0:
+                clicks.append(Feedback(ts + 60_000 + p, user, item, "click", f"imp{r}-{p}"))
+        if r % 5 == 4:
+            events.append(Item(ts + 30, ITEMS[r % len(ITEMS)], {"category": "c9", "price": 1.0 * r}))
+        due = [c for c in clicks if c.ts <= ts + 10_000]
+        clicks = [c for c in clicks if c.ts > ts + 10_000]
+        events.extend(due)
+    events.extend(clicks)
+    events.sort(key=lambda e: e.ts)
+    return events
+
+
+def shard_pair(world: World) -> tuple[UserShard, UserShard]:
+    """(deferring shard, eager shard): the same wiring, the second always computes."""
+    lazy, eager = world.user_shard(), world.user_shard()
+    for shard in (lazy, eager):
+        shard.joiner.sampler = NegativeSampler(RATE, 0)
+    eager.joiner._defer = None
+    return lazy, eager
+
+
+def run(shard: UserShard, events: list[Event], batch: int = 37) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    warm_up(shard)
+    for i in range(0, len(events), batch):
+        out.extend(feed(shard, events[i:i + batch]).get("examples", []))
+    out.extend(shard.flush().get("examples", []))
+    return out
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> World:
+    world = World(tmp_path)
+    world.publish_all()
+    return world
+
+
+def test_deferred_features_equal_the_ones_computed_at_impression_time(published: World) -> None:
+    events = stream()
+    lazy, eager = shard_pair(published)
+    got, want = run(lazy, events), run(eager, events)
+    assert got == want
+    sampler = NegativeSampler(RATE, 0)
+    deferred_positives = [e for e in got if e["label"] == 1 and e["source"] == "impression"
+                          and not sampler.keep(e["example_id"])]
+    assert deferred_positives, "the stream must click impressions whose negative was dropped"
+    assert all(e["features"].get("i:category") for e in deferred_positives)
+    assert any("covis" in e["features"] and "mf" in e["features"] for e in deferred_positives)
+
+
+def test_deferred_features_survive_new_snapshots_and_recovery(published: World) -> None:
+    """Between an impression and its click the item tables are republished and the shard
+    is pickled and restored: the example still has the impression-time features."""
+    lazy, eager = shard_pair(published)
+    for shard in (lazy, eager):
+        warm_up(shard)
+    sampler = NegativeSampler(RATE, 0)
+    imp_id = next(f"x{n}" for n in range(100) if not sampler.keep(f"imp:x{n}"))
+    imp = Impression(T0, imp_id, "u", "a31", "rx", 0, {})
+    setup = [Feedback(T0 - 10_000, "u", SEED, "click"), Request(T0 - 20, "rx", "u")]
+    for shard in (lazy, eager):
+        feed(shard, [*setup, imp])
+    published.popular["a31"] = 1e6  # a later table: different popularity, new covis rows
+    published.publish_tables(ts=T0 + 1_000)
+    for shard in (lazy, eager):  # both now serve the new tables
+        feed(shard, [Request(T0 + 1_500, "rz", "someone-else")])
+    assert {t.ts for t in lazy.views.loaded_tables()} == {T0 + 1_000}
+    spy = TypeSpy(io.BytesIO())
+    spy.dump(lazy)
+    assert not {"ItemTable", "ItemIndex", "Index", "FrozenViews"} & spy.types
+    lazy = pickle.loads(pickle.dumps(lazy))
+    later = [Request(T0 + 2_000, "ry", "u"), Feedback(T0 + 5_000, "u", "a31", "click", imp_id)]
+    [got] = [e for e in feed(lazy, later)["examples"] if e["example_id"] == f"imp:{imp_id}"]
+    [want] = [e for e in feed(eager, later)["examples"] if e["example_id"] == f"imp:{imp_id}"]
+    assert got == want
+    assert got["features"]["pop"] < 1e5
+
+
+def test_dropped_impressions_compute_no_item_features(published: World,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    original = PointInTime.item_features
+
+    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
+        if kw.get("cross") is not None:  # the joiner's (serving passes no cross profiles)
+            calls.extend(item_ids)
+        return original(self, ctx, item_ids, *args, **kw)
+
+    monkeypatch.setattr(PointInTime, "item_features", counting)
+    lazy, _ = shard_pair(published)
+    examples = run(lazy, stream())
+    impressions = [e for e in examples if e["source"] == "impression"]
+    counters = lazy.joiner.counters
+    assert counters.negatives_dropped > counters.negatives_kept
+    # One computation per emitted impression example, none for dropped negatives.
+    assert len(calls) == len(impressions) < counters.impressions
+
+
+def test_user_context_is_taken_once_per_request(published: World,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    shard = published.user_shard()
+    warm_up(shard)
+    feed(shard, [Feedback(T0 + DAY - 5_000, "u", SEED, "click")])
+    calls: list[str] = []
+    original = PointInTime.user
+
+    def counting(self: PointInTime, user_id: str, ts_ms: int | None) -> Any:
+        calls.append(user_id)
+        return original(self, user_id, ts_ms)
+
+    monkeypatch.setattr(PointInTime, "user", counting)
+    imps = [Impression(T0 + DAY, f"i{p}", "u", ITEMS[p], "r1", p, {}) for p in range(10)]
+    feed(shard, imps[:4])
+    feed(shard, imps[4:])  # the request's impressions straddle two micro-batches
+    assert calls == ["u"]
+    examples = feed(shard, [Feedback(T0 + DAY + 1_000 + p, "u", ITEMS[p], "click", f"i{p}")
+                            for p in range(10)])["examples"]
+    assert len(examples) == 10
+    seen = {e["features"].get("user.impressions.5m", 0.0) for e in examples}
+    assert seen == {0.0}, "siblings of one request are not earlier impressions"
+    # A later request of the same user sees the first one's impressions.
+    later = feed(shard, [Impression(T0 + DAY + 60_000, "j0", "u", ITEMS[20], "r2", 0, {}),
+                         Feedback(T0 + DAY + 61_000, "u", ITEMS[20], "click", "j0")])
+    assert calls == ["u", "u"]
+    assert later["examples"][0]["features"]["user.impressions.5m"] == 10.0

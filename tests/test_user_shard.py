@@ -1,0 +1,71 @@
+"""The user shard (operators/user_shard.py): routing, the order of work per event, typed
+item updates, and one failing event turned into a dead letter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from events.model import Feedback, Impression, Item, Request, User
+from operators.item_updates import CatalogChange, Interaction
+from operators.user_shard import UserShard, route_events, shard_key
+from state.join_state import JoinConfig
+from state.sampling import NegativeSampler
+
+T0 = 1_767_225_600_000
+
+
+def shard(**kwargs: Any) -> UserShard:
+    return UserShard(JoinConfig(interaction_negatives=0), NegativeSampler(1.0, 0), **kwargs)
+
+
+def test_items_go_to_every_shard_and_user_events_to_their_own_in_order() -> None:
+    events = [Feedback(T0, "u1", "a", "click"), Item(T0 + 1, "a", {}), User(T0 + 2, "u2", {}),
+              Feedback(T0 + 3, "u1", "b", "click")]
+    routed = dict(route_events(events, 3, lambda user: int(user[1]), 7))
+    assert routed[shard_key(1)] == (shard_key(1), [events[0], events[1], events[3]], 7)
+    assert routed[shard_key(2)] == (shard_key(2), [events[1], events[2]], 7)
+    assert routed[shard_key(0)] == (shard_key(0), [events[1]], 7)
+
+
+def test_the_shard_records_history_after_the_join() -> None:
+    """The interaction's example is built before the feedback is in the history (its
+    features never see the event itself); afterwards the item is consumed."""
+    s = shard()
+    seen: list[bool] = []
+    original = s.context.example_features
+
+    def spy(user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
+        seen.append(item_id in s.history.consumed(user_id))
+        return original(user_id, item_id, ts_ms)
+
+    s.joiner.context.example_features = spy  # type: ignore[method-assign]
+    out = s.process("u000", [Feedback(T0, "u", "a", "rating", None, 5.0)])
+    assert seen == [False] and "a" in s.history.consumed("u")
+    assert [e["example_id"][:4] for e in out["examples"]] == ["int:"]
+
+
+def test_item_updates_are_typed_messages() -> None:
+    s = shard()
+    out = s.process("u000", [Item(T0, "a", {"category": "c"}),
+                             Feedback(T0 + 1, "u", "a", "click"),
+                             Feedback(T0 + 2, "u", "b", "rating", None, 1.0)])
+    assert out["item-updates"] == [
+        CatalogChange("a", Item(T0, "a", {"category": "c"})),
+        Interaction("a", T0 + 1, True), Interaction("b", T0 + 2, False)]
+
+
+def test_an_event_that_fails_becomes_a_dead_letter_and_the_batch_goes_on() -> None:
+    s = shard()
+    original = s._request
+
+    def failing(req: Request) -> None:
+        if req.request_id == "bad":
+            raise RuntimeError("boom")
+        original(req)
+
+    s._request = failing  # type: ignore[method-assign]
+    out = s.process("u000", [Request(T0, "bad", "u", 10),
+                             Impression(T0 + 1, "i1", "u", "a", None, 0, {})])
+    [dead] = out["dead-letters"]
+    assert dead["reason"] == "processing_error" and "RuntimeError: boom" in dead["detail"]
+    assert s.joiner.counters.impressions == 1 and "i1" in s.joiner.pending
