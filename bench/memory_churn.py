@@ -1,6 +1,7 @@
 """Bounded memory under ID churn: 10 million distinct user and item IDs through the flow.
 
-Usage: ``python bench/memory_churn.py [--ids 10000000] [--points 20] [--trace]``
+Usage: ``python bench/memory_churn.py [--ids 10000000] [--points 20] [--trace]
+[--default-capacities]``
 
 The real flow (replay source reading a named pipe, every output to files) runs in this
 process on ``flows.memory.churn_blocks``: ever-new users and items, half of them only
@@ -9,7 +10,9 @@ MF, co-visitation, ranker, index). The capacities of ``CHURN_CONFIG`` are far be
 the number of IDs, so every store fills up and then evicts. The resident set size is
 sampled as the IDs stream in and printed as a curve, beside ``flows.memory.
 memory_bound`` of the config (the bound docs/operations.md documents). The last line
-is one JSON object of the figures.
+is one JSON object of the figures. ``--default-capacities`` runs the flow's default
+config instead (only the input, the outputs and the metrics interval set), to measure
+the default bound against the RSS it allows.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ CHURN_CONFIG: dict[str, Any] = {
 impressions, per item shard 10k items and co-visitation rows of 20 neighbours, a
 ranker of 100k weights and 30k waiting examples. The interacting IDs (4%) fill them
 after ~2M IDs of the stream."""
+
+
+DEFAULT_CAPACITIES: dict[str, Any] = {"metrics": {"interval_s": 3600.0}}
+"""The default config's capacities (``--default-capacities``)."""
 
 
 BLOCK_IDS = 50
@@ -131,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block-ids", type=int, default=BLOCK_IDS,
                     help="new IDs per block, of which 2 interact")
     ap.add_argument("--trace", action="store_true", help="tracemalloc: top allocations at the end")
+    ap.add_argument("--default-capacities", action="store_true",
+                    help="the default config's capacities instead of CHURN_CONFIG's")
     args = ap.parse_args(argv)
     if args.trace:
         import tracemalloc
@@ -138,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         tracemalloc.start(1)
     workdir = Path(tempfile.mkdtemp(prefix="streamrec-churn-"))
     try:
-        figures = run(args.ids, args.points, CHURN_CONFIG, workdir, args.block_ids, args.trace)
+        config = DEFAULT_CAPACITIES if args.default_capacities else CHURN_CONFIG
+        figures = run(args.ids, args.points, config, workdir, args.block_ids, args.trace)
+        figures["capacities"] = "default" if args.default_capacities else "CHURN_CONFIG"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"peak RSS {figures['peak_rss_mb']} MB, bound {figures['bound_mb']} MB = RSS before "

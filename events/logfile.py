@@ -3,8 +3,44 @@
 from __future__ import annotations
 
 import gzip
+import stat
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+READ_CHUNK_BYTES = 1 << 16
+"""Bytes read at a time while skipping the rest of an over-long line."""
+
+
+class LogFileError(ValueError):
+    """A log path that cannot be read as a log (missing, a directory, not gzip)."""
+
+
+def check_log(path: str | Path) -> None:
+    """Fail fast, with a one-line reason, on a log path that cannot be read: missing, a
+    directory, unreadable, or a ``.gz`` that is not gzip. A named pipe is accepted unread."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise LogFileError(f"{path}: no such file") from None
+    except OSError as err:
+        raise LogFileError(f"{path}: {err.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise LogFileError(f"{path}: is a directory, not a log file")
+    if stat.S_ISFIFO(mode):
+        return
+    try:
+        with path.open("rb") as f:
+            head = f.read(2)
+    except OSError as err:
+        raise LogFileError(f"{path}: cannot be read: {err.strerror}") from None
+    if path.suffix == ".gz" and head and head != GZIP_MAGIC:
+        raise LogFileError(f"{path}: not a gzip file (the name ends in .gz)")
 
 
 def open_log(path: str | Path) -> IO[bytes]:
@@ -13,6 +49,41 @@ def open_log(path: str | Path) -> IO[bytes]:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     return path.open("rb")
+
+
+@dataclass(slots=True)
+class LongLine:
+    """A line longer than the limit, skipped while reading: its first bytes and its size
+    (bytes, without the line ending)."""
+
+    head: bytes
+    size: int
+
+
+def iter_lines(f: IO[bytes], max_bytes: int | None = None) -> Iterator[tuple[int, bytes | LongLine]]:
+    """``(bytes consumed, line)`` for each line of ``f`` (the line with its ending).
+
+    With ``max_bytes``, a line whose content (without ``\\r\\n``) may exceed it is never
+    held whole: its first ``max_bytes + 2`` bytes are kept, the rest is read and dropped
+    in chunks of ``READ_CHUNK_BYTES`` up to the next newline, and it is yielded as a
+    ``LongLine``; memory stays O(max_bytes) whatever the file holds. Decompression
+    errors of a damaged ``.gz`` propagate (``EOFError``, ``OSError``).
+    """
+    limit = None if max_bytes is None else max_bytes + 2
+    while True:
+        line = f.readline() if limit is None else f.readline(limit)
+        if not line:
+            return
+        if limit is None or len(line) < limit or line.endswith(b"\n"):
+            yield len(line), line
+            continue
+        size, tail = len(line), line[-2:]
+        while part := f.readline(READ_CHUNK_BYTES):
+            size, tail = size + len(part), (tail + part)[-2:]
+            if part.endswith(b"\n"):
+                break
+        ending = 2 if tail == b"\r\n" else 1 if tail.endswith(b"\n") else 0
+        yield size, LongLine(line, size - ending)
 
 
 def open_log_for_write(path: str | Path) -> IO[bytes]:
@@ -27,13 +98,17 @@ def open_log_for_write(path: str | Path) -> IO[bytes]:
 
 def count_lines(path: str | Path) -> int | None:
     """Non-empty lines of a log (the events a replay of it reads), or None when it is not
-    a regular file (a named pipe must not be read twice)."""
+    a regular file (a named pipe must not be read twice). Over-long lines are counted
+    without being held whole; a damaged ``.gz`` counts the lines before the damage."""
     path = Path(path)
     if not path.is_file():
         return None
     count = 0
     with open_log(path) as f:
-        for line in f:
-            if line.strip():
-                count += 1
+        try:
+            for _, line in iter_lines(f, READ_CHUNK_BYTES):
+                if isinstance(line, LongLine) or line.strip():
+                    count += 1
+        except (EOFError, OSError, zlib.error):
+            pass  # the replay reports the damage (truncated_input)
     return count

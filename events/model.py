@@ -122,6 +122,25 @@ Event = Impression | Feedback | Request | Item | User
 EVENT_TYPES = ("impression", "feedback", "request", "item", "user")
 
 
+@dataclass(slots=True, frozen=True)
+class Rejected:
+    """Input a source already rejected while reading (a line over ``parse.max_bytes``,
+    the unreadable rest of a damaged file); the parser turns it into a dead letter.
+    ``raw`` is what is kept of the input, ``raw_bytes`` its full size when larger."""
+
+    reason: str
+    detail: str
+    raw: bytes = b""
+    raw_bytes: int | None = None
+
+    def dead_letter(self) -> dict[str, Any]:
+        record = dead_letter(self.raw, self.reason, self.detail)
+        if self.raw_bytes is not None and self.raw_bytes > len(record["raw"]):
+            record["raw_truncated"] = True
+            record["raw_bytes"] = self.raw_bytes
+        return record
+
+
 class Invalid(Exception):
     """A validation failure: ``reason`` is a stable code, ``detail`` a human message."""
 
@@ -281,8 +300,10 @@ class EventParser:
         self.clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.watermark_ms: int | None = None
 
-    def parse(self, raw: bytes | str | dict[str, Any]) -> Event | dict[str, Any]:
+    def parse(self, raw: bytes | str | dict[str, Any] | Rejected) -> Event | dict[str, Any]:
         """Return a typed event, or a dead-letter dict when ``raw`` is invalid."""
+        if isinstance(raw, Rejected):
+            return raw.dead_letter()
         try:
             return self._parse(raw)
         except Invalid as err:

@@ -10,13 +10,12 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 
-from events.logfile import count_lines, open_log
+from events.logfile import LogFileError, LongLine, check_log, count_lines, iter_lines, open_log
 from flows.config import (
     ConfigError,
     InputConfig,
@@ -28,7 +27,6 @@ from flows.config import (
 from flows.kafka_wait import wait_for_broker
 from flows.logs import LogConfig, StreamrecError, setup_logging
 from flows.progress import Progress
-from operators.example_codec import unpack_example
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
@@ -87,9 +85,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_lines(path: str) -> Iterator[bytes]:
+def _log_lines(path: str, max_bytes: int | None = None) -> Iterator[bytes | LongLine]:
+    """The non-empty lines of a log (without line endings); with ``max_bytes``, longer
+    lines come as ``LongLine`` and are never read into memory whole."""
     with open_log(path) as f:
-        for line in f:
+        for _, line in iter_lines(f, max_bytes):
+            if isinstance(line, LongLine):
+                yield line
+                continue
             line = line.rstrip(b"\r\n")
             if line:
                 yield line
@@ -112,21 +115,39 @@ def _event_key(line: bytes) -> bytes | None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """Produce a log into a topic. Lines larger than ``--max-bytes`` (or than the broker
+    accepts) are skipped and counted, not sent; any other failed send fails the command."""
     from kafka import KafkaProducer
+    from kafka.errors import MessageSizeTooLargeError
 
     from flows.broker import create_topics
 
+    check_log(args.log)
+    if args.max_bytes < 1:
+        raise ConfigError("replay: --max-bytes must be >= 1")
     bootstrap, kafka = _kafka(args)
     wait_for_broker(bootstrap, kafka.client_settings("consumer"), kafka.startup_timeout_s,
                     f"replay into {args.topic}")
     create_topics(bootstrap, [args.topic], args.partitions,
                   admin_config=kafka.client_settings("admin"))
     producer = KafkaProducer(**{"linger_ms": 20, "batch_size": 256 * 1024, "retries": 10,
-                                "acks": "all", **kafka.client_settings("producer"),
+                                "acks": "all",
+                                "max_request_size": max(1_048_576, args.max_bytes + 1024),
+                                **kafka.client_settings("producer"),
                                 "bootstrap_servers": bootstrap})
     progress = Progress("replay", count_lines(args.log), quiet=args.quiet)
     anchor: tuple[int, float] | None = None
-    for line in _log_lines(args.log):
+    too_large: list[int] = []
+    failed: list[BaseException] = []
+
+    def on_error(size: int, exc: BaseException) -> None:
+        (too_large.append(size) if isinstance(exc, MessageSizeTooLargeError)
+         else failed.append(exc))
+
+    for line in _log_lines(args.log, args.max_bytes):
+        if isinstance(line, LongLine):
+            too_large.append(line.size)
+            continue
         if args.speed > 0:
             ts = _event_ts(line)
             if ts is not None:
@@ -135,98 +156,55 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 wait = anchor[1] + (ts - anchor[0]) / 1000 / args.speed - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
-        producer.send(args.topic, key=_event_key(line), value=line)
+        try:
+            future = producer.send(args.topic, key=_event_key(line), value=line)
+        except MessageSizeTooLargeError:
+            too_large.append(len(line))
+            continue
+        future.add_errback(on_error, len(line))  # on_error(size, exc)
         progress.add()
     producer.flush()
     producer.close()
     progress.close()
+    if too_large:
+        print(f"streamrec replay: skipped {len(too_large)} lines larger than the broker accepts "
+              f"(--max-bytes {args.max_bytes}; largest {max(too_large)} bytes)", file=sys.stderr)
+    if failed:
+        print(f"streamrec replay: {len(failed)} records failed: {failed[0]!r}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _format(record: dict[str, Any]) -> str:
-    return orjson.dumps(record).decode()
-
-
-def _matches(record: dict[str, Any], expr: str | None) -> bool:
-    if not expr:
-        return True
-    try:
-        return bool(eval(expr, {"__builtins__": {}}, {"r": record, **record}))  # noqa: S307
-    except Exception:
-        return False
-
-
-def _tap_file(path: Path, follow: bool) -> Iterable[bytes]:
-    with path.open("rb") as f:
-        while True:
-            line = f.readline()
-            if line:
-                yield line
-            elif follow:
-                time.sleep(0.2)
-            else:
-                return
-
-
-def _tap_kafka(bootstrap: str, topic: str, follow: bool, client: dict[str, Any]) -> Iterable[bytes]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(**{**client, "bootstrap_servers": bootstrap,
-                                "enable_auto_commit": False})
-    parts = None
-    for _ in range(50):
-        parts = consumer.partitions_for_topic(topic)
-        if parts:
-            break
-        time.sleep(0.2)
-    if not parts:
-        raise SystemExit(f"tap: topic {topic!r} not found on {bootstrap}")
-    tps = [TopicPartition(topic, p) for p in sorted(parts)]
-    consumer.assign(tps)
-    for tp in tps:
-        consumer.seek(tp, 0)
-    idle = 0
-    while True:
-        polled = consumer.poll(timeout_ms=500)
-        if not polled:
-            idle += 1
-            if not follow and idle >= 4:
-                return
-            continue
-        idle = 0
-        for messages in polled.values():
-            for m in messages:
-                yield m.value
-
-
 def cmd_tap(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if args.bootstrap or config.output.kind == "kafka":
-        from flows.recsys import OUTPUTS
+    """Print a topic's records (flows/tap.py); a filter, format or position error exits 2."""
+    from flows.tap import TapError, parse_from, read_file, read_kafka, resolve, tap
 
-        topic = config.topic(args.topic) if args.topic in OUTPUTS else args.topic
-        bootstrap, kafka = _kafka(args)
-        wait_for_broker(bootstrap, kafka.client_settings("consumer"), kafka.startup_timeout_s,
-                        f"tap {topic}")
-        lines = _tap_kafka(bootstrap, topic, args.follow, kafka.client_settings("consumer"))
-    else:
-        path = Path(args.dir or config.output.dir) / f"{args.topic}.jsonl"
-        if not path.exists():
-            raise SystemExit(f"tap: {path} does not exist (has the flow written {args.topic!r}?)")
-        lines = _tap_file(path, args.follow)
-    shown = 0
+    config = load_config(args.config)
     try:
-        for line in lines:
-            record = orjson.loads(line)
-            if args.topic.endswith("examples"):
-                record = unpack_example(record)
-            if _matches(record, args.filter):
-                print(_format(record), flush=True)
-                shown += 1
-                if args.limit and shown >= args.limit:
-                    break
-    except (KeyboardInterrupt, BrokenPipeError):
-        pass
+        start = parse_from(args.from_)
+        where = resolve(args.topic, config, args.source, args.bootstrap, args.dir)
+        if where.kind == "files":
+            assert where.path is not None
+            if args.partition:
+                raise TapError("--partition applies to Kafka topics, not local output files")
+            if not where.path.exists():
+                raise SystemExit(f"tap: {where.path} does not exist (has the flow written "
+                                 f"{args.topic!r}? output.kind = {config.output.kind!r})")
+            print(f"tap: {where.path} (local output: output.kind = \"files\"; Kafka: "
+                  "--bootstrap or a config with output.kind = \"kafka\")", file=sys.stderr)
+            messages = read_file(where.path, start, args.follow)
+        else:
+            bootstrap, kafka = _kafka(args)
+            wait_for_broker(bootstrap, kafka.client_settings("consumer"),
+                            kafka.startup_timeout_s, f"tap {where.topic}")
+            print(f"tap: Kafka topic {where.topic} on {bootstrap}", file=sys.stderr)
+            messages = read_kafka(bootstrap, where.topic, start, args.follow, args.partition,
+                                  kafka.client_settings("consumer"))
+        with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+            tap(messages, sys.stdout, args.format, args.filter, args.limit)
+    except TapError as err:
+        print(f"streamrec tap: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -268,10 +246,13 @@ def cmd_loop(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate
 
+    check_log(args.log)  # one line, before any progress output
     with Progress("eval", count_lines(args.log), quiet=args.quiet) as progress:
         report = evaluate(args.log, args.report, config=args.config, out_dir=args.out,
+                          plots=not args.no_plots, examples=args.examples,
                           progress=progress.set)
-    brief = {k: v for k, v in report.items() if k not in ("config", "hr_curve", "reliability")}
+    brief = {k: v for k, v in report.items()
+             if k not in ("config", "hr_curve", "hr_windows", "reliability")}
     print(orjson.dumps(brief, option=orjson.OPT_INDENT_2).decode())
     return 0
 
@@ -343,15 +324,30 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--speed", type=float, default=0.0, help="X times real time; 0 = as fast as possible")
     s.add_argument("--bootstrap", help=f"Kafka bootstrap (default: config, else {DEFAULT_BOOTSTRAP})")
     s.add_argument("--partitions", type=int, default=4, help="partitions if the topic is created")
+    s.add_argument("--max-bytes", type=int, default=1_000_000,
+                   help="skip (and count) lines longer than this many bytes, read in bounded "
+                        "chunks (Kafka's default message.max.bytes is 1,048,588)")
     s.add_argument("--config")
     _quiet(s)
     s.set_defaults(func=cmd_replay)
 
-    s = sub.add_parser("tap", help="print an output topic (Kafka or local JSONL) readably")
-    s.add_argument("topic", help="output name (examples, recommendations, ...) or a Kafka topic")
-    s.add_argument("--follow", "-f", action="store_true")
-    s.add_argument("--filter", help="Python expression over the record's fields, e.g. \"label == 1\"")
-    s.add_argument("--limit", type=int, default=0)
+    s = sub.add_parser("tap", help="print a topic's records like kcat (Kafka or local JSONL)")
+    s.add_argument("topic", help="an app topic (outputs: examples, recommendations, ...; inputs: "
+                   "events), read as <app>.<name>, or any Kafka topic")
+    s.add_argument("--follow", "-f", action="store_true", help="keep reading new records")
+    s.add_argument("--from", dest="from_", default="beginning", metavar="WHERE",
+                   help="beginning (default), end, -N (last N per partition) or an offset N")
+    s.add_argument("--partition", "-p", type=int, action="append",
+                   help="only this partition (repeatable)")
+    s.add_argument("--format", help="kcat tokens (%%t %%p %%o %%k %%s %%T %%S), named "
+                   "placeholders ({partition} {offset} {key} {timestamp} {value} {r[FIELD]}) or "
+                   "json (an envelope per message); default: the record")
+    s.add_argument("--filter", help="Python expression over the record's fields, e.g. "
+                   "\"label == 1\" (r = the record; a bad expression or unknown field exits 2)")
+    s.add_argument("--limit", type=int, default=0, help="stop after printing this many")
+    s.add_argument("--source", choices=["auto", "kafka", "files"], default="auto",
+                   help="auto: outputs from local files when output.kind = files (and no "
+                   "--bootstrap), everything else from Kafka")
     s.add_argument("--bootstrap", help="read from Kafka at this bootstrap")
     s.add_argument("--dir", help="local output directory (default: config output.dir)")
     s.add_argument("--config")
@@ -383,6 +379,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config")
     s.add_argument("--out", help="directory for the flow's outputs (default: beside the report)")
     _quiet(s)
+    s.add_argument("--examples", action="store_true",
+                   help="also write the training examples (examples.jsonl; large)")
+    s.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config-reference", help="print every config key (markdown table)")
@@ -400,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"streamrec: config error: {err}", file=sys.stderr)
+        return 2
+    except LogFileError as err:
+        print(f"streamrec: input error: {err}", file=sys.stderr)
         return 2
     except StreamrecError as err:
         print(f"streamrec: error: {err}", file=sys.stderr)

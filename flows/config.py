@@ -19,6 +19,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from typing import Any, Literal
 import orjson
 
 from flows.logs import LogConfig, StreamrecError
+from models.rankers import ranker_param_names
 from operators.item_shard import ItemsConfig
 from operators.metrics import MetricsConfig
 from operators.serving import ServingConfig
@@ -60,6 +62,11 @@ class InputConfig:
     start: Literal["earliest", "latest"] = doc("kafka: where to start without a snapshot.", "earliest")
     tail: bool = doc("kafka: keep consuming forever (false: stop once drained).", True)
     batch_size: int = doc("Events per micro-batch.", 1_000)
+    offset_out_of_range: Literal["earliest", "latest", "stop"] = doc(
+        "kafka: what to do when a saved offset is not on the broker (the topic was deleted "
+        "and recreated, the broker lost its data, or retention deleted it): earliest = read "
+        "from the first offset still there, latest = skip to the end, stop = fail the flow. "
+        "Logged as an error in every case.", "earliest")
 
 
 SECURITY_KEYS = (
@@ -102,8 +109,9 @@ class KafkaConfig:
                                    True)
     startup_timeout_s: float = doc(
         "How long the flow and the CLI wait for a broker to answer at start (s), with one "
-        "summary line per retry interval, before failing with one error; 0 = no check at "
-        "start (the Kafka sources and sinks still retry).", 60.0)
+        "summary line per retry interval, before failing with one error; Kafka inputs also "
+        "keep retrying partition discovery this long. 0 = no check at start (inputs then "
+        "fail at their first failed discovery).", 60.0)
     client: dict[str, Any] = doc(
         "Extra kafka-python settings passed through to consumers and producers (e.g. "
         "request_timeout_ms); each must be a setting both KafkaConsumer and KafkaProducer know.",
@@ -159,12 +167,19 @@ def _check_kafka_client(kafka: KafkaConfig) -> None:
                                   f"{cls.__name__}")
 
 
+OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
+"""Every output topic (Kafka topics are prefixed with the app name)."""
+
+
 @dataclass
 class OutputConfig:
     """Where the output topics go."""
 
     kind: Literal["files", "kafka"] = doc("files: one JSONL file per topic under dir; kafka: topics.", "files")
     dir: str = doc("files: output directory.", "streamrec-out")
+    skip: list[str] = doc("Outputs not written at all (their counts still reach the metrics), "
+                          "e.g. [\"examples\"] when nothing consumes them; streamrec eval skips "
+                          "examples unless --examples.", factory=list)
 
 
 @dataclass
@@ -206,14 +221,14 @@ class ShardConfig:
     users: int = doc("User shards (join, profiles, user vectors, serving).", 8)
     max_users: int = doc("Users remembered per user shard (history, attributes, and the "
                          "entities of each user-side profile kind: user, user_x_<attr>); "
-                         "least recently active forgotten first.", 1_000_000)
+                         "least recently active forgotten first.", 50_000)
     max_items: int = doc("Items whose attributes each user shard remembers (its copy of the "
                          "catalog, from broadcast item events); least recently updated or "
-                         "interacted with forgotten first.", 1_000_000)
+                         "interacted with forgotten first.", 100_000)
     items: int = doc("Item shards (item factors, co-visitation, item profiles).", 4)
     hot_profiles: int = doc("Profiles kept decoded per profile store (user and user_x_<attr> in "
                             "each user shard, item in each item shard; ~5 KB each); the others "
-                            "stay compressed until used.", 10_000)
+                            "stay compressed until used.", 2_000)
     routing_cache: int = doc("IDs whose shard is memoised, per ID kind (users, items; each "
                              "entry ~150 B); the memo is cleared when full.", 1 << 18)
 
@@ -330,6 +345,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+LEAST: dict[str, int] = {
+    "parse.max_bytes": 1, "snapshots.keep": 1, "index.M": 2, "index.ef_construction": 1,
+    "index.ef": 1, "index.threads": 1, "metrics.max_threads": 1,
+}
+"""Smallest accepted value of keys whose smaller values would start a flow that
+misbehaves silently (``snapshots.keep = 0`` deleted every snapshot)."""
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in _keys(cls)}
@@ -339,7 +362,13 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
         kwargs[key] = _check(value, hints[key], full)
-    return cls(**kwargs)
+        least = LEAST.get(full)
+        if least is not None and kwargs[key] < least:
+            raise ConfigError(f"{full}: must be >= {least}, got {kwargs[key]}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # the table's own checks (__post_init__)
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -408,13 +437,52 @@ def load_config(
     return config
 
 
+def _durations(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) of every duration or window in a config tree: the fields (and dict
+    entries) whose name ends in ``_ms`` or ``_s`` or contains ``window``."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        is_duration = f.name.endswith(("_ms", "_s")) or "window" in f.name
+        if dataclasses.is_dataclass(value):
+            yield from _durations(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if dataclasses.is_dataclass(v):
+                    yield from _durations(v, f"{key}[{i}].")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if is_duration or str(k).endswith(("_ms", "_s")) or "window" in str(k):
+                    yield f"{key}.{k}", v
+        elif is_duration:
+            yield key, value
+
+
 def _validate(config: Config) -> None:
+    for key, value in _durations(config):
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{key}: must be >= 0 (a duration or window), got {value}")
+    if config.metrics.request_timeout_s <= 0:
+        raise ConfigError(f"metrics.request_timeout_s: must be > 0, got {config.metrics.request_timeout_s}")
+    known = ranker_param_names(config.ranker.kind)
+    for key in config.ranker.params:
+        if key not in known:
+            raise ConfigError(f"ranker.params.{key}: unknown parameter of the "
+                              f"{config.ranker.kind} ranker (known: {', '.join(sorted(known))})")
+    for name, make in (("items.covis", config.items.covis_config),
+                       ("items.mf", config.items.mf_config)):
+        try:
+            make()
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name}: {err}") from None
     if not 0.0 < config.sampler.negative_rate <= 1.0:
         raise ConfigError("sampler.negative_rate: must be in (0, 1]")
     if config.shards.users < 1 or config.shards.items < 1:
         raise ConfigError("shards: users and items must be >= 1")
     if not config.inputs:
         raise ConfigError("inputs: at least one input is required")
+    for name in config.output.skip:
+        if name not in OUTPUTS:
+            raise ConfigError(f"output.skip: {name!r} is not an output (one of {', '.join(OUTPUTS)})")
     for i, inp in enumerate(config.inputs):
         if inp.kind == "replay" and not inp.path:
             raise ConfigError(f"inputs[{i}].path: required for a replay input")

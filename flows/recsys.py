@@ -21,6 +21,8 @@ Serving reads the snapshots back from the store (nearline), so the graph stays a
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,11 +32,13 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
-from events.model import Event, EventParser, Record
+from events.logfile import LogFileError, check_log
+from events.model import EventParser, Record
 from events.simulator import SimConfig
-from flows.config import Config, InputConfig, load_config
+from flows.config import OUTPUTS, Config, ConfigError, InputConfig, load_config  # noqa: F401 - OUTPUTS re-exported
 from flows.kafka_wait import wait_for_kafka
 from flows.logs import install_excepthook, setup_logging
+from flows.memory import memory_bound
 from models.rankers import positive_hold_ms
 from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
@@ -43,7 +47,7 @@ from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
 from operators.sinks import JsonlFileSink
 from operators.snapshot_views import SnapshotViews
-from operators.sources import Gate, GatedSource, ReplaySource, SimulatorSource
+from operators.sources import Gate, GatedSource, OnceSource, ReplaySource, SimulatorSource
 from operators.status import StatusLog
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
@@ -51,13 +55,11 @@ from state.hashing import ShardOf
 from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
 
-OUTPUTS = ("examples", "late-labels", "recommendations", "snapshots", "dead-letters", "metrics")
-"""Every output topic (Kafka topics are prefixed with the app name)."""
-
 GC_THRESHOLD = (50_000, 20, 100)
 """CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
 joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
+log = logging.getLogger(__name__)
 
 
 def _source(inp: InputConfig, config: Config) -> Any:
@@ -65,7 +67,7 @@ def _source(inp: InputConfig, config: Config) -> Any:
         sim = SimConfig(n_users=inp.n_users, n_items=inp.n_items, requests_per_s=inp.requests_per_s)
         return SimulatorSource(sim, inp.seed, inp.events or None, inp.batch_size)
     if inp.kind == "replay":
-        return ReplaySource(inp.path, inp.batch_size, inp.speed)
+        return ReplaySource(inp.path, inp.batch_size, inp.speed, config.parse.max_bytes)
     from operators.kafka_io import KafkaSource
 
     return KafkaSource(
@@ -75,7 +77,42 @@ def _source(inp: InputConfig, config: Config) -> Any:
         batch_size=inp.batch_size,
         consumer_config=config.kafka.client_settings("consumer"),
         tail=inp.tail,
+        discovery_timeout_s=config.kafka.startup_timeout_s,
+        on_lost_offset=inp.offset_out_of_range,
     )
+
+
+def log_memory_bound(config: Config) -> float:
+    """Log the resident memory (MB) the config's capacities allow above the process's
+    memory at start (``flows.memory.memory_bound``), with a warning when it exceeds the
+    machine's physical memory; returns it. Called when the metrics stage starts (once per
+    run, in the process that runs it), not when the flow is built."""
+    bound = memory_bound(config)
+    total_mb = bound["total_mb"]
+    parts = ", ".join(f"{k} {v:,.0f}" for k, v in bound["parts_mb"].items())
+    log.info("memory bound: %s MB above the process at start (%s MB); see docs/operations.md, "
+             "Bounded memory", f"{total_mb:,.0f}", parts,
+             extra={"memory_bound_mb": round(total_mb, 1)})
+    try:
+        physical_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError):
+        return total_mb
+    if total_mb > physical_mb:
+        log.warning("memory bound %s MB exceeds this machine's %s MB: lower the capacities "
+                    "(shards.max_users, items.max_items, items.covis.max_items, ...)",
+                    f"{total_mb:,.0f}", f"{physical_mb:,.0f}")
+    return total_mb
+
+
+def check_inputs(config: Config) -> None:
+    """Fail at start (``ConfigError`` naming the key) on a replay log that cannot be read:
+    missing, a directory, or a ``.gz`` that is not gzip."""
+    for i, inp in enumerate(config.inputs):
+        if inp.kind == "replay":
+            try:
+                check_log(inp.path)
+            except LogFileError as err:
+                raise ConfigError(f"inputs[{i}].path: {err}") from None
 
 
 def _inputs(flow: Dataflow, config: Config) -> Stream[list[Any]]:
@@ -93,6 +130,8 @@ def _inputs(flow: Dataflow, config: Config) -> Stream[list[Any]]:
 def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
     """Send record batches to the output topic ``name`` (file or Kafka)."""
     step = f"out_{name.replace('-', '_')}"
+    if name in config.output.skip:
+        return
     if config.output.kind == "files":
         keyed = op.key_on(f"{step}_key", stream, lambda _batch: name)
         op.output(step, keyed, JsonlFileSink(config.output.dir, name))
@@ -108,12 +147,15 @@ def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:
     return op.filter_map(f"take_{name.replace('-', '_')}", stream, lambda out: out.get(name))
 
 
-def _parse_counts(parsed: tuple[list[Event], list[Record], int]) -> tuple[str, dict[str, Any]]:
-    events, dead, _ = parsed
+def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+    """Metrics item of one parsed batch: events by type, dead letters by reason, max event
+    time, and the Kafka read positions the batch carries (consumer lag)."""
+    events, dead = parsed[0], parsed[1]
     return "parse", {
         "events_by_type": Counter(e.type for e in events),
         "dead_by_reason": Counter(d["reason"] for d in dead),
         "max_ts": max((e.ts for e in events), default=None),
+        "offsets": parsed[3] if len(parsed) > 3 else None,
     }
 
 
@@ -137,6 +179,8 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
         items.append(("examples", by_label))
     if "recommendations" in out:
         items.append(("latency", [r["latency_ms"] for r in out["recommendations"]]))
+    if "serving-cost" in out:
+        items.append(("serving_cost", out["serving-cost"]))
     items.extend(("shard", c) for c in out.get("counters", ()))
     return items
 
@@ -150,21 +194,27 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     Side effects: installs the configured log handler (``log``), waits for the Kafka
     broker when the config uses Kafka (``kafka.startup_timeout_s``; ``BrokerUnavailable``
     after it), makes uncaught config and broker errors print one line
-    (``flows.logs.install_excepthook``) and raises this process's GC thresholds to
-    ``GC_THRESHOLD``.
+    (``flows.logs.install_excepthook``), raises this process's GC thresholds to
+    ``GC_THRESHOLD`` and, with ``metrics.port``, starts the metrics endpoint.
     """
     install_excepthook()
     config = load_config(config)
     setup_logging(config.log)
+    check_inputs(config)
     wait_for_kafka(config, f"the {config.app} flow's topics")
     gc.set_threshold(*GC_THRESHOLD)
+    if config.metrics.port:  # /healthz from the start, before the metrics stage has items
+        from operators.prometheus import MetricsServer
+
+        MetricsServer.serve(config.metrics)
     flow = Dataflow(config.app)
     store = config.snapshot_store()
     raw = _inputs(flow, config)
 
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,
                          min_ts_ms=config.parse.min_ts_ms)
-    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns()))
+    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns(),
+                                                   getattr(batch, "offsets", None)))
     dead_letters = [op.filter_map("dead_letters", parsed, lambda p: p[1] or None)]
 
     n_users, n_items = config.shards.users, config.shards.items
@@ -219,6 +269,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     dead_letters.append(all_failed)
     _output("dead-letters", op.merge("all_dead_letters", *dead_letters), config)
     metric_streams = [
+        op.input("metrics_start", flow, OnceSource(("start", None))),  # a summary even for empty input
         op.map("count_parse", parsed, _parse_counts),
         op.flat_map("count_outputs", outputs, _shard_counts),
         op.map("count_errors", all_failed, _error_counts),
@@ -234,7 +285,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
         op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
         lambda resume: MetricsLogic(
             resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics,
-            StatusLog(config.log.status_interval_s, progress)),
+            StatusLog(config.log.status_interval_s, progress),
+            on_start=lambda: log_memory_bound(config)),
     )
     metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
     if ranker_out is not None:

@@ -42,7 +42,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
         from operators.kafka_io import KafkaSource
 
         source: Any = KafkaSource(config.kafka.bootstrap, [config.topic("examples")],
-                                  consumer_config=config.kafka.client_settings("consumer"))
+                                  consumer_config=config.kafka.client_settings("consumer"),
+                                  discovery_timeout_s=config.kafka.startup_timeout_s)
     else:
         source = ReplaySource(Path(config.output.dir) / "examples.jsonl")
     raw = op.input("examples_in", flow, source)

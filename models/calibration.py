@@ -72,11 +72,12 @@ def calibration_ratio(y: Sequence[float] | np.ndarray, p: Sequence[float] | np.n
 
 
 def equal_weight_groups(w: np.ndarray, wp: np.ndarray, wy: np.ndarray,
-                        n_groups: int) -> list[dict[str, float]]:
+                        n_groups: int, n: np.ndarray | None = None) -> list[dict[str, float]]:
     """Merge consecutive cells (sorted by prediction) into ``n_groups`` of ~equal weight.
 
     ``w``, ``wp``, ``wy``: per cell total weight, weighted sum of predictions and of
-    labels. Returns per non-empty group ``{"p_mean", "y_rate", "weight"}``.
+    labels; ``n`` (optional): examples per cell. Returns per non-empty group
+    ``{"p_mean", "y_rate", "weight"}`` (and ``"count"`` with ``n``).
     """
     total = float(w.sum())
     if total <= 0:
@@ -86,7 +87,9 @@ def equal_weight_groups(w: np.ndarray, wp: np.ndarray, wy: np.ndarray,
     gw = np.bincount(group, w, n_groups)
     gp = np.bincount(group, wp, n_groups)
     gy = np.bincount(group, wy, n_groups)
-    return [{"p_mean": float(gp[g] / gw[g]), "y_rate": float(gy[g] / gw[g]), "weight": float(gw[g])}
+    gn = np.bincount(group, n, n_groups) if n is not None else None
+    return [{"p_mean": float(gp[g] / gw[g]), "y_rate": float(gy[g] / gw[g]), "weight": float(gw[g]),
+             **({"count": int(gn[g])} if gn is not None else {})}
             for g in range(n_groups) if gw[g] > 0]
 
 

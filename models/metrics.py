@@ -73,11 +73,40 @@ def _auc_from_cells(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((pos * (below + 0.5 * neg)).sum() / (wp * wn))
 
 
+def wilson_interval(hits: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion ``hits / n`` (95% for z = 1.96); None if n = 0."""
+    if n <= 0:
+        return None
+    p = hits / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def auc_interval(auc: float, n_pos: int, n_neg: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Normal interval of an AUC from its Hanley-McNeil (1982) standard error with
+    ``n_pos`` positives and ``n_neg`` negatives (counts, not weights); None when undefined."""
+    if n_pos <= 0 or n_neg <= 0 or math.isnan(auc):
+        return None
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc)
+           + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    half = z * math.sqrt(max(var, 0.0))
+    return max(0.0, auc - half), min(1.0, auc + half)
+
+
 class ProgressiveMetrics:
     """Weighted prequential AUC, log loss and calibration of a stream of (y, p, weight).
 
     ``y`` is 0/1 (or bool), ``p`` the predicted probability of 1, ``weight`` >= 0.
+    Unweighted counts (``n_pos``, ``bin_n``: examples per logit bin) give the sample
+    sizes behind the figures (intervals, reliability bin counts).
     """
+
+    n_pos = 0
+    """Positives seen (count). Class defaults: a resumed older state starts them at 0."""
+    bin_n: np.ndarray | None = None
 
     def __init__(self) -> None:
         self.count = 0
@@ -88,6 +117,12 @@ class ProgressiveMetrics:
         self.pos = np.zeros(AUC_BINS)  # weight of positives per logit bin
         self.neg = np.zeros(AUC_BINS)
         self.bin_wp = np.zeros(AUC_BINS)  # weight * p per bin (reliability curve)
+        self.bin_n = np.zeros(AUC_BINS)  # examples per bin (count)
+
+    def _counts(self) -> np.ndarray:
+        if self.bin_n is None:
+            self.bin_n = np.zeros(AUC_BINS)
+        return self.bin_n
 
     def update(self, y: float, p: float, weight: float = 1.0) -> None:
         """Account one example scored ``p`` before learning its label ``y``."""
@@ -99,6 +134,8 @@ class ProgressiveMetrics:
         q = min(max(p if y else 1.0 - p, _EPS), 1.0)
         self.sum_loss -= weight * math.log(q)
         b = _bin_of(p)
+        self._counts()[b] += 1
+        self.n_pos += int(y)
         if y:
             self.pos[b] += weight
         else:
@@ -123,6 +160,8 @@ class ProgressiveMetrics:
         self.pos += np.bincount(b, w * y, AUC_BINS)
         self.neg += np.bincount(b, w * (1.0 - y), AUC_BINS)
         self.bin_wp += np.bincount(b, w * p, AUC_BINS)
+        self._counts()[:] += np.bincount(b, None, AUC_BINS)
+        self.n_pos += int(y.sum())
 
     def merge(self, other: ProgressiveMetrics) -> None:
         """Add another accumulator's counts (e.g. of another shard) into this one."""
@@ -134,6 +173,8 @@ class ProgressiveMetrics:
         self.pos += other.pos
         self.neg += other.neg
         self.bin_wp += other.bin_wp
+        self._counts()[:] += other._counts()
+        self.n_pos += other.n_pos
 
     @property
     def auc(self) -> float:
@@ -152,20 +193,24 @@ class ProgressiveMetrics:
 
     def reliability(self, bins: int = 10) -> list[dict[str, float]]:
         """Reliability curve from the histogram: ``bins`` groups of ~equal weight, each
-        ``{"p_mean", "y_rate", "weight"}``."""
-        return equal_weight_groups(self.pos + self.neg, self.bin_wp, self.pos, bins)
+        ``{"p_mean", "y_rate", "weight", "count"}`` (count: examples in the group)."""
+        return equal_weight_groups(self.pos + self.neg, self.bin_wp, self.pos, bins, self._counts())
 
     def report(self) -> dict[str, float | int | None]:
-        """``count``, ``weight``, ``auc``, ``logloss``, ``calibration``, ``mean_p``,
-        ``positive_rate`` (weighted); undefined figures are None."""
+        """``count``, ``positives``, ``weight``, ``auc``, ``auc_ci95`` (Hanley-McNeil on the
+        counts), ``logloss``, ``calibration``, ``mean_p``, ``positive_rate`` (weighted);
+        undefined figures are None."""
         def num(v: float) -> float | None:
             return None if math.isnan(v) else round(v, 6)
 
         w = self.weight
+        ci = auc_interval(self.auc, self.n_pos, self.count - self.n_pos)
         return {
             "count": self.count,
+            "positives": self.n_pos,
             "weight": round(w, 3),
             "auc": num(self.auc),
+            "auc_ci95": [round(ci[0], 4), round(ci[1], 4)] if ci else None,
             "logloss": num(self.logloss),
             "calibration": num(self.calibration),
             "mean_p": num(self.sum_wp / w) if w > 0 else None,

@@ -331,3 +331,23 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
                     hold_positives_ms=hold_positives_ms, max_features=max_features)
     ranker.params = dict(params)
     return ranker
+
+
+def ranker_param_names(kind: RankerKind) -> set[str]:
+    """The ``params`` keys ``make_ranker(kind, **params)`` accepts (the model's own
+    constructor arguments plus the names it translates), for validating configs."""
+    import inspect
+
+    def args(cls: type) -> set[str]:
+        return {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    if kind == "lr":
+        return {"lr", "l2", "intercept_lr"} | args(linear_model.LogisticRegression) - {"optimizer"}
+    if kind == "fm":
+        return ({"lr", "l2", "n_factors", "intercept_lr", "seed"}
+                | args(facto.FMClassifier)
+                - {"weight_optimizer", "latent_optimizer", "l2_weight", "l2_latent"})
+    if kind == "efm":
+        return args(EmbeddingFM)
+    raise ValueError(f"unknown ranker kind {kind!r}; expected one of {KINDS}")

@@ -48,11 +48,17 @@ IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
 
 COVIS_DEFAULTS: dict[str, Any] = {
     "window": 40, "position_decay": 0.95, "max_neighbors": 300, "prune_slack": 0.5,
-    "half_life_ms": 10 * 365 * 86_400_000,
+    "half_life_ms": 10 * 365 * 86_400_000, "max_items": 5_000,
 }
 """Co-visitation defaults of the flow (docs/movielens-recipe.md): a long, gently decayed
 pair window (a page of ratings is one session), rows of 300 so they do not freeze, and
-no practical time decay (bursty activity makes decayed rows fade between bursts)."""
+no practical time decay (bursty activity makes decayed rows fade between bursts). Rows
+for the 5,000 most recently co-visited items of each shard: full rows of 300 neighbours
+are the largest part of the memory bound (docs/operations.md, "Bounded memory")."""
+
+MF_DEFAULTS: dict[str, Any] = {"max_users": 50_000, "max_items": 50_000}
+"""MF table capacities of the flow (per user shard and per item shard), sized with the
+other defaults so that the default config's memory bound fits a 24 GB machine."""
 
 
 @dataclass
@@ -67,7 +73,7 @@ class ItemsConfig:
     trending_half_life_ms: int = doc("Half-life of the trending counts (ms).", 6 * 3_600_000)
     max_items: int = doc("Items tracked per item shard: catalog entries (published in its item "
                          "table), item profiles and popularity counters; least recently seen "
-                         "forgotten first.", 1_000_000)
+                         "forgotten first.", 50_000)
     covis: dict[str, Any] = doc("Co-visitation parameters (state.covisitation.CoVisConfig: "
                                 "half_life_ms, max_neighbors, window, position_decay, "
                                 "prune_slack, max_items); keys not given keep the defaults shown.",
@@ -75,13 +81,15 @@ class ItemsConfig:
     covis_any: bool = doc("Keep a second co-visitation channel over every interaction (any "
                           "feedback, e.g. any rating) beside the one over positives.", True)
     mf: dict[str, Any] = doc("Incremental MF parameters (models.mf.MFConfig: dim, lr, reg, "
-                             "init_scale, max_users, max_items, admit_threshold).", factory=dict)
+                             "init_scale, max_users (per user shard), max_items (per item "
+                             "shard), admit_threshold); keys not given keep the defaults shown "
+                             "or MFConfig's.", factory=lambda: dict(MF_DEFAULTS))
 
     def covis_config(self) -> CoVisConfig:
         return CoVisConfig(**{**COVIS_DEFAULTS, **self.covis})
 
     def mf_config(self) -> MFConfig:
-        return MFConfig(**self.mf)
+        return MFConfig(**{**MF_DEFAULTS, **self.mf})
 
 
 class ItemShard:

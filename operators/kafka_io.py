@@ -46,6 +46,12 @@ from operators.kafka_logs import waiting_for
 logger = logging.getLogger(__name__)
 
 StartFrom = Literal["earliest", "latest"]
+OnLostOffset = Literal["earliest", "latest", "stop"]
+"""What a partition does when its saved offset is not on the broker."""
+
+
+class OffsetLostError(RuntimeError):
+    """A saved offset is not on the broker and the policy is ``stop``."""
 
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
@@ -68,6 +74,17 @@ def parse_part_key(key: str) -> TopicPartition:
     if not topic or not partition.isdigit():
         raise ValueError(f"not a Kafka part key: {key!r} (expected 'topic#N')")
     return TopicPartition(topic, int(partition))
+
+
+class OffsetBatch(list):
+    """A micro-batch of message values carrying its partition's read position:
+    ``offsets = {"topic#p": (next offset, end offset)}``, the end being the high
+    watermark of the last Fetch response; the metrics stage reports ``end - next`` as the
+    consumer lag of the partition."""
+
+    def __init__(self, values: list[bytes], offsets: dict[str, tuple[int, int]]) -> None:
+        super().__init__(values)
+        self.offsets = offsets
 
 
 @dataclass
@@ -117,8 +134,10 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[bytes], int | None]):
         eof_idle_s: float,
         offset_timeout_ms: int,
         backoff: _Backoff,
+        on_lost_offset: OnLostOffset = "earliest",
     ) -> None:
         self._tp = tp
+        self._on_lost_offset = on_lost_offset
         self._config = consumer_config
         self._start = start
         self._offset: int | None = resume_offset
@@ -150,7 +169,7 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[bytes], int | None]):
         except _FATAL_CONFIG_ERRORS:
             raise
         except kerr.OffsetOutOfRangeError as exc:
-            self._on_out_of_range(exc)
+            self._on_out_of_range(f"the broker reports it out of range ({exc})")
             return []
         except (kerr.KafkaError, OSError) as exc:
             self._on_error(exc)
@@ -195,13 +214,23 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[bytes], int | None]):
         if values:
             self._offset = next_offset
             self._caught_up_since = None
-            return [values]
+            hw = consumer.highwater(self._tp)
+            if hw is None:
+                return [values]
+            return [OffsetBatch(values, {part_key(*self._tp): (next_offset, max(int(hw), next_offset))})]
 
         # Nothing new. Skip over offsets the consumer consumed without returning
         # records (transaction markers, aborted records).
         position = consumer.position(self._tp, timeout_ms=0)  # no network wait
         if position is not None and position > self._offset:
             self._offset = position
+        # Past the end of the log: the topic was deleted and recreated, or the broker
+        # lost its data (Kafka answers OFFSET_OUT_OF_RANGE, handled above; Tansu answers
+        # an empty fetch with a lower high watermark, which would wait here forever).
+        hw = consumer.highwater(self._tp)
+        if hw is not None and self._offset > hw:
+            self._on_out_of_range(f"it is beyond the end of the log ({hw})", end=int(hw))
+            return []
         if not self._tail and self._drained(consumer):
             logger.info("%s: drained at offset %d (tail=False): EOF",
                         part_key(*self._tp), self._offset)
@@ -279,28 +308,34 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[bytes], int | None]):
         logger.info("%s: starting at latest offset %d", key, self._offset)
         return True
 
-    def _on_out_of_range(self, exc: Exception) -> None:
-        """Our offset is not on the broker (retention, or the topic was recreated):
-        warn and restart from the earliest offset still there (never skip data that
-        exists)."""
+    def _on_out_of_range(self, reason: str, end: int | None = None) -> None:
+        """Our offset is not on the broker (topic deleted and recreated, broker data
+        lost, retention): log an error and apply the policy (``earliest``: the first
+        offset still there, ``latest``: the end of the log, ``stop``: raise
+        ``OffsetLostError``). ``end``: the end of the log when already known."""
         key = part_key(*self._tp)
+        what = f"{key}: saved offset {self._offset} is not on the broker: {reason}"
+        if self._on_lost_offset == "stop":
+            logger.error("%s; stopping (offset_out_of_range = stop)", what)
+            raise OffsetLostError(f"{what} (offset_out_of_range = stop)")
         try:
             consumer = self._ensure_consumer()
-            begin = int(
-                consumer.beginning_offsets([self._tp], timeout_ms=self._offset_timeout_ms)[
-                    self._tp
-                ]
-            )
+            if self._on_lost_offset == "earliest":
+                target = int(consumer.beginning_offsets(
+                    [self._tp], timeout_ms=self._offset_timeout_ms)[self._tp])
+            else:
+                target = end if end is not None else int(consumer.end_offsets(
+                    [self._tp], timeout_ms=self._offset_timeout_ms)[self._tp])
         except (kerr.KafkaError, OSError) as lookup_exc:
             self._on_error(lookup_exc)
             return
-        logger.warning(
-            "%s: offset %s is out of range (%s); continuing from earliest offset %d%s",
-            key, self._offset, exc, begin,
-            " (records were lost to retention)" if (self._offset or 0) < begin else "",
-        )
-        self._offset = begin
+        logger.error("%s; continuing from the %s offset %d (offset_out_of_range = %s)%s",
+                     what, self._on_lost_offset, target, self._on_lost_offset,
+                     "; records were lost to retention"
+                     if self._on_lost_offset == "earliest" and (self._offset or 0) < target else "")
+        self._offset = target
         self._seek_pending = True
+        self._caught_up_since = None
 
     def _on_error(self, exc: BaseException) -> None:
         """Log, and retry after a backoff delay (via next_awake, never sleeping).
@@ -358,6 +393,11 @@ class KafkaSource(FixedPartitionedSource[list[bytes], int | None]):
         discovery_timeout_s: Seconds to keep retrying partition discovery at startup
             (broker down or topic not created yet) before failing.
         offset_timeout_ms: Timeout of offset lookups (ListOffsets), in ms.
+        on_lost_offset: A resume offset that is not on the broker (the topic was
+            deleted and recreated, the broker lost its data, retention deleted it):
+            ``"earliest"`` reads from the first offset still there, ``"latest"`` skips
+            to the end of the log, ``"stop"`` raises ``OffsetLostError``; each logs an
+            error.
         backoff_initial_s: First retry delay after a broker error, seconds.
         backoff_max_s: Cap of the exponential retry delay, seconds.
     """
@@ -375,11 +415,16 @@ class KafkaSource(FixedPartitionedSource[list[bytes], int | None]):
         eof_idle_s: float = 0.5,
         discovery_timeout_s: float = 60.0,
         offset_timeout_ms: int = 1500,
+        on_lost_offset: OnLostOffset = "earliest",
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
     ) -> None:
         if start not in ("earliest", "latest"):
             raise ValueError(f"start must be 'earliest' or 'latest', not {start!r}")
+        if on_lost_offset not in ("earliest", "latest", "stop"):
+            raise ValueError(f"on_lost_offset must be 'earliest', 'latest' or 'stop', "
+                             f"not {on_lost_offset!r}")
+        self.on_lost_offset = on_lost_offset
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.bootstrap = _bootstrap_list(bootstrap)
@@ -476,6 +521,7 @@ class KafkaSource(FixedPartitionedSource[list[bytes], int | None]):
             eof_idle_s=self.eof_idle_s,
             offset_timeout_ms=self.offset_timeout_ms,
             backoff=_Backoff(self.backoff_initial_s, self.backoff_max_s),
+            on_lost_offset=self.on_lost_offset,
         )
 
 

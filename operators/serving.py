@@ -105,6 +105,9 @@ class ServingConfig:
                                   86_400_000)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
                                 "after_ordering): 'module:function'.", factory=dict)
+    record_cost: bool = doc("Add cpu_ms (CPU time of this request's serving call, ms) and "
+                            "queue_ms (latency_ms minus that call's wall time: waiting in the "
+                            "flow) to every recommendation; streamrec eval sets it.", False)
 
 
 @dataclass(slots=True)
@@ -181,6 +184,9 @@ class Server:
         of each stage to it (hooks count in
         their stage: ``filter``, ``score``, ``order``) and the number of candidates
         scored (``candidates``). None (the default) costs one check per stage."""
+        self.costs: list[tuple[float, float]] = []
+        """``(cpu_ms, queue_ms)`` of every request answered since the owner last took
+        them (the metrics stage's serving-cost histograms)."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Recovery state without caches (they hold snapshot objects, reloaded on resume)."""
@@ -250,9 +256,9 @@ class Server:
 
     # -- the four stages ---------------------------------------------------------------
     def recommend(self, request: Any, ctx: UserContext, ingest_ns: int) -> Record:
-        """Answer one request with its top k."""
+        """Answer one request with its top k (its cost is appended to ``costs``)."""
         timing = self.stage_ns
-        t0 = time.perf_counter_ns() if timing is not None else 0
+        cpu0, t0 = time.thread_time_ns(), time.perf_counter_ns()
         cands, covis = self.retrieve(ctx, request.ts)
         if timing is not None:
             t1 = time.perf_counter_ns()
@@ -274,7 +280,14 @@ class Server:
             timing["order"] = timing.get("order", 0) + time.perf_counter_ns() - t3
         self.served += 1
         ranker, index = self.views.ranker, self.views.index
-        return {
+        cpu_ms = (time.thread_time_ns() - cpu0) / 1e6
+        serve_ns = time.perf_counter_ns() - t0
+        latency_ns = time.time_ns() - ingest_ns
+        queue_ms = max(latency_ns - serve_ns, 0) / 1e6
+        if not hasattr(self, "costs"):  # resumed from a version without it
+            self.costs = []
+        self.costs.append((cpu_ms, queue_ms))
+        record = {
             "request_id": request.request_id,
             "user_id": request.user_id,
             "ts": request.ts,
@@ -283,9 +296,13 @@ class Server:
                       for c in ranked[: request.k]],
             "model_version": ranker.version,
             "index_version": index.version,
-            "latency_ms": round((time.time_ns() - ingest_ns) / 1e6, 3),
+            "latency_ms": round(latency_ns / 1e6, 3),
             **({"eval_item": request.context["eval_item"]} if "eval_item" in request.context else {}),
         }
+        if self.config.record_cost:
+            record["cpu_ms"] = round(cpu_ms, 4)
+            record["queue_ms"] = round(queue_ms, 3)
+        return record
 
     def retrieve(self, ctx: UserContext, ts_ms: int
                  ) -> tuple[dict[str, Candidate], dict[str, SparseScores]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from events.logfile import open_log
+from events.logfile import LongLine, iter_lines, open_log
+from events.model import MAX_RAW_IN_DEAD_LETTER, Rejected
 from events.simulator import SimConfig, Simulator
+from operators import health
 
 log = logging.getLogger(__name__)
 
@@ -65,40 +68,66 @@ def _event_ts(raw: bytes | dict[str, Any]) -> int | None:
     return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
 
 
-class _ReplayPartition(StatefulSourcePartition[list[bytes], int]):
-    """Reads a JSONL log in batches of lines; state = byte offset of the next line."""
+class _ReplayPartition(StatefulSourcePartition[list[bytes | Rejected], int]):
+    """Reads a JSONL log in batches of lines; state = byte offset of the next line.
 
-    def __init__(self, path: str, offset: int, batch_size: int, speed: float) -> None:
+    Lines longer than ``max_bytes`` are skipped while reading (never held whole) and
+    emitted as ``Rejected`` (``oversized``); a damaged ``.gz`` is read up to the damage
+    and its rest emitted as one ``Rejected`` (``truncated_input``), then the log ends.
+    """
+
+    def __init__(self, path: str, offset: int, batch_size: int, speed: float,
+                 max_bytes: int | None = None) -> None:
+        self._path = path
         self._file = open_log(path)
         if offset:  # a fresh start never seeks, so the log may be a named pipe (FIFO)
             self._file.seek(offset)
+        self._lines = iter_lines(self._file, max_bytes)
+        self._max_bytes = max_bytes
         self._offset = offset
         self._batch_size = batch_size
         self._pacer = _Pacer(speed)
-        self._held: list[bytes] = []
+        self._held: list[tuple[int, bytes | Rejected]] = []
         self._awake: datetime | None = None
+        self._ended = False
 
-    def next_batch(self) -> list[list[bytes]]:
+    def next_batch(self) -> list[list[bytes | Rejected]]:
         self._awake = None
         raw = self._held
         self._held = []
-        while len(raw) < self._batch_size:
-            line = self._file.readline()
-            if not line:
+        while len(raw) < self._batch_size and not self._ended:
+            try:
+                size, line = next(self._lines)
+            except StopIteration:
+                self._ended = True
                 break
-            raw.append(line)
+            except (EOFError, OSError, zlib.error) as err:  # a damaged or cut .gz
+                self._ended = True
+                at = self._offset + sum(n for n, _ in raw)
+                log.error("%s: unreadable after %d bytes (%s: %s); the rest is one dead letter",
+                          self._path, at, type(err).__name__, err)
+                raw.append((0, Rejected("truncated_input", f"{self._path}: unreadable after {at} "
+                                        f"bytes of input ({type(err).__name__}: {err}); the rest "
+                                        "of the file was not read")))
+                break
+            if isinstance(line, LongLine):
+                line = Rejected("oversized", f"line of {line.size} bytes exceeds "
+                                f"{self._max_bytes} (parse.max_bytes); skipped while reading",
+                                line.head[:MAX_RAW_IN_DEAD_LETTER], line.size)
+            raw.append((size, line))
         if not raw:
             raise StopIteration
         if self._pacer.speed > 0:
             raw = self._pace(raw)
-        self._offset += sum(len(x) for x in raw)
-        batch = [x.rstrip(b"\r\n") for x in raw if x.strip()]
+        self._offset += sum(n for n, _ in raw)
+        batch = [x if isinstance(x, Rejected) else x.rstrip(b"\r\n")
+                 for _, x in raw if isinstance(x, Rejected) or x.strip()]
         return [batch] if batch else []
 
-    def _pace(self, raw: list[bytes]) -> list[bytes]:
+    def _pace(self, raw: list[tuple[int, bytes | Rejected]]) -> list[tuple[int, bytes | Rejected]]:
         """Return the lines that are due; hold the rest (they count as unread)."""
-        for i, line in enumerate(raw):
-            ts = _event_ts(line) if line.strip() else None
+        for i, (_, line) in enumerate(raw):
+            ts = _event_ts(line) if isinstance(line, bytes) and line.strip() else None
             if ts is None:
                 continue
             wait = self._pacer.delay_s(ts)
@@ -118,23 +147,57 @@ class _ReplayPartition(StatefulSourcePartition[list[bytes], int]):
         self._file.close()
 
 
-class ReplaySource(FixedPartitionedSource[list[bytes], int]):
-    """A JSONL log (plain or .gz), one partition; ``speed`` > 0 paces by event time.
+class ReplaySource(FixedPartitionedSource[list[bytes | Rejected], int]):
+    """A JSONL log (plain or .gz), one partition; ``speed`` > 0 paces by event time;
+    lines over ``max_bytes`` (None: no limit) are rejected while reading.
 
     The resume state is the byte offset (of the decompressed stream for .gz) of the
     first line not yet emitted.
     """
 
-    def __init__(self, path: str | Path, batch_size: int = 1000, speed: float = 0.0) -> None:
+    def __init__(self, path: str | Path, batch_size: int = 1000, speed: float = 0.0,
+                 max_bytes: int | None = None) -> None:
         self.path = str(path)
         self.batch_size = batch_size
         self.speed = speed
+        self.max_bytes = max_bytes
 
     def list_parts(self) -> list[str]:
         return [f"replay:{self.path}"]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _ReplayPartition:
-        return _ReplayPartition(self.path, resume_state or 0, self.batch_size, self.speed)
+        return _ReplayPartition(self.path, resume_state or 0, self.batch_size, self.speed,
+                                self.max_bytes)
+
+
+class _OncePartition(StatefulSourcePartition[Any, bool]):
+    def __init__(self, item: Any, done: bool) -> None:
+        self._item = item
+        self._done = done
+
+    def next_batch(self) -> list[Any]:
+        if self._done:
+            raise StopIteration
+        self._done = True
+        return [self._item]
+
+    def snapshot(self) -> bool:
+        return self._done
+
+
+class OnceSource(FixedPartitionedSource[Any, bool]):
+    """Emits ``item`` once, at start (not again on resume), then ends: lets a stage
+    that must report at end of input (the metrics summary) exist even when every input
+    is empty."""
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+
+    def list_parts(self) -> list[str]:
+        return ["once"]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: bool | None) -> _OncePartition:
+        return _OncePartition(self.item, bool(resume_state))
 
 
 class _SimulatorPartition(StatefulSourcePartition[list[dict[str, Any]], Any]):
@@ -183,6 +246,7 @@ class _GatedPartition(StatefulSourcePartition[Any, Any]):
         self._wait_for = wait_for
 
     def next_batch(self) -> list[Any]:
+        health.beat()
         if self._wait_for is not None and not self._wait_for.is_open():
             return []
         try:

@@ -50,7 +50,7 @@ class RankerConfig:
                                  "(e.g. lr, n_factors, k, admit_threshold).", factory=dict)
     max_waiting: int = doc("delay_to_labels: examples waiting for their labels at most (the queue "
                            "holds example rate x (join wait + lateness)); beyond it the oldest "
-                           "are scored and learned early (counted as learned_early).", 200_000)
+                           "are scored and learned early (counted as learned_early).", 100_000)
     max_features: int = doc("lr/fm: weights kept (one per distinct feature, e.g. one per user "
                             "and item ID); beyond it the smallest |weight| are dropped down to "
                             "90% of it. 0 = no limit (efm: bounded by params.max_rows).",

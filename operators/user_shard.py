@@ -301,6 +301,9 @@ class UserShard:
             out["late-labels"] = late
         if self._recs:
             out["recommendations"], self._recs = self._recs, []
+            costs = getattr(self.server, "costs", None)
+            if costs:
+                out["serving-cost"], self.server.costs = costs, []  # type: ignore[union-attr]
         if self._item_updates:
             out["item-updates"], self._item_updates = self._item_updates, []
             out["batch"] = self._ingest_ns  # the source micro-batch (item shards publish per batch)

@@ -127,8 +127,8 @@ class JoinConfig:
         "positive example. They count as positive interactions: examples for the ranker, MF, "
         "co-visitation, popularity, profiles. Empty = organic actions are only history.",
         factory=lambda: {"view": 0.3, "add_to_cart": 0.6, "play": 0.6})
-    max_pending: int = doc("Pending impressions per user shard; the oldest close first beyond it.", 200_000)
-    max_orphans: int = doc("Feedback waiting for its impression, per user shard.", 50_000)
+    max_pending: int = doc("Pending impressions per user shard; the oldest close first beyond it.", 50_000)
+    max_orphans: int = doc("Feedback waiting for its impression, per user shard.", 20_000)
     dedup_horizon_ms: int = doc("How long closed impression ids are remembered for dedup (ms).", 86_400_000)
     interaction_negatives: int = doc("Negatives sampled per positive organic interaction.", 4)
     popularity_pool: int = doc("Items in each shard's popularity pool for sampled negatives.", 5_000)

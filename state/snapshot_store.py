@@ -173,12 +173,44 @@ class SnapshotStore:
                 for p in folder.glob(f"{stem}.*"):
                     p.unlink(missing_ok=True)
 
+    _bad_latest: set[tuple[str, int, int]] = set()
+    """LATEST files (path, size, mtime) already reported as damaged by this process."""
+
     def latest(self, kind: str) -> Manifest | None:
-        """The newest manifest of ``kind``, or None."""
+        """The newest manifest of ``kind``, or None. A damaged ``LATEST`` (truncated, not
+        JSON, not a manifest of this kind) is refused like a damaged snapshot: an error
+        is logged (once per file state and process) and the newest readable version
+        manifest in the store stands in for it."""
+        path = self._kind_dir(kind) / "LATEST"
         try:
-            return orjson.loads((self._kind_dir(kind) / "LATEST").read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
+        try:
+            manifest = orjson.loads(data)
+        except orjson.JSONDecodeError as err:
+            problem = f"not valid JSON ({len(data)} bytes: {err})"
+        else:
+            if (isinstance(manifest, dict) and manifest.get("kind") == kind
+                    and isinstance(manifest.get("version"), int)
+                    and isinstance(manifest.get("path"), str)
+                    and isinstance(manifest.get("sha256"), str)):
+                return manifest
+            problem = f"not a manifest of kind {kind!r}: {data[:80]!r}"
+        newest = self.manifests(kind)
+        try:
+            st = path.stat()
+            seen = (str(path), st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = (str(path), -1, -1)
+        if seen not in self._bad_latest:
+            if len(self._bad_latest) >= 256:
+                self._bad_latest.clear()
+            self._bad_latest.add(seen)
+            log.error("snapshot %s: LATEST manifest refused (%s); using the newest version "
+                      "manifest instead: %s", kind, problem,
+                      f"v{newest[0]['version']}" if newest else "none")
+        return newest[0] if newest else None
 
     def manifests(self, kind: str) -> list[Manifest]:
         """Every readable manifest of ``kind`` still in the store, newest version first."""

@@ -91,7 +91,8 @@ def test_obd_join_reproduces_every_label(tmp_path) -> None:
     with OBD.open() as f:
         for n, row in enumerate(csv.DictReader(f)):
             rows[f"imp:obd-{row[''] or n}"] = int(row["click"])
-    report = evaluate(log, tmp_path / "r1.json", config={"sampler": {"negative_rate": 1.0}})
+    report = evaluate(log, tmp_path / "r1.json", config={"sampler": {"negative_rate": 1.0}},
+                      examples=True)
     examples = read_jsonl(Path(report["outputs_dir"]) / "examples.jsonl")
     assert len(examples) == len(rows) == 10_000
     assert {e["example_id"]: e["label"] for e in examples} == rows

@@ -377,3 +377,113 @@ def test_source_survives_broker_restart_with_persistent_storage(
             for p in parts:
                 p.close()
             broker.close()  # before its S3 store goes away
+
+
+def _drain(part: Any, until: Any, timeout_s: float = 20.0) -> list[bytes]:
+    """Call ``next_batch`` until ``until(values)`` holds; returns every value read."""
+    values: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    while not until(values):
+        assert time.monotonic() < deadline, f"read {len(values)} values, offset {part.snapshot()}"
+        for batch in part.next_batch():
+            values.extend(batch)
+        time.sleep(0.01)
+    return values
+
+
+def test_topic_deleted_and_recreated_is_read_again_with_an_error(
+    kafka_broker: LocalBroker, kafka_topic: Any, kafka_produce: Any, caplog: Any
+) -> None:
+    """Issue 19 point 5: a topic deleted and recreated (offsets start over at 0) under a
+    running source. The saved offset is now past the end of the new log; the broker
+    answers with empty fetches, so the source used to wait there forever, silently.
+    Now it logs an error and (policy ``earliest``) reads the new topic from its start."""
+    from kafka.admin import KafkaAdminClient
+
+    bs = kafka_broker.bootstrap
+    topic = kafka_topic(1, "recreated")
+    kafka_produce(bs, topic, [b"old-%d" % i for i in range(20)], partition=0)
+    source = KafkaSource(bs, [topic], batch_size=100)
+    part = source.build_part("in", part_key(topic, 0), None)
+    try:
+        assert _drain(part, lambda v: len(v) >= 20) == [b"old-%d" % i for i in range(20)]
+        admin = KafkaAdminClient(bootstrap_servers=bs)
+        try:
+            admin.delete_topics([topic])
+        finally:
+            admin.close()
+        deadline = time.monotonic() + 20
+        while True:  # the deletion takes effect asynchronously
+            try:
+                create_topics(bs, [topic], 1)
+                break
+            except Exception:  # noqa: BLE001 - retried until the old topic is gone
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        kafka_produce(bs, topic, [b"new-%d" % i for i in range(5)], partition=0)
+        with caplog.at_level("ERROR", logger="operators.kafka_io"):
+            assert _drain(part, lambda v: len(v) >= 5) == [b"new-%d" % i for i in range(5)]
+    finally:
+        part.close()
+    assert part.snapshot() == 5
+    assert any("saved offset 20 is not on the broker" in r.getMessage() and r.levelname == "ERROR"
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("policy", ["earliest", "latest", "stop"])
+def test_saved_offset_beyond_the_log_follows_the_policy(
+    kafka_broker: LocalBroker, kafka_topic: Any, kafka_produce: Any, caplog: Any, policy: str
+) -> None:
+    """A resume offset past the end of the log (state from before the broker lost its
+    data): earliest reads the log from its start, latest skips to its end and reads only
+    what comes next, stop raises; each logs an error naming the partition."""
+    from operators.kafka_io import OffsetLostError
+
+    bs = kafka_broker.bootstrap
+    topic = kafka_topic(1, "lost")
+    kafka_produce(bs, topic, [b"a-%d" % i for i in range(5)], partition=0)
+    part = KafkaSource(bs, [topic], on_lost_offset=policy).build_part(  # type: ignore[arg-type]
+        "in", part_key(topic, 0), 1000)
+    try:
+        with caplog.at_level("ERROR", logger="operators.kafka_io"):
+            if policy == "stop":
+                with pytest.raises(OffsetLostError, match=f"{topic}#0: saved offset 1000"):
+                    _drain(part, lambda v: False)
+            elif policy == "earliest":
+                assert _drain(part, lambda v: len(v) >= 5) == [b"a-%d" % i for i in range(5)]
+            else:
+                _drain(part, lambda v: part.snapshot() == 5)
+                kafka_produce(bs, topic, [b"b-0", b"b-1"], partition=0)
+                assert _drain(part, lambda v: len(v) >= 2) == [b"b-0", b"b-1"]
+    finally:
+        part.close()
+    assert any(f"{topic}#0: saved offset 1000 is not on the broker" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_broker_down_at_start_waits_the_configured_time(tmp_path: Path) -> None:
+    """The wait for a broker that is down at start is ``kafka.startup_timeout_s`` (it was
+    a fixed 60 s): with 2 s the flow fails after about 2 s with one error naming the
+    broker; with 0 there is no wait at start and the Kafka input fails at its first
+    failed partition discovery instead."""
+    from flows.kafka_wait import BrokerUnavailable
+    from flows.recsys import build
+
+    port = free_port()
+    config = {"kafka": {"bootstrap": f"127.0.0.1:{port}", "startup_timeout_s": 2.0},
+              "inputs": [{"kind": "kafka"}], "output": {"dir": str(tmp_path / "out")}}
+    t0 = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{port}"):
+        build(config)
+    assert 2.0 <= time.monotonic() - t0 < 15
+    config["kafka"]["startup_timeout_s"] = 0
+    flow = build(config)
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as info:  # noqa: PT011 - Bytewax wraps the source's error
+        run_main(flow)
+    assert time.monotonic() - t0 < 15
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert any("could not discover partitions" in text for text in chain), chain

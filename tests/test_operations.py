@@ -18,7 +18,7 @@ from flows.broker import free_port
 from flows.config import ConfigError, load_config
 from flows.logs import LogConfig, setup_logging
 from flows.recsys import build
-from operators.metrics import MetricsServer
+from operators.prometheus import MetricsServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,10 +73,43 @@ def test_prometheus_endpoint_serves_real_counters(tmp_path) -> None:
     assert summary["serving_latency_ms"]["count"] == requests
     # this process's memory: the same order as the summary's, peak >= start (the summary
     # rounds MB to 0.1, so compare within half a rounding step)
-    rss = s[f"process_resident_memory_bytes{{{app}}}"] / 2**20
+    rss = s["process_resident_memory_bytes"] / 2**20
     assert 20 < rss < 10_000 and abs(rss - summary["rss_mb"]) < 0.5 * summary["rss_mb"]
     peak_mb = s[f"streamrec_peak_resident_memory_bytes{{{app}}}"] / 2**20
     assert peak_mb >= summary["rss_start_mb"] - 0.05 and summary["rss_start_mb"] > 20
+
+
+def test_metrics_endpoint_is_local_with_timeouts_and_bounded_threads() -> None:
+    """Issue 19 point 6: by default the endpoint binds 127.0.0.1; a flood of idle
+    connections makes at most ``max_threads`` handler threads (the rest are closed at
+    once) and each idle one is dropped after ``request_timeout_s``, after which scrapes
+    work."""
+    import socket
+    import threading
+    import time
+
+    from operators.metrics import MetricsConfig
+
+    assert MetricsConfig().host == "127.0.0.1"
+    port = free_port()
+    server = MetricsServer.serve(MetricsConfig(port=port, max_threads=2, request_timeout_s=0.5))
+    assert server is not None
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(100):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.3)
+        assert threading.active_count() - before <= 2
+        time.sleep(0.7)  # past request_timeout_s: the idle connections are closed by the server
+        assert threading.active_count() - before <= 0
+        assert all(s.recv(1) == b"" for s in idle[:2])  # closed by the server, not by us
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.status == 200 and b"python_info" in resp.read()
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
 
 
 def test_json_logs_one_object_per_line(capsys) -> None:
@@ -104,7 +137,24 @@ def test_json_logs_one_object_per_line(capsys) -> None:
      ('[kafka]\nsasl_mechanism = "PLAN"\n', "kafka.sasl_mechanism: expected one of"),
      ('[kafka.client]\nlinger_ms = 5\n', "kafka.client.linger_ms: not a setting of both"),
      ('[kafka.client]\nsasl_plain_password = "x"\n', "kafka.client.sasl_plain_password: set "
-      "kafka.sasl_plain_password instead")],
+      "kafka.sasl_plain_password instead"),
+     # issue 19 point 5: values that used to start a flow that silently misbehaves
+     ('[snapshots]\nkeep = 0\n', "snapshots.keep: must be >= 1"),
+     ('[index]\nM = 0\n', "index.M: must be >= 2"),
+     ('[index]\nM = -3\n', "index.M: must be >= 2"),
+     ('[ranker.params]\nlearning_rate = 0.1\n', "ranker.params.learning_rate: unknown parameter"),
+     ('[ranker]\nkind = "fm"\n[ranker.params]\nk = 4\n', "ranker.params.k: unknown parameter"),
+     ('[parse]\nmax_bytes = 0\n', "parse.max_bytes: must be >= 1"),
+     ('[ranker]\nsync_interval_ms = -1\n', "ranker.sync_interval_ms: must be >= 0"),
+     ('[index]\nrefresh_interval_ms = -60000\n', "index.refresh_interval_ms: must be >= 0"),
+     ('[join]\ndefault_window_ms = -5\n', "join.default_window_ms: must be >= 0"),
+     ('[join.window_ms]\nclick = -600000\n', "join.window_ms.click: must be >= 0"),
+     ('[join]\nidle_flush_s = -1.0\n', "join.idle_flush_s: must be >= 0"),
+     ('[serving]\nscorer_window = -1\n', "serving.scorer_window: must be >= 0"),
+     ('[items.covis]\nwindow = -2\n', "items.covis.window: must be >= 0"),
+     ('[items.covis]\nwindw = 2\n', "items.covis: "),
+     ('[kafka]\nstartup_timeout_s = -1\n', "kafka.startup_timeout_s: must be >= 0"),
+     ('[metrics]\nmax_threads = 0\n', "metrics.max_threads: must be >= 1")],
 )
 def test_bad_config_file_fails_at_start_naming_the_key(tmp_path, toml: str, message: str) -> None:
     path = tmp_path / "bad.toml"
@@ -216,7 +266,19 @@ def test_compose_file_validates_with_docker_compose() -> None:
         assert services[name]["depends_on"]["topics"]["condition"] == "service_completed_successfully"
         assert services[name]["environment"]["STREAMREC__KAFKA__BOOTSTRAP"] == "kafka:9092"
         assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
-    assert services["flow"]["environment"]["STREAMREC__METRICS__PORT"] == "9100"
+    flow = services["flow"]
+    assert flow["environment"]["STREAMREC__METRICS__PORT"] == "9100"
+    assert flow["environment"]["STREAMREC__METRICS__HOST"] == "0.0.0.0"  # published port
+    # recovery on the volume, through the entrypoint that initialises it once
+    assert flow["command"] == ["sh", "/app/docker/run-flow.sh"]
+    assert flow["environment"]["RECOVERY_DIR"].startswith("/data/")
+    assert any(str(v).split(":")[:2] == ["state", "/data"]
+               or (isinstance(v, dict) and (v.get("source"), v.get("target")) == ("state", "/data"))
+               for v in flow["volumes"]) and "state" in resolved["volumes"]
+    assert flow["restart"] == "on-failure"
+    check = " ".join(flow["healthcheck"]["test"])
+    assert "127.0.0.1:9100/healthz" in check
+    assert services["users"]["depends_on"]["flow"]["condition"] == "service_healthy"
     assert services["users"]["command"][:2] == ["streamrec", "loop"]
     # Both services read the config baked into the image; it must load.
     load_config(ROOT / "docker" / "streamrec.toml")
@@ -229,6 +291,23 @@ def test_compose_file_validates_with_docker_compose() -> None:
     finally:
         broken.unlink()
     assert bad.returncode != 0 and "depends_onn" in bad.stdout + bad.stderr
+
+
+def test_compose_publishes_ports_on_localhost_only() -> None:
+    """Every published port binds 127.0.0.1 (Docker's default, 0.0.0.0, would open the
+    broker and the metrics endpoint to the network); the flow's endpoint listens on every
+    interface inside its container so that the published port reaches it."""
+    lines = COMPOSE.read_text().splitlines()
+    published = []
+    for i, line in enumerate(lines):
+        if line.strip() == "ports:":
+            for entry in lines[i + 1:]:
+                if not entry.strip().startswith("- "):
+                    break
+                published.append(entry.strip()[2:].split("#")[0].strip().strip('"'))
+    assert len(published) == 2, published  # the broker's host listener, the metrics port
+    assert all(p.startswith("127.0.0.1:") for p in published), published
+    assert "STREAMREC__METRICS__HOST: 0.0.0.0" in COMPOSE.read_text()
 
 
 def test_dockerfile_is_slim_non_root_and_pinned() -> None:
@@ -334,3 +413,63 @@ def test_metrics_state_resumes_from_an_older_snapshot() -> None:
     resumed.add("examples", {"1": (2, 2.0)})
     assert resumed.events_by_type["click"] == 3 and resumed.examples["1"] == 2
     assert pickle.loads(pickle.dumps(resumed)).record()["examples_by_label"] == {"1": 2}
+
+
+@pytest.mark.kafka
+def test_flow_entrypoint_initialises_recovery_once_and_restarts_without_duplicates(
+        kafka_broker, kafka_produce, kafka_read_records, tmp_path) -> None:
+    """docker/run-flow.sh (the compose flow service): the first start creates the recovery
+    directory, later starts resume from it, so restarting re-reads nothing and writes no
+    output twice; events produced meanwhile are processed exactly once."""
+    import os
+
+    from events.simulator import SimConfig, Simulator
+    from flows.broker import create_topics
+
+    bootstrap = kafka_broker.bootstrap
+    app = f"restart{tmp_path.name[-6:]}".replace("_", "")
+    create_topics(bootstrap, [f"{app}.events"], 2)
+    sim = Simulator(SimConfig(n_users=30, n_items=40), seed=8)
+
+    def produce(n: int) -> None:
+        events = sim.next_batch(n)
+        kafka_produce(bootstrap, f"{app}.events", [orjson.dumps(e) for e in events],
+                      keys=[str(e.get("user_id", "")).encode() for e in events])
+
+    config = tmp_path / "flow.toml"
+    config.write_text(f'app = "{app}"\n[kafka]\nbootstrap = "{bootstrap}"\n'
+                      '[[inputs]]\nkind = "kafka"\ntail = false\nbatch_size = 200\n'
+                      f'[output]\nkind = "kafka"\n[snapshots]\ndir = "{tmp_path / "store"}"\n'
+                      '[shards]\nusers = 2\nitems = 2\n[sampler]\nnegative_rate = 1.0\n')
+    recovery = tmp_path / "recovery"
+    env = {**os.environ, "FLOW": f"flows.recsys:build('{config}')", "RECOVERY_DIR": str(recovery),
+           "SNAPSHOT_S": "1", "BACKUP_S": "1"}
+
+    def start() -> str:
+        run = subprocess.run(["sh", str(ROOT / "docker" / "run-flow.sh")], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stderr
+
+    def ids(topic: str, key: str) -> list[str]:
+        return [orjson.loads(r.value)[key] for r in kafka_read_records(bootstrap, f"{app}.{topic}")]
+
+    produce(1500)
+    assert "initialising recovery" in start()
+    db = recovery / "part-0.sqlite3"
+    inode = db.stat().st_ino
+    examples, recs = ids("examples", "example_id"), ids("recommendations", "request_id")
+    assert examples and recs and len(set(examples)) == len(examples)
+    # a restart with nothing new: resumes, re-reads nothing, writes nothing again
+    assert "resuming" in start()
+    assert db.stat().st_ino == inode
+    assert ids("examples", "example_id") == examples
+    assert ids("recommendations", "request_id") == recs
+    # events produced while it was down are processed once
+    produce(800)
+    start()
+    after = ids("examples", "example_id")
+    assert len(after) > len(examples) and len(set(after)) == len(after)
+    assert set(after) >= set(examples)
+    recs_after = ids("recommendations", "request_id")
+    assert len(set(recs_after)) == len(recs_after) > len(recs)

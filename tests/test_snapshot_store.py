@@ -108,3 +108,28 @@ def test_readers_of_a_store_share_each_loaded_version(tmp_path) -> None:
     a, b = SnapshotReader(store, "k", loader), SnapshotReader(store, "k", loader)
     assert a.refresh() and b.refresh()
     assert a.current is b.current and loads == ["v0000000001.bin"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_a_manifest", "other_kind"])
+def test_damaged_latest_is_refused_and_the_newest_verified_version_served(
+        tmp_path, caplog, damage: str) -> None:
+    """Issue 19 point 5: a damaged LATEST used to raise in every reader (the flow died);
+    now it is refused with one error and the newest version that verifies is served."""
+    store = SnapshotStore(tmp_path)
+    for n in (1, 2, 3):
+        store.write_bytes("ranker", "bin", b"model %d" % n, ts=n)
+    latest = tmp_path / "ranker" / "LATEST"
+    body = latest.read_bytes()
+    latest.write_bytes({"truncated": body[: len(body) // 2], "empty": b"", "not_a_manifest": b"[3]",
+                        "other_kind": body.replace(b'"ranker"', b'"index"')}[damage])
+    (tmp_path / "ranker" / "v0000000003.bin").write_bytes(b"model X")  # v3 altered too
+    with caplog.at_level("ERROR", logger="state.snapshot_store"):
+        reader = SnapshotReader(store, "ranker", lambda p: p.read_bytes())
+        assert reader.refresh()
+        assert (reader.version, reader.current) == (2, b"model 2")
+        assert not SnapshotReader(store, "ranker", lambda p: p.read_bytes()).refresh(max_ts=0)
+    refused = [r.getMessage() for r in caplog.records if "LATEST manifest refused" in r.getMessage()]
+    assert len(refused) == 1, refused  # once per file state and process
+    assert store.next_version("ranker") == 4
+    store.write_bytes("ranker", "bin", b"model 4", ts=4)  # the next write repairs LATEST
+    assert reader.refresh() and reader.current == b"model 4"

@@ -110,3 +110,22 @@ def test_rss_stays_under_the_bound_set_by_capacities(kafka_broker, kafka_produce
           f"{first:.1f} MB, second half {second:.1f} MB")
     assert summary["peak_rss_mb"] <= limit
     assert second < 0.25 * first, "RSS still grows once every store is full"
+
+
+def test_default_capacities_fit_the_machine_and_the_bound_is_logged(tmp_path, caplog) -> None:
+    """Issue 19 point 6: the default config's bound was 959,336 MB; now it fits half of
+    the 24 GB machine the README targets (the rest: the OS, Kafka client buffers, the
+    process itself), and every flow logs its bound when it starts running."""
+    from bytewax.testing import run_main
+
+    from flows.recsys import build
+
+    total = memory_bound(load_config())["total_mb"]
+    assert total <= 12 * 1024
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    flow = build({"output": {"dir": str(tmp_path / "out")},
+                  "inputs": [{"kind": "replay", "path": str(tmp_path / "empty.jsonl")}]})
+    with caplog.at_level("INFO", logger="flows.recsys"):
+        run_main(flow)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory bound:")]
+    assert lines and f"memory bound: {total:,.0f} MB above the process at start" in lines[-1]

@@ -97,3 +97,79 @@ def test_readers_take_no_snapshot_from_the_future(tmp_path) -> None:
     fresh = SnapshotReader(store, "items-i000", Path.read_bytes)
     assert not fresh.refresh(max_ts=999) and fresh.current is None
     assert fresh.refresh() and fresh.version == 3  # no bound: the newest
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_two_process_cluster_killed_and_restarted_writes_every_example_once(
+        kafka_broker, kafka_produce, tmp_path) -> None:
+    """Issue 19 point 8, the claim of docs/operations.md: a 2-process cluster (``-i/-a``,
+    one recovery directory with 2 partitions, ``-s 1``, JSONL outputs) killed with
+    SIGKILL mid-topic and started again with the same flags ends with exactly the
+    examples of an uninterrupted 1-process run, none twice (file outputs are truncated
+    back to their length at the last recovery snapshot)."""
+    from flows.broker import create_topics
+
+    from .flow_process import init_recovery, wait_until
+    from .test_crash_recovery import flow_config
+
+    bootstrap = kafka_broker.bootstrap
+    lines = simulated_log(tmp_path / "log.jsonl", 5_000, seed=11, requests_per_s=1.0,
+                          n_users=500, n_items=300, organic_per_request=0.1)
+    app = f"mp{free_port()}"
+    create_topics(bootstrap, [f"{app}.events"], 1)
+    kafka_produce(bootstrap, f"{app}.events", lines, partition=0, timeout_s=120)
+
+    def config(name: str) -> dict[str, Any]:
+        return {**flow_config(app, bootstrap, tmp_path / name / "store"),
+                "output": {"dir": str(tmp_path / name / "out")}}
+
+    def examples(name: str) -> list[tuple[Any, ...]]:
+        path = tmp_path / name / "out" / "examples.jsonl"
+        if not path.exists():
+            return []
+        return [(e["example_id"], e["user_id"], e["item_id"], e["label"], e["weight"])
+                for e in read_jsonl(path)]
+
+    (tmp_path / "ref").mkdir()
+    ref_s = FlowProcess(config("ref"), tmp_path / "ref" / "flow.log").start().wait(timeout_s=300)
+    ref = examples("ref")
+    assert len(ref) > 1000 and len({e[0] for e in ref}) == len(ref)
+
+    def written(name: str) -> int:
+        """Complete lines of the examples file (the last one may be half written)."""
+        path = tmp_path / name / "out" / "examples.jsonl"
+        return path.read_bytes().count(b"\n") if path.exists() else 0
+
+    (tmp_path / "two").mkdir()
+    db = init_recovery(tmp_path / "two" / "recovery", partitions=2)
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+
+    def cluster(run: int) -> list[FlowProcess]:
+        return [FlowProcess(config("two"), tmp_path / "two" / f"process-{i}-{run}.log",
+                            recovery=db, snapshot_s=1, process_id=i, addresses=addresses).start()
+                for i in range(2)]
+
+    first = cluster(1)
+    try:
+        wait_until(lambda: written("two") >= 0.35 * len(ref), 240,
+                   "a third of the examples", every_s=0.05, alive=first[0])
+    finally:
+        for flow in first:
+            flow.stop()  # kill -9, no shutdown code
+    assert all(flow.proc is not None and flow.proc.returncode == -9 for flow in first)
+    before = written("two")
+    assert before < 0.9 * len(ref), "the kill must land mid-topic"
+
+    second = cluster(2)
+    try:
+        for flow in second:
+            flow.wait(timeout_s=300)
+    finally:
+        for flow in second:
+            flow.stop()
+    after = examples("two")
+    print(f"1 process: {len(ref)} examples in {ref_s:.1f} s; 2 processes killed after "
+          f"{before}, {len(after)} after the restart")
+    assert len({e[0] for e in after}) == len(after), "an example written twice"
+    assert sorted(after) == sorted(ref)
