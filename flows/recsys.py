@@ -136,7 +136,7 @@ def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
         keyed = op.key_on(f"{step}_key", stream, lambda _batch: name)
         op.output(step, keyed, JsonlFileSink(config.output.dir, name))
     else:
-        from operators.kafka_io import KafkaSink
+        from operators.kafka_sink import KafkaSink
 
         op.output(step, stream, KafkaSink(config.kafka.bootstrap, config.topic(name),
                                           producer_config=config.kafka.client_settings("producer")))

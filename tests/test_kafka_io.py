@@ -18,7 +18,8 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from flows.broker import LocalBroker, LocalS3Store, create_topics, free_port
-from operators.kafka_io import KafkaSink, KafkaSource, parse_part_key, part_key
+from operators.kafka_io import KafkaSource, parse_part_key, part_key
+from operators.kafka_sink import KafkaSink
 
 pytestmark = pytest.mark.kafka
 

@@ -184,7 +184,8 @@ def test_kafka_security_settings_reach_kafka_python() -> None:
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient
 
-    from operators.kafka_io import KafkaSink, KafkaSource
+    from operators.kafka_io import KafkaSource
+    from operators.kafka_sink import KafkaSink
 
     config = load_config({"kafka": {
         "bootstrap": "k1:9093,k2:9093", "security_protocol": "SASL_SSL",

@@ -34,7 +34,8 @@ from events.simulator import SimConfig, write_log
 from flows.broker import LocalBroker, LocalS3Store, create_topics
 from flows.evaluate import read_jsonl
 from flows.recsys import OUTPUTS, build
-from operators.kafka_io import KafkaSink, KafkaSource
+from operators.kafka_io import KafkaSource
+from operators.kafka_sink import KafkaSink
 from operators.user_shard import UserShard
 from state.join_state import JoinConfig
 from state.sampling import NegativeSampler
