@@ -204,8 +204,10 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     wait_for_kafka(config, f"the {config.app} flow's topics")
     gc.set_threshold(*GC_THRESHOLD)
     if config.metrics.port:  # /healthz from the start, before the metrics stage has items
+        from operators import health
         from operators.prometheus import MetricsServer
 
+        health.restart()
         MetricsServer.serve(config.metrics)
     flow = Dataflow(config.app)
     store = config.snapshot_store()

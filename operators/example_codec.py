@@ -24,8 +24,8 @@ from events.model import Record
 def pack_example(example: Record) -> Record:
     """``example`` with its ``features`` grouped by prefix (a new record; the input is kept)."""
     features = example.get("features")
-    if not features:
-        return example
+    if not features or not any("." in name for name in features):
+        return example  # nothing to group
     try:
         nested = _nest(list(features.items()))
     except _Clash:

@@ -14,6 +14,14 @@ _STARTED = time.monotonic()
 _last_beat: float | None = None
 
 
+def restart() -> None:
+    """A dataflow is being built in this process: forget earlier beats (an earlier flow
+    of the same process, e.g. in tests) and start the start-up grace period now."""
+    global _STARTED, _last_beat
+    _STARTED = time.monotonic()
+    _last_beat = None
+
+
 def beat() -> None:
     """Record that a worker of this process made progress now."""
     global _last_beat
@@ -26,7 +34,7 @@ def last_beat_age_s() -> float | None:
 
 
 def uptime_s() -> float:
-    """Seconds since this module was imported (about the process's start)."""
+    """Seconds since this module was imported or the last ``restart`` (the flow's start)."""
     return time.monotonic() - _STARTED
 
 

@@ -208,6 +208,10 @@ class PointInTime:
             self._shared = shared if group is not None else None
         return shared
 
+    def release_frozen(self) -> None:
+        """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions)."""
+        self._frozen = None
+
     def _frozen_views(self) -> FrozenViews | None:
         if self.views is None:
             return None

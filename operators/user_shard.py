@@ -120,7 +120,14 @@ class UserShard:
         if self.views is not None and events:
             # Requests, impressions and MF all see the same snapshots, none newer than
             # the batch's first event (point in time).
+            served = (self.views.table_map(), self.views.index.index)
             self.views.poll(min(e.ts for e in events))
+            if (self.views.table_map() is not served[0]
+                    or self.views.index.index is not served[1]):
+                # Deferred impression features read the versions being replaced: take
+                # them now, so no pending impression keeps an old version in memory.
+                self.joiner.resolve_deferred()
+                self.context.release_frozen()
         for event in events:
             try:
                 self._apply(event)

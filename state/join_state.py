@@ -313,6 +313,16 @@ class Joiner:
         if self.config.is_positive(fb.action, fb.value):
             self.popularity.add(fb.item_id, fb.ts)
 
+    def resolve_deferred(self) -> int:
+        """Compute the deferred features of every pending impression now (their snapshot
+        versions are being released); returns how many were computed."""
+        n = 0
+        for entry in self.pending.values():
+            if type(entry.features) is not dict:
+                entry.features = entry.features.resolve()
+                n += 1
+        return n
+
     def advance(self) -> None:
         """Close every window whose deadline the watermark has passed; expire orphans."""
         watermark = self.watermark_ms

@@ -161,3 +161,31 @@ def test_user_context_is_taken_once_per_request(published: World,
                          Feedback(T0 + DAY + 61_000, "u", ITEMS[20], "click", "j0")])
     assert calls == ["u", "u"]
     assert later["examples"][0]["features"]["user.impressions.5m"] == 10.0
+
+
+def test_new_snapshots_release_the_versions_pending_impressions_read(published: World) -> None:
+    """A pending impression whose features are deferred holds the snapshot versions it
+    read; when the shard moves to new versions it computes them, so the old versions
+    are freed (memory stays one version per kind, flows.memory.memory_bound)."""
+    import gc
+    import weakref
+
+    lazy, eager = shard_pair(published)
+    for shard in (lazy, eager):
+        warm_up(shard)
+    sampler = NegativeSampler(RATE, 0)
+    imp_id = next(f"x{n}" for n in range(100) if not sampler.keep(f"imp:x{n}"))
+    for shard in (lazy, eager):
+        feed(shard, [Request(T0 - 20, "rx", "u"), Impression(T0, imp_id, "u", "a31", "rx", 0, {})])
+    assert type(lazy.joiner.pending[imp_id].features) is not dict  # deferred
+    old = [weakref.ref(t) for t in lazy.views.loaded_tables()]
+    published.publish_tables(ts=T0 + 1_000)
+    for shard in (lazy, eager):
+        feed(shard, [Request(T0 + 1_500, "rz", "someone-else")])
+    assert type(lazy.joiner.pending[imp_id].features) is dict  # taken before the switch
+    gc.collect()
+    assert all(ref() is None for ref in old), "an old table version is still referenced"
+    later = [Feedback(T0 + 5_000, "u", "a31", "click", imp_id)]
+    [got] = [e for e in feed(lazy, later)["examples"] if e["example_id"] == f"imp:{imp_id}"]
+    [want] = [e for e in feed(eager, later)["examples"] if e["example_id"] == f"imp:{imp_id}"]
+    assert got == want
