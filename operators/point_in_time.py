@@ -185,7 +185,7 @@ class PointInTime:
         siblings do not count as earlier impressions."""
         shared = self._shared_context(user_id, ts_ms)
         attrs = self.catalog.get(item_id)
-        cross = self._cross(shared, attrs, ts_ms)
+        cross = self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
         extra = self.item_features(shared.ctx, [item_id], ts_ms, attrs=[attrs], cross=[cross])[0]
         return compact({**shared.ctx.profile, **extra})
 
@@ -198,7 +198,8 @@ class PointInTime:
         shared = self._shared_context(user_id, ts_ms)
         attrs = self.catalog.get(item_id)
         return DeferredFeatures(self, shared.ctx, item_id, ts_ms, attrs,
-                                self._cross(shared, attrs, ts_ms), self._frozen_views())
+                                self._cross(shared.user_id, shared.crosses, attrs, ts_ms),
+                                self._frozen_views())
 
     def _shared_context(self, user_id: str, ts_ms: int) -> _Shared:
         shared, group = self._shared, self.group
@@ -220,14 +221,14 @@ class PointInTime:
             frozen = self._frozen = FrozenViews(self.views)
         return frozen
 
-    def _cross(self, shared: _Shared, attrs: dict[str, Any] | None,
-               ts_ms: int | None) -> list[dict[str, Any]]:
+    def _cross(self, user_id: str, cache: dict[tuple[str, str], dict[str, Any]],
+               attrs: dict[str, Any] | None, ts_ms: int | None) -> list[dict[str, Any]]:
         """The user x item-attribute profile features of an item with ``attrs`` (one dict
-        per ``user_x_<attr>`` profile whose attribute value is a string), cached per group."""
+        per ``user_x_<attr>`` profile whose attribute value is a string), memoised in
+        ``cache`` by (attribute, value) (per request group, or per call)."""
         out: list[dict[str, Any]] = []
         if not attrs:
             return out
-        cache = shared.crosses
         for attr, store in self._crosses:
             value = attrs.get(attr)
             if isinstance(value, str):
@@ -235,7 +236,7 @@ class PointInTime:
                 if feats is None:
                     feats = cache[(attr, value)] = {
                         name: _feature_value(name, v, ts_ms) for name, v in
-                        store.query((shared.user_id, value), _query_time(store, ts_ms)).items()}
+                        store.query((user_id, value), _query_time(store, ts_ms)).items()}
                 out.append(feats)
         return out
 
@@ -321,21 +322,9 @@ class PointInTime:
                                                   np.float64, n)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
-        cross = [[] for _ in item_ids]
-        if self._crosses:
-            cache: dict[tuple[str, str], dict[str, Any]] = {}
-            for j, a in enumerate(attrs):
-                if not a:
-                    continue
-                for attr, store in self._crosses:
-                    value = a.get(attr)
-                    if isinstance(value, str):
-                        feats = cache.get((attr, value))
-                        if feats is None:
-                            feats = cache[(attr, value)] = {
-                                name: _feature_value(name, v, ts_ms) for name, v in
-                                store.query((ctx.user_id, value), _query_time(store, ts_ms)).items()}
-                        cross[j].append(feats)
+        cache: dict[tuple[str, str], dict[str, Any]] = {}
+        cross = ([self._cross(ctx.user_id, cache, a, ts_ms) for a in attrs] if self._crosses
+                 else [[] for _ in item_ids])
         return ItemColumns(item_ids, numeric, tables, attrs, cross)
 
     def seeds(self, ctx: UserContext, views: SnapshotViews | FrozenViews | None = None
