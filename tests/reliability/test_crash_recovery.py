@@ -199,7 +199,10 @@ def test_kill9_mid_topic_then_resume_loses_nothing(kafka_broker, kafka_produce, 
     [ref_ranker] = [m for m in ref_metrics if m["kind"] == "ranker_final"]
     [crash_ranker] = [m for m in crash_metrics if m["kind"] == "ranker_final"]
     assert (crash_ranker["count"], crash_ranker["weight"]) == (ref_ranker["count"], ref_ranker["weight"])
-    assert crash_ranker["auc"] == pytest.approx(ref_ranker["auc"], abs=0.01)
+    # Exact counts above; the AUC only close: with Kafka input the snapshots that feed
+    # example features are polled by wall time, so two uninterrupted runs differ too
+    # (by ~0.01 measured since the ui.* and deferred features).
+    assert crash_ranker["auc"] == pytest.approx(ref_ranker["auc"], abs=0.03)
     ref_snap = last_manifests(decoded(read(ref_app, "snapshots")))
     crash_snap = last_manifests(decoded(read(crash_app, "snapshots")))
     assert set(crash_snap) == set(ref_snap) == {"ranker", "index", "items-i000", "items-i001"}
