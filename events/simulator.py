@@ -681,6 +681,24 @@ class Simulator:
             self._emitted += 1
             yield out.popleft()
 
+    def advance(self, ts_ms: int) -> list[dict[str, Any]]:
+        """Move the world's clock to ``ts_ms`` without generating requests: every scheduled
+        change due by then is applied in time order (gradual taste drift every
+        ``drift_step_s``, items added and retired), with the simulator's own RNG, so it is
+        deterministic for a seed and a sequence of calls. Returns the ``item`` events of
+        the catalogue changes (ts <= ``ts_ms``), for a closed loop to pass on; the logged
+        stream (``next_batch``) must not be used after this (its requests would be
+        older than the changes)."""
+        new: list[dict[str, Any]] = []
+        while True:
+            t_change = min(self._next_add, self._next_retire, self._next_drift)
+            if t_change > ts_ms:
+                break
+            self._t = max(self._t, t_change)
+            self._apply_change(t_change, new)
+        self._t = max(self._t, float(ts_ms))
+        return new
+
     @property
     def emitted(self) -> int:
         """Number of events emitted so far."""
