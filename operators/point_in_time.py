@@ -50,13 +50,17 @@ class UserContext:
     """Recent positives, newest first (``recent`` holds every interaction)."""
     finished: dict[str, int] = field(default_factory=dict)
     """Items with a consuming action (``serving.consume_actions``) -> its last ts (ms)."""
+    liked_categories: dict[str, float] = field(default_factory=dict)
+    """Category -> its share of the user's recent positives, by recency (``ui.category``)."""
 
 
-NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked")
+NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.category", "ui.interacted",
+                         "ui.liked")
 """Numeric per-candidate features: from the snapshots, popularity and trending (decayed
 to the event's time), co-visitation sums of the liked and any-interaction channels, MF
-score; from the user shard, whether the user already interacted with the item and had a
-positive on it (1.0 / 0.0). Absent means 0.0 (no table, no seeds, no vector, no
+score; from the user shard, whether the user already interacted with the item (1.0 /
+0.0) and how recent their positive on it is (``liked_recency``: ``decay**k`` for the k-th
+newest positive, 0.0 for none). Absent means 0.0 (no table, no seeds, no vector, no
 interaction with any of the items)."""
 
 
@@ -74,6 +78,20 @@ class ItemColumns:
     """The shard catalog's attributes of each item (a new object when they change)."""
     cross: list[list[dict[str, Any]]]
     """The user x item-attribute profile features of each item (one dict per value)."""
+
+
+def liked_recency(liked: list[str], decay: float) -> dict[str, float]:
+    """``ui.liked`` of the user's recent positives (newest first): ``decay**k`` for the
+    k-th newest (k = 0 newest), so a positive fades as the user makes new ones, whatever
+    the event-time scale; items beyond ``liked`` (the 50 newest) are 0. Forgetting by
+    count, like the co-visitation seeds (``serving.covis_query_decay``): after a change
+    of taste, the few newest positives outweigh the old ones (docs/evaluation.md)."""
+    out: dict[str, float] = {}
+    weight = 1.0
+    for item in liked:
+        out.setdefault(item, weight)
+        weight *= decay
+    return out
 
 
 def static_item_features(item_id: str, table: ItemTable | None,
@@ -169,7 +187,22 @@ class PointInTime:
         liked = self.liked.recent(user_id, 50) if self.liked is not None else []
         finished = self.finished.consumed(user_id) if self.finished is not None else {}
         return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
-                           finished)
+                           finished, self._category_shares(liked))
+
+    def _category_shares(self, liked: list[str]) -> dict[str, float]:
+        """Category -> share of the user's recent positives (the catalog's ``category``),
+        each weighted by ``liked_recency``: a user x category taste that forgets by count,
+        so it follows a change of taste within a few positives."""
+        shares: dict[str, float] = {}
+        total = 0.0
+        for item, weight in liked_recency(liked[: self.covis.recent_items], self.covis.decay).items():
+            attrs = self.catalog.get(item)
+            category = attrs.get("category") if attrs else None
+            if isinstance(category, str):
+                shares[category] = shares.get(category, 0.0) + weight
+                total += weight
+        return {c: w / total for c, w in shares.items()} if total else shares
+
 
     def consumed(self, user_id: str) -> Container[str]:
         """Items the user interacted with (the joiner's sampled negatives avoid them)."""
@@ -312,13 +345,17 @@ class PointInTime:
             mf = self._mf_scores(ctx.vector, item_ids, views)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
+        if ctx.liked_categories:
+            shares = ctx.liked_categories
+            numeric["ui.category"] = np.fromiter(
+                (shares.get(a.get("category"), 0.0) if a else 0.0 for a in attrs), np.float64, n)
         consumed = ctx.consumed
         if consumed:  # the user's own history with the item: do repeats pay off?
             seen = np.fromiter((item in consumed for item in item_ids), np.float64, n)
             if seen.any():
-                liked = set(ctx.liked)
                 numeric["ui.interacted"] = seen
-                numeric["ui.liked"] = np.fromiter((item in liked for item in item_ids),
+                recency = liked_recency(ctx.liked, self.covis.decay)
+                numeric["ui.liked"] = np.fromiter((recency.get(item, 0.0) for item in item_ids),
                                                   np.float64, n)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
