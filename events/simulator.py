@@ -803,6 +803,11 @@ class Simulator:
         x = self._b0 + aff + float(self._item_bias(i)) + pos
         return 1.0 / (1.0 + math.exp(-x))
 
+    def shifted(self, user_id: str) -> bool:
+        """Hidden truth for evaluation: whether ``drift_at`` gives the user a new taste."""
+        u = self._user_index(user_id)
+        return self._U_shift is not None and not np.array_equal(self._U_shift[u], self._U[u])
+
     def top_items(self, user_id: str, k: int, ts_ms: int) -> list[str]:
         """The oracle's list: the ``k`` available items of highest true click probability
         for ``user_id`` (tastes as of ``ts_ms``), best first (position bias is the same

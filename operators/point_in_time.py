@@ -50,12 +50,9 @@ class UserContext:
     """Recent positives, newest first (``recent`` holds every interaction)."""
     finished: dict[str, int] = field(default_factory=dict)
     """Items with a consuming action (``serving.consume_actions``) -> its last ts (ms)."""
-    liked_categories: dict[str, float] = field(default_factory=dict)
-    """Category -> its share of the user's recent positives, by recency (``ui.category``)."""
 
 
-NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.category", "ui.interacted",
-                         "ui.liked")
+NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked")
 """Numeric per-candidate features: from the snapshots, popularity and trending (decayed
 to the event's time), co-visitation sums of the liked and any-interaction channels, MF
 score; from the user shard, whether the user already interacted with the item (1.0 /
@@ -187,21 +184,8 @@ class PointInTime:
         liked = self.liked.recent(user_id, 50) if self.liked is not None else []
         finished = self.finished.consumed(user_id) if self.finished is not None else {}
         return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
-                           finished, self._category_shares(liked))
+                           finished)
 
-    def _category_shares(self, liked: list[str]) -> dict[str, float]:
-        """Category -> share of the user's recent positives (the catalog's ``category``),
-        each weighted by ``liked_recency``: a user x category taste that forgets by count,
-        so it follows a change of taste within a few positives."""
-        shares: dict[str, float] = {}
-        total = 0.0
-        for item, weight in liked_recency(liked[: self.covis.recent_items], self.covis.decay).items():
-            attrs = self.catalog.get(item)
-            category = attrs.get("category") if attrs else None
-            if isinstance(category, str):
-                shares[category] = shares.get(category, 0.0) + weight
-                total += weight
-        return {c: w / total for c, w in shares.items()} if total else shares
 
 
     def consumed(self, user_id: str) -> Container[str]:
@@ -345,10 +329,6 @@ class PointInTime:
             mf = self._mf_scores(ctx.vector, item_ids, views)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
-        if ctx.liked_categories:
-            shares = ctx.liked_categories
-            numeric["ui.category"] = np.fromiter(
-                (shares.get(a.get("category"), 0.0) if a else 0.0 for a in attrs), np.float64, n)
         consumed = ctx.consumed
         if consumed:  # the user's own history with the item: do repeats pay off?
             seen = np.fromiter((item in consumed for item in item_ids), np.float64, n)

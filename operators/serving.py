@@ -66,10 +66,10 @@ class ServingConfig:
     )
     recent_items: int = doc("Recent items of the user used as co-visitation seeds (per "
                             "channel: recent positives for 'liked', recent interactions for "
-                            "'any'); also the positives the ui.category feature reads.", 40)
+                            "'any').", 40)
     covis_query_decay: float = doc("Weight of the k-th most recent seed is decay**k (k = 0 "
                                    "newest); the same recency weight forgets old positives "
-                                   "in the ui.liked and ui.category features.", 0.8)
+                                   "in the ui.liked feature.", 0.8)
     covis_pop_alpha: float = doc("A channel's candidate score is divided by the item's count "
                                  "in that channel ** alpha (0 = raw co-counts).", 0.5)
     diversity: float = doc("Score penalty factor per item of an already chosen category "
