@@ -114,9 +114,14 @@ class SparseScores:
             return [0.0] * len(items)
         get = self.index.get
         wanted = np.fromiter((get(i, -1) for i in items), np.int64, len(items))
-        pos = np.minimum(np.searchsorted(self.ids, wanted), self.ids.size - 1)
-        found = self.ids[pos] == wanted
-        return np.where(found, self.values[pos], 0.0).tolist()
+        return self.at_rows(wanted).tolist()
+
+    def at_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Score of each id in ``rows`` (the view's id space; 0.0 where absent)."""
+        if not self.ids.size or not rows.size:
+            return np.zeros(rows.size)
+        pos = np.minimum(np.searchsorted(self.ids, rows), self.ids.size - 1)
+        return np.where(self.ids[pos] == rows, self.values[pos], 0.0)
 
     def to_dict(self, names: list[str]) -> dict[str, float]:
         """Every item -> score (for tests and small views)."""
