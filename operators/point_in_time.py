@@ -265,18 +265,24 @@ class PointInTime:
         return {name: _feature_value(name, v, ts_ms) for name, v in
                 store.query((user_id, value), _query_time(store, ts_ms)).items()}
 
-    def _cross_codes(self, user_id: str, attrs: list[dict[str, Any] | None], ts_ms: int | None
+    def cross_attrs(self) -> tuple[str, ...]:
+        """The item attributes of the ``user_x_<attr>`` profiles."""
+        return tuple(attr for attr, _ in self._crosses)
+
+    def _cross_codes(self, user_id: str, rows: np.ndarray, space: ItemRows, ts_ms: int | None
                      ) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
         """``_cross`` of every item column-wise: per cross profile, each item's value code
-        (-1: no string value) and the features of each distinct value (queried once)."""
+        (-1: no string value; from ``space.fill_attrs``) and the features of each
+        distinct value (queried once)."""
         out = []
         for attr, store in self._crosses:
-            code_of: dict[str, int] = {}
-            codes = np.fromiter(
-                ((code_of.setdefault(v, len(code_of)) if isinstance(v := a.get(attr), str)
-                  else -1) if a else -1 for a in attrs), np.int64, len(attrs))
-            out.append((codes, [self._cross_query(user_id, store, value, ts_ms)
-                                for value in code_of]))
+            uniq, codes = np.unique(space.attr_codes[attr][rows], return_inverse=True)
+            codes = codes.reshape(-1)
+            if uniq.size and uniq[0] < 0:
+                uniq, codes = uniq[1:], codes - 1
+            values = space.attr_values[attr]
+            out.append((codes, [self._cross_query(user_id, store, values[c], ts_ms)
+                                for c in uniq.tolist()]))
         return out
 
     def item_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
@@ -371,8 +377,10 @@ class PointInTime:
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
         if arrays:
+            assert rows is not None and space is not None
+            space.fill_attrs(rows, attrs, self.cross_attrs(), self.unavailable_attrs)
             return ItemColumns(item_ids, numeric, tables, attrs, None, rows, space,
-                               self._cross_codes(ctx.user_id, attrs, ts_ms))
+                               self._cross_codes(ctx.user_id, rows, space, ts_ms))
         cache: dict[tuple[str, str], dict[str, Any]] = {}
         cross = ([self._cross(ctx.user_id, cache, a, ts_ms) for a in attrs] if self._crosses
                  else [[] for _ in item_ids])

@@ -218,13 +218,18 @@ class Server:
         q = self.config.covis_query_decay
         alpha = self.config.covis_pop_alpha
         parts_ids, parts_vals = [], []
+        factors: dict[str, float] = {}  # per table: its decay to ts_ms
+        shard_of = self.item_shard_of
         for name, seeds in self.context.seeds(ctx):
             triples = []
             weight = 1.0
             for seed in seeds:
-                table = tables.get(self.item_shard_of(seed))
+                table = tables.get(shard_of(seed))
                 if table is not None:
-                    triples.append((table, seed, weight * table.covis_factor(ts_ms)))
+                    f = factors.get(table.shard)
+                    if f is None:
+                        f = factors[table.shard] = table.covis_factor(ts_ms)
+                    triples.append((table, seed, weight * f))
                 weight *= q
             ids, vals = view.channel_sums(name, triples)
             raw[name] = SparseScores(ids, vals, view.ids)
@@ -379,18 +384,19 @@ class Server:
         (from the items' tables) and the shard catalog's attributes."""
         items = pool.items
         n = len(items)
+        space = self._space()
+        space.sync(self.views.table_map())
+        space.fill(pool.rows)
         attrs = list(map(self.context.catalog.get, items))
-        keep = ~np.fromiter(map(self.context.unavailable_attrs, attrs), bool, n)
+        space.fill_attrs(pool.rows, attrs, self.context.cross_attrs(),
+                         self.context.unavailable_attrs)
+        keep = space.available[pool.rows] & ~space.unavailable[pool.rows]
         blocked = repeat_blocked(self.config, ctx, request.ts)
         if blocked:
             keep &= ~np.fromiter(map(blocked.__contains__, items), bool, n)
         if request.exclude:
             excluded = set(request.exclude)
             keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
-        space = self._space()
-        space.sync(self.views.table_map())
-        space.fill(pool.rows)
-        keep &= space.available[pool.rows]
         pool.attrs = attrs
         pool.category = [space.categories[c] for c in space.category[pool.rows].tolist()]
         return pool.take(keep)
@@ -400,8 +406,12 @@ class Server:
         if stage not in self.hooks:
             return pool
         cands = self._hook(stage, request, pool.candidates())
-        out = CandidatePool.from_candidates(cands, self._space().rows([c.item_id for c in cands]))
+        space = self._space()
+        out = CandidatePool.from_candidates(cands, space.rows([c.item_id for c in cands]))
         out.attrs = list(map(self.context.catalog.get, out.items))
+        space.fill(out.rows)
+        space.fill_attrs(out.rows, out.attrs, self.context.cross_attrs(),
+                         self.context.unavailable_attrs)
         return out
 
     def _score(self, request: Any, ctx: UserContext, pool: CandidatePool,

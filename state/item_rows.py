@@ -50,6 +50,16 @@ class ItemRows:
         self.category = np.zeros(size, np.int32)
         self.pop = np.zeros(size)
         self.trend = np.zeros(size)
+        self.attr_id = np.zeros(size, np.int64)
+        """``id`` of the shard catalog's attributes object each row's values below were
+        read from (``fill_attrs``); the object is kept in ``_attrs`` so the id stays its."""
+        self._attrs = np.zeros(size, object)
+        self.unavailable = np.zeros(size, bool)
+        """The shard catalog marks the item unavailable (``PointInTime.unavailable``)."""
+        self.attr_codes: dict[str, np.ndarray] = {}
+        """Per attribute, each row's string value as a code into ``attr_values`` (-1: none)."""
+        self.attr_values: dict[str, list[str]] = {}
+        self._attr_code: dict[str, dict[str, int]] = {}
         self._index: Any = None
         self._vec_gen = np.full(size, -1, np.int64)
         self._index_gen = 0
@@ -91,6 +101,11 @@ class ItemRows:
         self.category = grown(self.category, 0)
         self.pop = grown(self.pop, 0.0)
         self.trend = grown(self.trend, 0.0)
+        self.attr_id = grown(self.attr_id, 0)
+        self._attrs = grown(self._attrs, None)
+        self.unavailable = grown(self.unavailable, False)
+        for attr, codes in self.attr_codes.items():
+            self.attr_codes[attr] = grown(codes, -1)
         self._vec_gen = grown(self._vec_gen, -1)
         self._vecs = grown(self._vecs, 0.0)
         self._found = grown(self._found, False)
@@ -149,6 +164,41 @@ class ItemRows:
             self.pop[r] = table.popular.get(item, 0.0) if table is not None else 0.0
             self.trend[r] = table.trending.get(item, 0.0) if table is not None else 0.0
             self.gen[r] = self.shard_gen[s]
+
+    def fill_attrs(self, rows: np.ndarray, attrs: list[dict[str, Any] | None],
+                   cross: tuple[str, ...],
+                   unavailable: Callable[[dict[str, Any] | None], bool]) -> None:
+        """Make the catalog values of ``rows`` current: ``attrs`` are the shard catalog's
+        attributes of each row's item now (rows whose attributes object changed are
+        re-read): ``unavailable(attrs)`` and the string value code of each ``cross``
+        attribute."""
+        self._grow()
+        for attr in cross:
+            if attr not in self.attr_codes:
+                self.attr_codes[attr] = np.full(self.shard.size, -1, np.int64)
+                self.attr_values[attr] = []
+                self._attr_code[attr] = {}
+                self.attr_id[:] = 0  # read every row again for the new attribute
+        ids = np.fromiter(map(id, attrs), np.int64, len(attrs))
+        stale = np.flatnonzero(self.attr_id[rows] != ids)
+        if not stale.size:
+            return
+        for j in stale.tolist():
+            r = int(rows[j])
+            a = attrs[j]
+            self.unavailable[r] = unavailable(a)
+            for attr in self.attr_codes:
+                value = a.get(attr) if a else None
+                if isinstance(value, str):
+                    code = self._attr_code[attr].get(value)
+                    if code is None:
+                        code = self._attr_code[attr][value] = len(self.attr_values[attr])
+                        self.attr_values[attr].append(value)
+                    self.attr_codes[attr][r] = code
+                else:
+                    self.attr_codes[attr][r] = -1
+            self.attr_id[r] = ids[j]
+            self._attrs[r] = a
 
     def decay_factors(self, source: str, ts_ms: int) -> np.ndarray:
         """Per shard index, the factor that decays its table's ``source`` counts to
