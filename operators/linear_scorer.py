@@ -248,8 +248,10 @@ class ColumnScorer:
 
 class _StaticRows:
     """One ``ColumnScorer``'s static item terms per row of an ``ItemRows``: valid while
-    the row's table generation and attributes object are those it was computed from
-    (the attributes are kept, so their ``id`` cannot be reused meanwhile)."""
+    the row's attributes object is the one it was computed from (kept, so its ``id``
+    cannot be reused meanwhile) and its table's generation is the one it was read from,
+    or a newer table gives the item the same profile and category (tables are
+    republished often; most items' static features do not change)."""
 
     def __init__(self, scorer: ColumnScorer) -> None:
         self.scorer = scorer
@@ -257,29 +259,46 @@ class _StaticRows:
         self.gen = np.zeros(0, np.int64)
         self.attr_id = np.zeros(0, np.int64)
         self.attrs = np.zeros(0, object)
+        self.source = np.zeros(0, object)
+        """What the term read from the item's table: (has a table, profile, category)."""
         self.keys: set[str] = set()
         """Every static feature key memoised (checked against the user's keys)."""
 
+    def _grow(self, size: int) -> None:
+        old = self.term.size
+        if old >= size:
+            return
+        self.term = np.concatenate([self.term, np.zeros(size - old)])
+        self.gen = np.concatenate([self.gen, np.full(size - old, -1, np.int64)])
+        self.attr_id = np.concatenate([self.attr_id, np.zeros(size - old, np.int64)])
+        self.attrs = np.concatenate([self.attrs, np.full(size - old, None, object)])
+        self.source = np.concatenate([self.source, np.full(size - old, None, object)])
+
     def terms(self, space: ItemRows, rows: np.ndarray, cols: ItemColumns) -> np.ndarray:
-        size = space.shard.size
-        if self.term.size < size:
-            old = self.term.size
-            self.term = np.concatenate([self.term, np.zeros(size - old)])
-            self.gen = np.concatenate([self.gen, np.full(size - old, -1, np.int64)])
-            self.attr_id = np.concatenate([self.attr_id, np.zeros(size - old, np.int64)])
-            self.attrs = np.concatenate([self.attrs, np.full(size - old, None, object)])
+        self._grow(space.shard.size)
         gen = space.shard_gen[space.shard[rows]]
         attr_ids = np.fromiter(map(id, cols.attrs), np.int64, len(cols.attrs))
         stale = np.flatnonzero((self.gen[rows] != gen) | (self.attr_id[rows] != attr_ids))
         for j in stale.tolist():
             r = int(rows[j])
-            term, keys = self.scorer._static_term(cols.item_ids[j], cols.tables[j], cols.attrs[j])
-            self.term[r] = term
+            item, table, attrs = cols.item_ids[j], cols.tables[j], cols.attrs[j]
+            source = _table_source(item, table)
+            if self.attr_id[r] != attr_ids[j] or self.source[r] != source:
+                self.term[r], keys = self.scorer._static_term(item, table, attrs)
+                self.keys.update(keys)
+                self.attr_id[r] = attr_ids[j]
+                self.attrs[r] = attrs
+                self.source[r] = source
             self.gen[r] = gen[j]
-            self.attr_id[r] = attr_ids[j]
-            self.attrs[r] = cols.attrs[j]
-            self.keys.update(keys)
         return self.term[rows]
+
+
+def _table_source(item: str, table: ItemTable | None) -> tuple[Any, ...]:
+    """What ``static_item_features`` reads from the item's table."""
+    if table is None:
+        return (False,)
+    entry = table.catalog.get(item)
+    return (True, table.features.get(item), entry.category if entry else None)
 
 
 _COLUMN_SCORERS: weakref.WeakKeyDictionary[LinearScorer, ColumnScorer] = weakref.WeakKeyDictionary()
