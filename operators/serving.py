@@ -245,7 +245,7 @@ class Server:
             return *none, raw
         ids, vals = sparse_sum(np.concatenate(parts_ids), np.concatenate(parts_vals),
                                len(view.names))
-        order = np.lexsort((ids, -vals))[:n]  # best first, ties by id
+        order = top_indices(vals, n)  # best first, ties by id (ids are ascending)
         return ids[order], vals[order] * (1.0 / len(parts_ids)), raw
 
     def outcome(self, user_id: str, item_id: str) -> None:
