@@ -18,6 +18,11 @@ called as ``hook(request, candidates) -> candidates``):
    positives, ``operators/scorer_duel.py``); hook ``after_scoring``;
 4. order: diversity across categories and an epsilon-greedy exploration slot (a new
    item), both configurable and off-able; hook ``after_ordering``.
+
+Candidates travel as arrays (``CandidatePool``, operators/candidates.py: rows in the
+``CovisView`` id space with per-row values of the loaded snapshots in ``ItemRows``,
+state/item_rows.py); ``Candidate`` objects are made for the top k, and for every
+candidate only when a hook is configured.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from events.model import Record
 from models.features import SERVING_POSITION, ranking_features_many
 from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
 from operators.linear_scorer import column_scorer, linear_scorer
-from operators.point_in_time import PointInTime, UserContext
+from operators.point_in_time import ItemColumns, PointInTime, UserContext
 from operators.scorer_duel import SCORERS, ScorerDuel
 from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
@@ -452,6 +457,14 @@ class Server:
         self.duel.forget(ctx.user_id)
         return True
 
+    def pool_columns(self, request: Any, ctx: UserContext, pool: CandidatePool,
+                     covis: dict[str, SparseScores] | None) -> ItemColumns:
+        """The pool's candidate features as columns (``PointInTime.item_columns`` on the
+        pool's rows): what a scorer of the whole pool consumes beside ``pool.items``,
+        ``pool.rows`` and the retrieval scores (``pool.scores``, blend in ``pool.score``)."""
+        return self.context.item_columns(ctx, pool.items, request.ts, covis, attrs=pool.attrs,
+                                         rows=pool.rows, space=self._space())
+
     def _ranker_scores(self, ranker: Any, request: Any, ctx: UserContext, pool: CandidatePool,
                        covis: dict[str, SparseScores] | None) -> np.ndarray:
         """Calibrated P(positive) per candidate: vectorised for River LR (``ColumnScorer``
@@ -461,8 +474,7 @@ class Server:
         items = pool.items
         scorer = linear_scorer(ranker)
         if scorer is not None:
-            cols = self.context.item_columns(ctx, items, request.ts, covis, attrs=pool.attrs,
-                                             rows=pool.rows, space=self._space())
+            cols = self.pool_columns(request, ctx, pool, covis)
             p = column_scorer(scorer).predict(ctx.user_id, request.ts, request.context,
                                               SERVING_POSITION, ctx.profile, cols)
             if p is not None:
