@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from state.covis_view import group_ids
+
 SOURCES = ("ann", "covis", "trending", "popular")
 """Retrieval sources in the order they are retrieved (an item's ``sources`` list is
 always in this order unless a hook changes it)."""
@@ -131,17 +133,20 @@ def merge(parts: list[tuple[str, np.ndarray, np.ndarray]], items_of: Any) -> Can
     rows = np.concatenate([p[1] for p in parts])
     vals = np.concatenate([np.asarray(p[2], np.float64) for p in parts])
     src = np.concatenate([np.full(p[1].size, SOURCES.index(p[0])) for p in parts])
-    uniq, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    position = np.empty(uniq.size, np.int64)
-    position[order] = np.arange(uniq.size)
-    at = position[inverse.reshape(-1)]
-    scores = np.zeros((len(SOURCES), uniq.size))
-    has = np.zeros((len(SOURCES), uniq.size), bool)
+    by_row, starts = group_ids(rows)
+    first = by_row[starts]  # each distinct row's first position (the sort is stable)
+    group = np.empty(rows.size, np.int64)
+    group[by_row] = np.cumsum(starts) - 1
+    order = np.argsort(first)  # groups in order of first appearance
+    position = np.empty(first.size, np.int64)
+    position[order] = np.arange(first.size)
+    at = position[group]
+    scores = np.zeros((len(SOURCES), first.size))
+    has = np.zeros((len(SOURCES), first.size), bool)
     scores[src, at] = vals
     has[src, at] = True
-    out_rows = uniq[order]
-    return CandidatePool(out_rows, items_of(out_rows), scores, has, np.zeros(uniq.size))
+    out_rows = rows[first[order]]
+    return CandidatePool(out_rows, items_of(out_rows), scores, has, np.zeros(first.size))
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:
