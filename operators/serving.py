@@ -166,7 +166,7 @@ class Server:
         self.duel.max_users = min(self.duel.max_users, max_users)
         """Remembers each requesting user's last two top-k lists."""
         self.covis_view = CovisView()
-        self.rows = ItemRows(self.covis_view, self.item_shard_of)
+        self.item_rows = ItemRows(self.covis_view, self.item_shard_of)
         """Per-item values of the loaded snapshots by row (the candidates' id space)."""
         self.served_by = {"ranker": 0, "retrieval": 0}
         self.served = 0
@@ -187,14 +187,15 @@ class Server:
         state = self.__dict__.copy()
         state["_top_cache"] = {}
         state["covis_view"] = CovisView()
-        state["rows"] = None
+        state["item_rows"] = None
         return state
 
     def _space(self) -> ItemRows:
         """The candidates' id space (rebuilt after a resume)."""
-        if self.rows is None or self.rows.view is not self.covis_view:
-            self.rows = ItemRows(self.covis_view, self.item_shard_of)
-        return self.rows
+        space = getattr(self, "item_rows", None)  # None after a resume (and in older state)
+        if space is None or space.view is not self.covis_view:
+            space = self.item_rows = ItemRows(self.covis_view, self.item_shard_of)
+        return space
 
     def covis_channels(self, ctx: UserContext, ts_ms: int, n: int
                        ) -> tuple[list[tuple[str, float]], dict[str, SparseScores]]:
