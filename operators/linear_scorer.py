@@ -202,12 +202,12 @@ class ColumnScorer:
         path: ``cols.rows`` in ``cols.space``), in the order of the per-item loop (static
         term, then each cross profile's term), so the sums are the loop's; None when a
         feature key could override a user feature (the loop then decides exactly)."""
-        space, rows = cols.space, cols.rows
-        assert space is not None and rows is not None
+        space, slots = cols.space, cols.slots
+        assert space is not None and slots is not None
         memo = space.memo.get(ColumnScorer)
         if memo is None or memo.scorer is not self:
             memo = space.memo[ColumnScorer] = _StaticRows(self)
-        static = memo.terms(space, rows, cols)
+        static = memo.terms(space, slots, cols)
         if user_keys and not memo.keys.isdisjoint(user_keys):
             return None
         for codes, feats in cols.cross_codes or ():
@@ -247,7 +247,7 @@ class ColumnScorer:
 
 
 class _StaticRows:
-    """One ``ColumnScorer``'s static item terms per row of an ``ItemRows``: valid while
+    """One ``ColumnScorer``'s static item terms per slot of an ``ItemRows``: valid while
     the row's attributes object is the one it was computed from (kept, so its ``id``
     cannot be reused meanwhile) and its table's generation is the one it was read from,
     or a newer table gives the item the same profile and category (tables are
@@ -274,13 +274,13 @@ class _StaticRows:
         self.attrs = np.concatenate([self.attrs, np.full(size - old, None, object)])
         self.source = np.concatenate([self.source, np.full(size - old, None, object)])
 
-    def terms(self, space: ItemRows, rows: np.ndarray, cols: ItemColumns) -> np.ndarray:
-        self._grow(space.shard.size)
-        gen = space.shard_gen[space.shard[rows]]
+    def terms(self, space: ItemRows, slots: np.ndarray, cols: ItemColumns) -> np.ndarray:
+        self._grow(space.capacity)
+        gen = space.shard_gen[space.shard[slots]]
         attr_ids = np.fromiter(map(id, cols.attrs), np.int64, len(cols.attrs))
-        stale = np.flatnonzero((self.gen[rows] != gen) | (self.attr_id[rows] != attr_ids))
+        stale = np.flatnonzero((self.gen[slots] != gen) | (self.attr_id[slots] != attr_ids))
         for j in stale.tolist():
-            r = int(rows[j])
+            r = int(slots[j])
             item, table, attrs = cols.item_ids[j], cols.tables[j], cols.attrs[j]
             source = _table_source(item, table)
             if self.attr_id[r] != attr_ids[j] or self.source[r] != source:
@@ -290,7 +290,7 @@ class _StaticRows:
                 self.attrs[r] = attrs
                 self.source[r] = source
             self.gen[r] = gen[j]
-        return self.term[rows]
+        return self.term[slots]
 
 
 def _table_source(item: str, table: ItemTable | None) -> tuple[Any, ...]:

@@ -80,6 +80,8 @@ class ItemColumns:
     """The items' rows in serving's ``ItemRows`` id space (the array path), else None."""
     space: ItemRows | None = None
     """The ``ItemRows`` of ``rows``."""
+    slots: np.ndarray | None = None
+    """The items' slots in ``space`` (its per-item values)."""
     cross_codes: list[tuple[np.ndarray, list[dict[str, Any]]]] | None = None
     """Per ``user_x_<attr>`` profile: each item's value code (-1: none) and the features
     of each code: ``cross`` column-wise."""
@@ -269,14 +271,14 @@ class PointInTime:
         """The item attributes of the ``user_x_<attr>`` profiles."""
         return tuple(attr for attr, _ in self._crosses)
 
-    def _cross_codes(self, user_id: str, rows: np.ndarray, space: ItemRows, ts_ms: int | None
+    def _cross_codes(self, user_id: str, slots: np.ndarray, space: ItemRows, ts_ms: int | None
                      ) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
         """``_cross`` of every item column-wise: per cross profile, each item's value code
         (-1: no string value; from ``space.fill_attrs``) and the features of each
         distinct value (queried once)."""
         out = []
         for attr, store in self._crosses:
-            uniq, codes = np.unique(space.attr_codes[attr][rows], return_inverse=True)
+            uniq, codes = np.unique(space.attr_codes[attr][slots], return_inverse=True)
             codes = codes.reshape(-1)
             if uniq.size and uniq[0] < 0:
                 uniq, codes = uniq[1:], codes - 1
@@ -336,17 +338,18 @@ class PointInTime:
         numeric: dict[str, np.ndarray] = {}
         views = views or self.views
         arrays = rows is not None and space is not None
+        slots = None
         if views is not None and self.item_shard_of is not None:
             at = ts_ms or 0
             table_map = views.table_map()
             if arrays:
                 assert rows is not None and space is not None
                 space.sync(table_map)
-                space.fill(rows)
-                tables = space.table_list(rows)
-                shard = space.shard[rows]
-                numeric["pop"] = space.pop[rows] * space.decay_factors("popular", at)[shard]
-                numeric["trend"] = space.trend[rows] * space.decay_factors("trending", at)[shard]
+                slots = space.fill(rows)
+                tables = space.table_list(slots)
+                shard = space.shard[slots]
+                numeric["pop"] = space.pop[slots] * space.decay_factors("popular", at)[shard]
+                numeric["trend"] = space.trend[slots] * space.decay_factors("trending", at)[shard]
             else:
                 numeric["pop"], numeric["trend"] = self._counts(item_ids, table_map, tables, at)
             if covis is None:
@@ -363,7 +366,7 @@ class PointInTime:
             numeric["covis"] = liked_sums if liked_sums is not None else np.zeros(n)
             if sums.get("any") is not None:
                 numeric["covis_any"] = sums["any"]
-            mf = self._mf_scores(ctx.vector, item_ids, views, rows, space)
+            mf = self._mf_scores(ctx.vector, item_ids, views, rows, space, slots)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
         consumed = ctx.consumed
@@ -378,9 +381,11 @@ class PointInTime:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
         if arrays:
             assert rows is not None and space is not None
-            space.fill_attrs(rows, attrs, self.cross_attrs(), self.unavailable_attrs)
-            return ItemColumns(item_ids, numeric, tables, attrs, None, rows, space,
-                               self._cross_codes(ctx.user_id, rows, space, ts_ms))
+            if slots is None:
+                slots = space.fill(rows)
+            space.fill_attrs(slots, attrs, self.cross_attrs(), self.unavailable_attrs)
+            return ItemColumns(item_ids, numeric, tables, attrs, None, rows, space, slots,
+                               self._cross_codes(ctx.user_id, slots, space, ts_ms))
         cache: dict[tuple[str, str], dict[str, Any]] = {}
         cross = ([self._cross(ctx.user_id, cache, a, ts_ms) for a in attrs] if self._crosses
                  else [[] for _ in item_ids])
@@ -441,14 +446,14 @@ class PointInTime:
 
     def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str],
                    views: SnapshotViews | FrozenViews | None = None,
-                   rows: np.ndarray | None = None, space: ItemRows | None = None
-                   ) -> np.ndarray | None:
+                   rows: np.ndarray | None = None, space: ItemRows | None = None,
+                   slots: np.ndarray | None = None) -> np.ndarray | None:
         views = views or self.views
         index = views.index if views is not None else None
         if vector is None or index is None or index.index is None or not item_ids:
             return None
-        if rows is not None and space is not None:
-            vecs, found = space.vectors(rows, index.index)
+        if rows is not None and space is not None and slots is not None:
+            vecs, found = space.vectors(slots, rows, index.index)
         else:
             vecs, found = index.vectors(item_ids)
         scores = vecs @ np.asarray(vector, np.float32)

@@ -392,11 +392,10 @@ class Server:
         n = len(items)
         space = self._space()
         space.sync(self.views.table_map())
-        space.fill(pool.rows)
+        slots = space.fill(pool.rows)
         attrs = list(map(self.context.catalog.get, items))
-        space.fill_attrs(pool.rows, attrs, self.context.cross_attrs(),
-                         self.context.unavailable_attrs)
-        keep = space.available[pool.rows] & ~space.unavailable[pool.rows]
+        space.fill_attrs(slots, attrs, self.context.cross_attrs(), self.context.unavailable_attrs)
+        keep = space.available[slots] & ~space.unavailable[slots]
         blocked = repeat_blocked(self.config, ctx, request.ts)
         if blocked:
             keep &= ~np.fromiter(map(blocked.__contains__, items), bool, n)
@@ -404,7 +403,7 @@ class Server:
             excluded = set(request.exclude)
             keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
         pool.attrs = attrs
-        pool.category = [space.categories[c] for c in space.category[pool.rows].tolist()]
+        pool.category = [space.categories[c] for c in space.category[slots].tolist()]
         return pool.take(keep)
 
     def _pool_hook(self, stage: str, request: Any, pool: CandidatePool) -> CandidatePool:
@@ -415,8 +414,8 @@ class Server:
         space = self._space()
         out = CandidatePool.from_candidates(cands, space.rows([c.item_id for c in cands]))
         out.attrs = list(map(self.context.catalog.get, out.items))
-        space.fill(out.rows)
-        space.fill_attrs(out.rows, out.attrs, self.context.cross_attrs(),
+        space.sync(self.views.table_map())
+        space.fill_attrs(space.fill(out.rows), out.attrs, self.context.cross_attrs(),
                          self.context.unavailable_attrs)
         return out
 

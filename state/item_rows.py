@@ -2,16 +2,21 @@
 
 Serving handles candidates as numpy int arrays of rows in a ``CovisView`` id space
 (state/covis_view.py: one dense id per item, never reused). ``ItemRows`` keeps, per
-row, what the request path would otherwise look up item by item in the item tables'
-dicts: the item's shard, its table's catalog entry (present, available, category),
-raw popularity and trending counts (as of the table's ``ts``) and its MF vector in
-the index snapshot. Rows are filled lazily, only for items that become candidates,
-and refilled when their shard's table (or the index) is replaced by a new version:
-each row remembers the generation of the table it was read from.
+candidate item, what the request path would otherwise look up item by item in the
+item tables' dicts: the item's shard, its table's catalog entry (present, available,
+category), raw popularity and trending counts (as of the table's ``ts``), the shard
+catalog's attributes (unavailable, cross-profile attribute values) and its MF vector
+in the index snapshot. Values live in slots, given only to rows that become
+candidates (``fill(rows) -> slots``), and are refilled when their shard's table, the
+index or the item's catalog attributes are replaced: each slot remembers the
+generation of the table and the attributes object it was read from.
 
-Invariant: a filled row's values equal the dict lookups on the table that is current
-for its shard (``tables[shard[row]]``) whenever ``gen[row] == shard_gen[shard[row]]``.
-Memory: O(items seen) per server, like the ``CovisView``.
+Invariant: a slot's values equal the dict lookups on the table that is current for its
+shard (``tables[shard[slot]]``) whenever ``gen[slot] == shard_gen[shard[slot]]``.
+Memory: 4 bytes per id of the ``CovisView``, plus per slot ~150 bytes and the catalog
+attributes object it keeps; slots are all dropped (and refilled lazily) once there are
+more than ``max(min_slots, 4 x items in the loaded tables)``, so they stay bounded by
+the catalog however many items churned through.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from state.item_table import ItemTable
 
 
 class ItemRows:
-    """Lazily filled per-row values of the loaded item tables and index."""
+    """Lazily filled per-candidate values of the loaded item tables, catalog and index."""
 
-    def __init__(self, view: CovisView, item_shard_of: Callable[[str], str]) -> None:
+    def __init__(self, view: CovisView, item_shard_of: Callable[[str], str],
+                 min_slots: int = 16_384) -> None:
         self.view = view
         self.item_shard_of = item_shard_of
+        self.min_slots = min_slots
         self.shards: dict[str, int] = {}
         """Shard key -> shard index (in order of first sight)."""
         self.tables: list[ItemTable | None] = []
@@ -38,36 +45,44 @@ class ItemRows:
         self.shard_gen = np.zeros(0, np.int64)
         """Generation of each shard's current table (bumped when it is replaced)."""
         self._map: dict[str, ItemTable] | None = None
+        self._max_slots = min_slots
         self.categories: list[str | None] = [None]
         """Category names by code (code 0: no category)."""
         self._category_code: dict[str | None, int] = {None: 0}
-        size = 0
-        self.shard = np.full(size, -1, np.int32)
-        self.gen = np.full(size, -1, np.int64)
-        self.entry = np.zeros(size, bool)
-        """The item's table has a catalog entry for it."""
-        self.available = np.ones(size, bool)
-        self.category = np.zeros(size, np.int32)
-        self.pop = np.zeros(size)
-        self.trend = np.zeros(size)
-        self.attr_id = np.zeros(size, np.int64)
-        """``id`` of the shard catalog's attributes object each row's values below were
-        read from (``fill_attrs``); the object is kept in ``_attrs`` so the id stays its."""
-        self._attrs = np.zeros(size, object)
-        self.unavailable = np.zeros(size, bool)
-        """The shard catalog marks the item unavailable (``PointInTime.unavailable``)."""
-        self.attr_codes: dict[str, np.ndarray] = {}
-        """Per attribute, each row's string value as a code into ``attr_values`` (-1: none)."""
         self.attr_values: dict[str, list[str]] = {}
         self._attr_code: dict[str, dict[str, int]] = {}
         self._index: Any = None
-        self._vec_gen = np.full(size, -1, np.int64)
         self._index_gen = 0
-        self._vecs = np.zeros((size, 0), np.float32)
-        self._found = np.zeros(size, bool)
+        self._clear()
+
+    def _clear(self) -> None:
+        """Drop every slot (and the readers' memos tied to them)."""
+        self.slot_of = np.full(len(self.view.names), -1, np.int32)
+        """Each id's slot (-1: none)."""
+        self.n_slots = 0
+        self.shard = np.full(0, -1, np.int32)
+        self.gen = np.full(0, -1, np.int64)
+        self.entry = np.zeros(0, bool)
+        """The item's table has a catalog entry for it."""
+        self.available = np.ones(0, bool)
+        self.category = np.zeros(0, np.int32)
+        self.pop = np.zeros(0)
+        self.trend = np.zeros(0)
+        self.attr_id = np.zeros(0, np.int64)
+        """``id`` of the shard catalog's attributes object each slot's values below were
+        read from (``fill_attrs``); the object is kept in ``_attrs`` so the id stays its."""
+        self._attrs = np.zeros(0, object)
+        self.unavailable = np.zeros(0, bool)
+        """The shard catalog marks the item unavailable (``PointInTime.unavailable``)."""
+        self.attr_codes: dict[str, np.ndarray] = {a: np.zeros(0, np.int64)
+                                                  for a in self.attr_values}
+        """Per attribute, each slot's string value as a code into ``attr_values`` (-1: none)."""
+        self._vec_gen = np.full(0, -1, np.int64)
+        self._vecs = np.zeros((0, 0), np.float32)
+        self._found = np.zeros(0, bool)
         self.memo: dict[Any, Any] = {}
-        """Readers' per-row caches tied to this id space (e.g. a ranker's static item
-        terms, operators/linear_scorer.py), keyed by their owner."""
+        """Readers' per-slot caches (e.g. a ranker's static item terms,
+        operators/linear_scorer.py), keyed by their owner; dropped with the slots."""
 
     # -- the id space ------------------------------------------------------------------
     def rows(self, items: list[str]) -> np.ndarray:
@@ -83,11 +98,34 @@ class ItemRows:
         names = self.view.names
         return [names[r] for r in rows.tolist()]
 
+    def _slots(self, rows: np.ndarray) -> np.ndarray:
+        """Slots of ``rows``, new ones for rows without (all slots are dropped first when
+        the new ones would pass the bound)."""
+        n_ids = len(self.view.names)
+        if self.slot_of.size < n_ids:
+            grown = np.full(max(n_ids, self.slot_of.size + self.slot_of.size // 2), -1, np.int32)
+            grown[: self.slot_of.size] = self.slot_of
+            self.slot_of = grown
+        slots = self.slot_of[rows]
+        missing = slots < 0
+        if not missing.any():
+            return slots
+        new = np.unique(rows[missing])
+        if self.n_slots + new.size > self._max_slots:
+            known = sum(len(t.catalog) for t in self.tables if t is not None)
+            self._max_slots = max(self.min_slots, 4 * known, 2 * rows.size)
+            self._clear()
+            return self._slots(rows)
+        self.slot_of[new] = np.arange(self.n_slots, self.n_slots + new.size, dtype=np.int32)
+        self.n_slots += new.size
+        self._grow()
+        return self.slot_of[rows]
+
     def _grow(self) -> None:
-        n = len(self.view.names)
+        n = self.n_slots
         if self.shard.size >= n:
             return
-        size = max(n, 2 * self.shard.size, 1024)
+        size = max(n, self.shard.size + self.shard.size // 2, 256)
 
         def grown(arr: np.ndarray, fill: Any) -> np.ndarray:
             out = np.full((size, *arr.shape[1:]), fill, arr.dtype)
@@ -109,6 +147,11 @@ class ItemRows:
         self._vec_gen = grown(self._vec_gen, -1)
         self._vecs = grown(self._vecs, 0.0)
         self._found = grown(self._found, False)
+
+    @property
+    def capacity(self) -> int:
+        """Length of the per-slot arrays."""
+        return int(self.shard.size)
 
     # -- tables ------------------------------------------------------------------------
     def sync(self, table_map: dict[str, ItemTable]) -> None:
@@ -133,72 +176,70 @@ class ItemRows:
             self.shard_gen = np.append(self.shard_gen, 0)
         return s
 
-    def fill(self, rows: np.ndarray) -> None:
-        """Make the table values of ``rows`` current (after ``sync``)."""
-        self._grow()
-        shard = self.shard[rows]
+    def fill(self, rows: np.ndarray) -> np.ndarray:
+        """The slots of ``rows`` with their table values current (after ``sync``)."""
+        slots = self._slots(rows)
+        shard = self.shard[slots]
         unknown = shard < 0
         if unknown.any():
             names = self.view.names
-            for r in np.unique(rows[unknown]).tolist():
-                self.shard[r] = self._shard_index(self.item_shard_of(names[r]))
-            shard = self.shard[rows]
-        stale = self.gen[rows] != self.shard_gen[shard]
-        if not stale.any():
-            return
+            for r, s in zip(rows[unknown].tolist(), slots[unknown].tolist(), strict=True):
+                self.shard[s] = self._shard_index(self.item_shard_of(names[r]))
+            shard = self.shard[slots]
+        stale = np.flatnonzero(self.gen[slots] != self.shard_gen[shard])
+        if not stale.size:
+            return slots
         names = self.view.names
         codes = self._category_code
-        for r in np.unique(rows[stale]).tolist():
-            s = int(self.shard[r])
-            table = self.tables[s]
+        for r, s in zip(rows[stale].tolist(), slots[stale].tolist(), strict=True):
+            k = int(self.shard[s])
+            table = self.tables[k]
             item = names[r]
             entry = table.catalog.get(item) if table is not None else None
-            self.entry[r] = entry is not None
-            self.available[r] = entry is None or entry.available
+            self.entry[s] = entry is not None
+            self.available[s] = entry is None or entry.available
             category = entry.category if entry is not None else None
             code = codes.get(category)
             if code is None:
                 code = codes[category] = len(self.categories)
                 self.categories.append(category)
-            self.category[r] = code
-            self.pop[r] = table.popular.get(item, 0.0) if table is not None else 0.0
-            self.trend[r] = table.trending.get(item, 0.0) if table is not None else 0.0
-            self.gen[r] = self.shard_gen[s]
+            self.category[s] = code
+            self.pop[s] = table.popular.get(item, 0.0) if table is not None else 0.0
+            self.trend[s] = table.trending.get(item, 0.0) if table is not None else 0.0
+            self.gen[s] = self.shard_gen[k]
+        return slots
 
-    def fill_attrs(self, rows: np.ndarray, attrs: list[dict[str, Any] | None],
+    def fill_attrs(self, slots: np.ndarray, attrs: list[dict[str, Any] | None],
                    cross: tuple[str, ...],
                    unavailable: Callable[[dict[str, Any] | None], bool]) -> None:
-        """Make the catalog values of ``rows`` current: ``attrs`` are the shard catalog's
-        attributes of each row's item now (rows whose attributes object changed are
+        """Make the catalog values of ``slots`` current: ``attrs`` are the shard catalog's
+        attributes of each slot's item now (slots whose attributes object changed are
         re-read): ``unavailable(attrs)`` and the string value code of each ``cross``
         attribute."""
-        self._grow()
         for attr in cross:
             if attr not in self.attr_codes:
-                self.attr_codes[attr] = np.full(self.shard.size, -1, np.int64)
+                self.attr_codes[attr] = np.full(self.capacity, -1, np.int64)
                 self.attr_values[attr] = []
                 self._attr_code[attr] = {}
-                self.attr_id[:] = 0  # read every row again for the new attribute
+                self.attr_id[:] = 0  # read every slot again for the new attribute
         ids = np.fromiter(map(id, attrs), np.int64, len(attrs))
-        stale = np.flatnonzero(self.attr_id[rows] != ids)
-        if not stale.size:
-            return
+        stale = np.flatnonzero(self.attr_id[slots] != ids)
         for j in stale.tolist():
-            r = int(rows[j])
+            s = int(slots[j])
             a = attrs[j]
-            self.unavailable[r] = unavailable(a)
-            for attr in self.attr_codes:
+            self.unavailable[s] = unavailable(a)
+            for attr, codes in self.attr_codes.items():
                 value = a.get(attr) if a else None
                 if isinstance(value, str):
                     code = self._attr_code[attr].get(value)
                     if code is None:
                         code = self._attr_code[attr][value] = len(self.attr_values[attr])
                         self.attr_values[attr].append(value)
-                    self.attr_codes[attr][r] = code
+                    codes[s] = code
                 else:
-                    self.attr_codes[attr][r] = -1
-            self.attr_id[r] = ids[j]
-            self._attrs[r] = a
+                    codes[s] = -1
+            self.attr_id[s] = ids[j]
+            self._attrs[s] = a
 
     def decay_factors(self, source: str, ts_ms: int) -> np.ndarray:
         """Per shard index, the factor that decays its table's ``source`` counts to
@@ -206,27 +247,27 @@ class ItemRows:
         return np.array([t.decay_factor(source, ts_ms) if t is not None else 0.0
                          for t in self.tables])
 
-    def table_list(self, rows: np.ndarray) -> list[ItemTable | None]:
-        """The current table of each row's shard (after ``fill``)."""
+    def table_list(self, slots: np.ndarray) -> list[ItemTable | None]:
+        """The current table of each slot's shard (after ``fill``)."""
         tables = self.tables
-        return [tables[s] for s in self.shard[rows].tolist()]
+        return [tables[s] for s in self.shard[slots].tolist()]
 
     # -- the index ---------------------------------------------------------------------
-    def vectors(self, rows: np.ndarray, index: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``index.vectors`` of the rows' items (vectors, found), read once per row and
-        index version (``index``: the loaded ``ItemIndex`` object)."""
-        self._grow()
+    def vectors(self, slots: np.ndarray, rows: np.ndarray, index: Any
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """``index.vectors`` of the items (vectors, found), read once per slot and index
+        version (``index``: the loaded ``ItemIndex`` object; ``rows``: the slots' rows)."""
         if index is not self._index:
             self._index = index
             self._index_gen += 1
-        stale = self._vec_gen[rows] != self._index_gen
-        if stale.any():
-            todo = np.unique(rows[stale])
-            vecs, found = index.vectors(self.names(todo))
+        stale = np.flatnonzero(self._vec_gen[slots] != self._index_gen)
+        if stale.size:
+            todo = slots[stale]
+            vecs, found = index.vectors(self.names(rows[stale]))
             if vecs.shape[1] != self._vecs.shape[1]:
                 self._vecs = np.zeros((self._vecs.shape[0], vecs.shape[1]), np.float32)
                 self._vec_gen[:] = -1
             self._vecs[todo] = vecs
             self._found[todo] = found
             self._vec_gen[todo] = self._index_gen
-        return self._vecs[rows], self._found[rows]
+        return self._vecs[slots], self._found[slots]

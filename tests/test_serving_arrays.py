@@ -75,25 +75,33 @@ def test_item_rows_follow_new_table_versions() -> None:
         return ItemTable(shard, ts, CoVisitation(CoVisConfig()), {"x1": pop, "y1": 2.0},
                          {"x1": pop / 2}, {"x1": CatalogEntry(category, available, 0)})
 
-    space = ItemRows(CovisView(), lambda item: "s" + item[0])
+    space = ItemRows(CovisView(), lambda item: "s" + item[0], min_slots=4)
     rows = space.rows(["x1", "y1", "x2"])
     first = {"sx": table("sx", T0, 10.0, "c1", True)}
     space.sync(first)
-    space.fill(rows)
-    assert space.pop[rows].tolist() == [10.0, 0.0, 0.0]  # y1 is not in shard sx's table
-    assert space.entry[rows].tolist() == [True, False, False]
-    assert [space.categories[c] for c in space.category[rows]] == ["c1", None, None]
+    slots = space.fill(rows)
+    assert space.pop[slots].tolist() == [10.0, 0.0, 0.0]  # y1 is not in shard sx's table
+    assert space.entry[slots].tolist() == [True, False, False]
+    assert [space.categories[c] for c in space.category[slots]] == ["c1", None, None]
     second = {"sx": table("sx", T0 + 1, 7.0, "c2", False)}
     space.sync(second)
-    space.fill(rows)
-    assert space.pop[rows].tolist() == [7.0, 0.0, 0.0]
-    assert space.trend[rows].tolist() == [3.5, 0.0, 0.0]
-    assert space.available[rows].tolist() == [False, True, True]
-    assert [space.categories[c] for c in space.category[rows]] == ["c2", None, None]
-    assert space.table_list(rows) == [second["sx"], None, second["sx"]]  # y1: shard sy
+    slots = space.fill(rows)
+    assert space.pop[slots].tolist() == [7.0, 0.0, 0.0]
+    assert space.trend[slots].tolist() == [3.5, 0.0, 0.0]
+    assert space.available[slots].tolist() == [False, True, True]
+    assert [space.categories[c] for c in space.category[slots]] == ["c2", None, None]
+    assert space.table_list(slots) == [second["sx"], None, second["sx"]]  # y1: shard sy
     space.sync({})
-    space.fill(rows)
-    assert space.pop[rows].tolist() == [0.0, 0.0, 0.0] and space.available[rows].all()
+    slots = space.fill(rows)
+    assert space.pop[slots].tolist() == [0.0, 0.0, 0.0] and space.available[slots].all()
+    # Slots are bounded: more candidates than min_slots (and 4 x the tables' items) drop
+    # every slot, and the values are read again.
+    space.sync(second)
+    more = space.rows([f"x{j}" for j in range(3, 9)])
+    space.fill(more)
+    assert space.n_slots == len(more)  # the 3 earlier slots were dropped
+    slots = space.fill(rows)
+    assert space.pop[slots].tolist() == [7.0, 0.0, 0.0] and space.n_slots == 9
 
 
 def _ranker_on_item_features(world: World) -> None:
