@@ -36,7 +36,8 @@ partition), and the 2-process run must give the 1-process run's example ids (non
 twice), as many recommendations as the log has requests, and ``events_in`` equal to the
 log's lines; the bench stops with an error otherwise.
 
-Usage: ``python bench/scaleout.py [-n EVENTS] [--processes 2]`` (default 200,000).
+Usage: ``python bench/scaleout.py [-n EVENTS] [--processes 2] [--shards USERS,ITEMS]``
+(default 200,000 events, the zero-config 8 user and 4 item shards).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from common import ROOT, count_lines, simulated_log  # noqa: E402
 
 STAGES = ("user_shard", "item_shard", "ranker", "index", "metrics")
 SINGLE_KEY = ("ranker", "index", "metrics")
+SHARDED = ("user_shard", "item_shard")
 
 
 def _stage_classes() -> dict[str, type]:
@@ -89,8 +91,8 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
                 continue
 
             def timed(self: Any, *args: Any, _f: Any = original, _s: str = stage) -> Any:
-                if args and isinstance(args[0], tuple) and isinstance(args[0][0], str):
-                    keys[_s].add(args[0][0])
+                if _s in SHARDED and args and isinstance(args[0], tuple):
+                    keys[_s].add(args[0][0])  # (shard key, ...) items
                 t0 = time.thread_time_ns()
                 try:
                     return _f(self, *args)
@@ -148,11 +150,16 @@ def _free_port() -> int:
     return free_port()
 
 
-def run_cluster(log: Path, out: Path, processes: int, timeout_s: float) -> dict[str, Any]:
-    """Run the flow over ``log`` in ``processes`` processes; returns wall seconds, CPU
-    seconds summed over processes, per-process stats and the outputs' facts."""
+def run_cluster(log: Path, out: Path, processes: int, timeout_s: float,
+                shards: dict[str, int] | None = None) -> dict[str, Any]:
+    """Run the flow over ``log`` in ``processes`` processes (``shards``: ``shards.users``
+    / ``shards.items`` overrides); returns wall seconds, CPU seconds summed over
+    processes, per-process stats and the outputs' facts."""
     out.mkdir(parents=True)
-    config = {"inputs": [{"kind": "replay", "path": str(log)}], "output": {"dir": str(out)}}
+    config: dict[str, Any] = {"inputs": [{"kind": "replay", "path": str(log)}],
+                              "output": {"dir": str(out)}}
+    if shards:
+        config["shards"] = shards
     addresses = [f"127.0.0.1:{_free_port()}" for _ in range(processes)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
@@ -213,6 +220,13 @@ def check_same(one: dict[str, Any], two: dict[str, Any], lines: int, requests: i
         raise SystemExit("the 2-process run wrote other examples than the 1-process run")
 
 
+def _default_shards() -> dict[str, int]:
+    from flows.config import load_config
+
+    config = load_config(None)
+    return {"users": config.shards.users, "items": config.shards.items}
+
+
 def _requests(log: Path) -> int:
     with log.open("rb") as fh:
         return sum(1 for line in fh if b'"type":"request"' in line)
@@ -226,14 +240,21 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=default_n)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--shards", default="",
+                        help="USERS,ITEMS: shards.users and shards.items for both runs "
+                             "(default: the zero-config 8,4)")
     args = parser.parse_args()
+    shards = None
+    if args.shards:
+        users, items = (int(x) for x in args.shards.split(","))
+        shards = {"users": users, "items": items}
     log = simulated_log(args.n, seed, world)
     lines, requests = count_lines(log), _requests(log)
     load_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="streamrec-scaleout-"))
     try:
-        one = run_cluster(log, tmp / "one", 1, args.timeout_s)
-        many = run_cluster(log, tmp / "many", args.processes, args.timeout_s)
+        one = run_cluster(log, tmp / "one", 1, args.timeout_s, shards)
+        many = run_cluster(log, tmp / "many", args.processes, args.timeout_s, shards)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_end = os.getloadavg()[0]
@@ -291,6 +312,7 @@ def main() -> None:
         "gc_s_2proc": round(sum(st["gc_s"] for st in many["stats"]), 2),
         "user_keys_per_process_2proc": [len(st["keys"].get("user_shard", ())) for st in many["stats"]],
         "item_keys_per_process_2proc": [len(st["keys"].get("item_shard", ())) for st in many["stats"]],
+        "shards": shards or _default_shards(),
         "load_1min_start": round(load_start, 2),
         "load_1min_end": round(load_end, 2),
         "cpus": os.cpu_count(),
