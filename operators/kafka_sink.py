@@ -1,7 +1,7 @@
 """Kafka sink for Bytewax 0.21 built on kafka-python.
 
 :class:`KafkaSink` is a :class:`~bytewax.outputs.FixedPartitionedSink` (one partition
-per topic) whose items are ``(key, list[dict])`` batches of output records, sent as
+per sink) whose items are ``(key, list[dict])`` batches of output records, sent as
 orjson with key ``user_id``. ``write_batch`` hands the records to the producer and
 returns (its sender thread delivers them after ``linger_ms``); the partition's
 ``snapshot``, which Bytewax calls at the end of every epoch (with or without
@@ -151,7 +151,7 @@ class _KafkaSinkPartition(StatefulSinkPartition[list[dict[str, Any]], None]):
 
     def _collect(self) -> list[tuple[bytes | None, bytes]]:
         """Wait for every in-flight record; returns the ones that must be re-sent."""
-        in_flight, self._in_flight = self._in_flight, []
+        in_flight = self._in_flight  # counted in ``in_flight`` until settled
         if not in_flight:
             return []
         producer = self._producer
@@ -168,6 +168,7 @@ class _KafkaSinkPartition(StatefulSinkPartition[list[dict[str, Any]], None]):
                 logger.warning("KafkaSink(%s): still waiting for %d of %d records "
                                "(broker unreachable?)", self._topic, open_count,
                                len(in_flight))
+        self._in_flight = []
         failed: list[tuple[bytes | None, bytes]] = []
         for rec, fut in in_flight:
             if fut.is_done and fut.succeeded():
@@ -211,7 +212,7 @@ class _KafkaSinkPartition(StatefulSinkPartition[list[dict[str, Any]], None]):
 class KafkaSink(FixedPartitionedSink[list[dict[str, Any]], None]):
     """Write batches of output records to a Kafka topic.
 
-    Items are ``(key, list[dict])`` (any key: one partition per topic; a single
+    Items are ``(key, list[dict])`` (any key: one partition per sink; a single
     ``dict`` is accepted as a one-record batch). Each record becomes one message: value
     = orjson bytes of the record, key = ``record["user_id"]`` UTF-8 when present, else
     None. ``write_batch`` hands everything to the producer and returns; the partition's
@@ -275,7 +276,9 @@ class KafkaSink(FixedPartitionedSink[list[dict[str, Any]], None]):
         return cfg
 
     def list_parts(self) -> list[str]:
-        return [self.topic]
+        """One partition, named apart from the topic: its (empty) recovery state stays
+        valid when a resumed flow writes to another topic."""
+        return ["kafka"]
 
     def part_fn(self, item_key: str) -> int:
         return 0

@@ -309,7 +309,7 @@ def test_sink_blocks_through_broker_outage(
         broker = kafka_broker_factory(storage=store.storage_url, env=store.broker_env())
         bs = broker.bootstrap
         topic = kafka_topic(1, "sinkdown", bootstrap=bs)
-        part = KafkaSink(bs, topic, flush_timeout_s=0.5).build_part("s", topic, None)
+        part = KafkaSink(bs, topic, flush_timeout_s=0.5).build_part("s", "kafka", None)
         batch = [{"user_id": f"u{i}", "n": i} for i in range(200)]
         done = threading.Event()
         written = threading.Event()

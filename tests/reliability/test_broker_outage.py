@@ -236,7 +236,7 @@ def test_sink_loses_nothing_across_broker_restarts(s3_broker: LocalBroker,
     (30-60 of ~10,000 per run here)."""
     bs = s3_broker.bootstrap
     create_topics(bs, ["sink"], 1)
-    part = KafkaSink(bs, "sink", flush_timeout_s=1.0).build_part("out", "sink", None)
+    part = KafkaSink(bs, "sink", flush_timeout_s=1.0).build_part("out", "kafka", None)
     written = 0
     stop = threading.Event()
 
