@@ -15,7 +15,9 @@ event stamped with the wall clock, and reads ``<app>.recommendations``:
 The rivals printed beside it: the same run's round trip with the consumers' old
 500 ms fetch wait (``--compare-fetch-wait``), and with snapshot versions loaded inside
 the user shards' poll as before background loading (``--compare-sync-load``: the batch
-waits for verify + load); each is off by default (each adds a run).
+waits for verify + load), and with the Kafka sinks waiting for every acknowledgement
+in each ``write_batch`` as before (``--compare-sink-flush``; now they wait at the end
+of each epoch); each is off by default (each adds a run).
 
 Also from Bytewax's own step timers (its dataflow API, scraped before and after the live
 phase): ``sink_write_share`` (the worker's wall time in the output sinks' ``write_batch``:
@@ -26,7 +28,7 @@ Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``.
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
-[--compare-sync-load] [--compare-fetch-wait]``.
+[--compare-sync-load] [--compare-sink-flush] [--compare-fetch-wait]``.
 """
 
 from __future__ import annotations
@@ -70,25 +72,36 @@ def world(now_ms: int, n: int, seed: int = 0) -> tuple[list[dict[str, Any]], lis
     return warm, live
 
 
-def sync_load_flow(path: str) -> Any:
-    """The rival: the flow with its snapshot views loading new versions inside the poll
-    (the batch waits for verify + load), as before background loading. Entry point
-    ``python -m bytewax.run "bench/latency.py:sync_load_flow('config.json')"``."""
+def rival_flow(path: str, sync_load: bool = False, flush_each_batch: bool = False) -> Any:
+    """The flow as it was before this bench's last changes, for the rivals: snapshot
+    views loading new versions inside the poll (the batch waits for verify + load)
+    and/or Kafka sinks waiting for every acknowledgement in each ``write_batch``. Entry
+    point ``python -m bytewax.run "bench/latency.py:rival_flow('config.json', ...)"``."""
     from flows.recsys import build
-    from operators import snapshot_views
+    from operators import kafka_sink, snapshot_views
 
-    init = snapshot_views.SnapshotViews.__init__
+    if sync_load:
+        init = snapshot_views.SnapshotViews.__init__
 
-    def synchronous(self: Any, store: Any, item_shards: list[str], poll_ms: int,
-                    background: bool | None = None) -> None:
-        init(self, store, item_shards, poll_ms, background=False)
+        def synchronous(self: Any, store: Any, item_shards: list[str], poll_ms: int,
+                        background: bool | None = None) -> None:
+            init(self, store, item_shards, poll_ms, background=False)
 
-    snapshot_views.SnapshotViews.__init__ = synchronous  # type: ignore[method-assign]
+        snapshot_views.SnapshotViews.__init__ = synchronous  # type: ignore[method-assign]
+    if flush_each_batch:
+        partition = kafka_sink._KafkaSinkPartition
+        write = partition.write_batch
+
+        def write_and_wait(self: Any, items: list[Any]) -> None:
+            write(self, items)
+            self.settle()
+
+        partition.write_batch = write_and_wait  # type: ignore[method-assign]
     return build(path)
 
 
 def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
-               sync_load: bool = False) -> subprocess.Popen[bytes]:
+               rival: tuple[bool, bool] = (False, False)) -> subprocess.Popen[bytes]:
     config = {
         "app": APP,
         "inputs": [{"kind": "kafka", "topics": ["events"]}],
@@ -102,7 +115,7 @@ def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
     log = (out / "flow.log").open("ab")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BYTEWAX_DATAFLOW_API_ENABLED": "true",
            "BYTEWAX_DATAFLOW_API_PORT": str(api_port)}
-    entry = (f"{Path(__file__).resolve()}:sync_load_flow('{path}')" if sync_load
+    entry = (f"{Path(__file__).resolve()}:rival_flow('{path}', {rival[0]}, {rival[1]})" if any(rival)
              else f"flows.recsys:build('{path}')")
     return subprocess.Popen([sys.executable, "-m", "bytewax.run", entry],
                             cwd=ROOT, env=env,
@@ -182,7 +195,8 @@ class Receiver(threading.Thread):
 
 
 def run(seconds: float, requests_per_s: float, events_per_s: float,
-        fetch_wait_ms: int, sync_load: bool = False) -> dict[str, Any]:
+        fetch_wait_ms: int, rival: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
+    """``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch)."""
     """One measured run on a fresh broker and flow; the figures of its live phase."""
     out = Path(tempfile.mkdtemp(prefix="streamrec-latency-"))
     now_ms = int(time.time() * 1000)
@@ -193,7 +207,7 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         bootstrap = broker.bootstrap
         create_topics(bootstrap, [f"{APP}.events"] + [f"{APP}.{n}" for n in OUTPUTS], 1)
         api_port = free_port()
-        flow = start_flow(bootstrap, out, fetch_wait_ms, api_port, sync_load)
+        flow = start_flow(bootstrap, out, fetch_wait_ms, api_port, rival)
         receiver = Receiver(bootstrap, fetch_wait_ms)
         receiver.start()
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
@@ -284,6 +298,9 @@ def main() -> None:
     parser.add_argument("--compare-sync-load", action="store_true",
                         help="also run with snapshot versions loaded inside the poll (the "
                              "batch waits for them), as before background loading")
+    parser.add_argument("--compare-sink-flush", action="store_true",
+                        help="also run with the Kafka sinks waiting for every acknowledgement "
+                             "in each write_batch, as before")
     args = parser.parse_args()
     figures = run(args.seconds, args.requests_per_s, args.events_per_s, 10)
     print(f"fetch wait 10 ms: {args.requests_per_s:g} requests/s beside "
@@ -293,10 +310,16 @@ def main() -> None:
         print(f"fetch wait 500 ms (kafka-python default): {old}")
         figures["rt_p99_ms_fetch_wait_500"] = old["rt_p99_ms"]
     if args.compare_sync_load:
-        sync = run(args.seconds, args.requests_per_s, args.events_per_s, 10, sync_load=True)
+        sync = run(args.seconds, args.requests_per_s, args.events_per_s, 10, rival=(True, False))
         print(f"snapshots loaded inside the poll (before background loading): {sync}")
         for key in ("rt_p50_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p99_ms"):
             figures[f"{key}_sync_load"] = sync[key]
+    if args.compare_sink_flush:
+        flush = run(args.seconds, args.requests_per_s, args.events_per_s, 10, rival=(False, True))
+        print(f"sinks waiting for acknowledgements in every write_batch (before): {flush}")
+        for key in ("rt_p50_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p99_ms",
+                    "sink_write_share", "sink_write_ms_per_call"):
+            figures[f"{key}_flush_each_batch"] = flush[key]
     print(orjson.dumps(figures).decode())
 
 
