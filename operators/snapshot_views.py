@@ -35,6 +35,11 @@ Round = dict[str, tuple[Manifest, Any]]
 """Versions verified and loaded off-thread, by reader name (``ranker``, ``index``,
 ``items-<shard>``), waiting to be installed."""
 
+WARM_TOP = 600
+"""Popular and trending top lists built on the loader thread for each new item table
+(``ItemTable.top`` caches the longest asked; serving asks 6x a source's count, so this
+covers sources of up to 100 items); the first request on a new table finds them."""
+
 _loader: ThreadPoolExecutor | None = None
 _loader_lock = threading.Lock()
 
@@ -109,6 +114,9 @@ class SnapshotViews:
             for manifest in reader.candidates(max_ts):
                 obj = reader.prepare(manifest)
                 if obj is not None:
+                    if isinstance(obj, ItemTable):  # what the first request would build
+                        for source in ("popular", "trending"):
+                            obj.top(source, WARM_TOP)
                     ready[name] = (manifest, obj)
                     break
         return ready

@@ -112,3 +112,16 @@ def test_background_round_skips_a_refused_version_and_keeps_serving(world: World
     assert views.wait_loaded(timeout_s=30)
     assert views.tables[ITEM_KEYS[0]].version == 1 and views.tables[ITEM_KEYS[0]].refused == 1
     assert all(views.tables[k].version == 2 for k in ITEM_KEYS[1:])
+
+
+def test_background_round_builds_the_top_lists_the_first_request_needs(world: World) -> None:
+    world.publish_all()
+    views = SnapshotViews(world.store, ITEM_KEYS, poll_ms=1)
+    views.poll()
+    assert views.wait_loaded(timeout_s=30)
+    for key, table in views.table_map().items():
+        assert set(table._top) == {"popular", "trending"}  # built off the batch
+        cold = ItemTable.load(world.store.root / views.tables[key].manifest["path"])
+        for source in ("popular", "trending"):  # the warm lists give what a cold table does
+            for n in (1, 3, 150):
+                assert table.top(source, n) == cold.top(source, n)
