@@ -28,8 +28,11 @@ requests run again with the ranker off (``scorer="retrieval"``, the blended retr
 score) as a baseline.
 
 Also measured once, outside the figures: publishing new versions of the four item
-tables, the poll that verifies and loads them (once per micro-batch in the flow) and the
-first request on them (which builds the cached top lists).
+tables, the poll that verifies and loads them (once per micro-batch in the flow; how
+replays load) and the first request on them; then the same with the views loading in
+the background (live mode): the poll that starts the round, the slowest request
+answered while the loader thread works, the poll that installs the round, and the
+first request after it (``refresh.background_*``).
 
 ``--sources`` defaults to about 200 candidates per request after filtering (the flow's
 default ``serving.sources`` asks for 350). ``gc`` thresholds are the flow's
