@@ -187,7 +187,9 @@ class Example:
     weight: float
     """1/r for a kept downsampled negative, the action's weight for organic signals."""
     features: dict[str, Any]
-    """Point-in-time features taken at the impression (or interaction)."""
+    """Point-in-time features taken at the impression (or interaction), floats at float32
+    precision (``float32_features``: the trainer in the flow and the readers of the
+    wire form see the same numbers)."""
     source: str
     """``impression``, ``interaction`` or ``sampled``."""
     position: int = -1
@@ -221,6 +223,19 @@ class JoinCounters:
     forced_closes: int = 0
     orphans_expired: int = 0
     orphans_dropped: int = 0
+
+
+def float32_features(features: dict[str, Any]) -> dict[str, Any]:
+    """``features`` with every non-integer float rounded to 8 significant digits (float32
+    precision: relative change <= 5e-8, below what a model learns from; the wire form
+    writes such numbers in at most 10-14 characters instead of 17-19). A new dict, same
+    key order."""
+    out = {}
+    for name, value in features.items():
+        if type(value) is float and not value.is_integer():
+            value = float(f"{value:.8g}")
+        out[name] = value
+    return out
 
 
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
@@ -457,7 +472,7 @@ class Joiner:
             features = features.resolve()
         self.examples.append(Example(
             example_id, imp.ts, imp.user_id, imp.item_id, label, dict(entry.labels), weight,
-            features, "impression", imp.position, imp.request_id, imp.impression_id,
+            float32_features(features), "impression", imp.position, imp.request_id, imp.impression_id,
             imp.context).record())
 
     def _late(self, fb: Feedback, reason: str) -> None:
@@ -489,7 +504,7 @@ class Joiner:
             return
         self.examples.append(Example(
             example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
-            weight, features, "interaction", context=fb.context).record())
+            weight, float32_features(features), "interaction", context=fb.context).record())
         if positive:
             self._sample_negatives(fb, key)
 
@@ -513,5 +528,6 @@ class Joiner:
             self.counters.sampled_negatives += 1
             features = self.context.example_features(fb.user_id, item, fb.ts)
             self.examples.append(Example(
-                f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, weight, features, "sampled",
+                f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, weight,
+                float32_features(features), "sampled",
                 context=fb.context).record())
