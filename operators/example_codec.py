@@ -58,7 +58,7 @@ VOCABULARY: tuple[str, ...] = (
     "item.purchases.7d", "item.rating_mean.all", "item.ratings.7d", "item.ratings.all",
     "item.viewers.1d", "item.viewers.7d",
     "i:category", "i:price",
-    "pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked",
+    "pop", "trend", "covis", "covis_any", "mf", "ui.category", "ui.interacted", "ui.liked",
     "user_x_category.impressions.1d", "user_x_category.impressions.7d",
     "user_x_category.clicks.1d", "user_x_category.clicks.7d", "user_x_category.clicks.30d",
     "user_x_category.engagement_decay.all", "user_x_category.rating_mean.all",
@@ -66,8 +66,10 @@ VOCABULARY: tuple[str, ...] = (
 )
 """Version 1 of the feature vocabulary (key ``f1``): the default config's feature names
 (``state.feature_spec.DEFAULT_FEATURES``, the serving extras of
-``operators.point_in_time``, the simulator's user and item attributes) in the order the
-flow writes them. Append-only in spirit: changing it means a new version and key."""
+``operators.point_in_time``, with ``ui.category`` of the drift work, the simulator's user
+and item attributes) in the order the flow writes them. A name outside it, or names in
+another order, cost a row its mask (it spells its keys); changing the tuple means a new
+version and key (rows written with ``f1`` must keep their meaning)."""
 
 _INDEX = {name: i for i, name in enumerate(VOCABULARY)}
 _FIELDS = ("example_id", "ts", "user_id", "item_id", "label", "labels", "weight", "position",

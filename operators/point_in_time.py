@@ -201,6 +201,31 @@ class PointInTime:
                                 self._cross(shared.user_id, shared.crosses, attrs, ts_ms),
                                 self._frozen_views())
 
+    def resolve_all(self, deferred: list[DeferredFeatures]) -> None:
+        """``resolve()`` every one of ``deferred`` at once, the same values: one
+        ``item_features`` call per group taken together (same user context, time and
+        snapshots: the impressions of one request), so the co-visitation seeds are read
+        once per group instead of once per impression. MF scores are computed one item
+        at a time, as ``example_features`` does (a matrix product over many items may
+        differ in the last bit)."""
+        groups: dict[tuple[int, int, int], list[DeferredFeatures]] = {}
+        for d in deferred:
+            if d._resolved is None:
+                groups.setdefault((id(d.ctx), d.ts, id(d.views)), []).append(d)
+        for group in groups.values():
+            first = group[0]
+            if len(group) == 1:
+                first.resolve()
+                continue
+            ctx = first.ctx
+            extras = self.item_features(ctx, [d.item_id for d in group], first.ts,
+                                        views=first.views, attrs=[d.attrs for d in group],
+                                        cross=[d.cross for d in group])
+            for d, extra in zip(group, extras, strict=True):
+                if "mf" in extra:
+                    extra["mf"] = float(self._mf_scores(ctx.vector, [d.item_id], d.views)[0])
+                d._resolved = compact({**ctx.profile, **extra})
+
     def _shared_context(self, user_id: str, ts_ms: int) -> _Shared:
         shared, group = self._shared, self.group
         if (shared is None or group is None or shared.group != group or shared.ts != ts_ms
@@ -438,6 +463,7 @@ class DeferredFeatures:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return dict, (self.resolve(),)
+
 
 
 def _query_time(store: ProfileStore, ts_ms: int | None) -> int | None:

@@ -79,6 +79,11 @@ class DeferringContext(JoinContext, Protocol):
         makes them an example)."""
         ...
 
+    def resolve_all(self, deferred: list[Any]) -> None:
+        """Resolve many ``deferred_features`` results at once (the same values as
+        ``resolve()`` one by one, computed together)."""
+        ...
+
 
 class HistoryContext:
     """A ``JoinContext`` without features: consumed items from a ``UserHistory`` that the
@@ -330,13 +335,15 @@ class Joiner:
 
     def resolve_deferred(self) -> int:
         """Compute the deferred features of every pending impression now (their snapshot
-        versions are being released); returns how many were computed."""
-        n = 0
-        for entry in self.pending.values():
-            if type(entry.features) is not dict:
-                entry.features = entry.features.resolve()
-                n += 1
-        return n
+        versions are being released), all at once when the context can
+        (``DeferringContext.resolve_all``); returns how many were computed."""
+        entries = [e for e in self.pending.values() if type(e.features) is not dict]
+        resolve_all = getattr(self.context, "resolve_all", None)
+        if resolve_all is not None and entries:
+            resolve_all([e.features for e in entries])
+        for entry in entries:
+            entry.features = entry.features.resolve()  # type: ignore[union-attr]
+        return len(entries)
 
     def advance(self) -> None:
         """Close every window whose deadline the watermark has passed; expire orphans."""

@@ -189,3 +189,45 @@ def test_new_snapshots_release_the_versions_pending_impressions_read(published: 
     [got] = [e for e in feed(lazy, later)["examples"] if e["example_id"] == f"imp:{imp_id}"]
     [want] = [e for e in feed(eager, later)["examples"] if e["example_id"] == f"imp:{imp_id}"]
     assert got == want
+
+
+def test_deferred_features_taken_together_at_new_snapshots_equal_impression_time(
+        published: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New item tables mid-stream: every pending deferred impression is computed at once
+    (``PointInTime.resolve_all``: one ``item_features`` call per request), and every
+    example is what the eager shard computed at impression time, MF and co-visitation
+    included."""
+    sizes: list[int] = []
+    original = PointInTime.item_features
+
+    def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
+        if kw.get("views") is not None:  # deferred features read their frozen views
+            sizes.append(len(item_ids))
+        return original(self, ctx, item_ids, *args, **kw)
+
+    monkeypatch.setattr(PointInTime, "item_features", spy)
+    events = stream(n_requests=40)
+    half = len(events) // 2
+    lazy, eager = shard_pair(published)
+    got: list[dict[str, Any]] = []
+    want: list[dict[str, Any]] = []
+    for shard in (lazy, eager):
+        warm_up(shard)
+    for shard, out in ((lazy, got), (eager, want)):
+        for i in range(0, half, 37):
+            out.extend(feed(shard, events[i:min(i + 37, half)]).get("examples", []))
+    pending = sum(type(e.features) is not dict for e in lazy.joiner.pending.values())
+    assert pending > 20
+    published.popular[ITEMS[3]] = 1e6
+    published.publish_tables(ts=events[half].ts - 1)
+    for shard, out in ((lazy, got), (eager, want)):
+        for i in range(half, len(events), 37):
+            out.extend(feed(shard, events[i:i + 37]).get("examples", []))
+        out.extend(shard.flush().get("examples", []))
+    assert got == want
+    assert max(sizes) >= 5, "the impressions of one request are computed together"
+    sampler = NegativeSampler(RATE, 0)
+    early = {e.impression_id for e in events[:half] if isinstance(e, Impression)}
+    batched = [e for e in got if e["label"] == 1 and e["impression_id"] in early
+               and not sampler.keep(e["example_id"])]
+    assert batched and any("mf" in e["features"] and "covis" in e["features"] for e in batched)
