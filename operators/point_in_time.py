@@ -205,9 +205,9 @@ class PointInTime:
         """``resolve()`` every one of ``deferred`` at once, the same values: one
         ``item_features`` call per group taken together (same user context, time and
         snapshots: the impressions of one request), so the co-visitation seeds are read
-        once per group instead of once per impression. MF scores are computed one item
-        at a time, as ``example_features`` does (a matrix product over many items may
-        differ in the last bit)."""
+        once per group instead of once per impression. MF scores are products one row at
+        a time, as ``example_features`` computes them (a matrix product over many items
+        may differ in the last bit)."""
         groups: dict[tuple[int, int, int], list[DeferredFeatures]] = {}
         for d in deferred:
             if d._resolved is None:
@@ -221,10 +221,23 @@ class PointInTime:
             extras = self.item_features(ctx, [d.item_id for d in group], first.ts,
                                         views=first.views, attrs=[d.attrs for d in group],
                                         cross=[d.cross for d in group])
-            for d, extra in zip(group, extras, strict=True):
+            mf = self._mf_rowwise(ctx.vector, [d.item_id for d in group], first.views)
+            for j, (d, extra) in enumerate(zip(group, extras, strict=True)):
                 if "mf" in extra:
-                    extra["mf"] = float(self._mf_scores(ctx.vector, [d.item_id], d.views)[0])
+                    extra["mf"] = mf[j]
                 d._resolved = compact({**ctx.profile, **extra})
+
+    def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
+                    views: FrozenViews | None) -> list[float]:
+        """``_mf_scores`` of each item alone (one vector lookup, one product per row: the
+        bits of a one-item call); [] without a vector or an index."""
+        index = (views or self.views).index if (views or self.views) is not None else None
+        if vector is None or index is None or index.index is None:
+            return []
+        vecs, found = index.vectors(item_ids)
+        v = np.asarray(vector, np.float32)
+        return [float((vecs[j:j + 1] @ v)[0]) if ok else 0.0
+                for j, ok in enumerate(found.tolist())]
 
     def _shared_context(self, user_id: str, ts_ms: int) -> _Shared:
         shared, group = self._shared, self.group
