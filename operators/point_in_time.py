@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -217,7 +217,7 @@ class PointInTime:
             if len(group) == 1:
                 first.resolve()
                 continue
-            ctx = first.ctx
+            ctx = as_taken(first.ctx, group)
             extras = self.item_features(ctx, [d.item_id for d in group], first.ts,
                                         views=first.views, attrs=[d.attrs for d in group],
                                         cross=[d.cross for d in group])
@@ -451,7 +451,8 @@ class DeferredFeatures:
     was kept when the impression was processed. Pickles as the resolved dict (recovery
     state holds plain features, never snapshot objects)."""
 
-    __slots__ = ("source", "ctx", "item_id", "ts", "attrs", "cross", "views", "_resolved")
+    __slots__ = ("source", "ctx", "item_id", "ts", "attrs", "cross", "views", "seen",
+                 "_resolved")
 
     def __init__(self, source: PointInTime, ctx: UserContext, item_id: str, ts: int,
                  attrs: dict[str, Any] | None, cross: list[dict[str, Any]],
@@ -463,12 +464,15 @@ class DeferredFeatures:
         self.attrs = attrs
         self.cross = cross
         self.views = views
+        self.seen = item_id in ctx.consumed
+        """Whether the user had interacted with the item (``ctx.consumed`` is the live
+        history: later interactions must not leak into ``ui.*``)."""
         self._resolved: dict[str, Any] | None = None
 
     def resolve(self) -> dict[str, Any]:
         """What ``PointInTime.example_features`` gave when this was taken."""
         if self._resolved is None:
-            ctx = self.ctx
+            ctx = as_taken(self.ctx, [self])
             extra = self.source.item_features(ctx, [self.item_id], self.ts, views=self.views,
                                               attrs=[self.attrs], cross=[self.cross])[0]
             self._resolved = compact({**ctx.profile, **extra})
@@ -476,6 +480,12 @@ class DeferredFeatures:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return dict, (self.resolve(),)
+
+
+def as_taken(ctx: UserContext, deferred: list[DeferredFeatures]) -> UserContext:
+    """``ctx`` with ``consumed`` as it was for the ``deferred`` items when they were taken
+    (the only use item features make of it is membership)."""
+    return replace(ctx, consumed={d.item_id: 0 for d in deferred if d.seen})
 
 
 

@@ -75,8 +75,9 @@ class DeferringContext(JoinContext, Protocol):
 
     def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
         """What ``example_features`` would return now, computed on ``resolve()`` (the
-        joiner asks for impressions whose negative the sampler drops: only a click
-        makes them an example)."""
+        joiner defers every impression: most negatives are dropped by the sampler and
+        need features only if clicked, and the rest are computed together with the
+        other pending impressions of their request, ``resolve_all``)."""
         ...
 
     def resolve_all(self, deferred: list[Any]) -> None:
@@ -171,7 +172,7 @@ class Pending:
     features: dict[str, Any] | Deferred
     """Taken when the impression is processed (never later: features taken at emission
     would see same-request clicks and fresher item tables, a train/serve skew); deferred
-    (the same values, computed on demand) when the sampler drops its negative."""
+    (the same values, computed on demand) when the context can."""
     emitted: bool = False
 
 
@@ -266,7 +267,7 @@ class Joiner:
         self._defer: Callable[[str, str, int], Deferred] | None = getattr(
             self.context, "deferred_features", None)
         """The context's ``deferred_features`` when it has one (``DeferringContext``):
-        used for impressions whose negative the sampler will drop."""
+        used for every impression."""
         self.wait_ms = config.wait_ms()
         self.pending: dict[str, Pending] = {}
         self._deadlines: list[tuple[int, str]] = []
@@ -304,8 +305,9 @@ class Joiner:
             return
         self.counters.impressions += 1
         features: dict[str, Any] | Deferred
-        if self._defer is not None and not self.sampler.keep(f"imp:{iid}"):
-            features = self._defer(imp.user_id, imp.item_id, imp.ts)  # decided now, by id
+        if self._defer is not None:  # computed at a click, at the window's close or when
+            # the snapshots move (all pending ones at once), exactly as they are now
+            features = self._defer(imp.user_id, imp.item_id, imp.ts)
         else:
             features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
         entry = Pending(imp, imp.ts + self.wait_ms, {}, features)

@@ -231,3 +231,19 @@ def test_deferred_features_taken_together_at_new_snapshots_equal_impression_time
     batched = [e for e in got if e["label"] == 1 and e["impression_id"] in early
                and not sampler.keep(e["example_id"])]
     assert batched and any("mf" in e["features"] and "covis" in e["features"] for e in batched)
+
+
+def test_later_interactions_do_not_leak_into_deferred_features(published: World) -> None:
+    """The user views the item after the impression and before the click: the example
+    still has the impression-time ``ui.*`` features (none: the item was new to them)."""
+    lazy, eager = shard_pair(published)
+    for shard in (lazy, eager):
+        warm_up(shard)
+    events = [Feedback(T0 - 10_000, "u", SEED, "click"), Request(T0 - 20, "rx", "u"),
+              Impression(T0, "x1", "u", "a31", "rx", 0, {}),
+              Feedback(T0 + 1_000, "u", "a31", "view"),
+              Feedback(T0 + 5_000, "u", "a31", "click", "x1")]
+    [got] = [e for e in feed(lazy, events)["examples"] if e["example_id"] == "imp:x1"]
+    [want] = [e for e in feed(eager, events)["examples"] if e["example_id"] == "imp:x1"]
+    assert "ui.interacted" not in want["features"]
+    assert got == want
