@@ -222,10 +222,14 @@ class PointInTime:
                                         views=first.views, attrs=[d.attrs for d in group],
                                         cross=[d.cross for d in group])
             mf = self._mf_rowwise(ctx.vector, [d.item_id for d in group], first.views)
+            # The profile compacted once: compact({**a, **b}) == {**compact(a), **compact(b)}
+            # when no name is in both (same values, same order).
+            profile, profile_keys = compact(ctx.profile), ctx.profile.keys()
             for j, (d, extra) in enumerate(zip(group, extras, strict=True)):
                 if "mf" in extra:
                     extra["mf"] = mf[j]
-                d._resolved = compact({**ctx.profile, **extra})
+                d._resolved = ({**profile, **compact(extra)} if profile_keys.isdisjoint(extra)
+                               else compact({**ctx.profile, **extra}))
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
                     views: FrozenViews | None) -> list[float]:
