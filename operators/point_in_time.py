@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -223,6 +223,48 @@ class PointInTime:
         return DeferredFeatures(self, shared.ctx, item_id, ts_ms, attrs,
                                 self._cross(shared.user_id, shared.crosses, attrs, ts_ms),
                                 self._frozen_views())
+
+    def resolve_all(self, deferred: list[DeferredFeatures]) -> None:
+        """``resolve()`` every one of ``deferred`` at once, the same values: one
+        ``item_features`` call per group taken together (same user context, time and
+        snapshots: the impressions of one request), so the co-visitation seeds are read
+        once per group instead of once per impression. MF scores are products one row at
+        a time, as ``example_features`` computes them (a matrix product over many items
+        may differ in the last bit)."""
+        groups: dict[tuple[int, int, int], list[DeferredFeatures]] = {}
+        for d in deferred:
+            if d._resolved is None:
+                groups.setdefault((id(d.ctx), d.ts, id(d.views)), []).append(d)
+        for group in groups.values():
+            first = group[0]
+            if len(group) == 1:
+                first.resolve()
+                continue
+            ctx = as_taken(first.ctx, group)
+            extras = self.item_features(ctx, [d.item_id for d in group], first.ts,
+                                        views=first.views, attrs=[d.attrs for d in group],
+                                        cross=[d.cross for d in group])
+            mf = self._mf_rowwise(ctx.vector, [d.item_id for d in group], first.views)
+            # The profile compacted once: compact({**a, **b}) == {**compact(a), **compact(b)}
+            # when no name is in both (same values, same order).
+            profile, profile_keys = compact(ctx.profile), ctx.profile.keys()
+            for j, (d, extra) in enumerate(zip(group, extras, strict=True)):
+                if "mf" in extra:
+                    extra["mf"] = mf[j]
+                d._resolved = ({**profile, **compact(extra)} if profile_keys.isdisjoint(extra)
+                               else compact({**ctx.profile, **extra}))
+
+    def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
+                    views: FrozenViews | None) -> list[float]:
+        """``_mf_scores`` of each item alone (one vector lookup, one product per row: the
+        bits of a one-item call); [] without a vector or an index."""
+        index = (views or self.views).index if (views or self.views) is not None else None
+        if vector is None or index is None or index.index is None:
+            return []
+        vecs, found = index.vectors(item_ids)
+        v = np.asarray(vector, np.float32)
+        return [float((vecs[j:j + 1] @ v)[0]) if ok else 0.0
+                for j, ok in enumerate(found.tolist())]
 
     def _shared_context(self, user_id: str, ts_ms: int) -> _Shared:
         shared, group = self._shared, self.group
@@ -507,7 +549,8 @@ class DeferredFeatures:
     was kept when the impression was processed. Pickles as the resolved dict (recovery
     state holds plain features, never snapshot objects)."""
 
-    __slots__ = ("source", "ctx", "item_id", "ts", "attrs", "cross", "views", "_resolved")
+    __slots__ = ("source", "ctx", "item_id", "ts", "attrs", "cross", "views", "seen",
+                 "_resolved")
 
     def __init__(self, source: PointInTime, ctx: UserContext, item_id: str, ts: int,
                  attrs: dict[str, Any] | None, cross: list[dict[str, Any]],
@@ -519,12 +562,15 @@ class DeferredFeatures:
         self.attrs = attrs
         self.cross = cross
         self.views = views
+        self.seen = item_id in ctx.consumed
+        """Whether the user had interacted with the item (``ctx.consumed`` is the live
+        history: later interactions must not leak into ``ui.*``)."""
         self._resolved: dict[str, Any] | None = None
 
     def resolve(self) -> dict[str, Any]:
         """What ``PointInTime.example_features`` gave when this was taken."""
         if self._resolved is None:
-            ctx = self.ctx
+            ctx = as_taken(self.ctx, [self])
             extra = self.source.item_features(ctx, [self.item_id], self.ts, views=self.views,
                                               attrs=[self.attrs], cross=[self.cross])[0]
             self._resolved = compact({**ctx.profile, **extra})
@@ -532,6 +578,13 @@ class DeferredFeatures:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return dict, (self.resolve(),)
+
+
+def as_taken(ctx: UserContext, deferred: list[DeferredFeatures]) -> UserContext:
+    """``ctx`` with ``consumed`` as it was for the ``deferred`` items when they were taken
+    (the only use item features make of it is membership)."""
+    return replace(ctx, consumed={d.item_id: 0 for d in deferred if d.seen})
+
 
 
 def _query_time(store: ProfileStore, ts_ms: int | None) -> int | None:
