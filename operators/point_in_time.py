@@ -56,8 +56,9 @@ class UserContext:
 NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked")
 """Numeric per-candidate features: from the snapshots, popularity and trending (decayed
 to the event's time), co-visitation sums of the liked and any-interaction channels, MF
-score; from the user shard, whether the user already interacted with the item and had a
-positive on it (1.0 / 0.0). Absent means 0.0 (no table, no seeds, no vector, no
+score; from the user shard, whether the user already interacted with the item (1.0 /
+0.0) and how recent their positive on it is (``liked_recency``: ``decay**k`` for the k-th
+newest positive, 0.0 for none). Absent means 0.0 (no table, no seeds, no vector, no
 interaction with any of the items)."""
 
 
@@ -97,6 +98,20 @@ class ItemColumns:
                         cross[j].append(feats[c])
             self.cross = cross
         return self.cross
+
+
+def liked_recency(liked: list[str], decay: float) -> dict[str, float]:
+    """``ui.liked`` of the user's recent positives (newest first): ``decay**k`` for the
+    k-th newest (k = 0 newest), so a positive fades as the user makes new ones, whatever
+    the event-time scale; items beyond ``liked`` (the 50 newest) are 0. Forgetting by
+    count, like the co-visitation seeds (``serving.covis_query_decay``): after a change
+    of taste, the few newest positives outweigh the old ones (docs/evaluation.md)."""
+    out: dict[str, float] = {}
+    weight = 1.0
+    for item in liked:
+        out.setdefault(item, weight)
+        weight *= decay
+    return out
 
 
 def static_item_features(item_id: str, table: ItemTable | None,
@@ -193,6 +208,8 @@ class PointInTime:
         finished = self.finished.consumed(user_id) if self.finished is not None else {}
         return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
                            finished)
+
+
 
     def consumed(self, user_id: str) -> Container[str]:
         """Items the user interacted with (the joiner's sampled negatives avoid them)."""
@@ -415,9 +432,9 @@ class PointInTime:
         if consumed:  # the user's own history with the item: do repeats pay off?
             seen = np.fromiter(map(consumed.__contains__, item_ids), np.float64, n)
             if seen.any():
-                liked = set(ctx.liked)
                 numeric["ui.interacted"] = seen
-                numeric["ui.liked"] = np.fromiter(map(liked.__contains__, item_ids),
+                recency = liked_recency(ctx.liked, self.covis.decay)
+                numeric["ui.liked"] = np.fromiter((recency.get(item, 0.0) for item in item_ids),
                                                   np.float64, n)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)

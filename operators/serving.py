@@ -76,7 +76,8 @@ class ServingConfig:
                             "channel: recent positives for 'liked', recent interactions for "
                             "'any').", 40)
     covis_query_decay: float = doc("Weight of the k-th most recent seed is decay**k (k = 0 "
-                                   "newest).", 0.8)
+                                   "newest); the same recency weight forgets old positives "
+                                   "in the ui.liked feature.", 0.8)
     covis_pop_alpha: float = doc("A channel's candidate score is divided by the item's count "
                                  "in that channel ** alpha (0 = raw co-counts).", 0.5)
     diversity: float = doc("Score penalty factor per item of an already chosen category "
