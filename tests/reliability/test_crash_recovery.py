@@ -29,6 +29,7 @@ import pytest
 
 from flows.broker import create_topics
 from flows.recsys import OUTPUTS
+from operators.example_codec import unpack_example
 from state.item_table import ItemTable
 from state.snapshot_store import SnapshotStore
 
@@ -65,7 +66,8 @@ def setup_app(bootstrap: str, app: str, lines: list[bytes], produce: Any) -> Non
 
 
 def decoded(records: list[Any]) -> list[dict[str, Any]]:
-    return [orjson.loads(r.value) for r in records]
+    """The records' values; examples unpacked from their wire form (others as they are)."""
+    return [unpack_example(orjson.loads(r.value)) for r in records]
 
 
 def last_manifests(snapshots: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
