@@ -103,8 +103,9 @@ class ItemShard:
         specs = [f for f in (features or []) if f.get("entity") == "item"]
         self.profiles = (ProfileStore(parse_features(specs), "item", max_entities=config.max_items,
                                       hot_capacity=hot_profiles) if specs else None)
-        self.profiled: OrderedDict[str, None] = OrderedDict()
-        """Items with a profile, least recently seen first (at most ``max_items``)."""
+        self.profiled: OrderedDict[str, int | None] = OrderedDict()
+        """Items with a profile, least recently seen first (at most ``max_items``), each
+        with its profile key once queried (None before: ``ProfileStore.key_of`` hashes)."""
         self.shard = ""
         self.factors = ItemFactors(config.mf_config())
         self.covis = CoVisitation(config.covis_config())
@@ -172,7 +173,8 @@ class ItemShard:
                         self._observe(event.ts)
                         if self.profiles is not None:
                             self.profiles.apply(event)
-                            lru_put(self.profiled, item_id, None, self.config.max_items)
+                            lru_put(self.profiled, item_id, self.profiled.get(item_id),
+                                    self.config.max_items)
                     case CovisPair(a, b, w, ts, channel):
                         self._observe(ts)
                         (pairs if channel == "liked" else pairs_any).append((a, b, w))
@@ -272,10 +274,14 @@ class ItemShard:
         """Numeric item-profile features of every profiled item, as of now."""
         if self.profiles is None:
             return {}
+        profiles, profiled = self.profiles, self.profiled
         out = {}
-        for item in self.profiled:
-            out[item] = {name: float(v) for name, v in self.profiles.query(item).items()
-                         if isinstance(v, int | float) and not isinstance(v, bool)}
+        for item, key in profiled.items():
+            if key is None:
+                key = profiled[item] = profiles.key_of(item)  # a value change: order kept
+            out[item] = {name: float(v) if type(v) is not float else v
+                         for name, v in profiles.query_key(key).items()
+                         if type(v) in _PLAIN_NUMBERS or _numeric(v)}
         return out
 
     def publish(self) -> Manifest:
@@ -293,6 +299,15 @@ class ItemShard:
     def finish(self) -> dict[str, list[Any]]:
         """End of input: publish what changed since the last table."""
         return {"snapshots": [self.publish()]} if self.dirty else {}
+
+
+_PLAIN_NUMBERS = frozenset((int, float))
+
+
+def _numeric(value: Any) -> bool:
+    """A number that is not a bool (a published feature value); the slow path of the
+    ``type(v) in _PLAIN_NUMBERS`` test, for subclasses such as numpy floats."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 _UPDATE_TYPES = (Interaction, MFStep, CovisPair, CatalogChange, ProfileEvent)
