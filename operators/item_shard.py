@@ -151,44 +151,61 @@ class ItemShard:
         pairs_any: list[tuple[str, str, float]] = []
         removed: list[str] = []
         stage = f"item_shard {shard}"
+        max_ts = self.max_ts_ms
+        profiles, profiled, max_items = self.profiles, self.profiled, self.config.max_items
         for update in updates:
-            if type(update) not in _UPDATE_TYPES:  # a programming error, not bad data
-                raise TypeError(f"unknown item update {type(update).__name__}: {update!r}")
+            kind = type(update)  # dispatch by exact type: the hot loop of the shard
             try:
-                match update:
-                    case Interaction(item_id, ts, positive):
-                        self._observe(ts)
-                        self._see(item_id, ts)
-                        self.interactions.add(item_id, ts)
-                        if positive:
-                            self.liked_counts.add(item_id, ts)
-                            self.popular.add(item_id, ts)
-                            self.trending.add(item_id, ts)
-                    case MFStep(item_id, ts, user_vec, coef):
-                        mf_items.append(item_id)
-                        mf_vecs.append(user_vec)
-                        mf_coefs.append(coef)
-                        mf_ts = max(mf_ts, ts)
-                    case ProfileEvent(item_id, event):
-                        self._observe(event.ts)
-                        if self.profiles is not None:
-                            self.profiles.apply(event)
-                            lru_put(self.profiled, item_id, self.profiled.get(item_id),
-                                    self.config.max_items)
-                    case CovisPair(a, b, w, ts, channel):
-                        self._observe(ts)
-                        (pairs if channel == "liked" else pairs_any).append((a, b, w))
-                    case CatalogChange(item_id, event):
-                        self._observe(event.ts)
-                        entry = self._see(item_id, event.ts)
-                        entry.category = _category(event.attrs) or entry.category
-                        if entry.available and not event.available:
-                            removed.append(item_id)
-                        elif event.available and not entry.available:
-                            self.factors.revive([item_id])
-                        entry.available = event.available
+                if kind is CovisPair:
+                    ts = update.ts
+                    if max_ts is None or ts > max_ts:
+                        max_ts = ts
+                    (pairs if update.channel == "liked" else pairs_any).append(
+                        (update.item_id, update.other, update.weight))
+                elif kind is ProfileEvent:
+                    ts = update.event.ts
+                    if max_ts is None or ts > max_ts:
+                        max_ts = ts
+                    if profiles is not None:
+                        profiles.apply(update.event)
+                        item_id = update.item_id
+                        lru_put(profiled, item_id, profiled.get(item_id), max_items)
+                elif kind is MFStep:
+                    mf_items.append(update.item_id)
+                    mf_vecs.append(update.user_vec)
+                    mf_coefs.append(update.coef)
+                    if update.ts > mf_ts:
+                        mf_ts = update.ts
+                elif kind is Interaction:
+                    item_id, ts, positive = update
+                    if max_ts is None or ts > max_ts:
+                        max_ts = ts
+                    self._see(item_id, ts)
+                    self.interactions.add(item_id, ts)
+                    if positive:
+                        self.liked_counts.add(item_id, ts)
+                        self.popular.add(item_id, ts)
+                        self.trending.add(item_id, ts)
+                elif kind is CatalogChange:
+                    item_id, event = update
+                    if max_ts is None or event.ts > max_ts:
+                        max_ts = event.ts
+                    entry = self._see(item_id, event.ts)
+                    entry.category = _category(event.attrs) or entry.category
+                    if entry.available and not event.available:
+                        removed.append(item_id)
+                    elif event.available and not entry.available:
+                        self.factors.revive([item_id])
+                    entry.available = event.available
+                else:  # a programming error, not bad data
+                    raise TypeError(f"unknown item update {kind.__name__}: {update!r}")
+            except TypeError as err:
+                if kind not in _UPDATE_TYPES:
+                    raise
+                self._dead.append(processing_error(stage, _update_raw(update), err))
             except Exception as err:  # one bad update must not stop the flow
                 self._dead.append(processing_error(stage, _update_raw(update), err))
+        self.max_ts_ms = max_ts
         now = self.max_ts_ms or 0
         if pairs:
             self._batch_step(stage + " covis", updates,
@@ -233,10 +250,6 @@ class ItemShard:
         except Exception as err:
             self._dead.extend(processing_error(stage, _update_raw(u), err)
                               for u in updates if applies(u))
-
-    def _observe(self, ts: int) -> None:
-        if self.max_ts_ms is None or ts > self.max_ts_ms:
-            self.max_ts_ms = ts
 
     def _see(self, item_id: str, ts: int) -> CatalogEntry:
         entry = self.catalog.get(item_id)
