@@ -7,8 +7,9 @@ into fresh ``ItemShard``s of the default config, publishing item tables on their
 schedule and at the end. Each side runs in its own process (``--rival DIR``: the same
 replay with ``PYTHONPATH=DIR``, e.g. /work/main), so both import their own code.
 
-Figures: ``item_cpu_s`` (process CPU of the replay, this checkout), ``rival_item_cpu_s``,
-``speedup`` (rival / this), ``publishes``, and ``tables_equal``: every published table
+Figures: ``item_cpu_s`` / ``item_wall_s`` (process CPU / wall seconds of the replay, this
+checkout), ``rival_item_cpu_s`` / ``rival_item_wall_s``, ``speedup`` / ``speedup_wall``
+(rival / this; wall includes the snapshot store's fsyncs), ``publishes``, and ``tables_equal``: every published table
 of both sides holds the same arrays (bitwise).
 
 Usage: ``python bench/item_shard.py [-n EVENTS] [--rival DIR]``.
@@ -96,7 +97,7 @@ def replay(calls_path: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="streamrec-bench-items-") as root:
         store = SnapshotStore(Path(root) / cfg.app, keep=1_000_000)
         shards: dict[str, ItemShard] = {}
-        cpu = time.process_time()
+        cpu, wall = time.process_time(), time.perf_counter()
         for key, updates in calls:
             shard = shards.get(key)
             if shard is None:
@@ -105,7 +106,7 @@ def replay(calls_path: Path) -> dict[str, Any]:
             shard.process(key, updates)
         for shard in shards.values():
             shard.finish()
-        cpu = time.process_time() - cpu
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         digests = {}
         for path in sorted(Path(root).rglob("*.npz")):
             with np.load(path, allow_pickle=False) as data:
@@ -115,7 +116,7 @@ def replay(calls_path: Path) -> dict[str, Any]:
                     h.update(name.encode() + str(arr.dtype).encode() + str(arr.shape).encode())
                     h.update(np.ascontiguousarray(arr).tobytes())
             digests[str(path.relative_to(root))] = h.hexdigest()
-    return {"cpu_s": cpu, "digests": digests}
+    return {"cpu_s": cpu, "wall_s": wall, "digests": digests}
 
 
 def main() -> None:
@@ -130,8 +131,10 @@ def main() -> None:
     calls = capture(args.n)
     ours = replay(calls)
     figures: dict[str, Any] = {"events": args.n, "item_cpu_s": round(ours["cpu_s"], 3),
+                               "item_wall_s": round(ours["wall_s"], 3),
                                "publishes": len(ours["digests"])}
-    print(f"this checkout: {ours['cpu_s']:.2f} s CPU, {len(ours['digests'])} tables")
+    print(f"this checkout: {ours['cpu_s']:.2f} s CPU, {ours['wall_s']:.2f} s wall, "
+          f"{len(ours['digests'])} tables")
     if args.rival:
         env = {**os.environ, "PYTHONPATH": args.rival}
         out = subprocess.run([sys.executable, str(Path(args.rival) / "bench" / "item_shard.py")
@@ -139,9 +142,12 @@ def main() -> None:
                               else __file__, "--replay", str(calls)],
                              env=env, check=True, capture_output=True, text=True).stdout
         rival = orjson.loads(out.strip().splitlines()[-1])
-        print(f"rival {args.rival}: {rival['cpu_s']:.2f} s CPU, {len(rival['digests'])} tables")
+        print(f"rival {args.rival}: {rival['cpu_s']:.2f} s CPU, {rival['wall_s']:.2f} s wall, "
+              f"{len(rival['digests'])} tables")
         figures.update(rival_item_cpu_s=round(rival["cpu_s"], 3),
+                       rival_item_wall_s=round(rival["wall_s"], 3),
                        speedup=round(rival["cpu_s"] / ours["cpu_s"], 3),
+                       speedup_wall=round(rival["wall_s"] / ours["wall_s"], 3),
                        tables_equal=rival["digests"] == ours["digests"])
     print(orjson.dumps(figures).decode())
 
