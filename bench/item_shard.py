@@ -33,16 +33,11 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from events.simulator import SimConfig  # noqa: E402
-from flows.config import InputConfig, load_config  # noqa: E402
+from throughput import zero_config_world  # noqa: E402
+
+from flows.config import load_config  # noqa: E402
 
 from common import CACHE, simulated_log  # noqa: E402
-
-
-def zero_config_world() -> tuple[SimConfig, int]:
-    inp = InputConfig()
-    return SimConfig(n_users=inp.n_users, n_items=inp.n_items,
-                     requests_per_s=inp.requests_per_s), inp.seed
 
 
 def capture(n: int) -> Path:
@@ -54,7 +49,7 @@ def capture(n: int) -> Path:
     from flows.inprocess import InProcessFlow
     from operators.item_shard import ItemShard
 
-    world, seed = zero_config_world()
+    world, seed, _ = zero_config_world()
     log = simulated_log(n, seed, world)
     calls: list[tuple[str, list[Any]]] = []
     original = ItemShard.process
