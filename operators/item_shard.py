@@ -103,8 +103,9 @@ class ItemShard:
         specs = [f for f in (features or []) if f.get("entity") == "item"]
         self.profiles = (ProfileStore(parse_features(specs), "item", max_entities=config.max_items,
                                       hot_capacity=hot_profiles) if specs else None)
-        self.profiled: OrderedDict[str, None] = OrderedDict()
-        """Items with a profile, least recently seen first (at most ``max_items``)."""
+        self.profiled: OrderedDict[str, int | None] = OrderedDict()
+        """Items with a profile, least recently seen first (at most ``max_items``), each
+        with its profile key once queried (None before: ``ProfileStore.key_of`` hashes)."""
         self.shard = ""
         self.factors = ItemFactors(config.mf_config())
         self.covis = CoVisitation(config.covis_config())
@@ -150,43 +151,61 @@ class ItemShard:
         pairs_any: list[tuple[str, str, float]] = []
         removed: list[str] = []
         stage = f"item_shard {shard}"
+        max_ts = self.max_ts_ms
+        profiles, profiled, max_items = self.profiles, self.profiled, self.config.max_items
         for update in updates:
-            if type(update) not in _UPDATE_TYPES:  # a programming error, not bad data
-                raise TypeError(f"unknown item update {type(update).__name__}: {update!r}")
+            kind = type(update)  # dispatch by exact type: the hot loop of the shard
             try:
-                match update:
-                    case Interaction(item_id, ts, positive):
-                        self._observe(ts)
-                        self._see(item_id, ts)
-                        self.interactions.add(item_id, ts)
-                        if positive:
-                            self.liked_counts.add(item_id, ts)
-                            self.popular.add(item_id, ts)
-                            self.trending.add(item_id, ts)
-                    case MFStep(item_id, ts, user_vec, coef):
-                        mf_items.append(item_id)
-                        mf_vecs.append(user_vec)
-                        mf_coefs.append(coef)
-                        mf_ts = max(mf_ts, ts)
-                    case ProfileEvent(item_id, event):
-                        self._observe(event.ts)
-                        if self.profiles is not None:
-                            self.profiles.apply(event)
-                            lru_put(self.profiled, item_id, None, self.config.max_items)
-                    case CovisPair(a, b, w, ts, channel):
-                        self._observe(ts)
-                        (pairs if channel == "liked" else pairs_any).append((a, b, w))
-                    case CatalogChange(item_id, event):
-                        self._observe(event.ts)
-                        entry = self._see(item_id, event.ts)
-                        entry.category = _category(event.attrs) or entry.category
-                        if entry.available and not event.available:
-                            removed.append(item_id)
-                        elif event.available and not entry.available:
-                            self.factors.revive([item_id])
-                        entry.available = event.available
+                if kind is CovisPair:
+                    ts = update.ts
+                    if max_ts is None or ts > max_ts:
+                        max_ts = ts
+                    (pairs if update.channel == "liked" else pairs_any).append(
+                        (update.item_id, update.other, update.weight))
+                elif kind is ProfileEvent:
+                    ts = update.event.ts
+                    if max_ts is None or ts > max_ts:
+                        max_ts = ts
+                    if profiles is not None:
+                        profiles.apply(update.event)
+                        item_id = update.item_id
+                        lru_put(profiled, item_id, profiled.get(item_id), max_items)
+                elif kind is MFStep:
+                    mf_items.append(update.item_id)
+                    mf_vecs.append(update.user_vec)
+                    mf_coefs.append(update.coef)
+                    if update.ts > mf_ts:
+                        mf_ts = update.ts
+                elif kind is Interaction:
+                    item_id, ts, positive = update
+                    if max_ts is None or ts > max_ts:
+                        max_ts = ts
+                    self._see(item_id, ts)
+                    self.interactions.add(item_id, ts)
+                    if positive:
+                        self.liked_counts.add(item_id, ts)
+                        self.popular.add(item_id, ts)
+                        self.trending.add(item_id, ts)
+                elif kind is CatalogChange:
+                    item_id, event = update
+                    if max_ts is None or event.ts > max_ts:
+                        max_ts = event.ts
+                    entry = self._see(item_id, event.ts)
+                    entry.category = _category(event.attrs) or entry.category
+                    if entry.available and not event.available:
+                        removed.append(item_id)
+                    elif event.available and not entry.available:
+                        self.factors.revive([item_id])
+                    entry.available = event.available
+                else:  # a programming error, not bad data
+                    raise TypeError(f"unknown item update {kind.__name__}: {update!r}")
+            except TypeError as err:
+                if kind not in _UPDATE_TYPES:
+                    raise
+                self._dead.append(processing_error(stage, _update_raw(update), err))
             except Exception as err:  # one bad update must not stop the flow
                 self._dead.append(processing_error(stage, _update_raw(update), err))
+        self.max_ts_ms = max_ts
         now = self.max_ts_ms or 0
         if pairs:
             self._batch_step(stage + " covis", updates,
@@ -232,10 +251,6 @@ class ItemShard:
             self._dead.extend(processing_error(stage, _update_raw(u), err)
                               for u in updates if applies(u))
 
-    def _observe(self, ts: int) -> None:
-        if self.max_ts_ms is None or ts > self.max_ts_ms:
-            self.max_ts_ms = ts
-
     def _see(self, item_id: str, ts: int) -> CatalogEntry:
         entry = self.catalog.get(item_id)
         if entry is None:
@@ -272,10 +287,14 @@ class ItemShard:
         """Numeric item-profile features of every profiled item, as of now."""
         if self.profiles is None:
             return {}
+        profiles, profiled = self.profiles, self.profiled
         out = {}
-        for item in self.profiled:
-            out[item] = {name: float(v) for name, v in self.profiles.query(item).items()
-                         if isinstance(v, int | float) and not isinstance(v, bool)}
+        for item, key in profiled.items():
+            if key is None:
+                key = profiled[item] = profiles.key_of(item)  # a value change: order kept
+            out[item] = {name: float(v) if type(v) is not float else v
+                         for name, v in profiles.query_key(key).items()
+                         if type(v) in _PLAIN_NUMBERS or _numeric(v)}
         return out
 
     def publish(self) -> Manifest:
@@ -293,6 +312,15 @@ class ItemShard:
     def finish(self) -> dict[str, list[Any]]:
         """End of input: publish what changed since the last table."""
         return {"snapshots": [self.publish()]} if self.dirty else {}
+
+
+_PLAIN_NUMBERS = frozenset((int, float))
+
+
+def _numeric(value: Any) -> bool:
+    """A number that is not a bool (a published feature value); the slow path of the
+    ``type(v) in _PLAIN_NUMBERS`` test, for subclasses such as numpy floats."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 _UPDATE_TYPES = (Interaction, MFStep, CovisPair, CatalogChange, ProfileEvent)

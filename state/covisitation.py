@@ -41,6 +41,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -298,14 +299,16 @@ class CoVisitation:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Compact arrays: item vocabulary, CSR rows (neighbour indices, grown values)."""
-        vocab: dict[str, int] = {a: n for n, a in enumerate(self._rows)}  # rows first: row i = vocab[i]
-        for row in self._rows.values():
-            for b in row:
-                vocab.setdefault(b, len(vocab))
-        blob, offsets = pack_strings(list(vocab))
-        sizes = np.fromiter((len(r) for r in self._rows.values()), np.int64, len(self._rows))
-        nbr = np.fromiter((vocab[b] for r in self._rows.values() for b in r), np.int32, int(sizes.sum()))
-        val = np.fromiter((v for r in self._rows.values() for v in r.values()), np.float64, nbr.size)
+        rows = self._rows
+        # rows first (row i = vocab[i]), then neighbours in order of first appearance
+        names = list(dict.fromkeys(chain(rows, chain.from_iterable(rows.values()))))
+        vocab: dict[str, int] = {a: n for n, a in enumerate(names)}
+        blob, offsets = pack_strings(names)
+        sizes = np.fromiter(map(len, rows.values()), np.int64, len(rows))
+        nbr = np.fromiter(map(vocab.__getitem__, chain.from_iterable(rows.values())), np.int32,
+                          int(sizes.sum()))
+        val = np.fromiter(chain.from_iterable(r.values() for r in rows.values()), np.float64,
+                          nbr.size)
         cfg = {f"cfg_{k}": np.asarray(v) for k, v in asdict(self.config).items()}
         return {
             "format": np.asarray(_FORMAT),

@@ -127,11 +127,11 @@ class ItemTable:
         cat_ids = list(self.catalog)
         feat_ids = list(self.features)
         names = sorted({n for feats in self.features.values() for n in feats})
-        col = {n: j for j, n in enumerate(names)}
         matrix = np.full((len(feat_ids), len(names)), np.nan)
-        for i, item in enumerate(feat_ids):
-            for n, v in self.features[item].items():
-                matrix[i, col[n]] = v
+        if feat_ids:  # one row list per item (numpy assigns a row at once), NaN = no value
+            nan = float("nan")
+            matrix[:] = [[feats.get(n, nan) for n in names]
+                         for feats in self.features.values()]
         with open(path, "wb") as f:
             np.savez(
                 f,

@@ -3,7 +3,8 @@
 Layout: ``<root>/<kind>/v<version:010d>.<ext>`` with the manifest beside it as
 ``v<version:010d>.json`` and ``<root>/<kind>/LATEST`` naming the newest manifest.
 Every file is written to a temporary name in the same directory, flushed and
-fsynced, then renamed into place, so a reader never sees a partial file. Versions
+fsynced (the data file and its version manifest; ``LATEST`` only flushed, see
+``write``), then renamed into place, so a reader never sees a partial file. Versions
 of a kind increase by one per write (strictly monotonic, also across restarts).
 
 Readers verify before loading: the manifest's path must resolve inside this store's
@@ -63,12 +64,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to a temporary name and rename it over ``path``; ``durable``
+    fsyncs the file before the rename (else a crash may leave it empty or torn)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with tmp.open("wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -156,7 +160,10 @@ class SnapshotStore:
                 manifest["hmac"] = manifest_signature(manifest, self._key)
             body = orjson.dumps(manifest)
             _atomic_write_bytes(folder / f"{name}.json", body)
-            _atomic_write_bytes(folder / "LATEST", body)
+            # LATEST is a shortcut, not the record: a LATEST torn by a crash is refused
+            # by ``latest`` and the newest version manifest (fsynced above) stands in,
+            # so it needs no fsync of its own; the directory fsync makes the renames last.
+            _atomic_write_bytes(folder / "LATEST", body, durable=False)
             _fsync_dir(folder)
             self._prune(folder, version)
         return manifest

@@ -93,3 +93,48 @@ def test_without_batch_ids_every_due_part_publishes(tmp_path: Path) -> None:
     items = publishing_shard(tmp_path)
     outputs = [items.process("i000", part) for part in parts(0)]
     assert len(published(outputs)) == 8
+
+
+def test_published_features_are_the_profiles_numeric_outputs_as_of_publication(
+        tmp_path: Path) -> None:
+    """Every profiled item's published features equal its profile query at publication
+    (numbers as floats; None means and lists left out), across window roll-overs, writes
+    after a first publication, LRU eviction, and a shard restored from its pickle."""
+    import pickle
+
+    from events.model import Feedback, Impression
+    from flows.config import load_config
+    from operators.item_updates import ProfileEvent
+
+    features = load_config(None).features
+    s = ItemShard(ItemsConfig(refresh_interval_ms=10**12, max_items=3, mf={"dim": 4}),
+                  SnapshotStore(tmp_path / "a"), features)
+
+    def events(t: int, items: str) -> list[Any]:
+        out: list[Any] = []
+        for n, item in enumerate(items):
+            out.append(ProfileEvent(item, Impression(t + n, f"imp{t}{n}", f"u{n}", item)))
+            out.append(ProfileEvent(item, Feedback(t + n, f"u{n}", item, "click")))
+            if item == "a":
+                out.append(ProfileEvent(item, Feedback(t + n, f"u{n}", item, "rating", 4.0)))
+        return out
+
+    def expected(shard: ItemShard) -> dict[str, dict[str, float]]:
+        assert shard.profiles is not None
+        return {item: {k: float(v) for k, v in shard.profiles.query(item).items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)}
+                for item in shard.profiled}
+
+    seen = []
+    for step, items in enumerate(["ab", "bc", "abc", "d", "ad"]):
+        s.process("i000", events(T0 + step * 3_600_000, items))  # an hour apart: 1h windows roll
+        table = s.table()
+        assert table.features == expected(s)
+        seen.append(table.features)
+        s.publish()
+        s = pickle.loads(pickle.dumps(s))  # recovery: the restored shard publishes the same
+    mean = "item.rating_mean.all"
+    assert mean in seen[0]["a"] and mean not in seen[0]["b"]  # None: left out
+    assert sorted(seen[-1]) == ["a", "c", "d"]  # "b", least recently seen, evicted (max 3)
+    a = seen[2]["a"]
+    assert a["item.impressions.1h"] == 1.0 and a["item.impressions.7d"] == 2.0

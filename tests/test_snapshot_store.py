@@ -133,3 +133,27 @@ def test_damaged_latest_is_refused_and_the_newest_verified_version_served(
     assert store.next_version("ranker") == 4
     store.write_bytes("ranker", "bin", b"model 4", ts=4)  # the next write repairs LATEST
     assert reader.refresh() and reader.current == b"model 4"
+
+
+def test_a_write_fsyncs_the_data_its_manifest_and_the_directory_not_latest(
+        tmp_path, monkeypatch) -> None:
+    """Three fsyncs per version (data file, version manifest, directory): a LATEST torn by
+    a crash is refused and the fsynced version manifest stands in for it (test above),
+    so LATEST is renamed into place without its own fsync."""
+    import os
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    store = SnapshotStore(tmp_path)
+    store.write_bytes("items-i000", "npz", b"table 1", ts=1)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store.write_bytes("items-i000", "npz", b"table 2", ts=2)
+    assert [s.split(".tmp-")[0] for s in synced] == [
+        ".v0000000002.npz", ".v0000000002.json", "items-i000"]
+    reader = SnapshotReader(store, "items-i000", lambda p: p.read_bytes())
+    assert reader.refresh() and (reader.version, reader.current) == (2, b"table 2")
