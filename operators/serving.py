@@ -36,8 +36,10 @@ import numpy as np
 
 from events.model import Record
 from models.features import SERVING_POSITION, ranking_features_many
+from models.pool_ranker import PoolModel, PoolRankerConfig
 from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import PointInTime, UserContext
+from operators.pool_features import pool_matrix
 from operators.scorer_duel import SCORERS, ScorerDuel
 from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
@@ -80,9 +82,11 @@ class ServingConfig:
     poll_ms: int = doc("Wall time between checks of the snapshot store for new versions "
                        "(ms; 0 = every micro-batch).", 1_000)
     scorer: str = doc("Final score: 'ranker' (the serving ranker's probability), 'retrieval' "
-                      "(the co-visitation blend, other sources breaking ties) or 'auto' (the "
-                      "ranker, unless the blend's top k held the users' next organic "
-                      "positives more often lately; operators/scorer_duel.py).", "auto")
+                      "(the co-visitation blend, other sources breaking ties), 'pool' (the "
+                      "pool ranker over the blend's best candidates, serving.pool) or 'auto' "
+                      "(the ranker, unless the pool ranker's top k (the blend's when "
+                      "serving.pool is off) held the users' next organic positives more "
+                      "often lately; operators/scorer_duel.py).", "auto")
     scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the blend may take "
                                    "over from the ranker (the choice is revisited at every "
                                    "request after that).", 30)
@@ -103,6 +107,9 @@ class ServingConfig:
     repeat_cooldown_ms: int = doc("cooldown: event time after the user's last interaction "
                                   "with an item before it may be recommended again (ms).",
                                   86_400_000)
+    pool: PoolRankerConfig = doc("The pool ranker: an online listwise re-ranker of the blend's "
+                                 "best candidates (models/pool_ranker.py).",
+                                 factory=PoolRankerConfig)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
                                 "after_ordering): 'module:function'.", factory=dict)
     record_cost: bool = doc("Add cpu_ms (CPU time of this request's serving call, ms) and "
@@ -175,7 +182,9 @@ class Server:
         self.duel.max_users = min(self.duel.max_users, max_users)
         """Remembers each requesting user's last two top-k lists."""
         self.covis_view = CovisView()
-        self.served_by = {"ranker": 0, "retrieval": 0}
+        self.pool = PoolModel(config.pool) if config.pool.enabled else None
+        """The pool ranker (learns on this shard from its users' next positives)."""
+        self.served_by = {"ranker": 0, "retrieval": 0, "pool": 0}
         self.served = 0
         self._top_cache: dict[tuple[str, int], tuple[tuple[ItemTable, ...],
                                                      list[tuple[str, float]]]] = {}
@@ -246,13 +255,23 @@ class Server:
         """An organic positive of the user: the scorer duel's outcome."""
         self.duel.outcome(user_id, item_id)
 
+    def pool_outcome(self, user_id: str, item_id: str, ts_ms: int) -> None:
+        """A positive of the user (organic, or a click on an impression): the pool
+        ranker learns when the item was in the pool last served to the user."""
+        if self.pool is not None:
+            self.pool.outcome(user_id, item_id, ts_ms)
+
     def counters(self) -> dict[str, int]:
         """Requests served by each scorer and the duel's outcome counts (metrics)."""
         duel = self.duel
-        return {"served_by_ranker": self.served_by["ranker"],
-                "served_by_retrieval": self.served_by["retrieval"],
-                "duel_outcomes": duel.outcomes, "duel_hits_ranker": duel.hits_ranker,
-                "duel_hits_retrieval": duel.hits_retrieval}
+        out = {"served_by_ranker": self.served_by["ranker"],
+               "served_by_retrieval": self.served_by["retrieval"],
+               "served_by_pool": self.served_by.get("pool", 0),
+               "duel_outcomes": duel.outcomes, "duel_hits_ranker": duel.hits_ranker,
+               "duel_hits_retrieval": duel.hits_retrieval}
+        if self.pool is not None:
+            out.update(self.pool.counters())
+        return out
 
     # -- the four stages ---------------------------------------------------------------
     def recommend(self, request: Any, ctx: UserContext, ingest_ns: int) -> Record:
@@ -383,9 +402,11 @@ class Server:
 
     def score(self, request: Any, ctx: UserContext, cands: list[Candidate],
               covis: dict[str, SparseScores] | None = None) -> None:
-        """Set ``score``: the serving ranker's calibrated probability or the retrieval
-        blend, whichever ``serving.scorer`` (``auto``: the duel) picks; under ``auto``
-        both top k lists are recorded for the duel."""
+        """Set ``score``: the serving ranker's calibrated probability, the pool ranker's
+        ``P(c | pool)`` over the blend's best ``pool.pool_size`` (0 below the pool), or
+        the retrieval blend, whichever ``serving.scorer`` picks (``auto``: the duel of the
+        LR ranker against the pool ranker, or the blend when the pool ranker is off);
+        under ``auto`` both top k lists are recorded for the duel."""
         if not cands:
             return
         for c in cands:  # co-visitation blend in [0, 1] first; the rest breaks ties
@@ -394,12 +415,23 @@ class Server:
                        + 1e-4 * math.log1p(s.get("trending", 0.0))
                        + 1e-6 * math.log1p(s.get("popular", 0.0)))
         scorer_mode = self.config.scorer
-        ranker = self.views.ranker.current if scorer_mode != "retrieval" else None
-        if ranker is None or self._unscored(request, ctx, scorer_mode):
-            self.served_by["retrieval"] += 1
-            return
+        pool = self.pool if scorer_mode in ("auto", "pool") else None
+        needs_ranker = pool is not None and "ranker" in pool.config.features
+        ranker = (self.views.ranker.current
+                  if scorer_mode in ("auto", "ranker") or needs_ranker else None)
+        if pool is not None:  # blend order (stable on ties): the pool is a prefix
+            cands.sort(key=lambda c: -c.score)
         items = [c.item_id for c in cands]
-        probs = self._ranker_scores(ranker, request, ctx, items, covis).tolist()
+        probs = None
+        if ranker is not None and (needs_ranker or not self._unscored(request, ctx, scorer_mode)):
+            probs = self._ranker_scores(ranker, request, ctx, items, covis).tolist()
+        challenger = "retrieval"
+        if pool is not None:
+            self._pool_scores(pool, request, ctx, cands, covis, probs)
+            challenger = "pool"
+        if probs is None or scorer_mode == "pool":
+            self.served_by[challenger] += 1
+            return
         if scorer_mode == "auto":
             k = request.k
             by_ranker = heapq.nlargest(k, range(len(cands)), key=probs.__getitem__)
@@ -407,10 +439,32 @@ class Server:
             self.duel.record(ctx.user_id, [items[n] for n in by_ranker],
                              [items[n] for n in by_blend])
         choice = self.duel.choice(scorer_mode)
-        self.served_by[choice] += 1
+        if choice == "pool" and pool is None:
+            choice = "retrieval"
+        self.served_by[challenger if choice == "retrieval" else choice] += 1
         if choice == "ranker":
             for c, prob in zip(cands, probs, strict=True):
                 c.score = prob
+
+    def _pool_scores(self, pool: PoolModel, request: Any, ctx: UserContext,
+                     cands: list[Candidate], covis: dict[str, SparseScores] | None,
+                     probs: list[float] | None) -> None:
+        """Re-score the blend's best ``pool_size`` candidates (``cands`` is in blend order)
+        with the pool ranker (``P(c | pool)``), the others 0.0 (they keep their blend
+        order below the pool), and remember the pool for learning from the user's next
+        positive."""
+        top = cands[: pool.config.pool_size]
+        blend = np.fromiter((c.score for c in top), np.float64, len(top))
+        items = [c.item_id for c in top]
+        lr = np.asarray(probs[: len(top)]) if probs is not None else None
+        x = pool_matrix(pool.ranker.names, self.context, self.covis_view,
+                        self.config.covis_pop_alpha, ctx, items, blend, request.ts, covis, lr,
+                        pool.config.long_items)
+        p = pool.serve(ctx.user_id, items, x, request.ts).tolist()
+        for c in cands[len(top):]:
+            c.score = 0.0
+        for c, prob in zip(top, p, strict=True):
+            c.score = prob
 
     def _unscored(self, request: Any, ctx: UserContext, scorer_mode: str) -> bool:
         """``auto`` once the blend leads the duel: only a ``scorer_shadow_rate`` sample of
