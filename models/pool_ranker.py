@@ -53,6 +53,23 @@ class PoolRankerConfig:
                           "rows form the long-term profile (each weighted 1/its count).", 100)
 
 
+def check_pool_config(config: PoolRankerConfig) -> None:
+    """ValueError ("key: reason") unless the features are known and include ``blend``,
+    the pool holds >= 2, the step is positive and at least one pool can wait."""
+    unknown = [f for f in config.features if f not in POOL_FEATURES]
+    if unknown:
+        raise ValueError(f"features: unknown {unknown} (known: {', '.join(POOL_FEATURES)})")
+    if "blend" not in config.features:
+        raise ValueError("features: 'blend' is required (the starting order)")
+    for key, value, least in (("pool_size", config.pool_size, 2),
+                              ("max_pending", config.max_pending, 1),
+                              ("long_items", config.long_items, 1)):
+        if value < least:
+            raise ValueError(f"{key}: must be >= {least}, got {value}")
+    if config.learning_rate <= 0:
+        raise ValueError(f"learning_rate: must be > 0, got {config.learning_rate}")
+
+
 class PoolRanker:
     """Listwise softmax over a pool's feature matrix, Adagrad, running std scaling."""
 
@@ -169,12 +186,7 @@ class PoolModel:
     ``outcome`` learns from a user's next positive."""
 
     def __init__(self, config: PoolRankerConfig) -> None:
-        unknown = [f for f in config.features if f not in POOL_FEATURES]
-        if unknown:
-            raise ValueError(f"serving.pool.features: unknown {unknown} (known: "
-                             f"{', '.join(POOL_FEATURES)})")
-        if config.pool_size < 2:
-            raise ValueError("serving.pool.pool_size must be >= 2")
+        check_pool_config(config)
         self.config = config
         self.ranker = PoolRanker(list(config.features), config.learning_rate)
         self.pending = PendingPools(config.max_pending, config.pending_ttl_ms)

@@ -80,6 +80,8 @@ def _counts(view: CovisView, channel: str, ids: np.ndarray | None) -> np.ndarray
     """The channel's (decayed) count of each id (0 for -1 or beyond the array)."""
     assert ids is not None
     counts = view.counts[channel]
+    if not counts.size:
+        return np.zeros(ids.size)
     ok = (ids >= 0) & (ids < counts.size)
     return np.where(ok, counts[np.where(ok, ids, 0)], 0.0)
 
