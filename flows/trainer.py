@@ -7,10 +7,12 @@ the same config::
     python -m bytewax.run "flows.trainer:build('my.toml')"
 
 It reads the ``examples`` topic (Kafka), trains and syncs the serving copy into the
-same snapshot store, and writes ``snapshots`` and ``metrics`` like the main flow.
-With ``output.kind = "files"`` it reads ``<output.dir>/examples.jsonl`` instead (a
-replay of a previous run's examples) and writes ``trainer-snapshots.jsonl`` and
-``trainer-metrics.jsonl`` beside it.
+same snapshot store, and writes ``snapshots``, ``metrics`` and ``dead-letters`` like
+the main flow (a line that is not a training example is a ``bad_example`` dead letter;
+the flow goes on). With ``output.kind = "files"`` it reads
+``<output.dir>/examples.jsonl`` instead (a replay of a previous run's examples) and
+writes ``trainer-snapshots.jsonl``, ``trainer-metrics.jsonl`` and
+``trainer-dead-letters.jsonl`` beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Dataflow
 
+from events.model import Record, dead_letter
 from flows.config import Config, load_config
 from flows.kafka_wait import wait_for_kafka
 from flows.logs import install_excepthook
@@ -47,8 +50,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     else:
         source = ReplaySource(Path(config.output.dir) / "examples.jsonl")
     raw = op.input("examples_in", flow, source)
-    examples = op.map("decode", raw,
-                      lambda batch: [unpack_example(orjson.loads(line)) for line in batch])
+    decoded = op.map("decode", raw, decode_examples)
+    examples = op.map("valid", decoded, lambda pair: pair[0])
     store = config.snapshot_store()
     rate = config.sampler.negative_rate
 
@@ -62,4 +65,53 @@ def build(config: str | Path | dict[str, Any] | Config | None = None) -> Dataflo
     prefix = "" if config.output.kind == "kafka" else "trainer-"
     for name in ("snapshots", "metrics"):
         _output(prefix + name, op.filter_map(name, out, lambda o, n=name: o.get(n)), config)
+    dead = op.merge("all_dead_letters", op.filter_map("bad_examples", decoded, lambda p: p[1] or None),
+                    op.filter_map("ranker_dead_letters", out, lambda o: o.get("dead-letters")))
+    _output(prefix + "dead-letters", dead, config)
     return flow
+
+
+EXAMPLE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "ts": int, "user_id": str, "item_id": str, "label": (int, float), "weight": (int, float)}
+"""Fields every training example must have, with their types (``bool`` is not a number)."""
+
+
+def decode_examples(batch: list[bytes | str | Record]) -> tuple[list[Record], list[Record]]:
+    """(examples, dead letters) of a batch of ``examples`` lines: each line parsed and
+    unpacked (``operators.example_codec``), or dead-lettered with reason ``bad_example``
+    when it is not JSON, not an object, or misses a field of ``EXAMPLE_FIELDS`` or has
+    the wrong type there (then ``Trainer`` would fail on it). Records already decoded
+    (dicts) are checked the same way."""
+    good: list[Record] = []
+    bad: list[Record] = []
+    for line in batch:
+        try:
+            record = line if isinstance(line, dict) else orjson.loads(line)
+        except orjson.JSONDecodeError as err:
+            bad.append(dead_letter(line, "bad_example", f"not JSON: {err}"))
+            continue
+        problem = _example_problem(record)
+        if problem:
+            bad.append(dead_letter(line, "bad_example", problem))
+            continue
+        try:
+            good.append(unpack_example(record))
+        except Exception as err:  # a features object the codec cannot unpack
+            bad.append(dead_letter(line, "bad_example", f"features: {type(err).__name__}: {err}"))
+    return good, bad
+
+
+def _example_problem(record: Any) -> str | None:
+    """Why ``record`` cannot be a training example (None if it can)."""
+    if not isinstance(record, dict):
+        return f"not an object but {type(record).__name__}"
+    for name, kind in EXAMPLE_FIELDS.items():
+        value = record.get(name)
+        if value is None:
+            return f"missing field {name!r}"
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"field {name!r} is {type(value).__name__}"
+    features = record.get("features")
+    if features is not None and not isinstance(features, dict):
+        return f"field 'features' is {type(features).__name__}"
+    return None

@@ -119,3 +119,32 @@ def test_trainer_flow_learns_what_the_in_flow_trainer_learns(tmp_path) -> None:
 
     in_flow, apart = final(tmp_path / "snapshots"), final(tmp_path / "apart")
     assert len(in_flow) > 100 and in_flow == apart
+
+
+def test_trainer_flow_dead_letters_bad_examples_and_learns_the_rest(tmp_path) -> None:
+    """A replayed or Kafka ``examples`` stream may hold lines the trainer cannot learn
+    from; each becomes a ``bad_example`` dead letter with its reason and every valid
+    example is still learned (before, the first such line stopped the flow)."""
+    import orjson
+    from bytewax.testing import run_main
+
+    from flows.evaluate import read_jsonl
+    from flows.trainer import build as build_trainer
+
+    good = simulated_examples(3_000, seed=7)
+    bad = [b"{not json", b"[1, 2]", orjson.dumps({**good[0], "ts": "yesterday"}),
+           orjson.dumps({k: v for k, v in good[1].items() if k != "user_id"}),
+           orjson.dumps({**good[2], "label": True}), orjson.dumps({**good[3], "features": [1]})]
+    lines = [orjson.dumps(e) for e in good]
+    for i, line in enumerate(bad):
+        lines.insert(500 * i + 7, line)
+    (tmp_path / "examples.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    config = {"inputs": [{"kind": "simulator", "events": 10}], "output": {"dir": str(tmp_path)}}
+    run_main(build_trainer(config))
+    dead = read_jsonl(tmp_path / "trainer-dead-letters.jsonl")
+    assert [d["reason"] for d in dead] == ["bad_example"] * len(bad)
+    assert [d["detail"].split(":")[0] for d in dead] == [
+        "not JSON", "not an object but list", "field 'ts' is str", "missing field 'user_id'",
+        "field 'label' is bool", "field 'features' is list"]
+    [final] = [m for m in read_jsonl(tmp_path / "trainer-metrics.jsonl") if m["kind"] == "ranker_final"]
+    assert final["count"] == len(good)
