@@ -49,6 +49,11 @@ class PoolRankerConfig:
                            "recently served dropped first).", 5_000)
     pending_ttl_ms: int = doc("A served pool older than this (event time) teaches nothing "
                               "and is dropped (ms).", 86_400_000)
+    serve_before_ranker: bool = doc(
+        "serving.scorer auto: the pool ranker also orders the requests that come before "
+        "the first LR ranker copy (false: the blend orders them, as without the pool "
+        "ranker; the pool ranker learns from them either way). Default by measurement: "
+        "docs/ranker.md.", True)
     long_items: int = doc("long_liked: the user's most recent positives whose co-visitation "
                           "rows form the long-term profile (each weighted 1/its count).", 100)
 

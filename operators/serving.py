@@ -427,8 +427,16 @@ class Server:
             probs = self._ranker_scores(ranker, request, ctx, items, covis).tolist()
         challenger = "retrieval"
         if pool is not None:
+            blend = [c.score for c in cands]
             self._pool_scores(pool, request, ctx, cands, covis, probs)
             challenger = "pool"
+            if (ranker is None and scorer_mode == "auto"
+                    and not pool.config.serve_before_ranker):
+                # No LR copy yet: the blend serves, as without the pool ranker (which
+                # still learns from this request's pool).
+                for c, b in zip(cands, blend, strict=True):
+                    c.score = b
+                challenger = "retrieval"
         if probs is None or scorer_mode == "pool":
             self.served_by[challenger] += 1
             return

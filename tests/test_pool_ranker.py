@@ -134,3 +134,20 @@ def test_retrieval_scorer_leaves_the_pool_ranker_out(tmp_path: Path) -> None:
 def test_unknown_feature_is_refused() -> None:
     with pytest.raises(ValueError, match="features: unknown"):
         PoolModel(PoolRankerConfig(features=["blend", "nope"]))
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_before_the_first_ranker_copy(tmp_path: Path, before: bool) -> None:
+    """``auto`` with no LR copy yet: the pool ranker orders (``serve_before_ranker``) or
+    the blend does; the pool ranker learns from the request either way."""
+    world = World(tmp_path)
+    world.publish_tables()
+    world.publish_index()
+    shard = world.user_shard(scorer="auto", pool=PoolRankerConfig(serve_before_ranker=before))
+    feed(shard, [click("c0", SEED, T0 - 10)])
+    record = ask(shard, "c0", ts=T0)
+    assert ids(record)[0] == "a31"
+    served = "pool" if before else "retrieval"
+    assert shard.server.served_by == {"ranker": 0, "retrieval": 0, "pool": 0, served: 1}
+    assert (sum(i["score"] for i in record["items"]) <= 1.0 + 1e-6) == before
+    assert "c0" in shard.server.pool.pending.pools
