@@ -53,7 +53,7 @@ class PoolRankerConfig:
         "serving.scorer auto: the pool ranker also orders the requests that come before "
         "the first LR ranker copy (false: the blend orders them, as without the pool "
         "ranker; the pool ranker learns from them either way). Default by measurement: "
-        "docs/ranker.md.", True)
+        "docs/ranker.md.", False)
     long_items: int = doc("long_liked: the user's most recent positives whose co-visitation "
                           "rows form the long-term profile (each weighted 1/its count).", 100)
 
