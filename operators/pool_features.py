@@ -54,7 +54,7 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
         elif name in _CHANNEL:
             out[:, j] = _channel(view, covis, _CHANNEL[name], ids, alpha)
         elif name == "long_liked":
-            out[:, j] = _long_liked(context, view, ctx, ids, ts, alpha, long_items)
+            out[:, j] = _long_liked(context, view, ctx, ids, items, ts, alpha, long_items)
         elif name in ("pop", "trend"):
             out[:, j] = np.log1p(np.maximum(numeric.get(name, 0.0), 0.0))
         elif name == "pop_cold":
@@ -107,9 +107,12 @@ def _channel(view: CovisView, covis: dict[str, SparseScores] | None, channel: st
 
 
 def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
-                ids: np.ndarray | None, ts: int, alpha: float, long_items: int) -> np.ndarray:
+                ids: np.ndarray | None, items: list[str], ts: int, alpha: float,
+                long_items: int) -> np.ndarray:
     """Item-kNN over the user's last ``long_items`` positives (seed weight 1/count),
-    divided by count**alpha, max-normalised over the pool."""
+    divided by count**alpha, max-normalised over the pool. Reads the tables' rows for the
+    pool's items only (the co-visitation view, whose id order breaks the blend's ties, is
+    left as retrieval made it)."""
     assert ids is not None
     out = np.zeros(ids.size)
     views, shard_of = context.views, context.item_shard_of
@@ -118,21 +121,11 @@ def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
     seeds = context.liked.recent(ctx.user_id, long_items)
     if not seeds:
         return out
-    tables = views.table_map()
     get = view.ids.get
     seed_counts = _counts(view, "liked", np.fromiter((get(s, -1) for s in seeds), np.int64,
                                                      len(seeds)))
-    triples = []
-    for seed, c in zip(seeds, seed_counts.tolist(), strict=True):
-        table = tables.get(shard_of(seed))
-        if table is not None:
-            triples.append((table, seed, table.covis_factor(ts) / max(c, 1.0)))
-    sum_ids, sums = view.channel_sums("liked", triples)
-    if not sum_ids.size:
-        return out
-    pos = np.minimum(np.searchsorted(sum_ids, ids), sum_ids.size - 1)
-    found = (ids >= 0) & (sum_ids[pos] == ids)
-    v = np.where(found, sums[pos], 0.0)
+    v = np.asarray(context._covis_lookup(seeds, "liked", items, views.table_map(), ts,
+                                         (1.0 / np.maximum(seed_counts, 1.0)).tolist()))
     if alpha:
         v = v / np.maximum(_counts(view, "liked", ids), 1.0) ** alpha
     top = v.max()

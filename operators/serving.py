@@ -403,7 +403,7 @@ class Server:
     def score(self, request: Any, ctx: UserContext, cands: list[Candidate],
               covis: dict[str, SparseScores] | None = None) -> None:
         """Set ``score``: the serving ranker's calibrated probability, the pool ranker's
-        ``P(c | pool)`` over the blend's best ``pool.pool_size`` (0 below the pool), or
+        ``P(c | pool)`` over the blend's best ``pool.pool_size`` (blend - 2 below), or
         the retrieval blend, whichever ``serving.scorer`` picks (``auto``: the duel of the
         LR ranker against the pool ranker, or the blend when the pool ranker is off);
         under ``auto`` both top k lists are recorded for the duel."""
@@ -419,8 +419,6 @@ class Server:
         needs_ranker = pool is not None and "ranker" in pool.config.features
         ranker = (self.views.ranker.current
                   if scorer_mode in ("auto", "ranker") or needs_ranker else None)
-        if pool is not None:  # blend order (stable on ties): the pool is a prefix
-            cands.sort(key=lambda c: -c.score)
         items = [c.item_id for c in cands]
         probs = None
         if ranker is not None and (needs_ranker or not self._unscored(request, ctx, scorer_mode)):
@@ -457,20 +455,21 @@ class Server:
     def _pool_scores(self, pool: PoolModel, request: Any, ctx: UserContext,
                      cands: list[Candidate], covis: dict[str, SparseScores] | None,
                      probs: list[float] | None) -> None:
-        """Re-score the blend's best ``pool_size`` candidates (``cands`` is in blend order)
-        with the pool ranker (``P(c | pool)``), the others 0.0 (they keep their blend
-        order below the pool), and remember the pool for learning from the user's next
-        positive."""
-        top = cands[: pool.config.pool_size]
+        """Re-score the blend's best ``pool_size`` candidates (ties in candidate order)
+        with the pool ranker (``P(c | pool)``), the others ``blend - 2`` (below every
+        pool score, in blend order), and remember the pool for learning from the user's
+        next positive."""
+        best = sorted(range(len(cands)), key=lambda n: -cands[n].score)[: pool.config.pool_size]
+        top = [cands[n] for n in best]
         blend = np.fromiter((c.score for c in top), np.float64, len(top))
         items = [c.item_id for c in top]
-        lr = np.asarray(probs[: len(top)]) if probs is not None else None
+        lr = np.asarray([probs[n] for n in best]) if probs is not None else None
         x = pool_matrix(pool.ranker.names, self.context, self.covis_view,
                         self.config.covis_pop_alpha, ctx, items, blend, request.ts, covis, lr,
                         pool.config.long_items)
         p = pool.serve(ctx.user_id, items, x, request.ts).tolist()
-        for c in cands[len(top):]:
-            c.score = 0.0
+        for c in cands:
+            c.score -= 2.0  # the blend is in [0, ~1.001]
         for c, prob in zip(top, p, strict=True):
             c.score = prob
 
