@@ -14,7 +14,9 @@ Policies, each in its own copy of the same world with the same request sequence:
 
 Worlds: ``default`` (the simulator's defaults), ``organic`` (users also view items they
 like before asking: ``view`` feedback without impression), ``drift`` (a third of the way
-into the loop, half of the users get a new taste).
+into the loop, half of the users get a new taste; the last line also splits its last
+half by users with a new taste, ``ctr_<policy>_drift_shifted``, and the others,
+``ctr_<policy>_drift_stable``).
 
 Figure per window of requests: expected CTR = the mean true click probability of the
 served items at their positions, over k slots per request (an empty or short answer
@@ -145,6 +147,8 @@ class Run:
     """Expected CTR per window of one policy in one world."""
 
     curve: list[float] = field(default_factory=list)
+    by_group: dict[str, list[float]] = field(default_factory=dict)
+    """drift world, last half: group ("shifted" / "stable" users) -> [expected clicks, slots]."""
     empty: int = 0
     seconds: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
@@ -182,6 +186,11 @@ def run(world: str, policy_name: str, args: argparse.Namespace) -> Run:
             done = loop.windows[n_before - 1]
             expected += done.expected_clicks - before
             in_window += 1
+            if world == "drift" and loop.sent > args.requests // 2:
+                group = "shifted" if loop.sim.shifted(rec["user_id"]) else "stable"
+                tally = result.by_group.setdefault(group, [0.0, 0])
+                tally[0] += done.expected_clicks - before
+                tally[1] += k
             if not rec.get("items"):
                 result.empty += 1
             if in_window == settings.window:
@@ -257,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     figures[f"{key}{suffix}"] = round((ctr[name] - ctr["random"]) / span, 4)
         if "streamrec" in runs:
             figures[f"empty_streamrec{suffix}"] = runs["streamrec"].empty
+        for name, r in runs.items():  # drift: users with a new taste vs the others
+            for group, (clicks, slots) in sorted(r.by_group.items()):
+                figures[f"ctr_{name}{suffix}_{group}"] = round(clicks / slots, 5) if slots else None
     if args.out:
         plot(results, Path(args.out), args.window)
         print(f"curves: {args.out}", file=sys.stderr)

@@ -12,13 +12,23 @@ event stamped with the wall clock, and reads ``<app>.recommendations``:
   recommendation is consumed (kafka-python on both sides, ``fetch_max_wait_ms`` 10);
 * in flow: the record's own ``latency_ms`` (ingest at parse -> answer).
 
-The rival printed beside it: the same run's round trip with the consumers' old
-500 ms fetch wait (``--compare-fetch-wait``; off by default, it doubles the run time).
+The rivals printed beside it: the same run's round trip with the consumers' old
+500 ms fetch wait (``--compare-fetch-wait``), and with snapshot versions loaded inside
+the user shards' poll as before background loading (``--compare-sync-load``: the batch
+waits for verify + load), and with the Kafka sinks waiting for every acknowledgement
+in each ``write_batch`` as before (``--compare-sink-flush``; now they wait at the end
+of each epoch); each is off by default (each adds a run).
+
+Also from Bytewax's own step timers (its dataflow API, scraped before and after the live
+phase): ``sink_write_share`` (the worker's wall time in the output sinks' ``write_batch``:
+send, flush, wait for acknowledgements), ``sink_write_ms_per_call`` and the same for the
+user shards, with ``step_seconds`` per step.
 Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``rt_p50_ms``, ``rt_p90_ms``, ``rt_p99_ms``, ``inflow_p50_ms``, ``inflow_p90_ms``,
 ``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``.
 
-Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]``.
+Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
+[--compare-sync-load] [--compare-sink-flush] [--compare-fetch-wait]``.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from events.simulator import SimConfig, Simulator
-from flows.broker import LocalBroker, create_topics
+from flows.broker import LocalBroker, create_topics, free_port
 from flows.recsys import OUTPUTS
 
 from common import ROOT
@@ -62,7 +72,36 @@ def world(now_ms: int, n: int, seed: int = 0) -> tuple[list[dict[str, Any]], lis
     return warm, live
 
 
-def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int) -> subprocess.Popen[bytes]:
+def rival_flow(path: str, sync_load: bool = False, flush_each_batch: bool = False) -> Any:
+    """The flow as it was before this bench's last changes, for the rivals: snapshot
+    views loading new versions inside the poll (the batch waits for verify + load)
+    and/or Kafka sinks waiting for every acknowledgement in each ``write_batch``. Entry
+    point ``python -m bytewax.run "bench/latency.py:rival_flow('config.json', ...)"``."""
+    from flows.recsys import build
+    from operators import kafka_sink, snapshot_views
+
+    if sync_load:
+        init = snapshot_views.SnapshotViews.__init__
+
+        def synchronous(self: Any, store: Any, item_shards: list[str], poll_ms: int,
+                        background: bool | None = None) -> None:
+            init(self, store, item_shards, poll_ms, background=False)
+
+        snapshot_views.SnapshotViews.__init__ = synchronous  # type: ignore[method-assign]
+    if flush_each_batch:
+        partition = kafka_sink._KafkaSinkPartition
+        write = partition.write_batch
+
+        def write_and_wait(self: Any, items: list[Any]) -> None:
+            write(self, items)
+            self.settle()
+
+        partition.write_batch = write_and_wait  # type: ignore[method-assign]
+    return build(path)
+
+
+def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
+               rival: tuple[bool, bool] = (False, False)) -> subprocess.Popen[bytes]:
     config = {
         "app": APP,
         "inputs": [{"kind": "kafka", "topics": ["events"]}],
@@ -74,9 +113,54 @@ def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int) -> subprocess.Pope
     path = out / "config.json"
     path.write_bytes(orjson.dumps(config))
     log = (out / "flow.log").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "bytewax.run", f"flows.recsys:build('{path}')"],
-                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BYTEWAX_DATAFLOW_API_ENABLED": "true",
+           "BYTEWAX_DATAFLOW_API_PORT": str(api_port)}
+    entry = (f"{Path(__file__).resolve()}:rival_flow('{path}', {rival[0]}, {rival[1]})" if any(rival)
+             else f"flows.recsys:build('{path}')")
+    return subprocess.Popen([sys.executable, "-m", "bytewax.run", entry],
+                            cwd=ROOT, env=env,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+
+STEP_TIMES = {
+    "sinks": ("bytewax_out_part_write_batch_duration_seconds", ".out_"),
+    "user_shard": ("bytewax_stateful_batch_on_batch_duration_seconds", ".user_shard."),
+    "item_shard": ("bytewax_stateful_batch_on_batch_duration_seconds", ".item_shard."),
+    "ranker": ("bytewax_stateful_batch_on_batch_duration_seconds", ".ranker."),
+    "index": ("bytewax_stateful_batch_on_batch_duration_seconds", ".index."),
+}
+"""Bytewax's own step timers (its dataflow API, docs/operations.md) summed per group:
+(histogram family, substring of the step id)."""
+
+
+def step_seconds(api_port: int) -> dict[str, tuple[float, float]]:
+    """(seconds, calls) per ``STEP_TIMES`` group and per output step (``out_<name>``),
+    scraped from the flow's dataflow API; {} when it does not answer."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    line = re.compile(r'^(\w+)_(sum|count)\{([^}]*)\}\s+(\S+)$')
+    out: dict[str, list[float]] = {}
+    for raw in text.splitlines():
+        m = line.match(raw)
+        if not m:
+            continue
+        family, part, labels, value = m.groups()
+        step = re.search(r'step_id="([^"]*)"', labels)
+        if step is None:
+            continue
+        groups = [g for g, (fam, sub) in STEP_TIMES.items() if fam == family and sub in step[1]]
+        if family == STEP_TIMES["sinks"][0]:
+            groups.append(step[1].split(".")[1])
+        for g in groups:
+            acc = out.setdefault(g, [0.0, 0.0])
+            acc[0 if part == "sum" else 1] += float(value)
+    return {g: (v[0], v[1]) for g, v in out.items()}
 
 
 class Receiver(threading.Thread):
@@ -111,7 +195,8 @@ class Receiver(threading.Thread):
 
 
 def run(seconds: float, requests_per_s: float, events_per_s: float,
-        fetch_wait_ms: int) -> dict[str, Any]:
+        fetch_wait_ms: int, rival: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
+    """``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch)."""
     """One measured run on a fresh broker and flow; the figures of its live phase."""
     out = Path(tempfile.mkdtemp(prefix="streamrec-latency-"))
     now_ms = int(time.time() * 1000)
@@ -121,7 +206,8 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
     with LocalBroker() as broker:
         bootstrap = broker.bootstrap
         create_topics(bootstrap, [f"{APP}.events"] + [f"{APP}.{n}" for n in OUTPUTS], 1)
-        flow = start_flow(bootstrap, out, fetch_wait_ms)
+        api_port = free_port()
+        flow = start_flow(bootstrap, out, fetch_wait_ms, api_port, rival)
         receiver = Receiver(bootstrap, fetch_wait_ms)
         receiver.start()
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
@@ -141,6 +227,7 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
             if not receiver.wait_for("warm-up-done", 600):
                 raise RuntimeError("the flow did not take the warm-up in 600 s:\n"
                                    + (out / "flow.log").read_text()[-3000:])
+            steps0 = step_seconds(api_port)
             sent: dict[str, float] = {}
             tick = 0.01  # the client's schedule: every 10 ms, what is due by then
             start = time.monotonic()
@@ -162,6 +249,7 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
                 producer.flush()
                 time.sleep(max(0.0, start + elapsed + tick - time.monotonic()))
             wall = time.monotonic() - start
+            steps1 = step_seconds(api_port)
             deadline = time.monotonic() + 30
             while len([r for r in sent if r in receiver.received]) < len(sent) and (
                     time.monotonic() < deadline):
@@ -180,11 +268,23 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
     def pct(a: np.ndarray, q: float) -> float | None:
         return round(float(np.percentile(a, q)), 1) if a.size else None
 
+    steps = {g: (steps1[g][0] - steps0.get(g, (0.0, 0.0))[0],
+                 steps1[g][1] - steps0.get(g, (0.0, 0.0))[1]) for g in steps1}
+    sink_s, sink_calls = steps.get("sinks", (0.0, 0.0))
+    user_s, user_calls = steps.get("user_shard", (0.0, 0.0))
     return {
         "rt_p50_ms": pct(rt, 50), "rt_p90_ms": pct(rt, 90), "rt_p99_ms": pct(rt, 99),
         "inflow_p50_ms": pct(fl, 50), "inflow_p90_ms": pct(fl, 90), "inflow_p99_ms": pct(fl, 99),
         "requests": len(sent), "answered": len(got),
         "requests_per_s": round(n_req / wall, 1), "events_per_s": round(n_ev / wall, 1),
+        # the worker's wall time in the sinks' write_batch (send + flush + acks) and in
+        # the user shards, over the live phase (Bytewax's own step timers)
+        "sink_write_share": round(sink_s / wall, 4) if steps else None,
+        "sink_write_ms_per_call": round(1e3 * sink_s / sink_calls, 2) if sink_calls else None,
+        "sink_write_calls_per_s": round(sink_calls / wall, 1) if steps else None,
+        "user_shard_share": round(user_s / wall, 4) if steps else None,
+        "user_shard_ms_per_call": round(1e3 * user_s / user_calls, 2) if user_calls else None,
+        "step_seconds": {g: round(v[0], 3) for g, v in sorted(steps.items())},
     }
 
 
@@ -195,6 +295,12 @@ def main() -> None:
     parser.add_argument("--events-per-s", type=float, default=2_000.0)
     parser.add_argument("--compare-fetch-wait", action="store_true",
                         help="also run with kafka-python's default 500 ms fetch wait")
+    parser.add_argument("--compare-sync-load", action="store_true",
+                        help="also run with snapshot versions loaded inside the poll (the "
+                             "batch waits for them), as before background loading")
+    parser.add_argument("--compare-sink-flush", action="store_true",
+                        help="also run with the Kafka sinks waiting for every acknowledgement "
+                             "in each write_batch, as before")
     args = parser.parse_args()
     figures = run(args.seconds, args.requests_per_s, args.events_per_s, 10)
     print(f"fetch wait 10 ms: {args.requests_per_s:g} requests/s beside "
@@ -203,6 +309,17 @@ def main() -> None:
         old = run(args.seconds, args.requests_per_s, args.events_per_s, 500)
         print(f"fetch wait 500 ms (kafka-python default): {old}")
         figures["rt_p99_ms_fetch_wait_500"] = old["rt_p99_ms"]
+    if args.compare_sync_load:
+        sync = run(args.seconds, args.requests_per_s, args.events_per_s, 10, rival=(True, False))
+        print(f"snapshots loaded inside the poll (before background loading): {sync}")
+        for key in ("rt_p50_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p99_ms"):
+            figures[f"{key}_sync_load"] = sync[key]
+    if args.compare_sink_flush:
+        flush = run(args.seconds, args.requests_per_s, args.events_per_s, 10, rival=(False, True))
+        print(f"sinks waiting for acknowledgements in every write_batch (before): {flush}")
+        for key in ("rt_p50_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p99_ms",
+                    "sink_write_share", "sink_write_ms_per_call"):
+            figures[f"{key}_flush_each_batch"] = flush[key]
     print(orjson.dumps(figures).decode())
 
 

@@ -28,8 +28,11 @@ requests run again with the ranker off (``scorer="retrieval"``, the blended retr
 score) as a baseline.
 
 Also measured once, outside the figures: publishing new versions of the four item
-tables, the poll that verifies and loads them (once per micro-batch in the flow) and the
-first request on them (which builds the cached top lists).
+tables, the poll that verifies and loads them (once per micro-batch in the flow; how
+replays load) and the first request on them; then the same with the views loading in
+the background (live mode): the poll that starts the round, the slowest request
+answered while the loader thread works, the poll that installs the round, and the
+first request after it (``refresh.background_*``).
 
 ``--sources`` defaults to about 200 candidates per request after filtering (the flow's
 default ``serving.sources`` asks for 350). ``gc`` thresholds are the flow's
@@ -294,7 +297,8 @@ def main() -> None:
         f"{NEIGHBORS} in {time.perf_counter() - t:.1f} s")
 
     t = time.perf_counter()
-    views = SnapshotViews(store, [item_shard_key(i) for i in range(ITEM_SHARDS)], serving.poll_ms)
+    views = SnapshotViews(store, [item_shard_key(i) for i in range(ITEM_SHARDS)], serving.poll_ms,
+                          background=False)
     shard = UserShard(config.join, NegativeSampler(config.sampler.negative_rate, config.sampler.seed),
                       features=config.features, mf=mf, covis=config.items.covis_config(),
                       serving=serving, views=views, item_shard_of=item_shard_of)
@@ -345,6 +349,11 @@ def main() -> None:
     log(f"new item-table versions: poll (verify + load 4 tables) {refresh['poll_ms']:.0f} ms, "
         f"first request after it {refresh['first_request_ms']:.2f} ms, "
         f"next {refresh['next_request_ms']:.2f} ms (not in the figures above)")
+    log(f"the same loaded in the background (live mode): poll starting the round "
+        f"{refresh['background_start_poll_ms']:.2f} ms, {refresh['background_requests_during_load']}"
+        f" requests answered meanwhile (slowest {refresh['background_max_request_ms_during_load']:.2f}"
+        f" ms), poll installing it {refresh['background_install_poll_ms']:.2f} ms, first request "
+        f"after it {refresh['background_first_request_ms']:.2f} ms")
     for name, r in (("ranker off (baseline)", base), ("ranker on", res)):
         log(f"{name:22s} p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
             f"max {r['max_ms']:.2f} ms  {r['requests_per_s']:.0f} req/s  "
@@ -365,25 +374,59 @@ def snapshot_refresh(shard: UserShard, store: SnapshotStore, requests: list[Requ
     """Publish a new version of every item table (same content, ts + 1) and time the poll
     that verifies and loads them, then the first request on them (which builds the
     cached top lists) and the next one. In the flow the user shard polls once per
-    micro-batch, at most every ``serving.poll_ms`` of wall time."""
+    micro-batch, at most every ``serving.poll_ms`` of wall time.
+
+    Then the same with the views loading in the background (live mode): publish again,
+    time the poll that starts the round, answer requests while the loader thread
+    verifies and loads (the slowest of them is the stall a batch would see), then time
+    the poll that installs the round and the first request after it."""
     server = shard.server
     assert server is not None
     views = server.views
-    for key, t in views.table_map().items():
-        fresh = ItemTable(key, t.ts + 1, t.covis, t.popular, t.trending, t.catalog)
-        store.write(f"items-{key}", "npz", fresh.save, t.ts + 1)
     clock = time.perf_counter
+
+    def publish() -> None:
+        for key, t in views.table_map().items():
+            fresh = ItemTable(key, t.ts + 1, t.covis, t.popular, t.trending, t.catalog)
+            store.write(f"items-{key}", "npz", fresh.save, t.ts + 1)
+
+    def answer(req: Request) -> float:
+        t2 = clock()
+        server.recommend(req, shard.context.user(req.user_id, req.ts), time.time_ns())
+        return (clock() - t2) * 1e3
+
+    publish()
     views._next_poll = 0.0
     t0 = clock()
     views.poll()
     t1 = clock()
-    times = []
-    for req in requests[:2]:
-        t2 = clock()
-        server.recommend(req, shard.context.user(req.user_id, req.ts), time.time_ns())
-        times.append((clock() - t2) * 1e3)
+    times = [answer(req) for req in requests[:2]]
+
+    publish()
+    before = views.table_map()
+    views.background = True
+    views._next_poll = 0.0
+    t2 = clock()
+    views.poll()  # starts the round
+    start_ms = (clock() - t2) * 1e3
+    pending = views._pending
+    during: list[float] = []
+    while pending is not None and not pending.done():
+        during.append(answer(requests[len(during) % len(requests)]))
+    t3 = clock()
+    views.poll()  # installs it
+    install_ms = (clock() - t3) * 1e3
+    assert views.table_map() is not before, "the background round installed nothing"
+    after = [answer(req) for req in requests[:2]]
+    views.background = False
     return {"poll_ms": round((t1 - t0) * 1e3, 1), "first_request_ms": round(times[0], 3),
-            "next_request_ms": round(times[1], 3)}
+            "next_request_ms": round(times[1], 3),
+            "background_start_poll_ms": round(start_ms, 3),
+            "background_install_poll_ms": round(install_ms, 3),
+            "background_requests_during_load": len(during),
+            "background_max_request_ms_during_load": round(max(during, default=0.0), 3),
+            "background_first_request_ms": round(after[0], 3),
+            "background_next_request_ms": round(after[1], 3)}
 
 
 def _with(shard: UserShard, **changes: Any) -> UserShard:

@@ -681,6 +681,24 @@ class Simulator:
             self._emitted += 1
             yield out.popleft()
 
+    def advance(self, ts_ms: int) -> list[dict[str, Any]]:
+        """Move the world's clock to ``ts_ms`` without generating requests: every scheduled
+        change due by then is applied in time order (gradual taste drift every
+        ``drift_step_s``, items added and retired), with the simulator's own RNG, so it is
+        deterministic for a seed and a sequence of calls. Returns the ``item`` events of
+        the catalogue changes (ts <= ``ts_ms``), for a closed loop to pass on; the logged
+        stream (``next_batch``) must not be used after this (its requests would be
+        older than the changes)."""
+        new: list[dict[str, Any]] = []
+        while True:
+            t_change = min(self._next_add, self._next_retire, self._next_drift)
+            if t_change > ts_ms:
+                break
+            self._t = max(self._t, t_change)
+            self._apply_change(t_change, new)
+        self._t = max(self._t, float(ts_ms))
+        return new
+
     @property
     def emitted(self) -> int:
         """Number of events emitted so far."""
@@ -784,6 +802,11 @@ class Simulator:
         pos = -self.config.position_bias_eta * math.log1p(max(0, position))
         x = self._b0 + aff + float(self._item_bias(i)) + pos
         return 1.0 / (1.0 + math.exp(-x))
+
+    def shifted(self, user_id: str) -> bool:
+        """Hidden truth for evaluation: whether ``drift_at`` gives the user a new taste."""
+        u = self._user_index(user_id)
+        return self._U_shift is not None and not np.array_equal(self._U_shift[u], self._U[u])
 
     def top_items(self, user_id: str, k: int, ts_ms: int) -> list[str]:
         """The oracle's list: the ``k`` available items of highest true click probability

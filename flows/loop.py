@@ -18,7 +18,10 @@ the clicks drawn), so the demo shows the system learning from its own recommenda
 
 Event time: the loop's clock starts where the warm-up ended and advances ``step_ms``
 per request, so the flow's event-time schedules (item tables, index, ranker sync, join
-windows) run ``rate * step_ms / 1000`` times faster than wall time.
+windows) run ``rate * step_ms / 1000`` times faster than wall time. The simulated world
+moves with that clock (``Simulator.advance`` before each request: gradual taste drift
+``drift_per_day``, items added and retired, their ``item`` events sent with the
+requests), driven by event time only, so a loop is deterministic for its seed.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ class ClosedLoop:
         out = []
         for user in self.sim.draw_users(n, self.rng):
             self.clock_ms += self.settings.step_ms
+            # The world moves with the loop's clock: gradual taste drift, catalogue churn.
+            out.extend(self.sim.advance(self.clock_ms))
             rid = f"loop-{self.run_id}-{self.sent}"
             self.sent += 1
             self.pending[rid] = (user, time.monotonic())

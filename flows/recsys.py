@@ -132,14 +132,14 @@ def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
     step = f"out_{name.replace('-', '_')}"
     if name in config.output.skip:
         return
+    keyed = op.key_on(f"{step}_key", stream, lambda _batch: name)
     if config.output.kind == "files":
-        keyed = op.key_on(f"{step}_key", stream, lambda _batch: name)
         op.output(step, keyed, JsonlFileSink(config.output.dir, name))
     else:
         from operators.kafka_sink import KafkaSink
 
-        op.output(step, stream, KafkaSink(config.kafka.bootstrap, config.topic(name),
-                                          producer_config=config.kafka.client_settings("producer")))
+        op.output(step, keyed, KafkaSink(config.kafka.bootstrap, config.topic(name),
+                                         producer_config=config.kafka.client_settings("producer")))
 
 
 def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:

@@ -371,7 +371,7 @@ def tap(messages: Iterator[Message | None], out: TextIO = sys.stdout, fmt: str |
             record = orjson.loads(m.value)
         except orjson.JSONDecodeError:
             record = None
-        if isinstance(record, dict) and record.get("features"):
+        if isinstance(record, dict):
             flat = unpack_example(record)  # examples travel packed (operators/example_codec.py)
             if flat is not record:
                 record = flat

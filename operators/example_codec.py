@@ -1,17 +1,34 @@
-"""The wire form of training examples: features grouped by name prefix.
+"""The wire form of training examples: a versioned feature vocabulary, short values.
 
-Examples leave the flow (``examples`` topic or file) with their ``features`` nested
-by dotted name prefix, runs of consecutive names sharing a first segment written once::
+Examples leave the flow (``examples`` topic or file) one row per example. The row
+keeps the fields readers filter on (``example_id``, ``ts``, ``user_id``, ``item_id``,
+``label``, ``weight``, ``position``) under their names and drops what it can rebuild:
 
-    {"user.clicks.1h": 2.0, "user.clicks.1d": 3.0, "u:country": "US", "pop": 1.5}
-    -> {"user.": {"clicks.": {"1h": 2.0, "1d": 3.0}}, "u:country": "US", "pop": 1.5}
+* ``labels`` ``{}``, ``request_id`` None and ``context`` ``{}`` are left out;
+  ``impression_id`` is left out when it is ``example_id`` without its ``imp:``
+  prefix (None for other examples), ``source`` when the prefix says it (``imp:``
+  impression, ``int:`` interaction, ``neg:`` sampled).
+* ``features`` become ``f1``: positions in :data:`VOCABULARY` (version 1; a new
+  vocabulary is a new key ``f2``, old rows keep reading). ``[mask, v...]``: ``mask``
+  the hex bit set of the vocabulary names present (bit i = name i), the values in
+  vocabulary order; when a name is not in the vocabulary or the names are not in its
+  order, ``[[key, ...], v...]`` with a vocabulary position or the name for each key.
+* Values: a float with an integer value is written as an integer (``10`` for
+  ``10.0``; read back as a float), a list equal to an earlier list of the row as
+  ``{"=": j}`` (value j; ``user.recent_positives.1h`` and ``.all`` are often the
+  same), an int as ``{"i": n}``; strings, bools, other floats and lists as they are.
+  No feature has a dict value (``models.features.compact`` drops them), so a dict
+  is always one of these two marks.
 
-A key ending in ``.`` with a dict value is a group; no feature has a dict value (the
-model ignores them and ``models.features.compact`` drops them), so ``unpack_example``
-restores the exact dict the flow had, keys in the same order (River sums a linear
-model's terms in key order: the trainer flow then learns bit for bit what the in-flow
-trainer learns). Every other field of the record is unchanged, and a record already
-flat unpacks to itself. Readers: ``flows/trainer.py``, ``streamrec tap``.
+``unpack_example`` restores the exact record ``pack_example`` was given, keys in
+the same order (River sums a linear model's terms in key order: the trainer flow
+learns bit for bit what the in-flow trainer learns). A record of another shape
+(other fields or order) is written with its features grouped by dotted prefix (the
+previous wire form, which ``unpack_example`` still reads), and a plain record
+unpacks to itself. Floats are already rounded to float32 precision when the
+joiner builds the example (``state.join_state.float32_features``), so the in-flow
+trainer and the readers see the same numbers. Readers: ``flows/trainer.py``,
+``streamrec tap``.
 """
 
 from __future__ import annotations
@@ -20,9 +37,156 @@ from typing import Any
 
 from events.model import Record
 
+VOCABULARY: tuple[str, ...] = (
+    "user.impressions.5m", "user.impressions.1h", "user.impressions.1d", "user.impressions.7d",
+    "user.requests.5m", "user.requests.1h", "user.requests.1d",
+    "user.clicks.5m", "user.clicks.1h", "user.clicks.1d", "user.clicks.7d", "user.clicks.30d",
+    "user.likes.1h", "user.likes.1d", "user.likes.7d", "user.likes.30d",
+    "user.purchases.1d", "user.purchases.7d", "user.purchases.30d",
+    "user.click_decay.all", "user.engagement_decay.all",
+    "user.dwell.1h", "user.dwell.1d", "user.dwell_mean.7d",
+    "user.ratings.1d", "user.ratings.7d", "user.ratings.all",
+    "user.rating_mean.1d", "user.rating_mean.7d", "user.rating_mean.all",
+    "user.rating_decay.all", "user.high_rating_decay.all",
+    "user.recent_positives.1h", "user.recent_positives.all", "user.recent_high_ratings.all",
+    "user.clicked_items.1d", "user.clicked_items.7d",
+    "user.last_feedback_ts.all", "user.last_impression_ts.all",
+    "u:age_bucket", "u:country",
+    "item.click_decay.all", "item.clicks.1d", "item.clicks.1h", "item.clicks.7d",
+    "item.engagement_decay.all", "item.impressions.1d", "item.impressions.1h",
+    "item.impressions.7d", "item.likes.1d", "item.likes.7d", "item.purchases.1d",
+    "item.purchases.7d", "item.rating_mean.all", "item.ratings.7d", "item.ratings.all",
+    "item.viewers.1d", "item.viewers.7d",
+    "i:category", "i:price",
+    "pop", "trend", "covis", "covis_any", "mf", "ui.category", "ui.interacted", "ui.liked",
+    "user_x_category.impressions.1d", "user_x_category.impressions.7d",
+    "user_x_category.clicks.1d", "user_x_category.clicks.7d", "user_x_category.clicks.30d",
+    "user_x_category.engagement_decay.all", "user_x_category.rating_mean.all",
+    "user_x_category.rating_decay.all",
+)
+"""Version 1 of the feature vocabulary (key ``f1``): the default config's feature names
+(``state.feature_spec.DEFAULT_FEATURES``, the serving extras of
+``operators.point_in_time``, with ``ui.category`` of the drift work, the simulator's user
+and item attributes) in the order the flow writes them. A name outside it, or names in
+another order, cost a row its mask (it spells its keys); changing the tuple means a new
+version and key (rows written with ``f1`` must keep their meaning)."""
+
+_INDEX = {name: i for i, name in enumerate(VOCABULARY)}
+_FIELDS = ("example_id", "ts", "user_id", "item_id", "label", "labels", "weight", "position",
+           "request_id", "impression_id", "context", "features", "source")
+_SOURCES = {"imp:": "impression", "int:": "interaction", "neg:": "sampled"}
+_MAX_EXACT = 2.0 ** 53
+
 
 def pack_example(example: Record) -> Record:
-    """``example`` with its ``features`` grouped by prefix (a new record; the input is kept)."""
+    """``example``'s wire form (a new record; the input is kept)."""
+    if tuple(example) != _FIELDS:
+        return _grouped(example)
+    example_id = example["example_id"]
+    out: Record = {"example_id": example_id, "ts": example["ts"], "user_id": example["user_id"],
+                   "item_id": example["item_id"], "label": example["label"]}
+    if example["labels"] != {}:
+        out["labels"] = example["labels"]
+    out["weight"] = example["weight"]
+    out["position"] = example["position"]
+    if example["request_id"] is not None:
+        out["request_id"] = example["request_id"]
+    if example["impression_id"] != _implied_impression(example_id):
+        out["impression_id"] = example["impression_id"]
+    if example["context"] != {}:
+        out["context"] = example["context"]
+    encoded = _encode(example["features"])
+    if encoded is None:
+        return example
+    out["f1"] = encoded
+    if example["source"] != _SOURCES.get(example_id[:4]):
+        out["source"] = example["source"]
+    return out
+
+
+def unpack_example(record: Record) -> Record:
+    """The example ``pack_example`` was given (other records are returned as they are)."""
+    encoded = record.get("f1")
+    if encoded is None or "features" in record:
+        return _ungrouped(record)
+    example_id = record["example_id"]
+    return {"example_id": example_id, "ts": record["ts"], "user_id": record["user_id"],
+            "item_id": record["item_id"], "label": record["label"],
+            "labels": record.get("labels", {}), "weight": record["weight"],
+            "position": record["position"], "request_id": record.get("request_id"),
+            "impression_id": record.get("impression_id", _implied_impression(example_id)),
+            "context": record.get("context", {}), "features": _decode(encoded),
+            "source": record.get("source", _SOURCES.get(example_id[:4]))}
+
+
+def _implied_impression(example_id: str) -> str | None:
+    return example_id[4:] if example_id.startswith("imp:") else None
+
+
+# -- features ---------------------------------------------------------------------------
+
+
+def _encode(features: dict[str, Any]) -> list[Any] | None:
+    """``f1`` of ``features``; None when a value is a dict (such records stay plain)."""
+    values: list[Any] = []
+    lists: list[tuple[list[Any], int]] = []
+    for value in features.values():
+        kind = type(value)
+        if kind is dict:
+            return None
+        if kind is float:
+            if value.is_integer() and value != 0.0 and -_MAX_EXACT < value < _MAX_EXACT:
+                value = int(value)
+        elif kind is int:
+            value = {"i": value}
+        elif kind is list or kind is tuple:
+            for earlier, j in lists:
+                if earlier == value:
+                    value = {"=": j}
+                    break
+            else:
+                lists.append((value, len(values)))
+        values.append(value)
+    mask, last = 0, -1
+    for name in features:
+        i = _INDEX.get(name, -1)
+        if i <= last:
+            keys = [_INDEX.get(name, name) for name in features]
+            return [keys, *values]
+        mask |= 1 << i
+        last = i
+    return [format(mask, "x"), *values]
+
+
+def _decode(encoded: list[Any]) -> dict[str, Any]:
+    head, values = encoded[0], encoded[1:]
+    if type(head) is str:
+        mask = int(head, 16)
+        names = [VOCABULARY[i] for i in range(mask.bit_length()) if mask >> i & 1]
+    else:
+        names = [VOCABULARY[k] if type(k) is int else k for k in head]
+    out: dict[str, Any] = {}
+    decoded: list[Any] = []
+    for name, value in zip(names, values, strict=True):
+        kind = type(value)
+        if kind is int:
+            value = float(value)
+        elif kind is dict:
+            value = int(value["i"]) if "i" in value else list(decoded[value["="]])
+        decoded.append(value)
+        out[name] = value
+    return out
+
+
+# -- the previous wire form: features grouped by dotted prefix --------------------------
+
+
+def _grouped(example: Record) -> Record:
+    """``example`` with its ``features`` grouped by prefix::
+
+        {"user.clicks.1h": 2.0, "user.clicks.1d": 3.0, "pop": 1.5}
+        -> {"user.": {"clicks.": {"1h": 2.0, "1d": 3.0}}, "pop": 1.5}
+    """
     features = example.get("features")
     if not features or not any("." in name for name in features):
         return example  # nothing to group
@@ -35,8 +199,7 @@ def pack_example(example: Record) -> Record:
     return out
 
 
-def unpack_example(record: Record) -> Record:
-    """The example ``pack_example`` was given (flat records are returned as they are)."""
+def _ungrouped(record: Record) -> Record:
     features = record.get("features")
     if not features or not any(type(v) is dict for v in features.values()):
         return record

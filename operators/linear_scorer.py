@@ -16,6 +16,7 @@ from models.calibration import correct_downsampled_many
 from models.features import Features, add_feature, item_part, join_features, shared_features
 from models.rankers import Ranker
 from operators.point_in_time import ItemColumns, static_item_features
+from state.item_rows import ItemRows
 from state.item_table import ItemTable
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,18 @@ class ColumnScorer:
                 finite = np.isfinite(values)
                 x = np.where(finite, values, 0.0)
                 logit += w * (np.sign(x) * np.log1p(np.abs(x)))
+        static = self._static_rows(cols, user_keys) if cols.space is not None else None
+        if static is not None:
+            logit += static
+            return self._probability(logit)
         static = np.empty(n)
         cross_terms: dict[int, float] = {}
+        cross = cols.cross_lists()
         for j, item in enumerate(cols.item_ids):
             term, keys = self._static(item, cols.tables[j], cols.attrs[j])
             if user_keys and not keys.isdisjoint(user_keys):
                 return None
-            for feats in cols.cross[j]:
+            for feats in cross[j]:
                 t = cross_terms.get(id(feats))
                 if t is None:
                     if user_keys and not user_keys.isdisjoint(feats):
@@ -184,9 +190,34 @@ class ColumnScorer:
                 term += t
             static[j] = term
         logit += static
+        return self._probability(logit)
+
+    def _probability(self, logit: np.ndarray) -> np.ndarray:
         p = np.where(logit < -30, 0.0, np.where(logit > 30, 1.0,
                                                 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))))
-        return correct_downsampled_many(p, scorer.rate)
+        return correct_downsampled_many(p, self.scorer.rate)
+
+    def _static_rows(self, cols: ItemColumns, user_keys: Any) -> np.ndarray | None:
+        """Static + cross terms of every candidate from per-row memo arrays (the array
+        path: ``cols.rows`` in ``cols.space``), in the order of the per-item loop (static
+        term, then each cross profile's term), so the sums are the loop's; None when a
+        feature key could override a user feature (the loop then decides exactly)."""
+        space, slots = cols.space, cols.slots
+        assert space is not None and slots is not None
+        memo = space.memo.get(ColumnScorer)
+        if memo is None or memo.scorer is not self:
+            memo = space.memo[ColumnScorer] = _StaticRows(self)
+        static = memo.terms(space, slots, cols)
+        if user_keys and not memo.keys.isdisjoint(user_keys):
+            return None
+        for codes, feats in cols.cross_codes or ():
+            if not feats:
+                continue
+            if user_keys and any(not user_keys.isdisjoint(f) for f in feats):
+                return None
+            terms = np.array([self._sum(f) for f in feats] + [0.0])
+            static = static + terms[codes]  # code -1 reads the trailing 0.0
+        return static
 
     def _static(self, item: str, table: ItemTable | None,
                 attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
@@ -195,13 +226,16 @@ class ColumnScorer:
         hit = memo.get(item)
         if hit is not None and hit[0] is attrs:
             return hit[1], hit[2]
-        extra = static_item_features(item, table, attrs)
-        term = self.scorer.weights.get(f"item={item}", 0.0) + self._sum(extra)
-        keys = frozenset(extra)
+        term, keys = self._static_term(item, table, attrs)
         if table is None and len(memo) >= _MAX_UNPUBLISHED:
             memo.clear()  # bounded: items outside every table are few and short-lived
         memo[item] = (attrs, term, keys)
         return term, keys
+
+    def _static_term(self, item: str, table: ItemTable | None, attrs: dict[str, Any] | None
+                     ) -> tuple[float, frozenset[str]]:
+        extra = static_item_features(item, table, attrs)
+        return self.scorer.weights.get(f"item={item}", 0.0) + self._sum(extra), frozenset(extra)
 
     def _sum(self, extra: dict[str, Any]) -> float:
         """``w . x`` over the features ``extra`` expands to (``models.features``)."""
@@ -210,6 +244,61 @@ class ColumnScorer:
             add_feature(part, key, value)
         get = self.scorer.weights.get
         return sum(w * v for name, v in part.items() if (w := get(name)) is not None)
+
+
+class _StaticRows:
+    """One ``ColumnScorer``'s static item terms per slot of an ``ItemRows``: valid while
+    the row's attributes object is the one it was computed from (kept, so its ``id``
+    cannot be reused meanwhile) and its table's generation is the one it was read from,
+    or a newer table gives the item the same profile and category (tables are
+    republished often; most items' static features do not change)."""
+
+    def __init__(self, scorer: ColumnScorer) -> None:
+        self.scorer = scorer
+        self.term = np.zeros(0)
+        self.gen = np.zeros(0, np.int64)
+        self.attr_id = np.zeros(0, np.int64)
+        self.attrs = np.zeros(0, object)
+        self.source = np.zeros(0, object)
+        """What the term read from the item's table: (has a table, profile, category)."""
+        self.keys: set[str] = set()
+        """Every static feature key memoised (checked against the user's keys)."""
+
+    def _grow(self, size: int) -> None:
+        old = self.term.size
+        if old >= size:
+            return
+        self.term = np.concatenate([self.term, np.zeros(size - old)])
+        self.gen = np.concatenate([self.gen, np.full(size - old, -1, np.int64)])
+        self.attr_id = np.concatenate([self.attr_id, np.zeros(size - old, np.int64)])
+        self.attrs = np.concatenate([self.attrs, np.full(size - old, None, object)])
+        self.source = np.concatenate([self.source, np.full(size - old, None, object)])
+
+    def terms(self, space: ItemRows, slots: np.ndarray, cols: ItemColumns) -> np.ndarray:
+        self._grow(space.capacity)
+        gen = space.shard_gen[space.shard[slots]]
+        attr_ids = np.fromiter(map(id, cols.attrs), np.int64, len(cols.attrs))
+        stale = np.flatnonzero((self.gen[slots] != gen) | (self.attr_id[slots] != attr_ids))
+        for j in stale.tolist():
+            r = int(slots[j])
+            item, table, attrs = cols.item_ids[j], cols.tables[j], cols.attrs[j]
+            source = _table_source(item, table)
+            if self.attr_id[r] != attr_ids[j] or self.source[r] != source:
+                self.term[r], keys = self.scorer._static_term(item, table, attrs)
+                self.keys.update(keys)
+                self.attr_id[r] = attr_ids[j]
+                self.attrs[r] = attrs
+                self.source[r] = source
+            self.gen[r] = gen[j]
+        return self.term[slots]
+
+
+def _table_source(item: str, table: ItemTable | None) -> tuple[Any, ...]:
+    """What ``static_item_features`` reads from the item's table."""
+    if table is None:
+        return (False,)
+    entry = table.catalog.get(item)
+    return (True, table.features.get(item), entry.category if entry else None)
 
 
 _COLUMN_SCORERS: weakref.WeakKeyDictionary[LinearScorer, ColumnScorer] = weakref.WeakKeyDictionary()

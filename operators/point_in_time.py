@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from models.mf import UserFactors
 from operators.snapshot_views import FrozenViews, SnapshotViews
 from state.covis_view import SparseScores
 from state.embedding_table import keys_of
+from state.item_rows import ItemRows
 from state.item_table import ItemTable
 from state.profiles import ProfileStore
 from state.user_history import UserHistory
@@ -55,8 +56,9 @@ class UserContext:
 NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked")
 """Numeric per-candidate features: from the snapshots, popularity and trending (decayed
 to the event's time), co-visitation sums of the liked and any-interaction channels, MF
-score; from the user shard, whether the user already interacted with the item and had a
-positive on it (1.0 / 0.0). Absent means 0.0 (no table, no seeds, no vector, no
+score; from the user shard, whether the user already interacted with the item (1.0 /
+0.0) and how recent their positive on it is (``liked_recency``: ``decay**k`` for the k-th
+newest positive, 0.0 for none). Absent means 0.0 (no table, no seeds, no vector, no
 interaction with any of the items)."""
 
 
@@ -72,8 +74,44 @@ class ItemColumns:
     """The item table holding each item (None: not published yet)."""
     attrs: list[dict[str, Any] | None]
     """The shard catalog's attributes of each item (a new object when they change)."""
-    cross: list[list[dict[str, Any]]]
-    """The user x item-attribute profile features of each item (one dict per value)."""
+    cross: list[list[dict[str, Any]]] | None
+    """The user x item-attribute profile features of each item (one dict per value);
+    None when given as ``cross_codes`` (``cross_lists`` builds it)."""
+    rows: np.ndarray | None = None
+    """The items' rows in serving's ``ItemRows`` id space (the array path), else None."""
+    space: ItemRows | None = None
+    """The ``ItemRows`` of ``rows``."""
+    slots: np.ndarray | None = None
+    """The items' slots in ``space`` (its per-item values)."""
+    cross_codes: list[tuple[np.ndarray, list[dict[str, Any]]]] | None = None
+    """Per ``user_x_<attr>`` profile: each item's value code (-1: none) and the features
+    of each code: ``cross`` column-wise."""
+
+    def cross_lists(self) -> list[list[dict[str, Any]]]:
+        """``cross``, built from ``cross_codes`` when needed."""
+        if self.cross is None:
+            n = len(self.item_ids)
+            cross: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+            for codes, feats in self.cross_codes or ():
+                for j, c in enumerate(codes.tolist()):
+                    if c >= 0:
+                        cross[j].append(feats[c])
+            self.cross = cross
+        return self.cross
+
+
+def liked_recency(liked: list[str], decay: float) -> dict[str, float]:
+    """``ui.liked`` of the user's recent positives (newest first): ``decay**k`` for the
+    k-th newest (k = 0 newest), so a positive fades as the user makes new ones, whatever
+    the event-time scale; items beyond ``liked`` (the 50 newest) are 0. Forgetting by
+    count, like the co-visitation seeds (``serving.covis_query_decay``): after a change
+    of taste, the few newest positives outweigh the old ones (docs/evaluation.md)."""
+    out: dict[str, float] = {}
+    weight = 1.0
+    for item in liked:
+        out.setdefault(item, weight)
+        weight *= decay
+    return out
 
 
 def static_item_features(item_id: str, table: ItemTable | None,
@@ -171,6 +209,8 @@ class PointInTime:
         return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
                            finished)
 
+
+
     def consumed(self, user_id: str) -> Container[str]:
         """Items the user interacted with (the joiner's sampled negatives avoid them)."""
         return self.history.consumed(user_id)
@@ -200,6 +240,48 @@ class PointInTime:
         return DeferredFeatures(self, shared.ctx, item_id, ts_ms, attrs,
                                 self._cross(shared.user_id, shared.crosses, attrs, ts_ms),
                                 self._frozen_views())
+
+    def resolve_all(self, deferred: list[DeferredFeatures]) -> None:
+        """``resolve()`` every one of ``deferred`` at once, the same values: one
+        ``item_features`` call per group taken together (same user context, time and
+        snapshots: the impressions of one request), so the co-visitation seeds are read
+        once per group instead of once per impression. MF scores are products one row at
+        a time, as ``example_features`` computes them (a matrix product over many items
+        may differ in the last bit)."""
+        groups: dict[tuple[int, int, int], list[DeferredFeatures]] = {}
+        for d in deferred:
+            if d._resolved is None:
+                groups.setdefault((id(d.ctx), d.ts, id(d.views)), []).append(d)
+        for group in groups.values():
+            first = group[0]
+            if len(group) == 1:
+                first.resolve()
+                continue
+            ctx = as_taken(first.ctx, group)
+            extras = self.item_features(ctx, [d.item_id for d in group], first.ts,
+                                        views=first.views, attrs=[d.attrs for d in group],
+                                        cross=[d.cross for d in group])
+            mf = self._mf_rowwise(ctx.vector, [d.item_id for d in group], first.views)
+            # The profile compacted once: compact({**a, **b}) == {**compact(a), **compact(b)}
+            # when no name is in both (same values, same order).
+            profile, profile_keys = compact(ctx.profile), ctx.profile.keys()
+            for j, (d, extra) in enumerate(zip(group, extras, strict=True)):
+                if "mf" in extra:
+                    extra["mf"] = mf[j]
+                d._resolved = ({**profile, **compact(extra)} if profile_keys.isdisjoint(extra)
+                               else compact({**ctx.profile, **extra}))
+
+    def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
+                    views: FrozenViews | None) -> list[float]:
+        """``_mf_scores`` of each item alone (one vector lookup, one product per row: the
+        bits of a one-item call); [] without a vector or an index."""
+        index = (views or self.views).index if (views or self.views) is not None else None
+        if vector is None or index is None or index.index is None:
+            return []
+        vecs, found = index.vectors(item_ids)
+        v = np.asarray(vector, np.float32)
+        return [float((vecs[j:j + 1] @ v)[0]) if ok else 0.0
+                for j, ok in enumerate(found.tolist())]
 
     def _shared_context(self, user_id: str, ts_ms: int) -> _Shared:
         shared, group = self._shared, self.group
@@ -234,10 +316,34 @@ class PointInTime:
             if isinstance(value, str):
                 feats = cache.get((attr, value))
                 if feats is None:
-                    feats = cache[(attr, value)] = {
-                        name: _feature_value(name, v, ts_ms) for name, v in
-                        store.query((user_id, value), _query_time(store, ts_ms)).items()}
+                    feats = cache[(attr, value)] = self._cross_query(user_id, store, value, ts_ms)
                 out.append(feats)
+        return out
+
+    @staticmethod
+    def _cross_query(user_id: str, store: ProfileStore, value: str, ts_ms: int | None
+                     ) -> dict[str, Any]:
+        return {name: _feature_value(name, v, ts_ms) for name, v in
+                store.query((user_id, value), _query_time(store, ts_ms)).items()}
+
+    def cross_attrs(self) -> tuple[str, ...]:
+        """The item attributes of the ``user_x_<attr>`` profiles."""
+        return tuple(attr for attr, _ in self._crosses)
+
+    def _cross_codes(self, user_id: str, slots: np.ndarray, space: ItemRows, ts_ms: int | None
+                     ) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
+        """``_cross`` of every item column-wise: per cross profile, each item's value code
+        (-1: no string value; from ``space.fill_attrs``) and the features of each
+        distinct value (queried once)."""
+        out = []
+        for attr, store in self._crosses:
+            uniq, codes = np.unique(space.attr_codes[attr][slots], return_inverse=True)
+            codes = codes.reshape(-1)
+            if uniq.size and uniq[0] < 0:
+                uniq, codes = uniq[1:], codes - 1
+            values = space.attr_values[attr]
+            out.append((codes, [self._cross_query(user_id, store, values[c], ts_ms)
+                                for c in uniq.tolist()]))
         return out
 
     def item_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
@@ -259,12 +365,13 @@ class PointInTime:
         cols = self.item_columns(ctx, item_ids, ts_ms, covis, views=views, attrs=attrs,
                                  cross=cross)
         numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
+        cross = cols.cross_lists()
         out = []
         for n, item in enumerate(item_ids):
             extra = static_item_features(item, cols.tables[n], cols.attrs[n])
             for name, values in numeric:
                 extra[name] = values[n]
-            for feats in cols.cross[n]:
+            for feats in cross[n]:
                 extra.update(feats)
             out.append(extra)
         return out
@@ -273,59 +380,96 @@ class PointInTime:
                      covis: dict[str, SparseScores] | None = None, *,
                      views: SnapshotViews | FrozenViews | None = None,
                      attrs: list[dict[str, Any] | None] | None = None,
-                     cross: list[list[dict[str, Any]]] | None = None) -> ItemColumns:
+                     cross: list[list[dict[str, Any]]] | None = None,
+                     rows: np.ndarray | None = None, space: ItemRows | None = None
+                     ) -> ItemColumns:
         """The raw material of ``item_features`` column-wise, for vectorised scoring:
         numeric features as arrays, and per item its table, attributes and cross
-        profile dicts (one shared dict per attribute value)."""
+        profile dicts (one shared dict per attribute value).
+
+        ``rows``, ``space``: the items' rows in serving's ``ItemRows`` (whose id space is
+        that of ``covis``): table values are read from its per-row arrays and the cross
+        profiles are returned as ``cross_codes`` (the same numbers, no per-item lookups)."""
         n = len(item_ids)
         tables: list[ItemTable | None] = [None] * n
         if attrs is None:
-            attrs = [self.catalog.get(item) for item in item_ids]
+            attrs = list(map(self.catalog.get, item_ids))
         numeric: dict[str, np.ndarray] = {}
         views = views or self.views
+        arrays = rows is not None and space is not None
+        slots = None
         if views is not None and self.item_shard_of is not None:
             at = ts_ms or 0
             table_map = views.table_map()
-            shard_of = self.item_shard_of
-            pop = np.zeros(n)
-            trend = np.zeros(n)
-            factors: dict[str, tuple[float, float]] = {}
-            for j, item in enumerate(item_ids):
-                table = table_map.get(shard_of(item))
-                if table is not None:
-                    tables[j] = table
-                    fp, ft = factors.get(table.shard) or factors.setdefault(
-                        table.shard, (table.decay_factor("popular", at),
-                                      table.decay_factor("trending", at)))
-                    pop[j] = table.popular.get(item, 0.0) * fp
-                    trend[j] = table.trending.get(item, 0.0) * ft
-            numeric["pop"] = pop
-            numeric["trend"] = trend
-            if covis is None:
-                sums = {name: self._covis_lookup(seeds, name, item_ids, table_map, at)
-                        for name, seeds in self.seeds(ctx, views)}
+            if arrays:
+                assert rows is not None and space is not None
+                space.sync(table_map)
+                slots = space.fill(rows)
+                tables = space.table_list(slots)
+                shard = space.shard[slots]
+                numeric["pop"] = space.pop[slots] * space.decay_factors("popular", at)[shard]
+                numeric["trend"] = space.trend[slots] * space.decay_factors("trending", at)[shard]
             else:
-                sums = {name: scores.many(item_ids) for name, scores in covis.items()}
-            numeric["covis"] = np.asarray(sums.get("liked") or [0.0] * n, np.float64)
+                numeric["pop"], numeric["trend"] = self._counts(item_ids, table_map, tables, at)
+            if covis is None:
+                sums = {name: np.asarray(self._covis_lookup(seeds, name, item_ids, table_map, at),
+                                         np.float64)
+                        for name, seeds in self.seeds(ctx, views)}
+            elif arrays:
+                assert rows is not None
+                sums = {name: scores.at_rows(rows) for name, scores in covis.items()}
+            else:
+                sums = {name: np.asarray(scores.many(item_ids), np.float64)
+                        for name, scores in covis.items()}
+            liked_sums = sums.get("liked")
+            numeric["covis"] = liked_sums if liked_sums is not None else np.zeros(n)
             if sums.get("any") is not None:
-                numeric["covis_any"] = np.asarray(sums["any"], np.float64)
-            mf = self._mf_scores(ctx.vector, item_ids, views)
+                numeric["covis_any"] = sums["any"]
+            mf = self._mf_scores(ctx.vector, item_ids, views, rows, space, slots)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
         consumed = ctx.consumed
         if consumed:  # the user's own history with the item: do repeats pay off?
-            seen = np.fromiter((item in consumed for item in item_ids), np.float64, n)
+            seen = np.fromiter(map(consumed.__contains__, item_ids), np.float64, n)
             if seen.any():
-                liked = set(ctx.liked)
                 numeric["ui.interacted"] = seen
-                numeric["ui.liked"] = np.fromiter((item in liked for item in item_ids),
+                recency = liked_recency(ctx.liked, self.covis.decay)
+                numeric["ui.liked"] = np.fromiter((recency.get(item, 0.0) for item in item_ids),
                                                   np.float64, n)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
+        if arrays:
+            assert rows is not None and space is not None
+            if slots is None:
+                slots = space.fill(rows)
+            space.fill_attrs(slots, attrs, self.cross_attrs(), self.unavailable_attrs)
+            return ItemColumns(item_ids, numeric, tables, attrs, None, rows, space, slots,
+                               self._cross_codes(ctx.user_id, slots, space, ts_ms))
         cache: dict[tuple[str, str], dict[str, Any]] = {}
         cross = ([self._cross(ctx.user_id, cache, a, ts_ms) for a in attrs] if self._crosses
                  else [[] for _ in item_ids])
         return ItemColumns(item_ids, numeric, tables, attrs, cross)
+
+    def _counts(self, item_ids: list[str], table_map: dict[str, ItemTable],
+                tables: list[ItemTable | None], at: int) -> tuple[np.ndarray, np.ndarray]:
+        """Popularity and trending of each item decayed to ``at`` (0.0 without a table);
+        fills ``tables`` with each item's table."""
+        assert self.item_shard_of is not None
+        shard_of = self.item_shard_of
+        n = len(item_ids)
+        pop = np.zeros(n)
+        trend = np.zeros(n)
+        factors: dict[str, tuple[float, float]] = {}
+        for j, item in enumerate(item_ids):
+            table = table_map.get(shard_of(item))
+            if table is not None:
+                tables[j] = table
+                fp, ft = factors.get(table.shard) or factors.setdefault(
+                    table.shard, (table.decay_factor("popular", at),
+                                  table.decay_factor("trending", at)))
+                pop[j] = table.popular.get(item, 0.0) * fp
+                trend[j] = table.trending.get(item, 0.0) * ft
+        return pop, trend
 
     def seeds(self, ctx: UserContext, views: SnapshotViews | FrozenViews | None = None
               ) -> list[tuple[str, list[str]]]:
@@ -362,12 +506,17 @@ class PointInTime:
         return wanted
 
     def _mf_scores(self, vector: np.ndarray | None, item_ids: list[str],
-                   views: SnapshotViews | FrozenViews | None = None) -> np.ndarray | None:
+                   views: SnapshotViews | FrozenViews | None = None,
+                   rows: np.ndarray | None = None, space: ItemRows | None = None,
+                   slots: np.ndarray | None = None) -> np.ndarray | None:
         views = views or self.views
         index = views.index if views is not None else None
         if vector is None or index is None or index.index is None or not item_ids:
             return None
-        vecs, found = index.vectors(item_ids)
+        if rows is not None and space is not None and slots is not None:
+            vecs, found = space.vectors(slots, rows, index.index)
+        else:
+            vecs, found = index.vectors(item_ids)
         scores = vecs @ np.asarray(vector, np.float32)
         return np.where(found, scores, 0.0)
 
@@ -375,7 +524,11 @@ class PointInTime:
     def unavailable(self, item_id: str) -> bool:
         """True when the shard's own catalog (fed by broadcast ``item`` events) already
         knows the item is unavailable, before its item table is republished."""
-        attrs = self.catalog.get(item_id)
+        return self.unavailable_attrs(self.catalog.get(item_id))
+
+    @staticmethod
+    def unavailable_attrs(attrs: dict[str, Any] | None) -> bool:
+        """``unavailable`` of an item with these catalog attributes (None: not known)."""
         return attrs is not None and attrs.get("available", True) is False
 
     def item_vectors(self, items: list[str]) -> np.ndarray:
@@ -415,7 +568,8 @@ class DeferredFeatures:
     was kept when the impression was processed. Pickles as the resolved dict (recovery
     state holds plain features, never snapshot objects)."""
 
-    __slots__ = ("source", "ctx", "item_id", "ts", "attrs", "cross", "views", "_resolved")
+    __slots__ = ("source", "ctx", "item_id", "ts", "attrs", "cross", "views", "seen",
+                 "_resolved")
 
     def __init__(self, source: PointInTime, ctx: UserContext, item_id: str, ts: int,
                  attrs: dict[str, Any] | None, cross: list[dict[str, Any]],
@@ -427,12 +581,15 @@ class DeferredFeatures:
         self.attrs = attrs
         self.cross = cross
         self.views = views
+        self.seen = item_id in ctx.consumed
+        """Whether the user had interacted with the item (``ctx.consumed`` is the live
+        history: later interactions must not leak into ``ui.*``)."""
         self._resolved: dict[str, Any] | None = None
 
     def resolve(self) -> dict[str, Any]:
         """What ``PointInTime.example_features`` gave when this was taken."""
         if self._resolved is None:
-            ctx = self.ctx
+            ctx = as_taken(self.ctx, [self])
             extra = self.source.item_features(ctx, [self.item_id], self.ts, views=self.views,
                                               attrs=[self.attrs], cross=[self.cross])[0]
             self._resolved = compact({**ctx.profile, **extra})
@@ -440,6 +597,13 @@ class DeferredFeatures:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return dict, (self.resolve(),)
+
+
+def as_taken(ctx: UserContext, deferred: list[DeferredFeatures]) -> UserContext:
+    """``ctx`` with ``consumed`` as it was for the ``deferred`` items when they were taken
+    (the only use item features make of it is membership)."""
+    return replace(ctx, consumed={d.item_id: 0 for d in deferred if d.seen})
+
 
 
 def _query_time(store: ProfileStore, ts_ms: int | None) -> int | None:

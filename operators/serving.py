@@ -18,6 +18,11 @@ called as ``hook(request, candidates) -> candidates``):
    positives, ``operators/scorer_duel.py``); hook ``after_scoring``;
 4. order: diversity across categories and an epsilon-greedy exploration slot (a new
    item), both configurable and off-able; hook ``after_ordering``.
+
+Candidates travel as arrays (``CandidatePool``, operators/candidates.py: rows in the
+``CovisView`` id space with per-row values of the loaded snapshots in ``ItemRows``,
+state/item_rows.py); ``Candidate`` objects are made for the top k, and for every
+candidate only when a hook is configured.
 """
 
 from __future__ import annotations
@@ -26,10 +31,9 @@ import heapq
 import importlib
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,19 +41,23 @@ import numpy as np
 from events.model import Record
 from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
+from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
 from operators.linear_scorer import column_scorer, linear_scorer
-from operators.point_in_time import PointInTime, UserContext
+from operators.point_in_time import ItemColumns, PointInTime, UserContext
 from operators.pool_features import pool_matrix
 from operators.scorer_duel import SCORERS, ScorerDuel
 from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.hashing import stable_hash64
-from state.item_table import CatalogEntry, ItemTable
+from state.item_rows import ItemRows
+from state.item_table import ItemTable
 from state.settings import doc
 
 log = logging.getLogger(__name__)
 
-Hook = Callable[[Any, list["Candidate"]], list["Candidate"]]
+Hook = Callable[[Any, list[Candidate]], list[Candidate]]
+__all__ = ["Candidate", "REPEAT_POLICIES", "Server", "ServingConfig", "load_hook",
+           "repeat_blocked"]
 
 
 def _by_score(kv: tuple[str, float]) -> float:
@@ -70,7 +78,8 @@ class ServingConfig:
                             "channel: recent positives for 'liked', recent interactions for "
                             "'any').", 40)
     covis_query_decay: float = doc("Weight of the k-th most recent seed is decay**k (k = 0 "
-                                   "newest).", 0.8)
+                                   "newest); the same recency weight forgets old positives "
+                                   "in the ui.liked feature.", 0.8)
     covis_pop_alpha: float = doc("A channel's candidate score is divided by the item's count "
                                  "in that channel ** alpha (0 = raw co-counts).", 0.5)
     diversity: float = doc("Score penalty factor per item of an already chosen category "
@@ -115,23 +124,6 @@ class ServingConfig:
     record_cost: bool = doc("Add cpu_ms (CPU time of this request's serving call, ms) and "
                             "queue_ms (latency_ms minus that call's wall time: waiting in the "
                             "flow) to every recommendation; streamrec eval sets it.", False)
-
-
-@dataclass(slots=True)
-class Candidate:
-    """An item under consideration; ``scores`` holds each retrieval source's score."""
-
-    item_id: str
-    sources: list[str] = field(default_factory=list)
-    scores: dict[str, float] = field(default_factory=dict)
-    score: float = 0.0
-    category: str | None = None
-    propensity: float = 1.0
-    """Probability that the policy puts this item in this slot (exploration logging)."""
-
-    @property
-    def source(self) -> str:
-        return "+".join(self.sources)
 
 
 REPEAT_POLICIES = ("not-consumed", "never", "allow", "cooldown")
@@ -182,12 +174,15 @@ class Server:
         self.duel.max_users = min(self.duel.max_users, max_users)
         """Remembers each requesting user's last two top-k lists."""
         self.covis_view = CovisView()
+        self.item_rows = ItemRows(self.covis_view, self.item_shard_of)
+        """Per-item values of the loaded snapshots by row (the candidates' id space)."""
         self.pool = PoolModel(config.pool) if config.pool.enabled else None
         """The pool ranker (learns on this shard from its users' next positives)."""
         self.served_by = {"ranker": 0, "retrieval": 0, "pool": 0}
         self.served = 0
         self._top_cache: dict[tuple[str, int], tuple[tuple[ItemTable, ...],
-                                                     list[tuple[str, float]]]] = {}
+                                                     list[tuple[str, float]], np.ndarray,
+                                                     np.ndarray]] = {}
         self.stage_ns: dict[str, int] | None = None
         """Optional profiling: set it to ``{}`` and ``recommend`` adds the wall time (ns)
         of each stage to it (hooks count in
@@ -202,7 +197,15 @@ class Server:
         state = self.__dict__.copy()
         state["_top_cache"] = {}
         state["covis_view"] = CovisView()
+        state["item_rows"] = None
         return state
+
+    def _space(self) -> ItemRows:
+        """The candidates' id space (rebuilt after a resume)."""
+        space = getattr(self, "item_rows", None)  # None after a resume (and in older state)
+        if space is None or space.view is not self.covis_view:
+            space = self.item_rows = ItemRows(self.covis_view, self.item_shard_of)
+        return space
 
     def covis_channels(self, ctx: UserContext, ts_ms: int, n: int
                        ) -> tuple[list[tuple[str, float]], dict[str, SparseScores]]:
@@ -214,22 +217,35 @@ class Server:
 
         Returns (the ``n`` best ``(item, blend)``, best first, ties by id order; the raw
         sums per channel: the ranker features)."""
+        ids, vals, raw = self._covis_best(ctx, ts_ms, n)
+        names = self.covis_view.names
+        return [(names[i], v) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)], raw
+
+    def _covis_best(self, ctx: UserContext, ts_ms: int, n: int
+                    ) -> tuple[np.ndarray, np.ndarray, dict[str, SparseScores]]:
+        """``covis_channels`` as arrays: (rows of the ``n`` best, their blends, raw sums)."""
         tables = self.views.table_map()
         raw: dict[str, SparseScores] = {}
+        none = np.zeros(0, np.int64), np.zeros(0)
         if not tables:
-            return [], raw
+            return *none, raw
         view = self.covis_view
         view.sync(tables)
         q = self.config.covis_query_decay
         alpha = self.config.covis_pop_alpha
         parts_ids, parts_vals = [], []
+        factors: dict[str, float] = {}  # per table: its decay to ts_ms
+        shard_of = self.item_shard_of
         for name, seeds in self.context.seeds(ctx):
             triples = []
             weight = 1.0
             for seed in seeds:
-                table = tables.get(self.item_shard_of(seed))
+                table = tables.get(shard_of(seed))
                 if table is not None:
-                    triples.append((table, seed, weight * table.covis_factor(ts_ms)))
+                    f = factors.get(table.shard)
+                    if f is None:
+                        f = factors[table.shard] = table.covis_factor(ts_ms)
+                    triples.append((table, seed, weight * f))
                 weight *= q
             ids, vals = view.channel_sums(name, triples)
             raw[name] = SparseScores(ids, vals, view.ids)
@@ -242,14 +258,11 @@ class Server:
                 parts_ids.append(ids)
                 parts_vals.append(vals / top)
         if not parts_ids or n <= 0:
-            return [], raw
+            return *none, raw
         ids, vals = sparse_sum(np.concatenate(parts_ids), np.concatenate(parts_vals),
                                len(view.names))
-        order = np.lexsort((ids, -vals))[:n]  # best first, ties by id
-        names = view.names
-        share = 1.0 / len(parts_ids)
-        return [(names[i], v * share) for i, v in zip(ids[order].tolist(), vals[order].tolist(),
-                                                       strict=True)], raw
+        order = top_indices(vals, n)  # best first, ties by id (ids are ascending)
+        return ids[order], vals[order] * (1.0 / len(parts_ids)), raw
 
     def outcome(self, user_id: str, item_id: str) -> None:
         """An organic positive of the user: the scorer duel's outcome."""
@@ -278,22 +291,27 @@ class Server:
         """Answer one request with its top k (its cost is appended to ``costs``)."""
         timing = self.stage_ns
         cpu0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-        cands, covis = self.retrieve(ctx, request.ts)
+        pool, covis = self._retrieve(ctx, request.ts)
         if timing is not None:
             t1 = time.perf_counter_ns()
             timing["retrieve"] = timing.get("retrieve", 0) + t1 - t0
-        cands = self.filter(request, ctx, cands)
-        cands = self._hook("after_retrieval", request, cands)
+        pool = self._filter(request, ctx, pool)
+        pool = self._pool_hook("after_retrieval", request, pool)
         if timing is not None:
             t2 = time.perf_counter_ns()
             timing["filter"] = timing.get("filter", 0) + t2 - t1
-            timing["candidates"] = timing.get("candidates", 0) + len(cands)
-        self.score(request, ctx, cands, covis)
-        cands = self._hook("after_scoring", request, cands)
+            timing["candidates"] = timing.get("candidates", 0) + len(pool)
+        self._score(request, ctx, pool, covis)
+        scored = (self._hook("after_scoring", request, pool.candidates())
+                  if "after_scoring" in self.hooks else None)
         if timing is not None:
             t3 = time.perf_counter_ns()
             timing["score"] = timing.get("score", 0) + t3 - t2
-        ranked = self.order(request, cands, request.k, ctx.consumed)
+        if scored is not None:
+            ranked = self.order(request, scored, request.k, ctx.consumed)
+        else:
+            ranked = self._rerank(request, pool.candidates(top_indices(pool.score, self._depth(
+                request.k))), request.k, ctx.consumed)
         ranked = self._hook("after_ordering", request, ranked)
         if timing is not None:
             timing["order"] = timing.get("order", 0) + time.perf_counter_ns() - t3
@@ -327,30 +345,31 @@ class Server:
                  ) -> tuple[dict[str, Candidate], dict[str, SparseScores]]:
         """Candidates from every source, merged by item (sources and scores kept), and the
         raw co-visitation sums per channel of every item reachable from the seeds."""
+        pool, covis = self._retrieve(ctx, ts_ms)
+        return {c.item_id: c for c in pool.candidates()}, covis
+
+    def _retrieve(self, ctx: UserContext, ts_ms: int
+                  ) -> tuple[CandidatePool, dict[str, SparseScores]]:
+        """``retrieve`` as a ``CandidatePool`` (no per-candidate objects)."""
         sizes = self.config.sources
         tables = self.views.loaded_tables()
-        cands: dict[str, Candidate] = {}
-
-        def add(source: str, scored: list[tuple[str, float]]) -> None:
-            for item, score in scored:
-                c = cands.get(item)
-                if c is None:
-                    c = cands[item] = Candidate(item)
-                c.sources.append(source)
-                c.scores[source] = score
-
+        space = self._space()
+        parts: list[tuple[str, np.ndarray, np.ndarray]] = []
         n = sizes.get("ann", 0)
         if n and ctx.vector is not None and self.views.index.index is not None:
-            add("ann", self.views.index.query(ctx.vector, n))
-        best, covis = self.covis_channels(ctx, ts_ms, sizes.get("covis", 0))
-        if best:
-            add("covis", best)
+            found = self.views.index.query(ctx.vector, n)
+            if found:
+                items, scores = zip(*found, strict=True)
+                parts.append(("ann", space.rows(list(items)), np.array(scores, np.float64)))
+        ids, vals, covis = self._covis_best(ctx, ts_ms, sizes.get("covis", 0))
+        parts.append(("covis", ids, vals))
         for source in ("trending", "popular"):
             n = sizes.get(source, 0)
             if n and tables:
                 # Fetch extra to make up for the consumed items the filter will drop.
-                add(source, self._top(tables, source, n, n + min(len(ctx.consumed), 2 * n)))
-        return cands, covis
+                parts.append((source, *self._top_rows(tables, source, n,
+                                                      n + min(len(ctx.consumed), 2 * n))))
+        return merge(parts, space.names), covis
 
     def _top(self, tables: list[ItemTable], source: str, n: int, m: int) -> list[tuple[str, float]]:
         """The ``m`` best ``(item, score)`` of ``source`` over every table, best first, equal
@@ -358,6 +377,17 @@ class Server:
         gives, from each table's cached top list (``ItemTable.top``), every table's counts
         decayed to the newest table's time so they compare. The merged list is cached
         per set of loaded tables for the most a request can ask (``6 n``)."""
+        return self._top_cached(tables, source, n)[1][:m]
+
+    def _top_rows(self, tables: list[ItemTable], source: str, n: int, m: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """``_top`` as (rows, scores) arrays."""
+        cached = self._top_cached(tables, source, n)
+        return cached[2][:m], cached[3][:m]
+
+    def _top_cached(self, tables: list[ItemTable], source: str, n: int
+                    ) -> tuple[tuple[ItemTable, ...], list[tuple[str, float]], np.ndarray,
+                               np.ndarray]:
         key = (source, n)
         cached = self._top_cache.get(key)
         if cached is None or len(cached[0]) != len(tables) or any(
@@ -370,108 +400,104 @@ class Server:
                 lists.append([(item, score * f) for item, score in t.top(source, most)])
             merged = list(itertools.islice(
                 heapq.merge(*lists, key=_by_score, reverse=True), most))
-            cached = self._top_cache[key] = (tuple(tables), merged)
-        return cached[1][:m]
+            rows = self._space().rows([item for item, _ in merged])
+            scores = np.array([score for _, score in merged], np.float64)
+            cached = self._top_cache[key] = (tuple(tables), merged, rows, scores)
+        return cached
 
-    def filter(self, request: Any, ctx: UserContext, cands: dict[str, Candidate]) -> list[Candidate]:
-        """Drop consumed, unavailable and excluded items; attach categories."""
-        excluded = set(request.exclude)
-        catalog = self._catalog_lookup()
-        unavailable = self.context.unavailable
+    def _filter(self, request: Any, ctx: UserContext, pool: CandidatePool) -> CandidatePool:
+        """Drop consumed, unavailable and excluded items (boolean masks); attach categories
+        (from the items' tables) and the shard catalog's attributes."""
+        items = pool.items
+        n = len(items)
+        space = self._space()
+        space.sync(self.views.table_map())
+        slots = space.fill(pool.rows)
+        attrs = list(map(self.context.catalog.get, items))
+        space.fill_attrs(slots, attrs, self.context.cross_attrs(), self.context.unavailable_attrs)
+        keep = space.available[slots] & ~space.unavailable[slots]
         blocked = repeat_blocked(self.config, ctx, request.ts)
-        out = []
-        for item, c in cands.items():
-            if item in blocked or item in excluded or unavailable(item):
-                continue
-            entry = catalog(item)
-            if entry is not None:
-                if not entry.available:
-                    continue
-                c.category = entry.category
-            out.append(c)
+        if blocked:
+            keep &= ~np.fromiter(map(blocked.__contains__, items), bool, n)
+        if request.exclude:
+            excluded = set(request.exclude)
+            keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
+        pool.attrs = attrs
+        pool.category = [space.categories[c] for c in space.category[slots].tolist()]
+        return pool.take(keep)
+
+    def _pool_hook(self, stage: str, request: Any, pool: CandidatePool) -> CandidatePool:
+        """A hook on the pool: its candidates as objects, and the hook's list back."""
+        if stage not in self.hooks:
+            return pool
+        cands = self._hook(stage, request, pool.candidates())
+        space = self._space()
+        out = CandidatePool.from_candidates(cands, space.rows([c.item_id for c in cands]))
+        out.attrs = list(map(self.context.catalog.get, out.items))
+        space.sync(self.views.table_map())
+        space.fill_attrs(space.fill(out.rows), out.attrs, self.context.cross_attrs(),
+                         self.context.unavailable_attrs)
         return out
 
-    def _catalog_lookup(self) -> Callable[[str], CatalogEntry | None]:
-        tables = self.views.table_map()
-
-        def lookup(item: str) -> CatalogEntry | None:
-            table = tables.get(self.item_shard_of(item))
-            return table.catalog.get(item) if table else None
-
-        return lookup
-
-    def score(self, request: Any, ctx: UserContext, cands: list[Candidate],
-              covis: dict[str, SparseScores] | None = None) -> None:
-        """Set ``score``: the serving ranker's calibrated probability, the pool ranker's
-        ``P(c | pool)`` over the blend's best ``pool.pool_size`` (blend - 2 below), or
-        the retrieval blend, whichever ``serving.scorer`` picks (``auto``: the duel of the
-        LR ranker against the pool ranker, or the blend when the pool ranker is off);
-        under ``auto`` both top k lists are recorded for the duel."""
-        if not cands:
+    def _score(self, request: Any, ctx: UserContext, pool: CandidatePool,
+               covis: dict[str, SparseScores] | None = None) -> None:
+        """Set ``pool.score``: the serving ranker's calibrated probability, the pool
+        ranker's ``P(c | pool)`` over the blend's best ``serving.pool.pool_size`` (blend - 2
+        below), or the retrieval blend, whichever ``serving.scorer`` picks (``auto``: the
+        duel of the LR ranker against the pool ranker, or against the blend when the pool
+        ranker is off); under ``auto`` both top k lists are recorded for the duel."""
+        if not len(pool):
             return
-        for c in cands:  # co-visitation blend in [0, 1] first; the rest breaks ties
-            s = c.scores
-            c.score = (s.get("covis", 0.0) + 1e-3 * s.get("ann", 0.0)
-                       + 1e-4 * math.log1p(s.get("trending", 0.0))
-                       + 1e-6 * math.log1p(s.get("popular", 0.0)))
+        # Co-visitation blend in [0, 1] first; the rest breaks ties.
+        s = {name: pool.scores[k] for k, name in enumerate(SOURCES)}
+        pool.score = (s["covis"] + 1e-3 * s["ann"] + 1e-4 * np.log1p(s["trending"])
+                      + 1e-6 * np.log1p(s["popular"]))
         scorer_mode = self.config.scorer
-        pool = self.pool if scorer_mode in ("auto", "pool") else None
-        needs_ranker = pool is not None and "ranker" in pool.config.features
+        model = self.pool if scorer_mode in ("auto", "pool") else None
+        needs_ranker = model is not None and "ranker" in model.config.features
         ranker = (self.views.ranker.current
                   if scorer_mode in ("auto", "ranker") or needs_ranker else None)
-        items = [c.item_id for c in cands]
         probs = None
         if ranker is not None and (needs_ranker or not self._unscored(request, ctx, scorer_mode)):
-            probs = self._ranker_scores(ranker, request, ctx, items, covis).tolist()
+            probs = np.asarray(self._ranker_scores(ranker, request, ctx, pool, covis), np.float64)
         challenger = "retrieval"
-        if pool is not None:
-            blend = [c.score for c in cands]
-            self._pool_scores(pool, request, ctx, cands, covis, probs)
-            challenger = "pool"
-            if (ranker is None and scorer_mode == "auto"
-                    and not pool.config.serve_before_ranker):
-                # No LR copy yet: the blend serves, as without the pool ranker (which
-                # still learns from this request's pool).
-                for c, b in zip(cands, blend, strict=True):
-                    c.score = b
-                challenger = "retrieval"
+        if model is not None:
+            scored = self._pool_scores(model, request, ctx, pool, covis, probs)
+            if (ranker is not None or scorer_mode == "pool"
+                    or model.config.serve_before_ranker):
+                pool.score = scored
+                challenger = "pool"
+            # else: no LR copy yet, the blend serves as without the pool ranker (which
+            # still learns from this request's pool).
         if probs is None or scorer_mode == "pool":
             self.served_by[challenger] += 1
             return
         if scorer_mode == "auto":
             k = request.k
-            by_ranker = heapq.nlargest(k, range(len(cands)), key=probs.__getitem__)
-            by_blend = heapq.nlargest(k, range(len(cands)), key=lambda n: cands[n].score)
-            self.duel.record(ctx.user_id, [items[n] for n in by_ranker],
-                             [items[n] for n in by_blend])
+            items = pool.items
+            self.duel.record(ctx.user_id, [items[i] for i in top_indices(probs, k).tolist()],
+                             [items[i] for i in top_indices(pool.score, k).tolist()])
         choice = self.duel.choice(scorer_mode)
-        if choice == "pool" and pool is None:
-            choice = "retrieval"
         self.served_by[challenger if choice == "retrieval" else choice] += 1
         if choice == "ranker":
-            for c, prob in zip(cands, probs, strict=True):
-                c.score = prob
+            pool.score = probs
 
-    def _pool_scores(self, pool: PoolModel, request: Any, ctx: UserContext,
-                     cands: list[Candidate], covis: dict[str, SparseScores] | None,
-                     probs: list[float] | None) -> None:
-        """Re-score the blend's best ``pool_size`` candidates (ties in candidate order)
-        with the pool ranker (``P(c | pool)``), the others ``blend - 2`` (below every
-        pool score, in blend order), and remember the pool for learning from the user's
+    def _pool_scores(self, model: PoolModel, request: Any, ctx: UserContext,
+                     pool: CandidatePool, covis: dict[str, SparseScores] | None,
+                     probs: np.ndarray | None) -> np.ndarray:
+        """The pool ranker's scores of the candidates: ``P(c | pool)`` for the blend's best
+        ``pool_size`` (ties in candidate order), ``blend - 2`` for the others (below every
+        pool score, in blend order); the pool is remembered for learning from the user's
         next positive."""
-        best = sorted(range(len(cands)), key=lambda n: -cands[n].score)[: pool.config.pool_size]
-        top = [cands[n] for n in best]
-        blend = np.fromiter((c.score for c in top), np.float64, len(top))
-        items = [c.item_id for c in top]
-        lr = np.asarray([probs[n] for n in best]) if probs is not None else None
-        x = pool_matrix(pool.ranker.names, self.context, self.covis_view,
-                        self.config.covis_pop_alpha, ctx, items, blend, request.ts, covis, lr,
-                        pool.config.long_items)
-        p = pool.serve(ctx.user_id, items, x, request.ts).tolist()
-        for c in cands:
-            c.score -= 2.0  # the blend is in [0, ~1.001]
-        for c, prob in zip(top, p, strict=True):
-            c.score = prob
+        best = top_indices(pool.score, model.config.pool_size)
+        items = [pool.items[i] for i in best.tolist()]
+        x = pool_matrix(model.ranker.names, self.context, self.covis_view,
+                        self.config.covis_pop_alpha, ctx, items, pool.score[best], request.ts,
+                        covis, probs[best] if probs is not None else None,
+                        model.config.long_items)
+        out = pool.score - 2.0  # the blend is in [0, ~1.001]
+        out[best] = model.serve(ctx.user_id, items, x, request.ts)
+        return out
 
     def _unscored(self, request: Any, ctx: UserContext, scorer_mode: str) -> bool:
         """``auto`` once the blend leads the duel: only a ``scorer_shadow_rate`` sample of
@@ -484,14 +510,24 @@ class Server:
         self.duel.forget(ctx.user_id)
         return True
 
-    def _ranker_scores(self, ranker: Any, request: Any, ctx: UserContext, items: list[str],
+    def pool_columns(self, request: Any, ctx: UserContext, pool: CandidatePool,
+                     covis: dict[str, SparseScores] | None) -> ItemColumns:
+        """The pool's candidate features as columns (``PointInTime.item_columns`` on the
+        pool's rows): what a scorer of the whole pool consumes beside ``pool.items``,
+        ``pool.rows`` and the retrieval scores (``pool.scores``, blend in ``pool.score``)."""
+        return self.context.item_columns(ctx, pool.items, request.ts, covis, attrs=pool.attrs,
+                                         rows=pool.rows, space=self._space())
+
+    def _ranker_scores(self, ranker: Any, request: Any, ctx: UserContext, pool: CandidatePool,
                        covis: dict[str, SparseScores] | None) -> np.ndarray:
-        """Calibrated P(positive) per candidate: vectorised for River LR (``ColumnScorer``,
-        within 1e-9 of River), else through the feature dicts (``LinearScorer``: bitwise
-        River; other rankers: their own ``predict_many``)."""
+        """Calibrated P(positive) per candidate: vectorised for River LR (``ColumnScorer``
+        on the pool's ``ItemColumns``, within 1e-9 of River), else through the feature
+        dicts (``LinearScorer``: bitwise River; other rankers: their own
+        ``predict_many``)."""
+        items = pool.items
         scorer = linear_scorer(ranker)
         if scorer is not None:
-            cols = self.context.item_columns(ctx, items, request.ts, covis)
+            cols = self.pool_columns(request, ctx, pool, covis)
             p = column_scorer(scorer).predict(ctx.user_id, request.ts, request.context,
                                               SERVING_POSITION, ctx.profile, cols)
             if p is not None:
@@ -508,6 +544,15 @@ class Server:
               consumed: dict[str, int] | None = None) -> list[Candidate]:
         """Top k by score with a category-diversity penalty and an exploration slot."""
         ranked = sorted(cands, key=lambda c: c.score, reverse=True)
+        return self._rerank(request, ranked[: self._depth(k)], k, consumed)
+
+    def _depth(self, k: int) -> int:
+        """How many of the best candidates ordering looks at (diversity: 5 k)."""
+        return 5 * k if self.config.diversity > 0 else k
+
+    def _rerank(self, request: Any, ranked: list[Candidate], k: int,
+                consumed: dict[str, int] | None) -> list[Candidate]:
+        """Diversity and exploration over the best candidates, best first."""
         if self.config.diversity > 0:
             ranked = self._diversify(ranked, k)
         if self.config.exploration > 0 and ranked:

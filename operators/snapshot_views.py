@@ -3,11 +3,23 @@
 The user shard owns one ``SnapshotViews`` and polls it once per micro-batch (point in
 time: only versions reflecting no event after the batch's first event). Loaded
 versions are shared by every shard of the process (``SnapshotReader``'s cache).
+
+Two ways to load (``background``):
+
+* synchronous (replays, ``poll_ms`` 0): the poll verifies and loads new versions itself,
+  so the same log always meets the same versions (deterministic replays);
+* background (live, wall-clock polling): the poll only installs what the process's one
+  loader thread has verified and loaded since the last poll (every new version of a
+  round at once: ranker, index and item tables swap together at a batch boundary) and,
+  when due, asks it for the next round; the batch never waits for sha256 and ``np.load``.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -15,39 +27,131 @@ import numpy as np
 from operators.trainer import load_ranker
 from state.item_index import IndexReader
 from state.item_table import ItemTable
-from state.snapshot_store import SnapshotReader, SnapshotStore
+from state.snapshot_store import Manifest, SnapshotReader, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+Round = dict[str, tuple[Manifest, Any]]
+"""Versions verified and loaded off-thread, by reader name (``ranker``, ``index``,
+``items-<shard>``), waiting to be installed."""
+
+WARM_TOP = 600
+"""Popular and trending top lists built on the loader thread for each new item table
+(``ItemTable.top`` caches the longest asked; serving asks 6x a source's count, so this
+covers sources of up to 100 items); the first request on a new table finds them."""
+
+_loader: ThreadPoolExecutor | None = None
+_loader_lock = threading.Lock()
+
+
+def _background_loader() -> ThreadPoolExecutor:
+    """The process's one snapshot loader thread (every shard's views share it, so a new
+    version is read once and the others find it in ``SnapshotReader``'s cache)."""
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-load")
+        return _loader
 
 
 class SnapshotViews:
-    """The newest verified serving ranker, index and item tables, polled from the store."""
+    """The newest verified serving ranker, index and item tables, polled from the store.
 
-    def __init__(self, store: SnapshotStore, item_shards: list[str], poll_ms: int) -> None:
+    ``background`` (default: ``poll_ms > 0``, i.e. live wall-clock polling) loads new
+    versions on the loader thread and installs them at the next poll; otherwise
+    ``poll`` loads them itself (replays stay deterministic).
+    """
+
+    def __init__(self, store: SnapshotStore, item_shards: list[str], poll_ms: int,
+                 background: bool | None = None) -> None:
         self.store = store
         self.poll_ms = poll_ms
+        self.background = poll_ms > 0 if background is None else background
         self.ranker = SnapshotReader(store, "ranker", load_ranker)
         self.index = IndexReader(store)
         self.tables = {s: SnapshotReader(store, f"items-{s}", ItemTable.load) for s in item_shards}
         self._next_poll = 0.0
+        self._pending: Future[Round] | None = None
         self._table_cache: tuple[tuple[ItemTable | None, ...], list[ItemTable],
                                  dict[str, ItemTable]] | None = None
 
     def poll(self, max_ts: int | None = None) -> None:
         """Pick up new snapshot versions (at most every ``poll_ms`` of wall time), only
         versions reflecting no event after ``max_ts`` (event time, ms; None = any).
+        In background mode: install the last finished round, then start the next one
+        when due (never waits for loading).
 
         Point in time: serving (and impression-time features) must not see snapshots
         built from events after the ones being processed. A live stream never does
         (snapshots reflect the past); a replay through several processes would, as one
-        process's item side runs ahead of another's user shards.
+        process's item side runs ahead of another's user shards. (A background round
+        uses the ``max_ts`` of the poll that started it: older, so still in the past.)
         """
+        if self.background:
+            self._install_finished()
         now = time.monotonic()
         if now < self._next_poll:
             return
         self._next_poll = now + self.poll_ms / 1000.0
+        if self.background:
+            if self._pending is None:
+                self._pending = _background_loader().submit(self._prepare_round, max_ts)
+            return
         self.ranker.refresh(max_ts)
         self.index.refresh(max_ts)
         for reader in self.tables.values():
             reader.refresh(max_ts)
+
+    def _readers(self) -> dict[str, SnapshotReader[Any]]:
+        return {"ranker": self.ranker, "index": self.index.reader,
+                **{reader.kind: reader for reader in self.tables.values()}}
+
+    def _prepare_round(self, max_ts: int | None) -> Round:
+        """On the loader thread: the newest verifying version of every reader that is
+        newer than its current one (and reflects no event after ``max_ts``)."""
+        ready: Round = {}
+        for name, reader in self._readers().items():
+            for manifest in reader.candidates(max_ts):
+                obj = reader.prepare(manifest)
+                if obj is not None:
+                    if isinstance(obj, ItemTable):  # what the first request would build
+                        for source in ("popular", "trending"):
+                            obj.top(source, WARM_TOP)
+                    ready[name] = (manifest, obj)
+                    break
+        return ready
+
+    def _install_finished(self) -> bool:
+        """Install the finished background round, every version of it at once; True
+        when one was installed."""
+        pending = self._pending
+        if pending is None or not pending.done():
+            return False
+        self._pending = None
+        try:
+            ready = pending.result()
+        except Exception:  # a bug in a loader; the next round tries again
+            log.exception("background snapshot loading failed; keeping the current versions")
+            return False
+        readers = self._readers()
+        for name, (manifest, obj) in ready.items():
+            reader = readers[name]
+            if manifest["version"] <= (reader.version or 0):
+                continue
+            if name == "index":
+                self.index.install(manifest, obj)
+            else:
+                reader.install(manifest, obj)
+        return bool(ready)
+
+    def wait_loaded(self, timeout_s: float | None = None) -> bool:
+        """Background mode: wait for the running round and install it (benchmarks,
+        tests, shutdown); True when versions were installed."""
+        pending = self._pending
+        if pending is None:
+            return False
+        pending.exception(timeout_s)
+        return self._install_finished()
 
     def loaded_tables(self) -> list[ItemTable]:
         """The loaded item tables, in ``item_shards`` order (a fresh list)."""
@@ -72,10 +176,11 @@ class SnapshotViews:
         on resume, so a resumed shard serves the versions it served, even when the
         store's LATEST is refused), never the loaded snapshot objects."""
         return {"store": self.store, "poll_ms": self.poll_ms, "ranker": self.ranker,
-                "index": self.index, "tables": self.tables}
+                "index": self.index, "tables": self.tables, "background": self.background}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["store"], list(state["tables"]), state["poll_ms"])
+        self.__init__(state["store"], list(state["tables"]), state["poll_ms"],
+                      state.get("background"))
         self.ranker, self.index, self.tables = state["ranker"], state["index"], state["tables"]
 
 

@@ -331,12 +331,13 @@ class CoVisitation:
         vocab = unpack_strings(np.asarray(s["vocab_blob"]), np.asarray(s["vocab_offsets"]))
         n_rows = int(s["n_rows"])
         sizes = np.asarray(s["row_sizes"]).tolist()
-        nbr = np.asarray(s["neighbors"]).tolist()
-        val = np.asarray(s["values"]).tolist()
+        nbr = np.asarray(s["neighbors"])
+        val = np.asarray(s["values"])
         pos = 0
-        for i in range(n_rows):
+        for i in range(n_rows):  # row by row: no long GIL hold (tables load off-thread)
             end = pos + sizes[i]
-            out._rows[vocab[i]] = dict(zip((vocab[j] for j in nbr[pos:end]), val[pos:end], strict=True))
+            out._rows[vocab[i]] = dict(zip([vocab[j] for j in nbr[pos:end].tolist()],
+                                           val[pos:end].tolist(), strict=True))
             pos = end
         out._t_ref = int(s["t_ref"]) if bool(s["has_t_ref"]) else None
         out.pairs_added, out.evicted_neighbors, out.evicted_rows = (int(x) for x in s["stats"])

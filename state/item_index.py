@@ -589,6 +589,17 @@ class IndexReader:
             self._live = (self._reader.manifest, self._reader.current)
             return True
 
+    @property
+    def reader(self) -> SnapshotReader[ItemIndex]:
+        """The underlying reader: ``candidates`` and ``prepare`` for loading off-thread."""
+        return self._reader
+
+    def install(self, manifest: Manifest, index: ItemIndex) -> None:
+        """Make a prepared version (``reader.prepare``) current."""
+        with self._lock:
+            self._reader.install(manifest, index)
+            self._live = (manifest, index)
+
     def refresh(self, max_ts: int | None = None) -> bool:
         """Offer the store's LATEST index manifest (see ``SnapshotReader.refresh``)."""
         return any(self.offer(m) for m in self._reader.candidates(max_ts))

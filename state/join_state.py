@@ -75,8 +75,14 @@ class DeferringContext(JoinContext, Protocol):
 
     def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
         """What ``example_features`` would return now, computed on ``resolve()`` (the
-        joiner asks for impressions whose negative the sampler drops: only a click
-        makes them an example)."""
+        joiner defers every impression: most negatives are dropped by the sampler and
+        need features only if clicked, and the rest are computed together with the
+        other pending impressions of their request, ``resolve_all``)."""
+        ...
+
+    def resolve_all(self, deferred: list[Any]) -> None:
+        """Resolve many ``deferred_features`` results at once (the same values as
+        ``resolve()`` one by one, computed together)."""
         ...
 
 
@@ -166,7 +172,7 @@ class Pending:
     features: dict[str, Any] | Deferred
     """Taken when the impression is processed (never later: features taken at emission
     would see same-request clicks and fresher item tables, a train/serve skew); deferred
-    (the same values, computed on demand) when the sampler drops its negative."""
+    (the same values, computed on demand) when the context can."""
     emitted: bool = False
 
 
@@ -187,7 +193,9 @@ class Example:
     weight: float
     """1/r for a kept downsampled negative, the action's weight for organic signals."""
     features: dict[str, Any]
-    """Point-in-time features taken at the impression (or interaction)."""
+    """Point-in-time features taken at the impression (or interaction), floats at float32
+    precision (``float32_features``: the trainer in the flow and the readers of the
+    wire form see the same numbers)."""
     source: str
     """``impression``, ``interaction`` or ``sampled``."""
     position: int = -1
@@ -223,6 +231,19 @@ class JoinCounters:
     orphans_dropped: int = 0
 
 
+def float32_features(features: dict[str, Any]) -> dict[str, Any]:
+    """``features`` with every non-integer float rounded to 8 significant digits (float32
+    precision: relative change <= 5e-8, below what a model learns from; the wire form
+    writes such numbers in at most 10-14 characters instead of 17-19). A new dict, same
+    key order."""
+    out = {}
+    for name, value in features.items():
+        if type(value) is float and not value.is_integer():
+            value = float(f"{value:.8g}")
+        out[name] = value
+    return out
+
+
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
 
 
@@ -246,7 +267,7 @@ class Joiner:
         self._defer: Callable[[str, str, int], Deferred] | None = getattr(
             self.context, "deferred_features", None)
         """The context's ``deferred_features`` when it has one (``DeferringContext``):
-        used for impressions whose negative the sampler will drop."""
+        used for every impression."""
         self.wait_ms = config.wait_ms()
         self.pending: dict[str, Pending] = {}
         self._deadlines: list[tuple[int, str]] = []
@@ -284,8 +305,9 @@ class Joiner:
             return
         self.counters.impressions += 1
         features: dict[str, Any] | Deferred
-        if self._defer is not None and not self.sampler.keep(f"imp:{iid}"):
-            features = self._defer(imp.user_id, imp.item_id, imp.ts)  # decided now, by id
+        if self._defer is not None:  # computed at a click, at the window's close or when
+            # the snapshots move (all pending ones at once), exactly as they are now
+            features = self._defer(imp.user_id, imp.item_id, imp.ts)
         else:
             features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
         entry = Pending(imp, imp.ts + self.wait_ms, {}, features)
@@ -315,13 +337,15 @@ class Joiner:
 
     def resolve_deferred(self) -> int:
         """Compute the deferred features of every pending impression now (their snapshot
-        versions are being released); returns how many were computed."""
-        n = 0
-        for entry in self.pending.values():
-            if type(entry.features) is not dict:
-                entry.features = entry.features.resolve()
-                n += 1
-        return n
+        versions are being released), all at once when the context can
+        (``DeferringContext.resolve_all``); returns how many were computed."""
+        entries = [e for e in self.pending.values() if type(e.features) is not dict]
+        resolve_all = getattr(self.context, "resolve_all", None)
+        if resolve_all is not None and entries:
+            resolve_all([e.features for e in entries])
+        for entry in entries:
+            entry.features = entry.features.resolve()  # type: ignore[union-attr]
+        return len(entries)
 
     def advance(self) -> None:
         """Close every window whose deadline the watermark has passed; expire orphans."""
@@ -457,7 +481,7 @@ class Joiner:
             features = features.resolve()
         self.examples.append(Example(
             example_id, imp.ts, imp.user_id, imp.item_id, label, dict(entry.labels), weight,
-            features, "impression", imp.position, imp.request_id, imp.impression_id,
+            float32_features(features), "impression", imp.position, imp.request_id, imp.impression_id,
             imp.context).record())
 
     def _late(self, fb: Feedback, reason: str) -> None:
@@ -489,7 +513,7 @@ class Joiner:
             return
         self.examples.append(Example(
             example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
-            weight, features, "interaction", context=fb.context).record())
+            weight, float32_features(features), "interaction", context=fb.context).record())
         if positive:
             self._sample_negatives(fb, key)
 
@@ -513,5 +537,6 @@ class Joiner:
             self.counters.sampled_negatives += 1
             features = self.context.example_features(fb.user_id, item, fb.ts)
             self.examples.append(Example(
-                f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, weight, features, "sampled",
+                f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, weight,
+                float32_features(features), "sampled",
                 context=fb.context).record())

@@ -325,14 +325,26 @@ class SnapshotReader(Generic[T]):
 
     def offer(self, manifest: Manifest) -> bool:
         """Load ``manifest`` if it is newer and verifies; True when it became current."""
+        obj = self.prepare(manifest)
+        if obj is None:
+            return False
+        self.install(manifest, obj)
+        return True
+
+    def prepare(self, manifest: Manifest, newer_than: int | None = None) -> T | None:
+        """Verify and load ``manifest`` without making it current (None when it is not
+        newer than the current version and ``newer_than``, or is refused). Only reads
+        this reader's state, so another thread may prepare while the owner serves;
+        ``install`` then makes the result current."""
         if manifest.get("kind") != self.kind:
-            return False
-        if self.manifest is not None and manifest.get("version", 0) <= self.manifest["version"]:
-            return False
+            return None
+        floor = max(self.version or 0, newer_than or 0)
+        if manifest.get("version", 0) <= floor:
+            return None
         refusal = self._refusal_key(manifest)
         with self._cache_lock:
             if refusal in self._refusals:
-                return False  # refused before and the file has not changed since
+                return None  # refused before and the file has not changed since
         try:
             key = (str(self.store.root), self.kind, manifest["sha256"])
             with self._cache_lock:
@@ -354,10 +366,13 @@ class SnapshotReader(Generic[T]):
                        else "nothing loaded yet, trying older versions")
             log.error("snapshot %s v%s refused, %s: %s", self.kind, manifest.get("version"),
                       keeping, err)
-            return False
+            return None
+        return obj
+
+    def install(self, manifest: Manifest, obj: T) -> None:
+        """Make a prepared (verified, loaded) version current."""
         self.current = obj
         self.manifest = manifest
-        return True
 
     def candidates(self, max_ts: int | None = None) -> Iterator[Manifest]:
         """Manifests worth offering, best first: LATEST, then the older versions still in

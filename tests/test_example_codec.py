@@ -1,5 +1,6 @@
-"""Compact examples (issue 18 point 8): features without terms that add nothing, and
-the wire form that groups them by name prefix and unpacks to the exact record."""
+"""Compact examples (issue 18 point 8): features without terms that add nothing, floats
+at float32 precision, and the wire form (a versioned feature vocabulary, fields that can
+be rebuilt left out) that unpacks to the exact record."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from test_impression_features import run, stream
 
 from models.features import compact, ranking_features
 from models.rankers import make_ranker
-from operators.example_codec import pack_example, unpack_example
+from operators.example_codec import VOCABULARY, pack_example, unpack_example
+from state.join_state import Example, float32_features
 from state.sampling import NegativeSampler
 
 
@@ -36,6 +38,77 @@ def test_unpack_restores_the_exact_record_in_key_order(features: dict) -> None:
     assert got == record
     assert list(got["features"].items()) == list(features.items())
     assert unpack_example(record) == record  # flat records pass through
+    full = joiner_record(features=features)
+    got = unpack_example(wire(pack_example(full)))
+    assert got == full and list(got) == list(full)
+    assert list(got["features"].items()) == list(features.items())
+
+
+def joiner_record(**fields: object) -> dict:
+    """An example as the joiner writes it (``Example.record``), ``fields`` replaced."""
+    base = {"example_id": "imp:q-3", "ts": 1_767_225_600_000, "user_id": "u1", "item_id": "i9",
+            "label": 0, "labels": {}, "weight": 10.0, "position": 3, "request_id": "q",
+            "impression_id": "q-3", "context": {}, "features": {}, "source": "impression"}
+    return Example(**{**base, **fields}).record()  # type: ignore[arg-type]
+
+
+V = VOCABULARY
+EDGES = [
+    {V[0]: 110.0, V[1]: 2.5, V[32]: ["i1", "i2"], V[33]: ["i1", "i2"], V[39]: "18-24",
+     V[58]: "c7", V[60]: 1e300, V[61]: -3.0, V[62]: 0.1 + 0.2},
+    {V[5]: 1.0, "u:gender": "F", V[1]: 2.0},  # a name outside the vocabulary, out of order
+    {V[3]: 7, V[4]: True, V[6]: -0.0, V[7]: 2.0 ** 60, V[8]: [], V[9]: [1, "x", 2.0],
+     V[10]: [1, "x", 2.0], V[11]: "", V[12]: [1, "x", 2.0]},  # ints, bools, repeated lists
+    {"custom.a": 1.0, "custom.b": {"nested": 1}},  # a dict value: the row stays plain
+    {},
+]
+
+
+@pytest.mark.parametrize("features", EDGES)
+@pytest.mark.parametrize("fields", [
+    {},
+    {"example_id": "int:00ff", "impression_id": None, "request_id": None, "position": -1,
+     "source": "interaction", "labels": {"view": 1.0}, "context": {"device": "tv"}},
+    {"example_id": "neg:00ff:1", "impression_id": None, "source": "sampled", "label": 1},
+    {"impression_id": "other", "source": "odd"},  # not what the id implies: written
+])
+def test_joiner_records_round_trip_exactly(features: dict, fields: dict) -> None:
+    record = joiner_record(features=features, **fields)
+    packed = wire(pack_example(record))
+    got = unpack_example(packed)
+    assert got == record and list(got) == list(record)
+    assert [(k, type(v)) for k, v in got["features"].items()] == [
+        (k, type(v)) for k, v in features.items()]
+    for name in ("example_id", "ts", "user_id", "item_id", "label", "weight", "position"):
+        assert packed[name] == record[name]  # what readers filter on stays readable
+
+
+def test_old_grouped_rows_still_unpack() -> None:
+    row = {"example_id": "imp:1", "label": 1, "features": {
+        "user.": {"clicks.": {"1h": 2.0, "1d": 3.0}}, "pop": 1.5}}
+    assert unpack_example(row)["features"] == {"user.clicks.1h": 2.0, "user.clicks.1d": 3.0,
+                                               "pop": 1.5}
+
+
+def test_the_vocabulary_holds_every_default_feature_name() -> None:
+    """A default feature outside the vocabulary would make every row spell its names."""
+    from operators.point_in_time import NUMERIC_ITEM_FEATURES
+    from state.feature_spec import default_features
+
+    names = [n for spec in default_features() for n in spec.output_names]
+    assert set(names) | set(NUMERIC_ITEM_FEATURES) <= set(VOCABULARY)
+    assert len(set(VOCABULARY)) == len(VOCABULARY)
+
+
+def test_float32_features_round_to_eight_digits_in_order() -> None:
+    features = {"b": 0.1 + 0.2, "a": 2.9991600647463437, "n": 110.0, "s": "x", "i": 3,
+                "big": 123456789.123, "l": [0.30000000000000004]}
+    got = float32_features(features)
+    assert list(got) == list(features)
+    assert got == {"b": 0.3, "a": 2.9991601, "n": 110.0, "s": "x", "i": 3, "big": 123456790.0,
+                   "l": [0.30000000000000004]}
+    for name in ("a", "big"):
+        assert abs(got[name] - features[name]) <= 5e-8 * abs(features[name])
 
 
 def test_flow_examples_pack_small_and_unpack_exactly(tmp_path: Path) -> None:
@@ -48,10 +121,16 @@ def test_flow_examples_pack_small_and_unpack_exactly(tmp_path: Path) -> None:
     packed = [orjson.dumps(pack_example(e)) for e in examples]
     assert [unpack_example(orjson.loads(b)) for b in packed] == examples
     flat = sum(len(orjson.dumps(e)) for e in examples)
-    assert sum(map(len, packed)) < 0.9 * flat
+    assert sum(map(len, packed)) < 0.45 * flat
+    assert all(b'"f1":["' in b for b in packed)  # every name in the vocabulary, in its order
+    floats = 0
     for e in examples:  # nothing that adds no term to the model is written
         for value in e["features"].values():
             assert value is not None and value != 0 and value != [] and type(value) is not dict
+            if type(value) is float:  # at float32 precision (the joiner rounds)
+                floats += 1
+                assert value == float(f"{value:.8g}")
+    assert floats > 100
 
 
 def test_compact_features_train_the_same_lr_model() -> None:
@@ -76,9 +155,17 @@ def test_compact_features_train_the_same_lr_model() -> None:
 def test_tap_prints_examples_unpacked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from flows.cli import main
 
-    record = {"example_id": "imp:1", "label": 1, "weight": 1.0,
-              "features": {"user.clicks.1h": 2.0, "user.clicks.1d": 3.0, "pop": 1.5}}
-    (tmp_path / "examples.jsonl").write_bytes(orjson.dumps(pack_example(record)) + b"\n")
+    record = joiner_record(features={"user.clicks.1h": 2.0, "user.clicks.1d": 3.0,
+                                     "user.recent_positives.1h": ["i1"],
+                                     "user.recent_positives.all": ["i1"], "pop": 1.5})
+    other = joiner_record(example_id="imp:q-4", impression_id="q-4",
+                          features={"user.clicks.1d": 1.0, "pop": 2.5})
+    (tmp_path / "examples.jsonl").write_bytes(
+        b"".join(orjson.dumps(pack_example(r)) + b"\n" for r in (record, other)))
+    assert b'"f1":' in (tmp_path / "examples.jsonl").read_bytes()
     assert main(["tap", "examples", "--dir", str(tmp_path),
                  "--filter", "features['user.clicks.1d'] == 3.0"]) == 0
     assert orjson.loads(capsys.readouterr().out) == record
+    assert main(["tap", "examples", "--dir", str(tmp_path), "--from", "-1"]) == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert shown == other and shown["source"] == "impression" and shown["features"]["pop"] == 2.5

@@ -189,3 +189,61 @@ def test_new_snapshots_release_the_versions_pending_impressions_read(published: 
     [got] = [e for e in feed(lazy, later)["examples"] if e["example_id"] == f"imp:{imp_id}"]
     [want] = [e for e in feed(eager, later)["examples"] if e["example_id"] == f"imp:{imp_id}"]
     assert got == want
+
+
+def test_deferred_features_taken_together_at_new_snapshots_equal_impression_time(
+        published: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New item tables mid-stream: every pending deferred impression is computed at once
+    (``PointInTime.resolve_all``: one ``item_features`` call per request), and every
+    example is what the eager shard computed at impression time, MF and co-visitation
+    included."""
+    sizes: list[int] = []
+    original = PointInTime.item_features
+
+    def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
+        if kw.get("views") is not None:  # deferred features read their frozen views
+            sizes.append(len(item_ids))
+        return original(self, ctx, item_ids, *args, **kw)
+
+    monkeypatch.setattr(PointInTime, "item_features", spy)
+    events = stream(n_requests=40)
+    half = len(events) // 2
+    lazy, eager = shard_pair(published)
+    got: list[dict[str, Any]] = []
+    want: list[dict[str, Any]] = []
+    for shard in (lazy, eager):
+        warm_up(shard)
+    for shard, out in ((lazy, got), (eager, want)):
+        for i in range(0, half, 37):
+            out.extend(feed(shard, events[i:min(i + 37, half)]).get("examples", []))
+    pending = sum(type(e.features) is not dict for e in lazy.joiner.pending.values())
+    assert pending > 20
+    published.popular[ITEMS[3]] = 1e6
+    published.publish_tables(ts=events[half].ts - 1)
+    for shard, out in ((lazy, got), (eager, want)):
+        for i in range(half, len(events), 37):
+            out.extend(feed(shard, events[i:i + 37]).get("examples", []))
+        out.extend(shard.flush().get("examples", []))
+    assert got == want
+    assert max(sizes) >= 5, "the impressions of one request are computed together"
+    sampler = NegativeSampler(RATE, 0)
+    early = {e.impression_id for e in events[:half] if isinstance(e, Impression)}
+    batched = [e for e in got if e["label"] == 1 and e["impression_id"] in early
+               and not sampler.keep(e["example_id"])]
+    assert batched and any("mf" in e["features"] and "covis" in e["features"] for e in batched)
+
+
+def test_later_interactions_do_not_leak_into_deferred_features(published: World) -> None:
+    """The user views the item after the impression and before the click: the example
+    still has the impression-time ``ui.*`` features (none: the item was new to them)."""
+    lazy, eager = shard_pair(published)
+    for shard in (lazy, eager):
+        warm_up(shard)
+    events = [Feedback(T0 - 10_000, "u", SEED, "click"), Request(T0 - 20, "rx", "u"),
+              Impression(T0, "x1", "u", "a31", "rx", 0, {}),
+              Feedback(T0 + 1_000, "u", "a31", "view"),
+              Feedback(T0 + 5_000, "u", "a31", "click", "x1")]
+    [got] = [e for e in feed(lazy, events)["examples"] if e["example_id"] == "imp:x1"]
+    [want] = [e for e in feed(eager, events)["examples"] if e["example_id"] == "imp:x1"]
+    assert "ui.interacted" not in want["features"]
+    assert got == want

@@ -63,7 +63,8 @@ def _kafka_flow(
         return _decode(values)
 
     records = op.map("decode", batches, decode)
-    op.output("out", records, KafkaSink(bootstrap, out_topic))
+    op.output("out", op.key_on("out_key", records, lambda _: out_topic),
+              KafkaSink(bootstrap, out_topic))
     return flow
 
 
@@ -216,7 +217,8 @@ def test_sink_keys_and_items(
         [],
     ]
     flow = Dataflow("kio_c")
-    op.output("out", op.input("in", flow, TestingSource(items)), KafkaSink(bs, topic))
+    op.output("out", op.key_on("key", op.input("in", flow, TestingSource(items)), lambda _: "k"),
+              KafkaSink(bs, topic))
     run_main(flow, epoch_interval=EPOCH)
 
     recs = kafka_read_records(bs, topic, expected=5, idle_s=0.3)
@@ -293,8 +295,9 @@ def test_sink_blocks_through_broker_outage(
     caplog: pytest.LogCaptureFixture, kafka_broker_factory: Any, kafka_topic: Any,
     kafka_read: Any
 ) -> None:
-    """(d) write_batch while the broker is down blocks (warning logged), then delivers
-    every record exactly once when the broker is back.
+    """(d) the epoch's end (the partition's snapshot) while the broker is down blocks
+    (warning logged), then every record is delivered exactly once when the broker is
+    back; write_batch itself never waited.
 
     The broker keeps its data (s3:// storage): after a restart with memory storage
     Tansu acknowledges produce requests for the partitions it forgot without storing
@@ -306,23 +309,30 @@ def test_sink_blocks_through_broker_outage(
         broker = kafka_broker_factory(storage=store.storage_url, env=store.broker_env())
         bs = broker.bootstrap
         topic = kafka_topic(1, "sinkdown", bootstrap=bs)
-        part = KafkaSink(bs, topic, flush_timeout_s=0.5).build("s", 0, 1)
+        part = KafkaSink(bs, topic, flush_timeout_s=0.5).build_part("s", "kafka", None)
         batch = [{"user_id": f"u{i}", "n": i} for i in range(200)]
         done = threading.Event()
+        written = threading.Event()
 
         def write() -> None:
             part.write_batch([batch[:100], batch[100:]])
+            written.set()
+            part.snapshot()
             done.set()
 
         try:
             part.write_batch([[{"user_id": "warm", "n": -1}]])
+            part.snapshot()
             broker.stop()
             writer = threading.Thread(target=write, daemon=True)
             writer.start()
+            assert written.wait(1.0), "write_batch waited for the broker"
+            assert part.in_flight == 200
             time.sleep(1.5)
-            assert not done.is_set(), "write_batch returned while the broker was down"
+            assert not done.is_set(), "the epoch ended while the broker was down"
             broker.start()
-            assert done.wait(30), "write_batch did not complete after the broker came back"
+            assert done.wait(30), "the epoch did not end after the broker came back"
+            assert part.in_flight == 0
         finally:
             part.close()
         got = Counter(orjson.loads(v)["n"] for v in kafka_read(bs, topic, expected=201,

@@ -46,6 +46,32 @@ def test_closed_loop_logic_without_kafka() -> None:
     assert len([e for e in clicks if e["action"] == "click"]) == window["clicks"]
 
 
+def test_the_world_moves_with_the_loop_clock() -> None:
+    """Gradual drift and catalogue churn apply while the loop runs (the simulator's clock
+    follows the loop's), deterministically for a seed."""
+    world = {"drift_per_day": 24.0, "items_added_per_hour": 360.0,
+             "items_retired_per_hour": 360.0}
+
+    def run() -> tuple[list[float], list[dict], list[float]]:
+        loop = ClosedLoop(LoopSettings(seed=3, n_users=50, n_items=40, warmup_events=300,
+                                       world=world))
+        loop.run_id = "t"
+        loop.warmup()
+        pairs = [(f"u{u}", f"i{i}") for u in range(0, 50, 7) for i in range(0, 40, 9)]
+        before = [loop.sim.click_probability(u, i, 0, loop.clock_ms) for u, i in pairs]
+        events = loop.requests(600)  # ten minutes of event time
+        after = [loop.sim.click_probability(u, i, 0, loop.clock_ms) for u, i in pairs]
+        return before, events, after
+
+    before, events, after = run()
+    assert sum(abs(a - b) for a, b in zip(before, after, strict=True)) > 0.1 * sum(before)
+    items = [e for e in events if e["type"] == "item"]
+    assert any(e["available"] for e in items) and any(not e["available"] for e in items)
+    ts = [e["ts"] for e in events]
+    assert ts == sorted(ts)
+    assert run() == (before, events, after)
+
+
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_closed_loop_click_rate_rises(kafka_broker, tmp_path) -> None:

@@ -3,7 +3,7 @@ the per-item dicts and in the columns the vectorised scorer reads."""
 
 from __future__ import annotations
 
-from operators.point_in_time import PointInTime
+from operators.point_in_time import CovisQuery, PointInTime
 from state.user_history import UserHistory
 
 T0 = 1_767_225_600_000
@@ -19,7 +19,7 @@ def test_user_item_history_features() -> None:
     items = ["seen", "loved", "new"]
     feats = context.item_features(ctx, items, T0)
     assert [(f.get("ui.interacted", 0.0), f.get("ui.liked", 0.0)) for f in feats] == [
-        (1.0, 0.0), (1.0, 1.0), (0.0, 0.0)]
+        (1.0, 0.0), (1.0, 1.0), (0.0, 0.0)]  # the newest positive: decay**0
     cols = context.item_columns(ctx, items, T0)
     assert cols.numeric["ui.interacted"].tolist() == [1.0, 1.0, 0.0]
     assert cols.numeric["ui.liked"].tolist() == [0.0, 1.0, 0.0]
@@ -27,3 +27,29 @@ def test_user_item_history_features() -> None:
     other = context.user("u2", T0)
     assert "ui.interacted" not in context.item_columns(other, items, T0).numeric
     assert all("ui.interacted" not in f for f in context.item_features(other, items, T0))
+
+
+def test_after_a_change_of_taste_the_new_positives_outrank_the_old() -> None:
+    """Forgetting by count: ``ui.liked`` fades as the user makes new positives, so a
+    ranker's positive weight on it puts the new taste's items above the old taste's
+    within a few positives (binary ``ui.liked`` kept them tied for good)."""
+    history, liked = UserHistory(), UserHistory()
+    old = [f"old{n}" for n in range(10)]
+    new = [f"new{n}" for n in range(3)]
+    for n, item in enumerate(old + new):  # ten positives of the old taste, then three new
+        history.add("u1", item, T0 + n * 1_000)
+        liked.add("u1", item, T0 + n * 1_000)
+    context = PointInTime(history=history, liked=liked, covis=CovisQuery(decay=0.8))
+    items = old + new
+    cols = context.item_columns(context.user("u1", T0 + 60_000), items, T0 + 60_000)
+    value = dict(zip(items, cols.numeric["ui.liked"].tolist(), strict=True))
+    assert min(value[i] for i in new) > max(value[i] for i in old)
+    # Ranked by the feature (what a positive ranker weight does): the new taste first.
+    ranked = sorted(items, key=lambda i: -value[i])
+    assert ranked[:3] == ["new2", "new1", "new0"]
+    # Still a positive: every recent positive keeps a value above a never-liked item's 0.
+    assert min(value.values()) > 0.0
+    assert value["new2"] == 1.0 and abs(value["new1"] - 0.8) < 1e-12
+    # The dict path (impressions) gives the same values.
+    feats = context.item_features(context.user("u1", T0 + 60_000), items, T0 + 60_000)
+    assert [f["ui.liked"] for f in feats] == cols.numeric["ui.liked"].tolist()

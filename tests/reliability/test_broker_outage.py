@@ -236,7 +236,7 @@ def test_sink_loses_nothing_across_broker_restarts(s3_broker: LocalBroker,
     (30-60 of ~10,000 per run here)."""
     bs = s3_broker.bootstrap
     create_topics(bs, ["sink"], 1)
-    part = KafkaSink(bs, "sink", flush_timeout_s=1.0).build("out", 0, 1)
+    part = KafkaSink(bs, "sink", flush_timeout_s=1.0).build_part("out", "kafka", None)
     written = 0
     stop = threading.Event()
 
@@ -245,6 +245,7 @@ def test_sink_loses_nothing_across_broker_restarts(s3_broker: LocalBroker,
         while not stop.is_set():
             part.write_batch([[{"user_id": "u", "n": written + i, "pad": "x" * 200}
                                for i in range(200)]])
+            part.snapshot()  # an epoch per batch: acknowledged before it counts
             written += 200
 
     writer = threading.Thread(target=write, daemon=True)

@@ -1,0 +1,323 @@
+"""Scale-out: the zero-config workload through 1 process and through 2 processes, one run.
+
+The log is ``bench/throughput.py``'s: the zero-config simulator world (``InputConfig``'s
+defaults, the settings of ``python -m bytewax.run flows.recsys:flow``), replayed as fast
+as possible with the zero-config flow (ranker, item side, serving ``scorer = auto``,
+JSONL outputs). Each run is real operating-system processes started exactly as an
+operator would: ``python -m bytewax.run "bench/scaleout.py:timed_flow(...)"`` (``-i N
+-a ADDRS`` for 2 processes), where ``timed_flow`` is ``flows.recsys.build`` plus a CPU
+timer around every stateful stage (each Bytewax worker is one thread, so a stage's
+thread CPU time is its busy time on that worker).
+
+Figures (the last line is JSON):
+
+* ``events_per_s_1proc``, ``events_per_s_2proc``, ``ratio``: log events per wall
+  second from the first process's flow build (after Python's imports) to the last
+  process's exit (cluster connection and shutdown included); ``total_s_*`` also counts
+  the interpreters' start-up.
+* ``events_per_cpu_s_*``: the same per second of CPU time of all processes (on a shared
+  machine the wall figures follow the load).
+* ``busy_share_*_2proc``: for each stage, its CPU time over the wall time of the
+  process that ran it, in the 2-process run; a single-key stage (``ranker``, ``index``,
+  ``metrics``) runs on one worker, so a share near 1 means that stage caps the flow.
+  ``cpu_share_*_2proc``: the same over that process's CPU time (holds under load).
+* ``ceiling_events_per_s_*``: log events per CPU second of one key of the stage in the
+  1-process run (the stage's CPU over its number of keys): the flow's rate at which that
+  key would fill a core of its own (how far one key goes).
+* ``gc_s_*``: wall time in Python's garbage collector, summed over processes;
+  ``user_keys_per_process_2proc``/``item_keys_per_process_2proc``: how Bytewax spread
+  the 8 user shards and 4 item shards over the processes.
+* ``load_1min_start``/``load_1min_end``: the machine's load average around the runs.
+
+Correctness across processes is checked in the same run: the replay source has one
+partition (one process reads the log, the user shards get their events through
+Bytewax's exchange), every output file is written by one process (the one owning its
+partition), and the 2-process run must give the 1-process run's example ids (none
+twice), as many recommendations as the log has requests, and ``events_in`` equal to the
+log's lines; the bench stops with an error otherwise.
+
+Usage: ``python bench/scaleout.py [-n EVENTS] [--processes 2] [--shards USERS,ITEMS]``
+(default 200,000 events, the zero-config 8 user and 4 item shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from common import ROOT, count_lines, simulated_log  # noqa: E402
+
+STAGES = ("user_shard", "item_shard", "ranker", "index", "metrics")
+SINGLE_KEY = ("ranker", "index", "metrics")
+SHARDED = ("user_shard", "item_shard")
+
+
+def _stage_classes() -> dict[str, type]:
+    from operators.index_builder import IndexBuilderLogic
+    from operators.item_shard import ItemShardLogic
+    from operators.metrics import MetricsLogic
+    from operators.trainer import TrainerLogic
+    from operators.user_shard import UserShardLogic
+
+    return {"user_shard": UserShardLogic, "item_shard": ItemShardLogic, "ranker": TrainerLogic,
+            "index": IndexBuilderLogic, "metrics": MetricsLogic}
+
+
+def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
+    """Wrap the stateful stages' callbacks to add their thread CPU time to ``cpu_ns`` and
+    the shard keys they saw (user and item shards) to ``keys``."""
+    lock = threading.Lock()
+    for stage, cls in _stage_classes().items():
+        for name in ("on_item", "on_notify", "on_eof"):
+            original = cls.__dict__.get(name)
+            if original is None:
+                continue
+
+            def timed(self: Any, *args: Any, _f: Any = original, _s: str = stage) -> Any:
+                if _s in SHARDED and args and isinstance(args[0], tuple):
+                    keys[_s].add(args[0][0])  # (shard key, ...) items
+                t0 = time.thread_time_ns()
+                try:
+                    return _f(self, *args)
+                finally:
+                    spent = time.thread_time_ns() - t0
+                    with lock:
+                        cpu_ns[_s] += spent
+
+            setattr(cls, name, timed)
+
+
+def _install_gc_timer(gc_ns: list[int]) -> None:
+    """Add the wall time of every garbage collection of this process to ``gc_ns[0]``."""
+    started = [0]
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter_ns()
+        else:
+            gc_ns[0] += time.perf_counter_ns() - started[0]
+
+    gc.callbacks.append(callback)
+
+
+def timed_flow(config: dict[str, Any], stats_path: str) -> Any:
+    """The main flow of ``config`` with stage CPU timers; at exit this process writes
+    ``{"start", "end" (epoch s), "wall_s", "cpu_s", "gc_s", "stage_cpu_s": {stage: s},
+    "keys": {stage: [key, ...]}}`` (from the flow's build, after Python's imports, to
+    exit) to ``stats_path`` (the entry point of the worker processes: ``python -m
+    bytewax.run "bench/scaleout.py:timed_flow(...)"``)."""
+    from flows.recsys import build
+
+    cpu_ns: dict[str, int] = defaultdict(int)
+    keys: dict[str, set[str]] = defaultdict(set)
+    gc_ns = [0]
+    _install_timers(cpu_ns, keys)
+    _install_gc_timer(gc_ns)
+    start, wall0, cpu0 = time.time(), time.perf_counter(), time.process_time()
+
+    def dump() -> None:
+        Path(stats_path).write_bytes(orjson.dumps({
+            "start": start, "end": time.time(),
+            "wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
+            "gc_s": gc_ns[0] / 1e9,
+            "stage_cpu_s": {s: ns / 1e9 for s, ns in cpu_ns.items()},
+            "keys": {s: sorted(k) for s, k in keys.items()}}))
+
+    atexit.register(dump)
+    return build(config)
+
+
+def _free_port() -> int:
+    from flows.broker import free_port
+
+    return free_port()
+
+
+def run_cluster(log: Path, out: Path, processes: int, timeout_s: float,
+                shards: dict[str, int] | None = None) -> dict[str, Any]:
+    """Run the flow over ``log`` in ``processes`` processes (``shards``: ``shards.users``
+    / ``shards.items`` overrides); returns wall seconds, CPU seconds summed over
+    processes, per-process stats and the outputs' facts."""
+    out.mkdir(parents=True)
+    config: dict[str, Any] = {"inputs": [{"kind": "replay", "path": str(log)}],
+                              "output": {"dir": str(out)}}
+    if shards:
+        config["shards"] = shards
+    addresses = [f"127.0.0.1:{_free_port()}" for _ in range(processes)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    procs = []
+    start = time.perf_counter()
+    for i in range(processes):
+        args = [sys.executable, "-m", "bytewax.run",
+                f"{BENCH / 'scaleout.py'}:timed_flow({config!r}, {str(out / f'stats-{i}.json')!r})"]
+        if processes > 1:
+            args += ["-i", str(i), "-a", ";".join(addresses)]
+        with (out / f"process-{i}.log").open("wb") as fh:
+            procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                          stdout=fh, stderr=subprocess.STDOUT))
+    try:
+        for i, proc in enumerate(procs):
+            code = proc.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - start)))
+            if code != 0:
+                tail = (out / f"process-{i}.log").read_bytes()[-4000:].decode(errors="replace")
+                raise SystemExit(f"process {i} of {processes} exited with {code}:\n{tail}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    total = time.perf_counter() - start
+    stats = [orjson.loads((out / f"stats-{i}.json").read_bytes()) for i in range(processes)]
+    wall = max(s["end"] for s in stats) - min(s["start"] for s in stats)
+    return {"wall_s": wall, "total_s": total, "cpu_s": sum(s["cpu_s"] for s in stats),
+            "stats": stats, **_outputs(out)}
+
+
+def _outputs(out: Path) -> dict[str, Any]:
+    """Facts of a run's outputs: the summary record, example ids, recommendation count."""
+    from flows.evaluate import read_jsonl
+    from operators.example_codec import unpack_example
+
+    [summary] = [m for m in read_jsonl(out / "metrics.jsonl") if m["kind"] == "summary"]
+    example_ids = [unpack_example(e)["example_id"] for e in read_jsonl(out / "examples.jsonl")]
+    recs = read_jsonl(out / "recommendations.jsonl")
+    return {"summary": summary, "example_ids": example_ids,
+            "recommendations": len(recs), "rec_ids": {r["request_id"] for r in recs}}
+
+
+def check_same(one: dict[str, Any], two: dict[str, Any], lines: int, requests: int) -> None:
+    """Stop unless both runs read every event once and wrote every output once."""
+    for name, run in (("1 process", one), ("2 processes", two)):
+        problems = []
+        if run["summary"]["events_in"] != lines:
+            problems.append(f"events_in {run['summary']['events_in']} != {lines} log lines")
+        if len(set(run["example_ids"])) != len(run["example_ids"]):
+            problems.append("an example written twice")
+        if run["recommendations"] != requests or len(run["rec_ids"]) != requests:
+            problems.append(f"{run['recommendations']} recommendations "
+                            f"({len(run['rec_ids'])} distinct) for {requests} requests")
+        if problems:
+            raise SystemExit(f"{name}: " + "; ".join(problems))
+    if sorted(one["example_ids"]) != sorted(two["example_ids"]):
+        raise SystemExit("the 2-process run wrote other examples than the 1-process run")
+
+
+def _default_shards() -> dict[str, int]:
+    from flows.config import load_config
+
+    config = load_config(None)
+    return {"users": config.shards.users, "items": config.shards.items}
+
+
+def _requests(log: Path) -> int:
+    with log.open("rb") as fh:
+        return sum(1 for line in fh if b'"type":"request"' in line)
+
+
+def main() -> None:
+    from throughput import zero_config_world
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    world, seed, default_n = zero_config_world()
+    parser.add_argument("-n", type=int, default=default_n)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--shards", default="",
+                        help="USERS,ITEMS: shards.users and shards.items for both runs "
+                             "(default: the zero-config 8,4)")
+    args = parser.parse_args()
+    shards = None
+    if args.shards:
+        users, items = (int(x) for x in args.shards.split(","))
+        shards = {"users": users, "items": items}
+    log = simulated_log(args.n, seed, world)
+    lines, requests = count_lines(log), _requests(log)
+    load_start = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="streamrec-scaleout-"))
+    try:
+        one = run_cluster(log, tmp / "one", 1, args.timeout_s, shards)
+        many = run_cluster(log, tmp / "many", args.processes, args.timeout_s, shards)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    load_end = os.getloadavg()[0]
+    check_same(one, many, lines, requests)
+
+    rate1, rate2 = lines / one["wall_s"], lines / many["wall_s"]
+    cpu1, cpu2 = lines / one["cpu_s"], lines / many["cpu_s"]
+    stage1 = one["stats"][0]["stage_cpu_s"]
+    n_keys = {s: max(len(one["stats"][0]["keys"].get(s, ())), 1) for s in STAGES}
+    ceilings = {s: lines / (stage1[s] / n_keys[s]) for s in STAGES if stage1.get(s)}
+    shares: dict[str, float] = {}  # of the wall time of the process running the stage
+    cpu_shares: dict[str, float] = {}  # of that process's CPU time
+    for st in many["stats"]:
+        for stage, cpu in st["stage_cpu_s"].items():
+            if cpu > 0:
+                shares[stage] = max(shares.get(stage, 0.0), cpu / st["wall_s"])
+                cpu_shares[stage] = max(cpu_shares.get(stage, 0.0), cpu / st["cpu_s"])
+    print(f"log: {lines:,} events ({requests:,} requests) of the zero-config world; "
+          f"load average {load_start:.2f} -> {load_end:.2f} on {os.cpu_count()} CPUs")
+    print(f"outputs: {len(one['example_ids']):,} examples, {one['recommendations']:,} "
+          f"recommendations, identical example ids in both runs, none twice")
+    for label, run, rate, cpu in (("1 process", one, rate1, cpu1),
+                                  (f"{args.processes} processes", many, rate2, cpu2)):
+        per = "; ".join(
+            f"p{i} {s['cpu_s']:.1f} CPU-s in {s['wall_s']:.1f} s (gc {s['gc_s']:.1f} s): "
+            + ", ".join(f"{k} {v:.1f}" + (f" [{len(s['keys'][k])} keys]" if s["keys"].get(k) else "")
+                        for k, v in s["stage_cpu_s"].items() if v >= 0.05)
+            for i, s in enumerate(run["stats"]))
+        print(f"{label:>12}: {rate:8,.0f} events/s ({run['wall_s']:.1f} s, "
+              f"{run['total_s']:.1f} s with start-up), {cpu:8,.0f} per CPU-s ({per})")
+    print(f"ratio {rate2 / rate1:.2f}x wall, {cpu2 / cpu1:.2f}x per CPU-s")
+    print("stage CPU (1 process) and the flow's rate at which one key of it fills a core:")
+    for stage in STAGES:
+        if stage in ceilings:
+            print(f"  {stage:>10}: {stage1[stage]:7.1f} CPU-s "
+                  f"({stage1[stage] / one['cpu_s']:.1%} of the flow, {n_keys[stage]} keys), "
+                  f"{ceilings[stage]:10,.0f} events/s per key; in the {args.processes}-process "
+                  f"run busy {shares.get(stage, 0):.1%} of its process's wall time, "
+                  f"{cpu_shares.get(stage, 0):.1%} of its CPU")
+    print(orjson.dumps({
+        "events": lines,
+        "processes": args.processes,
+        "events_per_s_1proc": round(rate1, 1),
+        "events_per_s_2proc": round(rate2, 1),
+        "ratio": round(rate2 / rate1, 3),
+        "events_per_cpu_s_1proc": round(cpu1, 1),
+        "events_per_cpu_s_2proc": round(cpu2, 1),
+        "ratio_cpu": round(cpu2 / cpu1, 3),
+        "total_s_1proc": round(one["total_s"], 2),
+        "total_s_2proc": round(many["total_s"], 2),
+        **{f"busy_share_{s}_2proc": round(shares.get(s, 0.0), 4) for s in STAGES},
+        **{f"cpu_share_{s}_2proc": round(cpu_shares.get(s, 0.0), 4) for s in STAGES},
+        **{f"ceiling_events_per_s_{s}": round(ceilings[s], 1) for s in STAGES if s in ceilings},
+        "gc_s_1proc": round(sum(st["gc_s"] for st in one["stats"]), 2),
+        "gc_s_2proc": round(sum(st["gc_s"] for st in many["stats"]), 2),
+        "user_keys_per_process_2proc": [len(st["keys"].get("user_shard", ())) for st in many["stats"]],
+        "item_keys_per_process_2proc": [len(st["keys"].get("item_shard", ())) for st in many["stats"]],
+        "shards": shards or _default_shards(),
+        "load_1min_start": round(load_start, 2),
+        "load_1min_end": round(load_end, 2),
+        "cpus": os.cpu_count(),
+    }).decode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""One request's candidates as arrays: the pool that serving filters, scores and orders.
+
+Retrieval gives, per source, item rows (int arrays in the server's ``ItemRows`` id
+space, state/item_rows.py) and scores; ``merge`` turns them into one ``CandidatePool``
+(each item once, in order of first retrieval, as a dict keyed by item would hold them),
+filters are boolean masks (``take``), scores are float arrays, and ``Candidate``
+objects are made only for what leaves the array path: the top k, or every candidate
+when a business-rule hook is configured (``candidates``; ``from_candidates`` takes a
+hook's list back).
+
+At score time the pool is ``rows`` + ``items`` (ids) and the ``ItemColumns`` feature
+matrix built for them (operators/point_in_time.py): what a pool re-ranker consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from state.covis_view import group_ids
+
+SOURCES = ("ann", "covis", "trending", "popular")
+"""Retrieval sources in the order they are retrieved (an item's ``sources`` list is
+always in this order unless a hook changes it)."""
+
+
+@dataclass(slots=True)
+class Candidate:
+    """An item under consideration; ``scores`` holds each retrieval source's score."""
+
+    item_id: str
+    sources: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    score: float = 0.0
+    category: str | None = None
+    propensity: float = 1.0
+    """Probability that the policy puts this item in this slot (exploration logging)."""
+
+    @property
+    def source(self) -> str:
+        return "+".join(self.sources)
+
+
+@dataclass
+class CandidatePool:
+    """Candidates column-wise; position ``i`` is one item throughout."""
+
+    rows: np.ndarray
+    """Item rows (int64) in the server's ``ItemRows`` id space."""
+    items: list[str]
+    """Item ids."""
+    scores: np.ndarray
+    """(len(SOURCES), n) retrieval scores, 0.0 where a source did not retrieve the item."""
+    has: np.ndarray
+    """(len(SOURCES), n) bool: the source retrieved the item."""
+    score: np.ndarray
+    """Final score (float64)."""
+    category: list[str | None] | None = None
+    """Each item's category (set by the filter from its table's catalog)."""
+    attrs: list[dict[str, Any] | None] | None = None
+    """Each item's attributes in the shard's catalog (read once by the filter)."""
+    objs: list[Candidate] | None = None
+    """The ``Candidate`` objects a hook returned (kept, so what a hook set stays)."""
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def take(self, keep: np.ndarray) -> CandidatePool:
+        """The candidates where ``keep`` (a bool mask or indices), in pool order."""
+        idx = np.flatnonzero(keep) if keep.dtype == bool else keep
+        il = idx.tolist()
+        return CandidatePool(
+            self.rows[idx], [self.items[i] for i in il], self.scores[:, idx], self.has[:, idx],
+            self.score[idx],
+            None if self.category is None else [self.category[i] for i in il],
+            None if self.attrs is None else [self.attrs[i] for i in il],
+            None if self.objs is None else [self.objs[i] for i in il])
+
+    def candidates(self, idx: np.ndarray | None = None) -> list[Candidate]:
+        """``Candidate`` objects of the positions ``idx`` (default: all), with the pool's
+        score and category."""
+        il = range(len(self.items)) if idx is None else idx.tolist()
+        score = self.score.tolist()
+        category = self.category
+        if self.objs is not None:
+            out = []
+            for i in il:
+                c = self.objs[i]
+                c.score = score[i]
+                if category is not None:
+                    c.category = category[i]
+                out.append(c)
+            return out
+        has = self.has
+        scores = self.scores
+        items = self.items
+        out = []
+        for i in il:
+            srcs = [s for n, s in enumerate(SOURCES) if has[n, i]]
+            out.append(Candidate(items[i], srcs,
+                                 {s: float(scores[SOURCES.index(s), i]) for s in srcs},
+                                 score[i], None if category is None else category[i]))
+        return out
+
+    @classmethod
+    def from_candidates(cls, cands: list[Candidate], rows: np.ndarray) -> CandidatePool:
+        """A pool over a hook's ``Candidate`` list (``rows``: their rows)."""
+        n = len(cands)
+        scores = np.zeros((len(SOURCES), n))
+        has = np.zeros((len(SOURCES), n), bool)
+        for j, c in enumerate(cands):
+            for k, s in enumerate(SOURCES):
+                v = c.scores.get(s)
+                if v is not None:
+                    scores[k, j] = v
+                    has[k, j] = True
+        return cls(rows, [c.item_id for c in cands], scores, has,
+                   np.array([c.score for c in cands], np.float64),
+                   [c.category for c in cands], None, list(cands))
+
+
+def merge(parts: list[tuple[str, np.ndarray, np.ndarray]], items_of: Any) -> CandidatePool:
+    """One pool from ``(source, rows, scores)`` parts in retrieval order: each row once, in
+    order of first appearance (a later source adds its score to the row's entry).
+    ``items_of(rows) -> list[str]`` names the rows."""
+    parts = [p for p in parts if p[1].size]
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return CandidatePool(empty, [], np.zeros((len(SOURCES), 0)),
+                             np.zeros((len(SOURCES), 0), bool), np.zeros(0))
+    rows = np.concatenate([p[1] for p in parts])
+    vals = np.concatenate([np.asarray(p[2], np.float64) for p in parts])
+    src = np.concatenate([np.full(p[1].size, SOURCES.index(p[0])) for p in parts])
+    by_row, starts = group_ids(rows)
+    first = by_row[starts]  # each distinct row's first position (the sort is stable)
+    group = np.empty(rows.size, np.int64)
+    group[by_row] = np.cumsum(starts) - 1
+    order = np.argsort(first)  # groups in order of first appearance
+    position = np.empty(first.size, np.int64)
+    position[order] = np.arange(first.size)
+    at = position[group]
+    scores = np.zeros((len(SOURCES), first.size))
+    has = np.zeros((len(SOURCES), first.size), bool)
+    scores[src, at] = vals
+    has[src, at] = True
+    out_rows = rows[first[order]]
+    return CandidatePool(out_rows, items_of(out_rows), scores, has, np.zeros(first.size))
+
+
+def top_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest values, largest first, equal values in position
+    order: ``sorted(range(n), key=values.__getitem__, reverse=True)[:k]`` (a stable
+    sort, as ``sorted`` and ``heapq.nlargest`` give), in O(n + k log k)."""
+    n = values.size
+    if k <= 0 or n == 0:
+        return np.zeros(0, np.int64)
+    if k < n:
+        kth = np.partition(values, n - k)[n - k]
+        pick = np.flatnonzero(values >= kth)
+    else:
+        pick = np.arange(n)
+    return pick[np.argsort(-values[pick], kind="stable")][:k]

@@ -1,0 +1,273 @@
+"""Serving's per-item values of the loaded snapshots as dense arrays over one id space.
+
+Serving handles candidates as numpy int arrays of rows in a ``CovisView`` id space
+(state/covis_view.py: one dense id per item, never reused). ``ItemRows`` keeps, per
+candidate item, what the request path would otherwise look up item by item in the
+item tables' dicts: the item's shard, its table's catalog entry (present, available,
+category), raw popularity and trending counts (as of the table's ``ts``), the shard
+catalog's attributes (unavailable, cross-profile attribute values) and its MF vector
+in the index snapshot. Values live in slots, given only to rows that become
+candidates (``fill(rows) -> slots``), and are refilled when their shard's table, the
+index or the item's catalog attributes are replaced: each slot remembers the
+generation of the table and the attributes object it was read from.
+
+Invariant: a slot's values equal the dict lookups on the table that is current for its
+shard (``tables[shard[slot]]``) whenever ``gen[slot] == shard_gen[shard[slot]]``.
+Memory: 4 bytes per id of the ``CovisView``, plus per slot ~150 bytes and the catalog
+attributes object it keeps; slots are all dropped (and refilled lazily) once there are
+more than ``max(min_slots, 4 x items in the loaded tables)``, so they stay bounded by
+the catalog however many items churned through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from state.covis_view import CovisView
+from state.item_table import ItemTable
+
+
+class ItemRows:
+    """Lazily filled per-candidate values of the loaded item tables, catalog and index."""
+
+    def __init__(self, view: CovisView, item_shard_of: Callable[[str], str],
+                 min_slots: int = 16_384) -> None:
+        self.view = view
+        self.item_shard_of = item_shard_of
+        self.min_slots = min_slots
+        self.shards: dict[str, int] = {}
+        """Shard key -> shard index (in order of first sight)."""
+        self.tables: list[ItemTable | None] = []
+        """The current table of each shard index (None: not loaded)."""
+        self.shard_gen = np.zeros(0, np.int64)
+        """Generation of each shard's current table (bumped when it is replaced)."""
+        self._map: dict[str, ItemTable] | None = None
+        self._max_slots = min_slots
+        self.categories: list[str | None] = [None]
+        """Category names by code (code 0: no category)."""
+        self._category_code: dict[str | None, int] = {None: 0}
+        self.attr_values: dict[str, list[str]] = {}
+        self._attr_code: dict[str, dict[str, int]] = {}
+        self._index: Any = None
+        self._index_gen = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        """Drop every slot (and the readers' memos tied to them)."""
+        self.slot_of = np.full(len(self.view.names), -1, np.int32)
+        """Each id's slot (-1: none)."""
+        self.n_slots = 0
+        self.shard = np.full(0, -1, np.int32)
+        self.gen = np.full(0, -1, np.int64)
+        self.entry = np.zeros(0, bool)
+        """The item's table has a catalog entry for it."""
+        self.available = np.ones(0, bool)
+        self.category = np.zeros(0, np.int32)
+        self.pop = np.zeros(0)
+        self.trend = np.zeros(0)
+        self.attr_id = np.zeros(0, np.int64)
+        """``id`` of the shard catalog's attributes object each slot's values below were
+        read from (``fill_attrs``); the object is kept in ``_attrs`` so the id stays its."""
+        self._attrs = np.zeros(0, object)
+        self.unavailable = np.zeros(0, bool)
+        """The shard catalog marks the item unavailable (``PointInTime.unavailable``)."""
+        self.attr_codes: dict[str, np.ndarray] = {a: np.zeros(0, np.int64)
+                                                  for a in self.attr_values}
+        """Per attribute, each slot's string value as a code into ``attr_values`` (-1: none)."""
+        self._vec_gen = np.full(0, -1, np.int64)
+        self._vecs = np.zeros((0, 0), np.float32)
+        self._found = np.zeros(0, bool)
+        self.memo: dict[Any, Any] = {}
+        """Readers' per-slot caches (e.g. a ranker's static item terms,
+        operators/linear_scorer.py), keyed by their owner; dropped with the slots."""
+
+    # -- the id space ------------------------------------------------------------------
+    def rows(self, items: list[str]) -> np.ndarray:
+        """Rows of ``items`` (new items get new rows)."""
+        get = self.view.ids.get
+        found = list(map(get, items))
+        if None in found:
+            return self.view.intern(items)
+        return np.fromiter(found, np.int64, len(found))
+
+    def names(self, rows: np.ndarray) -> list[str]:
+        """Item ids of ``rows``."""
+        names = self.view.names
+        return [names[r] for r in rows.tolist()]
+
+    def _slots(self, rows: np.ndarray) -> np.ndarray:
+        """Slots of ``rows``, new ones for rows without (all slots are dropped first when
+        the new ones would pass the bound)."""
+        n_ids = len(self.view.names)
+        if self.slot_of.size < n_ids:
+            grown = np.full(max(n_ids, self.slot_of.size + self.slot_of.size // 2), -1, np.int32)
+            grown[: self.slot_of.size] = self.slot_of
+            self.slot_of = grown
+        slots = self.slot_of[rows]
+        missing = slots < 0
+        if not missing.any():
+            return slots
+        new = np.unique(rows[missing])
+        if self.n_slots + new.size > self._max_slots:
+            known = sum(len(t.catalog) for t in self.tables if t is not None)
+            self._max_slots = max(self.min_slots, 4 * known, 2 * rows.size)
+            self._clear()
+            return self._slots(rows)
+        self.slot_of[new] = np.arange(self.n_slots, self.n_slots + new.size, dtype=np.int32)
+        self.n_slots += new.size
+        self._grow()
+        return self.slot_of[rows]
+
+    def _grow(self) -> None:
+        n = self.n_slots
+        if self.shard.size >= n:
+            return
+        size = max(n, self.shard.size + self.shard.size // 2, 256)
+
+        def grown(arr: np.ndarray, fill: Any) -> np.ndarray:
+            out = np.full((size, *arr.shape[1:]), fill, arr.dtype)
+            out[: arr.shape[0]] = arr
+            return out
+
+        self.shard = grown(self.shard, -1)
+        self.gen = grown(self.gen, -1)
+        self.entry = grown(self.entry, False)
+        self.available = grown(self.available, True)
+        self.category = grown(self.category, 0)
+        self.pop = grown(self.pop, 0.0)
+        self.trend = grown(self.trend, 0.0)
+        self.attr_id = grown(self.attr_id, 0)
+        self._attrs = grown(self._attrs, None)
+        self.unavailable = grown(self.unavailable, False)
+        for attr, codes in self.attr_codes.items():
+            self.attr_codes[attr] = grown(codes, -1)
+        self._vec_gen = grown(self._vec_gen, -1)
+        self._vecs = grown(self._vecs, 0.0)
+        self._found = grown(self._found, False)
+
+    @property
+    def capacity(self) -> int:
+        """Length of the per-slot arrays."""
+        return int(self.shard.size)
+
+    # -- tables ------------------------------------------------------------------------
+    def sync(self, table_map: dict[str, ItemTable]) -> None:
+        """Take the current tables (``SnapshotViews.table_map()``, an identity-cached
+        dict): a shard whose table object changed gets a new generation."""
+        if table_map is self._map:
+            return
+        self._map = table_map
+        for key in table_map:
+            self._shard_index(key)
+        for key, s in self.shards.items():
+            table = table_map.get(key)
+            if table is not self.tables[s]:
+                self.tables[s] = table
+                self.shard_gen[s] += 1
+
+    def _shard_index(self, key: str) -> int:
+        s = self.shards.get(key)
+        if s is None:
+            s = self.shards[key] = len(self.tables)
+            self.tables.append(None)
+            self.shard_gen = np.append(self.shard_gen, 0)
+        return s
+
+    def fill(self, rows: np.ndarray) -> np.ndarray:
+        """The slots of ``rows`` with their table values current (after ``sync``)."""
+        slots = self._slots(rows)
+        shard = self.shard[slots]
+        unknown = shard < 0
+        if unknown.any():
+            names = self.view.names
+            for r, s in zip(rows[unknown].tolist(), slots[unknown].tolist(), strict=True):
+                self.shard[s] = self._shard_index(self.item_shard_of(names[r]))
+            shard = self.shard[slots]
+        stale = np.flatnonzero(self.gen[slots] != self.shard_gen[shard])
+        if not stale.size:
+            return slots
+        names = self.view.names
+        codes = self._category_code
+        for r, s in zip(rows[stale].tolist(), slots[stale].tolist(), strict=True):
+            k = int(self.shard[s])
+            table = self.tables[k]
+            item = names[r]
+            entry = table.catalog.get(item) if table is not None else None
+            self.entry[s] = entry is not None
+            self.available[s] = entry is None or entry.available
+            category = entry.category if entry is not None else None
+            code = codes.get(category)
+            if code is None:
+                code = codes[category] = len(self.categories)
+                self.categories.append(category)
+            self.category[s] = code
+            self.pop[s] = table.popular.get(item, 0.0) if table is not None else 0.0
+            self.trend[s] = table.trending.get(item, 0.0) if table is not None else 0.0
+            self.gen[s] = self.shard_gen[k]
+        return slots
+
+    def fill_attrs(self, slots: np.ndarray, attrs: list[dict[str, Any] | None],
+                   cross: tuple[str, ...],
+                   unavailable: Callable[[dict[str, Any] | None], bool]) -> None:
+        """Make the catalog values of ``slots`` current: ``attrs`` are the shard catalog's
+        attributes of each slot's item now (slots whose attributes object changed are
+        re-read): ``unavailable(attrs)`` and the string value code of each ``cross``
+        attribute."""
+        for attr in cross:
+            if attr not in self.attr_codes:
+                self.attr_codes[attr] = np.full(self.capacity, -1, np.int64)
+                self.attr_values[attr] = []
+                self._attr_code[attr] = {}
+                self.attr_id[:] = 0  # read every slot again for the new attribute
+        ids = np.fromiter(map(id, attrs), np.int64, len(attrs))
+        stale = np.flatnonzero(self.attr_id[slots] != ids)
+        for j in stale.tolist():
+            s = int(slots[j])
+            a = attrs[j]
+            self.unavailable[s] = unavailable(a)
+            for attr, codes in self.attr_codes.items():
+                value = a.get(attr) if a else None
+                if isinstance(value, str):
+                    code = self._attr_code[attr].get(value)
+                    if code is None:
+                        code = self._attr_code[attr][value] = len(self.attr_values[attr])
+                        self.attr_values[attr].append(value)
+                    codes[s] = code
+                else:
+                    codes[s] = -1
+            self.attr_id[s] = ids[j]
+            self._attrs[s] = a
+
+    def decay_factors(self, source: str, ts_ms: int) -> np.ndarray:
+        """Per shard index, the factor that decays its table's ``source`` counts to
+        ``ts_ms`` (0.0 for a shard without a table: its counts read 0)."""
+        return np.array([t.decay_factor(source, ts_ms) if t is not None else 0.0
+                         for t in self.tables])
+
+    def table_list(self, slots: np.ndarray) -> list[ItemTable | None]:
+        """The current table of each slot's shard (after ``fill``)."""
+        tables = self.tables
+        return [tables[s] for s in self.shard[slots].tolist()]
+
+    # -- the index ---------------------------------------------------------------------
+    def vectors(self, slots: np.ndarray, rows: np.ndarray, index: Any
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """``index.vectors`` of the items (vectors, found), read once per slot and index
+        version (``index``: the loaded ``ItemIndex`` object; ``rows``: the slots' rows)."""
+        if index is not self._index:
+            self._index = index
+            self._index_gen += 1
+        stale = np.flatnonzero(self._vec_gen[slots] != self._index_gen)
+        if stale.size:
+            todo = slots[stale]
+            vecs, found = index.vectors(self.names(rows[stale]))
+            if vecs.shape[1] != self._vecs.shape[1]:
+                self._vecs = np.zeros((self._vecs.shape[0], vecs.shape[1]), np.float32)
+                self._vec_gen[:] = -1
+            self._vecs[todo] = vecs
+            self._found[todo] = found
+            self._vec_gen[todo] = self._index_gen
+        return self._vecs[slots], self._found[slots]

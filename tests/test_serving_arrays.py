@@ -1,0 +1,192 @@
+"""Serving on arrays of candidates (operators/candidates.py, state/item_rows.py).
+
+The array path must answer exactly as the per-candidate definitions: a stable sort by
+score, a merge keyed by item in retrieval order, and the ranker's scores on the full
+feature dicts (River), also after the per-row memos were filled from older item tables,
+an older catalog or another index. The world and helpers: tests/serving_world.py.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+from serving_world import (
+    CATEGORY,
+    DAY,
+    ITEMS,
+    SEED,
+    T0,
+    World,
+    ask,
+    click,
+    feed,
+)
+
+from events.model import Item
+from operators.candidates import SOURCES, Candidate, merge, top_indices
+from operators.trainer import RankerConfig, Trainer
+from state.covis_view import CovisView
+from state.covisitation import CoVisConfig, CoVisitation
+from state.item_rows import ItemRows
+from state.item_table import CatalogEntry, ItemTable
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_indices_is_a_stable_sort_by_score_descending(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randrange(1, 300)
+    values = np.array([float(rng.randrange(12)) for _ in range(n)])  # many ties
+    for k in (1, 3, 10, n - 1, n, n + 5):
+        want = sorted(range(n), key=values.__getitem__, reverse=True)[:max(k, 0)]
+        assert top_indices(values, k).tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_is_the_dict_merge_in_retrieval_order(seed: int) -> None:
+    """Each item once, in order of first retrieval, with every source's score: what
+    adding the sources' lists one after the other into a dict by item gives."""
+    rng = random.Random(seed)
+    names = [f"i{j}" for j in range(60)]
+    parts = []
+    for source in SOURCES:
+        picked = rng.sample(range(60), rng.randrange(0, 25))
+        parts.append((source, np.array(picked, np.int64),
+                      np.array([rng.random() for _ in picked])))
+    want: dict[str, Candidate] = {}
+    for source, rows, scores in parts:
+        for r, s in zip(rows.tolist(), scores.tolist(), strict=True):
+            c = want.setdefault(names[r], Candidate(names[r]))
+            c.sources.append(source)
+            c.scores[source] = s
+    pool = merge(parts, lambda rows: [names[r] for r in rows.tolist()])
+    got = pool.candidates()
+    assert [(c.item_id, c.sources, c.scores) for c in got] == \
+        [(c.item_id, c.sources, c.scores) for c in want.values()]
+    assert pool.items == [names[r] for r in pool.rows.tolist()]
+
+
+def test_item_rows_follow_new_table_versions() -> None:
+    """Per-row values equal the current table's dict lookups, after a table is replaced
+    and after a shard's table disappears."""
+    def table(shard: str, ts: int, pop: float, category: str, available: bool) -> ItemTable:
+        return ItemTable(shard, ts, CoVisitation(CoVisConfig()), {"x1": pop, "y1": 2.0},
+                         {"x1": pop / 2}, {"x1": CatalogEntry(category, available, 0)})
+
+    space = ItemRows(CovisView(), lambda item: "s" + item[0], min_slots=4)
+    rows = space.rows(["x1", "y1", "x2"])
+    first = {"sx": table("sx", T0, 10.0, "c1", True)}
+    space.sync(first)
+    slots = space.fill(rows)
+    assert space.pop[slots].tolist() == [10.0, 0.0, 0.0]  # y1 is not in shard sx's table
+    assert space.entry[slots].tolist() == [True, False, False]
+    assert [space.categories[c] for c in space.category[slots]] == ["c1", None, None]
+    second = {"sx": table("sx", T0 + 1, 7.0, "c2", False)}
+    space.sync(second)
+    slots = space.fill(rows)
+    assert space.pop[slots].tolist() == [7.0, 0.0, 0.0]
+    assert space.trend[slots].tolist() == [3.5, 0.0, 0.0]
+    assert space.available[slots].tolist() == [False, True, True]
+    assert [space.categories[c] for c in space.category[slots]] == ["c2", None, None]
+    assert space.table_list(slots) == [second["sx"], None, second["sx"]]  # y1: shard sy
+    space.sync({})
+    slots = space.fill(rows)
+    assert space.pop[slots].tolist() == [0.0, 0.0, 0.0] and space.available[slots].all()
+    # Slots are bounded: more candidates than min_slots (and 4 x the tables' items) drop
+    # every slot, and the values are read again.
+    space.sync(second)
+    more = space.rows([f"x{j}" for j in range(3, 9)])
+    space.fill(more)
+    assert space.n_slots == len(more)  # the 3 earlier slots were dropped
+    slots = space.fill(rows)
+    assert space.pop[slots].tolist() == [7.0, 0.0, 0.0] and space.n_slots == 9
+
+
+def _ranker_on_item_features(world: World) -> None:
+    """A real LR serving copy whose weights cover the item-side features serving builds
+    (category from the table, the catalog's brand, popularity, the item id): items of
+    category c0 and brand b1 are clicked."""
+    trainer = Trainer(RankerConfig(kind="lr", delay_to_labels=False, sync_interval_ms=10**12,
+                                   sync_every_examples=10**9, metrics_every_examples=10**9),
+                      1.0, world.store)
+    rng = random.Random(3)
+    examples: list[dict[str, Any]] = []
+    for n in range(3000):
+        item = rng.choice(ITEMS)
+        category, brand = rng.choice(["c0", "c1", "c2", "c3"]), rng.choice(["b0", "b1", "b2"])
+        label = int(rng.random() < 0.1 + 0.4 * (category == "c0") + 0.3 * (brand == "b1"))
+        examples.append({
+            "example_id": f"e{n}", "ts": T0 - DAY + n, "user_id": f"t{n % 7}", "item_id": item,
+            "label": label, "weight": 1.0, "position": 0, "context": {},
+            "features": {"i:category": category, "i:brand": brand, "pop": rng.uniform(0, 100)}})
+    trainer.process(examples)
+    trainer.sync()
+
+
+def _both_paths(shard: Any, monkeypatch: pytest.MonkeyPatch, ts: int) -> tuple[dict[str, float], ...]:
+    """Every candidate's score through the array path and through River's dicts."""
+    import operators.serving as serving
+
+    fast = ask(shard, "u", ts=ts, k=100, request_id=f"fast{ts}")
+    with monkeypatch.context() as m:
+        m.setattr(serving, "linear_scorer", lambda ranker: None)
+        river = ask(shard, "u", ts=ts, k=100, request_id=f"river{ts}")
+    return ({i["item_id"]: i["score"] for i in fast["items"]},
+            {i["item_id"]: i["score"] for i in river["items"]})
+
+
+def test_array_scores_equal_river_after_tables_and_catalog_change(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-row memos (table values, static item terms, catalog attributes) are
+    refreshed when a new table version changes an item's category and popularity and
+    when an ``item`` event changes its attributes: the array path's scores stay River's."""
+    world.publish_tables()
+    world.publish_index()
+    _ranker_on_item_features(world)
+    shard = world.user_shard()
+    feed(shard, [Item(T0 - 2 * DAY, item, {"brand": f"b{j % 3}"}) for j, item in enumerate(ITEMS)]
+         + [click("u", SEED, T0 - 10_000)])
+    target = "a02"  # category c2, brand b2
+    assert CATEGORY[target] == "c2"
+    fast, river = _both_paths(shard, monkeypatch, T0)
+    assert len(fast) > 30 and fast.keys() == river.keys()
+    np.testing.assert_allclose([fast[i] for i in river], list(river.values()), atol=2e-6)
+    before = fast[target]
+
+    world.popular[target] = 500.0
+    world.publish_tables(T0 + 1_000, **{target: {"category": "c0"}})
+    fast, river = _both_paths(shard, monkeypatch, T0 + 2_000)
+    np.testing.assert_allclose([fast[i] for i in river], list(river.values()), atol=2e-6)
+    after_table = fast[target]
+    assert after_table > before + 0.05, "the new table's category and popularity count"
+
+    feed(shard, [Item(T0 + 3_000, target, {"brand": "b1"})])
+    fast, river = _both_paths(shard, monkeypatch, T0 + 4_000)
+    np.testing.assert_allclose([fast[i] for i in river], list(river.values()), atol=2e-6)
+    assert fast[target] > after_table + 0.05, "the catalog's new brand counts"
+
+    feed(shard, [Item(T0 + 5_000, target, {"brand": "b1"}, available=False)])
+    fast, river = _both_paths(shard, monkeypatch, T0 + 6_000)
+    assert target not in fast and target not in river
+
+
+def test_identity_hooks_answer_as_the_array_path(world: World) -> None:
+    """Candidates materialised for hooks (and taken back from them) give the answers the
+    array path gives without hooks: same items, order, scores, sources."""
+    world.publish_all()
+    plain = world.user_shard()
+    hooked = world.user_shard(hooks={stage: f"{__name__}:identity"
+                                     for stage in ("after_retrieval", "after_scoring",
+                                                   "after_ordering")})
+    for shard in (plain, hooked):
+        feed(shard, [click("u", SEED, T0 - 10_000), click("u", "a01", T0 - 9_000)])
+    for k in (5, 10, 30):
+        a, b = ask(plain, "u", k=k), ask(hooked, "u", k=k)
+        assert a["items"] == b["items"] and len(a["items"]) == k
+
+
+def identity(request: Any, cands: list[Candidate]) -> list[Candidate]:
+    """A hook that changes nothing."""
+    return cands
