@@ -26,6 +26,7 @@ from serving_world import (
 )
 
 from events.model import EventParser, Feedback, Impression, Item, Request
+from state.join_state import float32_features
 
 
 def test_record_shape_matches_design(world: World) -> None:
@@ -123,8 +124,9 @@ def test_impression_features_use_the_snapshots_before_any_request(world: World) 
     assert example["features"].get("i:category") == CATEGORY["a20"]
     [table] = [t for t in shard.server.views.loaded_tables() if "a20" in t.popular]
 
-    def popular_at(ts: int) -> float:  # the table's count decayed to the impression time
-        return world.popular["a20"] * table.decay_factor("popular", ts)
+    def popular_at(ts: int) -> float:  # the table's count decayed to the impression time,
+        # at the float32 precision examples keep (state.join_state.float32_features)
+        return float32_features({"pop": world.popular["a20"] * table.decay_factor("popular", ts)})["pop"]
 
     assert example["features"].get("pop") == popular_at(T0)
     # What the same shard computes once a request made it read the snapshots:
