@@ -113,12 +113,15 @@ def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
     path = out / "config.json"
     path.write_bytes(orjson.dumps(config))
     log = (out / "flow.log").open("ab")
+    # cwd: the run's temp dir (the dataflow API writes dataflow.json there)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BYTEWAX_DATAFLOW_API_ENABLED": "true",
-           "BYTEWAX_DATAFLOW_API_PORT": str(api_port)}
+           "BYTEWAX_DATAFLOW_API_PORT": str(api_port),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
+                                         if p)}
     entry = (f"{Path(__file__).resolve()}:rival_flow('{path}', {rival[0]}, {rival[1]})" if any(rival)
              else f"flows.recsys:build('{path}')")
     return subprocess.Popen([sys.executable, "-m", "bytewax.run", entry],
-                            cwd=ROOT, env=env,
+                            cwd=out, env=env,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
 

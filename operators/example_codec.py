@@ -66,8 +66,8 @@ VOCABULARY: tuple[str, ...] = (
 )
 """Version 1 of the feature vocabulary (key ``f1``): the default config's feature names
 (``state.feature_spec.DEFAULT_FEATURES``, the serving extras of
-``operators.point_in_time``, with ``ui.category`` of the drift work, the simulator's user
-and item attributes) in the order the flow writes them. A name outside it, or names in
+``operators.point_in_time``, the simulator's user and item attributes) in the order the
+flow writes them; ``ui.category`` (a drift experiment, since dropped) keeps its position. A name outside it, or names in
 another order, cost a row its mask (it spells its keys); changing the tuple means a new
 version and key (rows written with ``f1`` must keep their meaning)."""
 
