@@ -27,6 +27,7 @@ from typing import Any, Literal
 import orjson
 
 from flows.logs import LogConfig, StreamrecError
+from models.pool_ranker import check_pool_config
 from models.rankers import ranker_param_names
 from operators.item_shard import ItemsConfig
 from operators.metrics import MetricsConfig
@@ -474,6 +475,10 @@ def _validate(config: Config) -> None:
             make()
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{name}: {err}") from None
+    try:
+        check_pool_config(config.serving.pool)
+    except ValueError as err:
+        raise ConfigError(f"serving.pool.{err}") from None
     if not 0.0 < config.sampler.negative_rate <= 1.0:
         raise ConfigError("sampler.negative_rate: must be in (0, 1]")
     if config.shards.users < 1 or config.shards.items < 1:

@@ -112,6 +112,9 @@ def scorer_counts(join: dict[str, Any]) -> dict[str, Any]:
     return {
         "served_by_ranker": join.get("served_by_ranker", 0),
         "served_by_retrieval": join.get("served_by_retrieval", 0),
+        "served_by_pool": join.get("served_by_pool", 0),
+        "pool_outcomes": join.get("pool_outcomes", 0),
+        "pool_learned": join.get("pool_learned", 0),
         "duel_outcomes": n,
         "duel_hr_ranker": round(join.get("duel_hits_ranker", 0) / n, 5) if n else None,
         "duel_hr_retrieval": round(join.get("duel_hits_retrieval", 0) / n, 5) if n else None,

@@ -484,18 +484,20 @@ class PointInTime:
         return out
 
     def _covis_lookup(self, seeds: list[str], name: str, item_ids: list[str],
-                      tables: dict[str, ItemTable], ts_ms: int) -> list[float]:
-        """``sum_k decay**k covis(seed_k, item)`` for the given items only (impressions)."""
+                      tables: dict[str, ItemTable], ts_ms: int,
+                      weights: list[float] | None = None) -> list[float]:
+        """``sum_k decay**k covis(seed_k, item)`` for the given items only (impressions);
+        ``weights``: each seed's weight instead of ``decay**k``."""
         assert self.item_shard_of is not None
         wanted = [0.0] * len(item_ids)
         q = self.covis.decay
         weight = 1.0
-        for seed in seeds:
+        for k, seed in enumerate(seeds):
             table = tables.get(self.item_shard_of(seed))
             if table is not None:
                 row = table.covis_row(name, seed)
                 if row:
-                    wf = weight * table.covis_factor(ts_ms)
+                    wf = (weight if weights is None else weights[k]) * table.covis_factor(ts_ms)
                     for n, item in enumerate(item_ids):
                         v = row.get(item)
                         if v is not None:

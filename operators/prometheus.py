@@ -45,11 +45,12 @@ logger = logging.getLogger(__name__)
 
 SERVING_COUNTERS = {"requests": "requests"}
 """User-shard counters of the serving stage (name in the shard -> streamrec_serving_<name>)."""
-SCORER_COUNTERS = {"served_by_ranker": "ranker", "served_by_retrieval": "retrieval"}
+SCORER_COUNTERS = {"served_by_ranker": "ranker", "served_by_retrieval": "retrieval",
+                   "served_by_pool": "pool"}
 """Requests served per scorer: streamrec_serving_served_total{scorer}."""
 DUEL_HITS = {"duel_hits_ranker": "ranker", "duel_hits_retrieval": "retrieval"}
 """Scorer-duel hits per scorer: streamrec_duel_hits_total{scorer}."""
-JOIN_GAUGES = ("pending", "orphans")
+JOIN_GAUGES = ("pending", "orphans", "pool_pending")
 
 
 class StreamrecCollector(Collector):

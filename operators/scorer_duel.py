@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-SCORERS = ("auto", "ranker", "retrieval")
+SCORERS = ("auto", "ranker", "retrieval", "pool")
 
 
 @dataclass

@@ -40,9 +40,11 @@ import numpy as np
 
 from events.model import Record
 from models.features import SERVING_POSITION, ranking_features_many
+from models.pool_ranker import PoolModel, PoolRankerConfig
 from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
 from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import ItemColumns, PointInTime, UserContext
+from operators.pool_features import pool_matrix
 from operators.scorer_duel import SCORERS, ScorerDuel
 from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
@@ -89,9 +91,11 @@ class ServingConfig:
     poll_ms: int = doc("Wall time between checks of the snapshot store for new versions "
                        "(ms; 0 = every micro-batch).", 1_000)
     scorer: str = doc("Final score: 'ranker' (the serving ranker's probability), 'retrieval' "
-                      "(the co-visitation blend, other sources breaking ties) or 'auto' (the "
-                      "ranker, unless the blend's top k held the users' next organic "
-                      "positives more often lately; operators/scorer_duel.py).", "auto")
+                      "(the co-visitation blend, other sources breaking ties), 'pool' (the "
+                      "pool ranker over the blend's best candidates, serving.pool) or 'auto' "
+                      "(the ranker, unless the pool ranker's top k (the blend's when "
+                      "serving.pool is off) held the users' next organic positives more "
+                      "often lately; operators/scorer_duel.py).", "auto")
     scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the blend may take "
                                    "over from the ranker (the choice is revisited at every "
                                    "request after that).", 30)
@@ -112,6 +116,9 @@ class ServingConfig:
     repeat_cooldown_ms: int = doc("cooldown: event time after the user's last interaction "
                                   "with an item before it may be recommended again (ms).",
                                   86_400_000)
+    pool: PoolRankerConfig = doc("The pool ranker: an online listwise re-ranker of the blend's "
+                                 "best candidates (models/pool_ranker.py).",
+                                 factory=PoolRankerConfig)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
                                 "after_ordering): 'module:function'.", factory=dict)
     record_cost: bool = doc("Add cpu_ms (CPU time of this request's serving call, ms) and "
@@ -169,7 +176,9 @@ class Server:
         self.covis_view = CovisView()
         self.item_rows = ItemRows(self.covis_view, self.item_shard_of)
         """Per-item values of the loaded snapshots by row (the candidates' id space)."""
-        self.served_by = {"ranker": 0, "retrieval": 0}
+        self.pool = PoolModel(config.pool) if config.pool.enabled else None
+        """The pool ranker (learns on this shard from its users' next positives)."""
+        self.served_by = {"ranker": 0, "retrieval": 0, "pool": 0}
         self.served = 0
         self._top_cache: dict[tuple[str, int], tuple[tuple[ItemTable, ...],
                                                      list[tuple[str, float]], np.ndarray,
@@ -259,13 +268,23 @@ class Server:
         """An organic positive of the user: the scorer duel's outcome."""
         self.duel.outcome(user_id, item_id)
 
+    def pool_outcome(self, user_id: str, item_id: str, ts_ms: int) -> None:
+        """A positive of the user (organic, or a click on an impression): the pool
+        ranker learns when the item was in the pool last served to the user."""
+        if self.pool is not None:
+            self.pool.outcome(user_id, item_id, ts_ms)
+
     def counters(self) -> dict[str, int]:
         """Requests served by each scorer and the duel's outcome counts (metrics)."""
         duel = self.duel
-        return {"served_by_ranker": self.served_by["ranker"],
-                "served_by_retrieval": self.served_by["retrieval"],
-                "duel_outcomes": duel.outcomes, "duel_hits_ranker": duel.hits_ranker,
-                "duel_hits_retrieval": duel.hits_retrieval}
+        out = {"served_by_ranker": self.served_by["ranker"],
+               "served_by_retrieval": self.served_by["retrieval"],
+               "served_by_pool": self.served_by.get("pool", 0),
+               "duel_outcomes": duel.outcomes, "duel_hits_ranker": duel.hits_ranker,
+               "duel_hits_retrieval": duel.hits_retrieval}
+        if self.pool is not None:
+            out.update(self.pool.counters())
+        return out
 
     # -- the four stages ---------------------------------------------------------------
     def recommend(self, request: Any, ctx: UserContext, ingest_ns: int) -> Record:
@@ -422,9 +441,11 @@ class Server:
 
     def _score(self, request: Any, ctx: UserContext, pool: CandidatePool,
                covis: dict[str, SparseScores] | None = None) -> None:
-        """Set ``pool.score``: the serving ranker's calibrated probability or the retrieval
-        blend, whichever ``serving.scorer`` (``auto``: the duel) picks; under ``auto``
-        both top k lists are recorded for the duel."""
+        """Set ``pool.score``: the serving ranker's calibrated probability, the pool
+        ranker's ``P(c | pool)`` over the blend's best ``serving.pool.pool_size`` (blend - 2
+        below), or the retrieval blend, whichever ``serving.scorer`` picks (``auto``: the
+        duel of the LR ranker against the pool ranker, or against the blend when the pool
+        ranker is off); under ``auto`` both top k lists are recorded for the duel."""
         if not len(pool):
             return
         # Co-visitation blend in [0, 1] first; the rest breaks ties.
@@ -432,20 +453,51 @@ class Server:
         pool.score = (s["covis"] + 1e-3 * s["ann"] + 1e-4 * np.log1p(s["trending"])
                       + 1e-6 * np.log1p(s["popular"]))
         scorer_mode = self.config.scorer
-        ranker = self.views.ranker.current if scorer_mode != "retrieval" else None
-        if ranker is None or self._unscored(request, ctx, scorer_mode):
-            self.served_by["retrieval"] += 1
+        model = self.pool if scorer_mode in ("auto", "pool") else None
+        needs_ranker = model is not None and "ranker" in model.config.features
+        ranker = (self.views.ranker.current
+                  if scorer_mode in ("auto", "ranker") or needs_ranker else None)
+        probs = None
+        if ranker is not None and (needs_ranker or not self._unscored(request, ctx, scorer_mode)):
+            probs = np.asarray(self._ranker_scores(ranker, request, ctx, pool, covis), np.float64)
+        challenger = "retrieval"
+        if model is not None:
+            scored = self._pool_scores(model, request, ctx, pool, covis, probs)
+            if (ranker is not None or scorer_mode == "pool"
+                    or model.config.serve_before_ranker):
+                pool.score = scored
+                challenger = "pool"
+            # else: no LR copy yet, the blend serves as without the pool ranker (which
+            # still learns from this request's pool).
+        if probs is None or scorer_mode == "pool":
+            self.served_by[challenger] += 1
             return
-        probs = self._ranker_scores(ranker, request, ctx, pool, covis)
         if scorer_mode == "auto":
             k = request.k
             items = pool.items
             self.duel.record(ctx.user_id, [items[i] for i in top_indices(probs, k).tolist()],
                              [items[i] for i in top_indices(pool.score, k).tolist()])
         choice = self.duel.choice(scorer_mode)
-        self.served_by[choice] += 1
+        self.served_by[challenger if choice == "retrieval" else choice] += 1
         if choice == "ranker":
-            pool.score = np.asarray(probs, np.float64)
+            pool.score = probs
+
+    def _pool_scores(self, model: PoolModel, request: Any, ctx: UserContext,
+                     pool: CandidatePool, covis: dict[str, SparseScores] | None,
+                     probs: np.ndarray | None) -> np.ndarray:
+        """The pool ranker's scores of the candidates: ``P(c | pool)`` for the blend's best
+        ``pool_size`` (ties in candidate order), ``blend - 2`` for the others (below every
+        pool score, in blend order); the pool is remembered for learning from the user's
+        next positive."""
+        best = top_indices(pool.score, model.config.pool_size)
+        items = [pool.items[i] for i in best.tolist()]
+        x = pool_matrix(model.ranker.names, self.context, self.covis_view,
+                        self.config.covis_pop_alpha, ctx, items, pool.score[best], request.ts,
+                        covis, probs[best] if probs is not None else None,
+                        model.config.long_items)
+        out = pool.score - 2.0  # the blend is in [0, ~1.001]
+        out[best] = model.serve(ctx.user_id, items, x, request.ts)
+        return out
 
     def _unscored(self, request: Any, ctx: UserContext, scorer_mode: str) -> bool:
         """``auto`` once the blend leads the duel: only a ``scorer_shadow_rate`` sample of

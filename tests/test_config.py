@@ -64,6 +64,11 @@ def test_json_config_file_and_its_errors(tmp_path) -> None:
         ({"sampler": {"negative_rate": 0}}, "sampler.negative_rate"),
         ({"output": {"kind": "files", "dir": 3}}, "output.dir: expected str, got int"),
         ({"kafka": {"client": []}}, "kafka.client: expected dict, got list"),
+        ({"serving": {"pool": {"features": ["blend", "nope"]}}},
+         "serving.pool.features: unknown ['nope']"),
+        ({"serving": {"pool": {"features": ["pop"]}}}, "serving.pool.features: 'blend' is required"),
+        ({"serving": {"pool": {"pool_size": 1}}}, "serving.pool.pool_size: must be >= 2"),
+        ({"serving": {"pool": {"learning_rate": 0.0}}}, "serving.pool.learning_rate: must be > 0"),
     ],
 )
 def test_errors_name_the_key(data: dict, message: str) -> None:

@@ -68,8 +68,10 @@ def test_families_grouped_by_stage_and_health(tmp_path) -> None:
     join = summary["join"]
     requests = summary["events_by_type"]["request"]
     assert s[("streamrec_serving_requests_total", ())] == join["requests"] == requests
-    served = {sc: s[("streamrec_serving_served_total", (("scorer", sc),))] for sc in ("ranker", "retrieval")}
-    assert served == {"ranker": join["served_by_ranker"], "retrieval": join["served_by_retrieval"]}
+    served = {sc: s[("streamrec_serving_served_total", (("scorer", sc),))]
+              for sc in ("ranker", "retrieval", "pool")}
+    assert served == {"ranker": join["served_by_ranker"], "retrieval": join["served_by_retrieval"],
+                      "pool": join["served_by_pool"]}
     assert s[("streamrec_duel_outcomes_total", ())] == join["duel_outcomes"]
     assert s[("streamrec_serving_cpu_seconds_count", ())] == requests
     assert s[("streamrec_serving_queue_seconds_count", ())] == requests

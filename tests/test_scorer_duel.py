@@ -9,6 +9,7 @@ import pytest
 from serving_world import FAVOURITE, SEED, T0, World, ask, click, feed, ids
 
 from events.model import Feedback
+from models.pool_ranker import PoolRankerConfig
 from operators.point_in_time import PointInTime
 from operators.scorer_duel import ScorerDuel
 from operators.serving import Server, ServingConfig
@@ -50,16 +51,21 @@ def test_unknown_scorer_is_refused(tmp_path: Path) -> None:
         Server(ServingConfig(scorer="best"), PointInTime(views=object(), item_shard_of=str))  # type: ignore[arg-type]
 
 
-def test_user_shard_hands_over_to_the_blend_on_organic_evidence(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pool", [True, False])
+def test_user_shard_hands_over_to_the_blend_on_organic_evidence(tmp_path: Path, pool: bool) -> None:
     """Users keep rating an item the co-visitation blend ranks first and the ranker does
-    not: ``auto`` serves the ranker until the evidence, then the blend. Clicks on served
-    impressions are no evidence."""
+    not: ``auto`` serves the ranker until the evidence, then the pool ranker (which
+    starts as the blend order), or the blend itself when the pool ranker is off. Clicks
+    on served impressions are no evidence."""
     world = World(tmp_path)
     world.publish_all()
-    shard = world.user_shard(scorer="auto", scorer_min_outcomes=5)
+    shard = world.user_shard(scorer="auto", scorer_min_outcomes=5,
+                             pool=PoolRankerConfig(enabled=pool))
+    challenger = "pool" if pool else "retrieval"
     feed(shard, [click("c0", SEED, T0 - 10)])  # a30 -> a31 is the strongest co-visitation
     first = ask(shard, "c0", ts=T0)
-    assert ids(first)[0] == FAVOURITE and shard.server.served_by == {"ranker": 1, "retrieval": 0}
+    assert ids(first)[0] == FAVOURITE
+    assert shard.server.served_by == {"ranker": 1, "retrieval": 0, "pool": 0}
     feed(shard, [Feedback(T0 + 1, "c0", "a31", "click", "imp-1")])  # a served impression
     assert shard.counters()["duel_outcomes"] == 0
     for n in range(1, 6):
@@ -72,7 +78,7 @@ def test_user_shard_hands_over_to_the_blend_on_organic_evidence(tmp_path: Path) 
     assert counters["duel_hits_ranker"] < 5
     feed(shard, [click("c9", SEED, T0 + 99)])
     last = ask(shard, "c9", ts=T0 + 100)
-    assert ids(last)[0] == "a31" and shard.server.served_by["retrieval"] == 1
+    assert ids(last)[0] == "a31" and shard.server.served_by[challenger] == 1
 
 
 def test_once_the_blend_leads_only_a_sample_is_shadow_scored(tmp_path: Path) -> None:
@@ -92,7 +98,7 @@ def test_once_the_blend_leads_only_a_sample_is_shadow_scored(tmp_path: Path) -> 
         for n in range(300):
             ask(shard, f"v{n}", ts=T0 + n, request_id=f"req-{n}")
             recorded += f"v{n}" in duel.pending
-        assert shard.server.served_by == {"ranker": 0, "retrieval": 300}
+        assert shard.server.served_by == {"ranker": 0, "retrieval": 0, "pool": 300}
         counts[rate], shards[rate] = recorded, shard
     assert 40 <= counts[0.2] <= 80 and counts[1.0] == 300
     duel = shards[0.2].server.duel

@@ -1,0 +1,227 @@
+"""Online listwise re-ranker of a candidate pool (numpy; no Bytewax).
+
+Serving retrieves a few hundred candidates and the co-visitation blend orders them;
+the pool ranker re-orders the blend's best ``pool_size`` with a multinomial logit
+over a small feature matrix (one row per candidate): ``P(c | pool) ∝ exp(w · x_c / σ)``,
+σ the running standard deviation of each feature over served pools. It starts at
+``w = 1`` on the ``blend`` feature (the blend's own score) and 0 elsewhere, so its
+first order *is* the blend order, and it learns by Adagrad on the log-likelihood of
+what happened after a request: the item of the user's next positive action (an
+organic positive, or a click on one of the request's impressions) when that item was
+in the pool served to the user. Targets outside the pool teach nothing (measured in
+``bench/movielens_offline.py``: learning them costs 0.06 HR@10).
+
+``PendingPools`` keeps the last served pool per user (its items and feature matrix),
+bounded in number and dropped when stale. ``PoolModel`` is both, plus counters; it
+pickles as plain numpy arrays and dicts (the user shard's recovery state).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from state.settings import doc
+
+POOL_FEATURES = ("blend", "cov_liked", "cov_any", "long_liked", "pop", "trend", "n_any",
+                 "pos_rate", "age", "pop_cold", "mf", "ranker", "ui_interacted", "ui_liked")
+"""Features the pool ranker knows (``operators/pool_features.py`` computes them)."""
+
+
+@dataclass
+class PoolRankerConfig:
+    """The serving pool ranker (docs/ranker.md, "Pool ranker")."""
+
+    enabled: bool = doc("Re-order the co-visitation blend's best pool_size candidates with "
+                        "the online listwise pool ranker (false: the blend orders them).", True)
+    pool_size: int = doc("Candidates (the blend's best) the pool ranker orders and learns "
+                         "over.", 100)
+    features: list[str] = doc(
+        "Pool ranker features (names from models/pool_ranker.py POOL_FEATURES; 'blend' is "
+        "required: the ranker starts as the blend order). Default by measurement: "
+        "docs/ranker.md.",
+        factory=lambda: ["blend", "cov_liked", "cov_any", "long_liked", "pop", "trend",
+                         "n_any", "pos_rate", "age", "pop_cold", "mf"])
+    learning_rate: float = doc("Adagrad step of the pool ranker's weights.", 0.1)
+    max_pending: int = doc("Served pools kept per user shard (one per user, the least "
+                           "recently served dropped first).", 5_000)
+    pending_ttl_ms: int = doc("A served pool older than this (event time) teaches nothing "
+                              "and is dropped (ms).", 86_400_000)
+    serve_before_ranker: bool = doc(
+        "serving.scorer auto: the pool ranker also orders the requests that come before "
+        "the first LR ranker copy (false: the blend orders them, as without the pool "
+        "ranker; the pool ranker learns from them either way). Default by measurement: "
+        "docs/ranker.md.", False)
+    long_items: int = doc("long_liked: the user's most recent positives whose co-visitation "
+                          "rows form the long-term profile (each weighted 1/its count).", 100)
+
+
+def check_pool_config(config: PoolRankerConfig) -> None:
+    """ValueError ("key: reason") unless the features are known and include ``blend``,
+    the pool holds >= 2, the step is positive and at least one pool can wait."""
+    unknown = [f for f in config.features if f not in POOL_FEATURES]
+    if unknown:
+        raise ValueError(f"features: unknown {unknown} (known: {', '.join(POOL_FEATURES)})")
+    if "blend" not in config.features:
+        raise ValueError("features: 'blend' is required (the starting order)")
+    for key, value, least in (("pool_size", config.pool_size, 2),
+                              ("max_pending", config.max_pending, 1),
+                              ("long_items", config.long_items, 1)):
+        if value < least:
+            raise ValueError(f"{key}: must be >= {least}, got {value}")
+    if config.learning_rate <= 0:
+        raise ValueError(f"learning_rate: must be > 0, got {config.learning_rate}")
+
+
+class PoolRanker:
+    """Listwise softmax over a pool's feature matrix, Adagrad, running std scaling."""
+
+    def __init__(self, names: list[str], learning_rate: float = 0.1) -> None:
+        if "blend" not in names:
+            raise ValueError("the pool ranker needs the 'blend' feature (its starting order)")
+        self.names = list(names)
+        self.w = np.array([1.0 if n == "blend" else 0.0 for n in names])
+        self.g2 = np.full(len(names), 1e-6)
+        self.lr = learning_rate
+        self.mean = np.zeros(len(names))
+        self.var = np.ones(len(names))
+        self.pools = 0
+        """Pools observed (the running scale's count)."""
+        self.updates = 0
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Logit of each row of ``x`` (candidates x features)."""
+        return (x / np.sqrt(self.var + 1e-8)) @ self.w
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """``P(c | pool)`` of each row (softmax of ``scores``)."""
+        s = self.scores(x)
+        p = np.exp(s - s.max())
+        return p / p.sum()
+
+    def observe(self, x: np.ndarray) -> None:
+        """Update the running mean and variance with a served pool (exponential, rate
+        ``max(1/pools, 1e-3)``)."""
+        if len(x) < 2:
+            return
+        self.pools += 1
+        a = max(1.0 / self.pools, 1e-3)
+        self.mean = (1 - a) * self.mean + a * x.mean(0)
+        self.var = (1 - a) * self.var + a * ((x - self.mean) ** 2).mean(0)
+
+    def learn(self, x: np.ndarray, target: int) -> None:
+        """One Adagrad step on ``log P(target | pool)``; ``x`` holds the target's row."""
+        xs = x / np.sqrt(self.var + 1e-8)
+        s = xs @ self.w
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        g = xs[target] - p @ xs
+        self.g2 += g * g
+        self.w += self.lr * g / np.sqrt(self.g2)
+        self.updates += 1
+
+    def weights(self) -> dict[str, float]:
+        """Weight per feature (per unit of its running std)."""
+        return {n: float(w) for n, w in zip(self.names, self.w, strict=True)}
+
+
+@dataclass(slots=True)
+class ServedPool:
+    """A pool served to a user: its items (row order) and feature matrix."""
+
+    ts: int
+    items: dict[str, int]
+    """Item -> row of ``x``."""
+    x: np.ndarray
+
+
+@dataclass
+class PendingPools:
+    """The last served pool of each user, at most ``capacity`` users (least recently
+    served dropped first), each valid ``ttl_ms`` of event time."""
+
+    capacity: int = 5_000
+    ttl_ms: int = 86_400_000
+    pools: OrderedDict[str, ServedPool] = field(default_factory=OrderedDict)
+    dropped_stale: int = 0
+    dropped_full: int = 0
+
+    def put(self, user_id: str, items: list[str], x: np.ndarray, ts: int) -> None:
+        """Remember ``user_id``'s pool (replaces an older one)."""
+        pools = self.pools
+        pools.pop(user_id, None)
+        pools[user_id] = ServedPool(ts, {item: n for n, item in enumerate(items)},
+                                    np.asarray(x, np.float32))
+        while len(pools) > self.capacity:
+            pools.popitem(last=False)
+            self.dropped_full += 1
+
+    def take(self, user_id: str, item_id: str, ts: int) -> tuple[np.ndarray, int] | None:
+        """(pool features, target row) when ``item_id`` is in ``user_id``'s fresh pool;
+        the target's row then leaves the pool (a later click on the same request learns
+        among the rest). A stale pool is dropped; None when nothing matches."""
+        pool = self.pools.get(user_id)
+        if pool is None:
+            return None
+        if ts - pool.ts > self.ttl_ms:
+            del self.pools[user_id]
+            self.dropped_stale += 1
+            return None
+        row = pool.items.pop(item_id, None)
+        if row is None:
+            return None
+        x = pool.x
+        if len(pool.items) < 2:  # nothing left to choose among
+            del self.pools[user_id]
+        else:
+            keep = np.ones(len(x), bool)
+            keep[row] = False
+            pool.x = x[keep]
+            pool.items = {item: r - (r > row) for item, r in pool.items.items()}
+        return x.astype(np.float64), row
+
+    def __len__(self) -> int:
+        return len(self.pools)
+
+
+class PoolModel:
+    """The pool ranker with its pending pools: ``serve`` scores and remembers a pool,
+    ``outcome`` learns from a user's next positive."""
+
+    def __init__(self, config: PoolRankerConfig) -> None:
+        check_pool_config(config)
+        self.config = config
+        self.ranker = PoolRanker(list(config.features), config.learning_rate)
+        self.pending = PendingPools(config.max_pending, config.pending_ttl_ms)
+        self.outcomes = 0
+        """Positives of users with a pending pool."""
+        self.learned = 0
+        """Outcomes whose item was in the pool (the ranker learned from them)."""
+
+    def serve(self, user_id: str, items: list[str], x: np.ndarray, ts: int) -> np.ndarray:
+        """``P(c | pool)`` of each item; remembers the pool and updates the scale after
+        scoring (past pools only)."""
+        p = self.ranker.probabilities(x)
+        self.ranker.observe(x)
+        self.pending.put(user_id, items, x, ts)
+        return p
+
+    def outcome(self, user_id: str, item_id: str, ts: int) -> bool:
+        """The user's positive on ``item_id`` at ``ts``: learn when it is in the user's
+        pending pool. True when it learned."""
+        if user_id not in self.pending.pools:
+            return False
+        self.outcomes += 1
+        taken = self.pending.take(user_id, item_id, ts)
+        if taken is None:
+            return False
+        self.ranker.learn(*taken)
+        self.learned += 1
+        return True
+
+    def counters(self) -> dict[str, int]:
+        """Outcomes seen, learned from, and pending pools (metrics)."""
+        return {"pool_outcomes": self.outcomes, "pool_learned": self.learned,
+                "pool_pending": len(self.pending)}

@@ -1,0 +1,148 @@
+"""The pool ranker's feature matrix: one row per pool candidate, one column per feature
+of ``serving.pool.features`` (``models/pool_ranker.py`` POOL_FEATURES).
+
+Read from what serving already has for the request: the blend score of each candidate,
+the raw co-visitation sums per channel (``Server.covis_channels``), ``PointInTime``'s
+numeric item columns (popularity, trending, MF dot, ``ui.*``), the co-visitation view's
+per-channel counts, the item tables' catalog (first sighting), and the LR ranker's
+probability when it scored the request. Columns (all float64, 0.0 where unknown):
+
+* ``blend``: the co-visitation blend (with its tie-breakers), the starting order;
+* ``cov_liked`` / ``cov_any``: each channel's sum / count**alpha, divided by the
+  channel's max over every reachable item (the blend's own normalisation);
+* ``long_liked``: item-kNN over the user's last ``long_items`` positives, each seed
+  weighted 1/its count, / count**alpha, max-normalised over the pool;
+* ``pop``, ``trend``: log1p of the decayed counts; ``n_any``: log1p(interactions);
+  ``pos_rate``: (positives + 1) / (interactions + 2); ``age``: log1p(days since first
+  seen); ``pop_cold``: pop / (1 + log1p(the user's interactions));
+* ``mf``: the MF dot product; ``ranker``: the LR ranker's probability;
+  ``ui_interacted`` / ``ui_liked``: the user's own history with the item.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from operators.point_in_time import PointInTime, UserContext
+from state.covis_view import CovisView, SparseScores
+
+DAY_MS = 86_400_000
+_COLUMN = {"pop": "pop", "trend": "trend", "mf": "mf", "ui_interacted": "ui.interacted",
+           "ui_liked": "ui.liked"}
+"""Pool features read from ``ItemColumns.numeric`` (log1p for the counts)."""
+_CHANNEL = {"cov_liked": "liked", "cov_any": "any"}
+
+
+def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: float,
+                ctx: UserContext, items: list[str], blend: np.ndarray, ts: int,
+                covis: dict[str, SparseScores] | None, ranker: np.ndarray | None,
+                long_items: int = 100) -> np.ndarray:
+    """(len(items), len(names)) features of the pool ``items`` (see the module doc)."""
+    n = len(items)
+    cols_needed = any(name in _COLUMN for name in names)
+    numeric = context.item_columns(ctx, items, ts, covis).numeric if cols_needed else {}
+    ids = None
+    if any(name in ("cov_liked", "cov_any", "long_liked", "n_any", "pos_rate") for name in names):
+        get = view.ids.get
+        ids = np.fromiter((get(item, -1) for item in items), np.int64, n)
+    out = np.zeros((n, len(names)))
+    for j, name in enumerate(names):
+        if name == "blend":
+            out[:, j] = blend
+        elif name in _CHANNEL:
+            out[:, j] = _channel(view, covis, _CHANNEL[name], ids, alpha)
+        elif name == "long_liked":
+            out[:, j] = _long_liked(context, view, ctx, ids, items, ts, alpha, long_items)
+        elif name in ("pop", "trend"):
+            out[:, j] = np.log1p(np.maximum(numeric.get(name, 0.0), 0.0))
+        elif name == "pop_cold":
+            pop = np.log1p(np.maximum(numeric.get("pop", np.zeros(n)), 0.0))
+            out[:, j] = pop / (1.0 + math.log1p(len(ctx.consumed)))
+        elif name in _COLUMN:
+            out[:, j] = numeric.get(_COLUMN[name], 0.0)
+        elif name == "n_any":
+            out[:, j] = np.log1p(_counts(view, "any", ids))
+        elif name == "pos_rate":
+            out[:, j] = (_counts(view, "liked", ids) + 1.0) / (_counts(view, "any", ids) + 2.0)
+        elif name == "age":
+            out[:, j] = _age_days(context, items, ts)
+        elif name == "ranker":
+            if ranker is not None:
+                out[:, j] = ranker
+        else:
+            raise ValueError(f"unknown pool feature {name!r}")
+    return out
+
+
+def _counts(view: CovisView, channel: str, ids: np.ndarray | None) -> np.ndarray:
+    """The channel's (decayed) count of each id (0 for -1 or beyond the array)."""
+    assert ids is not None
+    counts = view.counts[channel]
+    if not counts.size:
+        return np.zeros(ids.size)
+    ok = (ids >= 0) & (ids < counts.size)
+    return np.where(ok, counts[np.where(ok, ids, 0)], 0.0)
+
+
+def _channel(view: CovisView, covis: dict[str, SparseScores] | None, channel: str,
+             ids: np.ndarray | None, alpha: float) -> np.ndarray:
+    """``sum / count**alpha`` of the pool's ids, divided by the channel's max over every
+    item the seeds reach (the blend's per-channel normalisation)."""
+    assert ids is not None
+    out = np.zeros(ids.size)
+    scores = covis.get(channel) if covis else None
+    if scores is None or not len(scores):
+        return out
+    all_ids, vals = scores.ids, scores.values
+    if alpha:
+        vals = vals / np.maximum(view.counts[channel][all_ids], 1.0) ** alpha
+    top = vals.max()
+    if top <= 0:
+        return out
+    pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)
+    found = (ids >= 0) & (all_ids[pos] == ids)
+    return np.where(found, vals[pos] / top, 0.0)
+
+
+def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
+                ids: np.ndarray | None, items: list[str], ts: int, alpha: float,
+                long_items: int) -> np.ndarray:
+    """Item-kNN over the user's last ``long_items`` positives (seed weight 1/count),
+    divided by count**alpha, max-normalised over the pool. Reads the tables' rows for the
+    pool's items only (the co-visitation view, whose id order breaks the blend's ties, is
+    left as retrieval made it)."""
+    assert ids is not None
+    out = np.zeros(ids.size)
+    views, shard_of = context.views, context.item_shard_of
+    if context.liked is None or views is None or shard_of is None:
+        return out
+    seeds = context.liked.recent(ctx.user_id, long_items)
+    if not seeds:
+        return out
+    get = view.ids.get
+    seed_counts = _counts(view, "liked", np.fromiter((get(s, -1) for s in seeds), np.int64,
+                                                     len(seeds)))
+    v = np.asarray(context._covis_lookup(seeds, "liked", items, views.table_map(), ts,
+                                         (1.0 / np.maximum(seed_counts, 1.0)).tolist()))
+    if alpha:
+        v = v / np.maximum(_counts(view, "liked", ids), 1.0) ** alpha
+    top = v.max()
+    return v / top if top > 0 else out
+
+
+def _age_days(context: PointInTime, items: list[str], ts: int) -> np.ndarray:
+    """log1p(days since each item was first seen), from its item table's catalog."""
+    views, shard_of = context.views, context.item_shard_of
+    out = np.zeros(len(items))
+    if views is None or shard_of is None:
+        return out
+    tables = views.table_map()
+    for n, item in enumerate(items):
+        table = tables.get(shard_of(item))
+        entry = table.catalog.get(item) if table is not None else None
+        if entry is not None:
+            out[n] = math.log1p(max(ts - entry.first_seen_ms, 0) / DAY_MS)
+    return out
+

@@ -1,0 +1,153 @@
+"""The pool ranker (models/pool_ranker.py) and its place in serving (operators/serving.py)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving_world import SEED, T0, World, ask, click, feed, ids
+
+from models.pool_ranker import PendingPools, PoolModel, PoolRankerConfig
+
+NAMES = ["blend", "long_liked", "pop"]  # synthetic: long_liked is the taste, pop noise
+
+
+def synthetic_pools(seed: int, rounds: int, size: int = 40):
+    """Pools where the blend only weakly predicts the next positive and a hidden
+    'taste' column predicts it strongly: (user, items, x, target) per round."""
+    rng = np.random.default_rng(seed)
+    for n in range(rounds):
+        x = rng.normal(size=(size, 3))
+        x[:, 0] = np.sort(rng.random(size))[::-1]  # blend, best first
+        logits = 0.5 * x[:, 0] + 2.5 * x[:, 1]
+        p = np.exp(logits - logits.max())
+        target = int(rng.choice(size, p=p / p.sum()))
+        yield f"u{n % 50}", [f"i{n}-{j}" for j in range(size)], x, target
+
+
+def hr_at_10(model: PoolModel, seed: int, rounds: int, learn: bool = True) -> tuple[float, float]:
+    """HR@10 on the first and the last quarter of a prequential run (answer, then learn)."""
+    hits = []
+    for n, (user, items, x, target) in enumerate(synthetic_pools(seed, rounds)):
+        p = model.serve(user, items, x, T0 + n)
+        hits.append(target in np.argsort(-p, kind="stable")[:10])
+        if learn:
+            model.outcome(user, items[target], T0 + n + 1)
+    q = rounds // 4
+    return float(np.mean(hits[:q])), float(np.mean(hits[-q:]))
+
+
+def config(**kw) -> PoolRankerConfig:
+    return PoolRankerConfig(**{"features": NAMES, **kw})
+
+
+def test_learning_from_next_positives_raises_hr_above_the_starting_blend_order() -> None:
+    _, last = hr_at_10(PoolModel(config()), seed=1, rounds=2_000)
+    _, frozen = hr_at_10(PoolModel(config()), seed=1, rounds=2_000, learn=False)
+    # Without learning it stays the blend order; learning finds the taste column.
+    assert last > frozen + 0.2
+    model = PoolModel(config())
+    hr_at_10(model, seed=1, rounds=2_000)
+    w = model.ranker.weights()
+    assert w["long_liked"] > 1.0 and abs(w["pop"]) < 0.5 * w["long_liked"]
+    assert model.learned == model.outcomes == 2_000
+
+
+def test_starts_as_the_blend_order() -> None:
+    model = PoolModel(config())
+    user, items, x, _ = next(synthetic_pools(3, 1))
+    p = model.serve(user, items, x, T0)
+    assert np.argsort(-p, kind="stable").tolist() == list(range(len(items)))
+
+
+def test_state_is_equal_after_a_pickle_round_trip_and_learns_on_identically() -> None:
+    model = PoolModel(config(max_pending=20))
+    hr_at_10(model, seed=2, rounds=300)
+    pools = list(synthetic_pools(4, 100))
+    for n, (user, items, x, _) in enumerate(pools[:30]):
+        model.serve(user, items, x, T0 + 10_000 + n)  # pending pools without outcomes
+    copy = pickle.loads(pickle.dumps(model))
+    assert np.array_equal(copy.ranker.w, model.ranker.w)
+    assert np.array_equal(copy.ranker.g2, model.ranker.g2)
+    assert np.array_equal(copy.ranker.var, model.ranker.var)
+    assert list(copy.pending.pools) == list(model.pending.pools)
+    for a, b in zip(copy.pending.pools.values(), model.pending.pools.values(), strict=True):
+        assert a.items == b.items and np.array_equal(a.x, b.x) and a.ts == b.ts
+    for m in (model, copy):
+        for n, (user, items, x, target) in enumerate(pools[30:]):
+            m.serve(user, items, x, T0 + 20_000 + n)
+            m.outcome(user, items[target], T0 + 20_000 + n)
+    assert np.array_equal(copy.ranker.w, model.ranker.w)
+    assert copy.counters() == model.counters()
+
+
+def test_pending_pools_are_bounded_expire_and_learn_each_target_once() -> None:
+    pending = PendingPools(capacity=3, ttl_ms=1_000)
+    x = np.arange(12, dtype=float).reshape(4, 3)
+    for n in range(5):
+        pending.put(f"u{n}", ["a", "b", "c", "d"], x, T0)
+    assert list(pending.pools) == ["u2", "u3", "u4"] and pending.dropped_full == 2
+    pending.put("u2", ["a", "b", "c", "d"], x, T0)  # one pool per user, now the newest
+    assert list(pending.pools) == ["u3", "u4", "u2"] and len(pending) == 3
+    taken = pending.take("u3", "b", T0 + 10)
+    assert taken is not None and taken[1] == 1 and np.array_equal(taken[0], x)
+    assert pending.take("u3", "b", T0 + 11) is None  # the same click twice teaches once
+    again = pending.take("u3", "d", T0 + 12)  # a second click: among the rest
+    assert again is not None and again[1] == 2 and np.array_equal(again[0], x[[0, 2, 3]])
+    assert pending.take("u4", "a", T0 + 1_001) is None  # stale
+    assert "u4" not in pending.pools and pending.dropped_stale == 1
+    assert pending.take("u2", "zz", T0) is None and "u2" in pending.pools
+
+
+def test_serving_learns_on_the_user_shard_and_serves_the_pool_order(tmp_path: Path) -> None:
+    """Under ``auto`` with the LR ranker trailing, the pool ranker orders; its scores
+    are P(c | pool) and each user's next organic positive in the served pool teaches it."""
+    world = World(tmp_path)
+    world.publish_all()
+    shard = world.user_shard(scorer="pool")
+    feed(shard, [click("c0", SEED, T0 - 10)])
+    first = ask(shard, "c0", ts=T0)
+    assert ids(first)[0] == "a31"  # the blend's order (a30 -> a31 strongest)
+    assert sum(i["score"] for i in first["items"]) <= 1.0 + 1e-6
+    assert shard.server.served_by == {"ranker": 0, "retrieval": 0, "pool": 1}
+    assert "c0" in shard.server.pool.pending.pools
+    feed(shard, [click("c0", ids(first)[5], T0 + 1)])
+    counters = shard.counters()
+    assert counters["pool_learned"] == 1 and counters["served_by_pool"] == 1
+    assert shard.server.pool.ranker.updates == 1
+    restored = pickle.loads(pickle.dumps(shard))
+    assert np.array_equal(restored.server.pool.ranker.w, shard.server.pool.ranker.w)
+
+
+def test_retrieval_scorer_leaves_the_pool_ranker_out(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.publish_all()
+    shard = world.user_shard(scorer="retrieval")
+    feed(shard, [click("c0", SEED, T0 - 10)])
+    ask(shard, "c0", ts=T0)
+    assert shard.server.served_by == {"ranker": 0, "retrieval": 1, "pool": 0}
+    assert not shard.server.pool.pending.pools
+
+
+def test_unknown_feature_is_refused() -> None:
+    with pytest.raises(ValueError, match="features: unknown"):
+        PoolModel(PoolRankerConfig(features=["blend", "nope"]))
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_before_the_first_ranker_copy(tmp_path: Path, before: bool) -> None:
+    """``auto`` with no LR copy yet: the pool ranker orders (``serve_before_ranker``) or
+    the blend does; the pool ranker learns from the request either way."""
+    world = World(tmp_path)
+    world.publish_tables()
+    world.publish_index()
+    shard = world.user_shard(scorer="auto", pool=PoolRankerConfig(serve_before_ranker=before))
+    feed(shard, [click("c0", SEED, T0 - 10)])
+    record = ask(shard, "c0", ts=T0)
+    assert ids(record)[0] == "a31"
+    served = "pool" if before else "retrieval"
+    assert shard.server.served_by == {"ranker": 0, "retrieval": 0, "pool": 0, served: 1}
+    assert (sum(i["score"] for i in record["items"]) <= 1.0 + 1e-6) == before
+    assert "c0" in shard.server.pool.pending.pools
