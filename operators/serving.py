@@ -178,6 +178,10 @@ class Server:
         """Per-item values of the loaded snapshots by row (the candidates' id space)."""
         self.pool = PoolModel(config.pool) if config.pool.enabled else None
         """The pool ranker (learns on this shard from its users' next positives)."""
+        self.organic_positives = 0
+        """Organic positives seen on this shard (``outcome``): until the first one, under
+        ``auto`` the pool ranker can never be chosen (the duel is judged by them), so it
+        neither computes its features nor remembers pools."""
         self.served_by = {"ranker": 0, "retrieval": 0, "pool": 0}
         self.served = 0
         self._top_cache: dict[tuple[str, int], tuple[tuple[ItemTable, ...],
@@ -266,6 +270,7 @@ class Server:
 
     def outcome(self, user_id: str, item_id: str) -> None:
         """An organic positive of the user: the scorer duel's outcome."""
+        self.organic_positives = getattr(self, "organic_positives", 0) + 1  # older state: none
         self.duel.outcome(user_id, item_id)
 
     def pool_outcome(self, user_id: str, item_id: str, ts_ms: int) -> None:
@@ -454,6 +459,9 @@ class Server:
                       + 1e-6 * np.log1p(s["popular"]))
         scorer_mode = self.config.scorer
         model = self.pool if scorer_mode in ("auto", "pool") else None
+        if (model is not None and scorer_mode == "auto" and not model.config.serve_before_ranker
+                and not getattr(self, "organic_positives", 0)):
+            model = None  # it could not serve: no organic positive to judge it by yet
         needs_ranker = model is not None and "ranker" in model.config.features
         ranker = (self.views.ranker.current
                   if scorer_mode in ("auto", "ranker") or needs_ranker else None)

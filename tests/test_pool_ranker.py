@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from serving_world import SEED, T0, World, ask, click, feed, ids
 
+from events.model import Feedback
 from models.pool_ranker import PendingPools, PoolModel, PoolRankerConfig
 
 NAMES = ["blend", "long_liked", "pop"]  # synthetic: long_liked is the taste, pop noise
@@ -150,4 +151,25 @@ def test_before_the_first_ranker_copy(tmp_path: Path, before: bool) -> None:
     served = "pool" if before else "retrieval"
     assert shard.server.served_by == {"ranker": 0, "retrieval": 0, "pool": 0, served: 1}
     assert (sum(i["score"] for i in record["items"]) <= 1.0 + 1e-6) == before
+    assert "c0" in shard.server.pool.pending.pools
+
+
+def test_pool_ranker_waits_for_the_first_organic_positive(tmp_path: Path) -> None:
+    """Under ``auto`` the duel, judged by organic positives, is the only way the pool
+    ranker orders; on a shard that has seen only clicks on impressions (the simulator's
+    zero-config stream) it neither computes pool features nor remembers pools. The first
+    organic positive starts it."""
+    from events.model import Impression
+
+    world = World(tmp_path)
+    world.publish_all()
+    shard = world.user_shard(scorer="auto")
+    feed(shard, [Impression(T0 - 20, "imp0", "c0", SEED, position=0),
+                 Feedback(T0 - 10, "c0", SEED, "click", impression_id="imp0")])
+    ask(shard, "c0", ts=T0)
+    assert shard.server.organic_positives == 0
+    assert not shard.server.pool.pending.pools
+    feed(shard, [click("c0", SEED, T0 + 1)])  # organic: no impression
+    assert shard.server.organic_positives == 1
+    ask(shard, "c0", ts=T0 + 2)
     assert "c0" in shard.server.pool.pending.pools

@@ -92,7 +92,7 @@ def test_once_the_blend_leads_only_a_sample_is_shadow_scored(tmp_path: Path) -> 
         shard = world.user_shard(scorer="auto", scorer_min_outcomes=1, scorer_shadow_rate=rate)
         duel = shard.server.duel
         duel.record("lead", ["miss"], ["hit"])
-        duel.outcome("lead", "hit")
+        shard.server.outcome("lead", "hit")  # an organic positive: the duel's outcome
         assert duel.choice("auto") == "retrieval"
         recorded = 0
         for n in range(300):
