@@ -60,7 +60,7 @@ def joiner_only_rate(log: Path) -> float:
 
 
 def pending_bytes_per_impression(n: int = 100_000) -> float:
-    joiner = Joiner(JoinConfig(), NegativeSampler())
+    joiner = Joiner(JoinConfig(max_pending=n), NegativeSampler())  # all n held (default 50k)
     t0 = 1_767_225_600_000
     impressions = [Impression(t0 + i, f"imp{i}", f"u{i % 5000}", f"i{i % 3000}", f"r{i // 10}", i % 10,
                               {"device": "web"}) for i in range(n)]
