@@ -22,11 +22,13 @@ probability when it scored the request. Columns (all float64, 0.0 where unknown)
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from operators.point_in_time import PointInTime, UserContext
 from state.covis_view import CovisView, SparseScores
+from state.item_rows import ItemRows
 
 DAY_MS = 86_400_000
 _COLUMN = {"pop": "pop", "trend": "trend", "mf": "mf", "ui_interacted": "ui.interacted",
@@ -38,11 +40,17 @@ _CHANNEL = {"cov_liked": "liked", "cov_any": "any"}
 def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: float,
                 ctx: UserContext, items: list[str], blend: np.ndarray, ts: int,
                 covis: dict[str, SparseScores] | None, ranker: np.ndarray | None,
-                long_items: int = 100) -> np.ndarray:
-    """(len(items), len(names)) features of the pool ``items`` (see the module doc)."""
+                long_items: int = 100, *, rows: np.ndarray | None = None,
+                space: ItemRows | None = None,
+                attrs: list[dict[str, Any] | None] | None = None) -> np.ndarray:
+    """(len(items), len(names)) features of the pool ``items`` (see the module doc).
+    ``rows``, ``space``, ``attrs``: the items' rows in serving's ``ItemRows`` and their
+    catalog attributes, when the caller has them (``PointInTime.item_columns``' array
+    path: the same numbers without per-item lookups)."""
     n = len(items)
-    cols_needed = any(name in _COLUMN for name in names)
-    numeric = context.item_columns(ctx, items, ts, covis).numeric if cols_needed else {}
+    cols_needed = any(name in _COLUMN or name == "pop_cold" for name in names)
+    numeric = (context.item_columns(ctx, items, ts, covis, attrs=attrs, rows=rows,
+                                    space=space).numeric if cols_needed else {})
     ids = None
     if any(name in ("cov_liked", "cov_any", "long_liked", "n_any", "pos_rate") for name in names):
         get = view.ids.get

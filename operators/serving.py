@@ -502,7 +502,8 @@ class Server:
         x = pool_matrix(model.ranker.names, self.context, self.covis_view,
                         self.config.covis_pop_alpha, ctx, items, pool.score[best], request.ts,
                         covis, probs[best] if probs is not None else None,
-                        model.config.long_items)
+                        model.config.long_items, rows=pool.rows[best], space=self._space(),
+                        attrs=None if pool.attrs is None else [pool.attrs[i] for i in best.tolist()])
         out = pool.score - 2.0  # the blend is in [0, ~1.001]
         out[best] = model.serve(ctx.user_id, items, x, request.ts)
         return out
