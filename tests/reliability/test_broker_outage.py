@@ -34,6 +34,7 @@ from events.simulator import SimConfig, write_log
 from flows.broker import LocalBroker, LocalS3Store, create_topics
 from flows.evaluate import read_jsonl
 from flows.recsys import OUTPUTS, build
+from operators.example_codec import unpack_example
 from operators.kafka_io import KafkaSource
 from operators.kafka_sink import KafkaSink
 from operators.user_shard import UserShard
@@ -64,6 +65,7 @@ def _key(record: dict[str, Any], name: str) -> Any:
     Features, item lists and scores depend on micro-batch boundaries (which Kafka polls
     decide), so they are left out."""
     if name == "examples":
+        record = unpack_example(record)  # the wire form leaves empty labels out
         return (record["example_id"], record["user_id"], record["item_id"], record["label"],
                 record["weight"], orjson.dumps(record["labels"], option=orjson.OPT_SORT_KEYS))
     if name == "recommendations":
