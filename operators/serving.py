@@ -179,9 +179,10 @@ class Server:
         self.pool = PoolModel(config.pool) if config.pool.enabled else None
         """The pool ranker (learns on this shard from its users' next positives)."""
         self.organic_positives = 0
-        """Organic positives seen on this shard (``outcome``): until the first one, under
-        ``auto`` the pool ranker can never be chosen (the duel is judged by them), so it
-        neither computes its features nor remembers pools."""
+        """Organic positives seen on this shard (``outcome``). The duel, judged by them,
+        can choose the pool ranker only after ``serving.scorer_min_outcomes`` of them; until
+        then, under ``auto``, the pool ranker neither computes its features nor remembers
+        pools (a stream of impressions and clicks alone never pays for it)."""
         self.served_by = {"ranker": 0, "retrieval": 0, "pool": 0}
         self.served = 0
         self._top_cache: dict[tuple[str, int], tuple[tuple[ItemTable, ...],
@@ -460,8 +461,8 @@ class Server:
         scorer_mode = self.config.scorer
         model = self.pool if scorer_mode in ("auto", "pool") else None
         if (model is not None and scorer_mode == "auto" and not model.config.serve_before_ranker
-                and not getattr(self, "organic_positives", 0)):
-            model = None  # it could not serve: no organic positive to judge it by yet
+                and getattr(self, "organic_positives", 0) < self.duel.min_outcomes):
+            model = None  # it could not serve: too few organic positives to judge it by
         needs_ranker = model is not None and "ranker" in model.config.features
         ranker = (self.views.ranker.current
                   if scorer_mode in ("auto", "ranker") or needs_ranker else None)

@@ -144,7 +144,8 @@ def test_before_the_first_ranker_copy(tmp_path: Path, before: bool) -> None:
     world = World(tmp_path)
     world.publish_tables()
     world.publish_index()
-    shard = world.user_shard(scorer="auto", pool=PoolRankerConfig(serve_before_ranker=before))
+    shard = world.user_shard(scorer="auto", scorer_min_outcomes=1,
+                             pool=PoolRankerConfig(serve_before_ranker=before))
     feed(shard, [click("c0", SEED, T0 - 10)])
     record = ask(shard, "c0", ts=T0)
     assert ids(record)[0] == "a31"
@@ -154,16 +155,16 @@ def test_before_the_first_ranker_copy(tmp_path: Path, before: bool) -> None:
     assert "c0" in shard.server.pool.pending.pools
 
 
-def test_pool_ranker_waits_for_the_first_organic_positive(tmp_path: Path) -> None:
+def test_pool_ranker_waits_for_the_organic_positives_that_judge_it(tmp_path: Path) -> None:
     """Under ``auto`` the duel, judged by organic positives, is the only way the pool
-    ranker orders; on a shard that has seen only clicks on impressions (the simulator's
-    zero-config stream) it neither computes pool features nor remembers pools. The first
-    organic positive starts it."""
+    ranker orders, and only after ``scorer_min_outcomes`` of them; on a shard that has
+    seen only clicks on impressions (the simulator's zero-config stream) it neither
+    computes pool features nor remembers pools. Enough organic positives start it."""
     from events.model import Impression
 
     world = World(tmp_path)
     world.publish_all()
-    shard = world.user_shard(scorer="auto")
+    shard = world.user_shard(scorer="auto", scorer_min_outcomes=2)
     feed(shard, [Impression(T0 - 20, "imp0", "c0", SEED, position=0),
                  Feedback(T0 - 10, "c0", SEED, "click", impression_id="imp0")])
     ask(shard, "c0", ts=T0)
@@ -172,4 +173,7 @@ def test_pool_ranker_waits_for_the_first_organic_positive(tmp_path: Path) -> Non
     feed(shard, [click("c0", SEED, T0 + 1)])  # organic: no impression
     assert shard.server.organic_positives == 1
     ask(shard, "c0", ts=T0 + 2)
+    assert not shard.server.pool.pending.pools  # one is not enough to be judged
+    feed(shard, [click("c0", "a20", T0 + 3)])
+    ask(shard, "c0", ts=T0 + 4)
     assert "c0" in shard.server.pool.pending.pools
