@@ -71,6 +71,8 @@ BYTES: dict[str, float] = {
     "orphan": 500,
     "pool_item": 120,
     "duel_user": 2_700,
+    "serving_slot": 150,
+    "pool_candidate": 100,
     "mf_row": 310,
     "item": 700,
     "hot_item_profile": 6_000,
@@ -98,7 +100,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
     ``ALLOCATOR_OVERHEAD``. Returns ``{"total_mb", "parts_mb": {part: MB}}``.
 
     Parts: ``user_shards`` (users: history, attributes, profiles, duel; hot profiles;
-    catalog copy; joiner; MF user rows), ``item_shards`` (items: catalog, counters,
+    catalog copy; joiner; MF user rows; serving's candidate slots; pending pools), ``item_shards`` (items: catalog, counters,
     profiles; co-visitation rows, full; MF item rows), ``serving_tables`` (the loaded
     item tables, one version per shard), ``index`` (builder and serving copies),
     ``ranker`` (waiting examples; weights of the training, serving and pickled copies)
@@ -107,6 +109,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
     b = BYTES
     sh, join, items, mf, covis = config.shards, config.join, config.items, \
         config.items.mf_config(), config.items.covis_config()
+    pool = config.serving.pool
     kinds = {f.get("entity") for f in config.features}
     user_kinds = len(kinds - {"item"})
     hot_users = min(sh.hot_profiles, sh.max_users)
@@ -118,6 +121,10 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + join.max_orphans * b["orphan"]
         + 1.25 * join.popularity_pool * b["pool_item"]
         + min(100_000, sh.max_users) * b["duel_user"]
+        # serving's per-candidate slots (state/item_rows.py: dropped past max(16k, 2 x the
+        # loaded tables' items)) and the pool ranker's pending pools (one per user)
+        + max(16_384, 2 * sh.items * items.max_items) * b["serving_slot"]
+        + (pool.max_pending * pool.pool_size * b["pool_candidate"] if pool.enabled else 0)
         + (mf.max_users * b["mf_row"] if items.enabled else 0)
     )
     channels = 2 if items.covis_any else 1

@@ -46,7 +46,7 @@ class PoolRankerConfig:
                          "n_any", "pos_rate", "age", "pop_cold", "mf"])
     learning_rate: float = doc("Adagrad step of the pool ranker's weights.", 0.1)
     max_pending: int = doc("Served pools kept per user shard (one per user, the least "
-                           "recently served dropped first).", 5_000)
+                           "recently served dropped first).", 2_000)
     pending_ttl_ms: int = doc("A served pool older than this (event time) teaches nothing "
                               "and is dropped (ms).", 86_400_000)
     serve_before_ranker: bool = doc(

@@ -94,7 +94,7 @@ def test_item_rows_follow_new_table_versions() -> None:
     space.sync({})
     slots = space.fill(rows)
     assert space.pop[slots].tolist() == [0.0, 0.0, 0.0] and space.available[slots].all()
-    # Slots are bounded: more candidates than min_slots (and 4 x the tables' items) drop
+    # Slots are bounded: more candidates than min_slots (and 2 x the tables' items) drop
     # every slot, and the values are read again.
     space.sync(second)
     more = space.rows([f"x{j}" for j in range(3, 9)])

@@ -44,6 +44,7 @@ SMALL: dict[str, Any] = {
               "covis": {"max_items": 2_000, "max_neighbors": 10},
               "mf": {"max_users": 2_000, "max_items": 2_000, "admit_threshold": 2}},
     "ranker": {"max_features": 20_000, "max_waiting": 5_000},
+    "serving": {"pool": {"max_pending": 200}},
     "metrics": {"interval_s": 1.0},
 }
 """Capacities ~100x below the IDs of the stream (per user shard 2,000 users, catalog
