@@ -46,6 +46,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from models.pool_ranker import PoolRanker  # noqa: E402
+
 DEFAULT_PATH = ROOT.parent / "shared" / "data" / "movielens-100k" / "u.data"
 K = 10
 DAY_MS = 86_400_000
@@ -345,41 +347,12 @@ def pool_features(st: State, cfg: Config, u: int, ts: int, pool: np.ndarray,
     return np.stack(cols, 1)
 
 
-class SoftmaxRanker:
-    """Online listwise (multinomial logit) ranker: P(next = c | pool) ∝ exp(w·x_c/σ),
-    σ = running std of each feature over the pools; Adagrad on the log-likelihood of
-    the item the user actually rated. Starts at w = 1 on the covis features (the
-    retrieval order) and 0 elsewhere."""
-
-    def __init__(self, names: list[str], lr: float) -> None:
-        self.w = np.array([1.0 if n.startswith("cov_") else 0.0 for n in names])
-        self.g2 = np.full(len(names), 1e-6)
-        self.lr = lr
-        self.mean = np.zeros(len(names))
-        self.var = np.ones(len(names))
-        self.n = 0
-
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        return (x / np.sqrt(self.var + 1e-8)) @ self.w
-
-    def learn(self, x: np.ndarray, target: int) -> None:
-        """``x``: the pool's features (the target's row included), ``target``: its row."""
-        xs = x / np.sqrt(self.var + 1e-8)
-        s = xs @ self.w
-        p = np.exp(s - s.max())
-        p /= p.sum()
-        g = xs[target] - p @ xs
-        self.g2 += g * g
-        self.w += self.lr * g / np.sqrt(self.g2)
-
-    def observe(self, x: np.ndarray) -> None:
-        """Update the running scale with a served pool (past data only)."""
-        if len(x) < 2:
-            return
-        self.n += 1
-        a = max(1.0 / self.n, 1e-3)
-        self.mean = (1 - a) * self.mean + a * x.mean(0)
-        self.var = (1 - a) * self.var + a * ((x - self.mean) ** 2).mean(0)
+def softmax_ranker(names: list[str], lr: float) -> PoolRanker:
+    """The flow's online listwise ranker (``models.pool_ranker.PoolRanker``: multinomial
+    logit over the pool, running std scaling, Adagrad on the log-likelihood of the item
+    the user actually rated), starting at w = 1 on the covis features (the retrieval
+    order) and 0 elsewhere."""
+    return PoolRanker(names, lr, start=tuple(n for n in names if n.startswith("cov_")))
 
 
 class ProjectLRRanker:
@@ -400,7 +373,7 @@ class ProjectLRRanker:
         self.negatives = negatives
         self.id_features = id_features
         self.pairwise = pairwise
-        self.scale = SoftmaxRanker(names, 0.0)  # running std only
+        self.scale = softmax_ranker(names, 0.0)  # running std only
         self.rng = np.random.default_rng(seed)
 
     def _dicts(self, u: int, items: np.ndarray, ts: int, x: np.ndarray) -> list[dict[str, float]]:
@@ -477,10 +450,10 @@ def prequential(path: Path, cfg: Config) -> Result:
     st = State(ev, cfg)
     rerank = cfg.kind == "rerank"
     names = list(cfg.features) + (["mf_dot"] if cfg.mf else [])
-    ranker: SoftmaxRanker | ProjectLRRanker | None = None
+    ranker: PoolRanker | ProjectLRRanker | None = None
     if rerank:
         ranker = (ProjectLRRanker(names, cfg.negatives, cfg.lr_id_features, cfg.lr_pairwise) if cfg.ranker == "lr"
-                  else SoftmaxRanker(names, cfg.lr))
+                  else softmax_ranker(names, cfg.lr))
     mf = MFFeature(ev.n_items) if cfg.mf else None
     hits: list[bool] = []
     gains = 0.0
@@ -531,7 +504,7 @@ def prequential(path: Path, cfg: Config) -> Result:
     n = h.size
     mid = n // 2
     weights = None
-    if isinstance(ranker, SoftmaxRanker):  # weight per unit of each raw feature's std
+    if isinstance(ranker, PoolRanker):  # weight per unit of each raw feature's std
         weights = {nm: round(float(w), 3) for nm, w in zip(names, ranker.w, strict=True)}
     return Result(
         hr=float(h.mean()) if n else 0.0,

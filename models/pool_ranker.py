@@ -78,11 +78,15 @@ def check_pool_config(config: PoolRankerConfig) -> None:
 class PoolRanker:
     """Listwise softmax over a pool's feature matrix, Adagrad, running std scaling."""
 
-    def __init__(self, names: list[str], learning_rate: float = 0.1) -> None:
-        if "blend" not in names:
-            raise ValueError("the pool ranker needs the 'blend' feature (its starting order)")
+    def __init__(self, names: list[str], learning_rate: float = 0.1,
+                 start: tuple[str, ...] = ("blend",)) -> None:
+        """``start``: the features with weight 1 at the start (their sum is the starting
+        order; the rest start at 0)."""
+        if not set(start) & set(names):
+            raise ValueError(f"the pool ranker needs a starting feature of {start} (its "
+                             "starting order)")
         self.names = list(names)
-        self.w = np.array([1.0 if n == "blend" else 0.0 for n in names])
+        self.w = np.array([1.0 if n in start else 0.0 for n in names])
         self.g2 = np.full(len(names), 1e-6)
         self.lr = learning_rate
         self.mean = np.zeros(len(names))
@@ -114,9 +118,7 @@ class PoolRanker:
     def learn(self, x: np.ndarray, target: int) -> None:
         """One Adagrad step on ``log P(target | pool)``; ``x`` holds the target's row."""
         xs = x / np.sqrt(self.var + 1e-8)
-        s = xs @ self.w
-        p = np.exp(s - s.max())
-        p /= p.sum()
+        p = self.probabilities(x)
         g = xs[target] - p @ xs
         self.g2 += g * g
         self.w += self.lr * g / np.sqrt(self.g2)
