@@ -63,6 +63,9 @@ class CandidatePool:
     """Each item's attributes in the shard's catalog (read once by the filter)."""
     objs: list[Candidate] | None = None
     """The ``Candidate`` objects a hook returned (kept, so what a hook set stays)."""
+    columns: Any = None
+    """The pool's ``ItemColumns`` once computed for the request (``Server.pool_columns``),
+    so the ranker and the pool ranker read one set."""
 
     def __len__(self) -> int:
         return int(self.rows.size)

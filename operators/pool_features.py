@@ -42,15 +42,18 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
                 covis: dict[str, SparseScores] | None, ranker: np.ndarray | None,
                 long_items: int = 100, *, rows: np.ndarray | None = None,
                 space: ItemRows | None = None,
-                attrs: list[dict[str, Any] | None] | None = None) -> np.ndarray:
+                attrs: list[dict[str, Any] | None] | None = None,
+                numeric: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(len(items), len(names)) features of the pool ``items`` (see the module doc).
     ``rows``, ``space``, ``attrs``: the items' rows in serving's ``ItemRows`` and their
     catalog attributes, when the caller has them (``PointInTime.item_columns``' array
-    path: the same numbers without per-item lookups)."""
+    path: the same numbers without per-item lookups); ``numeric``: the items' numeric
+    columns when the request already computed them (the ranker's ``ItemColumns``)."""
     n = len(items)
-    cols_needed = any(name in _COLUMN or name == "pop_cold" for name in names)
-    numeric = (context.item_columns(ctx, items, ts, covis, attrs=attrs, rows=rows,
-                                    space=space).numeric if cols_needed else {})
+    if numeric is None:
+        cols_needed = any(name in _COLUMN or name == "pop_cold" for name in names)
+        numeric = (context.item_columns(ctx, items, ts, covis, attrs=attrs, rows=rows,
+                                        space=space).numeric if cols_needed else {})
     ids = None
     if any(name in ("cov_liked", "cov_any", "long_liked", "n_any", "pos_rate") for name in names):
         get = view.ids.get

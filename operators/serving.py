@@ -504,7 +504,9 @@ class Server:
                         self.config.covis_pop_alpha, ctx, items, pool.score[best], request.ts,
                         covis, probs[best] if probs is not None else None,
                         model.config.long_items, rows=pool.rows[best], space=self._space(),
-                        attrs=None if pool.attrs is None else [pool.attrs[i] for i in best.tolist()])
+                        attrs=None if pool.attrs is None else [pool.attrs[i] for i in best.tolist()],
+                        numeric=None if pool.columns is None else
+                        {name: col[best] for name, col in pool.columns.numeric.items()})
         out = pool.score - 2.0  # the blend is in [0, ~1.001]
         out[best] = model.serve(ctx.user_id, items, x, request.ts)
         return out
@@ -525,8 +527,11 @@ class Server:
         """The pool's candidate features as columns (``PointInTime.item_columns`` on the
         pool's rows): what a scorer of the whole pool consumes beside ``pool.items``,
         ``pool.rows`` and the retrieval scores (``pool.scores``, blend in ``pool.score``)."""
-        return self.context.item_columns(ctx, pool.items, request.ts, covis, attrs=pool.attrs,
-                                         rows=pool.rows, space=self._space())
+        if pool.columns is None:
+            pool.columns = self.context.item_columns(ctx, pool.items, request.ts, covis,
+                                                     attrs=pool.attrs, rows=pool.rows,
+                                                     space=self._space())
+        return pool.columns
 
     def _ranker_scores(self, ranker: Any, request: Any, ctx: UserContext, pool: CandidatePool,
                        covis: dict[str, SparseScores] | None) -> np.ndarray:
