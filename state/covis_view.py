@@ -16,9 +16,11 @@ arrays, so memory is O(items seen) per process, like the tables themselves.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
+from state.covisitation import FrozenCoVisitation
 from state.item_table import ItemTable
 
 CHANNELS = ("liked", "any")
@@ -34,6 +36,9 @@ class CovisView:
         self.counts = {ch: np.zeros(0) for ch in CHANNELS}
         self._tables: dict[str, ItemTable] = {}
         self._rows: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._vmaps: dict[tuple[int, str], list[Any]] = {}
+        """Per (loaded table, channel) with CSR rows: [table, its vocabulary's ids here
+        (-2: not looked up, -1: not an id yet), ids when last looked up]."""
 
     def intern(self, items: Iterable[str]) -> np.ndarray:
         """Ids of ``items`` (new ones get the next ids)."""
@@ -64,6 +69,7 @@ class CovisView:
             old = self._tables.get(shard)
             if old is not None:  # rows of the replaced version go
                 self._rows = {k: v for k, v in self._rows.items() if k[0] != id(old)}
+                self._vmaps = {k: v for k, v in self._vmaps.items() if k[0] != id(old)}
             self._tables[shard] = table
             for ch in CHANNELS:
                 counts = table.channel(ch)[1]
@@ -76,9 +82,8 @@ class CovisView:
         key = (id(table), channel, item)
         row = self._rows.get(key)
         if row is None:
-            plain = table.covis_row(channel, item)
-            row = (self.intern(plain), np.fromiter(plain.values(), np.float64, len(plain))) \
-                if plain else _EMPTY
+            names, weights = table.covis_row_arrays(channel, item)
+            row = (self.intern(names), weights) if names else _EMPTY
             self._rows[key] = row
             self._grow()
         return row
@@ -87,12 +92,105 @@ class CovisView:
                      ) -> tuple[np.ndarray, np.ndarray]:
         """``sum weight * row(seed)`` over ``(table, seed, weight)`` as sparse (ids
         ascending, sums); items no row reaches are absent."""
+        ids, w = self.gather(channel, seeds)
+        if not ids.size:
+            return _EMPTY
+        return sparse_sum(ids, w, len(self.names))
+
+    def gather(self, channel: str, seeds: list[tuple[ItemTable, str, float]],
+               intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Every ``(id, weight * w)`` of the seeds' rows, seed by seed (the entries
+        ``row`` gives, each row in its own order), so sums per id add in seed order.
+        Rows of loaded (CSR) tables are read with a few array operations per table
+        instead of one cached row per seed; a neighbour that is not an id yet gets one
+        as ``row`` gives it (in seed, then row order), or with ``intern=False`` is left
+        out (it cannot be a candidate: candidates have ids)."""
+        groups: dict[int, list[Any]] = {}
+        for k, (table, seed, weight) in enumerate(seeds):
+            covis = table.channel(channel)[0]
+            if not isinstance(covis, FrozenCoVisitation) or covis._full is not None:
+                return self._gather_rows(channel, seeds)  # tables built in process
+            r = covis._row_of.get(seed)
+            if r is not None:
+                group = groups.get(id(table))
+                if group is None:
+                    group = groups[id(table)] = [table, covis, [], [], []]
+                group[2].append(k)
+                group[3].append(r)
+                group[4].append(weight)
+        if not groups:
+            return _EMPTY
+        parts = [(group, *self._csr_rows(group[0], group[1], group[3], group[4]))
+                 for group in groups.values()]
+        ids = [self._vocab_ids(g[0], channel, g[1], vocab_idx) for g, vocab_idx, _, _ in parts]
+        if intern and any((i < 0).any() for i in ids):
+            # new ids exactly as ``row`` hands them out: in seed order, each row in its order
+            todo: set[int] = set()
+            for (group, _, _, sizes), i in zip(parts, ids, strict=True):
+                seg = np.repeat(np.arange(len(group[2])), sizes)
+                todo.update(group[2][j] for j in np.unique(seg[i < 0]).tolist())
+            for k in sorted(todo):
+                self.row(seeds[k][0], channel, seeds[k][1])
+            ids = [self._vocab_ids(g[0], channel, g[1], vocab_idx) for g, vocab_idx, _, _ in parts]
+        out_ids, out_w, out_k = [], [], []
+        for (group, _, w, sizes), i in zip(parts, ids, strict=True):
+            k = np.repeat(np.asarray(group[2], np.int64), sizes)
+            keep = i >= 0
+            if not keep.all():
+                i, w, k = i[keep], w[keep], k[keep]
+            out_ids.append(i)
+            out_w.append(w)
+            out_k.append(k)
+        if len(out_ids) == 1:
+            return out_ids[0], out_w[0]
+        order = np.argsort(np.concatenate(out_k), kind="stable")
+        return np.concatenate(out_ids)[order], np.concatenate(out_w)[order]
+
+    def _gather_rows(self, channel: str, seeds: list[tuple[ItemTable, str, float]]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``gather`` through the cached rows (``row``), one seed at a time."""
         parts = [(ids, w * weight) for table, seed, weight in seeds
                  for ids, w in (self.row(table, channel, seed),) if ids.size]
         if not parts:
             return _EMPTY
-        return sparse_sum(np.concatenate([p[0] for p in parts]),
-                          np.concatenate([p[1] for p in parts]), len(self.names))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    @staticmethod
+    def _csr_rows(table: ItemTable, covis: FrozenCoVisitation, rs: list[int], ws: list[float]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vocabulary indices, weight * value decayed to the table's ts, row sizes) of
+        rows ``rs`` of one CSR table, row after row."""
+        starts = covis._starts
+        r = np.asarray(rs, np.int64)
+        lo = starts[r]
+        sizes = starts[r + 1] - lo
+        idx = np.repeat(lo - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
+        arrays = covis._arrays
+        # (value decayed to the table's ts) * seed weight: the products ``row`` gives
+        w = (arrays["values"][idx] * covis._decay(table.ts)) * np.repeat(np.asarray(ws), sizes)
+        return arrays["neighbors"][idx], w, sizes
+
+    def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,
+                   vocab_idx: np.ndarray) -> np.ndarray:
+        """This view's ids of a table's vocabulary entries (-1: not an id)."""
+        key = (id(table), channel)
+        entry = self._vmaps.get(key)
+        n_names = len(self.names)
+        if entry is None:
+            entry = self._vmaps[key] = [table, np.full(len(covis._vocab), -2, np.int64), n_names]
+        vmap = entry[1]
+        if entry[2] != n_names:  # names were added since: look the unknown ones up again
+            vmap[vmap == -1] = -2
+            entry[2] = n_names
+        ids = vmap[vocab_idx]
+        unknown = ids == -2
+        if unknown.any():
+            todo = np.unique(vocab_idx[unknown])
+            get, vocab = self.ids.get, covis._vocab
+            vmap[todo] = np.fromiter((get(vocab[j], -1) for j in todo.tolist()), np.int64,
+                                     todo.size)
+            ids = vmap[vocab_idx]
+        return ids
 
 
 class SparseScores:

@@ -93,6 +93,14 @@ class ItemTable:
                                      if covis is not None else {})
         return row
 
+    def covis_row_arrays(self, name: str, item_id: str) -> tuple[list[str], np.ndarray]:
+        """``covis_row`` as (neighbour ids, weights) in the same order, without a dict
+        (serving's ``CovisView`` turns them into id arrays; not cached here)."""
+        covis = self.channel(name)[0]
+        if covis is None:
+            return [], np.zeros(0)
+        return covis.row_arrays(item_id, self.ts)
+
     def covis_factor(self, now_ms: int) -> float:
         """Multiplier that decays this table's co-visitation weights and counts (as of
         ``ts``) to ``now_ms``."""
@@ -160,9 +168,9 @@ class ItemTable:
         """Read a table written by :meth:`save`."""
         with np.load(path, allow_pickle=False) as z:
             covis = CoVisitation.from_arrays({k[len(_COVIS):]: z[k] for k in z.files
-                                              if k.startswith(_COVIS)})
+                                              if k.startswith(_COVIS)}, frozen=True)
             any_arrays = {k[len(_COVIS_ANY):]: z[k] for k in z.files if k.startswith(_COVIS_ANY)}
-            covis_any = CoVisitation.from_arrays(any_arrays) if any_arrays else None
+            covis_any = CoVisitation.from_arrays(any_arrays, frozen=True) if any_arrays else None
             catalog = {
                 str(i): CatalogEntry(str(c) or None, bool(a), int(t))
                 for i, c, a, t in zip(z["catalog_ids"].tolist(), z["catalog_category"].tolist(),
