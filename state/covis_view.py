@@ -109,7 +109,7 @@ class CovisView:
         for k, (table, seed, weight) in enumerate(seeds):
             covis = table.channel(channel)[0]
             if not isinstance(covis, FrozenCoVisitation) or covis._full is not None:
-                return self._gather_rows(channel, seeds)  # tables built in process
+                return self._gather_rows(channel, seeds, intern)  # tables built in process
             r = covis._row_of.get(seed)
             if r is not None:
                 group = groups.get(id(table))
@@ -146,14 +146,25 @@ class CovisView:
         order = np.argsort(np.concatenate(out_k), kind="stable")
         return np.concatenate(out_ids)[order], np.concatenate(out_w)[order]
 
-    def _gather_rows(self, channel: str, seeds: list[tuple[ItemTable, str, float]]
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _gather_rows(self, channel: str, seeds: list[tuple[ItemTable, str, float]],
+                     intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``gather`` through the cached rows (``row``), one seed at a time."""
-        parts = [(ids, w * weight) for table, seed, weight in seeds
-                 for ids, w in (self.row(table, channel, seed),) if ids.size]
+        if intern:
+            rows = [self.row(table, channel, seed) for table, seed, _ in seeds]
+        else:
+            rows = [self._known(*table.covis_row_arrays(channel, seed)) for table, seed, _ in seeds]
+        parts = [(ids, w * weight) for (ids, w), (_, _, weight) in zip(rows, seeds, strict=True)
+                 if ids.size]
         if not parts:
             return _EMPTY
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _known(self, names: list[str], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A row's entries whose neighbour has an id (no new ids)."""
+        get = self.ids.get
+        ids = np.fromiter((get(name, -1) for name in names), np.int64, len(names))
+        keep = ids >= 0
+        return ids[keep], weights[keep]
 
     @staticmethod
     def _csr_rows(table: ItemTable, covis: FrozenCoVisitation, rs: list[int], ws: list[float]

@@ -1,0 +1,70 @@
+"""The pool ranker's features (operators/pool_features.py) on published item tables."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from operators.point_in_time import PointInTime
+from operators.pool_features import _long_liked
+from state.covis_view import CovisView
+from state.covisitation import CoVisConfig, CoVisitation
+from state.item_table import ItemTable
+
+T = 1_700_000_000_000
+ITEMS = [f"i{j}" for j in range(80)]
+
+
+def shard_of(item: str) -> str:
+    return f"s{sum(map(ord, item)) % 2}"
+
+
+def tables(seed: int, tmp: Path | None) -> dict[str, ItemTable]:
+    """Two shards' tables with random co-visitation rows (loaded from files when ``tmp``)."""
+    rng = random.Random(seed)
+    out = {}
+    for shard in ("s0", "s1"):
+        covis = CoVisitation(CoVisConfig(max_neighbors=12, half_life_ms=3_600_000))
+        mine = [i for i in ITEMS if shard_of(i) == shard]
+        pairs = [(a, b, float(rng.choice([1, 2, 3, 0.5]))) for a in mine
+                 for b in rng.sample(ITEMS + ["unseen-x", "unseen-y"], 15) if a != b]
+        covis.add(pairs, T - rng.randrange(1, 10**6))
+        table = ItemTable(shard, T - 1_000, covis,
+                          liked_counts={i: float(rng.randrange(1, 9)) for i in mine})
+        if tmp is not None:
+            path = tmp / f"{shard}-{seed}.npz"
+            table.save(path)
+            table = ItemTable.load(path)
+        out[shard] = table
+    return out
+
+
+@pytest.mark.parametrize(("seed", "loaded"), [(0, True), (1, True), (2, False)])
+def test_long_liked_equals_the_row_by_row_sums_and_adds_no_ids(
+        tmp_path: Path, seed: int, loaded: bool) -> None:
+    rng = random.Random(seed)
+    table_map = tables(seed, tmp_path if loaded else None)
+    view = CovisView()
+    view.sync(table_map)
+    pool = rng.sample(ITEMS, 50)
+    ids = view.intern(pool)
+    seeds = rng.sample(ITEMS, 30) + ["not-an-item"]
+    context = SimpleNamespace(
+        views=SimpleNamespace(table_map=lambda: table_map), item_shard_of=shard_of,
+        liked=SimpleNamespace(recent=lambda user, n: seeds[:n]),
+        covis=SimpleNamespace(decay=0.8))
+    ts = T + 5_000
+    n_ids = len(view.names)
+    got = _long_liked(context, view, SimpleNamespace(user_id="u"), ids, ts, 0.5, 100)
+    assert len(view.names) == n_ids, "the view got new ids"
+    counts = np.array([view.counts["liked"][view.ids[s]] if s in view.ids else 0.0
+                       for s in seeds])
+    ref = np.asarray(PointInTime._covis_lookup(
+        context, seeds, "liked", pool, table_map, ts, (1.0 / np.maximum(counts, 1.0)).tolist()))
+    ref = ref / np.maximum(view.counts["liked"][ids], 1.0) ** 0.5
+    ref = ref / ref.max()
+    assert ref.max() > 0 and np.array_equal(got, ref)
