@@ -36,6 +36,8 @@ class CovisView:
         self.counts = {ch: np.zeros(0) for ch in CHANNELS}
         self._tables: dict[str, ItemTable] = {}
         self._rows: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._known: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray, int]] = {}
+        """``_known_row``'s rows: (ids, weights, -1 or the id count they are valid for)."""
         self._vmaps: dict[tuple[int, str], list[Any]] = {}
         """Per (loaded table, channel) with CSR rows: [table, its vocabulary's ids here
         (-2: not looked up, -1: not an id yet), ids when last looked up]."""
@@ -70,6 +72,7 @@ class CovisView:
             if old is not None:  # rows of the replaced version go
                 self._rows = {k: v for k, v in self._rows.items() if k[0] != id(old)}
                 self._vmaps = {k: v for k, v in self._vmaps.items() if k[0] != id(old)}
+                self._known = {k: v for k, v in self._known.items() if k[0] != id(old)}
             self._tables[shard] = table
             for ch in CHANNELS:
                 counts = table.channel(ch)[1]
@@ -78,15 +81,66 @@ class CovisView:
                 self.counts[ch][idx] = np.fromiter(counts.values(), np.float64, len(counts))
 
     def row(self, table: ItemTable, channel: str, item: str) -> tuple[np.ndarray, np.ndarray]:
-        """(neighbour ids, weights decayed to ``table.ts``) of ``item``'s row."""
+        """(neighbour ids, weights decayed to ``table.ts``) of ``item``'s row, strongest
+        first; a neighbour without an id gets the next one (in that order)."""
         key = (id(table), channel, item)
         row = self._rows.get(key)
         if row is None:
-            names, weights = table.covis_row_arrays(channel, item)
-            row = (self.intern(names), weights) if names else _EMPTY
+            found = self._csr_row(table, channel, item)
+            if found is None:
+                names, weights = table.covis_row_arrays(channel, item)
+                row = (self.intern(names), weights) if names else _EMPTY
+            else:
+                ids, weights, covis, nbr = found
+                if (ids < 0).any():
+                    ids = self.intern([covis._vocab[j] for j in nbr.tolist()])
+                row = (ids, weights) if ids.size else _EMPTY
             self._rows[key] = row
             self._grow()
         return row
+
+    def _known_row(self, table: ItemTable, channel: str, item: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """``row`` without new ids: the entries whose neighbour has an id (cached while
+        no id is added, or for good when none was left out)."""
+        row = self._rows.get((id(table), channel, item))
+        if row is not None:
+            return row
+        key = (id(table), channel, item)
+        hit = self._known.get(key)
+        n_names = len(self.names)
+        if hit is not None and hit[2] in (-1, n_names):
+            return hit[0], hit[1]
+        found = self._csr_row(table, channel, item)
+        if found is None:
+            names, weights = table.covis_row_arrays(channel, item)
+            get = self.ids.get
+            ids = np.fromiter((get(name, -1) for name in names), np.int64, len(names))
+        else:
+            ids, weights = found[0], found[1]
+        keep = ids >= 0
+        complete = bool(keep.all())
+        if not complete:
+            ids, weights = ids[keep], weights[keep]
+        self._known[key] = (ids, weights, -1 if complete else n_names)
+        return ids, weights
+
+    def _csr_row(self, table: ItemTable, channel: str, item: str
+                 ) -> tuple[np.ndarray, np.ndarray, FrozenCoVisitation, np.ndarray] | None:
+        """A loaded (CSR) table's row as (ids here, -1 where none; weights; the table;
+        vocabulary indices), strongest first; None for a table built in process."""
+        covis = table.channel(channel)[0]
+        if not isinstance(covis, FrozenCoVisitation) or covis._full is not None:
+            return None
+        r = covis._row_of.get(item)
+        if r is None:
+            return _EMPTY[0], _EMPTY[1], covis, _EMPTY[0]
+        a, b = int(covis._starts[r]), int(covis._starts[r + 1])
+        vals = covis._arrays["values"][a:b]
+        order = np.argsort(-vals, kind="stable")  # ``neighbors``' order
+        nbr = covis._arrays["neighbors"][a:b][order]
+        return (self._vocab_ids(table, channel, covis, nbr), vals[order] * covis._decay(table.ts),
+                covis, nbr)
 
     def channel_sums(self, channel: str, seeds: list[tuple[ItemTable, str, float]]
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -99,87 +153,23 @@ class CovisView:
 
     def gather(self, channel: str, seeds: list[tuple[ItemTable, str, float]],
                intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Every ``(id, weight * w)`` of the seeds' rows, seed by seed (the entries
-        ``row`` gives, each row in its own order), so sums per id add in seed order.
-        Rows of loaded (CSR) tables are read with a few array operations per table
-        instead of one cached row per seed; a neighbour that is not an id yet gets one
-        as ``row`` gives it (in seed, then row order), or with ``intern=False`` is left
-        out (it cannot be a candidate: candidates have ids)."""
-        groups: dict[int, list[Any]] = {}
-        for k, (table, seed, weight) in enumerate(seeds):
-            covis = table.channel(channel)[0]
-            if not isinstance(covis, FrozenCoVisitation) or covis._full is not None:
-                return self._gather_rows(channel, seeds, intern)  # tables built in process
-            r = covis._row_of.get(seed)
-            if r is not None:
-                group = groups.get(id(table))
-                if group is None:
-                    group = groups[id(table)] = [table, covis, [], [], []]
-                group[2].append(k)
-                group[3].append(r)
-                group[4].append(weight)
-        if not groups:
+        """Every ``(id, weight * w)`` of the seeds' rows (``row``), seed by seed, so sums
+        per id add in seed order: one concatenation of the cached rows and one product.
+        ``intern=False``: neighbours without an id are left out instead of getting one
+        (they cannot be candidates: candidates have ids)."""
+        get_row = self.row if intern else self._known_row
+        ids_parts, w_parts, weights, sizes = [], [], [], []
+        for table, seed, weight in seeds:
+            ids, w = get_row(table, channel, seed)
+            if ids.size:
+                ids_parts.append(ids)
+                w_parts.append(w)
+                weights.append(weight)
+                sizes.append(ids.size)
+        if not ids_parts:
             return _EMPTY
-        parts = [(group, *self._csr_rows(group[0], group[1], group[3], group[4]))
-                 for group in groups.values()]
-        ids = [self._vocab_ids(g[0], channel, g[1], vocab_idx) for g, vocab_idx, _, _ in parts]
-        if intern and any((i < 0).any() for i in ids):
-            # new ids exactly as ``row`` hands them out: in seed order, each row in its order
-            todo: set[int] = set()
-            for (group, _, _, sizes), i in zip(parts, ids, strict=True):
-                seg = np.repeat(np.arange(len(group[2])), sizes)
-                todo.update(group[2][j] for j in np.unique(seg[i < 0]).tolist())
-            for k in sorted(todo):
-                self.row(seeds[k][0], channel, seeds[k][1])
-            ids = [self._vocab_ids(g[0], channel, g[1], vocab_idx) for g, vocab_idx, _, _ in parts]
-        out_ids, out_w, out_k = [], [], []
-        for (group, _, w, sizes), i in zip(parts, ids, strict=True):
-            k = np.repeat(np.asarray(group[2], np.int64), sizes)
-            keep = i >= 0
-            if not keep.all():
-                i, w, k = i[keep], w[keep], k[keep]
-            out_ids.append(i)
-            out_w.append(w)
-            out_k.append(k)
-        if len(out_ids) == 1:
-            return out_ids[0], out_w[0]
-        order = np.argsort(np.concatenate(out_k), kind="stable")
-        return np.concatenate(out_ids)[order], np.concatenate(out_w)[order]
-
-    def _gather_rows(self, channel: str, seeds: list[tuple[ItemTable, str, float]],
-                     intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """``gather`` through the cached rows (``row``), one seed at a time."""
-        if intern:
-            rows = [self.row(table, channel, seed) for table, seed, _ in seeds]
-        else:
-            rows = [self._known(*table.covis_row_arrays(channel, seed)) for table, seed, _ in seeds]
-        parts = [(ids, w * weight) for (ids, w), (_, _, weight) in zip(rows, seeds, strict=True)
-                 if ids.size]
-        if not parts:
-            return _EMPTY
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def _known(self, names: list[str], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A row's entries whose neighbour has an id (no new ids)."""
-        get = self.ids.get
-        ids = np.fromiter((get(name, -1) for name in names), np.int64, len(names))
-        keep = ids >= 0
-        return ids[keep], weights[keep]
-
-    @staticmethod
-    def _csr_rows(table: ItemTable, covis: FrozenCoVisitation, rs: list[int], ws: list[float]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(vocabulary indices, weight * value decayed to the table's ts, row sizes) of
-        rows ``rs`` of one CSR table, row after row."""
-        starts = covis._starts
-        r = np.asarray(rs, np.int64)
-        lo = starts[r]
-        sizes = starts[r + 1] - lo
-        idx = np.repeat(lo - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
-        arrays = covis._arrays
-        # (value decayed to the table's ts) * seed weight: the products ``row`` gives
-        w = (arrays["values"][idx] * covis._decay(table.ts)) * np.repeat(np.asarray(ws), sizes)
-        return arrays["neighbors"][idx], w, sizes
+        return (np.concatenate(ids_parts),
+                np.concatenate(w_parts) * np.repeat(np.asarray(weights), sizes))
 
     def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,
                    vocab_idx: np.ndarray) -> np.ndarray:

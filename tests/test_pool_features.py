@@ -68,3 +68,28 @@ def test_long_liked_equals_the_row_by_row_sums_and_adds_no_ids(
     ref = ref / np.maximum(view.counts["liked"][ids], 1.0) ** 0.5
     ref = ref / ref.max()
     assert ref.max() > 0 and np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_view_reads_loaded_tables_as_the_tables_they_were_saved_from(
+        tmp_path: Path, seed: int) -> None:
+    """``CovisView`` on loaded (CSR) tables: the same ids in the same order, the same
+    channel sums bit for bit, request after request, as on the in-process tables."""
+    rng = random.Random(seed)
+    views = []
+    for loaded in (False, True):
+        view = CovisView()
+        view.sync(tables(seed, tmp_path if loaded else None))
+        views.append((view, tables(seed, tmp_path if loaded else None)))
+    for _ in range(6):
+        seeds = rng.sample(ITEMS, 20) + ["not-an-item", "unseen-x"]
+        weights = [rng.random() for _ in seeds]
+        got = []
+        for view, table_map in views:
+            view.sync(table_map)
+            triples = [(table_map[shard_of(s)], s, w) for s, w in zip(seeds, weights, strict=True)]
+            got.append((view.channel_sums("liked", triples), list(view.names)))
+        (ids0, sums0), names0 = got[0]
+        (ids1, sums1), names1 = got[1]
+        assert names0 == names1
+        assert np.array_equal(ids0, ids1) and np.array_equal(sums0, sums1) and ids0.size
