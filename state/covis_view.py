@@ -15,6 +15,7 @@ arrays, so memory is O(items seen) per process, like the tables themselves.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +25,8 @@ from state.covisitation import FrozenCoVisitation
 from state.item_table import ItemTable
 
 CHANNELS = ("liked", "any")
+_EAGER_VOCAB = 8_192
+"""Tables with at most this many distinct items have all their ids looked up at once."""
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
 
 
@@ -178,7 +181,13 @@ class CovisView:
         entry = self._vmaps.get(key)
         n_names = len(self.names)
         if entry is None:
-            entry = self._vmaps[key] = [table, np.full(len(covis._vocab), -2, np.int64), n_names]
+            vocab = covis._vocab
+            if len(vocab) <= _EAGER_VOCAB:  # small: every entry at once
+                vmap = np.fromiter(map(self.ids.get, vocab, itertools.repeat(-1)), np.int64,
+                                   len(vocab))
+            else:  # large (most entries never read): as rows are read
+                vmap = np.full(len(vocab), -2, np.int64)
+            entry = self._vmaps[key] = [table, vmap, n_names]
         vmap = entry[1]
         if entry[2] != n_names:  # names were added since: look the unknown ones up again
             vmap[vmap == -1] = -2

@@ -11,6 +11,7 @@ import pytest
 
 from operators.point_in_time import PointInTime
 from operators.pool_features import _long_liked
+from state import covis_view
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
 from state.item_table import ItemTable
@@ -70,11 +71,13 @@ def test_long_liked_equals_the_row_by_row_sums_and_adds_no_ids(
     assert ref.max() > 0 and np.array_equal(got, ref)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("seed", "eager"), [(0, True), (1, True), (2, False), (3, False)])
 def test_view_reads_loaded_tables_as_the_tables_they_were_saved_from(
-        tmp_path: Path, seed: int) -> None:
+        tmp_path: Path, seed: int, eager: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``CovisView`` on loaded (CSR) tables: the same ids in the same order, the same
-    channel sums bit for bit, request after request, as on the in-process tables."""
+    channel sums bit for bit, request after request, as on the in-process tables (ids of
+    a table's items looked up all at once, or as rows are read)."""
+    monkeypatch.setattr(covis_view, "_EAGER_VOCAB", 10_000 if eager else 0)
     rng = random.Random(seed)
     views = []
     for loaded in (False, True):
