@@ -492,16 +492,27 @@ class PointInTime:
         wanted = [0.0] * len(item_ids)
         q = self.covis.decay
         weight = 1.0
+        shard_of = self.item_shard_of
+        factors: dict[int, float] = {}  # per table: its decay to ts_ms
+        single = item_ids[0] if len(item_ids) == 1 else None
         for k, seed in enumerate(seeds):
-            table = tables.get(self.item_shard_of(seed))
+            table = tables.get(shard_of(seed))
             if table is not None:
                 row = table.covis_row(name, seed)
                 if row:
-                    wf = (weight if weights is None else weights[k]) * table.covis_factor(ts_ms)
-                    for n, item in enumerate(item_ids):
-                        v = row.get(item)
+                    f = factors.get(id(table))
+                    if f is None:
+                        f = factors[id(table)] = table.covis_factor(ts_ms)
+                    wf = (weight if weights is None else weights[k]) * f
+                    if single is not None:  # one impression or example: one lookup
+                        v = row.get(single)
                         if v is not None:
-                            wanted[n] += wf * v
+                            wanted[0] += wf * v
+                    else:
+                        for n, item in enumerate(item_ids):
+                            v = row.get(item)
+                            if v is not None:
+                                wanted[n] += wf * v
             weight *= q
         return wanted
 
