@@ -279,17 +279,37 @@ class _StaticRows:
         gen = space.shard_gen[space.shard[slots]]
         attr_ids = np.fromiter(map(id, cols.attrs), np.int64, len(cols.attrs))
         stale = np.flatnonzero((self.gen[slots] != gen) | (self.attr_id[slots] != attr_ids))
-        for j in stale.tolist():
-            r = int(slots[j])
-            item, table, attrs = cols.item_ids[j], cols.tables[j], cols.attrs[j]
+        if not stale.size:
+            return self.term[slots]
+        rows = slots[stale]
+        # plain lists for the loop (numpy scalar reads and writes cost ~10x a list's);
+        # slots are distinct within a request, so the writes can wait for the end
+        new_ids = attr_ids[stale].tolist()
+        old_ids = self.attr_id[rows].tolist()
+        old_sources = self.source[rows].tolist()
+        changed: list[int] = []
+        terms: list[float] = []
+        sources: list[Any] = []
+        attrs_new: list[Any] = []
+        items, tables, attrs_of = cols.item_ids, cols.tables, cols.attrs
+        for n, j in enumerate(stale.tolist()):
+            item, table, attrs = items[j], tables[j], attrs_of[j]
             source = _table_source(item, table)
-            if self.attr_id[r] != attr_ids[j] or self.source[r] != source:
-                self.term[r], keys = self.scorer._static_term(item, table, attrs)
+            if old_ids[n] != new_ids[n] or old_sources[n] != source:
+                term, keys = self.scorer._static_term(item, table, attrs)
                 self.keys.update(keys)
-                self.attr_id[r] = attr_ids[j]
-                self.attrs[r] = attrs
+                changed.append(n)
+                terms.append(term)
+                sources.append(source)
+                attrs_new.append(attrs)
+        if changed:
+            at = rows[changed]
+            self.term[at] = terms
+            self.attr_id[at] = attr_ids[stale][changed]
+            for r, attrs, source in zip(at.tolist(), attrs_new, sources, strict=True):
+                self.attrs[r] = attrs  # one by one: numpy would unpack tuples
                 self.source[r] = source
-            self.gen[r] = gen[j]
+        self.gen[rows] = gen[stale]
         return self.term[slots]
 
 
