@@ -78,7 +78,7 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
         elif name == "pos_rate":
             out[:, j] = (_counts(view, "liked", ids) + 1.0) / (_counts(view, "any", ids) + 2.0)
         elif name == "age":
-            out[:, j] = _age_days(context, items, ts)
+            out[:, j] = _age_days(context, items, ts, rows, space)
         elif name == "ranker":
             if ranker is not None:
                 out[:, j] = ranker
@@ -156,13 +156,22 @@ def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
     return v / top if top > 0 else out
 
 
-def _age_days(context: PointInTime, items: list[str], ts: int) -> np.ndarray:
-    """log1p(days since each item was first seen), from its item table's catalog."""
+def _age_days(context: PointInTime, items: list[str], ts: int, rows: np.ndarray | None = None,
+              space: ItemRows | None = None) -> np.ndarray:
+    """log1p(days since each item was first seen), from its item table's catalog (through
+    ``space``'s per-row values when given: the same numbers, ``math.log1p`` each)."""
     views, shard_of = context.views, context.item_shard_of
     out = np.zeros(len(items))
     if views is None or shard_of is None:
         return out
     tables = views.table_map()
+    if rows is not None and space is not None:
+        space.sync(tables)
+        slots = space.fill(rows)
+        days = (np.maximum(ts - space.first_seen[slots], 0) / DAY_MS).tolist()
+        log1p = math.log1p
+        return np.array([log1p(d) if e else 0.0
+                         for d, e in zip(days, space.entry[slots].tolist(), strict=True)])
     for n, item in enumerate(items):
         table = tables.get(shard_of(item))
         entry = table.catalog.get(item) if table is not None else None

@@ -96,3 +96,26 @@ def test_view_reads_loaded_tables_as_the_tables_they_were_saved_from(
         (ids1, sums1), names1 = got[1]
         assert names0 == names1
         assert np.array_equal(ids0, ids1) and np.array_equal(sums0, sums1) and ids0.size
+
+
+def test_age_from_the_serving_rows_equals_the_catalog_lookups(tmp_path: Path) -> None:
+    """``_age_days`` through ``ItemRows`` (the pool's rows): the per-item catalog numbers."""
+    from operators.pool_features import _age_days
+    from state.item_rows import ItemRows
+    from state.item_table import CatalogEntry
+
+    table_map = tables(5, tmp_path)
+    rng = random.Random(5)
+    for item in ITEMS[:60]:
+        table_map[shard_of(item)].catalog[item] = CatalogEntry(
+            "c", True, T - rng.randrange(-3_600_000, 400 * 86_400_000))
+    view = CovisView()
+    view.sync(table_map)
+    space = ItemRows(view, shard_of)
+    pool = rng.sample(ITEMS, 70)  # some without a catalog entry
+    rows = view.intern(pool)
+    context = SimpleNamespace(views=SimpleNamespace(table_map=lambda: table_map),
+                              item_shard_of=shard_of)
+    ref = _age_days(context, pool, T)
+    got = _age_days(context, pool, T, rows, space)
+    assert np.array_equal(got, ref) and (ref > 0).sum() >= 40 and (ref == 0).any()
