@@ -164,12 +164,14 @@ class ColumnScorer:
         shared = shared_features(user_id, ts_ms, context, position, user_extra)
         n = len(cols.item_ids)
         logit = np.full(n, scorer._dot(shared, 0.0) + scorer.intercept)
-        for name, values in cols.numeric.items():
-            w = weights.get(name)
-            if w is not None:
-                finite = np.isfinite(values)
-                x = np.where(finite, values, 0.0)
-                logit += w * (np.sign(x) * np.log1p(np.abs(x)))
+        used = [(w, values) for name, values in cols.numeric.items()
+                if (w := weights.get(name)) is not None]
+        if used:  # signed_log of every used column at once, then added column by column
+            x = np.stack([values for _, values in used])
+            x = np.where(np.isfinite(x), x, 0.0)
+            x = np.sign(x) * np.log1p(np.abs(x))
+            for k, (w, _) in enumerate(used):
+                logit += w * x[k]
         static = self._static_rows(cols, user_keys) if cols.space is not None else None
         if static is not None:
             logit += static
