@@ -104,11 +104,14 @@ def test_age_from_the_serving_rows_equals_the_catalog_lookups(tmp_path: Path) ->
     from state.item_rows import ItemRows
     from state.item_table import CatalogEntry
 
-    table_map = tables(5, tmp_path)
+    table_map = tables(5, None)
     rng = random.Random(5)
     for item in ITEMS[:60]:
         table_map[shard_of(item)].catalog[item] = CatalogEntry(
             "c", True, T - rng.randrange(-3_600_000, 400 * 86_400_000))
+    for shard, table in table_map.items():  # as serving reads them: loaded from files
+        table.save(tmp_path / f"{shard}.npz")
+        table_map[shard] = ItemTable.load(tmp_path / f"{shard}.npz")
     view = CovisView()
     view.sync(table_map)
     space = ItemRows(view, shard_of)
@@ -119,3 +122,22 @@ def test_age_from_the_serving_rows_equals_the_catalog_lookups(tmp_path: Path) ->
     ref = _age_days(context, pool, T)
     got = _age_days(context, pool, T, rows, space)
     assert np.array_equal(got, ref) and (ref > 0).sum() >= 40 and (ref == 0).any()
+
+
+def test_loaded_catalog_reads_as_the_saved_one_and_builds_no_entries(tmp_path: Path) -> None:
+    """A loaded table's catalog (``FrozenCatalog``): the same entries, order and length
+    as the table it was saved from, with no object per item made at load."""
+    from state.item_table import CatalogEntry, FrozenCatalog
+
+    table = tables(6, None)["s0"]
+    rng = random.Random(6)
+    for item in ITEMS:
+        table.catalog[item] = CatalogEntry(rng.choice(["c1", "c2", None]), rng.random() < 0.9,
+                                           T - rng.randrange(10**9))
+    table.save(tmp_path / "t.npz")
+    loaded = ItemTable.load(tmp_path / "t.npz")
+    assert isinstance(loaded.catalog, FrozenCatalog)
+    assert not any(isinstance(v, CatalogEntry) for v in vars(loaded.catalog).values())
+    assert list(loaded.catalog.items()) == list(table.catalog.items())
+    assert len(loaded.catalog) == len(table.catalog) and "i3" in loaded.catalog
+    assert loaded.catalog.get("absent") is None and loaded.catalog.get("i3") == table.catalog["i3"]
