@@ -43,7 +43,7 @@ class CovisView:
         """``_known_row``'s rows: (ids, weights, -1 or the id count they are valid for)."""
         self._vmaps: dict[tuple[int, str], list[Any]] = {}
         """Per (loaded table, channel) with CSR rows: [table, its vocabulary's ids here
-        (-2: not looked up, -1: not an id yet), ids when last looked up]."""
+        (-2: none known yet)]."""
 
     def intern(self, items: Iterable[str]) -> np.ndarray:
         """Ids of ``items`` (new ones get the next ids)."""
@@ -176,30 +176,28 @@ class CovisView:
 
     def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,
                    vocab_idx: np.ndarray) -> np.ndarray:
-        """This view's ids of a table's vocabulary entries (-1: not an id)."""
+        """This view's ids of a table's vocabulary entries (-1: not an id). Found ids are
+        kept per table version (ids are never reused); entries without one are looked
+        up again when read (they may have got one since)."""
         key = (id(table), channel)
         entry = self._vmaps.get(key)
-        n_names = len(self.names)
         if entry is None:
             vocab = covis._vocab
+            vmap = np.full(len(vocab), -2, np.int64)  # -2: no id known (yet)
             if len(vocab) <= _EAGER_VOCAB:  # small: every entry at once
-                vmap = np.fromiter(map(self.ids.get, vocab, itertools.repeat(-1)), np.int64,
-                                   len(vocab))
-            else:  # large (most entries never read): as rows are read
-                vmap = np.full(len(vocab), -2, np.int64)
-            entry = self._vmaps[key] = [table, vmap, n_names]
+                vmap[:] = np.fromiter(map(self.ids.get, vocab, itertools.repeat(-2)), np.int64,
+                                      len(vocab))
+            entry = self._vmaps[key] = [table, vmap]
         vmap = entry[1]
-        if entry[2] != n_names:  # names were added since: look the unknown ones up again
-            vmap[vmap == -1] = -2
-            entry[2] = n_names
         ids = vmap[vocab_idx]
         unknown = ids == -2
         if unknown.any():
             todo = np.unique(vocab_idx[unknown])
             get, vocab = self.ids.get, covis._vocab
-            vmap[todo] = np.fromiter((get(vocab[j], -1) for j in todo.tolist()), np.int64,
+            vmap[todo] = np.fromiter((get(vocab[j], -2) for j in todo.tolist()), np.int64,
                                      todo.size)
             ids = vmap[vocab_idx]
+            ids[ids == -2] = -1
         return ids
 
 
