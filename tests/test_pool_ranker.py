@@ -41,7 +41,9 @@ def hr_at_10(model: PoolModel, seed: int, rounds: int, learn: bool = True) -> tu
 
 
 def config(**kw) -> PoolRankerConfig:
-    return PoolRankerConfig(**{"features": NAMES, **kw})
+    """Per-shard training: these tests drive one model (the central trainer's tests are
+    tests/test_pool_trainer.py)."""
+    return PoolRankerConfig(**{"features": NAMES, "training": "shard", **kw})
 
 
 def test_learning_from_next_positives_raises_hr_above_the_starting_blend_order() -> None:
@@ -103,11 +105,11 @@ def test_pending_pools_are_bounded_expire_and_learn_each_target_once() -> None:
 
 
 def test_serving_learns_on_the_user_shard_and_serves_the_pool_order(tmp_path: Path) -> None:
-    """Under ``auto`` with the LR ranker trailing, the pool ranker orders; its scores
-    are P(c | pool) and each user's next organic positive in the served pool teaches it."""
+    """With ``training = "shard"`` the pool ranker orders and each user's next positive
+    in the served pool teaches the shard's own model; its scores are P(c | pool)."""
     world = World(tmp_path)
     world.publish_all()
-    shard = world.user_shard(scorer="pool")
+    shard = world.user_shard(scorer="pool", pool=PoolRankerConfig(training="shard"))
     feed(shard, [click("c0", SEED, T0 - 10)])
     first = ask(shard, "c0", ts=T0)
     assert ids(first)[0] == "a31"  # the blend's order (a30 -> a31 strongest)
