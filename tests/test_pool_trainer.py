@@ -155,3 +155,13 @@ def test_the_user_shard_sends_pairs_and_serves_the_central_copy(tmp_path: Path) 
     assert shard.server.served_by["pool"] == 2
     restored = pickle.loads(pickle.dumps(shard))  # recovery keeps the copy's manifest
     assert restored.server.views.pool.version == manifest["version"]
+
+
+def test_config_keys_are_validated() -> None:
+    from flows.config import ConfigError, load_config
+
+    assert load_config(None).serving.pool.training == "central"
+    with pytest.raises(ConfigError, match="serving.pool.training"):
+        load_config({"serving": {"pool": {"training": "everywhere"}}})
+    with pytest.raises(ConfigError, match="serving.pool.sync_every_pairs"):
+        load_config({"serving": {"pool": {"sync_every_pairs": 0}}})
