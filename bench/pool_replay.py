@@ -15,10 +15,10 @@ Variants, side by side in the same run:
 * ``shard<S>``: the rival, S per-shard models each learning at once from the pairs of
   its own shard (pairs dealt to shards at random, seeded: a shard's users are a hash
   sample of all users);
-* ``central_lag<B>_local``: the copy plus shard-local steps on the shard's own pairs
+* ``central_lag<B>_local<S>``: the copy plus shard-local steps on the shard's own pairs
   since that copy (what a shard-local fallback between copies would add).
 
-    python bench/pool_replay.py /tmp/mldata/ml50k.jsonl --pairs /tmp/pairs50.npz
+    python bench/pool_replay.py /tmp/mldata/ml50k.jsonl --pairs /tmp/pairs50.npz [--shards 8,32]
 
 Prints readable lines and, last, one JSON line of the figures.
 """
@@ -102,7 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("log", type=Path)
     parser.add_argument("--pairs", type=Path, required=True, help="pairs file (made if absent)")
-    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--shards", default="8,32",
+                        help="user shard counts of the per-shard rival (comma-separated)")
     args = parser.parse_args()
     if not args.pairs.exists():
         capture(args.log, args.pairs)
@@ -113,14 +114,14 @@ def main() -> None:
         targets, positives = z["target"], int(z["positives"][0])
         flow_hr = float(z["hr_at_10"][0])
     names = list(PoolRankerConfig().features)
-    s = args.shards
-    variants = {
+    counts = [int(c) for c in args.shards.split(",")]
+    variants: dict[str, dict] = {
         "blend": {"learn": False},
         "central_lag1": {},
         "central_lag50": {"lag": 50},
         "central_lag100": {"lag": 100},
-        f"shard{s}": {"shards": s},
-        "central_lag100_local": {"lag": 100, "shards": s, "local": True},
+        **{f"shard{s}": {"shards": s} for s in counts},
+        f"central_lag100_local{counts[0]}": {"lag": 100, "shards": counts[0], "local": True},
     }
     figures: dict[str, float | int] = {"pairs": len(targets), "positives": positives,
                                        "flow_hr_at_10": flow_hr}
