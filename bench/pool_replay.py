@@ -15,6 +15,8 @@ Variants, side by side in the same run:
 * ``shard<S>``: the rival, S per-shard models each learning at once from the pairs of
   its own shard (pairs dealt to shards at random, seeded: a shard's users are a hash
   sample of all users);
+* ``central_lag100_ranks``: the same with ``serving.pool.rank_features`` (each
+  feature's rank within the pool beside it);
 * ``central_lag<B>_local<S>``: the copy plus shard-local steps on the shard's own pairs
   since that copy (what a shard-local fallback between copies would add).
 
@@ -69,12 +71,13 @@ def capture(log: Path, out: Path) -> None:
 
 
 def replay(xs: list[np.ndarray], targets: np.ndarray, names: list[str], lag: int = 1,
-           shards: int = 1, local: bool = False, learn: bool = True, seed: int = 0) -> int:
+           shards: int = 1, local: bool = False, learn: bool = True, seed: int = 0,
+           ranks: bool = False) -> int:
     """Hits in the top 10 (see the module docstring for the variants)."""
     rng = np.random.default_rng(seed)
     shard_of = rng.integers(0, shards, len(targets))
     lr = PoolRankerConfig().learning_rate
-    central = PoolRanker(names, lr)
+    central = PoolRanker(names, lr, ranks=ranks)
     served = copy.deepcopy(central)
     mine = [copy.deepcopy(central) for _ in range(shards)]
     per_shard = shards > 1 and not local
@@ -120,6 +123,7 @@ def main() -> None:
         "central_lag1": {},
         "central_lag50": {"lag": 50},
         "central_lag100": {"lag": 100},
+        "central_lag100_ranks": {"lag": 100, "ranks": True},
         **{f"shard{s}": {"shards": s} for s in counts},
         f"central_lag100_local{counts[0]}": {"lag": 100, "shards": counts[0], "local": True},
     }

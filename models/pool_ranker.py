@@ -67,6 +67,10 @@ class PoolRankerConfig:
         "docs/ranker.md.", False)
     long_items: int = doc("long_liked: the user's most recent positives whose co-visitation "
                           "rows form the long-term profile (each weighted 1/its count).", 100)
+    rank_features: bool = doc(
+        "Also give the model each feature's rank within the pool (0 = the pool's largest "
+        "value): one weight more per feature. Default by measurement: docs/ranker.md.",
+        True)
     training: str = doc(
         "Where the pool ranker learns: 'central' (one model in the pool trainer stage learns "
         "from every user shard's (pool, target) pairs and is published as a versioned "
@@ -105,32 +109,55 @@ def check_pool_config(config: PoolRankerConfig) -> None:
 
 
 class PoolRanker:
-    """Listwise softmax over a pool's feature matrix, Adagrad, running std scaling."""
+    """Listwise softmax over a pool's feature matrix, Adagrad, running std scaling.
+
+    ``ranks``: beside each feature, its rank within the pool (0 for the pool's largest
+    value .. (n-1)/n, ties in row order) -- a pool-relative view that one global scale
+    per feature cannot give (measured: docs/ranker.md)."""
 
     def __init__(self, names: list[str], learning_rate: float = 0.1,
-                 start: tuple[str, ...] = ("blend",)) -> None:
+                 start: tuple[str, ...] = ("blend",), ranks: bool = False) -> None:
         """``start``: the features with weight 1 at the start (their sum is the starting
-        order; the rest start at 0)."""
+        order; the rest, and every rank column, start at 0)."""
         if not set(start) & set(names):
             raise ValueError(f"the pool ranker needs a starting feature of {start} (its "
                              "starting order)")
         self.names = list(names)
-        self.w = np.array([1.0 if n in start else 0.0 for n in names])
-        self.g2 = np.full(len(names), 1e-6)
+        self.ranks = ranks
+        width = len(names) * (2 if ranks else 1)
+        self.w = np.array([1.0 if n in start else 0.0 for n in names] + [0.0] * (width - len(names)))
+        self.g2 = np.full(width, 1e-6)
         self.lr = learning_rate
-        self.mean = np.zeros(len(names))
-        self.var = np.ones(len(names))
+        self.mean = np.zeros(width)
+        self.var = np.ones(width)
         self.pools = 0
         """Pools observed (the running scale's count)."""
         self.updates = 0
 
+    def expand(self, x: np.ndarray) -> np.ndarray:
+        """The model's input: ``x`` (float64), with the within-pool rank columns when
+        ``ranks``."""
+        x = np.asarray(x, np.float64)
+        if not getattr(self, "ranks", False) or not len(x):  # older state: no ranks
+            return x
+        order = np.argsort(-x, axis=0, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(len(x))[:, None], axis=0)
+        return np.hstack([x, rank / len(x)])
+
     def scores(self, x: np.ndarray) -> np.ndarray:
         """Logit of each row of ``x`` (candidates x features)."""
-        return (x / np.sqrt(self.var + 1e-8)) @ self.w
+        return self._scores(self.expand(x))
+
+    def _scores(self, z: np.ndarray) -> np.ndarray:
+        return (z / np.sqrt(self.var + 1e-8)) @ self.w
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """``P(c | pool)`` of each row (softmax of ``scores``)."""
-        s = self.scores(x)
+        return self._softmax(self.expand(x))
+
+    def _softmax(self, z: np.ndarray) -> np.ndarray:
+        s = self._scores(z)
         p = np.exp(s - s.max())
         return p / p.sum()
 
@@ -139,25 +166,33 @@ class PoolRanker:
         ``max(1/pools, 1e-3)``)."""
         if len(x) < 2:
             return
+        z = self.expand(x)
         self.pools += 1
         a = max(1.0 / self.pools, 1e-3)
-        self.mean = (1 - a) * self.mean + a * x.mean(0)
-        self.var = (1 - a) * self.var + a * ((x - self.mean) ** 2).mean(0)
+        self.mean = (1 - a) * self.mean + a * z.mean(0)
+        self.var = (1 - a) * self.var + a * ((z - self.mean) ** 2).mean(0)
 
     def learn(self, x: np.ndarray, target: int) -> None:
         """One Adagrad step on ``log P(target | pool)``; ``x`` holds the target's row
         (float32 rows are read as float64, exactly)."""
-        x = np.asarray(x, np.float64)
-        xs = x / np.sqrt(self.var + 1e-8)
-        p = self.probabilities(x)
-        g = xs[target] - p @ xs
+        z = self.expand(x)
+        zs = z / np.sqrt(self.var + 1e-8)
+        p = self._softmax(z)
+        g = zs[target] - p @ zs
         self.g2 += g * g
         self.w += self.lr * g / np.sqrt(self.g2)
         self.updates += 1
 
     def weights(self) -> dict[str, float]:
-        """Weight per feature (per unit of its running std)."""
-        return {n: float(w) for n, w in zip(self.names, self.w, strict=True)}
+        """Weight per feature (per unit of its running std); rank columns ``rank:<name>``."""
+        names = self.names + ([f"rank:{n}" for n in self.names]
+                              if getattr(self, "ranks", False) else [])
+        return {n: float(w) for n, w in zip(names, self.w, strict=True)}
+
+    def same_inputs(self, other: PoolRanker) -> bool:
+        """Whether ``other`` reads the same matrix the same way (features and ranks)."""
+        return (other.names == self.names
+                and getattr(other, "ranks", False) == getattr(self, "ranks", False))
 
 
 POOL_FORMAT = 1
@@ -172,7 +207,7 @@ def save_pool_ranker(ranker: PoolRanker, path: str | os.PathLike) -> None:
         np.savez(f, format=np.array([POOL_FORMAT]), names_blob=blob, names_offsets=offsets,
                  w=ranker.w, g2=ranker.g2, mean=ranker.mean, var=ranker.var,
                  counts=np.array([ranker.pools, ranker.updates], np.int64),
-                 lr=np.array([ranker.lr]))
+                 lr=np.array([ranker.lr]), ranks=np.array([int(ranker.ranks)]))
 
 
 def load_pool_ranker(path: str | os.PathLike | Path) -> PoolRanker:
@@ -186,13 +221,15 @@ def load_pool_ranker(path: str | os.PathLike | Path) -> PoolRanker:
                 raise ValueError(f"{Path(path).name}: pool ranker format {int(z['format'][0])}, "
                                  f"expected {POOL_FORMAT}")
             names = unpack_strings(z["names_blob"], z["names_offsets"])
-            ranker = PoolRanker(names, float(z["lr"][0]), start=tuple(names))
+            ranks = bool(z["ranks"][0]) if "ranks" in z.files else False
+            ranker = PoolRanker(names, float(z["lr"][0]), start=tuple(names), ranks=ranks)
             ranker.w, ranker.g2 = z["w"].astype(np.float64), z["g2"].astype(np.float64)
             ranker.mean, ranker.var = z["mean"].astype(np.float64), z["var"].astype(np.float64)
             ranker.pools, ranker.updates = (int(v) for v in z["counts"])
     except (KeyError, OSError) as err:
         raise ValueError(f"{Path(path).name}: not a pool ranker snapshot ({err})") from None
-    if not len(ranker.w) == len(ranker.g2) == len(ranker.mean) == len(ranker.var) == len(names):
+    width = len(names) * (2 if ranker.ranks else 1)
+    if not len(ranker.w) == len(ranker.g2) == len(ranker.mean) == len(ranker.var) == width:
         raise ValueError(f"{Path(path).name}: arrays do not match its {len(names)} features")
     return ranker
 
@@ -280,7 +317,8 @@ class PoolModel:
     def __init__(self, config: PoolRankerConfig) -> None:
         check_pool_config(config)
         self.config = config
-        self.ranker = PoolRanker(list(config.features), config.learning_rate)
+        self.ranker = PoolRanker(list(config.features), config.learning_rate,
+                                 ranks=getattr(config, "rank_features", False))
         """Shard training: the learning model. Central: the starting weights (the
         blend order), serving until the first central copy."""
         self.pending = PendingPools(config.max_pending, config.pending_ttl_ms)
@@ -303,7 +341,7 @@ class PoolModel:
         starting weights); shard training with its own model, whose scale it then
         updates (past pools only)."""
         if self.central:
-            ranker = copy if copy is not None and copy.names == self.ranker.names else self.ranker
+            ranker = copy if copy is not None and copy.same_inputs(self.ranker) else self.ranker
             p = ranker.probabilities(x)
         else:
             p = self.ranker.probabilities(x)

@@ -35,7 +35,8 @@ class PoolTrainer:
     def __init__(self, config: PoolRankerConfig, store: SnapshotStore) -> None:
         self.config = config
         self.store = store
-        self.ranker = PoolRanker(list(config.features), config.learning_rate)
+        self.ranker = PoolRanker(list(config.features), config.learning_rate,
+                                 ranks=config.rank_features)
         self.pairs = 0
         self.pair_bytes = 0
         """Payload received (float32 matrices and targets, bytes)."""
