@@ -10,7 +10,7 @@ import pytest
 from serving_world import SEED, T0, World, ask, click, feed, ids
 
 from events.model import Feedback
-from models.pool_ranker import PendingPools, PoolModel, PoolRankerConfig
+from models.pool_ranker import PendingPools, PoolModel, PoolRanker, PoolRankerConfig
 
 NAMES = ["blend", "long_liked", "pop"]  # synthetic: long_liked is the taste, pop noise
 
@@ -179,3 +179,37 @@ def test_pool_ranker_waits_for_the_organic_positives_that_judge_it(tmp_path: Pat
     feed(shard, [click("c0", "a20", T0 + 3)])
     ask(shard, "c0", ts=T0 + 4)
     assert "c0" in shard.server.pool.pending.pools
+
+
+def test_rank_features_are_the_pool_relative_order_of_each_column() -> None:
+    ranker = PoolRanker(NAMES, ranks=True)
+    x = np.array([[0.9, 5.0, 1.0], [0.5, 7.0, 1.0], [0.1, 6.0, 3.0]])
+    z = ranker.expand(x)
+    assert np.array_equal(z[:, :3], x)
+    # 0 for the pool's largest value; ties in row order.
+    assert np.allclose(z[:, 3:] * 3, [[0, 2, 1], [1, 0, 2], [2, 1, 0]])
+    # Starting weights: the blend order, whatever the ranks.
+    assert np.argsort(-ranker.probabilities(x), kind="stable").tolist() == [0, 1, 2]
+    assert set(ranker.weights()) == {*NAMES, *(f"rank:{n}" for n in NAMES)}
+
+
+def test_rank_features_learn_what_one_global_scale_cannot() -> None:
+    """The target is the pool's best on a column whose level varies wildly from pool to
+    pool (a per-user scale): its rank finds it, its raw value much less."""
+    rng = np.random.default_rng(0)
+
+    def hr(ranks: bool) -> float:
+        model = PoolModel(config(rank_features=ranks))
+        hits = []
+        for n in range(1_500):
+            x = rng.normal(size=(30, 3))
+            x[:, 0] = np.sort(rng.random(30))[::-1]
+            x[:, 1] = np.exp(rng.normal(0, 3)) * rng.random(30)  # scale differs per pool
+            target = int(np.argmax(x[:, 1])) if rng.random() < 0.5 else int(rng.integers(30))
+            items = [f"i{n}-{j}" for j in range(30)]
+            p = model.serve("u", items, x, T0 + n)
+            hits.append(target in np.argsort(-p, kind="stable")[:3])
+            model.outcome("u", items[target], T0 + n)
+        return float(np.mean(hits[-500:]))
+
+    assert hr(True) > hr(False) + 0.1
