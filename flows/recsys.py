@@ -46,7 +46,7 @@ from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
 from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
-from operators.pool_trainer import PoolTrainer, PoolTrainerLogic
+from operators.pool_trainer import PoolTrainer
 from operators.sinks import JsonlFileSink
 from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, OnceSource, ReplaySource, SimulatorSource
@@ -367,8 +367,8 @@ def _pool_trainer(outputs: Stream[dict[str, list[Any]]], config: Config,
     if not (config.serving.enabled and pool.enabled and pool.training == "central"):
         return None
 
-    def builder(resume: PoolTrainer | None) -> PoolTrainerLogic:
-        return PoolTrainerLogic(resume or PoolTrainer(pool, store))
+    def builder(resume: PoolTrainer | None) -> TrainerLogic:
+        return TrainerLogic(resume or PoolTrainer(pool, store))
 
     keyed = op.key_on("pool_key", _take("pool-pairs", outputs), lambda _: "pool")
     return op.map("pool_out", op.stateful("pool_trainer", keyed, builder), lambda kv: kv[1])

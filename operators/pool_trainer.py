@@ -11,13 +11,14 @@ writes the model into the snapshot store as a new immutable ``pool-ranker`` vers
 through their ``SnapshotViews`` like the LR ranker's copy: by event time in replays
 (deterministic), by wall-clock polling live.
 
-Measured on MovieLens (docs/ranker.md): one model learning from every shard beats a
-model per shard, whose pools each see 1/S of the outcomes.
+Measured on MovieLens (docs/ranker.md): with 8 user shards the central model is
++0.002 HR@10 over per-shard models at 50k events (its copies lag a micro-batch, which
+costs about what a shard's 1/8 of the outcomes costs), and unlike them it does not
+degrade with the shard count. The Bytewax glue is the
+ranker trainer's (``operators.trainer.TrainerLogic``).
 """
 
 from __future__ import annotations
-
-from bytewax.operators import StatefulLogic
 
 from events.model import Record, processing_error
 from models.pool_ranker import PoolPair, PoolRanker, PoolRankerConfig, save_pool_ranker
@@ -103,20 +104,3 @@ class PoolTrainer:
         if self.since_sync:
             out["snapshots"] = [self.sync()]
         return out
-
-
-class PoolTrainerLogic(StatefulLogic[list[PoolPair], PoolTrainerOutput, PoolTrainer]):
-    """Bytewax glue for the single-key pool trainer."""
-
-    def __init__(self, trainer: PoolTrainer) -> None:
-        self.trainer = trainer
-
-    def on_item(self, value: list[PoolPair]) -> tuple[list[PoolTrainerOutput], bool]:
-        out = self.trainer.process(value)
-        return ([out] if out else []), StatefulLogic.RETAIN
-
-    def on_eof(self) -> tuple[list[PoolTrainerOutput], bool]:
-        return [self.trainer.finish()], StatefulLogic.RETAIN
-
-    def snapshot(self) -> PoolTrainer:
-        return self.trainer
