@@ -43,6 +43,7 @@ from operators.item_updates import (
     MFStep,
     ProfileEvent,
 )
+from operators.placement import spread_key
 from operators.point_in_time import CovisQuery, PointInTime
 from operators.serving import Server, ServingConfig, repeat_blocked
 from operators.snapshot_views import SnapshotViews
@@ -385,5 +386,6 @@ def route_events(events: list[Event], shards: int, shard_of: Callable[[str], int
 
 
 def shard_key(index: int) -> str:
-    """The Bytewax key of user shard ``index``."""
-    return f"u{index:03d}"
+    """The Bytewax key of user shard ``index`` (``u<index>_<k>``: placed round robin over
+    the workers, ``operators.placement``)."""
+    return spread_key("u", index)
