@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import weakref
 from typing import Any
@@ -20,6 +21,8 @@ from state.item_rows import ItemRows
 from state.item_table import ItemTable
 
 log = logging.getLogger(__name__)
+_isfinite = math.isfinite
+_log1p = math.log1p
 
 
 class LinearScorer:
@@ -240,87 +243,167 @@ class ColumnScorer:
         return self.scorer.weights.get(f"item={item}", 0.0) + self._sum(extra), frozenset(extra)
 
     def _sum(self, extra: dict[str, Any]) -> float:
-        """``w . x`` over the features ``extra`` expands to (``models.features``)."""
+        """``w . x`` over the features ``extra`` expands to (``models.features``); float
+        values (most profile features) are summed without building the feature dict."""
+        get = self.scorer.weights.get
+        s = 0.0
         part: Features = {}
         for key, value in extra.items():
-            add_feature(part, key, value)
-        get = self.scorer.weights.get
-        return sum(w * v for name, v in part.items() if (w := get(name)) is not None)
+            if type(value) is float:  # add_feature's float case: the name is the key
+                w = get(key)
+                if w is not None and _isfinite(value):
+                    s += w * (_log1p(value) if value >= 0.0 else -_log1p(-value))
+            else:
+                add_feature(part, key, value)
+        return s + sum(w * v for name, v in part.items() if (w := get(name)) is not None)
+
+
+class _TableTerms:
+    """One ``ColumnScorer``'s item-profile terms of every item of one ``ItemTable``: the
+    table's feature matrix (``ItemTable.feature_matrix``) through ``signed_log`` times the
+    weights, in one product per (ranker, table version)."""
+
+    def __init__(self, scorer: ColumnScorer, table: ItemTable) -> None:
+        self.index, names, matrix = table.feature_matrix()
+        self.names = frozenset(names)
+        self.exact = "i:category" in self.names
+        """A profile feature named like the catalog's category: only the dict is exact."""
+        weights = scorer.scorer.weights
+        used = [k for k, name in enumerate(names) if name in weights]
+        prof = np.zeros(len(self.index) + 1)  # the last row: items without a profile
+        if used:
+            x = matrix[:, used]
+            x = np.where(np.isfinite(x), x, 0.0)
+            x = np.sign(x) * np.log1p(np.abs(x))
+            prof[:-1] = x @ np.array([weights[names[k]] for k in used])
+        self.prof = prof
 
 
 class _StaticRows:
-    """One ``ColumnScorer``'s static item terms per slot of an ``ItemRows``: valid while
-    the row's attributes object is the one it was computed from (kept, so its ``id``
-    cannot be reused meanwhile) and its table's generation is the one it was read from,
-    or a newer table gives the item the same profile and category (tables are
-    republished often; most items' static features do not change)."""
+    """One ``ColumnScorer``'s static item terms per slot of an ``ItemRows``, as three
+    parts: ``item=<id>`` (once per slot), the catalog attributes' ``i:<attr>`` terms
+    (again when the row's attributes object changes; it is kept, so its ``id`` cannot
+    be reused meanwhile) and the table's terms, item profile and ``i:category`` (again
+    when the shard's table generation changes: read from the table's ``_TableTerms``
+    and the category code ``ItemRows.fill`` keeps, with no per-item feature dicts).
+    The sum is River's in another order (within 1e-9); an attribute that overrides an
+    item-profile name is summed through ``ColumnScorer._static_term`` (exact dicts)."""
 
     def __init__(self, scorer: ColumnScorer) -> None:
         self.scorer = scorer
-        self.term = np.zeros(0)
+        self.item_w = np.zeros(0)
+        self.table_term = np.zeros(0)
+        self.attr_term = np.zeros(0)
         self.gen = np.zeros(0, np.int64)
         self.attr_id = np.zeros(0, np.int64)
+        self.over_cat = np.zeros(0, bool)
+        """The attributes give ``i:category`` (the table's category does not count)."""
         self.attrs = np.zeros(0, object)
-        self.source = np.zeros(0, object)
-        """What the term read from the item's table: (has a table, profile, category)."""
+        self.attr_keys = np.zeros(0, object)
+        """The ``i:<attr>`` keys of each slot's attributes (frozenset)."""
+        self.cat_w = np.zeros(1)
+        """``i:category=<name>`` weight per category code of the ``ItemRows`` (0: none)."""
         self.keys: set[str] = set()
-        """Every static feature key memoised (checked against the user's keys)."""
+        """Every static feature key summed (checked against the user's keys)."""
 
     def _grow(self, size: int) -> None:
-        old = self.term.size
+        old = self.item_w.size
         if old >= size:
             return
-        self.term = np.concatenate([self.term, np.zeros(size - old)])
-        self.gen = np.concatenate([self.gen, np.full(size - old, -1, np.int64)])
-        self.attr_id = np.concatenate([self.attr_id, np.zeros(size - old, np.int64)])
-        self.attrs = np.concatenate([self.attrs, np.full(size - old, None, object)])
-        self.source = np.concatenate([self.source, np.full(size - old, None, object)])
+
+        def grown(arr: np.ndarray, fill: Any) -> np.ndarray:
+            return np.concatenate([arr, np.full(size - old, fill, arr.dtype)])
+
+        self.item_w = grown(self.item_w, np.nan)  # NaN: not computed yet
+        self.table_term = grown(self.table_term, 0.0)
+        self.attr_term = grown(self.attr_term, 0.0)
+        self.gen = grown(self.gen, -1)
+        self.attr_id = grown(self.attr_id, 0)
+        self.over_cat = grown(self.over_cat, False)
+        self.attrs = grown(self.attrs, None)
+        self.attr_keys = grown(self.attr_keys, None)
+
+    def _table_terms(self, table: ItemTable) -> _TableTerms:
+        key = (self.scorer, _TableTerms)
+        terms = table.memo.get(key)
+        if terms is None:
+            terms = table.memo[key] = _TableTerms(self.scorer, table)
+        self.keys.update(terms.names)
+        self.keys.add("i:category")
+        return terms
+
+    def _category_weights(self, space: ItemRows) -> np.ndarray:
+        n = len(space.categories)
+        if self.cat_w.size < n:
+            get = self.scorer.scorer.weights.get
+            self.cat_w = np.concatenate([self.cat_w, [get(f"i:category={c}", 0.0)
+                                                      for c in space.categories[self.cat_w.size:]]])
+        return self.cat_w
 
     def terms(self, space: ItemRows, slots: np.ndarray, cols: ItemColumns) -> np.ndarray:
         self._grow(space.capacity)
-        gen = space.shard_gen[space.shard[slots]]
         attr_ids = np.fromiter(map(id, cols.attrs), np.int64, len(cols.attrs))
-        stale = np.flatnonzero((self.gen[slots] != gen) | (self.attr_id[slots] != attr_ids))
-        if not stale.size:
-            return self.term[slots]
-        rows = slots[stale]
-        # plain lists for the loop (numpy scalar reads and writes cost ~10x a list's);
-        # slots are distinct within a request, so the writes can wait for the end
-        new_ids = attr_ids[stale].tolist()
-        old_ids = self.attr_id[rows].tolist()
-        old_sources = self.source[rows].tolist()
-        changed: list[int] = []
+        new_attrs = np.flatnonzero(self.attr_id[slots] != attr_ids)
+        if new_attrs.size:
+            self._attr_terms(slots, new_attrs, attr_ids, cols)
+        gen = space.shard_gen[space.shard[slots]]
+        stale = np.flatnonzero(self.gen[slots] != gen)
+        if stale.size:
+            self._table_rows(space, slots, stale, cols)
+            self.gen[slots[stale]] = gen[stale]
+        return self.item_w[slots] + self.table_term[slots] + self.attr_term[slots]
+
+    def _attr_terms(self, slots: np.ndarray, new: np.ndarray, attr_ids: np.ndarray,
+                    cols: ItemColumns) -> None:
+        """``item=<id>`` (first sight) and the attributes' terms of the slots ``new``;
+        their table terms are read again (the attributes may override the category)."""
+        get = self.scorer.scorer.weights.get
+        total = self.scorer._sum
+        rows = slots[new]
+        fresh = np.isnan(self.item_w[rows])
+        if fresh.any():
+            self.item_w[rows[fresh]] = [get(f"item={cols.item_ids[j]}", 0.0)
+                                        for j in new[fresh].tolist()]
         terms: list[float] = []
-        sources: list[Any] = []
-        attrs_new: list[Any] = []
-        items, tables, attrs_of = cols.item_ids, cols.tables, cols.attrs
+        for j, r in zip(new.tolist(), rows.tolist(), strict=True):
+            extra = static_item_features("", None, cols.attrs[j])
+            keys = frozenset(extra)
+            self.keys.update(keys)
+            terms.append(total(extra) if extra else 0.0)
+            self.attrs[r] = cols.attrs[j]  # one by one: numpy would unpack tuples
+            self.attr_keys[r] = keys
+            self.over_cat[r] = "i:category" in keys
+        self.attr_term[rows] = terms
+        self.attr_id[rows] = attr_ids[new]
+        self.gen[rows] = -1
+
+    def _table_rows(self, space: ItemRows, slots: np.ndarray, stale: np.ndarray,
+                    cols: ItemColumns) -> None:
+        """The table terms (item profile + ``i:category``) of the slots ``stale``."""
+        rows = slots[stale]
+        cat = self._category_weights(space)[space.category[rows]]
+        cat[self.over_cat[rows]] = 0.0
+        prof = np.zeros(rows.size)
+        items, tables = cols.item_ids, cols.tables
+        by_table: dict[int, tuple[ItemTable, list[int]]] = {}
         for n, j in enumerate(stale.tolist()):
-            item, table, attrs = items[j], tables[j], attrs_of[j]
-            source = _table_source(item, table)
-            if old_ids[n] != new_ids[n] or old_sources[n] != source:
-                term, keys = self.scorer._static_term(item, table, attrs)
-                self.keys.update(keys)
-                changed.append(n)
-                terms.append(term)
-                sources.append(source)
-                attrs_new.append(attrs)
-        if changed:
-            at = rows[changed]
-            self.term[at] = terms
-            self.attr_id[at] = attr_ids[stale][changed]
-            for r, attrs, source in zip(at.tolist(), attrs_new, sources, strict=True):
-                self.attrs[r] = attrs  # one by one: numpy would unpack tuples
-                self.source[r] = source
-        self.gen[rows] = gen[stale]
-        return self.term[slots]
-
-
-def _table_source(item: str, table: ItemTable | None) -> tuple[Any, ...]:
-    """What ``static_item_features`` reads from the item's table."""
-    if table is None:
-        return (False,)
-    entry = table.catalog.get(item)
-    return (True, table.features.get(item), entry.category if entry else None)
+            table = tables[j]
+            if table is not None:
+                by_table.setdefault(id(table), (table, []))[1].append(n)
+        for table, at in by_table.values():
+            terms = self._table_terms(table)
+            last = terms.prof.size - 1
+            index = terms.index
+            prof[at] = terms.prof[[index.get(items[stale[n]], last) for n in at]]
+            for n in at:
+                keys = self.attr_keys[rows[n]]
+                if terms.exact or (keys and not terms.names.isdisjoint(keys)):
+                    j = int(stale[n])
+                    exact = self.scorer._static_term(items[j], table, cols.attrs[j])[0]
+                    r = rows[n]
+                    prof[n] = exact - self.item_w[r] - self.attr_term[r]
+                    cat[n] = 0.0
+        self.table_term[rows] = prof + cat
 
 
 _COLUMN_SCORERS: weakref.WeakKeyDictionary[LinearScorer, ColumnScorer] = weakref.WeakKeyDictionary()

@@ -105,9 +105,22 @@ class ItemTable:
         default_factory=dict, init=False, repr=False, compare=False)
     _rows: dict[tuple[str, str], dict[str, float]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    _matrix: tuple[dict[str, int], list[str], np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False)
     memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Readers' caches of values derived from this version (e.g. a serving ranker's item
     terms), keyed by their owner; dropped with the table, never saved."""
+
+    def feature_matrix(self) -> tuple[dict[str, int], list[str], np.ndarray]:
+        """``features`` as (item -> row, feature names, float64 matrix items x names, NaN =
+        no value): the file's arrays for a loaded table, else built once from the dicts
+        (a published table is immutable). Callers must not modify them."""
+        if self._matrix is None:
+            ids = list(self.features)
+            names = sorted({n for feats in self.features.values() for n in feats})
+            self._matrix = (dict(zip(ids, range(len(ids)), strict=True)), names,
+                            _matrix_of(self.features, names))
+        return self._matrix
 
     def channel(self, name: str) -> tuple[CoVisitation | None, dict[str, float]]:
         """Co-visitation table and normalising counts of channel ``liked`` or ``any``."""
@@ -169,13 +182,8 @@ class ItemTable:
             arrays[f"{name}_ids"] = np.asarray(list(counts), dtype=np.str_)
             arrays[name] = np.fromiter(counts.values(), np.float64, len(counts))
         cat_ids = list(self.catalog)
-        feat_ids = list(self.features)
-        names = sorted({n for feats in self.features.values() for n in feats})
-        matrix = np.full((len(feat_ids), len(names)), np.nan)
-        if feat_ids:  # one row list per item (numpy assigns a row at once), NaN = no value
-            nan = float("nan")
-            matrix[:] = [[feats.get(n, nan) for n in names]
-                         for feats in self.features.values()]
+        index, names, matrix = self.feature_matrix()
+        feat_ids = list(index)
         with open(path, "wb") as f:
             np.savez(
                 f,
@@ -207,30 +215,53 @@ class ItemTable:
                                               if k.startswith(_COVIS)}, frozen=True)
             any_arrays = {k[len(_COVIS_ANY):]: z[k] for k in z.files if k.startswith(_COVIS_ANY)}
             covis_any = CoVisitation.from_arrays(any_arrays, frozen=True) if any_arrays else None
+            matrix = _feature_arrays(z)
             catalog = FrozenCatalog(z["catalog_ids"].tolist(), z["catalog_category"].tolist(),
                                     z["catalog_available"], z["catalog_first_seen"])
-            return cls(
+            table = cls(
                 shard=str(z["shard"]),
                 ts=int(z["ts"]),
                 covis=covis,
                 popular=dict(zip(z["popular_ids"].tolist(), z["popular"].tolist(), strict=True)),
                 trending=dict(zip(z["trending_ids"].tolist(), z["trending"].tolist(), strict=True)),
                 catalog=catalog,
-                features=_features(z),
+                features=_features(matrix),
                 **_half_lives(z),
                 covis_any=covis_any,
                 liked_counts=_counts(z, "liked_counts"),
                 interactions=_counts(z, "interactions"),
             )
+        if matrix is not None:
+            table._matrix = matrix
+        return table
 
 
-def _features(z: Any) -> dict[str, dict[str, float]]:
-    """Per-item feature dicts from the saved matrix (NaN = no value); {} for old files."""
+def _matrix_of(features: dict[str, dict[str, float]], names: list[str]) -> np.ndarray:
+    """One row per item of ``features`` (in its order), one column per name, NaN = no value."""
+    matrix = np.full((len(features), len(names)), np.nan)
+    if features:  # one row list per item (numpy assigns a row at once)
+        nan = float("nan")
+        matrix[:] = [[feats.get(n, nan) for n in names] for feats in features.values()]
+    return matrix
+
+
+def _feature_arrays(z: Any) -> tuple[dict[str, int], list[str], np.ndarray] | None:
+    """``feature_matrix`` as saved; None for old files."""
     if "feature_ids" not in z.files:
+        return None
+    ids = z["feature_ids"].tolist()
+    return (dict(zip(ids, range(len(ids)), strict=True)), z["feature_names"].tolist(),
+            np.asarray(z["feature_values"], np.float64))
+
+
+def _features(matrix: tuple[dict[str, int], list[str], np.ndarray] | None
+              ) -> dict[str, dict[str, float]]:
+    """Per-item feature dicts from the saved matrix (NaN = no value); {} for old files."""
+    if matrix is None:
         return {}
-    names = z["feature_names"].tolist()
+    index, names, values = matrix
     out = {}
-    for item, row in zip(z["feature_ids"].tolist(), z["feature_values"].tolist(), strict=True):
+    for item, row in zip(index, values.tolist(), strict=True):
         out[item] = {n: v for n, v in zip(names, row, strict=True) if v == v}
     return out
 

@@ -121,10 +121,12 @@ class World:
         self.vectors = {item: rng.normal(size=DIM).astype(np.float32) for item in ITEMS}
 
     # -- publishing ---------------------------------------------------------------------
-    def publish_tables(self, ts: int = T0 - 60_000, **catalog_changes: dict[str, Any]
-                       ) -> dict[str, Manifest]:
+    def publish_tables(self, ts: int = T0 - 60_000,
+                       features: dict[str, dict[str, float]] | None = None,
+                       **catalog_changes: dict[str, Any]) -> dict[str, Manifest]:
         """One ItemTable per item shard, written with ``store.write(f"items-{shard}", ...)``.
 
+        ``features``: item profile features per item (``ItemTable.features``).
         ``catalog_changes``: item -> CatalogEntry field overrides (e.g. available=False).
         """
         for item, change in catalog_changes.items():
@@ -142,6 +144,7 @@ class World:
                 popular={i: s for i, s in self.popular.items() if mine(i)},
                 trending={i: s for i, s in self.trending.items() if mine(i)},
                 catalog={i: e for i, e in self.catalog.items() if mine(i)},
+                features={i: f for i, f in (features or {}).items() if mine(i)},
             )
             manifests[shard] = self.store.write(f"items-{shard}", "npz", table.save, ts)
         return manifests
