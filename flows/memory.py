@@ -72,6 +72,7 @@ BYTES: dict[str, float] = {
     "pool_item": 120,
     "duel_user": 2_700,
     "serving_slot": 150,
+    "covis_view_id": 160,
     "pool_candidate": 100,
     "mf_row": 310,
     "item": 700,
@@ -100,7 +101,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
     ``ALLOCATOR_OVERHEAD``. Returns ``{"total_mb", "parts_mb": {part: MB}}``.
 
     Parts: ``user_shards`` (users: history, attributes, profiles, duel; hot profiles;
-    catalog copy; joiner; MF user rows; serving's candidate slots; pending pools), ``item_shards`` (items: catalog, counters,
+    catalog copy; joiner; MF user rows; serving's candidate slots and view ids; pending pools), ``item_shards`` (items: catalog, counters,
     profiles; co-visitation rows, full; MF item rows), ``serving_tables`` (the loaded
     item tables, one version per shard), ``index`` (builder and serving copies),
     ``ranker`` (waiting examples; weights of the training, serving and pickled copies)
@@ -124,6 +125,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
         # serving's per-candidate slots (state/item_rows.py: dropped past max(16k, 2 x the
         # loaded tables' items)) and the pool ranker's pending pools (one per user)
         + max(16_384, 2 * sh.items * items.max_items) * b["serving_slot"]
+        # and the co-visitation view's ids (state/covis_view.py, same bound: a new view)
+        + max(16_384, 2 * sh.items * items.max_items) * b["covis_view_id"]
         + (pool.max_pending * pool.pool_size * b["pool_candidate"] if pool.enabled else 0)
         + (mf.max_users * b["mf_row"] if items.enabled else 0)
     )

@@ -153,6 +153,9 @@ def load_hook(spec: str) -> Hook:
 class Server:
     """Retrieval, filtering, scoring and ordering for one user shard."""
 
+    min_view_ids = 16_384
+    """The co-visitation view's id bound never goes below this (``CovisView.over_bound``)."""
+
     def __init__(self, config: ServingConfig, context: PointInTime,
                  max_users: int = 1_000_000) -> None:
         self.config = config
@@ -174,8 +177,10 @@ class Server:
         self.duel.max_users = min(self.duel.max_users, max_users)
         """Remembers each requesting user's last two top-k lists."""
         self.covis_view = CovisView()
-        self.item_rows = ItemRows(self.covis_view, self.item_shard_of)
+        self.item_rows: ItemRows | None = ItemRows(self.covis_view, self.item_shard_of)
         """Per-item values of the loaded snapshots by row (the candidates' id space)."""
+        self.view_resets = 0
+        """New co-visitation views started because items churned past the bound."""
         self.pool = PoolModel(config.pool) if config.pool.enabled else None
         """The pool ranker (learns on this shard from its users' next positives)."""
         self.organic_positives = 0
@@ -204,6 +209,16 @@ class Server:
         state["covis_view"] = CovisView()
         state["item_rows"] = None
         return state
+
+    def _bound_ids(self) -> None:
+        """Start a new co-visitation view (and with it a new ``ItemRows`` and top-list
+        cache: they hold its ids) when items churned past its bound
+        (``CovisView.over_bound``); called before a request takes any id."""
+        if self.covis_view.over_bound(self.min_view_ids):
+            self.covis_view = CovisView()
+            self._top_cache = {}
+            self.item_rows = None
+            self.view_resets = getattr(self, "view_resets", 0) + 1
 
     def _space(self) -> ItemRows:
         """The candidates' id space (rebuilt after a resume)."""
@@ -359,6 +374,7 @@ class Server:
         """``retrieve`` as a ``CandidatePool`` (no per-candidate objects)."""
         sizes = self.config.sources
         tables = self.views.loaded_tables()
+        self._bound_ids()
         space = self._space()
         parts: list[tuple[str, np.ndarray, np.ndarray]] = []
         n = sizes.get("ann", 0)

@@ -9,8 +9,12 @@ in one dense array per channel, refreshed from each table as a new version of it
 seen (an item belongs to one shard, so a shard's new table overwrites only its own
 items' counts).
 
-Invariant: ids are dense ``0..len(names)-1`` and never reused; an id grows the dense
-arrays, so memory is O(items seen) per process, like the tables themselves.
+Invariant: ids are dense ``0..len(names)-1`` and never reused by a view; an id grows
+the dense arrays. Bounded like ``ItemRows``' slots: once a view holds more than
+``max(min_ids, 2 x the loaded tables' items)`` ids (``over_bound``; items churned
+through), its owner starts a new view between requests (serving: ``Server``), so every
+id handed out within a request stays valid for that request and memory stays
+O(items in the loaded tables) per user shard.
 """
 
 from __future__ import annotations
@@ -44,6 +48,17 @@ class CovisView:
         self._vmaps: dict[tuple[int, str], list[Any]] = {}
         """Per (loaded table, channel) with CSR rows: [table, its vocabulary's ids here
         (-2: none known yet)]."""
+
+    def over_bound(self, min_ids: int = 16_384) -> bool:
+        """More ids than ``max(min_ids, 2 x the loaded tables' items)`` (per table the
+        largest of its catalog and its two channels' counts: what a new view interns at
+        once), so the owner should start a new view."""
+        n = len(self.names)
+        if n <= min_ids:
+            return False
+        known = sum(max(len(t.catalog), len(t.liked_counts), len(t.interactions))
+                    for t in self._tables.values())
+        return n > 2 * known
 
     def intern(self, items: Iterable[str]) -> np.ndarray:
         """Ids of ``items`` (new ones get the next ids)."""

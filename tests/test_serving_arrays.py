@@ -190,3 +190,41 @@ def test_identity_hooks_answer_as_the_array_path(world: World) -> None:
 def identity(request: Any, cands: list[Candidate]) -> list[Candidate]:
     """A hook that changes nothing."""
     return cands
+
+
+def test_covis_view_ids_stay_bounded_under_item_churn(world: World) -> None:
+    """Items churn through the tables (each version replaces 20 popular items by new
+    ones): the serving view's id space is started anew once it holds more than
+    ``max(min_view_ids, 2 x the loaded tables' items)`` ids, so it stays bounded, while
+    a server that never starts anew grows by 20 ids a version; both answer every
+    request identically (items, order, scores, sources)."""
+    world.publish_index()
+    _ranker_on_item_features(world)
+    bounded, unbounded = world.user_shard(), world.user_shard()
+    for shard in (bounded, unbounded):
+        feed(shard, [click("u", SEED, T0 - 10_000), click("u", "a01", T0 - 9_000)])
+    assert bounded.server is not None and unbounded.server is not None
+    bounded.server.min_view_ids = 64
+    unbounded.server.min_view_ids = 10**9
+    churn: list[str] = []
+    most = 0
+    for version in range(15):
+        for item in churn:
+            del world.popular[item], world.catalog[item]
+        churn = [f"z{version:02d}_{j:02d}" for j in range(20)]
+        for j, item in enumerate(churn):
+            world.popular[item] = 1_000.0 + 50 * version + j  # distinct: no ties
+            world.catalog[item] = CatalogEntry(f"c{j % 4}", True, T0 - DAY)
+        ts = T0 + version * 1_000
+        world.publish_tables(ts - 500)
+        for user in ("u", "v"):
+            a = ask(bounded, user, ts=ts, k=30)
+            b = ask(unbounded, user, ts=ts, k=30)
+            assert a["items"] == b["items"] and len(a["items"]) == 30
+        assert any(i["item_id"] in churn for i in a["items"])
+        most = max(most, len(bounded.server.covis_view.names))
+    loaded = sum(len(t.catalog) for t in bounded.server.views.loaded_tables())
+    assert bounded.server.view_resets >= 2
+    assert most <= max(64, 2 * loaded) + 20 + 30  # the bound, plus one request's new ids
+    assert len(unbounded.server.covis_view.names) >= 40 + 15 * 20
+    assert unbounded.server.view_resets == 0
