@@ -386,7 +386,8 @@ class _StaticRows:
         prof = np.zeros(rows.size)
         items, tables = cols.item_ids, cols.tables
         by_table: dict[int, tuple[ItemTable, list[int]]] = {}
-        for n, j in enumerate(stale.tolist()):
+        stale_at = stale.tolist()
+        for n, j in enumerate(stale_at):
             table = tables[j]
             if table is not None:
                 by_table.setdefault(id(table), (table, []))[1].append(n)
@@ -394,11 +395,11 @@ class _StaticRows:
             terms = self._table_terms(table)
             last = terms.prof.size - 1
             index = terms.index
-            prof[at] = terms.prof[[index.get(items[stale[n]], last) for n in at]]
+            prof[at] = terms.prof[[index.get(items[stale_at[n]], last) for n in at]]
             for n in at:
                 keys = self.attr_keys[rows[n]]
                 if terms.exact or (keys and not terms.names.isdisjoint(keys)):
-                    j = int(stale[n])
+                    j = stale_at[n]
                     exact = self.scorer._static_term(items[j], table, cols.attrs[j])[0]
                     r = rows[n]
                     prof[n] = exact - self.item_w[r] - self.attr_term[r]
