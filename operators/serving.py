@@ -93,17 +93,20 @@ class ServingConfig:
     scorer: str = doc("Final score: 'ranker' (the serving ranker's probability), 'retrieval' "
                       "(the co-visitation blend, other sources breaking ties), 'pool' (the "
                       "pool ranker over the blend's best candidates, serving.pool) or 'auto' "
-                      "(the ranker, unless the pool ranker's top k (the blend's when "
-                      "serving.pool is off) held the users' next organic positives more "
-                      "often lately; operators/scorer_duel.py).", "auto")
-    scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the blend may take "
-                                   "over from the ranker (the choice is revisited at every "
-                                   "request after that).", 30)
-    scorer_shadow_rate: float = doc("auto: once the blend leads the duel, the share of "
-                                    "requests the ranker still scores (shadow) to keep the "
-                                    "duel going (1 = every request).", 0.1)
-    scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
-                             5_000)
+                      "(a duel of the ranker against the pool ranker, or the blend when "
+                      "serving.pool is off: their lists are interleaved until the ranker wins "
+                      "the clicks on them; the challenger serves alone when it held the "
+                      "users' next organic positives more often lately; "
+                      "operators/scorer_duel.py).", "auto")
+    scorer_min_outcomes: int = doc("auto: outcomes (organic positives and clicks on "
+                                   "interleaved lists) a shard sees before either scorer "
+                                   "serves alone (until then every request is interleaved; "
+                                   "the choice is revisited at every request after that).", 30)
+    scorer_shadow_rate: float = doc("auto: once one scorer serves alone, the share of requests "
+                                    "both still score (shadow; interleaved once clicks judge) "
+                                    "to keep the duel going (1 = every request).", 0.1)
+    scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each; "
+                             "organic positives and clicks apart).", 5_000)
     repeat: str = doc("Items the user already interacted with: 'not-consumed' (allowed "
                       "again unless an interaction was a consuming action, consume_actions: "
                       "e.g. viewed or clicked but not bought or rated), 'never' (no item "
