@@ -88,11 +88,13 @@ class ScorerDuel:
     min_outcomes: int = 30
     max_users: int = 100_000
     outcomes: int = 0
-    """Outcomes of both kinds."""
+    """Organic positives matched to a recorded request."""
     hits_ranker: int = 0
     hits_retrieval: int = 0
     clicks: int = 0
-    """Outcomes that were clicks on interleaved lists (part of ``outcomes``)."""
+    """Clicks on interleaved lists (the other kind of outcome)."""
+    click_wins_ranker: int = 0
+    click_wins_challenger: int = 0
     decayed: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Organic positives: [outcomes, ranker hits, challenger hits], each decayed by
     1 - 1/window per organic outcome."""
@@ -107,6 +109,8 @@ class ScorerDuel:
     def __setstate__(self, state: dict) -> None:
         """Recovery state of a version without interleaving: no clicks, no teams."""
         state.setdefault("clicks", 0)
+        state.setdefault("click_wins_ranker", 0)
+        state.setdefault("click_wins_challenger", 0)
         state.setdefault("teams", OrderedDict())
         state.setdefault("decayed_clicks", [0.0, 0.0, 0.0])
         self.__dict__.update(state)
@@ -136,7 +140,11 @@ class ScorerDuel:
         lists = self.pending.pop(user_id, None)
         if lists is None:
             return
-        self._count(self.decayed, item_id in lists[0], item_id in lists[1])
+        hit_r, hit_b = item_id in lists[0], item_id in lists[1]
+        self.outcomes += 1
+        self.hits_ranker += hit_r
+        self.hits_retrieval += hit_b
+        self._decay(self.decayed, hit_r, hit_b)
 
     def click(self, user_id: str, item_id: str) -> bool:
         """A click on an impression of the user's latest interleaved list: one outcome,
@@ -147,13 +155,12 @@ class ScorerDuel:
         if team is None:
             return False
         self.clicks += 1
-        self._count(self.decayed_clicks, team == RANKER, team == CHALLENGER)
+        self.click_wins_ranker += team == RANKER
+        self.click_wins_challenger += team == CHALLENGER
+        self._decay(self.decayed_clicks, team == RANKER, team == CHALLENGER)
         return True
 
-    def _count(self, d: list[float], hit_r: bool, hit_b: bool) -> None:
-        self.outcomes += 1
-        self.hits_ranker += hit_r
-        self.hits_retrieval += hit_b
+    def _decay(self, d: list[float], hit_r: bool, hit_b: bool) -> None:
         keep = 1.0 - 1.0 / self.window
         d[0] = d[0] * keep + 1.0
         d[1] = d[1] * keep + hit_r
@@ -162,7 +169,7 @@ class ScorerDuel:
     @property
     def decided(self) -> bool:
         """Enough outcomes (of both kinds) for the choice to follow the evidence."""
-        return self.outcomes >= self.min_outcomes
+        return self.outcomes + self.clicks >= self.min_outcomes
 
     def choice(self, scorer: str) -> str:
         """``retrieval`` (the challenger) when the organic positives favour it, else

@@ -299,6 +299,8 @@ class Server:
                "duel_outcomes": duel.outcomes, "duel_hits_ranker": duel.hits_ranker,
                "duel_hits_retrieval": duel.hits_retrieval,
                "duel_clicks": getattr(duel, "clicks", 0),
+               "duel_click_wins_ranker": getattr(duel, "click_wins_ranker", 0),
+               "duel_click_wins_challenger": getattr(duel, "click_wins_challenger", 0),
                "served_interleaved": getattr(self, "interleaved", 0)}
         if self.pool is not None:
             out.update(self.pool.counters())

@@ -63,7 +63,8 @@ def test_clicks_on_interleaved_lists_judge_but_never_hand_over_alone() -> None:
     for n in range(3):
         duel.record_teams(f"v{n}", ["x", "y"], [CHALLENGER, RANKER])
         duel.click(f"v{n}", "x")
-    assert duel.decided and duel.clicks == 4 and duel.hits_retrieval == 4
+    assert duel.decided and duel.clicks == 4 and duel.click_wins_challenger == 4
+    assert duel.outcomes == duel.hits_retrieval == 0  # organic counts apart
     assert duel.choice("auto") == "ranker"  # clicks never make the challenger serve alone
     assert duel.mode(False) == "interleave"
     for n in range(10):
