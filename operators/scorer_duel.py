@@ -24,10 +24,11 @@ outcomes of either kind the requests are interleaved, so a new ranker never take
 lists before it earned them (the closed loop's dip when the first LR copy served
 alone). The challenger serves alone when the organic positives favour it (MovieLens: a
 pointwise ranker trained on sampled negatives orders worse than co-visitation). The
-ranker serves alone when the organic positives do not favour the challenger and the
-interleaved clicks, if any, favour the ranker (ties included); when the clicks favour
-the challenger the lists stay interleaved, so a ranker that is still learning keeps
-earning clicks to win back (and the challenger gets half of every list). A
+ranker serves alone when the organic positives do not favour the challenger and its
+decayed click wins lead the challenger's by at least their standard deviation under a
+tie (``sqrt`` of their sum; no clicks: no lead needed); otherwise the lists stay
+interleaved, so a ranker that is not clearly better yet keeps earning clicks (and the
+challenger gets half of every list). A
 ``shadow_rate`` sample of the requests stays interleaved once clicks judge.
 
 No Bytewax here; one duel per user shard (shards choose independently).
@@ -35,6 +36,7 @@ No Bytewax here; one duel per user shard (shards choose independently).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -188,7 +190,13 @@ class ScorerDuel:
             return "interleave"
         if self.choice("auto") == "retrieval":
             return "interleave" if sampled and self.clicks else "retrieval"
-        d = self.decayed_clicks
-        if d[2] > d[1] or (sampled and self.clicks):
+        if not self.ranker_won_clicks() or (sampled and self.clicks):
             return "interleave"
         return "ranker"
+
+    def ranker_won_clicks(self) -> bool:
+        """The ranker's decayed click wins lead the challenger's by at least ``sqrt`` of
+        their sum (one standard deviation of the difference under a tie); True without
+        clicks."""
+        d = self.decayed_clicks
+        return d[1] - d[2] >= math.sqrt(d[1] + d[2])

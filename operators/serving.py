@@ -543,7 +543,7 @@ class Server:
             return False
         duel = self.duel
         return (not duel.decided or duel.choice("auto") == "retrieval"
-                or duel.decayed_clicks[2] > duel.decayed_clicks[1] or self._sampled(request))
+                or not duel.ranker_won_clicks() or self._sampled(request))
 
     def _pool_scores(self, model: PoolModel, request: Any, ctx: UserContext,
                      pool: CandidatePool, covis: dict[str, SparseScores] | None,
