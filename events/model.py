@@ -152,6 +152,8 @@ class Invalid(Exception):
 
 def _id(obj: dict[str, Any], name: str, required: bool = True) -> str | None:
     value = obj.get(name)
+    if type(value) is str and 0 < len(value) <= MAX_ID_LEN:
+        return value  # the common case, without the checks below
     if value is None:
         if required:
             raise Invalid("missing_field", f"'{name}' is required")

@@ -10,6 +10,7 @@ Shape (docs/architecture.md has the details)::
       -> route by user shard -> user_shard [u000..]: joiner, profiles, history, MF user
          vectors, serving  -> examples, late-labels, recommendations
            examples -> ranker [one key]: score, learn, sync serving copy -> snapshots
+           pool pairs -> pool_trainer [one key]: the central pool ranker -> snapshots
            item updates -> route by item shard -> item_shard [i000..]: MF item vectors,
               co-visitation, popularity -> item tables -> snapshots
               changed vectors -> index [one key]: HNSW refresh -> snapshots
@@ -45,6 +46,7 @@ from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
 from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
+from operators.pool_trainer import PoolTrainer
 from operators.sinks import JsonlFileSink
 from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, OnceSource, ReplaySource, SimulatorSource
@@ -267,6 +269,11 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     if ranker_out is not None:
         failed.append(op.filter_map("ranker_dead_letters", ranker_out,
                                     lambda o: o.get("dead-letters")))
+    pool_out = _pool_trainer(outputs, config, store)
+    if pool_out is not None:
+        failed.append(op.filter_map("pool_dead_letters", pool_out,
+                                    lambda o: o.get("dead-letters")))
+        snapshots.append(op.filter_map("pool_snapshots", pool_out, lambda o: o.get("snapshots")))
     all_failed = op.merge("processing_errors", *failed)
     dead_letters.append(all_failed)
     _output("dead-letters", op.merge("all_dead_letters", *dead_letters), config)
@@ -293,6 +300,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
     if ranker_out is not None:
         metric_records.append(op.filter_map("ranker_metrics", ranker_out, lambda o: o.get("metrics")))
+    if pool_out is not None:
+        metric_records.append(op.filter_map("pool_metrics", pool_out, lambda o: o.get("metrics")))
     _output("metrics", op.merge("all_metrics", *metric_records), config)
     return flow
 
@@ -348,6 +357,21 @@ def _trainer(examples: Stream[list[Record]], config: Config,
 
     keyed = op.key_on("ranker_key", examples, lambda _: "ranker")
     return op.map("ranker_out", op.stateful("ranker", keyed, builder), lambda kv: kv[1])
+
+
+def _pool_trainer(outputs: Stream[dict[str, list[Any]]], config: Config,
+                  store: SnapshotStore) -> Stream[dict[str, list[Record]]] | None:
+    """The central pool ranker trainer on one key, fed the user shards' ``pool-pairs``;
+    None when serving or the pool ranker is off, or it learns per shard."""
+    pool = config.serving.pool
+    if not (config.serving.enabled and pool.enabled and pool.training == "central"):
+        return None
+
+    def builder(resume: PoolTrainer | None) -> TrainerLogic:
+        return TrainerLogic(resume or PoolTrainer(pool, store))
+
+    keyed = op.key_on("pool_key", _take("pool-pairs", outputs), lambda _: "pool")
+    return op.map("pool_out", op.stateful("pool_trainer", keyed, builder), lambda kv: kv[1])
 
 
 flow = build()

@@ -14,15 +14,26 @@ in the pool served to the user. Targets outside the pool teach nothing (measured
 ``PendingPools`` keeps the last served pool per user (its items and feature matrix),
 bounded in number and dropped when stale. ``PoolModel`` is both, plus counters; it
 pickles as plain numpy arrays and dicts (the user shard's recovery state).
+
+Where it learns (``training``): ``central`` (default) -- the user shard only serves and
+matches outcomes; each match leaves as a ``PoolPair`` (the pool's float32 feature
+matrix and the target row) for the one central ``PoolRanker`` of the pool trainer
+stage (``operators/pool_trainer.py``), whose copies the shards serve
+(``save_pool_ranker`` / ``load_pool_ranker``: arrays only, no pickle); before the first
+copy the starting weights (the blend order) serve. ``shard`` -- one model per user
+shard learns from its own users (measured worse: docs/ranker.md).
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from state.packing import pack_strings, unpack_strings
 from state.settings import doc
 
 POOL_FEATURES = ("blend", "cov_liked", "cov_any", "long_liked", "pop", "trend", "n_any",
@@ -56,6 +67,24 @@ class PoolRankerConfig:
         "docs/ranker.md.", False)
     long_items: int = doc("long_liked: the user's most recent positives whose co-visitation "
                           "rows form the long-term profile (each weighted 1/its count).", 100)
+    rank_features: bool = doc(
+        "Also give the model each feature's rank within the pool (0 = the pool's largest "
+        "value): one weight more per feature. Default by measurement: docs/ranker.md.",
+        True)
+    training: str = doc(
+        "Where the pool ranker learns: 'central' (one model in the pool trainer stage learns "
+        "from every user shard's (pool, target) pairs and is published as a versioned "
+        "snapshot the shards serve; before the first copy the starting weights, i.e. the "
+        "blend order) or 'shard' (one model per user shard learns from its own users). "
+        "Default by measurement: docs/ranker.md.", "central")
+    sync_every_pairs: int = doc("central: publish a new copy of the pool ranker after this "
+                                "many pairs learned.", 50)
+    sync_interval_ms: int = doc("central: also publish a new copy when this much event time "
+                                "passed since the last one and a pair was learned (ms).",
+                                3_600_000)
+
+
+POOL_TRAINING = ("central", "shard")
 
 
 def check_pool_config(config: PoolRankerConfig) -> None:
@@ -73,35 +102,62 @@ def check_pool_config(config: PoolRankerConfig) -> None:
             raise ValueError(f"{key}: must be >= {least}, got {value}")
     if config.learning_rate <= 0:
         raise ValueError(f"learning_rate: must be > 0, got {config.learning_rate}")
+    if config.training not in POOL_TRAINING:
+        raise ValueError(f"training: must be one of {POOL_TRAINING}, got {config.training!r}")
+    if config.sync_every_pairs < 1:
+        raise ValueError(f"sync_every_pairs: must be >= 1, got {config.sync_every_pairs}")
 
 
 class PoolRanker:
-    """Listwise softmax over a pool's feature matrix, Adagrad, running std scaling."""
+    """Listwise softmax over a pool's feature matrix, Adagrad, running std scaling.
+
+    ``ranks``: beside each feature, its rank within the pool (0 for the pool's largest
+    value .. (n-1)/n, ties in row order) -- a pool-relative view that one global scale
+    per feature cannot give (measured: docs/ranker.md)."""
 
     def __init__(self, names: list[str], learning_rate: float = 0.1,
-                 start: tuple[str, ...] = ("blend",)) -> None:
+                 start: tuple[str, ...] = ("blend",), ranks: bool = False) -> None:
         """``start``: the features with weight 1 at the start (their sum is the starting
-        order; the rest start at 0)."""
+        order; the rest, and every rank column, start at 0)."""
         if not set(start) & set(names):
             raise ValueError(f"the pool ranker needs a starting feature of {start} (its "
                              "starting order)")
         self.names = list(names)
-        self.w = np.array([1.0 if n in start else 0.0 for n in names])
-        self.g2 = np.full(len(names), 1e-6)
+        self.ranks = ranks
+        width = len(names) * (2 if ranks else 1)
+        self.w = np.array([1.0 if n in start else 0.0 for n in names] + [0.0] * (width - len(names)))
+        self.g2 = np.full(width, 1e-6)
         self.lr = learning_rate
-        self.mean = np.zeros(len(names))
-        self.var = np.ones(len(names))
+        self.mean = np.zeros(width)
+        self.var = np.ones(width)
         self.pools = 0
         """Pools observed (the running scale's count)."""
         self.updates = 0
 
+    def expand(self, x: np.ndarray) -> np.ndarray:
+        """The model's input: ``x`` (float64), with the within-pool rank columns when
+        ``ranks``."""
+        x = np.asarray(x, np.float64)
+        if not getattr(self, "ranks", False) or not len(x):  # older state: no ranks
+            return x
+        order = np.argsort(-x, axis=0, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(len(x))[:, None], axis=0)
+        return np.hstack([x, rank / len(x)])
+
     def scores(self, x: np.ndarray) -> np.ndarray:
         """Logit of each row of ``x`` (candidates x features)."""
-        return (x / np.sqrt(self.var + 1e-8)) @ self.w
+        return self._scores(self.expand(x))
+
+    def _scores(self, z: np.ndarray) -> np.ndarray:
+        return (z / np.sqrt(self.var + 1e-8)) @ self.w
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """``P(c | pool)`` of each row (softmax of ``scores``)."""
-        s = self.scores(x)
+        return self._softmax(self.expand(x))
+
+    def _softmax(self, z: np.ndarray) -> np.ndarray:
+        s = self._scores(z)
         p = np.exp(s - s.max())
         return p / p.sum()
 
@@ -110,23 +166,88 @@ class PoolRanker:
         ``max(1/pools, 1e-3)``)."""
         if len(x) < 2:
             return
+        z = self.expand(x)
         self.pools += 1
         a = max(1.0 / self.pools, 1e-3)
-        self.mean = (1 - a) * self.mean + a * x.mean(0)
-        self.var = (1 - a) * self.var + a * ((x - self.mean) ** 2).mean(0)
+        self.mean = (1 - a) * self.mean + a * z.mean(0)
+        self.var = (1 - a) * self.var + a * ((z - self.mean) ** 2).mean(0)
 
     def learn(self, x: np.ndarray, target: int) -> None:
-        """One Adagrad step on ``log P(target | pool)``; ``x`` holds the target's row."""
-        xs = x / np.sqrt(self.var + 1e-8)
-        p = self.probabilities(x)
-        g = xs[target] - p @ xs
+        """One Adagrad step on ``log P(target | pool)``; ``x`` holds the target's row
+        (float32 rows are read as float64, exactly)."""
+        z = self.expand(x)
+        zs = z / np.sqrt(self.var + 1e-8)
+        p = self._softmax(z)
+        g = zs[target] - p @ zs
         self.g2 += g * g
         self.w += self.lr * g / np.sqrt(self.g2)
         self.updates += 1
 
     def weights(self) -> dict[str, float]:
-        """Weight per feature (per unit of its running std)."""
-        return {n: float(w) for n, w in zip(self.names, self.w, strict=True)}
+        """Weight per feature (per unit of its running std); rank columns ``rank:<name>``."""
+        names = self.names + ([f"rank:{n}" for n in self.names]
+                              if getattr(self, "ranks", False) else [])
+        return {n: float(w) for n, w in zip(names, self.w, strict=True)}
+
+    def same_inputs(self, other: PoolRanker) -> bool:
+        """Whether ``other`` reads the same matrix the same way (features and ranks)."""
+        return (other.names == self.names
+                and getattr(other, "ranks", False) == getattr(self, "ranks", False))
+
+
+POOL_FORMAT = 1
+"""Version of the ``save_pool_ranker`` layout; files of another version are refused."""
+
+
+def save_pool_ranker(ranker: PoolRanker, path: str | os.PathLike) -> None:
+    """Write ``ranker`` (names, weights, Adagrad sums, running scale, counts, step) as one
+    uncompressed ``.npz`` of numeric arrays (no pickles)."""
+    blob, offsets = pack_strings(ranker.names)
+    with open(path, "wb") as f:
+        np.savez(f, format=np.array([POOL_FORMAT]), names_blob=blob, names_offsets=offsets,
+                 w=ranker.w, g2=ranker.g2, mean=ranker.mean, var=ranker.var,
+                 counts=np.array([ranker.pools, ranker.updates], np.int64),
+                 lr=np.array([ranker.lr]), ranks=np.array([int(ranker.ranks)]))
+
+
+def load_pool_ranker(path: str | os.PathLike | Path) -> PoolRanker:
+    """Read a file of ``save_pool_ranker`` (``allow_pickle=False``); ``ValueError`` on
+    anything else."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files") or "format" not in z.files:
+                raise ValueError(f"{Path(path).name} is not a pool ranker snapshot (.npz)")
+            if int(z["format"][0]) != POOL_FORMAT:
+                raise ValueError(f"{Path(path).name}: pool ranker format {int(z['format'][0])}, "
+                                 f"expected {POOL_FORMAT}")
+            names = unpack_strings(z["names_blob"], z["names_offsets"])
+            ranks = bool(z["ranks"][0]) if "ranks" in z.files else False
+            ranker = PoolRanker(names, float(z["lr"][0]), start=tuple(names), ranks=ranks)
+            ranker.w, ranker.g2 = z["w"].astype(np.float64), z["g2"].astype(np.float64)
+            ranker.mean, ranker.var = z["mean"].astype(np.float64), z["var"].astype(np.float64)
+            ranker.pools, ranker.updates = (int(v) for v in z["counts"])
+    except (KeyError, OSError) as err:
+        raise ValueError(f"{Path(path).name}: not a pool ranker snapshot ({err})") from None
+    width = len(names) * (2 if ranker.ranks else 1)
+    if not len(ranker.w) == len(ranker.g2) == len(ranker.mean) == len(ranker.var) == width:
+        raise ValueError(f"{Path(path).name}: arrays do not match its {len(names)} features")
+    return ranker
+
+
+@dataclass(slots=True)
+class PoolPair:
+    """What a user shard sends the central pool trainer for one outcome: the served
+    pool's feature matrix (float32, candidates x features, the target's row included)
+    and the target's row; ``ts`` the outcome's event time (ms)."""
+
+    ts: int
+    x: np.ndarray
+    target: int
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size (bytes): the matrix plus the two integers."""
+        return int(self.x.nbytes) + 16
 
 
 @dataclass(slots=True)
@@ -161,7 +282,7 @@ class PendingPools:
             self.dropped_full += 1
 
     def take(self, user_id: str, item_id: str, ts: int) -> tuple[np.ndarray, int] | None:
-        """(pool features, target row) when ``item_id`` is in ``user_id``'s fresh pool;
+        """(pool features as float32, target row) when ``item_id`` is in ``user_id``'s fresh pool;
         the target's row then leaves the pool (a later click on the same request learns
         among the rest). A stale pool is dropped; None when nothing matches."""
         pool = self.pools.get(user_id)
@@ -182,7 +303,7 @@ class PendingPools:
             keep[row] = False
             pool.x = x[keep]
             pool.items = {item: r - (r > row) for item, r in pool.items.items()}
-        return x.astype(np.float64), row
+        return x, row
 
     def __len__(self) -> int:
         return len(self.pools)
@@ -190,38 +311,65 @@ class PendingPools:
 
 class PoolModel:
     """The pool ranker with its pending pools: ``serve`` scores and remembers a pool,
-    ``outcome`` learns from a user's next positive."""
+    ``outcome`` learns from a user's next positive (``training = "shard"``) or queues
+    it as a ``PoolPair`` for the central trainer (``"central"``: ``take_pairs``)."""
 
     def __init__(self, config: PoolRankerConfig) -> None:
         check_pool_config(config)
         self.config = config
-        self.ranker = PoolRanker(list(config.features), config.learning_rate)
+        self.ranker = PoolRanker(list(config.features), config.learning_rate,
+                                 ranks=getattr(config, "rank_features", False))
+        """Shard training: the learning model. Central: the starting weights (the
+        blend order), serving until the first central copy."""
         self.pending = PendingPools(config.max_pending, config.pending_ttl_ms)
         self.outcomes = 0
         """Positives of users with a pending pool."""
         self.learned = 0
-        """Outcomes whose item was in the pool (the ranker learned from them)."""
+        """Outcomes whose item was in the pool (the ranker learned from them, here or
+        centrally)."""
+        self.pairs: list[PoolPair] = []
+        """Central training: pairs not yet taken by the user shard's output."""
 
-    def serve(self, user_id: str, items: list[str], x: np.ndarray, ts: int) -> np.ndarray:
-        """``P(c | pool)`` of each item; remembers the pool and updates the scale after
-        scoring (past pools only)."""
-        p = self.ranker.probabilities(x)
-        self.ranker.observe(x)
+    @property
+    def central(self) -> bool:
+        return getattr(self.config, "training", "shard") == "central"
+
+    def serve(self, user_id: str, items: list[str], x: np.ndarray, ts: int,
+              copy: PoolRanker | None = None) -> np.ndarray:
+        """``P(c | pool)`` of each item; remembers the pool. Central training scores with
+        ``copy`` (the newest central copy; when None or trained on other features, the
+        starting weights); shard training with its own model, whose scale it then
+        updates (past pools only)."""
+        if self.central:
+            ranker = copy if copy is not None and copy.same_inputs(self.ranker) else self.ranker
+            p = ranker.probabilities(x)
+        else:
+            p = self.ranker.probabilities(x)
+            self.ranker.observe(x)
         self.pending.put(user_id, items, x, ts)
         return p
 
     def outcome(self, user_id: str, item_id: str, ts: int) -> bool:
-        """The user's positive on ``item_id`` at ``ts``: learn when it is in the user's
-        pending pool. True when it learned."""
+        """The user's positive on ``item_id`` at ``ts``: learn (or queue a pair) when it
+        is in the user's pending pool. True when it did."""
         if user_id not in self.pending.pools:
             return False
         self.outcomes += 1
         taken = self.pending.take(user_id, item_id, ts)
         if taken is None:
             return False
-        self.ranker.learn(*taken)
+        if self.central:
+            self.pairs.append(PoolPair(ts, *taken))
+        else:
+            self.ranker.learn(*taken)
         self.learned += 1
         return True
+
+    def take_pairs(self) -> list[PoolPair]:
+        """The pairs queued since the last call (central training), oldest first."""
+        pairs = getattr(self, "pairs", None)  # older state: none
+        self.pairs = []
+        return pairs or []
 
     def counters(self) -> dict[str, int]:
         """Outcomes seen, learned from, and pending pools (metrics)."""

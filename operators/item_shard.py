@@ -33,6 +33,7 @@ from operators.item_updates import (
     MFStep,
     ProfileEvent,
 )
+from operators.placement import spread_key
 from state.covisitation import CoVisConfig, CoVisitation
 from state.feature_spec import parse_features
 from state.item_table import CatalogEntry, ItemTable
@@ -357,8 +358,9 @@ class ItemShardLogic(StatefulLogic[tuple[Any, ...], dict[str, list[Any]], ItemSh
 
 
 def item_shard_key(index: int) -> str:
-    """The Bytewax key of item shard ``index``."""
-    return f"i{index:03d}"
+    """The Bytewax key of item shard ``index`` (``i<index>_<k>``: placed round robin over
+    the workers, ``operators.placement``)."""
+    return spread_key("i", index)
 
 
 def route_updates(updates: list[ItemUpdate],

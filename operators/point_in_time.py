@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -602,7 +602,10 @@ class DeferredFeatures:
 def as_taken(ctx: UserContext, deferred: list[DeferredFeatures]) -> UserContext:
     """``ctx`` with ``consumed`` as it was for the ``deferred`` items when they were taken
     (the only use item features make of it is membership)."""
-    return replace(ctx, consumed={d.item_id: 0 for d in deferred if d.seen})
+    taken = object.__new__(UserContext)  # dataclasses.replace, without its 9 us per impression
+    taken.__dict__.update(ctx.__dict__)
+    taken.consumed = {d.item_id: 0 for d in deferred if d.seen}
+    return taken
 
 
 

@@ -562,7 +562,7 @@ class Server:
                         numeric=None if pool.columns is None else
                         {name: col[best] for name, col in pool.columns.numeric.items()})
         out = pool.score - 2.0  # the blend is in [0, ~1.001]
-        out[best] = model.serve(ctx.user_id, items, x, request.ts)
+        out[best] = model.serve(ctx.user_id, items, x, request.ts, self.views.pool.current)
         return out
 
     def _unscored(self, request: Any, ctx: UserContext, scorer_mode: str) -> bool:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from models.pool_ranker import load_pool_ranker
+from operators.pool_trainer import POOL_KIND
 from operators.trainer import load_ranker
 from state.item_index import IndexReader
 from state.item_table import ItemTable
@@ -32,8 +34,8 @@ from state.snapshot_store import Manifest, SnapshotReader, SnapshotStore
 log = logging.getLogger(__name__)
 
 Round = dict[str, tuple[Manifest, Any]]
-"""Versions verified and loaded off-thread, by reader name (``ranker``, ``index``,
-``items-<shard>``), waiting to be installed."""
+"""Versions verified and loaded off-thread, by reader name (``ranker``, ``pool``,
+``index``, ``items-<shard>``), waiting to be installed."""
 
 WARM_TOP = 600
 """Popular and trending top lists built on the loader thread for each new item table
@@ -55,7 +57,8 @@ def _background_loader() -> ThreadPoolExecutor:
 
 
 class SnapshotViews:
-    """The newest verified serving ranker, index and item tables, polled from the store.
+    """The newest verified serving ranker, central pool ranker copy, index and item
+    tables, polled from the store.
 
     ``background`` (default: ``poll_ms > 0``, i.e. live wall-clock polling) loads new
     versions on the loader thread and installs them at the next poll; otherwise
@@ -68,6 +71,8 @@ class SnapshotViews:
         self.poll_ms = poll_ms
         self.background = poll_ms > 0 if background is None else background
         self.ranker = SnapshotReader(store, "ranker", load_ranker)
+        self.pool = SnapshotReader(store, POOL_KIND, load_pool_ranker)
+        """The central pool ranker's copy (``operators/pool_trainer.py``)."""
         self.index = IndexReader(store)
         self.tables = {s: SnapshotReader(store, f"items-{s}", ItemTable.load) for s in item_shards}
         self._next_poll = 0.0
@@ -98,12 +103,13 @@ class SnapshotViews:
                 self._pending = _background_loader().submit(self._prepare_round, max_ts)
             return
         self.ranker.refresh(max_ts)
+        self.pool.refresh(max_ts)
         self.index.refresh(max_ts)
         for reader in self.tables.values():
             reader.refresh(max_ts)
 
     def _readers(self) -> dict[str, SnapshotReader[Any]]:
-        return {"ranker": self.ranker, "index": self.index.reader,
+        return {"ranker": self.ranker, "pool": self.pool, "index": self.index.reader,
                 **{reader.kind: reader for reader in self.tables.values()}}
 
     def _prepare_round(self, max_ts: int | None) -> Round:
@@ -176,12 +182,13 @@ class SnapshotViews:
         on resume, so a resumed shard serves the versions it served, even when the
         store's LATEST is refused), never the loaded snapshot objects."""
         return {"store": self.store, "poll_ms": self.poll_ms, "ranker": self.ranker,
-                "index": self.index, "tables": self.tables, "background": self.background}
+                "pool": self.pool, "index": self.index, "tables": self.tables, "background": self.background}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["store"], list(state["tables"]), state["poll_ms"],
                       state.get("background"))
         self.ranker, self.index, self.tables = state["ranker"], state["index"], state["tables"]
+        self.pool = state.get("pool", self.pool)  # older state: none yet
 
 
 class FrozenViews:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from bytewax.operators import StatefulLogic
@@ -179,18 +179,27 @@ class Trainer:
         return out
 
 
-class TrainerLogic(StatefulLogic[list[Record], TrainerOutput, Trainer]):
-    """Bytewax glue for the single-key trainer."""
+class BatchTrainer(Protocol):
+    """A single-key training stage: ``process`` a batch, ``finish`` at end of input."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def process(self, batch: list[Any]) -> TrainerOutput: ...
+
+    def finish(self) -> TrainerOutput: ...
+
+
+class TrainerLogic(StatefulLogic[list[Any], TrainerOutput, BatchTrainer]):
+    """Bytewax glue for a single-key trainer (the ranker's ``Trainer``, the central
+    pool ranker's ``PoolTrainer``)."""
+
+    def __init__(self, trainer: BatchTrainer) -> None:
         self.trainer = trainer
 
-    def on_item(self, value: list[Record]) -> tuple[list[TrainerOutput], bool]:
+    def on_item(self, value: list[Any]) -> tuple[list[TrainerOutput], bool]:
         out = self.trainer.process(value)
         return ([out] if out else []), StatefulLogic.RETAIN
 
     def on_eof(self) -> tuple[list[TrainerOutput], bool]:
         return [self.trainer.finish()], StatefulLogic.RETAIN
 
-    def snapshot(self) -> Trainer:
+    def snapshot(self) -> BatchTrainer:
         return self.trainer

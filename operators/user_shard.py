@@ -6,7 +6,8 @@ MF user vectors, the item catalog (broadcast ``item`` events) and the serving
 operator, so all user-side state of a user lives on one worker and snapshots as one
 object. Input items are micro-batches ``(shard key, events, ingest wall ns)``; each
 produces one ``ShardOutput`` dict of record lists (``examples``, ``late-labels``,
-``recommendations``, ``item-updates``, ``dead-letters``, ``counters``). An event whose
+``recommendations``, ``item-updates``, ``pool-pairs`` (to the central pool trainer),
+``dead-letters``, ``counters``). An event whose
 application raises becomes a ``processing_error`` dead letter and the batch goes on
 (what it changed before failing stays).
 
@@ -42,6 +43,7 @@ from operators.item_updates import (
     MFStep,
     ProfileEvent,
 )
+from operators.placement import spread_key
 from operators.point_in_time import CovisQuery, PointInTime
 from operators.serving import Server, ServingConfig, repeat_blocked
 from operators.snapshot_views import SnapshotViews
@@ -315,6 +317,9 @@ class UserShard:
             costs = getattr(self.server, "costs", None)
             if costs:
                 out["serving-cost"], self.server.costs = costs, []  # type: ignore[union-attr]
+        pool = self.server.pool if self.server is not None else None
+        if pool is not None and getattr(pool, "pairs", None):  # central training: to the pool trainer
+            out["pool-pairs"] = pool.take_pairs()
         if self._item_updates:
             out["item-updates"], self._item_updates = self._item_updates, []
             out["batch"] = self._ingest_ns  # the source micro-batch (item shards publish per batch)
@@ -383,5 +388,6 @@ def route_events(events: list[Event], shards: int, shard_of: Callable[[str], int
 
 
 def shard_key(index: int) -> str:
-    """The Bytewax key of user shard ``index``."""
-    return f"u{index:03d}"
+    """The Bytewax key of user shard ``index`` (``u<index>_<k>``: placed round robin over
+    the workers, ``operators.placement``)."""
+    return spread_key("u", index)

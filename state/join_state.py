@@ -268,6 +268,9 @@ class Joiner:
             self.context, "deferred_features", None)
         """The context's ``deferred_features`` when it has one (``DeferringContext``):
         used for every impression."""
+        self._resolve_all: Callable[[list[Any]], None] | None = getattr(
+            self.context, "resolve_all", None)
+        """The context's ``resolve_all``: windows closing together resolve at once."""
         self.wait_ms = config.wait_ms()
         self.pending: dict[str, Pending] = {}
         self._deadlines: list[tuple[int, str]] = []
@@ -340,9 +343,8 @@ class Joiner:
         versions are being released), all at once when the context can
         (``DeferringContext.resolve_all``); returns how many were computed."""
         entries = [e for e in self.pending.values() if type(e.features) is not dict]
-        resolve_all = getattr(self.context, "resolve_all", None)
-        if resolve_all is not None and entries:
-            resolve_all([e.features for e in entries])
+        if self._resolve_all is not None and entries:
+            self._resolve_all([e.features for e in entries])
         for entry in entries:
             entry.features = entry.features.resolve()  # type: ignore[union-attr]
         return len(entries)
@@ -405,7 +407,8 @@ class Joiner:
             self._late(fb, "after_emission")
         elif self.config.is_positive(fb.action, fb.value):
             entry.emitted = True
-            self._emit(entry, 1)
+            self.counters.positives += 1
+            self._emit(entry, 1, 1.0)
 
     def _orphan(self, fb: Feedback) -> None:
         waiting = self.orphans.get(fb.impression_id)
@@ -433,28 +436,50 @@ class Joiner:
                 self._late(fb, "no_impression")
 
     def _close_until(self, watermark: int | None) -> None:
-        heap = self._deadlines
+        heap, pending = self._deadlines, self.pending
+        closing: list[Pending] = []
         while heap and (watermark is None or heap[0][0] <= watermark):
-            _, iid = heapq.heappop(heap)
-            entry = self.pending.pop(iid, None)
+            entry = pending.pop(heapq.heappop(heap)[1], None)
             if entry is not None:
-                self._close(iid, entry)
+                closing.append(entry)
+        if closing:
+            self._close(closing)
 
     def _close_oldest(self, n: int) -> None:
-        heap = self._deadlines
-        while n > 0 and heap:
-            _, iid = heapq.heappop(heap)
-            entry = self.pending.pop(iid, None)
+        heap, pending = self._deadlines, self.pending
+        closing: list[Pending] = []
+        while len(closing) < n and heap:
+            entry = pending.pop(heapq.heappop(heap)[1], None)
             if entry is not None:
-                self.counters.forced_closes += 1
-                self._close(iid, entry)
-                n -= 1
+                closing.append(entry)
+        self.counters.forced_closes += len(closing)
+        self._close(closing)
 
-    def _close(self, iid: str, entry: Pending) -> None:
-        self.counters.windows_closed += 1
-        self.closed_ids[iid] = entry.deadline_ms
-        if not entry.emitted:
-            self._emit(entry, 0)
+    def _close(self, entries: list[Pending]) -> None:
+        """Close these windows (in deadline order): each not yet emitted leaves as a
+        negative if the sampler keeps it. The deferred features of the kept ones are
+        computed together (``DeferringContext.resolve_all``: one feature call per
+        request instead of one per impression; the same values)."""
+        counters, closed, keep = self.counters, self.closed_ids, self.sampler.keep
+        kept: list[Pending] = []
+        for entry in entries:
+            iid = entry.impression.impression_id
+            closed[iid] = entry.deadline_ms
+            if entry.emitted:
+                continue
+            if keep(f"imp:{iid}"):
+                kept.append(entry)
+            else:
+                counters.negatives_dropped += 1
+        counters.windows_closed += len(entries)
+        counters.negatives_kept += len(kept)
+        if len(kept) > 1 and self._resolve_all is not None:
+            deferred = [e.features for e in kept if type(e.features) is not dict]
+            if len(deferred) > 1:
+                self._resolve_all(deferred)
+        weight = self.sampler.weight
+        for entry in kept:
+            self._emit(entry, 0, weight)
 
     def _forget_closed(self, horizon_ms: int) -> None:
         closed = self.closed_ids
@@ -464,25 +489,15 @@ class Joiner:
                 break
             del closed[iid]
 
-    def _emit(self, entry: Pending, label: int) -> None:
+    def _emit(self, entry: Pending, label: int, weight: float) -> None:
         imp = entry.impression
-        example_id = f"imp:{imp.impression_id}"
-        weight = 1.0
-        if label == 0:
-            if not self.sampler.keep(example_id):
-                self.counters.negatives_dropped += 1
-                return
-            weight = self.sampler.weight
-            self.counters.negatives_kept += 1
-        else:
-            self.counters.positives += 1
         features = entry.features
         if type(features) is not dict:
-            features = features.resolve()
+            features = features.resolve()  # type: ignore[union-attr]
         self.examples.append(Example(
-            example_id, imp.ts, imp.user_id, imp.item_id, label, dict(entry.labels), weight,
-            float32_features(features), "impression", imp.position, imp.request_id, imp.impression_id,
-            imp.context).record())
+            f"imp:{imp.impression_id}", imp.ts, imp.user_id, imp.item_id, label,
+            dict(entry.labels), weight, float32_features(features), "impression",
+            imp.position, imp.request_id, imp.impression_id, imp.context).record())
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1

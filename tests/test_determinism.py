@@ -22,6 +22,8 @@ CONFIG = {
     "items": {"refresh_interval_ms": 500},
     "index": {"refresh_interval_ms": 1_000},
     "ranker": {"sync_interval_ms": 1_000},
+    # The pool ranker orders requests early and the central pool trainer publishes often.
+    "serving": {"scorer_min_outcomes": 1, "pool": {"sync_every_pairs": 5}},
 }
 
 
@@ -47,5 +49,11 @@ def test_two_evals_of_a_log_give_identical_recommendations_and_report(tmp_path: 
     assert len(recs1) > 100
     # The run read several versions of every kind of snapshot while serving.
     assert len({r[1] for r in recs1}) > 3 and len({r[2] for r in recs1}) > 3
+    # ... and the pool ranker ordered requests with several central copies (read by
+    # event time like the others).
+    assert report1["scorers"]["served_by_pool"] > 100
+    pool_copies = [m for m in read_jsonl(tmp_path / "out1" / "snapshots.jsonl")
+                   if m["kind"] == "pool-ranker"]
+    assert len(pool_copies) > 3
     assert recs1 == recs2
     assert report1 == report2

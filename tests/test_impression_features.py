@@ -247,3 +247,40 @@ def test_later_interactions_do_not_leak_into_deferred_features(published: World)
     [want] = [e for e in feed(eager, events)["examples"] if e["example_id"] == "imp:x1"]
     assert "ui.interacted" not in want["features"]
     assert got == want
+
+
+def test_windows_closing_together_compute_their_features_together(
+        published: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At r = 1 every negative is written: the impressions of a request share a deadline,
+    close in the same step and are computed in one ``item_features`` call (not one per
+    impression), with the values the eager shard computed at impression time; a click
+    before the close is computed alone, at once."""
+    sizes: list[int] = []
+    original = PointInTime.item_features
+
+    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
+        if kw.get("cross") is not None:  # the joiner's (serving passes no cross profiles)
+            sizes.append(len(item_ids))
+        return original(self, ctx, item_ids, *args, **kw)
+
+    lazy, eager = shard_pair(published)
+    for shard in (lazy, eager):
+        shard.joiner.sampler = NegativeSampler(1.0, 0)
+        warm_up(shard)
+    events: list[Event] = [Feedback(T0 - 10_000, "u1", SEED, "click")]
+    for r in range(6):
+        ts = T0 + r * 20_000
+        events.append(Request(ts, f"r{r}", f"u{r % 2 + 1}"))
+        events.extend(Impression(ts + 20, f"imp{r}-{p}", f"u{r % 2 + 1}",
+                                 ITEMS[(r * 7 + p * 3) % len(ITEMS)], f"r{r}", p, {})
+                      for p in range(10))
+    events.append(Feedback(T0 + 30_000, "u1", ITEMS[0], "click", "imp0-0"))
+    events.append(Request(T0 + DAY, "late", "someone-else"))  # every window has closed
+    want = [e for batch in (feed(eager, events[i:i + 13]) for i in range(0, len(events), 13))
+            for e in batch.get("examples", []) if e["source"] == "impression"]
+    monkeypatch.setattr(PointInTime, "item_features", counting)
+    got = [e for batch in (feed(lazy, events[i:i + 13]) for i in range(0, len(events), 13))
+           for e in batch.get("examples", []) if e["source"] == "impression"]
+    assert got == want and len(got) == 60
+    # the organic click, the click on imp0-0 at once, then one call per request
+    assert sorted(sizes) == [1, 1, 9, 10, 10, 10, 10, 10]

@@ -10,7 +10,7 @@ import pytest
 from serving_world import SEED, T0, World, ask, click, feed, ids
 
 from events.model import Feedback
-from models.pool_ranker import PendingPools, PoolModel, PoolRankerConfig
+from models.pool_ranker import PendingPools, PoolModel, PoolRanker, PoolRankerConfig
 
 NAMES = ["blend", "long_liked", "pop"]  # synthetic: long_liked is the taste, pop noise
 
@@ -41,7 +41,9 @@ def hr_at_10(model: PoolModel, seed: int, rounds: int, learn: bool = True) -> tu
 
 
 def config(**kw) -> PoolRankerConfig:
-    return PoolRankerConfig(**{"features": NAMES, **kw})
+    """Per-shard training: these tests drive one model (the central trainer's tests are
+    tests/test_pool_trainer.py)."""
+    return PoolRankerConfig(**{"features": NAMES, "training": "shard", **kw})
 
 
 def test_learning_from_next_positives_raises_hr_above_the_starting_blend_order() -> None:
@@ -103,11 +105,11 @@ def test_pending_pools_are_bounded_expire_and_learn_each_target_once() -> None:
 
 
 def test_serving_learns_on_the_user_shard_and_serves_the_pool_order(tmp_path: Path) -> None:
-    """Under ``auto`` with the LR ranker trailing, the pool ranker orders; its scores
-    are P(c | pool) and each user's next organic positive in the served pool teaches it."""
+    """With ``training = "shard"`` the pool ranker orders and each user's next positive
+    in the served pool teaches the shard's own model; its scores are P(c | pool)."""
     world = World(tmp_path)
     world.publish_all()
-    shard = world.user_shard(scorer="pool")
+    shard = world.user_shard(scorer="pool", pool=PoolRankerConfig(training="shard"))
     feed(shard, [click("c0", SEED, T0 - 10)])
     first = ask(shard, "c0", ts=T0)
     assert ids(first)[0] == "a31"  # the blend's order (a30 -> a31 strongest)
@@ -186,3 +188,37 @@ def test_pool_ranker_scores_only_requests_it_could_serve_or_be_judged_on(tmp_pat
     assert shard.server.organic_positives == 2
     ask(shard, "c2", ts=T0 + 70)
     assert "c2" in pools
+
+
+def test_rank_features_are_the_pool_relative_order_of_each_column() -> None:
+    ranker = PoolRanker(NAMES, ranks=True)
+    x = np.array([[0.9, 5.0, 1.0], [0.5, 7.0, 1.0], [0.1, 6.0, 3.0]])
+    z = ranker.expand(x)
+    assert np.array_equal(z[:, :3], x)
+    # 0 for the pool's largest value; ties in row order.
+    assert np.allclose(z[:, 3:] * 3, [[0, 2, 1], [1, 0, 2], [2, 1, 0]])
+    # Starting weights: the blend order, whatever the ranks.
+    assert np.argsort(-ranker.probabilities(x), kind="stable").tolist() == [0, 1, 2]
+    assert set(ranker.weights()) == {*NAMES, *(f"rank:{n}" for n in NAMES)}
+
+
+def test_rank_features_learn_what_one_global_scale_cannot() -> None:
+    """The target is the pool's best on a column whose level varies wildly from pool to
+    pool (a per-user scale): its rank finds it, its raw value much less."""
+    rng = np.random.default_rng(0)
+
+    def hr(ranks: bool) -> float:
+        model = PoolModel(config(rank_features=ranks))
+        hits = []
+        for n in range(1_500):
+            x = rng.normal(size=(30, 3))
+            x[:, 0] = np.sort(rng.random(30))[::-1]
+            x[:, 1] = np.exp(rng.normal(0, 3)) * rng.random(30)  # scale differs per pool
+            target = int(np.argmax(x[:, 1])) if rng.random() < 0.5 else int(rng.integers(30))
+            items = [f"i{n}-{j}" for j in range(30)]
+            p = model.serve("u", items, x, T0 + n)
+            hits.append(target in np.argsort(-p, kind="stable")[:3])
+            model.outcome("u", items[target], T0 + n)
+        return float(np.mean(hits[-500:]))
+
+    assert hr(True) > hr(False) + 0.1
