@@ -164,12 +164,14 @@ class ColumnScorer:
         shared = shared_features(user_id, ts_ms, context, position, user_extra)
         n = len(cols.item_ids)
         logit = np.full(n, scorer._dot(shared, 0.0) + scorer.intercept)
-        for name, values in cols.numeric.items():
-            w = weights.get(name)
-            if w is not None:
-                finite = np.isfinite(values)
-                x = np.where(finite, values, 0.0)
-                logit += w * (np.sign(x) * np.log1p(np.abs(x)))
+        used = [(w, values) for name, values in cols.numeric.items()
+                if (w := weights.get(name)) is not None]
+        if used:  # signed_log of every used column at once, then added column by column
+            x = np.stack([values for _, values in used])
+            x = np.where(np.isfinite(x), x, 0.0)
+            x = np.sign(x) * np.log1p(np.abs(x))
+            for k, (w, _) in enumerate(used):
+                logit += w * x[k]
         static = self._static_rows(cols, user_keys) if cols.space is not None else None
         if static is not None:
             logit += static
@@ -279,17 +281,37 @@ class _StaticRows:
         gen = space.shard_gen[space.shard[slots]]
         attr_ids = np.fromiter(map(id, cols.attrs), np.int64, len(cols.attrs))
         stale = np.flatnonzero((self.gen[slots] != gen) | (self.attr_id[slots] != attr_ids))
-        for j in stale.tolist():
-            r = int(slots[j])
-            item, table, attrs = cols.item_ids[j], cols.tables[j], cols.attrs[j]
+        if not stale.size:
+            return self.term[slots]
+        rows = slots[stale]
+        # plain lists for the loop (numpy scalar reads and writes cost ~10x a list's);
+        # slots are distinct within a request, so the writes can wait for the end
+        new_ids = attr_ids[stale].tolist()
+        old_ids = self.attr_id[rows].tolist()
+        old_sources = self.source[rows].tolist()
+        changed: list[int] = []
+        terms: list[float] = []
+        sources: list[Any] = []
+        attrs_new: list[Any] = []
+        items, tables, attrs_of = cols.item_ids, cols.tables, cols.attrs
+        for n, j in enumerate(stale.tolist()):
+            item, table, attrs = items[j], tables[j], attrs_of[j]
             source = _table_source(item, table)
-            if self.attr_id[r] != attr_ids[j] or self.source[r] != source:
-                self.term[r], keys = self.scorer._static_term(item, table, attrs)
+            if old_ids[n] != new_ids[n] or old_sources[n] != source:
+                term, keys = self.scorer._static_term(item, table, attrs)
                 self.keys.update(keys)
-                self.attr_id[r] = attr_ids[j]
-                self.attrs[r] = attrs
+                changed.append(n)
+                terms.append(term)
+                sources.append(source)
+                attrs_new.append(attrs)
+        if changed:
+            at = rows[changed]
+            self.term[at] = terms
+            self.attr_id[at] = attr_ids[stale][changed]
+            for r, attrs, source in zip(at.tolist(), attrs_new, sources, strict=True):
+                self.attrs[r] = attrs  # one by one: numpy would unpack tuples
                 self.source[r] = source
-            self.gen[r] = gen[j]
+        self.gen[rows] = gen[stale]
         return self.term[slots]
 
 

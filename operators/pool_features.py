@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from operators.point_in_time import PointInTime, UserContext
-from state.covis_view import CovisView, SparseScores
+from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.item_rows import ItemRows
 
 DAY_MS = 86_400_000
@@ -65,7 +65,7 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
         elif name in _CHANNEL:
             out[:, j] = _channel(view, covis, _CHANNEL[name], ids, alpha)
         elif name == "long_liked":
-            out[:, j] = _long_liked(context, view, ctx, ids, items, ts, alpha, long_items)
+            out[:, j] = _long_liked(context, view, ctx, ids, ts, alpha, long_items)
         elif name in ("pop", "trend"):
             out[:, j] = np.log1p(np.maximum(numeric.get(name, 0.0), 0.0))
         elif name == "pop_cold":
@@ -78,7 +78,7 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
         elif name == "pos_rate":
             out[:, j] = (_counts(view, "liked", ids) + 1.0) / (_counts(view, "any", ids) + 2.0)
         elif name == "age":
-            out[:, j] = _age_days(context, items, ts)
+            out[:, j] = _age_days(context, items, ts, rows, space)
         elif name == "ranker":
             if ranker is not None:
                 out[:, j] = ranker
@@ -118,12 +118,12 @@ def _channel(view: CovisView, covis: dict[str, SparseScores] | None, channel: st
 
 
 def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
-                ids: np.ndarray | None, items: list[str], ts: int, alpha: float,
-                long_items: int) -> np.ndarray:
+                ids: np.ndarray | None, ts: int, alpha: float, long_items: int) -> np.ndarray:
     """Item-kNN over the user's last ``long_items`` positives (seed weight 1/count),
-    divided by count**alpha, max-normalised over the pool. Reads the tables' rows for the
-    pool's items only (the co-visitation view, whose id order breaks the blend's ties, is
-    left as retrieval made it)."""
+    divided by count**alpha, max-normalised over the pool: the seeds' rows gathered as
+    arrays (``CovisView.gather`` without new ids: the co-visitation view, whose id order
+    breaks the blend's ties, is left as retrieval made it), summed per item in seed
+    order (the sums of ``PointInTime._covis_lookup``)."""
     assert ids is not None
     out = np.zeros(ids.size)
     views, shard_of = context.views, context.item_shard_of
@@ -135,21 +135,43 @@ def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
     get = view.ids.get
     seed_counts = _counts(view, "liked", np.fromiter((get(s, -1) for s in seeds), np.int64,
                                                      len(seeds)))
-    v = np.asarray(context._covis_lookup(seeds, "liked", items, views.table_map(), ts,
-                                         (1.0 / np.maximum(seed_counts, 1.0)).tolist()))
+    weights = (1.0 / np.maximum(seed_counts, 1.0)).tolist()
+    tables = views.table_map()
+    triples = []
+    for seed, weight in zip(seeds, weights, strict=True):
+        table = tables.get(shard_of(seed))
+        if table is not None:
+            triples.append((table, seed, weight * table.covis_factor(ts)))
+    # sum per pool item over the seeds' rows, in seed order (PointInTime._covis_lookup's
+    # sums); neighbours without an id in the view are no pool items, so left out
+    v = np.zeros(ids.size)
+    gids, gw = view.gather("liked", triples, intern=False)
+    if gids.size:
+        all_ids, sums = sparse_sum(gids, gw, len(view.names))
+        pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)
+        v = np.where((ids >= 0) & (all_ids[pos] == ids), sums[pos], 0.0)
     if alpha:
         v = v / np.maximum(_counts(view, "liked", ids), 1.0) ** alpha
     top = v.max()
     return v / top if top > 0 else out
 
 
-def _age_days(context: PointInTime, items: list[str], ts: int) -> np.ndarray:
-    """log1p(days since each item was first seen), from its item table's catalog."""
+def _age_days(context: PointInTime, items: list[str], ts: int, rows: np.ndarray | None = None,
+              space: ItemRows | None = None) -> np.ndarray:
+    """log1p(days since each item was first seen), from its item table's catalog (through
+    ``space``'s per-row values when given: the same numbers, ``math.log1p`` each)."""
     views, shard_of = context.views, context.item_shard_of
     out = np.zeros(len(items))
     if views is None or shard_of is None:
         return out
     tables = views.table_map()
+    if rows is not None and space is not None:
+        space.sync(tables)
+        slots = space.fill(rows)
+        days = (np.maximum(ts - space.first_seen[slots], 0) / DAY_MS).tolist()
+        log1p = math.log1p
+        return np.array([log1p(d) if e else 0.0
+                         for d, e in zip(days, space.entry[slots].tolist(), strict=True)])
     for n, item in enumerate(items):
         table = tables.get(shard_of(item))
         entry = table.catalog.get(item) if table is not None else None

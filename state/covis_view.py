@@ -15,13 +15,18 @@ arrays, so memory is O(items seen) per process, like the tables themselves.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
+from state.covisitation import FrozenCoVisitation
 from state.item_table import ItemTable
 
 CHANNELS = ("liked", "any")
+_EAGER_VOCAB = 8_192
+"""Tables with at most this many distinct items have all their ids looked up at once."""
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
 
 
@@ -34,6 +39,11 @@ class CovisView:
         self.counts = {ch: np.zeros(0) for ch in CHANNELS}
         self._tables: dict[str, ItemTable] = {}
         self._rows: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._known: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray, int]] = {}
+        """``_known_row``'s rows: (ids, weights, -1 or the id count they are valid for)."""
+        self._vmaps: dict[tuple[int, str], list[Any]] = {}
+        """Per (loaded table, channel) with CSR rows: [table, its vocabulary's ids here
+        (-2: none known yet)]."""
 
     def intern(self, items: Iterable[str]) -> np.ndarray:
         """Ids of ``items`` (new ones get the next ids)."""
@@ -64,6 +74,8 @@ class CovisView:
             old = self._tables.get(shard)
             if old is not None:  # rows of the replaced version go
                 self._rows = {k: v for k, v in self._rows.items() if k[0] != id(old)}
+                self._vmaps = {k: v for k, v in self._vmaps.items() if k[0] != id(old)}
+                self._known = {k: v for k, v in self._known.items() if k[0] != id(old)}
             self._tables[shard] = table
             for ch in CHANNELS:
                 counts = table.channel(ch)[1]
@@ -72,27 +84,121 @@ class CovisView:
                 self.counts[ch][idx] = np.fromiter(counts.values(), np.float64, len(counts))
 
     def row(self, table: ItemTable, channel: str, item: str) -> tuple[np.ndarray, np.ndarray]:
-        """(neighbour ids, weights decayed to ``table.ts``) of ``item``'s row."""
+        """(neighbour ids, weights decayed to ``table.ts``) of ``item``'s row, strongest
+        first; a neighbour without an id gets the next one (in that order)."""
         key = (id(table), channel, item)
         row = self._rows.get(key)
         if row is None:
-            plain = table.covis_row(channel, item)
-            row = (self.intern(plain), np.fromiter(plain.values(), np.float64, len(plain))) \
-                if plain else _EMPTY
+            found = self._csr_row(table, channel, item)
+            if found is None:
+                names, weights = table.covis_row_arrays(channel, item)
+                row = (self.intern(names), weights) if names else _EMPTY
+            else:
+                ids, weights, covis, nbr = found
+                if (ids < 0).any():
+                    ids = self.intern([covis._vocab[j] for j in nbr.tolist()])
+                row = (ids, weights) if ids.size else _EMPTY
             self._rows[key] = row
             self._grow()
         return row
+
+    def _known_row(self, table: ItemTable, channel: str, item: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """``row`` without new ids: the entries whose neighbour has an id (cached while
+        no id is added, or for good when none was left out)."""
+        row = self._rows.get((id(table), channel, item))
+        if row is not None:
+            return row
+        key = (id(table), channel, item)
+        hit = self._known.get(key)
+        n_names = len(self.names)
+        if hit is not None and hit[2] in (-1, n_names):
+            return hit[0], hit[1]
+        found = self._csr_row(table, channel, item)
+        if found is None:
+            names, weights = table.covis_row_arrays(channel, item)
+            get = self.ids.get
+            ids = np.fromiter((get(name, -1) for name in names), np.int64, len(names))
+        else:
+            ids, weights = found[0], found[1]
+        keep = ids >= 0
+        complete = bool(keep.all())
+        if not complete:
+            ids, weights = ids[keep], weights[keep]
+        self._known[key] = (ids, weights, -1 if complete else n_names)
+        return ids, weights
+
+    def _csr_row(self, table: ItemTable, channel: str, item: str
+                 ) -> tuple[np.ndarray, np.ndarray, FrozenCoVisitation, np.ndarray] | None:
+        """A loaded (CSR) table's row as (ids here, -1 where none; weights; the table;
+        vocabulary indices), strongest first; None for a table built in process."""
+        covis = table.channel(channel)[0]
+        if not isinstance(covis, FrozenCoVisitation) or covis._full is not None:
+            return None
+        r = covis._row_of.get(item)
+        if r is None:
+            return _EMPTY[0], _EMPTY[1], covis, _EMPTY[0]
+        a, b = int(covis._starts[r]), int(covis._starts[r + 1])
+        vals = covis._arrays["values"][a:b]
+        order = np.argsort(-vals, kind="stable")  # ``neighbors``' order
+        nbr = covis._arrays["neighbors"][a:b][order]
+        return (self._vocab_ids(table, channel, covis, nbr), vals[order] * covis._decay(table.ts),
+                covis, nbr)
 
     def channel_sums(self, channel: str, seeds: list[tuple[ItemTable, str, float]]
                      ) -> tuple[np.ndarray, np.ndarray]:
         """``sum weight * row(seed)`` over ``(table, seed, weight)`` as sparse (ids
         ascending, sums); items no row reaches are absent."""
-        parts = [(ids, w * weight) for table, seed, weight in seeds
-                 for ids, w in (self.row(table, channel, seed),) if ids.size]
-        if not parts:
+        ids, w = self.gather(channel, seeds)
+        if not ids.size:
             return _EMPTY
-        return sparse_sum(np.concatenate([p[0] for p in parts]),
-                          np.concatenate([p[1] for p in parts]), len(self.names))
+        return sparse_sum(ids, w, len(self.names))
+
+    def gather(self, channel: str, seeds: list[tuple[ItemTable, str, float]],
+               intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Every ``(id, weight * w)`` of the seeds' rows (``row``), seed by seed, so sums
+        per id add in seed order: one concatenation of the cached rows and one product.
+        ``intern=False``: neighbours without an id are left out instead of getting one
+        (they cannot be candidates: candidates have ids)."""
+        get_row = self.row if intern else self._known_row
+        ids_parts, w_parts, weights, sizes = [], [], [], []
+        for table, seed, weight in seeds:
+            ids, w = get_row(table, channel, seed)
+            if ids.size:
+                ids_parts.append(ids)
+                w_parts.append(w)
+                weights.append(weight)
+                sizes.append(ids.size)
+        if not ids_parts:
+            return _EMPTY
+        return (np.concatenate(ids_parts),
+                np.concatenate(w_parts) * np.repeat(np.asarray(weights), sizes))
+
+    def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,
+                   vocab_idx: np.ndarray) -> np.ndarray:
+        """This view's ids of a table's vocabulary entries (-1: not an id). Found ids are
+        kept per table version (ids are never reused); entries without one are looked
+        up again when read (they may have got one since)."""
+        key = (id(table), channel)
+        entry = self._vmaps.get(key)
+        if entry is None:
+            vocab = covis._vocab
+            vmap = np.full(len(vocab), -2, np.int64)  # -2: no id known (yet)
+            if len(vocab) <= _EAGER_VOCAB:  # small: every entry at once
+                vmap[:] = np.fromiter(map(self.ids.get, vocab, itertools.repeat(-2)), np.int64,
+                                      len(vocab))
+            entry = self._vmaps[key] = [table, vmap]
+        vmap = entry[1]
+        ids = vmap[vocab_idx]
+        unknown = ids == -2
+        if unknown.any():
+            todo = np.unique(vocab_idx[unknown])
+            get, vocab = self.ids.get, covis._vocab
+            vmap[todo] = np.fromiter((get(vocab[j], -2) for j in todo.tolist()), np.int64,
+                                     todo.size)
+            ids = vmap[vocab_idx]
+            ids[ids == -2] = -1
+        return ids
 
 
 class SparseScores:

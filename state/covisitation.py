@@ -204,6 +204,12 @@ class CoVisitation:
             return 0.0
         return row.get(item_b, 0.0) * self._decay(now_ms)
 
+    def row_arrays(self, item_id: str, now_ms: int) -> tuple[list[str], np.ndarray]:
+        """(neighbour ids, weights decayed to ``now_ms``) of ``item_id``'s whole row,
+        strongest first: ``neighbors`` as a list and an array."""
+        top = self.neighbors(item_id, self.row_size(item_id), now_ms)
+        return [b for b, _ in top], np.fromiter((v for _, v in top), np.float64, len(top))
+
     def neighbors(self, item_id: str, n: int, now_ms: int) -> list[tuple[str, float]]:
         """The ``n`` strongest neighbours of ``item_id`` with decayed weights, strongest first."""
         row = self._rows.get(item_id)
@@ -325,12 +331,14 @@ class CoVisitation:
         }
 
     @classmethod
-    def from_arrays(cls, s: Mapping[str, np.ndarray]) -> CoVisitation:
-        """Inverse of :meth:`to_arrays`."""
+    def from_arrays(cls, s: Mapping[str, np.ndarray], frozen: bool = False) -> CoVisitation:
+        """Inverse of :meth:`to_arrays`; ``frozen``: a read-only ``FrozenCoVisitation``
+        that keeps the arrays and decodes a row when it is read (published tables)."""
         if int(s["format"]) != _FORMAT:
             raise ValueError(f"unsupported co-visitation format {s['format']}")
-        cfg = {k[4:]: np.asarray(v).item() for k, v in s.items() if k.startswith("cfg_")}
-        out = cls(CoVisConfig(**cfg))
+        if frozen:
+            return FrozenCoVisitation(s)
+        out = cls(_config_of(s))
         vocab = unpack_strings(np.asarray(s["vocab_blob"]), np.asarray(s["vocab_offsets"]))
         n_rows = int(s["n_rows"])
         sizes = np.asarray(s["row_sizes"]).tolist()
@@ -374,6 +382,94 @@ class CoVisitation:
             "evicted_neighbors": self.evicted_neighbors,
             "evicted_rows": self.evicted_rows,
         }
+
+
+def _config_of(s: Mapping[str, np.ndarray]) -> CoVisConfig:
+    return CoVisConfig(**{k[4:]: np.asarray(v).item() for k, v in s.items()
+                          if k.startswith("cfg_")})
+
+
+class FrozenCoVisitation(CoVisitation):
+    """A published table as serving reads it: the CSR arrays of :meth:`to_arrays` kept
+    as they are, a row decoded only when it is read (serving reads the rows of its
+    users' recent items, a small part of a table). Loading costs one string per item
+    instead of a dict entry per neighbour (20k rows x 100: ~2M objects, ~0.7 s and long
+    GIL holds and GC pauses on the loader thread). Reads equal those of the table it was
+    saved from; a write (or any other use of ``_rows``) decodes every row once, after
+    which it is an ordinary table."""
+
+    def __init__(self, s: Mapping[str, np.ndarray]) -> None:  # noqa: D107 (no super: no rows)
+        self.config = _config_of(s)
+        self._arrays = {k: np.asarray(v) for k, v in s.items()}
+        self._vocab = unpack_strings(self._arrays["vocab_blob"], self._arrays["vocab_offsets"])
+        n_rows = int(self._arrays["n_rows"])
+        self._row_of = dict(zip(self._vocab[:n_rows], range(n_rows), strict=True))
+        self._starts = np.zeros(n_rows + 1, np.int64)
+        np.cumsum(self._arrays["row_sizes"], out=self._starts[1:])
+        self._full: OrderedDict[str, dict[str, float]] | None = None
+        self._t_ref = int(s["t_ref"]) if bool(s["has_t_ref"]) else None
+        self.pairs_added, self.evicted_neighbors, self.evicted_rows = (
+            int(x) for x in self._arrays["stats"])
+
+    @property  # type: ignore[override]
+    def _rows(self) -> OrderedDict[str, dict[str, float]]:
+        """Every row as a dict (decoded on first use)."""
+        if self._full is None:
+            full: OrderedDict[str, dict[str, float]] = OrderedDict()
+            vocab, nbr, val = self._vocab, self._arrays["neighbors"], self._arrays["values"]
+            starts = self._starts.tolist()
+            for item, r in self._row_of.items():
+                a, b = starts[r], starts[r + 1]
+                full[item] = dict(zip([vocab[j] for j in nbr[a:b].tolist()],
+                                      val[a:b].tolist(), strict=True))
+            self._full = full
+        return self._full
+
+    @_rows.setter
+    def _rows(self, rows: OrderedDict[str, dict[str, float]]) -> None:
+        self._full = rows
+
+    def row_arrays(self, item_id: str, now_ms: int) -> tuple[list[str], np.ndarray]:
+        """(neighbour ids, weights decayed to ``now_ms``) of ``item_id``'s row, strongest
+        first, equal weights in stored order: ``neighbors`` as arrays."""
+        if self._full is not None:
+            return super().row_arrays(item_id, now_ms)
+        r = self._row_of.get(item_id)
+        if r is None:
+            return [], np.zeros(0)
+        a, b = int(self._starts[r]), int(self._starts[r + 1])
+        vals = self._arrays["values"][a:b]
+        order = np.argsort(-vals, kind="stable")
+        vocab = self._vocab
+        return ([vocab[j] for j in self._arrays["neighbors"][a:b][order].tolist()],
+                vals[order] * self._decay(now_ms))
+
+    def neighbors(self, item_id: str, n: int, now_ms: int) -> list[tuple[str, float]]:
+        if self._full is not None:
+            return super().neighbors(item_id, n, now_ms)
+        names, vals = self.row_arrays(item_id, now_ms)
+        return list(zip(names[:n], vals[:n].tolist(), strict=True))
+
+    def __len__(self) -> int:
+        return len(self._row_of) if self._full is None else len(self._full)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in (self._row_of if self._full is None else self._full)
+
+    def row_size(self, item_id: str) -> int:
+        if self._full is not None:
+            return super().row_size(item_id)
+        r = self._row_of.get(item_id)
+        return 0 if r is None else int(self._starts[r + 1] - self._starts[r])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return dict(self._arrays) if self._full is None else super().to_arrays()
+
+    def __getstate__(self) -> dict[str, np.ndarray]:
+        return self.to_arrays()
+
+    def __setstate__(self, state: dict[str, np.ndarray]) -> None:
+        self.__dict__.update(FrozenCoVisitation(state).__dict__)
 
 
 def decayed(weight: float, added_ms: int, now_ms: int, half_life_ms: int) -> float:

@@ -4,7 +4,7 @@ Serving handles candidates as numpy int arrays of rows in a ``CovisView`` id spa
 (state/covis_view.py: one dense id per item, never reused). ``ItemRows`` keeps, per
 candidate item, what the request path would otherwise look up item by item in the
 item tables' dicts: the item's shard, its table's catalog entry (present, available,
-category), raw popularity and trending counts (as of the table's ``ts``), the shard
+category, first sighting), raw popularity and trending counts (as of the table's ``ts``), the shard
 catalog's attributes (unavailable, cross-profile attribute values) and its MF vector
 in the index snapshot. Values live in slots, given only to rows that become
 candidates (``fill(rows) -> slots``), and are refilled when their shard's table, the
@@ -66,6 +66,8 @@ class ItemRows:
         """The item's table has a catalog entry for it."""
         self.available = np.ones(0, bool)
         self.category = np.zeros(0, np.int32)
+        self.first_seen = np.zeros(0, np.int64)
+        """The catalog entry's first sighting (event time, ms; 0 without an entry)."""
         self.pop = np.zeros(0)
         self.trend = np.zeros(0)
         self.attr_id = np.zeros(0, np.int64)
@@ -137,6 +139,7 @@ class ItemRows:
         self.entry = grown(self.entry, False)
         self.available = grown(self.available, True)
         self.category = grown(self.category, 0)
+        self.first_seen = grown(self.first_seen, 0)
         self.pop = grown(self.pop, 0.0)
         self.trend = grown(self.trend, 0.0)
         self.attr_id = grown(self.attr_id, 0)
@@ -204,6 +207,7 @@ class ItemRows:
                 code = codes[category] = len(self.categories)
                 self.categories.append(category)
             self.category[s] = code
+            self.first_seen[s] = entry.first_seen_ms if entry is not None else 0
             self.pop[s] = table.popular.get(item, 0.0) if table is not None else 0.0
             self.trend[s] = table.trending.get(item, 0.0) if table is not None else 0.0
             self.gen[s] = self.shard_gen[k]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,41 @@ class CatalogEntry:
     first_seen_ms: int = 0
 
 
+class FrozenCatalog(Mapping[str, CatalogEntry]):
+    """A loaded table's catalog: the file's columns kept as they are, an entry made when
+    it is read. Loading makes no object per item (a ``CatalogEntry`` and its ``__dict__``
+    each: ~200k GC-tracked objects per round of four 25k-item tables, whose young-
+    generation collections stalled requests while the loader thread ran). Read-only."""
+
+    def __init__(self, ids: list[str], category: list[str], available: np.ndarray,
+                 first_seen: np.ndarray) -> None:
+        self._index = dict(zip(ids, range(len(ids)), strict=True))
+        self._category = category
+        self._available = available
+        self._first_seen = first_seen
+
+    def __getitem__(self, item_id: str) -> CatalogEntry:
+        j = self._index[item_id]
+        return CatalogEntry(self._category[j] or None, bool(self._available[j]),
+                            int(self._first_seen[j]))
+
+    def get(self, item_id: str, default: Any = None) -> Any:  # type: ignore[override]
+        j = self._index.get(item_id)
+        if j is None:
+            return default
+        return CatalogEntry(self._category[j] or None, bool(self._available[j]),
+                            int(self._first_seen[j]))
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
 @dataclass
 class ItemTable:
     """Immutable once published; readers never mutate it."""
@@ -48,7 +84,7 @@ class ItemTable:
     covis: CoVisitation
     popular: dict[str, float] = field(default_factory=dict)
     trending: dict[str, float] = field(default_factory=dict)
-    catalog: dict[str, CatalogEntry] = field(default_factory=dict)
+    catalog: dict[str, CatalogEntry] | FrozenCatalog = field(default_factory=dict)
     features: dict[str, dict[str, float]] = field(default_factory=dict)
     """Item profile features (IPS ``item`` entity) per item, numeric ones, as of ``ts``."""
     popular_half_life_ms: int = 7 * 86_400_000
@@ -92,6 +128,14 @@ class ItemTable:
             row = self._rows[key] = (dict(covis.neighbors(item_id, covis.row_size(item_id), self.ts))
                                      if covis is not None else {})
         return row
+
+    def covis_row_arrays(self, name: str, item_id: str) -> tuple[list[str], np.ndarray]:
+        """``covis_row`` as (neighbour ids, weights) in the same order, without a dict
+        (serving's ``CovisView`` turns them into id arrays; not cached here)."""
+        covis = self.channel(name)[0]
+        if covis is None:
+            return [], np.zeros(0)
+        return covis.row_arrays(item_id, self.ts)
 
     def covis_factor(self, now_ms: int) -> float:
         """Multiplier that decays this table's co-visitation weights and counts (as of
@@ -160,15 +204,11 @@ class ItemTable:
         """Read a table written by :meth:`save`."""
         with np.load(path, allow_pickle=False) as z:
             covis = CoVisitation.from_arrays({k[len(_COVIS):]: z[k] for k in z.files
-                                              if k.startswith(_COVIS)})
+                                              if k.startswith(_COVIS)}, frozen=True)
             any_arrays = {k[len(_COVIS_ANY):]: z[k] for k in z.files if k.startswith(_COVIS_ANY)}
-            covis_any = CoVisitation.from_arrays(any_arrays) if any_arrays else None
-            catalog = {
-                str(i): CatalogEntry(str(c) or None, bool(a), int(t))
-                for i, c, a, t in zip(z["catalog_ids"].tolist(), z["catalog_category"].tolist(),
-                                      z["catalog_available"].tolist(),
-                                      z["catalog_first_seen"].tolist(), strict=True)
-            }
+            covis_any = CoVisitation.from_arrays(any_arrays, frozen=True) if any_arrays else None
+            catalog = FrozenCatalog(z["catalog_ids"].tolist(), z["catalog_category"].tolist(),
+                                    z["catalog_available"], z["catalog_first_seen"])
             return cls(
                 shard=str(z["shard"]),
                 ts=int(z["ts"]),

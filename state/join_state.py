@@ -548,9 +548,11 @@ class Joiner:
                 chosen.append(item)
                 if len(chosen) == n:
                     break
-        for j, item in enumerate(chosen):
+        many = getattr(self.context, "example_features_many", None)  # PointInTime: batched
+        taken = (many(fb.user_id, chosen, fb.ts) if many is not None else
+                 [self.context.example_features(fb.user_id, item, fb.ts) for item in chosen])
+        for j, (item, features) in enumerate(zip(chosen, taken, strict=True)):
             self.counters.sampled_negatives += 1
-            features = self.context.example_features(fb.user_id, item, fb.ts)
             self.examples.append(Example(
                 f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, weight,
                 float32_features(features), "sampled",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 
 from state.covisitation import CoVisConfig, CoVisitation, decayed
@@ -167,3 +168,47 @@ def test_round_trip_keeps_rows_whose_neighbours_are_not_rows() -> None:
     assert back._rows == cv._rows
     assert CoVisitation.from_arrays(cv.to_arrays())._rows == {
         "a": {"x": 1.0, "y": 2.0}, "b": {"z": 3.0}, "c": {"a": 4.0}}
+
+
+def _random_table(seed: int) -> CoVisitation:
+    import random
+
+    rng = random.Random(seed)
+    c = CoVisitation(CoVisConfig(max_neighbors=8, window=5, half_life_ms=50_000))
+    items = [f"i{j}" for j in range(40)]
+    for t in range(300):
+        recent = rng.sample(items, 4)
+        # equal weights on purpose (ties keep the stored order in both readers)
+        c.add(c.pairs_for(recent, rng.choice(items)), 1_000 * t)
+    c.add([("only-neighbour-row", "i1", 1.0)], 300_000)
+    return c
+
+
+def test_frozen_table_reads_like_the_table_it_was_saved_from_without_decoding_rows() -> None:
+    """``from_arrays(frozen=True)`` (published item tables): the same rows, order, decayed
+    weights, sizes, scores and arrays, while no row dict is built until a write."""
+    plain = _random_table(3)
+    arrays = plain.to_arrays()
+    frozen = CoVisitation.from_arrays(arrays, frozen=True)
+    loaded = CoVisitation.from_arrays(arrays)
+    now = 420_000
+    assert len(frozen) == len(plain)
+    for item in [*plain._rows, "i1", "absent"]:
+        assert (item in frozen) == (item in plain)
+        assert frozen.row_size(item) == plain.row_size(item)
+        for n in (1, 3, plain.row_size(item) or 1):
+            assert frozen.neighbors(item, n, now) == loaded.neighbors(item, n, now)
+        names, weights = frozen.row_arrays(item, now)
+        assert list(zip(names, weights.tolist(), strict=True)) == plain.neighbors(
+            item, plain.row_size(item), now)
+    assert frozen._full is None, "reads decoded the rows"
+    got = frozen.to_arrays()
+    assert got.keys() == arrays.keys() and all(
+        np.array_equal(got[k], arrays[k]) for k in arrays)
+    assert frozen.score("i1", "i2", now) == plain.score("i1", "i2", now)
+    # a write decodes every row once; from then on it is an ordinary table
+    frozen.add([("i1", "new", 2.0)], now)
+    plain.add([("i1", "new", 2.0)], now)
+    assert frozen._rows == plain._rows
+    assert frozen.neighbors("i1", 20, now) == plain.neighbors("i1", 20, now)
+    assert pickle.loads(pickle.dumps(frozen))._rows == plain._rows

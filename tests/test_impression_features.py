@@ -284,3 +284,27 @@ def test_windows_closing_together_compute_their_features_together(
     assert got == want and len(got) == 60
     # the organic click, the click on imp0-0 at once, then one call per request
     assert sorted(sizes) == [1, 1, 9, 10, 10, 10, 10, 10]
+
+
+def test_sampled_negatives_taken_together_equal_one_at_a_time(published: World) -> None:
+    """An organic positive's sampled negatives get their features in one call
+    (``PointInTime.example_features_many``): the same examples, bit for bit, as one
+    ``example_features`` call per negative."""
+    together, alone = published.user_shard(), published.user_shard()
+    alone.joiner.context.example_features_many = None  # the joiner falls back per item
+    calls = []
+    context = together.joiner.context
+    item_features = context.item_features
+    context.item_features = lambda *a, **kw: calls.append(1) or item_features(*a, **kw)
+    events: list[Event] = [Feedback(T0 - 50_000, "u7", SEED, "click")]
+    for n in range(40):
+        events.append(Feedback(T0 + n * 30_000, f"u{n % 4}", ITEMS[(n * 11) % len(ITEMS)],
+                               "click" if n % 3 else "like"))
+    got = [run(shard, events) for shard in (together, alone)]
+    assert got[0] == got[1]
+    sampled = [e for e in got[0] if e["source"] == "sampled"]
+    assert len(sampled) >= 40
+    assert any("mf" in e["features"] and "pop" in e["features"] for e in sampled)
+    assert any("covis" in e["features"] for e in sampled)
+    interactions = sum(e["source"] == "interaction" for e in got[0])
+    assert len(calls) <= 2 * interactions < len(sampled), "one call per negative"

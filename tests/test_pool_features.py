@@ -1,0 +1,143 @@
+"""The pool ranker's features (operators/pool_features.py) on published item tables."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from operators.point_in_time import PointInTime
+from operators.pool_features import _long_liked
+from state import covis_view
+from state.covis_view import CovisView
+from state.covisitation import CoVisConfig, CoVisitation
+from state.item_table import ItemTable
+
+T = 1_700_000_000_000
+ITEMS = [f"i{j}" for j in range(80)]
+
+
+def shard_of(item: str) -> str:
+    return f"s{sum(map(ord, item)) % 2}"
+
+
+def tables(seed: int, tmp: Path | None) -> dict[str, ItemTable]:
+    """Two shards' tables with random co-visitation rows (loaded from files when ``tmp``)."""
+    rng = random.Random(seed)
+    out = {}
+    for shard in ("s0", "s1"):
+        covis = CoVisitation(CoVisConfig(max_neighbors=12, half_life_ms=3_600_000))
+        mine = [i for i in ITEMS if shard_of(i) == shard]
+        pairs = [(a, b, float(rng.choice([1, 2, 3, 0.5]))) for a in mine
+                 for b in rng.sample(ITEMS + ["unseen-x", "unseen-y"], 15) if a != b]
+        covis.add(pairs, T - rng.randrange(1, 10**6))
+        table = ItemTable(shard, T - 1_000, covis,
+                          liked_counts={i: float(rng.randrange(1, 9)) for i in mine})
+        if tmp is not None:
+            path = tmp / f"{shard}-{seed}.npz"
+            table.save(path)
+            table = ItemTable.load(path)
+        out[shard] = table
+    return out
+
+
+@pytest.mark.parametrize(("seed", "loaded"), [(0, True), (1, True), (2, False)])
+def test_long_liked_equals_the_row_by_row_sums_and_adds_no_ids(
+        tmp_path: Path, seed: int, loaded: bool) -> None:
+    rng = random.Random(seed)
+    table_map = tables(seed, tmp_path if loaded else None)
+    view = CovisView()
+    view.sync(table_map)
+    pool = rng.sample(ITEMS, 50)
+    ids = view.intern(pool)
+    seeds = rng.sample(ITEMS, 30) + ["not-an-item"]
+    context = SimpleNamespace(
+        views=SimpleNamespace(table_map=lambda: table_map), item_shard_of=shard_of,
+        liked=SimpleNamespace(recent=lambda user, n: seeds[:n]),
+        covis=SimpleNamespace(decay=0.8))
+    ts = T + 5_000
+    n_ids = len(view.names)
+    got = _long_liked(context, view, SimpleNamespace(user_id="u"), ids, ts, 0.5, 100)
+    assert len(view.names) == n_ids, "the view got new ids"
+    counts = np.array([view.counts["liked"][view.ids[s]] if s in view.ids else 0.0
+                       for s in seeds])
+    ref = np.asarray(PointInTime._covis_lookup(
+        context, seeds, "liked", pool, table_map, ts, (1.0 / np.maximum(counts, 1.0)).tolist()))
+    ref = ref / np.maximum(view.counts["liked"][ids], 1.0) ** 0.5
+    ref = ref / ref.max()
+    assert ref.max() > 0 and np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize(("seed", "eager"), [(0, True), (1, True), (2, False), (3, False)])
+def test_view_reads_loaded_tables_as_the_tables_they_were_saved_from(
+        tmp_path: Path, seed: int, eager: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CovisView`` on loaded (CSR) tables: the same ids in the same order, the same
+    channel sums bit for bit, request after request, as on the in-process tables (ids of
+    a table's items looked up all at once, or as rows are read)."""
+    monkeypatch.setattr(covis_view, "_EAGER_VOCAB", 10_000 if eager else 0)
+    rng = random.Random(seed)
+    views = []
+    for loaded in (False, True):
+        view = CovisView()
+        view.sync(tables(seed, tmp_path if loaded else None))
+        views.append((view, tables(seed, tmp_path if loaded else None)))
+    for _ in range(6):
+        seeds = rng.sample(ITEMS, 20) + ["not-an-item", "unseen-x"]
+        weights = [rng.random() for _ in seeds]
+        got = []
+        for view, table_map in views:
+            view.sync(table_map)
+            triples = [(table_map[shard_of(s)], s, w) for s, w in zip(seeds, weights, strict=True)]
+            got.append((view.channel_sums("liked", triples), list(view.names)))
+        (ids0, sums0), names0 = got[0]
+        (ids1, sums1), names1 = got[1]
+        assert names0 == names1
+        assert np.array_equal(ids0, ids1) and np.array_equal(sums0, sums1) and ids0.size
+
+
+def test_age_from_the_serving_rows_equals_the_catalog_lookups(tmp_path: Path) -> None:
+    """``_age_days`` through ``ItemRows`` (the pool's rows): the per-item catalog numbers."""
+    from operators.pool_features import _age_days
+    from state.item_rows import ItemRows
+    from state.item_table import CatalogEntry
+
+    table_map = tables(5, None)
+    rng = random.Random(5)
+    for item in ITEMS[:60]:
+        table_map[shard_of(item)].catalog[item] = CatalogEntry(
+            "c", True, T - rng.randrange(-3_600_000, 400 * 86_400_000))
+    for shard, table in table_map.items():  # as serving reads them: loaded from files
+        table.save(tmp_path / f"{shard}.npz")
+        table_map[shard] = ItemTable.load(tmp_path / f"{shard}.npz")
+    view = CovisView()
+    view.sync(table_map)
+    space = ItemRows(view, shard_of)
+    pool = rng.sample(ITEMS, 70)  # some without a catalog entry
+    rows = view.intern(pool)
+    context = SimpleNamespace(views=SimpleNamespace(table_map=lambda: table_map),
+                              item_shard_of=shard_of)
+    ref = _age_days(context, pool, T)
+    got = _age_days(context, pool, T, rows, space)
+    assert np.array_equal(got, ref) and (ref > 0).sum() >= 40 and (ref == 0).any()
+
+
+def test_loaded_catalog_reads_as_the_saved_one_and_builds_no_entries(tmp_path: Path) -> None:
+    """A loaded table's catalog (``FrozenCatalog``): the same entries, order and length
+    as the table it was saved from, with no object per item made at load."""
+    from state.item_table import CatalogEntry, FrozenCatalog
+
+    table = tables(6, None)["s0"]
+    rng = random.Random(6)
+    for item in ITEMS:
+        table.catalog[item] = CatalogEntry(rng.choice(["c1", "c2", None]), rng.random() < 0.9,
+                                           T - rng.randrange(10**9))
+    table.save(tmp_path / "t.npz")
+    loaded = ItemTable.load(tmp_path / "t.npz")
+    assert isinstance(loaded.catalog, FrozenCatalog)
+    assert not any(isinstance(v, CatalogEntry) for v in vars(loaded.catalog).values())
+    assert list(loaded.catalog.items()) == list(table.catalog.items())
+    assert len(loaded.catalog) == len(table.catalog) and "i3" in loaded.catalog
+    assert loaded.catalog.get("absent") is None and loaded.catalog.get("i3") == table.catalog["i3"]
