@@ -118,6 +118,8 @@ def scorer_counts(join: dict[str, Any]) -> dict[str, Any]:
         "duel_outcomes": n,
         "duel_hr_ranker": round(join.get("duel_hits_ranker", 0) / n, 5) if n else None,
         "duel_hr_retrieval": round(join.get("duel_hits_retrieval", 0) / n, 5) if n else None,
+        "served_interleaved": join.get("served_interleaved", 0),
+        "duel_clicks": join.get("duel_clicks", 0),
     }
 
 

@@ -46,10 +46,13 @@ logger = logging.getLogger(__name__)
 SERVING_COUNTERS = {"requests": "requests"}
 """User-shard counters of the serving stage (name in the shard -> streamrec_serving_<name>)."""
 SCORER_COUNTERS = {"served_by_ranker": "ranker", "served_by_retrieval": "retrieval",
-                   "served_by_pool": "pool"}
-"""Requests served per scorer: streamrec_serving_served_total{scorer}."""
+                   "served_by_pool": "pool", "served_interleaved": "interleaved"}
+"""Requests served per scorer (``interleaved``: both, team-draft):
+streamrec_serving_served_total{scorer}."""
 DUEL_HITS = {"duel_hits_ranker": "ranker", "duel_hits_retrieval": "retrieval"}
 """Scorer-duel hits per scorer: streamrec_duel_hits_total{scorer}."""
+DUEL_CLICK_WINS = {"duel_click_wins_ranker": "ranker", "duel_click_wins_challenger": "challenger"}
+"""Clicks on interleaved lists per team: streamrec_duel_click_wins_total{scorer}."""
 JOIN_GAUGES = ("pending", "orphans", "pool_pending")
 
 
@@ -126,7 +129,8 @@ def _families(state: MetricsState, now_s: float) -> Iterator[Metric]:
                    (((app, lb), w) for lb, w in sorted(state.example_weight.items())))
     # -- user shards: joiner, serving, duel
     counters = state.join()
-    special = {*SERVING_COUNTERS, *SCORER_COUNTERS, *DUEL_HITS, "duel_outcomes", *JOIN_GAUGES}
+    special = {*SERVING_COUNTERS, *SCORER_COUNTERS, *DUEL_HITS, *DUEL_CLICK_WINS,
+               "duel_outcomes", "duel_clicks", *JOIN_GAUGES}
     for key in sorted(k for k in counters if k not in special):
         doc = ("Join windows closed (impressions whose attribution window expired)."
                if key == "windows_closed" else f"Joiner counter {key}.")
@@ -145,6 +149,11 @@ def _families(state: MetricsState, now_s: float) -> Iterator[Metric]:
                    "positive after a request).", [], [((app,), counters.get("duel_outcomes", 0))])
     yield _counter("streamrec_duel_hits", "Scorer duel: outcomes each scorer's top k held.",
                    ["scorer"], (((app, s), counters.get(k, 0)) for k, s in DUEL_HITS.items()))
+    yield _counter("streamrec_duel_clicks", "Scorer duel: clicks on interleaved lists.", [],
+                   [((app,), counters.get("duel_clicks", 0))])
+    yield _counter("streamrec_duel_click_wins", "Scorer duel: clicks on interleaved lists by "
+                   "the team (scorer) that picked the item.", ["scorer"],
+                   (((app, s), counters.get(k, 0)) for k, s in DUEL_CLICK_WINS.items()))
     yield _histogram("streamrec_serving_latency_seconds", "Request ingest to recommendation "
                      "emit (s).", app, state.latency_ms, 1e-3)
     yield _histogram("streamrec_serving_cpu_seconds", "CPU time of the serving call of one "

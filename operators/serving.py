@@ -45,7 +45,7 @@ from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_i
 from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import ItemColumns, PointInTime, UserContext
 from operators.pool_features import pool_matrix
-from operators.scorer_duel import SCORERS, ScorerDuel
+from operators.scorer_duel import SCORERS, ScorerDuel, team_draft
 from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.hashing import stable_hash64
@@ -93,17 +93,20 @@ class ServingConfig:
     scorer: str = doc("Final score: 'ranker' (the serving ranker's probability), 'retrieval' "
                       "(the co-visitation blend, other sources breaking ties), 'pool' (the "
                       "pool ranker over the blend's best candidates, serving.pool) or 'auto' "
-                      "(the ranker, unless the pool ranker's top k (the blend's when "
-                      "serving.pool is off) held the users' next organic positives more "
-                      "often lately; operators/scorer_duel.py).", "auto")
-    scorer_min_outcomes: int = doc("auto: outcomes a shard sees before the blend may take "
-                                   "over from the ranker (the choice is revisited at every "
-                                   "request after that).", 30)
-    scorer_shadow_rate: float = doc("auto: once the blend leads the duel, the share of "
-                                    "requests the ranker still scores (shadow) to keep the "
-                                    "duel going (1 = every request).", 0.1)
-    scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each).",
-                             5_000)
+                      "(a duel of the ranker against the pool ranker, or the blend when "
+                      "serving.pool is off: their lists are interleaved until the ranker wins "
+                      "the clicks on them; the challenger serves alone when it held the "
+                      "users' next organic positives more often lately; "
+                      "operators/scorer_duel.py).", "auto")
+    scorer_min_outcomes: int = doc("auto: outcomes (organic positives and clicks on "
+                                   "interleaved lists) a shard sees before either scorer "
+                                   "serves alone (until then every request is interleaved; "
+                                   "the choice is revisited at every request after that).", 30)
+    scorer_shadow_rate: float = doc("auto: once one scorer serves alone, the share of requests "
+                                    "both still score (shadow; interleaved once clicks judge) "
+                                    "to keep the duel going (1 = every request).", 0.1)
+    scorer_window: int = doc("auto: outcomes over which hit counts decay (1 - 1/window each; "
+                             "organic positives and clicks apart).", 5_000)
     repeat: str = doc("Items the user already interacted with: 'not-consumed' (allowed "
                       "again unless an interaction was a consuming action, consume_actions: "
                       "e.g. viewed or clicked but not bought or rated), 'never' (no item "
@@ -184,11 +187,13 @@ class Server:
         self.pool = PoolModel(config.pool) if config.pool.enabled else None
         """The pool ranker (learns on this shard from its users' next positives)."""
         self.organic_positives = 0
-        """Organic positives seen on this shard (``outcome``). The duel, judged by them,
-        can choose the pool ranker only after ``serving.scorer_min_outcomes`` of them; until
-        then, under ``auto``, the pool ranker neither computes its features nor remembers
-        pools (a stream of impressions and clicks alone never pays for it)."""
+        """Organic positives seen on this shard (``outcome``). After
+        ``serving.scorer_min_outcomes`` of them the pool ranker scores every request under
+        ``auto``; before, only those the duel judges it on (``_pool_wanted``)."""
         self.served_by = {"ranker": 0, "retrieval": 0, "pool": 0}
+        self.interleaved = 0
+        """Requests served as a team-draft interleaving of both scorers (not in
+        ``served_by``)."""
         self.served = 0
         self._top_cache: dict[tuple[str, int], tuple[tuple[ItemTable, ...],
                                                      list[tuple[str, float]], np.ndarray,
@@ -289,6 +294,11 @@ class Server:
         self.organic_positives = getattr(self, "organic_positives", 0) + 1  # older state: none
         self.duel.outcome(user_id, item_id)
 
+    def click_outcome(self, user_id: str, item_id: str) -> None:
+        """A positive on an impression of the user: the duel's outcome when the item was
+        in the user's latest interleaved list."""
+        self.duel.click(user_id, item_id)
+
     def pool_outcome(self, user_id: str, item_id: str, ts_ms: int) -> None:
         """A positive of the user (organic, or a click on an impression): the pool
         ranker learns when the item was in the pool last served to the user."""
@@ -302,7 +312,11 @@ class Server:
                "served_by_retrieval": self.served_by["retrieval"],
                "served_by_pool": self.served_by.get("pool", 0),
                "duel_outcomes": duel.outcomes, "duel_hits_ranker": duel.hits_ranker,
-               "duel_hits_retrieval": duel.hits_retrieval}
+               "duel_hits_retrieval": duel.hits_retrieval,
+               "duel_clicks": getattr(duel, "clicks", 0),
+               "duel_click_wins_ranker": getattr(duel, "click_wins_ranker", 0),
+               "duel_click_wins_challenger": getattr(duel, "click_wins_challenger", 0),
+               "served_interleaved": getattr(self, "interleaved", 0)}
         if self.pool is not None:
             out.update(self.pool.counters())
         return out
@@ -476,12 +490,12 @@ class Server:
                       + 1e-6 * np.log1p(s["popular"]))
         scorer_mode = self.config.scorer
         model = self.pool if scorer_mode in ("auto", "pool") else None
-        if (model is not None and scorer_mode == "auto" and not model.config.serve_before_ranker
-                and getattr(self, "organic_positives", 0) < self.duel.min_outcomes):
-            model = None  # it could not serve: too few organic positives to judge it by
+        current = self.views.ranker.current
+        if (model is not None and scorer_mode == "auto"
+                and not self._pool_wanted(request, model, current is not None)):
+            model = None  # it could not serve this request, nor be judged on it
         needs_ranker = model is not None and "ranker" in model.config.features
-        ranker = (self.views.ranker.current
-                  if scorer_mode in ("auto", "ranker") or needs_ranker else None)
+        ranker = current if scorer_mode in ("auto", "ranker") or needs_ranker else None
         probs = None
         if ranker is not None and (needs_ranker or not self._unscored(request, ctx, scorer_mode)):
             probs = np.asarray(self._ranker_scores(ranker, request, ctx, pool, covis), np.float64)
@@ -500,12 +514,52 @@ class Server:
         if scorer_mode == "auto":
             k = request.k
             items = pool.items
-            self.duel.record(ctx.user_id, [items[i] for i in top_indices(probs, k).tolist()],
-                             [items[i] for i in top_indices(pool.score, k).tolist()])
-        choice = self.duel.choice(scorer_mode)
+            ranker_top, other_top = top_indices(probs, k), top_indices(pool.score, k)
+            duel = self.duel
+            duel.record(ctx.user_id, [items[i] for i in ranker_top.tolist()],
+                        [items[i] for i in other_top.tolist()])
+            choice = duel.mode(self._sampled(request))
+            if choice == "interleave":
+                self._interleave(request, ctx, pool, ranker_top, other_top)
+                return
+            duel.teams.pop(ctx.user_id, None)  # clicks on this list judge nothing
+        else:
+            choice = scorer_mode
         self.served_by[challenger if choice == "retrieval" else choice] += 1
         if choice == "ranker":
             pool.score = probs
+
+    def _interleave(self, request: Any, ctx: UserContext, pool: CandidatePool,
+                    ranker_top: np.ndarray, other_top: np.ndarray) -> None:
+        """Serve the team-draft interleaving of the ranker's and the challenger's top k
+        (coins drawn from the request id) and remember each item's team for the duel. The
+        interleaved items score ``1 + (k - position) / k`` (their order), the others
+        keep the challenger's order below them."""
+        k = request.k
+        order, teams = team_draft(ranker_top.tolist(), other_top.tolist(), k,
+                                  stable_hash64(f"interleave:{request.request_id}"))
+        items = pool.items
+        self.duel.record_teams(ctx.user_id, [items[i] for i in order], teams)
+        score = pool.score - (pool.score.max() + 1.0) if len(pool.score) else pool.score
+        score[np.asarray(order, np.int64)] = 1.0 + (k - np.arange(len(order))) / k
+        pool.score = score
+        self.interleaved = getattr(self, "interleaved", 0) + 1
+
+    def _pool_wanted(self, request: Any, model: PoolModel, has_ranker: bool) -> bool:
+        """``auto``: whether the pool ranker scores this request (computes its features,
+        remembers the pool to learn from): when it orders the requests before the first
+        LR copy (``serve_before_ranker``), once the shard saw ``scorer_min_outcomes``
+        organic positives (it serves where those favour it), or with an LR copy when the
+        duel is undecided, prefers it, or samples the request (it is judged on it); not
+        otherwise (a ranker that serves on its own pays for no pool features)."""
+        if (model.config.serve_before_ranker
+                or getattr(self, "organic_positives", 0) >= self.duel.min_outcomes):
+            return True
+        if not has_ranker:
+            return False
+        duel = self.duel
+        return (not duel.decided or duel.choice("auto") == "retrieval"
+                or not duel.ranker_won_clicks() or self._sampled(request))
 
     def _pool_scores(self, model: PoolModel, request: Any, ctx: UserContext,
                      pool: CandidatePool, covis: dict[str, SparseScores] | None,
@@ -532,11 +586,16 @@ class Server:
         requests (by request id) is scored by the ranker, to keep the duel going."""
         if scorer_mode != "auto" or self.duel.choice("auto") != "retrieval":
             return False
-        h = stable_hash64(f"shadow:{request.request_id}")
-        if (h & 0xFFFFFFFF) / 2**32 < self.config.scorer_shadow_rate:
+        if self._sampled(request):
             return False
         self.duel.forget(ctx.user_id)
         return True
+
+    def _sampled(self, request: Any) -> bool:
+        """The request is in the ``scorer_shadow_rate`` sample (by request id) that keeps
+        the duel going: scored by both scorers, interleaved once clicks judge."""
+        h = stable_hash64(f"shadow:{request.request_id}")
+        return (h & 0xFFFFFFFF) / 2**32 < self.config.scorer_shadow_rate
 
     def pool_columns(self, request: Any, ctx: UserContext, pool: CandidatePool,
                      covis: dict[str, SparseScores] | None) -> ItemColumns:

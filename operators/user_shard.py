@@ -191,6 +191,8 @@ class UserShard:
             return
         if self.server is not None:  # organic positives and clicks teach the pool ranker
             self.server.pool_outcome(fb.user_id, fb.item_id, fb.ts)
+        if self.server is not None and fb.impression_id is not None:
+            self.server.click_outcome(fb.user_id, fb.item_id)  # judges interleaved lists
         if (self.server is not None and fb.impression_id is None
                 and fb.action in self.joiner.config.positive):
             # The duel's outcomes are organic positive actions (a rating, a search click,

@@ -405,9 +405,9 @@ DEFAULT_FEATURES: tuple[dict[str, Any], ...] = (
     # ---- user x item category ----
     {"name": "impressions", "entity": "user_x_category", "filter": {"type": "impression"},
      "aggregate": "count", "windows": ["1d", "7d"]},
-    {"name": "clicks", "entity": "user_x_category",
+    {"name": "clicks", "entity": "user_x_category",  # 5m / 1h: a taste that moves
      "filter": {"type": "feedback", "action": "click"},
-     "aggregate": "count", "windows": ["1d", "7d", "30d"]},
+     "aggregate": "count", "windows": ["5m", "1h", "1d", "7d", "30d"]},
     {"name": "engagement_decay", "entity": "user_x_category",
      "filter": {"type": "feedback", "action": _POSITIVE},
      "aggregate": "decay_sum", "half_life": "7d", "windows": ["all"]},

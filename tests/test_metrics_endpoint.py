@@ -73,6 +73,10 @@ def test_families_grouped_by_stage_and_health(tmp_path) -> None:
     assert served == {"ranker": join["served_by_ranker"], "retrieval": join["served_by_retrieval"],
                       "pool": join["served_by_pool"]}
     assert s[("streamrec_duel_outcomes_total", ())] == join["duel_outcomes"]
+    assert s[("streamrec_serving_served_total", (("scorer", "interleaved"),))] == join[
+        "served_interleaved"]
+    assert s[("streamrec_duel_clicks_total", ())] == join["duel_clicks"] == sum(
+        s[("streamrec_duel_click_wins_total", (("scorer", t),))] for t in ("ranker", "challenger"))
     assert s[("streamrec_serving_cpu_seconds_count", ())] == requests
     assert s[("streamrec_serving_queue_seconds_count", ())] == requests
     assert 0 < s[("streamrec_serving_cpu_seconds_sum", ())] < s[("streamrec_serving_latency_seconds_sum", ())]

@@ -157,28 +157,37 @@ def test_before_the_first_ranker_copy(tmp_path: Path, before: bool) -> None:
     assert "c0" in shard.server.pool.pending.pools
 
 
-def test_pool_ranker_waits_for_the_organic_positives_that_judge_it(tmp_path: Path) -> None:
-    """Under ``auto`` the duel, judged by organic positives, is the only way the pool
-    ranker orders, and only after ``scorer_min_outcomes`` of them; on a shard that has
-    seen only clicks on impressions (the simulator's zero-config stream) it neither
-    computes pool features nor remembers pools. Enough organic positives start it."""
+def test_pool_ranker_scores_only_requests_it_could_serve_or_be_judged_on(tmp_path: Path) -> None:
+    """Under ``auto`` the pool ranker computes its features and remembers a pool only when
+    it could order the request or be judged on it: not before the first LR copy (the
+    blend serves, nothing to judge), on every request while the duel is undecided (the
+    lists are interleaved), only on the shadow sample once the LR ranker won the clicks,
+    and on every request again once the shard saw ``scorer_min_outcomes`` organic
+    positives (the duel may hand it whole lists)."""
     from events.model import Impression
 
     world = World(tmp_path)
-    world.publish_all()
-    shard = world.user_shard(scorer="auto", scorer_min_outcomes=2)
-    feed(shard, [Impression(T0 - 20, "imp0", "c0", SEED, position=0),
-                 Feedback(T0 - 10, "c0", SEED, "click", impression_id="imp0")])
+    world.publish_tables()
+    world.publish_index()
+    shard = world.user_shard(scorer="auto", scorer_min_outcomes=2, scorer_shadow_rate=0.0)
+    pools = shard.server.pool.pending.pools
     ask(shard, "c0", ts=T0)
-    assert shard.server.organic_positives == 0
-    assert not shard.server.pool.pending.pools
-    feed(shard, [click("c0", SEED, T0 + 1)])  # organic: no impression
-    assert shard.server.organic_positives == 1
-    ask(shard, "c0", ts=T0 + 2)
-    assert not shard.server.pool.pending.pools  # one is not enough to be judged
-    feed(shard, [click("c0", "a20", T0 + 3)])
-    ask(shard, "c0", ts=T0 + 4)
-    assert "c0" in shard.server.pool.pending.pools
+    assert not pools  # no LR copy: the blend serves
+    world.publish_ranker()
+    for n in range(2):  # undecided: interleaved, the pool ranker scores; clicks judge
+        user, ts = f"u{n}", T0 + 10 * n
+        record = ask(shard, user, ts=ts)
+        assert user in pools
+        teams = shard.server.duel.teams[user]
+        pick = next(i for i in ids(record) if teams[i] == 1)  # the LR ranker's pick
+        feed(shard, [Impression(ts + 1, f"imp{n}", user, pick, position=0),
+                     Feedback(ts + 2, user, pick, "click", impression_id=f"imp{n}")])
+    ask(shard, "c1", ts=T0 + 50)
+    assert shard.server.served_by["ranker"] == 1 and "c1" not in pools  # the LR won
+    feed(shard, [click("c2", SEED, T0 + 60), click("c2", "a20", T0 + 61)])  # organic
+    assert shard.server.organic_positives == 2
+    ask(shard, "c2", ts=T0 + 70)
+    assert "c2" in pools
 
 
 def test_rank_features_are_the_pool_relative_order_of_each_column() -> None:

@@ -577,6 +577,23 @@ def test_default_set_parses_and_names() -> None:
     assert q["user.last_feedback_ts.all"] == BASE + 2 * HOUR
 
 
+def test_default_user_x_category_counts_see_a_taste_that_moved() -> None:
+    """The default set's short user_x_category click windows (5m, 1h) tell a user's new
+    category from the old one a few minutes after the change; the long ones (1d and up)
+    still weigh the old taste most (the closed loop's drift world, docs/evaluation.md)."""
+    x = stores_for(list(DEFAULT_FEATURES))["user_x_category"]
+    cats = {"a": "c1", "b": "c2"}
+    clicks = [("a", n * MIN) for n in range(0, 40, 2)] + [("b", 50 * MIN + n * SEC)
+                                                          for n in range(0, 180, 60)]
+    for item, dt in clicks:
+        x.apply({"type": "feedback", "ts": BASE + dt, "user_id": "u", "item_id": item,
+                 "action": "click"}, lambda i: {"category": cats[i]})
+    t = BASE + 55 * MIN
+    old, new = x.query(("u", "c1"), t), x.query(("u", "c2"), t)
+    assert new["user_x_category.clicks.5m"] == 3.0 and old["user_x_category.clicks.5m"] == 0.0
+    assert old["user_x_category.clicks.1d"] > new["user_x_category.clicks.1d"] > 0
+
+
 def test_spec_validation_missing_and_duplicate() -> None:
 
     raw = dict(OK)

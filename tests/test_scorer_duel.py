@@ -11,13 +11,13 @@ from serving_world import FAVOURITE, SEED, T0, World, ask, click, feed, ids
 from events.model import Feedback
 from models.pool_ranker import PoolRankerConfig
 from operators.point_in_time import PointInTime
-from operators.scorer_duel import ScorerDuel
+from operators.scorer_duel import CHALLENGER, RANKER, ScorerDuel, team_draft
 from operators.serving import Server, ServingConfig
 
 
 def test_auto_keeps_the_ranker_until_evidence_then_follows_the_better_list() -> None:
     duel = ScorerDuel(window=100, min_outcomes=10)
-    assert duel.choice("auto") == "ranker"
+    assert duel.choice("auto") == "ranker" and duel.mode(False) == "interleave"  # undecided
     assert duel.choice("ranker") == "ranker" and duel.choice("retrieval") == "retrieval"
     for n in range(9):  # the blend's list holds every next positive, the ranker's none
         duel.record(f"u{n}", ["miss"], ["hit"])
@@ -25,12 +25,59 @@ def test_auto_keeps_the_ranker_until_evidence_then_follows_the_better_list() -> 
     assert duel.outcomes == 9 and duel.choice("auto") == "ranker"  # too few outcomes
     duel.record("u9", ["miss"], ["hit"])
     duel.outcome("u9", "hit")
-    assert duel.choice("auto") == "retrieval"
+    assert duel.choice("auto") == "retrieval" and duel.mode(False) == "retrieval"
     for n in range(40):  # then the ranker is right and the blend wrong: the choice follows
         duel.record(f"v{n}", ["hit"], ["miss"])
         duel.outcome(f"v{n}", "hit")
-    assert duel.choice("auto") == "ranker"
+    assert duel.choice("auto") == "ranker" and duel.mode(False) == "ranker"
     assert (duel.hits_ranker, duel.hits_retrieval, duel.outcomes) == (40, 10, 50)
+
+
+def test_team_draft_interleaving_is_fair_complete_and_seeded() -> None:
+    """Each team adds its best item not yet taken; the team with fewer picks goes first,
+    a coin decides ties: both teams fill half of k, no item twice, and over many
+    requests each team takes the top slot about half of the time."""
+    ranker, other = [f"r{n}" for n in range(10)], [f"o{n}" for n in range(10)]
+    items, teams = team_draft(ranker, other, 10, seed=1)
+    assert len(items) == 10 and teams.count(RANKER) == teams.count(CHALLENGER) == 5
+    assert [i for i, t in zip(items, teams, strict=True) if t == RANKER] == ranker[:5]
+    assert (items, teams) == team_draft(ranker, other, 10, seed=1)  # deterministic
+    first = sum(team_draft(ranker, other, 10, seed=s)[1][0] == RANKER for s in range(400))
+    assert 150 < first < 250
+    shared = ["a", "b", "c", "d"]
+    items, teams = team_draft(shared, ["b", "a", "e", "f"], 4, seed=3)
+    assert len(set(items)) == 4 and set(items) <= {"a", "b", "c", "d", "e", "f"}
+    assert team_draft(["a"], ["a"], 10, seed=0)[0] == ["a"]  # both lists exhausted
+
+
+def test_clicks_on_interleaved_lists_judge_but_never_hand_over_alone() -> None:
+    """A click on an interleaved list credits the team that picked the item (once per
+    item); clicks elsewhere judge nothing. Clicks for the challenger keep the lists
+    interleaved (the ranker must win them back); a clear lead of the ranker's (one
+    standard deviation) lets it serve alone, with the shadow sample still interleaved."""
+    duel = ScorerDuel(window=100, min_outcomes=4)
+    assert not duel.click("u", "x")  # no interleaved list
+    duel.record_teams("u", ["x", "y"], [CHALLENGER, RANKER])
+    assert duel.click("u", "x") and not duel.click("u", "x")  # a like after the click
+    assert not duel.click("u", "z")  # not in the list
+    for n in range(3):
+        duel.record_teams(f"v{n}", ["x", "y"], [CHALLENGER, RANKER])
+        duel.click(f"v{n}", "x")
+    assert duel.decided and duel.clicks == 4 and duel.click_wins_challenger == 4
+    assert duel.outcomes == duel.hits_retrieval == 0  # organic counts apart
+    assert duel.choice("auto") == "ranker"  # clicks never make the challenger serve alone
+    assert duel.mode(False) == "interleave"
+    for n in range(10):
+        duel.record_teams(f"w{n}", ["x", "y"], [CHALLENGER, RANKER])
+        duel.click(f"w{n}", "y")
+        if n == 5:  # 6 to 4: a lead within one standard deviation (sqrt 10) is no win
+            assert duel.mode(False) == "interleave"
+    assert duel.mode(False) == "ranker" and duel.mode(True) == "interleave"  # 10 to 4
+    assert duel.decayed == [0.0, 0.0, 0.0]  # organic evidence apart
+    duel.forget("w9")
+    duel.record_teams("w9", ["x"], [RANKER])
+    duel.forget("w9")
+    assert not duel.click("w9", "x")
 
 
 def test_only_the_latest_request_and_first_positive_count() -> None:
@@ -64,10 +111,10 @@ def test_user_shard_hands_over_to_the_blend_on_organic_evidence(tmp_path: Path, 
     challenger = "pool" if pool else "retrieval"
     feed(shard, [click("c0", SEED, T0 - 10)])  # a30 -> a31 is the strongest co-visitation
     first = ask(shard, "c0", ts=T0)
-    assert ids(first)[0] == FAVOURITE
-    assert shard.server.served_by == {"ranker": 1, "retrieval": 0, "pool": 0}
-    feed(shard, [Feedback(T0 + 1, "c0", "a31", "click", "imp-1")])  # a served impression
-    assert shard.counters()["duel_outcomes"] == 0
+    # Undecided: the ranker's favourite and the challenger's best share the list.
+    assert {FAVOURITE, "a31"} <= set(ids(first))
+    assert shard.server.served_by == {"ranker": 0, "retrieval": 0, "pool": 0}
+    assert shard.counters()["served_interleaved"] == 1
     for n in range(1, 6):
         user = f"c{n}"
         feed(shard, [click(user, SEED, T0 + 10 * n)])
@@ -106,3 +153,40 @@ def test_once_the_blend_leads_only_a_sample_is_shadow_scored(tmp_path: Path) -> 
     duel.record("w", ["a"], ["b"])  # an older request of w's
     ask(shards[0.2], "w", ts=T0 + 1_000, request_id=f"req-{unsampled}")
     assert "w" not in duel.pending  # its next positive is not matched to the old lists
+
+
+def _impression_click(user: str, item: str, ts: int) -> list:
+    from events.model import Impression
+
+    return [Impression(ts, f"imp-{user}-{item}-{ts}", user, item, position=0),
+            Feedback(ts + 1, user, item, "click", impression_id=f"imp-{user}-{item}-{ts}")]
+
+
+@pytest.mark.parametrize("winner", ["ranker", "challenger"])
+def test_a_ranker_serves_alone_only_after_it_won_interleaved_clicks(tmp_path: Path,
+                                                                    winner: str) -> None:
+    """A new ranker copy does not take whole lists: its top k is interleaved with the
+    pool ranker's until clicks on those lists judge. Users who click the ranker's picks
+    let it serve alone; users who click the challenger's keep the lists interleaved."""
+    world = World(tmp_path)
+    world.publish_all()
+    shard = world.user_shard(scorer="auto", scorer_min_outcomes=4, scorer_shadow_rate=0.0)
+    duel = shard.server.duel
+    for n in range(4):
+        user, ts = f"c{n}", T0 + 100 * n
+        feed(shard, [click(user, SEED, ts)])  # organic: seeds the co-visitation of a31
+        record = ask(shard, user, ts=ts + 1)
+        teams = duel.teams[user]
+        assert set(teams.values()) == {1, 2} and len(record["items"]) == 10
+        pick = next(i for i in ids(record) if teams[i] == (1 if winner == "ranker" else 2))
+        feed(shard, _impression_click(user, pick, ts + 2))
+    counters = shard.counters()
+    assert counters["duel_clicks"] == 4 and counters["served_interleaved"] == 4
+    assert shard.server.served_by == {"ranker": 0, "retrieval": 0, "pool": 0}
+    ask(shard, "c9", ts=T0 + 1_000)
+    if winner == "ranker":
+        assert shard.server.served_by["ranker"] == 1
+        assert shard.counters()["served_interleaved"] == 4
+    else:
+        assert shard.server.served_by == {"ranker": 0, "retrieval": 0, "pool": 0}
+        assert shard.counters()["served_interleaved"] == 5
