@@ -24,6 +24,7 @@ import pytest
 
 from flows.broker import create_topics
 from flows.recsys import OUTPUTS
+from operators.item_shard import item_shard_key
 from state.hashing import shard_of
 from state.snapshot_store import Manifest, SnapshotReader, SnapshotStore
 
@@ -114,7 +115,8 @@ def test_resumed_reader_serves_what_it_served(tmp_path) -> None:
 # -------------------------------------------------------------------------------------
 
 SHARDS = 4
-KINDS = {"ranker": "truncate", "index": "alter", "items-i000": "truncate", "items-i001": "alter"}
+KINDS = {"ranker": "truncate", "index": "alter", f"items-{item_shard_key(0)}": "truncate",
+         f"items-{item_shard_key(1)}": "alter"}
 
 
 def flow_config(app: str, bootstrap: str, store: Path) -> dict[str, Any]:
@@ -131,7 +133,9 @@ def flow_config(app: str, bootstrap: str, store: Path) -> dict[str, Any]:
         "ranker": {"sync_interval_ms": 60_000},
         "index": {"refresh_interval_ms": 60_000},
         "items": {"refresh_interval_ms": 30_000},
-        "serving": {"poll_ms": 0},
+        # One scorer: under "auto" an undecided duel interleaves with coins drawn from the
+        # request id, so two probes would differ by their ids, not by their snapshots.
+        "serving": {"poll_ms": 0, "scorer": "ranker"},
     }
 
 
