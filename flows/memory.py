@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from state.covis_view import SLACK
+
 if TYPE_CHECKING:
     from flows.config import Config
 
@@ -122,11 +124,11 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + join.max_orphans * b["orphan"]
         + 1.25 * join.popularity_pool * b["pool_item"]
         + min(100_000, sh.max_users) * b["duel_user"]
-        # serving's per-candidate slots (state/item_rows.py: dropped past max(16k, 2 x the
+        # serving's per-candidate slots (state/item_rows.py: dropped past max(16k, SLACK x the
         # loaded tables' items)) and the pool ranker's pending pools (one per user)
-        + max(16_384, 2 * sh.items * items.max_items) * b["serving_slot"]
+        + max(16_384, SLACK * sh.items * items.max_items) * b["serving_slot"]
         # and the co-visitation view's ids (state/covis_view.py, same bound: a new view)
-        + max(16_384, 2 * sh.items * items.max_items) * b["covis_view_id"]
+        + max(16_384, SLACK * sh.items * items.max_items) * b["covis_view_id"]
         + (pool.max_pending * pool.pool_size * b["pool_candidate"] if pool.enabled else 0)
         + (mf.max_users * b["mf_row"] if items.enabled else 0)
     )

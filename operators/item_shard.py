@@ -74,7 +74,7 @@ class ItemsConfig:
     trending_half_life_ms: int = doc("Half-life of the trending counts (ms).", 6 * 3_600_000)
     max_items: int = doc("Items tracked per item shard: catalog entries (published in its item "
                          "table), item profiles and popularity counters; least recently seen "
-                         "forgotten first.", 50_000)
+                         "forgotten first.", 40_000)
     covis: dict[str, Any] = doc("Co-visitation parameters (state.covisitation.CoVisConfig: "
                                 "half_life_ms, max_neighbors, window, position_decay, "
                                 "prune_slack, max_items); keys not given keep the defaults shown.",

@@ -11,7 +11,7 @@ items' counts).
 
 Invariant: ids are dense ``0..len(names)-1`` and never reused by a view; an id grows
 the dense arrays. Bounded like ``ItemRows``' slots: once a view holds more than
-``max(min_ids, 2 x the loaded tables' items)`` ids (``over_bound``; items churned
+``max(min_ids, SLACK (1.5) x the loaded tables' items)`` ids (``over_bound``; items churned
 through), its owner starts a new view between requests (serving: ``Server``), so every
 id handed out within a request stays valid for that request and memory stays
 O(items in the loaded tables) per user shard.
@@ -27,6 +27,11 @@ import numpy as np
 
 from state.covisitation import FrozenCoVisitation
 from state.item_table import ItemTable
+
+SLACK = 1.5
+"""Serving's per-item id spaces (this view's ids, ``ItemRows`` slots) start afresh past
+``SLACK`` x the loaded tables' items: churned-out items are dropped then (memory
+``SLACK`` x the live items at most; a reset costs the next request its row rebuilds)."""
 
 CHANNELS = ("liked", "any")
 _EAGER_VOCAB = 8_192
@@ -50,7 +55,7 @@ class CovisView:
         (-2: none known yet)]."""
 
     def over_bound(self, min_ids: int = 16_384) -> bool:
-        """More ids than ``max(min_ids, 2 x the loaded tables' items)`` (per table the
+        """More ids than ``max(min_ids, SLACK x the loaded tables' items)`` (per table the
         largest of its catalog and its two channels' counts: what a new view interns at
         once), so the owner should start a new view."""
         n = len(self.names)
@@ -58,7 +63,7 @@ class CovisView:
             return False
         known = sum(max(len(t.catalog), len(t.liked_counts), len(t.interactions))
                     for t in self._tables.values())
-        return n > 2 * known
+        return n > SLACK * known
 
     def intern(self, items: Iterable[str]) -> np.ndarray:
         """Ids of ``items`` (new ones get the next ids)."""

@@ -15,7 +15,7 @@ Invariant: a slot's values equal the dict lookups on the table that is current f
 shard (``tables[shard[slot]]``) whenever ``gen[slot] == shard_gen[shard[slot]]``.
 Memory: 4 bytes per id of the ``CovisView``, plus per slot ~150 bytes and the catalog
 attributes object it keeps; slots are all dropped (and refilled lazily) once there are
-more than ``max(min_slots, 2 x items in the loaded tables)``, so they stay bounded by
+more than ``max(min_slots, SLACK (1.5) x items in the loaded tables)``, so they stay bounded by
 the catalog however many items churned through.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from state.covis_view import CovisView
+from state.covis_view import SLACK, CovisView
 from state.item_table import ItemTable
 
 
@@ -115,7 +115,7 @@ class ItemRows:
         new = np.unique(rows[missing])
         if self.n_slots + new.size > self._max_slots:
             known = sum(len(t.catalog) for t in self.tables if t is not None)
-            self._max_slots = max(self.min_slots, 2 * known, 2 * rows.size)
+            self._max_slots = max(self.min_slots, int(SLACK * known), 2 * rows.size)
             self._clear()
             return self._slots(rows)
         self.slot_of[new] = np.arange(self.n_slots, self.n_slots + new.size, dtype=np.int32)
