@@ -8,8 +8,8 @@ keeps the fields readers filter on (``example_id``, ``ts``, ``user_id``, ``item_
   ``impression_id`` is left out when it is ``example_id`` without its ``imp:``
   prefix (None for other examples), ``source`` when the prefix says it (``imp:``
   impression, ``int:`` interaction, ``neg:`` sampled).
-* ``features`` become ``f1``: positions in :data:`VOCABULARY` (version 1; a new
-  vocabulary is a new key ``f2``, old rows keep reading). ``[mask, v...]``: ``mask``
+* ``features`` become ``f2``: positions in :data:`VOCABULARY` (version 2; a new
+  vocabulary is a new key, old rows keep reading: ``f1`` rows decode with version 1). ``[mask, v...]``: ``mask``
   the hex bit set of the vocabulary names present (bit i = name i), the values in
   vocabulary order; when a name is not in the vocabulary or the names are not in its
   order, ``[[key, ...], v...]`` with a vocabulary position or the name for each key.
@@ -37,7 +37,7 @@ from typing import Any
 
 from events.model import Record
 
-VOCABULARY: tuple[str, ...] = (
+VOCABULARY_1: tuple[str, ...] = (
     "user.impressions.5m", "user.impressions.1h", "user.impressions.1d", "user.impressions.7d",
     "user.requests.5m", "user.requests.1h", "user.requests.1d",
     "user.clicks.5m", "user.clicks.1h", "user.clicks.1d", "user.clicks.7d", "user.clicks.30d",
@@ -67,9 +67,25 @@ VOCABULARY: tuple[str, ...] = (
 """Version 1 of the feature vocabulary (key ``f1``): the default config's feature names
 (``state.feature_spec.DEFAULT_FEATURES``, the serving extras of
 ``operators.point_in_time``, the simulator's user and item attributes) in the order the
-flow writes them; ``ui.category`` (a drift experiment, since dropped) keeps its position. A name outside it, or names in
-another order, cost a row its mask (it spells its keys); changing the tuple means a new
-version and key (rows written with ``f1`` must keep their meaning)."""
+flow writes them; ``ui.category`` (a drift experiment, since dropped) keeps its position.
+Frozen: rows written with ``f1`` keep their meaning."""
+
+_XCAT_CLICKS_1D = VOCABULARY_1.index("user_x_category.clicks.1d")
+VOCABULARY: tuple[str, ...] = (
+    *VOCABULARY_1[:_XCAT_CLICKS_1D],
+    "user_x_category.clicks.5m", "user_x_category.clicks.1h",  # default since version 2
+    *VOCABULARY_1[_XCAT_CLICKS_1D:],
+)
+"""The vocabulary written now, version 2 (key ``f2``): version 1 with the default
+``user_x_category.clicks`` windows 5m and 1h in the flow's order. A name outside it, or
+names in another order, cost a row its mask (it spells its keys); changing it means a
+new version and key, and the old ones stay readable (:data:`VOCABULARIES`)."""
+
+KEY = "f2"
+"""The key of the features in the wire form written now."""
+
+VOCABULARIES: dict[str, tuple[str, ...]] = {"f1": VOCABULARY_1, KEY: VOCABULARY}
+"""Every vocabulary a row may be written with, by key."""
 
 _INDEX = {name: i for i, name in enumerate(VOCABULARY)}
 _FIELDS = ("example_id", "ts", "user_id", "item_id", "label", "labels", "weight", "position",
@@ -98,7 +114,7 @@ def pack_example(example: Record) -> Record:
     encoded = _encode(example["features"])
     if encoded is None:
         return example
-    out["f1"] = encoded
+    out[KEY] = encoded
     if example["source"] != _SOURCES.get(example_id[:4]):
         out["source"] = example["source"]
     return out
@@ -106,8 +122,8 @@ def pack_example(example: Record) -> Record:
 
 def unpack_example(record: Record) -> Record:
     """The example ``pack_example`` was given (other records are returned as they are)."""
-    encoded = record.get("f1")
-    if encoded is None or "features" in record:
+    key = next((k for k in VOCABULARIES if k in record), None)
+    if key is None or "features" in record:
         return _ungrouped(record)
     example_id = record["example_id"]
     return {"example_id": example_id, "ts": record["ts"], "user_id": record["user_id"],
@@ -115,7 +131,8 @@ def unpack_example(record: Record) -> Record:
             "labels": record.get("labels", {}), "weight": record["weight"],
             "position": record["position"], "request_id": record.get("request_id"),
             "impression_id": record.get("impression_id", _implied_impression(example_id)),
-            "context": record.get("context", {}), "features": _decode(encoded),
+            "context": record.get("context", {}),
+            "features": _decode(record[key], VOCABULARIES[key]),
             "source": record.get("source", _SOURCES.get(example_id[:4]))}
 
 
@@ -127,7 +144,7 @@ def _implied_impression(example_id: str) -> str | None:
 
 
 def _encode(features: dict[str, Any]) -> list[Any] | None:
-    """``f1`` of ``features``; None when a value is a dict (such records stay plain)."""
+    """The ``KEY`` value of ``features``; None when a value is a dict (such records stay plain)."""
     values: list[Any] = []
     lists: list[tuple[list[Any], int]] = []
     for value in features.values():
@@ -158,13 +175,13 @@ def _encode(features: dict[str, Any]) -> list[Any] | None:
     return [format(mask, "x"), *values]
 
 
-def _decode(encoded: list[Any]) -> dict[str, Any]:
+def _decode(encoded: list[Any], vocabulary: tuple[str, ...]) -> dict[str, Any]:
     head, values = encoded[0], encoded[1:]
     if type(head) is str:
         mask = int(head, 16)
-        names = [VOCABULARY[i] for i in range(mask.bit_length()) if mask >> i & 1]
+        names = [vocabulary[i] for i in range(mask.bit_length()) if mask >> i & 1]
     else:
-        names = [VOCABULARY[k] if type(k) is int else k for k in head]
+        names = [vocabulary[k] if type(k) is int else k for k in head]
     out: dict[str, Any] = {}
     decoded: list[Any] = []
     for name, value in zip(names, values, strict=True):
