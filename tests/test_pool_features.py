@@ -141,3 +141,50 @@ def test_loaded_catalog_reads_as_the_saved_one_and_builds_no_entries(tmp_path: P
     assert list(loaded.catalog.items()) == list(table.catalog.items())
     assert len(loaded.catalog) == len(table.catalog) and "i3" in loaded.catalog
     assert loaded.catalog.get("absent") is None and loaded.catalog.get("i3") == table.catalog["i3"]
+
+
+def _context(table_map: dict[str, ItemTable], seeds: list[str]) -> SimpleNamespace:
+    return SimpleNamespace(views=SimpleNamespace(table_map=lambda: table_map),
+                           item_shard_of=shard_of,
+                           liked=SimpleNamespace(recent=lambda user, n: seeds[:n]),
+                           covis=SimpleNamespace(decay=0.8))
+
+
+def test_last_liked_reads_the_newest_positive_only() -> None:
+    """``last_liked``: the long-term profile's sums over the newest positive alone (the
+    sequence's last step), not over the ``long_items`` newest."""
+    from operators.pool_features import pool_matrix
+
+    table_map = tables(7, None)
+    view = CovisView()
+    view.sync(table_map)
+    rng = random.Random(7)
+    pool = rng.sample(ITEMS, 60)
+    seeds = rng.sample(ITEMS, 20)
+    context = _context(table_map, seeds)
+    ctx = SimpleNamespace(user_id="u", consumed={})
+    x = pool_matrix(["blend", "last_liked", "long_liked"], context, view, 0.5, ctx, pool,
+                    np.zeros(len(pool)), T + 5_000, None, None, 100)
+    ids = np.array([view.ids[i] for i in pool])
+    newest = _long_liked(_context(table_map, seeds[:1]), view, ctx, ids, T + 5_000, 0.5, 100)
+    assert newest.max() == 1.0 and np.array_equal(x[:, 1], newest)
+    assert not np.array_equal(x[:, 1], x[:, 2])  # the long-term profile differs
+
+
+def test_pop_gap_is_the_distance_to_the_users_usual_popularity() -> None:
+    """``pop_gap``: |log1p(item interactions) - mean log1p(interactions) of the user's
+    newest positives|: 0 for an item as popular as what the user likes, growing both ways."""
+    from operators.pool_features import pool_matrix
+
+    table_map = tables(8, None)
+    view = CovisView()
+    view.sync(table_map)
+    any_counts = view.counts["any"]
+    liked, pool = ITEMS[:4], ITEMS[10:14]
+    for item, count in zip(liked + pool, [3, 3, 3, 3, 3, 0, 30, 300], strict=True):
+        any_counts[view.ids[item]] = count
+    ctx = SimpleNamespace(user_id="u", consumed={})
+    x = pool_matrix(["blend", "pop_gap"], _context(table_map, liked), view, 0.5, ctx, pool,
+                    np.zeros(len(pool)), T, None, None, 100)
+    want = np.abs(np.log1p([3, 0, 30, 300]) - np.log1p(3))
+    assert np.allclose(x[:, 1], want) and x[0, 1] == 0.0 and x[3, 1] > x[2, 1] > x[1, 1] > 0
