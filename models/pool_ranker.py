@@ -38,8 +38,7 @@ from state.settings import doc
 
 POOL_FEATURES = ("blend", "cov_liked", "cov_any", "long_liked", "pop", "trend", "n_any",
                  "pos_rate", "age", "pop_cold", "mf", "ranker", "ui_interacted", "ui_liked",
-                 "last_liked", "short_liked", "pop_user", "pop_gap", "age_user",
-                 "cat_rating", "cat_pos")
+                 "last_liked")
 """Features the pool ranker knows (``operators/pool_features.py`` computes them)."""
 
 
@@ -56,7 +55,7 @@ class PoolRankerConfig:
         "required: the ranker starts as the blend order). Default by measurement: "
         "docs/ranker.md.",
         factory=lambda: ["blend", "cov_liked", "cov_any", "long_liked", "pop", "trend",
-                         "n_any", "pos_rate", "age", "pop_cold", "mf"])
+                         "n_any", "pos_rate", "age", "pop_cold", "mf", "last_liked"])
     learning_rate: float = doc("Adagrad step of the pool ranker's weights.", 0.1)
     max_pending: int = doc("Served pools kept per user shard (one per user, the least "
                            "recently served dropped first).", 2_000)
@@ -73,11 +72,6 @@ class PoolRankerConfig:
         "Also give the model each feature's rank within the pool (0 = the pool's largest "
         "value): one weight more per feature. Default by measurement: docs/ranker.md.",
         True)
-    choice_targets: bool = doc(
-        "Also learn from the user's organic interactions of a positive action below its "
-        "threshold (a rating under 4 of an item in the pool: the user chose it, then "
-        "disliked it): which items a user picks is what the pool is ranked for. Default "
-        "by measurement: docs/ranker.md.", False)
     training: str = doc(
         "Where the pool ranker learns: 'central' (one model in the pool trainer stage learns "
         "from every user shard's (pool, target) pairs and is published as a versioned "

@@ -17,15 +17,8 @@ probability when it scored the request. Columns (all float64, 0.0 where unknown)
   seen); ``pop_cold``: pop / (1 + log1p(the user's interactions));
 * ``mf``: the MF dot product; ``ranker``: the LR ranker's probability;
   ``ui_interacted`` / ``ui_liked``: the user's own history with the item;
-* ``last_liked`` / ``short_liked``: ``long_liked`` over the user's newest positive only /
-  the newest ``SHORT_ITEMS`` (the sequence's last step, beside the long-term profile);
-* ``pop_user``: log1p(interactions) x the mean log1p(interactions) of the user's last
-  ``long_items`` positives (a per-user popularity slope: does the user like mainstream
-  items); ``pop_gap``: |log1p(interactions) - that mean|; ``age_user``: ``age`` x
-  log1p(the user's interactions) (tenure);
-* ``cat_rating`` / ``cat_pos``: the user's mean rating / log1p(decayed rating sum) in the
-  item's category (the ``user_x_category`` profile's ``rating_mean.all`` /
-  ``rating_decay.all``: ratings decayed by 30 d; 0.0 without one): a content taste per user.
+* ``last_liked``: ``long_liked`` over the user's newest positive only (the sequence's
+  last step beside the long-term profile; measured: docs/ranker.md).
 """
 
 from __future__ import annotations
@@ -35,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from operators.point_in_time import ItemColumns, PointInTime, UserContext
+from operators.point_in_time import PointInTime, UserContext
 from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.item_rows import ItemRows
 
@@ -44,14 +37,8 @@ _COLUMN = {"pop": "pop", "trend": "trend", "mf": "mf", "ui_interacted": "ui.inte
            "ui_liked": "ui.liked"}
 """Pool features read from ``ItemColumns.numeric`` (log1p for the counts)."""
 _CHANNEL = {"cov_liked": "liked", "cov_any": "any"}
-SHORT_ITEMS = 5
-"""``short_liked``: the user's newest positives it reads."""
-_IDS = ("cov_liked", "cov_any", "long_liked", "n_any", "pos_rate", "last_liked", "short_liked",
-        "pop_user", "pop_gap")
+_IDS = ("cov_liked", "cov_any", "long_liked", "last_liked", "n_any", "pos_rate")
 """Features that read the co-visitation view's ids of the pool."""
-_CROSS = {"cat_rating": "user_x_category.rating_mean.all",
-          "cat_pos": "user_x_category.rating_decay.all"}
-"""Pool features read from the user x category profile (``ItemColumns.cross_lists``)."""
 
 
 def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: float,
@@ -60,23 +47,17 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
                 long_items: int = 100, *, rows: np.ndarray | None = None,
                 space: ItemRows | None = None,
                 attrs: list[dict[str, Any] | None] | None = None,
-                numeric: dict[str, np.ndarray] | None = None,
-                columns: ItemColumns | None = None) -> np.ndarray:
+                numeric: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(len(items), len(names)) features of the pool ``items`` (see the module doc).
     ``rows``, ``space``, ``attrs``: the items' rows in serving's ``ItemRows`` and their
     catalog attributes, when the caller has them (``PointInTime.item_columns``' array
     path: the same numbers without per-item lookups); ``numeric``: the items' numeric
-    columns when the request already computed them (the ranker's ``ItemColumns``);
-    ``columns``: the pool's ``ItemColumns`` themselves (the cross profiles), if computed."""
+    columns when the request already computed them (the ranker's ``ItemColumns``)."""
     n = len(items)
-    if numeric is None or (columns is None and any(name in _CROSS for name in names)):
-        cols_needed = any(name in _COLUMN or name in _CROSS or name == "pop_cold"
-                          for name in names)
-        if cols_needed and columns is None:
-            columns = context.item_columns(ctx, items, ts, covis, attrs=attrs, rows=rows,
-                                           space=space)
-        if numeric is None:
-            numeric = columns.numeric if columns is not None else {}
+    if numeric is None:
+        cols_needed = any(name in _COLUMN or name == "pop_cold" for name in names)
+        numeric = (context.item_columns(ctx, items, ts, covis, attrs=attrs, rows=rows,
+                                        space=space).numeric if cols_needed else {})
     ids = None
     if any(name in _IDS for name in names):
         get = view.ids.get
@@ -91,15 +72,6 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
             out[:, j] = _long_liked(context, view, ctx, ids, ts, alpha, long_items)
         elif name == "last_liked":
             out[:, j] = _long_liked(context, view, ctx, ids, ts, alpha, 1)
-        elif name == "short_liked":
-            out[:, j] = _long_liked(context, view, ctx, ids, ts, alpha, SHORT_ITEMS)
-        elif name in ("pop_user", "pop_gap"):
-            pop = np.log1p(_counts(view, "any", ids))
-            taste = _user_pop(context, view, ctx, long_items)
-            out[:, j] = pop * taste if name == "pop_user" else np.abs(pop - taste)
-        elif name == "age_user":
-            out[:, j] = (_age_days(context, items, ts, rows, space)
-                         * math.log1p(len(ctx.consumed)))
         elif name in ("pop", "trend"):
             out[:, j] = np.log1p(np.maximum(numeric.get(name, 0.0), 0.0))
         elif name == "pop_cold":
@@ -113,9 +85,6 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
             out[:, j] = (_counts(view, "liked", ids) + 1.0) / (_counts(view, "any", ids) + 2.0)
         elif name == "age":
             out[:, j] = _age_days(context, items, ts, rows, space)
-        elif name in _CROSS:
-            assert columns is not None
-            out[:, j] = _cross(columns, _CROSS[name], name == "cat_pos")
         elif name == "ranker":
             if ranker is not None:
                 out[:, j] = ranker
@@ -132,31 +101,6 @@ def _counts(view: CovisView, channel: str, ids: np.ndarray | None) -> np.ndarray
         return np.zeros(ids.size)
     ok = (ids >= 0) & (ids < counts.size)
     return np.where(ok, counts[np.where(ok, ids, 0)], 0.0)
-
-
-def _cross(columns: ItemColumns, key: str, log: bool) -> np.ndarray:
-    """Each item's user x attribute profile value ``key`` (log1p when ``log``; 0.0 where
-    the user has none)."""
-    out = np.zeros(len(columns.item_ids))
-    for n, feats in enumerate(columns.cross_lists()):
-        for f in feats:
-            v = f.get(key)
-            if isinstance(v, int | float) and v == v:
-                out[n] = math.log1p(max(v, 0.0)) if log else float(v)
-                break
-    return out
-
-
-def _user_pop(context: PointInTime, view: CovisView, ctx: UserContext, n: int) -> float:
-    """Mean log1p(interactions) of the user's ``n`` newest positives (0.0 for none)."""
-    if context.liked is None:
-        return 0.0
-    seeds = context.liked.recent(ctx.user_id, n)
-    if not seeds:
-        return 0.0
-    get = view.ids.get
-    ids = np.fromiter((get(s, -1) for s in seeds), np.int64, len(seeds))
-    return float(np.log1p(_counts(view, "any", ids)).mean())
 
 
 def _channel(view: CovisView, covis: dict[str, SparseScores] | None, channel: str,

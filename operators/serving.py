@@ -299,12 +299,6 @@ class Server:
         in the user's latest interleaved list."""
         self.duel.click(user_id, item_id)
 
-    def pool_choice(self, user_id: str, item_id: str, ts_ms: int) -> None:
-        """An organic interaction below its action's positive threshold (a low rating):
-        the pool ranker learns the choice when ``serving.pool.choice_targets``."""
-        if self.pool is not None and getattr(self.pool.config, "choice_targets", False):
-            self.pool.outcome(user_id, item_id, ts_ms)
-
     def pool_outcome(self, user_id: str, item_id: str, ts_ms: int) -> None:
         """A positive of the user (organic, or a click on an impression): the pool
         ranker learns when the item was in the pool last served to the user."""

@@ -188,9 +188,6 @@ class UserShard:
         if self.pairs_any and recent:
             self._pairs("any", recent, fb)
         if not positive:
-            if self.server is not None and fb.impression_id is None and \
-                    fb.action in self.joiner.config.positive:
-                self.server.pool_choice(fb.user_id, fb.item_id, fb.ts)
             return
         if self.server is not None:  # organic positives and clicks teach the pool ranker
             self.server.pool_outcome(fb.user_id, fb.item_id, fb.ts)

@@ -170,21 +170,3 @@ def test_last_liked_reads_the_newest_positive_only() -> None:
     assert newest.max() == 1.0 and np.array_equal(x[:, 1], newest)
     assert not np.array_equal(x[:, 1], x[:, 2])  # the long-term profile differs
 
-
-def test_pop_gap_is_the_distance_to_the_users_usual_popularity() -> None:
-    """``pop_gap``: |log1p(item interactions) - mean log1p(interactions) of the user's
-    newest positives|: 0 for an item as popular as what the user likes, growing both ways."""
-    from operators.pool_features import pool_matrix
-
-    table_map = tables(8, None)
-    view = CovisView()
-    view.sync(table_map)
-    any_counts = view.counts["any"]
-    liked, pool = ITEMS[:4], ITEMS[10:14]
-    for item, count in zip(liked + pool, [3, 3, 3, 3, 3, 0, 30, 300], strict=True):
-        any_counts[view.ids[item]] = count
-    ctx = SimpleNamespace(user_id="u", consumed={})
-    x = pool_matrix(["blend", "pop_gap"], _context(table_map, liked), view, 0.5, ctx, pool,
-                    np.zeros(len(pool)), T, None, None, 100)
-    want = np.abs(np.log1p([3, 0, 30, 300]) - np.log1p(3))
-    assert np.allclose(x[:, 1], want) and x[0, 1] == 0.0 and x[3, 1] > x[2, 1] > x[1, 1] > 0

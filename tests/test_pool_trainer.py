@@ -165,25 +165,3 @@ def test_config_keys_are_validated() -> None:
         load_config({"serving": {"pool": {"training": "everywhere"}}})
     with pytest.raises(ConfigError, match="serving.pool.sync_every_pairs"):
         load_config({"serving": {"pool": {"sync_every_pairs": 0}}})
-
-
-@pytest.mark.parametrize("choices", [True, False])
-def test_a_low_rating_of_a_pooled_item_teaches_the_choice_only_when_asked(
-        tmp_path: Path, choices: bool) -> None:
-    """``choice_targets``: an organic rating below the positive threshold of an item in
-    the user's last pool becomes a pair (the user chose that item); a rating of an item
-    outside the pool, or any low rating without the key, does not."""
-    from events.model import Feedback
-
-    world = World(tmp_path)
-    world.publish_all()
-    shard = world.user_shard(scorer="pool", pool=PoolRankerConfig(choice_targets=choices))
-    feed(shard, [click("c0", SEED, T0 - 10)])
-    pooled = ids(ask(shard, "c0", ts=T0))
-    out = feed(shard, [Feedback(T0 + 1, "c0", "not-pooled", "rating", value=2.0),
-                       Feedback(T0 + 2, "c0", pooled[3], "rating", value=2.0)])
-    pairs = out.get("pool-pairs", [])
-    assert len(pairs) == (1 if choices else 0)
-    assert shard.counters()["pool_learned"] == (1 if choices else 0)
-    if choices:  # the chosen item left the pool: a later positive on it teaches nothing
-        assert feed(shard, [click("c0", pooled[3], T0 + 3)]).get("pool-pairs", []) == []
