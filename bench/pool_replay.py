@@ -65,6 +65,7 @@ def capture(log: Path, out: Path) -> None:
              target=np.array([s[2] for s in seen], np.int64),
              lens=np.array([len(s[1]) for s in seen], np.int64),
              x=np.concatenate([s[1] for s in seen]),
+             names=np.array(PoolRankerConfig().features),
              positives=np.array([report["positives"]]),
              hr_at_10=np.array([report["hr_at_10"]]))
     print(f"captured {len(seen):,} pairs; eval HR@10 {report['hr_at_10']}")
@@ -116,7 +117,9 @@ def main() -> None:
         xs = [x[off[i]:off[i + 1]] for i in range(len(z["lens"]))]
         targets, positives = z["target"], int(z["positives"][0])
         flow_hr = float(z["hr_at_10"][0])
-    names = list(PoolRankerConfig().features)
+        # the features the pairs were captured with (older files: the default's first columns)
+        names = ([str(n) for n in z["names"]] if "names" in z
+                 else list(PoolRankerConfig().features)[:x.shape[1]])
     counts = [int(c) for c in args.shards.split(",")]
     variants: dict[str, dict] = {
         "blend": {"learn": False},
