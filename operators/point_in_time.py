@@ -20,7 +20,8 @@ It only reads: the user shard applies every event after taking its features.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,6 +134,14 @@ def static_item_features(item_id: str, table: ItemTable | None,
     return extra
 
 
+RETAINED_VERSIONS = 8
+"""Replaced snapshot versions (item tables + index) a user shard keeps for the deferred
+features of pending impressions whose negative the sampler drops (needed only if
+clicked). Beyond it, the features reading the oldest are computed and the version is
+let go: at most this many old versions stay in memory per shard (they share their
+unchanged tables with the current one)."""
+
+
 @dataclass(frozen=True)
 class CovisQuery:
     """How recent items seed co-visitation (serving.recent_items, covis_query_decay)."""
@@ -176,12 +185,19 @@ class PointInTime:
         itself (an interaction and its sampled negatives), or None (nothing)."""
         self._shared: _Shared | None = None
         self._frozen: FrozenViews | None = None
+        self._retained: deque[weakref.ref[FrozenViews]] = deque()
+        """Replaced snapshot versions that deferred features may still read, oldest first."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Recovery state without the frozen snapshot views (reloaded from the store)."""
         state = self.__dict__.copy()
         state["_frozen"] = None
+        state["_retained"] = deque()
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_retained", deque())  # state of older versions
 
     def forget(self, user_id: str) -> None:
         """The user's state is about to change: contexts taken before it are stale."""
@@ -312,9 +328,21 @@ class PointInTime:
             self._shared = shared if group is not None else None
         return shared
 
-    def release_frozen(self) -> None:
-        """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions)."""
+    def release_frozen(self) -> Callable[[DeferredFeatures], bool]:
+        """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions);
+        returns which deferred features must be computed now: those reading a version
+        beyond the ``RETAINED_VERSIONS`` newest replaced ones still in use (the others
+        keep theirs until their window closes: memory for time)."""
+        retained = self._retained
+        if self._frozen is not None:
+            retained.append(weakref.ref(self._frozen))
         self._frozen = None
+        live = [ref for ref in retained if ref() is not None]
+        cut = max(len(live) - RETAINED_VERSIONS, 0)
+        old = {id(ref()) for ref in live[:cut]}
+        retained.clear()
+        retained.extend(live[cut:])
+        return lambda d: id(d.views) in old
 
     def _frozen_views(self) -> FrozenViews | None:
         if self.views is None:

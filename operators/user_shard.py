@@ -126,10 +126,10 @@ class UserShard:
             self.views.poll(min(e.ts for e in events))
             if (self.views.table_map() is not served[0]
                     or self.views.index.index is not served[1]):
-                # Deferred impression features read the versions being replaced: take
-                # them now, so no pending impression keeps an old version in memory.
-                self.joiner.resolve_deferred()
-                self.context.release_frozen()
+                # Deferred impression features read the versions being replaced: those
+                # whose example will be written take them now (together, per request);
+                # those dropped unless clicked keep them (a bounded number of versions).
+                self.joiner.resolve_deferred(self.context.release_frozen())
         for event in events:
             try:
                 self._apply(event)
