@@ -35,6 +35,7 @@ from state.covis_view import SparseScores
 from state.embedding_table import keys_of
 from state.item_rows import ItemRows
 from state.item_table import ItemTable
+from state.join_state import float32_features
 from state.profiles import ProfileStore
 from state.user_history import UserHistory
 
@@ -299,14 +300,15 @@ class PointInTime:
                                         views=first.views, attrs=[d.attrs for d in group],
                                         cross=[d.cross for d in group])
             mf = self._mf_rowwise(ctx.vector, [d.item_id for d in group], first.views)
-            # The profile compacted once: compact({**a, **b}) == {**compact(a), **compact(b)}
-            # when no name is in both (same values, same order).
-            profile, profile_keys = compact(ctx.profile), ctx.profile.keys()
+            # The profile compacted and rounded once: f({**a, **b}) == {**f(a), **f(b)} for
+            # f = compact, float32_features when no name is in both (same values, order).
+            profile, profile_keys = float32_features(compact(ctx.profile)), ctx.profile.keys()
             for j, (d, extra) in enumerate(zip(group, extras, strict=True)):
                 if "mf" in extra:
                     extra["mf"] = mf[j]
-                d._resolved = ({**profile, **compact(extra)} if profile_keys.isdisjoint(extra)
-                               else compact({**ctx.profile, **extra}))
+                d._resolved = ({**profile, **float32_features(compact(extra))}
+                               if profile_keys.isdisjoint(extra)
+                               else float32_features(compact({**ctx.profile, **extra})))
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
                     views: FrozenViews | None) -> list[float]:
@@ -647,12 +649,13 @@ class DeferredFeatures:
         self._resolved: dict[str, Any] | None = None
 
     def resolve(self) -> dict[str, Any]:
-        """What ``PointInTime.example_features`` gave when this was taken."""
+        """What ``PointInTime.example_features`` gave when this was taken, at example
+        precision (``float32_features``)."""
         if self._resolved is None:
             ctx = as_taken(self.ctx, [self])
             extra = self.source.item_features(ctx, [self.item_id], self.ts, views=self.views,
                                               attrs=[self.attrs], cross=[self.cross])[0]
-            self._resolved = compact({**ctx.profile, **extra})
+            self._resolved = float32_features(compact({**ctx.profile, **extra}))
         return self._resolved
 
     def __reduce__(self) -> tuple[Any, ...]:

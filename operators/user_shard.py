@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -292,7 +291,7 @@ class UserShard:
 
     def counters(self) -> dict[str, int]:
         """This shard's joiner counters plus sizes of its pending state."""
-        out = asdict(self.joiner.counters)
+        out = self.joiner.counters.as_dict()
         out["pending"] = len(self.joiner.pending)
         out["orphans"] = len(self.joiner.orphans)
         out["requests"] = self.requests

@@ -67,7 +67,9 @@ class JoinContext(Protocol):
 class Deferred(Protocol):
     """Features taken at impression time but computed only if needed."""
 
-    def resolve(self) -> dict[str, Any]: ...
+    def resolve(self) -> dict[str, Any]:
+        """The features at example precision (``float32_features``)."""
+        ...
 
 
 class DeferringContext(JoinContext, Protocol):
@@ -172,7 +174,8 @@ class Pending:
     features: dict[str, Any] | Deferred
     """Taken when the impression is processed (never later: features taken at emission
     would see same-request clicks and fresher item tables, a train/serve skew); deferred
-    (the same values, computed on demand) when the context can."""
+    (the same values, computed on demand) when the context can. At example precision
+    (``float32_features``) either way: the example's own dict."""
     emitted: bool = False
     kept: bool = True
     """Whether the sampler keeps this impression's negative (decided once, by id): when
@@ -232,6 +235,11 @@ class JoinCounters:
     forced_closes: int = 0
     orphans_expired: int = 0
     orphans_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name (``dataclasses.asdict`` without its deep copy: every
+        micro-batch's output carries them)."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 def float32_features(features: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +323,8 @@ class Joiner:
             # the snapshots move (all pending ones at once), exactly as they are now
             features = self._defer(imp.user_id, imp.item_id, imp.ts)
         else:
-            features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
+            features = float32_features(
+                self.context.example_features(imp.user_id, imp.item_id, imp.ts))
         entry = Pending(imp, imp.ts + self.wait_ms, {}, features, False,
                         self.sampler.keep(f"imp:{iid}"))
         self.pending[iid] = entry
@@ -505,7 +514,7 @@ class Joiner:
             features = features.resolve()  # type: ignore[union-attr]
         self.examples.append(Example(
             f"imp:{imp.impression_id}", imp.ts, imp.user_id, imp.item_id, label,
-            dict(entry.labels), weight, float32_features(features), "impression",
+            dict(entry.labels), weight, features, "impression",
             imp.position, imp.request_id, imp.impression_id, imp.context).record())
 
     def _late(self, fb: Feedback, reason: str) -> None:
