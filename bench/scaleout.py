@@ -64,9 +64,12 @@ if str(BENCH) not in sys.path:
 
 from common import ROOT, count_lines, simulated_log  # noqa: E402
 
-STAGES = ("user_shard", "item_shard", "ranker", "index", "metrics")
-SINGLE_KEY = ("ranker", "index", "metrics")
+STAGES = ("user_shard", "item_shard", "ranker", "pool_trainer", "index", "metrics")
+SINGLE_KEY = ("ranker", "pool_trainer", "index", "metrics")
 SHARDED = ("user_shard", "item_shard")
+PLUMBING = ("read", "parse", "route", "write")
+"""Stateless work timed too: reading the log (source partitions), parsing, routing to
+the user shards, writing the JSONL outputs."""
 
 
 def _stage_classes() -> dict[str, type]:
@@ -80,9 +83,37 @@ def _stage_classes() -> dict[str, type]:
             "index": IndexBuilderLogic, "metrics": MetricsLogic}
 
 
+def _stage_of(stage: str, logic: Any) -> str:
+    """The timed stage of a stateful logic: ``TrainerLogic`` runs the ranker trainer and
+    the central pool trainer."""
+    if stage == "ranker" and type(getattr(logic, "trainer", None)).__name__ == "PoolTrainer":
+        return "pool_trainer"
+    return stage
+
+
+def _timed(f: Any, stage: str, cpu_ns: dict[str, int], lock: threading.Lock) -> Any:
+    """``f`` adding its thread CPU time to ``cpu_ns[stage]``."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.thread_time_ns()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            spent = time.thread_time_ns() - t0
+            with lock:
+                cpu_ns[stage] += spent
+
+    return timed
+
+
 def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
     """Wrap the stateful stages' callbacks to add their thread CPU time to ``cpu_ns`` and
-    the shard keys they saw (user and item shards) to ``keys``."""
+    the shard keys they saw (user and item shards) to ``keys``; also time the stateless
+    plumbing (``PLUMBING``)."""
+    import flows.recsys
+    from events.model import EventParser
+    from operators import sinks, sources
+
     lock = threading.Lock()
     for stage, cls in _stage_classes().items():
         for name in ("on_item", "on_notify", "on_eof"):
@@ -99,9 +130,17 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
                 finally:
                     spent = time.thread_time_ns() - t0
                     with lock:
-                        cpu_ns[_s] += spent
+                        cpu_ns[_stage_of(_s, self)] += spent
 
             setattr(cls, name, timed)
+    for cls in (c for c in vars(sources).values()
+                if isinstance(c, type) and c.__name__.endswith("Partition") and "next_batch" in vars(c)
+                and c.__name__ != "_GatedPartition"):
+        cls.next_batch = _timed(cls.next_batch, "read", cpu_ns, lock)
+    EventParser.parse_batch = _timed(EventParser.parse_batch, "parse", cpu_ns, lock)
+    flows.recsys.route_events = _timed(flows.recsys.route_events, "route", cpu_ns, lock)
+    sinks._JsonlPartition.write_batch = _timed(sinks._JsonlPartition.write_batch, "write",
+                                                cpu_ns, lock)
 
 
 def _install_gc_timer(gc_ns: list[int]) -> None:
