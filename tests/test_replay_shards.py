@@ -67,6 +67,19 @@ def _batches(part: _ReplayPartition) -> list[list]:
             return out
 
 
+def _round_robin(parts: list) -> list:
+    """Every batch of ``parts``, polled in turn as one Bytewax worker does, until all end."""
+    out, live = [], list(parts)
+    while live:
+        for part in list(live):
+            try:
+                out.extend(part.next_batch())
+            except StopIteration:
+                live.remove(part)
+                part.close()
+    return out
+
+
 def test_line_user_reads_only_what_is_certain() -> None:
     assert line_user(b'{"type":"impression","ts":1,"user_id":"u7","item_id":"a"}') == "u7"
     assert line_user(b'{"ts":1, "user_id" : "u7", "type": "request"}') == "u7"
@@ -103,8 +116,8 @@ def test_shards_get_the_one_partition_events_in_the_same_batches(tmp_path: Path,
     got: dict[str, list[list]] = defaultdict(list)
     got_dead, got_events = [], Counter()
     parser = EventParser()
-    for name in parts:
-        for batch in _batches(sharded.build_part("in", name, None)):
+    for batch in _round_robin([sharded.build_part("in", name, None) for name in parts]):
+        if True:
             events, dead, copies = parse_shard_batch(parser, batch, shard_of)
             got_dead += dead
             got_events.update(e.type for e in events)
@@ -173,3 +186,40 @@ def test_flow_reads_each_shard_on_its_worker(tmp_path: Path, workers: int) -> No
     summary = [m for m in map(orjson.loads, (out / "metrics.jsonl").read_bytes().splitlines())
                if m["kind"] == "summary"]
     assert summary[0]["events_in"] == len(lines)
+
+
+def test_partitions_of_a_process_share_one_reader(tmp_path: Path, monkeypatch) -> None:
+    """Each line is read and looked at once per process, not once per partition; a
+    partition far ahead waits for the others (at most ``MAX_AHEAD`` windows held)."""
+    from operators import replay_shards
+
+    path = tmp_path / "log.jsonl"
+    lines = _log(path)
+    looked = Counter()
+    real = replay_shards.line_user
+    monkeypatch.setattr(replay_shards, "line_user", lambda line: looked.update([line]) or real(line))
+    monkeypatch.setattr(replay_shards, "MAX_AHEAD", 3)
+    source = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=10)
+    parts = [source.build_part("in", name, None) for name in source.list_parts()]
+    ahead = [parts[0].next_batch() for _ in range(6)]
+    assert all(ahead[:3]) and not any(ahead[3:])  # held at 3 windows until the rest move
+    assert len(source._shared.windows) == 3
+    _round_robin(parts)
+    assert sum(looked.values()) == len(lines)  # once each, not once per partition
+    assert source._shared.windows == {}
+
+
+def test_partitions_resumed_at_other_offsets_read_privately(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    _log(path)
+    source = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=16)
+    names = source.list_parts()
+    whole = [list(b) for b in _round_robin([source.build_part("in", n, None) for n in names])]
+    first = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=16)
+    parts = [first.build_part("in", n, None) for n in names]
+    head = parts[1].next_batch() + parts[0].next_batch() + parts[0].next_batch()
+    states = [p.snapshot() for p in parts]
+    assert len(set(states)) == 3  # partition 0 two windows in, 1 one, the others none
+    again = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=16)
+    tail = _round_robin([again.build_part("in", n, s) for n, s in zip(names, states, strict=True)])
+    assert sorted(map(list, head + tail)) == sorted(whole)
