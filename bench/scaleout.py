@@ -18,8 +18,11 @@ Figures (the last line is JSON):
 * ``events_per_cpu_s_*``: the same per second of CPU time of all processes (on a shared
   machine the wall figures follow the load).
 * ``busy_share_*_2proc``: for each stage, its CPU time over the wall time of the
-  process that ran it, in the 2-process run; a single-key stage (``ranker``, ``index``,
-  ``metrics``) runs on one worker, so a share near 1 means that stage caps the flow.
+  process that ran it, in the 2-process run; a single-key stage (``ranker``,
+  ``pool_trainer`` (the central pool ranker), ``index``, ``metrics``) runs on one worker
+  (the last: ``operators.placement.last_key``), so a share near 1 means that stage caps
+  the flow. The per-process lines also show the stateless plumbing: ``read`` (the log),
+  ``parse`` (one-partition input), ``route`` (to the user shards), ``write`` (JSONL).
   ``cpu_share_*_2proc``: the same over that process's CPU time (holds under load).
 * ``ceiling_events_per_s_*``: log events per CPU second of one key of the stage in the
   1-process run (the stage's CPU over its number of keys): the flow's rate at which that
@@ -30,11 +33,12 @@ Figures (the last line is JSON):
 * ``load_1min_start``/``load_1min_end``: the machine's load average around the runs.
 
 Correctness across processes is checked in the same run: the replay source has one
-partition (one process reads the log, the user shards get their events through
-Bytewax's exchange), every output file is written by one process (the one owning its
-partition), and the 2-process run must give the 1-process run's example ids (none
-twice), as many recommendations as the log has requests, and ``events_in`` equal to the
-log's lines; the bench stops with an error otherwise.
+partition per user shard (``operators/replay_shards.py``: each process reads the log
+and parses only its own shards' users, plus the item events every shard needs), every
+output file is written by one process (the one owning its partition), and the
+2-process run must give the 1-process run's example ids (none twice), as many
+recommendations as the log has requests, and ``events_in`` equal to the log's lines;
+the bench stops with an error otherwise.
 
 Usage: ``python bench/scaleout.py [-n EVENTS] [--processes 2] [--shards USERS,ITEMS]``
 (default 200,000 events, the zero-config 8 user and 4 item shards).
