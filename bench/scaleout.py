@@ -22,7 +22,7 @@ Figures (the last line is JSON):
   ``pool_trainer`` (the central pool ranker), ``index``, ``metrics``) runs on one worker
   (the last: ``operators.placement.last_key``), so a share near 1 means that stage caps
   the flow. The per-process lines also show the stateless plumbing: ``read`` (the log),
-  ``parse`` (one-partition input), ``route`` (to the user shards), ``write`` (JSONL).
+  ``parse``, ``route`` (to the user shards), ``write`` (JSONL).
   ``cpu_share_*_2proc``: the same over that process's CPU time (holds under load).
 * ``ceiling_events_per_s_*``: log events per CPU second of one key of the stage in the
   1-process run (the stage's CPU over its number of keys): the flow's rate at which that
@@ -116,7 +116,7 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
     plumbing (``PLUMBING``)."""
     import flows.recsys
     from events.model import EventParser
-    from operators import sinks, sources
+    from operators import replay_shards, sinks, sources
 
     lock = threading.Lock()
     for stage, cls in _stage_classes().items():
@@ -142,6 +142,8 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
                 and c.__name__ != "_GatedPartition"):
         cls.next_batch = _timed(cls.next_batch, "read", cpu_ns, lock)
     EventParser.parse_batch = _timed(EventParser.parse_batch, "parse", cpu_ns, lock)
+    flows.recsys.parse_shard_batch = _timed(flows.recsys.parse_shard_batch, "parse", cpu_ns, lock)
+    replay_shards.split_window = _timed(replay_shards.split_window, "read", cpu_ns, lock)
     flows.recsys.route_events = _timed(flows.recsys.route_events, "route", cpu_ns, lock)
     sinks._JsonlPartition.write_batch = _timed(sinks._JsonlPartition.write_batch, "write",
                                                 cpu_ns, lock)
