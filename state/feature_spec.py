@@ -10,7 +10,8 @@ A feature is one table of config, e.g. from TOML ``[[features]]``::
 
 Optional keys: ``value`` (event field to aggregate, dotted path, or a number),
 ``k`` (last_k length / distinct_count sketch size), ``half_life`` (decay_sum),
-``default`` (output when a window is empty), ``filter.min_value``.
+``default`` (output when a window is empty), ``filter.min_value``, ``transform``
+(a function of a numeric value before it is aggregated: ``TRANSFORMS``).
 
 A ``rate`` is derived at query time from two stored features of the same entity and
 window, not stored: ``of = ["clicks", "impressions"]`` gives ``100 * clicks /
@@ -50,7 +51,15 @@ _DURATION_RE = re.compile(r"^([0-9]+)(ms|s|m|h|d|w)$")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _ENTITY_RE = re.compile(r"^(user|item|user_x_[a-z][a-z0-9_]*)$")
 _KEYS = frozenset({"name", "entity", "filter", "aggregate", "value", "windows", "k",
-                   "half_life", "default", "of", "prior"})
+                   "half_life", "default", "of", "prior", "transform"})
+TRANSFORMS: dict[str, Callable[[float], float]] = {
+    "position_discount": lambda p: 1.0 / math.log2(2.0 + p) if p >= 0 else 1.0,
+}
+"""``transform``: a function applied to a numeric value before it is aggregated.
+``position_discount`` turns a 0-based ``position`` into the DCG discount ``1 / log2(2 +
+p)`` (1.0 at the top slot, 0.29 at the tenth; unknown -1 counts 1.0): summed over
+impressions it is their exposure, the denominator of a position-corrected rate (clicks
+over expected clicks, COEC)."""
 _FILTER_KEYS = frozenset({"type", "action", "min_value"})
 _VALUE_AGGS = frozenset({"sum", "mean", "min", "max", "last", "decay_sum"})
 _NUMERIC_AGGS = frozenset({"sum", "mean", "min", "max", "decay_sum"})
@@ -135,6 +144,8 @@ class FeatureSpec:
     """``rate``: the names of its numerator and denominator features (same entity)."""
     prior: float = 0.0
     """``rate``: pseudo-observations added to the denominator."""
+    transform: str | None = None
+    """A ``TRANSFORMS`` name applied to the value before aggregation, or None."""
 
     @property
     def derived(self) -> bool:
@@ -222,7 +233,7 @@ def _parse_windows(raw: Mapping[str, Any], where: str) -> list[tuple[int | None,
 def _parse_rate(raw: Mapping[str, Any], where: str, name: str, entity: str) -> FeatureSpec:
     """A ``rate`` spec: ``of`` names two features of the entity (checked by
     ``parse_features``, which sees them all), ``prior`` >= 0, its windows."""
-    for key in ("filter", "value", "k", "half_life", "default"):
+    for key in ("filter", "value", "k", "half_life", "default", "transform"):
         if key in raw:
             raise _err(where, key, "not used by aggregate 'rate' (it divides two other features)")
     of = raw.get("of")
@@ -344,12 +355,18 @@ def parse_feature(raw: Mapping[str, Any], where: str = "feature") -> FeatureSpec
             raise _err(where, "default", f"{default!r} must be a number or omitted")
     if agg in _NUMERIC_AGGS and isinstance(value, str) and value == "item_id":
         raise _err(where, "value", f"'item_id' is not numeric; {agg} needs a number")
+    transform = raw.get("transform")
+    if transform is not None:
+        if transform not in TRANSFORMS:
+            raise _err(where, "transform", f"{transform!r} is not one of {', '.join(TRANSFORMS)}")
+        if agg not in _NUMERIC_AGGS or not isinstance(value, str):
+            raise _err(where, "transform", f"needs a numeric aggregate of an event field, not {agg}")
 
     return FeatureSpec(
         name=name, entity=entity, event_type=etype, actions=actions,
         min_value=None if min_value is None else float(min_value), aggregate=agg, value=value,
         windows=tuple(p[0] for p in pairs), window_labels=tuple(p[1] for p in pairs),
-        k=k, half_life_ms=half_life, default=default, raw=dict(raw),
+        k=k, half_life_ms=half_life, default=default, raw=dict(raw), transform=transform,
     )
 
 
@@ -479,11 +496,14 @@ DEFAULT_FEATURES: tuple[dict[str, Any], ...] = (
      "aggregate": "mean", "windows": ["all"]},
     {"name": "viewers", "entity": "item", "filter": {"type": "impression"},
      "aggregate": "distinct_count", "value": "user_id", "windows": ["1d", "7d"]},
-    {"name": "ctr", "entity": "item", "aggregate": "rate",  # clicks per 100 impressions
-     "of": ["clicks", "impressions"], "windows": ["1h", "1d", "7d"]},
+    {"name": "exposure", "entity": "item", "filter": {"type": "impression"},  # by position
+     "aggregate": "sum", "value": "position", "transform": "position_discount",
+     "windows": ["1h", "1d", "7d"]},
+    {"name": "ctr", "entity": "item", "aggregate": "rate",  # clicks per 100 of exposure
+     "of": ["clicks", "exposure"], "windows": ["1h", "1d", "7d"]},
     # ---- user x item category ----
     {"name": "impressions", "entity": "user_x_category", "filter": {"type": "impression"},
-     "aggregate": "count", "windows": ["1h", "1d", "7d"]},
+     "aggregate": "count", "windows": ["1d", "7d"]},
     {"name": "clicks", "entity": "user_x_category",  # 5m / 1h: a taste that moves
      "filter": {"type": "feedback", "action": "click"},
      "aggregate": "count", "windows": ["5m", "1h", "1d", "7d", "30d"]},
@@ -496,8 +516,11 @@ DEFAULT_FEATURES: tuple[dict[str, Any], ...] = (
     {"name": "rating_decay", "entity": "user_x_category",
      "filter": {"type": "feedback", "action": "rating"},
      "aggregate": "decay_sum", "half_life": "30d", "windows": ["all"]},
-    {"name": "ctr", "entity": "user_x_category", "aggregate": "rate",  # clicks per 100 shown
-     "of": ["clicks", "impressions"], "windows": ["1h", "1d", "7d"]},
+    {"name": "exposure", "entity": "user_x_category", "filter": {"type": "impression"},
+     "aggregate": "sum", "value": "position", "transform": "position_discount",
+     "windows": ["1h", "1d", "7d"]},
+    {"name": "ctr", "entity": "user_x_category", "aggregate": "rate",
+     "of": ["clicks", "exposure"], "windows": ["1h", "1d", "7d"]},
 )
 
 
