@@ -8,9 +8,8 @@ keeps the fields readers filter on (``example_id``, ``ts``, ``user_id``, ``item_
   ``impression_id`` is left out when it is ``example_id`` without its ``imp:``
   prefix (None for other examples), ``source`` when the prefix says it (``imp:``
   impression, ``int:`` interaction, ``neg:`` sampled).
-* ``features`` become ``f3``: positions in :data:`VOCABULARY` (version 3; a new
-  vocabulary is a new key, old rows keep reading: ``f1`` and ``f2`` rows decode with
-  their versions). ``[mask, v...]``: ``mask``
+* ``features`` become ``f2``: positions in :data:`VOCABULARY` (version 2; a new
+  vocabulary is a new key, old rows keep reading: ``f1`` rows decode with version 1). ``[mask, v...]``: ``mask``
   the hex bit set of the vocabulary names present (bit i = name i), the values in
   vocabulary order; when a name is not in the vocabulary or the names are not in its
   order, ``[[key, ...], v...]`` with a vocabulary position or the name for each key.
@@ -82,33 +81,10 @@ VOCABULARY: tuple[str, ...] = (
 names in another order, cost a row its mask (it spells its keys); changing it means a
 new version and key, and the old ones stay readable (:data:`VOCABULARIES`)."""
 
-VOCABULARY_2 = VOCABULARY
-"""Version 2 (key ``f2``), frozen."""
-
-
-def _after(names: tuple[str, ...], anchor: str, *new: str) -> tuple[str, ...]:
-    """``names`` with ``new`` inserted right after ``anchor``."""
-    i = names.index(anchor) + 1
-    return (*names[:i], *new, *names[i:])
-
-
-VOCABULARY = _after(
-    _after(_after(VOCABULARY_2, "item.clicks.7d", "item.ctr.1d", "item.ctr.1h", "item.ctr.7d"),
-           "item.engagement_decay.all",
-           "item.exposure.1d", "item.exposure.1h", "item.exposure.7d"),
-    "user_x_category.rating_decay.all",
-    "user_x_category.exposure.1h", "user_x_category.exposure.1d", "user_x_category.exposure.7d",
-    "user_x_category.ctr.1h", "user_x_category.ctr.1d", "user_x_category.ctr.7d")
-"""The vocabulary written now, version 3 (key ``f3``): version 2 with the default
-position-discounted exposure and click rates (``item.exposure`` / ``item.ctr``, and
-``user_x_category.exposure`` / ``.ctr``) where the flow writes them (item table
-features in name order, a profile's rates after its stored outputs)."""
-
-KEY = "f3"
+KEY = "f2"
 """The key of the features in the wire form written now."""
 
-VOCABULARIES: dict[str, tuple[str, ...]] = {"f1": VOCABULARY_1, "f2": VOCABULARY_2,
-                                            KEY: VOCABULARY}
+VOCABULARIES: dict[str, tuple[str, ...]] = {"f1": VOCABULARY_1, KEY: VOCABULARY}
 """Every vocabulary a row may be written with, by key."""
 
 _INDEX = {name: i for i, name in enumerate(VOCABULARY)}

@@ -20,6 +20,7 @@ from test_feature_spec import OK
 
 from state.feature_spec import (
     DEFAULT_FEATURES,
+    RATE_FEATURES,
     FeatureSpecError,
     default_features,
     parse_duration,
@@ -665,10 +666,10 @@ def test_rates_divide_clicks_by_position_discounted_exposure() -> None:
     assert again.query("low") == low
 
 
-def test_default_rates_are_position_corrected_click_rates() -> None:
-    """The default set's ``item.ctr`` and ``user_x_category.ctr``: clicks per 100 of
-    position-discounted exposure (prior 10), so a rate is not a raw count."""
-    stores = stores_for(list(DEFAULT_FEATURES))
+def test_rate_features_are_position_corrected_click_rates() -> None:
+    """``RATE_FEATURES`` beside the default set: ``item.ctr`` and ``user_x_category.ctr``
+    are clicks per 100 of position-discounted exposure (prior 10), not raw counts."""
+    stores = stores_for([*DEFAULT_FEATURES, *RATE_FEATURES])
     item, cross = stores["item"], stores["user_x_category"]
     attrs = {"a": {"category": "c1"}, "b": {"category": "c2"}}.get
     for n in range(20):
