@@ -371,15 +371,18 @@ class UserShardLogic(StatefulLogic[tuple[str, list[Event], int], ShardOutput, Us
 
 
 def route_events(events: list[Event], shards: int, shard_of: Callable[[str], int],
-                 ingest_ns: int) -> list[tuple[str, tuple[str, list[Event], int]]]:
+                 ingest_ns: int, only: int | None = None
+                 ) -> list[tuple[str, tuple[str, list[Event], int]]]:
     """Split a micro-batch into per-user-shard batches, order kept within each shard.
 
-    ``item`` events carry no user: they are broadcast to every shard (catalog).
+    ``item`` events carry no user: they are broadcast to every shard (catalog), or only
+    to shard ``only`` (a sharded replay partition's batch: every partition has them).
     """
     buckets: dict[int, list[Event]] = {}
+    everyone = range(shards) if only is None else (only,)
     for event in events:
         if isinstance(event, Item):
-            for s in range(shards):
+            for s in everyone:
                 buckets.setdefault(s, []).append(event)
         else:
             buckets.setdefault(shard_of(event.user_id), []).append(event)
