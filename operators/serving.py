@@ -594,8 +594,12 @@ class Server:
     def _sampled(self, request: Any) -> bool:
         """The request is in the ``scorer_shadow_rate`` sample (by request id) that keeps
         the duel going: scored by both scorers, interleaved once clicks judge."""
-        h = stable_hash64(f"shadow:{request.request_id}")
-        return (h & 0xFFFFFFFF) / 2**32 < self.config.scorer_shadow_rate
+        rid = request.request_id
+        memo = getattr(self, "_sample_memo", None)  # asked up to 3 times per request
+        if memo is None or memo[0] != rid:
+            h = stable_hash64(f"shadow:{rid}")
+            memo = self._sample_memo = (rid, (h & 0xFFFFFFFF) / 2**32)
+        return memo[1] < self.config.scorer_shadow_rate
 
     def pool_columns(self, request: Any, ctx: UserContext, pool: CandidatePool,
                      covis: dict[str, SparseScores] | None) -> ItemColumns:

@@ -245,6 +245,11 @@ class ProfileStore:
         """
         return self.query_key(self.key_of(entity_id), t_ms)
 
+    def knows(self, key: int) -> bool:
+        """Whether the store holds a profile or pending writes for ``key``
+        (``key_of(entity_id)``): if not, every query of it gives ``empty_outputs``."""
+        return key in self._buffer or self._table.has(key)
+
     def query_key(self, key: int, t_ms: int | None = None) -> dict[str, Any]:
         """``query`` by precomputed ``key_of(entity_id)``."""
         p = self._load_current(key)
