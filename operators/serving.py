@@ -393,10 +393,9 @@ class Server:
         parts: list[tuple[str, np.ndarray, np.ndarray]] = []
         n = sizes.get("ann", 0)
         if n and ctx.vector is not None and self.views.index.index is not None:
-            found = self.views.index.query(ctx.vector, n)
-            if found:
-                items, scores = zip(*found, strict=True)
-                parts.append(("ann", space.rows(list(items)), np.array(scores, np.float64)))
+            items, scores = self.views.index.query_arrays(ctx.vector, n)
+            if items:
+                parts.append(("ann", space.rows(items), scores))
         ids, vals, covis = self._covis_best(ctx, ts_ms, sizes.get("covis", 0))
         parts.append(("covis", ids, vals))
         for source in ("trending", "popular"):
