@@ -181,14 +181,18 @@ class CovisView:
         ``intern=False``: neighbours without an id are left out instead of getting one
         (they cannot be candidates: candidates have ids)."""
         get_row = self.row if intern else self._known_row
+        cached = self._rows.get  # both read this cache first
         ids_parts, w_parts, weights, sizes = [], [], [], []
         for table, seed, weight in seeds:
-            ids, w = get_row(table, channel, seed)
-            if ids.size:
-                ids_parts.append(ids)
-                w_parts.append(w)
+            row = cached((id(table), channel, seed))
+            if row is None:
+                row = get_row(table, channel, seed)
+            size = row[0].size
+            if size:
+                ids_parts.append(row[0])
+                w_parts.append(row[1])
                 weights.append(weight)
-                sizes.append(ids.size)
+                sizes.append(size)
         if not ids_parts:
             return _EMPTY
         return (np.concatenate(ids_parts),
