@@ -21,7 +21,10 @@ half by users with a new taste, ``ctr_<policy>_drift_shifted``, and the others,
 Figure per window of requests: expected CTR = the mean true click probability of the
 served items at their positions, over k slots per request (an empty or short answer
 counts its missing slots as 0). ``gap_closed`` = (streamrec - random) / (oracle -
-random) over the last half of the windows. Writes a PNG of the curves to ``--out``
+random) over the last half of the windows. Where a policy's slots fall short of the oracle's, over
+the last half (hidden truth, ``Simulator.slot_truth``): ``top_category_<policy>`` = the
+share of served slots in the user's favourite category, ``item_bias_<policy>`` = the
+served items' mean log-odds bias. Writes a PNG of the curves to ``--out``
 (default: /tmp/streamrec-closed-loop.png) and ends with one JSON line.
 
     python bench/closed_loop.py [--requests 4000] [--seed 0] [--worlds default,organic,drift]
@@ -149,6 +152,8 @@ class Run:
     curve: list[float] = field(default_factory=list)
     by_group: dict[str, list[float]] = field(default_factory=dict)
     """drift world, last half: group ("shifted" / "stable" users) -> [expected clicks, slots]."""
+    slots: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """last half: [served slots, of them in the user's favourite category, sum of item bias]."""
     empty: int = 0
     seconds: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
@@ -186,6 +191,15 @@ def run(world: str, policy_name: str, args: argparse.Namespace) -> Run:
             done = loop.windows[n_before - 1]
             expected += done.expected_clicks - before
             in_window += 1
+            if loop.sent > args.requests // 2:
+                for item in rec.get("items", [])[:k]:
+                    try:
+                        rank, bias = loop.sim.slot_truth(rec["user_id"], item["item_id"], loop.clock_ms)
+                    except KeyError:
+                        continue
+                    result.slots[0] += 1
+                    result.slots[1] += rank == 0
+                    result.slots[2] += bias
             if world == "drift" and loop.sent > args.requests // 2:
                 group = "shifted" if loop.sim.shifted(rec["user_id"]) else "stable"
                 tally = result.by_group.setdefault(group, [0.0, 0])
@@ -264,6 +278,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if name in ctr:
                     key = "gap_closed" if name == "streamrec" else "gap_closed_popular"
                     figures[f"{key}{suffix}"] = round((ctr[name] - ctr["random"]) / span, 4)
+        for name, r in runs.items():
+            n, top, bias = r.slots
+            figures[f"top_category_{name}{suffix}"] = round(top / n, 4) if n else None
+            figures[f"item_bias_{name}{suffix}"] = round(bias / n, 4) if n else None
         if "streamrec" in runs:
             figures[f"empty_streamrec{suffix}"] = runs["streamrec"].empty
         for name, r in runs.items():  # drift: users with a new taste vs the others

@@ -803,6 +803,16 @@ class Simulator:
         x = self._b0 + aff + float(self._item_bias(i)) + pos
         return 1.0 / (1.0 + math.exp(-x))
 
+    def slot_truth(self, user_id: str, item_id: str, ts_ms: int) -> tuple[int, float]:
+        """Hidden truth for evaluation, what an item's true click probability is made of:
+        (the rank of the item's category among the user's categories by taste as of
+        ``ts_ms``, 0 = the one they like most; the item's own log-odds bias)."""
+        u = self._user_index(user_id)
+        i = self._item_index(item_id)
+        by_category = self._centroids @ self._tastes_at(ts_ms)[u]
+        rank = int((by_category > by_category[int(self._item_cat[i])]).sum())
+        return rank, float(self._item_bias(i))
+
     def shifted(self, user_id: str) -> bool:
         """Hidden truth for evaluation: whether ``drift_at`` gives the user a new taste."""
         u = self._user_index(user_id)

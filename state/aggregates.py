@@ -28,7 +28,7 @@ from operator import itemgetter
 from typing import Any
 
 from state.decay import exp2
-from state.feature_spec import DEFAULT_DISTINCT_K, DEFAULT_LAST_K, FeatureSpec
+from state.feature_spec import DEFAULT_DISTINCT_K, DEFAULT_LAST_K, TRANSFORMS, FeatureSpec
 from state.hashing import stable_hash64
 
 TS = itemgetter(0)
@@ -225,5 +225,12 @@ def make_prep(spec: FeatureSpec) -> Callable[[Any], Any]:
             if math.isfinite(f):
                 return f
         return BAD
+    if spec.transform is not None:
+        fn = TRANSFORMS[spec.transform]
+
+        def prep_transformed(v: Any) -> Any:
+            f = prep_num(v)
+            return f if f is BAD else fn(f)
+        return prep_transformed
     return prep_num
 

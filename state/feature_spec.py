@@ -10,7 +10,16 @@ A feature is one table of config, e.g. from TOML ``[[features]]``::
 
 Optional keys: ``value`` (event field to aggregate, dotted path, or a number),
 ``k`` (last_k length / distinct_count sketch size), ``half_life`` (decay_sum),
-``default`` (output when a window is empty), ``filter.min_value``.
+``default`` (output when a window is empty), ``filter.min_value``, ``transform``
+(a function of a numeric value before it is aggregated: ``TRANSFORMS``).
+
+A ``rate`` is derived at query time from two stored features of the same entity and
+window, not stored: ``of = ["clicks", "impressions"]`` gives ``100 * clicks /
+(impressions + prior)`` (events per 100 of the denominator, e.g. a CTR in percent,
+shrunk toward 0 by ``prior`` pseudo-observations, default 10), e.g. ::
+
+    {name = "ctr", entity = "user_x_category", aggregate = "rate",
+     of = ["clicks", "impressions"], windows = ["1h", "1d", "7d"]}
 
 Every feature yields one output per window, named ``<entity>.<name>.<window>``
 (``user.clicks.1h``, ``user_x_category.clicks.7d``, ``user.click_decay.all``).
@@ -30,6 +39,7 @@ from typing import Any
 
 AGGREGATES: tuple[str, ...] = (
     "count", "sum", "mean", "min", "max", "last", "decay_sum", "distinct_count", "last_k",
+    "rate",
 )
 EVENT_TYPES: tuple[str, ...] = ("impression", "feedback", "request", "item", "user")
 # Which id fields each event type carries (docs/events.md).
@@ -41,7 +51,15 @@ _DURATION_RE = re.compile(r"^([0-9]+)(ms|s|m|h|d|w)$")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _ENTITY_RE = re.compile(r"^(user|item|user_x_[a-z][a-z0-9_]*)$")
 _KEYS = frozenset({"name", "entity", "filter", "aggregate", "value", "windows", "k",
-                   "half_life", "default"})
+                   "half_life", "default", "of", "prior", "transform"})
+TRANSFORMS: dict[str, Callable[[float], float]] = {
+    "position_discount": lambda p: 1.0 / math.log2(2.0 + p) if p >= 0 else 1.0,
+}
+"""``transform``: a function applied to a numeric value before it is aggregated.
+``position_discount`` turns a 0-based ``position`` into the DCG discount ``1 / log2(2 +
+p)`` (1.0 at the top slot, 0.29 at the tenth; unknown -1 counts 1.0): summed over
+impressions it is their exposure, the denominator of a position-corrected rate (clicks
+over expected clicks, COEC)."""
 _FILTER_KEYS = frozenset({"type", "action", "min_value"})
 _VALUE_AGGS = frozenset({"sum", "mean", "min", "max", "last", "decay_sum"})
 _NUMERIC_AGGS = frozenset({"sum", "mean", "min", "max", "decay_sum"})
@@ -49,6 +67,12 @@ _NUMERIC_AGGS = frozenset({"sum", "mean", "min", "max", "decay_sum"})
 #: Default ``k``: last_k list length, distinct_count sketch size (exact below k).
 DEFAULT_LAST_K = 20
 DEFAULT_DISTINCT_K = 64
+#: ``rate``: pseudo-observations of the denominator with none of the numerator (shrinks
+#: rates of few observations toward 0), and the unit (events per 100 of the denominator).
+DEFAULT_RATE_PRIOR = 10.0
+RATE_SCALE = 100.0
+#: Aggregates a ``rate`` may divide (additive counts or sums of one window).
+RATE_PARTS = frozenset({"count", "sum", "decay_sum", "distinct_count"})
 #: Largest accepted finite window (ms): one year.
 MAX_WINDOW_MS = 366 * 86_400_000
 
@@ -116,6 +140,17 @@ class FeatureSpec:
     half_life_ms: int | None
     default: Any
     raw: Mapping[str, Any]
+    of: tuple[str, str] | None = None
+    """``rate``: the names of its numerator and denominator features (same entity)."""
+    prior: float = 0.0
+    """``rate``: pseudo-observations added to the denominator."""
+    transform: str | None = None
+    """A ``TRANSFORMS`` name applied to the value before aggregation, or None."""
+
+    @property
+    def derived(self) -> bool:
+        """True for a ``rate``: computed at query time from other outputs, not stored."""
+        return self.of is not None
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -139,7 +174,7 @@ class FeatureSpec:
 
     def matches(self, event: Mapping[str, Any]) -> bool:
         """Event filter: type, action set, min_value (on the ``value`` field, default 1.0)."""
-        if event.get("type") != self.event_type:
+        if self.derived or event.get("type") != self.event_type:
             return False
         if self.actions is not None and event.get("action") not in self.actions:
             return False
@@ -171,6 +206,52 @@ def _err(where: str, key: str, msg: str) -> FeatureSpecError:
     return FeatureSpecError(f"{where}: key '{key}': {msg}")
 
 
+def _parse_windows(raw: Mapping[str, Any], where: str) -> list[tuple[int | None, str]]:
+    """(ms or None for "all", label) of a spec's ``windows``, ascending, "all" last."""
+    wins_raw = raw.get("windows", ["all"])
+    if isinstance(wins_raw, str) or not isinstance(wins_raw, (list, tuple)) or not wins_raw:
+        raise _err(where, "windows", f"{wins_raw!r} must be a non-empty list like [\"1h\", \"1d\"]")
+    pairs: list[tuple[int | None, str]] = []
+    seen: dict[int | None, str] = {}
+    for w in wins_raw:
+        if w == "all":
+            ms: int | None = None
+            label = "all"
+        else:
+            ms = parse_duration(w, f"{where}: key 'windows'")
+            if ms > MAX_WINDOW_MS:
+                raise _err(where, "windows", f"{w!r} is longer than one year")
+            label = w.strip().lower() if isinstance(w, str) else f"{w}ms"
+        if ms in seen:
+            raise _err(where, "windows", f"{w!r} duplicates {seen[ms]!r}")
+        seen[ms] = label
+        pairs.append((ms, label))
+    pairs.sort(key=lambda p: (p[0] is None, p[0] or 0))
+    return pairs
+
+
+def _parse_rate(raw: Mapping[str, Any], where: str, name: str, entity: str) -> FeatureSpec:
+    """A ``rate`` spec: ``of`` names two features of the entity (checked by
+    ``parse_features``, which sees them all), ``prior`` >= 0, its windows."""
+    for key in ("filter", "value", "k", "half_life", "default", "transform"):
+        if key in raw:
+            raise _err(where, key, "not used by aggregate 'rate' (it divides two other features)")
+    of = raw.get("of")
+    if (not isinstance(of, (list, tuple)) or len(of) != 2
+            or not all(isinstance(n, str) and _NAME_RE.match(n) for n in of) or of[0] == of[1]):
+        raise _err(where, "of", f"{of!r} must be two feature names [numerator, denominator]")
+    prior = raw.get("prior", DEFAULT_RATE_PRIOR)
+    if (isinstance(prior, bool) or not isinstance(prior, (int, float)) or not math.isfinite(prior)
+            or prior < 0):
+        raise _err(where, "prior", f"{prior!r} must be a number >= 0")
+    pairs = _parse_windows(raw, where)
+    return FeatureSpec(
+        name=name, entity=entity, event_type="", actions=None, min_value=None, aggregate="rate",
+        value=None, windows=tuple(p[0] for p in pairs), window_labels=tuple(p[1] for p in pairs),
+        k=None, half_life_ms=None, default=0.0, raw=dict(raw), of=(of[0], of[1]),
+        prior=float(prior))
+
+
 def parse_feature(raw: Mapping[str, Any], where: str = "feature") -> FeatureSpec:
     """Validate one raw feature table; errors name ``where`` (e.g. ``features[3] 'clicks'``)."""
     if not isinstance(raw, Mapping):
@@ -181,7 +262,8 @@ def parse_feature(raw: Mapping[str, Any], where: str = "feature") -> FeatureSpec
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
         raise _err(where, unknown[0], f"unknown key (allowed: {', '.join(sorted(_KEYS))})")
-    for key in ("name", "entity", "filter", "aggregate"):
+    rate = raw.get("aggregate") == "rate"
+    for key in ("name", "entity", "aggregate") if rate else ("name", "entity", "filter", "aggregate"):
         if key not in raw:
             raise _err(where, key, "missing (required)")
     if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -192,6 +274,11 @@ def parse_feature(raw: Mapping[str, Any], where: str = "feature") -> FeatureSpec
     agg = raw["aggregate"]
     if agg not in AGGREGATES:
         raise _err(where, "aggregate", f"{agg!r} is not one of {', '.join(AGGREGATES)}")
+    if agg == "rate":
+        return _parse_rate(raw, where, name, entity)
+    for key in ("of", "prior"):
+        if key in raw:
+            raise _err(where, key, f"only used by aggregate 'rate', not {agg}")
 
     flt = raw["filter"]
     if not isinstance(flt, Mapping):
@@ -236,26 +323,7 @@ def parse_feature(raw: Mapping[str, Any], where: str = "feature") -> FeatureSpec
                                                  or not math.isfinite(value)):
             raise _err(where, "value", f"a constant {value!r} makes no sense for {agg}")
 
-    # windows
-    wins_raw = raw.get("windows", ["all"])
-    if isinstance(wins_raw, str) or not isinstance(wins_raw, (list, tuple)) or not wins_raw:
-        raise _err(where, "windows", f"{wins_raw!r} must be a non-empty list like [\"1h\", \"1d\"]")
-    pairs: list[tuple[int | None, str]] = []
-    seen: dict[int | None, str] = {}
-    for w in wins_raw:
-        if w == "all":
-            ms: int | None = None
-            label = "all"
-        else:
-            ms = parse_duration(w, f"{where}: key 'windows'")
-            if ms > MAX_WINDOW_MS:
-                raise _err(where, "windows", f"{w!r} is longer than one year")
-            label = w.strip().lower() if isinstance(w, str) else f"{w}ms"
-        if ms in seen:
-            raise _err(where, "windows", f"{w!r} duplicates {seen[ms]!r}")
-        seen[ms] = label
-        pairs.append((ms, label))
-    pairs.sort(key=lambda p: (p[0] is None, p[0] or 0))
+    pairs = _parse_windows(raw, where)
 
     # k / half_life / default
     k = raw.get("k")
@@ -287,12 +355,18 @@ def parse_feature(raw: Mapping[str, Any], where: str = "feature") -> FeatureSpec
             raise _err(where, "default", f"{default!r} must be a number or omitted")
     if agg in _NUMERIC_AGGS and isinstance(value, str) and value == "item_id":
         raise _err(where, "value", f"'item_id' is not numeric; {agg} needs a number")
+    transform = raw.get("transform")
+    if transform is not None:
+        if transform not in TRANSFORMS:
+            raise _err(where, "transform", f"{transform!r} is not one of {', '.join(TRANSFORMS)}")
+        if agg not in _NUMERIC_AGGS or not isinstance(value, str):
+            raise _err(where, "transform", f"needs a numeric aggregate of an event field, not {agg}")
 
     return FeatureSpec(
         name=name, entity=entity, event_type=etype, actions=actions,
         min_value=None if min_value is None else float(min_value), aggregate=agg, value=value,
         windows=tuple(p[0] for p in pairs), window_labels=tuple(p[1] for p in pairs),
-        k=k, half_life_ms=half_life, default=default, raw=dict(raw),
+        k=k, half_life_ms=half_life, default=default, raw=dict(raw), transform=transform,
     )
 
 
@@ -317,7 +391,27 @@ def parse_features(raw: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> list
                 f"features[{i}] '{spec.name}': key 'name': duplicate name for entity '{spec.entity}'")
         names.add((spec.entity, spec.name))
         specs.append(spec)
+    for i, spec in enumerate(specs):
+        if spec.of is not None:
+            _check_rate(spec, specs, f"features[{i}] '{spec.name}'")
     return specs
+
+
+def _check_rate(spec: FeatureSpec, specs: list[FeatureSpec], where: str) -> None:
+    """A rate's two features exist for its entity, are additive and have its windows."""
+    assert spec.of is not None
+    by_name = {s.name: s for s in specs if s.entity == spec.entity}
+    for part in spec.of:
+        other = by_name.get(part)
+        if other is None or other.derived:
+            raise _err(where, "of", f"no stored feature {part!r} of entity {spec.entity!r}")
+        if other.aggregate not in RATE_PARTS:
+            raise _err(where, "of", f"{part!r} is a {other.aggregate}; a rate divides "
+                       f"{', '.join(sorted(RATE_PARTS))}")
+        missing = [lab for w, lab in zip(spec.windows, spec.window_labels, strict=True)
+                   if w not in other.windows]
+        if missing:
+            raise _err(where, "windows", f"{part!r} has no window {missing[0]!r}")
 
 
 def load_features(path: str | Path) -> list[FeatureSpec]:
@@ -417,6 +511,23 @@ DEFAULT_FEATURES: tuple[dict[str, Any], ...] = (
     {"name": "rating_decay", "entity": "user_x_category",
      "filter": {"type": "feedback", "action": "rating"},
      "aggregate": "decay_sum", "half_life": "30d", "windows": ["all"]},
+)
+
+#: Position-corrected click rates (COEC: clicks per 100 of position-discounted exposure)
+#: per item and per user x category, to add to a feature set:
+#: ``[*DEFAULT_FEATURES, *RATE_FEATURES]``. Not in the default set: in the closed loop they
+#: changed nothing beyond the noise between seeds (docs/evaluation.md).
+RATE_FEATURES: tuple[dict[str, Any], ...] = (
+    {"name": "exposure", "entity": "item", "filter": {"type": "impression"},
+     "aggregate": "sum", "value": "position", "transform": "position_discount",
+     "windows": ["1h", "1d", "7d"]},
+    {"name": "ctr", "entity": "item", "aggregate": "rate",
+     "of": ["clicks", "exposure"], "windows": ["1h", "1d", "7d"]},
+    {"name": "exposure", "entity": "user_x_category", "filter": {"type": "impression"},
+     "aggregate": "sum", "value": "position", "transform": "position_discount",
+     "windows": ["1h", "1d", "7d"]},
+    {"name": "ctr", "entity": "user_x_category", "aggregate": "rate",
+     "of": ["clicks", "exposure"], "windows": ["1h", "1d", "7d"]},
 )
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from state.aggregates import EXACT_INCREMENTAL, make_agg, make_prep
-from state.feature_spec import FeatureSpec, parse_duration
+from state.feature_spec import RATE_SCALE, FeatureSpec, parse_duration
 from state.hashing import stable_hash64
 
 FAR = 1 << 62
@@ -142,7 +142,10 @@ class ProfilePlan:
     def __init__(self, specs: Sequence[FeatureSpec], entity_kind: str,
                  params: ProfileParams) -> None:
         self.entity_kind = entity_kind
-        self.specs: list[FeatureSpec] = [s for s in specs if s.entity == entity_kind]
+        self.all_specs: list[FeatureSpec] = [s for s in specs if s.entity == entity_kind]
+        """Every spec of the entity kind, derived ones (``rate``) included."""
+        self.specs: list[FeatureSpec] = [s for s in self.all_specs if not s.derived]
+        """The stored features (index f)."""
         if not self.specs:
             kinds = sorted({s.entity for s in specs})
             raise ValueError(f"no feature spec has entity {entity_kind!r} (have: {kinds})")
@@ -177,7 +180,21 @@ class ProfilePlan:
                 if s.aggregate == "last_k":
                     self.list_outs.append(name)
             self.feat_outs.append(js)
+        self.rates: list[tuple[str, str, str, float]] = [
+            (name, f"{s.entity}.{s.of[0]}.{lab}", f"{s.entity}.{s.of[1]}.{lab}", s.prior)
+            for s in self.all_specs if s.of is not None
+            for name, lab in zip(s.output_names, s.window_labels, strict=True)]
+        """Derived outputs (name, numerator output, denominator output, prior), after the
+        stored ones."""
         self.route = self._routes()
+
+    def add_rates(self, out: dict[str, Any]) -> dict[str, Any]:
+        """``out`` (stored outputs) with every ``rate`` output added:
+        ``RATE_SCALE * numerator / (denominator + prior)``, 0.0 when both are 0."""
+        for name, num, den, prior in self.rates:
+            d = (out[den] or 0.0) + prior
+            out[name] = RATE_SCALE * (out[num] or 0.0) / d if d > 0.0 else 0.0
+        return out
 
     def _routes(self) -> dict[tuple[str, Any], list[int]]:
         """(type, action) -> feature indices; (type, None) -> the action-agnostic ones."""

@@ -138,13 +138,14 @@ class ProfileStore:
 
     @property
     def specs(self) -> list[FeatureSpec]:
-        """The feature specs of this store's entity kind (feature index order)."""
+        """The stored feature specs of this store's entity kind (feature index order; the
+        derived ``rate`` ones are in ``plan.all_specs``)."""
         return self.plan.specs
 
     @property
     def output_names(self) -> list[str]:
-        """All feature output names of this store, in query-dict order."""
-        return list(self.plan.out_names)
+        """All feature output names of this store, in query-dict order (rates last)."""
+        return list(self.plan.out_names) + [r[0] for r in self.plan.rates]
 
     @property
     def now(self) -> int | None:
@@ -256,8 +257,8 @@ class ProfileStore:
         t = (self._now + 1 if self._now is not None else 0) if t_ms is None else int(t_ms)
         plan = self.plan
         if p is None:
-            return plan.empty_outputs()
-        if p.max_ts is None or t > p.max_ts:
+            out = plan.empty_outputs()
+        elif p.max_ts is None or t > p.max_ts:
             c = p.cache
             if c is None or not (c.lo_max <= t < c.hi):
                 self.counters["cache_refreshes"] += 1
@@ -271,9 +272,10 @@ class ProfileStore:
                     out[name] = acc * exp2((c.ref[j] - t) / hl)
             for name in plan.list_outs:
                 out[name] = list(out[name])
-            return out
-        self.counters["past_queries"] += 1
-        return self._compute_all(p, t)
+        else:
+            self.counters["past_queries"] += 1
+            out = self._compute_all(p, t)
+        return plan.add_rates(out) if plan.rates else out
 
     def snapshot(self) -> dict[str, Any]:
         """Picklable state: config, compressed profiles and the unflushed write buffer.
@@ -284,7 +286,7 @@ class ProfileStore:
         return {
             "format": FORMAT,
             "entity_kind": self.entity_kind,
-            "specs": [s.to_dict() for s in self.specs],
+            "specs": [s.to_dict() for s in self.plan.all_specs],
             "params": self.params.to_dict(),
             "now": self._now,
             "buf_since": self._buf_since,

@@ -33,3 +33,7 @@ def test_closed_loop_is_deterministic_and_reports_every_figure() -> None:
     for suffix in ("", "_organic", "_drift"):
         assert first[f"ctr_oracle{suffix}"] > 2 * first[f"ctr_random{suffix}"]
         assert first[f"empty_streamrec{suffix}"] == 0
+        # where the slots fall short: the oracle serves the users' favourite category and
+        # items of high bias far more often than a random list does
+        assert first[f"top_category_oracle{suffix}"] > 2 * first[f"top_category_random{suffix}"]
+        assert first[f"item_bias_oracle{suffix}"] > first[f"item_bias_random{suffix}"] + 0.2

@@ -55,3 +55,49 @@ def test_spec_validation_names_the_offending_key(patch: dict[str, Any], key: str
     raw = dict(OK) | patch
     with pytest.raises(FeatureSpecError, match=rf"features\[0\] .*key '{key}'"):
         parse_features([raw])
+
+
+CLICKS = {"name": "clicks", "entity": "item", "filter": {"type": "feedback", "action": "click"},
+          "aggregate": "count", "windows": ["1h", "1d"]}
+EXPOSURE = {"name": "exposure", "entity": "item", "filter": {"type": "impression"},
+            "aggregate": "sum", "value": "position", "transform": "position_discount",
+            "windows": ["1h", "1d"]}
+RATE = {"name": "ctr", "entity": "item", "aggregate": "rate", "of": ["clicks", "exposure"],
+        "windows": ["1h", "1d"]}
+
+
+def test_a_rate_names_two_stored_features_of_its_entity() -> None:
+    *_, rate = parse_features([CLICKS, EXPOSURE, RATE])
+    assert rate.derived and rate.of == ("clicks", "exposure") and rate.prior == 10.0
+    assert rate.output_names == ("item.ctr.1h", "item.ctr.1d")
+    assert not rate.matches({"type": "impression", "item_id": "i"})
+
+
+@pytest.mark.parametrize(("patch", "key"), [
+    ({"of": ["clicks"]}, "of"),
+    ({"of": ["clicks", "clicks"]}, "of"),
+    ({"of": ["clicks", "views"]}, "of"),  # no such feature of the entity
+    ({"of": ["clicks", "last_ts"]}, "of"),  # not additive
+    ({"windows": ["1h", "7d"]}, "windows"),  # the parts have no 7d window
+    ({"prior": -1}, "prior"),
+    ({"filter": {"type": "impression"}}, "filter"),
+    ({"entity": "user"}, "of"),  # the parts are item features
+])
+def test_rate_validation_names_the_offending_key(patch: dict[str, Any], key: str) -> None:
+    last = {"name": "last_ts", "entity": "item", "filter": {"type": "impression"},
+            "aggregate": "last", "value": "ts", "windows": ["1h", "1d"]}
+    with pytest.raises(FeatureSpecError, match=rf"features\[3\] .*key '{key}'"):
+        parse_features([CLICKS, EXPOSURE, last, RATE | patch])
+
+
+@pytest.mark.parametrize(("patch", "key"), [
+    ({"transform": "log"}, "transform"),
+    ({"aggregate": "count", "value": None}, "transform"),
+    ({"aggregate": "last", "transform": "position_discount"}, "transform"),
+    ({"of": ["a", "b"]}, "of"),
+])
+def test_transform_and_rate_keys_are_refused_where_they_do_not_apply(
+        patch: dict[str, Any], key: str) -> None:
+    raw = {k: v for k, v in (EXPOSURE | patch).items() if v is not None}
+    with pytest.raises(FeatureSpecError, match=rf"key '{key}'"):
+        parse_features([raw])

@@ -20,6 +20,7 @@ from test_feature_spec import OK
 
 from state.feature_spec import (
     DEFAULT_FEATURES,
+    RATE_FEATURES,
     FeatureSpecError,
     default_features,
     parse_duration,
@@ -625,3 +626,68 @@ def test_bad_values_are_counted_not_applied() -> None:
     assert store.query("u")["user.s.all"] == 1.0
     with pytest.raises(ValueError, match="ts"):
         store.apply({"type": "feedback", "ts": "yesterday", "user_id": "u", "action": "x"})
+
+
+def test_rates_divide_clicks_by_position_discounted_exposure() -> None:
+    """A ``rate`` is derived at query time from its two features of the same window:
+    100 * clicks / (exposure + prior), exposure = sum of 1 / log2(2 + position) over the
+    impressions, so an item shown low counts less exposure per impression than one shown
+    on top, and two items with the same clicks per expected click have the same rate."""
+    specs = [
+        {"name": "clicks", "entity": "item", "filter": {"type": "feedback", "action": "click"},
+         "aggregate": "count", "windows": ["1h", "all"]},
+        {"name": "exposure", "entity": "item", "filter": {"type": "impression"},
+         "aggregate": "sum", "value": "position", "transform": "position_discount",
+         "windows": ["1h", "all"]},
+        {"name": "ctr", "entity": "item", "aggregate": "rate", "of": ["clicks", "exposure"],
+         "prior": 2, "windows": ["1h", "all"]},
+    ]
+    store = ProfileStore(specs, "item")
+    assert store.query("top")["item.ctr.all"] == 0.0  # nothing yet: no division by the prior only
+    for n in range(8):  # "top" always shown first, "low" always seventh
+        store.apply({"type": "impression", "ts": BASE + n * MIN, "item_id": "top", "position": 0})
+        store.apply({"type": "impression", "ts": BASE + n * MIN, "item_id": "low", "position": 6})
+    low_weight = 1 / math.log2(8)  # 1/3: a seventh slot is examined a third as often
+    for n in range(3):
+        store.apply({"type": "feedback", "ts": BASE + 10 * MIN + n, "item_id": "top",
+                     "action": "click"})
+    store.apply({"type": "feedback", "ts": BASE + 11 * MIN, "item_id": "low", "action": "click"})
+    top, low = store.query("top"), store.query("low")
+    assert top["item.exposure.all"] == pytest.approx(8.0)
+    assert low["item.exposure.all"] == pytest.approx(8 * low_weight)
+    assert top["item.ctr.all"] == pytest.approx(100 * 3 / (8 + 2))
+    assert low["item.ctr.all"] == pytest.approx(100 * 1 / (8 * low_weight + 2))
+    assert low["item.ctr.all"] > 100 * 1 / (8 + 2)  # more than its raw clicks per impression
+    assert store.output_names[-2:] == ["item.ctr.1h", "item.ctr.all"]
+    # a past query divides the past outputs; a restored store gives the same rates
+    past = store.query("top", BASE + 10 * MIN + 1)
+    assert past["item.ctr.all"] == pytest.approx(100 * 1 / (8 + 2))
+    again = pickle.loads(pickle.dumps(store))
+    assert again.query("low") == low
+
+
+def test_rate_features_are_position_corrected_click_rates() -> None:
+    """``RATE_FEATURES`` beside the default set: ``item.ctr`` and ``user_x_category.ctr``
+    are clicks per 100 of position-discounted exposure (prior 10), not raw counts."""
+    stores = stores_for([*DEFAULT_FEATURES, *RATE_FEATURES])
+    item, cross = stores["item"], stores["user_x_category"]
+    attrs = {"a": {"category": "c1"}, "b": {"category": "c2"}}.get
+    for n in range(20):
+        for store in (item, cross):
+            store.apply({"type": "impression", "ts": BASE + n * MIN, "user_id": "u",
+                         "item_id": "a", "position": 0}, attrs)
+            if n < 5:  # "b": fewer impressions, and clicked as often as "a"
+                store.apply({"type": "impression", "ts": BASE + n * MIN, "user_id": "u",
+                             "item_id": "b", "position": 0}, attrs)
+            if n % 5 == 0:
+                for i in ("a", "b"):
+                    store.apply({"type": "feedback", "ts": BASE + n * MIN + 1, "user_id": "u",
+                                 "item_id": i, "action": "click"}, attrs)
+    t = BASE + HOUR
+    a, b = item.query("a", t), item.query("b", t)
+    assert a["item.clicks.1h"] == b["item.clicks.1h"] == 4.0
+    assert b["item.ctr.1h"] > a["item.ctr.1h"]  # the same clicks from fewer impressions
+    assert a["item.ctr.1d"] == pytest.approx(100 * 4 / (20 + 10))
+    xa, xb = cross.query(("u", "c1"), t), cross.query(("u", "c2"), t)
+    assert xb["user_x_category.ctr.1h"] == pytest.approx(100 * 4 / (5 + 10))
+    assert xb["user_x_category.ctr.1h"] > xa["user_x_category.ctr.1h"]

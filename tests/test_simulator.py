@@ -391,3 +391,24 @@ def test_config_validation() -> None:
         Simulator(SimConfig(n_items=5, k=10))
     with pytest.raises(ValueError):
         Simulator(max_events=-1)
+
+
+def test_slot_truth_ranks_the_users_categories_and_gives_the_item_bias() -> None:
+    """``slot_truth``: the favourite category ranks 0 (items there are the likeliest
+    clicks), the bias is the item's own term of the click model."""
+    sim = Simulator(SimConfig(n_users=40, n_items=200, drift_per_day=0.0, position_bias_eta=0.0),
+                    seed=3)
+    top_p: list[float] = []
+    rest_p: list[float] = []
+    for u in range(40):
+        user = f"u{u}"
+        truth = {f"i{i}": sim.slot_truth(user, f"i{i}", 0) for i in range(200)}
+        assert min(rank for rank, _ in truth.values()) == 0
+        top = [sim.click_probability(user, i, 0, 0) for i, (r, _) in truth.items() if r == 0]
+        rest = [sim.click_probability(user, i, 0, 0) for i, (r, _) in truth.items() if r >= 3]
+        assert sum(top) / len(top) > sum(rest) / len(rest)
+        top_p += top
+        rest_p += rest
+    assert sum(top_p) / len(top_p) > 3 * sum(rest_p) / len(rest_p)
+    i = sim._item_index("i5")
+    assert sim.slot_truth("u0", "i5", 0)[1] == pytest.approx(float(sim._item_bias(i)))
