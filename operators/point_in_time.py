@@ -668,7 +668,7 @@ class _CrossPlan:
     def __init__(self, store: ProfileStore) -> None:
         self.ts_names = [name for name in store.output_names if name.endswith("_ts.all")]
         fixed = not self.ts_names and not store.plan.list_outs
-        self.empty = FixedFeatures(store.plan.empty_outputs()) if fixed else None
+        self.empty = FixedFeatures(store.empty_answer()) if fixed else None
         self.keys: dict[tuple[str, str], int] = {}
 
     def key(self, store: ProfileStore, user_id: str, value: str) -> int:

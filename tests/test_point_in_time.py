@@ -80,6 +80,12 @@ def test_cross_profiles_without_a_profile_share_one_fixed_object() -> None:
     assert type(empty) is FixedFeatures and empty == cross.query(("u1", "comedy"))
     assert query("u2", cross, "drama", T0) is empty  # one object for every such query
     assert context.cross_attrs() == ("category",)
+    # With derived rate outputs, the shared answer holds them too, as a query gives.
+    from state.feature_spec import DEFAULT_FEATURES, RATE_FEATURES, parse_features
+    rated = stores_for(parse_features([*DEFAULT_FEATURES, *RATE_FEATURES]))["user_x_category"]
+    answer = query("u1", rated, "drama", T0)
+    assert type(answer) is FixedFeatures and answer == rated.query(("u1", "drama"))
+    assert any(name not in empty for name in answer)  # the rate outputs
     # The ranker's term of a shared object is memoised by identity: the per-dict sum.
     scorer = object.__new__(LinearScorer)
     scorer.weights = {"a": 0.5, "b": 2.0, "c=x": -1.5, "d": 0.25}
