@@ -17,7 +17,12 @@ The rivals printed beside it: the same run's round trip with the consumers' old
 the user shards' poll as before background loading (``--compare-sync-load``: the batch
 waits for verify + load), and with the Kafka sinks waiting for every acknowledgement
 in each ``write_batch`` as before (``--compare-sink-flush``; now they wait at the end
-of each epoch); each is off by default (each adds a run).
+of each epoch), and with every snapshot version (item tables, index, ranker copies)
+made durable on the worker thread as before (``--compare-sync-write``: its fsyncs and
+renames stall the requests behind it; now a writer thread does them); each is off by
+default (each adds a run). Item tables are published every 60 s of event time
+(``items.refresh_interval_ms``), so a live phase of ``--seconds 70`` or more holds at
+least one round of publications.
 
 Also from Bytewax's own step timers (its dataflow API, scraped before and after the live
 phase): ``sink_write_share`` (the worker's wall time in the output sinks' ``write_batch``:
@@ -28,7 +33,7 @@ Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``.
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
-[--compare-sync-load] [--compare-sink-flush] [--compare-fetch-wait]``.
+[--compare-sync-load] [--compare-sink-flush] [--compare-sync-write] [--compare-fetch-wait]``.
 """
 
 from __future__ import annotations
@@ -72,13 +77,26 @@ def world(now_ms: int, n: int, seed: int = 0) -> tuple[list[dict[str, Any]], lis
     return warm, live
 
 
-def rival_flow(path: str, sync_load: bool = False, flush_each_batch: bool = False) -> Any:
+def rival_flow(path: str, sync_load: bool = False, flush_each_batch: bool = False,
+               sync_write: bool = False) -> Any:
     """The flow as it was before this bench's last changes, for the rivals: snapshot
     views loading new versions inside the poll (the batch waits for verify + load)
-    and/or Kafka sinks waiting for every acknowledgement in each ``write_batch``. Entry
+    and/or Kafka sinks waiting for every acknowledgement in each ``write_batch`` and/or
+    snapshot versions made durable inside ``write`` (on the worker thread). Entry
     point ``python -m bytewax.run "bench/latency.py:rival_flow('config.json', ...)"``."""
     from flows.recsys import build
     from operators import kafka_sink, snapshot_views
+    from state.snapshot_store import SnapshotStore
+
+    if sync_write:
+        write = SnapshotStore.write
+
+        def write_durable(self: Any, *args: Any, **kwargs: Any) -> Any:
+            manifest = write(self, *args, **kwargs)
+            self.flush()
+            return manifest
+
+        SnapshotStore.write = write_durable  # type: ignore[method-assign]
 
     if sync_load:
         init = snapshot_views.SnapshotViews.__init__
@@ -101,7 +119,7 @@ def rival_flow(path: str, sync_load: bool = False, flush_each_batch: bool = Fals
 
 
 def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
-               rival: tuple[bool, bool] = (False, False)) -> subprocess.Popen[bytes]:
+               rival: tuple[bool, bool, bool] = (False, False, False)) -> subprocess.Popen[bytes]:
     config = {
         "app": APP,
         "inputs": [{"kind": "kafka", "topics": ["events"]}],
@@ -118,7 +136,8 @@ def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
            "BYTEWAX_DATAFLOW_API_PORT": str(api_port),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                          if p)}
-    entry = (f"{Path(__file__).resolve()}:rival_flow('{path}', {rival[0]}, {rival[1]})" if any(rival)
+    entry = (f"{Path(__file__).resolve()}:rival_flow('{path}', {rival[0]}, {rival[1]}, {rival[2]})"
+             if any(rival)
              else f"flows.recsys:build('{path}')")
     return subprocess.Popen([sys.executable, "-m", "bytewax.run", entry],
                             cwd=out, env=env,
@@ -198,8 +217,10 @@ class Receiver(threading.Thread):
 
 
 def run(seconds: float, requests_per_s: float, events_per_s: float,
-        fetch_wait_ms: int, rival: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
-    """``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch)."""
+        fetch_wait_ms: int, rival: tuple[bool, bool, bool] = (False, False, False)
+        ) -> dict[str, Any]:
+    """``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch,
+    snapshots made durable on the worker thread)."""
     """One measured run on a fresh broker and flow; the figures of its live phase."""
     out = Path(tempfile.mkdtemp(prefix="streamrec-latency-"))
     now_ms = int(time.time() * 1000)
@@ -301,11 +322,17 @@ def main() -> None:
     parser.add_argument("--compare-sync-load", action="store_true",
                         help="also run with snapshot versions loaded inside the poll (the "
                              "batch waits for them), as before background loading")
+    parser.add_argument("--compare-sync-write", action="store_true",
+                        help="also run with every snapshot version made durable (fsyncs, "
+                             "renames) on the worker thread, as before the writer thread")
     parser.add_argument("--compare-sink-flush", action="store_true",
                         help="also run with the Kafka sinks waiting for every acknowledgement "
                              "in each write_batch, as before")
     args = parser.parse_args()
     figures = run(args.seconds, args.requests_per_s, args.events_per_s, 10)
+    if args.compare_sync_write:  # right after, on the same machine load
+        durable = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
+                      rival=(False, False, True))
     print(f"fetch wait 10 ms: {args.requests_per_s:g} requests/s beside "
           f"{args.events_per_s:g} events/s for {args.seconds:g} s: {figures}")
     if args.compare_fetch_wait:
@@ -313,16 +340,23 @@ def main() -> None:
         print(f"fetch wait 500 ms (kafka-python default): {old}")
         figures["rt_p99_ms_fetch_wait_500"] = old["rt_p99_ms"]
     if args.compare_sync_load:
-        sync = run(args.seconds, args.requests_per_s, args.events_per_s, 10, rival=(True, False))
+        sync = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
+                   rival=(True, False, False))
         print(f"snapshots loaded inside the poll (before background loading): {sync}")
         for key in ("rt_p50_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p99_ms"):
             figures[f"{key}_sync_load"] = sync[key]
     if args.compare_sink_flush:
-        flush = run(args.seconds, args.requests_per_s, args.events_per_s, 10, rival=(False, True))
+        flush = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
+                    rival=(False, True, False))
         print(f"sinks waiting for acknowledgements in every write_batch (before): {flush}")
         for key in ("rt_p50_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p99_ms",
                     "sink_write_share", "sink_write_ms_per_call"):
             figures[f"{key}_flush_each_batch"] = flush[key]
+    if args.compare_sync_write:
+        print(f"snapshot versions made durable on the worker thread (before): {durable}")
+        for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
+                    "inflow_p99_ms"):
+            figures[f"{key}_sync_write"] = durable[key]
     print(orjson.dumps(figures).decode())
 
 

@@ -18,8 +18,11 @@ Figures (the last line is JSON):
 * ``events_per_cpu_s_*``: the same per second of CPU time of all processes (on a shared
   machine the wall figures follow the load).
 * ``busy_share_*_2proc``: for each stage, its CPU time over the wall time of the
-  process that ran it, in the 2-process run; a single-key stage (``ranker``, ``index``,
-  ``metrics``) runs on one worker, so a share near 1 means that stage caps the flow.
+  process that ran it, in the 2-process run; a single-key stage (``ranker``,
+  ``pool_trainer`` (the central pool ranker), ``index``, ``metrics``) runs on one worker
+  (the last: ``operators.placement.last_key``), so a share near 1 means that stage caps
+  the flow. The per-process lines also show the stateless plumbing: ``read`` (the log),
+  ``parse``, ``route`` (to the user shards), ``write`` (JSONL).
   ``cpu_share_*_2proc``: the same over that process's CPU time (holds under load).
 * ``ceiling_events_per_s_*``: log events per CPU second of one key of the stage in the
   1-process run (the stage's CPU over its number of keys): the flow's rate at which that
@@ -30,11 +33,12 @@ Figures (the last line is JSON):
 * ``load_1min_start``/``load_1min_end``: the machine's load average around the runs.
 
 Correctness across processes is checked in the same run: the replay source has one
-partition (one process reads the log, the user shards get their events through
-Bytewax's exchange), every output file is written by one process (the one owning its
-partition), and the 2-process run must give the 1-process run's example ids (none
-twice), as many recommendations as the log has requests, and ``events_in`` equal to the
-log's lines; the bench stops with an error otherwise.
+partition per user shard (``operators/replay_shards.py``: each process reads the log
+and parses only its own shards' users, plus the item events every shard needs), every
+output file is written by one process (the one owning its partition), and the
+2-process run must give the 1-process run's example ids (none twice), as many
+recommendations as the log has requests, and ``events_in`` equal to the log's lines;
+the bench stops with an error otherwise.
 
 Usage: ``python bench/scaleout.py [-n EVENTS] [--processes 2] [--shards USERS,ITEMS]``
 (default 200,000 events, the zero-config 8 user and 4 item shards).
@@ -64,9 +68,12 @@ if str(BENCH) not in sys.path:
 
 from common import ROOT, count_lines, simulated_log  # noqa: E402
 
-STAGES = ("user_shard", "item_shard", "ranker", "index", "metrics")
-SINGLE_KEY = ("ranker", "index", "metrics")
+STAGES = ("user_shard", "item_shard", "ranker", "pool_trainer", "index", "metrics")
+SINGLE_KEY = ("ranker", "pool_trainer", "index", "metrics")
 SHARDED = ("user_shard", "item_shard")
+PLUMBING = ("read", "parse", "route", "write")
+"""Stateless work timed too: reading the log (source partitions), parsing, routing to
+the user shards, writing the JSONL outputs."""
 
 
 def _stage_classes() -> dict[str, type]:
@@ -80,9 +87,37 @@ def _stage_classes() -> dict[str, type]:
             "index": IndexBuilderLogic, "metrics": MetricsLogic}
 
 
+def _stage_of(stage: str, logic: Any) -> str:
+    """The timed stage of a stateful logic: ``TrainerLogic`` runs the ranker trainer and
+    the central pool trainer."""
+    if stage == "ranker" and type(getattr(logic, "trainer", None)).__name__ == "PoolTrainer":
+        return "pool_trainer"
+    return stage
+
+
+def _timed(f: Any, stage: str, cpu_ns: dict[str, int], lock: threading.Lock) -> Any:
+    """``f`` adding its thread CPU time to ``cpu_ns[stage]``."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.thread_time_ns()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            spent = time.thread_time_ns() - t0
+            with lock:
+                cpu_ns[stage] += spent
+
+    return timed
+
+
 def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
     """Wrap the stateful stages' callbacks to add their thread CPU time to ``cpu_ns`` and
-    the shard keys they saw (user and item shards) to ``keys``."""
+    the shard keys they saw (user and item shards) to ``keys``; also time the stateless
+    plumbing (``PLUMBING``)."""
+    import flows.recsys
+    from events.model import EventParser
+    from operators import replay_shards, sinks, sources
+
     lock = threading.Lock()
     for stage, cls in _stage_classes().items():
         for name in ("on_item", "on_notify", "on_eof"):
@@ -99,9 +134,19 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
                 finally:
                     spent = time.thread_time_ns() - t0
                     with lock:
-                        cpu_ns[_s] += spent
+                        cpu_ns[_stage_of(_s, self)] += spent
 
             setattr(cls, name, timed)
+    for cls in (c for c in vars(sources).values()
+                if isinstance(c, type) and c.__name__.endswith("Partition") and "next_batch" in vars(c)
+                and c.__name__ != "_GatedPartition"):
+        cls.next_batch = _timed(cls.next_batch, "read", cpu_ns, lock)
+    EventParser.parse_batch = _timed(EventParser.parse_batch, "parse", cpu_ns, lock)
+    flows.recsys.parse_shard_batch = _timed(flows.recsys.parse_shard_batch, "parse", cpu_ns, lock)
+    replay_shards.split_window = _timed(replay_shards.split_window, "read", cpu_ns, lock)
+    flows.recsys.route_events = _timed(flows.recsys.route_events, "route", cpu_ns, lock)
+    sinks._JsonlPartition.write_batch = _timed(sinks._JsonlPartition.write_batch, "write",
+                                                cpu_ns, lock)
 
 
 def _install_gc_timer(gc_ns: list[int]) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from operators.point_in_time import RETAINED_VERSIONS
 from state.covis_view import SLACK
 
 if TYPE_CHECKING:
@@ -106,6 +107,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
     catalog copy; joiner; MF user rows; serving's candidate slots and view ids; pending pools), ``item_shards`` (items: catalog, counters,
     profiles; co-visitation rows, full; MF item rows), ``serving_tables`` (the loaded
     item tables, one version per shard), ``index`` (builder and serving copies),
+    ``retained_versions`` (replaced item tables or indexes that pending impressions'
+    deferred features still read, ``operators.point_in_time.RETAINED_VERSIONS``),
     ``ranker`` (waiting examples; weights of the training, serving and pickled copies)
     and ``routing`` (the ID -> shard caches).
     """
@@ -140,12 +143,18 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + covis_bytes
         + mf.max_items * b["mf_row"]
     )
+    table_bytes = items.max_items * b["loaded_table_item"] + covis_bytes
     parts = {
         "user_shards": sh.users * per_user_shard,
         "item_shards": sh.items * per_item_shard if items.enabled else 0.0,
-        "serving_tables": (sh.items * (items.max_items * b["loaded_table_item"] + covis_bytes)
-                           if items.enabled else 0.0),
+        "serving_tables": sh.items * table_bytes if items.enabled else 0.0,
         "index": 2 * sh.items * mf.max_items * b["index_item"] if items.enabled else 0.0,
+        # replaced versions kept for deferred impression features (operators.point_in_time):
+        # each replaced one shard's table or the index; the user shards of a process
+        # switch at the same batch boundaries, so they hold the same versions
+        "retained_versions": (RETAINED_VERSIONS * max(table_bytes, sh.items * mf.max_items
+                                                      * b["index_item"])
+                              if items.enabled else 0.0),
         "ranker": (config.ranker.max_waiting * b["waiting_example"]
                    + 3 * config.ranker.max_features * b["ranker_weight"]
                    if config.ranker.enabled else 0.0),

@@ -46,10 +46,12 @@ from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
 from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
+from operators.placement import last_key
 from operators.pool_trainer import PoolTrainer
+from operators.replay_shards import ShardBatch, ShardedReplaySource, parse_shard_batch
 from operators.sinks import JsonlFileSink
 from operators.snapshot_views import SnapshotViews
-from operators.sources import Gate, GatedSource, OnceSource, ReplaySource, SimulatorSource
+from operators.sources import Gate, GatedSource, OnceSource, SimulatorSource
 from operators.status import StatusLog
 from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
@@ -63,13 +65,20 @@ joiner path re-scanning long-lived pending state; the flow creates few cycles.""
 
 log = logging.getLogger(__name__)
 
+RANKER_KEY, POOL_KEY, INDEX_KEY, METRICS_KEY = (last_key(n) for n in ("ranker", "pool", "index",
+                                                                      "metrics"))
+"""Keys of the single-key stages: on the last worker (``operators.placement.last_key``),
+away from worker 0, which reads the one-partition inputs and writes the output files."""
+
 
 def _source(inp: InputConfig, config: Config) -> Any:
     if inp.kind == "simulator":
         sim = SimConfig(n_users=inp.n_users, n_items=inp.n_items, requests_per_s=inp.requests_per_s)
         return SimulatorSource(sim, inp.seed, inp.events or None, inp.batch_size)
     if inp.kind == "replay":
-        return ReplaySource(inp.path, inp.batch_size, inp.speed, config.parse.max_bytes)
+        return ShardedReplaySource(inp.path, config.shards.users,
+                                   ShardOf(config.shards.users, max_cached=config.shards.routing_cache),
+                                   inp.batch_size, inp.speed, config.parse.max_bytes)
     from operators.kafka_io import KafkaSource
 
     return KafkaSource(
@@ -153,11 +162,14 @@ def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
     """Metrics item of one parsed batch: events by type, dead letters by reason, max event
     time, and the Kafka read positions the batch carries (consumer lag)."""
     events, dead = parsed[0], parsed[1]
+    by_type = Counter(e.type for e in events)
+    if parsed[5]:  # a sharded replay's copies of item events (partition 0 counts them)
+        by_type["item"] -= parsed[5]
     return "parse", {
-        "events_by_type": Counter(e.type for e in events),
+        "events_by_type": +by_type,
         "dead_by_reason": Counter(d["reason"] for d in dead),
         "max_ts": max((e.ts for e in events), default=None),
-        "offsets": parsed[3] if len(parsed) > 3 else None,
+        "offsets": parsed[3],
     }
 
 
@@ -213,20 +225,33 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
         MetricsServer.serve(config.metrics)
     flow = Dataflow(config.app)
     store = config.snapshot_store()
+    # Live input: versions are made durable and visible off the worker thread (their
+    # fsyncs stalled requests); replays write them in place, so a replay's reads by
+    # event time meet the same versions at the same batch.
+    store.background = any(i.kind == "kafka" for i in config.inputs)
     raw = _inputs(flow, config)
 
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,
                          min_ts_ms=config.parse.min_ts_ms)
-    parsed = op.map("parse", raw, lambda batch: (*parser.parse_batch(batch), time.time_ns(),
-                                                   getattr(batch, "offsets", None)))
-    dead_letters = [op.filter_map("dead_letters", parsed, lambda p: p[1] or None)]
-
     n_users, n_items = config.shards.users, config.shards.items
     user_shard_of = ShardOf(n_users, max_cached=config.shards.routing_cache)
+
+    def parse(batch: list[Any]) -> tuple[Any, ...]:
+        """(events, dead letters, ingest wall ns, Kafka offsets, user shard of a sharded
+        replay batch, item events in it that are copies, not counted)."""
+        if isinstance(batch, ShardBatch):
+            events, dead, copies = parse_shard_batch(parser, batch, user_shard_of)
+            return events, dead, time.time_ns(), None, batch.shard, copies
+        return (*parser.parse_batch(batch), time.time_ns(), getattr(batch, "offsets", None),
+                None, 0)
+
+    parsed = op.map("parse", raw, parse)
+    dead_letters = [op.filter_map("dead_letters", parsed, lambda p: p[1] or None)]
+
     item_shard_of = ShardOf(n_items, item_shard_key,  # kept in user-shard state: picklable
                             config.shards.routing_cache)
     routed = op.flat_map("route_users", parsed,
-                         lambda p: route_events(p[0], n_users, user_shard_of, p[2]))
+                         lambda p: route_events(p[0], n_users, user_shard_of, p[2], p[4]))
     sampler = NegativeSampler(config.sampler.negative_rate, config.sampler.seed)
     item_keys = [item_shard_key(i) for i in range(n_items)]
 
@@ -291,7 +316,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
         metric_streams.append(op.map("count_snapshots", all_snapshots, lambda m: ("snapshots", m)))
     metrics = op.stateful(
         "metrics",
-        op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: "metrics"),
+        op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: METRICS_KEY),
         lambda resume: MetricsLogic(
             resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics,
             StatusLog(config.log.status_interval_s, progress),
@@ -338,7 +363,7 @@ def _item_side(updates: Stream[tuple[int, list[ItemUpdate]]], config: Config,
 
     changes = op.flat_map("index_changes", item_out, lambda o: o.get("index", []))
     index_out = op.map("index_out",
-                       op.stateful("index", op.key_on("index_key", changes, lambda _: "index"),
+                       op.stateful("index", op.key_on("index_key", changes, lambda _: INDEX_KEY),
                                    index_builder),
                        lambda kv: kv[1])
     return (op.merge("item_snapshots", _take("snapshots", item_out), index_out),
@@ -355,7 +380,7 @@ def _trainer(examples: Stream[list[Record]], config: Config,
     def builder(resume: Trainer | None) -> TrainerLogic:
         return TrainerLogic(resume or Trainer(config.ranker, rate, store, positive_hold_ms(config.join)))
 
-    keyed = op.key_on("ranker_key", examples, lambda _: "ranker")
+    keyed = op.key_on("ranker_key", examples, lambda _: RANKER_KEY)
     return op.map("ranker_out", op.stateful("ranker", keyed, builder), lambda kv: kv[1])
 
 
@@ -370,7 +395,7 @@ def _pool_trainer(outputs: Stream[dict[str, list[Any]]], config: Config,
     def builder(resume: PoolTrainer | None) -> TrainerLogic:
         return TrainerLogic(resume or PoolTrainer(pool, store))
 
-    keyed = op.key_on("pool_key", _take("pool-pairs", outputs), lambda _: "pool")
+    keyed = op.key_on("pool_key", _take("pool-pairs", outputs), lambda _: POOL_KEY)
     return op.map("pool_out", op.stateful("pool_trainer", keyed, builder), lambda kv: kv[1])
 
 

@@ -80,6 +80,7 @@ class IndexBuilderLogic(StatefulLogic[IndexChange, list[Manifest], IndexStage]):
 
     def on_eof(self) -> tuple[list[list[Manifest]], bool]:
         out = self.stage.finish()
+        self.stage.store.flush()  # end of input: every version durable before the flow ends
         return ([out] if out else []), StatefulLogic.RETAIN
 
     def snapshot(self) -> IndexStage:

@@ -351,6 +351,7 @@ class ItemShardLogic(StatefulLogic[tuple[Any, ...], dict[str, list[Any]], ItemSh
 
     def on_eof(self) -> tuple[list[dict[str, list[Any]]], bool]:
         out = self.shard.finish()
+        self.shard.store.flush()  # end of input: every table durable before the flow ends
         return ([out] if out else []), StatefulLogic.RETAIN
 
     def snapshot(self) -> ItemShard:

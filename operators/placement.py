@@ -11,6 +11,10 @@ the zero-config 4 item shards did, in 2 processes, on the second.
 ``index`` modulo ``SPREAD``, else the name with the smallest suffix ``_<k>`` that makes
 it so; shard ``j`` then runs on worker ``j mod W`` for every ``W`` dividing ``SPREAD``
 (1, 2, 3, 4, 6, 12 workers): round robin, as even as the shard count allows.
+``last_key(name)`` places a single-key stage (ranker trainer, pool trainer, index
+builder, metrics) on the last worker for those worker counts: worker 0 also reads and
+parses the one-partition inputs (simulator, replays that are not sharded) and owns the
+one-partition output files, so the last worker is the less loaded one.
 """
 
 from __future__ import annotations
@@ -82,4 +86,16 @@ def spread_key(prefix: str, index: int) -> str:
     while route(key) % SPREAD != index % SPREAD:
         k += 1
         key = f"{base}_{k}"
+    return key
+
+
+@lru_cache(maxsize=256)
+def last_key(name: str) -> str:
+    """The Bytewax key of the single-key stage ``name``: ``name`` itself when it runs on
+    the last worker of every cluster whose worker count divides ``SPREAD``, else the name
+    with the smallest suffix ``_<k>`` that makes it so."""
+    key, k = name, 0
+    while route(key) % SPREAD != SPREAD - 1:
+        k += 1
+        key = f"{name}_{k}"
     return key

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ from state.covis_view import SparseScores
 from state.embedding_table import keys_of
 from state.item_rows import ItemRows
 from state.item_table import ItemTable
+from state.join_state import float32_features
 from state.profiles import ProfileStore
 from state.user_history import UserHistory
 
@@ -135,6 +136,14 @@ def static_item_features(item_id: str, table: ItemTable | None,
     return extra
 
 
+RETAINED_VERSIONS = 8
+"""Replaced snapshot versions (item tables + index) a user shard keeps for the deferred
+features of pending impressions whose negative the sampler drops (needed only if
+clicked). Beyond it, the features reading the oldest are computed and the version is
+let go: at most this many old versions stay in memory per shard (they share their
+unchanged tables with the current one)."""
+
+
 @dataclass(frozen=True)
 class CovisQuery:
     """How recent items seed co-visitation (serving.recent_items, covis_query_decay)."""
@@ -178,12 +187,19 @@ class PointInTime:
         itself (an interaction and its sampled negatives), or None (nothing)."""
         self._shared: _Shared | None = None
         self._frozen: FrozenViews | None = None
+        self._retained: deque[weakref.ref[FrozenViews]] = deque()
+        """Replaced snapshot versions that deferred features may still read, oldest first."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Recovery state without the frozen snapshot views (reloaded from the store)."""
         state = self.__dict__.copy()
         state["_frozen"] = None
+        state["_retained"] = deque()
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_retained", deque())  # state of older versions
 
     def forget(self, user_id: str) -> None:
         """The user's state is about to change: contexts taken before it are stale."""
@@ -285,14 +301,15 @@ class PointInTime:
                                         views=first.views, attrs=[d.attrs for d in group],
                                         cross=[d.cross for d in group])
             mf = self._mf_rowwise(ctx.vector, [d.item_id for d in group], first.views)
-            # The profile compacted once: compact({**a, **b}) == {**compact(a), **compact(b)}
-            # when no name is in both (same values, same order).
-            profile, profile_keys = compact(ctx.profile), ctx.profile.keys()
+            # The profile compacted and rounded once: f({**a, **b}) == {**f(a), **f(b)} for
+            # f = compact, float32_features when no name is in both (same values, order).
+            profile, profile_keys = float32_features(compact(ctx.profile)), ctx.profile.keys()
             for j, (d, extra) in enumerate(zip(group, extras, strict=True)):
                 if "mf" in extra:
                     extra["mf"] = mf[j]
-                d._resolved = ({**profile, **compact(extra)} if profile_keys.isdisjoint(extra)
-                               else compact({**ctx.profile, **extra}))
+                d._resolved = ({**profile, **float32_features(compact(extra))}
+                               if profile_keys.isdisjoint(extra)
+                               else float32_features(compact({**ctx.profile, **extra})))
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
                     views: FrozenViews | None) -> list[float]:
@@ -314,9 +331,21 @@ class PointInTime:
             self._shared = shared if group is not None else None
         return shared
 
-    def release_frozen(self) -> None:
-        """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions)."""
+    def release_frozen(self) -> Callable[[DeferredFeatures], bool]:
+        """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions);
+        returns which deferred features must be computed now: those reading a version
+        beyond the ``RETAINED_VERSIONS`` newest replaced ones still in use (the others
+        keep theirs until their window closes: memory for time)."""
+        retained = self._retained
+        if self._frozen is not None:
+            retained.append(weakref.ref(self._frozen))
         self._frozen = None
+        live = [ref for ref in retained if ref() is not None]
+        cut = max(len(live) - RETAINED_VERSIONS, 0)
+        old = {id(ref()) for ref in live[:cut]}
+        retained.clear()
+        retained.extend(live[cut:])
+        return lambda d: id(d.views) in old
 
     def _frozen_views(self) -> FrozenViews | None:
         if self.views is None:
@@ -630,12 +659,13 @@ class DeferredFeatures:
         self._resolved: dict[str, Any] | None = None
 
     def resolve(self) -> dict[str, Any]:
-        """What ``PointInTime.example_features`` gave when this was taken."""
+        """What ``PointInTime.example_features`` gave when this was taken, at example
+        precision (``float32_features``)."""
         if self._resolved is None:
             ctx = as_taken(self.ctx, [self])
             extra = self.source.item_features(ctx, [self.item_id], self.ts, views=self.views,
                                               attrs=[self.attrs], cross=[self.cross])[0]
-            self._resolved = compact({**ctx.profile, **extra})
+            self._resolved = float32_features(compact({**ctx.profile, **extra}))
         return self._resolved
 
     def __reduce__(self) -> tuple[Any, ...]:

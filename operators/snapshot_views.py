@@ -196,7 +196,7 @@ class FrozenViews:
     immutable): what ``PointInTime.item_features`` reads, kept to compute features later
     exactly as they were (deferred impression features, ``operators/point_in_time.py``)."""
 
-    __slots__ = ("tables", "loaded", "index")
+    __slots__ = ("tables", "loaded", "index", "__weakref__")
 
     def __init__(self, views: SnapshotViews) -> None:
         self.tables = views.table_map()

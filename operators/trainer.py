@@ -180,7 +180,10 @@ class Trainer:
 
 
 class BatchTrainer(Protocol):
-    """A single-key training stage: ``process`` a batch, ``finish`` at end of input."""
+    """A single-key training stage: ``process`` a batch, ``finish`` at end of input;
+    ``store``: where it publishes its copies."""
+
+    store: SnapshotStore
 
     def process(self, batch: list[Any]) -> TrainerOutput: ...
 
@@ -199,7 +202,9 @@ class TrainerLogic(StatefulLogic[list[Any], TrainerOutput, BatchTrainer]):
         return ([out] if out else []), StatefulLogic.RETAIN
 
     def on_eof(self) -> tuple[list[TrainerOutput], bool]:
-        return [self.trainer.finish()], StatefulLogic.RETAIN
+        out = self.trainer.finish()
+        self.trainer.store.flush()  # end of input: every copy durable before the flow ends
+        return [out], StatefulLogic.RETAIN
 
     def snapshot(self) -> BatchTrainer:
         return self.trainer

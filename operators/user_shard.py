@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -126,10 +125,10 @@ class UserShard:
             self.views.poll(min(e.ts for e in events))
             if (self.views.table_map() is not served[0]
                     or self.views.index.index is not served[1]):
-                # Deferred impression features read the versions being replaced: take
-                # them now, so no pending impression keeps an old version in memory.
-                self.joiner.resolve_deferred()
-                self.context.release_frozen()
+                # Deferred impression features read the versions being replaced: those
+                # whose example will be written take them now (together, per request);
+                # those dropped unless clicked keep them (a bounded number of versions).
+                self.joiner.resolve_deferred(self.context.release_frozen())
         for event in events:
             try:
                 self._apply(event)
@@ -292,7 +291,7 @@ class UserShard:
 
     def counters(self) -> dict[str, int]:
         """This shard's joiner counters plus sizes of its pending state."""
-        out = asdict(self.joiner.counters)
+        out = self.joiner.counters.as_dict()
         out["pending"] = len(self.joiner.pending)
         out["orphans"] = len(self.joiner.orphans)
         out["requests"] = self.requests
@@ -372,15 +371,18 @@ class UserShardLogic(StatefulLogic[tuple[str, list[Event], int], ShardOutput, Us
 
 
 def route_events(events: list[Event], shards: int, shard_of: Callable[[str], int],
-                 ingest_ns: int) -> list[tuple[str, tuple[str, list[Event], int]]]:
+                 ingest_ns: int, only: int | None = None
+                 ) -> list[tuple[str, tuple[str, list[Event], int]]]:
     """Split a micro-batch into per-user-shard batches, order kept within each shard.
 
-    ``item`` events carry no user: they are broadcast to every shard (catalog).
+    ``item`` events carry no user: they are broadcast to every shard (catalog), or only
+    to shard ``only`` (a sharded replay partition's batch: every partition has them).
     """
     buckets: dict[int, list[Event]] = {}
+    everyone = range(shards) if only is None else (only,)
     for event in events:
         if isinstance(event, Item):
-            for s in range(shards):
+            for s in everyone:
                 buckets.setdefault(s, []).append(event)
         else:
             buckets.setdefault(shard_of(event.user_id), []).append(event)

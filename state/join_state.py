@@ -67,7 +67,9 @@ class JoinContext(Protocol):
 class Deferred(Protocol):
     """Features taken at impression time but computed only if needed."""
 
-    def resolve(self) -> dict[str, Any]: ...
+    def resolve(self) -> dict[str, Any]:
+        """The features at example precision (``float32_features``)."""
+        ...
 
 
 class DeferringContext(JoinContext, Protocol):
@@ -172,8 +174,12 @@ class Pending:
     features: dict[str, Any] | Deferred
     """Taken when the impression is processed (never later: features taken at emission
     would see same-request clicks and fresher item tables, a train/serve skew); deferred
-    (the same values, computed on demand) when the context can."""
+    (the same values, computed on demand) when the context can. At example precision
+    (``float32_features``) either way: the example's own dict."""
     emitted: bool = False
+    kept: bool = True
+    """Whether the sampler keeps this impression's negative (decided once, by id): when
+    not, its features are needed only if it is clicked."""
 
 
 @dataclass(slots=True)
@@ -229,6 +235,11 @@ class JoinCounters:
     forced_closes: int = 0
     orphans_expired: int = 0
     orphans_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name (``dataclasses.asdict`` without its deep copy: every
+        micro-batch's output carries them)."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 def float32_features(features: dict[str, Any]) -> dict[str, Any]:
@@ -312,8 +323,10 @@ class Joiner:
             # the snapshots move (all pending ones at once), exactly as they are now
             features = self._defer(imp.user_id, imp.item_id, imp.ts)
         else:
-            features = self.context.example_features(imp.user_id, imp.item_id, imp.ts)
-        entry = Pending(imp, imp.ts + self.wait_ms, {}, features)
+            features = float32_features(
+                self.context.example_features(imp.user_id, imp.item_id, imp.ts))
+        entry = Pending(imp, imp.ts + self.wait_ms, {}, features, False,
+                        self.sampler.keep(f"imp:{iid}"))
         self.pending[iid] = entry
         heapq.heappush(self._deadlines, (entry.deadline_ms, iid))
         for fb in self.orphans.pop(iid, ()):
@@ -338,11 +351,16 @@ class Joiner:
         if self.config.is_positive(fb.action, fb.value):
             self.popularity.add(fb.item_id, fb.ts)
 
-    def resolve_deferred(self) -> int:
-        """Compute the deferred features of every pending impression now (their snapshot
-        versions are being released), all at once when the context can
-        (``DeferringContext.resolve_all``); returns how many were computed."""
-        entries = [e for e in self.pending.values() if type(e.features) is not dict]
+    def resolve_deferred(self, stale: Callable[[Any], bool] | None = None) -> int:
+        """Compute the deferred features of pending impressions now, all at once when the
+        context can (``DeferringContext.resolve_all``); returns how many were computed.
+
+        ``stale`` None: every one (their snapshot versions are being released). Else only
+        those whose example is sure to be written (emitted positives, negatives the
+        sampler keeps) and those for which ``stale(deferred)`` is true; the others (dropped
+        unless clicked) stay deferred: most never need their features."""
+        entries = [e for e in self.pending.values() if type(e.features) is not dict
+                   and (stale is None or e.emitted or e.kept or stale(e.features))]
         if self._resolve_all is not None and entries:
             self._resolve_all([e.features for e in entries])
         for entry in entries:
@@ -460,14 +478,14 @@ class Joiner:
         negative if the sampler keeps it. The deferred features of the kept ones are
         computed together (``DeferringContext.resolve_all``: one feature call per
         request instead of one per impression; the same values)."""
-        counters, closed, keep = self.counters, self.closed_ids, self.sampler.keep
+        counters, closed = self.counters, self.closed_ids
         kept: list[Pending] = []
         for entry in entries:
             iid = entry.impression.impression_id
             closed[iid] = entry.deadline_ms
             if entry.emitted:
                 continue
-            if keep(f"imp:{iid}"):
+            if entry.kept:
                 kept.append(entry)
             else:
                 counters.negatives_dropped += 1
@@ -496,7 +514,7 @@ class Joiner:
             features = features.resolve()  # type: ignore[union-attr]
         self.examples.append(Example(
             f"imp:{imp.impression_id}", imp.ts, imp.user_id, imp.item_id, label,
-            dict(entry.labels), weight, float32_features(features), "impression",
+            dict(entry.labels), weight, features, "impression",
             imp.position, imp.request_id, imp.impression_id, imp.context).record())
 
     def _late(self, fb: Feedback, reason: str) -> None:

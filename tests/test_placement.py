@@ -11,8 +11,9 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSource, cluster_main
 
+from flows.recsys import INDEX_KEY, METRICS_KEY, POOL_KEY, RANKER_KEY
 from operators.item_shard import item_shard_key
-from operators.placement import SPREAD, spread_key, worker_of
+from operators.placement import SPREAD, last_key, spread_key, worker_of
 from operators.user_shard import shard_key
 
 
@@ -63,3 +64,18 @@ def test_spread_key_is_stable_and_keeps_the_index_readable() -> None:
         key = spread_key("u", i)
         assert key.split("_")[0] == f"u{i:03d}"
         assert all(worker_of(key, w) == i % w for w in (1, 2, 3, 4, 6, SPREAD))
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_single_key_stages_run_on_the_last_worker(workers: int) -> None:
+    """The trainer, pool trainer, index builder and metrics keys run on the worker that
+    holds user shard ``workers - 1`` (the last one), away from worker 0, which reads the
+    one-partition inputs; the plain names do not all get there."""
+    single = [RANKER_KEY, POOL_KEY, INDEX_KEY, METRICS_KEY]
+    assert [k.split("_")[0] for k in single] == ["ranker", "pool", "index", "metrics"]
+    last = shard_key(workers - 1)
+    groups = _placement([*single, last, shard_key(0)], workers)
+    [group] = [g for g in groups if last in g]
+    assert set(single) <= group and shard_key(0) not in group
+    assert all(worker_of(last_key(n), w) == w - 1 for n in ("ranker", "x") for w in (1, 2, 3, 4, 6, 12))
+    assert any(worker_of(n, workers) != workers - 1 for n in ("ranker", "pool", "index", "metrics"))

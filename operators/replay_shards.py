@@ -1,0 +1,287 @@
+"""A replay log read as one partition per user shard, so several processes share the parsing.
+
+``ShardedReplaySource`` lists one partition per user shard (``replay:<path>#<j:03d>``).
+Bytewax 0.21 places the partitions of a source round robin in the sorted order of
+their names (partition ``j`` on worker ``j mod W``), which is where
+``operators.placement`` puts user shard ``j``: each process reads the log, but parses
+and routes only its own users' events, and no user event crosses to another process.
+
+Every partition reads the same windows of ``batch_size`` lines as the one-partition
+``ReplaySource`` and emits the part of each window that is its shard's (a
+``ShardBatch``), so a user shard gets exactly the events, in the same order and the same
+micro-batches, that it gets from one partition:
+
+* a line whose user can be read without parsing (``line_user``: one top-level
+  ``"type"`` of a user event and one ``"user_id"`` string without escapes) goes to the
+  partition of that user's shard only;
+* every other line (``item`` events, which every shard needs for its catalog, malformed
+  lines, unusual spellings) is *shared*: every partition parses it
+  (``parse_shard_batch``) and keeps an ``item`` event for its own shard, a user event
+  only if the user is its shard's, and a dead letter only in partition 0, so each line
+  is counted and dead-lettered once.
+
+The partitions one process runs share one reader (``_SharedLog``): each window is read
+and split once per process, whatever the number of its partitions (reading it once per
+partition cost 5.7% of a one-process run's CPU). A named pipe (FIFO) cannot be read
+more than once: it is read as one partition.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bytewax.inputs import StatefulSourcePartition
+
+from events.model import EventParser, Item
+from operators.sources import ReplaySource, _ReplayPartition
+
+_USER_TYPES = (b'impression"', b'feedback"', b'request"', b'user"')
+
+
+class ShardBatch(list):  # type: ignore[type-arg]
+    """A sharded replay partition's micro-batch: raw lines (in log order) for user shard
+    ``shard``; ``shared`` holds the positions of lines every partition reads."""
+
+    __slots__ = ("shard", "shared")
+
+    def __init__(self, lines: list[Any], shard: int, shared: frozenset[int]) -> None:
+        super().__init__(lines)
+        self.shard = shard
+        self.shared = shared
+
+
+def _string_after(line: bytes, key: bytes) -> bytes | None:
+    """The raw bytes of the JSON string value of ``key`` (``b'"user_id"'``) when ``key``
+    occurs exactly once in ``line`` and its value is a string without escapes; else None."""
+    i = line.find(key)
+    if i < 0 or line.find(key, i + len(key)) >= 0:
+        return None
+    j = i + len(key)
+    n = len(line)
+    while j < n and line[j] in b" \t":
+        j += 1
+    if j >= n or line[j] != 0x3A:  # ':'
+        return None
+    j += 1
+    while j < n and line[j] in b" \t":
+        j += 1
+    if j >= n or line[j] != 0x22:  # '"'
+        return None
+    end = line.find(b'"', j + 1)
+    if end < 0:
+        return None
+    value = line[j + 1:end]
+    return None if b"\\" in value else value
+
+
+def line_user(line: Any) -> str | None:
+    """The ``user_id`` of a raw line of a user event (impression, feedback, request,
+    user), read without parsing; None when the line must be parsed to know (no single
+    top-level ``type`` of a user event, no single ``user_id`` string, escapes, not
+    UTF-8, not bytes). Never wrong for a line that parses: ``"type"`` and ``"user_id"``
+    occur once, so they are the top-level keys."""
+    if not isinstance(line, bytes):
+        return None
+    kind = _string_after(line, b'"type"')
+    if kind is None or not (kind + b'"').startswith(_USER_TYPES):
+        return None
+    user = _string_after(line, b'"user_id"')
+    if user is None:
+        return None
+    try:
+        return user.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def split_window(lines: list[Any], shards: Iterable[int], shard_of: Callable[[str], int]
+                 ) -> dict[int, ShardBatch]:
+    """The part of a window of raw lines for each of ``shards``: its users' lines and
+    every shared line (``line_user`` None), in log order. Each line is looked at once."""
+    wanted = set(shards)
+    parts: dict[int, tuple[list[Any], list[int]]] = {s: ([], []) for s in wanted}
+    for line in lines:
+        user = line_user(line)
+        if user is None:
+            for own, shared in parts.values():
+                shared.append(len(own))
+                own.append(line)
+        else:
+            part = parts.get(shard_of(user))
+            if part is not None:
+                part[0].append(line)
+    return {s: ShardBatch(own, s, frozenset(shared)) for s, (own, shared) in parts.items()}
+
+
+_END, _WAIT, _PRIVATE = "end", "wait", "private"
+MAX_AHEAD = 64
+"""Windows the shared reader holds for slower partitions of the process at most; beyond
+it the fastest partition waits (returns nothing) until they catch up."""
+
+
+class _SharedLog:
+    """One process's reader of a log for the shard partitions it runs: each window is
+    read and split once (``split_window``) and held until every local partition took
+    its part. A partition whose offset is not the reader's (a resume from positions
+    that differ) reads privately instead (``_PRIVATE``)."""
+
+    def __init__(self, source: ShardedReplaySource, offset: int) -> None:
+        self.source = source
+        self.reader = _ReplayPartition(source.path, offset, source.batch_size, source.speed,
+                                       source.max_bytes)
+        self.pos = offset
+        self.ended = False
+        self.members: set[int] = set()
+        self.windows: dict[int, tuple[int, dict[int, ShardBatch], set[int]]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, shard: int, offset: int) -> tuple[ShardBatch | None, int] | str:
+        """(shard's part of the window at ``offset`` or None, the next offset), or
+        ``_END``, ``_WAIT`` (nothing due yet), ``_PRIVATE``."""
+        with self.lock:
+            window = self.windows.get(offset)
+            if window is None:
+                if offset != self.pos:
+                    return _PRIVATE
+                if self.ended:
+                    return _END
+                if len(self.windows) >= MAX_AHEAD:
+                    return _WAIT
+                try:
+                    batches = self.reader.next_batch()
+                except StopIteration:
+                    self.ended = True
+                    return _END
+                nxt = self.reader.snapshot()
+                if nxt == self.pos:
+                    return _WAIT  # paced: the lines are not due yet
+                parts = split_window(batches[0] if batches else [], self.members,
+                                     self.source.shard_of)
+                window = self.windows[offset] = (nxt, parts, set(self.members))
+                self.pos = nxt
+            nxt, parts, remaining = window
+            remaining.discard(shard)
+            if not remaining:
+                del self.windows[offset]
+            return parts.get(shard), nxt
+
+    def next_awake(self) -> datetime | None:
+        return self.reader.next_awake()
+
+    def leave(self, shard: int) -> None:
+        with self.lock:
+            self.members.discard(shard)
+            for offset, (_, _, remaining) in list(self.windows.items()):
+                remaining.discard(shard)
+                if not remaining:
+                    del self.windows[offset]
+            if not self.members:
+                self.reader.close()
+
+
+class _ShardPartition(StatefulSourcePartition[ShardBatch, int]):
+    """One user shard's part of each window of the log; state = the byte offset of the
+    next window (as ``_ReplayPartition``)."""
+
+    def __init__(self, shared: _SharedLog, shard: int, offset: int) -> None:
+        self._shared = shared
+        self._shard = shard
+        self._offset = offset
+        self._private: _ReplayPartition | None = None
+
+    def next_batch(self) -> list[ShardBatch]:
+        if self._private is None:
+            got = self._shared.take(self._shard, self._offset)
+            if got == _END:
+                raise StopIteration
+            if got == _WAIT:
+                return []
+            if got != _PRIVATE:
+                part, self._offset = got  # type: ignore[misc]
+                return [part] if part else []
+            source = self._shared.source
+            self._private = _ReplayPartition(source.path, self._offset, source.batch_size,
+                                             source.speed, source.max_bytes)
+        batches = self._private.next_batch()  # StopIteration at the end
+        self._offset = self._private.snapshot()
+        if not batches:
+            return []
+        part = split_window(batches[0], (self._shard,), self._shared.source.shard_of)[self._shard]
+        return [part] if part else []
+
+    def next_awake(self) -> datetime | None:
+        return (self._private or self._shared).next_awake()
+
+    def snapshot(self) -> int:
+        return self._offset
+
+    def close(self) -> None:
+        if self._private is not None:
+            self._private.close()
+        self._shared.leave(self._shard)
+
+
+class ShardedReplaySource(ReplaySource):
+    """A JSONL log (plain or .gz) as one partition per user shard (``shards``, with the
+    flow's ``shard_of``: user id -> shard index); a named pipe is one partition. The
+    partitions a process runs share one reader (``_SharedLog``)."""
+
+    def __init__(self, path: str | Path, shards: int, shard_of: Callable[[str], int],
+                 batch_size: int = 1000, speed: float = 0.0,
+                 max_bytes: int | None = None) -> None:
+        super().__init__(path, batch_size, speed, max_bytes)
+        self.shards = shards
+        self.shard_of = shard_of
+        self._shared: _SharedLog | None = None
+        self._lock = threading.Lock()
+
+    def _sharded(self) -> bool:
+        return self.shards > 1 and Path(self.path).is_file()
+
+    def list_parts(self) -> list[str]:
+        if not self._sharded():
+            return super().list_parts()
+        return [f"replay:{self.path}#{j:03d}" for j in range(self.shards)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None
+                   ) -> StatefulSourcePartition[Any, int]:
+        if "#" not in for_part or not for_part.startswith("replay:"):
+            return super().build_part(step_id, for_part, resume_state)
+        shard = int(for_part.rsplit("#", 1)[1])
+        offset = resume_state or 0
+        with self._lock:
+            if self._shared is None or not self._shared.members:
+                self._shared = _SharedLog(self, offset)
+            shared = self._shared
+        with shared.lock:
+            shared.members.add(shard)
+        return _ShardPartition(shared, shard, offset)
+
+
+def parse_shard_batch(parser: EventParser, batch: ShardBatch, shard_of: Callable[[str], int]
+                      ) -> tuple[list[Any], list[dict[str, Any]], int]:
+    """Parse a ``ShardBatch`` in order: (events, dead letters, item events that are copies
+    and must not be counted). Of a shared line, an ``item`` event is kept (counted in
+    partition 0 only), a user event only in its shard's partition, a dead letter only in
+    partition 0."""
+    events: list[Any] = []
+    dead: list[dict[str, Any]] = []
+    copies = 0
+    shared, shard = batch.shared, batch.shard
+    for i, raw in enumerate(batch):
+        out = parser.parse(raw)
+        if isinstance(out, dict):
+            if shard == 0 or i not in shared:
+                dead.append(out)
+        elif i not in shared:
+            events.append(out)
+        elif isinstance(out, Item):
+            events.append(out)
+            copies += shard != 0
+        elif shard_of(out.user_id) == shard:
+            events.append(out)
+    return events, dead, copies
