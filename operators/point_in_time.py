@@ -136,12 +136,15 @@ def static_item_features(item_id: str, table: ItemTable | None,
     return extra
 
 
-RETAINED_VERSIONS = 8
-"""Replaced snapshot versions (item tables + index) a user shard keeps for the deferred
+RETAINED_VERSIONS = 0
+"""Replaced snapshot versions (item tables + index) a user shard may keep for the deferred
 features of pending impressions whose negative the sampler drops (needed only if
 clicked). Beyond it, the features reading the oldest are computed and the version is
 let go: at most this many old versions stay in memory per shard (they share their
-unchanged tables with the current one)."""
+unchanged tables with the current one). 0 (every pending impression computed when the
+snapshots move): keeping 8 saved ~6% of the zero-config flow's CPU outside serving but
+adds 8 full-capacity tables (5,460 MB) to the default memory bound (flows/memory.py),
+past the half of the machine the defaults hold (docs/evaluation.md, flowcost)."""
 
 
 @dataclass(frozen=True)
