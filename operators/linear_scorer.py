@@ -16,7 +16,7 @@ from river.utils.vectordict import VectorDict
 from models.calibration import correct_downsampled_many
 from models.features import Features, add_feature, item_part, join_features, shared_features
 from models.rankers import Ranker
-from operators.point_in_time import ItemColumns, static_item_features
+from operators.point_in_time import FixedFeatures, ItemColumns, static_item_features
 from state.item_rows import ItemRows
 from state.item_table import ItemTable
 
@@ -153,6 +153,8 @@ class ColumnScorer:
         self.scorer = scorer
         self._no_table: dict[str, tuple[dict[str, Any] | None, float, frozenset[str]]] = {}
         """Static terms of items outside every loaded table, by item id."""
+        self._fixed: dict[int, tuple[FixedFeatures, float]] = {}
+        """``_sum`` of each ``FixedFeatures`` object (kept, so its id stays its own)."""
 
     def predict(self, user_id: str, ts_ms: int, context: dict[str, Any] | None,
                 position: int | None, user_extra: dict[str, Any] | None,
@@ -220,7 +222,7 @@ class ColumnScorer:
                 continue
             if user_keys and any(not user_keys.isdisjoint(f) for f in feats):
                 return None
-            terms = np.array([self._sum(f) for f in feats] + [0.0])
+            terms = np.array([self._shared_sum(f) for f in feats] + [0.0])
             static = static + terms[codes]  # code -1 reads the trailing 0.0
         return static
 
@@ -253,9 +255,21 @@ class ColumnScorer:
                 w = get(key)
                 if w is not None and _isfinite(value):
                     s += w * (_log1p(value) if value >= 0.0 else -_log1p(-value))
-            else:
+            elif value is not None:  # add_feature makes nothing of None
                 add_feature(part, key, value)
         return s + sum(w * v for name, v in part.items() if (w := get(name)) is not None)
+
+    def _shared_sum(self, extra: dict[str, Any]) -> float:
+        """``_sum``, memoised for the ``FixedFeatures`` objects every request shares (a
+        cross profile's empty outputs)."""
+        if type(extra) is not FixedFeatures:
+            return self._sum(extra)
+        hit = self._fixed.get(id(extra))
+        if hit is None or hit[0] is not extra:
+            if len(self._fixed) >= 64:
+                self._fixed.clear()
+            hit = self._fixed[id(extra)] = (extra, self._sum(extra))
+        return hit[1]
 
 
 class _TableTerms:

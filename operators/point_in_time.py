@@ -20,6 +20,7 @@ It only reads: the user shard applies every event after taking its features.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Container
@@ -135,12 +136,15 @@ def static_item_features(item_id: str, table: ItemTable | None,
     return extra
 
 
-RETAINED_VERSIONS = 8
-"""Replaced snapshot versions (item tables + index) a user shard keeps for the deferred
+RETAINED_VERSIONS = 0
+"""Replaced snapshot versions (item tables + index) a user shard may keep for the deferred
 features of pending impressions whose negative the sampler drops (needed only if
 clicked). Beyond it, the features reading the oldest are computed and the version is
 let go: at most this many old versions stay in memory per shard (they share their
-unchanged tables with the current one)."""
+unchanged tables with the current one). 0 (every pending impression computed when the
+snapshots move): keeping 8 saved ~6% of the zero-config flow's CPU outside serving but
+adds 8 full-capacity tables (5,460 MB) to the default memory bound (flows/memory.py),
+past the half of the machine the defaults hold (docs/evaluation.md, flowcost)."""
 
 
 @dataclass(frozen=True)
@@ -374,8 +378,17 @@ class PointInTime:
     @staticmethod
     def _cross_query(user_id: str, store: ProfileStore, value: str, ts_ms: int | None
                      ) -> dict[str, Any]:
-        return {name: _feature_value(name, v, ts_ms) for name, v in
-                store.query((user_id, value), _query_time(store, ts_ms)).items()}
+        """The features of the ``(user_id, value)`` profile of a ``user_x_<attr>`` store
+        (``_feature_value`` of each output); one shared ``FixedFeatures`` when the store
+        has no such profile."""
+        plan = _cross_plan(store)
+        key = plan.key(store, user_id, value)
+        if plan.empty is not None and not store.knows(key):
+            return plan.empty
+        out = store.query_key(key, _query_time(store, ts_ms))  # a fresh dict
+        for name in plan.ts_names:
+            out[name] = _feature_value(name, out[name], ts_ms)
+        return out
 
     def cross_attrs(self) -> tuple[str, ...]:
         """The item attributes of the ``user_x_<attr>`` profiles."""
@@ -485,7 +498,7 @@ class PointInTime:
             if seen.any():
                 numeric["ui.interacted"] = seen
                 recency = liked_recency(ctx.liked, self.covis.decay)
-                numeric["ui.liked"] = np.fromiter((recency.get(item, 0.0) for item in item_ids),
+                numeric["ui.liked"] = np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
                                                   np.float64, n)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
@@ -670,6 +683,46 @@ def as_taken(ctx: UserContext, deferred: list[DeferredFeatures]) -> UserContext:
     taken.consumed = {d.item_id: 0 for d in deferred if d.seen}
     return taken
 
+
+
+class FixedFeatures(dict):  # type: ignore[type-arg]
+    """Features that every query finding no profile shares (a store's empty outputs):
+    one object per store, never modified, so readers may memoise what they derive from
+    it by identity (``ColumnScorer``)."""
+
+
+class _CrossPlan:
+    """Per ``user_x_<attr>`` store: its outputs that ``_feature_value`` changes, its
+    shared empty features (None when they depend on the query time or hold lists) and a
+    bounded memo of profile keys by ``(user_id, value)``."""
+
+    max_keys = 16_384
+
+    def __init__(self, store: ProfileStore) -> None:
+        self.ts_names = [name for name in store.output_names if name.endswith("_ts.all")]
+        fixed = not self.ts_names and not store.plan.list_outs
+        self.empty = FixedFeatures(store.empty_answer()) if fixed else None
+        self.keys: dict[tuple[str, str], int] = {}
+
+    def key(self, store: ProfileStore, user_id: str, value: str) -> int:
+        """``store.key_of((user_id, value))``, memoised."""
+        pair = (user_id, value)
+        key = self.keys.get(pair)
+        if key is None:
+            if len(self.keys) >= self.max_keys:
+                self.keys.clear()
+            key = self.keys[pair] = store.key_of(pair)
+        return key
+
+
+_CROSS_PLANS: weakref.WeakKeyDictionary[ProfileStore, _CrossPlan] = weakref.WeakKeyDictionary()
+
+
+def _cross_plan(store: ProfileStore) -> _CrossPlan:
+    plan = _CROSS_PLANS.get(store)
+    if plan is None:
+        plan = _CROSS_PLANS[store] = _CrossPlan(store)
+    return plan
 
 
 def _query_time(store: ProfileStore, ts_ms: int | None) -> int | None:

@@ -23,6 +23,7 @@ probability when it scored the request. Columns (all float64, 0.0 where unknown)
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -60,8 +61,10 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
                                         space=space).numeric if cols_needed else {})
     ids = None
     if any(name in _IDS for name in names):
-        get = view.ids.get
-        ids = np.fromiter((get(item, -1) for item in items), np.int64, n)
+        if rows is not None and space is not None and space.view is view:
+            ids = np.asarray(rows, np.int64)  # the rows are the view's ids
+        else:
+            ids = np.fromiter(map(view.ids.get, items, itertools.repeat(-1)), np.int64, n)
     out = np.zeros((n, len(names)))
     for j, name in enumerate(names):
         if name == "blend":
@@ -138,16 +141,20 @@ def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
     seeds = context.liked.recent(ctx.user_id, long_items)
     if not seeds:
         return out
-    get = view.ids.get
-    seed_counts = _counts(view, "liked", np.fromiter((get(s, -1) for s in seeds), np.int64,
-                                                     len(seeds)))
+    seed_counts = _counts(view, "liked", np.fromiter(
+        map(view.ids.get, seeds, itertools.repeat(-1)), np.int64, len(seeds)))
     weights = (1.0 / np.maximum(seed_counts, 1.0)).tolist()
     tables = views.table_map()
+    factors: dict[str, float] = {}  # per shard: its table's decay to ts
     triples = []
     for seed, weight in zip(seeds, weights, strict=True):
-        table = tables.get(shard_of(seed))
+        shard = shard_of(seed)
+        table = tables.get(shard)
         if table is not None:
-            triples.append((table, seed, weight * table.covis_factor(ts)))
+            f = factors.get(shard)
+            if f is None:
+                f = factors[shard] = table.covis_factor(ts)
+            triples.append((table, seed, weight * f))
     # sum per pool item over the seeds' rows, in seed order (PointInTime._covis_lookup's
     # sums); neighbours without an id in the view are no pool items, so left out
     v = np.zeros(ids.size)

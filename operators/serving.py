@@ -393,10 +393,9 @@ class Server:
         parts: list[tuple[str, np.ndarray, np.ndarray]] = []
         n = sizes.get("ann", 0)
         if n and ctx.vector is not None and self.views.index.index is not None:
-            found = self.views.index.query(ctx.vector, n)
-            if found:
-                items, scores = zip(*found, strict=True)
-                parts.append(("ann", space.rows(list(items)), np.array(scores, np.float64)))
+            items, scores = self.views.index.query_arrays(ctx.vector, n)
+            if items:
+                parts.append(("ann", space.rows(items), scores))
         ids, vals, covis = self._covis_best(ctx, ts_ms, sizes.get("covis", 0))
         parts.append(("covis", ids, vals))
         for source in ("trending", "popular"):
@@ -594,8 +593,12 @@ class Server:
     def _sampled(self, request: Any) -> bool:
         """The request is in the ``scorer_shadow_rate`` sample (by request id) that keeps
         the duel going: scored by both scorers, interleaved once clicks judge."""
-        h = stable_hash64(f"shadow:{request.request_id}")
-        return (h & 0xFFFFFFFF) / 2**32 < self.config.scorer_shadow_rate
+        rid = request.request_id
+        memo = getattr(self, "_sample_memo", None)  # asked up to 3 times per request
+        if memo is None or memo[0] != rid:
+            h = stable_hash64(f"shadow:{rid}")
+            memo = self._sample_memo = (rid, (h & 0xFFFFFFFF) / 2**32)
+        return memo[1] < self.config.scorer_shadow_rate
 
     def pool_columns(self, request: Any, ctx: UserContext, pool: CandidatePool,
                      covis: dict[str, SparseScores] | None) -> ItemColumns:

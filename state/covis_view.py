@@ -155,15 +155,10 @@ class CovisView:
         covis = table.channel(channel)[0]
         if not isinstance(covis, FrozenCoVisitation) or covis._full is not None:
             return None
-        r = covis._row_of.get(item)
-        if r is None:
+        nbr, weights = sorted_row(table, channel, covis, item)
+        if not nbr.size:
             return _EMPTY[0], _EMPTY[1], covis, _EMPTY[0]
-        a, b = int(covis._starts[r]), int(covis._starts[r + 1])
-        vals = covis._arrays["values"][a:b]
-        order = np.argsort(-vals, kind="stable")  # ``neighbors``' order
-        nbr = covis._arrays["neighbors"][a:b][order]
-        return (self._vocab_ids(table, channel, covis, nbr), vals[order] * covis._decay(table.ts),
-                covis, nbr)
+        return self._vocab_ids(table, channel, covis, nbr), weights, covis, nbr
 
     def channel_sums(self, channel: str, seeds: list[tuple[ItemTable, str, float]]
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -181,14 +176,18 @@ class CovisView:
         ``intern=False``: neighbours without an id are left out instead of getting one
         (they cannot be candidates: candidates have ids)."""
         get_row = self.row if intern else self._known_row
+        cached = self._rows.get  # both read this cache first
         ids_parts, w_parts, weights, sizes = [], [], [], []
         for table, seed, weight in seeds:
-            ids, w = get_row(table, channel, seed)
-            if ids.size:
-                ids_parts.append(ids)
-                w_parts.append(w)
+            row = cached((id(table), channel, seed))
+            if row is None:
+                row = get_row(table, channel, seed)
+            size = row[0].size
+            if size:
+                ids_parts.append(row[0])
+                w_parts.append(row[1])
                 weights.append(weight)
-                sizes.append(ids.size)
+                sizes.append(size)
         if not ids_parts:
             return _EMPTY
         return (np.concatenate(ids_parts),
@@ -219,6 +218,30 @@ class CovisView:
             ids = vmap[vocab_idx]
             ids[ids == -2] = -1
         return ids
+
+
+def sorted_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """A loaded table's row of ``item`` in ``channel`` as (neighbours' vocabulary
+    indices, weights decayed to ``table.ts``), strongest first (``neighbors``' order);
+    computed once per table version and row for every view in the process (the item
+    shards' tables are shared by the user shards: ``table.memo``)."""
+    rows = table.memo.get(("covis_rows", channel))
+    if rows is None:
+        rows = table.memo.setdefault(("covis_rows", channel), {})
+    row = rows.get(item)
+    if row is None:
+        r = covis._row_of.get(item)
+        if r is None:
+            row = _EMPTY
+        else:
+            a, b = int(covis._starts[r]), int(covis._starts[r + 1])
+            vals = covis._arrays["values"][a:b]
+            order = np.argsort(-vals, kind="stable")
+            row = (covis._arrays["neighbors"][a:b][order],
+                   vals[order] * covis._decay(table.ts))
+        rows[item] = row
+    return row
 
 
 class SparseScores:

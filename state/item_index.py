@@ -333,6 +333,22 @@ class ItemIndex:
                 break
         return out
 
+    def query_arrays(self, vec: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
+        """``query(vec, k)`` (no exclusions) as (items, float64 scores): the same answer
+        without a tuple per item (serving's retrieval)."""
+        live = len(self)
+        if live == 0 or k <= 0:
+            return [], np.zeros(0)
+        q = np.ascontiguousarray(vec, dtype=np.float32).reshape(1, self.config.dim)
+        try:
+            labels, dist = self._index.knn_query(q, k=min(live, k), num_threads=1)
+        except RuntimeError:
+            found = self.query(vec, k)
+            return [item for item, _ in found], np.array([s for _, s in found], np.float64)
+        id_of = self._id_of
+        return ([id_of[lab] for lab in labels[0].tolist()],
+                self._score(dist[0]).astype(np.float64))
+
     def _live_matrix(self) -> tuple[np.ndarray, list[str]]:
         if self._exact_cache is None:
             ids = list(self._label_of)
@@ -614,6 +630,11 @@ class IndexReader:
         """Top ``k`` items from the current snapshot (empty before the first one)."""
         live = self._live
         return live[1].query(vec, k, exclude) if live else []
+
+    def query_arrays(self, vec: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
+        """``query(vec, k)`` as (items, scores) arrays (``ItemIndex.query_arrays``)."""
+        live = self._live
+        return live[1].query_arrays(vec, k) if live else ([], np.zeros(0))
 
     def vectors(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Item vectors from the current snapshot: ``(vectors, found)`` (stale by design)."""

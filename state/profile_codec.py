@@ -87,6 +87,10 @@ class HotCold:
         self.counters["encodes"] += 1
         return encode(p, self.level)
 
+    def has(self, key: int) -> bool:
+        """Whether ``key`` has a profile (hot or cold)."""
+        return key in self.hot or key in self.cold
+
     def load(self, key: int, create: bool) -> Profile | None:
         """The decoded profile of ``key`` (created when ``create``; else None if unknown),
         now the most recently used; beyond ``max_entities`` the least recently used

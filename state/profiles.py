@@ -246,14 +246,26 @@ class ProfileStore:
         """
         return self.query_key(self.key_of(entity_id), t_ms)
 
+    def empty_answer(self) -> dict[str, Any]:
+        """What a query of an entity the store does not know (``knows``) gives: every
+        output at its empty-window default, rates included (a fresh dict)."""
+        plan = self.plan
+        out = plan.empty_outputs()
+        return plan.add_rates(out) if plan.rates else out
+
+    def knows(self, key: int) -> bool:
+        """Whether the store holds a profile or pending writes for ``key``
+        (``key_of(entity_id)``): if not, every query of it gives ``empty_answer()``."""
+        return key in self._buffer or self._table.has(key)
+
     def query_key(self, key: int, t_ms: int | None = None) -> dict[str, Any]:
         """``query`` by precomputed ``key_of(entity_id)``."""
         p = self._load_current(key)
         t = (self._now + 1 if self._now is not None else 0) if t_ms is None else int(t_ms)
         plan = self.plan
         if p is None:
-            out = plan.empty_outputs()
-        elif p.max_ts is None or t > p.max_ts:
+            return self.empty_answer()
+        if p.max_ts is None or t > p.max_ts:
             c = p.cache
             if c is None or not (c.lo_max <= t < c.hi):
                 self.counters["cache_refreshes"] += 1

@@ -163,7 +163,8 @@ def test_user_context_is_taken_once_per_request(published: World,
     assert later["examples"][0]["features"]["user.impressions.5m"] == 10.0
 
 
-def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(published: World) -> None:
+def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(
+        published: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """At new snapshot versions only the impressions whose example is sure to be written
     (the sampler keeps their negative) are computed; one whose negative is dropped keeps
     the version it read (needed only if clicked) until ``RETAINED_VERSIONS`` newer
@@ -174,6 +175,7 @@ def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(published
 
     from operators import point_in_time
 
+    monkeypatch.setattr(point_in_time, "RETAINED_VERSIONS", 8)  # the default keeps none
     lazy, eager = shard_pair(published)
     for shard in (lazy, eager):
         warm_up(shard)

@@ -237,3 +237,23 @@ def test_config_of_an_older_snapshot_and_dim_required() -> None:
     with pytest.raises(ValueError, match="dim"):
         ItemIndex(IndexConfig())
     assert ItemIndex(IndexConfig().with_dim(4)).config.dim == 4
+
+
+def test_query_arrays_is_the_query_as_arrays(tmp_path) -> None:
+    """Serving's retrieval reads the ANN answer as (items, float64 scores): the same items
+    in the same order and the same scores as ``query``, on the builder's index and
+    through a reader of its snapshot (empty before one is loaded)."""
+    b, _, _ = _builder(2000)
+    queries = np.random.default_rng(2).normal(size=(20, DIM)).astype(np.float32)
+    for q in queries:
+        items, scores = b.index.query_arrays(q, 50)
+        found = b.index.query(q, 50)
+        assert items == [i for i, _ in found]
+        assert scores.dtype == np.float64 and scores.tolist() == [s for _, s in found]
+    store = SnapshotStore(tmp_path)
+    reader = IndexReader(store)
+    assert reader.query_arrays(queries[0], 5)[0] == []
+    reader.offer(b.publish(store, 1))
+    items, scores = reader.query_arrays(queries[0], 5)
+    assert items == [i for i, _ in reader.query(queries[0], 5)]
+    assert b.index.query_arrays(queries[0], 0)[0] == []

@@ -53,3 +53,47 @@ def test_after_a_change_of_taste_the_new_positives_outrank_the_old() -> None:
     # The dict path (impressions) gives the same values.
     feats = context.item_features(context.user("u1", T0 + 60_000), items, T0 + 60_000)
     assert [f["ui.liked"] for f in feats] == cols.numeric["ui.liked"].tolist()
+
+
+def test_cross_profiles_without_a_profile_share_one_fixed_object() -> None:
+    """A user x category value the user has no profile for answers the store's empty
+    outputs as one shared ``FixedFeatures`` (no query, no copy); a value with a profile,
+    also one only in the store's write buffer, answers its own fresh query; both equal
+    ``store.query``; the vectorised ranker's cross term of the shared object is
+    memoised and equals the per-dict sum."""
+    from operators.linear_scorer import ColumnScorer, LinearScorer
+    from operators.point_in_time import FixedFeatures
+    from state.feature_spec import default_features
+    from state.profiles import stores_for
+
+    stores = stores_for(default_features(), batch_size=1_000_000)
+    cross = stores["user_x_category"]
+    cross.apply({"type": "feedback", "action": "click", "user_id": "u1", "item_id": "a",
+                 "ts": T0 - 5_000}, lambda item: {"category": "drama"})
+    assert cross.stats()["buffered_writes"] > 0  # only in the write buffer so far
+    context = PointInTime(profiles=stores)
+    query = PointInTime._cross_query
+    known = query("u1", cross, "drama", T0)
+    assert type(known) is dict and known == cross.query(("u1", "drama"))
+    assert known["user_x_category.clicks.1h"] == 1.0
+    empty = query("u1", cross, "comedy", T0)
+    assert type(empty) is FixedFeatures and empty == cross.query(("u1", "comedy"))
+    assert query("u2", cross, "drama", T0) is empty  # one object for every such query
+    assert context.cross_attrs() == ("category",)
+    # With derived rate outputs, the shared answer holds them too, as a query gives.
+    from state.feature_spec import DEFAULT_FEATURES, RATE_FEATURES, parse_features
+    rated = stores_for(parse_features([*DEFAULT_FEATURES, *RATE_FEATURES]))["user_x_category"]
+    answer = query("u1", rated, "drama", T0)
+    assert type(answer) is FixedFeatures and answer == rated.query(("u1", "drama"))
+    assert any(name not in empty for name in answer)  # the rate outputs
+    # The ranker's term of a shared object is memoised by identity: the per-dict sum.
+    scorer = object.__new__(LinearScorer)
+    scorer.weights = {"a": 0.5, "b": 2.0, "c=x": -1.5, "d": 0.25}
+    scorer.intercept, scorer.rate, scorer.n_learned = 0.0, 1.0, 0
+    columns = ColumnScorer(scorer)
+    fixed = FixedFeatures({"a": 2.0, "b": None, "c": "x", "d": 3})
+    term = columns._shared_sum(fixed)
+    assert term == columns._sum(dict(fixed)) and term != 0.0
+    assert columns._shared_sum(fixed) == term and len(columns._fixed) == 1
+    other = FixedFeatures({"a": 1.0})
+    assert columns._shared_sum(other) == columns._sum({"a": 1.0}) != term

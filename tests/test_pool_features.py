@@ -170,3 +170,25 @@ def test_last_liked_reads_the_newest_positive_only() -> None:
     assert newest.max() == 1.0 and np.array_equal(x[:, 1], newest)
     assert not np.array_equal(x[:, 1], x[:, 2])  # the long-term profile differs
 
+
+def test_views_of_one_loaded_table_share_its_sorted_rows(tmp_path: Path) -> None:
+    """Two co-visitation views (two user shards) over the same loaded tables read each
+    row's sorted, decayed arrays from one computation on the table (``sorted_row`` in
+    ``table.memo``), each in its own id space, with the same weights and neighbours
+    as the table's own rows (``covis_row_arrays``), whatever order they intern in."""
+    table_map = tables(7, tmp_path)
+    first, second = CovisView(), CovisView()
+    first.sync(table_map)
+    second.sync(table_map)
+    second.intern(list(reversed(ITEMS)))  # another id space
+    for item in ITEMS:
+        table = table_map[shard_of(item)]
+        a_ids, a_w = first.row(table, "liked", item)
+        b_ids, b_w = second.row(table, "liked", item)
+        names, weights = table.covis_row_arrays("liked", item)
+        assert [first.names[i] for i in a_ids.tolist()] == names
+        assert [second.names[i] for i in b_ids.tolist()] == names
+        assert a_w.tolist() == b_w.tolist() == np.asarray(weights).tolist()
+        if names:
+            shared = table.memo[("covis_rows", "liked")][item]
+            assert a_w is shared[1] and b_w is shared[1]  # one computation for both
