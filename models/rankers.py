@@ -8,8 +8,8 @@ negatives' weight ``1/r``).
 
 Kinds (``make_ranker(kind, **params)``):
 
-* ``"lr"`` (default): River ``LogisticRegression`` with Adagrad (``lr`` 0.1 for one-hot
-  features, ``numeric_lr`` 0.03 for numeric ones: ``GroupAdaGrad``), the cheapest; no
+* ``"lr"`` (default): River ``LogisticRegression`` with Adagrad (``lr`` 0.1; numeric
+  features may get their own rate ``numeric_lr``: ``GroupAdaGrad``), the cheapest; no
   feature interactions.
 * ``"fm"``: River ``FMClassifier`` with River's defaults (``n_factors`` 10, SGD ``lr``
   0.01: the best of 0.005 .. 0.1 on the simulator), pure-Python FM.
@@ -60,9 +60,10 @@ if TYPE_CHECKING:
 RankerKind = Literal["lr", "fm", "efm"]
 Example = Mapping[str, Any]
 KINDS: tuple[str, ...] = ("lr", "fm", "efm")
-DEFAULT_NUMERIC_LR = 0.03
-"""lr kind: AdaGrad rate of numeric features (one-hot ones use ``lr``); chosen in the
-closed loop (docs/evaluation.md, "Rates for the LR")."""
+DEFAULT_NUMERIC_LR: float | None = None
+"""lr kind: AdaGrad rate of numeric features; None = ``lr`` (River's AdaGrad exactly).
+0.03 ranks the loop's candidates better offline but did not win the closed loop on
+three seeds (docs/evaluation.md, "Rates for the LR"), so it is not the default."""
 
 
 class Ranker:
@@ -304,17 +305,22 @@ class GroupAdaGrad(optim.AdaGrad):
     weight moves only on its own examples. A lower numeric rate is, for AdaGrad, the same
     as scaling those features down (its steps are scale-free per coordinate).
 
+    ``numeric_lr=None`` is River's ``AdaGrad(lr)`` to the last bit.
+
     >>> opt = GroupAdaGrad(lr=0.1, numeric_lr=0.01)
     >>> w = opt.step({"item=i1": 0.0, "item.clicks.1d": 0.0}, {"item=i1": 1.0, "item.clicks.1d": 1.0})
     >>> round(w["item=i1"], 6), round(w["item.clicks.1d"], 6)
     (-0.1, -0.01)
     """
 
-    def __init__(self, lr: float = 0.1, numeric_lr: float = 0.03, eps: float = 1e-8) -> None:
+    def __init__(self, lr: float = 0.1, numeric_lr: float | None = None,
+                 eps: float = 1e-8) -> None:
         super().__init__(lr, eps)
         self.numeric_lr = numeric_lr
 
     def _step_with_dict(self, w: Any, g: Any) -> Any:
+        if self.numeric_lr is None:
+            return super()._step_with_dict(w, g)
         g2, eps = self.g2, self.eps
         lr, numeric_lr = self.learning_rate, self.numeric_lr
         for i, gi in g.items():
@@ -335,8 +341,8 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
                 max_features: int = 0, **params: Any) -> Ranker:
     """Build a ``Ranker``; ``params`` go to the model.
 
-    * lr: ``lr`` (Adagrad rate of one-hot features, 0.1), ``numeric_lr`` (of numeric
-      features, 0.03; ``GroupAdaGrad``), ``l2`` (0), ``intercept_lr`` (0.01);
+    * lr: ``lr`` (Adagrad rate, 0.1), ``numeric_lr`` (rate of numeric features, None =
+      ``lr``; ``GroupAdaGrad``), ``l2`` (0), ``intercept_lr`` (0.01);
     * fm: ``n_factors`` (10), ``lr`` (SGD rate for weights and latents, 0.01), ``l2`` (0),
       ``intercept_lr`` (0.01), ``seed`` (0);
     * efm: any ``EmbeddingFM`` argument (``k``, ``lr``, ``l2``, ``admit_threshold``,
