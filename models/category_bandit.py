@@ -1,0 +1,176 @@
+"""Thompson sampling across item categories: a per-user x category click model.
+
+Each (user, category) holds a Beta posterior of the click rate per position-discounted
+exposure (an impression at 0-based position p counts ``1 / log2(2 + p)``, the DCG
+discount of ``state.feature_spec`` ``position_discount``): ``Beta(a0 + clicks, b0 +
+exposure - clicks)``, with a prior of ``prior_strength`` exposures at the category's
+shard-wide rate (``a0 = s * rate_c``, ``b0 = s * (1 - rate_c)``; ``rate_c`` itself shrunk
+to the shard's overall rate). Counts forget by the user's own lists: every new list
+(request id) of a user multiplies that user's counts by ``decay``, so a taste that moved
+is re-explored after a few lists whatever the event-time span.
+
+``order`` fills the k slots one by one: each slot draws one click rate per category still
+holding candidates (Thompson sampling, a fresh draw per slot from a generator seeded by
+the request id, so a replay gives the same lists) and takes the best remaining
+candidate of the winning category by the scorer's order. The propensity of a slot is the
+probability that its category wins that slot given the slots before it, estimated from
+``propensity_draws`` extra draws of the same generator plus the served draw (``(wins + 1) /
+(draws + 1)``, never 0; an estimate: Thompson sampling has no closed form).
+
+A user without any logged exposure keeps the scorer's order (``None`` from ``order``): a
+stream without impressions (a rating log such as MovieLens) is unchanged by construction.
+No Bytewax here; the serving operator calls it (operators/category_explore.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from state.settings import doc
+
+
+@dataclass
+class CategoryExploreConfig:
+    """Thompson sampling across categories (models/category_bandit.py)."""
+
+    enabled: bool = doc("Order each list by Thompson sampling over the user's per-category "
+                        "click posteriors (the scorer's order inside a category); users "
+                        "without logged impressions keep the scorer's order.", False)
+    actions: list[str] = doc("Feedback actions on an impression that count as a click.",
+                             factory=lambda: ["click"])
+    prior_strength: float = doc("Prior weight in position-discounted exposures (a0 + b0), at "
+                                "the category's shard-wide click rate.", 10.0)
+    decay: float = doc("Factor on a user's counts at each new list shown to them (1 = never "
+                       "forget).", 0.9)
+    slots: int = doc("Slots per list allocated by category sampling (the first ones; the "
+                     "rest in the scorer's order).", 10)
+    propensity_draws: int = doc("Extra posterior draws per request for the logged per-slot "
+                                "propensity estimate (0 = log 1.0).", 64)
+    max_users: int = doc("Users whose posteriors a shard keeps (least recently updated "
+                         "dropped first).", 100_000)
+
+
+def check_category_config(config: CategoryExploreConfig) -> None:
+    """ValueError ("key: reason") for values outside their ranges."""
+    if config.prior_strength <= 0:
+        raise ValueError(f"prior_strength: must be > 0, got {config.prior_strength}")
+    if not 0.0 < config.decay <= 1.0:
+        raise ValueError(f"decay: must be in (0, 1], got {config.decay}")
+    for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws)):
+        if value < 0:
+            raise ValueError(f"{key}: must be >= 0, got {value}")
+    if config.max_users < 1:
+        raise ValueError(f"max_users: must be >= 1, got {config.max_users}")
+
+
+def exposure_weight(position: int | None) -> float:
+    """Position-discounted exposure of one impression (1 when the position is unknown)."""
+    return 1.0 / math.log2(2.0 + position) if position is not None and position >= 0 else 1.0
+
+
+class CategoryBandit:
+    """Per-user x category Beta posteriors of clicks over discounted exposure."""
+
+    def __init__(self, config: CategoryExploreConfig) -> None:
+        self.config = config
+        self.users: OrderedDict[str, tuple[str, dict[str, list[float]]]] = OrderedDict()
+        """user -> (last list id, category -> [clicks, exposure])."""
+        self.totals: dict[str, list[float]] = {}
+        """category -> [clicks, exposure] over the shard (never decayed)."""
+
+    def _user(self, user_id: str) -> tuple[str, dict[str, list[float]]]:
+        entry = self.users.get(user_id)
+        if entry is None:
+            entry = self.users[user_id] = ("", {})
+            if len(self.users) > self.config.max_users:
+                self.users.popitem(last=False)
+        else:
+            self.users.move_to_end(user_id)
+        return entry
+
+    def exposure(self, user_id: str, category: str | None, position: int | None,
+                 list_id: str | None) -> None:
+        """An impression of an item of ``category`` at ``position`` in list ``list_id``."""
+        last, counts = self._user(user_id)
+        if list_id is not None and list_id != last:
+            decay = self.config.decay
+            if decay < 1.0:
+                for c in counts.values():
+                    c[0] *= decay
+                    c[1] *= decay
+            self.users[user_id] = (list_id, counts)
+        w = exposure_weight(position)
+        key = category or ""
+        counts.setdefault(key, [0.0, 0.0])[1] += w
+        self.totals.setdefault(key, [0.0, 0.0])[1] += w
+
+    def click(self, user_id: str, category: str | None) -> None:
+        """A click on an impression of an item of ``category``."""
+        key = category or ""
+        _, counts = self._user(user_id)
+        counts.setdefault(key, [0.0, 0.0])[0] += 1.0
+        self.totals.setdefault(key, [0.0, 0.0])[0] += 1.0
+
+    def knows(self, user_id: str) -> bool:
+        """Whether the user was shown anything (else ``order`` keeps the scorer's order)."""
+        entry = self.users.get(user_id)
+        return entry is not None and any(c[1] > 0 for c in entry[1].values())
+
+    def posterior(self, user_id: str, categories: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Beta parameters (a, b) of each category's click rate for the user."""
+        clicks = sum(c[0] for c in self.totals.values())
+        exposure = sum(c[1] for c in self.totals.values())
+        overall = (clicks + 1.0) / (exposure + 2.0)
+        s = self.config.prior_strength
+        counts = self.users.get(user_id, ("", {}))[1]
+        a = np.empty(len(categories))
+        b = np.empty(len(categories))
+        for j, cat in enumerate(categories):
+            tc, te = self.totals.get(cat, (0.0, 0.0))
+            rate = min(max((tc + s * overall) / (te + s), 1e-4), 1 - 1e-4)
+            uc, ue = counts.get(cat, (0.0, 0.0))
+            a[j] = s * rate + uc
+            b[j] = s * (1.0 - rate) + max(ue - uc, 0.0)
+        return a, b
+
+    def order(self, user_id: str, scores: np.ndarray, categories: list[str | None], k: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The first ``min(k, slots)`` slots by Thompson sampling over categories, then the
+        rest by ``scores``: (candidate indices of the list, each slot's propensity), or
+        None for a user without exposures."""
+        if not len(scores) or not self.knows(user_id):
+            return None
+        keys = [c or "" for c in categories]
+        names = sorted(set(keys))
+        code = {c: j for j, c in enumerate(names)}
+        cat_of = np.fromiter((code[c] for c in keys), np.int64, len(keys))
+        best_first = np.argsort(-scores, kind="stable")
+        queues = [list(best_first[cat_of[best_first] == j]) for j in range(len(names))]
+        a, b = self.posterior(user_id, names)
+        rng = np.random.default_rng(seed)
+        n_slots = min(k, self.config.slots, len(scores))
+        draws = self.config.propensity_draws
+        extra = rng.beta(a, b, size=(draws, len(names))) if draws else None
+        chosen: list[int] = []
+        props: list[float] = []
+        left = np.ones(len(names), bool)
+        for _ in range(n_slots):
+            theta = np.where(left, rng.beta(a, b), -1.0)
+            j = int(np.argmax(theta))
+            chosen.append(int(queues[j].pop(0)))
+            if extra is not None:
+                wins = int(np.sum(np.argmax(np.where(left, extra, -1.0), axis=1) == j))
+                props.append((wins + 1) / (draws + 1))  # the served draw is one of them
+            else:
+                props.append(1.0)
+            if not queues[j]:
+                left[j] = False
+        taken = set(chosen)
+        rest = [int(i) for i in best_first[: k + n_slots] if int(i) not in taken]
+        rest = rest[: max(k - n_slots, 0)]
+        return (np.asarray(chosen + rest, np.int64),
+                np.asarray(props + [1.0] * len(rest), np.float64))
