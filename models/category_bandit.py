@@ -9,13 +9,15 @@ to the shard's overall rate). Counts forget by the user's own lists: every new l
 (request id) of a user multiplies that user's counts by ``decay``, so a taste that moved
 is re-explored after a few lists whatever the event-time span.
 
-``order`` fills the k slots one by one: each slot draws one click rate per category still
-holding candidates (Thompson sampling, a fresh draw per slot from a generator seeded by
-the request id, so a replay gives the same lists) and takes the best remaining
-candidate of the winning category by the scorer's order. The propensity of a slot is the
-probability that its category wins that slot given the slots before it, estimated from
-``propensity_draws`` extra draws of the same generator plus the served draw (``(wins + 1) /
-(draws + 1)``, never 0; an estimate: Thompson sampling has no closed form).
+``order`` draws from the posteriors with a generator seeded by the request id (a replay
+gives the same lists) and orders the scorer's best ``depth`` candidates: ``rerank`` (one
+draw per category; key = draw / log2(2 + the item's rank in the scorer's order), so the
+scorer's order holds inside a category and a category sampled higher climbs) or ``slots``
+(a fresh draw per slot picks its category, filled by the scorer's best remaining item
+of it). The propensity of a slot is the probability that the policy puts that item in
+that slot, estimated from ``propensity_draws`` more lists drawn from the same posteriors
+plus the served one (``(matches + 1) / (draws + 1)``, never 0; an estimate: Thompson
+sampling has no closed form).
 
 A user without any logged exposure keeps the scorer's order (``None`` from ``order``): a
 stream without impressions (a rating log such as MovieLens) is unchanged by construction.
@@ -32,6 +34,8 @@ import numpy as np
 
 from state.settings import doc
 
+CATEGORY_MODES = ("rerank", "slots")
+
 
 @dataclass
 class CategoryExploreConfig:
@@ -46,10 +50,15 @@ class CategoryExploreConfig:
                                 "the category's shard-wide click rate.", 10.0)
     decay: float = doc("Factor on a user's counts at each new list shown to them (1 = never "
                        "forget).", 0.9)
-    slots: int = doc("Slots per list allocated by category sampling (the first ones; the "
-                     "rest in the scorer's order).", 10)
-    propensity_draws: int = doc("Extra posterior draws per request for the logged per-slot "
-                                "propensity estimate (0 = log 1.0).", 64)
+    mode: str = doc("'rerank': one draw per category and request, each candidate keyed by "
+                    "its category's draw / log2(2 + its rank in the scorer's order); 'slots': "
+                    "a fresh draw per slot picks the slot's category, the scorer's best "
+                    "remaining item of it fills the slot.", "rerank")
+    depth: int = doc("Candidates (the scorer's best) the sampling orders.", 50)
+    slots: int = doc("mode 'slots': slots per list allocated by category sampling (the "
+                     "first ones; the rest in the scorer's order).", 10)
+    propensity_draws: int = doc("Extra lists drawn per request for the logged propensity "
+                                "estimate of each slot (0: log 1 / 1).", 16)
     max_users: int = doc("Users whose posteriors a shard keeps (least recently updated "
                          "dropped first).", 100_000)
 
@@ -63,6 +72,10 @@ def check_category_config(config: CategoryExploreConfig) -> None:
     for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws)):
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")
+    if config.mode not in CATEGORY_MODES:
+        raise ValueError(f"mode: must be one of {CATEGORY_MODES}, got {config.mode!r}")
+    if config.depth < 1:
+        raise ValueError(f"depth: must be >= 1, got {config.depth}")
     if config.max_users < 1:
         raise ValueError(f"max_users: must be >= 1, got {config.max_users}")
 
@@ -139,38 +152,50 @@ class CategoryBandit:
 
     def order(self, user_id: str, scores: np.ndarray, categories: list[str | None], k: int,
               seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """The first ``min(k, slots)`` slots by Thompson sampling over categories, then the
-        rest by ``scores``: (candidate indices of the list, each slot's propensity), or
-        None for a user without exposures."""
+        """The top ``k`` by Thompson sampling over the categories (``mode``): (candidate
+        indices of the list, each slot's propensity), or None for a user without
+        exposures (keep the scorer's order)."""
         if not len(scores) or not self.knows(user_id):
             return None
         keys = [c or "" for c in categories]
         names = sorted(set(keys))
         code = {c: j for j, c in enumerate(names)}
         cat_of = np.fromiter((code[c] for c in keys), np.int64, len(keys))
-        best_first = np.argsort(-scores, kind="stable")
-        queues = [list(best_first[cat_of[best_first] == j]) for j in range(len(names))]
+        depth = min(len(scores), max(self.config.depth, k))
+        best_first = np.argsort(-scores, kind="stable")[:depth]
         a, b = self.posterior(user_id, names)
         rng = np.random.default_rng(seed)
-        n_slots = min(k, self.config.slots, len(scores))
+        draw = self._slots if self.config.mode == "slots" else self._rerank
+        served = draw(best_first, cat_of, a, b, k, rng)
         draws = self.config.propensity_draws
-        extra = rng.beta(a, b, size=(draws, len(names))) if draws else None
+        hits = np.zeros(len(served))
+        for _ in range(draws):
+            other = draw(best_first, cat_of, a, b, k, rng)
+            n = min(len(other), len(served))
+            hits[:n] += other[:n] == served[:n]
+        return served, (hits + 1.0) / (draws + 1.0)  # the served draw is one of them
+
+    @staticmethod
+    def _rerank(best_first: np.ndarray, cat_of: np.ndarray, a: np.ndarray, b: np.ndarray,
+                k: int, rng: np.random.Generator) -> np.ndarray:
+        """One draw per category; each candidate's key is its category's draw times the
+        DCG discount of its rank in the scorer's order; the best ``k`` keys."""
+        theta = rng.beta(a, b)
+        key = theta[cat_of[best_first]] / np.log2(2.0 + np.arange(len(best_first)))
+        return best_first[np.argsort(-key, kind="stable")[:k]]
+
+    def _slots(self, best_first: np.ndarray, cat_of: np.ndarray, a: np.ndarray,
+               b: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """The first ``slots`` slots one by one: a fresh draw per slot, the best remaining
+        candidate of the winning category; the rest in the scorer's order."""
+        cats = cat_of[best_first]
+        queues = [list(best_first[cats == j]) for j in range(len(a))]
+        left = np.array([bool(q) for q in queues])
         chosen: list[int] = []
-        props: list[float] = []
-        left = np.ones(len(names), bool)
-        for _ in range(n_slots):
-            theta = np.where(left, rng.beta(a, b), -1.0)
-            j = int(np.argmax(theta))
+        for _ in range(min(k, self.config.slots, len(best_first))):
+            j = int(np.argmax(np.where(left, rng.beta(a, b), -1.0)))
             chosen.append(int(queues[j].pop(0)))
-            if extra is not None:
-                wins = int(np.sum(np.argmax(np.where(left, extra, -1.0), axis=1) == j))
-                props.append((wins + 1) / (draws + 1))  # the served draw is one of them
-            else:
-                props.append(1.0)
-            if not queues[j]:
-                left[j] = False
+            left[j] = bool(queues[j])
         taken = set(chosen)
-        rest = [int(i) for i in best_first[: k + n_slots] if int(i) not in taken]
-        rest = rest[: max(k - n_slots, 0)]
-        return (np.asarray(chosen + rest, np.int64),
-                np.asarray(props + [1.0] * len(rest), np.float64))
+        rest = [int(i) for i in best_first if int(i) not in taken][: max(k - len(chosen), 0)]
+        return np.asarray(chosen + rest, np.int64)
