@@ -59,6 +59,9 @@ class CategoryExploreConfig:
                      "first ones; the rest in the scorer's order).", 10)
     propensity_draws: int = doc("Extra lists drawn per request for the logged propensity "
                                 "estimate of each slot (0: log 1 / 1).", 16)
+    item_adjusted: bool = doc("Weigh each exposure by its item's shard-wide click rate over "
+                              "the shard's (expected clicks instead of impressions), so a "
+                              "category is not credited with its items' popularity.", False)
     max_users: int = doc("Users whose posteriors a shard keeps (least recently updated "
                          "dropped first).", 100_000)
 
@@ -94,6 +97,27 @@ class CategoryBandit:
         """user -> (last list id, category -> [clicks, exposure])."""
         self.totals: dict[str, list[float]] = {}
         """category -> [clicks, exposure] over the shard (never decayed)."""
+        self.items: OrderedDict[str, list[float]] = OrderedDict()
+        """item -> [clicks, discounted impressions] over the shard (``item_adjusted``)."""
+        self.all = [0.0, 0.0]
+        """[clicks, discounted impressions] over the shard (``item_adjusted``)."""
+
+    def _item_weight(self, item_id: str | None, discount: float) -> float:
+        """``item_adjusted``: the item's shard-wide click rate over the shard's (shrunk by
+        ``prior_strength`` impressions), so clicks on items everyone clicks weigh less."""
+        if item_id is None:
+            return 1.0
+        counts = self.items.get(item_id)
+        if counts is None:
+            counts = self.items[item_id] = [0.0, 0.0]
+            if len(self.items) > self.config.max_users:
+                self.items.popitem(last=False)
+        s = self.config.prior_strength
+        overall = (self.all[0] + 1.0) / (self.all[1] + 2.0)
+        rate = (counts[0] + s * overall) / (counts[1] + s)
+        counts[1] += discount
+        self.all[1] += discount
+        return rate / overall
 
     def _user(self, user_id: str) -> tuple[str, dict[str, list[float]]]:
         entry = self.users.get(user_id)
@@ -106,8 +130,9 @@ class CategoryBandit:
         return entry
 
     def exposure(self, user_id: str, category: str | None, position: int | None,
-                 list_id: str | None) -> None:
-        """An impression of an item of ``category`` at ``position`` in list ``list_id``."""
+                 list_id: str | None, item_id: str | None = None) -> None:
+        """An impression of an item of ``category`` at ``position`` in list ``list_id``
+        (``item_id``: only read with ``item_adjusted``)."""
         last, counts = self._user(user_id)
         if list_id is not None and list_id != last:
             decay = self.config.decay
@@ -117,13 +142,20 @@ class CategoryBandit:
                     c[1] *= decay
             self.users[user_id] = (list_id, counts)
         w = exposure_weight(position)
+        if self.config.item_adjusted:
+            w *= self._item_weight(item_id, w)
         key = category or ""
         counts.setdefault(key, [0.0, 0.0])[1] += w
         self.totals.setdefault(key, [0.0, 0.0])[1] += w
 
-    def click(self, user_id: str, category: str | None) -> None:
+    def click(self, user_id: str, category: str | None, item_id: str | None = None) -> None:
         """A click on an impression of an item of ``category``."""
         key = category or ""
+        if self.config.item_adjusted and item_id is not None:
+            counts = self.items.get(item_id)
+            if counts is not None:
+                counts[0] += 1.0
+            self.all[0] += 1.0
         _, counts = self._user(user_id)
         counts.setdefault(key, [0.0, 0.0])[0] += 1.0
         self.totals.setdefault(key, [0.0, 0.0])[0] += 1.0

@@ -24,15 +24,15 @@ class CategoryExplore:
         self.ordered = 0
         """Lists ordered by category sampling (metrics)."""
 
-    def impression(self, user_id: str, category: str | None, position: int | None,
-                   request_id: str | None) -> None:
-        self.bandit.exposure(user_id, category, position, request_id)
+    def impression(self, user_id: str, item_id: str, category: str | None,
+                   position: int | None, request_id: str | None) -> None:
+        self.bandit.exposure(user_id, category, position, request_id, item_id)
 
-    def feedback(self, user_id: str, category: str | None, action: str,
+    def feedback(self, user_id: str, item_id: str, category: str | None, action: str,
                  impression_id: str | None) -> None:
         """A feedback event: a click (``actions``) on an impression counts."""
         if impression_id is not None and action in self.actions:
-            self.bandit.click(user_id, category)
+            self.bandit.click(user_id, category, item_id)
 
     def order(self, request: Any, user_id: str, pool: CandidatePool) -> list[Candidate] | None:
         """The top k of ``pool`` (scored) by category sampling, propensities set; None

@@ -692,7 +692,7 @@ class Server:
         slot = min(k, len(ranked)) - 1
         if (h & 0xFFFFFFFF) / 2**32 >= epsilon:
             # Logged as if a new item had been eligible (not looked up when not exploring).
-            ranked[slot].propensity = 1.0 - epsilon
+            ranked[slot].propensity *= 1.0 - epsilon  # times category sampling's, if any
             return ranked
         fresh = self._new_items(request, {c.item_id for c in ranked[:k]} | set(consumed or ()))
         if not fresh:

@@ -279,9 +279,11 @@ class UserShard:
         category = attrs.get("category") if attrs is not None else None
         category = category if isinstance(category, str) else None
         if event.type == "impression":
-            explore.impression(event.user_id, category, event.position, event.request_id)
+            explore.impression(event.user_id, event.item_id, category, event.position,
+                               event.request_id)
         else:
-            explore.feedback(event.user_id, category, event.action, event.impression_id)
+            explore.feedback(event.user_id, event.item_id, category, event.action,
+                             event.impression_id)
 
     def _item_attrs(self, item_id: str) -> dict[str, Any] | None:
         """The item's attributes for the profiles of an interaction (marks it used)."""
