@@ -7,7 +7,8 @@ exposure - clicks)``, with a prior of ``prior_strength`` exposures at the catego
 shard-wide rate (``a0 = s * rate_c``, ``b0 = s * (1 - rate_c)``; ``rate_c`` itself shrunk
 to the shard's overall rate). Counts forget by the user's own lists: every new list
 (request id) of a user multiplies that user's counts by ``decay``, so a taste that moved
-is re-explored after a few lists whatever the event-time span.
+is re-explored after a few lists whatever the event-time span. Declared organic signals
+(views, plays: ``join.organic``) count as a click on one exposure, times their weight.
 
 ``order`` draws from the posteriors with a generator seeded by the request id (a replay
 gives the same lists) and orders the scorer's best ``depth`` candidates: ``rerank`` (one
@@ -62,6 +63,9 @@ class CategoryExploreConfig:
     item_adjusted: bool = doc("Weigh each exposure by its item's shard-wide click rate over "
                               "the shard's (expected clicks instead of impressions), so a "
                               "category is not credited with its items' popularity.", False)
+    organic: bool = doc("Declared organic signals (join.organic: views, plays, ...) count "
+                        "as a click on one exposure of the item's category, times the "
+                        "signal's weight.", True)
     max_users: int = doc("Users whose posteriors a shard keeps (least recently updated "
                          "dropped first).", 100_000)
 
@@ -159,6 +163,15 @@ class CategoryBandit:
         _, counts = self._user(user_id)
         counts.setdefault(key, [0.0, 0.0])[0] += 1.0
         self.totals.setdefault(key, [0.0, 0.0])[0] += 1.0
+
+    def organic(self, user_id: str, category: str | None, weight: float) -> None:
+        """An organic interaction (a declared signal such as a view, no impression): the
+        user sought the item out, a click on one exposure, times ``weight``."""
+        key = category or ""
+        _, counts = self._user(user_id)
+        c = counts.setdefault(key, [0.0, 0.0])
+        c[0] += weight
+        c[1] += weight
 
     def knows(self, user_id: str) -> bool:
         """Whether the user was shown anything (else ``order`` keeps the scorer's order)."""

@@ -29,10 +29,14 @@ class CategoryExplore:
         self.bandit.exposure(user_id, category, position, request_id, item_id)
 
     def feedback(self, user_id: str, item_id: str, category: str | None, action: str,
-                 impression_id: str | None) -> None:
-        """A feedback event: a click (``actions``) on an impression counts."""
-        if impression_id is not None and action in self.actions:
-            self.bandit.click(user_id, category, item_id)
+                 impression_id: str | None, organic_weight: float | None = None) -> None:
+        """A feedback event: a click (``actions``) on an impression counts; so does an
+        organic signal (``organic_weight``: its declared weight, None for other actions)."""
+        if impression_id is not None:
+            if action in self.actions:
+                self.bandit.click(user_id, category, item_id)
+        elif organic_weight is not None and self.bandit.config.organic:
+            self.bandit.organic(user_id, category, organic_weight)
 
     def order(self, request: Any, user_id: str, pool: CandidatePool) -> list[Candidate] | None:
         """The top k of ``pool`` (scored) by category sampling, propensities set; None

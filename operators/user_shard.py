@@ -283,7 +283,7 @@ class UserShard:
                                event.request_id)
         else:
             explore.feedback(event.user_id, event.item_id, category, event.action,
-                             event.impression_id)
+                             event.impression_id, self.joiner.config.organic.get(event.action))
 
     def _item_attrs(self, item_id: str) -> dict[str, Any] | None:
         """The item's attributes for the profiles of an interaction (marks it used)."""

@@ -14,6 +14,7 @@ from serving_world import CATEGORY, ITEMS, T0, World, ask, feed, warm_up
 from events.model import Feedback, Impression, Item
 from flows.config import ConfigError, load_config
 from models.category_bandit import CategoryBandit, CategoryExploreConfig
+from operators.category_explore import CategoryExplore
 
 CATS = ["c0", "c1", "c2", "c3"]
 
@@ -172,3 +173,38 @@ def test_the_user_shard_serves_the_category_its_user_clicks(world: World) -> Non
     cold = ask(shard, "cold", ts=T0 + 100, request_id="q:cold")  # no impressions: unchanged
     assert [i["item_id"] for i in cold["items"]] == [
         i["item_id"] for i in ask(plain, "cold", ts=T0 + 100, request_id="q:cold")["items"]]
+
+
+def test_organic_signals_reveal_the_category_before_any_click() -> None:
+    """Views (declared organic signals) of c2 items lift c2 for a user who never clicked;
+    with ``organic = false`` they are ignored."""
+    counts = {}
+    for organic in (True, False):
+        explore = CategoryExplore(CategoryExploreConfig(organic=organic))
+        show(explore.bandit, "u", 2, None)
+        for n in range(4):
+            explore.feedback("u", f"v{n}", "c2", "view", None, 0.3)
+        explore.feedback("u", "r1", "c2", "rating", None, None)  # not a declared signal
+        counts[organic] = share(explore.bandit, "u", "c2")
+    assert counts[True] > counts[False] + 0.15
+
+
+def test_item_adjusted_exposure_discounts_clicks_on_items_everyone_clicks() -> None:
+    """With ``item_adjusted``, a category whose clicks went to an item every user clicks
+    is credited less than one whose clicks went to an item nobody else clicks."""
+    means = {}
+    for adjusted in (True, False):
+        bandit = CategoryBandit(CategoryExploreConfig(item_adjusted=adjusted))
+        for n in range(40):  # the crowd clicks "hit" (c0), never "niche" (c1)
+            bandit.exposure(f"o{n}", "c0", 0, f"o{n}", "hit")
+            bandit.exposure(f"o{n}", "c1", 1, f"o{n}", "niche")
+            bandit.click(f"o{n}", "c0", "hit")
+        for rep in range(3):  # the user clicks both, once per list
+            bandit.exposure("u", "c0", 0, f"u{rep}", "hit")
+            bandit.exposure("u", "c1", 1, f"u{rep}", "niche")
+            bandit.click("u", "c0", "hit")
+            bandit.click("u", "c1", "niche")
+        clicks_c0 = bandit.users["u"][1]["c0"]
+        clicks_c1 = bandit.users["u"][1]["c1"]
+        means[adjusted] = (clicks_c1[0] / clicks_c1[1]) / (clicks_c0[0] / clicks_c0[1])
+    assert means[True] > 2 * means[False]  # the niche category's rate relative to the hit's
