@@ -210,24 +210,21 @@ class CategoryBandit:
         best_first = np.argsort(-scores, kind="stable")[:depth]
         a, b = self.posterior(user_id, names)
         rng = np.random.default_rng(seed)
-        draw = self._slots if self.config.mode == "slots" else self._rerank
-        served = draw(best_first, cat_of, a, b, k, rng)
         draws = self.config.propensity_draws
+        if self.config.mode == "rerank":  # every list at once: one row of draws per list
+            theta = rng.beta(a, b, size=(draws + 1, len(names)))
+            key = theta[:, cat_of[best_first]] / np.log2(2.0 + np.arange(len(best_first)))
+            top = np.argsort(-key, axis=1, kind="stable")[:, :k]
+            hits = (top[1:] == top[0]).sum(axis=0)
+            return best_first[top[0]], (hits + 1.0) / (draws + 1.0)
+        draw = self._slots
+        served = draw(best_first, cat_of, a, b, k, rng)
         hits = np.zeros(len(served))
         for _ in range(draws):
             other = draw(best_first, cat_of, a, b, k, rng)
             n = min(len(other), len(served))
             hits[:n] += other[:n] == served[:n]
         return served, (hits + 1.0) / (draws + 1.0)  # the served draw is one of them
-
-    @staticmethod
-    def _rerank(best_first: np.ndarray, cat_of: np.ndarray, a: np.ndarray, b: np.ndarray,
-                k: int, rng: np.random.Generator) -> np.ndarray:
-        """One draw per category; each candidate's key is its category's draw times the
-        DCG discount of its rank in the scorer's order; the best ``k`` keys."""
-        theta = rng.beta(a, b)
-        key = theta[cat_of[best_first]] / np.log2(2.0 + np.arange(len(best_first)))
-        return best_first[np.argsort(-key, kind="stable")[:k]]
 
     def _slots(self, best_first: np.ndarray, cat_of: np.ndarray, a: np.ndarray,
                b: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
