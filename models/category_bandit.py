@@ -44,7 +44,8 @@ class CategoryExploreConfig:
 
     enabled: bool = doc("Order each list by Thompson sampling over the user's per-category "
                         "click posteriors (the scorer's order inside a category); users "
-                        "without logged impressions keep the scorer's order.", False)
+                        "without logged impressions keep the scorer's order. Default by "
+                        "measurement: docs/evaluation.md.", True)
     actions: list[str] = doc("Feedback actions on an impression that count as a click.",
                              factory=lambda: ["click"])
     prior_strength: float = doc("Prior weight in position-discounted exposures (a0 + b0), at "
@@ -62,7 +63,7 @@ class CategoryExploreConfig:
                                 "estimate of each slot (0: log 1 / 1).", 16)
     item_adjusted: bool = doc("Weigh each exposure by its item's shard-wide click rate over "
                               "the shard's (expected clicks instead of impressions), so a "
-                              "category is not credited with its items' popularity.", False)
+                              "category is not credited with its items' popularity.", True)
     organic: bool = doc("Declared organic signals (join.organic: views, plays, ...) count "
                         "as a click on one exposure of the item's category, times the "
                         "signal's weight.", True)

@@ -134,7 +134,7 @@ def test_the_user_shard_serves_the_category_its_user_clicks(world: World) -> Non
     world.publish_all()
     shard = world.user_shard(category_explore=CategoryExploreConfig(enabled=True))
     twin = world.user_shard(category_explore=CategoryExploreConfig(enabled=True))
-    plain = world.user_shard()
+    plain = world.user_shard(category_explore=CategoryExploreConfig(enabled=False))
     for s in (shard, twin, plain):
         feed(s, [Item(T0 - 3_600_000, item, {"category": CATEGORY[item]}) for item in ITEMS])
         warm_up(s)
