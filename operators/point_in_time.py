@@ -196,9 +196,10 @@ class PointInTime:
         self._frozen: FrozenViews | None = None
         self._retained: deque[weakref.ref[FrozenViews]] = deque()
         """Replaced snapshot versions that deferred features may still read, oldest first."""
-        self._statics: dict[tuple[str, int, int], tuple[Any, Any, dict[str, Any], dict[str, Any]]] = {}
-        """``_static_part`` memo: (item, id(table), id(attrs)) -> (table weakref, attrs,
-        static features, the same at example precision)."""
+        self._statics: dict[str, tuple[Any, Any, dict[str, Any], dict[str, Any]]] = {}
+        """``_static_part`` memo: item -> (table weakref, attributes object, static
+        features, the same at example precision), for the newest table and attributes
+        asked."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Recovery state without the frozen snapshot views (reloaded from the store)."""
@@ -331,19 +332,19 @@ class PointInTime:
     def _static_part(self, item_id: str, table: ItemTable | None, attrs: dict[str, Any] | None
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
         """``static_item_features`` of an item and the same at example precision
-        (``float32_features(compact(...))``), memoised by item, table version and
+        (``float32_features(compact(...))``), memoised per item for one table version and
         attributes object (both immutable once taken; the table held weakly, so the memo
         never keeps a replaced version alive). Both dicts are shared: never modified."""
-        key = (item_id, id(table), id(attrs))
-        hit = self._statics.get(key)
-        if hit is not None and hit[1] is attrs and (hit[0] is None if table is None
-                                                    else hit[0]() is table):
+        hit = self._statics.get(item_id)
+        if hit is not None and hit[1] is attrs and (
+                hit[0] is None if table is None else hit[0] is not None and hit[0]() is table):
             return hit[2], hit[3]
         static = static_item_features(item_id, table, attrs)
         rounded = float32_features(compact(static))
         if len(self._statics) >= MAX_STATIC_MEMO:
             self._statics.clear()
-        self._statics[key] = (None if table is None else weakref.ref(table), attrs, static, rounded)
+        self._statics[item_id] = (None if table is None else weakref.ref(table), attrs, static,
+                                  rounded)
         return static, rounded
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
@@ -525,13 +526,13 @@ class PointInTime:
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
         consumed = ctx.consumed
-        if consumed:  # the user's own history with the item: do repeats pay off?
-            seen = np.fromiter(map(consumed.__contains__, item_ids), np.float64, n)
-            if seen.any():
-                numeric["ui.interacted"] = seen
-                recency = liked_recency(ctx.liked, self.covis.decay)
-                numeric["ui.liked"] = np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
-                                                  np.float64, n)
+        if consumed and any(map(consumed.__contains__, item_ids)):
+            # the user's own history with the item: do repeats pay off?
+            numeric["ui.interacted"] = np.fromiter(map(consumed.__contains__, item_ids),
+                                                   np.float64, n)
+            recency = liked_recency(ctx.liked, self.covis.decay)
+            numeric["ui.liked"] = np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
+                                              np.float64, n)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
         if arrays:
