@@ -319,13 +319,16 @@ class PointInTime:
             profile, profile_keys = float32_features(compact(ctx.profile)), ctx.profile.keys()
             for j, d in enumerate(group):
                 static, static_rounded = self._static_part(d.item_id, cols.tables[j], cols.attrs[j])
-                rest: dict[str, Any] = {name: values[j] for name, values in numeric}
-                for feats in cross[j]:
-                    rest.update(feats)
-                if (static.keys().isdisjoint(rest) and profile_keys.isdisjoint(static)
+                rest: dict[str, Any] = {}
+                if numeric or cross[j]:
+                    rest = {name: values[j] for name, values in numeric}
+                    for feats in cross[j]:
+                        rest.update(feats)
+                if not rest and profile_keys.isdisjoint(static):
+                    d._resolved = {**profile, **static_rounded}
+                elif (rest and static.keys().isdisjoint(rest) and profile_keys.isdisjoint(static)
                         and profile_keys.isdisjoint(rest)):
-                    d._resolved = ({**profile, **static_rounded, **float32_features(compact(rest))}
-                                   if rest else {**profile, **static_rounded})
+                    d._resolved = {**profile, **static_rounded, **float32_features(compact(rest))}
                 else:  # as item_features builds it
                     d._resolved = float32_features(compact({**ctx.profile, **static, **rest}))
 
