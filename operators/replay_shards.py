@@ -22,12 +22,8 @@ micro-batches, that it gets from one partition:
 
 The partitions one process runs share one reader (``_SharedLog``): each window is read
 and split once per process, whatever the number of its partitions (reading it once per
-partition cost 5.7% of a one-process run's CPU). When one worker runs every partition
-(a one-process, one-worker run) nothing is split: the lowest partition emits each
-window whole, as the one-partition ``ReplaySource`` does, and the flow parses and routes
-it in one piece (splitting bought nothing there and cost 13% of the joiner path: the
-line scan, eight small batches parsed, routed and counted instead of one). A named pipe
-(FIFO) cannot be read more than once: it is read as one partition.
+partition cost 5.7% of a one-process run's CPU). A named pipe (FIFO) cannot be read
+more than once: it is read as one partition.
 """
 
 from __future__ import annotations
@@ -109,8 +105,8 @@ it the fastest partition waits (returns nothing) until they catch up."""
 
 class _SharedLog:
     """One process's reader of a log for the shard partitions it runs: each window is
-    read and split once (``split_window``; not split when one worker runs every shard)
-    and held until every local partition took its part. A partition whose offset is not the reader's (a resume from positions
+    read and split once (``split_window``) and held until every local partition took
+    its part. A partition whose offset is not the reader's (a resume from positions
     that differ) reads privately instead (``_PRIVATE``)."""
 
     def __init__(self, source: ShardedReplaySource, offset: int) -> None:
@@ -120,14 +116,11 @@ class _SharedLog:
         self.pos = offset
         self.ended = False
         self.members: set[int] = set()
-        self.threads: set[int] = set()
-        """The worker threads that built the members (one: windows go out whole)."""
-        self.windows: dict[int, tuple[int, dict[int, list[Any]], set[int]]] = {}
+        self.windows: dict[int, tuple[int, dict[int, ShardBatch], set[int]]] = {}
         self.lock = threading.Lock()
 
-    def take(self, shard: int, offset: int) -> tuple[list[Any] | None, int] | str:
-        """(shard's part of the window at ``offset`` (a ``ShardBatch``, or the whole
-        window of lines when one worker runs every shard) or None, the next offset), or
+    def take(self, shard: int, offset: int) -> tuple[ShardBatch | None, int] | str:
+        """(shard's part of the window at ``offset`` or None, the next offset), or
         ``_END``, ``_WAIT`` (nothing due yet), ``_PRIVATE``."""
         with self.lock:
             window = self.windows.get(offset)
@@ -146,12 +139,8 @@ class _SharedLog:
                 nxt = self.reader.snapshot()
                 if nxt == self.pos:
                     return _WAIT  # paced: the lines are not due yet
-                lines = batches[0] if batches else []
-                parts: dict[int, list[Any]]
-                if len(self.threads) == 1 and self.members.issuperset(range(self.source.shards)):
-                    parts = {min(self.members): lines}  # one worker runs every shard
-                else:
-                    parts = split_window(lines, self.members, self.source.shard_of)
+                parts = split_window(batches[0] if batches else [], self.members,
+                                     self.source.shard_of)
                 window = self.windows[offset] = (nxt, parts, set(self.members))
                 self.pos = nxt
             nxt, parts, remaining = window
@@ -174,7 +163,7 @@ class _SharedLog:
                 self.reader.close()
 
 
-class _ShardPartition(StatefulSourcePartition[list[Any], int]):
+class _ShardPartition(StatefulSourcePartition[ShardBatch, int]):
     """One user shard's part of each window of the log; state = the byte offset of the
     next window (as ``_ReplayPartition``)."""
 
@@ -184,7 +173,7 @@ class _ShardPartition(StatefulSourcePartition[list[Any], int]):
         self._offset = offset
         self._private: _ReplayPartition | None = None
 
-    def next_batch(self) -> list[list[Any]]:
+    def next_batch(self) -> list[ShardBatch]:
         if self._private is None:
             got = self._shared.take(self._shard, self._offset)
             if got == _END:
@@ -250,7 +239,6 @@ class ShardedReplaySource(ReplaySource):
             shared = self._shared
         with shared.lock:
             shared.members.add(shard)
-            shared.threads.add(threading.get_ident())
         return _ShardPartition(shared, shard, offset)
 
 

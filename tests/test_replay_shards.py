@@ -13,12 +13,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-from bytewax.testing import cluster_main, run_main
+from bytewax.testing import cluster_main
 
 from events.model import EventParser, Item
 from flows.recsys import build
 from operators.placement import worker_of
-from operators.replay_shards import ShardBatch, ShardedReplaySource, line_user, parse_shard_batch
+from operators.replay_shards import ShardedReplaySource, line_user, parse_shard_batch
 from operators.sources import ReplaySource, _ReplayPartition
 from operators.user_shard import UserShard, route_events, shard_key
 from state.hashing import ShardOf
@@ -67,26 +67,6 @@ def _batches(part: _ReplayPartition) -> list[list]:
             return out
 
 
-def _build(source: ShardedReplaySource, names: list[str], states: list | None = None,
-           split: bool = True) -> list:
-    """The partitions ``names`` as one worker builds them (every window goes out whole),
-    or, with ``split``, the first on another thread (two workers of one process: each
-    window is split by shard)."""
-    states = states or [None] * len(names)
-    parts: list = [None] * len(names)
-
-    def build(i: int) -> None:
-        parts[i] = source.build_part("in", names[i], states[i])
-
-    if split:
-        thread = threading.Thread(target=build, args=(0,))
-        thread.start()
-        thread.join()
-    for i in range(1 if split else 0, len(names)):
-        build(i)
-    return parts
-
-
 def _round_robin(parts: list) -> list:
     """Every batch of ``parts``, polled in turn as one Bytewax worker does, until all end."""
     out, live = [], list(parts)
@@ -116,13 +96,9 @@ def test_line_user_reads_only_what_is_certain() -> None:
     assert line_user(b'{"type":"user","user_id":"u7}') is None  # no closing quote
 
 
-@pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("batch_size", [7, 64])
 def test_shards_get_the_one_partition_events_in_the_same_batches(tmp_path: Path,
-                                                                 batch_size: int,
-                                                                 split: bool) -> None:
-    """Split (several workers) or whole (one worker runs every shard), each user shard
-    gets the events and micro-batches of the one-partition source."""
+                                                                 batch_size: int) -> None:
     path = tmp_path / "log.jsonl"
     _log(path)
     shard_of = ShardOf(SHARDS)
@@ -145,20 +121,15 @@ def test_shards_get_the_one_partition_events_in_the_same_batches(tmp_path: Path,
     got: dict[str, list[list]] = defaultdict(list)
     got_dead, got_events = [], Counter()
     parser = EventParser()
-    for batch in _round_robin(_build(sharded, parts, split=split)):
-        assert isinstance(batch, ShardBatch) == split
-        if split:
+    for batch in _round_robin([sharded.build_part("in", name, None) for name in parts]):
+        if True:
             events, dead, copies = parse_shard_batch(parser, batch, shard_of)
+            got_dead += dead
+            got_events.update(e.type for e in events)
             got_events["item"] -= copies
-            routes = route_events(events, SHARDS, shard_of, 0, batch.shard)
-            assert {key for key, _ in routes} <= {shard_key(batch.shard)}  # nothing crosses
-        else:
-            events, dead = parser.parse_batch(batch)
-            routes = route_events(events, SHARDS, shard_of, 0)
-        got_dead += dead
-        got_events.update(e.type for e in events)
-        for key, (_, routed, _) in routes:
-            got[key].append(routed)
+            for key, (_, routed, _) in route_events(events, SHARDS, shard_of, 0, batch.shard):
+                assert key == shard_key(batch.shard)  # nothing crosses to another shard
+                got[key].append(routed)
     assert got == expected
     assert got_events == all_events  # each line counted once
     assert sorted(d["raw"] for d in got_dead) == sorted(d["raw"] for d in all_dead)
@@ -234,7 +205,7 @@ def test_partitions_of_a_process_share_one_reader(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(replay_shards, "line_user", lambda line: looked.update([line]) or real(line))
     monkeypatch.setattr(replay_shards, "MAX_AHEAD", 3)
     source = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=10)
-    parts = _build(source, source.list_parts())
+    parts = [source.build_part("in", name, None) for name in source.list_parts()]
     ahead = [parts[0].next_batch() for _ in range(6)]
     assert all(ahead[:3]) and not any(ahead[3:])  # held at 3 windows until the rest move
     assert len(source._shared.windows) == 3
@@ -248,46 +219,12 @@ def test_partitions_resumed_at_other_offsets_read_privately(tmp_path: Path) -> N
     _log(path)
     source = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=16)
     names = source.list_parts()
-    whole = [list(b) for b in _round_robin(_build(source, names))]
+    whole = [list(b) for b in _round_robin([source.build_part("in", n, None) for n in names])]
     first = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=16)
-    parts = _build(first, names)
+    parts = [first.build_part("in", n, None) for n in names]
     head = parts[1].next_batch() + parts[0].next_batch() + parts[0].next_batch()
     states = [p.snapshot() for p in parts]
     assert len(set(states)) == 3  # partition 0 two windows in, 1 one, the others none
     again = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=16)
-    tail = _round_robin(_build(again, names, states))
+    tail = _round_robin([again.build_part("in", n, s) for n, s in zip(names, states, strict=True)])
     assert sorted(map(list, head + tail)) == sorted(whole)
-
-
-def test_one_worker_reads_windows_whole_with_the_same_outputs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One worker running every shard gets each window whole on its lowest partition (no
-    split), and the flow writes exactly what it writes from the one-partition source:
-    one micro-batch per window, so the item shards publish at most once per window (a
-    split window's parts were micro-batches of their own)."""
-    path = tmp_path / "log.jsonl"
-    _log(path)
-    source = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=50)
-    parts = _build(source, source.list_parts(), split=False)
-    first = parts[0].next_batch()
-    assert first and not isinstance(first[0], ShardBatch)
-    assert [p.next_batch() for p in parts[1:]] == [[], [], []]
-
-    def outputs(name: str) -> dict[str, list[bytes]]:
-        """Each output file's records, sorted (shards interleave in either order)."""
-        out = tmp_path / name
-        run_main(build({"inputs": [{"kind": "replay", "path": str(path), "batch_size": 50}],
-                        "shards": {"users": 4, "items": 2}, "output": {"dir": str(out)},
-                        "snapshots": {"dir": str(tmp_path / f"snap-{name}")}}))
-        files = {p.name: list(map(orjson.loads, p.read_bytes().splitlines()))
-                 for p in out.glob("*.jsonl") if p.name not in ("metrics.jsonl", "snapshots.jsonl")}
-        for record in files["dead-letters.jsonl"]:
-            del record["ingest_ts"]  # wall clock
-        for record in files["recommendations.jsonl"]:
-            del record["latency_ms"]
-        return {name: sorted(map(orjson.dumps, records)) for name, records in files.items()}
-
-    whole = outputs("whole")
-    monkeypatch.setattr(ShardedReplaySource, "_sharded", lambda self: False)  # one partition
-    assert outputs("one-partition") == whole
-    assert whole["examples.jsonl"] and whole["dead-letters.jsonl"]
