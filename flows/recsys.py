@@ -21,7 +21,6 @@ Serving reads the snapshots back from the store (nearline), so the graph stays a
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from events.logfile import LogFileError, check_log
 from events.model import EventParser, Record
 from events.simulator import SimConfig
 from flows.config import OUTPUTS, Config, ConfigError, InputConfig, load_config  # noqa: F401 - OUTPUTS re-exported
+from flows.gc_policy import GC_THRESHOLD, apply_thresholds, freeze_now  # noqa: F401 - GC_THRESHOLD re-exported
 from flows.kafka_wait import wait_for_kafka
 from flows.logs import install_excepthook, setup_logging
 from flows.memory import memory_bound
@@ -58,10 +58,6 @@ from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
 from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
-
-GC_THRESHOLD = (50_000, 20, 100)
-"""CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
-joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +86,8 @@ def _source(inp: InputConfig, config: Config) -> Any:
         tail=inp.tail,
         discovery_timeout_s=config.kafka.startup_timeout_s,
         on_lost_offset=inp.offset_out_of_range,
+        on_caught_up=((lambda part: freeze_now(f"{part} read to the end of its log"))
+                      if config.gc.freeze_when_caught_up else None),
     )
 
 
@@ -208,15 +206,16 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     Side effects: installs the configured log handler (``log``), waits for the Kafka
     broker when the config uses Kafka (``kafka.startup_timeout_s``; ``BrokerUnavailable``
     after it), makes uncaught config and broker errors print one line
-    (``flows.logs.install_excepthook``), raises this process's GC thresholds to
-    ``GC_THRESHOLD`` and, with ``metrics.port``, starts the metrics endpoint.
+    (``flows.logs.install_excepthook``), sets this process's GC thresholds
+    (``gc.threshold``; Kafka inputs freeze the heap once caught up:
+    ``flows.gc_policy``) and, with ``metrics.port``, starts the metrics endpoint.
     """
     install_excepthook()
     config = load_config(config)
     setup_logging(config.log)
     check_inputs(config)
     wait_for_kafka(config, f"the {config.app} flow's topics")
-    gc.set_threshold(*GC_THRESHOLD)
+    apply_thresholds(config.gc)
     if config.metrics.port:  # /healthz from the start, before the metrics stage has items
         from operators import health
         from operators.prometheus import MetricsServer
