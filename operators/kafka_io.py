@@ -404,7 +404,7 @@ class KafkaSource(FixedPartitionedSource[list[bytes], int | None]):
         on_caught_up: Called once per partition (on the worker thread, with its part
             key) the first time a poll finds nothing new and the partition's next offset
             has reached the high watermark of a Fetch response: the backlog is read
-            (the flow freezes its GC heap then: ``flows.gc_policy``).
+            (the flow freezes its GC heap then: ``flows.runtime``).
     """
 
     def __init__(

@@ -1,10 +1,12 @@
-"""The flow process's GC policy (flows/gc_policy.py): thresholds from config, and one
-freeze once a Kafka input partition has read its backlog (real broker)."""
+"""The flow process's runtime (flows/runtime.py): GC thresholds and the GIL switch
+interval from config, and one GC freeze once a Kafka input partition has read its
+backlog (real broker)."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,8 @@ import pytest
 from bytewax.testing import run_main
 
 from flows.config import ConfigError, load_config
-from flows.gc_policy import GC_THRESHOLD
 from flows.recsys import build
+from flows.runtime import GC_THRESHOLD
 from operators.kafka_io import KafkaSource, part_key
 
 T0 = 1_767_225_600_000
@@ -23,28 +25,34 @@ T0 = 1_767_225_600_000
 
 @pytest.fixture
 def gc_state() -> Iterator[None]:
-    """Restore this test process's thresholds and unfreeze what a test froze."""
-    thresholds = gc.get_threshold()
+    """Restore this test process's thresholds and switch interval, and unfreeze what a
+    test froze."""
+    thresholds, switch = gc.get_threshold(), sys.getswitchinterval()
     gc.unfreeze()
     try:
         yield
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+        sys.setswitchinterval(switch)
 
 
-def test_threshold_config_reaches_the_process(tmp_path: Path, gc_state: None) -> None:
+def test_config_reaches_the_process(tmp_path: Path, gc_state: None) -> None:
     build({"inputs": [{"kind": "simulator", "events": 10}], "output": {"dir": str(tmp_path)},
-           "gc": {"threshold": [1234, 5, 6]}})
+           "runtime": {"gc_threshold": [1234, 5, 6], "switch_interval_ms": 2.5}})
     assert gc.get_threshold() == (1234, 5, 6)
+    assert sys.getswitchinterval() == pytest.approx(0.0025)
     build({"inputs": [{"kind": "simulator", "events": 10}], "output": {"dir": str(tmp_path)}})
     assert gc.get_threshold() == GC_THRESHOLD
+    assert sys.getswitchinterval() == pytest.approx(0.001)
 
 
-@pytest.mark.parametrize("bad", [[1, 2], [700, -1, 10], [1, 2, 3, 4]])
-def test_threshold_is_validated(bad: list[int]) -> None:
-    with pytest.raises(ConfigError, match=r"gc.*threshold"):
-        load_config({"gc": {"threshold": bad}})
+@pytest.mark.parametrize("bad", [{"gc_threshold": [1, 2]}, {"gc_threshold": [700, -1, 10]},
+                                 {"gc_threshold": [1, 2, 3, 4]}, {"switch_interval_ms": 0}])
+def test_runtime_keys_are_validated(bad: dict[str, Any]) -> None:
+    key = next(iter(bad))
+    with pytest.raises(ConfigError, match=rf"runtime.*{key}"):
+        load_config({"runtime": bad})
 
 
 def _drain(part: Any, n: int, calls: list[str]) -> list[int]:
@@ -109,10 +117,10 @@ def test_flow_freezes_its_heap_once_its_kafka_input_caught_up(
     flow = build({
         "app": app, "kafka": {"bootstrap": kafka_broker.bootstrap},
         "inputs": [{"kind": "kafka", "topics": ["events"], "tail": False, "batch_size": 16}],
-        "output": {"dir": str(tmp_path)}, "gc": {"freeze_when_caught_up": freeze},
+        "output": {"dir": str(tmp_path)}, "runtime": {"gc_freeze_when_caught_up": freeze},
     })
     assert gc.get_freeze_count() == 0
-    with caplog.at_level(logging.INFO, logger="flows.gc_policy"):
+    with caplog.at_level(logging.INFO, logger="flows.runtime"):
         run_main(flow)
     frozen = [r for r in caplog.records if r.getMessage().startswith("gc: froze")]
     if freeze:
