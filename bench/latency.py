@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -263,7 +264,6 @@ STEP_TIMES = {
 def step_seconds(api_port: int) -> dict[str, tuple[float, float]]:
     """(seconds, calls) per ``STEP_TIMES`` group and per output step (``out_<name>``),
     scraped from the flow's dataflow API; {} when it does not answer."""
-    import re
     import urllib.request
 
     try:
@@ -526,6 +526,8 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
             flow.wait(timeout=30)
             trace_lines = ((out / "trace.txt").read_text().splitlines()
                            if (out / "trace.txt").exists() else [])
+            froze = re.findall(r"gc: froze ([\d,]+) objects .* in (\d+) ms",
+                               (out / "flow.log").read_text(errors="replace"))
             shutil.rmtree(out, ignore_errors=True)
     got = [(receiver.received[r][0] - t) * 1000 for r, t in sent.items() if r in receiver.received]
     inflow = [receiver.received[r][1] for r in sent if r in receiver.received]
@@ -552,6 +554,9 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         "user_shard_ms_per_call": round(1e3 * user_s / user_calls, 2) if user_calls else None,
         "step_seconds": {g: round(v[0], 3) for g, v in sorted(steps.items())},
         **spans(sent, acks, receiver, trace_lines, client_gc, (live_from, live_to)),
+        # the flow's one freeze once its input caught up (runtime.gc_freeze_when_caught_up)
+        "gc_frozen_objects": int(froze[-1][0].replace(",", "")) if froze else 0,
+        "gc_freeze_pause_ms": int(froze[-1][1]) if froze else None,
     }
 
 
