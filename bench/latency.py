@@ -41,7 +41,7 @@ Loopback only; the run is bounded in count and time. Ends with one JSON line:
 the step timers, the spans and the GC figures above.
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
-[--compare-runtime] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
+[--compare-runtime] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
 [--compare-fetch-wait]``.
 """
 
@@ -594,9 +594,20 @@ def main() -> None:
                         help="also run with the process settings before flows/runtime.py "
                              "(GC thresholds 50000/20/100, no freeze once caught up, GIL "
                              "switch interval 5 ms)")
+    parser.add_argument("--compare-batch-size", type=int, default=0, metavar="N",
+                        help="also run with the Kafka input's inputs[].batch_size = N "
+                             "(default 1000): micro-batches bounded tighter")
     args = parser.parse_args()
     figures = run(args.seconds, args.requests_per_s, args.events_per_s, 10)
     print_spans("this flow", figures)
+    if args.compare_batch_size:  # right after, on the same machine load
+        small = run(args.seconds, args.requests_per_s, args.events_per_s, 10, overrides={
+            "inputs": [{"kind": "kafka", "topics": ["events"],
+                        "batch_size": args.compare_batch_size}]})
+        print_spans(f"batch_size {args.compare_batch_size}", small)
+        for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
+                    "inflow_p99_ms", "user_shard_share"):
+            figures[f"{key}_batch_{args.compare_batch_size}"] = small.get(key)
     if args.compare_runtime:  # right after, on the same machine load
         old_gc = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
                      overrides={"runtime": OLD_RUNTIME})
