@@ -424,6 +424,13 @@ def spans(sent: dict[str, float], acks: dict[str, tuple[float, int]], receiver: 
     def overlap(pauses: list[tuple[float, float]], lo: float, hi: float) -> float:
         return sum(max(0.0, min(e, hi) - max(s, lo)) for s, e in pauses)
 
+    lo_ms, hi_ms = live[0] / 1e6, live[1] / 1e6
+    out["stage_calls_over_5ms"] = {
+        cause: {"calls": len(v), "max_ms": round(max(e - b for b, e in v), 1),
+                "total_ms": round(sum(e - b for b, e in v), 1)}
+        for cause, v in sorted((c, [w for w in v if lo_ms <= w[0] <= hi_ms])
+                               for c, v in stalls.items() if not c.startswith("gc_"))
+        if v}
     out["tail_overlap_ms"] = {
         cause: round(sum(overlap(v, *w) for w in rt_windows) / max(len(rt_windows), 1), 1)
         for cause, v in sorted(stalls.items())}
@@ -572,6 +579,7 @@ def print_spans(title: str, figures: dict[str, Any]) -> None:
             print(f"  {name:<14}{v['p50']:>8}{v['p90']:>8}{v['p99']:>8}{v['tail_mean']:>12}")
     print(f"  GC pauses >= 1 ms in the flow: {figures.get('gc_flow_ms_by_gen')}; the slowest "
           f"1% overlapped (mean ms): {figures.get('tail_overlap_ms')}")
+    print(f"  stage calls of 5 ms or more: {figures.get('stage_calls_over_5ms')}")
 
 
 def main() -> None:
