@@ -20,7 +20,8 @@ trips). Two settings bound it:
   generation, which collections never scan again. Objects made later are collected as
   usual; one frozen now that later ends up in a reference cycle is not freed (objects
   freed by their reference count, most of them, are), so the freeze is done once per
-  partition, not periodically.
+  partition, not periodically (a partition catching up after another pays a collection
+  of what was made since the last freeze only: frozen objects are not scanned).
 
 The worker thread holds the GIL while it computes; the other threads of the process
 (each Kafka output's producer sender thread, the snapshot loader and writer threads)
