@@ -67,8 +67,9 @@ class CategoryExploreConfig:
     organic: bool = doc("Declared organic signals (join.organic: views, plays, ...) count "
                         "as a click on one exposure of the item's category, times the "
                         "signal's weight.", True)
-    max_users: int = doc("Users whose posteriors a shard keeps (least recently updated "
-                         "dropped first).", 100_000)
+    max_users: int = doc("Users whose posteriors a shard keeps, and items whose click rates "
+                         "it keeps (item_adjusted); the least recently updated dropped first.",
+                         100_000)
 
 
 def check_category_config(config: CategoryExploreConfig) -> None:
