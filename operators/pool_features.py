@@ -143,22 +143,12 @@ def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
         return out
     seed_counts = _counts(view, "liked", np.fromiter(
         map(view.ids.get, seeds, itertools.repeat(-1)), np.int64, len(seeds)))
-    weights = (1.0 / np.maximum(seed_counts, 1.0)).tolist()
-    tables = views.table_map()
-    factors: dict[str, float] = {}  # per shard: its table's decay to ts
-    triples = []
-    for seed, weight in zip(seeds, weights, strict=True):
-        shard = shard_of(seed)
-        table = tables.get(shard)
-        if table is not None:
-            f = factors.get(shard)
-            if f is None:
-                f = factors[shard] = table.covis_factor(ts)
-            triples.append((table, seed, weight * f))
+    weights = 1.0 / np.maximum(seed_counts, 1.0)
     # sum per pool item over the seeds' rows, in seed order (PointInTime._covis_lookup's
     # sums); neighbours without an id in the view are no pool items, so left out
     v = np.zeros(ids.size)
-    gids, gw = view.gather("liked", triples, intern=False)
+    gids, gw = view.gather_seeds("liked", seeds, weights, views.table_map(), shard_of, ts,
+                                 intern=False)
     if gids.size:
         all_ids, sums = sparse_sum(gids, gw, len(view.names))
         pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)

@@ -53,6 +53,12 @@ class CovisView:
         self._vmaps: dict[tuple[int, str], list[Any]] = {}
         """Per (loaded table, channel) with CSR rows: [table, its vocabulary's ids here
         (-2: none known yet)]."""
+        self._by_seed: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {
+            ch: {} for ch in CHANNELS}
+        """``row`` of each seed in its shard's synced table, by channel and seed (what
+        ``gather_seeds`` reads with one ``map``); a shard's entries go with its table."""
+        self._seeds_of: dict[str, list[tuple[str, str]]] = {}
+        """Per shard: the (channel, seed) entries of ``_by_seed`` its table holds."""
 
     def over_bound(self, min_ids: int = 16_384) -> bool:
         """More ids than ``max(min_ids, SLACK x the loaded tables' items)`` (per table the
@@ -93,6 +99,8 @@ class CovisView:
                 continue
             old = self._tables.get(shard)
             if old is not None:  # rows of the replaced version go
+                for ch, seed in self._seeds_of.pop(shard, ()):
+                    self._by_seed[ch].pop(seed, None)
                 self._rows = {k: v for k, v in self._rows.items() if k[0] != id(old)}
                 self._vmaps = {k: v for k, v in self._vmaps.items() if k[0] != id(old)}
                 self._known = {k: v for k, v in self._known.items() if k[0] != id(old)}
@@ -192,6 +200,58 @@ class CovisView:
             return _EMPTY
         return (np.concatenate(ids_parts),
                 np.concatenate(w_parts) * np.repeat(np.asarray(weights), sizes))
+
+    def gather_seeds(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
+                     tables: dict[str, ItemTable], shard_of: Any, ts_ms: int,
+                     intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``gather`` over ``seeds`` (newest first), seed k weighted ``seed_weights[k]`` x
+        its table's ``covis_factor(ts_ms)`` (its table: ``tables[shard_of(seed)]``; seeds
+        without one are left out): the same arrays as ``gather`` of those triples, with
+        the per-seed steps as a few ``map`` calls and numpy products (the products are
+        the same IEEE operations, so the sums are bitwise those of ``gather``). Rows not
+        cached yet are made by ``row`` / ``_known_row`` in seed order, as ``gather`` does
+        (new neighbours get ids in that order)."""
+        n = len(seeds)
+        if not n:
+            return _EMPTY
+        shards = list(map(shard_of, seeds))
+        used = set(shards)
+        synced = self._tables
+        if any(tables.get(sh) is not synced.get(sh) for sh in used):
+            # tables the view has not synced: the per-seed path
+            triples = []
+            for seed, sh, w in zip(seeds, shards, seed_weights.tolist(), strict=True):
+                table = tables.get(sh)
+                if table is not None:
+                    triples.append((table, seed, w * table.covis_factor(ts_ms)))
+            return self.gather(channel, triples, intern)
+        factor = {sh: t.covis_factor(ts_ms) for sh in used if (t := tables.get(sh)) is not None}
+        f = np.fromiter(map(factor.get, shards, itertools.repeat(np.nan)), np.float64, n)
+        by_seed = self._by_seed[channel]
+        rows = list(map(by_seed.get, seeds))
+        has_table = ~np.isnan(f)
+        if None in rows:
+            get_row = self.row if intern else self._known_row
+            full = self._rows
+            for k in np.flatnonzero(has_table).tolist():
+                if rows[k] is None:
+                    seed, sh = seeds[k], shards[k]
+                    table = tables[sh]
+                    row = rows[k] = get_row(table, channel, seed)
+                    if full.get((id(table), channel, seed)) is row:  # a whole row
+                        by_seed[seed] = row
+                        self._seeds_of.setdefault(sh, []).append((channel, seed))
+        keep = np.flatnonzero(has_table).tolist() if not has_table.all() else range(n)
+        if not len(keep):
+            return _EMPTY
+        kept = [rows[k] for k in keep]
+        id_parts = [r[0] for r in kept]
+        ids = np.concatenate(id_parts)
+        if not ids.size:
+            return _EMPTY
+        sizes = np.fromiter(map(len, id_parts), np.int64, len(kept))
+        weights = seed_weights[:n] * f if len(keep) == n else (seed_weights[:n] * f)[keep]
+        return ids, np.concatenate([r[1] for r in kept]) * np.repeat(weights, sizes)
 
     def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,
                    vocab_idx: np.ndarray) -> np.ndarray:

@@ -192,3 +192,42 @@ def test_views_of_one_loaded_table_share_its_sorted_rows(tmp_path: Path) -> None
         if names:
             shared = table.memo[("covis_rows", "liked")][item]
             assert a_w is shared[1] and b_w is shared[1]  # one computation for both
+
+
+@pytest.mark.parametrize(("seed", "loaded", "intern"),
+                         [(0, True, True), (1, True, False), (2, False, True), (3, False, False)])
+def test_gather_seeds_is_gather_of_the_triples_bit_for_bit(
+        tmp_path: Path, seed: int, loaded: bool, intern: bool) -> None:
+    """``CovisView.gather_seeds`` (serving's per-request path: cached rows by seed, the
+    weights as numpy products) gives ``gather`` of the per-seed triples: the same ids
+    handed out in the same order and the same arrays bit for bit, request after request,
+    across a new table version of one shard, with seeds whose shard has no table, seeds
+    without a row and repeated seeds."""
+    rng = random.Random(seed)
+    first = tables(seed, tmp_path if loaded else None)
+    newer = tables(seed + 10, tmp_path if loaded else None)
+    views = [CovisView(), CovisView()]
+    for request in range(8):
+        table_map = dict(first)
+        if request >= 4:  # shard s1 moves to a new version
+            table_map["s1"] = newer["s1"]
+        if request == 6:  # and s0 has no table for one request
+            del table_map["s0"]
+        seeds = rng.sample(ITEMS, 25) + ["not-an-item", "unseen-x"] + rng.sample(ITEMS, 3)
+        weights = np.array([rng.random() for _ in seeds])
+        ts = T + rng.randrange(10**7)
+        got = []
+        for k, view in enumerate(views):
+            view.sync(table_map)
+            if k == 0:
+                triples = [(table_map[shard_of(s)], s, w * table_map[shard_of(s)].covis_factor(ts))
+                           for s, w in zip(seeds, weights.tolist(), strict=True)
+                           if shard_of(s) in table_map]
+                out = view.gather("liked", triples, intern=intern)
+            else:
+                out = view.gather_seeds("liked", seeds, weights, table_map, shard_of, ts,
+                                        intern=intern)
+            got.append((out, list(view.names)))
+        ((ids0, w0), names0), ((ids1, w1), names1) = got
+        assert names0 == names1
+        assert ids0.size and np.array_equal(ids0, ids1) and np.array_equal(w0, w1)

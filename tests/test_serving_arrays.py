@@ -228,3 +228,32 @@ def test_covis_view_ids_stay_bounded_under_item_churn(world: World) -> None:
     assert most <= max(64, 2 * loaded) + 20 + 30  # the bound, plus one request's new ids
     assert len(unbounded.server.covis_view.names) >= 40 + 15 * 20
     assert unbounded.server.view_resets == 0
+
+
+@pytest.mark.parametrize("scorer", ["pool", "ranker"])
+def test_cross_profiles_are_queried_only_for_the_ranker(
+        world: World, monkeypatch: pytest.MonkeyPatch, scorer: str) -> None:
+    """The user x category profiles are LR features: a request the pool ranker orders
+    alone queries none of them (its features read only the numeric columns); one the
+    LR scores queries them (the control)."""
+    from operators.point_in_time import PointInTime
+
+    world.publish_tables()
+    world.publish_index()
+    _ranker_on_item_features(world)
+    shard = world.user_shard(scorer=scorer)
+    feed(shard, [Item(T0 - DAY, item, {"category": CATEGORY[item]}) for item in ITEMS]
+         + [click("u", SEED, T0 - 10_000), click("u", "a31", T0 - 5_000)])
+    queried: list[str] = []
+    query = PointInTime._cross_query
+
+    def counting(user_id: str, store: Any, value: str, ts_ms: int | None) -> Any:
+        queried.append(value)
+        return query(user_id, store, value, ts_ms)
+
+    monkeypatch.setattr(PointInTime, "_cross_query", staticmethod(counting))
+    record = ask(shard, "u", ts=T0, k=10)
+    assert len(record["items"]) == 10
+    server = shard.server
+    assert server is not None and server.served_by[scorer] == 1
+    assert (queried == []) == (scorer == "pool")
