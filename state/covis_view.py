@@ -211,20 +211,36 @@ class CovisView:
         the same IEEE operations, so the sums are bitwise those of ``gather``). Rows not
         cached yet are made by ``row`` / ``_known_row`` in seed order, as ``gather`` does
         (new neighbours get ids in that order)."""
+        ids, w, _ = self.gather_prefixes(channel, seeds, seed_weights, tables, shard_of, ts_ms,
+                                         (len(seeds),), intern)
+        return ids, w
+
+    def gather_prefixes(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
+                        tables: dict[str, ItemTable], shard_of: Any, ts_ms: int,
+                        prefixes: tuple[int, ...], intern: bool = True
+                        ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``gather_seeds``, and for each ``p`` of ``prefixes`` how many of the entries
+        come from ``seeds[:p]``: ``ids[:end], w[:end]`` is ``gather_seeds`` of those seeds
+        (rows are concatenated in seed order), so one gather serves several seed counts."""
         n = len(seeds)
         if not n:
-            return _EMPTY
+            return *_EMPTY, [0] * len(prefixes)
         shards = list(map(shard_of, seeds))
         used = set(shards)
         synced = self._tables
         if any(tables.get(sh) is not synced.get(sh) for sh in used):
             # tables the view has not synced: the per-seed path
-            triples = []
-            for seed, sh, w in zip(seeds, shards, seed_weights.tolist(), strict=True):
+            triples, at = [], []
+            for k, (seed, sh, w) in enumerate(zip(seeds, shards, seed_weights.tolist(),
+                                                  strict=True)):
                 table = tables.get(sh)
                 if table is not None:
                     triples.append((table, seed, w * table.covis_factor(ts_ms)))
-            return self.gather(channel, triples, intern)
+                    at.append(k)
+            ids, w = self.gather(channel, triples, intern)
+            ends = [self.gather(channel, [t for t, k in zip(triples, at, strict=True) if k < p],
+                                intern)[0].size for p in prefixes]
+            return ids, w, ends
         factor = {sh: t.covis_factor(ts_ms) for sh in used if (t := tables.get(sh)) is not None}
         f = np.fromiter(map(factor.get, shards, itertools.repeat(np.nan)), np.float64, n)
         by_seed = self._by_seed[channel]
@@ -241,17 +257,21 @@ class CovisView:
                     if full.get((id(table), channel, seed)) is row:  # a whole row
                         by_seed[seed] = row
                         self._seeds_of.setdefault(sh, []).append((channel, seed))
-        keep = np.flatnonzero(has_table).tolist() if not has_table.all() else range(n)
-        if not len(keep):
-            return _EMPTY
-        kept = [rows[k] for k in keep]
+        keep = np.flatnonzero(has_table)
+        if not keep.size:
+            return *_EMPTY, [0] * len(prefixes)
+        kept = [rows[k] for k in keep.tolist()] if keep.size < n else rows
         id_parts = [r[0] for r in kept]
         ids = np.concatenate(id_parts)
         if not ids.size:
-            return _EMPTY
+            return *_EMPTY, [0] * len(prefixes)
         sizes = np.fromiter(map(len, id_parts), np.int64, len(kept))
-        weights = seed_weights[:n] * f if len(keep) == n else (seed_weights[:n] * f)[keep]
-        return ids, np.concatenate([r[1] for r in kept]) * np.repeat(weights, sizes)
+        weights = seed_weights[:n] * f if keep.size == n else (seed_weights[:n] * f)[keep]
+        w = np.concatenate([r[1] for r in kept]) * np.repeat(weights, sizes)
+        if prefixes == (n,):
+            return ids, w, [ids.size]
+        ends = np.concatenate([[0], np.cumsum(sizes)])[np.searchsorted(keep, prefixes)]
+        return ids, w, ends.tolist()
 
     def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,
                    vocab_idx: np.ndarray) -> np.ndarray:

@@ -231,3 +231,34 @@ def test_gather_seeds_is_gather_of_the_triples_bit_for_bit(
         ((ids0, w0), names0), ((ids1, w1), names1) = got
         assert names0 == names1
         assert ids0.size and np.array_equal(ids0, ids1) and np.array_equal(w0, w1)
+
+
+@pytest.mark.parametrize(("seed", "counts"), [(0, (100, 1)), (1, (7, 2, 30)), (2, (1,))])
+def test_liked_knn_of_several_seed_counts_is_each_counts_row_by_row_sums(
+        tmp_path: Path, seed: int, counts: tuple[int, ...]) -> None:
+    """``long_liked`` and ``last_liked`` from one gather (``_liked_knn``: the newest k
+    seeds' rows are a prefix of it) equal the reference sums of each seed count alone."""
+    from operators.pool_features import _liked_knn
+
+    rng = random.Random(seed)
+    table_map = tables(seed, tmp_path)
+    view = CovisView()
+    view.sync(table_map)
+    pool = rng.sample(ITEMS, 50)
+    ids = view.intern(pool)
+    seeds = ["not-an-item"] + rng.sample(ITEMS, 30)  # the newest has no table row
+    context = SimpleNamespace(
+        views=SimpleNamespace(table_map=lambda: table_map), item_shard_of=shard_of,
+        liked=SimpleNamespace(recent=lambda user, n: seeds[:n]),
+        covis=SimpleNamespace(decay=0.8))
+    ts = T + 5_000
+    got = _liked_knn(context, view, SimpleNamespace(user_id="u"), ids, ts, 0.5, counts)
+    for count, vec in zip(counts, got, strict=True):
+        mine = seeds[:count]
+        w = [1.0 / max(view.counts["liked"][view.ids[s]] if s in view.ids else 0.0, 1.0)
+             for s in mine]
+        ref = np.asarray(PointInTime._covis_lookup(context, mine, "liked", pool, table_map, ts, w))
+        ref = ref / np.maximum(view.counts["liked"][ids], 1.0) ** 0.5
+        ref = ref / ref.max() if ref.max() > 0 else np.zeros(len(pool))
+        assert np.array_equal(vec, ref), count
+    assert any(v.max() > 0 for v in got) or counts == (1,)
