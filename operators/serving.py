@@ -260,12 +260,8 @@ class Server:
         parts_ids, parts_vals = [], []
         shard_of = self.item_shard_of
         for name, seeds in self.context.seeds(ctx):
-            ids, vals = none
-            if seeds:
-                gids, gw = view.gather_seeds(name, seeds, self._recency_weights(len(seeds)),
-                                             tables, shard_of, ts_ms)
-                if gids.size:
-                    ids, vals = sparse_sum(gids, gw, len(view.names))
+            ids, vals = view.channel_sums(name, seeds, self._recency_weights(len(seeds)),
+                                          tables, shard_of, ts_ms)
             raw[name] = SparseScores(ids, vals, view.ids)
             if not ids.size:
                 continue

@@ -168,49 +168,27 @@ class CovisView:
             return _EMPTY[0], _EMPTY[1], covis, _EMPTY[0]
         return self._vocab_ids(table, channel, covis, nbr), weights, covis, nbr
 
-    def channel_sums(self, channel: str, seeds: list[tuple[ItemTable, str, float]]
+    def channel_sums(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
+                     tables: dict[str, ItemTable], shard_of: Any, ts_ms: int
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """``sum weight * row(seed)`` over ``(table, seed, weight)`` as sparse (ids
+        """``sum weight * row(seed)`` over the seeds (``gather_seeds``) as sparse (ids
         ascending, sums); items no row reaches are absent."""
-        ids, w = self.gather(channel, seeds)
+        ids, w = self.gather_seeds(channel, seeds, seed_weights, tables, shard_of, ts_ms)
         if not ids.size:
             return _EMPTY
         return sparse_sum(ids, w, len(self.names))
 
-    def gather(self, channel: str, seeds: list[tuple[ItemTable, str, float]],
-               intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Every ``(id, weight * w)`` of the seeds' rows (``row``), seed by seed, so sums
-        per id add in seed order: one concatenation of the cached rows and one product.
-        ``intern=False``: neighbours without an id are left out instead of getting one
-        (they cannot be candidates: candidates have ids)."""
-        get_row = self.row if intern else self._known_row
-        cached = self._rows.get  # both read this cache first
-        ids_parts, w_parts, weights, sizes = [], [], [], []
-        for table, seed, weight in seeds:
-            row = cached((id(table), channel, seed))
-            if row is None:
-                row = get_row(table, channel, seed)
-            size = row[0].size
-            if size:
-                ids_parts.append(row[0])
-                w_parts.append(row[1])
-                weights.append(weight)
-                sizes.append(size)
-        if not ids_parts:
-            return _EMPTY
-        return (np.concatenate(ids_parts),
-                np.concatenate(w_parts) * np.repeat(np.asarray(weights), sizes))
-
     def gather_seeds(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
                      tables: dict[str, ItemTable], shard_of: Any, ts_ms: int,
                      intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """``gather`` over ``seeds`` (newest first), seed k weighted ``seed_weights[k]`` x
+        """Every ``(id, weight * w)`` of the seeds' rows (``row``), seed by seed, so sums
+        per id add in seed order: seed k (newest first) weighted ``seed_weights[k]`` x
         its table's ``covis_factor(ts_ms)`` (its table: ``tables[shard_of(seed)]``; seeds
-        without one are left out): the same arrays as ``gather`` of those triples, with
-        the per-seed steps as a few ``map`` calls and numpy products (the products are
-        the same IEEE operations, so the sums are bitwise those of ``gather``). Rows not
-        cached yet are made by ``row`` / ``_known_row`` in seed order, as ``gather`` does
-        (new neighbours get ids in that order)."""
+        without one are left out); one concatenation of the cached rows and one product.
+        Rows are cached by seed for the view's synced tables (one dict read a seed);
+        rows not cached yet are made in seed order (new neighbours get ids in that
+        order). ``intern=False``: neighbours without an id are left out instead of
+        getting one (they cannot be candidates: candidates have ids)."""
         ids, w, _ = self.gather_prefixes(channel, seeds, seed_weights, tables, shard_of, ts_ms,
                                          (len(seeds),), intern)
         return ids, w
@@ -222,55 +200,45 @@ class CovisView:
         """``gather_seeds``, and for each ``p`` of ``prefixes`` how many of the entries
         come from ``seeds[:p]``: ``ids[:end], w[:end]`` is ``gather_seeds`` of those seeds
         (rows are concatenated in seed order), so one gather serves several seed counts."""
-        n = len(seeds)
-        if not n:
-            return *_EMPTY, [0] * len(prefixes)
-        shards = list(map(shard_of, seeds))
-        used = set(shards)
+        none = [0] * len(prefixes)
+        if not seeds:
+            return *_EMPTY, none
         synced = self._tables
-        if any(tables.get(sh) is not synced.get(sh) for sh in used):
-            # tables the view has not synced: the per-seed path
-            triples, at = [], []
-            for k, (seed, sh, w) in enumerate(zip(seeds, shards, seed_weights.tolist(),
-                                                  strict=True)):
-                table = tables.get(sh)
-                if table is not None:
-                    triples.append((table, seed, w * table.covis_factor(ts_ms)))
-                    at.append(k)
-            ids, w = self.gather(channel, triples, intern)
-            ends = [self.gather(channel, [t for t, k in zip(triples, at, strict=True) if k < p],
-                                intern)[0].size for p in prefixes]
-            return ids, w, ends
-        factor = {sh: t.covis_factor(ts_ms) for sh in used if (t := tables.get(sh)) is not None}
-        f = np.fromiter(map(factor.get, shards, itertools.repeat(np.nan)), np.float64, n)
         by_seed = self._by_seed[channel]
-        rows = list(map(by_seed.get, seeds))
-        has_table = ~np.isnan(f)
-        if None in rows:
-            get_row = self.row if intern else self._known_row
-            full = self._rows
-            for k in np.flatnonzero(has_table).tolist():
-                if rows[k] is None:
-                    seed, sh = seeds[k], shards[k]
-                    table = tables[sh]
-                    row = rows[k] = get_row(table, channel, seed)
-                    if full.get((id(table), channel, seed)) is row:  # a whole row
-                        by_seed[seed] = row
-                        self._seeds_of.setdefault(sh, []).append((channel, seed))
-        keep = np.flatnonzero(has_table)
-        if not keep.size:
-            return *_EMPTY, [0] * len(prefixes)
-        kept = [rows[k] for k in keep.tolist()] if keep.size < n else rows
-        id_parts = [r[0] for r in kept]
-        ids = np.concatenate(id_parts)
+        full = self._rows
+        get_row = self.row if intern else self._known_row
+        shard_info: dict[str, tuple[float, ItemTable | None, bool]] = {}
+        ids_parts, w_parts, weights, at = [], [], [], []
+        for k, (seed, w) in enumerate(zip(seeds, seed_weights.tolist(), strict=True)):
+            sh = shard_of(seed)
+            info = shard_info.get(sh)
+            if info is None:
+                t = tables.get(sh)
+                info = shard_info[sh] = ((t.covis_factor(ts_ms), t, t is synced.get(sh))
+                                         if t is not None else (0.0, None, False))
+            f, table, synced_table = info
+            if table is None:
+                continue
+            row = by_seed.get(seed) if synced_table else None
+            if row is None:
+                row = get_row(table, channel, seed)
+                if synced_table and full.get((id(table), channel, seed)) is row:  # whole row
+                    by_seed[seed] = row
+                    self._seeds_of.setdefault(sh, []).append((channel, seed))
+            ids_parts.append(row[0])
+            w_parts.append(row[1])
+            weights.append(w * f)
+            at.append(k)
+        if not ids_parts:
+            return *_EMPTY, none
+        ids = np.concatenate(ids_parts)
         if not ids.size:
-            return *_EMPTY, [0] * len(prefixes)
-        sizes = np.fromiter(map(len, id_parts), np.int64, len(kept))
-        weights = seed_weights[:n] * f if keep.size == n else (seed_weights[:n] * f)[keep]
-        w = np.concatenate([r[1] for r in kept]) * np.repeat(weights, sizes)
-        if prefixes == (n,):
+            return *_EMPTY, none
+        sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
+        w = np.concatenate(w_parts) * np.repeat(np.array(weights), sizes)
+        if prefixes == (len(seeds),):
             return ids, w, [ids.size]
-        ends = np.concatenate([[0], np.cumsum(sizes)])[np.searchsorted(keep, prefixes)]
+        ends = np.concatenate([[0], np.cumsum(sizes)])[np.searchsorted(at, prefixes)]
         return ids, w, ends.tolist()
 
     def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,

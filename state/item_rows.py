@@ -30,6 +30,10 @@ import numpy as np
 from state.covis_view import SLACK, CovisView
 from state.item_table import FrozenCatalog, ItemTable
 
+_ARRAY_FILL = 32
+"""Stale slots from which ``fill`` reads loaded tables as arrays (fewer: entry by entry,
+cheaper than the array calls)."""
+
 
 class ItemRows:
     """Lazily filled per-candidate values of the loaded item tables, catalog and index."""
@@ -194,6 +198,9 @@ class ItemRows:
         if not stale.size:
             return slots
         names = self.view.names
+        if stale.size < _ARRAY_FILL:  # a few new candidates: entry by entry
+            self._fill_entries(names, rows[stale].tolist(), slots[stale].tolist())
+            return slots
         stale_shard = shard[stale]
         for k in np.unique(stale_shard).tolist():
             at = stale[stale_shard == k]
@@ -201,18 +208,24 @@ class ItemRows:
             if table is not None and isinstance(table.catalog, FrozenCatalog):
                 self._fill_frozen(table, slots[at], [names[r] for r in rows[at].tolist()])
                 self.gen[slots[at]] = self.shard_gen[k]
-                continue
-            for r, s in zip(rows[at].tolist(), slots[at].tolist(), strict=True):
-                item = names[r]
-                entry = table.catalog.get(item) if table is not None else None
-                self.entry[s] = entry is not None
-                self.available[s] = entry is None or entry.available
-                self.category[s] = self._code(entry.category if entry is not None else None)
-                self.first_seen[s] = entry.first_seen_ms if entry is not None else 0
-                self.pop[s] = table.popular.get(item, 0.0) if table is not None else 0.0
-                self.trend[s] = table.trending.get(item, 0.0) if table is not None else 0.0
-                self.gen[s] = self.shard_gen[k]
+            else:
+                self._fill_entries(names, rows[at].tolist(), slots[at].tolist())
         return slots
+
+    def _fill_entries(self, names: list[str], rows: list[int], slots: list[int]) -> None:
+        """The table values of ``slots`` (holding the items of ``rows``), item by item."""
+        for r, s in zip(rows, slots, strict=True):
+            k = int(self.shard[s])
+            table = self.tables[k]
+            item = names[r]
+            entry = table.catalog.get(item) if table is not None else None
+            self.entry[s] = entry is not None
+            self.available[s] = entry is None or entry.available
+            self.category[s] = self._code(entry.category if entry is not None else None)
+            self.first_seen[s] = entry.first_seen_ms if entry is not None else 0
+            self.pop[s] = table.popular.get(item, 0.0) if table is not None else 0.0
+            self.trend[s] = table.trending.get(item, 0.0) if table is not None else 0.0
+            self.gen[s] = self.shard_gen[k]
 
     def _code(self, category: str | None) -> int:
         """The code of a category name (new names get the next code)."""

@@ -86,12 +86,12 @@ def test_view_reads_loaded_tables_as_the_tables_they_were_saved_from(
         views.append((view, tables(seed, tmp_path if loaded else None)))
     for _ in range(6):
         seeds = rng.sample(ITEMS, 20) + ["not-an-item", "unseen-x"]
-        weights = [rng.random() for _ in seeds]
+        weights = np.array([rng.random() for _ in seeds])
         got = []
         for view, table_map in views:
             view.sync(table_map)
-            triples = [(table_map[shard_of(s)], s, w) for s, w in zip(seeds, weights, strict=True)]
-            got.append((view.channel_sums("liked", triples), list(view.names)))
+            got.append((view.channel_sums("liked", seeds, weights, table_map, shard_of, T),
+                        list(view.names)))
         (ids0, sums0), names0 = got[0]
         (ids1, sums1), names1 = got[1]
         assert names0 == names1
@@ -196,11 +196,11 @@ def test_views_of_one_loaded_table_share_its_sorted_rows(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(("seed", "loaded", "intern"),
                          [(0, True, True), (1, True, False), (2, False, True), (3, False, False)])
-def test_gather_seeds_is_gather_of_the_triples_bit_for_bit(
+def test_gather_seeds_is_the_seed_by_seed_gather_bit_for_bit(
         tmp_path: Path, seed: int, loaded: bool, intern: bool) -> None:
-    """``CovisView.gather_seeds`` (serving's per-request path: cached rows by seed, the
-    weights as numpy products) gives ``gather`` of the per-seed triples: the same ids
-    handed out in the same order and the same arrays bit for bit, request after request,
+    """``CovisView.gather_seeds`` (serving's per-request path: rows cached by seed, one
+    concatenation and product) gives the seed-by-seed rows times their weights: the same
+    ids handed out in the same order and the same arrays bit for bit, request after request,
     across a new table version of one shard, with seeds whose shard has no table, seeds
     without a row and repeated seeds."""
     rng = random.Random(seed)
@@ -219,11 +219,14 @@ def test_gather_seeds_is_gather_of_the_triples_bit_for_bit(
         got = []
         for k, view in enumerate(views):
             view.sync(table_map)
-            if k == 0:
-                triples = [(table_map[shard_of(s)], s, w * table_map[shard_of(s)].covis_factor(ts))
-                           for s, w in zip(seeds, weights.tolist(), strict=True)
-                           if shard_of(s) in table_map]
-                out = view.gather("liked", triples, intern=intern)
+            if k == 0:  # the reference: seed by seed
+                get_row = view.row if intern else view._known_row
+                parts = [(get_row(table_map[shard_of(s)], "liked", s),
+                          w * table_map[shard_of(s)].covis_factor(ts))
+                         for s, w in zip(seeds, weights.tolist(), strict=True)
+                         if shard_of(s) in table_map]
+                out = (np.concatenate([row[0] for row, _ in parts]),
+                       np.concatenate([row[1] * w for row, w in parts]))
             else:
                 out = view.gather_seeds("liked", seeds, weights, table_map, shard_of, ts,
                                         intern=intern)
