@@ -56,7 +56,7 @@ class CovisView:
         self._by_seed: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {
             ch: {} for ch in CHANNELS}
         """``row`` of each seed in its shard's synced table, by channel and seed (what
-        ``gather_seeds`` reads with one ``map``); a shard's entries go with its table."""
+        ``gather_seeds`` reads first); a shard's entries go with its table."""
         self._seeds_of: dict[str, list[tuple[str, str]]] = {}
         """Per shard: the (channel, seed) entries of ``_by_seed`` its table holds."""
 
