@@ -28,18 +28,29 @@ Also from Bytewax's own step timers (its dataflow API, scraped before and after 
 phase): ``sink_write_share`` (the worker's wall time in the output sinks' ``write_batch``:
 send, flush, wait for acknowledgements), ``sink_write_ms_per_call`` and the same for the
 user shards, with ``step_seconds`` per step.
+The round trip broken into consecutive spans per request (``SPANS``; the flow process
+is traced by ``trace``: its Kafka source batches, its recommendations producer's
+acknowledgements, its GC pauses and its stage calls of 5 ms or more): p50/p90/p99 of
+each and its mean over the slowest 1% (``span_<name>_ms``), the GC pauses of the flow
+and of the client (``gc_*``), and what the slowest 1% overlapped (``tail_overlap_ms``:
+GC pauses, stage calls, the snapshot loader thread). ``--compare-runtime`` adds a run
+with the process settings before ``flows/runtime.py`` (``*_old_runtime``).
 Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``rt_p50_ms``, ``rt_p90_ms``, ``rt_p99_ms``, ``inflow_p50_ms``, ``inflow_p90_ms``,
-``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``.
+``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``, then
+the step timers, the spans and the GC figures above.
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
-[--compare-sync-load] [--compare-sink-flush] [--compare-sync-write] [--compare-fetch-wait]``.
+[--compare-runtime] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
+[--compare-fetch-wait]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,9 +88,94 @@ def world(now_ms: int, n: int, seed: int = 0) -> tuple[list[dict[str, Any]], lis
     return warm, live
 
 
+def trace(path: str) -> None:
+    """Stamp, in the flow process, the moments the flow's own records cannot carry:
+    a line per Kafka source batch (``src <wall ns> <first offset> <next offset>``), per
+    acknowledged recommendation (``ack <wall ns> <offset>``, from the sink producer's
+    sender thread) and per GC pause of 1 ms or more (``gc <start ns> <duration ns>
+    <generation>``), line-buffered into ``path``; and each recommendation carries its
+    batch's ingest wall time (``trace_ingest_ns``, the ``ingest_ns`` its ``latency_ms``
+    counts from). The spans of a round trip are read from these (``spans``)."""
+    import gc
+    import threading as th
+
+    from operators import kafka_io, kafka_sink, serving
+
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the process's life
+    lock = th.Lock()
+
+    def line(text: str) -> None:
+        with lock:
+            out.write(text + "\n")
+
+    next_batch = kafka_io._KafkaSourcePartition._next_batch
+
+    def traced_next_batch(self: Any) -> Any:
+        first = self._offset
+        batch = next_batch(self)
+        if batch and first is not None:
+            line(f"src {time.time_ns()} {first} {self._offset}")
+        return batch
+
+    kafka_io._KafkaSourcePartition._next_batch = traced_next_batch  # type: ignore[method-assign]
+
+    recommend = serving.Server.recommend
+
+    def traced_recommend(self: Any, request: Any, ctx: Any, ingest_ns: int) -> Any:
+        record = recommend(self, request, ctx, ingest_ns)
+        record["trace_ingest_ns"] = ingest_ns
+        return record
+
+    serving.Server.recommend = traced_recommend  # type: ignore[method-assign]
+
+    send = kafka_sink._KafkaSinkPartition._send
+
+    def traced_send(self: Any, records: list[Any]) -> Any:
+        before = len(self._in_flight)
+        unsent = send(self, records)
+        if self._topic.endswith(".recommendations"):
+            for _, fut in self._in_flight[before:]:
+                fut.add_callback(lambda md: line(f"ack {time.time_ns()} {md.offset}"))
+        return unsent
+
+    kafka_sink._KafkaSinkPartition._send = traced_send  # type: ignore[method-assign]
+
+    from operators import index_builder, item_shard, metrics, snapshot_views, trainer, user_shard
+
+    def timed(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.time_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if (dur := time.time_ns() - t0) >= 5_000_000:
+                    line(f"step {t0} {dur} {name}")
+        return call
+
+    for name, cls, method in (
+            ("user_shard", user_shard.UserShardLogic, "on_item"),
+            ("item_shard", item_shard.ItemShardLogic, "on_item"),
+            ("index", index_builder.IndexBuilderLogic, "on_item"),
+            ("trainer", trainer.TrainerLogic, "on_item"),
+            ("metrics", metrics.MetricsLogic, "on_item"),
+            ("loader_thread", snapshot_views.SnapshotViews, "_prepare_round")):
+        setattr(cls, method, timed(name, getattr(cls, method)))
+
+    started = [0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.time_ns()
+        elif (dur := time.time_ns() - started[0]) >= 1_000_000:
+            line(f"gc {started[0]} {dur} {info['generation']}")
+
+    gc.callbacks.append(on_gc)
+
+
 def rival_flow(path: str, sync_load: bool = False, flush_each_batch: bool = False,
-               sync_write: bool = False) -> Any:
-    """The flow as it was before this bench's last changes, for the rivals: snapshot
+               sync_write: bool = False, trace_path: str = "") -> Any:
+    """The flow, traced (``trace``) into ``trace_path`` when given, and for the rivals as
+    it was before this bench's last changes: snapshot
     views loading new versions inside the poll (the batch waits for verify + load)
     and/or Kafka sinks waiting for every acknowledgement in each ``write_batch`` and/or
     snapshot versions made durable inside ``write`` (on the worker thread). Entry
@@ -87,6 +183,9 @@ def rival_flow(path: str, sync_load: bool = False, flush_each_batch: bool = Fals
     from flows.recsys import build
     from operators import kafka_sink, snapshot_views
     from state.snapshot_store import SnapshotStore
+
+    if trace_path:
+        trace(trace_path)
 
     if sync_write:
         write = SnapshotStore.write
@@ -118,8 +217,15 @@ def rival_flow(path: str, sync_load: bool = False, flush_each_batch: bool = Fals
     return build(path)
 
 
+OLD_RUNTIME = {"gc_threshold": [50_000, 20, 100], "gc_freeze_when_caught_up": False,
+               "switch_interval_ms": 5.0}
+"""The process settings before ``flows.runtime`` (``--compare-runtime``): GC thresholds,
+no freeze once caught up, Python's default GIL switch interval."""
+
+
 def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
-               rival: tuple[bool, bool, bool] = (False, False, False)) -> subprocess.Popen[bytes]:
+               rival: tuple[bool, bool, bool] = (False, False, False),
+               overrides: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
     config = {
         "app": APP,
         "inputs": [{"kind": "kafka", "topics": ["events"]}],
@@ -127,6 +233,7 @@ def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
         "output": {"kind": "kafka", "dir": str(out)},
         "snapshots": {"dir": str(out / "snapshots")},
         "metrics": {"port": 0},
+        **(overrides or {}),
     }
     path = out / "config.json"
     path.write_bytes(orjson.dumps(config))
@@ -136,9 +243,8 @@ def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
            "BYTEWAX_DATAFLOW_API_PORT": str(api_port),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                          if p)}
-    entry = (f"{Path(__file__).resolve()}:rival_flow('{path}', {rival[0]}, {rival[1]}, {rival[2]})"
-             if any(rival)
-             else f"flows.recsys:build('{path}')")
+    entry = (f"{Path(__file__).resolve()}:rival_flow('{path}', {rival[0]}, {rival[1]}, "
+             f"{rival[2]}, '{out / 'trace.txt'}')")
     return subprocess.Popen([sys.executable, "-m", "bytewax.run", entry],
                             cwd=out, env=env,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -158,7 +264,6 @@ STEP_TIMES = {
 def step_seconds(api_port: int) -> dict[str, tuple[float, float]]:
     """(seconds, calls) per ``STEP_TIMES`` group and per output step (``out_<name>``),
     scraped from the flow's dataflow API; {} when it does not answer."""
-    import re
     import urllib.request
 
     try:
@@ -196,6 +301,9 @@ class Receiver(threading.Thread):
         self.consumer.assign([TopicPartition(topic, 0)])
         self.received: dict[str, tuple[float, float]] = {}
         """request_id -> (receipt wall time s, in-flow latency_ms)."""
+        self.traced: dict[str, tuple[int, int, int]] = {}
+        """request_id -> (the flow's ingest wall ns, the answer's CreateTime ms: when the
+        flow's sink handed it to its producer, its offset)."""
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -205,6 +313,9 @@ class Receiver(threading.Thread):
                 for rec in records:
                     r = orjson.loads(rec.value)
                     self.received[r["request_id"]] = (now, r["latency_ms"])
+                    if "trace_ingest_ns" in r:
+                        self.traced[r["request_id"]] = (r["trace_ingest_ns"], rec.timestamp,
+                                                        rec.offset)
         self.consumer.close()
 
     def wait_for(self, request_id: str, timeout_s: float) -> bool:
@@ -216,12 +327,130 @@ class Receiver(threading.Thread):
         return True
 
 
+SPANS = ("to_flow", "to_parse", "in_flow", "to_sink", "answer_ack", "client_fetch")
+"""The consecutive spans of a round trip, each ending where the next begins:
+client send -> the flow's Kafka source returns the batch holding the request
+(``to_flow``: the client's producer, the broker's append, the flow's fetch and how
+often Bytewax polls the source) -> the batch's parse (``to_parse``, the flow's
+``ingest_ns``) -> the answer (``in_flow``, the record's ``latency_ms``) -> the flow's
+sink hands it to its producer (``to_sink``: the record's CreateTime, ms) -> the
+broker's acknowledgement reaches the flow's producer (``answer_ack``) -> the client
+consumes it (``client_fetch``). ``request_ack`` (send -> the broker's acknowledgement
+seen by the client) splits ``to_flow``: the client's producer and the broker's append."""
+
+
+def spans(sent: dict[str, float], acks: dict[str, tuple[float, int]], receiver: Receiver,
+          trace_lines: list[str], client_gc: list[tuple[int, int]],
+          live: tuple[int, int]) -> dict[str, Any]:
+    """Per span (``SPANS``, ``request_ack``), ms: p50/p90/p99 over the traced requests and
+    the mean over the slowest 1% of round trips (``tail_mean``: what the p99 is made of);
+    GC pauses of the flow and of the client over the live phase (``live``, wall ns) and
+    the share of the slowest 1% whose flow span (source -> sink) or client span
+    (acknowledged answer -> receipt) a pause overlapped; the source's batches per second
+    and records per batch."""
+    src_t, src_first, src_next, flow_ack, flow_gc = [], [], [], {}, []
+    by_gen: dict[str, list[float]] = {}
+    stalls: dict[str, list[tuple[float, float]]] = {}
+    """Flow calls of 5 ms or more by stage (wall ms intervals)."""
+    for raw in trace_lines:
+        kind, *f = raw.split()
+        if kind == "src":
+            src_t.append(int(f[0]))
+            src_first.append(int(f[1]))
+            src_next.append(int(f[2]))
+        elif kind == "ack":
+            flow_ack[int(f[1])] = int(f[0])
+        elif kind == "step":
+            stalls.setdefault(f[2], []).append((int(f[0]) / 1e6, (int(f[0]) + int(f[1])) / 1e6))
+        elif kind == "gc":
+            flow_gc.append((int(f[0]), int(f[1])))
+            if live[0] <= int(f[0]) <= live[1]:
+                by_gen.setdefault(f"gen{f[2]}", []).append(int(f[1]) / 1e6)
+    nexts = np.asarray(src_next)
+    rows: list[list[float]] = []
+    windows: list[tuple[float, ...]] = []
+    for rid, t0 in sent.items():
+        if rid not in receiver.traced or rid not in acks:
+            continue
+        recv_s = receiver.received[rid][0]
+        ingest_ns, emit_ms, out_offset = receiver.traced[rid]
+        ack_s, offset = acks[rid]
+        i = int(np.searchsorted(nexts, offset, side="right"))
+        if i >= len(nexts) or src_first[i] > offset or out_offset not in flow_ack:
+            continue
+        src_ns, back_ns = src_t[i], flow_ack[out_offset]
+        answer_ms = ingest_ns / 1e6 + receiver.received[rid][1]
+        marks = [t0 * 1e3, src_ns / 1e6, ingest_ns / 1e6, answer_ms, float(emit_ms),
+                 back_ns / 1e6, recv_s * 1e3]
+        rows.append([b - a for a, b in zip(marks, marks[1:], strict=False)]
+                    + [(ack_s - t0) * 1e3, (recv_s - t0) * 1e3])
+        windows.append((src_ns / 1e6, float(emit_ms), back_ns / 1e6, recv_s * 1e3, t0 * 1e3))
+    if not rows:
+        return {}
+    a = np.asarray(rows)
+    rt = a[:, -1]
+    tail = rt >= np.percentile(rt, 99)
+    out: dict[str, Any] = {"traced": len(rows)}
+    for j, name in enumerate((*SPANS, "request_ack")):
+        col = a[:, j]
+        out[f"span_{name}_ms"] = {
+            "p50": round(float(np.percentile(col, 50)), 1),
+            "p90": round(float(np.percentile(col, 90)), 1),
+            "p99": round(float(np.percentile(col, 99)), 1),
+            "tail_mean": round(float(col[tail].mean()), 1)}
+
+    def in_live(pauses: list[tuple[int, int]]) -> list[tuple[float, float]]:
+        return [(s / 1e6, (s + d) / 1e6) for s, d in pauses if live[0] <= s <= live[1]]
+
+    def overlapped(pauses: list[tuple[float, float]], lo: float, hi: float) -> bool:
+        return any(s < hi and e > lo for s, e in pauses)
+
+    tail_windows = [w for w, t in zip(windows, tail, strict=True) if t]
+    for who, pauses, pick in (("flow", in_live(flow_gc), lambda w: (w[0], w[1])),
+                              ("client", in_live(client_gc), lambda w: (w[2], w[3]))):
+        lengths = [e - s for s, e in pauses]
+        out[f"gc_{who}_pauses"] = len(pauses)
+        out[f"gc_{who}_max_ms"] = round(max(lengths, default=0.0), 1)
+        out[f"gc_{who}_total_ms"] = round(sum(lengths), 1)
+        out[f"gc_{who}_tail_share"] = round(
+            sum(overlapped(pauses, *pick(w)) for w in tail_windows) / max(len(tail_windows), 1), 3)
+    # What the slowest 1% waited for: per cause, the mean overlap (ms) of its stalls
+    # (GC pauses, stage calls of 5 ms or more, the loader thread) with a tail request's
+    # whole round trip.
+    stalls["gc_flow"] = in_live(flow_gc)
+    stalls["gc_client"] = in_live(client_gc)
+    rt_windows = [(w[4], w[3]) for w, t in zip(windows, tail, strict=True) if t]
+
+    def overlap(pauses: list[tuple[float, float]], lo: float, hi: float) -> float:
+        return sum(max(0.0, min(e, hi) - max(s, lo)) for s, e in pauses)
+
+    lo_ms, hi_ms = live[0] / 1e6, live[1] / 1e6
+    out["stage_calls_over_5ms"] = {
+        cause: {"calls": len(v), "max_ms": round(max(e - b for b, e in v), 1),
+                "total_ms": round(sum(e - b for b, e in v), 1)}
+        for cause, v in sorted((c, [w for w in v if lo_ms <= w[0] <= hi_ms])
+                               for c, v in stalls.items() if not c.startswith("gc_"))
+        if v}
+    out["tail_overlap_ms"] = {
+        cause: round(sum(overlap(v, *w) for w in rt_windows) / max(len(rt_windows), 1), 1)
+        for cause, v in sorted(stalls.items())}
+    out["gc_flow_ms_by_gen"] = {g: {"pauses": len(v), "max": round(max(v), 1),
+                                    "total": round(sum(v), 1)} for g, v in sorted(by_gen.items())}
+    live_src = [(t, n - f) for t, f, n in zip(src_t, src_first, src_next, strict=True)
+                if live[0] <= t <= live[1]]
+    seconds = (live[1] - live[0]) / 1e9
+    out["source_batches_per_s"] = round(len(live_src) / seconds, 1)
+    out["source_records_per_batch"] = round(
+        sum(n for _, n in live_src) / max(len(live_src), 1), 1)
+    return out
+
+
 def run(seconds: float, requests_per_s: float, events_per_s: float,
-        fetch_wait_ms: int, rival: tuple[bool, bool, bool] = (False, False, False)
-        ) -> dict[str, Any]:
-    """``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch,
-    snapshots made durable on the worker thread)."""
-    """One measured run on a fresh broker and flow; the figures of its live phase."""
+        fetch_wait_ms: int, rival: tuple[bool, bool, bool] = (False, False, False),
+        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One measured run on a fresh broker and flow; the figures of its live phase.
+    ``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch,
+    snapshots made durable on the worker thread); ``overrides``: config sections."""
     out = Path(tempfile.mkdtemp(prefix="streamrec-latency-"))
     now_ms = int(time.time() * 1000)
     n_live = int(seconds * events_per_s) + 1
@@ -231,15 +460,27 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         bootstrap = broker.bootstrap
         create_topics(bootstrap, [f"{APP}.events"] + [f"{APP}.{n}" for n in OUTPUTS], 1)
         api_port = free_port()
-        flow = start_flow(bootstrap, out, fetch_wait_ms, api_port, rival)
+        flow = start_flow(bootstrap, out, fetch_wait_ms, api_port, rival, overrides)
         receiver = Receiver(bootstrap, fetch_wait_ms)
         receiver.start()
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
         topic = f"{APP}.events"
 
-        def send(event: dict[str, Any]) -> None:
-            producer.send(topic, key=str(event.get("user_id", "")).encode(),
-                          value=orjson.dumps(event))
+        def send(event: dict[str, Any]) -> Any:
+            return producer.send(topic, key=str(event.get("user_id", "")).encode(),
+                                 value=orjson.dumps(event))
+
+        acks: dict[str, tuple[float, int]] = {}
+        """request_id -> (wall s the client's producer saw the broker's acknowledgement,
+        the request's offset)."""
+        client_gc: list[tuple[int, int]] = []
+        gc_started = [0]
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                gc_started[0] = time.time_ns()
+            elif (dur := time.time_ns() - gc_started[0]) >= 1_000_000:
+                client_gc.append((gc_started[0], dur))
 
         try:
             for event in warm:
@@ -252,6 +493,8 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
                 raise RuntimeError("the flow did not take the warm-up in 600 s:\n"
                                    + (out / "flow.log").read_text()[-3000:])
             steps0 = step_seconds(api_port)
+            live_from = time.time_ns()
+            gc.callbacks.append(on_gc)
             sent: dict[str, float] = {}
             tick = 0.01  # the client's schedule: every 10 ms, what is due by then
             start = time.monotonic()
@@ -268,22 +511,30 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
                     request = {"type": "request", "ts": ts, "request_id": rid,
                                "user_id": users[n_req % len(users)], "k": 10}
                     sent[rid] = time.time()
-                    send(request)
+                    send(request).add_callback(
+                        lambda md, rid=rid: acks.__setitem__(rid, (time.time(), md.offset)))
                     n_req += 1
                 producer.flush()
                 time.sleep(max(0.0, start + elapsed + tick - time.monotonic()))
             wall = time.monotonic() - start
+            live_to = time.time_ns()
             steps1 = step_seconds(api_port)
             deadline = time.monotonic() + 30
             while len([r for r in sent if r in receiver.received]) < len(sent) and (
                     time.monotonic() < deadline):
                 time.sleep(0.1)
         finally:
+            if on_gc in gc.callbacks:
+                gc.callbacks.remove(on_gc)
             receiver.stop.set()
             receiver.join(timeout=5)
             producer.close()
             flow.kill()
             flow.wait(timeout=30)
+            trace_lines = ((out / "trace.txt").read_text().splitlines()
+                           if (out / "trace.txt").exists() else [])
+            froze = re.findall(r"gc: froze ([\d,]+) objects .* in (\d+) ms",
+                               (out / "flow.log").read_text(errors="replace"))
             shutil.rmtree(out, ignore_errors=True)
     got = [(receiver.received[r][0] - t) * 1000 for r, t in sent.items() if r in receiver.received]
     inflow = [receiver.received[r][1] for r in sent if r in receiver.received]
@@ -309,7 +560,26 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         "user_shard_share": round(user_s / wall, 4) if steps else None,
         "user_shard_ms_per_call": round(1e3 * user_s / user_calls, 2) if user_calls else None,
         "step_seconds": {g: round(v[0], 3) for g, v in sorted(steps.items())},
+        **spans(sent, acks, receiver, trace_lines, client_gc, (live_from, live_to)),
+        # the flow's one freeze once its input caught up (runtime.gc_freeze_when_caught_up)
+        "gc_frozen_objects": int(froze[-1][0].replace(",", "")) if froze else 0,
+        "gc_freeze_pause_ms": int(froze[-1][1]) if froze else None,
     }
+
+
+def print_spans(title: str, figures: dict[str, Any]) -> None:
+    """The round trip's breakdown as a table (ms)."""
+    print(f"{title}: round trip p50/p90/p99 {figures['rt_p50_ms']} / {figures['rt_p90_ms']} / "
+          f"{figures['rt_p99_ms']} ms, in flow {figures['inflow_p50_ms']} / "
+          f"{figures['inflow_p90_ms']} / {figures['inflow_p99_ms']} ms")
+    print(f"  {'span (ms)':<14}{'p50':>8}{'p90':>8}{'p99':>8}{'slowest 1%':>12}")
+    for name in (*SPANS, "request_ack"):
+        v = figures.get(f"span_{name}_ms")
+        if v:
+            print(f"  {name:<14}{v['p50']:>8}{v['p90']:>8}{v['p99']:>8}{v['tail_mean']:>12}")
+    print(f"  GC pauses >= 1 ms in the flow: {figures.get('gc_flow_ms_by_gen')}; the slowest "
+          f"1% overlapped (mean ms): {figures.get('tail_overlap_ms')}")
+    print(f"  stage calls of 5 ms or more: {figures.get('stage_calls_over_5ms')}")
 
 
 def main() -> None:
@@ -328,8 +598,31 @@ def main() -> None:
     parser.add_argument("--compare-sink-flush", action="store_true",
                         help="also run with the Kafka sinks waiting for every acknowledgement "
                              "in each write_batch, as before")
+    parser.add_argument("--compare-runtime", action="store_true",
+                        help="also run with the process settings before flows/runtime.py "
+                             "(GC thresholds 50000/20/100, no freeze once caught up, GIL "
+                             "switch interval 5 ms)")
+    parser.add_argument("--compare-batch-size", type=int, default=0, metavar="N",
+                        help="also run with the Kafka input's inputs[].batch_size = N "
+                             "(default 1000): micro-batches bounded tighter")
     args = parser.parse_args()
     figures = run(args.seconds, args.requests_per_s, args.events_per_s, 10)
+    print_spans("this flow", figures)
+    if args.compare_batch_size:  # right after, on the same machine load
+        small = run(args.seconds, args.requests_per_s, args.events_per_s, 10, overrides={
+            "inputs": [{"kind": "kafka", "topics": ["events"],
+                        "batch_size": args.compare_batch_size}]})
+        print_spans(f"batch_size {args.compare_batch_size}", small)
+        for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
+                    "inflow_p99_ms", "user_shard_share"):
+            figures[f"{key}_batch_{args.compare_batch_size}"] = small.get(key)
+    if args.compare_runtime:  # right after, on the same machine load
+        old_gc = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
+                     overrides={"runtime": OLD_RUNTIME})
+        print_spans("runtime as before (GC 50000/20/100, no freeze, switch 5 ms)", old_gc)
+        for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
+                    "inflow_p99_ms", "gc_flow_max_ms", "gc_flow_total_ms"):
+            figures[f"{key}_old_runtime"] = old_gc.get(key)
     if args.compare_sync_write:  # right after, on the same machine load
         durable = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
                       rival=(False, False, True))

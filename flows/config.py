@@ -27,6 +27,7 @@ from typing import Any, Literal
 import orjson
 
 from flows.logs import LogConfig, StreamrecError
+from flows.runtime import RuntimeConfig
 from models.pool_ranker import check_pool_config
 from models.rankers import ranker_param_names
 from operators.item_shard import ItemsConfig
@@ -256,6 +257,8 @@ class Config:
     snapshots: SnapshotConfig = doc("Snapshot store.", factory=SnapshotConfig)
     metrics: MetricsConfig = doc("Metrics records and the Prometheus endpoint.", factory=MetricsConfig)
     log: LogConfig = doc("Logs (stderr).", factory=LogConfig)
+    runtime: RuntimeConfig = doc("The flow process's interpreter: garbage collection, GIL "
+                                 "switch interval.", factory=RuntimeConfig)
 
     def topic(self, name: str) -> str:
         """The Kafka topic of an output or input name, namespaced by the app."""

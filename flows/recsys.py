@@ -21,7 +21,6 @@ Serving reads the snapshots back from the store (nearline), so the graph stays a
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -40,6 +39,8 @@ from flows.config import OUTPUTS, Config, ConfigError, InputConfig, load_config 
 from flows.kafka_wait import wait_for_kafka
 from flows.logs import install_excepthook, setup_logging
 from flows.memory import memory_bound
+from flows.runtime import GC_THRESHOLD, freeze_now  # noqa: F401 - GC_THRESHOLD re-exported
+from flows.runtime import apply as apply_runtime
 from models.rankers import positive_hold_ms
 from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
@@ -58,10 +59,6 @@ from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
 from state.sampling import NegativeSampler
 from state.snapshot_store import SnapshotStore
-
-GC_THRESHOLD = (50_000, 20, 100)
-"""CPython GC thresholds for flow processes: the default (700, 10, 10) spends ~25% of the
-joiner path re-scanning long-lived pending state; the flow creates few cycles."""
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +87,8 @@ def _source(inp: InputConfig, config: Config) -> Any:
         tail=inp.tail,
         discovery_timeout_s=config.kafka.startup_timeout_s,
         on_lost_offset=inp.offset_out_of_range,
+        on_caught_up=((lambda part: freeze_now(f"{part} read to the end of its log"))
+                      if config.runtime.gc_freeze_when_caught_up else None),
     )
 
 
@@ -208,15 +207,16 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     Side effects: installs the configured log handler (``log``), waits for the Kafka
     broker when the config uses Kafka (``kafka.startup_timeout_s``; ``BrokerUnavailable``
     after it), makes uncaught config and broker errors print one line
-    (``flows.logs.install_excepthook``), raises this process's GC thresholds to
-    ``GC_THRESHOLD`` and, with ``metrics.port``, starts the metrics endpoint.
+    (``flows.logs.install_excepthook``), sets this process's GC thresholds and GIL
+    switch interval (``runtime``; Kafka inputs freeze the heap once caught up:
+    ``flows.runtime``) and, with ``metrics.port``, starts the metrics endpoint.
     """
     install_excepthook()
     config = load_config(config)
     setup_logging(config.log)
     check_inputs(config)
     wait_for_kafka(config, f"the {config.app} flow's topics")
-    gc.set_threshold(*GC_THRESHOLD)
+    apply_runtime(config.runtime)
     if config.metrics.port:  # /healthz from the start, before the metrics stage has items
         from operators import health
         from operators.prometheus import MetricsServer
@@ -275,11 +275,14 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
 
     outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),
                      lambda kv: kv[1])
+    # Bytewax runs a worker's steps in the order they were added, so the answers are
+    # handed to their sink first, before the batch's examples are packed and written and
+    # before the trainer, the item side and the metrics run.
+    for name in ("recommendations", "late-labels"):
+        _output(name, _take(name, outputs), config)
     examples = _take("examples", outputs)
     _output("examples", op.map("pack_examples", examples,
                                lambda batch: [pack_example(e) for e in batch]), config)
-    for name in ("late-labels", "recommendations"):
-        _output(name, _take(name, outputs), config)
 
     snapshots = []
     failed = [_take("dead-letters", outputs)]  # processing errors of the stateful stages

@@ -8,8 +8,9 @@ negatives' weight ``1/r``).
 
 Kinds (``make_ranker(kind, **params)``):
 
-* ``"lr"`` (default): River ``LogisticRegression`` with Adagrad (``lr`` 0.1), the
-  cheapest; no feature interactions.
+* ``"lr"`` (default): River ``LogisticRegression`` with Adagrad (``lr`` 0.1; numeric
+  features may get their own rate ``numeric_lr``: ``GroupAdaGrad``), the cheapest; no
+  feature interactions.
 * ``"fm"``: River ``FMClassifier`` with River's defaults (``n_factors`` 10, SGD ``lr``
   0.01: the best of 0.005 .. 0.1 on the simulator), pure-Python FM.
 * ``"efm"``: ``EmbeddingFM`` (``k`` 8, Adagrad ``lr`` 0.1), parameters in an ``EmbeddingTable``,
@@ -59,6 +60,10 @@ if TYPE_CHECKING:
 RankerKind = Literal["lr", "fm", "efm"]
 Example = Mapping[str, Any]
 KINDS: tuple[str, ...] = ("lr", "fm", "efm")
+DEFAULT_NUMERIC_LR: float | None = None
+"""lr kind: AdaGrad rate of numeric features; None = ``lr`` (River's AdaGrad exactly).
+0.03 ranks the loop's candidates better offline but did not win the closed loop on
+three seeds (docs/evaluation.md, "Rates for the LR"), so it is not the default."""
 
 
 class Ranker:
@@ -289,6 +294,42 @@ class Ranker:
         return out
 
 
+class GroupAdaGrad(optim.AdaGrad):
+    """AdaGrad with one rate for one-hot features (names with ``=``: ids, categories,
+    positions) and another for numeric ones (profile aggregates, retrieval scores).
+
+    Per-coordinate AdaGrad moves every weight by about its rate on its first steps. The
+    numeric features (~100 profile counts and scores) are present in every example and
+    strongly correlated, so at one shared rate they move the logit ~100 rates per example
+    and pull against each other (item clicks up, item likes and ratings down), while an id
+    weight moves only on its own examples. A lower numeric rate is, for AdaGrad, the same
+    as scaling those features down (its steps are scale-free per coordinate).
+
+    ``numeric_lr=None`` is River's ``AdaGrad(lr)`` to the last bit.
+
+    >>> opt = GroupAdaGrad(lr=0.1, numeric_lr=0.01)
+    >>> w = opt.step({"item=i1": 0.0, "item.clicks.1d": 0.0}, {"item=i1": 1.0, "item.clicks.1d": 1.0})
+    >>> round(w["item=i1"], 6), round(w["item.clicks.1d"], 6)
+    (-0.1, -0.01)
+    """
+
+    def __init__(self, lr: float = 0.1, numeric_lr: float | None = None,
+                 eps: float = 1e-8) -> None:
+        super().__init__(lr, eps)
+        self.numeric_lr = numeric_lr
+
+    def _step_with_dict(self, w: Any, g: Any) -> Any:
+        if self.numeric_lr is None:
+            return super()._step_with_dict(w, g)
+        g2, eps = self.g2, self.eps
+        lr, numeric_lr = self.learning_rate, self.numeric_lr
+        for i, gi in g.items():
+            g2[i] += gi**2
+            rate = lr if "=" in i else numeric_lr
+            w[i] -= rate / (g2[i] + eps) ** 0.5 * gi
+        return w
+
+
 def positive_hold_ms(join: JoinConfig) -> int:
     """The hold that matches a joiner: how long after its impression a negative leaves
     it (the longest positive window plus the allowed lateness), ms."""
@@ -300,7 +341,8 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
                 max_features: int = 0, **params: Any) -> Ranker:
     """Build a ``Ranker``; ``params`` go to the model.
 
-    * lr: ``lr`` (Adagrad rate, 0.1), ``l2`` (0), ``intercept_lr`` (0.01);
+    * lr: ``lr`` (Adagrad rate, 0.1), ``numeric_lr`` (rate of numeric features, None =
+      ``lr``; ``GroupAdaGrad``), ``l2`` (0), ``intercept_lr`` (0.01);
     * fm: ``n_factors`` (10), ``lr`` (SGD rate for weights and latents, 0.01), ``l2`` (0),
       ``intercept_lr`` (0.01), ``seed`` (0);
     * efm: any ``EmbeddingFM`` argument (``k``, ``lr``, ``l2``, ``admit_threshold``,
@@ -313,9 +355,10 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
     """
     model: base.Classifier
     if kind == "lr":
-        p = {"lr": 0.1, "l2": 0.0, "intercept_lr": 0.01, **params}
+        p = {"lr": 0.1, "numeric_lr": DEFAULT_NUMERIC_LR, "l2": 0.0, "intercept_lr": 0.01,
+             **params}
         model = linear_model.LogisticRegression(
-            optimizer=optim.AdaGrad(p.pop("lr")), l2=p.pop("l2"),
+            optimizer=GroupAdaGrad(p.pop("lr"), p.pop("numeric_lr")), l2=p.pop("l2"),
             intercept_lr=p.pop("intercept_lr"), **p)
     elif kind == "fm":
         p = {"n_factors": 10, "lr": 0.01, "l2": 0.0, "intercept_lr": 0.01, "seed": 0, **params}
@@ -343,7 +386,7 @@ def ranker_param_names(kind: RankerKind) -> set[str]:
                 if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     if kind == "lr":
-        return {"lr", "l2", "intercept_lr"} | args(linear_model.LogisticRegression) - {"optimizer"}
+        return {"lr", "numeric_lr", "l2", "intercept_lr"} | args(linear_model.LogisticRegression) - {"optimizer"}
     if kind == "fm":
         return ({"lr", "l2", "n_factors", "intercept_lr", "seed"}
                 | args(facto.FMClassifier)

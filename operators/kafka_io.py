@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -129,8 +129,12 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[bytes], int | None]):
         offset_timeout_ms: int,
         backoff: Backoff,
         on_lost_offset: OnLostOffset = "earliest",
+        on_caught_up: Callable[[str], None] | None = None,
     ) -> None:
         self._tp = tp
+        self._on_caught_up = on_caught_up
+        """Called once, with the part key, the first time this partition reads to the
+        end of its log."""
         self._on_lost_offset = on_lost_offset
         self._config = consumer_config
         self._start = start
@@ -225,6 +229,9 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[bytes], int | None]):
         if hw is not None and self._offset > hw:
             self._on_out_of_range(f"it is beyond the end of the log ({hw})", end=int(hw))
             return []
+        if hw is not None and self._offset >= hw and self._on_caught_up is not None:
+            callback, self._on_caught_up = self._on_caught_up, None
+            callback(part_key(*self._tp))
         if not self._tail and self._drained(consumer):
             logger.info("%s: drained at offset %d (tail=False): EOF",
                         part_key(*self._tp), self._offset)
@@ -394,6 +401,10 @@ class KafkaSource(FixedPartitionedSource[list[bytes], int | None]):
             error.
         backoff_initial_s: First retry delay after a broker error, seconds.
         backoff_max_s: Cap of the exponential retry delay, seconds.
+        on_caught_up: Called once per partition (on the worker thread, with its part
+            key) the first time a poll finds nothing new and the partition's next offset
+            has reached the high watermark of a Fetch response: the backlog is read
+            (the flow freezes its GC heap then: ``flows.runtime``).
     """
 
     def __init__(
@@ -412,6 +423,7 @@ class KafkaSource(FixedPartitionedSource[list[bytes], int | None]):
         on_lost_offset: OnLostOffset = "earliest",
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
+        on_caught_up: Callable[[str], None] | None = None,
     ) -> None:
         if start not in ("earliest", "latest"):
             raise ValueError(f"start must be 'earliest' or 'latest', not {start!r}")
@@ -435,6 +447,7 @@ class KafkaSource(FixedPartitionedSource[list[bytes], int | None]):
         self.offset_timeout_ms = offset_timeout_ms
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.on_caught_up = on_caught_up
 
     def _kafka_config(self) -> dict[str, Any]:
         """Effective KafkaConsumer settings (defaults < consumer_config < forced)."""
@@ -516,6 +529,7 @@ class KafkaSource(FixedPartitionedSource[list[bytes], int | None]):
             offset_timeout_ms=self.offset_timeout_ms,
             backoff=Backoff(self.backoff_initial_s, self.backoff_max_s),
             on_lost_offset=self.on_lost_offset,
+            on_caught_up=self.on_caught_up,
         )
 
 

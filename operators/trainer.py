@@ -47,7 +47,8 @@ class RankerConfig:
         "known (join wait + lateness later): unbiased progressive metrics and a calibrated "
         "model. False scores and learns on arrival (positives first: fresher, biased up).", True)
     params: dict[str, Any] = doc("Model parameters passed to models.rankers.make_ranker "
-                                 "(e.g. lr, n_factors, k, admit_threshold).", factory=dict)
+                                 "(e.g. lr, numeric_lr, n_factors, k, admit_threshold).",
+                                 factory=dict)
     max_waiting: int = doc("delay_to_labels: examples waiting for their labels at most (the queue "
                            "holds example rate x (join wait + lateness)); beyond it the oldest "
                            "are scored and learned early (counted as learned_early).", 100_000)

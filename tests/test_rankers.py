@@ -413,3 +413,56 @@ def test_efm_ranker_learns_in_batches_and_expires(stream: SyntheticStream) -> No
     assert stats["table"]["rows"] > 0
     assert r.expire(r.last_ts_ms + 10**9, ttl_ms=1) == stats["table"]["rows"]
     assert make_ranker("lr").expire(T0, 1) == 0
+
+
+# --- per-group AdaGrad rates of the LR ----------------------------------------------------
+
+
+def test_one_hot_and_numeric_features_step_at_their_own_rates() -> None:
+    """First AdaGrad step: a one-hot weight moves by ``lr``, a numeric one by ``numeric_lr``."""
+    model = make_ranker("lr", numeric_lr=0.03).model
+    model.learn_one({"item=i1": 1.0, "item.clicks.1d": 1.0}, True)
+    w = model._weights
+    assert w["item=i1"] == pytest.approx(0.1)
+    assert w["item.clicks.1d"] == pytest.approx(0.03)
+
+
+def test_without_numeric_lr_the_lr_is_rivers_adagrad_to_the_last_bit(stream: SyntheticStream) -> None:
+    """The default (``numeric_lr`` None) changes nothing: same weights as River's AdaGrad."""
+    from river import linear_model, optim
+
+    river = linear_model.LogisticRegression(optimizer=optim.AdaGrad(0.1), intercept_lr=0.01)
+    ours = make_ranker("lr").model
+    for x, y in feature_dataset(stream, 2_000):
+        river.learn_one(x, y)
+        ours.learn_one(x, y)
+    assert ours._weights.to_dict() == river._weights.to_dict()
+    assert ours.intercept == river.intercept
+
+
+def _correlated_counts_log_loss(seed: int, **params: float) -> float:
+    """Progressive log loss of an LR on items whose quality shows in 30 noisy, correlated
+    numeric features (like an item's click counts over several windows) beside its id."""
+    rng = np.random.default_rng(seed)
+    quality = rng.normal(0.0, 1.0, 200)
+    model = make_ranker("lr", **params).model
+    loss = 0.0
+    for _ in range(1000):
+        item = int(rng.integers(200))
+        x = {f"item={item}": 1.0}
+        x.update({f"item.count{k}": quality[item] + rng.normal(0.0, 1.0) for k in range(30)})
+        y = bool(rng.random() < 1.0 / (1.0 + math.exp(1.0 - 2.0 * quality[item])))
+        p = min(max(model.predict_proba_one(x)[True], 1e-6), 1.0 - 1e-6)
+        loss -= math.log(p if y else 1.0 - p)
+        model.learn_one(x, y)
+    return loss / 1000
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_correlated_numeric_features_learn_without_swamping_the_logit(seed: int) -> None:
+    """At one shared rate, 30 correlated numeric features each step by ``lr`` and move
+    the logit ~30 rates per example; a lower numeric rate learns the same signal with a
+    lower progressive log loss (measured 0.47-0.50 against 0.50-0.52)."""
+    grouped = _correlated_counts_log_loss(seed, numeric_lr=0.03)
+    shared = _correlated_counts_log_loss(seed)
+    assert grouped < shared - 0.01
