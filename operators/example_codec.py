@@ -164,15 +164,32 @@ def _encode(features: dict[str, Any]) -> list[Any] | None:
             else:
                 lists.append((value, len(values)))
         values.append(value)
+    names = tuple(features)
+    head = _HEADS.get(names)
+    if head is None:
+        if len(_HEADS) >= _MAX_HEADS:
+            _HEADS.clear()
+        head = _HEADS[names] = _head(names)
+    return [head if type(head) is str else list(head), *values]
+
+
+def _head(names: tuple[str, ...]) -> str | tuple[int | str, ...]:
+    """The first element of the encoded features with these names: the hex mask of their
+    vocabulary positions, or (names not all in the vocabulary in its order) a vocabulary
+    position or the name for each."""
     mask, last = 0, -1
-    for name in features:
+    for name in names:
         i = _INDEX.get(name, -1)
         if i <= last:
-            keys = [_INDEX.get(name, name) for name in features]
-            return [keys, *values]
+            return tuple(_INDEX.get(name, name) for name in names)
         mask |= 1 << i
         last = i
-    return [format(mask, "x"), *values]
+    return format(mask, "x")
+
+
+_HEADS: dict[tuple[str, ...], str | tuple[int | str, ...]] = {}
+"""``_head`` by feature names: a flow writes rows of a few hundred name sets at most."""
+_MAX_HEADS = 4096
 
 
 def _decode(encoded: list[Any], vocabulary: tuple[str, ...]) -> dict[str, Any]:

@@ -146,6 +146,10 @@ def static_item_features(item_id: str, table: ItemTable | None,
     return extra
 
 
+MAX_STATIC_MEMO = 65_536
+"""Entries of a user shard's memo of static item features (``PointInTime._static_part``;
+cleared when full)."""
+
 RETAINED_VERSIONS = 0
 """Replaced snapshot versions (item tables + index) a user shard may keep for the deferred
 features of pending impressions whose negative the sampler drops (needed only if
@@ -202,17 +206,23 @@ class PointInTime:
         self._frozen: FrozenViews | None = None
         self._retained: deque[weakref.ref[FrozenViews]] = deque()
         """Replaced snapshot versions that deferred features may still read, oldest first."""
+        self._statics: dict[str, tuple[Any, Any, dict[str, Any], dict[str, Any]]] = {}
+        """``_static_part`` memo: item -> (table weakref, attributes object, static
+        features, the same at example precision), for the newest table and attributes
+        asked."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Recovery state without the frozen snapshot views (reloaded from the store)."""
         state = self.__dict__.copy()
         state["_frozen"] = None
         state["_retained"] = deque()
+        state["_statics"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_retained", deque())  # state of older versions
+        self.__dict__.setdefault("_statics", {})
 
     def forget(self, user_id: str) -> None:
         """The user's state is about to change: contexts taken before it are stale."""
@@ -306,23 +316,49 @@ class PointInTime:
                 groups.setdefault((id(d.ctx), d.ts, id(d.views)), []).append(d)
         for group in groups.values():
             first = group[0]
-            if len(group) == 1:
-                first.resolve()
-                continue
             ctx = as_taken(first.ctx, group)
-            extras = self.item_features(ctx, [d.item_id for d in group], first.ts,
-                                        views=first.views, attrs=[d.attrs for d in group],
-                                        cross=[d.cross for d in group])
-            mf = self._mf_rowwise(ctx.vector, [d.item_id for d in group], first.views)
-            # The profile compacted and rounded once: f({**a, **b}) == {**f(a), **f(b)} for
-            # f = compact, float32_features when no name is in both (same values, order).
+            items = [d.item_id for d in group]
+            cols = self.item_columns(ctx, items, first.ts, views=first.views,
+                                     attrs=[d.attrs for d in group], cross=[d.cross for d in group])
+            numeric = [(name, self._mf_rowwise(ctx.vector, items, first.views) if name == "mf"
+                        else values.tolist()) for name, values in cols.numeric.items()]
+            cross = cols.cross_lists()
+            # The profile compacted and rounded once, each item's static features once per
+            # table version and attributes (``_static_part``): f({**a, **b}) == {**f(a),
+            # **f(b)} for f = compact, float32_features when no name is in both.
             profile, profile_keys = float32_features(compact(ctx.profile)), ctx.profile.keys()
-            for j, (d, extra) in enumerate(zip(group, extras, strict=True)):
-                if "mf" in extra:
-                    extra["mf"] = mf[j]
-                d._resolved = ({**profile, **float32_features(compact(extra))}
-                               if profile_keys.isdisjoint(extra)
-                               else float32_features(compact({**ctx.profile, **extra})))
+            for j, d in enumerate(group):
+                static, static_rounded = self._static_part(d.item_id, cols.tables[j], cols.attrs[j])
+                rest: dict[str, Any] = {}
+                if numeric or cross[j]:
+                    rest = {name: values[j] for name, values in numeric}
+                    for feats in cross[j]:
+                        rest.update(feats)
+                if not rest and profile_keys.isdisjoint(static):
+                    d._resolved = {**profile, **static_rounded}
+                elif (rest and static.keys().isdisjoint(rest) and profile_keys.isdisjoint(static)
+                        and profile_keys.isdisjoint(rest)):
+                    d._resolved = {**profile, **static_rounded, **float32_features(compact(rest))}
+                else:  # as item_features builds it
+                    d._resolved = float32_features(compact({**ctx.profile, **static, **rest}))
+
+    def _static_part(self, item_id: str, table: ItemTable | None, attrs: dict[str, Any] | None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``static_item_features`` of an item and the same at example precision
+        (``float32_features(compact(...))``), memoised per item for one table version and
+        attributes object (both immutable once taken; the table held weakly, so the memo
+        never keeps a replaced version alive). Both dicts are shared: never modified."""
+        hit = self._statics.get(item_id)
+        if hit is not None and hit[1] is attrs and (
+                hit[0] is None if table is None else hit[0] is not None and hit[0]() is table):
+            return hit[2], hit[3]
+        static = static_item_features(item_id, table, attrs)
+        rounded = float32_features(compact(static))
+        if len(self._statics) >= MAX_STATIC_MEMO:
+            self._statics.clear()
+        self._statics[item_id] = (None if table is None else weakref.ref(table), attrs, static,
+                                  rounded)
+        return static, rounded
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
                     views: FrozenViews | None) -> list[float]:
@@ -503,13 +539,13 @@ class PointInTime:
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
         consumed = ctx.consumed
-        if consumed:  # the user's own history with the item: do repeats pay off?
-            seen = np.fromiter(map(consumed.__contains__, item_ids), np.float64, n)
-            if seen.any():
-                numeric["ui.interacted"] = seen
-                recency = liked_recency(ctx.liked, self.covis.decay)
-                numeric["ui.liked"] = np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
-                                                  np.float64, n)
+        if consumed and any(map(consumed.__contains__, item_ids)):
+            # the user's own history with the item: do repeats pay off?
+            numeric["ui.interacted"] = np.fromiter(map(consumed.__contains__, item_ids),
+                                                   np.float64, n)
+            recency = liked_recency(ctx.liked, self.covis.decay)
+            numeric["ui.liked"] = np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
+                                              np.float64, n)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
         if arrays:
@@ -677,11 +713,8 @@ class DeferredFeatures:
         """What ``PointInTime.example_features`` gave when this was taken, at example
         precision (``float32_features``)."""
         if self._resolved is None:
-            ctx = as_taken(self.ctx, [self])
-            extra = self.source.item_features(ctx, [self.item_id], self.ts, views=self.views,
-                                              attrs=[self.attrs], cross=[self.cross])[0]
-            self._resolved = float32_features(compact({**ctx.profile, **extra}))
-        return self._resolved
+            self.source.resolve_all([self])
+        return self._resolved  # type: ignore[return-value]
 
     def __reduce__(self) -> tuple[Any, ...]:
         return dict, (self.resolve(),)

@@ -151,7 +151,8 @@ class UserShard:
         if kind == "impression":
             context.group = event.request_id  # its request's impressions share a context
             joiner.on_impression(event)
-            self._profile(event)
+            if self.profiles:
+                self._profile(event)
             if self.item_profiles:
                 self._item_updates.append(ProfileEvent(event.item_id, event))
             return

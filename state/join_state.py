@@ -210,12 +210,25 @@ class Example:
     context: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> Record:
-        """The output record (a dict, keys in this order)."""
+        """The output record (a dict, keys in this order; ``impression_record`` builds
+        the same row for an impression's example without the object)."""
         return {"example_id": self.example_id, "ts": self.ts, "user_id": self.user_id,
                 "item_id": self.item_id, "label": self.label, "labels": self.labels,
                 "weight": self.weight, "position": self.position,
                 "request_id": self.request_id, "impression_id": self.impression_id,
                 "context": self.context, "features": self.features, "source": self.source}
+
+
+def impression_record(imp: Impression, label: int, labels: dict[str, float], weight: float,
+                      features: dict[str, Any]) -> Record:
+    """``Example(f"imp:{impression_id}", ..., source="impression").record()`` of an
+    impression's example, built as the dict directly (one per impression: the object
+    cost as much as the row)."""
+    return {"example_id": f"imp:{imp.impression_id}", "ts": imp.ts, "user_id": imp.user_id,
+            "item_id": imp.item_id, "label": label, "labels": labels, "weight": weight,
+            "position": imp.position, "request_id": imp.request_id,
+            "impression_id": imp.impression_id, "context": imp.context, "features": features,
+            "source": "impression"}
 
 
 @dataclass(slots=True)
@@ -284,7 +297,11 @@ class Joiner:
         """The context's ``resolve_all``: windows closing together resolve at once."""
         self.wait_ms = config.wait_ms()
         self.pending: dict[str, Pending] = {}
-        self._deadlines: list[tuple[int, str]] = []
+        self._deadlines: list[int] = []
+        """A heap of the distinct deadlines of pending impressions (ms)."""
+        self._due: dict[int, list[str]] = {}
+        """Impression ids by deadline (a request's impressions share one: one heap entry
+        for all of them); a deadline's ids close in id order."""
         self.orphans: OrderedDict[str, list[Feedback]] = OrderedDict()
         self.closed_ids: OrderedDict[str, int] = OrderedDict()
         self.popularity = PopularityCounter(capacity=config.popularity_pool)
@@ -292,6 +309,14 @@ class Joiner:
         self.counters = JoinCounters()
         self.examples: list[Record] = []
         self.late_labels: list[Record] = []
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_due" not in state:  # recovery state of a version with one heap entry per id
+            due: dict[int, list[str]] = {}
+            for deadline, iid in sorted(state["_deadlines"]):
+                due.setdefault(deadline, []).append(iid)
+            state["_due"], state["_deadlines"] = due, sorted(due)
+        self.__dict__.update(state)
 
     # -- time -------------------------------------------------------------------
     @property
@@ -328,7 +353,12 @@ class Joiner:
         entry = Pending(imp, imp.ts + self.wait_ms, {}, features, False,
                         self.sampler.keep(f"imp:{iid}"))
         self.pending[iid] = entry
-        heapq.heappush(self._deadlines, (entry.deadline_ms, iid))
+        due = self._due.get(entry.deadline_ms)
+        if due is None:
+            self._due[entry.deadline_ms] = [iid]
+            heapq.heappush(self._deadlines, entry.deadline_ms)
+        else:
+            due.append(iid)
         for fb in self.orphans.pop(iid, ()):
             self._apply(entry, fb)
         if len(self.pending) > self.config.max_pending:
@@ -454,22 +484,31 @@ class Joiner:
                 self._late(fb, "no_impression")
 
     def _close_until(self, watermark: int | None) -> None:
-        heap, pending = self._deadlines, self.pending
+        heap, due, pending = self._deadlines, self._due, self.pending
         closing: list[Pending] = []
-        while heap and (watermark is None or heap[0][0] <= watermark):
-            entry = pending.pop(heapq.heappop(heap)[1], None)
-            if entry is not None:
-                closing.append(entry)
+        while heap and (watermark is None or heap[0] <= watermark):
+            for iid in sorted(due.pop(heapq.heappop(heap))):
+                entry = pending.pop(iid, None)
+                if entry is not None:
+                    closing.append(entry)
         if closing:
             self._close(closing)
 
     def _close_oldest(self, n: int) -> None:
-        heap, pending = self._deadlines, self.pending
+        heap, due, pending = self._deadlines, self._due, self.pending
         closing: list[Pending] = []
         while len(closing) < n and heap:
-            entry = pending.pop(heapq.heappop(heap)[1], None)
-            if entry is not None:
-                closing.append(entry)
+            ids = due[heap[0]]
+            ids.sort()
+            i = 0
+            while i < len(ids) and len(closing) < n:
+                entry = pending.pop(ids[i], None)
+                i += 1
+                if entry is not None:
+                    closing.append(entry)
+            del ids[:i]
+            if not ids:
+                del due[heapq.heappop(heap)]
         self.counters.forced_closes += len(closing)
         self._close(closing)
 
@@ -512,10 +551,7 @@ class Joiner:
         features = entry.features
         if type(features) is not dict:
             features = features.resolve()  # type: ignore[union-attr]
-        self.examples.append(Example(
-            f"imp:{imp.impression_id}", imp.ts, imp.user_id, imp.item_id, label,
-            dict(entry.labels), weight, features, "impression",
-            imp.position, imp.request_id, imp.impression_id, imp.context).record())
+        self.examples.append(impression_record(imp, label, dict(entry.labels), weight, features))
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1

@@ -117,14 +117,14 @@ def test_deferred_features_survive_new_snapshots_and_recovery(published: World) 
 def test_dropped_impressions_compute_no_item_features(published: World,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    original = PointInTime.item_features
+    original = PointInTime.item_columns
 
     def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
         if kw.get("cross") is not None:  # the joiner's (serving passes no cross profiles)
             calls.extend(item_ids)
         return original(self, ctx, item_ids, *args, **kw)
 
-    monkeypatch.setattr(PointInTime, "item_features", counting)
+    monkeypatch.setattr(PointInTime, "item_columns", counting)
     lazy, _ = shard_pair(published)
     examples = run(lazy, stream())
     impressions = [e for e in examples if e["source"] == "impression"]
@@ -210,18 +210,18 @@ def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(
 def test_deferred_features_taken_together_at_new_snapshots_equal_impression_time(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """New item tables mid-stream: every pending impression whose negative the sampler
-    keeps is computed at once (``PointInTime.resolve_all``: one ``item_features`` call
+    keeps is computed at once (``PointInTime.resolve_all``: one ``item_columns`` call
     per request), the others when clicked, and every example is what the eager shard
     computed at impression time, MF and co-visitation included."""
     sizes: list[int] = []
-    original = PointInTime.item_features
+    original = PointInTime.item_columns
 
     def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
         if kw.get("views") is not None:  # deferred features read their frozen views
             sizes.append(len(item_ids))
         return original(self, ctx, item_ids, *args, **kw)
 
-    monkeypatch.setattr(PointInTime, "item_features", spy)
+    monkeypatch.setattr(PointInTime, "item_columns", spy)
     events = stream(n_requests=40)
     half = len(events) // 2
     lazy, eager = shard_pair(published)
@@ -268,11 +268,11 @@ def test_later_interactions_do_not_leak_into_deferred_features(published: World)
 def test_windows_closing_together_compute_their_features_together(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """At r = 1 every negative is written: the impressions of a request share a deadline,
-    close in the same step and are computed in one ``item_features`` call (not one per
+    close in the same step and are computed in one ``item_columns`` call (not one per
     impression), with the values the eager shard computed at impression time; a click
     before the close is computed alone, at once."""
     sizes: list[int] = []
-    original = PointInTime.item_features
+    original = PointInTime.item_columns
 
     def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
         if kw.get("cross") is not None:  # the joiner's (serving passes no cross profiles)
@@ -294,7 +294,7 @@ def test_windows_closing_together_compute_their_features_together(
     events.append(Request(T0 + DAY, "late", "someone-else"))  # every window has closed
     want = [e for batch in (feed(eager, events[i:i + 13]) for i in range(0, len(events), 13))
             for e in batch.get("examples", []) if e["source"] == "impression"]
-    monkeypatch.setattr(PointInTime, "item_features", counting)
+    monkeypatch.setattr(PointInTime, "item_columns", counting)
     got = [e for batch in (feed(lazy, events[i:i + 13]) for i in range(0, len(events), 13))
            for e in batch.get("examples", []) if e["source"] == "impression"]
     assert got == want and len(got) == 60

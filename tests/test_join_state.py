@@ -199,6 +199,43 @@ def test_pending_state_is_bounded_oldest_first() -> None:
     assert j.counters.forced_closes == 2 and len(j.pending) == 3
 
 
+def test_windows_sharing_a_deadline_close_in_id_order() -> None:
+    """A request's impressions share one deadline: they close in impression-id order,
+    also when the pending bound closes only some of them."""
+    ids = ["k", "b", "x", "a", "m"]
+    j = make()
+    run(j, [imp(i, T0) for i in ids] + [imp("late", T0 + 1)], advance_each=False)
+    j.flush()
+    assert [e["example_id"] for e in j.drain()[0]] == [f"imp:{i}" for i in [*sorted(ids), "late"]]
+    j = make(max_pending=3)
+    examples, _ = run(j, [imp(i, T0) for i in ids], advance_each=False)
+    assert [e["example_id"] for e in examples] == ["imp:a", "imp:b"]  # the 4th closed "a"
+    examples, _ = run(j, [imp("y", T0 - 1)], advance_each=False)  # older: closes first
+    assert [e["example_id"] for e in examples] == ["imp:y"]
+    j.flush()
+    assert [e["example_id"] for e in j.drain()[0]] == ["imp:k", "imp:m", "imp:x"]
+
+
+def test_recovery_state_of_one_heap_entry_per_impression_resumes() -> None:
+    """A joiner pickled by the version that kept a (deadline, id) heap entry per pending
+    impression resumes with the same windows."""
+    import heapq
+    import pickle
+
+    j = make()
+    run(j, [imp(f"i{n}", T0 + n // 3) for n in range(7)], advance_each=False)
+    state = dict(j.__dict__)
+    old = [(p.deadline_ms, iid) for iid, p in j.pending.items()]
+    heapq.heapify(old)
+    state["_deadlines"] = old
+    del state["_due"]
+    resumed = Joiner.__new__(Joiner)
+    resumed.__setstate__(pickle.loads(pickle.dumps(state)))
+    for joiner in (j, resumed):
+        joiner.flush()
+    assert [e["example_id"] for e in resumed.drain()[0]] == [e["example_id"] for e in j.drain()[0]]
+
+
 def test_negative_downsampling_deterministic_and_weighted() -> None:
     j = make(rate=0.25)
     events = [imp(f"i{n}", T0 + n) for n in range(4000)] + [fb("i7", T0 + 10)]

@@ -89,6 +89,11 @@ def test_line_user_reads_only_what_is_certain() -> None:
     assert line_user(b'{"type":"request","user_id":"u7","context":{"type":"item"}}') is None
     assert line_user(b'{"type":"request","user_id":7}') is None
     assert line_user({"type": "request", "user_id": "u7"}) is None
+    assert line_user(b'{"type" :\t"user","user_id":\t"u7"}') == "u7"
+    assert line_user(b'{"type":"users","user_id":"u7"}') is None  # not a user event type
+    assert line_user(b'{"type":"user\\"","user_id":"u7"}') is None
+    assert line_user(b'{"type":"user","user_id":"u7\xff"}') is None  # not UTF-8
+    assert line_user(b'{"type":"user","user_id":"u7}') is None  # no closing quote
 
 
 @pytest.mark.parametrize("batch_size", [7, 64])

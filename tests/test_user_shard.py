@@ -69,3 +69,19 @@ def test_an_event_that_fails_becomes_a_dead_letter_and_the_batch_goes_on() -> No
     [dead] = out["dead-letters"]
     assert dead["reason"] == "processing_error" and "RuntimeError: boom" in dead["detail"]
     assert s.joiner.counters.impressions == 1 and "i1" in s.joiner.pending
+
+
+def test_impression_features_follow_the_items_attributes_at_impression_time() -> None:
+    """Static item features are memoised per attributes object: an ``item`` event that
+    changes the item shows in the impressions after it, not in those before it, and the
+    same attributes give the same features at example precision."""
+    s = shard()
+    imps = [Impression(T0 + 10 + n, f"x{n}", "u", "a", f"r{n}", 0, {}) for n in range(4)]
+    events = [Item(T0, "a", {"category": "c1", "price": 1.1}), imps[0], imps[1],
+              Item(T0 + 12, "a", {"category": "c2", "price": 2.2}), imps[2],
+              Item(T0 + 13, "a", {"category": "c2", "price": 2.2}), imps[3]]
+    out = s.process("u000", events)
+    out["examples"] = out.get("examples", []) + s.flush()["examples"]
+    features = {e["example_id"]: e["features"] for e in out["examples"]}
+    assert features["imp:x0"] == features["imp:x1"] == {"i:category": "c1", "i:price": 1.1}
+    assert features["imp:x2"] == features["imp:x3"] == {"i:category": "c2", "i:price": 2.2}
