@@ -217,7 +217,7 @@ class ColumnScorer:
         static = memo.terms(space, slots, cols)
         if user_keys and not memo.keys.isdisjoint(user_keys):
             return None
-        for codes, feats in cols.cross_codes or ():
+        for codes, feats in cols.codes() or ():
             if not feats:
                 continue
             if user_keys and any(not user_keys.isdisjoint(f) for f in feats):

@@ -88,14 +88,24 @@ class ItemColumns:
     """The items' slots in ``space`` (its per-item values)."""
     cross_codes: list[tuple[np.ndarray, list[dict[str, Any]]]] | None = None
     """Per ``user_x_<attr>`` profile: each item's value code (-1: none) and the features
-    of each code: ``cross`` column-wise."""
+    of each code: ``cross`` column-wise. Read it through ``codes()``: on the array path
+    it is queried on first use (a scorer that reads only ``numeric``, the pool ranker,
+    queries no profile)."""
+    cross_query: Callable[[], list[tuple[np.ndarray, list[dict[str, Any]]]]] | None = None
+    """What ``codes()`` calls once to fill ``cross_codes`` (None: filled already)."""
+
+    def codes(self) -> list[tuple[np.ndarray, list[dict[str, Any]]]] | None:
+        """``cross_codes``, queried now if it was left for later."""
+        if self.cross_query is not None:
+            self.cross_codes, self.cross_query = self.cross_query(), None
+        return self.cross_codes
 
     def cross_lists(self) -> list[list[dict[str, Any]]]:
         """``cross``, built from ``cross_codes`` when needed."""
         if self.cross is None:
             n = len(self.item_ids)
             cross: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-            for codes, feats in self.cross_codes or ():
+            for codes, feats in self.codes() or ():
                 for j, c in enumerate(codes.tolist()):
                     if c >= 0:
                         cross[j].append(feats[c])
@@ -543,8 +553,10 @@ class PointInTime:
             if slots is None:
                 slots = space.fill(rows)
             space.fill_attrs(slots, attrs, self.cross_attrs(), self.unavailable_attrs)
+            user_id, at_slots = ctx.user_id, slots
             return ItemColumns(item_ids, numeric, tables, attrs, None, rows, space, slots,
-                               self._cross_codes(ctx.user_id, slots, space, ts_ms))
+                               cross_query=lambda: self._cross_codes(user_id, at_slots, space,
+                                                                     ts_ms))
         cache: dict[tuple[str, str], dict[str, Any]] = {}
         cross = ([self._cross(ctx.user_id, cache, a, ts_ms) for a in attrs] if self._crosses
                  else [[] for _ in item_ids])

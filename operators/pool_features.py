@@ -66,15 +66,16 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
         else:
             ids = np.fromiter(map(view.ids.get, items, itertools.repeat(-1)), np.int64, n)
     out = np.zeros((n, len(names)))
+    knn: list[np.ndarray] | None = None
     for j, name in enumerate(names):
         if name == "blend":
             out[:, j] = blend
         elif name in _CHANNEL:
             out[:, j] = _channel(view, covis, _CHANNEL[name], ids, alpha)
-        elif name == "long_liked":
-            out[:, j] = _long_liked(context, view, ctx, ids, ts, alpha, long_items)
-        elif name == "last_liked":
-            out[:, j] = _long_liked(context, view, ctx, ids, ts, alpha, 1)
+        elif name in ("long_liked", "last_liked"):
+            if knn is None:  # both from one gather of the user's last long_items positives
+                knn = _liked_knn(context, view, ctx, ids, ts, alpha, (long_items, 1))
+            out[:, j] = knn[0 if name == "long_liked" else 1]
         elif name in ("pop", "trend"):
             out[:, j] = np.log1p(np.maximum(numeric.get(name, 0.0), 0.0))
         elif name == "pop_cold":
@@ -130,43 +131,45 @@ def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
                 ids: np.ndarray | None, ts: int, alpha: float, long_items: int) -> np.ndarray:
     """Item-kNN over the user's last ``long_items`` positives (seed weight 1/count),
     divided by count**alpha, max-normalised over the pool: the seeds' rows gathered as
-    arrays (``CovisView.gather`` without new ids: the co-visitation view, whose id order
-    breaks the blend's ties, is left as retrieval made it), summed per item in seed
+    arrays (``CovisView.gather_seeds`` without new ids: the co-visitation view, whose id
+    order breaks the blend's ties, is left as retrieval made it), summed per item in seed
     order (the sums of ``PointInTime._covis_lookup``)."""
+    return _liked_knn(context, view, ctx, ids, ts, alpha, (long_items,))[0]
+
+
+def _liked_knn(context: PointInTime, view: CovisView, ctx: UserContext,
+               ids: np.ndarray | None, ts: int, alpha: float,
+               counts: tuple[int, ...]) -> list[np.ndarray]:
+    """``_long_liked`` for each seed count of ``counts`` from one gather of the most
+    seeds (the rows of the newest k seeds are a prefix of it: the same sums)."""
     assert ids is not None
-    out = np.zeros(ids.size)
     views, shard_of = context.views, context.item_shard_of
     if context.liked is None or views is None or shard_of is None:
-        return out
-    seeds = context.liked.recent(ctx.user_id, long_items)
+        return [np.zeros(ids.size) for _ in counts]
+    seeds = context.liked.recent(ctx.user_id, max(counts))
     if not seeds:
-        return out
+        return [np.zeros(ids.size) for _ in counts]
     seed_counts = _counts(view, "liked", np.fromiter(
         map(view.ids.get, seeds, itertools.repeat(-1)), np.int64, len(seeds)))
-    weights = (1.0 / np.maximum(seed_counts, 1.0)).tolist()
-    tables = views.table_map()
-    factors: dict[str, float] = {}  # per shard: its table's decay to ts
-    triples = []
-    for seed, weight in zip(seeds, weights, strict=True):
-        shard = shard_of(seed)
-        table = tables.get(shard)
-        if table is not None:
-            f = factors.get(shard)
-            if f is None:
-                f = factors[shard] = table.covis_factor(ts)
-            triples.append((table, seed, weight * f))
+    weights = 1.0 / np.maximum(seed_counts, 1.0)
     # sum per pool item over the seeds' rows, in seed order (PointInTime._covis_lookup's
     # sums); neighbours without an id in the view are no pool items, so left out
-    v = np.zeros(ids.size)
-    gids, gw = view.gather("liked", triples, intern=False)
-    if gids.size:
-        all_ids, sums = sparse_sum(gids, gw, len(view.names))
-        pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)
-        v = np.where((ids >= 0) & (all_ids[pos] == ids), sums[pos], 0.0)
-    if alpha:
-        v = v / np.maximum(_counts(view, "liked", ids), 1.0) ** alpha
-    top = v.max()
-    return v / top if top > 0 else out
+    gids, gw, ends = view.gather_prefixes("liked", seeds, weights, views.table_map(), shard_of,
+                                          ts, tuple(min(c, len(seeds)) for c in counts),
+                                          intern=False)
+    norm = np.maximum(_counts(view, "liked", ids), 1.0) ** alpha if alpha else None
+    out = []
+    for end in ends:
+        v = np.zeros(ids.size)
+        if end:
+            all_ids, sums = sparse_sum(gids[:end], gw[:end], len(view.names))
+            pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)
+            v = np.where((ids >= 0) & (all_ids[pos] == ids), sums[pos], 0.0)
+        if norm is not None:
+            v = v / norm
+        top = v.max()
+        out.append(v / top if top > 0 else np.zeros(ids.size))
+    return out
 
 
 def _age_days(context: PointInTime, items: list[str], ts: int, rows: np.ndarray | None = None,

@@ -264,23 +264,12 @@ class Server:
             return *none, raw
         view = self.covis_view
         view.sync(tables)
-        q = self.config.covis_query_decay
         alpha = self.config.covis_pop_alpha
         parts_ids, parts_vals = [], []
-        factors: dict[str, float] = {}  # per table: its decay to ts_ms
         shard_of = self.item_shard_of
         for name, seeds in self.context.seeds(ctx):
-            triples = []
-            weight = 1.0
-            for seed in seeds:
-                table = tables.get(shard_of(seed))
-                if table is not None:
-                    f = factors.get(table.shard)
-                    if f is None:
-                        f = factors[table.shard] = table.covis_factor(ts_ms)
-                    triples.append((table, seed, weight * f))
-                weight *= q
-            ids, vals = view.channel_sums(name, triples)
+            ids, vals = view.channel_sums(name, seeds, self._recency_weights(len(seeds)),
+                                          tables, shard_of, ts_ms)
             raw[name] = SparseScores(ids, vals, view.ids)
             if not ids.size:
                 continue
@@ -296,6 +285,19 @@ class Server:
                                len(view.names))
         order = top_indices(vals, n)  # best first, ties by id (ids are ascending)
         return ids[order], vals[order] * (1.0 / len(parts_ids)), raw
+
+    def _recency_weights(self, n: int) -> np.ndarray:
+        """``decay**k`` of the k-th newest seed, k < n, each the product of the one
+        before and ``serving.covis_query_decay`` (as a running product in Python gives)."""
+        q = self.config.covis_query_decay
+        cached = getattr(self, "_powers", None)  # older state: none
+        if cached is None or cached[0] != q or cached[1].size < n:
+            powers, weight = [], 1.0
+            for _ in range(max(n, 64)):
+                powers.append(weight)
+                weight *= q
+            cached = self._powers = (q, np.array(powers))
+        return cached[1][:n]
 
     def outcome(self, user_id: str, item_id: str) -> None:
         """An organic positive of the user: the scorer duel's outcome."""

@@ -53,6 +53,12 @@ class CovisView:
         self._vmaps: dict[tuple[int, str], list[Any]] = {}
         """Per (loaded table, channel) with CSR rows: [table, its vocabulary's ids here
         (-2: none known yet)]."""
+        self._by_seed: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {
+            ch: {} for ch in CHANNELS}
+        """``row`` of each seed in its shard's synced table, by channel and seed (what
+        ``gather_seeds`` reads first); a shard's entries go with its table."""
+        self._seeds_of: dict[str, list[tuple[str, str]]] = {}
+        """Per shard: the (channel, seed) entries of ``_by_seed`` its table holds."""
 
     def over_bound(self, min_ids: int = 16_384) -> bool:
         """More ids than ``max(min_ids, SLACK x the loaded tables' items)`` (per table the
@@ -93,6 +99,8 @@ class CovisView:
                 continue
             old = self._tables.get(shard)
             if old is not None:  # rows of the replaced version go
+                for ch, seed in self._seeds_of.pop(shard, ()):
+                    self._by_seed[ch].pop(seed, None)
                 self._rows = {k: v for k, v in self._rows.items() if k[0] != id(old)}
                 self._vmaps = {k: v for k, v in self._vmaps.items() if k[0] != id(old)}
                 self._known = {k: v for k, v in self._known.items() if k[0] != id(old)}
@@ -160,38 +168,78 @@ class CovisView:
             return _EMPTY[0], _EMPTY[1], covis, _EMPTY[0]
         return self._vocab_ids(table, channel, covis, nbr), weights, covis, nbr
 
-    def channel_sums(self, channel: str, seeds: list[tuple[ItemTable, str, float]]
+    def channel_sums(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
+                     tables: dict[str, ItemTable], shard_of: Any, ts_ms: int
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """``sum weight * row(seed)`` over ``(table, seed, weight)`` as sparse (ids
+        """``sum weight * row(seed)`` over the seeds (``gather_seeds``) as sparse (ids
         ascending, sums); items no row reaches are absent."""
-        ids, w = self.gather(channel, seeds)
+        ids, w = self.gather_seeds(channel, seeds, seed_weights, tables, shard_of, ts_ms)
         if not ids.size:
             return _EMPTY
         return sparse_sum(ids, w, len(self.names))
 
-    def gather(self, channel: str, seeds: list[tuple[ItemTable, str, float]],
-               intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def gather_seeds(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
+                     tables: dict[str, ItemTable], shard_of: Any, ts_ms: int,
+                     intern: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Every ``(id, weight * w)`` of the seeds' rows (``row``), seed by seed, so sums
-        per id add in seed order: one concatenation of the cached rows and one product.
-        ``intern=False``: neighbours without an id are left out instead of getting one
-        (they cannot be candidates: candidates have ids)."""
+        per id add in seed order: seed k (newest first) weighted ``seed_weights[k]`` x
+        its table's ``covis_factor(ts_ms)`` (its table: ``tables[shard_of(seed)]``; seeds
+        without one are left out); one concatenation of the cached rows and one product.
+        Rows are cached by seed for the view's synced tables (one dict read a seed);
+        rows not cached yet are made in seed order (new neighbours get ids in that
+        order). ``intern=False``: neighbours without an id are left out instead of
+        getting one (they cannot be candidates: candidates have ids)."""
+        ids, w, _ = self.gather_prefixes(channel, seeds, seed_weights, tables, shard_of, ts_ms,
+                                         (len(seeds),), intern)
+        return ids, w
+
+    def gather_prefixes(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
+                        tables: dict[str, ItemTable], shard_of: Any, ts_ms: int,
+                        prefixes: tuple[int, ...], intern: bool = True
+                        ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``gather_seeds``, and for each ``p`` of ``prefixes`` how many of the entries
+        come from ``seeds[:p]``: ``ids[:end], w[:end]`` is ``gather_seeds`` of those seeds
+        (rows are concatenated in seed order), so one gather serves several seed counts."""
+        none = [0] * len(prefixes)
+        if not seeds:
+            return *_EMPTY, none
+        synced = self._tables
+        by_seed = self._by_seed[channel]
+        full = self._rows
         get_row = self.row if intern else self._known_row
-        cached = self._rows.get  # both read this cache first
-        ids_parts, w_parts, weights, sizes = [], [], [], []
-        for table, seed, weight in seeds:
-            row = cached((id(table), channel, seed))
+        shard_info: dict[str, tuple[float, ItemTable | None, bool]] = {}
+        ids_parts, w_parts, weights, at = [], [], [], []
+        for k, (seed, w) in enumerate(zip(seeds, seed_weights.tolist(), strict=True)):
+            sh = shard_of(seed)
+            info = shard_info.get(sh)
+            if info is None:
+                t = tables.get(sh)
+                info = shard_info[sh] = ((t.covis_factor(ts_ms), t, t is synced.get(sh))
+                                         if t is not None else (0.0, None, False))
+            f, table, synced_table = info
+            if table is None:
+                continue
+            row = by_seed.get(seed) if synced_table else None
             if row is None:
                 row = get_row(table, channel, seed)
-            size = row[0].size
-            if size:
-                ids_parts.append(row[0])
-                w_parts.append(row[1])
-                weights.append(weight)
-                sizes.append(size)
+                if synced_table and full.get((id(table), channel, seed)) is row:  # whole row
+                    by_seed[seed] = row
+                    self._seeds_of.setdefault(sh, []).append((channel, seed))
+            ids_parts.append(row[0])
+            w_parts.append(row[1])
+            weights.append(w * f)
+            at.append(k)
         if not ids_parts:
-            return _EMPTY
-        return (np.concatenate(ids_parts),
-                np.concatenate(w_parts) * np.repeat(np.asarray(weights), sizes))
+            return *_EMPTY, none
+        ids = np.concatenate(ids_parts)
+        if not ids.size:
+            return *_EMPTY, none
+        sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
+        w = np.concatenate(w_parts) * np.repeat(np.array(weights), sizes)
+        if prefixes == (len(seeds),):
+            return ids, w, [ids.size]
+        ends = np.concatenate([[0], np.cumsum(sizes)])[np.searchsorted(at, prefixes)]
+        return ids, w, ends.tolist()
 
     def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,
                    vocab_idx: np.ndarray) -> np.ndarray:

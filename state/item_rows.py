@@ -21,13 +21,18 @@ the catalog however many items churned through.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from state.covis_view import SLACK, CovisView
-from state.item_table import ItemTable
+from state.item_table import FrozenCatalog, ItemTable
+
+_ARRAY_FILL = 32
+"""Stale slots from which ``fill`` reads loaded tables as arrays (fewer: entry by entry,
+cheaper than the array calls)."""
 
 
 class ItemRows:
@@ -193,25 +198,66 @@ class ItemRows:
         if not stale.size:
             return slots
         names = self.view.names
-        codes = self._category_code
-        for r, s in zip(rows[stale].tolist(), slots[stale].tolist(), strict=True):
+        if stale.size < _ARRAY_FILL:  # a few new candidates: entry by entry
+            self._fill_entries(names, rows[stale].tolist(), slots[stale].tolist())
+            return slots
+        stale_shard = shard[stale]
+        for k in np.unique(stale_shard).tolist():
+            at = stale[stale_shard == k]
+            table = self.tables[k]
+            if table is not None and isinstance(table.catalog, FrozenCatalog):
+                self._fill_frozen(table, slots[at], [names[r] for r in rows[at].tolist()])
+                self.gen[slots[at]] = self.shard_gen[k]
+            else:
+                self._fill_entries(names, rows[at].tolist(), slots[at].tolist())
+        return slots
+
+    def _fill_entries(self, names: list[str], rows: list[int], slots: list[int]) -> None:
+        """The table values of ``slots`` (holding the items of ``rows``), item by item."""
+        for r, s in zip(rows, slots, strict=True):
             k = int(self.shard[s])
             table = self.tables[k]
             item = names[r]
             entry = table.catalog.get(item) if table is not None else None
             self.entry[s] = entry is not None
             self.available[s] = entry is None or entry.available
-            category = entry.category if entry is not None else None
-            code = codes.get(category)
-            if code is None:
-                code = codes[category] = len(self.categories)
-                self.categories.append(category)
-            self.category[s] = code
+            self.category[s] = self._code(entry.category if entry is not None else None)
             self.first_seen[s] = entry.first_seen_ms if entry is not None else 0
             self.pop[s] = table.popular.get(item, 0.0) if table is not None else 0.0
             self.trend[s] = table.trending.get(item, 0.0) if table is not None else 0.0
             self.gen[s] = self.shard_gen[k]
-        return slots
+
+    def _code(self, category: str | None) -> int:
+        """The code of a category name (new names get the next code)."""
+        code = self._category_code.get(category)
+        if code is None:
+            code = self._category_code[category] = len(self.categories)
+            self.categories.append(category)
+        return code
+
+    def _fill_frozen(self, table: ItemTable, slots: np.ndarray, items: list[str]) -> None:
+        """The table values of ``slots`` (holding ``items``) from a loaded table's catalog
+        columns: the per-item reads of ``fill`` as array lookups (the same values)."""
+        catalog = table.catalog
+        assert isinstance(catalog, FrozenCatalog)
+        n = len(items)
+        j = np.fromiter(map(catalog._index.get, items, itertools.repeat(-1)), np.int64, n)
+        found = j >= 0
+        at = np.where(found, j, 0)
+        self.entry[slots] = found
+        if catalog._available.size:
+            self.available[slots] = ~found | catalog._available[at].astype(bool)
+            self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
+        else:  # an empty catalog
+            self.available[slots] = True
+            self.first_seen[slots] = 0
+        names = catalog._category
+        self.category[slots] = [self._code(names[c] or None) if ok else 0
+                                for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
+        self.pop[slots] = np.fromiter(map(table.popular.get, items, itertools.repeat(0.0)),
+                                      np.float64, n)
+        self.trend[slots] = np.fromiter(map(table.trending.get, items, itertools.repeat(0.0)),
+                                        np.float64, n)
 
     def fill_attrs(self, slots: np.ndarray, attrs: list[dict[str, Any] | None],
                    cross: tuple[str, ...],

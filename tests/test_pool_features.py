@@ -86,12 +86,12 @@ def test_view_reads_loaded_tables_as_the_tables_they_were_saved_from(
         views.append((view, tables(seed, tmp_path if loaded else None)))
     for _ in range(6):
         seeds = rng.sample(ITEMS, 20) + ["not-an-item", "unseen-x"]
-        weights = [rng.random() for _ in seeds]
+        weights = np.array([rng.random() for _ in seeds])
         got = []
         for view, table_map in views:
             view.sync(table_map)
-            triples = [(table_map[shard_of(s)], s, w) for s, w in zip(seeds, weights, strict=True)]
-            got.append((view.channel_sums("liked", triples), list(view.names)))
+            got.append((view.channel_sums("liked", seeds, weights, table_map, shard_of, T),
+                        list(view.names)))
         (ids0, sums0), names0 = got[0]
         (ids1, sums1), names1 = got[1]
         assert names0 == names1
@@ -192,3 +192,76 @@ def test_views_of_one_loaded_table_share_its_sorted_rows(tmp_path: Path) -> None
         if names:
             shared = table.memo[("covis_rows", "liked")][item]
             assert a_w is shared[1] and b_w is shared[1]  # one computation for both
+
+
+@pytest.mark.parametrize(("seed", "loaded", "intern"),
+                         [(0, True, True), (1, True, False), (2, False, True), (3, False, False)])
+def test_gather_seeds_is_the_seed_by_seed_gather_bit_for_bit(
+        tmp_path: Path, seed: int, loaded: bool, intern: bool) -> None:
+    """``CovisView.gather_seeds`` (serving's per-request path: rows cached by seed, one
+    concatenation and product) gives the seed-by-seed rows times their weights: the same
+    ids handed out in the same order and the same arrays bit for bit, request after request,
+    across a new table version of one shard, with seeds whose shard has no table, seeds
+    without a row and repeated seeds."""
+    rng = random.Random(seed)
+    first = tables(seed, tmp_path if loaded else None)
+    newer = tables(seed + 10, tmp_path if loaded else None)
+    views = [CovisView(), CovisView()]
+    for request in range(8):
+        table_map = dict(first)
+        if request >= 4:  # shard s1 moves to a new version
+            table_map["s1"] = newer["s1"]
+        if request == 6:  # and s0 has no table for one request
+            del table_map["s0"]
+        seeds = rng.sample(ITEMS, 25) + ["not-an-item", "unseen-x"] + rng.sample(ITEMS, 3)
+        weights = np.array([rng.random() for _ in seeds])
+        ts = T + rng.randrange(10**7)
+        got = []
+        for k, view in enumerate(views):
+            view.sync(table_map)
+            if k == 0:  # the reference: seed by seed
+                get_row = view.row if intern else view._known_row
+                parts = [(get_row(table_map[shard_of(s)], "liked", s),
+                          w * table_map[shard_of(s)].covis_factor(ts))
+                         for s, w in zip(seeds, weights.tolist(), strict=True)
+                         if shard_of(s) in table_map]
+                out = (np.concatenate([row[0] for row, _ in parts]),
+                       np.concatenate([row[1] * w for row, w in parts]))
+            else:
+                out = view.gather_seeds("liked", seeds, weights, table_map, shard_of, ts,
+                                        intern=intern)
+            got.append((out, list(view.names)))
+        ((ids0, w0), names0), ((ids1, w1), names1) = got
+        assert names0 == names1
+        assert ids0.size and np.array_equal(ids0, ids1) and np.array_equal(w0, w1)
+
+
+@pytest.mark.parametrize(("seed", "counts"), [(0, (100, 1)), (1, (7, 2, 30)), (2, (1,))])
+def test_liked_knn_of_several_seed_counts_is_each_counts_row_by_row_sums(
+        tmp_path: Path, seed: int, counts: tuple[int, ...]) -> None:
+    """``long_liked`` and ``last_liked`` from one gather (``_liked_knn``: the newest k
+    seeds' rows are a prefix of it) equal the reference sums of each seed count alone."""
+    from operators.pool_features import _liked_knn
+
+    rng = random.Random(seed)
+    table_map = tables(seed, tmp_path)
+    view = CovisView()
+    view.sync(table_map)
+    pool = rng.sample(ITEMS, 50)
+    ids = view.intern(pool)
+    seeds = ["not-an-item"] + rng.sample(ITEMS, 30)  # the newest has no table row
+    context = SimpleNamespace(
+        views=SimpleNamespace(table_map=lambda: table_map), item_shard_of=shard_of,
+        liked=SimpleNamespace(recent=lambda user, n: seeds[:n]),
+        covis=SimpleNamespace(decay=0.8))
+    ts = T + 5_000
+    got = _liked_knn(context, view, SimpleNamespace(user_id="u"), ids, ts, 0.5, counts)
+    for count, vec in zip(counts, got, strict=True):
+        mine = seeds[:count]
+        w = [1.0 / max(view.counts["liked"][view.ids[s]] if s in view.ids else 0.0, 1.0)
+             for s in mine]
+        ref = np.asarray(PointInTime._covis_lookup(context, mine, "liked", pool, table_map, ts, w))
+        ref = ref / np.maximum(view.counts["liked"][ids], 1.0) ** 0.5
+        ref = ref / ref.max() if ref.max() > 0 else np.zeros(len(pool))
+        assert np.array_equal(vec, ref), count
+    assert any(v.max() > 0 for v in got) or counts == (1,)

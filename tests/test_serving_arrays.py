@@ -9,6 +9,7 @@ an older catalog or another index. The world and helpers: tests/serving_world.py
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -228,3 +229,76 @@ def test_covis_view_ids_stay_bounded_under_item_churn(world: World) -> None:
     assert most <= max(64, 2 * loaded) + 20 + 30  # the bound, plus one request's new ids
     assert len(unbounded.server.covis_view.names) >= 40 + 15 * 20
     assert unbounded.server.view_resets == 0
+
+
+@pytest.mark.parametrize("scorer", ["pool", "ranker"])
+def test_cross_profiles_are_queried_only_for_the_ranker(
+        world: World, monkeypatch: pytest.MonkeyPatch, scorer: str) -> None:
+    """The user x category profiles are LR features: a request the pool ranker orders
+    alone queries none of them (its features read only the numeric columns); one the
+    LR scores queries them (the control)."""
+    from operators.point_in_time import PointInTime
+
+    world.publish_tables()
+    world.publish_index()
+    _ranker_on_item_features(world)
+    shard = world.user_shard(scorer=scorer)
+    feed(shard, [Item(T0 - DAY, item, {"category": CATEGORY[item]}) for item in ITEMS]
+         + [click("u", SEED, T0 - 10_000), click("u", "a31", T0 - 5_000)])
+    queried: list[str] = []
+    query = PointInTime._cross_query
+
+    def counting(user_id: str, store: Any, value: str, ts_ms: int | None) -> Any:
+        queried.append(value)
+        return query(user_id, store, value, ts_ms)
+
+    monkeypatch.setattr(PointInTime, "_cross_query", staticmethod(counting))
+    record = ask(shard, "u", ts=T0, k=10)
+    assert len(record["items"]) == 10
+    server = shard.server
+    assert server is not None and server.served_by[scorer] == 1
+    assert (queried == []) == (scorer == "pool")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_item_rows_read_loaded_tables_as_the_tables_they_were_saved_from(
+        tmp_path: Path, seed: int) -> None:
+    """``ItemRows.fill`` on loaded tables (the catalog's columns read as arrays) gives
+    the values it reads from the in-process tables entry by entry: presence,
+    availability, category (none or empty: code 0), first sighting, popularity and
+    trending, across a new version of one shard."""
+    rng = random.Random(seed)
+    items = [f"{'xy'[j % 2]}{j}" for j in range(60)]
+
+    def table(shard: str, ts: int) -> ItemTable:
+        mine = [i for i in items if i[0] == shard[1]]
+        return ItemTable(
+            shard, ts, CoVisitation(CoVisConfig()),
+            {i: rng.uniform(0, 9) for i in mine if rng.random() < 0.7},
+            {i: rng.uniform(0, 3) for i in mine if rng.random() < 0.5},
+            {i: CatalogEntry(rng.choice(["c1", "c2", None, ""]), rng.random() < 0.8,
+                             T0 - rng.randrange(10**9)) for i in mine if rng.random() < 0.8})
+
+    def loaded(t: ItemTable) -> ItemTable:
+        path = tmp_path / f"{t.shard}-{t.ts}.npz"
+        t.save(path)
+        return ItemTable.load(path)
+
+    def values(space: ItemRows, slots: np.ndarray) -> list[Any]:
+        return [space.entry[slots].tolist(), space.available[slots].tolist(),
+                [space.categories[c] or None for c in space.category[slots].tolist()],
+                space.first_seen[slots].tolist(), space.pop[slots].tolist(),
+                space.trend[slots].tolist()]
+
+    plain = {"sx": table("sx", T0), "sy": table("sy", T0)}
+    spaces = [ItemRows(CovisView(), lambda item: "s" + item[0]) for _ in range(2)]
+    for version in range(2):
+        if version:
+            plain["sy"] = table("sy", T0 + 1)
+        maps = [dict(plain), {shard: loaded(t) for shard, t in plain.items()}]
+        pool = rng.sample(items, 40) + ["z-unknown"]
+        got = []
+        for space, table_map in zip(spaces, maps, strict=True):
+            space.sync(table_map)
+            got.append(values(space, space.fill(space.rows(pool))))
+        assert got[0] == got[1] and any(got[0][0]) and not all(got[0][1])
