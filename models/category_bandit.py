@@ -118,6 +118,8 @@ class CategoryBandit:
             counts = self.items[item_id] = [0.0, 0.0]
             if len(self.items) > self.config.max_users:
                 self.items.popitem(last=False)
+        else:
+            self.items.move_to_end(item_id)
         s = self.config.prior_strength
         overall = (self.all[0] + 1.0) / (self.all[1] + 2.0)
         rate = (counts[0] + s * overall) / (counts[1] + s)
