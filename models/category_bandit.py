@@ -68,8 +68,9 @@ class CategoryExploreConfig:
                         "as a click on one exposure of the item's category, times the "
                         "signal's weight.", True)
     max_users: int = doc("Users whose posteriors a shard keeps, and items whose click rates "
-                         "it keeps (item_adjusted); the least recently updated dropped first.",
-                         100_000)
+                         "it keeps (item_adjusted); the least recently updated dropped first. "
+                         "The counts fade by ``decay`` per list, so recently shown users hold "
+                         "what is worth keeping; ~1.2 KB per user (flows/memory.py).", 5_000)
 
 
 def check_category_config(config: CategoryExploreConfig) -> None:

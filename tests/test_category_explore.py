@@ -208,3 +208,21 @@ def test_item_adjusted_exposure_discounts_clicks_on_items_everyone_clicks() -> N
         clicks_c1 = bandit.users["u"][1]["c1"]
         means[adjusted] = (clicks_c1[0] / clicks_c1[1]) / (clicks_c0[0] / clicks_c0[1])
     assert means[True] > 2 * means[False]  # the niche category's rate relative to the hit's
+
+
+def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> None:
+    """The least recently updated users and items are dropped past ``max_users``, and the
+    flow's memory bound (flows/memory.py) holds that many per user shard when enabled."""
+    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
+
+    bandit = CategoryBandit(CategoryExploreConfig(max_users=3))
+    for u in range(5):
+        bandit.exposure(f"u{u}", "a", 0, f"r{u}", f"i{u}")
+    assert list(bandit.users) == ["u2", "u3", "u4"]
+    assert list(bandit.items) == ["i2", "i3", "i4"]
+
+    on = load_config({"serving": {"category_explore": {"max_users": 1_000}}})
+    off = load_config({"serving": {"category_explore": {"enabled": False}}})
+    added = memory_bound(on)["parts_mb"]["user_shards"] - memory_bound(off)["parts_mb"]["user_shards"]
+    expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
+    assert added == pytest.approx(expected)
