@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from operators.point_in_time import RETAINED_VERSIONS
+from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from state.covis_view import SLACK
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ BYTES: dict[str, float] = {
     "ranker_weight": 130,
     "routing_cache_entry": 150,
     "category_user": 1_200,
+    "static_memo_item": 1_000,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -106,7 +107,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
 
     Parts: ``user_shards`` (users: history, attributes, profiles, duel; hot profiles;
     catalog copy; joiner; MF user rows; serving's candidate slots and view ids; pending pools;
-    category posteriors), ``item_shards`` (items: catalog, counters,
+    static item feature memo; category posteriors), ``item_shards`` (items: catalog, counters,
     profiles; co-visitation rows, full; MF item rows), ``serving_tables`` (the loaded
     item tables, one version per shard), ``index`` (builder and serving copies),
     ``retained_versions`` (replaced item tables or indexes that pending impressions'
@@ -136,6 +137,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + max(16_384, SLACK * sh.items * items.max_items) * b["covis_view_id"]
         + (pool.max_pending * pool.pool_size * b["pool_candidate"] if pool.enabled else 0)
         + (mf.max_users * b["mf_row"] if items.enabled else 0)
+        # the joiner's memo of static item features (~550 B an entry in the churn test)
+        + MAX_STATIC_MEMO * b["static_memo_item"]
         # serving's category posteriors: a user's counts and one item's click rate per user
         + (explore.max_users * b["category_user"] if explore.enabled else 0)
     )
