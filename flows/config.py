@@ -28,6 +28,7 @@ import orjson
 
 from flows.logs import LogConfig, StreamrecError
 from flows.runtime import RuntimeConfig
+from models.category_bandit import check_category_config
 from models.pool_ranker import check_pool_config
 from models.rankers import ranker_param_names
 from operators.item_shard import ItemsConfig
@@ -482,6 +483,10 @@ def _validate(config: Config) -> None:
         check_pool_config(config.serving.pool)
     except ValueError as err:
         raise ConfigError(f"serving.pool.{err}") from None
+    try:
+        check_category_config(config.serving.category_explore)
+    except ValueError as err:
+        raise ConfigError(f"serving.category_explore.{err}") from None
     if not 0.0 < config.sampler.negative_rate <= 1.0:
         raise ConfigError("sampler.negative_rate: must be in (0, 1]")
     if config.shards.users < 1 or config.shards.items < 1:

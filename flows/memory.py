@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from operators.point_in_time import RETAINED_VERSIONS
+from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from state.covis_view import SLACK
 
 if TYPE_CHECKING:
@@ -86,6 +86,8 @@ BYTES: dict[str, float] = {
     "waiting_example": 3_100,
     "ranker_weight": 130,
     "routing_cache_entry": 150,
+    "category_user": 1_200,
+    "static_memo_item": 1_000,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -104,7 +106,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
     ``ALLOCATOR_OVERHEAD``. Returns ``{"total_mb", "parts_mb": {part: MB}}``.
 
     Parts: ``user_shards`` (users: history, attributes, profiles, duel; hot profiles;
-    catalog copy; joiner; MF user rows; serving's candidate slots and view ids; pending pools), ``item_shards`` (items: catalog, counters,
+    catalog copy; joiner; MF user rows; serving's candidate slots and view ids; pending pools;
+    static item feature memo; category posteriors), ``item_shards`` (items: catalog, counters,
     profiles; co-visitation rows, full; MF item rows), ``serving_tables`` (the loaded
     item tables, one version per shard), ``index`` (builder and serving copies),
     ``retained_versions`` (replaced item tables or indexes that pending impressions'
@@ -115,7 +118,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
     b = BYTES
     sh, join, items, mf, covis = config.shards, config.join, config.items, \
         config.items.mf_config(), config.items.covis_config()
-    pool = config.serving.pool
+    pool, explore = config.serving.pool, config.serving.category_explore
     kinds = {f.get("entity") for f in config.features}
     user_kinds = len(kinds - {"item"})
     hot_users = min(sh.hot_profiles, sh.max_users)
@@ -134,6 +137,10 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + max(16_384, SLACK * sh.items * items.max_items) * b["covis_view_id"]
         + (pool.max_pending * pool.pool_size * b["pool_candidate"] if pool.enabled else 0)
         + (mf.max_users * b["mf_row"] if items.enabled else 0)
+        # the joiner's memo of static item features (~550 B an entry in the churn test)
+        + MAX_STATIC_MEMO * b["static_memo_item"]
+        # serving's category posteriors: a user's counts and one item's click rate per user
+        + (explore.max_users * b["category_user"] if explore.enabled else 0)
     )
     channels = 2 if items.covis_any else 1
     covis_bytes = channels * covis.max_items * 1.5 * covis.max_neighbors * b["covis_neighbor"]

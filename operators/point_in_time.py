@@ -146,9 +146,11 @@ def static_item_features(item_id: str, table: ItemTable | None,
     return extra
 
 
-MAX_STATIC_MEMO = 65_536
+MAX_STATIC_MEMO = 2_048
 """Entries of a user shard's memo of static item features (``PointInTime._static_part``;
-cleared when full)."""
+cleared when full): the items a shard joins most, within the memory bound
+(flows/memory.py ``static_memo_item``). 65,536 added ~33 MB to the churn test's peak
+(tests/reliability/test_bounded_memory.py), past its bound."""
 
 RETAINED_VERSIONS = 0
 """Replaced snapshot versions (item tables + index) a user shard may keep for the deferred

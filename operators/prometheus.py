@@ -130,7 +130,7 @@ def _families(state: MetricsState, now_s: float) -> Iterator[Metric]:
     # -- user shards: joiner, serving, duel
     counters = state.join()
     special = {*SERVING_COUNTERS, *SCORER_COUNTERS, *DUEL_HITS, *DUEL_CLICK_WINS,
-               "duel_outcomes", "duel_clicks", *JOIN_GAUGES}
+               "duel_outcomes", "duel_clicks", "served_by_category_sampling", *JOIN_GAUGES}
     for key in sorted(k for k in counters if k not in special):
         doc = ("Join windows closed (impressions whose attribution window expired)."
                if key == "windows_closed" else f"Joiner counter {key}.")
@@ -142,6 +142,9 @@ def _families(state: MetricsState, now_s: float) -> Iterator[Metric]:
     for key, name in SERVING_COUNTERS.items():
         yield _counter(f"streamrec_serving_{name}", "Requests received by the serving stage.",
                        [], [((app,), counters.get(key, 0))])
+    yield _counter("streamrec_serving_category_sampled", "Lists ordered by Thompson sampling "
+                   "across categories (serving.category_explore).", [],
+                   [((app,), counters.get("served_by_category_sampling", 0))])
     yield _counter("streamrec_serving_served", "Requests answered, by the scorer that ordered "
                    "the list.", ["scorer"],
                    (((app, s), counters.get(k, 0)) for k, s in SCORER_COUNTERS.items()))

@@ -39,9 +39,11 @@ from typing import Any
 import numpy as np
 
 from events.model import Record
+from models.category_bandit import CategoryExploreConfig
 from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
 from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
+from operators.category_explore import CategoryExplore
 from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import ItemColumns, PointInTime, UserContext
 from operators.pool_features import pool_matrix
@@ -122,6 +124,9 @@ class ServingConfig:
     pool: PoolRankerConfig = doc("The pool ranker: an online listwise re-ranker of the blend's "
                                  "best candidates (models/pool_ranker.py).",
                                  factory=PoolRankerConfig)
+    category_explore: CategoryExploreConfig = doc(
+        "Thompson sampling across item categories on per-user click posteriors "
+        "(models/category_bandit.py).", factory=CategoryExploreConfig)
     hooks: dict[str, str] = doc("Business-rule hooks by stage (after_retrieval, after_scoring, "
                                 "after_ordering): 'module:function'.", factory=dict)
     record_cost: bool = doc("Add cpu_ms (CPU time of this request's serving call, ms) and "
@@ -185,6 +190,9 @@ class Server:
         self.view_resets = 0
         """New co-visitation views started because items churned past the bound."""
         self.pool = PoolModel(config.pool) if config.pool.enabled else None
+        self.categories = (CategoryExplore(config.category_explore)
+                           if config.category_explore.enabled else None)
+        """Per-user category posteriors (``serving.category_explore``), fed by the shard."""
         """The pool ranker (learns on this shard from its users' next positives)."""
         self.organic_positives = 0
         """Organic positives seen on this shard (``outcome``). After
@@ -321,6 +329,9 @@ class Server:
                "served_interleaved": getattr(self, "interleaved", 0)}
         if self.pool is not None:
             out.update(self.pool.counters())
+        categories = getattr(self, "categories", None)
+        if categories is not None:
+            out["served_by_category_sampling"] = categories.ordered
         return out
 
     # -- the four stages ---------------------------------------------------------------
@@ -344,8 +355,13 @@ class Server:
         if timing is not None:
             t3 = time.perf_counter_ns()
             timing["score"] = timing.get("score", 0) + t3 - t2
+        sampled = (self.categories.order(request, ctx.user_id, pool)
+                   if scored is None and getattr(self, "categories", None) is not None
+                   else None)
         if scored is not None:
             ranked = self.order(request, scored, request.k, ctx.consumed)
+        elif sampled is not None:
+            ranked = self._rerank(request, sampled, request.k, ctx.consumed)
         else:
             ranked = self._rerank(request, pool.candidates(top_indices(pool.score, self._depth(
                 request.k))), request.k, ctx.consumed)
@@ -678,7 +694,7 @@ class Server:
         slot = min(k, len(ranked)) - 1
         if (h & 0xFFFFFFFF) / 2**32 >= epsilon:
             # Logged as if a new item had been eligible (not looked up when not exploring).
-            ranked[slot].propensity = 1.0 - epsilon
+            ranked[slot].propensity *= 1.0 - epsilon  # times category sampling's, if any
             return ranked
         fresh = self._new_items(request, {c.item_id for c in ranked[:k]} | set(consumed or ()))
         if not fresh:

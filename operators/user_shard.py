@@ -153,6 +153,7 @@ class UserShard:
             joiner.on_impression(event)
             if self.profiles:
                 self._profile(event)
+            self._category_event(event)
             if self.item_profiles:
                 self._item_updates.append(ProfileEvent(event.item_id, event))
             return
@@ -178,6 +179,7 @@ class UserShard:
         self.joiner.on_feedback(fb)  # takes features first
         self.history.add(fb.user_id, fb.item_id, fb.ts)
         self._profile(fb)
+        self._category_event(fb)
         if fb.action in self.consume_actions:
             self.finished.add(fb.user_id, fb.item_id, fb.ts)
         updates = self._item_updates
@@ -268,6 +270,21 @@ class UserShard:
     def _profile(self, event: Event) -> None:
         for store in self.profiles.values():
             store.apply(event, self._item_attrs)
+
+    def _category_event(self, event: Event) -> None:
+        """Impressions and clicks teach serving's category posteriors (when enabled)."""
+        explore = getattr(self.server, "categories", None)
+        if explore is None:
+            return
+        attrs = self.catalog.get(event.item_id)
+        category = attrs.get("category") if attrs is not None else None
+        category = category if isinstance(category, str) else None
+        if event.type == "impression":
+            explore.impression(event.user_id, event.item_id, category, event.position,
+                               event.request_id)
+        else:
+            explore.feedback(event.user_id, event.item_id, category, event.action,
+                             event.impression_id, self.joiner.config.organic.get(event.action))
 
     def _item_attrs(self, item_id: str) -> dict[str, Any] | None:
         """The item's attributes for the profiles of an interaction (marks it used)."""

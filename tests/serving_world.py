@@ -23,6 +23,7 @@ import numpy as np
 
 from events.model import Event, Feedback, Item, Request
 from flows.config import load_config
+from models.category_bandit import CategoryExploreConfig
 from models.mf import MFConfig
 from operators.index_builder import IndexStage
 from operators.item_shard import ItemsConfig, ItemShard, item_shard_key, route_updates
@@ -187,6 +188,9 @@ class World:
         serving.setdefault("poll_ms", 0)
         serving.setdefault("scorer", "ranker")  # these tests pin the ranker; the duel has its own
         serving.setdefault("repeat", "never")  # the consumed filter; test_repeat_policy the others
+        # The scorer's order (category sampling re-orders once a user has impressions or
+        # organic signals): tests/test_category_explore.py turns it on.
+        serving.setdefault("category_explore", CategoryExploreConfig(enabled=False))
         config = ServingConfig(**serving)
         defaults = load_config(None)
         return UserShard(

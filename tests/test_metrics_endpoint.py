@@ -73,6 +73,8 @@ def test_families_grouped_by_stage_and_health(tmp_path) -> None:
     assert served == {"ranker": join["served_by_ranker"], "retrieval": join["served_by_retrieval"],
                       "pool": join["served_by_pool"]}
     assert s[("streamrec_duel_outcomes_total", ())] == join["duel_outcomes"]
+    assert s[("streamrec_serving_category_sampled_total", ())] == join.get(
+        "served_by_category_sampling", 0)
     assert s[("streamrec_serving_served_total", (("scorer", "interleaved"),))] == join[
         "served_interleaved"]
     assert s[("streamrec_duel_clicks_total", ())] == join["duel_clicks"] == sum(

@@ -1,0 +1,248 @@
+"""Thompson sampling across item categories: a per-user x category click model.
+
+Each (user, category) holds a Beta posterior of the click rate per position-discounted
+exposure (an impression at 0-based position p counts ``1 / log2(2 + p)``, the DCG
+discount of ``state.feature_spec`` ``position_discount``): ``Beta(a0 + clicks, b0 +
+exposure - clicks)``, with a prior of ``prior_strength`` exposures at the category's
+shard-wide rate (``a0 = s * rate_c``, ``b0 = s * (1 - rate_c)``; ``rate_c`` itself shrunk
+to the shard's overall rate). Counts forget by the user's own lists: every new list
+(request id) of a user multiplies that user's counts by ``decay``, so a taste that moved
+is re-explored after a few lists whatever the event-time span. Declared organic signals
+(views, plays: ``join.organic``) count as a click on one exposure, times their weight.
+
+``order`` draws from the posteriors with a generator seeded by the request id (a replay
+gives the same lists) and orders the scorer's best ``depth`` candidates: ``rerank`` (one
+draw per category; key = draw / log2(2 + the item's rank in the scorer's order), so the
+scorer's order holds inside a category and a category sampled higher climbs) or ``slots``
+(a fresh draw per slot picks its category, filled by the scorer's best remaining item
+of it). The propensity of a slot is the probability that the policy puts that item in
+that slot, estimated from ``propensity_draws`` more lists drawn from the same posteriors
+plus the served one (``(matches + 1) / (draws + 1)``, never 0; an estimate: Thompson
+sampling has no closed form).
+
+A user without any logged exposure keeps the scorer's order (``None`` from ``order``): a
+stream without impressions (a rating log such as MovieLens) is unchanged by construction.
+No Bytewax here; the serving operator calls it (operators/category_explore.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from state.settings import doc
+
+CATEGORY_MODES = ("rerank", "slots")
+
+
+@dataclass
+class CategoryExploreConfig:
+    """Thompson sampling across categories (models/category_bandit.py)."""
+
+    enabled: bool = doc("Order each list by Thompson sampling over the user's per-category "
+                        "click posteriors (the scorer's order inside a category); users "
+                        "without logged impressions keep the scorer's order. Default by "
+                        "measurement: docs/evaluation.md.", True)
+    actions: list[str] = doc("Feedback actions on an impression that count as a click.",
+                             factory=lambda: ["click"])
+    prior_strength: float = doc("Prior weight in position-discounted exposures (a0 + b0), at "
+                                "the category's shard-wide click rate.", 10.0)
+    decay: float = doc("Factor on a user's counts at each new list shown to them (1 = never "
+                       "forget).", 0.9)
+    mode: str = doc("'rerank': one draw per category and request, each candidate keyed by "
+                    "its category's draw / log2(2 + its rank in the scorer's order); 'slots': "
+                    "a fresh draw per slot picks the slot's category, the scorer's best "
+                    "remaining item of it fills the slot.", "rerank")
+    depth: int = doc("Candidates (the scorer's best) the sampling orders.", 50)
+    slots: int = doc("mode 'slots': slots per list allocated by category sampling (the "
+                     "first ones; the rest in the scorer's order).", 10)
+    propensity_draws: int = doc("Extra lists drawn per request for the logged propensity "
+                                "estimate of each slot (0: log 1 / 1).", 16)
+    item_adjusted: bool = doc("Weigh each exposure by its item's shard-wide click rate over "
+                              "the shard's (expected clicks instead of impressions), so a "
+                              "category is not credited with its items' popularity.", True)
+    organic: bool = doc("Declared organic signals (join.organic: views, plays, ...) count "
+                        "as a click on one exposure of the item's category, times the "
+                        "signal's weight.", True)
+    max_users: int = doc("Users whose posteriors a shard keeps, and items whose click rates "
+                         "it keeps (item_adjusted); the least recently updated dropped first. "
+                         "The counts fade by ``decay`` per list, so recently shown users hold "
+                         "what is worth keeping; ~1.2 KB per user (flows/memory.py).", 5_000)
+
+
+def check_category_config(config: CategoryExploreConfig) -> None:
+    """ValueError ("key: reason") for values outside their ranges."""
+    if config.prior_strength <= 0:
+        raise ValueError(f"prior_strength: must be > 0, got {config.prior_strength}")
+    if not 0.0 < config.decay <= 1.0:
+        raise ValueError(f"decay: must be in (0, 1], got {config.decay}")
+    for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws)):
+        if value < 0:
+            raise ValueError(f"{key}: must be >= 0, got {value}")
+    if config.mode not in CATEGORY_MODES:
+        raise ValueError(f"mode: must be one of {CATEGORY_MODES}, got {config.mode!r}")
+    if config.depth < 1:
+        raise ValueError(f"depth: must be >= 1, got {config.depth}")
+    if config.max_users < 1:
+        raise ValueError(f"max_users: must be >= 1, got {config.max_users}")
+
+
+def exposure_weight(position: int | None) -> float:
+    """Position-discounted exposure of one impression (1 when the position is unknown)."""
+    return 1.0 / math.log2(2.0 + position) if position is not None and position >= 0 else 1.0
+
+
+class CategoryBandit:
+    """Per-user x category Beta posteriors of clicks over discounted exposure."""
+
+    def __init__(self, config: CategoryExploreConfig) -> None:
+        self.config = config
+        self.users: OrderedDict[str, tuple[str, dict[str, list[float]]]] = OrderedDict()
+        """user -> (last list id, category -> [clicks, exposure])."""
+        self.totals: dict[str, list[float]] = {}
+        """category -> [clicks, exposure] over the shard (never decayed)."""
+        self.items: OrderedDict[str, list[float]] = OrderedDict()
+        """item -> [clicks, discounted impressions] over the shard (``item_adjusted``)."""
+        self.all = [0.0, 0.0]
+        """[clicks, discounted impressions] over the shard (``item_adjusted``)."""
+
+    def _item_weight(self, item_id: str | None, discount: float) -> float:
+        """``item_adjusted``: the item's shard-wide click rate over the shard's (shrunk by
+        ``prior_strength`` impressions), so clicks on items everyone clicks weigh less."""
+        if item_id is None:
+            return 1.0
+        counts = self.items.get(item_id)
+        if counts is None:
+            counts = self.items[item_id] = [0.0, 0.0]
+            if len(self.items) > self.config.max_users:
+                self.items.popitem(last=False)
+        else:
+            self.items.move_to_end(item_id)
+        s = self.config.prior_strength
+        overall = (self.all[0] + 1.0) / (self.all[1] + 2.0)
+        rate = (counts[0] + s * overall) / (counts[1] + s)
+        counts[1] += discount
+        self.all[1] += discount
+        return rate / overall
+
+    def _user(self, user_id: str) -> tuple[str, dict[str, list[float]]]:
+        entry = self.users.get(user_id)
+        if entry is None:
+            entry = self.users[user_id] = ("", {})
+            if len(self.users) > self.config.max_users:
+                self.users.popitem(last=False)
+        else:
+            self.users.move_to_end(user_id)
+        return entry
+
+    def exposure(self, user_id: str, category: str | None, position: int | None,
+                 list_id: str | None, item_id: str | None = None) -> None:
+        """An impression of an item of ``category`` at ``position`` in list ``list_id``
+        (``item_id``: only read with ``item_adjusted``)."""
+        last, counts = self._user(user_id)
+        if list_id is not None and list_id != last:
+            decay = self.config.decay
+            if decay < 1.0:
+                for c in counts.values():
+                    c[0] *= decay
+                    c[1] *= decay
+            self.users[user_id] = (list_id, counts)
+        w = exposure_weight(position)
+        if self.config.item_adjusted:
+            w *= self._item_weight(item_id, w)
+        key = category or ""
+        counts.setdefault(key, [0.0, 0.0])[1] += w
+        self.totals.setdefault(key, [0.0, 0.0])[1] += w
+
+    def click(self, user_id: str, category: str | None, item_id: str | None = None) -> None:
+        """A click on an impression of an item of ``category``."""
+        key = category or ""
+        if self.config.item_adjusted and item_id is not None:
+            counts = self.items.get(item_id)
+            if counts is not None:
+                counts[0] += 1.0
+            self.all[0] += 1.0
+        _, counts = self._user(user_id)
+        counts.setdefault(key, [0.0, 0.0])[0] += 1.0
+        self.totals.setdefault(key, [0.0, 0.0])[0] += 1.0
+
+    def organic(self, user_id: str, category: str | None, weight: float) -> None:
+        """An organic interaction (a declared signal such as a view, no impression): the
+        user sought the item out, a click on one exposure, times ``weight``."""
+        key = category or ""
+        _, counts = self._user(user_id)
+        c = counts.setdefault(key, [0.0, 0.0])
+        c[0] += weight
+        c[1] += weight
+
+    def knows(self, user_id: str) -> bool:
+        """Whether the user was shown anything (else ``order`` keeps the scorer's order)."""
+        entry = self.users.get(user_id)
+        return entry is not None and any(c[1] > 0 for c in entry[1].values())
+
+    def posterior(self, user_id: str, categories: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Beta parameters (a, b) of each category's click rate for the user."""
+        clicks = sum(c[0] for c in self.totals.values())
+        exposure = sum(c[1] for c in self.totals.values())
+        overall = (clicks + 1.0) / (exposure + 2.0)
+        s = self.config.prior_strength
+        counts = self.users.get(user_id, ("", {}))[1]
+        a = np.empty(len(categories))
+        b = np.empty(len(categories))
+        for j, cat in enumerate(categories):
+            tc, te = self.totals.get(cat, (0.0, 0.0))
+            rate = min(max((tc + s * overall) / (te + s), 1e-4), 1 - 1e-4)
+            uc, ue = counts.get(cat, (0.0, 0.0))
+            a[j] = s * rate + uc
+            b[j] = s * (1.0 - rate) + max(ue - uc, 0.0)
+        return a, b
+
+    def order(self, user_id: str, scores: np.ndarray, categories: list[str | None], k: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The top ``k`` by Thompson sampling over the categories (``mode``): (candidate
+        indices of the list, each slot's propensity), or None for a user without
+        exposures (keep the scorer's order)."""
+        if not len(scores) or not self.knows(user_id):
+            return None
+        keys = [c or "" for c in categories]
+        names = sorted(set(keys))
+        code = {c: j for j, c in enumerate(names)}
+        cat_of = np.fromiter((code[c] for c in keys), np.int64, len(keys))
+        depth = min(len(scores), max(self.config.depth, k))
+        best_first = np.argsort(-scores, kind="stable")[:depth]
+        a, b = self.posterior(user_id, names)
+        rng = np.random.default_rng(seed)
+        draws = self.config.propensity_draws
+        if self.config.mode == "rerank":  # every list at once: one row of draws per list
+            theta = rng.beta(a, b, size=(draws + 1, len(names)))
+            key = theta[:, cat_of[best_first]] / np.log2(2.0 + np.arange(len(best_first)))
+            top = np.argsort(-key, axis=1, kind="stable")[:, :k]
+            hits = (top[1:] == top[0]).sum(axis=0)
+            return best_first[top[0]], (hits + 1.0) / (draws + 1.0)
+        draw = self._slots
+        served = draw(best_first, cat_of, a, b, k, rng)
+        hits = np.zeros(len(served))
+        for _ in range(draws):
+            other = draw(best_first, cat_of, a, b, k, rng)
+            n = min(len(other), len(served))
+            hits[:n] += other[:n] == served[:n]
+        return served, (hits + 1.0) / (draws + 1.0)  # the served draw is one of them
+
+    def _slots(self, best_first: np.ndarray, cat_of: np.ndarray, a: np.ndarray,
+               b: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """The first ``slots`` slots one by one: a fresh draw per slot, the best remaining
+        candidate of the winning category; the rest in the scorer's order."""
+        cats = cat_of[best_first]
+        queues = [list(best_first[cats == j]) for j in range(len(a))]
+        left = np.array([bool(q) for q in queues])
+        chosen: list[int] = []
+        for _ in range(min(k, self.config.slots, len(best_first))):
+            j = int(np.argmax(np.where(left, rng.beta(a, b), -1.0)))
+            chosen.append(int(queues[j].pop(0)))
+            left[j] = bool(queues[j])
+        taken = set(chosen)
+        rest = [int(i) for i in best_first if int(i) not in taken][: max(k - len(chosen), 0)]
+        return np.asarray(chosen + rest, np.int64)

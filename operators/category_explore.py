@@ -1,0 +1,56 @@
+"""Serving glue of Thompson sampling across categories (models/category_bandit.py).
+
+``CategoryExplore`` learns from the user shard's impressions and clicks (category from
+the shard's catalog) and re-orders a scored ``CandidatePool`` into the top k, with each
+slot's propensity; the generator is seeded from the request id (``stable_hash64``), so a
+replay serves the same lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.category_bandit import CategoryBandit, CategoryExploreConfig
+from operators.candidates import Candidate, CandidatePool
+from state.hashing import stable_hash64
+
+
+class CategoryExplore:
+    """One user shard's category posteriors and the ordering that samples them."""
+
+    def __init__(self, config: CategoryExploreConfig) -> None:
+        self.bandit = CategoryBandit(config)
+        self.actions = frozenset(config.actions)
+        self.ordered = 0
+        """Lists ordered by category sampling (metrics)."""
+
+    def impression(self, user_id: str, item_id: str, category: str | None,
+                   position: int | None, request_id: str | None) -> None:
+        self.bandit.exposure(user_id, category, position, request_id, item_id)
+
+    def feedback(self, user_id: str, item_id: str, category: str | None, action: str,
+                 impression_id: str | None, organic_weight: float | None = None) -> None:
+        """A feedback event: a click (``actions``) on an impression counts; so does an
+        organic signal (``organic_weight``: its declared weight, None for other actions)."""
+        if impression_id is not None:
+            if action in self.actions:
+                self.bandit.click(user_id, category, item_id)
+        elif organic_weight is not None and self.bandit.config.organic:
+            self.bandit.organic(user_id, category, organic_weight)
+
+    def order(self, request: Any, user_id: str, pool: CandidatePool) -> list[Candidate] | None:
+        """The top k of ``pool`` (scored) by category sampling, propensities set; None
+        (keep the scorer's order) for a user without impressions or a pool without
+        categories."""
+        if pool.category is None or not len(pool):
+            return None
+        out = self.bandit.order(user_id, pool.score, pool.category, request.k,
+                                stable_hash64(f"category:{request.request_id}"))
+        if out is None:
+            return None
+        idx, props = out
+        cands = pool.candidates(idx)
+        for c, p in zip(cands, props.tolist(), strict=True):
+            c.propensity = p
+        self.ordered += 1
+        return cands

@@ -1,0 +1,228 @@
+"""Thompson sampling across categories (models/category_bandit.py, operators/category_explore.py).
+
+The model is driven directly (posteriors, ordering, propensities, forgetting); the
+serving path through a real ``UserShard`` (tests/serving_world.py): impressions and
+clicks reach the posteriors, the lists follow them, the propensities are logged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from serving_world import CATEGORY, ITEMS, T0, World, ask, feed, warm_up
+
+from events.model import Feedback, Impression, Item
+from flows.config import ConfigError, load_config
+from models.category_bandit import CategoryBandit, CategoryExploreConfig
+from operators.category_explore import CategoryExplore
+
+CATS = ["c0", "c1", "c2", "c3"]
+
+
+def show(bandit: CategoryBandit, user: str, lists: int, clicked: str | None,
+         start: int = 0) -> None:
+    """``lists`` lists of 8 impressions (2 per category); one click on ``clicked`` each."""
+    for n in range(start, start + lists):
+        for pos in range(8):
+            bandit.exposure(user, CATS[pos % 4], pos, f"{user}:{n}")
+        if clicked is not None:
+            bandit.click(user, clicked)
+
+
+def pool(n_per_cat: int = 10) -> tuple[np.ndarray, list[str | None]]:
+    """Scores that favour c0 (then c1, c2, c3) at every rank."""
+    cats = [CATS[i % 4] for i in range(4 * n_per_cat)]
+    scores = np.array([1.0 - 0.01 * i for i in range(4 * n_per_cat)])
+    return scores, cats
+
+
+def share(bandit: CategoryBandit, user: str, category: str, requests: int = 200) -> float:
+    scores, cats = pool()
+    hits = 0
+    for seed in range(requests):
+        out = bandit.order(user, scores, cats, 10, seed)
+        assert out is not None
+        hits += sum(cats[i] == category for i in out[0].tolist())
+    return hits / (10 * requests)
+
+
+def test_a_user_whose_clicks_favour_a_category_gets_more_of_it() -> None:
+    bandit = CategoryBandit(CategoryExploreConfig())
+    show(bandit, "others", 200, None)
+    for cat in CATS:
+        for _ in range(30):
+            bandit.click("others", cat)  # the shard's rates: all alike
+    show(bandit, "fan", 6, "c3")
+    show(bandit, "c0 fan", 6, "c0")
+    # The scorer puts c3 last; the fan's clicks lift it well above a quarter of the slots.
+    assert share(bandit, "fan", "c3") > 0.5
+    assert share(bandit, "fan", "c3") > share(bandit, "c0 fan", "c3") + 0.25
+
+
+def test_inside_a_category_the_scorer_order_holds() -> None:
+    bandit = CategoryBandit(CategoryExploreConfig())
+    show(bandit, "u", 2, "c1")
+    scores, cats = pool()
+    idx, _ = bandit.order("u", scores, cats, 10, 3)
+    for cat in CATS:
+        ranks = [i for i in idx.tolist() if cats[i] == cat]
+        assert ranks == sorted(ranks)  # best score first within each category
+
+
+def test_sampling_is_deterministic_per_request_seed() -> None:
+    bandit = CategoryBandit(CategoryExploreConfig())
+    show(bandit, "u", 3, "c2")
+    scores, cats = pool()
+    first = bandit.order("u", scores, cats, 10, 42)
+    again = bandit.order("u", scores, cats, 10, 42)
+    assert first is not None and again is not None
+    assert first[0].tolist() == again[0].tolist()
+    assert first[1].tolist() == again[1].tolist()
+    lists = {tuple(bandit.order("u", scores, cats, 10, s)[0].tolist()) for s in range(20)}
+    assert len(lists) > 1  # other request ids draw other lists
+
+
+def test_a_drifted_users_posterior_moves_to_the_new_taste() -> None:
+    forgets = CategoryBandit(CategoryExploreConfig(decay=0.8))
+    remembers = CategoryBandit(CategoryExploreConfig(decay=1.0))
+    for bandit in (forgets, remembers):
+        show(bandit, "u", 12, "c0")
+        show(bandit, "u", 4, "c2", start=12)
+    for bandit, moved in ((forgets, True), (remembers, False)):
+        a, b = bandit.posterior("u", CATS)
+        mean = a / (a + b)
+        assert bool(mean[2] > mean[0]) is moved
+
+
+def test_users_without_impressions_keep_the_scorer_order() -> None:
+    """A rating log (no impressions, feedback without impression) never re-orders."""
+    bandit = CategoryBandit(CategoryExploreConfig())
+    scores, cats = pool()
+    assert bandit.order("u", scores, cats, 10, 0) is None
+    bandit.click("u", "c1")  # a click without a logged exposure is no evidence of exposure
+    assert bandit.order("u", scores, cats, 10, 0) is None
+
+
+def test_logged_propensity_estimates_how_often_the_slot_is_drawn() -> None:
+    bandit = CategoryBandit(CategoryExploreConfig(propensity_draws=400))
+    show(bandit, "u", 3, "c1")
+    scores, cats = pool()
+    firsts: dict[str, int] = {}
+    logged: dict[str, list[float]] = {}
+    n = 1000
+    for seed in range(n):
+        idx, props = bandit.order("u", scores, cats, 10, seed)
+        cat = cats[int(idx[0])]
+        firsts[cat] = firsts.get(cat, 0) + 1
+        logged.setdefault(cat, []).append(float(props[0]))
+        assert np.all((props > 0) & (props <= 1))
+    for cat, count in firsts.items():
+        assert abs(np.mean(logged[cat]) - count / n) < 0.06
+
+
+def test_config_values_are_validated() -> None:
+    with pytest.raises(ConfigError, match="serving.category_explore.decay"):
+        load_config({"serving": {"category_explore": {"decay": 0.0}}})
+    with pytest.raises(ConfigError, match="serving.category_explore.prior_strength"):
+        load_config({"serving": {"category_explore": {"prior_strength": -1}}})
+
+
+def test_the_user_shard_serves_the_category_its_user_clicks(world: World) -> None:
+    """Through the shard: impressions and clicks reach the posteriors; the lists of a user
+    who clicks c3 hold more c3 than those of a user shown the same lists who clicks c0,
+    and the items carry the logged propensities."""
+    world.publish_all()
+    shard = world.user_shard(category_explore=CategoryExploreConfig(enabled=True))
+    twin = world.user_shard(category_explore=CategoryExploreConfig(enabled=True))
+    plain = world.user_shard(category_explore=CategoryExploreConfig(enabled=False))
+    for s in (shard, twin, plain):
+        feed(s, [Item(T0 - 3_600_000, item, {"category": CATEGORY[item]}) for item in ITEMS])
+        warm_up(s)
+    by_cat = {c: [i for i in ITEMS if CATEGORY[i] == c] for c in CATS}
+    shown = by_cat["c0"][:4] + by_cat["c1"][:1] + by_cat["c2"][:1] + by_cat["c3"][:4]
+    events = []
+    for user, first in (("fan", 6), ("c0 fan", 0)):  # c0 items at 0-3, c3 at 6-9
+        for rep in range(4):
+            ts = T0 - 600_000 + rep * 1000
+            for pos, item in enumerate(shown):
+                events.append(Impression(ts, f"i:{user}:{rep}:{pos}", user, item,
+                                         f"r:{user}:{rep}", pos))
+            pos = first + rep
+            events.append(Feedback(ts + 10, user, shown[pos], "click", f"i:{user}:{rep}:{pos}"))
+    events.sort(key=lambda e: e.ts)
+    for s in (shard, twin, plain):
+        feed(s, events)
+    # Deterministic per request id: a replay (a second shard fed the same events) serves the
+    # same items with the same propensities.
+    first = ask(shard, "fan", ts=T0 + 50, request_id="q:replay")
+    assert first["items"] == ask(twin, "fan", ts=T0 + 50, request_id="q:replay")["items"]
+
+    def c3(s, user: str) -> int:
+        return sum(sum(CATEGORY.get(i["item_id"]) == "c3" for i in
+                       ask(s, user, ts=T0 + n, request_id=f"q:{user}:{n}")["items"])
+                   for n in range(20))
+
+    assert c3(shard, "fan") > c3(shard, "c0 fan") + 20
+    # The control: without sampling the scorer gives the fan fewer c3 items than the c0 fan.
+    assert c3(plain, "fan") <= c3(plain, "c0 fan")
+    assert c3(shard, "fan") > c3(plain, "fan") + 20
+    record = ask(shard, "fan", ts=T0 + 99, request_id="q:props")
+    props = [i["propensity"] for i in record["items"]]
+    assert all(0 < p <= 1 for p in props) and any(p < 1 for p in props)
+    assert shard.counters()["served_by_category_sampling"] >= 22
+    cold = ask(shard, "cold", ts=T0 + 100, request_id="q:cold")  # no impressions: unchanged
+    assert [i["item_id"] for i in cold["items"]] == [
+        i["item_id"] for i in ask(plain, "cold", ts=T0 + 100, request_id="q:cold")["items"]]
+
+
+def test_organic_signals_reveal_the_category_before_any_click() -> None:
+    """Views (declared organic signals) of c2 items lift c2 for a user who never clicked;
+    with ``organic = false`` they are ignored."""
+    counts = {}
+    for organic in (True, False):
+        explore = CategoryExplore(CategoryExploreConfig(organic=organic))
+        show(explore.bandit, "u", 2, None)
+        for n in range(4):
+            explore.feedback("u", f"v{n}", "c2", "view", None, 0.3)
+        explore.feedback("u", "r1", "c2", "rating", None, None)  # not a declared signal
+        counts[organic] = share(explore.bandit, "u", "c2")
+    assert counts[True] > counts[False] + 0.15
+
+
+def test_item_adjusted_exposure_discounts_clicks_on_items_everyone_clicks() -> None:
+    """With ``item_adjusted``, a category whose clicks went to an item every user clicks
+    is credited less than one whose clicks went to an item nobody else clicks."""
+    means = {}
+    for adjusted in (True, False):
+        bandit = CategoryBandit(CategoryExploreConfig(item_adjusted=adjusted))
+        for n in range(40):  # the crowd clicks "hit" (c0), never "niche" (c1)
+            bandit.exposure(f"o{n}", "c0", 0, f"o{n}", "hit")
+            bandit.exposure(f"o{n}", "c1", 1, f"o{n}", "niche")
+            bandit.click(f"o{n}", "c0", "hit")
+        for rep in range(3):  # the user clicks both, once per list
+            bandit.exposure("u", "c0", 0, f"u{rep}", "hit")
+            bandit.exposure("u", "c1", 1, f"u{rep}", "niche")
+            bandit.click("u", "c0", "hit")
+            bandit.click("u", "c1", "niche")
+        clicks_c0 = bandit.users["u"][1]["c0"]
+        clicks_c1 = bandit.users["u"][1]["c1"]
+        means[adjusted] = (clicks_c1[0] / clicks_c1[1]) / (clicks_c0[0] / clicks_c0[1])
+    assert means[True] > 2 * means[False]  # the niche category's rate relative to the hit's
+
+
+def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> None:
+    """The least recently updated users and items are dropped past ``max_users``, and the
+    flow's memory bound (flows/memory.py) holds that many per user shard when enabled."""
+    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
+
+    bandit = CategoryBandit(CategoryExploreConfig(max_users=3))
+    for u in range(5):
+        bandit.exposure(f"u{u}", "a", 0, f"r{u}", f"i{u}")
+    assert list(bandit.users) == ["u2", "u3", "u4"]
+    assert list(bandit.items) == ["i2", "i3", "i4"]
+
+    on = load_config({"serving": {"category_explore": {"max_users": 1_000}}})
+    off = load_config({"serving": {"category_explore": {"enabled": False}}})
+    added = memory_bound(on)["parts_mb"]["user_shards"] - memory_bound(off)["parts_mb"]["user_shards"]
+    expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
+    assert added == pytest.approx(expected)
