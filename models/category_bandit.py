@@ -27,12 +27,12 @@ No Bytewax here; the serving operator calls it (operators/category_explore.py).
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
+from state.feature_spec import position_discount
 from state.settings import doc
 
 CATEGORY_MODES = ("rerank", "slots")
@@ -92,7 +92,7 @@ def check_category_config(config: CategoryExploreConfig) -> None:
 
 def exposure_weight(position: int | None) -> float:
     """Position-discounted exposure of one impression (1 when the position is unknown)."""
-    return 1.0 / math.log2(2.0 + position) if position is not None and position >= 0 else 1.0
+    return position_discount(position) if position is not None else 1.0
 
 
 class CategoryBandit:

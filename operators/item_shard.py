@@ -36,7 +36,7 @@ from operators.item_updates import (
 from operators.placement import spread_key
 from state.covisitation import CoVisConfig, CoVisitation
 from state.feature_spec import parse_features
-from state.item_table import CatalogEntry, ItemTable
+from state.item_table import CatalogEntry, ItemTable, category_of
 from state.popularity import PopularityCounter
 from state.profiles import ProfileStore
 from state.settings import doc
@@ -192,7 +192,7 @@ class ItemShard:
                     if max_ts is None or event.ts > max_ts:
                         max_ts = event.ts
                     entry = self._see(item_id, event.ts)
-                    entry.category = _category(event.attrs) or entry.category
+                    entry.category = category_of(event.attrs) or entry.category
                     if entry.available and not event.available:
                         removed.append(item_id)
                     elif event.available and not entry.available:
@@ -332,11 +332,6 @@ def _update_raw(update: ItemUpdate) -> dict[str, Any]:
     fields = {k: event_to_dict(v) if isinstance(v, Impression | Feedback | Item) else v
               for k, v in update._asdict().items()}
     return {"update": type(update).__name__, **fields}
-
-
-def _category(attrs: dict[str, Any]) -> str | None:
-    value = attrs.get("category")
-    return str(value) if value is not None else None
 
 
 class ItemShardLogic(StatefulLogic[tuple[Any, ...], dict[str, list[Any]], ItemShard]):

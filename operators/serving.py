@@ -355,16 +355,14 @@ class Server:
         if timing is not None:
             t3 = time.perf_counter_ns()
             timing["score"] = timing.get("score", 0) + t3 - t2
-        sampled = (self.categories.order(request, ctx.user_id, pool)
-                   if scored is None and getattr(self, "categories", None) is not None
-                   else None)
         if scored is not None:
             ranked = self.order(request, scored, request.k, ctx.consumed)
-        elif sampled is not None:
-            ranked = self._rerank(request, sampled, request.k, ctx.consumed)
         else:
-            ranked = self._rerank(request, pool.candidates(top_indices(pool.score, self._depth(
-                request.k))), request.k, ctx.consumed)
+            categories = getattr(self, "categories", None)  # None: off, or older state
+            best = categories.order(request, ctx.user_id, pool) if categories else None
+            if best is None:  # the scorer's order
+                best = pool.candidates(top_indices(pool.score, self._depth(request.k)))
+            ranked = self._rerank(request, best, request.k, ctx.consumed)
         ranked = self._hook("after_ordering", request, ranked)
         if timing is not None:
             timing["order"] = timing.get("order", 0) + time.perf_counter_ns() - t3

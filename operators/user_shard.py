@@ -48,6 +48,7 @@ from operators.serving import Server, ServingConfig, repeat_blocked
 from operators.snapshot_views import SnapshotViews
 from state.covisitation import CoVisConfig, CoVisitation
 from state.hashing import stable_hash64
+from state.item_table import category_of
 from state.join_state import JoinConfig, Joiner
 from state.profiles import ProfileStore, stores_for
 from state.sampling import NegativeSampler
@@ -277,8 +278,7 @@ class UserShard:
         if explore is None:
             return
         attrs = self.catalog.get(event.item_id)
-        category = attrs.get("category") if attrs is not None else None
-        category = category if isinstance(category, str) else None
+        category = category_of(attrs) if attrs is not None else None
         if event.type == "impression":
             explore.impression(event.user_id, event.item_id, category, event.position,
                                event.request_id)

@@ -52,9 +52,12 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _ENTITY_RE = re.compile(r"^(user|item|user_x_[a-z][a-z0-9_]*)$")
 _KEYS = frozenset({"name", "entity", "filter", "aggregate", "value", "windows", "k",
                    "half_life", "default", "of", "prior", "transform"})
-TRANSFORMS: dict[str, Callable[[float], float]] = {
-    "position_discount": lambda p: 1.0 / math.log2(2.0 + p) if p >= 0 else 1.0,
-}
+def position_discount(position: float) -> float:
+    """The DCG discount ``1 / log2(2 + p)`` of a 0-based position (1.0 when unknown, < 0)."""
+    return 1.0 / math.log2(2.0 + position) if position >= 0 else 1.0
+
+
+TRANSFORMS: dict[str, Callable[[float], float]] = {"position_discount": position_discount}
 """``transform``: a function applied to a numeric value before it is aggregated.
 ``position_discount`` turns a 0-based ``position`` into the DCG discount ``1 / log2(2 +
 p)`` (1.0 at the top slot, 0.29 at the tenth; unknown -1 counts 1.0): summed over

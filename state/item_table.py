@@ -31,6 +31,13 @@ def _score(kv: tuple[str, float]) -> float:
     return kv[1]
 
 
+def category_of(attrs: dict[str, Any]) -> str | None:
+    """An item's category from its attributes, as the catalog stores it (``str`` of the
+    ``category`` attribute; None without one)."""
+    value = attrs.get("category")
+    return str(value) if value is not None else None
+
+
 @dataclass
 class CatalogEntry:
     """What serving needs to know of an item: category, availability, first sighting (ms)."""

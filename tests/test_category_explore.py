@@ -226,3 +226,15 @@ def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     added = memory_bound(on)["parts_mb"]["user_shards"] - memory_bound(off)["parts_mb"]["user_shards"]
     expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
     assert added == pytest.approx(expected)
+
+
+def test_the_shard_keys_posteriors_by_the_catalogs_category_string(world: World) -> None:
+    """A numeric ``category`` attribute is keyed as the catalog stores it ("7"), so the
+    posteriors learned from impressions match the categories serving reads."""
+    shard = world.user_shard(category_explore=CategoryExploreConfig(enabled=True))
+    item = ITEMS[0]
+    feed(shard, [Item(T0 - 3_600_000, item, {"category": 7}),
+                 Impression(T0, "i:n:0", "numeric", item, "r:n:0", 0),
+                 Feedback(T0 + 10, "numeric", item, "click", "i:n:0")])
+    counts = shard.server.categories.bandit.users["numeric"][1]
+    assert counts == {"7": [1.0, 1.0]}
