@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from operators.point_in_time import PointInTime, UserContext
-from state.covis_view import CovisView, SparseScores, sparse_sum
+from state.covis_view import CovisView, SparseScores, sums_at
 from state.item_rows import ItemRows
 
 DAY_MS = 86_400_000
@@ -160,11 +160,8 @@ def _liked_knn(context: PointInTime, view: CovisView, ctx: UserContext,
     norm = np.maximum(_counts(view, "liked", ids), 1.0) ** alpha if alpha else None
     out = []
     for end in ends:
-        v = np.zeros(ids.size)
-        if end:
-            all_ids, sums = sparse_sum(gids[:end], gw[:end], len(view.names))
-            pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)
-            v = np.where((ids >= 0) & (all_ids[pos] == ids), sums[pos], 0.0)
+        # only the pool's ids are summed (the same floats as summing every id)
+        v = sums_at(gids[:end], gw[:end], ids) if end else np.zeros(ids.size)
         if norm is not None:
             v = v / norm
         top = v.max()

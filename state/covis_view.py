@@ -337,6 +337,20 @@ def sparse_sum(ids: np.ndarray, weights: np.ndarray, n: int) -> tuple[np.ndarray
     return ids[order][first], np.bincount(np.cumsum(first) - 1, weights=weights[order])
 
 
+def sums_at(ids: np.ndarray, weights: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """``sparse_sum(ids, weights)`` read at ``wanted`` (0.0 where absent): each wanted id's
+    weights added in input order (the same floats), without summing the ids nobody
+    wants. Cost O(len(ids) log len(wanted)) instead of a sort or a dense array of the
+    whole id space (serving: ~100 pool items among ~10^4 gathered entries)."""
+    if not ids.size or not wanted.size:
+        return np.zeros(wanted.size)
+    uniq, inverse = np.unique(wanted, return_inverse=True)
+    pos = np.minimum(np.searchsorted(uniq, ids), uniq.size - 1)
+    hit = uniq[pos] == ids
+    sums = np.bincount(pos[hit], weights=weights[hit], minlength=uniq.size)
+    return sums[inverse.reshape(-1)]
+
+
 def group_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(order, first)``: a stable argsort of ``ids`` and, along it, where each distinct
     id starts. Equal ids keep their input order, so sums over a group (``bincount``)
