@@ -161,7 +161,7 @@ def _liked_knn(context: PointInTime, view: CovisView, ctx: UserContext,
     out = []
     for end in ends:
         # only the pool's ids are summed (the same floats as summing every id)
-        v = sums_at(gids[:end], gw[:end], ids) if end else np.zeros(ids.size)
+        v = sums_at(gids[:end], gw[:end], ids, len(view.names)) if end else np.zeros(ids.size)
         if norm is not None:
             v = v / norm
         top = v.max()

@@ -350,18 +350,31 @@ def sparse_sum(ids: np.ndarray, weights: np.ndarray, n: int) -> tuple[np.ndarray
     return ids[order][first], np.bincount(np.cumsum(first) - 1, weights=weights[order])
 
 
-def sums_at(ids: np.ndarray, weights: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """``sparse_sum(ids, weights)`` read at ``wanted`` (0.0 where absent): each wanted id's
-    weights added in input order (the same floats), without summing the ids nobody
-    wants. Cost O(len(ids) log len(wanted)) instead of a sort or a dense array of the
-    whole id space (serving: ~100 pool items among ~10^4 gathered entries)."""
+def sums_at(ids: np.ndarray, weights: np.ndarray, wanted: np.ndarray,
+            size: int | None = None) -> np.ndarray:
+    """``sparse_sum(ids, weights)`` read at ``wanted`` (0.0 where absent, and for -1):
+    each wanted id's weights added in input order (the same floats), without summing
+    the ids nobody wants: one scratch array over the id space (``size``: above every id;
+    default: the largest + 1) maps an id to its wanted position (serving: ~100 pool
+    items among ~10^4 gathered entries, several times faster than summing every id)."""
     if not ids.size or not wanted.size:
         return np.zeros(wanted.size)
-    uniq, inverse = np.unique(wanted, return_inverse=True)
-    pos = np.minimum(np.searchsorted(uniq, ids), uniq.size - 1)
-    hit = uniq[pos] == ids
-    sums = np.bincount(pos[hit], weights=weights[hit], minlength=uniq.size)
-    return sums[inverse.reshape(-1)]
+    if size is None:
+        size = max(int(ids.max()), int(wanted.max())) + 1
+    ok = wanted >= 0
+    every = bool(ok.all())
+    known = wanted if every else wanted[ok]
+    slot = np.full(size, -1, np.int64)
+    slot[known] = np.arange(wanted.size) if every else np.flatnonzero(ok)
+    at = slot[ids]
+    hit = at >= 0
+    sums = np.bincount(at[hit], weights=weights[hit], minlength=wanted.size)
+    found = sums[slot[known]]  # a repeated id: the sum sits at its last position
+    if every:
+        return found
+    out = np.zeros(wanted.size)
+    out[ok] = found
+    return out
 
 
 def group_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -222,4 +222,7 @@ def test_sums_at_reads_the_full_sums_bit_for_bit() -> None:
         full = dict(zip(all_ids.tolist(), sums.tolist(), strict=True))
         got = sums_at(ids, w, wanted)
         assert got.tolist() == [full.get(i, 0.0) for i in wanted.tolist()]
+        assert sums_at(ids, w, wanted, space + 3).tolist() == got.tolist()  # scratch size given
+        assert sums_at(ids, w, np.unique(wanted[wanted >= 0])).tolist() == [
+            full.get(i, 0.0) for i in np.unique(wanted[wanted >= 0]).tolist()]
     assert sums_at(np.zeros(0, np.int64), np.zeros(0), np.array([1, 2])).tolist() == [0.0, 0.0]
