@@ -116,15 +116,23 @@ def _channel(view: CovisView, covis: dict[str, SparseScores] | None, channel: st
     scores = covis.get(channel) if covis else None
     if scores is None or not len(scores):
         return out
-    all_ids, vals = scores.ids, scores.values
-    if alpha:
-        vals = vals / np.maximum(view.counts[channel][all_ids], 1.0) ** alpha
-    top = vals.max()
-    if top <= 0:
-        return out
+    all_ids = scores.ids
+    done = scores.normalized
+    if done is not None and done[0] == alpha:  # retrieval's blend part: the same floats
+        norm = done[1]
+        if norm is None:
+            return out
+    else:
+        vals = scores.values
+        if alpha:
+            vals = vals / np.maximum(view.counts[channel][all_ids], 1.0) ** alpha
+        top = vals.max()
+        if top <= 0:
+            return out
+        norm = vals / top
     pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)
     found = (ids >= 0) & (all_ids[pos] == ids)
-    return np.where(found, vals[pos] / top, 0.0)
+    return np.where(found, norm[pos], 0.0)
 
 
 def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,

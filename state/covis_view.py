@@ -314,6 +314,10 @@ class SparseScores:
         self.ids = ids
         self.values = values
         self.index = index
+        self.normalized: tuple[float, np.ndarray | None] | None = None
+        """``(alpha, values / count**alpha / their max)`` once retrieval computed the
+        channel's part of the blend (None as the array: the max was not positive), so
+        the pool ranker's features reuse it."""
 
     def __len__(self) -> int:
         return int(self.ids.size)
