@@ -162,3 +162,52 @@ def test_deep_nesting_is_a_dead_letter_not_a_crash(levels: int) -> None:
         orjson.dumps({"features": {}, "context": event_to_dict(out)})  # writable
     else:
         assert out["reason"] == "too_deep", out
+
+
+_ODD = [None, 0, -1, 1, 7, 1000, 1001, 100_000, 100_001, True, 1.0, 2.5, float("inf"), "",
+        "x", "x" * 257, [], ["a"], {}, {"k": 1}]
+_BASE = {
+    "impression": {"type": "impression", "ts": TS, "impression_id": "m1", "user_id": "u",
+                   "item_id": "a", "request_id": "r", "position": 3, "context": {"d": "w"}},
+    "feedback": {"type": "feedback", "ts": TS, "user_id": "u", "item_id": "a",
+                 "action": "click", "impression_id": "m1", "value": 1.0, "context": {}},
+    "request": {"type": "request", "ts": TS, "request_id": "r", "user_id": "u", "k": 5,
+                "context": {"d": "w"}, "exclude": ["b"]},
+}
+
+
+def _outcome(out):
+    if isinstance(out, dict):
+        return {k: v for k, v in out.items() if k != "ingest_ts"}
+    return event_to_dict(out)
+
+
+@pytest.mark.parametrize("kind", sorted(_BASE))
+def test_fast_and_decoded_parses_equal_the_field_by_field_checks(kind: str) -> None:
+    """Every field of every common event type set to odd values (absent, wrong types, out
+    of range, infinite): the one-test-per-field build and a line decoded by the caller
+    (``parse_decoded``) give what the field-by-field checks give (the same event or the
+    same dead letter, reason and detail)."""
+    from events import model
+
+    base = _BASE[kind]
+    cases = [dict(base)]
+    for name in base:
+        if name in ("type", "ts"):
+            continue
+        cases.append({k: v for k, v in base.items() if k != name})
+        cases.extend({**base, name: value} for value in _ODD)
+    fast = EventParser()
+    for obj in cases:
+        raw = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) if all(
+            v != float("inf") for v in obj.values() if isinstance(v, float)) else None
+        slow = EventParser()
+        common = model._build_common
+        model._build_common = lambda *a: None  # the field-by-field checks only
+        try:
+            expected = _outcome(slow.parse(dict(obj)))
+        finally:
+            model._build_common = common
+        assert _outcome(fast.parse(dict(obj))) == expected, obj
+        if raw is not None:
+            assert _outcome(fast.parse_decoded(raw, orjson.loads(raw))) == _outcome(fast.parse(raw))
