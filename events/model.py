@@ -362,16 +362,6 @@ class EventParser:
                 events.append(out)
         return events, dead
 
-    def parse_decoded(self, raw: bytes, obj: Any) -> Event | dict[str, Any]:
-        """``parse(raw)`` of a line the caller already decoded: ``obj`` is
-        ``orjson.loads(raw)`` (a sharded replay decodes each line once, to route it)."""
-        try:
-            if len(raw) > self.max_bytes:
-                raise Invalid("oversized", f"payload of {len(raw)} bytes exceeds {self.max_bytes}")
-            return self._decoded(raw, obj)
-        except Invalid as err:
-            return dead_letter(raw, err.reason, err.detail)
-
     def _parse(self, raw: bytes | str | dict[str, Any]) -> Event:
         if isinstance(raw, dict):
             obj: Any = raw

@@ -35,7 +35,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from bytewax.inputs import StatefulSourcePartition
 
 from events.model import EventParser, Item
@@ -44,18 +43,14 @@ from operators.sources import ReplaySource, _ReplayPartition
 
 class ShardBatch(list):  # type: ignore[type-arg]
     """A sharded replay partition's micro-batch: raw lines (in log order) for user shard
-    ``shard``; ``shared`` holds the positions of lines every partition reads;
-    ``decoded`` the JSON object of each line the split decoded (None: not decoded), so
-    the parse step does not decode it again."""
+    ``shard``; ``shared`` holds the positions of lines every partition reads."""
 
-    __slots__ = ("shard", "shared", "decoded")
+    __slots__ = ("shard", "shared")
 
-    def __init__(self, lines: list[Any], shard: int, shared: frozenset[int],
-                 decoded: list[Any] | None = None) -> None:
+    def __init__(self, lines: list[Any], shard: int, shared: frozenset[int]) -> None:
         super().__init__(lines)
         self.shard = shard
         self.shared = shared
-        self.decoded = decoded
 
 
 _TYPE = re.compile(rb'"type"[ \t]*:[ \t]*"(?:impression|feedback|request|user)"')
@@ -83,56 +78,23 @@ def line_user(line: Any) -> str | None:
         return None
 
 
-_USER_TYPES = frozenset(("impression", "feedback", "request", "user"))
-
-
-def decoded_user(line: Any) -> tuple[str | None, Any]:
-    """(``line_user(line)``, the line's decoded JSON object or None), decoding the line
-    once: the parse step reuses the object instead of decoding it again, and the user is
-    read from it (one orjson call, ~1 us, instead of the byte scan's two counts and two
-    patterns and the parse's own decode). Only a clean line is read from the object (a
-    dict, no backslash or carriage return, ``"type"`` and ``"user_id"`` once, top-level
-    user type and string ``user_id``: exactly when ``line_user`` finds the same user);
-    any other line gets ``line_user`` itself, so lines are routed as before."""
-    if type(line) is not bytes:
-        return line_user(line), None
-    try:
-        obj = _loads(line)
-    except orjson.JSONDecodeError:
-        return line_user(line), None
-    if (type(obj) is dict and b"\\" not in line and b"\r" not in line
-            and type(kind := obj.get("type")) is str and kind in _USER_TYPES
-            and type(user := obj.get("user_id")) is str
-            and line.count(b'"type"') == 1 and line.count(b'"user_id"') == 1):
-        return user, obj
-    return line_user(line), obj
-
-
-_loads = orjson.loads
-
-
 def split_window(lines: list[Any], shards: Iterable[int], shard_of: Callable[[str], int]
                  ) -> dict[int, ShardBatch]:
     """The part of a window of raw lines for each of ``shards``: its users' lines and
-    every shared line (``line_user`` None), in log order, with the objects
-    ``decoded_user`` decoded. Each line is looked at once."""
+    every shared line (``line_user`` None), in log order. Each line is looked at once."""
     wanted = set(shards)
-    parts: dict[int, tuple[list[Any], list[int], list[Any]]] = {
-        s: ([], [], []) for s in wanted}
+    parts: dict[int, tuple[list[Any], list[int]]] = {s: ([], []) for s in wanted}
     for line in lines:
-        user, obj = decoded_user(line)
+        user = line_user(line)
         if user is None:
-            for own, shared, objs in parts.values():
+            for own, shared in parts.values():
                 shared.append(len(own))
                 own.append(line)
-                objs.append(obj)
         else:
             part = parts.get(shard_of(user))
             if part is not None:
                 part[0].append(line)
-                part[2].append(obj)
-    return {s: ShardBatch(own, s, frozenset(shared), objs)
-            for s, (own, shared, objs) in parts.items()}
+    return {s: ShardBatch(own, s, frozenset(shared)) for s, (own, shared) in parts.items()}
 
 
 _END, _WAIT, _PRIVATE = "end", "wait", "private"
@@ -290,10 +252,8 @@ def parse_shard_batch(parser: EventParser, batch: ShardBatch, shard_of: Callable
     dead: list[dict[str, Any]] = []
     copies = 0
     shared, shard = batch.shared, batch.shard
-    decoded = batch.decoded
     for i, raw in enumerate(batch):
-        obj = decoded[i] if decoded is not None else None
-        out = parser.parse(raw) if obj is None else parser.parse_decoded(raw, obj)
+        out = parser.parse(raw)
         if isinstance(out, dict):
             if shard == 0 or i not in shared:
                 dead.append(out)

@@ -183,11 +183,10 @@ def _outcome(out):
 
 
 @pytest.mark.parametrize("kind", sorted(_BASE))
-def test_fast_and_decoded_parses_equal_the_field_by_field_checks(kind: str) -> None:
+def test_fast_build_equals_the_field_by_field_checks(kind: str) -> None:
     """Every field of every common event type set to odd values (absent, wrong types, out
-    of range, infinite): the one-test-per-field build and a line decoded by the caller
-    (``parse_decoded``) give what the field-by-field checks give (the same event or the
-    same dead letter, reason and detail)."""
+    of range, infinite): the one-test-per-field build gives what the field-by-field
+    checks give (the same event or the same dead letter, reason and detail)."""
     from events import model
 
     base = _BASE[kind]
@@ -199,15 +198,13 @@ def test_fast_and_decoded_parses_equal_the_field_by_field_checks(kind: str) -> N
         cases.extend({**base, name: value} for value in _ODD)
     fast = EventParser()
     for obj in cases:
-        raw = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) if all(
-            v != float("inf") for v in obj.values() if isinstance(v, float)) else None
+        raw = orjson.dumps(obj) if all(
+            v != float("inf") for v in obj.values() if isinstance(v, float)) else b"{"
         slow = EventParser()
         common = model._build_common
         model._build_common = lambda *a: None  # the field-by-field checks only
         try:
-            expected = _outcome(slow.parse(dict(obj)))
+            expected = _outcome(slow.parse(dict(obj))), _outcome(slow.parse(raw))
         finally:
             model._build_common = common
-        assert _outcome(fast.parse(dict(obj))) == expected, obj
-        if raw is not None:
-            assert _outcome(fast.parse_decoded(raw, orjson.loads(raw))) == _outcome(fast.parse(raw))
+        assert (_outcome(fast.parse(dict(obj))), _outcome(fast.parse(raw))) == expected, obj

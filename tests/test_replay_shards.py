@@ -18,12 +18,7 @@ from bytewax.testing import cluster_main
 from events.model import EventParser, Item
 from flows.recsys import build
 from operators.placement import worker_of
-from operators.replay_shards import (
-    ShardedReplaySource,
-    decoded_user,
-    line_user,
-    parse_shard_batch,
-)
+from operators.replay_shards import ShardedReplaySource, line_user, parse_shard_batch
 from operators.sources import ReplaySource, _ReplayPartition
 from operators.user_shard import UserShard, route_events, shard_key
 from state.hashing import ShardOf
@@ -99,32 +94,6 @@ def test_line_user_reads_only_what_is_certain() -> None:
     assert line_user(b'{"type":"user\\"","user_id":"u7"}') is None
     assert line_user(b'{"type":"user","user_id":"u7\xff"}') is None  # not UTF-8
     assert line_user(b'{"type":"user","user_id":"u7}') is None  # no closing quote
-
-
-@pytest.mark.parametrize("line", [
-    b'{"type":"impression","ts":1,"user_id":"u7","item_id":"a"}',
-    b'{"ts":1, "user_id" : "u7", "type": "request"}',
-    b'{"type":"item","item_id":"a","attrs":{"user_id":"u7"}}',
-    b'{"type":"request","user_id":"u\\u0037"}',
-    b'{"type":"request","user_id":"u7","context":{"user_id":"x"}}',
-    b'{"type":"request","request_id":"r","context":{"user_id":"u7"}}',  # nested only
-    b'{"type":"request","user_id":"u7","context":{"type":"item"}}',
-    b'{"type":"request","user_id":7}',
-    b'{"type":["request"],"user_id":"u7"}',
-    b'{"type"\r:"request","user_id":"u7"}',
-    b'{"type":"user","user_id":"u7","ts":oops}',  # not JSON: the byte scan decides
-    b'{"type":"user","user_id":"u7\xff"}',
-    b'[{"type":"user","user_id":"u7"}]',
-])
-def test_decoded_user_routes_as_line_user(line: bytes) -> None:
-    """Reading the user from the decoded line routes every line where the byte scan
-    did (a clean line's object, the scan itself for any other), and hands the object on."""
-    user, obj = decoded_user(line)
-    assert user == line_user(line)
-    try:
-        assert obj == orjson.loads(line)
-    except orjson.JSONDecodeError:
-        assert obj is None
 
 
 @pytest.mark.parametrize("batch_size", [7, 64])
@@ -232,9 +201,8 @@ def test_partitions_of_a_process_share_one_reader(tmp_path: Path, monkeypatch) -
     path = tmp_path / "log.jsonl"
     lines = _log(path)
     looked = Counter()
-    real = replay_shards.decoded_user
-    monkeypatch.setattr(replay_shards, "decoded_user",
-                        lambda line: looked.update([line]) or real(line))
+    real = replay_shards.line_user
+    monkeypatch.setattr(replay_shards, "line_user", lambda line: looked.update([line]) or real(line))
     monkeypatch.setattr(replay_shards, "MAX_AHEAD", 3)
     source = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=10)
     parts = [source.build_part("in", name, None) for name in source.list_parts()]
