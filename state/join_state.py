@@ -337,32 +337,38 @@ class Joiner:
     # -- inputs -----------------------------------------------------------------
     def on_impression(self, imp: Impression) -> None:
         """Start waiting for feedback on an impression (idempotent by impression_id)."""
-        self.observe(imp.ts)
+        ts = imp.ts
+        if self.max_ts_ms is None or ts > self.max_ts_ms:  # observe(ts), inline
+            self.max_ts_ms = ts
+            self.advance()
         iid = imp.impression_id
-        if iid in self.pending or iid in self.closed_ids:
+        pending = self.pending
+        if iid in pending or iid in self.closed_ids:
             self.counters.dup_impressions += 1
             return
         self.counters.impressions += 1
         features: dict[str, Any] | Deferred
         if self._defer is not None:  # computed at a click, at the window's close or when
             # the snapshots move (all pending ones at once), exactly as they are now
-            features = self._defer(imp.user_id, imp.item_id, imp.ts)
+            features = self._defer(imp.user_id, imp.item_id, ts)
         else:
             features = float32_features(
-                self.context.example_features(imp.user_id, imp.item_id, imp.ts))
-        entry = Pending(imp, imp.ts + self.wait_ms, {}, features, False,
-                        self.sampler.keep(f"imp:{iid}"))
-        self.pending[iid] = entry
-        due = self._due.get(entry.deadline_ms)
+                self.context.example_features(imp.user_id, imp.item_id, ts))
+        sampler = self.sampler
+        deadline = ts + self.wait_ms
+        entry = pending[iid] = Pending(imp, deadline, {}, features, False,
+                                       sampler.rate >= 1.0 or sampler.keep(f"imp:{iid}"))
+        due = self._due.get(deadline)
         if due is None:
-            self._due[entry.deadline_ms] = [iid]
-            heapq.heappush(self._deadlines, entry.deadline_ms)
+            self._due[deadline] = [iid]
+            heapq.heappush(self._deadlines, deadline)
         else:
             due.append(iid)
-        for fb in self.orphans.pop(iid, ()):
-            self._apply(entry, fb)
-        if len(self.pending) > self.config.max_pending:
-            self._close_oldest(len(self.pending) - self.config.max_pending)
+        if self.orphans:
+            for fb in self.orphans.pop(iid, ()):
+                self._apply(entry, fb)
+        if len(pending) > self.config.max_pending:
+            self._close_oldest(len(pending) - self.config.max_pending)
 
     def on_feedback(self, fb: Feedback) -> None:
         """Attach feedback to its impression, or treat it as an organic interaction."""
@@ -540,9 +546,10 @@ class Joiner:
 
     def _forget_closed(self, horizon_ms: int) -> None:
         closed = self.closed_ids
+        limit = 4 * self.config.max_pending
         while closed:
-            iid, deadline = next(iter(closed.items()))
-            if deadline > horizon_ms and len(closed) <= 4 * self.config.max_pending:
+            iid = next(iter(closed))
+            if closed[iid] > horizon_ms and len(closed) <= limit:
                 break
             del closed[iid]
 
@@ -551,7 +558,9 @@ class Joiner:
         features = entry.features
         if type(features) is not dict:
             features = features.resolve()  # type: ignore[union-attr]
-        self.examples.append(impression_record(imp, label, dict(entry.labels), weight, features))
+        labels = entry.labels
+        self.examples.append(impression_record(imp, label, dict(labels) if labels else {}, weight,
+                                               features))
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1
