@@ -22,6 +22,7 @@ Serving reads the snapshots back from the store (nearline), so the graph stays a
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import time
 from collections import Counter
@@ -157,11 +158,14 @@ def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:
     return op.filter_map(f"take_{name.replace('-', '_')}", stream, lambda out: out.get(name))
 
 
+_TYPE_OF = operator.attrgetter("type")
+
+
 def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
     """Metrics item of one parsed batch: events by type, dead letters by reason, max event
     time, and the Kafka read positions the batch carries (consumer lag)."""
     events, dead = parsed[0], parsed[1]
-    by_type = Counter(e.type for e in events)
+    by_type = Counter(map(_TYPE_OF, events))
     if parsed[5]:  # a sharded replay's copies of item events (partition 0 counts them)
         by_type["item"] -= parsed[5]
     return "parse", {
@@ -186,7 +190,10 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
     if "examples" in out:
         by_label: dict[str, list[float]] = {}
         for ex in out["examples"]:
-            acc = by_label.setdefault(str(ex["label"]), [0, 0.0])
+            key = str(ex["label"])
+            acc = by_label.get(key)
+            if acc is None:
+                acc = by_label[key] = [0, 0.0]
             acc[0] += 1
             acc[1] += ex.get("weight", 1.0)
         items.append(("examples", by_label))

@@ -99,24 +99,30 @@ def pack_example(example: Record) -> Record:
     if tuple(example) != _FIELDS:
         return _grouped(example)
     example_id = example["example_id"]
+    prefix = example_id[:4]
     out: Record = {"example_id": example_id, "ts": example["ts"], "user_id": example["user_id"],
                    "item_id": example["item_id"], "label": example["label"]}
-    if example["labels"] != {}:
-        out["labels"] = example["labels"]
+    labels = example["labels"]
+    if labels != {}:
+        out["labels"] = labels
     out["weight"] = example["weight"]
     out["position"] = example["position"]
-    if example["request_id"] is not None:
-        out["request_id"] = example["request_id"]
-    if example["impression_id"] != _implied_impression(example_id):
-        out["impression_id"] = example["impression_id"]
-    if example["context"] != {}:
-        out["context"] = example["context"]
+    request_id = example["request_id"]
+    if request_id is not None:
+        out["request_id"] = request_id
+    impression_id = example["impression_id"]
+    if impression_id != (example_id[4:] if prefix == "imp:" else None):
+        out["impression_id"] = impression_id
+    context = example["context"]
+    if context != {}:
+        out["context"] = context
     encoded = _encode(example["features"])
     if encoded is None:
         return example
     out[KEY] = encoded
-    if example["source"] != _SOURCES.get(example_id[:4]):
-        out["source"] = example["source"]
+    source = example["source"]
+    if source != _SOURCES.get(prefix):
+        out["source"] = source
     return out
 
 
@@ -149,6 +155,9 @@ def _encode(features: dict[str, Any]) -> list[Any] | None:
     lists: list[tuple[list[Any], int]] = []
     for value in features.values():
         kind = type(value)
+        if kind is str:
+            values.append(value)
+            continue
         if kind is dict:
             return None
         if kind is float:

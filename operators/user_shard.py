@@ -154,7 +154,8 @@ class UserShard:
             joiner.on_impression(event)
             if self.profiles:
                 self._profile(event)
-            self._category_event(event)
+            if self.server is not None:
+                self._category_event(event)
             if self.item_profiles:
                 self._item_updates.append(ProfileEvent(event.item_id, event))
             return
