@@ -354,10 +354,9 @@ class Joiner:
         else:
             features = float32_features(
                 self.context.example_features(imp.user_id, imp.item_id, ts))
-        sampler = self.sampler
         deadline = ts + self.wait_ms
         entry = pending[iid] = Pending(imp, deadline, {}, features, False,
-                                       sampler.rate >= 1.0 or sampler.keep(f"imp:{iid}"))
+                                       self.sampler.keep_impression(iid))
         due = self._due.get(deadline)
         if due is None:
             self._due[deadline] = [iid]

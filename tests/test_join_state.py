@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -250,6 +251,16 @@ def test_negative_downsampling_deterministic_and_weighted() -> None:
     again, _ = run(j2, events, advance_each=False)
     j2.flush()
     assert again + j2.drain()[0] == examples
+    kept = {e["example_id"][4:] for e in negatives}
+    sampler = NegativeSampler(0.25)  # the impression's decision is keep("imp:<id>")'s
+    assert kept == {f"i{n}" for n in range(4000) if n != 7 and sampler.keep(f"imp:i{n}")}
+
+
+@pytest.mark.parametrize(("rate", "seed"), [(0.1, 0), (0.5, 3), (1.0, 0)])
+def test_keep_impression_is_keep_of_its_example_id(rate: float, seed: int) -> None:
+    sampler = NegativeSampler(rate, seed)
+    ids = [f"imp{n}-{n % 7}" for n in range(20_000)]
+    assert [sampler.keep_impression(i) for i in ids] == [sampler.keep(f"imp:{i}") for i in ids]
 
 
 def test_features_taken_at_impression_time() -> None:
