@@ -266,6 +266,10 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     # replay gives the same answers at any speed); live Kafka input polls by wall time.
     poll_ms = (config.serving.poll_ms if any(i.kind == "kafka" for i in config.inputs) else 0)
 
+    wire = not config.ranker.enabled
+    """No stage reads the full example records (the in-flow trainer is the one that does):
+    the user shards write them in their wire form directly."""
+
     def user_shard_builder(resume: UserShard | None) -> UserShardLogic:
         if resume is None:
             views = SnapshotViews(store, item_keys, poll_ms)
@@ -277,7 +281,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
                 serving=config.serving, views=views,
                 item_shard_of=item_shard_of, max_users=config.shards.max_users,
                 max_items=config.shards.max_items, hot_profiles=config.shards.hot_profiles,
-                covis_any=items_on and config.items.covis_any)
+                covis_any=items_on and config.items.covis_any, wire_examples=wire)
         return UserShardLogic(resume)
 
     outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),
@@ -288,8 +292,11 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     for name in ("recommendations", "late-labels"):
         _output(name, _take(name, outputs), config)
     examples = _take("examples", outputs)
-    _output("examples", op.map("pack_examples", examples,
-                               lambda batch: [pack_example(e) for e in batch]), config)
+    if wire:  # already in their wire form
+        _output("examples", examples, config)
+    else:
+        _output("examples", op.map("pack_examples", examples,
+                                   lambda batch: [pack_example(e) for e in batch]), config)
 
     snapshots = []
     failed = [_take("dead-letters", outputs)]  # processing errors of the stateful stages

@@ -231,6 +231,27 @@ def impression_record(imp: Impression, label: int, labels: dict[str, float], wei
             "source": "impression"}
 
 
+def _as_is(record: Record) -> Record:
+    return record
+
+
+@dataclass(frozen=True)
+class RowForm:
+    """How a joiner writes its examples: ``impression`` builds an impression's row from
+    its parts (``impression_record`` by default), ``record`` turns any other example's
+    record into its row (as it is by default). The flow passes the wire form
+    (``operators.example_codec.WIRE_ROWS``) when no stage reads the full record (no
+    in-flow trainer): each row is then built once, not built and packed."""
+
+    impression: Callable[[Impression, int, dict[str, float], float, dict[str, Any]], Record] = (
+        impression_record)
+    record: Callable[[Record], Record] = _as_is
+
+
+RECORD_ROWS = RowForm()
+"""Full example records (``Example.record()``), the default."""
+
+
 @dataclass(slots=True)
 class JoinCounters:
     """Monotonic counters of one shard's joiner."""
@@ -284,8 +305,10 @@ class Joiner:
     """
 
     def __init__(self, config: JoinConfig, sampler: NegativeSampler,
-                 context: JoinContext | None = None) -> None:
+                 context: JoinContext | None = None, rows: RowForm = RECORD_ROWS) -> None:
         self.config = config
+        self.rows = rows
+        """The form of the examples it writes (full records unless the flow asks)."""
         self.sampler = sampler
         self.context: JoinContext = context if context is not None else HistoryContext()
         self._defer: Callable[[str, str, int], Deferred] | None = getattr(
@@ -311,6 +334,7 @@ class Joiner:
         self.late_labels: list[Record] = []
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("rows", RECORD_ROWS)  # recovery state of a version without it
         if "_due" not in state:  # recovery state of a version with one heap entry per id
             due: dict[int, list[str]] = {}
             for deadline, iid in sorted(state["_deadlines"]):
@@ -558,8 +582,8 @@ class Joiner:
         if type(features) is not dict:
             features = features.resolve()  # type: ignore[union-attr]
         labels = entry.labels
-        self.examples.append(impression_record(imp, label, dict(labels) if labels else {}, weight,
-                                               features))
+        self.examples.append(self.rows.impression(imp, label, dict(labels) if labels else {},
+                                                  weight, features))
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1
@@ -588,9 +612,9 @@ class Joiner:
         else:
             self.counters.negatives_dropped += 1
             return
-        self.examples.append(Example(
+        self.examples.append(self.rows.record(Example(
             example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
-            weight, float32_features(features), "interaction", context=fb.context).record())
+            weight, float32_features(features), "interaction", context=fb.context).record()))
         if positive:
             self._sample_negatives(fb, key)
 
@@ -615,7 +639,7 @@ class Joiner:
                  [self.context.example_features(fb.user_id, item, fb.ts) for item in chosen])
         for j, (item, features) in enumerate(zip(chosen, taken, strict=True)):
             self.counters.sampled_negatives += 1
-            self.examples.append(Example(
+            self.examples.append(self.rows.record(Example(
                 f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, weight,
                 float32_features(features), "sampled",
-                context=fb.context).record())
+                context=fb.context).record()))
