@@ -289,6 +289,10 @@ def float32_features(features: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_NO_LABELS: dict[str, float] = {}
+"""The labels of every pending impression without feedback yet (never written: the
+first label gives the entry a dict of its own)."""
+
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
 
 
@@ -379,7 +383,7 @@ class Joiner:
             features = float32_features(
                 self.context.example_features(imp.user_id, imp.item_id, ts))
         deadline = ts + self.wait_ms
-        entry = pending[iid] = Pending(imp, deadline, {}, features, False,
+        entry = pending[iid] = Pending(imp, deadline, _NO_LABELS, features, False,
                                        self.sampler.keep_impression(iid))
         due = self._due.get(deadline)
         if due is None:
@@ -479,6 +483,8 @@ class Joiner:
         if fb.ts - imp.ts > self.config.window_for(fb.action):
             self._late(fb, "outside_window")
             return
+        if not entry.labels:  # the shared empty dict (or, after a resume, a copy that
+            entry.labels = {}  # pickling may have shared among entries): its own now
         entry.labels[fb.action] = fb.value
         if entry.emitted:
             self._late(fb, "after_emission")

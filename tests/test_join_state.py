@@ -304,3 +304,20 @@ def test_reordering_within_lateness_yields_same_examples(jitters: list[int]) -> 
         return {(e["example_id"], e["user_id"], e["item_id"], e["label"], e["weight"]) for e in out}
 
     assert examples_of(shuffled) == examples_of(log)
+
+
+def test_a_resumed_joiner_labels_each_impression_alone() -> None:
+    """Pending impressions share one empty labels dict until their first feedback, and a
+    pickled joiner (recovery) restores them sharing one copy: feedback on one impression
+    never labels another."""
+    import pickle
+
+    j = make()
+    j.on_impression(imp("m1", T0, "u1", "a"))
+    j.on_impression(imp("m2", T0, "u1", "b"))
+    resumed = pickle.loads(pickle.dumps(j))
+    for joiner in (j, resumed):
+        feed(joiner, fb("m1", T0 + MIN, "like", "u1", "a"))
+        joiner.flush()
+        examples = {e["example_id"]: e["labels"] for e in joiner.drain()[0]}
+        assert examples == {"imp:m1": {"like": 1.0}, "imp:m2": {}}
