@@ -281,7 +281,8 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
                 serving=config.serving, views=views,
                 item_shard_of=item_shard_of, max_users=config.shards.max_users,
                 max_items=config.shards.max_items, hot_profiles=config.shards.hot_profiles,
-                covis_any=items_on and config.items.covis_any, wire_examples=wire)
+                covis_any=items_on and config.items.covis_any)
+        resume.write_wire(wire)  # this run's config decides, resumed state included
         return UserShardLogic(resume)
 
     outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),

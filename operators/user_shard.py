@@ -105,8 +105,8 @@ class UserShard:
             users=self.users, views=self.views, item_shard_of=item_shard_of,
             covis=CovisQuery(serving.recent_items, serving.covis_query_decay)
             if serving is not None else None, finished=self.finished)
-        self.joiner = Joiner(join, sampler, self.context,
-                             WIRE_ROWS if wire_examples else RECORD_ROWS)
+        self.joiner = Joiner(join, sampler, self.context)
+        self.write_wire(wire_examples)
         self.server = (Server(serving, self.context, max_users=max_users)
                        if serves and serving is not None else None)
         self.idle_flush_s = join.idle_flush_s
@@ -119,6 +119,12 @@ class UserShard:
         self._dead: list[Record] = []
         """Dead letters (``processing_error``) of events this shard failed to apply."""
         self._ingest_ns = 0
+
+    def write_wire(self, wire: bool) -> None:
+        """Write examples in their wire form (True) or as full records (False); the flow
+        sets it from its config at every start, resumed state included (a resumed shard
+        feeds whatever trainer the config has now)."""
+        self.joiner.rows = WIRE_ROWS if wire else RECORD_ROWS
 
     # -- the batch ----------------------------------------------------------------
     def process(self, shard: str, events: list[Event], ingest_ns: int | None = None) -> ShardOutput:
