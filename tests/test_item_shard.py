@@ -138,3 +138,139 @@ def test_published_features_are_the_profiles_numeric_outputs_as_of_publication(
     assert sorted(seen[-1]) == ["a", "c", "d"]  # "b", least recently seen, evicted (max 3)
     a = seen[2]["a"]
     assert a["item.impressions.1h"] == 1.0 and a["item.impressions.7d"] == 2.0
+
+
+# -- live input: item updates held back past the step's budget (operators.step_budget) --
+
+
+def _in_thread(fn: Any) -> Any:
+    """Run ``fn`` on a fresh thread (a Bytewax worker is one; the step clock is per
+    thread) and return its result."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as err:  # re-raised on the test thread
+            box["err"] = err
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
+def _logic(tmp_path: Path, name: str, **items: Any) -> Any:
+    from operators.item_shard import ItemShardLogic
+
+    return ItemShardLogic(ItemShard(ItemsConfig(refresh_interval_ms=60_000, **items),
+                                    SnapshotStore(tmp_path / name)))
+
+
+def _stream() -> list[tuple[str, list[Interaction], int]]:
+    return [("i000", part, batch) for batch in range(3) for part in parts(batch)]
+
+
+def _outputs_direct(tmp_path: Path) -> list[dict[str, Any]]:
+    items = publishing_shard(tmp_path / "direct")
+    outs = [items.process(*value) for value in _stream()]
+    return [o for o in outs + [items.finish()] if o]
+
+
+def _tables(outputs: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    return [(m["ts"], m["counts"]) for m in published(outputs)]
+
+
+def test_a_live_worker_holds_parts_past_the_step_budget_and_applies_them_in_order(
+        tmp_path: Path) -> None:
+    """On a worker that polls a live source, a part arriving after the step's budget is
+    spent waits (nothing applied, ``notify_at`` now); the next steps apply the held parts
+    first, at least one a call, in arrival order: the same tables as applying each part on
+    arrival."""
+    from operators import step_budget
+
+    def live() -> tuple[list[dict[str, Any]], list[int], bool]:
+        logic = _logic(tmp_path, "live", max_step_ms=5.0)
+        outputs: list[dict[str, Any]] = []
+        held: list[int] = []
+        for i, value in enumerate(_stream()):
+            if i % 4 == 0:
+                step_budget.source_polled()  # a new step: 4 parts arrive per step
+                outputs.extend(logic.on_notify()[0])
+            step_budget.charge(1.0)  # the step's budget went to the user shards' work
+            out, _ = logic.on_item(value)
+            assert out == [] and logic.notify_at() is not None
+            outputs.extend(out)
+            held.append(len(logic.shard.deferred))
+        stream = _stream()  # what is held is always the newest parts, in arrival order
+        in_order = list(logic.shard.deferred) == stream[len(stream) - len(logic.shard.deferred):]
+        outputs.extend(logic.on_eof()[0])
+        return outputs, held, in_order
+
+    outputs, held, in_order = _in_thread(live)
+    assert max(held) > 4 and held[-1] > 0  # held back, applied one a step
+    assert in_order  # the oldest parts were applied first
+    direct = _outputs_direct(tmp_path)
+    assert _tables(outputs) == _tables(direct) and len(published(outputs)) == 3
+
+
+def test_within_the_budget_or_without_a_live_source_parts_apply_on_arrival(
+        tmp_path: Path) -> None:
+    from operators import step_budget
+
+    def no_source() -> int:  # replays and the simulator: this thread never polled one
+        logic = _logic(tmp_path, "replay", max_step_ms=5.0)
+        step_budget.charge(1.0)
+        for value in _stream()[:8]:
+            assert logic.on_item(value)[0] is not None
+        return len(logic.shard.deferred)
+
+    def budget_left() -> int:
+        logic = _logic(tmp_path, "live", max_step_ms=60_000.0)
+        step_budget.source_polled()
+        for value in _stream()[:8]:
+            logic.on_item(value)
+        return len(logic.shard.deferred)
+
+    def off() -> int:
+        logic = _logic(tmp_path, "off", max_step_ms=0.0)
+        step_budget.source_polled()
+        step_budget.charge(1.0)
+        for value in _stream()[:8]:
+            logic.on_item(value)
+        return len(logic.shard.deferred)
+
+    assert _in_thread(no_source) == 0
+    assert _in_thread(budget_left) == 0
+    assert _in_thread(off) == 0
+
+
+def test_held_updates_are_bounded_and_kept_in_recovery_state(tmp_path: Path) -> None:
+    """Past ``max_deferred_updates`` held, parts apply whatever the budget; the held
+    parts are part of the shard's pickled state and a resumed logic applies them."""
+    import pickle
+
+    from operators import step_budget
+    from operators.item_shard import ItemShardLogic
+
+    def live() -> tuple[list[int], bytes]:
+        logic = _logic(tmp_path, "bounded", max_step_ms=5.0, max_deferred_updates=6)
+        step_budget.source_polled()
+        step_budget.charge(1.0)
+        held = []
+        for value in _stream()[:8]:  # 2 updates a part
+            logic.on_item(value)
+            held.append(sum(len(p[1]) for p in logic.shard.deferred))
+        return held, pickle.dumps(logic.snapshot())
+
+    held, state = _in_thread(live)
+    assert max(held) <= 6 + 2 and held[-1] == 6
+    resumed = ItemShardLogic(pickle.loads(state))
+    assert len(resumed.shard.deferred) == 3 and resumed.notify_at() is not None
+    resumed.on_eof()
+    assert not resumed.shard.deferred
+    assert resumed.shard.max_ts_ms == max(u.ts for _, part, _ in _stream()[:8] for u in part)

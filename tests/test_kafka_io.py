@@ -498,3 +498,42 @@ def test_broker_down_at_start_waits_the_configured_time(tmp_path: Path) -> None:
         chain.append(str(exc))
         exc = exc.__cause__ or exc.__context__
     assert any("could not discover partitions" in text for text in chain), chain
+
+
+def test_each_poll_starts_a_step_of_deferrable_work(
+    kafka_broker: LocalBroker, kafka_topic: Any, kafka_produce: Any
+) -> None:
+    """Every poll of a Kafka partition starts a new step on its worker thread
+    (``operators.step_budget``: the item shards' budget is whole again), whether or not
+    it returns records; a thread that never polled one defers nothing."""
+    from operators import step_budget
+
+    bs = kafka_broker.bootstrap
+    topic = kafka_topic(1, "budget")
+    kafka_produce(bs, topic, [b"x%d" % i for i in range(3)], partition=0)
+    src = KafkaSource(bs, [topic], tail=False)
+    (key,) = src.list_parts()
+    seen: dict[str, Any] = {}
+
+    def worker() -> None:  # a fresh thread, as a Bytewax worker is
+        seen["before"] = step_budget.polls()
+        part = src.build_part("s", key, None)
+        try:
+            got: list[bytes] = []
+            deadline = time.monotonic() + 10
+            while len(got) < 3 and time.monotonic() < deadline:
+                step_budget.charge(1.0)  # a step that spent everything
+                for batch in part.next_batch():
+                    got.extend(batch)
+                seen.setdefault("left_after_poll", step_budget.left_s(5.0))
+            seen["got"], seen["polls"] = got, step_budget.polls()
+        finally:
+            part.close()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(30)
+    assert seen["before"] == 0
+    assert seen["got"] == [b"x0", b"x1", b"x2"]
+    assert seen["polls"] >= 1
+    assert seen["left_after_poll"] == pytest.approx(0.005)
