@@ -34,16 +34,14 @@ acknowledgements, its GC pauses and its stage calls of 5 ms or more): p50/p90/p9
 each and its mean over the slowest 1% (``span_<name>_ms``), the GC pauses of the flow
 and of the client (``gc_*``), and what the slowest 1% overlapped (``tail_overlap_ms``:
 GC pauses, stage calls, the snapshot loader thread). ``--compare-runtime`` adds a run
-with the process settings before ``flows/runtime.py`` (``*_old_runtime``);
-``--compare-step-budget`` one with ``items.max_step_ms`` 0, every item-update part applied
-when it arrives (``*_no_step_budget``).
+with the process settings before ``flows/runtime.py`` (``*_old_runtime``).
 Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``rt_p50_ms``, ``rt_p90_ms``, ``rt_p99_ms``, ``inflow_p50_ms``, ``inflow_p90_ms``,
 ``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``, then
 the step timers, the spans and the GC figures above.
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
-[--compare-runtime] [--compare-step-budget] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
+[--compare-runtime] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
 [--compare-fetch-wait]``.
 """
 
@@ -157,7 +155,6 @@ def trace(path: str) -> None:
     for name, cls, method in (
             ("user_shard", user_shard.UserShardLogic, "on_item"),
             ("item_shard", item_shard.ItemShardLogic, "on_item"),
-            ("item_shard", item_shard.ItemShardLogic, "on_notify"),  # held parts (step budget)
             ("index", index_builder.IndexBuilderLogic, "on_item"),
             ("trainer", trainer.TrainerLogic, "on_item"),
             ("metrics", metrics.MetricsLogic, "on_item"),
@@ -605,9 +602,6 @@ def main() -> None:
                         help="also run with the process settings before flows/runtime.py "
                              "(GC thresholds 50000/20/100, no freeze once caught up, GIL "
                              "switch interval 5 ms)")
-    parser.add_argument("--compare-step-budget", action="store_true",
-                        help="also run with items.max_step_ms = 0: every item-update part "
-                             "applied when it arrives, as before the step budget")
     parser.add_argument("--compare-batch-size", type=int, default=0, metavar="N",
                         help="also run with the Kafka input's inputs[].batch_size = N "
                              "(default 1000): micro-batches bounded tighter")
@@ -622,16 +616,6 @@ def main() -> None:
         for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
                     "inflow_p99_ms", "user_shard_share"):
             figures[f"{key}_batch_{args.compare_batch_size}"] = small.get(key)
-    if args.compare_step_budget:  # right after, on the same machine load
-        whole = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
-                    overrides={"items": {"max_step_ms": 0}})
-        print_spans("item updates applied on arrival (items.max_step_ms 0)", whole)
-        for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
-                    "inflow_p99_ms", "user_shard_share"):
-            figures[f"{key}_no_step_budget"] = whole.get(key)
-        for span in ("to_flow", "to_sink"):
-            figures[f"span_{span}_p99_ms_no_step_budget"] = (
-                whole.get(f"span_{span}_ms") or {}).get("p99")
     if args.compare_runtime:  # right after, on the same machine load
         old_gc = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
                      overrides={"runtime": OLD_RUNTIME})
