@@ -489,8 +489,6 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"serving.category_explore.{err}") from None
     if not 0.0 < config.sampler.negative_rate <= 1.0:
         raise ConfigError("sampler.negative_rate: must be in (0, 1]")
-    if config.items.max_deferred_updates < 0:
-        raise ConfigError("items.max_deferred_updates: must be >= 0")
     if config.shards.users < 1 or config.shards.items < 1:
         raise ConfigError("shards: users and items must be >= 1")
     if not config.inputs:

@@ -88,7 +88,6 @@ BYTES: dict[str, float] = {
     "routing_cache_entry": 150,
     "category_user": 1_200,
     "static_memo_item": 1_000,
-    "deferred_update": 600,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -150,8 +149,6 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
         + covis_bytes
         + mf.max_items * b["mf_row"]
-        # live input: parts held back between polls of the source (operators/step_budget.py)
-        + (items.max_deferred_updates * b["deferred_update"] if items.max_step_ms > 0 else 0)
     )
     table_bytes = items.max_items * b["loaded_table_item"] + covis_bytes
     parts = {

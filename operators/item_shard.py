@@ -15,10 +15,9 @@ Outputs per batch: changed item vectors for the index builder, and, every
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,6 @@ from bytewax.operators import StatefulLogic
 
 from events.model import Feedback, Impression, Item, Record, event_to_dict, processing_error
 from models.mf import ItemFactors, MFConfig
-from operators import step_budget
 from operators.item_updates import (
     CatalogChange,
     CovisPair,
@@ -88,17 +86,6 @@ class ItemsConfig:
                              "shard), admit_threshold); keys not given keep the defaults shown "
                              "or MFConfig's.", factory=lambda: dict(MF_DEFAULTS))
 
-    max_step_ms: float = doc(
-        "Live input: wall time (ms) the item shards of a worker spend applying item updates "
-        "between two polls of the Kafka source; the rest waits in each shard's queue and is "
-        "applied in the next steps (one part per shard and step at least), so a request "
-        "arriving meanwhile is read sooner. 0: apply every part when it arrives. Replays and "
-        "the simulator never defer (docs/architecture.md, batches and latency).", 5.0)
-    max_deferred_updates: int = doc(
-        "Live input: item updates an item shard may hold back (max_step_ms) at most; past "
-        "it, parts are applied on arrival whatever the budget (counted in the memory bound).",
-        2_048)
-
     def covis_config(self) -> CoVisConfig:
         return CoVisConfig(**{**COVIS_DEFAULTS, **self.covis})
 
@@ -141,9 +128,6 @@ class ItemShard:
         """Dead letters (``processing_error``) of updates this shard failed to apply."""
         self.batch: int | None = None
         """The source micro-batch of the last updates (see ``process``)."""
-        self.deferred: deque[tuple[Any, ...]] = deque()
-        """Parts received and not applied yet (``ItemShardLogic``, live input: at most
-        ``max_deferred_updates`` updates), in arrival order; recovery state keeps them."""
 
     def process(self, shard: str, updates: list[ItemUpdate], batch: int | None = None
                 ) -> dict[str, list[Any]]:
@@ -351,60 +335,19 @@ def _update_raw(update: ItemUpdate) -> dict[str, Any]:
 
 
 class ItemShardLogic(StatefulLogic[tuple[Any, ...], dict[str, list[Any]], ItemShard]):
-    """Bytewax glue for one item shard: items are ``(shard, updates[, source batch])``.
-
-    On a worker that polls a live source (``operators.step_budget``), a part is applied
-    while the step's ``items.max_step_ms`` lasts (shared by the worker's item shards);
-    the others wait in ``ItemShard.deferred`` and are applied first thing in the next
-    steps (``notify_at`` now, at least one part a call), in arrival order, so the outputs
-    are the ones of applying every part on arrival, later in wall time. Past
-    ``items.max_deferred_updates`` held back, parts are applied on arrival.
-    """
+    """Bytewax glue for one item shard: items are ``(shard, updates[, source batch])``."""
 
     def __init__(self, shard: ItemShard) -> None:
         self.shard = shard
-        if not hasattr(shard, "deferred"):  # recovery state written before the queue
-            shard.deferred = deque()
-        self._held = sum(len(part[1]) for part in shard.deferred)
-        """Updates in ``shard.deferred``."""
 
     def on_item(self, value: tuple[Any, ...]) -> tuple[list[dict[str, list[Any]]], bool]:
-        shard, config = self.shard, self.shard.config
-        if not shard.deferred and (config.max_step_ms <= 0 or not step_budget.polls()):
-            out = shard.process(*value)  # no live source on this worker: never deferred
-            return ([out] if out else []), StatefulLogic.RETAIN
-        shard.deferred.append(value)
-        self._held += len(value[1])
-        return self._apply(0), StatefulLogic.RETAIN
-
-    def on_notify(self) -> tuple[list[dict[str, list[Any]]], bool]:
-        return self._apply(1), StatefulLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        return datetime.now(UTC) if self.shard.deferred else None
+        out = self.shard.process(*value)
+        return ([out] if out else []), StatefulLogic.RETAIN
 
     def on_eof(self) -> tuple[list[dict[str, list[Any]]], bool]:
-        outs = self._apply(len(self.shard.deferred))
         out = self.shard.finish()
         self.shard.store.flush()  # end of input: every table durable before the flow ends
-        return outs + ([out] if out else []), StatefulLogic.RETAIN
-
-    def _apply(self, at_least: int) -> list[dict[str, list[Any]]]:
-        """Apply held parts in order: ``at_least`` of them, then while this step's budget
-        lasts or more than ``max_deferred_updates`` are held."""
-        shard, outs = self.shard, []
-        config, done = shard.config, 0
-        while shard.deferred and (done < at_least or self._held > config.max_deferred_updates
-                                  or step_budget.left_s(config.max_step_ms) > 0):
-            part = shard.deferred.popleft()
-            self._held -= len(part[1])
-            t0 = step_budget.now()
-            out = shard.process(*part)
-            step_budget.charge(step_budget.now() - t0)
-            done += 1
-            if out:
-                outs.append(out)
-        return outs
+        return ([out] if out else []), StatefulLogic.RETAIN
 
     def snapshot(self) -> ItemShard:
         return self.shard

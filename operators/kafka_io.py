@@ -36,7 +36,6 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from kafka import KafkaConsumer, TopicPartition
 from kafka import errors as kerr
 
-from operators import step_budget
 from operators.kafka_logs import waiting_for
 
 logger = logging.getLogger(__name__)
@@ -158,11 +157,9 @@ class _KafkaSourcePartition(StatefulSourcePartition[list[bytes], int | None]):
     # -- Bytewax API --------------------------------------------------------------------
 
     def next_batch(self) -> list[list[bytes]]:
-        """Return ``[values]`` (one micro-batch) or ``[]``; StopIteration at EOF. Each poll
-        starts a new step of deferrable work on this worker (``operators.step_budget``)."""
+        """Return ``[values]`` (one micro-batch) or ``[]``; StopIteration at EOF."""
         if self._eof:
             raise StopIteration()
-        step_budget.source_polled()
         try:
             return self._next_batch()
         except StopIteration:
