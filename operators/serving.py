@@ -52,7 +52,7 @@ from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.hashing import stable_hash64
 from state.item_rows import ItemRows
-from state.item_table import ItemTable
+from state.item_table import ItemTable, category_of
 from state.settings import doc
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,20 @@ class Server:
             space = self.item_rows = ItemRows(self.covis_view, self.item_shard_of)
         return space
 
+    def _category_of(self, item_id: str) -> str | None:
+        """An item's category in the shard's catalog (None: unknown or without one)."""
+        attrs = self.context.catalog.get(item_id)
+        return category_of(attrs) if attrs is not None else None
+
+    def _item_profiles(self, item_ids: list[str]) -> list[dict[str, Any] | None]:
+        """The items' profiles as their item tables publish them (None: no table yet)."""
+        tables, shard_of = self.views.table_map(), self.item_shard_of
+        out: list[dict[str, Any] | None] = []
+        for item in item_ids:
+            table = tables.get(shard_of(item))
+            out.append(table.features.get(item) if table is not None else None)
+        return out
+
     def covis_channels(self, ctx: UserContext, ts_ms: int, n: int
                        ) -> tuple[list[tuple[str, float]], dict[str, SparseScores]]:
         """Co-visitation retrieval (docs/movielens-recipe.md): per channel, the raw sum
@@ -359,7 +373,10 @@ class Server:
             ranked = self.order(request, scored, request.k, ctx.consumed)
         else:
             categories = getattr(self, "categories", None)  # None: off, or older state
-            best = categories.order(request, ctx.user_id, pool) if categories else None
+            best = (categories.order(request, ctx.user_id, pool, ctx.liked,
+                                     self.context.covis.decay, self._category_of,
+                                     self._item_profiles)
+                    if categories else None)
             if best is None:  # the scorer's order
                 best = pool.candidates(top_indices(pool.score, self._depth(request.k)))
             ranked = self._rerank(request, best, request.k, ctx.consumed)

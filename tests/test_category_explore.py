@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from serving_world import CATEGORY, ITEMS, T0, World, ask, feed, warm_up
 
-from events.model import Feedback, Impression, Item
+from events.model import Feedback, Impression, Item, Request
 from flows.config import ConfigError, load_config
 from models.category_bandit import CategoryBandit, CategoryExploreConfig
+from operators.candidates import SOURCES, CandidatePool
 from operators.category_explore import CategoryExplore
 
 CATS = ["c0", "c1", "c2", "c3"]
@@ -238,3 +239,51 @@ def test_the_shard_keys_posteriors_by_the_catalogs_category_string(world: World)
                  Feedback(T0 + 10, "numeric", item, "click", "i:n:0")])
     counts = shard.server.categories.bandit.users["numeric"][1]
     assert counts == {"7": [1.0, 1.0]}
+
+
+def test_recent_positives_tilt_the_prior_toward_their_category() -> None:
+    """``history_prior``: a user whose recent positives are c3 items gets more c3 before
+    the bandit's own counts say so; off (0) or without positives the prior is the shard's."""
+    shares = {}
+    scores, cats = pool()
+    n = len(scores)
+    candidates = CandidatePool(np.arange(n), [f"x{i}" for i in range(n)],
+                               np.zeros((len(SOURCES), n)), np.zeros((len(SOURCES), n), bool),
+                               scores, cats)
+    for beta in (0.0, 1.0):
+        explore = CategoryExplore(CategoryExploreConfig(history_prior=beta))
+        show(explore.bandit, "u", 2, None)
+        hits = 0
+        for r in range(100):
+            request = Request(T0, f"q{r}", "u", 10)
+            out = explore.order(request, "u", candidates, ["a", "b", "c"], 0.8,
+                                {"a": "c3", "b": "c3", "c": "c0"}.get)
+            assert out is not None
+            hits += sum(c.category == "c3" for c in out)
+        shares[beta] = hits / 1000
+    assert shares[1.0] > shares[0.0] + 0.15
+    bandit = CategoryBandit(CategoryExploreConfig(history_prior=1.0))
+    assert bandit.tilt(CATS, {"c3": 1.0, "c0": 0.5}).tolist() == pytest.approx(
+        [4 * 0.75 / 2.5, 4 * 0.25 / 2.5, 4 * 0.25 / 2.5, 4 * 1.25 / 2.5])
+    assert bandit.tilt(CATS, None).tolist() == [1.0] * 4
+
+
+def test_item_lift_puts_the_better_items_of_a_category_first() -> None:
+    """``item_lift``: inside a category the items are weighed by their click rate over the
+    category's (the whole stream's counts), so a well-clicked item the scorer ranks low
+    climbs; off, the scorer's order holds inside the category."""
+    scores, cats = pool()
+    clicks = np.zeros(len(scores))
+    shown = np.full(len(scores), 100.0)
+    clicks[:] = 2.0
+    best = max(i for i, c in enumerate(cats) if c == "c1")  # the scorer's last c1 item
+    clicks[best] = 20.0
+    ranks = {}
+    for strength in (0.0, 20.0):
+        bandit = CategoryBandit(CategoryExploreConfig(item_lift=strength))
+        show(bandit, "u", 2, "c1")
+        idx, _ = bandit.order("u", scores, cats, 40, 7, counts=(clicks, shown))
+        c1 = [i for i in idx.tolist() if cats[i] == "c1"]
+        ranks[strength] = c1.index(best)
+    assert ranks[0.0] == 9  # the scorer's order: last of the ten c1 items
+    assert ranks[20.0] < 3
