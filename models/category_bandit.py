@@ -67,6 +67,8 @@ class CategoryExploreConfig:
     organic: bool = doc("Declared organic signals (join.organic: views, plays, ...) count "
                         "as a click on one exposure of the item's category, times the "
                         "signal's weight.", True)
+    sharpen: float = doc("Draws from Beta(x a, x b), the posterior's mean with its variance "
+                         "divided by about x: 1 = Thompson sampling, larger explores less.", 1.0)
     history_prior: float = doc("Tilt of each category's prior by the user's recent positives "
                                "(recency-weighted, ``serving.covis_query_decay`` per newer one): "
                                "the prior rate is the shard-wide rate times C x the category's "
@@ -99,6 +101,8 @@ def check_category_config(config: CategoryExploreConfig) -> None:
         raise ValueError(f"mode: must be one of {CATEGORY_MODES}, got {config.mode!r}")
     if config.depth < 1:
         raise ValueError(f"depth: must be >= 1, got {config.depth}")
+    if config.sharpen <= 0:
+        raise ValueError(f"sharpen: must be > 0, got {config.sharpen}")
     if config.history_prior < 0:
         raise ValueError(f"history_prior: must be >= 0, got {config.history_prior}")
     if config.item_lift < 0:
@@ -264,6 +268,8 @@ class CategoryBandit:
         depth = min(len(scores), max(self.config.depth, k))
         best_first = np.argsort(-scores, kind="stable")[:depth]
         a, b = self.posterior(user_id, names, history)
+        if self.config.sharpen != 1.0:
+            a, b = a * self.config.sharpen, b * self.config.sharpen
         rng = np.random.default_rng(seed)
         draws = self.config.propensity_draws
         if self.config.mode == "rerank":  # every list at once: one row of draws per list

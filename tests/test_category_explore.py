@@ -126,6 +126,10 @@ def test_config_values_are_validated() -> None:
         load_config({"serving": {"category_explore": {"decay": 0.0}}})
     with pytest.raises(ConfigError, match="serving.category_explore.prior_strength"):
         load_config({"serving": {"category_explore": {"prior_strength": -1}}})
+    for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
+                       ("item_rate", ["item.clicks.1d"])):
+        with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
+            load_config({"serving": {"category_explore": {key: value}}})
 
 
 def test_the_user_shard_serves_the_category_its_user_clicks(world: World) -> None:
@@ -287,3 +291,22 @@ def test_item_lift_puts_the_better_items_of_a_category_first() -> None:
         ranks[strength] = c1.index(best)
     assert ranks[0.0] == 9  # the scorer's order: last of the ten c1 items
     assert ranks[20.0] < 3
+
+
+def test_sharpen_explores_less_around_the_same_posterior() -> None:
+    """``sharpen``: draws from Beta(x a, x b) keep the posterior's mean and shrink its
+    spread, so the best category so far fills more slots and the logged propensities
+    rise (the lists vary less)."""
+    out = {}
+    for x in (1.0, 8.0):
+        bandit = CategoryBandit(CategoryExploreConfig(sharpen=x))
+        show(bandit, "others", 100, None)
+        for cat in CATS:
+            for _ in range(15):
+                bandit.click("others", cat)
+        show(bandit, "fan", 3, "c3")
+        scores, cats = pool()
+        props = [bandit.order("fan", scores, cats, 10, seed)[1].mean() for seed in range(50)]
+        out[x] = (share(bandit, "fan", "c3"), float(np.mean(props)))
+    assert out[8.0][0] > out[1.0][0] + 0.05
+    assert out[8.0][1] > out[1.0][1] + 0.1
