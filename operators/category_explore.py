@@ -45,13 +45,13 @@ class CategoryExplore:
     def order(self, request: Any, user_id: str, pool: CandidatePool,
               liked: list[str] | None = None, decay: float = 1.0,
               category: Callable[[str], str | None] | None = None,
-              profiles: Callable[[list[str]], list[dict[str, Any] | None]] | None = None
+              profiles: Callable[[CandidatePool], list[dict[str, Any] | None]] | None = None
               ) -> list[Candidate] | None:
         """The top k of ``pool`` (scored) by category sampling, propensities set; None
         (keep the scorer's order) for a user without impressions or a pool without
         categories. ``liked``: the user's recent positives, newest first, weighed
         ``decay**k`` (``liked_recency``); with ``category`` (item -> its category) they
-        tilt the priors (``history_prior``); ``profiles``: the items' profiles (item
+        tilt the priors (``history_prior``); ``profiles``: the pool's item profiles (item
         tables) whose ``item_rate`` counts weigh the items (``item_lift``)."""
         if pool.category is None or not len(pool):
             return None
@@ -65,10 +65,10 @@ class CategoryExplore:
         counts = None
         if config.item_lift > 0 and profiles is not None:
             clicks_key, shown_key = config.item_rate
-            found = profiles(pool.items)
+            found = [p or {} for p in profiles(pool)]
             n = len(found)
-            counts = (np.fromiter(((p or {}).get(clicks_key, 0.0) for p in found), np.float64, n),
-                      np.fromiter(((p or {}).get(shown_key, 0.0) for p in found), np.float64, n))
+            counts = (np.fromiter((p.get(clicks_key, 0.0) for p in found), np.float64, n),
+                      np.fromiter((p.get(shown_key, 0.0) for p in found), np.float64, n))
             np.minimum(counts[0], counts[1], out=counts[0])  # clicks without impressions
         out = self.bandit.order(user_id, pool.score, pool.category, request.k,
                                 stable_hash64(f"category:{request.request_id}"), history, counts)

@@ -245,14 +245,17 @@ class Server:
         attrs = self.context.catalog.get(item_id)
         return category_of(attrs) if attrs is not None else None
 
-    def _item_profiles(self, item_ids: list[str]) -> list[dict[str, Any] | None]:
-        """The items' profiles as their item tables publish them (None: no table yet)."""
-        tables, shard_of = self.views.table_map(), self.item_shard_of
-        out: list[dict[str, Any] | None] = []
-        for item in item_ids:
-            table = tables.get(shard_of(item))
-            out.append(table.features.get(item) if table is not None else None)
-        return out
+    def _item_profiles(self, pool: CandidatePool) -> list[dict[str, Any] | None]:
+        """The candidates' profiles as their item tables publish them (None: no table
+        yet); the tables the scorer's columns already found, else looked up."""
+        items = pool.items
+        if pool.columns is not None:
+            tables = pool.columns.tables
+        else:
+            table_map, shard_of = self.views.table_map(), self.item_shard_of
+            tables = [table_map.get(shard_of(item)) for item in items]
+        return [t.features.get(item) if t is not None else None
+                for t, item in zip(tables, items, strict=True)]
 
     def covis_channels(self, ctx: UserContext, ts_ms: int, n: int
                        ) -> tuple[list[tuple[str, float]], dict[str, SparseScores]]:

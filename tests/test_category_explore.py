@@ -346,3 +346,26 @@ def test_posteriors_resume_equal_after_a_snapshot(world: World) -> None:
         feed(s, [Impression(T0 + 60, "i:new:0", "new", ITEMS[0], "r:new", 0)])
     assert list(resumed.server.categories.bandit.users) == list(bandit.users) == [
         "u2", "fan", "new"]
+
+
+def test_item_lift_reads_the_counts_from_the_item_profiles() -> None:
+    """The serving glue reads ``item_rate`` (clicks, impressions) from each candidate's
+    item profile; a candidate without a profile counts nothing (lift toward 1)."""
+    scores, cats = pool()
+    n = len(scores)
+    items = [f"x{i}" for i in range(n)]
+    candidates = CandidatePool(np.arange(n), items, np.zeros((len(SOURCES), n)),
+                               np.zeros((len(SOURCES), n), bool), scores, cats)
+    best = max(i for i, c in enumerate(cats) if c == "c1")
+    profiles = [{"item.clicks.1d": 20.0 if i == best else 2.0, "item.impressions.1d": 100.0}
+                for i in range(n)]
+    profiles[0] = None  # not published yet
+    place = {}
+    for strength in (0.0, 20.0):
+        explore = CategoryExplore(CategoryExploreConfig(item_lift=strength))
+        show(explore.bandit, "u", 2, "c1")
+        out = explore.order(Request(T0, "q", "u", 40), "u", candidates,
+                            profiles=lambda p: profiles if p is candidates else [])
+        assert out is not None
+        place[strength] = [c.item_id for c in out if c.category == "c1"].index(items[best])
+    assert place[0.0] == 9 and place[20.0] < 3
