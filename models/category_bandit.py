@@ -68,7 +68,8 @@ class CategoryExploreConfig:
                         "as a click on one exposure of the item's category, times the "
                         "signal's weight.", True)
     sharpen: float = doc("Draws from Beta(x a, x b), the posterior's mean with its variance "
-                         "divided by about x: 1 = Thompson sampling, larger explores less.", 1.0)
+                         "divided by about x: 1 = Thompson sampling, larger explores less. "
+                         "Default by measurement (with item_lift): docs/evaluation.md.", 4.0)
     history_prior: float = doc("Tilt of each category's prior by the user's recent positives "
                                "(recency-weighted, ``serving.covis_query_decay`` per newer one): "
                                "the prior rate is the shard-wide rate times C x the category's "
@@ -78,7 +79,7 @@ class CategoryExploreConfig:
                            "rate over its category's among the candidates (the item's rate "
                            "shrunk by this many impressions toward the category's; counts from "
                            "``item_rate``), so better items of a category come first; 0: off.",
-                           0.0)
+                           20.0)
     item_rate: list[str] = doc("Item profile features (clicks, impressions) of ``item_lift``, "
                                "as the item tables publish them (the whole stream's counts).",
                                factory=lambda: ["item.clicks.1d", "item.impressions.1d"])
