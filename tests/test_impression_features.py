@@ -324,3 +324,29 @@ def test_sampled_negatives_taken_together_equal_one_at_a_time(published: World) 
     assert any("covis" in e["features"] for e in sampled)
     interactions = sum(e["source"] == "interaction" for e in got[0])
     assert len(calls) <= 2 * interactions < len(sampled), "one call per negative"
+
+
+def test_an_interaction_and_its_sampled_negatives_take_one_features_call(published: World) -> None:
+    """A positive organic interaction and its sampled negatives share one
+    ``item_features`` call (its user context and co-visitation seeds read once); a
+    negative interaction the sampler drops takes none. The examples equal those of one
+    ``example_features`` call per item, bit for bit."""
+    together, alone = published.user_shard(), published.user_shard()
+    for shard in (together, alone):
+        shard.joiner.sampler = NegativeSampler(RATE, 0)
+    alone.joiner.context.example_features_many = None  # the joiner falls back per item
+    calls = []
+    context = together.joiner.context
+    item_features = context.item_features
+    context.item_features = lambda *a, **kw: calls.append(1) or item_features(*a, **kw)
+    events: list[Event] = [Feedback(T0 - 50_000, "u7", SEED, "click")]
+    for n in range(60):  # positives (click, like) and negatives (skip) of four users
+        action = ("click", "like", "skip")[n % 3]
+        events.append(Feedback(T0 + n * 30_000, f"u{n % 4}", ITEMS[(n * 11) % len(ITEMS)], action))
+    got = [run(shard, events) for shard in (together, alone)]
+    assert got[0] == got[1]
+    interactions = sum(e["source"] == "interaction" for e in got[0])
+    assert sum(e["source"] == "sampled" for e in got[0]) >= 40
+    stats = together.joiner.counters
+    assert stats.negatives_dropped > 0 and stats.negatives_kept > 0
+    assert len(calls) == interactions, "one call per interaction example, none when dropped"
