@@ -350,3 +350,31 @@ def test_an_interaction_and_its_sampled_negatives_take_one_features_call(publish
     stats = together.joiner.counters
     assert stats.negatives_dropped > 0 and stats.negatives_kept > 0
     assert len(calls) == interactions, "one call per interaction example, none when dropped"
+
+
+def test_a_user_without_an_mf_row_folds_its_seeds_once_per_state(published: World) -> None:
+    """A user with history but no MF row gets the mean of its recent items' vectors:
+    computed once while its seeds and the index version stay the same (a request and
+    the rating after it), again when either changes; always the same bits as the mean."""
+    shard = published.user_shard()
+    warm_up(shard)
+    context = shard.context
+    assert context.users is not None and context.users.vector("fresh") is None
+    for n, item in enumerate(ITEMS[:5]):
+        context.history.add("fresh", item, T0 - 10_000 + n)
+    calls = []
+    item_vectors = context.item_vectors
+    context.item_vectors = lambda items: calls.append(list(items)) or item_vectors(items)
+    first = context.user("fresh", T0).vector
+    again = context.user("fresh", T0 + 1).vector
+    assert len(calls) == 1 and again is first
+    want = item_vectors(context.history.recent("fresh", 20)).mean(axis=0)
+    assert first is not None and first.tobytes() == want.tobytes()
+    assert not first.flags.writeable  # shared: nobody may change it in place
+    context.history.add("fresh", ITEMS[6], T0 + 2)
+    moved = context.user("fresh", T0 + 3).vector
+    assert len(calls) == 2 and moved is not None and moved.tobytes() != first.tobytes()
+    published.publish_index(T0)  # a new index version: read again
+    context.views.poll(T0 + 10)
+    context.user("fresh", T0 + 11)
+    assert len(calls) == 3
