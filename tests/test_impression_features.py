@@ -302,16 +302,27 @@ def test_windows_closing_together_compute_their_features_together(
     assert sorted(sizes) == [1, 1, 9, 10, 10, 10, 10, 10]
 
 
+def batched_and_per_item(world: World, rate: float | None = None
+                         ) -> tuple[UserShard, UserShard, list[int]]:
+    """(shard taking several items' features in one call, shard falling back to one
+    ``example_features`` call per item, the first one's ``item_features`` calls)."""
+    together, alone = world.user_shard(), world.user_shard()
+    if rate is not None:
+        for shard in (together, alone):
+            shard.joiner.sampler = NegativeSampler(rate, 0)
+    alone.joiner.context.example_features_many = None  # the joiner falls back per item
+    calls: list[int] = []
+    context = together.joiner.context
+    item_features = context.item_features
+    context.item_features = lambda *a, **kw: calls.append(1) or item_features(*a, **kw)
+    return together, alone, calls
+
+
 def test_sampled_negatives_taken_together_equal_one_at_a_time(published: World) -> None:
     """An organic positive's sampled negatives get their features in one call
     (``PointInTime.example_features_many``): the same examples, bit for bit, as one
     ``example_features`` call per negative."""
-    together, alone = published.user_shard(), published.user_shard()
-    alone.joiner.context.example_features_many = None  # the joiner falls back per item
-    calls = []
-    context = together.joiner.context
-    item_features = context.item_features
-    context.item_features = lambda *a, **kw: calls.append(1) or item_features(*a, **kw)
+    together, alone, calls = batched_and_per_item(published)
     events: list[Event] = [Feedback(T0 - 50_000, "u7", SEED, "click")]
     for n in range(40):
         events.append(Feedback(T0 + n * 30_000, f"u{n % 4}", ITEMS[(n * 11) % len(ITEMS)],
@@ -331,14 +342,7 @@ def test_an_interaction_and_its_sampled_negatives_take_one_features_call(publish
     ``item_features`` call (its user context and co-visitation seeds read once); a
     negative interaction the sampler drops takes none. The examples equal those of one
     ``example_features`` call per item, bit for bit."""
-    together, alone = published.user_shard(), published.user_shard()
-    for shard in (together, alone):
-        shard.joiner.sampler = NegativeSampler(RATE, 0)
-    alone.joiner.context.example_features_many = None  # the joiner falls back per item
-    calls = []
-    context = together.joiner.context
-    item_features = context.item_features
-    context.item_features = lambda *a, **kw: calls.append(1) or item_features(*a, **kw)
+    together, alone, calls = batched_and_per_item(published, RATE)
     events: list[Event] = [Feedback(T0 - 50_000, "u7", SEED, "click")]
     for n in range(60):  # positives (click, like) and negatives (skip) of four users
         action = ("click", "like", "skip")[n % 3]
