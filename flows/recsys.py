@@ -22,6 +22,7 @@ Serving reads the snapshots back from the store (nearline), so the graph stays a
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import time
 from collections import Counter
@@ -157,11 +158,14 @@ def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:
     return op.filter_map(f"take_{name.replace('-', '_')}", stream, lambda out: out.get(name))
 
 
+_TYPE_OF = operator.attrgetter("type")
+
+
 def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
     """Metrics item of one parsed batch: events by type, dead letters by reason, max event
     time, and the Kafka read positions the batch carries (consumer lag)."""
     events, dead = parsed[0], parsed[1]
-    by_type = Counter(e.type for e in events)
+    by_type = Counter(map(_TYPE_OF, events))
     if parsed[5]:  # a sharded replay's copies of item events (partition 0 counts them)
         by_type["item"] -= parsed[5]
     return "parse", {
@@ -186,7 +190,10 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
     if "examples" in out:
         by_label: dict[str, list[float]] = {}
         for ex in out["examples"]:
-            acc = by_label.setdefault(str(ex["label"]), [0, 0.0])
+            key = str(ex["label"])
+            acc = by_label.get(key)
+            if acc is None:
+                acc = by_label[key] = [0, 0.0]
             acc[0] += 1
             acc[1] += ex.get("weight", 1.0)
         items.append(("examples", by_label))
@@ -259,6 +266,10 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     # replay gives the same answers at any speed); live Kafka input polls by wall time.
     poll_ms = (config.serving.poll_ms if any(i.kind == "kafka" for i in config.inputs) else 0)
 
+    wire = not config.ranker.enabled
+    """No stage reads the full example records (the in-flow trainer is the one that does):
+    the user shards write them in their wire form directly."""
+
     def user_shard_builder(resume: UserShard | None) -> UserShardLogic:
         if resume is None:
             views = SnapshotViews(store, item_keys, poll_ms)
@@ -271,6 +282,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
                 item_shard_of=item_shard_of, max_users=config.shards.max_users,
                 max_items=config.shards.max_items, hot_profiles=config.shards.hot_profiles,
                 covis_any=items_on and config.items.covis_any)
+        resume.write_wire(wire)  # this run's config decides, resumed state included
         return UserShardLogic(resume)
 
     outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),
@@ -281,8 +293,11 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     for name in ("recommendations", "late-labels"):
         _output(name, _take(name, outputs), config)
     examples = _take("examples", outputs)
-    _output("examples", op.map("pack_examples", examples,
-                               lambda batch: [pack_example(e) for e in batch]), config)
+    if wire:  # already in their wire form
+        _output("examples", examples, config)
+    else:
+        _output("examples", op.map("pack_examples", examples,
+                                   lambda batch: [pack_example(e) for e in batch]), config)
 
     snapshots = []
     failed = [_take("dead-letters", outputs)]  # processing errors of the stateful stages

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from events.model import Record
+from events.model import Impression, Record
+from state.join_state import RowForm, impression_record
 
 VOCABULARY_1: tuple[str, ...] = (
     "user.impressions.5m", "user.impressions.1h", "user.impressions.1d", "user.impressions.7d",
@@ -98,25 +99,55 @@ def pack_example(example: Record) -> Record:
     """``example``'s wire form (a new record; the input is kept)."""
     if tuple(example) != _FIELDS:
         return _grouped(example)
-    example_id = example["example_id"]
-    out: Record = {"example_id": example_id, "ts": example["ts"], "user_id": example["user_id"],
-                   "item_id": example["item_id"], "label": example["label"]}
-    if example["labels"] != {}:
-        out["labels"] = example["labels"]
-    out["weight"] = example["weight"]
-    out["position"] = example["position"]
-    if example["request_id"] is not None:
-        out["request_id"] = example["request_id"]
-    if example["impression_id"] != _implied_impression(example_id):
-        out["impression_id"] = example["impression_id"]
-    if example["context"] != {}:
-        out["context"] = example["context"]
-    encoded = _encode(example["features"])
+    packed = _pack(example["example_id"], example["ts"], example["user_id"], example["item_id"],
+                   example["label"], example["labels"], example["weight"], example["position"],
+                   example["request_id"], example["impression_id"], example["context"],
+                   example["features"], example["source"])
+    return example if packed is None else packed
+
+
+def pack_impression(imp: Impression, label: int, labels: dict[str, float], weight: float,
+                    features: dict[str, Any]) -> Record:
+    """``pack_example(impression_record(imp, label, labels, weight, features))``, built
+    without the record (the joiner's rows when nothing in the flow reads the full record:
+    ``state.join_state.RowForm``)."""
+    iid = imp.impression_id
+    packed = _pack(f"imp:{iid}", imp.ts, imp.user_id, imp.item_id, label, labels, weight,
+                   imp.position, imp.request_id, iid, imp.context, features, "impression")
+    if packed is None:
+        return impression_record(imp, label, labels, weight, features)
+    return packed
+
+
+WIRE_ROWS = RowForm(pack_impression, pack_example)
+"""The joiner writing wire-form rows (``Joiner(rows=WIRE_ROWS)``)."""
+
+
+def _pack(example_id: str, ts: int, user_id: str, item_id: str, label: int,
+          labels: dict[str, float], weight: float, position: int, request_id: str | None,
+          impression_id: str | None, context: dict[str, Any], features: dict[str, Any],
+          source: str) -> Record | None:
+    """The wire form of an example given field by field; None when a feature value is a
+    dict (such examples stay plain)."""
+    prefix = example_id[:4]
+    out: Record = {"example_id": example_id, "ts": ts, "user_id": user_id, "item_id": item_id,
+                   "label": label}
+    if labels != {}:
+        out["labels"] = labels
+    out["weight"] = weight
+    out["position"] = position
+    if request_id is not None:
+        out["request_id"] = request_id
+    if impression_id != (example_id[4:] if prefix == "imp:" else None):
+        out["impression_id"] = impression_id
+    if context != {}:
+        out["context"] = context
+    encoded = _encode(features)
     if encoded is None:
-        return example
+        return None
     out[KEY] = encoded
-    if example["source"] != _SOURCES.get(example_id[:4]):
-        out["source"] = example["source"]
+    if source != _SOURCES.get(prefix):
+        out["source"] = source
     return out
 
 
@@ -149,6 +180,9 @@ def _encode(features: dict[str, Any]) -> list[Any] | None:
     lists: list[tuple[list[Any], int]] = []
     for value in features.values():
         kind = type(value)
+        if kind is str:
+            values.append(value)
+            continue
         if kind is dict:
             return None
         if kind is float:

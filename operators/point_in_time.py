@@ -208,6 +208,8 @@ class PointInTime:
         self._frozen: FrozenViews | None = None
         self._retained: deque[weakref.ref[FrozenViews]] = deque()
         """Replaced snapshot versions that deferred features may still read, oldest first."""
+        self._taken: _Taken | None = None
+        """The group the last deferred features were taken in (``deferred_features``)."""
         self._statics: dict[str, tuple[Any, Any, dict[str, Any], dict[str, Any]]] = {}
         """``_static_part`` memo: item -> (table weakref, attributes object, static
         features, the same at example precision), for the newest table and attributes
@@ -222,6 +224,7 @@ class PointInTime:
         state["_retained"] = deque()
         state["_statics"] = {}
         state["_fold_memo"] = None
+        state["_taken"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -229,6 +232,7 @@ class PointInTime:
         self.__dict__.setdefault("_retained", deque())  # state of older versions
         self.__dict__.setdefault("_statics", {})
         self.__dict__.setdefault("_fold_memo", None)
+        self.__dict__.setdefault("_taken", None)
 
     def forget(self, user_id: str) -> None:
         """The user's state is about to change: contexts taken before it are stale."""
@@ -316,11 +320,18 @@ class PointInTime:
         clicked). What they read is kept now (the user context, the item's attributes,
         its user x attribute profile values, the snapshots served), all immutable once
         taken, so ``resolve()`` gives exactly what ``example_features`` gives now."""
-        shared = self._shared_context(user_id, ts_ms)
+        shared, group = self._shared, self.group
+        if (shared is None or group is None or shared.group != group or shared.ts != ts_ms
+                or shared.user_id != user_id):
+            shared = self._shared_context(user_id, ts_ms)
+        views = self._frozen_views() if self.views is not None else None
+        taken = self._taken
+        if taken is None or taken.ctx is not shared.ctx or taken.views is not views:
+            taken = self._taken = _Taken(self, shared.ctx, ts_ms, views)
         attrs = self.catalog.get(item_id)
-        return DeferredFeatures(self, shared.ctx, item_id, ts_ms, attrs,
-                                self._cross(shared.user_id, shared.crosses, attrs, ts_ms),
-                                self._frozen_views())
+        return DeferredFeatures(taken, item_id, attrs,
+                                self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
+                                if self._crosses and attrs else [])
 
     def resolve_all(self, deferred: list[DeferredFeatures]) -> None:
         """``resolve()`` every one of ``deferred`` at once, the same values: one
@@ -332,9 +343,17 @@ class PointInTime:
         groups: dict[tuple[int, int, int], list[DeferredFeatures]] = {}
         for d in deferred:
             if d._resolved is None:
-                groups.setdefault((id(d.ctx), d.ts, id(d.views)), []).append(d)
+                key = d.taken.key
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = [d]
+                else:
+                    group.append(d)
         for group in groups.values():
-            first = group[0]
+            first = group[0].taken
+            if self.views is None and not any([d.seen or d.cross for d in group]):
+                self._resolve_static(first.ctx.profile, group)
+                continue
             ctx = as_taken(first.ctx, group)
             items = [d.item_id for d in group]
             cols = self.item_columns(ctx, items, first.ts, views=first.views,
@@ -360,6 +379,18 @@ class PointInTime:
                     d._resolved = {**profile, **static_rounded, **float32_features(compact(rest))}
                 else:  # as item_features builds it
                     d._resolved = float32_features(compact({**ctx.profile, **static, **rest}))
+
+    def _resolve_static(self, profile: dict[str, Any], group: list[DeferredFeatures]) -> None:
+        """``resolve_all`` of a group whose items have no numeric and no cross features (no
+        snapshots, no item the user interacted with, no user x attribute profile:
+        ``item_columns`` gives no columns): each is the user's profile and the item's
+        static features, as ``resolve_all`` merges them."""
+        rounded = float32_features(compact(profile))
+        keys = profile.keys()
+        for d in group:
+            static, static_rounded = self._static_part(d.item_id, None, d.attrs)
+            d._resolved = ({**rounded, **static_rounded} if keys.isdisjoint(static)
+                           else float32_features(compact({**profile, **static})))
 
     def _static_part(self, item_id: str, table: ItemTable | None, attrs: dict[str, Any] | None
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -413,7 +444,7 @@ class PointInTime:
         old = {id(ref()) for ref in live[:cut]}
         retained.clear()
         retained.extend(live[cut:])
-        return lambda d: id(d.views) in old
+        return lambda d: id(d.taken.views) in old
 
     def _frozen_views(self) -> FrozenViews | None:
         if self.views is None:
@@ -705,34 +736,59 @@ class _Shared:
         self.crosses: dict[tuple[str, str], dict[str, Any]] = {}
 
 
-class DeferredFeatures:
-    """An impression's features, computed when first asked for (``resolve``) from what
-    was kept when the impression was processed. Pickles as the resolved dict (recovery
-    state holds plain features, never snapshot objects)."""
+class _Taken:
+    """What the deferred features of one group of impressions share (a request's, taken
+    together): the source, the user context, the time and the snapshots served. One per
+    group instead of four fields per impression."""
 
-    __slots__ = ("source", "ctx", "item_id", "ts", "attrs", "cross", "views", "seen",
-                 "_resolved")
+    __slots__ = ("source", "ctx", "ts", "views", "key")
 
-    def __init__(self, source: PointInTime, ctx: UserContext, item_id: str, ts: int,
-                 attrs: dict[str, Any] | None, cross: list[dict[str, Any]],
+    def __init__(self, source: PointInTime, ctx: UserContext, ts: int,
                  views: FrozenViews | None) -> None:
         self.source = source
         self.ctx = ctx
-        self.item_id = item_id
         self.ts = ts
+        self.views = views
+        self.key = (id(ctx), ts, id(views))
+        """What ``resolve_all`` groups by (the same user context, time and snapshots)."""
+
+
+class DeferredFeatures:
+    """An impression's features, computed when first asked for (``resolve``) from what
+    was kept when the impression was processed (its group's ``_Taken`` and its own item,
+    attributes and cross profiles). Pickles as the resolved dict (recovery state holds
+    plain features, never snapshot objects)."""
+
+    __slots__ = ("taken", "item_id", "attrs", "cross", "seen", "_resolved")
+
+    def __init__(self, taken: _Taken, item_id: str, attrs: dict[str, Any] | None,
+                 cross: list[dict[str, Any]]) -> None:
+        self.taken = taken
+        self.item_id = item_id
         self.attrs = attrs
         self.cross = cross
-        self.views = views
-        self.seen = item_id in ctx.consumed
+        self.seen = item_id in taken.ctx.consumed
         """Whether the user had interacted with the item (``ctx.consumed`` is the live
         history: later interactions must not leak into ``ui.*``)."""
         self._resolved: dict[str, Any] | None = None
+
+    @property
+    def ctx(self) -> UserContext:
+        return self.taken.ctx
+
+    @property
+    def ts(self) -> int:
+        return self.taken.ts
+
+    @property
+    def views(self) -> FrozenViews | None:
+        return self.taken.views
 
     def resolve(self) -> dict[str, Any]:
         """What ``PointInTime.example_features`` gave when this was taken, at example
         precision (``float32_features``)."""
         if self._resolved is None:
-            self.source.resolve_all([self])
+            self.taken.source.resolve_all([self])
         return self._resolved  # type: ignore[return-value]
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -34,6 +34,7 @@ from bytewax.operators import StatefulLogic
 from events.model import Event, Feedback, Item, Record, Request, processing_error
 from models.mf import MFConfig, UserFactors
 from operators.cold_start import backfill
+from operators.example_codec import WIRE_ROWS
 from operators.item_updates import (
     CatalogChange,
     CovisPair,
@@ -49,7 +50,7 @@ from operators.snapshot_views import SnapshotViews
 from state.covisitation import CoVisConfig, CoVisitation
 from state.hashing import stable_hash64
 from state.item_table import category_of
-from state.join_state import JoinConfig, Joiner
+from state.join_state import RECORD_ROWS, JoinConfig, Joiner
 from state.profiles import ProfileStore, stores_for
 from state.sampling import NegativeSampler
 from state.user_history import UserHistory, lru_put
@@ -66,7 +67,11 @@ class UserShard:
                  serving: ServingConfig | None = None, views: SnapshotViews | None = None,
                  item_shard_of: Callable[[str], str] | None = None,
                  max_users: int = 1_000_000, covis_any: bool = False,
-                 max_items: int = 1_000_000, hot_profiles: int = 10_000) -> None:
+                 max_items: int = 1_000_000, hot_profiles: int = 10_000,
+                 wire_examples: bool = False) -> None:
+        """``wire_examples``: write examples in their wire form (``pack_example``'s,
+        built directly) instead of full records, when no stage of the flow reads the
+        records (no in-flow trainer)."""
         self.shard = ""
         self.history = UserHistory(max_users=max_users)
         self.liked = UserHistory(max_users=max_users)
@@ -101,6 +106,7 @@ class UserShard:
             covis=CovisQuery(serving.recent_items, serving.covis_query_decay)
             if serving is not None else None, finished=self.finished)
         self.joiner = Joiner(join, sampler, self.context)
+        self.write_wire(wire_examples)
         self.server = (Server(serving, self.context, max_users=max_users)
                        if serves and serving is not None else None)
         self.idle_flush_s = join.idle_flush_s
@@ -113,6 +119,12 @@ class UserShard:
         self._dead: list[Record] = []
         """Dead letters (``processing_error``) of events this shard failed to apply."""
         self._ingest_ns = 0
+
+    def write_wire(self, wire: bool) -> None:
+        """Write examples in their wire form (True) or as full records (False); the flow
+        sets it from its config at every start, resumed state included (a resumed shard
+        feeds whatever trainer the config has now)."""
+        self.joiner.rows = WIRE_ROWS if wire else RECORD_ROWS
 
     # -- the batch ----------------------------------------------------------------
     def process(self, shard: str, events: list[Event], ingest_ns: int | None = None) -> ShardOutput:
@@ -154,7 +166,8 @@ class UserShard:
             joiner.on_impression(event)
             if self.profiles:
                 self._profile(event)
-            self._category_event(event)
+            if self.server is not None:
+                self._category_event(event)
             if self.item_profiles:
                 self._item_updates.append(ProfileEvent(event.item_id, event))
             return

@@ -231,6 +231,27 @@ def impression_record(imp: Impression, label: int, labels: dict[str, float], wei
             "source": "impression"}
 
 
+def _as_is(record: Record) -> Record:
+    return record
+
+
+@dataclass(frozen=True)
+class RowForm:
+    """How a joiner writes its examples: ``impression`` builds an impression's row from
+    its parts (``impression_record`` by default), ``record`` turns any other example's
+    record into its row (as it is by default). The flow passes the wire form
+    (``operators.example_codec.WIRE_ROWS``) when no stage reads the full record (no
+    in-flow trainer): each row is then built once, not built and packed."""
+
+    impression: Callable[[Impression, int, dict[str, float], float, dict[str, Any]], Record] = (
+        impression_record)
+    record: Callable[[Record], Record] = _as_is
+
+
+RECORD_ROWS = RowForm()
+"""Full example records (``Example.record()``), the default."""
+
+
 @dataclass(slots=True)
 class JoinCounters:
     """Monotonic counters of one shard's joiner."""
@@ -268,6 +289,10 @@ def float32_features(features: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_NO_LABELS: dict[str, float] = {}
+"""The labels of every pending impression without feedback yet (never written: the
+first label gives the entry a dict of its own)."""
+
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
 
 
@@ -284,8 +309,10 @@ class Joiner:
     """
 
     def __init__(self, config: JoinConfig, sampler: NegativeSampler,
-                 context: JoinContext | None = None) -> None:
+                 context: JoinContext | None = None, rows: RowForm = RECORD_ROWS) -> None:
         self.config = config
+        self.rows = rows
+        """The form of the examples it writes (full records unless the flow asks)."""
         self.sampler = sampler
         self.context: JoinContext = context if context is not None else HistoryContext()
         self._defer: Callable[[str, str, int], Deferred] | None = getattr(
@@ -311,6 +338,7 @@ class Joiner:
         self.late_labels: list[Record] = []
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("rows", RECORD_ROWS)  # recovery state of a version without it
         if "_due" not in state:  # recovery state of a version with one heap entry per id
             due: dict[int, list[str]] = {}
             for deadline, iid in sorted(state["_deadlines"]):
@@ -337,32 +365,37 @@ class Joiner:
     # -- inputs -----------------------------------------------------------------
     def on_impression(self, imp: Impression) -> None:
         """Start waiting for feedback on an impression (idempotent by impression_id)."""
-        self.observe(imp.ts)
+        ts = imp.ts
+        if self.max_ts_ms is None or ts > self.max_ts_ms:  # observe(ts), inline
+            self.max_ts_ms = ts
+            self.advance()
         iid = imp.impression_id
-        if iid in self.pending or iid in self.closed_ids:
+        pending = self.pending
+        if iid in pending or iid in self.closed_ids:
             self.counters.dup_impressions += 1
             return
         self.counters.impressions += 1
         features: dict[str, Any] | Deferred
         if self._defer is not None:  # computed at a click, at the window's close or when
             # the snapshots move (all pending ones at once), exactly as they are now
-            features = self._defer(imp.user_id, imp.item_id, imp.ts)
+            features = self._defer(imp.user_id, imp.item_id, ts)
         else:
             features = float32_features(
-                self.context.example_features(imp.user_id, imp.item_id, imp.ts))
-        entry = Pending(imp, imp.ts + self.wait_ms, {}, features, False,
-                        self.sampler.keep(f"imp:{iid}"))
-        self.pending[iid] = entry
-        due = self._due.get(entry.deadline_ms)
+                self.context.example_features(imp.user_id, imp.item_id, ts))
+        deadline = ts + self.wait_ms
+        entry = pending[iid] = Pending(imp, deadline, _NO_LABELS, features, False,
+                                       self.sampler.keep_impression(iid))
+        due = self._due.get(deadline)
         if due is None:
-            self._due[entry.deadline_ms] = [iid]
-            heapq.heappush(self._deadlines, entry.deadline_ms)
+            self._due[deadline] = [iid]
+            heapq.heappush(self._deadlines, deadline)
         else:
             due.append(iid)
-        for fb in self.orphans.pop(iid, ()):
-            self._apply(entry, fb)
-        if len(self.pending) > self.config.max_pending:
-            self._close_oldest(len(self.pending) - self.config.max_pending)
+        if self.orphans:
+            for fb in self.orphans.pop(iid, ()):
+                self._apply(entry, fb)
+        if len(pending) > self.config.max_pending:
+            self._close_oldest(len(pending) - self.config.max_pending)
 
     def on_feedback(self, fb: Feedback) -> None:
         """Attach feedback to its impression, or treat it as an organic interaction."""
@@ -450,6 +483,8 @@ class Joiner:
         if fb.ts - imp.ts > self.config.window_for(fb.action):
             self._late(fb, "outside_window")
             return
+        if not entry.labels:  # the shared empty dict (or, after a resume, a copy that
+            entry.labels = {}  # pickling may have shared among entries): its own now
         entry.labels[fb.action] = fb.value
         if entry.emitted:
             self._late(fb, "after_emission")
@@ -540,9 +575,10 @@ class Joiner:
 
     def _forget_closed(self, horizon_ms: int) -> None:
         closed = self.closed_ids
+        limit = 4 * self.config.max_pending
         while closed:
-            iid, deadline = next(iter(closed.items()))
-            if deadline > horizon_ms and len(closed) <= 4 * self.config.max_pending:
+            iid = next(iter(closed))
+            if closed[iid] > horizon_ms and len(closed) <= limit:
                 break
             del closed[iid]
 
@@ -551,7 +587,9 @@ class Joiner:
         features = entry.features
         if type(features) is not dict:
             features = features.resolve()  # type: ignore[union-attr]
-        self.examples.append(impression_record(imp, label, dict(entry.labels), weight, features))
+        labels = entry.labels
+        self.examples.append(self.rows.impression(imp, label, dict(labels) if labels else {},
+                                                  weight, features))
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1
@@ -584,15 +622,15 @@ class Joiner:
             return
         chosen = self._sample_negatives(fb, key) if positive else []
         features = self._features_of(fb, [fb.item_id, *chosen])
-        self.examples.append(Example(
+        self.examples.append(self.rows.record(Example(
             example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
-            weight, float32_features(features[0]), "interaction", context=fb.context).record())
+            weight, float32_features(features[0]), "interaction", context=fb.context).record()))
         negative_weight = self.config.weight_of(fb.action)  # as much negative as positive evidence
         for j, (item, taken) in enumerate(zip(chosen, features[1:], strict=True)):
             self.counters.sampled_negatives += 1
-            self.examples.append(Example(
+            self.examples.append(self.rows.record(Example(
                 f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, negative_weight,
-                float32_features(taken), "sampled", context=fb.context).record())
+                float32_features(taken), "sampled", context=fb.context).record()))
 
     def _features_of(self, fb: Feedback, items: list[str]) -> list[dict[str, Any]]:
         """``example_features`` of ``fb``'s user and each of ``items`` at ``fb.ts``: one

@@ -162,3 +162,27 @@ def test_deep_nesting_is_a_dead_letter_not_a_crash(levels: int) -> None:
         orjson.dumps({"features": {}, "context": event_to_dict(out)})  # writable
     else:
         assert out["reason"] == "too_deep", out
+
+
+def test_events_pickle_as_class_and_field_values() -> None:
+    """Events cross processes in item updates (``-i/-a``): each pickles as its class and
+    its field values in constructor order (no dataclass ``__getstate__``/``__setstate__``
+    walk), and loads equal, sharing nothing with the original but immutable values."""
+    import pickle
+
+    from operators.item_updates import CatalogChange, ProfileEvent
+
+    events = [Impression(TS, "i1", "u", "a", "r1", 3, {"page": "home"}),
+              Feedback(TS, "u", "a", "click", "i1", 2.5, {"d": [1]}),
+              Request(TS, "r1", "u", 5, {"x": 1}, ["b"]),
+              Item(TS, "a", {"category": "c"}, False),
+              User(TS, "u", {"age": 30})]
+    for event in events:
+        cls, args = event.__reduce__()
+        assert cls is type(event)
+        assert args == tuple(getattr(event, name) for name in type(event).__slots__)
+        loaded = pickle.loads(pickle.dumps(event))
+        assert loaded == event and type(loaded) is type(event)
+        assert loaded.context is not event.context if hasattr(event, "context") else True
+    updates = [ProfileEvent("a", events[0]), CatalogChange("a", events[3])]
+    assert pickle.loads(pickle.dumps(updates)) == updates

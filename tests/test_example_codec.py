@@ -9,12 +9,19 @@ from pathlib import Path
 
 import orjson
 import pytest
-from serving_world import World
+from serving_world import T0, World
 from test_impression_features import run, stream
 
+from events.model import Feedback, Impression
 from models.features import compact, ranking_features
 from models.rankers import make_ranker
-from operators.example_codec import VOCABULARY, pack_example, unpack_example
+from operators.example_codec import (
+    VOCABULARY,
+    WIRE_ROWS,
+    pack_example,
+    pack_impression,
+    unpack_example,
+)
 from state.join_state import Example, float32_features
 from state.sampling import NegativeSampler
 
@@ -81,6 +88,41 @@ def test_joiner_records_round_trip_exactly(features: dict, fields: dict) -> None
         (k, type(v)) for k, v in features.items()]
     for name in ("example_id", "ts", "user_id", "item_id", "label", "weight", "position"):
         assert packed[name] == record[name]  # what readers filter on stays readable
+
+
+@pytest.mark.parametrize("features", EDGES)
+@pytest.mark.parametrize("fields", [{}, {"labels": {"click": 1.0}, "context": {"device": "tv"},
+                                        "request_id": None, "position": -1, "label": 1}])
+def test_impression_rows_built_directly_equal_the_packed_records(features: dict,
+                                                                 fields: dict) -> None:
+    """``pack_impression`` (the joiner's wire rows) is ``pack_example`` of the record."""
+    record = joiner_record(features=features, **fields)
+    imp = Impression(record["ts"], record["impression_id"], record["user_id"],
+                     record["item_id"], record["request_id"], record["position"],
+                     record["context"])
+    row = pack_impression(imp, record["label"], record["labels"], record["weight"], features)
+    assert orjson.dumps(row) == orjson.dumps(pack_example(record))
+
+
+def test_a_shard_writing_wire_rows_writes_the_packed_records(tmp_path: Path) -> None:
+    """The same stream (features from snapshots, clicks, interactions, sampled negatives,
+    downsampling) through a shard writing full records and one writing wire rows
+    (``WIRE_ROWS``: the flow without an in-flow trainer): the rows are the packed records,
+    byte for byte, in the same order."""
+    world = World(tmp_path)
+    world.publish_all()
+    events = stream()
+    events += [Feedback(T0 + 500_000 + n, f"u{n % 3 + 1}", f"i{n % 40}", "view")
+               for n in range(30)]  # organic interactions: their examples and negatives
+    records = world.user_shard()
+    records.joiner.sampler = NegativeSampler(0.3, 0)
+    wired = world.user_shard()
+    wired.joiner.sampler = NegativeSampler(0.3, 0)
+    wired.joiner.rows = WIRE_ROWS
+    expected = [pack_example(e) for e in run(records, events)]
+    rows = run(wired, events)
+    assert {e["example_id"][:4] for e in rows} == {"imp:", "int:", "neg:"}
+    assert [orjson.dumps(r) for r in rows] == [orjson.dumps(e) for e in expected]
 
 
 def test_old_grouped_rows_still_unpack() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -250,6 +251,16 @@ def test_negative_downsampling_deterministic_and_weighted() -> None:
     again, _ = run(j2, events, advance_each=False)
     j2.flush()
     assert again + j2.drain()[0] == examples
+    kept = {e["example_id"][4:] for e in negatives}
+    sampler = NegativeSampler(0.25)  # the impression's decision is keep("imp:<id>")'s
+    assert kept == {f"i{n}" for n in range(4000) if n != 7 and sampler.keep(f"imp:i{n}")}
+
+
+@pytest.mark.parametrize(("rate", "seed"), [(0.1, 0), (0.5, 3), (1.0, 0)])
+def test_keep_impression_is_keep_of_its_example_id(rate: float, seed: int) -> None:
+    sampler = NegativeSampler(rate, seed)
+    ids = [f"imp{n}-{n % 7}" for n in range(20_000)]
+    assert [sampler.keep_impression(i) for i in ids] == [sampler.keep(f"imp:{i}") for i in ids]
 
 
 def test_features_taken_at_impression_time() -> None:
@@ -293,3 +304,20 @@ def test_reordering_within_lateness_yields_same_examples(jitters: list[int]) -> 
         return {(e["example_id"], e["user_id"], e["item_id"], e["label"], e["weight"]) for e in out}
 
     assert examples_of(shuffled) == examples_of(log)
+
+
+def test_a_resumed_joiner_labels_each_impression_alone() -> None:
+    """Pending impressions share one empty labels dict until their first feedback, and a
+    pickled joiner (recovery) restores them sharing one copy: feedback on one impression
+    never labels another."""
+    import pickle
+
+    j = make()
+    j.on_impression(imp("m1", T0, "u1", "a"))
+    j.on_impression(imp("m2", T0, "u1", "b"))
+    resumed = pickle.loads(pickle.dumps(j))
+    for joiner in (j, resumed):
+        feed(joiner, fb("m1", T0 + MIN, "like", "u1", "a"))
+        joiner.flush()
+        examples = {e["example_id"]: e["labels"] for e in joiner.drain()[0]}
+        assert examples == {"imp:m1": {"like": 1.0}, "imp:m2": {}}

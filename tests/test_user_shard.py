@@ -85,3 +85,20 @@ def test_impression_features_follow_the_items_attributes_at_impression_time() ->
     features = {e["example_id"]: e["features"] for e in out["examples"]}
     assert features["imp:x0"] == features["imp:x1"] == {"i:category": "c1", "i:price": 1.1}
     assert features["imp:x2"] == features["imp:x3"] == {"i:category": "c2", "i:price": 2.2}
+
+
+def test_a_resumed_shard_writes_the_form_the_flow_now_asks() -> None:
+    """Examples in their wire form (no in-flow trainer) or as full records: set at every
+    start, so a shard resumed from a run without a trainer feeds the trainer of a run
+    with one full records."""
+    import pickle
+
+    from operators.example_codec import pack_example
+
+    events = [Impression(T0, "m1", "u", "a", "r", 0, {}), Feedback(T0 + 5, "u", "a", "click", "m1")]
+    wired = shard(wire_examples=True)
+    resumed = pickle.loads(pickle.dumps(wired))
+    record = shard().process("u000", events)["examples"]
+    assert wired.process("u000", events)["examples"] == [pack_example(e) for e in record]
+    resumed.write_wire(False)
+    assert resumed.process("u000", events)["examples"] == record
