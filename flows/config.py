@@ -215,6 +215,10 @@ class SnapshotConfig:
                         "refuse unsigned or mis-signed versions, so only holders of the key can "
                         "publish. Give it with STREAMREC__SNAPSHOTS__HMAC_KEY, not in a file. "
                         "Empty = unsigned.", "")
+    fsync: bool = doc("Make each version durable (fsync its file, manifest and directory) "
+                      "before it counts as written. false only where nothing resumes from the "
+                      "store (streamrec eval sets it: ~10 ms of I/O wait saved per version).",
+                      True)
 
 
 @dataclass
@@ -287,7 +291,8 @@ class Config:
     def snapshot_store(self) -> SnapshotStore:
         """The snapshot store of this config (root, versions kept, signing key)."""
         return SnapshotStore(self.snapshot_root(), keep=self.snapshots.keep,
-                             hmac_key=self.snapshots.hmac_key or None)
+                             hmac_key=self.snapshots.hmac_key or None,
+                             durable=self.snapshots.fsync)
 
 
 def _check(value: Any, hint: Any, key: str) -> Any:

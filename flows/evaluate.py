@@ -267,6 +267,7 @@ def evaluate(log: str | Path, report_path: str | Path, config: Any = None,
     if not examples and "examples" not in cfg.output.skip:
         cfg.output.skip = [*cfg.output.skip, "examples"]
     cfg.snapshots.dir = ""
+    cfg.snapshots.fsync = False  # a throwaway store: no run resumes from it
     # Deterministic replay: snapshots are read by event time at every micro-batch (no
     # wall-clock polling), one micro-batch per epoch (every stage drains it before the
     # next is read, so a request sees exactly the snapshots of the events before its

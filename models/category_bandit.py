@@ -67,6 +67,22 @@ class CategoryExploreConfig:
     organic: bool = doc("Declared organic signals (join.organic: views, plays, ...) count "
                         "as a click on one exposure of the item's category, times the "
                         "signal's weight.", True)
+    sharpen: float = doc("Draws from Beta(x a, x b), the posterior's mean with its variance "
+                         "divided by about x: 1 = Thompson sampling, larger explores less. "
+                         "Default by measurement (with item_lift): docs/evaluation.md.", 4.0)
+    history_prior: float = doc("Tilt of each category's prior by the user's recent positives "
+                               "(recency-weighted, ``serving.covis_query_decay`` per newer one): "
+                               "the prior rate is the shard-wide rate times C x the category's "
+                               "share of them, the share smoothed by this many positives spread "
+                               "evenly over the C categories (0: off, the shard-wide rate).", 0.0)
+    item_lift: float = doc("Within the sampled order, weigh each candidate by its item's click "
+                           "rate over its category's among the candidates (the item's rate "
+                           "shrunk by this many impressions toward the category's; counts from "
+                           "``item_rate``), so better items of a category come first; 0: off.",
+                           20.0)
+    item_rate: list[str] = doc("Item profile features (clicks, impressions) of ``item_lift``, "
+                               "as the item tables publish them (the whole stream's counts).",
+                               factory=lambda: ["item.clicks.1d", "item.impressions.1d"])
     max_users: int = doc("Users whose posteriors a shard keeps, and items whose click rates "
                          "it keeps (item_adjusted); the least recently updated dropped first. "
                          "The counts fade by ``decay`` per list, so recently shown users hold "
@@ -86,8 +102,30 @@ def check_category_config(config: CategoryExploreConfig) -> None:
         raise ValueError(f"mode: must be one of {CATEGORY_MODES}, got {config.mode!r}")
     if config.depth < 1:
         raise ValueError(f"depth: must be >= 1, got {config.depth}")
+    if config.sharpen <= 0:
+        raise ValueError(f"sharpen: must be > 0, got {config.sharpen}")
+    if config.history_prior < 0:
+        raise ValueError(f"history_prior: must be >= 0, got {config.history_prior}")
+    if config.item_lift < 0:
+        raise ValueError(f"item_lift: must be >= 0, got {config.item_lift}")
+    if len(config.item_rate) != 2:
+        raise ValueError(f"item_rate: must name two features (clicks, impressions), got "
+                         f"{config.item_rate!r}")
     if config.max_users < 1:
         raise ValueError(f"max_users: must be >= 1, got {config.max_users}")
+
+
+def item_lift(cat_of: np.ndarray, clicks: np.ndarray, shown: np.ndarray,
+              strength: float) -> np.ndarray:
+    """Each candidate's click rate over its category's among the candidates (``cat_of``:
+    category codes): ``(clicks + s r_c) / (shown + s) / r_c``, ``r_c`` the category's
+    pooled rate shrunk by ``s`` impressions toward the candidates' overall rate."""
+    n = int(cat_of.max()) + 1 if len(cat_of) else 0
+    overall = (clicks.sum() + 1.0) / (shown.sum() + 2.0)
+    rate = (np.bincount(cat_of, clicks, n) + strength * overall) / (
+        np.bincount(cat_of, shown, n) + strength)
+    r = rate[cat_of]
+    return (clicks + strength * r) / (shown + strength) / r
 
 
 def exposure_weight(position: int | None) -> float:
@@ -183,28 +221,45 @@ class CategoryBandit:
         entry = self.users.get(user_id)
         return entry is not None and any(c[1] > 0 for c in entry[1].values())
 
-    def posterior(self, user_id: str, categories: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Beta parameters (a, b) of each category's click rate for the user."""
+    def tilt(self, categories: list[str], history: dict[str, float] | None) -> np.ndarray:
+        """Factor on each category's prior rate from the user's recent positives
+        (``history``: category -> recency weight): C x the category's smoothed share of
+        them (``history_prior`` positives spread evenly), 1 everywhere without any."""
+        beta = self.config.history_prior
+        n = len(categories)
+        if not history or beta <= 0 or not n:
+            return np.ones(n)
+        w = np.fromiter((history.get(c, 0.0) for c in categories), np.float64, n)
+        return n * (w + beta / n) / (w.sum() + beta)
+
+    def posterior(self, user_id: str, categories: list[str],
+                  history: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Beta parameters (a, b) of each category's click rate for the user (``history``:
+        the recency weights of the user's recent positives per category, ``tilt``)."""
         clicks = sum(c[0] for c in self.totals.values())
         exposure = sum(c[1] for c in self.totals.values())
         overall = (clicks + 1.0) / (exposure + 2.0)
         s = self.config.prior_strength
         counts = self.users.get(user_id, ("", {}))[1]
+        tilt = self.tilt(categories, history)
         a = np.empty(len(categories))
         b = np.empty(len(categories))
         for j, cat in enumerate(categories):
             tc, te = self.totals.get(cat, (0.0, 0.0))
-            rate = min(max((tc + s * overall) / (te + s), 1e-4), 1 - 1e-4)
+            rate = min(max(tilt[j] * (tc + s * overall) / (te + s), 1e-4), 1 - 1e-4)
             uc, ue = counts.get(cat, (0.0, 0.0))
             a[j] = s * rate + uc
             b[j] = s * (1.0 - rate) + max(ue - uc, 0.0)
         return a, b
 
     def order(self, user_id: str, scores: np.ndarray, categories: list[str | None], k: int,
-              seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+              seed: int, history: dict[str, float] | None = None,
+              counts: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> tuple[np.ndarray, np.ndarray] | None:
         """The top ``k`` by Thompson sampling over the categories (``mode``): (candidate
         indices of the list, each slot's propensity), or None for a user without
-        exposures (keep the scorer's order)."""
+        exposures (keep the scorer's order). ``history``: see ``posterior``; ``counts``:
+        each candidate's (clicks, impressions) for ``item_lift``."""
         if not len(scores) or not self.knows(user_id):
             return None
         keys = [c or "" for c in categories]
@@ -213,12 +268,18 @@ class CategoryBandit:
         cat_of = np.fromiter((code[c] for c in keys), np.int64, len(keys))
         depth = min(len(scores), max(self.config.depth, k))
         best_first = np.argsort(-scores, kind="stable")[:depth]
-        a, b = self.posterior(user_id, names)
+        a, b = self.posterior(user_id, names, history)
+        if self.config.sharpen != 1.0:
+            a, b = a * self.config.sharpen, b * self.config.sharpen
         rng = np.random.default_rng(seed)
         draws = self.config.propensity_draws
         if self.config.mode == "rerank":  # every list at once: one row of draws per list
             theta = rng.beta(a, b, size=(draws + 1, len(names)))
-            key = theta[:, cat_of[best_first]] / np.log2(2.0 + np.arange(len(best_first)))
+            discount = np.log2(2.0 + np.arange(len(best_first)))
+            if counts is not None and self.config.item_lift > 0:
+                lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
+                discount = discount / lift[best_first]
+            key = theta[:, cat_of[best_first]] / discount
             top = np.argsort(-key, axis=1, kind="stable")[:, :k]
             hits = (top[1:] == top[0]).sum(axis=0)
             return best_first[top[0]], (hits + 1.0) / (draws + 1.0)

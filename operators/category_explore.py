@@ -8,10 +8,14 @@ replay serves the same lists.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from models.category_bandit import CategoryBandit, CategoryExploreConfig
 from operators.candidates import Candidate, CandidatePool
+from operators.point_in_time import liked_recency
 from state.hashing import stable_hash64
 
 
@@ -38,14 +42,36 @@ class CategoryExplore:
         elif organic_weight is not None and self.bandit.config.organic:
             self.bandit.organic(user_id, category, organic_weight)
 
-    def order(self, request: Any, user_id: str, pool: CandidatePool) -> list[Candidate] | None:
+    def order(self, request: Any, user_id: str, pool: CandidatePool,
+              liked: list[str] | None = None, decay: float = 1.0,
+              category: Callable[[str], str | None] | None = None,
+              profiles: Callable[[CandidatePool], list[dict[str, Any] | None]] | None = None
+              ) -> list[Candidate] | None:
         """The top k of ``pool`` (scored) by category sampling, propensities set; None
         (keep the scorer's order) for a user without impressions or a pool without
-        categories."""
+        categories. ``liked``: the user's recent positives, newest first, weighed
+        ``decay**k`` (``liked_recency``); with ``category`` (item -> its category) they
+        tilt the priors (``history_prior``); ``profiles``: the pool's item profiles (item
+        tables) whose ``item_rate`` counts weigh the items (``item_lift``)."""
         if pool.category is None or not len(pool):
             return None
+        history = None
+        if liked and category is not None and self.bandit.config.history_prior > 0:
+            history = {}
+            for item, weight in liked_recency(liked, decay).items():
+                key = category(item) or ""
+                history[key] = history.get(key, 0.0) + weight
+        config = self.bandit.config
+        counts = None
+        if config.item_lift > 0 and profiles is not None:
+            clicks_key, shown_key = config.item_rate
+            found = [p or {} for p in profiles(pool)]
+            n = len(found)
+            counts = (np.fromiter((p.get(clicks_key, 0.0) for p in found), np.float64, n),
+                      np.fromiter((p.get(shown_key, 0.0) for p in found), np.float64, n))
+            np.minimum(counts[0], counts[1], out=counts[0])  # clicks without impressions
         out = self.bandit.order(user_id, pool.score, pool.category, request.k,
-                                stable_hash64(f"category:{request.request_id}"))
+                                stable_hash64(f"category:{request.request_id}"), history, counts)
         if out is None:
             return None
         idx, props = out

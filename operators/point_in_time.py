@@ -214,6 +214,8 @@ class PointInTime:
         """``_static_part`` memo: item -> (table weakref, attributes object, static
         features, the same at example precision), for the newest table and attributes
         asked."""
+        self._fold_memo: tuple[str, Any, list[str], np.ndarray] | None = None
+        """``_folded_vector`` memo: (user, index version, seeds, vector) of the last call."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Recovery state without the frozen snapshot views (reloaded from the store)."""
@@ -221,6 +223,7 @@ class PointInTime:
         state["_frozen"] = None
         state["_retained"] = deque()
         state["_statics"] = {}
+        state["_fold_memo"] = None
         state["_taken"] = None
         return state
 
@@ -228,6 +231,7 @@ class PointInTime:
         self.__dict__.update(state)
         self.__dict__.setdefault("_retained", deque())  # state of older versions
         self.__dict__.setdefault("_statics", {})
+        self.__dict__.setdefault("_fold_memo", None)
         self.__dict__.setdefault("_taken", None)
 
     def forget(self, user_id: str) -> None:
@@ -250,13 +254,26 @@ class PointInTime:
             vector = self.users.vector(user_id)
         recent = self.history.recent(user_id, 50)
         if vector is None and self.users is not None and recent:
-            vector = self.item_vectors(recent[:20]).mean(axis=0)
+            vector = self._folded_vector(user_id, recent[:20])
         liked = self.liked.recent(user_id, 50) if self.liked is not None else []
         finished = self.finished.consumed(user_id) if self.finished is not None else {}
         return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
                            finished)
 
 
+
+    def _folded_vector(self, user_id: str, seeds: list[str]) -> np.ndarray:
+        """A user without an MF row: the mean of its recent items' vectors (read-only),
+        memoised for the last user while its seeds and the index version stay the same
+        (a request and the rating after it ask twice; the same inputs give the same bits)."""
+        index = self.views.index.index if self.views is not None else None
+        memo = self._fold_memo
+        if memo is not None and memo[0] == user_id and memo[1] is index and memo[2] == seeds:
+            return memo[3]
+        vector = self.item_vectors(seeds).mean(axis=0)
+        vector.setflags(write=False)
+        self._fold_memo = (user_id, index, seeds, vector)
+        return vector
 
     def consumed(self, user_id: str) -> Container[str]:
         """Items the user interacted with (the joiner's sampled negatives avoid them)."""

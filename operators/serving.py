@@ -52,7 +52,7 @@ from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.hashing import stable_hash64
 from state.item_rows import ItemRows
-from state.item_table import ItemTable
+from state.item_table import ItemTable, category_of
 from state.settings import doc
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,23 @@ class Server:
             space = self.item_rows = ItemRows(self.covis_view, self.item_shard_of)
         return space
 
+    def _category_of(self, item_id: str) -> str | None:
+        """An item's category in the shard's catalog (None: unknown or without one)."""
+        attrs = self.context.catalog.get(item_id)
+        return category_of(attrs) if attrs is not None else None
+
+    def _item_profiles(self, pool: CandidatePool) -> list[dict[str, Any] | None]:
+        """The candidates' profiles as their item tables publish them (None: no table
+        yet); the tables the scorer's columns already found, else looked up."""
+        items = pool.items
+        if pool.columns is not None:
+            tables = pool.columns.tables
+        else:
+            table_map, shard_of = self.views.table_map(), self.item_shard_of
+            tables = [table_map.get(shard_of(item)) for item in items]
+        return [t.features.get(item) if t is not None else None
+                for t, item in zip(tables, items, strict=True)]
+
     def covis_channels(self, ctx: UserContext, ts_ms: int, n: int
                        ) -> tuple[list[tuple[str, float]], dict[str, SparseScores]]:
         """Co-visitation retrieval (docs/movielens-recipe.md): per channel, the raw sum
@@ -360,7 +377,10 @@ class Server:
             ranked = self.order(request, scored, request.k, ctx.consumed)
         else:
             categories = getattr(self, "categories", None)  # None: off, or older state
-            best = categories.order(request, ctx.user_id, pool) if categories else None
+            best = (categories.order(request, ctx.user_id, pool, ctx.liked,
+                                     self.context.covis.decay, self._category_of,
+                                     self._item_profiles)
+                    if categories else None)
             if best is None:  # the scorer's order
                 best = pool.candidates(top_indices(pool.score, self._depth(request.k)))
             ranked = self._rerank(request, best, request.k, ctx.consumed)

@@ -210,6 +210,15 @@ class CoVisitation:
         top = self.neighbors(item_id, self.row_size(item_id), now_ms)
         return [b for b, _ in top], np.fromiter((v for _, v in top), np.float64, len(top))
 
+    def row_weights(self, item_id: str, now_ms: int) -> dict[str, float]:
+        """Every neighbour of ``item_id`` -> its weight decayed to ``now_ms``, in stored
+        order (the values of ``neighbors``, unsorted: for lookups by neighbour)."""
+        row = self._rows.get(item_id)
+        if not row:
+            return {}
+        f = self._decay(now_ms)
+        return {b: v * f for b, v in row.items()}
+
     def neighbors(self, item_id: str, n: int, now_ms: int) -> list[tuple[str, float]]:
         """The ``n`` strongest neighbours of ``item_id`` with decayed weights, strongest first."""
         row = self._rows.get(item_id)
@@ -443,6 +452,17 @@ class FrozenCoVisitation(CoVisitation):
         vocab = self._vocab
         return ([vocab[j] for j in self._arrays["neighbors"][a:b][order].tolist()],
                 vals[order] * self._decay(now_ms))
+
+    def row_weights(self, item_id: str, now_ms: int) -> dict[str, float]:
+        if self._full is not None:
+            return super().row_weights(item_id, now_ms)
+        r = self._row_of.get(item_id)
+        if r is None:
+            return {}
+        a, b = int(self._starts[r]), int(self._starts[r + 1])
+        vocab = self._vocab
+        return dict(zip([vocab[j] for j in self._arrays["neighbors"][a:b].tolist()],
+                        (self._arrays["values"][a:b] * self._decay(now_ms)).tolist(), strict=True))
 
     def neighbors(self, item_id: str, n: int, now_ms: int) -> list[tuple[str, float]]:
         if self._full is not None:

@@ -139,13 +139,13 @@ class ItemTable:
 
     def covis_row(self, name: str, item_id: str) -> dict[str, float]:
         """Every neighbour of ``item_id`` in channel ``name`` -> its weight decayed to
-        ``ts``, strongest first; cached per table (published tables are immutable, so
-        callers must not modify the dict)."""
+        ``ts``, in stored order (for lookups by neighbour: ``neighbors`` sorts); cached per
+        table (published tables are immutable, so callers must not modify the dict)."""
         key = (name, item_id)
         row = self._rows.get(key)
         if row is None:
             covis = self.channel(name)[0]
-            row = self._rows[key] = (dict(covis.neighbors(item_id, covis.row_size(item_id), self.ts))
+            row = self._rows[key] = (covis.row_weights(item_id, self.ts)
                                      if covis is not None else {})
         return row
 

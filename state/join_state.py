@@ -600,12 +600,14 @@ class Joiner:
         self.late_labels.append(record)
 
     def _interaction(self, fb: Feedback) -> None:
+        """An organic interaction: its example (a positive, or a negative the sampler
+        keeps) and a positive's sampled negatives, their features taken in one call
+        (``_features_of``); a dropped negative takes none."""
         key = _interaction_id(fb)
         if key in self.closed_ids:
             self.counters.dup_feedback += 1
             return
         self.closed_ids[key] = fb.ts
-        features = self.context.example_features(fb.user_id, fb.item_id, fb.ts)
         positive = self.config.is_positive(fb.action, fb.value)
         example_id = f"int:{key}"
         weight = 1.0
@@ -618,19 +620,36 @@ class Joiner:
         else:
             self.counters.negatives_dropped += 1
             return
+        chosen = self._sample_negatives(fb, key) if positive else []
+        features = self._features_of(fb, [fb.item_id, *chosen])
         self.examples.append(self.rows.record(Example(
             example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
-            weight, float32_features(features), "interaction", context=fb.context).record()))
-        if positive:
-            self._sample_negatives(fb, key)
+            weight, float32_features(features[0]), "interaction", context=fb.context).record()))
+        negative_weight = self.config.weight_of(fb.action)  # as much negative as positive evidence
+        for j, (item, taken) in enumerate(zip(chosen, features[1:], strict=True)):
+            self.counters.sampled_negatives += 1
+            self.examples.append(self.rows.record(Example(
+                f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, negative_weight,
+                float32_features(taken), "sampled", context=fb.context).record()))
 
-    def _sample_negatives(self, fb: Feedback, key: str) -> None:
+    def _features_of(self, fb: Feedback, items: list[str]) -> list[dict[str, Any]]:
+        """``example_features`` of ``fb``'s user and each of ``items`` at ``fb.ts``: one
+        call for all when the context can (``PointInTime.example_features_many``: the
+        user context, the co-visitation seeds' rows and the snapshots read once; the
+        same dicts, bit for bit, as one call per item)."""
+        many = getattr(self.context, "example_features_many", None)
+        if many is not None and len(items) > 1:
+            return many(fb.user_id, items, fb.ts)  # type: ignore[no-any-return]
+        return [self.context.example_features(fb.user_id, item, fb.ts) for item in items]
+
+    def _sample_negatives(self, fb: Feedback, key: str) -> list[str]:
+        """Up to ``interaction_negatives`` items drawn by popularity for a positive
+        interaction: not its item, none the user interacted with, no repeats."""
         n = self.config.interaction_negatives
         ids, probs = self.popularity.arrays()
         if n <= 0 or not ids:
-            return
+            return []
         consumed = self.context.consumed(fb.user_id)
-        weight = self.config.weight_of(fb.action)  # as much negative as positive evidence
         rng = np.random.default_rng(stable_hash64(key))
         draws = rng.choice(len(ids), size=min(len(ids), 4 * n), replace=True, p=probs)
         chosen: list[str] = []
@@ -640,12 +659,4 @@ class Joiner:
                 chosen.append(item)
                 if len(chosen) == n:
                     break
-        many = getattr(self.context, "example_features_many", None)  # PointInTime: batched
-        taken = (many(fb.user_id, chosen, fb.ts) if many is not None else
-                 [self.context.example_features(fb.user_id, item, fb.ts) for item in chosen])
-        for j, (item, features) in enumerate(zip(chosen, taken, strict=True)):
-            self.counters.sampled_negatives += 1
-            self.examples.append(self.rows.record(Example(
-                f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, weight,
-                float32_features(features), "sampled",
-                context=fb.context).record()))
+        return chosen

@@ -106,10 +106,15 @@ class SnapshotStore:
     """
 
     def __init__(self, root: str | Path, keep: int = 5, hmac_key: str | bytes | None = None,
-                 background: bool = False) -> None:
+                 background: bool = False, durable: bool = True) -> None:
         self.root = Path(root).resolve()
         self.keep = keep
         self._key = hmac_key.encode() if isinstance(hmac_key, str) else hmac_key
+        self.durable = durable
+        """Fsync each version (file, manifest, directory) before it counts as written
+        (~10 ms of I/O wait per version here). False only for stores nothing resumes
+        from (``streamrec eval``): a crash may then leave a torn version, which readers
+        refuse by its sha256."""
         self.background = background
         """``write`` returns once the file is written and hashed; making it durable and
         visible (fsyncs, renames, ``LATEST``) runs on this store's writer thread."""
@@ -121,11 +126,11 @@ class SnapshotStore:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": str(self.root), "keep": self.keep, "hmac_key": self._key,
-                "background": self.background}
+                "background": self.background, "durable": self.durable}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["root"], state["keep"], state.get("hmac_key"),
-                      state.get("background", False))
+                      state.get("background", False), state.get("durable", True))
 
     def _kind_dir(self, kind: str) -> Path:
         if not kind or "/" in kind or kind.startswith("."):
@@ -186,16 +191,19 @@ class SnapshotStore:
                 body: bytes) -> None:
         """Make a written version durable and visible: fsync, rename, its manifest,
         ``LATEST``, the directory; prune old versions."""
+        durable = self.durable
         with self._settle_lock:
-            with tmp.open("rb+") as f:
-                os.fsync(f.fileno())
+            if durable:
+                with tmp.open("rb+") as f:
+                    os.fsync(f.fileno())
             os.replace(tmp, final)
-            _atomic_write_bytes(folder / f"{name}.json", body)
+            _atomic_write_bytes(folder / f"{name}.json", body, durable)
             # LATEST is a shortcut, not the record: a LATEST torn by a crash is refused
             # by ``latest`` and the newest version manifest (fsynced above) stands in,
             # so it needs no fsync of its own; the directory fsync makes the renames last.
             _atomic_write_bytes(folder / "LATEST", body, durable=False)
-            _fsync_dir(folder)
+            if durable:
+                _fsync_dir(folder)
             self._prune(folder, version)
 
     def _settle_logged(self, *args: Any) -> None:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from serving_world import CATEGORY, ITEMS, T0, World, ask, feed, warm_up
 
-from events.model import Feedback, Impression, Item
+from events.model import Feedback, Impression, Item, Request
 from flows.config import ConfigError, load_config
 from models.category_bandit import CategoryBandit, CategoryExploreConfig
+from operators.candidates import SOURCES, CandidatePool
 from operators.category_explore import CategoryExplore
 
 CATS = ["c0", "c1", "c2", "c3"]
@@ -125,6 +126,10 @@ def test_config_values_are_validated() -> None:
         load_config({"serving": {"category_explore": {"decay": 0.0}}})
     with pytest.raises(ConfigError, match="serving.category_explore.prior_strength"):
         load_config({"serving": {"category_explore": {"prior_strength": -1}}})
+    for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
+                       ("item_rate", ["item.clicks.1d"])):
+        with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
+            load_config({"serving": {"category_explore": {key: value}}})
 
 
 def test_the_user_shard_serves_the_category_its_user_clicks(world: World) -> None:
@@ -240,6 +245,73 @@ def test_the_shard_keys_posteriors_by_the_catalogs_category_string(world: World)
     assert counts == {"7": [1.0, 1.0]}
 
 
+def test_recent_positives_tilt_the_prior_toward_their_category() -> None:
+    """``history_prior``: a user whose recent positives are c3 items gets more c3 before
+    the bandit's own counts say so; off (0) or without positives the prior is the shard's."""
+    shares = {}
+    scores, cats = pool()
+    n = len(scores)
+    candidates = CandidatePool(np.arange(n), [f"x{i}" for i in range(n)],
+                               np.zeros((len(SOURCES), n)), np.zeros((len(SOURCES), n), bool),
+                               scores, cats)
+    for beta in (0.0, 1.0):
+        explore = CategoryExplore(CategoryExploreConfig(history_prior=beta))
+        show(explore.bandit, "u", 2, None)
+        hits = 0
+        for r in range(100):
+            request = Request(T0, f"q{r}", "u", 10)
+            out = explore.order(request, "u", candidates, ["a", "b", "c"], 0.8,
+                                {"a": "c3", "b": "c3", "c": "c0"}.get)
+            assert out is not None
+            hits += sum(c.category == "c3" for c in out)
+        shares[beta] = hits / 1000
+    assert shares[1.0] > shares[0.0] + 0.15
+    bandit = CategoryBandit(CategoryExploreConfig(history_prior=1.0))
+    assert bandit.tilt(CATS, {"c3": 1.0, "c0": 0.5}).tolist() == pytest.approx(
+        [4 * 0.75 / 2.5, 4 * 0.25 / 2.5, 4 * 0.25 / 2.5, 4 * 1.25 / 2.5])
+    assert bandit.tilt(CATS, None).tolist() == [1.0] * 4
+
+
+def test_item_lift_puts_the_better_items_of_a_category_first() -> None:
+    """``item_lift``: inside a category the items are weighed by their click rate over the
+    category's (the whole stream's counts), so a well-clicked item the scorer ranks low
+    climbs; off, the scorer's order holds inside the category."""
+    scores, cats = pool()
+    clicks = np.zeros(len(scores))
+    shown = np.full(len(scores), 100.0)
+    clicks[:] = 2.0
+    best = max(i for i, c in enumerate(cats) if c == "c1")  # the scorer's last c1 item
+    clicks[best] = 20.0
+    ranks = {}
+    for strength in (0.0, 20.0):
+        bandit = CategoryBandit(CategoryExploreConfig(item_lift=strength))
+        show(bandit, "u", 2, "c1")
+        idx, _ = bandit.order("u", scores, cats, 40, 7, counts=(clicks, shown))
+        c1 = [i for i in idx.tolist() if cats[i] == "c1"]
+        ranks[strength] = c1.index(best)
+    assert ranks[0.0] == 9  # the scorer's order: last of the ten c1 items
+    assert ranks[20.0] < 3
+
+
+def test_sharpen_explores_less_around_the_same_posterior() -> None:
+    """``sharpen``: draws from Beta(x a, x b) keep the posterior's mean and shrink its
+    spread, so the best category so far fills more slots and the logged propensities
+    rise (the lists vary less)."""
+    out = {}
+    for x in (1.0, 8.0):
+        bandit = CategoryBandit(CategoryExploreConfig(sharpen=x))
+        show(bandit, "others", 100, None)
+        for cat in CATS:
+            for _ in range(15):
+                bandit.click("others", cat)
+        show(bandit, "fan", 3, "c3")
+        scores, cats = pool()
+        props = [bandit.order("fan", scores, cats, 10, seed)[1].mean() for seed in range(50)]
+        out[x] = (share(bandit, "fan", "c3"), float(np.mean(props)))
+    assert out[8.0][0] > out[1.0][0] + 0.05
+    assert out[8.0][1] > out[1.0][1] + 0.1
+
+
 def test_posteriors_resume_equal_after_a_snapshot(world: World) -> None:
     """The shard's recovery state (pickled as Bytewax snapshots it) carries the posteriors
     and their least-recently-updated order: the resumed shard holds equal counts, serves the
@@ -274,3 +346,26 @@ def test_posteriors_resume_equal_after_a_snapshot(world: World) -> None:
         feed(s, [Impression(T0 + 60, "i:new:0", "new", ITEMS[0], "r:new", 0)])
     assert list(resumed.server.categories.bandit.users) == list(bandit.users) == [
         "u2", "fan", "new"]
+
+
+def test_item_lift_reads_the_counts_from_the_item_profiles() -> None:
+    """The serving glue reads ``item_rate`` (clicks, impressions) from each candidate's
+    item profile; a candidate without a profile counts nothing (lift toward 1)."""
+    scores, cats = pool()
+    n = len(scores)
+    items = [f"x{i}" for i in range(n)]
+    candidates = CandidatePool(np.arange(n), items, np.zeros((len(SOURCES), n)),
+                               np.zeros((len(SOURCES), n), bool), scores, cats)
+    best = max(i for i, c in enumerate(cats) if c == "c1")
+    profiles = [{"item.clicks.1d": 20.0 if i == best else 2.0, "item.impressions.1d": 100.0}
+                for i in range(n)]
+    profiles[0] = None  # not published yet
+    place = {}
+    for strength in (0.0, 20.0):
+        explore = CategoryExplore(CategoryExploreConfig(item_lift=strength))
+        show(explore.bandit, "u", 2, "c1")
+        out = explore.order(Request(T0, "q", "u", 40), "u", candidates,
+                            profiles=lambda p: profiles if p is candidates else [])
+        assert out is not None
+        place[strength] = [c.item_id for c in out if c.category == "c1"].index(items[best])
+    assert place[0.0] == 9 and place[20.0] < 3

@@ -212,3 +212,21 @@ def test_frozen_table_reads_like_the_table_it_was_saved_from_without_decoding_ro
     assert frozen._rows == plain._rows
     assert frozen.neighbors("i1", 20, now) == plain.neighbors("i1", 20, now)
     assert pickle.loads(pickle.dumps(frozen))._rows == plain._rows
+
+
+def test_row_weights_are_the_sorted_neighbours_unsorted_bit_for_bit() -> None:
+    """``row_weights`` (the item tables' lookup rows): every neighbour's decayed weight,
+    exactly the floats of ``neighbors`` but in stored order, from a live table and from a
+    frozen one without decoding its rows."""
+    plain = _random_table(3)
+    frozen = CoVisitation.from_arrays(plain.to_arrays(), frozen=True)
+    now = 420_000
+    unsorted = 0
+    for item in [*plain._rows, "absent"]:
+        want = dict(plain.neighbors(item, plain.row_size(item), now))
+        for table in (plain, frozen):
+            got = table.row_weights(item, now)
+            assert got == want and list(got) == list(plain._rows.get(item, {}))
+        unsorted += list(want) != list(plain._rows.get(item, {}))
+    assert unsorted > 0, "every row was already in weight order: the test shows nothing"
+    assert frozen._full is None, "reads decoded the rows"

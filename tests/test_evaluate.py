@@ -172,3 +172,11 @@ def test_examples_on_request_and_missing_matplotlib(tmp_path, monkeypatch) -> No
     assert len(examples) == rep["examples"] > 0
     assert rep["plots"] == []
     assert any("matplotlib is not installed" in w for w in rep["warnings"])
+
+
+def test_the_eval_store_is_not_fsynced(report) -> None:
+    """The eval's snapshot store is throwaway (no run resumes from it): versions are
+    written without fsyncs (snapshots.fsync = false), still read back by the flow."""
+    rep, _ = report
+    assert rep["config"]["snapshots"]["fsync"] is False
+    assert rep["hr_at_10"] is not None and rep["requests"] > 0

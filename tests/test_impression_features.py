@@ -302,16 +302,27 @@ def test_windows_closing_together_compute_their_features_together(
     assert sorted(sizes) == [1, 1, 9, 10, 10, 10, 10, 10]
 
 
+def batched_and_per_item(world: World, rate: float | None = None
+                         ) -> tuple[UserShard, UserShard, list[int]]:
+    """(shard taking several items' features in one call, shard falling back to one
+    ``example_features`` call per item, the first one's ``item_features`` calls)."""
+    together, alone = world.user_shard(), world.user_shard()
+    if rate is not None:
+        for shard in (together, alone):
+            shard.joiner.sampler = NegativeSampler(rate, 0)
+    alone.joiner.context.example_features_many = None  # the joiner falls back per item
+    calls: list[int] = []
+    context = together.joiner.context
+    item_features = context.item_features
+    context.item_features = lambda *a, **kw: calls.append(1) or item_features(*a, **kw)
+    return together, alone, calls
+
+
 def test_sampled_negatives_taken_together_equal_one_at_a_time(published: World) -> None:
     """An organic positive's sampled negatives get their features in one call
     (``PointInTime.example_features_many``): the same examples, bit for bit, as one
     ``example_features`` call per negative."""
-    together, alone = published.user_shard(), published.user_shard()
-    alone.joiner.context.example_features_many = None  # the joiner falls back per item
-    calls = []
-    context = together.joiner.context
-    item_features = context.item_features
-    context.item_features = lambda *a, **kw: calls.append(1) or item_features(*a, **kw)
+    together, alone, calls = batched_and_per_item(published)
     events: list[Event] = [Feedback(T0 - 50_000, "u7", SEED, "click")]
     for n in range(40):
         events.append(Feedback(T0 + n * 30_000, f"u{n % 4}", ITEMS[(n * 11) % len(ITEMS)],
@@ -324,3 +335,50 @@ def test_sampled_negatives_taken_together_equal_one_at_a_time(published: World) 
     assert any("covis" in e["features"] for e in sampled)
     interactions = sum(e["source"] == "interaction" for e in got[0])
     assert len(calls) <= 2 * interactions < len(sampled), "one call per negative"
+
+
+def test_an_interaction_and_its_sampled_negatives_take_one_features_call(published: World) -> None:
+    """A positive organic interaction and its sampled negatives share one
+    ``item_features`` call (its user context and co-visitation seeds read once); a
+    negative interaction the sampler drops takes none. The examples equal those of one
+    ``example_features`` call per item, bit for bit."""
+    together, alone, calls = batched_and_per_item(published, RATE)
+    events: list[Event] = [Feedback(T0 - 50_000, "u7", SEED, "click")]
+    for n in range(60):  # positives (click, like) and negatives (skip) of four users
+        action = ("click", "like", "skip")[n % 3]
+        events.append(Feedback(T0 + n * 30_000, f"u{n % 4}", ITEMS[(n * 11) % len(ITEMS)], action))
+    got = [run(shard, events) for shard in (together, alone)]
+    assert got[0] == got[1]
+    interactions = sum(e["source"] == "interaction" for e in got[0])
+    assert sum(e["source"] == "sampled" for e in got[0]) >= 40
+    stats = together.joiner.counters
+    assert stats.negatives_dropped > 0 and stats.negatives_kept > 0
+    assert len(calls) == interactions, "one call per interaction example, none when dropped"
+
+
+def test_a_user_without_an_mf_row_folds_its_seeds_once_per_state(published: World) -> None:
+    """A user with history but no MF row gets the mean of its recent items' vectors:
+    computed once while its seeds and the index version stay the same (a request and
+    the rating after it), again when either changes; always the same bits as the mean."""
+    shard = published.user_shard()
+    warm_up(shard)
+    context = shard.context
+    assert context.users is not None and context.users.vector("fresh") is None
+    for n, item in enumerate(ITEMS[:5]):
+        context.history.add("fresh", item, T0 - 10_000 + n)
+    calls = []
+    item_vectors = context.item_vectors
+    context.item_vectors = lambda items: calls.append(list(items)) or item_vectors(items)
+    first = context.user("fresh", T0).vector
+    again = context.user("fresh", T0 + 1).vector
+    assert len(calls) == 1 and again is first
+    want = item_vectors(context.history.recent("fresh", 20)).mean(axis=0)
+    assert first is not None and first.tobytes() == want.tobytes()
+    assert not first.flags.writeable  # shared: nobody may change it in place
+    context.history.add("fresh", ITEMS[6], T0 + 2)
+    moved = context.user("fresh", T0 + 3).vector
+    assert len(calls) == 2 and moved is not None and moved.tobytes() != first.tobytes()
+    published.publish_index(T0)  # a new index version: read again
+    context.views.poll(T0 + 10)
+    context.user("fresh", T0 + 11)
+    assert len(calls) == 3

@@ -159,6 +159,29 @@ def test_a_write_fsyncs_the_data_its_manifest_and_the_directory_not_latest(
     assert reader.refresh() and (reader.version, reader.current) == (2, b"table 2")
 
 
+def test_a_store_without_fsync_writes_the_same_versions_and_syncs_nothing(
+        tmp_path, monkeypatch) -> None:
+    """``durable=False`` (snapshots.fsync = false, streamrec eval): no fsync at all, and
+    the same files, manifests and pruning as a durable store."""
+    import os
+
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    fast = SnapshotStore(tmp_path / "fast", keep=2, durable=False)
+    for n in range(4):
+        fast.write_bytes("items-i000", "npz", b"table %d" % n, ts=n)
+    assert synced == []
+    assert sorted(p.name for p in (tmp_path / "fast" / "items-i000").iterdir()) == [
+        "LATEST", "v0000000003.json", "v0000000003.npz", "v0000000004.json", "v0000000004.npz"]
+    reader = SnapshotReader(fast, "items-i000", lambda p: p.read_bytes())
+    assert reader.refresh() and (reader.version, reader.current) == (4, b"table 3")
+    durable = SnapshotStore(tmp_path / "slow")
+    durable.write_bytes("items-i000", "npz", b"table", ts=1)
+    assert len(synced) == 3
+    import pickle
+    assert pickle.loads(pickle.dumps(fast)).durable is False
+
+
 def test_background_write_returns_before_the_fsyncs_and_settles_in_order(tmp_path, monkeypatch) -> None:
     """A live flow's stages write through a background store: ``write`` returns once the
     file is written and hashed; the slow fsyncs and the renames that make it visible run
