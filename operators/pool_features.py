@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from operators.point_in_time import PointInTime, UserContext
-from state.covis_view import CovisView, SparseScores, sparse_sum
+from state.covis_view import CovisView, SparseScores, sums_at
 from state.item_rows import ItemRows
 
 DAY_MS = 86_400_000
@@ -116,15 +116,23 @@ def _channel(view: CovisView, covis: dict[str, SparseScores] | None, channel: st
     scores = covis.get(channel) if covis else None
     if scores is None or not len(scores):
         return out
-    all_ids, vals = scores.ids, scores.values
-    if alpha:
-        vals = vals / np.maximum(view.counts[channel][all_ids], 1.0) ** alpha
-    top = vals.max()
-    if top <= 0:
-        return out
+    all_ids = scores.ids
+    done = scores.normalized
+    if done is not None and done[0] == alpha:  # retrieval's blend part: the same floats
+        norm = done[1]
+        if norm is None:
+            return out
+    else:
+        vals = scores.values
+        if alpha:
+            vals = vals / np.maximum(view.counts[channel][all_ids], 1.0) ** alpha
+        top = vals.max()
+        if top <= 0:
+            return out
+        norm = vals / top
     pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)
     found = (ids >= 0) & (all_ids[pos] == ids)
-    return np.where(found, vals[pos] / top, 0.0)
+    return np.where(found, norm[pos], 0.0)
 
 
 def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
@@ -160,11 +168,8 @@ def _liked_knn(context: PointInTime, view: CovisView, ctx: UserContext,
     norm = np.maximum(_counts(view, "liked", ids), 1.0) ** alpha if alpha else None
     out = []
     for end in ends:
-        v = np.zeros(ids.size)
-        if end:
-            all_ids, sums = sparse_sum(gids[:end], gw[:end], len(view.names))
-            pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)
-            v = np.where((ids >= 0) & (all_ids[pos] == ids), sums[pos], 0.0)
+        # only the pool's ids are summed (the same floats as summing every id)
+        v = sums_at(gids[:end], gw[:end], ids, len(view.names)) if end else np.zeros(ids.size)
         if norm is not None:
             v = v / norm
         top = v.max()

@@ -287,15 +287,16 @@ class Server:
         for name, seeds in self.context.seeds(ctx):
             ids, vals = view.channel_sums(name, seeds, self._recency_weights(len(seeds)),
                                           tables, shard_of, ts_ms)
-            raw[name] = SparseScores(ids, vals, view.ids)
+            raw[name] = scores = SparseScores(ids, vals, view.ids)
             if not ids.size:
                 continue
             if alpha:
                 vals = vals / np.maximum(view.counts[name][ids], 1.0) ** alpha
             top = vals.max()
+            scores.normalized = (alpha, vals / top if top > 0 else None)
             if top > 0:
                 parts_ids.append(ids)
-                parts_vals.append(vals / top)
+                parts_vals.append(scores.normalized[1])
         if not parts_ids or n <= 0:
             return *none, raw
         ids, vals = sparse_sum(np.concatenate(parts_ids), np.concatenate(parts_vals),

@@ -204,3 +204,25 @@ def test_sparse_sum_dense_and_sorted_paths_agree() -> None:
         got_ids, got = sparse_sum(ids, w, n)
         assert got_ids.tolist() == sorted(want)
         assert got.tolist() == pytest.approx([want[i] for i in sorted(want)])
+
+
+def test_sums_at_reads_the_full_sums_bit_for_bit() -> None:
+    """``sums_at`` (serving's ``long_liked``/``last_liked``) gives, for each wanted id
+    (repeats, -1 and ids no entry reaches included), exactly ``sparse_sum``'s float."""
+    import numpy as np
+
+    from state.covis_view import sparse_sum, sums_at
+
+    rng = np.random.default_rng(7)
+    for size, space in ((5_000, 20_000), (300, 40), (1, 5)):
+        ids = rng.integers(0, space, size)
+        w = rng.random(size) * 10.0 ** rng.integers(-6, 6, size)  # order matters in floats
+        wanted = np.concatenate([rng.integers(-1, space + 3, 150), ids[:20], ids[:5]])
+        all_ids, sums = sparse_sum(ids, w, space)
+        full = dict(zip(all_ids.tolist(), sums.tolist(), strict=True))
+        got = sums_at(ids, w, wanted)
+        assert got.tolist() == [full.get(i, 0.0) for i in wanted.tolist()]
+        assert sums_at(ids, w, wanted, space + 3).tolist() == got.tolist()  # scratch size given
+        assert sums_at(ids, w, np.unique(wanted[wanted >= 0])).tolist() == [
+            full.get(i, 0.0) for i in np.unique(wanted[wanted >= 0]).tolist()]
+    assert sums_at(np.zeros(0, np.int64), np.zeros(0), np.array([1, 2])).tolist() == [0.0, 0.0]

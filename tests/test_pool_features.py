@@ -265,3 +265,39 @@ def test_liked_knn_of_several_seed_counts_is_each_counts_row_by_row_sums(
         ref = ref / ref.max() if ref.max() > 0 else np.zeros(len(pool))
         assert np.array_equal(vec, ref), count
     assert any(v.max() > 0 for v in got) or counts == (1,)
+
+
+@pytest.mark.parametrize(("seed", "loaded"), [(0, True), (1, False)])
+def test_gather_after_a_gather_without_new_ids_is_the_row_by_row_gather(
+        tmp_path: Path, seed: int, loaded: bool) -> None:
+    """A seed's row read without new ids (``long_liked``: ``intern=False``) that left no
+    neighbour out is cached as the seed's whole row; a later gather with new ids
+    (retrieval) reads it and still gives ``row``'s ids and weights bit for bit, and hands
+    out new ids in the same order, across a new table version."""
+    rng = random.Random(seed)
+    first = tables(seed, tmp_path if loaded else None)
+    newer = tables(seed + 10, tmp_path if loaded else None)
+    ref, view = CovisView(), CovisView()
+    complete = 0
+    for request in range(10):
+        table_map = dict(first)
+        if request >= 5:
+            table_map["s1"] = newer["s1"]
+        ts = T + rng.randrange(10**7)
+        long_seeds = rng.sample(ITEMS, 30)
+        seeds = rng.sample(long_seeds, 10) + rng.sample(ITEMS, 10)
+        for v in (ref, view):
+            v.sync(table_map)
+        weights = np.ones(len(long_seeds))
+        view.gather_seeds("liked", long_seeds, weights, table_map, shard_of, ts, intern=False)
+        complete += sum(len(v) for v in view._by_seed.values())
+        w = np.array([rng.random() for _ in seeds])
+        parts = [(ref.row(table_map[shard_of(s)], "liked", s),
+                  x * table_map[shard_of(s)].covis_factor(ts))
+                 for s, x in zip(seeds, w.tolist(), strict=True) if shard_of(s) in table_map]
+        want = (np.concatenate([row[0] for row, _ in parts]),
+                np.concatenate([row[1] * x for row, x in parts]))
+        ids, got_w = view.gather_seeds("liked", seeds, w, table_map, shard_of, ts)
+        assert ref.names == view.names
+        assert np.array_equal(ids, want[0]) and np.array_equal(got_w, want[1])
+    assert complete  # some rows read without new ids were whole rows

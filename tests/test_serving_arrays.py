@@ -302,3 +302,40 @@ def test_item_rows_read_loaded_tables_as_the_tables_they_were_saved_from(
             space.sync(table_map)
             got.append(values(space, space.fill(space.rows(pool))))
         assert got[0] == got[1] and any(got[0][0]) and not all(got[0][1])
+
+
+def test_pool_features_reuse_retrievals_channel_parts_bit_for_bit(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cov_liked`` / ``cov_any`` of the pool ranker read the channel parts retrieval
+    computed for the blend (``SparseScores.normalized``): the same matrix, bit for bit,
+    as computing them again from the raw sums."""
+    import copy
+
+    import operators.serving as serving
+
+    world.publish_tables()
+    world.publish_index()
+    _ranker_on_item_features(world)
+    shard = world.user_shard(scorer="pool")
+    feed(shard, [Item(T0 - DAY, item, {"category": CATEGORY[item]}) for item in ITEMS]
+         + [click("u", SEED, T0 - 10_000), click("u", "a31", T0 - 5_000)])
+    real = serving.pool_matrix
+    checked: list[int] = []
+
+    def both(names: list[str], *args: Any, **kwargs: Any) -> np.ndarray:
+        covis = args[7]
+        assert any(s.normalized is not None for s in covis.values())
+        fresh = {k: copy.copy(s) for k, s in covis.items()}
+        for s in fresh.values():
+            s.normalized = None
+        again = real(names, *args[:7], fresh, *args[8:], **kwargs)
+        got = real(names, *args, **kwargs)
+        assert {"cov_liked", "cov_any"} & set(names)
+        assert np.array_equal(got, again)
+        checked.append(len(got))
+        return got
+
+    monkeypatch.setattr(serving, "pool_matrix", both)
+    for ts in (T0, T0 + 60_000):
+        assert len(ask(shard, "u", ts=ts, k=10)["items"]) == 10
+    assert checked
