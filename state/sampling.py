@@ -7,8 +7,6 @@ negative carries weight ``1 / rate``; positives are never dropped (weight 1).
 
 from __future__ import annotations
 
-from hashlib import blake2b as _blake2b
-
 from state.hashing import stable_hash64
 
 _TWO64 = float(1 << 64)
@@ -31,9 +29,5 @@ class NegativeSampler:
         return stable_hash64(f"{self.seed}:{example_id}") / _TWO64 < self.rate
 
     def keep_impression(self, impression_id: str) -> bool:
-        """``keep(f"imp:{impression_id}")`` (an impression's example id), with the hash
-        inline: one per impression, 12% of the joiner's own time at rate 0.1."""
-        if self.rate >= 1.0:
-            return True
-        digest = _blake2b(f"{self.seed}:imp:{impression_id}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") / _TWO64 < self.rate
+        """``keep`` of an impression's example id (``f"imp:{impression_id}"``)."""
+        return self.keep(f"imp:{impression_id}")
