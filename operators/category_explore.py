@@ -29,30 +29,34 @@ class CategoryExplore:
         """Lists ordered by category sampling (metrics)."""
 
     def impression(self, user_id: str, item_id: str, category: str | None,
-                   position: int | None, request_id: str | None) -> None:
-        self.bandit.exposure(user_id, category, position, request_id, item_id)
+                   position: int | None, request_id: str | None,
+                   attrs: dict[str, Any] | None = None) -> None:
+        """An impression (``attrs``: the user's attributes, for ``group_prior``)."""
+        self.bandit.exposure(user_id, category, position, request_id, item_id, attrs)
 
     def feedback(self, user_id: str, item_id: str, category: str | None, action: str,
-                 impression_id: str | None, organic_weight: float | None = None) -> None:
+                 impression_id: str | None, organic_weight: float | None = None,
+                 attrs: dict[str, Any] | None = None) -> None:
         """A feedback event: a click (``actions``) on an impression counts; so does an
         organic signal (``organic_weight``: its declared weight, None for other actions)."""
         if impression_id is not None:
             if action in self.actions:
-                self.bandit.click(user_id, category, item_id)
+                self.bandit.click(user_id, category, item_id, attrs)
         elif organic_weight is not None and self.bandit.config.organic:
-            self.bandit.organic(user_id, category, organic_weight)
+            self.bandit.organic(user_id, category, organic_weight, attrs)
 
     def order(self, request: Any, user_id: str, pool: CandidatePool,
               liked: list[str] | None = None, decay: float = 1.0,
               category: Callable[[str], str | None] | None = None,
-              profiles: Callable[[CandidatePool], list[dict[str, Any] | None]] | None = None
-              ) -> list[Candidate] | None:
+              profiles: Callable[[CandidatePool], list[dict[str, Any] | None]] | None = None,
+              attrs: dict[str, Any] | None = None) -> list[Candidate] | None:
         """The top k of ``pool`` (scored) by category sampling, propensities set; None
         (keep the scorer's order) for a user without impressions or a pool without
         categories. ``liked``: the user's recent positives, newest first, weighed
         ``decay**k`` (``liked_recency``); with ``category`` (item -> its category) they
         tilt the priors (``history_prior``); ``profiles``: the pool's item profiles (item
-        tables) whose ``item_rate`` counts weigh the items (``item_lift``)."""
+        tables) whose ``item_rate`` counts weigh the items (``item_lift``); ``attrs``: the
+        user's attributes (``group_prior``)."""
         if pool.category is None or not len(pool):
             return None
         history = None
@@ -71,7 +75,8 @@ class CategoryExplore:
                       np.fromiter((p.get(shown_key, 0.0) for p in found), np.float64, n))
             np.minimum(counts[0], counts[1], out=counts[0])  # clicks without impressions
         out = self.bandit.order(user_id, pool.score, pool.category, request.k,
-                                stable_hash64(f"category:{request.request_id}"), history, counts)
+                                stable_hash64(f"category:{request.request_id}"), history, counts,
+                                attrs)
         if out is None:
             return None
         idx, props = out
@@ -80,3 +85,8 @@ class CategoryExplore:
             c.propensity = p
         self.ordered += 1
         return cands
+
+
+def attrs_of(profile: dict[str, Any]) -> dict[str, Any]:
+    """The user's attributes from a ``UserContext.profile`` (its ``u:<key>`` entries)."""
+    return {key[2:]: value for key, value in profile.items() if key.startswith("u:")}

@@ -43,7 +43,7 @@ from models.category_bandit import CategoryExploreConfig
 from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
 from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
-from operators.category_explore import CategoryExplore
+from operators.category_explore import CategoryExplore, attrs_of
 from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import ItemColumns, PointInTime, UserContext
 from operators.pool_features import pool_matrix
@@ -379,7 +379,7 @@ class Server:
             categories = getattr(self, "categories", None)  # None: off, or older state
             best = (categories.order(request, ctx.user_id, pool, ctx.liked,
                                      self.context.covis.decay, self._category_of,
-                                     self._item_profiles)
+                                     self._item_profiles, attrs_of(ctx.profile))
                     if categories else None)
             if best is None:  # the scorer's order
                 best = pool.candidates(top_indices(pool.score, self._depth(request.k)))

@@ -369,3 +369,67 @@ def test_item_lift_reads_the_counts_from_the_item_profiles() -> None:
         assert out is not None
         place[strength] = [c.item_id for c in out if c.category == "c1"].index(items[best])
     assert place[0.0] == 9 and place[20.0] < 3
+
+
+def test_users_like_this_one_set_a_new_users_prior() -> None:
+    """``group_prior``: users of age group "a" click c3, those of "b" click c0; a newcomer
+    of group "a" shown one list gets more c3 than a newcomer of "b" shown the same list;
+    off (0), or without attributes, both start from the shard-wide rates alike."""
+    out = {}
+    for strength in (20.0, 0.0):
+        bandit = CategoryBandit(CategoryExploreConfig(group_prior=strength))
+        for n in range(40):
+            group, liked = ("a", "c3") if n % 2 else ("b", "c0")
+            attrs = {"age": group, "score": 3}  # a number is no group
+            for pos in range(8):
+                bandit.exposure(f"o{n}", CATS[pos % 4], pos, f"o{n}", attrs=attrs)
+            bandit.click(f"o{n}", liked, attrs=attrs)
+        for user, group in (("new a", "a"), ("new b", "b"), ("no attrs", None)):
+            attrs = {"age": group} if group else None
+            for pos in range(8):
+                bandit.exposure(user, CATS[pos % 4], pos, f"{user}:0", attrs=attrs)
+        shares = {}
+        for user, group in (("new a", "a"), ("new b", "b"), ("no attrs", None)):
+            attrs = {"age": group} if group else None
+            scores, cats = pool()
+            hits = 0
+            for seed in range(200):
+                idx, _ = bandit.order(user, scores, cats, 10, seed, attrs=attrs)
+                hits += sum(cats[i] == "c3" for i in idx.tolist())
+            shares[user] = hits / 2000
+        out[strength] = shares
+    assert out[20.0]["new a"] > out[20.0]["new b"] + 0.15
+    assert out[20.0]["new a"] > out[20.0]["no attrs"] + 0.1
+    assert out[0.0]["new a"] == out[0.0]["new b"] == out[0.0]["no attrs"]
+    assert out[20.0]["no attrs"] == out[0.0]["no attrs"]
+
+
+def test_a_moved_taste_fades_the_old_counts_and_a_held_one_keeps_them() -> None:
+    """``change_threshold``: with no forgetting per list, a user who clicked c0 for 30 lists
+    and then c2 moves to c2 within 8 lists only with the detector; a user who keeps
+    clicking c0 (and now and then another category) keeps every count."""
+    def crowd(bandit: CategoryBandit) -> None:
+        show(bandit, "o", 100, None)
+        for cat in CATS:
+            for _ in range(20):
+                bandit.click("o", cat)
+
+    means = {}
+    for h in (2.0, 0.0):
+        bandit = CategoryBandit(CategoryExploreConfig(decay=1.0, change_threshold=h))
+        crowd(bandit)
+        show(bandit, "u", 30, "c0")
+        show(bandit, "u", 8, "c2", start=30)
+        a, b = bandit.posterior("u", CATS)
+        means[h] = a / (a + b)
+    assert means[2.0][2] > means[2.0][0]
+    assert means[0.0][2] < means[0.0][0]
+
+    counts = {}
+    for h in (2.0, 0.0):
+        bandit = CategoryBandit(CategoryExploreConfig(decay=1.0, change_threshold=h))
+        crowd(bandit)
+        for n in range(40):
+            show(bandit, "held", 1, CATS[n % 4] if n % 5 == 4 else "c0", start=n)
+        counts[h] = bandit.users["held"][1]
+    assert counts[2.0] == counts[0.0]
