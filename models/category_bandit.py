@@ -166,7 +166,8 @@ class CategoryBandit:
     def __init__(self, config: CategoryExploreConfig) -> None:
         self.config = config
         self.users: OrderedDict[str, tuple] = OrderedDict()
-        """user -> (last list id, category -> [clicks, exposure][, the change CUSUM])."""
+        """user -> (last list id, category -> [clicks, exposure][, the change CUSUM,
+        whether it saw the taste move])."""
         self.totals: dict[str, list[float]] = {}
         """category -> [clicks, exposure] over the shard (never decayed)."""
         self.items: OrderedDict[str, list[float]] = OrderedDict()
@@ -286,7 +287,9 @@ class CategoryBandit:
 
     def _surprise(self, user_id: str, counts: dict[str, list[float]], step: float) -> None:
         """Add ``step`` to the user's change CUSUM; past ``change_threshold`` fade the
-        user's counts by ``change_fade`` (models/taste_change.py)."""
+        user's counts by ``change_fade`` and mark the user as moved: their taste left what
+        their attributes' groups like, so ``group_prior`` no longer tilts their prior
+        (models/taste_change.py)."""
         entry = self.users[user_id]
         total, moved = cusum(entry[2] if len(entry) > 2 else 0.0, step,
                              self.config.change_threshold)
@@ -295,7 +298,12 @@ class CategoryBandit:
             for c in counts.values():
                 c[0] *= fade
                 c[1] *= fade
-        self.users[user_id] = (entry[0], counts, total)
+        self.users[user_id] = (entry[0], counts, total, moved or self._moved(entry))
+
+    @staticmethod
+    def _moved(entry: tuple) -> bool:
+        """Whether the change detector saw the user's taste move."""
+        return len(entry) > 3 and entry[3]
 
     def knows(self, user_id: str) -> bool:
         """Whether the user was shown anything (else ``order`` keeps the scorer's order)."""
@@ -323,14 +331,15 @@ class CategoryBandit:
         exposure = sum(c[1] for c in self.totals.values())
         overall = (clicks + 1.0) / (exposure + 2.0)
         s = self.config.prior_strength
-        counts = self.users.get(user_id, ("", {}))[1]
+        entry = self.users.get(user_id, ("", {}))
+        counts = entry[1]
         n = len(categories)
         totals = np.array([self.totals.get(cat, (0.0, 0.0)) for cat in categories],
                           np.float64).reshape(n, 2)
         num, den = totals[:, 0] + s * overall, totals[:, 1] + s
         tilt = self.tilt(categories, history)
         groups = self._group_prior()
-        if groups is not None:
+        if groups is not None and not self._moved(entry):
             tilt = tilt * groups.tilt(group_keys(attrs), categories, num / den)
         rate = np.clip(tilt * num / den, 1e-4, 1 - 1e-4)
         user = np.array([counts.get(cat, (0.0, 0.0)) for cat in categories],

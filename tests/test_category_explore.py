@@ -127,7 +127,8 @@ def test_config_values_are_validated() -> None:
     with pytest.raises(ConfigError, match="serving.category_explore.prior_strength"):
         load_config({"serving": {"category_explore": {"prior_strength": -1}}})
     for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
-                       ("item_rate", ["item.clicks.1d"])):
+                       ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
+                       ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0)):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: value}}})
 
@@ -433,3 +434,65 @@ def test_a_moved_taste_fades_the_old_counts_and_a_held_one_keeps_them() -> None:
             show(bandit, "held", 1, CATS[n % 4] if n % 5 == 4 else "c0", start=n)
         counts[h] = bandit.users["held"][1]
     assert counts[2.0] == counts[0.0]
+
+
+def test_groups_stay_within_max_groups_and_the_memory_bound_counts_them() -> None:
+    """The least recently updated groups are dropped past ``max_groups``; the flow's memory
+    bound adds that many groups per user shard with ``group_prior`` on, and the change
+    detector's per-user state with ``change_threshold`` on."""
+    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
+
+    bandit = CategoryBandit(CategoryExploreConfig(group_prior=5.0, max_groups=2))
+    for n in range(4):
+        bandit.exposure("u", "a", 0, f"r{n}", attrs={"city": f"x{n}"})
+    assert list(bandit.groups.groups) == ["city=x2", "city=x3"]
+
+    def user_shards(**explore: float) -> float:
+        config = load_config({"serving": {"category_explore": explore}})
+        return memory_bound(config)["parts_mb"]["user_shards"]
+
+    shards = load_config({}).shards.users
+    added = user_shards(group_prior=20.0, max_groups=100) - user_shards(max_groups=100)
+    assert added == pytest.approx(
+        shards * 100 * BYTES["category_group"] * ALLOCATOR_OVERHEAD / 2**20)
+    added = user_shards(change_threshold=2.0, max_users=1_000) - user_shards(max_users=1_000)
+    assert added == pytest.approx(
+        shards * 1_000 * BYTES["category_user_change"] * ALLOCATOR_OVERHEAD / 2**20)
+
+
+def test_groups_and_the_change_detector_resume_equal_after_a_snapshot(world: World) -> None:
+    """Through the shard: the user's attributes reach the group counts, and the groups and
+    the users' change state survive the pickled recovery state (same list served)."""
+    import pickle
+
+    from events.model import User
+
+    world.publish_all()
+    config = CategoryExploreConfig(enabled=True, group_prior=20.0, change_threshold=2.0)
+    shard = world.user_shard(category_explore=config)
+    feed(shard, [Item(T0 - 3_600_000, item, {"category": CATEGORY[item]}) for item in ITEMS])
+    warm_up(shard)
+    events: list = [User(T0 - 1, user, {"age_bucket": "25-34", "score": 7})
+                    for user in ("u1", "u2", "fan")]
+    for n, user in enumerate(("u1", "u2", "fan")):
+        for rep in range(3):
+            ts = T0 + 10 * n + rep
+            for pos, item in enumerate(ITEMS[:8]):
+                events.append(Impression(ts, f"i:{user}:{rep}:{pos}", user, item,
+                                         f"r:{user}:{rep}", pos))
+            events.append(Feedback(ts + 1, user, ITEMS[3], "click", f"i:{user}:{rep}:3"))
+    feed(shard, events)
+    bandit = shard.server.categories.bandit
+    group = bandit.groups.groups["age_bucket=25-34"]
+    assert group[CATEGORY[ITEMS[3]]][0] == 9.0  # every user's click, in their group
+    assert list(bandit.groups.groups) == ["age_bucket=25-34"]  # the number is no group
+    assert len(bandit.users["fan"]) == 4  # the change detector's state
+
+    resumed = pickle.loads(pickle.dumps(shard, protocol=pickle.HIGHEST_PROTOCOL))
+    again = resumed.server.categories.bandit
+    assert list(again.users.items()) == list(bandit.users.items())
+    assert again.groups.groups == bandit.groups.groups
+    here = ask(shard, "fan", ts=T0 + 50, request_id="q:resume")
+    there = ask(resumed, "fan", ts=T0 + 50, request_id="q:resume")
+    assert [(i["item_id"], i["propensity"]) for i in here["items"]] == [
+        (i["item_id"], i["propensity"]) for i in there["items"]]
