@@ -496,3 +496,43 @@ def test_groups_and_the_change_detector_resume_equal_after_a_snapshot(world: Wor
     there = ask(resumed, "fan", ts=T0 + 50, request_id="q:resume")
     assert [(i["item_id"], i["propensity"]) for i in here["items"]] == [
         (i["item_id"], i["propensity"]) for i in there["items"]]
+
+
+def test_the_shard_serves_a_newcomer_what_their_group_clicks(world: World) -> None:
+    """Through the shard: users of age group "a" click c3, of "b" c0; newcomers shown one
+    list each, without a click, are served more c3 when their ``user`` event says "a"
+    (serving reads the attributes from the user's context); with ``group_prior`` off, the
+    two newcomers get the same lists."""
+    from events.model import User
+
+    world.publish_all()
+    by_cat = {c: [i for i in ITEMS if CATEGORY[i] == c] for c in CATS}
+    shown = [by_cat[c][n] for n in range(2) for c in CATS]  # 8 items, 2 per category
+    counts = {}
+    for strength in (20.0, 0.0):
+        shard = world.user_shard(category_explore=CategoryExploreConfig(
+            enabled=True, group_prior=strength))
+        feed(shard, [Item(T0 - 3_600_000, item, {"category": CATEGORY[item]})
+                     for item in ITEMS])
+        warm_up(shard)
+        events: list = []
+        users = [(f"o{n}", "a" if n % 2 else "b") for n in range(20)] + [
+            ("new a", "a"), ("new b", "b")]
+        for n, (user, group) in enumerate(users):
+            ts = T0 - 600_000 + 100 * n
+            events.append(User(ts, user, {"age_bucket": group}))
+            for pos, item in enumerate(shown):
+                events.append(Impression(ts + 1, f"i:{user}:{pos}", user, item, f"r:{user}", pos))
+            if user.startswith("o"):
+                pos = shown.index(by_cat["c3" if group == "a" else "c0"][0])
+                events.append(Feedback(ts + 2, user, shown[pos], "click", f"i:{user}:{pos}"))
+        feed(shard, events)
+
+        def c3(user: str, shard=shard) -> int:
+            return sum(sum(CATEGORY.get(i["item_id"]) == "c3" for i in
+                           ask(shard, user, ts=T0 + n, request_id=f"q:{n}")["items"])
+                       for n in range(20))
+
+        counts[strength] = (c3("new a"), c3("new b"))
+    assert counts[20.0][0] > counts[20.0][1] + 10
+    assert counts[0.0][0] == counts[0.0][1]
