@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 from events.model import Impression, Record
-from state.join_state import RowForm, impression_record
+from state.join_state import Deferred, RowForm, impression_record
 
 VOCABULARY_1: tuple[str, ...] = (
     "user.impressions.5m", "user.impressions.1h", "user.impressions.1d", "user.impressions.7d",
@@ -107,11 +107,28 @@ def pack_example(example: Record) -> Record:
 
 
 def pack_impression(imp: Impression, label: int, labels: dict[str, float], weight: float,
-                    features: dict[str, Any]) -> Record:
+                    features: dict[str, Any] | Deferred) -> Record:
     """``pack_example(impression_record(imp, label, labels, weight, features))``, built
     without the record (the joiner's rows when nothing in the flow reads the full record:
-    ``state.join_state.RowForm``)."""
+    ``state.join_state.RowForm``). Deferred features that were resolved straight to their
+    wire value (``Deferred.wire``: concatenated ``EncodedPart`` s) are written as they are."""
     iid = imp.impression_id
+    if type(features) is not dict:
+        encoded = features.wire()  # type: ignore[union-attr]
+        if encoded is not None:  # _pack with the features already encoded
+            out: Record = {"example_id": f"imp:{iid}", "ts": imp.ts, "user_id": imp.user_id,
+                           "item_id": imp.item_id, "label": label}
+            if labels:
+                out["labels"] = labels
+            out["weight"] = weight
+            out["position"] = imp.position
+            if imp.request_id is not None:
+                out["request_id"] = imp.request_id
+            if imp.context:
+                out["context"] = imp.context
+            out[KEY] = encoded
+            return out
+        features = features.resolve()  # type: ignore[union-attr]
     packed = _pack(f"imp:{iid}", imp.ts, imp.user_id, imp.item_id, label, labels, weight,
                    imp.position, imp.request_id, iid, imp.context, features, "impression")
     if packed is None:
@@ -119,7 +136,42 @@ def pack_impression(imp: Impression, label: int, labels: dict[str, float], weigh
     return packed
 
 
-WIRE_ROWS = RowForm(pack_impression, pack_example)
+EncodedPart = tuple[tuple[str, ...], list[Any]]
+"""A features dict without list, tuple or dict values as its names and encoded values
+(``_encode``'s, value by value): rows whose features are such parts with disjoint names
+are the concatenation of the parts (``join_parts``), without the merged dict."""
+
+
+def encoded_part(features: dict[str, Any]) -> EncodedPart | None:
+    """``features`` as an ``EncodedPart``; None when a value is a list, tuple or dict (a
+    list may be written as a reference to an earlier one of the row: not a part)."""
+    values: list[Any] = []
+    for value in features.values():
+        kind = type(value)
+        if kind is float:
+            if value.is_integer() and value != 0.0 and -_MAX_EXACT < value < _MAX_EXACT:
+                value = int(value)
+        elif kind is int:
+            value = {"i": value}
+        elif kind is list or kind is tuple or kind is dict:
+            return None
+        values.append(value)
+    return tuple(features), values
+
+
+def join_parts(first: EncodedPart, second: EncodedPart) -> list[Any]:
+    """The ``KEY`` value of the features ``{**a, **b}`` of two parts with disjoint names:
+    ``_encode({**a, **b})``, from the parts."""
+    names = (first[0], second[0])
+    head = _PAIR_HEADS.get(names)
+    if head is None:
+        if len(_PAIR_HEADS) >= _MAX_HEADS:
+            _PAIR_HEADS.clear()
+        head = _PAIR_HEADS[names] = _head(first[0] + second[0])
+    return [head if type(head) is str else list(head), *first[1], *second[1]]
+
+
+WIRE_ROWS = RowForm(pack_impression, pack_example, wire=True)
 """The joiner writing wire-form rows (``Joiner(rows=WIRE_ROWS)``)."""
 
 
@@ -223,6 +275,8 @@ def _head(names: tuple[str, ...]) -> str | tuple[int | str, ...]:
 
 _HEADS: dict[tuple[str, ...], str | tuple[int | str, ...]] = {}
 """``_head`` by feature names: a flow writes rows of a few hundred name sets at most."""
+_PAIR_HEADS: dict[tuple[tuple[str, ...], tuple[str, ...]], str | tuple[int | str, ...]] = {}
+"""``_head`` by the names of two parts (``join_parts``)."""
 _MAX_HEADS = 4096
 
 

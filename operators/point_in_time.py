@@ -31,6 +31,7 @@ import numpy as np
 
 from models.features import compact
 from models.mf import UserFactors
+from operators.example_codec import EncodedPart, encoded_part, join_parts
 from operators.snapshot_views import FrozenViews, SnapshotViews
 from state.covis_view import SparseScores
 from state.embedding_table import keys_of
@@ -333,16 +334,21 @@ class PointInTime:
                                 self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
                                 if self._crosses and attrs else [])
 
-    def resolve_all(self, deferred: list[DeferredFeatures]) -> None:
+    def resolve_all(self, deferred: list[DeferredFeatures], wire: bool = False) -> None:
         """``resolve()`` every one of ``deferred`` at once, the same values: one
         ``item_features`` call per group taken together (same user context, time and
         snapshots: the impressions of one request), so the co-visitation seeds are read
         once per group instead of once per impression. MF scores are products one row at
         a time, as ``example_features`` computes them (a matrix product over many items
-        may differ in the last bit)."""
+        may differ in the last bit).
+
+        ``wire``: a group's features that are its profile and each item's static features
+        (no numeric, no cross features) resolve to their wire value instead
+        (``DeferredFeatures.wire``: the profile encoded once per group, each item's static
+        part once per memo entry; no merged dict); the rest resolve to dicts."""
         groups: dict[tuple[int, int, int], list[DeferredFeatures]] = {}
         for d in deferred:
-            if d._resolved is None:
+            if d._resolved is None and d._wire is None:
                 key = d.taken.key
                 group = groups.get(key)
                 if group is None:
@@ -352,7 +358,7 @@ class PointInTime:
         for group in groups.values():
             first = group[0].taken
             if self.views is None and not any([d.seen or d.cross for d in group]):
-                self._resolve_static(first.ctx.profile, group)
+                self._resolve_static(first.ctx.profile, group, wire)
                 continue
             ctx = as_taken(first.ctx, group)
             items = [d.item_id for d in group]
@@ -366,7 +372,8 @@ class PointInTime:
             # **f(b)} for f = compact, float32_features when no name is in both.
             profile, profile_keys = float32_features(compact(ctx.profile)), ctx.profile.keys()
             for j, d in enumerate(group):
-                static, static_rounded = self._static_part(d.item_id, cols.tables[j], cols.attrs[j])
+                static, static_rounded, _ = self._static_part(d.item_id, cols.tables[j],
+                                                              cols.attrs[j])
                 rest: dict[str, Any] = {}
                 if numeric or cross[j]:
                     rest = {name: values[j] for name, values in numeric}
@@ -380,35 +387,44 @@ class PointInTime:
                 else:  # as item_features builds it
                     d._resolved = float32_features(compact({**ctx.profile, **static, **rest}))
 
-    def _resolve_static(self, profile: dict[str, Any], group: list[DeferredFeatures]) -> None:
+    def _resolve_static(self, profile: dict[str, Any], group: list[DeferredFeatures],
+                        wire: bool = False) -> None:
         """``resolve_all`` of a group whose items have no numeric and no cross features (no
         snapshots, no item the user interacted with, no user x attribute profile:
         ``item_columns`` gives no columns): each is the user's profile and the item's
-        static features, as ``resolve_all`` merges them."""
+        static features, as ``resolve_all`` merges them (``wire``: their wire value, the
+        concatenation of the two encoded parts, where both encode as parts)."""
         rounded = float32_features(compact(profile))
         keys = profile.keys()
+        part = encoded_part(rounded) if wire else None
         for d in group:
-            static, static_rounded = self._static_part(d.item_id, None, d.attrs)
-            d._resolved = ({**rounded, **static_rounded} if keys.isdisjoint(static)
-                           else float32_features(compact({**profile, **static})))
+            static, static_rounded, static_part = self._static_part(d.item_id, None, d.attrs)
+            if not keys.isdisjoint(static):
+                d._resolved = float32_features(compact({**profile, **static}))
+            elif part is not None and static_part is not None:
+                d._wire = join_parts(part, static_part)
+            else:
+                d._resolved = {**rounded, **static_rounded}
 
     def _static_part(self, item_id: str, table: ItemTable | None, attrs: dict[str, Any] | None
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``static_item_features`` of an item and the same at example precision
-        (``float32_features(compact(...))``), memoised per item for one table version and
-        attributes object (both immutable once taken; the table held weakly, so the memo
-        never keeps a replaced version alive). Both dicts are shared: never modified."""
+                     ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
+        """``static_item_features`` of an item, the same at example precision
+        (``float32_features(compact(...))``) and that as an ``EncodedPart`` (None when it
+        holds a list), memoised per item for one table version and attributes object (both
+        immutable once taken; the table held weakly, so the memo never keeps a replaced
+        version alive). All three are shared: never modified."""
         hit = self._statics.get(item_id)
         if hit is not None and hit[1] is attrs and (
                 hit[0] is None if table is None else hit[0] is not None and hit[0]() is table):
-            return hit[2], hit[3]
+            return hit[2], hit[3], hit[4]
         static = static_item_features(item_id, table, attrs)
         rounded = float32_features(compact(static))
+        part = encoded_part(rounded)
         if len(self._statics) >= MAX_STATIC_MEMO:
             self._statics.clear()
         self._statics[item_id] = (None if table is None else weakref.ref(table), attrs, static,
-                                  rounded)
-        return static, rounded
+                                  rounded, part)
+        return static, rounded, part
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
                     views: FrozenViews | None) -> list[float]:
@@ -759,7 +775,7 @@ class DeferredFeatures:
     attributes and cross profiles). Pickles as the resolved dict (recovery state holds
     plain features, never snapshot objects)."""
 
-    __slots__ = ("taken", "item_id", "attrs", "cross", "seen", "_resolved")
+    __slots__ = ("taken", "item_id", "attrs", "cross", "seen", "_resolved", "_wire")
 
     def __init__(self, taken: _Taken, item_id: str, attrs: dict[str, Any] | None,
                  cross: list[dict[str, Any]]) -> None:
@@ -771,6 +787,8 @@ class DeferredFeatures:
         """Whether the user had interacted with the item (``ctx.consumed`` is the live
         history: later interactions must not leak into ``ui.*``)."""
         self._resolved: dict[str, Any] | None = None
+        self._wire: list[Any] | None = None
+        """The wire value, when ``resolve_all(wire=True)`` resolved straight to it."""
 
     @property
     def ctx(self) -> UserContext:
@@ -788,8 +806,13 @@ class DeferredFeatures:
         """What ``PointInTime.example_features`` gave when this was taken, at example
         precision (``float32_features``)."""
         if self._resolved is None:
+            self._wire = None
             self.taken.source.resolve_all([self])
         return self._resolved  # type: ignore[return-value]
+
+    def wire(self) -> list[Any] | None:
+        """The features' wire value when they were resolved straight to it, else None."""
+        return self._wire
 
     def __reduce__(self) -> tuple[Any, ...]:
         return dict, (self.resolve(),)

@@ -71,6 +71,11 @@ class Deferred(Protocol):
         """The features at example precision (``float32_features``)."""
         ...
 
+    def wire(self) -> list[Any] | None:
+        """The features' wire value (``operators.example_codec``), when they were resolved
+        straight to it (the flow writes wire rows); else None (ask ``resolve``)."""
+        ...
+
 
 class DeferringContext(JoinContext, Protocol):
     """A ``JoinContext`` that can also defer an impression's features."""
@@ -82,9 +87,10 @@ class DeferringContext(JoinContext, Protocol):
         other pending impressions of their request, ``resolve_all``)."""
         ...
 
-    def resolve_all(self, deferred: list[Any]) -> None:
+    def resolve_all(self, deferred: list[Any], wire: bool = False) -> None:
         """Resolve many ``deferred_features`` results at once (the same values as
-        ``resolve()`` one by one, computed together)."""
+        ``resolve()`` one by one, computed together); ``wire``: straight to their wire
+        value where it can (``Deferred.wire``), for rows written in the wire form."""
         ...
 
 
@@ -220,10 +226,12 @@ class Example:
 
 
 def impression_record(imp: Impression, label: int, labels: dict[str, float], weight: float,
-                      features: dict[str, Any]) -> Record:
+                      features: dict[str, Any] | Deferred) -> Record:
     """``Example(f"imp:{impression_id}", ..., source="impression").record()`` of an
     impression's example, built as the dict directly (one per impression: the object
-    cost as much as the row)."""
+    cost as much as the row); deferred features are resolved."""
+    if type(features) is not dict:
+        features = features.resolve()  # type: ignore[union-attr]
     return {"example_id": f"imp:{imp.impression_id}", "ts": imp.ts, "user_id": imp.user_id,
             "item_id": imp.item_id, "label": label, "labels": labels, "weight": weight,
             "position": imp.position, "request_id": imp.request_id,
@@ -243,9 +251,12 @@ class RowForm:
     (``operators.example_codec.WIRE_ROWS``) when no stage reads the full record (no
     in-flow trainer): each row is then built once, not built and packed."""
 
-    impression: Callable[[Impression, int, dict[str, float], float, dict[str, Any]], Record] = (
-        impression_record)
+    impression: Callable[[Impression, int, dict[str, float], float, dict[str, Any] | Deferred],
+                         Record] = impression_record
     record: Callable[[Record], Record] = _as_is
+    wire: bool = False
+    """``impression`` reads ``Deferred.wire`` (closing windows resolve their features
+    straight to the wire value where they can)."""
 
 
 RECORD_ROWS = RowForm()
@@ -568,7 +579,7 @@ class Joiner:
         if len(kept) > 1 and self._resolve_all is not None:
             deferred = [e.features for e in kept if type(e.features) is not dict]
             if len(deferred) > 1:
-                self._resolve_all(deferred)
+                self._resolve_all(deferred, self.rows.wire)
         weight = self.sampler.weight
         for entry in kept:
             self._emit(entry, 0, weight)
@@ -583,13 +594,10 @@ class Joiner:
             del closed[iid]
 
     def _emit(self, entry: Pending, label: int, weight: float) -> None:
-        imp = entry.impression
-        features = entry.features
-        if type(features) is not dict:
-            features = features.resolve()  # type: ignore[union-attr]
-        labels = entry.labels
-        self.examples.append(self.rows.impression(imp, label, dict(labels) if labels else {},
-                                                  weight, features))
+        labels = entry.labels  # deferred features are resolved by the row form
+        self.examples.append(self.rows.impression(entry.impression, label,
+                                                  dict(labels) if labels else {}, weight,
+                                                  entry.features))
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1
