@@ -159,16 +159,19 @@ def encoded_part(features: dict[str, Any]) -> EncodedPart | None:
     return tuple(features), values
 
 
-def join_parts(first: EncodedPart, second: EncodedPart) -> list[Any]:
-    """The ``KEY`` value of the features ``{**a, **b}`` of two parts with disjoint names:
-    ``_encode({**a, **b})``, from the parts."""
-    names = (first[0], second[0])
-    head = _PAIR_HEADS.get(names)
+def join_parts(*parts: EncodedPart) -> list[Any]:
+    """The ``KEY`` value of the features ``{**a, **b, ...}`` of parts with disjoint names:
+    ``_encode({**a, **b, ...})``, from the parts."""
+    names = tuple([part[0] for part in parts])
+    head = _PART_HEADS.get(names)
     if head is None:
-        if len(_PAIR_HEADS) >= _MAX_HEADS:
-            _PAIR_HEADS.clear()
-        head = _PAIR_HEADS[names] = _head(first[0] + second[0])
-    return [head if type(head) is str else list(head), *first[1], *second[1]]
+        if len(_PART_HEADS) >= _MAX_HEADS:
+            _PART_HEADS.clear()
+        head = _PART_HEADS[names] = _head(sum(names, ()))
+    out = [head if type(head) is str else list(head)]
+    for part in parts:
+        out += part[1]
+    return out
 
 
 WIRE_ROWS = RowForm(pack_impression, pack_example, wire=True)
@@ -275,8 +278,8 @@ def _head(names: tuple[str, ...]) -> str | tuple[int | str, ...]:
 
 _HEADS: dict[tuple[str, ...], str | tuple[int | str, ...]] = {}
 """``_head`` by feature names: a flow writes rows of a few hundred name sets at most."""
-_PAIR_HEADS: dict[tuple[tuple[str, ...], tuple[str, ...]], str | tuple[int | str, ...]] = {}
-"""``_head`` by the names of two parts (``join_parts``)."""
+_PART_HEADS: dict[tuple[tuple[str, ...], ...], str | tuple[int | str, ...]] = {}
+"""``_head`` by the names of each part (``join_parts``)."""
 _MAX_HEADS = 4096
 
 

@@ -370,20 +370,31 @@ class PointInTime:
             # The profile compacted and rounded once, each item's static features once per
             # table version and attributes (``_static_part``): f({**a, **b}) == {**f(a),
             # **f(b)} for f = compact, float32_features when no name is in both.
+            # ``wire``: the same merges as encoded parts (``join_parts``) where they encode.
             profile, profile_keys = float32_features(compact(ctx.profile)), ctx.profile.keys()
+            part = encoded_part(profile) if wire else None
             for j, d in enumerate(group):
-                static, static_rounded, _ = self._static_part(d.item_id, cols.tables[j],
-                                                              cols.attrs[j])
+                static, static_rounded, static_part = self._static_part(
+                    d.item_id, cols.tables[j], cols.attrs[j])
                 rest: dict[str, Any] = {}
                 if numeric or cross[j]:
                     rest = {name: values[j] for name, values in numeric}
                     for feats in cross[j]:
                         rest.update(feats)
                 if not rest and profile_keys.isdisjoint(static):
-                    d._resolved = {**profile, **static_rounded}
+                    if part is not None and static_part is not None:
+                        d._wire = join_parts(part, static_part)
+                    else:
+                        d._resolved = {**profile, **static_rounded}
                 elif (rest and static.keys().isdisjoint(rest) and profile_keys.isdisjoint(static)
                         and profile_keys.isdisjoint(rest)):
-                    d._resolved = {**profile, **static_rounded, **float32_features(compact(rest))}
+                    rest = float32_features(compact(rest))
+                    rest_part = (encoded_part(rest) if part is not None and static_part is not None
+                                 else None)
+                    if rest_part is not None:
+                        d._wire = join_parts(part, static_part, rest_part)  # type: ignore[arg-type]
+                    else:
+                        d._resolved = {**profile, **static_rounded, **rest}
                 else:  # as item_features builds it
                     d._resolved = float32_features(compact({**ctx.profile, **static, **rest}))
 
