@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 from events.model import Impression, Record
-from state.join_state import Deferred, RowForm, impression_record
+from state.join_state import RowForm, impression_record
 
 VOCABULARY_1: tuple[str, ...] = (
     "user.impressions.5m", "user.impressions.1h", "user.impressions.1d", "user.impressions.7d",
@@ -107,32 +107,29 @@ def pack_example(example: Record) -> Record:
 
 
 def pack_impression(imp: Impression, label: int, labels: dict[str, float], weight: float,
-                    features: dict[str, Any] | Deferred) -> Record:
+                    features: dict[str, Any] | list[Any]) -> Record:
     """``pack_example(impression_record(imp, label, labels, weight, features))``, built
     without the record (the joiner's rows when nothing in the flow reads the full record:
-    ``state.join_state.RowForm``). Deferred features that were resolved straight to their
-    wire value (``Deferred.wire``: concatenated ``EncodedPart`` s) are written as they are."""
+    ``state.join_state.RowForm``). ``features`` a dict, or already its wire value (a list:
+    deferred features resolved straight to it, ``join_parts``)."""
     iid = imp.impression_id
-    if type(features) is not dict:
-        encoded = features.wire()  # type: ignore[union-attr]
-        if encoded is not None:  # _pack with the features already encoded
-            out: Record = {"example_id": f"imp:{iid}", "ts": imp.ts, "user_id": imp.user_id,
-                           "item_id": imp.item_id, "label": label}
-            if labels:
-                out["labels"] = labels
-            out["weight"] = weight
-            out["position"] = imp.position
-            if imp.request_id is not None:
-                out["request_id"] = imp.request_id
-            if imp.context:
-                out["context"] = imp.context
-            out[KEY] = encoded
-            return out
-        features = features.resolve()  # type: ignore[union-attr]
+    if type(features) is list:  # _pack with the features already encoded
+        out: Record = {"example_id": f"imp:{iid}", "ts": imp.ts, "user_id": imp.user_id,
+                       "item_id": imp.item_id, "label": label}
+        if labels:
+            out["labels"] = labels
+        out["weight"] = weight
+        out["position"] = imp.position
+        if imp.request_id is not None:
+            out["request_id"] = imp.request_id
+        if imp.context:
+            out["context"] = imp.context
+        out[KEY] = features
+        return out
     packed = _pack(f"imp:{iid}", imp.ts, imp.user_id, imp.item_id, label, labels, weight,
-                   imp.position, imp.request_id, iid, imp.context, features, "impression")
+                   imp.position, imp.request_id, iid, imp.context, features, "impression")  # type: ignore[arg-type]
     if packed is None:
-        return impression_record(imp, label, labels, weight, features)
+        return impression_record(imp, label, labels, weight, features)  # type: ignore[arg-type]
     return packed
 
 

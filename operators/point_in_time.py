@@ -315,12 +315,13 @@ class PointInTime:
             out.append(compact({**shared.ctx.profile, **extra}))
         return out
 
-    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> DeferredFeatures:
+    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
         """``example_features`` computed later, only if needed (the joiner asks for
         impressions whose negative the sampler will drop: they need features only if
-        clicked). What they read is kept now (the user context, the item's attributes,
-        its user x attribute profile values, the snapshots served), all immutable once
-        taken, so ``resolve()`` gives exactly what ``example_features`` gives now."""
+        clicked). What they read is kept now in a ``Deferred`` token (the user context,
+        the item's attributes, its user x attribute profile values, the snapshots
+        served), all immutable once taken, so ``resolve_all`` gives exactly what
+        ``example_features`` gives now."""
         shared, group = self._shared, self.group
         if (shared is None or group is None or shared.group != group or shared.ts != ts_ms
                 or shared.user_id != user_id):
@@ -328,42 +329,45 @@ class PointInTime:
         views = self._frozen_views() if self.views is not None else None
         taken = self._taken
         if taken is None or taken.ctx is not shared.ctx or taken.views is not views:
-            taken = self._taken = _Taken(self, shared.ctx, ts_ms, views)
+            taken = self._taken = _Taken(shared.ctx, ts_ms, views)
         attrs = self.catalog.get(item_id)
-        return DeferredFeatures(taken, item_id, attrs,
-                                self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
-                                if self._crosses and attrs else [])
+        return (taken, item_id, attrs,
+                self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
+                if self._crosses and attrs else _NO_CROSS,
+                item_id in taken.ctx.consumed)
 
-    def resolve_all(self, deferred: list[DeferredFeatures], wire: bool = False) -> None:
-        """``resolve()`` every one of ``deferred`` at once, the same values: one
+    def resolve_all(self, deferred: list[Deferred], wire: bool = False) -> list[Any]:
+        """The features of each ``Deferred`` token, in order: what ``example_features``
+        gave when it was taken, at example precision (``float32_features``). One
         ``item_features`` call per group taken together (same user context, time and
         snapshots: the impressions of one request), so the co-visitation seeds are read
         once per group instead of once per impression. MF scores are products one row at
         a time, as ``example_features`` computes them (a matrix product over many items
         may differ in the last bit).
 
-        ``wire``: a group's features that are its profile and each item's static features
-        (no numeric, no cross features) resolve to their wire value instead
-        (``DeferredFeatures.wire``: the profile encoded once per group, each item's static
-        part once per memo entry; no merged dict); the rest resolve to dicts."""
-        groups: dict[tuple[int, int, int], list[DeferredFeatures]] = {}
-        for d in deferred:
-            if d._resolved is None and d._wire is None:
-                key = d.taken.key
-                group = groups.get(key)
-                if group is None:
-                    groups[key] = [d]
-                else:
-                    group.append(d)
-        for group in groups.values():
-            first = group[0].taken
-            if self.views is None and not any([d.seen or d.cross for d in group]):
-                self._resolve_static(first.ctx.profile, group, wire)
+        ``wire``: features that are the profile, each item's static features and its
+        numeric columns, each encodable as a part, come as their wire value instead (a
+        list, ``operators.example_codec.join_parts``: the profile encoded once per group,
+        each item's static part once per memo entry; no merged dict); the rest as dicts."""
+        out: list[Any] = [None] * len(deferred)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for j, d in enumerate(deferred):
+            key = d[0].key
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [j]
+            else:
+                group.append(j)
+        for members in groups.values():
+            group = [deferred[j] for j in members]
+            first = group[0][0]
+            if self.views is None and not any([d[4] or d[3] for d in group]):
+                self._resolve_static(first.ctx.profile, group, members, out, wire)
                 continue
             ctx = as_taken(first.ctx, group)
-            items = [d.item_id for d in group]
+            items = [d[1] for d in group]
             cols = self.item_columns(ctx, items, first.ts, views=first.views,
-                                     attrs=[d.attrs for d in group], cross=[d.cross for d in group])
+                                     attrs=[d[2] for d in group], cross=[d[3] for d in group])
             numeric = [(name, self._mf_rowwise(ctx.vector, items, first.views) if name == "mf"
                         else values.tolist()) for name, values in cols.numeric.items()]
             cross = cols.cross_lists()
@@ -375,7 +379,7 @@ class PointInTime:
             part = encoded_part(profile) if wire else None
             for j, d in enumerate(group):
                 static, static_rounded, static_part = self._static_part(
-                    d.item_id, cols.tables[j], cols.attrs[j])
+                    d[1], cols.tables[j], cols.attrs[j])
                 rest: dict[str, Any] = {}
                 if numeric or cross[j]:
                     rest = {name: values[j] for name, values in numeric}
@@ -383,39 +387,42 @@ class PointInTime:
                         rest.update(feats)
                 if not rest and profile_keys.isdisjoint(static):
                     if part is not None and static_part is not None:
-                        d._wire = join_parts(part, static_part)
+                        out[members[j]] = join_parts(part, static_part)
                     else:
-                        d._resolved = {**profile, **static_rounded}
+                        out[members[j]] = {**profile, **static_rounded}
                 elif (rest and static.keys().isdisjoint(rest) and profile_keys.isdisjoint(static)
                         and profile_keys.isdisjoint(rest)):
                     rest = float32_features(compact(rest))
                     rest_part = (encoded_part(rest) if part is not None and static_part is not None
                                  else None)
                     if rest_part is not None:
-                        d._wire = join_parts(part, static_part, rest_part)  # type: ignore[arg-type]
+                        out[members[j]] = join_parts(part, static_part, rest_part)  # type: ignore[arg-type]
                     else:
-                        d._resolved = {**profile, **static_rounded, **rest}
+                        out[members[j]] = {**profile, **static_rounded, **rest}
                 else:  # as item_features builds it
-                    d._resolved = float32_features(compact({**ctx.profile, **static, **rest}))
+                    out[members[j]] = float32_features(compact({**ctx.profile, **static, **rest}))
+        return out
 
-    def _resolve_static(self, profile: dict[str, Any], group: list[DeferredFeatures],
-                        wire: bool = False) -> None:
+    def _resolve_static(self, profile: dict[str, Any], group: list[Deferred], members: list[int],
+                        out: list[Any], wire: bool) -> None:
         """``resolve_all`` of a group whose items have no numeric and no cross features (no
         snapshots, no item the user interacted with, no user x attribute profile:
         ``item_columns`` gives no columns): each is the user's profile and the item's
         static features, as ``resolve_all`` merges them (``wire``: their wire value, the
-        concatenation of the two encoded parts, where both encode as parts)."""
+        concatenation of the two encoded parts, where both encode as parts), into
+        ``out[members[j]]``."""
         rounded = float32_features(compact(profile))
         keys = profile.keys()
         part = encoded_part(rounded) if wire else None
-        for d in group:
-            static, static_rounded, static_part = self._static_part(d.item_id, None, d.attrs)
+        static_part_of = self._static_part
+        for j, d in zip(members, group, strict=True):
+            static, static_rounded, static_part = static_part_of(d[1], None, d[2])
             if not keys.isdisjoint(static):
-                d._resolved = float32_features(compact({**profile, **static}))
+                out[j] = float32_features(compact({**profile, **static}))
             elif part is not None and static_part is not None:
-                d._wire = join_parts(part, static_part)
+                out[j] = join_parts(part, static_part)
             else:
-                d._resolved = {**rounded, **static_rounded}
+                out[j] = {**rounded, **static_rounded}
 
     def _static_part(self, item_id: str, table: ItemTable | None, attrs: dict[str, Any] | None
                      ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
@@ -457,7 +464,7 @@ class PointInTime:
             self._shared = shared if group is not None else None
         return shared
 
-    def release_frozen(self) -> Callable[[DeferredFeatures], bool]:
+    def release_frozen(self) -> Callable[[Deferred], bool]:
         """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions);
         returns which deferred features must be computed now: those reading a version
         beyond the ``RETAINED_VERSIONS`` newest replaced ones still in use (the others
@@ -471,7 +478,7 @@ class PointInTime:
         old = {id(ref()) for ref in live[:cut]}
         retained.clear()
         retained.extend(live[cut:])
-        return lambda d: id(d.taken.views) in old
+        return lambda d: id(d[0].views) in old
 
     def _frozen_views(self) -> FrozenViews | None:
         if self.views is None:
@@ -765,14 +772,12 @@ class _Shared:
 
 class _Taken:
     """What the deferred features of one group of impressions share (a request's, taken
-    together): the source, the user context, the time and the snapshots served. One per
-    group instead of four fields per impression."""
+    together): the user context, the time and the snapshots served. One per group
+    instead of three fields per impression."""
 
-    __slots__ = ("source", "ctx", "ts", "views", "key")
+    __slots__ = ("ctx", "ts", "views", "key")
 
-    def __init__(self, source: PointInTime, ctx: UserContext, ts: int,
-                 views: FrozenViews | None) -> None:
-        self.source = source
+    def __init__(self, ctx: UserContext, ts: int, views: FrozenViews | None) -> None:
         self.ctx = ctx
         self.ts = ts
         self.views = views
@@ -780,63 +785,25 @@ class _Taken:
         """What ``resolve_all`` groups by (the same user context, time and snapshots)."""
 
 
-class DeferredFeatures:
-    """An impression's features, computed when first asked for (``resolve``) from what
-    was kept when the impression was processed (its group's ``_Taken`` and its own item,
-    attributes and cross profiles). Pickles as the resolved dict (recovery state holds
-    plain features, never snapshot objects)."""
+Deferred = tuple[_Taken, str, "dict[str, Any] | None", "list[dict[str, Any]]", bool]
+"""An impression's features taken but not computed (``PointInTime.deferred_features``):
+(its group's ``_Taken``, the item id, the item's attributes then, its user x attribute
+profile values then, whether the user had interacted with the item then:
+``ctx.consumed`` is the live history, later interactions must not leak into ``ui.*``).
+A tuple, not an object with an ``__init__``: one is made per impression. Never pickled:
+the joiner computes its tokens before a snapshot (``Joiner.__getstate__``)."""
 
-    __slots__ = ("taken", "item_id", "attrs", "cross", "seen", "_resolved", "_wire")
-
-    def __init__(self, taken: _Taken, item_id: str, attrs: dict[str, Any] | None,
-                 cross: list[dict[str, Any]]) -> None:
-        self.taken = taken
-        self.item_id = item_id
-        self.attrs = attrs
-        self.cross = cross
-        self.seen = item_id in taken.ctx.consumed
-        """Whether the user had interacted with the item (``ctx.consumed`` is the live
-        history: later interactions must not leak into ``ui.*``)."""
-        self._resolved: dict[str, Any] | None = None
-        self._wire: list[Any] | None = None
-        """The wire value, when ``resolve_all(wire=True)`` resolved straight to it."""
-
-    @property
-    def ctx(self) -> UserContext:
-        return self.taken.ctx
-
-    @property
-    def ts(self) -> int:
-        return self.taken.ts
-
-    @property
-    def views(self) -> FrozenViews | None:
-        return self.taken.views
-
-    def resolve(self) -> dict[str, Any]:
-        """What ``PointInTime.example_features`` gave when this was taken, at example
-        precision (``float32_features``)."""
-        if self._resolved is None:
-            self._wire = None
-            self.taken.source.resolve_all([self])
-        return self._resolved  # type: ignore[return-value]
-
-    def wire(self) -> list[Any] | None:
-        """The features' wire value when they were resolved straight to it, else None."""
-        return self._wire
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return dict, (self.resolve(),)
+_NO_CROSS: list[dict[str, Any]] = []
+"""The cross profile values of every token without any (never written)."""
 
 
-def as_taken(ctx: UserContext, deferred: list[DeferredFeatures]) -> UserContext:
+def as_taken(ctx: UserContext, deferred: list[Deferred]) -> UserContext:
     """``ctx`` with ``consumed`` as it was for the ``deferred`` items when they were taken
     (the only use item features make of it is membership)."""
     taken = object.__new__(UserContext)  # dataclasses.replace, without its 9 us per impression
     taken.__dict__.update(ctx.__dict__)
-    taken.consumed = {d.item_id: 0 for d in deferred if d.seen}
+    taken.consumed = {d[1]: 0 for d in deferred if d[4]}
     return taken
-
 
 
 class FixedFeatures(dict):  # type: ignore[type-arg]
