@@ -377,9 +377,25 @@ class PointInTime:
             # ``wire``: the same merges as encoded parts (``join_parts``) where they encode.
             profile, profile_keys = float32_features(compact(ctx.profile)), ctx.profile.keys()
             part = encoded_part(profile) if wire else None
+            # Items whose numeric values are all 0.0 and that have no cross features (in a
+            # group with a seen item, the others): compact(rest) is empty, so their
+            # features are the first merge's whenever the names are disjoint.
+            names = [name for name, _ in numeric]
+            zero: list[bool] = [False] * len(group)
+            if numeric and "mf" not in cols.numeric and profile_keys.isdisjoint(names):
+                nonzero = np.zeros(len(group), bool)
+                for values in cols.numeric.values():
+                    nonzero |= values != 0.0
+                zero = (~nonzero).tolist()
             for j, d in enumerate(group):
                 static, static_rounded, static_part = self._static_part(
                     d[1], cols.tables[j], cols.attrs[j])
+                if (zero[j] and not cross[j] and profile_keys.isdisjoint(static)
+                        and static.keys().isdisjoint(names)):
+                    out[members[j]] = (join_parts(part, static_part)
+                                       if part is not None and static_part is not None
+                                       else {**profile, **static_rounded})
+                    continue
                 rest: dict[str, Any] = {}
                 if numeric or cross[j]:
                     rest = {name: values[j] for name, values in numeric}
