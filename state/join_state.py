@@ -372,7 +372,17 @@ class Joiner:
             features = float32_features(
                 self.context.example_features(imp.user_id, imp.item_id, ts))
         deadline = ts + self.wait_ms
-        row = pending.add(imp, deadline, features, KEPT if self.sampler.keep_impression(iid) else 0)
+        flags = KEPT if self.sampler.keep_impression(iid) else 0
+        free = pending.free
+        if free:  # pending.add(imp, deadline, features, flags), inline
+            row = free.pop()
+            pending.impression[row] = imp
+            pending.deadline[row] = deadline
+            pending.features[row] = features
+            pending.flags[row] = flags
+            pending.rows[iid] = row
+        else:
+            row = pending.add(imp, deadline, features, flags)
         due = self._due.get(deadline)
         if due is None:
             self._due[deadline] = [iid]
