@@ -159,13 +159,18 @@ def encoded_part(features: dict[str, Any]) -> EncodedPart | None:
 def join_parts(*parts: EncodedPart) -> list[Any]:
     """The ``KEY`` value of the features ``{**a, **b, ...}`` of parts with disjoint names:
     ``_encode({**a, **b, ...})``, from the parts."""
-    names = tuple([part[0] for part in parts])
+    two = len(parts) == 2
+    names = (parts[0][0], parts[1][0]) if two else tuple([part[0] for part in parts])
     head = _PART_HEADS.get(names)
     if head is None:
         if len(_PART_HEADS) >= _MAX_HEADS:
             _PART_HEADS.clear()
         head = _PART_HEADS[names] = _head(sum(names, ()))
-    out = [head if type(head) is str else list(head)]
+    if type(head) is not str:
+        head = list(head)  # type: ignore[assignment]
+    if two:
+        return [head, *parts[0][1], *parts[1][1]]
+    out = [head]
     for part in parts:
         out += part[1]
     return out
