@@ -43,7 +43,7 @@ import numpy as np
 
 from events.model import Record
 from state.hashing import stable_hash64
-from state.pending import EMITTED, KEPT, PendingColumns, PendingView
+from state.pending import EMITTED, PendingColumns, PendingView
 from state.popularity import PopularityCounter
 from state.sampling import NegativeSampler
 from state.settings import doc
@@ -372,17 +372,16 @@ class Joiner:
             features = float32_features(
                 self.context.example_features(imp.user_id, imp.item_id, ts))
         deadline = ts + self.wait_ms
-        flags = KEPT if self.sampler.keep_impression(iid) else 0
         free = pending.free
-        if free:  # pending.add(imp, deadline, features, flags), inline
+        if free:  # pending.add(imp, deadline, features, 0), inline
             row = free.pop()
             pending.impression[row] = imp
             pending.deadline[row] = deadline
             pending.features[row] = features
-            pending.flags[row] = flags
+            pending.flags[row] = 0
             pending.rows[iid] = row
         else:
-            row = pending.add(imp, deadline, features, flags)
+            row = pending.add(imp, deadline, features, 0)
         due = self._due.get(deadline)
         if due is None:
             self._due[deadline] = [iid]
@@ -421,10 +420,14 @@ class Joiner:
         for which ``stale(token)`` is true; the others (dropped unless clicked) stay
         deferred: most never need their features."""
         pending = self._pending
-        features, flags = pending.features, pending.flags
+        features, impression = pending.features, pending.impression
         rows = [row for row in pending.rows.values()
-                if features[row] is not None and type(features[row]) is not dict
-                and (stale is None or flags[row] & KEPT or stale(features[row]))]
+                if features[row] is not None and type(features[row]) is not dict]
+        if stale is not None and rows:
+            keeps = self.sampler.keep_impressions(
+                [impression[row].impression_id for row in rows])  # type: ignore[union-attr]
+            rows = [row for row, keep in zip(rows, keeps, strict=True)
+                    if keep or stale(features[row])]
         if rows and self._resolve_all is not None:
             for row, value in zip(rows, self._resolve_all([features[r] for r in rows]),
                                   strict=True):
@@ -564,16 +567,17 @@ class Joiner:
         pending = self._pending
         impression, deadline, flags = pending.impression, pending.deadline, pending.flags
         counters, closed = self.counters, self.closed_ids
-        kept: list[int] = []
+        waiting: list[int] = []  # not emitted: a negative, kept or dropped by the sampler
+        ids: list[str] = []
         for row in closing:
-            closed[impression[row].impression_id] = deadline[row]  # type: ignore[union-attr]
-            state = flags[row]
-            if state & EMITTED:
-                continue
-            if state & KEPT:
-                kept.append(row)
-            else:
-                counters.negatives_dropped += 1
+            iid = impression[row].impression_id  # type: ignore[union-attr]
+            closed[iid] = deadline[row]
+            if not flags[row] & EMITTED:
+                waiting.append(row)
+                ids.append(iid)
+        kept = [row for row, keep in zip(waiting, self.sampler.keep_impressions(ids), strict=True)
+                if keep]
+        counters.negatives_dropped += len(waiting) - len(kept)
         counters.windows_closed += len(closing)
         if kept:
             counters.negatives_kept += len(kept)

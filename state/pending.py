@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     from events.model import Impression
 
-KEPT = 1
-"""``flags`` bit: the sampler keeps this impression's negative (decided once, by id)."""
 EMITTED = 2
 """``flags`` bit: its positive example was emitted (later feedback is a late label)."""
 
@@ -51,7 +49,8 @@ class PendingColumns:
         example precision, or the context's deferred token (computed on demand, the same
         values); None once the positive was emitted (no longer needed)."""
         self.flags: list[int] = []
-        """``KEPT`` | ``EMITTED`` bits."""
+        """``EMITTED`` when its positive example was emitted, else 0 (the sampler's keep
+        decision is taken from the id when needed: ``NegativeSampler.keep_impressions``)."""
         self.free: list[int] = []
         """Rows released for reuse."""
 
@@ -99,7 +98,6 @@ class PendingEntry(NamedTuple):
     labels: dict[str, float]
     features: Any
     emitted: bool
-    kept: bool
 
 
 class PendingView(Mapping[str, PendingEntry]):
@@ -114,7 +112,7 @@ class PendingView(Mapping[str, PendingEntry]):
         imp = c.impression[row]
         assert imp is not None
         return PendingEntry(imp, c.deadline[row], c.labels[row], c.features[row],
-                            bool(c.flags[row] & EMITTED), bool(c.flags[row] & KEPT))
+                            bool(c.flags[row] & EMITTED))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._columns.rows)

@@ -302,6 +302,7 @@ def test_keep_impression_is_keep_of_its_example_id(rate: float, seed: int) -> No
     sampler = NegativeSampler(rate, seed)
     ids = [f"imp{n}-{n % 7}" for n in range(20_000)]
     assert [sampler.keep_impression(i) for i in ids] == [sampler.keep(f"imp:{i}") for i in ids]
+    assert sampler.keep_impressions(ids) == [sampler.keep(f"imp:{i}") for i in ids]  # batched
 
 
 def test_features_taken_at_impression_time() -> None:
