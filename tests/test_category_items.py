@@ -125,3 +125,18 @@ def test_config_values_are_validated() -> None:
     for key in ("retrieve_per_category", "max_categories"):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: 0}}})
+
+
+def test_the_memory_bound_counts_the_category_lists() -> None:
+    """One merged copy per user shard and one memo per loaded item table, each at most
+    ``max_categories`` lists of ``retrieve_per_category`` items; nothing without the
+    source."""
+    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
+
+    explore = {"max_categories": 300, "retrieve_per_category": 5}
+    on = load_config({"serving": {"category_explore": explore}})
+    off = load_config({"serving": {"category_explore": explore, "sources": {"category": 0}}})
+    added = memory_bound(on)["total_mb"] - memory_bound(off)["total_mb"]
+    per_copy = 300 * (BYTES["category_list"] + 5 * BYTES["category_item"])
+    copies = on.shards.users + on.shards.items
+    assert added == pytest.approx(copies * per_copy * ALLOCATOR_OVERHEAD / 2**20)
