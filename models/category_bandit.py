@@ -87,7 +87,8 @@ class CategoryExploreConfig:
                                      "category (its best by click rate over the category's, "
                                      "``item_rate`` counts shrunk by ``item_lift``), for the "
                                      "user's categories of highest posterior mean "
-                                     "(operators/category_items.py).", 10)
+                                     "(operators/category_items.py). Default by "
+                                     "measurement: docs/evaluation.md.", 20)
     max_categories: int = doc("``serving.sources.category``: categories (the most clicked) "
                               "whose best items serving keeps per user shard and per item "
                               "table (flows/memory.py).", 200)

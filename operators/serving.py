@@ -79,7 +79,7 @@ class ServingConfig:
         "click rate of the user's categories of highest posterior mean, "
         "serving.category_explore; users with impressions only).",
         factory=lambda: {"ann": 100, "covis": 150, "trending": 50, "popular": 50,
-                         "category": 100},
+                         "category": 200},
     )
     recent_items: int = doc("Recent items of the user used as co-visitation seeds (per "
                             "channel: recent positives for 'liked', recent interactions for "
