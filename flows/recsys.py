@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 RANKER_KEY, POOL_KEY, INDEX_KEY, METRICS_KEY = (last_key(n) for n in ("ranker", "pool", "index",
                                                                       "metrics"))
 """Keys of the single-key stages: on the last worker (``operators.placement.last_key``),
-away from worker 0, which reads the one-partition inputs and writes the output files."""
+away from worker 0, which reads the one-partition inputs and writes the recommendations."""
 
 
 def _source(inp: InputConfig, config: Config) -> Any:
