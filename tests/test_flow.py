@@ -138,3 +138,22 @@ def test_answers_are_handed_to_their_sink_before_the_batch_s_other_work(tmp_path
     for later in ("user_shard_files", "out_files", "item_shard", "index", "ranker",
                   "pool_trainer", "metrics"):
         assert steps.index(later) > steps.index("out_recommendations"), later
+
+
+def test_the_flow_has_one_step_per_destination_and_two_sink_steps(tmp_path) -> None:
+    """Bytewax pays scheduling and progress work per step and message (twice over in a
+    cluster): the zero-config flow adds no identity step (a ``map`` unwrapping a stateful
+    step's ``(key, value)``, a ``key_on`` before a sink), and every output but the
+    recommendations goes through one sink step (docs/architecture.md, The step graph)."""
+    from operators.sinks import NamedSinks
+
+    flow = build({"inputs": [{"kind": "simulator", "events": 10}],
+                  "output": {"dir": str(tmp_path)}})
+    steps = {s.step_id.split(".", 1)[1]: s for s in flow.substeps}
+    outputs = {name: s for name, s in steps.items() if type(s).__name__ == "output"}
+    assert sorted(outputs) == ["out_files", "out_recommendations"]
+    assert sorted(outputs["out_files"].sink.sinks) == ["dead-letters", "examples", "late-labels",
+                                                       "metrics", "snapshots"]
+    assert all(isinstance(s.sink, NamedSinks) for s in outputs.values())
+    assert not [n for n, s in steps.items() if type(s).__name__ == "key_on"]
+    assert len(steps) <= 30, sorted(steps)
