@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from models.category_bandit import CodedCategories
 from state.covis_view import group_ids
 
 SOURCES = ("ann", "covis", "trending", "popular")
@@ -66,6 +67,8 @@ class CandidatePool:
     columns: Any = None
     """The pool's ``ItemColumns`` once computed for the request (``Server.pool_columns``),
     so the ranker and the pool ranker read one set."""
+    coded: CodedCategories | None = None
+    """``category`` as codes into the ``ItemRows`` category names (set by the filter)."""
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -79,7 +82,9 @@ class CandidatePool:
             self.score[idx],
             None if self.category is None else [self.category[i] for i in il],
             None if self.attrs is None else [self.attrs[i] for i in il],
-            None if self.objs is None else [self.objs[i] for i in il])
+            None if self.objs is None else [self.objs[i] for i in il],
+            coded=None if self.coded is None else CodedCategories(self.coded.codes[idx],
+                                                                  self.coded.names))
 
     def candidates(self, idx: np.ndarray | None = None) -> list[Candidate]:
         """``Candidate`` objects of the positions ``idx`` (default: all), with the pool's

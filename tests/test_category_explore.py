@@ -13,7 +13,13 @@ from serving_world import CATEGORY, ITEMS, T0, World, ask, feed, warm_up
 
 from events.model import Feedback, Impression, Item, Request
 from flows.config import ConfigError, load_config
-from models.category_bandit import CategoryBandit, CategoryExploreConfig
+from models.category_bandit import (
+    CATEGORY_MODES,
+    CategoryBandit,
+    CategoryExploreConfig,
+    CodedCategories,
+    category_codes,
+)
 from operators.candidates import SOURCES, CandidatePool
 from operators.category_explore import CategoryExplore
 
@@ -349,8 +355,9 @@ def test_posteriors_resume_equal_after_a_snapshot(world: World) -> None:
 
 
 def test_item_lift_reads_the_counts_from_the_item_profiles() -> None:
-    """The serving glue reads ``item_rate`` (clicks, impressions) from each candidate's
-    item profile; a candidate without a profile counts nothing (lift toward 1)."""
+    """The serving glue reads ``item_rate`` (clicks, impressions) of each candidate's
+    item profile (``rates``); a candidate without a profile counts nothing (lift toward
+    1)."""
     scores, cats = pool()
     n = len(scores)
     items = [f"x{i}" for i in range(n)]
@@ -365,7 +372,33 @@ def test_item_lift_reads_the_counts_from_the_item_profiles() -> None:
         explore = CategoryExplore(CategoryExploreConfig(item_lift=strength))
         show(explore.bandit, "u", 2, "c1")
         out = explore.order(Request(T0, "q", "u", 40), "u", candidates,
-                            profiles=lambda p: profiles if p is candidates else [])
+                            rates=lambda p, names: np.array(
+                                [[(f or {}).get(name, 0.0) for f in profiles] for name in names]
+                                if p is candidates else []))
         assert out is not None
         place[strength] = [c.item_id for c in out if c.category == "c1"].index(items[best])
     assert place[0.0] == 9 and place[20.0] < 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_coded_categories_order_as_the_category_names(seed: int) -> None:
+    """Category sampling on the pool's category codes (``CodedCategories``: codes into
+    the ``ItemRows`` names, None and "" both "no category", names in any order) gives
+    the lists and propensities of the names themselves."""
+    rng = np.random.default_rng(seed)
+    table = [None, "c2", "", "c0", "c9", "c1"]
+    codes = rng.integers(0, len(table), 120).astype(np.int32)
+    names = [table[c] for c in codes.tolist()]
+    assert [x.tolist() if isinstance(x, np.ndarray) else x for x in category_codes(
+        CodedCategories(codes, table))] == [x.tolist() if isinstance(x, np.ndarray) else x
+                                           for x in category_codes(names)]
+    scores = rng.random(120)
+    for mode in CATEGORY_MODES:
+        bandit = CategoryBandit(CategoryExploreConfig(mode=mode))
+        for cat in ("c2", "c9", None):
+            show(bandit, "u", 3, cat)
+        by_name = bandit.order("u", scores, names, 10, seed)
+        by_code = bandit.order("u", scores, CodedCategories(codes, table), 10, seed)
+        assert by_name is not None and by_code is not None
+        assert by_name[0].tolist() == by_code[0].tolist()
+        assert by_name[1].tolist() == by_code[1].tolist()
