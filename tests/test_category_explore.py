@@ -237,6 +237,14 @@ def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     added = memory_bound(on)["parts_mb"]["user_shards"] - memory_bound(off)["parts_mb"]["user_shards"]
     expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
     assert added == pytest.approx(expected)
+    # item_lift's click and impression columns of every loaded table (one per item shard)
+    flat = load_config({"serving": {"category_explore": {"item_lift": 0.0}}})
+    added = (memory_bound(on)["parts_mb"]["serving_tables"]
+             - memory_bound(flat)["parts_mb"]["serving_tables"])
+    expected = (on.shards.items * on.items.max_items * BYTES["table_rate_item"]
+                * ALLOCATOR_OVERHEAD / 2**20)
+    assert added == pytest.approx(expected) and BYTES["table_rate_item"] == 8 * len(
+        on.serving.category_explore.item_rate)
 
 
 def test_the_shard_keys_posteriors_by_the_catalogs_category_string(world: World) -> None:
