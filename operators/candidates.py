@@ -59,7 +59,7 @@ class CandidatePool:
     score: np.ndarray
     """Final score (float64)."""
     category: list[str | None] | None = None
-    """Each item's category (set by the filter from its table's catalog)."""
+    """Each item's category (from a hook's candidates; the filter sets ``coded``)."""
     attrs: list[dict[str, Any] | None] | None = None
     """Each item's attributes in the shard's catalog (read once by the filter)."""
     objs: list[Candidate] | None = None
@@ -68,7 +68,8 @@ class CandidatePool:
     """The pool's ``ItemColumns`` once computed for the request (``Server.pool_columns``),
     so the ranker and the pool ranker read one set."""
     coded: CodedCategories | None = None
-    """``category`` as codes into the ``ItemRows`` category names (set by the filter)."""
+    """Each item's category as a code into the ``ItemRows`` category names (set by the
+    filter from its table's catalog; read where ``category`` is None)."""
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -91,7 +92,11 @@ class CandidatePool:
         score and category."""
         il = range(len(self.items)) if idx is None else idx.tolist()
         score = self.score.tolist()
-        category = self.category
+        category: Any = self.category
+        if category is None and self.coded is not None:  # the names of the codes taken
+            names = self.coded.names
+            codes = self.coded.codes.tolist()
+            category = {i: names[codes[i]] for i in il}
         if self.objs is not None:
             out = []
             for i in il:

@@ -54,7 +54,7 @@ class CategoryExplore:
         tilt the priors (``history_prior``); ``rates(pool, names)``: the pool's item-profile
         features ``names`` (names x candidates, 0.0 without; item tables), here the
         ``item_rate`` counts that weigh the items (``item_lift``)."""
-        if pool.category is None or not len(pool):
+        if (pool.category is None and pool.coded is None) or not len(pool):
             return None
         history = None
         if liked and category is not None and self.bandit.config.history_prior > 0:

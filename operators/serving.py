@@ -495,9 +495,7 @@ class Server:
             excluded = set(request.exclude)
             keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
         pool.attrs = attrs
-        codes = space.category[slots]
-        pool.category = [space.categories[c] for c in codes.tolist()]
-        pool.coded = CodedCategories(codes, space.categories)
+        pool.coded = CodedCategories(space.category[slots], space.categories)
         return pool.take(keep)
 
     def _pool_hook(self, stage: str, request: Any, pool: CandidatePool) -> CandidatePool:
