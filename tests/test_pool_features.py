@@ -301,3 +301,54 @@ def test_gather_after_a_gather_without_new_ids_is_the_row_by_row_gather(
         assert ref.names == view.names
         assert np.array_equal(ids, want[0]) and np.array_equal(got_w, want[1])
     assert complete  # some rows read without new ids were whole rows
+
+
+@pytest.mark.parametrize(("seed", "loaded"), [(0, True), (1, False)])
+def test_gather_of_cached_seeds_is_the_seed_by_seed_gather_bit_for_bit(
+        tmp_path: Path, seed: int, loaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's seeds asked again (every seed's whole row cached: the gather's per-seed
+    loop is skipped, ``CovisView._cached_parts``) give the seed-by-seed rows times their
+    weights bit for bit, with prefix ends, also right after a shard's table is replaced,
+    when a shard has no table and when the tables asked are not the synced ones (then
+    the loop decides, seed by seed)."""
+    rng = random.Random(seed)
+    first = tables(seed, tmp_path if loaded else None)
+    newer = tables(seed + 10, tmp_path if loaded else None)
+    fast = []
+    cached_parts = CovisView._cached_parts
+
+    def spy(self: CovisView, *args: object) -> object:
+        out = cached_parts(self, *args)
+        fast.append(out is not None)
+        return out
+
+    monkeypatch.setattr(CovisView, "_cached_parts", spy)
+    ref, view = CovisView(), CovisView()
+    seeds = rng.sample(ITEMS, 20) + ["not-an-item"] + rng.sample(ITEMS, 5)
+    for request in range(9):
+        table_map = dict(first)
+        if request >= 3:
+            table_map["s1"] = newer["s1"]
+        if request == 6:
+            del table_map["s0"]
+        synced = dict(table_map)
+        if request == 7:  # asked with a table the view has not synced
+            table_map["s1"] = first["s1"]
+        for v in (ref, view):
+            v.sync(synced)
+        ts = T + rng.randrange(10**7)
+        w = np.array([rng.random() for _ in seeds])
+        parts = [(ref.row(table_map[shard_of(s)], "liked", s),
+                  x * table_map[shard_of(s)].covis_factor(ts), k)
+                 for k, (s, x) in enumerate(zip(seeds, w.tolist(), strict=True))
+                 if shard_of(s) in table_map]
+        sizes = [row[0].size for row, _, _ in parts]
+        want_ends = [sum(n for n, (_, _, k) in zip(sizes, parts, strict=True) if k < p)
+                     for p in (3, 17, len(seeds))]
+        ids, got_w, ends = view.gather_prefixes("liked", seeds, w, table_map, shard_of, ts,
+                                                (3, 17, len(seeds)))
+        assert ref.names == view.names
+        assert np.array_equal(ids, np.concatenate([row[0] for row, _, _ in parts]))
+        assert np.array_equal(got_w, np.concatenate([row[1] * x for row, x, _ in parts]))
+        assert ends == want_ends
+    assert fast.count(True) >= 4 and False in fast  # both paths ran
