@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -38,8 +37,6 @@ CHANNELS = ("liked", "any")
 _EAGER_VOCAB = 8_192
 """Tables with at most this many distinct items have all their ids looked up at once."""
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
-_IDS, _WEIGHTS, _SHARD = itemgetter(0), itemgetter(1), itemgetter(2)
-"""Parts of a ``_by_seed`` entry (ids, weights, shard)."""
 
 
 class CovisView:
@@ -211,11 +208,6 @@ class CovisView:
         synced = self._tables
         by_seed = self._by_seed[channel]
         seed_row = by_seed.get
-        cached = list(map(seed_row, seeds))
-        if None not in cached:  # every seed's whole row cached: no per-seed work
-            parts = self._cached_parts(cached, seed_weights, tables, ts_ms)
-            if parts is not None:
-                return self._joined(*parts, prefixes)
         get_row = self.row if intern else self._known_row
         shard_info: dict[str, tuple[float, ItemTable | None, bool]] = {}
         ids_parts, w_parts, weights, at = [], [], [], []
@@ -239,41 +231,14 @@ class CovisView:
             w_parts.append(row[1])
             weights.append(w * f)
             at.append(k)
-        return self._joined(ids_parts, w_parts, weights, at, len(seeds), prefixes)
-
-    def _cached_parts(self, rows: list[tuple[np.ndarray, np.ndarray, str]],
-                      seed_weights: np.ndarray, tables: dict[str, ItemTable], ts_ms: int
-                      ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, range, int] | None:
-        """``gather_prefixes``'s parts when every seed has a cached whole row (``rows``:
-        ``_by_seed`` entries) of a table that is both synced and in ``tables``: the
-        loop's weights (``seed weight x covis_factor``, the same float products) taken
-        at once; None when some shard's table differs (the loop decides per seed)."""
-        synced = self._tables
-        factor: dict[str, float] = {}
-        for sh in {row[2] for row in rows}:
-            t = tables.get(sh)
-            if t is None or t is not synced.get(sh):
-                return None
-            factor[sh] = t.covis_factor(ts_ms)
-        f = np.fromiter(map(factor.__getitem__, map(_SHARD, rows)), np.float64, len(rows))
-        return (list(map(_IDS, rows)), list(map(_WEIGHTS, rows)), seed_weights * f,
-                range(len(rows)), len(rows))
-
-    @staticmethod
-    def _joined(ids_parts: list[np.ndarray], w_parts: list[np.ndarray], weights: Any,
-                at: Any, n_seeds: int, prefixes: tuple[int, ...]
-                ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """The gathered rows joined: (ids, weights x their seed's weight, the end of each
-        prefix of seeds); ``at``: the seed index of each part."""
-        none = [0] * len(prefixes)
         if not ids_parts:
             return *_EMPTY, none
         ids = np.concatenate(ids_parts)
         if not ids.size:
             return *_EMPTY, none
         sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
-        w = np.concatenate(w_parts) * np.repeat(np.asarray(weights, np.float64), sizes)
-        if prefixes == (n_seeds,):
+        w = np.concatenate(w_parts) * np.repeat(np.array(weights), sizes)
+        if prefixes == (len(seeds),):
             return ids, w, [ids.size]
         ends = np.concatenate([[0], np.cumsum(sizes)])[np.searchsorted(at, prefixes)]
         return ids, w, ends.tolist()
