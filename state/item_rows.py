@@ -299,7 +299,7 @@ class ItemRows:
         out = np.zeros((len(names), slots.size))
         shard = self.shard[slots]
         item_of = self.view.names.__getitem__
-        for k in np.unique(shard).tolist():
+        for k in set(shard.tolist()):  # a few shards; each candidate in one group
             table = self.tables[k] if k >= 0 else None
             if table is None:
                 continue
