@@ -54,8 +54,9 @@ class CategoryExplore:
         tilt the priors (``history_prior``); ``rates(pool, names)``: the pool's item-profile
         features ``names`` (names x candidates, 0.0 without; item tables), here the
         ``item_rate`` counts that weigh the items (``item_lift``)."""
-        if (pool.category is None and pool.coded is None) or not len(pool):
-            return None
+        if ((pool.category is None and pool.coded is None) or not len(pool)
+                or not self.bandit.knows(user_id)):
+            return None  # before the history and the item counts: nothing reads them
         history = None
         if liked and category is not None and self.bandit.config.history_prior > 0:
             history = {}

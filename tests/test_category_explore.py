@@ -410,3 +410,27 @@ def test_coded_categories_order_as_the_category_names(seed: int) -> None:
         assert by_name is not None and by_code is not None
         assert by_name[0].tolist() == by_code[0].tolist()
         assert by_name[1].tolist() == by_code[1].tolist()
+
+
+def test_a_user_without_exposures_costs_no_item_counts() -> None:
+    """The serving glue answers None (the scorer's order) for a user the posteriors do
+    not know before it reads any item counts (``rates``): a rating log such as
+    MovieLens, where no user has exposures, reads none; a known user's list reads them."""
+    scores, cats = pool()
+    n = len(scores)
+    candidates = CandidatePool(np.arange(n), [f"x{i}" for i in range(n)],
+                               np.zeros((len(SOURCES), n)), np.zeros((len(SOURCES), n), bool),
+                               scores, cats)
+    asked: list[str] = []
+
+    def rates(p: CandidatePool, names: list[str]) -> np.ndarray:
+        asked.append("rates")
+        return np.ones((len(names), len(p)))
+
+    explore = CategoryExplore(CategoryExploreConfig())
+    explore.bandit.click("u", "c1")  # a click alone is no exposure
+    assert explore.order(Request(T0, "q", "u", 10), "u", candidates, rates=rates) is None
+    assert asked == []
+    show(explore.bandit, "u", 1, "c1")
+    assert explore.order(Request(T0, "q2", "u", 10), "u", candidates, rates=rates) is not None
+    assert asked == ["rates"]
