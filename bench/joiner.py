@@ -20,9 +20,10 @@ force-closed at the bound, a load the default memory bound is not sized for.)
 * ``passthrough_events_per_s``: the trivial Bytewax flow of bench/common.py over the
   same log (one item per event, nothing done).
 * ``pending_bytes_per_impression``: tracemalloc growth per impression held in a
-  joiner's pending state with the user shard's point-in-time context (impression
-  record, labels, heap entry, dict slot, its deferred features and its share of its
-  request's user context).
+  joiner's pending state with the user shard's point-in-time context (the impression
+  event, its row in the pending columns and its id in their index, its share of its
+  deadline's id list, its deferred-features token and its share of its request's user
+  context).
 * ``forced_closes``: windows closed early at the pending bound in the r = 1 run.
 
 Usage: ``python bench/joiner.py [-n EVENTS]``.
@@ -85,7 +86,7 @@ def pending_bytes_per_impression(n: int = 100_000) -> float:
         joiner.on_impression(imp)
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    assert len(joiner.pending) == n
+    assert joiner.pending_count() == n
     return (after - before) / n
 
 

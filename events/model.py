@@ -326,6 +326,18 @@ class EventParser:
 
     def parse(self, raw: bytes | str | dict[str, Any] | Rejected) -> Event | dict[str, Any]:
         """Return a typed event, or a dead-letter dict when ``raw`` is invalid."""
+        if type(raw) is bytes and len(raw) <= self.max_bytes:
+            # The common case (a log line, a Kafka value) without the general path's
+            # checks of the input's kind; anything unusual takes the general path.
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                obj = None
+            if type(obj) is dict and raw.count(b"{") + raw.count(b"[") <= MAX_DEPTH:
+                try:
+                    return self._checked(obj)
+                except Invalid as err:
+                    return dead_letter(raw, err.reason, err.detail)
         if isinstance(raw, Rejected):
             return raw.dead_letter()
         try:

@@ -107,19 +107,76 @@ def pack_example(example: Record) -> Record:
 
 
 def pack_impression(imp: Impression, label: int, labels: dict[str, float], weight: float,
-                    features: dict[str, Any]) -> Record:
+                    features: dict[str, Any] | list[Any]) -> Record:
     """``pack_example(impression_record(imp, label, labels, weight, features))``, built
     without the record (the joiner's rows when nothing in the flow reads the full record:
-    ``state.join_state.RowForm``)."""
+    ``state.join_state.RowForm``). ``features`` a dict, or already its wire value (a list:
+    deferred features resolved straight to it, ``join_parts``)."""
     iid = imp.impression_id
+    if type(features) is list:  # _pack with the features already encoded
+        out: Record = {"example_id": f"imp:{iid}", "ts": imp.ts, "user_id": imp.user_id,
+                       "item_id": imp.item_id, "label": label}
+        if labels:
+            out["labels"] = labels
+        out["weight"] = weight
+        out["position"] = imp.position
+        if imp.request_id is not None:
+            out["request_id"] = imp.request_id
+        if imp.context:
+            out["context"] = imp.context
+        out[KEY] = features
+        return out
     packed = _pack(f"imp:{iid}", imp.ts, imp.user_id, imp.item_id, label, labels, weight,
-                   imp.position, imp.request_id, iid, imp.context, features, "impression")
+                   imp.position, imp.request_id, iid, imp.context, features, "impression")  # type: ignore[arg-type]
     if packed is None:
-        return impression_record(imp, label, labels, weight, features)
+        return impression_record(imp, label, labels, weight, features)  # type: ignore[arg-type]
     return packed
 
 
-WIRE_ROWS = RowForm(pack_impression, pack_example)
+EncodedPart = tuple[tuple[str, ...], list[Any]]
+"""A features dict without list, tuple or dict values as its names and encoded values
+(``_encode``'s, value by value): rows whose features are such parts with disjoint names
+are the concatenation of the parts (``join_parts``), without the merged dict."""
+
+
+def encoded_part(features: dict[str, Any]) -> EncodedPart | None:
+    """``features`` as an ``EncodedPart``; None when a value is a list, tuple or dict (a
+    list may be written as a reference to an earlier one of the row: not a part)."""
+    values: list[Any] = []
+    for value in features.values():
+        kind = type(value)
+        if kind is float:
+            if value.is_integer() and value != 0.0 and -_MAX_EXACT < value < _MAX_EXACT:
+                value = int(value)
+        elif kind is int:
+            value = {"i": value}
+        elif kind is list or kind is tuple or kind is dict:
+            return None
+        values.append(value)
+    return tuple(features), values
+
+
+def join_parts(*parts: EncodedPart) -> list[Any]:
+    """The ``KEY`` value of the features ``{**a, **b, ...}`` of parts with disjoint names:
+    ``_encode({**a, **b, ...})``, from the parts."""
+    two = len(parts) == 2
+    names = (parts[0][0], parts[1][0]) if two else tuple([part[0] for part in parts])
+    head = _PART_HEADS.get(names)
+    if head is None:
+        if len(_PART_HEADS) >= _MAX_HEADS:
+            _PART_HEADS.clear()
+        head = _PART_HEADS[names] = _head(sum(names, ()))
+    if type(head) is not str:
+        head = list(head)  # type: ignore[assignment]
+    if two:
+        return [head, *parts[0][1], *parts[1][1]]
+    out = [head]
+    for part in parts:
+        out += part[1]
+    return out
+
+
+WIRE_ROWS = RowForm(pack_impression, pack_example, wire=True)
 """The joiner writing wire-form rows (``Joiner(rows=WIRE_ROWS)``)."""
 
 
@@ -223,6 +280,8 @@ def _head(names: tuple[str, ...]) -> str | tuple[int | str, ...]:
 
 _HEADS: dict[tuple[str, ...], str | tuple[int | str, ...]] = {}
 """``_head`` by feature names: a flow writes rows of a few hundred name sets at most."""
+_PART_HEADS: dict[tuple[tuple[str, ...], ...], str | tuple[int | str, ...]] = {}
+"""``_head`` by the names of each part (``join_parts``)."""
 _MAX_HEADS = 4096
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from models.features import compact
 from models.mf import UserFactors
+from operators.example_codec import EncodedPart, encoded_part, join_parts
 from operators.snapshot_views import FrozenViews, SnapshotViews
 from state.covis_view import SparseScores
 from state.embedding_table import keys_of
@@ -314,12 +315,13 @@ class PointInTime:
             out.append(compact({**shared.ctx.profile, **extra}))
         return out
 
-    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> DeferredFeatures:
+    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
         """``example_features`` computed later, only if needed (the joiner asks for
         impressions whose negative the sampler will drop: they need features only if
-        clicked). What they read is kept now (the user context, the item's attributes,
-        its user x attribute profile values, the snapshots served), all immutable once
-        taken, so ``resolve()`` gives exactly what ``example_features`` gives now."""
+        clicked). What they read is kept now in a ``Deferred`` token (the user context,
+        the item's attributes, its user x attribute profile values, the snapshots
+        served), all immutable once taken, so ``resolve_all`` gives exactly what
+        ``example_features`` gives now."""
         shared, group = self._shared, self.group
         if (shared is None or group is None or shared.group != group or shared.ts != ts_ms
                 or shared.user_id != user_id):
@@ -327,88 +329,136 @@ class PointInTime:
         views = self._frozen_views() if self.views is not None else None
         taken = self._taken
         if taken is None or taken.ctx is not shared.ctx or taken.views is not views:
-            taken = self._taken = _Taken(self, shared.ctx, ts_ms, views)
+            taken = self._taken = _Taken(shared.ctx, ts_ms, views)
         attrs = self.catalog.get(item_id)
-        return DeferredFeatures(taken, item_id, attrs,
-                                self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
-                                if self._crosses and attrs else [])
+        return (taken, item_id, attrs,
+                self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
+                if self._crosses and attrs else _NO_CROSS,
+                item_id in taken.ctx.consumed)
 
-    def resolve_all(self, deferred: list[DeferredFeatures]) -> None:
-        """``resolve()`` every one of ``deferred`` at once, the same values: one
+    def resolve_all(self, deferred: list[Deferred], wire: bool = False) -> list[Any]:
+        """The features of each ``Deferred`` token, in order: what ``example_features``
+        gave when it was taken, at example precision (``float32_features``). One
         ``item_features`` call per group taken together (same user context, time and
         snapshots: the impressions of one request), so the co-visitation seeds are read
         once per group instead of once per impression. MF scores are products one row at
         a time, as ``example_features`` computes them (a matrix product over many items
-        may differ in the last bit)."""
-        groups: dict[tuple[int, int, int], list[DeferredFeatures]] = {}
-        for d in deferred:
-            if d._resolved is None:
-                key = d.taken.key
-                group = groups.get(key)
-                if group is None:
-                    groups[key] = [d]
-                else:
-                    group.append(d)
-        for group in groups.values():
-            first = group[0].taken
-            if self.views is None and not any([d.seen or d.cross for d in group]):
-                self._resolve_static(first.ctx.profile, group)
+        may differ in the last bit).
+
+        ``wire``: features that are the profile, each item's static features and its
+        numeric columns, each encodable as a part, come as their wire value instead (a
+        list, ``operators.example_codec.join_parts``: the profile encoded once per group,
+        each item's static part once per memo entry; no merged dict); the rest as dicts."""
+        out: list[Any] = [None] * len(deferred)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for j, d in enumerate(deferred):
+            key = d[0].key
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [j]
+            else:
+                group.append(j)
+        for members in groups.values():
+            group = [deferred[j] for j in members]
+            first = group[0][0]
+            if self.views is None and not any([d[4] or d[3] for d in group]):
+                self._resolve_static(first.ctx.profile, group, members, out, wire)
                 continue
             ctx = as_taken(first.ctx, group)
-            items = [d.item_id for d in group]
+            items = [d[1] for d in group]
             cols = self.item_columns(ctx, items, first.ts, views=first.views,
-                                     attrs=[d.attrs for d in group], cross=[d.cross for d in group])
+                                     attrs=[d[2] for d in group], cross=[d[3] for d in group])
             numeric = [(name, self._mf_rowwise(ctx.vector, items, first.views) if name == "mf"
                         else values.tolist()) for name, values in cols.numeric.items()]
             cross = cols.cross_lists()
             # The profile compacted and rounded once, each item's static features once per
             # table version and attributes (``_static_part``): f({**a, **b}) == {**f(a),
             # **f(b)} for f = compact, float32_features when no name is in both.
+            # ``wire``: the same merges as encoded parts (``join_parts``) where they encode.
             profile, profile_keys = float32_features(compact(ctx.profile)), ctx.profile.keys()
+            part = encoded_part(profile) if wire else None
+            # Items whose numeric values are all 0.0 and that have no cross features (in a
+            # group with a seen item, the others): compact(rest) is empty, so their
+            # features are the first merge's whenever the names are disjoint.
+            names = [name for name, _ in numeric]
+            zero: list[bool] = [False] * len(group)
+            if numeric and "mf" not in cols.numeric and profile_keys.isdisjoint(names):
+                nonzero = np.zeros(len(group), bool)
+                for values in cols.numeric.values():
+                    nonzero |= values != 0.0
+                zero = (~nonzero).tolist()
             for j, d in enumerate(group):
-                static, static_rounded = self._static_part(d.item_id, cols.tables[j], cols.attrs[j])
+                static, static_rounded, static_part = self._static_part(
+                    d[1], cols.tables[j], cols.attrs[j])
+                if (zero[j] and not cross[j] and profile_keys.isdisjoint(static)
+                        and static.keys().isdisjoint(names)):
+                    out[members[j]] = (join_parts(part, static_part)
+                                       if part is not None and static_part is not None
+                                       else {**profile, **static_rounded})
+                    continue
                 rest: dict[str, Any] = {}
                 if numeric or cross[j]:
                     rest = {name: values[j] for name, values in numeric}
                     for feats in cross[j]:
                         rest.update(feats)
                 if not rest and profile_keys.isdisjoint(static):
-                    d._resolved = {**profile, **static_rounded}
+                    if part is not None and static_part is not None:
+                        out[members[j]] = join_parts(part, static_part)
+                    else:
+                        out[members[j]] = {**profile, **static_rounded}
                 elif (rest and static.keys().isdisjoint(rest) and profile_keys.isdisjoint(static)
                         and profile_keys.isdisjoint(rest)):
-                    d._resolved = {**profile, **static_rounded, **float32_features(compact(rest))}
+                    rest = float32_features(compact(rest))
+                    rest_part = (encoded_part(rest) if part is not None and static_part is not None
+                                 else None)
+                    if rest_part is not None:
+                        out[members[j]] = join_parts(part, static_part, rest_part)  # type: ignore[arg-type]
+                    else:
+                        out[members[j]] = {**profile, **static_rounded, **rest}
                 else:  # as item_features builds it
-                    d._resolved = float32_features(compact({**ctx.profile, **static, **rest}))
+                    out[members[j]] = float32_features(compact({**ctx.profile, **static, **rest}))
+        return out
 
-    def _resolve_static(self, profile: dict[str, Any], group: list[DeferredFeatures]) -> None:
+    def _resolve_static(self, profile: dict[str, Any], group: list[Deferred], members: list[int],
+                        out: list[Any], wire: bool) -> None:
         """``resolve_all`` of a group whose items have no numeric and no cross features (no
         snapshots, no item the user interacted with, no user x attribute profile:
         ``item_columns`` gives no columns): each is the user's profile and the item's
-        static features, as ``resolve_all`` merges them."""
+        static features, as ``resolve_all`` merges them (``wire``: their wire value, the
+        concatenation of the two encoded parts, where both encode as parts), into
+        ``out[members[j]]``."""
         rounded = float32_features(compact(profile))
         keys = profile.keys()
-        for d in group:
-            static, static_rounded = self._static_part(d.item_id, None, d.attrs)
-            d._resolved = ({**rounded, **static_rounded} if keys.isdisjoint(static)
-                           else float32_features(compact({**profile, **static})))
+        part = encoded_part(rounded) if wire else None
+        static_part_of = self._static_part
+        for j, d in zip(members, group, strict=True):
+            static, static_rounded, static_part = static_part_of(d[1], None, d[2])
+            if not keys.isdisjoint(static):
+                out[j] = float32_features(compact({**profile, **static}))
+            elif part is not None and static_part is not None:
+                out[j] = join_parts(part, static_part)
+            else:
+                out[j] = {**rounded, **static_rounded}
 
     def _static_part(self, item_id: str, table: ItemTable | None, attrs: dict[str, Any] | None
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``static_item_features`` of an item and the same at example precision
-        (``float32_features(compact(...))``), memoised per item for one table version and
-        attributes object (both immutable once taken; the table held weakly, so the memo
-        never keeps a replaced version alive). Both dicts are shared: never modified."""
+                     ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
+        """``static_item_features`` of an item, the same at example precision
+        (``float32_features(compact(...))``) and that as an ``EncodedPart`` (None when it
+        holds a list), memoised per item for one table version and attributes object (both
+        immutable once taken; the table held weakly, so the memo never keeps a replaced
+        version alive). All three are shared: never modified."""
         hit = self._statics.get(item_id)
         if hit is not None and hit[1] is attrs and (
                 hit[0] is None if table is None else hit[0] is not None and hit[0]() is table):
-            return hit[2], hit[3]
+            return hit[2], hit[3], hit[4]
         static = static_item_features(item_id, table, attrs)
         rounded = float32_features(compact(static))
+        part = encoded_part(rounded)
         if len(self._statics) >= MAX_STATIC_MEMO:
             self._statics.clear()
         self._statics[item_id] = (None if table is None else weakref.ref(table), attrs, static,
-                                  rounded)
-        return static, rounded
+                                  rounded, part)
+        return static, rounded, part
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
                     views: FrozenViews | None) -> list[float]:
@@ -430,7 +480,7 @@ class PointInTime:
             self._shared = shared if group is not None else None
         return shared
 
-    def release_frozen(self) -> Callable[[DeferredFeatures], bool]:
+    def release_frozen(self) -> Callable[[Deferred], bool]:
         """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions);
         returns which deferred features must be computed now: those reading a version
         beyond the ``RETAINED_VERSIONS`` newest replaced ones still in use (the others
@@ -444,7 +494,7 @@ class PointInTime:
         old = {id(ref()) for ref in live[:cut]}
         retained.clear()
         retained.extend(live[cut:])
-        return lambda d: id(d.taken.views) in old
+        return lambda d: id(d[0].views) in old
 
     def _frozen_views(self) -> FrozenViews | None:
         if self.views is None:
@@ -738,14 +788,12 @@ class _Shared:
 
 class _Taken:
     """What the deferred features of one group of impressions share (a request's, taken
-    together): the source, the user context, the time and the snapshots served. One per
-    group instead of four fields per impression."""
+    together): the user context, the time and the snapshots served. One per group
+    instead of three fields per impression."""
 
-    __slots__ = ("source", "ctx", "ts", "views", "key")
+    __slots__ = ("ctx", "ts", "views", "key")
 
-    def __init__(self, source: PointInTime, ctx: UserContext, ts: int,
-                 views: FrozenViews | None) -> None:
-        self.source = source
+    def __init__(self, ctx: UserContext, ts: int, views: FrozenViews | None) -> None:
         self.ctx = ctx
         self.ts = ts
         self.views = views
@@ -753,56 +801,25 @@ class _Taken:
         """What ``resolve_all`` groups by (the same user context, time and snapshots)."""
 
 
-class DeferredFeatures:
-    """An impression's features, computed when first asked for (``resolve``) from what
-    was kept when the impression was processed (its group's ``_Taken`` and its own item,
-    attributes and cross profiles). Pickles as the resolved dict (recovery state holds
-    plain features, never snapshot objects)."""
+Deferred = tuple[_Taken, str, "dict[str, Any] | None", "list[dict[str, Any]]", bool]
+"""An impression's features taken but not computed (``PointInTime.deferred_features``):
+(its group's ``_Taken``, the item id, the item's attributes then, its user x attribute
+profile values then, whether the user had interacted with the item then:
+``ctx.consumed`` is the live history, later interactions must not leak into ``ui.*``).
+A tuple, not an object with an ``__init__``: one is made per impression. Never pickled:
+the joiner computes its tokens before a snapshot (``Joiner.__getstate__``)."""
 
-    __slots__ = ("taken", "item_id", "attrs", "cross", "seen", "_resolved")
-
-    def __init__(self, taken: _Taken, item_id: str, attrs: dict[str, Any] | None,
-                 cross: list[dict[str, Any]]) -> None:
-        self.taken = taken
-        self.item_id = item_id
-        self.attrs = attrs
-        self.cross = cross
-        self.seen = item_id in taken.ctx.consumed
-        """Whether the user had interacted with the item (``ctx.consumed`` is the live
-        history: later interactions must not leak into ``ui.*``)."""
-        self._resolved: dict[str, Any] | None = None
-
-    @property
-    def ctx(self) -> UserContext:
-        return self.taken.ctx
-
-    @property
-    def ts(self) -> int:
-        return self.taken.ts
-
-    @property
-    def views(self) -> FrozenViews | None:
-        return self.taken.views
-
-    def resolve(self) -> dict[str, Any]:
-        """What ``PointInTime.example_features`` gave when this was taken, at example
-        precision (``float32_features``)."""
-        if self._resolved is None:
-            self.taken.source.resolve_all([self])
-        return self._resolved  # type: ignore[return-value]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return dict, (self.resolve(),)
+_NO_CROSS: list[dict[str, Any]] = []
+"""The cross profile values of every token without any (never written)."""
 
 
-def as_taken(ctx: UserContext, deferred: list[DeferredFeatures]) -> UserContext:
+def as_taken(ctx: UserContext, deferred: list[Deferred]) -> UserContext:
     """``ctx`` with ``consumed`` as it was for the ``deferred`` items when they were taken
     (the only use item features make of it is membership)."""
     taken = object.__new__(UserContext)  # dataclasses.replace, without its 9 us per impression
     taken.__dict__.update(ctx.__dict__)
-    taken.consumed = {d.item_id: 0 for d in deferred if d.seen}
+    taken.consumed = {d[1]: 0 for d in deferred if d[4]}
     return taken
-
 
 
 class FixedFeatures(dict):  # type: ignore[type-arg]

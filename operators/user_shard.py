@@ -323,7 +323,7 @@ class UserShard:
     def counters(self) -> dict[str, int]:
         """This shard's joiner counters plus sizes of its pending state."""
         out = self.joiner.counters.as_dict()
-        out["pending"] = len(self.joiner.pending)
+        out["pending"] = self.joiner.pending_count()
         out["orphans"] = len(self.joiner.orphans)
         out["requests"] = self.requests
         out["empty_answers"] = self.empty_answers
@@ -333,7 +333,7 @@ class UserShard:
         return out
 
     def has_pending(self) -> bool:
-        return bool(self.joiner.pending or self.joiner.orphans)
+        return bool(self.joiner.pending_count() or self.joiner.orphans)
 
     def _drain(self) -> ShardOutput:
         examples, late = self.joiner.drain()

@@ -43,6 +43,7 @@ import numpy as np
 
 from events.model import Record
 from state.hashing import stable_hash64
+from state.pending import EMITTED, PendingColumns, PendingView
 from state.popularity import PopularityCounter
 from state.sampling import NegativeSampler
 from state.settings import doc
@@ -64,27 +65,21 @@ class JoinContext(Protocol):
         ...
 
 
-class Deferred(Protocol):
-    """Features taken at impression time but computed only if needed."""
-
-    def resolve(self) -> dict[str, Any]:
-        """The features at example precision (``float32_features``)."""
-        ...
-
-
 class DeferringContext(JoinContext, Protocol):
     """A ``JoinContext`` that can also defer an impression's features."""
 
-    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
-        """What ``example_features`` would return now, computed on ``resolve()`` (the
-        joiner defers every impression: most negatives are dropped by the sampler and
-        need features only if clicked, and the rest are computed together with the
-        other pending impressions of their request, ``resolve_all``)."""
+    def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Any:
+        """A token (never a dict) for what ``example_features`` would return now, computed
+        by ``resolve_all`` (the joiner defers every impression: most negatives are
+        dropped by the sampler and need features only if clicked, and the rest are
+        computed together with the other pending impressions of their request)."""
         ...
 
-    def resolve_all(self, deferred: list[Any]) -> None:
-        """Resolve many ``deferred_features`` results at once (the same values as
-        ``resolve()`` one by one, computed together)."""
+    def resolve_all(self, deferred: list[Any], wire: bool = False) -> list[Any]:
+        """The features of each token, in order (dicts at example precision,
+        ``float32_features``, computed together); ``wire``: their wire value (a list,
+        ``operators.example_codec``) instead where it can, for rows written in the wire
+        form."""
         ...
 
 
@@ -165,24 +160,6 @@ class JoinConfig:
 
 
 @dataclass(slots=True)
-class Pending:
-    """An impression waiting for feedback."""
-
-    impression: Impression
-    deadline_ms: int
-    labels: dict[str, float]
-    features: dict[str, Any] | Deferred
-    """Taken when the impression is processed (never later: features taken at emission
-    would see same-request clicks and fresher item tables, a train/serve skew); deferred
-    (the same values, computed on demand) when the context can. At example precision
-    (``float32_features``) either way: the example's own dict."""
-    emitted: bool = False
-    kept: bool = True
-    """Whether the sampler keeps this impression's negative (decided once, by id): when
-    not, its features are needed only if it is clicked."""
-
-
-@dataclass(slots=True)
 class Example:
     """A labelled training example, built here and nowhere else; leaves the joiner as its
     ``record()`` (the ``examples`` output, docs/architecture.md "Example record")."""
@@ -243,9 +220,12 @@ class RowForm:
     (``operators.example_codec.WIRE_ROWS``) when no stage reads the full record (no
     in-flow trainer): each row is then built once, not built and packed."""
 
-    impression: Callable[[Impression, int, dict[str, float], float, dict[str, Any]], Record] = (
+    impression: Callable[[Impression, int, dict[str, float], float, Any], Record] = (
         impression_record)
     record: Callable[[Record], Record] = _as_is
+    wire: bool = False
+    """Deferred features are resolved straight to their wire value where they can
+    (``DeferringContext.resolve_all(wire=True)``): ``impression`` takes a list then."""
 
 
 RECORD_ROWS = RowForm()
@@ -289,10 +269,6 @@ def float32_features(features: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_NO_LABELS: dict[str, float] = {}
-"""The labels of every pending impression without feedback yet (never written: the
-first label gives the entry a dict of its own)."""
-
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
 
 
@@ -305,7 +281,7 @@ class Joiner:
 
     ``on_impression``/``on_feedback`` append outputs to ``self.examples`` and
     ``self.late_labels``; the caller drains them with ``drain()``. Times are event
-    time in epoch ms.
+    time in epoch ms. Pending impressions are held as columns (``state.pending``).
     """
 
     def __init__(self, config: JoinConfig, sampler: NegativeSampler,
@@ -315,15 +291,15 @@ class Joiner:
         """The form of the examples it writes (full records unless the flow asks)."""
         self.sampler = sampler
         self.context: JoinContext = context if context is not None else HistoryContext()
-        self._defer: Callable[[str, str, int], Deferred] | None = getattr(
+        self._defer: Callable[[str, str, int], Any] | None = getattr(
             self.context, "deferred_features", None)
         """The context's ``deferred_features`` when it has one (``DeferringContext``):
         used for every impression."""
-        self._resolve_all: Callable[[list[Any]], None] | None = getattr(
+        self._resolve_all: Callable[..., list[Any]] | None = getattr(
             self.context, "resolve_all", None)
-        """The context's ``resolve_all``: windows closing together resolve at once."""
+        """The context's ``resolve_all``: deferred features computed together."""
         self.wait_ms = config.wait_ms()
-        self.pending: dict[str, Pending] = {}
+        self._pending = PendingColumns()
         self._deadlines: list[int] = []
         """A heap of the distinct deadlines of pending impressions (ms)."""
         self._due: dict[int, list[str]] = {}
@@ -337,14 +313,28 @@ class Joiner:
         self.examples: list[Record] = []
         self.late_labels: list[Record] = []
 
+    @property
+    def pending(self) -> PendingView:
+        """Pending impressions by id (read-only ``PendingEntry`` copies of their rows)."""
+        return self._pending.view()
+
+    def pending_count(self) -> int:
+        """How many impressions wait."""
+        return len(self._pending.rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Recovery state: deferred features computed first (their tokens read snapshot
+        objects that are not recovery state), so the columns hold plain values."""
+        self.resolve_deferred()
+        state = self.__dict__.copy()
+        state.pop("_defer", None)  # bound methods of the context: rebound on load
+        state.pop("_resolve_all", None)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("rows", RECORD_ROWS)  # recovery state of a version without it
-        if "_due" not in state:  # recovery state of a version with one heap entry per id
-            due: dict[int, list[str]] = {}
-            for deadline, iid in sorted(state["_deadlines"]):
-                due.setdefault(deadline, []).append(iid)
-            state["_due"], state["_deadlines"] = due, sorted(due)
         self.__dict__.update(state)
+        self._defer = getattr(self.context, "deferred_features", None)
+        self._resolve_all = getattr(self.context, "resolve_all", None)
 
     # -- time -------------------------------------------------------------------
     @property
@@ -370,12 +360,11 @@ class Joiner:
             self.max_ts_ms = ts
             self.advance()
         iid = imp.impression_id
-        pending = self.pending
-        if iid in pending or iid in self.closed_ids:
+        pending = self._pending
+        if iid in pending.rows or iid in self.closed_ids:
             self.counters.dup_impressions += 1
             return
         self.counters.impressions += 1
-        features: dict[str, Any] | Deferred
         if self._defer is not None:  # computed at a click, at the window's close or when
             # the snapshots move (all pending ones at once), exactly as they are now
             features = self._defer(imp.user_id, imp.item_id, ts)
@@ -383,8 +372,16 @@ class Joiner:
             features = float32_features(
                 self.context.example_features(imp.user_id, imp.item_id, ts))
         deadline = ts + self.wait_ms
-        entry = pending[iid] = Pending(imp, deadline, _NO_LABELS, features, False,
-                                       self.sampler.keep_impression(iid))
+        free = pending.free
+        if free:  # pending.add(imp, deadline, features, 0), inline
+            row = free.pop()
+            pending.impression[row] = imp
+            pending.deadline[row] = deadline
+            pending.features[row] = features
+            pending.flags[row] = 0
+            pending.rows[iid] = row
+        else:
+            row = pending.add(imp, deadline, features, 0)
         due = self._due.get(deadline)
         if due is None:
             self._due[deadline] = [iid]
@@ -393,9 +390,9 @@ class Joiner:
             due.append(iid)
         if self.orphans:
             for fb in self.orphans.pop(iid, ()):
-                self._apply(entry, fb)
-        if len(pending) > self.config.max_pending:
-            self._close_oldest(len(pending) - self.config.max_pending)
+                self._apply(row, fb)
+        if len(pending.rows) > self.config.max_pending:
+            self._close_oldest(len(pending.rows) - self.config.max_pending)
 
     def on_feedback(self, fb: Feedback) -> None:
         """Attach feedback to its impression, or treat it as an organic interaction."""
@@ -404,9 +401,9 @@ class Joiner:
         if fb.impression_id is None:
             self._interaction(fb)
         else:
-            entry = self.pending.get(fb.impression_id)
-            if entry is not None:
-                self._apply(entry, fb)
+            row = self._pending.rows.get(fb.impression_id)
+            if row is not None:
+                self._apply(row, fb)
             elif fb.impression_id in self.closed_ids:
                 self._late(fb, "after_window")
             else:
@@ -419,16 +416,23 @@ class Joiner:
         context can (``DeferringContext.resolve_all``); returns how many were computed.
 
         ``stale`` None: every one (their snapshot versions are being released). Else only
-        those whose example is sure to be written (emitted positives, negatives the
-        sampler keeps) and those for which ``stale(deferred)`` is true; the others (dropped
-        unless clicked) stay deferred: most never need their features."""
-        entries = [e for e in self.pending.values() if type(e.features) is not dict
-                   and (stale is None or e.emitted or e.kept or stale(e.features))]
-        if self._resolve_all is not None and entries:
-            self._resolve_all([e.features for e in entries])
-        for entry in entries:
-            entry.features = entry.features.resolve()  # type: ignore[union-attr]
-        return len(entries)
+        those whose example is sure to be written (negatives the sampler keeps) and those
+        for which ``stale(token)`` is true; the others (dropped unless clicked) stay
+        deferred: most never need their features."""
+        pending = self._pending
+        features, impression = pending.features, pending.impression
+        rows = [row for row in pending.rows.values()
+                if features[row] is not None and type(features[row]) is not dict]
+        if stale is not None and rows:
+            keeps = self.sampler.keep_impressions(
+                [impression[row].impression_id for row in rows])  # type: ignore[union-attr]
+            rows = [row for row, keep in zip(rows, keeps, strict=True)
+                    if keep or stale(features[row])]
+        if rows and self._resolve_all is not None:
+            for row, value in zip(rows, self._resolve_all([features[r] for r in rows]),
+                                  strict=True):
+                features[row] = value
+        return len(rows)
 
     def advance(self) -> None:
         """Close every window whose deadline the watermark has passed; expire orphans."""
@@ -472,26 +476,33 @@ class Joiner:
         return out
 
     # -- internals --------------------------------------------------------------
-    def _apply(self, entry: Pending, fb: Feedback) -> None:
-        imp = entry.impression
+    def _apply(self, row: int, fb: Feedback) -> None:
+        pending = self._pending
+        imp = pending.impression[row]
+        assert imp is not None
         if fb.user_id != imp.user_id or fb.item_id != imp.item_id:
             self._late(fb, "mismatch")
             return
-        if fb.action in entry.labels:
+        labels = pending.labels[row]
+        if fb.action in labels:
             self.counters.dup_feedback += 1
             return
         if fb.ts - imp.ts > self.config.window_for(fb.action):
             self._late(fb, "outside_window")
             return
-        if not entry.labels:  # the shared empty dict (or, after a resume, a copy that
-            entry.labels = {}  # pickling may have shared among entries): its own now
-        entry.labels[fb.action] = fb.value
-        if entry.emitted:
+        if not labels:  # the shared empty dict (or, after a resume, a copy that
+            labels = pending.labels[row] = {}  # pickling may have shared among rows)
+        labels[fb.action] = fb.value
+        if pending.flags[row] & EMITTED:
             self._late(fb, "after_emission")
         elif self.config.is_positive(fb.action, fb.value):
-            entry.emitted = True
+            pending.flags[row] |= EMITTED
             self.counters.positives += 1
-            self._emit(entry, 1, 1.0)
+            features = pending.features[row]
+            pending.features[row] = None  # not needed again: later feedback is late
+            if type(features) is not dict and self._resolve_all is not None:
+                features = self._resolve_all([features], self.rows.wire)[0]
+            self._emit(imp, labels, features, 1, 1.0)
 
     def _orphan(self, fb: Feedback) -> None:
         waiting = self.orphans.get(fb.impression_id)
@@ -519,59 +530,67 @@ class Joiner:
                 self._late(fb, "no_impression")
 
     def _close_until(self, watermark: int | None) -> None:
-        heap, due, pending = self._deadlines, self._due, self.pending
-        closing: list[Pending] = []
+        heap, due, rows = self._deadlines, self._due, self._pending.rows
+        closing: list[int] = []
         while heap and (watermark is None or heap[0] <= watermark):
             for iid in sorted(due.pop(heapq.heappop(heap))):
-                entry = pending.pop(iid, None)
-                if entry is not None:
-                    closing.append(entry)
+                row = rows.pop(iid, None)
+                if row is not None:
+                    closing.append(row)
         if closing:
             self._close(closing)
 
     def _close_oldest(self, n: int) -> None:
-        heap, due, pending = self._deadlines, self._due, self.pending
-        closing: list[Pending] = []
+        heap, due, rows = self._deadlines, self._due, self._pending.rows
+        closing: list[int] = []
         while len(closing) < n and heap:
             ids = due[heap[0]]
             ids.sort()
             i = 0
             while i < len(ids) and len(closing) < n:
-                entry = pending.pop(ids[i], None)
+                row = rows.pop(ids[i], None)
                 i += 1
-                if entry is not None:
-                    closing.append(entry)
+                if row is not None:
+                    closing.append(row)
             del ids[:i]
             if not ids:
                 del due[heapq.heappop(heap)]
         self.counters.forced_closes += len(closing)
         self._close(closing)
 
-    def _close(self, entries: list[Pending]) -> None:
-        """Close these windows (in deadline order): each not yet emitted leaves as a
-        negative if the sampler keeps it. The deferred features of the kept ones are
-        computed together (``DeferringContext.resolve_all``: one feature call per
-        request instead of one per impression; the same values)."""
+    def _close(self, closing: list[int]) -> None:
+        """Close these windows (rows already out of ``rows``, in deadline order): each not
+        yet emitted leaves as a negative if the sampler keeps it. The deferred features of
+        the kept ones are computed together (``DeferringContext.resolve_all``: one feature
+        call per request instead of one per impression; the same values; straight to the
+        wire value when the rows are wire rows). The rows are then released."""
+        pending = self._pending
+        impression, deadline, flags = pending.impression, pending.deadline, pending.flags
         counters, closed = self.counters, self.closed_ids
-        kept: list[Pending] = []
-        for entry in entries:
-            iid = entry.impression.impression_id
-            closed[iid] = entry.deadline_ms
-            if entry.emitted:
-                continue
-            if entry.kept:
-                kept.append(entry)
-            else:
-                counters.negatives_dropped += 1
-        counters.windows_closed += len(entries)
-        counters.negatives_kept += len(kept)
-        if len(kept) > 1 and self._resolve_all is not None:
-            deferred = [e.features for e in kept if type(e.features) is not dict]
-            if len(deferred) > 1:
-                self._resolve_all(deferred)
-        weight = self.sampler.weight
-        for entry in kept:
-            self._emit(entry, 0, weight)
+        waiting: list[int] = []  # not emitted: a negative, kept or dropped by the sampler
+        ids: list[str] = []
+        for row in closing:
+            iid = impression[row].impression_id  # type: ignore[union-attr]
+            closed[iid] = deadline[row]
+            if not flags[row] & EMITTED:
+                waiting.append(row)
+                ids.append(iid)
+        kept = [row for row, keep in zip(waiting, self.sampler.keep_impressions(ids), strict=True)
+                if keep]
+        counters.negatives_dropped += len(waiting) - len(kept)
+        counters.windows_closed += len(closing)
+        if kept:
+            counters.negatives_kept += len(kept)
+            features = [pending.features[row] for row in kept]
+            deferred = [j for j, f in enumerate(features) if type(f) is not dict]
+            if deferred and self._resolve_all is not None:
+                values = self._resolve_all([features[j] for j in deferred], self.rows.wire)
+                for j, value in zip(deferred, values, strict=True):
+                    features[j] = value
+            weight, labels = self.sampler.weight, pending.labels
+            for row, value in zip(kept, features, strict=True):
+                self._emit(impression[row], labels[row], value, 0, weight)  # type: ignore[arg-type]
+        pending.release(closing)
 
     def _forget_closed(self, horizon_ms: int) -> None:
         closed = self.closed_ids
@@ -582,12 +601,10 @@ class Joiner:
                 break
             del closed[iid]
 
-    def _emit(self, entry: Pending, label: int, weight: float) -> None:
-        imp = entry.impression
-        features = entry.features
-        if type(features) is not dict:
-            features = features.resolve()  # type: ignore[union-attr]
-        labels = entry.labels
+    def _emit(self, imp: Impression, labels: dict[str, float], features: Any, label: int,
+              weight: float) -> None:
+        """An impression's example row; ``features`` a dict, or its wire value (a list)
+        when the rows are wire rows."""
         self.examples.append(self.rows.impression(imp, label, dict(labels) if labels else {},
                                                   weight, features))
 

@@ -7,7 +7,7 @@ negative carries weight ``1 / rate``; positives are never dropped (weight 1).
 
 from __future__ import annotations
 
-from state.hashing import stable_hash64
+from state.hashing import stable_hash64, stable_hashes64
 
 _TWO64 = float(1 << 64)
 
@@ -31,3 +31,10 @@ class NegativeSampler:
     def keep_impression(self, impression_id: str) -> bool:
         """``keep`` of an impression's example id (``f"imp:{impression_id}"``)."""
         return self.keep(f"imp:{impression_id}")
+
+    def keep_impressions(self, impression_ids: list[str]) -> list[bool]:
+        """``keep_impression`` of each id, hashed in one pass (``stable_hashes64``)."""
+        if self.rate >= 1.0:
+            return [True] * len(impression_ids)
+        prefix, rate = f"{self.seed}:imp:", self.rate
+        return [h / _TWO64 < rate for h in stable_hashes64([prefix + i for i in impression_ids])]

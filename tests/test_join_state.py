@@ -217,24 +217,65 @@ def test_windows_sharing_a_deadline_close_in_id_order() -> None:
     assert [e["example_id"] for e in j.drain()[0]] == ["imp:k", "imp:m", "imp:x"]
 
 
-def test_recovery_state_of_one_heap_entry_per_impression_resumes() -> None:
-    """A joiner pickled by the version that kept a (deadline, id) heap entry per pending
-    impression resumes with the same windows."""
-    import heapq
+def mixed_log(n: int) -> list:
+    """Impressions of several users and items over 90 minutes, with clicks, likes,
+    duplicates, feedback before its impression and feedback after the window."""
+    events: list = []
+    for k in range(n):
+        ts = T0 + k * 20_000
+        iid = f"k{k}"
+        user, item = f"u{k % 3}", f"i{k % 5}"
+        if k % 11 == 3:  # feedback before its impression (an orphan for a while)
+            events.append(fb(iid, ts - 5_000, "click", user, item))
+        events.append(imp(iid, ts, user, item, k % 4))
+        if k % 7 == 0:
+            events.append(imp(iid, ts + 1, user, item))  # a duplicate
+        if k % 5 == 1:
+            events.append(fb(iid, ts + 30_000, "like", user, item))
+        if k % 5 == 2:
+            events.append(fb(f"k{k - 1}", ts + 40_000, "click", f"u{(k - 1) % 3}",
+                             f"i{(k - 1) % 5}"))  # clicks the liked one: after emission
+        if k % 13 == 4 and k >= 100:  # k - 100 was shown 33 minutes ago: after its window
+            events.append(fb(f"k{k - 100}", ts, "click", f"u{(k - 100) % 3}", f"i{(k - 100) % 5}"))
+    return events
+
+
+@pytest.mark.parametrize("cut", [40, 130, 200])
+def test_recovered_joiner_resumes_exactly(cut: int) -> None:
+    """A joiner pickled mid-stream (pending rows with labels, emitted positives, rows
+    released and reused, orphans waiting) and restored writes exactly what the
+    uninterrupted one writes from there on (the columnar recovery format)."""
     import pickle
 
-    j = make()
-    run(j, [imp(f"i{n}", T0 + n // 3) for n in range(7)], advance_each=False)
-    state = dict(j.__dict__)
-    old = [(p.deadline_ms, iid) for iid, p in j.pending.items()]
-    heapq.heapify(old)
-    state["_deadlines"] = old
-    del state["_due"]
-    resumed = Joiner.__new__(Joiner)
-    resumed.__setstate__(pickle.loads(pickle.dumps(state)))
+    log = mixed_log(200)
+    j = make(rate=0.5)
+    before = run(j, log[:cut])
+    resumed = pickle.loads(pickle.dumps(j))
+    assert resumed.pending_count() == j.pending_count() > 0
+    assert dict(resumed.pending.items()) == dict(j.pending.items())
+    outputs = []
     for joiner in (j, resumed):
+        after = run(joiner, log[cut:])
         joiner.flush()
-    assert [e["example_id"] for e in resumed.drain()[0]] == [e["example_id"] for e in j.drain()[0]]
+        outputs.append((after, joiner.drain(), joiner.counters))
+    assert outputs[0] == outputs[1]
+    assert before[0] and outputs[0][0][0] and outputs[0][0][1]  # examples and late labels
+
+
+def test_released_rows_are_reused_without_their_old_values() -> None:
+    """Closed windows free their rows; a new impression in a reused row starts with no
+    labels and its own features (nothing of the row's previous impression)."""
+    j = make(features=lambda user, item, ts: {"f": float(len(item))})
+    run(j, [imp("a1", T0, item="aa"), fb("a1", T0 + 1_000, "like", item="aa"),
+            imp("a2", T0, item="b")])
+    rows = len(j._pending.impression)
+    run(j, [imp("b1", T0 + 40 * MIN, item="ccc")])  # a1, a2 closed: rows freed
+    assert len(j._pending.impression) == rows and j.pending_count() == 1
+    entry = j.pending["b1"]
+    assert entry.labels == {} and entry.features == {"f": 3.0} and not entry.emitted
+    j.flush()
+    [example] = j.drain()[0]
+    assert example["labels"] == {} and example["features"] == {"f": 3.0}
 
 
 def test_negative_downsampling_deterministic_and_weighted() -> None:
@@ -261,6 +302,7 @@ def test_keep_impression_is_keep_of_its_example_id(rate: float, seed: int) -> No
     sampler = NegativeSampler(rate, seed)
     ids = [f"imp{n}-{n % 7}" for n in range(20_000)]
     assert [sampler.keep_impression(i) for i in ids] == [sampler.keep(f"imp:{i}") for i in ids]
+    assert sampler.keep_impressions(ids) == [sampler.keep(f"imp:{i}") for i in ids]  # batched
 
 
 def test_features_taken_at_impression_time() -> None:

@@ -1,0 +1,121 @@
+"""A joiner's pending impressions as columns: one row per impression, no object of its own.
+
+The joiner of a user shard holds every impression whose attribution window is open (up
+to ``join.max_pending`` per shard, ten minutes of them by default). Held as one
+``Pending`` object (and one deferred-features object) per impression they cost two
+allocations with a Python ``__init__`` each and two more objects for every garbage
+collection to scan; as columns (parallel lists indexed by a row number, rows reused
+through a free list) an impression costs a slot in each list and its id in ``rows``.
+The event itself (``events.model.Impression``, made by the parser) is kept as it is.
+
+Recovery state is the columns themselves (lists of plain values; the features column
+resolved to dicts first, ``state.join_state.Joiner.__getstate__``). The layout changed
+with this module (joiner4): recovery snapshots of earlier versions (one ``Pending``
+per impression) are not read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from events.model import Impression
+
+EMITTED = 2
+"""``flags`` bit: its positive example was emitted (later feedback is a late label)."""
+
+NO_LABELS: dict[str, float] = {}
+"""The labels of every pending impression without feedback yet (never written: the
+first label gives the row a dict of its own)."""
+
+
+class PendingColumns:
+    """Pending impressions by row: ``rows`` maps an impression id to its row; the other
+    attributes are the columns. The joiner reads and writes the columns directly (a list
+    index per field); ``add`` and ``release`` manage the rows."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        """Impression id -> row, for every pending impression, in arrival order."""
+        self.impression: list[Impression | None] = []
+        self.deadline: list[int] = []
+        """When the window closes (event time, ms)."""
+        self.labels: list[dict[str, float]] = []
+        """Action -> value of the feedback joined so far (``NO_LABELS`` for none)."""
+        self.features: list[Any] = []
+        """Taken when the impression is processed (never later: features taken at
+        emission would see same-request clicks and fresher item tables): a dict at
+        example precision, or the context's deferred token (computed on demand, the same
+        values); None once the positive was emitted (no longer needed)."""
+        self.flags: list[int] = []
+        """``EMITTED`` when its positive example was emitted, else 0 (the sampler's keep
+        decision is taken from the id when needed: ``NegativeSampler.keep_impressions``)."""
+        self.free: list[int] = []
+        """Rows released for reuse."""
+
+    def add(self, imp: Impression, deadline_ms: int, features: Any, flags: int) -> int:
+        """Hold ``imp`` (its id must not be pending); returns its row."""
+        free = self.free
+        if free:
+            row = free.pop()
+            self.impression[row] = imp
+            self.deadline[row] = deadline_ms
+            self.features[row] = features
+            self.flags[row] = flags
+        else:
+            row = len(self.impression)
+            self.impression.append(imp)
+            self.deadline.append(deadline_ms)
+            self.labels.append(NO_LABELS)
+            self.features.append(features)
+            self.flags.append(flags)
+        self.rows[imp.impression_id] = row
+        return row
+
+    def release(self, rows: list[int]) -> None:
+        """Free rows already taken out of ``rows`` (their objects are let go)."""
+        impression, labels, features = self.impression, self.labels, self.features
+        for row in rows:
+            impression[row] = None
+            labels[row] = NO_LABELS
+            features[row] = None
+        self.free.extend(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def view(self) -> PendingView:
+        """A read-only mapping of impression id -> ``PendingEntry`` (tests, tools)."""
+        return PendingView(self)
+
+
+class PendingEntry(NamedTuple):
+    """One pending impression as read through ``PendingView`` (a copy of its row)."""
+
+    impression: Impression
+    deadline_ms: int
+    labels: dict[str, float]
+    features: Any
+    emitted: bool
+
+
+class PendingView(Mapping[str, PendingEntry]):
+    """Impression id -> ``PendingEntry`` over ``PendingColumns`` (read-only)."""
+
+    def __init__(self, columns: PendingColumns) -> None:
+        self._columns = columns
+
+    def __getitem__(self, iid: str) -> PendingEntry:
+        c = self._columns
+        row = c.rows[iid]
+        imp = c.impression[row]
+        assert imp is not None
+        return PendingEntry(imp, c.deadline[row], c.labels[row], c.features[row],
+                            bool(c.flags[row] & EMITTED))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._columns.rows)
+
+    def __len__(self) -> int:
+        return len(self._columns.rows)
