@@ -87,6 +87,8 @@ BYTES: dict[str, float] = {
     "ranker_weight": 130,
     "routing_cache_entry": 150,
     "category_user": 1_200,
+    "category_list": 700,
+    "category_item": 100,
     "static_memo_item": 1_000,
     "table_rate_item": 16,
 }
@@ -108,9 +110,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
 
     Parts: ``user_shards`` (users: history, attributes, profiles, duel; hot profiles;
     catalog copy; joiner; MF user rows; serving's candidate slots and view ids; pending pools;
-    static item feature memo; category posteriors), ``item_shards`` (items: catalog, counters,
+    static item feature memo; category posteriors and lists), ``item_shards`` (items: catalog, counters,
     profiles; co-visitation rows, full; MF item rows), ``serving_tables`` (the loaded
-    item tables, one version per shard), ``index`` (builder and serving copies),
+    item tables, one version per shard, with their memoised category lists), ``index`` (builder and serving copies),
     ``retained_versions`` (replaced item tables or indexes that pending impressions'
     deferred features still read, ``operators.point_in_time.RETAINED_VERSIONS``),
     ``ranker`` (waiting examples; weights of the training, serving and pickled copies)
@@ -121,6 +123,10 @@ def memory_bound(config: Config) -> dict[str, Any]:
         config.items.mf_config(), config.items.covis_config()
     pool, explore = config.serving.pool, config.serving.category_explore
     kinds = {f.get("entity") for f in config.features}
+    # each category's best items: one merged copy per user shard, one per loaded table
+    category_lists = (explore.max_categories * (b["category_list"] + explore.retrieve_per_category
+                                                * b["category_item"])
+                      if explore.enabled and config.serving.sources.get("category", 0) > 0 else 0)
     user_kinds = len(kinds - {"item"})
     hot_users = min(sh.hot_profiles, sh.max_users)
     per_user_shard = (
@@ -142,6 +148,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + MAX_STATIC_MEMO * b["static_memo_item"]
         # serving's category posteriors: a user's counts and one item's click rate per user
         + (explore.max_users * b["category_user"] if explore.enabled else 0)
+        # and the category source's merged lists (operators/category_items.py)
+        + category_lists
     )
     channels = 2 if items.covis_any else 1
     covis_bytes = channels * covis.max_items * 1.5 * covis.max_neighbors * b["covis_neighbor"]
@@ -151,7 +159,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + covis_bytes
         + mf.max_items * b["mf_row"]
     )
-    table_bytes = items.max_items * b["loaded_table_item"] + covis_bytes
+    table_bytes = items.max_items * b["loaded_table_item"] + covis_bytes + category_lists
     if explore.enabled and explore.item_lift > 0:
         # category sampling's item_rate columns of each loaded table (two float64 per
         # item, ItemTable.feature_columns; shared by the process's user shards)

@@ -85,6 +85,15 @@ class CategoryExploreConfig:
     item_rate: list[str] = doc("Item profile features (clicks, impressions) of ``item_lift``, "
                                "as the item tables publish them (the whole stream's counts).",
                                factory=lambda: ["item.clicks.1d", "item.impressions.1d"])
+    retrieve_per_category: int = doc("``serving.sources.category``: items retrieved per "
+                                     "category (its best by click rate over the category's, "
+                                     "``item_rate`` counts shrunk by ``item_lift``), for the "
+                                     "user's categories of highest posterior mean "
+                                     "(operators/category_items.py). Default by "
+                                     "measurement: docs/evaluation.md.", 20)
+    max_categories: int = doc("``serving.sources.category``: categories (the most clicked) "
+                              "whose best items serving keeps per user shard and per item "
+                              "table (flows/memory.py).", 200)
     max_users: int = doc("Users whose posteriors a shard keeps, and items whose click rates "
                          "it keeps (item_adjusted); the least recently updated dropped first. "
                          "The counts fade by ``decay`` per list, so recently shown users hold "
@@ -113,6 +122,10 @@ def check_category_config(config: CategoryExploreConfig) -> None:
     if len(config.item_rate) != 2:
         raise ValueError(f"item_rate: must name two features (clicks, impressions), got "
                          f"{config.item_rate!r}")
+    for key, value in (("retrieve_per_category", config.retrieve_per_category),
+                       ("max_categories", config.max_categories)):
+        if value < 1:
+            raise ValueError(f"{key}: must be >= 1, got {value}")
     if config.max_users < 1:
         raise ValueError(f"max_users: must be >= 1, got {config.max_users}")
 
@@ -122,12 +135,26 @@ def item_lift(cat_of: np.ndarray, clicks: np.ndarray, shown: np.ndarray,
     """Each candidate's click rate over its category's among the candidates (``cat_of``:
     category codes): ``(clicks + s r_c) / (shown + s) / r_c``, ``r_c`` the category's
     pooled rate shrunk by ``s`` impressions toward the candidates' overall rate."""
+    return rate_lift(clicks, shown, category_rates(cat_of, clicks, shown, strength), strength)
+
+
+def category_rates(cat_of: np.ndarray, clicks: np.ndarray, shown: np.ndarray,
+                   strength: float) -> np.ndarray:
+    """Each item's category click rate (``cat_of``: category codes): the category's
+    pooled clicks over impressions, shrunk by ``strength`` impressions toward the
+    overall rate ``(clicks + 1) / (impressions + 2)``."""
     n = int(cat_of.max()) + 1 if len(cat_of) else 0
     overall = (clicks.sum() + 1.0) / (shown.sum() + 2.0)
     rate = (np.bincount(cat_of, clicks, n) + strength * overall) / (
         np.bincount(cat_of, shown, n) + strength)
-    r = rate[cat_of]
-    return (clicks + strength * r) / (shown + strength) / r
+    return rate[cat_of]
+
+
+def rate_lift(clicks: np.ndarray, shown: np.ndarray, rate: np.ndarray,
+              strength: float) -> np.ndarray:
+    """Items' click rates over their categories' (``rate``: each item's category rate):
+    ``(clicks + s r) / (shown + s) / r``, 1 for an item never shown."""
+    return (clicks + strength * rate) / (shown + strength) / rate
 
 
 class CodedCategories(NamedTuple):

@@ -22,7 +22,7 @@ import numpy as np
 from models.category_bandit import CodedCategories
 from state.covis_view import group_ids
 
-SOURCES = ("ann", "covis", "trending", "popular")
+SOURCES = ("ann", "covis", "trending", "popular", "category")
 """Retrieval sources in the order they are retrieved (an item's ``sources`` list is
 always in this order unless a hook changes it)."""
 

@@ -8,6 +8,7 @@ replay serves the same lists.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from models.category_bandit import CategoryBandit, CategoryExploreConfig
 from operators.candidates import Candidate, CandidatePool
+from operators.category_items import CategoryList
 from operators.point_in_time import liked_recency
 from state.hashing import stable_hash64
 
@@ -41,6 +43,30 @@ class CategoryExplore:
                 self.bandit.click(user_id, category, item_id)
         elif organic_weight is not None and self.bandit.config.organic:
             self.bandit.organic(user_id, category, organic_weight)
+
+    def retrieve(self, user_id: str, n: int, lists: dict[str, CategoryList]
+                 ) -> tuple[list[str], np.ndarray]:
+        """The ``category`` retrieval source: up to ``n`` items, the best
+        ``retrieve_per_category`` of each of the user's ``n / retrieve_per_category``
+        categories of highest posterior mean (among the user's own categories and the most
+        clicked ones of ``lists``), each scored by that mean times its lift; none for a
+        user without impressions (the scorer's sources alone, as ``order`` keeps them)."""
+        bandit = self.bandit
+        if n <= 0 or not lists or not bandit.knows(user_id):
+            return [], np.zeros(0)
+        per = bandit.config.retrieve_per_category
+        take = max(1, n // per)
+        own = [c for c in bandit.users[user_id][1] if c in lists]
+        names = list(dict.fromkeys(own + list(itertools.islice(lists, take))))
+        a, b = bandit.posterior(user_id, names)
+        mean = a / (a + b)
+        items: list[str] = []
+        scores = []
+        for j in np.argsort(-mean, kind="stable")[:take].tolist():
+            entry = lists[names[j]]
+            items.extend(entry.items[:per])
+            scores.append(mean[j] * entry.lift[:per])
+        return items[:n], np.concatenate(scores)[:n]
 
     def order(self, request: Any, user_id: str, pool: CandidatePool,
               liked: list[str] | None = None, decay: float = 1.0,

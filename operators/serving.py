@@ -8,7 +8,8 @@ once per micro-batch, at most every ``serving.poll_ms`` of wall time). Stages, e
 called as ``hook(request, candidates) -> candidates``):
 
 1. retrieve: ANN over the user vector, co-visitation of recent items, trending,
-   popular (always as backfill, alone for cold users); candidates keep their sources;
+   popular (always as backfill, alone for cold users), each sampled category's best
+   items (``category``, operators/category_items.py); candidates keep their sources;
 2. filter: consumed items, unavailable items, the request's ``exclude``; hook
    ``after_retrieval``;
 3. score: the serving ranker on the user shard's feature function (the same one the
@@ -44,6 +45,7 @@ from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
 from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
 from operators.category_explore import CategoryExplore
+from operators.category_items import CategoryItems
 from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import ItemColumns, PointInTime, UserContext
 from operators.pool_features import pool_matrix
@@ -73,8 +75,11 @@ class ServingConfig:
     enabled: bool = doc("Answer requests (false: requests are only counted).", True)
     sources: dict[str, int] = doc(
         "Candidates per retrieval source: ann (MF user vector over the HNSW index), covis "
-        "(co-visitation of recent items), trending, popular.",
-        factory=lambda: {"ann": 100, "covis": 150, "trending": 50, "popular": 50},
+        "(co-visitation of recent items), trending, popular, category (the best items by "
+        "click rate of the user's categories of highest posterior mean, "
+        "serving.category_explore; users with impressions only).",
+        factory=lambda: {"ann": 100, "covis": 150, "trending": 50, "popular": 50,
+                         "category": 200},
     )
     recent_items: int = doc("Recent items of the user used as co-visitation seeds (per "
                             "channel: recent positives for 'liked', recent interactions for "
@@ -193,6 +198,9 @@ class Server:
         self.categories = (CategoryExplore(config.category_explore)
                            if config.category_explore.enabled else None)
         """Per-user category posteriors (``serving.category_explore``), fed by the shard."""
+        self.category_items = (CategoryItems(config.category_explore)
+                               if self.categories is not None else None)
+        """Each category's best items of the loaded tables (the ``category`` source)."""
         """The pool ranker (learns on this shard from its users' next positives)."""
         self.organic_positives = 0
         """Organic positives seen on this shard (``outcome``). After
@@ -441,6 +449,12 @@ class Server:
                 # Fetch extra to make up for the consumed items the filter will drop.
                 parts.append((source, *self._top_rows(tables, source, n,
                                                       n + min(len(ctx.consumed), 2 * n))))
+        n = sizes.get("category", 0)
+        finder = getattr(self, "category_items", None)  # None: off, or older state
+        if n and tables and finder is not None and self.categories is not None:
+            items, scores = self.categories.retrieve(ctx.user_id, n, finder.lists(tables))
+            if items:
+                parts.append(("category", space.rows(items), scores))
         return merge(parts, space.names), covis
 
     def _top(self, tables: list[ItemTable], source: str, n: int, m: int) -> list[tuple[str, float]]:

@@ -75,6 +75,11 @@ class FrozenCatalog(Mapping[str, CatalogEntry]):
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._index
 
+    def columns(self) -> tuple[list[str], list[str], np.ndarray]:
+        """(item ids, categories ("" = none), availability) as loaded (callers must not
+        modify them)."""
+        return list(self._index), self._category, self._available
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
 

@@ -232,13 +232,15 @@ def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     assert list(bandit.users) == ["u2", "u3", "u4"]
     assert list(bandit.items) == ["i2", "i3", "i4"]
 
-    on = load_config({"serving": {"category_explore": {"max_users": 1_000}}})
-    off = load_config({"serving": {"category_explore": {"enabled": False}}})
+    no_lists = {"category": 0}  # the category source's lists: tests/test_category_items.py
+    on = load_config({"serving": {"category_explore": {"max_users": 1_000}, "sources": no_lists}})
+    off = load_config({"serving": {"category_explore": {"enabled": False}, "sources": no_lists}})
     added = memory_bound(on)["parts_mb"]["user_shards"] - memory_bound(off)["parts_mb"]["user_shards"]
     expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
     assert added == pytest.approx(expected)
     # item_lift's click and impression columns of every loaded table (one per item shard)
-    flat = load_config({"serving": {"category_explore": {"item_lift": 0.0}}})
+    flat = load_config({"serving": {"category_explore": {"max_users": 1_000, "item_lift": 0.0},
+                                    "sources": no_lists}})
     added = (memory_bound(on)["parts_mb"]["serving_tables"]
              - memory_bound(flat)["parts_mb"]["serving_tables"])
     expected = (on.shards.items * on.items.max_items * BYTES["table_rate_item"]
