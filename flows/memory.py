@@ -92,6 +92,7 @@ BYTES: dict[str, float] = {
     "category_list": 700,
     "category_item": 100,
     "static_memo_item": 1_000,
+    "table_rate_item": 16,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -166,6 +167,10 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + mf.max_items * b["mf_row"]
     )
     table_bytes = items.max_items * b["loaded_table_item"] + covis_bytes + category_lists
+    if explore.enabled and explore.item_lift > 0:
+        # category sampling's item_rate columns of each loaded table (two float64 per
+        # item, ItemTable.feature_columns; shared by the process's user shards)
+        table_bytes += items.max_items * b["table_rate_item"]
     parts = {
         "user_shards": sh.users * per_user_shard,
         "item_shards": sh.items * per_item_shard if items.enabled else 0.0,

@@ -51,7 +51,7 @@ from operators.metrics import MetricsLogic, MetricsState
 from operators.placement import last_key
 from operators.pool_trainer import PoolTrainer
 from operators.replay_shards import ShardBatch, ShardedReplaySource, parse_shard_batch
-from operators.sinks import JsonlFileSink
+from operators.sinks import JsonlFileSink, NamedSinks
 from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, OnceSource, SimulatorSource
 from operators.status import StatusLog
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 RANKER_KEY, POOL_KEY, INDEX_KEY, METRICS_KEY = (last_key(n) for n in ("ranker", "pool", "index",
                                                                       "metrics"))
 """Keys of the single-key stages: on the last worker (``operators.placement.last_key``),
-away from worker 0, which reads the one-partition inputs and writes the output files."""
+away from worker 0, which reads the one-partition inputs and writes the recommendations."""
 
 
 def _source(inp: InputConfig, config: Config) -> Any:
@@ -153,11 +153,6 @@ def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
                                          producer_config=config.kafka.client_settings("producer")))
 
 
-def _take(name: str, stream: Stream[dict[str, list[Any]]]) -> Stream[list[Any]]:
-    """The ``name`` list of every stage-output dict that has one."""
-    return op.filter_map(f"take_{name.replace('-', '_')}", stream, lambda out: out.get(name))
-
-
 _TYPE_OF = operator.attrgetter("type")
 
 
@@ -181,9 +176,10 @@ def _error_counts(dead: list[Record]) -> tuple[str, Counter[str]]:
     return "errors", Counter(d["stage"].split(" ", 1)[0] for d in dead)
 
 
-def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
-    """Metrics items of one user-shard output: outputs, examples by label, serving
-    latencies, the shard's counters."""
+def _shard_counts(kv: tuple[str, dict[str, list[Any]]]) -> list[tuple[str, tuple[str, Any]]]:
+    """Metrics items (keyed for the metrics stage) of one user-shard output: outputs,
+    examples by label, serving latencies, the shard's counters, processing errors."""
+    out = kv[1]
     items: list[tuple[str, Any]] = [
         ("outputs", {k: len(out[k]) for k in ("examples", "late-labels", "recommendations")
                      if k in out})]
@@ -202,7 +198,9 @@ def _shard_counts(out: dict[str, list[Any]]) -> list[tuple[str, Any]]:
     if "serving-cost" in out:
         items.append(("serving_cost", out["serving-cost"]))
     items.extend(("shard", c) for c in out.get("counters", ()))
-    return items
+    if out.get("dead-letters"):
+        items.append(_error_counts(out["dead-letters"]))
+    return [(METRICS_KEY, item) for item in items]
 
 
 def build(config: str | Path | dict[str, Any] | Config | None = None,
@@ -253,7 +251,6 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
                 None, 0)
 
     parsed = op.map("parse", raw, parse)
-    dead_letters = [op.filter_map("dead_letters", parsed, lambda p: p[1] or None)]
 
     item_shard_of = ShardOf(n_items, item_shard_key,  # kept in user-shard state: picklable
                             config.shards.routing_cache)
@@ -285,91 +282,117 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
         resume.write_wire(wire)  # this run's config decides, resumed state included
         return UserShardLogic(resume)
 
-    outputs = op.map("user_shard_out", op.stateful("user_shard", routed, user_shard_builder),
-                     lambda kv: kv[1])
+    shard_out = op.stateful("user_shard", routed, user_shard_builder)
     # Bytewax runs a worker's steps in the order they were added, so the answers are
-    # handed to their sink first, before the batch's examples are packed and written and
-    # before the trainer, the item side and the metrics run.
-    for name in ("recommendations", "late-labels"):
-        _output(name, _take(name, outputs), config)
-    examples = _take("examples", outputs)
-    if wire:  # already in their wire form
-        _output("examples", examples, config)
-    else:
-        _output("examples", op.map("pack_examples", examples,
-                                   lambda batch: [pack_example(e) for e in batch]), config)
+    # handed to their sink first, before the trainer, the item side, the metrics and the
+    # other outputs run.
+    skip = frozenset(config.output.skip)
+    if "recommendations" not in skip:
+        answers = op.filter_map("recommendations", shard_out,
+                                lambda kv: ("recommendations", kv[1]["recommendations"])
+                                if "recommendations" in kv[1] else None)
+        op.output("out_recommendations", answers, _sinks(("recommendations",), config))
+    pack = None if wire else pack_example  # wire: the shards wrote them in their wire form
+    written = tuple(n for n in ("late-labels", "examples", "dead-letters") if n not in skip)
 
-    snapshots = []
-    failed = [_take("dead-letters", outputs)]  # processing errors of the stateful stages
-    if config.items.enabled:
-        updates = op.filter_map("take_item_updates", outputs,
-                                lambda out: (out["batch"], out["item-updates"])
-                                if "item-updates" in out else None)
-        item_snapshots, item_dead = _item_side(updates, config, store, item_shard_of)
-        snapshots.append(item_snapshots)
-        failed.append(item_dead)
-    ranker_out = _trainer(examples, config, store)
-    if ranker_out is not None:
-        failed.append(op.filter_map("ranker_dead_letters", ranker_out,
-                                    lambda o: o.get("dead-letters")))
-    pool_out = _pool_trainer(outputs, config, store)
-    if pool_out is not None:
-        failed.append(op.filter_map("pool_dead_letters", pool_out,
-                                    lambda o: o.get("dead-letters")))
-        snapshots.append(op.filter_map("pool_snapshots", pool_out, lambda o: o.get("snapshots")))
-    all_failed = op.merge("processing_errors", *failed)
-    dead_letters.append(all_failed)
-    _output("dead-letters", op.merge("all_dead_letters", *dead_letters), config)
+    def shard_files(kv: tuple[str, dict[str, list[Any]]]) -> list[tuple[str, list[Any]]]:
+        """The user shard's records for the output files (examples in their wire form)."""
+        out = kv[1]
+        items = [(n, out[n]) for n in written if n in out]
+        if pack is not None and "examples" in out and "examples" in written:
+            items = [(n, [pack(e) for e in b] if n == "examples" else b) for n, b in items]
+        return items
+
+    files = [op.flat_map("user_shard_files", shard_out, shard_files),
+             op.filter_map("parse_dead_letters", parsed,
+                           lambda p: ("dead-letters", p[1]) if p[1] else None)]
     metric_streams = [
-        op.input("metrics_start", flow, OnceSource(("start", None))),  # a summary even for empty input
-        op.map("count_parse", parsed, _parse_counts),
-        op.flat_map("count_outputs", outputs, _shard_counts),
-        op.map("count_errors", all_failed, _error_counts),
+        op.input("metrics_start", flow, OnceSource((METRICS_KEY, ("start", None)))),  # a summary even for empty input
+        op.map("count_parse", parsed, lambda p: (METRICS_KEY, _parse_counts(p))),
+        op.flat_map("count_outputs", shard_out, _shard_counts),
     ]
+    stage_files = []  # (output name, records) of the stages after the user shards
+    if config.items.enabled:
+        def route(kv: tuple[str, dict[str, Any]]
+                  ) -> list[tuple[str, tuple[str, list[ItemUpdate], int]]]:
+            out = kv[1]
+            if "item-updates" not in out:
+                return []
+            batch_id = out["batch"]
+            return [(key, (key, part, batch_id))
+                    for key, part in route_updates(out["item-updates"], item_shard_of).items()]
+
+        stage_files.extend(_item_side(op.flat_map("route_items", shard_out, route), config, store))
+    ranker_out = _trainer(shard_out, config, store)
     if ranker_out is not None:
-        snapshots.append(op.filter_map("ranker_snapshots", ranker_out, lambda o: o.get("snapshots")))
-    if snapshots:
-        all_snapshots = op.merge("all_snapshots", *snapshots)
-        _output("snapshots", all_snapshots, config)
-        metric_streams.append(op.map("count_snapshots", all_snapshots, lambda m: ("snapshots", m)))
+        stage_files.append(op.flat_map("ranker_files", ranker_out, _stage_files))
+    pool_out = _pool_trainer(shard_out, config, store)
+    if pool_out is not None:
+        stage_files.append(op.flat_map("pool_files", pool_out, _stage_files))
+    if stage_files:
+        staged = op.merge("stage_files", *stage_files)
+        metric_streams.append(op.flat_map("count_stage_files", staged, _stage_counts))
+        files.append(staged)
     metrics = op.stateful(
-        "metrics",
-        op.key_on("metrics_key", op.merge("metrics_in", *metric_streams), lambda _: METRICS_KEY),
+        "metrics", op.merge("metrics_in", *metric_streams),
         lambda resume: MetricsLogic(
             resume or MetricsState(config.app, config.metrics.latency_buckets_ms), config.metrics,
             StatusLog(config.log.status_interval_s, progress),
             on_start=lambda: log_memory_bound(config)),
     )
-    metric_records = [op.map("metrics_records", metrics, lambda kv: kv[1])]
-    if ranker_out is not None:
-        metric_records.append(op.filter_map("ranker_metrics", ranker_out, lambda o: o.get("metrics")))
-    if pool_out is not None:
-        metric_records.append(op.filter_map("pool_metrics", pool_out, lambda o: o.get("metrics")))
-    _output("metrics", op.merge("all_metrics", *metric_records), config)
+    files.append(op.map("metrics_records", metrics, lambda kv: ("metrics", kv[1])))
+    names = tuple(n for n in OUTPUTS if n not in skip and n != "recommendations")
+    if names:
+        every = op.merge("all_files", *files)
+        if skip:  # the stages' records of skipped outputs were counted; not written
+            every = op.filter("skip_outputs", every, lambda nb: nb[0] not in skip)
+        op.output("out_files", every, _sinks(names, config))
     return flow
 
 
-def _item_side(updates: Stream[tuple[int, list[ItemUpdate]]], config: Config,
-               store: SnapshotStore, item_shard_of: Any
-               ) -> tuple[Stream[list[Record]], Stream[list[Record]]]:
-    """Item shards and the index builder; returns the streams of their snapshot manifests
-    and of the item shards' processing-error dead letters. ``updates``: (source
-    micro-batch id, item updates) from each user shard."""
+def _sinks(names: tuple[str, ...], config: Config) -> NamedSinks:
+    """One sink for the outputs ``names`` (files or Kafka topics); items ``(name, records)``."""
+    if config.output.kind == "files":
+        return NamedSinks({n: JsonlFileSink(config.output.dir, n) for n in names})
+    from operators.kafka_sink import KafkaSink
 
-    def route(tagged: tuple[int, list[ItemUpdate]]
-              ) -> list[tuple[str, tuple[str, list[ItemUpdate], int]]]:
-        batch_id, batch = tagged
-        return [(key, (key, part, batch_id))
-                for key, part in route_updates(batch, item_shard_of).items()]
+    return NamedSinks({n: KafkaSink(config.kafka.bootstrap, config.topic(n),
+                                    producer_config=config.kafka.client_settings("producer"))
+                       for n in names})
+
+
+STAGE_FILES = ("snapshots", "dead-letters", "metrics")
+"""Outputs of the stages after the user shards (item shards, index, trainers)."""
+
+
+def _stage_files(kv: tuple[str, dict[str, list[Record]]]) -> list[tuple[str, list[Record]]]:
+    """(output name, records) of a stage's output dict, for the output files."""
+    out = kv[1]
+    return [(n, out[n]) for n in STAGE_FILES if out.get(n)]
+
+
+def _stage_counts(named: tuple[str, list[Record]]) -> list[tuple[str, tuple[str, Any]]]:
+    """Metrics items of the stages' output records: snapshot manifests and processing
+    errors (their own metrics records are not counted)."""
+    name, records = named
+    if name == "snapshots":
+        return [(METRICS_KEY, ("snapshots", records))]
+    if name == "dead-letters":
+        return [(METRICS_KEY, _error_counts(records))]
+    return []
+
+
+def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], config: Config,
+               store: SnapshotStore) -> list[Stream[tuple[str, list[Record]]]]:
+    """Item shards and the index builder, fed ``(item shard key, (key, updates, source
+    micro-batch id))``; returns the streams of their ``(output name, records)``
+    (snapshot manifests, the item shards' processing-error dead letters)."""
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
         return ItemShardLogic(resume or ItemShard(config.items, store, config.features,
                                                   hot_profiles=config.shards.hot_profiles))
 
-    item_out = op.map("item_shard_out",
-                      op.stateful("item_shard", op.flat_map("route_items", updates, route),
-                                  item_builder),
-                      lambda kv: kv[1])
+    item_out = op.stateful("item_shard", routed, item_builder)
     dim = config.items.mf_config().dim
 
     # Changed items between refreshes: at most what the item tables hold, twice over
@@ -379,18 +402,17 @@ def _item_side(updates: Stream[tuple[int, list[ItemUpdate]]], config: Config,
     def index_builder(resume: IndexStage | None) -> IndexBuilderLogic:
         return IndexBuilderLogic(resume or IndexStage(config.index, dim, store, max_pending))
 
-    changes = op.flat_map("index_changes", item_out, lambda o: o.get("index", []))
-    index_out = op.map("index_out",
-                       op.stateful("index", op.key_on("index_key", changes, lambda _: INDEX_KEY),
-                                   index_builder),
-                       lambda kv: kv[1])
-    return (op.merge("item_snapshots", _take("snapshots", item_out), index_out),
-            op.filter_map("item_dead_letters", item_out, lambda o: o.get("dead-letters")))
+    changes = op.flat_map("index_changes", item_out,
+                          lambda kv: [(INDEX_KEY, c) for c in kv[1].get("index", ())])
+    index_out = op.stateful("index", changes, index_builder)
+    return [op.flat_map("item_shard_files", item_out, _stage_files),
+            op.map("index_files", index_out, lambda kv: ("snapshots", kv[1]))]
 
 
-def _trainer(examples: Stream[list[Record]], config: Config,
-             store: SnapshotStore) -> Stream[dict[str, list[Record]]] | None:
-    """The ranker trainer on one key; None when training runs in its own flow."""
+def _trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: Config,
+             store: SnapshotStore) -> Stream[tuple[str, dict[str, list[Record]]]] | None:
+    """The ranker trainer on one key, fed the user shards' examples; None when training
+    runs in its own flow."""
     if not config.ranker.enabled:
         return None
     rate = config.sampler.negative_rate
@@ -398,12 +420,14 @@ def _trainer(examples: Stream[list[Record]], config: Config,
     def builder(resume: Trainer | None) -> TrainerLogic:
         return TrainerLogic(resume or Trainer(config.ranker, rate, store, positive_hold_ms(config.join)))
 
-    keyed = op.key_on("ranker_key", examples, lambda _: RANKER_KEY)
-    return op.map("ranker_out", op.stateful("ranker", keyed, builder), lambda kv: kv[1])
+    examples = op.filter_map("ranker_examples", shard_out,
+                             lambda kv: (RANKER_KEY, kv[1]["examples"])
+                             if kv[1].get("examples") else None)
+    return op.stateful("ranker", examples, builder)
 
 
-def _pool_trainer(outputs: Stream[dict[str, list[Any]]], config: Config,
-                  store: SnapshotStore) -> Stream[dict[str, list[Record]]] | None:
+def _pool_trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: Config,
+                  store: SnapshotStore) -> Stream[tuple[str, dict[str, list[Record]]]] | None:
     """The central pool ranker trainer on one key, fed the user shards' ``pool-pairs``;
     None when serving or the pool ranker is off, or it learns per shard."""
     pool = config.serving.pool
@@ -413,8 +437,11 @@ def _pool_trainer(outputs: Stream[dict[str, list[Any]]], config: Config,
     def builder(resume: PoolTrainer | None) -> TrainerLogic:
         return TrainerLogic(resume or PoolTrainer(pool, store))
 
-    keyed = op.key_on("pool_key", _take("pool-pairs", outputs), lambda _: POOL_KEY)
-    return op.map("pool_out", op.stateful("pool_trainer", keyed, builder), lambda kv: kv[1])
+    pairs = op.filter_map("pool_pairs", shard_out,
+                          lambda kv: (POOL_KEY, kv[1]["pool-pairs"])
+                          if kv[1].get("pool-pairs") else None)
+    return op.stateful("pool_trainer", pairs, builder)
+
 
 
 flow = build()

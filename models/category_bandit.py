@@ -28,8 +28,9 @@ No Bytewax here; the serving operator calls it (operators/category_explore.py).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -180,6 +181,34 @@ def rate_lift(clicks: np.ndarray, shown: np.ndarray, rate: np.ndarray,
     """Items' click rates over their categories' (``rate``: each item's category rate):
     ``(clicks + s r) / (shown + s) / r``, 1 for an item never shown."""
     return (clicks + strength * rate) / (shown + strength) / rate
+
+
+class CodedCategories(NamedTuple):
+    """Each candidate's category as a code (int array) into ``names`` (code -> name,
+    None: no category): the serving pool's form (state/item_rows.py ``ItemRows.category``)."""
+
+    codes: np.ndarray
+    names: Sequence[str | None]
+
+
+def category_codes(categories: Sequence[str | None] | CodedCategories
+                   ) -> tuple[list[str], np.ndarray]:
+    """(the distinct category keys sorted, each candidate's position in them); no
+    category is the key "". From names, or from ``CodedCategories`` (the same lists: the
+    names of the codes present are sorted, then mapped back through a code table)."""
+    if isinstance(categories, CodedCategories):
+        codes = categories.codes
+        present = np.flatnonzero(np.bincount(codes)).tolist()
+        keys = [categories.names[c] or "" for c in present]
+        names = sorted(set(keys))
+        code = {c: j for j, c in enumerate(names)}
+        table = np.zeros(present[-1] + 1 if present else 0, np.int64)
+        table[present] = [code[c] for c in keys]
+        return names, table[codes]
+    keys = [c or "" for c in categories]
+    names = sorted(set(keys))
+    code = {c: j for j, c in enumerate(names)}
+    return names, np.fromiter((code[c] for c in keys), np.int64, len(keys))
 
 
 def exposure_weight(position: int | None) -> float:
@@ -375,7 +404,8 @@ class CategoryBandit:
         b = s * (1.0 - rate) + np.maximum(user[:, 1] - user[:, 0], 0.0)
         return a, b
 
-    def order(self, user_id: str, scores: np.ndarray, categories: list[str | None], k: int,
+    def order(self, user_id: str, scores: np.ndarray,
+              categories: Sequence[str | None] | CodedCategories, k: int,
               seed: int, history: dict[str, float] | None = None,
               counts: tuple[np.ndarray, np.ndarray] | None = None,
               attrs: dict[str, Any] | None = None
@@ -386,10 +416,7 @@ class CategoryBandit:
         ``counts``: each candidate's (clicks, impressions) for ``item_lift``."""
         if not len(scores) or not self.knows(user_id):
             return None
-        keys = [c or "" for c in categories]
-        names = sorted(set(keys))
-        code = {c: j for j, c in enumerate(names)}
-        cat_of = np.fromiter((code[c] for c in keys), np.int64, len(keys))
+        names, cat_of = category_codes(categories)
         depth = min(len(scores), max(self.config.depth, k))
         best_first = np.argsort(-scores, kind="stable")[:depth]
         a, b = self.posterior(user_id, names, history, attrs)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from models.category_bandit import CodedCategories
 from state.covis_view import group_ids
 
 SOURCES = ("ann", "covis", "trending", "popular", "category")
@@ -58,7 +59,7 @@ class CandidatePool:
     score: np.ndarray
     """Final score (float64)."""
     category: list[str | None] | None = None
-    """Each item's category (set by the filter from its table's catalog)."""
+    """Each item's category (from a hook's candidates; the filter sets ``coded``)."""
     attrs: list[dict[str, Any] | None] | None = None
     """Each item's attributes in the shard's catalog (read once by the filter)."""
     objs: list[Candidate] | None = None
@@ -66,6 +67,9 @@ class CandidatePool:
     columns: Any = None
     """The pool's ``ItemColumns`` once computed for the request (``Server.pool_columns``),
     so the ranker and the pool ranker read one set."""
+    coded: CodedCategories | None = None
+    """Each item's category as a code into the ``ItemRows`` category names (set by the
+    filter from its table's catalog; read where ``category`` is None)."""
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -79,14 +83,20 @@ class CandidatePool:
             self.score[idx],
             None if self.category is None else [self.category[i] for i in il],
             None if self.attrs is None else [self.attrs[i] for i in il],
-            None if self.objs is None else [self.objs[i] for i in il])
+            None if self.objs is None else [self.objs[i] for i in il],
+            coded=None if self.coded is None else CodedCategories(self.coded.codes[idx],
+                                                                  self.coded.names))
 
     def candidates(self, idx: np.ndarray | None = None) -> list[Candidate]:
         """``Candidate`` objects of the positions ``idx`` (default: all), with the pool's
         score and category."""
         il = range(len(self.items)) if idx is None else idx.tolist()
         score = self.score.tolist()
-        category = self.category
+        category: Any = self.category
+        if category is None and self.coded is not None:  # the names of the codes taken
+            names = self.coded.names
+            codes = self.coded.codes.tolist()
+            category = {i: names[codes[i]] for i in il}
         if self.objs is not None:
             out = []
             for i in il:

@@ -9,7 +9,7 @@ replay serves the same lists.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,17 +75,19 @@ class CategoryExplore:
     def order(self, request: Any, user_id: str, pool: CandidatePool,
               liked: list[str] | None = None, decay: float = 1.0,
               category: Callable[[str], str | None] | None = None,
-              profiles: Callable[[CandidatePool], list[dict[str, Any] | None]] | None = None,
+              rates: Callable[[CandidatePool, Sequence[str]], np.ndarray] | None = None,
               attrs: dict[str, Any] | None = None) -> list[Candidate] | None:
         """The top k of ``pool`` (scored) by category sampling, propensities set; None
         (keep the scorer's order) for a user without impressions or a pool without
         categories. ``liked``: the user's recent positives, newest first, weighed
         ``decay**k`` (``liked_recency``); with ``category`` (item -> its category) they
-        tilt the priors (``history_prior``); ``profiles``: the pool's item profiles (item
-        tables) whose ``item_rate`` counts weigh the items (``item_lift``); ``attrs``: the
-        user's attributes (``group_prior``)."""
-        if pool.category is None or not len(pool):
-            return None
+        tilt the priors (``history_prior``); ``rates(pool, names)``: the pool's item-profile
+        features ``names`` (names x candidates, 0.0 without; item tables), here the
+        ``item_rate`` counts that weigh the items (``item_lift``); ``attrs``: the user's
+        attributes (``group_prior``)."""
+        if ((pool.category is None and pool.coded is None) or not len(pool)
+                or not self.bandit.knows(user_id)):
+            return None  # before the history and the item counts: nothing reads them
         history = None
         if liked and category is not None and self.bandit.config.history_prior > 0:
             history = {}
@@ -94,14 +96,11 @@ class CategoryExplore:
                 history[key] = history.get(key, 0.0) + weight
         config = self.bandit.config
         counts = None
-        if config.item_lift > 0 and profiles is not None:
-            clicks_key, shown_key = config.item_rate
-            found = [p or {} for p in profiles(pool)]
-            n = len(found)
-            counts = (np.fromiter((p.get(clicks_key, 0.0) for p in found), np.float64, n),
-                      np.fromiter((p.get(shown_key, 0.0) for p in found), np.float64, n))
-            np.minimum(counts[0], counts[1], out=counts[0])  # clicks without impressions
-        out = self.bandit.order(user_id, pool.score, pool.category, request.k,
+        if config.item_lift > 0 and rates is not None:
+            clicks, shown = rates(pool, config.item_rate)
+            counts = (np.minimum(clicks, shown), shown)  # clicks without impressions
+        categories = pool.category if pool.coded is None else pool.coded
+        out = self.bandit.order(user_id, pool.score, categories, request.k,
                                 stable_hash64(f"category:{request.request_id}"), history, counts,
                                 attrs)
         if out is None:

@@ -13,8 +13,8 @@ it so; shard ``j`` then runs on worker ``j mod W`` for every ``W`` dividing ``SP
 (1, 2, 3, 4, 6, 12 workers): round robin, as even as the shard count allows.
 ``last_key(name)`` places a single-key stage (ranker trainer, pool trainer, index
 builder, metrics) on the last worker for those worker counts: worker 0 also reads and
-parses the one-partition inputs (simulator, replays that are not sharded) and owns the
-one-partition output files, so the last worker is the less loaded one.
+parses the one-partition inputs (simulator, replays that are not sharded) and writes the
+recommendations, so the last worker is the less loaded one.
 """
 
 from __future__ import annotations

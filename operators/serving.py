@@ -33,14 +33,14 @@ import importlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from events.model import Record
-from models.category_bandit import CategoryExploreConfig
+from models.category_bandit import CategoryExploreConfig, CodedCategories
 from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
 from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
@@ -253,17 +253,17 @@ class Server:
         attrs = self.context.catalog.get(item_id)
         return category_of(attrs) if attrs is not None else None
 
-    def _item_profiles(self, pool: CandidatePool) -> list[dict[str, Any] | None]:
-        """The candidates' profiles as their item tables publish them (None: no table
-        yet); the tables the scorer's columns already found, else looked up."""
-        items = pool.items
-        if pool.columns is not None:
-            tables = pool.columns.tables
+    def _item_rates(self, pool: CandidatePool, names: Sequence[str]) -> np.ndarray:
+        """The candidates' item-profile features ``names`` as their item tables publish
+        them (names x candidates, 0.0 without a value or a table yet)."""
+        space = self._space()
+        columns = pool.columns
+        if columns is not None and columns.space is space and columns.slots is not None:
+            slots = columns.slots
         else:
-            table_map, shard_of = self.views.table_map(), self.item_shard_of
-            tables = [table_map.get(shard_of(item)) for item in items]
-        return [t.features.get(item) if t is not None else None
-                for t, item in zip(tables, items, strict=True)]
+            space.sync(self.views.table_map())
+            slots = space.fill(pool.rows)
+        return space.profile_values(slots, pool.rows, tuple(names))
 
     def covis_channels(self, ctx: UserContext, ts_ms: int, n: int
                        ) -> tuple[list[tuple[str, float]], dict[str, SparseScores]]:
@@ -387,7 +387,7 @@ class Server:
             categories = getattr(self, "categories", None)  # None: off, or older state
             best = (categories.order(request, ctx.user_id, pool, ctx.liked,
                                      self.context.covis.decay, self._category_of,
-                                     self._item_profiles, attrs_of(ctx.profile))
+                                     self._item_rates, attrs_of(ctx.profile))
                     if categories else None)
             if best is None:  # the scorer's order
                 best = pool.candidates(top_indices(pool.score, self._depth(request.k)))
@@ -510,7 +510,7 @@ class Server:
             excluded = set(request.exclude)
             keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
         pool.attrs = attrs
-        pool.category = [space.categories[c] for c in space.category[slots].tolist()]
+        pool.coded = CodedCategories(space.category[slots], space.categories)
         return pool.take(keep)
 
     def _pool_hook(self, stage: str, request: Any, pool: CandidatePool) -> CandidatePool:

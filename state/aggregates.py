@@ -142,6 +142,21 @@ class _Distinct(_Count):
             return a
         return sorted(set(a).union(b))[: self.k]
 
+    def merge_run(self, accs: list[Any], b: Any) -> Any:
+        """``merge`` of each of ``accs`` into ``b`` in turn, in one pass: the k smallest of
+        the union, sorted once (what the pairwise merges give, since the k smallest of
+        A and of the k smallest of B are the k smallest of A and B). A window of a
+        profile's slices costs one sort instead of one per slice."""
+        if not accs:
+            return b
+        if b is None and len(accs) == 1:
+            return accs[0]
+        union = set() if b is None else set(b)
+        for a in accs:
+            if a is not None:
+                union.update(a)
+        return sorted(union)[: self.k] if union or b is not None else None
+
     def out(self, acc: Any, r: int, t: int) -> Any:
         n = len(acc)
         if n < self.k:

@@ -291,6 +291,25 @@ class ItemRows:
             self.attr_id[s] = ids[j]
             self._attrs[s] = a
 
+    def profile_values(self, slots: np.ndarray, rows: np.ndarray, names: tuple[str, ...]
+                       ) -> np.ndarray:
+        """The item-profile features ``names`` of the slots' items (holding ``rows``) in
+        their current tables (after ``fill``), names x slots, 0.0 without a value or a
+        table: ``ItemTable.feature_columns`` read by index, one group per shard."""
+        out = np.zeros((len(names), slots.size))
+        shard = self.shard[slots]
+        item_of = self.view.names.__getitem__
+        for k in set(shard.tolist()):  # a few shards; each candidate in one group
+            table = self.tables[k] if k >= 0 else None
+            if table is None:
+                continue
+            index, values = table.feature_columns(names)
+            at = np.flatnonzero(shard == k)
+            j = np.fromiter(map(index.get, map(item_of, rows[at].tolist()), itertools.repeat(-1)),
+                            np.int64, at.size)
+            out[:, at] = values[:, j]
+        return out
+
     def decay_factors(self, source: str, ts_ms: int) -> np.ndarray:
         """Per shard index, the factor that decays its table's ``source`` counts to
         ``ts_ms`` (0.0 for a shard without a table: its counts read 0)."""

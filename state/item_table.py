@@ -134,6 +134,23 @@ class ItemTable:
                             _matrix_of(self.features, names))
         return self._matrix
 
+    def feature_columns(self, names: tuple[str, ...]) -> tuple[dict[str, int], np.ndarray]:
+        """The features ``names`` of every item as (item -> column, float64 array names x
+        (items + 1)): ``feature_matrix`` transposed, 0.0 where an item has no value (as
+        ``features[item].get(name, 0.0)`` reads; the last column: an item without a
+        profile), once per table version (``memo``; shared by every reader of it)."""
+        key = ("feature_columns", names)
+        found = self.memo.get(key)
+        if found is None:
+            index, have, matrix = self.feature_matrix()
+            values = np.zeros((len(names), len(index) + 1))
+            for k, name in enumerate(names):
+                if name in have:
+                    col = matrix[:, have.index(name)]
+                    values[k, :-1] = np.where(np.isnan(col), 0.0, col)
+            found = self.memo[key] = (index, values)
+        return found
+
     def channel(self, name: str) -> tuple[CoVisitation | None, dict[str, float]]:
         """Co-visitation table and normalising counts of channel ``liked`` or ``any``."""
         if name == "liked":

@@ -50,7 +50,7 @@ from collections.abc import Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
-from state.aggregates import BAD, TS
+from state.aggregates import BAD, TS, _Distinct
 from state.decay import exp2
 from state.feature_spec import MISSING, FeatureSpec, as_specs
 from state.profile_codec import FORMAT, HotCold, Profile
@@ -444,6 +444,8 @@ class ProfileStore:
         agg = self.plan.aggs[f]
         slices, tail, tail_end = fs[1], fs[2], fs[3]
         si = bisect.bisect_right(slices, t, key=_END) - 1
+        if type(agg) is _Distinct:  # the slices of a window merged in one pass
+            return self._slice_part_run(f, agg, fs, t, si)
         acc: Any = None
         last_end: int | None = None
         res: list[tuple[Any, int]] = []
@@ -463,6 +465,36 @@ class ProfileStore:
                 acc = agg.merge(sl[2], sl[1], acc, r, r)
                 last_end = sl[1]
                 si -= 1
+            res.append((acc, FAR if last_end is None else last_end + w))
+        return res
+
+    def _slice_part_run(self, f: int, agg: _Distinct, fs: list[Any], t: int, si: int
+                        ) -> list[tuple[Any, int]]:
+        """``_slice_part`` of a KMV sketch (``_Distinct``, whose merge ignores the
+        references): the slices entering each window merged in one pass
+        (``merge_run``): the same values as merging them one by one."""
+        slices, tail, tail_end = fs[1], fs[2], fs[3]
+        acc: Any = None
+        last_end: int | None = None
+        res: list[tuple[Any, int]] = []
+        for w in self.plan.specs[f].windows:
+            run = []
+            if w is None:
+                while si >= 0:
+                    run.append(slices[si][2])
+                    si -= 1
+                if tail is not None and t >= tail_end:
+                    run.append(tail)
+                acc = agg.merge_run(run, acc)
+                res.append((acc, FAR))
+                continue
+            lo = t - w
+            while si >= 0 and slices[si][1] > lo:
+                sl = slices[si]
+                run.append(sl[2])
+                last_end = sl[1]
+                si -= 1
+            acc = agg.merge_run(run, acc)
             res.append((acc, FAR if last_end is None else last_end + w))
         return res
 

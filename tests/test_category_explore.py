@@ -13,7 +13,13 @@ from serving_world import CATEGORY, ITEMS, T0, World, ask, feed, warm_up
 
 from events.model import Feedback, Impression, Item, Request
 from flows.config import ConfigError, load_config
-from models.category_bandit import CategoryBandit, CategoryExploreConfig
+from models.category_bandit import (
+    CATEGORY_MODES,
+    CategoryBandit,
+    CategoryExploreConfig,
+    CodedCategories,
+    category_codes,
+)
 from operators.candidates import SOURCES, CandidatePool
 from operators.category_explore import CategoryExplore
 
@@ -233,6 +239,15 @@ def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     added = memory_bound(on)["parts_mb"]["user_shards"] - memory_bound(off)["parts_mb"]["user_shards"]
     expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
     assert added == pytest.approx(expected)
+    # item_lift's click and impression columns of every loaded table (one per item shard)
+    flat = load_config({"serving": {"category_explore": {"max_users": 1_000, "item_lift": 0.0},
+                                    "sources": no_lists}})
+    added = (memory_bound(on)["parts_mb"]["serving_tables"]
+             - memory_bound(flat)["parts_mb"]["serving_tables"])
+    expected = (on.shards.items * on.items.max_items * BYTES["table_rate_item"]
+                * ALLOCATOR_OVERHEAD / 2**20)
+    assert added == pytest.approx(expected) and BYTES["table_rate_item"] == 8 * len(
+        on.serving.category_explore.item_rate)
 
 
 def test_the_shard_keys_posteriors_by_the_catalogs_category_string(world: World) -> None:
@@ -351,8 +366,9 @@ def test_posteriors_resume_equal_after_a_snapshot(world: World) -> None:
 
 
 def test_item_lift_reads_the_counts_from_the_item_profiles() -> None:
-    """The serving glue reads ``item_rate`` (clicks, impressions) from each candidate's
-    item profile; a candidate without a profile counts nothing (lift toward 1)."""
+    """The serving glue reads ``item_rate`` (clicks, impressions) of each candidate's
+    item profile (``rates``); a candidate without a profile counts nothing (lift toward
+    1)."""
     scores, cats = pool()
     n = len(scores)
     items = [f"x{i}" for i in range(n)]
@@ -367,7 +383,9 @@ def test_item_lift_reads_the_counts_from_the_item_profiles() -> None:
         explore = CategoryExplore(CategoryExploreConfig(item_lift=strength))
         show(explore.bandit, "u", 2, "c1")
         out = explore.order(Request(T0, "q", "u", 40), "u", candidates,
-                            profiles=lambda p: profiles if p is candidates else [])
+                            rates=lambda p, names: np.array(
+                                [[(f or {}).get(name, 0.0) for f in profiles] for name in names]
+                                if p is candidates else []))
         assert out is not None
         place[strength] = [c.item_id for c in out if c.category == "c1"].index(items[best])
     assert place[0.0] == 9 and place[20.0] < 3
@@ -537,3 +555,51 @@ def test_the_shard_serves_a_newcomer_what_their_group_clicks(world: World) -> No
         counts[strength] = (c3("new a"), c3("new b"))
     assert counts[20.0][0] > counts[20.0][1] + 10
     assert counts[0.0][0] == counts[0.0][1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_coded_categories_order_as_the_category_names(seed: int) -> None:
+    """Category sampling on the pool's category codes (``CodedCategories``: codes into
+    the ``ItemRows`` names, None and "" both "no category", names in any order) gives
+    the lists and propensities of the names themselves."""
+    rng = np.random.default_rng(seed)
+    table = [None, "c2", "", "c0", "c9", "c1"]
+    codes = rng.integers(0, len(table), 120).astype(np.int32)
+    names = [table[c] for c in codes.tolist()]
+    assert [x.tolist() if isinstance(x, np.ndarray) else x for x in category_codes(
+        CodedCategories(codes, table))] == [x.tolist() if isinstance(x, np.ndarray) else x
+                                           for x in category_codes(names)]
+    scores = rng.random(120)
+    for mode in CATEGORY_MODES:
+        bandit = CategoryBandit(CategoryExploreConfig(mode=mode))
+        for cat in ("c2", "c9", None):
+            show(bandit, "u", 3, cat)
+        by_name = bandit.order("u", scores, names, 10, seed)
+        by_code = bandit.order("u", scores, CodedCategories(codes, table), 10, seed)
+        assert by_name is not None and by_code is not None
+        assert by_name[0].tolist() == by_code[0].tolist()
+        assert by_name[1].tolist() == by_code[1].tolist()
+
+
+def test_a_user_without_exposures_costs_no_item_counts() -> None:
+    """The serving glue answers None (the scorer's order) for a user the posteriors do
+    not know before it reads any item counts (``rates``): a rating log such as
+    MovieLens, where no user has exposures, reads none; a known user's list reads them."""
+    scores, cats = pool()
+    n = len(scores)
+    candidates = CandidatePool(np.arange(n), [f"x{i}" for i in range(n)],
+                               np.zeros((len(SOURCES), n)), np.zeros((len(SOURCES), n), bool),
+                               scores, cats)
+    asked: list[str] = []
+
+    def rates(p: CandidatePool, names: list[str]) -> np.ndarray:
+        asked.append("rates")
+        return np.ones((len(names), len(p)))
+
+    explore = CategoryExplore(CategoryExploreConfig())
+    explore.bandit.click("u", "c1")  # a click alone is no exposure
+    assert explore.order(Request(T0, "q", "u", 10), "u", candidates, rates=rates) is None
+    assert asked == []
+    show(explore.bandit, "u", 1, "c1")
+    assert explore.order(Request(T0, "q2", "u", 10), "u", candidates, rates=rates) is not None
+    assert asked == ["rates"]

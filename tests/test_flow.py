@@ -129,13 +129,31 @@ def test_answers_are_handed_to_their_sink_before_the_batch_s_other_work(tmp_path
     the other in each activation round), so the recommendations sink comes right after
     the user shards: an answer does not wait for the batch's examples to be packed and
     written, the trainers, the item side or the metrics (docs/architecture.md, batches
-    and latency)."""
+    and latency). The other outputs share one sink step, added last."""
     flow = build({"inputs": [{"kind": "simulator", "events": 10}],
                   "output": {"dir": str(tmp_path)}})
     steps = [s.step_id.split(".", 1)[1] for s in flow.substeps]
-    first_after_shards = steps[steps.index("user_shard_out") + 1:][:3]
-    assert first_after_shards == ["take_recommendations", "out_recommendations_key",
-                                  "out_recommendations"]
-    for later in ("pack_examples", "out_examples", "item_shard", "index", "ranker",
+    first_after_shards = steps[steps.index("user_shard") + 1:][:2]
+    assert first_after_shards == ["recommendations", "out_recommendations"]
+    for later in ("user_shard_files", "out_files", "item_shard", "index", "ranker",
                   "pool_trainer", "metrics"):
         assert steps.index(later) > steps.index("out_recommendations"), later
+
+
+def test_the_flow_has_one_step_per_destination_and_two_sink_steps(tmp_path) -> None:
+    """Bytewax pays scheduling and progress work per step and message (twice over in a
+    cluster): the zero-config flow adds no identity step (a ``map`` unwrapping a stateful
+    step's ``(key, value)``, a ``key_on`` before a sink), and every output but the
+    recommendations goes through one sink step (docs/architecture.md, The step graph)."""
+    from operators.sinks import NamedSinks
+
+    flow = build({"inputs": [{"kind": "simulator", "events": 10}],
+                  "output": {"dir": str(tmp_path)}})
+    steps = {s.step_id.split(".", 1)[1]: s for s in flow.substeps}
+    outputs = {name: s for name, s in steps.items() if type(s).__name__ == "output"}
+    assert sorted(outputs) == ["out_files", "out_recommendations"]
+    assert sorted(outputs["out_files"].sink.sinks) == ["dead-letters", "examples", "late-labels",
+                                                       "metrics", "snapshots"]
+    assert all(isinstance(s.sink, NamedSinks) for s in outputs.values())
+    assert not [n for n, s in steps.items() if type(s).__name__ == "key_on"]
+    assert len(steps) <= 30, sorted(steps)

@@ -205,7 +205,7 @@ def test_kafka_security_settings_reach_kafka_python() -> None:
     flow = build(flow_config)
     steps = {s.step_id: s for s in _steps(flow)}
     source = next(s.source.inner for name, s in steps.items() if name.endswith("input_0_kafka"))
-    sink = next(s.sink for name, s in steps.items() if name.endswith("out_examples"))
+    sink = next(s.sink for name, s in steps.items() if name.endswith("out_files")).sinks["examples"]
     assert isinstance(source, KafkaSource) and isinstance(sink, KafkaSink)
     consumer_kwargs = source._kafka_config()
     producer_kwargs = sink._kafka_config()

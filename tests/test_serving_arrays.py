@@ -339,3 +339,47 @@ def test_pool_features_reuse_retrievals_channel_parts_bit_for_bit(
     for ts in (T0, T0 + 60_000):
         assert len(ask(shard, "u", ts=ts, k=10)["items"]) == 10
     assert checked
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_profile_values_read_each_items_current_table_as_its_feature_dict(
+        tmp_path: Path, seed: int) -> None:
+    """``ItemRows.profile_values`` (category sampling's ``item_rate`` counts) gives what
+    ``table.features[item].get(name, 0.0)`` reads in each candidate's current table (0.0
+    without a profile, a value or a table), for in-process and loaded tables, and reads
+    the new version after a shard's table is replaced (the per-table memo is the
+    version's, never the shard's)."""
+    rng = random.Random(seed)
+    items = [f"{'xy'[j % 2]}{j}" for j in range(60)]
+    names = ("item.clicks.1d", "item.impressions.1d")
+
+    def table(shard: str, ts: int) -> ItemTable:
+        mine = [i for i in items if i[0] == shard[1]]
+        features = {i: {n: float(rng.randrange(50)) for n in names + ("other",)
+                        if rng.random() < 0.8} for i in mine if rng.random() < 0.7}
+        return ItemTable(shard, ts, CoVisitation(CoVisConfig()), features=features)
+
+    def loaded(t: ItemTable) -> ItemTable:
+        path = tmp_path / f"{t.shard}-{t.ts}.npz"
+        t.save(path)
+        return ItemTable.load(path)
+
+    def expected(table_map: dict[str, ItemTable], pool: list[str]) -> list[list[float]]:
+        found = [(t.features.get(i) if (t := table_map.get("s" + i[0])) else None) or {}
+                 for i in pool]
+        return [[f.get(n, 0.0) for f in found] for n in names]
+
+    plain = {"sx": table("sx", T0), "sy": table("sy", T0)}
+    space = ItemRows(CovisView(), lambda item: "s" + item[0])
+    for version in range(3):
+        if version == 1:
+            plain["sy"] = table("sy", T0 + 1)
+        if version == 2:
+            del plain["sx"]
+        for table_map in (dict(plain), {shard: loaded(t) for shard, t in plain.items()}):
+            pool = rng.sample(items, 40) + ["z-unknown"]
+            rows = space.rows(pool)
+            space.sync(table_map)
+            got = space.profile_values(space.fill(rows), rows, names)
+            assert got.tolist() == expected(table_map, pool)
+            assert got.any()
