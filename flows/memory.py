@@ -87,6 +87,8 @@ BYTES: dict[str, float] = {
     "ranker_weight": 130,
     "routing_cache_entry": 150,
     "category_user": 1_200,
+    "category_user_change": 40,
+    "category_group": 2_200,
     "category_list": 700,
     "category_item": 100,
     "static_memo_item": 1_000,
@@ -148,6 +150,11 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + MAX_STATIC_MEMO * b["static_memo_item"]
         # serving's category posteriors: a user's counts and one item's click rate per user
         + (explore.max_users * b["category_user"] if explore.enabled else 0)
+        # the change detector's CUSUM and flag per user; the attribute groups' counts
+        + (explore.max_users * b["category_user_change"]
+           if explore.enabled and explore.change_threshold > 0 else 0)
+        + (explore.max_groups * b["category_group"]
+           if explore.enabled and explore.group_prior > 0 else 0)
         # and the category source's merged lists (operators/category_items.py)
         + category_lists
     )

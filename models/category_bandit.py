@@ -30,10 +30,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from models.group_prior import GroupPrior, group_keys
+from models.taste_change import click_surprise, cusum, exposure_surprise
 from state.feature_spec import position_discount
 from state.settings import doc
 
@@ -77,6 +79,22 @@ class CategoryExploreConfig:
                                "the prior rate is the shard-wide rate times C x the category's "
                                "share of them, the share smoothed by this many positives spread "
                                "evenly over the C categories (0: off, the shard-wide rate).", 0.0)
+    change_threshold: float = doc("Forgetting that follows taste changes: per user a CUSUM of "
+                                  "how much better the shard-wide rates explain the user's "
+                                  "newest exposures and clicks than the user's posterior "
+                                  "(nats, models/taste_change.py); past this the user's counts "
+                                  "are multiplied by ``change_fade``; 0: off.", 0.0)
+    change_fade: float = doc("Factor on a user's counts when ``change_threshold`` detects a "
+                             "moved taste.", 0.2)
+    group_prior: float = doc("Empirical-Bayes prior from users like this one: each category's "
+                             "prior rate times, per declared user attribute (``user`` events' "
+                             "string attrs), the rate of the users sharing its value over the "
+                             "shard's, that rate shrunk by this many exposures toward the "
+                             "shard's (models/group_prior.py); 0: off, the shard-wide rate.",
+                             0.0)
+    max_groups: int = doc("Groups (attribute=value) whose category counts a shard keeps for "
+                          "``group_prior``, the least recently updated dropped first; ~1.6 KB "
+                          "per group (flows/memory.py).", 256)
     item_lift: float = doc("Within the sampled order, weigh each candidate by its item's click "
                            "rate over its category's among the candidates (the item's rate "
                            "shrunk by this many impressions toward the category's; counts from "
@@ -117,6 +135,14 @@ def check_category_config(config: CategoryExploreConfig) -> None:
         raise ValueError(f"sharpen: must be > 0, got {config.sharpen}")
     if config.history_prior < 0:
         raise ValueError(f"history_prior: must be >= 0, got {config.history_prior}")
+    if config.change_threshold < 0:
+        raise ValueError(f"change_threshold: must be >= 0, got {config.change_threshold}")
+    if not 0.0 <= config.change_fade <= 1.0:
+        raise ValueError(f"change_fade: must be in [0, 1], got {config.change_fade}")
+    if config.group_prior < 0:
+        raise ValueError(f"group_prior: must be >= 0, got {config.group_prior}")
+    if config.max_groups < 1:
+        raise ValueError(f"max_groups: must be >= 1, got {config.max_groups}")
     if config.item_lift < 0:
         raise ValueError(f"item_lift: must be >= 0, got {config.item_lift}")
     if len(config.item_rate) != 2:
@@ -195,14 +221,22 @@ class CategoryBandit:
 
     def __init__(self, config: CategoryExploreConfig) -> None:
         self.config = config
-        self.users: OrderedDict[str, tuple[str, dict[str, list[float]]]] = OrderedDict()
-        """user -> (last list id, category -> [clicks, exposure])."""
+        self.users: OrderedDict[str, tuple] = OrderedDict()
+        """user -> (last list id, category -> [clicks, exposure][, the change CUSUM,
+        whether it saw the taste move])."""
         self.totals: dict[str, list[float]] = {}
         """category -> [clicks, exposure] over the shard (never decayed)."""
         self.items: OrderedDict[str, list[float]] = OrderedDict()
         """item -> [clicks, discounted impressions] over the shard (``item_adjusted``)."""
         self.all = [0.0, 0.0]
         """[clicks, discounted impressions] over the shard (``item_adjusted``)."""
+        self.groups = GroupPrior(config.group_prior, config.max_groups)
+        """Category counts of the users sharing an attribute value (``group_prior``)."""
+
+    def _group_prior(self) -> GroupPrior | None:
+        """The group counts when ``group_prior`` is on (None in state pickled before)."""
+        groups = getattr(self, "groups", None)
+        return groups if groups is not None and self.config.group_prior > 0 else None
 
     def _item_weight(self, item_id: str | None, discount: float) -> float:
         """``item_adjusted``: the item's shard-wide click rate over the shard's (shrunk by
@@ -223,7 +257,7 @@ class CategoryBandit:
         self.all[1] += discount
         return rate / overall
 
-    def _user(self, user_id: str) -> tuple[str, dict[str, list[float]]]:
+    def _user(self, user_id: str) -> tuple:
         entry = self.users.get(user_id)
         if entry is None:
             entry = self.users[user_id] = ("", {})
@@ -234,44 +268,98 @@ class CategoryBandit:
         return entry
 
     def exposure(self, user_id: str, category: str | None, position: int | None,
-                 list_id: str | None, item_id: str | None = None) -> None:
+                 list_id: str | None, item_id: str | None = None,
+                 attrs: dict[str, Any] | None = None) -> None:
         """An impression of an item of ``category`` at ``position`` in list ``list_id``
-        (``item_id``: only read with ``item_adjusted``)."""
-        last, counts = self._user(user_id)
+        (``item_id``: only read with ``item_adjusted``; ``attrs``: the user's attributes,
+        for ``group_prior``)."""
+        entry = self._user(user_id)
+        last, counts = entry[0], entry[1]
         if list_id is not None and list_id != last:
             decay = self.config.decay
             if decay < 1.0:
                 for c in counts.values():
                     c[0] *= decay
                     c[1] *= decay
-            self.users[user_id] = (list_id, counts)
+            self.users[user_id] = (list_id, counts, *entry[2:])
         w = exposure_weight(position)
         if self.config.item_adjusted:
             w *= self._item_weight(item_id, w)
         key = category or ""
+        if self.config.change_threshold > 0:
+            user_rate, shard_rate = self._rates(counts, key)
+            self._surprise(user_id, counts, exposure_surprise(w, user_rate, shard_rate))
         counts.setdefault(key, [0.0, 0.0])[1] += w
         self.totals.setdefault(key, [0.0, 0.0])[1] += w
+        groups = self._group_prior()
+        if groups is not None:
+            groups.add(group_keys(attrs), key, 0.0, w)
 
-    def click(self, user_id: str, category: str | None, item_id: str | None = None) -> None:
-        """A click on an impression of an item of ``category``."""
+    def click(self, user_id: str, category: str | None, item_id: str | None = None,
+              attrs: dict[str, Any] | None = None) -> None:
+        """A click on an impression of an item of ``category`` (``attrs``: the user's)."""
         key = category or ""
         if self.config.item_adjusted and item_id is not None:
             counts = self.items.get(item_id)
             if counts is not None:
                 counts[0] += 1.0
             self.all[0] += 1.0
-        _, counts = self._user(user_id)
+        counts = self._user(user_id)[1]
+        if self.config.change_threshold > 0:
+            self._surprise(user_id, counts, click_surprise(*self._rates(counts, key)))
         counts.setdefault(key, [0.0, 0.0])[0] += 1.0
         self.totals.setdefault(key, [0.0, 0.0])[0] += 1.0
+        groups = self._group_prior()
+        if groups is not None:
+            groups.add(group_keys(attrs), key, 1.0, 0.0)
 
-    def organic(self, user_id: str, category: str | None, weight: float) -> None:
+    def organic(self, user_id: str, category: str | None, weight: float,
+                attrs: dict[str, Any] | None = None) -> None:
         """An organic interaction (a declared signal such as a view, no impression): the
         user sought the item out, a click on one exposure, times ``weight``."""
         key = category or ""
-        _, counts = self._user(user_id)
+        counts = self._user(user_id)[1]
+        if self.config.change_threshold > 0:
+            user_rate, shard_rate = self._rates(counts, key)
+            self._surprise(user_id, counts, exposure_surprise(weight, user_rate, shard_rate)
+                           + click_surprise(user_rate, shard_rate, weight))
         c = counts.setdefault(key, [0.0, 0.0])
         c[0] += weight
         c[1] += weight
+        groups = self._group_prior()
+        if groups is not None:
+            groups.add(group_keys(attrs), key, weight, weight)
+
+    def _rates(self, counts: dict[str, list[float]], key: str) -> tuple[float, float]:
+        """(the user's posterior mean, the shard-wide rate) of category ``key``."""
+        clicks = sum(c[0] for c in self.totals.values())
+        exposure = sum(c[1] for c in self.totals.values())
+        overall = (clicks + 1.0) / (exposure + 2.0)
+        s = self.config.prior_strength
+        tc, te = self.totals.get(key, (0.0, 0.0))
+        shard = min(max((tc + s * overall) / (te + s), 1e-4), 1 - 1e-4)
+        uc, ue = counts.get(key, (0.0, 0.0))
+        return (s * shard + uc) / (s + max(ue, uc)), shard
+
+    def _surprise(self, user_id: str, counts: dict[str, list[float]], step: float) -> None:
+        """Add ``step`` to the user's change CUSUM; past ``change_threshold`` fade the
+        user's counts by ``change_fade`` and mark the user as moved: their taste left what
+        their attributes' groups like, so ``group_prior`` no longer tilts their prior
+        (models/taste_change.py)."""
+        entry = self.users[user_id]
+        total, moved = cusum(entry[2] if len(entry) > 2 else 0.0, step,
+                             self.config.change_threshold)
+        if moved:
+            fade = self.config.change_fade
+            for c in counts.values():
+                c[0] *= fade
+                c[1] *= fade
+        self.users[user_id] = (entry[0], counts, total, moved or self._moved(entry))
+
+    @staticmethod
+    def _moved(entry: tuple) -> bool:
+        """Whether the change detector saw the user's taste move."""
+        return len(entry) > 3 and entry[3]
 
     def knows(self, user_id: str) -> bool:
         """Whether the user was shown anything (else ``order`` keeps the scorer's order)."""
@@ -290,40 +378,48 @@ class CategoryBandit:
         return n * (w + beta / n) / (w.sum() + beta)
 
     def posterior(self, user_id: str, categories: list[str],
-                  history: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  history: dict[str, float] | None = None,
+                  attrs: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Beta parameters (a, b) of each category's click rate for the user (``history``:
-        the recency weights of the user's recent positives per category, ``tilt``)."""
+        the recency weights of the user's recent positives per category, ``tilt``;
+        ``attrs``: the user's attributes, ``group_prior``)."""
         clicks = sum(c[0] for c in self.totals.values())
         exposure = sum(c[1] for c in self.totals.values())
         overall = (clicks + 1.0) / (exposure + 2.0)
         s = self.config.prior_strength
-        counts = self.users.get(user_id, ("", {}))[1]
+        entry = self.users.get(user_id, ("", {}))
+        counts = entry[1]
+        n = len(categories)
+        totals = np.array([self.totals.get(cat, (0.0, 0.0)) for cat in categories],
+                          np.float64).reshape(n, 2)
+        num, den = totals[:, 0] + s * overall, totals[:, 1] + s
         tilt = self.tilt(categories, history)
-        a = np.empty(len(categories))
-        b = np.empty(len(categories))
-        for j, cat in enumerate(categories):
-            tc, te = self.totals.get(cat, (0.0, 0.0))
-            rate = min(max(tilt[j] * (tc + s * overall) / (te + s), 1e-4), 1 - 1e-4)
-            uc, ue = counts.get(cat, (0.0, 0.0))
-            a[j] = s * rate + uc
-            b[j] = s * (1.0 - rate) + max(ue - uc, 0.0)
+        groups = self._group_prior()
+        if groups is not None and not self._moved(entry):
+            tilt = tilt * groups.tilt(group_keys(attrs), categories, num / den)
+        rate = np.clip(tilt * num / den, 1e-4, 1 - 1e-4)
+        user = np.array([counts.get(cat, (0.0, 0.0)) for cat in categories],
+                        np.float64).reshape(n, 2)
+        a = s * rate + user[:, 0]
+        b = s * (1.0 - rate) + np.maximum(user[:, 1] - user[:, 0], 0.0)
         return a, b
 
     def order(self, user_id: str, scores: np.ndarray,
               categories: Sequence[str | None] | CodedCategories, k: int,
               seed: int, history: dict[str, float] | None = None,
-              counts: tuple[np.ndarray, np.ndarray] | None = None
+              counts: tuple[np.ndarray, np.ndarray] | None = None,
+              attrs: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, np.ndarray] | None:
         """The top ``k`` by Thompson sampling over the categories (``mode``): (candidate
         indices of the list, each slot's propensity), or None for a user without
-        exposures (keep the scorer's order). ``history``: see ``posterior``; ``counts``:
-        each candidate's (clicks, impressions) for ``item_lift``."""
+        exposures (keep the scorer's order). ``history``, ``attrs``: see ``posterior``;
+        ``counts``: each candidate's (clicks, impressions) for ``item_lift``."""
         if not len(scores) or not self.knows(user_id):
             return None
         names, cat_of = category_codes(categories)
         depth = min(len(scores), max(self.config.depth, k))
         best_first = np.argsort(-scores, kind="stable")[:depth]
-        a, b = self.posterior(user_id, names, history)
+        a, b = self.posterior(user_id, names, history, attrs)
         if self.config.sharpen != 1.0:
             a, b = a * self.config.sharpen, b * self.config.sharpen
         rng = np.random.default_rng(seed)

@@ -31,26 +31,30 @@ class CategoryExplore:
         """Lists ordered by category sampling (metrics)."""
 
     def impression(self, user_id: str, item_id: str, category: str | None,
-                   position: int | None, request_id: str | None) -> None:
-        self.bandit.exposure(user_id, category, position, request_id, item_id)
+                   position: int | None, request_id: str | None,
+                   attrs: dict[str, Any] | None = None) -> None:
+        """An impression (``attrs``: the user's attributes, for ``group_prior``)."""
+        self.bandit.exposure(user_id, category, position, request_id, item_id, attrs)
 
     def feedback(self, user_id: str, item_id: str, category: str | None, action: str,
-                 impression_id: str | None, organic_weight: float | None = None) -> None:
+                 impression_id: str | None, organic_weight: float | None = None,
+                 attrs: dict[str, Any] | None = None) -> None:
         """A feedback event: a click (``actions``) on an impression counts; so does an
         organic signal (``organic_weight``: its declared weight, None for other actions)."""
         if impression_id is not None:
             if action in self.actions:
-                self.bandit.click(user_id, category, item_id)
+                self.bandit.click(user_id, category, item_id, attrs)
         elif organic_weight is not None and self.bandit.config.organic:
-            self.bandit.organic(user_id, category, organic_weight)
+            self.bandit.organic(user_id, category, organic_weight, attrs)
 
-    def retrieve(self, user_id: str, n: int, lists: dict[str, CategoryList]
-                 ) -> tuple[list[str], np.ndarray]:
+    def retrieve(self, user_id: str, n: int, lists: dict[str, CategoryList],
+                 attrs: dict[str, Any] | None = None) -> tuple[list[str], np.ndarray]:
         """The ``category`` retrieval source: up to ``n`` items, the best
         ``retrieve_per_category`` of each of the user's ``n / retrieve_per_category``
         categories of highest posterior mean (among the user's own categories and the most
         clicked ones of ``lists``), each scored by that mean times its lift; none for a
-        user without impressions (the scorer's sources alone, as ``order`` keeps them)."""
+        user without impressions (the scorer's sources alone, as ``order`` keeps them);
+        ``attrs``: the user's attributes (``group_prior``)."""
         bandit = self.bandit
         if n <= 0 or not lists or not bandit.knows(user_id):
             return [], np.zeros(0)
@@ -58,7 +62,7 @@ class CategoryExplore:
         take = max(1, n // per)
         own = [c for c in bandit.users[user_id][1] if c in lists]
         names = list(dict.fromkeys(own + list(itertools.islice(lists, take))))
-        a, b = bandit.posterior(user_id, names)
+        a, b = bandit.posterior(user_id, names, attrs=attrs)
         mean = a / (a + b)
         items: list[str] = []
         scores = []
@@ -71,15 +75,16 @@ class CategoryExplore:
     def order(self, request: Any, user_id: str, pool: CandidatePool,
               liked: list[str] | None = None, decay: float = 1.0,
               category: Callable[[str], str | None] | None = None,
-              rates: Callable[[CandidatePool, Sequence[str]], np.ndarray] | None = None
-              ) -> list[Candidate] | None:
+              rates: Callable[[CandidatePool, Sequence[str]], np.ndarray] | None = None,
+              attrs: dict[str, Any] | None = None) -> list[Candidate] | None:
         """The top k of ``pool`` (scored) by category sampling, propensities set; None
         (keep the scorer's order) for a user without impressions or a pool without
         categories. ``liked``: the user's recent positives, newest first, weighed
         ``decay**k`` (``liked_recency``); with ``category`` (item -> its category) they
         tilt the priors (``history_prior``); ``rates(pool, names)``: the pool's item-profile
         features ``names`` (names x candidates, 0.0 without; item tables), here the
-        ``item_rate`` counts that weigh the items (``item_lift``)."""
+        ``item_rate`` counts that weigh the items (``item_lift``); ``attrs``: the user's
+        attributes (``group_prior``)."""
         if ((pool.category is None and pool.coded is None) or not len(pool)
                 or not self.bandit.knows(user_id)):
             return None  # before the history and the item counts: nothing reads them
@@ -96,7 +101,8 @@ class CategoryExplore:
             counts = (np.minimum(clicks, shown), shown)  # clicks without impressions
         categories = pool.category if pool.coded is None else pool.coded
         out = self.bandit.order(user_id, pool.score, categories, request.k,
-                                stable_hash64(f"category:{request.request_id}"), history, counts)
+                                stable_hash64(f"category:{request.request_id}"), history, counts,
+                                attrs)
         if out is None:
             return None
         idx, props = out
@@ -105,3 +111,8 @@ class CategoryExplore:
             c.propensity = p
         self.ordered += 1
         return cands
+
+
+def attrs_of(profile: dict[str, Any]) -> dict[str, Any]:
+    """The user's attributes from a ``UserContext.profile`` (its ``u:<key>`` entries)."""
+    return {key[2:]: value for key, value in profile.items() if key.startswith("u:")}

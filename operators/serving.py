@@ -44,7 +44,7 @@ from models.category_bandit import CategoryExploreConfig, CodedCategories
 from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
 from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
-from operators.category_explore import CategoryExplore
+from operators.category_explore import CategoryExplore, attrs_of
 from operators.category_items import CategoryItems
 from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import ItemColumns, PointInTime, UserContext
@@ -387,7 +387,7 @@ class Server:
             categories = getattr(self, "categories", None)  # None: off, or older state
             best = (categories.order(request, ctx.user_id, pool, ctx.liked,
                                      self.context.covis.decay, self._category_of,
-                                     self._item_rates)
+                                     self._item_rates, attrs_of(ctx.profile))
                     if categories else None)
             if best is None:  # the scorer's order
                 best = pool.candidates(top_indices(pool.score, self._depth(request.k)))
@@ -452,7 +452,8 @@ class Server:
         n = sizes.get("category", 0)
         finder = getattr(self, "category_items", None)  # None: off, or older state
         if n and tables and finder is not None and self.categories is not None:
-            items, scores = self.categories.retrieve(ctx.user_id, n, finder.lists(tables))
+            items, scores = self.categories.retrieve(ctx.user_id, n, finder.lists(tables),
+                                                     attrs_of(ctx.profile))
             if items:
                 parts.append(("category", space.rows(items), scores))
         return merge(parts, space.names), covis

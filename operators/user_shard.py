@@ -292,12 +292,14 @@ class UserShard:
             return
         attrs = self.catalog.get(event.item_id)
         category = category_of(attrs) if attrs is not None else None
+        attrs = self.user_attrs.get(event.user_id)
         if event.type == "impression":
             explore.impression(event.user_id, event.item_id, category, event.position,
-                               event.request_id)
+                               event.request_id, attrs)
         else:
             explore.feedback(event.user_id, event.item_id, category, event.action,
-                             event.impression_id, self.joiner.config.organic.get(event.action))
+                             event.impression_id, self.joiner.config.organic.get(event.action),
+                             attrs)
 
     def _item_attrs(self, item_id: str) -> dict[str, Any] | None:
         """The item's attributes for the profiles of an interaction (marks it used)."""

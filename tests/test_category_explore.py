@@ -133,7 +133,8 @@ def test_config_values_are_validated() -> None:
     with pytest.raises(ConfigError, match="serving.category_explore.prior_strength"):
         load_config({"serving": {"category_explore": {"prior_strength": -1}}})
     for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
-                       ("item_rate", ["item.clicks.1d"])):
+                       ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
+                       ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0)):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: value}}})
 
@@ -388,6 +389,172 @@ def test_item_lift_reads_the_counts_from_the_item_profiles() -> None:
         assert out is not None
         place[strength] = [c.item_id for c in out if c.category == "c1"].index(items[best])
     assert place[0.0] == 9 and place[20.0] < 3
+
+
+def test_users_like_this_one_set_a_new_users_prior() -> None:
+    """``group_prior``: users of age group "a" click c3, those of "b" click c0; a newcomer
+    of group "a" shown one list gets more c3 than a newcomer of "b" shown the same list;
+    off (0), or without attributes, both start from the shard-wide rates alike."""
+    out = {}
+    for strength in (20.0, 0.0):
+        bandit = CategoryBandit(CategoryExploreConfig(group_prior=strength))
+        for n in range(40):
+            group, liked = ("a", "c3") if n % 2 else ("b", "c0")
+            attrs = {"age": group, "score": 3}  # a number is no group
+            for pos in range(8):
+                bandit.exposure(f"o{n}", CATS[pos % 4], pos, f"o{n}", attrs=attrs)
+            bandit.click(f"o{n}", liked, attrs=attrs)
+        for user, group in (("new a", "a"), ("new b", "b"), ("no attrs", None)):
+            attrs = {"age": group} if group else None
+            for pos in range(8):
+                bandit.exposure(user, CATS[pos % 4], pos, f"{user}:0", attrs=attrs)
+        shares = {}
+        for user, group in (("new a", "a"), ("new b", "b"), ("no attrs", None)):
+            attrs = {"age": group} if group else None
+            scores, cats = pool()
+            hits = 0
+            for seed in range(200):
+                idx, _ = bandit.order(user, scores, cats, 10, seed, attrs=attrs)
+                hits += sum(cats[i] == "c3" for i in idx.tolist())
+            shares[user] = hits / 2000
+        out[strength] = shares
+    assert out[20.0]["new a"] > out[20.0]["new b"] + 0.15
+    assert out[20.0]["new a"] > out[20.0]["no attrs"] + 0.1
+    assert out[0.0]["new a"] == out[0.0]["new b"] == out[0.0]["no attrs"]
+    assert out[20.0]["no attrs"] == out[0.0]["no attrs"]
+
+
+def test_a_moved_taste_fades_the_old_counts_and_a_held_one_keeps_them() -> None:
+    """``change_threshold``: with no forgetting per list, a user who clicked c0 for 30 lists
+    and then c2 moves to c2 within 8 lists only with the detector; a user who keeps
+    clicking c0 (and now and then another category) keeps every count."""
+    def crowd(bandit: CategoryBandit) -> None:
+        show(bandit, "o", 100, None)
+        for cat in CATS:
+            for _ in range(20):
+                bandit.click("o", cat)
+
+    means = {}
+    for h in (2.0, 0.0):
+        bandit = CategoryBandit(CategoryExploreConfig(decay=1.0, change_threshold=h))
+        crowd(bandit)
+        show(bandit, "u", 30, "c0")
+        show(bandit, "u", 8, "c2", start=30)
+        a, b = bandit.posterior("u", CATS)
+        means[h] = a / (a + b)
+    assert means[2.0][2] > means[2.0][0]
+    assert means[0.0][2] < means[0.0][0]
+
+    counts = {}
+    for h in (2.0, 0.0):
+        bandit = CategoryBandit(CategoryExploreConfig(decay=1.0, change_threshold=h))
+        crowd(bandit)
+        for n in range(40):
+            show(bandit, "held", 1, CATS[n % 4] if n % 5 == 4 else "c0", start=n)
+        counts[h] = bandit.users["held"][1]
+    assert counts[2.0] == counts[0.0]
+
+
+def test_groups_stay_within_max_groups_and_the_memory_bound_counts_them() -> None:
+    """The least recently updated groups are dropped past ``max_groups``; the flow's memory
+    bound adds that many groups per user shard with ``group_prior`` on, and the change
+    detector's per-user state with ``change_threshold`` on."""
+    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
+
+    bandit = CategoryBandit(CategoryExploreConfig(group_prior=5.0, max_groups=2))
+    for n in range(4):
+        bandit.exposure("u", "a", 0, f"r{n}", attrs={"city": f"x{n}"})
+    assert list(bandit.groups.groups) == ["city=x2", "city=x3"]
+
+    def user_shards(**explore: float) -> float:
+        config = load_config({"serving": {"category_explore": explore}})
+        return memory_bound(config)["parts_mb"]["user_shards"]
+
+    shards = load_config({}).shards.users
+    added = user_shards(group_prior=20.0, max_groups=100) - user_shards(max_groups=100)
+    assert added == pytest.approx(
+        shards * 100 * BYTES["category_group"] * ALLOCATOR_OVERHEAD / 2**20)
+    added = user_shards(change_threshold=2.0, max_users=1_000) - user_shards(max_users=1_000)
+    assert added == pytest.approx(
+        shards * 1_000 * BYTES["category_user_change"] * ALLOCATOR_OVERHEAD / 2**20)
+
+
+def test_groups_and_the_change_detector_resume_equal_after_a_snapshot(world: World) -> None:
+    """Through the shard: the user's attributes reach the group counts, and the groups and
+    the users' change state survive the pickled recovery state (same list served)."""
+    import pickle
+
+    from events.model import User
+
+    world.publish_all()
+    config = CategoryExploreConfig(enabled=True, group_prior=20.0, change_threshold=2.0)
+    shard = world.user_shard(category_explore=config)
+    feed(shard, [Item(T0 - 3_600_000, item, {"category": CATEGORY[item]}) for item in ITEMS])
+    warm_up(shard)
+    events: list = [User(T0 - 1, user, {"age_bucket": "25-34", "score": 7})
+                    for user in ("u1", "u2", "fan")]
+    for n, user in enumerate(("u1", "u2", "fan")):
+        for rep in range(3):
+            ts = T0 + 10 * n + rep
+            for pos, item in enumerate(ITEMS[:8]):
+                events.append(Impression(ts, f"i:{user}:{rep}:{pos}", user, item,
+                                         f"r:{user}:{rep}", pos))
+            events.append(Feedback(ts + 1, user, ITEMS[3], "click", f"i:{user}:{rep}:3"))
+    feed(shard, events)
+    bandit = shard.server.categories.bandit
+    group = bandit.groups.groups["age_bucket=25-34"]
+    assert group[CATEGORY[ITEMS[3]]][0] == 9.0  # every user's click, in their group
+    assert list(bandit.groups.groups) == ["age_bucket=25-34"]  # the number is no group
+    assert len(bandit.users["fan"]) == 4  # the change detector's state
+
+    resumed = pickle.loads(pickle.dumps(shard, protocol=pickle.HIGHEST_PROTOCOL))
+    again = resumed.server.categories.bandit
+    assert list(again.users.items()) == list(bandit.users.items())
+    assert again.groups.groups == bandit.groups.groups
+    here = ask(shard, "fan", ts=T0 + 50, request_id="q:resume")
+    there = ask(resumed, "fan", ts=T0 + 50, request_id="q:resume")
+    assert [(i["item_id"], i["propensity"]) for i in here["items"]] == [
+        (i["item_id"], i["propensity"]) for i in there["items"]]
+
+
+def test_the_shard_serves_a_newcomer_what_their_group_clicks(world: World) -> None:
+    """Through the shard: users of age group "a" click c3, of "b" c0; newcomers shown one
+    list each, without a click, are served more c3 when their ``user`` event says "a"
+    (serving reads the attributes from the user's context); with ``group_prior`` off, the
+    two newcomers get the same lists."""
+    from events.model import User
+
+    world.publish_all()
+    by_cat = {c: [i for i in ITEMS if CATEGORY[i] == c] for c in CATS}
+    shown = [by_cat[c][n] for n in range(2) for c in CATS]  # 8 items, 2 per category
+    counts = {}
+    for strength in (20.0, 0.0):
+        shard = world.user_shard(category_explore=CategoryExploreConfig(
+            enabled=True, group_prior=strength))
+        feed(shard, [Item(T0 - 3_600_000, item, {"category": CATEGORY[item]})
+                     for item in ITEMS])
+        warm_up(shard)
+        events: list = []
+        users = [(f"o{n}", "a" if n % 2 else "b") for n in range(20)] + [
+            ("new a", "a"), ("new b", "b")]
+        for n, (user, group) in enumerate(users):
+            ts = T0 - 600_000 + 100 * n
+            events.append(User(ts, user, {"age_bucket": group}))
+            for pos, item in enumerate(shown):
+                events.append(Impression(ts + 1, f"i:{user}:{pos}", user, item, f"r:{user}", pos))
+            if user.startswith("o"):
+                pos = shown.index(by_cat["c3" if group == "a" else "c0"][0])
+                events.append(Feedback(ts + 2, user, shown[pos], "click", f"i:{user}:{pos}"))
+        feed(shard, events)
+
+        def c3(user: str, shard=shard) -> int:
+            return sum(sum(CATEGORY.get(i["item_id"]) == "c3" for i in
+                           ask(shard, user, ts=T0 + n, request_id=f"q:{n}")["items"])
+                       for n in range(20))
+
+        counts[strength] = (c3("new a"), c3("new b"))
+    assert counts[20.0][0] > counts[20.0][1] + 10
+    assert counts[0.0][0] == counts[0.0][1]
 
 
 @pytest.mark.parametrize("seed", range(5))
