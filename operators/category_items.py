@@ -64,18 +64,12 @@ def _catalog_columns(table: ItemTable) -> tuple[list[str], list[str], np.ndarray
 
 def _counts(table: ItemTable, ids: list[str], keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(clicks, impressions) per item of ``ids`` from the table's profile features
-    (``keys``: their names; 0 without a value); clicks capped at impressions."""
-    index, names, matrix = table.feature_matrix()
-    rows = np.fromiter((index.get(i, -1) for i in ids), np.int64, len(ids))
-    found = rows >= 0
-    out = []
-    for key in keys:
-        col = np.zeros(len(ids))
-        if key in names and found.any():
-            values = matrix[rows[found], names.index(key)]
-            col[found] = np.nan_to_num(values, nan=0.0)
-        out.append(col)
-    clicks, shown = out
+    (``keys``: their names; 0 without a value, ``ItemTable.feature_columns``, shared with
+    category sampling's item counts); clicks capped at impressions."""
+    index, columns = table.feature_columns(tuple(keys))
+    missing = len(index)  # the last column: an item without a profile (all 0.0)
+    rows = np.fromiter((index.get(i, missing) for i in ids), np.int64, len(ids))
+    clicks, shown = columns[:, rows]
     return np.minimum(clicks, shown), shown
 
 
