@@ -542,9 +542,13 @@ class Server:
         scorer_mode = self.config.scorer
         model = self.pool if scorer_mode in ("auto", "pool") else None
         current = self.views.ranker.current
+        alone = False  # the LR ranker serves alone, the pool ranker's shadow not sampled
         if (model is not None and scorer_mode == "auto"
                 and not self._pool_wanted(request, model, current is not None)):
-            model = None  # it could not serve this request, nor be judged on it
+            # it could not serve this request, nor be judged on it
+            alone = (current is not None
+                     and getattr(self, "organic_positives", 0) >= self.duel.min_outcomes)
+            model = None
         needs_ranker = model is not None and "ranker" in model.config.features
         ranker = current if scorer_mode in ("auto", "ranker") or needs_ranker else None
         probs = None
@@ -561,6 +565,11 @@ class Server:
             # still learns from this request's pool).
         if probs is None or scorer_mode == "pool":
             self.served_by[challenger] += 1
+            return
+        if alone:  # no challenger list: nothing for the duel to judge on this request
+            self.duel.forget(ctx.user_id)
+            self.served_by["ranker"] += 1
+            pool.score = probs
             return
         if scorer_mode == "auto":
             k = request.k
@@ -598,19 +607,23 @@ class Server:
 
     def _pool_wanted(self, request: Any, model: PoolModel, has_ranker: bool) -> bool:
         """``auto``: whether the pool ranker scores this request (computes its features,
-        remembers the pool to learn from): when it orders the requests before the first
-        LR copy (``serve_before_ranker``), once the shard saw ``scorer_min_outcomes``
-        organic positives (it serves where those favour it), or with an LR copy when the
-        duel is undecided, prefers it, or samples the request (it is judged on it); not
-        otherwise (a ranker that serves on its own pays for no pool features)."""
-        if (model.config.serve_before_ranker
-                or getattr(self, "organic_positives", 0) >= self.duel.min_outcomes):
-            return True
+        remembers the pool to learn from). Without an LR copy: when it orders those
+        requests (``serve_before_ranker``) or once the shard saw ``scorer_min_outcomes``
+        organic positives (it learns from them). With one: unless the LR ranker serves
+        the request alone (``_ranker_alone``), so only the ``scorer_shadow_rate`` sample
+        of those is shadow-scored (its lists judged, its pools learned from)."""
         if not has_ranker:
-            return False
+            return (model.config.serve_before_ranker
+                    or getattr(self, "organic_positives", 0) >= self.duel.min_outcomes)
+        return not self._ranker_alone(request)
+
+    def _ranker_alone(self, request: Any) -> bool:
+        """``auto`` with an LR copy: the duel is decided, the organic positives do not
+        favour the challenger, the LR ranker won the clicks and the request is not in the
+        shadow sample: the LR ranker's list is served as it is (``ScorerDuel.mode``)."""
         duel = self.duel
-        return (not duel.decided or duel.choice("auto") == "retrieval"
-                or not duel.ranker_won_clicks() or self._sampled(request))
+        return (duel.decided and duel.choice("auto") == "ranker" and duel.ranker_won_clicks()
+                and not self._sampled(request))
 
     def _pool_scores(self, model: PoolModel, request: Any, ctx: UserContext,
                      pool: CandidatePool, covis: dict[str, SparseScores] | None,

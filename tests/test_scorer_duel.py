@@ -155,6 +155,39 @@ def test_once_the_blend_leads_only_a_sample_is_shadow_scored(tmp_path: Path) -> 
     assert "w" not in duel.pending  # its next positive is not matched to the old lists
 
 
+def test_once_the_lr_ranker_won_only_a_sample_is_shadow_scored_by_the_pool_ranker(
+        tmp_path: Path) -> None:
+    """Under ``auto`` with the LR ranker ahead on organic positives and clicks (and the
+    shard past ``scorer_min_outcomes`` organic positives), the pool ranker scores, and
+    remembers the pool of, about ``scorer_shadow_rate`` of the requests (deterministic by
+    request id: the same requests at any run); the LR ranker serves the others alone and
+    they leave no lists in the duel; the sampled ones are recorded (organic positives
+    judge them; interleaved once clicks do); at rate 1 every request is scored by both."""
+    world = World(tmp_path)
+    world.publish_all()
+    sampled: dict[float, set[int]] = {}
+    for rate in (0.2, 0.2, 1.0):
+        shard = world.user_shard(scorer="auto", scorer_min_outcomes=1, scorer_shadow_rate=rate)
+        server = shard.server
+        server.duel.record("lead", ["hit"], ["miss"])
+        server.outcome("lead", "hit")  # an organic positive for the LR ranker's list
+        assert server.duel.choice("auto") == "ranker" and server.duel.ranker_won_clicks()
+        pools = server.pool.pending.pools
+        scored = set()
+        for n in range(300):
+            ask(shard, f"v{n}", ts=T0 + n, request_id=f"req-{n}")
+            if f"v{n}" in pools:
+                scored.add(n)
+                assert f"v{n}" in server.duel.pending  # both lists recorded
+            else:
+                assert f"v{n}" not in server.duel.pending
+        assert server.served_by == {"ranker": 300, "retrieval": 0, "pool": 0}
+        if rate in sampled:
+            assert scored == sampled[rate]  # by request id
+        sampled[rate] = scored
+    assert 40 <= len(sampled[0.2]) <= 80 and len(sampled[1.0]) == 300
+
+
 def _impression_click(user: str, item: str, ts: int) -> list:
     from events.model import Impression
 
