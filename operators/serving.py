@@ -619,10 +619,14 @@ class Server:
 
     def _ranker_alone(self, request: Any) -> bool:
         """``auto`` with an LR copy: the duel is decided, the organic positives do not
-        favour the challenger, the LR ranker won the clicks and the request is not in the
-        shadow sample: the LR ranker's list is served as it is (``ScorerDuel.mode``)."""
+        favour the challenger, the LR ranker won clicks on interleaved lists (at least one
+        judged) and the request is not in the shadow sample: the LR ranker's list is
+        served as it is (``ScorerDuel.mode``). Without clicks (a rating log) the
+        challenger's lists are all that organic positives can bring it back by, so it
+        keeps scoring every request."""
         duel = self.duel
-        return (duel.decided and duel.choice("auto") == "ranker" and duel.ranker_won_clicks()
+        return (duel.decided and getattr(duel, "clicks", 0) > 0
+                and duel.choice("auto") == "ranker" and duel.ranker_won_clicks()
                 and not self._sampled(request))
 
     def _pool_scores(self, model: PoolModel, request: Any, ctx: UserContext,
