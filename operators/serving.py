@@ -644,7 +644,9 @@ class Server:
                         model.config.long_items, rows=pool.rows[best], space=self._space(),
                         attrs=None if pool.attrs is None else [pool.attrs[i] for i in best.tolist()],
                         numeric=None if pool.columns is None else
-                        {name: col[best] for name, col in pool.columns.numeric.items()})
+                        {name: col[best] for name, col in pool.columns.numeric.items()},
+                        slots=None if pool.columns is None or pool.columns.slots is None
+                        or pool.columns.space is not self._space() else pool.columns.slots[best])
         out = pool.score - 2.0  # the blend is in [0, ~1.001]
         out[best] = model.serve(ctx.user_id, items, x, request.ts, self.views.pool.current)
         return out
