@@ -212,14 +212,14 @@ def category_codes(categories: Sequence[str | None] | CodedCategories
 
 
 _DISCOUNTS: dict[int, np.ndarray] = {}
-"""``log2(2 + rank)`` for ranks ``0 .. n-1``, by ``n`` (at most ``depth`` + 1 lengths)."""
+"""``log2(2 + rank)`` for ranks ``0 .. n-1``, by ``n`` (n <= ``depth``; at most 64 kept)."""
 
 
 def _rank_discount(n: int) -> np.ndarray:
     """``np.log2(2.0 + np.arange(n))``, made once per ``n`` and shared read-only."""
     out = _DISCOUNTS.get(n)
     if out is None:
-        if len(_DISCOUNTS) >= 1024:
+        if len(_DISCOUNTS) >= 64:
             _DISCOUNTS.clear()
         out = _DISCOUNTS[n] = np.log2(2.0 + np.arange(n))
         out.flags.writeable = False
