@@ -205,7 +205,8 @@ class Server:
         self.organic_positives = 0
         """Organic positives seen on this shard (``outcome``). After
         ``serving.scorer_min_outcomes`` of them the pool ranker scores every request under
-        ``auto``; before, only those the duel judges it on (``_pool_wanted``)."""
+        ``auto`` but those the LR ranker serves alone after it won the clicks; before,
+        only those the duel judges it on (``_pool_wanted``)."""
         self.served_by = {"ranker": 0, "retrieval": 0, "pool": 0}
         self.interleaved = 0
         """Requests served as a team-draft interleaving of both scorers (not in
