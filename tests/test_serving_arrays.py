@@ -304,6 +304,18 @@ def test_item_rows_read_loaded_tables_as_the_tables_they_were_saved_from(
         assert got[0] == got[1] and any(got[0][0]) and not all(got[0][1])
 
 
+def _pool_ranker_shard(world: World) -> Any:
+    """A shard whose pool ranker orders every request (``scorer = pool``), its user "u"
+    with two organic positives, the tables, index and an LR copy on item features."""
+    world.publish_tables()
+    world.publish_index()
+    _ranker_on_item_features(world)
+    shard = world.user_shard(scorer="pool")
+    feed(shard, [Item(T0 - DAY, item, {"category": CATEGORY[item]}) for item in ITEMS]
+         + [click("u", SEED, T0 - 10_000), click("u", "a31", T0 - 5_000)])
+    return shard
+
+
 def test_pool_features_reuse_retrievals_channel_parts_bit_for_bit(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """``cov_liked`` / ``cov_any`` of the pool ranker read the channel parts retrieval
@@ -313,12 +325,7 @@ def test_pool_features_reuse_retrievals_channel_parts_bit_for_bit(
 
     import operators.serving as serving
 
-    world.publish_tables()
-    world.publish_index()
-    _ranker_on_item_features(world)
-    shard = world.user_shard(scorer="pool")
-    feed(shard, [Item(T0 - DAY, item, {"category": CATEGORY[item]}) for item in ITEMS]
-         + [click("u", SEED, T0 - 10_000), click("u", "a31", T0 - 5_000)])
+    shard = _pool_ranker_shard(world)
     real = serving.pool_matrix
     checked: list[int] = []
 
@@ -350,12 +357,7 @@ def test_pool_features_of_the_numeric_columns_alone_are_the_full_columns_bit_for
     the channel sums it does not read."""
     import operators.serving as serving
 
-    world.publish_tables()
-    world.publish_index()
-    _ranker_on_item_features(world)
-    shard = world.user_shard(scorer="pool")
-    feed(shard, [Item(T0 - DAY, item, {"category": CATEGORY[item]}) for item in ITEMS]
-         + [click("u", SEED, T0 - 10_000), click("u", "a31", T0 - 5_000)])
+    shard = _pool_ranker_shard(world)
     real = serving.pool_matrix
     checked: list[int] = []
 
