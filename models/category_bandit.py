@@ -100,7 +100,8 @@ class CategoryExploreConfig:
                              "sampled order left them out (the scorer ranks none of their "
                              "items among its best ``depth``, or too low): filled by the "
                              "category's best candidate, so what Thompson sampling picks is "
-                             "shown and learnt from; 0: off.", 0)
+                             "shown and learnt from; 0: off. Default by measurement: "
+                             "docs/evaluation.md.", 1)
     item_lift: float = doc("Within the sampled order, weigh each candidate by its item's click "
                            "rate over its category's among the candidates (the item's rate "
                            "shrunk by this many impressions toward the category's; counts from "
