@@ -194,15 +194,18 @@ class ItemRows:
         """The slots of ``rows`` with their table values current (after ``sync``)."""
         slots = self._slots(rows)
         shard = self.shard[slots]
-        unknown = shard < 0
-        if unknown.any():
+        # a slot without a shard yet was never read (gen -1, below every generation), so
+        # it is stale whatever shard_gen[-1] holds
+        stale = (np.flatnonzero(self.gen[slots] != self.shard_gen[shard])
+                 if self.shard_gen.size else np.arange(slots.size))
+        if not stale.size:
+            return slots
+        unknown = stale[shard[stale] < 0]
+        if unknown.size:
             names = self.view.names
             for r, s in zip(rows[unknown].tolist(), slots[unknown].tolist(), strict=True):
                 self.shard[s] = self._shard_index(self.item_shard_of(names[r]))
             shard = self.shard[slots]
-        stale = np.flatnonzero(self.gen[slots] != self.shard_gen[shard])
-        if not stale.size:
-            return slots
         names = self.view.names
         if stale.size < _ARRAY_FILL:  # a few new candidates: entry by entry
             self._fill_entries(names, rows[stale].tolist(), slots[stale].tolist())
