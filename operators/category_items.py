@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from models.category_bandit import CategoryExploreConfig, category_rates, rate_lift
-from state.item_table import ItemTable
+from state.item_table import ItemTable, set_memo
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +157,11 @@ class CategoryItems:
         """Category -> its best items over ``tables`` (cached per set of tables)."""
         if len(tables) != len(self._tables) or any(
                 a is not b for a, b in zip(tables, self._tables, strict=True)):
-            self._lists = merge_categories([table_categories(t, self.config) for t in tables],
-                                           self.config)
+            config = self.config
+            key = ("category_lists", tuple(config.item_rate), config.item_lift,
+                   config.retrieve_per_category, config.max_categories)
+            self._lists = set_memo(tables, key, lambda: merge_categories(
+                [table_categories(t, config) for t in tables], config))
             self._tables = tuple(tables)
         return self._lists
 

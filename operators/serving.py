@@ -54,7 +54,7 @@ from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.hashing import stable_hash64
 from state.item_rows import ItemRows
-from state.item_table import ItemTable, category_of
+from state.item_table import ItemTable, category_of, set_memo
 from state.settings import doc
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,22 @@ __all__ = ["Candidate", "REPEAT_POLICIES", "Server", "ServingConfig", "load_hook
 
 def _by_score(kv: tuple[str, float]) -> float:
     return kv[1]
+
+
+def _merged_top(tables: list[ItemTable], source: str, n: int
+                ) -> tuple[list[tuple[str, float]], list[str], np.ndarray]:
+    """``Server._top``'s merged list of ``6 n`` over ``tables`` as (pairs, items, scores):
+    every table's cached top list decayed to the newest table's time, merged by score
+    (equal scores in table then list order)."""
+    most = 6 * n
+    ref = max(t.ts for t in tables)
+    lists = []
+    for t in tables:
+        f = t.decay_factor(source, ref)
+        lists.append([(item, score * f) for item, score in t.top(source, most)])
+    merged = list(itertools.islice(heapq.merge(*lists, key=_by_score, reverse=True), most))
+    return (merged, [item for item, _ in merged],
+            np.array([score for _, score in merged], np.float64))
 
 
 @dataclass
@@ -493,17 +509,10 @@ class Server:
         cached = self._top_cache.get(key)
         if cached is None or len(cached[0]) != len(tables) or any(
                 a is not b for a, b in zip(cached[0], tables, strict=True)):
-            most = 6 * n
-            ref = max(t.ts for t in tables)
-            lists = []
-            for t in tables:
-                f = t.decay_factor(source, ref)
-                lists.append([(item, score * f) for item, score in t.top(source, most)])
-            merged = list(itertools.islice(
-                heapq.merge(*lists, key=_by_score, reverse=True), most))
-            rows = self._space().rows([item for item, _ in merged])
-            scores = np.array([score for _, score in merged], np.float64)
-            cached = self._top_cache[key] = (tuple(tables), merged, rows, scores)
+            merged, items, scores = set_memo(tables, ("top", source, n),
+                                             lambda: _merged_top(tables, source, n))
+            cached = self._top_cache[key] = (tuple(tables), merged, self._space().rows(items),
+                                             scores)
         return cached
 
     def _filter(self, request: Any, ctx: UserContext, pool: CandidatePool) -> CandidatePool:

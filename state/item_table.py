@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from state.covisitation import CoVisitation
 from state.decay import decay_factor
+
+T = TypeVar("T")
 
 _COVIS = "covis_"
 _COVIS_ANY = "covisany_"
@@ -263,6 +266,25 @@ class ItemTable:
         if matrix is not None:
             table._matrix = matrix
         return table
+
+
+def set_memo(tables: Sequence[ItemTable], key: Hashable, make: Callable[[], T]) -> T:
+    """``make()`` computed once per sequence of table versions (order counts) for every
+    reader in the process (the user shards of a process load the same versions): kept
+    in the first table's ``memo`` with weak references to the others, one entry per
+    ``key`` (a new sequence replaces it; it goes with the first table). Callers must not
+    modify the value."""
+    if not tables:
+        return make()
+    memo_key = ("table_set", key)
+    found = tables[0].memo.get(memo_key)
+    rest = tables[1:]
+    if found is not None and len(found[0]) == len(rest) and all(
+            ref() is t for ref, t in zip(found[0], rest, strict=True)):
+        return found[1]
+    value = make()
+    tables[0].memo[memo_key] = (tuple(weakref.ref(t) for t in rest), value)
+    return value
 
 
 def _matrix_of(features: dict[str, dict[str, float]], names: list[str]) -> np.ndarray:
