@@ -270,6 +270,8 @@ class CovisView:
             entry = self._vmaps[key] = [table, vmap]
         vmap = entry[1]
         ids = vmap[vocab_idx]
+        if ids.min() >= 0:  # every entry has its id (the usual case)
+            return ids
         unknown = ids == -2
         if unknown.any():
             todo = np.unique(vocab_idx[unknown])
