@@ -336,6 +336,30 @@ class PointInTime:
                 if self._crosses and attrs else _NO_CROSS,
                 item_id in taken.ctx.consumed)
 
+    def deferred_run(self, user_id: str, item_ids: list[str], ts_ms: int) -> list[Deferred]:
+        """``deferred_features`` of each of ``item_ids`` (a request's impressions, one
+        ``group``, in order): the group's context and capture are looked up once, each item
+        adds only its attributes, cross profile values and seen flag. The same tokens as
+        one call per item."""
+        first = self.deferred_features(user_id, item_ids[0], ts_ms)
+        taken = first[0]
+        consumed = taken.ctx.consumed
+        get = self.catalog.get
+        if self._crosses:
+            shared = self._shared_context(user_id, ts_ms)  # the one deferred_features used
+            cross_of, crosses = self._cross, shared.crosses
+            out = [first]
+            for item in itertools.islice(item_ids, 1, None):
+                attrs = get(item)
+                out.append((taken, item, attrs,
+                            cross_of(user_id, crosses, attrs, ts_ms) if attrs else _NO_CROSS,
+                            item in consumed))
+            return out
+        out = [(taken, item, get(item), _NO_CROSS, item in consumed)
+               for item in itertools.islice(item_ids, 1, None)]
+        out.insert(0, first)
+        return out
+
     def resolve_all(self, deferred: list[Deferred], wire: bool = False) -> list[Any]:
         """The features of each ``Deferred`` token, in order: what ``example_features``
         gave when it was taken, at example precision (``float32_features``). One

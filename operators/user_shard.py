@@ -142,11 +142,14 @@ class UserShard:
                 # whose example will be written take them now (together, per request);
                 # those dropped unless clicked keep them (a bounded number of versions).
                 self.joiner.resolve_deferred(self.context.release_frozen())
-        for event in events:
-            try:
-                self._apply(event)
-            except Exception as err:  # one bad event must not stop the flow
-                self._dead.append(processing_error(f"user_shard {shard}", event, err))
+        if self.profiles or self.server is not None or self.item_profiles:
+            for event in events:
+                try:
+                    self._apply(event)
+                except Exception as err:  # one bad event must not stop the flow
+                    self._dead.append(processing_error(f"user_shard {shard}", event, err))
+        else:
+            self._apply_runs(shard, events)
         self.joiner.advance()
         pending = self._mf_pending
         try:
@@ -155,6 +158,38 @@ class UserShard:
             self._dead.extend(processing_error(f"user_shard {shard} mf", {
                 "user_id": user, "item_id": item, "ts": ts}, err) for user, item, ts, _ in pending)
         return self._drain()
+
+    def _apply_runs(self, shard: str, events: list[Event]) -> None:
+        """``_apply`` of each event in order, when an impression does nothing but join (no
+        profiles, no serving, no item profiles): the impressions of one request in a row
+        (same request, user and ``ts``) are joined as one run (``Joiner.on_impressions``)."""
+        joiner, context = self.joiner, self.context
+        i, n = 0, len(events)
+        while i < n:
+            event = events[i]
+            j = i + 1
+            if event.type == "impression" and event.request_id is not None:
+                rid, user, ts = event.request_id, event.user_id, event.ts
+                while (j < n and events[j].type == "impression" and events[j].request_id == rid
+                       and events[j].user_id == user and events[j].ts == ts):
+                    j += 1
+            if j - i > 1:
+                run = events[i:j]
+                context.group = rid
+                try:
+                    joiner.on_impressions(run)
+                except Exception:  # nothing joined: one by one, the failing one dead-lettered
+                    for imp in run:
+                        self._apply_one(shard, imp)
+            else:
+                self._apply_one(shard, event)
+            i = j
+
+    def _apply_one(self, shard: str, event: Event) -> None:
+        try:
+            self._apply(event)
+        except Exception as err:  # one bad event must not stop the flow
+            self._dead.append(processing_error(f"user_shard {shard}", event, err))
 
     def _apply(self, event: Event) -> None:
         """Apply one event (see the module docstring for the order of work)."""

@@ -394,6 +394,50 @@ class Joiner:
         if len(pending.rows) > self.config.max_pending:
             self._close_oldest(len(pending.rows) - self.config.max_pending)
 
+    def on_impressions(self, run: list[Impression]) -> None:
+        """``on_impression`` of each impression of ``run`` in order: one request's impressions
+        (same user, ``ts`` and request; the context's ``group`` set to the request), taken
+        as one run: one clock step, one ``deferred_run`` call for their features, one
+        deadline entry. Anything unusual (duplicate ids, waiting orphans, a pending bound
+        the run would pass, no deferring context) takes the one-by-one path. Raises before
+        any change but the clock's (the caller may then apply the run one by one)."""
+        ts = run[0].ts
+        if self.max_ts_ms is None or ts > self.max_ts_ms:  # observe(ts), inline
+            self.max_ts_ms = ts
+            self.advance()
+        pending = self._pending
+        rows, closed = pending.rows, self.closed_ids
+        ids = [imp.impression_id for imp in run]
+        defer_run = getattr(self.context, "deferred_run", None)
+        if (self.orphans or defer_run is None or len(rows) + len(run) > self.config.max_pending
+                or len(set(ids)) != len(ids) or any(map(rows.__contains__, ids))
+                or any(map(closed.__contains__, ids))):
+            for imp in run:
+                self.on_impression(imp)
+            return
+        tokens = defer_run(run[0].user_id, [imp.item_id for imp in run], ts)  # before any change
+        self.counters.impressions += len(run)
+        deadline = ts + self.wait_ms
+        free = pending.free
+        impression, deadlines, features, flags = (pending.impression, pending.deadline,
+                                                  pending.features, pending.flags)
+        for imp, iid, token in zip(run, ids, tokens, strict=True):
+            if free:  # pending.add(imp, deadline, token, 0), inline
+                row = free.pop()
+                impression[row] = imp
+                deadlines[row] = deadline
+                features[row] = token
+                flags[row] = 0
+                rows[iid] = row
+            else:
+                pending.add(imp, deadline, token, 0)
+        due = self._due.get(deadline)
+        if due is None:
+            self._due[deadline] = ids
+            heapq.heappush(self._deadlines, deadline)
+        else:
+            due.extend(ids)
+
     def on_feedback(self, fb: Feedback) -> None:
         """Attach feedback to its impression, or treat it as an organic interaction."""
         self.observe(fb.ts)
