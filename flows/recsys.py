@@ -184,14 +184,16 @@ def _shard_counts(kv: tuple[str, dict[str, list[Any]]]) -> list[tuple[str, tuple
         ("outputs", {k: len(out[k]) for k in ("examples", "late-labels", "recommendations")
                      if k in out})]
     if "examples" in out:
-        by_label: dict[str, list[float]] = {}
-        for ex in out["examples"]:
-            key = str(ex["label"])
-            acc = by_label.get(key)
-            if acc is None:
-                acc = by_label[key] = [0, 0.0]
-            acc[0] += 1
-            acc[1] += ex.get("weight", 1.0)
+        by_label: Any = out.get("example-counts")  # the joiner's, in emission order
+        if by_label is None:
+            by_label = {}
+            for ex in out["examples"]:
+                key = str(ex["label"])
+                acc = by_label.get(key)
+                if acc is None:
+                    acc = by_label[key] = [0, 0.0]
+                acc[0] += 1
+                acc[1] += ex.get("weight", 1.0)
         items.append(("examples", by_label))
     if "recommendations" in out:
         items.append(("latency", [r["latency_ms"] for r in out["recommendations"]]))

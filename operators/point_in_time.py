@@ -362,7 +362,8 @@ class PointInTime:
 
     def resolve_all(self, deferred: list[Deferred], wire: bool = False) -> list[Any]:
         """The features of each ``Deferred`` token, in order: what ``example_features``
-        gave when it was taken, at example precision (``float32_features``). One
+        gave when it was taken, at example precision (``float32_features``); an entry that
+        is not a token (features computed already) comes back as it is. One
         ``item_features`` call per group taken together (same user context, time and
         snapshots: the impressions of one request), so the co-visitation seeds are read
         once per group instead of once per impression. MF scores are products one row at
@@ -375,18 +376,27 @@ class PointInTime:
         each item's static part once per memo entry; no merged dict); the rest as dicts."""
         out: list[Any] = [None] * len(deferred)
         groups: dict[tuple[int, int, int], list[int]] = {}
+        last: _Taken | None = None  # a request's tokens come in a row: grouped by identity
+        members: list[int] = []
         for j, d in enumerate(deferred):
-            key = d[0].key
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [j]
+            if type(d) is not tuple:  # computed already (a dict): as it is
+                out[j] = d
+                continue
+            taken = d[0]
+            if taken is last:
+                members.append(j)
+                continue
+            last = taken
+            members = groups.get(taken.key)  # type: ignore[assignment]
+            if members is None:
+                members = groups[taken.key] = [j]
             else:
-                group.append(j)
+                members.append(j)
         for members in groups.values():
             group = [deferred[j] for j in members]
             first = group[0][0]
-            if self.views is None and not any([d[4] or d[3] for d in group]):
-                self._resolve_static(first.ctx.profile, group, members, out, wire)
+            if self.views is None and not any([d[3] for d in group]):
+                self._resolve_plain(first.ctx, group, members, out, wire)
                 continue
             ctx = as_taken(first.ctx, group)
             items = [d[1] for d in group]
@@ -443,24 +453,52 @@ class PointInTime:
                     out[members[j]] = float32_features(compact({**ctx.profile, **static, **rest}))
         return out
 
-    def _resolve_static(self, profile: dict[str, Any], group: list[Deferred], members: list[int],
-                        out: list[Any], wire: bool) -> None:
-        """``resolve_all`` of a group whose items have no numeric and no cross features (no
-        snapshots, no item the user interacted with, no user x attribute profile:
-        ``item_columns`` gives no columns): each is the user's profile and the item's
-        static features, as ``resolve_all`` merges them (``wire``: their wire value, the
-        concatenation of the two encoded parts, where both encode as parts), into
-        ``out[members[j]]``."""
-        rounded = float32_features(compact(profile))
+    def _resolve_plain(self, ctx: UserContext, group: list[Deferred], members: list[int],
+                       out: list[Any], wire: bool) -> None:
+        """``resolve_all`` of a group without snapshots and cross profiles (the joiner path of
+        ``bench/joiner.py``), into ``out[members[j]]``: an item is the user's profile and its
+        static features (``_static_part``), plus for an item the user had interacted with
+        its ``ui.*`` columns (``item_columns`` gives only those here: 0.0 for the others,
+        compacted away), merged as ``resolve_all`` merges them; ``wire``: their wire value,
+        the concatenation of the encoded parts, where each encodes as a part (the head of
+        a profile and static part taken once per group and static names)."""
+        profile = ctx.profile
         keys = profile.keys()
+        rounded = float32_features(compact(profile))
         part = encoded_part(rounded) if wire else None
-        static_part_of = self._static_part
+        statics, static_part_of = self._statics, self._static_part
+        heads: dict[tuple[str, ...], str] = {}
+        values = part[1] if part is not None else []
+        recency: dict[str, float] | None = None
         for j, d in zip(members, group, strict=True):
-            static, static_rounded, static_part = static_part_of(d[1], None, d[2])
-            if not keys.isdisjoint(static):
+            item, attrs = d[1], d[2]
+            hit = statics.get(item)
+            if hit is not None and hit[0] is None and hit[1] is attrs:
+                static, static_rounded, static_part = hit[2], hit[3], hit[4]
+            else:
+                static, static_rounded, static_part = static_part_of(item, None, attrs)
+            if d[4]:  # seen: its ui.* columns (as resolve_all's general path merges them)
+                if recency is None:
+                    recency = liked_recency(ctx.liked, self.covis.decay)
+                rest = {"ui.interacted": 1.0, "ui.liked": recency.get(item, 0.0)}
+                if keys.isdisjoint(static) and keys.isdisjoint(rest) and static.keys().isdisjoint(rest):
+                    rest = float32_features(compact(rest))
+                    rest_part = (encoded_part(rest) if part is not None and static_part is not None
+                                 else None)
+                    out[j] = (join_parts(part, static_part, rest_part)  # type: ignore[arg-type]
+                              if rest_part is not None else {**rounded, **static_rounded, **rest})
+                else:
+                    out[j] = float32_features(compact({**profile, **static, **rest}))
+            elif not keys.isdisjoint(static):
                 out[j] = float32_features(compact({**profile, **static}))
             elif part is not None and static_part is not None:
-                out[j] = join_parts(part, static_part)
+                head = heads.get(static_part[0])
+                if head is None:  # join_parts, once per static names of the group
+                    row = out[j] = join_parts(part, static_part)
+                    if type(row[0]) is str:
+                        heads[static_part[0]] = row[0]
+                else:
+                    out[j] = [head, *values, *static_part[1]]
             else:
                 out[j] = {**rounded, **static_rounded}
 

@@ -374,9 +374,11 @@ class UserShard:
 
     def _drain(self) -> ShardOutput:
         examples, late = self.joiner.drain()
+        counts = self.joiner.drain_counts()
         out: ShardOutput = {}
         if examples:
             out["examples"] = examples
+            out["example-counts"] = counts  # type: ignore[assignment]
         if late:
             out["late-labels"] = late
         if self._recs:

@@ -34,6 +34,7 @@ Example ids are deterministic (``imp:<impression_id>``, ``int:<hash>``,
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -212,6 +213,14 @@ def _as_is(record: Record) -> Record:
     return record
 
 
+def impression_records(imps: list[Impression], labels: list[dict[str, float]], label: int,
+                       weight: float, features: list[Any]) -> list[Record]:
+    """``impression_record`` of each impression (with its labels, copied, and features),
+    all with ``label`` and ``weight``: the rows of windows that close together."""
+    return [impression_record(imp, label, dict(lab) if lab else {}, weight, feats)
+            for imp, lab, feats in zip(imps, labels, features, strict=True)]
+
+
 @dataclass(frozen=True)
 class RowForm:
     """How a joiner writes its examples: ``impression`` builds an impression's row from
@@ -223,6 +232,10 @@ class RowForm:
     impression: Callable[[Impression, int, dict[str, float], float, Any], Record] = (
         impression_record)
     record: Callable[[Record], Record] = _as_is
+    impressions: Callable[[list[Impression], list[dict[str, float]], int, float, list[Any]],
+                          list[Record]] = impression_records
+    """The rows of many impressions with one label and weight (``impression_records``'
+    shape): the windows that close together, built in one pass."""
     wire: bool = False
     """Deferred features are resolved straight to their wire value where they can
     (``DeferringContext.resolve_all(wire=True)``): ``impression`` takes a list then."""
@@ -269,6 +282,9 @@ def float32_features(features: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_LABEL_KEYS = ("0", "1")
+"""``str(label)`` of the two labels (the metrics' keys)."""
+
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
 
 
@@ -312,6 +328,9 @@ class Joiner:
         self.counters = JoinCounters()
         self.examples: list[Record] = []
         self.late_labels: list[Record] = []
+        self.by_label: dict[str, list[float]] = {}
+        """``[count, weight sum]`` of the examples since the last drain by label (``"0"``,
+        ``"1"``), summed in emission order: the metrics read it instead of the rows."""
 
     @property
     def pending(self) -> PendingView:
@@ -333,6 +352,7 @@ class Joiner:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("by_label", {})  # state of older versions
         self._defer = getattr(self.context, "deferred_features", None)
         self._resolve_all = getattr(self.context, "resolve_all", None)
 
@@ -514,10 +534,28 @@ class Joiner:
                 self._late(fb, "no_impression")
 
     def drain(self) -> tuple[list[Record], list[Record]]:
-        """Take the examples and late labels produced since the last drain."""
+        """Take the examples and late labels produced since the last drain (their counts by
+        label: ``drain_counts``)."""
         out = (self.examples, self.late_labels)
         self.examples, self.late_labels = [], []
         return out
+
+    def drain_counts(self) -> dict[str, list[float]]:
+        """Take ``by_label`` of the examples produced since the last call."""
+        out, self.by_label = self.by_label, {}
+        return out
+
+    def _count(self, label: int, weight: float, n: int = 1) -> None:
+        """Count ``n`` examples of ``label`` with ``weight`` each in ``by_label`` (the
+        weights added one at a time, as a pass over the rows adds them)."""
+        acc = self.by_label.get(_LABEL_KEYS[label])
+        if acc is None:
+            acc = self.by_label[_LABEL_KEYS[label]] = [0, 0.0]
+        acc[0] += n
+        total = acc[1]
+        for _ in itertools.repeat(None, n):
+            total += weight
+        acc[1] = total
 
     # -- internals --------------------------------------------------------------
     def _apply(self, row: int, fb: Feedback) -> None:
@@ -607,33 +645,37 @@ class Joiner:
         yet emitted leaves as a negative if the sampler keeps it. The deferred features of
         the kept ones are computed together (``DeferringContext.resolve_all``: one feature
         call per request instead of one per impression; the same values; straight to the
-        wire value when the rows are wire rows). The rows are then released."""
+        wire value when the rows are wire rows) and their rows built in one pass
+        (``RowForm.impressions``). The rows are then released."""
         pending = self._pending
         impression, deadline, flags = pending.impression, pending.deadline, pending.flags
-        counters, closed = self.counters, self.closed_ids
-        waiting: list[int] = []  # not emitted: a negative, kept or dropped by the sampler
-        ids: list[str] = []
-        for row in closing:
-            iid = impression[row].impression_id  # type: ignore[union-attr]
-            closed[iid] = deadline[row]
-            if not flags[row] & EMITTED:
-                waiting.append(row)
-                ids.append(iid)
-        kept = [row for row, keep in zip(waiting, self.sampler.keep_impressions(ids), strict=True)
-                if keep]
-        counters.negatives_dropped += len(waiting) - len(kept)
+        counters = self.counters
+        imps = [impression[row] for row in closing]
+        ids = [imp.impression_id for imp in imps]  # type: ignore[union-attr]
+        self.closed_ids.update(zip(ids, [deadline[row] for row in closing], strict=True))
+        if any([flags[row] for row in closing]):  # some emitted: not negatives
+            waiting = [j for j, row in enumerate(closing) if not flags[row] & EMITTED]
+            rows = [closing[j] for j in waiting]
+            imps = [imps[j] for j in waiting]
+            ids = [ids[j] for j in waiting]
+        else:
+            rows = closing
         counters.windows_closed += len(closing)
-        if kept:
-            counters.negatives_kept += len(kept)
-            features = [pending.features[row] for row in kept]
-            deferred = [j for j, f in enumerate(features) if type(f) is not dict]
-            if deferred and self._resolve_all is not None:
-                values = self._resolve_all([features[j] for j in deferred], self.rows.wire)
-                for j, value in zip(deferred, values, strict=True):
-                    features[j] = value
+        if self.sampler.rate < 1.0:
+            keeps = self.sampler.keep_impressions(ids)
+            counters.negatives_dropped += keeps.count(False)
+            if False in keeps:
+                rows = list(itertools.compress(rows, keeps))
+                imps = list(itertools.compress(imps, keeps))
+        if rows:
+            counters.negatives_kept += len(rows)
+            features = [pending.features[row] for row in rows]
+            if self._resolve_all is not None:
+                features = self._resolve_all(features, self.rows.wire)  # dicts as they are
             weight, labels = self.sampler.weight, pending.labels
-            for row, value in zip(kept, features, strict=True):
-                self._emit(impression[row], labels[row], value, 0, weight)  # type: ignore[arg-type]
+            self.examples.extend(self.rows.impressions(
+                imps, [labels[row] for row in rows], 0, weight, features))  # type: ignore[arg-type]
+            self._count(0, weight, len(rows))
         pending.release(closing)
 
     def _forget_closed(self, horizon_ms: int) -> None:
@@ -651,6 +693,7 @@ class Joiner:
         when the rows are wire rows."""
         self.examples.append(self.rows.impression(imp, label, dict(labels) if labels else {},
                                                   weight, features))
+        self._count(label, weight)
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1
@@ -686,12 +729,14 @@ class Joiner:
         self.examples.append(self.rows.record(Example(
             example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
             weight, float32_features(features[0]), "interaction", context=fb.context).record()))
+        self._count(int(positive), weight)
         negative_weight = self.config.weight_of(fb.action)  # as much negative as positive evidence
         for j, (item, taken) in enumerate(zip(chosen, features[1:], strict=True)):
             self.counters.sampled_negatives += 1
             self.examples.append(self.rows.record(Example(
                 f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, negative_weight,
                 float32_features(taken), "sampled", context=fb.context).record()))
+            self._count(0, negative_weight)
 
     def _features_of(self, fb: Feedback, items: list[str]) -> list[dict[str, Any]]:
         """``example_features`` of ``fb``'s user and each of ``items`` at ``fb.ts``: one
