@@ -180,9 +180,88 @@ def test_events_pickle_as_class_and_field_values() -> None:
     for event in events:
         cls, args = event.__reduce__()
         assert cls is type(event)
-        assert args == tuple(getattr(event, name) for name in type(event).__slots__)
+        assert args == tuple(getattr(event, name) for name in type(event).__struct_fields__)
         loaded = pickle.loads(pickle.dumps(event))
         assert loaded == event and type(loaded) is type(event)
         assert loaded.context is not event.context if hasattr(event, "context") else True
     updates = [ProfileEvent("a", events[0]), CatalogChange("a", events[3])]
     assert pickle.loads(pickle.dumps(updates)) == updates
+
+
+def _general(parser: EventParser, raw: bytes) -> object:
+    """What ``EventParser.parse`` gives through its general path only (orjson, ``_checked``),
+    the reference the typed decoder must agree with."""
+    from events.model import Invalid, dead_letter
+
+    try:
+        return parser._parse(raw)
+    except Invalid as err:
+        return dead_letter(raw, err.reason, err.detail)
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: v for k, v in a.items() if k != "ingest_ts"} == {
+            k: v for k, v in b.items() if k != "ingest_ts"}
+    return type(a) is type(b) and a == b and all(
+        type(x) is type(y) for x, y in zip(a.__reduce__()[1], b.__reduce__()[1], strict=True))  # type: ignore[union-attr]
+
+
+EDGE_VALUES: list[object] = [
+    None, True, False, 0, -1, 1, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63),
+    -(2**63) - 1, 10**30, 0.0, -0.0, 1.5, 1e308, 5e-324, "", "x", "é" * 256, "é" * 257,
+    "a\x00b", [], ["a"], [1], {}, {"a": 1}, {"a": {"b": 1}}, {"a": [1]}, {"a": None},
+    {"a": 2**64}, {"a": 10**30}, {"a": 1.25, "b": "c", "d": True},
+]
+"""Values put in every field of every event type: each must parse as the general path does."""
+
+BASE = {"impression": {"type": "impression", "ts": TS, "impression_id": "i1", "user_id": "u",
+                       "item_id": "a", "request_id": "r", "position": 2, "context": {"d": "web"}},
+        "feedback": {"type": "feedback", "ts": TS, "user_id": "u", "item_id": "a",
+                     "action": "click", "impression_id": "i1", "value": 2.5, "context": {}},
+        "request": {"type": "request", "ts": TS, "request_id": "r", "user_id": "u", "k": 5,
+                    "context": {"h": 3}, "exclude": ["b"]},
+        "item": {"type": "item", "ts": TS, "item_id": "a", "attrs": {"category": "c"},
+                 "available": False},
+        "user": {"type": "user", "ts": TS, "user_id": "u", "attrs": {"age": 30}}}
+
+
+def test_typed_decoding_agrees_with_the_general_path() -> None:
+    """The typed decoder (``_DECODER``, the fast path of ``parse``) accepts only what the
+    general path builds the same event from: every field of every type set to each edge
+    value, removed, duplicated, an unknown field added, ``ts`` out of range: the same
+    event (field values and their types) or the same dead letter."""
+    import json
+
+    def _dumps(obj: object) -> bytes:  # integers beyond 64 bits too
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+    clock = lambda: TS  # noqa: E731
+    raws: list[bytes] = []
+    for base in BASE.values():
+        raws.append(_dumps(base))
+        raws.append(_dumps({**base, "extra": 1}))
+        for name in base:
+            raws.append(_dumps({k: v for k, v in base.items() if k != name}))
+            for value in EDGE_VALUES:
+                raws.append(_dumps({**base, name: value}))
+        body = _dumps(base)[1:-1]
+        raws.append(b"{" + body + b',"user_id":"v","type":"' + base["type"].encode() + b'"}')
+        raws.append(b"{" + body + b',"type":"item"}')
+        for ts in (TS - 1, 10**11 - 1, -1, MAX_TS_MS + 1, TS + 86_400_001, TS + 86_400_000):
+            raws.append(_dumps({**base, "ts": ts}))
+    raws += [b"", b"[]", b"{}", b"null", b"{" + b'"a":' * 40, b'{"type":"user","ts":1}{}']
+    for raw in raws:
+        fast = EventParser(clock_ms=clock).parse(raw)
+        assert _same(fast, _general(EventParser(clock_ms=clock), raw)), raw
+
+
+def test_typed_decoding_keeps_the_watermark() -> None:
+    """An event ahead of the watermark by more than the skew is a dead letter on both paths,
+    and an accepted one moves the watermark as the general path does."""
+    p = EventParser(max_future_skew_ms=1000, clock_ms=lambda: TS)
+    base = BASE["impression"]
+    assert isinstance(p.parse(orjson.dumps(base)), Impression) and p.watermark_ms == TS
+    assert p.parse(orjson.dumps({**base, "ts": TS + 1001}))["reason"] == "ts_ahead"
+    assert isinstance(p.parse(orjson.dumps({**base, "ts": TS + 1000})), Impression)
+    assert p.watermark_ms == TS + 1000
