@@ -44,7 +44,7 @@ import numpy as np
 
 from events.model import Record
 from state.hashing import stable_hash64
-from state.pending import EMITTED, PendingColumns, PendingView
+from state.pending import EMITTED, ClosedIds, PendingColumns, PendingView
 from state.popularity import PopularityCounter
 from state.sampling import NegativeSampler
 from state.settings import doc
@@ -322,7 +322,8 @@ class Joiner:
         """Impression ids by deadline (a request's impressions share one: one heap entry
         for all of them); a deadline's ids close in id order."""
         self.orphans: OrderedDict[str, list[Feedback]] = OrderedDict()
-        self.closed_ids: OrderedDict[str, int] = OrderedDict()
+        self.closed_ids = ClosedIds()
+        """Closed impression ids and interaction keys (dedup), forgotten after the horizon."""
         self.popularity = PopularityCounter(capacity=config.popularity_pool)
         self.max_ts_ms: int | None = None
         self.counters = JoinCounters()
@@ -353,6 +354,8 @@ class Joiner:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("by_label", {})  # state of older versions
+        if not isinstance(self.closed_ids, ClosedIds):  # an OrderedDict before joiner5
+            self.closed_ids = ClosedIds(self.closed_ids.items())
         self._defer = getattr(self.context, "deferred_features", None)
         self._resolve_all = getattr(self.context, "resolve_all", None)
 
@@ -652,7 +655,7 @@ class Joiner:
         counters = self.counters
         imps = [impression[row] for row in closing]
         ids = [imp.impression_id for imp in imps]  # type: ignore[union-attr]
-        self.closed_ids.update(zip(ids, [deadline[row] for row in closing], strict=True))
+        self.closed_ids.add_many(ids, [deadline[row] for row in closing])
         if any([flags[row] for row in closing]):  # some emitted: not negatives
             waiting = [j for j, row in enumerate(closing) if not flags[row] & EMITTED]
             rows = [closing[j] for j in waiting]
@@ -679,13 +682,7 @@ class Joiner:
         pending.release(closing)
 
     def _forget_closed(self, horizon_ms: int) -> None:
-        closed = self.closed_ids
-        limit = 4 * self.config.max_pending
-        while closed:
-            iid = next(iter(closed))
-            if closed[iid] > horizon_ms and len(closed) <= limit:
-                break
-            del closed[iid]
+        self.closed_ids.forget(horizon_ms, 4 * self.config.max_pending)
 
     def _emit(self, imp: Impression, labels: dict[str, float], features: Any, label: int,
               weight: float) -> None:
@@ -711,7 +708,7 @@ class Joiner:
         if key in self.closed_ids:
             self.counters.dup_feedback += 1
             return
-        self.closed_ids[key] = fb.ts
+        self.closed_ids.add(key, fb.ts)
         positive = self.config.is_positive(fb.action, fb.value)
         example_id = f"int:{key}"
         weight = 1.0
