@@ -201,7 +201,12 @@ def join_parts(*parts: EncodedPart) -> list[Any]:
     return out
 
 
-WIRE_ROWS = RowForm(pack_impression, pack_example, pack_impressions, wire=True)
+def unwire_features(encoded: list[Any]) -> dict[str, Any]:
+    """The features dict of a ``KEY`` value (``_encode``'s or ``join_parts``' output)."""
+    return _decode(encoded, VOCABULARY)
+
+
+WIRE_ROWS = RowForm(pack_impression, pack_example, pack_impressions, unwire_features, wire=True)
 """The joiner writing wire-form rows (``Joiner(rows=WIRE_ROWS)``)."""
 
 

@@ -124,7 +124,7 @@ class UserShard:
         """Write examples in their wire form (True) or as full records (False); the flow
         sets it from its config at every start, resumed state included (a resumed shard
         feeds whatever trainer the config has now)."""
-        self.joiner.rows = WIRE_ROWS if wire else RECORD_ROWS
+        self.joiner.use_rows(WIRE_ROWS if wire else RECORD_ROWS)
 
     # -- the batch ----------------------------------------------------------------
     def process(self, shard: str, events: list[Event], ingest_ns: int | None = None) -> ShardOutput:

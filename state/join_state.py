@@ -236,6 +236,10 @@ class RowForm:
                           list[Record]] = impression_records
     """The rows of many impressions with one label and weight (``impression_records``'
     shape): the windows that close together, built in one pass."""
+    unwire: Callable[[Any], dict[str, Any]] | None = None
+    """The features dict of a wire value (``wire`` forms): pending features computed in
+    this form are turned back into dicts when the joiner is given a form without it
+    (``Joiner.use_rows``: a resumed flow whose config now has an in-flow trainer)."""
     wire: bool = False
     """Deferred features are resolved straight to their wire value where they can
     (``DeferringContext.resolve_all(wire=True)``): ``impression`` takes a list then."""
@@ -332,6 +336,18 @@ class Joiner:
         self.by_label: dict[str, list[float]] = {}
         """``[count, weight sum]`` of the examples since the last drain by label (``"0"``,
         ``"1"``), summed in emission order: the metrics read it instead of the rows."""
+
+    def use_rows(self, rows: RowForm) -> None:
+        """Write examples in the form ``rows`` from now on; pending features computed in
+        a wire form this one does not write are turned back into dicts (exactly:
+        ``RowForm.unwire``)."""
+        old = self.rows
+        if old.wire and old.unwire is not None and not rows.wire:
+            features = self._pending.features
+            for row in self._pending.rows.values():
+                if type(features[row]) is list:
+                    features[row] = old.unwire(features[row])
+        self.rows = rows
 
     @property
     def pending(self) -> PendingView:
@@ -433,12 +449,25 @@ class Joiner:
         ids = [imp.impression_id for imp in run]
         defer_run = getattr(self.context, "deferred_run", None)
         if (self.orphans or defer_run is None or len(rows) + len(run) > self.config.max_pending
-                or len(set(ids)) != len(ids) or any(map(rows.__contains__, ids))
-                or any(map(closed.__contains__, ids))):
+                or len(set(ids)) != len(ids) or not rows.keys().isdisjoint(ids)
+                or not closed.at.keys().isdisjoint(ids)):
             for imp in run:
                 self.on_impression(imp)
             return
         tokens = defer_run(run[0].user_id, [imp.item_id for imp in run], ts)  # before any change
+        if self._resolve_all is not None:
+            # Those whose example is sure to be written (kept negatives, or clicked) are
+            # computed now, while what they read is in the CPU's caches (ten minutes later,
+            # at the close, it no longer is): the same values (a token reads only what was
+            # taken); the others stay deferred (needed only if clicked).
+            keeps = self.sampler.keep_impressions(ids)
+            if False not in keeps:
+                tokens = self._resolve_all(tokens, self.rows.wire)
+            elif True in keeps:
+                kept = list(itertools.compress(range(len(tokens)), keeps))
+                for j, value in zip(kept, self._resolve_all([tokens[j] for j in kept],
+                                                            self.rows.wire), strict=True):
+                    tokens[j] = value
         self.counters.impressions += len(run)
         deadline = ts + self.wait_ms
         free = pending.free
@@ -489,7 +518,7 @@ class Joiner:
         pending = self._pending
         features, impression = pending.features, pending.impression
         rows = [row for row in pending.rows.values()
-                if features[row] is not None and type(features[row]) is not dict]
+                if type(features[row]) is tuple]  # tokens (dicts, wire lists: computed)
         if stale is not None and rows:
             keeps = self.sampler.keep_impressions(
                 [impression[row].impression_id for row in rows])  # type: ignore[union-attr]
