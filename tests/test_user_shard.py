@@ -136,7 +136,8 @@ def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
     for rate in (1.0, 0.5):
         for wire in (False, True):
             for max_pending in (50_000, 6):
-                def run(runs: bool) -> tuple[Any, ...]:
+                def run(runs: bool, rate: float = rate, wire: bool = wire,
+                        max_pending: int = max_pending) -> tuple[Any, ...]:
                     s = UserShard(JoinConfig(interaction_negatives=2, max_pending=max_pending,
                                              wait_ms_override=3_000), NegativeSampler(rate, 3),
                                   wire_examples=wire)
