@@ -44,7 +44,7 @@ import numpy as np
 
 from events.model import Record
 from state.hashing import stable_hash64
-from state.pending import EMITTED, ClosedIds, PendingColumns, PendingView
+from state.pending import DECIDED, EMITTED, KEPT, ClosedIds, PendingColumns, PendingView
 from state.popularity import PopularityCounter
 from state.sampling import NegativeSampler
 from state.settings import doc
@@ -460,29 +460,34 @@ class Joiner:
             # computed now, while what they read is in the CPU's caches (ten minutes later,
             # at the close, it no longer is): the same values (a token reads only what was
             # taken); the others stay deferred (needed only if clicked).
-            keeps = self.sampler.keep_impressions(ids)
-            if False not in keeps:
+            if self.sampler.rate >= 1.0:
                 tokens = self._resolve_all(tokens, self.rows.wire)
-            elif True in keeps:
-                kept = list(itertools.compress(range(len(tokens)), keeps))
-                for j, value in zip(kept, self._resolve_all([tokens[j] for j in kept],
-                                                            self.rows.wire), strict=True):
-                    tokens[j] = value
+                marks = itertools.repeat(0)
+            else:  # the decisions are kept in the flags: the close does not hash again
+                keeps = self.sampler.keep_impressions(ids)
+                marks = iter([DECIDED | KEPT if keep else DECIDED for keep in keeps])
+                if True in keeps:
+                    kept = list(itertools.compress(range(len(tokens)), keeps))
+                    for j, value in zip(kept, self._resolve_all([tokens[j] for j in kept],
+                                                                self.rows.wire), strict=True):
+                        tokens[j] = value
+        else:
+            marks = itertools.repeat(0)
         self.counters.impressions += len(run)
         deadline = ts + self.wait_ms
         free = pending.free
         impression, deadlines, features, flags = (pending.impression, pending.deadline,
                                                   pending.features, pending.flags)
-        for imp, iid, token in zip(run, ids, tokens, strict=True):
-            if free:  # pending.add(imp, deadline, token, 0), inline
+        for imp, iid, token, mark in zip(run, ids, tokens, marks, strict=False):  # marks: maybe endless
+            if free:  # pending.add(imp, deadline, token, mark), inline
                 row = free.pop()
                 impression[row] = imp
                 deadlines[row] = deadline
                 features[row] = token
-                flags[row] = 0
+                flags[row] = mark
                 rows[iid] = row
             else:
-                pending.add(imp, deadline, token, 0)
+                pending.add(imp, deadline, token, mark)
         due = self._due.get(deadline)
         if due is None:
             self._due[deadline] = ids
@@ -685,16 +690,21 @@ class Joiner:
         imps = [impression[row] for row in closing]
         ids = [imp.impression_id for imp in imps]  # type: ignore[union-attr]
         self.closed_ids.add_many(ids, [deadline[row] for row in closing])
-        if any([flags[row] for row in closing]):  # some emitted: not negatives
-            waiting = [j for j, row in enumerate(closing) if not flags[row] & EMITTED]
+        marks = [flags[row] for row in closing]
+        if any([mark & EMITTED for mark in set(marks)]):  # some emitted: not negatives
+            waiting = [j for j, mark in enumerate(marks) if not mark & EMITTED]
             rows = [closing[j] for j in waiting]
             imps = [imps[j] for j in waiting]
             ids = [ids[j] for j in waiting]
+            marks = [marks[j] for j in waiting]
         else:
             rows = closing
         counters.windows_closed += len(closing)
         if self.sampler.rate < 1.0:
-            keeps = self.sampler.keep_impressions(ids)
+            if all([mark & DECIDED for mark in set(marks)]):  # decided at the intake
+                keeps = [bool(mark & KEPT) for mark in marks]
+            else:
+                keeps = self.sampler.keep_impressions(ids)
             counters.negatives_dropped += keeps.count(False)
             if False in keeps:
                 rows = list(itertools.compress(rows, keeps))

@@ -16,6 +16,7 @@ per impression) are not read.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -23,8 +24,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     from events.model import Impression
 
+KEPT = 1
+"""``flags`` bit: the sampler keeps its negative (meaningful with ``DECIDED``)."""
 EMITTED = 2
 """``flags`` bit: its positive example was emitted (later feedback is a late label)."""
+DECIDED = 4
+"""``flags`` bit: the sampler's decision was taken at the intake and is ``KEPT``'s (else it
+is taken from the id when needed: ``NegativeSampler.keep_impressions``)."""
 
 NO_LABELS: dict[str, float] = {}
 """The labels of every pending impression without feedback yet (never written: the
@@ -50,8 +56,8 @@ class PendingColumns:
         example precision, or the context's deferred token (computed on demand, the same
         values); None once the positive was emitted (no longer needed)."""
         self.flags: list[int] = []
-        """``EMITTED`` when its positive example was emitted, else 0 (the sampler's keep
-        decision is taken from the id when needed: ``NegativeSampler.keep_impressions``)."""
+        """Bits: ``EMITTED`` when its positive example was emitted; ``DECIDED`` (and
+        ``KEPT``) when the sampler's keep decision was taken at the intake."""
         self.free: list[int] = []
         """Rows released for reuse."""
 
@@ -76,11 +82,9 @@ class PendingColumns:
 
     def release(self, rows: list[int]) -> None:
         """Free rows already taken out of ``rows`` (their objects are let go)."""
-        impression, labels, features = self.impression, self.labels, self.features
-        for row in rows:
-            impression[row] = None
-            labels[row] = NO_LABELS
-            features[row] = None
+        for column, empty in ((self.impression, None), (self.labels, NO_LABELS),
+                              (self.features, None)):
+            deque(map(column.__setitem__, rows, itertools.repeat(empty)), maxlen=0)  # in C
         self.free.extend(rows)
 
     def __len__(self) -> int:
