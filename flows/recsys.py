@@ -154,6 +154,7 @@ def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
 
 
 _TYPE_OF = operator.attrgetter("type")
+_TS_OF = operator.attrgetter("ts")
 
 
 def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
@@ -166,7 +167,7 @@ def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
     return "parse", {
         "events_by_type": +by_type,
         "dead_by_reason": Counter(d["reason"] for d in dead),
-        "max_ts": max((e.ts for e in events), default=None),
+        "max_ts": max(map(_TS_OF, events), default=None),
         "offsets": parsed[3],
     }
 

@@ -445,11 +445,17 @@ def route_events(events: list[Event], shards: int, shard_of: Callable[[str], int
                  ) -> list[tuple[str, tuple[str, list[Event], int]]]:
     """Split a micro-batch into per-user-shard batches, order kept within each shard.
 
-    ``item`` events carry no user: they are broadcast to every shard (catalog), or only
-    to shard ``only`` (a sharded replay partition's batch: every partition has them).
+    ``item`` events carry no user: they are broadcast to every shard (catalog). A sharded
+    replay partition's batch (``only``: its shard) is that shard's whole: its user events
+    are its shard's (``operators.replay_shards``: a line goes to its user's partition, a
+    shared line's user event is kept only there) and every partition has the ``item``
+    events.
     """
+    if only is not None:  # a sharded replay partition's batch: all its events are shard only's
+        key = shard_key(only)
+        return [(key, (key, events, ingest_ns))] if events else []
     buckets: dict[int, list[Event]] = {}
-    everyone = range(shards) if only is None else (only,)
+    everyone = range(shards)
     for event in events:
         if isinstance(event, Item):
             for s in everyone:
