@@ -401,3 +401,25 @@ def test_closed_ids_forget_as_an_ordered_dict() -> None:
                     del model[iid]
                 closed.forget(horizon, limit)
             assert closed.at == model and list(closed.order) == list(model)
+
+
+def test_a_joiner_state_of_the_previous_version_resumes() -> None:
+    """Recovery state written before joiner5 (closed ids in an ``OrderedDict``, no example
+    counts) loads: the closed ids keep deduplicating and expire as before."""
+    import pickle
+    from collections import OrderedDict
+
+    from state.pending import ClosedIds
+
+    j = make()
+    j.on_impression(imp("m1", T0))
+    j.flush()
+    state = j.__getstate__()
+    state["closed_ids"] = OrderedDict(state["closed_ids"].at)  # the previous layout
+    del state["by_label"]
+    old = object.__new__(Joiner)
+    old.__setstate__(state)
+    resumed = pickle.loads(pickle.dumps(old))
+    assert isinstance(resumed.closed_ids, ClosedIds) and "m1" in resumed.closed_ids
+    resumed.on_impression(imp("m1", T0 + 1))
+    assert resumed.counters.dup_impressions == 1 and resumed.drain_counts() == {}
