@@ -651,11 +651,10 @@ class Joiner:
     def _close_until(self, watermark: int | None) -> None:
         heap, due, rows = self._deadlines, self._due, self._pending.rows
         closing: list[int] = []
+        pop, gone = rows.pop, itertools.repeat(None)
         while heap and (watermark is None or heap[0] <= watermark):
-            for iid in sorted(due.pop(heapq.heappop(heap))):
-                row = rows.pop(iid, None)
-                if row is not None:
-                    closing.append(row)
+            ids = sorted(due.pop(heapq.heappop(heap)))
+            closing += [row for row in map(pop, ids, gone) if row is not None]  # pop in C
         if closing:
             self._close(closing)
 
