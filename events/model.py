@@ -344,7 +344,7 @@ class EventParser:
             # the general path below, which decides and explains.
             try:
                 event = _DECODER.decode(raw)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):  # deeply nested: skipping recurses
                 event = None
             if event is not None:
                 ts, watermark = event.ts, self.watermark_ms

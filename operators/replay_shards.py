@@ -82,7 +82,7 @@ def line_user(line: Any) -> str | None:
         return None
     try:
         who = _WHO.decode(line)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # deeply nested input: skipping recurses
         return _scan_user(line)
     return who.user_id if who.type in _USER_TYPES else None
 

@@ -250,7 +250,10 @@ def test_typed_decoding_agrees_with_the_general_path() -> None:
         raws.append(b"{" + body + b',"type":"item"}')
         for ts in (TS - 1, 10**11 - 1, -1, MAX_TS_MS + 1, TS + 86_400_001, TS + 86_400_000):
             raws.append(_dumps({**base, "ts": ts}))
-    raws += [b"", b"[]", b"{}", b"null", b"{" + b'"a":' * 40, b'{"type":"user","ts":1}{}']
+    deep = b"[" * 100_000 + b"]" * 100_000  # the typed decoder recurses into unknown fields
+    raws += [b"", b"[]", b"{}", b"null", b"{" + b'"a":' * 40, b'{"type":"user","ts":1}{}',
+             b'{"x":' + deep + b',"type":"user","ts":1,"user_id":"u"}',
+             b'{"type":"user","ts":1,"user_id":"u","x":' + deep + b"}"]
     for raw in raws:
         fast = EventParser(clock_ms=clock).parse(raw)
         assert _same(fast, _general(EventParser(clock_ms=clock), raw)), raw
@@ -265,3 +268,13 @@ def test_typed_decoding_keeps_the_watermark() -> None:
     assert p.parse(orjson.dumps({**base, "ts": TS + 1001}))["reason"] == "ts_ahead"
     assert isinstance(p.parse(orjson.dumps({**base, "ts": TS + 1000})), Impression)
     assert p.watermark_ms == TS + 1000
+
+
+def test_deeply_nested_input_is_a_dead_letter_on_the_typed_path_too() -> None:
+    """A payload within ``max_bytes`` nested far deeper than ``MAX_DEPTH`` (the typed decoder
+    recurses into fields it skips) is a ``too_deep`` dead letter, never an exception."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    p = EventParser(max_bytes=1_000_000)
+    for raw in (b'{"x":' + deep + b',"type":"user","ts":' + str(TS).encode() + b',"user_id":"u"}',
+                b'{"type":"user","ts":' + str(TS).encode() + b',"user_id":"u","x":' + deep + b"}"):
+        assert p.parse(raw)["reason"] == "too_deep"

@@ -94,6 +94,8 @@ def test_line_user_reads_only_what_is_certain() -> None:
     assert line_user(b'{"type":"request","user_id":"u7",}') == "u7"
     assert line_user(b'{"type":"request","user_id":"u\\u0037",}') is None  # escape
     assert line_user(b'{"type":"request","user_id":"u7","c":{"user_id":"x"},}') is None
+    deep = b"[" * 100_000 + b"]" * 100_000  # the decoder recurses into what it skips
+    assert line_user(b'{"type":"request","user_id":"u7","c":' + deep + b"}") == "u7"
     assert line_user(b'{"type":"request","user_id":7}') is None
     assert line_user({"type": "request", "user_id": "u7"}) is None
     assert line_user(b'{"type" :\t"user","user_id":\t"u7"}') == "u7"
