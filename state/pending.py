@@ -16,7 +16,6 @@ per impression) are not read.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -82,9 +81,11 @@ class PendingColumns:
 
     def release(self, rows: list[int]) -> None:
         """Free rows already taken out of ``rows`` (their objects are let go)."""
-        for column, empty in ((self.impression, None), (self.labels, NO_LABELS),
-                              (self.features, None)):
-            deque(map(column.__setitem__, rows, itertools.repeat(empty)), maxlen=0)  # in C
+        impression, labels, features = self.impression, self.labels, self.features
+        for row in rows:  # (3.11 specialises these stores: faster than a map in C)
+            impression[row] = None
+            labels[row] = NO_LABELS
+            features[row] = None
         self.free.extend(rows)
 
     def __len__(self) -> int:
