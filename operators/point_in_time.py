@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -360,6 +360,21 @@ class PointInTime:
         out.insert(0, first)
         return out
 
+    def features_run(self, user_id: str, item_ids: list[str], ts_ms: int, wire: bool = False
+                     ) -> list[Any]:
+        """``resolve_all(deferred_run(user_id, item_ids, ts_ms), wire)``: the features of a
+        request's impressions computed at once; without a token per item when there are no
+        snapshots and no cross profiles (``_resolve_plain`` on the items column-wise)."""
+        if self.views is not None or self._crosses:
+            return self.resolve_all(self.deferred_run(user_id, item_ids, ts_ms), wire)
+        ctx = self.deferred_features(user_id, item_ids[0], ts_ms)[0].ctx  # the group's context
+        consumed = ctx.consumed
+        out: list[Any] = [None] * len(item_ids)
+        self._resolve_plain(ctx, item_ids, list(map(self.catalog.get, item_ids)),
+                            [item in consumed for item in item_ids], range(len(item_ids)), out,
+                            wire)
+        return out
+
     def resolve_all(self, deferred: list[Deferred], wire: bool = False) -> list[Any]:
         """The features of each ``Deferred`` token, in order: what ``example_features``
         gave when it was taken, at example precision (``float32_features``); an entry that
@@ -396,7 +411,8 @@ class PointInTime:
             group = [deferred[j] for j in members]
             first = group[0][0]
             if self.views is None and not any([d[3] for d in group]):
-                self._resolve_plain(first.ctx, group, members, out, wire)
+                self._resolve_plain(first.ctx, [d[1] for d in group], [d[2] for d in group],
+                                    [d[4] for d in group], members, out, wire)
                 continue
             ctx = as_taken(first.ctx, group)
             items = [d[1] for d in group]
@@ -453,10 +469,12 @@ class PointInTime:
                     out[members[j]] = float32_features(compact({**ctx.profile, **static, **rest}))
         return out
 
-    def _resolve_plain(self, ctx: UserContext, group: list[Deferred], members: list[int],
-                       out: list[Any], wire: bool) -> None:
+    def _resolve_plain(self, ctx: UserContext, items: list[str],
+                       attrs_of: list[dict[str, Any] | None], seen: list[bool],
+                       members: Iterable[int], out: list[Any], wire: bool) -> None:
         """``resolve_all`` of a group without snapshots and cross profiles (the joiner path of
-        ``bench/joiner.py``), into ``out[members[j]]``: an item is the user's profile and its
+        ``bench/joiner.py``; its tokens' items, attributes and seen flags given column-wise),
+        into ``out[members[j]]``: an item is the user's profile and its
         static features (``_static_part``), plus for an item the user had interacted with
         its ``ui.*`` columns (``item_columns`` gives only those here: 0.0 for the others,
         compacted away), merged as ``resolve_all`` merges them; ``wire``: their wire value,
@@ -470,14 +488,13 @@ class PointInTime:
         heads: dict[tuple[str, ...], str] = {}
         values = part[1] if part is not None else []
         recency: dict[str, float] | None = None
-        for j, d in zip(members, group, strict=True):
-            item, attrs = d[1], d[2]
+        for j, item, attrs, was_seen in zip(members, items, attrs_of, seen, strict=True):
             hit = statics.get(item)
             if hit is not None and hit[0] is None and hit[1] is attrs:
                 static, static_rounded, static_part = hit[2], hit[3], hit[4]
             else:
                 static, static_rounded, static_part = static_part_of(item, None, attrs)
-            if d[4]:  # seen: its ui.* columns (as resolve_all's general path merges them)
+            if was_seen:  # its ui.* columns (as resolve_all's general path merges them)
                 if recency is None:
                     recency = liked_recency(ctx.liked, self.covis.decay)
                 rest = {"ui.interacted": 1.0, "ui.liked": recency.get(item, 0.0)}

@@ -36,7 +36,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -454,16 +454,20 @@ class Joiner:
             for imp in run:
                 self.on_impression(imp)
             return
-        tokens = defer_run(run[0].user_id, [imp.item_id for imp in run], ts)  # before any change
-        if self._resolve_all is not None:
-            # Those whose example is sure to be written (kept negatives, or clicked) are
-            # computed now, while what they read is in the CPU's caches (ten minutes later,
-            # at the close, it no longer is): the same values (a token reads only what was
-            # taken); the others stay deferred (needed only if clicked).
-            if self.sampler.rate >= 1.0:
+        items = [imp.item_id for imp in run]
+        features_run = getattr(self.context, "features_run", None)
+        marks: Iterator[int] = itertools.repeat(0)
+        # Those whose example is sure to be written (kept negatives, or clicked) are computed
+        # now, while what they read is in the CPU's caches (ten minutes later, at the close,
+        # it no longer is): the same values (a token reads only what was taken); the others
+        # stay deferred (needed only if clicked). Computed before any change.
+        if self.sampler.rate >= 1.0 and features_run is not None:  # every one kept
+            tokens = features_run(run[0].user_id, items, ts, self.rows.wire)
+        else:
+            tokens = defer_run(run[0].user_id, items, ts)
+            if self._resolve_all is not None and self.sampler.rate >= 1.0:
                 tokens = self._resolve_all(tokens, self.rows.wire)
-                marks = itertools.repeat(0)
-            else:  # the decisions are kept in the flags: the close does not hash again
+            elif self._resolve_all is not None:  # decisions kept in the flags: not hashed again
                 keeps = self.sampler.keep_impressions(ids)
                 marks = iter([DECIDED | KEPT if keep else DECIDED for keep in keeps])
                 if True in keeps:
@@ -471,8 +475,6 @@ class Joiner:
                     for j, value in zip(kept, self._resolve_all([tokens[j] for j in kept],
                                                                 self.rows.wire), strict=True):
                         tokens[j] = value
-        else:
-            marks = itertools.repeat(0)
         self.counters.impressions += len(run)
         deadline = ts + self.wait_ms
         free = pending.free
