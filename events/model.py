@@ -17,10 +17,9 @@ import math
 import operator
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
-import msgspec
 import orjson
 
 log = logging.getLogger(__name__)
@@ -48,19 +47,20 @@ and examples embed ``context`` one level down) nor pickled reliably (Python's
 recursion limit), so they are dead letters (``too_deep``)."""
 
 
-class _Record(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, gc=False):
-    """The base of the event types: ``msgspec`` structs (fields in constructor order,
-    attribute access like slots; decoded from JSON in C by ``EventParser``, ``_DECODER``),
-    mapping-style read access (``event.get("ts")``) for code written against dicts, and a
-    compact pickle: ``(class, field values)``.
+class _Record:
+    """Mapping-style read access (``event.get("ts")``) for code written against dicts,
+    and a compact pickle: ``(class, field values)``.
 
     Events cross processes inside item updates (``ProfileEvent``, ``CatalogChange``)
-    whenever a flow runs on several (``-i/-a``): as ``(class, values)`` 1,000 impressions
-    in ``ProfileEvent`` s pickle in ~40% less time than the ``fields()`` walk of a
-    dataclass, load in ~45% less and take 25% fewer bytes (docs/architecture.md,
-    scale-out). ``gc=False``: an event holds only JSON values, never a cycle, so the
-    collector need not track it (pending impressions are most of a shard's objects).
+    whenever a flow runs on several (``-i/-a``). A ``slots`` dataclass otherwise pickles
+    through the ``__getstate__``/``__setstate__`` that ``dataclass`` writes in Python
+    (a ``fields()`` walk and one ``object.__setattr__`` per field on load); as
+    ``(class, values)`` 1,000 impressions in ``ProfileEvent`` s pickle in ~40% less time,
+    load in ~45% less and take 25% fewer bytes (two runs in one process each, e.g. 3.4
+    vs 5.5 ms and 2.0 vs 3.6 ms; docs/architecture.md, scale-out).
     """
+
+    __slots__ = ()
 
     def get(self, name: str, default: Any = None) -> Any:
         return getattr(self, name, default)
@@ -69,79 +69,74 @@ class _Record(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, gc=F
         cls = type(self)
         values = _FIELD_GETTERS.get(cls)
         if values is None:  # every event type has two fields or more: a tuple
-            values = _FIELD_GETTERS[cls] = operator.attrgetter(*cls.__struct_fields__)
+            values = _FIELD_GETTERS[cls] = operator.attrgetter(*cls.__slots__)
         return cls, values(self)
 
 
 _FIELD_GETTERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
 """Per event class, its fields' values in constructor order (``_Record.__reduce__``)."""
 
-_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
-"""An ID as the typed decoder accepts it: a string of 1..``MAX_ID_LEN`` characters (an
-integer ID, which ``_id`` turns into its string, takes the general path)."""
-_Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-"""An int64 (orjson makes a float of an integer beyond 64 bits: such input takes the
-general path)."""
-_Flat = dict[str, str | _Int | float | bool | None]
-"""``context`` / ``attrs`` as the typed decoder accepts them: one level of JSON scalars
-(anything deeper or other takes the general path, which checks the nesting depth)."""
 
-
-class Impression(_Record, tag="impression"):
+@dataclass(slots=True)
+class Impression(_Record):
     """An item shown to a user. ``position`` is 0-based, -1 when unknown."""
 
     ts: int
-    impression_id: _Id
-    user_id: _Id
-    item_id: _Id
-    request_id: _Id | None = None
-    position: Annotated[int, msgspec.Meta(ge=-1, le=100_000)] = -1
-    context: _Flat = {}
-    type: ClassVar[str] = "impression"
+    impression_id: str
+    user_id: str
+    item_id: str
+    request_id: str | None = None
+    position: int = -1
+    context: dict[str, Any] = field(default_factory=dict)
+    type = "impression"
 
 
-class Feedback(_Record, tag="feedback"):
+@dataclass(slots=True)
+class Feedback(_Record):
     """A user action on an item; ``impression_id`` is None for organic interactions."""
 
     ts: int
-    user_id: _Id
-    item_id: _Id
-    action: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    impression_id: _Id | None = None
+    user_id: str
+    item_id: str
+    action: str
+    impression_id: str | None = None
     value: float = 1.0
-    context: _Flat = {}
-    type: ClassVar[str] = "feedback"
+    context: dict[str, Any] = field(default_factory=dict)
+    type = "feedback"
 
 
-class Request(_Record, tag="request"):
+@dataclass(slots=True)
+class Request(_Record):
     """A request for ``k`` recommendations for a user."""
 
     ts: int
-    request_id: _Id
-    user_id: _Id
-    k: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
-    context: _Flat = {}
-    exclude: Annotated[list[_Id], msgspec.Meta(max_length=10_000)] = []
-    type: ClassVar[str] = "request"
+    request_id: str
+    user_id: str
+    k: int = 10
+    context: dict[str, Any] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+    type = "request"
 
 
-class Item(_Record, tag="item"):
+@dataclass(slots=True)
+class Item(_Record):
     """Item catalog update: attributes and availability."""
 
     ts: int
-    item_id: _Id
-    attrs: _Flat = {}
+    item_id: str
+    attrs: dict[str, Any] = field(default_factory=dict)
     available: bool = True
-    type: ClassVar[str] = "item"
+    type = "item"
 
 
-class User(_Record, tag="user"):
+@dataclass(slots=True)
+class User(_Record):
     """User attributes (user-provided data such as demographics)."""
 
     ts: int
-    user_id: _Id
-    attrs: _Flat = {}
-    type: ClassVar[str] = "user"
+    user_id: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    type = "user"
 
 
 Event = Impression | Feedback | Request | Item | User
@@ -275,11 +270,6 @@ def _build(kind: str, obj: dict[str, Any], ts: int) -> Event:
     return User(ts, _id(obj, "user_id"), _dict(obj, "attrs"))
 
 
-_DECODER = msgspec.json.Decoder(Impression | Feedback | Request | Item | User)
-"""Raw JSON -> an event of the type its ``type`` names, or ``msgspec.DecodeError`` when
-the input is not one exactly as the typed fields accept it (``EventParser.parse``)."""
-
-
 def _too_deep(obj: dict[str, Any], limit: int) -> bool:
     """True when objects/arrays inside ``obj`` (level 1) nest deeper than ``limit``.
 
@@ -308,7 +298,7 @@ def _too_deep(obj: dict[str, Any], limit: int) -> bool:
 def event_to_dict(event: Event) -> dict[str, Any]:
     """The canonical JSON-ready dict of a parsed event (inverse of parsing)."""
     out: dict[str, Any] = {"type": event.type}
-    for name in event.__struct_fields__:
+    for name in event.__slots__:
         out[name] = getattr(event, name)
     return out
 
@@ -337,23 +327,8 @@ class EventParser:
     def parse(self, raw: bytes | str | dict[str, Any] | Rejected) -> Event | dict[str, Any]:
         """Return a typed event, or a dead-letter dict when ``raw`` is invalid."""
         if type(raw) is bytes and len(raw) <= self.max_bytes:
-            # The common case (a log line, a Kafka value): decoded straight into its event
-            # type (``_DECODER``: the types, ranges and lengths ``_build`` checks, in C),
-            # then the checks of ``ts``; anything the typed decoder refuses (integer IDs,
-            # nested context, unknown fields, invalid input) or a ``ts`` to reject takes
-            # the general path below, which decides and explains.
-            try:
-                event = _DECODER.decode(raw)
-            except (msgspec.DecodeError, RecursionError):  # deeply nested: skipping recurses
-                event = None
-            if event is not None:
-                ts, watermark = event.ts, self.watermark_ms
-                if (0 <= ts <= MAX_TS_MS and ts >= self.min_ts_ms
-                        and (ts <= (watermark or 0) + self.max_future_skew_ms
-                             or ts <= max(watermark or 0, self.clock_ms()) + self.max_future_skew_ms)):
-                    if watermark is None or ts > watermark:
-                        self.watermark_ms = ts
-                    return event  # type: ignore[no-any-return]
+            # The common case (a log line, a Kafka value) without the general path's
+            # checks of the input's kind; anything unusual takes the general path.
             try:
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError:

@@ -69,7 +69,7 @@ BYTES: dict[str, float] = {
     "user": 1_700,
     "hot_user_profile": 10_000,
     "user_catalog_item": 360,
-    "pending_impression": 3_114,
+    "pending_impression": 3_130,
     "closed_impression": 110,
     "orphan": 500,
     "pool_item": 120,
