@@ -70,7 +70,7 @@ BYTES: dict[str, float] = {
     "hot_user_profile": 10_000,
     "user_catalog_item": 360,
     "pending_impression": 3_130,
-    "closed_impression": 150,
+    "closed_impression": 110,
     "orphan": 500,
     "pool_item": 120,
     "duel_user": 2_700,

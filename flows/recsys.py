@@ -154,6 +154,7 @@ def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
 
 
 _TYPE_OF = operator.attrgetter("type")
+_TS_OF = operator.attrgetter("ts")
 
 
 def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
@@ -166,7 +167,7 @@ def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
     return "parse", {
         "events_by_type": +by_type,
         "dead_by_reason": Counter(d["reason"] for d in dead),
-        "max_ts": max((e.ts for e in events), default=None),
+        "max_ts": max(map(_TS_OF, events), default=None),
         "offsets": parsed[3],
     }
 
@@ -184,14 +185,16 @@ def _shard_counts(kv: tuple[str, dict[str, list[Any]]]) -> list[tuple[str, tuple
         ("outputs", {k: len(out[k]) for k in ("examples", "late-labels", "recommendations")
                      if k in out})]
     if "examples" in out:
-        by_label: dict[str, list[float]] = {}
-        for ex in out["examples"]:
-            key = str(ex["label"])
-            acc = by_label.get(key)
-            if acc is None:
-                acc = by_label[key] = [0, 0.0]
-            acc[0] += 1
-            acc[1] += ex.get("weight", 1.0)
+        by_label: Any = out.get("example-counts")  # the joiner's, in emission order
+        if by_label is None:
+            by_label = {}
+            for ex in out["examples"]:
+                key = str(ex["label"])
+                acc = by_label.get(key)
+                if acc is None:
+                    acc = by_label[key] = [0, 0.0]
+                acc[0] += 1
+                acc[1] += ex.get("weight", 1.0)
         items.append(("examples", by_label))
     if "recommendations" in out:
         items.append(("latency", [r["latency_ms"] for r in out["recommendations"]]))

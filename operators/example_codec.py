@@ -114,23 +114,38 @@ def pack_impression(imp: Impression, label: int, labels: dict[str, float], weigh
     deferred features resolved straight to it, ``join_parts``)."""
     iid = imp.impression_id
     if type(features) is list:  # _pack with the features already encoded
-        out: Record = {"example_id": f"imp:{iid}", "ts": imp.ts, "user_id": imp.user_id,
-                       "item_id": imp.item_id, "label": label}
-        if labels:
-            out["labels"] = labels
-        out["weight"] = weight
-        out["position"] = imp.position
-        if imp.request_id is not None:
-            out["request_id"] = imp.request_id
-        if imp.context:
-            out["context"] = imp.context
-        out[KEY] = features
-        return out
+        return pack_impressions([imp], [labels], label, weight, [features])[0]
     packed = _pack(f"imp:{iid}", imp.ts, imp.user_id, imp.item_id, label, labels, weight,
                    imp.position, imp.request_id, iid, imp.context, features, "impression")  # type: ignore[arg-type]
     if packed is None:
         return impression_record(imp, label, labels, weight, features)  # type: ignore[arg-type]
     return packed
+
+
+def pack_impressions(imps: list[Impression], labels: list[dict[str, float]], label: int,
+                     weight: float, features: list[dict[str, Any] | list[Any]]) -> list[Record]:
+    """``pack_impression`` of each impression, all with ``label`` and ``weight`` (labels
+    copied): the rows of windows that close together, in one pass. A row whose features
+    are already encoded (a list) is ``_pack``'s, built here without the record."""
+    out: list[Record] = []
+    append = out.append
+    for imp, lab, feats in zip(imps, labels, features, strict=True):
+        if type(feats) is not list:
+            append(pack_impression(imp, label, dict(lab) if lab else {}, weight, feats))
+            continue
+        row: Record = {"example_id": "imp:" + imp.impression_id, "ts": imp.ts,
+                       "user_id": imp.user_id, "item_id": imp.item_id, "label": label}
+        if lab:
+            row["labels"] = dict(lab)
+        row["weight"] = weight
+        row["position"] = imp.position
+        if imp.request_id is not None:
+            row["request_id"] = imp.request_id
+        if imp.context:
+            row["context"] = imp.context
+        row[KEY] = feats
+        append(row)
+    return out
 
 
 EncodedPart = tuple[tuple[str, ...], list[Any]]
@@ -176,7 +191,12 @@ def join_parts(*parts: EncodedPart) -> list[Any]:
     return out
 
 
-WIRE_ROWS = RowForm(pack_impression, pack_example, wire=True)
+def unwire_features(encoded: list[Any]) -> dict[str, Any]:
+    """The features dict of a ``KEY`` value (``_encode``'s or ``join_parts``' output)."""
+    return _decode(encoded, VOCABULARY)
+
+
+WIRE_ROWS = RowForm(pack_impression, pack_example, pack_impressions, unwire_features, wire=True)
 """The joiner writing wire-form rows (``Joiner(rows=WIRE_ROWS)``)."""
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,9 +336,49 @@ class PointInTime:
                 if self._crosses and attrs else _NO_CROSS,
                 item_id in taken.ctx.consumed)
 
+    def deferred_run(self, user_id: str, item_ids: list[str], ts_ms: int) -> list[Deferred]:
+        """``deferred_features`` of each of ``item_ids`` (a request's impressions, one
+        ``group``, in order): the group's context and capture are looked up once, each item
+        adds only its attributes, cross profile values and seen flag. The same tokens as
+        one call per item."""
+        first = self.deferred_features(user_id, item_ids[0], ts_ms)
+        taken = first[0]
+        consumed = taken.ctx.consumed
+        get = self.catalog.get
+        if self._crosses:
+            shared = self._shared_context(user_id, ts_ms)  # the one deferred_features used
+            cross_of, crosses = self._cross, shared.crosses
+            out = [first]
+            for item in itertools.islice(item_ids, 1, None):
+                attrs = get(item)
+                out.append((taken, item, attrs,
+                            cross_of(user_id, crosses, attrs, ts_ms) if attrs else _NO_CROSS,
+                            item in consumed))
+            return out
+        out = [(taken, item, get(item), _NO_CROSS, item in consumed)
+               for item in itertools.islice(item_ids, 1, None)]
+        out.insert(0, first)
+        return out
+
+    def features_run(self, user_id: str, item_ids: list[str], ts_ms: int, wire: bool = False
+                     ) -> list[Any]:
+        """``resolve_all(deferred_run(user_id, item_ids, ts_ms), wire)``: the features of a
+        request's impressions computed at once; without a token per item when there are no
+        snapshots and no cross profiles (``_resolve_plain`` on the items column-wise)."""
+        if self.views is not None or self._crosses:
+            return self.resolve_all(self.deferred_run(user_id, item_ids, ts_ms), wire)
+        ctx = self.deferred_features(user_id, item_ids[0], ts_ms)[0].ctx  # the group's context
+        consumed = ctx.consumed
+        out: list[Any] = [None] * len(item_ids)
+        self._resolve_plain(ctx, item_ids, list(map(self.catalog.get, item_ids)),
+                            [item in consumed for item in item_ids], range(len(item_ids)), out,
+                            wire)
+        return out
+
     def resolve_all(self, deferred: list[Deferred], wire: bool = False) -> list[Any]:
         """The features of each ``Deferred`` token, in order: what ``example_features``
-        gave when it was taken, at example precision (``float32_features``). One
+        gave when it was taken, at example precision (``float32_features``); an entry that
+        is not a token (features computed already) comes back as it is. One
         ``item_features`` call per group taken together (same user context, time and
         snapshots: the impressions of one request), so the co-visitation seeds are read
         once per group instead of once per impression. MF scores are products one row at
@@ -351,18 +391,28 @@ class PointInTime:
         each item's static part once per memo entry; no merged dict); the rest as dicts."""
         out: list[Any] = [None] * len(deferred)
         groups: dict[tuple[int, int, int], list[int]] = {}
+        last: _Taken | None = None  # a request's tokens come in a row: grouped by identity
+        members: list[int] = []
         for j, d in enumerate(deferred):
-            key = d[0].key
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [j]
+            if type(d) is not tuple:  # computed already (a dict): as it is
+                out[j] = d
+                continue
+            taken = d[0]
+            if taken is last:
+                members.append(j)
+                continue
+            last = taken
+            members = groups.get(taken.key)  # type: ignore[assignment]
+            if members is None:
+                members = groups[taken.key] = [j]
             else:
-                group.append(j)
+                members.append(j)
         for members in groups.values():
             group = [deferred[j] for j in members]
             first = group[0][0]
-            if self.views is None and not any([d[4] or d[3] for d in group]):
-                self._resolve_static(first.ctx.profile, group, members, out, wire)
+            if self.views is None and not any([d[3] for d in group]):
+                self._resolve_plain(first.ctx, [d[1] for d in group], [d[2] for d in group],
+                                    [d[4] for d in group], members, out, wire)
                 continue
             ctx = as_taken(first.ctx, group)
             items = [d[1] for d in group]
@@ -419,24 +469,53 @@ class PointInTime:
                     out[members[j]] = float32_features(compact({**ctx.profile, **static, **rest}))
         return out
 
-    def _resolve_static(self, profile: dict[str, Any], group: list[Deferred], members: list[int],
-                        out: list[Any], wire: bool) -> None:
-        """``resolve_all`` of a group whose items have no numeric and no cross features (no
-        snapshots, no item the user interacted with, no user x attribute profile:
-        ``item_columns`` gives no columns): each is the user's profile and the item's
-        static features, as ``resolve_all`` merges them (``wire``: their wire value, the
-        concatenation of the two encoded parts, where both encode as parts), into
-        ``out[members[j]]``."""
-        rounded = float32_features(compact(profile))
+    def _resolve_plain(self, ctx: UserContext, items: list[str],
+                       attrs_of: list[dict[str, Any] | None], seen: list[bool],
+                       members: Iterable[int], out: list[Any], wire: bool) -> None:
+        """``resolve_all`` of a group without snapshots and cross profiles (the joiner path of
+        ``bench/joiner.py``; its tokens' items, attributes and seen flags given column-wise),
+        into ``out[members[j]]``: an item is the user's profile and its
+        static features (``_static_part``), plus for an item the user had interacted with
+        its ``ui.*`` columns (``item_columns`` gives only those here: 0.0 for the others,
+        compacted away), merged as ``resolve_all`` merges them; ``wire``: their wire value,
+        the concatenation of the encoded parts, where each encodes as a part (the head of
+        a profile and static part taken once per group and static names)."""
+        profile = ctx.profile
         keys = profile.keys()
+        rounded = float32_features(compact(profile))
         part = encoded_part(rounded) if wire else None
-        static_part_of = self._static_part
-        for j, d in zip(members, group, strict=True):
-            static, static_rounded, static_part = static_part_of(d[1], None, d[2])
-            if not keys.isdisjoint(static):
+        statics, static_part_of = self._statics, self._static_part
+        heads: dict[tuple[str, ...], str] = {}
+        values = part[1] if part is not None else []
+        recency: dict[str, float] | None = None
+        for j, item, attrs, was_seen in zip(members, items, attrs_of, seen, strict=True):
+            hit = statics.get(item)
+            if hit is not None and hit[0] is None and hit[1] is attrs:
+                static, static_rounded, static_part = hit[2], hit[3], hit[4]
+            else:
+                static, static_rounded, static_part = static_part_of(item, None, attrs)
+            if was_seen:  # its ui.* columns (as resolve_all's general path merges them)
+                if recency is None:
+                    recency = liked_recency(ctx.liked, self.covis.decay)
+                rest = {"ui.interacted": 1.0, "ui.liked": recency.get(item, 0.0)}
+                if keys.isdisjoint(static) and keys.isdisjoint(rest) and static.keys().isdisjoint(rest):
+                    rest = float32_features(compact(rest))
+                    rest_part = (encoded_part(rest) if part is not None and static_part is not None
+                                 else None)
+                    out[j] = (join_parts(part, static_part, rest_part)  # type: ignore[arg-type]
+                              if rest_part is not None else {**rounded, **static_rounded, **rest})
+                else:
+                    out[j] = float32_features(compact({**profile, **static, **rest}))
+            elif not keys.isdisjoint(static):
                 out[j] = float32_features(compact({**profile, **static}))
             elif part is not None and static_part is not None:
-                out[j] = join_parts(part, static_part)
+                head = heads.get(static_part[0])
+                if head is None:  # join_parts, once per static names of the group
+                    row = out[j] = join_parts(part, static_part)
+                    if type(row[0]) is str:
+                        heads[static_part[0]] = row[0]
+                else:
+                    out[j] = [head, *values, *static_part[1]]
             else:
                 out[j] = {**rounded, **static_rounded}
 

@@ -124,7 +124,7 @@ class UserShard:
         """Write examples in their wire form (True) or as full records (False); the flow
         sets it from its config at every start, resumed state included (a resumed shard
         feeds whatever trainer the config has now)."""
-        self.joiner.rows = WIRE_ROWS if wire else RECORD_ROWS
+        self.joiner.use_rows(WIRE_ROWS if wire else RECORD_ROWS)
 
     # -- the batch ----------------------------------------------------------------
     def process(self, shard: str, events: list[Event], ingest_ns: int | None = None) -> ShardOutput:
@@ -142,11 +142,14 @@ class UserShard:
                 # whose example will be written take them now (together, per request);
                 # those dropped unless clicked keep them (a bounded number of versions).
                 self.joiner.resolve_deferred(self.context.release_frozen())
-        for event in events:
-            try:
-                self._apply(event)
-            except Exception as err:  # one bad event must not stop the flow
-                self._dead.append(processing_error(f"user_shard {shard}", event, err))
+        if self.profiles or self.server is not None or self.item_profiles:
+            for event in events:
+                try:
+                    self._apply(event)
+                except Exception as err:  # one bad event must not stop the flow
+                    self._dead.append(processing_error(f"user_shard {shard}", event, err))
+        else:
+            self._apply_runs(shard, events)
         self.joiner.advance()
         pending = self._mf_pending
         try:
@@ -155,6 +158,38 @@ class UserShard:
             self._dead.extend(processing_error(f"user_shard {shard} mf", {
                 "user_id": user, "item_id": item, "ts": ts}, err) for user, item, ts, _ in pending)
         return self._drain()
+
+    def _apply_runs(self, shard: str, events: list[Event]) -> None:
+        """``_apply`` of each event in order, when an impression does nothing but join (no
+        profiles, no serving, no item profiles): the impressions of one request in a row
+        (same request, user and ``ts``) are joined as one run (``Joiner.on_impressions``)."""
+        joiner, context = self.joiner, self.context
+        i, n = 0, len(events)
+        while i < n:
+            event = events[i]
+            j = i + 1
+            if event.type == "impression" and event.request_id is not None:
+                rid, user, ts = event.request_id, event.user_id, event.ts
+                while (j < n and events[j].type == "impression" and events[j].request_id == rid
+                       and events[j].user_id == user and events[j].ts == ts):
+                    j += 1
+            if j - i > 1:
+                run = events[i:j]
+                context.group = rid
+                try:
+                    joiner.on_impressions(run)
+                except Exception:  # nothing joined: one by one, the failing one dead-lettered
+                    for imp in run:
+                        self._apply_one(shard, imp)
+            else:
+                self._apply_one(shard, event)
+            i = j
+
+    def _apply_one(self, shard: str, event: Event) -> None:
+        try:
+            self._apply(event)
+        except Exception as err:  # one bad event must not stop the flow
+            self._dead.append(processing_error(f"user_shard {shard}", event, err))
 
     def _apply(self, event: Event) -> None:
         """Apply one event (see the module docstring for the order of work)."""
@@ -339,9 +374,11 @@ class UserShard:
 
     def _drain(self) -> ShardOutput:
         examples, late = self.joiner.drain()
+        counts = self.joiner.drain_counts()
         out: ShardOutput = {}
         if examples:
             out["examples"] = examples
+            out["example-counts"] = counts  # type: ignore[assignment]
         if late:
             out["late-labels"] = late
         if self._recs:
@@ -408,11 +445,17 @@ def route_events(events: list[Event], shards: int, shard_of: Callable[[str], int
                  ) -> list[tuple[str, tuple[str, list[Event], int]]]:
     """Split a micro-batch into per-user-shard batches, order kept within each shard.
 
-    ``item`` events carry no user: they are broadcast to every shard (catalog), or only
-    to shard ``only`` (a sharded replay partition's batch: every partition has them).
+    ``item`` events carry no user: they are broadcast to every shard (catalog). A sharded
+    replay partition's batch (``only``: its shard) is that shard's whole: its user events
+    are its shard's (``operators.replay_shards``: a line goes to its user's partition, a
+    shared line's user event is kept only there) and every partition has the ``item``
+    events.
     """
+    if only is not None:  # a sharded replay partition's batch: all its events are shard only's
+        key = shard_key(only)
+        return [(key, (key, events, ingest_ns))] if events else []
     buckets: dict[int, list[Event]] = {}
-    everyone = range(shards) if only is None else (only,)
+    everyone = range(shards)
     for event in events:
         if isinstance(event, Item):
             for s in everyone:

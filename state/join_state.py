@@ -34,8 +34,9 @@ Example ids are deterministic (``imp:<impression_id>``, ``int:<hash>``,
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,7 +44,7 @@ import numpy as np
 
 from events.model import Record
 from state.hashing import stable_hash64
-from state.pending import EMITTED, PendingColumns, PendingView
+from state.pending import DECIDED, EMITTED, KEPT, ClosedIds, PendingColumns, PendingView
 from state.popularity import PopularityCounter
 from state.sampling import NegativeSampler
 from state.settings import doc
@@ -212,6 +213,14 @@ def _as_is(record: Record) -> Record:
     return record
 
 
+def impression_records(imps: list[Impression], labels: list[dict[str, float]], label: int,
+                       weight: float, features: list[Any]) -> list[Record]:
+    """``impression_record`` of each impression (with its labels, copied, and features),
+    all with ``label`` and ``weight``: the rows of windows that close together."""
+    return [impression_record(imp, label, dict(lab) if lab else {}, weight, feats)
+            for imp, lab, feats in zip(imps, labels, features, strict=True)]
+
+
 @dataclass(frozen=True)
 class RowForm:
     """How a joiner writes its examples: ``impression`` builds an impression's row from
@@ -223,6 +232,14 @@ class RowForm:
     impression: Callable[[Impression, int, dict[str, float], float, Any], Record] = (
         impression_record)
     record: Callable[[Record], Record] = _as_is
+    impressions: Callable[[list[Impression], list[dict[str, float]], int, float, list[Any]],
+                          list[Record]] = impression_records
+    """The rows of many impressions with one label and weight (``impression_records``'
+    shape): the windows that close together, built in one pass."""
+    unwire: Callable[[Any], dict[str, Any]] | None = None
+    """The features dict of a wire value (``wire`` forms): pending features computed in
+    this form are turned back into dicts when the joiner is given a form without it
+    (``Joiner.use_rows``: a resumed flow whose config now has an in-flow trainer)."""
     wire: bool = False
     """Deferred features are resolved straight to their wire value where they can
     (``DeferringContext.resolve_all(wire=True)``): ``impression`` takes a list then."""
@@ -269,6 +286,9 @@ def float32_features(features: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_LABEL_KEYS = ("0", "1")
+"""``str(label)`` of the two labels (the metrics' keys)."""
+
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
 
 
@@ -306,12 +326,28 @@ class Joiner:
         """Impression ids by deadline (a request's impressions share one: one heap entry
         for all of them); a deadline's ids close in id order."""
         self.orphans: OrderedDict[str, list[Feedback]] = OrderedDict()
-        self.closed_ids: OrderedDict[str, int] = OrderedDict()
+        self.closed_ids = ClosedIds()
+        """Closed impression ids and interaction keys (dedup), forgotten after the horizon."""
         self.popularity = PopularityCounter(capacity=config.popularity_pool)
         self.max_ts_ms: int | None = None
         self.counters = JoinCounters()
         self.examples: list[Record] = []
         self.late_labels: list[Record] = []
+        self.by_label: dict[str, list[float]] = {}
+        """``[count, weight sum]`` of the examples since the last drain by label (``"0"``,
+        ``"1"``), summed in emission order: the metrics read it instead of the rows."""
+
+    def use_rows(self, rows: RowForm) -> None:
+        """Write examples in the form ``rows`` from now on; pending features computed in
+        a wire form this one does not write are turned back into dicts (exactly:
+        ``RowForm.unwire``)."""
+        old = self.rows
+        if old.wire and old.unwire is not None and not rows.wire:
+            features = self._pending.features
+            for row in self._pending.rows.values():
+                if type(features[row]) is list:
+                    features[row] = old.unwire(features[row])
+        self.rows = rows
 
     @property
     def pending(self) -> PendingView:
@@ -333,6 +369,9 @@ class Joiner:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("by_label", {})  # state of older versions
+        if not isinstance(self.closed_ids, ClosedIds):  # an OrderedDict before joiner5
+            self.closed_ids = ClosedIds(self.closed_ids.items())
         self._defer = getattr(self.context, "deferred_features", None)
         self._resolve_all = getattr(self.context, "resolve_all", None)
 
@@ -394,6 +433,70 @@ class Joiner:
         if len(pending.rows) > self.config.max_pending:
             self._close_oldest(len(pending.rows) - self.config.max_pending)
 
+    def on_impressions(self, run: list[Impression]) -> None:
+        """``on_impression`` of each impression of ``run`` in order: one request's impressions
+        (same user, ``ts`` and request; the context's ``group`` set to the request), taken
+        as one run: one clock step, one ``deferred_run`` call for their features, one
+        deadline entry. Anything unusual (duplicate ids, waiting orphans, a pending bound
+        the run would pass, no deferring context) takes the one-by-one path. Raises before
+        any change but the clock's (the caller may then apply the run one by one)."""
+        ts = run[0].ts
+        if self.max_ts_ms is None or ts > self.max_ts_ms:  # observe(ts), inline
+            self.max_ts_ms = ts
+            self.advance()
+        pending = self._pending
+        rows, closed = pending.rows, self.closed_ids
+        ids = [imp.impression_id for imp in run]
+        defer_run = getattr(self.context, "deferred_run", None)
+        if (self.orphans or defer_run is None or len(rows) + len(run) > self.config.max_pending
+                or len(set(ids)) != len(ids) or not rows.keys().isdisjoint(ids)
+                or not closed.at.keys().isdisjoint(ids)):
+            for imp in run:
+                self.on_impression(imp)
+            return
+        items = [imp.item_id for imp in run]
+        features_run = getattr(self.context, "features_run", None)
+        marks: Iterator[int] = itertools.repeat(0)
+        # Those whose example is sure to be written (kept negatives, or clicked) are computed
+        # now, while what they read is in the CPU's caches (ten minutes later, at the close,
+        # it no longer is): the same values (a token reads only what was taken); the others
+        # stay deferred (needed only if clicked). Computed before any change.
+        if self.sampler.rate >= 1.0 and features_run is not None:  # every one kept
+            tokens = features_run(run[0].user_id, items, ts, self.rows.wire)
+        else:
+            tokens = defer_run(run[0].user_id, items, ts)
+            if self._resolve_all is not None and self.sampler.rate >= 1.0:
+                tokens = self._resolve_all(tokens, self.rows.wire)
+            elif self._resolve_all is not None:  # decisions kept in the flags: not hashed again
+                keeps = self.sampler.keep_impressions(ids)
+                marks = iter([DECIDED | KEPT if keep else DECIDED for keep in keeps])
+                if True in keeps:
+                    kept = list(itertools.compress(range(len(tokens)), keeps))
+                    for j, value in zip(kept, self._resolve_all([tokens[j] for j in kept],
+                                                                self.rows.wire), strict=True):
+                        tokens[j] = value
+        self.counters.impressions += len(run)
+        deadline = ts + self.wait_ms
+        free = pending.free
+        impression, deadlines, features, flags = (pending.impression, pending.deadline,
+                                                  pending.features, pending.flags)
+        for imp, iid, token, mark in zip(run, ids, tokens, marks, strict=False):  # marks: maybe endless
+            if free:  # pending.add(imp, deadline, token, mark), inline
+                row = free.pop()
+                impression[row] = imp
+                deadlines[row] = deadline
+                features[row] = token
+                flags[row] = mark
+                rows[iid] = row
+            else:
+                pending.add(imp, deadline, token, mark)
+        due = self._due.get(deadline)
+        if due is None:
+            self._due[deadline] = ids
+            heapq.heappush(self._deadlines, deadline)
+        else:
+            due.extend(ids)
+
     def on_feedback(self, fb: Feedback) -> None:
         """Attach feedback to its impression, or treat it as an organic interaction."""
         self.observe(fb.ts)
@@ -422,7 +525,7 @@ class Joiner:
         pending = self._pending
         features, impression = pending.features, pending.impression
         rows = [row for row in pending.rows.values()
-                if features[row] is not None and type(features[row]) is not dict]
+                if type(features[row]) is tuple]  # tokens (dicts, wire lists: computed)
         if stale is not None and rows:
             keeps = self.sampler.keep_impressions(
                 [impression[row].impression_id for row in rows])  # type: ignore[union-attr]
@@ -470,10 +573,28 @@ class Joiner:
                 self._late(fb, "no_impression")
 
     def drain(self) -> tuple[list[Record], list[Record]]:
-        """Take the examples and late labels produced since the last drain."""
+        """Take the examples and late labels produced since the last drain (their counts by
+        label: ``drain_counts``)."""
         out = (self.examples, self.late_labels)
         self.examples, self.late_labels = [], []
         return out
+
+    def drain_counts(self) -> dict[str, list[float]]:
+        """Take ``by_label`` of the examples produced since the last call."""
+        out, self.by_label = self.by_label, {}
+        return out
+
+    def _count(self, label: int, weight: float, n: int = 1) -> None:
+        """Count ``n`` examples of ``label`` with ``weight`` each in ``by_label`` (the
+        weights added one at a time, as a pass over the rows adds them)."""
+        acc = self.by_label.get(_LABEL_KEYS[label])
+        if acc is None:
+            acc = self.by_label[_LABEL_KEYS[label]] = [0, 0.0]
+        acc[0] += n
+        total = acc[1]
+        for _ in itertools.repeat(None, n):
+            total += weight
+        acc[1] = total
 
     # -- internals --------------------------------------------------------------
     def _apply(self, row: int, fb: Feedback) -> None:
@@ -532,11 +653,10 @@ class Joiner:
     def _close_until(self, watermark: int | None) -> None:
         heap, due, rows = self._deadlines, self._due, self._pending.rows
         closing: list[int] = []
+        pop, gone = rows.pop, itertools.repeat(None)
         while heap and (watermark is None or heap[0] <= watermark):
-            for iid in sorted(due.pop(heapq.heappop(heap))):
-                row = rows.pop(iid, None)
-                if row is not None:
-                    closing.append(row)
+            ids = sorted(due.pop(heapq.heappop(heap)))
+            closing += [row for row in map(pop, ids, gone) if row is not None]  # pop in C
         if closing:
             self._close(closing)
 
@@ -563,43 +683,46 @@ class Joiner:
         yet emitted leaves as a negative if the sampler keeps it. The deferred features of
         the kept ones are computed together (``DeferringContext.resolve_all``: one feature
         call per request instead of one per impression; the same values; straight to the
-        wire value when the rows are wire rows). The rows are then released."""
+        wire value when the rows are wire rows) and their rows built in one pass
+        (``RowForm.impressions``). The rows are then released."""
         pending = self._pending
         impression, deadline, flags = pending.impression, pending.deadline, pending.flags
-        counters, closed = self.counters, self.closed_ids
-        waiting: list[int] = []  # not emitted: a negative, kept or dropped by the sampler
-        ids: list[str] = []
-        for row in closing:
-            iid = impression[row].impression_id  # type: ignore[union-attr]
-            closed[iid] = deadline[row]
-            if not flags[row] & EMITTED:
-                waiting.append(row)
-                ids.append(iid)
-        kept = [row for row, keep in zip(waiting, self.sampler.keep_impressions(ids), strict=True)
-                if keep]
-        counters.negatives_dropped += len(waiting) - len(kept)
+        counters = self.counters
+        imps = [impression[row] for row in closing]
+        ids = [imp.impression_id for imp in imps]  # type: ignore[union-attr]
+        self.closed_ids.add_many(ids, [deadline[row] for row in closing])
+        marks = [flags[row] for row in closing]
+        if any([mark & EMITTED for mark in set(marks)]):  # some emitted: not negatives
+            waiting = [j for j, mark in enumerate(marks) if not mark & EMITTED]
+            rows = [closing[j] for j in waiting]
+            imps = [imps[j] for j in waiting]
+            ids = [ids[j] for j in waiting]
+            marks = [marks[j] for j in waiting]
+        else:
+            rows = closing
         counters.windows_closed += len(closing)
-        if kept:
-            counters.negatives_kept += len(kept)
-            features = [pending.features[row] for row in kept]
-            deferred = [j for j, f in enumerate(features) if type(f) is not dict]
-            if deferred and self._resolve_all is not None:
-                values = self._resolve_all([features[j] for j in deferred], self.rows.wire)
-                for j, value in zip(deferred, values, strict=True):
-                    features[j] = value
+        if self.sampler.rate < 1.0:
+            if all([mark & DECIDED for mark in set(marks)]):  # decided at the intake
+                keeps = [bool(mark & KEPT) for mark in marks]
+            else:
+                keeps = self.sampler.keep_impressions(ids)
+            counters.negatives_dropped += keeps.count(False)
+            if False in keeps:
+                rows = list(itertools.compress(rows, keeps))
+                imps = list(itertools.compress(imps, keeps))
+        if rows:
+            counters.negatives_kept += len(rows)
+            features = [pending.features[row] for row in rows]
+            if self._resolve_all is not None:
+                features = self._resolve_all(features, self.rows.wire)  # dicts as they are
             weight, labels = self.sampler.weight, pending.labels
-            for row, value in zip(kept, features, strict=True):
-                self._emit(impression[row], labels[row], value, 0, weight)  # type: ignore[arg-type]
+            self.examples.extend(self.rows.impressions(
+                imps, [labels[row] for row in rows], 0, weight, features))  # type: ignore[arg-type]
+            self._count(0, weight, len(rows))
         pending.release(closing)
 
     def _forget_closed(self, horizon_ms: int) -> None:
-        closed = self.closed_ids
-        limit = 4 * self.config.max_pending
-        while closed:
-            iid = next(iter(closed))
-            if closed[iid] > horizon_ms and len(closed) <= limit:
-                break
-            del closed[iid]
+        self.closed_ids.forget(horizon_ms, 4 * self.config.max_pending)
 
     def _emit(self, imp: Impression, labels: dict[str, float], features: Any, label: int,
               weight: float) -> None:
@@ -607,6 +730,7 @@ class Joiner:
         when the rows are wire rows."""
         self.examples.append(self.rows.impression(imp, label, dict(labels) if labels else {},
                                                   weight, features))
+        self._count(label, weight)
 
     def _late(self, fb: Feedback, reason: str) -> None:
         self.counters.late_labels += 1
@@ -624,7 +748,7 @@ class Joiner:
         if key in self.closed_ids:
             self.counters.dup_feedback += 1
             return
-        self.closed_ids[key] = fb.ts
+        self.closed_ids.add(key, fb.ts)
         positive = self.config.is_positive(fb.action, fb.value)
         example_id = f"int:{key}"
         weight = 1.0
@@ -642,12 +766,14 @@ class Joiner:
         self.examples.append(self.rows.record(Example(
             example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
             weight, float32_features(features[0]), "interaction", context=fb.context).record()))
+        self._count(int(positive), weight)
         negative_weight = self.config.weight_of(fb.action)  # as much negative as positive evidence
         for j, (item, taken) in enumerate(zip(chosen, features[1:], strict=True)):
             self.counters.sampled_negatives += 1
             self.examples.append(self.rows.record(Example(
                 f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, negative_weight,
                 float32_features(taken), "sampled", context=fb.context).record()))
+            self._count(0, negative_weight)
 
     def _features_of(self, fb: Feedback, items: list[str]) -> list[dict[str, Any]]:
         """``example_features`` of ``fb``'s user and each of ``items`` at ``fb.ts``: one

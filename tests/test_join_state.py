@@ -363,3 +363,63 @@ def test_a_resumed_joiner_labels_each_impression_alone() -> None:
         joiner.flush()
         examples = {e["example_id"]: e["labels"] for e in joiner.drain()[0]}
         assert examples == {"imp:m1": {"like": 1.0}, "imp:m2": {}}
+
+
+def test_closed_ids_forget_as_an_ordered_dict() -> None:
+    """``ClosedIds`` (a dict and an insertion-order queue) holds and forgets exactly what
+    the ``OrderedDict`` it replaced did: random adds (one and many, ids repeated) and
+    forgets with horizons and limits."""
+    import random
+    from collections import OrderedDict
+
+    from state.pending import ClosedIds
+
+    rng = random.Random(7)
+    for _ in range(50):
+        model: OrderedDict[str, int] = OrderedDict()
+        closed = ClosedIds()
+        t = 0
+        for _ in range(200):
+            step = rng.random()
+            if step < 0.3:
+                iid, t = f"i{rng.randrange(60)}", t + rng.randrange(5)
+                model[iid] = t
+                closed.add(iid, t)
+            elif step < 0.7:
+                ids = [f"i{rng.randrange(60)}" for _ in range(rng.randrange(1, 6))]
+                times = [t + rng.randrange(5) for _ in ids]
+                for iid, when in zip(ids, times, strict=True):
+                    model[iid] = when
+                closed.add_many(ids, times)
+                t += 2
+            else:
+                horizon, limit = t - rng.randrange(20), rng.randrange(5, 40)
+                while model:
+                    iid = next(iter(model))
+                    if model[iid] > horizon and len(model) <= limit:
+                        break
+                    del model[iid]
+                closed.forget(horizon, limit)
+            assert closed.at == model and list(closed.order) == list(model)
+
+
+def test_a_joiner_state_of_the_previous_version_resumes() -> None:
+    """Recovery state written before joiner5 (closed ids in an ``OrderedDict``, no example
+    counts) loads: the closed ids keep deduplicating and expire as before."""
+    import pickle
+    from collections import OrderedDict
+
+    from state.pending import ClosedIds
+
+    j = make()
+    j.on_impression(imp("m1", T0))
+    j.flush()
+    state = j.__getstate__()
+    state["closed_ids"] = OrderedDict(state["closed_ids"].at)  # the previous layout
+    del state["by_label"]
+    old = object.__new__(Joiner)
+    old.__setstate__(state)
+    resumed = pickle.loads(pickle.dumps(old))
+    assert isinstance(resumed.closed_ids, ClosedIds) and "m1" in resumed.closed_ids
+    resumed.on_impression(imp("m1", T0 + 1))
+    assert resumed.counters.dup_impressions == 1 and resumed.drain_counts() == {}

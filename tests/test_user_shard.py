@@ -102,3 +102,70 @@ def test_a_resumed_shard_writes_the_form_the_flow_now_asks() -> None:
     assert wired.process("u000", events)["examples"] == [pack_example(e) for e in record]
     resumed.write_wire(False)
     assert resumed.process("u000", events)["examples"] == record
+
+
+def _request_log() -> list[Any]:
+    """Requests of several impressions (ids repeated inside and across requests, clicks
+    before and after their impression, a bad ts order), users with attributes, items."""
+    events: list[Any] = [Item(T0, "a", {"category": "c1", "price": 1.5}),
+                         Item(T0, "b", {"category": "c2"}), User(T0, "u1", {"age": 30})]
+    for r in range(40):
+        ts, user = T0 + 1000 * r, f"u{r % 3}"
+        events.append(Request(ts, f"r{r}", user))
+        if r % 7 == 3:  # a click arriving before its impression (an orphan)
+            events.append(Feedback(ts, user, "b", "click", f"m{r}-1"))
+        for p in range(4 if r % 5 else 1):
+            iid = f"m{r}-{p}" if r % 9 != 4 else f"m{r}-0"  # a request repeating an id
+            events.append(Impression(ts, iid, user, "ab"[p % 2] if p < 2 else f"x{p}", f"r{r}", p,
+                                     {"d": "web"}))
+        if r % 4 == 1:
+            events.append(Feedback(ts + 10, user, "a", "click", f"m{r}-0"))
+        if r % 6 == 2:
+            events.append(Feedback(ts + 20, user, "a", "rating", None, 5.0))
+        if r == 20:
+            events.append(Impression(T0, "m1-0", user, "a", "rdup", 0))  # a duplicate id
+    return events
+
+
+def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
+    """``Joiner.on_impressions`` (a request's impressions as one run, taken when the shard's
+    impressions only join) writes exactly what one ``on_impression`` per impression writes:
+    examples, late labels, counters, in both row forms, at r = 1 and r = 0.5, with
+    repeated ids, orphans and a pending bound that forces closes."""
+    events = _request_log()
+    for rate in (1.0, 0.5):
+        for wire in (False, True):
+            for max_pending in (50_000, 6):
+                def run(runs: bool, rate: float = rate, wire: bool = wire,
+                        max_pending: int = max_pending) -> tuple[Any, ...]:
+                    s = UserShard(JoinConfig(interaction_negatives=2, max_pending=max_pending,
+                                             wait_ms_override=3_000), NegativeSampler(rate, 3),
+                                  wire_examples=wire)
+                    if not runs:  # the per-event path
+                        s.profiles = {"off": None}  # type: ignore[dict-item]
+                        s._profile = lambda event: None  # type: ignore[method-assign]
+                    outs = [s.process("u000", events[i:i + 9]) for i in range(0, len(events), 9)]
+                    outs.append(s.flush())
+                    return (sum((o.get("examples", []) for o in outs), []),
+                            sum((o.get("late-labels", []) for o in outs), []),
+                            s.counters(), [o.get("example-counts") for o in outs])
+                one, runs = run(False), run(True)
+                assert runs == one and len(one[0]) > 20, (rate, wire, max_pending)
+
+
+def test_a_resumed_shard_turns_computed_wire_features_back_into_dicts() -> None:
+    """Impressions joined as a run have their features computed at once (in the wire form
+    when the rows are wire rows); a shard resumed under a config that writes full records
+    turns them back into the dicts, exactly."""
+    import pickle
+
+    events = [User(T0, "u", {"age": 3}), Item(T0, "a", {"category": "c", "price": 2.5}),
+              Impression(T0, "m1", "u", "a", "r", 0, {}), Impression(T0, "m2", "u", "b", "r", 1, {})]
+    wired = shard(wire_examples=True)
+    wired.process("u000", events)
+    assert all(type(e.features) is list for e in wired.joiner.pending.values())
+    resumed = pickle.loads(pickle.dumps(wired))
+    resumed.write_wire(False)
+    record = shard()
+    record.process("u000", events)
+    assert resumed.flush()["examples"] == record.flush()["examples"]
