@@ -219,6 +219,21 @@ def category_codes(categories: Sequence[str | None] | CodedCategories
     return names, np.fromiter((code[c] for c in keys), np.int64, len(keys))
 
 
+_DISCOUNTS: dict[int, np.ndarray] = {}
+"""``log2(2 + rank)`` for ranks ``0 .. n-1``, by ``n`` (n <= ``depth``; at most 64 kept)."""
+
+
+def _rank_discount(n: int) -> np.ndarray:
+    """``np.log2(2.0 + np.arange(n))``, made once per ``n`` and shared read-only."""
+    out = _DISCOUNTS.get(n)
+    if out is None:
+        if len(_DISCOUNTS) >= 64:
+            _DISCOUNTS.clear()
+        out = _DISCOUNTS[n] = np.log2(2.0 + np.arange(n))
+        out.flags.writeable = False
+    return out
+
+
 def exposure_weight(position: int | None) -> float:
     """Position-discounted exposure of one impression (1 when the position is unknown)."""
     return position_discount(position) if position is not None else 1.0
@@ -391,23 +406,32 @@ class CategoryBandit:
         """Beta parameters (a, b) of each category's click rate for the user (``history``:
         the recency weights of the user's recent positives per category, ``tilt``;
         ``attrs``: the user's attributes, ``group_prior``)."""
-        clicks = sum(c[0] for c in self.totals.values())
-        exposure = sum(c[1] for c in self.totals.values())
+        shard = list(self.totals.values())
+        clicks = sum([c[0] for c in shard])  # in dict order, as a generator adds them
+        exposure = sum([c[1] for c in shard])
         overall = (clicks + 1.0) / (exposure + 2.0)
         s = self.config.prior_strength
         entry = self.users.get(user_id, ("", {}))
         counts = entry[1]
         n = len(categories)
-        totals = np.array([self.totals.get(cat, (0.0, 0.0)) for cat in categories],
-                          np.float64).reshape(n, 2)
-        num, den = totals[:, 0] + s * overall, totals[:, 1] + s
-        tilt = self.tilt(categories, history)
+        get, none = self.totals.get, (0.0, 0.0)
+        user_get = counts.get
+        # one array of the shard's and the user's [clicks, exposure] per category
+        both = np.array([get(cat, none) for cat in categories]
+                        + [user_get(cat, none) for cat in categories], np.float64).reshape(2 * n, 2)
+        num, den = both[:n, 0] + s * overall, both[:n, 1] + s
         groups = self._group_prior()
-        if groups is not None and not self._moved(entry):
-            tilt = tilt * groups.tilt(group_keys(attrs), categories, num / den)
-        rate = np.clip(tilt * num / den, 1e-4, 1 - 1e-4)
-        user = np.array([counts.get(cat, (0.0, 0.0)) for cat in categories],
-                        np.float64).reshape(n, 2)
+        tilted = (history and self.config.history_prior > 0 and n) or (
+            groups is not None and not self._moved(entry))
+        if tilted:
+            tilt = self.tilt(categories, history)
+            if groups is not None and not self._moved(entry):
+                tilt = tilt * groups.tilt(group_keys(attrs), categories, num / den)
+            rate = tilt * num / den
+        else:  # a tilt of ones: 1.0 * x is x
+            rate = num / den
+        rate = np.minimum(np.maximum(rate, 1e-4), 1 - 1e-4)  # np.clip's values
+        user = both[n:]
         a = s * rate + user[:, 0]
         b = s * (1.0 - rate) + np.maximum(user[:, 1] - user[:, 0], 0.0)
         return a, b
@@ -434,7 +458,7 @@ class CategoryBandit:
         draws = self.config.propensity_draws
         if self.config.mode == "rerank":  # every list at once: one row of draws per list
             theta = rng.beta(a, b, size=(draws + 1, len(names)))
-            discount = np.log2(2.0 + np.arange(len(best_first)))
+            discount = _rank_discount(len(best_first))
             lift = None
             if counts is not None and self.config.item_lift > 0:
                 lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)

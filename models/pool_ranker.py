@@ -143,7 +143,7 @@ class PoolRanker:
             return x
         order = np.argsort(-x, axis=0, kind="stable")
         rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(len(x))[:, None], axis=0)
+        rank[order, np.arange(x.shape[1])] = np.arange(len(x))[:, None]  # put_along_axis
         return np.hstack([x, rank / len(x)])
 
     def scores(self, x: np.ndarray) -> np.ndarray:

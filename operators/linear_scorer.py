@@ -319,6 +319,9 @@ class _StaticRows:
         """``i:category=<name>`` weight per category code of the ``ItemRows`` (0: none)."""
         self.keys: set[str] = set()
         """Every static feature key summed (checked against the user's keys)."""
+        self.attr_union: set[str] = set()
+        """Every ``i:<attr>`` key any slot had (a table whose profile names avoid them all
+        needs no slot's exact sum)."""
 
     def _grow(self, size: int) -> None:
         old = self.item_w.size
@@ -383,6 +386,7 @@ class _StaticRows:
             extra = static_item_features("", None, cols.attrs[j])
             keys = frozenset(extra)
             self.keys.update(keys)
+            self.attr_union.update(keys)
             terms.append(total(extra) if extra else 0.0)
             self.attrs[r] = cols.attrs[j]  # one by one: numpy would unpack tuples
             self.attr_keys[r] = keys
@@ -399,17 +403,20 @@ class _StaticRows:
         cat[self.over_cat[rows]] = 0.0
         prof = np.zeros(rows.size)
         items, tables = cols.item_ids, cols.tables
-        by_table: dict[int, tuple[ItemTable, list[int]]] = {}
         stale_at = stale.tolist()
-        for n, j in enumerate(stale_at):
-            table = tables[j]
-            if table is not None:
-                by_table.setdefault(id(table), (table, []))[1].append(n)
-        for table, at in by_table.values():
+        shard = space.shard[rows]
+        union = getattr(self, "attr_union", None)  # None: made before it (check each slot)
+        for k in set(shard.tolist()):  # a few shards: one table each (``table_list``)
+            at = np.flatnonzero(shard == k).tolist()
+            table = tables[stale_at[at[0]]]
+            if table is None:
+                continue
             terms = self._table_terms(table)
             last = terms.prof.size - 1
             index = terms.index
             prof[at] = terms.prof[[index.get(items[stale_at[n]], last) for n in at]]
+            if not terms.exact and union is not None and terms.names.isdisjoint(union):
+                continue  # no slot's attributes name a profile feature of this table
             for n in at:
                 keys = self.attr_keys[rows[n]]
                 if terms.exact or (keys and not terms.names.isdisjoint(keys)):

@@ -670,18 +670,22 @@ class PointInTime:
                      views: SnapshotViews | FrozenViews | None = None,
                      attrs: list[dict[str, Any] | None] | None = None,
                      cross: list[list[dict[str, Any]]] | None = None,
-                     rows: np.ndarray | None = None, space: ItemRows | None = None
-                     ) -> ItemColumns:
+                     rows: np.ndarray | None = None, space: ItemRows | None = None,
+                     numeric_only: bool = False) -> ItemColumns:
         """The raw material of ``item_features`` column-wise, for vectorised scoring:
         numeric features as arrays, and per item its table, attributes and cross
         profile dicts (one shared dict per attribute value).
 
         ``rows``, ``space``: the items' rows in serving's ``ItemRows`` (whose id space is
         that of ``covis``): table values are read from its per-row arrays and the cross
-        profiles are returned as ``cross_codes`` (the same numbers, no per-item lookups)."""
+        profiles are returned as ``cross_codes`` (the same numbers, no per-item lookups).
+        ``numeric_only`` (with ``rows``, ``space``): only ``numeric`` without ``covis`` /
+        ``covis_any`` (the pool ranker reads the channels itself) and ``slots``; no
+        tables, attributes or cross profiles."""
         n = len(item_ids)
         tables: list[ItemTable | None] = [None] * n
-        if attrs is None:
+        numeric_only = numeric_only and rows is not None and space is not None
+        if attrs is None and not numeric_only:
             attrs = list(map(self.catalog.get, item_ids))
         numeric: dict[str, np.ndarray] = {}
         views = views or self.views
@@ -694,13 +698,16 @@ class PointInTime:
                 assert rows is not None and space is not None
                 space.sync(table_map)
                 slots = space.fill(rows)
-                tables = space.table_list(slots)
+                if not numeric_only:
+                    tables = space.table_list(slots)
                 shard = space.shard[slots]
                 numeric["pop"] = space.pop[slots] * space.decay_factors("popular", at)[shard]
                 numeric["trend"] = space.trend[slots] * space.decay_factors("trending", at)[shard]
             else:
                 numeric["pop"], numeric["trend"] = self._counts(item_ids, table_map, tables, at)
-            if covis is None:
+            if numeric_only:
+                sums = {}
+            elif covis is None:
                 sums = {name: np.asarray(self._covis_lookup(seeds, name, item_ids, table_map, at),
                                          np.float64)
                         for name, seeds in self.seeds(ctx, views)}
@@ -711,7 +718,8 @@ class PointInTime:
                 sums = {name: np.asarray(scores.many(item_ids), np.float64)
                         for name, scores in covis.items()}
             liked_sums = sums.get("liked")
-            numeric["covis"] = liked_sums if liked_sums is not None else np.zeros(n)
+            if not numeric_only:
+                numeric["covis"] = liked_sums if liked_sums is not None else np.zeros(n)
             if sums.get("any") is not None:
                 numeric["covis_any"] = sums["any"]
             mf = self._mf_scores(ctx.vector, item_ids, views, rows, space, slots)
@@ -725,6 +733,8 @@ class PointInTime:
             recency = liked_recency(ctx.liked, self.covis.decay)
             numeric["ui.liked"] = np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
                                               np.float64, n)
+        if numeric_only:
+            return ItemColumns(item_ids, numeric, tables, [None] * n, [], rows, space, slots)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
         if arrays:

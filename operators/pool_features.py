@@ -48,17 +48,25 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
                 long_items: int = 100, *, rows: np.ndarray | None = None,
                 space: ItemRows | None = None,
                 attrs: list[dict[str, Any] | None] | None = None,
-                numeric: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                numeric: dict[str, np.ndarray] | None = None,
+                slots: np.ndarray | None = None) -> np.ndarray:
     """(len(items), len(names)) features of the pool ``items`` (see the module doc).
     ``rows``, ``space``, ``attrs``: the items' rows in serving's ``ItemRows`` and their
     catalog attributes, when the caller has them (``PointInTime.item_columns``' array
-    path: the same numbers without per-item lookups); ``numeric``: the items' numeric
-    columns when the request already computed them (the ranker's ``ItemColumns``)."""
+    path: the same numbers without per-item lookups); ``numeric``, ``slots``: the items'
+    numeric columns and their slots in ``space`` when the request already computed them
+    (the ranker's ``ItemColumns``)."""
     n = len(items)
     if numeric is None:
         cols_needed = any(name in _COLUMN or name == "pop_cold" for name in names)
-        numeric = (context.item_columns(ctx, items, ts, covis, attrs=attrs, rows=rows,
-                                        space=space).numeric if cols_needed else {})
+        if cols_needed:  # the numeric columns alone (no tables, attributes, channels)
+            cols = context.item_columns(ctx, items, ts, covis, attrs=attrs, rows=rows,
+                                        space=space, numeric_only=True)
+            numeric = cols.numeric
+            if cols.space is space and cols.slots is not None:
+                slots = cols.slots
+        else:
+            numeric = {}
     ids = None
     if any(name in _IDS for name in names):
         if rows is not None and space is not None and space.view is view:
@@ -88,7 +96,7 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
         elif name == "pos_rate":
             out[:, j] = (_counts(view, "liked", ids) + 1.0) / (_counts(view, "any", ids) + 2.0)
         elif name == "age":
-            out[:, j] = _age_days(context, items, ts, rows, space)
+            out[:, j] = _age_days(context, items, ts, rows, space, slots)
         elif name == "ranker":
             if ranker is not None:
                 out[:, j] = ranker
@@ -178,21 +186,23 @@ def _liked_knn(context: PointInTime, view: CovisView, ctx: UserContext,
 
 
 def _age_days(context: PointInTime, items: list[str], ts: int, rows: np.ndarray | None = None,
-              space: ItemRows | None = None) -> np.ndarray:
+              space: ItemRows | None = None, slots: np.ndarray | None = None) -> np.ndarray:
     """log1p(days since each item was first seen), from its item table's catalog (through
-    ``space``'s per-row values when given: the same numbers, ``math.log1p`` each)."""
+    ``space``'s per-row values when given: the same numbers, ``math.log1p`` each;
+    ``slots``: the rows' slots, filled by this request already)."""
     views, shard_of = context.views, context.item_shard_of
     out = np.zeros(len(items))
     if views is None or shard_of is None:
         return out
-    tables = views.table_map()
     if rows is not None and space is not None:
-        space.sync(tables)
-        slots = space.fill(rows)
+        if slots is None:
+            space.sync(views.table_map())
+            slots = space.fill(rows)
         days = (np.maximum(ts - space.first_seen[slots], 0) / DAY_MS).tolist()
         log1p = math.log1p
         return np.array([log1p(d) if e else 0.0
                          for d, e in zip(days, space.entry[slots].tolist(), strict=True)])
+    tables = views.table_map()
     for n, item in enumerate(items):
         table = tables.get(shard_of(item))
         entry = table.catalog.get(item) if table is not None else None

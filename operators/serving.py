@@ -221,7 +221,8 @@ class Server:
         self.organic_positives = 0
         """Organic positives seen on this shard (``outcome``). After
         ``serving.scorer_min_outcomes`` of them the pool ranker scores every request under
-        ``auto``; before, only those the duel judges it on (``_pool_wanted``)."""
+        ``auto`` but those the LR ranker serves alone after it won the clicks; before,
+        only those the duel judges it on (``_pool_wanted``)."""
         self.served_by = {"ranker": 0, "retrieval": 0, "pool": 0}
         self.interleaved = 0
         """Requests served as a team-draft interleaving of both scorers (not in
@@ -565,9 +566,13 @@ class Server:
         scorer_mode = self.config.scorer
         model = self.pool if scorer_mode in ("auto", "pool") else None
         current = self.views.ranker.current
+        alone = False  # the LR ranker serves alone, the pool ranker's shadow not sampled
         if (model is not None and scorer_mode == "auto"
                 and not self._pool_wanted(request, model, current is not None)):
-            model = None  # it could not serve this request, nor be judged on it
+            # it could not serve this request, nor be judged on it
+            alone = (current is not None
+                     and getattr(self, "organic_positives", 0) >= self.duel.min_outcomes)
+            model = None
         needs_ranker = model is not None and "ranker" in model.config.features
         ranker = current if scorer_mode in ("auto", "ranker") or needs_ranker else None
         probs = None
@@ -584,6 +589,11 @@ class Server:
             # still learns from this request's pool).
         if probs is None or scorer_mode == "pool":
             self.served_by[challenger] += 1
+            return
+        if alone:  # no challenger list: nothing for the duel to judge on this request
+            self.duel.forget(ctx.user_id)
+            self.served_by["ranker"] += 1
+            pool.score = probs
             return
         if scorer_mode == "auto":
             k = request.k
@@ -621,19 +631,27 @@ class Server:
 
     def _pool_wanted(self, request: Any, model: PoolModel, has_ranker: bool) -> bool:
         """``auto``: whether the pool ranker scores this request (computes its features,
-        remembers the pool to learn from): when it orders the requests before the first
-        LR copy (``serve_before_ranker``), once the shard saw ``scorer_min_outcomes``
-        organic positives (it serves where those favour it), or with an LR copy when the
-        duel is undecided, prefers it, or samples the request (it is judged on it); not
-        otherwise (a ranker that serves on its own pays for no pool features)."""
-        if (model.config.serve_before_ranker
-                or getattr(self, "organic_positives", 0) >= self.duel.min_outcomes):
-            return True
+        remembers the pool to learn from). Without an LR copy: when it orders those
+        requests (``serve_before_ranker``) or once the shard saw ``scorer_min_outcomes``
+        organic positives (it learns from them). With one: unless the LR ranker serves
+        the request alone (``_ranker_alone``), so only the ``scorer_shadow_rate`` sample
+        of those is shadow-scored (its lists judged, its pools learned from)."""
         if not has_ranker:
-            return False
+            return (model.config.serve_before_ranker
+                    or getattr(self, "organic_positives", 0) >= self.duel.min_outcomes)
+        return not self._ranker_alone(request)
+
+    def _ranker_alone(self, request: Any) -> bool:
+        """``auto`` with an LR copy: the duel is decided, the organic positives do not
+        favour the challenger, the LR ranker won clicks on interleaved lists (at least one
+        judged) and the request is not in the shadow sample: the LR ranker's list is
+        served as it is (``ScorerDuel.mode``). Without clicks (a rating log) the
+        challenger's lists are all that organic positives can bring it back by, so it
+        keeps scoring every request."""
         duel = self.duel
-        return (not duel.decided or duel.choice("auto") == "retrieval"
-                or not duel.ranker_won_clicks() or self._sampled(request))
+        return (duel.decided and getattr(duel, "clicks", 0) > 0
+                and duel.choice("auto") == "ranker" and duel.ranker_won_clicks()
+                and not self._sampled(request))
 
     def _pool_scores(self, model: PoolModel, request: Any, ctx: UserContext,
                      pool: CandidatePool, covis: dict[str, SparseScores] | None,
@@ -650,7 +668,9 @@ class Server:
                         model.config.long_items, rows=pool.rows[best], space=self._space(),
                         attrs=None if pool.attrs is None else [pool.attrs[i] for i in best.tolist()],
                         numeric=None if pool.columns is None else
-                        {name: col[best] for name, col in pool.columns.numeric.items()})
+                        {name: col[best] for name, col in pool.columns.numeric.items()},
+                        slots=None if pool.columns is None or pool.columns.slots is None
+                        or pool.columns.space is not self._space() else pool.columns.slots[best])
         out = pool.score - 2.0  # the blend is in [0, ~1.001]
         out[best] = model.serve(ctx.user_id, items, x, request.ts, self.views.pool.current)
         return out

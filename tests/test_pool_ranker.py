@@ -161,9 +161,10 @@ def test_pool_ranker_scores_only_requests_it_could_serve_or_be_judged_on(tmp_pat
     """Under ``auto`` the pool ranker computes its features and remembers a pool only when
     it could order the request or be judged on it: not before the first LR copy (the
     blend serves, nothing to judge), on every request while the duel is undecided (the
-    lists are interleaved), only on the shadow sample once the LR ranker won the clicks,
-    and on every request again once the shard saw ``scorer_min_outcomes`` organic
-    positives (the duel may hand it whole lists)."""
+    lists are interleaved), only on the shadow sample once the LR ranker won the clicks
+    (also after the shard saw ``scorer_min_outcomes`` organic positives), and on every
+    request again once the organic positives favour it (the duel may hand it whole
+    lists)."""
     from events.model import Impression
 
     world = World(tmp_path)
@@ -187,7 +188,12 @@ def test_pool_ranker_scores_only_requests_it_could_serve_or_be_judged_on(tmp_pat
     feed(shard, [click("c2", SEED, T0 + 60), click("c2", "a20", T0 + 61)])  # organic
     assert shard.server.organic_positives == 2
     ask(shard, "c2", ts=T0 + 70)
-    assert "c2" in pools
+    assert "c2" not in pools and shard.server.served_by["ranker"] == 2  # still the LR's
+    shard.server.duel.record("c3", ["miss"], ["hit"])
+    shard.server.outcome("c3", "hit")  # an organic positive for the challenger's list
+    assert shard.server.duel.choice("auto") == "retrieval"
+    ask(shard, "c4", ts=T0 + 80)
+    assert "c4" in pools
 
 
 def test_rank_features_are_the_pool_relative_order_of_each_column() -> None:

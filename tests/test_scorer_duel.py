@@ -155,6 +155,47 @@ def test_once_the_blend_leads_only_a_sample_is_shadow_scored(tmp_path: Path) -> 
     assert "w" not in duel.pending  # its next positive is not matched to the old lists
 
 
+def test_once_the_lr_ranker_won_only_a_sample_is_shadow_scored_by_the_pool_ranker(
+        tmp_path: Path) -> None:
+    """Under ``auto`` with the LR ranker ahead on organic positives and on clicks of
+    interleaved lists (the shard past ``scorer_min_outcomes`` organic positives), the pool
+    ranker scores, and remembers the pool of, about ``scorer_shadow_rate`` of the
+    requests (deterministic by request id: the same requests at any run); those are
+    interleaved and recorded for the duel, the LR ranker serves the others alone and
+    they leave no lists in the duel; at rate 1 every request is scored by both. Without
+    any click (a rating log) the pool ranker still scores every request: its lists are
+    all organic positives can bring it back by."""
+    world = World(tmp_path)
+    world.publish_all()
+    sampled: dict[tuple[float, bool], set[int]] = {}
+    for rate, clicks in ((0.2, True), (0.2, True), (1.0, True), (0.2, False)):
+        shard = world.user_shard(scorer="auto", scorer_min_outcomes=1, scorer_shadow_rate=rate)
+        server = shard.server
+        server.duel.record("lead", ["hit"], ["miss"])
+        server.outcome("lead", "hit")  # an organic positive for the LR ranker's list
+        if clicks:
+            server.duel.record_teams("lead", ["x"], [1])
+            assert server.duel.click("lead", "x")  # a click on the LR ranker's pick
+        assert server.duel.choice("auto") == "ranker" and server.duel.ranker_won_clicks()
+        pools = server.pool.pending.pools
+        scored = set()
+        for n in range(300):
+            ask(shard, f"v{n}", ts=T0 + n, request_id=f"req-{n}")
+            if f"v{n}" in pools:
+                scored.add(n)
+                assert f"v{n}" in server.duel.pending  # both lists recorded
+            else:
+                assert f"v{n}" not in server.duel.pending
+        interleaved = len(scored) if clicks else 0
+        assert server.interleaved == interleaved
+        assert server.served_by == {"ranker": 300 - interleaved, "retrieval": 0, "pool": 0}
+        if (rate, clicks) in sampled:
+            assert scored == sampled[rate, clicks]  # by request id
+        sampled[rate, clicks] = scored
+    assert 40 <= len(sampled[0.2, True]) <= 80
+    assert len(sampled[1.0, True]) == len(sampled[0.2, False]) == 300
+
+
 def _impression_click(user: str, item: str, ts: int) -> list:
     from events.model import Impression
 

@@ -306,6 +306,18 @@ def test_item_rows_read_loaded_tables_as_the_tables_they_were_saved_from(
         assert got[0] == got[1] and any(got[0][0]) and not all(got[0][1])
 
 
+def _pool_ranker_shard(world: World) -> Any:
+    """A shard whose pool ranker orders every request (``scorer = pool``), its user "u"
+    with two organic positives, the tables, index and an LR copy on item features."""
+    world.publish_tables()
+    world.publish_index()
+    _ranker_on_item_features(world)
+    shard = world.user_shard(scorer="pool")
+    feed(shard, [Item(T0 - DAY, item, {"category": CATEGORY[item]}) for item in ITEMS]
+         + [click("u", SEED, T0 - 10_000), click("u", "a31", T0 - 5_000)])
+    return shard
+
+
 def test_pool_features_reuse_retrievals_channel_parts_bit_for_bit(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """``cov_liked`` / ``cov_any`` of the pool ranker read the channel parts retrieval
@@ -315,12 +327,7 @@ def test_pool_features_reuse_retrievals_channel_parts_bit_for_bit(
 
     import operators.serving as serving
 
-    world.publish_tables()
-    world.publish_index()
-    _ranker_on_item_features(world)
-    shard = world.user_shard(scorer="pool")
-    feed(shard, [Item(T0 - DAY, item, {"category": CATEGORY[item]}) for item in ITEMS]
-         + [click("u", SEED, T0 - 10_000), click("u", "a31", T0 - 5_000)])
+    shard = _pool_ranker_shard(world)
     real = serving.pool_matrix
     checked: list[int] = []
 
@@ -341,6 +348,45 @@ def test_pool_features_reuse_retrievals_channel_parts_bit_for_bit(
     for ts in (T0, T0 + 60_000):
         assert len(ask(shard, "u", ts=ts, k=10)["items"]) == 10
     assert checked
+
+
+def test_pool_features_of_the_numeric_columns_alone_are_the_full_columns_bit_for_bit(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request the LR ranker does not score: the pool ranker's matrix from the numeric
+    columns alone (``item_columns(numeric_only=True)``: no tables, attributes or channel
+    sums) and the request's slots (item ages) is the matrix from the full columns with
+    every slot looked up again, bit for bit; the numeric columns are the full ones but
+    the channel sums it does not read."""
+    import operators.serving as serving
+
+    shard = _pool_ranker_shard(world)
+    real = serving.pool_matrix
+    checked: list[int] = []
+
+    def both(names: list[str], context: Any, view: Any, alpha: float, ctx: Any,
+             items: list[str], blend: np.ndarray, ts: int, covis: Any, *args: Any,
+             **kwargs: Any) -> np.ndarray:
+        assert kwargs["numeric"] is None and kwargs["slots"] is None  # the LR did not score
+        assert "age" in names and "pop" in names
+        rows, space = kwargs["rows"], kwargs["space"]
+        full = context.item_columns(ctx, items, ts, covis, attrs=kwargs["attrs"], rows=rows,
+                                    space=space)
+        alone = context.item_columns(ctx, items, ts, covis, attrs=kwargs["attrs"], rows=rows,
+                                     space=space, numeric_only=True)
+        assert np.array_equal(alone.slots, full.slots)
+        assert set(alone.numeric) == set(full.numeric) - {"covis", "covis_any"}
+        assert all(np.array_equal(v, full.numeric[k]) for k, v in alone.numeric.items())
+        again = real(names, context, view, alpha, ctx, items, blend, ts, covis, *args,
+                     **{**kwargs, "numeric": full.numeric})
+        got = real(names, context, view, alpha, ctx, items, blend, ts, covis, *args, **kwargs)
+        assert np.array_equal(got, again)
+        checked.append(len(got))
+        return got
+
+    monkeypatch.setattr(serving, "pool_matrix", both)
+    for ts in (T0, T0 + 60_000, T0 + 3 * DAY):
+        assert len(ask(shard, "u", ts=ts, k=10)["items"]) == 10
+    assert len(checked) == 3
 
 
 @pytest.mark.parametrize("seed", range(3))
