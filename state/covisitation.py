@@ -155,8 +155,6 @@ class CoVisitation:
         limit = m + int(m * self.config.prune_slack)
         rows = self._rows
         written = self._written
-        if written is not None and len(written) > self.config.max_items:
-            written = self._written = None  # more rows than a table holds: rebuild all
         for a, b, w in pairs:
             if written is not None:
                 written.add(a)
@@ -182,6 +180,8 @@ class CoVisitation:
                 else:  # amortised: one O(row) prune per slack inserts instead of one per insert
                     self.evicted_neighbors += len(row) - m
                     row = rows[a] = dict(heapq.nlargest(m, row.items(), key=_weight))
+        if written is not None and len(written) > self.config.max_items:
+            self._written = None  # more rows written than a table holds: rebuild them all
 
     def observe(self, recent_items: Sequence[str], new_item: str, ts_ms: int) -> list[Pair]:
         """``add(pairs_for(...))`` in one call (unsharded use); returns the pairs."""
