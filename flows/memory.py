@@ -74,7 +74,8 @@ BYTES: dict[str, float] = {
     "orphan": 500,
     "pool_item": 120,
     "duel_user": 2_700,
-    "serving_slot": 150,
+    "serving_slot": 150,  # measured before the 4 B feature row (ItemRows.feat_row), which
+    # the int32 generation counters (8 B less per slot) more than pay for
     "covis_view_id": 160,
     "pool_candidate": 100,
     "mf_row": 310,
@@ -94,6 +95,7 @@ BYTES: dict[str, float] = {
     "category_item": 100,
     "static_memo_item": 1_000,
     "table_rate_item": 16,
+    "category_row": 8,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -156,8 +158,12 @@ def memory_bound(config: Config) -> dict[str, Any]:
            if explore.enabled and explore.change_threshold > 0 else 0)
         + (explore.max_groups * b["category_group"]
            if explore.enabled and explore.group_prior > 0 else 0)
-        # and the category source's merged lists (operators/category_items.py)
+        # and the category source's merged lists (operators/category_items.py; shared by
+        # the user shards of a process since serve7, counted per shard as before) with
+        # each list's items as rows of the shard's id space (CategoryItems.rows)
         + category_lists
+        + (explore.max_categories * explore.retrieve_per_category * b["category_row"]
+           if category_lists else 0)
     )
     channels = 2 if items.covis_any else 1
     covis_bytes = channels * covis.max_items * 1.5 * covis.max_neighbors * b["covis_neighbor"]

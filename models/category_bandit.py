@@ -95,6 +95,13 @@ class CategoryExploreConfig:
     max_groups: int = doc("Groups (attribute=value) whose category counts a shard keeps for "
                           "``group_prior``, the least recently updated dropped first; ~1.6 KB "
                           "per group (flows/memory.py).", 256)
+    explore_slots: int = doc("mode 'rerank': the categories of the request's this many highest "
+                             "draws each get one of the list's last this many slots when the "
+                             "sampled order left them out (the scorer ranks none of their "
+                             "items among its best ``depth``, or too low): filled by the "
+                             "category's best candidate, so what Thompson sampling picks is "
+                             "shown and learnt from; 0: off. Default by measurement: "
+                             "docs/evaluation.md.", 1)
     item_lift: float = doc("Within the sampled order, weigh each candidate by its item's click "
                            "rate over its category's among the candidates (the item's rate "
                            "shrunk by this many impressions toward the category's; counts from "
@@ -124,7 +131,8 @@ def check_category_config(config: CategoryExploreConfig) -> None:
         raise ValueError(f"prior_strength: must be > 0, got {config.prior_strength}")
     if not 0.0 < config.decay <= 1.0:
         raise ValueError(f"decay: must be in (0, 1], got {config.decay}")
-    for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws)):
+    for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws),
+                       ("explore_slots", config.explore_slots)):
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")
     if config.mode not in CATEGORY_MODES:
@@ -427,13 +435,17 @@ class CategoryBandit:
         if self.config.mode == "rerank":  # every list at once: one row of draws per list
             theta = rng.beta(a, b, size=(draws + 1, len(names)))
             discount = np.log2(2.0 + np.arange(len(best_first)))
+            lift = None
             if counts is not None and self.config.item_lift > 0:
                 lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
                 discount = discount / lift[best_first]
             key = theta[:, cat_of[best_first]] / discount
-            top = np.argsort(-key, axis=1, kind="stable")[:, :k]
+            top = best_first[np.argsort(-key, axis=1, kind="stable")[:, :k]]
+            explore = min(self.config.explore_slots, top.shape[1])
+            if explore:
+                top = self._explore(top, theta, scores, cat_of, lift, explore)
             hits = (top[1:] == top[0]).sum(axis=0)
-            return best_first[top[0]], (hits + 1.0) / (draws + 1.0)
+            return top[0], (hits + 1.0) / (draws + 1.0)
         draw = self._slots
         served = draw(best_first, cat_of, a, b, k, rng)
         hits = np.zeros(len(served))
@@ -442,6 +454,39 @@ class CategoryBandit:
             n = min(len(other), len(served))
             hits[:n] += other[:n] == served[:n]
         return served, (hits + 1.0) / (draws + 1.0)  # the served draw is one of them
+
+    @staticmethod
+    def _explore(top: np.ndarray, theta: np.ndarray, scores: np.ndarray, cat_of: np.ndarray,
+                 lift: np.ndarray | None, explore: int) -> np.ndarray:
+        """``explore_slots``: in each list (a row of ``top``, candidate indices; its draws
+        a row of ``theta``, one per category of the candidates) the ``explore`` categories
+        of highest draw each get a slot of the last ``explore`` when the list has none of
+        their items: the category's best candidate (by ``lift`` / log2(2 + scorer rank),
+        the order ``rerank`` keeps inside a category), even from below the scorer's best
+        ``depth``, replaces the list's item there."""
+        k = top.shape[1]
+        winners = (np.argmax(theta, axis=1)[:, None] if explore == 1
+                   else np.argsort(-theta, axis=1, kind="stable")[:, :explore])
+        out = top.copy()
+        quality = None
+        best: dict[int, int] = {}
+        for slot in range(explore):
+            j = winners[:, slot]
+            absent = np.flatnonzero(~(cat_of[out] == j[:, None]).any(axis=1))
+            if not absent.size:
+                continue
+            if quality is None:  # the candidates' key inside their category
+                rank = np.empty(len(scores))
+                rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
+                quality = 1.0 / np.log2(2.0 + rank)
+                if lift is not None:
+                    quality = quality * lift
+            for r, c in zip(absent.tolist(), j[absent].tolist(), strict=True):
+                if c not in best:
+                    members = np.flatnonzero(cat_of == c)
+                    best[c] = int(members[np.argmax(quality[members])])
+                out[r, k - explore + slot] = best[c]
+        return out
 
     def _slots(self, best_first: np.ndarray, cat_of: np.ndarray, a: np.ndarray,
                b: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -134,6 +134,12 @@ class CandidatePool:
                    [c.category for c in cands], None, list(cands))
 
 
+_SOURCE_CODE = {name: k for k, name in enumerate(SOURCES)}
+_DENSE_IDS = 16
+"""``merge`` marks first appearances in a scratch array over the ids when the largest id
+is below this many times the entries (else a stable sort groups them)."""
+
+
 def merge(parts: list[tuple[str, np.ndarray, np.ndarray]], items_of: Any) -> CandidatePool:
     """One pool from ``(source, rows, scores)`` parts in retrieval order: each row once, in
     order of first appearance (a later source adds its score to the row's entry).
@@ -145,21 +151,39 @@ def merge(parts: list[tuple[str, np.ndarray, np.ndarray]], items_of: Any) -> Can
                              np.zeros((len(SOURCES), 0), bool), np.zeros(0))
     rows = np.concatenate([p[1] for p in parts])
     vals = np.concatenate([np.asarray(p[2], np.float64) for p in parts])
-    src = np.concatenate([np.full(p[1].size, SOURCES.index(p[0])) for p in parts])
+    src = np.repeat([_SOURCE_CODE[p[0]] for p in parts], [p[1].size for p in parts])
+    first, at = _first_appearance(rows)
+    out_rows = rows[first]
+    m = out_rows.size
+    scores = np.zeros((len(SOURCES), m))
+    has = np.zeros((len(SOURCES), m), bool)
+    flat = src * m + at  # (source, position) in the flattened (sources x m) arrays
+    scores.ravel()[flat] = vals
+    has.ravel()[flat] = True
+    return CandidatePool(out_rows, items_of(out_rows), scores, has, np.zeros(m))
+
+
+def _first_appearance(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, at)``: the positions of each distinct row's first appearance, ascending
+    (so ``rows[first]`` are the distinct rows in order of first appearance), and each
+    entry's index into ``first`` (its distinct row's)."""
+    n = rows.size
+    top = int(rows.max()) + 1
+    if top <= _DENSE_IDS * n:  # one scratch array over the ids: no sort
+        positions = np.arange(n)
+        earliest = np.full(top, n)
+        np.minimum.at(earliest, rows, positions)  # unbuffered: repeated rows keep the least
+        of_entry = earliest[rows]
+        is_first = of_entry == positions
+        return np.flatnonzero(is_first), (np.cumsum(is_first) - 1)[of_entry]
     by_row, starts = group_ids(rows)
     first = by_row[starts]  # each distinct row's first position (the sort is stable)
-    group = np.empty(rows.size, np.int64)
+    group = np.empty(n, np.int64)
     group[by_row] = np.cumsum(starts) - 1
     order = np.argsort(first)  # groups in order of first appearance
     position = np.empty(first.size, np.int64)
     position[order] = np.arange(first.size)
-    at = position[group]
-    scores = np.zeros((len(SOURCES), first.size))
-    has = np.zeros((len(SOURCES), first.size), bool)
-    scores[src, at] = vals
-    has[src, at] = True
-    out_rows = rows[first[order]]
-    return CandidatePool(out_rows, items_of(out_rows), scores, has, np.zeros(first.size))
+    return first[order], position[group]
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:

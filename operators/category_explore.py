@@ -55,22 +55,29 @@ class CategoryExplore:
         clicked ones of ``lists``), each scored by that mean times its lift; none for a
         user without impressions (the scorer's sources alone, as ``order`` keeps them);
         ``attrs``: the user's attributes (``group_prior``)."""
+        picks = self.pick(user_id, n, lists, attrs)
+        if not picks:
+            return [], np.zeros(0)
+        per = self.bandit.config.retrieve_per_category
+        items: list[str] = []
+        for name, _ in picks:
+            items.extend(lists[name].items[:per])
+        return items[:n], category_scores(picks, lists, per)[:n]
+
+    def pick(self, user_id: str, n: int, lists: dict[str, CategoryList],
+             attrs: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
+        """The categories ``retrieve`` takes its items from, best first, each with its
+        posterior mean (a numpy float64); [] for none."""
         bandit = self.bandit
         if n <= 0 or not lists or not bandit.knows(user_id):
-            return [], np.zeros(0)
+            return []
         per = bandit.config.retrieve_per_category
         take = max(1, n // per)
         own = [c for c in bandit.users[user_id][1] if c in lists]
         names = list(dict.fromkeys(own + list(itertools.islice(lists, take))))
         a, b = bandit.posterior(user_id, names, attrs=attrs)
         mean = a / (a + b)
-        items: list[str] = []
-        scores = []
-        for j in np.argsort(-mean, kind="stable")[:take].tolist():
-            entry = lists[names[j]]
-            items.extend(entry.items[:per])
-            scores.append(mean[j] * entry.lift[:per])
-        return items[:n], np.concatenate(scores)[:n]
+        return [(names[j], mean[j]) for j in np.argsort(-mean, kind="stable")[:take].tolist()]
 
     def order(self, request: Any, user_id: str, pool: CandidatePool,
               liked: list[str] | None = None, decay: float = 1.0,
@@ -116,3 +123,10 @@ class CategoryExplore:
 def attrs_of(profile: dict[str, Any]) -> dict[str, Any]:
     """The user's attributes from a ``UserContext.profile`` (its ``u:<key>`` entries)."""
     return {key[2:]: value for key, value in profile.items() if key.startswith("u:")}
+
+
+def category_scores(picks: list[tuple[str, Any]], lists: dict[str, CategoryList],
+                    per: int) -> np.ndarray:
+    """The ``category`` source's scores of the picked categories' items, in order: the
+    category's posterior mean times each of its best ``per`` items' lift."""
+    return np.concatenate([mean * lists[name].lift[:per] for name, mean in picks])

@@ -21,11 +21,12 @@ entries (flows/memory.py ``category_item``). No Bytewax here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from models.category_bandit import CategoryExploreConfig, category_rates, rate_lift
-from state.item_table import ItemTable
+from state.item_table import ItemTable, set_memo
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,15 +149,36 @@ class CategoryItems:
         self.config = config
         self._tables: tuple[ItemTable, ...] = ()
         self._lists: dict[str, CategoryList] = {}
+        self._rows: dict[str, np.ndarray] = {}
+        """Each category's items as rows of ``_rows_space``, for ``_lists`` (``rows``)."""
+        self._rows_space: Any = None
 
     def lists(self, tables: list[ItemTable]) -> dict[str, CategoryList]:
         """Category -> its best items over ``tables`` (cached per set of tables)."""
         if len(tables) != len(self._tables) or any(
                 a is not b for a, b in zip(tables, self._tables, strict=True)):
-            self._lists = merge_categories([table_categories(t, self.config) for t in tables],
-                                           self.config)
+            config = self.config
+            key = ("category_lists", tuple(config.item_rate), config.item_lift,
+                   config.retrieve_per_category, config.max_categories)
+            self._lists = set_memo(tables, key, lambda: merge_categories(
+                [table_categories(t, config) for t in tables], config))
             self._tables = tuple(tables)
         return self._lists
 
+    def rows(self, category: str, space: Any) -> np.ndarray:
+        """The items of the current lists' ``category`` as rows of ``space`` (an
+        ``ItemRows``: ``space.rows(items)``, new items interned in list order), kept while
+        the lists and the space's id space stay (ids are never reused within one)."""
+        key = (space, space.view)
+        if self._rows_space != key or getattr(self, "_rows_lists", None) is not self._lists:
+            self._rows = {}
+            self._rows_space = key
+            self._rows_lists = self._lists
+        rows = self._rows.get(category)
+        if rows is None:
+            rows = self._rows[category] = space.rows(self._lists[category].items)
+        return rows
+
     def __getstate__(self) -> dict[str, object]:
-        return {"config": self.config, "_tables": (), "_lists": {}}
+        return {"config": self.config, "_tables": (), "_lists": {}, "_rows": {},
+                "_rows_space": None}

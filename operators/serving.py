@@ -44,8 +44,8 @@ from models.category_bandit import CategoryExploreConfig, CodedCategories
 from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
 from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
-from operators.category_explore import CategoryExplore, attrs_of
-from operators.category_items import CategoryItems
+from operators.category_explore import CategoryExplore, attrs_of, category_scores
+from operators.category_items import CategoryItems, CategoryList
 from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import ItemColumns, PointInTime, UserContext
 from operators.pool_features import pool_matrix
@@ -54,7 +54,7 @@ from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
 from state.hashing import stable_hash64
 from state.item_rows import ItemRows
-from state.item_table import ItemTable, category_of
+from state.item_table import ItemTable, category_of, set_memo
 from state.settings import doc
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,22 @@ __all__ = ["Candidate", "REPEAT_POLICIES", "Server", "ServingConfig", "load_hook
 
 def _by_score(kv: tuple[str, float]) -> float:
     return kv[1]
+
+
+def _merged_top(tables: list[ItemTable], source: str, n: int
+                ) -> tuple[list[tuple[str, float]], list[str], np.ndarray]:
+    """``Server._top``'s merged list of ``6 n`` over ``tables`` as (pairs, items, scores):
+    every table's cached top list decayed to the newest table's time, merged by score
+    (equal scores in table then list order)."""
+    most = 6 * n
+    ref = max(t.ts for t in tables)
+    lists = []
+    for t in tables:
+        f = t.decay_factor(source, ref)
+        lists.append([(item, score * f) for item, score in t.top(source, most)])
+    merged = list(itertools.islice(heapq.merge(*lists, key=_by_score, reverse=True), most))
+    return (merged, [item for item, _ in merged],
+            np.array([score for _, score in merged], np.float64))
 
 
 @dataclass
@@ -452,11 +468,25 @@ class Server:
         n = sizes.get("category", 0)
         finder = getattr(self, "category_items", None)  # None: off, or older state
         if n and tables and finder is not None and self.categories is not None:
-            items, scores = self.categories.retrieve(ctx.user_id, n, finder.lists(tables),
-                                                     attrs_of(ctx.profile))
-            if items:
-                parts.append(("category", space.rows(items), scores))
+            lists = finder.lists(tables)
+            picks = self.categories.pick(ctx.user_id, n, lists, attrs_of(ctx.profile))
+            if picks:
+                parts.append(("category", *self._category_rows(finder, lists, picks, n, space)))
         return merge(parts, space.names), covis
+
+    def _category_rows(self, finder: CategoryItems, lists: dict[str, CategoryList],
+                       picks: list[tuple[str, Any]], n: int, space: ItemRows
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """``CategoryExplore.retrieve``'s items and scores of ``picks`` as (rows, scores):
+        each category's rows kept per list version (``CategoryItems.rows``), no name
+        lookups; by name when ``n`` cuts into a category (only the first ``n`` items take
+        ids then)."""
+        per = self.config.category_explore.retrieve_per_category
+        scores = category_scores(picks, lists, per)
+        if scores.size > n:
+            items = [item for name, _ in picks for item in lists[name].items[:per]]
+            return space.rows(items[:n]), scores[:n]
+        return np.concatenate([finder.rows(name, space)[:per] for name, _ in picks]), scores
 
     def _top(self, tables: list[ItemTable], source: str, n: int, m: int) -> list[tuple[str, float]]:
         """The ``m`` best ``(item, score)`` of ``source`` over every table, best first, equal
@@ -479,17 +509,10 @@ class Server:
         cached = self._top_cache.get(key)
         if cached is None or len(cached[0]) != len(tables) or any(
                 a is not b for a, b in zip(cached[0], tables, strict=True)):
-            most = 6 * n
-            ref = max(t.ts for t in tables)
-            lists = []
-            for t in tables:
-                f = t.decay_factor(source, ref)
-                lists.append([(item, score * f) for item, score in t.top(source, most)])
-            merged = list(itertools.islice(
-                heapq.merge(*lists, key=_by_score, reverse=True), most))
-            rows = self._space().rows([item for item, _ in merged])
-            scores = np.array([score for _, score in merged], np.float64)
-            cached = self._top_cache[key] = (tuple(tables), merged, rows, scores)
+            merged, items, scores = set_memo(tables, ("top", source, n),
+                                             lambda: _merged_top(tables, source, n))
+            cached = self._top_cache[key] = (tuple(tables), merged, self._space().rows(items),
+                                             scores)
         return cached
 
     def _filter(self, request: Any, ctx: UserContext, pool: CandidatePool) -> CandidatePool:
@@ -511,7 +534,7 @@ class Server:
             keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
         pool.attrs = attrs
         pool.coded = CodedCategories(space.category[slots], space.categories)
-        return pool.take(keep)
+        return pool if keep.all() else pool.take(keep)
 
     def _pool_hook(self, stage: str, request: Any, pool: CandidatePool) -> CandidatePool:
         """A hook on the pool: its candidates as objects, and the hook's list back."""

@@ -237,7 +237,8 @@ class CovisView:
         if not ids.size:
             return *_EMPTY, none
         sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
-        w = np.concatenate(w_parts) * np.repeat(np.array(weights), sizes)
+        w = np.concatenate(w_parts)
+        w *= np.repeat(np.array(weights), sizes)  # in place: no third array of ~10^4
         if prefixes == (len(seeds),):
             return ids, w, [ids.size]
         ends = np.concatenate([[0], np.cumsum(sizes)])[np.searchsorted(at, prefixes)]
@@ -270,6 +271,8 @@ class CovisView:
             entry = self._vmaps[key] = [table, vmap]
         vmap = entry[1]
         ids = vmap[vocab_idx]
+        if ids.min() >= 0:  # every entry has its id (the usual case)
+            return ids
         unknown = ids == -2
         if unknown.any():
             todo = np.unique(vocab_idx[unknown])

@@ -66,7 +66,9 @@ class ItemRows:
         """Each id's slot (-1: none)."""
         self.n_slots = 0
         self.shard = np.full(0, -1, np.int32)
-        self.gen = np.full(0, -1, np.int64)
+        self.gen = np.full(0, -1, np.int32)
+        """The ``shard_gen`` each slot's table values were read at (int32: a generation
+        counts table versions of one shard)."""
         self.entry = np.zeros(0, bool)
         """The item's table has a catalog entry for it."""
         self.available = np.ones(0, bool)
@@ -75,6 +77,9 @@ class ItemRows:
         """The catalog entry's first sighting (event time, ms; 0 without an entry)."""
         self.pop = np.zeros(0)
         self.trend = np.zeros(0)
+        self.feat_row = np.zeros(0, np.int32)
+        """The item's row in its table's ``feature_columns`` (-1: not looked up since the
+        slot's table values were last read; ``profile_values`` fills it)."""
         self.attr_id = np.zeros(0, np.int64)
         """``id`` of the shard catalog's attributes object each slot's values below were
         read from (``fill_attrs``); the object is kept in ``_attrs`` so the id stays its."""
@@ -84,7 +89,7 @@ class ItemRows:
         self.attr_codes: dict[str, np.ndarray] = {a: np.zeros(0, np.int64)
                                                   for a in self.attr_values}
         """Per attribute, each slot's string value as a code into ``attr_values`` (-1: none)."""
-        self._vec_gen = np.full(0, -1, np.int64)
+        self._vec_gen = np.full(0, -1, np.int32)
         self._vecs = np.zeros((0, 0), np.float32)
         self._found = np.zeros(0, bool)
         self.memo: dict[Any, Any] = {}
@@ -147,6 +152,7 @@ class ItemRows:
         self.first_seen = grown(self.first_seen, 0)
         self.pop = grown(self.pop, 0.0)
         self.trend = grown(self.trend, 0.0)
+        self.feat_row = grown(self.feat_row, -1)
         self.attr_id = grown(self.attr_id, 0)
         self._attrs = grown(self._attrs, None)
         self.unavailable = grown(self.unavailable, False)
@@ -188,15 +194,18 @@ class ItemRows:
         """The slots of ``rows`` with their table values current (after ``sync``)."""
         slots = self._slots(rows)
         shard = self.shard[slots]
-        unknown = shard < 0
-        if unknown.any():
+        # a slot without a shard yet was never read (gen -1, below every generation), so
+        # it is stale whatever shard_gen[-1] holds
+        stale = (np.flatnonzero(self.gen[slots] != self.shard_gen[shard])
+                 if self.shard_gen.size else np.arange(slots.size))
+        if not stale.size:
+            return slots
+        unknown = stale[shard[stale] < 0]
+        if unknown.size:
             names = self.view.names
             for r, s in zip(rows[unknown].tolist(), slots[unknown].tolist(), strict=True):
                 self.shard[s] = self._shard_index(self.item_shard_of(names[r]))
             shard = self.shard[slots]
-        stale = np.flatnonzero(self.gen[slots] != self.shard_gen[shard])
-        if not stale.size:
-            return slots
         names = self.view.names
         if stale.size < _ARRAY_FILL:  # a few new candidates: entry by entry
             self._fill_entries(names, rows[stale].tolist(), slots[stale].tolist())
@@ -225,6 +234,7 @@ class ItemRows:
             self.first_seen[s] = entry.first_seen_ms if entry is not None else 0
             self.pop[s] = table.popular.get(item, 0.0) if table is not None else 0.0
             self.trend[s] = table.trending.get(item, 0.0) if table is not None else 0.0
+            self.feat_row[s] = -1
             self.gen[s] = self.shard_gen[k]
 
     def _code(self, category: str | None) -> int:
@@ -258,6 +268,7 @@ class ItemRows:
                                       np.float64, n)
         self.trend[slots] = np.fromiter(map(table.trending.get, items, itertools.repeat(0.0)),
                                         np.float64, n)
+        self.feat_row[slots] = -1
 
     def fill_attrs(self, slots: np.ndarray, attrs: list[dict[str, Any] | None],
                    cross: tuple[str, ...],
@@ -295,20 +306,42 @@ class ItemRows:
                        ) -> np.ndarray:
         """The item-profile features ``names`` of the slots' items (holding ``rows``) in
         their current tables (after ``fill``), names x slots, 0.0 without a value or a
-        table: ``ItemTable.feature_columns`` read by index, one group per shard."""
+        table: ``ItemTable.feature_columns`` read by each slot's row in it (``feat_row``,
+        looked up once per slot and table version), one gather per shard."""
         out = np.zeros((len(names), slots.size))
+        if not slots.size:
+            return out
         shard = self.shard[slots]
-        item_of = self.view.names.__getitem__
+        j = self.feat_row[slots]
+        todo = np.flatnonzero(j < 0)
+        if todo.size:
+            self._feature_rows(slots[todo], rows[todo], shard[todo], names)
+            j = self.feat_row[slots]
+        tables = self.tables
         for k in set(shard.tolist()):  # a few shards; each candidate in one group
+            table = tables[k] if k >= 0 else None
+            if table is None:
+                continue
+            values = table.feature_columns(names)[1]
+            at = np.flatnonzero(shard == k)
+            out[:, at] = values[:, j[at]]
+        return out
+
+    def _feature_rows(self, slots: np.ndarray, rows: np.ndarray, shard: np.ndarray,
+                      names: tuple[str, ...]) -> None:
+        """``feat_row`` of ``slots`` (holding ``rows``, of shard indices ``shard``): the
+        item's column in its table's ``feature_columns`` (its last column, all 0.0, for an
+        item without a profile); left -1 for a shard without a table."""
+        item_of = self.view.names.__getitem__
+        for k in set(shard.tolist()):
             table = self.tables[k] if k >= 0 else None
             if table is None:
                 continue
-            index, values = table.feature_columns(names)
+            index = table.feature_columns(names)[0]
             at = np.flatnonzero(shard == k)
-            j = np.fromiter(map(index.get, map(item_of, rows[at].tolist()), itertools.repeat(-1)),
-                            np.int64, at.size)
-            out[:, at] = values[:, j]
-        return out
+            self.feat_row[slots[at]] = np.fromiter(
+                map(index.get, map(item_of, rows[at].tolist()), itertools.repeat(len(index))),
+                np.int32, at.size)
 
     def decay_factors(self, source: str, ts_ms: int) -> np.ndarray:
         """Per shard index, the factor that decays its table's ``source`` counts to

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from state.covisitation import CoVisitation
 from state.decay import decay_factor
+from state.npz import load_npz
+
+T = TypeVar("T")
 
 _COVIS = "covis_"
 _COVIS_ANY = "covisany_"
@@ -90,6 +94,42 @@ class FrozenCatalog(Mapping[str, CatalogEntry]):
         return len(self._index)
 
 
+class FrozenFeatures(Mapping[str, dict[str, float]]):
+    """A loaded table's item profile features: the file's matrix kept as it is, an item's
+    dict (its non-NaN values by name, in the matrix's name order) made when it is first
+    read and kept. Loading makes no dict per item (the joiner reads a few items per
+    version; serving reads the matrix). Read-only."""
+
+    def __init__(self, index: dict[str, int], names: list[str], values: np.ndarray) -> None:
+        self._index = index
+        self._names = names
+        self._values = values
+        self._made: dict[str, dict[str, float]] = {}
+
+    def __getitem__(self, item_id: str) -> dict[str, float]:
+        found = self._made.get(item_id)
+        if found is None:
+            row = self._values[self._index[item_id]].tolist()
+            found = self._made[item_id] = {n: v for n, v in zip(self._names, row, strict=True)
+                                           if v == v}
+        return found
+
+    def get(self, item_id: str, default: Any = None) -> Any:  # type: ignore[override]
+        found = self._made.get(item_id)
+        if found is not None:
+            return found
+        return self[item_id] if item_id in self._index else default
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
 @dataclass
 class ItemTable:
     """Immutable once published; readers never mutate it."""
@@ -100,7 +140,7 @@ class ItemTable:
     popular: dict[str, float] = field(default_factory=dict)
     trending: dict[str, float] = field(default_factory=dict)
     catalog: dict[str, CatalogEntry] | FrozenCatalog = field(default_factory=dict)
-    features: dict[str, dict[str, float]] = field(default_factory=dict)
+    features: dict[str, dict[str, float]] | FrozenFeatures = field(default_factory=dict)
     """Item profile features (IPS ``item`` entity) per item, numeric ones, as of ``ts``."""
     popular_half_life_ms: int = 7 * 86_400_000
     trending_half_life_ms: int = 6 * 3_600_000
@@ -250,39 +290,57 @@ class ItemTable:
                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """The co-visitation arrays of both channels of a saved table (``to_arrays``'s
         keys; the "any" channel None when absent), read without the rest of the file."""
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            channels = tuple({k: z[f"{prefix}{k}"] for k in _PUBLISHED if f"{prefix}{k}" in files}
-                             for prefix in (_COVIS, _COVIS_ANY))
+        z = load_npz(path)
+        channels = tuple({k: z[f"{prefix}{k}"] for k in _PUBLISHED if f"{prefix}{k}" in z}
+                         for prefix in (_COVIS, _COVIS_ANY))
         return channels[0], channels[1] or None
 
     @classmethod
     def load(cls, path: str | os.PathLike | Path) -> ItemTable:
         """Read a table written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as z:
-            covis = CoVisitation.from_arrays({k[len(_COVIS):]: z[k] for k in z.files
-                                              if k.startswith(_COVIS)}, frozen=True)
-            any_arrays = {k[len(_COVIS_ANY):]: z[k] for k in z.files if k.startswith(_COVIS_ANY)}
-            covis_any = CoVisitation.from_arrays(any_arrays, frozen=True) if any_arrays else None
-            matrix = _feature_arrays(z)
-            catalog = FrozenCatalog(z["catalog_ids"].tolist(), z["catalog_category"].tolist(),
-                                    z["catalog_available"], z["catalog_first_seen"])
-            table = cls(
-                shard=str(z["shard"]),
-                ts=int(z["ts"]),
-                covis=covis,
-                popular=dict(zip(z["popular_ids"].tolist(), z["popular"].tolist(), strict=True)),
-                trending=dict(zip(z["trending_ids"].tolist(), z["trending"].tolist(), strict=True)),
-                catalog=catalog,
-                features=_features(matrix),
-                **_half_lives(z),
-                covis_any=covis_any,
-                liked_counts=_counts(z, "liked_counts"),
-                interactions=_counts(z, "interactions"),
-            )
+        z = load_npz(path)
+        covis = CoVisitation.from_arrays({k[len(_COVIS):]: z[k] for k in z.files
+                                          if k.startswith(_COVIS)}, frozen=True)
+        any_arrays = {k[len(_COVIS_ANY):]: z[k] for k in z.files if k.startswith(_COVIS_ANY)}
+        covis_any = CoVisitation.from_arrays(any_arrays, frozen=True) if any_arrays else None
+        matrix = _feature_arrays(z)
+        catalog = FrozenCatalog(z["catalog_ids"].tolist(), z["catalog_category"].tolist(),
+                                z["catalog_available"], z["catalog_first_seen"])
+        table = cls(
+            shard=str(z["shard"]),
+            ts=int(z["ts"]),
+            covis=covis,
+            popular=dict(zip(z["popular_ids"].tolist(), z["popular"].tolist(), strict=True)),
+            trending=dict(zip(z["trending_ids"].tolist(), z["trending"].tolist(), strict=True)),
+            catalog=catalog,
+            features=_features(matrix),
+            **_half_lives(z),
+            covis_any=covis_any,
+            liked_counts=_counts(z, "liked_counts"),
+            interactions=_counts(z, "interactions"),
+        )
         if matrix is not None:
             table._matrix = matrix
         return table
+
+
+def set_memo(tables: Sequence[ItemTable], key: Hashable, make: Callable[[], T]) -> T:
+    """``make()`` computed once per sequence of table versions (order counts) for every
+    reader in the process (the user shards of a process load the same versions): kept
+    in the first table's ``memo`` with weak references to the others, one entry per
+    ``key`` (a new sequence replaces it; it goes with the first table). Callers must not
+    modify the value."""
+    if not tables:
+        return make()
+    memo_key = ("table_set", key)
+    found = tables[0].memo.get(memo_key)
+    rest = tables[1:]
+    if found is not None and len(found[0]) == len(rest) and all(
+            ref() is t for ref, t in zip(found[0], rest, strict=True)):
+        return found[1]
+    value = make()
+    tables[0].memo[memo_key] = (tuple(weakref.ref(t) for t in rest), value)
+    return value
 
 
 def _matrix_of(features: dict[str, dict[str, float]], names: list[str]) -> np.ndarray:
@@ -304,15 +362,12 @@ def _feature_arrays(z: Any) -> tuple[dict[str, int], list[str], np.ndarray] | No
 
 
 def _features(matrix: tuple[dict[str, int], list[str], np.ndarray] | None
-              ) -> dict[str, dict[str, float]]:
-    """Per-item feature dicts from the saved matrix (NaN = no value); {} for old files."""
+              ) -> dict[str, dict[str, float]] | FrozenFeatures:
+    """Per-item feature dicts over the saved matrix (NaN = no value; made as read); {} for
+    old files."""
     if matrix is None:
         return {}
-    index, names, values = matrix
-    out = {}
-    for item, row in zip(index, values.tolist(), strict=True):
-        out[item] = {n: v for n, v in zip(names, row, strict=True) if v == v}
-    return out
+    return FrozenFeatures(*matrix)
 
 
 def _counts(z: Any, name: str) -> dict[str, float]:

@@ -134,7 +134,8 @@ def test_config_values_are_validated() -> None:
         load_config({"serving": {"category_explore": {"prior_strength": -1}}})
     for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
                        ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
-                       ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0)):
+                       ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0),
+                       ("explore_slots", -1)):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: value}}})
 
@@ -603,3 +604,39 @@ def test_a_user_without_exposures_costs_no_item_counts() -> None:
     show(explore.bandit, "u", 1, "c1")
     assert explore.order(Request(T0, "q2", "u", 10), "u", candidates, rates=rates) is not None
     assert asked == ["rates"]
+
+
+def test_explore_slots_show_the_sampled_category_the_scorer_ranks_too_low() -> None:
+    """``explore_slots``: a category the user's clicks favour but whose items the scorer
+    ranks below its best ``depth`` is never served by the sampled order alone; with one
+    explore slot its best candidate takes the list's last slot whenever the request's
+    draw ranks it first, and the other slots stay the sampled order's."""
+    cats = ["c0"] * 30 + ["c3"] * 10
+    scores = np.linspace(1.0, 0.0, len(cats))  # every c3 item below the best 30
+    served = {}
+    for slots in (0, 1):
+        bandit = CategoryBandit(CategoryExploreConfig(depth=20, explore_slots=slots))
+        show(bandit, "u", 3, "c3")
+        lists = [bandit.order("u", scores, cats, 10, seed) for seed in range(100)]
+        served[slots] = [out[0].tolist() for out in lists if out is not None]
+    assert all(cats[i] == "c0" for row in served[0] for i in row)
+    with_c3 = [row for row in served[1] if any(cats[i] == "c3" for i in row)]
+    assert len(with_c3) > 50  # the clicks made c3 the usual first draw
+    for row, plain in zip(served[1], served[0], strict=True):
+        assert row[:9] == plain[:9] and len(set(row)) == 10
+        if row in with_c3:
+            assert row[9] == 30  # c3's best candidate (the scorer's first c3 item)
+
+
+def test_explore_slots_leave_a_list_that_has_the_sampled_category_alone() -> None:
+    """An explore slot changes nothing when the sampled order already shows the category
+    of the request's highest draw (every category within the scorer's best)."""
+    scores, cats = pool()
+    for seed in range(30):
+        lists = []
+        for slots in (0, 1):
+            bandit = CategoryBandit(CategoryExploreConfig(explore_slots=slots))
+            show(bandit, "u", 3, "c1")
+            lists.append(bandit.order("u", scores, cats, 10, seed))
+        assert lists[0][0].tolist() == lists[1][0].tolist()
+        assert lists[0][1].tolist() == lists[1][1].tolist()

@@ -128,9 +128,9 @@ def test_config_values_are_validated() -> None:
 
 
 def test_the_memory_bound_counts_the_category_lists() -> None:
-    """One merged copy per user shard and one memo per loaded item table, each at most
-    ``max_categories`` lists of ``retrieve_per_category`` items; nothing without the
-    source."""
+    """One merged copy per user shard (with its items' rows, ``CategoryItems.rows``) and
+    one memo per loaded item table, each at most ``max_categories`` lists of
+    ``retrieve_per_category`` items; nothing without the source."""
     from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
 
     explore = {"max_categories": 300, "retrieve_per_category": 5}
@@ -139,4 +139,5 @@ def test_the_memory_bound_counts_the_category_lists() -> None:
     added = memory_bound(on)["total_mb"] - memory_bound(off)["total_mb"]
     per_copy = 300 * (BYTES["category_list"] + 5 * BYTES["category_item"])
     copies = on.shards.users + on.shards.items
-    assert added == pytest.approx(copies * per_copy * ALLOCATOR_OVERHEAD / 2**20)
+    rows = on.shards.users * 300 * 5 * BYTES["category_row"]
+    assert added == pytest.approx((copies * per_copy + rows) * ALLOCATOR_OVERHEAD / 2**20)

@@ -45,15 +45,17 @@ def test_top_indices_is_a_stable_sort_by_score_descending(seed: int) -> None:
         assert top_indices(values, k).tolist() == want
 
 
+@pytest.mark.parametrize("spread", [1, 50_000])
 @pytest.mark.parametrize("seed", range(6))
-def test_merge_is_the_dict_merge_in_retrieval_order(seed: int) -> None:
+def test_merge_is_the_dict_merge_in_retrieval_order(seed: int, spread: int) -> None:
     """Each item once, in order of first retrieval, with every source's score: what
-    adding the sources' lists one after the other into a dict by item gives."""
+    adding the sources' lists one after the other into a dict by item gives (rows dense,
+    and rows spread far over the id space: ``merge``'s scratch array and its sort)."""
     rng = random.Random(seed)
-    names = [f"i{j}" for j in range(60)]
+    names = {j * spread: f"i{j}" for j in range(60)}
     parts = []
     for source in SOURCES:
-        picked = rng.sample(range(60), rng.randrange(0, 25))
+        picked = [j * spread for j in rng.sample(range(60), rng.randrange(0, 25))]
         parts.append((source, np.array(picked, np.int64),
                       np.array([rng.random() for _ in picked])))
     want: dict[str, Candidate] = {}
