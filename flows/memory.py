@@ -82,6 +82,7 @@ BYTES: dict[str, float] = {
     "item": 700,
     "hot_item_profile": 6_000,
     "covis_neighbor": 105,
+    "covis_written_row": 170,
     "loaded_table_item": 2_500,
     "index_item": 500,
     "waiting_example": 3_100,
@@ -170,6 +171,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
         items.max_items * b["item"]
         + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
         + covis_bytes
+        # the rows written since the last table, per channel (CoVisitation.publish_arrays)
+        + channels * covis.max_items * b["covis_written_row"]
         + mf.max_items * b["mf_row"]
     )
     table_bytes = items.max_items * b["loaded_table_item"] + covis_bytes + category_lists

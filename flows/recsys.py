@@ -233,10 +233,11 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
         MetricsServer.serve(config.metrics)
     flow = Dataflow(config.app)
     store = config.snapshot_store()
-    # Live input: versions are made durable and visible off the worker thread (their
-    # fsyncs stalled requests); replays write them in place, so a replay's reads by
-    # event time meet the same versions at the same batch.
-    store.background = any(i.kind == "kafka" for i in config.inputs)
+    # Versions are made durable and visible off the worker thread (their fsyncs stalled
+    # requests, and a replay's batches); a reader in the process waits for the versions
+    # of its kind still settling, so a replay's reads by event time meet the same
+    # versions at the same batch as if they were written in place.
+    store.background = True
     raw = _inputs(flow, config)
 
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,

@@ -157,6 +157,18 @@ class _Distinct(_Count):
                 union.update(a)
         return sorted(union)[: self.k] if union or b is not None else None
 
+    def add_all(self, acc: Any, values: list[int]) -> Any:
+        """``add`` of each hash of ``values`` (a few) into ``acc`` in turn: the k smallest of
+        both, as ``merge`` gives, without sorting the union (a hash above a full sketch's
+        largest is skipped at one comparison)."""
+        k = self.k
+        for v in values:
+            if acc is None:
+                acc = [v]
+            elif len(acc) < k or v < acc[-1]:
+                acc = self.add(acc, 0, v, 0)
+        return acc
+
     def out(self, acc: Any, r: int, t: int) -> Any:
         n = len(acc)
         if n < self.k:

@@ -82,6 +82,10 @@ def _weight(kv: tuple[str, float]) -> float:
 class CoVisitation:
     """Decayed co-visitation rows ``item -> {neighbour: grown weight}``, bounded per row."""
 
+    _written: set[str] | None = None
+    """Rows written since the arrays of the last ``publish_arrays`` (at most ``max_items``;
+    None: not tracked, every row counts as written)."""
+
     def __init__(self, config: CoVisConfig | None = None, **kw: float) -> None:
         if config is None:
             config = CoVisConfig(**kw)  # type: ignore[arg-type]
@@ -150,7 +154,10 @@ class CoVisitation:
         m = self.config.max_neighbors
         limit = m + int(m * self.config.prune_slack)
         rows = self._rows
+        written = self._written
         for a, b, w in pairs:
+            if written is not None:
+                written.add(a)
             row = rows.get(a)
             if row is None:
                 row = rows[a] = {}
@@ -173,6 +180,8 @@ class CoVisitation:
                 else:  # amortised: one O(row) prune per slack inserts instead of one per insert
                     self.evicted_neighbors += len(row) - m
                     row = rows[a] = dict(heapq.nlargest(m, row.items(), key=_weight))
+        if written is not None and len(written) > self.config.max_items:
+            self._written = None  # more rows written than a table holds: rebuild them all
 
     def observe(self, recent_items: Sequence[str], new_item: str, ts_ms: int) -> list[Pair]:
         """``add(pairs_for(...))`` in one call (unsharded use); returns the pairs."""
@@ -282,6 +291,7 @@ class CoVisitation:
             raise ValueError("cannot merge tables with different half-lives")
         if other._t_ref is None:
             return self
+        self._written = None
         if self._t_ref is None:
             self._t_ref = other._t_ref
         if other._t_ref > self._t_ref:
@@ -318,12 +328,119 @@ class CoVisitation:
         # rows first (row i = vocab[i]), then neighbours in order of first appearance
         names = list(dict.fromkeys(chain(rows, chain.from_iterable(rows.values()))))
         vocab: dict[str, int] = {a: n for n, a in enumerate(names)}
-        blob, offsets = pack_strings(names)
         sizes = np.fromiter(map(len, rows.values()), np.int64, len(rows))
         nbr = np.fromiter(map(vocab.__getitem__, chain.from_iterable(rows.values())), np.int32,
                           int(sizes.sum()))
         val = np.fromiter(chain.from_iterable(r.values() for r in rows.values()), np.float64,
                           nbr.size)
+        return self._packed(names, sizes, nbr, val)
+
+    def publish_arrays(self, previous: Mapping[str, np.ndarray] | None = None
+                       ) -> dict[str, np.ndarray]:
+        """``to_arrays`` for a published version, and from here on the rows written are
+        tracked until the next call. ``previous``: the arrays the last call returned
+        (e.g. read back from its file): the rows not written since are then copied from
+        them instead of walked (between two item tables most rows are unwritten), the
+        same arrays bit for bit; anything that does not fit them builds from the rows."""
+        out = None
+        if previous is not None and self._written is not None:
+            out = self._arrays_since(previous, self._written)
+        if out is None:
+            out = self.to_arrays()
+        self._written = set()
+        return out
+
+    def written_share(self) -> float | None:
+        """Rows written since the last ``publish_arrays`` per row held (None: untracked)."""
+        if self._written is None or not self._rows:
+            return None
+        return len(self._written) / len(self._rows)
+
+    def _arrays_since(self, prev: Mapping[str, np.ndarray], written: set[str]
+                      ) -> dict[str, np.ndarray] | None:
+        """``to_arrays`` from ``prev`` (this table's arrays when ``written`` was emptied)
+        and the rows written since; None when ``prev`` cannot be that version.
+
+        Names are first numbered in a working space (``prev``'s vocabulary, then new
+        names), each row's neighbours taken as ids from ``prev`` (unwritten rows, runs of
+        them in one slice) or looked up (written rows); the vocabulary is then the rows
+        in order followed by the other ids in order of first appearance (distinct
+        positions: the order is unambiguous), as ``to_arrays`` numbers them."""
+        rows = self._rows
+        try:
+            if (int(prev["format"]) != _FORMAT or self._t_ref is None or not rows
+                    or not bool(prev["has_t_ref"]) or int(prev["t_ref"]) != self._t_ref):
+                return None
+            names = unpack_strings(prev["vocab_blob"], prev["vocab_offsets"])
+            n_prev = int(prev["n_rows"])
+            pnbr, pval = np.asarray(prev["neighbors"]), np.asarray(prev["values"])
+            starts = np.zeros(n_prev + 1, np.int64)
+            np.cumsum(np.asarray(prev["row_sizes"]), out=starts[1:])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if starts[-1] != pnbr.size or pval.size != pnbr.size or n_prev > len(names):
+            return None
+        ids: dict[str, int] = dict(zip(names, range(len(names)), strict=True))
+        bounds = starts.tolist()
+
+        def new_id(name: str) -> int:
+            ids[name] = len(names)
+            names.append(name)
+            return ids[name]
+
+        nbr_parts: list[np.ndarray] = []
+        val_parts: list[np.ndarray] = []
+        row_ids: list[int] = []
+        run: list[int] | None = None  # [start, end) of unwritten rows adjacent in prev
+        for a, row in rows.items():
+            g = ids.get(a)
+            if g is None:
+                g = new_id(a)
+            row_ids.append(g)
+            if g < n_prev and a not in written:
+                s, e = bounds[g], bounds[g + 1]
+                if e - s != len(row):
+                    return None
+                if run is not None and run[1] == s:
+                    run[1] = e
+                    continue
+                if run is not None:
+                    nbr_parts.append(pnbr[run[0]:run[1]])
+                    val_parts.append(pval[run[0]:run[1]])
+                run = [s, e]
+                continue
+            if run is not None:
+                nbr_parts.append(pnbr[run[0]:run[1]])
+                val_parts.append(pval[run[0]:run[1]])
+                run = None
+            try:
+                part = np.fromiter(map(ids.__getitem__, row), np.int64, len(row))
+            except KeyError:  # a name new since prev
+                get = ids.get
+                part = np.array([i if (i := get(b)) is not None else new_id(b) for b in row],
+                                np.int64)
+            nbr_parts.append(part)
+            val_parts.append(np.fromiter(row.values(), np.float64, len(row)))
+        if run is not None:
+            nbr_parts.append(pnbr[run[0]:run[1]])
+            val_parts.append(pval[run[0]:run[1]])
+        occ = np.concatenate(nbr_parts).astype(np.int64, copy=False)
+        heads = np.asarray(row_ids, np.int64)
+        first = np.full(len(names), occ.size, np.int64)  # each id's first position in occ
+        np.minimum.at(first, occ, np.arange(occ.size))
+        first[heads] = occ.size
+        others = np.flatnonzero(first < occ.size)
+        order = np.concatenate([heads, others[np.argsort(first[others])]])
+        remap = np.zeros(len(names), np.int64)
+        remap[order] = np.arange(order.size)
+        sizes = np.fromiter(map(len, rows.values()), np.int64, len(rows))
+        return self._packed([names[g] for g in order.tolist()], sizes,
+                            remap[occ].astype(np.int32), np.concatenate(val_parts))
+
+    def _packed(self, names: list[str], sizes: np.ndarray, nbr: np.ndarray, val: np.ndarray
+                ) -> dict[str, np.ndarray]:
+        """The arrays of ``to_arrays`` around its vocabulary and CSR rows."""
+        blob, offsets = pack_strings(names)
         cfg = {f"cfg_{k}": np.asarray(v) for k, v in asdict(self.config).items()}
         return {
             "format": np.asarray(_FORMAT),

@@ -29,6 +29,9 @@ T = TypeVar("T")
 
 _COVIS = "covis_"
 _COVIS_ANY = "covisany_"
+_PUBLISHED = ("format", "vocab_blob", "vocab_offsets", "n_rows", "row_sizes", "neighbors",
+              "values", "t_ref", "has_t_ref")
+"""The co-visitation arrays a new version is built from (``CoVisitation.publish_arrays``)."""
 
 
 def _score(kv: tuple[str, float]) -> float:
@@ -241,11 +244,17 @@ class ItemTable:
         self._top[source] = (n, best)
         return best
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write one uncompressed ``.npz`` file."""
-        arrays = {f"{_COVIS}{k}": v for k, v in self.covis.to_arrays().items()}
-        if self.covis_any is not None:
-            arrays.update({f"{_COVIS_ANY}{k}": v for k, v in self.covis_any.to_arrays().items()})
+    def save(self, path: str | os.PathLike,
+             covis_arrays: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None]
+             | None = None) -> None:
+        """Write one uncompressed ``.npz`` file. ``covis_arrays``: the two channels'
+        ``to_arrays`` when the caller has them (an item shard's ``publish_arrays``)."""
+        liked, any_ = covis_arrays or (self.covis.to_arrays(), None)
+        if covis_arrays is None and self.covis_any is not None:
+            any_ = self.covis_any.to_arrays()
+        arrays = {f"{_COVIS}{k}": v for k, v in liked.items()}
+        if any_ is not None:
+            arrays.update({f"{_COVIS_ANY}{k}": v for k, v in any_.items()})
         for name in ("liked_counts", "interactions"):
             counts = getattr(self, name)
             arrays[f"{name}_ids"] = np.asarray(list(counts), dtype=np.str_)
@@ -275,6 +284,16 @@ class ItemTable:
                 feature_values=matrix,
                 **arrays,
             )
+
+    @staticmethod
+    def covis_arrays_of(path: str | os.PathLike | Path
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """The co-visitation arrays of both channels of a saved table (``to_arrays``'s
+        keys; the "any" channel None when absent), read without the rest of the file."""
+        z = load_npz(path)
+        channels = tuple({k: z[f"{prefix}{k}"] for k in _PUBLISHED if f"{prefix}{k}" in z}
+                         for prefix in (_COVIS, _COVIS_ANY))
+        return channels[0], channels[1] or None
 
     @classmethod
     def load(cls, path: str | os.PathLike | Path) -> ItemTable:

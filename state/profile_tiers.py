@@ -93,8 +93,11 @@ class Tiers:
         else:
             slices.insert(i, [start, end, agg.add(None, ts, v, end)])
 
-    def compact(self, p: Profile) -> list[int]:
-        """Compaction pass at watermark p.cf; returns the features whose layout changed.
+    def compact(self, p: Profile) -> list[tuple[int, list[Any] | None]]:
+        """Compaction pass at watermark p.cf; returns ``(feature, appended)`` for each
+        feature whose layout changed: ``appended`` is the list of new g0 slices when the
+        only change was raw events folded into slices after every existing one (the
+        usual pass: the slices before them are untouched), else None.
 
         Folds raw events older than the raw cut into g0 slices and truncates (or folds
         into the tail) slices ending at or before ``cf - horizon``. Slices are merged into
@@ -105,7 +108,7 @@ class Tiers:
         assert cf is not None
         raw_cut, bounds = self.cuts(cf)
         g0 = self.params.g0
-        changed: list[int] = []
+        changed: list[tuple[int, list[Any] | None]] = []
         due = p.due
         for f, fs in enumerate(p.feats):
             if due[f] > cf:
@@ -115,6 +118,7 @@ class Tiers:
                 continue
             agg = self.plan.aggs[f]
             raw, slices = fs[0], fs[1]
+            appended: list[Any] | None = None
             n = bisect.bisect_left(raw, raw_cut, key=TS) if raw and raw[0][0] < raw_cut else 0
             if n:
                 folded: list[Any] = []
@@ -130,12 +134,14 @@ class Tiers:
                     slices = fs[1] = sorted(slices + folded, key=TS)  # stable: existing first
                 else:
                     slices.extend(folded)
+                    appended = folded
             trunc = cf - self.plan.horizon[f]
             work = bool(n)
             if slices and self._misplaced(slices, bounds):
                 self._rebuild(fs, f, bounds, trunc)
                 slices = fs[1]
                 work = True
+                appended = None
             if slices and slices[0][1] <= trunc:
                 k = 0
                 while k < len(slices) and slices[k][1] <= trunc:
@@ -143,15 +149,17 @@ class Tiers:
                     k += 1
                 del slices[:k]
                 work = True
+                appended = None
             if not work:
                 due[f] = self.due(fs, f)
                 continue
-            changed.append(f)
             if not fs[0] and not fs[1] and fs[2] is None:
                 p.feats[f] = None
                 due[f] = FAR
+                appended = None
             else:
                 due[f] = self.due(fs, f)
+            changed.append((f, appended))
         p.due_min = min(due)
         return changed
 

@@ -50,7 +50,7 @@ from collections.abc import Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
-from state.aggregates import BAD, TS, _Distinct
+from state.aggregates import BAD, TS, _Count, _Distinct
 from state.decay import exp2
 from state.feature_spec import MISSING, FeatureSpec, as_specs
 from state.profile_codec import FORMAT, HotCold, Profile
@@ -58,6 +58,10 @@ from state.profile_plan import FAR, ItemAttrs, ProfileParams, ProfilePlan, entit
 from state.profile_tiers import Tiers
 
 _END = itemgetter(1)
+_EXACT = frozenset((_Count, _Distinct))
+"""Aggregates (exact type) whose slice parts do not depend on the order slices are merged
+in (integer counts, KMV sets): each window's part is kept apart (``_refresh``) and slices
+appended by compaction are folded into it (``_extend``)."""
 
 
 class OutputCache:
@@ -388,8 +392,12 @@ class ProfileStore:
             p.cf = cf
             changed = tiers.compact(p) if cf >= p.due_min else ()
             if c is not None:
-                for f in changed:
-                    self._invalidate(c, f)
+                aggs = plan.aggs
+                for f, appended in changed:
+                    if appended is not None and type(aggs[f]) in _EXACT:
+                        self._extend(c, f, appended)
+                    else:
+                        self._invalidate(c, f)
         raw_cut, bounds = tiers.cuts(cf)
         feats = p.feats
         for f, ts, v in writes:
@@ -427,6 +435,39 @@ class ProfileStore:
         for j in self.plan.feat_outs[f]:
             c.lo[j] = FAR
             c.slo[j] = FAR
+        c.lo_max = FAR
+
+    def _extend(self, c: OutputCache, f: int, appended: list[Any]) -> None:
+        """Fold slices that compaction appended after feature f's others (its raw events
+        folded) into f's memoised slice parts (count / distinct count only: the value a
+        recomputation gives). A window's part then holds while its own slices stay
+        in and every appended slice counts: for T in [newest appended end, oldest
+        appended end + w). The combined values are forgotten (their raw part moved)."""
+        plan = self.plan
+        agg = plan.aggs[f]
+        first, last = appended[0][1], appended[-1][1]
+        accs = [s[2] for s in appended]  # never None: a folded slice holds an event
+        for j in plan.feat_outs[f]:
+            c.lo[j] = FAR
+            slo = c.slo[j]
+            if slo >= FAR:
+                continue
+            w = plan.out_w[j]
+            lo = last if last > slo else slo
+            hi = c.sexp[j]
+            if w is not None and first + w < hi:
+                hi = first + w
+            if lo >= hi:
+                c.slo[j] = FAR
+                continue
+            acc = c.sacc[j]
+            if type(agg) is _Distinct:
+                for a in accs:
+                    acc = agg.add_all(acc, a)
+            else:
+                for a in accs:
+                    acc = a if acc is None else acc + a
+            c.sacc[j], c.slo[j], c.sexp[j] = acc, lo, hi
         c.lo_max = FAR
 
     def _invalidate_raw(self, c: OutputCache, f: int) -> None:
@@ -498,6 +539,20 @@ class ProfileStore:
             res.append((acc, FAR if last_end is None else last_end + w))
         return res
 
+    def _window_part(self, f: int, fs: list[Any], t: int, w: int | None) -> tuple[Any, int]:
+        """One window's ``_slice_part`` of a count or distinct count (``_EXACT``), on its
+        own: its slices (``t - w < end <= t``; every one and the tail for ``all``)
+        merged, and the first T at which one of them leaves."""
+        agg = self.plan.aggs[f]
+        slices = fs[1]
+        hi = bisect.bisect_right(slices, t, key=_END)
+        lo = 0 if w is None else bisect.bisect_right(slices, t - w, key=_END)
+        accs = [s[2] for s in slices[lo:hi]]
+        if w is None and fs[2] is not None and t >= fs[3]:
+            accs.append(fs[2])
+        acc = agg.merge_run(accs, None) if type(agg) is _Distinct else sum(accs) if accs else None
+        return acc, FAR if w is None or lo >= hi else slices[lo][1] + w
+
     def _raw_part(self, f: int, fs: list[Any], t: int, r: int) -> list[tuple[Any, int]]:
         """Per window of feature f at t: (raw events in [t - w, t) merged, referenced at
         r; the first T at which one leaves the window). Exact at both edges."""
@@ -507,11 +562,13 @@ class ProfileStore:
         acc: Any = None
         oldest: int | None = None
         res: list[tuple[Any, int]] = []
+        kmv = type(agg) is _Distinct
         for w in self.plan.specs[f].windows:
             lo = -FAR if w is None else t - w
             while i >= 0 and raw[i][0] >= lo:
                 ts, v = raw[i]
-                acc = agg.merge(agg.add(None, ts, v, ts), ts, acc, r, r)
+                acc = (agg.add_all(acc, (v,)) if kmv
+                       else agg.merge(agg.add(None, ts, v, ts), ts, acc, r, r))
                 oldest = ts
                 i -= 1
             res.append((acc, FAR if w is None or oldest is None else oldest + w + 1))
@@ -556,13 +613,23 @@ class ProfileStore:
                     c.out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 continue
             raw, slices = fs[0], fs[1]
-            if any(not c.slo[j] <= t < c.sexp[j] for j in js):
+            stale_parts = [j for j in js if not c.slo[j] <= t < c.sexp[j]]
+            if stale_parts:
                 sref = slices[-1][1] if slices else (fs[3] or 0)
-                for j, (sacc, se) in zip(js, self._slice_part(f, fs, t, sref), strict=True):
-                    c.sacc[j], c.sref[j], c.slo[j], c.sexp[j] = sacc, sref, t, se
+                if len(stale_parts) < len(js) and type(agg) in _EXACT:
+                    for j in stale_parts:  # the other windows' parts still hold
+                        sacc, se = self._window_part(f, fs, t, plan.out_w[j])
+                        c.sacc[j], c.sref[j], c.slo[j], c.sexp[j] = sacc, sref, t, se
+                else:
+                    for j, (sacc, se) in zip(js, self._slice_part(f, fs, t, sref), strict=True):
+                        c.sacc[j], c.sref[j], c.slo[j], c.sexp[j] = sacc, sref, t, se
             rref = raw[-1][0] + 1 if raw else c.sref[js[0]]
+            kmv = type(agg) is _Distinct
             for j, (racc, re) in zip(js, self._raw_part(f, fs, t, rref), strict=True):
-                acc = agg.merge(c.sacc[j], c.sref[j], racc, rref, rref)
+                if kmv and racc is not None:  # a few raw hashes into the slices' sketch
+                    acc = agg.add_all(c.sacc[j], racc)
+                else:
+                    acc = agg.merge(c.sacc[j], c.sref[j], racc, rref, rref)
                 sexp = c.sexp[j]
                 c.acc[j], c.ref[j], lo[j], exp[j] = acc, rref, t, re if re < sexp else sexp
                 name = plan.out_names[j]
@@ -586,7 +653,8 @@ class ProfileStore:
             nlo = t1 if t1 > lo else lo
             w = plan.out_w[j]
             if w is None or ts + w >= nlo:
-                acc = agg.merge(c.acc[j], 0, agg.add(None, ts, v, ts), 0, 0)
+                acc = (agg.add_all(c.acc[j], (v,)) if type(agg) is _Distinct
+                       else agg.merge(c.acc[j], 0, agg.add(None, ts, v, ts), 0, 0))
                 c.acc[j] = acc
                 if w is not None and ts + w + 1 < c.exp[j]:
                     c.exp[j] = ts + w + 1

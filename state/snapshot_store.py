@@ -84,6 +84,12 @@ def manifest_signature(manifest: Manifest, key: bytes) -> str:
     return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
+_SETTLING: dict[tuple[str, str], list[Future[None]]] = {}
+"""(store root, kind) -> versions this process is settling in the background (``write``);
+readers of the kind wait for them (``SnapshotStore._await_settled``)."""
+_SETTLING_LOCK = threading.Lock()
+
+
 class SnapshotStore:
     """Versioned immutable files under ``root``; keeps the newest ``keep`` versions per kind.
 
@@ -139,7 +145,7 @@ class SnapshotStore:
 
     def next_version(self, kind: str) -> int:
         """One more than the highest version of ``kind`` present (1 for a new kind)."""
-        latest = self.latest(kind)
+        latest = self._latest(kind)
         versions = [int(p.stem[1:]) for p in self._kind_dir(kind).glob("v*.json") if p.stem[1:].isdigit()]
         return max([latest["version"] if latest else 0, *versions]) + 1
 
@@ -183,8 +189,12 @@ class SnapshotStore:
                 self._writer = ThreadPoolExecutor(max_workers=1,
                                                   thread_name_prefix="snapshot-write")
             self._pending = [f for f in self._pending if not f.done()]
-            self._pending.append(self._writer.submit(self._settle_logged, folder, tmp, final,
-                                                     name, version, body))
+            future = self._writer.submit(self._settle_logged, folder, tmp, final, name,
+                                         version, body)
+            self._pending.append(future)
+        with _SETTLING_LOCK:
+            key = (str(self.root), kind)
+            _SETTLING[key] = [f for f in _SETTLING.get(key, ()) if not f.done()] + [future]
         return manifest
 
     def _settle(self, folder: Path, tmp: Path, final: Path, name: str, version: int,
@@ -212,6 +222,24 @@ class SnapshotStore:
         except Exception:  # the writer thread must go on; readers keep the previous version
             log.exception("snapshot %s/%s could not be made durable", args[0].name, args[3])
 
+    def _await_settled(self, kind: str) -> None:
+        """Wait until every version of ``kind`` that this process's stores (of this root)
+        are settling in the background is visible: a reader in the process then sees
+        what an in-place write would have shown it (a replay's reads stay deterministic)."""
+        key = (str(self.root), kind)
+        if key not in _SETTLING:
+            return
+        with _SETTLING_LOCK:
+            futures = list(_SETTLING.get(key, ()))
+        for future in futures:
+            future.result()  # never raises: ``_settle_logged``
+        with _SETTLING_LOCK:
+            left = [f for f in _SETTLING.get(key, ()) if not f.done()]
+            if left:
+                _SETTLING[key] = left
+            else:
+                _SETTLING.pop(key, None)
+
     def flush(self) -> None:
         """Wait until every version written so far is durable and visible."""
         with self._lock:
@@ -238,7 +266,13 @@ class SnapshotStore:
         """The newest manifest of ``kind``, or None. A damaged ``LATEST`` (truncated, not
         JSON, not a manifest of this kind) is refused like a damaged snapshot: an error
         is logged (once per file state and process) and the newest readable version
-        manifest in the store stands in for it."""
+        manifest in the store stands in for it. Versions this process is still settling
+        are waited for."""
+        self._await_settled(kind)
+        return self._latest(kind)
+
+    def _latest(self, kind: str) -> Manifest | None:
+        """``latest`` as the files are now (versions still settling not waited for)."""
         path = self._kind_dir(kind) / "LATEST"
         try:
             data = path.read_bytes()
@@ -272,6 +306,7 @@ class SnapshotStore:
 
     def manifests(self, kind: str) -> list[Manifest]:
         """Every readable manifest of ``kind`` still in the store, newest version first."""
+        self._await_settled(kind)
         out = []
         for path in self._kind_dir(kind).glob("v*.json"):
             if path.stem[1:].isdigit():
@@ -303,6 +338,8 @@ class SnapshotStore:
             expected = manifest["sha256"]
         except (KeyError, TypeError):
             raise SnapshotError(f"not a snapshot manifest: {manifest!r}") from None
+        if isinstance(manifest.get("kind"), str):
+            self._await_settled(manifest["kind"])
         self.check_signature(manifest)
         path = (self.root / rel).resolve()
         if not path.is_relative_to(self.root):

@@ -230,3 +230,62 @@ def test_row_weights_are_the_sorted_neighbours_unsorted_bit_for_bit() -> None:
         unsorted += list(want) != list(plain._rows.get(item, {}))
     assert unsorted > 0, "every row was already in weight order: the test shows nothing"
     assert frozen._full is None, "reads decoded the rows"
+
+
+def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def test_published_arrays_built_from_the_previous_version_equal_a_full_build() -> None:
+    """Issue 18 point 4: a new table's arrays are built from the last published ones
+    and the rows written since (``publish_arrays``) and equal ``to_arrays`` bit for bit,
+    through new names, neighbour-only names, pruned and evicted rows, removed rows and a
+    rebase (a new ``t_ref``: every row rebuilt); the reuse is what runs."""
+    import random
+
+    rnd = random.Random(11)
+    cv = CoVisitation(CoVisConfig(max_neighbors=6, prune_slack=0.5, window=4, max_items=40,
+                                  half_life_ms=H))
+    names = [f"n{i}" for i in range(90)]
+    previous = None
+    reused = 0
+    original = CoVisitation._arrays_since
+
+    def spy(self: CoVisitation, *args: object) -> object:
+        nonlocal reused
+        out = original(self, *args)  # type: ignore[arg-type]
+        reused += out is not None
+        return out
+
+    CoVisitation._arrays_since = spy  # type: ignore[method-assign]
+    try:
+        ts = T0
+        for round_ in range(60):
+            hot = rnd.sample(names, rnd.randint(1, 8)) if round_ % 7 else names[:50]
+            for _ in range(rnd.randint(1, 12)):
+                item = rnd.choice(hot)
+                cv.add(cv.pairs_for(rnd.sample(names, 5), item, ts), ts)
+            if round_ % 9 == 4:
+                cv.remove(rnd.sample(names, 3))
+            ts += 50 * H if round_ == 30 else rnd.randint(0, H)  # past 600 half-lives: a rebase
+            published = cv.publish_arrays(previous)
+            _same_arrays(published, cv.to_arrays())
+            previous = {k: v.copy() for k, v in published.items()}  # as read back from a file
+    finally:
+        CoVisitation._arrays_since = original  # type: ignore[method-assign]
+    assert reused > 30
+
+
+def test_published_arrays_fall_back_to_a_full_build_when_previous_does_not_fit() -> None:
+    cv = CoVisitation(CoVisConfig(max_neighbors=5, window=3))
+    cv.observe(["a", "b"], "c", T0)
+    first = cv.publish_arrays()
+    cv.observe(["c"], "d", T0 + 1)
+    other = CoVisitation(CoVisConfig(max_neighbors=5, window=3))
+    other.observe(["x"], "y", T0 + 5)  # another table's arrays (another t_ref)
+    _same_arrays(cv.publish_arrays(other.to_arrays()), cv.to_arrays())
+    untracked = CoVisitation.from_arrays(cv.to_arrays())  # restored: written rows unknown
+    untracked.observe(["a"], "d", T0 + 2)
+    _same_arrays(untracked.publish_arrays(first), untracked.to_arrays())

@@ -138,3 +138,40 @@ def test_published_features_are_the_profiles_numeric_outputs_as_of_publication(
     assert sorted(seen[-1]) == ["a", "c", "d"]  # "b", least recently seen, evicted (max 3)
     a = seen[2]["a"]
     assert a["item.impressions.1h"] == 1.0 and a["item.impressions.7d"] == 2.0
+
+
+def test_a_table_is_built_from_the_last_one_and_equals_a_full_build(tmp_path: Path) -> None:
+    """Issue 18 point 4: an item table's co-visitation arrays are built from the shard's
+    last published file and the rows written since (few rows written: the reuse runs)
+    and are the arrays of a full build; a version that is gone makes a full build."""
+    s = ItemShard(ItemsConfig(refresh_interval_ms=10**12, mf={"dim": 4}), SnapshotStore(tmp_path))
+    items = [f"it{i}" for i in range(40)]
+    s.process("i000", [CovisPair(a, b, T0, 1.0, ch) for a in items for b in items[:9]
+                       if a != b for ch in ("liked", "any")])
+    store = SnapshotStore(tmp_path)
+    reads = []
+    original = ItemTable.covis_arrays_of
+
+    def spy(path: Any) -> Any:
+        reads.append(path)
+        return original(path)
+
+    ItemTable.covis_arrays_of = spy  # type: ignore[method-assign]
+    lost = None
+    try:  # (the first table was published by ``process``, due at once)
+        for step in range(4):
+            m = s.publish()
+            table = np.load(store.verified_path(m))
+            for prefix, covis in (("covis_", s.covis), ("covisany_", s.covis_any)):
+                assert covis is not None
+                full = covis.to_arrays()
+                for k, v in full.items():
+                    assert np.array_equal(table[prefix + k], v), (step, prefix, k)
+            if step == 2:  # the last version disappears: the next table is a full build
+                lost = store.verified_path(m)
+                lost.unlink()
+            s.process("i000", [CovisPair(items[step], "new" + str(step), T0 + step, 1.0, "liked"),
+                               CovisPair("it39", items[step], T0 + step, 1.0, "any")])
+    finally:
+        ItemTable.covis_arrays_of = original  # type: ignore[method-assign]
+    assert len(reads) == 3 and lost not in reads  # each version read back but the lost one

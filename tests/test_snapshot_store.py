@@ -203,7 +203,8 @@ def test_background_write_returns_before_the_fsyncs_and_settles_in_order(tmp_pat
     took = time.perf_counter() - start
     assert took < 0.2, f"three background writes took {took:.2f} s: they waited for fsync"
     assert [m["version"] for m in manifests] == [1, 2, 3]
-    assert store.latest("items-i000") is None or store.latest("items-i000")["version"] < 3
+    # a reader in this process waits for the versions of its kind still settling
+    assert store.latest("items-i000") == manifests[-1]
     store.flush()
     assert store.latest("items-i000") == manifests[-1]
     for i, manifest in enumerate(manifests, 1):
@@ -214,3 +215,34 @@ def test_background_write_returns_before_the_fsyncs_and_settles_in_order(tmp_pat
     again = pickle.loads(pickle.dumps(store))
     assert again.background and again.write_bytes("items-i000", "bin", b"x", ts=9)["version"] == 4
     again.flush()
+
+
+def test_readers_in_the_process_see_background_writes_as_if_written_in_place(
+        tmp_path, monkeypatch) -> None:
+    """Issue 18 point 4: the flow settles every version (fsyncs, renames, ``LATEST``,
+    pruning) off the batch path, replays included: a reader in the process, through any
+    store of the same root, waits for the versions of its kind still settling, so a
+    replay's reads by event time meet the versions an in-place write would show."""
+    import os
+    import time
+
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.05)
+        real_fsync(fd)
+
+    writer = SnapshotStore(tmp_path, keep=2, background=True)
+    reader_store = SnapshotStore(tmp_path, keep=2)  # another stage's instance
+    reader = SnapshotReader(reader_store, "items-i000", lambda p: p.read_bytes())
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    for i in range(1, 5):
+        start = time.perf_counter()
+        manifest = writer.write_bytes("items-i000", "bin", b"v%d" % i, ts=i)
+        assert time.perf_counter() - start < 0.05  # the fsyncs are not waited for here
+        assert reader.refresh() and reader.current == b"v%d" % i
+        assert reader_store.verified_path(manifest).read_bytes() == b"v%d" % i
+        assert [m["version"] for m in reader_store.manifests("items-i000")] == \
+            list(range(i, max(0, i - 2), -1))  # pruned to keep=2 too
+    assert writer.write_bytes("ranker", "bin", b"r", ts=1)["version"] == 1  # other kinds: no wait
+    writer.flush()
