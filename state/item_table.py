@@ -249,9 +249,10 @@ class ItemTable:
              | None = None) -> None:
         """Write one uncompressed ``.npz`` file. ``covis_arrays``: the two channels'
         ``to_arrays`` when the caller has them (an item shard's ``publish_arrays``)."""
-        liked, any_ = covis_arrays or (self.covis.to_arrays(), None)
-        if covis_arrays is None and self.covis_any is not None:
-            any_ = self.covis_any.to_arrays()
+        if covis_arrays is None:
+            covis_arrays = (self.covis.to_arrays(),
+                            None if self.covis_any is None else self.covis_any.to_arrays())
+        liked, any_ = covis_arrays
         arrays = {f"{_COVIS}{k}": v for k, v in liked.items()}
         if any_ is not None:
             arrays.update({f"{_COVIS_ANY}{k}": v for k, v in any_.items()})
@@ -290,7 +291,8 @@ class ItemTable:
                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """The co-visitation arrays of both channels of a saved table (``to_arrays``'s
         keys; the "any" channel None when absent), read without the rest of the file."""
-        z = load_npz(path)
+        z = load_npz(path, {f"{prefix}{k}" for prefix in (_COVIS, _COVIS_ANY)
+                            for k in _PUBLISHED})
         channels = tuple({k: z[f"{prefix}{k}"] for k in _PUBLISHED if f"{prefix}{k}" in z}
                          for prefix in (_COVIS, _COVIS_ANY))
         return channels[0], channels[1] or None

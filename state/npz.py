@@ -18,6 +18,7 @@ import os
 import re
 import struct
 import zipfile
+from collections.abc import Container
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +42,27 @@ class NpzArrays(dict[str, np.ndarray]):
         return list(self)
 
 
-def load_npz(path: str | os.PathLike) -> NpzArrays:
+def load_npz(path: str | os.PathLike, names: Container[str] | None = None) -> NpzArrays:
     """Every array of the ``.npz`` file at ``path`` by name, as ``np.load(path)[name]``
-    gives it (``allow_pickle=False``)."""
+    gives it (``allow_pickle=False``); only those in ``names`` when given (the others are
+    not decoded)."""
     data = Path(path).read_bytes()
     try:
-        return _members(data)
+        return _members(data, names)
     except (_Unsupported, zipfile.BadZipFile, struct.error, ValueError, UnicodeDecodeError):
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return NpzArrays((name, z[name]) for name in z.files)
+            return NpzArrays((name, z[name]) for name in z.files
+                             if names is None or name in names)
 
 
-def _members(data: bytes) -> NpzArrays:
+def _members(data: bytes, names: Container[str] | None) -> NpzArrays:
     out = NpzArrays()
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         for info in archive.infolist():
             if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
                 raise _Unsupported(info.filename)
+            if names is not None and info.filename[:-4] not in names:
+                continue
             at = info.header_offset
             if data[at:at + 4] != _LOCAL:
                 raise _Unsupported(info.filename)

@@ -148,6 +148,17 @@ def test_load_npz_gives_what_np_load_gives(tmp_path: Path) -> None:
                 assert got[name].flags.f_contiguous == want.flags.f_contiguous
 
 
+def test_load_npz_reads_only_the_named_members(tmp_path: Path) -> None:
+    """``names``: those members only, equal to the full read's (both read paths)."""
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        with path.open("wb") as f:
+            save(f, a=np.arange(4), b=np.ones(3), c=np.asarray(["x"], dtype=np.str_))
+        got = load_npz(path, {"a", "c", "absent"})
+        assert got.files == ["a", "c"]
+        assert np.array_equal(got["a"], np.arange(4)) and got["c"].tolist() == ["x"]
+
+
 def test_load_npz_refuses_a_damaged_file_as_np_load_does(tmp_path: Path) -> None:
     path = tmp_path / "cut.npz"
     with path.open("wb") as f:
