@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
+from operators.serving import ANN_MEMO_USERS
 from state.covis_view import SLACK
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ BYTES: dict[str, float] = {
     "static_memo_item": 1_000,
     "table_rate_item": 16,
     "category_row": 8,
+    "ann_memo_user": 1_500,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -149,6 +151,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + max(16_384, SLACK * sh.items * items.max_items) * b["covis_view_id"]
         + (pool.max_pending * pool.pool_size * b["pool_candidate"] if pool.enabled else 0)
         + (mf.max_users * b["mf_row"] if items.enabled else 0)
+        # serving's last ANN answer per recent user (Server._ann_rows: 100 rows and scores
+        # as int32 / float32, the vector's bytes)
+        + ANN_MEMO_USERS * b["ann_memo_user"]
         # the joiner's memo of static item features (~550 B an entry in the churn test)
         + MAX_STATIC_MEMO * b["static_memo_item"]
         # serving's category posteriors: a user's counts and one item's click rate per user
