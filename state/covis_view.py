@@ -113,8 +113,11 @@ class CovisView:
                 self.counts[ch][idx] = np.fromiter(counts.values(), np.float64, len(counts))
 
     def row(self, table: ItemTable, channel: str, item: str) -> tuple[np.ndarray, np.ndarray]:
-        """(neighbour ids, weights decayed to ``table.ts``) of ``item``'s row, strongest
-        first; a neighbour without an id gets the next one (in that order)."""
+        """(neighbour ids, weights decayed to ``table.ts``) of ``item``'s row: strongest
+        first when it has neighbours without an id, which get the next ones in that order
+        (it breaks the blend's ties); a loaded table's row whose neighbours all have ids
+        comes in its stored order (no sort: every reader sums per id, and an id appears
+        once in a row, so the sums are the same floats)."""
         key = (id(table), channel, item)
         row = self._rows.get(key)
         if row is None:
@@ -123,8 +126,9 @@ class CovisView:
                 names, weights = table.covis_row_arrays(channel, item)
                 row = (self.intern(names), weights) if names else _EMPTY
             else:
-                ids, weights, covis, nbr = found
-                if (ids < 0).any():
+                ids, weights, covis, complete = found
+                if not complete:  # new ids: in the strongest-first order
+                    nbr, weights = sorted_row(table, channel, covis, item)
                     ids = self.intern([covis._vocab[j] for j in nbr.tolist()])
                 row = (ids, weights) if ids.size else _EMPTY
             self._rows[key] = row
@@ -159,16 +163,18 @@ class CovisView:
         return ids, weights
 
     def _csr_row(self, table: ItemTable, channel: str, item: str
-                 ) -> tuple[np.ndarray, np.ndarray, FrozenCoVisitation, np.ndarray] | None:
-        """A loaded (CSR) table's row as (ids here, -1 where none; weights; the table;
-        vocabulary indices), strongest first; None for a table built in process."""
+                 ) -> tuple[np.ndarray, np.ndarray, FrozenCoVisitation, bool] | None:
+        """A loaded (CSR) table's row in its stored order as (ids here, -1 where none;
+        weights decayed to ``table.ts``; the table; whether every neighbour has an id);
+        None for a table built in process."""
         covis = table.channel(channel)[0]
         if not isinstance(covis, FrozenCoVisitation) or covis._full is not None:
             return None
-        nbr, weights = sorted_row(table, channel, covis, item)
+        nbr, weights = stored_row(table, channel, covis, item)
         if not nbr.size:
-            return _EMPTY[0], _EMPTY[1], covis, _EMPTY[0]
-        return self._vocab_ids(table, channel, covis, nbr), weights, covis, nbr
+            return _EMPTY[0], _EMPTY[1], covis, True
+        ids, complete = self._vocab_ids(table, channel, covis, nbr)
+        return ids, weights, covis, complete
 
     def channel_sums(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
                      tables: dict[str, ItemTable], shard_of: Any, ts_ms: int
@@ -256,10 +262,11 @@ class CovisView:
         return known is not None and known[2] == -1 and known[0] is row[0]
 
     def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,
-                   vocab_idx: np.ndarray) -> np.ndarray:
-        """This view's ids of a table's vocabulary entries (-1: not an id). Found ids are
-        kept per table version (ids are never reused); entries without one are looked
-        up again when read (they may have got one since)."""
+                   vocab_idx: np.ndarray) -> tuple[np.ndarray, bool]:
+        """This view's ids of a table's vocabulary entries (-1: not an id) and whether all
+        are ids. Found ids are kept per table version (ids are never reused); entries
+        without one are looked up again when read (they may have got one since). Once
+        every entry of the table has its id, a read is one gather."""
         key = (id(table), channel)
         entry = self._vmaps.get(key)
         if entry is None:
@@ -268,31 +275,32 @@ class CovisView:
             if len(vocab) <= _EAGER_VOCAB:  # small: every entry at once
                 vmap[:] = np.fromiter(map(self.ids.get, vocab, itertools.repeat(-2)), np.int64,
                                       len(vocab))
-            entry = self._vmaps[key] = [table, vmap]
+            entry = self._vmaps[key] = [table, vmap, bool(vmap.size) and int(vmap.min()) >= 0]
         vmap = entry[1]
         ids = vmap[vocab_idx]
-        if ids.min() >= 0:  # every entry has its id (the usual case)
-            return ids
+        if entry[2] or ids.min() >= 0:  # every entry has its id (the usual case)
+            return ids, True
         unknown = ids == -2
         if unknown.any():
             todo = np.unique(vocab_idx[unknown])
             get, vocab = self.ids.get, covis._vocab
             vmap[todo] = np.fromiter((get(vocab[j], -2) for j in todo.tolist()), np.int64,
                                      todo.size)
+            entry[2] = int(vmap.min()) >= 0
             ids = vmap[vocab_idx]
             ids[ids == -2] = -1
-        return ids
+        return ids, bool(ids.min() >= 0)
 
 
-def sorted_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: str
+def stored_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: str
                ) -> tuple[np.ndarray, np.ndarray]:
-    """A loaded table's row of ``item`` in ``channel`` as (neighbours' vocabulary
-    indices, weights decayed to ``table.ts``), strongest first (``neighbors``' order);
-    computed once per table version and row for every view in the process (the item
-    shards' tables are shared by the user shards: ``table.memo``)."""
-    rows = table.memo.get(("covis_rows", channel))
+    """A loaded table's row of ``item`` in ``channel`` in its stored order as
+    (neighbours' vocabulary indices, weights decayed to ``table.ts``); computed once per
+    table version and row for every view in the process (the item shards' tables are
+    shared by the user shards: ``table.memo``)."""
+    rows = table.memo.get(("covis_stored", channel))
     if rows is None:
-        rows = table.memo.setdefault(("covis_rows", channel), {})
+        rows = table.memo.setdefault(("covis_stored", channel), {})
     row = rows.get(item)
     if row is None:
         r = covis._row_of.get(item)
@@ -300,10 +308,30 @@ def sorted_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: 
             row = _EMPTY
         else:
             a, b = int(covis._starts[r]), int(covis._starts[r + 1])
-            vals = covis._arrays["values"][a:b]
+            row = (covis._arrays["neighbors"][a:b],
+                   covis._arrays["values"][a:b] * covis._decay(table.ts))
+        rows[item] = row
+    return row
+
+
+def sorted_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``stored_row`` strongest first (``neighbors``' order; equal weights in stored
+    order): what a view interns new neighbours in. Once per table version and row for
+    every view in the process (``table.memo``)."""
+    rows = table.memo.get(("covis_rows", channel))
+    if rows is None:
+        rows = table.memo.setdefault(("covis_rows", channel), {})
+    row = rows.get(item)
+    if row is None:
+        nbr, weights = stored_row(table, channel, covis, item)
+        if nbr.size:  # by the stored values (decaying them may round two to one)
+            r = covis._row_of[item]
+            vals = covis._arrays["values"][int(covis._starts[r]):int(covis._starts[r + 1])]
             order = np.argsort(-vals, kind="stable")
-            row = (covis._arrays["neighbors"][a:b][order],
-                   vals[order] * covis._decay(table.ts))
+            row = (nbr[order], weights[order])
+        else:
+            row = _EMPTY
         rows[item] = row
     return row
 
