@@ -566,7 +566,8 @@ class Server:
         space.sync(self.views.table_map())
         slots = space.fill(pool.rows)
         attrs = list(map(self.context.catalog.get, items))
-        space.fill_attrs(slots, attrs, self.context.cross_attrs(), self.context.unavailable_attrs)
+        cross = self.context.cross_attrs()
+        space.fill_attrs(slots, attrs, cross, self.context.unavailable_attrs)
         keep = space.available[slots] & ~space.unavailable[slots]
         blocked = repeat_blocked(self.config, ctx, request.ts)
         if blocked:
@@ -576,7 +577,11 @@ class Server:
             keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
         pool.attrs = attrs
         pool.coded = CodedCategories(space.category[slots], space.categories)
-        return pool if keep.all() else pool.take(keep)
+        if keep.all():  # the slots of pool.rows stay ItemRows' last (no second check)
+            return pool
+        out = pool.take(keep)
+        space.remember(out.rows, slots[keep], out.attrs, cross)  # what the columns ask next
+        return out
 
     def _pool_hook(self, stage: str, request: Any, pool: CandidatePool) -> CandidatePool:
         """A hook on the pool: its candidates as objects, and the hook's list back."""

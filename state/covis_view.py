@@ -47,9 +47,11 @@ class CovisView:
         self.names: list[str] = []
         self.counts = {ch: np.zeros(0) for ch in CHANNELS}
         self._tables: dict[str, ItemTable] = {}
-        self._rows: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray]] = {}
-        self._known: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray, int]] = {}
-        """``_known_row``'s rows: (ids, weights, -1 or the id count they are valid for)."""
+        self._rows: dict[int, dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]] = {}
+        """``row``'s rows by table (``id``) and (channel, item): a replaced table's go at once."""
+        self._known: dict[int, dict[tuple[str, str], tuple[np.ndarray, np.ndarray, int]]] = {}
+        """``_known_row``'s rows by table and (channel, item): (ids, weights, -1 or the id
+        count they are valid for)."""
         self._vmaps: dict[tuple[int, str], list[Any]] = {}
         """Per (loaded table, channel) with CSR rows: [table, its vocabulary's ids here
         (-2: none known yet)]."""
@@ -102,13 +104,17 @@ class CovisView:
             if old is not None:  # rows of the replaced version go
                 for ch, seed in self._seeds_of.pop(shard, ()):
                     self._by_seed[ch].pop(seed, None)
-                self._rows = {k: v for k, v in self._rows.items() if k[0] != id(old)}
-                self._vmaps = {k: v for k, v in self._vmaps.items() if k[0] != id(old)}
-                self._known = {k: v for k, v in self._known.items() if k[0] != id(old)}
+                self._rows.pop(id(old), None)
+                self._known.pop(id(old), None)
+                for ch in CHANNELS:
+                    self._vmaps.pop((id(old), ch), None)
             self._tables[shard] = table
+            get = self.ids.get
             for ch in CHANNELS:
                 counts = table.channel(ch)[1]
-                idx = self.intern(counts)
+                idx = np.fromiter(map(get, counts, itertools.repeat(-1)), np.int64, len(counts))
+                if idx.size and idx.min() < 0:  # new items: ids in the counts' order
+                    idx = self.intern(counts)
                 self._grow()
                 self.counts[ch][idx] = np.fromiter(counts.values(), np.float64, len(counts))
 
@@ -118,8 +124,11 @@ class CovisView:
         (it breaks the blend's ties); a loaded table's row whose neighbours all have ids
         comes in its stored order (no sort: every reader sums per id, and an id appears
         once in a row, so the sums are the same floats)."""
-        key = (id(table), channel, item)
-        row = self._rows.get(key)
+        rows = self._rows.get(id(table))
+        if rows is None:
+            rows = self._rows[id(table)] = {}
+        key = (channel, item)
+        row = rows.get(key)
         if row is None:
             found = self._csr_row(table, channel, item)
             if found is None:
@@ -131,7 +140,7 @@ class CovisView:
                     nbr, weights = sorted_row(table, channel, covis, item)
                     ids = self.intern([covis._vocab[j] for j in nbr.tolist()])
                 row = (ids, weights) if ids.size else _EMPTY
-            self._rows[key] = row
+            rows[key] = row
             self._grow()
         return row
 
@@ -140,11 +149,14 @@ class CovisView:
         """``row`` without new ids: the entries whose neighbour has an id (cached while
         no id is added, or for good when none was left out: then it is ``row`` itself,
         see ``_whole_row``)."""
-        key = (id(table), channel, item)
-        row = self._rows.get(key)
+        key = (channel, item)
+        row = self._rows.get(id(table), {}).get(key)
         if row is not None:
             return row
-        hit = self._known.get(key)
+        known = self._known.get(id(table))
+        if known is None:
+            known = self._known[id(table)] = {}
+        hit = known.get(key)
         n_names = len(self.names)
         if hit is not None and hit[2] in (-1, n_names):
             return hit[0], hit[1]
@@ -159,7 +171,7 @@ class CovisView:
         complete = bool(keep.all())
         if not complete:
             ids, weights = ids[keep], weights[keep]
-        self._known[key] = (ids, weights, -1 if complete else n_names)
+        known[key] = (ids, weights, -1 if complete else n_names)
         return ids, weights
 
     def _csr_row(self, table: ItemTable, channel: str, item: str
@@ -255,10 +267,10 @@ class CovisView:
         """Whether ``row`` (from ``row`` or ``_known_row``) is the item's whole row: the one
         ``row`` made, or a ``_known_row`` that left no neighbour out (every neighbour had
         an id, so ``row`` would give the same ids and weights without interning any)."""
-        key = (id(table), channel, item)
-        if self._rows.get(key) is row:
+        key = (channel, item)
+        if self._rows.get(id(table), {}).get(key) is row:
             return True
-        known = self._known.get(key)
+        known = self._known.get(id(table), {}).get(key)
         return known is not None and known[2] == -1 and known[0] is row[0]
 
     def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,

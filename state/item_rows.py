@@ -58,10 +58,20 @@ class ItemRows:
         self._attr_code: dict[str, dict[str, int]] = {}
         self._index: Any = None
         self._index_gen = 0
+        self._epoch = 0
+        """Bumped when slots are dropped or a shard's table is replaced: the end of every
+        ``_last_fill`` / ``_last_attrs`` memo."""
         self._clear()
 
     def _clear(self) -> None:
         """Drop every slot (and the readers' memos tied to them)."""
+        self._epoch = getattr(self, "_epoch", 0) + 1
+        self._last_fill: tuple[np.ndarray, np.ndarray, int] | None = None
+        """``(rows, slots, epoch)`` of the last ``fill`` (or ``remember``): the same rows
+        array asked again in that epoch (the filter's pool, then its columns) has those
+        slots, current."""
+        self._last_attrs: tuple[np.ndarray, list[Any], tuple[str, ...], int] | None = None
+        """``(slots, attrs, cross, epoch)`` of the last ``fill_attrs`` (or ``remember``)."""
         self.slot_of = np.full(len(self.view.names), -1, np.int32)
         """Each id's slot (-1: none)."""
         self.n_slots = 0
@@ -181,6 +191,7 @@ class ItemRows:
             if table is not self.tables[s]:
                 self.tables[s] = table
                 self.shard_gen[s] += 1
+                self._epoch += 1
 
     def _shard_index(self, key: str) -> int:
         s = self.shards.get(key)
@@ -191,7 +202,28 @@ class ItemRows:
         return s
 
     def fill(self, rows: np.ndarray) -> np.ndarray:
-        """The slots of ``rows`` with their table values current (after ``sync``)."""
+        """The slots of ``rows`` with their table values current (after ``sync``); the
+        same ``rows`` object as the last call's (or ``remember``'s) in the same epoch
+        returns its slots at once (do not write into either array)."""
+        last = self._last_fill
+        if last is not None and last[0] is rows and last[2] == self._epoch:
+            return last[1]
+        slots = self._fill(rows)
+        self._last_fill = (rows, slots, self._epoch)
+        return slots
+
+    def remember(self, rows: np.ndarray, slots: np.ndarray, attrs: list[Any] | None,
+                 cross: tuple[str, ...]) -> None:
+        """Note that ``slots`` are ``rows``' current slots (a subset of the last
+        ``fill``'s, taken after it) and, with ``attrs``, that their catalog values are
+        current for ``cross`` (a subset of the last ``fill_attrs``'), so the next
+        ``fill(rows)`` and ``fill_attrs(slots, attrs, cross, ...)`` need no checks."""
+        self._last_fill = (rows, slots, self._epoch)
+        if attrs is not None:
+            self._last_attrs = (slots, attrs, cross, self._epoch)
+
+    def _fill(self, rows: np.ndarray) -> np.ndarray:
+        """``fill`` without the memo."""
         slots = self._slots(rows)
         shard = self.shard[slots]
         # a slot without a shard yet was never read (gen -1, below every generation), so
@@ -276,7 +308,12 @@ class ItemRows:
         """Make the catalog values of ``slots`` current: ``attrs`` are the shard catalog's
         attributes of each slot's item now (slots whose attributes object changed are
         re-read): ``unavailable(attrs)`` and the string value code of each ``cross``
-        attribute."""
+        attribute. The same ``slots`` and ``attrs`` objects as the last call's (or
+        ``remember``'s) in the same epoch are current already."""
+        last = self._last_attrs
+        if (last is not None and last[0] is slots and last[1] is attrs and last[2] == cross
+                and last[3] == self._epoch):
+            return
         for attr in cross:
             if attr not in self.attr_codes:
                 self.attr_codes[attr] = np.full(self.capacity, -1, np.int64)
@@ -301,6 +338,7 @@ class ItemRows:
                     codes[s] = -1
             self.attr_id[s] = ids[j]
             self._attrs[s] = a
+        self._last_attrs = (slots, attrs, cross, self._epoch)
 
     def profile_values(self, slots: np.ndarray, rows: np.ndarray, names: tuple[str, ...]
                        ) -> np.ndarray:

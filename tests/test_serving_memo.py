@@ -1,5 +1,7 @@
-"""Retrieval work kept across requests and exact (issue 18 point 2, serve9): the ANN
-source's answer per user (``Server._ann_rows``). Every memo is checked against the
+"""Retrieval and filter work kept across requests and exact (issue 18 point 2, serve9):
+the ANN source's answer per user (``Server._ann_rows``), the filter's slots and catalog
+values handed to the candidate columns (``ItemRows.remember``), a co-visitation view's
+rows per table version (``CovisView.sync``). Every memo is checked against the
 answer computed from scratch after each thing that invalidates it."""
 
 from __future__ import annotations
@@ -8,10 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from serving_world import DIM, World, warm_up
+from serving_world import DIM, T0, World, warm_up
 
 from operators.point_in_time import UserContext
 from operators.serving import Server
+from state.covis_view import CovisView
+from state.covisitation import CoVisConfig, CoVisitation
+from state.item_rows import ItemRows
+from state.item_table import CatalogEntry, ItemTable
 
 
 def _ctx(user: str, vector: np.ndarray) -> UserContext:
@@ -110,3 +116,98 @@ def test_ann_memo_keeps_at_most_its_bound_of_users(tmp_path: Path) -> None:
     assert calls[0] == 4
     server._ann_rows(_ctx("a", vec), 5, server._space())  # dropped first
     assert calls[0] == 5 and len(server._ann_memo[2]) == 3
+
+
+def _catalog_table(tmp_path: Path, version: int, items: list[str], available: set[str]
+                   ) -> ItemTable:
+    """A loaded table (``FrozenCatalog``) whose catalog makes ``available`` available,
+    each item's category and popularity telling the version."""
+    catalog = {i: CatalogEntry(f"c{version}-{j % 3}", i in available, T0 - version)
+               for j, i in enumerate(items)}
+    table = ItemTable("s", T0 + version, CoVisitation(CoVisConfig()),
+                      popular={i: float(version * 100 + j) for j, i in enumerate(items)},
+                      catalog=catalog)
+    path = tmp_path / f"v{version}.npz"
+    table.save(path)
+    return ItemTable.load(path)
+
+
+def _values(space: ItemRows, slots: np.ndarray) -> list[tuple[Any, ...]]:
+    return list(zip(space.available[slots].tolist(), space.pop[slots].tolist(),
+                    [space.categories[c] for c in space.category[slots].tolist()],
+                    space.unavailable[slots].tolist(), strict=True))
+
+
+def _reference(table: ItemTable, items: list[str], attrs: list[dict[str, Any] | None]
+               ) -> list[tuple[Any, ...]]:
+    return [(table.catalog[i].available, table.popular[i], table.catalog[i].category,
+             bool(a and a.get("available") is False)) for i, a in zip(items, attrs, strict=True)]
+
+
+def test_item_rows_memos_end_with_a_new_table_new_slots_or_new_attributes(tmp_path: Path
+                                                                         ) -> None:
+    """``ItemRows.fill`` and ``fill_attrs`` answer the same rows (or the subset the
+    filter ``remember``s) without checks only while nothing changed: after a new
+    version of the table, after the slots are dropped and for new catalog attributes
+    objects, the values read are the new ones (the reference: the table's own dicts)."""
+    items = [f"x{j}" for j in range(60)]
+    unavailable = lambda a: bool(a and a.get("available") is False)  # noqa: E731
+    space = ItemRows(CovisView(), lambda item: "s", min_slots=16)
+    rows = space.rows(items)
+    attrs: list[dict[str, Any] | None] = [{"n": j} for j in range(60)]
+    v1 = _catalog_table(tmp_path, 1, items, set(items[::2]))
+    space.sync({"s": v1})
+    slots = space.fill(rows)
+    space.fill_attrs(slots, attrs, (), unavailable)
+    assert _values(space, slots) == _reference(v1, items, attrs)
+    assert space.fill(rows) is slots  # the memo: no second check
+
+    keep = np.arange(0, 60, 3)
+    sub_rows, sub_attrs = rows[keep], [attrs[i] for i in keep.tolist()]
+    space.remember(sub_rows, slots[keep], sub_attrs, ())
+    sub = space.fill(sub_rows)
+    assert sub.tolist() == slots[keep].tolist()
+
+    v2 = _catalog_table(tmp_path, 2, items, set(items[1::2]))  # a new version
+    space.sync({"s": v2})
+    again = space.fill(sub_rows)
+    names = [items[i] for i in keep.tolist()]
+    space.fill_attrs(again, sub_attrs, (), unavailable)
+    assert _values(space, again) == _reference(v2, names, sub_attrs)
+
+    changed = [dict(a or {}, available=False) for a in sub_attrs]  # new attributes objects
+    space.fill_attrs(again, changed, (), unavailable)
+    assert _values(space, again) == _reference(v2, names, changed)
+
+    space.remember(sub_rows, again, changed, ())
+    many = space.rows([f"y{j}" for j in range(40)])  # past the bound: every slot dropped
+    space.fill(many)
+    fresh = space.fill(sub_rows)
+    space.fill_attrs(fresh, changed, (), unavailable)
+    assert _values(space, fresh) == _reference(v2, names, changed)
+    assert space.slot_of[sub_rows].tolist() == fresh.tolist()
+
+
+def test_a_views_rows_of_a_replaced_table_go_with_it(tmp_path: Path) -> None:
+    """``CovisView.sync`` drops every cached row of a replaced table version at once, and
+    the rows read after it are the new version's."""
+    def loaded(version: int, weight: float) -> ItemTable:
+        covis = CoVisitation(CoVisConfig())
+        covis.add([("a", "b", weight), ("a", "c", 1.0)], T0)
+        table = ItemTable("s", T0 + version, covis, liked_counts={"a": 1.0})
+        table.save(tmp_path / f"t{version}.npz")
+        return ItemTable.load(tmp_path / f"t{version}.npz")
+
+    view = CovisView()
+    old, new = loaded(1, 5.0), loaded(2, 0.5)
+    view.sync({"s": old})
+    ids, w = view.row(old, "liked", "a")
+    assert dict(zip([view.names[i] for i in ids.tolist()], w.tolist(), strict=True)) == \
+        dict(zip(*old.covis_row_arrays("liked", "a"), strict=True))
+    assert id(old) in view._rows
+    view.sync({"s": new})
+    assert id(old) not in view._rows and id(old) not in view._known
+    ids, w = view.row(new, "liked", "a")
+    names, weights = new.covis_row_arrays("liked", "a")
+    assert dict(zip([view.names[i] for i in ids.tolist()], w.tolist(), strict=True)) == \
+        dict(zip(names, np.asarray(weights).tolist(), strict=True))
