@@ -18,6 +18,7 @@ import orjson
 
 from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
+from state.change_log import LOG as CATALOG_LOG
 from state.covis_view import SLACK
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ BYTES: dict[str, float] = {
     "table_rate_item": 16,
     "category_row": 8,
     "ann_memo_user": 1_500,
+    "catalog_log_key": 70,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -154,6 +156,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
         # serving's last ANN answer per recent user (Server._ann_rows: 100 rows and scores
         # as int32 / float32, the vector's bytes)
         + ANN_MEMO_USERS * b["ann_memo_user"]
+        # the catalog's log of written items (state/change_log.py: a reference each, the
+        # key kept alive after an eviction)
+        + CATALOG_LOG * b["catalog_log_key"]
         # the joiner's memo of static item features (~550 B an entry in the churn test)
         + MAX_STATIC_MEMO * b["static_memo_item"]
         # serving's category posteriors: a user's counts and one item's click rate per user

@@ -565,9 +565,9 @@ class Server:
         space = self._space()
         space.sync(self.views.table_map())
         slots = space.fill(pool.rows)
-        attrs = list(map(self.context.catalog.get, items))
         cross = self.context.cross_attrs()
-        space.fill_attrs(slots, attrs, cross, self.context.unavailable_attrs)
+        attrs = space.catalog_attrs(slots, items, self.context.catalog, cross,
+                                    self.context.unavailable_attrs)
         keep = space.available[slots] & ~space.unavailable[slots]
         blocked = repeat_blocked(self.config, ctx, request.ts)
         if blocked:

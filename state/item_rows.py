@@ -302,6 +302,46 @@ class ItemRows:
                                         np.float64, n)
         self.feat_row[slots] = -1
 
+    def catalog_attrs(self, slots: np.ndarray, items: list[str], catalog: Any,
+                      cross: tuple[str, ...],
+                      unavailable: Callable[[dict[str, Any] | None], bool]
+                      ) -> list[dict[str, Any] | None]:
+        """``catalog``'s attributes of ``items`` (in ``slots``) now, their values made
+        current (``fill_attrs``). A catalog that logs its writes (``ChangeLogDict``,
+        the user shard's) is read only for the slots whose item was written since they
+        were read, or that were never read; any other mapping item by item."""
+        version = getattr(catalog, "version", None)
+        if version is None or any(attr not in self.attr_codes for attr in cross):
+            attrs = list(map(catalog.get, items))
+            self.fill_attrs(slots, attrs, cross, unavailable)
+            return attrs
+        self._catalog_changes(catalog, version)
+        attrs = self._attrs[slots].tolist()
+        stale = np.flatnonzero(self.attr_id[slots] == 0)
+        if stale.size:
+            get = catalog.get
+            for j in stale.tolist():
+                attrs[j] = get(items[j])
+            self.fill_attrs(slots, attrs, cross, unavailable)
+        return attrs
+
+    def _catalog_changes(self, catalog: Any, version: int) -> None:
+        """Mark the slots of the items ``catalog`` wrote since the last call as unread
+        (``attr_id`` 0; every slot for another catalog or one too far behind)."""
+        seen = getattr(self, "_catalog_seen", None)
+        if seen is not None and seen[0] is catalog and seen[1] == version:
+            return
+        keys = catalog.changed_since(seen[1]) if seen is not None and seen[0] is catalog else None
+        if keys is None:
+            self.attr_id[:] = 0
+        elif keys:
+            get, slot_of = self.view.ids.get, self.slot_of
+            rows = np.fromiter(map(get, keys, itertools.repeat(-1)), np.int64, len(keys))
+            rows = rows[(rows >= 0) & (rows < slot_of.size)]
+            at = slot_of[rows]
+            self.attr_id[at[at >= 0]] = 0
+        self._catalog_seen = (catalog, version)
+
     def fill_attrs(self, slots: np.ndarray, attrs: list[dict[str, Any] | None],
                    cross: tuple[str, ...],
                    unavailable: Callable[[dict[str, Any] | None], bool]) -> None:

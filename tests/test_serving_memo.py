@@ -1,11 +1,13 @@
 """Retrieval and filter work kept across requests and exact (issue 18 point 2, serve9):
 the ANN source's answer per user (``Server._ann_rows``), the filter's slots and catalog
 values handed to the candidate columns (``ItemRows.remember``), a co-visitation view's
-rows per table version (``CovisView.sync``). Every memo is checked against the
+rows per table version (``CovisView.sync``), the shard catalog's attributes re-read only
+for the items written since (``ItemRows.catalog_attrs``, ``ChangeLogDict``). Every memo is checked against the
 answer computed from scratch after each thing that invalidates it."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,12 @@ from serving_world import DIM, T0, World, warm_up
 
 from operators.point_in_time import UserContext
 from operators.serving import Server
+from state.change_log import LOG, ChangeLogDict
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
 from state.item_rows import ItemRows
 from state.item_table import CatalogEntry, ItemTable
+from state.user_history import lru_put
 
 
 def _ctx(user: str, vector: np.ndarray) -> UserContext:
@@ -211,3 +215,74 @@ def test_a_views_rows_of_a_replaced_table_go_with_it(tmp_path: Path) -> None:
     names, weights = new.covis_row_arrays("liked", "a")
     assert dict(zip([view.names[i] for i in ids.tolist()], w.tolist(), strict=True)) == \
         dict(zip(names, np.asarray(weights).tolist(), strict=True))
+
+
+class _CountingCatalog(ChangeLogDict):
+    """The user shard's catalog, counting the items it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.asked.append(key)
+        return super().get(key, default)
+
+
+def test_change_log_counts_every_write_and_only_writes() -> None:
+    """``ChangeLogDict`` logs sets, LRU evictions, pops and deletions (not
+    ``move_to_end``), says when a reader is too far behind, and pickles as its items."""
+    d = ChangeLogDict()
+    lru_put(d, "a", {"n": 1}, 2)
+    lru_put(d, "b", {"n": 2}, 2)
+    v = d.version
+    lru_put(d, "c", {"n": 3}, 2)  # evicts a
+    d.move_to_end("b")
+    assert d.changed_since(v) == ["c", "a"] and list(d) == ["c", "b"]
+    d.pop("b")
+    del d["c"]
+    assert d.changed_since(v) == ["c", "a", "b", "c"] and d.changed_since(d.version) == []
+    for j in range(LOG + 1):
+        d[f"k{j}"] = j
+    assert d.changed_since(v) is None and d.changed_since(d.version - LOG) is not None
+    restored = pickle.loads(pickle.dumps(d))
+    assert isinstance(restored, ChangeLogDict) and list(restored.items()) == list(d.items())
+
+
+def test_catalog_attrs_reread_only_what_the_catalog_wrote_since(tmp_path: Path) -> None:
+    """``ItemRows.catalog_attrs`` gives the catalog's attributes now (as a plain dict's
+    lookups give them) and their ``unavailable`` flags, asking the catalog only for
+    items written since their slot read them: a new attributes object, an item
+    made unavailable, an evicted item, a log the reader fell behind."""
+    items = [f"x{j}" for j in range(30)]
+    catalog = _CountingCatalog()
+    for item in items:
+        lru_put(catalog, item, {"category": "c"}, 25)  # x0..x4 evicted
+    unavailable = lambda a: bool(a and a.get("available") is False)  # noqa: E731
+    space = ItemRows(CovisView(), lambda item: "s")
+    rows = space.rows(items)
+    slots = space.fill(rows)
+
+    def check() -> None:
+        got = space.catalog_attrs(slots, items, catalog, (), unavailable)
+        assert got == [dict.get(catalog, i) for i in items]
+        assert all(g is dict.get(catalog, i) for g, i in zip(got, items, strict=True))
+        assert space.unavailable[slots].tolist() == [unavailable(g) for g in got]
+
+    check()
+    assert sorted(catalog.asked) == sorted(items)
+    catalog.asked.clear()
+    check()
+    assert catalog.asked == []  # nothing written since: no item asked for
+    lru_put(catalog, "x7", {"category": "c", "available": False}, 25)
+    lru_put(catalog, "x9", {"category": "d"}, 25)
+    lru_put(catalog, "z1", {"category": "d"}, 25)  # evicts x5
+    check()
+    assert sorted(catalog.asked) == ["x5", "x7", "x9"]
+    assert space.unavailable[slots].tolist()[7]
+    catalog.asked.clear()
+    for j in range(LOG + 5):  # the log moves past the reader
+        lru_put(catalog, f"y{j}", {}, 25)
+    lru_put(catalog, "x12", {"category": "e", "available": False}, 25)
+    check()
+    assert sorted(catalog.asked) == sorted(items)
