@@ -63,6 +63,23 @@ class CovisView:
         self._seeds_of: dict[str, list[tuple[str, str]]] = {}
         """Per shard: the (channel, seed) entries of ``_by_seed`` its table holds."""
 
+    def name_array(self) -> np.ndarray:
+        """``names`` as an object array (its first ``len(names)`` entries; grown by
+        doubling as ids are added): naming many ids is one gather (``ItemRows.names``)."""
+        named = getattr(self, "_named", 0)  # older state: none
+        arr = getattr(self, "_name_arr", None)
+        n = len(self.names)
+        if arr is None or named < n:
+            if arr is None or arr.size < n:
+                size = arr.size if arr is not None else 0
+                bigger = np.empty(max(n, size + size // 4, 1_024), object)
+                if arr is not None:
+                    bigger[:named] = arr[:named]
+                arr = self._name_arr = bigger
+            arr[named:n] = self.names[named:n]
+            self._named = n
+        return arr
+
     def over_bound(self, min_ids: int = 16_384) -> bool:
         """More ids than ``max(min_ids, SLACK x the loaded tables' items)`` (per table the
         largest of its catalog and its two channels' counts: what a new view interns at

@@ -117,8 +117,7 @@ class ItemRows:
 
     def names(self, rows: np.ndarray) -> list[str]:
         """Item ids of ``rows``."""
-        names = self.view.names
-        return [names[r] for r in rows.tolist()]
+        return self.view.name_array()[rows].tolist()
 
     def _slots(self, rows: np.ndarray) -> np.ndarray:
         """Slots of ``rows``, new ones for rows without (all slots are dropped first when

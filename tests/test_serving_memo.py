@@ -286,3 +286,16 @@ def test_catalog_attrs_reread_only_what_the_catalog_wrote_since(tmp_path: Path) 
     lru_put(catalog, "x12", {"category": "e", "available": False}, 25)
     check()
     assert sorted(catalog.asked) == sorted(items)
+
+
+def test_name_array_names_every_id_as_it_grows() -> None:
+    """``CovisView.name_array`` (``ItemRows.names``' one gather) names every id, also ids
+    added after it was made and past its growth steps."""
+    view = CovisView()
+    space = ItemRows(view, lambda item: "s")
+    rng = np.random.default_rng(5)
+    for size in (3, 700, 1_500, 4_000):
+        view.intern([f"n{j}" for j in range(size)])
+        ids = rng.integers(0, len(view.names), 500)
+        assert space.names(ids) == [view.names[i] for i in ids.tolist()]
+    assert space.names(np.zeros(0, np.int64)) == []
