@@ -85,7 +85,8 @@ BYTES: dict[str, float] = {
     "hot_item_profile": 6_000,
     "covis_neighbor": 105,
     "covis_written_row": 170,
-    "loaded_table_item": 2_500,
+    "loaded_table_item": 2_520,  # 2,500 measured, plus serving's per-version slot columns
+    # (state/item_rows.py table_columns: two counts and a category index, 20 B)
     "index_item": 500,
     "waiting_example": 3_100,
     "ranker_weight": 130,

@@ -35,6 +35,28 @@ _ARRAY_FILL = 32
 cheaper than the array calls)."""
 
 
+def table_columns(table: ItemTable) -> tuple[np.ndarray, np.ndarray, list[str | None], np.ndarray]:
+    """A loaded table's catalog items, by catalog position: popularity and trending counts
+    (0.0 without), and the category as an index into the table's distinct category
+    names (None: no category), with those names. Once per table version for every user
+    shard of the process (``table.memo``; 20 B an item)."""
+    found = table.memo.get("slot_columns")
+    if found is None:
+        catalog = table.catalog
+        assert isinstance(catalog, FrozenCatalog)
+        ids = list(catalog._index)  # catalog positions in order
+        pop = np.fromiter(map(table.popular.get, ids, itertools.repeat(0.0)), np.float64,
+                          len(ids))
+        trend = np.fromiter(map(table.trending.get, ids, itertools.repeat(0.0)), np.float64,
+                            len(ids))
+        distinct = list(dict.fromkeys(catalog._category))
+        position = {name: k for k, name in enumerate(distinct)}
+        cat = np.fromiter(map(position.__getitem__, catalog._category), np.int32, len(ids))
+        found = table.memo.setdefault("slot_columns",
+                                      (pop, trend, [name or None for name in distinct], cat))
+    return found
+
+
 class ItemRows:
     """Lazily filled per-candidate values of the loaded item tables, catalog and index."""
 
@@ -54,6 +76,8 @@ class ItemRows:
         self.categories: list[str | None] = [None]
         """Category names by code (code 0: no category)."""
         self._category_code: dict[str | None, int] = {None: 0}
+        self._codes_memo: dict[int, tuple[int, np.ndarray]] = {}
+        """``_table_codes`` by shard index: (the table's generation, its names' codes)."""
         self.attr_values: dict[str, list[str]] = {}
         self._attr_code: dict[str, dict[str, int]] = {}
         self._index: Any = None
@@ -246,7 +270,7 @@ class ItemRows:
             at = stale[stale_shard == k]
             table = self.tables[k]
             if table is not None and isinstance(table.catalog, FrozenCatalog):
-                self._fill_frozen(table, slots[at], [names[r] for r in rows[at].tolist()])
+                self._fill_frozen(table, slots[at], [names[r] for r in rows[at].tolist()], k)
                 self.gen[slots[at]] = self.shard_gen[k]
             else:
                 self._fill_entries(names, rows[at].tolist(), slots[at].tolist())
@@ -276,9 +300,13 @@ class ItemRows:
             self.categories.append(category)
         return code
 
-    def _fill_frozen(self, table: ItemTable, slots: np.ndarray, items: list[str]) -> None:
-        """The table values of ``slots`` (holding ``items``) from a loaded table's catalog
-        columns: the per-item reads of ``fill`` as array lookups (the same values)."""
+    def _fill_frozen(self, table: ItemTable, slots: np.ndarray, items: list[str],
+                     shard: int) -> None:
+        """The table values of ``slots`` (holding ``items``) from shard index ``shard``'s
+        current table, a loaded one: from its catalog columns, the per-item reads of
+        ``fill`` as array lookups (the same values; the
+        catalog's items' counts and category names read once per table version for the
+        process, ``table_columns``)."""
         catalog = table.catalog
         assert isinstance(catalog, FrozenCatalog)
         n = len(items)
@@ -286,20 +314,47 @@ class ItemRows:
         found = j >= 0
         at = np.where(found, j, 0)
         self.entry[slots] = found
-        if catalog._available.size:
-            self.available[slots] = ~found | catalog._available[at].astype(bool)
-            self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
-        else:  # an empty catalog
+        self.feat_row[slots] = -1
+        if not catalog._available.size:  # an empty catalog
             self.available[slots] = True
             self.first_seen[slots] = 0
-        names = catalog._category
-        self.category[slots] = [self._code(names[c] or None) if ok else 0
-                                for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
-        self.pop[slots] = np.fromiter(map(table.popular.get, items, itertools.repeat(0.0)),
-                                      np.float64, n)
-        self.trend[slots] = np.fromiter(map(table.trending.get, items, itertools.repeat(0.0)),
-                                        np.float64, n)
-        self.feat_row[slots] = -1
+            self.category[slots] = 0
+            self.pop[slots] = np.fromiter(map(table.popular.get, items, itertools.repeat(0.0)),
+                                          np.float64, n)
+            self.trend[slots] = np.fromiter(map(table.trending.get, items,
+                                                itertools.repeat(0.0)), np.float64, n)
+            return
+        self.available[slots] = ~found | catalog._available[at].astype(bool)
+        self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
+        pop, trend, distinct, cat = table_columns(table)
+        codes = self._table_codes(shard, distinct)
+        if codes is not None:
+            self.category[slots] = np.where(found, codes[cat[at]], 0)
+        else:  # a category new to this space: codes in the candidates' order, as named
+            names = catalog._category
+            self.category[slots] = [self._code(names[c] or None) if ok else 0
+                                    for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
+        pop, trend = pop[at], trend[at]  # copies
+        if not found.all():  # items without a catalog entry may still have counts
+            for i in np.flatnonzero(~found).tolist():
+                pop[i] = table.popular.get(items[i], 0.0)
+                trend[i] = table.trending.get(items[i], 0.0)
+        self.pop[slots] = pop
+        self.trend[slots] = trend
+
+    def _table_codes(self, shard: int, distinct: list[str | None]) -> np.ndarray | None:
+        """This space's category codes of the distinct category names of shard index
+        ``shard``'s current table (kept per shard and table generation); None while a
+        name has no code yet."""
+        memo = self._codes_memo
+        found = memo.get(shard)
+        gen = int(self.shard_gen[shard])
+        if found is None or found[0] != gen:
+            known = [self._category_code.get(name) for name in distinct]
+            if None in known:
+                return None
+            found = memo[shard] = (gen, np.asarray(known, np.int32))
+        return found[1]
 
     def catalog_attrs(self, slots: np.ndarray, items: list[str], catalog: Any,
                       cross: tuple[str, ...],

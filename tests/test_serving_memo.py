@@ -299,3 +299,34 @@ def test_name_array_names_every_id_as_it_grows() -> None:
         ids = rng.integers(0, len(view.names), 500)
         assert space.names(ids) == [view.names[i] for i in ids.tolist()]
     assert space.names(np.zeros(0, np.int64)) == []
+
+
+def test_loaded_table_values_are_the_dict_lookups(tmp_path: Path) -> None:
+    """A slot's table values from a loaded table's per-version columns (``table_columns``:
+    counts and category names by catalog position, shared by the process) equal the
+    table's own lookups: items without a catalog entry keep their counts, categories new
+    to the space and known ones, an empty category."""
+    items = [f"x{j}" for j in range(80)]
+    space = ItemRows(CovisView(), lambda item: "s")
+    rows = space.rows(items)
+    for version in range(3):
+        catalog = {i: CatalogEntry(["", "a", "b" if version < 2 else "d", "c"][j % 4] or None,
+                                   j % 5 != version, T0 - j)
+                   for j, i in enumerate(items) if j % 3}
+        t = ItemTable("s", T0 + version, CoVisitation(CoVisConfig()),
+                      popular={i: float(j + version) for j, i in enumerate(items) if j % 2},
+                      trending={i: float(j * version) for j, i in enumerate(items) if j % 7},
+                      catalog=catalog)
+        t.save(tmp_path / f"c{version}.npz")
+        loaded = ItemTable.load(tmp_path / f"c{version}.npz")
+        space.sync({"s": loaded})
+        slots = space.fill(rows)
+        want = [(i in catalog, catalog[i].available if i in catalog else True,
+                 catalog[i].category if i in catalog else None,
+                 catalog[i].first_seen_ms if i in catalog else 0,
+                 t.popular.get(i, 0.0), t.trending.get(i, 0.0)) for i in items]
+        got = list(zip(space.entry[slots].tolist(), space.available[slots].tolist(),
+                       [space.categories[c] for c in space.category[slots].tolist()],
+                       space.first_seen[slots].tolist(), space.pop[slots].tolist(),
+                       space.trend[slots].tolist(), strict=True))
+        assert got == want
