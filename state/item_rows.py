@@ -30,6 +30,10 @@ import numpy as np
 from state.covis_view import SLACK, CovisView
 from state.item_table import FrozenCatalog, ItemTable
 
+_COLUMNS_MAX = 8_192
+"""Catalogs of at most this many items are read as per-version columns by ``_fill_frozen``
+(``table_columns``, ~1 ms a version); larger ones item by item for the stale candidates
+(a 25k-item catalog's columns took ~9 ms, on the first request after a new table)."""
 _ARRAY_FILL = 32
 """Stale slots from which ``fill`` reads loaded tables as arrays (fewer: entry by entry,
 cheaper than the array calls)."""
@@ -315,10 +319,18 @@ class ItemRows:
         at = np.where(found, j, 0)
         self.entry[slots] = found
         self.feat_row[slots] = -1
-        if not catalog._available.size:  # an empty catalog
-            self.available[slots] = True
-            self.first_seen[slots] = 0
-            self.category[slots] = 0
+        if not catalog._available.size or catalog._available.size > _COLUMNS_MAX:
+            # an empty catalog, or one whose columns would cost more than the candidates
+            if catalog._available.size:
+                self.available[slots] = ~found | catalog._available[at].astype(bool)
+                self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
+                names = catalog._category
+                self.category[slots] = [self._code(names[c] or None) if ok else 0
+                                        for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
+            else:
+                self.available[slots] = True
+                self.first_seen[slots] = 0
+                self.category[slots] = 0
             self.pop[slots] = np.fromiter(map(table.popular.get, items, itertools.repeat(0.0)),
                                           np.float64, n)
             self.trend[slots] = np.fromiter(map(table.trending.get, items,

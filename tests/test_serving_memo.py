@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from serving_world import DIM, T0, World, warm_up
 
 from operators.point_in_time import UserContext
 from operators.serving import Server
+from state import item_rows
 from state.change_log import LOG, ChangeLogDict
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
@@ -26,6 +28,16 @@ from state.user_history import lru_put
 
 def _ctx(user: str, vector: np.ndarray) -> UserContext:
     return UserContext(user, [], {}, vector, {})
+
+
+def _served(world: World) -> Server:
+    """A user shard's server over every snapshot of ``world``, its index loaded."""
+    world.publish_all()
+    shard = world.user_shard()
+    warm_up(shard)
+    server = shard.server
+    assert server is not None and server.views.index.refresh()
+    return server
 
 
 def _counting(server: Server) -> list[int]:
@@ -59,11 +71,7 @@ def test_ann_answers_are_kept_per_user_vector_and_index_version(tmp_path: Path) 
     answer (no search); another vector, another ``n``, a new index version or a new id
     space searches again, and every answer equals the search from scratch."""
     world = World(tmp_path)
-    world.publish_all()
-    shard = world.user_shard()
-    warm_up(shard)
-    server = shard.server
-    assert server is not None and server.views.index.refresh()
+    server = _served(world)
     calls = _counting(server)
     rng = np.random.default_rng(11)
     v1, v2 = (rng.normal(size=DIM).astype(np.float32) for _ in range(2))
@@ -103,12 +111,7 @@ def test_ann_answers_are_kept_per_user_vector_and_index_version(tmp_path: Path) 
 def test_ann_memo_keeps_at_most_its_bound_of_users(tmp_path: Path) -> None:
     """The memo holds the last ``ann_memo_users`` users (the memory bound's
     ``ann_memo_user`` entries), the oldest dropped first."""
-    world = World(tmp_path)
-    world.publish_all()
-    shard = world.user_shard()
-    warm_up(shard)
-    server = shard.server
-    assert server is not None and server.views.index.refresh()
+    server = _served(World(tmp_path))
     server.ann_memo_users = 3
     calls = _counting(server)
     vec = np.ones(DIM, np.float32)
@@ -301,11 +304,15 @@ def test_name_array_names_every_id_as_it_grows() -> None:
     assert space.names(np.zeros(0, np.int64)) == []
 
 
-def test_loaded_table_values_are_the_dict_lookups(tmp_path: Path) -> None:
+@pytest.mark.parametrize("columns_max", [8_192, 10])
+def test_loaded_table_values_are_the_dict_lookups(tmp_path: Path, columns_max: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A slot's table values from a loaded table's per-version columns (``table_columns``:
-    counts and category names by catalog position, shared by the process) equal the
-    table's own lookups: items without a catalog entry keep their counts, categories new
-    to the space and known ones, an empty category."""
+    counts and category names by catalog position, shared by the process; or, for a
+    catalog past ``_COLUMNS_MAX``, item by item) equal the table's own lookups: items
+    without a catalog entry keep their counts, categories new to the space and known
+    ones, an empty category."""
+    monkeypatch.setattr(item_rows, "_COLUMNS_MAX", columns_max)
     items = [f"x{j}" for j in range(80)]
     space = ItemRows(CovisView(), lambda item: "s")
     rows = space.rows(items)
