@@ -199,6 +199,19 @@ class CodedCategories(NamedTuple):
     names: Sequence[str | None]
 
 
+def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct codes >= 0 ascending, each element's position among them, -1 for a
+    code -1): ``np.unique(codes, return_inverse=True)`` without the -1, by counting
+    instead of sorting (the codes are small ints >= -1: categories, attribute values)."""
+    if not codes.size:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    shifted = codes + 1
+    present = np.bincount(shifted) > 0
+    present[0] = False  # code -1: no value
+    rank = np.cumsum(present) - 1  # rank[0] = -1
+    return np.flatnonzero(present) - 1, rank[shifted]
+
+
 def category_codes(categories: Sequence[str | None] | CodedCategories
                    ) -> tuple[list[str], np.ndarray]:
     """(the distinct category keys sorted, each candidate's position in them); no
@@ -450,7 +463,8 @@ class CategoryBandit:
             return None
         names, cat_of = category_codes(categories)
         depth = min(len(scores), max(self.config.depth, k))
-        best_first = np.argsort(-scores, kind="stable")[:depth]
+        by_score = np.argsort(-scores, kind="stable")
+        best_first = by_score[:depth]
         a, b = self.posterior(user_id, names, history, attrs)
         if self.config.sharpen != 1.0:
             a, b = a * self.config.sharpen, b * self.config.sharpen
@@ -467,7 +481,7 @@ class CategoryBandit:
             top = best_first[np.argsort(-key, axis=1, kind="stable")[:, :k]]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
-                top = self._explore(top, theta, scores, cat_of, lift, explore)
+                top = self._explore(top, theta, by_score, cat_of, lift, explore)
             hits = (top[1:] == top[0]).sum(axis=0)
             return top[0], (hits + 1.0) / (draws + 1.0)
         draw = self._slots
@@ -480,10 +494,11 @@ class CategoryBandit:
         return served, (hits + 1.0) / (draws + 1.0)  # the served draw is one of them
 
     @staticmethod
-    def _explore(top: np.ndarray, theta: np.ndarray, scores: np.ndarray, cat_of: np.ndarray,
+    def _explore(top: np.ndarray, theta: np.ndarray, by_score: np.ndarray, cat_of: np.ndarray,
                  lift: np.ndarray | None, explore: int) -> np.ndarray:
         """``explore_slots``: in each list (a row of ``top``, candidate indices; its draws
-        a row of ``theta``, one per category of the candidates) the ``explore`` categories
+        a row of ``theta``, one per category of the candidates; ``by_score``: every
+        candidate's index in the scorer's order, a stable sort) the ``explore`` categories
         of highest draw each get a slot of the last ``explore`` when the list has none of
         their items: the category's best candidate (by ``lift`` / log2(2 + scorer rank),
         the order ``rerank`` keeps inside a category), even from below the scorer's best
@@ -500,9 +515,8 @@ class CategoryBandit:
             if not absent.size:
                 continue
             if quality is None:  # the candidates' key inside their category
-                rank = np.empty(len(scores))
-                rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
-                quality = 1.0 / np.log2(2.0 + rank)
+                quality = np.empty(len(by_score))  # 1 / log2(2 + rank in the scorer's order)
+                quality[by_score] = 1.0 / np.log2(2.0 + np.arange(len(by_score), dtype=np.float64))
                 if lift is not None:
                     quality = quality * lift
             for r, c in zip(absent.tolist(), j[absent].tolist(), strict=True):

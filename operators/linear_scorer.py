@@ -200,8 +200,10 @@ class ColumnScorer:
         return self._probability(logit)
 
     def _probability(self, logit: np.ndarray) -> np.ndarray:
-        p = np.where(logit < -30, 0.0, np.where(logit > 30, 1.0,
-                                                1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))))
+        """River's sigmoid (0 below -30, 1 above 30) of each logit, calibrated."""
+        p = 1.0 / (1.0 + np.exp(-np.minimum(np.maximum(logit, -30.0), 30.0)))  # np.clip's
+        p[logit < -30] = 0.0
+        p[logit > 30] = 1.0
         return correct_downsampled_many(p, self.scorer.rate)
 
     def _static_rows(self, cols: ItemColumns, user_keys: Any) -> np.ndarray | None:

@@ -241,11 +241,12 @@ def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
     assert added == pytest.approx(expected)
     # item_lift's click and impression columns of every loaded table (one per item shard)
+    # and their copy side by side (state.item_rows.table_columns)
     flat = load_config({"serving": {"category_explore": {"max_users": 1_000, "item_lift": 0.0},
                                     "sources": no_lists}})
     added = (memory_bound(on)["parts_mb"]["serving_tables"]
              - memory_bound(flat)["parts_mb"]["serving_tables"])
-    expected = (on.shards.items * on.items.max_items * BYTES["table_rate_item"]
+    expected = (2 * on.shards.items * on.items.max_items * BYTES["table_rate_item"]
                 * ALLOCATOR_OVERHEAD / 2**20)
     assert added == pytest.approx(expected) and BYTES["table_rate_item"] == 8 * len(
         on.serving.category_explore.item_rate)
