@@ -27,6 +27,7 @@ No Bytewax here; the serving operator calls it (operators/category_explore.py).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,6 +213,13 @@ def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(present) - 1, rank[shifted]
 
 
+_CODE_TABLES: dict[tuple[int, bytes], tuple[Sequence[str | None], list[str], np.ndarray]] = {}
+"""``category_codes``' sorted names and code table per (names list, codes present): a
+``CodedCategories``' names only grow (``ItemRows.categories``: a code keeps its name),
+so the same codes present give the same answer; the list is kept, so its ``id`` stays
+its own (at most 256 entries, process-wide)."""
+
+
 def category_codes(categories: Sequence[str | None] | CodedCategories
                    ) -> tuple[list[str], np.ndarray]:
     """(the distinct category keys sorted, each candidate's position in them); no
@@ -219,13 +227,19 @@ def category_codes(categories: Sequence[str | None] | CodedCategories
     names of the codes present are sorted, then mapped back through a code table)."""
     if isinstance(categories, CodedCategories):
         codes = categories.codes
-        present = np.flatnonzero(np.bincount(codes)).tolist()
-        keys = [categories.names[c] or "" for c in present]
-        names = sorted(set(keys))
-        code = {c: j for j, c in enumerate(names)}
-        table = np.zeros(present[-1] + 1 if present else 0, np.int64)
-        table[present] = [code[c] for c in keys]
-        return names, table[codes]
+        present = np.flatnonzero(np.bincount(codes))
+        key = (id(categories.names), present.tobytes())
+        hit = _CODE_TABLES.get(key)
+        if hit is None or hit[0] is not categories.names:
+            keys = [categories.names[c] or "" for c in present.tolist()]
+            names = sorted(set(keys))
+            code = {c: j for j, c in enumerate(names)}
+            table = np.zeros(present[-1] + 1 if present.size else 0, np.int64)
+            table[present] = [code[c] for c in keys]
+            if len(_CODE_TABLES) >= 256:
+                _CODE_TABLES.clear()
+            hit = _CODE_TABLES[key] = (categories.names, names, table)
+        return list(hit[1]), hit[2][codes]
     keys = [c or "" for c in categories]
     names = sorted(set(keys))
     code = {c: j for j, c in enumerate(names)}
@@ -427,11 +441,11 @@ class CategoryBandit:
         entry = self.users.get(user_id, ("", {}))
         counts = entry[1]
         n = len(categories)
-        get, none = self.totals.get, (0.0, 0.0)
-        user_get = counts.get
+        none = itertools.repeat((0.0, 0.0))
         # one array of the shard's and the user's [clicks, exposure] per category
-        both = np.array([get(cat, none) for cat in categories]
-                        + [user_get(cat, none) for cat in categories], np.float64).reshape(2 * n, 2)
+        both = np.fromiter(itertools.chain.from_iterable(itertools.chain(
+            map(self.totals.get, categories, none), map(counts.get, categories, none))),
+            np.float64, 4 * n).reshape(2 * n, 2)
         num, den = both[:n, 0] + s * overall, both[:n, 1] + s
         groups = self._group_prior()
         tilted = (history and self.config.history_prior > 0 and n) or (
