@@ -407,16 +407,16 @@ class _StaticRows:
         items, tables = cols.item_ids, cols.tables
         stale_at = stale.tolist()
         shard = space.shard[rows]
+        assert cols.rows is not None
+        feat = space.feature_rows(rows, cols.rows[stale])  # the tables' profile rows
         union = getattr(self, "attr_union", None)  # None: made before it (check each slot)
         for k in set(shard.tolist()):  # a few shards: one table each (``table_list``)
             at = np.flatnonzero(shard == k).tolist()
             table = tables[stale_at[at[0]]]
             if table is None:
                 continue
-            terms = self._table_terms(table)
-            last = terms.prof.size - 1
-            index = terms.index
-            prof[at] = terms.prof[[index.get(items[stale_at[n]], last) for n in at]]
+            terms = self._table_terms(table)  # its index is the table's feature_matrix's
+            prof[at] = terms.prof[feat[at]]
             if not terms.exact and union is not None and terms.names.isdisjoint(union):
                 continue  # no slot's attributes name a profile feature of this table
             for n in at:

@@ -306,37 +306,44 @@ class ItemRows:
                        ) -> np.ndarray:
         """The item-profile features ``names`` of the slots' items (holding ``rows``) in
         their current tables (after ``fill``), names x slots, 0.0 without a value or a
-        table: ``ItemTable.feature_columns`` read by each slot's row in it (``feat_row``,
-        looked up once per slot and table version), one gather from every loaded
-        table's columns side by side (``table_columns``)."""
+        table: ``ItemTable.feature_columns`` read by each slot's row in it
+        (``feature_rows``), one gather from every loaded table's columns side by side
+        (``table_columns``)."""
         if not slots.size:
             return np.zeros((len(names), 0))
-        shard = self.shard[slots]
-        j = self.feat_row[slots]
-        todo = np.flatnonzero(j < 0)
-        if todo.size:
-            self._feature_rows(slots[todo], rows[todo], shard[todo], names)
-            j = self.feat_row[slots]
+        j = self.feature_rows(slots, rows)
         tables = self.tables
         offsets, matrix = table_columns([t for t in tables if t is not None], names)
         none = matrix.shape[1] - 1  # all 0.0: no table
         start = np.array([offsets[t.shard] if t is not None else none for t in tables]
                          + [none], np.int64)  # shard -1 reads the last entry
         # a slot without a table keeps feat_row -1: it reads the zero column too
-        at = np.where(j >= 0, start[shard] + j, none)
+        at = np.where(j >= 0, start[self.shard[slots]] + j, none)
         return matrix[:, at]
 
-    def _feature_rows(self, slots: np.ndarray, rows: np.ndarray, shard: np.ndarray,
-                      names: tuple[str, ...]) -> None:
+    def feature_rows(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Each slot's row in its current table's ``feature_matrix`` (holding ``rows``;
+        after ``fill``): its column in every ``feature_columns``, ``len(index)`` (the
+        last) for an item without a profile, -1 for a shard without a table; looked up
+        once per slot and table version (``feat_row``), for every reader."""
+        j = self.feat_row[slots]
+        todo = np.flatnonzero(j < 0)
+        if todo.size:
+            at = slots[todo]
+            self._feature_rows(at, rows[todo], self.shard[at])
+            j = self.feat_row[slots]
+        return j
+
+    def _feature_rows(self, slots: np.ndarray, rows: np.ndarray, shard: np.ndarray) -> None:
         """``feat_row`` of ``slots`` (holding ``rows``, of shard indices ``shard``): the
-        item's column in its table's ``feature_columns`` (its last column, all 0.0, for an
-        item without a profile); left -1 for a shard without a table."""
+        item's row in its table's ``feature_matrix`` (``len(index)`` for an item without
+        a profile); left -1 for a shard without a table."""
         item_of = self.view.names.__getitem__
         for k in set(shard.tolist()):
             table = self.tables[k] if k >= 0 else None
             if table is None:
                 continue
-            index = table.feature_columns(names)[0]
+            index = table.feature_matrix()[0]
             at = np.flatnonzero(shard == k)
             self.feat_row[slots[at]] = np.fromiter(
                 map(index.get, map(item_of, rows[at].tolist()), itertools.repeat(len(index))),
