@@ -172,11 +172,12 @@ class ColumnScorer:
         used = [(w, values) for name, values in cols.numeric.items()
                 if (w := weights.get(name)) is not None]
         if used:  # signed_log of every used column at once, then added column by column
-            x = np.stack([values for _, values in used])
+            x = np.array([values for _, values in used], np.float64)
             x = np.where(np.isfinite(x), x, 0.0)
             x = np.sign(x) * np.log1p(np.abs(x))
-            for k, (w, _) in enumerate(used):
-                logit += w * x[k]
+            x *= np.array([w for w, _ in used])[:, None]  # each w * x[k], in one product
+            for row in x:
+                logit += row
         static = self._static_rows(cols, user_keys) if cols.space is not None else None
         if static is not None:
             logit += static
