@@ -307,7 +307,7 @@ def test_name_array_names_every_id_as_it_grows() -> None:
 @pytest.mark.parametrize("columns_max", [8_192, 10])
 def test_loaded_table_values_are_the_dict_lookups(tmp_path: Path, columns_max: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A slot's table values from a loaded table's per-version columns (``table_columns``:
+    """A slot's table values from a loaded table's per-version columns (``catalog_columns``:
     counts and category names by catalog position, shared by the process; or, for a
     catalog past ``_COLUMNS_MAX``, item by item) equal the table's own lookups: items
     without a catalog entry keep their counts, categories new to the space and known
