@@ -305,15 +305,11 @@ class PointInTime:
         shared = self._shared_context(user_id, ts_ms)
         attrs = [self.catalog.get(item) for item in item_ids]
         cross = [self._cross(shared.user_id, shared.crosses, a, ts_ms) for a in attrs]
-        extras = self.item_features(shared.ctx, item_ids, ts_ms, attrs=attrs, cross=cross)
-        mf = self._mf_rowwise(shared.ctx.vector, item_ids, None)
-        out = []
-        for j, extra in enumerate(extras):
-            if "mf" in extra:
-                extra["mf"] = mf[j]
-            # columns that only another item of the call has are 0.0 here: compacted away
-            out.append(compact({**shared.ctx.profile, **extra}))
-        return out
+        extras = self.item_features(shared.ctx, item_ids, ts_ms, attrs=attrs, cross=cross,
+                                    mf_rowwise=True)
+        profile = shared.ctx.profile
+        # columns that only another item of the call has are 0.0 here: compacted away
+        return [compact({**profile, **extra}) for extra in extras]
 
     def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
         """``example_features`` computed later, only if needed (the joiner asks for
@@ -417,9 +413,9 @@ class PointInTime:
             ctx = as_taken(first.ctx, group)
             items = [d[1] for d in group]
             cols = self.item_columns(ctx, items, first.ts, views=first.views,
-                                     attrs=[d[2] for d in group], cross=[d[3] for d in group])
-            numeric = [(name, self._mf_rowwise(ctx.vector, items, first.views) if name == "mf"
-                        else values.tolist()) for name, values in cols.numeric.items()]
+                                     attrs=[d[2] for d in group], cross=[d[3] for d in group],
+                                     mf_rowwise=True)
+            numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
             cross = cols.cross_lists()
             # The profile compacted and rounded once, each item's static features once per
             # table version and attributes (``_static_part``): f({**a, **b}) == {**f(a),
@@ -540,7 +536,7 @@ class PointInTime:
         return static, rounded, part
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
-                    views: FrozenViews | None) -> list[float]:
+                    views: SnapshotViews | FrozenViews | None) -> list[float]:
         """``_mf_scores`` of each item alone (one vector lookup, one product per row: the
         bits of a one-item call); [] without a vector or an index."""
         index = (views or self.views).index if (views or self.views) is not None else None
@@ -639,7 +635,8 @@ class PointInTime:
                       covis: dict[str, SparseScores] | None = None, *,
                       views: SnapshotViews | FrozenViews | None = None,
                       attrs: list[dict[str, Any] | None] | None = None,
-                      cross: list[list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+                      cross: list[list[dict[str, Any]]] | None = None,
+                      mf_rowwise: bool = False) -> list[dict[str, Any]]:
         """Per-item features, for each item; the same at impression time and at serving
         time: the item's static features (``static_item_features``), then its numeric
         snapshot features (``NUMERIC_ITEM_FEATURES``: popularity, trending, co-visitation
@@ -650,9 +647,10 @@ class PointInTime:
         looks each item up (one impression at a time). Both give the same numbers.
         ``views``, ``attrs``, ``cross``: what to read instead of the current snapshots,
         catalog and cross profiles (what was taken earlier, for deferred features).
+        ``mf_rowwise``: MF scores one row at a time (``item_columns``).
         """
         cols = self.item_columns(ctx, item_ids, ts_ms, covis, views=views, attrs=attrs,
-                                 cross=cross)
+                                 cross=cross, mf_rowwise=mf_rowwise)
         numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
         cross = cols.cross_lists()
         out = []
@@ -671,7 +669,7 @@ class PointInTime:
                      attrs: list[dict[str, Any] | None] | None = None,
                      cross: list[list[dict[str, Any]]] | None = None,
                      rows: np.ndarray | None = None, space: ItemRows | None = None,
-                     numeric_only: bool = False) -> ItemColumns:
+                     numeric_only: bool = False, mf_rowwise: bool = False) -> ItemColumns:
         """The raw material of ``item_features`` column-wise, for vectorised scoring:
         numeric features as arrays, and per item its table, attributes and cross
         profile dicts (one shared dict per attribute value).
@@ -681,7 +679,9 @@ class PointInTime:
         profiles are returned as ``cross_codes`` (the same numbers, no per-item lookups).
         ``numeric_only`` (with ``rows``, ``space``): only ``numeric`` without ``covis`` /
         ``covis_any`` (the pool ranker reads the channels itself) and ``slots``; no
-        tables, attributes or cross profiles."""
+        tables, attributes or cross profiles. ``mf_rowwise``: MF scores one row at a time
+        (``_mf_rowwise``: the bits of one call per item, as examples take them) instead
+        of one matrix product."""
         n = len(item_ids)
         tables: list[ItemTable | None] = [None] * n
         numeric_only = numeric_only and rows is not None and space is not None
@@ -722,7 +722,11 @@ class PointInTime:
                 numeric["covis"] = liked_sums if liked_sums is not None else np.zeros(n)
             if sums.get("any") is not None:
                 numeric["covis_any"] = sums["any"]
-            mf = self._mf_scores(ctx.vector, item_ids, views, rows, space, slots)
+            if mf_rowwise:
+                rowwise = self._mf_rowwise(ctx.vector, item_ids, views)
+                mf = np.asarray(rowwise, np.float64) if rowwise and item_ids else None
+            else:
+                mf = self._mf_scores(ctx.vector, item_ids, views, rows, space, slots)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
         consumed = ctx.consumed
