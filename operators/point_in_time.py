@@ -851,11 +851,14 @@ class PointInTime:
         """Items' MF vectors from the newest index snapshot, else their deterministic
         initial vectors (user and item tables share init params)."""
         assert self.users is not None
-        vecs = self.users.table.initial_vectors(keys_of(items))
         index = self.views.index if self.views is not None else None
-        if index is not None and index.index is not None:
-            found_vecs, found = index.vectors(items)
-            vecs[found] = found_vecs[found]
+        if index is None or index.index is None:
+            return self.users.table.initial_vectors(keys_of(items))
+        vecs, found = index.vectors(items)  # a new array
+        if not found.all():  # initial vectors of the others (each row a function of its id)
+            missing = np.flatnonzero(~found)
+            vecs[missing] = self.users.table.initial_vectors(
+                keys_of([items[j] for j in missing.tolist()]))
         return vecs
 
     def negative_pool(self) -> list[str]:

@@ -8,6 +8,7 @@ most ``max_items_per_user`` items per user (oldest forgotten first) and at most
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from typing import Any
 
@@ -54,9 +55,7 @@ class UserHistory:
         items = self._items.get(user_id)
         if not items:
             return []
-        out = list(items)[-n:]
-        out.reverse()
-        return out
+        return list(itertools.islice(reversed(items), n))  # not a copy of every key
 
     def __len__(self) -> int:
         return len(self._items)
