@@ -294,14 +294,18 @@ class PointInTime:
         extra = self.item_features(shared.ctx, [item_id], ts_ms, attrs=[attrs], cross=[cross])[0]
         return compact({**shared.ctx.profile, **extra})
 
-    def example_features_many(self, user_id: str, item_ids: list[str], ts_ms: int
-                              ) -> list[dict[str, Any]]:
+    def example_features_many(self, user_id: str, item_ids: list[str], ts_ms: int,
+                              rounded: bool = False) -> list[dict[str, Any]]:
         """``example_features`` of several items of one user at one time (an
         interaction's sampled negatives): one ``item_features`` call, so the seeds'
         co-visitation rows are read once for all of them; MF scores one row at a time
-        (``_mf_rowwise``: the bits of a one-item call). The same dicts as one call each."""
+        (``_mf_rowwise``: the bits of a one-item call). The same dicts as one call each;
+        ``rounded``: at example precision (``float32_features`` of each), the profile
+        compacted and rounded once for all (f({**a, **b}) == {**f(a), **f(b)} for
+        f = compact, float32_features when no name is in both)."""
         if len(item_ids) <= 1:
-            return [self.example_features(user_id, item, ts_ms) for item in item_ids]
+            return [float32_features(self.example_features(user_id, item, ts_ms)) if rounded
+                    else self.example_features(user_id, item, ts_ms) for item in item_ids]
         shared = self._shared_context(user_id, ts_ms)
         attrs = [self.catalog.get(item) for item in item_ids]
         cross = [self._cross(shared.user_id, shared.crosses, a, ts_ms) for a in attrs]
@@ -309,7 +313,11 @@ class PointInTime:
                                     mf_rowwise=True)
         profile = shared.ctx.profile
         # columns that only another item of the call has are 0.0 here: compacted away
-        return [compact({**profile, **extra}) for extra in extras]
+        if not rounded:
+            return [compact({**profile, **extra}) for extra in extras]
+        keys, profile_rounded = profile.keys(), float32_features(compact(profile))
+        return [{**profile_rounded, **float32_features(compact(extra))} if keys.isdisjoint(extra)
+                else float32_features(compact({**profile, **extra})) for extra in extras]
 
     def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
         """``example_features`` computed later, only if needed (the joiner asks for

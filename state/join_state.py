@@ -775,25 +775,27 @@ class Joiner:
         features = self._features_of(fb, [fb.item_id, *chosen])
         self.examples.append(self.rows.record(Example(
             example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
-            weight, float32_features(features[0]), "interaction", context=fb.context).record()))
+            weight, features[0], "interaction", context=fb.context).record()))
         self._count(int(positive), weight)
         negative_weight = self.config.weight_of(fb.action)  # as much negative as positive evidence
         for j, (item, taken) in enumerate(zip(chosen, features[1:], strict=True)):
             self.counters.sampled_negatives += 1
             self.examples.append(self.rows.record(Example(
                 f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, negative_weight,
-                float32_features(taken), "sampled", context=fb.context).record()))
+                taken, "sampled", context=fb.context).record()))
             self._count(0, negative_weight)
 
     def _features_of(self, fb: Feedback, items: list[str]) -> list[dict[str, Any]]:
-        """``example_features`` of ``fb``'s user and each of ``items`` at ``fb.ts``: one
-        call for all when the context can (``PointInTime.example_features_many``: the
-        user context, the co-visitation seeds' rows and the snapshots read once; the
-        same dicts, bit for bit, as one call per item)."""
+        """``example_features`` of ``fb``'s user and each of ``items`` at ``fb.ts``, at
+        example precision (``float32_features``): one call for all when the context can
+        (``PointInTime.example_features_many``: the user context, the co-visitation
+        seeds' rows and the snapshots read once, the profile rounded once; the same
+        dicts, bit for bit, as one call per item)."""
         many = getattr(self.context, "example_features_many", None)
         if many is not None and len(items) > 1:
-            return many(fb.user_id, items, fb.ts)  # type: ignore[no-any-return]
-        return [self.context.example_features(fb.user_id, item, fb.ts) for item in items]
+            return many(fb.user_id, items, fb.ts, rounded=True)  # type: ignore[no-any-return]
+        return [float32_features(self.context.example_features(fb.user_id, item, fb.ts))
+                for item in items]
 
     def _sample_negatives(self, fb: Feedback, key: str) -> list[str]:
         """Up to ``interaction_negatives`` items drawn by popularity for a positive
