@@ -294,31 +294,6 @@ class PointInTime:
         extra = self.item_features(shared.ctx, [item_id], ts_ms, attrs=[attrs], cross=[cross])[0]
         return compact({**shared.ctx.profile, **extra})
 
-    def example_features_many(self, user_id: str, item_ids: list[str], ts_ms: int,
-                              rounded: bool = False) -> list[dict[str, Any]]:
-        """``example_features`` of several items of one user at one time (an
-        interaction's sampled negatives): one ``item_features`` call, so the seeds'
-        co-visitation rows are read once for all of them; MF scores one row at a time
-        (``_mf_rowwise``: the bits of a one-item call). The same dicts as one call each;
-        ``rounded``: at example precision (``float32_features`` of each), the profile
-        compacted and rounded once for all (f({**a, **b}) == {**f(a), **f(b)} for
-        f = compact, float32_features when no name is in both)."""
-        if len(item_ids) <= 1:
-            return [float32_features(self.example_features(user_id, item, ts_ms)) if rounded
-                    else self.example_features(user_id, item, ts_ms) for item in item_ids]
-        shared = self._shared_context(user_id, ts_ms)
-        attrs = [self.catalog.get(item) for item in item_ids]
-        cross = [self._cross(shared.user_id, shared.crosses, a, ts_ms) for a in attrs]
-        extras = self.item_features(shared.ctx, item_ids, ts_ms, attrs=attrs, cross=cross,
-                                    mf_rowwise=True)
-        profile = shared.ctx.profile
-        # columns that only another item of the call has are 0.0 here: compacted away
-        if not rounded:
-            return [compact({**profile, **extra}) for extra in extras]
-        keys, profile_rounded = profile.keys(), float32_features(compact(profile))
-        return [{**profile_rounded, **float32_features(compact(extra))} if keys.isdisjoint(extra)
-                else float32_features(compact({**profile, **extra})) for extra in extras]
-
     def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
         """``example_features`` computed later, only if needed (the joiner asks for
         impressions whose negative the sampler will drop: they need features only if
@@ -367,7 +342,8 @@ class PointInTime:
     def features_run(self, user_id: str, item_ids: list[str], ts_ms: int, wire: bool = False
                      ) -> list[Any]:
         """``resolve_all(deferred_run(user_id, item_ids, ts_ms), wire)``: the features of a
-        request's impressions computed at once; without a token per item when there are no
+        request's impressions, or of an organic interaction's item and its sampled
+        negatives (``Joiner._features_of``), computed at once; without a token per item when there are no
         snapshots and no cross profiles (``_resolve_plain`` on the items column-wise)."""
         if self.views is not None or self._crosses:
             return self.resolve_all(self.deferred_run(user_id, item_ids, ts_ms), wire)
@@ -643,8 +619,7 @@ class PointInTime:
                       covis: dict[str, SparseScores] | None = None, *,
                       views: SnapshotViews | FrozenViews | None = None,
                       attrs: list[dict[str, Any] | None] | None = None,
-                      cross: list[list[dict[str, Any]]] | None = None,
-                      mf_rowwise: bool = False) -> list[dict[str, Any]]:
+                      cross: list[list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
         """Per-item features, for each item; the same at impression time and at serving
         time: the item's static features (``static_item_features``), then its numeric
         snapshot features (``NUMERIC_ITEM_FEATURES``: popularity, trending, co-visitation
@@ -655,10 +630,9 @@ class PointInTime:
         looks each item up (one impression at a time). Both give the same numbers.
         ``views``, ``attrs``, ``cross``: what to read instead of the current snapshots,
         catalog and cross profiles (what was taken earlier, for deferred features).
-        ``mf_rowwise``: MF scores one row at a time (``item_columns``).
         """
         cols = self.item_columns(ctx, item_ids, ts_ms, covis, views=views, attrs=attrs,
-                                 cross=cross, mf_rowwise=mf_rowwise)
+                                 cross=cross)
         numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
         cross = cols.cross_lists()
         out = []

@@ -788,12 +788,13 @@ class Joiner:
     def _features_of(self, fb: Feedback, items: list[str]) -> list[dict[str, Any]]:
         """``example_features`` of ``fb``'s user and each of ``items`` at ``fb.ts``, at
         example precision (``float32_features``): one call for all when the context can
-        (``PointInTime.example_features_many``: the user context, the co-visitation
-        seeds' rows and the snapshots read once, the profile rounded once; the same
-        dicts, bit for bit, as one call per item)."""
-        many = getattr(self.context, "example_features_many", None)
-        if many is not None and len(items) > 1:
-            return many(fb.user_id, items, fb.ts, rounded=True)  # type: ignore[no-any-return]
+        (``PointInTime.features_run``, as for a request's impressions: the user context,
+        the co-visitation seeds' rows and the snapshots read once, the profile rounded
+        once, each item's static features from the memo; the same dicts, bit for bit,
+        as one call per item)."""
+        run = getattr(self.context, "features_run", None)
+        if run is not None:
+            return run(fb.user_id, items, fb.ts)  # type: ignore[no-any-return]
         return [float32_features(self.context.example_features(fb.user_id, item, fb.ts))
                 for item in items]
 
