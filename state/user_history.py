@@ -55,7 +55,11 @@ class UserHistory:
         items = self._items.get(user_id)
         if not items:
             return []
-        return list(itertools.islice(reversed(items), n))  # not a copy of every key
+        if len(items) > 4 * n:  # a long history: the newest n keys, not a copy of all
+            return list(itertools.islice(reversed(items), n))
+        out = list(items)[-n:]
+        out.reverse()
+        return out
 
     def __len__(self) -> int:
         return len(self._items)
