@@ -548,6 +548,7 @@ class PointInTime:
         if self._frozen is not None:
             retained.append(weakref.ref(self._frozen))
         self._frozen = None
+        self._taken = None  # the last group's capture: never reused once its views moved
         live = [ref for ref in retained if ref() is not None]
         cut = max(len(live) - RETAINED_VERSIONS, 0)
         old = {id(ref()) for ref in live[:cut]}
