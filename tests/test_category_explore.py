@@ -690,3 +690,80 @@ def test_explore_slots_leave_a_list_that_has_the_sampled_category_alone() -> Non
             lists.append(bandit.order("u", scores, cats, 10, seed))
         assert lists[0][0].tolist() == lists[1][0].tolist()
         assert lists[0][1].tolist() == lists[1][1].tolist()
+
+
+def fan_shard(prior_users: float, max_users: int = 5_000) -> CategoryBandit:
+    """c0 shown mostly to its one fan (40 lists, a click each); c0 once to nine other users
+    who never click it, who click c1 instead (one of their four lists of c1)."""
+    bandit = CategoryBandit(CategoryExploreConfig(prior_users=prior_users, max_users=max_users))
+    for n in range(40):
+        bandit.exposure("fan", "c0", 0, f"fan:{n}")
+        bandit.click("fan", "c0")
+    for u in range(9):
+        bandit.exposure(f"o{u}", "c0", 0, f"o{u}:c0")
+        for n in range(4):
+            bandit.exposure(f"o{u}", "c1", 0, f"o{u}:{n}")
+        bandit.click(f"o{u}", "c1")
+    return bandit
+
+
+def test_prior_users_counts_each_user_once_so_a_fans_category_does_not_look_good_to_all() -> None:
+    """``prior_users``: c0's pooled rate is its fan's (40 clicks of 49 exposures), so a
+    newcomer's prior favours c0; with each user counted at most once the nine who ignored
+    c0 outweigh the fan and the newcomer's prior favours c1, which those users click."""
+    means = {}
+    for m in (0.0, 1.0):
+        bandit = fan_shard(m)
+        a, b = bandit.posterior("newcomer", ["c0", "c1"])
+        means[m] = a / (a + b)
+    assert means[0.0][0] > means[0.0][1]  # the control: pooled, c0 looks best
+    assert means[1.0][1] > means[1.0][0]
+
+
+def test_prior_users_sums_follow_decay_eviction_and_a_resume() -> None:
+    """The running sums equal the sums recomputed from the users' counts after lists fade
+    the counts and users are dropped past ``max_users``, and survive a pickle round trip."""
+    import pickle
+
+    from models.user_rates import UserWeightedRates
+
+    bandit = fan_shard(1.0, max_users=6)
+    assert len(bandit.users) == 6  # the fan and three others dropped
+    fresh = UserWeightedRates.of(1.0, (entry[1] for entry in bandit.users.values()))
+    assert bandit.by_user is not None and bandit.by_user.sums.keys() == fresh.sums.keys()
+    for key, (num, den) in fresh.sums.items():
+        assert bandit.by_user.sums[key] == pytest.approx([num, den], abs=1e-12)
+    again = pickle.loads(pickle.dumps(bandit, protocol=pickle.HIGHEST_PROTOCOL))
+    assert again.by_user.sums == bandit.by_user.sums
+    assert np.array_equal(np.stack(again.posterior("x", ["c0", "c1"])),
+                          np.stack(bandit.posterior("x", ["c0", "c1"])))
+
+
+def test_half_life_fades_the_counts_of_a_user_who_comes_back_late() -> None:
+    """``half_life_s``: a user clicked c0 in 6 lists a minute apart, then comes back a day
+    later and clicks c2 once (the shard's rates alike); with a half-life of an hour the old
+    counts have faded and c2 leads, forgetting per list only (0) keeps c0 ahead; a user back after a second keeps
+    the same counts either way."""
+    minute, day = 60_000, 86_400_000
+    means = {}
+    for half_life in (3_600.0, 0.0):
+        bandit = CategoryBandit(CategoryExploreConfig(half_life_s=half_life))
+        show(bandit, "others", 200, None)
+        for cat in CATS:
+            for _ in range(30):
+                bandit.click("others", cat)  # the shard's rates: all alike
+        for gap, user in ((day, "late"), (1_000, "soon")):
+            for n in range(6):
+                for pos in range(8):
+                    bandit.exposure(user, CATS[pos % 4], pos, f"{user}:{n}", ts=T0 + n * minute)
+                bandit.click(user, "c0")
+            back = T0 + 5 * minute + gap
+            for pos in range(8):
+                bandit.exposure(user, CATS[pos % 4], pos, f"{user}:back", ts=back)
+            bandit.click(user, "c2")
+            a, b = bandit.posterior(user, CATS)
+            means[half_life, user] = a / (a + b)
+    assert means[3_600.0, "late"][2] > means[3_600.0, "late"][0]
+    assert means[0.0, "late"][0] > means[0.0, "late"][2]  # the control
+    assert means[3_600.0, "soon"][0] > means[3_600.0, "soon"][2]
+    assert means[3_600.0, "soon"] == pytest.approx(means[0.0, "soon"], rel=0.02)
