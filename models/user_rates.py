@@ -61,12 +61,23 @@ class UserWeightedRates:
             self._add(key, c[0], c[1], -1.0)
 
     def rates(self, names: Iterable[str], overall: float) -> np.ndarray:
-        """Each category's rate, shrunk by ``SHRINK_USERS`` users toward ``overall``."""
+        """Each category's rate at the level ``overall``: its users' average rate over the
+        average of all categories' (``lift``) times ``overall``, the shard's pooled rate.
+        Only which categories are better comes from the per-user average: it sits below
+        the pooled rate (most users shown a category once never clicked it), and a lower
+        prior would explore less."""
+        return self.lift(names) * overall
+
+    def lift(self, names: Iterable[str]) -> np.ndarray:
+        """Each category's per-user average rate over all categories' (``SHRINK_USERS``
+        users of the average added to each), 1 where nothing is known."""
         get, none = self.sums.get, (0.0, 0.0)
         both = np.array([get(n, none) for n in names], np.float64).reshape(-1, 2)
         num = np.maximum(both[:, 0], 0.0)  # sums of many signed terms: no rounding below 0
         den = np.maximum(both[:, 1], 0.0)
-        return (num + SHRINK_USERS * overall) / (den + SHRINK_USERS)
+        total = np.maximum(np.array(list(self.sums.values()) or [[0.0, 0.0]]).sum(axis=0), 0.0)
+        average = (total[0] + 1e-9) / (total[1] + 1e-9 / 0.05)  # 0.05 before any exposure
+        return (num + SHRINK_USERS * average) / (den + SHRINK_USERS) / average
 
     @classmethod
     def of(cls, m: float, users: Iterable[dict[str, list[float]]]) -> UserWeightedRates:

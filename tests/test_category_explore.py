@@ -135,7 +135,7 @@ def test_config_values_are_validated() -> None:
     for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
                        ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
                        ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0),
-                       ("explore_slots", -1)):
+                       ("explore_slots", -1), ("prior_users", -1.0), ("half_life_s", -1.0)):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: value}}})
 
@@ -767,3 +767,26 @@ def test_half_life_fades_the_counts_of_a_user_who_comes_back_late() -> None:
     assert means[0.0, "late"][0] > means[0.0, "late"][2]  # the control
     assert means[3_600.0, "soon"][0] > means[3_600.0, "soon"][2]
     assert means[3_600.0, "soon"] == pytest.approx(means[0.0, "soon"], rel=0.02)
+
+
+def test_list_times_stay_within_max_users_and_the_memory_bound_counts_both_keys() -> None:
+    """``half_life_s``'s event time per user is dropped with the user past ``max_users``;
+    the memory bound adds it per user, and ``prior_users``' sums per category, when on."""
+    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
+
+    bandit = CategoryBandit(CategoryExploreConfig(half_life_s=60.0, max_users=2))
+    for u in range(4):
+        bandit.exposure(f"u{u}", "a", 0, f"r{u}", ts=T0 + u)
+    assert list(bandit.list_ts) == ["u2", "u3"] == list(bandit.users)
+
+    def user_shards(**explore: float) -> float:
+        config = load_config({"serving": {"category_explore": explore}})
+        return memory_bound(config)["parts_mb"]["user_shards"]
+
+    shards = load_config({}).shards.users
+    added = user_shards(half_life_s=600.0, max_users=1_000) - user_shards(max_users=1_000)
+    assert added == pytest.approx(
+        shards * 1_000 * BYTES["category_user_time"] * ALLOCATOR_OVERHEAD / 2**20)
+    added = user_shards(prior_users=1.0, max_categories=50) - user_shards(max_categories=50)
+    assert added == pytest.approx(
+        shards * 50 * BYTES["category_user_rate"] * ALLOCATOR_OVERHEAD / 2**20)
