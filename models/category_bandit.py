@@ -55,18 +55,20 @@ class CategoryExploreConfig:
                              factory=lambda: ["click"])
     prior_strength: float = doc("Prior weight in position-discounted exposures (a0 + b0), at "
                                 "the category's shard-wide click rate.", 10.0)
-    prior_users: float = doc("Exposure-corrected prior: the category's shard-wide rate is "
-                             "the average of the users' own rates, a user with e discounted "
-                             "exposures of it weighing e / (e + this), at most 1, so a "
-                             "category shown mostly to its fans does not look good to everyone "
-                             "(models/user_rates.py); 0: off, the pooled clicks over "
-                             "exposures.", 0.0)
+    prior_users: float = doc("Exposure-corrected prior: which categories the prior favours "
+                             "comes from the average of the users' own rates (a user with e "
+                             "discounted exposures of a category weighing e / (e + this), at "
+                             "most 1, so a category shown mostly to its fans does not look good "
+                             "to everyone), at the level of the shard's pooled rate "
+                             "(models/user_rates.py); 0: off, the pooled clicks over exposures. "
+                             "Off by measurement: docs/evaluation.md (loop9).", 0.0)
     decay: float = doc("Factor on a user's counts at each new list shown to them (1 = never "
                        "forget).", 0.9)
     half_life_s: float = doc("Forgetting by event time as well: at a user's new list their "
                              "counts also halve per this many seconds since their previous "
                              "list, so a user who comes back rarely does not keep an old taste "
-                             "(``decay`` forgets per list only); 0: off.", 0.0)
+                             "(``decay`` forgets per list only); 0: off. Off by measurement: "
+                             "docs/evaluation.md (loop9).", 0.0)
     mode: str = doc("'rerank': one draw per category and request, each candidate keyed by "
                     "its category's draw / log2(2 + its rank in the scorer's order); 'slots': "
                     "a fresh draw per slot picks the slot's category, the scorer's best "
