@@ -64,6 +64,9 @@ class CategoryExploreConfig:
                              "Off by measurement: docs/evaluation.md (loop9).", 0.0)
     decay: float = doc("Factor on a user's counts at each new list shown to them (1 = never "
                        "forget).", 0.9)
+    prior_decay: float = doc("Factor on the shard-wide category counts (the prior's rates) at "
+                             "every new list the shard shows, so the prior follows what the "
+                             "shard's users click now (1: never forget).", 1.0)
     half_life_s: float = doc("Forgetting by event time as well: at a user's new list their "
                              "counts also halve per this many seconds since their previous "
                              "list, so a user who comes back rarely does not keep an old taste "
@@ -146,6 +149,8 @@ def check_category_config(config: CategoryExploreConfig) -> None:
         raise ValueError(f"prior_users: must be >= 0, got {config.prior_users}")
     if not 0.0 < config.decay <= 1.0:
         raise ValueError(f"decay: must be in (0, 1], got {config.decay}")
+    if not 0.0 < config.prior_decay <= 1.0:
+        raise ValueError(f"prior_decay: must be in (0, 1], got {config.prior_decay}")
     if config.half_life_s < 0:
         raise ValueError(f"half_life_s: must be >= 0, got {config.half_life_s}")
     for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws),
@@ -376,6 +381,11 @@ class CategoryBandit:
             decay = self.config.decay * self._time_fade(user_id, ts)
             if decay < 1.0:
                 self._scale(counts, decay)
+            fade = self.config.prior_decay
+            if fade < 1.0:
+                for c in self.totals.values():
+                    c[0] *= fade
+                    c[1] *= fade
             self.users[user_id] = (list_id, counts, *entry[2:])
         w = exposure_weight(position)
         if self.config.item_adjusted:

@@ -135,7 +135,8 @@ def test_config_values_are_validated() -> None:
     for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
                        ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
                        ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0),
-                       ("explore_slots", -1), ("prior_users", -1.0), ("half_life_s", -1.0)):
+                       ("explore_slots", -1), ("prior_users", -1.0), ("half_life_s", -1.0),
+                       ("prior_decay", 0.0), ("prior_decay", 1.5)):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: value}}})
 
@@ -790,3 +791,21 @@ def test_list_times_stay_within_max_users_and_the_memory_bound_counts_both_keys(
     added = user_shards(prior_users=1.0, max_categories=50) - user_shards(max_categories=50)
     assert added == pytest.approx(
         shards * 50 * BYTES["category_user_rate"] * ALLOCATOR_OVERHEAD / 2**20)
+
+
+def test_prior_decay_lets_the_shard_prior_follow_what_users_click_now() -> None:
+    """``prior_decay``: the shard's users clicked c0 in 100 lists, then c1 in 30; with the
+    shard-wide counts fading per list a newcomer's prior favours c1, never forgetting (1)
+    keeps c0 ahead."""
+    means = {}
+    for fade in (0.97, 1.0):
+        bandit = CategoryBandit(CategoryExploreConfig(prior_decay=fade))
+        for n in range(130):
+            user = f"o{n}"
+            for pos in range(8):
+                bandit.exposure(user, CATS[pos % 4], pos, f"{user}:0")
+            bandit.click(user, "c0" if n < 100 else "c1")
+        a, b = bandit.posterior("newcomer", CATS)
+        means[fade] = a / (a + b)
+    assert means[0.97][1] > means[0.97][0]
+    assert means[1.0][0] > means[1.0][1]  # the control
