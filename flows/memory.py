@@ -186,8 +186,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
     table_bytes = items.max_items * b["loaded_table_item"] + covis_bytes + category_lists
     if explore.enabled and explore.item_lift > 0:
         # category sampling's item_rate columns of each loaded table (two float64 per
-        # item, ItemTable.feature_columns; shared by the process's user shards)
-        table_bytes += items.max_items * b["table_rate_item"]
+        # item, ItemTable.feature_columns; shared by the process's user shards) and their
+        # copy side by side, one per set of loaded tables (state.item_rows.table_columns)
+        table_bytes += 2 * items.max_items * b["table_rate_item"]
     parts = {
         "user_shards": sh.users * per_user_shard,
         "item_shards": sh.items * per_item_shard if items.enabled else 0.0,

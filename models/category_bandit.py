@@ -27,6 +27,7 @@ No Bytewax here; the serving operator calls it (operators/category_explore.py).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -221,6 +222,26 @@ class CodedCategories(NamedTuple):
     names: Sequence[str | None]
 
 
+def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct codes >= 0 ascending, each element's position among them, -1 for a
+    code -1): ``np.unique(codes, return_inverse=True)`` without the -1, by counting
+    instead of sorting (the codes are small ints >= -1: categories, attribute values)."""
+    if not codes.size:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    shifted = codes + 1
+    present = np.bincount(shifted) > 0
+    present[0] = False  # code -1: no value
+    rank = np.cumsum(present) - 1  # rank[0] = -1
+    return np.flatnonzero(present) - 1, rank[shifted]
+
+
+_CODE_TABLES: dict[tuple[int, bytes], tuple[Sequence[str | None], list[str], np.ndarray]] = {}
+"""``category_codes``' sorted names and code table per (names list, codes present): a
+``CodedCategories``' names only grow (``ItemRows.categories``: a code keeps its name),
+so the same codes present give the same answer; the list is kept, so its ``id`` stays
+its own (at most 256 entries, process-wide)."""
+
+
 def category_codes(categories: Sequence[str | None] | CodedCategories
                    ) -> tuple[list[str], np.ndarray]:
     """(the distinct category keys sorted, each candidate's position in them); no
@@ -228,13 +249,19 @@ def category_codes(categories: Sequence[str | None] | CodedCategories
     names of the codes present are sorted, then mapped back through a code table)."""
     if isinstance(categories, CodedCategories):
         codes = categories.codes
-        present = np.flatnonzero(np.bincount(codes)).tolist()
-        keys = [categories.names[c] or "" for c in present]
-        names = sorted(set(keys))
-        code = {c: j for j, c in enumerate(names)}
-        table = np.zeros(present[-1] + 1 if present else 0, np.int64)
-        table[present] = [code[c] for c in keys]
-        return names, table[codes]
+        present = np.flatnonzero(np.bincount(codes))
+        key = (id(categories.names), present.tobytes())
+        hit = _CODE_TABLES.get(key)
+        if hit is None or hit[0] is not categories.names:
+            keys = [categories.names[c] or "" for c in present.tolist()]
+            names = sorted(set(keys))
+            code = {c: j for j, c in enumerate(names)}
+            table = np.zeros(present[-1] + 1 if present.size else 0, np.int64)
+            table[present] = [code[c] for c in keys]
+            if len(_CODE_TABLES) >= 256:
+                _CODE_TABLES.clear()
+            hit = _CODE_TABLES[key] = (categories.names, names, table)
+        return list(hit[1]), hit[2][codes]
     keys = [c or "" for c in categories]
     names = sorted(set(keys))
     code = {c: j for j, c in enumerate(names)}
@@ -491,11 +518,11 @@ class CategoryBandit:
         entry = self.users.get(user_id, ("", {}))
         counts = entry[1]
         n = len(categories)
-        get, none = self.totals.get, (0.0, 0.0)
-        user_get = counts.get
+        none = itertools.repeat((0.0, 0.0))
         # one array of the shard's and the user's [clicks, exposure] per category
-        both = np.array([get(cat, none) for cat in categories]
-                        + [user_get(cat, none) for cat in categories], np.float64).reshape(2 * n, 2)
+        both = np.fromiter(itertools.chain.from_iterable(itertools.chain(
+            map(self.totals.get, categories, none), map(counts.get, categories, none))),
+            np.float64, 4 * n).reshape(2 * n, 2)
         num, den = both[:n, 0] + s * overall, both[:n, 1] + s
         sums = self._by_user()
         if sums is not None:  # each user counted at most once: the rate is num / 1.0
@@ -530,7 +557,8 @@ class CategoryBandit:
             return None
         names, cat_of = category_codes(categories)
         depth = min(len(scores), max(self.config.depth, k))
-        best_first = np.argsort(-scores, kind="stable")[:depth]
+        by_score = np.argsort(-scores, kind="stable")
+        best_first = by_score[:depth]
         a, b = self.posterior(user_id, names, history, attrs)
         if self.config.sharpen != 1.0:
             a, b = a * self.config.sharpen, b * self.config.sharpen
@@ -547,7 +575,7 @@ class CategoryBandit:
             top = best_first[np.argsort(-key, axis=1, kind="stable")[:, :k]]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
-                top = self._explore(top, theta, scores, cat_of, lift, explore)
+                top = self._explore(top, theta, by_score, cat_of, lift, explore)
             hits = (top[1:] == top[0]).sum(axis=0)
             return top[0], (hits + 1.0) / (draws + 1.0)
         draw = self._slots
@@ -560,10 +588,11 @@ class CategoryBandit:
         return served, (hits + 1.0) / (draws + 1.0)  # the served draw is one of them
 
     @staticmethod
-    def _explore(top: np.ndarray, theta: np.ndarray, scores: np.ndarray, cat_of: np.ndarray,
+    def _explore(top: np.ndarray, theta: np.ndarray, by_score: np.ndarray, cat_of: np.ndarray,
                  lift: np.ndarray | None, explore: int) -> np.ndarray:
         """``explore_slots``: in each list (a row of ``top``, candidate indices; its draws
-        a row of ``theta``, one per category of the candidates) the ``explore`` categories
+        a row of ``theta``, one per category of the candidates; ``by_score``: every
+        candidate's index in the scorer's order, a stable sort) the ``explore`` categories
         of highest draw each get a slot of the last ``explore`` when the list has none of
         their items: the category's best candidate (by ``lift`` / log2(2 + scorer rank),
         the order ``rerank`` keeps inside a category), even from below the scorer's best
@@ -580,9 +609,8 @@ class CategoryBandit:
             if not absent.size:
                 continue
             if quality is None:  # the candidates' key inside their category
-                rank = np.empty(len(scores))
-                rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
-                quality = 1.0 / np.log2(2.0 + rank)
+                quality = np.empty(len(by_score))  # 1 / log2(2 + rank in the scorer's order)
+                quality[by_score] = 1.0 / np.log2(2.0 + np.arange(len(by_score), dtype=np.float64))
                 if lift is not None:
                     quality = quality * lift
             for r, c in zip(absent.tolist(), j[absent].tolist(), strict=True):

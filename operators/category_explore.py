@@ -121,6 +121,12 @@ class CategoryExplore:
         return cands
 
 
+    def user_attrs(self, profile: dict[str, Any]) -> dict[str, Any] | None:
+        """``attrs_of(profile)`` when ``group_prior`` reads them, else None (the same
+        posteriors: nothing else reads the attributes while serving)."""
+        return attrs_of(profile) if self.bandit.config.group_prior > 0 else None
+
+
 def attrs_of(profile: dict[str, Any]) -> dict[str, Any]:
     """The user's attributes from a ``UserContext.profile`` (its ``u:<key>`` entries)."""
     return {key[2:]: value for key, value in profile.items() if key.startswith("u:")}

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from models.category_bandit import dense_codes
 from models.features import compact
 from models.mf import UserFactors
 from operators.example_codec import EncodedPart, encoded_part, join_parts
@@ -626,10 +627,7 @@ class PointInTime:
         distinct value (queried once)."""
         out = []
         for attr, store in self._crosses:
-            uniq, codes = np.unique(space.attr_codes[attr][slots], return_inverse=True)
-            codes = codes.reshape(-1)
-            if uniq.size and uniq[0] < 0:
-                uniq, codes = uniq[1:], codes - 1
+            uniq, codes = dense_codes(space.attr_codes[attr][slots])
             values = space.attr_values[attr]
             out.append((codes, [self._cross_query(user_id, store, values[c], ts_ms)
                                 for c in uniq.tolist()]))

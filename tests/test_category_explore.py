@@ -242,11 +242,12 @@ def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
     assert added == pytest.approx(expected)
     # item_lift's click and impression columns of every loaded table (one per item shard)
+    # and their copy side by side (state.item_rows.table_columns)
     flat = load_config({"serving": {"category_explore": {"max_users": 1_000, "item_lift": 0.0},
                                     "sources": no_lists}})
     added = (memory_bound(on)["parts_mb"]["serving_tables"]
              - memory_bound(flat)["parts_mb"]["serving_tables"])
-    expected = (on.shards.items * on.items.max_items * BYTES["table_rate_item"]
+    expected = (2 * on.shards.items * on.items.max_items * BYTES["table_rate_item"]
                 * ALLOCATOR_OVERHEAD / 2**20)
     assert added == pytest.approx(expected) and BYTES["table_rate_item"] == 8 * len(
         on.serving.category_explore.item_rate)
@@ -581,6 +582,38 @@ def test_coded_categories_order_as_the_category_names(seed: int) -> None:
         assert by_name is not None and by_code is not None
         assert by_name[0].tolist() == by_code[0].tolist()
         assert by_name[1].tolist() == by_code[1].tolist()
+
+
+def test_coded_categories_memo_follows_each_names_list_and_its_growth() -> None:
+    """``category_codes``' per-process memo of a names list's code table: the same codes
+    present in another names list (another id space) read that list's names, a list
+    that grew reads its new codes' names, and a list made after the first is gone (its
+    ``id`` possibly reused) reads its own; each answer is what the names give."""
+    codes = np.array([1, 2, 2, 0, 1], np.int32)
+
+    def by_names(table: list[str | None], at: np.ndarray) -> list[object]:
+        return [x.tolist() if isinstance(x, np.ndarray) else x
+                for x in category_codes([table[c] for c in at.tolist()])]
+
+    def coded(table: list[str | None], at: np.ndarray) -> list[object]:
+        return [x.tolist() if isinstance(x, np.ndarray) else x
+                for x in category_codes(CodedCategories(at, table))]
+
+    first: list[str | None] = [None, "b", "a"]
+    assert coded(first, codes) == by_names(first, codes) == [["", "a", "b"], [2, 1, 1, 0, 2]]
+    other: list[str | None] = [None, "z", "c"]
+    assert coded(other, codes) == by_names(other, codes)
+    first.append("0")  # ItemRows.categories only grows
+    grown = np.append(codes, 3).astype(np.int32)
+    assert coded(first, grown) == by_names(first, grown)
+    assert coded(first, codes) == by_names(first, codes)
+    del first, other
+    for n in range(50):  # new lists, some at a freed list's address
+        table: list[str | None] = [None, f"x{n}", f"w{n}"]
+        assert coded(table, codes) == by_names(table, codes)
+        out = category_codes(CodedCategories(codes, table))[0]
+        out.append("mutated")  # a caller's list is its own
+        assert coded(table, codes) == by_names(table, codes)
 
 
 def test_a_user_without_exposures_costs_no_item_counts() -> None:
