@@ -53,6 +53,20 @@ def share(bandit: CategoryBandit, user: str, category: str, requests: int = 200)
     return hits / (10 * requests)
 
 
+def bound_added(entries: int, kind: str, on: dict[str, float], off: dict[str, float]) -> None:
+    """The memory bound's user shards grow by ``entries`` x ``BYTES[kind]`` per shard
+    between the ``serving.category_explore`` settings ``off`` and ``on``."""
+    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
+
+    def user_shards(explore: dict[str, float]) -> float:
+        config = load_config({"serving": {"category_explore": explore}})
+        return memory_bound(config)["parts_mb"]["user_shards"]
+
+    shards = load_config({}).shards.users
+    assert user_shards(on) - user_shards(off) == pytest.approx(
+        shards * entries * BYTES[kind] * ALLOCATOR_OVERHEAD / 2**20)
+
+
 def test_a_user_whose_clicks_favour_a_category_gets_more_of_it() -> None:
     bandit = CategoryBandit(CategoryExploreConfig())
     show(bandit, "others", 200, None)
@@ -462,24 +476,14 @@ def test_groups_stay_within_max_groups_and_the_memory_bound_counts_them() -> Non
     """The least recently updated groups are dropped past ``max_groups``; the flow's memory
     bound adds that many groups per user shard with ``group_prior`` on, and the change
     detector's per-user state with ``change_threshold`` on."""
-    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
-
     bandit = CategoryBandit(CategoryExploreConfig(group_prior=5.0, max_groups=2))
     for n in range(4):
         bandit.exposure("u", "a", 0, f"r{n}", attrs={"city": f"x{n}"})
     assert list(bandit.groups.groups) == ["city=x2", "city=x3"]
-
-    def user_shards(**explore: float) -> float:
-        config = load_config({"serving": {"category_explore": explore}})
-        return memory_bound(config)["parts_mb"]["user_shards"]
-
-    shards = load_config({}).shards.users
-    added = user_shards(group_prior=20.0, max_groups=100) - user_shards(max_groups=100)
-    assert added == pytest.approx(
-        shards * 100 * BYTES["category_group"] * ALLOCATOR_OVERHEAD / 2**20)
-    added = user_shards(change_threshold=2.0, max_users=1_000) - user_shards(max_users=1_000)
-    assert added == pytest.approx(
-        shards * 1_000 * BYTES["category_user_change"] * ALLOCATOR_OVERHEAD / 2**20)
+    bound_added(100, "category_group", {"group_prior": 20.0, "max_groups": 100},
+                {"max_groups": 100})
+    bound_added(1_000, "category_user_change", {"change_threshold": 2.0, "max_users": 1_000},
+                {"max_users": 1_000})
 
 
 def test_groups_and_the_change_detector_resume_equal_after_a_snapshot(world: World) -> None:
@@ -806,24 +810,14 @@ def test_half_life_fades_the_counts_of_a_user_who_comes_back_late() -> None:
 def test_list_times_stay_within_max_users_and_the_memory_bound_counts_both_keys() -> None:
     """``half_life_s``'s event time per user is dropped with the user past ``max_users``;
     the memory bound adds it per user, and ``prior_users``' sums per category, when on."""
-    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
-
     bandit = CategoryBandit(CategoryExploreConfig(half_life_s=60.0, max_users=2))
     for u in range(4):
         bandit.exposure(f"u{u}", "a", 0, f"r{u}", ts=T0 + u)
     assert list(bandit.list_ts) == ["u2", "u3"] == list(bandit.users)
-
-    def user_shards(**explore: float) -> float:
-        config = load_config({"serving": {"category_explore": explore}})
-        return memory_bound(config)["parts_mb"]["user_shards"]
-
-    shards = load_config({}).shards.users
-    added = user_shards(half_life_s=600.0, max_users=1_000) - user_shards(max_users=1_000)
-    assert added == pytest.approx(
-        shards * 1_000 * BYTES["category_user_time"] * ALLOCATOR_OVERHEAD / 2**20)
-    added = user_shards(prior_users=1.0, max_categories=50) - user_shards(max_categories=50)
-    assert added == pytest.approx(
-        shards * 50 * BYTES["category_user_rate"] * ALLOCATOR_OVERHEAD / 2**20)
+    bound_added(1_000, "category_user_time", {"half_life_s": 600.0, "max_users": 1_000},
+                {"max_users": 1_000})
+    bound_added(50, "category_user_rate", {"prior_users": 1.0, "max_categories": 50},
+                {"max_categories": 50})
 
 
 def test_prior_decay_lets_the_shard_prior_follow_what_users_click_now() -> None:
