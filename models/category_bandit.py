@@ -37,7 +37,6 @@ import numpy as np
 
 from models.group_prior import GroupPrior, group_keys
 from models.taste_change import click_surprise, cusum, exposure_surprise
-from models.user_rates import UserWeightedRates
 from state.feature_spec import position_discount
 from state.settings import doc
 
@@ -56,18 +55,8 @@ class CategoryExploreConfig:
                              factory=lambda: ["click"])
     prior_strength: float = doc("Prior weight in position-discounted exposures (a0 + b0), at "
                                 "the category's shard-wide click rate.", 10.0)
-    prior_users: float = doc("Exposure-corrected prior: which categories the prior favours "
-                             "comes from the average of the users' own rates (a user with e "
-                             "discounted exposures of a category weighing e / (e + this), at "
-                             "most 1, so a category shown mostly to its fans does not look good "
-                             "to everyone), at the level of the shard's pooled rate "
-                             "(models/user_rates.py); 0: off, the pooled clicks over exposures. "
-                             "Off by measurement: docs/evaluation.md (loop9).", 0.0)
     decay: float = doc("Factor on a user's counts at each new list shown to them (1 = never "
                        "forget).", 0.9)
-    prior_decay: float = doc("Factor on the shard-wide category counts (the prior's rates) at "
-                             "every new list the shard shows, so the prior follows what the "
-                             "shard's users click now (1: never forget).", 1.0)
     half_life_s: float = doc("Forgetting by event time as well: at a user's new list their "
                              "counts also halve per this many seconds since their previous "
                              "list, so a user who comes back rarely does not keep an old taste "
@@ -146,12 +135,8 @@ def check_category_config(config: CategoryExploreConfig) -> None:
     """ValueError ("key: reason") for values outside their ranges."""
     if config.prior_strength <= 0:
         raise ValueError(f"prior_strength: must be > 0, got {config.prior_strength}")
-    if config.prior_users < 0:
-        raise ValueError(f"prior_users: must be >= 0, got {config.prior_users}")
     if not 0.0 < config.decay <= 1.0:
         raise ValueError(f"decay: must be in (0, 1], got {config.decay}")
-    if not 0.0 < config.prior_decay <= 1.0:
-        raise ValueError(f"prior_decay: must be in (0, 1], got {config.prior_decay}")
     if config.half_life_s < 0:
         raise ValueError(f"half_life_s: must be >= 0, got {config.half_life_s}")
     for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws),
@@ -304,44 +289,8 @@ class CategoryBandit:
         """[clicks, discounted impressions] over the shard (``item_adjusted``)."""
         self.groups = GroupPrior(config.group_prior, config.max_groups)
         """Category counts of the users sharing an attribute value (``group_prior``)."""
-        self.by_user = UserWeightedRates(config.prior_users) if config.prior_users > 0 else None
-        """The users' counts summed with each user counted at most once (``prior_users``)."""
         self.list_ts: dict[str, int] = {}
         """user -> event time (ms) of their last list's first impression (``half_life_s``)."""
-
-    def _by_user(self) -> UserWeightedRates | None:
-        """The per-user sums when ``prior_users`` is on (built from the users' counts for
-        state pickled before them)."""
-        if self.config.prior_users <= 0:
-            return None
-        sums = getattr(self, "by_user", None)
-        if sums is None:
-            sums = self.by_user = UserWeightedRates.of(
-                self.config.prior_users, (entry[1] for entry in self.users.values()))
-        return sums
-
-    def _add(self, counts: dict[str, list[float]], key: str, clicks: float,
-             exposure: float) -> None:
-        """Add to one user's counts of category ``key`` (and to ``prior_users``' sums)."""
-        c = counts.get(key)
-        if c is None:
-            c = counts[key] = [0.0, 0.0]
-        sums = self._by_user()
-        if sums is None:
-            c[0] += clicks
-            c[1] += exposure
-        else:
-            sums.change(key, c, clicks, exposure)
-
-    def _scale(self, counts: dict[str, list[float]], factor: float) -> None:
-        """Multiply one user's counts by ``factor`` (and move ``prior_users``' sums)."""
-        sums = self._by_user()
-        if sums is not None:
-            sums.scale(counts, factor)
-            return
-        for c in counts.values():
-            c[0] *= factor
-            c[1] *= factor
 
     def _group_prior(self) -> GroupPrior | None:
         """The group counts when ``group_prior`` is on (None in state pickled before)."""
@@ -387,11 +336,8 @@ class CategoryBandit:
         if entry is None:
             entry = self.users[user_id] = ("", {})
             if len(self.users) > self.config.max_users:
-                gone_id, gone = self.users.popitem(last=False)
+                gone_id, _ = self.users.popitem(last=False)
                 getattr(self, "list_ts", {}).pop(gone_id, None)
-                sums = self._by_user()
-                if sums is not None:
-                    sums.drop(gone[1])
         else:
             self.users.move_to_end(user_id)
         return entry
@@ -407,12 +353,9 @@ class CategoryBandit:
         if list_id is not None and list_id != last:
             decay = self.config.decay * self._time_fade(user_id, ts)
             if decay < 1.0:
-                self._scale(counts, decay)
-            fade = self.config.prior_decay
-            if fade < 1.0:
-                for c in self.totals.values():
-                    c[0] *= fade
-                    c[1] *= fade
+                for c in counts.values():
+                    c[0] *= decay
+                    c[1] *= decay
             self.users[user_id] = (list_id, counts, *entry[2:])
         w = exposure_weight(position)
         if self.config.item_adjusted:
@@ -421,7 +364,7 @@ class CategoryBandit:
         if self.config.change_threshold > 0:
             user_rate, shard_rate = self._rates(counts, key)
             self._surprise(user_id, counts, exposure_surprise(w, user_rate, shard_rate))
-        self._add(counts, key, 0.0, w)
+        counts.setdefault(key, [0.0, 0.0])[1] += w
         self.totals.setdefault(key, [0.0, 0.0])[1] += w
         groups = self._group_prior()
         if groups is not None:
@@ -439,7 +382,7 @@ class CategoryBandit:
         counts = self._user(user_id)[1]
         if self.config.change_threshold > 0:
             self._surprise(user_id, counts, click_surprise(*self._rates(counts, key)))
-        self._add(counts, key, 1.0, 0.0)
+        counts.setdefault(key, [0.0, 0.0])[0] += 1.0
         self.totals.setdefault(key, [0.0, 0.0])[0] += 1.0
         groups = self._group_prior()
         if groups is not None:
@@ -455,7 +398,9 @@ class CategoryBandit:
             user_rate, shard_rate = self._rates(counts, key)
             self._surprise(user_id, counts, exposure_surprise(weight, user_rate, shard_rate)
                            + click_surprise(user_rate, shard_rate, weight))
-        self._add(counts, key, weight, weight)
+        c = counts.setdefault(key, [0.0, 0.0])
+        c[0] += weight
+        c[1] += weight
         groups = self._group_prior()
         if groups is not None:
             groups.add(group_keys(attrs), key, weight, weight)
@@ -480,7 +425,10 @@ class CategoryBandit:
         total, moved = cusum(entry[2] if len(entry) > 2 else 0.0, step,
                              self.config.change_threshold)
         if moved:
-            self._scale(counts, self.config.change_fade)
+            fade = self.config.change_fade
+            for c in counts.values():
+                c[0] *= fade
+                c[1] *= fade
         self.users[user_id] = (entry[0], counts, total, moved or self._moved(entry))
 
     @staticmethod
@@ -524,9 +472,6 @@ class CategoryBandit:
             map(self.totals.get, categories, none), map(counts.get, categories, none))),
             np.float64, 4 * n).reshape(2 * n, 2)
         num, den = both[:n, 0] + s * overall, both[:n, 1] + s
-        sums = self._by_user()
-        if sums is not None:  # each user counted at most once: the rate is num / 1.0
-            num, den = sums.rates(categories, overall), 1.0
         groups = self._group_prior()
         tilted = (history and self.config.history_prior > 0 and n) or (
             groups is not None and not self._moved(entry))

@@ -149,8 +149,7 @@ def test_config_values_are_validated() -> None:
     for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
                        ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
                        ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0),
-                       ("explore_slots", -1), ("prior_users", -1.0), ("half_life_s", -1.0),
-                       ("prior_decay", 0.0), ("prior_decay", 1.5)):
+                       ("explore_slots", -1), ("half_life_s", -1.0)):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: value}}})
 
@@ -730,53 +729,6 @@ def test_explore_slots_leave_a_list_that_has_the_sampled_category_alone() -> Non
         assert lists[0][1].tolist() == lists[1][1].tolist()
 
 
-def fan_shard(prior_users: float, max_users: int = 5_000) -> CategoryBandit:
-    """c0 shown mostly to its one fan (40 lists, a click each); c0 once to nine other users
-    who never click it, who click c1 instead (one of their four lists of c1)."""
-    bandit = CategoryBandit(CategoryExploreConfig(prior_users=prior_users, max_users=max_users))
-    for n in range(40):
-        bandit.exposure("fan", "c0", 0, f"fan:{n}")
-        bandit.click("fan", "c0")
-    for u in range(9):
-        bandit.exposure(f"o{u}", "c0", 0, f"o{u}:c0")
-        for n in range(4):
-            bandit.exposure(f"o{u}", "c1", 0, f"o{u}:{n}")
-        bandit.click(f"o{u}", "c1")
-    return bandit
-
-
-def test_prior_users_counts_each_user_once_so_a_fans_category_does_not_look_good_to_all() -> None:
-    """``prior_users``: c0's pooled rate is its fan's (40 clicks of 49 exposures), so a
-    newcomer's prior favours c0; with each user counted at most once the nine who ignored
-    c0 outweigh the fan and the newcomer's prior favours c1, which those users click."""
-    means = {}
-    for m in (0.0, 1.0):
-        bandit = fan_shard(m)
-        a, b = bandit.posterior("newcomer", ["c0", "c1"])
-        means[m] = a / (a + b)
-    assert means[0.0][0] > means[0.0][1]  # the control: pooled, c0 looks best
-    assert means[1.0][1] > means[1.0][0]
-
-
-def test_prior_users_sums_follow_decay_eviction_and_a_resume() -> None:
-    """The running sums equal the sums recomputed from the users' counts after lists fade
-    the counts and users are dropped past ``max_users``, and survive a pickle round trip."""
-    import pickle
-
-    from models.user_rates import UserWeightedRates
-
-    bandit = fan_shard(1.0, max_users=6)
-    assert len(bandit.users) == 6  # the fan and three others dropped
-    fresh = UserWeightedRates.of(1.0, (entry[1] for entry in bandit.users.values()))
-    assert bandit.by_user is not None and bandit.by_user.sums.keys() == fresh.sums.keys()
-    for key, (num, den) in fresh.sums.items():
-        assert bandit.by_user.sums[key] == pytest.approx([num, den], abs=1e-12)
-    again = pickle.loads(pickle.dumps(bandit, protocol=pickle.HIGHEST_PROTOCOL))
-    assert again.by_user.sums == bandit.by_user.sums
-    assert np.array_equal(np.stack(again.posterior("x", ["c0", "c1"])),
-                          np.stack(bandit.posterior("x", ["c0", "c1"])))
-
-
 def test_half_life_fades_the_counts_of_a_user_who_comes_back_late() -> None:
     """``half_life_s``: a user clicked c0 in 6 lists a minute apart, then comes back a day
     later and clicks c2 once (the shard's rates alike); with a half-life of an hour the old
@@ -807,32 +759,12 @@ def test_half_life_fades_the_counts_of_a_user_who_comes_back_late() -> None:
     assert means[3_600.0, "soon"] == pytest.approx(means[0.0, "soon"], rel=0.02)
 
 
-def test_list_times_stay_within_max_users_and_the_memory_bound_counts_both_keys() -> None:
+def test_list_times_stay_within_max_users_and_the_memory_bound_counts_them() -> None:
     """``half_life_s``'s event time per user is dropped with the user past ``max_users``;
-    the memory bound adds it per user, and ``prior_users``' sums per category, when on."""
+    the memory bound adds it per user when on."""
     bandit = CategoryBandit(CategoryExploreConfig(half_life_s=60.0, max_users=2))
     for u in range(4):
         bandit.exposure(f"u{u}", "a", 0, f"r{u}", ts=T0 + u)
     assert list(bandit.list_ts) == ["u2", "u3"] == list(bandit.users)
     bound_added(1_000, "category_user_time", {"half_life_s": 600.0, "max_users": 1_000},
                 {"max_users": 1_000})
-    bound_added(50, "category_user_rate", {"prior_users": 1.0, "max_categories": 50},
-                {"max_categories": 50})
-
-
-def test_prior_decay_lets_the_shard_prior_follow_what_users_click_now() -> None:
-    """``prior_decay``: the shard's users clicked c0 in 100 lists, then c1 in 30; with the
-    shard-wide counts fading per list a newcomer's prior favours c1, never forgetting (1)
-    keeps c0 ahead."""
-    means = {}
-    for fade in (0.97, 1.0):
-        bandit = CategoryBandit(CategoryExploreConfig(prior_decay=fade))
-        for n in range(130):
-            user = f"o{n}"
-            for pos in range(8):
-                bandit.exposure(user, CATS[pos % 4], pos, f"{user}:0")
-            bandit.click(user, "c0" if n < 100 else "c1")
-        a, b = bandit.posterior("newcomer", CATS)
-        means[fade] = a / (a + b)
-    assert means[0.97][1] > means[0.97][0]
-    assert means[1.0][0] > means[1.0][1]  # the control
