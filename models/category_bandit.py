@@ -57,6 +57,11 @@ class CategoryExploreConfig:
                                 "the category's shard-wide click rate.", 10.0)
     decay: float = doc("Factor on a user's counts at each new list shown to them (1 = never "
                        "forget).", 0.9)
+    half_life_s: float = doc("Forgetting by event time as well: at a user's new list their "
+                             "counts also halve per this many seconds since their previous "
+                             "list, so a user who comes back rarely does not keep an old taste "
+                             "(``decay`` forgets per list only); 0: off. Off by measurement: "
+                             "docs/evaluation.md (loop9).", 0.0)
     mode: str = doc("'rerank': one draw per category and request, each candidate keyed by "
                     "its category's draw / log2(2 + its rank in the scorer's order); 'slots': "
                     "a fresh draw per slot picks the slot's category, the scorer's best "
@@ -132,6 +137,8 @@ def check_category_config(config: CategoryExploreConfig) -> None:
         raise ValueError(f"prior_strength: must be > 0, got {config.prior_strength}")
     if not 0.0 < config.decay <= 1.0:
         raise ValueError(f"decay: must be in (0, 1], got {config.decay}")
+    if config.half_life_s < 0:
+        raise ValueError(f"half_life_s: must be >= 0, got {config.half_life_s}")
     for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws),
                        ("explore_slots", config.explore_slots)):
         if value < 0:
@@ -282,11 +289,28 @@ class CategoryBandit:
         """[clicks, discounted impressions] over the shard (``item_adjusted``)."""
         self.groups = GroupPrior(config.group_prior, config.max_groups)
         """Category counts of the users sharing an attribute value (``group_prior``)."""
+        self.list_ts: dict[str, int] = {}
+        """user -> event time (ms) of their last list's first impression (``half_life_s``)."""
 
     def _group_prior(self) -> GroupPrior | None:
         """The group counts when ``group_prior`` is on (None in state pickled before)."""
         groups = getattr(self, "groups", None)
         return groups if groups is not None and self.config.group_prior > 0 else None
+
+    def _time_fade(self, user_id: str, ts: int | None) -> float:
+        """``half_life_s``: the factor for the event time since the user's last list (1 for
+        the first, or without a time); remembers ``ts`` as the new list's."""
+        half_life = self.config.half_life_s
+        if half_life <= 0 or ts is None:
+            return 1.0
+        seen = getattr(self, "list_ts", None)
+        if seen is None:  # state pickled before
+            seen = self.list_ts = {}
+        before = seen.get(user_id)
+        seen[user_id] = ts if before is None else max(before, ts)
+        if before is None or ts <= before:
+            return 1.0
+        return 0.5 ** ((ts - before) / 1000.0 / half_life)
 
     def _item_weight(self, item_id: str | None, discount: float) -> float:
         """``item_adjusted``: the item's shard-wide click rate over the shard's (shrunk by
@@ -312,21 +336,22 @@ class CategoryBandit:
         if entry is None:
             entry = self.users[user_id] = ("", {})
             if len(self.users) > self.config.max_users:
-                self.users.popitem(last=False)
+                gone_id, _ = self.users.popitem(last=False)
+                getattr(self, "list_ts", {}).pop(gone_id, None)
         else:
             self.users.move_to_end(user_id)
         return entry
 
     def exposure(self, user_id: str, category: str | None, position: int | None,
                  list_id: str | None, item_id: str | None = None,
-                 attrs: dict[str, Any] | None = None) -> None:
+                 attrs: dict[str, Any] | None = None, ts: int | None = None) -> None:
         """An impression of an item of ``category`` at ``position`` in list ``list_id``
         (``item_id``: only read with ``item_adjusted``; ``attrs``: the user's attributes,
-        for ``group_prior``)."""
+        for ``group_prior``; ``ts``: its event time, ms, for ``half_life_s``)."""
         entry = self._user(user_id)
         last, counts = entry[0], entry[1]
         if list_id is not None and list_id != last:
-            decay = self.config.decay
+            decay = self.config.decay * self._time_fade(user_id, ts)
             if decay < 1.0:
                 for c in counts.values():
                     c[0] *= decay

@@ -333,7 +333,7 @@ class UserShard:
         attrs = self.user_attrs.get(event.user_id)
         if event.type == "impression":
             explore.impression(event.user_id, event.item_id, category, event.position,
-                               event.request_id, attrs)
+                               event.request_id, attrs, event.ts)
         else:
             explore.feedback(event.user_id, event.item_id, category, event.action,
                              event.impression_id, self.joiner.config.organic.get(event.action),
