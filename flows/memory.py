@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
+from operators.serving import ANN_MEMO_USERS
+from state.change_log import LOG as CATALOG_LOG
 from state.covis_view import SLACK
 
 if TYPE_CHECKING:
@@ -76,14 +78,15 @@ BYTES: dict[str, float] = {
     "duel_user": 2_700,
     "serving_slot": 150,  # measured before the 4 B feature row (ItemRows.feat_row), which
     # the int32 generation counters (8 B less per slot) more than pay for
-    "covis_view_id": 160,
+    "covis_view_id": 170,  # 160 measured, plus the names' object array (8 B, 1.25x)
     "pool_candidate": 100,
     "mf_row": 310,
     "item": 700,
     "hot_item_profile": 6_000,
     "covis_neighbor": 105,
     "covis_written_row": 170,
-    "loaded_table_item": 2_500,
+    "loaded_table_item": 2_520,  # 2,500 measured, plus serving's per-version slot columns
+    # (state/item_rows.py catalog_columns: two counts and a category index, 20 B)
     "index_item": 500,
     "waiting_example": 3_100,
     "ranker_weight": 130,
@@ -97,6 +100,8 @@ BYTES: dict[str, float] = {
     "static_memo_item": 1_000,
     "table_rate_item": 16,
     "category_row": 8,
+    "ann_memo_user": 1_500,
+    "catalog_log_key": 70,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -150,6 +155,12 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + max(16_384, SLACK * sh.items * items.max_items) * b["covis_view_id"]
         + (pool.max_pending * pool.pool_size * b["pool_candidate"] if pool.enabled else 0)
         + (mf.max_users * b["mf_row"] if items.enabled else 0)
+        # serving's last ANN answer per recent user (Server._ann_rows: 100 rows and scores
+        # as int32 / float32, the vector's bytes)
+        + ANN_MEMO_USERS * b["ann_memo_user"]
+        # the catalog's log of written items (state/change_log.py: a reference each, the
+        # key kept alive after an eviction)
+        + CATALOG_LOG * b["catalog_log_key"]
         # the joiner's memo of static item features (~550 B an entry in the churn test)
         + MAX_STATIC_MEMO * b["static_memo_item"]
         # serving's category posteriors: a user's counts and one item's click rate per user

@@ -169,13 +169,13 @@ def _first_appearance(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     entry's index into ``first`` (its distinct row's)."""
     n = rows.size
     top = int(rows.max()) + 1
-    if top <= _DENSE_IDS * n:  # one scratch array over the ids: no sort
-        positions = np.arange(n)
+    if top <= _DENSE_IDS * n:  # scratch arrays over the ids: one sort of the firsts
         earliest = np.full(top, n)
-        np.minimum.at(earliest, rows, positions)  # unbuffered: repeated rows keep the least
-        of_entry = earliest[rows]
-        is_first = of_entry == positions
-        return np.flatnonzero(is_first), (np.cumsum(is_first) - 1)[of_entry]
+        np.minimum.at(earliest, rows, np.arange(n))  # unbuffered: repeated rows keep the least
+        first = np.sort(earliest[earliest < n])
+        rank = np.empty(top, np.int64)
+        rank[rows[first]] = np.arange(first.size)
+        return first, rank[rows]
     by_row, starts = group_ids(rows)
     first = by_row[starts]  # each distinct row's first position (the sort is stable)
     group = np.empty(n, np.int64)

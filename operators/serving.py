@@ -33,6 +33,7 @@ import importlib
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,9 @@ class ServingConfig:
 
 REPEAT_POLICIES = ("not-consumed", "never", "allow", "cooldown")
 
+ANN_MEMO_USERS = 64
+"""Users per user shard whose last ANN answer serving keeps (``Server._ann_rows``)."""
+
 
 def repeat_blocked(config: ServingConfig, ctx: UserContext, ts_ms: int) -> Any:
     """The user's items that ``serving.repeat`` keeps out of the answer (a container)."""
@@ -184,6 +188,9 @@ class Server:
 
     min_view_ids = 16_384
     """The co-visitation view's id bound never goes below this (``CovisView.over_bound``)."""
+
+    ann_memo_users = ANN_MEMO_USERS
+    """Users whose last ANN answer ``_ann_rows`` keeps (flows/memory.py ``ann_memo_user``)."""
 
     def __init__(self, config: ServingConfig, context: PointInTime,
                  max_users: int = 1_000_000) -> None:
@@ -246,6 +253,7 @@ class Server:
         state["_top_cache"] = {}
         state["covis_view"] = CovisView()
         state["item_rows"] = None
+        state.pop("_ann_memo", None)
         return state
 
     def _bound_ids(self) -> None:
@@ -455,9 +463,9 @@ class Server:
         parts: list[tuple[str, np.ndarray, np.ndarray]] = []
         n = sizes.get("ann", 0)
         if n and ctx.vector is not None and self.views.index.index is not None:
-            items, scores = self.views.index.query_arrays(ctx.vector, n)
-            if items:
-                parts.append(("ann", space.rows(items), scores))
+            rows, scores = self._ann_rows(ctx, n, space)
+            if rows.size:
+                parts.append(("ann", rows, scores))
         ids, vals, covis = self._covis_best(ctx, ts_ms, sizes.get("covis", 0))
         parts.append(("covis", ids, vals))
         for source in ("trending", "popular"):
@@ -474,6 +482,39 @@ class Server:
             if picks:
                 parts.append(("category", *self._category_rows(finder, lists, picks, n, space)))
         return merge(parts, space.names), covis
+
+    def _ann_rows(self, ctx: UserContext, n: int, space: ItemRows
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """The ANN source's ``(rows in space, scores)`` of the user's vector: the index's
+        ``query_arrays`` once per user, vector, ``n`` and loaded index version (hnswlib's
+        search is deterministic for one index and query), kept for the last
+        ``ann_memo_users`` users (oldest first out; 60% of the zero-config requests
+        repeat their user's last query, and 16 users a shard keep almost all of them), scores as float32 when they are exactly that
+        (hnswlib's distances). The memo goes with the index object or the id
+        space (weak reference: an old index is not kept alive)."""
+        index = self.views.index.index
+        memo = getattr(self, "_ann_memo", None)
+        if memo is None or memo[0]() is not index or memo[1] is not space:
+            try:
+                memo = self._ann_memo = (weakref.ref(index), space, {})
+            except TypeError:  # an index that takes no weak reference: no memo
+                memo = None
+        key = ctx.vector.tobytes()
+        users = memo[2] if memo is not None else {}
+        hit = users.get(ctx.user_id)
+        if hit is not None and hit[0] == n and hit[1] == key:
+            return hit[2].astype(np.int64), hit[3].astype(np.float64)
+        items, scores = self.views.index.query_arrays(ctx.vector, n)
+        rows = space.rows(items) if items else np.zeros(0, np.int64)
+        if memo is not None:
+            if len(users) >= self.ann_memo_users:
+                users.pop(next(iter(users)))
+            users.pop(ctx.user_id, None)  # newest last
+            # scores are float32 distances widened (exact in float32); ids fit int32
+            narrow = scores.astype(np.float32)
+            users[ctx.user_id] = (n, key, rows.astype(np.int32),
+                                  narrow if np.array_equal(narrow, scores) else scores.copy())
+        return rows, scores
 
     def _category_rows(self, finder: CategoryItems, lists: dict[str, CategoryList],
                        picks: list[tuple[str, Any]], n: int, space: ItemRows
@@ -524,8 +565,9 @@ class Server:
         space = self._space()
         space.sync(self.views.table_map())
         slots = space.fill(pool.rows)
-        attrs = list(map(self.context.catalog.get, items))
-        space.fill_attrs(slots, attrs, self.context.cross_attrs(), self.context.unavailable_attrs)
+        cross = self.context.cross_attrs()
+        attrs = space.catalog_attrs(slots, items, self.context.catalog, cross,
+                                    self.context.unavailable_attrs)
         keep = space.available[slots] & ~space.unavailable[slots]
         blocked = repeat_blocked(self.config, ctx, request.ts)
         if blocked:
@@ -535,7 +577,11 @@ class Server:
             keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
         pool.attrs = attrs
         pool.coded = CodedCategories(space.category[slots], space.categories)
-        return pool if keep.all() else pool.take(keep)
+        if keep.all():  # the slots of pool.rows stay ItemRows' last (no second check)
+            return pool
+        out = pool.take(keep)
+        space.remember(out.rows, slots[keep], out.attrs, cross)  # what the columns ask next
+        return out
 
     def _pool_hook(self, stage: str, request: Any, pool: CandidatePool) -> CandidatePool:
         """A hook on the pool: its candidates as objects, and the hook's list back."""

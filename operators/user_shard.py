@@ -47,6 +47,7 @@ from operators.placement import spread_key
 from operators.point_in_time import CovisQuery, PointInTime
 from operators.serving import Server, ServingConfig, repeat_blocked
 from operators.snapshot_views import SnapshotViews
+from state.change_log import ChangeLogDict
 from state.covisitation import CoVisConfig, CoVisitation
 from state.hashing import stable_hash64
 from state.item_table import category_of
@@ -79,8 +80,9 @@ class UserShard:
         self.finished = UserHistory(max_users=max_users)
         """Each user's items with a consuming action (``serving.consume_actions``)."""
         self.consume_actions = frozenset(serving.consume_actions if serving is not None else ())
-        self.catalog: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        """Item attributes (+ ``available``), least recently updated or used first."""
+        self.catalog: OrderedDict[str, dict[str, Any]] = ChangeLogDict()
+        """Item attributes (+ ``available``), least recently updated or used first; its
+        writes are logged (serving re-reads only the items written since)."""
         self.max_items = max_items
         self.user_attrs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.max_users = max_users

@@ -47,9 +47,11 @@ class CovisView:
         self.names: list[str] = []
         self.counts = {ch: np.zeros(0) for ch in CHANNELS}
         self._tables: dict[str, ItemTable] = {}
-        self._rows: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray]] = {}
-        self._known: dict[tuple[int, str, str], tuple[np.ndarray, np.ndarray, int]] = {}
-        """``_known_row``'s rows: (ids, weights, -1 or the id count they are valid for)."""
+        self._rows: dict[int, dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]] = {}
+        """``row``'s rows by table (``id``) and (channel, item): a replaced table's go at once."""
+        self._known: dict[int, dict[tuple[str, str], tuple[np.ndarray, np.ndarray, int]]] = {}
+        """``_known_row``'s rows by table and (channel, item): (ids, weights, -1 or the id
+        count they are valid for)."""
         self._vmaps: dict[tuple[int, str], list[Any]] = {}
         """Per (loaded table, channel) with CSR rows: [table, its vocabulary's ids here
         (-2: none known yet)]."""
@@ -60,6 +62,23 @@ class CovisView:
         with its table."""
         self._seeds_of: dict[str, list[tuple[str, str]]] = {}
         """Per shard: the (channel, seed) entries of ``_by_seed`` its table holds."""
+
+    def name_array(self) -> np.ndarray:
+        """``names`` as an object array (its first ``len(names)`` entries; grown by
+        doubling as ids are added): naming many ids is one gather (``ItemRows.names``)."""
+        named = getattr(self, "_named", 0)  # older state: none
+        arr = getattr(self, "_name_arr", None)
+        n = len(self.names)
+        if arr is None or named < n:
+            if arr is None or arr.size < n:
+                size = arr.size if arr is not None else 0
+                bigger = np.empty(max(n, size + size // 4, 1_024), object)
+                if arr is not None:
+                    bigger[:named] = arr[:named]
+                arr = self._name_arr = bigger
+            arr[named:n] = self.names[named:n]
+            self._named = n
+        return arr
 
     def over_bound(self, min_ids: int = 16_384) -> bool:
         """More ids than ``max(min_ids, SLACK x the loaded tables' items)`` (per table the
@@ -102,32 +121,43 @@ class CovisView:
             if old is not None:  # rows of the replaced version go
                 for ch, seed in self._seeds_of.pop(shard, ()):
                     self._by_seed[ch].pop(seed, None)
-                self._rows = {k: v for k, v in self._rows.items() if k[0] != id(old)}
-                self._vmaps = {k: v for k, v in self._vmaps.items() if k[0] != id(old)}
-                self._known = {k: v for k, v in self._known.items() if k[0] != id(old)}
+                self._rows.pop(id(old), None)
+                self._known.pop(id(old), None)
+                for ch in CHANNELS:
+                    self._vmaps.pop((id(old), ch), None)
             self._tables[shard] = table
+            get = self.ids.get
             for ch in CHANNELS:
                 counts = table.channel(ch)[1]
-                idx = self.intern(counts)
+                idx = np.fromiter(map(get, counts, itertools.repeat(-1)), np.int64, len(counts))
+                if idx.size and idx.min() < 0:  # new items: ids in the counts' order
+                    idx = self.intern(counts)
                 self._grow()
                 self.counts[ch][idx] = np.fromiter(counts.values(), np.float64, len(counts))
 
     def row(self, table: ItemTable, channel: str, item: str) -> tuple[np.ndarray, np.ndarray]:
-        """(neighbour ids, weights decayed to ``table.ts``) of ``item``'s row, strongest
-        first; a neighbour without an id gets the next one (in that order)."""
-        key = (id(table), channel, item)
-        row = self._rows.get(key)
+        """(neighbour ids, weights decayed to ``table.ts``) of ``item``'s row: strongest
+        first when it has neighbours without an id, which get the next ones in that order
+        (it breaks the blend's ties); a loaded table's row whose neighbours all have ids
+        comes in its stored order (no sort: every reader sums per id, and an id appears
+        once in a row, so the sums are the same floats)."""
+        rows = self._rows.get(id(table))
+        if rows is None:
+            rows = self._rows[id(table)] = {}
+        key = (channel, item)
+        row = rows.get(key)
         if row is None:
             found = self._csr_row(table, channel, item)
             if found is None:
                 names, weights = table.covis_row_arrays(channel, item)
                 row = (self.intern(names), weights) if names else _EMPTY
             else:
-                ids, weights, covis, nbr = found
-                if (ids < 0).any():
+                ids, weights, covis, complete = found
+                if not complete:  # new ids: in the strongest-first order
+                    nbr, weights = sorted_row(table, channel, covis, item)
                     ids = self.intern([covis._vocab[j] for j in nbr.tolist()])
                 row = (ids, weights) if ids.size else _EMPTY
-            self._rows[key] = row
+            rows[key] = row
             self._grow()
         return row
 
@@ -136,11 +166,14 @@ class CovisView:
         """``row`` without new ids: the entries whose neighbour has an id (cached while
         no id is added, or for good when none was left out: then it is ``row`` itself,
         see ``_whole_row``)."""
-        key = (id(table), channel, item)
-        row = self._rows.get(key)
+        key = (channel, item)
+        row = self._rows.get(id(table), {}).get(key)
         if row is not None:
             return row
-        hit = self._known.get(key)
+        known = self._known.get(id(table))
+        if known is None:
+            known = self._known[id(table)] = {}
+        hit = known.get(key)
         n_names = len(self.names)
         if hit is not None and hit[2] in (-1, n_names):
             return hit[0], hit[1]
@@ -155,20 +188,22 @@ class CovisView:
         complete = bool(keep.all())
         if not complete:
             ids, weights = ids[keep], weights[keep]
-        self._known[key] = (ids, weights, -1 if complete else n_names)
+        known[key] = (ids, weights, -1 if complete else n_names)
         return ids, weights
 
     def _csr_row(self, table: ItemTable, channel: str, item: str
-                 ) -> tuple[np.ndarray, np.ndarray, FrozenCoVisitation, np.ndarray] | None:
-        """A loaded (CSR) table's row as (ids here, -1 where none; weights; the table;
-        vocabulary indices), strongest first; None for a table built in process."""
+                 ) -> tuple[np.ndarray, np.ndarray, FrozenCoVisitation, bool] | None:
+        """A loaded (CSR) table's row in its stored order as (ids here, -1 where none;
+        weights decayed to ``table.ts``; the table; whether every neighbour has an id);
+        None for a table built in process."""
         covis = table.channel(channel)[0]
         if not isinstance(covis, FrozenCoVisitation) or covis._full is not None:
             return None
-        nbr, weights = sorted_row(table, channel, covis, item)
+        nbr, weights = stored_row(table, channel, covis, item)
         if not nbr.size:
-            return _EMPTY[0], _EMPTY[1], covis, _EMPTY[0]
-        return self._vocab_ids(table, channel, covis, nbr), weights, covis, nbr
+            return _EMPTY[0], _EMPTY[1], covis, True
+        ids, complete = self._vocab_ids(table, channel, covis, nbr)
+        return ids, weights, covis, complete
 
     def channel_sums(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
                      tables: dict[str, ItemTable], shard_of: Any, ts_ms: int
@@ -249,17 +284,18 @@ class CovisView:
         """Whether ``row`` (from ``row`` or ``_known_row``) is the item's whole row: the one
         ``row`` made, or a ``_known_row`` that left no neighbour out (every neighbour had
         an id, so ``row`` would give the same ids and weights without interning any)."""
-        key = (id(table), channel, item)
-        if self._rows.get(key) is row:
+        key = (channel, item)
+        if self._rows.get(id(table), {}).get(key) is row:
             return True
-        known = self._known.get(key)
+        known = self._known.get(id(table), {}).get(key)
         return known is not None and known[2] == -1 and known[0] is row[0]
 
     def _vocab_ids(self, table: ItemTable, channel: str, covis: FrozenCoVisitation,
-                   vocab_idx: np.ndarray) -> np.ndarray:
-        """This view's ids of a table's vocabulary entries (-1: not an id). Found ids are
-        kept per table version (ids are never reused); entries without one are looked
-        up again when read (they may have got one since)."""
+                   vocab_idx: np.ndarray) -> tuple[np.ndarray, bool]:
+        """This view's ids of a table's vocabulary entries (-1: not an id) and whether all
+        are ids. Found ids are kept per table version (ids are never reused); entries
+        without one are looked up again when read (they may have got one since). Once
+        every entry of the table has its id, a read is one gather."""
         key = (id(table), channel)
         entry = self._vmaps.get(key)
         if entry is None:
@@ -268,31 +304,32 @@ class CovisView:
             if len(vocab) <= _EAGER_VOCAB:  # small: every entry at once
                 vmap[:] = np.fromiter(map(self.ids.get, vocab, itertools.repeat(-2)), np.int64,
                                       len(vocab))
-            entry = self._vmaps[key] = [table, vmap]
+            entry = self._vmaps[key] = [table, vmap, bool(vmap.size) and int(vmap.min()) >= 0]
         vmap = entry[1]
         ids = vmap[vocab_idx]
-        if ids.min() >= 0:  # every entry has its id (the usual case)
-            return ids
+        if entry[2] or ids.min() >= 0:  # every entry has its id (the usual case)
+            return ids, True
         unknown = ids == -2
         if unknown.any():
             todo = np.unique(vocab_idx[unknown])
             get, vocab = self.ids.get, covis._vocab
             vmap[todo] = np.fromiter((get(vocab[j], -2) for j in todo.tolist()), np.int64,
                                      todo.size)
+            entry[2] = int(vmap.min()) >= 0
             ids = vmap[vocab_idx]
             ids[ids == -2] = -1
-        return ids
+        return ids, bool(ids.min() >= 0)
 
 
-def sorted_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: str
+def stored_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: str
                ) -> tuple[np.ndarray, np.ndarray]:
-    """A loaded table's row of ``item`` in ``channel`` as (neighbours' vocabulary
-    indices, weights decayed to ``table.ts``), strongest first (``neighbors``' order);
-    computed once per table version and row for every view in the process (the item
-    shards' tables are shared by the user shards: ``table.memo``)."""
-    rows = table.memo.get(("covis_rows", channel))
+    """A loaded table's row of ``item`` in ``channel`` in its stored order as
+    (neighbours' vocabulary indices, weights decayed to ``table.ts``); computed once per
+    table version and row for every view in the process (the item shards' tables are
+    shared by the user shards: ``table.memo``)."""
+    rows = table.memo.get(("covis_stored", channel))
     if rows is None:
-        rows = table.memo.setdefault(("covis_rows", channel), {})
+        rows = table.memo.setdefault(("covis_stored", channel), {})
     row = rows.get(item)
     if row is None:
         r = covis._row_of.get(item)
@@ -300,10 +337,30 @@ def sorted_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: 
             row = _EMPTY
         else:
             a, b = int(covis._starts[r]), int(covis._starts[r + 1])
-            vals = covis._arrays["values"][a:b]
+            row = (covis._arrays["neighbors"][a:b],
+                   covis._arrays["values"][a:b] * covis._decay(table.ts))
+        rows[item] = row
+    return row
+
+
+def sorted_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``stored_row`` strongest first (``neighbors``' order; equal weights in stored
+    order): what a view interns new neighbours in. Once per table version and row for
+    every view in the process (``table.memo``)."""
+    rows = table.memo.get(("covis_rows", channel))
+    if rows is None:
+        rows = table.memo.setdefault(("covis_rows", channel), {})
+    row = rows.get(item)
+    if row is None:
+        nbr, weights = stored_row(table, channel, covis, item)
+        if nbr.size:  # by the stored values (decaying them may round two to one)
+            r = covis._row_of[item]
+            vals = covis._arrays["values"][int(covis._starts[r]):int(covis._starts[r + 1])]
             order = np.argsort(-vals, kind="stable")
-            row = (covis._arrays["neighbors"][a:b][order],
-                   vals[order] * covis._decay(table.ts))
+            row = (nbr[order], weights[order])
+        else:
+            row = _EMPTY
         rows[item] = row
     return row
 

@@ -30,9 +30,36 @@ import numpy as np
 from state.covis_view import SLACK, CovisView
 from state.item_table import FrozenCatalog, ItemTable, set_memo
 
+_COLUMNS_MAX = 8_192
+"""Catalogs of at most this many items are read as per-version columns by ``_fill_frozen``
+(``catalog_columns``, ~1 ms a version); larger ones item by item for the stale candidates
+(a 25k-item catalog's columns took ~9 ms, on the first request after a new table)."""
 _ARRAY_FILL = 32
 """Stale slots from which ``fill`` reads loaded tables as arrays (fewer: entry by entry,
 cheaper than the array calls)."""
+
+
+def catalog_columns(table: ItemTable
+                    ) -> tuple[np.ndarray, np.ndarray, list[str | None], np.ndarray]:
+    """A loaded table's catalog items, by catalog position: popularity and trending counts
+    (0.0 without), and the category as an index into the table's distinct category
+    names (None: no category), with those names. Once per table version for every user
+    shard of the process (``table.memo``; 20 B an item)."""
+    found = table.memo.get("slot_columns")
+    if found is None:
+        catalog = table.catalog
+        assert isinstance(catalog, FrozenCatalog)
+        ids = list(catalog._index)  # catalog positions in order
+        pop = np.fromiter(map(table.popular.get, ids, itertools.repeat(0.0)), np.float64,
+                          len(ids))
+        trend = np.fromiter(map(table.trending.get, ids, itertools.repeat(0.0)), np.float64,
+                            len(ids))
+        distinct = list(dict.fromkeys(catalog._category))
+        position = {name: k for k, name in enumerate(distinct)}
+        cat = np.fromiter(map(position.__getitem__, catalog._category), np.int32, len(ids))
+        found = table.memo.setdefault("slot_columns",
+                                      (pop, trend, [name or None for name in distinct], cat))
+    return found
 
 
 class ItemRows:
@@ -54,14 +81,26 @@ class ItemRows:
         self.categories: list[str | None] = [None]
         """Category names by code (code 0: no category)."""
         self._category_code: dict[str | None, int] = {None: 0}
+        self._codes_memo: dict[int, tuple[int, np.ndarray]] = {}
+        """``_table_codes`` by shard index: (the table's generation, its names' codes)."""
         self.attr_values: dict[str, list[str]] = {}
         self._attr_code: dict[str, dict[str, int]] = {}
         self._index: Any = None
         self._index_gen = 0
+        self._epoch = 0
+        """Bumped when slots are dropped or a shard's table is replaced: the end of every
+        ``_last_fill`` / ``_last_attrs`` memo."""
         self._clear()
 
     def _clear(self) -> None:
         """Drop every slot (and the readers' memos tied to them)."""
+        self._epoch = getattr(self, "_epoch", 0) + 1
+        self._last_fill: tuple[np.ndarray, np.ndarray, int] | None = None
+        """``(rows, slots, epoch)`` of the last ``fill`` (or ``remember``): the same rows
+        array asked again in that epoch (the filter's pool, then its columns) has those
+        slots, current."""
+        self._last_attrs: tuple[np.ndarray, list[Any], tuple[str, ...], int] | None = None
+        """``(slots, attrs, cross, epoch)`` of the last ``fill_attrs`` (or ``remember``)."""
         self.slot_of = np.full(len(self.view.names), -1, np.int32)
         """Each id's slot (-1: none)."""
         self.n_slots = 0
@@ -107,8 +146,7 @@ class ItemRows:
 
     def names(self, rows: np.ndarray) -> list[str]:
         """Item ids of ``rows``."""
-        names = self.view.names
-        return [names[r] for r in rows.tolist()]
+        return self.view.name_array()[rows].tolist()
 
     def _slots(self, rows: np.ndarray) -> np.ndarray:
         """Slots of ``rows``, new ones for rows without (all slots are dropped first when
@@ -181,6 +219,7 @@ class ItemRows:
             if table is not self.tables[s]:
                 self.tables[s] = table
                 self.shard_gen[s] += 1
+                self._epoch += 1
 
     def _shard_index(self, key: str) -> int:
         s = self.shards.get(key)
@@ -191,7 +230,28 @@ class ItemRows:
         return s
 
     def fill(self, rows: np.ndarray) -> np.ndarray:
-        """The slots of ``rows`` with their table values current (after ``sync``)."""
+        """The slots of ``rows`` with their table values current (after ``sync``); the
+        same ``rows`` object as the last call's (or ``remember``'s) in the same epoch
+        returns its slots at once (do not write into either array)."""
+        last = self._last_fill
+        if last is not None and last[0] is rows and last[2] == self._epoch:
+            return last[1]
+        slots = self._fill(rows)
+        self._last_fill = (rows, slots, self._epoch)
+        return slots
+
+    def remember(self, rows: np.ndarray, slots: np.ndarray, attrs: list[Any] | None,
+                 cross: tuple[str, ...]) -> None:
+        """Note that ``slots`` are ``rows``' current slots (a subset of the last
+        ``fill``'s, taken after it) and, with ``attrs``, that their catalog values are
+        current for ``cross`` (a subset of the last ``fill_attrs``'), so the next
+        ``fill(rows)`` and ``fill_attrs(slots, attrs, cross, ...)`` need no checks."""
+        self._last_fill = (rows, slots, self._epoch)
+        if attrs is not None:
+            self._last_attrs = (slots, attrs, cross, self._epoch)
+
+    def _fill(self, rows: np.ndarray) -> np.ndarray:
+        """``fill`` without the memo."""
         slots = self._slots(rows)
         shard = self.shard[slots]
         # a slot without a shard yet was never read (gen -1, below every generation), so
@@ -215,7 +275,7 @@ class ItemRows:
             at = stale[stale_shard == k]
             table = self.tables[k]
             if table is not None and isinstance(table.catalog, FrozenCatalog):
-                self._fill_frozen(table, slots[at], [names[r] for r in rows[at].tolist()])
+                self._fill_frozen(table, slots[at], [names[r] for r in rows[at].tolist()], k)
                 self.gen[slots[at]] = self.shard_gen[k]
             else:
                 self._fill_entries(names, rows[at].tolist(), slots[at].tolist())
@@ -245,9 +305,13 @@ class ItemRows:
             self.categories.append(category)
         return code
 
-    def _fill_frozen(self, table: ItemTable, slots: np.ndarray, items: list[str]) -> None:
-        """The table values of ``slots`` (holding ``items``) from a loaded table's catalog
-        columns: the per-item reads of ``fill`` as array lookups (the same values)."""
+    def _fill_frozen(self, table: ItemTable, slots: np.ndarray, items: list[str],
+                     shard: int) -> None:
+        """The table values of ``slots`` (holding ``items``) from shard index ``shard``'s
+        current table, a loaded one: from its catalog columns, the per-item reads of
+        ``fill`` as array lookups (the same values; the
+        catalog's items' counts and category names read once per table version for the
+        process, ``catalog_columns``)."""
         catalog = table.catalog
         assert isinstance(catalog, FrozenCatalog)
         n = len(items)
@@ -255,20 +319,95 @@ class ItemRows:
         found = j >= 0
         at = np.where(found, j, 0)
         self.entry[slots] = found
-        if catalog._available.size:
-            self.available[slots] = ~found | catalog._available[at].astype(bool)
-            self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
-        else:  # an empty catalog
-            self.available[slots] = True
-            self.first_seen[slots] = 0
-        names = catalog._category
-        self.category[slots] = [self._code(names[c] or None) if ok else 0
-                                for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
-        self.pop[slots] = np.fromiter(map(table.popular.get, items, itertools.repeat(0.0)),
-                                      np.float64, n)
-        self.trend[slots] = np.fromiter(map(table.trending.get, items, itertools.repeat(0.0)),
-                                        np.float64, n)
         self.feat_row[slots] = -1
+        if not catalog._available.size or catalog._available.size > _COLUMNS_MAX:
+            # an empty catalog, or one whose columns would cost more than the candidates
+            if catalog._available.size:
+                self.available[slots] = ~found | catalog._available[at].astype(bool)
+                self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
+                names = catalog._category
+                self.category[slots] = [self._code(names[c] or None) if ok else 0
+                                        for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
+            else:
+                self.available[slots] = True
+                self.first_seen[slots] = 0
+                self.category[slots] = 0
+            self.pop[slots] = np.fromiter(map(table.popular.get, items, itertools.repeat(0.0)),
+                                          np.float64, n)
+            self.trend[slots] = np.fromiter(map(table.trending.get, items,
+                                                itertools.repeat(0.0)), np.float64, n)
+            return
+        self.available[slots] = ~found | catalog._available[at].astype(bool)
+        self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
+        pop, trend, distinct, cat = catalog_columns(table)
+        codes = self._table_codes(shard, distinct)
+        if codes is not None:
+            self.category[slots] = np.where(found, codes[cat[at]], 0)
+        else:  # a category new to this space: codes in the candidates' order, as named
+            names = catalog._category
+            self.category[slots] = [self._code(names[c] or None) if ok else 0
+                                    for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
+        pop, trend = pop[at], trend[at]  # copies
+        if not found.all():  # items without a catalog entry may still have counts
+            for i in np.flatnonzero(~found).tolist():
+                pop[i] = table.popular.get(items[i], 0.0)
+                trend[i] = table.trending.get(items[i], 0.0)
+        self.pop[slots] = pop
+        self.trend[slots] = trend
+
+    def _table_codes(self, shard: int, distinct: list[str | None]) -> np.ndarray | None:
+        """This space's category codes of the distinct category names of shard index
+        ``shard``'s current table (kept per shard and table generation); None while a
+        name has no code yet."""
+        memo = self._codes_memo
+        found = memo.get(shard)
+        gen = int(self.shard_gen[shard])
+        if found is None or found[0] != gen:
+            known = [self._category_code.get(name) for name in distinct]
+            if None in known:
+                return None
+            found = memo[shard] = (gen, np.asarray(known, np.int32))
+        return found[1]
+
+    def catalog_attrs(self, slots: np.ndarray, items: list[str], catalog: Any,
+                      cross: tuple[str, ...],
+                      unavailable: Callable[[dict[str, Any] | None], bool]
+                      ) -> list[dict[str, Any] | None]:
+        """``catalog``'s attributes of ``items`` (in ``slots``) now, their values made
+        current (``fill_attrs``). A catalog that logs its writes (``ChangeLogDict``,
+        the user shard's) is read only for the slots whose item was written since they
+        were read, or that were never read; any other mapping item by item."""
+        version = getattr(catalog, "version", None)
+        if version is None or any(attr not in self.attr_codes for attr in cross):
+            attrs = list(map(catalog.get, items))
+            self.fill_attrs(slots, attrs, cross, unavailable)
+            return attrs
+        self._catalog_changes(catalog, version)
+        attrs = self._attrs[slots].tolist()
+        stale = np.flatnonzero(self.attr_id[slots] == 0)
+        if stale.size:
+            get = catalog.get
+            for j in stale.tolist():
+                attrs[j] = get(items[j])
+            self.fill_attrs(slots, attrs, cross, unavailable)
+        return attrs
+
+    def _catalog_changes(self, catalog: Any, version: int) -> None:
+        """Mark the slots of the items ``catalog`` wrote since the last call as unread
+        (``attr_id`` 0; every slot for another catalog or one too far behind)."""
+        seen = getattr(self, "_catalog_seen", None)
+        if seen is not None and seen[0] is catalog and seen[1] == version:
+            return
+        keys = catalog.changed_since(seen[1]) if seen is not None and seen[0] is catalog else None
+        if keys is None:
+            self.attr_id[:] = 0
+        elif keys:
+            get, slot_of = self.view.ids.get, self.slot_of
+            rows = np.fromiter(map(get, keys, itertools.repeat(-1)), np.int64, len(keys))
+            rows = rows[(rows >= 0) & (rows < slot_of.size)]
+            at = slot_of[rows]
+            self.attr_id[at[at >= 0]] = 0
+        self._catalog_seen = (catalog, version)
 
     def fill_attrs(self, slots: np.ndarray, attrs: list[dict[str, Any] | None],
                    cross: tuple[str, ...],
@@ -276,7 +415,12 @@ class ItemRows:
         """Make the catalog values of ``slots`` current: ``attrs`` are the shard catalog's
         attributes of each slot's item now (slots whose attributes object changed are
         re-read): ``unavailable(attrs)`` and the string value code of each ``cross``
-        attribute."""
+        attribute. The same ``slots`` and ``attrs`` objects as the last call's (or
+        ``remember``'s) in the same epoch are current already."""
+        last = self._last_attrs
+        if (last is not None and last[0] is slots and last[1] is attrs and last[2] == cross
+                and last[3] == self._epoch):
+            return
         for attr in cross:
             if attr not in self.attr_codes:
                 self.attr_codes[attr] = np.full(self.capacity, -1, np.int64)
@@ -301,6 +445,7 @@ class ItemRows:
                     codes[s] = -1
             self.attr_id[s] = ids[j]
             self._attrs[s] = a
+        self._last_attrs = (slots, attrs, cross, self._epoch)
 
     def profile_values(self, slots: np.ndarray, rows: np.ndarray, names: tuple[str, ...]
                        ) -> np.ndarray:

@@ -171,27 +171,43 @@ def test_last_liked_reads_the_newest_positive_only() -> None:
     assert not np.array_equal(x[:, 1], x[:, 2])  # the long-term profile differs
 
 
-def test_views_of_one_loaded_table_share_its_sorted_rows(tmp_path: Path) -> None:
+def test_views_of_one_loaded_table_share_its_rows(tmp_path: Path) -> None:
     """Two co-visitation views (two user shards) over the same loaded tables read each
-    row's sorted, decayed arrays from one computation on the table (``sorted_row`` in
-    ``table.memo``), each in its own id space, with the same weights and neighbours
-    as the table's own rows (``covis_row_arrays``), whatever order they intern in."""
+    row's decayed arrays from one computation on the table (``stored_row`` in
+    ``table.memo``), each in its own id space, with the neighbours and weights of the
+    table's own rows (``covis_row_arrays``). A row whose neighbours all have ids comes in
+    its stored order (no sort); a row with neighbours new to the view gives them ids
+    strongest first (the order ``covis_row_arrays`` has), as before the stored order was
+    kept: ids break the blend's ties."""
     table_map = tables(7, tmp_path)
     first, second = CovisView(), CovisView()
     first.sync(table_map)
     second.sync(table_map)
-    second.intern(list(reversed(ITEMS)))  # another id space
+    second.intern(["unseen-y", "unseen-x", *reversed(ITEMS)])  # every neighbour has an id
     for item in ITEMS:
         table = table_map[shard_of(item)]
-        a_ids, a_w = first.row(table, "liked", item)
-        b_ids, b_w = second.row(table, "liked", item)
         names, weights = table.covis_row_arrays("liked", item)
-        assert [first.names[i] for i in a_ids.tolist()] == names
-        assert [second.names[i] for i in b_ids.tolist()] == names
-        assert a_w.tolist() == b_w.tolist() == np.asarray(weights).tolist()
+        want = sorted(zip(names, np.asarray(weights).tolist(), strict=True))
+        for view in (first, second):
+            ids, w = view.row(table, "liked", item)
+            assert sorted(zip([view.names[i] for i in ids.tolist()], w.tolist(),
+                              strict=True)) == want
         if names:
-            shared = table.memo[("covis_rows", "liked")][item]
-            assert a_w is shared[1] and b_w is shared[1]  # one computation for both
+            shared = table.memo[("covis_stored", "liked")][item]
+            assert second.row(table, "liked", item)[1] is shared[1]  # one computation
+    fresh = CovisView()  # no ids yet: every row read names new neighbours
+    for item in ITEMS:
+        table = table_map[shard_of(item)]
+        names, _ = table.covis_row_arrays("liked", item)
+        known = set(fresh.ids)
+        before = len(fresh.names)
+        ids, _ = fresh.row(table, "liked", item)
+        got = [fresh.names[i] for i in ids.tolist()]
+        if known.issuperset(names):
+            assert sorted(got) == sorted(names) and len(fresh.names) == before
+        else:
+            assert got == names  # strongest first
+            assert fresh.names[before:] == [n for n in names if n not in known]
 
 
 @pytest.mark.parametrize(("seed", "loaded", "intern"),
