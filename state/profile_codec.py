@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -119,6 +120,23 @@ class HotCold:
                 del cold[next(iter(cold))]
                 self.counters["evicted"] += 1
         return p
+
+    def change(self, key: int, fn: Callable[[Profile], None]) -> bool:
+        """Apply ``fn`` to the profile of ``key`` without making it the most recently
+        used (a cold one is decoded, changed and encoded again in its place); False when
+        ``key`` has no profile."""
+        p = self.hot.get(key)
+        if p is not None:
+            fn(p)
+            return True
+        blob = self.cold.get(key)
+        if blob is None:
+            return False
+        self.counters["decodes"] += 1
+        p = decode(blob, self.n_feats)
+        fn(p)
+        self.cold[key] = self.encode(p)  # an existing key keeps its place in the order
+        return True
 
     def blobs(self) -> dict[int, bytes]:
         """Every profile encoded, least recently used first (changed hot ones are
