@@ -18,6 +18,7 @@ import orjson
 
 from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from state.covis_view import SLACK
+from state.profile_plan import ProfileParams
 
 if TYPE_CHECKING:
     from flows.config import Config
@@ -96,12 +97,16 @@ BYTES: dict[str, float] = {
     "static_memo_item": 1_000,
     "table_rate_item": 16,
     "category_row": 8,
+    "queued_profile_write": 130,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
 interactions per ID) and for full co-visitation rows; docs/operations.md lists them.
 An ID with a long history costs more per entry, within the per-entity limits (2,000
 history items per user, profile windows)."""
+
+QUEUED_WRITES = ProfileParams().batch_size
+"""Writes a profile store's merge queue holds at most (the flow keeps the default)."""
 
 ALLOCATOR_OVERHEAD = 1.25
 """Resident bytes per live byte (malloc arenas, fragmentation, interpreter caches)."""
@@ -137,6 +142,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
     per_user_shard = (
         sh.max_users * b["user"]
         + user_kinds * hot_users * b["hot_user_profile"]
+        # each profile store's closed write buffer waiting to be merged (at most one
+        # buffer's writes: state.profiles.ProfileStore._close)
+        + user_kinds * QUEUED_WRITES * b["queued_profile_write"]
         + sh.max_items * b["user_catalog_item"]
         + join.max_pending * (b["pending_impression"] + 4 * b["closed_impression"])
         + join.max_orphans * b["orphan"]
@@ -170,6 +178,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
     per_item_shard = (
         items.max_items * b["item"]
         + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
+        + ("item" in kinds) * QUEUED_WRITES * b["queued_profile_write"]
         + covis_bytes
         # the rows written since the last table, per channel (CoVisitation.publish_arrays)
         + channels * covis.max_items * b["covis_written_row"]
