@@ -79,6 +79,8 @@ class HotCold:
         self.counters = counters
         self.hot: OrderedDict[int, Profile] = OrderedDict()
         self.cold: dict[int, bytes] = {}
+        self.on_evict: Callable[[int, Profile], None] | None = None
+        """Called with a hot profile about to be encoded to the cold side."""
 
     def __len__(self) -> int:
         return len(self.hot) + len(self.cold)
@@ -113,6 +115,8 @@ class HotCold:
         hot[key] = p
         if len(hot) > self.limit:
             k, q = hot.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(k, q)
             self.cold[k] = self.encode(q) if q.dirty or q.blob is None else q.blob
         if self.max_entities and len(self.cold) + len(hot) > self.max_entities:
             cold = self.cold

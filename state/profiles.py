@@ -141,6 +141,7 @@ class ProfileStore:
         """Closed write buffers not merged yet: per entity, its groups of writes in the
         order they were buffered, entities in the order they were closed (``_close``)."""
         self._n_queued = 0
+        self._table.on_evict = self._evicting
         self._buf_since: int | None = None
         self._now: int | None = None
 
@@ -281,6 +282,15 @@ class ProfileStore:
         while queue and budget > 0:
             key = next(iter(queue))
             budget -= self._merge_queued(key, queue.pop(key))
+
+    def _evicting(self, key: int, p: Profile) -> None:
+        """A hot profile leaves for the cold side: its queued groups are merged first, so
+        it is encoded once, with them, as when the whole buffer was merged at once."""
+        groups = self._queue.pop(key, None)
+        if groups is not None:
+            self._n_queued -= sum(len(g) for g in groups)
+            for writes in groups:
+                self._merge(p, writes)
 
     def _merge_queued(self, key: int, groups: list[list[tuple[int, int, Any]]]) -> int:
         """Merge an entity's queued groups in order, without making it the most recently
