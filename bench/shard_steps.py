@@ -10,7 +10,8 @@ backlog in batches of 1,000, then a live phase of ``--seconds`` of event time at
 micro-batches a live Kafka source reads (``--batch-ms`` of events each), every item
 update tagged with its source batch as the flow does. Item tables are published every
 ``--refresh-ms`` of event time (``items.refresh_interval_ms``; shorter than the
-default 60 s so that a short live phase holds several rounds). Every
+default 60 s so that a short live phase holds several rounds). After the warm-up the
+heap is frozen (``gc.freeze``, as ``runtime.gc_freeze_when_caught_up`` does). Every
 ``UserShard.process`` and ``ItemShard.process`` call of the live phase is timed
 (thread CPU); a batch's step is the sum of its calls.
 
@@ -26,6 +27,7 @@ Usage: ``python bench/shard_steps.py [--seconds 30] [--rival DIR]``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import subprocess
 import sys
@@ -91,6 +93,8 @@ def run(seconds: float, events_per_s: float, requests_per_s: float, batch_ms: in
         batch_id[0] += 1
         flow.feed(warm[i:i + 1_000], batch_id[0])
     users = sorted({e["user_id"] for e in warm if "user_id" in e})
+    gc.collect()
+    gc.freeze()  # as the flow does once its input is caught up (flows/runtime.py)
     timing[0] = True
     steps: list[float] = []
     cpu0 = time.thread_time()
