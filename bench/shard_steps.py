@@ -55,6 +55,7 @@ def run(seconds: float, events_per_s: float, requests_per_s: float, batch_ms: in
     warm, live = world(now_ms, n_live + 10_000)
     live = live[:n_live]
     flow = InProcessFlow({"items": {"refresh_interval_ms": refresh_ms}})
+    flow.store.background = True  # the flow's store settles versions on its writer thread
     for shard in flow.items.values():
         shard.one_table_per_batch = True  # as the flow sets it for live input
     calls: dict[str, list[float]] = {"user": [], "item": []}
