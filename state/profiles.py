@@ -513,17 +513,32 @@ class ProfileStore:
         folded) into f's memoised slice parts (count / distinct count only: the value a
         recomputation gives). A window's part then holds while its own slices stay
         in and every appended slice counts: for T in [newest appended end, oldest
-        appended end + w). The combined values are forgotten (their raw part moved)."""
+        appended end + w). A combined value (slice part merged with the raw part) keeps
+        its value where every moved event counts both as a raw event (``T <= ts + w``)
+        and in its slice (``end <= T < end + w``): for T in [newest appended end, oldest
+        appended start + w + 1), within its old interval; otherwise it is forgotten."""
         plan = self.plan
         agg = plan.aggs[f]
         first, last = appended[0][1], appended[-1][1]
+        first_start = appended[0][0]
         accs = [s[2] for s in appended]  # never None: a folded slice holds an event
         for j in plan.feat_outs[f]:
-            c.lo[j] = FAR
+            w = plan.out_w[j]
+            lo_c = c.lo[j]
+            if lo_c < FAR:  # the combined value holds while each moved event counts both ways
+                lo_c = last if last > lo_c else lo_c
+                exp_c = c.exp[j]
+                if w is not None and first_start + w + 1 < exp_c:
+                    exp_c = first_start + w + 1
+                if lo_c < exp_c:
+                    c.lo[j], c.exp[j] = lo_c, exp_c
+                    if exp_c < c.hi:
+                        c.hi = exp_c
+                else:
+                    c.lo[j] = FAR
             slo = c.slo[j]
             if slo >= FAR:
                 continue
-            w = plan.out_w[j]
             lo = last if last > slo else slo
             hi = c.sexp[j]
             if w is not None and first + w < hi:
@@ -539,7 +554,7 @@ class ProfileStore:
                 for a in accs:
                     acc = a if acc is None else acc + a
             c.sacc[j], c.slo[j], c.sexp[j] = acc, lo, hi
-        c.lo_max = FAR
+        c.lo_max = max(c.lo)
 
     def _invalidate_raw(self, c: OutputCache, f: int) -> None:
         """Forget feature f's combined values but keep their slice parts."""
