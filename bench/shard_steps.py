@@ -18,8 +18,9 @@ heap is frozen (``gc.freeze``, as ``runtime.gc_freeze_when_caught_up`` does). Ev
 Figures (``_ms``: milliseconds of thread CPU): per call of each stage p50 / p99 / max
 and the calls of 5 ms or more (``item_calls_over_5ms``, ``user_calls_over_5ms``), per
 batch step p50 / p99 / max, the live phase's total CPU, and the same with the prefix
-``rival_`` for ``--rival DIR`` (the same run with ``PYTHONPATH=DIR``). Live item
-shards publish in turn (``one_table_per_batch``) where the code has it.
+``rival_`` for ``--rival DIR`` (the same run with ``PYTHONPATH=DIR``). In the live
+phase item shards publish in turn (``one_table_per_batch``) where the code has it; the
+warm-up publishes as a replay does, so both sides start from the same tables.
 
 Usage: ``python bench/shard_steps.py [--seconds 30] [--rival DIR]``.
 """
@@ -56,8 +57,6 @@ def run(seconds: float, events_per_s: float, requests_per_s: float, batch_ms: in
     live = live[:n_live]
     flow = InProcessFlow({"items": {"refresh_interval_ms": refresh_ms}})
     flow.store.background = True  # the flow's store settles versions on its writer thread
-    for shard in flow.items.values():
-        shard.one_table_per_batch = True  # as the flow sets it for live input
     calls: dict[str, list[float]] = {"user": [], "item": []}
     timing = [False]
 
@@ -94,6 +93,8 @@ def run(seconds: float, events_per_s: float, requests_per_s: float, batch_ms: in
         batch_id[0] += 1
         flow.feed(warm[i:i + 1_000], batch_id[0])
     users = sorted({e["user_id"] for e in warm if "user_id" in e})
+    for shard in flow.items.values():
+        shard.one_table_per_batch = True  # live input (the warm-up as a replay's)
     gc.collect()
     gc.freeze()  # as the flow does once its input is caught up (flows/runtime.py)
     timing[0] = True

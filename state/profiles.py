@@ -139,7 +139,7 @@ class ProfileStore:
         self._n_buffered = 0
         self._queue: dict[int, list[list[tuple[int, int, Any]]]] = {}
         """Closed write buffers not merged yet: per entity, its groups of writes in the
-        order they were buffered, entities in the order they were closed (``_close``)."""
+        order they were buffered, merged newest entity first (``_close``, ``_drain``)."""
         self._n_queued = 0
         self._table.on_evict = self._evicting
         self._buf_since: int | None = None
@@ -276,12 +276,21 @@ class ProfileStore:
         self._n_queued += n
 
     def _drain(self, budget: int) -> None:
-        """Merge queued entities, oldest closed first, until ``budget`` writes were merged
-        (at least one entity) or the queue is empty."""
-        queue = self._queue
+        """Merge queued entities until ``budget`` writes were merged (at least one
+        entity) or the queue is empty. Newest queued first (``popitem``: taking the
+        first key of a dict whose front was popped rescans the deleted slots)."""
+        queue, hot, merge = self._queue, self._table.hot, self._merge
         while queue and budget > 0:
-            key = next(iter(queue))
-            budget -= self._merge_queued(key, queue.pop(key))
+            key, groups = queue.popitem()
+            p = hot.get(key)
+            if p is None:  # cold or forgotten since (not after on_evict): the slow path
+                budget -= self._merge_queued(key, groups)
+                continue
+            for writes in groups:
+                merge(p, writes)
+                n = len(writes)
+                budget -= n
+                self._n_queued -= n
 
     def _evicting(self, key: int, p: Profile) -> None:
         """A hot profile leaves for the cold side: its queued groups are merged first, so
