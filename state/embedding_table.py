@@ -239,15 +239,7 @@ class EmbeddingTable(CuckooIndex):
         """Embeddings ``(n, dim)`` float32 (a new array); IDs without a row read the default
         (zeros, or their deterministic initial vector if ``missing="init"``)."""
         keys = as_keys(ids)
-        rows = self.lookup(keys)
-        out = self._emb.take(rows, axis=0, mode="clip")
-        miss = rows < 0
-        if miss.any():
-            if self.config.missing == "init":
-                out[miss] = self.initial_vectors(keys[miss])
-            else:
-                out[miss] = 0.0
-        return out
+        return self.gather_rows(keys, self.lookup(keys))
 
     def gather_rows(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``gather(keys)`` when their ``rows`` are known (``insert``'s answer, -1 for an

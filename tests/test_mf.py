@@ -300,8 +300,9 @@ def test_a_wave_of_steps_looks_its_ids_up_once_with_the_same_vectors(
     assert lookups == 1
     monkeypatch.setattr(EmbeddingTable, "lookup", original)
     # the reference: each wave through gather and scatter_add
-    monkeypatch.setattr(EmbeddingTable, "gather_rows",
-                        lambda self, keys, rows: EmbeddingTable.gather(self, keys))
+    by_rows = EmbeddingTable.gather_rows
+    monkeypatch.setattr(EmbeddingTable, "gather_rows",  # the rows looked up again
+                        lambda self, keys, rows: by_rows(self, keys, self.lookup(keys)))
 
     def by_keys(self: EmbeddingTable, rows: np.ndarray, deltas: np.ndarray, now: int) -> int:
         return EmbeddingTable.scatter_add(self, self.row_keys[rows[rows >= 0]],
