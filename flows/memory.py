@@ -91,6 +91,7 @@ BYTES: dict[str, float] = {
     "routing_cache_entry": 150,
     "category_user": 1_200,
     "category_user_change": 40,
+    "category_user_time": 120,
     "category_group": 2_200,
     "category_list": 700,
     "category_item": 100,
@@ -166,6 +167,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
            if explore.enabled and explore.change_threshold > 0 else 0)
         + (explore.max_groups * b["category_group"]
            if explore.enabled and explore.group_prior > 0 else 0)
+        # the event time of each user's last list (half_life_s)
+        + (explore.max_users * b["category_user_time"]
+           if explore.enabled and explore.half_life_s > 0 else 0)
         # and the category source's merged lists (operators/category_items.py; shared by
         # the user shards of a process since serve7, counted per shard as before) with
         # each list's items as rows of the shard's id space (CategoryItems.rows)
@@ -187,8 +191,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
     table_bytes = items.max_items * b["loaded_table_item"] + covis_bytes + category_lists
     if explore.enabled and explore.item_lift > 0:
         # category sampling's item_rate columns of each loaded table (two float64 per
-        # item, ItemTable.feature_columns; shared by the process's user shards)
-        table_bytes += items.max_items * b["table_rate_item"]
+        # item, ItemTable.feature_columns; shared by the process's user shards) and their
+        # copy side by side, one per set of loaded tables (state.item_rows.table_columns)
+        table_bytes += 2 * items.max_items * b["table_rate_item"]
     parts = {
         "user_shards": sh.users * per_user_shard,
         "item_shards": sh.items * per_item_shard if items.enabled else 0.0,

@@ -27,6 +27,7 @@ No Bytewax here; the serving operator calls it (operators/category_explore.py).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ class CategoryExploreConfig:
                                 "the category's shard-wide click rate.", 10.0)
     decay: float = doc("Factor on a user's counts at each new list shown to them (1 = never "
                        "forget).", 0.9)
+    half_life_s: float = doc("Forgetting by event time as well: at a user's new list their "
+                             "counts also halve per this many seconds since their previous "
+                             "list, so a user who comes back rarely does not keep an old taste "
+                             "(``decay`` forgets per list only); 0: off. Off by measurement: "
+                             "docs/evaluation.md (loop9).", 0.0)
     mode: str = doc("'rerank': one draw per category and request, each candidate keyed by "
                     "its category's draw / log2(2 + its rank in the scorer's order); 'slots': "
                     "a fresh draw per slot picks the slot's category, the scorer's best "
@@ -131,6 +137,8 @@ def check_category_config(config: CategoryExploreConfig) -> None:
         raise ValueError(f"prior_strength: must be > 0, got {config.prior_strength}")
     if not 0.0 < config.decay <= 1.0:
         raise ValueError(f"decay: must be in (0, 1], got {config.decay}")
+    if config.half_life_s < 0:
+        raise ValueError(f"half_life_s: must be >= 0, got {config.half_life_s}")
     for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws),
                        ("explore_slots", config.explore_slots)):
         if value < 0:
@@ -199,6 +207,26 @@ class CodedCategories(NamedTuple):
     names: Sequence[str | None]
 
 
+def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct codes >= 0 ascending, each element's position among them, -1 for a
+    code -1): ``np.unique(codes, return_inverse=True)`` without the -1, by counting
+    instead of sorting (the codes are small ints >= -1: categories, attribute values)."""
+    if not codes.size:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    shifted = codes + 1
+    present = np.bincount(shifted) > 0
+    present[0] = False  # code -1: no value
+    rank = np.cumsum(present) - 1  # rank[0] = -1
+    return np.flatnonzero(present) - 1, rank[shifted]
+
+
+_CODE_TABLES: dict[tuple[int, bytes], tuple[Sequence[str | None], list[str], np.ndarray]] = {}
+"""``category_codes``' sorted names and code table per (names list, codes present): a
+``CodedCategories``' names only grow (``ItemRows.categories``: a code keeps its name),
+so the same codes present give the same answer; the list is kept, so its ``id`` stays
+its own (at most 256 entries, process-wide)."""
+
+
 def category_codes(categories: Sequence[str | None] | CodedCategories
                    ) -> tuple[list[str], np.ndarray]:
     """(the distinct category keys sorted, each candidate's position in them); no
@@ -206,13 +234,19 @@ def category_codes(categories: Sequence[str | None] | CodedCategories
     names of the codes present are sorted, then mapped back through a code table)."""
     if isinstance(categories, CodedCategories):
         codes = categories.codes
-        present = np.flatnonzero(np.bincount(codes)).tolist()
-        keys = [categories.names[c] or "" for c in present]
-        names = sorted(set(keys))
-        code = {c: j for j, c in enumerate(names)}
-        table = np.zeros(present[-1] + 1 if present else 0, np.int64)
-        table[present] = [code[c] for c in keys]
-        return names, table[codes]
+        present = np.flatnonzero(np.bincount(codes))
+        key = (id(categories.names), present.tobytes())
+        hit = _CODE_TABLES.get(key)
+        if hit is None or hit[0] is not categories.names:
+            keys = [categories.names[c] or "" for c in present.tolist()]
+            names = sorted(set(keys))
+            code = {c: j for j, c in enumerate(names)}
+            table = np.zeros(present[-1] + 1 if present.size else 0, np.int64)
+            table[present] = [code[c] for c in keys]
+            if len(_CODE_TABLES) >= 256:
+                _CODE_TABLES.clear()
+            hit = _CODE_TABLES[key] = (categories.names, names, table)
+        return list(hit[1]), hit[2][codes]
     keys = [c or "" for c in categories]
     names = sorted(set(keys))
     code = {c: j for j, c in enumerate(names)}
@@ -255,11 +289,28 @@ class CategoryBandit:
         """[clicks, discounted impressions] over the shard (``item_adjusted``)."""
         self.groups = GroupPrior(config.group_prior, config.max_groups)
         """Category counts of the users sharing an attribute value (``group_prior``)."""
+        self.list_ts: dict[str, int] = {}
+        """user -> event time (ms) of their last list's first impression (``half_life_s``)."""
 
     def _group_prior(self) -> GroupPrior | None:
         """The group counts when ``group_prior`` is on (None in state pickled before)."""
         groups = getattr(self, "groups", None)
         return groups if groups is not None and self.config.group_prior > 0 else None
+
+    def _time_fade(self, user_id: str, ts: int | None) -> float:
+        """``half_life_s``: the factor for the event time since the user's last list (1 for
+        the first, or without a time); remembers ``ts`` as the new list's."""
+        half_life = self.config.half_life_s
+        if half_life <= 0 or ts is None:
+            return 1.0
+        seen = getattr(self, "list_ts", None)
+        if seen is None:  # state pickled before
+            seen = self.list_ts = {}
+        before = seen.get(user_id)
+        seen[user_id] = ts if before is None else max(before, ts)
+        if before is None or ts <= before:
+            return 1.0
+        return 0.5 ** ((ts - before) / 1000.0 / half_life)
 
     def _item_weight(self, item_id: str | None, discount: float) -> float:
         """``item_adjusted``: the item's shard-wide click rate over the shard's (shrunk by
@@ -285,21 +336,22 @@ class CategoryBandit:
         if entry is None:
             entry = self.users[user_id] = ("", {})
             if len(self.users) > self.config.max_users:
-                self.users.popitem(last=False)
+                gone_id, _ = self.users.popitem(last=False)
+                getattr(self, "list_ts", {}).pop(gone_id, None)
         else:
             self.users.move_to_end(user_id)
         return entry
 
     def exposure(self, user_id: str, category: str | None, position: int | None,
                  list_id: str | None, item_id: str | None = None,
-                 attrs: dict[str, Any] | None = None) -> None:
+                 attrs: dict[str, Any] | None = None, ts: int | None = None) -> None:
         """An impression of an item of ``category`` at ``position`` in list ``list_id``
         (``item_id``: only read with ``item_adjusted``; ``attrs``: the user's attributes,
-        for ``group_prior``)."""
+        for ``group_prior``; ``ts``: its event time, ms, for ``half_life_s``)."""
         entry = self._user(user_id)
         last, counts = entry[0], entry[1]
         if list_id is not None and list_id != last:
-            decay = self.config.decay
+            decay = self.config.decay * self._time_fade(user_id, ts)
             if decay < 1.0:
                 for c in counts.values():
                     c[0] *= decay
@@ -414,11 +466,11 @@ class CategoryBandit:
         entry = self.users.get(user_id, ("", {}))
         counts = entry[1]
         n = len(categories)
-        get, none = self.totals.get, (0.0, 0.0)
-        user_get = counts.get
+        none = itertools.repeat((0.0, 0.0))
         # one array of the shard's and the user's [clicks, exposure] per category
-        both = np.array([get(cat, none) for cat in categories]
-                        + [user_get(cat, none) for cat in categories], np.float64).reshape(2 * n, 2)
+        both = np.fromiter(itertools.chain.from_iterable(itertools.chain(
+            map(self.totals.get, categories, none), map(counts.get, categories, none))),
+            np.float64, 4 * n).reshape(2 * n, 2)
         num, den = both[:n, 0] + s * overall, both[:n, 1] + s
         groups = self._group_prior()
         tilted = (history and self.config.history_prior > 0 and n) or (
@@ -450,7 +502,8 @@ class CategoryBandit:
             return None
         names, cat_of = category_codes(categories)
         depth = min(len(scores), max(self.config.depth, k))
-        best_first = np.argsort(-scores, kind="stable")[:depth]
+        by_score = np.argsort(-scores, kind="stable")
+        best_first = by_score[:depth]
         a, b = self.posterior(user_id, names, history, attrs)
         if self.config.sharpen != 1.0:
             a, b = a * self.config.sharpen, b * self.config.sharpen
@@ -467,7 +520,7 @@ class CategoryBandit:
             top = best_first[np.argsort(-key, axis=1, kind="stable")[:, :k]]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
-                top = self._explore(top, theta, scores, cat_of, lift, explore)
+                top = self._explore(top, theta, by_score, cat_of, lift, explore)
             hits = (top[1:] == top[0]).sum(axis=0)
             return top[0], (hits + 1.0) / (draws + 1.0)
         draw = self._slots
@@ -480,10 +533,11 @@ class CategoryBandit:
         return served, (hits + 1.0) / (draws + 1.0)  # the served draw is one of them
 
     @staticmethod
-    def _explore(top: np.ndarray, theta: np.ndarray, scores: np.ndarray, cat_of: np.ndarray,
+    def _explore(top: np.ndarray, theta: np.ndarray, by_score: np.ndarray, cat_of: np.ndarray,
                  lift: np.ndarray | None, explore: int) -> np.ndarray:
         """``explore_slots``: in each list (a row of ``top``, candidate indices; its draws
-        a row of ``theta``, one per category of the candidates) the ``explore`` categories
+        a row of ``theta``, one per category of the candidates; ``by_score``: every
+        candidate's index in the scorer's order, a stable sort) the ``explore`` categories
         of highest draw each get a slot of the last ``explore`` when the list has none of
         their items: the category's best candidate (by ``lift`` / log2(2 + scorer rank),
         the order ``rerank`` keeps inside a category), even from below the scorer's best
@@ -500,9 +554,8 @@ class CategoryBandit:
             if not absent.size:
                 continue
             if quality is None:  # the candidates' key inside their category
-                rank = np.empty(len(scores))
-                rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
-                quality = 1.0 / np.log2(2.0 + rank)
+                quality = np.empty(len(by_score))  # 1 / log2(2 + rank in the scorer's order)
+                quality[by_score] = 1.0 / np.log2(2.0 + np.arange(len(by_score), dtype=np.float64))
                 if lift is not None:
                     quality = quality * lift
             for r, c in zip(absent.tolist(), j[absent].tolist(), strict=True):

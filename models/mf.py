@@ -139,7 +139,7 @@ class UserFactors:
         return len(self.table)
 
     def __contains__(self, user_id: str) -> bool:
-        return bool(self.table.lookup(keys_of([user_id]))[0] >= 0)
+        return self.table.row_of(stable_hash64(user_id)) >= 0  # one key: no numpy
 
     def vector(self, user_id: str) -> np.ndarray | None:
         """The user's current vector (float32 ``(dim,)``, a copy), or None without a row."""

@@ -276,7 +276,7 @@ class PendingPools:
         """Remember ``user_id``'s pool (replaces an older one)."""
         pools = self.pools
         pools.pop(user_id, None)
-        pools[user_id] = ServedPool(ts, {item: n for n, item in enumerate(items)},
+        pools[user_id] = ServedPool(ts, dict(zip(items, range(len(items)), strict=True)),
                                     np.asarray(x, np.float32))
         while len(pools) > self.capacity:
             pools.popitem(last=False)

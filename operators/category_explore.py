@@ -32,9 +32,10 @@ class CategoryExplore:
 
     def impression(self, user_id: str, item_id: str, category: str | None,
                    position: int | None, request_id: str | None,
-                   attrs: dict[str, Any] | None = None) -> None:
-        """An impression (``attrs``: the user's attributes, for ``group_prior``)."""
-        self.bandit.exposure(user_id, category, position, request_id, item_id, attrs)
+                   attrs: dict[str, Any] | None = None, ts: int | None = None) -> None:
+        """An impression (``attrs``: the user's attributes, for ``group_prior``; ``ts``: its
+        event time, ms, for ``half_life_s``)."""
+        self.bandit.exposure(user_id, category, position, request_id, item_id, attrs, ts)
 
     def feedback(self, user_id: str, item_id: str, category: str | None, action: str,
                  impression_id: str | None, organic_weight: float | None = None,
@@ -118,6 +119,12 @@ class CategoryExplore:
             c.propensity = p
         self.ordered += 1
         return cands
+
+
+    def user_attrs(self, profile: dict[str, Any]) -> dict[str, Any] | None:
+        """``attrs_of(profile)`` when ``group_prior`` reads them, else None (the same
+        posteriors: nothing else reads the attributes while serving)."""
+        return attrs_of(profile) if self.bandit.config.group_prior > 0 else None
 
 
 def attrs_of(profile: dict[str, Any]) -> dict[str, Any]:

@@ -172,11 +172,12 @@ class ColumnScorer:
         used = [(w, values) for name, values in cols.numeric.items()
                 if (w := weights.get(name)) is not None]
         if used:  # signed_log of every used column at once, then added column by column
-            x = np.stack([values for _, values in used])
+            x = np.array([values for _, values in used], np.float64)
             x = np.where(np.isfinite(x), x, 0.0)
             x = np.sign(x) * np.log1p(np.abs(x))
-            for k, (w, _) in enumerate(used):
-                logit += w * x[k]
+            x *= np.array([w for w, _ in used])[:, None]  # each w * x[k], in one product
+            for row in x:
+                logit += row
         static = self._static_rows(cols, user_keys) if cols.space is not None else None
         if static is not None:
             logit += static
@@ -200,8 +201,10 @@ class ColumnScorer:
         return self._probability(logit)
 
     def _probability(self, logit: np.ndarray) -> np.ndarray:
-        p = np.where(logit < -30, 0.0, np.where(logit > 30, 1.0,
-                                                1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))))
+        """River's sigmoid (0 below -30, 1 above 30) of each logit, calibrated."""
+        p = 1.0 / (1.0 + np.exp(-np.minimum(np.maximum(logit, -30.0), 30.0)))  # np.clip's
+        p[logit < -30] = 0.0
+        p[logit > 30] = 1.0
         return correct_downsampled_many(p, self.scorer.rate)
 
     def _static_rows(self, cols: ItemColumns, user_keys: Any) -> np.ndarray | None:
@@ -405,16 +408,16 @@ class _StaticRows:
         items, tables = cols.item_ids, cols.tables
         stale_at = stale.tolist()
         shard = space.shard[rows]
+        assert cols.rows is not None
+        feat = space.feature_rows(rows, cols.rows[stale])  # the tables' profile rows
         union = getattr(self, "attr_union", None)  # None: made before it (check each slot)
         for k in set(shard.tolist()):  # a few shards: one table each (``table_list``)
             at = np.flatnonzero(shard == k).tolist()
             table = tables[stale_at[at[0]]]
             if table is None:
                 continue
-            terms = self._table_terms(table)
-            last = terms.prof.size - 1
-            index = terms.index
-            prof[at] = terms.prof[[index.get(items[stale_at[n]], last) for n in at]]
+            terms = self._table_terms(table)  # its index is the table's feature_matrix's
+            prof[at] = terms.prof[feat[at]]
             if not terms.exact and union is not None and terms.names.isdisjoint(union):
                 continue  # no slot's attributes name a profile feature of this table
             for n in at:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from models.category_bandit import dense_codes
 from models.features import compact
 from models.mf import UserFactors
 from operators.example_codec import EncodedPart, encoded_part, join_parts
@@ -294,27 +295,6 @@ class PointInTime:
         extra = self.item_features(shared.ctx, [item_id], ts_ms, attrs=[attrs], cross=[cross])[0]
         return compact({**shared.ctx.profile, **extra})
 
-    def example_features_many(self, user_id: str, item_ids: list[str], ts_ms: int
-                              ) -> list[dict[str, Any]]:
-        """``example_features`` of several items of one user at one time (an
-        interaction's sampled negatives): one ``item_features`` call, so the seeds'
-        co-visitation rows are read once for all of them; MF scores one row at a time
-        (``_mf_rowwise``: the bits of a one-item call). The same dicts as one call each."""
-        if len(item_ids) <= 1:
-            return [self.example_features(user_id, item, ts_ms) for item in item_ids]
-        shared = self._shared_context(user_id, ts_ms)
-        attrs = [self.catalog.get(item) for item in item_ids]
-        cross = [self._cross(shared.user_id, shared.crosses, a, ts_ms) for a in attrs]
-        extras = self.item_features(shared.ctx, item_ids, ts_ms, attrs=attrs, cross=cross)
-        mf = self._mf_rowwise(shared.ctx.vector, item_ids, None)
-        out = []
-        for j, extra in enumerate(extras):
-            if "mf" in extra:
-                extra["mf"] = mf[j]
-            # columns that only another item of the call has are 0.0 here: compacted away
-            out.append(compact({**shared.ctx.profile, **extra}))
-        return out
-
     def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Deferred:
         """``example_features`` computed later, only if needed (the joiner asks for
         impressions whose negative the sampler will drop: they need features only if
@@ -363,7 +343,8 @@ class PointInTime:
     def features_run(self, user_id: str, item_ids: list[str], ts_ms: int, wire: bool = False
                      ) -> list[Any]:
         """``resolve_all(deferred_run(user_id, item_ids, ts_ms), wire)``: the features of a
-        request's impressions computed at once; without a token per item when there are no
+        request's impressions, or of an organic interaction's item and its sampled
+        negatives (``Joiner._features_of``), computed at once; without a token per item when there are no
         snapshots and no cross profiles (``_resolve_plain`` on the items column-wise)."""
         if self.views is not None or self._crosses:
             return self.resolve_all(self.deferred_run(user_id, item_ids, ts_ms), wire)
@@ -417,9 +398,9 @@ class PointInTime:
             ctx = as_taken(first.ctx, group)
             items = [d[1] for d in group]
             cols = self.item_columns(ctx, items, first.ts, views=first.views,
-                                     attrs=[d[2] for d in group], cross=[d[3] for d in group])
-            numeric = [(name, self._mf_rowwise(ctx.vector, items, first.views) if name == "mf"
-                        else values.tolist()) for name, values in cols.numeric.items()]
+                                     attrs=[d[2] for d in group], cross=[d[3] for d in group],
+                                     mf_rowwise=True)
+            numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
             cross = cols.cross_lists()
             # The profile compacted and rounded once, each item's static features once per
             # table version and attributes (``_static_part``): f({**a, **b}) == {**f(a),
@@ -540,7 +521,7 @@ class PointInTime:
         return static, rounded, part
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],
-                    views: FrozenViews | None) -> list[float]:
+                    views: SnapshotViews | FrozenViews | None) -> list[float]:
         """``_mf_scores`` of each item alone (one vector lookup, one product per row: the
         bits of a one-item call); [] without a vector or an index."""
         index = (views or self.views).index if (views or self.views) is not None else None
@@ -568,6 +549,7 @@ class PointInTime:
         if self._frozen is not None:
             retained.append(weakref.ref(self._frozen))
         self._frozen = None
+        self._taken = None  # the last group's capture: never reused once its views moved
         live = [ref for ref in retained if ref() is not None]
         cut = max(len(live) - RETAINED_VERSIONS, 0)
         old = {id(ref()) for ref in live[:cut]}
@@ -626,10 +608,7 @@ class PointInTime:
         distinct value (queried once)."""
         out = []
         for attr, store in self._crosses:
-            uniq, codes = np.unique(space.attr_codes[attr][slots], return_inverse=True)
-            codes = codes.reshape(-1)
-            if uniq.size and uniq[0] < 0:
-                uniq, codes = uniq[1:], codes - 1
+            uniq, codes = dense_codes(space.attr_codes[attr][slots])
             values = space.attr_values[attr]
             out.append((codes, [self._cross_query(user_id, store, values[c], ts_ms)
                                 for c in uniq.tolist()]))
@@ -671,7 +650,7 @@ class PointInTime:
                      attrs: list[dict[str, Any] | None] | None = None,
                      cross: list[list[dict[str, Any]]] | None = None,
                      rows: np.ndarray | None = None, space: ItemRows | None = None,
-                     numeric_only: bool = False) -> ItemColumns:
+                     numeric_only: bool = False, mf_rowwise: bool = False) -> ItemColumns:
         """The raw material of ``item_features`` column-wise, for vectorised scoring:
         numeric features as arrays, and per item its table, attributes and cross
         profile dicts (one shared dict per attribute value).
@@ -681,7 +660,9 @@ class PointInTime:
         profiles are returned as ``cross_codes`` (the same numbers, no per-item lookups).
         ``numeric_only`` (with ``rows``, ``space``): only ``numeric`` without ``covis`` /
         ``covis_any`` (the pool ranker reads the channels itself) and ``slots``; no
-        tables, attributes or cross profiles."""
+        tables, attributes or cross profiles. ``mf_rowwise``: MF scores one row at a time
+        (``_mf_rowwise``: the bits of one call per item, as examples take them) instead
+        of one matrix product."""
         n = len(item_ids)
         tables: list[ItemTable | None] = [None] * n
         numeric_only = numeric_only and rows is not None and space is not None
@@ -722,7 +703,11 @@ class PointInTime:
                 numeric["covis"] = liked_sums if liked_sums is not None else np.zeros(n)
             if sums.get("any") is not None:
                 numeric["covis_any"] = sums["any"]
-            mf = self._mf_scores(ctx.vector, item_ids, views, rows, space, slots)
+            if mf_rowwise:
+                rowwise = self._mf_rowwise(ctx.vector, item_ids, views)
+                mf = np.asarray(rowwise, np.float64) if rowwise and item_ids else None
+            else:
+                mf = self._mf_scores(ctx.vector, item_ids, views, rows, space, slots)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
         consumed = ctx.consumed
@@ -847,11 +832,14 @@ class PointInTime:
         """Items' MF vectors from the newest index snapshot, else their deterministic
         initial vectors (user and item tables share init params)."""
         assert self.users is not None
-        vecs = self.users.table.initial_vectors(keys_of(items))
         index = self.views.index if self.views is not None else None
-        if index is not None and index.index is not None:
-            found_vecs, found = index.vectors(items)
-            vecs[found] = found_vecs[found]
+        if index is None or index.index is None:
+            return self.users.table.initial_vectors(keys_of(items))
+        vecs, found = index.vectors(items)  # a new array
+        if not found.all():  # initial vectors of the others (each row a function of its id)
+            missing = np.flatnonzero(~found)
+            vecs[missing] = self.users.table.initial_vectors(
+                keys_of([items[j] for j in missing.tolist()]))
         return vecs
 
     def negative_pool(self) -> list[str]:

@@ -404,7 +404,7 @@ class Server:
             categories = getattr(self, "categories", None)  # None: off, or older state
             best = (categories.order(request, ctx.user_id, pool, ctx.liked,
                                      self.context.covis.decay, self._category_of,
-                                     self._item_rates, attrs_of(ctx.profile))
+                                     self._item_rates, categories.user_attrs(ctx.profile))
                     if categories else None)
             if best is None:  # the scorer's order
                 best = pool.candidates(top_indices(pool.score, self._depth(request.k)))

@@ -260,9 +260,10 @@ class UserShard:
     def _pairs(self, channel: str, recent: list[str], fb: Feedback) -> None:
         """Co-visitation pairs of ``fb``'s item with ``recent`` (newest first) as updates."""
         assert self.pairs is not None
-        ts = fb.ts
-        self._item_updates.extend(CovisPair(a, b, w, ts, channel) for a, b, w in self.pairs.pairs_for(
-            [r for r in recent if r != fb.item_id], fb.item_id))
+        ts, new = fb.ts, tuple.__new__  # a NamedTuple's own __new__ is a Python function
+        self._item_updates.extend([new(CovisPair, (a, b, w, ts, channel)) for a, b, w in
+                                   self.pairs.pairs_for([r for r in recent if r != fb.item_id],
+                                                        fb.item_id)])
 
     def _mf_steps(self) -> None:
         """The user half of this batch's MF steps (BPR or ISGD), with item vectors from the
@@ -330,7 +331,7 @@ class UserShard:
         attrs = self.user_attrs.get(event.user_id)
         if event.type == "impression":
             explore.impression(event.user_id, event.item_id, category, event.position,
-                               event.request_id, attrs)
+                               event.request_id, attrs, event.ts)
         else:
             explore.feedback(event.user_id, event.item_id, category, event.action,
                              event.impression_id, self.joiner.config.organic.get(event.action),

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from state.covis_view import SLACK, CovisView
-from state.item_table import FrozenCatalog, ItemTable
+from state.item_table import FrozenCatalog, ItemTable, set_memo
 
 _ARRAY_FILL = 32
 """Stale slots from which ``fill`` reads loaded tables as arrays (fewer: entry by entry,
@@ -306,38 +306,44 @@ class ItemRows:
                        ) -> np.ndarray:
         """The item-profile features ``names`` of the slots' items (holding ``rows``) in
         their current tables (after ``fill``), names x slots, 0.0 without a value or a
-        table: ``ItemTable.feature_columns`` read by each slot's row in it (``feat_row``,
-        looked up once per slot and table version), one gather per shard."""
-        out = np.zeros((len(names), slots.size))
+        table: ``ItemTable.feature_columns`` read by each slot's row in it
+        (``feature_rows``), one gather from every loaded table's columns side by side
+        (``table_columns``)."""
         if not slots.size:
-            return out
-        shard = self.shard[slots]
+            return np.zeros((len(names), 0))
+        j = self.feature_rows(slots, rows)
+        tables = self.tables
+        offsets, matrix = table_columns([t for t in tables if t is not None], names)
+        none = matrix.shape[1] - 1  # all 0.0: no table
+        start = np.array([offsets[t.shard] if t is not None else none for t in tables]
+                         + [none], np.int64)  # shard -1 reads the last entry
+        # a slot without a table keeps feat_row -1: it reads the zero column too
+        at = np.where(j >= 0, start[self.shard[slots]] + j, none)
+        return matrix[:, at]
+
+    def feature_rows(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Each slot's row in its current table's ``feature_matrix`` (holding ``rows``;
+        after ``fill``): its column in every ``feature_columns``, ``len(index)`` (the
+        last) for an item without a profile, -1 for a shard without a table; looked up
+        once per slot and table version (``feat_row``), for every reader."""
         j = self.feat_row[slots]
         todo = np.flatnonzero(j < 0)
         if todo.size:
-            self._feature_rows(slots[todo], rows[todo], shard[todo], names)
+            at = slots[todo]
+            self._feature_rows(at, rows[todo], self.shard[at])
             j = self.feat_row[slots]
-        tables = self.tables
-        for k in set(shard.tolist()):  # a few shards; each candidate in one group
-            table = tables[k] if k >= 0 else None
-            if table is None:
-                continue
-            values = table.feature_columns(names)[1]
-            at = np.flatnonzero(shard == k)
-            out[:, at] = values[:, j[at]]
-        return out
+        return j
 
-    def _feature_rows(self, slots: np.ndarray, rows: np.ndarray, shard: np.ndarray,
-                      names: tuple[str, ...]) -> None:
+    def _feature_rows(self, slots: np.ndarray, rows: np.ndarray, shard: np.ndarray) -> None:
         """``feat_row`` of ``slots`` (holding ``rows``, of shard indices ``shard``): the
-        item's column in its table's ``feature_columns`` (its last column, all 0.0, for an
-        item without a profile); left -1 for a shard without a table."""
+        item's row in its table's ``feature_matrix`` (``len(index)`` for an item without
+        a profile); left -1 for a shard without a table."""
         item_of = self.view.names.__getitem__
         for k in set(shard.tolist()):
             table = self.tables[k] if k >= 0 else None
             if table is None:
                 continue
-            index = table.feature_columns(names)[0]
+            index = table.feature_matrix()[0]
             at = np.flatnonzero(shard == k)
             self.feat_row[slots[at]] = np.fromiter(
                 map(index.get, map(item_of, rows[at].tolist()), itertools.repeat(len(index))),
@@ -373,3 +379,25 @@ class ItemRows:
             self._found[todo] = found
             self._vec_gen[todo] = self._index_gen
         return self._vecs[slots], self._found[slots]
+
+
+def table_columns(tables: list[ItemTable], names: tuple[str, ...]
+                  ) -> tuple[dict[str, int], np.ndarray]:
+    """Every table's ``feature_columns(names)`` side by side, tables in shard-key order,
+    and a last column of 0.0: (shard key -> its first column, names x columns). Made once
+    per set of table versions and shared by every reader in the process
+    (``set_memo``); memory: one more copy of the tables' columns (flows/memory.py
+    ``table_rate_item``)."""
+    ordered = sorted(tables, key=lambda t: t.shard)
+
+    def make() -> tuple[dict[str, int], np.ndarray]:
+        offsets, parts, at = {}, [], 0
+        for t in ordered:
+            values = t.feature_columns(names)[1]
+            offsets[t.shard] = at
+            parts.append(values)
+            at += values.shape[1]
+        parts.append(np.zeros((len(names), 1)))
+        return offsets, np.concatenate(parts, axis=1)
+
+    return set_memo(ordered, ("table_columns", names), make)

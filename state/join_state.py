@@ -292,6 +292,16 @@ _LABEL_KEYS = ("0", "1")
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
 
 
+def popularity_draws(rng: np.random.Generator, probs: np.ndarray, size: int) -> list[int]:
+    """``rng.choice(len(probs), size, replace=True, p=probs).tolist()`` (the same draws
+    and the same state of ``rng`` after: numpy's own steps for a ``p`` with replacement,
+    cumulative sums searched with uniform draws) without its checks of ``p``, a third of
+    its cost; ``probs`` must be a probability vector (``PopularityCounter.arrays``)."""
+    cdf = probs.cumsum()
+    cdf /= cdf[-1]
+    return cdf.searchsorted(rng.random(size), side="right").tolist()  # type: ignore[no-any-return]
+
+
 def _interaction_id(fb: Feedback) -> str:
     return format(stable_hash64(f"{fb.user_id}\x1f{fb.item_id}\x1f{fb.action}\x1f{fb.ts}"), "016x")
 
@@ -765,25 +775,28 @@ class Joiner:
         features = self._features_of(fb, [fb.item_id, *chosen])
         self.examples.append(self.rows.record(Example(
             example_id, fb.ts, fb.user_id, fb.item_id, int(positive), {fb.action: fb.value},
-            weight, float32_features(features[0]), "interaction", context=fb.context).record()))
+            weight, features[0], "interaction", context=fb.context).record()))
         self._count(int(positive), weight)
         negative_weight = self.config.weight_of(fb.action)  # as much negative as positive evidence
         for j, (item, taken) in enumerate(zip(chosen, features[1:], strict=True)):
             self.counters.sampled_negatives += 1
             self.examples.append(self.rows.record(Example(
                 f"neg:{key}:{j}", fb.ts, fb.user_id, item, 0, {}, negative_weight,
-                float32_features(taken), "sampled", context=fb.context).record()))
+                taken, "sampled", context=fb.context).record()))
             self._count(0, negative_weight)
 
     def _features_of(self, fb: Feedback, items: list[str]) -> list[dict[str, Any]]:
-        """``example_features`` of ``fb``'s user and each of ``items`` at ``fb.ts``: one
-        call for all when the context can (``PointInTime.example_features_many``: the
-        user context, the co-visitation seeds' rows and the snapshots read once; the
-        same dicts, bit for bit, as one call per item)."""
-        many = getattr(self.context, "example_features_many", None)
-        if many is not None and len(items) > 1:
-            return many(fb.user_id, items, fb.ts)  # type: ignore[no-any-return]
-        return [self.context.example_features(fb.user_id, item, fb.ts) for item in items]
+        """``example_features`` of ``fb``'s user and each of ``items`` at ``fb.ts``, at
+        example precision (``float32_features``): one call for all when the context can
+        (``PointInTime.features_run``, as for a request's impressions: the user context,
+        the co-visitation seeds' rows and the snapshots read once, the profile rounded
+        once, each item's static features from the memo; the same dicts, bit for bit,
+        as one call per item)."""
+        run = getattr(self.context, "features_run", None)
+        if run is not None:
+            return run(fb.user_id, items, fb.ts)  # type: ignore[no-any-return]
+        return [float32_features(self.context.example_features(fb.user_id, item, fb.ts))
+                for item in items]
 
     def _sample_negatives(self, fb: Feedback, key: str) -> list[str]:
         """Up to ``interaction_negatives`` items drawn by popularity for a positive
@@ -794,10 +807,9 @@ class Joiner:
             return []
         consumed = self.context.consumed(fb.user_id)
         rng = np.random.default_rng(stable_hash64(key))
-        draws = rng.choice(len(ids), size=min(len(ids), 4 * n), replace=True, p=probs)
         chosen: list[str] = []
-        for j in draws:
-            item = ids[int(j)]
+        for j in popularity_draws(rng, probs, min(len(ids), 4 * n)):
+            item = ids[j]
             if item != fb.item_id and item not in consumed and item not in chosen:
                 chosen.append(item)
                 if len(chosen) == n:

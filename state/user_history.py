@@ -8,6 +8,7 @@ most ``max_items_per_user`` items per user (oldest forgotten first) and at most
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from typing import Any
 
@@ -54,6 +55,8 @@ class UserHistory:
         items = self._items.get(user_id)
         if not items:
             return []
+        if len(items) > 4 * n:  # a long history: the newest n keys, not a copy of all
+            return list(itertools.islice(reversed(items), n))
         out = list(items)[-n:]
         out.reverse()
         return out

@@ -53,6 +53,20 @@ def share(bandit: CategoryBandit, user: str, category: str, requests: int = 200)
     return hits / (10 * requests)
 
 
+def bound_added(entries: int, kind: str, on: dict[str, float], off: dict[str, float]) -> None:
+    """The memory bound's user shards grow by ``entries`` x ``BYTES[kind]`` per shard
+    between the ``serving.category_explore`` settings ``off`` and ``on``."""
+    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
+
+    def user_shards(explore: dict[str, float]) -> float:
+        config = load_config({"serving": {"category_explore": explore}})
+        return memory_bound(config)["parts_mb"]["user_shards"]
+
+    shards = load_config({}).shards.users
+    assert user_shards(on) - user_shards(off) == pytest.approx(
+        shards * entries * BYTES[kind] * ALLOCATOR_OVERHEAD / 2**20)
+
+
 def test_a_user_whose_clicks_favour_a_category_gets_more_of_it() -> None:
     bandit = CategoryBandit(CategoryExploreConfig())
     show(bandit, "others", 200, None)
@@ -135,7 +149,7 @@ def test_config_values_are_validated() -> None:
     for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
                        ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
                        ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0),
-                       ("explore_slots", -1)):
+                       ("explore_slots", -1), ("half_life_s", -1.0)):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: value}}})
 
@@ -241,11 +255,12 @@ def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
     assert added == pytest.approx(expected)
     # item_lift's click and impression columns of every loaded table (one per item shard)
+    # and their copy side by side (state.item_rows.table_columns)
     flat = load_config({"serving": {"category_explore": {"max_users": 1_000, "item_lift": 0.0},
                                     "sources": no_lists}})
     added = (memory_bound(on)["parts_mb"]["serving_tables"]
              - memory_bound(flat)["parts_mb"]["serving_tables"])
-    expected = (on.shards.items * on.items.max_items * BYTES["table_rate_item"]
+    expected = (2 * on.shards.items * on.items.max_items * BYTES["table_rate_item"]
                 * ALLOCATOR_OVERHEAD / 2**20)
     assert added == pytest.approx(expected) and BYTES["table_rate_item"] == 8 * len(
         on.serving.category_explore.item_rate)
@@ -460,24 +475,14 @@ def test_groups_stay_within_max_groups_and_the_memory_bound_counts_them() -> Non
     """The least recently updated groups are dropped past ``max_groups``; the flow's memory
     bound adds that many groups per user shard with ``group_prior`` on, and the change
     detector's per-user state with ``change_threshold`` on."""
-    from flows.memory import ALLOCATOR_OVERHEAD, BYTES, memory_bound
-
     bandit = CategoryBandit(CategoryExploreConfig(group_prior=5.0, max_groups=2))
     for n in range(4):
         bandit.exposure("u", "a", 0, f"r{n}", attrs={"city": f"x{n}"})
     assert list(bandit.groups.groups) == ["city=x2", "city=x3"]
-
-    def user_shards(**explore: float) -> float:
-        config = load_config({"serving": {"category_explore": explore}})
-        return memory_bound(config)["parts_mb"]["user_shards"]
-
-    shards = load_config({}).shards.users
-    added = user_shards(group_prior=20.0, max_groups=100) - user_shards(max_groups=100)
-    assert added == pytest.approx(
-        shards * 100 * BYTES["category_group"] * ALLOCATOR_OVERHEAD / 2**20)
-    added = user_shards(change_threshold=2.0, max_users=1_000) - user_shards(max_users=1_000)
-    assert added == pytest.approx(
-        shards * 1_000 * BYTES["category_user_change"] * ALLOCATOR_OVERHEAD / 2**20)
+    bound_added(100, "category_group", {"group_prior": 20.0, "max_groups": 100},
+                {"max_groups": 100})
+    bound_added(1_000, "category_user_change", {"change_threshold": 2.0, "max_users": 1_000},
+                {"max_users": 1_000})
 
 
 def test_groups_and_the_change_detector_resume_equal_after_a_snapshot(world: World) -> None:
@@ -580,6 +585,38 @@ def test_coded_categories_order_as_the_category_names(seed: int) -> None:
         assert by_name is not None and by_code is not None
         assert by_name[0].tolist() == by_code[0].tolist()
         assert by_name[1].tolist() == by_code[1].tolist()
+
+
+def test_coded_categories_memo_follows_each_names_list_and_its_growth() -> None:
+    """``category_codes``' per-process memo of a names list's code table: the same codes
+    present in another names list (another id space) read that list's names, a list
+    that grew reads its new codes' names, and a list made after the first is gone (its
+    ``id`` possibly reused) reads its own; each answer is what the names give."""
+    codes = np.array([1, 2, 2, 0, 1], np.int32)
+
+    def by_names(table: list[str | None], at: np.ndarray) -> list[object]:
+        return [x.tolist() if isinstance(x, np.ndarray) else x
+                for x in category_codes([table[c] for c in at.tolist()])]
+
+    def coded(table: list[str | None], at: np.ndarray) -> list[object]:
+        return [x.tolist() if isinstance(x, np.ndarray) else x
+                for x in category_codes(CodedCategories(at, table))]
+
+    first: list[str | None] = [None, "b", "a"]
+    assert coded(first, codes) == by_names(first, codes) == [["", "a", "b"], [2, 1, 1, 0, 2]]
+    other: list[str | None] = [None, "z", "c"]
+    assert coded(other, codes) == by_names(other, codes)
+    first.append("0")  # ItemRows.categories only grows
+    grown = np.append(codes, 3).astype(np.int32)
+    assert coded(first, grown) == by_names(first, grown)
+    assert coded(first, codes) == by_names(first, codes)
+    del first, other
+    for n in range(50):  # new lists, some at a freed list's address
+        table: list[str | None] = [None, f"x{n}", f"w{n}"]
+        assert coded(table, codes) == by_names(table, codes)
+        out = category_codes(CodedCategories(codes, table))[0]
+        out.append("mutated")  # a caller's list is its own
+        assert coded(table, codes) == by_names(table, codes)
 
 
 def test_a_user_without_exposures_costs_no_item_counts() -> None:
@@ -690,3 +727,44 @@ def test_explore_slots_leave_a_list_that_has_the_sampled_category_alone() -> Non
             lists.append(bandit.order("u", scores, cats, 10, seed))
         assert lists[0][0].tolist() == lists[1][0].tolist()
         assert lists[0][1].tolist() == lists[1][1].tolist()
+
+
+def test_half_life_fades_the_counts_of_a_user_who_comes_back_late() -> None:
+    """``half_life_s``: a user clicked c0 in 6 lists a minute apart, then comes back a day
+    later and clicks c2 once (the shard's rates alike); with a half-life of an hour the old
+    counts have faded and c2 leads, forgetting per list only (0) keeps c0 ahead; a user back after a second keeps
+    the same counts either way."""
+    minute, day = 60_000, 86_400_000
+    means = {}
+    for half_life in (3_600.0, 0.0):
+        bandit = CategoryBandit(CategoryExploreConfig(half_life_s=half_life))
+        show(bandit, "others", 200, None)
+        for cat in CATS:
+            for _ in range(30):
+                bandit.click("others", cat)  # the shard's rates: all alike
+        for gap, user in ((day, "late"), (1_000, "soon")):
+            for n in range(6):
+                for pos in range(8):
+                    bandit.exposure(user, CATS[pos % 4], pos, f"{user}:{n}", ts=T0 + n * minute)
+                bandit.click(user, "c0")
+            back = T0 + 5 * minute + gap
+            for pos in range(8):
+                bandit.exposure(user, CATS[pos % 4], pos, f"{user}:back", ts=back)
+            bandit.click(user, "c2")
+            a, b = bandit.posterior(user, CATS)
+            means[half_life, user] = a / (a + b)
+    assert means[3_600.0, "late"][2] > means[3_600.0, "late"][0]
+    assert means[0.0, "late"][0] > means[0.0, "late"][2]  # the control
+    assert means[3_600.0, "soon"][0] > means[3_600.0, "soon"][2]
+    assert means[3_600.0, "soon"] == pytest.approx(means[0.0, "soon"], rel=0.02)
+
+
+def test_list_times_stay_within_max_users_and_the_memory_bound_counts_them() -> None:
+    """``half_life_s``'s event time per user is dropped with the user past ``max_users``;
+    the memory bound adds it per user when on."""
+    bandit = CategoryBandit(CategoryExploreConfig(half_life_s=60.0, max_users=2))
+    for u in range(4):
+        bandit.exposure(f"u{u}", "a", 0, f"r{u}", ts=T0 + u)
+    assert list(bandit.list_ts) == ["u2", "u3"] == list(bandit.users)
+    bound_added(1_000, "category_user_time", {"half_life_s": 600.0, "max_users": 1_000},
+                {"max_users": 1_000})

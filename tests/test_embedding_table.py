@@ -221,6 +221,19 @@ def test_new_rows_are_initialised_deterministically_from_the_id() -> None:
     assert not np.allclose(t3.gather(ids), v1)
 
 
+def test_an_initial_vector_is_the_same_bits_in_any_batch() -> None:
+    """``PointInTime.item_vectors`` computes initial vectors only for the items missing
+    from the index: a row must not depend on the other ids of the call."""
+    table = EmbeddingTable(10, init_scale=0.1)
+    ids = _random_ids(3_000, 5)
+    whole = table.initial_vectors(ids)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        some = np.sort(rng.choice(ids.size, size=int(rng.integers(1, 64)), replace=False))
+        part = table.initial_vectors(ids[some])
+        assert part.tobytes() == whole[some].tobytes()
+
+
 def test_missing_init_reads_the_initial_vector_without_storing_it() -> None:
     table = EmbeddingTable(8, admit_threshold=3, missing="init", init_scale=0.1)
     ids = _u64(5, 6)

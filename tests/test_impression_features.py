@@ -305,22 +305,22 @@ def test_windows_closing_together_compute_their_features_together(
 def batched_and_per_item(world: World, rate: float | None = None
                          ) -> tuple[UserShard, UserShard, list[int]]:
     """(shard taking several items' features in one call, shard falling back to one
-    ``example_features`` call per item, the first one's ``item_features`` calls)."""
+    ``example_features`` call per item, the first one's ``item_columns`` calls)."""
     together, alone = world.user_shard(), world.user_shard()
     if rate is not None:
         for shard in (together, alone):
             shard.joiner.sampler = NegativeSampler(rate, 0)
-    alone.joiner.context.example_features_many = None  # the joiner falls back per item
+    alone.joiner.context.features_run = None  # the joiner falls back per item
     calls: list[int] = []
     context = together.joiner.context
-    item_features = context.item_features
-    context.item_features = lambda *a, **kw: calls.append(1) or item_features(*a, **kw)
+    item_columns = context.item_columns
+    context.item_columns = lambda *a, **kw: calls.append(1) or item_columns(*a, **kw)
     return together, alone, calls
 
 
 def test_sampled_negatives_taken_together_equal_one_at_a_time(published: World) -> None:
     """An organic positive's sampled negatives get their features in one call
-    (``PointInTime.example_features_many``): the same examples, bit for bit, as one
+    (``PointInTime.features_run``): the same examples, bit for bit, as one
     ``example_features`` call per negative."""
     together, alone, calls = batched_and_per_item(published)
     events: list[Event] = [Feedback(T0 - 50_000, "u7", SEED, "click")]
@@ -339,7 +339,7 @@ def test_sampled_negatives_taken_together_equal_one_at_a_time(published: World) 
 
 def test_an_interaction_and_its_sampled_negatives_take_one_features_call(published: World) -> None:
     """A positive organic interaction and its sampled negatives share one
-    ``item_features`` call (its user context and co-visitation seeds read once); a
+    ``item_columns`` call (its user context and co-visitation seeds read once); a
     negative interaction the sampler drops takes none. The examples equal those of one
     ``example_features`` call per item, bit for bit."""
     together, alone, calls = batched_and_per_item(published, RATE)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from events.model import Feedback, Impression
-from state.join_state import HistoryContext, JoinConfig, Joiner
+from state.join_state import HistoryContext, JoinConfig, Joiner, popularity_draws
 from state.sampling import NegativeSampler
 from state.user_history import UserHistory
 
@@ -162,6 +163,21 @@ def test_interaction_positive_with_popularity_negatives() -> None:
     feed(j2, fb(None, T0 + 100, "rating", user="u1", item="p2", value=2.0))
     feed(j2, fb(None, T0 + 200, "rating", user="u1", item="x", value=5.0))
     assert j2.drain()[0][-len(examples):] == examples
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**63 - 1), st.lists(st.floats(-30.0, 30.0), min_size=1, max_size=400),
+       st.integers(1, 64))
+def test_popularity_draws_are_numpys_weighted_choice(seed: int, logs: list[float], size: int
+                                                     ) -> None:
+    """The sampled negatives' draws are ``Generator.choice(p=...)``'s, and the generator is
+    left in the same state (a replay samples the same negatives as before)."""
+    scores = np.exp(np.asarray(logs) - max(logs))
+    probs = scores / scores.sum()
+    ours, numpys = np.random.default_rng(seed), np.random.default_rng(seed)
+    assert popularity_draws(ours, probs, size) == numpys.choice(
+        len(probs), size=size, replace=True, p=probs).tolist()
+    assert ours.random() == numpys.random()
 
 
 def test_declared_organic_signals_are_weighted_positives() -> None:

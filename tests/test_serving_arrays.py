@@ -27,6 +27,7 @@ from serving_world import (
 )
 
 from events.model import Item
+from models.category_bandit import dense_codes
 from operators.candidates import SOURCES, Candidate, merge, top_indices
 from operators.trainer import RankerConfig, Trainer
 from state.covis_view import CovisView
@@ -431,3 +432,21 @@ def test_profile_values_read_each_items_current_table_as_its_feature_dict(
             got = space.profile_values(space.fill(rows), rows, names)
             assert got.tolist() == expected(table_map, pool)
             assert got.any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_codes_are_np_unique_without_the_no_value_code(seed: int) -> None:
+    """``dense_codes`` (the cross profiles' attribute value codes of a pool) gives what
+    ``np.unique(codes, return_inverse=True)`` gives with the code -1 (no value) left out
+    of the distinct codes and kept as -1: empty, all -1, none -1, gaps."""
+    rng = np.random.default_rng(seed)
+    cases = [np.zeros(0, np.int64), np.full(7, -1, np.int64), rng.integers(0, 5, 40),
+             rng.integers(-1, 30, 200), rng.choice([-1, 3, 17, 250], 90)]
+    for codes in cases:
+        uniq, inverse = np.unique(codes, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        if uniq.size and uniq[0] < 0:
+            uniq, inverse = uniq[1:], inverse - 1
+        got_uniq, got = dense_codes(codes)
+        assert got_uniq.tolist() == uniq.tolist() and got.tolist() == inverse.tolist()
+        assert got.dtype == np.int64 and got_uniq.dtype == np.int64

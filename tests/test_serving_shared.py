@@ -20,7 +20,7 @@ from operators.category_items import CategoryItems, merge_categories, table_cate
 from operators.point_in_time import UserContext
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
-from state.item_rows import ItemRows
+from state.item_rows import ItemRows, table_columns
 from state.item_table import FrozenFeatures, ItemTable, set_memo
 from state.npz import load_npz
 
@@ -187,3 +187,35 @@ def test_a_loaded_tables_features_are_the_saved_dicts(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         loaded.features["zz"]
     assert loaded.feature_columns(("x",))[1].tolist() == t.feature_columns(("x",))[1].tolist()
+
+
+def test_profile_values_share_one_side_by_side_copy_whatever_order_shards_were_seen() -> None:
+    """Two id spaces that met the item shards in opposite orders read every item's own
+    table through the one side-by-side copy of the tables' columns made per set of
+    table versions (``table_columns``, shard-key order); a shard without a table reads
+    0.0, and a new version of one table makes a new copy."""
+    names = RATE
+    items = [f"{s}{j}" for s in "abc" for j in range(30)]
+
+    def version(shard: str, ts: int) -> ItemTable:
+        features = {i: {names[0]: float(j + ts - T0), names[1]: float(100 * j)}
+                    for j, i in enumerate(items) if i[0] == shard[1] and j % 4}
+        return ItemTable(shard, ts, CoVisitation(CoVisConfig()), features=features)
+
+    tables = {"sa": version("sa", T0), "sb": version("sb", T0)}  # no table for "sc"
+    spaces = [ItemRows(CovisView(), lambda item: "s" + item[0]) for _ in range(2)]
+    copies = []
+    for step in range(2):
+        if step:
+            tables["sb"] = version("sb", T0 + 7)
+        for n, space in enumerate(spaces):
+            pool = items if n == 0 else items[::-1]  # shard order c, b, a in the second
+            rows = space.rows(pool)
+            space.sync(dict(tables))
+            got = space.profile_values(space.fill(rows), rows, names)
+            want = [[(tables[t].features.get(i) or {}).get(name, 0.0)
+                     if (t := "s" + i[0]) in tables else 0.0 for i in pool] for name in names]
+            assert got.tolist() == want
+        copies.append(table_columns(list(tables.values()), names)[1])
+        assert table_columns(list(tables.values())[::-1], names)[1] is copies[-1]
+    assert copies[0] is not copies[1] and copies[0].any()

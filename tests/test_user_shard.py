@@ -32,13 +32,13 @@ def test_the_shard_records_history_after_the_join() -> None:
     features never see the event itself); afterwards the item is consumed."""
     s = shard()
     seen: list[bool] = []
-    original = s.context.example_features
+    original = s.context.features_run
 
-    def spy(user_id: str, item_id: str, ts_ms: int) -> dict[str, Any]:
-        seen.append(item_id in s.history.consumed(user_id))
-        return original(user_id, item_id, ts_ms)
+    def spy(user_id: str, item_ids: list[str], ts_ms: int) -> list[Any]:
+        seen.extend(item in s.history.consumed(user_id) for item in item_ids)
+        return original(user_id, item_ids, ts_ms)
 
-    s.joiner.context.example_features = spy  # type: ignore[method-assign]
+    s.joiner.context.features_run = spy  # type: ignore[method-assign]
     out = s.process("u000", [Feedback(T0, "u", "a", "rating", None, 5.0)])
     assert seen == [False] and "a" in s.history.consumed("u")
     assert [e["example_id"][:4] for e in out["examples"]] == ["int:"]
