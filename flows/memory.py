@@ -20,6 +20,7 @@ from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
 from state.change_log import LOG as CATALOG_LOG
 from state.covis_view import SLACK
+from state.profile_plan import ProfileParams
 
 if TYPE_CHECKING:
     from flows.config import Config
@@ -102,12 +103,16 @@ BYTES: dict[str, float] = {
     "category_row": 8,
     "ann_memo_user": 1_500,
     "catalog_log_key": 70,
+    "queued_profile_write": 130,
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
 interactions per ID) and for full co-visitation rows; docs/operations.md lists them.
 An ID with a long history costs more per entry, within the per-entity limits (2,000
 history items per user, profile windows)."""
+
+QUEUED_WRITES = ProfileParams().batch_size
+"""Writes a profile store's merge queue holds at most (the flow keeps the default)."""
 
 ALLOCATOR_OVERHEAD = 1.25
 """Resident bytes per live byte (malloc arenas, fragmentation, interpreter caches)."""
@@ -143,6 +148,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
     per_user_shard = (
         sh.max_users * b["user"]
         + user_kinds * hot_users * b["hot_user_profile"]
+        # each profile store's closed write buffer waiting to be merged (at most one
+        # buffer's writes: state.profiles.ProfileStore._close)
+        + user_kinds * QUEUED_WRITES * b["queued_profile_write"]
         + sh.max_items * b["user_catalog_item"]
         + join.max_pending * (b["pending_impression"] + 4 * b["closed_impression"])
         + join.max_orphans * b["orphan"]
@@ -185,6 +193,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
     per_item_shard = (
         items.max_items * b["item"]
         + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
+        + ("item" in kinds) * QUEUED_WRITES * b["queued_profile_write"]
         + covis_bytes
         # the rows written since the last table, per channel (CoVisitation.publish_arrays)
         + channels * covis.max_items * b["covis_written_row"]

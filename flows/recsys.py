@@ -393,8 +393,11 @@ def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], co
     (snapshot manifests, the item shards' processing-error dead letters)."""
 
     def item_builder(resume: ItemShard | None) -> ItemShardLogic:
-        return ItemShardLogic(resume or ItemShard(config.items, store, config.features,
-                                                  hot_profiles=config.shards.hot_profiles))
+        live = any(i.kind == "kafka" for i in config.inputs)
+        shard = resume or ItemShard(config.items, store, config.features,
+                                    hot_profiles=config.shards.hot_profiles)
+        shard.one_table_per_batch = live  # how the input runs now, not state
+        return ItemShardLogic(shard)
 
     item_out = op.stateful("item_shard", routed, item_builder)
     dim = config.items.mf_config().dim

@@ -170,12 +170,12 @@ class UserFactors:
         lr, reg = np.float32(c.lr), np.float32(c.reg)
         for idx in _waves(keys):
             k = keys[idx]
-            self.table.insert(k, ts_ms)
-            U = self.table.gather(k)
+            rows = self.table.insert(k, ts_ms)  # a wave's keys are distinct
+            U = self.table.gather_rows(k, rows)
             out[idx] = U
             v = V[idx]
             err = 1.0 - np.einsum("nd,nd->n", U, v)
-            self.table.scatter_add(k, lr * (err[:, None] * v - reg * U), ts_ms)
+            self.table.add_rows(rows, lr * (err[:, None] * v - reg * U), ts_ms)
         self.updates += keys.size
         return out
 
@@ -206,14 +206,14 @@ class UserFactors:
         lr, reg = np.float32(c.lr), np.float32(c.reg)
         for idx in _waves(keys):
             k = keys[idx]
-            self.table.insert(k, ts_ms)
-            U = self.table.gather(k)
+            rows = self.table.insert(k, ts_ms)
+            U = self.table.gather_rows(k, rows)
             out[idx] = U
             diff = P[idx][:, None, :] - N[idx]  # (w, m, dim)
             g = _sigmoid(-np.einsum("wd,wmd->wm", U, diff)).astype(np.float32)
             gs[idx] = g
             grad = np.einsum("wm,wmd->wd", g, diff)
-            self.table.scatter_add(k, lr * (grad - reg * U), ts_ms)
+            self.table.add_rows(rows, lr * (grad - reg * U), ts_ms)
         self.updates += keys.size
         return out, gs
 
@@ -378,11 +378,11 @@ class ItemFactors:
         for idx in _waves(keys):
             k = keys[idx]
             rows = self.table.insert(k, ts_ms)
-            V = self.table.gather(k)
+            V = self.table.gather_rows(k, rows)
             u = U[idx]
             co = 1.0 - np.einsum("nd,nd->n", u, V) if C is None else C[idx]
             out[keep[idx]] = co
-            self.table.scatter_add(k, lr * (co[:, None] * u - reg * V), ts_ms)
+            self.table.add_rows(rows, lr * (co[:, None] * u - reg * V), ts_ms)
             for j in np.flatnonzero(rows >= 0):
                 item = ids[keep[idx[j]]]
                 self._ids[int(k[j])] = item

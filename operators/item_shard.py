@@ -15,6 +15,7 @@ Outputs per batch: changed item vectors for the index builder, and, every
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,8 +105,13 @@ class ItemShard:
 
     def __init__(self, config: ItemsConfig, store: SnapshotStore,
                  features: list[dict[str, Any]] | None = None,
-                 hot_profiles: int = 10_000) -> None:
+                 hot_profiles: int = 10_000, one_table_per_batch: bool = False) -> None:
         self.config = config
+        self.one_table_per_batch = one_table_per_batch
+        """Live input: at most one item shard of a worker publishes per source batch (a
+        due table of another shard waits for a later batch: ``_publish_turn``), so the
+        shards' publications, due at the same event time, do not hold one step together.
+        Off in replays, whose tables must be the same at any speed."""
         self.store = store
         specs = [f for f in (features or []) if f.get("entity") == "item"]
         self.profiles = (ProfileStore(parse_features(specs), "item", max_entities=config.max_items,
@@ -151,7 +157,7 @@ class ItemShard:
         out: dict[str, list[Any]] = {}
         if batch is not None and batch != self.batch:
             self.batch = batch
-            if self._publish_due():
+            if self._publish_due() and self._publish_turn(batch):
                 out["snapshots"] = [self.publish()]
         mf_items: list[str] = []
         mf_vecs: list[np.ndarray] = []
@@ -279,10 +285,15 @@ class ItemShard:
     def _publish_due(self) -> bool:
         if self.max_ts_ms is None or not self.dirty:
             return False
-        if self.last_publish_ms is None:
-            self.last_publish_ms = self.max_ts_ms
+        return (self.last_publish_ms is None
+                or self.max_ts_ms - self.last_publish_ms >= self.config.refresh_interval_ms)
+
+    def _publish_turn(self, batch: Any) -> bool:
+        """Whether this due shard publishes in source batch ``batch``: always in replays;
+        live (``one_table_per_batch``), see ``_Turns``."""
+        if not getattr(self, "one_table_per_batch", False):
             return True
-        return self.max_ts_ms - self.last_publish_ms >= self.config.refresh_interval_ms
+        return _turns.take(self.shard, batch)
 
     def table(self) -> ItemTable:
         """The current read view, for immediate saving (it shares the live co-visitation rows)."""
@@ -343,6 +354,34 @@ class ItemShard:
         """End of input: publish what changed since the last table."""
         return {"snapshots": [self.publish()]} if self.dirty else {}
 
+
+class _Turns(threading.local):
+    """Per worker thread, which of its due item shards publishes in a source batch: at
+    most one per batch; a due shard that did not waits, and the one waiting longest
+    goes first (a shard that stops coming is forgotten after ``MAX_WAIT`` batches)."""
+
+    MAX_WAIT = 4
+
+    def __init__(self) -> None:
+        self.batch: Any = None
+        self.published = False
+        self.waiting: dict[str, int] = {}
+        """Due shards not published yet -> batches waited."""
+
+    def take(self, shard: str, batch: Any) -> bool:
+        if batch != self.batch:
+            self.batch, self.published = batch, False
+            self.waiting = {k: n + 1 for k, n in self.waiting.items() if n < self.MAX_WAIT}
+        waited = self.waiting.get(shard, -1)
+        if self.published or any(n > waited for n in self.waiting.values()):
+            self.waiting.setdefault(shard, 0)
+            return False
+        self.waiting.pop(shard, None)
+        self.published = True
+        return True
+
+
+_turns = _Turns()
 
 _PLAIN_NUMBERS = frozenset((int, float))
 

@@ -239,7 +239,11 @@ class EmbeddingTable(CuckooIndex):
         """Embeddings ``(n, dim)`` float32 (a new array); IDs without a row read the default
         (zeros, or their deterministic initial vector if ``missing="init"``)."""
         keys = as_keys(ids)
-        rows = self.lookup(keys)
+        return self.gather_rows(keys, self.lookup(keys))
+
+    def gather_rows(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``gather(keys)`` when their ``rows`` are known (``insert``'s answer, -1 for an
+        ID without a row), without looking them up again."""
         out = self._emb.take(rows, axis=0, mode="clip")
         miss = rows < 0
         if miss.any():
@@ -248,6 +252,16 @@ class EmbeddingTable(CuckooIndex):
             else:
                 out[miss] = 0.0
         return out
+
+    def add_rows(self, rows: np.ndarray, deltas: np.ndarray, now_ms: int) -> int:
+        """``scatter_add`` on known, distinct ``rows`` (``insert``'s answer for distinct
+        IDs; -1 rows are skipped): the same sums without a lookup or a sort."""
+        keep = rows >= 0
+        if not keep.all():
+            rows, deltas = rows[keep], deltas[keep]
+        self._emb[rows] += np.asarray(deltas, np.float32).reshape(rows.size, self.dim)
+        self._ts[rows] = np.maximum(self._ts[rows], np.int64(now_ms))
+        return int(rows.size)
 
     def initial_vectors(self, ids: np.ndarray | Iterable[int]) -> np.ndarray:
         """Deterministic initial embedding of each ID: Normal(0, init_scale) per element,

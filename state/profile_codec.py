@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -78,6 +79,8 @@ class HotCold:
         self.counters = counters
         self.hot: OrderedDict[int, Profile] = OrderedDict()
         self.cold: dict[int, bytes] = {}
+        self.on_evict: Callable[[int, Profile], None] | None = None
+        """Called with a hot profile about to be encoded to the cold side."""
 
     def __len__(self) -> int:
         return len(self.hot) + len(self.cold)
@@ -112,6 +115,8 @@ class HotCold:
         hot[key] = p
         if len(hot) > self.limit:
             k, q = hot.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(k, q)
             self.cold[k] = self.encode(q) if q.dirty or q.blob is None else q.blob
         if self.max_entities and len(self.cold) + len(hot) > self.max_entities:
             cold = self.cold
@@ -119,6 +124,23 @@ class HotCold:
                 del cold[next(iter(cold))]
                 self.counters["evicted"] += 1
         return p
+
+    def change(self, key: int, fn: Callable[[Profile], None]) -> bool:
+        """Apply ``fn`` to the profile of ``key`` without making it the most recently
+        used (a cold one is decoded, changed and encoded again in its place); False when
+        ``key`` has no profile."""
+        p = self.hot.get(key)
+        if p is not None:
+            fn(p)
+            return True
+        blob = self.cold.get(key)
+        if blob is None:
+            return False
+        self.counters["decodes"] += 1
+        p = decode(blob, self.n_feats)
+        fn(p)
+        self.cold[key] = self.encode(p)  # an existing key keeps its place in the order
+        return True
 
     def blobs(self) -> dict[int, bytes]:
         """Every profile encoded, least recently used first (changed hot ones are

@@ -20,9 +20,11 @@ stored as keys), per feature:
   truncation).
 
 Writes go to a write buffer (``key -> [(feature, ts, value)]``) merged into the profiles
-in batches (``batch_size`` writes or ``flush_interval_ms`` of event time). A query
-first merges the queried entity's own pending writes (flush-on-read for that entity
-only), so reads always see every applied event and stay cheap.
+in batches (``batch_size`` writes or ``flush_interval_ms`` of event time): a closed
+buffer joins a merge queue that later writes drain a few entities at a time, so no one
+call merges a whole buffer. A query first merges the queried entity's own queued and
+pending writes (flush-on-read for that entity only), so reads always see every applied
+event and stay cheap.
 
 Query semantics at time ``T`` (exclusive): an event counts iff ``ts < T`` and, for a
 window ``w``, it lies in ``[T - w, T)``; raw events are exact, a slice counts iff
@@ -58,6 +60,9 @@ from state.profile_plan import FAR, ItemAttrs, ProfileParams, ProfilePlan, entit
 from state.profile_tiers import Tiers
 
 _END = itemgetter(1)
+DRAIN_PER_WRITE = 2
+"""Queued writes merged per write ``apply`` buffers (``ProfileStore._close``): a closed
+buffer is merged before the next one closes by count."""
 _EXACT = frozenset((_Count, _Distinct))
 """Aggregates (exact type) whose slice parts do not depend on the order slices are merged
 in (integer counts, KMV sets): each window's part is kept apart (``_refresh``) and slices
@@ -132,6 +137,11 @@ class ProfileStore:
                               self.params.max_entities, self.counters)
         self._buffer: dict[int, list[tuple[int, int, Any]]] = {}  # the write table
         self._n_buffered = 0
+        self._queue: dict[int, list[list[tuple[int, int, Any]]]] = {}
+        """Closed write buffers not merged yet: per entity, its groups of writes in the
+        order they were buffered, merged newest entity first (``_close``, ``_drain``)."""
+        self._n_queued = 0
+        self._table.on_evict = self._evicting
         self._buf_since: int | None = None
         self._now: int | None = None
 
@@ -173,7 +183,7 @@ class ProfileStore:
         if self._now is None or ts > self._now:
             self._now = ts
             if self._buf_since is not None and ts - self._buf_since >= self.params.flush_interval_ms:
-                self.flush()
+                self._close()
         etype = event.get("type")
         action = event.get("action")
         if not isinstance(etype, str) or not isinstance(action, (str, type(None))):
@@ -219,27 +229,90 @@ class ProfileStore:
         self.counters["writes"] += n
         if self._buf_since is None:
             self._buf_since = self._now
+        if self._queue:
+            self._drain(DRAIN_PER_WRITE * n)
         if self._n_buffered >= self.params.batch_size:
-            self.flush()
+            self._close()
 
     def advance(self, now_ms: int) -> None:
         """Move the store clock forward (wall-clock fallback for idle streams); may flush."""
         if self._now is None or now_ms > self._now:
             self._now = now_ms
         if self._buf_since is not None and self._now - self._buf_since >= self.params.flush_interval_ms:
-            self.flush()
+            self._close()
 
     def flush(self) -> None:
-        """Merge every buffered write into the read table (the profiles)."""
+        """Merge every buffered and queued write into the read table (the profiles)."""
+        self._close()
+        self._drain(FAR)
+
+    def _close(self) -> None:
+        """Close the write buffer (``batch_size`` writes or ``flush_interval_ms`` reached):
+        its entities' profiles are loaded now, in order, as merging them now would (so
+        the LRU order, and which entity ``max_entities`` forgets, stay the same), and
+        their writes join the merge queue, one group per entity. ``apply`` then merges
+        ``DRAIN_PER_WRITE`` queued writes per write it buffers (``_drain``), and a read
+        first merges its entity's own groups: the same merges of the same groups per
+        entity as merging the whole buffer at once, spread over the calls that follow
+        instead of one long call. The queue holds at most one buffer's writes."""
         buf = self._buffer
         if not buf:
             return
+        n = self._n_buffered
         self._buffer = {}
         self._n_buffered = 0
         self._buf_since = None
         self.counters["flushes"] += 1
+        if self._queue and self._n_queued + n > self.params.batch_size:
+            self._drain(FAR)
+        queue, load = self._queue, self._table.load
         for key, writes in buf.items():
-            self._merge(self._table.load(key, True), writes)
+            load(key, True)
+            groups = queue.get(key)
+            if groups is None:
+                queue[key] = [writes]
+            else:
+                groups.append(writes)
+        self._n_queued += n
+
+    def _drain(self, budget: int) -> None:
+        """Merge queued entities until ``budget`` writes were merged (at least one
+        entity) or the queue is empty. Newest queued first (``popitem``: taking the
+        first key of a dict whose front was popped rescans the deleted slots)."""
+        queue, hot, merge = self._queue, self._table.hot, self._merge
+        while queue and budget > 0:
+            key, groups = queue.popitem()
+            p = hot.get(key)
+            if p is None:  # cold or forgotten since (not after on_evict): the slow path
+                budget -= self._merge_queued(key, groups)
+                continue
+            for writes in groups:
+                merge(p, writes)
+                n = len(writes)
+                budget -= n
+                self._n_queued -= n
+
+    def _evicting(self, key: int, p: Profile) -> None:
+        """A hot profile leaves for the cold side: its queued groups are merged first, so
+        it is encoded once, with them, as when the whole buffer was merged at once."""
+        groups = self._queue.pop(key, None)
+        if groups is not None:
+            self._n_queued -= sum(len(g) for g in groups)
+            for writes in groups:
+                self._merge(p, writes)
+
+    def _merge_queued(self, key: int, groups: list[list[tuple[int, int, Any]]]) -> int:
+        """Merge an entity's queued groups in order, without making it the most recently
+        used (an entity forgotten since takes its writes with it); returns the writes."""
+        n = sum(len(g) for g in groups)
+        self._n_queued -= n
+        merge = self._merge
+
+        def merge_all(p: Profile) -> None:
+            for writes in groups:
+                merge(p, writes)
+        self._table.change(key, merge_all)
+        return n
 
     def query(self, entity_id: Any, t_ms: int | None = None) -> dict[str, Any]:
         """All features of an entity at time ``t_ms`` (exclusive; None = now, every event).
@@ -291,9 +364,11 @@ class ProfileStore:
     def snapshot(self) -> dict[str, Any]:
         """Picklable state: config, compressed profiles and the unflushed write buffer.
 
-        Does not flush; hot profiles that changed are encoded (and stay hot). Profiles
-        are listed least recently used first.
+        Does not flush (the queue of closed buffers is merged first: ``_close``); hot
+        profiles that changed are encoded (and stay hot). Profiles are listed least
+        recently used first.
         """
+        self._drain(FAR)
         return {
             "format": FORMAT,
             "entity_kind": self.entity_kind,
@@ -339,6 +414,8 @@ class ProfileStore:
             "cold_bytes": sum(len(b) for b in cold.values()),
             "buffered_writes": self._n_buffered,
             "buffered_entities": len(self._buffer),
+            "queued_writes": self._n_queued,
+            "queued_entities": len(self._queue),
             "hot_slices": hot_slices,
             "hot_raw_events": hot_raw,
             "now": self._now,
@@ -371,6 +448,9 @@ class ProfileStore:
     def _load_current(self, key: int) -> Profile | None:
         """The decoded profile of ``key`` with its pending writes merged (flush-on-read
         for this entity only), or None if the store has never seen it."""
+        groups = self._queue.pop(key, None)
+        if groups is not None:
+            self._merge_queued(key, groups)
         pending = self._buffer.pop(key, None)
         if pending is not None:
             self._n_buffered -= len(pending)
@@ -442,17 +522,32 @@ class ProfileStore:
         folded) into f's memoised slice parts (count / distinct count only: the value a
         recomputation gives). A window's part then holds while its own slices stay
         in and every appended slice counts: for T in [newest appended end, oldest
-        appended end + w). The combined values are forgotten (their raw part moved)."""
+        appended end + w). A combined value (slice part merged with the raw part) keeps
+        its value where every moved event counts both as a raw event (``T <= ts + w``)
+        and in its slice (``end <= T < end + w``): for T in [newest appended end, oldest
+        appended start + w + 1), within its old interval; otherwise it is forgotten."""
         plan = self.plan
         agg = plan.aggs[f]
         first, last = appended[0][1], appended[-1][1]
+        first_start = appended[0][0]
         accs = [s[2] for s in appended]  # never None: a folded slice holds an event
         for j in plan.feat_outs[f]:
-            c.lo[j] = FAR
+            w = plan.out_w[j]
+            lo_c = c.lo[j]
+            if lo_c < FAR:  # the combined value holds while each moved event counts both ways
+                lo_c = last if last > lo_c else lo_c
+                exp_c = c.exp[j]
+                if w is not None and first_start + w + 1 < exp_c:
+                    exp_c = first_start + w + 1
+                if lo_c < exp_c:
+                    c.lo[j], c.exp[j] = lo_c, exp_c
+                    if exp_c < c.hi:
+                        c.hi = exp_c
+                else:
+                    c.lo[j] = FAR
             slo = c.slo[j]
             if slo >= FAR:
                 continue
-            w = plan.out_w[j]
             lo = last if last > slo else slo
             hi = c.sexp[j]
             if w is not None and first + w < hi:
@@ -468,7 +563,7 @@ class ProfileStore:
                 for a in accs:
                     acc = a if acc is None else acc + a
             c.sacc[j], c.slo[j], c.sexp[j] = acc, lo, hi
-        c.lo_max = FAR
+        c.lo_max = max(c.lo)
 
     def _invalidate_raw(self, c: OutputCache, f: int) -> None:
         """Forget feature f's combined values but keep their slice parts."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from events.model import Item
+from operators import item_shard
 from operators.item_shard import ItemsConfig, ItemShard, route_updates
 from operators.item_updates import CatalogChange, CovisPair, Interaction, MFStep
 from state.item_table import ItemTable
@@ -93,6 +94,31 @@ def test_without_batch_ids_every_due_part_publishes(tmp_path: Path) -> None:
     items = publishing_shard(tmp_path)
     outputs = [items.process("i000", part) for part in parts(0)]
     assert len(published(outputs)) == 8
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_live_item_shards_of_a_worker_publish_in_turn_not_in_one_step(
+        tmp_path: Path, live: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18 point 3: the item shards of a worker come due at the same event time;
+    live, one of them publishes per source batch and the others in the batches after
+    (one long step each instead of one step holding them all); replays (``live``
+    False) publish every due shard in the batch, as the tables must not move."""
+    monkeypatch.setattr(item_shard, "_turns", item_shard._Turns())  # this thread's turns
+    store = SnapshotStore(tmp_path)
+    shards = [ItemShard(ItemsConfig(refresh_interval_ms=60_000), store,
+                        one_table_per_batch=live) for _ in range(4)]
+    per_batch = []
+    for batch in range(6):
+        base = T0 + batch * STEP
+        out = [s.process(f"i00{j}", [Interaction(f"x{j}", base + 1, True)], batch)
+               for j, s in enumerate(shards)]
+        per_batch.append([j for j, o in enumerate(out) if "snapshots" in o])
+    # batch 0 sets the clock (first tables), each later batch is a refresh interval on
+    if live:
+        assert per_batch == [[], [0], [1], [2], [3], [0]]
+    else:
+        assert per_batch == [[], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3],
+                             [0, 1, 2, 3]]
 
 
 def test_published_features_are_the_profiles_numeric_outputs_as_of_publication(

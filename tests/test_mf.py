@@ -271,3 +271,47 @@ def test_pickle_roundtrip_keeps_state() -> None:
     assert items2.changed_since(0).upserted == ["i1"] and items2.version == items.version
     assert np.isnan(items2.update("i2", v, T0))
     assert users2.vector("nobody") is None
+
+
+def test_a_wave_of_steps_looks_its_ids_up_once_with_the_same_vectors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18 point 1 (the item shards' MF steps): a wave's rows come from its
+    ``insert`` (``gather_rows``, ``add_rows``), not two more lookups and a sort; the
+    vectors equal, bit for bit, the steps through ``gather`` and ``scatter_add``."""
+    from state.embedding_table import EmbeddingTable
+
+    rng = np.random.default_rng(5)
+    cfg = MFConfig(dim=8, admit_threshold=2)
+    items = [f"i{j}" for j in rng.integers(0, 40, 300)]
+    users = rng.normal(0, 0.3, (300, 8)).astype(np.float32)
+    fast, slow = ItemFactors(cfg), ItemFactors(cfg)
+    for j in range(0, 300, 50):
+        fast.update_batch(items[j:j + 50], users[j:j + 50], 1_000 + j)
+    lookups = 0
+    original = EmbeddingTable.lookup
+
+    def counting(self: EmbeddingTable, keys: np.ndarray) -> np.ndarray:
+        nonlocal lookups
+        lookups += 1
+        return original(self, keys)
+
+    monkeypatch.setattr(EmbeddingTable, "lookup", counting)
+    fast.update_batch([f"x{j}" for j in range(20)], users[:20], 5_000)  # one wave
+    assert lookups == 1
+    monkeypatch.setattr(EmbeddingTable, "lookup", original)
+    # the reference: each wave through gather and scatter_add
+    by_rows = EmbeddingTable.gather_rows
+    monkeypatch.setattr(EmbeddingTable, "gather_rows",  # the rows looked up again
+                        lambda self, keys, rows: by_rows(self, keys, self.lookup(keys)))
+
+    def by_keys(self: EmbeddingTable, rows: np.ndarray, deltas: np.ndarray, now: int) -> int:
+        return EmbeddingTable.scatter_add(self, self.row_keys[rows[rows >= 0]],
+                                          deltas[rows >= 0], now)
+
+    monkeypatch.setattr(EmbeddingTable, "add_rows", by_keys)
+    for j in range(0, 300, 50):
+        slow.update_batch(items[j:j + 50], users[j:j + 50], 1_000 + j)
+    slow.update_batch([f"x{j}" for j in range(20)], users[:20], 5_000)
+    ids = sorted(set(items)) + [f"x{j}" for j in range(20)]
+    assert np.array_equal(fast.vectors(ids), slow.vectors(ids))
+    assert len(fast) == len(slow) > 0

@@ -791,3 +791,61 @@ def test_current_reads_fold_compacted_slices_instead_of_rescanning_every_window(
     # ~360 reads over ~3 hours, a raw fold each minute: a full pass of a count or distinct
     # count at each hourly rebuild, not at each fold (the old way: ~180 per feature)
     assert full_passes < 40, full_passes
+
+
+class _EagerStore(ProfileStore):
+    """The store as it was before the merge queue: a closed write buffer is merged at
+    once, in the call that closes it."""
+
+    def _close(self) -> None:
+        super()._close()
+        self._drain(2**62)
+
+
+@pytest.mark.parametrize("hot_capacity", [7, 100])
+def test_a_closed_write_buffer_is_merged_over_the_next_writes_with_the_same_answers(
+        hot_capacity: int) -> None:
+    """Issue 18 point 3 (a step of the shards holds every request behind it): the call
+    that closes a write buffer (``batch_size`` writes or ``flush_interval_ms``) no longer
+    merges all of it; the writes that follow merge a few queued entities each. Same
+    answers, bit for bit, as merging the buffer at once, through snapshots, and with a
+    small hot set (a queued entity leaving it is merged first) and ``max_entities``
+    forgetting entities (the LRU order is kept)."""
+    rnd = random.Random(11)
+    params = {"batch_size": 64, "flush_interval_ms": 20 * SEC,
+              "hot_capacity": hot_capacity, "max_entities": 40}
+    lazy, eager = ProfileStore(SPECS, "user", **params), _EagerStore(SPECS, "user", **params)
+    ts, most_merged = BASE, 0
+    for i in range(3_000):
+        ts += rnd.randint(0, 3 * SEC)
+        user = f"u{rnd.randint(0, 60)}"
+        late = ts - rnd.randint(0, 90 * SEC) if rnd.random() < 0.1 else ts
+        ev = ({"type": "impression", "ts": late, "user_id": user, "item_id": f"i{i % 17}",
+               "impression_id": f"m{i}"} if rnd.random() < 0.6 else
+              {"type": "feedback", "ts": late, "user_id": user, "item_id": f"i{i % 13}",
+               "action": rnd.choice(["click", "rating"]), "value": rnd.randint(1, 5)})
+        before = lazy.counters["merged_writes"]
+        lazy.apply(ev)
+        eager.apply(ev)
+        most_merged = max(most_merged, lazy.counters["merged_writes"] - before)
+        if i % 97 == 0:
+            who = f"u{rnd.randint(0, 60)}"
+            assert lazy.query(who) == eager.query(who), i
+        if i % 500 == 499:
+            lazy = pickle.loads(pickle.dumps(lazy))  # the queue survives recovery
+    assert lazy.counters["flushes"] == eager.counters["flushes"] > 40
+    assert lazy.counters["evicted"] == eager.counters["evicted"]
+    if hot_capacity < 61:
+        assert lazy.counters["evicted"] > 0
+    else:  # every entity stays hot: no merge at eviction
+        assert most_merged < params["batch_size"] // 2  # eager: a whole buffer at once
+    for store in (lazy, eager):
+        store.apply({"type": "request", "ts": ts + 30 * SEC, "user_id": "u0",
+                     "request_id": "r"})
+    assert lazy.stats()["queued_writes"] > 0  # closed by time, not merged in that call
+    for u in range(61):
+        assert lazy.query(f"u{u}") == eager.query(f"u{u}"), u
+    lazy.flush()
+    eager.flush()
+    assert lazy.stats()["queued_writes"] == 0
+    assert lazy.snapshot()["profiles"] == eager.snapshot()["profiles"]
