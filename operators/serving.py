@@ -489,9 +489,10 @@ class Server:
         ``query_arrays`` once per user, vector, ``n`` and loaded index version (hnswlib's
         search is deterministic for one index and query), kept for the last
         ``ann_memo_users`` users (oldest first out; 60% of the zero-config requests
-        repeat their user's last query, and 16 users a shard keep almost all of them), scores as float32 when they are exactly that
-        (hnswlib's distances). The memo goes with the index object or the id
-        space (weak reference: an old index is not kept alive)."""
+        repeat their user's last query, and 16 users a shard keep almost all of them),
+        scores as float32 when they are exactly that (hnswlib's distances). The memo goes
+        with the index object or the id space (weak reference: an old index is not kept
+        alive)."""
         index = self.views.index.index
         memo = getattr(self, "_ann_memo", None)
         if memo is None or memo[0]() is not index or memo[1] is not space:
