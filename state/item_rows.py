@@ -320,33 +320,28 @@ class ItemRows:
         at = np.where(found, j, 0)
         self.entry[slots] = found
         self.feat_row[slots] = -1
-        if not catalog._available.size or catalog._available.size > _COLUMNS_MAX:
+        size = catalog._available.size
+        if size:
+            self.available[slots] = ~found | catalog._available[at].astype(bool)
+            self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
+        else:  # an empty catalog
+            self.available[slots] = True
+            self.first_seen[slots] = 0
+            self.category[slots] = 0
+        if not size or size > _COLUMNS_MAX:
             # an empty catalog, or one whose columns would cost more than the candidates
-            if catalog._available.size:
-                self.available[slots] = ~found | catalog._available[at].astype(bool)
-                self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
-                names = catalog._category
-                self.category[slots] = [self._code(names[c] or None) if ok else 0
-                                        for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
-            else:
-                self.available[slots] = True
-                self.first_seen[slots] = 0
-                self.category[slots] = 0
+            if size:
+                self.category[slots] = self._named_codes(catalog, j, found)
             self.pop[slots] = np.fromiter(map(table.popular.get, items, itertools.repeat(0.0)),
                                           np.float64, n)
             self.trend[slots] = np.fromiter(map(table.trending.get, items,
                                                 itertools.repeat(0.0)), np.float64, n)
             return
-        self.available[slots] = ~found | catalog._available[at].astype(bool)
-        self.first_seen[slots] = np.where(found, catalog._first_seen[at], 0)
         pop, trend, distinct, cat = catalog_columns(table)
         codes = self._table_codes(shard, distinct)
-        if codes is not None:
-            self.category[slots] = np.where(found, codes[cat[at]], 0)
-        else:  # a category new to this space: codes in the candidates' order, as named
-            names = catalog._category
-            self.category[slots] = [self._code(names[c] or None) if ok else 0
-                                    for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
+        # a category new to this space: codes in the candidates' order, as named
+        self.category[slots] = (np.where(found, codes[cat[at]], 0) if codes is not None
+                                else self._named_codes(catalog, j, found))
         pop, trend = pop[at], trend[at]  # copies
         if not found.all():  # items without a catalog entry may still have counts
             for i in np.flatnonzero(~found).tolist():
@@ -354,6 +349,14 @@ class ItemRows:
                 trend[i] = table.trending.get(items[i], 0.0)
         self.pop[slots] = pop
         self.trend[slots] = trend
+
+    def _named_codes(self, catalog: FrozenCatalog, j: np.ndarray, found: np.ndarray
+                     ) -> list[int]:
+        """The category codes of catalog positions ``j`` (0 where not ``found``), new
+        names coded in this order."""
+        names = catalog._category
+        return [self._code(names[c] or None) if ok else 0
+                for c, ok in zip(j.tolist(), found.tolist(), strict=True)]
 
     def _table_codes(self, shard: int, distinct: list[str | None]) -> np.ndarray | None:
         """This space's category codes of the distinct category names of shard index

@@ -36,6 +36,16 @@ def show(bandit: CategoryBandit, user: str, lists: int, clicked: str | None,
             bandit.click(user, clicked)
 
 
+def alike_shard(bandit: CategoryBandit, lists: int = 200, clicks: int = 30) -> CategoryBandit:
+    """The shard's rates all alike: ``lists`` lists shown to "others", ``clicks`` clicks
+    on every category."""
+    show(bandit, "others", lists, None)
+    for cat in CATS:
+        for _ in range(clicks):
+            bandit.click("others", cat)
+    return bandit
+
+
 def pool(n_per_cat: int = 10) -> tuple[np.ndarray, list[str | None]]:
     """Scores that favour c0 (then c1, c2, c3) at every rank."""
     cats = [CATS[i % 4] for i in range(4 * n_per_cat)]
@@ -69,10 +79,7 @@ def bound_added(entries: int, kind: str, on: dict[str, float], off: dict[str, fl
 
 def test_a_user_whose_clicks_favour_a_category_gets_more_of_it() -> None:
     bandit = CategoryBandit(CategoryExploreConfig())
-    show(bandit, "others", 200, None)
-    for cat in CATS:
-        for _ in range(30):
-            bandit.click("others", cat)  # the shard's rates: all alike
+    alike_shard(bandit)
     show(bandit, "fan", 6, "c3")
     show(bandit, "c0 fan", 6, "c0")
     # The scorer puts c3 last; the fan's clicks lift it well above a quarter of the slots.
@@ -333,10 +340,7 @@ def test_sharpen_explores_less_around_the_same_posterior() -> None:
     out = {}
     for x in (1.0, 8.0):
         bandit = CategoryBandit(CategoryExploreConfig(sharpen=x))
-        show(bandit, "others", 100, None)
-        for cat in CATS:
-            for _ in range(15):
-                bandit.click("others", cat)
+        alike_shard(bandit, 100, 15)
         show(bandit, "fan", 3, "c3")
         scores, cats = pool()
         props = [bandit.order("fan", scores, cats, 10, seed)[1].mean() for seed in range(50)]
@@ -732,16 +736,13 @@ def test_explore_slots_leave_a_list_that_has_the_sampled_category_alone() -> Non
 def test_half_life_fades_the_counts_of_a_user_who_comes_back_late() -> None:
     """``half_life_s``: a user clicked c0 in 6 lists a minute apart, then comes back a day
     later and clicks c2 once (the shard's rates alike); with a half-life of an hour the old
-    counts have faded and c2 leads, forgetting per list only (0) keeps c0 ahead; a user back after a second keeps
-    the same counts either way."""
+    counts have faded and c2 leads, forgetting per list only (0) keeps c0 ahead; a user
+    back after a second keeps the same counts either way."""
     minute, day = 60_000, 86_400_000
     means = {}
     for half_life in (3_600.0, 0.0):
         bandit = CategoryBandit(CategoryExploreConfig(half_life_s=half_life))
-        show(bandit, "others", 200, None)
-        for cat in CATS:
-            for _ in range(30):
-                bandit.click("others", cat)  # the shard's rates: all alike
+        alike_shard(bandit)
         for gap, user in ((day, "late"), (1_000, "soon")):
             for n in range(6):
                 for pos in range(8):
