@@ -91,17 +91,18 @@ class CandidatePool:
         """``Candidate`` objects of the positions ``idx`` (default: all), with the pool's
         score and category."""
         il = range(len(self.items)) if idx is None else idx.tolist()
-        score = self.score.tolist()
+        # a few positions (the top k): element reads; all of them: one conversion
+        score: Any = self.score if idx is not None else self.score.tolist()
         category: Any = self.category
         if category is None and self.coded is not None:  # the names of the codes taken
             names = self.coded.names
-            codes = self.coded.codes.tolist()
+            codes: Any = self.coded.codes if idx is not None else self.coded.codes.tolist()
             category = {i: names[codes[i]] for i in il}
         if self.objs is not None:
             out = []
             for i in il:
                 c = self.objs[i]
-                c.score = score[i]
+                c.score = float(score[i])
                 if category is not None:
                     c.category = category[i]
                 out.append(c)
@@ -111,10 +112,14 @@ class CandidatePool:
         items = self.items
         out = []
         for i in il:
-            srcs = [s for n, s in enumerate(SOURCES) if has[n, i]]
-            out.append(Candidate(items[i], srcs,
-                                 {s: float(scores[SOURCES.index(s), i]) for s in srcs},
-                                 score[i], None if category is None else category[i]))
+            srcs: list[str] = []
+            by_source: dict[str, float] = {}
+            for n, s in enumerate(SOURCES):
+                if has[n, i]:
+                    srcs.append(s)
+                    by_source[s] = float(scores[n, i])
+            out.append(Candidate(items[i], srcs, by_source, float(score[i]),
+                                 None if category is None else category[i]))
         return out
 
     @classmethod
