@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from models.group_prior import GroupPrior, group_keys
+from models.seeded import SeededGenerator
 from models.taste_change import click_surprise, cusum, exposure_surprise
 from state.feature_spec import position_discount
 from state.settings import doc
@@ -308,9 +309,10 @@ class CategoryBandit:
         """user -> event time (ms) of their last list's first impression (``half_life_s``)."""
 
     def __getstate__(self) -> dict[str, Any]:
-        """Recovery state without the posterior memo."""
+        """Recovery state without the posterior memo and the seeded generator."""
         state = self.__dict__.copy()
         state.pop("_post_memo", None)
+        state.pop("_seeded", None)
         return state
 
     def _changed(self) -> None:
@@ -566,7 +568,10 @@ class CategoryBandit:
         a, b = self.posterior(user_id, names, history, attrs)
         if self.config.sharpen != 1.0:
             a, b = a * self.config.sharpen, b * self.config.sharpen
-        rng = np.random.default_rng(seed)
+        seeded = getattr(self, "_seeded", None)  # older state: none
+        if seeded is None:
+            seeded = self._seeded = SeededGenerator()
+        rng = seeded(seed)  # default_rng(seed)'s numbers
         draws = self.config.propensity_draws
         if self.config.mode == "rerank":  # every list at once: one row of draws per list
             theta = rng.beta(a, b, size=(draws + 1, len(names)))
