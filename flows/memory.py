@@ -95,7 +95,6 @@ BYTES: dict[str, float] = {
     "category_user": 1_200,
     "category_user_change": 40,
     "category_user_time": 120,
-    "category_user_item": 250,
     "category_group": 2_200,
     "category_list": 700,
     "category_item": 100,
@@ -182,9 +181,6 @@ def memory_bound(config: Config) -> dict[str, Any]:
         # the event time of each user's last list (half_life_s)
         + (explore.max_users * b["category_user_time"]
            if explore.enabled and explore.half_life_s > 0 else 0)
-        # each user's record of the items shown to them (seen_prior)
-        + (explore.max_users * explore.seen_items * b["category_user_item"]
-           if explore.enabled and explore.seen_prior > 0 else 0)
         # and the category source's merged lists (operators/category_items.py; shared by
         # the user shards of a process since serve7, counted per shard as before) with
         # each list's items as rows of the shard's id space (CategoryItems.rows)

@@ -116,21 +116,6 @@ class CategoryExploreConfig:
     item_rate: list[str] = doc("Item profile features (clicks, impressions) of ``item_lift``, "
                                "as the item tables publish them (the whole stream's counts).",
                                factory=lambda: ["item.clicks.1d", "item.impressions.1d"])
-    exploit_slots: int = doc("mode 'rerank': the list's first this many slots are ordered by the "
-                             "posterior means instead of the request's draws (the same key with "
-                             "each category's mean), the rest by the draws: exploration goes to "
-                             "the lower slots, whose clicks are worth less; 0: off.", 0)
-    seen_prior: float = doc("Impression discounting from the user's own record of each item: "
-                            "within the sampled order each candidate's key is multiplied by "
-                            "(m + the user's clicks on it) / (m + the clicks its exposures to "
-                            "the user were expected to give), m = this many expected clicks "
-                            "(a Gamma prior of mean 1 on the user x item factor); expected "
-                            "clicks = the item's position-discounted exposures to the user, "
-                            "fading by ``decay`` per list as the category counts do, times the "
-                            "user's category mean x the item's lift. An item shown again and "
-                            "again without a click sinks and frees its slot; 0: off.", 0.0)
-    seen_items: int = doc("Items per user whose exposures and clicks ``seen_prior`` keeps (the "
-                          "most recently shown; flows/memory.py).", 50)
     retrieve_per_category: int = doc("``serving.sources.category``: items retrieved per "
                                      "category (its best by click rate over the category's, "
                                      "``item_rate`` counts shrunk by ``item_lift``), for the "
@@ -155,8 +140,7 @@ def check_category_config(config: CategoryExploreConfig) -> None:
     if config.half_life_s < 0:
         raise ValueError(f"half_life_s: must be >= 0, got {config.half_life_s}")
     for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws),
-                       ("explore_slots", config.explore_slots),
-                       ("exploit_slots", config.exploit_slots)):
+                       ("explore_slots", config.explore_slots)):
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value}")
     if config.mode not in CATEGORY_MODES:
@@ -186,10 +170,6 @@ def check_category_config(config: CategoryExploreConfig) -> None:
             raise ValueError(f"{key}: must be >= 1, got {value}")
     if config.max_users < 1:
         raise ValueError(f"max_users: must be >= 1, got {config.max_users}")
-    if config.seen_prior < 0:
-        raise ValueError(f"seen_prior: must be >= 0, got {config.seen_prior}")
-    if config.seen_items < 1:
-        raise ValueError(f"seen_items: must be >= 1, got {config.seen_items}")
 
 
 def item_lift(cat_of: np.ndarray, clicks: np.ndarray, shown: np.ndarray,
@@ -311,9 +291,6 @@ class CategoryBandit:
         """Category counts of the users sharing an attribute value (``group_prior``)."""
         self.list_ts: dict[str, int] = {}
         """user -> event time (ms) of their last list's first impression (``half_life_s``)."""
-        self.seen: dict[str, OrderedDict[str, list[float]]] = {}
-        """user -> item -> [clicks, discounted exposure] of the user's own record, decayed
-        with their category counts, the most recently shown ``seen_items`` (``seen_prior``)."""
 
     def _group_prior(self) -> GroupPrior | None:
         """The group counts when ``group_prior`` is on (None in state pickled before)."""
@@ -354,40 +331,6 @@ class CategoryBandit:
         self.all[1] += discount
         return rate / overall
 
-    def _seen(self, user_id: str, create: bool) -> OrderedDict[str, list[float]] | None:
-        """The user's item record (``seen_prior``; None when off, or absent and not
-        ``create``)."""
-        if self.config.seen_prior <= 0:
-            return None
-        seen = getattr(self, "seen", None)
-        if seen is None:  # state pickled before
-            seen = self.seen = {}
-        record = seen.get(user_id)
-        if record is None and create:
-            record = seen[user_id] = OrderedDict()
-        return record
-
-    def seen_factor(self, user_id: str, items: Sequence[str], expected: np.ndarray
-                    ) -> np.ndarray | None:
-        """``seen_prior``: each candidate's factor ``(m + clicks) / (m + exposure x
-        expected)`` from the user's own record of it (``expected``: each candidate's
-        expected clicks per discounted exposure, the user's category mean x the item's
-        lift); 1 for items the user was never shown; None when no candidate has a record."""
-        seen = self._seen(user_id, create=False)
-        if not seen:
-            return None
-        at = {item: j for j, item in enumerate(items)}
-        hits = [(at[item], c, e) for item, (c, e) in seen.items() if item in at]
-        if not hits:
-            return None
-        m = self.config.seen_prior
-        idx = np.fromiter((h[0] for h in hits), np.int64, len(hits))
-        clicks = np.fromiter((h[1] for h in hits), np.float64, len(hits))
-        exposure = np.fromiter((h[2] for h in hits), np.float64, len(hits))
-        factor = np.ones(len(items))
-        factor[idx] = (m + clicks) / (m + exposure * expected[idx])
-        return factor
-
     def _user(self, user_id: str) -> tuple:
         entry = self.users.get(user_id)
         if entry is None:
@@ -395,7 +338,6 @@ class CategoryBandit:
             if len(self.users) > self.config.max_users:
                 gone_id, _ = self.users.popitem(last=False)
                 getattr(self, "list_ts", {}).pop(gone_id, None)
-                getattr(self, "seen", {}).pop(gone_id, None)
         else:
             self.users.move_to_end(user_id)
         return entry
@@ -414,24 +356,8 @@ class CategoryBandit:
                 for c in counts.values():
                     c[0] *= decay
                     c[1] *= decay
-                seen = self._seen(user_id, create=False)
-                if seen is not None:
-                    for c in seen.values():
-                        c[0] *= decay
-                        c[1] *= decay
             self.users[user_id] = (list_id, counts, *entry[2:])
         w = exposure_weight(position)
-        if item_id is not None:
-            seen = self._seen(user_id, create=True)
-            if seen is not None:
-                record = seen.get(item_id)
-                if record is None:
-                    seen[item_id] = [0.0, w]
-                    if len(seen) > self.config.seen_items:
-                        seen.popitem(last=False)
-                else:
-                    record[1] += w
-                    seen.move_to_end(item_id)
         if self.config.item_adjusted:
             w *= self._item_weight(item_id, w)
         key = category or ""
@@ -454,12 +380,6 @@ class CategoryBandit:
                 counts[0] += 1.0
             self.all[0] += 1.0
         counts = self._user(user_id)[1]
-        if item_id is not None:
-            seen = self._seen(user_id, create=True)
-            if seen is not None:
-                seen.setdefault(item_id, [0.0, 0.0])[0] += 1.0
-                if len(seen) > self.config.seen_items:
-                    seen.popitem(last=False)
         if self.config.change_threshold > 0:
             self._surprise(user_id, counts, click_surprise(*self._rates(counts, key)))
         counts.setdefault(key, [0.0, 0.0])[0] += 1.0
@@ -572,13 +492,12 @@ class CategoryBandit:
               categories: Sequence[str | None] | CodedCategories, k: int,
               seed: int, history: dict[str, float] | None = None,
               counts: tuple[np.ndarray, np.ndarray] | None = None,
-              attrs: dict[str, Any] | None = None, items: Sequence[str] | None = None
+              attrs: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, np.ndarray] | None:
         """The top ``k`` by Thompson sampling over the categories (``mode``): (candidate
         indices of the list, each slot's propensity), or None for a user without
         exposures (keep the scorer's order). ``history``, ``attrs``: see ``posterior``;
-        ``counts``: each candidate's (clicks, impressions) for ``item_lift``; ``items``:
-        the candidates' ids, for ``seen_prior``."""
+        ``counts``: each candidate's (clicks, impressions) for ``item_lift``."""
         if not len(scores) or not self.knows(user_id):
             return None
         names, cat_of = category_codes(categories)
@@ -597,24 +516,8 @@ class CategoryBandit:
             if counts is not None and self.config.item_lift > 0:
                 lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
                 discount = discount / lift[best_first]
-            if items is not None and self.config.seen_prior > 0:
-                # the user's category mean (sharpening keeps it) x the item's lift
-                expected = (a / (a + b))[cat_of] * (1.0 if lift is None else lift)
-                seen = self.seen_factor(user_id, items, expected)
-                if seen is not None:
-                    discount = discount / seen[best_first]
-                    lift = seen if lift is None else lift * seen
             key = theta[:, cat_of[best_first]] / discount
-            exploit = min(self.config.exploit_slots, k, len(best_first))
-            if exploit:  # the first slots by the means, in every row alike
-                mean = (a / (a + b))[cat_of[best_first]] / discount
-                first = np.argsort(-mean, kind="stable")[:exploit]
-                key[:, first] = np.inf  # sorted first in every row, then dropped
-                rest = np.argsort(-key, axis=1, kind="stable")[:, exploit:]
-                top = best_first[np.concatenate(
-                    [np.broadcast_to(first, (len(key), exploit)), rest], axis=1)[:, :k]]
-            else:
-                top = best_first[np.argsort(-key, axis=1, kind="stable")[:, :k]]
+            top = best_first[np.argsort(-key, axis=1, kind="stable")[:, :k]]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
                 top = self._explore(top, theta, by_score, cat_of, lift, explore)

@@ -110,7 +110,7 @@ class CategoryExplore:
         categories = pool.category if pool.coded is None else pool.coded
         out = self.bandit.order(user_id, pool.score, categories, request.k,
                                 stable_hash64(f"category:{request.request_id}"), history, counts,
-                                attrs, pool.items if config.seen_prior > 0 else None)
+                                attrs)
         if out is None:
             return None
         idx, props = out
