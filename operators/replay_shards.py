@@ -248,12 +248,13 @@ def parse_shard_batch(parser: EventParser, batch: ShardBatch, shard_of: Callable
     and must not be counted). Of a shared line, an ``item`` event is kept (counted in
     partition 0 only), a user event only in its shard's partition, a dead letter only in
     partition 0."""
+    shared, shard = batch.shared, batch.shard
+    if not shared:  # all its lines are its own: the batch parse as it is
+        return (*parser.parse_batch(batch), 0)
     events: list[Any] = []
     dead: list[dict[str, Any]] = []
     copies = 0
-    shared, shard = batch.shared, batch.shard
-    for i, raw in enumerate(batch):
-        out = parser.parse(raw)
+    for i, out in enumerate(parser.parse_many(batch)):
         if isinstance(out, dict):
             if shard == 0 or i not in shared:
                 dead.append(out)
