@@ -548,13 +548,26 @@ class Joiner:
         return len(rows)
 
     def advance(self) -> None:
-        """Close every window whose deadline the watermark has passed; expire orphans."""
-        watermark = self.watermark_ms
-        if watermark is None:
+        """Close every window whose deadline the watermark has passed; expire orphans;
+        forget closed ids past the dedup horizon (or beyond the bound).
+
+        Runs at every step of the clock (nearly every event), and usually finds nothing
+        due: each part is called only when its own first entry is due (the same checks
+        each makes first, without its call)."""
+        if self.max_ts_ms is None:
             return
-        self._close_until(watermark)
-        self._expire_orphans(watermark)
-        self._forget_closed(watermark - self.config.dedup_horizon_ms)
+        config = self.config
+        watermark = self.max_ts_ms - config.allowed_lateness_ms
+        heap = self._deadlines
+        if heap and heap[0] <= watermark:
+            self._close_until(watermark)
+        if self.orphans:
+            self._expire_orphans(watermark)
+        closed = self.closed_ids
+        order, horizon = closed.order, watermark - config.dedup_horizon_ms
+        limit = 4 * config.max_pending  # closed ids held at most
+        if order and (len(closed.at) > limit or closed.at.get(order[0], horizon) <= horizon):
+            closed.forget(horizon, limit)
 
     def advance_idle(self, idle_ms: int, now_ms: int) -> bool:
         """Wall-clock fallback: move the clock ``idle_ms`` forward and close windows,
@@ -663,44 +676,58 @@ class Joiner:
     def _close_until(self, watermark: int | None) -> None:
         heap, due, rows = self._deadlines, self._due, self._pending.rows
         closing: list[int] = []
+        ids: list[str] = []
+        deadlines: list[int] = []
         pop, gone = rows.pop, itertools.repeat(None)
         while heap and (watermark is None or heap[0] <= watermark):
-            ids = sorted(due.pop(heapq.heappop(heap)))
-            closing += [row for row in map(pop, ids, gone) if row is not None]  # pop in C
+            deadline = heapq.heappop(heap)
+            those = sorted(due.pop(deadline))
+            got = list(map(pop, those, gone))  # pop in C
+            if None in got:  # not pending (never the case: a deadline lists pending ids)
+                those = [iid for iid, row in zip(those, got, strict=True) if row is not None]
+                got = [row for row in got if row is not None]
+            closing += got
+            ids += those
+            deadlines += itertools.repeat(deadline, len(those))
         if closing:
-            self._close(closing)
+            self._close(closing, ids, deadlines)
 
     def _close_oldest(self, n: int) -> None:
         heap, due, rows = self._deadlines, self._due, self._pending.rows
         closing: list[int] = []
+        closed: list[str] = []
+        deadlines: list[int] = []
         while len(closing) < n and heap:
-            ids = due[heap[0]]
+            deadline = heap[0]
+            ids = due[deadline]
             ids.sort()
             i = 0
             while i < len(ids) and len(closing) < n:
                 row = rows.pop(ids[i], None)
-                i += 1
                 if row is not None:
                     closing.append(row)
+                    closed.append(ids[i])
+                    deadlines.append(deadline)
+                i += 1
             del ids[:i]
             if not ids:
                 del due[heapq.heappop(heap)]
         self.counters.forced_closes += len(closing)
-        self._close(closing)
+        self._close(closing, closed, deadlines)
 
-    def _close(self, closing: list[int]) -> None:
-        """Close these windows (rows already out of ``rows``, in deadline order): each not
-        yet emitted leaves as a negative if the sampler keeps it. The deferred features of
-        the kept ones are computed together (``DeferringContext.resolve_all``: one feature
-        call per request instead of one per impression; the same values; straight to the
-        wire value when the rows are wire rows) and their rows built in one pass
-        (``RowForm.impressions``). The rows are then released."""
+    def _close(self, closing: list[int], ids: list[str], deadlines: list[int]) -> None:
+        """Close these windows (rows already out of ``rows``, in deadline order; ``ids``
+        and ``deadlines`` theirs, from the deadline lists: not read again from the rows):
+        each not yet emitted leaves as a negative if the sampler keeps it. The deferred
+        features of the kept ones are computed together (``DeferringContext.resolve_all``:
+        one feature call per request instead of one per impression; the same values;
+        straight to the wire value when the rows are wire rows) and their rows built in
+        one pass (``RowForm.impressions``). The rows are then released."""
         pending = self._pending
-        impression, deadline, flags = pending.impression, pending.deadline, pending.flags
+        impression, flags = pending.impression, pending.flags
         counters = self.counters
         imps = [impression[row] for row in closing]
-        ids = [imp.impression_id for imp in imps]  # type: ignore[union-attr]
-        self.closed_ids.add_many(ids, [deadline[row] for row in closing])
+        self.closed_ids.add_many(ids, deadlines)
         marks = [flags[row] for row in closing]
         if any([mark & EMITTED for mark in set(marks)]):  # some emitted: not negatives
             waiting = [j for j, mark in enumerate(marks) if not mark & EMITTED]
@@ -730,9 +757,6 @@ class Joiner:
                 imps, [labels[row] for row in rows], 0, weight, features))  # type: ignore[arg-type]
             self._count(0, weight, len(rows))
         pending.release(closing)
-
-    def _forget_closed(self, horizon_ms: int) -> None:
-        self.closed_ids.forget(horizon_ms, 4 * self.config.max_pending)
 
     def _emit(self, imp: Impression, labels: dict[str, float], features: Any, label: int,
               weight: float) -> None:
