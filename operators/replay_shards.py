@@ -251,10 +251,22 @@ def parse_shard_batch(parser: EventParser, batch: ShardBatch, shard_of: Callable
     shared, shard = batch.shared, batch.shard
     if not shared:  # all its lines are its own: the batch parse as it is
         return (*parser.parse_batch(batch), 0)
+    outs = parser.parse_many(batch)
+    copies = 0
+    if not parser.dead_in_last:  # only the shared lines need a look (item events, mostly)
+        drop: set[int] = set()
+        for i in shared:
+            out = outs[i]
+            if isinstance(out, Item):
+                copies += shard != 0
+            elif shard_of(out.user_id) != shard:  # type: ignore[union-attr]
+                drop.add(i)
+        if drop:
+            outs = [out for i, out in enumerate(outs) if i not in drop]
+        return outs, [], copies
     events: list[Any] = []
     dead: list[dict[str, Any]] = []
-    copies = 0
-    for i, out in enumerate(parser.parse_many(batch)):
+    for i, out in enumerate(outs):
         if isinstance(out, dict):
             if shard == 0 or i not in shared:
                 dead.append(out)

@@ -70,10 +70,11 @@ class DeferringContext(JoinContext, Protocol):
     """A ``JoinContext`` that can also defer an impression's features."""
 
     def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Any:
-        """A token (never a dict) for what ``example_features`` would return now, computed
-        by ``resolve_all`` (the joiner defers every impression: most negatives are
-        dropped by the sampler and need features only if clicked, and the rest are
-        computed together with the other pending impressions of their request)."""
+        """A token for what ``example_features`` would return now, computed by
+        ``resolve_all`` (the joiner defers every impression: most negatives are dropped
+        by the sampler and need features only if clicked, and the rest are computed
+        together with the other pending impressions of their request). A tuple, never a
+        dict or a list (computed features): the joiner tells them apart by type."""
         ...
 
     def resolve_all(self, deferred: list[Any], wire: bool = False) -> list[Any]:
@@ -288,6 +289,9 @@ def float32_features(features: dict[str, Any]) -> dict[str, Any]:
 
 _LABEL_KEYS = ("0", "1")
 """``str(label)`` of the two labels (the metrics' keys)."""
+
+_EXACT_SUM = float(2 ** 53)
+"""Integer-valued float sums up to here are exact (``Joiner._count``)."""
 
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
 
@@ -615,8 +619,12 @@ class Joiner:
             acc = self.by_label[_LABEL_KEYS[label]] = [0, 0.0]
         acc[0] += n
         total = acc[1]
-        for _ in itertools.repeat(None, n):
-            total += weight
+        if (type(weight) is float and weight.is_integer() and total.is_integer()
+                and total + n * weight <= _EXACT_SUM):  # every partial sum exact: the same
+            total += n * weight
+        else:
+            for _ in itertools.repeat(None, n):
+                total += weight
         acc[1] = total
 
     # -- internals --------------------------------------------------------------
@@ -750,8 +758,8 @@ class Joiner:
         if rows:
             counters.negatives_kept += len(rows)
             features = [pending.features[row] for row in rows]
-            if self._resolve_all is not None:
-                features = self._resolve_all(features, self.rows.wire)  # dicts as they are
+            if self._resolve_all is not None and tuple in set(map(type, features)):
+                features = self._resolve_all(features, self.rows.wire)  # computed as they are
             weight, labels = self.sampler.weight, pending.labels
             self.examples.extend(self.rows.impressions(
                 imps, [labels[row] for row in rows], 0, weight, features))  # type: ignore[arg-type]
