@@ -620,7 +620,7 @@ class Joiner:
         acc[0] += n
         total = acc[1]
         if (type(weight) is float and weight.is_integer() and total.is_integer()
-                and total + n * weight <= _EXACT_SUM):  # every partial sum exact: the same
+                and abs(total) + n * abs(weight) <= _EXACT_SUM):  # every partial sum exact
             total += n * weight
         else:
             for _ in itertools.repeat(None, n):

@@ -489,7 +489,7 @@ def test_advance_equals_calling_every_part_at_every_step(seed: int) -> None:
     assert fast.drain() == slow.drain() and fast.counters == slow.counters
 
 
-@pytest.mark.parametrize("weight", [1.0, 10.0, 0.3, 1 / 3, 1e300, 2.0 ** 52])
+@pytest.mark.parametrize("weight", [1.0, 10.0, 0.3, 1 / 3, 1e300, 2.0 ** 52, -3.0])
 def test_counts_add_weights_as_one_at_a_time(weight: float) -> None:
     """``by_label``'s weight sums equal adding each example's weight in turn, whatever the
     weight (integer weights are added at once only where every partial sum is exact)."""
