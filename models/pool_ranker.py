@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from state.npz import save_npz
 from state.packing import pack_strings, unpack_strings
 from state.settings import doc
 
@@ -218,10 +219,10 @@ def save_pool_ranker(ranker: PoolRanker, path: str | os.PathLike) -> None:
     uncompressed ``.npz`` of numeric arrays (no pickles)."""
     blob, offsets = pack_strings(ranker.names)
     with open(path, "wb") as f:
-        np.savez(f, format=np.array([POOL_FORMAT]), names_blob=blob, names_offsets=offsets,
-                 w=ranker.w, g2=ranker.g2, mean=ranker.mean, var=ranker.var,
-                 counts=np.array([ranker.pools, ranker.updates], np.int64),
-                 lr=np.array([ranker.lr]), ranks=np.array([int(ranker.ranks)]))
+        save_npz(f, dict(format=np.array([POOL_FORMAT]), names_blob=blob, names_offsets=offsets,
+                         w=ranker.w, g2=ranker.g2, mean=ranker.mean, var=ranker.var,
+                         counts=np.array([ranker.pools, ranker.updates], np.int64),
+                         lr=np.array([ranker.lr]), ranks=np.array([int(ranker.ranks)])))
 
 
 def load_pool_ranker(path: str | os.PathLike | Path) -> PoolRanker:

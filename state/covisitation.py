@@ -46,6 +46,7 @@ from itertools import chain, islice
 import numpy as np
 
 from state.decay import decay_factor
+from state.npz import save_npz
 from state.packing import pack_strings, unpack_strings
 
 Pair = tuple[str, str, float]
@@ -505,8 +506,7 @@ class CoVisitation:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one uncompressed ``.npz`` file (no pickled objects)."""
-        with open(path, "wb") as f:
-            np.savez(f, **self.to_arrays())
+        save_npz(path, self.to_arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CoVisitation:
