@@ -158,35 +158,43 @@ class CoVisitation:
         limit = m + int(m * self.config.prune_slack)
         rows = self._rows
         written = self._written
-        for a, b, w in pairs:
-            row = rows.get(a)
-            if row is None:
-                row = rows[a] = {}
-                if written is not None:
-                    written[a] = True
-                if len(rows) > self.config.max_items:
-                    rows.popitem(last=False)
-                    self.evicted_rows += 1
-            else:
-                rows.move_to_end(a)
-                if written is not None:
-                    written.setdefault(a, False)
-            self.pairs_added += 1
-            val = row.get(b)
-            if val is not None:
-                row[b] = val + w * g
-                continue
-            row[b] = w * g
-            if len(row) > limit:
-                if written is not None:
-                    written[a] = True
-                if limit == m:
-                    weakest = min(row, key=row.__getitem__)
-                    del row[weakest]
-                    self.evicted_neighbors += 1
-                else:  # amortised: one O(row) prune per slack inserts instead of one per insert
-                    self.evicted_neighbors += len(row) - m
-                    row = rows[a] = dict(heapq.nlargest(m, row.items(), key=_weight))
+        last: str | None = None  # the previous pair's row item: its row is ``row``, last in rows
+        row: dict[str, float] = {}
+        added = 0
+        try:
+            for a, b, w in pairs:
+                added += 1
+                if a != last:
+                    last = a
+                    row = rows.get(a)  # type: ignore[assignment]
+                    if row is None:
+                        row = rows[a] = {}
+                        if written is not None:
+                            written[a] = True
+                        if len(rows) > self.config.max_items:
+                            rows.popitem(last=False)
+                            self.evicted_rows += 1
+                    else:
+                        rows.move_to_end(a)
+                        if written is not None:
+                            written.setdefault(a, False)
+                val = row.get(b)
+                if val is not None:
+                    row[b] = val + w * g
+                    continue
+                row[b] = w * g
+                if len(row) > limit:
+                    if written is not None:
+                        written[a] = True
+                    if limit == m:
+                        weakest = min(row, key=row.__getitem__)
+                        del row[weakest]
+                        self.evicted_neighbors += 1
+                    else:  # amortised: one O(row) prune per slack inserts, not one per insert
+                        self.evicted_neighbors += len(row) - m
+                        row = rows[a] = dict(heapq.nlargest(m, row.items(), key=_weight))
+        finally:
+            self.pairs_added += added
         if written is not None and len(written) > self.config.max_items:
             self._written = None  # more rows written than a table holds: rebuild them all
 

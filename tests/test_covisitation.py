@@ -295,3 +295,31 @@ def test_published_arrays_fall_back_to_a_full_build_when_previous_does_not_fit()
     untracked = CoVisitation.from_arrays(cv.to_arrays())  # restored: written rows unknown
     untracked.observe(["a"], "d", T0 + 2)
     _same_arrays(untracked.publish_arrays(first), untracked.to_arrays())
+
+
+@pytest.mark.parametrize("slack", [0.5, 0.0])
+def test_a_batch_of_pairs_adds_as_the_pairs_one_by_one(slack: float) -> None:
+    """``add`` reads a row once for a run of pairs of the same item: rows, their order
+    (least recently written first), evictions, prunes and counters equal adding the pairs
+    one call each."""
+    import random
+
+    rnd = random.Random(5)
+    cfg = CoVisConfig(max_neighbors=5, prune_slack=slack, window=6, max_items=12,
+                      half_life_ms=H)
+    batch, single = CoVisitation(cfg), CoVisitation(cfg)
+    names = [f"n{i}" for i in range(30)]
+    ts = T0
+    for _ in range(40):
+        pairs = []
+        for _ in range(rnd.randint(1, 6)):
+            new = rnd.choice(names[:18])
+            pairs += batch.pairs_for(rnd.sample(names, 7), new)
+            pairs += [(new, rnd.choice(names), 0.5)] * rnd.randint(0, 3)  # runs of one row
+        batch.add(pairs, ts)
+        for p in pairs:
+            single.add([p], ts)
+        ts += rnd.randint(0, H // 4)
+    assert list(batch._rows.items()) == list(single._rows.items())
+    assert batch.stats() == single.stats() and batch.stats()["evicted_rows"] > 0
+    assert batch.stats()["evicted_neighbors"] > 0
