@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from state.aggregates import EXACT_INCREMENTAL, make_agg, make_prep
+from state.aggregates import EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
 from state.feature_spec import RATE_SCALE, FeatureSpec, parse_duration
 from state.hashing import stable_hash64
 
@@ -159,6 +159,8 @@ class ProfilePlan:
         self.preps = [make_prep(s) for s in self.specs]
         self.horizon = [s.longest_window_ms + params.retention_ms for s in self.specs]
         self.incremental = [s.aggregate in EXACT_INCREMENTAL for s in self.specs]
+        self.fold = [fold_kind(s.aggregate) for s in self.specs]
+        """How a write folds into the previous one of its feature (``fold_kind``)."""
         self.has_all = [s.has_all for s in self.specs]
         self.min_values = [s.min_value for s in self.specs]
         self.feat_outs: list[list[int]] = []
