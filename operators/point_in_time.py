@@ -284,8 +284,9 @@ class PointInTime:
         profile: dict[str, Any] = {}
         store = self.profiles.get("user")
         if store is not None:
-            for name, value in store.query(user_id, _query_time(store, ts_ms)).items():
-                profile[name] = _feature_value(name, value, ts_ms)
+            profile = store.query_key(store.plan.key(user_id), _query_time(store, ts_ms))
+            for name in _query_plan(store).ts_names:  # a fresh dict: its times made ages
+                profile[name] = _feature_value(name, profile[name], ts_ms)
         for key, value in self.user_attrs.get(user_id, {}).items():
             profile[f"u:{key}"] = value
         vector = None
@@ -685,7 +686,7 @@ class PointInTime:
         """The features of the ``(user_id, value)`` profile of a ``user_x_<attr>`` store
         (``_feature_value`` of each output); one shared ``FixedFeatures`` when the store
         has no such profile."""
-        plan = _cross_plan(store)
+        plan = _query_plan(store)
         key = store.plan.cross_key(user_id, value)  # store.key_of((user_id, value))
         if plan.empty is not None and not store.knows(key):
             return plan.empty
@@ -1066,9 +1067,9 @@ class FixedFeatures(dict):  # type: ignore[type-arg]
     it by identity (``ColumnScorer``)."""
 
 
-class _CrossPlan:
-    """Per ``user_x_<attr>`` store: its outputs that ``_feature_value`` changes and its
-    shared empty features (None when they depend on the query time or hold lists)."""
+class _QueryPlan:
+    """Per profile store: its outputs that ``_feature_value`` changes and its shared
+    empty features (None when they depend on the query time or hold lists)."""
 
     def __init__(self, store: ProfileStore) -> None:
         self.ts_names = [name for name in store.output_names if name.endswith("_ts.all")]
@@ -1076,13 +1077,13 @@ class _CrossPlan:
         self.empty = FixedFeatures(store.empty_answer()) if fixed else None
 
 
-_CROSS_PLANS: weakref.WeakKeyDictionary[ProfileStore, _CrossPlan] = weakref.WeakKeyDictionary()
+_QUERY_PLANS: weakref.WeakKeyDictionary[ProfileStore, _QueryPlan] = weakref.WeakKeyDictionary()
 
 
-def _cross_plan(store: ProfileStore) -> _CrossPlan:
-    plan = _CROSS_PLANS.get(store)
+def _query_plan(store: ProfileStore) -> _QueryPlan:
+    plan = _QUERY_PLANS.get(store)
     if plan is None:
-        plan = _CROSS_PLANS[store] = _CrossPlan(store)
+        plan = _QUERY_PLANS[store] = _QueryPlan(store)
     return plan
 
 
