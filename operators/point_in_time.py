@@ -617,43 +617,49 @@ class PointInTime:
         retained.clear()
         retained.extend(live[cut:])
         still: list[weakref.ref[_Taken]] = []
+        by_version: dict[int, list[_Taken]] = {}
         for ref in self._open:
             taken = ref()
             if taken is None or taken.views is None:
                 continue
             if id(taken.views) in old:
-                self._detach(taken)
+                by_version.setdefault(id(taken.views), []).append(taken)
             else:
                 still.append(ref)
         self._open = still
+        for takens in by_version.values():
+            self._detach(takens)
         return lambda d: id(d[0].views) in old
 
-    def _detach(self, taken: _Taken) -> None:
-        """Capture what the deferred features of ``taken``'s group read of its snapshot
-        version (``_Detached``: the items' snapshot columns, table captures and MF vector
-        rows), then let the version go (``taken.views = None``)."""
-        views = taken.views
+    def _detach(self, takens: list[_Taken]) -> None:
+        """Capture what the deferred features of the groups ``takens`` (taken on one
+        snapshot version) read of it, then let the version go (``views = None``): per
+        group its items' snapshot columns (one ``item_columns`` call without MF,
+        attributes or cross profiles), per item of any of them its ``table_capture``
+        and MF vector row (``_VersionCapture``, shared)."""
+        views = takens[0].views
         assert views is not None
-        items = list(dict.fromkeys(taken.items))
-        n = len(items)
-        plain = object.__new__(UserContext)  # no MF vector, nothing consumed: the version's
-        plain.__dict__.update(taken.ctx.__dict__)  # columns only (the rest when resolved)
-        plain.vector, plain.consumed = None, {}
-        cols = self.item_columns(plain, items, taken.ts, views=views, attrs=[None] * n,
-                                 cross=[_NO_CROSS] * n)
-        vecs = found = None
-        index = views.index
-        if taken.ctx.vector is not None and index.index is not None and items:
-            vecs, found_arr = index.vectors(items)
-            found = found_arr.tolist()
-        taken.detached = _Detached(
-            {item: k for k, item in enumerate(items)},
-            [(name, values.tolist()) for name, values in cols.numeric.items()],
-            [table_capture(item, table) for item, table in zip(items, cols.tables, strict=True)],
-            vecs, found)
-        taken.views = None
-        taken.key = (id(taken), -1, -1)  # grouped with no other group's tokens
-        taken.items = []
+        version = _VersionCapture(list(dict.fromkeys(itertools.chain.from_iterable(
+            [t.items for t in takens]))), views, any(t.ctx.vector is not None for t in takens))
+        captures = version.captures
+        for taken in takens:
+            items = list(dict.fromkeys(taken.items))
+            n = len(items)
+            plain = object.__new__(UserContext)  # no MF vector, nothing consumed: the
+            plain.__dict__.update(taken.ctx.__dict__)  # version's columns only
+            plain.vector, plain.consumed = None, {}
+            cols = self.item_columns(plain, items, taken.ts, views=views, attrs=[None] * n,
+                                     cross=[_NO_CROSS] * n)
+            for item, table in zip(items, cols.tables, strict=True):
+                if item not in captures:
+                    captures[item] = table_capture(item, table)
+            taken.detached = _Detached(
+                {item: k for k, item in enumerate(items)},
+                [(name, values.tolist()) for name, values in cols.numeric.items()], version,
+                taken.ctx.vector is not None and version.vecs is not None)
+            taken.views = None
+            taken.key = (id(taken), -1, -1)  # grouped with no other group's tokens
+            taken.items = []
 
     def _frozen_views(self) -> FrozenViews | None:
         if self.views is None:
@@ -980,25 +986,24 @@ class _Detached:
     that was replaced, captured when it is let go (``PointInTime.release_frozen``) so
     that the version is freed without computing every pending impression's features:
     per distinct item its snapshot columns (popularity, trending, co-visitation sums,
-    ``NUMERIC_ITEM_FEATURES`` order, as floats), its ``table_capture`` and its MF vector
-    row. The MF products, the user x item columns, the static features and the merges
-    are left for the few tokens whose example is written (``_Detached.columns``): the
-    same operations on the same values as ``item_columns`` on the version."""
+    ``NUMERIC_ITEM_FEATURES`` order, as floats), and, shared by the groups detached from
+    one version (``_VersionCapture``), its ``table_capture`` and its MF vector row. The
+    MF products, the user x item columns, the static features and the merges are left
+    for the few tokens whose example is written (``_Detached.columns``): the same
+    operations on the same values as ``item_columns`` on the version."""
 
-    __slots__ = ("pos", "numeric", "captures", "vecs", "found", "mf", "statics")
+    __slots__ = ("pos", "numeric", "version", "mf_on", "mf", "statics")
 
     def __init__(self, pos: dict[str, int], numeric: list[tuple[str, list[float]]],
-                 captures: list[TableCapture], vecs: np.ndarray | None,
-                 found: list[bool] | None) -> None:
+                 version: _VersionCapture, mf_on: bool) -> None:
         self.pos = pos
-        """Item -> its index in the per-item lists."""
+        """Item -> its index in ``numeric``'s lists."""
         self.numeric = numeric
-        self.captures = captures
-        self.vecs = vecs
-        """The items' MF vectors in the version's index (None: no vector or no index)."""
-        self.found = found
+        self.version = version
+        self.mf_on = mf_on
+        """Whether the group had an MF score (a user vector and an index)."""
         self.mf: dict[int, float] = {}
-        """MF scores computed so far, by item index."""
+        """MF scores computed so far, by the item's index in ``version``."""
         self.statics: dict[int, tuple[Any, dict[str, Any], dict[str, Any],
                                       EncodedPart | None]] = {}
         """``_static_part``'s triple by item index, with the attributes object it holds for."""
@@ -1010,12 +1015,13 @@ class _Detached:
         row (``PointInTime._mf_rowwise``), then ``ui.*`` (``user_item_columns``)."""
         pos = [self.pos[item] for item in items]
         out = [(name, [values[k] for k in pos]) for name, values in self.numeric]
-        if self.vecs is not None and items:
-            vecs, found, memo = self.vecs, self.found, self.mf
-            assert found is not None
+        if self.mf_on and items:
+            version, memo = self.version, self.mf
+            vecs, found = version.vecs, version.found
+            assert vecs is not None and found is not None
             v = np.asarray(ctx.vector, np.float32)
             scores = []
-            for k in pos:
+            for k in map(version.pos.__getitem__, items):
                 score = memo.get(k)
                 if score is None:
                     score = memo[k] = float((vecs[k:k + 1] @ v)[0]) if found[k] else 0.0
@@ -1033,11 +1039,31 @@ class _Detached:
         hit = self.statics.get(k)
         if hit is not None and hit[0] is attrs:
             return hit[1], hit[2], hit[3]
-        static = static_features_of(self.captures[k], attrs)
+        static = static_features_of(self.version.captures[item], attrs)
         rounded = float32_features(compact(static))
         part = encoded_part(rounded)
         self.statics[k] = (attrs, static, rounded, part)
         return static, rounded, part
+
+
+class _VersionCapture:
+    """What the groups detached from one snapshot version together share: each of their
+    items' ``table_capture`` and MF vector row in the version's index (one lookup per
+    item and version instead of one per group)."""
+
+    __slots__ = ("pos", "vecs", "found", "captures")
+
+    def __init__(self, items: list[str], views: FrozenViews, vectors: bool) -> None:
+        self.pos = {item: k for k, item in enumerate(items)}
+        """Item -> its row in ``vecs``."""
+        self.vecs: np.ndarray | None = None
+        self.found: list[bool] | None = None
+        index = views.index
+        if vectors and items and index.index is not None:
+            self.vecs, found = index.vectors(items)
+            self.found = found.tolist()
+        self.captures: dict[str, TableCapture] = {}
+        """Item -> its ``table_capture`` (filled by ``PointInTime._detach``)."""
 
 
 Deferred = tuple[_Taken, str, "dict[str, Any] | None", "list[dict[str, Any]]", bool]
