@@ -599,13 +599,14 @@ class PointInTime:
             self._shared = shared if group is not None else None
         return shared
 
-    def release_frozen(self) -> Callable[[Deferred], bool]:
-        """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions);
-        returns which deferred features must be computed now: none but those the caller
-        needs anyway. The groups reading a version beyond the ``RETAINED_VERSIONS`` newest
-        replaced ones still in use are detached from it (``_detach``: what their
-        features read of it captured, per item, without computing them), so the version
-        is freed; the others keep theirs until their window closes (memory for time)."""
+    def release_frozen(self) -> None:
+        """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions).
+        The pending groups reading a version beyond the ``RETAINED_VERSIONS`` newest
+        replaced ones still in use are detached from it (``_detach``: what their features
+        read of it captured, per item, without computing them), so the version is
+        freed; the others keep theirs until their window closes (memory for time). No
+        token is computed here: each is when its example is written (a click, the
+        sampler's keep at the window's close), from its version or its capture."""
         retained = self._retained
         if self._frozen is not None:
             retained.append(weakref.ref(self._frozen))
@@ -629,7 +630,6 @@ class PointInTime:
         self._open = still
         for takens in by_version.values():
             self._detach(takens)
-        return lambda d: id(d[0].views) in old
 
     def _detach(self, takens: list[_Taken]) -> None:
         """Capture what the deferred features of the groups ``takens`` (taken on one

@@ -165,12 +165,12 @@ def test_user_context_is_taken_once_per_request(published: World,
 
 def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At new snapshot versions only the impressions whose example is sure to be written
-    (the sampler keeps their negative) are computed; one whose negative is dropped keeps
-    the version it read (needed only if clicked) until ``RETAINED_VERSIONS`` newer
-    versions replaced it, then it is detached from it (what it reads captured, not
-    computed) and the old version freed. The click's example is the eager shard's
-    either way."""
+    """At new snapshot versions no pending impression is computed: each keeps the
+    version it read (its features are needed only when its example is written: a click,
+    or the sampler's keep at the close) until ``RETAINED_VERSIONS`` newer versions
+    replaced it, then it is detached from it (what it reads captured, not computed) and
+    the old version freed. The click's example and the kept negative's are the eager
+    shard's either way."""
     import gc
     import weakref
 
@@ -195,7 +195,7 @@ def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(
         for shard in (lazy, eager):  # each version read by a pending impression
             feed(shard, [Request(T0 + 1_500 + n, f"rz{n}", "v"),
                          Impression(T0 + 1_500 + n, others[n], "v", "a33", f"rz{n}", 0, {})])
-        assert type(pending[kept].features) is dict  # computed at the first switch
+        assert type(pending[kept].features) is tuple  # computed when written (the close)
         if n < point_in_time.RETAINED_VERSIONS:
             assert type(pending[dropped].features) is not dict, n  # still deferred
             assert all(ref() is not None for ref in old)
@@ -208,15 +208,18 @@ def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(
     [got] = [e for e in feed(lazy, later)["examples"] if e["example_id"] == f"imp:{dropped}"]
     [want] = [e for e in feed(eager, later)["examples"] if e["example_id"] == f"imp:{dropped}"]
     assert got == want
+    [got] = [e for e in lazy.flush()["examples"] if e["example_id"] == f"imp:{kept}"]
+    [want] = [e for e in eager.flush()["examples"] if e["example_id"] == f"imp:{kept}"]
+    assert got == want
 
 
 def test_new_snapshots_detach_dropped_impressions_without_computing_them(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """At the default (no replaced version retained) new snapshots detach the dropped
-    impressions from the version they read: it is freed at once, their features are not
-    computed (only the kept ones are, from the capture), and the clicked ones, a seen
-    item (``ui.*``) among them, get the eager shard's examples, MF and co-visitation
-    included."""
+    and kept impressions from the version they read: it is freed at once, their
+    features are not computed, and the clicked ones, a seen item (``ui.*``) among them,
+    and the kept negative at the close get the eager shard's examples, MF and
+    co-visitation included."""
     import gc
     import weakref
 
@@ -249,9 +252,8 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
     computed.clear()
     for shard in (lazy, eager):
         feed(shard, [Request(T0 + 1_500, "rz", "v")])
-    assert type(pending[kept].features) is dict
     assert computed == [], "the version's columns are captured once, not computed per token"
-    for iid in dropped:
+    for iid in [*dropped, kept]:
         token = pending[iid].features
         assert type(token) is tuple and token[0].views is None and token[0].detached is not None
     gc.collect()
@@ -265,6 +267,9 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
     assert any("ui.interacted" in f for f in features)
     assert all("mf" in f for f in features) and any("covis" in f for f in features)
     assert max(f["pop"] for f in features) < 1e5, "the impression-time version's values"
+    [got_kept] = [e for e in lazy.flush()["examples"] if e["example_id"] == f"imp:{kept}"]
+    [want_kept] = [e for e in eager.flush()["examples"] if e["example_id"] == f"imp:{kept}"]
+    assert got_kept == want_kept
 
 
 def test_deferred_features_taken_together_at_new_snapshots_equal_impression_time(
