@@ -247,6 +247,7 @@ class PointInTime:
         """The group the last deferred features were taken in (``deferred_features``)."""
         self._open: list[weakref.ref[_Taken]] = []
         """The groups taken on snapshot versions not let go yet (``release_frozen``)."""
+        self._open_limit = 1_024
         self._statics: dict[str, tuple[Any, Any, dict[str, Any], dict[str, Any]]] = {}
         """``_static_part`` memo: item -> (table weakref, attributes object, static
         features, the same at example precision), for the newest table and attributes
@@ -272,6 +273,7 @@ class PointInTime:
         self.__dict__.setdefault("_fold_memo", None)
         self.__dict__.setdefault("_taken", None)
         self.__dict__.setdefault("_open", [])
+        self.__dict__.setdefault("_open_limit", 1_024)
 
     def forget(self, user_id: str) -> None:
         """The user's state is about to change: contexts taken before it are stale."""
@@ -349,13 +351,23 @@ class PointInTime:
         if taken is None or taken.ctx is not shared.ctx or taken.views is not views:
             taken = self._taken = _Taken(shared.ctx, ts_ms, views)
             if views is not None:
-                self._open.append(weakref.ref(taken))
+                self._track(taken)
         taken.items.append(item_id)
         attrs = self.catalog.get(item_id)
         return (taken, item_id, attrs,
                 self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
                 if self._crosses and attrs else _NO_CROSS,
                 item_id in taken.ctx.consumed)
+
+    def _track(self, taken: _Taken) -> None:
+        """Remember a group taken on the current snapshots (weakly) for ``release_frozen``;
+        the groups already gone are dropped whenever the list doubled since (so it stays
+        within twice the live groups while the snapshots do not move)."""
+        opened = self._open
+        opened.append(weakref.ref(taken))
+        if len(opened) > self._open_limit:
+            opened[:] = [ref for ref in opened if ref() is not None]
+            self._open_limit = max(1_024, 2 * len(opened))
 
     def deferred_run(self, user_id: str, item_ids: list[str], ts_ms: int) -> list[Deferred]:
         """``deferred_features`` of each of ``item_ids`` (a request's impressions, one

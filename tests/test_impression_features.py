@@ -447,3 +447,16 @@ def test_a_user_without_an_mf_row_folds_its_seeds_once_per_state(published: Worl
     context.views.poll(T0 + 10)
     context.user("fresh", T0 + 11)
     assert len(calls) == 3
+
+
+def test_groups_tracked_for_a_switch_stay_bounded_while_the_snapshots_stay(
+        published: World) -> None:
+    """Without a new snapshot version the weak list of groups taken on the current one
+    (what a switch detaches) keeps at most about twice the groups still pending."""
+    lazy, _ = shard_pair(published)
+    warm_up(lazy)
+    for r in range(3_000):  # one impression per request, each window closed at once
+        feed(lazy, [Request(T0 + r * 10, f"q{r}", "u"),
+                    Impression(T0 + r * 10 + 1, f"q{r}-0", "u", ITEMS[r % len(ITEMS)], f"q{r}", 0, {})])
+        lazy.joiner.flush()
+    assert 0 < len(lazy.context._open) <= 2_048
