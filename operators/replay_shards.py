@@ -248,12 +248,25 @@ def parse_shard_batch(parser: EventParser, batch: ShardBatch, shard_of: Callable
     and must not be counted). Of a shared line, an ``item`` event is kept (counted in
     partition 0 only), a user event only in its shard's partition, a dead letter only in
     partition 0."""
+    shared, shard = batch.shared, batch.shard
+    if not shared:  # all its lines are its own: the batch parse as it is
+        return (*parser.parse_batch(batch), 0)
+    outs = parser.parse_many(batch)
+    copies = 0
+    if not parser.dead_in_last:  # only the shared lines need a look (item events, mostly)
+        drop: set[int] = set()
+        for i in shared:
+            out = outs[i]
+            if isinstance(out, Item):
+                copies += shard != 0
+            elif shard_of(out.user_id) != shard:  # type: ignore[union-attr]
+                drop.add(i)
+        if drop:
+            outs = [out for i, out in enumerate(outs) if i not in drop]
+        return outs, [], copies
     events: list[Any] = []
     dead: list[dict[str, Any]] = []
-    copies = 0
-    shared, shard = batch.shared, batch.shard
-    for i, raw in enumerate(batch):
-        out = parser.parse(raw)
+    for i, out in enumerate(outs):
         if isinstance(out, dict):
             if shard == 0 or i not in shared:
                 dead.append(out)

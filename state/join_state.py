@@ -70,10 +70,11 @@ class DeferringContext(JoinContext, Protocol):
     """A ``JoinContext`` that can also defer an impression's features."""
 
     def deferred_features(self, user_id: str, item_id: str, ts_ms: int) -> Any:
-        """A token (never a dict) for what ``example_features`` would return now, computed
-        by ``resolve_all`` (the joiner defers every impression: most negatives are
-        dropped by the sampler and need features only if clicked, and the rest are
-        computed together with the other pending impressions of their request)."""
+        """A token for what ``example_features`` would return now, computed by
+        ``resolve_all`` (the joiner defers every impression: most negatives are dropped
+        by the sampler and need features only if clicked, and the rest are computed
+        together with the other pending impressions of their request). A tuple, never a
+        dict or a list (computed features): the joiner tells them apart by type."""
         ...
 
     def resolve_all(self, deferred: list[Any], wire: bool = False) -> list[Any]:
@@ -288,6 +289,9 @@ def float32_features(features: dict[str, Any]) -> dict[str, Any]:
 
 _LABEL_KEYS = ("0", "1")
 """``str(label)`` of the two labels (the metrics' keys)."""
+
+_EXACT_SUM = float(2 ** 53)
+"""Integer-valued float sums up to here are exact (``Joiner._count``)."""
 
 _LATE_LABEL_FIELDS = ("ts", "user_id", "item_id", "action", "value", "impression_id")
 
@@ -548,13 +552,26 @@ class Joiner:
         return len(rows)
 
     def advance(self) -> None:
-        """Close every window whose deadline the watermark has passed; expire orphans."""
-        watermark = self.watermark_ms
-        if watermark is None:
+        """Close every window whose deadline the watermark has passed; expire orphans;
+        forget closed ids past the dedup horizon (or beyond the bound).
+
+        Runs at every step of the clock (nearly every event), and usually finds nothing
+        due: each part is called only when its own first entry is due (the same checks
+        each makes first, without its call)."""
+        if self.max_ts_ms is None:
             return
-        self._close_until(watermark)
-        self._expire_orphans(watermark)
-        self._forget_closed(watermark - self.config.dedup_horizon_ms)
+        config = self.config
+        watermark = self.max_ts_ms - config.allowed_lateness_ms
+        heap = self._deadlines
+        if heap and heap[0] <= watermark:
+            self._close_until(watermark)
+        if self.orphans:
+            self._expire_orphans(watermark)
+        closed = self.closed_ids
+        order, horizon = closed.order, watermark - config.dedup_horizon_ms
+        limit = 4 * config.max_pending  # closed ids held at most
+        if order and (len(closed.at) > limit or closed.at.get(order[0], horizon) <= horizon):
+            closed.forget(horizon, limit)
 
     def advance_idle(self, idle_ms: int, now_ms: int) -> bool:
         """Wall-clock fallback: move the clock ``idle_ms`` forward and close windows,
@@ -602,8 +619,12 @@ class Joiner:
             acc = self.by_label[_LABEL_KEYS[label]] = [0, 0.0]
         acc[0] += n
         total = acc[1]
-        for _ in itertools.repeat(None, n):
-            total += weight
+        if (type(weight) is float and weight.is_integer() and total.is_integer()
+                and abs(total) + n * abs(weight) <= _EXACT_SUM):  # every partial sum exact
+            total += n * weight
+        else:
+            for _ in itertools.repeat(None, n):
+                total += weight
         acc[1] = total
 
     # -- internals --------------------------------------------------------------
@@ -663,44 +684,58 @@ class Joiner:
     def _close_until(self, watermark: int | None) -> None:
         heap, due, rows = self._deadlines, self._due, self._pending.rows
         closing: list[int] = []
+        ids: list[str] = []
+        deadlines: list[int] = []
         pop, gone = rows.pop, itertools.repeat(None)
         while heap and (watermark is None or heap[0] <= watermark):
-            ids = sorted(due.pop(heapq.heappop(heap)))
-            closing += [row for row in map(pop, ids, gone) if row is not None]  # pop in C
+            deadline = heapq.heappop(heap)
+            those = sorted(due.pop(deadline))
+            got = list(map(pop, those, gone))  # pop in C
+            if None in got:  # not pending (never the case: a deadline lists pending ids)
+                those = [iid for iid, row in zip(those, got, strict=True) if row is not None]
+                got = [row for row in got if row is not None]
+            closing += got
+            ids += those
+            deadlines += itertools.repeat(deadline, len(those))
         if closing:
-            self._close(closing)
+            self._close(closing, ids, deadlines)
 
     def _close_oldest(self, n: int) -> None:
         heap, due, rows = self._deadlines, self._due, self._pending.rows
         closing: list[int] = []
+        closed: list[str] = []
+        deadlines: list[int] = []
         while len(closing) < n and heap:
-            ids = due[heap[0]]
+            deadline = heap[0]
+            ids = due[deadline]
             ids.sort()
             i = 0
             while i < len(ids) and len(closing) < n:
                 row = rows.pop(ids[i], None)
-                i += 1
                 if row is not None:
                     closing.append(row)
+                    closed.append(ids[i])
+                    deadlines.append(deadline)
+                i += 1
             del ids[:i]
             if not ids:
                 del due[heapq.heappop(heap)]
         self.counters.forced_closes += len(closing)
-        self._close(closing)
+        self._close(closing, closed, deadlines)
 
-    def _close(self, closing: list[int]) -> None:
-        """Close these windows (rows already out of ``rows``, in deadline order): each not
-        yet emitted leaves as a negative if the sampler keeps it. The deferred features of
-        the kept ones are computed together (``DeferringContext.resolve_all``: one feature
-        call per request instead of one per impression; the same values; straight to the
-        wire value when the rows are wire rows) and their rows built in one pass
-        (``RowForm.impressions``). The rows are then released."""
+    def _close(self, closing: list[int], ids: list[str], deadlines: list[int]) -> None:
+        """Close these windows (rows already out of ``rows``, in deadline order; ``ids``
+        and ``deadlines`` theirs, from the deadline lists: not read again from the rows):
+        each not yet emitted leaves as a negative if the sampler keeps it. The deferred
+        features of the kept ones are computed together (``DeferringContext.resolve_all``:
+        one feature call per request instead of one per impression; the same values;
+        straight to the wire value when the rows are wire rows) and their rows built in
+        one pass (``RowForm.impressions``). The rows are then released."""
         pending = self._pending
-        impression, deadline, flags = pending.impression, pending.deadline, pending.flags
+        impression, flags = pending.impression, pending.flags
         counters = self.counters
         imps = [impression[row] for row in closing]
-        ids = [imp.impression_id for imp in imps]  # type: ignore[union-attr]
-        self.closed_ids.add_many(ids, [deadline[row] for row in closing])
+        self.closed_ids.add_many(ids, deadlines)
         marks = [flags[row] for row in closing]
         if any([mark & EMITTED for mark in set(marks)]):  # some emitted: not negatives
             waiting = [j for j, mark in enumerate(marks) if not mark & EMITTED]
@@ -723,16 +758,13 @@ class Joiner:
         if rows:
             counters.negatives_kept += len(rows)
             features = [pending.features[row] for row in rows]
-            if self._resolve_all is not None:
-                features = self._resolve_all(features, self.rows.wire)  # dicts as they are
+            if self._resolve_all is not None and tuple in set(map(type, features)):
+                features = self._resolve_all(features, self.rows.wire)  # computed as they are
             weight, labels = self.sampler.weight, pending.labels
             self.examples.extend(self.rows.impressions(
                 imps, [labels[row] for row in rows], 0, weight, features))  # type: ignore[arg-type]
             self._count(0, weight, len(rows))
         pending.release(closing)
-
-    def _forget_closed(self, horizon_ms: int) -> None:
-        self.closed_ids.forget(horizon_ms, 4 * self.config.max_pending)
 
     def _emit(self, imp: Impression, labels: dict[str, float], features: Any, label: int,
               weight: float) -> None:

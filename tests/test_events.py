@@ -186,3 +186,40 @@ def test_events_pickle_as_class_and_field_values() -> None:
         assert loaded.context is not event.context if hasattr(event, "context") else True
     updates = [ProfileEvent("a", events[0]), CatalogChange("a", events[3])]
     assert pickle.loads(pickle.dumps(updates)) == updates
+
+
+def test_batch_parse_equals_one_by_one() -> None:
+    """``parse_many`` (impressions of the common shape built in its loop) gives exactly
+    what ``parse`` gives line by line, dead letters and the watermark included."""
+    imp = {"type": "impression", "ts": TS, "impression_id": "m", "user_id": "u",
+           "item_id": "a", "request_id": "r", "position": 3, "context": {"d": "web"}}
+    variants = [{}, {"request_id": None}, {"position": None}, {"context": None},
+                {"position": -1}, {"position": 100_000}, {"position": 100_001},
+                {"position": True}, {"position": 2.0}, {"ts": True}, {"ts": TS * 1.0},
+                {"ts": 5}, {"ts": -1}, {"ts": MAX_TS_MS + 1}, {"ts": TS + 10**12},
+                {"ts": TS + 1_000}, {"ts": TS - 50}, {"user_id": 7}, {"user_id": ""},
+                {"item_id": None}, {"impression_id": "x" * 256}, {"impression_id": "x" * 257},
+                {"request_id": ""}, {"request_id": "r" * 300}, {"context": [1]},
+                {"context": {"a": [[[]]]}}, {"type": "Impression"}, {"extra": 1}]
+    raws: list = [line(**{**imp, **v, "impression_id": f"m{j}"} if "impression_id" not in v
+                       else {**imp, **v}) for j, v in enumerate(variants)]
+    raws += [line(**{k: v for k, v in imp.items() if k != name}) for name in imp]
+    raws += [b'{"type": "user", "ts": 1', b"[1]", "text", {"type": "user", "ts": TS, "user_id": "d"},
+             line(type="user", ts=TS, user_id="u", attrs={"a": [[[[]]]]}),
+             line(type="feedback", ts=TS, user_id="u", item_id="a", action="click"),
+             b'{"type":"impression","ts":%d,"impression_id":"q","user_id":"u","item_id":"a",'
+             b'"request_id":"r","position":1,"context":%s}' % (TS, b"[" * 40 + b"]" * 40)]
+
+    def plain(out):
+        return {k: v for k, v in out.items() if k != "ingest_ts"} if isinstance(out, dict) else out
+
+    for skew in (86_400_000, 500):
+        one = EventParser(max_future_skew_ms=skew, clock_ms=lambda: TS)
+        many = EventParser(max_future_skew_ms=skew, clock_ms=lambda: TS)
+        expected = [plain(one.parse(raw)) for raw in raws]
+        assert [plain(out) for out in many.parse_many(raws)] == expected
+        assert many.watermark_ms == one.watermark_ms
+        assert many.dead_in_last == sum(isinstance(out, dict) for out in expected)
+        events, dead = EventParser(max_future_skew_ms=skew, clock_ms=lambda: TS).parse_batch(raws)
+        assert events == [out for out in expected if not isinstance(out, dict)]
+        assert [plain(d) for d in dead] == [out for out in expected if isinstance(out, dict)]

@@ -439,3 +439,65 @@ def test_a_joiner_state_of_the_previous_version_resumes() -> None:
     assert isinstance(resumed.closed_ids, ClosedIds) and "m1" in resumed.closed_ids
     resumed.on_impression(imp("m1", T0 + 1))
     assert resumed.counters.dup_impressions == 1 and resumed.drain_counts() == {}
+
+
+class _EveryStep(Joiner):
+    """The joiner whose clock step calls each part of ``advance`` unconditionally (as it
+    did before the checks were inlined): the slow path the fast one must equal."""
+
+    def advance(self) -> None:
+        watermark = self.watermark_ms
+        if watermark is None:
+            return
+        self._close_until(watermark)
+        self._expire_orphans(watermark)
+        self.closed_ids.forget(watermark - self.config.dedup_horizon_ms,
+                               4 * self.config.max_pending)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_advance_equals_calling_every_part_at_every_step(seed: int) -> None:
+    """Random streams (repeated ids, orphans, late and interaction feedback, forced closes,
+    ids seen again after a short dedup horizon or beyond the closed-id bound): the joiner
+    whose clock step checks what is due first gives the same examples, late labels,
+    counters, closed ids and pending ids as one that calls every part at every step."""
+    import random
+
+    rng = random.Random(seed)
+    config = {"dedup_horizon_ms": rng.choice([3 * MIN, 40 * MIN]),
+              "max_pending": rng.choice([4, 50]), "max_orphans": 5}
+    fast, slow = make(**config), make(**config)
+    slow.__class__ = _EveryStep
+    t = T0
+    for step in range(600):
+        t += rng.randrange(0, 40_000)
+        if rng.random() < 0.6:
+            events: list = [imp(f"m{rng.randrange(120)}", t, f"u{rng.randrange(4)}",
+                                f"i{rng.randrange(6)}")]
+        else:
+            iid = rng.choice([None, f"m{rng.randrange(130)}"])
+            events = [fb(iid, t - rng.randrange(0, 90_000), rng.choice(["click", "like", "view"]),
+                         f"u{rng.randrange(4)}", f"i{rng.randrange(6)}")]
+        got = [run(joiner, events, advance_each=step % 3 == 0) for joiner in (fast, slow)]
+        assert got[0] == got[1]
+        assert fast.counters == slow.counters
+        assert fast.closed_ids.at == slow.closed_ids.at
+        assert list(fast.closed_ids.order) == list(slow.closed_ids.order)
+        assert list(fast.pending) == list(slow.pending) and fast.orphans == slow.orphans
+    fast.flush()
+    slow.flush()
+    assert fast.drain() == slow.drain() and fast.counters == slow.counters
+
+
+@pytest.mark.parametrize("weight", [1.0, 10.0, 0.3, 1 / 3, 1e300, 2.0 ** 52, -3.0])
+def test_counts_add_weights_as_one_at_a_time(weight: float) -> None:
+    """``by_label``'s weight sums equal adding each example's weight in turn, whatever the
+    weight (integer weights are added at once only where every partial sum is exact)."""
+    j = make()
+    expected = 0.0
+    for n in (1, 7, 1000, 3):
+        j._count(0, weight, n)
+        for _ in range(n):
+            expected += weight
+        assert j.by_label["0"] == [j.by_label["0"][0], expected]
+    assert j.by_label["0"][0] == 1011
