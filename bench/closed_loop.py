@@ -24,7 +24,7 @@ counts its missing slots as 0). ``gap_closed`` = (streamrec - random) / (oracle 
 random) over the last half of the windows. Where a policy's slots fall short of the oracle's, over
 the last half (hidden truth, ``Simulator.slot_truth``): ``top_category_<policy>`` = the
 share of served slots in the user's favourite category, ``item_bias_<policy>`` = the
-served items' mean log-odds bias. Writes a PNG of the curves to ``--out``
+served items' mean log-odds bias; on stderr also the expected CTR of each position. Writes a PNG of the curves to ``--out``
 (default: /tmp/streamrec-closed-loop.png) and ends with one JSON line.
 
     python bench/closed_loop.py [--requests 4000] [--seed 0] [--worlds default,organic,drift]
@@ -154,6 +154,8 @@ class Run:
     """drift world, last half: group ("shifted" / "stable" users) -> [expected clicks, slots]."""
     slots: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """last half: [served slots, of them in the user's favourite category, sum of item bias]."""
+    by_position: list[list[float]] = field(default_factory=list)
+    """last half: per position, [sum of the true click probabilities, slots] (stderr only)."""
     empty: int = 0
     seconds: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
@@ -183,6 +185,7 @@ def run(world: str, policy_name: str, args: argparse.Namespace) -> Run:
         recs = policy.serve(batch)
         back = []
         for rec in recs:
+            n_slots = result.slots[0]
             window = loop.windows[-1]
             before = window.expected_clicks
             n_before = len(loop.windows)
@@ -197,6 +200,12 @@ def run(world: str, policy_name: str, args: argparse.Namespace) -> Run:
                         rank, bias = loop.sim.slot_truth(rec["user_id"], item["item_id"], loop.clock_ms)
                     except KeyError:
                         continue
+                    position = int(result.slots[0] - n_slots)  # as respond() counts them
+                    if position == len(result.by_position):
+                        result.by_position.append([0.0, 0.0])
+                    result.by_position[position][0] += loop.sim.click_probability(
+                        rec["user_id"], item["item_id"], position, loop.clock_ms)
+                    result.by_position[position][1] += 1
                     result.slots[0] += 1
                     result.slots[1] += rank == 0
                     result.slots[2] += bias
@@ -263,6 +272,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{world:8s} {name:10s} last-half expected CTR {r.last_half():.4f}  "
                   f"empty {r.empty}  {r.seconds:.0f} s  curve "
                   + " ".join(f"{c:.3f}" for c in r.curve), file=sys.stderr, flush=True)
+            if r.by_position:
+                print(f"{'':8s} {'':10s} last half by position: " + " ".join(
+                    f"{p / n:.3f}" for p, n in r.by_position), file=sys.stderr, flush=True)
             if r.counters:
                 print(f"{'':8s} {'':10s} {r.counters}", file=sys.stderr, flush=True)
     figures: dict[str, Any] = {"requests": args.requests, "seed": args.seed,
