@@ -116,6 +116,20 @@ def _waves(keys: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(rank == w) for w in range(top + 1)]
 
 
+def _rows_once(table: EmbeddingTable, keys: np.ndarray, waves: list[np.ndarray],
+               ts_ms: int) -> np.ndarray | None:
+    """``table.insert(keys, ts_ms)`` for a whole batch of steps in one call, when that
+    equals one insert per wave (``waves = _waves(keys)``): every new key is admitted at
+    its first sighting (``admit_threshold`` 1, so a later wave's sightings only count)
+    and the distinct keys (wave 0) fit the table (no overflow to retry in a later
+    wave). None otherwise: insert wave by wave. The rows of a batch's keys cannot move
+    between its waves (only an insert allocates or evicts)."""
+    config = table.config
+    if len(waves) < 2 or config.admit_threshold > 1 or waves[0].size > config.max_rows:
+        return None
+    return table.insert(keys, ts_ms)
+
+
 def _as_matrix(vecs: np.ndarray | Sequence[np.ndarray], n: int, dim: int) -> np.ndarray:
     out = np.asarray(vecs, np.float32)
     if out.shape != (n, dim):
@@ -168,9 +182,12 @@ class UserFactors:
         V = _as_matrix(item_vecs, keys.size, c.dim)
         out = np.empty((keys.size, c.dim), np.float32)
         lr, reg = np.float32(c.lr), np.float32(c.reg)
-        for idx in _waves(keys):
+        waves = _waves(keys)
+        once = _rows_once(self.table, keys, waves, ts_ms)
+        for idx in waves:
             k = keys[idx]
-            rows = self.table.insert(k, ts_ms)  # a wave's keys are distinct
+            # a wave's keys are distinct
+            rows = once[idx] if once is not None else self.table.insert(k, ts_ms)
             U = self.table.gather_rows(k, rows)
             out[idx] = U
             v = V[idx]
@@ -204,9 +221,11 @@ class UserFactors:
         out = np.empty((keys.size, c.dim), np.float32)
         gs = np.empty((keys.size, N.shape[1]), np.float32)
         lr, reg = np.float32(c.lr), np.float32(c.reg)
-        for idx in _waves(keys):
+        waves = _waves(keys)
+        once = _rows_once(self.table, keys, waves, ts_ms)
+        for idx in waves:
             k = keys[idx]
-            rows = self.table.insert(k, ts_ms)
+            rows = once[idx] if once is not None else self.table.insert(k, ts_ms)
             U = self.table.gather_rows(k, rows)
             out[idx] = U
             diff = P[idx][:, None, :] - N[idx]  # (w, m, dim)
@@ -375,23 +394,35 @@ class ItemFactors:
         lr, reg = np.float32(c.lr), np.float32(c.reg)
         evicted = self.table.stats()["evicted"]
         self._version += 1
-        for idx in _waves(keys):
+        waves = _waves(keys)
+        once = _rows_once(self.table, keys, waves, ts_ms)
+        for idx in waves:
             k = keys[idx]
-            rows = self.table.insert(k, ts_ms)
+            rows = once[idx] if once is not None else self.table.insert(k, ts_ms)
             V = self.table.gather_rows(k, rows)
             u = U[idx]
             co = 1.0 - np.einsum("nd,nd->n", u, V) if C is None else C[idx]
             out[keep[idx]] = co
             self.table.add_rows(rows, lr * (co[:, None] * u - reg * V), ts_ms)
-            for j in np.flatnonzero(rows >= 0):
-                item = ids[keep[idx[j]]]
-                self._ids[int(k[j])] = item
-                self._changed[item] = self._version
-                self._gone.pop(item, None)
+            if once is None:
+                self._record(ids, keep, idx, k, rows)
+        if once is not None:  # in batch order: each item first met where wave 0 met it
+            self._record(ids, keep, np.arange(keys.size), keys, once)
         self.updates += keep.size
         if self.table.stats()["evicted"] != evicted:
             self._reconcile()
         return out
+
+    def _record(self, ids: list[str], keep: np.ndarray, idx: np.ndarray, keys: np.ndarray,
+                rows: np.ndarray) -> None:
+        """Mark the items stepped at positions ``idx`` of the kept updates (``keys``,
+        their ``rows``) changed at this version; items without a row are not."""
+        version, changed, gone, known = self._version, self._changed, self._gone, self._ids
+        for j in np.flatnonzero(rows >= 0).tolist():
+            item = ids[keep[idx[j]]]
+            known[int(keys[j])] = item
+            changed[item] = version
+            gone.pop(item, None)
 
     def _leave(self, items: Iterable[str]) -> None:
         for item in items:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from state.npz import save_npz
 from state.packing import pack_strings, unpack_strings
 from state.settings import doc
 
@@ -165,9 +166,11 @@ class PoolRanker:
     def observe(self, x: np.ndarray) -> None:
         """Update the running mean and variance with a served pool (exponential, rate
         ``max(1/pools, 1e-3)``)."""
-        if len(x) < 2:
-            return
-        z = self.expand(x)
+        if len(x) >= 2:
+            self._observe(self.expand(x))
+
+    def _observe(self, z: np.ndarray) -> None:
+        """``observe`` of an expanded pool ``z`` (at least 2 rows)."""
         self.pools += 1
         a = max(1.0 / self.pools, 1e-3)
         self.mean = (1 - a) * self.mean + a * z.mean(0)
@@ -176,7 +179,18 @@ class PoolRanker:
     def learn(self, x: np.ndarray, target: int) -> None:
         """One Adagrad step on ``log P(target | pool)``; ``x`` holds the target's row
         (float32 rows are read as float64, exactly)."""
+        self._learn(self.expand(x), target)
+
+    def observe_learn(self, x: np.ndarray, target: int) -> None:
+        """``observe(x)`` then ``learn(x, target)`` (the central trainer's step per
+        pair), expanding ``x`` once: the same arithmetic, so the same bits."""
         z = self.expand(x)
+        if len(x) >= 2:
+            self._observe(z)
+        self._learn(z, target)
+
+    def _learn(self, z: np.ndarray, target: int) -> None:
+        """``learn`` of an expanded pool ``z``."""
         zs = z / np.sqrt(self.var + 1e-8)
         p = self._softmax(z)
         g = zs[target] - p @ zs
@@ -205,10 +219,10 @@ def save_pool_ranker(ranker: PoolRanker, path: str | os.PathLike) -> None:
     uncompressed ``.npz`` of numeric arrays (no pickles)."""
     blob, offsets = pack_strings(ranker.names)
     with open(path, "wb") as f:
-        np.savez(f, format=np.array([POOL_FORMAT]), names_blob=blob, names_offsets=offsets,
-                 w=ranker.w, g2=ranker.g2, mean=ranker.mean, var=ranker.var,
-                 counts=np.array([ranker.pools, ranker.updates], np.int64),
-                 lr=np.array([ranker.lr]), ranks=np.array([int(ranker.ranks)]))
+        save_npz(f, dict(format=np.array([POOL_FORMAT]), names_blob=blob, names_offsets=offsets,
+                         w=ranker.w, g2=ranker.g2, mean=ranker.mean, var=ranker.var,
+                         counts=np.array([ranker.pools, ranker.updates], np.int64),
+                         lr=np.array([ranker.lr]), ranks=np.array([int(ranker.ranks)])))
 
 
 def load_pool_ranker(path: str | os.PathLike | Path) -> PoolRanker:

@@ -36,6 +36,7 @@ from river import linear_model, utils
 from models.embedding_fm import EmbeddingFM
 from models.rankers import Ranker, make_ranker
 from state.embedding_table import EmbeddingTable
+from state.npz import save_npz
 from state.packing import pack_strings, unpack_strings
 
 FORMAT = 1
@@ -191,8 +192,7 @@ def _restore_efm(model: EmbeddingFM, z: dict[str, np.ndarray], header: dict[str,
 def save_ranker(ranker: Ranker, path: str | os.PathLike, frozen: bool | None = None) -> None:
     """Write ``ranker`` to ``path`` exactly, as one uncompressed ``.npz`` (no pickles);
     ``frozen=True`` writes it as a serving copy (loads refusing to learn)."""
-    with open(path, "wb") as f:
-        np.savez(f, **ranker_arrays(ranker, frozen))
+    save_npz(path, ranker_arrays(ranker, frozen))
 
 
 def load_ranker_file(path: str | os.PathLike | Path) -> Ranker:

@@ -129,18 +129,51 @@ def liked_recency(liked: list[str], decay: float) -> dict[str, float]:
     return out
 
 
+TableCapture = tuple["dict[str, float] | None", "str | None"] | None
+"""What an item's static features read of its item table: (its item profile, its
+category), or None when no table holds the item (``table_capture``)."""
+
+
+def table_capture(item_id: str, table: ItemTable | None) -> TableCapture:
+    """The item's item profile and category in ``table`` (None without a table): small
+    objects that outlive the table version without keeping it alive."""
+    if table is None:
+        return None
+    entry = table.catalog.get(item_id)
+    return table.features.get(item_id), entry.category if entry else None
+
+
+def user_item_columns(ctx: UserContext, item_ids: list[str], decay: float
+                      ) -> dict[str, np.ndarray] | None:
+    """The user's own history with each item (do repeats pay off?): ``ui.interacted``
+    (1.0 / 0.0) and ``ui.liked`` (``liked_recency``), float64; None when the user
+    interacted with none of the items (``ctx.consumed``)."""
+    consumed = ctx.consumed
+    if not consumed or not any(map(consumed.__contains__, item_ids)):
+        return None
+    n = len(item_ids)
+    recency = liked_recency(ctx.liked, decay)
+    return {"ui.interacted": np.fromiter(map(consumed.__contains__, item_ids), np.float64, n),
+            "ui.liked": np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
+                                    np.float64, n)}
+
+
 def static_item_features(item_id: str, table: ItemTable | None,
                          attrs: dict[str, Any] | None) -> dict[str, Any]:
     """The item's features that change only with its table version or its attributes:
     item profile (IPS ``item`` entity, as of the table), ``i:category`` (the table's
     catalog), then ``i:<attr>`` of the shard's catalog (``item`` events; they win)."""
+    return static_features_of(table_capture(item_id, table), attrs)
+
+
+def static_features_of(capture: TableCapture, attrs: dict[str, Any] | None) -> dict[str, Any]:
+    """``static_item_features`` from the item's ``table_capture``."""
     extra: dict[str, Any] = {}
-    if table is not None:
-        profile = table.features.get(item_id)
+    if capture is not None:
+        profile, category = capture
         if profile:
             extra.update(profile)
-        entry = table.catalog.get(item_id)
-        extra["i:category"] = entry.category if entry else None
+        extra["i:category"] = category
     if attrs:
         for key, value in attrs.items():
             if key != "available" and not isinstance(value, dict):
@@ -212,6 +245,9 @@ class PointInTime:
         """Replaced snapshot versions that deferred features may still read, oldest first."""
         self._taken: _Taken | None = None
         """The group the last deferred features were taken in (``deferred_features``)."""
+        self._open: list[weakref.ref[_Taken]] = []
+        """The groups taken on snapshot versions not let go yet (``release_frozen``)."""
+        self._open_limit = 1_024
         self._statics: dict[str, tuple[Any, Any, dict[str, Any], dict[str, Any]]] = {}
         """``_static_part`` memo: item -> (table weakref, attributes object, static
         features, the same at example precision), for the newest table and attributes
@@ -227,6 +263,7 @@ class PointInTime:
         state["_statics"] = {}
         state["_fold_memo"] = None
         state["_taken"] = None
+        state["_open"] = []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -235,6 +272,8 @@ class PointInTime:
         self.__dict__.setdefault("_statics", {})
         self.__dict__.setdefault("_fold_memo", None)
         self.__dict__.setdefault("_taken", None)
+        self.__dict__.setdefault("_open", [])
+        self.__dict__.setdefault("_open_limit", 1_024)
 
     def forget(self, user_id: str) -> None:
         """The user's state is about to change: contexts taken before it are stale."""
@@ -247,8 +286,9 @@ class PointInTime:
         profile: dict[str, Any] = {}
         store = self.profiles.get("user")
         if store is not None:
-            for name, value in store.query(user_id, _query_time(store, ts_ms)).items():
-                profile[name] = _feature_value(name, value, ts_ms)
+            profile = store.query_key(store.plan.key(user_id), _query_time(store, ts_ms))
+            for name in _query_plan(store).ts_names:  # a fresh dict: its times made ages
+                profile[name] = _feature_value(name, profile[name], ts_ms)
         for key, value in self.user_attrs.get(user_id, {}).items():
             profile[f"u:{key}"] = value
         vector = None
@@ -310,11 +350,24 @@ class PointInTime:
         taken = self._taken
         if taken is None or taken.ctx is not shared.ctx or taken.views is not views:
             taken = self._taken = _Taken(shared.ctx, ts_ms, views)
+            if views is not None:
+                self._track(taken)
+        taken.items.append(item_id)
         attrs = self.catalog.get(item_id)
         return (taken, item_id, attrs,
                 self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
                 if self._crosses and attrs else _NO_CROSS,
                 item_id in taken.ctx.consumed)
+
+    def _track(self, taken: _Taken) -> None:
+        """Remember a group taken on the current snapshots (weakly) for ``release_frozen``;
+        the groups already gone are dropped whenever the list doubled since (so it stays
+        within twice the live groups while the snapshots do not move)."""
+        opened = self._open
+        opened.append(weakref.ref(taken))
+        if len(opened) > self._open_limit:
+            opened[:] = [ref for ref in opened if ref() is not None]
+            self._open_limit = max(1_024, 2 * len(opened))
 
     def deferred_run(self, user_id: str, item_ids: list[str], ts_ms: int) -> list[Deferred]:
         """``deferred_features`` of each of ``item_ids`` (a request's impressions, one
@@ -323,6 +376,7 @@ class PointInTime:
         one call per item."""
         first = self.deferred_features(user_id, item_ids[0], ts_ms)
         taken = first[0]
+        taken.items += itertools.islice(item_ids, 1, None)
         consumed = taken.ctx.consumed
         get = self.catalog.get
         if self._crosses:
@@ -397,58 +451,75 @@ class PointInTime:
                 continue
             ctx = as_taken(first.ctx, group)
             items = [d[1] for d in group]
-            cols = self.item_columns(ctx, items, first.ts, views=first.views,
-                                     attrs=[d[2] for d in group], cross=[d[3] for d in group],
-                                     mf_rowwise=True)
-            numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
-            cross = cols.cross_lists()
-            # The profile compacted and rounded once, each item's static features once per
-            # table version and attributes (``_static_part``): f({**a, **b}) == {**f(a),
-            # **f(b)} for f = compact, float32_features when no name is in both.
-            # ``wire``: the same merges as encoded parts (``join_parts``) where they encode.
-            profile, profile_keys = float32_features(compact(ctx.profile)), ctx.profile.keys()
-            part = encoded_part(profile) if wire else None
-            # Items whose numeric values are all 0.0 and that have no cross features (in a
-            # group with a seen item, the others): compact(rest) is empty, so their
-            # features are the first merge's whenever the names are disjoint.
-            names = [name for name, _ in numeric]
-            zero: list[bool] = [False] * len(group)
-            if numeric and "mf" not in cols.numeric and profile_keys.isdisjoint(names):
-                nonzero = np.zeros(len(group), bool)
-                for values in cols.numeric.values():
-                    nonzero |= values != 0.0
-                zero = (~nonzero).tolist()
-            for j, d in enumerate(group):
-                static, static_rounded, static_part = self._static_part(
-                    d[1], cols.tables[j], cols.attrs[j])
-                if (zero[j] and not cross[j] and profile_keys.isdisjoint(static)
-                        and static.keys().isdisjoint(names)):
-                    out[members[j]] = (join_parts(part, static_part)
-                                       if part is not None and static_part is not None
-                                       else {**profile, **static_rounded})
-                    continue
-                rest: dict[str, Any] = {}
-                if numeric or cross[j]:
-                    rest = {name: values[j] for name, values in numeric}
-                    for feats in cross[j]:
-                        rest.update(feats)
-                if not rest and profile_keys.isdisjoint(static):
-                    if part is not None and static_part is not None:
-                        out[members[j]] = join_parts(part, static_part)
-                    else:
-                        out[members[j]] = {**profile, **static_rounded}
-                elif (rest and static.keys().isdisjoint(rest) and profile_keys.isdisjoint(static)
-                        and profile_keys.isdisjoint(rest)):
-                    rest = float32_features(compact(rest))
-                    rest_part = (encoded_part(rest) if part is not None and static_part is not None
-                                 else None)
-                    if rest_part is not None:
-                        out[members[j]] = join_parts(part, static_part, rest_part)  # type: ignore[arg-type]
-                    else:
-                        out[members[j]] = {**profile, **static_rounded, **rest}
-                else:  # as item_features builds it
-                    out[members[j]] = float32_features(compact({**ctx.profile, **static, **rest}))
+            cross: list[list[dict[str, Any]]] = [d[3] for d in group]
+            detached = first.detached
+            if detached is not None:  # its version was let go: what it read was captured
+                numeric = detached.columns(ctx, items, self.covis.decay)
+                statics = [detached.static(d[1], d[2]) for d in group]
+            else:
+                cols = self.item_columns(ctx, items, first.ts, views=first.views,
+                                         attrs=[d[2] for d in group], cross=cross,
+                                         mf_rowwise=True)
+                numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
+                cross = cols.cross_lists()
+                statics = [self._static_part(d[1], cols.tables[j], cols.attrs[j])
+                           for j, d in enumerate(group)]
+            self._assemble(ctx.profile, numeric, cross, statics, members, out, wire)
         return out
+
+    def _assemble(self, profile_in: dict[str, Any], numeric: list[tuple[str, list[float]]],
+                  cross: list[list[dict[str, Any]]],
+                  statics: list[tuple[dict[str, Any], dict[str, Any], EncodedPart | None]],
+                  members: list[int], out: list[Any], wire: bool) -> None:
+        """``resolve_all``'s merge of one group: each item's features (the user's profile
+        ``profile_in``, its static features ``statics[j]``, its numeric values and cross
+        profile values) into ``out[members[j]]``, as ``item_features`` builds them at
+        example precision, or as their wire value where the parts encode."""
+        # The profile compacted and rounded once, each item's static features once per
+        # table version and attributes (``_static_part``): f({**a, **b}) == {**f(a),
+        # **f(b)} for f = compact, float32_features when no name is in both.
+        # ``wire``: the same merges as encoded parts (``join_parts``) where they encode.
+        profile, profile_keys = float32_features(compact(profile_in)), profile_in.keys()
+        part = encoded_part(profile) if wire else None
+        # Items whose numeric values are all 0.0 and that have no cross features (in a
+        # group with a seen item, the others): compact(rest) is empty, so their
+        # features are the first merge's whenever the names are disjoint.
+        names = [name for name, _ in numeric]
+        zero: list[bool] = [False] * len(members)
+        if numeric and "mf" not in names and profile_keys.isdisjoint(names):
+            zero = [True] * len(members)
+            for _, values in numeric:
+                for j, value in enumerate(values):
+                    if value != 0.0:
+                        zero[j] = False
+        for j, (static, static_rounded, static_part) in enumerate(statics):
+            if (zero[j] and not cross[j] and profile_keys.isdisjoint(static)
+                    and static.keys().isdisjoint(names)):
+                out[members[j]] = (join_parts(part, static_part)
+                                   if part is not None and static_part is not None
+                                   else {**profile, **static_rounded})
+                continue
+            rest: dict[str, Any] = {}
+            if numeric or cross[j]:
+                rest = {name: values[j] for name, values in numeric}
+                for feats in cross[j]:
+                    rest.update(feats)
+            if not rest and profile_keys.isdisjoint(static):
+                if part is not None and static_part is not None:
+                    out[members[j]] = join_parts(part, static_part)
+                else:
+                    out[members[j]] = {**profile, **static_rounded}
+            elif (rest and static.keys().isdisjoint(rest) and profile_keys.isdisjoint(static)
+                    and profile_keys.isdisjoint(rest)):
+                rest = float32_features(compact(rest))
+                rest_part = (encoded_part(rest) if part is not None and static_part is not None
+                             else None)
+                if rest_part is not None:
+                    out[members[j]] = join_parts(part, static_part, rest_part)  # type: ignore[arg-type]
+                else:
+                    out[members[j]] = {**profile, **static_rounded, **rest}
+            else:  # as item_features builds it
+                out[members[j]] = float32_features(compact({**profile_in, **static, **rest}))
 
     def _resolve_plain(self, ctx: UserContext, items: list[str],
                        attrs_of: list[dict[str, Any] | None], seen: list[bool],
@@ -540,11 +611,14 @@ class PointInTime:
             self._shared = shared if group is not None else None
         return shared
 
-    def release_frozen(self) -> Callable[[Deferred], bool]:
-        """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions);
-        returns which deferred features must be computed now: those reading a version
-        beyond the ``RETAINED_VERSIONS`` newest replaced ones still in use (the others
-        keep theirs until their window closes: memory for time)."""
+    def release_frozen(self) -> None:
+        """Drop the cached ``FrozenViews`` (the views moved to new snapshot versions).
+        The pending groups reading a version beyond the ``RETAINED_VERSIONS`` newest
+        replaced ones still in use are detached from it (``_detach``: what their features
+        read of it captured, per item, without computing them), so the version is
+        freed; the others keep theirs until their window closes (memory for time). No
+        token is computed here: each is when its example is written (a click, the
+        sampler's keep at the window's close), from its version or its capture."""
         retained = self._retained
         if self._frozen is not None:
             retained.append(weakref.ref(self._frozen))
@@ -555,7 +629,49 @@ class PointInTime:
         old = {id(ref()) for ref in live[:cut]}
         retained.clear()
         retained.extend(live[cut:])
-        return lambda d: id(d[0].views) in old
+        still: list[weakref.ref[_Taken]] = []
+        by_version: dict[int, list[_Taken]] = {}
+        for ref in self._open:
+            taken = ref()
+            if taken is None or taken.views is None:
+                continue
+            if id(taken.views) in old:
+                by_version.setdefault(id(taken.views), []).append(taken)
+            else:
+                still.append(ref)
+        self._open = still
+        for takens in by_version.values():
+            self._detach(takens)
+
+    def _detach(self, takens: list[_Taken]) -> None:
+        """Capture what the deferred features of the groups ``takens`` (taken on one
+        snapshot version) read of it, then let the version go (``views = None``): per
+        group its items' snapshot columns (one ``item_columns`` call without MF,
+        attributes or cross profiles), per item of any of them its ``table_capture``
+        and MF vector row (``_VersionCapture``, shared)."""
+        views = takens[0].views
+        assert views is not None
+        version = _VersionCapture(list(dict.fromkeys(itertools.chain.from_iterable(
+            [t.items for t in takens]))), views, any(t.ctx.vector is not None for t in takens))
+        captures = version.captures
+        for taken in takens:
+            items = list(dict.fromkeys(taken.items))
+            n = len(items)
+            plain = object.__new__(UserContext)  # no MF vector, nothing consumed: the
+            plain.__dict__.update(taken.ctx.__dict__)  # version's columns only
+            plain.vector, plain.consumed = None, {}
+            cols = self.item_columns(plain, items, taken.ts, views=views, attrs=[None] * n,
+                                     cross=[_NO_CROSS] * n)
+            for item, table in zip(items, cols.tables, strict=True):
+                if item not in captures:
+                    captures[item] = table_capture(item, table)
+            taken.detached = _Detached(
+                {item: k for k, item in enumerate(items)},
+                [(name, values.tolist()) for name, values in cols.numeric.items()], version,
+                taken.ctx.vector is not None and version.vecs is not None)
+            taken.views = None
+            taken.key = (id(taken), -1, -1)  # grouped with no other group's tokens
+            taken.items = []
 
     def _frozen_views(self) -> FrozenViews | None:
         if self.views is None:
@@ -588,8 +704,8 @@ class PointInTime:
         """The features of the ``(user_id, value)`` profile of a ``user_x_<attr>`` store
         (``_feature_value`` of each output); one shared ``FixedFeatures`` when the store
         has no such profile."""
-        plan = _cross_plan(store)
-        key = plan.key(store, user_id, value)
+        plan = _query_plan(store)
+        key = store.plan.cross_key(user_id, value)  # store.key_of((user_id, value))
         if plan.empty is not None and not store.knows(key):
             return plan.empty
         out = store.query_key(key, _query_time(store, ts_ms))  # a fresh dict
@@ -710,14 +826,9 @@ class PointInTime:
                 mf = self._mf_scores(ctx.vector, item_ids, views, rows, space, slots)
             if mf is not None:
                 numeric["mf"] = np.asarray(mf, np.float64)
-        consumed = ctx.consumed
-        if consumed and any(map(consumed.__contains__, item_ids)):
-            # the user's own history with the item: do repeats pay off?
-            numeric["ui.interacted"] = np.fromiter(map(consumed.__contains__, item_ids),
-                                                   np.float64, n)
-            recency = liked_recency(ctx.liked, self.covis.decay)
-            numeric["ui.liked"] = np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
-                                              np.float64, n)
+        ui = user_item_columns(ctx, item_ids, self.covis.decay)
+        if ui is not None:
+            numeric.update(ui)
         if numeric_only:
             return ItemColumns(item_ids, numeric, tables, [None] * n, [], rows, space, slots)
         if cross is not None:
@@ -868,7 +979,7 @@ class _Taken:
     together): the user context, the time and the snapshots served. One per group
     instead of three fields per impression."""
 
-    __slots__ = ("ctx", "ts", "views", "key")
+    __slots__ = ("ctx", "ts", "views", "key", "items", "detached", "__weakref__")
 
     def __init__(self, ctx: UserContext, ts: int, views: FrozenViews | None) -> None:
         self.ctx = ctx
@@ -876,6 +987,95 @@ class _Taken:
         self.views = views
         self.key = (id(ctx), ts, id(views))
         """What ``resolve_all`` groups by (the same user context, time and snapshots)."""
+        self.items: list[str] = []
+        """The items of the tokens taken in this group (with repeats), for ``detach``."""
+        self.detached: _Detached | None = None
+        """What the group's features read of ``views``, once they were let go."""
+
+
+class _Detached:
+    """What the deferred features of one group (``_Taken``) read of a snapshot version
+    that was replaced, captured when it is let go (``PointInTime.release_frozen``) so
+    that the version is freed without computing every pending impression's features:
+    per distinct item its snapshot columns (popularity, trending, co-visitation sums,
+    ``NUMERIC_ITEM_FEATURES`` order, as floats), and, shared by the groups detached from
+    one version (``_VersionCapture``), its ``table_capture`` and its MF vector row. The
+    MF products, the user x item columns, the static features and the merges are left
+    for the few tokens whose example is written (``_Detached.columns``): the same
+    operations on the same values as ``item_columns`` on the version."""
+
+    __slots__ = ("pos", "numeric", "version", "mf_on", "mf", "statics")
+
+    def __init__(self, pos: dict[str, int], numeric: list[tuple[str, list[float]]],
+                 version: _VersionCapture, mf_on: bool) -> None:
+        self.pos = pos
+        """Item -> its index in ``numeric``'s lists."""
+        self.numeric = numeric
+        self.version = version
+        self.mf_on = mf_on
+        """Whether the group had an MF score (a user vector and an index)."""
+        self.mf: dict[int, float] = {}
+        """MF scores computed so far, by the item's index in ``version``."""
+        self.statics: dict[int, tuple[Any, dict[str, Any], dict[str, Any],
+                                      EncodedPart | None]] = {}
+        """``_static_part``'s triple by item index, with the attributes object it holds for."""
+
+    def columns(self, ctx: UserContext, items: list[str], decay: float
+                ) -> list[tuple[str, list[float]]]:
+        """``item_columns(...).numeric`` of ``items`` (of this group) for ``ctx``
+        (``as_taken``), each column a list: the captured columns, the MF scores row by
+        row (``PointInTime._mf_rowwise``), then ``ui.*`` (``user_item_columns``)."""
+        pos = [self.pos[item] for item in items]
+        out = [(name, [values[k] for k in pos]) for name, values in self.numeric]
+        if self.mf_on and items:
+            version, memo = self.version, self.mf
+            vecs, found = version.vecs, version.found
+            assert vecs is not None and found is not None
+            v = np.asarray(ctx.vector, np.float32)
+            scores = []
+            for k in map(version.pos.__getitem__, items):
+                score = memo.get(k)
+                if score is None:
+                    score = memo[k] = float((vecs[k:k + 1] @ v)[0]) if found[k] else 0.0
+                scores.append(score)
+            out.append(("mf", scores))
+        ui = user_item_columns(ctx, items, decay)
+        if ui is not None:
+            out += [(name, values.tolist()) for name, values in ui.items()]
+        return out
+
+    def static(self, item: str, attrs: dict[str, Any] | None
+               ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
+        """``PointInTime._static_part`` of ``item`` on the captured version."""
+        k = self.pos[item]
+        hit = self.statics.get(k)
+        if hit is not None and hit[0] is attrs:
+            return hit[1], hit[2], hit[3]
+        static = static_features_of(self.version.captures[item], attrs)
+        rounded = float32_features(compact(static))
+        part = encoded_part(rounded)
+        self.statics[k] = (attrs, static, rounded, part)
+        return static, rounded, part
+
+
+class _VersionCapture:
+    """What the groups detached from one snapshot version together share: each of their
+    items' ``table_capture`` and MF vector row in the version's index (one lookup per
+    item and version instead of one per group)."""
+
+    __slots__ = ("pos", "vecs", "found", "captures")
+
+    def __init__(self, items: list[str], views: FrozenViews, vectors: bool) -> None:
+        self.pos = {item: k for k, item in enumerate(items)}
+        """Item -> its row in ``vecs``."""
+        self.vecs: np.ndarray | None = None
+        self.found: list[bool] | None = None
+        index = views.index
+        if vectors and items and index.index is not None:
+            self.vecs, found = index.vectors(items)
+            self.found = found.tolist()
+        self.captures: dict[str, TableCapture] = {}
+        """Item -> its ``table_capture`` (filled by ``PointInTime._detach``)."""
 
 
 Deferred = tuple[_Taken, str, "dict[str, Any] | None", "list[dict[str, Any]]", bool]
@@ -905,37 +1105,23 @@ class FixedFeatures(dict):  # type: ignore[type-arg]
     it by identity (``ColumnScorer``)."""
 
 
-class _CrossPlan:
-    """Per ``user_x_<attr>`` store: its outputs that ``_feature_value`` changes, its
-    shared empty features (None when they depend on the query time or hold lists) and a
-    bounded memo of profile keys by ``(user_id, value)``."""
-
-    max_keys = 16_384
+class _QueryPlan:
+    """Per profile store: its outputs that ``_feature_value`` changes and its shared
+    empty features (None when they depend on the query time or hold lists)."""
 
     def __init__(self, store: ProfileStore) -> None:
         self.ts_names = [name for name in store.output_names if name.endswith("_ts.all")]
         fixed = not self.ts_names and not store.plan.list_outs
         self.empty = FixedFeatures(store.empty_answer()) if fixed else None
-        self.keys: dict[tuple[str, str], int] = {}
-
-    def key(self, store: ProfileStore, user_id: str, value: str) -> int:
-        """``store.key_of((user_id, value))``, memoised."""
-        pair = (user_id, value)
-        key = self.keys.get(pair)
-        if key is None:
-            if len(self.keys) >= self.max_keys:
-                self.keys.clear()
-            key = self.keys[pair] = store.key_of(pair)
-        return key
 
 
-_CROSS_PLANS: weakref.WeakKeyDictionary[ProfileStore, _CrossPlan] = weakref.WeakKeyDictionary()
+_QUERY_PLANS: weakref.WeakKeyDictionary[ProfileStore, _QueryPlan] = weakref.WeakKeyDictionary()
 
 
-def _cross_plan(store: ProfileStore) -> _CrossPlan:
-    plan = _CROSS_PLANS.get(store)
+def _query_plan(store: ProfileStore) -> _QueryPlan:
+    plan = _QUERY_PLANS.get(store)
     if plan is None:
-        plan = _CROSS_PLANS[store] = _CrossPlan(store)
+        plan = _QUERY_PLANS[store] = _QueryPlan(store)
     return plan
 
 

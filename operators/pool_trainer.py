@@ -4,7 +4,8 @@ Every user shard matches its users' next positives against the pool it last serv
 them (``models.pool_ranker.PoolModel``) and sends each match as a ``PoolPair`` (the
 pool's float32 feature matrix and the target row). This stage keeps ONE
 ``PoolRanker`` for all shards: per pair it updates the running feature scale with the
-pool and takes one Adagrad step on ``log P(target | pool)``. Every
+pool and takes one Adagrad step on ``log P(target | pool)`` (``observe_learn``: the
+pool's input expanded once for both). Every
 ``serving.pool.sync_every_pairs`` pairs (or ``sync_interval_ms`` of event time) it
 writes the model into the snapshot store as a new immutable ``pool-ranker`` version
 (arrays only), stamped with the newest pair's event time; the user shards read it
@@ -60,8 +61,7 @@ class PoolTrainer:
                 self.skipped += 1
                 continue
             try:
-                ranker.observe(x)
-                ranker.learn(x, pair.target)
+                ranker.observe_learn(x, pair.target)
             except Exception as err:  # one bad pair must not stop training
                 dead.append(processing_error("pool_trainer", {"ts": pair.ts,
                                                               "target": pair.target}, err))

@@ -140,10 +140,11 @@ class UserShard:
             self.views.poll(min(e.ts for e in events))
             if (self.views.table_map() is not served[0]
                     or self.views.index.index is not served[1]):
-                # Deferred impression features read the versions being replaced: those
-                # whose example will be written take them now (together, per request);
-                # those dropped unless clicked keep them (a bounded number of versions).
-                self.joiner.resolve_deferred(self.context.release_frozen())
+                # Deferred impression features read the versions being replaced: their
+                # groups are detached from them (what they read captured, nothing
+                # computed; PointInTime.release_frozen) and computed when their example
+                # is written, at a click or at the window's close, as the others.
+                self.context.release_frozen()
         if self.profiles or self.server is not None or self.item_profiles:
             for event in events:
                 try:

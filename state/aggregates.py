@@ -37,11 +37,27 @@ BAD = object()
 """A raw value a feature cannot aggregate (skipped and counted by the store)."""
 EXACT_INCREMENTAL = frozenset({"count", "min", "max", "last", "distinct_count", "last_k"})
 """Aggregates whose memoised value can be updated in place exactly (order-free, no floats)."""
+FOLD_SUM, FOLD_SAME = 1, 2
+"""How two writes of one feature in a row at the same ts fold into one (``fold_kind``):
+``FOLD_SUM`` adds their values (counts: integers), ``FOLD_SAME`` keeps one of two equal
+values (the aggregate of both is the aggregate of one)."""
+
+
+def fold_kind(aggregate: str) -> int:
+    """``FOLD_SUM``, ``FOLD_SAME`` or 0 (never folded: float sums, means and decayed sums
+    depend on the order of their additions, bit for bit)."""
+    if aggregate == "count":
+        return FOLD_SUM
+    return FOLD_SAME if aggregate in ("last", "min", "max", "distinct_count", "last_k") else 0
 
 
 class _Count:
+    """acc = the number of events (int). A stored count value is the number of events it
+    stands for: 1 per event (``make_prep``), k for k events of one time folded in the
+    write buffer (``FOLD_SUM``)."""
+
     def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
-        return 1 if acc is None else acc + 1
+        return v if acc is None else acc + v
 
     def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
         return b if a is None else a if b is None else a + b

@@ -41,11 +41,12 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from itertools import chain
+from itertools import chain, islice
 
 import numpy as np
 
 from state.decay import decay_factor
+from state.npz import save_npz
 from state.packing import pack_strings, unpack_strings
 
 Pair = tuple[str, str, float]
@@ -82,9 +83,11 @@ def _weight(kv: tuple[str, float]) -> float:
 class CoVisitation:
     """Decayed co-visitation rows ``item -> {neighbour: grown weight}``, bounded per row."""
 
-    _written: set[str] | None = None
+    _written: dict[str, bool] | None = None
     """Rows written since the arrays of the last ``publish_arrays`` (at most ``max_items``;
-    None: not tracked, every row counts as written)."""
+    None: not tracked, every row counts as written), each with whether its neighbours may
+    no longer start with those it had then (True: the row was created, pruned or cut
+    since; False: only values changed and neighbours were appended)."""
 
     def __init__(self, config: CoVisConfig | None = None, **kw: float) -> None:
         if config is None:
@@ -155,31 +158,43 @@ class CoVisitation:
         limit = m + int(m * self.config.prune_slack)
         rows = self._rows
         written = self._written
-        for a, b, w in pairs:
-            if written is not None:
-                written.add(a)
-            row = rows.get(a)
-            if row is None:
-                row = rows[a] = {}
-                if len(rows) > self.config.max_items:
-                    rows.popitem(last=False)
-                    self.evicted_rows += 1
-            else:
-                rows.move_to_end(a)
-            self.pairs_added += 1
-            val = row.get(b)
-            if val is not None:
-                row[b] = val + w * g
-                continue
-            row[b] = w * g
-            if len(row) > limit:
-                if limit == m:
-                    weakest = min(row, key=row.__getitem__)
-                    del row[weakest]
-                    self.evicted_neighbors += 1
-                else:  # amortised: one O(row) prune per slack inserts instead of one per insert
-                    self.evicted_neighbors += len(row) - m
-                    row = rows[a] = dict(heapq.nlargest(m, row.items(), key=_weight))
+        last: str | None = None  # the previous pair's row item: its row is ``row``, last in rows
+        row: dict[str, float] = {}
+        added = 0
+        try:
+            for a, b, w in pairs:
+                added += 1
+                if a != last:
+                    last = a
+                    row = rows.get(a)  # type: ignore[assignment]
+                    if row is None:
+                        row = rows[a] = {}
+                        if written is not None:
+                            written[a] = True
+                        if len(rows) > self.config.max_items:
+                            rows.popitem(last=False)
+                            self.evicted_rows += 1
+                    else:
+                        rows.move_to_end(a)
+                        if written is not None:
+                            written.setdefault(a, False)
+                val = row.get(b)
+                if val is not None:
+                    row[b] = val + w * g
+                    continue
+                row[b] = w * g
+                if len(row) > limit:
+                    if written is not None:
+                        written[a] = True
+                    if limit == m:
+                        weakest = min(row, key=row.__getitem__)
+                        del row[weakest]
+                        self.evicted_neighbors += 1
+                    else:  # amortised: one O(row) prune per slack inserts, not one per insert
+                        self.evicted_neighbors += len(row) - m
+                        row = rows[a] = dict(heapq.nlargest(m, row.items(), key=_weight))
+        finally:
+            self.pairs_added += added
         if written is not None and len(written) > self.config.max_items:
             self._written = None  # more rows written than a table holds: rebuild them all
 
@@ -347,7 +362,7 @@ class CoVisitation:
             out = self._arrays_since(previous, self._written)
         if out is None:
             out = self.to_arrays()
-        self._written = set()
+        self._written = {}
         return out
 
     def written_share(self) -> float | None:
@@ -356,16 +371,17 @@ class CoVisitation:
             return None
         return len(self._written) / len(self._rows)
 
-    def _arrays_since(self, prev: Mapping[str, np.ndarray], written: set[str]
+    def _arrays_since(self, prev: Mapping[str, np.ndarray], written: dict[str, bool]
                       ) -> dict[str, np.ndarray] | None:
         """``to_arrays`` from ``prev`` (this table's arrays when ``written`` was emptied)
         and the rows written since; None when ``prev`` cannot be that version.
 
         Names are first numbered in a working space (``prev``'s vocabulary, then new
         names), each row's neighbours taken as ids from ``prev`` (unwritten rows, runs of
-        them in one slice) or looked up (written rows); the vocabulary is then the rows
-        in order followed by the other ids in order of first appearance (distinct
-        positions: the order is unambiguous), as ``to_arrays`` numbers them."""
+        them in one slice; a written row that only appended neighbours, the ids of its
+        first ones) or looked up (the rest); the vocabulary is then the rows in order
+        followed by the other ids in order of first appearance (distinct positions: the
+        order is unambiguous), as ``to_arrays`` numbers them."""
         rows = self._rows
         try:
             if (int(prev["format"]) != _FORMAT or self._t_ref is None or not rows
@@ -397,7 +413,8 @@ class CoVisitation:
             if g is None:
                 g = new_id(a)
             row_ids.append(g)
-            if g < n_prev and a not in written:
+            reordered = written.get(a)
+            if g < n_prev and reordered is None:
                 s, e = bounds[g], bounds[g + 1]
                 if e - s != len(row):
                     return None
@@ -413,11 +430,20 @@ class CoVisitation:
                 nbr_parts.append(pnbr[run[0]:run[1]])
                 val_parts.append(pval[run[0]:run[1]])
                 run = None
+            kept = 0  # leading neighbours whose ids are prev's
+            if g < n_prev and not reordered:  # prev's neighbours, then the appended ones
+                s, e = bounds[g], bounds[g + 1]
+                kept = e - s
+                if kept > len(row) or (kept and names[pnbr[s]] != next(iter(row))):
+                    return None
+                nbr_parts.append(pnbr[s:e])
+            keys = islice(row, kept, None) if kept else row
             try:
-                part = np.fromiter(map(ids.__getitem__, row), np.int64, len(row))
+                part = np.fromiter(map(ids.__getitem__, keys), np.int64, len(row) - kept)
             except KeyError:  # a name new since prev
                 get = ids.get
-                part = np.array([i if (i := get(b)) is not None else new_id(b) for b in row],
+                keys = islice(row, kept, None) if kept else row
+                part = np.array([i if (i := get(b)) is not None else new_id(b) for b in keys],
                                 np.int64)
             nbr_parts.append(part)
             val_parts.append(np.fromiter(row.values(), np.float64, len(row)))
@@ -488,8 +514,7 @@ class CoVisitation:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one uncompressed ``.npz`` file (no pickled objects)."""
-        with open(path, "wb") as f:
-            np.savez(f, **self.to_arrays())
+        save_npz(path, self.to_arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CoVisitation:

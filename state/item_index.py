@@ -48,6 +48,7 @@ from typing import Any, Literal
 import hnswlib
 import numpy as np
 
+from state.npz import save_npz
 from state.packing import pack_strings, unpack_strings
 from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotReader, SnapshotStore
@@ -420,8 +421,7 @@ class ItemIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one uncompressed ``.npz`` file (no pickled objects) to ``path`` exactly."""
-        with open(path, "wb") as f:
-            np.savez(f, **self.to_arrays())
+        save_npz(path, self.to_arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike, frozen: bool = False) -> ItemIndex:

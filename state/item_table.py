@@ -23,7 +23,7 @@ import numpy as np
 
 from state.covisitation import CoVisitation
 from state.decay import decay_factor
-from state.npz import load_npz
+from state.npz import load_npz, save_npz
 
 T = TypeVar("T")
 
@@ -264,8 +264,7 @@ class ItemTable:
         index, names, matrix = self.feature_matrix()
         feat_ids = list(index)
         with open(path, "wb") as f:
-            np.savez(
-                f,
+            save_npz(f, dict(
                 shard=np.asarray(self.shard),
                 ts=np.asarray(self.ts, np.int64),
                 popular_ids=np.asarray(list(self.popular), dtype=np.str_),
@@ -284,7 +283,7 @@ class ItemTable:
                 feature_names=np.asarray(names, dtype=np.str_),
                 feature_values=matrix,
                 **arrays,
-            )
+            ))
 
     @staticmethod
     def covis_arrays_of(path: str | os.PathLike | Path

@@ -1,4 +1,4 @@
-"""A fast reader of the uncompressed ``.npz`` files the snapshot store holds.
+"""A fast reader and writer of the uncompressed ``.npz`` files the snapshot store holds.
 
 ``np.load`` on an ``.npz`` opens each member through ``zipfile`` and parses its ``.npy``
 header with ``ast.literal_eval``: ~80 us a member, ~4 ms for an item table's ~50
@@ -8,6 +8,15 @@ header numpy writes (``{'descr': ..., 'fortran_order': ..., 'shape': (...), }``)
 one regular expression: the same arrays (dtype, shape, values; each a copy with its own
 memory, writable). Anything else (a compressed member, another header form, an object
 dtype, a truncated member) is read by ``np.load`` instead, so the answer never differs.
+
+``save_npz`` writes what ``np.savez`` writes for the same arrays (an uncompressed zip of
+``.npy`` members, format 1.0 headers, read back equal by ``np.load`` and ``load_npz``)
+in one pass: each member's local header, ``.npy`` header and data (the array's own
+memory, no copy), then the central directory. ``np.savez`` opens every member through
+``zipfile`` (headers written, sought back and rewritten for zip64, the data copied into
+bytes): ~9 ms for an item table's ~50 members (1.5 MB) vs ~4.5 ms here, paid by every
+version of every kind. Members carry a fixed time (1980-01-01), so equal arrays give
+equal files.
 """
 
 from __future__ import annotations
@@ -18,10 +27,19 @@ import os
 import re
 import struct
 import zipfile
-from collections.abc import Container
+import zlib
+from collections.abc import Container, Mapping
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
+
+_DOS_TIME = (0, (1980 - 1980) << 9 | 1 << 5 | 1)
+"""Zip time and date fields of every member written: 00:00:00 on 1980-01-01."""
+_ZIP_MAX = 0xFFFF_FFFF
+_PLAIN_KINDS = frozenset("biufcSU")
+"""dtype kinds written directly (numbers, bools, fixed-size strings); others go to
+``np.savez`` (its pickling rules, its headers)."""
 
 _HEADER = re.compile(r"\{'descr': '([^']+)', 'fortran_order': (False|True), "
                      r"'shape': \(([0-9, ]*)\), \}\s*\Z")
@@ -99,3 +117,59 @@ def _array(data: bytes, start: int, end: int) -> np.ndarray:
     if match[2] == "True":
         return flat.reshape(shape[::-1]).transpose()
     return flat.reshape(shape)
+
+
+def save_npz(file: str | os.PathLike | BinaryIO, arrays: Mapping[str, Any]) -> None:
+    """``np.savez(file, **arrays)`` (uncompressed), faster; anything it would write
+    differently (an object or other dtype, a non-ASCII name, a zip64-sized archive, a
+    header past format 1.0) is left to ``np.savez`` itself."""
+    parts: list[Any] = []
+    central: list[bytes] = []
+    offset = 0
+    for name, value in arrays.items():
+        arr = np.asanyarray(value)
+        fname = f"{name}.npy"
+        if arr.dtype.kind not in _PLAIN_KINDS or not fname.isascii() or arr.dtype.hasobject:
+            return _savez(file, arrays)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)  # np.savez writes the same values in C order
+        head = io.BytesIO()
+        try:
+            np.lib.format.write_array_header_1_0(
+                head, np.lib.format.header_data_from_array_1_0(arr))
+        except ValueError:  # a header too large for format 1.0
+            return _savez(file, arrays)
+        header = head.getvalue()
+        data = arr.reshape(-1).view(np.uint8).data if arr.size else b""
+        size = len(header) + arr.nbytes
+        crc = zlib.crc32(data, zlib.crc32(header))
+        encoded = fname.encode("ascii")
+        local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, *_DOS_TIME, crc, size, size,
+                            len(encoded), 0) + encoded
+        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, *_DOS_TIME,
+                                   crc, size, size, len(encoded), 0, 0, 0, 0, 0o600 << 16,
+                                   offset) + encoded)
+        parts += (local, header, data)
+        offset += len(local) + size
+        if offset > _ZIP_MAX:
+            return _savez(file, arrays)
+    directory = b"".join(central)
+    if len(central) > 0xFFFF or offset + len(directory) > _ZIP_MAX:
+        return _savez(file, arrays)
+    parts += (directory, struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central),
+                                     len(central), len(directory), offset, 0))
+    if hasattr(file, "write"):
+        file.writelines(parts)  # type: ignore[union-attr]
+        return None
+    with open(file, "wb") as f:
+        f.writelines(parts)
+    return None
+
+
+def _savez(file: str | os.PathLike | BinaryIO, arrays: Mapping[str, Any]) -> None:
+    """``np.savez`` into ``file`` (a path as given: ``np.savez`` would add ``.npz``)."""
+    if hasattr(file, "write"):
+        np.savez(file, **arrays)
+        return
+    with open(file, "wb") as f:
+        np.savez(f, **arrays)

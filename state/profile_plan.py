@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from state.aggregates import EXACT_INCREMENTAL, make_agg, make_prep
+from state.aggregates import EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
 from state.feature_spec import RATE_SCALE, FeatureSpec, parse_duration
 from state.hashing import stable_hash64
 
@@ -34,6 +34,9 @@ DEFAULT_TIERS: tuple[tuple[int, int | None], ...] = (
     (86_400_000, None),  # 1-day slices beyond, up to truncation
 )
 """(granularity ms, span ms or None) per tier, finest first."""
+MAX_CROSS_KEYS = 16_384
+"""``(user_id, attribute value)`` pairs whose ``user_x_<attr>`` profile key a plan keeps
+(``ProfilePlan.cross_key``; ~150 B each)."""
 ItemAttrs = Callable[[Any], Mapping[str, Any] | None]
 """``item_id -> attrs dict`` (or None): where ``user_x_<attr>`` stores read an item's attribute."""
 
@@ -156,6 +159,8 @@ class ProfilePlan:
         self.preps = [make_prep(s) for s in self.specs]
         self.horizon = [s.longest_window_ms + params.retention_ms for s in self.specs]
         self.incremental = [s.aggregate in EXACT_INCREMENTAL for s in self.specs]
+        self.fold = [fold_kind(s.aggregate) for s in self.specs]
+        """How a write folds into the previous one of its feature (``fold_kind``)."""
         self.has_all = [s.has_all for s in self.specs]
         self.min_values = [s.min_value for s in self.specs]
         self.feat_outs: list[list[int]] = []
@@ -187,6 +192,9 @@ class ProfilePlan:
         """Derived outputs (name, numerator output, denominator output, prior), after the
         stored ones."""
         self.route = self._routes()
+        self._last_id: Any = None
+        self._last_key = 0
+        self._cross_keys: dict[tuple[Any, Any], int] = {}
 
     def add_rates(self, out: dict[str, Any]) -> dict[str, Any]:
         """``out`` (stored outputs) with every ``rate`` output added:
@@ -223,6 +231,27 @@ class ProfilePlan:
             out[name] = []
         return out
 
+    def key(self, entity_id: Any) -> int:
+        """``stable_hash64(entity_id)`` of a ``user`` or ``item`` id; the last string id's
+        key is kept (an entity's events come in runs: a request's impressions)."""
+        if type(entity_id) is str and entity_id == self._last_id:
+            return self._last_key
+        key = stable_hash64(entity_id)
+        self._last_id, self._last_key = entity_id, key
+        return key
+
+    def cross_key(self, user_id: Any, value: Any) -> int:
+        """``entity_key`` of the ``user_x_<attr>`` profile ``(user_id, value)``, memoised
+        (at most ``MAX_CROSS_KEYS``, cleared when full): writes and queries of a user's
+        profile per attribute value hash it once."""
+        pair = (user_id, value)
+        key = self._cross_keys.get(pair)
+        if key is None:
+            if len(self._cross_keys) >= MAX_CROSS_KEYS:
+                self._cross_keys.clear()
+            key = self._cross_keys[pair] = stable_hash64(f"{user_id}\x1f{value}")
+        return key
+
     def keys_for(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None
                  ) -> tuple[list[int], str | None]:
         """(entity keys an event writes to, or [] with the reason counter to bump)."""
@@ -231,7 +260,7 @@ class ProfilePlan:
             eid = event.get("user_id" if kind == "user" else "item_id")
             if eid is None:
                 return [], "skipped_no_id"
-            return [stable_hash64(eid)], None
+            return [self.key(eid)], None
         uid, iid = event.get("user_id"), event.get("item_id")
         if uid is None or iid is None:
             return [], "skipped_no_id"
@@ -239,9 +268,11 @@ class ProfilePlan:
             raise TypeError(f"{kind} store needs item_attrs (item_id -> attrs dict) in apply()")
         attrs = item_attrs(iid) or {}
         av = attrs.get(self.cross_attr)
+        if type(av) is str:  # one value (a category): the usual case
+            return [self.cross_key(uid, av)], None
         if av is None or av == [] or av == ():
             return [], "skipped_no_attr"
         vals = av if isinstance(av, (list, tuple)) else (av,)
-        keys = [stable_hash64(f"{uid}\x1f{a}") for a in dict.fromkeys(
+        keys = [self.cross_key(uid, a) for a in dict.fromkeys(
             a for a in vals if isinstance(a, (str, int)) and not isinstance(a, bool))]
         return keys, None if keys else "skipped_no_attr"

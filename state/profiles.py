@@ -52,7 +52,7 @@ from collections.abc import Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
-from state.aggregates import BAD, TS, _Count, _Distinct
+from state.aggregates import BAD, FOLD_SAME, FOLD_SUM, TS, _Count, _Distinct
 from state.decay import exp2
 from state.feature_spec import MISSING, FeatureSpec, as_specs
 from state.profile_codec import FORMAT, HotCold, Profile
@@ -218,14 +218,18 @@ class ProfileStore:
         if not writes:
             return
         buf = self._buffer
+        n = len(writes)
+        added = 0
         for key in keys:
             lst = buf.get(key)
             if lst is None:
                 buf[key] = list(writes)
-            else:
+                added += n
+            elif not self._fold(lst, writes):
                 lst.extend(writes)
-        n = len(writes) * len(keys)
-        self._n_buffered += n
+                added += n
+        n *= len(keys)
+        self._n_buffered += added
         self.counters["writes"] += n
         if self._buf_since is None:
             self._buf_since = self._now
@@ -233,6 +237,32 @@ class ProfileStore:
             self._drain(DRAIN_PER_WRITE * n)
         if self._n_buffered >= self.params.batch_size:
             self._close()
+
+    def _fold(self, lst: list[tuple[int, int, Any]], writes: list[tuple[int, int, Any]]) -> bool:
+        """Fold an event's ``writes`` into the same features' writes of the entity's
+        previous event, when that event wrote exactly these features at the same ts
+        (the tail of ``lst``) and each pair folds (``ProfilePlan.fold``: counts add up,
+        equal values of order-free aggregates are one). Each feature's writes, in order,
+        are then what merging both gives (a request's impressions: one write per feature
+        instead of one per impression). Returns whether it folded (``lst`` changed)."""
+        n = len(writes)
+        base = len(lst) - n
+        if base < 0:
+            return False
+        fold = self.plan.fold
+        for i in range(n):
+            f, ts, v = writes[i]
+            old = lst[base + i]
+            kind = fold[f]
+            if (old[0] != f or old[1] != ts or not kind
+                    or (kind == FOLD_SAME and (type(old[2]) is not type(v) or old[2] != v))):
+                return False
+        for i in range(n):
+            f, ts, v = writes[i]
+            if fold[f] == FOLD_SUM:
+                old = lst[base + i]
+                lst[base + i] = (f, ts, old[2] + v)
+        return True
 
     def advance(self, now_ms: int) -> None:
         """Move the store clock forward (wall-clock fallback for idle streams); may flush."""

@@ -238,19 +238,23 @@ def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
-def test_published_arrays_built_from_the_previous_version_equal_a_full_build() -> None:
+@pytest.mark.parametrize("slack", [0.5, 0.0])
+def test_published_arrays_built_from_the_previous_version_equal_a_full_build(
+        slack: float) -> None:
     """Issue 18 point 4: a new table's arrays are built from the last published ones
     and the rows written since (``publish_arrays``) and equal ``to_arrays`` bit for bit,
-    through new names, neighbour-only names, pruned and evicted rows, removed rows and a
-    rebase (a new ``t_ref``: every row rebuilt); the reuse is what runs."""
+    through new names, neighbour-only names, pruned (slack) and cut (no slack) and
+    evicted rows, removed rows and a rebase (a new ``t_ref``: every row rebuilt); the
+    reuse is what runs, also for written rows that only appended neighbours (their
+    leading ids taken from the last version)."""
     import random
 
     rnd = random.Random(11)
-    cv = CoVisitation(CoVisConfig(max_neighbors=6, prune_slack=0.5, window=4, max_items=40,
+    cv = CoVisitation(CoVisConfig(max_neighbors=6, prune_slack=slack, window=4, max_items=40,
                                   half_life_ms=H))
     names = [f"n{i}" for i in range(90)]
     previous = None
-    reused = 0
+    reused = appended = 0
     original = CoVisitation._arrays_since
 
     def spy(self: CoVisitation, *args: object) -> object:
@@ -270,12 +274,14 @@ def test_published_arrays_built_from_the_previous_version_equal_a_full_build() -
             if round_ % 9 == 4:
                 cv.remove(rnd.sample(names, 3))
             ts += 50 * H if round_ == 30 else rnd.randint(0, H)  # past 600 half-lives: a rebase
+            if previous is not None and cv._written:
+                appended += sum(not v and a in cv for a, v in cv._written.items())
             published = cv.publish_arrays(previous)
             _same_arrays(published, cv.to_arrays())
             previous = {k: v.copy() for k, v in published.items()}  # as read back from a file
     finally:
         CoVisitation._arrays_since = original  # type: ignore[method-assign]
-    assert reused > 30
+    assert reused > 30 and appended > 30
 
 
 def test_published_arrays_fall_back_to_a_full_build_when_previous_does_not_fit() -> None:
@@ -289,3 +295,31 @@ def test_published_arrays_fall_back_to_a_full_build_when_previous_does_not_fit()
     untracked = CoVisitation.from_arrays(cv.to_arrays())  # restored: written rows unknown
     untracked.observe(["a"], "d", T0 + 2)
     _same_arrays(untracked.publish_arrays(first), untracked.to_arrays())
+
+
+@pytest.mark.parametrize("slack", [0.5, 0.0])
+def test_a_batch_of_pairs_adds_as_the_pairs_one_by_one(slack: float) -> None:
+    """``add`` reads a row once for a run of pairs of the same item: rows, their order
+    (least recently written first), evictions, prunes and counters equal adding the pairs
+    one call each."""
+    import random
+
+    rnd = random.Random(5)
+    cfg = CoVisConfig(max_neighbors=5, prune_slack=slack, window=6, max_items=12,
+                      half_life_ms=H)
+    batch, single = CoVisitation(cfg), CoVisitation(cfg)
+    names = [f"n{i}" for i in range(30)]
+    ts = T0
+    for _ in range(40):
+        pairs = []
+        for _ in range(rnd.randint(1, 6)):
+            new = rnd.choice(names[:18])
+            pairs += batch.pairs_for(rnd.sample(names, 7), new)
+            pairs += [(new, rnd.choice(names), 0.5)] * rnd.randint(0, 3)  # runs of one row
+        batch.add(pairs, ts)
+        for p in pairs:
+            single.add([p], ts)
+        ts += rnd.randint(0, H // 4)
+    assert list(batch._rows.items()) == list(single._rows.items())
+    assert batch.stats() == single.stats() and batch.stats()["evicted_rows"] > 0
+    assert batch.stats()["evicted_neighbors"] > 0

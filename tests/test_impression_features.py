@@ -165,11 +165,12 @@ def test_user_context_is_taken_once_per_request(published: World,
 
 def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At new snapshot versions only the impressions whose example is sure to be written
-    (the sampler keeps their negative) are computed; one whose negative is dropped keeps
-    the version it read (needed only if clicked) until ``RETAINED_VERSIONS`` newer
-    versions replaced it, then it is computed and the old version freed. The click's
-    example is the eager shard's either way."""
+    """At new snapshot versions no pending impression is computed: each keeps the
+    version it read (its features are needed only when its example is written: a click,
+    or the sampler's keep at the close) until ``RETAINED_VERSIONS`` newer versions
+    replaced it, then it is detached from it (what it reads captured, not computed) and
+    the old version freed. The click's example and the kept negative's are the eager
+    shard's either way."""
     import gc
     import weakref
 
@@ -194,17 +195,81 @@ def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(
         for shard in (lazy, eager):  # each version read by a pending impression
             feed(shard, [Request(T0 + 1_500 + n, f"rz{n}", "v"),
                          Impression(T0 + 1_500 + n, others[n], "v", "a33", f"rz{n}", 0, {})])
-        assert type(pending[kept].features) is dict  # computed at the first switch
+        assert type(pending[kept].features) is tuple  # computed when written (the close)
         if n < point_in_time.RETAINED_VERSIONS:
             assert type(pending[dropped].features) is not dict, n  # still deferred
             assert all(ref() is not None for ref in old)
-    assert type(pending[dropped].features) is dict  # past the bound: computed
+    token = pending[dropped].features
+    assert type(token) is tuple and token[0].views is None  # past the bound: detached
+    assert token[0].detached is not None
     gc.collect()
     assert all(ref() is None for ref in old), "an old table version is still referenced"
     later = [Feedback(T0 + 5_000, "u", "a31", "click", dropped)]
     [got] = [e for e in feed(lazy, later)["examples"] if e["example_id"] == f"imp:{dropped}"]
     [want] = [e for e in feed(eager, later)["examples"] if e["example_id"] == f"imp:{dropped}"]
     assert got == want
+    [got] = [e for e in lazy.flush()["examples"] if e["example_id"] == f"imp:{kept}"]
+    [want] = [e for e in eager.flush()["examples"] if e["example_id"] == f"imp:{kept}"]
+    assert got == want
+
+
+def test_new_snapshots_detach_dropped_impressions_without_computing_them(
+        published: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the default (no replaced version retained) new snapshots detach the dropped
+    and kept impressions from the version they read: it is freed at once, their
+    features are not computed, and the clicked ones, a seen item (``ui.*``) among them,
+    and the kept negative at the close get the eager shard's examples, MF and
+    co-visitation included."""
+    import gc
+    import weakref
+
+    computed: list[str] = []
+    original = PointInTime.item_columns
+
+    def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
+        if kw.get("mf_rowwise"):  # the joiner's full computation (a detach asks no MF)
+            computed.extend(item_ids)
+        return original(self, ctx, item_ids, *args, **kw)
+
+    monkeypatch.setattr(PointInTime, "item_columns", spy)
+    lazy, eager = shard_pair(published)
+    for shard in (lazy, eager):
+        warm_up(shard)
+    sampler = NegativeSampler(RATE, 0)
+    dropped = [f"x{n}" for n in range(100) if not sampler.keep(f"imp:x{n}")][:4]
+    kept = next(f"x{n}" for n in range(100) if sampler.keep(f"imp:x{n}"))
+    items = ["a31", "a32", SEED, "a33"]  # SEED: the user clicked it before (ui.*)
+    events: list[Event] = [Feedback(T0 - 10_000, "u", SEED, "click"), Request(T0 - 20, "rx", "u")]
+    events += [Impression(T0, iid, "u", item, "rx", p, {})
+               for p, (iid, item) in enumerate(zip(dropped, items, strict=True))]
+    events.append(Impression(T0, kept, "u", "a34", "rx", 4, {}))
+    for shard in (lazy, eager):
+        feed(shard, events)
+    pending = lazy.joiner.pending
+    old = [weakref.ref(t) for t in lazy.views.loaded_tables()]
+    published.popular["a31"] = 1e6
+    published.publish_tables(ts=T0 + 1_000)
+    computed.clear()
+    for shard in (lazy, eager):
+        feed(shard, [Request(T0 + 1_500, "rz", "v")])
+    assert computed == [], "the version's columns are captured once, not computed per token"
+    for iid in [*dropped, kept]:
+        token = pending[iid].features
+        assert type(token) is tuple and token[0].views is None and token[0].detached is not None
+    gc.collect()
+    assert all(ref() is None for ref in old), "an old table version is still referenced"
+    later = [Feedback(T0 + 5_000 + p, "u", item, "click", iid)
+             for p, (iid, item) in enumerate(zip(dropped, items, strict=True))]
+    got = {e["example_id"]: e for e in feed(lazy, later)["examples"]}
+    want = {e["example_id"]: e for e in feed(eager, later)["examples"]}
+    assert len(got) == len(dropped) and got == want
+    features = [e["features"] for e in got.values()]
+    assert any("ui.interacted" in f for f in features)
+    assert all("mf" in f for f in features) and any("covis" in f for f in features)
+    assert max(f["pop"] for f in features) < 1e5, "the impression-time version's values"
+    [got_kept] = [e for e in lazy.flush()["examples"] if e["example_id"] == f"imp:{kept}"]
+    [want_kept] = [e for e in eager.flush()["examples"] if e["example_id"] == f"imp:{kept}"]
+    assert got_kept == want_kept
 
 
 def test_deferred_features_taken_together_at_new_snapshots_equal_impression_time(
@@ -382,3 +447,16 @@ def test_a_user_without_an_mf_row_folds_its_seeds_once_per_state(published: Worl
     context.views.poll(T0 + 10)
     context.user("fresh", T0 + 11)
     assert len(calls) == 3
+
+
+def test_groups_tracked_for_a_switch_stay_bounded_while_the_snapshots_stay(
+        published: World) -> None:
+    """Without a new snapshot version the weak list of groups taken on the current one
+    (what a switch detaches) keeps at most about twice the groups still pending."""
+    lazy, _ = shard_pair(published)
+    warm_up(lazy)
+    for r in range(3_000):  # one impression per request, each window closed at once
+        feed(lazy, [Request(T0 + r * 10, f"q{r}", "u"),
+                    Impression(T0 + r * 10 + 1, f"q{r}-0", "u", ITEMS[r % len(ITEMS)], f"q{r}", 0, {})])
+        lazy.joiner.flush()
+    assert 0 < len(lazy.context._open) <= 2_048

@@ -315,3 +315,66 @@ def test_a_wave_of_steps_looks_its_ids_up_once_with_the_same_vectors(
     ids = sorted(set(items)) + [f"x{j}" for j in range(20)]
     assert np.array_equal(fast.vectors(ids), slow.vectors(ids))
     assert len(fast) == len(slow) > 0
+
+
+def _state(table) -> tuple[bytes, ...]:
+    """Every array of an embedding table's snapshot, as bytes (bit-for-bit comparison)."""
+    snap = table.snapshot() if hasattr(table, "snapshot") else table.__getstate__()
+    return tuple(np.asarray(v).tobytes() for _, v in sorted(snap.items()))
+
+
+@pytest.mark.parametrize("threshold", [1, 2])
+def test_one_insert_per_batch_equals_one_per_wave(monkeypatch: pytest.MonkeyPatch,
+                                                  threshold: int) -> None:
+    """Issue 18 point 1: a batch's steps take their rows from one ``insert`` of every
+    occurrence when that is the same as one insert per wave (admission at the first
+    sighting); tables (rows, counts, times, evictions at a small capacity), vectors,
+    returned coefficients and the change tracking's order are equal bit for bit."""
+    import models.mf as mf
+
+    rng = np.random.default_rng(11)
+    cfg = MFConfig(dim=6, admit_threshold=threshold, max_items=36, max_users=20)
+    n = 400
+    items = [f"i{j}" for j in rng.zipf(1.3, n) % 60]  # popular items: many waves
+    users = [f"u{j}" for j in rng.zipf(1.5, n) % 25]
+    vecs = rng.normal(0, 0.3, (n, 6)).astype(np.float32)
+    negs = rng.normal(0, 0.3, (n, 4, 6)).astype(np.float32)
+    coefs = rng.normal(size=n).astype(np.float32)
+
+    def run() -> tuple[ItemFactors, UserFactors, list[np.ndarray]]:
+        it, us, outs = ItemFactors(cfg), UserFactors(cfg), []
+        for j in range(0, n, 80):
+            s = slice(j, j + 80)
+            outs.append(it.update_batch(items[s], vecs[s], 1_000 + j, coefs[s]))
+            outs.append(it.update_batch(items[s], vecs[s], 1_000 + j))  # ISGD: coefs None
+            if j == 160:
+                it.remove(items[j:j + 3])
+            outs.append(us.update_batch(users[s], vecs[s], 1_000 + j))
+            outs.extend(us.bpr_update_batch(users[s], vecs[s], negs[s], 1_000 + j))
+        return it, us, outs
+
+    once = []
+    real = mf._rows_once
+
+    def spy(table, keys, waves, ts_ms):
+        rows = real(table, keys, waves, ts_ms)
+        if len(waves) > 1:
+            once.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(mf, "_rows_once", spy)
+    fast = run()
+    monkeypatch.setattr(mf, "_rows_once", lambda table, keys, waves, ts_ms: None)  # wave by wave
+    slow = run()
+    assert any(once) == (threshold == 1)  # (more distinct keys than rows: wave by wave)
+    assert fast[0].table.stats()["evicted"] > 0 and fast[1].table.stats()["evicted"] > 0
+    for a, b in zip(fast[2], slow[2], strict=True):
+        assert a.tobytes() == b.tobytes()
+    for a, b in ((fast[0], slow[0]), (fast[1], slow[1])):
+        assert _state(a.table) == _state(b.table)
+        assert a.table.stats() == b.table.stats()
+    fi, si = fast[0], slow[0]
+    assert list(fi._changed.items()) == list(si._changed.items())
+    assert list(fi._ids.items()) == list(si._ids.items())
+    assert list(fi._gone.items()) == list(si._gone.items())
+    assert fi.changed_since(3) == si.changed_since(3)

@@ -228,3 +228,21 @@ def test_rank_features_learn_what_one_global_scale_cannot() -> None:
         return float(np.mean(hits[-500:]))
 
     assert hr(True) > hr(False) + 0.1
+
+
+@pytest.mark.parametrize("ranks", [False, True])
+def test_observe_learn_is_observe_then_learn_bit_for_bit(ranks: bool) -> None:
+    # The central trainer's step per pair expands the pool once for both halves.
+    one, two = PoolRanker(NAMES, 0.1, ranks=ranks), PoolRanker(NAMES, 0.1, ranks=ranks)
+    for _, _, x, target in synthetic_pools(3, 200, size=30):
+        x = x.astype(np.float32)
+        one.observe(x)
+        one.learn(x, target)
+        two.observe_learn(x, target)
+    small = np.ones((1, 3), np.float32)  # a pool of one row: learned, not observed
+    one.observe(small)
+    one.learn(small, 0)
+    two.observe_learn(small, 0)
+    for name in ("w", "g2", "mean", "var"):
+        assert getattr(one, name).tobytes() == getattr(two, name).tobytes()
+    assert (one.pools, one.updates) == (two.pools, two.updates)
