@@ -79,7 +79,8 @@ BYTES: dict[str, float] = {
     "duel_user": 2_700,
     "serving_slot": 150,  # measured before the 4 B feature row (ItemRows.feat_row), which
     # the int32 generation counters (8 B less per slot) more than pay for
-    "covis_view_id": 170,  # 160 measured, plus the names' object array (8 B, 1.25x)
+    "covis_view_id": 178,  # 160 measured, plus the names' object array (8 B, 1.25x) and
+    # serving's merge scratch (operators/candidates.py MergeScratch: two int32 per id)
     "pool_candidate": 100,
     "mf_row": 310,
     "item": 700,

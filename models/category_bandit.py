@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from models.group_prior import GroupPrior, group_keys
+from models.seeded import SeededGenerator
 from models.taste_change import click_surprise, cusum, exposure_surprise
 from state.feature_spec import position_discount
 from state.settings import doc
@@ -268,6 +269,21 @@ def _rank_discount(n: int) -> np.ndarray:
     return out
 
 
+_WEIGHTS: dict[int, np.ndarray] = {}
+"""``1 / log2(2 + rank)`` for ranks ``0 .. n-1``, by ``n`` (at most 64 kept)."""
+
+
+def _rank_weight(n: int) -> np.ndarray:
+    """``1.0 / _rank_discount(n)``, made once per ``n`` and shared read-only."""
+    out = _WEIGHTS.get(n)
+    if out is None:
+        if len(_WEIGHTS) >= 64:
+            _WEIGHTS.clear()
+        out = _WEIGHTS[n] = 1.0 / _rank_discount(n)
+        out.flags.writeable = False
+    return out
+
+
 def exposure_weight(position: int | None) -> float:
     """Position-discounted exposure of one impression (1 when the position is unknown)."""
     return position_discount(position) if position is not None else 1.0
@@ -291,6 +307,17 @@ class CategoryBandit:
         """Category counts of the users sharing an attribute value (``group_prior``)."""
         self.list_ts: dict[str, int] = {}
         """user -> event time (ms) of their last list's first impression (``half_life_s``)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Recovery state without the posterior memo and the seeded generator."""
+        state = self.__dict__.copy()
+        state.pop("_post_memo", None)
+        state.pop("_seeded", None)
+        return state
+
+    def _changed(self) -> None:
+        """Counts are about to change: the posterior memo (``_untilted``) is void."""
+        self._stamp = getattr(self, "_stamp", 0) + 1  # older state: none
 
     def _group_prior(self) -> GroupPrior | None:
         """The group counts when ``group_prior`` is on (None in state pickled before)."""
@@ -348,6 +375,7 @@ class CategoryBandit:
         """An impression of an item of ``category`` at ``position`` in list ``list_id``
         (``item_id``: only read with ``item_adjusted``; ``attrs``: the user's attributes,
         for ``group_prior``; ``ts``: its event time, ms, for ``half_life_s``)."""
+        self._changed()
         entry = self._user(user_id)
         last, counts = entry[0], entry[1]
         if list_id is not None and list_id != last:
@@ -373,6 +401,7 @@ class CategoryBandit:
     def click(self, user_id: str, category: str | None, item_id: str | None = None,
               attrs: dict[str, Any] | None = None) -> None:
         """A click on an impression of an item of ``category`` (``attrs``: the user's)."""
+        self._changed()
         key = category or ""
         if self.config.item_adjusted and item_id is not None:
             counts = self.items.get(item_id)
@@ -392,6 +421,7 @@ class CategoryBandit:
                 attrs: dict[str, Any] | None = None) -> None:
         """An organic interaction (a declared signal such as a view, no impression): the
         user sought the item out, a click on one exposure, times ``weight``."""
+        self._changed()
         key = category or ""
         counts = self._user(user_id)[1]
         if self.config.change_threshold > 0:
@@ -458,35 +488,66 @@ class CategoryBandit:
         """Beta parameters (a, b) of each category's click rate for the user (``history``:
         the recency weights of the user's recent positives per category, ``tilt``;
         ``attrs``: the user's attributes, ``group_prior``)."""
-        shard = list(self.totals.values())
-        clicks = sum([c[0] for c in shard])  # in dict order, as a generator adds them
-        exposure = sum([c[1] for c in shard])
+        entry = self.users.get(user_id, ("", {}))
+        n = len(categories)
+        groups = self._group_prior()
+        tilted = (history and self.config.history_prior > 0 and n) or (
+            groups is not None and not self._moved(entry))
+        if not tilted:  # each category's (a, b) on its own counts: memoised
+            return self._untilted(user_id, entry[1], categories)
+        clicks, exposure = self._shard_counts()
         overall = (clicks + 1.0) / (exposure + 2.0)
         s = self.config.prior_strength
-        entry = self.users.get(user_id, ("", {}))
         counts = entry[1]
-        n = len(categories)
         none = itertools.repeat((0.0, 0.0))
         # one array of the shard's and the user's [clicks, exposure] per category
         both = np.fromiter(itertools.chain.from_iterable(itertools.chain(
             map(self.totals.get, categories, none), map(counts.get, categories, none))),
             np.float64, 4 * n).reshape(2 * n, 2)
         num, den = both[:n, 0] + s * overall, both[:n, 1] + s
-        groups = self._group_prior()
-        tilted = (history and self.config.history_prior > 0 and n) or (
-            groups is not None and not self._moved(entry))
-        if tilted:
-            tilt = self.tilt(categories, history)
-            if groups is not None and not self._moved(entry):
-                tilt = tilt * groups.tilt(group_keys(attrs), categories, num / den)
-            rate = tilt * num / den
-        else:  # a tilt of ones: 1.0 * x is x
-            rate = num / den
+        tilt = self.tilt(categories, history)
+        if groups is not None and not self._moved(entry):
+            tilt = tilt * groups.tilt(group_keys(attrs), categories, num / den)
+        rate = tilt * num / den
         rate = np.minimum(np.maximum(rate, 1e-4), 1 - 1e-4)  # np.clip's values
         user = both[n:]
         a = s * rate + user[:, 0]
         b = s * (1.0 - rate) + np.maximum(user[:, 1] - user[:, 0], 0.0)
         return a, b
+
+    def _shard_counts(self) -> tuple[float, float]:
+        """The shard's clicks and exposure over every category (in dict order)."""
+        shard = list(self.totals.values())
+        return sum([c[0] for c in shard]), sum([c[1] for c in shard])
+
+    def _untilted(self, user_id: str, counts: dict[str, list[float]],
+                  categories: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``posterior`` without a tilt, category by category in Python floats (the
+        same operations as the array form: ``a = s r + clicks``, ``b = s (1 - r) +
+        max(exposure - clicks, 0)``, ``r`` the shard-wide rate clipped to [1e-4, 1 -
+        1e-4]); each category's pair kept until the counts change (``_changed``) or
+        another user asks, so a request's retrieval (``CategoryExplore.pick``) and
+        ordering compute it once."""
+        stamp = getattr(self, "_stamp", 0)
+        memo = getattr(self, "_post_memo", None)
+        if memo is None or memo[0] != stamp or memo[1] != user_id:
+            clicks, exposure = self._shard_counts()
+            s = self.config.prior_strength
+            memo = self._post_memo = (stamp, user_id, s * ((clicks + 1.0) / (exposure + 2.0)),
+                                      {})
+        prior, pairs = memo[2], memo[3]
+        s = self.config.prior_strength
+        a, b = [], []
+        for c in categories:
+            pair = pairs.get(c)
+            if pair is None:
+                tc, te = self.totals.get(c, (0.0, 0.0))
+                uc, ue = counts.get(c, (0.0, 0.0))
+                rate = min(max((tc + prior) / (te + s), 1e-4), 1 - 1e-4)
+                pair = pairs[c] = (s * rate + uc, s * (1.0 - rate) + max(ue - uc, 0.0))
+            a.append(pair[0])
+            b.append(pair[1])
+        return np.array(a, np.float64), np.array(b, np.float64)
 
     def order(self, user_id: str, scores: np.ndarray,
               categories: Sequence[str | None] | CodedCategories, k: int,
@@ -507,7 +568,10 @@ class CategoryBandit:
         a, b = self.posterior(user_id, names, history, attrs)
         if self.config.sharpen != 1.0:
             a, b = a * self.config.sharpen, b * self.config.sharpen
-        rng = np.random.default_rng(seed)
+        seeded = getattr(self, "_seeded", None)  # older state: none
+        if seeded is None:
+            seeded = self._seeded = SeededGenerator()
+        rng = seeded(seed)  # default_rng(seed)'s numbers
         draws = self.config.propensity_draws
         if self.config.mode == "rerank":  # every list at once: one row of draws per list
             theta = rng.beta(a, b, size=(draws + 1, len(names)))
@@ -555,7 +619,7 @@ class CategoryBandit:
                 continue
             if quality is None:  # the candidates' key inside their category
                 quality = np.empty(len(by_score))  # 1 / log2(2 + rank in the scorer's order)
-                quality[by_score] = 1.0 / np.log2(2.0 + np.arange(len(by_score), dtype=np.float64))
+                quality[by_score] = _rank_weight(len(by_score))
                 if lift is not None:
                     quality = quality * lift
             for r, c in zip(absent.tolist(), j[absent].tolist(), strict=True):

@@ -91,17 +91,18 @@ class CandidatePool:
         """``Candidate`` objects of the positions ``idx`` (default: all), with the pool's
         score and category."""
         il = range(len(self.items)) if idx is None else idx.tolist()
-        score = self.score.tolist()
+        # a few positions (the top k): element reads; all of them: one conversion
+        score: Any = self.score if idx is not None else self.score.tolist()
         category: Any = self.category
         if category is None and self.coded is not None:  # the names of the codes taken
             names = self.coded.names
-            codes = self.coded.codes.tolist()
+            codes: Any = self.coded.codes if idx is not None else self.coded.codes.tolist()
             category = {i: names[codes[i]] for i in il}
         if self.objs is not None:
             out = []
             for i in il:
                 c = self.objs[i]
-                c.score = score[i]
+                c.score = float(score[i])
                 if category is not None:
                     c.category = category[i]
                 out.append(c)
@@ -111,10 +112,14 @@ class CandidatePool:
         items = self.items
         out = []
         for i in il:
-            srcs = [s for n, s in enumerate(SOURCES) if has[n, i]]
-            out.append(Candidate(items[i], srcs,
-                                 {s: float(scores[SOURCES.index(s), i]) for s in srcs},
-                                 score[i], None if category is None else category[i]))
+            srcs: list[str] = []
+            by_source: dict[str, float] = {}
+            for n, s in enumerate(SOURCES):
+                if has[n, i]:
+                    srcs.append(s)
+                    by_source[s] = float(scores[n, i])
+            out.append(Candidate(items[i], srcs, by_source, float(score[i]),
+                                 None if category is None else category[i]))
         return out
 
     @classmethod
@@ -140,10 +145,44 @@ _DENSE_IDS = 16
 is below this many times the entries (else a stable sort groups them)."""
 
 
-def merge(parts: list[tuple[str, np.ndarray, np.ndarray]], items_of: Any) -> CandidatePool:
+_FAR = np.iinfo(np.int32).max
+
+
+class MergeScratch:
+    """Arrays over an id space that ``merge`` reuses, so finding first appearances costs
+    O(entries), not O(ids): ``earliest`` holds ``_FAR`` at every id between calls,
+    ``rank`` is scratch (read only where written in the same call). 8 B per id (int32:
+    a pool's entries and ids stay below 2**31)."""
+
+    def __init__(self) -> None:
+        self.earliest = np.zeros(0, np.int32)
+        self.rank = np.zeros(0, np.int32)
+
+    def first_appearance(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``_first_appearance(rows)`` (rows >= 0)."""
+        top = int(rows.max()) + 1
+        if self.earliest.size < top:
+            size = max(top, self.earliest.size + self.earliest.size // 2)
+            self.earliest = np.full(size, _FAR, np.int32)
+            self.rank = np.empty(size, np.int32)
+        earliest = self.earliest
+        pos = np.arange(rows.size, dtype=np.int32)
+        try:
+            np.minimum.at(earliest, rows, pos)  # unbuffered: repeated rows keep the least
+            first = np.flatnonzero(earliest[rows] == pos)  # ascending
+        finally:
+            earliest[rows] = _FAR
+        rank = self.rank
+        rank[rows[first]] = np.arange(first.size, dtype=np.int32)
+        return first, rank[rows].astype(np.int64)
+
+
+def merge(parts: list[tuple[str, np.ndarray, np.ndarray]], items_of: Any,
+          scratch: MergeScratch | None = None) -> CandidatePool:
     """One pool from ``(source, rows, scores)`` parts in retrieval order: each row once, in
     order of first appearance (a later source adds its score to the row's entry).
-    ``items_of(rows) -> list[str]`` names the rows."""
+    ``items_of(rows) -> list[str]`` names the rows; ``scratch``: the caller's reusable
+    arrays (the same pool without a pass over the id space)."""
     parts = [p for p in parts if p[1].size]
     if not parts:
         empty = np.zeros(0, np.int64)
@@ -152,7 +191,8 @@ def merge(parts: list[tuple[str, np.ndarray, np.ndarray]], items_of: Any) -> Can
     rows = np.concatenate([p[1] for p in parts])
     vals = np.concatenate([np.asarray(p[2], np.float64) for p in parts])
     src = np.repeat([_SOURCE_CODE[p[0]] for p in parts], [p[1].size for p in parts])
-    first, at = _first_appearance(rows)
+    first, at = (scratch.first_appearance(rows) if scratch is not None
+                 else _first_appearance(rows))
     out_rows = rows[first]
     m = out_rows.size
     scores = np.zeros((len(SOURCES), m))

@@ -311,6 +311,8 @@ class _StaticRows:
         self.item_w = np.zeros(0)
         self.table_term = np.zeros(0)
         self.attr_term = np.zeros(0)
+        self.total = np.zeros(0)
+        """``item_w + table_term + attr_term`` of each slot (that sum, kept as they change)."""
         self.gen = np.zeros(0, np.int64)
         self.attr_id = np.zeros(0, np.int64)
         self.over_cat = np.zeros(0, bool)
@@ -337,6 +339,7 @@ class _StaticRows:
         self.item_w = grown(self.item_w, np.nan)  # NaN: not computed yet
         self.table_term = grown(self.table_term, 0.0)
         self.attr_term = grown(self.attr_term, 0.0)
+        self.total = grown(self.total, np.nan)
         self.gen = grown(self.gen, -1)
         self.attr_id = grown(self.attr_id, 0)
         self.over_cat = grown(self.over_cat, False)
@@ -371,7 +374,10 @@ class _StaticRows:
         if stale.size:
             self._table_rows(space, slots, stale, cols)
             self.gen[slots[stale]] = gen[stale]
-        return self.item_w[slots] + self.table_term[slots] + self.attr_term[slots]
+            changed = slots[stale]  # every slot of new_attrs is stale too (gen -1)
+            self.total[changed] = (self.item_w[changed] + self.table_term[changed]
+                                   + self.attr_term[changed])
+        return self.total[slots]
 
     def _attr_terms(self, slots: np.ndarray, new: np.ndarray, attr_ids: np.ndarray,
                     cols: ItemColumns) -> None:

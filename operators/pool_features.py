@@ -75,6 +75,15 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
             ids = np.fromiter(map(view.ids.get, items, itertools.repeat(-1)), np.int64, n)
     out = np.zeros((n, len(names)))
     knn: list[np.ndarray] | None = None
+    counts: dict[str, np.ndarray] = {}  # the pool's count per channel, read once
+
+    def count(channel: str) -> np.ndarray:
+        found = counts.get(channel)
+        if found is None:
+            found = counts[channel] = _counts(view, channel, ids)
+        return found
+
+    log_pop = None  # log1p(pop) of "pop" and "pop_cold"
     for j, name in enumerate(names):
         if name == "blend":
             out[:, j] = blend
@@ -82,8 +91,14 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
             out[:, j] = _channel(view, covis, _CHANNEL[name], ids, alpha)
         elif name in ("long_liked", "last_liked"):
             if knn is None:  # both from one gather of the user's last long_items positives
-                knn = _liked_knn(context, view, ctx, ids, ts, alpha, (long_items, 1))
+                knn = _liked_knn(context, view, ctx, ids, ts, alpha, (long_items, 1),
+                                 count("liked"))
             out[:, j] = knn[0 if name == "long_liked" else 1]
+        elif name in ("pop", "pop_cold") and "pop" in numeric:
+            if log_pop is None:
+                log_pop = np.log1p(np.maximum(numeric["pop"], 0.0))
+            out[:, j] = log_pop if name == "pop" else log_pop / (1.0 + math.log1p(
+                len(ctx.consumed)))
         elif name in ("pop", "trend"):
             out[:, j] = np.log1p(np.maximum(numeric.get(name, 0.0), 0.0))
         elif name == "pop_cold":
@@ -92,9 +107,9 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
         elif name in _COLUMN:
             out[:, j] = numeric.get(_COLUMN[name], 0.0)
         elif name == "n_any":
-            out[:, j] = np.log1p(_counts(view, "any", ids))
+            out[:, j] = np.log1p(count("any"))
         elif name == "pos_rate":
-            out[:, j] = (_counts(view, "liked", ids) + 1.0) / (_counts(view, "any", ids) + 2.0)
+            out[:, j] = (count("liked") + 1.0) / (count("any") + 2.0)
         elif name == "age":
             out[:, j] = _age_days(context, items, ts, rows, space, slots)
         elif name == "ranker":
@@ -155,9 +170,11 @@ def _long_liked(context: PointInTime, view: CovisView, ctx: UserContext,
 
 def _liked_knn(context: PointInTime, view: CovisView, ctx: UserContext,
                ids: np.ndarray | None, ts: int, alpha: float,
-               counts: tuple[int, ...]) -> list[np.ndarray]:
+               counts: tuple[int, ...], pool_liked: np.ndarray | None = None
+               ) -> list[np.ndarray]:
     """``_long_liked`` for each seed count of ``counts`` from one gather of the most
-    seeds (the rows of the newest k seeds are a prefix of it: the same sums)."""
+    seeds (the rows of the newest k seeds are a prefix of it: the same sums);
+    ``pool_liked``: ``_counts(view, "liked", ids)`` when the caller has it."""
     assert ids is not None
     views, shard_of = context.views, context.item_shard_of
     if context.liked is None or views is None or shard_of is None:
@@ -173,7 +190,11 @@ def _liked_knn(context: PointInTime, view: CovisView, ctx: UserContext,
     gids, gw, ends = view.gather_prefixes("liked", seeds, weights, views.table_map(), shard_of,
                                           ts, tuple(min(c, len(seeds)) for c in counts),
                                           intern=False)
-    norm = np.maximum(_counts(view, "liked", ids), 1.0) ** alpha if alpha else None
+    if alpha:
+        liked = pool_liked if pool_liked is not None else _counts(view, "liked", ids)
+        norm = np.maximum(liked, 1.0) ** alpha
+    else:
+        norm = None
     out = []
     for end in ends:
         # only the pool's ids are summed (the same floats as summing every id)

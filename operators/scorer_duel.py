@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,11 +49,14 @@ RANKER, CHALLENGER = 1, 2
 
 
 def team_draft(ranker_top: Sequence[Hashable], other_top: Sequence[Hashable], k: int,
-               seed: int) -> tuple[list[Hashable], list[int]]:
+               seed: int, generator: Callable[[int], np.random.Generator] = np.random.default_rng
+               ) -> tuple[list[Hashable], list[int]]:
     """Team-draft interleaving of two best-first lists into at most ``k`` items: the team
     with fewer picks (a coin flip of ``seed``'s generator on a tie) adds its best item
-    not yet taken. Returns (items, team of each: ``RANKER`` or ``CHALLENGER``)."""
-    rng = np.random.default_rng(seed)
+    not yet taken. Returns (items, team of each: ``RANKER`` or ``CHALLENGER``).
+    ``generator``: makes ``default_rng(seed)``'s generator (serving's
+    ``models.seeded.SeededGenerator``, cheaper)."""
+    rng = generator(seed)
     lists = {RANKER: list(ranker_top), CHALLENGER: list(other_top)}
     at = {RANKER: 0, CHALLENGER: 0}
     picks = {RANKER: 0, CHALLENGER: 0}

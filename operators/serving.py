@@ -44,7 +44,8 @@ from events.model import Record
 from models.category_bandit import CategoryExploreConfig, CodedCategories
 from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
-from operators.candidates import SOURCES, Candidate, CandidatePool, merge, top_indices
+from models.seeded import SeededGenerator
+from operators.candidates import SOURCES, Candidate, CandidatePool, MergeScratch, merge, top_indices
 from operators.category_explore import CategoryExplore, attrs_of, category_scores
 from operators.category_items import CategoryItems, CategoryList
 from operators.linear_scorer import column_scorer, linear_scorer
@@ -254,6 +255,8 @@ class Server:
         state["covis_view"] = CovisView()
         state["item_rows"] = None
         state.pop("_ann_memo", None)
+        state.pop("_merge_scratch", None)
+        state.pop("_seeded", None)
         return state
 
     def _bound_ids(self) -> None:
@@ -481,7 +484,10 @@ class Server:
             picks = self.categories.pick(ctx.user_id, n, lists, attrs_of(ctx.profile))
             if picks:
                 parts.append(("category", *self._category_rows(finder, lists, picks, n, space)))
-        return merge(parts, space.names), covis
+        scratch = getattr(self, "_merge_scratch", None)  # older state: none
+        if scratch is None:
+            scratch = self._merge_scratch = MergeScratch()
+        return merge(parts, space.names, scratch), covis
 
     def _ann_rows(self, ctx: UserContext, n: int, space: ItemRows
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -667,8 +673,11 @@ class Server:
         interleaved items score ``1 + (k - position) / k`` (their order), the others
         keep the challenger's order below them."""
         k = request.k
+        seeded = getattr(self, "_seeded", None)  # None: older state
+        if seeded is None:
+            seeded = self._seeded = SeededGenerator()
         order, teams = team_draft(ranker_top.tolist(), other_top.tolist(), k,
-                                  stable_hash64(f"interleave:{request.request_id}"))
+                                  stable_hash64(f"interleave:{request.request_id}"), seeded)
         items = pool.items
         self.duel.record_teams(ctx.user_id, [items[i] for i in order], teams)
         score = pool.score - (pool.score.max() + 1.0) if len(pool.score) else pool.score

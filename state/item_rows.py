@@ -461,10 +461,16 @@ class ItemRows:
             return np.zeros((len(names), 0))
         j = self.feature_rows(slots, rows)
         tables = self.tables
-        offsets, matrix = table_columns([t for t in tables if t is not None], names)
-        none = matrix.shape[1] - 1  # all 0.0: no table
-        start = np.array([offsets[t.shard] if t is not None else none for t in tables]
-                         + [none], np.int64)  # shard -1 reads the last entry
+        memo = getattr(self, "_columns_memo", None)  # older state: none
+        if (memo is None or memo[0] is not self._map or memo[1] != len(tables)
+                or memo[2] != names):
+            offsets, matrix = table_columns([t for t in tables if t is not None], names)
+            none = matrix.shape[1] - 1  # all 0.0: no table
+            start = np.array([offsets[t.shard] if t is not None else none for t in tables]
+                             + [none], np.int64)  # shard -1 reads the last entry
+            # kept while the shards' tables are these (``sync`` takes a new map for any)
+            memo = self._columns_memo = (self._map, len(tables), names, matrix, start, none)
+        matrix, start, none = memo[3], memo[4], memo[5]
         # a slot without a table keeps feat_row -1: it reads the zero column too
         at = np.where(j >= 0, start[self.shard[slots]] + j, none)
         return matrix[:, at]

@@ -697,6 +697,29 @@ def test_posterior_is_the_first_formula_bit_for_bit(history_prior: float,
                 assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+def test_posterior_memo_follows_every_count_change() -> None:
+    """The per-user posterior memo (retrieval's pick and the ordering of one request
+    compute it once) is void after any exposure, click or organic signal of any user:
+    after each, every user's posterior is the first formula's floats again."""
+    rng = np.random.default_rng(9)
+    bandit = CategoryBandit(CategoryExploreConfig())
+    users = ["u0", "u1", "u2"]
+    for n in range(200):
+        user, cat = users[n % 3], CATS[int(rng.integers(len(CATS)))]
+        kind = n % 5
+        if kind < 3:
+            bandit.exposure(user, cat, int(rng.integers(10)), f"{user}:{n // 9}")
+        elif kind == 3:
+            bandit.click(user, cat)
+        else:
+            bandit.organic(user, cat, 0.5)
+        for asker in (users[n % 2], "u2", users[n % 2]):  # the memo kept and switched
+            for categories in (CATS, list(reversed(CATS))[:3] + ["never"]):
+                got = bandit.posterior(asker, categories)
+                want = _posterior_reference(bandit, asker, categories, None, None)
+                assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 def test_explore_slots_show_the_sampled_category_the_scorer_ranks_too_low() -> None:
     """``explore_slots``: a category the user's clicks favour but whose items the scorer
     ranks below its best ``depth`` is never served by the sampled order alone; with one

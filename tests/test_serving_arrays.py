@@ -28,7 +28,7 @@ from serving_world import (
 
 from events.model import Item
 from models.category_bandit import dense_codes
-from operators.candidates import SOURCES, Candidate, merge, top_indices
+from operators.candidates import SOURCES, Candidate, MergeScratch, merge, top_indices
 from operators.trainer import RankerConfig, Trainer
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
@@ -70,6 +70,26 @@ def test_merge_is_the_dict_merge_in_retrieval_order(seed: int, spread: int) -> N
     assert [(c.item_id, c.sources, c.scores) for c in got] == \
         [(c.item_id, c.sources, c.scores) for c in want.values()]
     assert pool.items == [names[r] for r in pool.rows.tolist()]
+
+
+def test_merge_with_reused_scratch_is_merge_without() -> None:
+    """``merge`` with the server's ``MergeScratch`` (first appearances without a pass over
+    the id space) gives the same pool as without, request after request on one scratch
+    (which is left clean: every id back at its mark), as the id space grows."""
+    rng = random.Random(3)
+    scratch = MergeScratch()
+    for request in range(40):
+        top = 50 + 400 * request
+        parts = []
+        for source in SOURCES:
+            picked = [rng.randrange(top) for _ in range(rng.randrange(0, 120))]
+            parts.append((source, np.array(picked, np.int64),
+                          np.array([rng.random() for _ in picked])))
+        name = lambda rows: [f"i{r}" for r in rows.tolist()]  # noqa: E731
+        a, b = merge(parts, name), merge(parts, name, scratch)
+        assert a.items == b.items and np.array_equal(a.rows, b.rows)
+        assert np.array_equal(a.scores, b.scores) and np.array_equal(a.has, b.has)
+        assert (scratch.earliest == np.iinfo(np.int32).max).all()
 
 
 def test_item_rows_follow_new_table_versions() -> None:
