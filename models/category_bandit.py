@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -256,32 +256,30 @@ def category_codes(categories: Sequence[str | None] | CodedCategories
 
 _DISCOUNTS: dict[int, np.ndarray] = {}
 """``log2(2 + rank)`` for ranks ``0 .. n-1``, by ``n`` (n <= ``depth``; at most 64 kept)."""
-
-
-def _rank_discount(n: int) -> np.ndarray:
-    """``np.log2(2.0 + np.arange(n))``, made once per ``n`` and shared read-only."""
-    out = _DISCOUNTS.get(n)
-    if out is None:
-        if len(_DISCOUNTS) >= 64:
-            _DISCOUNTS.clear()
-        out = _DISCOUNTS[n] = np.log2(2.0 + np.arange(n))
-        out.flags.writeable = False
-    return out
-
-
 _WEIGHTS: dict[int, np.ndarray] = {}
 """``1 / log2(2 + rank)`` for ranks ``0 .. n-1``, by ``n`` (at most 64 kept)."""
 
 
-def _rank_weight(n: int) -> np.ndarray:
-    """``1.0 / _rank_discount(n)``, made once per ``n`` and shared read-only."""
-    out = _WEIGHTS.get(n)
+def _by_length(memo: dict[int, np.ndarray], n: int,
+               make: Callable[[int], np.ndarray]) -> np.ndarray:
+    """``make(n)`` kept in ``memo`` (at most 64 lengths) and shared read-only."""
+    out = memo.get(n)
     if out is None:
-        if len(_WEIGHTS) >= 64:
-            _WEIGHTS.clear()
-        out = _WEIGHTS[n] = 1.0 / _rank_discount(n)
+        if len(memo) >= 64:
+            memo.clear()
+        out = memo[n] = make(n)
         out.flags.writeable = False
     return out
+
+
+def _rank_discount(n: int) -> np.ndarray:
+    """``np.log2(2.0 + np.arange(n))``, made once per ``n``."""
+    return _by_length(_DISCOUNTS, n, lambda m: np.log2(2.0 + np.arange(m)))
+
+
+def _rank_weight(n: int) -> np.ndarray:
+    """``1.0 / _rank_discount(n)``, made once per ``n``."""
+    return _by_length(_WEIGHTS, n, lambda m: 1.0 / _rank_discount(m))
 
 
 def exposure_weight(position: int | None) -> float:
