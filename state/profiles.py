@@ -60,6 +60,7 @@ from state.profile_plan import FAR, ItemAttrs, ProfileParams, ProfilePlan, entit
 from state.profile_tiers import Tiers
 
 _END = itemgetter(1)
+"""A slice's end, a write's ts (``[start, end, acc]``, ``(feature, ts, value)``)."""
 DRAIN_PER_WRITE = 2
 """Queued writes merged per write ``apply`` buffers (``ProfileStore._close``): a closed
 buffer is merged before the next one closes by count."""
@@ -491,11 +492,12 @@ class ProfileStore:
         """Merge one entity's buffered writes into its profile (read table)."""
         plan = self.plan
         self.counters["merged_writes"] += len(writes)
-        mx = max(w[1] for w in writes)
+        mx = writes[0][1] if len(writes) == 1 else max(map(_END, writes))
         if p.max_ts is None or mx > p.max_ts:
             p.max_ts = mx
-        g0 = self.params.g0
-        cf = (p.max_ts - self.params.lateness_ms) // g0 * g0
+        params = self.params
+        g0 = params.tiers[0][0]
+        cf = (p.max_ts - params.lateness_ms) // g0 * g0
         tiers = self._tiers
         c = p.cache
         if cf != p.cf:
@@ -510,7 +512,7 @@ class ProfileStore:
                         self._invalidate(c, f)
         raw_cut, bounds = tiers.cuts(cf)
         feats, due, incremental = p.feats, p.due, plan.incremental
-        raw_ms = self.params.raw_ms
+        raw_ms = params.raw_ms
         for f, ts, v in writes:
             fs = feats[f]
             if fs is None:
