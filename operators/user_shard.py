@@ -146,7 +146,14 @@ class UserShard:
                 # computed; PointInTime.release_frozen) and computed when their example
                 # is written, at a click or at the window's close, as the others.
                 self.context.release_frozen()
-        self._apply_runs(shard, events)
+        if self.profiles or self.server is not None or self.item_profiles:
+            for event in events:
+                try:
+                    self._apply(event)
+                except Exception as err:  # one bad event must not stop the flow
+                    self._dead.append(processing_error(f"user_shard {shard}", event, err))
+        else:
+            self._apply_runs(shard, events)
         self.joiner.advance()
         pending = self._mf_pending
         try:
@@ -157,18 +164,10 @@ class UserShard:
         return self._drain()
 
     def _apply_runs(self, shard: str, events: list[Event]) -> None:
-        """``_apply`` of each event in order, the impressions of one request in a row (same
-        request, user and ``ts``) joined as one run (``Joiner.on_impressions``: the
-        group's context and snapshots looked up once), then each one's profile writes,
-        category posteriors and item updates in order (``_impressed``). The same outputs
-        as one ``_apply`` per event: when a profile store's clock is behind the run's
-        ``ts`` its first impression is applied alone (its writes move the clocks), the others' features
-        are then taken before their own profile writes instead of between them, and none
-        of them reads what they write (the user's profile is the group's, taken at its
-        first impression; a user x category profile is read before the group's first
-        write to it; the store clocks stay at ``ts``, so every query time is the same)."""
+        """``_apply`` of each event in order, when an impression does nothing but join (no
+        profiles, no serving, no item profiles): the impressions of one request in a row
+        (same request, user and ``ts``) are joined as one run (``Joiner.on_impressions``)."""
         joiner, context = self.joiner, self.context
-        after = bool(self.profiles) or self.server is not None or self.item_profiles
         i, n = 0, len(events)
         while i < n:
             event = events[i]
@@ -178,18 +177,6 @@ class UserShard:
                 while (j < n and events[j].type == "impression" and events[j].request_id == rid
                        and events[j].user_id == user and events[j].ts == ts):
                     j += 1
-            if j - i > 1 and after and any(store.now is None or store.now < ts
-                                           for store in self.profiles.values()):
-                # The first one alone: its profile writes move the stores' clocks to the
-                # run's ts, where the others' features read them one by one too.
-                dead = len(self._dead)
-                self._apply_one(shard, event)
-                i += 1
-                if j - i < 2 or len(self._dead) != dead:
-                    for imp in events[i:j]:
-                        self._apply_one(shard, imp)
-                    i = j
-                    continue
             if j - i > 1:
                 run = events[i:j]
                 context.group = rid
@@ -198,14 +185,6 @@ class UserShard:
                 except Exception:  # nothing joined: one by one, the failing one dead-lettered
                     for imp in run:
                         self._apply_one(shard, imp)
-                else:
-                    if after:
-                        for imp in run:
-                            try:
-                                self._impressed(imp)
-                            except Exception as err:  # as _apply_one
-                                self._dead.append(processing_error(f"user_shard {shard}",
-                                                                   imp, err))
             else:
                 self._apply_one(shard, event)
             i = j
@@ -224,7 +203,12 @@ class UserShard:
         if kind == "impression":
             context.group = event.request_id  # its request's impressions share a context
             joiner.on_impression(event)
-            self._impressed(event)
+            if self.profiles:
+                self._profile(event)
+            if self.server is not None:
+                self._category_event(event)
+            if self.item_profiles:
+                self._item_updates.append(ProfileEvent(event.item_id, event))
             return
         if kind != "item":
             context.forget(event.user_id)  # the user's state changes
@@ -241,16 +225,6 @@ class UserShard:
         else:
             joiner.observe(event.ts)
             self._remember_user(event.user_id, event.attrs)
-
-    def _impressed(self, imp: Event) -> None:
-        """What an impression changes after it was joined: profiles, serving's category
-        posteriors, the item shards' profiles."""
-        if self.profiles:
-            self._profile(imp)
-        if self.server is not None:
-            self._category_event(imp)
-        if self.item_profiles:
-            self._item_updates.append(ProfileEvent(imp.item_id, imp))
 
     def _feedback(self, fb: Feedback) -> None:
         window = self.pairs.config.window if self.pairs is not None else 0

@@ -216,10 +216,10 @@ def test_new_snapshots_keep_dropped_impressions_deferred_up_to_a_bound(
 def test_new_snapshots_detach_dropped_impressions_without_computing_them(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """At the default (no replaced version retained) new snapshots detach the dropped
-    impressions from the version they read (the kept one of a request's run was computed
-    at its impression): it is freed at once, their features are not computed, and the
-    clicked ones, a seen item (``ui.*``) among them, and the kept negative at the close
-    get the eager shard's examples, MF and co-visitation included."""
+    and kept impressions from the version they read: it is freed at once, their
+    features are not computed, and the clicked ones, a seen item (``ui.*``) among them,
+    and the kept negative at the close get the eager shard's examples, MF and
+    co-visitation included."""
     import gc
     import weakref
 
@@ -253,12 +253,9 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
     for shard in (lazy, eager):
         feed(shard, [Request(T0 + 1_500, "rz", "v")])
     assert computed == [], "the version's columns are captured once, not computed per token"
-    for iid in dropped:
+    for iid in [*dropped, kept]:
         token = pending[iid].features
         assert type(token) is tuple and token[0].views is None and token[0].detached is not None
-    # the kept negative, in a request's run (Joiner.on_impressions), was computed at its
-    # impression: nothing of the old version left to read
-    assert type(pending[kept].features) is not tuple
     gc.collect()
     assert all(ref() is None for ref in old), "an old table version is still referenced"
     later = [Feedback(T0 + 5_000 + p, "u", item, "click", iid)
@@ -335,11 +332,10 @@ def test_later_interactions_do_not_leak_into_deferred_features(published: World)
 
 def test_windows_closing_together_compute_their_features_together(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At r = 1 every negative is written: a request's impressions joined as a run are
-    computed at once in one ``item_columns`` call, the others share a deadline, close in
-    the same step and are computed in one call (not one per impression), with the values
-    the eager shard computed at impression time; a click before the close is computed
-    alone, at once."""
+    """At r = 1 every negative is written: the impressions of a request share a deadline,
+    close in the same step and are computed in one ``item_columns`` call (not one per
+    impression), with the values the eager shard computed at impression time; a click
+    before the close is computed alone, at once."""
     sizes: list[int] = []
     original = PointInTime.item_columns
 
@@ -368,10 +364,7 @@ def test_windows_closing_together_compute_their_features_together(
            for e in batch.get("examples", []) if e["source"] == "impression"]
     assert got == want and len(got) == 60
     # the organic click, the click on imp0-0 at once, then one call per request
-    # the organic click and the click on imp0-0 at once; each request's run (its first
-    # impression alone: the profile clocks move to its ts) computed at once, as the batches
-    # cut it; the impressions joined alone, at the close, one call per request
-    assert sum(sizes) == 61 and len(sizes) == 16
+    assert sorted(sizes) == [1, 1, 9, 10, 10, 10, 10, 10]
 
 
 def batched_and_per_item(world: World, rate: float | None = None
@@ -467,56 +460,3 @@ def test_groups_tracked_for_a_switch_stay_bounded_while_the_snapshots_stay(
                     Impression(T0 + r * 10 + 1, f"q{r}-0", "u", ITEMS[r % len(ITEMS)], f"q{r}", 0, {})])
         lazy.joiner.flush()
     assert 0 < len(lazy.context._open) <= 2_048
-
-
-def test_impression_runs_with_profiles_equal_one_event_at_a_time(published: World) -> None:
-    """A request's impressions in one micro-batch join as a run (its first alone, the others
-    with one ``Joiner.on_impressions`` call) before their profile writes: the examples,
-    recommendations, item updates and profile answers equal those of a shard that
-    applies every impression on its own (``on_impressions`` failing: the one-by-one
-    fallback, the shard's path before runs)."""
-    from state.join_state import Joiner
-
-    runs, single = published.user_shard(), published.user_shard()
-    for shard in (runs, single):
-        shard.joiner.sampler = NegativeSampler(RATE, 0)
-        warm_up(shard)
-    taken: list[int] = []
-    joined = Joiner.on_impressions
-
-    def counting(self: Joiner, run: list[Impression]) -> None:
-        taken.append(len(run))
-        joined(self, run)
-
-    def failing(run: list[Impression]) -> None:
-        raise RuntimeError("one at a time")
-
-    runs.joiner.on_impressions = counting.__get__(runs.joiner)  # type: ignore[method-assign]
-    single.joiner.on_impressions = failing  # type: ignore[method-assign]
-    events = stream(30)
-    events += [Request(T0 + 700_000, "rl", "u1"), *[Impression(T0 + 700_000, f"l{p}", "u1",
-               ITEMS[p], "rl", p, {}) for p in range(6)]]  # at the request's ts: no clock step
-    outs: dict[int, list[dict[str, list[Any]]]] = {id(runs): [], id(single): []}
-    for shard in (runs, single):
-        for i in range(0, len(events), 37):
-            outs[id(shard)].append(feed(shard, events[i:i + 37]))
-        outs[id(shard)].append(shard.flush())
-    # the first of each run alone (the profile clocks move to its ts), a run split by a
-    # batch's end in two parts; the last run, at its request's ts, whole
-    assert max(taken[:-1]) == 9 and taken[-1] == 6
-    for got, want in zip(outs[id(runs)], outs[id(single)], strict=True):
-        assert got.get("examples") == want.get("examples")
-        assert got.get("dead-letters") == want.get("dead-letters") is None
-        assert ([r["items"] for r in got.get("recommendations", [])]
-                == [r["items"] for r in want.get("recommendations", [])])
-        assert ([(type(u).__name__, u[0]) for u in got.get("item-updates", [])]
-                == [(type(u).__name__, u[0]) for u in want.get("item-updates", [])])
-    assert sum(len(o.get("examples", [])) for o in outs[id(runs)]) > 30
-    for kind, store in runs.profiles.items():
-        other = single.profiles[kind]
-        for user in ("u1", "u2", "u3"):
-            if kind == "user":
-                assert store.query(user) == other.query(user)
-            else:
-                for category in ("c0", "c1", "c2", "c9"):
-                    assert store.query((user, category)) == other.query((user, category))

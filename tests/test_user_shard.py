@@ -127,10 +127,6 @@ def _request_log() -> list[Any]:
     return events
 
 
-def _one_at_a_time(run: list[Any]) -> None:
-    raise RuntimeError("each impression on its own")
-
-
 def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
     """``Joiner.on_impressions`` (a request's impressions as one run, taken when the shard's
     impressions only join) writes exactly what one ``on_impression`` per impression writes:
@@ -145,8 +141,9 @@ def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
                     s = UserShard(JoinConfig(interaction_negatives=2, max_pending=max_pending,
                                              wait_ms_override=3_000), NegativeSampler(rate, 3),
                                   wire_examples=wire)
-                    if not runs:  # the per-event path: a run failing is joined one by one
-                        s.joiner.on_impressions = _one_at_a_time  # type: ignore[method-assign]
+                    if not runs:  # the per-event path
+                        s.profiles = {"off": None}  # type: ignore[dict-item]
+                        s._profile = lambda event: None  # type: ignore[method-assign]
                     outs = [s.process("u000", events[i:i + 9]) for i in range(0, len(events), 9)]
                     outs.append(s.flush())
                     return (sum((o.get("examples", []) for o in outs), []),
