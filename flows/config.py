@@ -36,7 +36,6 @@ from operators.metrics import MetricsConfig
 from operators.serving import ServingConfig
 from operators.trainer import RankerConfig
 from state.feature_spec import DEFAULT_FEATURES, FeatureSpecError, parse_features
-from state.frequency_cap import check_frequency_cap_config
 from state.item_index import IndexConfig
 from state.join_state import JoinConfig
 from state.settings import doc
@@ -493,10 +492,6 @@ def _validate(config: Config) -> None:
         check_category_config(config.serving.category_explore)
     except ValueError as err:
         raise ConfigError(f"serving.category_explore.{err}") from None
-    try:
-        check_frequency_cap_config(config.serving.frequency_cap)
-    except ValueError as err:
-        raise ConfigError(f"serving.frequency_cap.{err}") from None
     if not 0.0 < config.sampler.negative_rate <= 1.0:
         raise ConfigError("sampler.negative_rate: must be in (0, 1]")
     if config.shards.users < 1 or config.shards.items < 1:

@@ -96,7 +96,6 @@ BYTES: dict[str, float] = {
     "category_user": 1_200,
     "category_user_change": 40,
     "category_user_time": 120,
-    "frequency_cap_item": 190,  # 186 measured (tracemalloc, 2,000 users x 100 items)
     "category_group": 2_200,
     "category_list": 700,
     "category_item": 100,
@@ -140,7 +139,6 @@ def memory_bound(config: Config) -> dict[str, Any]:
     sh, join, items, mf, covis = config.shards, config.join, config.items, \
         config.items.mf_config(), config.items.covis_config()
     pool, explore = config.serving.pool, config.serving.category_explore
-    cap = config.serving.frequency_cap
     kinds = {f.get("entity") for f in config.features}
     # each category's best items: one merged copy per user shard, one per loaded table
     category_lists = (explore.max_categories * (b["category_list"] + explore.retrieve_per_category
@@ -184,8 +182,6 @@ def memory_bound(config: Config) -> dict[str, Any]:
         # the event time of each user's last list (half_life_s)
         + (explore.max_users * b["category_user_time"]
            if explore.enabled and explore.half_life_s > 0 else 0)
-        # serving.frequency_cap: each user's showings per item (state/frequency_cap.py)
-        + (cap.max_users * cap.max_items * b["frequency_cap_item"] if cap.shows > 0 else 0)
         # and the category source's merged lists (operators/category_items.py; shared by
         # the user shards of a process since serve7, counted per shard as before) with
         # each list's items as rows of the shard's id space (CategoryItems.rows)

@@ -109,10 +109,6 @@ class CategoryExploreConfig:
                              "category's best candidate, so what Thompson sampling picks is "
                              "shown and learnt from; 0: off. Default by measurement: "
                              "docs/evaluation.md.", 1)
-    explore_position: int = doc("``explore_slots``: the 0-based list position the first "
-                                "exploring item takes (the next ones follow it), the items "
-                                "from there on moving down one slot each; -1: the last slots "
-                                "(the items they replace are dropped).", -1)
     item_lift: float = doc("Within the sampled order, weigh each candidate by its item's click "
                            "rate over its category's among the candidates (the item's rate "
                            "shrunk by this many impressions toward the category's; counts from "
@@ -144,8 +140,6 @@ def check_category_config(config: CategoryExploreConfig) -> None:
         raise ValueError(f"decay: must be in (0, 1], got {config.decay}")
     if config.half_life_s < 0:
         raise ValueError(f"half_life_s: must be >= 0, got {config.half_life_s}")
-    if config.explore_position < -1:
-        raise ValueError(f"explore_position: must be >= -1, got {config.explore_position}")
     for key, value in (("slots", config.slots), ("propensity_draws", config.propensity_draws),
                        ("explore_slots", config.explore_slots)):
         if value < 0:
@@ -588,8 +582,7 @@ class CategoryBandit:
             top = best_first[np.argsort(-key, axis=1, kind="stable")[:, :k]]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
-                top = self._explore(top, theta, by_score, cat_of, lift, explore,
-                                    self.config.explore_position)
+                top = self._explore(top, theta, by_score, cat_of, lift, explore)
             hits = (top[1:] == top[0]).sum(axis=0)
             return top[0], (hits + 1.0) / (draws + 1.0)
         draw = self._slots
@@ -603,21 +596,18 @@ class CategoryBandit:
 
     @staticmethod
     def _explore(top: np.ndarray, theta: np.ndarray, by_score: np.ndarray, cat_of: np.ndarray,
-                 lift: np.ndarray | None, explore: int, position: int = -1) -> np.ndarray:
+                 lift: np.ndarray | None, explore: int) -> np.ndarray:
         """``explore_slots``: in each list (a row of ``top``, candidate indices; its draws
         a row of ``theta``, one per category of the candidates; ``by_score``: every
         candidate's index in the scorer's order, a stable sort) the ``explore`` categories
         of highest draw each get a slot of the last ``explore`` when the list has none of
         their items: the category's best candidate (by ``lift`` / log2(2 + scorer rank),
         the order ``rerank`` keeps inside a category), even from below the scorer's best
-        ``depth``, replaces the list's item there. ``position`` >= 0 (``explore_position``):
-        the exploring items then move up to that slot and on, in slot order, the items
-        between moving down (a list without any keeps its order)."""
+        ``depth``, replaces the list's item there."""
         k = top.shape[1]
         winners = (np.argmax(theta, axis=1)[:, None] if explore == 1
                    else np.argsort(-theta, axis=1, kind="stable")[:, :explore])
         out = top.copy()
-        moved = np.zeros((len(top), explore), bool) if position >= 0 else None
         quality = None
         best: dict[int, int] = {}
         for slot in range(explore):
@@ -635,15 +625,6 @@ class CategoryBandit:
                     members = np.flatnonzero(cat_of == c)
                     best[c] = int(members[np.argmax(quality[members])])
                 out[r, k - explore + slot] = best[c]
-                if moved is not None:
-                    moved[r, slot] = True
-        start = k - explore if position < 0 else min(position, k - explore)
-        if moved is not None and start < k - explore:
-            for r in np.flatnonzero(moved.any(axis=1)).tolist():
-                tail = out[r, k - explore:]
-                row = out[r, :k - explore].tolist() + tail[~moved[r]].tolist()
-                row[start:start] = tail[moved[r]].tolist()
-                out[r] = row
         return out
 
     def _slots(self, best_first: np.ndarray, cat_of: np.ndarray, a: np.ndarray,

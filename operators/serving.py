@@ -54,7 +54,6 @@ from operators.pool_features import pool_matrix
 from operators.scorer_duel import SCORERS, ScorerDuel, team_draft
 from operators.snapshot_views import SnapshotViews
 from state.covis_view import CovisView, SparseScores, sparse_sum
-from state.frequency_cap import FrequencyCap, FrequencyCapConfig
 from state.hashing import stable_hash64
 from state.item_rows import ItemRows
 from state.item_table import ItemTable, category_of, set_memo
@@ -145,10 +144,6 @@ class ServingConfig:
     repeat_cooldown_ms: int = doc("cooldown: event time after the user's last interaction "
                                   "with an item before it may be recommended again (ms).",
                                   86_400_000)
-    frequency_cap: FrequencyCapConfig = doc("Items shown to the user again and again without "
-                                            "an interaction are not recommended again "
-                                            "(state/frequency_cap.py), whatever ``repeat``.",
-                                            factory=FrequencyCapConfig)
     pool: PoolRankerConfig = doc("The pool ranker: an online listwise re-ranker of the blend's "
                                  "best candidates (models/pool_ranker.py).",
                                  factory=PoolRankerConfig)
@@ -168,22 +163,8 @@ ANN_MEMO_USERS = 64
 """Users per user shard whose last ANN answer serving keeps (``Server._ann_rows``)."""
 
 
-def repeat_blocked(config: ServingConfig, ctx: UserContext, ts_ms: int,
-                   cap: FrequencyCap | None = None) -> Any:
-    """The user's items that ``serving.repeat`` keeps out of the answer (a container),
-    with those ``cap`` (``serving.frequency_cap``) keeps out at ``ts_ms``."""
-    blocked = _repeat_policy(config, ctx, ts_ms)
-    if cap is None:
-        return blocked
-    capped = cap.blocked(ctx.user_id, ts_ms)
-    if not capped:
-        return blocked
-    capped.update(blocked)
-    return capped
-
-
-def _repeat_policy(config: ServingConfig, ctx: UserContext, ts_ms: int) -> Any:
-    """The user's items that ``serving.repeat`` alone keeps out (a container)."""
+def repeat_blocked(config: ServingConfig, ctx: UserContext, ts_ms: int) -> Any:
+    """The user's items that ``serving.repeat`` keeps out of the answer (a container)."""
     mode = config.repeat
     if mode == "never":
         return ctx.consumed
@@ -229,10 +210,6 @@ class Server:
                              f"not {config.repeat!r}")
         if config.scorer not in SCORERS:
             raise ValueError(f"serving.scorer must be one of {SCORERS}, not {config.scorer!r}")
-        self.frequency_cap = (FrequencyCap(config.frequency_cap)
-                              if config.frequency_cap.shows > 0 else None)
-        """Each user's unclicked showings per item (``serving.frequency_cap``), fed by the
-        shard."""
         self.duel = ScorerDuel(config.scorer_window, config.scorer_min_outcomes)
         self.duel.max_users = min(self.duel.max_users, max_users)
         """Remembers each requesting user's last two top-k lists."""
@@ -599,8 +576,7 @@ class Server:
         attrs = space.catalog_attrs(slots, items, self.context.catalog, cross,
                                     self.context.unavailable_attrs)
         keep = space.available[slots] & ~space.unavailable[slots]
-        blocked = repeat_blocked(self.config, ctx, request.ts,
-                                 getattr(self, "frequency_cap", None))  # older state: none
+        blocked = repeat_blocked(self.config, ctx, request.ts)
         if blocked:
             keep &= ~np.fromiter(map(blocked.__contains__, items), bool, n)
         if request.exclude:

@@ -206,9 +206,6 @@ class UserShard:
                 self._profile(event)
             if self.server is not None:
                 self._category_event(event)
-                cap = getattr(self.server, "frequency_cap", None)  # None: off, or older state
-                if cap is not None:
-                    cap.shown(event.user_id, event.item_id, event.ts)
             if self.item_profiles:
                 self._item_updates.append(ProfileEvent(event.item_id, event))
             return
@@ -235,9 +232,6 @@ class UserShard:
         self.history.add(fb.user_id, fb.item_id, fb.ts)
         self._profile(fb)
         self._category_event(fb)
-        cap = getattr(self.server, "frequency_cap", None)  # None: off, or older state
-        if cap is not None:
-            cap.engaged(fb.user_id, fb.item_id)
         if fb.action in self.consume_actions:
             self.finished.add(fb.user_id, fb.item_id, fb.ts)
         updates = self._item_updates
@@ -313,8 +307,7 @@ class UserShard:
         ctx = self.context.user(req.user_id, req.ts)
         record = self.server.recommend(req, ctx, self._ingest_ns)
         self.backfilled += backfill(record, req.k, self.catalog, self.joiner.popularity,
-                                    repeat_blocked(self.server.config, ctx, req.ts,
-                                                   getattr(self.server, "frequency_cap", None)),
+                                    repeat_blocked(self.server.config, ctx, req.ts),
                                     set(req.exclude))
         self.empty_answers += not record["items"]
         self._recs.append(record)

@@ -156,8 +156,7 @@ def test_config_values_are_validated() -> None:
     for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
                        ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
                        ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0),
-                       ("explore_slots", -1), ("half_life_s", -1.0),
-                       ("explore_position", -2)):
+                       ("explore_slots", -1), ("half_life_s", -1.0)):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: value}}})
 
@@ -741,29 +740,6 @@ def test_explore_slots_show_the_sampled_category_the_scorer_ranks_too_low() -> N
         assert row[:9] == plain[:9] and len(set(row)) == 10
         if row in with_c3:
             assert row[9] == 30  # c3's best candidate (the scorer's first c3 item)
-
-
-@pytest.mark.parametrize("position", [0, 3, 9, 12])
-def test_explore_position_moves_the_exploring_item_up_and_the_rest_down(position: int) -> None:
-    """``explore_position``: the same lists as the last slot's (-1), with the exploring
-    item at that position and the items from there on one slot lower; lists without one
-    unchanged; a position past the list is its last slot."""
-    cats = ["c0"] * 30 + ["c3"] * 10
-    scores = np.linspace(1.0, 0.0, len(cats))
-    served = {}
-    for at in (-1, position):
-        bandit = CategoryBandit(CategoryExploreConfig(depth=20, explore_position=at))
-        show(bandit, "u", 3, "c3")
-        served[at] = [bandit.order("u", scores, cats, 10, seed)[0].tolist() for seed in range(60)]
-    moved = 0
-    for last, row in zip(served[-1], served[position], strict=True):
-        if cats[last[9]] == "c3":
-            moved += 1
-            at = min(position, 9)
-            assert row == last[:at] + [last[9]] + last[at:9]
-        else:
-            assert row == last
-    assert moved > 30
 
 
 def test_explore_slots_leave_a_list_that_has_the_sampled_category_alone() -> None:

@@ -31,8 +31,7 @@ from serving_world import (
     warm_up,
 )
 
-from events.model import Event, Feedback, Impression, Item, Request
-from state.frequency_cap import FrequencyCapConfig
+from events.model import Event, Feedback, Item, Request
 
 
 @pytest.mark.parametrize("feedback", [
@@ -80,34 +79,6 @@ def test_repeat_policy(world: World, repeat: str, blocked: set[str]) -> None:
                  Feedback(T0 - 5_000, "user", targets["rated"], "rating", None, 5.0)])
     served = set(ids(ask(shard, "user", k=10)))
     assert {name for name, item in targets.items() if item not in served} == blocked
-
-
-def test_frequency_cap_keeps_unclicked_repeats_out(world: World) -> None:
-    """serving.frequency_cap: items shown ``shows`` times without an interaction are not
-    served again, their slots go to the next candidates; a clicked one stays."""
-    world.publish_tables()
-    world.publish_index()
-    targets = [FAVOURITE, TRENDING[0], "a31", ITEMS[0]]
-    world.publish_ranker(favourites=tuple(targets))
-    shards = {shows: world.user_shard(repeat="not-consumed",
-                                      frequency_cap=FrequencyCapConfig(shows=shows))
-              for shows in (0, 3)}
-    events: list[Event] = [click("user", SEED, T0 - 100_000)]
-    for n in range(3):  # three lists showed every target; only the first was clicked once
-        events += [Impression(T0 - 50_000 + 1_000 * n, f"i{n}-{j}", "user", item, f"l{n}", j)
-                   for j, item in enumerate(targets)]
-    events.append(Feedback(T0 - 40_000, "user", targets[0], "click", "i2-0"))
-    events += [Impression(T0 - 30_000, f"i3-{j}", "user", item, "l3", j)
-               for j, item in enumerate(targets[:2])]  # a fourth showing of two
-    for shard in shards.values():
-        feed(shard, events)
-    control = ids(ask(shards[0], "user", k=20))
-    assert set(targets) <= set(control[:10]), "control: the targets are served without the cap"
-    capped = ids(ask(shards[3], "user", k=10))
-    assert targets[0] in capped  # clicked: never capped
-    assert not set(targets[1:]) & set(capped)
-    assert capped == [i for i in control if i not in targets[1:]][:10]
-    assert shards[3].server.frequency_cap.blocked("user", T0) == set(targets[1:])
 
 
 def test_consumed_filter_applies_to_ann_candidates(world: World) -> None:
