@@ -136,13 +136,18 @@ def parse_window(lines: list[Any], parser: EventParser, shards: Iterable[int],
     events = {s: part.events for s, part in parts.items()}
     n_items = 0
     if not parser.dead_in_last:
+        user, own = None, None  # a request's impressions come in a row: one lookup
         for out in outs:
             if type(out) is Item:
                 n_items += 1
-                for own in events.values():
-                    own.append(out)
+                for part in events.values():
+                    part.append(out)
+            elif out.user_id == user:  # type: ignore[union-attr]
+                own.append(out)  # type: ignore[union-attr]
             else:
-                events[shard_of(out.user_id)].append(out)  # type: ignore[union-attr]
+                user = out.user_id  # type: ignore[union-attr]
+                own = events[shard_of(user)]
+                own.append(out)
     else:
         for line, out in zip(lines, outs, strict=True):
             if type(out) is dict:
