@@ -303,6 +303,10 @@ def event_to_dict(event: Event) -> dict[str, Any]:
     return out
 
 
+_BRACKETS = b"{["
+"""The bytes that open an object or an array: a line holds as many as its length less
+that of the line without them (one pass in C, ~0.1 us less a line than two counts)."""
+
 _IMPRESSION = operator.itemgetter("ts", "impression_id", "user_id", "item_id", "request_id",
                                   "position", "context")
 """An impression's fields in one call (``EventParser.parse_many``; KeyError when one is
@@ -341,7 +345,7 @@ class EventParser:
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 obj = None
-            if type(obj) is dict and raw.count(b"{") + raw.count(b"[") <= MAX_DEPTH:
+            if type(obj) is dict and len(raw) - len(raw.translate(None, _BRACKETS)) <= MAX_DEPTH:
                 try:
                     return self._checked(obj)
                 except Invalid as err:
@@ -392,7 +396,7 @@ class EventParser:
                     obj = loads(raw)
                 except error:
                     obj = None
-                if type(obj) is dict and raw.count(b"{") + raw.count(b"[") <= MAX_DEPTH:
+                if type(obj) is dict and len(raw) - len(raw.translate(None, _BRACKETS)) <= MAX_DEPTH:
                     kind, event = obj.get("type"), None
                     # (A string is no longer than its line: a line of at most MAX_ID_LEN
                     # bytes holds no ID that is too long.)
