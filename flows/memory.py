@@ -75,7 +75,8 @@ BYTES: dict[str, float] = {
     "pending_impression": 3_130,
     "closed_impression": 110,
     "orphan": 500,
-    "pool_item": 120,
+    "pool_item": 190,  # 120 measured, plus the sampling arrays kept side by side (67 B:
+    # the position dict, the ids list, the float64 log scores; state.popularity.arrays)
     "duel_user": 2_700,
     "serving_slot": 150,  # measured before the 4 B feature row (ItemRows.feat_row), which
     # the int32 generation counters (8 B less per slot) more than pay for
