@@ -75,7 +75,8 @@ BYTES: dict[str, float] = {
     "pending_impression": 3_130,
     "closed_impression": 110,
     "orphan": 500,
-    "pool_item": 120,
+    "pool_item": 190,  # 120 measured, plus the sampling arrays kept side by side (67 B:
+    # the position dict, the ids list, the float64 log scores; state.popularity.arrays)
     "duel_user": 2_700,
     "serving_slot": 150,  # measured before the 4 B feature row (ItemRows.feat_row), which
     # the int32 generation counters (8 B less per slot) more than pay for
@@ -210,12 +211,15 @@ def memory_bound(config: Config) -> dict[str, Any]:
         "user_shards": sh.users * per_user_shard,
         "item_shards": sh.items * per_item_shard if items.enabled else 0.0,
         "serving_tables": sh.items * table_bytes if items.enabled else 0.0,
-        "index": 2 * sh.items * mf.max_items * b["index_item"] if items.enabled else 0.0,
+        # the builder's and the serving copy, whose live vectors are copied out once it
+        # is read often (state.item_index.ItemIndex._stored: a uint64 label and dim float32)
+        "index": (sh.items * mf.max_items * (2 * b["index_item"] + 8 + 4 * mf.dim)
+                  if items.enabled else 0.0),
         # replaced versions kept for deferred impression features (operators.point_in_time):
         # each replaced one shard's table or the index; the user shards of a process
         # switch at the same batch boundaries, so they hold the same versions
         "retained_versions": (RETAINED_VERSIONS * max(table_bytes, sh.items * mf.max_items
-                                                      * b["index_item"])
+                                                      * (b["index_item"] + 8 + 4 * mf.dim))
                               if items.enabled else 0.0),
         "ranker": (config.ranker.max_waiting * b["waiting_example"]
                    + 3 * config.ranker.max_features * b["ranker_weight"]
