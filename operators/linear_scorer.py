@@ -365,7 +365,7 @@ class _StaticRows:
 
     def terms(self, space: ItemRows, slots: np.ndarray, cols: ItemColumns) -> np.ndarray:
         self._grow(space.capacity)
-        attr_ids = np.fromiter(map(id, cols.attrs), np.int64, len(cols.attrs))
+        attr_ids = space.attr_ids(slots, cols.attrs)
         new_attrs = np.flatnonzero(self.attr_id[slots] != attr_ids)
         if new_attrs.size:
             self._attr_terms(slots, new_attrs, attr_ids, cols)
