@@ -179,9 +179,13 @@ class ColumnScorer:
         used = [(w, values) for name, values in cols.numeric.items()
                 if (w := weights.get(name)) is not None]
         if used:  # signed_log of every used column at once, then added column by column
-            x = np.array([values for _, values in used], np.float64)
-            x = np.where(np.isfinite(x), x, 0.0)
-            x = np.sign(x) * np.log1p(np.abs(x))
+            raw = np.array([values for _, values in used], np.float64)  # a copy
+            finite = np.isfinite(raw)
+            if not finite.all():
+                raw[~finite] = 0.0
+            x = np.abs(raw)
+            np.log1p(x, out=x)
+            x *= np.sign(raw)  # sign(x) * log1p(|x|), in place
             x *= np.array([w for w, _ in used])[:, None]  # each w * x[k], in one product
             for row in x:
                 logit += row
@@ -209,9 +213,18 @@ class ColumnScorer:
 
     def _probability(self, logit: np.ndarray) -> np.ndarray:
         """River's sigmoid (0 below -30, 1 above 30) of each logit, calibrated."""
-        p = 1.0 / (1.0 + np.exp(-np.minimum(np.maximum(logit, -30.0), 30.0)))  # np.clip's
-        p[logit < -30] = 0.0
-        p[logit > 30] = 1.0
+        # 1 / (1 + exp(-clip(logit, -30, 30))), the same ufuncs in place on one array
+        p = np.maximum(logit, -30.0)
+        np.minimum(p, 30.0, out=p)
+        np.negative(p, out=p)
+        np.exp(p, out=p)
+        p += 1.0
+        np.divide(1.0, p, out=p)
+        low, high = logit < -30, logit > 30
+        if low.any():
+            p[low] = 0.0
+        if high.any():
+            p[high] = 1.0
         return correct_downsampled_many(p, self.scorer.rate)
 
     def _static_rows(self, cols: ItemColumns, user_keys: Any) -> np.ndarray | None:
