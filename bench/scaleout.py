@@ -144,6 +144,8 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
     EventParser.parse_batch = _timed(EventParser.parse_batch, "parse", cpu_ns, lock)
     flows.recsys.parse_shard_batch = _timed(flows.recsys.parse_shard_batch, "parse", cpu_ns, lock)
     replay_shards.split_window = _timed(replay_shards.split_window, "read", cpu_ns, lock)
+    # a process that runs every shard parses in its reader (parse_window), not in the step
+    replay_shards.parse_window = _timed(replay_shards.parse_window, "parse", cpu_ns, lock)
     flows.recsys.route_events = _timed(flows.recsys.route_events, "route", cpu_ns, lock)
     sinks._JsonlPartition.write_batch = _timed(sinks._JsonlPartition.write_batch, "write",
                                                 cpu_ns, lock)

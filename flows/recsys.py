@@ -50,7 +50,12 @@ from operators.item_updates import ItemUpdate
 from operators.metrics import MetricsLogic, MetricsState
 from operators.placement import last_key
 from operators.pool_trainer import PoolTrainer
-from operators.replay_shards import ShardBatch, ShardedReplaySource, parse_shard_batch
+from operators.replay_shards import (
+    ParsedShardBatch,
+    ShardBatch,
+    ShardedReplaySource,
+    parse_shard_batch,
+)
 from operators.sinks import JsonlFileSink, NamedSinks
 from operators.snapshot_views import SnapshotViews
 from operators.sources import Gate, GatedSource, OnceSource, SimulatorSource
@@ -69,14 +74,14 @@ RANKER_KEY, POOL_KEY, INDEX_KEY, METRICS_KEY = (last_key(n) for n in ("ranker", 
 away from worker 0, which reads the one-partition inputs and writes the recommendations."""
 
 
-def _source(inp: InputConfig, config: Config) -> Any:
+def _source(inp: InputConfig, config: Config, parser: EventParser | None = None) -> Any:
     if inp.kind == "simulator":
         sim = SimConfig(n_users=inp.n_users, n_items=inp.n_items, requests_per_s=inp.requests_per_s)
         return SimulatorSource(sim, inp.seed, inp.events or None, inp.batch_size)
     if inp.kind == "replay":
         return ShardedReplaySource(inp.path, config.shards.users,
                                    ShardOf(config.shards.users, max_cached=config.shards.routing_cache),
-                                   inp.batch_size, inp.speed, config.parse.max_bytes)
+                                   inp.batch_size, inp.speed, config.parse.max_bytes, parser)
     from operators.kafka_io import KafkaSource
 
     return KafkaSource(
@@ -126,13 +131,15 @@ def check_inputs(config: Config) -> None:
                 raise ConfigError(f"inputs[{i}].path: {err}") from None
 
 
-def _inputs(flow: Dataflow, config: Config) -> Stream[list[Any]]:
-    """One input step per configured input; each later one waits for the one before."""
+def _inputs(flow: Dataflow, config: Config, parser: EventParser | None = None
+            ) -> Stream[list[Any]]:
+    """One input step per configured input; each later one waits for the one before
+    (``parser``: the flow's, for replays that parse in their reader)."""
     streams = []
     previous: Gate | None = None
     for i, inp in enumerate(config.inputs):
         done = Gate() if i + 1 < len(config.inputs) else None
-        source = GatedSource(_source(inp, config), done=done, wait_for=previous)
+        source = GatedSource(_source(inp, config, parser), done=done, wait_for=previous)
         streams.append(op.input(f"input_{i}_{inp.kind}", flow, source))
         previous = done
     return streams[0] if len(streams) == 1 else op.merge("inputs", *streams)
@@ -238,16 +245,17 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     # of its kind still settling, so a replay's reads by event time meet the same
     # versions at the same batch as if they were written in place.
     store.background = True
-    raw = _inputs(flow, config)
-
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,
                          min_ts_ms=config.parse.min_ts_ms)
+    raw = _inputs(flow, config, parser)  # a one-process replay parses in its reader
     n_users, n_items = config.shards.users, config.shards.items
     user_shard_of = ShardOf(n_users, max_cached=config.shards.routing_cache)
 
     def parse(batch: list[Any]) -> tuple[Any, ...]:
         """(events, dead letters, ingest wall ns, Kafka offsets, user shard of a sharded
         replay batch, item events in it that are copies, not counted)."""
+        if isinstance(batch, ParsedShardBatch):  # parsed in the replay's reader
+            return batch.events, batch.dead, time.time_ns(), None, batch.shard, batch.copies
         if isinstance(batch, ShardBatch):
             events, dead, copies = parse_shard_batch(parser, batch, user_shard_of)
             return events, dead, time.time_ns(), None, batch.shard, copies

@@ -8,10 +8,13 @@ where the last snapshot was taken. (The Kafka source lives in ``kafka_io``.)
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,19 @@ def _event_ts(raw: bytes | dict[str, Any]) -> int | None:
     return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
 
 
+_SIZE, _LINE = operator.itemgetter(0), operator.itemgetter(1)
+_PLAIN = frozenset((bytes,))
+
+
+def _guarded(lines: Iterator[tuple[int, bytes | LongLine]]) -> Iterator[tuple[int, Any]]:
+    """``lines``, ending with ``(-1, error)`` when reading fails (a damaged or cut .gz:
+    ``EOFError``, ``OSError``, ``zlib.error``), so a batch pulls its lines in one call."""
+    try:
+        yield from lines
+    except (EOFError, OSError, zlib.error) as err:
+        yield -1, err
+
+
 class _ReplayPartition(StatefulSourcePartition[list[bytes | Rejected], int]):
     """Reads a JSONL log in batches of lines; state = byte offset of the next line.
 
@@ -82,7 +98,7 @@ class _ReplayPartition(StatefulSourcePartition[list[bytes | Rejected], int]):
         self._file = open_log(path)
         if offset:  # a fresh start never seeks, so the log may be a named pipe (FIFO)
             self._file.seek(offset)
-        self._lines = iter_lines(self._file, max_bytes)
+        self._lines = _guarded(iter_lines(self._file, max_bytes))
         self._max_bytes = max_bytes
         self._offset = offset
         self._batch_size = batch_size
@@ -95,34 +111,44 @@ class _ReplayPartition(StatefulSourcePartition[list[bytes | Rejected], int]):
         self._awake = None
         raw = self._held
         self._held = []
-        while len(raw) < self._batch_size and not self._ended:
-            try:
-                size, line = next(self._lines)
-            except StopIteration:
+        want = self._batch_size - len(raw)
+        if want > 0 and not self._ended:
+            got = list(itertools.islice(self._lines, want))  # the lines pulled in C
+            if len(got) < want:
                 self._ended = True
-                break
-            except (EOFError, OSError, zlib.error) as err:  # a damaged or cut .gz
-                self._ended = True
-                at = self._offset + sum(n for n, _ in raw)
+            if set(map(type, map(_LINE, got))) <= _PLAIN:
+                raw += got
+            else:
+                self._special(raw, got)
+        if not raw:
+            raise StopIteration
+        if self._pacer.speed > 0:
+            raw = self._pace(raw)
+        self._offset += sum(map(_SIZE, raw))
+        batch = [x if isinstance(x, Rejected) else x.rstrip(b"\r\n")
+                 for _, x in raw if isinstance(x, Rejected) or x.strip()]
+        return [batch] if batch else []
+
+    def _special(self, raw: list[tuple[int, bytes | Rejected]], got: list[tuple[int, Any]]
+                 ) -> None:
+        """Append ``got`` to ``raw`` with an over-long line as ``Rejected`` (``oversized``)
+        and a read error (``_guarded``'s last item) as the rest's ``truncated_input``."""
+        for size, line in got:
+            if size < 0:  # a damaged or cut .gz
+                err = line
+                at = self._offset + sum(map(_SIZE, raw))
                 log.error("%s: unreadable after %d bytes (%s: %s); the rest is one dead letter",
                           self._path, at, type(err).__name__, err)
                 raw.append((0, Rejected("truncated_input", f"{self._path}: unreadable after {at} "
                                         f"bytes of input ({type(err).__name__}: {err}); the rest "
                                         "of the file was not read")))
-                break
+                self._ended = True
+                return
             if isinstance(line, LongLine):
                 line = Rejected("oversized", f"line of {line.size} bytes exceeds "
                                 f"{self._max_bytes} (parse.max_bytes); skipped while reading",
                                 line.head[:MAX_RAW_IN_DEAD_LETTER], line.size)
             raw.append((size, line))
-        if not raw:
-            raise StopIteration
-        if self._pacer.speed > 0:
-            raw = self._pace(raw)
-        self._offset += sum(n for n, _ in raw)
-        batch = [x if isinstance(x, Rejected) else x.rstrip(b"\r\n")
-                 for _, x in raw if isinstance(x, Rejected) or x.strip()]
-        return [batch] if batch else []
 
     def _pace(self, raw: list[tuple[int, bytes | Rejected]]) -> list[tuple[int, bytes | Rejected]]:
         """Return the lines that are due; hold the rest (they count as unread)."""

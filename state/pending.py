@@ -155,13 +155,18 @@ class ClosedIds:
         self.at[iid] = ts_ms
 
     def add_many(self, ids: list[str], ts_ms: list[int]) -> None:
-        """``add`` of each id with its time, in order."""
+        """``add`` of each id with its time, in order: one dict update, and the ids take
+        their places at once when the dict grew by all of them (all new and distinct:
+        the joiner's closes); otherwise only the new ones do, once (the ids held before
+        are those of ``order``: each held id has one place there)."""
         at = self.at
-        if at.keys().isdisjoint(ids) and len(set(ids)) == len(ids):
-            self.order.extend(ids)
-        else:  # some are there (or repeated): only the new ones take a place, once
-            self.order.extend([iid for iid in dict.fromkeys(ids) if iid not in at])
+        held = len(at)
         at.update(zip(ids, ts_ms, strict=True))
+        if len(at) - held == len(ids):
+            self.order.extend(ids)
+        else:  # some were there (an interaction key equal to an id) or repeated: rare
+            before = set(self.order)
+            self.order.extend([iid for iid in dict.fromkeys(ids) if iid not in before])
 
     def forget(self, horizon_ms: int, limit: int) -> None:
         """Forget ids from the oldest on while they closed at or before ``horizon_ms`` or

@@ -189,8 +189,9 @@ def test_events_pickle_as_class_and_field_values() -> None:
 
 
 def test_batch_parse_equals_one_by_one() -> None:
-    """``parse_many`` (impressions of the common shape built in its loop) gives exactly
-    what ``parse`` gives line by line, dead letters and the watermark included."""
+    """``parse_many`` (impressions, feedback and requests of the common shape built in its
+    loop) gives exactly what ``parse`` gives line by line, dead letters and the watermark
+    included."""
     imp = {"type": "impression", "ts": TS, "impression_id": "m", "user_id": "u",
            "item_id": "a", "request_id": "r", "position": 3, "context": {"d": "web"}}
     variants = [{}, {"request_id": None}, {"position": None}, {"context": None},
@@ -204,6 +205,26 @@ def test_batch_parse_equals_one_by_one() -> None:
     raws: list = [line(**{**imp, **v, "impression_id": f"m{j}"} if "impression_id" not in v
                        else {**imp, **v}) for j, v in enumerate(variants)]
     raws += [line(**{k: v for k, v in imp.items() if k != name}) for name in imp]
+    fb = {"type": "feedback", "ts": TS, "user_id": "u", "item_id": "a", "action": "click",
+          "impression_id": "m", "value": 2.5, "context": {"d": "web"}}
+    fb_variants = [{}, {"impression_id": None}, {"value": None}, {"value": 4}, {"value": True},
+                   {"value": "1"}, {"value": 1e308 * 10}, {"value": -0.0}, {"context": None},
+                   {"context": []}, {"action": ""}, {"action": "a" * 64}, {"action": "a" * 65},
+                   {"action": 3}, {"action": None}, {"user_id": 7}, {"item_id": ""},
+                   {"impression_id": ""}, {"impression_id": 5}, {"item_id": "i" * 256},
+                   {"item_id": "i" * 257}, {"ts": TS + 10**12}, {"ts": 5}, {"ts": TS - 9},
+                   {"ts": True}, {"user_id": "\u00e9"}]
+    raws += [line(**{**fb, **v}) for v in fb_variants]
+    raws += [line(**{k: v for k, v in fb.items() if k != name}) for name in fb]
+    req = {"type": "request", "ts": TS, "request_id": "r", "user_id": "u", "k": 5,
+           "context": {"d": "web"}}
+    req_variants = [{}, {"k": None}, {"k": 0}, {"k": 1000}, {"k": 1001}, {"k": 5.0},
+                    {"k": False}, {"exclude": None}, {"exclude": []}, {"exclude": ["a", 7]},
+                    {"exclude": "a"}, {"context": None}, {"context": 1}, {"request_id": 9},
+                    {"request_id": ""}, {"user_id": "u" * 257}, {"ts": TS + 10**12},
+                    {"ts": -3}, {"ts": TS + 7}]
+    raws += [line(**{**req, **v}) for v in req_variants]
+    raws += [line(**{k: v for k, v in req.items() if k != name}) for name in req]
     raws += [b'{"type": "user", "ts": 1', b"[1]", "text", {"type": "user", "ts": TS, "user_id": "d"},
              line(type="user", ts=TS, user_id="u", attrs={"a": [[[[]]]]}),
              line(type="feedback", ts=TS, user_id="u", item_id="a", action="click"),

@@ -18,7 +18,14 @@ from bytewax.testing import cluster_main
 from events.model import EventParser, Item
 from flows.recsys import build
 from operators.placement import worker_of
-from operators.replay_shards import ShardedReplaySource, line_user, parse_shard_batch
+from operators.replay_shards import (
+    ParsedShardBatch,
+    ShardedReplaySource,
+    line_user,
+    parse_shard_batch,
+    parse_window,
+    split_window,
+)
 from operators.sources import ReplaySource, _ReplayPartition
 from operators.user_shard import UserShard, route_events, shard_key
 from state.hashing import ShardOf
@@ -134,6 +141,83 @@ def test_shards_get_the_one_partition_events_in_the_same_batches(tmp_path: Path,
     assert got_events == all_events  # each line counted once
     assert sorted(d["raw"] for d in got_dead) == sorted(d["raw"] for d in all_dead)
     assert any(isinstance(e, Item) for batches in got.values() for b in batches for e in b)
+
+
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_a_window_parsed_once_equals_split_then_parsed(tmp_path: Path, batch_size: int) -> None:
+    """``parse_window`` (one parse of the window in log order) gives each shard the events,
+    dead letters and copies that ``split_window`` then ``parse_shard_batch`` give it."""
+    path = tmp_path / "log.jsonl"
+    lines = _log(path)
+    lines.insert(3, b'{"type":"impression","ts":1,"impression_id":"m","user_id":"u3","item_id":"i"}')
+    shard_of = ShardOf(SHARDS)
+    once, split = EventParser(), EventParser()
+    for i in range(0, len(lines), batch_size):
+        window = lines[i:i + batch_size]
+        parsed = parse_window(window, once, range(SHARDS), shard_of)
+        for shard, part in split_window(window, range(SHARDS), shard_of).items():
+            events, dead, copies = parse_shard_batch(split, part, shard_of)
+            got = parsed[shard]
+            assert isinstance(got, ParsedShardBatch) and got.shard == shard
+            assert got.events == events and got.copies == copies
+            assert [(d["reason"], d["raw"]) for d in got.dead] == [(d["reason"], d["raw"])
+                                                                   for d in dead]
+            assert bool(got) == bool(events or dead)
+
+
+def test_one_process_flow_parses_in_the_reader(tmp_path: Path, monkeypatch) -> None:
+    """A one-process replay of every shard parses each line once, in the reader (no
+    ``line_user`` scan but of dead lines, no parse in the flow's step): the flow's
+    outputs are those of the split windows parsed in the step."""
+    from operators import replay_shards
+
+    path = tmp_path / "log.jsonl"
+    lines = _log(path)
+    outs = {}
+    for name in ("split", "once"):
+        looked = Counter()
+        real = replay_shards.line_user
+        monkeypatch.setattr(replay_shards, "line_user",
+                            lambda line, looked=looked, real=real: looked.update([line]) or real(line))
+        if name == "split":
+            monkeypatch.setattr(replay_shards, "parse_window", None)  # fails if called
+            real_init = ShardedReplaySource.__init__
+
+            def no_parser(self, *args, real_init=real_init, **kwargs):  # noqa: ANN001, ANN202
+                real_init(self, *args, **kwargs)
+                self.parser = None
+
+            monkeypatch.setattr(ShardedReplaySource, "__init__", no_parser)
+        out = tmp_path / name
+        flow = build({"inputs": [{"kind": "replay", "path": str(path), "batch_size": 50}],
+                      "shards": {"users": SHARDS, "items": 2}, "output": {"dir": str(out)},
+                      "snapshots": {"dir": str(tmp_path / f"snap-{name}")}})
+        from bytewax.testing import run_main
+
+        run_main(flow)
+        monkeypatch.undo()
+        outs[name] = {f: (out / f"{f}.jsonl").read_bytes()
+                      for f in ("examples", "late-labels", "recommendations")
+                      if (out / f"{f}.jsonl").exists()}
+        outs[name]["dead"] = sorted(orjson.loads(line)["raw"] for line in
+                                    (out / "dead-letters.jsonl").read_bytes().splitlines())
+        summary = [m for m in map(orjson.loads, (out / "metrics.jsonl").read_bytes().splitlines())
+                   if m["kind"] == "summary"][0]
+        outs[name]["counts"] = (summary["events_in"], summary["events_by_type"],
+                                summary["dead_by_reason"])
+        if name == "once":
+            assert sum(looked.values()) < len(lines) / 4  # dead lines only
+        else:
+            assert sum(looked.values()) == len(lines)
+    assert outs["once"]["counts"][0] == len(lines)
+    assert outs["once"].keys() == outs["split"].keys()
+    assert outs["once"]["examples"] and outs["once"]["recommendations"]
+    for key in outs["once"].keys() - {"recommendations"}:
+        assert outs["once"][key] == outs["split"][key], key
+    drop = ("latency_ms", "cpu_ms", "queue_ms")
+    recs = [[{k: v for k, v in orjson.loads(line).items() if k not in drop}
+             for line in outs[name]["recommendations"].splitlines()] for name in outs]
+    assert recs[0] == recs[1]
 
 
 def test_resume_continues_each_partition(tmp_path: Path) -> None:
