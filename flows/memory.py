@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from operators.linear_scorer import MAX_ATTR_MEMO
 from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
 from state.change_log import LOG as CATALOG_LOG
@@ -106,6 +107,7 @@ BYTES: dict[str, float] = {
     "ann_memo_user": 1_500,
     "catalog_log_key": 70,
     "queued_profile_write": 130,
+    "attr_memo_entry": 800,  # tracemalloc of 4,096 three-attribute sets (key and sum)
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -221,8 +223,11 @@ def memory_bound(config: Config) -> dict[str, Any]:
         "retained_versions": (RETAINED_VERSIONS * max(table_bytes, sh.items * mf.max_items
                                                       * (b["index_item"] + 8 + 4 * mf.dim))
                               if items.enabled else 0.0),
+        # plus the serving copy's static terms of distinct catalog attribute sets
+        # (operators/linear_scorer.py ColumnScorer._attr_memo, one per process)
         "ranker": (config.ranker.max_waiting * b["waiting_example"]
                    + 3 * config.ranker.max_features * b["ranker_weight"]
+                   + MAX_ATTR_MEMO * b["attr_memo_entry"]
                    if config.ranker.enabled else 0.0),
         "routing": 2 * sh.routing_cache * b["routing_cache_entry"],
     }
