@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from operators.linear_scorer import MAX_ATTR_MEMO
 from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
 from state.change_log import LOG as CATALOG_LOG
@@ -75,7 +76,8 @@ BYTES: dict[str, float] = {
     "pending_impression": 3_130,
     "closed_impression": 110,
     "orphan": 500,
-    "pool_item": 120,
+    "pool_item": 190,  # 120 measured, plus the sampling arrays kept side by side (67 B:
+    # the position dict, the ids list, the float64 log scores; state.popularity.arrays)
     "duel_user": 2_700,
     "serving_slot": 150,  # measured before the 4 B feature row (ItemRows.feat_row), which
     # the int32 generation counters (8 B less per slot) more than pay for
@@ -106,6 +108,7 @@ BYTES: dict[str, float] = {
     "catalog_log_key": 70,
     "queued_profile_write": 130,
     "profile_key": 120,  # 61 B of dict slot and int (tracemalloc), the id string it keeps
+    "attr_memo_entry": 800,  # tracemalloc of 4,096 three-attribute sets (key and sum)
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -214,15 +217,21 @@ def memory_bound(config: Config) -> dict[str, Any]:
         "user_shards": sh.users * per_user_shard,
         "item_shards": sh.items * per_item_shard if items.enabled else 0.0,
         "serving_tables": sh.items * table_bytes if items.enabled else 0.0,
-        "index": 2 * sh.items * mf.max_items * b["index_item"] if items.enabled else 0.0,
+        # the builder's and the serving copy, whose live vectors are copied out once it
+        # is read often (state.item_index.ItemIndex._stored: a uint64 label and dim float32)
+        "index": (sh.items * mf.max_items * (2 * b["index_item"] + 8 + 4 * mf.dim)
+                  if items.enabled else 0.0),
         # replaced versions kept for deferred impression features (operators.point_in_time):
         # each replaced one shard's table or the index; the user shards of a process
         # switch at the same batch boundaries, so they hold the same versions
         "retained_versions": (RETAINED_VERSIONS * max(table_bytes, sh.items * mf.max_items
-                                                      * b["index_item"])
+                                                      * (b["index_item"] + 8 + 4 * mf.dim))
                               if items.enabled else 0.0),
+        # plus the serving copy's static terms of distinct catalog attribute sets
+        # (operators/linear_scorer.py ColumnScorer._attr_memo, one per process)
         "ranker": (config.ranker.max_waiting * b["waiting_example"]
                    + 3 * config.ranker.max_features * b["ranker_weight"]
+                   + MAX_ATTR_MEMO * b["attr_memo_entry"]
                    if config.ranker.enabled else 0.0),
         "routing": 2 * sh.routing_cache * b["routing_cache_entry"],
     }

@@ -5,7 +5,7 @@ of every ISGD step, with the user vector sent through the flow), co-visitation r
 (pairs routed by their first item), decayed popularity and trending counts, and the
 catalog (category, availability). Inputs are micro-batches of updates produced by
 the user shards, the typed messages of ``operators/item_updates.py`` (``Interaction``,
-``MFStep``, ``CovisPair``, ``CatalogChange``, ``ProfileEvent``), each with the
+``MFStep``, ``CovisPairs``, ``CatalogChange``, ``ProfileEvent``), each with the
 ``item_id`` it was routed by.
 
 Outputs per batch: changed item vectors for the index builder, and, every
@@ -28,7 +28,7 @@ from events.model import Feedback, Impression, Item, Record, event_to_dict, proc
 from models.mf import ItemFactors, MFConfig
 from operators.item_updates import (
     CatalogChange,
-    CovisPair,
+    CovisPairs,
     Interaction,
     ItemUpdate,
     MFStep,
@@ -172,12 +172,11 @@ class ItemShard:
         for update in updates:
             kind = type(update)  # dispatch by exact type: the hot loop of the shard
             try:
-                if kind is CovisPair:
+                if kind is CovisPairs:
                     ts = update.ts
                     if max_ts is None or ts > max_ts:
                         max_ts = ts
-                    (pairs if update.channel == "liked" else pairs_any).append(
-                        (update.item_id, update.other, update.weight))
+                    (pairs if update.channel == "liked" else pairs_any).extend(update.pairs)
                 elif kind is ProfileEvent:
                     ts = update.event.ts
                     if max_ts is None or ts > max_ts:
@@ -225,12 +224,12 @@ class ItemShard:
         now = self.max_ts_ms or 0
         if pairs:
             self._batch_step(stage + " covis", updates,
-                             lambda u: isinstance(u, CovisPair) and u.channel == "liked",
+                             lambda u: isinstance(u, CovisPairs) and u.channel == "liked",
                              lambda: self.covis.add(pairs, now))
         if pairs_any and self.covis_any is not None:
             covis_any = self.covis_any
             self._batch_step(stage + " covis_any", updates,
-                             lambda u: isinstance(u, CovisPair) and u.channel != "liked",
+                             lambda u: isinstance(u, CovisPairs) and u.channel != "liked",
                              lambda: covis_any.add(pairs_any, now))
         if mf_items:
             def mf_step() -> None:
@@ -392,7 +391,7 @@ def _numeric(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-_UPDATE_TYPES = (Interaction, MFStep, CovisPair, CatalogChange, ProfileEvent)
+_UPDATE_TYPES = (Interaction, MFStep, CovisPairs, CatalogChange, ProfileEvent)
 
 
 def _update_raw(update: ItemUpdate) -> dict[str, Any]:
@@ -429,8 +428,36 @@ def item_shard_key(index: int) -> str:
 
 def route_updates(updates: list[ItemUpdate],
                   item_shard_of: Callable[[str], str]) -> dict[str, list[ItemUpdate]]:
-    """Split a batch of updates by item shard key, order kept within each shard."""
+    """Split a batch of updates by item shard key, order kept within each shard; a
+    ``CovisPairs`` message is split by the shard of each pair's row item (``_split_pairs``)."""
     buckets: dict[str, list[ItemUpdate]] = {}
+    shards: dict[str, str] = {}  # item -> shard key, for this batch's pairs
     for update in updates:
-        buckets.setdefault(item_shard_of(update.item_id), []).append(update)
+        if type(update) is CovisPairs:
+            for key, part in _split_pairs(update, item_shard_of, shards):
+                buckets.setdefault(key, []).append(part)
+        else:
+            buckets.setdefault(item_shard_of(update.item_id), []).append(update)
     return buckets
+
+
+def _split_pairs(update: CovisPairs, item_shard_of: Callable[[str], str],
+                 shards: dict[str, str]) -> list[tuple[str, CovisPairs]]:
+    """``update``'s pairs per shard of their row item (order kept), as (shard key,
+    message) in the order of each shard's first pair; ``shards`` memoises the keys."""
+    parts: dict[str, list[tuple[str, str, float]]] = {}
+    get = shards.get
+    for pair in update.pairs:
+        a = pair[0]
+        key = get(a)
+        if key is None:
+            key = shards[a] = item_shard_of(a)
+        part = parts.get(key)
+        if part is None:
+            parts[key] = [pair]
+        else:
+            part.append(pair)
+    if len(parts) == 1:  # its item_id is its first pair's row item already
+        return [(key, update)]
+    ts, channel = update.ts, update.channel
+    return [(key, CovisPairs(part[0][0], part, ts, channel)) for key, part in parts.items()]

@@ -2,7 +2,7 @@
 
 Each carries the ``item_id`` it is routed by (``hash(item_id) mod shards.items``).
 They are ``NamedTuple`` s: immutable, typed, cheap to build and pickle (a replay makes
-tens of them per feedback), and matched by class in ``ItemShard.process``.
+several per feedback), and matched by class in ``ItemShard.process``.
 """
 
 from __future__ import annotations
@@ -32,13 +32,20 @@ class MFStep(NamedTuple):
     coef: float | None
 
 
-class CovisPair(NamedTuple):
-    """One co-visitation pair for ``item_id``'s row in ``channel`` ('liked' or 'any')."""
+class CovisPairs(NamedTuple):
+    """One interaction's co-visitation pairs ``(row item, neighbour, weight)`` in
+    ``channel`` ('liked' or 'any'), in the order ``CoVisitation.pairs_for`` made them.
+
+    The user shard sends one message per interaction and channel; ``route_updates``
+    splits it into one per item shard, each with the pairs whose row item the shard owns
+    (order kept), its ``item_id`` the row item of its first pair. One message instead of
+    one per pair (~80 per MovieLens rating): the pairs are never re-wrapped, and an item
+    shard takes them with one ``extend``."""
 
     item_id: str
-    other: str
-    weight: float
+    pairs: list[tuple[str, str, float]]
     ts: int
+    """Event time (ms) of the interaction."""
     channel: str
 
 
@@ -56,7 +63,7 @@ class ProfileEvent(NamedTuple):
     event: Impression | Feedback
 
 
-ItemUpdate = Interaction | MFStep | CovisPair | CatalogChange | ProfileEvent
+ItemUpdate = Interaction | MFStep | CovisPairs | CatalogChange | ProfileEvent
 
 CHANNELS = ("liked", "any")
 """Co-visitation channels: pairs of positives, pairs of any interactions."""

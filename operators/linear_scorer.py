@@ -132,6 +132,9 @@ def linear_scorer(ranker: Ranker) -> LinearScorer | None:
     return scorer
 
 
+MAX_ATTR_MEMO = 4_096
+"""Distinct attribute sets whose static term ``ColumnScorer`` keeps (cleared when full)."""
+
 _MAX_UNPUBLISHED = 100_000
 """Most memoised static terms of items outside every loaded table, per ranker."""
 
@@ -155,6 +158,10 @@ class ColumnScorer:
         """Static terms of items outside every loaded table, by item id."""
         self._fixed: dict[int, tuple[FixedFeatures, float]] = {}
         """``_sum`` of each ``FixedFeatures`` object (kept, so its id stays its own)."""
+        self._attr_memo: dict[tuple[Any, ...], tuple[float, frozenset[str]]] = {}
+        """``_sum`` and keys of the ``i:<attr>`` features of catalog attributes, by their
+        content ((name, type, value) in dict order; ``_StaticRows._attr_terms``): one
+        sum per distinct set of attributes for every user shard's slots."""
 
     def predict(self, user_id: str, ts_ms: int, context: dict[str, Any] | None,
                 position: int | None, user_extra: dict[str, Any] | None,
@@ -172,9 +179,13 @@ class ColumnScorer:
         used = [(w, values) for name, values in cols.numeric.items()
                 if (w := weights.get(name)) is not None]
         if used:  # signed_log of every used column at once, then added column by column
-            x = np.array([values for _, values in used], np.float64)
-            x = np.where(np.isfinite(x), x, 0.0)
-            x = np.sign(x) * np.log1p(np.abs(x))
+            raw = np.array([values for _, values in used], np.float64)  # a copy
+            finite = np.isfinite(raw)
+            if not finite.all():
+                raw[~finite] = 0.0
+            x = np.abs(raw)
+            np.log1p(x, out=x)
+            x *= np.sign(raw)  # sign(x) * log1p(|x|), in place
             x *= np.array([w for w, _ in used])[:, None]  # each w * x[k], in one product
             for row in x:
                 logit += row
@@ -202,9 +213,18 @@ class ColumnScorer:
 
     def _probability(self, logit: np.ndarray) -> np.ndarray:
         """River's sigmoid (0 below -30, 1 above 30) of each logit, calibrated."""
-        p = 1.0 / (1.0 + np.exp(-np.minimum(np.maximum(logit, -30.0), 30.0)))  # np.clip's
-        p[logit < -30] = 0.0
-        p[logit > 30] = 1.0
+        # 1 / (1 + exp(-clip(logit, -30, 30))), the same ufuncs in place on one array
+        p = np.maximum(logit, -30.0)
+        np.minimum(p, 30.0, out=p)
+        np.negative(p, out=p)
+        np.exp(p, out=p)
+        p += 1.0
+        np.divide(1.0, p, out=p)
+        low, high = logit < -30, logit > 30
+        if low.any():
+            p[low] = 0.0
+        if high.any():
+            p[high] = 1.0
         return correct_downsampled_many(p, self.scorer.rate)
 
     def _static_rows(self, cols: ItemColumns, user_keys: Any) -> np.ndarray | None:
@@ -261,6 +281,28 @@ class ColumnScorer:
             elif value is not None:  # add_feature makes nothing of None
                 add_feature(part, key, value)
         return s + sum(w * v for name, v in part.items() if (w := get(name)) is not None)
+
+    def _attr_term(self, attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
+        """(``_sum``, keys) of the ``i:<attr>`` features of catalog attributes
+        (``static_item_features`` without a table), kept by the attributes' content:
+        (name, type, value) in dict order, so 1, 1.0 and True are apart and the sum adds
+        in the same order; attributes with an unhashable value are summed each time."""
+        key = None
+        if attrs:
+            try:
+                key = tuple([(k, type(v), v) for k, v in attrs.items()])
+                hit = self._attr_memo.get(key)
+            except TypeError:  # a list value: no memo
+                key = hit = None
+            if hit is not None:
+                return hit
+        extra = static_item_features("", None, attrs)
+        found = (self._sum(extra) if extra else 0.0, frozenset(extra))
+        if key is not None:
+            if len(self._attr_memo) >= MAX_ATTR_MEMO:
+                self._attr_memo.clear()
+            self._attr_memo[key] = found
+        return found
 
     def _shared_sum(self, extra: dict[str, Any]) -> float:
         """``_sum``, memoised for the ``FixedFeatures`` objects every request shares (a
@@ -365,7 +407,7 @@ class _StaticRows:
 
     def terms(self, space: ItemRows, slots: np.ndarray, cols: ItemColumns) -> np.ndarray:
         self._grow(space.capacity)
-        attr_ids = np.fromiter(map(id, cols.attrs), np.int64, len(cols.attrs))
+        attr_ids = space.attr_ids(slots, cols.attrs)
         new_attrs = np.flatnonzero(self.attr_id[slots] != attr_ids)
         if new_attrs.size:
             self._attr_terms(slots, new_attrs, attr_ids, cols)
@@ -384,23 +426,25 @@ class _StaticRows:
         """``item=<id>`` (first sight) and the attributes' terms of the slots ``new``;
         their table terms are read again (the attributes may override the category)."""
         get = self.scorer.scorer.weights.get
-        total = self.scorer._sum
         rows = slots[new]
         fresh = np.isnan(self.item_w[rows])
         if fresh.any():
             self.item_w[rows[fresh]] = [get(f"item={cols.item_ids[j]}", 0.0)
                                         for j in new[fresh].tolist()]
+        attr_term = self.scorer._attr_term
         terms: list[float] = []
+        over: list[bool] = []
         for j, r in zip(new.tolist(), rows.tolist(), strict=True):
-            extra = static_item_features("", None, cols.attrs[j])
-            keys = frozenset(extra)
+            attrs = cols.attrs[j]
+            term, keys = attr_term(attrs)
             self.keys.update(keys)
             self.attr_union.update(keys)
-            terms.append(total(extra) if extra else 0.0)
-            self.attrs[r] = cols.attrs[j]  # one by one: numpy would unpack tuples
+            terms.append(term)
+            self.attrs[r] = attrs  # one by one: numpy would unpack tuples
             self.attr_keys[r] = keys
-            self.over_cat[r] = "i:category" in keys
+            over.append("i:category" in keys)
         self.attr_term[rows] = terms
+        self.over_cat[rows] = over
         self.attr_id[rows] = attr_ids[new]
         self.gen[rows] = -1
 

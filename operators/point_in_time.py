@@ -745,9 +745,24 @@ class PointInTime:
         for attr, store in self._crosses:
             uniq, codes = dense_codes(space.attr_codes[attr][slots])
             values = space.attr_values[attr]
-            out.append((codes, [self._cross_query(user_id, store, values[c], ts_ms)
-                                for c in uniq.tolist()]))
+            out.append((codes, self._cross_queries(user_id, store,
+                                                   [values[c] for c in uniq.tolist()], ts_ms)))
         return out
+
+    @staticmethod
+    def _cross_queries(user_id: str, store: ProfileStore, values: list[str],
+                       ts_ms: int | None) -> list[dict[str, Any]]:
+        """``_cross_query`` of each value, the profiles read in one
+        ``ProfileStore.query_keys`` call (the same dicts)."""
+        plan = _query_plan(store)
+        cross_key = store.plan.cross_key
+        answers = store.query_keys([cross_key(user_id, v) for v in values],
+                                   _query_time(store, ts_ms), plan.empty)
+        if plan.ts_names:  # plan.empty is None then: every answer is a fresh dict
+            for out in answers:
+                for name in plan.ts_names:
+                    out[name] = _feature_value(name, out[name], ts_ms)
+        return answers
 
     def item_features(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
                       covis: dict[str, SparseScores] | None = None, *,

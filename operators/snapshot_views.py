@@ -169,8 +169,17 @@ class SnapshotViews:
         return self._tables()[2]
 
     def _tables(self) -> tuple[tuple[ItemTable | None, ...], list[ItemTable], dict[str, ItemTable]]:
-        current = tuple(r.current for r in self.tables.values())
         cached = self._table_cache
+        readers = self.tables
+        if cached is not None and len(cached[0]) == len(readers):
+            # the usual case (no reader installed a table since): identity checks only,
+            # no tuple of the current tables (ItemTable's dataclass __eq__ compares fields)
+            for reader, table in zip(readers.values(), cached[0], strict=True):
+                if reader.current is not table:
+                    break
+            else:
+                return cached
+        current = tuple(r.current for r in readers.values())
         if (cached is None or len(cached[0]) != len(current)
                 or any(a is not b for a, b in zip(cached[0], current, strict=True))):
             loaded = [t for t in current if t is not None]

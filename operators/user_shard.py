@@ -37,7 +37,7 @@ from operators.cold_start import backfill
 from operators.example_codec import WIRE_ROWS
 from operators.item_updates import (
     CatalogChange,
-    CovisPair,
+    CovisPairs,
     Interaction,
     ItemUpdate,
     MFStep,
@@ -264,10 +264,9 @@ class UserShard:
     def _pairs(self, channel: str, recent: list[str], fb: Feedback) -> None:
         """Co-visitation pairs of ``fb``'s item with ``recent`` (newest first) as updates."""
         assert self.pairs is not None
-        ts, new = fb.ts, tuple.__new__  # a NamedTuple's own __new__ is a Python function
-        self._item_updates.extend([new(CovisPair, (a, b, w, ts, channel)) for a, b, w in
-                                   self.pairs.pairs_for([r for r in recent if r != fb.item_id],
-                                                        fb.item_id)])
+        pairs = self.pairs.pairs_for([r for r in recent if r != fb.item_id], fb.item_id)
+        if pairs:  # one message (its first pair's row is fb's item), split per item shard
+            self._item_updates.append(CovisPairs(fb.item_id, pairs, fb.ts, channel))
 
     def _mf_steps(self) -> None:
         """The user half of this batch's MF steps (BPR or ISGD), with item vectors from the

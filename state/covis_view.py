@@ -245,8 +245,16 @@ class CovisView:
         seed_row = by_seed.get
         get_row = self.row if intern else self._known_row
         shard_info: dict[str, tuple[float, ItemTable | None, bool]] = {}
-        ids_parts, w_parts, weights, at = [], [], [], []
-        for k, (seed, w) in enumerate(zip(seeds, seed_weights.tolist(), strict=True)):
+        ids_parts: list[np.ndarray] = []
+        w_parts: list[np.ndarray] = []
+        weights: list[float] = []
+        at: list[int] = []
+        add_ids, add_w, add_weight, add_at = (ids_parts.append, w_parts.append, weights.append,
+                                              at.append)
+        seed_weight = seed_weights.tolist()
+        if len(seed_weight) != len(seeds):
+            raise ValueError("one weight per seed")
+        for k, seed in enumerate(seeds):
             row = seed_row(seed)  # (ids, weights, shard) of a synced table's whole row
             sh = shard_of(seed) if row is None else row[2]
             info = shard_info.get(sh)
@@ -254,18 +262,18 @@ class CovisView:
                 t = tables.get(sh)
                 info = shard_info[sh] = ((t.covis_factor(ts_ms), t, t is synced.get(sh))
                                          if t is not None else (0.0, None, False))
-            f, table, synced_table = info
-            if table is None:
-                continue
-            if row is None or not synced_table:
+            if row is None or not info[2]:  # not cached, or its table is not the synced one
+                table = info[1]
+                if table is None:
+                    continue
                 row = get_row(table, channel, seed)
-                if synced_table and self._whole_row(table, channel, seed, row):
+                if info[2] and self._whole_row(table, channel, seed, row):
                     by_seed[seed] = (row[0], row[1], sh)
                     self._seeds_of.setdefault(sh, []).append((channel, seed))
-            ids_parts.append(row[0])
-            w_parts.append(row[1])
-            weights.append(w * f)
-            at.append(k)
+            add_ids(row[0])
+            add_w(row[1])
+            add_weight(seed_weight[k] * info[0])
+            add_at(k)
         if not ids_parts:
             return *_EMPTY, none
         ids = np.concatenate(ids_parts)

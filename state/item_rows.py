@@ -450,6 +450,16 @@ class ItemRows:
             self._attrs[s] = a
         self._last_attrs = (slots, attrs, cross, self._epoch)
 
+    def attr_ids(self, slots: np.ndarray, attrs: list[dict[str, Any] | None]) -> np.ndarray:
+        """``id`` of each of ``attrs`` (int64): read from ``attr_id`` when ``slots`` and
+        ``attrs`` are the last ``fill_attrs``' (or ``remember``'s) objects in this epoch
+        (made current then), else computed."""
+        last = self._last_attrs
+        if (last is not None and last[0] is slots and last[1] is attrs
+                and last[3] == self._epoch):
+            return self.attr_id[slots]
+        return np.fromiter(map(id, attrs), np.int64, len(attrs))
+
     def profile_values(self, slots: np.ndarray, rows: np.ndarray, names: tuple[str, ...]
                        ) -> np.ndarray:
         """The item-profile features ``names`` of the slots' items (holding ``rows``) in

@@ -11,7 +11,7 @@ import pytest
 
 from events.model import Feedback, Request
 from operators.item_shard import ItemsConfig, ItemShard, item_shard_key, route_updates
-from operators.item_updates import CovisPair, Interaction
+from operators.item_updates import CovisPairs, Interaction
 from operators.serving import ServingConfig
 from operators.snapshot_views import SnapshotViews
 from operators.user_shard import UserShard
@@ -57,17 +57,39 @@ def test_user_shard_emits_pairs_of_both_channels() -> None:
     assert out["item-updates"] == [
         Interaction("a", T0, True),
         Interaction("b", T0 + 1, False),
-        CovisPair("b", "a", 1.0, T0 + 1, "any"), CovisPair("a", "b", 1.0, T0 + 1, "any"),
+        CovisPairs("b", [("b", "a", 1.0), ("a", "b", 1.0)], T0 + 1, "any"),
         Interaction("c", T0 + 2, True),
         # any interaction: c with b (k = 0) and a (k = 1)
-        CovisPair("c", "b", 1.0, T0 + 2, "any"), CovisPair("b", "c", 1.0, T0 + 2, "any"),
-        CovisPair("c", "a", PAIR_DECAY, T0 + 2, "any"), CovisPair("a", "c", PAIR_DECAY, T0 + 2, "any"),
+        CovisPairs("c", [("c", "b", 1.0), ("b", "c", 1.0), ("c", "a", PAIR_DECAY),
+                         ("a", "c", PAIR_DECAY)], T0 + 2, "any"),
         # liked: c with the recent positives only (a; b was rated 2)
-        CovisPair("c", "a", 1.0, T0 + 2, "liked"), CovisPair("a", "c", 1.0, T0 + 2, "liked"),
+        CovisPairs("c", [("c", "a", 1.0), ("a", "c", 1.0)], T0 + 2, "liked"),
         Interaction("a", T0 + 3, False),  # v's first interaction pairs with nothing
     ]
     assert shard.liked.recent("u", 10) == ["c", "a"]
     assert shard.history.recent("u", 10) == ["c", "b", "a"]
+
+
+def test_an_interactions_pairs_are_split_per_item_shard_in_order() -> None:
+    """A ``CovisPairs`` message reaches each item shard as one message holding the pairs
+    whose row item it owns, in their order (what one message per pair, routed by its row
+    item, gave the shard), among the other updates in batch order."""
+    items = [f"m{j}" for j in range(30)]
+    pairs = CoVisitation(CoVisConfig(window=20, position_decay=PAIR_DECAY)).pairs_for(items[1:], items[0])
+    updates = [Interaction("m0", T0, True), CovisPairs("m0", pairs, T0, "any"),
+               Interaction("m5", T0 + 1, True), CovisPairs("m0", pairs[:2], T0 + 1, "liked")]
+    routed = route_updates(updates, item_shard_of)
+    assert len(routed) == N_ITEM_SHARDS
+    for key in ITEM_KEYS:
+        want: list[Any] = []
+        for u in updates:
+            if isinstance(u, CovisPairs):
+                owned = [p for p in u.pairs if item_shard_of(p[0]) == key]
+                if owned:
+                    want.append(CovisPairs(owned[0][0], owned, u.ts, u.channel))
+            elif item_shard_of(u.item_id) == key:
+                want.append(u)
+        assert routed[key] == want
 
 
 def _log(seed: int) -> list[Feedback]:

@@ -257,3 +257,30 @@ def test_query_arrays_is_the_query_as_arrays(tmp_path) -> None:
     items, scores = reader.query_arrays(queries[0], 5)
     assert items == [i for i, _ in reader.query(queries[0], 5)]
     assert b.index.query_arrays(queries[0], 0)[0] == []
+
+
+@pytest.mark.parametrize("space", ["ip", "cosine"])
+def test_a_frozen_index_reads_vectors_from_one_copy_with_the_same_floats(tmp_path, space) -> None:
+    """A frozen copy answers ``vectors`` through ``get_items`` until the labels asked
+    reach its item count, then from one copy of every live vector: the same float32
+    rows and found flags as the builder's index, for live, replaced, removed and unknown
+    items, asked in any order and with repeats."""
+    b, ids, x = _builder(400, space=space)
+    b.apply(ids[:30], x[:30] * 2.0)  # replaced: new labels, the old nodes deleted
+    b.remove(ids[30:40])
+    path = tmp_path / "index.npz"
+    b.index.save(path)
+    frozen = ItemIndex.load(path, frozen=True)
+    rng = np.random.default_rng(1)
+    names = ids + ["nope", "i999"]
+    for call in range(12):
+        ask = [names[j] for j in rng.integers(0, len(names), 90)]
+        got, found = frozen.vectors(ask)
+        want, want_found = b.index.vectors(ask)
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+        assert found.tolist() == want_found.tolist()
+        if call == 0:
+            assert frozen._dense is None  # ~90 labels asked of 390 items: get_items
+    assert frozen._dense is not None  # ~1,000 labels asked: one copy
+    assert b.index._dense is None  # a writable index never copies its vectors out
+    assert frozen.vectors([])[0].shape == (0, DIM)

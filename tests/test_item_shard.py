@@ -12,7 +12,7 @@ import pytest
 from events.model import Item
 from operators import item_shard
 from operators.item_shard import ItemsConfig, ItemShard, route_updates
-from operators.item_updates import CatalogChange, CovisPair, Interaction, MFStep
+from operators.item_updates import CatalogChange, CovisPairs, Interaction, MFStep
 from state.item_table import ItemTable
 from state.snapshot_store import SnapshotStore
 
@@ -30,8 +30,8 @@ def test_each_kind_lands_in_its_state(tmp_path: Path) -> None:
         CatalogChange("a", Item(T0, "a", {"category": "books"}, True)),
         Interaction("a", T0 + 1, True),
         Interaction("b", T0 + 2, False),
-        CovisPair("a", "b", 1.0, T0 + 2, "liked"),
-        CovisPair("b", "a", 0.5, T0 + 2, "any"),
+        CovisPairs("a", [("a", "b", 1.0)], T0 + 2, "liked"),
+        CovisPairs("b", [("b", "a", 0.5)], T0 + 2, "any"),
         MFStep("a", T0 + 3, np.ones(4, np.float32), None),
     ])
     assert s.catalog["a"].category == "books" and s.catalog["b"].first_seen_ms == T0 + 2
@@ -172,7 +172,7 @@ def test_a_table_is_built_from_the_last_one_and_equals_a_full_build(tmp_path: Pa
     and are the arrays of a full build; a version that is gone makes a full build."""
     s = ItemShard(ItemsConfig(refresh_interval_ms=10**12, mf={"dim": 4}), SnapshotStore(tmp_path))
     items = [f"it{i}" for i in range(40)]
-    s.process("i000", [CovisPair(a, b, T0, 1.0, ch) for a in items for b in items[:9]
+    s.process("i000", [CovisPairs(a, [(a, b, 1.0)], T0, ch) for a in items for b in items[:9]
                        if a != b for ch in ("liked", "any")])
     store = SnapshotStore(tmp_path)
     reads = []
@@ -196,8 +196,9 @@ def test_a_table_is_built_from_the_last_one_and_equals_a_full_build(tmp_path: Pa
             if step == 2:  # the last version disappears: the next table is a full build
                 lost = store.verified_path(m)
                 lost.unlink()
-            s.process("i000", [CovisPair(items[step], "new" + str(step), T0 + step, 1.0, "liked"),
-                               CovisPair("it39", items[step], T0 + step, 1.0, "any")])
+            s.process("i000", [
+                CovisPairs(items[step], [(items[step], "new" + str(step), 1.0)], T0 + step, "liked"),
+                CovisPairs("it39", [("it39", items[step], 1.0)], T0 + step, "any")])
     finally:
         ItemTable.covis_arrays_of = original  # type: ignore[method-assign]
     assert len(reads) == 3 and lost not in reads  # each version read back but the lost one

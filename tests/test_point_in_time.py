@@ -79,6 +79,8 @@ def test_cross_profiles_without_a_profile_share_one_fixed_object() -> None:
     empty = query("u1", cross, "comedy", T0)
     assert type(empty) is FixedFeatures and empty == cross.query(("u1", "comedy"))
     assert query("u2", cross, "drama", T0) is empty  # one object for every such query
+    both = PointInTime._cross_queries("u1", cross, ["drama", "comedy"], T0)  # one store call
+    assert both == [known, empty] and type(both[0]) is dict and both[1] is empty
     assert context.cross_attrs() == ("category",)
     # With derived rate outputs, the shared answer holds them too, as a query gives.
     from state.feature_spec import DEFAULT_FEATURES, RATE_FEATURES, parse_features

@@ -542,6 +542,46 @@ def test_user_x_category_entity() -> None:
         x.query("u1")
 
 
+def test_query_keys_answers_as_query_key_one_by_one() -> None:
+    """The batched query gives each key's ``query_key`` answer (hot and cold profiles,
+    pending writes, cache hits and refreshes, past queries) and the same counters; an
+    unknown key gives the caller's shared answer when one is passed."""
+    rng = random.Random(11)
+    specs = default_features("user_x_category")
+    one, many = (ProfileStore(specs, "user_x_category", hot_capacity=4, batch_size=5)
+                 for _ in range(2))
+    cats = [f"c{i}" for i in range(6)]
+
+    def attrs(item: Any) -> dict[str, Any]:
+        return {"category": cats[int(item[1:]) % len(cats)]}
+
+    users = ["u1", "u2", "u3"]
+    ts = BASE
+    shared = one.empty_answer()
+    for step in range(1500):
+        ts += rng.randint(1, 5 * MIN)
+        kind = rng.choice(["impression", "impression", "feedback"])
+        ev = {"type": kind, "ts": ts, "user_id": rng.choice(users),
+              "item_id": f"i{rng.randint(0, 30)}"}
+        if kind == "feedback":
+            ev["action"] = rng.choice(["click", "rating", "like"])
+            ev["value"] = float(rng.randint(1, 5))
+        one.apply(ev, attrs)
+        many.apply(ev, attrs)
+        if step % 7:
+            continue
+        user = rng.choice(users + ["u9"])
+        keys = [one.key_of((user, c)) for c in rng.sample(cats, 4)]
+        t = rng.choice([None, ts + 1, ts - rng.randint(0, HOUR)])
+        want = [one.query_key(k, t) for k in keys]
+        assert many.query_keys(keys, t) == want
+        got = many.query_keys(keys, t, shared)
+        assert got == want
+        assert all((g is shared) == (not many.knows(k)) for g, k in zip(got, keys, strict=True))
+        one.query_keys([k for k in keys if one.knows(k)], t)  # the second call's counters
+    assert one.counters == many.counters
+
+
 # ----------------------------------------------------------------- specs
 
 

@@ -46,6 +46,34 @@ def test_top_indices_is_a_stable_sort_by_score_descending(seed: int) -> None:
         assert top_indices(values, k).tolist() == want
 
 
+def _partition_top(values: np.ndarray, k: int) -> np.ndarray:
+    """``top_indices`` as it was before short arrays were sorted whole (the reference)."""
+    n = values.size
+    if k < n:
+        kth = np.partition(values, n - k)[n - k]
+        pick = np.flatnonzero(values >= kth)
+    else:
+        pick = np.arange(n)
+    return pick[np.argsort(-values[pick], kind="stable")][:k]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_indices_sorting_all_equals_the_partition_path(seed: int) -> None:
+    """Short arrays (sorted whole) and long ones (partition first) give the reference's
+    positions, ties, signed zeros and NaN included (NaN: the partition path)."""
+    rng = np.random.default_rng(seed)
+    for n in (1, 7, 300, 511, 512, 513, 2_000):
+        values = rng.integers(0, 9, n).astype(np.float64) / 4.0
+        values[rng.random(n) < 0.2] = -0.0
+        for k in (1, 10, 150, n - 1, n, n + 3):
+            if k > 0:
+                assert top_indices(values, k).tolist() == _partition_top(values, k).tolist()
+        with_nan = values.copy()
+        with_nan[rng.integers(0, n, 1 + n // 50)] = np.nan
+        for k in (1, 10, n):
+            assert top_indices(with_nan, k).tolist() == _partition_top(with_nan, k).tolist()
+
+
 @pytest.mark.parametrize("spread", [1, 50_000])
 @pytest.mark.parametrize("seed", range(6))
 def test_merge_is_the_dict_merge_in_retrieval_order(seed: int, spread: int) -> None:
@@ -269,13 +297,13 @@ def test_cross_profiles_are_queried_only_for_the_ranker(
     feed(shard, [Item(T0 - DAY, item, {"category": CATEGORY[item]}) for item in ITEMS]
          + [click("u", SEED, T0 - 10_000), click("u", "a31", T0 - 5_000)])
     queried: list[str] = []
-    query = PointInTime._cross_query
+    query = PointInTime._cross_queries
 
-    def counting(user_id: str, store: Any, value: str, ts_ms: int | None) -> Any:
-        queried.append(value)
-        return query(user_id, store, value, ts_ms)
+    def counting(user_id: str, store: Any, values: list[str], ts_ms: int | None) -> Any:
+        queried.extend(values)
+        return query(user_id, store, values, ts_ms)
 
-    monkeypatch.setattr(PointInTime, "_cross_query", staticmethod(counting))
+    monkeypatch.setattr(PointInTime, "_cross_queries", staticmethod(counting))
     record = ask(shard, "u", ts=T0, k=10)
     assert len(record["items"]) == 10
     server = shard.server

@@ -296,3 +296,34 @@ def test_recommend_is_the_same_with_and_without_the_fast_scorer(
     monkeypatch.setattr(serving, "linear_scorer", lambda ranker: None)
     slow = server.recommend(req, ctx, 0)
     assert fast["items"] == slow["items"] and len(fast["items"]) == 10
+
+
+def test_attribute_terms_kept_by_content_equal_the_sums() -> None:
+    """``ColumnScorer._attr_term`` keeps the static term of catalog attributes by their
+    content: equal dicts (other objects) share it; 1, 1.0 and True, key order and list
+    values (not kept) each give the term summed from their own features."""
+    from operators.linear_scorer import ColumnScorer, LinearScorer
+    from operators.point_in_time import static_item_features
+
+    scorer = object.__new__(LinearScorer)
+    scorer.weights = {"i:category=drama": 0.75, "i:size": 1.5, "i:tags=x": -0.5,
+                      "i:brand=b": 0.125}
+    scorer.intercept, scorer.rate, scorer.n_learned = 0.0, 1.0, 0
+    columns = ColumnScorer(scorer)
+
+    def summed(attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
+        extra = static_item_features("", None, attrs)
+        return (columns._sum(extra) if extra else 0.0), frozenset(extra)
+
+    cases = [None, {}, {"category": "drama", "available": True},
+             {"category": "drama", "size": 1}, {"category": "drama", "size": 1.0},
+             {"category": "drama", "size": True}, {"size": 3.0, "brand": "b"},
+             {"brand": "b", "size": 3.0}, {"category": "drama", "tags": ["x", "y"]},
+             {"category": "drama", "nested": {"a": 1}}]
+    for _ in range(2):  # the second round reads the kept terms
+        for attrs in cases:
+            copy = None if attrs is None else {k: v for k, v in attrs.items()}
+            assert columns._attr_term(copy) == summed(attrs)
+    assert columns._attr_term({"category": "drama", "size": 1})[0] != columns._attr_term(
+        {"category": "drama", "size": True})[0]
+    assert len(columns._attr_memo) == 6  # the hashable non-empty ones
