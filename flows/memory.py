@@ -21,7 +21,7 @@ from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
 from state.change_log import LOG as CATALOG_LOG
 from state.covis_view import SLACK
-from state.profile_plan import ProfileParams
+from state.profile_plan import MAX_KEYS, ProfileParams
 
 if TYPE_CHECKING:
     from flows.config import Config
@@ -107,6 +107,7 @@ BYTES: dict[str, float] = {
     "ann_memo_user": 1_500,
     "catalog_log_key": 70,
     "queued_profile_write": 130,
+    "profile_key": 120,  # 61 B of dict slot and int (tracemalloc), the id string it keeps
     "attr_memo_entry": 800,  # tracemalloc of 4,096 three-attribute sets (key and sum)
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
@@ -155,6 +156,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
         # each profile store's closed write buffer waiting to be merged (at most one
         # buffer's writes: state.profiles.ProfileStore._close)
         + user_kinds * QUEUED_WRITES * b["queued_profile_write"]
+        # the user store's memo of id -> profile key (state.profile_plan.ProfilePlan.key)
+        + ("user" in kinds) * MAX_KEYS * b["profile_key"]
         + sh.max_items * b["user_catalog_item"]
         + join.max_pending * (b["pending_impression"] + 4 * b["closed_impression"])
         + join.max_orphans * b["orphan"]
@@ -198,6 +201,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
         items.max_items * b["item"]
         + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
         + ("item" in kinds) * QUEUED_WRITES * b["queued_profile_write"]
+        + ("item" in kinds) * MAX_KEYS * b["profile_key"]
         + covis_bytes
         # the rows written since the last table, per channel (CoVisitation.publish_arrays)
         + channels * covis.max_items * b["covis_written_row"]

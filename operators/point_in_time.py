@@ -254,6 +254,10 @@ class PointInTime:
         asked."""
         self._fold_memo: tuple[str, Any, list[str], np.ndarray] | None = None
         """``_folded_vector`` memo: (user, index version, seeds, vector) of the last call."""
+        self._frozen_trust = False
+        """Whether the owner announces its polls (``polled``)."""
+        self._frozen_fresh = False
+        """``_frozen`` was checked current since the last poll (``polled``)."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Recovery state without the frozen snapshot views (reloaded from the store)."""
@@ -264,6 +268,7 @@ class PointInTime:
         state["_fold_memo"] = None
         state["_taken"] = None
         state["_open"] = []
+        state["_frozen_fresh"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -274,6 +279,8 @@ class PointInTime:
         self.__dict__.setdefault("_taken", None)
         self.__dict__.setdefault("_open", [])
         self.__dict__.setdefault("_open_limit", 1_024)
+        self.__dict__.setdefault("_frozen_trust", False)
+        self.__dict__.setdefault("_frozen_fresh", False)
 
     def forget(self, user_id: str) -> None:
         """The user's state is about to change: contexts taken before it are stale."""
@@ -673,12 +680,24 @@ class PointInTime:
             taken.key = (id(taken), -1, -1)  # grouped with no other group's tokens
             taken.items = []
 
+    def polled(self) -> None:
+        """The owner polled the views (``UserShard.process``, once per micro-batch, before
+        any event): the frozen views are checked against them at their next use only,
+        not at every impression, since snapshot versions are installed only by a poll
+        (or ``SnapshotViews.wait_loaded``, never within a batch). An owner that never
+        calls it gets the check at every use."""
+        self._frozen_fresh = False
+        self._frozen_trust = True
+
     def _frozen_views(self) -> FrozenViews | None:
         if self.views is None:
             return None
         frozen = self._frozen
+        if frozen is not None and self._frozen_fresh:
+            return frozen
         if frozen is None or not frozen.current(self.views):
             frozen = self._frozen = FrozenViews(self.views)
+        self._frozen_fresh = self._frozen_trust
         return frozen
 
     def _cross(self, user_id: str, cache: dict[tuple[str, str], dict[str, Any]],

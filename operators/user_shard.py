@@ -138,6 +138,7 @@ class UserShard:
             # the batch's first event (point in time).
             served = (self.views.table_map(), self.views.index.index)
             self.views.poll(min(e.ts for e in events))
+            self.context.polled()
             if (self.views.table_map() is not served[0]
                     or self.views.index.index is not served[1]):
                 # Deferred impression features read the versions being replaced: their

@@ -37,6 +37,9 @@ DEFAULT_TIERS: tuple[tuple[int, int | None], ...] = (
 MAX_CROSS_KEYS = 16_384
 """``(user_id, attribute value)`` pairs whose ``user_x_<attr>`` profile key a plan keeps
 (``ProfilePlan.cross_key``; ~150 B each)."""
+MAX_KEYS = 4_096
+"""String ``user`` / ``item`` ids whose profile key a plan keeps (``ProfilePlan.key``;
+~130 B each: flows/memory.py ``profile_key``)."""
 ItemAttrs = Callable[[Any], Mapping[str, Any] | None]
 """``item_id -> attrs dict`` (or None): where ``user_x_<attr>`` stores read an item's attribute."""
 
@@ -192,8 +195,7 @@ class ProfilePlan:
         """Derived outputs (name, numerator output, denominator output, prior), after the
         stored ones."""
         self.route = self._routes()
-        self._last_id: Any = None
-        self._last_key = 0
+        self._keys: dict[str, int] = {}
         self._cross_keys: dict[tuple[Any, Any], int] = {}
 
     def add_rates(self, out: dict[str, Any]) -> dict[str, Any]:
@@ -232,12 +234,17 @@ class ProfilePlan:
         return out
 
     def key(self, entity_id: Any) -> int:
-        """``stable_hash64(entity_id)`` of a ``user`` or ``item`` id; the last string id's
-        key is kept (an entity's events come in runs: a request's impressions)."""
-        if type(entity_id) is str and entity_id == self._last_id:
-            return self._last_key
-        key = stable_hash64(entity_id)
-        self._last_id, self._last_key = entity_id, key
+        """``stable_hash64(entity_id)`` of a ``user`` or ``item`` id; string ids' keys are
+        memoised (at most ``MAX_KEYS``, cleared when full: an item's impressions and a
+        user's events hash their id once while it stays in the memo)."""
+        if type(entity_id) is not str:  # 1, True and 1.0 are one dict key, not one hash
+            return stable_hash64(entity_id)
+        keys = self._keys
+        key = keys.get(entity_id)
+        if key is None:
+            if len(keys) >= MAX_KEYS:
+                keys.clear()
+            key = keys[entity_id] = stable_hash64(entity_id)
         return key
 
     def cross_key(self, user_id: Any, value: Any) -> int:

@@ -172,15 +172,21 @@ class Tiers:
         if raw:
             d = self.raw_due(raw[0][0])
         if slices:
-            d = min(d, slices[0][1] + self.plan.horizon[f])
+            first = slices[0]
+            d = min(d, first[1] + self.plan.horizon[f])
             tiers = self.params.tiers
+            finest = first[1] - first[0] == tiers[0][0]  # every slice at g0: the oldest first
             for i in range(len(tiers) - 1):
                 g, span = tiers[i]
                 gn = tiers[i + 1][0]
-                idx = bisect.bisect_left(slices, -g, key=_neg_gran)  # first with gran <= g
-                if idx < len(slices):
+                if finest:
+                    st = first[0]
+                else:
+                    idx = bisect.bisect_left(slices, -g, key=_neg_gran)  # first with gran <= g
+                    if idx >= len(slices):
+                        continue
                     st = slices[idx][0]
-                    d = min(d, st - st % gn + gn + span)  # type: ignore[operator]
+                d = min(d, st - st % gn + gn + span)  # type: ignore[operator]
         return d
 
     def _misplaced(self, slices: list[Any], bounds: list[int]) -> bool:

@@ -60,6 +60,7 @@ from state.profile_plan import FAR, ItemAttrs, ProfileParams, ProfilePlan, entit
 from state.profile_tiers import Tiers
 
 _END = itemgetter(1)
+"""A slice's end, a write's ts (``[start, end, acc]``, ``(feature, ts, value)``)."""
 DRAIN_PER_WRITE = 2
 """Queued writes merged per write ``apply`` buffers (``ProfileStore._close``): a closed
 buffer is merged before the next one closes by count."""
@@ -538,11 +539,12 @@ class ProfileStore:
         """Merge one entity's buffered writes into its profile (read table)."""
         plan = self.plan
         self.counters["merged_writes"] += len(writes)
-        mx = max(w[1] for w in writes)
+        mx = writes[0][1] if len(writes) == 1 else max(map(_END, writes))
         if p.max_ts is None or mx > p.max_ts:
             p.max_ts = mx
-        g0 = self.params.g0
-        cf = (p.max_ts - self.params.lateness_ms) // g0 * g0
+        params = self.params
+        g0 = params.tiers[0][0]
+        cf = (p.max_ts - params.lateness_ms) // g0 * g0
         tiers = self._tiers
         c = p.cache
         if cf != p.cf:
@@ -556,7 +558,8 @@ class ProfileStore:
                     else:
                         self._invalidate(c, f)
         raw_cut, bounds = tiers.cuts(cf)
-        feats = p.feats
+        feats, due, incremental = p.feats, p.due, plan.incremental
+        raw_ms = params.raw_ms
         for f, ts, v in writes:
             fs = feats[f]
             if fs is None:
@@ -567,16 +570,19 @@ class ProfileStore:
                     raw.append([ts, v])
                 else:
                     raw.insert(bisect.bisect_right(raw, ts, key=TS), [ts, v])
-                d = tiers.raw_due(ts)
-                if d < p.due[f]:
-                    p.due[f] = d
+                d = ts - ts % g0 + g0 + raw_ms  # Tiers.raw_due(ts)
+                if d < due[f]:
+                    due[f] = d
                     if d < p.due_min:
                         p.due_min = d
                 if c is not None:
-                    if plan.incremental[f]:
+                    if incremental[f]:
                         self._cache_add(c, f, ts, v)
-                    else:
-                        self._invalidate_raw(c, f)
+                    else:  # its combined values forgotten, the slice parts kept
+                        lo = c.lo
+                        for j in plan.feat_outs[f]:
+                            lo[j] = FAR
+                        c.lo_max = FAR
             else:
                 tiers.place_late(fs, f, ts, v, cf, bounds)
                 p.due[f] = d = tiers.due(fs, f)
@@ -641,12 +647,6 @@ class ProfileStore:
                     acc = a if acc is None else acc + a
             c.sacc[j], c.slo[j], c.sexp[j] = acc, lo, hi
         c.lo_max = max(c.lo)
-
-    def _invalidate_raw(self, c: OutputCache, f: int) -> None:
-        """Forget feature f's combined values but keep their slice parts."""
-        for j in self.plan.feat_outs[f]:
-            c.lo[j] = FAR
-        c.lo_max = FAR
 
     # ---- reads
 
@@ -817,23 +817,30 @@ class ProfileStore:
         """Fold a new raw event into the memoised outputs of an order-free feature f."""
         plan = self.plan
         agg = plan.aggs[f]
+        kind = type(agg)
         t1 = ts + 1
+        los, accs, exps, out, out_w, names = c.lo, c.acc, c.exp, c.out, plan.out_w, plan.out_names
         for j in plan.feat_outs[f]:
-            lo = c.lo[j]
+            lo = los[j]
             if lo >= FAR:
                 continue
             nlo = t1 if t1 > lo else lo
-            w = plan.out_w[j]
+            w = out_w[j]
             if w is None or ts + w >= nlo:
-                acc = (agg.add_all(c.acc[j], (v,)) if type(agg) is _Distinct
-                       else agg.merge(c.acc[j], 0, agg.add(None, ts, v, ts), 0, 0))
-                c.acc[j] = acc
-                if w is not None and ts + w + 1 < c.exp[j]:
-                    c.exp[j] = ts + w + 1
-                    if c.exp[j] < c.hi:
-                        c.hi = c.exp[j]
-                c.out[plan.out_names[j]] = agg.out(acc, 0, 0)
-            c.lo[j] = nlo
+                acc = accs[j]
+                if kind is _Count:  # agg.merge(acc, 0, agg.add(None, ts, v, ts), 0, 0)
+                    acc = v if acc is None else acc + v
+                    out[names[j]] = float(acc)  # agg.out
+                else:
+                    acc = (agg.add_all(acc, (v,)) if kind is _Distinct
+                           else agg.merge(acc, 0, agg.add(None, ts, v, ts), 0, 0))
+                    out[names[j]] = agg.out(acc, 0, 0)
+                accs[j] = acc
+                if w is not None and ts + w + 1 < exps[j]:
+                    exps[j] = ts + w + 1
+                    if exps[j] < c.hi:
+                        c.hi = exps[j]
+            los[j] = nlo
             if nlo > c.lo_max:
                 c.lo_max = nlo
 

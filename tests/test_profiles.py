@@ -948,3 +948,25 @@ def test_same_time_writes_folded_in_the_buffer_answer_as_unfolded(kind: str,
     assert folded.counters["writes"] == plain.counters["writes"]
     if default:
         assert folded.counters["merged_writes"] < 0.7 * plain.counters["merged_writes"]
+
+
+def test_profile_keys_memoised_per_string_id_equal_the_hash() -> None:
+    """``ProfilePlan.key``: a string id's memoised key is its ``stable_hash64`` (the memo
+    bounded by ``MAX_KEYS``); other ids hash as they are (``1``, ``True`` and ``1.0`` are
+    one dict key but three ids), an int and its decimal string one profile."""
+    from state.hashing import stable_hash64
+    from state.profile_plan import MAX_KEYS
+
+    spec = {"name": "clicks", "entity": "user", "aggregate": "count",
+            "filter": {"type": "feedback"}, "windows": ["all"]}
+    store = ProfileStore([spec], "user")
+    plan = store.plan
+    for _rep in range(2):
+        for i in range(0, MAX_KEYS + 100, 7):
+            assert plan.key(f"u{i}") == stable_hash64(f"u{i}")
+        assert len(plan._keys) <= MAX_KEYS
+    assert [plan.key(x) for x in (1, True, 1.0)] == [stable_hash64(x) for x in (1, True, 1.0)]
+    assert len({plan.key(x) for x in (1, True, 1.0)}) == 3
+    for n, uid in enumerate(("7", 7, "7")):
+        store.apply({"type": "feedback", "action": "click", "user_id": uid, "ts": n})
+    assert store.query(7) == store.query("7") == {"user.clicks.all": 3.0}
