@@ -246,6 +246,29 @@ def plot(results: dict[str, dict[str, Run]], path: Path, window: int) -> None:
     fig.savefig(path, dpi=80)
 
 
+def one_world_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments of a harness over one world's streamrec run (bench/loop_*.py); the loop's
+    other settings come from ``one_world_defaults``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world", default="default", choices=WORLDS)
+    ap.add_argument("--requests", type=int, default=3000)
+    return ap
+
+
+def one_world_defaults(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add the shared trailing arguments, parse, and set this script's defaults for the rest."""
+    ap.add_argument("--config", default="{}", help="streamrec config overrides (JSON)")
+    ap.add_argument("--users", type=int, default=500)
+    ap.add_argument("--items", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=5000, help="simulator events before the loop")
+    ap.add_argument("--window", type=int, default=200, help="requests per window")
+    args = ap.parse_args(argv)
+    for name, value in {"k": 10, "batch": 20, "step_ms": 1000, "views": 1.0}.items():
+        setattr(args, name, value)  # as main's defaults
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)

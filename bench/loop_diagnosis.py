@@ -149,21 +149,11 @@ def batch_lr(examples: list[dict[str, Any]], epochs: int, l2: float = 1e-3
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--world", default="default", choices=closed_loop.WORLDS)
-    ap.add_argument("--requests", type=int, default=3000)
+    ap = closed_loop.one_world_parser(__doc__.split("\n")[0])
     ap.add_argument("--sample-every", type=int, default=2,
                     help="record the candidates' features of every n-th LR-scored request")
     ap.add_argument("--epochs", type=int, default=1000, help="batch LR: full-batch steps")
-    ap.add_argument("--config", default="{}", help="streamrec config overrides (JSON)")
-    ap.add_argument("--users", type=int, default=500)
-    ap.add_argument("--items", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=5000, help="simulator events before the loop")
-    ap.add_argument("--window", type=int, default=200, help="requests per window")
-    args = ap.parse_args(argv)
-    for name, value in {"k": 10, "batch": 20, "step_ms": 1000, "views": 1.0}.items():
-        setattr(args, name, value)  # as bench/closed_loop.py's defaults
+    args = closed_loop.one_world_defaults(ap, argv)
     t0 = time.perf_counter()
     examples, scored, sim, last_half = capture(args)
     truth = Truth(sim)

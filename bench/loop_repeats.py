@@ -85,18 +85,8 @@ def tally(args: argparse.Namespace) -> tuple[dict[str, list[float]], float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--world", default="default", choices=closed_loop.WORLDS)
-    ap.add_argument("--requests", type=int, default=3000)
-    ap.add_argument("--config", default="{}", help="streamrec config overrides (JSON)")
-    ap.add_argument("--users", type=int, default=500)
-    ap.add_argument("--items", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=5000, help="simulator events before the loop")
-    ap.add_argument("--window", type=int, default=200, help="requests per window")
-    args = ap.parse_args(argv)
-    for name, value in {"k": 10, "batch": 20, "step_ms": 1000, "views": 1.0}.items():
-        setattr(args, name, value)  # as bench/closed_loop.py's defaults
+    ap = closed_loop.one_world_parser(__doc__.split("\n")[0])
+    args = closed_loop.one_world_defaults(ap, argv)
     t0 = time.perf_counter()
     groups, ctr = tally(args)
     total = sum(g[0] for g in groups.values()) or 1
