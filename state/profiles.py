@@ -369,10 +369,36 @@ class ProfileStore:
     def query_key(self, key: int, t_ms: int | None = None) -> dict[str, Any]:
         """``query`` by precomputed ``key_of(entity_id)``."""
         p = self._load_current(key)
-        t = (self._now + 1 if self._now is not None else 0) if t_ms is None else int(t_ms)
-        plan = self.plan
         if p is None:
             return self.empty_answer()
+        return self._answer(p, self._query_time(t_ms))
+
+    def query_keys(self, keys: Sequence[int], t_ms: int | None = None,
+                   unknown: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """``[query_key(key, t_ms) for key in keys]`` in one call (the same answers and
+        counters, the query time read once); a key the store does not know (``knows``)
+        gives ``unknown`` itself when one is given (a shared, read-only answer, e.g. an
+        ``empty_answer()`` kept by the caller) instead of a fresh dict."""
+        t = self._query_time(t_ms)
+        buffer, has, load, answer = self._buffer, self._table.has, self._load_current, self._answer
+        answers: list[dict[str, Any]] = []
+        for key in keys:
+            if unknown is not None and key not in buffer and not has(key):
+                answers.append(unknown)
+                continue
+            p = load(key)
+            answers.append(self.empty_answer() if p is None else answer(p, t))
+        return answers
+
+    def _query_time(self, t_ms: int | None) -> int:
+        """The query time in ms: ``t_ms``, or just after the store's clock."""
+        return (self._now + 1 if self._now is not None else 0) if t_ms is None else int(t_ms)
+
+    def _answer(self, p: Any, t: int) -> dict[str, Any]:
+        """The answer of loaded profile ``p`` at query time ``t`` (ms): from its cache when
+        ``t`` is past its last write (refreshed when ``t`` left the cache's span), else
+        computed from the parts; counted in ``counters``."""
+        plan = self.plan
         if p.max_ts is None or t > p.max_ts:
             c = p.cache
             if c is None or not (c.lo_max <= t < c.hi):
@@ -391,53 +417,6 @@ class ProfileStore:
             self.counters["past_queries"] += 1
             out = self._compute_all(p, t)
         return plan.add_rates(out) if plan.rates else out
-
-    def query_keys(self, keys: Sequence[int], t_ms: int | None = None,
-                   unknown: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """``[query_key(key, t_ms) for key in keys]`` in one call (the same answers: the
-        query time, plan and counters read once for all keys); a key the store does not
-        know (``knows``) gives ``unknown`` itself when one is given (a shared, read-only
-        answer, e.g. an ``empty_answer()`` kept by the caller) instead of a fresh dict."""
-        t = (self._now + 1 if self._now is not None else 0) if t_ms is None else int(t_ms)
-        plan = self.plan
-        decay_outs, list_outs, rates = plan.decay_outs, plan.list_outs, plan.rates
-        buffer, has, load = self._buffer, self._table.has, self._load_current
-        counters = self.counters
-        hits = refreshes = past = 0
-        answers: list[dict[str, Any]] = []
-        for key in keys:
-            if unknown is not None and key not in buffer and not has(key):
-                answers.append(unknown)
-                continue
-            p = load(key)
-            if p is None:
-                answers.append(self.empty_answer())
-                continue
-            if p.max_ts is None or t > p.max_ts:
-                c = p.cache
-                if c is None or not (c.lo_max <= t < c.hi):
-                    refreshes += 1
-                    c = self._refresh(p, t)
-                else:
-                    hits += 1
-                out = c.out.copy()
-                for j, name, hl in decay_outs:
-                    acc = c.acc[j]
-                    if acc is not None:
-                        out[name] = acc * exp2((c.ref[j] - t) / hl)
-                for name in list_outs:
-                    out[name] = list(out[name])
-            else:
-                past += 1
-                out = self._compute_all(p, t)
-            answers.append(plan.add_rates(out) if rates else out)
-        if hits:
-            counters["cache_hits"] += hits
-        if refreshes:
-            counters["cache_refreshes"] += refreshes
-        if past:
-            counters["past_queries"] += past
-        return answers
 
     def snapshot(self) -> dict[str, Any]:
         """Picklable state: config, compressed profiles and the unflushed write buffer.
