@@ -970,3 +970,105 @@ def test_profile_keys_memoised_per_string_id_equal_the_hash() -> None:
     for n, uid in enumerate(("7", 7, "7")):
         store.apply({"type": "feedback", "action": "click", "user_id": uid, "ts": n})
     assert store.query(7) == store.query("7") == {"user.clicks.all": 3.0}
+
+
+@pytest.mark.parametrize(("kind", "default"), [("user", True), ("user", False),
+                                               ("user_x_category", True), ("item", True)])
+def test_a_run_applied_at_once_equals_its_events_one_by_one(kind: str, default: bool) -> None:
+    """``apply_run`` of a request's impressions (one user, one ts; runs broken by an
+    event of another user, time or type, or a late one) leaves the store exactly as one
+    ``apply`` per event: the same buffered writes, counters and answers, now and in the
+    past, through closes by count and by time, compaction and snapshots. With ``SPECS``
+    an impression writes its item (not the same value across the run): those runs take
+    the per-event path inside ``apply_run``."""
+    rnd = random.Random(11)
+    specs = default_features(kind) if default else SPECS
+    cats = {f"it{j}": {"category": f"c{j % 3}"} for j in range(12)}
+    cats["it11"] = {}  # an item without a category: no cross profile
+    params = {"batch_size": 64, "flush_interval_ms": 20 * SEC}
+    runs, plain = ProfileStore(specs, kind, **params), ProfileStore(specs, kind, **params)
+    ts = BASE
+    for r in range(300):
+        ts += rnd.randint(0, 40 * SEC)
+        user = f"u{rnd.randint(0, 5)}"
+        late = ts - rnd.randint(0, 3 * MIN) if rnd.random() < 0.1 else ts
+        run = [{"type": "impression", "ts": late, "user_id": user, "request_id": f"r{r}",
+                "item_id": f"it{rnd.randint(0, 11)}", "impression_id": f"m{r}-{p}"}
+               for p in range(rnd.randint(1, 10))]
+        if rnd.random() < 0.1:  # a run whose events differ (the per-event path)
+            run[-1] = dict(run[-1], user_id="u9") if rnd.random() < 0.5 else dict(
+                run[-1], ts=late + 1)
+        if rnd.random() < 0.05:
+            run.insert(len(run) // 2, {"type": "feedback", "ts": late, "user_id": user,
+                                       "item_id": "it1", "action": "click"})
+        runs.apply_run(run, cats.get)
+        for ev in run:
+            plain.apply(ev, cats.get)
+        assert runs._buffer == plain._buffer and runs.counters == plain.counters, r
+        for _ in range(rnd.randint(0, 3)):
+            ev = {"type": "feedback", "ts": late + 5, "user_id": user,
+                  "item_id": f"it{rnd.randint(0, 2)}", "action": rnd.choice(["click", "rating"]),
+                  "value": 4.0}
+            runs.apply(ev, cats.get)
+            plain.apply(ev, cats.get)
+        if r % 13 == 0:
+            who = f"u{rnd.randint(0, 5)}"
+            key = ((who, f"c{rnd.randint(0, 2)}") if kind.startswith("user_x")
+                   else f"it{rnd.randint(0, 11)}" if kind == "item" else who)
+            for t in (None, late - rnd.randint(0, 2 * HOUR)):
+                assert runs.query(key, t) == plain.query(key, t), (r, t)
+        if r % 100 == 99:
+            runs = pickle.loads(pickle.dumps(runs))
+            plain = pickle.loads(pickle.dumps(plain))
+    a, b = runs.snapshot(), plain.snapshot()
+    assert dict(a["profiles"]) == dict(b["profiles"]) and a["buffer"] == b["buffer"]
+    assert a["counters"] == b["counters"] and a["counters"]["events"] > 1_000
+
+
+@pytest.mark.parametrize("kind", ["user", "user_x_category"])
+def test_deferred_events_answer_as_applied_when_deferred(kind: str) -> None:
+    """``defer`` (a request's impressions, applied at the store's next use as one run):
+    the clock, every answer (at now and in the past), ``knows``, the counters and the
+    snapshot are those of a store that applied each event when it was deferred, whatever
+    call comes next; a bad ts raises at ``defer``."""
+    rnd = random.Random(3)
+    specs = default_features(kind)
+    cats = {f"it{j}": {"category": f"c{j % 3}"} for j in range(12)}
+    params = {"batch_size": 48, "flush_interval_ms": 10 * SEC}
+    lazy, eager = ProfileStore(specs, kind, **params), ProfileStore(specs, kind, **params)
+    ts = BASE
+    longest = 0
+    for r in range(300):
+        ts += rnd.randint(0, 30 * SEC)
+        user = f"u{rnd.randint(0, 4)}"
+        for p in range(rnd.randint(1, 8)):
+            ev = {"type": "impression", "ts": ts, "user_id": user, "request_id": f"r{r}",
+                  "item_id": f"it{rnd.randint(0, 11)}", "impression_id": f"m{r}-{p}"}
+            lazy.defer(ev, cats.get)
+            eager.apply(ev, cats.get)
+            longest = max(longest, len(lazy._deferred))
+            assert lazy.now == eager.now
+            roll = rnd.random()
+            key = user if kind == "user" else (user, f"c{rnd.randint(0, 2)}")
+            if roll < 0.1:
+                assert lazy.query(key) == eager.query(key), r
+            elif roll < 0.15:
+                t = ts - rnd.randint(0, HOUR)
+                assert lazy.query(key, t) == eager.query(key, t), r
+            elif roll < 0.2:
+                assert lazy.knows(lazy.key_of(key)) == eager.knows(eager.key_of(key))
+        if rnd.random() < 0.3:
+            ev = {"type": "feedback", "ts": ts + 5, "user_id": user, "item_id": "it1",
+                  "action": "click"}
+            lazy.apply(ev, cats.get)
+            eager.apply(ev, cats.get)
+        if r % 50 == 49:
+            lazy = pickle.loads(pickle.dumps(lazy))
+            eager = pickle.loads(pickle.dumps(eager))
+    lazy.settle()
+    assert longest >= 5  # runs were deferred, not applied one by one
+    assert lazy.counters == eager.counters and lazy._buffer == eager._buffer
+    a, b = lazy.snapshot(), eager.snapshot()
+    assert dict(a["profiles"]) == dict(b["profiles"]) and a["counters"] == b["counters"]
+    with pytest.raises(ValueError):
+        lazy.defer({"type": "impression", "ts": 1.5, "user_id": "u1", "item_id": "it1"}, cats.get)
