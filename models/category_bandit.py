@@ -114,12 +114,6 @@ class CategoryExploreConfig:
                            "shrunk by this many impressions toward the category's; counts from "
                            "``item_rate``), so better items of a category come first; 0: off.",
                            20.0)
-    item_sample: float = doc("Thompson sampling inside the category as well: each list draws "
-                             "every candidate's click rate from its Beta posterior (``item_rate`` "
-                             "counts on the category's rate, ``item_lift`` impressions of prior; "
-                             "parameters times this factor, like ``sharpen``) instead of its "
-                             "point estimate, so items with few impressions get tried; 0: off "
-                             "(the point estimate).", 0.0)
     item_rate: list[str] = doc("Item profile features (clicks, impressions) of ``item_lift``, "
                                "as the item tables publish them (the whole stream's counts).",
                                factory=lambda: ["item.clicks.1d", "item.impressions.1d"])
@@ -168,8 +162,6 @@ def check_category_config(config: CategoryExploreConfig) -> None:
         raise ValueError(f"max_groups: must be >= 1, got {config.max_groups}")
     if config.item_lift < 0:
         raise ValueError(f"item_lift: must be >= 0, got {config.item_lift}")
-    if config.item_sample < 0:
-        raise ValueError(f"item_sample: must be >= 0, got {config.item_sample}")
     if len(config.item_rate) != 2:
         raise ValueError(f"item_rate: must name two features (clicks, impressions), got "
                          f"{config.item_rate!r}")
@@ -199,18 +191,6 @@ def category_rates(cat_of: np.ndarray, clicks: np.ndarray, shown: np.ndarray,
     rate = (np.bincount(cat_of, clicks, n) + strength * overall) / (
         np.bincount(cat_of, shown, n) + strength)
     return rate[cat_of]
-
-
-def sampled_lift(clicks: np.ndarray, shown: np.ndarray, rate: np.ndarray, strength: float,
-                 sharpen: float, rng: np.random.Generator, rows: int) -> np.ndarray:
-    """``rows`` draws of each item's lift (rows x items; ``rate``: each item's category
-    rate, ``category_rates``): its click rate drawn from ``Beta(x (clicks + s r), x (shown
-    - clicks + s (1 - r)))`` over ``r`` (``s`` = ``strength`` impressions of prior, ``x`` =
-    ``sharpen``): the posterior of ``rate_lift``, whose mean is the point lift."""
-    rate = np.minimum(np.maximum(rate, 1e-4), 1 - 1e-4)
-    a = sharpen * (clicks + strength * rate)
-    b = sharpen * (np.maximum(shown - clicks, 0.0) + strength * (1.0 - rate))
-    return rng.beta(a, b, size=(rows, len(rate))) / rate
 
 
 def rate_lift(clicks: np.ndarray, shown: np.ndarray, rate: np.ndarray,
@@ -595,18 +575,10 @@ class CategoryBandit:
             theta = rng.beta(a, b, size=(draws + 1, len(names)))
             discount = _rank_discount(len(best_first))
             lift = None
-            key = theta[:, cat_of[best_first]]
             if counts is not None and self.config.item_lift > 0:
-                strength = self.config.item_lift
-                rate = category_rates(cat_of, counts[0], counts[1], strength)
-                lift = rate_lift(counts[0], counts[1], rate, strength)
-                if self.config.item_sample > 0:  # a draw per list and candidate
-                    key = key * sampled_lift(
-                        counts[0][best_first], counts[1][best_first], rate[best_first],
-                        strength, self.config.item_sample, rng, draws + 1)
-                else:
-                    discount = discount / lift[best_first]
-            key = key / discount
+                lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
+                discount = discount / lift[best_first]
+            key = theta[:, cat_of[best_first]] / discount
             top = best_first[np.argsort(-key, axis=1, kind="stable")[:, :k]]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:

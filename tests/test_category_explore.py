@@ -153,8 +153,7 @@ def test_config_values_are_validated() -> None:
         load_config({"serving": {"category_explore": {"decay": 0.0}}})
     with pytest.raises(ConfigError, match="serving.category_explore.prior_strength"):
         load_config({"serving": {"category_explore": {"prior_strength": -1}}})
-    for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("item_sample", -1.0),
-                       ("sharpen", 0.0),
+    for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
                        ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
                        ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0),
                        ("explore_slots", -1), ("half_life_s", -1.0)):
@@ -332,49 +331,6 @@ def test_item_lift_puts_the_better_items_of_a_category_first() -> None:
         ranks[strength] = c1.index(best)
     assert ranks[0.0] == 9  # the scorer's order: last of the ten c1 items
     assert ranks[20.0] < 3
-
-
-def test_item_sample_tries_the_items_with_few_impressions() -> None:
-    """``item_sample``: each list draws the candidates' item rates from their Beta
-    posteriors, so an item never shown (its rate only the category's prior) climbs into
-    the category's first places in some lists, while the point estimate (off) keeps it
-    last, as the scorer ranks it; an item known to be better keeps its lead."""
-    scores, cats = pool()
-    c1 = [i for i, c in enumerate(cats) if c == "c1"]
-    clicks = np.full(len(scores), 50.0)
-    shown = np.full(len(scores), 1000.0)
-    new, good = c1[-1], c1[-2]  # the scorer's last two c1 items
-    clicks[new], shown[new] = 0.0, 0.0
-    clicks[good] = 250.0
-    tops = {}
-    for x in (0.0, 1.0):
-        bandit = CategoryBandit(CategoryExploreConfig(item_lift=20.0, item_sample=x))
-        show(bandit, "u", 2, "c1")
-        firsts, goods = 0, 0
-        for seed in range(200):
-            idx, props = bandit.order("u", scores, cats, 40, seed, counts=(clicks, shown))
-            assert ((props > 0) & (props <= 1)).all()
-            order = [i for i in idx.tolist() if cats[i] == "c1"]
-            firsts += order.index(new) < 3
-            goods += order[0] == good
-        tops[x] = (firsts / 200, goods / 200)
-    assert tops[0.0] == (0.0, 1.0)  # the point estimate: the new item last, the good first
-    assert 0.1 < tops[1.0][0] < 0.9  # tried in some lists, not in all
-    assert tops[1.0][1] > 0.5
-
-
-def test_sampled_lift_draws_around_the_point_lift() -> None:
-    """The draws of ``sampled_lift`` average to ``rate_lift`` (the point estimate), and
-    spread less the more impressions an item has."""
-    from models.category_bandit import rate_lift, sampled_lift
-
-    clicks = np.array([0.0, 5.0, 50.0])
-    shown = np.array([0.0, 100.0, 1000.0])
-    rate = np.full(3, 0.05)
-    draws = sampled_lift(clicks, shown, rate, 20.0, 1.0, np.random.default_rng(0), 20_000)
-    assert draws.mean(axis=0) == pytest.approx(rate_lift(clicks, shown, rate, 20.0), rel=0.03)
-    spread = draws.std(axis=0)
-    assert spread[0] > spread[1] > spread[2]
 
 
 def test_sharpen_explores_less_around_the_same_posterior() -> None:
