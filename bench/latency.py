@@ -41,7 +41,9 @@ the user shards' events cross between them as Bytewax routes them), and
 ``--compare-processes N`` adds a run with N processes right after the first, at the
 same rates (``*_processes_N``); ``flow_cpu_per_s`` is the flow processes' CPU seconds
 per second of the live phase (near the process count: the flow is saturated, queueing
-sets the figures).
+sets the figures). ``--co-partition`` sends each user event to the partition read by
+the worker of its user shard (``co_partition_of``), so requests do not cross processes
+on their way in; ``--compare-co-partition`` adds a run with the other partitioning.
 Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``rt_p50_ms``, ``rt_p90_ms``, ``rt_p99_ms``, ``inflow_p50_ms``, ``inflow_p90_ms``,
 ``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``,
@@ -49,7 +51,8 @@ Loopback only; the run is bounded in count and time. Ends with one JSON line:
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
 [--compare-runtime] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
-[--compare-fetch-wait] [--processes N] [--compare-processes N]``.
+[--compare-fetch-wait] [--processes N] [--compare-processes N] [--co-partition]
+[--compare-co-partition]``.
 """
 
 from __future__ import annotations
@@ -485,14 +488,32 @@ def _cpu_s(pids: list[int]) -> float:
     return total
 
 
+def co_partition_of(partitions: int) -> Any:
+    """``user id -> events partition`` that keeps a user's events in the process of the
+    user's shard: ``shard_of(user_id) mod partitions`` with the flow's ``shards.users``
+    (zero-config or environment). With one partition per worker (``W`` dividing 12),
+    partition ``p`` is read by worker ``p`` (Bytewax places a source's partitions round
+    robin in name order, ``topic#0``.. for up to 10) and user shard ``j`` runs on worker
+    ``j mod W`` (``operators.placement``), so a user event never crosses processes on its
+    way to its shard."""
+    from flows.config import load_config
+    from state.hashing import ShardOf
+
+    shard_of = ShardOf(load_config(None).shards.users)
+    return lambda user_id: shard_of(str(user_id)) % partitions
+
+
 def run(seconds: float, requests_per_s: float, events_per_s: float,
         fetch_wait_ms: int, rival: tuple[bool, bool, bool] = (False, False, False),
-        overrides: dict[str, Any] | None = None, processes: int = 1) -> dict[str, Any]:
+        overrides: dict[str, Any] | None = None, processes: int = 1,
+        co_partition: bool = False) -> dict[str, Any]:
     """One measured run on a fresh broker and flow; the figures of its live phase.
     ``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch,
     snapshots made durable on the worker thread); ``overrides``: config sections;
     ``processes``: flow processes, with as many partitions of the events topic (keyed
-    by user id), one per process (Bytewax places them round robin)."""
+    by user id), one per process (Bytewax places them round robin); ``co_partition``:
+    a user event goes to partition ``shard_of(user_id) mod processes`` instead, the
+    partition read by the worker that runs the user's shard (``co_partition_of``)."""
     out = Path(tempfile.mkdtemp(prefix="streamrec-latency-"))
     now_ms = int(time.time() * 1000)
     n_live = int(seconds * events_per_s) + 1
@@ -509,9 +530,12 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
         topic = f"{APP}.events"
 
+        partition_of = co_partition_of(processes) if co_partition and processes > 1 else None
+
         def send(event: dict[str, Any]) -> Any:
-            return producer.send(topic, key=str(event.get("user_id", "")).encode(),
-                                 value=orjson.dumps(event))
+            user = event.get("user_id")
+            return producer.send(topic, key=str(user or "").encode(), value=orjson.dumps(event),
+                                 partition=partition_of(user) if partition_of and user else None)
 
         acks: dict[str, tuple[float, int, int]] = {}
         """request_id -> (wall s the client's producer saw the broker's acknowledgement,
@@ -666,10 +690,17 @@ def main() -> None:
     parser.add_argument("--compare-processes", type=int, default=0, metavar="N",
                         help="also run the flow as N processes right after, at the same "
                              "rates (keys *_processes_N)")
+    parser.add_argument("--co-partition", action="store_true",
+                        help="with several processes, send each user event to partition "
+                             "shard_of(user_id) mod N (the partition read by the worker of "
+                             "its user shard) instead of Kafka's hash of the user id")
+    parser.add_argument("--compare-co-partition", action="store_true",
+                        help="also run with the other partitioning right after (keys "
+                             "*_co_partition or *_keyed)")
     args = parser.parse_args()
     if args.processes < 1:
         parser.error("--processes must be >= 1")
-    measure = functools.partial(run, processes=args.processes)
+    measure = functools.partial(run, processes=args.processes, co_partition=args.co_partition)
     figures = measure(args.seconds, args.requests_per_s, args.events_per_s, 10)
     print_spans("this flow", figures)
     if args.compare_batch_size:  # right after, on the same machine load
@@ -682,11 +713,20 @@ def main() -> None:
             figures[f"{key}_batch_{args.compare_batch_size}"] = small.get(key)
     if args.compare_processes:  # right after, on the same machine load
         other = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
-                    processes=args.compare_processes)
+                    processes=args.compare_processes, co_partition=args.co_partition)
         print_spans(f"{args.compare_processes} processes", other)
         for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
                     "inflow_p99_ms", "answered", "flow_cpu_per_s", "source_records_per_batch"):
             figures[f"{key}_processes_{args.compare_processes}"] = other.get(key)
+    if args.compare_co_partition:  # right after, on the same machine load
+        other = measure(args.seconds, args.requests_per_s, args.events_per_s, 10,
+                        co_partition=not args.co_partition)
+        label = "keyed" if args.co_partition else "co_partition"
+        print_spans(label, other)
+        for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
+                    "inflow_p99_ms", "answered", "flow_cpu_per_s", "span_in_flow_ms",
+                    "span_to_sink_ms"):
+            figures[f"{key}_{label}"] = other.get(key)
     if args.compare_runtime:  # right after, on the same machine load
         old_gc = measure(args.seconds, args.requests_per_s, args.events_per_s, 10,
                      overrides={"runtime": OLD_RUNTIME})
