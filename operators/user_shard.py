@@ -206,16 +206,11 @@ class UserShard:
             context.group = event.request_id  # its request's impressions share a context
             joiner.on_impression(event)
             if self.profiles:
-                # A request's impressions write the user's profile as one run
-                # (ProfileStore.defer), at the store's next use: the same writes. A user x
-                # attribute store's run would end at each first read of a value in the
-                # request (its profiles are read per value): applied one by one.
+                # A request's impressions write their profiles as one run
+                # (ProfileStore.defer), at the stores' next use: the same writes.
                 defer = event.request_id is not None
                 for store in self.profiles.values():
-                    if defer and store.plan.entity_kind == "user":
-                        store.defer(event, self._item_attrs)
-                    else:
-                        store.apply(event, self._item_attrs)
+                    (store.defer if defer else store.apply)(event, self._item_attrs)
             if self.server is not None:
                 self._category_event(event)
             if self.item_profiles:

@@ -149,8 +149,6 @@ class ProfileStore:
         self._deferred: list[Mapping[str, Any]] = []
         """Events whose ``apply`` waits for the store's next use (``defer``), one run."""
         self._deferred_attrs: ItemAttrs | None = None
-        self._deferred_shape: tuple[Any, ...] = ()
-        """(ts, type, action, user) of the deferred run."""
 
     @property
     def entity_kind(self) -> str:
@@ -228,14 +226,17 @@ class ProfileStore:
         ts = event.get("ts")
         if isinstance(ts, bool) or not isinstance(ts, int):
             raise ValueError(f"event ts must be integer epoch ms, got {ts!r}")
-        shape = (ts, event.get("type"), event.get("action"), event.get("user_id"))
         run = self._deferred
-        if run and (shape != self._deferred_shape or item_attrs != self._deferred_attrs):
-            self.settle()
-            run = self._deferred
+        if run:
+            first = run[0]
+            if (item_attrs != self._deferred_attrs or ts != first.get("ts")
+                    or event.get("type") != first.get("type")
+                    or event.get("action") != first.get("action")
+                    or event.get("user_id") != first.get("user_id")):
+                self.settle()
+                run = self._deferred
         run.append(event)
         self._deferred_attrs = item_attrs
-        self._deferred_shape = shape
 
     def settle(self) -> None:
         """Apply the deferred events now (``defer``)."""
@@ -243,10 +244,10 @@ class ProfileStore:
         if run:
             self._deferred = []
             attrs, self._deferred_attrs = self._deferred_attrs, None
-            self.apply_run(run, attrs, one_shape=True)
+            self.apply_run(run, attrs)
 
     def apply_run(self, events: Sequence[Mapping[str, Any]],
-                  item_attrs: ItemAttrs | None = None, one_shape: bool = False) -> None:
+                  item_attrs: ItemAttrs | None = None) -> None:
         """``apply`` of each of ``events`` in order, with the same buffer, counters, closes
         and merges, for a run of one user's events of one type, action and ts (a
         request's impressions). The first event goes through ``apply``; when every
@@ -254,8 +255,7 @@ class ProfileStore:
         (``ProfilePlan.run_fixed``: counts, constants, the event's ts or user), each
         later event reuses its writes and only looks up its entity keys (a cross
         profile's key is its item's attribute value) and folds (``_fold``). An event
-        that leaves the run's type, action, ts or user goes through ``apply``
-        (``one_shape``: the caller checked that none does, ``defer``)."""
+        that leaves the run's type, action, ts or user goes through ``apply``."""
         first = events[0]
         self.apply(first, item_attrs)
         if len(events) < 2:
@@ -272,12 +272,8 @@ class ProfileStore:
         writes: list[tuple[int, int, Any]] | None = None
         bad = 0
         counters = self.counters
-        if one_shape and plan.entity_kind == "user":  # one key, one set of writes
-            self._repeat(events[1], len(events) - 1, fids, ts, item_attrs)
-            return
         for event in itertools.islice(events, 1, None):
-            if not one_shape and (
-                    event.get("ts") != ts or type(event.get("ts")) is not int
+            if (event.get("ts") != ts or type(event.get("ts")) is not int
                     or event.get("type") != etype or event.get("action") != action
                     or event.get("user_id") != user):
                 self.apply(event, item_attrs)
@@ -294,47 +290,6 @@ class ProfileStore:
                 counters["skipped_bad_value"] += bad
             if writes:
                 self._buffer_writes(keys, writes)
-
-    def _repeat(self, event: Mapping[str, Any], times: int, fids: list[int], ts: int,
-                item_attrs: ItemAttrs | None) -> None:
-        """``apply`` of ``event`` ``times`` times in a row, its keys and writes the same
-        each time (``apply_run`` of a user store: one user, ``run_fixed`` features, the
-        clock at ts already). When every write folds (``ProfilePlan.fold``), each copy
-        after the first folds into the one before (``_fold``): a count's buffered
-        value grows by its value per copy (integers: the same sum), the others stay;
-        the counters grow as ``times`` calls' would, and the queued writes the copies
-        would drain are drained in one call."""
-        counters = self.counters
-        counters["events"] += times
-        keys, skipped = self.plan.keys_for(event, item_attrs)
-        if skipped is not None:
-            counters[skipped] += times
-        if not keys:
-            return
-        writes, bad = self._writes(event, fids, ts)
-        counters["skipped_bad_value"] += bad * (times - 1)
-        if not writes:
-            return
-        self._buffer_writes(keys, writes)  # the first copy: folded or appended
-        rest = times - 1
-        fold = self.plan.fold
-        if not rest or not all([fold[f] for f, _, _ in writes]):
-            for _ in range(rest):
-                self._buffer_writes(keys, writes)
-            return
-        n = len(writes)
-        buf = self._buffer
-        for key in keys:  # each key's last n writes are the copies' features at ts
-            lst = buf[key]
-            base = len(lst) - n
-            for i, (f, _, v) in enumerate(writes):
-                if fold[f] == FOLD_SUM:
-                    old = lst[base + i]
-                    lst[base + i] = (f, ts, old[2] + v * rest)
-        n *= len(keys) * rest
-        counters["writes"] += n
-        if self._queue:
-            self._drain(DRAIN_PER_WRITE * n)
 
     def _writes(self, event: Mapping[str, Any], fids: list[int], ts: int
                 ) -> tuple[list[tuple[int, int, Any]], int]:
