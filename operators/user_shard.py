@@ -154,8 +154,6 @@ class UserShard:
                     self._dead.append(processing_error(f"user_shard {shard}", event, err))
         else:
             self._apply_runs(shard, events)
-        for store in self.profiles.values():
-            store.settle()
         self.joiner.advance()
         pending = self._mf_pending
         try:
@@ -206,18 +204,12 @@ class UserShard:
             context.group = event.request_id  # its request's impressions share a context
             joiner.on_impression(event)
             if self.profiles:
-                # A request's impressions write their profiles as one run
-                # (ProfileStore.defer), at the stores' next use: the same writes.
-                defer = event.request_id is not None
-                for store in self.profiles.values():
-                    (store.defer if defer else store.apply)(event, self._item_attrs)
+                self._profile(event)
             if self.server is not None:
                 self._category_event(event)
             if self.item_profiles:
                 self._item_updates.append(ProfileEvent(event.item_id, event))
             return
-        for store in self.profiles.values():  # (catalog order included: ``_item_attrs``)
-            store.settle()
         if kind != "item":
             context.forget(event.user_id)  # the user's state changes
         if kind == "feedback":

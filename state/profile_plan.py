@@ -40,8 +40,6 @@ MAX_CROSS_KEYS = 16_384
 MAX_KEYS = 4_096
 """String ``user`` / ``item`` ids whose profile key a plan keeps (``ProfilePlan.key``;
 ~130 B each: flows/memory.py ``profile_key``)."""
-RUN_FIELDS = frozenset(("ts", "type", "action", "user_id"))
-"""Event fields equal across a run of ``ProfileStore.apply_run`` (one user, type, action, ts)."""
 ItemAttrs = Callable[[Any], Mapping[str, Any] | None]
 """``item_id -> attrs dict`` (or None): where ``user_x_<attr>`` stores read an item's attribute."""
 
@@ -167,12 +165,6 @@ class ProfilePlan:
         self.fold = [fold_kind(s.aggregate) for s in self.specs]
         """How a write folds into the previous one of its feature (``fold_kind``)."""
         self.has_all = [s.has_all for s in self.specs]
-        self.run_fixed = [s.min_value is None and (
-            s.aggregate == "count" or not isinstance(s.value, str) or s.value in RUN_FIELDS)
-            for s in self.specs]
-        """Whether the feature writes the same value for every event of a run of one
-        user's events of one type, action and ts (``ProfileStore.apply_run``): a count,
-        a constant, or one of ``RUN_FIELDS``; no ``min_value`` filter."""
         self.min_values = [s.min_value for s in self.specs]
         self.feat_outs: list[list[int]] = []
         # per output j

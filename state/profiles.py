@@ -48,7 +48,6 @@ parameters, ``ProfileParams``, and the specs compiled into routing and output ta
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
@@ -146,9 +145,6 @@ class ProfileStore:
         self._table.on_evict = self._evicting
         self._buf_since: int | None = None
         self._now: int | None = None
-        self._deferred: list[Mapping[str, Any]] = []
-        """Events whose ``apply`` waits for the store's next use (``defer``), one run."""
-        self._deferred_attrs: ItemAttrs | None = None
 
     @property
     def entity_kind(self) -> str:
@@ -169,10 +165,6 @@ class ProfileStore:
     @property
     def now(self) -> int | None:
         """The store clock (ms): max event ts applied, or as advanced by ``advance``."""
-        run = self._deferred
-        if run:  # what applying them moves it to (their ts are ints: ``defer``)
-            ts = run[-1].get("ts")
-            return ts if self._now is None or ts > self._now else self._now
         return self._now
 
     def key_of(self, entity_id: Any) -> int:
@@ -186,8 +178,6 @@ class ProfileStore:
         attrs dict`` is required by ``user_x_<attr>`` stores; a list-valued attribute
         (e.g. genres) updates one cross profile per value.
         """
-        if self._deferred:
-            self.settle()
         ts = event.get("ts")
         if isinstance(ts, bool) or not isinstance(ts, int):
             raise ValueError(f"event ts must be integer epoch ms, got {ts!r}")
@@ -207,98 +197,10 @@ class ProfileStore:
         keys, skipped = plan.keys_for(event, item_attrs)
         if skipped is not None:
             self.counters[skipped] += 1
-        if keys:
-            writes, _ = self._writes(event, fids, ts)
-            if writes:
-                self._buffer_writes(keys, writes)
-
-    def defer(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None = None) -> None:
-        """``apply(event, item_attrs)``, done at the store's next use instead (``settle``:
-        any other call of the store, its clock included, applies the deferred events
-        first, in order), so that a run of one user's events of one type, action and ts
-        (a request's impressions) is applied at once (``apply_run``). Every answer,
-        counter and snapshot is the one of applying each event when deferred; only
-        ``item_attrs`` is called later (the owner settles before anything that reads
-        what it does: ``UserShard``'s catalog order). An event of another run, or with
-        another ``item_attrs``, settles the deferred ones first; a ts that is not integer
-        epoch ms raises now, as ``apply`` would. ``now`` is the clock the deferred events
-        move it to, without applying them."""
-        ts = event.get("ts")
-        if isinstance(ts, bool) or not isinstance(ts, int):
-            raise ValueError(f"event ts must be integer epoch ms, got {ts!r}")
-        run = self._deferred
-        if run:
-            first = run[0]
-            if (item_attrs != self._deferred_attrs or ts != first.get("ts")
-                    or event.get("type") != first.get("type")
-                    or event.get("action") != first.get("action")
-                    or event.get("user_id") != first.get("user_id")):
-                self.settle()
-                run = self._deferred
-        run.append(event)
-        self._deferred_attrs = item_attrs
-
-    def settle(self) -> None:
-        """Apply the deferred events now (``defer``)."""
-        run = self._deferred
-        if run:
-            self._deferred = []
-            attrs, self._deferred_attrs = self._deferred_attrs, None
-            self.apply_run(run, attrs)
-
-    def apply_run(self, events: Sequence[Mapping[str, Any]],
-                  item_attrs: ItemAttrs | None = None) -> None:
-        """``apply`` of each of ``events`` in order, with the same buffer, counters, closes
-        and merges, for a run of one user's events of one type, action and ts (a
-        request's impressions). The first event goes through ``apply``; when every
-        feature it routes to writes the same value for every event of such a run
-        (``ProfilePlan.run_fixed``: counts, constants, the event's ts or user), each
-        later event reuses its writes and only looks up its entity keys (a cross
-        profile's key is its item's attribute value) and folds (``_fold``). An event
-        that leaves the run's type, action, ts or user goes through ``apply``."""
-        first = events[0]
-        self.apply(first, item_attrs)
-        if len(events) < 2:
+        if not keys:
             return
-        ts, etype, action = first.get("ts"), first.get("type"), first.get("action")
-        plan = self.plan
-        fids = (plan.features_for(etype, action) if type(ts) is int and type(etype) is str
-                and (action is None or type(action) is str) else None)
-        if fids is None or not all([plan.run_fixed[f] for f in fids]):
-            for event in itertools.islice(events, 1, None):
-                self.apply(event, item_attrs)
-            return
-        user = first.get("user_id")
-        writes: list[tuple[int, int, Any]] | None = None
-        bad = 0
-        counters = self.counters
-        for event in itertools.islice(events, 1, None):
-            if (event.get("ts") != ts or type(event.get("ts")) is not int
-                    or event.get("type") != etype or event.get("action") != action
-                    or event.get("user_id") != user):
-                self.apply(event, item_attrs)
-                continue
-            counters["events"] += 1  # the clock is at ts already: no close by time
-            keys, skipped = plan.keys_for(event, item_attrs)
-            if skipped is not None:
-                counters[skipped] += 1
-            if not keys:
-                continue
-            if writes is None:  # the run's writes (and their skipped values) once
-                writes, bad = self._writes(event, fids, ts)
-            else:
-                counters["skipped_bad_value"] += bad
-            if writes:
-                self._buffer_writes(keys, writes)
-
-    def _writes(self, event: Mapping[str, Any], fids: list[int], ts: int
-                ) -> tuple[list[tuple[int, int, Any]], int]:
-        """``(feature, ts, value)`` of each routed feature ``fids`` the event writes, and
-        how many it skipped for a bad or missing value (counted in ``skipped_bad_value``)."""
         writes: list[tuple[int, int, Any]] = []
-        plan = self.plan
         min_values, getters, preps = plan.min_values, plan.getters, plan.preps
-        bad = 0
         for f in fids:
             mv = min_values[f]
             if mv is not None:
@@ -307,21 +209,15 @@ class ProfileStore:
                     continue
             v = getters[f](event)
             if v is MISSING:
-                bad += 1
+                self.counters["skipped_bad_value"] += 1
                 continue
             v = preps[f](v)
             if v is BAD:
-                bad += 1
+                self.counters["skipped_bad_value"] += 1
                 continue
             writes.append((f, ts, v))
-        if bad:
-            self.counters["skipped_bad_value"] += bad
-        return writes, bad
-
-    def _buffer_writes(self, keys: list[int], writes: list[tuple[int, int, Any]]) -> None:
-        """Buffer one event's ``writes`` for each entity key (folded into the entity's
-        previous event when they fold, ``_fold``), then merge queued writes
-        (``DRAIN_PER_WRITE`` per write) and close the buffer when it is full."""
+        if not writes:
+            return
         buf = self._buffer
         n = len(writes)
         added = 0
@@ -371,8 +267,6 @@ class ProfileStore:
 
     def advance(self, now_ms: int) -> None:
         """Move the store clock forward (wall-clock fallback for idle streams); may flush."""
-        if self._deferred:
-            self.settle()
         if self._now is None or now_ms > self._now:
             self._now = now_ms
         if self._buf_since is not None and self._now - self._buf_since >= self.params.flush_interval_ms:
@@ -380,8 +274,6 @@ class ProfileStore:
 
     def flush(self) -> None:
         """Merge every buffered and queued write into the read table (the profiles)."""
-        if self._deferred:
-            self.settle()
         self._close()
         self._drain(FAR)
 
@@ -472,14 +364,10 @@ class ProfileStore:
     def knows(self, key: int) -> bool:
         """Whether the store holds a profile or pending writes for ``key``
         (``key_of(entity_id)``): if not, every query of it gives ``empty_answer()``."""
-        if self._deferred:
-            self.settle()
         return key in self._buffer or self._table.has(key)
 
     def query_key(self, key: int, t_ms: int | None = None) -> dict[str, Any]:
         """``query`` by precomputed ``key_of(entity_id)``."""
-        if self._deferred:
-            self.settle()
         p = self._load_current(key)
         if p is None:
             return self.empty_answer()
@@ -491,8 +379,6 @@ class ProfileStore:
         counters, the query time read once); a key the store does not know (``knows``)
         gives ``unknown`` itself when one is given (a shared, read-only answer, e.g. an
         ``empty_answer()`` kept by the caller) instead of a fresh dict."""
-        if self._deferred:
-            self.settle()
         t = self._query_time(t_ms)
         buffer, has, load, answer = self._buffer, self._table.has, self._load_current, self._answer
         answers: list[dict[str, Any]] = []
@@ -539,7 +425,6 @@ class ProfileStore:
         profiles that changed are encoded (and stay hot). Profiles are listed least
         recently used first.
         """
-        self.settle()
         self._drain(FAR)
         return {
             "format": FORMAT,
@@ -573,8 +458,6 @@ class ProfileStore:
 
     def stats(self) -> dict[str, Any]:
         """Counters plus sizes: entities, hot profiles, compressed bytes, buffered writes."""
-        if self._deferred:
-            self.settle()
         hot, cold = self._table.hot, self._table.cold
         hot_slices = sum(len(fs[1]) for p in hot.values() for fs in p.feats if fs)
         hot_raw = sum(len(fs[0]) for p in hot.values() for fs in p.feats if fs)
@@ -600,7 +483,6 @@ class ProfileStore:
         """Debug view of one profile (after merging its pending writes): per feature name,
         raw event count and oldest raw ts, ``[(start, end)]`` of its slices (ms) and the
         tail's end; ``watermark`` is the floored watermark of the last compaction."""
-        self.settle()
         p = self._load_current(self.key_of(entity_id))
         if p is None:
             return None

@@ -127,18 +127,6 @@ def _request_log() -> list[Any]:
     return events
 
 
-class _NoProfiles:
-    """A profile store that stores nothing (forces the shard's per-event path)."""
-
-    def apply(self, event: Any, item_attrs: Any = None) -> None:
-        pass
-
-    defer = apply
-
-    def settle(self) -> None:
-        pass
-
-
 def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
     """``Joiner.on_impressions`` (a request's impressions as one run, taken when the shard's
     impressions only join) writes exactly what one ``on_impression`` per impression writes:
@@ -154,7 +142,7 @@ def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
                                              wait_ms_override=3_000), NegativeSampler(rate, 3),
                                   wire_examples=wire)
                     if not runs:  # the per-event path
-                        s.profiles = {"off": _NoProfiles()}  # type: ignore[dict-item]
+                        s.profiles = {"off": None}  # type: ignore[dict-item]
                         s._profile = lambda event: None  # type: ignore[method-assign]
                     outs = [s.process("u000", events[i:i + 9]) for i in range(0, len(events), 9)]
                     outs.append(s.flush())
@@ -181,35 +169,3 @@ def test_a_resumed_shard_turns_computed_wire_features_back_into_dicts() -> None:
     record = shard()
     record.process("u000", events)
     assert resumed.flush()["examples"] == record.flush()["examples"]
-
-
-def test_a_requests_impression_profiles_written_as_a_run_give_the_same_outputs() -> None:
-    """With profiles (the default features: user and user x category), a request's
-    impressions write their profiles as one run at the stores' next use
-    (``ProfileStore.defer``, ``apply_run``): the examples (profile and cross-profile
-    features included), late labels, counters and the stores' state are those of one
-    ``apply`` per impression, right after it joined."""
-    from dataclasses import replace
-
-    from state.feature_spec import DEFAULT_FEATURES
-
-    # impressions 20 ms after their request (as the simulator logs them): the stores'
-    # clocks move at a run's first impression, before its cross profiles are read
-    events = [replace(e, ts=e.ts + 20) if isinstance(e, Impression) else e
-              for e in _request_log()]
-    for rate in (1.0, 0.5):
-        def run(runs: bool, rate: float = rate) -> tuple[Any, ...]:
-            s = UserShard(JoinConfig(interaction_negatives=2, wait_ms_override=3_000),
-                          NegativeSampler(rate, 3), features=[dict(f) for f in DEFAULT_FEATURES])
-            if not runs:  # one apply per impression, right after it joined
-                for store in s.profiles.values():
-                    store.defer = store.apply  # type: ignore[method-assign]
-            outs = [s.process("u000", events[i:i + 9]) for i in range(0, len(events), 9)]
-            outs.append(s.flush())
-            snaps = {kind: store.snapshot() for kind, store in s.profiles.items()}
-            return (sum((o.get("examples", []) for o in outs), []),
-                    sum((o.get("late-labels", []) for o in outs), []), s.counters(),
-                    {k: (dict(v["profiles"]), v["buffer"], v["counters"]) for k, v in snaps.items()})
-        one, runs = run(False), run(True)
-        assert runs == one and len(one[0]) > 20, rate
-        assert any(k.startswith("user.impressions") for k in one[0][-1]["features"]), one[0][-1]
