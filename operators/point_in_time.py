@@ -658,24 +658,20 @@ class PointInTime:
         and MF vector row (``_VersionCapture``, shared)."""
         views = takens[0].views
         assert views is not None
-        every = list(dict.fromkeys(itertools.chain.from_iterable([t.items for t in takens])))
-        version = _VersionCapture(every, views, any(t.ctx.vector is not None for t in takens))
+        version = _VersionCapture(list(dict.fromkeys(itertools.chain.from_iterable(
+            [t.items for t in takens]))), views, any(t.ctx.vector is not None for t in takens))
         captures = version.captures
-        counts = (TableCounts(every, views.table_map(), self.item_shard_of)
-                  if self.item_shard_of is not None else None)
-        for item, table in zip(every, counts.tables if counts is not None else [None] * len(every),
-                               strict=True):
-            captures[item] = table_capture(item, table)
         for taken in takens:
             items = list(dict.fromkeys(taken.items))
             n = len(items)
             plain = object.__new__(UserContext)  # no MF vector, nothing consumed: the
             plain.__dict__.update(taken.ctx.__dict__)  # version's columns only
             plain.vector, plain.consumed = None, {}
-            cols = self.item_columns(
-                plain, items, taken.ts, views=views, attrs=[None] * n, cross=[_NO_CROSS] * n,
-                counts=counts.at([version.pos[item] for item in items], taken.ts or 0)
-                if counts is not None else None)
+            cols = self.item_columns(plain, items, taken.ts, views=views, attrs=[None] * n,
+                                     cross=[_NO_CROSS] * n)
+            for item, table in zip(items, cols.tables, strict=True):
+                if item not in captures:
+                    captures[item] = table_capture(item, table)
             taken.detached = _Detached(
                 {item: k for k, item in enumerate(items)},
                 [(name, values.tolist()) for name, values in cols.numeric.items()], version,
@@ -804,9 +800,7 @@ class PointInTime:
                      attrs: list[dict[str, Any] | None] | None = None,
                      cross: list[list[dict[str, Any]]] | None = None,
                      rows: np.ndarray | None = None, space: ItemRows | None = None,
-                     numeric_only: bool = False, mf_rowwise: bool = False,
-                     counts: tuple[np.ndarray, np.ndarray, list[ItemTable | None]] | None = None
-                     ) -> ItemColumns:
+                     numeric_only: bool = False, mf_rowwise: bool = False) -> ItemColumns:
         """The raw material of ``item_features`` column-wise, for vectorised scoring:
         numeric features as arrays, and per item its table, attributes and cross
         profile dicts (one shared dict per attribute value).
@@ -818,8 +812,7 @@ class PointInTime:
         ``covis_any`` (the pool ranker reads the channels itself) and ``slots``; no
         tables, attributes or cross profiles. ``mf_rowwise``: MF scores one row at a time
         (``_mf_rowwise``: the bits of one call per item, as examples take them) instead
-        of one matrix product. ``counts``: the items' popularity, trending (decayed to
-        ``ts_ms``) and tables in ``views`` when the caller has them (``TableCounts.at``)."""
+        of one matrix product."""
         n = len(item_ids)
         tables: list[ItemTable | None] = [None] * n
         numeric_only = numeric_only and rows is not None and space is not None
@@ -841,11 +834,8 @@ class PointInTime:
                 shard = space.shard[slots]
                 numeric["pop"] = space.pop[slots] * space.decay_factors("popular", at)[shard]
                 numeric["trend"] = space.trend[slots] * space.decay_factors("trending", at)[shard]
-            elif counts is not None:
-                numeric["pop"], numeric["trend"], tables = counts
             else:
-                numeric["pop"], numeric["trend"], tables = TableCounts(
-                    item_ids, table_map, self.item_shard_of).at(None, at)
+                numeric["pop"], numeric["trend"] = self._counts(item_ids, table_map, tables, at)
             if numeric_only:
                 sums = {}
             elif covis is None:
@@ -890,6 +880,27 @@ class PointInTime:
         cross = ([self._cross(ctx.user_id, cache, a, ts_ms) for a in attrs] if self._crosses
                  else [[] for _ in item_ids])
         return ItemColumns(item_ids, numeric, tables, attrs, cross)
+
+    def _counts(self, item_ids: list[str], table_map: dict[str, ItemTable],
+                tables: list[ItemTable | None], at: int) -> tuple[np.ndarray, np.ndarray]:
+        """Popularity and trending of each item decayed to ``at`` (0.0 without a table);
+        fills ``tables`` with each item's table."""
+        assert self.item_shard_of is not None
+        shard_of = self.item_shard_of
+        n = len(item_ids)
+        pop = np.zeros(n)
+        trend = np.zeros(n)
+        factors: dict[str, tuple[float, float]] = {}
+        for j, item in enumerate(item_ids):
+            table = table_map.get(shard_of(item))
+            if table is not None:
+                tables[j] = table
+                fp, ft = factors.get(table.shard) or factors.setdefault(
+                    table.shard, (table.decay_factor("popular", at),
+                                  table.decay_factor("trending", at)))
+                pop[j] = table.popular.get(item, 0.0) * fp
+                trend[j] = table.trending.get(item, 0.0) * ft
+        return pop, trend
 
     def seeds(self, ctx: UserContext, views: SnapshotViews | FrozenViews | None = None
               ) -> list[tuple[str, list[str]]]:
@@ -1079,55 +1090,6 @@ class _Detached:
         part = encoded_part(rounded)
         self.statics[k] = (attrs, static, rounded, part)
         return static, rounded, part
-
-
-class TableCounts:
-    """Each of some items' table in a table map (shard -> ``ItemTable``) and its raw
-    popularity and trending counts (float64; 0.0 without a table or a count), looked up
-    once: ``at`` decays them to a time with one factor per table, the product
-    ``count * factor`` of each item as a lookup per item would compute it. Shared by
-    every group detached from one version (``PointInTime._detach``)."""
-
-    __slots__ = ("tables", "distinct", "tix", "pop", "trend")
-
-    def __init__(self, items: list[str], table_map: dict[str, ItemTable],
-                 shard_of: Callable[[str], str]) -> None:
-        n = len(items)
-        self.tables: list[ItemTable | None] = [None] * n
-        """Each item's table (None: no table holds its shard yet)."""
-        self.distinct: list[ItemTable] = []
-        """The distinct tables of ``tables``."""
-        tix = [-1] * n  # -1: no table (the factor 0.0 after the tables' ones)
-        pop, trend = [0.0] * n, [0.0] * n
-        index: dict[int, int] = {}
-        get = table_map.get
-        for j, item in enumerate(items):
-            table = get(shard_of(item))
-            if table is None:
-                continue
-            k = index.get(id(table))
-            if k is None:
-                k = index[id(table)] = len(self.distinct)
-                self.distinct.append(table)
-            self.tables[j] = table
-            tix[j] = k
-            pop[j] = table.popular.get(item, 0.0)
-            trend[j] = table.trending.get(item, 0.0)
-        self.tix = np.asarray(tix, np.int64)
-        self.pop = np.asarray(pop, np.float64)
-        self.trend = np.asarray(trend, np.float64)
-
-    def at(self, pos: list[int] | None, at: int
-           ) -> tuple[np.ndarray, np.ndarray, list[ItemTable | None]]:
-        """(popularity, trending decayed to ``at`` ms, tables) of the items at ``pos``
-        (None: every item, in order)."""
-        fp = np.asarray([t.decay_factor("popular", at) for t in self.distinct] + [0.0])
-        ft = np.asarray([t.decay_factor("trending", at) for t in self.distinct] + [0.0])
-        if pos is None:
-            return self.pop * fp[self.tix], self.trend * ft[self.tix], self.tables
-        tix = self.tix[pos]
-        return (self.pop[pos] * fp[tix], self.trend[pos] * ft[tix],
-                [self.tables[k] for k in pos])
 
 
 class _VersionCapture:
