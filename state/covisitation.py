@@ -192,7 +192,9 @@ class CoVisitation:
                         self.evicted_neighbors += 1
                     else:  # amortised: one O(row) prune per slack inserts, not one per insert
                         self.evicted_neighbors += len(row) - m
-                        row = rows[a] = dict(heapq.nlargest(m, row.items(), key=_weight))
+                        # heapq.nlargest(m, ...) is this sort's head (ties in row order);
+                        # the sort is ~3x faster when m is most of the row (300 of 451)
+                        row = rows[a] = dict(sorted(row.items(), key=_weight, reverse=True)[:m])
         finally:
             self.pairs_added += added
         if written is not None and len(written) > self.config.max_items:
