@@ -104,16 +104,35 @@ def _waves(keys: np.ndarray) -> list[np.ndarray]:
     n = keys.size
     if n == 0:
         return []
-    order = np.argsort(keys, kind="stable")
-    sk = keys[order]
-    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    rank = np.empty(n, np.int64)
-    rank[order] = np.arange(n) - np.repeat(starts, sizes)
+    if n <= _SMALL_WAVES:  # a dict of counts: cheaper than the sort's numpy calls
+        seen: dict[int, int] = {}
+        occurrence = []
+        for k in keys.tolist():
+            j = seen.get(k, 0)
+            occurrence.append(j)
+            seen[k] = j + 1
+        if len(seen) == n:
+            return [np.arange(n)]
+        rank = np.array(occurrence, np.int64)
+    else:
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        first = np.empty(n, bool)
+        first[0] = True
+        np.not_equal(sk[1:], sk[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        sizes = np.diff(starts, append=n)
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n) - np.repeat(starts, sizes)
     top = int(rank.max())
     if top == 0:
         return [np.arange(n)]
     return [np.flatnonzero(rank == w) for w in range(top + 1)]
+
+
+_SMALL_WAVES = 256
+"""Batches of at most this many keys count occurrences in a dict (``_waves``); larger
+ones sort (the two give the same waves)."""
 
 
 def _rows_once(table: EmbeddingTable, keys: np.ndarray, waves: list[np.ndarray],

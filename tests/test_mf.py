@@ -378,3 +378,23 @@ def test_one_insert_per_batch_equals_one_per_wave(monkeypatch: pytest.MonkeyPatc
     assert list(fi._ids.items()) == list(si._ids.items())
     assert list(fi._gone.items()) == list(si._gone.items())
     assert fi.changed_since(3) == si.changed_since(3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 60, 256, 257, 2_000])
+def test_waves_hold_each_keys_jth_occurrence_in_wave_j_in_batch_order(n: int) -> None:
+    """``_waves`` (a dict of counts for small batches, a stable sort for large ones):
+    wave j holds, in batch order, the positions of every key's j-th occurrence."""
+    from models.mf import _waves
+
+    rng = np.random.default_rng(n)
+    for distinct in (max(1, n // 3), n):
+        keys = (rng.integers(0, distinct, n).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                if distinct < n else rng.permutation(n).astype(np.uint64) << np.uint64(40))
+        seen: dict[int, int] = defaultdict(int)
+        want: dict[int, list[int]] = defaultdict(list)
+        for pos, k in enumerate(keys.tolist()):
+            want[seen[k]].append(pos)
+            seen[k] += 1
+        got = _waves(keys)
+        assert [w.tolist() for w in got] == [want[j] for j in range(len(want))]
+        assert all(w.dtype == np.intp for w in got)
