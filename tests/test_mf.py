@@ -398,3 +398,42 @@ def test_waves_hold_each_keys_jth_occurrence_in_wave_j_in_batch_order(n: int) ->
         got = _waves(keys)
         assert [w.tolist() for w in got] == [want[j] for j in range(len(want))]
         assert all(w.dtype == np.intp for w in got)
+
+
+def test_vectors_after_a_batch_equal_a_lookup_of_every_id() -> None:
+    """``ItemFactors.vectors`` reads the rows the last batch stepped without looking the
+    ids up again: bit for bit what ``gather`` by key gives, for that batch's items, with
+    earlier or unknown ones, after evictions (a small table), removals, revivals, expiry
+    and a pickle round trip."""
+    from state.embedding_table import keys_of
+
+    f = ItemFactors(MFConfig(dim=4, max_items=12), max_tombstones=64)
+    rng = np.random.default_rng(3)
+
+    def check(items: list[str]) -> None:
+        want = f.table.gather(keys_of(items))
+        assert f.vectors(items).tobytes() == want.tobytes()
+
+    fast = 0
+    for step in range(40):
+        batch = [f"i{j}" for j in rng.integers(0, 20, int(rng.integers(1, 9)))]
+        u = rng.normal(size=(len(batch), 4)).astype(np.float32)
+        f.update_batch(batch, u, T0 + step, rng.normal(size=len(batch)).astype(np.float32))
+        changes = f.changed_since(max(1, f.version - 1))
+        fast += f._stepped is not None and all(i in f._stepped for i in changes.upserted)
+        check(changes.upserted)
+        check(batch)
+        check([*batch, "i0", "never"])
+        if step % 7 == 3:
+            f.remove([batch[0]])
+            check(batch)
+        if step % 7 == 5:
+            f.revive([f"i{j}" for j in range(20)])
+            check(batch)
+        if step % 11 == 10:
+            f.expire(T0 + step, 5)
+            check(batch)
+        if step % 13 == 12:
+            f = pickle.loads(pickle.dumps(f))
+            check(batch)
+    assert 10 <= fast < 40  # rows read without a lookup, but not after the evicting batches
