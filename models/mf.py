@@ -104,16 +104,35 @@ def _waves(keys: np.ndarray) -> list[np.ndarray]:
     n = keys.size
     if n == 0:
         return []
-    order = np.argsort(keys, kind="stable")
-    sk = keys[order]
-    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    rank = np.empty(n, np.int64)
-    rank[order] = np.arange(n) - np.repeat(starts, sizes)
+    if n <= _SMALL_WAVES:  # a dict of counts: cheaper than the sort's numpy calls
+        seen: dict[int, int] = {}
+        occurrence = []
+        for k in keys.tolist():
+            j = seen.get(k, 0)
+            occurrence.append(j)
+            seen[k] = j + 1
+        if len(seen) == n:
+            return [np.arange(n)]
+        rank = np.array(occurrence, np.int64)
+    else:
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        first = np.empty(n, bool)
+        first[0] = True
+        np.not_equal(sk[1:], sk[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        sizes = np.diff(starts, append=n)
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n) - np.repeat(starts, sizes)
     top = int(rank.max())
     if top == 0:
         return [np.arange(n)]
     return [np.flatnonzero(rank == w) for w in range(top + 1)]
+
+
+_SMALL_WAVES = 256
+"""Batches of at most this many keys count occurrences in a dict (``_waves``); larger
+ones sort (the two give the same waves)."""
 
 
 def _rows_once(table: EmbeddingTable, keys: np.ndarray, waves: list[np.ndarray],
@@ -326,6 +345,15 @@ class ItemFactors:
         self.updates = 0
         self.ignored = 0  # updates of blocked items
 
+    _stepped: dict[str, int] | None = None
+    """The items the last ``update_batch`` stepped -> their rows, while no other mutation
+    came since and that batch evicted nothing (so each row still holds its item):
+    ``vectors`` of them reads the rows without hashing and looking the ids up again (the
+    item shard's index change after each batch). None otherwise; not pickled."""
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_stepped"}
+
     def __len__(self) -> int:
         """Live (trainable, not removed) items."""
         return len(self._changed)
@@ -344,6 +372,14 @@ class ItemFactors:
 
     def vectors(self, item_ids: Iterable[str]) -> np.ndarray:
         """Current vectors ``(n, dim)`` float32; unknown items read their initial vector."""
+        stepped = self._stepped
+        if stepped is not None:
+            ids = item_ids if isinstance(item_ids, list) else list(item_ids)
+            try:
+                rows = [stepped[i] for i in ids]
+            except KeyError:  # an item the last batch did not step: look them all up
+                return self.table.gather(keys_of(ids))
+            return self.table.gather_rows(np.zeros(0, np.uint64), np.asarray(rows, np.int64))
         return self.table.gather(keys_of(item_ids))
 
     def known(self, item_ids: Iterable[str]) -> np.ndarray:
@@ -381,6 +417,7 @@ class ItemFactors:
         n = len(ids)
         U = _as_matrix(user_vecs, n, c.dim)
         out = np.full(n, np.nan, np.float32)
+        self._stepped = None
         if self._blocked:
             ok = np.fromiter((i not in self._blocked for i in ids), bool, n)
             self.ignored += int(n - ok.sum())
@@ -396,6 +433,7 @@ class ItemFactors:
         self._version += 1
         waves = _waves(keys)
         once = _rows_once(self.table, keys, waves, ts_ms)
+        stepped: dict[str, int] = {}
         for idx in waves:
             k = keys[idx]
             rows = once[idx] if once is not None else self.table.insert(k, ts_ms)
@@ -405,24 +443,29 @@ class ItemFactors:
             out[keep[idx]] = co
             self.table.add_rows(rows, lr * (co[:, None] * u - reg * V), ts_ms)
             if once is None:
-                self._record(ids, keep, idx, k, rows)
+                self._record(ids, keep, idx, k, rows, stepped)
         if once is not None:  # in batch order: each item first met where wave 0 met it
-            self._record(ids, keep, np.arange(keys.size), keys, once)
+            self._record(ids, keep, np.arange(keys.size), keys, once, stepped)
         self.updates += keep.size
         if self.table.stats()["evicted"] != evicted:
             self._reconcile()
+        else:
+            self._stepped = stepped
         return out
 
     def _record(self, ids: list[str], keep: np.ndarray, idx: np.ndarray, keys: np.ndarray,
-                rows: np.ndarray) -> None:
+                rows: np.ndarray, stepped: dict[str, int]) -> None:
         """Mark the items stepped at positions ``idx`` of the kept updates (``keys``,
-        their ``rows``) changed at this version; items without a row are not."""
+        their ``rows``) changed at this version, and note their rows in ``stepped``;
+        items without a row are not."""
         version, changed, gone, known = self._version, self._changed, self._gone, self._ids
+        row_list = rows.tolist()
         for j in np.flatnonzero(rows >= 0).tolist():
             item = ids[keep[idx[j]]]
             known[int(keys[j])] = item
             changed[item] = version
             gone.pop(item, None)
+            stepped[item] = row_list[j]
 
     def _leave(self, items: Iterable[str]) -> None:
         for item in items:
@@ -445,6 +488,7 @@ class ItemFactors:
         freed by expiry (the table has no point delete). Returns how many were live."""
         items = list(item_ids)
         self._version += 1
+        self._stepped = None
         live = sum(1 for i in items if i in self._changed)
         for i in items:
             self._blocked[i] = None
@@ -456,6 +500,7 @@ class ItemFactors:
     def revive(self, item_ids: Iterable[str]) -> None:
         """Undo :meth:`remove` (the item is available again); a still-held row comes back."""
         self._version += 1
+        self._stepped = None
         for item in item_ids:
             if item not in self._blocked and item not in self._gone:
                 continue
@@ -469,6 +514,7 @@ class ItemFactors:
     def expire(self, now_ms: int, ttl_ms: int) -> list[str]:
         """Free items not updated since ``now_ms - ttl_ms`` (event time, ms); returns the
         live ones that left (removed items' rows are freed silently)."""
+        self._stepped = None
         t = self.table
         rows = t.live_rows()
         old = rows[t.last_update_ms[rows] < np.int64(now_ms) - np.int64(ttl_ms)]

@@ -277,11 +277,16 @@ class ItemIndex:
     def vectors(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(vectors (n, dim) float32, found (n,) bool)``; missing items read zeros.
         (With ``space="cosine"`` hnswlib stores, and returns, normalised vectors.)"""
-        found = np.fromiter((i in self._label_of for i in item_ids), bool, len(item_ids))
-        out = np.zeros((len(item_ids), self.config.dim), np.float32)
+        n = len(item_ids)
+        get = self._label_of.get
+        labels = [get(i) for i in item_ids]  # one lookup per id; None: not in the index
+        out = np.zeros((n, self.config.dim), np.float32)
+        if n and None not in labels:  # all found (the usual case): no mask to build
+            out[:] = self._stored(labels)
+            return out, np.ones(n, bool)
+        found = np.fromiter((lab is not None for lab in labels), bool, n)
         if found.any():
-            labels = [self._label_of[i] for i, f in zip(item_ids, found, strict=True) if f]
-            out[found] = self._stored(labels)
+            out[found] = self._stored([lab for lab in labels if lab is not None])
         return out, found
 
     _dense: tuple[np.ndarray, np.ndarray] | None = None

@@ -3,6 +3,7 @@ bound, candidates with popularity normalisation, merge/select and persistence.""
 
 from __future__ import annotations
 
+import heapq
 import pickle
 
 import numpy as np
@@ -92,6 +93,21 @@ def test_top_m_bound_keeps_the_strongest() -> None:
     cv.add([("hub", "fresh", 1.0)], T0 + 100 * H)
     assert cv.score("hub", "fresh", T0 + 100 * H) == pytest.approx(1.0)
     assert cv.row_size("hub") == m
+
+
+def test_a_slack_prune_keeps_the_m_strongest_strongest_first_ties_in_row_order() -> None:
+    """A row past ``M * (1 + slack)`` neighbours is cut to its M strongest, strongest
+    first, equal weights in the order they were in the row (``heapq.nlargest``'s order)."""
+    m = 5
+    cv = CoVisitation(CoVisConfig(max_neighbors=m, prune_slack=0.4, half_life_ms=10 * H))
+    weights = [2.0, 1.0, 3.0, 2.0, 1.0, 3.0, 2.0, 0.5]  # 8 > 5 + 2: one prune at the last
+    cv.add([("hub", f"n{j}", w) for j, w in enumerate(weights)], T0)
+    g = cv._grow(T0)
+    want = heapq.nlargest(m, [(f"n{j}", w * g) for j, w in enumerate(weights)],
+                          key=lambda kv: kv[1])
+    assert list(cv._rows["hub"].items()) == want
+    assert [b for b, _ in want] == ["n2", "n5", "n0", "n3", "n6"]
+    assert cv.stats()["evicted_neighbors"] == 3
 
 
 def test_rows_bounded_by_max_items() -> None:

@@ -284,3 +284,27 @@ def test_a_frozen_index_reads_vectors_from_one_copy_with_the_same_floats(tmp_pat
     assert frozen._dense is not None  # ~1,000 labels asked: one copy
     assert b.index._dense is None  # a writable index never copies its vectors out
     assert frozen.vectors([])[0].shape == (0, DIM)
+
+
+@pytest.mark.parametrize("space", ["ip", "cosine"])
+def test_vectors_read_each_stored_row_and_zeros_for_unknown_ids(space) -> None:
+    """``vectors`` of live, replaced, removed, unknown and repeated ids (all found, some
+    found, none found): each found row is hnswlib's stored vector of the id's label bit
+    for bit, the others zeros, with the found flags."""
+    b, ids, x = _builder(200, space=space)
+    b.apply(ids[:20], x[:20] * 3.0)
+    b.remove(ids[20:30])
+    index = b.index
+    rng = np.random.default_rng(2)
+    names = ids + ["nope", "i999"]
+    for ask in ([ids[j] for j in rng.integers(30, 200, 50)],
+                [names[j] for j in rng.integers(0, len(names), 60)],
+                ["nope", "i20", "nope"], []):
+        got, found = index.vectors(ask)
+        assert got.dtype == np.float32 and got.shape == (len(ask), DIM)
+        assert found.dtype == bool
+        assert found.tolist() == [i in index for i in ask]
+        for row, item, ok in zip(got, ask, found.tolist(), strict=True):
+            want = (index._index.get_items([index._label_of[item]], return_type="numpy")[0]
+                    if ok else np.zeros(DIM, np.float32))
+            assert row.tobytes() == np.asarray(want, np.float32).tobytes()

@@ -378,3 +378,62 @@ def test_one_insert_per_batch_equals_one_per_wave(monkeypatch: pytest.MonkeyPatc
     assert list(fi._ids.items()) == list(si._ids.items())
     assert list(fi._gone.items()) == list(si._gone.items())
     assert fi.changed_since(3) == si.changed_since(3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 60, 256, 257, 2_000])
+def test_waves_hold_each_keys_jth_occurrence_in_wave_j_in_batch_order(n: int) -> None:
+    """``_waves`` (a dict of counts for small batches, a stable sort for large ones):
+    wave j holds, in batch order, the positions of every key's j-th occurrence."""
+    from models.mf import _waves
+
+    rng = np.random.default_rng(n)
+    for distinct in (max(1, n // 3), n):
+        keys = (rng.integers(0, distinct, n).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                if distinct < n else rng.permutation(n).astype(np.uint64) << np.uint64(40))
+        seen: dict[int, int] = defaultdict(int)
+        want: dict[int, list[int]] = defaultdict(list)
+        for pos, k in enumerate(keys.tolist()):
+            want[seen[k]].append(pos)
+            seen[k] += 1
+        got = _waves(keys)
+        assert [w.tolist() for w in got] == [want[j] for j in range(len(want))]
+        assert all(w.dtype == np.intp for w in got)
+
+
+def test_vectors_after_a_batch_equal_a_lookup_of_every_id() -> None:
+    """``ItemFactors.vectors`` reads the rows the last batch stepped without looking the
+    ids up again: bit for bit what ``gather`` by key gives, for that batch's items, with
+    earlier or unknown ones, after evictions (a small table), removals, revivals, expiry
+    and a pickle round trip."""
+    from state.embedding_table import keys_of
+
+    f = ItemFactors(MFConfig(dim=4, max_items=12), max_tombstones=64)
+    rng = np.random.default_rng(3)
+
+    def check(items: list[str]) -> None:
+        want = f.table.gather(keys_of(items))
+        assert f.vectors(items).tobytes() == want.tobytes()
+
+    fast = 0
+    for step in range(40):
+        batch = [f"i{j}" for j in rng.integers(0, 20, int(rng.integers(1, 9)))]
+        u = rng.normal(size=(len(batch), 4)).astype(np.float32)
+        f.update_batch(batch, u, T0 + step, rng.normal(size=len(batch)).astype(np.float32))
+        changes = f.changed_since(max(1, f.version - 1))
+        fast += f._stepped is not None and all(i in f._stepped for i in changes.upserted)
+        check(changes.upserted)
+        check(batch)
+        check([*batch, "i0", "never"])
+        if step % 7 == 3:
+            f.remove([batch[0]])
+            check(batch)
+        if step % 7 == 5:
+            f.revive([f"i{j}" for j in range(20)])
+            check(batch)
+        if step % 11 == 10:
+            f.expire(T0 + step, 5)
+            check(batch)
+        if step % 13 == 12:
+            f = pickle.loads(pickle.dumps(f))
+            check(batch)
+    assert 10 <= fast < 40  # rows read without a lookup, but not after the evicting batches
