@@ -35,19 +35,30 @@ each and its mean over the slowest 1% (``span_<name>_ms``), the GC pauses of the
 and of the client (``gc_*``), and what the slowest 1% overlapped (``tail_overlap_ms``:
 GC pauses, stage calls, the snapshot loader thread). ``--compare-runtime`` adds a run
 with the process settings before ``flows/runtime.py`` (``*_old_runtime``).
+``--processes N`` runs the flow as N processes (``-i/-a``, as ``bench/scaleout.py``
+does) over an events topic of N partitions keyed by user id (each process reads one;
+the user shards' events cross between them as Bytewax routes them), and
+``--compare-processes N`` adds a run with N processes right after the first, at the
+same rates (``*_processes_N``); ``flow_cpu_per_s`` is the flow processes' CPU seconds
+per second of the live phase (near the process count: the flow is saturated, queueing
+sets the figures). ``--co-partition`` sends each user event to the partition read by
+the worker of its user shard (``co_partition_of``), so requests do not cross processes
+on their way in; ``--compare-co-partition`` adds a run with the other partitioning.
 Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``rt_p50_ms``, ``rt_p90_ms``, ``rt_p99_ms``, ``inflow_p50_ms``, ``inflow_p90_ms``,
-``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``, then
-the step timers, the spans and the GC figures above.
+``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``,
+``processes``, ``flow_cpu_per_s``, then the step timers, the spans and the GC figures above.
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
 [--compare-runtime] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
-[--compare-fetch-wait]``.
+[--compare-fetch-wait] [--processes N] [--compare-processes N] [--co-partition]
+[--compare-co-partition]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import re
@@ -90,8 +101,8 @@ def world(now_ms: int, n: int, seed: int = 0) -> tuple[list[dict[str, Any]], lis
 
 def trace(path: str) -> None:
     """Stamp, in the flow process, the moments the flow's own records cannot carry:
-    a line per Kafka source batch (``src <wall ns> <first offset> <next offset>``), per
-    acknowledged recommendation (``ack <wall ns> <offset>``, from the sink producer's
+    a line per Kafka source batch (``src <wall ns> <first offset> <next offset>
+    <partition>``), per acknowledged recommendation (``ack <wall ns> <offset>``, from the sink producer's
     sender thread) and per GC pause of 1 ms or more (``gc <start ns> <duration ns>
     <generation>``), line-buffered into ``path``; and each recommendation carries its
     batch's ingest wall time (``trace_ingest_ns``, the ``ingest_ns`` its ``latency_ms``
@@ -114,7 +125,7 @@ def trace(path: str) -> None:
         first = self._offset
         batch = next_batch(self)
         if batch and first is not None:
-            line(f"src {time.time_ns()} {first} {self._offset}")
+            line(f"src {time.time_ns()} {first} {self._offset} {self._tp.partition}")
         return batch
 
     kafka_io._KafkaSourcePartition._next_batch = traced_next_batch  # type: ignore[method-assign]
@@ -223,9 +234,12 @@ OLD_RUNTIME = {"gc_threshold": [50_000, 20, 100], "gc_freeze_when_caught_up": Fa
 no freeze once caught up, Python's default GIL switch interval."""
 
 
-def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
+def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_ports: list[int],
                rival: tuple[bool, bool, bool] = (False, False, False),
-               overrides: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
+               overrides: dict[str, Any] | None = None) -> list[subprocess.Popen[bytes]]:
+    """The flow as ``len(api_ports)`` processes (``-i/-a`` when more than one, as
+    ``bench/scaleout.py`` runs them), each with its own dataflow API port; their logs
+    go to ``flow.log`` (one file, lines appended by each)."""
     config = {
         "app": APP,
         "inputs": [{"kind": "kafka", "topics": ["events"]}],
@@ -237,17 +251,23 @@ def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_port: int,
     }
     path = out / "config.json"
     path.write_bytes(orjson.dumps(config))
-    log = (out / "flow.log").open("ab")
-    # cwd: the run's temp dir (the dataflow API writes dataflow.json there)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BYTEWAX_DATAFLOW_API_ENABLED": "true",
-           "BYTEWAX_DATAFLOW_API_PORT": str(api_port),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
-                                         if p)}
     entry = (f"{Path(__file__).resolve()}:rival_flow('{path}', {rival[0]}, {rival[1]}, "
              f"{rival[2]}, '{out / 'trace.txt'}')")
-    return subprocess.Popen([sys.executable, "-m", "bytewax.run", entry],
-                            cwd=out, env=env,
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in api_ports)
+    procs = []
+    for i, api_port in enumerate(api_ports):
+        log = (out / "flow.log").open("ab")
+        # cwd: the run's temp dir (the dataflow API writes dataflow.json there)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "BYTEWAX_DATAFLOW_API_ENABLED": "true",
+               "BYTEWAX_DATAFLOW_API_PORT": str(api_port),
+               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
+                                             if p)}
+        args = [sys.executable, "-m", "bytewax.run", entry]
+        if len(api_ports) > 1:
+            args += ["-i", str(i), "-a", addresses]
+        procs.append(subprocess.Popen(args, cwd=out, env=env, stdin=subprocess.DEVNULL,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    return procs
 
 
 STEP_TIMES = {
@@ -261,32 +281,34 @@ STEP_TIMES = {
 (histogram family, substring of the step id)."""
 
 
-def step_seconds(api_port: int) -> dict[str, tuple[float, float]]:
+def step_seconds(api_ports: list[int]) -> dict[str, tuple[float, float]]:
     """(seconds, calls) per ``STEP_TIMES`` group and per output step (``out_<name>``),
-    scraped from the flow's dataflow API; {} when it does not answer."""
+    scraped from the flow processes' dataflow APIs and summed over them; {} when none
+    answers."""
     import urllib.request
 
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return {}
     line = re.compile(r'^(\w+)_(sum|count)\{([^}]*)\}\s+(\S+)$')
     out: dict[str, list[float]] = {}
-    for raw in text.splitlines():
-        m = line.match(raw)
-        if not m:
+    for api_port in api_ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
             continue
-        family, part, labels, value = m.groups()
-        step = re.search(r'step_id="([^"]*)"', labels)
-        if step is None:
-            continue
-        groups = [g for g, (fam, sub) in STEP_TIMES.items() if fam == family and sub in step[1]]
-        if family == STEP_TIMES["sinks"][0]:
-            groups.append(step[1].split(".")[1])
-        for g in groups:
-            acc = out.setdefault(g, [0.0, 0.0])
-            acc[0 if part == "sum" else 1] += float(value)
+        for raw in text.splitlines():
+            m = line.match(raw)
+            if not m:
+                continue
+            family, part, labels, value = m.groups()
+            step = re.search(r'step_id="([^"]*)"', labels)
+            if step is None:
+                continue
+            groups = [g for g, (fam, sub) in STEP_TIMES.items() if fam == family and sub in step[1]]
+            if family == STEP_TIMES["sinks"][0]:
+                groups.append(step[1].split(".")[1])
+            for g in groups:
+                acc = out.setdefault(g, [0.0, 0.0])
+                acc[0 if part == "sum" else 1] += float(value)
     return {g: (v[0], v[1]) for g, v in out.items()}
 
 
@@ -339,7 +361,7 @@ consumes it (``client_fetch``). ``request_ack`` (send -> the broker's acknowledg
 seen by the client) splits ``to_flow``: the client's producer and the broker's append."""
 
 
-def spans(sent: dict[str, float], acks: dict[str, tuple[float, int]], receiver: Receiver,
+def spans(sent: dict[str, float], acks: dict[str, tuple[float, int, int]], receiver: Receiver,
           trace_lines: list[str], client_gc: list[tuple[int, int]],
           live: tuple[int, int]) -> dict[str, Any]:
     """Per span (``SPANS``, ``request_ack``), ms: p50/p90/p99 over the traced requests and
@@ -349,12 +371,15 @@ def spans(sent: dict[str, float], acks: dict[str, tuple[float, int]], receiver: 
     (acknowledged answer -> receipt) a pause overlapped; the source's batches per second
     and records per batch."""
     src_t, src_first, src_next, flow_ack, flow_gc = [], [], [], {}, []
+    by_part: dict[int, list[int]] = {}
+    """Events partition -> positions of its source batches in ``src_*`` (offset order)."""
     by_gen: dict[str, list[float]] = {}
     stalls: dict[str, list[tuple[float, float]]] = {}
     """Flow calls of 5 ms or more by stage (wall ms intervals)."""
     for raw in trace_lines:
         kind, *f = raw.split()
         if kind == "src":
+            by_part.setdefault(int(f[3]) if len(f) > 3 else 0, []).append(len(src_t))
             src_t.append(int(f[0]))
             src_first.append(int(f[1]))
             src_next.append(int(f[2]))
@@ -366,7 +391,7 @@ def spans(sent: dict[str, float], acks: dict[str, tuple[float, int]], receiver: 
             flow_gc.append((int(f[0]), int(f[1])))
             if live[0] <= int(f[0]) <= live[1]:
                 by_gen.setdefault(f"gen{f[2]}", []).append(int(f[1]) / 1e6)
-    nexts = np.asarray(src_next)
+    nexts = {part: np.asarray([src_next[j] for j in rows]) for part, rows in by_part.items()}
     rows: list[list[float]] = []
     windows: list[tuple[float, ...]] = []
     for rid, t0 in sent.items():
@@ -374,9 +399,14 @@ def spans(sent: dict[str, float], acks: dict[str, tuple[float, int]], receiver: 
             continue
         recv_s = receiver.received[rid][0]
         ingest_ns, emit_ms, out_offset = receiver.traced[rid]
-        ack_s, offset = acks[rid]
-        i = int(np.searchsorted(nexts, offset, side="right"))
-        if i >= len(nexts) or src_first[i] > offset or out_offset not in flow_ack:
+        ack_s, offset, partition = acks[rid]
+        if partition not in nexts:
+            continue
+        k = int(np.searchsorted(nexts[partition], offset, side="right"))
+        if k >= len(nexts[partition]):
+            continue
+        i = by_part[partition][k]
+        if src_first[i] > offset or out_offset not in flow_ack:
             continue
         src_ns, back_ns = src_t[i], flow_ack[out_offset]
         answer_ms = ingest_ns / 1e6 + receiver.received[rid][1]
@@ -445,12 +475,45 @@ def spans(sent: dict[str, float], acks: dict[str, tuple[float, int]], receiver: 
     return out
 
 
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the processes ``pids`` (Linux
+    ``/proc``; 0 where it cannot be read)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def co_partition_of(partitions: int) -> Any:
+    """``user id -> events partition`` that keeps a user's events in the process of the
+    user's shard: ``shard_of(user_id) mod partitions`` with the flow's ``shards.users``
+    (zero-config or environment). With one partition per worker (``W`` dividing 12),
+    partition ``p`` is read by worker ``p`` (Bytewax places a source's partitions round
+    robin in name order, ``topic#0``.. for up to 10) and user shard ``j`` runs on worker
+    ``j mod W`` (``operators.placement``), so a user event never crosses processes on its
+    way to its shard."""
+    from flows.config import load_config
+    from state.hashing import ShardOf
+
+    shard_of = ShardOf(load_config(None).shards.users)
+    return lambda user_id: shard_of(str(user_id)) % partitions
+
+
 def run(seconds: float, requests_per_s: float, events_per_s: float,
         fetch_wait_ms: int, rival: tuple[bool, bool, bool] = (False, False, False),
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        overrides: dict[str, Any] | None = None, processes: int = 1,
+        co_partition: bool = False) -> dict[str, Any]:
     """One measured run on a fresh broker and flow; the figures of its live phase.
     ``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch,
-    snapshots made durable on the worker thread); ``overrides``: config sections."""
+    snapshots made durable on the worker thread); ``overrides``: config sections;
+    ``processes``: flow processes, with as many partitions of the events topic (keyed
+    by user id), one per process (Bytewax places them round robin); ``co_partition``:
+    a user event goes to partition ``shard_of(user_id) mod processes`` instead, the
+    partition read by the worker that runs the user's shard (``co_partition_of``)."""
     out = Path(tempfile.mkdtemp(prefix="streamrec-latency-"))
     now_ms = int(time.time() * 1000)
     n_live = int(seconds * events_per_s) + 1
@@ -458,21 +521,25 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
     users = [e["user_id"] for e in warm if e["type"] == "request"]
     with LocalBroker() as broker:
         bootstrap = broker.bootstrap
-        create_topics(bootstrap, [f"{APP}.events"] + [f"{APP}.{n}" for n in OUTPUTS], 1)
-        api_port = free_port()
-        flow = start_flow(bootstrap, out, fetch_wait_ms, api_port, rival, overrides)
+        create_topics(bootstrap, f"{APP}.events", processes)
+        create_topics(bootstrap, [f"{APP}.{n}" for n in OUTPUTS], 1)
+        api_ports = [free_port() for _ in range(processes)]
+        flows = start_flow(bootstrap, out, fetch_wait_ms, api_ports, rival, overrides)
         receiver = Receiver(bootstrap, fetch_wait_ms)
         receiver.start()
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
         topic = f"{APP}.events"
 
-        def send(event: dict[str, Any]) -> Any:
-            return producer.send(topic, key=str(event.get("user_id", "")).encode(),
-                                 value=orjson.dumps(event))
+        partition_of = co_partition_of(processes) if co_partition and processes > 1 else None
 
-        acks: dict[str, tuple[float, int]] = {}
+        def send(event: dict[str, Any]) -> Any:
+            user = event.get("user_id")
+            return producer.send(topic, key=str(user or "").encode(), value=orjson.dumps(event),
+                                 partition=partition_of(user) if partition_of and user else None)
+
+        acks: dict[str, tuple[float, int, int]] = {}
         """request_id -> (wall s the client's producer saw the broker's acknowledgement,
-        the request's offset)."""
+        the request's offset and partition)."""
         client_gc: list[tuple[int, int]] = []
         gc_started = [0]
 
@@ -485,14 +552,18 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         try:
             for event in warm:
                 send(event)
-            marker = {"type": "request", "ts": now_ms, "request_id": "warm-up-done",
-                      "user_id": users[-1]}
-            send(marker)
+            for part in range(processes):  # one marker behind each partition's backlog
+                marker = {"type": "request", "ts": now_ms, "request_id": f"warm-up-done-{part}",
+                          "user_id": users[-1]}
+                producer.send(topic, value=orjson.dumps(marker), partition=part)
             producer.flush()
-            if not receiver.wait_for("warm-up-done", 600):
-                raise RuntimeError("the flow did not take the warm-up in 600 s:\n"
-                                   + (out / "flow.log").read_text()[-3000:])
-            steps0 = step_seconds(api_port)
+            for part in range(processes):
+                if not receiver.wait_for(f"warm-up-done-{part}", 600):
+                    raise RuntimeError("the flow did not take the warm-up in 600 s:\n"
+                                       + (out / "flow.log").read_text()[-3000:])
+            steps0 = step_seconds(api_ports)
+            pids = [f.pid for f in flows]
+            cpu0 = _cpu_s(pids)
             live_from = time.time_ns()
             gc.callbacks.append(on_gc)
             sent: dict[str, float] = {}
@@ -512,13 +583,15 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
                                "user_id": users[n_req % len(users)], "k": 10}
                     sent[rid] = time.time()
                     send(request).add_callback(
-                        lambda md, rid=rid: acks.__setitem__(rid, (time.time(), md.offset)))
+                        lambda md, rid=rid: acks.__setitem__(rid, (time.time(), md.offset,
+                                                                md.partition)))
                     n_req += 1
                 producer.flush()
                 time.sleep(max(0.0, start + elapsed + tick - time.monotonic()))
             wall = time.monotonic() - start
             live_to = time.time_ns()
-            steps1 = step_seconds(api_port)
+            cpu1 = _cpu_s(pids)
+            steps1 = step_seconds(api_ports)
             deadline = time.monotonic() + 30
             while len([r for r in sent if r in receiver.received]) < len(sent) and (
                     time.monotonic() < deadline):
@@ -529,8 +602,10 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
             receiver.stop.set()
             receiver.join(timeout=5)
             producer.close()
-            flow.kill()
-            flow.wait(timeout=30)
+            for flow in flows:
+                flow.kill()
+            for flow in flows:
+                flow.wait(timeout=30)
             trace_lines = ((out / "trace.txt").read_text().splitlines()
                            if (out / "trace.txt").exists() else [])
             froze = re.findall(r"gc: froze ([\d,]+) objects .* in (\d+) ms",
@@ -552,6 +627,10 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         "inflow_p50_ms": pct(fl, 50), "inflow_p90_ms": pct(fl, 90), "inflow_p99_ms": pct(fl, 99),
         "requests": len(sent), "answered": len(got),
         "requests_per_s": round(n_req / wall, 1), "events_per_s": round(n_ev / wall, 1),
+        "processes": processes,
+        # the flow processes' CPU over the live phase, per wall second (summed over
+        # processes: 1.0 is one core busy; near the process count, the flow is saturated)
+        "flow_cpu_per_s": round((cpu1 - cpu0) / wall, 3),
         # the worker's wall time in the sinks' write_batch (send + flush + acks) and in
         # the user shards, over the live phase (Bytewax's own step timers)
         "sink_write_share": round(sink_s / wall, 4) if steps else None,
@@ -605,41 +684,73 @@ def main() -> None:
     parser.add_argument("--compare-batch-size", type=int, default=0, metavar="N",
                         help="also run with the Kafka input's inputs[].batch_size = N "
                              "(default 1000): micro-batches bounded tighter")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="flow processes (-i/-a), with as many partitions of the events "
+                             "topic (default 1)")
+    parser.add_argument("--compare-processes", type=int, default=0, metavar="N",
+                        help="also run the flow as N processes right after, at the same "
+                             "rates (keys *_processes_N)")
+    parser.add_argument("--co-partition", action="store_true",
+                        help="with several processes, send each user event to partition "
+                             "shard_of(user_id) mod N (the partition read by the worker of "
+                             "its user shard) instead of Kafka's hash of the user id")
+    parser.add_argument("--compare-co-partition", action="store_true",
+                        help="also run with the other partitioning right after (keys "
+                             "*_co_partition or *_keyed)")
     args = parser.parse_args()
-    figures = run(args.seconds, args.requests_per_s, args.events_per_s, 10)
+    if args.processes < 1:
+        parser.error("--processes must be >= 1")
+    measure = functools.partial(run, processes=args.processes, co_partition=args.co_partition)
+    figures = measure(args.seconds, args.requests_per_s, args.events_per_s, 10)
     print_spans("this flow", figures)
     if args.compare_batch_size:  # right after, on the same machine load
-        small = run(args.seconds, args.requests_per_s, args.events_per_s, 10, overrides={
+        small = measure(args.seconds, args.requests_per_s, args.events_per_s, 10, overrides={
             "inputs": [{"kind": "kafka", "topics": ["events"],
                         "batch_size": args.compare_batch_size}]})
         print_spans(f"batch_size {args.compare_batch_size}", small)
         for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
                     "inflow_p99_ms", "user_shard_share"):
             figures[f"{key}_batch_{args.compare_batch_size}"] = small.get(key)
+    if args.compare_processes:  # right after, on the same machine load
+        other = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
+                    processes=args.compare_processes, co_partition=args.co_partition)
+        print_spans(f"{args.compare_processes} processes", other)
+        for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
+                    "inflow_p99_ms", "answered", "flow_cpu_per_s", "source_records_per_batch"):
+            figures[f"{key}_processes_{args.compare_processes}"] = other.get(key)
+    if args.compare_co_partition:  # right after, on the same machine load
+        other = measure(args.seconds, args.requests_per_s, args.events_per_s, 10,
+                        co_partition=not args.co_partition)
+        label = "keyed" if args.co_partition else "co_partition"
+        print_spans(label, other)
+        for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
+                    "inflow_p99_ms", "answered", "flow_cpu_per_s", "span_in_flow_ms",
+                    "span_to_sink_ms"):
+            figures[f"{key}_{label}"] = other.get(key)
     if args.compare_runtime:  # right after, on the same machine load
-        old_gc = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
+        old_gc = measure(args.seconds, args.requests_per_s, args.events_per_s, 10,
                      overrides={"runtime": OLD_RUNTIME})
         print_spans("runtime as before (GC 50000/20/100, no freeze, switch 5 ms)", old_gc)
         for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
                     "inflow_p99_ms", "gc_flow_max_ms", "gc_flow_total_ms"):
             figures[f"{key}_old_runtime"] = old_gc.get(key)
     if args.compare_sync_write:  # right after, on the same machine load
-        durable = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
+        durable = measure(args.seconds, args.requests_per_s, args.events_per_s, 10,
                       rival=(False, False, True))
     print(f"fetch wait 10 ms: {args.requests_per_s:g} requests/s beside "
           f"{args.events_per_s:g} events/s for {args.seconds:g} s: {figures}")
     if args.compare_fetch_wait:
-        old = run(args.seconds, args.requests_per_s, args.events_per_s, 500)
+        old = measure(args.seconds, args.requests_per_s, args.events_per_s, 500)
         print(f"fetch wait 500 ms (kafka-python default): {old}")
         figures["rt_p99_ms_fetch_wait_500"] = old["rt_p99_ms"]
     if args.compare_sync_load:
-        sync = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
+        sync = measure(args.seconds, args.requests_per_s, args.events_per_s, 10,
                    rival=(True, False, False))
         print(f"snapshots loaded inside the poll (before background loading): {sync}")
         for key in ("rt_p50_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p99_ms"):
             figures[f"{key}_sync_load"] = sync[key]
     if args.compare_sink_flush:
-        flush = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
+        flush = measure(args.seconds, args.requests_per_s, args.events_per_s, 10,
                     rival=(False, True, False))
         print(f"sinks waiting for acknowledgements in every write_batch (before): {flush}")
         for key in ("rt_p50_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p99_ms",

@@ -30,6 +30,15 @@ Figures (the last line is JSON):
 * ``gc_s_*``: wall time in Python's garbage collector, summed over processes;
   ``user_keys_per_process_2proc``/``item_keys_per_process_2proc``: how Bytewax spread
   the 8 user shards and 4 item shards over the processes.
+* ``outside_stages_cpu_s_*``: CPU outside the timed stages and plumbing (Bytewax's
+  runtime, pickling, the untimed steps, other threads); ``main_thread_cpu_s_2proc``:
+  the processes' main threads (in a cluster process Bytewax's main thread builds the
+  flow, then waits for the worker thread, taking the GIL every millisecond to check
+  for signals); ``crossing_items_2proc``, ``crossing_bytes_2proc``,
+  ``crossing_bytes_per_event_2proc``, ``unpickle_cpu_s_2proc``: the items Bytewax
+  pickled in one process and unpickled in the other; ``startup_s_*`` (first build ->
+  the last process's first stage call) and ``shutdown_s_*`` (last stage call -> last
+  exit): the parts of the wall figure with no stage work; ``cpu_s_per_process_2proc``.
 * ``load_1min_start``/``load_1min_end``: the machine's load average around the runs.
 
 Correctness across processes is checked in the same run: the replay source has one
@@ -110,10 +119,14 @@ def _timed(f: Any, stage: str, cpu_ns: dict[str, int], lock: threading.Lock) -> 
     return timed
 
 
-def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
+def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]],
+                    marks: dict[str, float] | None = None) -> None:
     """Wrap the stateful stages' callbacks to add their thread CPU time to ``cpu_ns`` and
     the shard keys they saw (user and item shards) to ``keys``; also time the stateless
-    plumbing (``PLUMBING``)."""
+    plumbing (``PLUMBING``). ``marks`` gets ``first``/``last`` (epoch s: the start of
+    the first and the end of the last stateful call) and ``worker_cpu_s`` (the CPU time
+    of the thread that ran them, as of that last call)."""
+    marks = {} if marks is None else marks
     import flows.recsys
     from events.model import EventParser
     from operators import replay_shards, sinks, sources
@@ -129,12 +142,16 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
                 if _s in SHARDED and args and isinstance(args[0], tuple):
                     keys[_s].add(args[0][0])  # (shard key, ...) items
                 t0 = time.thread_time_ns()
+                if "first" not in marks:
+                    marks["first"] = time.time()
                 try:
                     return _f(self, *args)
                 finally:
-                    spent = time.thread_time_ns() - t0
+                    t1 = time.thread_time_ns()
                     with lock:
-                        cpu_ns[_stage_of(_s, self)] += spent
+                        cpu_ns[_stage_of(_s, self)] += t1 - t0
+                        marks["last"] = time.time()
+                        marks["worker_cpu_s"] = t1 / 1e9
 
             setattr(cls, name, timed)
     for cls in (c for c in vars(sources).values()
@@ -149,6 +166,27 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]]) -> None:
     flows.recsys.route_events = _timed(flows.recsys.route_events, "route", cpu_ns, lock)
     sinks._JsonlPartition.write_batch = _timed(sinks._JsonlPartition.write_batch, "write",
                                                 cpu_ns, lock)
+
+
+def _install_unpickle_counter(received: list[float]) -> None:
+    """Count what this process unpickles into ``received``: [items, bytes, thread CPU s].
+    Bytewax pickles every item that a step routes to a worker of another process and
+    unpickles it there (nothing else in the flow unpickles while it runs, recovery being
+    off): the items and bytes that crossed into this process."""
+    import pickle
+
+    loads = pickle.loads
+
+    def counted(data: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.thread_time_ns()
+        try:
+            return loads(data, *args, **kwargs)
+        finally:
+            received[0] += 1
+            received[1] += len(data)
+            received[2] += (time.thread_time_ns() - t0) / 1e9
+
+    pickle.loads = counted
 
 
 def _install_gc_timer(gc_ns: list[int]) -> None:
@@ -167,17 +205,24 @@ def _install_gc_timer(gc_ns: list[int]) -> None:
 def timed_flow(config: dict[str, Any], stats_path: str) -> Any:
     """The main flow of ``config`` with stage CPU timers; at exit this process writes
     ``{"start", "end" (epoch s), "wall_s", "cpu_s", "gc_s", "stage_cpu_s": {stage: s},
-    "keys": {stage: [key, ...]}}`` (from the flow's build, after Python's imports, to
-    exit) to ``stats_path`` (the entry point of the worker processes: ``python -m
-    bytewax.run "bench/scaleout.py:timed_flow(...)"``)."""
+    "keys": {stage: [key, ...]}, "first", "last" (epoch s of the first and last stage
+    call), "main_cpu_s" (the main thread's CPU: in a cluster process it builds the
+    flow, then only waits for the worker thread), "worker_cpu_s", "received": [items,
+    bytes, unpickle CPU s] from other processes}`` (from the flow's build, after
+    Python's imports, to exit) to ``stats_path`` (the entry point of the worker
+    processes: ``python -m bytewax.run "bench/scaleout.py:timed_flow(...)"``)."""
     from flows.recsys import build
 
     cpu_ns: dict[str, int] = defaultdict(int)
     keys: dict[str, set[str]] = defaultdict(set)
     gc_ns = [0]
-    _install_timers(cpu_ns, keys)
+    marks: dict[str, float] = {}
+    received = [0, 0, 0.0]
+    _install_timers(cpu_ns, keys, marks)
     _install_gc_timer(gc_ns)
+    _install_unpickle_counter(received)
     start, wall0, cpu0 = time.time(), time.perf_counter(), time.process_time()
+    main0 = time.thread_time()  # bytewax.run builds the flow on the main thread
 
     def dump() -> None:
         Path(stats_path).write_bytes(orjson.dumps({
@@ -185,7 +230,10 @@ def timed_flow(config: dict[str, Any], stats_path: str) -> Any:
             "wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
             "gc_s": gc_ns[0] / 1e9,
             "stage_cpu_s": {s: ns / 1e9 for s, ns in cpu_ns.items()},
-            "keys": {s: sorted(k) for s, k in keys.items()}}))
+            "keys": {s: sorted(k) for s, k in keys.items()},
+            "first": marks.get("first", start), "last": marks.get("last", start),
+            "main_cpu_s": time.thread_time() - main0,  # atexit runs on the main thread
+            "worker_cpu_s": marks.get("worker_cpu_s", 0.0), "received": received}))
 
     atexit.register(dump)
     return build(config)
@@ -267,6 +315,32 @@ def check_same(one: dict[str, Any], two: dict[str, Any], lines: int, requests: i
         raise SystemExit("the 2-process run wrote other examples than the 1-process run")
 
 
+def cluster_costs(run: dict[str, Any], lines: int) -> dict[str, Any]:
+    """What a run spent besides its stages: CPU outside the timed stages and plumbing
+    (Bytewax's runtime, pickling, untimed steps, other threads), the main threads' CPU
+    (in a cluster process Bytewax's main thread only waits for the worker thread, taking
+    the GIL every millisecond to check for signals; in one process it is the worker),
+    the items and bytes unpickled from other processes, and the wall seconds from the
+    first process's build to the first stage call of the last process to start
+    (``startup_s``: connecting the cluster, opening the inputs) and from the last stage
+    call to the last exit (``shutdown_s``: end of input, flushes, exit)."""
+    stats = run["stats"]
+    staged = sum(sum(s["stage_cpu_s"].values()) for s in stats)
+    received = [sum(s["received"][i] for s in stats) for i in range(3)]
+    return {
+        "outside_stages_cpu_s": round(run["cpu_s"] - staged, 2),
+        "main_thread_cpu_s": round(sum(s["main_cpu_s"] for s in stats), 2)
+        if len(stats) > 1 else None,
+        "crossing_items": int(received[0]),
+        "crossing_bytes": int(received[1]),
+        "crossing_bytes_per_event": round(received[1] / lines, 1),
+        "unpickle_cpu_s": round(received[2], 3),
+        "startup_s": round(max(s["first"] for s in stats) - min(s["start"] for s in stats), 2),
+        "shutdown_s": round(max(s["end"] for s in stats) - max(s["last"] for s in stats), 2),
+        "cpu_s_per_process": [round(s["cpu_s"], 2) for s in stats],
+    }
+
+
 def _default_shards() -> dict[str, int]:
     from flows.config import load_config
 
@@ -333,6 +407,17 @@ def main() -> None:
         print(f"{label:>12}: {rate:8,.0f} events/s ({run['wall_s']:.1f} s, "
               f"{run['total_s']:.1f} s with start-up), {cpu:8,.0f} per CPU-s ({per})")
     print(f"ratio {rate2 / rate1:.2f}x wall, {cpu2 / cpu1:.2f}x per CPU-s")
+    costs1, costs2 = cluster_costs(one, lines), cluster_costs(many, lines)
+    print(f"CPU outside the timed stages: 1 process {costs1['outside_stages_cpu_s']:.1f} s, "
+          f"{args.processes} processes {costs2['outside_stages_cpu_s']:.1f} s (of which their "
+          f"main threads, waiting for the workers, {costs2['main_thread_cpu_s']:.1f} s; "
+          f"unpickling {costs2['unpickle_cpu_s']:.2f} s of {costs2['crossing_items']:,} items, "
+          f"{costs2['crossing_bytes'] / 1e6:.1f} MB, that crossed between processes: "
+          f"{costs2['crossing_bytes'] / lines:.0f} bytes and "
+          f"{1000 * costs2['crossing_items'] / lines:.1f} items per 1,000 events); "
+          f"wall time before the first stage call {costs1['startup_s']:.2f} / "
+          f"{costs2['startup_s']:.2f} s, after the last {costs1['shutdown_s']:.2f} / "
+          f"{costs2['shutdown_s']:.2f} s")
     print("stage CPU (1 process) and the flow's rate at which one key of it fills a core:")
     for stage in STAGES:
         if stage in ceilings:
@@ -357,6 +442,9 @@ def main() -> None:
         **{f"ceiling_events_per_s_{s}": round(ceilings[s], 1) for s in STAGES if s in ceilings},
         "gc_s_1proc": round(sum(st["gc_s"] for st in one["stats"]), 2),
         "gc_s_2proc": round(sum(st["gc_s"] for st in many["stats"]), 2),
+        **{f"{k}_1proc": v for k, v in costs1.items() if k in ("outside_stages_cpu_s",
+                                                                "startup_s", "shutdown_s")},
+        **{f"{k}_2proc": v for k, v in costs2.items()},
         "user_keys_per_process_2proc": [len(st["keys"].get("user_shard", ())) for st in many["stats"]],
         "item_keys_per_process_2proc": [len(st["keys"].get("item_shard", ())) for st in many["stats"]],
         "shards": shards or _default_shards(),

@@ -41,6 +41,26 @@ def test_output_check_catches_lost_duplicated_and_different_outputs() -> None:
             check(one, bad, lines=100, requests=5)
 
 
+def test_cluster_costs_split_cpu_and_wall_outside_the_stages() -> None:
+    def stats(start: float, first: float, last: float, end: float, cpu: float,
+              stages: dict[str, float], main: float, received: list[float]) -> dict[str, Any]:
+        return {"start": start, "first": first, "last": last, "end": end, "cpu_s": cpu,
+                "stage_cpu_s": stages, "main_cpu_s": main, "received": received}
+
+    run = {"cpu_s": 20.0, "stats": [
+        stats(100.0, 100.5, 110.0, 110.25, 10.0, {"user_shard": 8.0, "read": 0.5}, 0.75,
+              [10, 4000, 0.125]),
+        stats(100.25, 101.0, 110.5, 110.75, 10.0, {"user_shard": 7.0, "ranker": 1.0}, 1.0,
+              [30, 6000, 0.25])]}
+    costs = _bench().cluster_costs(run, lines=1000)
+    assert costs == {
+        "outside_stages_cpu_s": 3.5, "main_thread_cpu_s": 1.75, "crossing_items": 40,
+        "crossing_bytes": 10000, "crossing_bytes_per_event": 10.0, "unpickle_cpu_s": 0.375,
+        "startup_s": 1.0, "shutdown_s": 0.25, "cpu_s_per_process": [10.0, 10.0]}
+    one = _bench().cluster_costs({"cpu_s": 10.0, "stats": run["stats"][:1]}, lines=1000)
+    assert one["main_thread_cpu_s"] is None  # one process: the main thread is the worker
+
+
 @pytest.mark.slow
 def test_tiny_scaleout_run_prints_every_figure(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scaleout.py"), "-n", "3000"],
@@ -49,8 +69,14 @@ def test_tiny_scaleout_run_prints_every_figure(tmp_path: Path) -> None:
     figures = orjson.loads(proc.stdout.splitlines()[-1])
     for key in ("events_per_s_1proc", "events_per_s_2proc", "ratio", "events_per_cpu_s_1proc",
                 "events_per_cpu_s_2proc", "busy_share_ranker_2proc", "busy_share_index_2proc",
-                "busy_share_metrics_2proc", "ceiling_events_per_s_ranker", "load_1min_start"):
+                "busy_share_metrics_2proc", "ceiling_events_per_s_ranker", "load_1min_start",
+                "outside_stages_cpu_s_1proc", "outside_stages_cpu_s_2proc",
+                "main_thread_cpu_s_2proc", "crossing_bytes_per_event_2proc", "startup_s_2proc",
+                "shutdown_s_2proc", "cpu_s_per_process_2proc"):
         assert key in figures
+    # what crossed: item updates to the other process's item shards, examples, metrics
+    assert figures["crossing_items_2proc"] > 0 and figures["crossing_bytes_2proc"] > 0
+    assert len(figures["cpu_s_per_process_2proc"]) == 2
     assert figures["events"] == 3000
     # both processes worked: the shards are placed round robin (operators/placement.py;
     # Bytewax's hash of the plain names gave 3 + 5 user and 0 + 4 item shards)
