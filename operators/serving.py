@@ -718,11 +718,12 @@ class Server:
         next positive."""
         best = top_indices(pool.score, model.config.pool_size)
         items = [pool.items[i] for i in best.tolist()]
+        # no attributes: with the pool's rows in the id space, pool_matrix reads only
+        # numeric columns (``item_columns(numeric_only=True)`` ignores them)
         x = pool_matrix(model.ranker.names, self.context, self.covis_view,
                         self.config.covis_pop_alpha, ctx, items, pool.score[best], request.ts,
                         covis, probs[best] if probs is not None else None,
                         model.config.long_items, rows=pool.rows[best], space=self._space(),
-                        attrs=None if pool.attrs is None else [pool.attrs[i] for i in best.tolist()],
                         numeric=None if pool.columns is None else
                         {name: col[best] for name, col in pool.columns.numeric.items()},
                         slots=None if pool.columns is None or pool.columns.slots is None

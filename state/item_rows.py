@@ -388,11 +388,22 @@ class ItemRows:
         self._catalog_changes(catalog, version)
         attrs = self._attrs[slots].tolist()
         stale = np.flatnonzero(self.attr_id[slots] == 0)
-        if stale.size:
+        if stale.size == slots.size:
             get = catalog.get
-            for j in stale.tolist():
-                attrs[j] = get(items[j])
+            attrs = list(map(get, items))
             self.fill_attrs(slots, attrs, cross, unavailable)
+            return attrs
+        if stale.size:
+            # only the unread slots: every other slot holds its attributes object
+            # (``attr_id`` is its id), so its values are current already
+            get = catalog.get
+            at = stale.tolist()
+            fresh = [get(items[j]) for j in at]
+            for j, a in zip(at, fresh, strict=True):
+                attrs[j] = a
+            self.fill_attrs(slots[stale], fresh, cross, unavailable)
+        # what the columns ask next (``fill_attrs``, ``attr_ids``): no second check
+        self._last_attrs = (slots, attrs, cross, self._epoch)
         return attrs
 
     def _catalog_changes(self, catalog: Any, version: int) -> None:

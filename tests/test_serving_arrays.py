@@ -27,7 +27,7 @@ from serving_world import (
 )
 
 from events.model import Item
-from models.category_bandit import dense_codes
+from models.category_bandit import CodedCategories, dense_codes
 from operators.candidates import SOURCES, Candidate, MergeScratch, merge, top_indices
 from operators.trainer import RankerConfig, Trainer
 from state.covis_view import CovisView
@@ -98,6 +98,39 @@ def test_merge_is_the_dict_merge_in_retrieval_order(seed: int, spread: int) -> N
     assert [(c.item_id, c.sources, c.scores) for c in got] == \
         [(c.item_id, c.sources, c.scores) for c in want.values()]
     assert pool.items == [names[r] for r in pool.rows.tolist()]
+
+
+@pytest.mark.parametrize("kept", [0, 1, 2, 17, 40])
+def test_pool_take_is_the_per_position_pick(kept: int) -> None:
+    """``CandidatePool.take`` by a mask or by indices gives each kept position's row,
+    item, scores, categories, attributes and objects in pool order (none, one and many
+    kept)."""
+    rng = np.random.default_rng(kept)
+    n = 40
+    parts = [(source, rng.integers(0, 500, 30), rng.random(30)) for source in SOURCES]
+    pool = merge(parts, lambda rows: [f"i{r}" for r in rows.tolist()])
+    n = len(pool)
+    pool.score = rng.random(n)
+    pool.category = [f"c{j % 3}" for j in range(n)]
+    pool.attrs = [{"k": j} for j in range(n)]
+    pool.objs = [Candidate(item) for item in pool.items]
+    pool.coded = CodedCategories(rng.integers(0, 4, n), ["a", "b", "c", "d"])
+    idx = np.sort(rng.choice(n, min(kept, n), replace=False))
+    mask = np.zeros(n, bool)
+    mask[idx] = True
+    for got in (pool.take(mask), pool.take(idx)):
+        assert np.array_equal(got.rows, pool.rows[idx])
+        assert got.items == [pool.items[i] for i in idx.tolist()]
+        assert np.array_equal(got.scores, pool.scores[:, idx])
+        assert np.array_equal(got.has, pool.has[:, idx])
+        assert np.array_equal(got.score, pool.score[idx])
+        assert got.category == [pool.category[i] for i in idx.tolist()]
+        assert got.attrs == [pool.attrs[i] for i in idx.tolist()]
+        assert got.objs is not None and all(
+            a is pool.objs[i] for a, i in zip(got.objs, idx.tolist(), strict=True))
+        assert got.coded is not None
+        assert np.array_equal(got.coded.codes, pool.coded.codes[idx])
+        assert got.scores.shape == (len(SOURCES), idx.size)
 
 
 def test_merge_with_reused_scratch_is_merge_without() -> None:
@@ -418,9 +451,9 @@ def test_pool_features_of_the_numeric_columns_alone_are_the_full_columns_bit_for
         assert kwargs["numeric"] is None and kwargs["slots"] is None  # the LR did not score
         assert "age" in names and "pop" in names
         rows, space = kwargs["rows"], kwargs["space"]
-        full = context.item_columns(ctx, items, ts, covis, attrs=kwargs["attrs"], rows=rows,
+        full = context.item_columns(ctx, items, ts, covis, attrs=kwargs.get("attrs"), rows=rows,
                                     space=space)
-        alone = context.item_columns(ctx, items, ts, covis, attrs=kwargs["attrs"], rows=rows,
+        alone = context.item_columns(ctx, items, ts, covis, attrs=kwargs.get("attrs"), rows=rows,
                                      space=space, numeric_only=True)
         assert np.array_equal(alone.slots, full.slots)
         assert set(alone.numeric) == set(full.numeric) - {"covis", "covis_any"}

@@ -271,6 +271,10 @@ def test_catalog_attrs_reread_only_what_the_catalog_wrote_since(tmp_path: Path) 
         assert got == [dict.get(catalog, i) for i in items]
         assert all(g is dict.get(catalog, i) for g, i in zip(got, items, strict=True))
         assert space.unavailable[slots].tolist() == [unavailable(g) for g in got]
+        # the slots and the list are current for what reads them next: each slot's
+        # attributes object id, without a second pass
+        assert space.attr_ids(slots, got).tolist() == [id(g) for g in got]
+        assert space.attr_id[slots].tolist() == [id(g) for g in got]
 
     check()
     assert sorted(catalog.asked) == sorted(items)
