@@ -43,6 +43,20 @@ def simulated_log(n: int, seed: int = 0, config: SimConfig | None = None) -> Pat
     return path
 
 
+def flow_process_args(entry: str, index: int, addresses: list[str]) -> list[str]:
+    """``python -m bytewax.run ENTRY`` for process ``index`` of ``len(addresses)`` (the
+    cluster's ``host:port`` list: ``-i/-a`` when more than one, none for one process)."""
+    args = [sys.executable, "-m", "bytewax.run", entry]
+    if len(addresses) > 1:
+        args += ["-i", str(index), "-a", ";".join(addresses)]
+    return args
+
+
+def root_pythonpath() -> str:
+    """``PYTHONPATH`` for the bench's child processes: the project root, then the caller's."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
 def count_lines(path: Path) -> int:
     with path.open("rb") as f:
         return sum(1 for line in f if line.strip())

@@ -64,7 +64,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -79,7 +78,7 @@ from events.simulator import SimConfig, Simulator
 from flows.broker import LocalBroker, create_topics, free_port
 from flows.recsys import OUTPUTS
 
-from common import ROOT
+from common import flow_process_args, root_pythonpath
 
 APP = "latbench"
 WARMUP_EVENTS = 20_000
@@ -253,18 +252,15 @@ def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_ports: list[in
     path.write_bytes(orjson.dumps(config))
     entry = (f"{Path(__file__).resolve()}:rival_flow('{path}', {rival[0]}, {rival[1]}, "
              f"{rival[2]}, '{out / 'trace.txt'}')")
-    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in api_ports)
+    addresses = [f"127.0.0.1:{free_port()}" for _ in api_ports]
     procs = []
     for i, api_port in enumerate(api_ports):
         log = (out / "flow.log").open("ab")
         # cwd: the run's temp dir (the dataflow API writes dataflow.json there)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "BYTEWAX_DATAFLOW_API_ENABLED": "true",
                "BYTEWAX_DATAFLOW_API_PORT": str(api_port),
-               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
-                                             if p)}
-        args = [sys.executable, "-m", "bytewax.run", entry]
-        if len(api_ports) > 1:
-            args += ["-i", str(i), "-a", addresses]
+               "PYTHONPATH": root_pythonpath()}
+        args = flow_process_args(entry, i, addresses)
         procs.append(subprocess.Popen(args, cwd=out, env=env, stdin=subprocess.DEVNULL,
                                       stdout=log, stderr=subprocess.STDOUT))
     return procs

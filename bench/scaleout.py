@@ -75,7 +75,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from common import ROOT, count_lines, simulated_log  # noqa: E402
+from common import ROOT, count_lines, flow_process_args, root_pythonpath, simulated_log  # noqa: E402
 
 STAGES = ("user_shard", "item_shard", "ranker", "pool_trainer", "index", "metrics")
 SINGLE_KEY = ("ranker", "pool_trainer", "index", "metrics")
@@ -256,15 +256,13 @@ def run_cluster(log: Path, out: Path, processes: int, timeout_s: float,
     if shards:
         config["shards"] = shards
     addresses = [f"127.0.0.1:{_free_port()}" for _ in range(processes)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": root_pythonpath()}
     procs = []
     start = time.perf_counter()
     for i in range(processes):
-        args = [sys.executable, "-m", "bytewax.run",
-                f"{BENCH / 'scaleout.py'}:timed_flow({config!r}, {str(out / f'stats-{i}.json')!r})"]
-        if processes > 1:
-            args += ["-i", str(i), "-a", ";".join(addresses)]
+        args = flow_process_args(
+            f"{BENCH / 'scaleout.py'}:timed_flow({config!r}, {str(out / f'stats-{i}.json')!r})",
+            i, addresses)
         with (out / f"process-{i}.log").open("wb") as fh:
             procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                           stdout=fh, stderr=subprocess.STDOUT))

@@ -15,13 +15,13 @@ matrix built for them (operators/point_in_time.py): what a pool re-ranker consum
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
 from models.category_bandit import CodedCategories
 from state.covis_view import group_ids
+from state.packing import pick
 
 SOURCES = ("ann", "covis", "trending", "popular", "category")
 """Retrieval sources in the order they are retrieved (an item's ``sources`` list is
@@ -78,7 +78,7 @@ class CandidatePool:
     def take(self, keep: np.ndarray) -> CandidatePool:
         """The candidates where ``keep`` (a bool mask or indices), in pool order: arrays
         compressed by the mask (or gathered by the indices), lists picked by one
-        ``itemgetter`` (``_pick``)."""
+        ``itemgetter`` (``pick``)."""
         if keep.dtype == bool:
             idx = np.flatnonzero(keep)
 
@@ -91,11 +91,11 @@ class CandidatePool:
                 return a[..., idx]
         il = idx.tolist()
         return CandidatePool(
-            arrays(self.rows), _pick(self.items, il), arrays(self.scores), arrays(self.has),
+            arrays(self.rows), pick(self.items, il), arrays(self.scores), arrays(self.has),
             arrays(self.score),
-            None if self.category is None else _pick(self.category, il),
-            None if self.attrs is None else _pick(self.attrs, il),
-            None if self.objs is None else _pick(self.objs, il),
+            None if self.category is None else pick(self.category, il),
+            None if self.attrs is None else pick(self.attrs, il),
+            None if self.objs is None else pick(self.objs, il),
             coded=None if self.coded is None else CodedCategories(arrays(self.coded.codes),
                                                                   self.coded.names))
 
@@ -149,13 +149,6 @@ class CandidatePool:
         return cls(rows, [c.item_id for c in cands], scores, has,
                    np.array([c.score for c in cands], np.float64),
                    [c.category for c in cands], None, list(cands))
-
-
-def _pick(values: list[Any], idx: list[int]) -> list[Any]:
-    """``[values[i] for i in idx]`` (one ``itemgetter`` call for two or more)."""
-    if len(idx) > 1:
-        return list(itemgetter(*idx)(values))
-    return [values[i] for i in idx]
 
 
 _SOURCE_CODE = {name: k for k, name in enumerate(SOURCES)}

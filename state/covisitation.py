@@ -42,13 +42,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
-from operator import itemgetter
 
 import numpy as np
 
 from state.decay import decay_factor
 from state.npz import save_npz
-from state.packing import pack_strings, unpack_strings
+from state.packing import pack_strings, pick, unpack_strings
 
 Pair = tuple[str, str, float]
 
@@ -606,10 +605,7 @@ class FrozenCoVisitation(CoVisitation):
             return {}
         a, b = int(self._starts[r]), int(self._starts[r + 1])
         idx = self._arrays["neighbors"][a:b].tolist()
-        # one itemgetter call gathers the names (~20% less CPU per row than a list
-        # comprehension); it returns a bare name for one index
-        names = itemgetter(*idx)(self._vocab) if len(idx) > 1 else [self._vocab[j] for j in idx]
-        return dict(zip(names, (self._arrays["values"][a:b] * self._decay(now_ms)).tolist(),
+        return dict(zip(pick(self._vocab, idx), (self._arrays["values"][a:b] * self._decay(now_ms)).tolist(),
                         strict=True))
 
     def neighbors(self, item_id: str, n: int, now_ms: int) -> list[tuple[str, float]]:
