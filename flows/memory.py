@@ -21,6 +21,7 @@ from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
 from state.change_log import LOG as CATALOG_LOG
 from state.covis_view import SLACK
+from state.covisitation import KEEP_ARRAYS_BYTES
 from state.profile_plan import MAX_KEYS, ProfileParams
 
 if TYPE_CHECKING:
@@ -205,6 +206,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + ("item" in kinds) * QUEUED_WRITES * b["queued_profile_write"]
         + ("item" in kinds) * MAX_KEYS * b["profile_key"]
         + channels * covis.max_items * 1.5 * covis.max_neighbors * b["covis_row_neighbor"]
+        # the last table's co-visitation arrays, kept when small (publish_arrays(keep=True))
+        + channels * KEEP_ARRAYS_BYTES
         # the rows written since the last table, per channel (CoVisitation.publish_arrays)
         + channels * covis.max_items * b["covis_written_row"]
         + mf.max_items * b["mf_row"]

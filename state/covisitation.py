@@ -52,6 +52,10 @@ from state.packing import pack_strings, pick, unpack_strings
 
 Pair = tuple[str, str, float]
 
+KEEP_ARRAYS_BYTES = 8 << 20
+"""``publish_arrays(keep=True)`` keeps the arrays it returned for the next call when they
+take at most this many bytes (a MovieLens shard's ~2 MB; larger tables are read back
+from the last table's file by the caller instead)."""
 _MAX_EXP2 = 600.0  # rebase before values could exceed 2**600 (float64 max is ~2**1024)
 _FORMAT = 1
 
@@ -460,20 +464,32 @@ class CoVisitation:
                else np.zeros(0))
         return self._packed(names, sizes, nbr, val)
 
-    def publish_arrays(self, previous: Mapping[str, np.ndarray] | None = None
-                       ) -> dict[str, np.ndarray]:
+    _kept: dict[str, np.ndarray] | None = None
+    """The arrays the last ``publish_arrays(keep=True)`` returned, when they fit
+    ``KEEP_ARRAYS_BYTES`` (not pickled: a restored table builds its next arrays whole)."""
+
+    def publish_arrays(self, previous: Mapping[str, np.ndarray] | None = None,
+                       keep: bool = False) -> dict[str, np.ndarray]:
         """``to_arrays`` for a published version, and from here on the rows written are
         tracked until the next call. ``previous``: the arrays the last call returned
-        (e.g. read back from its file): the rows not written since are then copied from
-        them instead of walked (between two item tables most rows are unwritten), the
-        same arrays bit for bit; anything that does not fit them builds from the rows."""
+        (e.g. read back from its file, or ``kept_arrays``): the rows not written since
+        are then copied from them instead of walked (between two item tables most rows
+        are unwritten), the same arrays bit for bit; anything that does not fit them
+        builds from the rows. ``keep``: hold the result for ``kept_arrays`` if it takes
+        at most ``KEEP_ARRAYS_BYTES`` (callers must not modify it)."""
         out = None
         if previous is not None and self._written is not None:
             out = self._arrays_since(previous, self._written)
         if out is None:
             out = self.to_arrays()
         self._written = {}
+        self._kept = (out if keep and sum(a.nbytes for a in out.values()) <= KEEP_ARRAYS_BYTES
+                      else None)
         return out
+
+    def kept_arrays(self) -> dict[str, np.ndarray] | None:
+        """The last ``publish_arrays(keep=True)``'s arrays if kept (see there), else None."""
+        return self._kept
 
     def written_share(self) -> float | None:
         """Rows written since the last ``publish_arrays`` per row held (None: untracked)."""
