@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -90,10 +91,16 @@ _SLOTS: list[int] = list(range(1024))
 neighbour): ``Row.idx`` values are taken from here."""
 
 
+_SLOTS_LOCK = threading.Lock()
+
+
 def _slots(n: int) -> list[int]:
-    """``_SLOTS`` holding at least ``n`` slots."""
+    """``_SLOTS`` holding at least ``n`` slots (``_SLOTS[k] == k`` always: grown under a
+    lock, since tables of several worker threads share it)."""
     if len(_SLOTS) < n:
-        _SLOTS.extend(range(len(_SLOTS), max(n, 2 * len(_SLOTS))))
+        with _SLOTS_LOCK:
+            if len(_SLOTS) < n:
+                _SLOTS.extend(range(len(_SLOTS), max(n, 2 * len(_SLOTS))))
     return _SLOTS
 
 
@@ -157,7 +164,8 @@ class Row(Mapping[str, float]):
         return self.val
 
     def weights(self) -> np.ndarray:
-        """The weights as a float64 view of the row's buffer (no copy)."""
+        """The weights as a float64 view of the row's buffer (no copy): drop it before
+        the row is written again (a buffer with a view cannot grow)."""
         return np.frombuffer(self.val, np.float64) if self.val else np.zeros(0)
 
     def copy(self) -> Row:

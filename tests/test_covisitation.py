@@ -411,3 +411,18 @@ def test_the_row_store_holds_the_dict_tables_rows_bit_for_bit(slack: float) -> N
         assert [b for b, _ in got] == [b for b, _ in want[a]]
         assert np.array_equal(np.array([v for _, v in got]), np.array([v for _, v in want[a]]))
     assert cv.evicted_rows > 0 and cv.evicted_neighbors > 0
+
+
+def test_rows_longer_than_the_shared_slots_grow_them() -> None:
+    """A row past the 1,024 preallocated slots grows the shared slot list (slot k is k)
+    and holds the dict table's row."""
+    from state import covisitation
+
+    rng = np.random.default_rng(3)
+    config = CoVisConfig(max_neighbors=1_100, prune_slack=0.0)
+    pairs = [("hub", f"n{k}", float(w)) for k, w in enumerate(rng.integers(1, 50, 1_300))]
+    cv = CoVisitation(config)
+    cv.add(pairs, T0)
+    want = _dict_rows_reference([(pairs, T0)], config)["hub"]
+    assert list(cv._rows["hub"].items()) == want and cv.evicted_neighbors == 200
+    assert all(k == s for k, s in enumerate(covisitation._SLOTS))
