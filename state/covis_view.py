@@ -365,7 +365,7 @@ def sorted_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: 
         if nbr.size:  # by the stored values (decaying them may round two to one)
             r = covis._row_of[item]
             vals = covis._arrays["values"][int(covis._starts[r]):int(covis._starts[r + 1])]
-            order = np.argsort(-vals, kind="stable")
+            order = (-vals).argsort(kind="stable")
             row = (nbr[order], weights[order])
         else:
             row = _EMPTY
@@ -416,7 +416,7 @@ def sparse_sum(ids: np.ndarray, weights: np.ndarray, n: int) -> tuple[np.ndarray
     stable sort otherwise."""
     if n <= 8 * ids.size:
         dense = np.bincount(ids, weights=weights, minlength=n)
-        nz = np.flatnonzero(dense)
+        nz = dense.nonzero()[0]
         return nz, dense[nz]
     order, first = group_ids(ids)
     return ids[order][first], np.bincount(np.cumsum(first) - 1, weights=weights[order])
@@ -437,7 +437,7 @@ def sums_at(ids: np.ndarray, weights: np.ndarray, wanted: np.ndarray,
     every = bool(ok.all())
     known = wanted if every else wanted[ok]
     slot = np.full(size, -1, np.int64)
-    slot[known] = np.arange(wanted.size) if every else np.flatnonzero(ok)
+    slot[known] = np.arange(wanted.size) if every else ok.nonzero()[0]
     at = slot[ids]
     hit = at >= 0
     sums = np.bincount(at[hit], weights=weights[hit], minlength=wanted.size)
@@ -454,7 +454,7 @@ def group_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     id starts. Equal ids keep their input order, so sums over a group (``bincount``)
     add in input order, as ``np.unique(..., return_inverse=True)`` + ``bincount`` do,
     without scattering the inverse back (about 2x faster on ~5k ids)."""
-    order = np.argsort(ids, kind="stable")
+    order = ids.argsort(kind="stable")
     ordered = ids[order]
     first = np.empty(ordered.size, bool)
     first[:1] = True
