@@ -217,7 +217,7 @@ def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     shifted = codes + 1
     present = np.bincount(shifted) > 0
     present[0] = False  # code -1: no value
-    rank = np.cumsum(present) - 1  # rank[0] = -1
+    rank = present.cumsum() - 1  # rank[0] = -1
     return present.nonzero()[0] - 1, rank[shifted]
 
 
@@ -608,7 +608,7 @@ class CategoryBandit:
         the order ``rerank`` keeps inside a category), even from below the scorer's best
         ``depth``, replaces the list's item there."""
         k = top.shape[1]
-        winners = (np.argmax(theta, axis=1)[:, None] if explore == 1
+        winners = (theta.argmax(axis=1)[:, None] if explore == 1
                    else (-theta).argsort(axis=1, kind="stable")[:, :explore])
         out = top.copy()
         quality = None
@@ -626,7 +626,7 @@ class CategoryBandit:
             for r, c in zip(absent.tolist(), j[absent].tolist(), strict=True):
                 if c not in best:
                     members = (cat_of == c).nonzero()[0]
-                    best[c] = int(members[np.argmax(quality[members])])
+                    best[c] = int(members[quality[members].argmax()])
                 out[r, k - explore + slot] = best[c]
         return out
 

@@ -199,7 +199,7 @@ def merge(parts: list[tuple[str, np.ndarray, np.ndarray]], items_of: Any,
                              np.zeros((len(SOURCES), 0), bool), np.zeros(0))
     rows = np.concatenate([p[1] for p in parts])
     vals = np.concatenate([np.asarray(p[2], np.float64) for p in parts])
-    src = np.repeat([_SOURCE_CODE[p[0]] for p in parts], [p[1].size for p in parts])
+    src = np.array([_SOURCE_CODE[p[0]] for p in parts]).repeat([p[1].size for p in parts])
     first, at = (scratch.first_appearance(rows) if scratch is not None
                  else _first_appearance(rows))
     out_rows = rows[first]
@@ -228,7 +228,7 @@ def _first_appearance(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     by_row, starts = group_ids(rows)
     first = by_row[starts]  # each distinct row's first position (the sort is stable)
     group = np.empty(n, np.int64)
-    group[by_row] = np.cumsum(starts) - 1
+    group[by_row] = starts.cumsum() - 1
     order = first.argsort()  # groups in order of first appearance
     position = np.empty(first.size, np.int64)
     position[order] = np.arange(first.size)
