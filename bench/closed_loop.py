@@ -37,6 +37,7 @@ code (docs/evaluation.md, loop13).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.inprocess import InProcessFlow  # noqa: E402
 from flows.loop import ClosedLoop, LoopSettings  # noqa: E402
+from flows.runtime import GC_THRESHOLD  # noqa: E402
 
 POLICIES = ("random", "popular", "oracle", "streamrec")
 WORLDS = ("default", "organic", "drift")
@@ -340,4 +342,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    gc.set_threshold(*GC_THRESHOLD)  # the flow process's collector, as flows.recsys.build sets it
     main()
