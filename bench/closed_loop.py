@@ -28,11 +28,16 @@ served items' mean log-odds bias; on stderr also the expected CTR of each positi
 (default: /tmp/streamrec-closed-loop.png) and ends with one JSON line.
 
     python bench/closed_loop.py [--requests 4000] [--seed 0] [--worlds default,organic,drift]
+
+``--run-id`` (default ``b``) changes only streamrec's own random draws (they are seeded
+from the request ids): one seed's spread over run ids is the loop's chaos for the same
+code (docs/evaluation.md, loop13).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -47,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.inprocess import InProcessFlow  # noqa: E402
 from flows.loop import ClosedLoop, LoopSettings  # noqa: E402
+from flows.runtime import GC_THRESHOLD  # noqa: E402
 
 POLICIES = ("random", "popular", "oracle", "streamrec")
 WORLDS = ("default", "organic", "drift")
@@ -170,7 +176,8 @@ def run(world: str, policy_name: str, args: argparse.Namespace) -> Run:
     t0 = time.perf_counter()
     settings = world_settings(world, args)
     loop = ClosedLoop(settings)
-    loop.run_id = f"b{args.seed}"  # deterministic impression and request ids
+    # deterministic impression and request ids; the prefix seeds streamrec's own draws
+    loop.run_id = f"{getattr(args, 'run_id', 'b')}{args.seed}"
     policy = make_policy(policy_name, loop, args)
     policy.warm(loop.warmup())
     if world == "drift":
@@ -285,6 +292,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--config", default="{}", help="streamrec config overrides (JSON)")
     ap.add_argument("--out", default="/tmp/streamrec-closed-loop.png", help="PNG of the curves")
+    ap.add_argument("--run-id", default="b",
+                    help="prefix of the request ids, which seed streamrec's own draws (category "
+                         "sampling, interleaving, shadow sample); the world, the users' requests "
+                         "and responses and the other policies do not change with it")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     results: dict[str, dict[str, Run]] = {}
@@ -331,4 +342,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    gc.set_threshold(*GC_THRESHOLD)  # the flow process's collector, as flows.recsys.build sets it
     main()

@@ -217,8 +217,8 @@ def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     shifted = codes + 1
     present = np.bincount(shifted) > 0
     present[0] = False  # code -1: no value
-    rank = np.cumsum(present) - 1  # rank[0] = -1
-    return np.flatnonzero(present) - 1, rank[shifted]
+    rank = present.cumsum() - 1  # rank[0] = -1
+    return present.nonzero()[0] - 1, rank[shifted]
 
 
 _CODE_TABLES: dict[tuple[int, bytes], tuple[Sequence[str | None], list[str], np.ndarray]] = {}
@@ -235,7 +235,7 @@ def category_codes(categories: Sequence[str | None] | CodedCategories
     names of the codes present are sorted, then mapped back through a code table)."""
     if isinstance(categories, CodedCategories):
         codes = categories.codes
-        present = np.flatnonzero(np.bincount(codes))
+        present = np.bincount(codes).nonzero()[0]
         key = (id(categories.names), present.tobytes())
         hit = _CODE_TABLES.get(key)
         if hit is None or hit[0] is not categories.names:
@@ -535,17 +535,20 @@ class CategoryBandit:
                                       {})
         prior, pairs = memo[2], memo[3]
         s = self.config.prior_strength
-        a, b = [], []
-        for c in categories:
-            pair = pairs.get(c)
-            if pair is None:
-                tc, te = self.totals.get(c, (0.0, 0.0))
-                uc, ue = counts.get(c, (0.0, 0.0))
-                rate = min(max((tc + prior) / (te + s), 1e-4), 1 - 1e-4)
-                pair = pairs[c] = (s * rate + uc, s * (1.0 - rate) + max(ue - uc, 0.0))
-            a.append(pair[0])
-            b.append(pair[1])
-        return np.array(a, np.float64), np.array(b, np.float64)
+        got = list(map(pairs.get, categories))
+        if None in got:  # categories not asked since the counts changed
+            for j, c in enumerate(categories):
+                if got[j] is None:
+                    pair = pairs.get(c)  # a category listed twice: made once
+                    if pair is None:
+                        tc, te = self.totals.get(c, (0.0, 0.0))
+                        uc, ue = counts.get(c, (0.0, 0.0))
+                        rate = min(max((tc + prior) / (te + s), 1e-4), 1 - 1e-4)
+                        pair = pairs[c] = (s * rate + uc,
+                                           s * (1.0 - rate) + max(ue - uc, 0.0))
+                    got[j] = pair
+        a, b = np.array(got, np.float64).reshape(-1, 2).T.copy()  # two contiguous rows
+        return a, b
 
     def order(self, user_id: str, scores: np.ndarray,
               categories: Sequence[str | None] | CodedCategories, k: int,
@@ -561,7 +564,7 @@ class CategoryBandit:
             return None
         names, cat_of = category_codes(categories)
         depth = min(len(scores), max(self.config.depth, k))
-        by_score = np.argsort(-scores, kind="stable")
+        by_score = (-scores).argsort(kind="stable")
         best_first = by_score[:depth]
         a, b = self.posterior(user_id, names, history, attrs)
         if self.config.sharpen != 1.0:
@@ -579,7 +582,7 @@ class CategoryBandit:
                 lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
                 discount = discount / lift[best_first]
             key = theta[:, cat_of[best_first]] / discount
-            top = best_first[np.argsort(-key, axis=1, kind="stable")[:, :k]]
+            top = best_first[(-key).argsort(axis=1, kind="stable")[:, :k]]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
                 top = self._explore(top, theta, by_score, cat_of, lift, explore)
@@ -605,14 +608,14 @@ class CategoryBandit:
         the order ``rerank`` keeps inside a category), even from below the scorer's best
         ``depth``, replaces the list's item there."""
         k = top.shape[1]
-        winners = (np.argmax(theta, axis=1)[:, None] if explore == 1
-                   else np.argsort(-theta, axis=1, kind="stable")[:, :explore])
+        winners = (theta.argmax(axis=1)[:, None] if explore == 1
+                   else (-theta).argsort(axis=1, kind="stable")[:, :explore])
         out = top.copy()
         quality = None
         best: dict[int, int] = {}
         for slot in range(explore):
             j = winners[:, slot]
-            absent = np.flatnonzero(~(cat_of[out] == j[:, None]).any(axis=1))
+            absent = (~(cat_of[out] == j[:, None]).any(axis=1)).nonzero()[0]
             if not absent.size:
                 continue
             if quality is None:  # the candidates' key inside their category
@@ -622,8 +625,8 @@ class CategoryBandit:
                     quality = quality * lift
             for r, c in zip(absent.tolist(), j[absent].tolist(), strict=True):
                 if c not in best:
-                    members = np.flatnonzero(cat_of == c)
-                    best[c] = int(members[np.argmax(quality[members])])
+                    members = (cat_of == c).nonzero()[0]
+                    best[c] = int(members[quality[members].argmax()])
                 out[r, k - explore + slot] = best[c]
         return out
 

@@ -142,7 +142,7 @@ class PoolRanker:
         x = np.asarray(x, np.float64)
         if not getattr(self, "ranks", False) or not len(x):  # older state: no ranks
             return x
-        order = np.argsort(-x, axis=0, kind="stable")
+        order = (-x).argsort(axis=0, kind="stable")
         rank = np.empty_like(order)
         rank[order, np.arange(x.shape[1])] = np.arange(len(x))[:, None]  # put_along_axis
         return np.hstack([x, rank / len(x)])

@@ -14,6 +14,7 @@ matrix built for them (operators/point_in_time.py): what a pool re-ranker consum
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ class CandidatePool:
         compressed by the mask (or gathered by the indices), lists picked by one
         ``itemgetter`` (``pick``)."""
         if keep.dtype == bool:
-            idx = np.flatnonzero(keep)
+            idx = keep.nonzero()[0]
 
             def arrays(a: np.ndarray) -> np.ndarray:
                 return a.compress(keep, axis=-1)
@@ -119,19 +120,15 @@ class CandidatePool:
                     c.category = category[i]
                 out.append(c)
             return out
-        has = self.has
-        scores = self.scores
+        # each candidate's flags and scores by source as Python lists (one conversion)
+        has = (self.has if idx is None else self.has[:, idx]).T.tolist()
+        scores = (self.scores if idx is None else self.scores[:, idx]).T.tolist()
         items = self.items
         out = []
-        for i in il:
-            srcs: list[str] = []
-            by_source: dict[str, float] = {}
-            for n, s in enumerate(SOURCES):
-                if has[n, i]:
-                    srcs.append(s)
-                    by_source[s] = float(scores[n, i])
-            out.append(Candidate(items[i], srcs, by_source, float(score[i]),
-                                 None if category is None else category[i]))
+        for i, flags, values in zip(il, has, scores, strict=True):
+            out.append(Candidate(items[i], list(itertools.compress(SOURCES, flags)),
+                                 dict(itertools.compress(zip(SOURCES, values, strict=True), flags)),
+                                 float(score[i]), None if category is None else category[i]))
         return out
 
     @classmethod
@@ -181,7 +178,7 @@ class MergeScratch:
         pos = np.arange(rows.size, dtype=np.int32)
         try:
             np.minimum.at(earliest, rows, pos)  # unbuffered: repeated rows keep the least
-            first = np.flatnonzero(earliest[rows] == pos)  # ascending
+            first = (earliest[rows] == pos).nonzero()[0]  # ascending
         finally:
             earliest[rows] = _FAR
         rank = self.rank
@@ -202,7 +199,7 @@ def merge(parts: list[tuple[str, np.ndarray, np.ndarray]], items_of: Any,
                              np.zeros((len(SOURCES), 0), bool), np.zeros(0))
     rows = np.concatenate([p[1] for p in parts])
     vals = np.concatenate([np.asarray(p[2], np.float64) for p in parts])
-    src = np.repeat([_SOURCE_CODE[p[0]] for p in parts], [p[1].size for p in parts])
+    src = np.array([_SOURCE_CODE[p[0]] for p in parts]).repeat([p[1].size for p in parts])
     first, at = (scratch.first_appearance(rows) if scratch is not None
                  else _first_appearance(rows))
     out_rows = rows[first]
@@ -231,8 +228,8 @@ def _first_appearance(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     by_row, starts = group_ids(rows)
     first = by_row[starts]  # each distinct row's first position (the sort is stable)
     group = np.empty(n, np.int64)
-    group[by_row] = np.cumsum(starts) - 1
-    order = np.argsort(first)  # groups in order of first appearance
+    group[by_row] = starts.cumsum() - 1
+    order = first.argsort()  # groups in order of first appearance
     position = np.empty(first.size, np.int64)
     position[order] = np.arange(first.size)
     return first[order], position[group]
@@ -253,10 +250,10 @@ def top_indices(values: np.ndarray, k: int) -> np.ndarray:
     if n <= _SORT_ALL:
         total = values.sum()
         if total == total:  # no NaN: the stable sort of every value gives the same first k
-            return np.argsort(-values, kind="stable")[:k]
+            return (-values).argsort(kind="stable")[:k]
     if k < n:
         kth = np.partition(values, n - k)[n - k]
-        pick = np.flatnonzero(values >= kth)
+        pick = (values >= kth).nonzero()[0]
     else:
         pick = np.arange(n)
-    return pick[np.argsort(-values[pick], kind="stable")][:k]
+    return pick[(-values[pick]).argsort(kind="stable")][:k]

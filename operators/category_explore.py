@@ -78,7 +78,7 @@ class CategoryExplore:
         names = list(dict.fromkeys(own + list(itertools.islice(lists, take))))
         a, b = bandit.posterior(user_id, names, attrs=attrs)
         mean = a / (a + b)
-        return [(names[j], mean[j]) for j in np.argsort(-mean, kind="stable")[:take].tolist()]
+        return [(names[j], mean[j]) for j in (-mean).argsort(kind="stable")[:take].tolist()]
 
     def order(self, request: Any, user_id: str, pool: CandidatePool,
               liked: list[str] | None = None, decay: float = 1.0,
@@ -136,4 +136,7 @@ def category_scores(picks: list[tuple[str, Any]], lists: dict[str, CategoryList]
                     per: int) -> np.ndarray:
     """The ``category`` source's scores of the picked categories' items, in order: the
     category's posterior mean times each of its best ``per`` items' lift."""
-    return np.concatenate([mean * lists[name].lift[:per] for name, mean in picks])
+    lifts = [lists[name].lift[:per] for name, _ in picks]
+    means = np.fromiter((mean for _, mean in picks), np.float64, len(picks))
+    # one product over the concatenation: the same float64 products as one per category
+    return np.concatenate(lifts) * means.repeat([lift.size for lift in lifts])

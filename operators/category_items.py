@@ -83,7 +83,7 @@ def table_categories(table: ItemTable, config: CategoryExploreConfig) -> dict[st
     if cached is not None:
         return cached
     ids, cats, available = _catalog_columns(table)
-    keep = np.flatnonzero(available)
+    keep = available.nonzero()[0]
     ids = [ids[i] for i in keep.tolist()]
     cat_names, codes = np.unique(np.asarray([cats[i] for i in keep.tolist()], dtype=np.str_),
                                  return_inverse=True) if len(ids) else (np.zeros(0, np.str_),
@@ -134,7 +134,7 @@ def merge_categories(lists: list[dict[str, CategoryList]], config: CategoryExplo
         ic = np.concatenate([e.item_clicks for e in parts])
         ish = np.concatenate([e.item_shown for e in parts])
         lift = rate_lift(ic, ish, np.full(len(items), rate), s)
-        best = np.argsort(-lift, kind="stable")[: config.retrieve_per_category]
+        best = (-lift).argsort(kind="stable")[: config.retrieve_per_category]
         merged.append((-clicks, cat, CategoryList(clicks, shown, [items[i] for i in best.tolist()],
                                                  ic[best], ish[best], lift[best])))
     merged.sort(key=lambda t: (t[0], t[1]))

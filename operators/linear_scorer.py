@@ -408,11 +408,11 @@ class _StaticRows:
     def terms(self, space: ItemRows, slots: np.ndarray, cols: ItemColumns) -> np.ndarray:
         self._grow(space.capacity)
         attr_ids = space.attr_ids(slots, cols.attrs)
-        new_attrs = np.flatnonzero(self.attr_id[slots] != attr_ids)
+        new_attrs = (self.attr_id[slots] != attr_ids).nonzero()[0]
         if new_attrs.size:
             self._attr_terms(slots, new_attrs, attr_ids, cols)
         gen = space.shard_gen[space.shard[slots]]
-        stale = np.flatnonzero(self.gen[slots] != gen)
+        stale = (self.gen[slots] != gen).nonzero()[0]
         if stale.size:
             self._table_rows(space, slots, stale, cols)
             self.gen[slots[stale]] = gen[stale]
@@ -462,7 +462,7 @@ class _StaticRows:
         feat = space.feature_rows(rows, cols.rows[stale])  # the tables' profile rows
         union = getattr(self, "attr_union", None)  # None: made before it (check each slot)
         for k in set(shard.tolist()):  # a few shards: one table each (``table_list``)
-            at = np.flatnonzero(shard == k).tolist()
+            at = (shard == k).nonzero()[0].tolist()
             table = tables[stale_at[at[0]]]
             if table is None:
                 continue

@@ -153,7 +153,7 @@ def _channel(view: CovisView, covis: dict[str, SparseScores] | None, channel: st
         if top <= 0:
             return out
         norm = vals / top
-    pos = np.minimum(np.searchsorted(all_ids, ids), all_ids.size - 1)
+    pos = np.minimum(all_ids.searchsorted(ids), all_ids.size - 1)
     found = (ids >= 0) & (all_ids[pos] == ids)
     return np.where(found, norm[pos], 0.0)
 

@@ -46,7 +46,7 @@ from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
 from models.seeded import SeededGenerator
 from operators.candidates import SOURCES, Candidate, CandidatePool, MergeScratch, merge, top_indices
-from operators.category_explore import CategoryExplore, attrs_of, category_scores
+from operators.category_explore import CategoryExplore, category_scores
 from operators.category_items import CategoryItems, CategoryList
 from operators.linear_scorer import column_scorer, linear_scorer
 from operators.point_in_time import ItemColumns, PointInTime, UserContext
@@ -481,7 +481,8 @@ class Server:
         finder = getattr(self, "category_items", None)  # None: off, or older state
         if n and tables and finder is not None and self.categories is not None:
             lists = finder.lists(tables)
-            picks = self.categories.pick(ctx.user_id, n, lists, attrs_of(ctx.profile))
+            picks = self.categories.pick(ctx.user_id, n, lists,
+                                         self.categories.user_attrs(ctx.profile))
             if picks:
                 parts.append(("category", *self._category_rows(finder, lists, picks, n, space)))
         scratch = getattr(self, "_merge_scratch", None)  # older state: none

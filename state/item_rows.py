@@ -256,7 +256,7 @@ class ItemRows:
         shard = self.shard[slots]
         # a slot without a shard yet was never read (gen -1, below every generation), so
         # it is stale whatever shard_gen[-1] holds
-        stale = (np.flatnonzero(self.gen[slots] != self.shard_gen[shard])
+        stale = ((self.gen[slots] != self.shard_gen[shard]).nonzero()[0]
                  if self.shard_gen.size else np.arange(slots.size))
         if not stale.size:
             return slots
@@ -344,7 +344,7 @@ class ItemRows:
                                 else self._named_codes(catalog, j, found))
         pop, trend = pop[at], trend[at]  # copies
         if not found.all():  # items without a catalog entry may still have counts
-            for i in np.flatnonzero(~found).tolist():
+            for i in (~found).nonzero()[0].tolist():
                 pop[i] = table.popular.get(items[i], 0.0)
                 trend[i] = table.trending.get(items[i], 0.0)
         self.pop[slots] = pop
@@ -387,7 +387,7 @@ class ItemRows:
             return attrs
         self._catalog_changes(catalog, version)
         attrs = self._attrs[slots].tolist()
-        stale = np.flatnonzero(self.attr_id[slots] == 0)
+        stale = (self.attr_id[slots] == 0).nonzero()[0]
         if stale.size == slots.size:
             get = catalog.get
             attrs = list(map(get, items))
@@ -442,7 +442,7 @@ class ItemRows:
                 self._attr_code[attr] = {}
                 self.attr_id[:] = 0  # read every slot again for the new attribute
         ids = np.fromiter(map(id, attrs), np.int64, len(attrs))
-        stale = np.flatnonzero(self.attr_id[slots] != ids)
+        stale = (self.attr_id[slots] != ids).nonzero()[0]
         for j in stale.tolist():
             s = int(slots[j])
             a = attrs[j]
@@ -502,7 +502,7 @@ class ItemRows:
         last) for an item without a profile, -1 for a shard without a table; looked up
         once per slot and table version (``feat_row``), for every reader."""
         j = self.feat_row[slots]
-        todo = np.flatnonzero(j < 0)
+        todo = (j < 0).nonzero()[0]
         if todo.size:
             at = slots[todo]
             self._feature_rows(at, rows[todo], self.shard[at])
@@ -519,7 +519,7 @@ class ItemRows:
             if table is None:
                 continue
             index = table.feature_matrix()[0]
-            at = np.flatnonzero(shard == k)
+            at = (shard == k).nonzero()[0]
             self.feat_row[slots[at]] = np.fromiter(
                 map(index.get, map(item_of, rows[at].tolist()), itertools.repeat(len(index))),
                 np.int32, at.size)
@@ -543,7 +543,7 @@ class ItemRows:
         if index is not self._index:
             self._index = index
             self._index_gen += 1
-        stale = np.flatnonzero(self._vec_gen[slots] != self._index_gen)
+        stale = (self._vec_gen[slots] != self._index_gen).nonzero()[0]
         if stale.size:
             todo = slots[stale]
             vecs, found = index.vectors(self.names(rows[stale]))

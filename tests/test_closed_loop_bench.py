@@ -37,3 +37,21 @@ def test_closed_loop_is_deterministic_and_reports_every_figure() -> None:
         # items of high bias far more often than a random list does
         assert first[f"top_category_oracle{suffix}"] > 2 * first[f"top_category_random{suffix}"]
         assert first[f"item_bias_oracle{suffix}"] > first[f"item_bias_random{suffix}"] + 0.2
+
+
+def test_the_run_id_changes_only_streamrecs_own_draws() -> None:
+    """``--run-id`` reseeds streamrec's draws (they are seeded from the request ids): the
+    world, the users' requests and responses and so every other policy's figures stay
+    the same to the last digit, and streamrec stays deterministic for a run id."""
+    bench = _bench()
+    argv = ["--users", "60", "--items", "50", "--warmup", "800", "--requests", "240",
+            "--window", "40", "--out", "", "--worlds", "drift"]
+    base = bench.main(argv)
+    other, again = bench.main([*argv, "--run-id", "c"]), bench.main([*argv, "--run-id", "c"])
+    for figures in (base, other, again):
+        figures.pop("seconds")
+    assert other == again
+    for key, value in base.items():
+        if "streamrec" not in key and not key.startswith("gap_closed_drift"):
+            assert other[key] == value, key
+    assert base.keys() == other.keys()

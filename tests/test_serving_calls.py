@@ -1,0 +1,81 @@
+"""Serving's request path after the call diet (docs/evaluation.md, serve13b): each
+shortened form equals the longer one it replaced, value for value (bitwise floats)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.category_bandit import CategoryBandit, CategoryExploreConfig, CodedCategories
+from operators.candidates import SOURCES, Candidate, CandidatePool
+from operators.category_explore import category_scores
+from operators.category_items import CategoryList
+
+
+def _pool(n: int = 12, seed: int = 0) -> CandidatePool:
+    rng = np.random.default_rng(seed)
+    has = rng.random((len(SOURCES), n)) < 0.4
+    scores = np.where(has, rng.random((len(SOURCES), n)), 0.0)
+    pool = CandidatePool(np.arange(n), [f"i{j}" for j in range(n)], scores, has,
+                         rng.random(n))
+    pool.coded = CodedCategories(rng.integers(0, 3, n), ["a", "b", "c"])
+    return pool
+
+
+def _by_elements(pool: CandidatePool, idx: np.ndarray) -> list[Candidate]:
+    """The per-element construction the pool used before (numpy scalar reads)."""
+    out = []
+    for i in idx.tolist():
+        srcs, by_source = [], {}
+        for n, s in enumerate(SOURCES):
+            if pool.has[n, i]:
+                srcs.append(s)
+                by_source[s] = float(pool.scores[n, i])
+        out.append(Candidate(pool.items[i], srcs, by_source, float(pool.score[i]),
+                             pool.coded.names[pool.coded.codes[i]]))
+    return out
+
+
+def test_candidates_of_positions_equal_the_element_reads() -> None:
+    pool = _pool()
+    idx = np.array([5, 0, 11, 3, 3])
+    assert pool.candidates(idx) == _by_elements(pool, idx)
+    assert pool.candidates() == _by_elements(pool, np.arange(len(pool)))
+
+
+def test_category_scores_equal_one_product_per_category() -> None:
+    rng = np.random.default_rng(1)
+    lists = {name: CategoryList(1.0, 2.0, [f"{name}{j}" for j in range(size)], np.zeros(size),
+                                np.zeros(size), rng.random(size) * 3)
+             for name, size in (("a", 5), ("b", 2), ("c", 9))}
+    picks = [("c", np.float64(0.37)), ("a", np.float64(0.11)), ("b", np.float64(0.9))]
+    per = 4
+    expected = np.concatenate([mean * lists[name].lift[:per] for name, mean in picks])
+    got = category_scores(picks, lists, per)
+    assert got.dtype == np.float64
+    assert got.tobytes() == expected.tobytes()
+
+
+def test_untilted_posteriors_from_the_memo_equal_the_first_computation() -> None:
+    bandit = CategoryBandit(CategoryExploreConfig())
+    for n in range(6):
+        for pos, cat in enumerate(["a", "b", "c", "a"]):
+            bandit.exposure("u", cat, pos, f"u:{n}")
+        bandit.click("u", "a" if n % 2 else "c")
+    names = ["c", "a", "zz", "a", "b"]  # one unknown, one twice
+    first = bandit.posterior("u", names)
+    again = bandit.posterior("u", names)  # every pair from the memo
+    for got, want in zip(again, first, strict=True):
+        assert got.tobytes() == want.tobytes()
+    # the Python-float formula of each category on its own counts
+    s = bandit.config.prior_strength
+    clicks = sum(c[0] for c in bandit.totals.values())
+    shown = sum(c[1] for c in bandit.totals.values())
+    prior = s * ((clicks + 1.0) / (shown + 2.0))
+    counts = bandit.users["u"][1]
+    for j, c in enumerate(names):
+        tc, te = bandit.totals.get(c, (0.0, 0.0))
+        uc, ue = counts.get(c, (0.0, 0.0))
+        rate = min(max((tc + prior) / (te + s), 1e-4), 1 - 1e-4)
+        assert first[0][j] == s * rate + uc
+        assert first[1][j] == s * (1.0 - rate) + max(ue - uc, 0.0)
+    assert first[0].flags.c_contiguous and first[1].flags.c_contiguous
