@@ -21,6 +21,7 @@ from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
 from state.change_log import LOG as CATALOG_LOG
 from state.covis_view import SLACK
+from state.covisitation import KEEP_ARRAYS_BYTES
 from state.profile_plan import MAX_KEYS, ProfileParams
 
 if TYPE_CHECKING:
@@ -87,7 +88,9 @@ BYTES: dict[str, float] = {
     "mf_row": 310,
     "item": 700,
     "hot_item_profile": 6_000,
-    "covis_neighbor": 105,
+    "covis_neighbor": 105,  # a loaded table's row decoded for lookups (ItemTable.covis_row)
+    "covis_row_neighbor": 90,  # an item shard's live row (state.covisitation.Row): 105
+    # measured with a float object per neighbour, 15 B less with the weights in one array
     "covis_written_row": 170,
     "loaded_table_item": 2_520,  # 2,500 measured, plus serving's per-version slot columns
     # (state/item_rows.py catalog_columns: two counts and a category index, 20 B)
@@ -202,7 +205,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
         + ("item" in kinds) * QUEUED_WRITES * b["queued_profile_write"]
         + ("item" in kinds) * MAX_KEYS * b["profile_key"]
-        + covis_bytes
+        + channels * covis.max_items * 1.5 * covis.max_neighbors * b["covis_row_neighbor"]
+        # the last table's co-visitation arrays, kept when small (publish_arrays(keep=True))
+        + channels * KEEP_ARRAYS_BYTES
         # the rows written since the last table, per channel (CoVisitation.publish_arrays)
         + channels * covis.max_items * b["covis_written_row"]
         + mf.max_items * b["mf_row"]

@@ -324,9 +324,9 @@ class ItemShard:
         self.last_publish_ms = ts
         self.dirty = False
         liked, any_ = self._previous_covis()
-        covis_arrays = (self.covis.publish_arrays(liked),
-                        self.covis_any.publish_arrays(any_) if self.covis_any is not None
-                        else None)
+        covis_arrays = (self.covis.publish_arrays(liked, keep=True),
+                        self.covis_any.publish_arrays(any_, keep=True)
+                        if self.covis_any is not None else None)
         table = self.table()
         counts = {"items": len(self.catalog), "covis_rows": len(self.covis),
                   "mf_items": len(self.factors),
@@ -337,13 +337,19 @@ class ItemShard:
         return manifest
 
     def _previous_covis(self) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
-        """The co-visitation arrays of this shard's last table, read back from the store
-        (verified by its sha256), or (None, None): none yet, not visible yet (a background
-        store still settling it), refused or gone."""
+        """The co-visitation arrays of this shard's last table: those its channels kept
+        (``CoVisitation.kept_arrays``: what the file holds, without reading and hashing
+        it), else read back from the store (verified by its sha256); or (None, None):
+        none yet, not visible yet (a background store still settling it), refused or
+        gone."""
         manifest, self.published = getattr(self, "published", None), None
-        shares = [c.written_share() for c in (self.covis, self.covis_any) if c is not None]
+        channels = [c for c in (self.covis, self.covis_any) if c is not None]
+        shares = [c.written_share() for c in channels]
         if manifest is None or not any(x is not None and x <= REUSE_WRITTEN for x in shares):
             return None, None
+        kept = [c.kept_arrays() for c in channels]
+        if all(k is not None for k in kept):
+            return kept[0], kept[1] if len(kept) > 1 else None
         try:
             return ItemTable.covis_arrays_of(self.store.verified_path(manifest))
         except (SnapshotError, OSError, ValueError, KeyError):

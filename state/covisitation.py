@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import heapq
 import os
+import threading
+from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
 
@@ -51,6 +53,10 @@ from state.packing import pack_strings, pick, unpack_strings
 
 Pair = tuple[str, str, float]
 
+KEEP_ARRAYS_BYTES = 8 << 20
+"""``publish_arrays(keep=True)`` keeps the arrays it returned for the next call when they
+take at most this many bytes (a MovieLens shard's ~2 MB; larger tables are read back
+from the last table's file by the caller instead)."""
 _MAX_EXP2 = 600.0  # rebase before values could exceed 2**600 (float64 max is ~2**1024)
 _FORMAT = 1
 
@@ -80,8 +86,105 @@ def _weight(kv: tuple[str, float]) -> float:
     return kv[1]
 
 
+_SLOTS: list[int] = list(range(1024))
+"""Shared int objects for row slots (a slot past 256 would otherwise be a new int per
+neighbour): ``Row.idx`` values are taken from here."""
+
+
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slots(n: int) -> list[int]:
+    """``_SLOTS`` holding at least ``n`` slots (``_SLOTS[k] == k`` always: grown under a
+    lock, since tables of several worker threads share it)."""
+    if len(_SLOTS) < n:
+        with _SLOTS_LOCK:
+            if len(_SLOTS) < n:
+                _SLOTS.extend(range(len(_SLOTS), max(n, 2 * len(_SLOTS))))
+    return _SLOTS
+
+
+class Row(Mapping[str, float]):
+    """One co-visitation row: neighbour -> grown weight, in insertion order, as a
+    name -> slot dict and the weights in a float64 ``array`` by slot (slot ``k`` is the
+    ``k``-th name of ``idx``). The weights are one buffer, so publication copies a row's
+    values with one ``memcpy`` instead of reading a float object per neighbour; a read
+    is a mapping like the ``dict`` it replaces (same keys, values and order)."""
+
+    __slots__ = ("idx", "val")
+
+    def __init__(self, idx: dict[str, int] | None = None, val: array | None = None) -> None:
+        self.idx: dict[str, int] = {} if idx is None else idx
+        self.val: array = array("d") if val is None else val
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[str, float]]) -> Row:
+        """A row holding ``items`` (distinct names) in their order."""
+        pairs = list(items)
+        return cls(dict(zip([b for b, _ in pairs], _slots(len(pairs)), strict=False)),
+                   array("d", [v for _, v in pairs]))
+
+    @classmethod
+    def from_columns(cls, names: list[str], values: np.ndarray) -> Row:
+        """A row of ``names`` (distinct) with ``values`` (float64, same length)."""
+        val = array("d")
+        val.frombytes(np.ascontiguousarray(values, np.float64).tobytes())
+        return cls(dict(zip(names, _slots(len(names)), strict=False)), val)
+
+    def __getitem__(self, name: str) -> float:
+        return self.val[self.idx[name]]
+
+    def get(self, name: str, default: float | None = None) -> float | None:  # type: ignore[override]
+        s = self.idx.get(name)
+        return default if s is None else self.val[s]
+
+    def __setitem__(self, name: str, value: float) -> None:
+        s = self.idx.get(name)
+        if s is None:
+            self.idx[name] = _slots(len(self.val) + 1)[len(self.val)]
+            self.val.append(value)
+        else:
+            self.val[s] = value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.idx
+
+    def items(self) -> Iterator[tuple[str, float]]:  # type: ignore[override]
+        """(name, weight) in row order (an iterator: one pass)."""
+        return zip(self.idx, self.val, strict=False)
+
+    def values(self) -> array:  # type: ignore[override]
+        """The weights in row order (the row's own buffer: do not resize it)."""
+        return self.val
+
+    def weights(self) -> np.ndarray:
+        """The weights as a float64 view of the row's buffer (no copy): drop it before
+        the row is written again (a buffer with a view cannot grow)."""
+        return np.frombuffer(self.val, np.float64) if self.val else np.zeros(0)
+
+    def copy(self) -> Row:
+        return Row(dict(self.idx), array("d", self.val))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Row({dict(self.items())!r})"
+
+
 class CoVisitation:
-    """Decayed co-visitation rows ``item -> {neighbour: grown weight}``, bounded per row."""
+    """Decayed co-visitation rows ``item -> {neighbour: grown weight}`` (each a :class:`Row`),
+    bounded per row."""
 
     _written: dict[str, bool] | None = None
     """Rows written since the arrays of the last ``publish_arrays`` (at most ``max_items``;
@@ -95,7 +198,7 @@ class CoVisitation:
         elif kw:
             raise TypeError("pass either config or keyword options, not both")
         self.config = config
-        self._rows: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._rows: OrderedDict[str, Row] = OrderedDict()
         self._t_ref: int | None = None  # event time (ms) where grown == decayed
         self.pairs_added = 0
         self.evicted_neighbors = 0
@@ -118,8 +221,10 @@ class CoVisitation:
         assert self._t_ref is not None
         f = decay_factor(t_new - self._t_ref, self.config.half_life_ms)
         for row in self._rows.values():
-            for k in row:
-                row[k] *= f
+            if row.val:
+                weights = np.frombuffer(row.val, np.float64)
+                weights *= f  # in place: the same product per value as ``v * f``
+                del weights  # release the buffer (the row may grow again)
         self._t_ref = t_new
 
     def _decay(self, now_ms: int) -> float:
@@ -158,8 +263,10 @@ class CoVisitation:
         limit = m + int(m * self.config.prune_slack)
         rows = self._rows
         written = self._written
+        slots = _slots(limit + 2)
         last: str | None = None  # the previous pair's row item: its row is ``row``, last in rows
-        row: dict[str, float] = {}
+        row = Row()
+        idx, val = row.idx, row.val
         added = 0
         try:
             for a, b, w in pairs:
@@ -168,7 +275,7 @@ class CoVisitation:
                     last = a
                     row = rows.get(a)  # type: ignore[assignment]
                     if row is None:
-                        row = rows[a] = {}
+                        row = rows[a] = Row()
                         if written is not None:
                             written[a] = True
                         if len(rows) > self.config.max_items:
@@ -178,23 +285,33 @@ class CoVisitation:
                         rows.move_to_end(a)
                         if written is not None:
                             written.setdefault(a, False)
-                val = row.get(b)
-                if val is not None:
-                    row[b] = val + w * g
+                    idx, val = row.idx, row.val
+                s = idx.get(b)
+                if s is not None:
+                    val[s] += w * g
                     continue
-                row[b] = w * g
-                if len(row) > limit:
+                n = len(val)
+                idx[b] = slots[n]
+                val.append(w * g)
+                if n >= limit:
                     if written is not None:
                         written[a] = True
-                    if limit == m:
-                        weakest = min(row, key=row.__getitem__)
-                        del row[weakest]
+                    names = list(idx)
+                    if limit == m:  # the first weakest (row order) goes
+                        weakest = min(range(n + 1), key=val.__getitem__)
+                        del names[weakest], val[weakest]
+                        idx = row.idx = dict(zip(names, slots, strict=False))
                         self.evicted_neighbors += 1
                     else:  # amortised: one O(row) prune per slack inserts, not one per insert
-                        self.evicted_neighbors += len(row) - m
-                        # heapq.nlargest(m, ...) is this sort's head (ties in row order);
-                        # the sort is ~3x faster when m is most of the row (300 of 451)
-                        row = rows[a] = dict(sorted(row.items(), key=_weight, reverse=True)[:m])
+                        self.evicted_neighbors += n + 1 - m
+                        # heapq.nlargest(m, ...) is this order's head: strongest first, ties
+                        # in row order (a stable sort of the negated weights, all >= 0)
+                        weights = np.frombuffer(val, np.float64)
+                        keep = np.argsort(-weights, kind="stable")[:m]
+                        idx = row.idx = dict(zip([names[k] for k in keep.tolist()], slots,
+                                                 strict=False))
+                        val = row.val = array("d", weights[keep].tobytes())
+                        del weights  # the old buffer's view
         finally:
             self.pairs_added += added
         if written is not None and len(written) > self.config.max_items:
@@ -316,13 +433,15 @@ class CoVisitation:
         f = decay_factor(self._t_ref - other._t_ref, self.config.half_life_ms)
         m = self.config.max_neighbors
         for a, orow in other._rows.items():
-            row = self._rows.setdefault(a, {})
+            row = self._rows.get(a)
+            if row is None:
+                row = self._rows[a] = Row()
             for b, v in orow.items():
-                row[b] = row.get(b, 0.0) + v * f
+                row[b] = row.get(b, 0.0) + v * f  # type: ignore[operator]
             if len(row) > m:
                 keep = heapq.nlargest(m, row.items(), key=lambda kv: kv[1])
                 self.evicted_neighbors += len(row) - m
-                self._rows[a] = dict(keep)
+                self._rows[a] = Row.of(keep)
         while len(self._rows) > self.config.max_items:
             self._rows.popitem(last=False)
             self.evicted_rows += 1
@@ -334,7 +453,7 @@ class CoVisitation:
         out._t_ref = self._t_ref
         for a, row in self._rows.items():
             if owns(a):
-                out._rows[a] = dict(row)
+                out._rows[a] = row.copy()
         return out
 
     # --- persistence ---------------------------------------------------------------------
@@ -343,29 +462,42 @@ class CoVisitation:
         """Compact arrays: item vocabulary, CSR rows (neighbour indices, grown values)."""
         rows = self._rows
         # rows first (row i = vocab[i]), then neighbours in order of first appearance
-        names = list(dict.fromkeys(chain(rows, chain.from_iterable(rows.values()))))
+        idxs = [r.idx for r in rows.values()]
+        names = list(dict.fromkeys(chain(rows, chain.from_iterable(idxs))))
         vocab: dict[str, int] = {a: n for n, a in enumerate(names)}
-        sizes = np.fromiter(map(len, rows.values()), np.int64, len(rows))
-        nbr = np.fromiter(map(vocab.__getitem__, chain.from_iterable(rows.values())), np.int32,
+        sizes = np.fromiter(map(len, idxs), np.int64, len(rows))
+        nbr = np.fromiter(map(vocab.__getitem__, chain.from_iterable(idxs)), np.int32,
                           int(sizes.sum()))
-        val = np.fromiter(chain.from_iterable(r.values() for r in rows.values()), np.float64,
-                          nbr.size)
+        val = (np.concatenate([r.weights() for r in rows.values()]) if rows
+               else np.zeros(0))
         return self._packed(names, sizes, nbr, val)
 
-    def publish_arrays(self, previous: Mapping[str, np.ndarray] | None = None
-                       ) -> dict[str, np.ndarray]:
+    _kept: dict[str, np.ndarray] | None = None
+    """The arrays the last ``publish_arrays(keep=True)`` returned, when they fit
+    ``KEEP_ARRAYS_BYTES`` (not pickled: a restored table builds its next arrays whole)."""
+
+    def publish_arrays(self, previous: Mapping[str, np.ndarray] | None = None,
+                       keep: bool = False) -> dict[str, np.ndarray]:
         """``to_arrays`` for a published version, and from here on the rows written are
         tracked until the next call. ``previous``: the arrays the last call returned
-        (e.g. read back from its file): the rows not written since are then copied from
-        them instead of walked (between two item tables most rows are unwritten), the
-        same arrays bit for bit; anything that does not fit them builds from the rows."""
+        (e.g. read back from its file, or ``kept_arrays``): the rows not written since
+        are then copied from them instead of walked (between two item tables most rows
+        are unwritten), the same arrays bit for bit; anything that does not fit them
+        builds from the rows. ``keep``: hold the result for ``kept_arrays`` if it takes
+        at most ``KEEP_ARRAYS_BYTES`` (callers must not modify it)."""
         out = None
         if previous is not None and self._written is not None:
             out = self._arrays_since(previous, self._written)
         if out is None:
             out = self.to_arrays()
         self._written = {}
+        self._kept = (out if keep and sum(a.nbytes for a in out.values()) <= KEEP_ARRAYS_BYTES
+                      else None)
         return out
+
+    def kept_arrays(self) -> dict[str, np.ndarray] | None:
+        """The last ``publish_arrays(keep=True)``'s arrays if kept (see there), else None."""
+        return self._kept
 
     def written_share(self) -> float | None:
         """Rows written since the last ``publish_arrays`` per row held (None: untracked)."""
@@ -411,6 +543,7 @@ class CoVisitation:
         row_ids: list[int] = []
         run: list[int] | None = None  # [start, end) of unwritten rows adjacent in prev
         for a, row in rows.items():
+            idx = row.idx
             g = ids.get(a)
             if g is None:
                 g = new_id(a)
@@ -418,7 +551,7 @@ class CoVisitation:
             reordered = written.get(a)
             if g < n_prev and reordered is None:
                 s, e = bounds[g], bounds[g + 1]
-                if e - s != len(row):
+                if e - s != len(idx):
                     return None
                 if run is not None and run[1] == s:
                     run[1] = e
@@ -436,19 +569,19 @@ class CoVisitation:
             if g < n_prev and not reordered:  # prev's neighbours, then the appended ones
                 s, e = bounds[g], bounds[g + 1]
                 kept = e - s
-                if kept > len(row) or (kept and names[pnbr[s]] != next(iter(row))):
+                if kept > len(idx) or (kept and names[pnbr[s]] != next(iter(idx))):
                     return None
                 nbr_parts.append(pnbr[s:e])
-            keys = islice(row, kept, None) if kept else row
+            keys = islice(idx, kept, None) if kept else idx
             try:
-                part = np.fromiter(map(ids.__getitem__, keys), np.int64, len(row) - kept)
+                part = np.fromiter(map(ids.__getitem__, keys), np.int64, len(idx) - kept)
             except KeyError:  # a name new since prev
                 get = ids.get
-                keys = islice(row, kept, None) if kept else row
+                keys = islice(idx, kept, None) if kept else idx
                 part = np.array([i if (i := get(b)) is not None else new_id(b) for b in keys],
                                 np.int64)
             nbr_parts.append(part)
-            val_parts.append(np.fromiter(row.values(), np.float64, len(row)))
+            val_parts.append(row.weights())  # a view: copied by the concatenation below
         if run is not None:
             nbr_parts.append(pnbr[run[0]:run[1]])
             val_parts.append(pval[run[0]:run[1]])
@@ -461,7 +594,7 @@ class CoVisitation:
         order = np.concatenate([heads, others[np.argsort(first[others])]])
         remap = np.zeros(len(names), np.int64)
         remap[order] = np.arange(order.size)
-        sizes = np.fromiter(map(len, rows.values()), np.int64, len(rows))
+        sizes = np.fromiter([len(r.idx) for r in rows.values()], np.int64, len(rows))
         return self._packed([names[g] for g in order.tolist()], sizes,
                             remap[occ].astype(np.int32), np.concatenate(val_parts))
 
@@ -501,8 +634,8 @@ class CoVisitation:
         pos = 0
         for i in range(n_rows):  # row by row: no long GIL hold (tables load off-thread)
             end = pos + sizes[i]
-            out._rows[vocab[i]] = dict(zip([vocab[j] for j in nbr[pos:end].tolist()],
-                                           val[pos:end].tolist(), strict=True))
+            out._rows[vocab[i]] = Row.from_columns([vocab[j] for j in nbr[pos:end].tolist()],
+                                                   val[pos:end])
             pos = end
         out._t_ref = int(s["t_ref"]) if bool(s["has_t_ref"]) else None
         out.pairs_added, out.evicted_neighbors, out.evicted_rows = (int(x) for x in s["stats"])
@@ -559,27 +692,26 @@ class FrozenCoVisitation(CoVisitation):
         self._row_of = dict(zip(self._vocab[:n_rows], range(n_rows), strict=True))
         self._starts = np.zeros(n_rows + 1, np.int64)
         np.cumsum(self._arrays["row_sizes"], out=self._starts[1:])
-        self._full: OrderedDict[str, dict[str, float]] | None = None
+        self._full: OrderedDict[str, Row] | None = None
         self._t_ref = int(s["t_ref"]) if bool(s["has_t_ref"]) else None
         self.pairs_added, self.evicted_neighbors, self.evicted_rows = (
             int(x) for x in self._arrays["stats"])
 
     @property  # type: ignore[override]
-    def _rows(self) -> OrderedDict[str, dict[str, float]]:
-        """Every row as a dict (decoded on first use)."""
+    def _rows(self) -> OrderedDict[str, Row]:
+        """Every row (decoded on first use)."""
         if self._full is None:
-            full: OrderedDict[str, dict[str, float]] = OrderedDict()
+            full: OrderedDict[str, Row] = OrderedDict()
             vocab, nbr, val = self._vocab, self._arrays["neighbors"], self._arrays["values"]
             starts = self._starts.tolist()
             for item, r in self._row_of.items():
                 a, b = starts[r], starts[r + 1]
-                full[item] = dict(zip([vocab[j] for j in nbr[a:b].tolist()],
-                                      val[a:b].tolist(), strict=True))
+                full[item] = Row.from_columns([vocab[j] for j in nbr[a:b].tolist()], val[a:b])
             self._full = full
         return self._full
 
     @_rows.setter
-    def _rows(self, rows: OrderedDict[str, dict[str, float]]) -> None:
+    def _rows(self, rows: OrderedDict[str, Row]) -> None:
         self._full = rows
 
     def row_arrays(self, item_id: str, now_ms: int) -> tuple[list[str], np.ndarray]:

@@ -339,3 +339,90 @@ def test_a_batch_of_pairs_adds_as_the_pairs_one_by_one(slack: float) -> None:
     assert list(batch._rows.items()) == list(single._rows.items())
     assert batch.stats() == single.stats() and batch.stats()["evicted_rows"] > 0
     assert batch.stats()["evicted_neighbors"] > 0
+
+
+def _dict_rows_reference(pairs_at: list[tuple[list[tuple[str, str, float]], int]],
+                         config: CoVisConfig) -> dict[str, list[tuple[str, float]]]:
+    """The rows as the dict-of-dicts table built them before the row store (its ``add``
+    and ``_rebase`` transcribed), for the row store's equality test."""
+    from collections import OrderedDict
+
+    rows: OrderedDict[str, dict[str, float]] = OrderedDict()
+    t_ref: int | None = None
+    m = config.max_neighbors
+    limit = m + int(m * config.prune_slack)
+    for pairs, ts in pairs_at:
+        if t_ref is None:
+            t_ref = ts
+        e = (ts - t_ref) / config.half_life_ms
+        if e > 600.0:
+            f = 2.0 ** (-(ts - t_ref) / config.half_life_ms)
+            for row in rows.values():
+                for k in row:
+                    row[k] *= f
+            t_ref, e = ts, 0.0
+        g = 2.0**e
+        for a, b, w in pairs:
+            row = rows.get(a)
+            if row is None:
+                row = rows[a] = {}
+                if len(rows) > config.max_items:
+                    rows.popitem(last=False)
+            else:
+                rows.move_to_end(a)
+            if b in row:
+                row[b] = row[b] + w * g
+                continue
+            row[b] = w * g
+            if len(row) > limit:
+                if limit == m:
+                    del row[min(row, key=row.__getitem__)]
+                else:
+                    rows[a] = dict(sorted(row.items(), key=lambda kv: kv[1], reverse=True)[:m])
+    return {a: list(r.items()) for a, r in rows.items()}
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.5])
+def test_the_row_store_holds_the_dict_tables_rows_bit_for_bit(slack: float) -> None:
+    """Random pairs (repeated weights, so ties in the prunes; a rebase past 600
+    half-lives; rows evicted): every row, its neighbours' order and each weight's bits
+    equal the dict-of-dicts table's, and the published arrays equal a full build."""
+    rng = np.random.default_rng(7)
+    config = CoVisConfig(max_neighbors=6, prune_slack=slack, max_items=25, half_life_ms=H)
+    cv = CoVisitation(config)
+    items = [f"i{k}" for k in range(40)]
+    log: list[tuple[list[tuple[str, str, float]], int]] = []
+    prev = None
+    for step in range(300):
+        ts = T0 + step * H // 4 + (700 * H if step >= 250 else 0)
+        pairs = [(items[a], items[b], [1.0, 0.5, 0.25][int(w)])
+                 for a, b, w in rng.integers(0, [40, 40, 3], size=(int(rng.integers(1, 30)), 3))
+                 if a != b]
+        cv.add(pairs, ts)
+        log.append((pairs, ts))
+        if step % 7 == 0:
+            prev = cv.publish_arrays(prev)
+            full = cv.to_arrays()
+            assert all(np.array_equal(prev[k], full[k]) for k in full)
+    want = _dict_rows_reference(log, config)
+    assert list(cv._rows) == list(want)
+    for a, row in cv._rows.items():
+        got = list(row.items())
+        assert [b for b, _ in got] == [b for b, _ in want[a]]
+        assert np.array_equal(np.array([v for _, v in got]), np.array([v for _, v in want[a]]))
+    assert cv.evicted_rows > 0 and cv.evicted_neighbors > 0
+
+
+def test_rows_longer_than_the_shared_slots_grow_them() -> None:
+    """A row past the 1,024 preallocated slots grows the shared slot list (slot k is k)
+    and holds the dict table's row."""
+    from state import covisitation
+
+    rng = np.random.default_rng(3)
+    config = CoVisConfig(max_neighbors=1_100, prune_slack=0.0)
+    pairs = [("hub", f"n{k}", float(w)) for k, w in enumerate(rng.integers(1, 50, 1_300))]
+    cv = CoVisitation(config)
+    cv.add(pairs, T0)
+    want = _dict_rows_reference([(pairs, T0)], config)["hub"]
+    assert list(cv._rows["hub"].items()) == want and cv.evicted_neighbors == 200
+    assert all(k == s for k, s in enumerate(covisitation._SLOTS))

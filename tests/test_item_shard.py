@@ -13,6 +13,7 @@ from events.model import Item
 from operators import item_shard
 from operators.item_shard import ItemsConfig, ItemShard, route_updates
 from operators.item_updates import CatalogChange, CovisPairs, Interaction, MFStep
+from state import covisitation
 from state.item_table import ItemTable
 from state.snapshot_store import SnapshotStore
 
@@ -166,10 +167,17 @@ def test_published_features_are_the_profiles_numeric_outputs_as_of_publication(
     assert a["item.impressions.1h"] == 1.0 and a["item.impressions.7d"] == 2.0
 
 
-def test_a_table_is_built_from_the_last_one_and_equals_a_full_build(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_table_is_built_from_the_last_one_and_equals_a_full_build(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: bool) -> None:
     """Issue 18 point 4: an item table's co-visitation arrays are built from the shard's
-    last published file and the rows written since (few rows written: the reuse runs)
-    and are the arrays of a full build; a version that is gone makes a full build."""
+    last table and the rows written since (few rows written: the reuse runs) and are the
+    arrays of a full build. Small arrays are kept in memory (no file read back, so a
+    version that is gone changes nothing); without keeping (larger than
+    ``KEEP_ARRAYS_BYTES``) each is read back from the last file, and a version that is
+    gone makes a full build."""
+    if not kept:
+        monkeypatch.setattr(covisitation, "KEEP_ARRAYS_BYTES", 0)
     s = ItemShard(ItemsConfig(refresh_interval_ms=10**12, mf={"dim": 4}), SnapshotStore(tmp_path))
     items = [f"it{i}" for i in range(40)]
     s.process("i000", [CovisPairs(a, [(a, b, 1.0)], T0, ch) for a in items for b in items[:9]
@@ -201,4 +209,7 @@ def test_a_table_is_built_from_the_last_one_and_equals_a_full_build(tmp_path: Pa
                 CovisPairs("it39", [("it39", items[step], 1.0)], T0 + step, "any")])
     finally:
         ItemTable.covis_arrays_of = original  # type: ignore[method-assign]
-    assert len(reads) == 3 and lost not in reads  # each version read back but the lost one
+    if kept:
+        assert reads == []  # the kept arrays, never the file
+    else:
+        assert len(reads) == 3 and lost not in reads  # each version read back but the lost one
