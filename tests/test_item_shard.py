@@ -213,3 +213,49 @@ def test_a_table_is_built_from_the_last_one_and_equals_a_full_build(
         assert reads == []  # the kept arrays, never the file
     else:
         assert len(reads) == 3 and lost not in reads  # each version read back but the lost one
+
+
+def test_features_kept_from_the_last_table_equal_queries_of_every_item(tmp_path: Path) -> None:
+    """An item with no profile write since the last table keeps its features while the
+    profile store says its answer holds (``ProfileStore.unchanged``): random impressions,
+    clicks (live decayed outputs) and ratings over many items, tables minutes to days
+    apart (windows roll), few hot profiles and an item bound (cold profiles, evictions):
+    every table's features, and the store's hot and cold profiles in order, equal a
+    shard that queries every item at every table."""
+    import random
+
+    from events.model import Feedback, Impression
+    from flows.config import load_config
+    from operators.item_updates import ProfileEvent
+
+    features = load_config(None).features
+    config = ItemsConfig(refresh_interval_ms=10**12, max_items=12, mf={"dim": 4})
+    kept = ItemShard(config, SnapshotStore(tmp_path / "a"), features, hot_profiles=8)
+    every = ItemShard(config, SnapshotStore(tmp_path / "b"), features, hot_profiles=8)
+    rnd = random.Random(3)
+    items = [f"i{k}" for k in range(16)]
+    t = T0
+    reused = 0
+    last: dict[str, dict[str, float]] = {}
+    for step in range(60):
+        updates: list[Any] = []
+        for n in range(rnd.randint(0, 3)):
+            item = rnd.choice(items[:8] if step % 4 else items)
+            kind = rnd.random()
+            event = (Impression(t + n, f"imp{step}.{n}", f"u{n}", item) if kind < 0.8
+                     else Feedback(t + n, f"u{n}", item, "click") if kind < 0.83
+                     else Feedback(t + n, f"u{n}", item, "rating", float(rnd.randint(1, 5))))
+            updates.append(ProfileEvent(item, event))
+        t += rnd.choice([1_000, 5_000, 60_000, 600_000, 3_600_000, 86_400_000])
+        updates.append(ProfileEvent("clock", Impression(t, f"clock{step}", "u", "clock")))
+        kept.process("i000", updates)
+        every.process("i000", updates)
+        every._feature_memo = {}
+        got = kept.table().features
+        assert got == every.table().features
+        reused += sum(got[i] is last.get(i) for i in got)
+        last = got
+        assert kept.profiles is not None and every.profiles is not None
+        assert list(kept.profiles._table.hot) == list(every.profiles._table.hot)
+        assert list(kept.profiles._table.cold) == list(every.profiles._table.cold)
+    assert reused > 30, reused
