@@ -88,8 +88,6 @@ BYTES: dict[str, float] = {
     "mf_row": 310,
     "item": 700,
     "hot_item_profile": 6_000,
-    "item_feature_memo": 700,  # an item shard's last table's features of an item (626 B:
-    # tracemalloc of 4,000 items' 17 default outputs with the memo entry; ItemShard._features)
     "covis_neighbor": 105,  # a loaded table's row decoded for lookups (ItemTable.covis_row)
     "covis_row_neighbor": 90,  # an item shard's live row (state.covisitation.Row): 105
     # measured with a float object per neighbour, 15 B less with the weights in one array
@@ -207,8 +205,6 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
         + ("item" in kinds) * QUEUED_WRITES * b["queued_profile_write"]
         + ("item" in kinds) * MAX_KEYS * b["profile_key"]
-        # the last table's features, kept for the items with no profile write since
-        + ("item" in kinds) * items.max_items * b["item_feature_memo"]
         + channels * covis.max_items * 1.5 * covis.max_neighbors * b["covis_row_neighbor"]
         # the last table's co-visitation arrays, kept when small (publish_arrays(keep=True))
         + channels * KEEP_ARRAYS_BYTES

@@ -119,10 +119,6 @@ class ItemShard:
         self.profiled: OrderedDict[str, int | None] = OrderedDict()
         """Items with a profile, least recently seen first (at most ``max_items``), each
         with its profile key once queried (None before: ``ProfileStore.key_of`` hashes)."""
-        self._feature_memo: dict[str, tuple[dict[str, float], int]] = {}
-        """The last table's features of the profiled items with no profile write since,
-        each with the query time (ms) up to which its answer holds without one
-        (``ProfileStore.query_key_until``); at most ``max_items`` entries."""
         self.shard = ""
         self.factors = ItemFactors(config.mf_config())
         self.covis = CoVisitation(config.covis_config())
@@ -173,7 +169,6 @@ class ItemShard:
         stage = f"item_shard {shard}"
         max_ts = self.max_ts_ms
         profiles, profiled, max_items = self.profiles, self.profiled, self.config.max_items
-        feature_memo = self.__dict__.setdefault("_feature_memo", {})
         for update in updates:
             kind = type(update)  # dispatch by exact type: the hot loop of the shard
             try:
@@ -187,9 +182,8 @@ class ItemShard:
                     if max_ts is None or ts > max_ts:
                         max_ts = ts
                     if profiles is not None:
-                        item_id = update.item_id
-                        feature_memo.pop(item_id, None)  # written: queried at the next table
                         profiles.apply(update.event)
+                        item_id = update.item_id
                         lru_put(profiled, item_id, profiled.get(item_id), max_items)
                 elif kind is MFStep:
                     mf_items.append(update.item_id)
@@ -309,38 +303,18 @@ class ItemShard:
                          covis_any=self.covis_any, liked_counts=self.liked_counts.scores(now),
                          interactions=self.interactions.scores(now))
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled without the feature memo (a restored shard queries every item once)."""
-        state = self.__dict__.copy()
-        state["_feature_memo"] = {}
-        return state
-
     def _features(self) -> dict[str, dict[str, float]]:
-        """Numeric item-profile features of every profiled item, as of now: an item with
-        no profile write since the last table whose answer then holds until now
-        (``ProfileStore.unchanged``) keeps that table's features (the same dict, read
-        only); the others are queried."""
+        """Numeric item-profile features of every profiled item, as of now."""
         if self.profiles is None:
             return {}
         profiles, profiled = self.profiles, self.profiled
-        memo = getattr(self, "_feature_memo", None) or {}
-        unchanged, query = profiles.unchanged, profiles.query_key_until
-        fresh: dict[str, tuple[dict[str, float], int]] = {}
         out = {}
         for item, key in profiled.items():
             if key is None:
                 key = profiled[item] = profiles.key_of(item)  # a value change: order kept
-            hit = memo.get(item)
-            if hit is not None and unchanged(key, hit[1]):
-                out[item] = hit[0]
-                fresh[item] = hit
-                continue
-            answer, until = query(key)
-            feats = out[item] = {name: float(v) if type(v) is not float else v
-                                 for name, v in answer.items()
-                                 if type(v) in _PLAIN_NUMBERS or _numeric(v)}
-            fresh[item] = (feats, until)
-        self._feature_memo = fresh
+            out[item] = {name: float(v) if type(v) is not float else v
+                         for name, v in profiles.query_key(key).items()
+                         if type(v) in _PLAIN_NUMBERS or _numeric(v)}
         return out
 
     def publish(self) -> Manifest:

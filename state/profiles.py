@@ -373,36 +373,6 @@ class ProfileStore:
             return self.empty_answer()
         return self._answer(p, self._query_time(t_ms))
 
-    def query_key_until(self, key: int) -> tuple[dict[str, Any], int]:
-        """``query_key(key)`` at the current time, and the query time (ms, exclusive) up
-        to which a current-time query of ``key`` gives an equal answer while ``key`` gets
-        no write and stays hot (``unchanged``): the end of the memo's validity when the
-        answer came from it and has no live decayed output, else just after this query
-        (time alone may change it)."""
-        t = self._query_time(None)
-        p = self._load_current(key)
-        if p is None:
-            return self.empty_answer(), t + 1
-        out = self._answer(p, t)
-        c = p.cache
-        if (c is not None and (p.max_ts is None or t > p.max_ts) and c.lo_max <= t < c.hi
-                and all(c.acc[j] is None for j, _, _ in self.plan.decay_outs)):
-            return out, c.hi
-        return out, t + 1
-
-    def unchanged(self, key: int, until: int) -> bool:
-        """Whether a current-time query of ``key`` gives the answer of the
-        ``query_key_until`` that returned ``until``, ``key`` having had no write since (the
-        caller's to know): the query time is before ``until`` and the profile is hot, with
-        no pending writes. If so, does to the store what that query does (the profile
-        becomes the most recently used) without answering; else changes nothing."""
-        hot = self._table.hot
-        if (self._query_time(None) < until and key in hot and key not in self._buffer
-                and key not in self._queue):
-            hot.move_to_end(key)
-            return True
-        return False
-
     def query_keys(self, keys: Sequence[int], t_ms: int | None = None,
                    unknown: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """``[query_key(key, t_ms) for key in keys]`` in one call (the same answers and
