@@ -291,8 +291,8 @@ class CoVisitation:
                     val[s] += w * g
                     continue
                 n = len(val)
+                val.append(w * g)  # before the name: a weight that raises leaves its row as it was
                 idx[b] = slots[n]
-                val.append(w * g)
                 if n >= limit:
                     if written is not None:
                         written[a] = True

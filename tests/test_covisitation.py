@@ -426,3 +426,53 @@ def test_rows_longer_than_the_shared_slots_grow_them() -> None:
     want = _dict_rows_reference([(pairs, T0)], config)["hub"]
     assert list(cv._rows["hub"].items()) == want and cv.evicted_neighbors == 200
     assert all(k == s for k, s in enumerate(covisitation._SLOTS))
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.5])
+def test_a_call_of_pairs_equals_the_pairs_one_by_one_also_when_one_raises(slack: float) -> None:
+    """Random calls with repeated weights (ties in the prunes), a rebase past 600
+    half-lives, calls that evict rows and calls that do not, a weight that cannot be
+    added part-way through some (the pairs before it applied, its row left as it was):
+    rows, their order, each weight's bits, the rows written since the last arrays and the
+    counters equal adding the pairs one call each, and the published arrays equal a full
+    build."""
+    rng = np.random.default_rng(11)
+    config = CoVisConfig(max_neighbors=5, prune_slack=slack, max_items=30, half_life_ms=H)
+    cv, one = CoVisitation(config), CoVisitation(config)
+    prev = cv.publish_arrays()
+    one.publish_arrays()
+    items = [f"i{k}" for k in range(45)]
+    ways = {"grouped": 0, "evicting": 0}
+    for step in range(400):
+        ts = T0 + step * H // 3 + (700 * H if step >= 320 else 0)
+        hot = 12 if step % 3 else 45  # mostly a few rows (no eviction), sometimes many
+        pairs: list = [(items[a], items[b], [1.0, 0.5, 0.25][int(w)])
+                       for a, b, w in rng.integers(0, [hot, 45, 3], size=(int(rng.integers(1, 40)), 3))
+                       if a != b]
+        if step % 50 == 49:  # a weight that cannot be added: raises part-way
+            pairs.insert(len(pairs) // 2, (items[1], items[2], "x"))
+        new_rows = len({a for a, _, _ in pairs} - set(cv._rows))
+        ways["grouped" if len(cv._rows) + new_rows <= config.max_items else "evicting"] += 1
+        errors = []
+        for table, calls in ((cv, [pairs]), (one, [[p] for p in pairs])):
+            for call in calls:
+                try:
+                    table.add(call, ts)
+                except TypeError:
+                    errors.append(table)
+                    if table is one:
+                        break
+        assert (cv in errors) == (one in errors)
+        assert list(cv._rows) == list(one._rows)
+        assert cv._written == one._written
+        if step % 9 == 0:
+            prev = cv.publish_arrays(prev)
+            full = cv.to_arrays()
+            assert all(np.array_equal(prev[k], full[k]) for k in full)
+            one.publish_arrays()
+    for a, row in cv._rows.items():
+        assert [b for b in row] == [b for b in one._rows[a]]
+        assert np.array_equal(row.weights(), one._rows[a].weights())
+    assert cv.stats() == one.stats()
+    assert cv.evicted_rows > 0 and cv.evicted_neighbors > 0
+    assert ways["grouped"] > 100 and ways["evicting"] > 20
