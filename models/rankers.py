@@ -314,17 +314,20 @@ class GroupAdaGrad(optim.AdaGrad):
     """
 
     def __init__(self, lr: float = 0.1, numeric_lr: float | None = None,
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, g2_decay: float = 1.0) -> None:
         super().__init__(lr, eps)
         self.numeric_lr = numeric_lr
+        self.g2_decay = g2_decay
 
     def _step_with_dict(self, w: Any, g: Any) -> Any:
-        if self.numeric_lr is None:
+        decay = getattr(self, "g2_decay", 1.0)  # older pickles: none
+        if self.numeric_lr is None and decay == 1.0:
             return super()._step_with_dict(w, g)
         g2, eps = self.g2, self.eps
-        lr, numeric_lr = self.learning_rate, self.numeric_lr
+        lr = self.learning_rate
+        numeric_lr = lr if self.numeric_lr is None else self.numeric_lr
         for i, gi in g.items():
-            g2[i] += gi**2
+            g2[i] = g2[i] * decay + gi**2
             rate = lr if "=" in i else numeric_lr
             w[i] -= rate / (g2[i] + eps) ** 0.5 * gi
         return w
@@ -356,9 +359,12 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
     model: base.Classifier
     if kind == "lr":
         p = {"lr": 0.1, "numeric_lr": DEFAULT_NUMERIC_LR, "l2": 0.0, "intercept_lr": 0.01,
-             **params}
+             "g2_decay": 1.0, **params}
+        if not 0.0 < p["g2_decay"] <= 1.0:
+            raise ValueError(f"g2_decay: must be in (0, 1], got {p['g2_decay']}")
         model = linear_model.LogisticRegression(
-            optimizer=GroupAdaGrad(p.pop("lr"), p.pop("numeric_lr")), l2=p.pop("l2"),
+            optimizer=GroupAdaGrad(p.pop("lr"), p.pop("numeric_lr"), g2_decay=p.pop("g2_decay")),
+            l2=p.pop("l2"),
             intercept_lr=p.pop("intercept_lr"), **p)
     elif kind == "fm":
         p = {"n_factors": 10, "lr": 0.01, "l2": 0.0, "intercept_lr": 0.01, "seed": 0, **params}
@@ -386,7 +392,7 @@ def ranker_param_names(kind: RankerKind) -> set[str]:
                 if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     if kind == "lr":
-        return {"lr", "numeric_lr", "l2", "intercept_lr"} | args(linear_model.LogisticRegression) - {"optimizer"}
+        return {"lr", "numeric_lr", "l2", "intercept_lr", "g2_decay"} | args(linear_model.LogisticRegression) - {"optimizer"}
     if kind == "fm":
         return ({"lr", "l2", "n_factors", "intercept_lr", "seed"}
                 | args(facto.FMClassifier)
