@@ -42,7 +42,6 @@ from state.feature_spec import position_discount
 from state.settings import doc
 
 CATEGORY_MODES = ("rerank", "slots")
-DISCOUNT_RANKS = ("scorer", "category")
 
 
 @dataclass
@@ -69,13 +68,6 @@ class CategoryExploreConfig:
                     "a fresh draw per slot picks the slot's category, the scorer's best "
                     "remaining item of it fills the slot.", "rerank")
     depth: int = doc("Candidates (the scorer's best) the sampling orders.", 50)
-    discount_rank: str = doc("mode 'rerank': the rank the key's discount log2(2 + rank) "
-                             "reads: 'scorer', the candidate's rank in the scorer's order; "
-                             "'category', its rank among its own category's candidates in "
-                             "that order, so the draws alone choose between the categories' "
-                             "best items (a category the user's posterior now favours gets the "
-                             "top slot for its best item however low the scorer ranks it) and "
-                             "the scorer's order holds inside each.", "scorer")
     slots: int = doc("mode 'slots': slots per list allocated by category sampling (the "
                      "first ones; the rest in the scorer's order).", 10)
     propensity_draws: int = doc("Extra lists drawn per request for the logged propensity "
@@ -154,9 +146,6 @@ def check_category_config(config: CategoryExploreConfig) -> None:
             raise ValueError(f"{key}: must be >= 0, got {value}")
     if config.mode not in CATEGORY_MODES:
         raise ValueError(f"mode: must be one of {CATEGORY_MODES}, got {config.mode!r}")
-    if config.discount_rank not in DISCOUNT_RANKS:
-        raise ValueError(f"discount_rank: must be one of {DISCOUNT_RANKS}, got "
-                         f"{config.discount_rank!r}")
     if config.depth < 1:
         raise ValueError(f"depth: must be >= 1, got {config.depth}")
     if config.sharpen <= 0:
@@ -291,18 +280,6 @@ def _rank_discount(n: int) -> np.ndarray:
 def _rank_weight(n: int) -> np.ndarray:
     """``1.0 / _rank_discount(n)``, made once per ``n``."""
     return _by_length(_WEIGHTS, n, lambda m: 1.0 / _rank_discount(m))
-
-
-def category_ranks(cats: np.ndarray) -> np.ndarray:
-    """Each element's 0-based rank among the elements of its own code before it (``cats``:
-    category codes of candidates in the scorer's order)."""
-    by = cats.argsort(kind="stable")
-    grouped = cats[by]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-    sizes = np.diff(np.r_[starts, len(cats)])
-    ranks = np.empty(len(cats), np.int64)
-    ranks[by] = np.arange(len(cats)) - np.repeat(starts, sizes)
-    return ranks
 
 
 def exposure_weight(position: int | None) -> float:
@@ -599,10 +576,7 @@ class CategoryBandit:
         draws = self.config.propensity_draws
         if self.config.mode == "rerank":  # every list at once: one row of draws per list
             theta = rng.beta(a, b, size=(draws + 1, len(names)))
-            by_category = self.config.discount_rank == "category"
             discount = _rank_discount(len(best_first))
-            if by_category:
-                discount = discount[category_ranks(cat_of[best_first])]
             lift = None
             if counts is not None and self.config.item_lift > 0:
                 lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
@@ -611,7 +585,7 @@ class CategoryBandit:
             top = best_first[(-key).argsort(axis=1, kind="stable")[:, :k]]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
-                top = self._explore(top, theta, by_score, cat_of, lift, explore, by_category)
+                top = self._explore(top, theta, by_score, cat_of, lift, explore)
             hits = (top[1:] == top[0]).sum(axis=0)
             return top[0], (hits + 1.0) / (draws + 1.0)
         draw = self._slots
@@ -625,16 +599,14 @@ class CategoryBandit:
 
     @staticmethod
     def _explore(top: np.ndarray, theta: np.ndarray, by_score: np.ndarray, cat_of: np.ndarray,
-                 lift: np.ndarray | None, explore: int, by_category: bool = False
-                 ) -> np.ndarray:
+                 lift: np.ndarray | None, explore: int) -> np.ndarray:
         """``explore_slots``: in each list (a row of ``top``, candidate indices; its draws
         a row of ``theta``, one per category of the candidates; ``by_score``: every
         candidate's index in the scorer's order, a stable sort) the ``explore`` categories
         of highest draw each get a slot of the last ``explore`` when the list has none of
         their items: the category's best candidate (by ``lift`` / log2(2 + scorer rank),
         the order ``rerank`` keeps inside a category), even from below the scorer's best
-        ``depth``, replaces the list's item there; ``by_category``: the rank is the one
-        among the category's candidates (``discount_rank`` 'category')."""
+        ``depth``, replaces the list's item there."""
         k = top.shape[1]
         winners = (theta.argmax(axis=1)[:, None] if explore == 1
                    else (-theta).argsort(axis=1, kind="stable")[:, :explore])
@@ -648,9 +620,7 @@ class CategoryBandit:
                 continue
             if quality is None:  # the candidates' key inside their category
                 quality = np.empty(len(by_score))  # 1 / log2(2 + rank in the scorer's order)
-                weight = _rank_weight(len(by_score))
-                quality[by_score] = (weight[category_ranks(cat_of[by_score])] if by_category
-                                     else weight)
+                quality[by_score] = _rank_weight(len(by_score))
                 if lift is not None:
                     quality = quality * lift
             for r, c in zip(absent.tolist(), j[absent].tolist(), strict=True):

@@ -122,9 +122,6 @@ class Ranker:
         self.params: dict[str, Any] = {}
         """The model parameters ``make_ranker`` built ``model`` from (``models.ranker_io``
         rebuilds a saved ranker from them)."""
-        self.user_category = False
-        """lr/fm: every feature dict also gets the one-hot ``uc=<user>/<category>``
-        (``with_user_category``), learned and served alike (``params.user_category``)."""
 
     def __repr__(self) -> str:
         return (f"Ranker(kind={self.kind!r}, rate={self.rate:g}, n_learned={self.n_learned}, "
@@ -199,8 +196,6 @@ class Ranker:
     def _learn_one(self, example: Example, features: Features | None) -> None:
         w = self._observe(example)
         x = example_features(example) if features is None else features
-        if getattr(self, "user_category", False):  # older pickles: none
-            x = with_user_category(x)
         y = bool(example["label"])
         if self.kind == "efm":
             self.model.learn_one(x, y, w, now_ms=self.last_ts_ms)
@@ -259,8 +254,6 @@ class Ranker:
         x = example_or_features
         if "user_id" in x and "item_id" in x:
             x = example_features(x)
-        if getattr(self, "user_category", False):
-            x = with_user_category(x)
         p = float(self.model.predict_proba_one(x).get(True, 0.0))
         return correct_downsampled(p, self.rate) if calibrated else p
 
@@ -270,8 +263,6 @@ class Ranker:
             p = self.model.predict_proba_many(features)
         else:
             model = self.model
-            if getattr(self, "user_category", False):
-                features = [with_user_category(x) for x in features]
             p = np.fromiter((model.predict_proba_one(x).get(True, 0.0) for x in features),
                             np.float64, len(features))
         return correct_downsampled_many(p, self.rate) if calibrated else p
@@ -301,22 +292,6 @@ class Ranker:
         if self.kind == "efm":
             out["table"] = self.model.stats()
         return out
-
-
-def with_user_category(x: Features) -> Features:
-    """``x`` plus the one-hot ``uc=<user>/<category>`` of its ``user=<id>`` and
-    ``i:category=<name>`` features (a new dict; ``x`` itself when either is missing):
-    a per-user weight per category, which a user's negatives on a category move down
-    directly, where the profile counts' weights are shared by every user."""
-    user = category = None
-    for name in x:
-        if name.startswith("user="):
-            user = name[5:]
-        elif name.startswith("i:category="):
-            category = name[11:]
-    if user is None or category is None:
-        return x
-    return {**x, f"uc={user}/{category}": 1.0}
 
 
 class GroupAdaGrad(optim.AdaGrad):
@@ -379,16 +354,14 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
     5
     """
     model: base.Classifier
-    rest = dict(params)
-    user_category = bool(rest.pop("user_category", False)) if kind in ("lr", "fm") else False
     if kind == "lr":
         p = {"lr": 0.1, "numeric_lr": DEFAULT_NUMERIC_LR, "l2": 0.0, "intercept_lr": 0.01,
-             **rest}
+             **params}
         model = linear_model.LogisticRegression(
             optimizer=GroupAdaGrad(p.pop("lr"), p.pop("numeric_lr")), l2=p.pop("l2"),
             intercept_lr=p.pop("intercept_lr"), **p)
     elif kind == "fm":
-        p = {"n_factors": 10, "lr": 0.01, "l2": 0.0, "intercept_lr": 0.01, "seed": 0, **rest}
+        p = {"n_factors": 10, "lr": 0.01, "l2": 0.0, "intercept_lr": 0.01, "seed": 0, **params}
         lr, l2 = p.pop("lr"), p.pop("l2")
         model = facto.FMClassifier(
             weight_optimizer=optim.SGD(lr), latent_optimizer=optim.SGD(lr),
@@ -400,7 +373,6 @@ def make_ranker(kind: RankerKind = "lr", *, negative_rate: float | None = None,
     ranker = Ranker(kind, model, negative_rate=negative_rate, batch_size=batch_size,
                     hold_positives_ms=hold_positives_ms, max_features=max_features)
     ranker.params = dict(params)
-    ranker.user_category = user_category
     return ranker
 
 
@@ -414,10 +386,9 @@ def ranker_param_names(kind: RankerKind) -> set[str]:
                 if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     if kind == "lr":
-        return ({"lr", "numeric_lr", "l2", "intercept_lr", "user_category"}
-                | args(linear_model.LogisticRegression) - {"optimizer"})
+        return {"lr", "numeric_lr", "l2", "intercept_lr"} | args(linear_model.LogisticRegression) - {"optimizer"}
     if kind == "fm":
-        return ({"lr", "l2", "n_factors", "intercept_lr", "seed", "user_category"}
+        return ({"lr", "l2", "n_factors", "intercept_lr", "seed"}
                 | args(facto.FMClassifier)
                 - {"weight_optimizer", "latent_optimizer", "l2_weight", "l2_latent"})
     if kind == "efm":

@@ -52,7 +52,6 @@ class LinearScorer:
         """A frozen serving copy of a River LogisticRegression (log loss, weight dict)."""
         model = ranker.model
         return (ranker.kind == "lr" and ranker.frozen
-                and not getattr(ranker, "user_category", False)  # features of its own
                 and type(model) is linear_model.LogisticRegression
                 and type(model.loss) is optim.losses.Log
                 and type(getattr(model, "_weights", None)) is VectorDict

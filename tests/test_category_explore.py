@@ -156,8 +156,7 @@ def test_config_values_are_validated() -> None:
     for key, value in (("history_prior", -1.0), ("item_lift", -1.0), ("sharpen", 0.0),
                        ("item_rate", ["item.clicks.1d"]), ("change_threshold", -1.0),
                        ("change_fade", 1.5), ("group_prior", -1.0), ("max_groups", 0),
-                       ("explore_slots", -1), ("half_life_s", -1.0),
-                       ("discount_rank", "pool")):
+                       ("explore_slots", -1), ("half_life_s", -1.0)):
         with pytest.raises(ConfigError, match=f"serving.category_explore.{key}"):
             load_config({"serving": {"category_explore": {key: value}}})
 
@@ -755,37 +754,6 @@ def test_explore_slots_leave_a_list_that_has_the_sampled_category_alone() -> Non
             lists.append(bandit.order("u", scores, cats, 10, seed))
         assert lists[0][0].tolist() == lists[1][0].tolist()
         assert lists[0][1].tolist() == lists[1][1].tolist()
-
-
-def test_discount_by_category_rank_puts_the_favoured_categorys_best_item_first() -> None:
-    """``discount_rank`` 'category': a user whose clicks favour c3, every item of which
-    the scorer ranks below all of c0's, gets c3's best item (the scorer's first c3 item,
-    index 30) in the first slot at every draw that ranks c3 first (here all 50); with
-    'scorer' c0's first item keeps it in most lists (its discount 1 against c3's
-    log2(32)). Inside each category the scorer's order holds either way."""
-    cats = ["c0"] * 30 + ["c3"] * 10
-    scores = np.linspace(1.0, 0.0, len(cats))
-    first = {}
-    for rank in ("scorer", "category"):
-        bandit = CategoryBandit(CategoryExploreConfig(discount_rank=rank, explore_slots=0))
-        alike_shard(bandit)
-        show(bandit, "fan", 2, "c3")
-        lists = [bandit.order("fan", scores, cats, 10, seed) for seed in range(50)]
-        rows = [out[0].tolist() for out in lists if out is not None]
-        for row in rows:
-            for cat in ("c0", "c3"):
-                ranks = [i for i in row if cats[i] == cat]
-                assert ranks == sorted(ranks)
-        first[rank] = [row[0] for row in rows]
-    assert first["category"] == [30] * 50
-    assert first["scorer"].count(0) > 25
-
-
-def test_category_ranks_count_each_codes_earlier_elements() -> None:
-    from models.category_bandit import category_ranks
-
-    assert category_ranks(np.array([2, 0, 2, 1, 0, 2])).tolist() == [0, 0, 1, 0, 1, 2]
-    assert category_ranks(np.zeros(0, np.int64)).tolist() == []
 
 
 def test_half_life_fades_the_counts_of_a_user_who_comes_back_late() -> None:

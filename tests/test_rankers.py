@@ -466,39 +466,3 @@ def test_correlated_numeric_features_learn_without_swamping_the_logit(seed: int)
     grouped = _correlated_counts_log_loss(seed, numeric_lr=0.03)
     shared = _correlated_counts_log_loss(seed)
     assert grouped < shared - 0.01
-
-
-def test_user_category_learns_which_category_each_user_takes(tmp_path) -> None:
-    """``params.user_category``: two users see the same items of categories a and b; u1
-    clicks only a's, u2 only b's. LR over ids is additive (a user bias plus an item
-    bias), so without the ``uc=<user>/<category>`` weight it orders the items alike for
-    both users; with it each user gets their own category first, and the serving copy
-    (written and read back as a snapshot) predicts the training copy's figures."""
-    from models.ranker_io import load_ranker_file, save_ranker
-    from operators.linear_scorer import linear_scorer
-
-    def example(user: str, item: str, label: bool) -> dict:
-        return {"user_id": user, "item_id": item, "ts": 1_000, "label": label,
-                "features": {"i:category": item[0]}}
-
-    def ranker(on: bool):
-        r = make_ranker("lr", negative_rate=1.0, user_category=on)
-        for _ in range(30):
-            for user, liked in (("u1", "a"), ("u2", "b")):
-                for item in ("a1", "a2", "b1", "b2"):
-                    r.learn(example(user, item, item[0] == liked))
-        return r
-
-    def gap(r, user: str) -> float:  # P(a1) - P(b1)
-        return r.predict(example(user, "a1", False)) - r.predict(example(user, "b1", False))
-
-    off, on = ranker(False), ranker(True)
-    assert abs(gap(off, "u1") - gap(off, "u2")) < 0.05  # additive: both alike
-    assert gap(on, "u1") > 0.3 and gap(on, "u2") < -0.3
-    save_ranker(on, tmp_path / "r.npz", frozen=True)
-    served = load_ranker_file(tmp_path / "r.npz")
-    assert served.user_category and linear_scorer(served) is None  # the dict path serves it
-    for user in ("u1", "u2"):
-        for item in ("a1", "b2"):
-            assert served.predict(example(user, item, False)) == on.predict(
-                example(user, item, False))
