@@ -42,6 +42,7 @@ from state.feature_spec import position_discount
 from state.settings import doc
 
 CATEGORY_MODES = ("rerank", "slots")
+RANKER_FEATURES = ("off", "mean", "lift")
 
 
 @dataclass
@@ -126,13 +127,15 @@ class CategoryExploreConfig:
     max_categories: int = doc("``serving.sources.category``: categories (the most clicked) "
                               "whose best items serving keeps per user shard and per item "
                               "table (flows/memory.py).", 200)
-    ranker_feature: bool = doc("Give the LR ranker the user's posterior mean a / (a + b) of "
-                               "each candidate's category as a numeric feature "
-                               "(``category_posterior``; the user's counts over the shard-wide "
-                               "prior, no ``history_prior`` or ``group_prior`` tilt), as the "
-                               "posteriors are when serving scores the pool and, in examples, "
-                               "as of the impression's request; absent for a user never shown "
-                               "anything.", False)
+    ranker_feature: str = doc("Give the LR ranker the user's posterior of each candidate's "
+                              "category as a numeric feature (``category_posterior``; the "
+                              "user's counts over the shard-wide prior, no ``history_prior`` "
+                              "or ``group_prior`` tilt), as the posteriors are when serving "
+                              "scores the pool and, in examples, as of the impression's "
+                              "request; absent for a user never shown anything. 'off'; "
+                              "'mean': the posterior mean a / (a + b); 'lift': that mean over "
+                              "the shard's overall click rate (the scale of the LR's counts, "
+                              "whatever the stream's click rate).", "off")
     max_users: int = doc("Users whose posteriors a shard keeps, and items whose click rates "
                          "it keeps (item_adjusted); the least recently updated dropped first. "
                          "The counts fade by ``decay`` per list, so recently shown users hold "
@@ -178,6 +181,9 @@ def check_category_config(config: CategoryExploreConfig) -> None:
             raise ValueError(f"{key}: must be >= 1, got {value}")
     if config.max_users < 1:
         raise ValueError(f"max_users: must be >= 1, got {config.max_users}")
+    if config.ranker_feature not in RANKER_FEATURES:
+        raise ValueError(f"ranker_feature: must be one of {RANKER_FEATURES}, got "
+                         f"{config.ranker_feature!r}")
 
 
 def item_lift(cat_of: np.ndarray, clicks: np.ndarray, shown: np.ndarray,
@@ -497,18 +503,21 @@ class CategoryBandit:
     def means(self, user_id: str) -> CategoryMeans | None:
         """The user's posterior mean click rate a / (a + b) per category the shard has seen,
         and the mean of a category it has not (the clipped shard-wide rate); untilted
-        (``posterior`` without history or attributes). None for a user never shown anything
-        (``knows``). A copy: later counts do not change it."""
+        (``posterior`` without history or attributes); with ``ranker_feature`` 'lift' each
+        over that shard-wide rate. None for a user never shown anything (``knows``). A
+        copy: later counts do not change it."""
         if not self.knows(user_id):
             return None
         names = list(self.totals)
         if "" not in self.totals:
             names.append("")  # the key of an item without a category
         a, b = self.posterior(user_id, names)
-        mean = (a / (a + b)).tolist()
+        mean = a / (a + b)
         clicks, exposure = self._shard_counts()
         overall = min(max((clicks + 1.0) / (exposure + 2.0), 1e-4), 1 - 1e-4)
-        return CategoryMeans(dict(zip(names, mean, strict=True)), overall)
+        if self.config.ranker_feature == "lift":
+            return CategoryMeans(dict(zip(names, (mean / overall).tolist(), strict=True)), 1.0)
+        return CategoryMeans(dict(zip(names, mean.tolist(), strict=True)), overall)
 
     def tilt(self, categories: list[str], history: dict[str, float] | None) -> np.ndarray:
         """Factor on each category's prior rate from the user's recent positives

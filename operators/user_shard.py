@@ -112,7 +112,7 @@ class UserShard:
         self.server = (Server(serving, self.context, max_users=max_users)
                        if serves and serving is not None else None)
         explore = getattr(self.server, "categories", None)
-        if explore is not None and explore.bandit.config.ranker_feature:
+        if explore is not None and explore.bandit.config.ranker_feature != "off":
             # the LR's ``category_posterior``: serving's and the examples' contexts read
             # the same posteriors (impressions are joined before they teach them)
             self.context.category_means = explore.bandit.means

@@ -807,7 +807,7 @@ def test_ranker_feature_is_the_posterior_mean_at_serving_and_in_the_examples(
 
     world.publish_all()
     shard = world.user_shard(category_explore=CategoryExploreConfig(enabled=True,
-                                                                    ranker_feature=True))
+                                                                    ranker_feature="mean"))
     plain = world.user_shard(category_explore=CategoryExploreConfig(enabled=True))
     events: list = []
     for rep in range(3):  # "fan" clicks c3 items
