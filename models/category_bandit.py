@@ -42,7 +42,7 @@ from state.feature_spec import position_discount
 from state.settings import doc
 
 CATEGORY_MODES = ("rerank", "slots")
-RANKER_FEATURES = ("off", "mean", "lift")
+RANKER_FEATURES = ("off", "mean", "lift", "log_lift")
 
 
 @dataclass
@@ -135,7 +135,9 @@ class CategoryExploreConfig:
                               "request; absent for a user never shown anything. 'off'; "
                               "'mean': the posterior mean a / (a + b); 'lift': that mean over "
                               "the shard's overall click rate (the scale of the LR's counts, "
-                              "whatever the stream's click rate).", "off")
+                              "whatever the stream's click rate); 'log_lift': the log of that "
+                              "(0 at the shard's rate: centred, so the online LR's steps do "
+                              "not read it as a second intercept).", "off")
     max_users: int = doc("Users whose posteriors a shard keeps, and items whose click rates "
                          "it keeps (item_adjusted); the least recently updated dropped first. "
                          "The counts fade by ``decay`` per list, so recently shown users hold "
@@ -517,6 +519,9 @@ class CategoryBandit:
         overall = min(max((clicks + 1.0) / (exposure + 2.0), 1e-4), 1 - 1e-4)
         if self.config.ranker_feature == "lift":
             return CategoryMeans(dict(zip(names, (mean / overall).tolist(), strict=True)), 1.0)
+        if self.config.ranker_feature == "log_lift":
+            return CategoryMeans(dict(zip(names, np.log(mean / overall).tolist(), strict=True)),
+                                 0.0)
         return CategoryMeans(dict(zip(names, mean.tolist(), strict=True)), overall)
 
     def tilt(self, categories: list[str], history: dict[str, float] | None) -> np.ndarray:
