@@ -42,7 +42,6 @@ from state.feature_spec import position_discount
 from state.settings import doc
 
 CATEGORY_MODES = ("rerank", "slots")
-RANKER_FEATURES = ("off", "mean", "lift", "log_lift")
 
 
 @dataclass
@@ -127,17 +126,15 @@ class CategoryExploreConfig:
     max_categories: int = doc("``serving.sources.category``: categories (the most clicked) "
                               "whose best items serving keeps per user shard and per item "
                               "table (flows/memory.py).", 200)
-    ranker_feature: str = doc("Give the LR ranker the user's posterior of each candidate's "
-                              "category as a numeric feature (``category_posterior``; the "
-                              "user's counts over the shard-wide prior, no ``history_prior`` "
-                              "or ``group_prior`` tilt), as the posteriors are when serving "
-                              "scores the pool and, in examples, as of the impression's "
-                              "request; absent for a user never shown anything. 'off'; "
-                              "'mean': the posterior mean a / (a + b); 'lift': that mean over "
-                              "the shard's overall click rate (the scale of the LR's counts, "
-                              "whatever the stream's click rate); 'log_lift': the log of that "
-                              "(0 at the shard's rate: centred, so the online LR's steps do "
-                              "not read it as a second intercept).", "off")
+    ranker_feature: bool = doc("Give the LR ranker the user's posterior of each candidate's "
+                               "category as a numeric feature, ``category_posterior``: the "
+                               "posterior mean a / (a + b) over the shard's overall click rate "
+                               "(a lift: the scale of the LR's counts whatever the stream's "
+                               "click rate; the user's counts over the shard-wide prior, no "
+                               "``history_prior`` or ``group_prior`` tilt), as the posteriors "
+                               "are when serving scores the pool and, in examples, as of the "
+                               "impression's request; absent for a user never shown anything. "
+                               "Default by measurement: docs/evaluation.md (loop14c).", True)
     max_users: int = doc("Users whose posteriors a shard keeps, and items whose click rates "
                          "it keeps (item_adjusted); the least recently updated dropped first. "
                          "The counts fade by ``decay`` per list, so recently shown users hold "
@@ -183,9 +180,6 @@ def check_category_config(config: CategoryExploreConfig) -> None:
             raise ValueError(f"{key}: must be >= 1, got {value}")
     if config.max_users < 1:
         raise ValueError(f"max_users: must be >= 1, got {config.max_users}")
-    if config.ranker_feature not in RANKER_FEATURES:
-        raise ValueError(f"ranker_feature: must be one of {RANKER_FEATURES}, got "
-                         f"{config.ranker_feature!r}")
 
 
 def item_lift(cat_of: np.ndarray, clicks: np.ndarray, shown: np.ndarray,
@@ -215,21 +209,21 @@ def rate_lift(clicks: np.ndarray, shown: np.ndarray, rate: np.ndarray,
     return (clicks + strength * rate) / (shown + strength) / rate
 
 
-class CategoryMeans(NamedTuple):
-    """A user's posterior mean click rate per category key ("" for no category) at one
-    moment (``CategoryBandit.means``), and the mean of a category not in ``by_key``."""
+class CategoryLifts(NamedTuple):
+    """A user's posterior mean click rate per category key ("" for no category) over the
+    shard's overall rate, at one moment (``CategoryBandit.lifts``); 1 for a category the
+    shard has not seen (its prior is the overall rate)."""
 
     by_key: dict[str, float]
-    unseen: float
 
     def of(self, attrs: list[dict[str, Any] | None]) -> np.ndarray:
-        """The mean of each item's category (``attrs``: the items' catalog attributes,
+        """The lift of each item's category (``attrs``: the items' catalog attributes,
         their ``category`` as ``state.item_table.category_of`` reads it), float64."""
-        get, unseen = self.by_key.get, self.unseen
+        get = self.by_key.get
         out = np.empty(len(attrs), np.float64)
         for j, a in enumerate(attrs):
             value = a.get("category") if a is not None else None
-            out[j] = get("" if value is None else str(value), unseen)
+            out[j] = get("" if value is None else str(value), 1.0)
         return out
 
 
@@ -502,27 +496,20 @@ class CategoryBandit:
         entry = self.users.get(user_id)
         return entry is not None and any(c[1] > 0 for c in entry[1].values())
 
-    def means(self, user_id: str) -> CategoryMeans | None:
-        """The user's posterior mean click rate a / (a + b) per category the shard has seen,
-        and the mean of a category it has not (the clipped shard-wide rate); untilted
-        (``posterior`` without history or attributes); with ``ranker_feature`` 'lift' each
-        over that shard-wide rate. None for a user never shown anything (``knows``). A
-        copy: later counts do not change it."""
+    def lifts(self, user_id: str) -> CategoryLifts | None:
+        """The user's posterior mean click rate a / (a + b) per category the shard has seen
+        over the shard's overall rate (clipped as the prior's), untilted (``posterior``
+        without history or attributes): ``ranker_feature``. None for a user never shown
+        anything (``knows``). A copy: later counts do not change it."""
         if not self.knows(user_id):
             return None
         names = list(self.totals)
         if "" not in self.totals:
             names.append("")  # the key of an item without a category
         a, b = self.posterior(user_id, names)
-        mean = a / (a + b)
         clicks, exposure = self._shard_counts()
         overall = min(max((clicks + 1.0) / (exposure + 2.0), 1e-4), 1 - 1e-4)
-        if self.config.ranker_feature == "lift":
-            return CategoryMeans(dict(zip(names, (mean / overall).tolist(), strict=True)), 1.0)
-        if self.config.ranker_feature == "log_lift":
-            return CategoryMeans(dict(zip(names, np.log(mean / overall).tolist(), strict=True)),
-                                 0.0)
-        return CategoryMeans(dict(zip(names, mean.tolist(), strict=True)), overall)
+        return CategoryLifts(dict(zip(names, (a / (a + b) / overall).tolist(), strict=True)))
 
     def tilt(self, categories: list[str], history: dict[str, float] | None) -> np.ndarray:
         """Factor on each category's prior rate from the user's recent positives

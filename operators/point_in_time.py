@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from models.category_bandit import CategoryMeans, dense_codes
+from models.category_bandit import CategoryLifts, dense_codes
 from models.features import compact
 from models.mf import UserFactors
 from operators.example_codec import EncodedPart, encoded_part, join_parts
@@ -56,25 +56,26 @@ class UserContext:
     """Recent positives, newest first (``recent`` holds every interaction)."""
     finished: dict[str, int] = field(default_factory=dict)
     """Items with a consuming action (``serving.consume_actions``) -> its last ts (ms)."""
-    categories: CategoryMeans | None = None
-    """The category sampling's posterior means for the user when the context was taken
+    categories: CategoryLifts | None = None
+    """The category sampling's posterior lifts for the user when the context was taken
     (``serving.category_explore.ranker_feature``; None: off, or a user never shown
     anything): the ``category_posterior`` column."""
 
 
-NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked")
+CATEGORY_POSTERIOR = "category_posterior"
+"""The category sampling's column (``UserContext.categories``)."""
+
+NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked",
+                         CATEGORY_POSTERIOR)
 """Numeric per-candidate features: from the snapshots, popularity and trending (decayed
 to the event's time), co-visitation sums of the liked and any-interaction channels, MF
 score; from the user shard, whether the user already interacted with the item (1.0 /
-0.0) and how recent their positive on it is (``liked_recency``: ``decay**k`` for the k-th
-newest positive, 0.0 for none). Absent means 0.0 (no table, no seeds, no vector, no
-interaction with any of the items)."""
-
-CATEGORY_POSTERIOR = "category_posterior"
-"""A numeric per-candidate feature after those, only with
-``serving.category_explore.ranker_feature``: the category sampling's posterior mean click
-rate of the item's category for the user (``UserContext.categories``); absent for a user
-the sampling never showed anything. Not in the wire vocabulary (off by default)."""
+0.0), how recent their positive on it is (``liked_recency``: ``decay**k`` for the k-th
+newest positive, 0.0 for none) and the category sampling's posterior mean click rate of
+the item's category for the user over the shard's overall rate
+(``serving.category_explore.ranker_feature``). Absent means 0.0 (no table, no seeds, no
+vector, no interaction with any of the items, a user the category sampling never showed
+anything)."""
 
 
 @dataclass
@@ -268,8 +269,8 @@ class PointInTime:
         """Whether the owner announces its polls (``polled``)."""
         self._frozen_fresh = False
         """``_frozen`` was checked current since the last poll (``polled``)."""
-        self.category_means: Callable[[str], CategoryMeans | None] | None = None
-        """The category sampling's per-user posterior means (``CategoryBandit.means``), set
+        self.category_lifts: Callable[[str], CategoryLifts | None] | None = None
+        """The category sampling's per-user posterior lifts (``CategoryBandit.lifts``), set
         by the user shard when ``ranker_feature`` is on: taken into every ``UserContext``."""
 
     def __getstate__(self) -> dict[str, Any]:
@@ -294,7 +295,7 @@ class PointInTime:
         self.__dict__.setdefault("_open_limit", 1_024)
         self.__dict__.setdefault("_frozen_trust", False)
         self.__dict__.setdefault("_frozen_fresh", False)
-        self.__dict__.setdefault("category_means", None)
+        self.__dict__.setdefault("category_lifts", None)
 
     def forget(self, user_id: str) -> None:
         """The user's state is about to change: contexts taken before it are stale."""
@@ -320,9 +321,9 @@ class PointInTime:
             vector = self._folded_vector(user_id, recent[:20])
         liked = self.liked.recent(user_id, 50) if self.liked is not None else []
         finished = self.finished.consumed(user_id) if self.finished is not None else {}
-        means = self.category_means(user_id) if self.category_means is not None else None
+        lifts = self.category_lifts(user_id) if self.category_lifts is not None else None
         return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
-                           finished, means)
+                           finished, lifts)
 
 
 

@@ -794,21 +794,23 @@ def test_list_times_stay_within_max_users_and_the_memory_bound_counts_them() -> 
                 {"max_users": 1_000})
 
 
-def test_ranker_feature_is_the_posterior_mean_at_serving_and_in_the_examples(
+def test_ranker_feature_is_the_posterior_lift_at_serving_and_in_the_examples(
         world: World) -> None:
     """``ranker_feature``: the LR's ``category_posterior`` of each candidate is the user's
-    posterior mean a / (a + b) of the candidate's category as the bandit holds it when
-    serving scores the pool, and each example of that request's impressions carries the
-    same value (taken before the impressions teach the posteriors); a user never shown
-    anything has none; off, no column. The recovery state keeps the feature wired."""
+    posterior mean a / (a + b) of the candidate's category over the shard's overall rate,
+    as the bandit holds them when serving scores the pool, and each example of that
+    request's impressions carries the same value (taken before the impressions teach the
+    posteriors); a user never shown anything has none; off, no column. The recovery state
+    keeps the feature wired."""
     import pickle
 
     from operators.point_in_time import CATEGORY_POSTERIOR
 
     world.publish_all()
     shard = world.user_shard(category_explore=CategoryExploreConfig(enabled=True,
-                                                                    ranker_feature="mean"))
-    plain = world.user_shard(category_explore=CategoryExploreConfig(enabled=True))
+                                                                    ranker_feature=True))
+    plain = world.user_shard(category_explore=CategoryExploreConfig(enabled=True,
+                                                                    ranker_feature=False))
     events: list = []
     for rep in range(3):  # "fan" clicks c3 items
         ts = T0 - 600_000 + rep * 1000
@@ -823,7 +825,9 @@ def test_ranker_feature_is_the_posterior_mean_at_serving_and_in_the_examples(
 
     def expected(user: str) -> dict[str, float]:  # "": an item the shard's catalog lacks
         a, b = bandit.posterior(user, [*CATS, ""])
-        return dict(zip([*CATS, ""], (a / (a + b)).tolist(), strict=True))
+        clicks, exposure = bandit._shard_counts()
+        overall = (clicks + 1.0) / (exposure + 2.0)
+        return dict(zip([*CATS, ""], (a / (a + b) / overall).tolist(), strict=True))
 
     seen: list = []
     for s in (shard, plain):
@@ -835,7 +839,7 @@ def test_ranker_feature_is_the_posterior_mean_at_serving_and_in_the_examples(
             return cols
         s.server.pool_columns = spy
     means = expected("fan")
-    assert means["c3"] > max(means["c0"], means["c1"]) + 0.05  # the control: it moved
+    assert means["c3"] > max(means["c0"], means["c1"]) + 0.5  # the control: it moved
     record = ask(shard, "fan", ts=T0, request_id="q:fan")
     user, cols = seen[-1]
     assert user == "fan"
@@ -861,4 +865,4 @@ def test_ranker_feature_is_the_posterior_mean_at_serving_and_in_the_examples(
 
     del shard.server.pool_columns  # the spy (a local function does not pickle)
     resumed = pickle.loads(pickle.dumps(shard, protocol=pickle.HIGHEST_PROTOCOL))
-    assert resumed.context.category_means.__self__ is resumed.server.categories.bandit
+    assert resumed.context.category_lifts.__self__ is resumed.server.categories.bandit
