@@ -490,16 +490,16 @@ class ItemRows:
                              + [none], np.int64)  # shard -1 reads the last entry
             # kept while the shards' tables are these (``sync`` takes a new map for any)
             memo = self._columns_memo = [self._map, len(tables), names, matrix, start, none,
-                                         self._epoch, np.zeros(0, np.int64)]
+                                         self._epoch, np.zeros(0, np.int32)]
         matrix = memo[3]
         # each slot's column in matrix (-1: not looked up since the slot was given or its
-        # table values were read again: both start a new epoch)
+        # table values were read again: both start a new epoch); 4 B a slot
         col = memo[7]
         if memo[6] != self._epoch or col.size < self.capacity:
             if memo[6] != self._epoch:
-                col = np.zeros(0, np.int64)
+                col = np.zeros(0, np.int32)
                 memo[6] = self._epoch
-            col = memo[7] = np.concatenate([col, np.full(self.capacity - col.size, -1, np.int64)])
+            col = memo[7] = np.concatenate([col, np.full(self.capacity - col.size, -1, np.int32)])
         at = col[slots]
         todo = (at < 0).nonzero()[0]
         if todo.size:
