@@ -15,6 +15,7 @@ matrix built for them (operators/point_in_time.py): what a pool re-ranker consum
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,19 @@ from state.packing import pick
 SOURCES = ("ann", "covis", "trending", "popular", "category")
 """Retrieval sources in the order they are retrieved (an item's ``sources`` list is
 always in this order unless a hook changes it)."""
+
+_SOURCE_BITS = 1 << np.arange(len(SOURCES), dtype=np.int64)
+"""Bit of each source in a candidate's pattern number (``CandidatePool.candidates``)."""
+_PATTERN_SOURCES = [tuple(itertools.compress(SOURCES, [m >> b & 1 for b in range(len(SOURCES))]))
+                    for m in range(1 << len(SOURCES))]
+"""The sources of each pattern number, in ``SOURCES`` order."""
+_PATTERN_VALUES = [
+    operator.itemgetter(*at) if len(at) > 1 else
+    (lambda values, j=at[0]: (values[j],)) if at else (lambda values: ())
+    for at in ([b for b in range(len(SOURCES)) if m >> b & 1] for m in range(1 << len(SOURCES)))]
+"""Each pattern's scores out of a candidate's per-source list, in ``SOURCES`` order."""
+_PATTERN_NAMES = ["+".join(sources) for sources in _PATTERN_SOURCES]
+"""``Candidate.source`` of each pattern number."""
 
 
 @dataclass(slots=True)
@@ -104,32 +118,50 @@ class CandidatePool:
         """``Candidate`` objects of the positions ``idx`` (default: all), with the pool's
         score and category."""
         il = range(len(self.items)) if idx is None else idx.tolist()
-        # a few positions (the top k): element reads; all of them: one conversion
-        score: Any = self.score if idx is not None else self.score.tolist()
+        score: list[float] = (self.score if idx is None else self.score[idx]).tolist()
         category: Any = self.category
         if category is None and self.coded is not None:  # the names of the codes taken
             names = self.coded.names
-            codes: Any = self.coded.codes if idx is not None else self.coded.codes.tolist()
-            category = {i: names[codes[i]] for i in il}
+            codes = self.coded.codes if idx is None else self.coded.codes[idx]
+            category = [names[c] for c in codes.tolist()]
+        elif category is not None and idx is not None:
+            category = [category[i] for i in il]
         if self.objs is not None:
             out = []
-            for i in il:
+            for j, i in enumerate(il):
                 c = self.objs[i]
-                c.score = float(score[i])
+                c.score = score[j]
                 if category is not None:
-                    c.category = category[i]
+                    c.category = category[j]
                 out.append(c)
             return out
-        # each candidate's flags and scores by source as Python lists (one conversion)
-        has = (self.has if idx is None else self.has[:, idx]).T.tolist()
+        # each candidate's sources as one pattern number (bit b: SOURCES[b] retrieved it)
+        # and its scores by source as Python lists (one conversion each)
+        has = self.has if idx is None else self.has[:, idx]
+        patterns = (_SOURCE_BITS @ has).tolist()
         scores = (self.scores if idx is None else self.scores[:, idx]).T.tolist()
         items = self.items
-        out = []
-        for i, flags, values in zip(il, has, scores, strict=True):
-            out.append(Candidate(items[i], list(itertools.compress(SOURCES, flags)),
-                                 dict(itertools.compress(zip(SOURCES, values, strict=True), flags)),
-                                 float(score[i]), None if category is None else category[i]))
-        return out
+        if category is None:
+            category = [None] * len(score)
+        return [Candidate(items[i], list(_PATTERN_SOURCES[p]),
+                          dict(zip(_PATTERN_SOURCES[p], _PATTERN_VALUES[p](values), strict=True)),
+                          s, c)
+                for i, p, values, s, c in zip(il, patterns, scores, score, category, strict=True)]
+
+    def record_items(self, idx: np.ndarray, propensities: list[float] | None = None
+                     ) -> list[dict[str, Any]]:
+        """The recommendation record's ``items`` of the positions ``idx`` (best first)
+        straight from the arrays: what ``candidates(idx)`` gives as the record's dicts
+        (score and propensity rounded to 6 places, sources joined by "+"; propensity 1.0
+        without ``propensities``), with no ``Candidate`` objects."""
+        items = self.items
+        il = idx.tolist()
+        score = self.score[idx].tolist()
+        patterns = (_SOURCE_BITS @ self.has[:, idx]).tolist()
+        props = [1.0] * len(il) if propensities is None else propensities
+        return [{"item_id": items[i], "score": round(s, 6), "source": _PATTERN_NAMES[p],
+                 "propensity": round(q, 6)}
+                for i, s, p, q in zip(il, score, patterns, props, strict=True)]
 
     @classmethod
     def from_candidates(cls, cands: list[Candidate], rows: np.ndarray) -> CandidatePool:

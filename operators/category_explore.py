@@ -85,9 +85,25 @@ class CategoryExplore:
               category: Callable[[str], str | None] | None = None,
               rates: Callable[[CandidatePool, Sequence[str]], np.ndarray] | None = None,
               attrs: dict[str, Any] | None = None) -> list[Candidate] | None:
-        """The top k of ``pool`` (scored) by category sampling, propensities set; None
-        (keep the scorer's order) for a user without impressions or a pool without
-        categories. ``liked``: the user's recent positives, newest first, weighed
+        """``order_indices`` as the list's ``Candidate`` objects, propensities set."""
+        out = self.order_indices(request, user_id, pool, liked, decay, category, rates, attrs)
+        if out is None:
+            return None
+        idx, props = out
+        cands = pool.candidates(idx)
+        for c, p in zip(cands, props, strict=True):
+            c.propensity = p
+        return cands
+
+    def order_indices(self, request: Any, user_id: str, pool: CandidatePool,
+                      liked: list[str] | None = None, decay: float = 1.0,
+                      category: Callable[[str], str | None] | None = None,
+                      rates: Callable[[CandidatePool, Sequence[str]], np.ndarray] | None = None,
+                      attrs: dict[str, Any] | None = None
+                      ) -> tuple[np.ndarray, list[float]] | None:
+        """The top k of ``pool`` (scored) by category sampling as (pool positions, each
+        slot's propensity), or None (keep the scorer's order) for a user without
+        impressions or a pool without categories. ``liked``: the user's recent positives, newest first, weighed
         ``decay**k`` (``liked_recency``); with ``category`` (item -> its category) they
         tilt the priors (``history_prior``); ``rates(pool, names)``: the pool's item-profile
         features ``names`` (names x candidates, 0.0 without; item tables), here the
@@ -113,12 +129,8 @@ class CategoryExplore:
                                 attrs)
         if out is None:
             return None
-        idx, props = out
-        cands = pool.candidates(idx)
-        for c, p in zip(cands, props.tolist(), strict=True):
-            c.propensity = p
         self.ordered += 1
-        return cands
+        return out[0], out[1].tolist()
 
 
     def user_attrs(self, profile: dict[str, Any]) -> dict[str, Any] | None:

@@ -409,18 +409,29 @@ class Server:
         if timing is not None:
             t3 = time.perf_counter_ns()
             timing["score"] = timing.get("score", 0) + t3 - t2
+        top = None  # (positions, propensities): the record's items straight from the pool
         if scored is not None:
-            ranked = self.order(request, scored, request.k, ctx.consumed)
+            ranked = self._hook("after_ordering", request,
+                                self.order(request, scored, request.k, ctx.consumed))
         else:
             categories = getattr(self, "categories", None)  # None: off, or older state
-            best = (categories.order(request, ctx.user_id, pool, ctx.liked,
-                                     self.context.covis.decay, self._category_of,
-                                     self._item_rates, categories.user_attrs(ctx.profile))
-                    if categories else None)
-            if best is None:  # the scorer's order
-                best = pool.candidates(top_indices(pool.score, self._depth(request.k)))
-            ranked = self._rerank(request, best, request.k, ctx.consumed)
-        ranked = self._hook("after_ordering", request, ranked)
+            picked = (categories.order_indices(request, ctx.user_id, pool, ctx.liked,
+                                               self.context.covis.decay, self._category_of,
+                                               self._item_rates,
+                                               categories.user_attrs(ctx.profile))
+                      if categories else None)
+            if picked is None:  # the scorer's order
+                picked = top_indices(pool.score, self._depth(request.k)), None
+            if self._objects_needed(pool):
+                best = pool.candidates(picked[0])
+                if picked[1] is not None:
+                    for c, p in zip(best, picked[1], strict=True):
+                        c.propensity = p
+                ranked = self._hook("after_ordering", request,
+                                    self._rerank(request, best, request.k, ctx.consumed))
+            else:  # _rerank and the hooks would keep the first k as they are
+                k = request.k
+                top = picked[0][:k], None if picked[1] is None else picked[1][:k]
         if timing is not None:
             timing["order"] = timing.get("order", 0) + time.perf_counter_ns() - t3
         self.served += 1
@@ -436,9 +447,9 @@ class Server:
             "request_id": request.request_id,
             "user_id": request.user_id,
             "ts": request.ts,
-            "items": [{"item_id": c.item_id, "score": round(c.score, 6), "source": c.source,
-                       "propensity": round(c.propensity, 6)}
-                      for c in ranked[: request.k]],
+            "items": pool.record_items(*top) if top is not None else [
+                {"item_id": c.item_id, "score": round(c.score, 6), "source": c.source,
+                 "propensity": round(c.propensity, 6)} for c in ranked[: request.k]],
             "model_version": ranker.version,
             "index_version": index.version,
             "latency_ms": round(latency_ns / 1e6, 3),
@@ -785,6 +796,13 @@ class Server:
         return ranker.predict_many(ranking_features_many(
             ctx.user_id, items, request.ts, request.context, SERVING_POSITION,
             ctx.profile, extras))
+
+    def _objects_needed(self, pool: CandidatePool) -> bool:
+        """Whether ordering needs the list as ``Candidate`` objects: a hook (it may read
+        or change them), objects a hook returned (what it set stays), diversity or
+        exploration (they move or add candidates, set propensities)."""
+        return (bool(self.hooks) or pool.objs is not None or self.config.diversity > 0
+                or self.config.exploration > 0)
 
     def order(self, request: Any, cands: list[Candidate], k: int,
               consumed: dict[str, int] | None = None) -> list[Candidate]:

@@ -480,7 +480,6 @@ class ItemRows:
         (``table_columns``)."""
         if not slots.size:
             return np.zeros((len(names), 0))
-        j = self.feature_rows(slots, rows)
         tables = self.tables
         memo = getattr(self, "_columns_memo", None)  # older state: none
         if (memo is None or memo[0] is not self._map or memo[1] != len(tables)
@@ -490,10 +489,25 @@ class ItemRows:
             start = np.array([offsets[t.shard] if t is not None else none for t in tables]
                              + [none], np.int64)  # shard -1 reads the last entry
             # kept while the shards' tables are these (``sync`` takes a new map for any)
-            memo = self._columns_memo = (self._map, len(tables), names, matrix, start, none)
-        matrix, start, none = memo[3], memo[4], memo[5]
-        # a slot without a table keeps feat_row -1: it reads the zero column too
-        at = np.where(j >= 0, start[self.shard[slots]] + j, none)
+            memo = self._columns_memo = [self._map, len(tables), names, matrix, start, none,
+                                         self._epoch, np.zeros(0, np.int32)]
+        matrix = memo[3]
+        # each slot's column in matrix (-1: not looked up since the slot was given or its
+        # table values were read again: both start a new epoch); 4 B a slot
+        col = memo[7]
+        if memo[6] != self._epoch or col.size < self.capacity:
+            if memo[6] != self._epoch:
+                col = np.zeros(0, np.int32)
+                memo[6] = self._epoch
+            col = memo[7] = np.concatenate([col, np.full(self.capacity - col.size, -1, np.int32)])
+        at = col[slots]
+        todo = (at < 0).nonzero()[0]
+        if todo.size:
+            stale = slots[todo]
+            j = self.feature_rows(stale, rows[todo])
+            # a slot without a table keeps feat_row -1: it reads the zero column too
+            col[stale] = np.where(j >= 0, memo[4][self.shard[stale]] + j, memo[5])
+            at = col[slots]
         return matrix[:, at]
 
     def feature_rows(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -515,6 +515,42 @@ def test_profile_values_read_each_items_current_table_as_its_feature_dict(
             assert got.any()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_profile_values_kept_per_slot_equal_a_fresh_read(tmp_path: Path, seed: int) -> None:
+    """``profile_values`` keeps each slot's column in the tables' side-by-side matrix
+    (serve14): pools read again and again (overlapping, new items, repeats) within one
+    set of tables, across replaced tables and across slot drops (a small slot bound)
+    give what a fresh ``ItemRows`` reads for the same pool."""
+    rng = random.Random(seed)
+    items = [f"{'xy'[j % 2]}{j}" for j in range(80)]
+    names = ("item.clicks.1d", "item.impressions.1d")
+
+    def table(shard: str, ts: int) -> ItemTable:
+        mine = [i for i in items if i[0] == shard[1]]
+        features = {i: {n: float(rng.randrange(50)) for n in names if rng.random() < 0.8}
+                    for i in mine if rng.random() < 0.7}
+        t = ItemTable(shard, ts, CoVisitation(CoVisConfig()), features=features)
+        path = tmp_path / f"{shard}-{ts}.npz"
+        t.save(path)
+        return ItemTable.load(path)
+
+    tables = {"sx": table("sx", T0), "sy": table("sy", T0)}
+    space = ItemRows(CovisView(), lambda item: "s" + item[0], min_slots=48)
+    for step in range(12):
+        if step % 4 == 3:
+            shard = rng.choice(["sx", "sy"])
+            tables = {**tables, shard: table(shard, T0 + step)}
+        pool = rng.sample(items, 30) + rng.sample(items, 5)
+        rows = space.rows(pool)
+        space.sync(tables)
+        got = space.profile_values(space.fill(rows), rows, names)
+        fresh = ItemRows(CovisView(), lambda item: "s" + item[0])
+        fresh_rows = fresh.rows(pool)
+        fresh.sync(tables)
+        want = fresh.profile_values(fresh.fill(fresh_rows), fresh_rows, names)
+        assert got.tolist() == want.tolist()
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_dense_codes_are_np_unique_without_the_no_value_code(seed: int) -> None:
     """``dense_codes`` (the cross profiles' attribute value codes of a pool) gives what

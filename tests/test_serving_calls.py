@@ -79,3 +79,19 @@ def test_untilted_posteriors_from_the_memo_equal_the_first_computation() -> None
         assert first[0][j] == s * rate + uc
         assert first[1][j] == s * (1.0 - rate) + max(ue - uc, 0.0)
     assert first[0].flags.c_contiguous and first[1].flags.c_contiguous
+
+
+def test_record_items_equal_the_records_of_the_candidates() -> None:
+    """``CandidatePool.record_items`` (serve14: the record straight from the arrays)
+    gives the dicts ``Server.recommend`` makes of ``candidates(idx)`` with their
+    propensities: every source pattern, propensities given or 1.0."""
+    for seed in range(4):
+        pool = _pool(40, seed)
+        idx = np.random.default_rng(seed).permutation(40)[:10]
+        for props in (None, [0.125 * (j + 1) / 3 for j in range(10)]):
+            cands = pool.candidates(idx)
+            for c, p in zip(cands, props or [1.0] * 10, strict=True):
+                c.propensity = p
+            want = [{"item_id": c.item_id, "score": round(c.score, 6), "source": c.source,
+                     "propensity": round(c.propensity, 6)} for c in cands]
+            assert pool.record_items(idx, props) == want
