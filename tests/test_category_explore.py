@@ -259,7 +259,9 @@ def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     on = load_config({"serving": {"category_explore": {"max_users": 1_000}, "sources": no_lists}})
     off = load_config({"serving": {"category_explore": {"enabled": False}, "sources": no_lists}})
     added = memory_bound(on)["parts_mb"]["user_shards"] - memory_bound(off)["parts_mb"]["user_shards"]
-    expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
+    expected = on.shards.users * (1_000 * BYTES["category_user"] + on.join.max_pending
+                                  * BYTES["category_lifts_impression"]  # ranker_feature
+                                  ) * ALLOCATOR_OVERHEAD / 2**20
     assert added == pytest.approx(expected)
     # item_lift's click and impression columns of every loaded table (one per item shard)
     # and their copy side by side (state.item_rows.table_columns)
