@@ -802,8 +802,8 @@ def test_ranker_feature_is_the_posterior_lift_at_serving_and_in_the_examples(
     posterior mean a / (a + b) of the candidate's category over the shard's overall rate,
     as the bandit holds them when serving scores the pool, and each example of that
     request's impressions carries the same value (taken before the impressions teach the
-    posteriors); a user never shown anything has none; off, no column. The recovery state
-    keeps the feature wired."""
+    posteriors; computed from a detached capture here); a user never shown anything has
+    none; off, no column. The recovery state keeps the feature wired."""
     import pickle
 
     from operators.point_in_time import CATEGORY_POSTERIOR
@@ -856,8 +856,13 @@ def test_ranker_feature_is_the_posterior_lift_at_serving_and_in_the_examples(
     served = [i["item_id"] for i in record["items"]]
     imps: list = [Impression(T0 + 5, f"i:q:{pos}", "fan", item, "q:fan", pos)
                   for pos, item in enumerate(served)]
-    out = feed(shard, [*imps, Feedback(T0 + 20, "fan", served[0], "click", "i:q:0")])
-    examples = out.get("examples", []) + shard.flush().get("examples", [])
+    out = feed(shard, imps)
+    taken = shard.context._taken
+    shard.context.release_frozen()  # their snapshot version let go: computed from a capture
+    assert taken is not None and taken.detached is not None
+    out2 = feed(shard, [Feedback(T0 + 20, "fan", served[0], "click", "i:q:0")])
+    examples = (out.get("examples", []) + out2.get("examples", [])
+                + shard.flush().get("examples", []))
     mine = [e for e in examples if e["example_id"].startswith("imp:i:q:")]
     assert len(mine) == len(served)
     for e in mine:
