@@ -100,6 +100,9 @@ BYTES: dict[str, float] = {
     "ranker_weight": 130,
     "routing_cache_entry": 150,
     "category_user": 1_200,
+    "category_lifts_impression": 110,  # the ranker feature's lifts in a request's user
+    # context (models/category_bandit.py CategoryLifts: ~1.1 KB with 20 categories),
+    # shared by the request's ~10 pending impressions
     "category_user_change": 40,
     "category_user_time": 120,
     "category_group": 2_200,
@@ -184,6 +187,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + MAX_STATIC_MEMO * b["static_memo_item"]
         # serving's category posteriors: a user's counts and one item's click rate per user
         + (explore.max_users * b["category_user"] if explore.enabled else 0)
+        # the lifts the ranker feature takes into each pending request's user context
+        + (join.max_pending * b["category_lifts_impression"]
+           if explore.enabled and explore.ranker_feature else 0)
         # the change detector's CUSUM and flag per user; the attribute groups' counts
         + (explore.max_users * b["category_user_change"]
            if explore.enabled and explore.change_threshold > 0 else 0)

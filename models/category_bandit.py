@@ -126,6 +126,15 @@ class CategoryExploreConfig:
     max_categories: int = doc("``serving.sources.category``: categories (the most clicked) "
                               "whose best items serving keeps per user shard and per item "
                               "table (flows/memory.py).", 200)
+    ranker_feature: bool = doc("Give the LR ranker the user's posterior of each candidate's "
+                               "category as a numeric feature, ``category_posterior``: the "
+                               "posterior mean a / (a + b) over the shard's overall click rate "
+                               "(a lift: the scale of the LR's counts whatever the stream's "
+                               "click rate; the user's counts over the shard-wide prior, no "
+                               "``history_prior`` or ``group_prior`` tilt), as the posteriors "
+                               "are when serving scores the pool and, in examples, as of the "
+                               "impression's request; absent for a user never shown anything. "
+                               "Default by measurement: docs/evaluation.md (loop14c).", True)
     max_users: int = doc("Users whose posteriors a shard keeps, and items whose click rates "
                          "it keeps (item_adjusted); the least recently updated dropped first. "
                          "The counts fade by ``decay`` per list, so recently shown users hold "
@@ -198,6 +207,24 @@ def rate_lift(clicks: np.ndarray, shown: np.ndarray, rate: np.ndarray,
     """Items' click rates over their categories' (``rate``: each item's category rate):
     ``(clicks + s r) / (shown + s) / r``, 1 for an item never shown."""
     return (clicks + strength * rate) / (shown + strength) / rate
+
+
+class CategoryLifts(NamedTuple):
+    """A user's posterior mean click rate per category key ("" for no category) over the
+    shard's overall rate, at one moment (``CategoryBandit.lifts``); 1 for a category the
+    shard has not seen (its prior is the overall rate)."""
+
+    by_key: dict[str, float]
+
+    def of(self, attrs: list[dict[str, Any] | None]) -> np.ndarray:
+        """The lift of each item's category (``attrs``: the items' catalog attributes,
+        their ``category`` as ``state.item_table.category_of`` reads it), float64."""
+        get = self.by_key.get
+        out = np.empty(len(attrs), np.float64)
+        for j, a in enumerate(attrs):
+            value = a.get("category") if a is not None else None
+            out[j] = get("" if value is None else str(value), 1.0)
+        return out
 
 
 class CodedCategories(NamedTuple):
@@ -468,6 +495,21 @@ class CategoryBandit:
         """Whether the user was shown anything (else ``order`` keeps the scorer's order)."""
         entry = self.users.get(user_id)
         return entry is not None and any(c[1] > 0 for c in entry[1].values())
+
+    def lifts(self, user_id: str) -> CategoryLifts | None:
+        """The user's posterior mean click rate a / (a + b) per category the shard has seen
+        over the shard's overall rate (clipped as the prior's), untilted (``posterior``
+        without history or attributes): ``ranker_feature``. None for a user never shown
+        anything (``knows``). A copy: later counts do not change it."""
+        if not self.knows(user_id):
+            return None
+        names = list(self.totals)
+        if "" not in self.totals:
+            names.append("")  # the key of an item without a category
+        a, b = self.posterior(user_id, names)
+        clicks, exposure = self._shard_counts()
+        overall = min(max((clicks + 1.0) / (exposure + 2.0), 1e-4), 1 - 1e-4)
+        return CategoryLifts(dict(zip(names, (a / (a + b) / overall).tolist(), strict=True)))
 
     def tilt(self, categories: list[str], history: dict[str, float] | None) -> np.ndarray:
         """Factor on each category's prior rate from the user's recent positives

@@ -8,8 +8,9 @@ keeps the fields readers filter on (``example_id``, ``ts``, ``user_id``, ``item_
   ``impression_id`` is left out when it is ``example_id`` without its ``imp:``
   prefix (None for other examples), ``source`` when the prefix says it (``imp:``
   impression, ``int:`` interaction, ``neg:`` sampled).
-* ``features`` become ``f2``: positions in :data:`VOCABULARY` (version 2; a new
-  vocabulary is a new key, old rows keep reading: ``f1`` rows decode with version 1). ``[mask, v...]``: ``mask``
+* ``features`` become ``f3``: positions in :data:`VOCABULARY` (version 3; a new
+  vocabulary is a new key, old rows keep reading: ``f1`` and ``f2`` rows decode with
+  versions 1 and 2). ``[mask, v...]``: ``mask``
   the hex bit set of the vocabulary names present (bit i = name i), the values in
   vocabulary order; when a name is not in the vocabulary or the names are not in its
   order, ``[[key, ...], v...]`` with a vocabulary position or the name for each key.
@@ -72,20 +73,31 @@ flow writes them; ``ui.category`` (a drift experiment, since dropped) keeps its 
 Frozen: rows written with ``f1`` keep their meaning."""
 
 _XCAT_CLICKS_1D = VOCABULARY_1.index("user_x_category.clicks.1d")
-VOCABULARY: tuple[str, ...] = (
+VOCABULARY_2: tuple[str, ...] = (
     *VOCABULARY_1[:_XCAT_CLICKS_1D],
     "user_x_category.clicks.5m", "user_x_category.clicks.1h",  # default since version 2
     *VOCABULARY_1[_XCAT_CLICKS_1D:],
 )
-"""The vocabulary written now, version 2 (key ``f2``): version 1 with the default
-``user_x_category.clicks`` windows 5m and 1h in the flow's order. A name outside it, or
-names in another order, cost a row its mask (it spells its keys); changing it means a
-new version and key, and the old ones stay readable (:data:`VOCABULARIES`)."""
+"""Version 2 (key ``f2``): version 1 with the default ``user_x_category.clicks`` windows
+5m and 1h in the flow's order. Frozen."""
 
-KEY = "f2"
+_UI_LIKED = VOCABULARY_2.index("ui.liked")
+VOCABULARY: tuple[str, ...] = (
+    *VOCABULARY_2[:_UI_LIKED + 1],
+    "category_posterior",  # default since version 3 (serving.category_explore.ranker_feature)
+    *VOCABULARY_2[_UI_LIKED + 1:],
+)
+"""The vocabulary written now, version 3 (key ``f3``): version 2 with the category
+sampling's ``category_posterior`` after the user x item columns, in the flow's order. A
+name outside it, or names in another order, cost a row its mask (it spells its keys);
+changing it means a new version and key, and the old ones stay readable
+(:data:`VOCABULARIES`)."""
+
+KEY = "f3"
 """The key of the features in the wire form written now."""
 
-VOCABULARIES: dict[str, tuple[str, ...]] = {"f1": VOCABULARY_1, KEY: VOCABULARY}
+VOCABULARIES: dict[str, tuple[str, ...]] = {"f1": VOCABULARY_1, "f2": VOCABULARY_2,
+                                           KEY: VOCABULARY}
 """Every vocabulary a row may be written with, by key."""
 
 _INDEX = {name: i for i, name in enumerate(VOCABULARY)}

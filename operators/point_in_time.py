@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from models.category_bandit import dense_codes
+from models.category_bandit import CategoryLifts, dense_codes
 from models.features import compact
 from models.mf import UserFactors
 from operators.example_codec import EncodedPart, encoded_part, join_parts
@@ -56,15 +56,26 @@ class UserContext:
     """Recent positives, newest first (``recent`` holds every interaction)."""
     finished: dict[str, int] = field(default_factory=dict)
     """Items with a consuming action (``serving.consume_actions``) -> its last ts (ms)."""
+    categories: CategoryLifts | None = None
+    """The category sampling's posterior lifts for the user when the context was taken
+    (``serving.category_explore.ranker_feature``; None: off, or a user never shown
+    anything): the ``category_posterior`` column."""
 
 
-NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked")
+CATEGORY_POSTERIOR = "category_posterior"
+"""The category sampling's column (``UserContext.categories``)."""
+
+NUMERIC_ITEM_FEATURES = ("pop", "trend", "covis", "covis_any", "mf", "ui.interacted", "ui.liked",
+                         CATEGORY_POSTERIOR)
 """Numeric per-candidate features: from the snapshots, popularity and trending (decayed
 to the event's time), co-visitation sums of the liked and any-interaction channels, MF
 score; from the user shard, whether the user already interacted with the item (1.0 /
-0.0) and how recent their positive on it is (``liked_recency``: ``decay**k`` for the k-th
-newest positive, 0.0 for none). Absent means 0.0 (no table, no seeds, no vector, no
-interaction with any of the items)."""
+0.0), how recent their positive on it is (``liked_recency``: ``decay**k`` for the k-th
+newest positive, 0.0 for none) and the category sampling's posterior mean click rate of
+the item's category for the user over the shard's overall rate
+(``serving.category_explore.ranker_feature``). Absent means 0.0 (no table, no seeds, no
+vector, no interaction with any of the items, a user the category sampling never showed
+anything)."""
 
 
 @dataclass
@@ -258,6 +269,9 @@ class PointInTime:
         """Whether the owner announces its polls (``polled``)."""
         self._frozen_fresh = False
         """``_frozen`` was checked current since the last poll (``polled``)."""
+        self.category_lifts: Callable[[str], CategoryLifts | None] | None = None
+        """The category sampling's per-user posterior lifts (``CategoryBandit.lifts``), set
+        by the user shard when ``ranker_feature`` is on: taken into every ``UserContext``."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Recovery state without the frozen snapshot views (reloaded from the store)."""
@@ -281,6 +295,7 @@ class PointInTime:
         self.__dict__.setdefault("_open_limit", 1_024)
         self.__dict__.setdefault("_frozen_trust", False)
         self.__dict__.setdefault("_frozen_fresh", False)
+        self.__dict__.setdefault("category_lifts", None)
 
     def forget(self, user_id: str) -> None:
         """The user's state is about to change: contexts taken before it are stale."""
@@ -306,8 +321,9 @@ class PointInTime:
             vector = self._folded_vector(user_id, recent[:20])
         liked = self.liked.recent(user_id, 50) if self.liked is not None else []
         finished = self.finished.consumed(user_id) if self.finished is not None else {}
+        lifts = self.category_lifts(user_id) if self.category_lifts is not None else None
         return UserContext(user_id, recent, self.history.consumed(user_id), vector, profile, liked,
-                           finished)
+                           finished, lifts)
 
 
 
@@ -461,7 +477,7 @@ class PointInTime:
             cross: list[list[dict[str, Any]]] = [d[3] for d in group]
             detached = first.detached
             if detached is not None:  # its version was let go: what it read was captured
-                numeric = detached.columns(ctx, items, self.covis.decay)
+                numeric = detached.columns(ctx, items, self.covis.decay, [d[2] for d in group])
                 statics = [detached.static(d[1], d[2]) for d in group]
             else:
                 cols = self.item_columns(ctx, items, first.ts, views=first.views,
@@ -666,7 +682,7 @@ class PointInTime:
             n = len(items)
             plain = object.__new__(UserContext)  # no MF vector, nothing consumed: the
             plain.__dict__.update(taken.ctx.__dict__)  # version's columns only
-            plain.vector, plain.consumed = None, {}
+            plain.vector, plain.consumed, plain.categories = None, {}, None
             cols = self.item_columns(plain, items, taken.ts, views=views, attrs=[None] * n,
                                      cross=[_NO_CROSS] * n)
             for item, table in zip(items, cols.tables, strict=True):
@@ -863,8 +879,11 @@ class PointInTime:
         ui = user_item_columns(ctx, item_ids, self.covis.decay)
         if ui is not None:
             numeric.update(ui)
-        if numeric_only:
+        if numeric_only:  # the pool ranker's columns: without the category posterior
             return ItemColumns(item_ids, numeric, tables, [None] * n, [], rows, space, slots)
+        assert attrs is not None
+        if ctx.categories is not None:
+            numeric[CATEGORY_POSTERIOR] = ctx.categories.of(attrs)
         if cross is not None:
             return ItemColumns(item_ids, numeric, tables, attrs, cross)
         if arrays:
@@ -1054,11 +1073,12 @@ class _Detached:
                                       EncodedPart | None]] = {}
         """``_static_part``'s triple by item index, with the attributes object it holds for."""
 
-    def columns(self, ctx: UserContext, items: list[str], decay: float
-                ) -> list[tuple[str, list[float]]]:
-        """``item_columns(...).numeric`` of ``items`` (of this group) for ``ctx``
-        (``as_taken``), each column a list: the captured columns, the MF scores row by
-        row (``PointInTime._mf_rowwise``), then ``ui.*`` (``user_item_columns``)."""
+    def columns(self, ctx: UserContext, items: list[str], decay: float,
+                attrs: list[dict[str, Any] | None]) -> list[tuple[str, list[float]]]:
+        """``item_columns(...).numeric`` of ``items`` (of this group, ``attrs``: their
+        attributes as taken) for ``ctx`` (``as_taken``), each column a list: the captured
+        columns, the MF scores row by row (``PointInTime._mf_rowwise``), ``ui.*``
+        (``user_item_columns``), then the category posterior (``ctx.categories``)."""
         pos = [self.pos[item] for item in items]
         out = [(name, [values[k] for k in pos]) for name, values in self.numeric]
         if self.mf_on and items:
@@ -1076,6 +1096,8 @@ class _Detached:
         ui = user_item_columns(ctx, items, decay)
         if ui is not None:
             out += [(name, values.tolist()) for name, values in ui.items()]
+        if ctx.categories is not None:
+            out.append((CATEGORY_POSTERIOR, ctx.categories.of(attrs).tolist()))
         return out
 
     def static(self, item: str, attrs: dict[str, Any] | None

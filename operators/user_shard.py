@@ -111,6 +111,11 @@ class UserShard:
         self.write_wire(wire_examples)
         self.server = (Server(serving, self.context, max_users=max_users)
                        if serves and serving is not None else None)
+        explore = getattr(self.server, "categories", None)
+        if explore is not None and explore.bandit.config.ranker_feature:
+            # the LR's ``category_posterior``: serving's and the examples' contexts read
+            # the same posteriors (impressions are joined before they teach them)
+            self.context.category_lifts = explore.bandit.lifts
         self.idle_flush_s = join.idle_flush_s
         self.requests = 0
         self.empty_answers = 0

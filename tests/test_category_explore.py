@@ -259,7 +259,9 @@ def test_posteriors_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     on = load_config({"serving": {"category_explore": {"max_users": 1_000}, "sources": no_lists}})
     off = load_config({"serving": {"category_explore": {"enabled": False}, "sources": no_lists}})
     added = memory_bound(on)["parts_mb"]["user_shards"] - memory_bound(off)["parts_mb"]["user_shards"]
-    expected = on.shards.users * 1_000 * BYTES["category_user"] * ALLOCATOR_OVERHEAD / 2**20
+    expected = on.shards.users * (1_000 * BYTES["category_user"] + on.join.max_pending
+                                  * BYTES["category_lifts_impression"]  # ranker_feature
+                                  ) * ALLOCATOR_OVERHEAD / 2**20
     assert added == pytest.approx(expected)
     # item_lift's click and impression columns of every loaded table (one per item shard)
     # and their copy side by side (state.item_rows.table_columns)
@@ -792,3 +794,82 @@ def test_list_times_stay_within_max_users_and_the_memory_bound_counts_them() -> 
     assert list(bandit.list_ts) == ["u2", "u3"] == list(bandit.users)
     bound_added(1_000, "category_user_time", {"half_life_s": 600.0, "max_users": 1_000},
                 {"max_users": 1_000})
+
+
+def test_ranker_feature_is_the_posterior_lift_at_serving_and_in_the_examples(
+        world: World) -> None:
+    """``ranker_feature``: the LR's ``category_posterior`` of each candidate is the user's
+    posterior mean a / (a + b) of the candidate's category over the shard's overall rate,
+    as the bandit holds them when serving scores the pool, and each example of that
+    request's impressions carries the same value (taken before the impressions teach the
+    posteriors; computed from a detached capture here); a user never shown anything has
+    none; off, no column. The recovery state keeps the feature wired."""
+    import pickle
+
+    from operators.point_in_time import CATEGORY_POSTERIOR
+
+    world.publish_all()
+    shard = world.user_shard(category_explore=CategoryExploreConfig(enabled=True,
+                                                                    ranker_feature=True))
+    plain = world.user_shard(category_explore=CategoryExploreConfig(enabled=True,
+                                                                    ranker_feature=False))
+    events: list = []
+    for rep in range(3):  # "fan" clicks c3 items
+        ts = T0 - 600_000 + rep * 1000
+        for pos, item in enumerate(ITEMS[:8]):
+            events.append(Impression(ts, f"i:fan:{rep}:{pos}", "fan", item, f"r:fan:{rep}", pos))
+        events.append(Feedback(ts + 10, "fan", ITEMS[3], "click", f"i:fan:{rep}:3"))
+    for s in (shard, plain):
+        feed(s, [Item(T0 - 3_600_000, item, {"category": CATEGORY[item]}) for item in ITEMS])
+        warm_up(s)
+        feed(s, events)
+    bandit = shard.server.categories.bandit
+
+    def expected(user: str) -> dict[str, float]:  # "": an item the shard's catalog lacks
+        a, b = bandit.posterior(user, [*CATS, ""])
+        clicks, exposure = bandit._shard_counts()
+        overall = (clicks + 1.0) / (exposure + 2.0)
+        return dict(zip([*CATS, ""], (a / (a + b) / overall).tolist(), strict=True))
+
+    seen: list = []
+    for s in (shard, plain):
+        columns = s.server.pool_columns
+
+        def spy(*args, columns=columns):  # type: ignore[no-untyped-def]
+            cols = columns(*args)
+            seen.append((args[1].user_id, cols))
+            return cols
+        s.server.pool_columns = spy
+    means = expected("fan")
+    assert means["c3"] > max(means["c0"], means["c1"]) + 0.5  # the control: it moved
+    record = ask(shard, "fan", ts=T0, request_id="q:fan")
+    user, cols = seen[-1]
+    assert user == "fan"
+    assert cols.numeric[CATEGORY_POSTERIOR].tolist() == [
+        means[CATEGORY.get(item, "")] for item in cols.item_ids]
+    ask(shard, "cold", ts=T0 + 1, request_id="q:cold")
+    assert seen[-1][0] == "cold" and CATEGORY_POSTERIOR not in seen[-1][1].numeric
+    ask(plain, "fan", ts=T0, request_id="q:fan")
+    assert seen[-1][0] == "fan" and CATEGORY_POSTERIOR not in seen[-1][1].numeric
+
+    # The request's impressions and a click: every example carries the serving value.
+    served = [i["item_id"] for i in record["items"]]
+    imps: list = [Impression(T0 + 5, f"i:q:{pos}", "fan", item, "q:fan", pos)
+                  for pos, item in enumerate(served)]
+    out = feed(shard, imps)
+    taken = shard.context._taken
+    shard.context.release_frozen()  # their snapshot version let go: computed from a capture
+    assert taken is not None and taken.detached is not None
+    out2 = feed(shard, [Feedback(T0 + 20, "fan", served[0], "click", "i:q:0")])
+    examples = (out.get("examples", []) + out2.get("examples", [])
+                + shard.flush().get("examples", []))
+    mine = [e for e in examples if e["example_id"].startswith("imp:i:q:")]
+    assert len(mine) == len(served)
+    for e in mine:
+        assert e["features"][CATEGORY_POSTERIOR] == pytest.approx(
+            means[CATEGORY.get(e["item_id"], "")], rel=1e-6)
+    assert expected("fan") != means  # the impressions taught the posteriors after
+
+    del shard.server.pool_columns  # the spy (a local function does not pickle)
+    resumed = pickle.loads(pickle.dumps(shard, protocol=pickle.HIGHEST_PROTOCOL))
+    assert resumed.context.category_lifts.__self__ is resumed.server.categories.bandit

@@ -146,6 +146,20 @@ def test_rows_of_the_first_vocabulary_still_unpack_with_its_positions() -> None:
     assert "f1" not in orjson.dumps(pack_example(unpack_example(row))).decode()
 
 
+def test_rows_of_the_second_vocabulary_still_unpack_with_its_positions() -> None:
+    """Version 3 inserted ``category_posterior`` after ``ui.liked``: an ``f2`` row reads
+    the names after it at version 2's positions."""
+    from operators.example_codec import VOCABULARY_2
+
+    shifted = VOCABULARY_2.index("ui.liked") + 1
+    assert VOCABULARY[shifted] == "category_posterior" != VOCABULARY_2[shifted]
+    row = {"example_id": "imp:i7", "ts": 1, "user_id": "u1", "item_id": "a", "label": 1,
+           "weight": 1.0, "position": 0, "f2": [format(1 << shifted | 1 << 4, "x"), 2, 3]}
+    assert unpack_example(row)["features"] == {"user.requests.5m": 2.0,
+                                               VOCABULARY_2[shifted]: 3.0}
+    assert "f2" not in orjson.dumps(pack_example(unpack_example(row))).decode()
+
+
 def test_the_vocabulary_holds_every_default_feature_name() -> None:
     """A default feature outside the vocabulary would make every row spell its names."""
     from operators.point_in_time import NUMERIC_ITEM_FEATURES
@@ -178,7 +192,7 @@ def test_flow_examples_pack_small_and_unpack_exactly(tmp_path: Path) -> None:
     assert [unpack_example(orjson.loads(b)) for b in packed] == examples
     flat = sum(len(orjson.dumps(e)) for e in examples)
     assert sum(map(len, packed)) < 0.45 * flat
-    assert all(b'"f2":["' in b for b in packed)  # every name in the vocabulary, in its order
+    assert all(b'"f3":["' in b for b in packed)  # every name in the vocabulary, in its order
     floats = 0
     for e in examples:  # nothing that adds no term to the model is written
         for value in e["features"].values():
@@ -218,7 +232,7 @@ def test_tap_prints_examples_unpacked(tmp_path: Path, capsys: pytest.CaptureFixt
                           features={"user.clicks.1d": 1.0, "pop": 2.5})
     (tmp_path / "examples.jsonl").write_bytes(
         b"".join(orjson.dumps(pack_example(r)) + b"\n" for r in (record, other)))
-    assert b'"f2":' in (tmp_path / "examples.jsonl").read_bytes()
+    assert b'"f3":' in (tmp_path / "examples.jsonl").read_bytes()
     assert main(["tap", "examples", "--dir", str(tmp_path),
                  "--filter", "features['user.clicks.1d'] == 3.0"]) == 0
     assert orjson.loads(capsys.readouterr().out) == record

@@ -110,7 +110,7 @@ def test_trainer_flow_learns_what_the_in_flow_trainer_learns(tmp_path) -> None:
               "output": {"dir": str(tmp_path)}}
     run_main(build(config))
     lines = (tmp_path / "examples.jsonl").read_bytes().splitlines()
-    assert all(b'"f2":[' in line for line in lines)  # packed on the wire
+    assert all(b'"f3":[' in line for line in lines)  # packed on the wire
     run_main(build_trainer({**config, "snapshots": {"dir": str(tmp_path / "apart")}}))
 
     def final(root) -> dict:
