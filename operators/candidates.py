@@ -15,7 +15,6 @@ matrix built for them (operators/point_in_time.py): what a pool re-ranker consum
 from __future__ import annotations
 
 import itertools
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +33,27 @@ _SOURCE_BITS = 1 << np.arange(len(SOURCES), dtype=np.int64)
 _PATTERN_SOURCES = [tuple(itertools.compress(SOURCES, [m >> b & 1 for b in range(len(SOURCES))]))
                     for m in range(1 << len(SOURCES))]
 """The sources of each pattern number, in ``SOURCES`` order."""
-_PATTERN_VALUES = [
-    operator.itemgetter(*at) if len(at) > 1 else
-    (lambda values, j=at[0]: (values[j],)) if at else (lambda values: ())
-    for at in ([b for b in range(len(SOURCES)) if m >> b & 1] for m in range(1 << len(SOURCES)))]
-"""Each pattern's scores out of a candidate's per-source list, in ``SOURCES`` order."""
+_PATTERN_AT = [tuple(b for b in range(len(SOURCES)) if m >> b & 1)
+               for m in range(1 << len(SOURCES))]
+"""Each pattern's positions in a candidate's per-source scores, in ``SOURCES`` order."""
 _PATTERN_NAMES = ["+".join(sources) for sources in _PATTERN_SOURCES]
 """``Candidate.source`` of each pattern number."""
+
+
+def record_item(item_id: str, score: float, source: str, propensity: float) -> dict[str, Any]:
+    """One entry of a recommendation record's ``items``: score and propensity rounded to 6
+    places."""
+    return {"item_id": item_id, "score": round(score, 6), "source": source,
+            "propensity": round(propensity, 6)}
+
+
+def _with_propensities(cands: list[Candidate], propensities: list[float] | None
+                       ) -> list[Candidate]:
+    """``cands``, each given its propensity when ``propensities`` (one per candidate)."""
+    if propensities is not None:
+        for c, p in zip(cands, propensities, strict=True):
+            c.propensity = p
+    return cands
 
 
 @dataclass(slots=True)
@@ -114,9 +127,10 @@ class CandidatePool:
             coded=None if self.coded is None else CodedCategories(arrays(self.coded.codes),
                                                                   self.coded.names))
 
-    def candidates(self, idx: np.ndarray | None = None) -> list[Candidate]:
+    def candidates(self, idx: np.ndarray | None = None,
+                   propensities: list[float] | None = None) -> list[Candidate]:
         """``Candidate`` objects of the positions ``idx`` (default: all), with the pool's
-        score and category."""
+        score and category, and each one's ``propensities`` when given."""
         il = range(len(self.items)) if idx is None else idx.tolist()
         score: list[float] = (self.score if idx is None else self.score[idx]).tolist()
         category: Any = self.category
@@ -134,7 +148,7 @@ class CandidatePool:
                 if category is not None:
                     c.category = category[j]
                 out.append(c)
-            return out
+            return _with_propensities(out, propensities)
         # each candidate's sources as one pattern number (bit b: SOURCES[b] retrieved it)
         # and its scores by source as Python lists (one conversion each)
         has = self.has if idx is None else self.has[:, idx]
@@ -143,10 +157,12 @@ class CandidatePool:
         items = self.items
         if category is None:
             category = [None] * len(score)
-        return [Candidate(items[i], list(_PATTERN_SOURCES[p]),
-                          dict(zip(_PATTERN_SOURCES[p], _PATTERN_VALUES[p](values), strict=True)),
-                          s, c)
-                for i, p, values, s, c in zip(il, patterns, scores, score, category, strict=True)]
+        return _with_propensities(
+            [Candidate(items[i], list(_PATTERN_SOURCES[p]),
+                       dict(zip(_PATTERN_SOURCES[p], [values[j] for j in _PATTERN_AT[p]], strict=True)),
+                       s, c)
+             for i, p, values, s, c in zip(il, patterns, scores, score, category, strict=True)],
+            propensities)
 
     def record_items(self, idx: np.ndarray, propensities: list[float] | None = None
                      ) -> list[dict[str, Any]]:
@@ -159,8 +175,7 @@ class CandidatePool:
         score = self.score[idx].tolist()
         patterns = (_SOURCE_BITS @ self.has[:, idx]).tolist()
         props = [1.0] * len(il) if propensities is None else propensities
-        return [{"item_id": items[i], "score": round(s, 6), "source": _PATTERN_NAMES[p],
-                 "propensity": round(q, 6)}
+        return [record_item(items[i], s, _PATTERN_NAMES[p], q)
                 for i, s, p, q in zip(il, score, patterns, props, strict=True)]
 
     @classmethod

@@ -87,13 +87,7 @@ class CategoryExplore:
               attrs: dict[str, Any] | None = None) -> list[Candidate] | None:
         """``order_indices`` as the list's ``Candidate`` objects, propensities set."""
         out = self.order_indices(request, user_id, pool, liked, decay, category, rates, attrs)
-        if out is None:
-            return None
-        idx, props = out
-        cands = pool.candidates(idx)
-        for c, p in zip(cands, props, strict=True):
-            c.propensity = p
-        return cands
+        return None if out is None else pool.candidates(*out)
 
     def order_indices(self, request: Any, user_id: str, pool: CandidatePool,
                       liked: list[str] | None = None, decay: float = 1.0,

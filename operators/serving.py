@@ -45,7 +45,15 @@ from models.category_bandit import CategoryExploreConfig, CodedCategories
 from models.features import SERVING_POSITION, ranking_features_many
 from models.pool_ranker import PoolModel, PoolRankerConfig
 from models.seeded import SeededGenerator
-from operators.candidates import SOURCES, Candidate, CandidatePool, MergeScratch, merge, top_indices
+from operators.candidates import (
+    SOURCES,
+    Candidate,
+    CandidatePool,
+    MergeScratch,
+    merge,
+    record_item,
+    top_indices,
+)
 from operators.category_explore import CategoryExplore, category_scores
 from operators.category_items import CategoryItems, CategoryList
 from operators.linear_scorer import column_scorer, linear_scorer
@@ -423,10 +431,7 @@ class Server:
             if picked is None:  # the scorer's order
                 picked = top_indices(pool.score, self._depth(request.k)), None
             if self._objects_needed(pool):
-                best = pool.candidates(picked[0])
-                if picked[1] is not None:
-                    for c, p in zip(best, picked[1], strict=True):
-                        c.propensity = p
+                best = pool.candidates(*picked)
                 ranked = self._hook("after_ordering", request,
                                     self._rerank(request, best, request.k, ctx.consumed))
             else:  # _rerank and the hooks would keep the first k as they are
@@ -448,8 +453,8 @@ class Server:
             "user_id": request.user_id,
             "ts": request.ts,
             "items": pool.record_items(*top) if top is not None else [
-                {"item_id": c.item_id, "score": round(c.score, 6), "source": c.source,
-                 "propensity": round(c.propensity, 6)} for c in ranked[: request.k]],
+                record_item(c.item_id, c.score, c.source, c.propensity)
+                for c in ranked[: request.k]],
             "model_version": ranker.version,
             "index_version": index.version,
             "latency_ms": round(latency_ns / 1e6, 3),
