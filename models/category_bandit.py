@@ -334,14 +334,15 @@ class CategoryBandit:
         """user -> event time (ms) of their last list's first impression (``half_life_s``)."""
 
     def __getstate__(self) -> dict[str, Any]:
-        """Recovery state without the posterior memo and the seeded generator."""
+        """Recovery state without the posterior and lift memos and the seeded generator."""
         state = self.__dict__.copy()
         state.pop("_post_memo", None)
+        state.pop("_lifts_memo", None)
         state.pop("_seeded", None)
         return state
 
     def _changed(self) -> None:
-        """Counts are about to change: the posterior memo (``_untilted``) is void."""
+        """Counts are about to change: the posterior and lifts memos are void."""
         self._stamp = getattr(self, "_stamp", 0) + 1  # older state: none
 
     def _group_prior(self) -> GroupPrior | None:
@@ -500,16 +501,33 @@ class CategoryBandit:
         """The user's posterior mean click rate a / (a + b) per category the shard has seen
         over the shard's overall rate (clipped as the prior's), untilted (``posterior``
         without history or attributes): ``ranker_feature``. None for a user never shown
-        anything (``knows``). A copy: later counts do not change it."""
+        anything (``knows``). A copy: later counts do not change it, so one is shared
+        until the counts change (``_changed``) or another user asks: a request and its
+        first impression ask for the same user with nothing counted in between."""
+        stamp = getattr(self, "_stamp", 0)
+        memo = getattr(self, "_lifts_memo", None)
+        if memo is not None and memo[0] == stamp and memo[1] == user_id:
+            return memo[2]
+        out = self._lifts(user_id)
+        self._lifts_memo = (stamp, user_id, out)
+        return out
+
+    def _lifts(self, user_id: str) -> CategoryLifts | None:
         if not self.knows(user_id):
             return None
         names = list(self.totals)
         if "" not in self.totals:
             names.append("")  # the key of an item without a category
-        a, b = self.posterior(user_id, names)
         clicks, exposure = self._shard_counts()
         overall = min(max((clicks + 1.0) / (exposure + 2.0), 1e-4), 1 - 1e-4)
-        return CategoryLifts(dict(zip(names, (a / (a + b) / overall).tolist(), strict=True)))
+        entry = self.users[user_id]
+        if self._tilted(entry, None, len(names)):
+            a, b = self.posterior(user_id, names)
+            lifts = (a / (a + b) / overall).tolist()
+        else:  # the same operations on the same floats, without arrays (a + b >= s * 1e-4)
+            lifts = [a / (a + b) / overall
+                     for a, b in self._untilted_pairs(user_id, entry[1], names)]
+        return CategoryLifts(dict(zip(names, lifts, strict=True)))
 
     def tilt(self, categories: list[str], history: dict[str, float] | None) -> np.ndarray:
         """Factor on each category's prior rate from the user's recent positives
@@ -531,10 +549,10 @@ class CategoryBandit:
         entry = self.users.get(user_id, ("", {}))
         n = len(categories)
         groups = self._group_prior()
-        tilted = (history and self.config.history_prior > 0 and n) or (
-            groups is not None and not self._moved(entry))
-        if not tilted:  # each category's (a, b) on its own counts: memoised
-            return self._untilted(user_id, entry[1], categories)
+        if not self._tilted(entry, history, n):  # each category's (a, b) on its own counts
+            a, b = np.array(self._untilted_pairs(user_id, entry[1], categories),
+                            np.float64).reshape(-1, 2).T.copy()  # two contiguous rows
+            return a, b
         clicks, exposure = self._shard_counts()
         overall = (clicks + 1.0) / (exposure + 2.0)
         s = self.config.prior_strength
@@ -560,14 +578,19 @@ class CategoryBandit:
         shard = list(self.totals.values())
         return sum([c[0] for c in shard]), sum([c[1] for c in shard])
 
-    def _untilted(self, user_id: str, counts: dict[str, list[float]],
-                  categories: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``posterior`` without a tilt, category by category in Python floats (the
-        same operations as the array form: ``a = s r + clicks``, ``b = s (1 - r) +
-        max(exposure - clicks, 0)``, ``r`` the shard-wide rate clipped to [1e-4, 1 -
-        1e-4]); each category's pair kept until the counts change (``_changed``) or
-        another user asks, so a request's retrieval (``CategoryExplore.pick``) and
-        ordering compute it once."""
+    def _tilted(self, entry: tuple, history: dict[str, float] | None, n: int) -> bool:
+        """Whether ``posterior`` tilts the user's (``entry``) priors of ``n`` categories."""
+        return bool((history and self.config.history_prior > 0 and n) or (
+            self._group_prior() is not None and not self._moved(entry)))
+
+    def _untilted_pairs(self, user_id: str, counts: dict[str, list[float]],
+                        categories: list[str]) -> list[tuple[float, float]]:
+        """``posterior``'s (a, b) of each category without a tilt, category by category in
+        Python floats (the same operations as the array form: ``a = s r + clicks``, ``b =
+        s (1 - r) + max(exposure - clicks, 0)``, ``r`` the shard-wide rate clipped to
+        [1e-4, 1 - 1e-4]); each category's pair kept until the counts change
+        (``_changed``) or another user asks, so a request's retrieval
+        (``CategoryExplore.pick``) and ordering compute it once."""
         stamp = getattr(self, "_stamp", 0)
         memo = getattr(self, "_post_memo", None)
         if memo is None or memo[0] != stamp or memo[1] != user_id:
@@ -589,8 +612,7 @@ class CategoryBandit:
                         pair = pairs[c] = (s * rate + uc,
                                            s * (1.0 - rate) + max(ue - uc, 0.0))
                     got[j] = pair
-        a, b = np.array(got, np.float64).reshape(-1, 2).T.copy()  # two contiguous rows
-        return a, b
+        return got  # type: ignore[return-value]
 
     def order(self, user_id: str, scores: np.ndarray,
               categories: Sequence[str | None] | CodedCategories, k: int,

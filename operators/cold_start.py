@@ -12,10 +12,11 @@ repeat policy blocks, or the catalog marks unavailable. Backfilled items carry s
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Container, Mapping
 from typing import Any
 
-from state.hashing import stable_hash64
+from state.hashing import stable_hashes64
 from state.popularity import PopularityCounter
 
 
@@ -45,9 +46,11 @@ def backfill(record: dict[str, Any], k: int, catalog: Mapping[str, Mapping[str, 
             added += 1
     if added < missing:
         seed = record.get("request_id", "")
-        rest = sorted((i for i in catalog if eligible(i)),
-                      key=lambda i: stable_hash64(f"{seed}|{i}"))
-        for item in rest[: missing - added]:
+        rest = [i for i in catalog if eligible(i)]
+        keys = stable_hashes64([f"{seed}|{i}" for i in rest])
+        # sorted(rest, key=hash)[:n], stable: equal keys in catalog order
+        for j in heapq.nsmallest(missing - added, range(len(rest)), key=keys.__getitem__):
+            item = rest[j]
             items.append({"item_id": item, "score": 0.0, "source": "catalog",
                           "propensity": 1.0})
             added += 1

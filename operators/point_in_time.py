@@ -37,7 +37,13 @@ from operators.snapshot_views import FrozenViews, SnapshotViews
 from state.covis_view import SparseScores
 from state.embedding_table import keys_of
 from state.item_rows import ItemRows
-from state.item_table import ItemTable
+from state.item_table import (
+    FrozenFeatures,
+    ItemTable,
+    RawProfile,
+    catalog_category,
+    row_profile,
+)
 from state.join_state import float32_features
 from state.profiles import ProfileStore
 from state.user_history import UserHistory
@@ -140,18 +146,22 @@ def liked_recency(liked: list[str], decay: float) -> dict[str, float]:
     return out
 
 
-TableCapture = tuple["dict[str, float] | None", "str | None"] | None
+TableCapture = tuple["dict[str, float] | RawProfile | None", "str | None"] | None
 """What an item's static features read of its item table: (its item profile, its
 category), or None when no table holds the item (``table_capture``)."""
 
 
-def table_capture(item_id: str, table: ItemTable | None) -> TableCapture:
+def table_capture(item_id: str, table: ItemTable | None, raw: bool = False) -> TableCapture:
     """The item's item profile and category in ``table`` (None without a table): small
-    objects that outlive the table version without keeping it alive."""
+    objects that outlive the table version without keeping it alive. ``raw``: a loaded
+    table's profile as its row (``FrozenFeatures.raw``), made a dict only when read
+    (``static_features_of``; a detached version's items are mostly never read)."""
     if table is None:
         return None
-    entry = table.catalog.get(item_id)
-    return table.features.get(item_id), entry.category if entry else None
+    features = table.features
+    profile = (features.raw(item_id) if raw and type(features) is FrozenFeatures
+               else features.get(item_id))
+    return profile, catalog_category(table.catalog, item_id)
 
 
 def user_item_columns(ctx: UserContext, item_ids: list[str], decay: float
@@ -182,6 +192,8 @@ def static_features_of(capture: TableCapture, attrs: dict[str, Any] | None) -> d
     extra: dict[str, Any] = {}
     if capture is not None:
         profile, category = capture
+        if type(profile) is tuple:
+            profile = row_profile(*profile)
         if profile:
             extra.update(profile)
         extra["i:category"] = category
@@ -687,7 +699,7 @@ class PointInTime:
                                      cross=[_NO_CROSS] * n)
             for item, table in zip(items, cols.tables, strict=True):
                 if item not in captures:
-                    captures[item] = table_capture(item, table)
+                    captures[item] = table_capture(item, table, raw=True)
             taken.detached = _Detached(
                 {item: k for k, item in enumerate(items)},
                 [(name, values.tolist()) for name, values in cols.numeric.items()], version,

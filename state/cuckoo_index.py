@@ -111,6 +111,8 @@ class CuckooIndex:
         pending and moves to its other bucket next round (parallel cuckoo random walk).
         """
         keys_ix, rows_ix = self._idx_keys, self._idx_rows
+        if keys.size == 1 and self._place_one(int(keys[0]), int(rows[0])):
+            return keys[:0], rows[:0].astype(np.int32)
         k2 = keys_ix.reshape(self._nb, SLOTS)
         pk, pr = keys, rows.astype(np.int32)
         for rnd in range(_MAX_ROUNDS):
@@ -149,6 +151,26 @@ class CuckooIndex:
             pk = np.concatenate((pk[wait], kk[lose], victims_k))
             pr = np.concatenate((pr[wait], kr[lose], victims_r))
         return pk, pr
+
+    def _place_one(self, key: int, row: int) -> bool:
+        """``_try_place``'s first round for one key in plain Python (a free slot of the
+        emptier of its buckets, the first bucket on a tie, its first free slot: the
+        same slot; ~40 numpy calls less); False, nothing changed, when both are full."""
+        h = splitmix64_one(key, _INDEX_SEED + self.config.hash_seed)
+        mask = self._nb - 1
+        b1 = h & mask
+        b2 = b1 ^ (((h >> 32) & mask) | 1)
+        keys_ix = self._idx_keys
+        s1 = keys_ix[b1 * SLOTS:(b1 + 1) * SLOTS].tolist()
+        s2 = keys_ix[b2 * SLOTS:(b2 + 1) * SLOTS].tolist()
+        f1, f2 = s1.count(_EMPTY_INT), s2.count(_EMPTY_INT)
+        b, bucket = (b2, s2) if f2 > f1 else (b1, s1)
+        if not max(f1, f2):
+            return False
+        slot = b * SLOTS + bucket.index(_EMPTY_INT)
+        keys_ix[slot] = key
+        self._idx_rows[slot] = row
+        return True
 
     def _kick_targets(self, keys: np.ndarray, b1: np.ndarray, b2: np.ndarray, rnd: int) -> np.ndarray:
         """Slot each key (both buckets full) should take over: preferably one whose

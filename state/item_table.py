@@ -79,6 +79,11 @@ class FrozenCatalog(Mapping[str, CatalogEntry]):
         return CatalogEntry(self._category[j] or None, bool(self._available[j]),
                             int(self._first_seen[j]))
 
+    def category(self, item_id: str) -> str | None:
+        """``get(item_id).category`` (None when not listed) without the entry."""
+        j = self._index.get(item_id)
+        return None if j is None else self._category[j] or None
+
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._index
 
@@ -92,6 +97,24 @@ class FrozenCatalog(Mapping[str, CatalogEntry]):
 
     def __len__(self) -> int:
         return len(self._index)
+
+
+RawProfile = tuple[list[str], list[float]]
+"""An item profile as a loaded table's names and the item's row of values (NaN: none)."""
+
+
+def row_profile(names: list[str], row: list[float]) -> dict[str, float]:
+    """An item profile's dict from its row: the non-NaN values by name, in name order."""
+    return {n: v for n, v in zip(names, row, strict=True) if v == v}
+
+
+def catalog_category(catalog: Mapping[str, CatalogEntry], item_id: str) -> str | None:
+    """The item's category in a table's catalog (None: no category, or not listed),
+    without making a ``FrozenCatalog`` entry."""
+    if type(catalog) is FrozenCatalog:
+        return catalog.category(item_id)
+    entry = catalog.get(item_id)
+    return entry.category if entry else None
 
 
 class FrozenFeatures(Mapping[str, dict[str, float]]):
@@ -109,10 +132,18 @@ class FrozenFeatures(Mapping[str, dict[str, float]]):
     def __getitem__(self, item_id: str) -> dict[str, float]:
         found = self._made.get(item_id)
         if found is None:
-            row = self._values[self._index[item_id]].tolist()
-            found = self._made[item_id] = {n: v for n, v in zip(self._names, row, strict=True)
-                                           if v == v}
+            found = self._made[item_id] = row_profile(
+                self._names, self._values[self._index[item_id]].tolist())
         return found
+
+    def raw(self, item_id: str) -> dict[str, float] | RawProfile | None:
+        """The item's profile without making its dict: its dict when made already, else
+        (names, its row's values) for ``row_profile`` (None when the table lacks it)."""
+        found = self._made.get(item_id)
+        if found is not None:
+            return found
+        j = self._index.get(item_id)
+        return None if j is None else (self._names, self._values[j].tolist())
 
     def get(self, item_id: str, default: Any = None) -> Any:  # type: ignore[override]
         found = self._made.get(item_id)

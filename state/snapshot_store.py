@@ -129,6 +129,8 @@ class SnapshotStore:
         self._reserved: dict[str, int] = {}
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
+        self._latest_paths: dict[str, str] = {}
+        """kind -> its ``LATEST`` file's path (read at every poll of every reader)."""
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": str(self.root), "keep": self.keep, "hmac_key": self._key,
@@ -273,9 +275,12 @@ class SnapshotStore:
 
     def _latest(self, kind: str) -> Manifest | None:
         """``latest`` as the files are now (versions still settling not waited for)."""
-        path = self._kind_dir(kind) / "LATEST"
+        name = self._latest_paths.get(kind)
+        if name is None:
+            name = self._latest_paths[kind] = str(self._kind_dir(kind) / "LATEST")
         try:
-            data = path.read_bytes()
+            with open(name, "rb") as file:  # no Path object per poll
+                data = file.read()
         except FileNotFoundError:
             return None
         try:
@@ -291,10 +296,10 @@ class SnapshotStore:
             problem = f"not a manifest of kind {kind!r}: {data[:80]!r}"
         newest = self.manifests(kind)
         try:
-            st = path.stat()
-            seen = (str(path), st.st_size, st.st_mtime_ns)
+            st = os.stat(name)
+            seen = (name, st.st_size, st.st_mtime_ns)
         except OSError:
-            seen = (str(path), -1, -1)
+            seen = (name, -1, -1)
         if seen not in self._bad_latest:
             if len(self._bad_latest) >= 256:
                 self._bad_latest.clear()

@@ -57,3 +57,17 @@ def test_backfill_order_popular_then_catalog_and_filters() -> None:
     # Popular first ("x" is popular but not in the catalog), then the catalog's rest.
     assert added == 3 and items[:2] == ["a", "b"] and set(items[2:]) == {"f", "g"}
     assert not {"c", "d", "e", "x"} & set(items)
+
+
+def test_backfilled_catalog_items_come_in_the_requests_hash_order() -> None:
+    """The catalog's rest in the order of ``stable_hash64(f"{request_id}|{item}")`` (us15:
+    hashed in one pass, the best ``k`` taken without sorting all), per request."""
+    from state.hashing import stable_hash64
+
+    catalog = {f"i{n}": {} for n in range(300)}
+    for rid in ("r1", "r2", None):
+        for k in (1, 7, 400):
+            record = {"request_id": rid, "items": []}
+            added = backfill(record, k, catalog, PopularityCounter(), (), ())
+            want = sorted(catalog, key=lambda i: stable_hash64(f"{rid}|{i}"))[:k]
+            assert [i["item_id"] for i in record["items"]] == want and added == len(want)

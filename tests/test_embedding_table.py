@@ -542,3 +542,30 @@ def test_single_key_lookup_agrees_with_the_vectorised_one() -> None:
     for k, row, vec in zip(probe.tolist(), rows.tolist(), vectors, strict=True):
         got = table.vector_of(k)
         assert (got is None) if row < 0 else np.array_equal(got, vec)
+
+
+class _WalkOnly(EmbeddingTable):
+    """Every placement by the vectorised walk (the form before us15's one-key path)."""
+
+    def _place_one(self, key: int, row: int) -> bool:
+        return False
+
+
+def test_one_key_placement_takes_the_walks_slot() -> None:
+    """``_place_one`` (plain Python, one new key) puts the key in the slot the vectorised
+    walk's first round gives it, and leaves full buckets to the walk: the index arrays
+    stay equal key by key through growth, high load and evictions."""
+    ours = EmbeddingTable(2, max_rows=3_000, max_load=0.97, initial_rows=16)
+    walk = _WalkOnly(2, max_rows=3_000, max_load=0.97, initial_rows=16)
+    ids = _random_ids(4_000, 7)  # more than max_rows: evictions
+    sizes = np.random.default_rng(7).choice([1, 1, 1, 2, 5], 2_000)
+    at = 0
+    for step, size in enumerate(sizes.tolist(), 1):
+        batch = ids[at:at + size]
+        at += size
+        assert np.array_equal(ours.insert(batch, step), walk.insert(batch, step))
+        assert np.array_equal(ours._idx_keys, walk._idx_keys)
+        assert np.array_equal(ours._idx_rows, walk._idx_rows)
+        if at >= ids.size:
+            break
+    assert walk.stats()["index_growths"] >= 3 and walk.stats()["evicted"] > 0

@@ -127,7 +127,7 @@ def test_age_from_the_serving_rows_equals_the_catalog_lookups(tmp_path: Path) ->
 def test_loaded_catalog_reads_as_the_saved_one_and_builds_no_entries(tmp_path: Path) -> None:
     """A loaded table's catalog (``FrozenCatalog``): the same entries, order and length
     as the table it was saved from, with no object per item made at load."""
-    from state.item_table import CatalogEntry, FrozenCatalog
+    from state.item_table import CatalogEntry, FrozenCatalog, catalog_category
 
     table = tables(6, None)["s0"]
     rng = random.Random(6)
@@ -141,6 +141,9 @@ def test_loaded_catalog_reads_as_the_saved_one_and_builds_no_entries(tmp_path: P
     assert list(loaded.catalog.items()) == list(table.catalog.items())
     assert len(loaded.catalog) == len(table.catalog) and "i3" in loaded.catalog
     assert loaded.catalog.get("absent") is None and loaded.catalog.get("i3") == table.catalog["i3"]
+    for catalog in (loaded.catalog, table.catalog):  # us15: the category without an entry
+        assert [catalog_category(catalog, item) for item in [*ITEMS, "absent"]] == [
+            table.catalog[item].category for item in ITEMS] + [None]
 
 
 def _context(table_map: dict[str, ItemTable], seeds: list[str]) -> SimpleNamespace:

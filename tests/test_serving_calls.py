@@ -3,6 +3,8 @@ shortened form equals the longer one it replaced, value for value (bitwise float
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 
 from models.category_bandit import CategoryBandit, CategoryExploreConfig, CodedCategories
@@ -95,3 +97,43 @@ def test_record_items_equal_the_records_of_the_candidates() -> None:
             want = [{"item_id": c.item_id, "score": round(c.score, 6), "source": c.source,
                      "propensity": round(c.propensity, 6)} for c in cands]
             assert pool.record_items(idx, props) == want
+
+
+def _lifts_of(bandit: CategoryBandit, user: str) -> dict[str, float]:
+    """``lifts``' values by ``posterior``'s arrays (the form before us15)."""
+    names = [*bandit.totals, *([""] if "" not in bandit.totals else [])]
+    a, b = bandit.posterior(user, names)
+    clicks = sum(c[0] for c in bandit.totals.values())
+    shown = sum(c[1] for c in bandit.totals.values())
+    overall = min(max((clicks + 1.0) / (shown + 2.0), 1e-4), 1 - 1e-4)
+    return dict(zip(names, (a / (a + b) / overall).tolist(), strict=True))
+
+
+def test_lifts_equal_the_posterior_means_and_are_shared_until_the_counts_change() -> None:
+    """``CategoryBandit.lifts`` (us15: Python floats on the untilted path, one copy shared
+    while nothing is counted) equals ``a / (a + b) / overall`` of ``posterior``'s arrays,
+    bitwise, with and without the group prior's tilt."""
+    for group_prior in (0.0, 5.0):
+        bandit = CategoryBandit(CategoryExploreConfig(group_prior=group_prior))
+        attrs = {"country": "fr"}
+        for n in range(5):
+            for pos, cat in enumerate(["a", "b", None, "a"]):
+                bandit.exposure("u", cat, pos, f"u:{n}", attrs=attrs)
+                bandit.exposure("v", cat, pos + 1, f"v:{n}", attrs=attrs)
+            bandit.click("u", "a" if n % 2 else None, attrs=attrs)
+
+        first = bandit.lifts("u")
+        assert first is not None and first.by_key == _lifts_of(bandit, "u")
+        assert bandit.lifts("u") is first  # nothing counted since: the same copy
+        other = bandit.lifts("v")
+        assert other is not None and other.by_key == _lifts_of(bandit, "v")
+        assert bandit.lifts("u") is not first and bandit.lifts("u").by_key == first.by_key
+        assert bandit.lifts("nobody") is None
+        kept = dict(first.by_key)
+        bandit.exposure("u", "b", 0, "u:9", attrs=attrs)
+        after = bandit.lifts("u")
+        assert after is not None and after.by_key == _lifts_of(bandit, "u") != kept
+        assert first.by_key == kept  # a copy: later counts do not change it
+        resumed = pickle.loads(pickle.dumps(bandit))
+        assert "_lifts_memo" not in resumed.__dict__
+        assert resumed.lifts("u").by_key == after.by_key

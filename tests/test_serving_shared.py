@@ -21,7 +21,7 @@ from operators.point_in_time import UserContext
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
 from state.item_rows import ItemRows, table_columns
-from state.item_table import FrozenFeatures, ItemTable, set_memo
+from state.item_table import FrozenFeatures, ItemTable, row_profile, set_memo
 from state.npz import load_npz
 
 
@@ -186,6 +186,12 @@ def test_a_loaded_tables_features_are_the_saved_dicts(tmp_path: Path) -> None:
     assert loaded.features["a"] is loaded.features.get("a")
     with pytest.raises(KeyError):
         loaded.features["zz"]
+    # raw (us15: a detached version's capture): the row until the dict is made, then it
+    again = ItemTable.load(tmp_path / "t.npz")
+    for item, want in features.items():
+        names, row = again.features.raw(item)
+        assert row_profile(names, row) == want and list(row_profile(names, row)) == list(want)
+    assert again.features.raw("zz") is None and loaded.features.raw("a") is loaded.features["a"]
     assert loaded.feature_columns(("x",))[1].tolist() == t.feature_columns(("x",))[1].tolist()
 
 
