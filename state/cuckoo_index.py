@@ -152,14 +152,18 @@ class CuckooIndex:
             pr = np.concatenate((pr[wait], kr[lose], victims_r))
         return pk, pr
 
+    def _buckets_one(self, key: int) -> tuple[int, int]:
+        """``_buckets`` of one key in plain Python ints."""
+        h = splitmix64_one(key, _INDEX_SEED + self.config.hash_seed)
+        mask = self._nb - 1
+        b1 = h & mask
+        return b1, b1 ^ (((h >> 32) & mask) | 1)
+
     def _place_one(self, key: int, row: int) -> bool:
         """``_try_place``'s first round for one key in plain Python (a free slot of the
         emptier of its buckets, the first bucket on a tie, its first free slot: the
         same slot; ~40 numpy calls less); False, nothing changed, when both are full."""
-        h = splitmix64_one(key, _INDEX_SEED + self.config.hash_seed)
-        mask = self._nb - 1
-        b1 = h & mask
-        b2 = b1 ^ (((h >> 32) & mask) | 1)
+        b1, b2 = self._buckets_one(key)
         keys_ix = self._idx_keys
         s1 = keys_ix[b1 * SLOTS:(b1 + 1) * SLOTS].tolist()
         s2 = keys_ix[b2 * SLOTS:(b2 + 1) * SLOTS].tolist()
@@ -241,10 +245,7 @@ class CuckooIndex:
         plain Python (a few us instead of ~40 us of numpy overhead per call)."""
         if key == _EMPTY_INT:
             return self._reserved_row
-        h = splitmix64_one(key, _INDEX_SEED + self.config.hash_seed)
-        mask = self._nb - 1
-        b1 = h & mask
-        for b in (b1, b1 ^ (((h >> 32) & mask) | 1)):
+        for b in self._buckets_one(key):
             start = b * SLOTS
             bucket = self._idx_keys[start:start + SLOTS].tolist()
             if key in bucket:
