@@ -216,12 +216,23 @@ class CategoryLifts(NamedTuple):
 
     by_key: dict[str, float]
 
-    def of(self, attrs: list[dict[str, Any] | None]) -> np.ndarray:
+    def of(self, attrs: list[dict[str, Any] | None],
+           coded: tuple[np.ndarray, Sequence[str]] | None = None) -> np.ndarray:
         """The lift of each item's category (``attrs``: the items' catalog attributes,
-        their ``category`` as ``state.item_table.category_of`` reads it), float64."""
+        their ``category`` as ``state.item_table.category_of`` reads it), float64.
+        ``coded``: each item's string ``category`` as a code into names (-1: none, read
+        from ``attrs``), e.g. ``ItemRows.attr_codes``: one lookup per distinct name."""
         get = self.by_key.get
-        out = np.empty(len(attrs), np.float64)
-        for j, a in enumerate(attrs):
+        if coded is not None:
+            uniq, at = dense_codes(coded[0])
+            names = coded[1]
+            out = np.array([get(names[c], 1.0) for c in uniq.tolist()] + [1.0])[at]
+            todo = (at < 0).nonzero()[0].tolist()  # no string value: from the attributes
+        else:
+            out = np.empty(len(attrs), np.float64)
+            todo = range(len(attrs))
+        for j in todo:
+            a = attrs[j]
             value = a.get("category") if a is not None else None
             out[j] = get("" if value is None else str(value), 1.0)
         return out

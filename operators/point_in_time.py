@@ -882,15 +882,20 @@ class PointInTime:
         if numeric_only:  # the pool ranker's columns: without the category posterior
             return ItemColumns(item_ids, numeric, tables, [None] * n, [], rows, space, slots)
         assert attrs is not None
-        if ctx.categories is not None:
-            numeric[CATEGORY_POSTERIOR] = ctx.categories.of(attrs)
-        if cross is not None:
-            return ItemColumns(item_ids, numeric, tables, attrs, cross)
-        if arrays:
+        coded = None
+        if arrays and cross is None:
             assert rows is not None and space is not None
             if slots is None:
                 slots = space.fill(rows)
             space.fill_attrs(slots, attrs, self.cross_attrs(), self.unavailable_attrs)
+            codes = space.attr_codes.get("category")  # a user_x_category profile's
+            coded = (codes[slots], space.attr_values["category"]) if codes is not None else None
+        if ctx.categories is not None:
+            numeric[CATEGORY_POSTERIOR] = ctx.categories.of(attrs, coded)
+        if cross is not None:
+            return ItemColumns(item_ids, numeric, tables, attrs, cross)
+        if arrays:
+            assert rows is not None and space is not None and slots is not None
             user_id, at_slots = ctx.user_id, slots
             return ItemColumns(item_ids, numeric, tables, attrs, None, rows, space, slots,
                                cross_query=lambda: self._cross_codes(user_id, at_slots, space,
