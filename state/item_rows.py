@@ -62,6 +62,19 @@ def catalog_columns(table: ItemTable
     return found
 
 
+def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct codes >= 0 ascending, each element's position among them, -1 for a
+    code -1): ``np.unique(codes, return_inverse=True)`` without the -1, by counting
+    instead of sorting (the codes are small ints >= -1: categories, attribute values)."""
+    if not codes.size:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    shifted = codes + 1
+    present = np.bincount(shifted) > 0
+    present[0] = False  # code -1: no value
+    rank = present.cumsum() - 1  # rank[0] = -1
+    return present.nonzero()[0] - 1, rank[shifted]
+
+
 class ItemRows:
     """Lazily filled per-candidate values of the loaded item tables, catalog and index."""
 
@@ -460,6 +473,13 @@ class ItemRows:
             self.attr_id[s] = ids[j]
             self._attrs[s] = a
         self._last_attrs = (slots, attrs, cross, self._epoch)
+
+    def value_codes(self, attr: str, slots: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """(the distinct string values of cross attribute ``attr`` among ``slots``, each
+        slot's position in them, -1: no string value), after ``fill_attrs``."""
+        uniq, at = dense_codes(self.attr_codes[attr][slots])
+        values = self.attr_values[attr]
+        return [values[c] for c in uniq.tolist()], at
 
     def attr_ids(self, slots: np.ndarray, attrs: list[dict[str, Any] | None]) -> np.ndarray:
         """``id`` of each of ``attrs`` (int64): read from ``attr_id`` when ``slots`` and

@@ -27,12 +27,12 @@ from serving_world import (
 )
 
 from events.model import Item
-from models.category_bandit import CategoryLifts, CodedCategories, dense_codes
+from models.category_bandit import CategoryLifts, CodedCategories
 from operators.candidates import SOURCES, Candidate, MergeScratch, merge, top_indices
 from operators.trainer import RankerConfig, Trainer
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
-from state.item_rows import ItemRows
+from state.item_rows import ItemRows, dense_codes
 from state.item_table import CatalogEntry, ItemTable
 
 
@@ -571,8 +571,8 @@ def test_dense_codes_are_np_unique_without_the_no_value_code(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_category_lifts_of_coded_pools_equal_the_attribute_reads(seed: int) -> None:
-    """``CategoryLifts.of`` with the pool's ``ItemRows.attr_codes["category"]`` (serving's
-    array path) gives each item the lift its attributes give: string categories known
+    """``CategoryLifts.of`` with the pool's ``ItemRows.value_codes("category", ...)``
+    (serving's array path) gives each item the lift its attributes give: string categories known
     and unknown to the lifts, a number (its ``str``), no category, no attributes."""
     rng = random.Random(seed)
     lifts = CategoryLifts({"c0": 0.5, "c1": 2.0, "7": 3.0, "": 0.25})
@@ -586,8 +586,7 @@ def test_category_lifts_of_coded_pools_equal_the_attribute_reads(seed: int) -> N
         attrs = [rng.choice(choices) for _ in pool]
         slots = space.fill(space.rows(pool))
         space.fill_attrs(slots, attrs, ("category",), lambda a: False)
-        coded = (space.attr_codes["category"][slots], space.attr_values["category"])
-        got = lifts.of(attrs, coded)
+        got = lifts.of(attrs, space.value_codes("category", slots))
         assert got.dtype == np.float64
         assert got.tolist() == lifts.of(attrs).tolist()
         assert got.tolist() == [lifts.by_key.get(
