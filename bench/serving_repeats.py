@@ -129,8 +129,8 @@ def instrument(rep: Repeats) -> None:
 
     cross = point_in_time.PointInTime._cross_codes
 
-    def _cross_codes(self: Any, user_id: str, slots: Any, space: Any, ts_ms: Any) -> Any:
-        out = cross(self, user_id, slots, space, ts_ms)
+    def _cross_codes(self: Any, user_id: str, coded: Any, ts_ms: Any) -> Any:
+        out = cross(self, user_id, coded, ts_ms)
         rep.note("cross", user_id, [sorted(repr(sorted(f.items(), key=repr)) for f in feats)
                                     for _, feats in out])
         return out

@@ -216,12 +216,22 @@ class CategoryLifts(NamedTuple):
 
     by_key: dict[str, float]
 
-    def of(self, attrs: list[dict[str, Any] | None]) -> np.ndarray:
+    def of(self, attrs: list[dict[str, Any] | None],
+           coded: tuple[Sequence[str], np.ndarray] | None = None) -> np.ndarray:
         """The lift of each item's category (``attrs``: the items' catalog attributes,
-        their ``category`` as ``state.item_table.category_of`` reads it), float64."""
+        their ``category`` as ``state.item_table.category_of`` reads it), float64.
+        ``coded``: (names, each item's string ``category`` as a position in names, -1:
+        none, read from ``attrs``), ``ItemRows.value_codes``: one lookup per name."""
         get = self.by_key.get
-        out = np.empty(len(attrs), np.float64)
-        for j, a in enumerate(attrs):
+        if coded is not None:
+            names, at = coded
+            out = np.array([get(name, 1.0) for name in names] + [1.0])[at]
+            todo = (at < 0).nonzero()[0].tolist()  # no string value: from the attributes
+        else:
+            out = np.empty(len(attrs), np.float64)
+            todo = range(len(attrs))
+        for j in todo:
+            a = attrs[j]
             value = a.get("category") if a is not None else None
             out[j] = get("" if value is None else str(value), 1.0)
         return out
@@ -233,19 +243,6 @@ class CodedCategories(NamedTuple):
 
     codes: np.ndarray
     names: Sequence[str | None]
-
-
-def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the distinct codes >= 0 ascending, each element's position among them, -1 for a
-    code -1): ``np.unique(codes, return_inverse=True)`` without the -1, by counting
-    instead of sorting (the codes are small ints >= -1: categories, attribute values)."""
-    if not codes.size:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    shifted = codes + 1
-    present = np.bincount(shifted) > 0
-    present[0] = False  # code -1: no value
-    rank = present.cumsum() - 1  # rank[0] = -1
-    return present.nonzero()[0] - 1, rank[shifted]
 
 
 _CODE_TABLES: dict[tuple[int, bytes], tuple[Sequence[str | None], list[str], np.ndarray]] = {}

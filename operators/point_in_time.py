@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from models.category_bandit import CategoryLifts, dense_codes
+from models.category_bandit import CategoryLifts
 from models.features import compact
 from models.mf import UserFactors
 from operators.example_codec import EncodedPart, encoded_part, join_parts
@@ -764,17 +764,15 @@ class PointInTime:
         """The item attributes of the ``user_x_<attr>`` profiles."""
         return tuple(attr for attr, _ in self._crosses)
 
-    def _cross_codes(self, user_id: str, slots: np.ndarray, space: ItemRows, ts_ms: int | None
-                     ) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
+    def _cross_codes(self, user_id: str, coded: dict[str, tuple[list[str], np.ndarray]],
+                     ts_ms: int | None) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
         """``_cross`` of every item column-wise: per cross profile, each item's value code
-        (-1: no string value; from ``space.fill_attrs``) and the features of each
-        distinct value (queried once)."""
+        (-1: no string value) and the features of each distinct value (queried once);
+        ``coded``: ``ItemRows.value_codes`` of the items per attribute."""
         out = []
         for attr, store in self._crosses:
-            uniq, codes = dense_codes(space.attr_codes[attr][slots])
-            values = space.attr_values[attr]
-            out.append((codes, self._cross_queries(user_id, store,
-                                                   [values[c] for c in uniq.tolist()], ts_ms)))
+            values, codes = coded[attr]
+            out.append((codes, self._cross_queries(user_id, store, values, ts_ms)))
         return out
 
     @staticmethod
@@ -894,19 +892,24 @@ class PointInTime:
         if numeric_only:  # the pool ranker's columns: without the category posterior
             return ItemColumns(item_ids, numeric, tables, [None] * n, [], rows, space, slots)
         assert attrs is not None
-        if ctx.categories is not None:
-            numeric[CATEGORY_POSTERIOR] = ctx.categories.of(attrs)
-        if cross is not None:
-            return ItemColumns(item_ids, numeric, tables, attrs, cross)
-        if arrays:
+        coded: dict[str, tuple[list[str], np.ndarray]] | None = None
+        if arrays and cross is None:
             assert rows is not None and space is not None
             if slots is None:
                 slots = space.fill(rows)
-            space.fill_attrs(slots, attrs, self.cross_attrs(), self.unavailable_attrs)
-            user_id, at_slots = ctx.user_id, slots
+            cross_attrs = self.cross_attrs()
+            space.fill_attrs(slots, attrs, cross_attrs, self.unavailable_attrs)
+            coded = {attr: space.value_codes(attr, slots) for attr in cross_attrs}
+        if ctx.categories is not None:  # by a user_x_category profile's codes if any
+            numeric[CATEGORY_POSTERIOR] = ctx.categories.of(
+                attrs, coded.get("category") if coded is not None else None)
+        if cross is not None:
+            return ItemColumns(item_ids, numeric, tables, attrs, cross)
+        if arrays:
+            assert coded is not None
+            user_id = ctx.user_id
             return ItemColumns(item_ids, numeric, tables, attrs, None, rows, space, slots,
-                               cross_query=lambda: self._cross_codes(user_id, at_slots, space,
-                                                                     ts_ms))
+                               cross_query=lambda: self._cross_codes(user_id, coded, ts_ms))
         cache: dict[tuple[str, str], dict[str, Any]] = {}
         cross = ([self._cross(ctx.user_id, cache, a, ts_ms) for a in attrs] if self._crosses
                  else [[] for _ in item_ids])

@@ -220,9 +220,9 @@ def _age_days(context: PointInTime, items: list[str], ts: int, rows: np.ndarray 
             space.sync(views.table_map())
             slots = space.fill(rows)
         days = (np.maximum(ts - space.first_seen[slots], 0) / DAY_MS).tolist()
-        log1p = math.log1p
-        return np.array([log1p(d) if e else 0.0
-                         for d, e in zip(days, space.entry[slots].tolist(), strict=True)])
+        out = np.fromiter(map(math.log1p, days), np.float64, len(days))
+        out[~space.entry[slots]] = 0.0  # no catalog entry: no age
+        return out
     tables = views.table_map()
     for n, item in enumerate(items):
         table = tables.get(shard_of(item))

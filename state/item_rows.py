@@ -40,11 +40,12 @@ cheaper than the array calls)."""
 
 
 def catalog_columns(table: ItemTable
-                    ) -> tuple[np.ndarray, np.ndarray, list[str | None], np.ndarray]:
+                    ) -> tuple[np.ndarray, np.ndarray, list[str | None], np.ndarray, np.ndarray]:
     """A loaded table's catalog items, by catalog position: popularity and trending counts
-    (0.0 without), and the category as an index into the table's distinct category
-    names (None: no category), with those names. Once per table version for every user
-    shard of the process (``table.memo``; 20 B an item)."""
+    (0.0 without), the category as an index into the table's distinct category names
+    (None: no category), with those names, and the item's row in ``feature_matrix``
+    (``len(index)`` without a profile: ``ItemRows.feat_row``). Once per table version
+    for every user shard of the process (``table.memo``; 24 B an item)."""
     found = table.memo.get("slot_columns")
     if found is None:
         catalog = table.catalog
@@ -57,9 +58,25 @@ def catalog_columns(table: ItemTable
         distinct = list(dict.fromkeys(catalog._category))
         position = {name: k for k, name in enumerate(distinct)}
         cat = np.fromiter(map(position.__getitem__, catalog._category), np.int32, len(ids))
-        found = table.memo.setdefault("slot_columns",
-                                      (pop, trend, [name or None for name in distinct], cat))
+        index = table.feature_matrix()[0]
+        feat = np.fromiter(map(index.get, ids, itertools.repeat(len(index))), np.int32,
+                           len(ids))
+        found = table.memo.setdefault("slot_columns", (pop, trend, [name or None for name
+                                                                    in distinct], cat, feat))
     return found
+
+
+def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct codes >= 0 ascending, each element's position among them, -1 for a
+    code -1): ``np.unique(codes, return_inverse=True)`` without the -1, by counting
+    instead of sorting (the codes are small ints >= -1: categories, attribute values)."""
+    if not codes.size:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    shifted = codes + 1
+    present = np.bincount(shifted) > 0
+    present[0] = False  # code -1: no value
+    rank = present.cumsum() - 1  # rank[0] = -1
+    return present.nonzero()[0] - 1, rank[shifted]
 
 
 class ItemRows:
@@ -311,7 +328,7 @@ class ItemRows:
         current table, a loaded one: from its catalog columns, the per-item reads of
         ``fill`` as array lookups (the same values; the
         catalog's items' counts and category names read once per table version for the
-        process, ``catalog_columns``)."""
+        process, ``catalog_columns``, with the feature rows of the items it holds)."""
         catalog = table.catalog
         assert isinstance(catalog, FrozenCatalog)
         n = len(items)
@@ -337,7 +354,8 @@ class ItemRows:
             self.trend[slots] = np.fromiter(map(table.trending.get, items,
                                                 itertools.repeat(0.0)), np.float64, n)
             return
-        pop, trend, distinct, cat = catalog_columns(table)
+        pop, trend, distinct, cat, feat = catalog_columns(table)
+        self.feat_row[slots] = np.where(found, feat[at], -1)  # -1: looked up when read
         codes = self._table_codes(shard, distinct)
         # a category new to this space: codes in the candidates' order, as named
         self.category[slots] = (np.where(found, codes[cat[at]], 0) if codes is not None
@@ -460,6 +478,13 @@ class ItemRows:
             self.attr_id[s] = ids[j]
             self._attrs[s] = a
         self._last_attrs = (slots, attrs, cross, self._epoch)
+
+    def value_codes(self, attr: str, slots: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """(the distinct string values of cross attribute ``attr`` among ``slots``, each
+        slot's position in them, -1: no string value), after ``fill_attrs``."""
+        uniq, at = dense_codes(self.attr_codes[attr][slots])
+        values = self.attr_values[attr]
+        return [values[c] for c in uniq.tolist()], at
 
     def attr_ids(self, slots: np.ndarray, attrs: list[dict[str, Any] | None]) -> np.ndarray:
         """``id`` of each of ``attrs`` (int64): read from ``attr_id`` when ``slots`` and

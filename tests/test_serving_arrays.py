@@ -27,12 +27,12 @@ from serving_world import (
 )
 
 from events.model import Item
-from models.category_bandit import CodedCategories, dense_codes
+from models.category_bandit import CategoryLifts, CodedCategories
 from operators.candidates import SOURCES, Candidate, MergeScratch, merge, top_indices
 from operators.trainer import RankerConfig, Trainer
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
-from state.item_rows import ItemRows
+from state.item_rows import ItemRows, dense_codes
 from state.item_table import CatalogEntry, ItemTable
 
 
@@ -567,3 +567,28 @@ def test_dense_codes_are_np_unique_without_the_no_value_code(seed: int) -> None:
         got_uniq, got = dense_codes(codes)
         assert got_uniq.tolist() == uniq.tolist() and got.tolist() == inverse.tolist()
         assert got.dtype == np.int64 and got_uniq.dtype == np.int64
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_category_lifts_of_coded_pools_equal_the_attribute_reads(seed: int) -> None:
+    """``CategoryLifts.of`` with the pool's ``ItemRows.value_codes("category", ...)``
+    (serving's array path) gives each item the lift its attributes give: string categories known
+    and unknown to the lifts, a number (its ``str``), no category, no attributes."""
+    rng = random.Random(seed)
+    lifts = CategoryLifts({"c0": 0.5, "c1": 2.0, "7": 3.0, "": 0.25})
+    choices: list[dict[str, Any] | None] = [
+        {"category": "c0"}, {"category": "c1"}, {"category": "c9"}, {"category": 7},
+        {"category": 7.5}, {"genre": "x"}, {"category": None}, None]
+    items = [f"i{j}" for j in range(60)]
+    space = ItemRows(CovisView(), lambda item: "s0")
+    for _ in range(4):
+        pool = rng.sample(items, 25)
+        attrs = [rng.choice(choices) for _ in pool]
+        slots = space.fill(space.rows(pool))
+        space.fill_attrs(slots, attrs, ("category",), lambda a: False)
+        got = lifts.of(attrs, space.value_codes("category", slots))
+        assert got.dtype == np.float64
+        assert got.tolist() == lifts.of(attrs).tolist()
+        assert got.tolist() == [lifts.by_key.get(
+            "" if a is None or a.get("category") is None else str(a["category"]), 1.0)
+            for a in attrs]

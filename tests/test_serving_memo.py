@@ -312,10 +312,10 @@ def test_name_array_names_every_id_as_it_grows() -> None:
 def test_loaded_table_values_are_the_dict_lookups(tmp_path: Path, columns_max: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A slot's table values from a loaded table's per-version columns (``catalog_columns``:
-    counts and category names by catalog position, shared by the process; or, for a
-    catalog past ``_COLUMNS_MAX``, item by item) equal the table's own lookups: items
-    without a catalog entry keep their counts, categories new to the space and known
-    ones, an empty category."""
+    counts, category names and feature rows by catalog position, shared by the process;
+    or, for a catalog past ``_COLUMNS_MAX``, item by item) equal the table's own lookups:
+    items without a catalog entry keep their counts and profiles, categories new to the
+    space and known ones, an empty category, items without a profile."""
     monkeypatch.setattr(item_rows, "_COLUMNS_MAX", columns_max)
     items = [f"x{j}" for j in range(80)]
     space = ItemRows(CovisView(), lambda item: "s")
@@ -327,7 +327,9 @@ def test_loaded_table_values_are_the_dict_lookups(tmp_path: Path, columns_max: i
         t = ItemTable("s", T0 + version, CoVisitation(CoVisConfig()),
                       popular={i: float(j + version) for j, i in enumerate(items) if j % 2},
                       trending={i: float(j * version) for j, i in enumerate(items) if j % 7},
-                      catalog=catalog)
+                      catalog=catalog,
+                      features={i: {"item.clicks.1d": float(j + version)}
+                                for j, i in enumerate(items) if (j + version) % 4})
         t.save(tmp_path / f"c{version}.npz")
         loaded = ItemTable.load(tmp_path / f"c{version}.npz")
         space.sync({"s": loaded})
@@ -341,3 +343,6 @@ def test_loaded_table_values_are_the_dict_lookups(tmp_path: Path, columns_max: i
                        space.first_seen[slots].tolist(), space.pop[slots].tolist(),
                        space.trend[slots].tolist(), strict=True))
         assert got == want
+        index = loaded.feature_matrix()[0]
+        assert space.feature_rows(slots, rows).tolist() == [index.get(i, len(index))
+                                                            for i in items]
