@@ -145,6 +145,7 @@ def read_records(
     expected: int | None = None,
     timeout_s: float = 20.0,
     idle_s: float = 0.5,
+    fetch_max_wait_ms: int = 100,
 ) -> list:
     """Read all records of ``topic`` (every partition, from the beginning).
 
@@ -152,13 +153,18 @@ def read_records(
     catch extras, e.g. duplicates), or, with ``expected=None``, when every partition
     reached the high watermark of a fetch response and nothing arrived for ``idle_s``
     seconds. Raises ``TimeoutError`` after ``timeout_s`` seconds with fewer than
-    ``expected`` records. Returns kafka-python ``ConsumerRecord`` objects ordered by
-    (partition, offset).
+    ``expected`` records or, with ``expected=None``, with a partition short of its
+    high watermark: a slow read never passes for a short topic. Tansu on ``s3://``
+    storage answers a fetch with nothing when its storage read outlasts
+    ``fetch_max_wait_ms`` (ms), so reads from it need seconds there (the 100 ms default
+    suits the memory broker). Returns kafka-python ``ConsumerRecord`` objects ordered
+    by (partition, offset).
     """
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
+        bootstrap_servers=bootstrap, enable_auto_commit=False,
+        fetch_max_wait_ms=fetch_max_wait_ms,
     )
     try:
         deadline = time.monotonic() + timeout_s
@@ -174,6 +180,12 @@ def read_records(
         for tp in tps:
             consumer.seek(tp, 0)
         out: list = []
+
+        def short() -> list:
+            """Partitions not yet read to the high watermark of a fetch response."""
+            return [tp for tp in tps if (hw := consumer.highwater(tp)) is None
+                    or consumer.position(tp) < hw]
+
         last_data = time.monotonic()
         while True:
             batch = consumer.poll(timeout_ms=50, max_records=10_000)
@@ -186,16 +198,19 @@ def read_records(
             if expected is not None:
                 if len(out) >= expected and idle:
                     break
-            elif idle and all(
-                (hw := consumer.highwater(tp)) is not None and consumer.position(tp) >= hw
-                for tp in tps
-            ):
+            elif idle and not short():
                 break
             if now > deadline:
                 if expected is not None and len(out) < expected:
                     raise TimeoutError(
                         f"read {len(out)} of {expected} records from {topic} in {timeout_s} s"
                     )
+                if expected is None and short():
+                    raise TimeoutError(
+                        f"read {len(out)} records from {topic} in {timeout_s} s, not to its "
+                        "end: " + ", ".join(f"partition {tp.partition} at offset "
+                                            f"{consumer.position(tp)} of "
+                                            f"{consumer.highwater(tp)}" for tp in short()))
                 break
         out.sort(key=lambda r: (r.partition, r.offset))
         return out
@@ -210,12 +225,14 @@ def read_values(
     expected: int | None = None,
     timeout_s: float = 20.0,
     idle_s: float = 0.5,
+    fetch_max_wait_ms: int = 100,
 ) -> list[bytes]:
     """Values of all records of ``topic`` (see :func:`read_records`)."""
     return [
         r.value
         for r in read_records(
-            bootstrap, topic, expected=expected, timeout_s=timeout_s, idle_s=idle_s
+            bootstrap, topic, expected=expected, timeout_s=timeout_s, idle_s=idle_s,
+            fetch_max_wait_ms=fetch_max_wait_ms,
         )
     ]
 
