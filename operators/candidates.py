@@ -14,7 +14,6 @@ matrix built for them (operators/point_in_time.py): what a pool re-ranker consum
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +29,11 @@ always in this order unless a hook changes it)."""
 
 _SOURCE_BITS = 1 << np.arange(len(SOURCES), dtype=np.int64)
 """Bit of each source in a candidate's pattern number (``CandidatePool.candidates``)."""
-_PATTERN_SOURCES = [tuple(itertools.compress(SOURCES, [m >> b & 1 for b in range(len(SOURCES))]))
-                    for m in range(1 << len(SOURCES))]
-"""The sources of each pattern number, in ``SOURCES`` order."""
 _PATTERN_AT = [tuple(b for b in range(len(SOURCES)) if m >> b & 1)
                for m in range(1 << len(SOURCES))]
 """Each pattern's positions in a candidate's per-source scores, in ``SOURCES`` order."""
+_PATTERN_SOURCES = [tuple(SOURCES[b] for b in at) for at in _PATTERN_AT]
+"""The sources of each pattern number, in ``SOURCES`` order."""
 _PATTERN_NAMES = ["+".join(sources) for sources in _PATTERN_SOURCES]
 """``Candidate.source`` of each pattern number."""
 
@@ -151,8 +149,7 @@ class CandidatePool:
             return _with_propensities(out, propensities)
         # each candidate's sources as one pattern number (bit b: SOURCES[b] retrieved it)
         # and its scores by source as Python lists (one conversion each)
-        has = self.has if idx is None else self.has[:, idx]
-        patterns = (_SOURCE_BITS @ has).tolist()
+        patterns = self._patterns(idx)
         scores = (self.scores if idx is None else self.scores[:, idx]).T.tolist()
         items = self.items
         if category is None:
@@ -164,6 +161,11 @@ class CandidatePool:
              for i, p, values, s, c in zip(il, patterns, scores, score, category, strict=True)],
             propensities)
 
+    def _patterns(self, idx: np.ndarray | None) -> list[int]:
+        """Each candidate's pattern number at positions ``idx`` (default: all): bit b set
+        when ``SOURCES[b]`` retrieved it."""
+        return (_SOURCE_BITS @ (self.has if idx is None else self.has[:, idx])).tolist()
+
     def record_items(self, idx: np.ndarray, propensities: list[float] | None = None
                      ) -> list[dict[str, Any]]:
         """The recommendation record's ``items`` of the positions ``idx`` (best first)
@@ -173,7 +175,7 @@ class CandidatePool:
         items = self.items
         il = idx.tolist()
         score = self.score[idx].tolist()
-        patterns = (_SOURCE_BITS @ self.has[:, idx]).tolist()
+        patterns = self._patterns(idx)
         props = [1.0] * len(il) if propensities is None else propensities
         return [record_item(items[i], s, _PATTERN_NAMES[p], q)
                 for i, s, p, q in zip(il, score, patterns, props, strict=True)]

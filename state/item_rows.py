@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,26 @@ def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     present[0] = False  # code -1: no value
     rank = present.cumsum() - 1  # rank[0] = -1
     return present.nonzero()[0] - 1, rank[shifted]
+
+
+@dataclass(slots=True)
+class _ColumnsMemo:
+    """``ItemRows.profile_values``' gather source, kept while the shards' tables are these."""
+
+    table_map: dict[str, ItemTable] | None
+    """The ``ItemRows._map`` the columns were built for (``sync`` takes a new one)."""
+    n_tables: int
+    names: tuple[str, ...]
+    matrix: np.ndarray
+    """Every loaded table's ``names`` columns side by side, a last all-0.0 column."""
+    start: np.ndarray
+    """Each shard's first column in ``matrix`` (the last entry: no table)."""
+    none: int
+    """The all-0.0 column."""
+    epoch: int
+    """``ItemRows._epoch`` of ``column``."""
+    column: np.ndarray
+    """Each slot's column in ``matrix`` (int32, -1: not looked up in this epoch)."""
 
 
 class ItemRows:
@@ -506,32 +527,34 @@ class ItemRows:
         if not slots.size:
             return np.zeros((len(names), 0))
         tables = self.tables
-        memo = getattr(self, "_columns_memo", None)  # older state: none
-        if (memo is None or memo[0] is not self._map or memo[1] != len(tables)
-                or memo[2] != names):
+        memo = getattr(self, "_columns_memo", None)  # older state: none (or a list)
+        if (not isinstance(memo, _ColumnsMemo) or memo.table_map is not self._map
+                or memo.n_tables != len(tables) or memo.names != names):
             offsets, matrix = table_columns([t for t in tables if t is not None], names)
             none = matrix.shape[1] - 1  # all 0.0: no table
             start = np.array([offsets[t.shard] if t is not None else none for t in tables]
                              + [none], np.int64)  # shard -1 reads the last entry
             # kept while the shards' tables are these (``sync`` takes a new map for any)
-            memo = self._columns_memo = [self._map, len(tables), names, matrix, start, none,
-                                         self._epoch, np.zeros(0, np.int32)]
-        matrix = memo[3]
+            memo = self._columns_memo = _ColumnsMemo(self._map, len(tables), names, matrix,
+                                                     start, none, self._epoch,
+                                                     np.zeros(0, np.int32))
+        matrix = memo.matrix
         # each slot's column in matrix (-1: not looked up since the slot was given or its
         # table values were read again: both start a new epoch); 4 B a slot
-        col = memo[7]
-        if memo[6] != self._epoch or col.size < self.capacity:
-            if memo[6] != self._epoch:
+        col = memo.column
+        if memo.epoch != self._epoch or col.size < self.capacity:
+            if memo.epoch != self._epoch:
                 col = np.zeros(0, np.int32)
-                memo[6] = self._epoch
-            col = memo[7] = np.concatenate([col, np.full(self.capacity - col.size, -1, np.int32)])
+                memo.epoch = self._epoch
+            col = memo.column = np.concatenate(
+                [col, np.full(self.capacity - col.size, -1, np.int32)])
         at = col[slots]
         todo = (at < 0).nonzero()[0]
         if todo.size:
             stale = slots[todo]
             j = self.feature_rows(stale, rows[todo])
             # a slot without a table keeps feat_row -1: it reads the zero column too
-            col[stale] = np.where(j >= 0, memo[4][self.shard[stale]] + j, memo[5])
+            col[stale] = np.where(j >= 0, memo.start[self.shard[stale]] + j, memo.none)
             at = col[slots]
         return matrix[:, at]
 
