@@ -302,6 +302,8 @@ class PointInTime:
         asked."""
         self._fold_memo: tuple[str, Any, list[str], np.ndarray] | None = None
         """``_folded_vector`` memo: (user, index version, seeds, vector) of the last call."""
+        self._pool_memo: tuple[weakref.ref[Any], list[str]] | None = None
+        """``negative_pool`` memo: (the frozen index version held weakly, its item ids)."""
         self._frozen_trust = False
         """Whether the owner announces its polls (``polled``)."""
         self._frozen_fresh = False
@@ -317,6 +319,7 @@ class PointInTime:
         state["_retained"] = deque()
         state["_statics"] = {}
         state["_fold_memo"] = None
+        state["_pool_memo"] = None
         state["_taken"] = None
         state["_open"] = []
         state["_frozen_fresh"] = False
@@ -327,6 +330,7 @@ class PointInTime:
         self.__dict__.setdefault("_retained", deque())  # state of older versions
         self.__dict__.setdefault("_statics", {})
         self.__dict__.setdefault("_fold_memo", None)
+        self.__dict__.setdefault("_pool_memo", None)
         self.__dict__.setdefault("_taken", None)
         self.__dict__.setdefault("_open", [])
         self.__dict__.setdefault("_open_limit", 1_024)
@@ -515,7 +519,7 @@ class PointInTime:
             detached = first.detached
             if detached is not None:  # its version was let go: what it read was captured
                 numeric = detached.columns(ctx, items, self.covis.decay, [d[2] for d in group])
-                statics = [detached.static(d[1], d[2]) for d in group]
+                statics = [detached.version.static(d[1], d[2]) for d in group]
             else:
                 cols = self.item_columns(ctx, items, first.ts, views=first.views,
                                          attrs=[d[2] for d in group], cross=cross,
@@ -1070,10 +1074,19 @@ class PointInTime:
         return vecs
 
     def negative_pool(self) -> list[str]:
-        """Items to sample BPR negatives from: the newest index snapshot, else the catalog."""
+        """Items to sample BPR negatives from: the newest index snapshot, else the catalog.
+        A frozen index's list is made once per index version (``_pool_memo``; callers
+        must not modify it)."""
         index = self.views.index if self.views is not None else None
         if index is not None and index.index is not None:
-            return index.index.item_ids()
+            snapshot = index.index
+            memo = self._pool_memo
+            if memo is not None and memo[0]() is snapshot:
+                return memo[1]
+            pool: list[str] = snapshot.item_ids()
+            if getattr(snapshot, "frozen", False):  # immutable: its items stay these
+                self._pool_memo = (weakref.ref(snapshot), pool)
+            return pool
         return [i for i, attrs in self.catalog.items() if attrs.get("available", True)]
 
 
@@ -1120,7 +1133,7 @@ class _Detached:
     for the few tokens whose example is written (``_Detached.columns``): the same
     operations on the same values as ``item_columns`` on the version."""
 
-    __slots__ = ("pos", "numeric", "version", "mf_on", "mf", "statics")
+    __slots__ = ("pos", "numeric", "version", "mf_on", "mf")
 
     def __init__(self, pos: dict[str, int], numeric: list[tuple[str, list[float]]],
                  version: _VersionCapture, mf_on: bool) -> None:
@@ -1132,9 +1145,6 @@ class _Detached:
         """Whether the group had an MF score (a user vector and an index)."""
         self.mf: dict[int, float] = {}
         """MF scores computed so far, by the item's index in ``version``."""
-        self.statics: dict[int, tuple[Any, dict[str, Any], dict[str, Any],
-                                      EncodedPart | None]] = {}
-        """``_static_part``'s triple by item index, with the attributes object it holds for."""
 
     def columns(self, ctx: UserContext, items: list[str], decay: float,
                 attrs: list[dict[str, Any] | None]) -> list[tuple[str, list[float]]]:
@@ -1163,26 +1173,14 @@ class _Detached:
             out.append((CATEGORY_POSTERIOR, ctx.categories.of(attrs).tolist()))
         return out
 
-    def static(self, item: str, attrs: dict[str, Any] | None
-               ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
-        """``PointInTime._static_part`` of ``item`` on the captured version."""
-        k = self.pos[item]
-        hit = self.statics.get(k)
-        if hit is not None and hit[0] is attrs:
-            return hit[1], hit[2], hit[3]
-        static = static_features_of(self.version.captures[item], attrs)
-        rounded = float32_features(compact(static))
-        part = encoded_part(rounded)
-        self.statics[k] = (attrs, static, rounded, part)
-        return static, rounded, part
-
 
 class _VersionCapture:
     """What the groups detached from one snapshot version together share: each of their
-    items' ``table_capture`` and MF vector row in the version's index (one lookup per
-    item and version instead of one per group). Holds nothing of the version itself."""
+    items' ``table_capture``, MF vector row in the version's index and, once asked, its
+    static features (one lookup or computation per item and version instead of one
+    per group). Holds nothing of the version itself."""
 
-    __slots__ = ("pos", "vecs", "found", "captures")
+    __slots__ = ("pos", "vecs", "found", "captures", "statics")
 
     def __init__(self, items: list[str], views: FrozenViews, vectors: bool,
                  rows: list[CountRow]) -> None:
@@ -1199,6 +1197,24 @@ class _VersionCapture:
             item: table_capture(item, row[0], raw=True) if row is not None else None
             for item, row in zip(items, rows, strict=True)}
         """Item -> its ``table_capture`` (None: no table holds it)."""
+        self.statics: dict[str, tuple[Any, dict[str, Any], dict[str, Any],
+                                      EncodedPart | None]] = {}
+        """``static``'s memo: item -> (the attributes object it holds for, the static
+        features, at example precision, as a part); shared, never modified."""
+
+    def static(self, item: str, attrs: dict[str, Any] | None
+               ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
+        """``PointInTime._static_part`` of ``item`` on the captured version, with
+        ``attrs`` (the item's attributes when its token was taken): computed once per
+        item and attributes object for every group detached from the version."""
+        hit = self.statics.get(item)
+        if hit is not None and hit[0] is attrs:
+            return hit[1], hit[2], hit[3]
+        static = static_features_of(self.captures[item], attrs)
+        rounded = float32_features(compact(static))
+        part = encoded_part(rounded)
+        self.statics[item] = (attrs, static, rounded, part)
+        return static, rounded, part
 
 
 Deferred = tuple[_Taken, str, "dict[str, Any] | None", "list[dict[str, Any]]", bool]

@@ -460,3 +460,29 @@ def test_groups_tracked_for_a_switch_stay_bounded_while_the_snapshots_stay(
                     Impression(T0 + r * 10 + 1, f"q{r}-0", "u", ITEMS[r % len(ITEMS)], f"q{r}", 0, {})])
         lazy.joiner.flush()
     assert 0 < len(lazy.context._open) <= 2_048
+
+
+def test_the_negative_pool_is_listed_once_per_index_version(published: World) -> None:
+    """BPR negatives are drawn from the index snapshot's items: listed once per frozen
+    index version (the same list while it stays), again when a new version is polled,
+    and not kept across a snapshot of the context (recovery)."""
+    import pickle
+
+    shard = published.user_shard()
+    warm_up(shard)
+    context = shard.context
+    assert context.views is not None
+    if context.views.index.index is None:
+        published.publish_index(T0 - 1)
+        context.views.poll(T0)
+    assert context.views.index.index is not None
+    first = context.negative_pool()
+    assert first == context.views.index.index.item_ids() and first
+    assert context.negative_pool() is first
+    published.vectors["new-item"] = next(iter(published.vectors.values())) + 1.0
+    published.publish_index(T0)  # a new index version, one item more: listed again
+    context.views.poll(T0 + 10)
+    moved = context.negative_pool()
+    assert moved is not first and moved == context.views.index.index.item_ids()
+    assert "new-item" in moved and "new-item" not in first
+    assert pickle.loads(pickle.dumps(context))._pool_memo is None
