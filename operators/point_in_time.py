@@ -1007,11 +1007,6 @@ class PointInTime:
         shard_of = self.item_shard_of
         factors: dict[int, float] = {}  # per table: its decay to ts_ms
         single = item_ids[0] if len(item_ids) == 1 else None
-        at: dict[str, list[int]] = {}  # item -> its places in item_ids
-        if single is None:
-            for n, item in enumerate(item_ids):
-                at.setdefault(item, []).append(n)
-        wanted_keys = at.keys()
         for k, seed in enumerate(seeds):
             table = tables.get(shard_of(seed))
             if table is not None:
@@ -1025,10 +1020,10 @@ class PointInTime:
                         v = row.get(single)
                         if v is not None:
                             wanted[0] += wf * v
-                    else:  # the few wanted items in the row (a set intersection in C)
-                        for item in row.keys() & wanted_keys:
-                            v = row[item]
-                            for n in at[item]:
+                    else:
+                        for n, item in enumerate(item_ids):
+                            v = row.get(item)
+                            if v is not None:
                                 wanted[n] += wf * v
             weight *= q
         return wanted
