@@ -164,6 +164,31 @@ def table_capture(item_id: str, table: ItemTable | None, raw: bool = False) -> T
     return profile, catalog_category(table.catalog, item_id)
 
 
+CountRow = tuple[ItemTable, float, float] | None
+"""An item's table and its raw ``popular`` and ``trending`` counts there (0.0 when
+absent), as of the table's ``ts``; None when no table holds the item
+(``PointInTime._count_rows``)."""
+
+
+def _decayed_counts(rows: list[CountRow], at: int) -> tuple[list[float], list[float]]:
+    """Popularity and trending of each item (its ``CountRow``) decayed to ``at`` (ms):
+    ``count * table.decay_factor(...)``, one factor pair per table; 0.0 without a table."""
+    factors: dict[str, tuple[float, float]] = {}
+    pop: list[float] = []
+    trend: list[float] = []
+    for row in rows:
+        if row is None:
+            pop.append(0.0)
+            trend.append(0.0)
+            continue
+        table, popular, trending = row
+        fp, ft = factors.get(table.shard) or factors.setdefault(
+            table.shard, (table.decay_factor("popular", at), table.decay_factor("trending", at)))
+        pop.append(popular * fp)
+        trend.append(trending * ft)
+    return pop, trend
+
+
 def user_item_columns(ctx: UserContext, item_ids: list[str], decay: float
                       ) -> dict[str, np.ndarray] | None:
     """The user's own history with each item (do repeats pay off?): ``ui.interacted``
@@ -277,6 +302,8 @@ class PointInTime:
         asked."""
         self._fold_memo: tuple[str, Any, list[str], np.ndarray] | None = None
         """``_folded_vector`` memo: (user, index version, seeds, vector) of the last call."""
+        self._pool_memo: tuple[weakref.ref[Any], list[str]] | None = None
+        """``negative_pool`` memo: (the frozen index version held weakly, its item ids)."""
         self._frozen_trust = False
         """Whether the owner announces its polls (``polled``)."""
         self._frozen_fresh = False
@@ -292,6 +319,7 @@ class PointInTime:
         state["_retained"] = deque()
         state["_statics"] = {}
         state["_fold_memo"] = None
+        state["_pool_memo"] = None
         state["_taken"] = None
         state["_open"] = []
         state["_frozen_fresh"] = False
@@ -302,6 +330,7 @@ class PointInTime:
         self.__dict__.setdefault("_retained", deque())  # state of older versions
         self.__dict__.setdefault("_statics", {})
         self.__dict__.setdefault("_fold_memo", None)
+        self.__dict__.setdefault("_pool_memo", None)
         self.__dict__.setdefault("_taken", None)
         self.__dict__.setdefault("_open", [])
         self.__dict__.setdefault("_open_limit", 1_024)
@@ -490,7 +519,7 @@ class PointInTime:
             detached = first.detached
             if detached is not None:  # its version was let go: what it read was captured
                 numeric = detached.columns(ctx, items, self.covis.decay, [d[2] for d in group])
-                statics = [detached.static(d[1], d[2]) for d in group]
+                statics = [detached.version.static(d[1], d[2]) for d in group]
             else:
                 cols = self.item_columns(ctx, items, first.ts, views=first.views,
                                          attrs=[d[2] for d in group], cross=cross,
@@ -681,32 +710,47 @@ class PointInTime:
     def _detach(self, takens: list[_Taken]) -> None:
         """Capture what the deferred features of the groups ``takens`` (taken on one
         snapshot version) read of it, then let the version go (``views = None``): per
-        group its items' snapshot columns (one ``item_columns`` call without MF,
-        attributes or cross profiles), per item of any of them its ``table_capture``
-        and MF vector row (``_VersionCapture``, shared)."""
+        group its items' snapshot columns (``_snapshot_columns``: what ``item_columns``
+        gives without MF, attributes or cross profiles), per item of any of them its
+        table, raw counts, ``table_capture`` and MF vector row (``_VersionCapture``,
+        looked up once per version instead of once per group)."""
         views = takens[0].views
         assert views is not None
-        version = _VersionCapture(list(dict.fromkeys(itertools.chain.from_iterable(
-            [t.items for t in takens]))), views, any(t.ctx.vector is not None for t in takens))
-        captures = version.captures
+        table_map = views.table_map() if self.item_shard_of is not None else None
+        items_all = list(dict.fromkeys(itertools.chain.from_iterable([t.items for t in takens])))
+        rows_all = (self._count_rows(items_all, table_map) if table_map is not None
+                    else [None] * len(items_all))
+        version = _VersionCapture(items_all, views, any(t.ctx.vector is not None for t in takens),
+                                  rows_all)
+        rows = dict(zip(items_all, rows_all, strict=True))  # not kept: they hold the tables
         for taken in takens:
             items = list(dict.fromkeys(taken.items))
-            n = len(items)
-            plain = object.__new__(UserContext)  # no MF vector, nothing consumed: the
-            plain.__dict__.update(taken.ctx.__dict__)  # version's columns only
-            plain.vector, plain.consumed, plain.categories = None, {}, None
-            cols = self.item_columns(plain, items, taken.ts, views=views, attrs=[None] * n,
-                                     cross=[_NO_CROSS] * n)
-            for item, table in zip(items, cols.tables, strict=True):
-                if item not in captures:
-                    captures[item] = table_capture(item, table, raw=True)
+            numeric: list[tuple[str, list[float]]] = []
+            if table_map is not None:
+                numeric = self._snapshot_columns(taken.ctx, items, taken.ts, views, table_map,
+                                                 [rows[item] for item in items])
             taken.detached = _Detached(
-                {item: k for k, item in enumerate(items)},
-                [(name, values.tolist()) for name, values in cols.numeric.items()], version,
+                {item: k for k, item in enumerate(items)}, numeric, version,
                 taken.ctx.vector is not None and version.vecs is not None)
             taken.views = None
             taken.key = (id(taken), -1, -1)  # grouped with no other group's tokens
             taken.items = []
+
+    def _snapshot_columns(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
+                          views: SnapshotViews | FrozenViews, table_map: dict[str, ItemTable],
+                          rows: list[CountRow]) -> list[tuple[str, list[float]]]:
+        """``item_columns(ctx, item_ids, ts_ms, views=views).numeric`` of a context without
+        MF vector, history or category lifts, as lists: popularity and trending
+        (``_decayed_counts`` of the items' ``rows``), then the co-visitation sums of
+        ``ctx``'s seeds (``covis``, and ``covis_any`` when the tables carry that channel);
+        the same floats."""
+        at = ts_ms or 0
+        pop, trend = _decayed_counts(rows, at)
+        sums = self._covis_sums(ctx, item_ids, at, views, table_map)
+        numeric = [("pop", pop), ("trend", trend), ("covis", sums["liked"])]
+        if "any" in sums:
+            numeric.append(("covis_any", sums["any"]))
+        return numeric
 
     def polled(self) -> None:
         """The owner polled the views (``UserShard.process``, once per micro-batch, before
@@ -861,13 +905,17 @@ class PointInTime:
                 numeric["pop"] = space.pop[slots] * space.decay_factors("popular", at)[shard]
                 numeric["trend"] = space.trend[slots] * space.decay_factors("trending", at)[shard]
             else:
-                numeric["pop"], numeric["trend"] = self._counts(item_ids, table_map, tables, at)
+                rows_of = self._count_rows(item_ids, table_map)
+                for j, row in enumerate(rows_of):
+                    if row is not None:
+                        tables[j] = row[0]
+                pop, trend = _decayed_counts(rows_of, at)
+                numeric["pop"], numeric["trend"] = np.array(pop), np.array(trend)
             if numeric_only:
                 sums = {}
             elif covis is None:
-                sums = {name: np.asarray(self._covis_lookup(seeds, name, item_ids, table_map, at),
-                                         np.float64)
-                        for name, seeds in self.seeds(ctx, views)}
+                sums = {name: np.asarray(values, np.float64) for name, values in
+                        self._covis_sums(ctx, item_ids, at, views, table_map).items()}
             elif arrays:
                 assert rows is not None
                 sums = {name: scores.at_rows(rows) for name, scores in covis.items()}
@@ -915,26 +963,25 @@ class PointInTime:
                  else [[] for _ in item_ids])
         return ItemColumns(item_ids, numeric, tables, attrs, cross)
 
-    def _counts(self, item_ids: list[str], table_map: dict[str, ItemTable],
-                tables: list[ItemTable | None], at: int) -> tuple[np.ndarray, np.ndarray]:
-        """Popularity and trending of each item decayed to ``at`` (0.0 without a table);
-        fills ``tables`` with each item's table."""
+    def _count_rows(self, item_ids: list[str], table_map: dict[str, ItemTable]
+                    ) -> list[CountRow]:
+        """Each item's ``CountRow`` in the tables of ``table_map``."""
         assert self.item_shard_of is not None
         shard_of = self.item_shard_of
-        n = len(item_ids)
-        pop = np.zeros(n)
-        trend = np.zeros(n)
-        factors: dict[str, tuple[float, float]] = {}
-        for j, item in enumerate(item_ids):
+        out: list[CountRow] = []
+        for item in item_ids:
             table = table_map.get(shard_of(item))
-            if table is not None:
-                tables[j] = table
-                fp, ft = factors.get(table.shard) or factors.setdefault(
-                    table.shard, (table.decay_factor("popular", at),
-                                  table.decay_factor("trending", at)))
-                pop[j] = table.popular.get(item, 0.0) * fp
-                trend[j] = table.trending.get(item, 0.0) * ft
-        return pop, trend
+            out.append(None if table is None else
+                       (table, table.popular.get(item, 0.0), table.trending.get(item, 0.0)))
+        return out
+
+    def _covis_sums(self, ctx: UserContext, item_ids: list[str], at: int,
+                    views: SnapshotViews | FrozenViews, table_map: dict[str, ItemTable]
+                    ) -> dict[str, list[float]]:
+        """Per co-visitation channel of ``seeds``, each item's sum over ``ctx``'s seeds
+        (``_covis_lookup``) decayed to ``at`` (ms)."""
+        return {name: self._covis_lookup(seeds, name, item_ids, table_map, at)
+                for name, seeds in self.seeds(ctx, views)}
 
     def seeds(self, ctx: UserContext, views: SnapshotViews | FrozenViews | None = None
               ) -> list[tuple[str, list[str]]]:
@@ -1022,10 +1069,19 @@ class PointInTime:
         return vecs
 
     def negative_pool(self) -> list[str]:
-        """Items to sample BPR negatives from: the newest index snapshot, else the catalog."""
+        """Items to sample BPR negatives from: the newest index snapshot, else the catalog.
+        A frozen index's list is made once per index version (``_pool_memo``; callers
+        must not modify it)."""
         index = self.views.index if self.views is not None else None
         if index is not None and index.index is not None:
-            return index.index.item_ids()
+            snapshot = index.index
+            memo = self._pool_memo
+            if memo is not None and memo[0]() is snapshot:
+                return memo[1]
+            pool: list[str] = snapshot.item_ids()
+            if getattr(snapshot, "frozen", False):  # immutable: its items stay these
+                self._pool_memo = (weakref.ref(snapshot), pool)
+            return pool
         return [i for i, attrs in self.catalog.items() if attrs.get("available", True)]
 
 
@@ -1072,7 +1128,7 @@ class _Detached:
     for the few tokens whose example is written (``_Detached.columns``): the same
     operations on the same values as ``item_columns`` on the version."""
 
-    __slots__ = ("pos", "numeric", "version", "mf_on", "mf", "statics")
+    __slots__ = ("pos", "numeric", "version", "mf_on", "mf")
 
     def __init__(self, pos: dict[str, int], numeric: list[tuple[str, list[float]]],
                  version: _VersionCapture, mf_on: bool) -> None:
@@ -1084,9 +1140,6 @@ class _Detached:
         """Whether the group had an MF score (a user vector and an index)."""
         self.mf: dict[int, float] = {}
         """MF scores computed so far, by the item's index in ``version``."""
-        self.statics: dict[int, tuple[Any, dict[str, Any], dict[str, Any],
-                                      EncodedPart | None]] = {}
-        """``_static_part``'s triple by item index, with the attributes object it holds for."""
 
     def columns(self, ctx: UserContext, items: list[str], decay: float,
                 attrs: list[dict[str, Any] | None]) -> list[tuple[str, list[float]]]:
@@ -1115,28 +1168,18 @@ class _Detached:
             out.append((CATEGORY_POSTERIOR, ctx.categories.of(attrs).tolist()))
         return out
 
-    def static(self, item: str, attrs: dict[str, Any] | None
-               ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
-        """``PointInTime._static_part`` of ``item`` on the captured version."""
-        k = self.pos[item]
-        hit = self.statics.get(k)
-        if hit is not None and hit[0] is attrs:
-            return hit[1], hit[2], hit[3]
-        static = static_features_of(self.version.captures[item], attrs)
-        rounded = float32_features(compact(static))
-        part = encoded_part(rounded)
-        self.statics[k] = (attrs, static, rounded, part)
-        return static, rounded, part
-
 
 class _VersionCapture:
     """What the groups detached from one snapshot version together share: each of their
-    items' ``table_capture`` and MF vector row in the version's index (one lookup per
-    item and version instead of one per group)."""
+    items' ``table_capture``, MF vector row in the version's index and, once asked, its
+    static features (one lookup or computation per item and version instead of one
+    per group). Holds nothing of the version itself."""
 
-    __slots__ = ("pos", "vecs", "found", "captures")
+    __slots__ = ("pos", "vecs", "found", "captures", "statics")
 
-    def __init__(self, items: list[str], views: FrozenViews, vectors: bool) -> None:
+    def __init__(self, items: list[str], views: FrozenViews, vectors: bool,
+                 rows: list[CountRow]) -> None:
+        """``rows``: each item's ``CountRow`` (its table: ``table_capture``)."""
         self.pos = {item: k for k, item in enumerate(items)}
         """Item -> its row in ``vecs``."""
         self.vecs: np.ndarray | None = None
@@ -1145,8 +1188,28 @@ class _VersionCapture:
         if vectors and items and index.index is not None:
             self.vecs, found = index.vectors(items)
             self.found = found.tolist()
-        self.captures: dict[str, TableCapture] = {}
-        """Item -> its ``table_capture`` (filled by ``PointInTime._detach``)."""
+        self.captures: dict[str, TableCapture] = {
+            item: table_capture(item, row[0], raw=True) if row is not None else None
+            for item, row in zip(items, rows, strict=True)}
+        """Item -> its ``table_capture`` (None: no table holds it)."""
+        self.statics: dict[str, tuple[Any, dict[str, Any], dict[str, Any],
+                                      EncodedPart | None]] = {}
+        """``static``'s memo: item -> (the attributes object it holds for, the static
+        features, at example precision, as a part); shared, never modified."""
+
+    def static(self, item: str, attrs: dict[str, Any] | None
+               ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
+        """``PointInTime._static_part`` of ``item`` on the captured version, with
+        ``attrs`` (the item's attributes when its token was taken): computed once per
+        item and attributes object for every group detached from the version."""
+        hit = self.statics.get(item)
+        if hit is not None and hit[0] is attrs:
+            return hit[1], hit[2], hit[3]
+        static = static_features_of(self.captures[item], attrs)
+        rounded = float32_features(compact(static))
+        part = encoded_part(rounded)
+        self.statics[item] = (attrs, static, rounded, part)
+        return static, rounded, part
 
 
 Deferred = tuple[_Taken, str, "dict[str, Any] | None", "list[dict[str, Any]]", bool]

@@ -77,6 +77,18 @@ def _atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def _manifest_names(folder: Path) -> list[tuple[int, str]]:
+    """(version, file name) of each version manifest ``v<digits>.json`` in ``folder``, in
+    directory order (none when it is missing): ``folder.glob("v*.json")`` with a digit
+    stem, from one ``os.listdir`` without pattern matching or a path per entry."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [(int(name[1:-5]), name) for name in names
+            if name.startswith("v") and name.endswith(".json") and name[1:-5].isdigit()]
+
+
 def manifest_signature(manifest: Manifest, key: bytes) -> str:
     """Hex HMAC-SHA256 of every field of ``manifest`` but ``hmac`` (JSON, keys sorted)."""
     body = orjson.dumps({k: v for k, v in manifest.items() if k != "hmac"},
@@ -148,7 +160,7 @@ class SnapshotStore:
     def next_version(self, kind: str) -> int:
         """One more than the highest version of ``kind`` present (1 for a new kind)."""
         latest = self._latest(kind)
-        versions = [int(p.stem[1:]) for p in self._kind_dir(kind).glob("v*.json") if p.stem[1:].isdigit()]
+        versions = [version for version, _ in _manifest_names(self._kind_dir(kind))]
         return max([latest["version"] if latest else 0, *versions]) + 1
 
     def write(self, kind: str, ext: str, writer: Callable[[Path], None], ts: int,
@@ -255,11 +267,16 @@ class SnapshotStore:
         return self.write(kind, ext, lambda p: p.write_bytes(data), ts, counts)
 
     def _prune(self, folder: Path, newest: int) -> None:
-        for manifest_path in folder.glob("v*.json"):
-            stem = manifest_path.stem
-            if stem[1:].isdigit() and int(stem[1:]) <= newest - self.keep:
-                for p in folder.glob(f"{stem}.*"):
-                    p.unlink(missing_ok=True)
+        """Delete every file of the versions ``keep`` or more below ``newest`` (the
+        ``v<version>.*`` files of each ``v<version>.json`` manifest)."""
+        old = {name[:-5] for version, name in _manifest_names(folder)
+               if version <= newest - self.keep}
+        if not old:
+            return
+        for name in os.listdir(folder):
+            stem, dot, _ = name.partition(".")
+            if dot and stem in old:
+                (folder / name).unlink(missing_ok=True)
 
     _bad_latest: set[tuple[str, int, int]] = set()
     """LATEST files (path, size, mtime) already reported as damaged by this process."""
@@ -313,14 +330,14 @@ class SnapshotStore:
         """Every readable manifest of ``kind`` still in the store, newest version first."""
         self._await_settled(kind)
         out = []
-        for path in self._kind_dir(kind).glob("v*.json"):
-            if path.stem[1:].isdigit():
-                try:
-                    manifest = orjson.loads(path.read_bytes())
-                except (OSError, orjson.JSONDecodeError):
-                    continue
-                if isinstance(manifest, dict) and isinstance(manifest.get("version"), int):
-                    out.append(manifest)
+        folder = self._kind_dir(kind)
+        for _, name in _manifest_names(folder):
+            try:
+                manifest = orjson.loads((folder / name).read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            if isinstance(manifest, dict) and isinstance(manifest.get("version"), int):
+                out.append(manifest)
         return sorted(out, key=lambda m: m["version"], reverse=True)
 
     def check_signature(self, manifest: Manifest) -> None:

@@ -460,3 +460,69 @@ def test_groups_tracked_for_a_switch_stay_bounded_while_the_snapshots_stay(
                     Impression(T0 + r * 10 + 1, f"q{r}-0", "u", ITEMS[r % len(ITEMS)], f"q{r}", 0, {})])
         lazy.joiner.flush()
     assert 0 < len(lazy.context._open) <= 2_048
+
+
+def test_the_negative_pool_is_listed_once_per_index_version(published: World) -> None:
+    """BPR negatives are drawn from the index snapshot's items: listed once per frozen
+    index version (the same list while it stays), again when a new version is polled,
+    and not kept across a snapshot of the context (recovery)."""
+    import pickle
+
+    shard = published.user_shard()
+    warm_up(shard)
+    context = shard.context
+    assert context.views is not None
+    if context.views.index.index is None:
+        published.publish_index(T0 - 1)
+        context.views.poll(T0)
+    assert context.views.index.index is not None
+    first = context.negative_pool()
+    assert first == context.views.index.index.item_ids() and first
+    assert context.negative_pool() is first
+    published.vectors["new-item"] = next(iter(published.vectors.values())) + 1.0
+    published.publish_index(T0)  # a new index version, one item more: listed again
+    context.views.poll(T0 + 10)
+    moved = context.negative_pool()
+    assert moved is not first and moved == context.views.index.index.item_ids()
+    assert "new-item" in moved and "new-item" not in first
+    assert pickle.loads(pickle.dumps(context))._pool_memo is None
+
+
+def test_groups_detached_from_one_version_share_each_items_static_features(
+        published: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests (two groups) showing the same item, detached from one version: when
+    both are clicked the item's static features are made once for the version, not
+    once per group, and both examples are the eager shard's."""
+    from operators import point_in_time
+
+    made: list[Any] = []
+    original = point_in_time.static_features_of
+
+    def spy(capture: Any, attrs: Any) -> Any:
+        made.append(capture)
+        return original(capture, attrs)
+
+    lazy, eager = shard_pair(published)
+    for shard in (lazy, eager):
+        warm_up(shard)
+    sampler = NegativeSampler(RATE, 0)
+    dropped = [f"x{n}" for n in range(100) if not sampler.keep(f"imp:x{n}")][:2]
+    events: list[Event] = []
+    for r, (user, iid) in enumerate(zip(("u", "v"), dropped, strict=True)):
+        events += [Request(T0 + r, f"r{r}", user), Impression(T0 + r, iid, user, "a31", f"r{r}", 0, {})]
+    for shard in (lazy, eager):
+        feed(shard, events)
+    published.publish_tables(ts=T0 + 1_000)
+    for shard in (lazy, eager):
+        feed(shard, [Request(T0 + 1_500, "rz", "w")])
+    tokens = [lazy.joiner.pending[iid].features for iid in dropped]
+    assert all(type(t) is tuple and t[0].detached is not None for t in tokens)
+    assert tokens[0][0] is not tokens[1][0], "two groups"
+    monkeypatch.setattr(point_in_time, "static_features_of", spy)
+    clicks = [Feedback(T0 + 5_000 + r, user, "a31", "click", iid)
+              for r, (user, iid) in enumerate(zip(("u", "v"), dropped, strict=True))]
+    got = {e["example_id"]: e for e in feed(lazy, clicks)["examples"]}
+    assert len(made) == 1, "made once for the version"
+    monkeypatch.setattr(point_in_time, "static_features_of", original)
+    want = {e["example_id"]: e for e in feed(eager, clicks)["examples"]}
+    assert len(got) == 2 and got == want

@@ -22,6 +22,26 @@ def test_versions_monotonic_across_restarts_and_pruned(tmp_path) -> None:
     assert again.verified_path(latest).read_bytes() == b"y"
 
 
+def test_pruning_deletes_only_the_old_versions_files(tmp_path) -> None:
+    """A pruned version loses every ``v<version>.*`` file; files of kept versions, other
+    names and manifests without a digit version stay and do not count as versions."""
+    store = SnapshotStore(tmp_path / "snaps", keep=2)
+    folder = tmp_path / "snaps" / "ranker"
+    store.write_bytes("ranker", "bin", b"a", ts=1)
+    strays = ["notes.txt", "v0000000001x.bin", ".v0000000001.bin.tmp-1", "vabc.json", "v.json",
+              "w0000000001.json"]
+    for name in [*strays, "v0000000001.sidecar", "v0000000001."]:
+        (folder / name).write_bytes(b"?")
+    assert store.next_version("ranker") == 2
+    for ts in (2, 3):
+        store.write_bytes("ranker", "bin", b"b", ts=ts)
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == sorted([*strays, "LATEST", *(f"v{v:010d}.{ext}" for v in (2, 3)
+                                                 for ext in ("bin", "json"))])
+    assert [m["version"] for m in store.manifests("ranker")] == [3, 2]
+    assert SnapshotStore(tmp_path / "empty").next_version("ranker") == 1
+
+
 def test_tampered_and_truncated_and_outside_refused(tmp_path) -> None:
     store = SnapshotStore(tmp_path / "s")
     m1 = store.write_bytes("model", "bin", b"first version", ts=1)
