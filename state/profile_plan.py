@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from state.aggregates import EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
-from state.feature_spec import RATE_SCALE, FeatureSpec, parse_duration
+from state.aggregates import BAD, EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
+from state.feature_spec import MISSING, RATE_SCALE, FeatureSpec, parse_duration
 from state.hashing import stable_hash64
 
 FAR = 1 << 62
@@ -166,6 +166,9 @@ class ProfilePlan:
         """How a write folds into the previous one of its feature (``fold_kind``)."""
         self.has_all = [s.has_all for s in self.specs]
         self.min_values = [s.min_value for s in self.specs]
+        self.consts = [self._const_value(s) for s in self.specs]
+        """The stored value of every write of feature f when it does not depend on the
+        event (a count's 1, a constant value prepared), else ``MISSING``."""
         self.feat_outs: list[list[int]] = []
         # per output j
         self.out_names: list[str] = []
@@ -197,6 +200,15 @@ class ProfilePlan:
         self.route = self._routes()
         self._keys: dict[str, int] = {}
         self._cross_keys: dict[tuple[Any, Any], int] = {}
+
+    @staticmethod
+    def _const_value(spec: FeatureSpec) -> Any:
+        """``ProfilePlan.consts`` of one spec: ``prep(getter(event))`` when the getter
+        reads no event field and the value is not ``BAD``, else ``MISSING``."""
+        if isinstance(spec.value, str):
+            return MISSING
+        v = make_prep(spec)(spec.value_getter()({}))
+        return MISSING if v is BAD else v
 
     def add_rates(self, out: dict[str, Any]) -> dict[str, Any]:
         """``out`` (stored outputs) with every ``rate`` output added:

@@ -179,9 +179,10 @@ class ProfileStore:
         (e.g. genres) updates one cross profile per value.
         """
         ts = event.get("ts")
-        if isinstance(ts, bool) or not isinstance(ts, int):
+        if type(ts) is not int and (isinstance(ts, bool) or not isinstance(ts, int)):
             raise ValueError(f"event ts must be integer epoch ms, got {ts!r}")
-        if self._now is None or ts > self._now:
+        now = self._now
+        if now is None or ts > now:
             self._now = ts
             if self._buf_since is not None and ts - self._buf_since >= self.params.flush_interval_ms:
                 self._close()
@@ -193,28 +194,31 @@ class ProfileStore:
         fids = plan.features_for(etype, action)
         if fids is None:
             return
-        self.counters["events"] += 1
+        counters = self.counters
+        counters["events"] += 1
         keys, skipped = plan.keys_for(event, item_attrs)
         if skipped is not None:
-            self.counters[skipped] += 1
+            counters[skipped] += 1
         if not keys:
             return
         writes: list[tuple[int, int, Any]] = []
-        min_values, getters, preps = plan.min_values, plan.getters, plan.preps
+        min_values, consts = plan.min_values, plan.consts
         for f in fids:
             mv = min_values[f]
             if mv is not None:
                 x = event.get("value", 1.0)
                 if not isinstance(x, (int, float)) or x < mv:
                     continue
-            v = getters[f](event)
+            v = consts[f]
             if v is MISSING:
-                self.counters["skipped_bad_value"] += 1
-                continue
-            v = preps[f](v)
-            if v is BAD:
-                self.counters["skipped_bad_value"] += 1
-                continue
+                v = plan.getters[f](event)
+                if v is MISSING:
+                    counters["skipped_bad_value"] += 1
+                    continue
+                v = plan.preps[f](v)
+                if v is BAD:
+                    counters["skipped_bad_value"] += 1
+                    continue
             writes.append((f, ts, v))
         if not writes:
             return
@@ -231,7 +235,7 @@ class ProfileStore:
                 added += n
         n *= len(keys)
         self._n_buffered += added
-        self.counters["writes"] += n
+        counters["writes"] += n
         if self._buf_since is None:
             self._buf_since = self._now
         if self._queue:
@@ -519,11 +523,12 @@ class ProfileStore:
         plan = self.plan
         self.counters["merged_writes"] += len(writes)
         mx = writes[0][1] if len(writes) == 1 else max(map(_END, writes))
-        if p.max_ts is None or mx > p.max_ts:
-            p.max_ts = mx
+        max_ts = p.max_ts
+        if max_ts is None or mx > max_ts:
+            p.max_ts = max_ts = mx
         params = self.params
         g0 = params.tiers[0][0]
-        cf = (p.max_ts - params.lateness_ms) // g0 * g0
+        cf = (max_ts - params.lateness_ms) // g0 * g0
         tiers = self._tiers
         c = p.cache
         if cf != p.cf:
@@ -539,6 +544,7 @@ class ProfileStore:
         raw_cut, bounds = tiers.cuts(cf)
         feats, due, incremental = p.feats, p.due, plan.incremental
         raw_ms = params.raw_ms
+        cache_add = self._cache_add
         for f, ts, v in writes:
             fs = feats[f]
             if fs is None:
@@ -556,7 +562,7 @@ class ProfileStore:
                         p.due_min = d
                 if c is not None:
                     if incremental[f]:
-                        self._cache_add(c, f, ts, v)
+                        cache_add(c, f, ts, v)
                     else:  # its combined values forgotten, the slice parts kept
                         lo = c.lo
                         for j in plan.feat_outs[f]:
@@ -799,6 +805,7 @@ class ProfileStore:
         kind = type(agg)
         t1 = ts + 1
         los, accs, exps, out, out_w, names = c.lo, c.acc, c.exp, c.out, plan.out_w, plan.out_names
+        hi, lo_max = c.hi, c.lo_max
         for j in plan.feat_outs[f]:
             lo = los[j]
             if lo >= FAR:
@@ -816,12 +823,13 @@ class ProfileStore:
                     out[names[j]] = agg.out(acc, 0, 0)
                 accs[j] = acc
                 if w is not None and ts + w + 1 < exps[j]:
-                    exps[j] = ts + w + 1
-                    if exps[j] < c.hi:
-                        c.hi = exps[j]
+                    exps[j] = e = ts + w + 1
+                    if e < hi:
+                        hi = e
             los[j] = nlo
-            if nlo > c.lo_max:
-                c.lo_max = nlo
+            if nlo > lo_max:
+                lo_max = nlo
+        c.hi, c.lo_max = hi, lo_max
 
 
 def stores_for(specs: Iterable[FeatureSpec | Mapping[str, Any]], **kwargs: Any) -> dict[str, ProfileStore]:
