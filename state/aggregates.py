@@ -148,7 +148,8 @@ class _Distinct(_Count):
         i = bisect.bisect_left(acc, v)
         if (i < len(acc) and acc[i] == v) or i >= self.k:
             return acc
-        new = acc[:i] + [v] + acc[i:self.k - 1 if len(acc) >= self.k else None]
+        new = acc[:self.k - 1] if len(acc) >= self.k else acc[:]  # a full sketch drops its largest
+        new.insert(i, v)
         return new
 
     def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:

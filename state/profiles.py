@@ -228,7 +228,7 @@ class ProfileStore:
         for key in keys:
             lst = buf.get(key)
             if lst is None:
-                buf[key] = list(writes)
+                buf[key] = writes if len(keys) == 1 else list(writes)
                 added += n
             elif not self._fold(lst, writes):
                 lst.extend(writes)
@@ -599,39 +599,40 @@ class ProfileStore:
         first, last = appended[0][1], appended[-1][1]
         first_start = appended[0][0]
         accs = [s[2] for s in appended]  # never None: a folded slice holds an event
+        los, exps, slos, sexps, saccs, out_w = c.lo, c.exp, c.slo, c.sexp, c.sacc, plan.out_w
         for j in plan.feat_outs[f]:
-            w = plan.out_w[j]
-            lo_c = c.lo[j]
+            w = out_w[j]
+            lo_c = los[j]
             if lo_c < FAR:  # the combined value holds while each moved event counts both ways
                 lo_c = last if last > lo_c else lo_c
-                exp_c = c.exp[j]
+                exp_c = exps[j]
                 if w is not None and first_start + w + 1 < exp_c:
                     exp_c = first_start + w + 1
                 if lo_c < exp_c:
-                    c.lo[j], c.exp[j] = lo_c, exp_c
+                    los[j], exps[j] = lo_c, exp_c
                     if exp_c < c.hi:
                         c.hi = exp_c
                 else:
-                    c.lo[j] = FAR
-            slo = c.slo[j]
+                    los[j] = FAR
+            slo = slos[j]
             if slo >= FAR:
                 continue
             lo = last if last > slo else slo
-            hi = c.sexp[j]
+            hi = sexps[j]
             if w is not None and first + w < hi:
                 hi = first + w
             if lo >= hi:
-                c.slo[j] = FAR
+                slos[j] = FAR
                 continue
-            acc = c.sacc[j]
+            acc = saccs[j]
             if type(agg) is _Distinct:
                 for a in accs:
                     acc = agg.add_all(acc, a)
             else:
                 for a in accs:
                     acc = a if acc is None else acc + a
-            c.sacc[j], c.slo[j], c.sexp[j] = acc, lo, hi
-        c.lo_max = max(c.lo)
+            saccs[j], slos[j], sexps[j] = acc, lo, hi
+        c.lo_max = max(los)
 
     # ---- reads
 
@@ -756,44 +757,46 @@ class ProfileStore:
         c = p.cache
         if c is None:
             c = p.cache = OutputCache(len(plan.out_names), plan.empty_outputs())
-        lo, exp = c.lo, c.exp
-        stale = sorted({plan.out_feat[j] for j in range(len(lo)) if not lo[j] <= t < exp[j]})
+        lo, exp, out_feat = c.lo, c.exp, plan.out_feat
+        stale = sorted({out_feat[j] for j in range(len(lo)) if not lo[j] <= t < exp[j]})
+        accs, refs, saccs, srefs, slos, sexps = c.acc, c.ref, c.sacc, c.sref, c.slo, c.sexp
+        out, names = c.out, plan.out_names
         for f in stale:
             fs = p.feats[f]
             agg = plan.aggs[f]
             js = plan.feat_outs[f]
             if fs is None:
                 for j in js:
-                    c.acc[j], c.ref[j], lo[j], exp[j] = None, 0, t, FAR
-                    c.sacc[j], c.sref[j], c.slo[j], c.sexp[j] = None, 0, t, FAR
-                    name = plan.out_names[j]
-                    c.out[name] = [] if name in plan.list_outs else plan.defaults[name]
+                    accs[j], refs[j], lo[j], exp[j] = None, 0, t, FAR
+                    saccs[j], srefs[j], slos[j], sexps[j] = None, 0, t, FAR
+                    name = names[j]
+                    out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 continue
             raw, slices = fs[0], fs[1]
-            stale_parts = [j for j in js if not c.slo[j] <= t < c.sexp[j]]
+            stale_parts = [j for j in js if not slos[j] <= t < sexps[j]]
             if stale_parts:
                 sref = slices[-1][1] if slices else (fs[3] or 0)
                 if len(stale_parts) < len(js) and type(agg) in _EXACT:
                     for j in stale_parts:  # the other windows' parts still hold
                         sacc, se = self._window_part(f, fs, t, plan.out_w[j])
-                        c.sacc[j], c.sref[j], c.slo[j], c.sexp[j] = sacc, sref, t, se
+                        saccs[j], srefs[j], slos[j], sexps[j] = sacc, sref, t, se
                 else:
                     for j, (sacc, se) in zip(js, self._slice_part(f, fs, t, sref), strict=True):
-                        c.sacc[j], c.sref[j], c.slo[j], c.sexp[j] = sacc, sref, t, se
-            rref = raw[-1][0] + 1 if raw else c.sref[js[0]]
+                        saccs[j], srefs[j], slos[j], sexps[j] = sacc, sref, t, se
+            rref = raw[-1][0] + 1 if raw else srefs[js[0]]
             kmv = type(agg) is _Distinct
             for j, (racc, re) in zip(js, self._raw_part(f, fs, t, rref), strict=True):
                 if kmv and racc is not None:  # a few raw hashes into the slices' sketch
-                    acc = agg.add_all(c.sacc[j], racc)
+                    acc = agg.add_all(saccs[j], racc)
                 else:
-                    acc = agg.merge(c.sacc[j], c.sref[j], racc, rref, rref)
-                sexp = c.sexp[j]
-                c.acc[j], c.ref[j], lo[j], exp[j] = acc, rref, t, re if re < sexp else sexp
-                name = plan.out_names[j]
+                    acc = agg.merge(saccs[j], srefs[j], racc, rref, rref)
+                sexp = sexps[j]
+                accs[j], refs[j], lo[j], exp[j] = acc, rref, t, re if re < sexp else sexp
+                name = names[j]
                 if acc is None:
-                    c.out[name] = [] if name in plan.list_outs else plan.defaults[name]
+                    out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 else:
-                    c.out[name] = agg.out(acc, rref, rref)
+                    out[name] = agg.out(acc, rref, rref)
         c.hi = min(exp)
         c.lo_max = max(lo)
         return c
