@@ -156,6 +156,8 @@ class ProfilePlan:
             kinds = sorted({s.entity for s in specs})
             raise ValueError(f"no feature spec has entity {entity_kind!r} (have: {kinds})")
         self.cross_attr = self.specs[0].cross_attr
+        self.id_field = {"user": "user_id", "item": "item_id"}.get(entity_kind)
+        """The event field holding the entity id (None: a ``user_x_<attr>`` pair)."""
         # per feature f
         self.aggs = [make_agg(s) for s in self.specs]
         self.getters = [s.value_getter() for s in self.specs]
@@ -274,9 +276,9 @@ class ProfilePlan:
     def keys_for(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None
                  ) -> tuple[list[int], str | None]:
         """(entity keys an event writes to, or [] with the reason counter to bump)."""
-        kind = self.entity_kind
-        if kind == "user" or kind == "item":
-            eid = event.get("user_id" if kind == "user" else "item_id")
+        field = self.id_field
+        if field is not None:
+            eid = event.get(field)
             if eid is None:
                 return [], "skipped_no_id"
             return [self.key(eid)], None
@@ -284,7 +286,7 @@ class ProfilePlan:
         if uid is None or iid is None:
             return [], "skipped_no_id"
         if item_attrs is None:
-            raise TypeError(f"{kind} store needs item_attrs (item_id -> attrs dict) in apply()")
+            raise TypeError(f"{self.entity_kind} store needs item_attrs (item_id -> attrs dict) in apply()")
         attrs = item_attrs(iid) or {}
         av = attrs.get(self.cross_attr)
         if type(av) is str:  # one value (a category): the usual case

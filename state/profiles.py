@@ -411,10 +411,11 @@ class ProfileStore:
             else:
                 self.counters["cache_hits"] += 1
             out = c.out.copy()
+            accs, refs = c.acc, c.ref
             for j, name, hl in plan.decay_outs:
-                acc = c.acc[j]
+                acc = accs[j]
                 if acc is not None:
-                    out[name] = acc * exp2((c.ref[j] - t) / hl)
+                    out[name] = acc * exp2((refs[j] - t) / hl)
             for name in plan.list_outs:
                 out[name] = list(out[name])
         else:
