@@ -999,3 +999,18 @@ def test_constant_write_values_equal_the_getter_and_prep() -> None:
     store.apply(event)
     out = store.query("u")
     assert out["user.n.all"] == 1.0 and out["user.two.all"] == 2.0 and out["user.dwell.all"] == 3.0
+
+
+def test_distinct_count_prep_hashes_each_id_as_stable_hash64() -> None:
+    """A distinct count's prep keeps the last id's hash (``_hash_prep``): every value
+    still equals ``stable_hash64`` of its own id, through repeats, ids of another type
+    that compare equal or not (1, True, "1", 1.0) and bad values between them."""
+    from state.aggregates import BAD, make_prep
+    from state.hashing import stable_hash64
+
+    (spec,) = parse_features([_spec("ids", FB, "distinct_count", value="item_id")])
+    prep = make_prep(spec)
+    ids = ["a", "a", "b", 1, 1, "1", True, 1, 2.0, "a", None, "a", 7, 7]
+    got = [prep(v) for v in ids]
+    want = [BAD if isinstance(v, (bool, float)) or v is None else stable_hash64(v) for v in ids]
+    assert got == want
