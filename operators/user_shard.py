@@ -326,8 +326,9 @@ class UserShard:
         lru_put(self.user_attrs, user_id, attrs, self.max_users)
 
     def _profile(self, event: Event) -> None:
+        item_attrs = self._item_attrs
         for store in self.profiles.values():
-            store.apply(event, self._item_attrs)
+            store.apply(event, item_attrs)
 
     def _category_event(self, event: Event) -> None:
         """Impressions and clicks teach serving's category posteriors (when enabled)."""

@@ -148,7 +148,8 @@ class _Distinct(_Count):
         i = bisect.bisect_left(acc, v)
         if (i < len(acc) and acc[i] == v) or i >= self.k:
             return acc
-        new = acc[:i] + [v] + acc[i:self.k - 1 if len(acc) >= self.k else None]
+        new = acc[:self.k - 1] if len(acc) >= self.k else acc[:]  # a full sketch drops its largest
+        new.insert(i, v)
         return new
 
     def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
@@ -246,13 +247,28 @@ def make_agg(spec: FeatureSpec) -> Any:
             "last": _Last}[a]()
 
 
+def _hash_prep() -> Callable[[Any], Any]:
+    """A distinct count's prep: a string or integer id's ``stable_hash64`` (BAD for other
+    values). The last id's hash is kept (an item shard's impressions of one request hash
+    their viewer once): equal ids of one type hash alike, so the values are the same."""
+    last: list[Any] = [None, None]  # [id, its hash]
+
+    def prep(v: Any) -> Any:
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            return BAD
+        if v != last[0] or type(v) is not type(last[0]):
+            last[0], last[1] = v, stable_hash64(v)
+        return last[1]
+    return prep
+
+
 def make_prep(spec: FeatureSpec) -> Callable[[Any], Any]:
     """Raw event value -> stored value, or BAD (skipped, counted in stats)."""
     a = spec.aggregate
     if a == "count":
         return lambda v: 1
     if a == "distinct_count":
-        return lambda v: stable_hash64(v) if isinstance(v, (str, int)) and not isinstance(v, bool) else BAD
+        return _hash_prep()
     if a == "last_k":
         return lambda v: v if isinstance(v, (str, int)) and not isinstance(v, bool) else BAD
     if a == "last":

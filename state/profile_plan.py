@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from state.aggregates import EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
-from state.feature_spec import RATE_SCALE, FeatureSpec, parse_duration
+from state.aggregates import BAD, EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
+from state.feature_spec import MISSING, RATE_SCALE, FeatureSpec, parse_duration
 from state.hashing import stable_hash64
 
 FAR = 1 << 62
@@ -156,6 +156,8 @@ class ProfilePlan:
             kinds = sorted({s.entity for s in specs})
             raise ValueError(f"no feature spec has entity {entity_kind!r} (have: {kinds})")
         self.cross_attr = self.specs[0].cross_attr
+        self.id_field = {"user": "user_id", "item": "item_id"}.get(entity_kind)
+        """The event field holding the entity id (None: a ``user_x_<attr>`` pair)."""
         # per feature f
         self.aggs = [make_agg(s) for s in self.specs]
         self.getters = [s.value_getter() for s in self.specs]
@@ -166,6 +168,9 @@ class ProfilePlan:
         """How a write folds into the previous one of its feature (``fold_kind``)."""
         self.has_all = [s.has_all for s in self.specs]
         self.min_values = [s.min_value for s in self.specs]
+        self.consts = [self._const_value(s) for s in self.specs]
+        """The stored value of every write of feature f when it does not depend on the
+        event (a count's 1, a constant value prepared), else ``MISSING``."""
         self.feat_outs: list[list[int]] = []
         # per output j
         self.out_names: list[str] = []
@@ -197,6 +202,15 @@ class ProfilePlan:
         self.route = self._routes()
         self._keys: dict[str, int] = {}
         self._cross_keys: dict[tuple[Any, Any], int] = {}
+
+    @staticmethod
+    def _const_value(spec: FeatureSpec) -> Any:
+        """``ProfilePlan.consts`` of one spec: ``prep(getter(event))`` when the getter
+        reads no event field and the value is not ``BAD``, else ``MISSING``."""
+        if isinstance(spec.value, str):
+            return MISSING
+        v = make_prep(spec)(spec.value_getter()({}))
+        return MISSING if v is BAD else v
 
     def add_rates(self, out: dict[str, Any]) -> dict[str, Any]:
         """``out`` (stored outputs) with every ``rate`` output added:
@@ -262,9 +276,9 @@ class ProfilePlan:
     def keys_for(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None
                  ) -> tuple[list[int], str | None]:
         """(entity keys an event writes to, or [] with the reason counter to bump)."""
-        kind = self.entity_kind
-        if kind == "user" or kind == "item":
-            eid = event.get("user_id" if kind == "user" else "item_id")
+        field = self.id_field
+        if field is not None:
+            eid = event.get(field)
             if eid is None:
                 return [], "skipped_no_id"
             return [self.key(eid)], None
@@ -272,7 +286,7 @@ class ProfilePlan:
         if uid is None or iid is None:
             return [], "skipped_no_id"
         if item_attrs is None:
-            raise TypeError(f"{kind} store needs item_attrs (item_id -> attrs dict) in apply()")
+            raise TypeError(f"{self.entity_kind} store needs item_attrs (item_id -> attrs dict) in apply()")
         attrs = item_attrs(iid) or {}
         av = attrs.get(self.cross_attr)
         if type(av) is str:  # one value (a category): the usual case

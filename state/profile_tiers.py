@@ -107,16 +107,15 @@ class Tiers:
         cf = p.cf
         assert cf is not None
         raw_cut, bounds = self.cuts(cf)
-        g0 = self.params.g0
+        g0 = self.params.tiers[0][0]
         changed: list[tuple[int, list[Any] | None]] = []
-        due = p.due
-        for f, fs in enumerate(p.feats):
-            if due[f] > cf:
-                continue
+        due, feats, aggs = p.due, p.feats, self.plan.aggs
+        for f in [f for f, d in enumerate(due) if d <= cf]:  # the features due only
+            fs = feats[f]
             if fs is None:
                 due[f] = FAR
                 continue
-            agg = self.plan.aggs[f]
+            agg = aggs[f]
             raw, slices = fs[0], fs[1]
             appended: list[Any] | None = None
             n = bisect.bisect_left(raw, raw_cut, key=TS) if raw and raw[0][0] < raw_cut else 0
@@ -168,13 +167,13 @@ class Tiers:
         the oldest raw event folds, the oldest slice is truncated, or the oldest slice of
         a tier crosses that tier's bound. Granularity never increases along the list."""
         raw, slices = fs[0], fs[1]
-        d = FAR
-        if raw:
-            d = self.raw_due(raw[0][0])
+        tiers = self.params.tiers
+        d = self.raw_due(raw[0][0]) if raw else FAR
         if slices:
             first = slices[0]
-            d = min(d, first[1] + self.plan.horizon[f])
-            tiers = self.params.tiers
+            h = first[1] + self.plan.horizon[f]
+            if h < d:
+                d = h
             finest = first[1] - first[0] == tiers[0][0]  # every slice at g0: the oldest first
             for i in range(len(tiers) - 1):
                 g, span = tiers[i]
@@ -186,7 +185,9 @@ class Tiers:
                     if idx >= len(slices):
                         continue
                     st = slices[idx][0]
-                d = min(d, st - st % gn + gn + span)  # type: ignore[operator]
+                b = st - st % gn + gn + span  # type: ignore[operator]
+                if b < d:
+                    d = b
         return d
 
     def _misplaced(self, slices: list[Any], bounds: list[int]) -> bool:

@@ -179,9 +179,10 @@ class ProfileStore:
         (e.g. genres) updates one cross profile per value.
         """
         ts = event.get("ts")
-        if isinstance(ts, bool) or not isinstance(ts, int):
+        if type(ts) is not int and (isinstance(ts, bool) or not isinstance(ts, int)):
             raise ValueError(f"event ts must be integer epoch ms, got {ts!r}")
-        if self._now is None or ts > self._now:
+        now = self._now
+        if now is None or ts > now:
             self._now = ts
             if self._buf_since is not None and ts - self._buf_since >= self.params.flush_interval_ms:
                 self._close()
@@ -193,28 +194,31 @@ class ProfileStore:
         fids = plan.features_for(etype, action)
         if fids is None:
             return
-        self.counters["events"] += 1
+        counters = self.counters
+        counters["events"] += 1
         keys, skipped = plan.keys_for(event, item_attrs)
         if skipped is not None:
-            self.counters[skipped] += 1
+            counters[skipped] += 1
         if not keys:
             return
         writes: list[tuple[int, int, Any]] = []
-        min_values, getters, preps = plan.min_values, plan.getters, plan.preps
+        min_values, consts = plan.min_values, plan.consts
         for f in fids:
             mv = min_values[f]
             if mv is not None:
                 x = event.get("value", 1.0)
                 if not isinstance(x, (int, float)) or x < mv:
                     continue
-            v = getters[f](event)
+            v = consts[f]
             if v is MISSING:
-                self.counters["skipped_bad_value"] += 1
-                continue
-            v = preps[f](v)
-            if v is BAD:
-                self.counters["skipped_bad_value"] += 1
-                continue
+                v = plan.getters[f](event)
+                if v is MISSING:
+                    counters["skipped_bad_value"] += 1
+                    continue
+                v = plan.preps[f](v)
+                if v is BAD:
+                    counters["skipped_bad_value"] += 1
+                    continue
             writes.append((f, ts, v))
         if not writes:
             return
@@ -224,14 +228,14 @@ class ProfileStore:
         for key in keys:
             lst = buf.get(key)
             if lst is None:
-                buf[key] = list(writes)
+                buf[key] = writes if len(keys) == 1 else list(writes)
                 added += n
             elif not self._fold(lst, writes):
                 lst.extend(writes)
                 added += n
         n *= len(keys)
         self._n_buffered += added
-        self.counters["writes"] += n
+        counters["writes"] += n
         if self._buf_since is None:
             self._buf_since = self._now
         if self._queue:
@@ -407,10 +411,11 @@ class ProfileStore:
             else:
                 self.counters["cache_hits"] += 1
             out = c.out.copy()
+            accs, refs = c.acc, c.ref
             for j, name, hl in plan.decay_outs:
-                acc = c.acc[j]
+                acc = accs[j]
                 if acc is not None:
-                    out[name] = acc * exp2((c.ref[j] - t) / hl)
+                    out[name] = acc * exp2((refs[j] - t) / hl)
             for name in plan.list_outs:
                 out[name] = list(out[name])
         else:
@@ -519,11 +524,12 @@ class ProfileStore:
         plan = self.plan
         self.counters["merged_writes"] += len(writes)
         mx = writes[0][1] if len(writes) == 1 else max(map(_END, writes))
-        if p.max_ts is None or mx > p.max_ts:
-            p.max_ts = mx
+        max_ts = p.max_ts
+        if max_ts is None or mx > max_ts:
+            p.max_ts = max_ts = mx
         params = self.params
         g0 = params.tiers[0][0]
-        cf = (p.max_ts - params.lateness_ms) // g0 * g0
+        cf = (max_ts - params.lateness_ms) // g0 * g0
         tiers = self._tiers
         c = p.cache
         if cf != p.cf:
@@ -539,6 +545,7 @@ class ProfileStore:
         raw_cut, bounds = tiers.cuts(cf)
         feats, due, incremental = p.feats, p.due, plan.incremental
         raw_ms = params.raw_ms
+        cache_add = self._cache_add
         for f, ts, v in writes:
             fs = feats[f]
             if fs is None:
@@ -556,7 +563,7 @@ class ProfileStore:
                         p.due_min = d
                 if c is not None:
                     if incremental[f]:
-                        self._cache_add(c, f, ts, v)
+                        cache_add(c, f, ts, v)
                     else:  # its combined values forgotten, the slice parts kept
                         lo = c.lo
                         for j in plan.feat_outs[f]:
@@ -593,39 +600,40 @@ class ProfileStore:
         first, last = appended[0][1], appended[-1][1]
         first_start = appended[0][0]
         accs = [s[2] for s in appended]  # never None: a folded slice holds an event
+        los, exps, slos, sexps, saccs, out_w = c.lo, c.exp, c.slo, c.sexp, c.sacc, plan.out_w
         for j in plan.feat_outs[f]:
-            w = plan.out_w[j]
-            lo_c = c.lo[j]
+            w = out_w[j]
+            lo_c = los[j]
             if lo_c < FAR:  # the combined value holds while each moved event counts both ways
                 lo_c = last if last > lo_c else lo_c
-                exp_c = c.exp[j]
+                exp_c = exps[j]
                 if w is not None and first_start + w + 1 < exp_c:
                     exp_c = first_start + w + 1
                 if lo_c < exp_c:
-                    c.lo[j], c.exp[j] = lo_c, exp_c
+                    los[j], exps[j] = lo_c, exp_c
                     if exp_c < c.hi:
                         c.hi = exp_c
                 else:
-                    c.lo[j] = FAR
-            slo = c.slo[j]
+                    los[j] = FAR
+            slo = slos[j]
             if slo >= FAR:
                 continue
             lo = last if last > slo else slo
-            hi = c.sexp[j]
+            hi = sexps[j]
             if w is not None and first + w < hi:
                 hi = first + w
             if lo >= hi:
-                c.slo[j] = FAR
+                slos[j] = FAR
                 continue
-            acc = c.sacc[j]
+            acc = saccs[j]
             if type(agg) is _Distinct:
                 for a in accs:
                     acc = agg.add_all(acc, a)
             else:
                 for a in accs:
                     acc = a if acc is None else acc + a
-            c.sacc[j], c.slo[j], c.sexp[j] = acc, lo, hi
-        c.lo_max = max(c.lo)
+            saccs[j], slos[j], sexps[j] = acc, lo, hi
+        c.lo_max = max(los)
 
     # ---- reads
 
@@ -750,44 +758,46 @@ class ProfileStore:
         c = p.cache
         if c is None:
             c = p.cache = OutputCache(len(plan.out_names), plan.empty_outputs())
-        lo, exp = c.lo, c.exp
-        stale = sorted({plan.out_feat[j] for j in range(len(lo)) if not lo[j] <= t < exp[j]})
+        lo, exp, out_feat = c.lo, c.exp, plan.out_feat
+        stale = sorted({out_feat[j] for j in range(len(lo)) if not lo[j] <= t < exp[j]})
+        accs, refs, saccs, srefs, slos, sexps = c.acc, c.ref, c.sacc, c.sref, c.slo, c.sexp
+        out, names = c.out, plan.out_names
         for f in stale:
             fs = p.feats[f]
             agg = plan.aggs[f]
             js = plan.feat_outs[f]
             if fs is None:
                 for j in js:
-                    c.acc[j], c.ref[j], lo[j], exp[j] = None, 0, t, FAR
-                    c.sacc[j], c.sref[j], c.slo[j], c.sexp[j] = None, 0, t, FAR
-                    name = plan.out_names[j]
-                    c.out[name] = [] if name in plan.list_outs else plan.defaults[name]
+                    accs[j], refs[j], lo[j], exp[j] = None, 0, t, FAR
+                    saccs[j], srefs[j], slos[j], sexps[j] = None, 0, t, FAR
+                    name = names[j]
+                    out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 continue
             raw, slices = fs[0], fs[1]
-            stale_parts = [j for j in js if not c.slo[j] <= t < c.sexp[j]]
+            stale_parts = [j for j in js if not slos[j] <= t < sexps[j]]
             if stale_parts:
                 sref = slices[-1][1] if slices else (fs[3] or 0)
                 if len(stale_parts) < len(js) and type(agg) in _EXACT:
                     for j in stale_parts:  # the other windows' parts still hold
                         sacc, se = self._window_part(f, fs, t, plan.out_w[j])
-                        c.sacc[j], c.sref[j], c.slo[j], c.sexp[j] = sacc, sref, t, se
+                        saccs[j], srefs[j], slos[j], sexps[j] = sacc, sref, t, se
                 else:
                     for j, (sacc, se) in zip(js, self._slice_part(f, fs, t, sref), strict=True):
-                        c.sacc[j], c.sref[j], c.slo[j], c.sexp[j] = sacc, sref, t, se
-            rref = raw[-1][0] + 1 if raw else c.sref[js[0]]
+                        saccs[j], srefs[j], slos[j], sexps[j] = sacc, sref, t, se
+            rref = raw[-1][0] + 1 if raw else srefs[js[0]]
             kmv = type(agg) is _Distinct
             for j, (racc, re) in zip(js, self._raw_part(f, fs, t, rref), strict=True):
                 if kmv and racc is not None:  # a few raw hashes into the slices' sketch
-                    acc = agg.add_all(c.sacc[j], racc)
+                    acc = agg.add_all(saccs[j], racc)
                 else:
-                    acc = agg.merge(c.sacc[j], c.sref[j], racc, rref, rref)
-                sexp = c.sexp[j]
-                c.acc[j], c.ref[j], lo[j], exp[j] = acc, rref, t, re if re < sexp else sexp
-                name = plan.out_names[j]
+                    acc = agg.merge(saccs[j], srefs[j], racc, rref, rref)
+                sexp = sexps[j]
+                accs[j], refs[j], lo[j], exp[j] = acc, rref, t, re if re < sexp else sexp
+                name = names[j]
                 if acc is None:
-                    c.out[name] = [] if name in plan.list_outs else plan.defaults[name]
+                    out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 else:
-                    c.out[name] = agg.out(acc, rref, rref)
+                    out[name] = agg.out(acc, rref, rref)
         c.hi = min(exp)
         c.lo_max = max(lo)
         return c
@@ -799,6 +809,7 @@ class ProfileStore:
         kind = type(agg)
         t1 = ts + 1
         los, accs, exps, out, out_w, names = c.lo, c.acc, c.exp, c.out, plan.out_w, plan.out_names
+        hi, lo_max = c.hi, c.lo_max
         for j in plan.feat_outs[f]:
             lo = los[j]
             if lo >= FAR:
@@ -816,12 +827,13 @@ class ProfileStore:
                     out[names[j]] = agg.out(acc, 0, 0)
                 accs[j] = acc
                 if w is not None and ts + w + 1 < exps[j]:
-                    exps[j] = ts + w + 1
-                    if exps[j] < c.hi:
-                        c.hi = exps[j]
+                    exps[j] = e = ts + w + 1
+                    if e < hi:
+                        hi = e
             los[j] = nlo
-            if nlo > c.lo_max:
-                c.lo_max = nlo
+            if nlo > lo_max:
+                lo_max = nlo
+        c.hi, c.lo_max = hi, lo_max
 
 
 def stores_for(specs: Iterable[FeatureSpec | Mapping[str, Any]], **kwargs: Any) -> dict[str, ProfileStore]:

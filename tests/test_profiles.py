@@ -970,3 +970,47 @@ def test_profile_keys_memoised_per_string_id_equal_the_hash() -> None:
     for n, uid in enumerate(("7", 7, "7")):
         store.apply({"type": "feedback", "action": "click", "user_id": uid, "ts": n})
     assert store.query(7) == store.query("7") == {"user.clicks.all": 3.0}
+
+
+def test_constant_write_values_equal_the_getter_and_prep() -> None:
+    """``ProfilePlan.consts``: a feature whose value reads no event field stores
+    ``prep(getter(event))`` for every event (a count's 1, a constant prepared: 2 -> 2.0
+    for a sum, 1 -> 1.0 for a decayed sum); one reading a field has none (``MISSING``:
+    the getter runs per event)."""
+    from state.aggregates import make_prep
+    from state.feature_spec import MISSING
+
+    specs = parse_features([
+        _spec("n", FB, "count"),
+        _spec("two", FB, "sum", value=2),
+        _spec("one", FB, "decay_sum", value=1, half_life="1h"),
+        _spec("dwell", FB, "sum"),  # the event's value field
+        _spec("ts_last", FB, "last", value="ts"),
+    ])
+    store = ProfileStore(specs, "user")
+    event = {"type": "feedback", "action": "x", "user_id": "u", "ts": BASE, "value": 3}
+    consts = store.plan.consts
+    assert consts[3] is MISSING and consts[4] is MISSING
+    for f in range(3):
+        spec = store.plan.specs[f]
+        expected = make_prep(spec)(spec.value_getter()(event))
+        assert consts[f] == expected and type(consts[f]) is type(expected)
+    assert consts[:2] == [1, 2.0] and type(consts[1]) is float
+    store.apply(event)
+    out = store.query("u")
+    assert out["user.n.all"] == 1.0 and out["user.two.all"] == 2.0 and out["user.dwell.all"] == 3.0
+
+
+def test_distinct_count_prep_hashes_each_id_as_stable_hash64() -> None:
+    """A distinct count's prep keeps the last id's hash (``_hash_prep``): every value
+    still equals ``stable_hash64`` of its own id, through repeats, ids of another type
+    that compare equal or not (1, True, "1", 1.0) and bad values between them."""
+    from state.aggregates import BAD, make_prep
+    from state.hashing import stable_hash64
+
+    (spec,) = parse_features([_spec("ids", FB, "distinct_count", value="item_id")])
+    prep = make_prep(spec)
+    ids = ["a", "a", "b", 1, 1, "1", True, 1, 2.0, "a", None, "a", 7, 7]
+    got = [prep(v) for v in ids]
+    want = [BAD if isinstance(v, (bool, float)) or v is None else stable_hash64(v) for v in ids]
+    assert got == want
