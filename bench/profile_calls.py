@@ -7,7 +7,9 @@ read), ``query_key``, ``query_keys``, ``knows``, ``advance``, ``flush`` and ``sn
 in order. ``replay CALLS [--digest]`` applies them to fresh stores (no other stage is
 imported, so no hnswlib: ``valgrind --tool=callgrind`` runs it) and prints the process
 CPU seconds; ``--digest`` adds a sha256 over every answer and each store's final
-``snapshot()`` and ``stats()``: equal digests, equal store behaviour bit for bit.
+``snapshot()`` and ``stats()``: equal digests, equal store behaviour bit for bit. The last
+line is JSON: ``calls``, ``stores`` and, for ``replay``, ``cpu_s`` and ``digest`` (null
+without ``--digest``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import json
 import pickle
 import time
 from collections.abc import Callable, Iterator
@@ -113,14 +116,18 @@ def main() -> None:
     if args.mode == "record":
         calls = record(args.log, args.n)
         args.calls.write_bytes(pickle.dumps(calls, protocol=5))
-        print(f"{len(calls):,} calls of {sum(c[1] == '__init__' for c in calls)} stores")
+        stores = sum(c[1] == "__init__" for c in calls)
+        print(f"{len(calls):,} calls of {stores} stores")
+        print(json.dumps({"calls": len(calls), "stores": stores}))
         return
     gc.disable()  # the recorded calls are a large heap: collections would dominate
     calls = pickle.loads(args.calls.read_bytes())
     cpu0 = time.process_time()
     digest = play(calls, args.digest)
-    print(f"{len(calls):,} calls in {time.process_time() - cpu0:.3f} s CPU"
-          + (f"; digest {digest}" if digest else ""))
+    cpu_s = time.process_time() - cpu0
+    print(f"{len(calls):,} calls in {cpu_s:.3f} s CPU" + (f"; digest {digest}" if digest else ""))
+    print(json.dumps({"calls": len(calls), "stores": sum(c[1] == "__init__" for c in calls),
+                      "cpu_s": round(cpu_s, 3), "digest": digest}))
 
 
 if __name__ == "__main__":
