@@ -276,10 +276,16 @@ class ColumnScorer:
         for key, value in extra.items():
             if type(value) is float:  # add_feature's float case: the name is the key
                 w = get(key)
-                if w is not None and _isfinite(value):
+                if w is None:
+                    continue
+                if value == 0.0:  # add_feature's value of a zero: the zero itself
+                    s += w * value
+                elif _isfinite(value):
                     s += w * (_log1p(value) if value >= 0.0 else -_log1p(-value))
             elif value is not None:  # add_feature makes nothing of None
                 add_feature(part, key, value)
+        if not part:  # s is never -0.0 (it starts at +0.0), so s + 0 would be s
+            return s
         return s + sum(w * v for name, v in part.items() if (w := get(name)) is not None)
 
     def _attr_term(self, attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
