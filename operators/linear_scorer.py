@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 import weakref
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -169,7 +170,7 @@ class ColumnScorer:
         """Calibrated P(positive) per candidate, or None when an item feature would
         override a user feature (then only the per-dict path is exact)."""
         user_keys = user_extra.keys() if user_extra else frozenset()
-        if user_keys and any(name in user_keys for name in cols.numeric):
+        if user_keys and not user_keys.isdisjoint(cols.numeric):
             return None
         scorer = self.scorer
         weights = scorer.weights
@@ -243,8 +244,8 @@ class ColumnScorer:
         for codes, feats in cols.codes() or ():
             if not feats:
                 continue
-            if user_keys and any(not user_keys.isdisjoint(f) for f in feats):
-                return None
+            if user_keys and not user_keys.isdisjoint(chain.from_iterable(feats)):
+                return None  # a profile's key is a user feature's
             terms = np.array([self._shared_sum(f) for f in feats] + [0.0])
             static = static + terms[codes]  # code -1 reads the trailing 0.0
         return static
