@@ -161,7 +161,7 @@ class ColumnScorer:
         """``_sum`` of each ``FixedFeatures`` object (kept, so its id stays its own)."""
         self._attr_memo: dict[tuple[Any, ...], tuple[float, frozenset[str]]] = {}
         """``_sum`` and keys of the ``i:<attr>`` features of catalog attributes, by their
-        content ((name, value) pairs and value types in dict order; ``_attr_term``): one
+        content ((name, type, value) in dict order; ``_StaticRows._attr_terms``): one
         sum per distinct set of attributes for every user shard's slots."""
 
     def predict(self, user_id: str, ts_ms: int, context: dict[str, Any] | None,
@@ -292,13 +292,12 @@ class ColumnScorer:
     def _attr_term(self, attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
         """(``_sum``, keys) of the ``i:<attr>`` features of catalog attributes
         (``static_item_features`` without a table), kept by the attributes' content:
-        their (name, value) pairs and the values' types in dict order, so 1, 1.0 and True
-        are apart and the sum adds in the same order (two tuples made in C, no loop in
-        Python); attributes with an unhashable value are summed each time."""
+        (name, type, value) in dict order, so 1, 1.0 and True are apart and the sum adds
+        in the same order; attributes with an unhashable value are summed each time."""
         key = None
         if attrs:
             try:
-                key = (tuple(attrs.items()), tuple(map(type, attrs.values())))
+                key = tuple([(k, type(v), v) for k, v in attrs.items()])
                 hit = self._attr_memo.get(key)
             except TypeError:  # a list value: no memo
                 key = hit = None
