@@ -240,66 +240,16 @@ class CovisView:
         none = [0] * len(prefixes)
         if not seeds:
             return *_EMPTY, none
-        if len(seed_weights) != len(seeds):
-            raise ValueError("one weight per seed")
-        cached = self._cached_rows(channel, seeds, seed_weights, tables, ts_ms)
-        if cached is not None:
-            rows, scale = cached
-            at: list[int] | range = range(len(seeds))
-        else:
-            rows, scale, at = self._take_rows(channel, seeds, seed_weights, tables, shard_of,
-                                              ts_ms, intern)
-            if not rows:
-                return *_EMPTY, none
-        ids_parts = [row[0] for row in rows]
-        ids = np.concatenate(ids_parts)
-        if not ids.size:
-            return *_EMPTY, none
-        sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
-        w = np.concatenate([row[1] for row in rows])
-        w *= scale.repeat(sizes)  # in place: no third array of ~10^4
-        if prefixes == (len(seeds),):
-            return ids, w, [ids.size]
-        ends = np.concatenate([[0], sizes.cumsum()])[np.searchsorted(at, prefixes)]
-        return ids, w, ends.tolist()
-
-    def _cached_rows(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
-                     tables: dict[str, ItemTable], ts_ms: int
-                     ) -> tuple[list[tuple[np.ndarray, np.ndarray, str]], np.ndarray] | None:
-        """``_take_rows`` of the usual case, without a loop over the seeds: every seed's
-        whole row cached (``_by_seed``) for its shard's synced table, which ``tables``
-        still holds; then (the rows in seed order, each seed's weight x its table's
-        ``covis_factor(ts_ms)``: the same products), else None."""
-        rows = list(map(self._by_seed[channel].get, seeds))
-        if None in rows:
-            return None
-        shards = [row[2] for row in rows]
-        factor: dict[str, float] = {}
-        synced = self._tables
-        for sh in set(shards):
-            table = tables.get(sh)
-            if table is None or table is not synced.get(sh):
-                return None
-            factor[sh] = table.covis_factor(ts_ms)
-        return rows, seed_weights * np.fromiter(map(factor.__getitem__, shards), np.float64,
-                                                len(shards))
-
-    def _take_rows(self, channel: str, seeds: list[str], seed_weights: np.ndarray,
-                   tables: dict[str, ItemTable], shard_of: Any, ts_ms: int, intern: bool
-                   ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, list[int]]:
-        """The row of each seed with a table (``row``, or ``_known_row`` without
-        ``intern``; cached by seed when it is the whole row of a synced table), seed by
-        seed: (those rows, each one's seed weight x its table's ``covis_factor(ts_ms)``,
-        each one's seed position)."""
         synced = self._tables
         by_seed = self._by_seed[channel]
         seed_row = by_seed.get
         get_row = self.row if intern else self._known_row
         shard_info: dict[str, tuple[float, ItemTable | None, bool]] = {}
-        rows: list[tuple[np.ndarray, np.ndarray]] = []
-        scale: list[float] = []
-        at: list[int] = []
+        taken: list[tuple[tuple[np.ndarray, np.ndarray, Any], float, int]] = []
+        take = taken.append  # (row, its weight, its seed's position): one append a seed
         seed_weight = seed_weights.tolist()
+        if len(seed_weight) != len(seeds):
+            raise ValueError("one weight per seed")
         for k, seed in enumerate(seeds):
             row = seed_row(seed)  # (ids, weights, shard) of a synced table's whole row
             sh = shard_of(seed) if row is None else row[2]
@@ -316,10 +266,21 @@ class CovisView:
                 if info[2] and self._whole_row(table, channel, seed, row):
                     by_seed[seed] = (row[0], row[1], sh)
                     self._seeds_of.setdefault(sh, []).append((channel, seed))
-            rows.append(row)
-            scale.append(seed_weight[k] * info[0])
-            at.append(k)
-        return rows, np.array(scale), at
+            take((row, seed_weight[k] * info[0], k))
+        if not taken:
+            return *_EMPTY, none
+        ids_parts = [t[0][0] for t in taken]
+        ids = np.concatenate(ids_parts)
+        if not ids.size:
+            return *_EMPTY, none
+        sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
+        w = np.concatenate([t[0][1] for t in taken])
+        w *= np.array([t[1] for t in taken]).repeat(sizes)  # in place: no third array of ~10^4
+        if prefixes == (len(seeds),):
+            return ids, w, [ids.size]
+        at = [t[2] for t in taken]
+        ends = np.concatenate([[0], sizes.cumsum()])[np.searchsorted(at, prefixes)]
+        return ids, w, ends.tolist()
 
     def _whole_row(self, table: ItemTable, channel: str, item: str,
                    row: tuple[np.ndarray, np.ndarray]) -> bool:

@@ -255,53 +255,6 @@ def test_gather_seeds_is_the_seed_by_seed_gather_bit_for_bit(
         assert ids0.size and np.array_equal(ids0, ids1) and np.array_equal(w0, w1)
 
 
-def _seed_by_seed(view: CovisView, table_map: dict, seeds: list[str], weights: np.ndarray,
-                  ts: int) -> tuple[np.ndarray, np.ndarray]:
-    """The reference gather: each seed's ``row`` times its weight and table factor."""
-    parts = [(view.row(table_map[shard_of(s)], "liked", s),
-              w * table_map[shard_of(s)].covis_factor(ts))
-             for s, w in zip(seeds, weights.tolist(), strict=True) if shard_of(s) in table_map]
-    return (np.concatenate([row[0] for row, _ in parts]),
-            np.concatenate([row[1] * w for row, w in parts]))
-
-
-@pytest.mark.parametrize(("seed", "loaded"), [(0, True), (1, False)])
-def test_gather_of_seeds_all_cached_is_the_seed_by_seed_gather(
-        tmp_path: Path, seed: int, loaded: bool) -> None:
-    """A gather whose seeds all have their whole row cached for a synced table (a user's
-    next request: ``CovisView._cached_rows``, no loop over the seeds) gives the
-    seed-by-seed gather bit for bit, also its prefixes; a seed of a shard whose table is
-    gone or replaced takes the seed-by-seed path (``_take_rows``) again."""
-    rng = random.Random(seed)
-    first = tables(seed, tmp_path if loaded else None)
-    newer = tables(seed + 10, tmp_path if loaded else None)
-    ref, view = CovisView(), CovisView()
-    fast = 0
-    for request in range(8):
-        table_map = dict(first)
-        if request >= 4:  # shard s1 moves to a new version
-            table_map["s1"] = newer["s1"]
-        if request == 6:  # and s0 has no table for one request
-            del table_map["s0"]
-        seeds = rng.sample(ITEMS, 20)
-        for again in range(2):  # the second time every row is cached
-            for v in (ref, view):
-                v.sync(table_map)
-            weights = np.array([rng.random() for _ in seeds])
-            ts = T + rng.randrange(10**7)
-            cached = view._cached_rows("liked", seeds, weights, table_map, ts) is not None
-            fast += cached
-            assert cached or not again or request in (4, 6)
-            ids, w, ends = view.gather_prefixes("liked", seeds, weights, table_map, shard_of,
-                                                ts, (5, len(seeds)))
-            want = _seed_by_seed(ref, table_map, seeds, weights, ts)
-            assert ref.names == view.names
-            assert np.array_equal(ids, want[0]) and np.array_equal(w, want[1])
-            head = _seed_by_seed(ref, table_map, seeds[:5], weights[:5], ts)
-            assert np.array_equal(ids[:ends[0]], head[0]) and np.array_equal(w[:ends[0]], head[1])
-    assert fast >= 5
-
-
 @pytest.mark.parametrize(("seed", "counts"), [(0, (100, 1)), (1, (7, 2, 30)), (2, (1,))])
 def test_liked_knn_of_several_seed_counts_is_each_counts_row_by_row_sums(
         tmp_path: Path, seed: int, counts: tuple[int, ...]) -> None:
