@@ -109,7 +109,7 @@ def ranking_features(
         for key, value in extra.items():
             if type(value) is float and value == 0.0:
                 out[key] = value  # add_feature's commonest case (a zero count), without the call
-            else:
+            elif value is not None:  # add_feature makes nothing of None
                 add_feature(out, key, value)
     return out
 
