@@ -57,7 +57,9 @@ def add_feature(out: Features, name: str, value: Any) -> None:
     """Add one raw value under ``name`` (categorical, numeric or multi-hot)."""
     kind = type(value)
     if kind is float:  # fast paths of the two common exact types (same results as below)
-        if _isfinite(value):
+        if value == 0.0:  # log1p(+-0.0) is that zero (math.log1p returns it as it is)
+            out[name] = value
+        elif _isfinite(value):
             out[name] = _log1p(value) if value >= 0.0 else -_log1p(-value)
         return
     if kind is str:
@@ -105,7 +107,10 @@ def ranking_features(
             add_feature(out, f"ctx.{key}", value)
     if extra:
         for key, value in extra.items():
-            add_feature(out, key, value)
+            if type(value) is float and value == 0.0:
+                out[key] = value  # add_feature's commonest case (a zero count), without the call
+            elif value is not None:  # add_feature makes nothing of None
+                add_feature(out, key, value)
     return out
 
 

@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 import weakref
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -169,7 +170,7 @@ class ColumnScorer:
         """Calibrated P(positive) per candidate, or None when an item feature would
         override a user feature (then only the per-dict path is exact)."""
         user_keys = user_extra.keys() if user_extra else frozenset()
-        if user_keys and any(name in user_keys for name in cols.numeric):
+        if user_keys and not user_keys.isdisjoint(cols.numeric):
             return None
         scorer = self.scorer
         weights = scorer.weights
@@ -243,8 +244,8 @@ class ColumnScorer:
         for codes, feats in cols.codes() or ():
             if not feats:
                 continue
-            if user_keys and any(not user_keys.isdisjoint(f) for f in feats):
-                return None
+            if user_keys and not user_keys.isdisjoint(chain.from_iterable(feats)):
+                return None  # a profile's key is a user feature's
             terms = np.array([self._shared_sum(f) for f in feats] + [0.0])
             static = static + terms[codes]  # code -1 reads the trailing 0.0
         return static
@@ -276,10 +277,16 @@ class ColumnScorer:
         for key, value in extra.items():
             if type(value) is float:  # add_feature's float case: the name is the key
                 w = get(key)
-                if w is not None and _isfinite(value):
+                if w is None:
+                    continue
+                if value == 0.0:  # add_feature's value of a zero: the zero itself
+                    s += w * value
+                elif _isfinite(value):
                     s += w * (_log1p(value) if value >= 0.0 else -_log1p(-value))
             elif value is not None:  # add_feature makes nothing of None
                 add_feature(part, key, value)
+        if not part:  # s is never -0.0 (it starts at +0.0), so s + 0 would be s
+            return s
         return s + sum(w * v for name, v in part.items() if (w := get(name)) is not None)
 
     def _attr_term(self, attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:

@@ -88,6 +88,28 @@ def test_feature_naming() -> None:
     assert signed_log(0.0) == 0.0
 
 
+def test_zero_and_none_values_are_the_general_paths_bit_for_bit() -> None:
+    """``ranking_features`` and ``add_feature`` take a float zero as its own signed log
+    (``math.log1p`` keeps the sign of zero) and leave ``None`` out without the general
+    path: the same names, order and float bits as ``signed_log`` gives."""
+    from models.features import add_feature
+
+    extra = {"a": 0.0, "b": -0.0, "c": None, "d": 2.5, "e": 0.0, "a2": None, "f": -0.0}
+    x = ranking_features("u", "i", T0, None, 0, extra)
+    want = [(k, signed_log(v)) for k, v in extra.items() if v is not None]
+    got = [(k, x[k]) for k in x if k in extra]
+    assert [k for k, _ in got] == [k for k, _ in want]
+    assert all(math.copysign(1.0, g) == math.copysign(1.0, w) and g == w
+               for (_, g), (_, w) in zip(got, want, strict=True))
+    assert math.copysign(1.0, x["b"]) == -1.0  # -0.0 stays -0.0
+    out: dict[str, float] = {}
+    for key, value in extra.items():
+        add_feature(out, key, value)
+    assert list(out) == [k for k, _ in want]
+    assert [math.copysign(1.0, v) for v in out.values()] == [
+        math.copysign(1.0, w) for _, w in want]
+
+
 def test_example_and_serving_features_differ_only_in_position(stream: SyntheticStream) -> None:
     checked = 0
     for ex in stream.examples[:500]:

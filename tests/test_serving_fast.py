@@ -327,3 +327,37 @@ def test_attribute_terms_kept_by_content_equal_the_sums() -> None:
     assert columns._attr_term({"category": "drama", "size": 1})[0] != columns._attr_term(
         {"category": "drama", "size": True})[0]
     assert len(columns._attr_memo) == 6  # the hashable non-empty ones
+
+
+def test_column_sum_of_zero_and_none_values_is_the_feature_dicts_sum() -> None:
+    """``ColumnScorer._sum`` adds a float zero as its own signed log and skips ``None``
+    and unweighted names: bit for bit the float terms of ``add_feature``'s dict in order,
+    then the non-float ones (a string, a list), as before the zero path."""
+    import math
+
+    from models.features import add_feature
+    from operators.linear_scorer import ColumnScorer, LinearScorer
+
+    scorer = object.__new__(LinearScorer)
+    names = ["a", "b", "c", "d", "e", "g=x", "h=y", "z"]
+    scorer.weights = {n: (-1.0) ** k * (k + 1) / 3.0 for k, n in enumerate(names)}
+    scorer.intercept, scorer.rate, scorer.n_learned = 0.0, 1.0, 0
+    columns = ColumnScorer(scorer)
+    cases = [{"a": 0.0, "b": -0.0, "c": None, "d": 2.5, "e": -7.25, "n": 0.0},
+             {"a": 1e-300, "b": 0.0, "g": "x", "h": ["y"], "d": float("nan")},
+             {"z": 0.0}, {}]
+    for extra in cases:
+        s = 0.0
+        rest: dict[str, float] = {}
+        for key, value in extra.items():
+            one: dict[str, float] = {}
+            add_feature(one, key, value)
+            for name, v in one.items():
+                w = scorer.weights.get(name)
+                if w is not None and type(value) is float:
+                    s += w * v
+                elif w is not None:
+                    rest[name] = w * v
+        want = s + sum(rest.values()) if rest else s
+        got = columns._sum(extra)
+        assert got == want and math.copysign(1.0, got) == math.copysign(1.0, want)
