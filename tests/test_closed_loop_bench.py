@@ -3,20 +3,13 @@ and the oracle above random (the protocol's sanity)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_module import load_bench
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("closed_loop", ROOT / "bench" / "closed_loop.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["closed_loop"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def _bench() -> ModuleType:
+    return load_bench("closed_loop")
 
 
 def test_closed_loop_is_deterministic_and_reports_every_figure() -> None:

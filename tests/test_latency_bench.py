@@ -3,28 +3,19 @@ partition read by the worker that runs the user's shard."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from bench_module import load_bench
 
 from flows.config import load_config
 from operators.placement import worker_of
 from operators.user_shard import shard_key
 from state.hashing import ShardOf
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _bench() -> Any:
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("latency", ROOT / "bench" / "latency.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("latency")
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 4])

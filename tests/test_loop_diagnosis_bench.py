@@ -3,11 +3,7 @@ construction, and the stages it wraps restored afterwards."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_module import load_bench
 
 
 def test_loop_diagnosis_reports_ordered_figures_and_restores_the_stages() -> None:
@@ -15,11 +11,7 @@ def test_loop_diagnosis_reports_ordered_figures_and_restores_the_stages() -> Non
     from operators.trainer import Trainer
 
     before = (Trainer.process, serving.Server._ranker_scores)
-    spec = importlib.util.spec_from_file_location("loop_diagnosis", ROOT / "bench" / "loop_diagnosis.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["loop_diagnosis"] = module
-    spec.loader.exec_module(module)
+    module = load_bench("loop_diagnosis")
     figures = module.main(["--users", "60", "--items", "50", "--warmup", "800",
                            "--requests", "1200", "--window", "50", "--epochs", "50"])
     assert (Trainer.process, serving.Server._ranker_scores) == before

@@ -4,11 +4,9 @@ run is the closed loop's own (the same expected CTR), and the wrapped stages are
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_module import load_bench
+
 TINY = ["--users", "60", "--items", "50", "--warmup", "800", "--requests", "600", "--window", "50"]
 
 
@@ -17,11 +15,7 @@ def test_loop_repeats_partitions_the_slots_and_restores_the_stages() -> None:
     from flows.loop import ClosedLoop
 
     before = (ClosedLoop.respond, Simulator.respond)
-    spec = importlib.util.spec_from_file_location("loop_repeats", ROOT / "bench" / "loop_repeats.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["loop_repeats"] = module
-    spec.loader.exec_module(module)
+    module = load_bench("loop_repeats")
     figures = module.main(TINY)
     assert (ClosedLoop.respond, Simulator.respond) == before
     groups = figures["groups"]

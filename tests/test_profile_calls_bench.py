@@ -3,25 +3,12 @@ alone, give the stores' answers and final states of the flow, reproducibly."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench(name: str) -> Any:
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_module import load_bench
 
 
 def test_recorded_calls_replay_to_one_digest_that_a_missing_write_changes() -> None:
-    bench, throughput, common = _bench("profile_calls"), _bench("throughput"), _bench("common")
+    bench, throughput, common = (load_bench("profile_calls"), load_bench("throughput"),
+                                 load_bench("common"))
     world, seed, _ = throughput.zero_config_world()
     calls = bench.record(common.simulated_log(1_500, seed, world), 1_500)
     kinds = {args[1] for _, name, args in calls if name == "__init__"}

@@ -3,7 +3,6 @@ its cross-process output check fails on lost, extra or duplicated outputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +10,13 @@ from typing import Any
 
 import orjson
 import pytest
+from bench_module import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("scaleout", ROOT / "bench" / "scaleout.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scaleout"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("scaleout")
 
 
 def _run(ids: list[str], recs: int, events_in: int = 100) -> dict[str, Any]:
