@@ -35,6 +35,7 @@ from models.mf import UserFactors
 from operators.example_codec import EncodedPart, encoded_part, join_parts
 from operators.snapshot_views import FrozenViews, SnapshotViews
 from state.covis_view import SparseScores
+from state.decay import decay_factor
 from state.embedding_table import keys_of
 from state.item_rows import ItemRows
 from state.item_table import (
@@ -164,7 +165,7 @@ def table_capture(item_id: str, table: ItemTable | None, raw: bool = False) -> T
     return profile, catalog_category(table.catalog, item_id)
 
 
-CountRow = tuple[ItemTable, float, float] | None
+CountRow = tuple["ItemTable | _CapturedTable", float, float] | None
 """An item's table and its raw ``popular`` and ``trending`` counts there (0.0 when
 absent), as of the table's ``ts``; None when no table holds the item
 (``PointInTime._count_rows``)."""
@@ -518,8 +519,12 @@ class PointInTime:
             cross: list[list[dict[str, Any]]] = [d[3] for d in group]
             detached = first.detached
             if detached is not None:  # its version was let go: what it read was captured
-                numeric = detached.columns(ctx, items, self.covis.decay, [d[2] for d in group])
-                statics = [detached.version.static(d[1], d[2]) for d in group]
+                version = detached.version
+                numeric = ([] if version.tables is None else self._snapshot_columns(
+                    ctx, items, first.ts, version.any_channel, version.tables,
+                    list(map(version.counts.__getitem__, items))))
+                numeric += detached.columns(ctx, items, self.covis.decay, [d[2] for d in group])
+                statics = [version.static(d[1], d[2]) for d in group]
             else:
                 cols = self.item_columns(ctx, items, first.ts, views=first.views,
                                          attrs=[d[2] for d in group], cross=cross,
@@ -709,11 +714,12 @@ class PointInTime:
 
     def _detach(self, takens: list[_Taken]) -> None:
         """Capture what the deferred features of the groups ``takens`` (taken on one
-        snapshot version) read of it, then let the version go (``views = None``): per
-        group its items' snapshot columns (``_snapshot_columns``: what ``item_columns``
-        gives without MF, attributes or cross profiles), per item of any of them its
-        table, raw counts, ``table_capture`` and MF vector row (``_VersionCapture``,
-        looked up once per version instead of once per group)."""
+        snapshot version) read of it, then let the version go (``views = None``), once
+        for all of them (``_VersionCapture``): per item its table's raw counts,
+        ``table_capture`` and MF vector row; per table its time and half-lives and the
+        co-visitation rows of the groups' seeds, each cut to the version's items
+        (``_CapturedTable``). Nothing is computed per group: a token whose example is
+        written gets its snapshot columns from the capture then (``resolve_all``)."""
         views = takens[0].views
         assert views is not None
         table_map = views.table_map() if self.item_shard_of is not None else None
@@ -722,31 +728,55 @@ class PointInTime:
                     else [None] * len(items_all))
         version = _VersionCapture(items_all, views, any(t.ctx.vector is not None for t in takens),
                                   rows_all)
-        rows = dict(zip(items_all, rows_all, strict=True))  # not kept: they hold the tables
+        if table_map is not None:
+            version.capture_tables(table_map, rows_all, self._seed_rows(
+                takens, table_map, _has_any_channel(views), set(items_all)))
         for taken in takens:
-            items = list(dict.fromkeys(taken.items))
-            numeric: list[tuple[str, list[float]]] = []
-            if table_map is not None:
-                numeric = self._snapshot_columns(taken.ctx, items, taken.ts, views, table_map,
-                                                 [rows[item] for item in items])
-            taken.detached = _Detached(
-                {item: k for k, item in enumerate(items)}, numeric, version,
-                taken.ctx.vector is not None and version.vecs is not None)
+            taken.detached = _Detached(version, taken.ctx.vector is not None
+                                       and version.vecs is not None)
             taken.views = None
             taken.key = (id(taken), -1, -1)  # grouped with no other group's tokens
             taken.items = []
 
+    def _seed_rows(self, takens: list[_Taken], table_map: dict[str, ItemTable],
+                   any_channel: bool, items: set[str]
+                   ) -> dict[str, dict[tuple[str, str], dict[str, float]]]:
+        """Per table shard, the co-visitation rows the groups ``takens`` read (each seed
+        of each channel once, ``covis_row``), cut to ``items``: (channel, seed) ->
+        neighbour -> weight, the same floats; an empty cut is left out."""
+        assert self.item_shard_of is not None
+        shard_of = self.item_shard_of
+        out: dict[str, dict[tuple[str, str], dict[str, float]]] = {}
+        seen: set[tuple[str, str]] = set()
+        for taken in takens:
+            for name, seeds in self._seed_lists(taken.ctx, any_channel):
+                for seed in seeds:
+                    key = (name, seed)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    shard = shard_of(seed)
+                    table = table_map.get(shard)
+                    if table is None:
+                        continue
+                    row = table.covis_row(name, seed)
+                    common = row.keys() & items
+                    if common:
+                        out.setdefault(shard, {})[key] = {b: row[b] for b in common}
+        return out
+
     def _snapshot_columns(self, ctx: UserContext, item_ids: list[str], ts_ms: int | None,
-                          views: SnapshotViews | FrozenViews, table_map: dict[str, ItemTable],
+                          any_channel: bool, table_map: dict[str, Any],
                           rows: list[CountRow]) -> list[tuple[str, list[float]]]:
         """``item_columns(ctx, item_ids, ts_ms, views=views).numeric`` of a context without
         MF vector, history or category lifts, as lists: popularity and trending
         (``_decayed_counts`` of the items' ``rows``), then the co-visitation sums of
-        ``ctx``'s seeds (``covis``, and ``covis_any`` when the tables carry that channel);
-        the same floats."""
+        ``ctx``'s seeds (``covis``, and ``covis_any`` when the tables carry that channel:
+        ``any_channel``) in ``table_map`` (a version's tables or their capture); the same
+        floats."""
         at = ts_ms or 0
         pop, trend = _decayed_counts(rows, at)
-        sums = self._covis_sums(ctx, item_ids, at, views, table_map)
+        sums = self._covis_sums(self._seed_lists(ctx, any_channel), item_ids, at, table_map)
         numeric = [("pop", pop), ("trend", trend), ("covis", sums["liked"])]
         if "any" in sums:
             numeric.append(("covis_any", sums["any"]))
@@ -915,7 +945,8 @@ class PointInTime:
                 sums = {}
             elif covis is None:
                 sums = {name: np.asarray(values, np.float64) for name, values in
-                        self._covis_sums(ctx, item_ids, at, views, table_map).items()}
+                        self._covis_sums(self.seeds(ctx, views), item_ids, at,
+                                         table_map).items()}
             elif arrays:
                 assert rows is not None
                 sums = {name: scores.at_rows(rows) for name, scores in covis.items()}
@@ -975,31 +1006,34 @@ class PointInTime:
                        (table, table.popular.get(item, 0.0), table.trending.get(item, 0.0)))
         return out
 
-    def _covis_sums(self, ctx: UserContext, item_ids: list[str], at: int,
-                    views: SnapshotViews | FrozenViews, table_map: dict[str, ItemTable]
-                    ) -> dict[str, list[float]]:
-        """Per co-visitation channel of ``seeds``, each item's sum over ``ctx``'s seeds
-        (``_covis_lookup``) decayed to ``at`` (ms)."""
-        return {name: self._covis_lookup(seeds, name, item_ids, table_map, at)
-                for name, seeds in self.seeds(ctx, views)}
+    def _covis_sums(self, seeds: list[tuple[str, list[str]]], item_ids: list[str], at: int,
+                    table_map: dict[str, Any]) -> dict[str, list[float]]:
+        """Per co-visitation channel of ``seeds`` (``seeds()``), each item's sum over its
+        seeds (``_covis_lookup``) decayed to ``at`` (ms)."""
+        return {name: self._covis_lookup(channel_seeds, name, item_ids, table_map, at)
+                for name, channel_seeds in seeds}
 
     def seeds(self, ctx: UserContext, views: SnapshotViews | FrozenViews | None = None
               ) -> list[tuple[str, list[str]]]:
         """(channel, seeds newest first) of every co-visitation channel the loaded tables
         carry: recent positives for ``liked``, recent interactions for ``any``."""
+        views = views or self.views
+        return self._seed_lists(ctx, views is not None and _has_any_channel(views))
+
+    def _seed_lists(self, ctx: UserContext, any_channel: bool) -> list[tuple[str, list[str]]]:
+        """``seeds`` when the tables do (``any_channel``) or do not carry ``any``."""
         n = self.covis.recent_items
         out = [("liked", ctx.liked[:n])]
-        views = views or self.views
-        tables = views.loaded_tables() if views is not None else []
-        if tables and tables[0].covis_any is not None:
+        if any_channel:
             out.append(("any", ctx.recent[:n]))
         return out
 
     def _covis_lookup(self, seeds: list[str], name: str, item_ids: list[str],
-                      tables: dict[str, ItemTable], ts_ms: int,
+                      tables: dict[str, Any], ts_ms: int,
                       weights: list[float] | None = None) -> list[float]:
         """``sum_k decay**k covis(seed_k, item)`` for the given items only (impressions);
-        ``weights``: each seed's weight instead of ``decay**k``."""
+        ``weights``: each seed's weight instead of ``decay**k``. ``tables``: item tables
+        (or their ``_CapturedTable``) by shard."""
         assert self.item_shard_of is not None
         wanted = [0.0] * len(item_ids)
         q = self.covis.decay
@@ -1121,20 +1155,15 @@ class _Detached:
     """What the deferred features of one group (``_Taken``) read of a snapshot version
     that was replaced, captured when it is let go (``PointInTime.release_frozen``) so
     that the version is freed without computing every pending impression's features:
-    per distinct item its snapshot columns (popularity, trending, co-visitation sums,
-    ``NUMERIC_ITEM_FEATURES`` order, as floats), and, shared by the groups detached from
-    one version (``_VersionCapture``), its ``table_capture`` and its MF vector row. The
-    MF products, the user x item columns, the static features and the merges are left
-    for the few tokens whose example is written (``_Detached.columns``): the same
-    operations on the same values as ``item_columns`` on the version."""
+    the capture shared by the groups detached from one version (``_VersionCapture``:
+    per item its raw counts, ``table_capture`` and MF vector row; per table the rows of
+    the groups' seeds). Everything is computed for the few tokens whose example is
+    written (``PointInTime.resolve_all``: the snapshot columns, then ``columns``): the
+    same operations on the same values as ``item_columns`` on the version."""
 
-    __slots__ = ("pos", "numeric", "version", "mf_on", "mf")
+    __slots__ = ("version", "mf_on", "mf")
 
-    def __init__(self, pos: dict[str, int], numeric: list[tuple[str, list[float]]],
-                 version: _VersionCapture, mf_on: bool) -> None:
-        self.pos = pos
-        """Item -> its index in ``numeric``'s lists."""
-        self.numeric = numeric
+    def __init__(self, version: _VersionCapture, mf_on: bool) -> None:
         self.version = version
         self.mf_on = mf_on
         """Whether the group had an MF score (a user vector and an index)."""
@@ -1144,11 +1173,10 @@ class _Detached:
     def columns(self, ctx: UserContext, items: list[str], decay: float,
                 attrs: list[dict[str, Any] | None]) -> list[tuple[str, list[float]]]:
         """``item_columns(...).numeric`` of ``items`` (of this group, ``attrs``: their
-        attributes as taken) for ``ctx`` (``as_taken``), each column a list: the captured
-        columns, the MF scores row by row (``PointInTime._mf_rowwise``), ``ui.*``
+        attributes as taken) for ``ctx`` (``as_taken``) after the snapshot columns, each
+        column a list: the MF scores row by row (``PointInTime._mf_rowwise``), ``ui.*``
         (``user_item_columns``), then the category posterior (``ctx.categories``)."""
-        pos = [self.pos[item] for item in items]
-        out = [(name, [values[k] for k in pos]) for name, values in self.numeric]
+        out: list[tuple[str, list[float]]] = []
         if self.mf_on and items:
             version, memo = self.version, self.mf
             vecs, found = version.vecs, version.found
@@ -1169,13 +1197,50 @@ class _Detached:
         return out
 
 
+class _CapturedTable:
+    """What the groups detached from a version read of one of its item tables: its
+    shard, time and half-lives, and the co-visitation rows of their seeds cut to the
+    version's items (``PointInTime._seed_rows``). Answers the ``ItemTable`` reads of
+    ``_decayed_counts`` and ``PointInTime._covis_lookup`` with the same floats, without
+    holding the table."""
+
+    __slots__ = ("shard", "ts", "popular_half_life_ms", "trending_half_life_ms",
+                 "covis_half_life_ms", "rows")
+
+    def __init__(self, table: ItemTable, rows: dict[tuple[str, str], dict[str, float]]
+                 ) -> None:
+        self.shard = table.shard
+        self.ts = table.ts
+        self.popular_half_life_ms = table.popular_half_life_ms
+        self.trending_half_life_ms = table.trending_half_life_ms
+        self.covis_half_life_ms = table.covis.config.half_life_ms
+        self.rows = rows
+        """(channel, seed) -> neighbour -> weight decayed to ``ts`` (``covis_row``)."""
+
+    decay_factor = ItemTable.decay_factor
+
+    def covis_factor(self, now_ms: int) -> float:
+        """``ItemTable.covis_factor``."""
+        return decay_factor(now_ms - self.ts, self.covis_half_life_ms)
+
+    def covis_row(self, name: str, item_id: str) -> dict[str, float]:
+        """``ItemTable.covis_row`` cut to the version's items (empty: none of them)."""
+        return self.rows.get((name, item_id), _NO_ROW)
+
+
+_NO_ROW: dict[str, float] = {}
+"""The row of a seed with no neighbour among a capture's items (never written)."""
+
+
 class _VersionCapture:
     """What the groups detached from one snapshot version together share: each of their
-    items' ``table_capture``, MF vector row in the version's index and, once asked, its
-    static features (one lookup or computation per item and version instead of one
-    per group). Holds nothing of the version itself."""
+    items' ``table_capture``, MF vector row in the version's index, raw counts and,
+    once asked, its static features, and its tables' ``_CapturedTable`` (one lookup
+    or computation per item and version instead of one per group). Holds nothing of
+    the version itself."""
 
-    __slots__ = ("pos", "vecs", "found", "captures", "statics")
+    __slots__ = ("pos", "vecs", "found", "captures", "statics", "tables", "counts",
+                 "any_channel")
 
     def __init__(self, items: list[str], views: FrozenViews, vectors: bool,
                  rows: list[CountRow]) -> None:
@@ -1196,6 +1261,22 @@ class _VersionCapture:
                                       EncodedPart | None]] = {}
         """``static``'s memo: item -> (the attributes object it holds for, the static
         features, at example precision, as a part); shared, never modified."""
+        self.tables: dict[str, _CapturedTable] | None = None
+        """The version's tables by shard, captured (None: no item shards)."""
+        self.counts: dict[str, CountRow] = {}
+        """Item -> its ``CountRow`` on ``tables``."""
+        self.any_channel = _has_any_channel(views)
+        """Whether the tables carry the ``any`` co-visitation channel."""
+
+    def capture_tables(self, table_map: dict[str, ItemTable], rows: list[CountRow],
+                       seed_rows: dict[str, dict[tuple[str, str], dict[str, float]]]) -> None:
+        """Fill ``tables`` from ``table_map`` and ``seed_rows`` (per shard, the rows the
+        groups read) and ``counts`` from the items' ``rows`` (as given to ``__init__``)."""
+        tables = self.tables = {shard: _CapturedTable(table, seed_rows.get(shard, {}))
+                                for shard, table in table_map.items()}
+        by_table = {id(table): tables[shard] for shard, table in table_map.items()}
+        self.counts = {item: None if row is None else (by_table[id(row[0])], row[1], row[2])
+                       for item, row in zip(self.pos, rows, strict=True)}
 
     def static(self, item: str, attrs: dict[str, Any] | None
                ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
@@ -1222,6 +1303,12 @@ the joiner computes its tokens before a snapshot (``Joiner.__getstate__``)."""
 
 _NO_CROSS: list[dict[str, Any]] = []
 """The cross profile values of every token without any (never written)."""
+
+
+def _has_any_channel(views: SnapshotViews | FrozenViews) -> bool:
+    """Whether the loaded item tables carry the ``any`` co-visitation channel."""
+    tables = views.loaded_tables()
+    return bool(tables) and tables[0].covis_any is not None
 
 
 def as_taken(ctx: UserContext, deferred: list[Deferred]) -> UserContext:

@@ -756,10 +756,13 @@ class ProfileStore:
         computed."""
         plan = self.plan
         c = p.cache
-        if c is None:
+        if c is None:  # every output invalid (lo = FAR): every feature with one
             c = p.cache = OutputCache(len(plan.out_names), plan.empty_outputs())
-        lo, exp, out_feat = c.lo, c.exp, plan.out_feat
-        stale = sorted({out_feat[j] for j in range(len(lo)) if not lo[j] <= t < exp[j]})
+            stale = sorted(set(plan.out_feat))
+        else:
+            stale = sorted({f for f, lo_j, exp_j in zip(plan.out_feat, c.lo, c.exp, strict=True)
+                            if not lo_j <= t < exp_j})
+        lo, exp = c.lo, c.exp
         accs, refs, saccs, srefs, slos, sexps = c.acc, c.ref, c.sacc, c.sref, c.slo, c.sexp
         out, names = c.out, plan.out_names
         for f in stale:

@@ -248,3 +248,56 @@ def test_sums_at_reads_the_full_sums_bit_for_bit() -> None:
         assert sums_at(ids, w, np.unique(wanted[wanted >= 0])).tolist() == [
             full.get(i, 0.0) for i in np.unique(wanted[wanted >= 0]).tolist()]
     assert sums_at(np.zeros(0, np.int64), np.zeros(0), np.array([1, 2])).tolist() == [0.0, 0.0]
+
+
+def test_a_detached_capture_gives_the_tables_snapshot_columns(tmp_path: Path) -> None:
+    """What a detach captures of a version (``_VersionCapture.capture_tables``: each
+    table's times and its seed rows cut to the version's items) gives the snapshot
+    columns of the loaded tables themselves, both channels, over three item shards, bit
+    for bit; the capture holds no table."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from operators.point_in_time import PointInTime, UserContext, _Taken, _VersionCapture
+
+    rnd = random.Random(5)
+    items = [f"i{n}" for n in range(40)]
+    liked, any_ = CoVisitation(covis_config()), CoVisitation(covis_config())
+    for k in range(300):
+        recent = rnd.sample(items, 5)
+        (liked if k % 2 else any_).observe(recent[1:], recent[0], T0 + k)
+        any_.observe(recent[1:], recent[0], T0 + k)
+    loaded: dict[str, ItemTable] = {}
+    for n, shard in enumerate(ITEM_KEYS):
+        mine = [i for i in items if item_shard_of(i) == shard]
+        table = ItemTable(shard, T0 + 1_000 + n, liked, popular={i: 1.0 + len(i) for i in mine},
+                          trending={i: 2.0 for i in mine[::2]}, covis_any=any_)
+        table.save(tmp_path / f"{shard}.npz")
+        loaded[shard] = ItemTable.load(tmp_path / f"{shard}.npz")
+    context = PointInTime(item_shard_of=item_shard_of)
+    takens = []
+    for u in range(4):  # four groups (requests) on the version
+        ctx = UserContext(f"u{u}", rnd.sample(items, 12), {}, None, {}, rnd.sample(items, 9))
+        taken = _Taken(ctx, T0 + 5_000_000 * u, None)
+        taken.items = rnd.sample(items, 6)
+        takens.append(taken)
+    version_items = list(dict.fromkeys(i for t in takens for i in t.items))
+    rows = context._count_rows(version_items, loaded)
+    views = SimpleNamespace(index=SimpleNamespace(index=None),
+                            loaded_tables=list(loaded.values()).copy)
+    version = _VersionCapture(version_items, views, False, rows)  # type: ignore[arg-type]
+    version.capture_tables(loaded, rows, context._seed_rows(takens, loaded, True,
+                                                            set(version_items)))
+    assert version.any_channel and version.tables is not None
+    want = [context._snapshot_columns(t.ctx, t.items, t.ts, True, loaded,
+                                      context._count_rows(t.items, loaded)) for t in takens]
+    refs = [weakref.ref(t) for t in loaded.values()]
+    del loaded, rows, views
+    gc.collect()
+    assert all(ref() is None for ref in refs), "the capture holds a table"
+    got = [context._snapshot_columns(t.ctx, t.items, t.ts, True, version.tables,
+                                     [version.counts[i] for i in t.items]) for t in takens]
+    assert got == want
+    assert any(any(values) for t in want for name, values in t if name == "covis_any")
+    assert any(any(values) for t in want for name, values in t if name == "covis")

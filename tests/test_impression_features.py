@@ -224,14 +224,22 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
     import weakref
 
     computed: list[str] = []
+    summed: list[str] = []
     original = PointInTime.item_columns
+    lookup = PointInTime._covis_lookup
 
     def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
         if kw.get("mf_rowwise"):  # the joiner's full computation (a detach asks no MF)
             computed.extend(item_ids)
         return original(self, ctx, item_ids, *args, **kw)
 
+    def spy_sums(self: PointInTime, seeds: list[str], name: str, item_ids: list[str],
+                 *args: Any, **kw: Any) -> Any:
+        summed.extend(item_ids)
+        return lookup(self, seeds, name, item_ids, *args, **kw)
+
     monkeypatch.setattr(PointInTime, "item_columns", spy)
+    monkeypatch.setattr(PointInTime, "_covis_lookup", spy_sums)
     lazy, eager = shard_pair(published)
     for shard in (lazy, eager):
         warm_up(shard)
@@ -250,9 +258,11 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
     published.popular["a31"] = 1e6
     published.publish_tables(ts=T0 + 1_000)
     computed.clear()
+    summed.clear()
     for shard in (lazy, eager):
         feed(shard, [Request(T0 + 1_500, "rz", "v")])
     assert computed == [], "the version's columns are captured once, not computed per token"
+    assert summed == [], "the seeds' rows are captured, no group's co-visitation summed"
     for iid in [*dropped, kept]:
         token = pending[iid].features
         assert type(token) is tuple and token[0].views is None and token[0].detached is not None
@@ -263,6 +273,7 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
     got = {e["example_id"]: e for e in feed(lazy, later)["examples"]}
     want = {e["example_id"]: e for e in feed(eager, later)["examples"]}
     assert len(got) == len(dropped) and got == want
+    assert set(summed) >= set(items), "summed from the capture when written"
     features = [e["features"] for e in got.values()]
     assert any("ui.interacted" in f for f in features)
     assert all("mf" in f for f in features) and any("covis" in f for f in features)
