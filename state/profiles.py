@@ -7,7 +7,9 @@ event time in integer epoch **milliseconds**.
 Layout of one profile (keyed by ``stable_hash64`` of the entity id; raw ids are never
 stored as keys), per feature:
 
-* ``raw``: the newest events, unaggregated, ``[[ts, value], ...]`` sorted by ts. An event
+* ``raw``: the newest events, unaggregated, ``[(ts, value), ...]`` sorted by ts (tuples:
+  the collector untracks a tuple of atomic values, so events held for minutes are not
+  scanned by every young collection; lists at rest, read back as tuples). An event
   stays raw while ``ts >= floor(wm - raw_ms, g0)`` where ``wm = max_ts - lateness_ms`` is
   the entity's watermark (floored to the finest slice ``g0``).
 * ``slices``: ``[[start, end, acc], ...]``, sorted, disjoint, each aligned to its own
@@ -553,9 +555,9 @@ class ProfileStore:
             if ts >= raw_cut:
                 raw = fs[0]
                 if not raw or ts >= raw[-1][0]:
-                    raw.append([ts, v])
+                    raw.append((ts, v))
                 else:
-                    raw.insert(bisect.bisect_right(raw, ts, key=TS), [ts, v])
+                    raw.insert(bisect.bisect_right(raw, ts, key=TS), (ts, v))
                 d = ts - ts % g0 + g0 + raw_ms  # Tiers.raw_due(ts)
                 if d < due[f]:
                     due[f] = d
