@@ -61,7 +61,7 @@ def decode(blob: bytes, n_feats: int) -> Profile:
     p = Profile(n_feats, -FAR)
     p.max_ts, p.cf, p.dirty = max_ts, cf, False
     for f, raw, slices, tail, tail_end in feats:
-        p.feats[f] = [list(map(tuple, raw)), slices, tail, tail_end]
+        p.feats[f] = [list(map(tuple, raw)), list(map(tuple, slices)), tail, tail_end]
     return p
 
 
