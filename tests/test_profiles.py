@@ -501,6 +501,39 @@ def test_compression_round_trip_and_lru() -> None:
 # ----------------------------------------------------------------- user x category
 
 
+
+def test_raw_events_and_slices_are_tuples_the_collector_untracks() -> None:
+    """Long-lived profile state is not rescanned by every collection: raw events and
+    slices are tuples (decoded ones too), untracked by the first collection that sees
+    them unless an accumulator is a container (KMV sketch, last value)."""
+    import gc
+
+    rng = random.Random(5)
+    specs = default_features("user")
+    store = ProfileStore(specs, "user", hot_capacity=10_000)
+    ts = BASE
+    for i in range(3000):
+        ts += rng.randint(1, 90 * SEC)
+        late = ts - rng.randint(0, 3 * HOUR) if i % 7 == 0 else ts  # late events: place_late
+        store.apply({"ts": late, "user_id": f"u{rng.randint(0, 19)}", "type": "feedback",
+                     "action": rng.choice(["click", "like", "rating"]), "item_id": f"it{i % 50}",
+                     "value": float(rng.randint(1, 5))})
+    store.flush()
+    gc.collect()
+    decoded = [decode(store._table.encode(p), len(store.specs)) for p in store._table.hot.values()]
+    gc.collect()
+    raws = slices = 0
+    for p in [*store._table.hot.values(), *decoded]:
+        for fs in p.feats:
+            if fs is None:
+                continue
+            raws += len(fs[0])
+            slices += len(fs[1])
+            assert all(type(e) is tuple and not gc.is_tracked(e) for e in fs[0])
+            assert all(type(s) is tuple for s in fs[1])
+            assert all(not gc.is_tracked(s) for s in fs[1] if not isinstance(s[2], list))
+    assert raws > 100 and slices > 100
+
 def test_user_x_category_entity() -> None:
     cats = {"a": "c1", "b": "c1", "c": "c2", "m": ["drama", "comedy"]}
 
