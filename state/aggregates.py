@@ -1,7 +1,9 @@
 """The aggregate algebra of profile features (no Bytewax).
 
 One accumulator kind per ``FeatureSpec.aggregate``. Accumulators are plain JSON values
-and are never mutated (so they may be shared between slices, caches and snapshots):
+and are never mutated (so they may be shared between slices, caches and snapshots); a
+few atomic values (mean, last, distinct_count) are a tuple, which a collection untracks
+(``state.profile_codec.decode`` reads them back as tuples):
 
 * ``add(acc, ts, v, r)``: fold one event (time ``ts`` ms, value ``v``) into ``acc``
   (referenced at ``r``; ``None`` = empty);
@@ -73,10 +75,10 @@ class _Sum(_Count):
 
 class _Mean(_Count):
     def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
-        return [v, 1] if acc is None else [acc[0] + v, acc[1] + 1]
+        return (v, 1) if acc is None else (acc[0] + v, acc[1] + 1)
 
     def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
-        return b if a is None else a if b is None else [a[0] + b[0], a[1] + b[1]]
+        return b if a is None else a if b is None else (a[0] + b[0], a[1] + b[1])
 
     def out(self, acc: Any, r: int, t: int) -> Any:
         return acc[0] / acc[1]
@@ -102,10 +104,10 @@ class _Max(_Min):
 
 
 class _Last(_Min):
-    """acc = [ts, value] of the newest event (ties: the later applied)."""
+    """acc = (ts, value) of the newest event (ties: the later applied)."""
 
     def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
-        return [ts, v] if acc is None or ts >= acc[0] else acc
+        return (ts, v) if acc is None or ts >= acc[0] else acc
 
     def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
         return b if a is None else a if b is None else (b if b[0] >= a[0] else a)
@@ -137,27 +139,27 @@ class _Decay(_Count):
 
 
 class _Distinct(_Count):
-    """KMV sketch: the k smallest 64-bit hashes, sorted. Exact below k distinct values."""
+    """KMV sketch: the k smallest 64-bit hashes, a sorted tuple. Exact below k distinct
+    values."""
 
     def __init__(self, k: int) -> None:
         self.k = k
 
     def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
         if acc is None:
-            return [v]
+            return (v,)
         i = bisect.bisect_left(acc, v)
         if (i < len(acc) and acc[i] == v) or i >= self.k:
             return acc
-        new = acc[:self.k - 1] if len(acc) >= self.k else acc[:]  # a full sketch drops its largest
-        new.insert(i, v)
-        return new
+        end = self.k - 1 if len(acc) >= self.k else len(acc)  # a full sketch drops its largest
+        return (*acc[:i], v, *acc[i:end])
 
     def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
         if a is None:
             return b
         if b is None:
             return a
-        return sorted(set(a).union(b))[: self.k]
+        return tuple(sorted(set(a).union(b))[: self.k])
 
     def merge_run(self, accs: list[Any], b: Any) -> Any:
         """``merge`` of each of ``accs`` into ``b`` in turn, in one pass: the k smallest of
@@ -172,7 +174,7 @@ class _Distinct(_Count):
         for a in accs:
             if a is not None:
                 union.update(a)
-        return sorted(union)[: self.k] if union or b is not None else None
+        return tuple(sorted(union)[: self.k]) if union or b is not None else None
 
     def add_all(self, acc: Any, values: list[int]) -> Any:
         """``add`` of each hash of ``values`` (a few) into ``acc`` in turn: the k smallest of
@@ -181,7 +183,7 @@ class _Distinct(_Count):
         k = self.k
         for v in values:
             if acc is None:
-                acc = [v]
+                acc = (v,)
             elif len(acc) < k or v < acc[-1]:
                 acc = self.add(acc, 0, v, 0)
         return acc

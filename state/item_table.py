@@ -99,11 +99,11 @@ class FrozenCatalog(Mapping[str, CatalogEntry]):
         return len(self._index)
 
 
-RawProfile = tuple[list[str], list[float]]
+RawProfile = tuple[tuple[str, ...], tuple[float, ...]]
 """An item profile as a loaded table's names and the item's row of values (NaN: none)."""
 
 
-def row_profile(names: list[str], row: list[float]) -> dict[str, float]:
+def row_profile(names: Sequence[str], row: Sequence[float]) -> dict[str, float]:
     """An item profile's dict from its row: the non-NaN values by name, in name order."""
     return {n: v for n, v in zip(names, row, strict=True) if v == v}
 
@@ -125,7 +125,7 @@ class FrozenFeatures(Mapping[str, dict[str, float]]):
 
     def __init__(self, index: dict[str, int], names: list[str], values: np.ndarray) -> None:
         self._index = index
-        self._names = names
+        self._names = tuple(names)
         self._values = values
         self._made: dict[str, dict[str, float]] = {}
 
@@ -138,12 +138,14 @@ class FrozenFeatures(Mapping[str, dict[str, float]]):
 
     def raw(self, item_id: str) -> dict[str, float] | RawProfile | None:
         """The item's profile without making its dict: its dict when made already, else
-        (names, its row's values) for ``row_profile`` (None when the table lacks it)."""
+        (names, its row's values) for ``row_profile`` (None when the table lacks it): a
+        tuple of tuples of atomic values, which the collector untracks (a capture holds it
+        while its impressions wait for labels, and young collections skip it after one)."""
         found = self._made.get(item_id)
         if found is not None:
             return found
         j = self._index.get(item_id)
-        return None if j is None else (self._names, self._values[j].tolist())
+        return None if j is None else (self._names, tuple(self._values[j].tolist()))
 
     def get(self, item_id: str, default: Any = None) -> Any:  # type: ignore[override]
         found = self._made.get(item_id)

@@ -8,10 +8,10 @@ and forgets the least recently used ones beyond ``max_entities``.
 
 >>> from collections import Counter
 >>> table = HotCold(n_feats=1, limit=1, level=6, max_entities=0, counters=Counter())
->>> table.load(1, create=True).feats[0] = [[[5, 1]], [], None, None]
+>>> table.load(1, create=True).feats[0] = [[(5, 1)], [], None, None]
 >>> _ = table.load(2, create=True)  # evicts profile 1 to the cold (encoded) side
 >>> sorted(table.cold), table.load(1, create=False).feats[0][0]
-([1], [[5, 1]])
+([1], [(5, 1)])
 """
 
 from __future__ import annotations
@@ -61,8 +61,15 @@ def decode(blob: bytes, n_feats: int) -> Profile:
     p = Profile(n_feats, -FAR)
     p.max_ts, p.cf, p.dirty = max_ts, cf, False
     for f, raw, slices, tail, tail_end in feats:
-        p.feats[f] = [raw, slices, tail, tail_end]
+        p.feats[f] = [list(map(tuple, raw)), [(s, e, _acc(acc)) for s, e, acc in slices],
+                      _acc(tail), tail_end]
     return p
+
+
+def _acc(acc: Any) -> Any:
+    """A decoded accumulator as ``state.aggregates`` makes it: a list of atomic values
+    (mean, last, distinct_count) as a tuple; a last_k's list of entries as it is."""
+    return tuple(acc) if type(acc) is list and acc and type(acc[0]) is not list else acc
 
 
 class HotCold:

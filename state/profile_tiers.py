@@ -89,9 +89,9 @@ class Tiers:
         i = bisect.bisect_left(slices, start, key=TS)
         if i < len(slices) and slices[i][0] == start:
             s = slices[i]
-            s[2] = agg.add(s[2], ts, v, s[1])
+            slices[i] = (start, s[1], agg.add(s[2], ts, v, s[1]))
         else:
-            slices.insert(i, [start, end, agg.add(None, ts, v, end)])
+            slices.insert(i, (start, end, agg.add(None, ts, v, end)))
 
     def compact(self, p: Profile) -> list[tuple[int, list[Any] | None]]:
         """Compaction pass at watermark p.cf; returns ``(feature, appended)`` for each
@@ -125,9 +125,9 @@ class Tiers:
                     start = ts - ts % g0
                     if folded and folded[-1][0] == start:
                         last = folded[-1]
-                        last[2] = agg.add(last[2], ts, v, last[1])
+                        folded[-1] = (start, last[1], agg.add(last[2], ts, v, last[1]))
                     else:
-                        folded.append([start, start + g0, agg.add(None, ts, v, start + g0)])
+                        folded.append((start, start + g0, agg.add(None, ts, v, start + g0)))
                 del raw[:n]
                 if slices and folded[0][0] <= slices[-1][0]:
                     slices = fs[1] = sorted(slices + folded, key=TS)  # stable: existing first
@@ -237,11 +237,10 @@ class Tiers:
                 continue
             if new and new[-1][0] == start:
                 prev = new[-1]
-                prev[2] = agg.merge(prev[2], prev[1], acc, s[1], end)
-                prev[1] = end
+                new[-1] = (start, end, agg.merge(prev[2], prev[1], acc, s[1], end))
             elif end == s[1]:
                 new.append(s)
             else:
-                new.append([start, end, agg.merge(None, end, acc, s[1], end)])
+                new.append((start, end, agg.merge(None, end, acc, s[1], end)))
         new.extend(slices[n_old:])
         fs[1] = new

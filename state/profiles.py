@@ -7,11 +7,13 @@ event time in integer epoch **milliseconds**.
 Layout of one profile (keyed by ``stable_hash64`` of the entity id; raw ids are never
 stored as keys), per feature:
 
-* ``raw``: the newest events, unaggregated, ``[[ts, value], ...]`` sorted by ts. An event
+* ``raw``: the newest events, unaggregated, ``[(ts, value), ...]`` sorted by ts (tuples:
+  the collector untracks a tuple of atomic values, so events held for minutes are not
+  scanned by every young collection; lists at rest, read back as tuples). An event
   stays raw while ``ts >= floor(wm - raw_ms, g0)`` where ``wm = max_ts - lateness_ms`` is
   the entity's watermark (floored to the finest slice ``g0``).
-* ``slices``: ``[[start, end, acc], ...]``, sorted, disjoint, each aligned to its own
-  granularity. Tier ``i`` (granularity ``g_i``) holds data younger than ``span_i``
+* ``slices``: ``[(start, end, acc), ...]`` (tuples, replaced when a slice changes; read
+  back as tuples), sorted, disjoint, each aligned to its own granularity. Tier ``i`` (granularity ``g_i``) holds data younger than ``span_i``
   (default: 1-minute slices for the last hour, 1-hour slices for the last day, 1-day
   slices beyond). As the watermark moves, slices are merged into the enclosing coarser
   slice with the aggregate's reduce function (compaction).
@@ -553,9 +555,9 @@ class ProfileStore:
             if ts >= raw_cut:
                 raw = fs[0]
                 if not raw or ts >= raw[-1][0]:
-                    raw.append([ts, v])
+                    raw.append((ts, v))
                 else:
-                    raw.insert(bisect.bisect_right(raw, ts, key=TS), [ts, v])
+                    raw.insert(bisect.bisect_right(raw, ts, key=TS), (ts, v))
                 d = ts - ts % g0 + g0 + raw_ms  # Tiers.raw_due(ts)
                 if d < due[f]:
                     due[f] = d

@@ -501,6 +501,40 @@ def test_compression_round_trip_and_lru() -> None:
 # ----------------------------------------------------------------- user x category
 
 
+
+def test_raw_events_and_slices_are_tuples_the_collector_untracks() -> None:
+    """Long-lived profile state is not rescanned by every collection: raw events,
+    slices and their mean, last and distinct_count accumulators are tuples (decoded
+    ones too), untracked by the collector unless an accumulator is a list (last_k)."""
+    import gc
+
+    rng = random.Random(5)
+    specs = default_features("user")
+    store = ProfileStore(specs, "user", hot_capacity=10_000)
+    ts = BASE
+    for i in range(3000):
+        ts += rng.randint(1, 90 * SEC)
+        late = ts - rng.randint(0, 3 * HOUR) if i % 7 == 0 else ts  # late events: place_late
+        store.apply({"ts": late, "user_id": f"u{rng.randint(0, 19)}", "type": "feedback",
+                     "action": rng.choice(["click", "like", "rating"]), "item_id": f"it{i % 50}",
+                     "value": float(rng.randint(1, 5))})
+    store.flush()
+    gc.collect()
+    decoded = [decode(store._table.encode(p), len(store.specs)) for p in store._table.hot.values()]
+    gc.collect()
+    gc.collect()  # a tuple holding a tuple (a slice's sketch) is untracked one collection later
+    raws = slices = 0
+    for p in [*store._table.hot.values(), *decoded]:
+        for fs in p.feats:
+            if fs is None:
+                continue
+            raws += len(fs[0])
+            slices += len(fs[1])
+            assert all(type(e) is tuple and not gc.is_tracked(e) for e in fs[0])
+            assert all(type(s) is tuple for s in fs[1])
+            assert all(not gc.is_tracked(s) for s in fs[1] if not isinstance(s[2], list))
+    assert raws > 100 and slices > 100
+
 def test_user_x_category_entity() -> None:
     cats = {"a": "c1", "b": "c1", "c": "c2", "m": ["drama", "comedy"]}
 
@@ -767,9 +801,10 @@ def test_merge_run_is_the_k_smallest_of_the_union() -> None:
     rnd = random.Random(5)
     agg = _Distinct(4)
     for _ in range(300):
-        accs = [sorted(rnd.sample(range(30), rnd.randint(1, 4))) if rnd.random() < 0.9 else None
-                for _ in range(rnd.randint(0, 6))]
-        start = None if rnd.random() < 0.3 else sorted(rnd.sample(range(30), rnd.randint(1, 4)))
+        accs = [tuple(sorted(rnd.sample(range(30), rnd.randint(1, 4)))) if rnd.random() < 0.9
+                else None for _ in range(rnd.randint(0, 6))]
+        start = (None if rnd.random() < 0.3
+                 else tuple(sorted(rnd.sample(range(30), rnd.randint(1, 4)))))
         pairwise = start
         for a in accs:
             pairwise = agg.merge(a, 0, pairwise, 0, 0)
@@ -787,8 +822,8 @@ def test_add_all_is_the_merge_of_the_values() -> None:
         agg = _Distinct(k)
         for _ in range(300):
             acc = (None if rnd.random() < 0.2
-                   else sorted(rnd.sample(range(40), rnd.randint(1, min(k, 40)))))
-            values = sorted(set(rnd.choices(range(40), k=rnd.randint(1, 6))))[:k]  # a sketch
+                   else tuple(sorted(rnd.sample(range(40), rnd.randint(1, min(k, 40))))))
+            values = tuple(sorted(set(rnd.choices(range(40), k=rnd.randint(1, 6))))[:k])  # a sketch
             assert agg.add_all(acc, values) == agg.merge(acc, 0, values, 0, 0)
 
 

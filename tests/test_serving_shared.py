@@ -6,6 +6,7 @@ checked against the value computed from scratch after what invalidates it."""
 
 from __future__ import annotations
 
+import gc
 import random
 from pathlib import Path
 
@@ -192,6 +193,12 @@ def test_a_loaded_tables_features_are_the_saved_dicts(tmp_path: Path) -> None:
         names, row = again.features.raw(item)
         assert row_profile(names, row) == want and list(row_profile(names, row)) == list(want)
     assert again.features.raw("zz") is None and loaded.features.raw("a") is loaded.features["a"]
+    # (names, row) as tuples of atomic values: collections untrack it while a capture holds it
+    held = again.features.raw("d")
+    assert type(held[0]) is tuple and type(held[1]) is tuple
+    gc.collect()
+    gc.collect()
+    assert not gc.is_tracked(held)
     assert loaded.feature_columns(("x",))[1].tolist() == t.feature_columns(("x",))[1].tolist()
 
 
