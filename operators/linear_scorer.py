@@ -136,6 +136,28 @@ def linear_scorer(ranker: Ranker) -> LinearScorer | None:
 MAX_ATTR_MEMO = 4_096
 """Distinct attribute sets whose static term ``ColumnScorer`` keeps (cleared when full)."""
 
+
+def attr_content_key(attrs: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    """Catalog attributes as ``ColumnScorer`` keeps their static term: (name, type, value)
+    in dict order, so 1, 1.0 and True are apart and a sum over them adds in the same
+    order; None without attributes or with an unhashable (list) value."""
+    if not attrs:
+        return None
+    key = tuple([(k, type(v), v) for k, v in attrs.items()])
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _grown(arr: np.ndarray, size: int, fill: Any) -> np.ndarray:
+    """``arr`` lengthened to ``size`` (when shorter) with ``fill``."""
+    if arr.size >= size:
+        return arr
+    return np.concatenate([arr, np.full(size - arr.size, fill, arr.dtype)])
+
+
 _MAX_UNPUBLISHED = 100_000
 """Most memoised static terms of items outside every loaded table, per ranker."""
 
@@ -236,8 +258,9 @@ class ColumnScorer:
         space, slots = cols.space, cols.slots
         assert space is not None and slots is not None
         memo = space.memo.get(ColumnScorer)
-        if memo is None or memo.scorer is not self:
-            memo = space.memo[ColumnScorer] = _StaticRows(self)
+        contents = _slot_contents(space)
+        if memo is None or memo.scorer is not self or memo.contents is not contents:
+            memo = space.memo[ColumnScorer] = _StaticRows(self, contents)
         static = memo.terms(space, slots, cols)
         if user_keys and not memo.keys.isdisjoint(user_keys):
             return None
@@ -291,16 +314,16 @@ class ColumnScorer:
 
     def _attr_term(self, attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
         """(``_sum``, keys) of the ``i:<attr>`` features of catalog attributes
-        (``static_item_features`` without a table), kept by the attributes' content:
-        (name, type, value) in dict order, so 1, 1.0 and True are apart and the sum adds
-        in the same order; attributes with an unhashable value are summed each time."""
-        key = None
-        if attrs:
-            try:
-                key = tuple([(k, type(v), v) for k, v in attrs.items()])
-                hit = self._attr_memo.get(key)
-            except TypeError:  # a list value: no memo
-                key = hit = None
+        (``static_item_features`` without a table), kept by the attributes' content
+        (``attr_content_key``); attributes with an unhashable value are summed each time."""
+        return self._content_term(attrs, attr_content_key(attrs))
+
+    def _content_term(self, attrs: dict[str, Any] | None, key: tuple[Any, ...] | None
+                      ) -> tuple[float, frozenset[str]]:
+        """``_attr_term`` of attributes whose ``attr_content_key`` is ``key`` (None: not
+        kept)."""
+        if key is not None:
+            hit = self._attr_memo.get(key)
             if hit is not None:
                 return hit
         extra = static_item_features("", None, attrs)
@@ -345,30 +368,99 @@ class _TableTerms:
         self.prof = prof
 
 
+class _SlotContents:
+    """Each slot's catalog attributes as a content code, whatever the ranker: one per
+    ``ItemRows`` (in its ``memo``, dropped with the slots), so each ranker version's
+    ``_StaticRows`` reads a slot's attributes as a code, once per content, instead of
+    reading them again slot by slot. A code stands for one ``attr_content_key`` (all
+    attributes without any share one), or for one attributes object when it has no key
+    (an unhashable value). Each slot's object is kept, so its ``id`` stays its own."""
+
+    def __init__(self) -> None:
+        self.attr_id = np.zeros(0, np.int64)
+        """``id`` of the attributes object each slot's code was read from (0: none)."""
+        self.kept = np.zeros(0, object)
+        self.code = np.zeros(0, np.int64)
+        self.attrs: list[dict[str, Any] | None] = []
+        """Per code: attributes with that content (the first seen)."""
+        self.keys: list[tuple[Any, ...] | None] = []
+        """Per code: its ``attr_content_key`` (None: the code of one object)."""
+        self._code_of: dict[tuple[Any, ...], int] = {}
+
+    def full(self) -> bool:
+        """More codes than twice the slots (attributes that kept changing): number anew."""
+        return len(self.attrs) >= max(MAX_ATTR_MEMO, 2 * self.code.size)
+
+    def codes(self, capacity: int, slots: np.ndarray, ids: np.ndarray,
+              attrs: list[dict[str, Any] | None]) -> np.ndarray:
+        """The code of each slot of ``slots`` (``ids``: ``id`` of each one's attributes
+        object in ``attrs``; ``capacity``: the ``ItemRows``' slot count); attributes are
+        read only for slots whose object changed."""
+        if self.code.size < capacity:
+            self.attr_id = _grown(self.attr_id, capacity, 0)
+            self.kept = _grown(self.kept, capacity, None)
+            self.code = _grown(self.code, capacity, -1)
+        stale = (self.attr_id[slots] != ids).nonzero()[0]
+        if stale.size:
+            for j in stale.tolist():
+                slot = slots[j]
+                self.code[slot] = self._number(attrs[j])
+                self.kept[slot] = attrs[j]  # one by one: numpy would unpack tuples
+            self.attr_id[slots[stale]] = ids[stale]
+        return self.code[slots]
+
+    def _number(self, attrs: dict[str, Any] | None) -> int:
+        key = attr_content_key(attrs) if attrs else ()
+        code = self._code_of.get(key) if key is not None else None
+        if code is None:
+            code = len(self.attrs)
+            self.attrs.append(attrs)
+            self.keys.append(key)
+            if key is not None:
+                self._code_of[key] = code
+        return code
+
+
+def _slot_contents(space: ItemRows) -> _SlotContents:
+    """The ``_SlotContents`` of ``space`` (a new one when full)."""
+    found = space.memo.get(_SlotContents)
+    if found is None or found.full():
+        found = space.memo[_SlotContents] = _SlotContents()
+    return found
+
+
 class _StaticRows:
     """One ``ColumnScorer``'s static item terms per slot of an ``ItemRows``, as three
     parts: ``item=<id>`` (once per slot), the catalog attributes' ``i:<attr>`` terms
-    (again when the row's attributes object changes; it is kept, so its ``id`` cannot
-    be reused meanwhile) and the table's terms, item profile and ``i:category`` (again
-    when the shard's table generation changes: read from the table's ``_TableTerms``
-    and the category code ``ItemRows.fill`` keeps, with no per-item feature dicts).
+    (again when the slot's content code changes, ``_SlotContents``: summed once per
+    code, so a new ranker version sums each content once, not each slot) and the
+    table's terms, item profile and ``i:category`` (again when the shard's table
+    generation changes: read from the table's ``_TableTerms`` and the category code
+    ``ItemRows.fill`` keeps, with no per-item feature dicts).
     The sum is River's in another order (within 1e-9); an attribute that overrides an
     item-profile name is summed through ``ColumnScorer._static_term`` (exact dicts)."""
 
-    def __init__(self, scorer: ColumnScorer) -> None:
+    def __init__(self, scorer: ColumnScorer, contents: _SlotContents) -> None:
         self.scorer = scorer
+        self.contents = contents
+        """The ``ItemRows``' content codes this one's ``code`` refers to."""
         self.item_w = np.zeros(0)
         self.table_term = np.zeros(0)
         self.attr_term = np.zeros(0)
         self.total = np.zeros(0)
         """``item_w + table_term + attr_term`` of each slot (that sum, kept as they change)."""
         self.gen = np.zeros(0, np.int64)
-        self.attr_id = np.zeros(0, np.int64)
+        self.code = np.zeros(0, np.int64)
+        """The content code each slot's ``attr_term`` is of (-1: none yet)."""
         self.over_cat = np.zeros(0, bool)
         """The attributes give ``i:category`` (the table's category does not count)."""
-        self.attrs = np.zeros(0, object)
-        self.attr_keys = np.zeros(0, object)
-        """The ``i:<attr>`` keys of each slot's attributes (frozenset)."""
+        self.code_term = np.zeros(0)
+        """Per content code: the attributes' term (where ``code_known``)."""
+        self.code_known = np.zeros(0, bool)
+        self.code_over = np.zeros(0, bool)
+        """Per content code: its attributes give ``i:category``."""
+        self.code_keys: list[frozenset[str] | None] = []
+        """Per content code: the ``i:<attr>`` keys (None: not summed yet)."""
         self.cat_w = np.zeros(1)
         """``i:category=<name>`` weight per category code of the ``ItemRows`` (0: none)."""
         self.keys: set[str] = set()
@@ -378,22 +470,15 @@ class _StaticRows:
         needs no slot's exact sum)."""
 
     def _grow(self, size: int) -> None:
-        old = self.item_w.size
-        if old >= size:
+        if self.item_w.size >= size:
             return
-
-        def grown(arr: np.ndarray, fill: Any) -> np.ndarray:
-            return np.concatenate([arr, np.full(size - old, fill, arr.dtype)])
-
-        self.item_w = grown(self.item_w, np.nan)  # NaN: not computed yet
-        self.table_term = grown(self.table_term, 0.0)
-        self.attr_term = grown(self.attr_term, 0.0)
-        self.total = grown(self.total, np.nan)
-        self.gen = grown(self.gen, -1)
-        self.attr_id = grown(self.attr_id, 0)
-        self.over_cat = grown(self.over_cat, False)
-        self.attrs = grown(self.attrs, None)
-        self.attr_keys = grown(self.attr_keys, None)
+        self.item_w = _grown(self.item_w, size, np.nan)  # NaN: not computed yet
+        self.table_term = _grown(self.table_term, size, 0.0)
+        self.attr_term = _grown(self.attr_term, size, 0.0)
+        self.total = _grown(self.total, size, np.nan)
+        self.gen = _grown(self.gen, size, -1)
+        self.code = _grown(self.code, size, -1)
+        self.over_cat = _grown(self.over_cat, size, False)
 
     def _table_terms(self, table: ItemTable) -> _TableTerms:
         key = (self.scorer, _TableTerms)
@@ -414,10 +499,11 @@ class _StaticRows:
 
     def terms(self, space: ItemRows, slots: np.ndarray, cols: ItemColumns) -> np.ndarray:
         self._grow(space.capacity)
-        attr_ids = space.attr_ids(slots, cols.attrs)
-        new_attrs = (self.attr_id[slots] != attr_ids).nonzero()[0]
+        codes = self.contents.codes(space.capacity, slots, space.attr_ids(slots, cols.attrs),
+                                    cols.attrs)
+        new_attrs = (self.code[slots] != codes).nonzero()[0]
         if new_attrs.size:
-            self._attr_terms(slots, new_attrs, attr_ids, cols)
+            self._attr_terms(slots, new_attrs, codes[new_attrs], cols)
         gen = space.shard_gen[space.shard[slots]]
         stale = (self.gen[slots] != gen).nonzero()[0]
         if stale.size:
@@ -428,32 +514,45 @@ class _StaticRows:
                                    + self.attr_term[changed])
         return self.total[slots]
 
-    def _attr_terms(self, slots: np.ndarray, new: np.ndarray, attr_ids: np.ndarray,
+    def _attr_terms(self, slots: np.ndarray, new: np.ndarray, codes: np.ndarray,
                     cols: ItemColumns) -> None:
-        """``item=<id>`` (first sight) and the attributes' terms of the slots ``new``;
-        their table terms are read again (the attributes may override the category)."""
+        """``item=<id>`` (first sight) and the attributes' terms of the slots ``new``
+        (``codes``: their content codes); their table terms are read again (the
+        attributes may override the category)."""
         get = self.scorer.scorer.weights.get
         rows = slots[new]
         fresh = np.isnan(self.item_w[rows])
         if fresh.any():
             self.item_w[rows[fresh]] = [get(f"item={cols.item_ids[j]}", 0.0)
                                         for j in new[fresh].tolist()]
-        attr_term = self.scorer._attr_term
-        terms: list[float] = []
-        over: list[bool] = []
-        for j, r in zip(new.tolist(), rows.tolist(), strict=True):
-            attrs = cols.attrs[j]
-            term, keys = attr_term(attrs)
+        self._sum_codes(codes)
+        self.attr_term[rows] = self.code_term[codes]
+        self.over_cat[rows] = self.code_over[codes]
+        self.code[rows] = codes
+        self.gen[rows] = -1
+
+    def _sum_codes(self, codes: np.ndarray) -> None:
+        """The term, keys and category flag of each content code of ``codes`` not summed
+        yet (``ColumnScorer._content_term``: kept per content for every user shard)."""
+        n = len(self.contents.attrs)
+        if self.code_known.size < n:
+            self.code_term = _grown(self.code_term, n, 0.0)
+            self.code_known = _grown(self.code_known, n, False)
+            self.code_over = _grown(self.code_over, n, False)
+            self.code_keys.extend([None] * (n - len(self.code_keys)))
+        todo = codes[~self.code_known[codes]]
+        if not todo.size:
+            return
+        content_term, attrs, keys_of = (self.scorer._content_term, self.contents.attrs,
+                                        self.contents.keys)
+        for c in np.unique(todo).tolist():
+            term, keys = content_term(attrs[c], keys_of[c])
             self.keys.update(keys)
             self.attr_union.update(keys)
-            terms.append(term)
-            self.attrs[r] = attrs  # one by one: numpy would unpack tuples
-            self.attr_keys[r] = keys
-            over.append("i:category" in keys)
-        self.attr_term[rows] = terms
-        self.over_cat[rows] = over
-        self.attr_id[rows] = attr_ids[new]
-        self.gen[rows] = -1
+            self.code_term[c] = term
+            self.code_over[c] = "i:category" in keys
+            self.code_keys[c] = keys
+        self.code_known[todo] = True
 
     def _table_rows(self, space: ItemRows, slots: np.ndarray, stale: np.ndarray,
                     cols: ItemColumns) -> None:
@@ -478,7 +577,7 @@ class _StaticRows:
             if not terms.exact and union is not None and terms.names.isdisjoint(union):
                 continue  # no slot's attributes name a profile feature of this table
             for n in at:
-                keys = self.attr_keys[rows[n]]
+                keys = self.code_keys[self.code[rows[n]]]
                 if terms.exact or (keys and not terms.names.isdisjoint(keys)):
                     j = stale_at[n]
                     exact = self.scorer._static_term(items[j], table, cols.attrs[j])[0]

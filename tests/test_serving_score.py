@@ -157,3 +157,69 @@ def test_array_static_terms_follow_item_table_versions_within_1e_9(
     second = compare(T0 + 2_000)
     assert set(summed) == {override}, "only the overriding item is summed through its dict"
     assert np.abs(second - first)[:35].min() > 0, "every profiled item's score changed"
+
+
+def test_a_new_ranker_versions_static_terms_read_each_content_once(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new ranker version reads the slots' catalog attributes as the content codes the
+    former version numbered (``_SlotContents``, kept per ``ItemRows``): its static terms
+    equal those of a fresh space bit for bit, and it sums each content once (equal
+    attributes of other items, other objects, once; unhashable ones once per object)."""
+    from models.features import SERVING_POSITION
+    from operators.linear_scorer import ColumnScorer, column_scorer, linear_scorer
+    from state.item_rows import ItemRows
+
+    world.publish_tables()
+    world.publish_index()
+    shard = world.user_shard()
+    attrs = [{"brand": f"b{i % 2}", "size": 1.0} if i % 4 else {"brand": "b1", "tags": ["x"]}
+             for i in range(len(ITEMS))]
+    feed(shard, [Item(T0 - 2 * DAY, item, a) for item, a in zip(ITEMS, attrs, strict=True)]
+         + [click("u", SEED, T0 - 10_000)])
+    server, context = shard.server, shard.context
+    assert server is not None
+    rng = random.Random(4)
+    trainer = Trainer(RankerConfig(kind="lr", delay_to_labels=False, sync_interval_ms=10**12,
+                                   sync_every_examples=10**9, metrics_every_examples=10**9),
+                      1.0, world.store)
+    summed: list[Any] = []
+    content_term = ColumnScorer._content_term
+
+    def counted(self: ColumnScorer, attrs: Any, key: Any) -> Any:
+        summed.append(key)
+        return content_term(self, attrs, key)
+
+    monkeypatch.setattr(ColumnScorer, "_content_term", counted)
+
+    def version(n: int, ts: int) -> None:  # train on n more examples, then serve the copy
+        trainer.process([{
+            "example_id": f"e{ts}-{k}", "ts": T0 - DAY + k, "user_id": "t", "label": label,
+            "item_id": rng.choice(ITEMS), "weight": 1.0, "position": 0, "context": {},
+            "features": {"i:brand": f"b{label}", "i:size": rng.uniform(0, 2),
+                         "i:tags": ["x"] if label else ["y"]}}
+            for k in range(n) for label in [int(rng.random() < 0.3)]])
+        trainer.sync()
+        feed(shard, [Request(ts, f"poll{ts}", "nobody", 10)])
+
+    def scores(space: ItemRows, ts: int) -> np.ndarray:
+        ctx = context.user("u", ts)
+        covis = server.covis_channels(ctx, ts, 100)[1]
+        cols = context.item_columns(ctx, ITEMS, ts, covis, rows=space.rows(ITEMS), space=space)
+        scorer = linear_scorer(server.views.ranker.current)
+        assert scorer is not None and cols.space is space
+        p = column_scorer(scorer).predict("u", ts, {}, SERVING_POSITION, None, cols)
+        assert p is not None
+        return p
+
+    version(300, T0)
+    space = server._space()
+    scores(space, T0)
+    unhashable = sum(1 for a in attrs if "tags" in a)
+    assert len(summed) == 2 + unhashable  # {b0, 1.0}, {b1, 1.0}, each list-valued object
+    summed.clear()
+    version(300, T0 + 1_000)  # a new ranker version on the same space
+    kept = scores(space, T0 + 1_000)
+    assert len(summed) == 2 + unhashable, "one sum per content code, not per slot"
+    fresh = ItemRows(server.covis_view, server.item_shard_of)
+    fresh.sync(server.views.table_map())
+    assert np.array_equal(scores(fresh, T0 + 1_000), kept)
