@@ -183,8 +183,10 @@ class ColumnScorer:
         """``_sum`` of each ``FixedFeatures`` object (kept, so its id stays its own)."""
         self._attr_memo: dict[tuple[Any, ...], tuple[float, frozenset[str]]] = {}
         """``_sum`` and keys of the ``i:<attr>`` features of catalog attributes, by their
-        content ((name, type, value) in dict order; ``_StaticRows._attr_terms``): one
-        sum per distinct set of attributes for every user shard's slots."""
+        content (``attr_content_key``): one sum per distinct set of attributes for every
+        user shard's slots."""
+        self._codes: tuple[AttrContents, np.ndarray, np.ndarray] | None = None
+        """(``AttrContents``, each code's attributes term, whether it is summed yet)."""
 
     def predict(self, user_id: str, ts_ms: int, context: dict[str, Any] | None,
                 position: int | None, user_extra: dict[str, Any] | None,
@@ -334,6 +336,26 @@ class ColumnScorer:
             self._attr_memo[key] = found
         return found
 
+    def _code_terms(self, contents: AttrContents, codes: np.ndarray) -> np.ndarray:
+        """The attributes' term (``_content_term``) of each ``AttrContents`` code of
+        ``codes``: summed once per code for every user shard of the process."""
+        memo = self._codes
+        if memo is None or memo[0] is not contents or memo[1].size < len(contents.attrs):
+            size = 2 * len(contents.attrs) + 64
+            if memo is not None and memo[0] is contents:
+                memo = (contents, _grown(memo[1], size, 0.0), _grown(memo[2], size, False))
+            else:
+                memo = (contents, np.zeros(size), np.zeros(size, bool))
+            self._codes = memo
+        _, terms, known = memo
+        todo = codes[~known[codes]]
+        if todo.size:
+            attrs, keys = contents.attrs, contents.keys
+            for c in np.unique(todo).tolist():
+                terms[c] = self._content_term(attrs[c], keys[c])[0]
+            known[todo] = True
+        return terms[codes]
+
     def _shared_sum(self, extra: dict[str, Any]) -> float:
         """``_sum``, memoised for the ``FixedFeatures`` objects every request shares (a
         cross profile's empty outputs)."""
@@ -368,72 +390,129 @@ class _TableTerms:
         self.prof = prof
 
 
-class _SlotContents:
-    """Each slot's catalog attributes as a content code, whatever the ranker: one per
-    ``ItemRows`` (in its ``memo``, dropped with the slots), so each ranker version's
-    ``_StaticRows`` reads a slot's attributes as a code, once per content, instead of
-    reading them again slot by slot. A code stands for one ``attr_content_key`` (all
-    attributes without any share one), or for one attributes object when it has no key
-    (an unhashable value). Each slot's object is kept, so its ``id`` stays its own."""
+MAX_ATTR_CONTENTS = 16_384
+"""Catalog attribute contents numbered per process (``AttrContents``; numbered anew when
+full)."""
+
+
+class AttrContents:
+    """Catalog attribute contents numbered once per process, whatever the ranker: a code
+    stands for one ``attr_content_key`` (all attributes without any share one) or for one
+    attributes object without a key (an unhashable value), with what every ranker reads
+    of it: its ``i:<attr>`` feature keys, whether they give ``i:category`` and the id of
+    its key set. Codes only grow (appended under a lock: user shards may be threads)."""
 
     def __init__(self) -> None:
-        self.attr_id = np.zeros(0, np.int64)
-        """``id`` of the attributes object each slot's code was read from (0: none)."""
-        self.kept = np.zeros(0, object)
-        self.code = np.zeros(0, np.int64)
         self.attrs: list[dict[str, Any] | None] = []
         """Per code: attributes with that content (the first seen)."""
         self.keys: list[tuple[Any, ...] | None] = []
         """Per code: its ``attr_content_key`` (None: the code of one object)."""
+        self.feature_keys: list[frozenset[str]] = []
+        """Per code: the ``i:<attr>`` keys of its features."""
+        self.over_cat = np.zeros(0, bool)
+        """Per code: its features give ``i:category``."""
+        self.keyset = np.zeros(0, np.int64)
+        """Per code: the position of its ``feature_keys`` in ``keysets``."""
+        self.keysets: list[frozenset[str]] = []
+        """The distinct ``feature_keys`` (few: one per attribute schema)."""
         self._code_of: dict[tuple[Any, ...], int] = {}
+        self._keyset_of: dict[frozenset[str], int] = {}
+        self._lock = threading.Lock()
 
     def full(self) -> bool:
-        """More codes than twice the slots (attributes that kept changing): number anew."""
-        return len(self.attrs) >= max(MAX_ATTR_MEMO, 2 * self.code.size)
+        return len(self.attrs) >= MAX_ATTR_CONTENTS
+
+    def code(self, attrs: dict[str, Any] | None) -> int:
+        """The code of ``attrs`` (a new one for a new content)."""
+        key = attr_content_key(attrs) if attrs else ()
+        code = self._code_of.get(key) if key is not None else None
+        if code is not None:
+            return code
+        with self._lock:
+            code = self._code_of.get(key) if key is not None else None
+            if code is None:
+                code = self._append(attrs, key)
+        return code
+
+    def _append(self, attrs: dict[str, Any] | None, key: tuple[Any, ...] | None) -> int:
+        code = len(self.attrs)
+        names = frozenset(static_item_features("", None, attrs))
+        keyset = self._keyset_of.get(names)
+        if keyset is None:
+            keyset = self._keyset_of[names] = len(self.keysets)
+            self.keysets.append(names)
+        if self.keyset.size <= code:  # grown by doubling: readers index arrays they read
+            self.keyset = _grown(self.keyset, 2 * code + 64, -1)
+            self.over_cat = _grown(self.over_cat, 2 * code + 64, False)
+        self.keyset[code] = keyset
+        self.over_cat[code] = "i:category" in names
+        self.attrs.append(attrs)
+        self.keys.append(key)
+        self.feature_keys.append(names)
+        if key is not None:
+            self._code_of[key] = code
+        return code
+
+
+_CONTENTS = [AttrContents()]
+
+
+def attr_contents() -> AttrContents:
+    """The process's current ``AttrContents`` (a new one when full)."""
+    current = _CONTENTS[0]
+    if current.full():
+        with _SCORERS_LOCK:
+            if _CONTENTS[0] is current:
+                _CONTENTS[0] = AttrContents()
+    return _CONTENTS[0]
+
+
+class _SlotContents:
+    """Each slot's catalog attributes as its ``AttrContents`` code, whatever the ranker:
+    one per ``ItemRows`` (in its ``memo``, dropped with the slots), so a new ranker
+    version's ``_StaticRows`` reads codes, not attributes. A slot is read again only when
+    its attributes object changes; the object is kept, so its ``id`` stays its own."""
+
+    def __init__(self, contents: AttrContents) -> None:
+        self.contents = contents
+        self.attr_id = np.zeros(0, np.int64)
+        """``id`` of the attributes object each slot's code was read from (0: none)."""
+        self.kept = np.zeros(0, object)
+        self.code = np.zeros(0, np.int64)
 
     def codes(self, capacity: int, slots: np.ndarray, ids: np.ndarray,
               attrs: list[dict[str, Any] | None]) -> np.ndarray:
         """The code of each slot of ``slots`` (``ids``: ``id`` of each one's attributes
-        object in ``attrs``; ``capacity``: the ``ItemRows``' slot count); attributes are
-        read only for slots whose object changed."""
+        object in ``attrs``; ``capacity``: the ``ItemRows``' slot count)."""
         if self.code.size < capacity:
             self.attr_id = _grown(self.attr_id, capacity, 0)
             self.kept = _grown(self.kept, capacity, None)
             self.code = _grown(self.code, capacity, -1)
         stale = (self.attr_id[slots] != ids).nonzero()[0]
         if stale.size:
+            code = self.contents.code
             for j in stale.tolist():
                 slot = slots[j]
-                self.code[slot] = self._number(attrs[j])
+                self.code[slot] = code(attrs[j])
                 self.kept[slot] = attrs[j]  # one by one: numpy would unpack tuples
             self.attr_id[slots[stale]] = ids[stale]
         return self.code[slots]
 
-    def _number(self, attrs: dict[str, Any] | None) -> int:
-        key = attr_content_key(attrs) if attrs else ()
-        code = self._code_of.get(key) if key is not None else None
-        if code is None:
-            code = len(self.attrs)
-            self.attrs.append(attrs)
-            self.keys.append(key)
-            if key is not None:
-                self._code_of[key] = code
-        return code
-
 
 def _slot_contents(space: ItemRows) -> _SlotContents:
-    """The ``_SlotContents`` of ``space`` (a new one when full)."""
+    """The ``_SlotContents`` of ``space`` (a new one with a new ``AttrContents``)."""
+    contents = attr_contents()
     found = space.memo.get(_SlotContents)
-    if found is None or found.full():
-        found = space.memo[_SlotContents] = _SlotContents()
+    if found is None or found.contents is not contents:
+        found = space.memo[_SlotContents] = _SlotContents(contents)
     return found
 
 
 class _StaticRows:
     """One ``ColumnScorer``'s static item terms per slot of an ``ItemRows``, as three
     parts: ``item=<id>`` (once per slot), the catalog attributes' ``i:<attr>`` terms
-    (again when the slot's content code changes, ``_SlotContents``: summed once per
-    code, so a new ranker version sums each content once, not each slot) and the
+    (again when the slot's ``AttrContents`` code changes, ``_SlotContents``: each
+    code summed once per ranker for every user shard, ``ColumnScorer._code_terms``) and the
     table's terms, item profile and ``i:category`` (again when the shard's table
     generation changes: read from the table's ``_TableTerms`` and the category code
     ``ItemRows.fill`` keeps, with no per-item feature dicts).
@@ -443,7 +522,7 @@ class _StaticRows:
     def __init__(self, scorer: ColumnScorer, contents: _SlotContents) -> None:
         self.scorer = scorer
         self.contents = contents
-        """The ``ItemRows``' content codes this one's ``code`` refers to."""
+        """The ``ItemRows``' slot codes (their ``AttrContents``: what ``code`` refers to)."""
         self.item_w = np.zeros(0)
         self.table_term = np.zeros(0)
         self.attr_term = np.zeros(0)
@@ -451,16 +530,11 @@ class _StaticRows:
         """``item_w + table_term + attr_term`` of each slot (that sum, kept as they change)."""
         self.gen = np.zeros(0, np.int64)
         self.code = np.zeros(0, np.int64)
-        """The content code each slot's ``attr_term`` is of (-1: none yet)."""
+        """The ``AttrContents`` code each slot's ``attr_term`` is of (-1: none yet)."""
         self.over_cat = np.zeros(0, bool)
         """The attributes give ``i:category`` (the table's category does not count)."""
-        self.code_term = np.zeros(0)
-        """Per content code: the attributes' term (where ``code_known``)."""
-        self.code_known = np.zeros(0, bool)
-        self.code_over = np.zeros(0, bool)
-        """Per content code: its attributes give ``i:category``."""
-        self.code_keys: list[frozenset[str] | None] = []
-        """Per content code: the ``i:<attr>`` keys (None: not summed yet)."""
+        self.keysets_seen: set[int] = set()
+        """The ``AttrContents.keysets`` whose keys ``keys`` and ``attr_union`` hold."""
         self.cat_w = np.zeros(1)
         """``i:category=<name>`` weight per category code of the ``ItemRows`` (0: none)."""
         self.keys: set[str] = set()
@@ -525,34 +599,15 @@ class _StaticRows:
         if fresh.any():
             self.item_w[rows[fresh]] = [get(f"item={cols.item_ids[j]}", 0.0)
                                         for j in new[fresh].tolist()]
-        self._sum_codes(codes)
-        self.attr_term[rows] = self.code_term[codes]
-        self.over_cat[rows] = self.code_over[codes]
+        contents = self.contents.contents
+        self.attr_term[rows] = self.scorer._code_terms(contents, codes)
+        self.over_cat[rows] = contents.over_cat[codes]
+        for k in set(contents.keyset[codes].tolist()) - self.keysets_seen:
+            self.keys.update(contents.keysets[k])
+            self.attr_union.update(contents.keysets[k])
+            self.keysets_seen.add(k)
         self.code[rows] = codes
         self.gen[rows] = -1
-
-    def _sum_codes(self, codes: np.ndarray) -> None:
-        """The term, keys and category flag of each content code of ``codes`` not summed
-        yet (``ColumnScorer._content_term``: kept per content for every user shard)."""
-        n = len(self.contents.attrs)
-        if self.code_known.size < n:
-            self.code_term = _grown(self.code_term, n, 0.0)
-            self.code_known = _grown(self.code_known, n, False)
-            self.code_over = _grown(self.code_over, n, False)
-            self.code_keys.extend([None] * (n - len(self.code_keys)))
-        todo = codes[~self.code_known[codes]]
-        if not todo.size:
-            return
-        content_term, attrs, keys_of = (self.scorer._content_term, self.contents.attrs,
-                                        self.contents.keys)
-        for c in np.unique(todo).tolist():
-            term, keys = content_term(attrs[c], keys_of[c])
-            self.keys.update(keys)
-            self.attr_union.update(keys)
-            self.code_term[c] = term
-            self.code_over[c] = "i:category" in keys
-            self.code_keys[c] = keys
-        self.code_known[todo] = True
 
     def _table_rows(self, space: ItemRows, slots: np.ndarray, stale: np.ndarray,
                     cols: ItemColumns) -> None:
@@ -577,7 +632,7 @@ class _StaticRows:
             if not terms.exact and union is not None and terms.names.isdisjoint(union):
                 continue  # no slot's attributes name a profile feature of this table
             for n in at:
-                keys = self.code_keys[self.code[rows[n]]]
+                keys = self.contents.contents.feature_keys[self.code[rows[n]]]
                 if terms.exact or (keys and not terms.names.isdisjoint(keys)):
                     j = stale_at[n]
                     exact = self.scorer._static_term(items[j], table, cols.attrs[j])[0]

@@ -161,10 +161,11 @@ def test_array_static_terms_follow_item_table_versions_within_1e_9(
 
 def test_a_new_ranker_versions_static_terms_read_each_content_once(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A new ranker version reads the slots' catalog attributes as the content codes the
-    former version numbered (``_SlotContents``, kept per ``ItemRows``): its static terms
-    equal those of a fresh space bit for bit, and it sums each content once (equal
-    attributes of other items, other objects, once; unhashable ones once per object)."""
+    """A new ranker version reads the slots' catalog attributes as the codes the former
+    version read (``_SlotContents``, kept per ``ItemRows``; ``AttrContents``, one per
+    process): its static terms equal those of a fresh space bit for bit, and it sums
+    each content once (equal attributes of other items, other objects, once; unhashable
+    ones once per object), for every space of the process."""
     from models.features import SERVING_POSITION
     from operators.linear_scorer import ColumnScorer, column_scorer, linear_scorer
     from state.item_rows import ItemRows
@@ -220,6 +221,8 @@ def test_a_new_ranker_versions_static_terms_read_each_content_once(
     version(300, T0 + 1_000)  # a new ranker version on the same space
     kept = scores(space, T0 + 1_000)
     assert len(summed) == 2 + unhashable, "one sum per content code, not per slot"
+    summed.clear()
     fresh = ItemRows(server.covis_view, server.item_shard_of)
     fresh.sync(server.views.table_map())
     assert np.array_equal(scores(fresh, T0 + 1_000), kept)
+    assert len(summed) == unhashable, "another space reuses the process's sums"
