@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from operators.linear_scorer import MAX_ATTR_CONTENTS, MAX_ATTR_MEMO
+from operators.linear_scorer import MAX_ATTR_MEMO
 from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
 from state.change_log import LOG as CATALOG_LOG
@@ -240,12 +240,10 @@ def memory_bound(config: Config) -> dict[str, Any]:
                                                       * (b["index_item"] + 8 + 4 * mf.dim))
                               if items.enabled else 0.0),
         # plus the serving copy's static terms of distinct catalog attribute sets
-        # (operators/linear_scorer.py ColumnScorer._attr_memo, one per process) and the
-        # attribute sets numbered for every ranker version (AttrContents, one per process:
-        # a key and feature keys each, counted as a memo entry)
+        # (operators/linear_scorer.py ColumnScorer._attr_memo, one per process)
         "ranker": (config.ranker.max_waiting * b["waiting_example"]
                    + 3 * config.ranker.max_features * b["ranker_weight"]
-                   + (MAX_ATTR_MEMO + MAX_ATTR_CONTENTS) * b["attr_memo_entry"]
+                   + MAX_ATTR_MEMO * b["attr_memo_entry"]
                    if config.ranker.enabled else 0.0),
         "routing": 2 * sh.routing_cache * b["routing_cache_entry"],
     }

@@ -136,28 +136,6 @@ def linear_scorer(ranker: Ranker) -> LinearScorer | None:
 MAX_ATTR_MEMO = 4_096
 """Distinct attribute sets whose static term ``ColumnScorer`` keeps (cleared when full)."""
 
-
-def attr_content_key(attrs: dict[str, Any] | None) -> tuple[Any, ...] | None:
-    """Catalog attributes as ``ColumnScorer`` keeps their static term: (name, type, value)
-    in dict order, so 1, 1.0 and True are apart and a sum over them adds in the same
-    order; None without attributes or with an unhashable (list) value."""
-    if not attrs:
-        return None
-    key = tuple([(k, type(v), v) for k, v in attrs.items()])
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
-def _grown(arr: np.ndarray, size: int, fill: Any) -> np.ndarray:
-    """``arr`` lengthened to ``size`` (when shorter) with ``fill``."""
-    if arr.size >= size:
-        return arr
-    return np.concatenate([arr, np.full(size - arr.size, fill, arr.dtype)])
-
-
 _MAX_UNPUBLISHED = 100_000
 """Most memoised static terms of items outside every loaded table, per ranker."""
 
@@ -183,10 +161,8 @@ class ColumnScorer:
         """``_sum`` of each ``FixedFeatures`` object (kept, so its id stays its own)."""
         self._attr_memo: dict[tuple[Any, ...], tuple[float, frozenset[str]]] = {}
         """``_sum`` and keys of the ``i:<attr>`` features of catalog attributes, by their
-        content (``attr_content_key``): one sum per distinct set of attributes for every
-        user shard's slots."""
-        self._codes: tuple[AttrContents, np.ndarray, np.ndarray] | None = None
-        """(``AttrContents``, each code's attributes term, whether it is summed yet)."""
+        content ((name, type, value) in dict order; ``_StaticRows._attr_terms``): one
+        sum per distinct set of attributes for every user shard's slots."""
 
     def predict(self, user_id: str, ts_ms: int, context: dict[str, Any] | None,
                 position: int | None, user_extra: dict[str, Any] | None,
@@ -260,9 +236,8 @@ class ColumnScorer:
         space, slots = cols.space, cols.slots
         assert space is not None and slots is not None
         memo = space.memo.get(ColumnScorer)
-        contents = _slot_contents(space)
-        if memo is None or memo.scorer is not self or memo.contents is not contents:
-            memo = space.memo[ColumnScorer] = _StaticRows(self, contents)
+        if memo is None or memo.scorer is not self:
+            memo = space.memo[ColumnScorer] = _StaticRows(self)
         static = memo.terms(space, slots, cols)
         if user_keys and not memo.keys.isdisjoint(user_keys):
             return None
@@ -316,16 +291,16 @@ class ColumnScorer:
 
     def _attr_term(self, attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
         """(``_sum``, keys) of the ``i:<attr>`` features of catalog attributes
-        (``static_item_features`` without a table), kept by the attributes' content
-        (``attr_content_key``); attributes with an unhashable value are summed each time."""
-        return self._content_term(attrs, attr_content_key(attrs))
-
-    def _content_term(self, attrs: dict[str, Any] | None, key: tuple[Any, ...] | None
-                      ) -> tuple[float, frozenset[str]]:
-        """``_attr_term`` of attributes whose ``attr_content_key`` is ``key`` (None: not
-        kept)."""
-        if key is not None:
-            hit = self._attr_memo.get(key)
+        (``static_item_features`` without a table), kept by the attributes' content:
+        (name, type, value) in dict order, so 1, 1.0 and True are apart and the sum adds
+        in the same order; attributes with an unhashable value are summed each time."""
+        key = None
+        if attrs:
+            try:
+                key = tuple([(k, type(v), v) for k, v in attrs.items()])
+                hit = self._attr_memo.get(key)
+            except TypeError:  # a list value: no memo
+                key = hit = None
             if hit is not None:
                 return hit
         extra = static_item_features("", None, attrs)
@@ -335,26 +310,6 @@ class ColumnScorer:
                 self._attr_memo.clear()
             self._attr_memo[key] = found
         return found
-
-    def _code_terms(self, contents: AttrContents, codes: np.ndarray) -> np.ndarray:
-        """The attributes' term (``_content_term``) of each ``AttrContents`` code of
-        ``codes``: summed once per code for every user shard of the process."""
-        memo = self._codes
-        if memo is None or memo[0] is not contents or memo[1].size < len(contents.attrs):
-            size = 2 * len(contents.attrs) + 64
-            if memo is not None and memo[0] is contents:
-                memo = (contents, _grown(memo[1], size, 0.0), _grown(memo[2], size, False))
-            else:
-                memo = (contents, np.zeros(size), np.zeros(size, bool))
-            self._codes = memo
-        _, terms, known = memo
-        todo = codes[~known[codes]]
-        if todo.size:
-            attrs, keys = contents.attrs, contents.keys
-            for c in np.unique(todo).tolist():
-                terms[c] = self._content_term(attrs[c], keys[c])[0]
-            known[todo] = True
-        return terms[codes]
 
     def _shared_sum(self, extra: dict[str, Any]) -> float:
         """``_sum``, memoised for the ``FixedFeatures`` objects every request shares (a
@@ -390,151 +345,30 @@ class _TableTerms:
         self.prof = prof
 
 
-MAX_ATTR_CONTENTS = 16_384
-"""Catalog attribute contents numbered per process (``AttrContents``; numbered anew when
-full)."""
-
-
-class AttrContents:
-    """Catalog attribute contents numbered once per process, whatever the ranker: a code
-    stands for one ``attr_content_key`` (all attributes without any share one) or for one
-    attributes object without a key (an unhashable value), with what every ranker reads
-    of it: its ``i:<attr>`` feature keys, whether they give ``i:category`` and the id of
-    its key set. Codes only grow (appended under a lock: user shards may be threads)."""
-
-    def __init__(self) -> None:
-        self.attrs: list[dict[str, Any] | None] = []
-        """Per code: attributes with that content (the first seen)."""
-        self.keys: list[tuple[Any, ...] | None] = []
-        """Per code: its ``attr_content_key`` (None: the code of one object)."""
-        self.feature_keys: list[frozenset[str]] = []
-        """Per code: the ``i:<attr>`` keys of its features."""
-        self.over_cat = np.zeros(0, bool)
-        """Per code: its features give ``i:category``."""
-        self.keyset = np.zeros(0, np.int64)
-        """Per code: the position of its ``feature_keys`` in ``keysets``."""
-        self.keysets: list[frozenset[str]] = []
-        """The distinct ``feature_keys`` (few: one per attribute schema)."""
-        self._code_of: dict[tuple[Any, ...], int] = {}
-        self._keyset_of: dict[frozenset[str], int] = {}
-        self._lock = threading.Lock()
-
-    def full(self) -> bool:
-        return len(self.attrs) >= MAX_ATTR_CONTENTS
-
-    def code(self, attrs: dict[str, Any] | None) -> int:
-        """The code of ``attrs`` (a new one for a new content)."""
-        key = attr_content_key(attrs) if attrs else ()
-        code = self._code_of.get(key) if key is not None else None
-        if code is not None:
-            return code
-        with self._lock:
-            code = self._code_of.get(key) if key is not None else None
-            if code is None:
-                code = self._append(attrs, key)
-        return code
-
-    def _append(self, attrs: dict[str, Any] | None, key: tuple[Any, ...] | None) -> int:
-        code = len(self.attrs)
-        names = frozenset(static_item_features("", None, attrs))
-        keyset = self._keyset_of.get(names)
-        if keyset is None:
-            keyset = self._keyset_of[names] = len(self.keysets)
-            self.keysets.append(names)
-        if self.keyset.size <= code:  # grown by doubling: readers index arrays they read
-            self.keyset = _grown(self.keyset, 2 * code + 64, -1)
-            self.over_cat = _grown(self.over_cat, 2 * code + 64, False)
-        self.keyset[code] = keyset
-        self.over_cat[code] = "i:category" in names
-        self.attrs.append(attrs)
-        self.keys.append(key)
-        self.feature_keys.append(names)
-        if key is not None:
-            self._code_of[key] = code
-        return code
-
-
-_CONTENTS = [AttrContents()]
-
-
-def attr_contents() -> AttrContents:
-    """The process's current ``AttrContents`` (a new one when full)."""
-    current = _CONTENTS[0]
-    if current.full():
-        with _SCORERS_LOCK:
-            if _CONTENTS[0] is current:
-                _CONTENTS[0] = AttrContents()
-    return _CONTENTS[0]
-
-
-class _SlotContents:
-    """Each slot's catalog attributes as its ``AttrContents`` code, whatever the ranker:
-    one per ``ItemRows`` (in its ``memo``, dropped with the slots), so a new ranker
-    version's ``_StaticRows`` reads codes, not attributes. A slot is read again only when
-    its attributes object changes; the object is kept, so its ``id`` stays its own."""
-
-    def __init__(self, contents: AttrContents) -> None:
-        self.contents = contents
-        self.attr_id = np.zeros(0, np.int64)
-        """``id`` of the attributes object each slot's code was read from (0: none)."""
-        self.kept = np.zeros(0, object)
-        self.code = np.zeros(0, np.int64)
-
-    def codes(self, capacity: int, slots: np.ndarray, ids: np.ndarray,
-              attrs: list[dict[str, Any] | None]) -> np.ndarray:
-        """The code of each slot of ``slots`` (``ids``: ``id`` of each one's attributes
-        object in ``attrs``; ``capacity``: the ``ItemRows``' slot count)."""
-        if self.code.size < capacity:
-            self.attr_id = _grown(self.attr_id, capacity, 0)
-            self.kept = _grown(self.kept, capacity, None)
-            self.code = _grown(self.code, capacity, -1)
-        stale = (self.attr_id[slots] != ids).nonzero()[0]
-        if stale.size:
-            code = self.contents.code
-            for j in stale.tolist():
-                slot = slots[j]
-                self.code[slot] = code(attrs[j])
-                self.kept[slot] = attrs[j]  # one by one: numpy would unpack tuples
-            self.attr_id[slots[stale]] = ids[stale]
-        return self.code[slots]
-
-
-def _slot_contents(space: ItemRows) -> _SlotContents:
-    """The ``_SlotContents`` of ``space`` (a new one with a new ``AttrContents``)."""
-    contents = attr_contents()
-    found = space.memo.get(_SlotContents)
-    if found is None or found.contents is not contents:
-        found = space.memo[_SlotContents] = _SlotContents(contents)
-    return found
-
-
 class _StaticRows:
     """One ``ColumnScorer``'s static item terms per slot of an ``ItemRows``, as three
     parts: ``item=<id>`` (once per slot), the catalog attributes' ``i:<attr>`` terms
-    (again when the slot's ``AttrContents`` code changes, ``_SlotContents``: each
-    code summed once per ranker for every user shard, ``ColumnScorer._code_terms``) and the
-    table's terms, item profile and ``i:category`` (again when the shard's table
-    generation changes: read from the table's ``_TableTerms`` and the category code
-    ``ItemRows.fill`` keeps, with no per-item feature dicts).
+    (again when the row's attributes object changes; it is kept, so its ``id`` cannot
+    be reused meanwhile) and the table's terms, item profile and ``i:category`` (again
+    when the shard's table generation changes: read from the table's ``_TableTerms``
+    and the category code ``ItemRows.fill`` keeps, with no per-item feature dicts).
     The sum is River's in another order (within 1e-9); an attribute that overrides an
     item-profile name is summed through ``ColumnScorer._static_term`` (exact dicts)."""
 
-    def __init__(self, scorer: ColumnScorer, contents: _SlotContents) -> None:
+    def __init__(self, scorer: ColumnScorer) -> None:
         self.scorer = scorer
-        self.contents = contents
-        """The ``ItemRows``' slot codes (their ``AttrContents``: what ``code`` refers to)."""
         self.item_w = np.zeros(0)
         self.table_term = np.zeros(0)
         self.attr_term = np.zeros(0)
         self.total = np.zeros(0)
         """``item_w + table_term + attr_term`` of each slot (that sum, kept as they change)."""
         self.gen = np.zeros(0, np.int64)
-        self.code = np.zeros(0, np.int64)
-        """The ``AttrContents`` code each slot's ``attr_term`` is of (-1: none yet)."""
+        self.attr_id = np.zeros(0, np.int64)
         self.over_cat = np.zeros(0, bool)
         """The attributes give ``i:category`` (the table's category does not count)."""
-        self.keysets_seen: set[int] = set()
-        """The ``AttrContents.keysets`` whose keys ``keys`` and ``attr_union`` hold."""
+        self.attrs = np.zeros(0, object)
+        self.attr_keys = np.zeros(0, object)
+        """The ``i:<attr>`` keys of each slot's attributes (frozenset)."""
         self.cat_w = np.zeros(1)
         """``i:category=<name>`` weight per category code of the ``ItemRows`` (0: none)."""
         self.keys: set[str] = set()
@@ -544,15 +378,22 @@ class _StaticRows:
         needs no slot's exact sum)."""
 
     def _grow(self, size: int) -> None:
-        if self.item_w.size >= size:
+        old = self.item_w.size
+        if old >= size:
             return
-        self.item_w = _grown(self.item_w, size, np.nan)  # NaN: not computed yet
-        self.table_term = _grown(self.table_term, size, 0.0)
-        self.attr_term = _grown(self.attr_term, size, 0.0)
-        self.total = _grown(self.total, size, np.nan)
-        self.gen = _grown(self.gen, size, -1)
-        self.code = _grown(self.code, size, -1)
-        self.over_cat = _grown(self.over_cat, size, False)
+
+        def grown(arr: np.ndarray, fill: Any) -> np.ndarray:
+            return np.concatenate([arr, np.full(size - old, fill, arr.dtype)])
+
+        self.item_w = grown(self.item_w, np.nan)  # NaN: not computed yet
+        self.table_term = grown(self.table_term, 0.0)
+        self.attr_term = grown(self.attr_term, 0.0)
+        self.total = grown(self.total, np.nan)
+        self.gen = grown(self.gen, -1)
+        self.attr_id = grown(self.attr_id, 0)
+        self.over_cat = grown(self.over_cat, False)
+        self.attrs = grown(self.attrs, None)
+        self.attr_keys = grown(self.attr_keys, None)
 
     def _table_terms(self, table: ItemTable) -> _TableTerms:
         key = (self.scorer, _TableTerms)
@@ -573,11 +414,10 @@ class _StaticRows:
 
     def terms(self, space: ItemRows, slots: np.ndarray, cols: ItemColumns) -> np.ndarray:
         self._grow(space.capacity)
-        codes = self.contents.codes(space.capacity, slots, space.attr_ids(slots, cols.attrs),
-                                    cols.attrs)
-        new_attrs = (self.code[slots] != codes).nonzero()[0]
+        attr_ids = space.attr_ids(slots, cols.attrs)
+        new_attrs = (self.attr_id[slots] != attr_ids).nonzero()[0]
         if new_attrs.size:
-            self._attr_terms(slots, new_attrs, codes[new_attrs], cols)
+            self._attr_terms(slots, new_attrs, attr_ids, cols)
         gen = space.shard_gen[space.shard[slots]]
         stale = (self.gen[slots] != gen).nonzero()[0]
         if stale.size:
@@ -588,25 +428,31 @@ class _StaticRows:
                                    + self.attr_term[changed])
         return self.total[slots]
 
-    def _attr_terms(self, slots: np.ndarray, new: np.ndarray, codes: np.ndarray,
+    def _attr_terms(self, slots: np.ndarray, new: np.ndarray, attr_ids: np.ndarray,
                     cols: ItemColumns) -> None:
-        """``item=<id>`` (first sight) and the attributes' terms of the slots ``new``
-        (``codes``: their content codes); their table terms are read again (the
-        attributes may override the category)."""
+        """``item=<id>`` (first sight) and the attributes' terms of the slots ``new``;
+        their table terms are read again (the attributes may override the category)."""
         get = self.scorer.scorer.weights.get
         rows = slots[new]
         fresh = np.isnan(self.item_w[rows])
         if fresh.any():
             self.item_w[rows[fresh]] = [get(f"item={cols.item_ids[j]}", 0.0)
                                         for j in new[fresh].tolist()]
-        contents = self.contents.contents
-        self.attr_term[rows] = self.scorer._code_terms(contents, codes)
-        self.over_cat[rows] = contents.over_cat[codes]
-        for k in set(contents.keyset[codes].tolist()) - self.keysets_seen:
-            self.keys.update(contents.keysets[k])
-            self.attr_union.update(contents.keysets[k])
-            self.keysets_seen.add(k)
-        self.code[rows] = codes
+        attr_term = self.scorer._attr_term
+        terms: list[float] = []
+        over: list[bool] = []
+        for j, r in zip(new.tolist(), rows.tolist(), strict=True):
+            attrs = cols.attrs[j]
+            term, keys = attr_term(attrs)
+            self.keys.update(keys)
+            self.attr_union.update(keys)
+            terms.append(term)
+            self.attrs[r] = attrs  # one by one: numpy would unpack tuples
+            self.attr_keys[r] = keys
+            over.append("i:category" in keys)
+        self.attr_term[rows] = terms
+        self.over_cat[rows] = over
+        self.attr_id[rows] = attr_ids[new]
         self.gen[rows] = -1
 
     def _table_rows(self, space: ItemRows, slots: np.ndarray, stale: np.ndarray,
@@ -632,7 +478,7 @@ class _StaticRows:
             if not terms.exact and union is not None and terms.names.isdisjoint(union):
                 continue  # no slot's attributes name a profile feature of this table
             for n in at:
-                keys = self.contents.contents.feature_keys[self.code[rows[n]]]
+                keys = self.attr_keys[rows[n]]
                 if terms.exact or (keys and not terms.names.isdisjoint(keys)):
                     j = stale_at[n]
                     exact = self.scorer._static_term(items[j], table, cols.attrs[j])[0]
