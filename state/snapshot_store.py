@@ -77,6 +77,20 @@ def _atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def _read_file(name: str) -> bytes:
+    """The whole content of the file ``name``: ``open(name, "rb").read()`` without a file
+    object (``os.read`` until end of file; ~2 us instead of ~5.5 us for a manifest, read by
+    every reader of every shard at every poll)."""
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _manifest_names(folder: Path) -> list[tuple[int, str]]:
     """(version, file name) of each version manifest ``v<digits>.json`` in ``folder``, in
     directory order (none when it is missing): ``folder.glob("v*.json")`` with a digit
@@ -296,8 +310,7 @@ class SnapshotStore:
         if name is None:
             name = self._latest_paths[kind] = str(self._kind_dir(kind) / "LATEST")
         try:
-            with open(name, "rb") as file:  # no Path object per poll
-                data = file.read()
+            data = _read_file(name)
         except FileNotFoundError:
             return None
         try:
@@ -499,12 +512,13 @@ class SnapshotReader(Generic[T]):
         latest = self.store.latest(self.kind)
         if latest is None:
             return
+        newest = latest.get("version", 0)
+        if self.manifest is not None and newest <= self.manifest["version"]:
+            return  # nothing newer than the current version (the usual poll): no offers
         if max_ts is None or latest.get("ts", 0) <= max_ts:
             yield latest
-        if self.manifest is None or self.manifest["version"] < latest.get("version", 0):
-            yield from (m for m in self.store.manifests(self.kind)
-                        if m["version"] < latest.get("version", 0)
-                        and (max_ts is None or m.get("ts", 0) <= max_ts))
+        yield from (m for m in self.store.manifests(self.kind)
+                    if m["version"] < newest and (max_ts is None or m.get("ts", 0) <= max_ts))
 
     def refresh(self, max_ts: int | None = None) -> bool:
         """Load the newest version of this kind in the store that verifies (and, with
