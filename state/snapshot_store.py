@@ -157,6 +157,9 @@ class SnapshotStore:
         self._pending: list[Future[None]] = []
         self._latest_paths: dict[str, str] = {}
         """kind -> its ``LATEST`` file's path (read at every poll of every reader)."""
+        self._latest_parsed: dict[str, tuple[bytes, Manifest]] = {}
+        """kind -> the last valid ``LATEST`` content read and its manifest: an unchanged
+        file (the usual poll) is not parsed again (callers must not modify manifests)."""
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": str(self.root), "keep": self.keep, "hmac_key": self._key,
@@ -309,10 +312,15 @@ class SnapshotStore:
         name = self._latest_paths.get(kind)
         if name is None:
             name = self._latest_paths[kind] = str(self._kind_dir(kind) / "LATEST")
+        if not os.access(name, os.F_OK):  # a kind not written yet: no exception per poll
+            return None
         try:
             data = _read_file(name)
         except FileNotFoundError:
             return None
+        parsed = self._latest_parsed.get(kind)
+        if parsed is not None and parsed[0] == data:
+            return parsed[1]
         try:
             manifest = orjson.loads(data)
         except orjson.JSONDecodeError as err:
@@ -322,6 +330,7 @@ class SnapshotStore:
                     and isinstance(manifest.get("version"), int)
                     and isinstance(manifest.get("path"), str)
                     and isinstance(manifest.get("sha256"), str)):
+                self._latest_parsed[kind] = (data, manifest)
                 return manifest
             problem = f"not a manifest of kind {kind!r}: {data[:80]!r}"
         newest = self.manifests(kind)

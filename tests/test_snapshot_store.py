@@ -94,6 +94,18 @@ def test_a_reader_at_the_newest_version_is_offered_nothing(tmp_path) -> None:
     assert reader.refresh(max_ts=3) and reader.current == b"3"
 
 
+def test_latest_is_parsed_once_per_content(tmp_path) -> None:
+    """An unchanged LATEST gives the manifest parsed before; a rewritten one is read anew;
+    a kind never written has none (no exception per poll)."""
+    store = SnapshotStore(tmp_path)
+    assert store.latest("k") is None
+    m1 = store.write_bytes("k", "bin", b"1", ts=1)
+    first = store.latest("k")
+    assert first == m1 and store.latest("k") is first
+    m2 = store.write_bytes("k", "bin", b"2", ts=2)
+    assert store.latest("k") == m2 and SnapshotStore(tmp_path).latest("k") == m2
+
+
 def test_read_file_reads_the_whole_file(tmp_path) -> None:
     """``_read_file`` (LATEST at every poll) gives ``read_bytes`` also past one 64 KiB read."""
     for size in (0, 338, 1 << 16, 3 * (1 << 16) + 5):
