@@ -77,6 +77,20 @@ def _atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def _read_file(name: str) -> bytes:
+    """The whole content of the file ``name``: ``open(name, "rb").read()`` without a file
+    object (``os.read`` until end of file; ~2 us instead of ~5.5 us for a manifest, read by
+    every reader of every shard at every poll)."""
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _manifest_names(folder: Path) -> list[tuple[int, str]]:
     """(version, file name) of each version manifest ``v<digits>.json`` in ``folder``, in
     directory order (none when it is missing): ``folder.glob("v*.json")`` with a digit
@@ -143,6 +157,9 @@ class SnapshotStore:
         self._pending: list[Future[None]] = []
         self._latest_paths: dict[str, str] = {}
         """kind -> its ``LATEST`` file's path (read at every poll of every reader)."""
+        self._latest_parsed: dict[str, tuple[bytes, Manifest]] = {}
+        """kind -> the last valid ``LATEST`` content read and its manifest: an unchanged
+        file (the usual poll) is not parsed again (callers must not modify manifests)."""
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": str(self.root), "keep": self.keep, "hmac_key": self._key,
@@ -295,11 +312,15 @@ class SnapshotStore:
         name = self._latest_paths.get(kind)
         if name is None:
             name = self._latest_paths[kind] = str(self._kind_dir(kind) / "LATEST")
+        if not os.access(name, os.F_OK):  # a kind not written yet: no exception per poll
+            return None
         try:
-            with open(name, "rb") as file:  # no Path object per poll
-                data = file.read()
+            data = _read_file(name)
         except FileNotFoundError:
             return None
+        parsed = self._latest_parsed.get(kind)
+        if parsed is not None and parsed[0] == data:
+            return parsed[1]
         try:
             manifest = orjson.loads(data)
         except orjson.JSONDecodeError as err:
@@ -309,6 +330,7 @@ class SnapshotStore:
                     and isinstance(manifest.get("version"), int)
                     and isinstance(manifest.get("path"), str)
                     and isinstance(manifest.get("sha256"), str)):
+                self._latest_parsed[kind] = (data, manifest)
                 return manifest
             problem = f"not a manifest of kind {kind!r}: {data[:80]!r}"
         newest = self.manifests(kind)
@@ -499,12 +521,13 @@ class SnapshotReader(Generic[T]):
         latest = self.store.latest(self.kind)
         if latest is None:
             return
+        newest = latest.get("version", 0)
+        if self.manifest is not None and newest <= self.manifest["version"]:
+            return  # nothing newer than the current version (the usual poll): no offers
         if max_ts is None or latest.get("ts", 0) <= max_ts:
             yield latest
-        if self.manifest is None or self.manifest["version"] < latest.get("version", 0):
-            yield from (m for m in self.store.manifests(self.kind)
-                        if m["version"] < latest.get("version", 0)
-                        and (max_ts is None or m.get("ts", 0) <= max_ts))
+        yield from (m for m in self.store.manifests(self.kind)
+                    if m["version"] < newest and (max_ts is None or m.get("ts", 0) <= max_ts))
 
     def refresh(self, max_ts: int | None = None) -> bool:
         """Load the newest version of this kind in the store that verifies (and, with

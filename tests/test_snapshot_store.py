@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from state.snapshot_store import SnapshotError, SnapshotReader, SnapshotStore
+from state.snapshot_store import SnapshotError, SnapshotReader, SnapshotStore, _read_file
 
 
 def test_versions_monotonic_across_restarts_and_pruned(tmp_path) -> None:
@@ -75,6 +75,45 @@ def test_reader_takes_only_newer_versions(tmp_path) -> None:
     reader = SnapshotReader(store, "k", lambda p: p.read_bytes())
     assert reader.offer(m2) and not reader.offer(m1) and reader.current == b"2"
     assert not reader.offer(dict(m2, kind="other"))
+
+
+def test_a_reader_at_the_newest_version_is_offered_nothing(tmp_path) -> None:
+    """Issue 18 point 1 (batch17): the usual poll (nothing newer) offers no manifest and
+    lists no older ones; a newer LATEST beyond ``max_ts`` still leads to the older
+    versions, newest first (``refresh`` takes the first that is newer and verifies)."""
+    store = SnapshotStore(tmp_path)
+    for n in (1, 2):
+        store.write_bytes("k", "bin", b"%d" % n, ts=n)
+    reader = SnapshotReader(store, "k", lambda p: p.read_bytes())
+    assert reader.refresh() and reader.version == 2
+    assert list(reader.candidates()) == [] and not reader.refresh()
+    store.write_bytes("k", "bin", b"3", ts=3)
+    store.write_bytes("k", "bin", b"4", ts=4)
+    assert [m["version"] for m in reader.candidates(max_ts=3)] == [3, 2, 1]  # LATEST too new
+    assert [m["version"] for m in reader.candidates()] == [4, 3, 2, 1]
+    assert reader.refresh(max_ts=3) and reader.current == b"3"
+
+
+def test_latest_is_parsed_once_per_content(tmp_path) -> None:
+    """An unchanged LATEST gives the manifest parsed before; a rewritten one is read anew;
+    a kind never written has none (no exception per poll)."""
+    store = SnapshotStore(tmp_path)
+    assert store.latest("k") is None
+    m1 = store.write_bytes("k", "bin", b"1", ts=1)
+    first = store.latest("k")
+    assert first == m1 and store.latest("k") is first
+    m2 = store.write_bytes("k", "bin", b"2", ts=2)
+    assert store.latest("k") == m2 and SnapshotStore(tmp_path).latest("k") == m2
+
+
+def test_read_file_reads_the_whole_file(tmp_path) -> None:
+    """``_read_file`` (LATEST at every poll) gives ``read_bytes`` also past one 64 KiB read."""
+    for size in (0, 338, 1 << 16, 3 * (1 << 16) + 5):
+        path = tmp_path / f"f{size}"
+        path.write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+        assert _read_file(str(path)) == path.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        _read_file(str(tmp_path / "missing"))
 
 
 def test_readers_never_see_a_partial_file(tmp_path) -> None:
