@@ -531,6 +531,8 @@ class ItemFactors:
         # full resync when the caller is older than the tracked history, or ahead of it
         # (this table was restored from an older snapshot than the caller's version)
         full = version <= self._horizon or version == 0 or version > self._version
+        if not full and version == self._version:  # nothing since: no scan of every item
+            return ItemChanges(version, [], [], False)
         if full:
             up = list(self._changed)
             removed: list[str] = []

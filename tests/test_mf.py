@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from events.simulator import SimConfig, Simulator
-from models.mf import ItemFactors, MFConfig, UserFactors
+from models.mf import ItemChanges, ItemFactors, MFConfig, UserFactors
 
 POSITIVE = {"click", "like", "purchase"}
 T0 = 1_767_225_600_000
@@ -226,7 +226,7 @@ def test_changed_since_remove_revive_expire() -> None:
     items.update("b", u, T0 + 10)
     ch = items.changed_since(v1)
     assert (ch.upserted, ch.removed, ch.full) == (["b"], [], False)
-    assert items.changed_since(ch.version).upserted == []
+    assert items.changed_since(ch.version) == ItemChanges(ch.version, [], [], False)
     v2 = items.version
     assert items.remove(["a", "zz"]) == 1
     frozen = items.vectors(["a"]).copy()
