@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: a cached simulated log and the passthrough baseline."""
+"""Shared pieces of the benchmarks: a cached simulated log, the passthrough baseline and a
+garbage-collection pause hook."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,22 @@ from operators.sources import ReplaySource  # noqa: E402
 from state.hashing import stable_hash64  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "streamrec-bench"
+
+
+def gc_pause_hook(record: Callable[[int, int, int], None],
+                  clock: Callable[[], int] = time.perf_counter_ns
+                  ) -> Callable[[str, dict[str, Any]], None]:
+    """A ``gc.callbacks`` hook that calls ``record(generation, start, duration)`` at the
+    end of every collection of this process, both in ``clock``'s ns (wall, epoch or
+    thread CPU); the caller appends it to ``gc.callbacks`` and removes it."""
+    started = [0]
+
+    def hook(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = clock()
+        else:
+            record(info["generation"], started[0], clock() - started[0])
+    return hook
 
 
 def simulated_log(n: int, seed: int = 0, config: SimConfig | None = None) -> Path:

@@ -35,7 +35,7 @@ from throughput import zero_config_world
 from flows import runtime
 from flows.inprocess import InProcessFlow
 
-from common import simulated_log
+from common import gc_pause_hook, simulated_log
 
 
 def survivor_sites(n: int, sample: int = 60_000, seed: int = 1) -> list[tuple[str, float, str]]:
@@ -66,13 +66,10 @@ def replay(log: Path, warm: int, live: int, batch: int, sites: int) -> dict[str,
     runtime.apply(runtime.RuntimeConfig())
     flow = InProcessFlow(None)
     pauses: list[tuple[int, float]] = []
-    started = [0.0]
 
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started[0] = time.thread_time()
-        else:
-            pauses.append((info["generation"], (time.thread_time() - started[0]) * 1e3))
+    def pause(generation: int, start: int, dur: int) -> None:
+        pauses.append((generation, dur / 1e6))  # thread CPU ms
+    on_gc = gc_pause_hook(pause, time.thread_time_ns)
 
     try:
         for i in range(0, warm, 1_000):

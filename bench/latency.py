@@ -78,7 +78,7 @@ from events.simulator import SimConfig, Simulator
 from flows.broker import LocalBroker, create_topics, free_port
 from flows.recsys import OUTPUTS
 
-from common import flow_process_args, root_pythonpath
+from common import flow_process_args, gc_pause_hook, root_pythonpath
 
 APP = "latbench"
 WARMUP_EVENTS = 20_000
@@ -171,15 +171,11 @@ def trace(path: str) -> None:
             ("loader_thread", snapshot_views.SnapshotViews, "_prepare_round")):
         setattr(cls, method, timed(name, getattr(cls, method)))
 
-    started = [0]
+    def pause(generation: int, start: int, dur: int) -> None:
+        if dur >= 1_000_000:
+            line(f"gc {start} {dur} {generation}")
 
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started[0] = time.time_ns()
-        elif (dur := time.time_ns() - started[0]) >= 1_000_000:
-            line(f"gc {started[0]} {dur} {info['generation']}")
-
-    gc.callbacks.append(on_gc)
+    gc.callbacks.append(gc_pause_hook(pause, time.time_ns))
 
 
 def rival_flow(path: str, sync_load: bool = False, flush_each_batch: bool = False,
@@ -537,13 +533,11 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         """request_id -> (wall s the client's producer saw the broker's acknowledgement,
         the request's offset and partition)."""
         client_gc: list[tuple[int, int]] = []
-        gc_started = [0]
 
-        def on_gc(phase: str, info: dict[str, int]) -> None:
-            if phase == "start":
-                gc_started[0] = time.time_ns()
-            elif (dur := time.time_ns() - gc_started[0]) >= 1_000_000:
-                client_gc.append((gc_started[0], dur))
+        def client_pause(generation: int, start: int, dur: int) -> None:
+            if dur >= 1_000_000:
+                client_gc.append((start, dur))
+        on_gc = gc_pause_hook(client_pause, time.time_ns)
 
         try:
             for event in warm:

@@ -75,7 +75,14 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from common import ROOT, count_lines, flow_process_args, root_pythonpath, simulated_log  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    count_lines,
+    flow_process_args,
+    gc_pause_hook,
+    root_pythonpath,
+    simulated_log,
+)
 
 STAGES = ("user_shard", "item_shard", "ranker", "pool_trainer", "index", "metrics")
 SINGLE_KEY = ("ranker", "pool_trainer", "index", "metrics")
@@ -191,15 +198,11 @@ def _install_unpickle_counter(received: list[float]) -> None:
 
 def _install_gc_timer(gc_ns: list[int]) -> None:
     """Add the wall time of every garbage collection of this process to ``gc_ns[0]``."""
-    started = [0]
 
-    def callback(phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            started[0] = time.perf_counter_ns()
-        else:
-            gc_ns[0] += time.perf_counter_ns() - started[0]
+    def add(generation: int, start: int, dur: int) -> None:
+        gc_ns[0] += dur
 
-    gc.callbacks.append(callback)
+    gc.callbacks.append(gc_pause_hook(add))
 
 
 def timed_flow(config: dict[str, Any], stats_path: str) -> Any:

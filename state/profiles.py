@@ -13,7 +13,8 @@ stored as keys), per feature:
   stays raw while ``ts >= floor(wm - raw_ms, g0)`` where ``wm = max_ts - lateness_ms`` is
   the entity's watermark (floored to the finest slice ``g0``).
 * ``slices``: ``[(start, end, acc), ...]`` (tuples, replaced when a slice changes; read
-  back as tuples), sorted, disjoint, each aligned to its own granularity. Tier ``i`` (granularity ``g_i``) holds data younger than ``span_i``
+  back as tuples), sorted, disjoint, each aligned to its own granularity. Tier ``i``
+  (granularity ``g_i``) holds data younger than ``span_i``
   (default: 1-minute slices for the last hour, 1-hour slices for the last day, 1-day
   slices beyond). As the watermark moves, slices are merged into the enclosing coarser
   slice with the aggregate's reduce function (compaction).
