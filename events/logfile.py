@@ -44,12 +44,17 @@ def check_log(path: str | Path) -> None:
         raise LogFileError(f"{path}: not a gzip file (the name ends in .gz)")
 
 
+IO_BUFFER_BYTES = 1 << 20
+"""Buffer of a plain log read and of an output file written (bytes): one system call per
+MiB instead of per block (4 KiB here) or per written chunk."""
+
+
 def open_log(path: str | Path) -> IO[bytes]:
     """Open a JSONL log for binary reading, transparently gunzipping ``.gz``."""
     path = Path(path)
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
-    return path.open("rb")
+    return path.open("rb", buffering=IO_BUFFER_BYTES)
 
 
 @dataclass(slots=True)
