@@ -14,7 +14,7 @@ from typing import IO
 GZIP_MAGIC = b"\x1f\x8b"
 
 READ_CHUNK_BYTES = 1 << 16
-"""Bytes read at a time while skipping the rest of an over-long line."""
+"""Line length above which ``count_lines`` reads a line in pieces (never whole)."""
 
 
 class LogFileError(ValueError):
