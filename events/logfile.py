@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import stat
 import zlib
@@ -13,7 +14,7 @@ from typing import IO
 GZIP_MAGIC = b"\x1f\x8b"
 
 READ_CHUNK_BYTES = 1 << 16
-"""Bytes read at a time while skipping the rest of an over-long line."""
+"""Line length above which ``count_lines`` reads a line in pieces (never whole)."""
 
 
 class LogFileError(ValueError):
@@ -43,12 +44,17 @@ def check_log(path: str | Path) -> None:
         raise LogFileError(f"{path}: not a gzip file (the name ends in .gz)")
 
 
+IO_BUFFER_BYTES = 1 << 20
+"""Buffer of a plain log read and of an output file written (bytes): one system call per
+MiB instead of per block (4 KiB here) or per written chunk."""
+
+
 def open_log(path: str | Path) -> IO[bytes]:
     """Open a JSONL log for binary reading, transparently gunzipping ``.gz``."""
     path = Path(path)
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
-    return path.open("rb")
+    return path.open("rb", buffering=IO_BUFFER_BYTES)
 
 
 @dataclass(slots=True)
@@ -60,25 +66,32 @@ class LongLine:
     size: int
 
 
+def line_pieces(f: IO[bytes], max_bytes: int | None = None) -> Iterator[bytes]:
+    """``f.readline`` until the end, pulled in C: each line whole, or with ``max_bytes``
+    at most ``max_bytes + 2`` bytes a piece (a longer line comes as several pieces, the
+    last one ending with its newline, if any)."""
+    if max_bytes is None:
+        return iter(f.readline, b"")
+    return iter(functools.partial(f.readline, max_bytes + 2), b"")
+
+
 def iter_lines(f: IO[bytes], max_bytes: int | None = None) -> Iterator[tuple[int, bytes | LongLine]]:
     """``(bytes consumed, line)`` for each line of ``f`` (the line with its ending).
 
     With ``max_bytes``, a line whose content (without ``\\r\\n``) may exceed it is never
     held whole: its first ``max_bytes + 2`` bytes are kept, the rest is read and dropped
-    in chunks of ``READ_CHUNK_BYTES`` up to the next newline, and it is yielded as a
-    ``LongLine``; memory stays O(max_bytes) whatever the file holds. Decompression
-    errors of a damaged ``.gz`` propagate (``EOFError``, ``OSError``).
+    in pieces of that size up to the next newline, and it is yielded as a ``LongLine``;
+    memory stays O(max_bytes) whatever the file holds. Decompression errors of a
+    damaged ``.gz`` propagate (``EOFError``, ``OSError``).
     """
     limit = None if max_bytes is None else max_bytes + 2
-    while True:
-        line = f.readline() if limit is None else f.readline(limit)
-        if not line:
-            return
+    pieces = line_pieces(f, max_bytes)
+    for line in pieces:
         if limit is None or len(line) < limit or line.endswith(b"\n"):
             yield len(line), line
             continue
         size, tail = len(line), line[-2:]
-        while part := f.readline(READ_CHUNK_BYTES):
+        for part in pieces:
             size, tail = size + len(part), (tail + part)[-2:]
             if part.endswith(b"\n"):
                 break

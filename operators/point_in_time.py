@@ -467,7 +467,7 @@ class PointInTime:
         snapshots and no cross profiles (``_resolve_plain`` on the items column-wise)."""
         if self.views is not None or self._crosses:
             return self.resolve_all(self.deferred_run(user_id, item_ids, ts_ms), wire)
-        ctx = self.deferred_features(user_id, item_ids[0], ts_ms)[0].ctx  # the group's context
+        ctx = self._shared_context(user_id, ts_ms).ctx  # the group's (deferred_features')
         consumed = ctx.consumed
         out: list[Any] = [None] * len(item_ids)
         self._resolve_plain(ctx, item_ids, list(map(self.catalog.get, item_ids)),
@@ -600,14 +600,15 @@ class PointInTime:
         its ``ui.*`` columns (``item_columns`` gives only those here: 0.0 for the others,
         compacted away), merged as ``resolve_all`` merges them; ``wire``: their wire value,
         the concatenation of the encoded parts, where each encodes as a part (the head of
-        a profile and static part taken once per group and static names)."""
+        a profile and static part and the profile's values taken once per group and static
+        names)."""
         profile = ctx.profile
         keys = profile.keys()
         rounded = float32_features(compact(profile))
         part = encoded_part(rounded) if wire else None
         statics, static_part_of = self._statics, self._static_part
-        heads: dict[tuple[str, ...], str] = {}
-        values = part[1] if part is not None else []
+        starts: dict[tuple[str, ...], list[Any]] = {}
+        """Static names -> a row's head and profile values (``join_parts``' first items)."""
         recency: dict[str, float] | None = None
         for j, item, attrs, was_seen in zip(members, items, attrs_of, seen, strict=True):
             hit = statics.get(item)
@@ -630,13 +631,13 @@ class PointInTime:
             elif not keys.isdisjoint(static):
                 out[j] = float32_features(compact({**profile, **static}))
             elif part is not None and static_part is not None:
-                head = heads.get(static_part[0])
-                if head is None:  # join_parts, once per static names of the group
+                start = starts.get(static_part[0])
+                if start is None:  # join_parts, once per static names of the group
                     row = out[j] = join_parts(part, static_part)
                     if type(row[0]) is str:
-                        heads[static_part[0]] = row[0]
+                        starts[static_part[0]] = row[:len(row) - len(static_part[1])]
                 else:
-                    out[j] = [head, *values, *static_part[1]]
+                    out[j] = start + static_part[1]
             else:
                 out[j] = {**rounded, **static_rounded}
 

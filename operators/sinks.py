@@ -22,6 +22,7 @@ from bytewax.outputs import (
     StatelessSinkPartition,
 )
 
+from events.logfile import IO_BUFFER_BYTES
 from events.model import Record
 
 WRITE_CHUNK = 64
@@ -66,7 +67,7 @@ class _JsonlPartition(StatefulSinkPartition[list[Record], int]):
     def __init__(self, path: Path, resume_bytes: int | None) -> None:
         check_resumable(path, resume_bytes)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("ab")
+        self._file = path.open("ab", buffering=IO_BUFFER_BYTES)  # flushed every write_batch
         self._file.truncate(resume_bytes or 0)
         self._file.seek(0, os.SEEK_END)
         self.records = 0

@@ -8,6 +8,7 @@ where the last snapshot was taken. (The Kafka source lives in ``kafka_io``.)
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import logging
 import operator
@@ -22,7 +23,7 @@ from typing import Any
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from events.logfile import LongLine, iter_lines, open_log
+from events.logfile import LongLine, iter_lines, line_pieces, open_log
 from events.model import MAX_RAW_IN_DEAD_LETTER, Rejected
 from events.simulator import SimConfig, Simulator
 from operators import health
@@ -75,6 +76,11 @@ _SIZE, _LINE = operator.itemgetter(0), operator.itemgetter(1)
 _PLAIN = frozenset((bytes,))
 
 
+PLAIN_LINE_BYTES = 8192
+"""Longest line (with its ending) a replay reads through its fast path (``_ReplayPartition.
+_plain_lines``); a longer one, over-long or not, switches it to the general path."""
+
+
 def _guarded(lines: Iterator[tuple[int, bytes | LongLine]]) -> Iterator[tuple[int, Any]]:
     """``lines``, ending with ``(-1, error)`` when reading fails (a damaged or cut .gz:
     ``EOFError``, ``OSError``, ``zlib.error``), so a batch pulls its lines in one call."""
@@ -99,6 +105,10 @@ class _ReplayPartition(StatefulSourcePartition[list[bytes | Rejected], int]):
         if offset:  # a fresh start never seeks, so the log may be a named pipe (FIFO)
             self._file.seek(offset)
         self._lines = _guarded(iter_lines(self._file, max_bytes))
+        self._plain = (speed <= 0 and self._file.seekable()
+                       and not isinstance(self._file, gzip.GzipFile))
+        """Lines are pulled in C (``_plain_lines``) until one is longer than
+        ``PLAIN_LINE_BYTES``; False: read through ``_lines``."""
         self._max_bytes = max_bytes
         self._offset = offset
         self._batch_size = batch_size
@@ -109,6 +119,16 @@ class _ReplayPartition(StatefulSourcePartition[list[bytes | Rejected], int]):
 
     def next_batch(self) -> list[list[bytes | Rejected]]:
         self._awake = None
+        lines = self._plain_lines() if self._plain and not self._ended else None
+        if lines is not None:  # what the general path below gives for them
+            if len(lines) < self._batch_size:
+                self._ended = True
+                if not lines:
+                    raise StopIteration
+            self._offset += sum(map(len, lines))
+            # (not isspace: strip() is not empty, without its copy; pieces are never empty)
+            batch = [x.rstrip(b"\r\n") for x in lines if not x.isspace()]
+            return [batch] if batch else []
         raw = self._held
         self._held = []
         want = self._batch_size - len(raw)
@@ -128,6 +148,27 @@ class _ReplayPartition(StatefulSourcePartition[list[bytes | Rejected], int]):
         batch = [x if isinstance(x, Rejected) else x.rstrip(b"\r\n")
                  for _, x in raw if isinstance(x, Rejected) or x.strip()]
         return [batch] if batch else []
+
+    def _plain_lines(self) -> list[bytes] | None:
+        """The next batch's lines (fewer at the end) of an unpaced plain file, pulled in C
+        (``line_pieces``: ~0.15 us a line less than through ``_lines``). None when a line
+        may be longer than ``PLAIN_LINE_BYTES`` (or ``max_bytes``) or the read fails: the
+        file is then back where the read began, and this batch and the rest are read
+        through ``_lines`` (over-long lines, read errors: ``_special``). At most
+        ``batch_size * PLAIN_LINE_BYTES`` bytes are held before a long line is seen."""
+        cap = PLAIN_LINE_BYTES if self._max_bytes is None else min(PLAIN_LINE_BYTES,
+                                                                     self._max_bytes + 2)
+        start = self._file.tell()
+        try:
+            lines = list(itertools.islice(line_pieces(self._file, cap - 2), self._batch_size))
+        except OSError:
+            lines = None
+        if lines is not None and max(map(len, lines), default=0) < cap:
+            return lines
+        self._plain = False
+        self._file.seek(start)
+        self._lines = _guarded(iter_lines(self._file, self._max_bytes))
+        return None
 
     def _special(self, raw: list[tuple[int, bytes | Rejected]], got: list[tuple[int, Any]]
                  ) -> None:

@@ -179,8 +179,11 @@ class UserShard:
             j = i + 1
             if event.type == "impression" and event.request_id is not None:
                 rid, user, ts = event.request_id, event.user_id, event.ts
-                while (j < n and events[j].type == "impression" and events[j].request_id == rid
-                       and events[j].user_id == user and events[j].ts == ts):
+                while j < n:
+                    nxt = events[j]
+                    if (nxt.type != "impression" or nxt.request_id != rid
+                            or nxt.user_id != user or nxt.ts != ts):
+                        break
                     j += 1
             if j - i > 1:
                 run = events[i:j]

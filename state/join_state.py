@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
@@ -304,6 +305,13 @@ def popularity_draws(rng: np.random.Generator, probs: np.ndarray, size: int) -> 
     cdf = probs.cumsum()
     cdf /= cdf[-1]
     return cdf.searchsorted(rng.random(size), side="right").tolist()  # type: ignore[no-any-return]
+
+
+def column_of(column: list[Any], rows: list[int]) -> list[Any]:
+    """``[column[row] for row in rows]``, gathered in C (``operator.itemgetter``)."""
+    if len(rows) > 1:
+        return list(operator.itemgetter(*rows)(column))
+    return [column[rows[0]]] if rows else []
 
 
 def _interaction_id(fb: Feedback) -> str:
@@ -732,15 +740,12 @@ class Joiner:
         straight to the wire value when the rows are wire rows) and their rows built in
         one pass (``RowForm.impressions``). The rows are then released."""
         pending = self._pending
-        impression, flags = pending.impression, pending.flags
         counters = self.counters
-        imps = [impression[row] for row in closing]
         self.closed_ids.add_many(ids, deadlines)
-        marks = [flags[row] for row in closing]
+        marks = column_of(pending.flags, closing)
         if any([mark & EMITTED for mark in set(marks)]):  # some emitted: not negatives
             waiting = [j for j, mark in enumerate(marks) if not mark & EMITTED]
             rows = [closing[j] for j in waiting]
-            imps = [imps[j] for j in waiting]
             ids = [ids[j] for j in waiting]
             marks = [marks[j] for j in waiting]
         else:
@@ -748,21 +753,21 @@ class Joiner:
         counters.windows_closed += len(closing)
         if self.sampler.rate < 1.0:
             if all([mark & DECIDED for mark in set(marks)]):  # decided at the intake
-                keeps = [bool(mark & KEPT) for mark in marks]
+                keeps: list[Any] = [mark & KEPT for mark in marks]  # (0: dropped)
             else:
                 keeps = self.sampler.keep_impressions(ids)
             counters.negatives_dropped += keeps.count(False)
             if False in keeps:
                 rows = list(itertools.compress(rows, keeps))
-                imps = list(itertools.compress(imps, keeps))
         if rows:
             counters.negatives_kept += len(rows)
-            features = [pending.features[row] for row in rows]
+            features = column_of(pending.features, rows)
             if self._resolve_all is not None and tuple in set(map(type, features)):
                 features = self._resolve_all(features, self.rows.wire)  # computed as they are
-            weight, labels = self.sampler.weight, pending.labels
+            weight = self.sampler.weight
             self.examples.extend(self.rows.impressions(
-                imps, [labels[row] for row in rows], 0, weight, features))  # type: ignore[arg-type]
+                column_of(pending.impression, rows), column_of(pending.labels, rows), 0,  # type: ignore[arg-type]
+                weight, features))
             self._count(0, weight, len(rows))
         pending.release(closing)
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from events.model import Feedback, Impression
-from state.join_state import HistoryContext, JoinConfig, Joiner, popularity_draws
+from state.join_state import HistoryContext, JoinConfig, Joiner, column_of, popularity_draws
 from state.sampling import NegativeSampler
 from state.user_history import UserHistory
 
@@ -501,3 +501,10 @@ def test_counts_add_weights_as_one_at_a_time(weight: float) -> None:
             expected += weight
         assert j.by_label["0"] == [j.by_label["0"][0], expected]
     assert j.by_label["0"][0] == 1011
+
+
+def test_column_of_gathers_rows_in_order() -> None:
+    column = [f"v{n}" for n in range(10)]
+    for rows in ([], [3], [7, 2], [9, 0, 9, 4], list(range(10))[::-1]):
+        assert column_of(column, rows) == [column[row] for row in rows]
+        assert type(column_of(column, rows)) is list

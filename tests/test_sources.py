@@ -49,6 +49,41 @@ def test_replay_resumes_exactly_from_snapshot(tmp_path, name: str) -> None:
     assert len(head) == 7 * 64
 
 
+def _batches_and_offsets(part) -> list:
+    """Every ``next_batch`` of a replay partition with its position after it."""
+    out: list = []
+    while True:
+        try:
+            out.append((part.next_batch(), part.snapshot()))
+        except StopIteration:
+            return out
+
+
+@pytest.mark.parametrize("long_line", [0, 9_000, 70_000])
+def test_replay_plain_fast_path_reads_as_the_general_path(tmp_path, long_line: int) -> None:
+    """An unpaced plain file's lines pulled in C (``_plain_lines``) make the same batches
+    and positions as the general path (``_lines``): blank and whitespace lines, CRLF, a
+    last line without newline, and a line longer than ``PLAIN_LINE_BYTES`` (9,000: still
+    an event; 70,000: over ``max_bytes``, dead-lettered) in the middle of a batch, from
+    which on the general path reads."""
+    lines = [orjson.dumps({"type": "user", "ts": T0 + i, "user_id": f"u{i}"}) for i in range(300)]
+    lines[5] = b"   \t"
+    lines[7] = b""
+    lines[9] += b"\r"
+    if long_line:
+        lines[150] = b'{"type":"user","ts":1,"user_id":"' + b"x" * long_line + b'"}'
+    (tmp_path / "log.jsonl").write_bytes(b"\n".join(lines))
+    source = ReplaySource(tmp_path / "log.jsonl", batch_size=64, max_bytes=65_536)
+    fast = source.build_part("in", source.list_parts()[0], None)
+    general = source.build_part("in", source.list_parts()[0], None)
+    general._plain = False
+    assert fast._plain
+    got = _batches_and_offsets(fast)
+    assert got == _batches_and_offsets(general)
+    assert fast._plain is not bool(long_line)
+    assert got[-1][1] == (tmp_path / "log.jsonl").stat().st_size
+
+
 def test_replay_paced_by_event_time(tmp_path) -> None:
     lines = write_log(tmp_path / "log.jsonl", 11, step_ms=100)  # 1 s of event time
     source = ReplaySource(tmp_path / "log.jsonl", batch_size=100, speed=4.0)  # -> 0.25 s
