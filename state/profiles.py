@@ -13,7 +13,8 @@ stored as keys), per feature:
   stays raw while ``ts >= floor(wm - raw_ms, g0)`` where ``wm = max_ts - lateness_ms`` is
   the entity's watermark (floored to the finest slice ``g0``).
 * ``slices``: ``[(start, end, acc), ...]`` (tuples, replaced when a slice changes; read
-  back as tuples), sorted, disjoint, each aligned to its own granularity. Tier ``i``
+  back as tuples; no slices: the empty tuple ``NO_SLICES``, not a list, untracked),
+  sorted, disjoint, each aligned to its own granularity. Tier ``i``
   (granularity ``g_i``) holds data younger than ``span_i``
   (default: 1-minute slices for the last hour, 1-hour slices for the last day, 1-day
   slices beyond). As the watermark moves, slices are merged into the enclosing coarser
@@ -58,7 +59,7 @@ from typing import Any
 from state.aggregates import BAD, FOLD_SAME, FOLD_SUM, TS, _Count, _Distinct
 from state.decay import exp2
 from state.feature_spec import MISSING, FeatureSpec, as_specs
-from state.profile_codec import FORMAT, HotCold, Profile
+from state.profile_codec import FORMAT, NO_SLICES, HotCold, Profile
 from state.profile_plan import FAR, ItemAttrs, ProfileParams, ProfilePlan, entity_key
 from state.profile_tiers import Tiers
 
@@ -552,7 +553,7 @@ class ProfileStore:
         for f, ts, v in writes:
             fs = feats[f]
             if fs is None:
-                fs = feats[f] = [[], [], None, None]
+                fs = feats[f] = [[], NO_SLICES, None, None]
             if ts >= raw_cut:
                 raw = fs[0]
                 if not raw or ts >= raw[-1][0]:
