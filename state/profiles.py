@@ -74,10 +74,10 @@ in (integer counts, KMV sets): each window's part is kept apart (``_refresh``) a
 appended by compaction are folded into it (``_extend``)."""
 
 
-_ACC, _REF, _LO, _EXP, _SACC, _SREF, _SLO, _SEXP = range(8)
-"""Output j's memo in ``OutputCache.v`` is ``v[_W * j + field]``, for these fields."""
-_W = 8
-"""Entries per output in ``OutputCache.v``."""
+def cache_offsets(n: int) -> tuple[int, int, int, int, int, int, int, int]:
+    """Where the blocks of ``OutputCache.v`` of ``n`` outputs start: acc, ref, lo, exp,
+    sacc, sref, slo, sexp (output j's lo is ``v[lo + j]``; acc's block starts at 0)."""
+    return 0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n
 
 
 class OutputCache:
@@ -93,17 +93,18 @@ class OutputCache:
     arithmetic are updated in place, a write invalidates the others' raw part.
 
     The per-output values (``acc``, ``ref``, ``lo``, ``exp``, ``sacc``, ``sref``,
-    ``slo``, ``sexp``; times in ms) are one list ``v``, output j's at ``v[_W * j +
-    _LO]`` and so on: a cache is made for every profile read after it is created or
-    decoded and lives as long, and one list instead of eight is seven containers fewer
-    for the collector to scan (``bench/gc_census.py``).
+    ``slo``, ``sexp``; times in ms) are the blocks of one list ``v`` (``cache_offsets``):
+    a cache is made for every profile read after it is created or decoded and lives as
+    long, and one list instead of eight is seven containers fewer for the collector to
+    scan (``bench/gc_census.py``).
     """
 
     __slots__ = ("v", "out", "hi", "lo_max")
 
     def __init__(self, n: int, out: dict[str, Any]) -> None:
-        self.v: list[Any] = [None, 0, FAR, 0, None, 0, FAR, 0] * n
-        """acc, ref, lo, exp, sacc, sref, slo, sexp of each output in turn."""
+        self.v: list[Any] = ([None] * n + [0] * n + [FAR] * n + [0] * n
+                             + [None] * n + [0] * n + [FAR] * n + [0] * n)
+        """acc, ref, lo, exp, sacc, sref, slo, sexp: n values each (``cache_offsets``)."""
         self.out = out
         self.hi = 0
         self.lo_max = FAR
@@ -143,6 +144,8 @@ class ProfileStore:
             "cache_hits", "cache_refreshes", "past_queries", "encodes", "decodes",
             "evicted"), 0)
         self._tiers = Tiers(self.plan, self.params, self.counters)
+        self._at = cache_offsets(len(self.plan.out_names))
+        """Where each field's block of an ``OutputCache.v`` starts."""
         self._table = HotCold(len(self.specs), self.params.hot_limit, self.params.compress_level,
                               self.params.max_entities, self.counters)
         self._buffer: dict[int, list[tuple[int, int, Any]]] = {}  # the write table
@@ -420,12 +423,11 @@ class ProfileStore:
             else:
                 self.counters["cache_hits"] += 1
             out = c.out.copy()
-            v = c.v
+            v, at_ref = c.v, self._at[1]
             for j, name, hl in plan.decay_outs:
-                b = _W * j
-                acc = v[b + _ACC]
+                acc = v[j]  # acc: the first block
                 if acc is not None:
-                    out[name] = acc * exp2((v[b + _REF] - t) / hl)
+                    out[name] = acc * exp2((v[at_ref + j] - t) / hl)
             for name in plan.list_outs:
                 out[name] = list(out[name])
         else:
@@ -575,9 +577,9 @@ class ProfileStore:
                     if incremental[f]:
                         cache_add(c, f, ts, v)
                     else:  # its combined values forgotten, the slice parts kept
-                        cv = c.v
+                        cv, at_lo = c.v, self._at[2]
                         for j in plan.feat_outs[f]:
-                            cv[_W * j + _LO] = FAR
+                            cv[at_lo + j] = FAR
                         c.lo_max = FAR
             else:
                 tiers.place_late(fs, f, ts, v, cf, bounds)
@@ -591,11 +593,10 @@ class ProfileStore:
 
     def _invalidate(self, c: OutputCache, f: int) -> None:
         """Forget feature f's memoised values (its slices changed)."""
-        v = c.v
+        v, at_lo, at_slo = c.v, self._at[2], self._at[6]
         for j in self.plan.feat_outs[f]:
-            b = _W * j
-            v[b + _LO] = FAR
-            v[b + _SLO] = FAR
+            v[at_lo + j] = FAR
+            v[at_slo + j] = FAR
         c.lo_max = FAR
 
     def _extend(self, c: OutputCache, f: int, appended: list[Any]) -> None:
@@ -613,40 +614,40 @@ class ProfileStore:
         first_start = appended[0][0]
         accs = [s[2] for s in appended]  # never None: a folded slice holds an event
         v, out_w = c.v, plan.out_w
+        _, _, at_lo, at_exp, at_sacc, _, at_slo, at_sexp = self._at
         for j in plan.feat_outs[f]:
             w = out_w[j]
-            b = _W * j
-            lo_c = v[b + _LO]
+            lo_c = v[at_lo + j]
             if lo_c < FAR:  # the combined value holds while each moved event counts both ways
                 lo_c = last if last > lo_c else lo_c
-                exp_c = v[b + _EXP]
+                exp_c = v[at_exp + j]
                 if w is not None and first_start + w + 1 < exp_c:
                     exp_c = first_start + w + 1
                 if lo_c < exp_c:
-                    v[b + _LO], v[b + _EXP] = lo_c, exp_c
+                    v[at_lo + j], v[at_exp + j] = lo_c, exp_c
                     if exp_c < c.hi:
                         c.hi = exp_c
                 else:
-                    v[b + _LO] = FAR
-            slo = v[b + _SLO]
+                    v[at_lo + j] = FAR
+            slo = v[at_slo + j]
             if slo >= FAR:
                 continue
             lo = last if last > slo else slo
-            hi = v[b + _SEXP]
+            hi = v[at_sexp + j]
             if w is not None and first + w < hi:
                 hi = first + w
             if lo >= hi:
-                v[b + _SLO] = FAR
+                v[at_slo + j] = FAR
                 continue
-            acc = v[b + _SACC]
+            acc = v[at_sacc + j]
             if type(agg) is _Distinct:
                 for a in accs:
                     acc = agg.add_all(acc, a)
             else:
                 for a in accs:
                     acc = a if acc is None else acc + a
-            v[b + _SACC], v[b + _SLO], v[b + _SEXP] = acc, lo, hi
-        c.lo_max = max(v[_LO::_W])
+            v[at_sacc + j], v[at_slo + j], v[at_sexp + j] = acc, lo, hi
+        c.lo_max = max(v[at_lo:at_exp])
 
     # ---- reads
 
@@ -768,14 +769,14 @@ class ProfileStore:
         end / newest raw ts + 1), so a memoised value never depends on when it was
         computed."""
         plan = self.plan
+        _, at_ref, at_lo, at_exp, at_sacc, at_sref, at_slo, at_sexp = self._at
         c = p.cache
         if c is None:  # every output invalid (lo = FAR): every feature with one
             c = p.cache = OutputCache(len(plan.out_names), plan.empty_outputs())
             stale = sorted(set(plan.out_feat))
         else:
-            v = c.v
-            stale = sorted({f for f, lo_j, exp_j in zip(plan.out_feat, v[_LO::_W], v[_EXP::_W],
-                                                        strict=True)
+            stale = sorted({f for f, lo_j, exp_j in zip(plan.out_feat, c.v[at_lo:at_exp],
+                                                        c.v[at_exp:at_sacc], strict=True)
                             if not lo_j <= t < exp_j})
         v = c.v
         out, names = c.out, plan.out_names
@@ -785,41 +786,43 @@ class ProfileStore:
             js = plan.feat_outs[f]
             if fs is None:
                 for j in js:
-                    b = _W * j
-                    v[b:b + _W] = (None, 0, t, FAR, None, 0, t, FAR)
+                    v[j] = v[at_sacc + j] = None
+                    v[at_ref + j] = v[at_sref + j] = 0
+                    v[at_lo + j] = v[at_slo + j] = t
+                    v[at_exp + j] = v[at_sexp + j] = FAR
                     name = names[j]
                     out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 continue
             raw, slices = fs[0], fs[1]
-            stale_parts = [j for j in js if not v[_W * j + _SLO] <= t < v[_W * j + _SEXP]]
+            stale_parts = [j for j in js if not v[at_slo + j] <= t < v[at_sexp + j]]
             if stale_parts:
                 sref = slices[-1][1] if slices else (fs[3] or 0)
                 if len(stale_parts) < len(js) and type(agg) in _EXACT:
                     for j in stale_parts:  # the other windows' parts still hold
-                        sacc, se = self._window_part(f, fs, t, plan.out_w[j])
-                        b = _W * j + _SACC
-                        v[b:b + 4] = (sacc, sref, t, se)  # sacc, sref, slo, sexp
+                        part, se = self._window_part(f, fs, t, plan.out_w[j])
+                        v[at_sacc + j], v[at_sref + j], v[at_slo + j], v[at_sexp + j] = (
+                            part, sref, t, se)
                 else:
-                    for j, (sacc, se) in zip(js, self._slice_part(f, fs, t, sref), strict=True):
-                        b = _W * j + _SACC
-                        v[b:b + 4] = (sacc, sref, t, se)
-            rref = raw[-1][0] + 1 if raw else v[_W * js[0] + _SREF]
+                    for j, (part, se) in zip(js, self._slice_part(f, fs, t, sref), strict=True):
+                        v[at_sacc + j], v[at_sref + j], v[at_slo + j], v[at_sexp + j] = (
+                            part, sref, t, se)
+            rref = raw[-1][0] + 1 if raw else v[at_sref + js[0]]
             kmv = type(agg) is _Distinct
             for j, (racc, re) in zip(js, self._raw_part(f, fs, t, rref), strict=True):
-                b = _W * j
                 if kmv and racc is not None:  # a few raw hashes into the slices' sketch
-                    acc = agg.add_all(v[b + _SACC], racc)
+                    acc = agg.add_all(v[at_sacc + j], racc)
                 else:
-                    acc = agg.merge(v[b + _SACC], v[b + _SREF], racc, rref, rref)
-                sexp = v[b + _SEXP]
-                v[b:b + 4] = (acc, rref, t, re if re < sexp else sexp)  # acc, ref, lo, exp
+                    acc = agg.merge(v[at_sacc + j], v[at_sref + j], racc, rref, rref)
+                sexp = v[at_sexp + j]
+                v[j], v[at_ref + j], v[at_lo + j], v[at_exp + j] = (
+                    acc, rref, t, re if re < sexp else sexp)
                 name = names[j]
                 if acc is None:
                     out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 else:
                     out[name] = agg.out(acc, rref, rref)
-        c.hi = min(v[_EXP::_W])
-        c.lo_max = max(v[_LO::_W])
+        c.hi = min(v[at_exp:at_sacc])
+        c.lo_max = max(v[at_lo:at_exp])
         return c
 
     def _cache_add(self, c: OutputCache, f: int, ts: int, v: Any) -> None:
@@ -829,16 +832,16 @@ class ProfileStore:
         kind = type(agg)
         t1 = ts + 1
         cv, out, out_w, names = c.v, c.out, plan.out_w, plan.out_names
+        at_lo, at_exp = self._at[2], self._at[3]
         hi, lo_max = c.hi, c.lo_max
         for j in plan.feat_outs[f]:
-            b = _W * j
-            lo = cv[b + _LO]
+            lo = cv[at_lo + j]
             if lo >= FAR:
                 continue
             nlo = t1 if t1 > lo else lo
             w = out_w[j]
             if w is None or ts + w >= nlo:
-                acc = cv[b + _ACC]
+                acc = cv[j]  # acc: the first block
                 if kind is _Count:  # agg.merge(acc, 0, agg.add(None, ts, v, ts), 0, 0)
                     acc = v if acc is None else acc + v
                     out[names[j]] = float(acc)  # agg.out
@@ -846,12 +849,12 @@ class ProfileStore:
                     acc = (agg.add_all(acc, (v,)) if kind is _Distinct
                            else agg.merge(acc, 0, agg.add(None, ts, v, ts), 0, 0))
                     out[names[j]] = agg.out(acc, 0, 0)
-                cv[b + _ACC] = acc
-                if w is not None and ts + w + 1 < cv[b + _EXP]:
-                    cv[b + _EXP] = e = ts + w + 1
+                cv[j] = acc
+                if w is not None and ts + w + 1 < cv[at_exp + j]:
+                    cv[at_exp + j] = e = ts + w + 1
                     if e < hi:
                         hi = e
-            cv[b + _LO] = nlo
+            cv[at_lo + j] = nlo
             if nlo > lo_max:
                 lo_max = nlo
         c.hi, c.lo_max = hi, lo_max
