@@ -80,6 +80,11 @@ def cache_offsets(n: int) -> tuple[int, int, int, int, int, int, int, int]:
     return 0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n
 
 
+def blank_memo(n: int) -> list[Any]:
+    """``OutputCache.v`` of ``n`` outputs, none valid (lo = slo = FAR)."""
+    return [None] * n + [0] * n + [FAR] * n + [0] * n + [None] * n + [0] * n + [FAR] * n + [0] * n
+
+
 class OutputCache:
     """Memoised outputs of one hot profile. Output j is valid for T in [lo[j], exp[j]).
 
@@ -101,9 +106,9 @@ class OutputCache:
 
     __slots__ = ("v", "out", "hi", "lo_max")
 
-    def __init__(self, n: int, out: dict[str, Any]) -> None:
-        self.v: list[Any] = ([None] * n + [0] * n + [FAR] * n + [0] * n
-                             + [None] * n + [0] * n + [FAR] * n + [0] * n)
+    def __init__(self, blank: list[Any], out: dict[str, Any]) -> None:
+        """``blank``: ``blank_memo(n)`` of the store's n outputs (copied)."""
+        self.v = blank.copy()
         """acc, ref, lo, exp, sacc, sref, slo, sexp: n values each (``cache_offsets``)."""
         self.out = out
         self.hi = 0
@@ -146,6 +151,7 @@ class ProfileStore:
         self._tiers = Tiers(self.plan, self.params, self.counters)
         self._at = cache_offsets(len(self.plan.out_names))
         """Where each field's block of an ``OutputCache.v`` starts."""
+        self._blank_memo = blank_memo(len(self.plan.out_names))
         self._table = HotCold(len(self.specs), self.params.hot_limit, self.params.compress_level,
                               self.params.max_entities, self.counters)
         self._buffer: dict[int, list[tuple[int, int, Any]]] = {}  # the write table
@@ -772,7 +778,7 @@ class ProfileStore:
         _, at_ref, at_lo, at_exp, at_sacc, at_sref, at_slo, at_sexp = self._at
         c = p.cache
         if c is None:  # every output invalid (lo = FAR): every feature with one
-            c = p.cache = OutputCache(len(plan.out_names), plan.empty_outputs())
+            c = p.cache = OutputCache(self._blank_memo, plan.empty_outputs())
             stale = sorted(set(plan.out_feat))
         else:
             stale = sorted({f for f, lo_j, exp_j in zip(plan.out_feat, c.v[at_lo:at_exp],
