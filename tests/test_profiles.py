@@ -569,6 +569,30 @@ def test_a_feature_without_slices_holds_no_list() -> None:
     assert store.query("u1") == {"user.clicks.1h": 2.0}
     assert ProfileStore.restore(store.snapshot()).query("u1") == store.query("u1")
 
+def test_a_hot_profiles_memo_is_one_list() -> None:
+    """A hot profile's memoised outputs are one list (``OutputCache.v``: a block per
+    field), not one list per field: the memo lives as long as the profile, and every
+    list is a container the collector scans. Its answers equal a restored store's."""
+    import gc
+
+    store = ProfileStore(default_features("user"), "user")
+    rng = random.Random(3)
+    ts = BASE
+    for _ in range(200):
+        ts += rng.randint(1, 5 * MIN)
+        store.apply({"ts": ts, "user_id": "u1", "type": "feedback",
+                     "item_id": f"i{rng.randint(0, 9)}",
+                     "action": rng.choice(["click", "like", "rating", "dwell"]),
+                     "value": float(rng.randint(1, 5))})
+        if rng.random() < 0.3:
+            store.query("u1")
+    answer = store.query("u1")
+    p = store._table.hot[store.key_of("u1")]
+    lists = [o for o in gc.get_referents(p.cache) if type(o) is list]
+    assert len(lists) == 1 and len(lists[0]) == 8 * len(store.plan.out_names)
+    assert ProfileStore.restore(store.snapshot()).query("u1") == answer
+
+
 def test_user_x_category_entity() -> None:
     cats = {"a": "c1", "b": "c1", "c": "c2", "m": ["drama", "comedy"]}
 
