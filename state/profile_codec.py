@@ -1,8 +1,8 @@
 """Profiles at rest and in memory: the decoded layout, its codec, the hot/cold table.
 
 No Bytewax in here. A decoded profile (``Profile``) holds, per feature, ``[raw,
-slices, tail, tail_end]`` (see ``state.profiles``). At rest a profile is
-``zlib(orjson([format, max_ts, cf, [[f, raw, slices, tail, tail_end], ...]]))``.
+slices, tail, tail_end]`` (see ``state.profiles``; no slices: ``NO_SLICES``). At rest a
+profile is ``zlib(orjson([format, max_ts, cf, [[f, raw, slices, tail, tail_end], ...]]))``.
 ``HotCold`` keeps at most ``limit`` profiles decoded (LRU) and the others encoded,
 and forgets the least recently used ones beyond ``max_entities``.
 
@@ -27,6 +27,10 @@ from state.profile_plan import FAR
 
 FORMAT = 1
 """Format tag of encoded profiles and of store snapshots."""
+NO_SLICES: tuple[()] = ()
+"""A feature's slices while it has none (a list once it has one): the empty tuple, which
+the collector never tracks, so a feature written in the last minute (raw events only)
+adds one tracked list fewer to the young generations (``bench/gc_census.py``)."""
 
 
 class Profile:
@@ -61,7 +65,8 @@ def decode(blob: bytes, n_feats: int) -> Profile:
     p = Profile(n_feats, -FAR)
     p.max_ts, p.cf, p.dirty = max_ts, cf, False
     for f, raw, slices, tail, tail_end in feats:
-        p.feats[f] = [list(map(tuple, raw)), [(s, e, _acc(acc)) for s, e, acc in slices],
+        p.feats[f] = [list(map(tuple, raw)),
+                      [(s, e, _acc(acc)) for s, e, acc in slices] if slices else NO_SLICES,
                       _acc(tail), tail_end]
     return p
 

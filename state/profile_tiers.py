@@ -1,11 +1,12 @@
 """Time-slice tiers of a profile: where data belongs at a watermark, and compaction.
 
 No Bytewax in here. Per feature, a profile layout is ``[raw, slices, tail, tail_end]``
-(``state.profiles`` explains it). ``Tiers`` knows, for a floored watermark ``cf``, the
-raw cut and the tier bounds; it places late events into their slice, runs the
-compaction pass (fold old raw events into finest slices, merge slices into coarser
-tiers, truncate past the horizon into the tail or drop them) and computes when a
-feature's layout next needs work (``due``), so a pass touches only features due.
+(``state.profiles`` explains it; no slices: ``NO_SLICES``, never an empty list).
+``Tiers`` knows, for a floored watermark ``cf``, the raw cut and the tier bounds; it
+places late events into their slice, runs the compaction pass (fold old raw events
+into finest slices, merge slices into coarser tiers, truncate past the horizon into
+the tail or drop them) and computes when a feature's layout next needs work (``due``),
+so a pass touches only features due.
 
 >>> from collections import Counter
 >>> from state.feature_spec import default_features
@@ -23,7 +24,7 @@ import bisect
 from typing import Any
 
 from state.aggregates import TS
-from state.profile_codec import Profile
+from state.profile_codec import NO_SLICES, Profile
 from state.profile_plan import FAR, ProfileParams, ProfilePlan
 
 
@@ -90,8 +91,10 @@ class Tiers:
         if i < len(slices) and slices[i][0] == start:
             s = slices[i]
             slices[i] = (start, s[1], agg.add(s[2], ts, v, s[1]))
-        else:
+        elif slices:
             slices.insert(i, (start, end, agg.add(None, ts, v, end)))
+        else:  # NO_SLICES
+            fs[1] = [(start, end, agg.add(None, ts, v, end))]
 
     def compact(self, p: Profile) -> list[tuple[int, list[Any] | None]]:
         """Compaction pass at watermark p.cf; returns ``(feature, appended)`` for each
@@ -129,7 +132,10 @@ class Tiers:
                     else:
                         folded.append((start, start + g0, agg.add(None, ts, v, start + g0)))
                 del raw[:n]
-                if slices and folded[0][0] <= slices[-1][0]:
+                if not slices:  # NO_SLICES
+                    slices = fs[1] = folded[:]
+                    appended = folded
+                elif folded[0][0] <= slices[-1][0]:
                     slices = fs[1] = sorted(slices + folded, key=TS)  # stable: existing first
                 else:
                     slices.extend(folded)
@@ -146,7 +152,10 @@ class Tiers:
                 while k < len(slices) and slices[k][1] <= trunc:
                     self._to_tail(fs, f, slices[k][2], slices[k][1])
                     k += 1
-                del slices[:k]
+                if k < len(slices):
+                    del slices[:k]
+                else:
+                    slices = fs[1] = NO_SLICES
                 work = True
                 appended = None
             if not work:
@@ -243,4 +252,4 @@ class Tiers:
             else:
                 new.append((start, end, agg.merge(None, end, acc, s[1], end)))
         new.extend(slices[n_old:])
-        fs[1] = new
+        fs[1] = new or NO_SLICES

@@ -26,7 +26,7 @@ from state.feature_spec import (
     parse_duration,
     parse_features,
 )
-from state.profile_codec import decode, encode
+from state.profile_codec import NO_SLICES, decode, encode
 from state.profile_plan import DEFAULT_TIERS
 from state.profiles import ProfileStore, stores_for
 
@@ -534,6 +534,64 @@ def test_raw_events_and_slices_are_tuples_the_collector_untracks() -> None:
             assert all(type(s) is tuple for s in fs[1])
             assert all(not gc.is_tracked(s) for s in fs[1] if not isinstance(s[2], list))
     assert raws > 100 and slices > 100
+
+
+def test_a_feature_without_slices_holds_no_list() -> None:
+    """A feature with raw events only holds ``NO_SLICES`` (the empty tuple, untracked),
+    not an empty list: a list once compaction or a late event makes a slice, and
+    ``NO_SLICES`` again when truncation empties it. Its bytes at rest are the old ones
+    (slices ``[]``), which read back as ``NO_SLICES``; the answers are unchanged."""
+    import gc
+    import zlib
+
+    import orjson
+
+    spec = {"name": "clicks", "entity": "user", "aggregate": "count",
+            "filter": {"type": "feedback", "action": "click"}, "windows": ["1h"]}
+    store = ProfileStore([spec], "user")
+    click = {"type": "feedback", "action": "click", "user_id": "u1"}
+    store.apply({**click, "ts": BASE})
+    store.flush()
+    p = store._table.load(store.key_of("u1"), False)
+    assert p is not None and p.feats[0][1] is NO_SLICES and not gc.is_tracked(p.feats[0][1])
+    blob = encode(p, 6)
+    assert orjson.loads(zlib.decompress(blob))[3] == [[0, [[BASE, 1]], [], None, None]]
+    assert decode(blob, 1).feats[0][1] is NO_SLICES
+    store.apply({**click, "ts": BASE + 5 * MIN})  # the first event folds into a slice
+    store.flush()
+    assert p.feats[0][1] == [(BASE, BASE + MIN, 1)]
+    store.apply({**click, "ts": BASE + 4 * HOUR})  # both past 1 h + retention: dropped
+    store.flush()
+    assert p.feats[0][1] is NO_SLICES and p.feats[0][0] == [(BASE + 4 * HOUR, 1)]
+    store.apply({**click, "ts": BASE + 3 * HOUR})  # late: placed into a new slice
+    store.flush()
+    assert p.feats[0][1] == [(BASE + 3 * HOUR, BASE + 3 * HOUR + MIN, 1)]
+    assert store.query("u1") == {"user.clicks.1h": 2.0}
+    assert ProfileStore.restore(store.snapshot()).query("u1") == store.query("u1")
+
+def test_a_hot_profiles_memo_is_one_list() -> None:
+    """A hot profile's memoised outputs are one list (``OutputCache.v``: a block per
+    field), not one list per field: the memo lives as long as the profile, and every
+    list is a container the collector scans. Its answers equal a restored store's."""
+    import gc
+
+    store = ProfileStore(default_features("user"), "user")
+    rng = random.Random(3)
+    ts = BASE
+    for _ in range(200):
+        ts += rng.randint(1, 5 * MIN)
+        store.apply({"ts": ts, "user_id": "u1", "type": "feedback",
+                     "item_id": f"i{rng.randint(0, 9)}",
+                     "action": rng.choice(["click", "like", "rating", "dwell"]),
+                     "value": float(rng.randint(1, 5))})
+        if rng.random() < 0.3:
+            store.query("u1")
+    answer = store.query("u1")
+    p = store._table.hot[store.key_of("u1")]
+    lists = [o for o in gc.get_referents(p.cache) if type(o) is list]
+    assert len(lists) == 1 and len(lists[0]) == 8 * len(store.plan.out_names)
+    assert ProfileStore.restore(store.snapshot()).query("u1") == answer
+
 
 def test_user_x_category_entity() -> None:
     cats = {"a": "c1", "b": "c1", "c": "c2", "m": ["drama", "comedy"]}
