@@ -47,7 +47,9 @@ on their way in; ``--compare-co-partition`` adds a run with the other partitioni
 Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``rt_p50_ms``, ``rt_p90_ms``, ``rt_p99_ms``, ``inflow_p50_ms``, ``inflow_p90_ms``,
 ``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``,
-``processes``, ``flow_cpu_per_s``, then the step timers, the spans and the GC figures above.
+``processes``, ``flow_cpu_per_s``, then the step timers, the spans and the GC figures above;
+``by_window``: per 10 s of the live phase, the round trip and in-flow p50 / p99 and the
+flow's CPU per second (whether the latency grows within a run).
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
 [--compare-runtime] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
@@ -60,6 +62,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import os
 import re
 import shutil
@@ -480,6 +483,34 @@ def _cpu_s(pids: list[int]) -> float:
     return total
 
 
+WINDOW_S = 10
+"""The live phase's windows of ``by_window`` (s)."""
+
+
+def by_window(sent: dict[str, float], received: dict[str, tuple[float, float]],
+              cpu_marks: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """Per ``WINDOW_S`` of the live phase (by send time): round trip and in-flow p50 /
+    p99 (ms) of the requests sent in it, and the flow's CPU per wall second over it
+    (``cpu_marks``: (elapsed s, flow CPU s) at each window's start)."""
+    if not sent:
+        return []
+    t0 = min(sent.values())
+    rows: dict[int, tuple[list[float], list[float]]] = {}
+    for rid, t in sent.items():
+        if rid in received:
+            rt, inflow = rows.setdefault(int((t - t0) // WINDOW_S), ([], []))
+            rt.append((received[rid][0] - t) * 1000)
+            inflow.append(received[rid][1])
+    cpu = [(c1 - c0) / (e1 - e0) for (e0, c0), (e1, c1) in itertools.pairwise(cpu_marks)]
+    return [{"from_s": w * WINDOW_S,
+             "rt_p50_ms": round(float(np.percentile(rt, 50)), 1),
+             "rt_p99_ms": round(float(np.percentile(rt, 99)), 1),
+             "inflow_p50_ms": round(float(np.percentile(inflow, 50)), 1),
+             "inflow_p99_ms": round(float(np.percentile(inflow, 99)), 1),
+             "flow_cpu_per_s": round(cpu[w], 3) if w < len(cpu) else None}
+            for w, (rt, inflow) in sorted(rows.items())]
+
+
 def co_partition_of(partitions: int) -> Any:
     """``user id -> events partition`` that keeps a user's events in the process of the
     user's shard: ``shard_of(user_id) mod partitions`` with the flow's ``shards.users``
@@ -560,7 +591,10 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
             tick = 0.01  # the client's schedule: every 10 ms, what is due by then
             start = time.monotonic()
             n_req = n_ev = 0
+            cpu_marks = [(0.0, cpu0)]  # (elapsed s, flow CPU s) every WINDOW_S
             while (elapsed := time.monotonic() - start) < seconds:
+                if elapsed >= WINDOW_S * len(cpu_marks):
+                    cpu_marks.append((elapsed, _cpu_s(pids)))
                 due_req = int(elapsed * requests_per_s) + 1
                 due_ev = min(int(elapsed * events_per_s) + 1, len(live))
                 ts = int(time.time() * 1000)
@@ -614,6 +648,8 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
     user_s, user_calls = steps.get("user_shard", (0.0, 0.0))
     return {
         "rt_p50_ms": pct(rt, 50), "rt_p90_ms": pct(rt, 90), "rt_p99_ms": pct(rt, 99),
+        # per WINDOW_S of the live phase: does the latency grow with the run?
+        "by_window": by_window(sent, receiver.received, cpu_marks),
         "inflow_p50_ms": pct(fl, 50), "inflow_p90_ms": pct(fl, 90), "inflow_p99_ms": pct(fl, 99),
         "requests": len(sent), "answered": len(got),
         "requests_per_s": round(n_req / wall, 1), "events_per_s": round(n_ev / wall, 1),

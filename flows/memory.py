@@ -87,6 +87,8 @@ BYTES: dict[str, float] = {
     # serving's merge scratch (operators/candidates.py MergeScratch: two int32 per id)
     "pool_candidate": 100,
     "mf_row": 310,
+    "mf_item_log": 100,  # an item's place in ItemFactors' change tracking (49 B) and its
+    # share of the change log, full at twice the places (50 B); models/mf.py
     "item": 700,
     "hot_item_profile": 6_000,
     "covis_neighbor": 105,  # a loaded table's row decoded for lookups (ItemTable.covis_row)
@@ -217,7 +219,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + channels * KEEP_ARRAYS_BYTES
         # the rows written since the last table, per channel (CoVisitation.publish_arrays)
         + channels * covis.max_items * b["covis_written_row"]
-        + mf.max_items * b["mf_row"]
+        + mf.max_items * (b["mf_row"] + b["mf_item_log"])
     )
     table_bytes = items.max_items * b["loaded_table_item"] + covis_bytes + category_lists
     if explore.enabled and explore.item_lift > 0:

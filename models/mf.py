@@ -41,6 +41,7 @@ arrays plus small dicts).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -322,6 +323,10 @@ class ItemChanges:
     full: bool
 
 
+_UNPICKLED = frozenset({"_stepped", "_log", "_logged", "_log_from", "_place", "_next_place"})
+"""``ItemFactors`` fields rebuilt on unpickling (``_start_log``), not pickled."""
+
+
 class ItemFactors:
     """Item vectors of one item shard; the item half of every MF step, plus change tracking.
 
@@ -329,7 +334,11 @@ class ItemFactors:
     exactly one of ``_changed`` (live: ID -> version of its last change) or ``_gone``
     (left: ID -> version it left) or neither (never admitted). Items in ``_blocked``
     (explicitly removed, e.g. ``available: false``) are not trained until
-    :meth:`revive`.
+    :meth:`revive`. ``_place`` holds, for every item of ``_changed`` and ``_gone``, the
+    number of insertions into either dict before it entered its own, so sorting a subset
+    of one dict by it gives that dict's order; ``_log`` holds per version (ascending) the
+    items changed or gone at it, every version after ``_log_from``: what changed since a
+    recent version is read from it, without scanning every item (``changed_since``).
     """
 
     def __init__(self, config: MFConfig | None = None, max_tombstones: int | None = None) -> None:
@@ -344,6 +353,7 @@ class ItemFactors:
         self._horizon = 0  # changes at versions <= horizon may have been forgotten
         self.updates = 0
         self.ignored = 0  # updates of blocked items
+        self._start_log()
 
     _stepped: dict[str, int] | None = None
     """The items the last ``update_batch`` stepped -> their rows, while no other mutation
@@ -352,7 +362,58 @@ class ItemFactors:
     item shard's index change after each batch). None otherwise; not pickled."""
 
     def __getstate__(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k != "_stepped"}
+        """Pickled without ``_stepped`` and the change log (the same state as before the
+        log: a restored table starts a new one)."""
+        return {k: v for k, v in self.__dict__.items() if k not in _UNPICKLED}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._start_log()
+
+    def _start_log(self) -> None:
+        """An empty change log from the current version; places in the dicts' order."""
+        self._log: dict[int, list[str]] = {}
+        self._logged = 0  # items in _log
+        self._log_from = self._version  # every change after it is in _log
+        self._place: dict[str, int] = {i: n for n, i in enumerate(itertools.chain(
+            self._changed, self._gone))}
+        self._next_place = len(self._place)
+
+    def _logged_at(self, version: int) -> list[str]:
+        """The log's list of the items changed at ``version`` (the current one), made
+        when first asked; the oldest versions are forgotten beyond ``_log_bound``."""
+        items = self._log.get(version)
+        if items is None:
+            if self._logged > self._log_bound():
+                self._trim_log()
+            items = self._log[version] = []
+        return items
+
+    def _log_bound(self) -> int:
+        """Items logged before the older half of the log is forgotten."""
+        return max(4_096, 2 * len(self._place))
+
+    def _trim_log(self) -> None:
+        """Forget the older half of the logged items (whole versions)."""
+        kept: dict[int, list[str]] = {}
+        n = 0
+        for v in reversed(self._log):
+            if n >= self._logged // 2:
+                self._log_from = v
+                break
+            kept[v] = self._log[v]
+            n += len(self._log[v])
+        self._log = dict(reversed(kept.items()))
+        self._logged = n
+
+    def _enter(self, into: dict[str, int], item: str, version: int) -> None:
+        """``into[item] = version`` (``_changed`` or ``_gone``), placed and logged."""
+        if item not in into:
+            self._place[item] = self._next_place
+            self._next_place += 1
+        into[item] = version
+        self._logged_at(version).append(item)
+        self._logged += 1
 
     def __len__(self) -> int:
         """Live (trainable, not removed) items."""
@@ -459,22 +520,30 @@ class ItemFactors:
         their ``rows``) changed at this version, and note their rows in ``stepped``;
         items without a row are not."""
         version, changed, gone, known = self._version, self._changed, self._gone, self._ids
+        place, logged = self._place, self._logged_at(version)
         row_list = rows.tolist()
-        for j in np.flatnonzero(rows >= 0).tolist():
+        held = np.flatnonzero(rows >= 0).tolist()
+        for j in held:
             item = ids[keep[idx[j]]]
             known[int(keys[j])] = item
+            if item not in changed:  # _enter, inlined: the item shard's hot loop
+                place[item] = self._next_place
+                self._next_place += 1
             changed[item] = version
+            logged.append(item)
             gone.pop(item, None)
             stepped[item] = row_list[j]
+        self._logged += len(held)
 
     def _leave(self, items: Iterable[str]) -> None:
         for item in items:
             if self._changed.pop(item, None) is not None:
-                self._gone[item] = self._version
+                self._enter(self._gone, item, self._version)
         if len(self._gone) > self.max_tombstones:
             drop = len(self._gone) - self.max_tombstones // 2
             for item in list(self._gone)[:drop]:  # insertion order = oldest first
                 self._horizon = max(self._horizon, self._gone.pop(item))
+                del self._place[item]
 
     def _reconcile(self) -> None:
         """Drop IDs whose rows the table evicted (capacity) and record them as gone."""
@@ -509,7 +578,7 @@ class ItemFactors:
             if self.table.lookup(np.array([key], np.uint64))[0] >= 0:
                 self._ids[key] = item
                 self._gone.pop(item, None)
-                self._changed[item] = self._version
+                self._enter(self._changed, item, self._version)
 
     def expire(self, now_ms: int, ttl_ms: int) -> list[str]:
         """Free items not updated since ``now_ms - ttl_ms`` (event time, ms); returns the
@@ -536,7 +605,26 @@ class ItemFactors:
         if full:
             up = list(self._changed)
             removed: list[str] = []
+        elif version >= self._log_from:  # from the log: the items changed since, in order
+            since = self._logged_since(version)
+            up = self._in_order(self._changed, since, version)
+            removed = self._in_order(self._gone, since, version)
         else:
             up = [i for i, v in self._changed.items() if v > version]
             removed = [i for i, v in self._gone.items() if v > version]
         return ItemChanges(self._version, up, removed, full)
+
+    def _logged_since(self, version: int) -> list[str]:
+        """The items logged after ``version`` (>= ``_log_from``), each once."""
+        since: dict[str, None] = {}
+        for v in reversed(self._log):
+            if v <= version:
+                break
+            since.update(dict.fromkeys(self._log[v]))
+        return list(since)
+
+    def _in_order(self, of: dict[str, int], items: list[str], version: int) -> list[str]:
+        """``[i for i, v in of.items() if v > version]`` among ``items`` (which hold every
+        such one): those ``of`` holds at a later version, in its order (``_place``)."""
+        place = self._place
+        return sorted((i for i in items if of.get(i, version) > version), key=place.__getitem__)

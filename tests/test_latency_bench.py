@@ -28,3 +28,16 @@ def test_co_partition_sends_a_user_to_the_partition_of_its_shard_s_worker(worker
     assert all(partition_of(u) == worker_of(shard_key(shard_of(str(u))), workers)
                for u in users)
     assert set(map(partition_of, users)) == set(range(workers))
+
+
+def test_by_window_splits_the_live_phase_by_send_time() -> None:
+    """``by_window``: each request in the window of its send time (from the first send),
+    unanswered ones left out, and each window's flow CPU per wall second."""
+    sent = {"a": 100.0, "b": 105.0, "c": 112.0, "lost": 113.0}
+    received = {"a": (100.05, 3.0), "b": (105.25, 5.0), "c": (112.1, 4.0)}
+    rows = _bench().by_window(sent, received, [(0.0, 1.0), (10.0, 8.0), (20.0, 15.5)])
+    assert [r["from_s"] for r in rows] == [0, 10]
+    assert rows[0]["rt_p50_ms"] == 150.0 and rows[0]["inflow_p99_ms"] == 5.0
+    assert rows[1] == {"from_s": 10, "rt_p50_ms": 100.0, "rt_p99_ms": 100.0,
+                       "inflow_p50_ms": 4.0, "inflow_p99_ms": 4.0, "flow_cpu_per_s": 0.75}
+    assert rows[0]["flow_cpu_per_s"] == 0.7

@@ -437,3 +437,46 @@ def test_vectors_after_a_batch_equal_a_lookup_of_every_id() -> None:
             f = pickle.loads(pickle.dumps(f))
             check(batch)
     assert 10 <= fast < 40  # rows read without a lookup, but not after the evicting batches
+
+
+def _scanned(f: ItemFactors, version: int) -> ItemChanges:
+    """``changed_since`` as a scan of every item (the rule the change log must follow)."""
+    full = version <= f._horizon or version == 0 or version > f.version
+    if not full and version == f.version:
+        return ItemChanges(version, [], [], False)
+    if full:
+        return ItemChanges(f.version, list(f._changed), [], True)
+    return ItemChanges(f.version, [i for i, v in f._changed.items() if v > version],
+                       [i for i, v in f._gone.items() if v > version], False)
+
+
+@pytest.mark.parametrize("bound", [None, 6])
+def test_changed_since_from_the_log_equals_a_scan_of_every_item(
+        monkeypatch: pytest.MonkeyPatch, bound: int | None) -> None:
+    """``changed_since`` read from the change log: for every version asked (each earlier
+    one, the last, 0, one ahead) the same items in the same order as a scan of
+    ``_changed`` / ``_gone``, through repeats in a batch, capacity evictions, removals,
+    revivals, expiry, tombstones dropped, a pickle round trip (which starts a new log)
+    and, with a small ``bound``, a log trimmed many times (older versions then scan)."""
+    if bound is not None:
+        monkeypatch.setattr(ItemFactors, "_log_bound", lambda self: bound)
+    f = ItemFactors(MFConfig(dim=4, max_items=16), max_tombstones=8)
+    rng = np.random.default_rng(5)
+    from_log = 0
+    for step in range(60):
+        batch = [f"i{j}" for j in rng.integers(0, 30, int(rng.integers(1, 9)))]
+        u = rng.normal(size=(len(batch), 4)).astype(np.float32)
+        f.update_batch(batch, u, T0 + step, rng.normal(size=len(batch)).astype(np.float32))
+        if step % 5 == 2:
+            f.remove([f"i{j}" for j in rng.integers(0, 30, 3)])
+        if step % 7 == 4:
+            f.revive([f"i{j}" for j in range(30)])
+        if step % 11 == 8:
+            f.expire(T0 + step, 4)
+        if step % 17 == 16:
+            f = pickle.loads(pickle.dumps(f))
+        for version in range(f.version + 2):
+            assert f.changed_since(version) == _scanned(f, version), (step, version)
+        from_log += sum(f._log_from <= v < f.version for v in range(1, f.version))
+        assert set(f._place) == set(f._changed) | set(f._gone)
+    assert from_log > 100  # most versions were read from the log
