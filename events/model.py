@@ -382,10 +382,13 @@ class EventParser:
         none, no ``exclude``) is built in the loop itself; any other input takes
         ``parse``'s checks, so every result is ``parse``'s. (Impressions are ~86% of a
         log; the checks in one loop instead of a call chain per line: ~1 us less a line
-        of ~3.5; feedback and requests ~1.5-3 us less.)"""
+        of ~3.5; feedback and requests ~1.5-3 us less; an impression's fields set one by one
+        on ``object.__new__(Impression)``, without the dataclass's ``__init__``: ~0.25 us
+        less.)"""
         out: list[Event | dict[str, Any]] = []
         append = out.append
         loads, error, max_bytes = orjson.loads, orjson.JSONDecodeError, self.max_bytes
+        new = object.__new__
         low, skew = max(self.min_ts_ms, 0), self.max_future_skew_ms
         watermark = self.watermark_ms
         high = min((watermark or 0) + skew, MAX_TS_MS)
@@ -414,8 +417,13 @@ class EventParser:
                                 and (len(raw) <= MAX_ID_LEN or max(
                                     len(iid), len(user), len(item), len(request or "")
                                 ) <= MAX_ID_LEN)):
-                            event = Impression(ts, iid, user, item, request, position,
-                                               {} if context is None else context)
+                            # Built field by field: the generated __init__'s frame costs
+                            # ~0.25 us of ~0.55 an impression; every field is set here.
+                            event = new(Impression)
+                            event.ts, event.impression_id, event.user_id = ts, iid, user
+                            event.item_id, event.request_id = item, request
+                            event.position = position
+                            event.context = {} if context is None else context
                     elif kind == "feedback":
                         get = obj.get
                         ts, user, item, action = (get("ts"), get("user_id"), get("item_id"),

@@ -292,6 +292,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
                 max_items=config.shards.max_items, hot_profiles=config.shards.hot_profiles,
                 covis_any=items_on and config.items.covis_any)
         resume.write_wire(wire)  # this run's config decides, resumed state included
+        resume.item_updates = config.items.enabled  # without an item side nothing reads them
         return UserShardLogic(resume)
 
     shard_out = op.stateful("user_shard", routed, user_shard_builder)

@@ -604,6 +604,7 @@ class PointInTime:
         names)."""
         profile = ctx.profile
         keys = profile.keys()
+        named = bool(profile)  # an empty profile overlaps no item's names: tested once here
         rounded = float32_features(compact(profile))
         part = encoded_part(rounded) if wire else None
         statics, static_part_of = self._statics, self._static_part
@@ -620,7 +621,8 @@ class PointInTime:
                 if recency is None:
                     recency = liked_recency(ctx.liked, self.covis.decay)
                 rest = {"ui.interacted": 1.0, "ui.liked": recency.get(item, 0.0)}
-                if keys.isdisjoint(static) and keys.isdisjoint(rest) and static.keys().isdisjoint(rest):
+                if ((not named or keys.isdisjoint(static) and keys.isdisjoint(rest))
+                        and static.keys().isdisjoint(rest)):
                     rest = float32_features(compact(rest))
                     rest_part = (encoded_part(rest) if part is not None and static_part is not None
                                  else None)
@@ -628,7 +630,7 @@ class PointInTime:
                               if rest_part is not None else {**rounded, **static_rounded, **rest})
                 else:
                     out[j] = float32_features(compact({**profile, **static, **rest}))
-            elif not keys.isdisjoint(static):
+            elif named and not keys.isdisjoint(static):
                 out[j] = float32_features(compact({**profile, **static}))
             elif part is not None and static_part is not None:
                 start = starts.get(static_part[0])

@@ -62,6 +62,16 @@ ShardOutput = dict[str, list[Any]]
 class UserShard:
     """All user-side state of one shard; pure Python, driven by ``UserShardLogic``."""
 
+    item_updates = True
+    """Make the ``Interaction`` and ``CatalogChange`` updates of feedback and ``item``
+    events; False in a flow without an item side (``items.enabled`` false: nothing reads
+    them). A class default, so shards resumed from older snapshots have it; the flow sets
+    it from its config at every start."""
+
+    _unmade = 0
+    """Updates not made (``item_updates`` false) since the last drain: a batch that would
+    have sent some sends the shard's counters as it did (``_drain``)."""
+
     def __init__(self, join: JoinConfig, sampler: NegativeSampler, *,
                  features: list[dict[str, Any]] | None = None,
                  mf: MFConfig | None = None, covis: CoVisConfig | None = None,
@@ -247,7 +257,10 @@ class UserShard:
         if self.item_profiles:
             updates.append(ProfileEvent(fb.item_id, fb))
         positive = self.joiner.config.is_positive(fb.action, fb.value)
-        updates.append(Interaction(fb.item_id, fb.ts, positive))
+        if self.item_updates:
+            updates.append(Interaction(fb.item_id, fb.ts, positive))
+        else:
+            self._unmade += 1
         if self.pairs_any and recent:
             self._pairs("any", recent, fb)
         if not positive:
@@ -323,7 +336,10 @@ class UserShard:
     def _item(self, item: Item) -> None:
         lru_put(self.catalog, item.item_id, dict(item.attrs, available=item.available),
                 self.max_items)
-        self._item_updates.append(CatalogChange(item.item_id, item))
+        if self.item_updates:
+            self._item_updates.append(CatalogChange(item.item_id, item))
+        else:
+            self._unmade += 1
 
     def _remember_user(self, user_id: str, attrs: dict[str, Any]) -> None:
         lru_put(self.user_attrs, user_id, attrs, self.max_users)
@@ -407,7 +423,8 @@ class UserShard:
             out["batch"] = self._ingest_ns  # the source micro-batch (item shards publish per batch)
         if self._dead:
             out["dead-letters"], self._dead = self._dead, []
-        if out:
+        if out or self._unmade:
+            self._unmade = 0
             out["counters"] = [{"shard": self.shard, "counters": self.counters(),
                                 "table": self.table_counters()}]
         return out

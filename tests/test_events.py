@@ -192,6 +192,8 @@ def test_batch_parse_equals_one_by_one() -> None:
     """``parse_many`` (impressions, feedback and requests of the common shape built in its
     loop) gives exactly what ``parse`` gives line by line, dead letters and the watermark
     included."""
+    import pickle
+
     imp = {"type": "impression", "ts": TS, "impression_id": "m", "user_id": "u",
            "item_id": "a", "request_id": "r", "position": 3, "context": {"d": "web"}}
     variants = [{}, {"request_id": None}, {"position": None}, {"context": None},
@@ -238,7 +240,11 @@ def test_batch_parse_equals_one_by_one() -> None:
         one = EventParser(max_future_skew_ms=skew, clock_ms=lambda: TS)
         many = EventParser(max_future_skew_ms=skew, clock_ms=lambda: TS)
         expected = [plain(one.parse(raw)) for raw in raws]
-        assert [plain(out) for out in many.parse_many(raws)] == expected
+        outs = many.parse_many(raws)
+        assert [plain(out) for out in outs] == expected
+        for out in outs:  # every field set (pickling reads each one)
+            if not isinstance(out, dict):
+                assert pickle.loads(pickle.dumps(out)) == out
         assert many.watermark_ms == one.watermark_ms
         assert many.dead_in_last == sum(isinstance(out, dict) for out in expected)
         events, dead = EventParser(max_future_skew_ms=skew, clock_ms=lambda: TS).parse_batch(raws)

@@ -211,3 +211,41 @@ def test_wire_rows_of_the_joiner_path_are_the_packed_records() -> None:
             "imp:", "int:", "neg:"}
         assert [orjson.dumps(pack_example(r)) for r in rows[0]] == [
             orjson.dumps(r) for r in rows[1]]
+
+
+def test_plain_features_with_and_without_a_profile_equal_the_per_item_path() -> None:
+    """``PointInTime._resolve_plain`` (a request's items at once, no snapshots) gives the
+    examples of one ``example_features`` call per item, bit for bit, with an empty profile
+    (its name-overlap tests skipped) and with a user profile feature."""
+    spec = {"name": "clicks", "entity": "user", "aggregate": "count",
+            "filter": {"type": "feedback", "action": "click"}, "windows": ["1h"]}
+    events = joiner_path_stream()
+    for features in ([], [spec]):
+        together, alone = (UserShard(JoinConfig(), NegativeSampler(1.0, 0), features=features)
+                           for _ in range(2))
+        alone.context.features_run = None  # the joiner falls back per item
+        rows: list[list[Any]] = [[], []]
+        for s, out in zip((together, alone), rows, strict=True):
+            for i in range(0, len(events), 37):
+                out += s.process("u000", events[i:i + 37]).get("examples", [])
+            out += s.flush().get("examples", [])
+        assert len(rows[0]) > 100 and rows[0] == rows[1]
+        assert any("user.clicks.1h" in r["features"] for r in rows[0]) == bool(features)
+
+
+def test_a_shard_without_item_updates_writes_the_same_outputs_and_counters() -> None:
+    """``item_updates`` false (a flow without an item side): no ``Interaction`` or
+    ``CatalogChange`` is made; every other output of every batch is the same, the
+    counters included, sent in the same batches (one holding only an ``item`` event)."""
+    events = joiner_path_stream()
+    batches = [events[i:i + 37] for i in range(0, len(events), 37)]
+    batches.insert(3, [Item(T0 + 3_500, "i2", {"category": "c1", "price": 4.0})])
+    made, unmade = (UserShard(JoinConfig(), NegativeSampler(0.5, 0)) for _ in range(2))
+    unmade.item_updates = False
+    kinds: set[str] = set()
+    for batch in batches + [None]:
+        outs = [s.flush() if batch is None else s.process("u000", batch) for s in (made, unmade)]
+        kinds.update(type(u).__name__ for u in outs[0].pop("item-updates", ()))
+        outs[0].pop("batch", None)
+        assert outs[0] == outs[1] and "item-updates" not in outs[1]
+    assert kinds == {"Interaction", "CatalogChange"}
