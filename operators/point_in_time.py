@@ -522,7 +522,7 @@ class PointInTime:
                 version = detached.version
                 numeric = ([] if version.tables is None else self._snapshot_columns(
                     ctx, items, first.ts, version.any_channel, version.tables,
-                    list(map(version.counts.__getitem__, items))))
+                    version.count_rows(items)))
                 numeric += detached.columns(ctx, items, self.covis.decay, [d[2] for d in group])
                 statics = [version.static(d[1], d[2]) for d in group]
             else:
@@ -1264,8 +1264,10 @@ class _VersionCapture:
         features, at example precision, as a part); shared, never modified."""
         self.tables: dict[str, _CapturedTable] | None = None
         """The version's tables by shard, captured (None: no item shards)."""
-        self.counts: dict[str, CountRow] = {}
-        """Item -> its ``CountRow`` on ``tables``."""
+        self.counts: dict[str, tuple[str, float, float] | None] = {}
+        """Item -> its ``CountRow`` with its table's shard in ``tables`` instead of the
+        table (``count_rows``): a tuple of atomic values, which the collector untracks
+        (one holding a ``_CapturedTable`` stays tracked while its tokens wait)."""
         self.any_channel = _has_any_channel(views)
         """Whether the tables carry the ``any`` co-visitation channel."""
 
@@ -1273,11 +1275,22 @@ class _VersionCapture:
                        seed_rows: dict[str, dict[tuple[str, str], dict[str, float]]]) -> None:
         """Fill ``tables`` from ``table_map`` and ``seed_rows`` (per shard, the rows the
         groups read) and ``counts`` from the items' ``rows`` (as given to ``__init__``)."""
-        tables = self.tables = {shard: _CapturedTable(table, seed_rows.get(shard, {}))
-                                for shard, table in table_map.items()}
-        by_table = {id(table): tables[shard] for shard, table in table_map.items()}
-        self.counts = {item: None if row is None else (by_table[id(row[0])], row[1], row[2])
+        self.tables = {shard: _CapturedTable(table, seed_rows.get(shard, {}))
+                       for shard, table in table_map.items()}
+        shard_of = {id(table): shard for shard, table in table_map.items()}
+        self.counts = {item: None if row is None else (shard_of[id(row[0])], row[1], row[2])
                        for item, row in zip(self.pos, rows, strict=True)}
+
+    def count_rows(self, items: list[str]) -> list[CountRow]:
+        """Each item's ``CountRow`` on the captured ``tables`` (fresh tuples, dropped
+        after use)."""
+        tables, counts = self.tables, self.counts
+        assert tables is not None
+        out: list[CountRow] = []
+        for item in items:
+            row = counts[item]
+            out.append(None if row is None else (tables[row[0]], row[1], row[2]))
+        return out
 
     def static(self, item: str, attrs: dict[str, Any] | None
                ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:
