@@ -41,7 +41,6 @@ from state.item_rows import ItemRows
 from state.item_table import (
     FrozenFeatures,
     ItemTable,
-    RawProfile,
     catalog_category,
     row_profile,
 )
@@ -147,22 +146,27 @@ def liked_recency(liked: list[str], decay: float) -> dict[str, float]:
     return out
 
 
-TableCapture = tuple["dict[str, float] | RawProfile | None", "str | None"] | None
+TableCapture = tuple[Any, ...] | None
 """What an item's static features read of its item table: (its item profile, its
-category), or None when no table holds the item (``table_capture``)."""
+category), or a raw profile with the category appended (``RawProfile``'s names, its
+values, then the category: one flat tuple), or None when no table holds the item
+(``table_capture``). The profile (or the names) first, the category last."""
 
 
 def table_capture(item_id: str, table: ItemTable | None, raw: bool = False) -> TableCapture:
     """The item's item profile and category in ``table`` (None without a table): small
     objects that outlive the table version without keeping it alive. ``raw``: a loaded
     table's profile as its row (``FrozenFeatures.raw``), made a dict only when read
-    (``static_features_of``; a detached version's items are mostly never read)."""
+    (``static_features_of``; a detached version's items are mostly never read), in one
+    flat tuple with the category: a capture the collector untracks at its first
+    collection (a nested one a collection later per level)."""
     if table is None:
         return None
     features = table.features
     profile = (features.raw(item_id) if raw and type(features) is FrozenFeatures
                else features.get(item_id))
-    return profile, catalog_category(table.catalog, item_id)
+    category = catalog_category(table.catalog, item_id)
+    return (*profile, category) if type(profile) is tuple else (profile, category)
 
 
 CountRow = tuple["ItemTable | _CapturedTable", float, float] | None
@@ -217,12 +221,12 @@ def static_features_of(capture: TableCapture, attrs: dict[str, Any] | None) -> d
     """``static_item_features`` from the item's ``table_capture``."""
     extra: dict[str, Any] = {}
     if capture is not None:
-        profile, category = capture
-        if type(profile) is tuple:
-            profile = row_profile(*profile)
+        profile = capture[0]
+        if type(profile) is tuple:  # a raw profile's names: its values follow
+            profile = row_profile(profile, capture[1:-1])
         if profile:
             extra.update(profile)
-        extra["i:category"] = category
+        extra["i:category"] = capture[-1]
     if attrs:
         for key, value in attrs.items():
             if key != "available" and not isinstance(value, dict):
