@@ -424,7 +424,8 @@ class PointInTime:
         taken.items.append(item_id)
         attrs = self.catalog.get(item_id)
         return (taken, item_id, attrs,
-                self._group_cross(shared, attrs, ts_ms) if self._crosses and attrs else _NO_CROSS,
+                self._cross(shared.user_id, shared.crosses, attrs, ts_ms)
+                if self._crosses and attrs else _NO_CROSS,
                 item_id in taken.ctx.consumed)
 
     def _track(self, taken: _Taken) -> None:
@@ -449,12 +450,12 @@ class PointInTime:
         get = self.catalog.get
         if self._crosses:
             shared = self._shared_context(user_id, ts_ms)  # the one deferred_features used
-            cross_of = self._group_cross
+            cross_of, crosses = self._cross, shared.crosses
             out = [first]
             for item in itertools.islice(item_ids, 1, None):
                 attrs = get(item)
                 out.append((taken, item, attrs,
-                            cross_of(shared, attrs, ts_ms) if attrs else _NO_CROSS,
+                            cross_of(user_id, crosses, attrs, ts_ms) if attrs else _NO_CROSS,
                             item in consumed))
             return out
         out = [(taken, item, get(item), _NO_CROSS, item in consumed)
@@ -823,19 +824,6 @@ class PointInTime:
                 out.append(feats)
         return out
 
-    def _group_cross(self, shared: _Shared, attrs: dict[str, Any], ts_ms: int
-                     ) -> list[dict[str, Any]]:
-        """``_cross`` of an item with ``attrs`` in ``shared``'s group: one list per
-        distinct string values of the cross attributes in the group, shared by its
-        tokens (read only): fewer long-lived lists while they wait for labels."""
-        key = tuple([value if isinstance(value := attrs.get(attr), str) else None
-                     for attr, _ in self._crosses])
-        found = shared.cross_lists.get(key)
-        if found is None:
-            found = shared.cross_lists[key] = self._cross(shared.user_id, shared.crosses,
-                                                          attrs, ts_ms)
-        return found
-
     @staticmethod
     def _cross_query(user_id: str, store: ProfileStore, value: str, ts_ms: int | None
                      ) -> dict[str, Any]:
@@ -1139,7 +1127,7 @@ class PointInTime:
 class _Shared:
     """One user's context shared by a group of events (see ``example_features``)."""
 
-    __slots__ = ("user_id", "group", "ts", "ctx", "crosses", "cross_lists")
+    __slots__ = ("user_id", "group", "ts", "ctx", "crosses")
 
     def __init__(self, user_id: str, group: object, ts: int, ctx: UserContext) -> None:
         self.user_id = user_id
@@ -1147,8 +1135,6 @@ class _Shared:
         self.ts = ts
         self.ctx = ctx
         self.crosses: dict[tuple[str, str], dict[str, Any]] = {}
-        self.cross_lists: dict[tuple[str | None, ...], list[dict[str, Any]]] = {}
-        """``PointInTime._group_cross``'s lists by the items' cross attribute values."""
 
 
 class _Taken:

@@ -99,35 +99,3 @@ def test_cross_profiles_without_a_profile_share_one_fixed_object() -> None:
     assert columns._shared_sum(fixed) == term and len(columns._fixed) == 1
     other = FixedFeatures({"a": 1.0})
     assert columns._shared_sum(other) == columns._sum({"a": 1.0}) != term
-
-
-def test_a_groups_tokens_share_one_cross_list_per_attribute_value() -> None:
-    """``deferred_run``'s tokens of items with the same cross attribute value hold one
-    shared list of cross profile values (``_group_cross``), equal to ``_cross``'s;
-    resolved, they give the features of tokens taken one group each, bit for bit."""
-    from collections import OrderedDict
-
-    from state.feature_spec import default_features
-    from state.profiles import stores_for
-
-    stores = stores_for(default_features(), batch_size=1_000_000)
-    for n, category in enumerate(["drama", "comedy", "drama"]):
-        stores["user_x_category"].apply(
-            {"type": "feedback", "action": "click", "user_id": "u1", "item_id": f"i{n}",
-             "ts": T0 - 5_000 * (n + 1)}, lambda item, c=category: {"category": c})
-    catalog = OrderedDict([("a", {"category": "drama"}), ("b", {"category": "comedy"}),
-                           ("c", {"category": "drama", "price": 2.0}), ("d", {"price": 1.0}),
-                           ("e", {"category": 7}), ("f", {"category": "comedy"})])
-    items = ["a", "b", "c", "d", "e", "f", "g"]
-    context = PointInTime(profiles=stores, catalog=catalog)
-    context.group = object()
-    tokens = context.deferred_run("u1", items, T0)
-    lists = [token[3] for token in tokens]
-    assert lists[0] is lists[2] and lists[1] is lists[5] and lists[0] is not lists[1]
-    assert lists[3] is lists[4] and lists[3] == []  # no string value: no cross profile
-    assert lists == [context._cross("u1", {}, catalog.get(item), T0) for item in items]
-    assert any("user_x_category.clicks.1h" in feats for feats in lists[0])
-    context.group = None  # a group per token: nothing shared
-    alone = [context.deferred_features("u1", item, T0) for item in items]
-    assert not any(token[3] is alone[0][3] for token in alone[1:])
-    assert context.resolve_all(tokens) == context.resolve_all(alone)
