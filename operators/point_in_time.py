@@ -41,7 +41,6 @@ from state.item_rows import ItemRows
 from state.item_table import (
     FrozenFeatures,
     ItemTable,
-    RawProfile,
     catalog_category,
     row_profile,
 )
@@ -147,22 +146,27 @@ def liked_recency(liked: list[str], decay: float) -> dict[str, float]:
     return out
 
 
-TableCapture = tuple["dict[str, float] | RawProfile | None", "str | None"] | None
+TableCapture = tuple[Any, ...] | None
 """What an item's static features read of its item table: (its item profile, its
-category), or None when no table holds the item (``table_capture``)."""
+category), or a raw profile with the category appended (``RawProfile``'s names, its
+values, then the category: one flat tuple), or None when no table holds the item
+(``table_capture``). The profile (or the names) first, the category last."""
 
 
 def table_capture(item_id: str, table: ItemTable | None, raw: bool = False) -> TableCapture:
     """The item's item profile and category in ``table`` (None without a table): small
     objects that outlive the table version without keeping it alive. ``raw``: a loaded
     table's profile as its row (``FrozenFeatures.raw``), made a dict only when read
-    (``static_features_of``; a detached version's items are mostly never read)."""
+    (``static_features_of``; a detached version's items are mostly never read), in one
+    flat tuple with the category: a capture the collector untracks at its first
+    collection (a nested one a collection later per level)."""
     if table is None:
         return None
     features = table.features
     profile = (features.raw(item_id) if raw and type(features) is FrozenFeatures
                else features.get(item_id))
-    return profile, catalog_category(table.catalog, item_id)
+    category = catalog_category(table.catalog, item_id)
+    return (*profile, category) if type(profile) is tuple else (profile, category)
 
 
 CountRow = tuple["ItemTable | _CapturedTable", float, float] | None
@@ -217,12 +221,12 @@ def static_features_of(capture: TableCapture, attrs: dict[str, Any] | None) -> d
     """``static_item_features`` from the item's ``table_capture``."""
     extra: dict[str, Any] = {}
     if capture is not None:
-        profile, category = capture
-        if type(profile) is tuple:
-            profile = row_profile(*profile)
+        profile = capture[0]
+        if type(profile) is tuple:  # a raw profile's names: its values follow
+            profile = row_profile(profile, capture[1:-1])
         if profile:
             extra.update(profile)
-        extra["i:category"] = category
+        extra["i:category"] = capture[-1]
     if attrs:
         for key, value in attrs.items():
             if key != "available" and not isinstance(value, dict):
@@ -522,7 +526,7 @@ class PointInTime:
                 version = detached.version
                 numeric = ([] if version.tables is None else self._snapshot_columns(
                     ctx, items, first.ts, version.any_channel, version.tables,
-                    list(map(version.counts.__getitem__, items))))
+                    version.count_rows(items)))
                 numeric += detached.columns(ctx, items, self.covis.decay, [d[2] for d in group])
                 statics = [version.static(d[1], d[2]) for d in group]
             else:
@@ -1266,8 +1270,10 @@ class _VersionCapture:
         features, at example precision, as a part); shared, never modified."""
         self.tables: dict[str, _CapturedTable] | None = None
         """The version's tables by shard, captured (None: no item shards)."""
-        self.counts: dict[str, CountRow] = {}
-        """Item -> its ``CountRow`` on ``tables``."""
+        self.counts: dict[str, tuple[str, float, float] | None] = {}
+        """Item -> its ``CountRow`` with its table's shard in ``tables`` instead of the
+        table (``count_rows``): a tuple of atomic values, which the collector untracks
+        (one holding a ``_CapturedTable`` stays tracked while its tokens wait)."""
         self.any_channel = _has_any_channel(views)
         """Whether the tables carry the ``any`` co-visitation channel."""
 
@@ -1275,11 +1281,22 @@ class _VersionCapture:
                        seed_rows: dict[str, dict[tuple[str, str], dict[str, float]]]) -> None:
         """Fill ``tables`` from ``table_map`` and ``seed_rows`` (per shard, the rows the
         groups read) and ``counts`` from the items' ``rows`` (as given to ``__init__``)."""
-        tables = self.tables = {shard: _CapturedTable(table, seed_rows.get(shard, {}))
-                                for shard, table in table_map.items()}
-        by_table = {id(table): tables[shard] for shard, table in table_map.items()}
-        self.counts = {item: None if row is None else (by_table[id(row[0])], row[1], row[2])
+        self.tables = {shard: _CapturedTable(table, seed_rows.get(shard, {}))
+                       for shard, table in table_map.items()}
+        shard_of = {id(table): shard for shard, table in table_map.items()}
+        self.counts = {item: None if row is None else (shard_of[id(row[0])], row[1], row[2])
                        for item, row in zip(self.pos, rows, strict=True)}
+
+    def count_rows(self, items: list[str]) -> list[CountRow]:
+        """Each item's ``CountRow`` on the captured ``tables`` (fresh tuples, dropped
+        after use)."""
+        tables, counts = self.tables, self.counts
+        assert tables is not None
+        out: list[CountRow] = []
+        for item in items:
+            row = counts[item]
+            out.append(None if row is None else (tables[row[0]], row[1], row[2]))
+        return out
 
     def static(self, item: str, attrs: dict[str, Any] | None
                ) -> tuple[dict[str, Any], dict[str, Any], EncodedPart | None]:

@@ -99,8 +99,9 @@ class FrozenCatalog(Mapping[str, CatalogEntry]):
         return len(self._index)
 
 
-RawProfile = tuple[tuple[str, ...], tuple[float, ...]]
-"""An item profile as a loaded table's names and the item's row of values (NaN: none)."""
+RawProfile = tuple[Any, ...]
+"""An item profile as one flat tuple: a loaded table's names (a tuple of str), then the
+item's row of values (NaN: none): ``row_profile(raw[0], raw[1:])``."""
 
 
 def row_profile(names: Sequence[str], row: Sequence[float]) -> dict[str, float]:
@@ -138,14 +139,16 @@ class FrozenFeatures(Mapping[str, dict[str, float]]):
 
     def raw(self, item_id: str) -> dict[str, float] | RawProfile | None:
         """The item's profile without making its dict: its dict when made already, else
-        (names, its row's values) for ``row_profile`` (None when the table lacks it): a
-        tuple of tuples of atomic values, which the collector untracks (a capture holds it
-        while its impressions wait for labels, and young collections skip it after one)."""
+        its ``RawProfile`` (the names, then its row's values) for ``row_profile`` (None
+        when the table lacks it): one flat tuple of atomic values and the names tuple,
+        which the collector untracks at the first collection that meets it (a capture
+        holds it while its impressions wait for labels; a nested tuple of values would
+        be untracked one collection later, and young collections would scan it till then)."""
         found = self._made.get(item_id)
         if found is not None:
             return found
         j = self._index.get(item_id)
-        return None if j is None else (self._names, tuple(self._values[j].tolist()))
+        return None if j is None else (self._names, *self._values[j].tolist())
 
     def get(self, item_id: str, default: Any = None) -> Any:  # type: ignore[override]
         found = self._made.get(item_id)

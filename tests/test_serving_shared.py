@@ -18,7 +18,12 @@ from test_serving_fast import _reference_retrieve, _server, _table
 
 from models.category_bandit import CategoryExploreConfig
 from operators.category_items import CategoryItems, merge_categories, table_categories
-from operators.point_in_time import UserContext
+from operators.point_in_time import (
+    UserContext,
+    static_features_of,
+    static_item_features,
+    table_capture,
+)
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
 from state.item_rows import ItemRows, table_columns
@@ -190,15 +195,27 @@ def test_a_loaded_tables_features_are_the_saved_dicts(tmp_path: Path) -> None:
     # raw (us15: a detached version's capture): the row until the dict is made, then it
     again = ItemTable.load(tmp_path / "t.npz")
     for item, want in features.items():
-        names, row = again.features.raw(item)
+        raw = again.features.raw(item)
+        names, row = raw[0], raw[1:]
         assert row_profile(names, row) == want and list(row_profile(names, row)) == list(want)
     assert again.features.raw("zz") is None and loaded.features.raw("a") is loaded.features["a"]
-    # (names, row) as tuples of atomic values: collections untrack it while a capture holds it
+    # (names, *row): one flat tuple of atomic values and the names, untracked at the first
+    # collection after the names tuple is (a nested row would take one more)
+    gc.collect()
     held = again.features.raw("d")
-    assert type(held[0]) is tuple and type(held[1]) is tuple
-    gc.collect()
-    gc.collect()
+    assert type(held[0]) is tuple and all(type(v) is float for v in held[1:])
+    gc.collect(0)
     assert not gc.is_tracked(held)
+    # a detached version's capture of it (table_capture raw): one flat tuple with the
+    # category, untracked at its first collection, the same static features in order
+    for item in [*features, "zz"]:
+        got = static_features_of(table_capture(item, again, raw=True), None)
+        want = static_item_features(item, loaded, None)
+        assert got == want and list(got) == list(want)
+    capture = table_capture("c", again, raw=True)
+    assert capture is not None and type(capture[0]) is tuple
+    gc.collect(0)
+    assert not gc.is_tracked(capture)
     assert loaded.feature_columns(("x",))[1].tolist() == t.feature_columns(("x",))[1].tolist()
 
 
