@@ -929,11 +929,10 @@ class PointInTime:
                 assert rows is not None and space is not None
                 space.sync(table_map)
                 slots = space.fill(rows)
-                if not numeric_only:
-                    tables = space.table_list(slots)
                 shard = space.shard[slots]
-                numeric["pop"] = space.pop[slots] * space.decay_factors("popular", at)[shard]
-                numeric["trend"] = space.trend[slots] * space.decay_factors("trending", at)[shard]
+                if not numeric_only:
+                    tables = space.table_list(shard)
+                numeric["pop"], numeric["trend"] = space.decayed_counts(shard, slots, at)
             else:
                 rows_of = self._count_rows(item_ids, table_map)
                 for j, row in enumerate(rows_of):

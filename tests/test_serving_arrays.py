@@ -175,7 +175,7 @@ def test_item_rows_follow_new_table_versions() -> None:
     assert space.trend[slots].tolist() == [3.5, 0.0, 0.0]
     assert space.available[slots].tolist() == [False, True, True]
     assert [space.categories[c] for c in space.category[slots]] == ["c2", None, None]
-    assert space.table_list(slots) == [second["sx"], None, second["sx"]]  # y1: shard sy
+    assert space.table_list(space.shard[slots]) == [second["sx"], None, second["sx"]]  # y1: shard sy
     space.sync({})
     slots = space.fill(rows)
     assert space.pop[slots].tolist() == [0.0, 0.0, 0.0] and space.available[slots].all()
