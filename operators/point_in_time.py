@@ -907,7 +907,8 @@ class PointInTime:
                      attrs: list[dict[str, Any] | None] | None = None,
                      cross: list[list[dict[str, Any]]] | None = None,
                      rows: np.ndarray | None = None, space: ItemRows | None = None,
-                     numeric_only: bool = False, mf_rowwise: bool = False) -> ItemColumns:
+                     slots: np.ndarray | None = None, numeric_only: bool = False,
+                     mf_rowwise: bool = False) -> ItemColumns:
         """The raw material of ``item_features`` column-wise, for vectorised scoring:
         numeric features as arrays, and per item its table, attributes and cross
         profile dicts (one shared dict per attribute value).
@@ -915,9 +916,10 @@ class PointInTime:
         ``rows``, ``space``: the items' rows in serving's ``ItemRows`` (whose id space is
         that of ``covis``): table values are read from its per-row arrays and the cross
         profiles are returned as ``cross_codes`` (the same numbers, no per-item lookups).
-        ``numeric_only`` (with ``rows``, ``space``): only ``numeric`` without ``covis`` /
-        ``covis_any`` (the pool ranker reads the channels itself) and ``slots``; no
-        tables, attributes or cross profiles. ``mf_rowwise``: MF scores one row at a time
+        ``slots``: the rows' slots in ``space`` when this request filled them already
+        (after ``sync``; else ``space.fill(rows)``). ``numeric_only`` (with ``rows``,
+        ``space``): only ``numeric`` without ``covis`` / ``covis_any`` (the pool ranker
+        reads the channels itself) and ``slots``; no tables, attributes or cross profiles. ``mf_rowwise``: MF scores one row at a time
         (``_mf_rowwise``: the bits of one call per item, as examples take them) instead
         of one matrix product."""
         n = len(item_ids)
@@ -928,19 +930,20 @@ class PointInTime:
         numeric: dict[str, np.ndarray] = {}
         views = views or self.views
         arrays = rows is not None and space is not None
-        slots = None
+        if not arrays:
+            slots = None
         if views is not None and self.item_shard_of is not None:
             at = ts_ms or 0
             table_map = views.table_map()
             if arrays:
                 assert rows is not None and space is not None
                 space.sync(table_map)
-                slots = space.fill(rows)
-                if not numeric_only:
-                    tables = space.table_list(slots)
+                if slots is None:
+                    slots = space.fill(rows)
                 shard = space.shard[slots]
-                numeric["pop"] = space.pop[slots] * space.decay_factors("popular", at)[shard]
-                numeric["trend"] = space.trend[slots] * space.decay_factors("trending", at)[shard]
+                if not numeric_only:
+                    tables = space.table_list(shard)
+                numeric["pop"], numeric["trend"] = space.decayed_counts(shard, slots, at)
             else:
                 rows_of = self._count_rows(item_ids, table_map)
                 for j, row in enumerate(rows_of):

@@ -61,7 +61,7 @@ def pool_matrix(names: list[str], context: PointInTime, view: CovisView, alpha: 
         cols_needed = any(name in _COLUMN or name == "pop_cold" for name in names)
         if cols_needed:  # the numeric columns alone (no tables, attributes, channels)
             cols = context.item_columns(ctx, items, ts, covis, attrs=attrs, rows=rows,
-                                        space=space, numeric_only=True)
+                                        space=space, slots=slots, numeric_only=True)
             numeric = cols.numeric
             if cols.space is space and cols.slots is not None:
                 slots = cols.slots

@@ -735,16 +735,22 @@ class Server:
         next positive."""
         best = top_indices(pool.score, model.config.pool_size)
         items = [pool.items[i] for i in best.tolist()]
+        space = self._space()
+        cols = pool.columns
+        if cols is not None and cols.space is space and cols.slots is not None:
+            slots = cols.slots
+        else:  # the filter's slots of the pool (ItemRows.fill keeps them: no second check)
+            space.sync(self.views.table_map())
+            slots = space.fill(pool.rows)
         # no attributes: with the pool's rows in the id space, pool_matrix reads only
         # numeric columns (``item_columns(numeric_only=True)`` ignores them)
         x = pool_matrix(model.ranker.names, self.context, self.covis_view,
                         self.config.covis_pop_alpha, ctx, items, pool.score[best], request.ts,
                         covis, probs[best] if probs is not None else None,
-                        model.config.long_items, rows=pool.rows[best], space=self._space(),
-                        numeric=None if pool.columns is None else
-                        {name: col[best] for name, col in pool.columns.numeric.items()},
-                        slots=None if pool.columns is None or pool.columns.slots is None
-                        or pool.columns.space is not self._space() else pool.columns.slots[best])
+                        model.config.long_items, rows=pool.rows[best], space=space,
+                        numeric=None if cols is None else
+                        {name: col[best] for name, col in cols.numeric.items()},
+                        slots=slots[best])
         out = pool.score - 2.0  # the blend is in [0, ~1.001]
         out[best] = model.serve(ctx.user_id, items, x, request.ts, self.views.pool.current)
         return out

@@ -586,16 +586,23 @@ class ItemRows:
                 map(index.get, map(item_of, rows[at].tolist()), itertools.repeat(len(index))),
                 np.int32, at.size)
 
-    def decay_factors(self, source: str, ts_ms: int) -> np.ndarray:
-        """Per shard index, the factor that decays its table's ``source`` counts to
-        ``ts_ms`` (0.0 for a shard without a table: its counts read 0)."""
-        return np.array([t.decay_factor(source, ts_ms) if t is not None else 0.0
-                         for t in self.tables])
+    def decayed_counts(self, shard: np.ndarray, slots: np.ndarray, ts_ms: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Popularity and trending of ``slots`` (after ``fill``; ``shard``: their shard
+        indices, ``self.shard[slots]``) decayed to ``ts_ms``: each raw count times its
+        table's ``decay_factor`` (0.0 for a shard without a table: its counts read 0)."""
+        pop_f, trend_f = [], []
+        for t in self.tables:
+            pop_f.append(t.decay_factor("popular", ts_ms) if t is not None else 0.0)
+            trend_f.append(t.decay_factor("trending", ts_ms) if t is not None else 0.0)
+        return (self.pop[slots] * np.array(pop_f)[shard],
+                self.trend[slots] * np.array(trend_f)[shard])
 
-    def table_list(self, slots: np.ndarray) -> list[ItemTable | None]:
-        """The current table of each slot's shard (after ``fill``)."""
-        tables = self.tables
-        return [tables[s] for s in self.shard[slots].tolist()]
+    def table_list(self, shard: np.ndarray) -> list[ItemTable | None]:
+        """The current table of each shard index of ``shard`` (slots' ``self.shard``,
+        after ``fill``)."""
+        tables = self.tables  # a comprehension: list(map(tables.__getitem__, ...)) is slower
+        return [tables[s] for s in shard.tolist()]
 
     # -- the index ---------------------------------------------------------------------
     def vectors(self, slots: np.ndarray, rows: np.ndarray, index: Any

@@ -175,7 +175,7 @@ def test_item_rows_follow_new_table_versions() -> None:
     assert space.trend[slots].tolist() == [3.5, 0.0, 0.0]
     assert space.available[slots].tolist() == [False, True, True]
     assert [space.categories[c] for c in space.category[slots]] == ["c2", None, None]
-    assert space.table_list(slots) == [second["sx"], None, second["sx"]]  # y1: shard sy
+    assert space.table_list(space.shard[slots]) == [second["sx"], None, second["sx"]]  # y1: shard sy
     space.sync({})
     slots = space.fill(rows)
     assert space.pop[slots].tolist() == [0.0, 0.0, 0.0] and space.available[slots].all()
@@ -436,9 +436,9 @@ def test_pool_features_of_the_numeric_columns_alone_are_the_full_columns_bit_for
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request the LR ranker does not score: the pool ranker's matrix from the numeric
     columns alone (``item_columns(numeric_only=True)``: no tables, attributes or channel
-    sums) and the request's slots (item ages) is the matrix from the full columns with
-    every slot looked up again, bit for bit; the numeric columns are the full ones but
-    the channel sums it does not read."""
+    sums) and the slots the filter gave the pool (``Server._pool_scores``) is the matrix
+    from the full columns with every slot looked up again, bit for bit; the numeric
+    columns are the full ones but the channel sums it does not read."""
     import operators.serving as serving
 
     shard = _pool_ranker_shard(world)
@@ -448,18 +448,19 @@ def test_pool_features_of_the_numeric_columns_alone_are_the_full_columns_bit_for
     def both(names: list[str], context: Any, view: Any, alpha: float, ctx: Any,
              items: list[str], blend: np.ndarray, ts: int, covis: Any, *args: Any,
              **kwargs: Any) -> np.ndarray:
-        assert kwargs["numeric"] is None and kwargs["slots"] is None  # the LR did not score
+        assert kwargs["numeric"] is None  # the LR did not score
         assert "age" in names and "pop" in names
-        rows, space = kwargs["rows"], kwargs["space"]
+        rows, space, given = kwargs["rows"], kwargs["space"], kwargs["slots"]
+        assert given is not None and given.dtype == np.int32
         full = context.item_columns(ctx, items, ts, covis, attrs=kwargs.get("attrs"), rows=rows,
                                     space=space)
         alone = context.item_columns(ctx, items, ts, covis, attrs=kwargs.get("attrs"), rows=rows,
-                                     space=space, numeric_only=True)
-        assert np.array_equal(alone.slots, full.slots)
+                                     space=space, slots=given, numeric_only=True)
+        assert np.array_equal(given, full.slots) and alone.slots is given
         assert set(alone.numeric) == set(full.numeric) - {"covis", "covis_any"}
         assert all(np.array_equal(v, full.numeric[k]) for k, v in alone.numeric.items())
         again = real(names, context, view, alpha, ctx, items, blend, ts, covis, *args,
-                     **{**kwargs, "numeric": full.numeric})
+                     **{**kwargs, "numeric": full.numeric, "slots": None})
         got = real(names, context, view, alpha, ctx, items, blend, ts, covis, *args, **kwargs)
         assert np.array_equal(got, again)
         checked.append(len(got))
