@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 
 from events.model import EventParser
+from flows import runtime
 from flows.inprocess import InProcessFlow
-from flows.runtime import GC_THRESHOLD
 from operators.index_builder import IndexStage
 from operators.item_shard import ItemShard
 from operators.serving import Server
@@ -106,11 +106,12 @@ def replay(log: Path, n: int, batch_size: int, window: int,
     """Per window of ``window`` events of ``log``'s first ``n``: events, requests and ms of
     thread CPU per stage and in GC pauses (``gc``, also inside the stages' figures).
     ``profile``: window number (1 = the first) -> where to write a cProfile of that
-    window (pstats), run with the collector off. The flow's GC thresholds (``flows.runtime.GC_THRESHOLD``); with
-    ``freeze_at``, one ``gc.collect(); gc.freeze()`` after that many events, as the
-    live flow does once it caught up with its backlog."""
+    window (pstats), run with the collector off. The flow process's runtime settings
+    (``flows.runtime.apply``: GC thresholds, switch interval); with ``freeze_at``,
+    ``flows.runtime.freeze_now`` after that many events, as the live flow does once it
+    caught up with its backlog."""
     profile = profile or {}
-    gc.set_threshold(*GC_THRESHOLD)
+    runtime.apply(runtime.RuntimeConfig())
     profiler: cProfile.Profile | None = None
     flow = InProcessFlow(None)
     windows: list[dict[str, Any]] = []
@@ -124,8 +125,7 @@ def replay(log: Path, n: int, batch_size: int, window: int,
                 if events >= n:
                     break
                 if events == freeze_at and not batch:
-                    gc.collect()
-                    gc.freeze()
+                    runtime.freeze_now("cpu_growth")
                 if not line.strip():
                     continue
                 if events % window == 0 and events // window + 1 in profile:

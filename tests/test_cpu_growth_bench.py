@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 
 import orjson
 from bench_module import load_bench
@@ -15,11 +16,12 @@ def test_replay_times_each_window_and_restores_the_stages() -> None:
     common = load_bench("common")
     log = common.simulated_log(3_000, 0)
     process = UserShard.process
-    thresholds = gc.get_threshold()
+    thresholds, switch = gc.get_threshold(), sys.getswitchinterval()
     try:
         windows = growth.replay(log, 3_000, batch_size=70, window=1_000, freeze_at=1_000)
     finally:
         gc.set_threshold(*thresholds)
+        sys.setswitchinterval(switch)
         gc.unfreeze()
     assert UserShard.process is process  # the timing wrappers are removed
     assert [w["events"] for w in windows] == [1_000, 2_000, 3_000]
