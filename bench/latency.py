@@ -49,7 +49,24 @@ Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``,
 ``processes``, ``flow_cpu_per_s``, then the step timers, the spans and the GC figures above;
 ``by_window``: per 10 s of the live phase, the round trip and in-flow p50 / p99 and the
-flow's CPU per second (whether the latency grows within a run).
+CPU per second of the flow, of the local broker and of this client (whether the latency
+grows within a run, and whose CPU grows with it); ``broker_cpu_per_s`` and
+``client_cpu_per_s`` the same over the whole live phase.
+
+The local broker's cost grows with its log; a real Kafka broker's does not. This
+Tansu build's ``memory://`` storage lists every record batch stored in a partition on
+each fetch that returns records (~0.7 us of broker CPU per stored batch per fetch on
+this machine: 0.9 ms per produce + fetch round at 100 stored batches, 12 ms at 16,000;
+``bench/broker_growth.py``), and the live phase stores ~100 batches a second in the
+events partition (one per 10 ms tick of the client) and up to as many in the
+recommendations partition (one per write of the flow's sink holding answers). So at a constant traffic
+the broker's CPU per second climbs through a run (~0.1 -> ~0.5 of a core over 70 s) and
+lengthens ``to_flow`` and ``client_fetch`` while the flow's own CPU stays flat. Nothing
+here can bound it: the build ignores the topic settings ``retention.ms``,
+``retention.bytes``, ``segment.bytes`` (DescribeConfigs answers none) and does not
+implement DeleteRecords (the request panics in the broker and drops the connection).
+Read ``by_window``'s ``broker_cpu_per_s`` beside the round trip: a growth that follows
+it is the test broker's, not the flow's.
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
 [--compare-runtime] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
@@ -486,12 +503,22 @@ def _cpu_s(pids: list[int]) -> float:
 WINDOW_S = 10
 """The live phase's windows of ``by_window`` (s)."""
 
+CpuMark = tuple[float, dict[str, float]]
+"""(elapsed s of the live phase, CPU s used so far by each process group: ``flow``,
+``broker``, ``client``), taken at the start of each window and at the end."""
+
+
+def cpu_mark(elapsed_s: float, groups: dict[str, list[int]]) -> CpuMark:
+    """The CPU seconds used so far by each group of processes (``_cpu_s``)."""
+    return elapsed_s, {name: _cpu_s(pids) for name, pids in groups.items()}
+
 
 def by_window(sent: dict[str, float], received: dict[str, tuple[float, float]],
-              cpu_marks: list[tuple[float, float]]) -> list[dict[str, Any]]:
+              cpu_marks: list[CpuMark]) -> list[dict[str, Any]]:
     """Per ``WINDOW_S`` of the live phase (by send time): round trip and in-flow p50 /
-    p99 (ms) of the requests sent in it, and the flow's CPU per wall second over it
-    (``cpu_marks``: (elapsed s, flow CPU s) at each window's start)."""
+    p99 (ms) of the requests sent in it, and each process group's CPU per wall second
+    over it (``<group>_cpu_per_s`` from ``cpu_marks``: the flow's, the local broker's,
+    the client's)."""
     if not sent:
         return []
     t0 = min(sent.values())
@@ -501,13 +528,14 @@ def by_window(sent: dict[str, float], received: dict[str, tuple[float, float]],
             rt, inflow = rows.setdefault(int((t - t0) // WINDOW_S), ([], []))
             rt.append((received[rid][0] - t) * 1000)
             inflow.append(received[rid][1])
-    cpu = [(c1 - c0) / (e1 - e0) for (e0, c0), (e1, c1) in itertools.pairwise(cpu_marks)]
+    cpu = [{f"{name}_cpu_per_s": round((c1[name] - c0[name]) / (e1 - e0), 3) for name in c0}
+           for (e0, c0), (e1, c1) in itertools.pairwise(cpu_marks)]
     return [{"from_s": w * WINDOW_S,
              "rt_p50_ms": round(float(np.percentile(rt, 50)), 1),
              "rt_p99_ms": round(float(np.percentile(rt, 99)), 1),
              "inflow_p50_ms": round(float(np.percentile(inflow, 50)), 1),
              "inflow_p99_ms": round(float(np.percentile(inflow, 99)), 1),
-             "flow_cpu_per_s": round(cpu[w], 3) if w < len(cpu) else None}
+             **(cpu[w] if w < len(cpu) else {})}
             for w, (rt, inflow) in sorted(rows.items())]
 
 
@@ -583,18 +611,18 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
                     raise RuntimeError("the flow did not take the warm-up in 600 s:\n"
                                        + (out / "flow.log").read_text()[-3000:])
             steps0 = step_seconds(api_ports)
-            pids = [f.pid for f in flows]
-            cpu0 = _cpu_s(pids)
+            pids = {"flow": [f.pid for f in flows], "broker": [broker.pid or 0],
+                    "client": [os.getpid()]}
             live_from = time.time_ns()
             gc.callbacks.append(on_gc)
             sent: dict[str, float] = {}
             tick = 0.01  # the client's schedule: every 10 ms, what is due by then
             start = time.monotonic()
             n_req = n_ev = 0
-            cpu_marks = [(0.0, cpu0)]  # (elapsed s, flow CPU s) every WINDOW_S
+            cpu_marks = [cpu_mark(0.0, pids)]  # every WINDOW_S, and at the end
             while (elapsed := time.monotonic() - start) < seconds:
                 if elapsed >= WINDOW_S * len(cpu_marks):
-                    cpu_marks.append((elapsed, _cpu_s(pids)))
+                    cpu_marks.append(cpu_mark(elapsed, pids))
                 due_req = int(elapsed * requests_per_s) + 1
                 due_ev = min(int(elapsed * events_per_s) + 1, len(live))
                 ts = int(time.time() * 1000)
@@ -614,7 +642,7 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
                 time.sleep(max(0.0, start + elapsed + tick - time.monotonic()))
             wall = time.monotonic() - start
             live_to = time.time_ns()
-            cpu1 = _cpu_s(pids)
+            cpu_marks.append(cpu_mark(wall, pids))
             steps1 = step_seconds(api_ports)
             deadline = time.monotonic() + 30
             while len([r for r in sent if r in receiver.received]) < len(sent) and (
@@ -644,6 +672,8 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
 
     steps = {g: (steps1[g][0] - steps0.get(g, (0.0, 0.0))[0],
                  steps1[g][1] - steps0.get(g, (0.0, 0.0))[1]) for g in steps1}
+    cpu_per_s = {name: round((cpu_marks[-1][1][name] - cpu0) / wall, 3)
+                 for name, cpu0 in cpu_marks[0][1].items()}
     sink_s, sink_calls = steps.get("sinks", (0.0, 0.0))
     user_s, user_calls = steps.get("user_shard", (0.0, 0.0))
     return {
@@ -656,7 +686,10 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         "processes": processes,
         # the flow processes' CPU over the live phase, per wall second (summed over
         # processes: 1.0 is one core busy; near the process count, the flow is saturated)
-        "flow_cpu_per_s": round((cpu1 - cpu0) / wall, 3),
+        "flow_cpu_per_s": cpu_per_s["flow"],
+        # the local broker's and this client's CPU over the live phase, per wall second
+        # (the broker's grows through a run: its fetches list every stored batch)
+        "broker_cpu_per_s": cpu_per_s["broker"], "client_cpu_per_s": cpu_per_s["client"],
         # the worker's wall time in the sinks' write_batch (send + flush + acks) and in
         # the user shards, over the live phase (Bytewax's own step timers)
         "sink_write_share": round(sink_s / wall, 4) if steps else None,
