@@ -31,8 +31,9 @@ user shards, with ``step_seconds`` per step.
 The round trip broken into consecutive spans per request (``SPANS``; the flow process
 is traced by ``trace``: its Kafka source batches, its recommendations producer's
 acknowledgements, its GC pauses and its stage calls of 5 ms or more): p50/p90/p99 of
-each and its mean over the slowest 1% (``span_<name>_ms``), the GC pauses of the flow
-and of the client (``gc_*``), and what the slowest 1% overlapped (``tail_overlap_ms``:
+each and its mean over the slowest 1% (``span_<name>_ms``), each one's p50 per 10 s of
+the live phase (``span_p50_by_window_ms``: which span grows through a run), the GC
+pauses of the flow and of the client (``gc_*``), and what the slowest 1% overlapped (``tail_overlap_ms``:
 GC pauses, stage calls, the snapshot loader thread). ``--compare-runtime`` adds a run
 with the process settings before ``flows/runtime.py`` (``*_old_runtime``).
 ``--processes N`` runs the flow as N processes (``-i/-a``, as ``bench/scaleout.py``
@@ -440,6 +441,8 @@ def spans(sent: dict[str, float], acks: dict[str, tuple[float, int, int]], recei
             "p90": round(float(np.percentile(col, 90)), 1),
             "p99": round(float(np.percentile(col, 99)), 1),
             "tail_mean": round(float(col[tail].mean()), 1)}
+    out["span_p50_by_window_ms"] = span_p50_by_window(
+        a[:, :-2], np.asarray([w[4] for w in windows]) - 1e3 * min(sent.values()))
 
     def in_live(pauses: list[tuple[int, int]]) -> list[tuple[float, float]]:
         return [(s / 1e6, (s + d) / 1e6) for s, d in pauses if live[0] <= s <= live[1]]
@@ -485,6 +488,16 @@ def spans(sent: dict[str, float], acks: dict[str, tuple[float, int, int]], recei
     out["source_records_per_batch"] = round(
         sum(n for _, n in live_src) / max(len(live_src), 1), 1)
     return out
+
+
+def span_p50_by_window(spans_ms: np.ndarray, sent_ms: np.ndarray) -> dict[str, list[float]]:
+    """Per span (``SPANS``: the columns of ``spans_ms``, a row per traced request), the
+    p50 (ms) of the requests sent in each ``WINDOW_S`` of the live phase (``sent_ms``:
+    each row's send time from the first send); which span grows through a run."""
+    window = (sent_ms // (WINDOW_S * 1e3)).astype(int)
+    return {name: [round(float(np.percentile(spans_ms[window == w, j], 50)), 1)
+                   for w in np.unique(window)]
+            for j, name in enumerate(SPANS)}
 
 
 def _cpu_s(pids: list[int]) -> float:
@@ -718,6 +731,7 @@ def print_spans(title: str, figures: dict[str, Any]) -> None:
     print(f"  GC pauses >= 1 ms in the flow: {figures.get('gc_flow_ms_by_gen')}; the slowest "
           f"1% overlapped (mean ms): {figures.get('tail_overlap_ms')}")
     print(f"  stage calls of 5 ms or more: {figures.get('stage_calls_over_5ms')}")
+    print(f"  span p50 per {WINDOW_S} s (ms): {figures.get('span_p50_by_window_ms')}")
 
 
 def main() -> None:

@@ -58,3 +58,18 @@ def test_cpu_mark_reads_each_group_s_processes() -> None:
     elapsed, cpu = bench.cpu_mark(3.0, {"client": [os.getpid()], "gone": [0]})
     assert elapsed == 3.0 and cpu["gone"] == 0.0
     assert abs(cpu["client"] - t0) < 0.1
+
+
+def test_span_p50_by_window_groups_each_span_by_send_time() -> None:
+    """``span_p50_by_window``: per span (a column per ``SPANS`` name), the median of the
+    requests sent in each 10 s window, windows in time order."""
+    import numpy as np
+
+    bench = _bench()
+    n = len(bench.SPANS)
+    spans = np.asarray([[1.0] * n, [3.0] * n, [10.0] + [2.0] * (n - 1), [20.0] * n])
+    sent_ms = np.asarray([0.0, 9_999.0, 10_000.0, 25_000.0])
+    p50 = bench.span_p50_by_window(spans, sent_ms)
+    assert list(p50) == list(bench.SPANS)
+    assert p50["to_flow"] == [2.0, 10.0, 20.0]
+    assert p50[bench.SPANS[-1]] == [2.0, 2.0, 20.0]
