@@ -19,7 +19,9 @@ the local broker's CPU grows with it. This bench runs the broker (``flows.broker
   echo thread reads them (``fetch_max_wait_ms`` 10, as the flow's source) and answers
   each request into ``latbench.recommendations``, a receiver thread reads the answers;
   ``by_window`` per 10 s: the round trip p50 / p99 and the broker's and this process's
-  CPU per second.
+  CPU per second. ``--rotate`` adds the control: the same traffic with each 10 s
+  window's events and answers in a partition of their own (both consumers read every
+  partition), so no fetched partition stores more than 10 s of batches.
 * ``retention``: whether the broker honours a topic's ``retention.ms`` /
   ``retention.bytes`` / ``segment.bytes``: the partition's first offset after
   ``retention.ms`` has passed (0: nothing was deleted) and what DescribeConfigs answers.
@@ -27,7 +29,7 @@ the local broker's CPU grows with it. This bench runs the broker (``flows.broker
   implemented``, that drops the connection.)
 
 Usage: ``python bench/broker_growth.py [--stored 100,2000,8000,16000]
-[--records-per-batch 20] [--rounds 400] [--traffic 70] [--events-per-s 2000]``.
+[--records-per-batch 20] [--rounds 400] [--traffic 70] [--rotate] [--events-per-s 2000]``.
 Ends with one JSON line.
 """
 
@@ -113,40 +115,47 @@ def retention(wait_s: float = 3.0) -> dict[str, Any]:
 
 
 class Echo(threading.Thread):
-    """Reads ``topic`` from its start (``fetch_max_wait_ms`` 10, polls of 10 ms, up to
-    1,000 records) and passes each request (value starting ``b"r"``) to ``answer``."""
+    """Reads ``partitions`` of ``topic`` from their start (``fetch_max_wait_ms`` 10, polls
+    of 10 ms, up to 1,000 records) and passes each request (value starting ``b"r"``) and
+    its partition to ``answer``."""
 
-    def __init__(self, bootstrap: str, topic: str, answer: Any) -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int, answer: Any) -> None:
         super().__init__(daemon=True)
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                       fetch_max_wait_ms=10)
-        self.consumer.assign([TopicPartition(topic, 0)])
-        self.consumer.seek(TopicPartition(topic, 0), 0)
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        self.consumer.assign(tps)
+        for tp in tps:
+            self.consumer.seek(tp, 0)
         self.answer = answer
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for records in self.consumer.poll(timeout_ms=10, max_records=1000).values():
+            for tp, records in self.consumer.poll(timeout_ms=10, max_records=1000).items():
                 for rec in records:
                     if rec.value[:1] == b"r":
-                        self.answer(rec.value)
+                        self.answer(rec.value, tp.partition)
         self.consumer.close()
 
 
-def traffic(seconds: float, events_per_s: float, requests_per_s: float = 100.0
-            ) -> list[dict[str, Any]]:
+def traffic(seconds: float, events_per_s: float, requests_per_s: float = 100.0,
+            rotate: bool = False) -> list[dict[str, Any]]:
     """``bench/latency.py``'s live traffic through the broker with an echo in place of
     the flow; ``by_window`` of the round trips with the broker's and this process's
-    CPU per second."""
+    CPU per second. ``rotate``: the control: each ``WINDOW_S`` window's traffic goes to
+    a partition of its own (events and answers), so no fetched partition stores more
+    than one window's batches; same rates, same consumers."""
     events, answers = f"{APP}.events", f"{APP}.recommendations"
+    partitions = int(seconds // WINDOW_S) + 1 if rotate else 1
     with LocalBroker() as broker:
-        create_topics(broker.bootstrap, [events, answers])
+        create_topics(broker.bootstrap, [events, answers], partitions)
         replier = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0, acks="all")
         received: dict[str, tuple[float, float]] = {}
-        echo = Echo(broker.bootstrap, events, lambda v: replier.send(answers, value=v))
-        receiver = Echo(broker.bootstrap, answers,
-                        lambda v: received.__setitem__(v.decode(), (time.time(), 0.0)))
+        echo = Echo(broker.bootstrap, events, partitions,
+                    lambda v, p: replier.send(answers, value=v, partition=p))
+        receiver = Echo(broker.bootstrap, answers, partitions,
+                        lambda v, p: received.__setitem__(v.decode(), (time.time(), 0.0)))
         echo.start()
         receiver.start()
         client = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0, acks=1)
@@ -158,13 +167,14 @@ def traffic(seconds: float, events_per_s: float, requests_per_s: float = 100.0
         while (elapsed := time.monotonic() - start) < seconds:
             if elapsed >= WINDOW_S * len(marks):
                 marks.append(cpu_mark(elapsed, pids))
+            partition = len(marks) - 1 if rotate else 0
             while n_ev < int(elapsed * events_per_s) + 1:
-                client.send(events, value=VALUE)
+                client.send(events, value=VALUE, partition=partition)
                 n_ev += 1
             while n_req < int(elapsed * requests_per_s) + 1:
                 rid = f"r{n_req}"
                 sent[rid] = time.time()
-                client.send(events, value=rid.encode())
+                client.send(events, value=rid.encode(), partition=partition)
                 n_req += 1
             client.flush()
             time.sleep(max(0.0, start + elapsed + 0.01 - time.monotonic()))
@@ -190,6 +200,10 @@ def main() -> None:
     parser.add_argument("--traffic", type=float, default=0.0, metavar="S",
                         help="also run the live traffic without the flow for S seconds")
     parser.add_argument("--events-per-s", type=float, default=2_000.0)
+    parser.add_argument("--rotate", action="store_true",
+                        help="with --traffic, also run the control: each 10 s window's "
+                             "traffic in a partition of its own (the stored log per "
+                             "fetched partition bounded)")
     args = parser.parse_args()
     figures: dict[str, Any] = {"stored": []}
     for n in (int(x) for x in args.stored.split(",") if x):
@@ -202,6 +216,10 @@ def main() -> None:
         figures["traffic"] = traffic(args.traffic, args.events_per_s)
         for row in figures["traffic"]:
             print(orjson.dumps(row).decode(), flush=True)
+    if args.traffic and args.rotate:
+        figures["traffic_rotated"] = traffic(args.traffic, args.events_per_s, rotate=True)
+        for row in figures["traffic_rotated"]:
+            print("rotated", orjson.dumps(row).decode(), flush=True)
     print(orjson.dumps(figures).decode())
 
 
