@@ -67,17 +67,20 @@ here can bound it: the build ignores the topic settings ``retention.ms``,
 ``retention.bytes``, ``segment.bytes`` (DescribeConfigs answers none) and does not
 implement DeleteRecords (the request panics in the broker and drops the connection).
 Read ``by_window``'s ``broker_cpu_per_s`` beside the round trip: a growth that follows
-it is the test broker's, not the flow's.
+it is the test broker's, not the flow's. ``--bootstrap HOST:PORT`` runs against another
+broker instead (a Kafka broker, whose fetch finds its offset through an index), on
+topics of a fresh app name, without the broker's CPU.
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
 [--compare-runtime] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
 [--compare-fetch-wait] [--processes N] [--compare-processes N] [--co-partition]
-[--compare-co-partition]``.
+[--compare-co-partition] [--bootstrap HOST:PORT]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import itertools
@@ -252,12 +255,13 @@ no freeze once caught up, Python's default GIL switch interval."""
 
 def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_ports: list[int],
                rival: tuple[bool, bool, bool] = (False, False, False),
-               overrides: dict[str, Any] | None = None) -> list[subprocess.Popen[bytes]]:
-    """The flow as ``len(api_ports)`` processes (``-i/-a`` when more than one, as
-    ``bench/scaleout.py`` runs them), each with its own dataflow API port; their logs
+               overrides: dict[str, Any] | None = None, app: str = APP
+               ) -> list[subprocess.Popen[bytes]]:
+    """The flow of ``app`` as ``len(api_ports)`` processes (``-i/-a`` when more than one,
+    as ``bench/scaleout.py`` runs them), each with its own dataflow API port; their logs
     go to ``flow.log`` (one file, lines appended by each)."""
     config = {
-        "app": APP,
+        "app": app,
         "inputs": [{"kind": "kafka", "topics": ["events"]}],
         "kafka": {"bootstrap": bootstrap, "consumer": {"fetch_max_wait_ms": fetch_wait_ms}},
         "output": {"kind": "kafka", "dir": str(out)},
@@ -328,9 +332,9 @@ def step_seconds(api_ports: list[int]) -> dict[str, tuple[float, float]]:
 class Receiver(threading.Thread):
     """Consumes the recommendations topic; records each request's receipt time."""
 
-    def __init__(self, bootstrap: str, fetch_wait_ms: int) -> None:
+    def __init__(self, bootstrap: str, fetch_wait_ms: int, app: str = APP) -> None:
         super().__init__(daemon=True)
-        topic = f"{APP}.recommendations"
+        topic = f"{app}.recommendations"
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                       fetch_max_wait_ms=fetch_wait_ms)
         self.consumer.assign([TopicPartition(topic, 0)])
@@ -570,8 +574,9 @@ def co_partition_of(partitions: int) -> Any:
 def run(seconds: float, requests_per_s: float, events_per_s: float,
         fetch_wait_ms: int, rival: tuple[bool, bool, bool] = (False, False, False),
         overrides: dict[str, Any] | None = None, processes: int = 1,
-        co_partition: bool = False) -> dict[str, Any]:
-    """One measured run on a fresh broker and flow; the figures of its live phase.
+        co_partition: bool = False, bootstrap: str | None = None) -> dict[str, Any]:
+    """One measured run on a fresh local broker and flow (``bootstrap``: on that broker
+    instead, with topics of a fresh app name); the figures of its live phase.
     ``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch,
     snapshots made durable on the worker thread); ``overrides``: config sections;
     ``processes``: flow processes, with as many partitions of the events topic (keyed
@@ -583,16 +588,17 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
     n_live = int(seconds * events_per_s) + 1
     warm, live = world(now_ms, int(n_live * 1.2))
     users = [e["user_id"] for e in warm if e["type"] == "request"]
-    with LocalBroker() as broker:
-        bootstrap = broker.bootstrap
-        create_topics(bootstrap, f"{APP}.events", processes)
-        create_topics(bootstrap, [f"{APP}.{n}" for n in OUTPUTS], 1)
+    app = APP if bootstrap is None else f"{APP}-{os.getpid()}-{now_ms}"
+    with contextlib.nullcontext(None) if bootstrap else LocalBroker() as broker:
+        bootstrap = bootstrap or broker.bootstrap
+        create_topics(bootstrap, f"{app}.events", processes)
+        create_topics(bootstrap, [f"{app}.{n}" for n in OUTPUTS], 1)
         api_ports = [free_port() for _ in range(processes)]
-        flows = start_flow(bootstrap, out, fetch_wait_ms, api_ports, rival, overrides)
-        receiver = Receiver(bootstrap, fetch_wait_ms)
+        flows = start_flow(bootstrap, out, fetch_wait_ms, api_ports, rival, overrides, app)
+        receiver = Receiver(bootstrap, fetch_wait_ms, app)
         receiver.start()
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
-        topic = f"{APP}.events"
+        topic = f"{app}.events"
 
         partition_of = co_partition_of(processes) if co_partition and processes > 1 else None
 
@@ -624,8 +630,8 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
                     raise RuntimeError("the flow did not take the warm-up in 600 s:\n"
                                        + (out / "flow.log").read_text()[-3000:])
             steps0 = step_seconds(api_ports)
-            pids = {"flow": [f.pid for f in flows], "broker": [broker.pid or 0],
-                    "client": [os.getpid()]}
+            pids = {"flow": [f.pid for f in flows], "client": [os.getpid()],
+                    **({"broker": [broker.pid or 0]} if broker else {})}
             live_from = time.time_ns()
             gc.callbacks.append(on_gc)
             sent: dict[str, float] = {}
@@ -702,7 +708,7 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         "flow_cpu_per_s": cpu_per_s["flow"],
         # the local broker's and this client's CPU over the live phase, per wall second
         # (the broker's grows through a run: its fetches list every stored batch)
-        "broker_cpu_per_s": cpu_per_s["broker"], "client_cpu_per_s": cpu_per_s["client"],
+        "broker_cpu_per_s": cpu_per_s.get("broker"), "client_cpu_per_s": cpu_per_s["client"],
         # the worker's wall time in the sinks' write_batch (send + flush + acks) and in
         # the user shards, over the live phase (Bytewax's own step timers)
         "sink_write_share": round(sink_s / wall, 4) if steps else None,
@@ -770,10 +776,15 @@ def main() -> None:
     parser.add_argument("--compare-co-partition", action="store_true",
                         help="also run with the other partitioning right after (keys "
                              "*_co_partition or *_keyed)")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="run against this broker (e.g. Kafka) instead of a fresh local "
+                             "Tansu one, on topics of a fresh app name (no broker CPU "
+                             "figures)")
     args = parser.parse_args()
     if args.processes < 1:
         parser.error("--processes must be >= 1")
-    measure = functools.partial(run, processes=args.processes, co_partition=args.co_partition)
+    measure = functools.partial(run, processes=args.processes, co_partition=args.co_partition,
+                                bootstrap=args.bootstrap)
     figures = measure(args.seconds, args.requests_per_s, args.events_per_s, 10)
     print_spans("this flow", figures)
     if args.compare_batch_size:  # right after, on the same machine load
@@ -786,7 +797,8 @@ def main() -> None:
             figures[f"{key}_batch_{args.compare_batch_size}"] = small.get(key)
     if args.compare_processes:  # right after, on the same machine load
         other = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
-                    processes=args.compare_processes, co_partition=args.co_partition)
+                    processes=args.compare_processes, co_partition=args.co_partition,
+                    bootstrap=args.bootstrap)
         print_spans(f"{args.compare_processes} processes", other)
         for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
                     "inflow_p99_ms", "answered", "flow_cpu_per_s", "source_records_per_batch"):
