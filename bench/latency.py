@@ -33,9 +33,10 @@ is traced by ``trace``: its Kafka source batches, its recommendations producer's
 acknowledgements, its GC pauses and its stage calls of 5 ms or more): p50/p90/p99 of
 each and its mean over the slowest 1% (``span_<name>_ms``), each one's p50 per 10 s of
 the live phase (``span_p50_by_window_ms``: which span grows through a run), the GC
-pauses of the flow and of the client (``gc_*``), and what the slowest 1% overlapped (``tail_overlap_ms``:
-GC pauses, stage calls, the snapshot loader thread). ``--compare-runtime`` adds a run
-with the process settings before ``flows/runtime.py`` (``*_old_runtime``).
+pauses of the flow and of the client (``gc_*``), and what the slowest 1% overlapped
+(``tail_overlap_ms``: GC pauses, stage calls, the snapshot loader thread).
+``--compare-runtime`` adds a run with the process settings before ``flows/runtime.py``
+(``*_old_runtime``).
 ``--processes N`` runs the flow as N processes (``-i/-a``, as ``bench/scaleout.py``
 does) over an events topic of N partitions keyed by user id (each process reads one;
 the user shards' events cross between them as Bytewax routes them), and
@@ -60,12 +61,13 @@ each fetch that returns records (~0.7 us of broker CPU per stored batch per fetc
 this machine: 0.9 ms per produce + fetch round at 100 stored batches, 12 ms at 16,000;
 ``bench/broker_growth.py``), and the live phase stores ~100 batches a second in the
 events partition (one per 10 ms tick of the client) and up to as many in the
-recommendations partition (one per write of the flow's sink holding answers). So at a constant traffic
-the broker's CPU per second climbs through a run (~0.1 -> ~0.5 of a core over 70 s) and
-lengthens ``to_flow`` and ``client_fetch`` while the flow's own CPU stays flat. Nothing
-here can bound it: the build ignores the topic settings ``retention.ms``,
-``retention.bytes``, ``segment.bytes`` (DescribeConfigs answers none) and does not
-implement DeleteRecords (the request panics in the broker and drops the connection).
+recommendations partition (one per write of the flow's sink holding answers). So at a
+constant traffic the broker's CPU per second climbs through a run (~0.1 -> ~0.5 of a
+core over 70 s) and lengthens ``to_flow`` and ``client_fetch`` while the flow's own CPU
+stays flat. Nothing here can bound it: the build ignores the topic settings
+``retention.ms``, ``retention.bytes``, ``segment.bytes`` (DescribeConfigs answers none)
+and does not implement DeleteRecords (the request panics in the broker and drops the
+connection).
 Read ``by_window``'s ``broker_cpu_per_s`` beside the round trip: a growth that follows
 it is the test broker's, not the flow's. ``--bootstrap HOST:PORT`` runs against another
 broker instead (a Kafka broker, whose fetch finds its offset through an index), on
