@@ -58,7 +58,8 @@ def stored_batch_cost(n_batches: int, records_per_batch: int, rounds: int) -> di
     with LocalBroker() as broker:
         create_topics(broker.bootstrap, "stored")
         tp = TopicPartition("stored", 0)
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0, acks=1)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0, acks=1,
+                                 batch_size=1 << 20)  # a flush's records in one batch
         for _ in range(n_batches):  # one flush, one batch
             for _ in range(records_per_batch):
                 producer.send(tp.topic, value=VALUE)
