@@ -31,10 +31,12 @@ user shards, with ``step_seconds`` per step.
 The round trip broken into consecutive spans per request (``SPANS``; the flow process
 is traced by ``trace``: its Kafka source batches, its recommendations producer's
 acknowledgements, its GC pauses and its stage calls of 5 ms or more): p50/p90/p99 of
-each and its mean over the slowest 1% (``span_<name>_ms``), the GC pauses of the flow
-and of the client (``gc_*``), and what the slowest 1% overlapped (``tail_overlap_ms``:
-GC pauses, stage calls, the snapshot loader thread). ``--compare-runtime`` adds a run
-with the process settings before ``flows/runtime.py`` (``*_old_runtime``).
+each and its mean over the slowest 1% (``span_<name>_ms``), each one's p50 per 10 s of
+the live phase (``span_p50_by_window_ms``: which span grows through a run), the GC
+pauses of the flow and of the client (``gc_*``), and what the slowest 1% overlapped
+(``tail_overlap_ms``: GC pauses, stage calls, the snapshot loader thread).
+``--compare-runtime`` adds a run with the process settings before ``flows/runtime.py``
+(``*_old_runtime``).
 ``--processes N`` runs the flow as N processes (``-i/-a``, as ``bench/scaleout.py``
 does) over an events topic of N partitions keyed by user id (each process reads one;
 the user shards' events cross between them as Bytewax routes them), and
@@ -49,17 +51,38 @@ Loopback only; the run is bounded in count and time. Ends with one JSON line:
 ``inflow_p99_ms``, ``requests``, ``answered``, ``requests_per_s``, ``events_per_s``,
 ``processes``, ``flow_cpu_per_s``, then the step timers, the spans and the GC figures above;
 ``by_window``: per 10 s of the live phase, the round trip and in-flow p50 / p99 and the
-flow's CPU per second (whether the latency grows within a run).
+CPU per second of the flow, of the local broker and of this client (whether the latency
+grows within a run, and whose CPU grows with it); ``broker_cpu_per_s`` and
+``client_cpu_per_s`` the same over the whole live phase.
+
+The local broker's cost grows with its log; a real Kafka broker's does not. This
+Tansu build's ``memory://`` storage lists every record batch stored in a partition on
+each fetch that returns records (~0.7 us of broker CPU per stored batch per fetch on
+this machine: 0.9 ms per produce + fetch round at 100 stored batches, 12 ms at 16,000;
+``bench/broker_growth.py``), and the live phase stores ~100 batches a second in the
+events partition (one per 10 ms tick of the client) and up to as many in the
+recommendations partition (one per write of the flow's sink holding answers). So at a
+constant traffic the broker's CPU per second climbs through a run (~0.1 -> ~0.5 of a
+core over 70 s) and lengthens ``to_flow`` and ``client_fetch`` while the flow's own CPU
+stays flat. Nothing here can bound it: the build ignores the topic settings
+``retention.ms``, ``retention.bytes``, ``segment.bytes`` (DescribeConfigs answers none)
+and does not implement DeleteRecords (the request panics in the broker and drops the
+connection).
+Read ``by_window``'s ``broker_cpu_per_s`` beside the round trip: a growth that follows
+it is the test broker's, not the flow's. ``--bootstrap HOST:PORT`` runs against another
+broker instead (a Kafka broker, whose fetch finds its offset through an index), on
+topics of a fresh app name, without the broker's CPU.
 
 Usage: ``python bench/latency.py [--seconds 30] [--requests-per-s 100] [--events-per-s 2000]
 [--compare-runtime] [--compare-batch-size N] [--compare-sync-load] [--compare-sink-flush] [--compare-sync-write]
 [--compare-fetch-wait] [--processes N] [--compare-processes N] [--co-partition]
-[--compare-co-partition]``.
+[--compare-co-partition] [--bootstrap HOST:PORT]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import itertools
@@ -234,12 +257,13 @@ no freeze once caught up, Python's default GIL switch interval."""
 
 def start_flow(bootstrap: str, out: Path, fetch_wait_ms: int, api_ports: list[int],
                rival: tuple[bool, bool, bool] = (False, False, False),
-               overrides: dict[str, Any] | None = None) -> list[subprocess.Popen[bytes]]:
-    """The flow as ``len(api_ports)`` processes (``-i/-a`` when more than one, as
-    ``bench/scaleout.py`` runs them), each with its own dataflow API port; their logs
+               overrides: dict[str, Any] | None = None, app: str = APP
+               ) -> list[subprocess.Popen[bytes]]:
+    """The flow of ``app`` as ``len(api_ports)`` processes (``-i/-a`` when more than one,
+    as ``bench/scaleout.py`` runs them), each with its own dataflow API port; their logs
     go to ``flow.log`` (one file, lines appended by each)."""
     config = {
-        "app": APP,
+        "app": app,
         "inputs": [{"kind": "kafka", "topics": ["events"]}],
         "kafka": {"bootstrap": bootstrap, "consumer": {"fetch_max_wait_ms": fetch_wait_ms}},
         "output": {"kind": "kafka", "dir": str(out)},
@@ -310,9 +334,9 @@ def step_seconds(api_ports: list[int]) -> dict[str, tuple[float, float]]:
 class Receiver(threading.Thread):
     """Consumes the recommendations topic; records each request's receipt time."""
 
-    def __init__(self, bootstrap: str, fetch_wait_ms: int) -> None:
+    def __init__(self, bootstrap: str, fetch_wait_ms: int, app: str = APP) -> None:
         super().__init__(daemon=True)
-        topic = f"{APP}.recommendations"
+        topic = f"{app}.recommendations"
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                       fetch_max_wait_ms=fetch_wait_ms)
         self.consumer.assign([TopicPartition(topic, 0)])
@@ -423,6 +447,8 @@ def spans(sent: dict[str, float], acks: dict[str, tuple[float, int, int]], recei
             "p90": round(float(np.percentile(col, 90)), 1),
             "p99": round(float(np.percentile(col, 99)), 1),
             "tail_mean": round(float(col[tail].mean()), 1)}
+    out["span_p50_by_window_ms"] = span_p50_by_window(
+        a[:, :-2], np.asarray([w[4] for w in windows]) - 1e3 * min(sent.values()))
 
     def in_live(pauses: list[tuple[int, int]]) -> list[tuple[float, float]]:
         return [(s / 1e6, (s + d) / 1e6) for s, d in pauses if live[0] <= s <= live[1]]
@@ -470,6 +496,16 @@ def spans(sent: dict[str, float], acks: dict[str, tuple[float, int, int]], recei
     return out
 
 
+def span_p50_by_window(spans_ms: np.ndarray, sent_ms: np.ndarray) -> dict[str, list[float]]:
+    """Per span (``SPANS``: the columns of ``spans_ms``, a row per traced request), the
+    p50 (ms) of the requests sent in each ``WINDOW_S`` of the live phase (``sent_ms``:
+    each row's send time from the first send); which span grows through a run."""
+    window = (sent_ms // (WINDOW_S * 1e3)).astype(int)
+    return {name: [round(float(np.percentile(spans_ms[window == w, j], 50)), 1)
+                   for w in np.unique(window)]
+            for j, name in enumerate(SPANS)}
+
+
 def _cpu_s(pids: list[int]) -> float:
     """CPU seconds (user + system) used so far by the processes ``pids`` (Linux
     ``/proc``; 0 where it cannot be read)."""
@@ -486,12 +522,22 @@ def _cpu_s(pids: list[int]) -> float:
 WINDOW_S = 10
 """The live phase's windows of ``by_window`` (s)."""
 
+CpuMark = tuple[float, dict[str, float]]
+"""(elapsed s of the live phase, CPU s used so far by each process group: ``flow``,
+``broker``, ``client``), taken at the start of each window and at the end."""
+
+
+def cpu_mark(elapsed_s: float, groups: dict[str, list[int]]) -> CpuMark:
+    """The CPU seconds used so far by each group of processes (``_cpu_s``)."""
+    return elapsed_s, {name: _cpu_s(pids) for name, pids in groups.items()}
+
 
 def by_window(sent: dict[str, float], received: dict[str, tuple[float, float]],
-              cpu_marks: list[tuple[float, float]]) -> list[dict[str, Any]]:
+              cpu_marks: list[CpuMark]) -> list[dict[str, Any]]:
     """Per ``WINDOW_S`` of the live phase (by send time): round trip and in-flow p50 /
-    p99 (ms) of the requests sent in it, and the flow's CPU per wall second over it
-    (``cpu_marks``: (elapsed s, flow CPU s) at each window's start)."""
+    p99 (ms) of the requests sent in it, and each process group's CPU per wall second
+    over it (``<group>_cpu_per_s`` from ``cpu_marks``: the flow's, the local broker's,
+    the client's)."""
     if not sent:
         return []
     t0 = min(sent.values())
@@ -501,13 +547,14 @@ def by_window(sent: dict[str, float], received: dict[str, tuple[float, float]],
             rt, inflow = rows.setdefault(int((t - t0) // WINDOW_S), ([], []))
             rt.append((received[rid][0] - t) * 1000)
             inflow.append(received[rid][1])
-    cpu = [(c1 - c0) / (e1 - e0) for (e0, c0), (e1, c1) in itertools.pairwise(cpu_marks)]
+    cpu = [{f"{name}_cpu_per_s": round((c1[name] - c0[name]) / (e1 - e0), 3) for name in c0}
+           for (e0, c0), (e1, c1) in itertools.pairwise(cpu_marks)]
     return [{"from_s": w * WINDOW_S,
              "rt_p50_ms": round(float(np.percentile(rt, 50)), 1),
              "rt_p99_ms": round(float(np.percentile(rt, 99)), 1),
              "inflow_p50_ms": round(float(np.percentile(inflow, 50)), 1),
              "inflow_p99_ms": round(float(np.percentile(inflow, 99)), 1),
-             "flow_cpu_per_s": round(cpu[w], 3) if w < len(cpu) else None}
+             **(cpu[w] if w < len(cpu) else {})}
             for w, (rt, inflow) in sorted(rows.items())]
 
 
@@ -529,8 +576,9 @@ def co_partition_of(partitions: int) -> Any:
 def run(seconds: float, requests_per_s: float, events_per_s: float,
         fetch_wait_ms: int, rival: tuple[bool, bool, bool] = (False, False, False),
         overrides: dict[str, Any] | None = None, processes: int = 1,
-        co_partition: bool = False) -> dict[str, Any]:
-    """One measured run on a fresh broker and flow; the figures of its live phase.
+        co_partition: bool = False, bootstrap: str | None = None) -> dict[str, Any]:
+    """One measured run on a fresh local broker and flow (``bootstrap``: on that broker
+    instead, with topics of a fresh app name); the figures of its live phase.
     ``rival``: (snapshots loaded inside the poll, sinks waiting for acks per batch,
     snapshots made durable on the worker thread); ``overrides``: config sections;
     ``processes``: flow processes, with as many partitions of the events topic (keyed
@@ -542,16 +590,17 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
     n_live = int(seconds * events_per_s) + 1
     warm, live = world(now_ms, int(n_live * 1.2))
     users = [e["user_id"] for e in warm if e["type"] == "request"]
-    with LocalBroker() as broker:
-        bootstrap = broker.bootstrap
-        create_topics(bootstrap, f"{APP}.events", processes)
-        create_topics(bootstrap, [f"{APP}.{n}" for n in OUTPUTS], 1)
+    app = APP if bootstrap is None else f"{APP}-{os.getpid()}-{now_ms}"
+    with contextlib.nullcontext(None) if bootstrap else LocalBroker() as broker:
+        bootstrap = bootstrap or broker.bootstrap
+        create_topics(bootstrap, f"{app}.events", processes)
+        create_topics(bootstrap, [f"{app}.{n}" for n in OUTPUTS], 1)
         api_ports = [free_port() for _ in range(processes)]
-        flows = start_flow(bootstrap, out, fetch_wait_ms, api_ports, rival, overrides)
-        receiver = Receiver(bootstrap, fetch_wait_ms)
+        flows = start_flow(bootstrap, out, fetch_wait_ms, api_ports, rival, overrides, app)
+        receiver = Receiver(bootstrap, fetch_wait_ms, app)
         receiver.start()
         producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
-        topic = f"{APP}.events"
+        topic = f"{app}.events"
 
         partition_of = co_partition_of(processes) if co_partition and processes > 1 else None
 
@@ -583,18 +632,18 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
                     raise RuntimeError("the flow did not take the warm-up in 600 s:\n"
                                        + (out / "flow.log").read_text()[-3000:])
             steps0 = step_seconds(api_ports)
-            pids = [f.pid for f in flows]
-            cpu0 = _cpu_s(pids)
+            pids = {"flow": [f.pid for f in flows], "client": [os.getpid()],
+                    **({"broker": [broker.pid or 0]} if broker else {})}
             live_from = time.time_ns()
             gc.callbacks.append(on_gc)
             sent: dict[str, float] = {}
             tick = 0.01  # the client's schedule: every 10 ms, what is due by then
             start = time.monotonic()
             n_req = n_ev = 0
-            cpu_marks = [(0.0, cpu0)]  # (elapsed s, flow CPU s) every WINDOW_S
+            cpu_marks = [cpu_mark(0.0, pids)]  # every WINDOW_S, and at the end
             while (elapsed := time.monotonic() - start) < seconds:
                 if elapsed >= WINDOW_S * len(cpu_marks):
-                    cpu_marks.append((elapsed, _cpu_s(pids)))
+                    cpu_marks.append(cpu_mark(elapsed, pids))
                 due_req = int(elapsed * requests_per_s) + 1
                 due_ev = min(int(elapsed * events_per_s) + 1, len(live))
                 ts = int(time.time() * 1000)
@@ -614,7 +663,7 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
                 time.sleep(max(0.0, start + elapsed + tick - time.monotonic()))
             wall = time.monotonic() - start
             live_to = time.time_ns()
-            cpu1 = _cpu_s(pids)
+            cpu_marks.append(cpu_mark(wall, pids))
             steps1 = step_seconds(api_ports)
             deadline = time.monotonic() + 30
             while len([r for r in sent if r in receiver.received]) < len(sent) and (
@@ -644,6 +693,8 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
 
     steps = {g: (steps1[g][0] - steps0.get(g, (0.0, 0.0))[0],
                  steps1[g][1] - steps0.get(g, (0.0, 0.0))[1]) for g in steps1}
+    cpu_per_s = {name: round((cpu_marks[-1][1][name] - cpu0) / wall, 3)
+                 for name, cpu0 in cpu_marks[0][1].items()}
     sink_s, sink_calls = steps.get("sinks", (0.0, 0.0))
     user_s, user_calls = steps.get("user_shard", (0.0, 0.0))
     return {
@@ -656,7 +707,10 @@ def run(seconds: float, requests_per_s: float, events_per_s: float,
         "processes": processes,
         # the flow processes' CPU over the live phase, per wall second (summed over
         # processes: 1.0 is one core busy; near the process count, the flow is saturated)
-        "flow_cpu_per_s": round((cpu1 - cpu0) / wall, 3),
+        "flow_cpu_per_s": cpu_per_s["flow"],
+        # the local broker's and this client's CPU over the live phase, per wall second
+        # (the broker's grows through a run: its fetches list every stored batch)
+        "broker_cpu_per_s": cpu_per_s.get("broker"), "client_cpu_per_s": cpu_per_s["client"],
         # the worker's wall time in the sinks' write_batch (send + flush + acks) and in
         # the user shards, over the live phase (Bytewax's own step timers)
         "sink_write_share": round(sink_s / wall, 4) if steps else None,
@@ -685,6 +739,7 @@ def print_spans(title: str, figures: dict[str, Any]) -> None:
     print(f"  GC pauses >= 1 ms in the flow: {figures.get('gc_flow_ms_by_gen')}; the slowest "
           f"1% overlapped (mean ms): {figures.get('tail_overlap_ms')}")
     print(f"  stage calls of 5 ms or more: {figures.get('stage_calls_over_5ms')}")
+    print(f"  span p50 per {WINDOW_S} s (ms): {figures.get('span_p50_by_window_ms')}")
 
 
 def main() -> None:
@@ -723,10 +778,15 @@ def main() -> None:
     parser.add_argument("--compare-co-partition", action="store_true",
                         help="also run with the other partitioning right after (keys "
                              "*_co_partition or *_keyed)")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="run against this broker (e.g. Kafka) instead of a fresh local "
+                             "Tansu one, on topics of a fresh app name (no broker CPU "
+                             "figures)")
     args = parser.parse_args()
     if args.processes < 1:
         parser.error("--processes must be >= 1")
-    measure = functools.partial(run, processes=args.processes, co_partition=args.co_partition)
+    measure = functools.partial(run, processes=args.processes, co_partition=args.co_partition,
+                                bootstrap=args.bootstrap)
     figures = measure(args.seconds, args.requests_per_s, args.events_per_s, 10)
     print_spans("this flow", figures)
     if args.compare_batch_size:  # right after, on the same machine load
@@ -739,7 +799,8 @@ def main() -> None:
             figures[f"{key}_batch_{args.compare_batch_size}"] = small.get(key)
     if args.compare_processes:  # right after, on the same machine load
         other = run(args.seconds, args.requests_per_s, args.events_per_s, 10,
-                    processes=args.compare_processes, co_partition=args.co_partition)
+                    processes=args.compare_processes, co_partition=args.co_partition,
+                    bootstrap=args.bootstrap)
         print_spans(f"{args.compare_processes} processes", other)
         for key in ("rt_p50_ms", "rt_p90_ms", "rt_p99_ms", "inflow_p50_ms", "inflow_p90_ms",
                     "inflow_p99_ms", "answered", "flow_cpu_per_s", "source_records_per_batch"):
