@@ -505,6 +505,7 @@ def test_without_numeric_lr_the_lr_is_rivers_adagrad_to_the_last_bit(stream: Syn
     assert ours.intercept == river.intercept
     assert dict(ours.optimizer.g2) == dict(river.optimizer.g2)
     assert list(ours.optimizer.g2) == list(river.optimizer.g2)  # the same keys, same order
+    assert ours.optimizer.n_iterations == river.optimizer.n_iterations == 2_000
 
 
 class _PerCoordinateRates(GroupAdaGrad):
