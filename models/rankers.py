@@ -318,14 +318,6 @@ class GroupAdaGrad(optim.AdaGrad):
         super().__init__(lr, eps)
         self.numeric_lr = numeric_lr
 
-    def step(self, w: Any, g: Any) -> Any:
-        """``Optimizer.step`` without its try of ``_step_with_vector``, which AdaGrad does
-        not have (it raised ``NotImplementedError`` for every step): the dict step, then
-        the iteration count."""
-        w = self._step_with_dict(w, g)
-        self.n_iterations += 1
-        return w
-
     def _step_with_dict(self, w: Any, g: Any) -> Any:
         """River's AdaGrad step (per coordinate ``g2 += g**2``, ``w -= rate / sqrt(g2 +
         eps) * g``, the same float operations in the same order), with the rate read
