@@ -43,7 +43,10 @@ class PrequentialBaselines:
         self.index: dict[str, int] = {}  # item -> dense index (first-seen order)
         self.ids: list[str] = []
         self.pos_count = np.zeros(1024)
-        self.consumed: dict[str, set[str]] = {}
+        self.top = 0.0
+        """The largest positive count (``pos_count.max()``: counts only grow by one)."""
+        self.consumed: dict[str, dict[int, None]] = {}
+        """user -> the dense indices of every item they interacted with (first time first)."""
         self.recent: dict[str, deque[int]] = {}  # user -> positives (indices), newest first
         self.max_dense = max_dense_items
         self.cooc = np.zeros((min(256, max_dense_items),) * 2, np.float32)
@@ -69,19 +72,24 @@ class PrequentialBaselines:
     def _evaluate(self, user: str, item: str) -> dict[str, int]:
         n = len(self.ids)
         pop = self.pos_count[:n]
-        excluded = [self.index[i] for i in self.consumed.get(user, ())]
-        ranks = {"popularity": self._rank(pop, excluded, item)}
-        recent = self.recent.get(user)
-        if recent:
-            m = min(n, self.cooc.shape[0])
-            scores = np.zeros(n)
-            seeds = [r for r in recent if r < m]
-            scores[:m] = self.cooc[seeds, :m].sum(axis=0, dtype=np.float64)
-            top = pop.max()
-            ranks["covisitation"] = self._rank(scores + (1e-9 / top if top > 0 else 0.0) * pop,
-                                               excluded, item)
+        consumed = self.consumed.get(user, {})
+        target = self.index.get(item)
+        if target is None or target in consumed or not n:
+            ranks = dict.fromkeys(BASELINES, -1)  # no baseline can rank it
         else:
-            ranks["covisitation"] = ranks["popularity"]
+            excluded = np.fromiter(consumed, np.intp, len(consumed))
+            ranks = {"popularity": self._rank(pop, excluded, target)}
+            recent = self.recent.get(user)
+            if recent:
+                m = min(n, self.cooc.shape[0])
+                scores = np.zeros(n)
+                seeds = [r for r in recent if r < m]
+                scores[:m] = self.cooc[seeds, :m].sum(axis=0, dtype=np.float64)
+                top = self.top
+                ranks["covisitation"] = self._rank(
+                    scores + (1e-9 / top if top > 0 else 0.0) * pop, excluded, target)
+            else:
+                ranks["covisitation"] = ranks["popularity"]
         self.evaluated += 1
         for name, rank in ranks.items():
             if rank >= 0:
@@ -89,17 +97,14 @@ class PrequentialBaselines:
                 self.gains[name] += 1.0 / math.log2(rank + 2)
         return ranks
 
-    def _rank(self, scores: np.ndarray, excluded: list[int], item: str) -> int:
-        """0-based rank of ``item`` in the top k of ``scores`` without ``excluded`` (ties:
-        first seen first), -1 when not in it."""
-        target = self.index.get(item)
-        if target is None or target in excluded or not scores.size:
-            return -1
+    def _rank(self, scores: np.ndarray, excluded: np.ndarray, target: int) -> int:
+        """0-based rank of item ``target`` (not excluded) in the top k of ``scores``
+        without the items ``excluded`` (ties: first seen first), -1 when not in it."""
         scores = scores.copy()
         scores[excluded] = -np.inf
         s = scores[target]
         # items ranked before the target: higher score, or equal score and seen earlier
-        before = int((scores > s).sum() + (scores[:target] == s).sum())
+        before = int(np.count_nonzero(scores > s) + np.count_nonzero(scores[:target] == s))
         return before if before < self.k else -1
 
     # -- learning -----------------------------------------------------------------------
@@ -112,10 +117,11 @@ class PrequentialBaselines:
             self.ids.append(item)
             if i >= self.pos_count.size:
                 self.pos_count = np.concatenate([self.pos_count, np.zeros(self.pos_count.size)])
-        self.consumed.setdefault(user, set()).add(item)
+        self.consumed.setdefault(user, {})[i] = None
         value = event.get("value", 1.0)
         if self.is_positive(str(event.get("action", "")), float(value if value is not None else 1.0)):
             self.pos_count[i] += 1
+            self.top = max(self.top, float(self.pos_count[i]))
             recent = self.recent.get(user)
             if recent is None:
                 recent = self.recent[user] = deque(maxlen=self.window)

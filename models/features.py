@@ -65,6 +65,15 @@ def add_feature(out: Features, name: str, value: Any) -> None:
     if kind is str:
         out[f"{name}={value}"] = 1.0
         return
+    if kind is int:  # finite once a float (float() raises for the too large, as below)
+        v = float(value)
+        out[name] = _log1p(v) if v >= 0.0 else -_log1p(-v)
+        return
+    if kind is list:  # multi-hot of plain strings (e.g. recent item ids); others below
+        for s in value:
+            if type(s) is str or isinstance(s, str | int) and not isinstance(s, bool):
+                out[f"{name}={s}"] = 1.0
+        return
     if isinstance(value, str):
         out[f"{name}={value}"] = 1.0
     elif isinstance(value, bool):

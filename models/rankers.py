@@ -319,14 +319,23 @@ class GroupAdaGrad(optim.AdaGrad):
         self.numeric_lr = numeric_lr
 
     def _step_with_dict(self, w: Any, g: Any) -> Any:
-        if self.numeric_lr is None:
-            return super()._step_with_dict(w, g)
+        """River's AdaGrad step (per coordinate ``g2 += g**2``, ``w -= rate / sqrt(g2 +
+        eps) * g``, the same float operations in the same order), with the rate read
+        once per step instead of once per coordinate and each ``g2`` sum kept instead of
+        read back (the same value): the same bits as ``AdaGrad._step_with_dict``."""
         g2, eps = self.g2, self.eps
         lr, numeric_lr = self.learning_rate, self.numeric_lr
+        if numeric_lr is None:
+            for i, gi in g.items():
+                s = g2[i] + gi**2
+                g2[i] = s
+                w[i] -= lr / (s + eps) ** 0.5 * gi
+            return w
         for i, gi in g.items():
-            g2[i] += gi**2
+            s = g2[i] + gi**2
+            g2[i] = s
             rate = lr if "=" in i else numeric_lr
-            w[i] -= rate / (g2[i] + eps) ** 0.5 * gi
+            w[i] -= rate / (s + eps) ** 0.5 * gi
         return w
 
 

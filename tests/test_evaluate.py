@@ -52,6 +52,76 @@ def test_baselines_follow_the_prequential_protocol() -> None:
     assert b.report()["popularity"]["hr_at_10"] == 0.6
 
 
+def _reference_ranks(events: list[dict], k: int, window: int = 20) -> list[dict[str, int]]:
+    """The prequential baselines by their definition (module docstring of
+    ``models.baselines``), item by item in plain Python: every evaluated request's ranks."""
+    is_pos = load_config({}).join.is_positive
+    seen: list[str] = []
+    pop: dict[str, int] = {}
+    consumed: dict[str, set[str]] = {}
+    recent: dict[str, list[str]] = {}
+    cooc: dict[tuple[str, str], int] = {}
+    out = []
+
+    def rank(score: dict[str, float], user: str, target: str) -> int:
+        if target not in pop or target in consumed.get(user, ()):
+            return -1
+        order = sorted((i for i in seen if i not in consumed.get(user, ())),
+                       key=lambda i: (-score[i], seen.index(i)))
+        return order.index(target) if order.index(target) < k else -1
+
+    for e in events:
+        user = e["user_id"]
+        if e["type"] == "request":
+            target = e["context"]["eval_item"]
+            ranks = {"popularity": rank({i: float(pop[i]) for i in seen}, user, target)}
+            if recent.get(user):
+                top = max(pop.values())
+                f = 1e-9 / top if top > 0 else 0.0
+                covis = {i: float(sum(cooc.get((r, i), 0) for r in recent[user])) + f * pop[i]
+                         for i in seen}
+                ranks["covisitation"] = rank(covis, user, target)
+            else:
+                ranks["covisitation"] = ranks["popularity"]
+            out.append(ranks)
+            continue
+        item = e["item_id"]
+        if item not in pop:
+            seen.append(item)
+            pop[item] = 0
+        consumed.setdefault(user, set()).add(item)
+        if is_pos(e["action"], float(e["value"])):
+            pop[item] += 1
+            mine = recent.setdefault(user, [])
+            if item not in mine:
+                for r in mine:
+                    cooc[(r, item)] = cooc.get((r, item), 0) + 1
+                    cooc[(item, r)] = cooc.get((item, r), 0) + 1
+                mine.insert(0, item)
+                del mine[window:]
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_baselines_rank_as_their_definition_on_a_random_log(seed: int) -> None:
+    """Ties in popularity and co-visitation, users who rated the asked item, items never
+    seen, users without positives: every request's ranks equal the definition's."""
+    rng = random.Random(seed)
+    events = []
+    for t in range(3_000):
+        user, item = f"u{rng.randrange(30)}", f"i{rng.randrange(80)}"
+        if rng.random() < 0.3:
+            events.append(_request(t, f"r{t}", user, item))
+        else:
+            events.append(_rating(t, user, item, rng.randint(1, 5)))
+    b = PrequentialBaselines(load_config({}).join.is_positive, k=10, window=20)
+    got = [r for r in map(b.observe, events) if r is not None]
+    want = _reference_ranks(events, k=10)
+    assert got == want
+    assert {rank for r in got for rank in r.values()} >= {-1, 0, 9}
+    assert b.hits == {name: sum(r[name] >= 0 for r in want) for name in ("popularity", "covisitation")}
+
+
 def test_intervals() -> None:
     lo, hi = wilson_interval(38, 100)
     assert lo < 0.38 < hi and lo > 0.28 and hi < 0.49

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import pickle
 import random
+import struct
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,7 +36,7 @@ from models.features import (
     signed_log,
 )
 from models.metrics import ProgressiveMetrics, delayed_prequential, exact_auc
-from models.rankers import Ranker, make_ranker, positive_hold_ms
+from models.rankers import GroupAdaGrad, Ranker, make_ranker, positive_hold_ms
 from models.synthetic import SYNTH_JOIN, SyntheticStream, simulated_stream
 from state.embedding_table import keys_of
 
@@ -108,6 +110,31 @@ def test_zero_and_none_values_are_the_general_paths_bit_for_bit() -> None:
     assert list(out) == [k for k, _ in want]
     assert [math.copysign(1.0, v) for v in out.values()] == [
         math.copysign(1.0, w) for _, w in want]
+
+
+class _Count(int):
+    """An int that is not a plain ``int``: ``add_feature``'s general path."""
+
+
+def test_int_and_list_values_are_the_general_path_bit_for_bit() -> None:
+    """Plain ints and lists (of ids, numbers, booleans, None, nested lists) give the names,
+    order and float bits of the general path (the same values as an int subclass and as
+    tuples); a too large int raises as it does there."""
+    from models.features import add_feature
+
+    values = [0, 1, -1, 7, -12345, 10**15, 2**53 + 1, ["i1", "i2", "i1"],
+              ["a", 3, True, None, 2.5, ["x"], "b", _Count(4)], [], [False, 0]]
+    out: dict[str, float] = {}
+    want: dict[str, float] = {}
+    for n, value in enumerate(values):
+        add_feature(out, f"k{n % 4}", value)
+        general = tuple(value) if type(value) is list else _Count(value)
+        add_feature(want, f"k{n % 4}", general)
+    assert list(out) == list(want)
+    assert [struct.pack("d", v) for v in out.values()] == [struct.pack("d", v) for v in want.values()]
+    for huge in (10**400, _Count(10**400)):
+        with pytest.raises(OverflowError):
+            add_feature({}, "huge", huge)
 
 
 def test_example_and_serving_features_differ_only_in_position(stream: SyntheticStream) -> None:
@@ -455,11 +482,48 @@ def test_without_numeric_lr_the_lr_is_rivers_adagrad_to_the_last_bit(stream: Syn
 
     river = linear_model.LogisticRegression(optimizer=optim.AdaGrad(0.1), intercept_lr=0.01)
     ours = make_ranker("lr").model
-    for x, y in feature_dataset(stream, 2_000):
-        river.learn_one(x, y)
-        ours.learn_one(x, y)
+    for n, (x, y) in enumerate(feature_dataset(stream, 2_000)):
+        w = 2.5 if n % 3 == 0 else 1.0  # weighted examples too (kept negatives weigh 1/r)
+        river.learn_one(x, y, w)
+        ours.learn_one(x, y, w)
     assert ours._weights.to_dict() == river._weights.to_dict()
     assert ours.intercept == river.intercept
+    assert dict(ours.optimizer.g2) == dict(river.optimizer.g2)
+    assert list(ours.optimizer.g2) == list(river.optimizer.g2)  # the same keys, same order
+    assert ours.optimizer.n_iterations == river.optimizer.n_iterations == 2_000
+
+
+class _PerCoordinateRates(GroupAdaGrad):
+    """The grouped step as it was first written (``g2`` read back per coordinate, the
+    rate read per step): the reference of the step's bits."""
+
+    def _step_with_dict(self, w: Any, g: Any) -> Any:
+        g2, eps = self.g2, self.eps
+        lr, numeric_lr = self.learning_rate, self.numeric_lr
+        for i, gi in g.items():
+            g2[i] += gi**2
+            rate = lr if "=" in i else numeric_lr
+            w[i] -= rate / (g2[i] + eps) ** 0.5 * gi
+        return w
+
+
+def test_the_grouped_rates_step_is_the_per_coordinate_loop_to_the_last_bit(
+        stream: SyntheticStream) -> None:
+    """``numeric_lr`` set: the same weights and AdaGrad sums as the loop that reads each
+    sum back (one-hot and numeric features, weighted examples)."""
+    from river import linear_model
+
+    ref = linear_model.LogisticRegression(optimizer=_PerCoordinateRates(0.1, 0.03),
+                                          intercept_lr=0.01)
+    ours = make_ranker("lr", numeric_lr=0.03).model
+    for n, (x, y) in enumerate(feature_dataset(stream, 2_000)):
+        w = 2.5 if n % 3 == 0 else 1.0
+        ref.learn_one(x, y, w)
+        ours.learn_one(x, y, w)
+    assert any("=" not in name for name in ours._weights.to_dict())  # numeric ones stepped
+    assert ours._weights.to_dict() == ref._weights.to_dict()
+    assert dict(ours.optimizer.g2) == dict(ref.optimizer.g2)
+    assert ours.intercept == ref.intercept
 
 
 def _correlated_counts_log_loss(seed: int, **params: float) -> float:
