@@ -266,30 +266,6 @@ def _attrs_key(attrs: dict[str, Any]) -> tuple[Any, ...] | None:
         key.append((name, kind, value))
     return tuple(key)
 
-_PROFILE_PARTS: dict[tuple[Any, ...], tuple[dict[str, Any], EncodedPart | None]] = {}
-"""``_profile_part`` by the profile's contents (``_attrs_key``), shared by the process's
-user shards: profiles of the same names and values (on the joiner path a user's
-attributes: a few dozen combinations) are rounded and encoded once. At most
-``MAX_STATIC_MEMO`` entries (cleared when full), not part of any recovery state."""
-
-
-def _profile_part(profile: dict[str, Any]) -> tuple[dict[str, Any], EncodedPart | None]:
-    """A group's profile at example precision (``float32_features(compact(profile))``) and
-    that as an ``EncodedPart``: shared (never modified), from ``_PROFILE_PARTS`` when an
-    equal profile was seen (~2 us less a request)."""
-    key = _attrs_key(profile)
-    hit = None if key is None else _PROFILE_PARTS.get(key)
-    if hit is not None:
-        return hit
-    rounded = float32_features(compact(profile))
-    made = rounded, encoded_part(rounded)
-    if key is not None:
-        if len(_PROFILE_PARTS) >= MAX_STATIC_MEMO:
-            _PROFILE_PARTS.clear()
-        _PROFILE_PARTS[key] = made
-    return made
-
-
 RETAINED_VERSIONS = 0
 """Replaced snapshot versions (item tables + index) a user shard may keep for the deferred
 features of pending impressions whose negative the sampler drops (needed only if
@@ -659,9 +635,8 @@ class PointInTime:
         profile = ctx.profile
         keys = profile.keys()
         named = bool(profile)  # an empty profile overlaps no item's names: tested once here
-        rounded, part = _profile_part(profile)
-        if not wire:
-            part = None
+        rounded = float32_features(compact(profile))
+        part = encoded_part(rounded) if wire else None
         statics, static_part_of = self._statics, self._static_part
         starts: dict[tuple[str, ...], list[Any]] = {}
         """Static names -> a row's head and profile values (``join_parts``' first items)."""

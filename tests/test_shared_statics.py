@@ -67,28 +67,3 @@ def test_another_item_with_equal_attributes_is_its_own() -> None:
     attrs = {"category": "c3", "price": 2.5}
     first._static_part("i1", None, attrs)
     assert _typed(second._static_part("i2", None, dict(attrs))) == _typed(_computed("i2", attrs))
-
-
-def test_equal_profiles_share_their_rounded_and_encoded_part(monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
-    monkeypatch.setattr(point_in_time, "_PROFILE_PARTS", {})
-    profile = {"u:age_bucket": "35-44", "u:country": "DE", "user.clicks.1h": 2.123456789}
-    first = point_in_time._profile_part(profile)
-    again = point_in_time._profile_part(dict(profile))  # another request's, equal
-    assert all(a is b for a, b in zip(first, again, strict=True))
-    rounded = float32_features(compact(profile))
-    assert _typed(again) == _typed((rounded, encoded_part(rounded)))
-
-
-@pytest.mark.parametrize(("a", "b"), [
-    ({"user.clicks.1h": 1}, {"user.clicks.1h": 1.0}),
-    ({"user.clicks.1h": 0.0, "u:x": "a"}, {"user.clicks.1h": -0.0, "u:x": "a"}),
-    ({"user.recent": ["i1"]}, {"user.recent": ["i1"]}),
-])
-def test_profiles_equal_in_value_only_get_their_own_part(monkeypatch: pytest.MonkeyPatch,
-                                                         a: dict[str, Any],
-                                                         b: dict[str, Any]) -> None:
-    monkeypatch.setattr(point_in_time, "_PROFILE_PARTS", {})
-    point_in_time._profile_part(a)
-    rounded = float32_features(compact(b))
-    assert _typed(point_in_time._profile_part(b)) == _typed((rounded, encoded_part(rounded)))
