@@ -240,6 +240,32 @@ cleared when full): the items a shard joins most, within the memory bound
 (flows/memory.py ``static_memo_item``). 65,536 added ~33 MB to the churn test's peak
 (tests/reliability/test_bounded_memory.py), past its bound."""
 
+_SHARED_STATICS: dict[tuple[str, tuple[Any, ...]],
+                      tuple[dict[str, Any], dict[str, Any], EncodedPart | None]] = {}
+"""``_static_part``'s results without a table, shared by the user shards of a process,
+keyed by the item and its attributes' contents (``_attrs_key``): every shard keeps its
+own copy of an item's attributes (an ``item`` event reaches them all), so without it
+each shard computed the same static features again (~4 us an item: 7 of 8 shards' first
+reads). Its values are also in the shards' memos (shared, never modified); at most
+``MAX_STATIC_MEMO`` entries (cleared when full), not part of any recovery state."""
+
+_KEY_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def _attrs_key(attrs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """``attrs`` as a key of ``_SHARED_STATICS``: its (name, type, value) in order when
+    every value is a str, int, bool, None or a non-zero float, None otherwise. Equal keys
+    give ``static_features_of`` the same names and values bit for bit (equal values of
+    one such type are the same string or number; ``-0.0 == 0.0`` and dicts or lists are
+    left out)."""
+    key = []
+    for name, value in attrs.items():
+        kind = type(value)
+        if kind not in _KEY_SCALARS or (kind is float and value == 0.0):
+            return None
+        key.append((name, kind, value))
+    return tuple(key)
+
 RETAINED_VERSIONS = 0
 """Replaced snapshot versions (item tables + index) a user shard may keep for the deferred
 features of pending impressions whose negative the sampler drops (needed only if
@@ -475,8 +501,8 @@ class PointInTime:
         consumed = ctx.consumed
         out: list[Any] = [None] * len(item_ids)
         self._resolve_plain(ctx, item_ids, list(map(self.catalog.get, item_ids)),
-                            [item in consumed for item in item_ids], range(len(item_ids)), out,
-                            wire)
+                            list(map(consumed.__contains__, item_ids)), range(len(item_ids)),
+                            out, wire)
         return out
 
     def resolve_all(self, deferred: list[Deferred], wire: bool = False) -> list[Any]:
@@ -653,14 +679,24 @@ class PointInTime:
         (``float32_features(compact(...))``) and that as an ``EncodedPart`` (None when it
         holds a list), memoised per item for one table version and attributes object (both
         immutable once taken; the table held weakly, so the memo never keeps a replaced
-        version alive). All three are shared: never modified."""
+        version alive); without a table, the results for equal attributes are shared by the
+        process's shards (``_SHARED_STATICS``). All three are shared: never modified."""
         hit = self._statics.get(item_id)
         if hit is not None and hit[1] is attrs and (
                 hit[0] is None if table is None else hit[0] is not None and hit[0]() is table):
             return hit[2], hit[3], hit[4]
-        static = static_item_features(item_id, table, attrs)
-        rounded = float32_features(compact(static))
-        part = encoded_part(rounded)
+        attrs_key = _attrs_key(attrs) if table is None and attrs else None
+        shared = None if attrs_key is None else _SHARED_STATICS.get((item_id, attrs_key))
+        if shared is not None:  # another shard's, from attributes equal to these
+            static, rounded, part = shared
+        else:
+            static = static_item_features(item_id, table, attrs)
+            rounded = float32_features(compact(static))
+            part = encoded_part(rounded)
+            if attrs_key is not None:
+                if len(_SHARED_STATICS) >= MAX_STATIC_MEMO:
+                    _SHARED_STATICS.clear()
+                _SHARED_STATICS[item_id, attrs_key] = (static, rounded, part)
         if len(self._statics) >= MAX_STATIC_MEMO:
             self._statics.clear()
         self._statics[item_id] = (None if table is None else weakref.ref(table), attrs, static,
