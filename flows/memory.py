@@ -228,7 +228,10 @@ def memory_bound(config: Config) -> dict[str, Any]:
         # copy side by side, one per set of loaded tables (state.item_rows.table_columns)
         table_bytes += 2 * items.max_items * b["table_rate_item"]
     parts = {
-        "user_shards": sh.users * per_user_shard,
+        # plus the static item features the shards of a process share
+        # (operators/point_in_time.py _SHARED_STATICS: values the shards' memos hold too,
+        # counted again because a shard's memo may be cleared first)
+        "user_shards": sh.users * per_user_shard + MAX_STATIC_MEMO * b["static_memo_item"],
         "item_shards": sh.items * per_item_shard if items.enabled else 0.0,
         "serving_tables": sh.items * table_bytes if items.enabled else 0.0,
         # the builder's and the serving copy, whose live vectors are copied out once it
