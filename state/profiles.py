@@ -735,21 +735,18 @@ class ProfileStore:
     def _raw_part(self, f: int, fs: list[Any], t: int, r: int) -> list[tuple[Any, int]]:
         """Per window of feature f at t: (raw events in [t - w, t) merged, referenced at
         r; the first T at which one leaves the window). Exact at both edges."""
-        agg = self.plan.aggs[f]
+        fold = self.plan.aggs[f].fold_raw
         raw = fs[0]
-        i = bisect.bisect_left(raw, t, key=TS) - 1
+        hi = bisect.bisect_left(raw, t, key=TS)  # raw[:hi]: the events before t
         acc: Any = None
         oldest: int | None = None
         res: list[tuple[Any, int]] = []
-        kmv = type(agg) is _Distinct
         for w in self.plan.specs[f].windows:
-            lo = -FAR if w is None else t - w
-            while i >= 0 and raw[i][0] >= lo:
-                ts, v = raw[i]
-                acc = (agg.add_all(acc, (v,)) if kmv
-                       else agg.merge(agg.add(None, ts, v, ts), ts, acc, r, r))
-                oldest = ts
-                i -= 1
+            lo = 0 if w is None else bisect.bisect_left(raw, t - w, 0, hi, key=TS)
+            if lo < hi:  # raw[lo:hi]: the window's events not in a shorter window
+                acc = fold(reversed(raw[lo:hi]), acc, r)
+                oldest = raw[lo][0]
+                hi = lo
             res.append((acc, FAR if w is None or oldest is None else oldest + w + 1))
         return res
 
