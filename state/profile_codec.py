@@ -46,9 +46,18 @@ class Profile:
         self.blob: bytes | None = None  # the encoded profile while not dirty
         self.cache: Any = None  # the store's memoised outputs (state.profiles.OutputCache)
         # per feature: the watermark at which its layout next needs compaction work
-        # (not persisted: a decoded profile starts at -FAR = "check everything")
-        self.due: list[int] = [due] * n_feats
+        # (not persisted: a decoded profile starts at -FAR = "check everything"); a tuple
+        # of ints, replaced (``set_due``), never mutated: the collector untracks it
+        self.due: tuple[int, ...] = (due,) * n_feats
         self.due_min = due
+
+    def set_due(self, f: int, d: int) -> None:
+        """Feature f's layout next needs work at watermark ``d`` (ms; ``due_min`` lowered
+        to it if sooner): ``due`` replaced by a tuple with f's entry changed."""
+        due = self.due
+        self.due = (*due[:f], d, *due[f + 1:])
+        if d < self.due_min:
+            self.due_min = d
 
 
 def encode(p: Profile, level: int) -> bytes:

@@ -112,7 +112,7 @@ class Tiers:
         raw_cut, bounds = self.cuts(cf)
         g0 = self.params.tiers[0][0]
         changed: list[tuple[int, list[Any] | None]] = []
-        due, feats, aggs = p.due, p.feats, self.plan.aggs
+        due, feats, aggs = list(p.due), p.feats, self.plan.aggs  # p.due: a tuple, replaced
         for f in [f for f, d in enumerate(due) if d <= cf]:  # the features due only
             fs = feats[f]
             if fs is None:
@@ -168,6 +168,7 @@ class Tiers:
             else:
                 due[f] = self.due(fs, f)
             changed.append((f, appended))
+        p.due = tuple(due)
         p.due_min = min(due)
         return changed
 

@@ -576,9 +576,8 @@ class ProfileStore:
                     raw.insert(bisect.bisect_right(raw, ts, key=TS), (ts, v))
                 d = ts - ts % g0 + g0 + raw_ms  # Tiers.raw_due(ts)
                 if d < due[f]:
-                    due[f] = d
-                    if d < p.due_min:
-                        p.due_min = d
+                    p.set_due(f, d)
+                    due = p.due
                 if c is not None:
                     if incremental[f]:
                         cache_add(c, f, ts, v)
@@ -589,9 +588,8 @@ class ProfileStore:
                         c.lo_max = FAR
             else:
                 tiers.place_late(fs, f, ts, v, cf, bounds)
-                p.due[f] = d = tiers.due(fs, f)
-                if d < p.due_min:
-                    p.due_min = d
+                p.set_due(f, tiers.due(fs, f))
+                due = p.due
                 if c is not None:
                     self._invalidate(c, f)
         p.dirty = True
