@@ -26,7 +26,7 @@ from state.feature_spec import (
     parse_duration,
     parse_features,
 )
-from state.profile_codec import NO_SLICES, decode, encode
+from state.profile_codec import NO_SLICES, RAW, SLICES, decode, encode
 from state.profile_plan import DEFAULT_TIERS, FAR
 from state.profiles import ProfileStore, stores_for
 
@@ -528,19 +528,21 @@ def test_raw_events_and_slices_are_tuples_the_collector_untracks() -> None:
         for fs in p.feats:
             if fs is None:
                 continue
-            raws += len(fs[0])
-            slices += len(fs[1])
-            assert all(type(e) is tuple and not gc.is_tracked(e) for e in fs[0])
-            assert all(type(s) is tuple for s in fs[1])
-            assert all(not gc.is_tracked(s) for s in fs[1] if not isinstance(s[2], list))
+            raws += len(fs) - RAW
+            slices += len(fs[SLICES])
+            assert all(type(e) is tuple and not gc.is_tracked(e) for e in fs[RAW:])
+            assert all(type(s) is tuple for s in fs[SLICES])
+            assert all(not gc.is_tracked(s) for s in fs[SLICES] if not isinstance(s[2], list))
     assert raws > 100 and slices > 100
 
 
 def test_a_feature_without_slices_holds_no_list() -> None:
     """A feature with raw events only holds ``NO_SLICES`` (the empty tuple, untracked),
     not an empty list: a list once compaction or a late event makes a slice, and
-    ``NO_SLICES`` again when truncation empties it. Its bytes at rest are the old ones
-    (slices ``[]``), which read back as ``NO_SLICES``; the answers are unchanged."""
+    ``NO_SLICES`` again when truncation empties it. Its raw events are in the feature's
+    own list (``[slices, tail, tail_end, *raw]``): one tracked container per feature.
+    Its bytes at rest are the old ones (raw events and slices ``[]`` apart), which read
+    back as this layout; the answers are unchanged."""
     import gc
     import zlib
 
@@ -553,19 +555,21 @@ def test_a_feature_without_slices_holds_no_list() -> None:
     store.apply({**click, "ts": BASE})
     store.flush()
     p = store._table.load(store.key_of("u1"), False)
-    assert p is not None and p.feats[0][1] is NO_SLICES and not gc.is_tracked(p.feats[0][1])
+    assert p is not None and p.feats[0][SLICES] is NO_SLICES and not gc.is_tracked(NO_SLICES)
+    assert [o for o in gc.get_referents(p.feats[0]) if type(o) is list] == []  # one list
     blob = encode(p, 6)
     assert orjson.loads(zlib.decompress(blob))[3] == [[0, [[BASE, 1]], [], None, None]]
-    assert decode(blob, 1).feats[0][1] is NO_SLICES
+    assert decode(blob, 1).feats[0] == [NO_SLICES, None, None, (BASE, 1)]
+    assert decode(blob, 1).feats[0][SLICES] is NO_SLICES
     store.apply({**click, "ts": BASE + 5 * MIN})  # the first event folds into a slice
     store.flush()
-    assert p.feats[0][1] == [(BASE, BASE + MIN, 1)]
+    assert p.feats[0][SLICES] == [(BASE, BASE + MIN, 1)]
     store.apply({**click, "ts": BASE + 4 * HOUR})  # both past 1 h + retention: dropped
     store.flush()
-    assert p.feats[0][1] is NO_SLICES and p.feats[0][0] == [(BASE + 4 * HOUR, 1)]
+    assert p.feats[0][SLICES] is NO_SLICES and p.feats[0][RAW:] == [(BASE + 4 * HOUR, 1)]
     store.apply({**click, "ts": BASE + 3 * HOUR})  # late: placed into a new slice
     store.flush()
-    assert p.feats[0][1] == [(BASE + 3 * HOUR, BASE + 3 * HOUR + MIN, 1)]
+    assert p.feats[0][SLICES] == [(BASE + 3 * HOUR, BASE + 3 * HOUR + MIN, 1)]
     assert store.query("u1") == {"user.clicks.1h": 2.0}
     assert ProfileStore.restore(store.snapshot()).query("u1") == store.query("u1")
 
@@ -907,7 +911,7 @@ def _raw_part_event_by_event(store: ProfileStore, f: int, fs: list[Any], t: int,
     from state.aggregates import TS, _Distinct
 
     agg = store.plan.aggs[f]
-    raw = fs[0]
+    raw = fs[RAW:]
     i = bisect.bisect_left(raw, t, key=TS) - 1
     acc: Any = None
     oldest: int | None = None
