@@ -59,8 +59,9 @@ class Profile:
     def set_due(self, f: int, d: int) -> None:
         """Feature f's layout next needs work at watermark ``d`` (ms; ``due_min`` lowered
         to it if sooner): ``due`` replaced by a tuple with f's entry changed."""
-        due = self.due
-        self.due = (*due[:f], d, *due[f + 1:])
+        due = list(self.due)
+        due[f] = d
+        self.due = tuple(due)
         if d < self.due_min:
             self.due_min = d
 

@@ -736,16 +736,20 @@ class ProfileStore:
         """Per window of feature f at t: (raw events in [t - w, t) merged, referenced at
         r; the first T at which one leaves the window). Exact at both edges."""
         fold = self.plan.aggs[f].fold_raw
-        hi = bisect.bisect_left(fs, t, RAW, key=TS)  # fs[RAW:hi]: the raw events before t
+        n = len(fs)
+        hi = (n if n == RAW or fs[-1][0] < t  # fs[RAW:hi]: the raw events before t
+              else bisect.bisect_left(fs, t, RAW, key=TS))
         acc: Any = None
         oldest: int | None = None
         res: list[tuple[Any, int]] = []
         for w in self.plan.specs[f].windows:
-            lo = RAW if w is None else bisect.bisect_left(fs, t - w, RAW, hi, key=TS)
-            if lo < hi:  # fs[lo:hi]: the window's events not in a shorter window
-                acc = fold(reversed(fs[lo:hi]), acc, r)
-                oldest = fs[lo][0]
-                hi = lo
+            if hi > RAW:  # events left that a shorter window did not hold
+                lo = (RAW if w is None or fs[RAW][0] >= t - w  # all of them (raw: ~2 min)
+                      else bisect.bisect_left(fs, t - w, RAW, hi, key=TS))
+                if lo < hi:  # fs[lo:hi]: the window's events not in a shorter window
+                    acc = fold(reversed(fs[lo:hi]), acc, r)
+                    oldest = fs[lo][0]
+                    hi = lo
             res.append((acc, FAR if w is None or oldest is None else oldest + w + 1))
         return res
 
