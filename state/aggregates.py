@@ -9,7 +9,10 @@ few atomic values (mean, last, distinct_count) are a tuple, which a collection u
   (referenced at ``r``; ``None`` = empty);
 * ``merge(a, ra, b, rb, r)``: ``a`` (older) with ``b`` (newer, wins ties), the result
   referenced at ``r``;
-* ``out(acc, r, t)``: the feature value at query time ``t`` (ms).
+* ``out(acc, r, t)``: the feature value at query time ``t`` (ms);
+* ``fold_raw(events, acc, r)``: raw ``(ts, v)`` events, newest first, folded into ``acc``
+  one by one as ``merge(add(None, ts, v, ts), ts, acc, r, r)`` (a profile's raw part);
+  sums, means and decayed sums do it in one loop of the same float operations.
 
 "Referenced at r" only matters for ``decay_sum``: ``acc = sum(v * 2**((ts - r) / half_life))``.
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from operator import itemgetter
 from typing import Any
 
@@ -67,10 +70,24 @@ class _Count:
     def out(self, acc: Any, r: int, t: int) -> Any:
         return float(acc)
 
+    def fold_raw(self, events: Iterable[tuple[int, Any]], acc: Any, r: int) -> Any:
+        """Each ``(ts, v)`` of ``events`` (newest first) folded into ``acc`` (referenced at
+        ``r``, None = empty) in turn: ``acc = merge(add(None, ts, v, ts), ts, acc, r, r)``."""
+        for ts, v in events:
+            acc = self.merge(self.add(None, ts, v, ts), ts, acc, r, r)
+        return acc
+
 
 class _Sum(_Count):
     def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
         return v if acc is None else acc + v
+
+    def fold_raw(self, events: Iterable[tuple[int, Any]], acc: Any, r: int) -> Any:
+        """``_Count.fold_raw`` in one loop: each value added to the sum so far (``v + acc``,
+        the same float additions in the same order)."""
+        for _, v in events:
+            acc = v if acc is None else v + acc
+        return acc
 
 
 class _Mean(_Count):
@@ -82,6 +99,13 @@ class _Mean(_Count):
 
     def out(self, acc: Any, r: int, t: int) -> Any:
         return acc[0] / acc[1]
+
+    def fold_raw(self, events: Iterable[tuple[int, Any]], acc: Any, r: int) -> Any:
+        """``_Count.fold_raw`` in one loop: the values' sum and count (``(v + s, 1 + n)``,
+        the same float additions in the same order)."""
+        for _, v in events:
+            acc = (v, 1) if acc is None else (v + acc[0], 1 + acc[1])
+        return acc
 
 
 class _Min(_Count):
@@ -137,6 +161,18 @@ class _Decay(_Count):
     def out(self, acc: Any, r: int, t: int) -> Any:
         return acc * exp2((r - t) / self.hl)
 
+    def fold_raw(self, events: Iterable[tuple[int, Any]], acc: Any, r: int) -> Any:
+        """``_Count.fold_raw`` in one loop: ``acc = v * 2**((ts - r) / hl) + acc`` per event,
+        the float operations of ``merge(add(None, ts, v, ts), ts, acc, r, r)`` (``add``'s
+        factor is ``exp2(0.0) == 1.0``, and ``x * 1.0 == x``). Events are not after ``r``
+        (``ts <= r``: a raw part is referenced after its events), so the exponent is at
+        most 0, below ``exp2``'s cap: ``math.exp2`` gives ``exp2``'s value."""
+        hl, e2 = self.hl, math.exp2
+        for ts, v in events:
+            x = v * e2((ts - r) / hl)
+            acc = x if acc is None else x + acc
+        return acc
+
 
 class _Distinct(_Count):
     """KMV sketch: the k smallest 64-bit hashes, a sorted tuple. Exact below k distinct
@@ -187,6 +223,11 @@ class _Distinct(_Count):
             elif len(acc) < k or v < acc[-1]:
                 acc = self.add(acc, 0, v, 0)
         return acc
+
+    def fold_raw(self, events: Iterable[tuple[int, Any]], acc: Any, r: int) -> Any:
+        """``_Count.fold_raw``: the hashes added in turn (``add_all``; a sketch ignores
+        references)."""
+        return self.add_all(acc, [v for _, v in events])
 
     def out(self, acc: Any, r: int, t: int) -> Any:
         n = len(acc)

@@ -1,17 +1,18 @@
 """Profiles at rest and in memory: the decoded layout, its codec, the hot/cold table.
 
-No Bytewax in here. A decoded profile (``Profile``) holds, per feature, ``[raw,
-slices, tail, tail_end]`` (see ``state.profiles``; no slices: ``NO_SLICES``). At rest a
-profile is ``zlib(orjson([format, max_ts, cf, [[f, raw, slices, tail, tail_end], ...]]))``.
+No Bytewax in here. A decoded profile (``Profile``) holds, per feature, one list
+``[slices, tail, tail_end, *raw]`` (see ``state.profiles``; indices ``SLICES``, ``TAIL``,
+``TAIL_END``, raw events from ``RAW`` on; no slices: ``NO_SLICES``). At rest a profile
+is ``zlib(orjson([format, max_ts, cf, [[f, raw, slices, tail, tail_end], ...]]))``.
 ``HotCold`` keeps at most ``limit`` profiles decoded (LRU) and the others encoded,
 and forgets the least recently used ones beyond ``max_entities``.
 
 >>> from collections import Counter
 >>> table = HotCold(n_feats=1, limit=1, level=6, max_entities=0, counters=Counter())
->>> table.load(1, create=True).feats[0] = [[(5, 1)], [], None, None]
+>>> table.load(1, create=True).feats[0] = [NO_SLICES, None, None, (5, 1)]
 >>> _ = table.load(2, create=True)  # evicts profile 1 to the cold (encoded) side
->>> sorted(table.cold), table.load(1, create=False).feats[0][0]
-([1], [(5, 1)])
+>>> sorted(table.cold), table.load(1, create=False).feats[0]
+([1], [(), None, None, (5, 1)])
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from state.profile_plan import FAR
 
 FORMAT = 1
 """Format tag of encoded profiles and of store snapshots."""
+SLICES, TAIL, TAIL_END, RAW = 0, 1, 2, 3
+"""A feature's state is one list: its slices, its tail and the tail's end, then from
+``RAW`` on its raw events (``fs[RAW:]``, ``(ts, value)`` sorted by ts): one tracked
+container per feature instead of a state list holding a raw list."""
 NO_SLICES: tuple[()] = ()
 """A feature's slices while it has none (a list once it has one): the empty tuple, which
 the collector never tracks, so a feature written in the last minute (raw events only)
@@ -34,7 +39,7 @@ adds one tracked list fewer to the young generations (``bench/gc_census.py``).""
 
 
 class Profile:
-    """Decoded profile. ``feats[f]`` is None or ``[raw, slices, tail, tail_end]``."""
+    """Decoded profile. ``feats[f]`` is None or ``[slices, tail, tail_end, *raw]``."""
 
     __slots__ = ("max_ts", "cf", "feats", "dirty", "blob", "cache", "due", "due_min")
 
@@ -46,14 +51,25 @@ class Profile:
         self.blob: bytes | None = None  # the encoded profile while not dirty
         self.cache: Any = None  # the store's memoised outputs (state.profiles.OutputCache)
         # per feature: the watermark at which its layout next needs compaction work
-        # (not persisted: a decoded profile starts at -FAR = "check everything")
-        self.due: list[int] = [due] * n_feats
+        # (not persisted: a decoded profile starts at -FAR = "check everything"); a tuple
+        # of ints, replaced (``set_due``), never mutated: the collector untracks it
+        self.due: tuple[int, ...] = (due,) * n_feats
         self.due_min = due
+
+    def set_due(self, f: int, d: int) -> None:
+        """Feature f's layout next needs work at watermark ``d`` (ms; ``due_min`` lowered
+        to it if sooner): ``due`` replaced by a tuple with f's entry changed."""
+        due = list(self.due)
+        due[f] = d
+        self.due = tuple(due)
+        if d < self.due_min:
+            self.due_min = d
 
 
 def encode(p: Profile, level: int) -> bytes:
     """The at-rest bytes of a profile (zlib ``level``)."""
-    feats = [[f, fs[0], fs[1], fs[2], fs[3]] for f, fs in enumerate(p.feats) if fs is not None]
+    feats = [[f, fs[RAW:], fs[SLICES], fs[TAIL], fs[TAIL_END]]
+             for f, fs in enumerate(p.feats) if fs is not None]
     return zlib.compress(orjson.dumps([FORMAT, p.max_ts, p.cf, feats]), level)
 
 
@@ -65,9 +81,8 @@ def decode(blob: bytes, n_feats: int) -> Profile:
     p = Profile(n_feats, -FAR)
     p.max_ts, p.cf, p.dirty = max_ts, cf, False
     for f, raw, slices, tail, tail_end in feats:
-        p.feats[f] = [list(map(tuple, raw)),
-                      [(s, e, _acc(acc)) for s, e, acc in slices] if slices else NO_SLICES,
-                      _acc(tail), tail_end]
+        p.feats[f] = [[(s, e, _acc(acc)) for s, e, acc in slices] if slices else NO_SLICES,
+                      _acc(tail), tail_end, *map(tuple, raw)]
     return p
 
 

@@ -1,7 +1,8 @@
 """Time-slice tiers of a profile: where data belongs at a watermark, and compaction.
 
-No Bytewax in here. Per feature, a profile layout is ``[raw, slices, tail, tail_end]``
-(``state.profiles`` explains it; no slices: ``NO_SLICES``, never an empty list).
+No Bytewax in here. Per feature, a profile layout is ``[slices, tail, tail_end, *raw]``
+(``state.profile_codec``'s ``SLICES``, ``TAIL``, ``TAIL_END``, ``RAW``; ``state.profiles``
+explains it; no slices: ``NO_SLICES``, never an empty list).
 ``Tiers`` knows, for a floored watermark ``cf``, the raw cut and the tier bounds; it
 places late events into their slice, runs the compaction pass (fold old raw events
 into finest slices, merge slices into coarser tiers, truncate past the horizon into
@@ -24,7 +25,7 @@ import bisect
 from typing import Any
 
 from state.aggregates import TS
-from state.profile_codec import NO_SLICES, Profile
+from state.profile_codec import NO_SLICES, RAW, SLICES, TAIL, TAIL_END, Profile
 from state.profile_plan import FAR, ProfileParams, ProfilePlan
 
 
@@ -86,7 +87,7 @@ class Tiers:
             self._to_tail(fs, f, agg.add(None, ts, v, end), end)
             return
         self.counters["late_writes"] += 1
-        slices = fs[1]
+        slices = fs[SLICES]
         i = bisect.bisect_left(slices, start, key=TS)
         if i < len(slices) and slices[i][0] == start:
             s = slices[i]
@@ -94,7 +95,7 @@ class Tiers:
         elif slices:
             slices.insert(i, (start, end, agg.add(None, ts, v, end)))
         else:  # NO_SLICES
-            fs[1] = [(start, end, agg.add(None, ts, v, end))]
+            fs[SLICES] = [(start, end, agg.add(None, ts, v, end))]
 
     def compact(self, p: Profile) -> list[tuple[int, list[Any] | None]]:
         """Compaction pass at watermark p.cf; returns ``(feature, appended)`` for each
@@ -112,31 +113,32 @@ class Tiers:
         raw_cut, bounds = self.cuts(cf)
         g0 = self.params.tiers[0][0]
         changed: list[tuple[int, list[Any] | None]] = []
-        due, feats, aggs = p.due, p.feats, self.plan.aggs
+        due, feats, aggs = list(p.due), p.feats, self.plan.aggs  # p.due: a tuple, replaced
         for f in [f for f, d in enumerate(due) if d <= cf]:  # the features due only
             fs = feats[f]
             if fs is None:
                 due[f] = FAR
                 continue
             agg = aggs[f]
-            raw, slices = fs[0], fs[1]
+            slices = fs[SLICES]
             appended: list[Any] | None = None
-            n = bisect.bisect_left(raw, raw_cut, key=TS) if raw and raw[0][0] < raw_cut else 0
+            n = (bisect.bisect_left(fs, raw_cut, RAW, key=TS) - RAW
+                 if len(fs) > RAW and fs[RAW][0] < raw_cut else 0)  # raw events to fold
             if n:
                 folded: list[Any] = []
-                for ts, v in raw[:n]:
+                for ts, v in fs[RAW:RAW + n]:
                     start = ts - ts % g0
                     if folded and folded[-1][0] == start:
                         last = folded[-1]
                         folded[-1] = (start, last[1], agg.add(last[2], ts, v, last[1]))
                     else:
                         folded.append((start, start + g0, agg.add(None, ts, v, start + g0)))
-                del raw[:n]
+                del fs[RAW:RAW + n]
                 if not slices:  # NO_SLICES
-                    slices = fs[1] = folded[:]
+                    slices = fs[SLICES] = folded[:]
                     appended = folded
                 elif folded[0][0] <= slices[-1][0]:
-                    slices = fs[1] = sorted(slices + folded, key=TS)  # stable: existing first
+                    slices = fs[SLICES] = sorted(slices + folded, key=TS)  # stable: existing first
                 else:
                     slices.extend(folded)
                     appended = folded
@@ -144,7 +146,7 @@ class Tiers:
             work = bool(n)
             if slices and self._misplaced(slices, bounds):
                 self._rebuild(fs, f, bounds, trunc)
-                slices = fs[1]
+                slices = fs[SLICES]
                 work = True
                 appended = None
             if slices and slices[0][1] <= trunc:
@@ -155,19 +157,20 @@ class Tiers:
                 if k < len(slices):
                     del slices[:k]
                 else:
-                    slices = fs[1] = NO_SLICES
+                    slices = fs[SLICES] = NO_SLICES
                 work = True
                 appended = None
             if not work:
                 due[f] = self.due(fs, f)
                 continue
-            if not fs[0] and not fs[1] and fs[2] is None:
+            if len(fs) == RAW and not fs[SLICES] and fs[TAIL] is None:  # nothing left
                 p.feats[f] = None
                 due[f] = FAR
                 appended = None
             else:
                 due[f] = self.due(fs, f)
             changed.append((f, appended))
+        p.due = tuple(due)
         p.due_min = min(due)
         return changed
 
@@ -175,9 +178,9 @@ class Tiers:
         """Smallest watermark (multiple of g0) at which feature f's layout changes:
         the oldest raw event folds, the oldest slice is truncated, or the oldest slice of
         a tier crosses that tier's bound. Granularity never increases along the list."""
-        raw, slices = fs[0], fs[1]
+        slices = fs[SLICES]
         tiers = self.params.tiers
-        d = self.raw_due(raw[0][0]) if raw else FAR
+        d = self.raw_due(fs[RAW][0]) if len(fs) > RAW else FAR
         if slices:
             first = slices[0]
             h = first[1] + self.plan.horizon[f]
@@ -215,18 +218,18 @@ class Tiers:
         """Fold a truncated slice (acc referenced at end) into the tail, or drop it."""
         if not self.plan.has_all[f]:
             return
-        tail, tail_end = fs[2], fs[3]
+        tail, tail_end = fs[TAIL], fs[TAIL_END]
         if tail is None:
-            fs[2], fs[3] = acc, end
+            fs[TAIL], fs[TAIL_END] = acc, end
         else:
             r = max(end, tail_end)
-            fs[2], fs[3] = self.plan.aggs[f].merge(tail, tail_end, acc, end, r), r
+            fs[TAIL], fs[TAIL_END] = self.plan.aggs[f].merge(tail, tail_end, acc, end, r), r
 
     def _rebuild(self, fs: list[Any], f: int, bounds: list[int], trunc: int) -> None:
         """Merge the slices older than the finest tier into the slice of their tier's
         granularity (or the tail, past ``trunc``); finest-tier slices are already right."""
         agg = self.plan.aggs[f]
-        slices = fs[1]
+        slices = fs[SLICES]
         n_old = bisect.bisect_left(slices, bounds[0], key=TS)
         tiers = self.params.tiers
         last_g = tiers[-1][0]
@@ -252,4 +255,4 @@ class Tiers:
             else:
                 new.append((start, end, agg.merge(None, end, acc, s[1], end)))
         new.extend(slices[n_old:])
-        fs[1] = new or NO_SLICES
+        fs[SLICES] = new or NO_SLICES

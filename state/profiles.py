@@ -5,11 +5,13 @@ One ``ProfileStore`` holds the profiles of one entity kind (``user``, ``item`` o
 event time in integer epoch **milliseconds**.
 
 Layout of one profile (keyed by ``stable_hash64`` of the entity id; raw ids are never
-stored as keys), per feature:
+stored as keys), per feature, one list ``[slices, tail, tail_end, *raw]``
+(``state.profile_codec``'s ``SLICES``, ``TAIL``, ``TAIL_END``, raw events from ``RAW`` on):
 
-* ``raw``: the newest events, unaggregated, ``[(ts, value), ...]`` sorted by ts (tuples:
-  the collector untracks a tuple of atomic values, so events held for minutes are not
-  scanned by every young collection; lists at rest, read back as tuples). An event
+* ``raw``: the newest events, unaggregated, ``(ts, value)`` sorted by ts, in the
+  feature's list after the tail's end (one tracked list per feature; tuples: the
+  collector untracks a tuple of atomic values, so events held for minutes are not
+  scanned by every young collection; a list at rest, read back as tuples). An event
   stays raw while ``ts >= floor(wm - raw_ms, g0)`` where ``wm = max_ts - lateness_ms`` is
   the entity's watermark (floored to the finest slice ``g0``).
 * ``slices``: ``[(start, end, acc), ...]`` (tuples, replaced when a slice changes; read
@@ -59,7 +61,7 @@ from typing import Any
 from state.aggregates import BAD, FOLD_SAME, FOLD_SUM, TS, _Count, _Distinct
 from state.decay import exp2
 from state.feature_spec import MISSING, FeatureSpec, as_specs
-from state.profile_codec import FORMAT, NO_SLICES, HotCold, Profile
+from state.profile_codec import FORMAT, NO_SLICES, RAW, SLICES, TAIL, TAIL_END, HotCold, Profile
 from state.profile_plan import FAR, ItemAttrs, ProfileParams, ProfilePlan, entity_key
 from state.profile_tiers import Tiers
 
@@ -482,8 +484,8 @@ class ProfileStore:
     def stats(self) -> dict[str, Any]:
         """Counters plus sizes: entities, hot profiles, compressed bytes, buffered writes."""
         hot, cold = self._table.hot, self._table.cold
-        hot_slices = sum(len(fs[1]) for p in hot.values() for fs in p.feats if fs)
-        hot_raw = sum(len(fs[0]) for p in hot.values() for fs in p.feats if fs)
+        hot_slices = sum(len(fs[SLICES]) for p in hot.values() for fs in p.feats if fs)
+        hot_raw = sum(len(fs) - RAW for p in hot.values() for fs in p.feats if fs)
         return {
             "entity_kind": self.entity_kind,
             "features": len(self.specs),
@@ -512,9 +514,10 @@ class ProfileStore:
         feats = {}
         for s, fs in zip(self.specs, p.feats, strict=True):
             if fs is not None:
-                feats[s.name] = {"raw": len(fs[0]), "raw_oldest": fs[0][0][0] if fs[0] else None,
-                                 "slices": [(x[0], x[1]) for x in fs[1]],
-                                 "tail_end": fs[3] if fs[2] is not None else None}
+                feats[s.name] = {"raw": len(fs) - RAW,
+                                 "raw_oldest": fs[RAW][0] if len(fs) > RAW else None,
+                                 "slices": [(x[0], x[1]) for x in fs[SLICES]],
+                                 "tail_end": fs[TAIL_END] if fs[TAIL] is not None else None}
         return {"max_ts": p.max_ts, "watermark": p.cf, "features": feats,
                 "encoded_bytes": len(self._table.encode(p))}
 
@@ -567,16 +570,17 @@ class ProfileStore:
         for f, ts, v in writes:
             fs = feats[f]
             if fs is None:
-                fs = feats[f] = [[], NO_SLICES, None, None]
+                fs = feats[f] = [NO_SLICES, None, None]
             if ts >= raw_cut:
-                raw = fs[0]
-                if not raw or ts >= raw[-1][0]:
-                    raw.append((ts, v))
+                if len(fs) == RAW or ts >= fs[-1][0]:  # raw events: fs[RAW:]
+                    fs.append((ts, v))
                 else:
-                    raw.insert(bisect.bisect_right(raw, ts, key=TS), (ts, v))
+                    fs.insert(bisect.bisect_right(fs, ts, RAW, key=TS), (ts, v))
                 d = ts - ts % g0 + g0 + raw_ms  # Tiers.raw_due(ts)
-                if d < due[f]:
-                    due[f] = d
+                if d < due[f]:  # ``p.set_due(f, d)`` without its call (a write's usual path)
+                    lowered = list(due)
+                    lowered[f] = d
+                    due = p.due = tuple(lowered)
                     if d < p.due_min:
                         p.due_min = d
                 if c is not None:
@@ -589,9 +593,8 @@ class ProfileStore:
                         c.lo_max = FAR
             else:
                 tiers.place_late(fs, f, ts, v, cf, bounds)
-                p.due[f] = d = tiers.due(fs, f)
-                if d < p.due_min:
-                    p.due_min = d
+                p.set_due(f, tiers.due(fs, f))
+                due = p.due
                 if c is not None:
                     self._invalidate(c, f)
         p.dirty = True
@@ -662,7 +665,7 @@ class ProfileStore:
         r; the first T at which a slice leaves the window). Slices count iff
         ``t - w < end <= t``; the tail counts for ``all`` iff ``t >= tail_end``."""
         agg = self.plan.aggs[f]
-        slices, tail, tail_end = fs[1], fs[2], fs[3]
+        slices, tail, tail_end = fs[SLICES], fs[TAIL], fs[TAIL_END]
         si = bisect.bisect_right(slices, t, key=_END) - 1
         if type(agg) is _Distinct:  # the slices of a window merged in one pass
             return self._slice_part_run(f, agg, fs, t, si)
@@ -693,7 +696,7 @@ class ProfileStore:
         """``_slice_part`` of a KMV sketch (``_Distinct``, whose merge ignores the
         references): the slices entering each window merged in one pass
         (``merge_run``): the same values as merging them one by one."""
-        slices, tail, tail_end = fs[1], fs[2], fs[3]
+        slices, tail, tail_end = fs[SLICES], fs[TAIL], fs[TAIL_END]
         acc: Any = None
         last_end: int | None = None
         res: list[tuple[Any, int]] = []
@@ -723,33 +726,33 @@ class ProfileStore:
         own: its slices (``t - w < end <= t``; every one and the tail for ``all``)
         merged, and the first T at which one of them leaves."""
         agg = self.plan.aggs[f]
-        slices = fs[1]
+        slices = fs[SLICES]
         hi = bisect.bisect_right(slices, t, key=_END)
         lo = 0 if w is None else bisect.bisect_right(slices, t - w, key=_END)
         accs = [s[2] for s in slices[lo:hi]]
-        if w is None and fs[2] is not None and t >= fs[3]:
-            accs.append(fs[2])
+        if w is None and fs[TAIL] is not None and t >= fs[TAIL_END]:
+            accs.append(fs[TAIL])
         acc = agg.merge_run(accs, None) if type(agg) is _Distinct else sum(accs) if accs else None
         return acc, FAR if w is None or lo >= hi else slices[lo][1] + w
 
     def _raw_part(self, f: int, fs: list[Any], t: int, r: int) -> list[tuple[Any, int]]:
         """Per window of feature f at t: (raw events in [t - w, t) merged, referenced at
         r; the first T at which one leaves the window). Exact at both edges."""
-        agg = self.plan.aggs[f]
-        raw = fs[0]
-        i = bisect.bisect_left(raw, t, key=TS) - 1
+        fold = self.plan.aggs[f].fold_raw
+        n = len(fs)
+        hi = (n if n == RAW or fs[-1][0] < t  # fs[RAW:hi]: the raw events before t
+              else bisect.bisect_left(fs, t, RAW, key=TS))
         acc: Any = None
         oldest: int | None = None
         res: list[tuple[Any, int]] = []
-        kmv = type(agg) is _Distinct
         for w in self.plan.specs[f].windows:
-            lo = -FAR if w is None else t - w
-            while i >= 0 and raw[i][0] >= lo:
-                ts, v = raw[i]
-                acc = (agg.add_all(acc, (v,)) if kmv
-                       else agg.merge(agg.add(None, ts, v, ts), ts, acc, r, r))
-                oldest = ts
-                i -= 1
+            if hi > RAW:  # events left that a shorter window did not hold
+                lo = (RAW if w is None or fs[RAW][0] >= t - w  # all of them (raw: ~2 min)
+                      else bisect.bisect_left(fs, t - w, RAW, hi, key=TS))
+                if lo < hi:  # fs[lo:hi]: the window's events not in a shorter window
+                    acc = fold(reversed(fs[lo:hi]), acc, r)
+                    oldest = fs[lo][0]
+                    hi = lo
             res.append((acc, FAR if w is None or oldest is None else oldest + w + 1))
         return res
 
@@ -799,10 +802,10 @@ class ProfileStore:
                     name = names[j]
                     out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 continue
-            raw, slices = fs[0], fs[1]
+            slices = fs[SLICES]
             stale_parts = [j for j in js if not v[at_slo + j] <= t < v[at_sexp + j]]
             if stale_parts:
-                sref = slices[-1][1] if slices else (fs[3] or 0)
+                sref = slices[-1][1] if slices else (fs[TAIL_END] or 0)
                 if len(stale_parts) < len(js) and type(agg) in _EXACT:
                     for j in stale_parts:  # the other windows' parts still hold
                         part, se = self._window_part(f, fs, t, plan.out_w[j])
@@ -812,7 +815,7 @@ class ProfileStore:
                     for j, (part, se) in zip(js, self._slice_part(f, fs, t, sref), strict=True):
                         v[at_sacc + j], v[at_sref + j], v[at_slo + j], v[at_sexp + j] = (
                             part, sref, t, se)
-            rref = raw[-1][0] + 1 if raw else v[at_sref + js[0]]
+            rref = fs[-1][0] + 1 if len(fs) > RAW else v[at_sref + js[0]]  # newest raw ts + 1
             kmv = type(agg) is _Distinct
             for j, (racc, re) in zip(js, self._raw_part(f, fs, t, rref), strict=True):
                 if kmv and racc is not None:  # a few raw hashes into the slices' sketch

@@ -26,8 +26,8 @@ from state.feature_spec import (
     parse_duration,
     parse_features,
 )
-from state.profile_codec import NO_SLICES, decode, encode
-from state.profile_plan import DEFAULT_TIERS
+from state.profile_codec import NO_SLICES, RAW, SLICES, decode, encode
+from state.profile_plan import DEFAULT_TIERS, FAR
 from state.profiles import ProfileStore, stores_for
 
 SEC, MIN, HOUR, DAY = 1_000, 60_000, 3_600_000, 86_400_000
@@ -528,19 +528,21 @@ def test_raw_events_and_slices_are_tuples_the_collector_untracks() -> None:
         for fs in p.feats:
             if fs is None:
                 continue
-            raws += len(fs[0])
-            slices += len(fs[1])
-            assert all(type(e) is tuple and not gc.is_tracked(e) for e in fs[0])
-            assert all(type(s) is tuple for s in fs[1])
-            assert all(not gc.is_tracked(s) for s in fs[1] if not isinstance(s[2], list))
+            raws += len(fs) - RAW
+            slices += len(fs[SLICES])
+            assert all(type(e) is tuple and not gc.is_tracked(e) for e in fs[RAW:])
+            assert all(type(s) is tuple for s in fs[SLICES])
+            assert all(not gc.is_tracked(s) for s in fs[SLICES] if not isinstance(s[2], list))
     assert raws > 100 and slices > 100
 
 
 def test_a_feature_without_slices_holds_no_list() -> None:
     """A feature with raw events only holds ``NO_SLICES`` (the empty tuple, untracked),
     not an empty list: a list once compaction or a late event makes a slice, and
-    ``NO_SLICES`` again when truncation empties it. Its bytes at rest are the old ones
-    (slices ``[]``), which read back as ``NO_SLICES``; the answers are unchanged."""
+    ``NO_SLICES`` again when truncation empties it. Its raw events are in the feature's
+    own list (``[slices, tail, tail_end, *raw]``): one tracked container per feature.
+    Its bytes at rest are the old ones (raw events and slices ``[]`` apart), which read
+    back as this layout; the answers are unchanged."""
     import gc
     import zlib
 
@@ -553,19 +555,21 @@ def test_a_feature_without_slices_holds_no_list() -> None:
     store.apply({**click, "ts": BASE})
     store.flush()
     p = store._table.load(store.key_of("u1"), False)
-    assert p is not None and p.feats[0][1] is NO_SLICES and not gc.is_tracked(p.feats[0][1])
+    assert p is not None and p.feats[0][SLICES] is NO_SLICES and not gc.is_tracked(NO_SLICES)
+    assert [o for o in gc.get_referents(p.feats[0]) if type(o) is list] == []  # one list
     blob = encode(p, 6)
     assert orjson.loads(zlib.decompress(blob))[3] == [[0, [[BASE, 1]], [], None, None]]
-    assert decode(blob, 1).feats[0][1] is NO_SLICES
+    assert decode(blob, 1).feats[0] == [NO_SLICES, None, None, (BASE, 1)]
+    assert decode(blob, 1).feats[0][SLICES] is NO_SLICES
     store.apply({**click, "ts": BASE + 5 * MIN})  # the first event folds into a slice
     store.flush()
-    assert p.feats[0][1] == [(BASE, BASE + MIN, 1)]
+    assert p.feats[0][SLICES] == [(BASE, BASE + MIN, 1)]
     store.apply({**click, "ts": BASE + 4 * HOUR})  # both past 1 h + retention: dropped
     store.flush()
-    assert p.feats[0][1] is NO_SLICES and p.feats[0][0] == [(BASE + 4 * HOUR, 1)]
+    assert p.feats[0][SLICES] is NO_SLICES and p.feats[0][RAW:] == [(BASE + 4 * HOUR, 1)]
     store.apply({**click, "ts": BASE + 3 * HOUR})  # late: placed into a new slice
     store.flush()
-    assert p.feats[0][1] == [(BASE + 3 * HOUR, BASE + 3 * HOUR + MIN, 1)]
+    assert p.feats[0][SLICES] == [(BASE + 3 * HOUR, BASE + 3 * HOUR + MIN, 1)]
     assert store.query("u1") == {"user.clicks.1h": 2.0}
     assert ProfileStore.restore(store.snapshot()).query("u1") == store.query("u1")
 
@@ -851,6 +855,107 @@ def test_kmv_slices_merged_in_one_pass_equal_the_pairwise_merges(
             for t in (ev["ts"] + 1, ev["ts"] + HOUR, ev["ts"] + DAY + 7, ev["ts"] + 8 * DAY):
                 for u in USERS:
                     assert fast.query(u, t) == pairwise.query(u, t), (u, t)
+
+
+def _bits(x: Any) -> Any:
+    """A value with its floats as their exact bits (``-0.0`` and ``0.0`` differ)."""
+    if isinstance(x, float):
+        return x.hex()
+    if isinstance(x, (tuple, list)):
+        return type(x)(map(_bits, x))
+    if isinstance(x, dict):
+        return {k: _bits(v) for k, v in x.items()}
+    return x
+
+
+def test_fold_raw_is_the_event_by_event_merge_bit_for_bit() -> None:
+    """``fold_raw`` (a raw part in one call: sums, means and decayed sums in one loop)
+    gives the value of ``merge(add(None, ts, v, ts), ts, acc, r, r)`` per event, newest
+    first (``_Count.fold_raw``, the generic loop), bit for bit: every aggregate, prior
+    accumulators, references at and after the newest event, values of every sign and
+    magnitude (float sums depend on their order)."""
+    from state.aggregates import _Count, make_agg
+
+    rnd = random.Random(11)
+    raw_specs = [*SPECS, _spec("d7", FB, "decay_sum", half_life="7d"),
+                 _spec("d1s", FB, "decay_sum", half_life="1s"),
+                 _spec("d_one", FB, "decay_sum", half_life="1d", value=1)]
+    aggs = [make_agg(s) for s in parse_features(raw_specs)]
+    folds = 0
+    for _ in range(300):
+        ts = BASE + rnd.randrange(DAY)
+        events = []
+        for _ in range(rnd.randint(0, 40)):
+            ts += rnd.choice((0, 1, rnd.randrange(1, 5 * MIN)))
+            v = rnd.choice((1, 1.0, rnd.uniform(-1e3, 1e3), rnd.random() * 1e-9, -0.0))
+            events.append((ts, v))
+        r = (events[-1][0] if events else ts) + rnd.choice((0, 1, 2, HOUR))
+        for agg in aggs:
+            vals = [(e[0], abs(int(e[1] * 1e6))) if type(agg).__name__ == "_Distinct"
+                    else (e[0], f"it{int(e[1]) % 5}") if type(agg).__name__ == "_LastK"
+                    else e for e in events]
+            prior = _Count.fold_raw(agg, reversed(vals[:2]), None, r) if rnd.random() < 0.3 else None
+            want = _Count.fold_raw(agg, reversed(vals), prior, r)
+            got = agg.fold_raw(reversed(vals), prior, r)
+            assert _bits(got) == _bits(want), (type(agg).__name__, vals, prior, r)
+            folds += type(agg).fold_raw is not _Count.fold_raw
+    assert folds > 1000  # the one-loop folds were the ones compared
+
+
+def _raw_part_event_by_event(store: ProfileStore, f: int, fs: list[Any], t: int, r: int
+                             ) -> list[tuple[Any, int]]:
+    """``ProfileStore._raw_part`` as it was before ``fold_raw``: the raw events walked
+    newest first, one ``merge(add(...))`` each, window after window."""
+    import bisect
+
+    from state.aggregates import TS, _Distinct
+
+    agg = store.plan.aggs[f]
+    raw = fs[RAW:]
+    i = bisect.bisect_left(raw, t, key=TS) - 1
+    acc: Any = None
+    oldest: int | None = None
+    res: list[tuple[Any, int]] = []
+    for w in store.plan.specs[f].windows:
+        lo = -FAR if w is None else t - w
+        while i >= 0 and raw[i][0] >= lo:
+            ts, v = raw[i]
+            acc = (agg.add_all(acc, (v,)) if type(agg) is _Distinct
+                   else agg.merge(agg.add(None, ts, v, ts), ts, acc, r, r))
+            oldest = ts
+            i -= 1
+        res.append((acc, FAR if w is None or oldest is None else oldest + w + 1))
+    return res
+
+
+def test_raw_parts_folded_in_one_call_answer_as_event_by_event() -> None:
+    """A store whose raw parts fold each window's events in one call per aggregate
+    (``fold_raw``) answers as one walking them event by event (the previous
+    ``_raw_part``), bit for bit: current (memoised) and past reads, every window, on
+    dense streams (a second apart at most: long raw lists, whose float sums depend on
+    their order) crossing the raw cut."""
+    import types
+
+    rnd = random.Random(13)
+    fast = ProfileStore(SPECS, "user", batch_size=3)
+    generic = ProfileStore(SPECS, "user", batch_size=3)
+    generic._raw_part = types.MethodType(_raw_part_event_by_event, generic)  # type: ignore[method-assign]
+    ts = BASE
+    for i in range(1_500):
+        ts += rnd.choice((0, rnd.randrange(1, SEC)))
+        kind = rnd.choice(("impression", "click", "click", "rating"))
+        ev: dict[str, Any] = {"ts": ts, "user_id": rnd.choice(USERS), "item_id": f"it{i % 9}"}
+        if kind == "impression":
+            ev.update(type="impression", impression_id=f"i{i}")
+        else:
+            ev.update(type="feedback", action=kind, value=rnd.uniform(0.0, 5.0))
+        fast.apply(ev)
+        generic.apply(ev)
+        if i % 7 == 0:
+            for t in (None, ts, ts + 1, ts + 20 * SEC, ts + 40 * SEC, ts + 3 * MIN, ts + DAY + 7):
+                for u in USERS:
+                    assert _bits(fast.query(u, t)) == _bits(generic.query(u, t)), (u, t)
+    assert fast.stats()["hot_raw_events"] > 200  # long raw lists were folded
 
 
 def test_merge_run_is_the_k_smallest_of_the_union() -> None:
