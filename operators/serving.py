@@ -52,6 +52,7 @@ from operators.candidates import (
     MergeScratch,
     merge,
     record_item,
+    round_to,
     top_indices,
 )
 from operators.category_explore import CategoryExplore, category_scores
@@ -457,12 +458,12 @@ class Server:
                 for c in ranked[: request.k]],
             "model_version": ranker.version,
             "index_version": index.version,
-            "latency_ms": round(latency_ns / 1e6, 3),
+            "latency_ms": round_to(latency_ns / 1e6, 3),
             **({"eval_item": request.context["eval_item"]} if "eval_item" in request.context else {}),
         }
         if self.config.record_cost:
-            record["cpu_ms"] = round(cpu_ms, 4)
-            record["queue_ms"] = round(queue_ms, 3)
+            record["cpu_ms"] = round_to(cpu_ms, 4)
+            record["queue_ms"] = round_to(queue_ms, 3)
         return record
 
     def retrieve(self, ctx: UserContext, ts_ms: int
