@@ -200,13 +200,20 @@ def user_item_columns(ctx: UserContext, item_ids: list[str], decay: float
     (1.0 / 0.0) and ``ui.liked`` (``liked_recency``), float64; None when the user
     interacted with none of the items (``ctx.consumed``)."""
     consumed = ctx.consumed
-    if not consumed or not any(map(consumed.__contains__, item_ids)):
+    if not consumed:
         return None
-    n = len(item_ids)
+    # membership as bytes (0 / 1 each, made in C), not np.fromiter: numpy packs each
+    # Python value of an iterator on its own, ~3x the instructions of the lookup
+    seen = bytes(map(consumed.__contains__, item_ids))
+    if 1 not in seen:
+        return None
     recency = liked_recency(ctx.liked, decay)
-    return {"ui.interacted": np.fromiter(map(consumed.__contains__, item_ids), np.float64, n),
-            "ui.liked": np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
-                                    np.float64, n)}
+    liked = np.zeros(len(item_ids))  # 0.0 where not liked: the few liked ones set
+    at = np.frombuffer(bytes(map(recency.__contains__, item_ids)), np.bool_).nonzero()[0]
+    if at.size:
+        liked[at] = [recency[item_ids[j]] for j in at.tolist()]
+    return {"ui.interacted": np.frombuffer(seen, np.bool_).astype(np.float64),
+            "ui.liked": liked}
 
 
 def static_item_features(item_id: str, table: ItemTable | None,
