@@ -58,7 +58,7 @@ from operators.candidates import (
 from operators.category_explore import CategoryExplore, category_scores
 from operators.category_items import CategoryItems, CategoryList
 from operators.linear_scorer import column_scorer, linear_scorer
-from operators.point_in_time import ItemColumns, PointInTime, UserContext
+from operators.point_in_time import ItemColumns, PointInTime, UserContext, member_mask
 from operators.pool_features import pool_matrix
 from operators.scorer_duel import SCORERS, ScorerDuel, team_draft
 from operators.snapshot_views import SnapshotViews
@@ -586,7 +586,6 @@ class Server:
         """Drop consumed, unavailable and excluded items (boolean masks); attach categories
         (from the items' tables) and the shard catalog's attributes."""
         items = pool.items
-        n = len(items)
         space = self._space()
         space.sync(self.views.table_map())
         slots = space.fill(pool.rows)
@@ -596,10 +595,9 @@ class Server:
         keep = space.available[slots] & ~space.unavailable[slots]
         blocked = repeat_blocked(self.config, ctx, request.ts)
         if blocked:
-            keep &= ~np.fromiter(map(blocked.__contains__, items), bool, n)
+            keep &= ~member_mask(blocked, items)
         if request.exclude:
-            excluded = set(request.exclude)
-            keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
+            keep &= ~member_mask(set(request.exclude), items)
         pool.attrs = attrs
         pool.coded = CodedCategories(space.category[slots], space.categories)
         if keep.all():  # the slots of pool.rows stay ItemRows' last (no second check)

@@ -12,6 +12,7 @@ from operators.point_in_time import (
     PointInTime,
     UserContext,
     liked_recency,
+    member_mask,
     user_item_columns,
 )
 from state.user_history import UserHistory
@@ -132,3 +133,14 @@ def test_user_item_columns_equal_the_per_item_values_on_a_seeded_case() -> None:
         assert cols["ui.liked"].tolist() == [recency.get(i, 0.0) for i in items]
     ctx = UserContext("u", [], {"x": 1}, None, {}, ["a"])
     assert user_item_columns(ctx, ["a", "b"], 0.8) is None
+
+
+def test_member_mask_is_each_items_membership() -> None:
+    """``member_mask``: one bool per item, whether the container holds it (a set, a
+    dict's keys), for no items too."""
+    items = ["a", "b", "c", "a"]
+    for container in ({"a", "c"}, {"b": 0}, set(), ()):
+        mask = member_mask(container, items)
+        assert mask.dtype == np.bool_
+        assert mask.tolist() == [i in container for i in items]
+    assert member_mask({"a"}, []).tolist() == []
