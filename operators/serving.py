@@ -52,12 +52,13 @@ from operators.candidates import (
     MergeScratch,
     merge,
     record_item,
+    round_to,
     top_indices,
 )
 from operators.category_explore import CategoryExplore, category_scores
 from operators.category_items import CategoryItems, CategoryList
 from operators.linear_scorer import column_scorer, linear_scorer
-from operators.point_in_time import ItemColumns, PointInTime, UserContext
+from operators.point_in_time import ItemColumns, PointInTime, UserContext, member_mask
 from operators.pool_features import pool_matrix
 from operators.scorer_duel import SCORERS, ScorerDuel, team_draft
 from operators.snapshot_views import SnapshotViews
@@ -457,12 +458,12 @@ class Server:
                 for c in ranked[: request.k]],
             "model_version": ranker.version,
             "index_version": index.version,
-            "latency_ms": round(latency_ns / 1e6, 3),
+            "latency_ms": round_to(latency_ns / 1e6, 3),
             **({"eval_item": request.context["eval_item"]} if "eval_item" in request.context else {}),
         }
         if self.config.record_cost:
-            record["cpu_ms"] = round(cpu_ms, 4)
-            record["queue_ms"] = round(queue_ms, 3)
+            record["cpu_ms"] = round_to(cpu_ms, 4)
+            record["queue_ms"] = round_to(queue_ms, 3)
         return record
 
     def retrieve(self, ctx: UserContext, ts_ms: int
@@ -585,7 +586,6 @@ class Server:
         """Drop consumed, unavailable and excluded items (boolean masks); attach categories
         (from the items' tables) and the shard catalog's attributes."""
         items = pool.items
-        n = len(items)
         space = self._space()
         space.sync(self.views.table_map())
         slots = space.fill(pool.rows)
@@ -595,10 +595,9 @@ class Server:
         keep = space.available[slots] & ~space.unavailable[slots]
         blocked = repeat_blocked(self.config, ctx, request.ts)
         if blocked:
-            keep &= ~np.fromiter(map(blocked.__contains__, items), bool, n)
+            keep &= ~member_mask(blocked, items)
         if request.exclude:
-            excluded = set(request.exclude)
-            keep &= ~np.fromiter(map(excluded.__contains__, items), bool, n)
+            keep &= ~member_mask(set(request.exclude), items)
         pool.attrs = attrs
         pool.coded = CodedCategories(space.category[slots], space.categories)
         if keep.all():  # the slots of pool.rows stay ItemRows' last (no second check)

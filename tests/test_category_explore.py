@@ -18,6 +18,7 @@ from models.category_bandit import (
     CategoryBandit,
     CategoryExploreConfig,
     CodedCategories,
+    best_by_row,
     category_codes,
 )
 from operators.candidates import SOURCES, CandidatePool
@@ -591,6 +592,21 @@ def test_coded_categories_order_as_the_category_names(seed: int) -> None:
         assert by_name is not None and by_code is not None
         assert by_name[0].tolist() == by_code[0].tolist()
         assert by_name[1].tolist() == by_code[1].tolist()
+
+
+def test_best_by_row_is_the_stable_sorts_first_k_with_ties_and_nan() -> None:
+    """``best_by_row`` (an unstable sort checked for ties) gives each row's first ``k``
+    of the stable descending sort: on distinct keys, on keys tied inside the first
+    ``k + 1`` (equal keys in position order), with -0.0 beside 0.0 and with NaN."""
+    rng = np.random.default_rng(7)
+    cases = [rng.random((17, 50)), np.repeat(rng.random((17, 25)), 2, axis=1),
+             rng.integers(0, 4, (17, 50)).astype(np.float64),
+             np.array([[0.0, -0.0, 0.0, 1.0], [-0.0, 0.0, 2.0, 2.0]]),
+             np.array([[np.nan, 1.0, 0.5, np.nan], [0.3, np.nan, 0.3, 0.1]])]
+    for key in cases:
+        for k in (1, 3, 10, key.shape[1]):
+            expected = (-key).argsort(axis=1, kind="stable")[:, :k]
+            assert np.array_equal(best_by_row(key, k), expected)
 
 
 def test_coded_categories_memo_follows_each_names_list_and_its_growth() -> None:

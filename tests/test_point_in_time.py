@@ -3,7 +3,18 @@ the per-item dicts and in the columns the vectorised scorer reads."""
 
 from __future__ import annotations
 
-from operators.point_in_time import CovisQuery, PointInTime
+import random
+
+import numpy as np
+
+from operators.point_in_time import (
+    CovisQuery,
+    PointInTime,
+    UserContext,
+    liked_recency,
+    member_mask,
+    user_item_columns,
+)
 from state.user_history import UserHistory
 
 T0 = 1_767_225_600_000
@@ -99,3 +110,37 @@ def test_cross_profiles_without_a_profile_share_one_fixed_object() -> None:
     assert columns._shared_sum(fixed) == term and len(columns._fixed) == 1
     other = FixedFeatures({"a": 1.0})
     assert columns._shared_sum(other) == columns._sum({"a": 1.0}) != term
+
+
+def test_user_item_columns_equal_the_per_item_values_on_a_seeded_case() -> None:
+    """``user_item_columns`` (membership as bytes, the liked ones set) gives each
+    candidate ``1.0`` / ``0.0`` for consumed and ``liked_recency``'s value (0.0 when not
+    liked), float64, liked items consumed or not; None when no candidate is consumed."""
+    rng = random.Random(19)
+    for _ in range(50):
+        items = [f"i{j}" for j in range(rng.randint(1, 300))]
+        consumed = {item: 1 for item in rng.sample(items, rng.randint(0, len(items) // 3))}
+        liked = rng.sample(items, rng.randint(0, min(len(items), 50)))
+        ctx = UserContext("u", [], consumed, None, {}, liked)
+        cols = user_item_columns(ctx, items, 0.8)
+        if not consumed:
+            assert cols is None
+            continue
+        recency = liked_recency(liked, 0.8)
+        assert cols is not None
+        assert cols["ui.interacted"].dtype == cols["ui.liked"].dtype == np.float64
+        assert cols["ui.interacted"].tolist() == [1.0 if i in consumed else 0.0 for i in items]
+        assert cols["ui.liked"].tolist() == [recency.get(i, 0.0) for i in items]
+    ctx = UserContext("u", [], {"x": 1}, None, {}, ["a"])
+    assert user_item_columns(ctx, ["a", "b"], 0.8) is None
+
+
+def test_member_mask_is_each_items_membership() -> None:
+    """``member_mask``: one bool per item, whether the container holds it (a set, a
+    dict's keys), for no items too."""
+    items = ["a", "b", "c", "a"]
+    for container in ({"a", "c"}, {"b": 0}, set(), ()):
+        mask = member_mask(container, items)
+        assert mask.dtype == np.bool_
+        assert mask.tolist() == [i in container for i in items]
+    assert member_mask({"a"}, []).tolist() == []

@@ -3,12 +3,15 @@ shortened form equals the longer one it replaced, value for value (bitwise float
 
 from __future__ import annotations
 
+import math
 import pickle
+import random
+import struct
 
 import numpy as np
 
 from models.category_bandit import CategoryBandit, CategoryExploreConfig, CodedCategories
-from operators.candidates import SOURCES, Candidate, CandidatePool
+from operators.candidates import SOURCES, Candidate, CandidatePool, round_to
 from operators.category_explore import category_scores
 from operators.category_items import CategoryList
 
@@ -97,6 +100,29 @@ def test_record_items_equal_the_records_of_the_candidates() -> None:
             want = [{"item_id": c.item_id, "score": round(c.score, 6), "source": c.source,
                      "propensity": round(c.propensity, 6)} for c in cands]
             assert pool.record_items(idx, props) == want
+
+
+def test_round_to_is_round_bit_for_bit() -> None:
+    """``round_to`` (the records' rounding without a decimal string) gives ``round``'s
+    float, bit for bit (the sign of a zero too), on seeded values of every magnitude,
+    on decimal halves and their neighbours, and on the values it leaves to ``round``;
+    a numpy scalar gets numpy's own rounding, as ``round`` gives it."""
+    rng = random.Random(18)
+    values = [rng.random() for _ in range(20_000)]
+    values += [rng.uniform(-1, 1) * 10.0 ** rng.randint(-12, 12) for _ in range(20_000)]
+    for d in (3, 4, 6):
+        for k in range(-2_000, 2_000):
+            half = (k + 0.5) / 10**d  # the float nearest a decimal half, and its neighbours
+            values += [half, math.nextafter(half, math.inf), math.nextafter(half, -math.inf),
+                       k / 10**d]
+    values += [0.0, -0.0, 5e-7, -5e-7, 4e-7, -4e-7, 1e-300, -1e-300, 2.0**30, 2.0**60,
+               math.inf, -math.inf, 0.1234565, 1.0000005, 2.5e-6]
+    for d in (0, 3, 4, 6):
+        for x in values:
+            assert struct.pack("<d", round_to(x, d)) == struct.pack("<d", round(x, d)), (x, d)
+    assert math.isnan(round_to(math.nan, 6))
+    x = np.float64(0.1234565)
+    assert round_to(x, 6) == round(x, 6) and type(round_to(x, 6)) is type(round(x, 6))
 
 
 def _lifts_of(bandit: CategoryBandit, user: str) -> dict[str, float]:
