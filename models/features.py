@@ -69,12 +69,11 @@ def add_feature(out: Features, name: str, value: Any) -> None:
         v = float(value)
         out[name] = _log1p(v) if v >= 0.0 else -_log1p(-v)
         return
-    if kind is list:  # multi-hot of plain strings (e.g. recent item ids); others below
+    if isinstance(value, list | tuple):  # multi-hot (no list or tuple is also a str or number)
         for s in value:
             if type(s) is str or isinstance(s, str | int) and not isinstance(s, bool):
                 out[f"{name}={s}"] = 1.0
-        return
-    if isinstance(value, str):
+    elif isinstance(value, str):
         out[f"{name}={value}"] = 1.0
     elif isinstance(value, bool):
         out[name] = 1.0 if value else 0.0
@@ -82,10 +81,6 @@ def add_feature(out: Features, name: str, value: Any) -> None:
         v = float(value)
         if math.isfinite(v):
             out[name] = signed_log(v)
-    elif isinstance(value, list | tuple):
-        for s in value:
-            if isinstance(s, str | int) and not isinstance(s, bool):
-                out[f"{name}={s}"] = 1.0
     # None, dicts and other types carry no feature
 
 

@@ -577,12 +577,9 @@ class ProfileStore:
                 else:
                     fs.insert(bisect.bisect_right(fs, ts, RAW, key=TS), (ts, v))
                 d = ts - ts % g0 + g0 + raw_ms  # Tiers.raw_due(ts)
-                if d < due[f]:  # ``p.set_due(f, d)`` without its call (a write's usual path)
-                    lowered = list(due)
-                    lowered[f] = d
-                    due = p.due = tuple(lowered)
-                    if d < p.due_min:
-                        p.due_min = d
+                if d < due[f]:
+                    p.set_due(f, d)
+                    due = p.due
                 if c is not None:
                     if incremental[f]:
                         cache_add(c, f, ts, v)
