@@ -574,9 +574,10 @@ def test_a_feature_without_slices_holds_no_list() -> None:
     assert ProfileStore.restore(store.snapshot()).query("u1") == store.query("u1")
 
 def test_a_hot_profiles_memo_is_one_list() -> None:
-    """A hot profile's memoised outputs are one list (``OutputCache.v``: a block per
-    field), not one list per field: the memo lives as long as the profile, and every
-    list is a container the collector scans. Its answers equal a restored store's."""
+    """A hot profile's memoised outputs are one list (``Profile.memo``: a block per
+    field), not one list per field, kept on the profile (no object of their own): the
+    memo lives as long as the profile, and every list or object is a container the
+    collector scans. Its answers equal a restored store's."""
     import gc
 
     store = ProfileStore(default_features("user"), "user")
