@@ -159,10 +159,12 @@ class ColumnScorer:
         """Static terms of items outside every loaded table, by item id."""
         self._fixed: dict[int, tuple[FixedFeatures, float]] = {}
         """``_sum`` of each ``FixedFeatures`` object (kept, so its id stays its own)."""
-        self._attr_memo: dict[tuple[Any, ...], tuple[float, frozenset[str]]] = {}
+        self._attr_memo: dict[tuple[Any, ...], tuple[float, tuple[str, ...]]] = {}
         """``_sum`` and keys of the ``i:<attr>`` features of catalog attributes, by their
-        content ((name, type, value) in dict order; ``_StaticRows._attr_terms``): one
-        sum per distinct set of attributes for every user shard's slots."""
+        content (names, types, values in dict order; ``_StaticRows._attr_terms``): one
+        sum per distinct set of attributes for every user shard's slots. The keys are a
+        tuple, not a frozenset: kept for the memo's life, a tuple of strings is untracked
+        by the collector (a set never is)."""
 
     def predict(self, user_id: str, ts_ms: int, context: dict[str, Any] | None,
                 position: int | None, user_extra: dict[str, Any] | None,
@@ -289,22 +291,24 @@ class ColumnScorer:
             return s
         return s + sum(w * v for name, v in part.items() if (w := get(name)) is not None)
 
-    def _attr_term(self, attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
+    def _attr_term(self, attrs: dict[str, Any] | None) -> tuple[float, tuple[str, ...]]:
         """(``_sum``, keys) of the ``i:<attr>`` features of catalog attributes
         (``static_item_features`` without a table), kept by the attributes' content:
-        (name, type, value) in dict order, so 1, 1.0 and True are apart and the sum adds
-        in the same order; attributes with an unhashable value are summed each time."""
+        names, types and values in dict order, so 1, 1.0 and True are apart and the sum
+        adds in the same order; attributes with an unhashable value are summed each time.
+        The key is one flat tuple (n names, n types, n values), not a tuple of n triples:
+        a collection untracks it at once, not one level per collection."""
         key = None
         if attrs:
             try:
-                key = tuple([(k, type(v), v) for k, v in attrs.items()])
+                key = (*attrs, *map(type, attrs.values()), *attrs.values())
                 hit = self._attr_memo.get(key)
             except TypeError:  # a list value: no memo
                 key = hit = None
             if hit is not None:
                 return hit
         extra = static_item_features("", None, attrs)
-        found = (self._sum(extra) if extra else 0.0, frozenset(extra))
+        found = (self._sum(extra) if extra else 0.0, tuple(extra))  # untracked: str atoms
         if key is not None:
             if len(self._attr_memo) >= MAX_ATTR_MEMO:
                 self._attr_memo.clear()
@@ -368,7 +372,7 @@ class _StaticRows:
         """The attributes give ``i:category`` (the table's category does not count)."""
         self.attrs = np.zeros(0, object)
         self.attr_keys = np.zeros(0, object)
-        """The ``i:<attr>`` keys of each slot's attributes (frozenset)."""
+        """The ``i:<attr>`` keys of each slot's attributes (a tuple of names)."""
         self.cat_w = np.zeros(1)
         """``i:category=<name>`` weight per category code of the ``ItemRows`` (0: none)."""
         self.keys: set[str] = set()

@@ -856,21 +856,34 @@ class PointInTime:
         self._frozen_fresh = self._frozen_trust
         return frozen
 
-    def _cross(self, user_id: str, cache: dict[tuple[str, str], dict[str, Any]],
+    def _cross(self, user_id: str, cache: dict[tuple[str, str], list[dict[str, Any]]],
                attrs: dict[str, Any] | None, ts_ms: int | None) -> list[dict[str, Any]]:
         """The user x item-attribute profile features of an item with ``attrs`` (one dict
         per ``user_x_<attr>`` profile whose attribute value is a string), memoised in
-        ``cache`` by (attribute, value) (per request group, or per call)."""
-        out: list[dict[str, Any]] = []
+        ``cache`` by (attribute, value) (per request group, or per call) as a one-dict
+        list: with one such profile that list is the answer, shared by the group's items
+        of that value (never written; a deferred token holds it for minutes: one tracked
+        list per value instead of one per impression)."""
         if not attrs:
-            return out
-        for attr, store in self._crosses:
+            return []
+        crosses = self._crosses
+        if len(crosses) == 1:
+            attr, store = crosses[0]
+            value = attrs.get(attr)
+            if not isinstance(value, str):
+                return []
+            hit = cache.get((attr, value))
+            if hit is None:
+                hit = cache[(attr, value)] = [self._cross_query(user_id, store, value, ts_ms)]
+            return hit
+        out: list[dict[str, Any]] = []
+        for attr, store in crosses:
             value = attrs.get(attr)
             if isinstance(value, str):
-                feats = cache.get((attr, value))
-                if feats is None:
-                    feats = cache[(attr, value)] = self._cross_query(user_id, store, value, ts_ms)
-                out.append(feats)
+                hit = cache.get((attr, value))
+                if hit is None:
+                    hit = cache[(attr, value)] = [self._cross_query(user_id, store, value, ts_ms)]
+                out += hit
         return out
 
     @staticmethod
@@ -1046,7 +1059,7 @@ class PointInTime:
             user_id = ctx.user_id
             return ItemColumns(item_ids, numeric, tables, attrs, None, rows, space, slots,
                                cross_query=lambda: self._cross_codes(user_id, coded, ts_ms))
-        cache: dict[tuple[str, str], dict[str, Any]] = {}
+        cache: dict[tuple[str, str], list[dict[str, Any]]] = {}
         cross = ([self._cross(ctx.user_id, cache, a, ts_ms) for a in attrs] if self._crosses
                  else [[] for _ in item_ids])
         return ItemColumns(item_ids, numeric, tables, attrs, cross)
@@ -1186,7 +1199,7 @@ class _Shared:
         self.group = group
         self.ts = ts
         self.ctx = ctx
-        self.crosses: dict[tuple[str, str], dict[str, Any]] = {}
+        self.crosses: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
 
 class _Taken:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,9 +105,12 @@ class ScorerDuel:
     1 - 1/window per organic outcome."""
     decayed_clicks: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """The same for clicks on interleaved lists."""
-    pending: OrderedDict[str, tuple[frozenset[str], frozenset[str]]] = field(
+    pending: OrderedDict[str, tuple[Collection[str], Collection[str]]] = field(
         default_factory=OrderedDict)
-    """User -> (ranker top k, challenger top k) of the user's latest scored request."""
+    """User -> (ranker top k, challenger top k) of the user's latest scored request, read
+    by membership only: tuples of item ids, which a collection untracks (kept for up to
+    ``max_users`` users; a frozenset stays tracked). Recovery state of earlier versions
+    holds frozensets: read alike."""
     teams: OrderedDict[str, dict[str, int]] = field(default_factory=OrderedDict)
     """User -> item -> team of the user's latest interleaved list (items not clicked yet)."""
 
@@ -123,7 +126,7 @@ class ScorerDuel:
     def record(self, user_id: str, ranker_top: list[str], retrieval_top: list[str]) -> None:
         """Remember both top lists of the user's request (replaces an older one)."""
         self.pending.pop(user_id, None)
-        self.pending[user_id] = (frozenset(ranker_top), frozenset(retrieval_top))
+        self.pending[user_id] = (tuple(ranker_top), tuple(retrieval_top))
         if len(self.pending) > self.max_users:
             self.pending.popitem(last=False)
 

@@ -41,7 +41,8 @@ adds one tracked list fewer to the young generations (``bench/gc_census.py``).""
 class Profile:
     """Decoded profile. ``feats[f]`` is None or ``[slices, tail, tail_end, *raw]``."""
 
-    __slots__ = ("max_ts", "cf", "feats", "dirty", "blob", "cache", "due", "due_min")
+    __slots__ = ("max_ts", "cf", "feats", "dirty", "blob", "due", "due_min",
+                 "memo", "out", "hi", "lo_max")
 
     def __init__(self, n_feats: int, due: int = FAR) -> None:
         self.max_ts: int | None = None  # newest event ts of this entity (ms)
@@ -49,12 +50,19 @@ class Profile:
         self.feats: list[Any] = [None] * n_feats
         self.dirty = True
         self.blob: bytes | None = None  # the encoded profile while not dirty
-        self.cache: Any = None  # the store's memoised outputs (state.profiles.OutputCache)
         # per feature: the watermark at which its layout next needs compaction work
         # (not persisted: a decoded profile starts at -FAR = "check everything"); a tuple
         # of ints, replaced (``set_due``), never mutated: the collector untracks it
         self.due: tuple[int, ...] = (due,) * n_feats
         self.due_min = due
+        # the store's memoised outputs (``state.profiles.blank_memo``), kept here rather
+        # than in an object of their own (one tracked object fewer per hot profile read):
+        # per output a block of values (None until the first read), the finished
+        # outputs, and the query times (ms) between which every output holds
+        self.memo: list[Any] | None = None
+        self.out: Any = None  # dict[str, Any] once memo is set
+        self.hi = 0
+        self.lo_max = FAR
 
     def set_due(self, f: int, d: int) -> None:
         """Feature f's layout next needs work at watermark ``d`` (ms; ``due_min`` lowered

@@ -22,11 +22,43 @@ so a pass touches only features due.
 from __future__ import annotations
 
 import bisect
+import gc
 from typing import Any
 
 from state.aggregates import TS
 from state.profile_codec import NO_SLICES, RAW, SLICES, TAIL, TAIL_END, Profile
 from state.profile_plan import FAR, ProfileParams, ProfilePlan
+
+YOUNG_ACCS_LIMIT = 1 << 17
+"""At most this many accumulators held by ``hold_young`` (more only with the collector
+off: then they are let go)."""
+_YOUNG_ACCS: list[Any] = []
+"""Tuple accumulators of the slices made since the last garbage collection, referenced
+from here too (``hold_young``); emptied after every collection (``_release_young``)."""
+
+
+def hold_young(accs: list[tuple[Any, ...]]) -> None:
+    """Reference the tuple accumulators ``accs`` of new slices from ``_YOUNG_ACCS`` until
+    the next collection, so the first young collection untracks both. A new slice ``(start,
+    end, acc)`` holding a new tuple ``acc`` reachable only through it is otherwise
+    untracked one collection late (and scanned once more in generation 1): the collector
+    moves such an ``acc`` behind its slice in the young list and checks the slice first,
+    while ``acc`` is still tracked. Referenced from this older list, ``acc`` keeps its
+    place before the slice (it was made first) and is untracked first. Values and order
+    are untouched: the list only holds references."""
+    young = _YOUNG_ACCS
+    if len(young) >= YOUNG_ACCS_LIMIT:
+        young.clear()
+    young += accs
+
+
+def _release_young(phase: str, info: dict[str, int]) -> None:
+    """``gc.callbacks`` hook: after a collection the held accumulators are let go."""
+    if phase == "stop":
+        _YOUNG_ACCS.clear()
+
+
+gc.callbacks.append(_release_young)
 
 
 def _neg_gran(s: list[Any]) -> int:
@@ -134,6 +166,8 @@ class Tiers:
                     else:
                         folded.append((start, start + g0, agg.add(None, ts, v, start + g0)))
                 del fs[RAW:RAW + n]
+                if type(folded[0][2]) is tuple:  # mean, last, distinct count
+                    hold_young([s[2] for s in folded])
                 if not slices:  # NO_SLICES
                     slices = fs[SLICES] = folded[:]
                     appended = folded

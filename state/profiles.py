@@ -77,18 +77,17 @@ appended by compaction are folded into it (``_extend``)."""
 
 
 def cache_offsets(n: int) -> tuple[int, int, int, int, int, int, int, int]:
-    """Where the blocks of ``OutputCache.v`` of ``n`` outputs start: acc, ref, lo, exp,
+    """Where the blocks of ``Profile.memo`` of ``n`` outputs start: acc, ref, lo, exp,
     sacc, sref, slo, sexp (output j's lo is ``v[lo + j]``; acc's block starts at 0)."""
     return 0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n
 
 
 def blank_memo(n: int) -> list[Any]:
-    """``OutputCache.v`` of ``n`` outputs, none valid (lo = slo = FAR)."""
-    return [None] * n + [0] * n + [FAR] * n + [0] * n + [None] * n + [0] * n + [FAR] * n + [0] * n
+    """``Profile.memo`` of ``n`` outputs, none valid (lo = slo = FAR).
 
-
-class OutputCache:
-    """Memoised outputs of one hot profile. Output j is valid for T in [lo[j], exp[j]).
+    A hot profile's memoised outputs (``Profile.memo``, ``out``, ``hi``, ``lo_max``; kept
+    on the profile itself, not in an object of their own: one tracked object fewer per
+    hot profile read). Output j is valid for T in [lo[j], exp[j]).
 
     A window's value is ``merge(slice part, raw part)``: the slice part (slices + tail,
     ``sacc`` referenced at ``sref``, valid for T in [slo, sexp)) survives writes to the
@@ -100,21 +99,12 @@ class OutputCache:
     arithmetic are updated in place, a write invalidates the others' raw part.
 
     The per-output values (``acc``, ``ref``, ``lo``, ``exp``, ``sacc``, ``sref``,
-    ``slo``, ``sexp``; times in ms) are the blocks of one list ``v`` (``cache_offsets``):
-    a cache is made for every profile read after it is created or decoded and lives as
+    ``slo``, ``sexp``; times in ms) are the blocks of one list (``cache_offsets``):
+    a memo is made for every profile read after it is created or decoded and lives as
     long, and one list instead of eight is seven containers fewer for the collector to
     scan (``bench/gc_census.py``).
     """
-
-    __slots__ = ("v", "out", "hi", "lo_max")
-
-    def __init__(self, blank: list[Any], out: dict[str, Any]) -> None:
-        """``blank``: ``blank_memo(n)`` of the store's n outputs (copied)."""
-        self.v = blank.copy()
-        """acc, ref, lo, exp, sacc, sref, slo, sexp: n values each (``cache_offsets``)."""
-        self.out = out
-        self.hi = 0
-        self.lo_max = FAR
+    return [None] * n + [0] * n + [FAR] * n + [0] * n + [None] * n + [0] * n + [FAR] * n + [0] * n
 
 
 class ProfileStore:
@@ -152,7 +142,7 @@ class ProfileStore:
             "evicted"), 0)
         self._tiers = Tiers(self.plan, self.params, self.counters)
         self._at = cache_offsets(len(self.plan.out_names))
-        """Where each field's block of an ``OutputCache.v`` starts."""
+        """Where each field's block of a ``Profile.memo`` starts."""
         self._blank_memo = blank_memo(len(self.plan.out_names))
         self._table = HotCold(len(self.specs), self.params.hot_limit, self.params.compress_level,
                               self.params.max_entities, self.counters)
@@ -424,14 +414,13 @@ class ProfileStore:
         computed from the parts; counted in ``counters``."""
         plan = self.plan
         if p.max_ts is None or t > p.max_ts:
-            c = p.cache
-            if c is None or not (c.lo_max <= t < c.hi):
+            if p.memo is None or not (p.lo_max <= t < p.hi):
                 self.counters["cache_refreshes"] += 1
-                c = self._refresh(p, t)
+                self._refresh(p, t)
             else:
                 self.counters["cache_hits"] += 1
-            out = c.out.copy()
-            v, at_ref = c.v, self._at[1]
+            out = p.out.copy()
+            v, at_ref = p.memo, self._at[1]
             for j, name, hl in plan.decay_outs:
                 acc = v[j]  # acc: the first block
                 if acc is not None:
@@ -552,7 +541,7 @@ class ProfileStore:
         g0 = params.tiers[0][0]
         cf = (max_ts - params.lateness_ms) // g0 * g0
         tiers = self._tiers
-        c = p.cache
+        c = p if p.memo is not None else None  # the memo's fields live on the profile
         if cf != p.cf:
             p.cf = cf
             changed = tiers.compact(p) if cf >= p.due_min else ()
@@ -584,7 +573,7 @@ class ProfileStore:
                     if incremental[f]:
                         cache_add(c, f, ts, v)
                     else:  # its combined values forgotten, the slice parts kept
-                        cv, at_lo = c.v, self._at[2]
+                        cv, at_lo = c.memo, self._at[2]
                         for j in plan.feat_outs[f]:
                             cv[at_lo + j] = FAR
                         c.lo_max = FAR
@@ -597,15 +586,15 @@ class ProfileStore:
         p.dirty = True
         p.blob = None
 
-    def _invalidate(self, c: OutputCache, f: int) -> None:
-        """Forget feature f's memoised values (its slices changed)."""
-        v, at_lo, at_slo = c.v, self._at[2], self._at[6]
+    def _invalidate(self, c: Profile, f: int) -> None:
+        """Forget feature f's memoised values (its slices changed; ``c.memo`` is set)."""
+        v, at_lo, at_slo = c.memo, self._at[2], self._at[6]
         for j in self.plan.feat_outs[f]:
             v[at_lo + j] = FAR
             v[at_slo + j] = FAR
         c.lo_max = FAR
 
-    def _extend(self, c: OutputCache, f: int, appended: list[Any]) -> None:
+    def _extend(self, c: Profile, f: int, appended: list[Any]) -> None:
         """Fold slices that compaction appended after feature f's others (its raw events
         folded) into f's memoised slice parts (count / distinct count only: the value a
         recomputation gives). A window's part then holds while its own slices stay
@@ -619,7 +608,7 @@ class ProfileStore:
         first, last = appended[0][1], appended[-1][1]
         first_start = appended[0][0]
         accs = [s[2] for s in appended]  # never None: a folded slice holds an event
-        v, out_w = c.v, plan.out_w
+        v, out_w = c.memo, plan.out_w
         _, _, at_lo, at_exp, at_sacc, _, at_slo, at_sexp = self._at
         for j in plan.feat_outs[f]:
             w = out_w[j]
@@ -768,24 +757,25 @@ class ProfileStore:
                     out[plan.out_names[j]] = agg.out(acc, t, t)
         return out
 
-    def _refresh(self, p: Profile, t: int) -> OutputCache:
-        """Recompute the outputs not valid at t (t > max_ts); returns the cache.
+    def _refresh(self, p: Profile, t: int) -> None:
+        """Recompute the outputs not valid at t (t > max_ts) in ``p``'s memo (made now
+        if it has none).
 
         Decayed parts are referenced at the newest time of their own layout (newest slice
         end / newest raw ts + 1), so a memoised value never depends on when it was
         computed."""
         plan = self.plan
         _, at_ref, at_lo, at_exp, at_sacc, at_sref, at_slo, at_sexp = self._at
-        c = p.cache
-        if c is None:  # every output invalid (lo = FAR): every feature with one
-            c = p.cache = OutputCache(self._blank_memo, plan.empty_outputs())
+        v = p.memo
+        if v is None:  # every output invalid (lo = FAR): every feature with one
+            v = p.memo = self._blank_memo.copy()
+            p.out = plan.empty_outputs()
             stale = sorted(set(plan.out_feat))
         else:
-            stale = sorted({f for f, lo_j, exp_j in zip(plan.out_feat, c.v[at_lo:at_exp],
-                                                        c.v[at_exp:at_sacc], strict=True)
+            stale = sorted({f for f, lo_j, exp_j in zip(plan.out_feat, v[at_lo:at_exp],
+                                                        v[at_exp:at_sacc], strict=True)
                             if not lo_j <= t < exp_j})
-        v = c.v
-        out, names = c.out, plan.out_names
+        out, names = p.out, plan.out_names
         for f in stale:
             fs = p.feats[f]
             agg = plan.aggs[f]
@@ -827,17 +817,16 @@ class ProfileStore:
                     out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 else:
                     out[name] = agg.out(acc, rref, rref)
-        c.hi = min(v[at_exp:at_sacc])
-        c.lo_max = max(v[at_lo:at_exp])
-        return c
+        p.hi = min(v[at_exp:at_sacc])
+        p.lo_max = max(v[at_lo:at_exp])
 
-    def _cache_add(self, c: OutputCache, f: int, ts: int, v: Any) -> None:
+    def _cache_add(self, c: Profile, f: int, ts: int, v: Any) -> None:
         """Fold a new raw event into the memoised outputs of an order-free feature f."""
         plan = self.plan
         agg = plan.aggs[f]
         kind = type(agg)
         t1 = ts + 1
-        cv, out, out_w, names = c.v, c.out, plan.out_w, plan.out_names
+        cv, out, out_w, names = c.memo, c.out, plan.out_w, plan.out_names
         at_lo, at_exp = self._at[2], self._at[3]
         hi, lo_max = c.hi, c.lo_max
         for j in plan.feat_outs[f]:

@@ -144,3 +144,35 @@ def test_member_mask_is_each_items_membership() -> None:
         assert mask.dtype == np.bool_
         assert mask.tolist() == [i in container for i in items]
     assert member_mask({"a"}, []).tolist() == []
+
+
+def test_cross_values_of_one_profile_are_one_shared_list_per_value() -> None:
+    """With one user x attribute profile, ``_cross`` gives the items of one attribute
+    value (per request group's cache) one shared list (a deferred token holds it for
+    minutes: one tracked list per value, not per impression); with two, a fresh list of
+    both stores' values in order. Either holds what ``_cross_query`` answers."""
+    from state.feature_spec import default_features
+    from state.profiles import stores_for
+
+    stores = stores_for(default_features(), batch_size=1_000_000)
+    cross = stores["user_x_category"]
+    cross.apply({"type": "feedback", "action": "click", "user_id": "u1", "item_id": "a",
+                 "ts": T0 - 5_000}, lambda item: {"category": "drama"})
+    query = PointInTime._cross_query
+    context = PointInTime(profiles=stores)
+    cache: dict = {}
+    drama = context._cross("u1", cache, {"category": "drama"}, T0)
+    assert drama == [query("u1", cross, "drama", T0)]
+    assert drama[0]["user_x_category.clicks.1h"] == 1.0
+    assert context._cross("u1", cache, {"category": "drama", "size": 2}, T0) is drama
+    comedy = context._cross("u1", cache, {"category": "comedy"}, T0)
+    assert comedy == [query("u1", cross, "comedy", T0)] and comedy is not drama
+    assert context._cross("u1", cache, {"size": 2}, T0) == []
+    assert context._cross("u1", cache, None, T0) == []
+    two = PointInTime(profiles={**stores, "user_x_brand": cross})
+    assert two.cross_attrs() == ("category", "brand")
+    cache = {}
+    both = two._cross("u1", cache, {"category": "drama", "brand": "comedy"}, T0)
+    assert both == [query("u1", cross, "drama", T0), query("u1", cross, "comedy", T0)]
+    assert two._cross("u1", cache, {"category": "drama", "brand": "comedy"}, T0) is not both
+    assert two._cross("u1", cache, {"brand": "drama"}, T0) == [drama[0]]

@@ -536,6 +536,34 @@ def test_raw_events_and_slices_are_tuples_the_collector_untracks() -> None:
     assert raws > 100 and slices > 100
 
 
+def test_new_slices_are_untracked_by_the_first_young_collection() -> None:
+    """Slices that compaction folds from raw events holding a new tuple accumulator (a
+    distinct count's sketch, a last, a mean) are untracked by the first young collection
+    after them (``profile_tiers.hold_young``), not one collection later: they never
+    reach generation 1."""
+    import gc
+
+    store = ProfileStore(default_features("user"), "user")
+    ts = BASE
+
+    def feed(n: int) -> None:
+        nonlocal ts
+        for i in range(n):
+            ts += 20 * SEC
+            store.apply({"ts": ts, "user_id": "u1", "type": "feedback", "action": "click",
+                         "item_id": f"it{i % 7}", "value": 1.0})
+        store.flush()
+    feed(40)
+    gc.collect()  # what exists now is old: only the next slices are young
+    p = store._table.hot[store.key_of("u1")]
+    before = {id(s) for fs in p.feats if fs is not None for s in fs[SLICES]}
+    feed(40)
+    gc.collect(0)
+    new = [s for fs in p.feats if fs is not None for s in fs[SLICES] if id(s) not in before]
+    assert sum(type(s[2]) is tuple for s in new) > 20  # sketches and lasts
+    assert not [s for s in new if type(s[2]) is not list and gc.is_tracked(s)]
+
+
 def test_a_feature_without_slices_holds_no_list() -> None:
     """A feature with raw events only holds ``NO_SLICES`` (the empty tuple, untracked),
     not an empty list: a list once compaction or a late event makes a slice, and
@@ -574,9 +602,10 @@ def test_a_feature_without_slices_holds_no_list() -> None:
     assert ProfileStore.restore(store.snapshot()).query("u1") == store.query("u1")
 
 def test_a_hot_profiles_memo_is_one_list() -> None:
-    """A hot profile's memoised outputs are one list (``OutputCache.v``: a block per
-    field), not one list per field: the memo lives as long as the profile, and every
-    list is a container the collector scans. Its answers equal a restored store's."""
+    """A hot profile's memoised outputs are one list (``Profile.memo``: a block per
+    field), not one list per field, kept on the profile (no object of their own): the
+    memo lives as long as the profile, and every list or object is a container the
+    collector scans. Its answers equal a restored store's."""
     import gc
 
     store = ProfileStore(default_features("user"), "user")
@@ -592,8 +621,11 @@ def test_a_hot_profiles_memo_is_one_list() -> None:
             store.query("u1")
     answer = store.query("u1")
     p = store._table.hot[store.key_of("u1")]
-    lists = [o for o in gc.get_referents(p.cache) if type(o) is list]
+    refs = gc.get_referents(p)
+    lists = [o for o in refs if type(o) is list and o is not p.feats]
     assert len(lists) == 1 and len(lists[0]) == 8 * len(store.plan.out_names)
+    held = [o for o in refs if type(o) in (list, dict) or type(o).__module__.startswith("state")]
+    assert sorted(type(o).__name__ for o in held) == ["dict", "list", "list"]  # out, feats, memo
     assert ProfileStore.restore(store.snapshot()).query("u1") == answer
 
 

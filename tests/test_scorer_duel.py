@@ -93,6 +93,26 @@ def test_only_the_latest_request_and_first_positive_count() -> None:
     assert list(duel.pending) == ["b", "c"]  # bounded: the oldest user forgotten
 
 
+def test_recorded_lists_are_untracked_and_older_frozensets_still_match() -> None:
+    """A recorded request's two top lists are tuples the collector untracks (kept for up
+    to ``max_users`` users); recovery state of an earlier version (frozensets) scores an
+    outcome alike."""
+    import gc
+    import pickle
+
+    duel = ScorerDuel()
+    duel.record("u", ["a", "b"], ["b", "c"])
+    gc.collect()
+    gc.collect()  # a tuple holding a new tuple: untracked one collection later
+    assert not gc.is_tracked(duel.pending["u"])
+    old = pickle.loads(pickle.dumps(duel))
+    old.pending["u"] = (frozenset(["a", "b"]), frozenset(["b", "c"]))
+    for d in (duel, old):
+        d.outcome("u", "c")
+    assert (duel.outcomes, duel.hits_ranker, duel.hits_retrieval) == (1, 0, 1)
+    assert (old.outcomes, old.hits_ranker, old.hits_retrieval) == (1, 0, 1)
+
+
 def test_unknown_scorer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="serving.scorer"):
         Server(ServingConfig(scorer="best"), PointInTime(views=object(), item_shard_of=str))  # type: ignore[arg-type]

@@ -301,7 +301,11 @@ def test_recommend_is_the_same_with_and_without_the_fast_scorer(
 def test_attribute_terms_kept_by_content_equal_the_sums() -> None:
     """``ColumnScorer._attr_term`` keeps the static term of catalog attributes by their
     content: equal dicts (other objects) share it; 1, 1.0 and True, key order and list
-    values (not kept) each give the term summed from their own features."""
+    values (not kept) each give the term summed from their own features. What is kept
+    holds no container the collector keeps tracking (a key is untracked at the first
+    collection, the (sum, names) pair at the second; a set never is)."""
+    import gc
+
     from operators.linear_scorer import ColumnScorer, LinearScorer
     from operators.point_in_time import static_item_features
 
@@ -311,9 +315,9 @@ def test_attribute_terms_kept_by_content_equal_the_sums() -> None:
     scorer.intercept, scorer.rate, scorer.n_learned = 0.0, 1.0, 0
     columns = ColumnScorer(scorer)
 
-    def summed(attrs: dict[str, Any] | None) -> tuple[float, frozenset[str]]:
+    def summed(attrs: dict[str, Any] | None) -> tuple[float, tuple[str, ...]]:
         extra = static_item_features("", None, attrs)
-        return (columns._sum(extra) if extra else 0.0), frozenset(extra)
+        return (columns._sum(extra) if extra else 0.0), tuple(extra)
 
     cases = [None, {}, {"category": "drama", "available": True},
              {"category": "drama", "size": 1}, {"category": "drama", "size": 1.0},
@@ -327,6 +331,10 @@ def test_attribute_terms_kept_by_content_equal_the_sums() -> None:
     assert columns._attr_term({"category": "drama", "size": 1})[0] != columns._attr_term(
         {"category": "drama", "size": True})[0]
     assert len(columns._attr_memo) == 6  # the hashable non-empty ones
+    gc.collect()
+    assert not any(gc.is_tracked(key) for key in columns._attr_memo)
+    gc.collect()
+    assert not any(gc.is_tracked(kept) for kept in columns._attr_memo.values())
 
 
 def test_column_sum_of_zero_and_none_values_is_the_feature_dicts_sum() -> None:
