@@ -36,11 +36,8 @@ _COLUMNS_MAX = 8_192
 (``catalog_columns``, ~1 ms a version); larger ones item by item for the stale candidates
 (a 25k-item catalog's columns took ~9 ms, on the first request after a new table)."""
 _ARRAY_FILL = 32
-"""Stale slots from which ``fill`` reads loaded tables shard by shard as arrays (fewer:
-entry by entry, cheaper than the array calls)."""
-_LOADED_FILL = 16
-"""Stale slots from which ``fill`` reads every loaded table in one gather when it can
-(``_fill_loaded``; timeit: 16 slots 44 against 46 us entry by entry, 32: 49 against 79)."""
+"""Stale slots from which ``fill`` reads loaded tables as arrays (fewer: entry by entry,
+cheaper than the array calls)."""
 
 
 def catalog_columns(table: ItemTable
@@ -379,12 +376,12 @@ class ItemRows:
                 self.shard[s] = self._shard_index(self.item_shard_of(names[r]))
             shard = self.shard[slots]
         names = self.view.names
-        stale_shard = shard[stale]
-        if stale.size >= _LOADED_FILL and self._fill_loaded(
-                slots[stale], [names[r] for r in rows[stale].tolist()], stale_shard):
-            return slots
         if stale.size < _ARRAY_FILL:  # a few new candidates: entry by entry
             self._fill_entries(names, rows[stale].tolist(), slots[stale].tolist())
+            return slots
+        stale_shard = shard[stale]
+        if self._fill_loaded(slots[stale], [names[r] for r in rows[stale].tolist()],
+                             stale_shard):
             return slots
         for k in np.unique(stale_shard).tolist():
             at = stale[stale_shard == k]
