@@ -95,8 +95,10 @@ BYTES: dict[str, float] = {
     "covis_row_neighbor": 90,  # an item shard's live row (state.covisitation.Row): 105
     # measured with a float object per neighbour, 15 B less with the weights in one array
     "covis_written_row": 170,
-    "loaded_table_item": 2_524,  # 2,500 measured, plus serving's per-version slot columns
+    "loaded_table_item": 2_557,  # 2,500 measured, plus serving's per-version slot columns
     # (state/item_rows.py catalog_columns: two counts, a category index, a feature row, 24 B)
+    # and every loaded table's side by side (loaded_columns: those and two catalog
+    # columns, 33 B)
     "index_item": 500,
     "waiting_example": 3_100,
     "ranker_weight": 130,

@@ -67,6 +67,76 @@ def catalog_columns(table: ItemTable
     return found
 
 
+def _as_columns(table: ItemTable) -> bool:
+    """Whether ``ItemRows`` reads ``table``'s catalog items from ``catalog_columns``: a
+    loaded table whose catalog is neither empty nor past ``_COLUMNS_MAX``."""
+    catalog = table.catalog
+    return isinstance(catalog, FrozenCatalog) and 0 < catalog._available.size <= _COLUMNS_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedColumns:
+    """Every loaded table's catalog columns (``catalog_columns``, the catalog's
+    availability and first sightings) side by side, tables in shard-key order."""
+
+    offsets: dict[str, int]
+    """Shard key -> its table's first position."""
+    available: np.ndarray
+    """bool."""
+    first_seen: np.ndarray
+    pop: np.ndarray
+    trend: np.ndarray
+    cat: np.ndarray
+    """The category as an index into ``distinct`` (each table's distinct names in turn)."""
+    distinct: list[str | None]
+    feat: np.ndarray
+    """The item's row in its own table's ``feature_matrix``."""
+
+
+def loaded_columns(tables: list[ItemTable]) -> LoadedColumns:
+    """``LoadedColumns`` of ``tables`` (each read as columns, ``_as_columns``), made once
+    per set of table versions for every user shard of the process (``set_memo``; 33 B
+    an item)."""
+    ordered = sorted(tables, key=lambda t: t.shard)
+
+    def make() -> LoadedColumns:
+        offsets, at, parts, distinct = {}, 0, [], []
+        for t in ordered:
+            pop, trend, names, cat, feat = catalog_columns(t)
+            catalog = t.catalog
+            assert isinstance(catalog, FrozenCatalog)
+            offsets[t.shard] = at
+            at += cat.size
+            parts.append((catalog._available.astype(bool), catalog._first_seen, pop, trend,
+                          cat + len(distinct), feat))
+            distinct.extend(names)
+        if not parts:
+            return LoadedColumns({}, np.ones(0, bool), np.zeros(0, np.int64), np.zeros(0),
+                                 np.zeros(0), np.zeros(0, np.int32), [], np.zeros(0, np.int32))
+        joined = [np.concatenate(column) for column in zip(*parts, strict=True)]
+        return LoadedColumns(offsets, joined[0], joined[1], joined[2], joined[3], joined[4],
+                             distinct, joined[5])
+
+    return set_memo(ordered, "loaded_columns", make)
+
+
+@dataclass(slots=True)
+class _LoadedMemo:
+    """``ItemRows._fill_loaded``'s view of the shards' tables, kept while they are these."""
+
+    table_map: dict[str, ItemTable] | None
+    """The ``ItemRows._map`` it was made for (``sync`` takes a new one)."""
+    n_tables: int
+    columns: LoadedColumns
+    start: np.ndarray
+    """Each shard index's first position in ``columns`` (-1: its table is not read as
+    columns, or none)."""
+    gets: list[Any]
+    """Each shard index's ``catalog._index.get`` (None: as ``start`` -1)."""
+    codes: np.ndarray | None
+    """This space's category code of each of ``columns.distinct`` (None: not yet)."""
+
+
 def dense_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(the distinct codes >= 0 ascending, each element's position among them, -1 for a
     code -1): ``np.unique(codes, return_inverse=True)`` without the -1, by counting
@@ -121,6 +191,7 @@ class ItemRows:
         self._category_code: dict[str | None, int] = {None: 0}
         self._codes_memo: dict[int, tuple[int, np.ndarray]] = {}
         """``_table_codes`` by shard index: (the table's generation, its names' codes)."""
+        self._loaded: _LoadedMemo | None = None
         self.attr_values: dict[str, list[str]] = {}
         self._attr_code: dict[str, dict[str, int]] = {}
         self._index: Any = None
@@ -309,6 +380,9 @@ class ItemRows:
             self._fill_entries(names, rows[stale].tolist(), slots[stale].tolist())
             return slots
         stale_shard = shard[stale]
+        if self._fill_loaded(slots[stale], [names[r] for r in rows[stale].tolist()],
+                             stale_shard):
+            return slots
         for k in np.unique(stale_shard).tolist():
             at = stale[stale_shard == k]
             table = self.tables[k]
@@ -388,6 +462,70 @@ class ItemRows:
                 trend[i] = table.trending.get(items[i], 0.0)
         self.pop[slots] = pop
         self.trend[slots] = trend
+
+    def _fill_loaded(self, slots: np.ndarray, items: list[str], shard: np.ndarray) -> bool:
+        """``_fill_frozen`` of every shard's stale slots at once (``slots`` holding
+        ``items``, of shard indices ``shard``): each item looked up in its table's
+        catalog, then one gather from every loaded table's catalog columns side by side
+        (``loaded_columns``), not one set of array calls per shard. False (nothing
+        written) unless every slot's table is a loaded one read as columns and every
+        category name of those tables has a code here (then ``_fill_frozen`` shard by
+        shard codes new names in its order)."""
+        memo = self._loaded_memo()
+        start = memo.start[shard]
+        if (start < 0).any():
+            return False
+        codes = memo.codes if memo.codes is not None else self._loaded_codes(memo)
+        if codes is None:
+            return False
+        gets = memo.gets
+        j = np.array([gets[k](item, -1) for k, item in zip(shard.tolist(), items, strict=True)],
+                     np.int64)
+        found = j >= 0
+        at = np.where(found, start + j, 0)
+        columns = memo.columns
+        self.entry[slots] = found
+        self.available[slots] = ~found | columns.available[at]
+        self.first_seen[slots] = np.where(found, columns.first_seen[at], 0)
+        self.feat_row[slots] = np.where(found, columns.feat[at], -1)  # -1: looked up when read
+        self.category[slots] = np.where(found, codes[columns.cat[at]], 0)
+        pop, trend = columns.pop[at], columns.trend[at]  # copies
+        if not found.all():  # items without a catalog entry may still have counts
+            tables = self.tables
+            for i in (~found).nonzero()[0].tolist():
+                table = tables[int(shard[i])]
+                pop[i] = table.popular.get(items[i], 0.0)
+                trend[i] = table.trending.get(items[i], 0.0)
+        self.pop[slots] = pop
+        self.trend[slots] = trend
+        self.gen[slots] = self.shard_gen[shard]
+        return True
+
+    def _loaded_memo(self) -> _LoadedMemo:
+        """``_fill_loaded``'s view of the shards' current tables (kept while they are
+        these: ``sync`` takes a new map for any new table)."""
+        memo = self._loaded
+        tables = self.tables
+        if memo is not None and memo.table_map is self._map and memo.n_tables == len(tables):
+            return memo
+        read = [t for t in tables if t is not None and _as_columns(t)]
+        columns = loaded_columns(read)
+        start = np.array([columns.offsets[t.shard] if t is not None and _as_columns(t)
+                          else -1 for t in tables], np.int64)
+        gets = [t.catalog._index.get if t is not None and _as_columns(t) else None
+                for t in tables]
+        memo = self._loaded = _LoadedMemo(self._map, len(tables), columns, start, gets, None)
+        return memo
+
+    def _loaded_codes(self, memo: _LoadedMemo) -> np.ndarray | None:
+        """This space's code of each of ``memo.columns.distinct`` (kept in the memo once
+        every name has one); None while a name has none."""
+        get = self._category_code.get
+        known = [get(name) for name in memo.columns.distinct]
+        if None in known:
+            return None
+        memo.codes = np.asarray(known, np.int32)
+        return memo.codes
 
     def _named_codes(self, catalog: FrozenCatalog, j: np.ndarray, found: np.ndarray
                      ) -> list[int]:

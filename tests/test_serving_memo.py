@@ -346,3 +346,57 @@ def test_loaded_table_values_are_the_dict_lookups(tmp_path: Path, columns_max: i
         index = loaded.feature_matrix()[0]
         assert space.feature_rows(slots, rows).tolist() == [index.get(i, len(index))
                                                             for i in items]
+
+
+@pytest.mark.parametrize("in_process", [None, "s2"])
+def test_loaded_tables_read_at_once_equal_shard_by_shard(tmp_path: Path, in_process: str | None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stale slots of several shards' loaded tables read in one gather (``_fill_loaded``,
+    ``loaded_columns``) hold what the shard-by-shard reads (``_fill_frozen``) give: the
+    same values and category codes, items without an entry keeping their counts; a shard
+    whose table is built in process sends every shard's slots the shard-by-shard way."""
+    items = [f"x{j}" for j in range(120)]
+    merged = ItemRows(CovisView(), lambda item: f"s{int(item[1:]) % 3}")
+    alone = ItemRows(CovisView(), lambda item: f"s{int(item[1:]) % 3}")
+    at_once = []
+    fill_loaded = ItemRows._fill_loaded
+
+    def counted(self: ItemRows, *args: Any) -> bool:
+        done = fill_loaded(self, *args)
+        at_once.append(done)
+        return done
+
+    monkeypatch.setattr(ItemRows, "_fill_loaded", counted)
+    alone._fill_loaded = lambda *args: False  # type: ignore[method-assign]
+    for version in range(3):
+        tables = {}
+        for s in range(3):
+            mine = [i for j, i in enumerate(items) if j % 3 == s]
+            catalog = {i: CatalogEntry(["", "a", "b" if version < 2 else "d", f"c{s}"][j % 4]
+                                       or None, j % 5 != version, T0 - j)
+                       for j, i in enumerate(mine) if j % 7}
+            t = ItemTable(f"s{s}", T0 + version, CoVisitation(CoVisConfig()),
+                          popular={i: float(j + version + s) for j, i in enumerate(mine) if j % 2},
+                          trending={i: float(j * version) for j, i in enumerate(mine) if j % 6},
+                          catalog=catalog,
+                          features={i: {"item.clicks.1d": float(j + version)}
+                                    for j, i in enumerate(mine) if (j + version) % 4})
+            if f"s{s}" != in_process:
+                t.save(tmp_path / f"c{version}{s}.npz")
+                t = ItemTable.load(tmp_path / f"c{version}{s}.npz")
+            tables[f"s{s}"] = t
+        got = []
+        for space in (merged, alone):
+            space.sync(dict(tables))
+            rows = space.rows(items)
+            slots = space.fill(rows)
+            got.append((space.entry[slots].tolist(), space.available[slots].tolist(),
+                         space.category[slots].tolist(), space.first_seen[slots].tolist(),
+                         space.pop[slots].tolist(), space.trend[slots].tolist(),
+                         space.feature_rows(slots, rows).tolist(), list(space.categories)))
+        assert got[0] == got[1]
+        want_pop = [tables[f"s{int(i[1:]) % 3}"].popular.get(i, 0.0) for i in items]
+        assert got[0][4] == want_pop
+    # version 0 codes new names shard by shard; version 1 knows every name; version 2
+    # has a new one
+    assert at_once == ([False, True, False] if in_process is None else [False] * 3)
