@@ -184,9 +184,10 @@ def _error_counts(dead: list[Record]) -> tuple[str, Counter[str]]:
     return "errors", Counter(d["stage"].split(" ", 1)[0] for d in dead)
 
 
-def _shard_counts(kv: tuple[str, dict[str, list[Any]]]) -> list[tuple[str, tuple[str, Any]]]:
-    """Metrics items (keyed for the metrics stage) of one user-shard output: outputs,
-    examples by label, serving latencies, the shard's counters, processing errors."""
+def _shard_counts(kv: tuple[str, dict[str, list[Any]]]) -> tuple[str, tuple[str, Any]]:
+    """The metrics item (keyed for the metrics stage) of one user-shard output: its
+    outputs, examples by label, serving latencies, the shard's counters and processing
+    errors as one ``("items", [...])`` (``MetricsState.add`` folds them in order)."""
     out = kv[1]
     items: list[tuple[str, Any]] = [
         ("outputs", {k: len(out[k]) for k in ("examples", "late-labels", "recommendations")
@@ -210,7 +211,7 @@ def _shard_counts(kv: tuple[str, dict[str, list[Any]]]) -> list[tuple[str, tuple
     items.extend(("shard", c) for c in out.get("counters", ()))
     if out.get("dead-letters"):
         items.append(_error_counts(out["dead-letters"]))
-    return [(METRICS_KEY, item) for item in items]
+    return METRICS_KEY, ("items", items)
 
 
 def build(config: str | Path | dict[str, Any] | Config | None = None,
@@ -322,7 +323,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     metric_streams = [
         op.input("metrics_start", flow, OnceSource((METRICS_KEY, ("start", None)))),  # a summary even for empty input
         op.map("count_parse", parsed, lambda p: (METRICS_KEY, _parse_counts(p))),
-        op.flat_map("count_outputs", shard_out, _shard_counts),
+        op.map("count_outputs", shard_out, _shard_counts),
     ]
     stage_files = []  # (output name, records) of the stages after the user shards
     if config.items.enabled:
