@@ -36,7 +36,10 @@ Figures (the last line is JSON):
   flow, then waits for the worker thread, taking the GIL every millisecond to check
   for signals); ``crossing_items_2proc``, ``crossing_bytes_2proc``,
   ``crossing_bytes_per_event_2proc``, ``unpickle_cpu_s_2proc``: the items Bytewax
-  pickled in one process and unpickled in the other; ``startup_s_*`` (first build ->
+  pickled in one process and unpickled in the other; ``dumps_2proc``,
+  ``dumps_bytes_2proc``, ``dumps_cpu_s_2proc``: the pickles made for them (Bytewax
+  pickles a crossing item twice; ``operators.crossing.PickledOnce`` items once);
+  ``startup_s_*`` (first build ->
   the last process's first stage call) and ``shutdown_s_*`` (last stage call -> last
   exit): the parts of the wall figure with no stage work; ``cpu_s_per_process_2proc``;
   ``listen_wait_s_2proc``: per process, the wall seconds it waited after its build for
@@ -200,6 +203,26 @@ def _install_unpickle_counter(received: list[float]) -> None:
     pickle.loads = counted
 
 
+def _install_dumps_counter(sent: list[float]) -> None:
+    """Count what this process pickles into ``sent``: [dumps calls, bytes, thread CPU s].
+    Bytewax pickles an item that crosses to another process twice (timely sizes the
+    message, then writes it); a ``PickledOnce`` item reuses its first pickle the second
+    time (``operators.crossing``)."""
+    import pickle
+
+    dumps = pickle.dumps
+
+    def counted(obj: Any, *args: Any, **kwargs: Any) -> bytes:
+        t0 = time.thread_time_ns()
+        data = dumps(obj, *args, **kwargs)
+        sent[0] += 1
+        sent[1] += len(data)
+        sent[2] += (time.thread_time_ns() - t0) / 1e9
+        return data
+
+    pickle.dumps = counted
+
+
 def _install_gc_timer(gc_ns: list[int]) -> None:
     """Add the wall time of every garbage collection of this process to ``gc_ns[0]``."""
 
@@ -251,7 +274,8 @@ def timed_flow(config: dict[str, Any], stats_path: str, lower: list[str] | None 
     "keys": {stage: [key, ...]}, "first", "last" (epoch s of the first and last stage
     call), "main_cpu_s" (the main thread's CPU: in a cluster process it builds the
     flow, then only waits for the worker thread), "worker_cpu_s", "received": [items,
-    bytes, unpickle CPU s] from other processes, "listen_wait_s"}`` (from the flow's
+    bytes, unpickle CPU s] from other processes, "sent": [dumps calls, bytes, CPU s],
+    "listen_wait_s"}`` (from the flow's
     build, after Python's imports, to exit) to ``stats_path`` (the entry point of the
     worker processes: ``python -m bytewax.run "bench/scaleout.py:timed_flow(...)"``).
     ``lower``: the addresses of the cluster's lower-numbered processes, whose listeners
@@ -263,9 +287,11 @@ def timed_flow(config: dict[str, Any], stats_path: str, lower: list[str] | None 
     gc_ns = [0]
     marks: dict[str, float] = {}
     received = [0, 0, 0.0]
+    sent = [0, 0, 0.0]
     _install_timers(cpu_ns, keys, marks)
     _install_gc_timer(gc_ns)
     _install_unpickle_counter(received)
+    _install_dumps_counter(sent)
     start, wall0, cpu0 = time.time(), time.perf_counter(), time.process_time()
     main0 = time.thread_time()  # bytewax.run builds the flow on the main thread
     waited = 0.0
@@ -280,6 +306,7 @@ def timed_flow(config: dict[str, Any], stats_path: str, lower: list[str] | None 
             "first": marks.get("first", start), "last": marks.get("last", start),
             "main_cpu_s": time.thread_time() - main0,  # atexit runs on the main thread
             "worker_cpu_s": marks.get("worker_cpu_s", 0.0), "received": received,
+            "sent": sent,
             "listen_wait_s": waited}))
 
     atexit.register(dump)
@@ -382,6 +409,9 @@ def cluster_costs(run: dict[str, Any], lines: int) -> dict[str, Any]:
         "crossing_bytes": int(received[1]),
         "crossing_bytes_per_event": round(received[1] / lines, 1),
         "unpickle_cpu_s": round(received[2], 3),
+        "dumps": int(sum(s.get("sent", (0,))[0] for s in stats)),
+        "dumps_bytes": int(sum(s.get("sent", (0, 0))[1] for s in stats)),
+        "dumps_cpu_s": round(sum(s.get("sent", (0, 0, 0.0))[2] for s in stats), 3),
         "startup_s": round(max(s["first"] for s in stats) - min(s["start"] for s in stats), 2),
         "shutdown_s": round(max(s["end"] for s in stats) - max(s["last"] for s in stats), 2),
         "cpu_s_per_process": [round(s["cpu_s"], 2) for s in stats],
