@@ -36,9 +36,16 @@ Figures (the last line is JSON):
   flow, then waits for the worker thread, taking the GIL every millisecond to check
   for signals); ``crossing_items_2proc``, ``crossing_bytes_2proc``,
   ``crossing_bytes_per_event_2proc``, ``unpickle_cpu_s_2proc``: the items Bytewax
-  pickled in one process and unpickled in the other; ``startup_s_*`` (first build ->
+  pickled in one process and unpickled in the other; ``dumps_2proc``,
+  ``dumps_bytes_2proc``, ``dumps_cpu_s_2proc``: the pickles made for them (Bytewax
+  pickles a crossing item twice; ``operators.crossing.PickledOnce`` items once);
+  ``startup_s_*`` (first build ->
   the last process's first stage call) and ``shutdown_s_*`` (last stage call -> last
-  exit): the parts of the wall figure with no stage work; ``cpu_s_per_process_2proc``.
+  exit): the parts of the wall figure with no stage work; ``cpu_s_per_process_2proc``;
+  ``listen_wait_s_2proc``: per process, the wall seconds it waited after its build for
+  the lower-numbered processes to listen (``wait_for_listeners``: without it the higher
+  process often connected first, and timely retries a refused connection after a whole
+  second, ~1 s of a 60,000-event run's ~20).
 * ``load_1min_start``/``load_1min_end``: the machine's load average around the runs.
 
 Correctness across processes is checked in the same run: the replay source has one
@@ -196,6 +203,26 @@ def _install_unpickle_counter(received: list[float]) -> None:
     pickle.loads = counted
 
 
+def _install_dumps_counter(sent: list[float]) -> None:
+    """Count what this process pickles into ``sent``: [dumps calls, bytes, thread CPU s].
+    Bytewax pickles an item that crosses to another process twice (timely sizes the
+    message, then writes it); a ``PickledOnce`` item reuses its first pickle the second
+    time (``operators.crossing``)."""
+    import pickle
+
+    dumps = pickle.dumps
+
+    def counted(obj: Any, *args: Any, **kwargs: Any) -> bytes:
+        t0 = time.thread_time_ns()
+        data = dumps(obj, *args, **kwargs)
+        sent[0] += 1
+        sent[1] += len(data)
+        sent[2] += (time.thread_time_ns() - t0) / 1e9
+        return data
+
+    pickle.dumps = counted
+
+
 def _install_gc_timer(gc_ns: list[int]) -> None:
     """Add the wall time of every garbage collection of this process to ``gc_ns[0]``."""
 
@@ -205,15 +232,54 @@ def _install_gc_timer(gc_ns: list[int]) -> None:
     gc.callbacks.append(gc_pause_hook(add))
 
 
-def timed_flow(config: dict[str, Any], stats_path: str) -> Any:
+def _listening_ports() -> set[int] | None:
+    """The TCP ports with a socket in LISTEN state on this host (Linux ``/proc/net/tcp``
+    and ``tcp6``); None where those files cannot be read."""
+    ports: set[int] = set()
+    read = False
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as fh:
+                lines = fh.readlines()[1:]
+        except OSError:
+            continue
+        read = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports if read else None
+
+
+def wait_for_listeners(addresses: list[str], timeout_s: float = 60.0) -> float:
+    """Wait until every ``host:port`` of ``addresses`` (processes of this host) listens;
+    returns the seconds waited. A cluster process connects to the lower-numbered ones
+    when Bytewax starts it, and timely sleeps a whole second before it retries a refused
+    connection: waiting here, after the flow's build, for the lower processes' listeners
+    (which they open right after their own build) takes their start-up's difference
+    instead of that second. Never connects (timely would take a probe for a peer)."""
+    t0 = time.perf_counter()
+    wanted = {int(a.rsplit(":", 1)[1]) for a in addresses}
+    while wanted and time.perf_counter() - t0 < timeout_s:
+        listening = _listening_ports()
+        if listening is None or wanted <= listening:
+            break
+        time.sleep(0.005)
+    return time.perf_counter() - t0
+
+
+def timed_flow(config: dict[str, Any], stats_path: str, lower: list[str] | None = None) -> Any:
     """The main flow of ``config`` with stage CPU timers; at exit this process writes
     ``{"start", "end" (epoch s), "wall_s", "cpu_s", "gc_s", "stage_cpu_s": {stage: s},
     "keys": {stage: [key, ...]}, "first", "last" (epoch s of the first and last stage
     call), "main_cpu_s" (the main thread's CPU: in a cluster process it builds the
     flow, then only waits for the worker thread), "worker_cpu_s", "received": [items,
-    bytes, unpickle CPU s] from other processes}`` (from the flow's build, after
-    Python's imports, to exit) to ``stats_path`` (the entry point of the worker
-    processes: ``python -m bytewax.run "bench/scaleout.py:timed_flow(...)"``)."""
+    bytes, unpickle CPU s] from other processes, "sent": [dumps calls, bytes, CPU s],
+    "listen_wait_s"}`` (from the flow's
+    build, after Python's imports, to exit) to ``stats_path`` (the entry point of the
+    worker processes: ``python -m bytewax.run "bench/scaleout.py:timed_flow(...)"``).
+    ``lower``: the addresses of the cluster's lower-numbered processes, whose listeners
+    this one waits for after its build (``wait_for_listeners``)."""
     from flows.recsys import build
 
     cpu_ns: dict[str, int] = defaultdict(int)
@@ -221,11 +287,14 @@ def timed_flow(config: dict[str, Any], stats_path: str) -> Any:
     gc_ns = [0]
     marks: dict[str, float] = {}
     received = [0, 0, 0.0]
+    sent = [0, 0, 0.0]
     _install_timers(cpu_ns, keys, marks)
     _install_gc_timer(gc_ns)
     _install_unpickle_counter(received)
+    _install_dumps_counter(sent)
     start, wall0, cpu0 = time.time(), time.perf_counter(), time.process_time()
     main0 = time.thread_time()  # bytewax.run builds the flow on the main thread
+    waited = 0.0
 
     def dump() -> None:
         Path(stats_path).write_bytes(orjson.dumps({
@@ -236,10 +305,14 @@ def timed_flow(config: dict[str, Any], stats_path: str) -> Any:
             "keys": {s: sorted(k) for s, k in keys.items()},
             "first": marks.get("first", start), "last": marks.get("last", start),
             "main_cpu_s": time.thread_time() - main0,  # atexit runs on the main thread
-            "worker_cpu_s": marks.get("worker_cpu_s", 0.0), "received": received}))
+            "worker_cpu_s": marks.get("worker_cpu_s", 0.0), "received": received,
+            "sent": sent,
+            "listen_wait_s": waited}))
 
     atexit.register(dump)
-    return build(config)
+    flow = build(config)
+    waited = wait_for_listeners(lower or [])
+    return flow
 
 
 def _free_port() -> int:
@@ -264,8 +337,8 @@ def run_cluster(log: Path, out: Path, processes: int, timeout_s: float,
     start = time.perf_counter()
     for i in range(processes):
         args = flow_process_args(
-            f"{BENCH / 'scaleout.py'}:timed_flow({config!r}, {str(out / f'stats-{i}.json')!r})",
-            i, addresses)
+            f"{BENCH / 'scaleout.py'}:timed_flow({config!r}, {str(out / f'stats-{i}.json')!r}, "
+            f"{addresses[:i]!r})", i, addresses)
         with (out / f"process-{i}.log").open("wb") as fh:
             procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                           stdout=fh, stderr=subprocess.STDOUT))
@@ -336,9 +409,13 @@ def cluster_costs(run: dict[str, Any], lines: int) -> dict[str, Any]:
         "crossing_bytes": int(received[1]),
         "crossing_bytes_per_event": round(received[1] / lines, 1),
         "unpickle_cpu_s": round(received[2], 3),
+        "dumps": int(sum(s.get("sent", (0,))[0] for s in stats)),
+        "dumps_bytes": int(sum(s.get("sent", (0, 0))[1] for s in stats)),
+        "dumps_cpu_s": round(sum(s.get("sent", (0, 0, 0.0))[2] for s in stats), 3),
         "startup_s": round(max(s["first"] for s in stats) - min(s["start"] for s in stats), 2),
         "shutdown_s": round(max(s["end"] for s in stats) - max(s["last"] for s in stats), 2),
         "cpu_s_per_process": [round(s["cpu_s"], 2) for s in stats],
+        "listen_wait_s": [round(s.get("listen_wait_s", 0.0), 2) for s in stats],
     }
 
 

@@ -43,6 +43,7 @@ from flows.memory import memory_bound
 from flows.runtime import GC_THRESHOLD, freeze_now  # noqa: F401 - GC_THRESHOLD re-exported
 from flows.runtime import apply as apply_runtime
 from models.rankers import positive_hold_ms
+from operators.crossing import PickledOnce, Unwrapped
 from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
@@ -184,9 +185,10 @@ def _error_counts(dead: list[Record]) -> tuple[str, Counter[str]]:
     return "errors", Counter(d["stage"].split(" ", 1)[0] for d in dead)
 
 
-def _shard_counts(kv: tuple[str, dict[str, list[Any]]]) -> list[tuple[str, tuple[str, Any]]]:
-    """Metrics items (keyed for the metrics stage) of one user-shard output: outputs,
-    examples by label, serving latencies, the shard's counters, processing errors."""
+def _shard_counts(kv: tuple[str, dict[str, list[Any]]]) -> tuple[str, tuple[str, Any]]:
+    """The metrics item (keyed for the metrics stage) of one user-shard output: its
+    outputs, examples by label, serving latencies, the shard's counters and processing
+    errors as one ``("items", [...])`` (``MetricsState.add`` folds them in order)."""
     out = kv[1]
     items: list[tuple[str, Any]] = [
         ("outputs", {k: len(out[k]) for k in ("examples", "late-labels", "recommendations")
@@ -210,7 +212,7 @@ def _shard_counts(kv: tuple[str, dict[str, list[Any]]]) -> list[tuple[str, tuple
     items.extend(("shard", c) for c in out.get("counters", ()))
     if out.get("dead-letters"):
         items.append(_error_counts(out["dead-letters"]))
-    return [(METRICS_KEY, item) for item in items]
+    return METRICS_KEY, ("items", items)
 
 
 def build(config: str | Path | dict[str, Any] | Config | None = None,
@@ -322,7 +324,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     metric_streams = [
         op.input("metrics_start", flow, OnceSource((METRICS_KEY, ("start", None)))),  # a summary even for empty input
         op.map("count_parse", parsed, lambda p: (METRICS_KEY, _parse_counts(p))),
-        op.flat_map("count_outputs", shard_out, _shard_counts),
+        op.map("count_outputs", shard_out, _shard_counts),
     ]
     stage_files = []  # (output name, records) of the stages after the user shards
     if config.items.enabled:
@@ -332,7 +334,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
             if "item-updates" not in out:
                 return []
             batch_id = out["batch"]
-            return [(key, (key, part, batch_id))
+            return [(key, PickledOnce((key, part, batch_id)))
                     for key, part in route_updates(out["item-updates"], item_shard_of).items()]
 
         stage_files.extend(_item_side(op.flat_map("route_items", shard_out, route), config, store))
@@ -397,16 +399,16 @@ def _stage_counts(named: tuple[str, list[Record]]) -> list[tuple[str, tuple[str,
 
 def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], config: Config,
                store: SnapshotStore) -> list[Stream[tuple[str, list[Record]]]]:
-    """Item shards and the index builder, fed ``(item shard key, (key, updates, source
-    micro-batch id))``; returns the streams of their ``(output name, records)``
-    (snapshot manifests, the item shards' processing-error dead letters)."""
+    """Item shards and the index builder, fed ``(item shard key, PickledOnce((key,
+    updates, source micro-batch id)))``; returns the streams of their ``(output name,
+    records)`` (snapshot manifests, the item shards' processing-error dead letters)."""
 
-    def item_builder(resume: ItemShard | None) -> ItemShardLogic:
+    def item_builder(resume: ItemShard | None) -> Unwrapped[dict[str, list[Any]], ItemShard]:
         live = any(i.kind == "kafka" for i in config.inputs)
         shard = resume or ItemShard(config.items, store, config.features,
                                     hot_profiles=config.shards.hot_profiles)
         shard.one_table_per_batch = live  # how the input runs now, not state
-        return ItemShardLogic(shard)
+        return Unwrapped(ItemShardLogic(shard))
 
     item_out = op.stateful("item_shard", routed, item_builder)
     dim = config.items.mf_config().dim
@@ -433,11 +435,12 @@ def _trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: Config
         return None
     rate = config.sampler.negative_rate
 
-    def builder(resume: Trainer | None) -> TrainerLogic:
-        return TrainerLogic(resume or Trainer(config.ranker, rate, store, positive_hold_ms(config.join)))
+    def builder(resume: Trainer | None) -> Unwrapped[Any, Trainer]:
+        return Unwrapped(TrainerLogic(resume or Trainer(config.ranker, rate, store,
+                                                        positive_hold_ms(config.join))))
 
     examples = op.filter_map("ranker_examples", shard_out,
-                             lambda kv: (RANKER_KEY, kv[1]["examples"])
+                             lambda kv: (RANKER_KEY, PickledOnce(kv[1]["examples"]))
                              if kv[1].get("examples") else None)
     return op.stateful("ranker", examples, builder)
 
@@ -450,11 +453,11 @@ def _pool_trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: C
     if not (config.serving.enabled and pool.enabled and pool.training == "central"):
         return None
 
-    def builder(resume: PoolTrainer | None) -> TrainerLogic:
-        return TrainerLogic(resume or PoolTrainer(pool, store))
+    def builder(resume: PoolTrainer | None) -> Unwrapped[Any, PoolTrainer]:
+        return Unwrapped(TrainerLogic(resume or PoolTrainer(pool, store)))
 
     pairs = op.filter_map("pool_pairs", shard_out,
-                          lambda kv: (POOL_KEY, kv[1]["pool-pairs"])
+                          lambda kv: (POOL_KEY, PickledOnce(kv[1]["pool-pairs"]))
                           if kv[1].get("pool-pairs") else None)
     return op.stateful("pool_trainer", pairs, builder)
 

@@ -416,6 +416,33 @@ def test_metrics_state_resumes_from_an_older_snapshot() -> None:
     assert pickle.loads(pickle.dumps(resumed)).record()["examples_by_label"] == {"1": 2}
 
 
+def test_a_user_shard_outputs_metrics_fold_as_one_item_like_its_items_one_by_one() -> None:
+    """``_shard_counts`` sends one ``("items", [...])`` per user-shard output (one item
+    crossing to the metrics stage's process instead of ~6); the metrics state it leaves is
+    the one its items added one by one leave."""
+    from flows.recsys import METRICS_KEY, _shard_counts
+    from operators.metrics import MetricsState
+
+    out = {"examples": [{"label": 1, "weight": 1.0}, {"label": 0, "weight": 4.0}],
+           "recommendations": [{"latency_ms": 3.5}, {"latency_ms": 70.0}],
+           "late-labels": [{}], "serving-cost": [(0.4, 1.0), (2.5, 12.0)],
+           "counters": [{"shard": "u000", "counters": {"joined": 2}, "table": {"rows": 5}}],
+           "dead-letters": [{"stage": "user_shard u000"}]}
+    key, (kind, items) = _shard_counts(("u000", out))
+    assert key == METRICS_KEY and kind == "items" and len(items) == 6
+    folded, one_by_one = MetricsState("shop"), MetricsState("shop")
+    folded.add(kind, items)
+    for item in items:
+        one_by_one.add(*item)
+    ignore = ("ts", "elapsed_s", "events_per_s", "rss_mb", "peak_rss_mb", "rss_start_mb")
+    record = {k: v for k, v in folded.record().items() if k not in ignore}
+    assert record == {k: v for k, v in one_by_one.record().items() if k not in ignore}
+    assert record["outputs"] == {"examples": 2, "late-labels": 1, "recommendations": 2}
+    assert record["examples_by_label"] == {"1": 1, "0": 1}
+    assert record["serving_latency_ms"]["count"] == 2 and record["serving_cpu_ms"]["count"] == 2
+    assert record["join"] == {"joined": 2} and record["processing_errors"] == {"user_shard": 1}
+
+
 @pytest.mark.kafka
 def test_flow_entrypoint_initialises_recovery_once_and_restarts_without_duplicates(
         kafka_broker, kafka_produce, kafka_read_records, tmp_path) -> None:

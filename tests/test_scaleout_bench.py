@@ -38,22 +38,50 @@ def test_output_check_catches_lost_duplicated_and_different_outputs() -> None:
 
 def test_cluster_costs_split_cpu_and_wall_outside_the_stages() -> None:
     def stats(start: float, first: float, last: float, end: float, cpu: float,
-              stages: dict[str, float], main: float, received: list[float]) -> dict[str, Any]:
+              stages: dict[str, float], main: float, received: list[float],
+              sent: list[float], waited: float) -> dict[str, Any]:
         return {"start": start, "first": first, "last": last, "end": end, "cpu_s": cpu,
-                "stage_cpu_s": stages, "main_cpu_s": main, "received": received}
+                "stage_cpu_s": stages, "main_cpu_s": main, "received": received,
+                "sent": sent, "listen_wait_s": waited}
 
     run = {"cpu_s": 20.0, "stats": [
         stats(100.0, 100.5, 110.0, 110.25, 10.0, {"user_shard": 8.0, "read": 0.5}, 0.75,
-              [10, 4000, 0.125]),
+              [10, 4000, 0.125], [60, 12000, 0.5], 0.0),
         stats(100.25, 101.0, 110.5, 110.75, 10.0, {"user_shard": 7.0, "ranker": 1.0}, 1.0,
-              [30, 6000, 0.25])]}
+              [30, 6000, 0.25], [20, 8000, 0.25], 0.5)]}
     costs = _bench().cluster_costs(run, lines=1000)
     assert costs == {
         "outside_stages_cpu_s": 3.5, "main_thread_cpu_s": 1.75, "crossing_items": 40,
         "crossing_bytes": 10000, "crossing_bytes_per_event": 10.0, "unpickle_cpu_s": 0.375,
-        "startup_s": 1.0, "shutdown_s": 0.25, "cpu_s_per_process": [10.0, 10.0]}
+        "dumps": 80, "dumps_bytes": 20000, "dumps_cpu_s": 0.75,
+        "startup_s": 1.0, "shutdown_s": 0.25, "cpu_s_per_process": [10.0, 10.0],
+        "listen_wait_s": [0.0, 0.5]}
     one = _bench().cluster_costs({"cpu_s": 10.0, "stats": run["stats"][:1]}, lines=1000)
     assert one["main_thread_cpu_s"] is None  # one process: the main thread is the worker
+
+
+def test_a_process_waits_for_the_lower_processes_listeners_without_connecting() -> None:
+    """A cluster process hands its flow to Bytewax once the lower-numbered processes
+    listen (timely retries a refused connection only after a whole second); the wait
+    reads the host's listening ports and never connects (timely's listener would take a
+    probe for a peer and fail)."""
+    import socket
+
+    bench = _bench()
+    if bench._listening_ports() is None:
+        pytest.skip("no /proc/net/tcp on this system")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        assert port not in bench._listening_ports()
+        assert bench.wait_for_listeners([f"127.0.0.1:{port}"], timeout_s=0.2) >= 0.2
+        listener.listen()
+        assert port in bench._listening_ports()
+        assert bench.wait_for_listeners([f"127.0.0.1:{port}"], timeout_s=5.0) < 1.0
+        listener.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nobody connected
+    assert bench.wait_for_listeners([]) < 0.1
 
 
 @pytest.mark.slow
@@ -67,7 +95,8 @@ def test_tiny_scaleout_run_prints_every_figure(tmp_path: Path) -> None:
                 "busy_share_metrics_2proc", "ceiling_events_per_s_ranker", "load_1min_start",
                 "outside_stages_cpu_s_1proc", "outside_stages_cpu_s_2proc",
                 "main_thread_cpu_s_2proc", "crossing_bytes_per_event_2proc", "startup_s_2proc",
-                "shutdown_s_2proc", "cpu_s_per_process_2proc"):
+                "shutdown_s_2proc", "cpu_s_per_process_2proc", "dumps_cpu_s_2proc",
+                "listen_wait_s_2proc"):
         assert key in figures
     # what crossed: item updates to the other process's item shards, examples, metrics
     assert figures["crossing_items_2proc"] > 0 and figures["crossing_bytes_2proc"] > 0
