@@ -49,7 +49,7 @@ import numpy as np
 
 from state.decay import decay_factor
 from state.npz import save_npz
-from state.packing import pack_strings, pick, unpack_strings
+from state.packing import pack_strings, unpack_strings
 
 Pair = tuple[str, str, float]
 
@@ -693,6 +693,7 @@ class FrozenCoVisitation(CoVisitation):
         self._starts = np.zeros(n_rows + 1, np.int64)
         np.cumsum(self._arrays["row_sizes"], out=self._starts[1:])
         self._full: OrderedDict[str, Row] | None = None
+        self._read: tuple[list[int], np.ndarray] | None = None
         self._t_ref = int(s["t_ref"]) if bool(s["has_t_ref"]) else None
         self.pairs_added, self.evicted_neighbors, self.evicted_rows = (
             int(x) for x in self._arrays["stats"])
@@ -722,11 +723,11 @@ class FrozenCoVisitation(CoVisitation):
         r = self._row_of.get(item_id)
         if r is None:
             return [], np.zeros(0)
-        a, b = int(self._starts[r]), int(self._starts[r + 1])
+        starts, names = self._read or self._reader()
+        a, b = starts[r], starts[r + 1]
         vals = self._arrays["values"][a:b]
         order = np.argsort(-vals, kind="stable")
-        vocab = self._vocab
-        return ([vocab[j] for j in self._arrays["neighbors"][a:b][order].tolist()],
+        return (names[self._arrays["neighbors"][a:b][order]].tolist(),
                 vals[order] * self._decay(now_ms))
 
     def row_weights(self, item_id: str, now_ms: int) -> dict[str, float]:
@@ -735,10 +736,20 @@ class FrozenCoVisitation(CoVisitation):
         r = self._row_of.get(item_id)
         if r is None:
             return {}
-        a, b = int(self._starts[r]), int(self._starts[r + 1])
-        idx = self._arrays["neighbors"][a:b].tolist()
-        return dict(zip(pick(self._vocab, idx), (self._arrays["values"][a:b] * self._decay(now_ms)).tolist(),
-                        strict=True))
+        starts, names = self._read or self._reader()
+        a, b = starts[r], starts[r + 1]
+        return dict(zip(names[self._arrays["neighbors"][a:b]].tolist(),
+                        (self._arrays["values"][a:b] * self._decay(now_ms)).tolist(), strict=True))
+
+    def _reader(self) -> tuple[list[int], np.ndarray]:
+        """(row starts as ints, the vocabulary as an object array), made at the first row
+        read of this table: a row's bounds without numpy scalars and its names by one
+        gather (readers read a few rows of a version; ~8 B a name and ~40 B a row)."""
+        if self._read is None:
+            names = np.empty(len(self._vocab), object)
+            names[:] = self._vocab
+            self._read = (self._starts.tolist(), names)
+        return self._read
 
     def neighbors(self, item_id: str, n: int, now_ms: int) -> list[tuple[str, float]]:
         if self._full is not None:
