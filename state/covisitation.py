@@ -52,6 +52,9 @@ from state.npz import save_npz
 from state.packing import pack_strings, unpack_strings
 
 Pair = tuple[str, str, float]
+Csr = tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
+"""(vocabulary: row items first, then the other neighbours; row sizes; neighbour ids
+int32; grown values float64): what ``to_arrays`` packs."""
 
 KEEP_ARRAYS_BYTES = 8 << 20
 """``publish_arrays(keep=True)`` keeps the arrays it returned for the next call when they
@@ -460,6 +463,10 @@ class CoVisitation:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Compact arrays: item vocabulary, CSR rows (neighbour indices, grown values)."""
+        return self._packed(*self._csr())
+
+    def _csr(self) -> Csr:
+        """``to_arrays``' vocabulary and CSR rows, built from every row."""
         rows = self._rows
         # rows first (row i = vocab[i]), then neighbours in order of first appearance
         idxs = [r.idx for r in rows.values()]
@@ -470,11 +477,13 @@ class CoVisitation:
                           int(sizes.sum()))
         val = (np.concatenate([r.weights() for r in rows.values()]) if rows
                else np.zeros(0))
-        return self._packed(names, sizes, nbr, val)
+        return names, sizes, nbr, val
 
-    _kept: dict[str, np.ndarray] | None = None
+    _kept: tuple[dict[str, np.ndarray], list[str]] | None = None
     """The arrays the last ``publish_arrays(keep=True)`` returned, when they fit
-    ``KEEP_ARRAYS_BYTES`` (not pickled: a restored table builds its next arrays whole)."""
+    ``KEEP_ARRAYS_BYTES``, and their vocabulary as the list they were packed from (so the
+    next call need not decode it); not pickled: a restored table builds its next arrays
+    whole."""
 
     def publish_arrays(self, previous: Mapping[str, np.ndarray] | None = None,
                        keep: bool = False) -> dict[str, np.ndarray]:
@@ -485,19 +494,29 @@ class CoVisitation:
         are unwritten), the same arrays bit for bit; anything that does not fit them
         builds from the rows. ``keep``: hold the result for ``kept_arrays`` if it takes
         at most ``KEEP_ARRAYS_BYTES`` (callers must not modify it)."""
-        out = None
+        csr = None
         if previous is not None and self._written is not None:
-            out = self._arrays_since(previous, self._written)
-        if out is None:
-            out = self.to_arrays()
+            csr = self._csr_since(previous, self._written)
+        if csr is None:
+            csr = self._csr()
+        out = self._packed(*csr)
         self._written = {}
-        self._kept = (out if keep and sum(a.nbytes for a in out.values()) <= KEEP_ARRAYS_BYTES
+        self._kept = ((out, csr[0])
+                      if keep and sum(a.nbytes for a in out.values()) <= KEEP_ARRAYS_BYTES
                       else None)
         return out
 
     def kept_arrays(self) -> dict[str, np.ndarray] | None:
         """The last ``publish_arrays(keep=True)``'s arrays if kept (see there), else None."""
-        return self._kept
+        return None if self._kept is None else self._kept[0]
+
+    def _vocabulary_of(self, prev: Mapping[str, np.ndarray]) -> list[str]:
+        """``prev``'s vocabulary as a new list: a copy of the kept one when ``prev`` is the
+        kept arrays (the same strings), else decoded from its blob."""
+        kept = self._kept
+        if kept is not None and prev is kept[0]:
+            return list(kept[1])
+        return unpack_strings(prev["vocab_blob"], prev["vocab_offsets"])
 
     def written_share(self) -> float | None:
         """Rows written since the last ``publish_arrays`` per row held (None: untracked)."""
@@ -505,9 +524,9 @@ class CoVisitation:
             return None
         return len(self._written) / len(self._rows)
 
-    def _arrays_since(self, prev: Mapping[str, np.ndarray], written: dict[str, bool]
-                      ) -> dict[str, np.ndarray] | None:
-        """``to_arrays`` from ``prev`` (this table's arrays when ``written`` was emptied)
+    def _csr_since(self, prev: Mapping[str, np.ndarray], written: dict[str, bool]
+                   ) -> Csr | None:
+        """``_csr`` from ``prev`` (this table's arrays when ``written`` was emptied)
         and the rows written since; None when ``prev`` cannot be that version.
 
         Names are first numbered in a working space (``prev``'s vocabulary, then new
@@ -521,7 +540,7 @@ class CoVisitation:
             if (int(prev["format"]) != _FORMAT or self._t_ref is None or not rows
                     or not bool(prev["has_t_ref"]) or int(prev["t_ref"]) != self._t_ref):
                 return None
-            names = unpack_strings(prev["vocab_blob"], prev["vocab_offsets"])
+            names = self._vocabulary_of(prev)
             n_prev = int(prev["n_rows"])
             pnbr, pval = np.asarray(prev["neighbors"]), np.asarray(prev["values"])
             starts = np.zeros(n_prev + 1, np.int64)
@@ -595,8 +614,8 @@ class CoVisitation:
         remap = np.zeros(len(names), np.int64)
         remap[order] = np.arange(order.size)
         sizes = np.fromiter([len(r.idx) for r in rows.values()], np.int64, len(rows))
-        return self._packed([names[g] for g in order.tolist()], sizes,
-                            remap[occ].astype(np.int32), np.concatenate(val_parts))
+        return ([names[g] for g in order.tolist()], sizes, remap[occ].astype(np.int32),
+                np.concatenate(val_parts))
 
     def _packed(self, names: list[str], sizes: np.ndarray, nbr: np.ndarray, val: np.ndarray
                 ) -> dict[str, np.ndarray]:
