@@ -312,9 +312,11 @@ class ItemShard:
         for item, key in profiled.items():
             if key is None:
                 key = profiled[item] = profiles.key_of(item)  # a value change: order kept
-            out[item] = {name: float(v) if type(v) is not float else v
-                         for name, v in profiles.query_key(key).items()
-                         if type(v) in _PLAIN_NUMBERS or _numeric(v)}
+            answer = profiles.query_key(key)
+            out[item] = (dict(answer) if _FLOAT.issuperset(map(type, answer.values()))
+                         else {name: float(v) if type(v) is not float else v
+                               for name, v in answer.items()
+                               if type(v) in _PLAIN_NUMBERS or _numeric(v)})
         return out
 
     def publish(self) -> Manifest:
@@ -389,6 +391,8 @@ class _Turns(threading.local):
 _turns = _Turns()
 
 _PLAIN_NUMBERS = frozenset((int, float))
+_FLOAT = frozenset((float,))
+"""An answer whose values are all of this type is published as it is (a copy)."""
 
 
 def _numeric(value: Any) -> bool:

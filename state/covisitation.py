@@ -49,9 +49,12 @@ import numpy as np
 
 from state.decay import decay_factor
 from state.npz import save_npz
-from state.packing import pack_strings, pick, unpack_strings
+from state.packing import pack_strings, unpack_strings
 
 Pair = tuple[str, str, float]
+Csr = tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
+"""(vocabulary: row items first, then the other neighbours; row sizes; neighbour ids
+int32; grown values float64): what ``to_arrays`` packs."""
 
 KEEP_ARRAYS_BYTES = 8 << 20
 """``publish_arrays(keep=True)`` keeps the arrays it returned for the next call when they
@@ -460,6 +463,10 @@ class CoVisitation:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Compact arrays: item vocabulary, CSR rows (neighbour indices, grown values)."""
+        return self._packed(*self._csr())
+
+    def _csr(self) -> Csr:
+        """``to_arrays``' vocabulary and CSR rows, built from every row."""
         rows = self._rows
         # rows first (row i = vocab[i]), then neighbours in order of first appearance
         idxs = [r.idx for r in rows.values()]
@@ -470,11 +477,13 @@ class CoVisitation:
                           int(sizes.sum()))
         val = (np.concatenate([r.weights() for r in rows.values()]) if rows
                else np.zeros(0))
-        return self._packed(names, sizes, nbr, val)
+        return names, sizes, nbr, val
 
-    _kept: dict[str, np.ndarray] | None = None
+    _kept: tuple[dict[str, np.ndarray], list[str]] | None = None
     """The arrays the last ``publish_arrays(keep=True)`` returned, when they fit
-    ``KEEP_ARRAYS_BYTES`` (not pickled: a restored table builds its next arrays whole)."""
+    ``KEEP_ARRAYS_BYTES``, and their vocabulary as the list they were packed from (so the
+    next call need not decode it); not pickled: a restored table builds its next arrays
+    whole."""
 
     def publish_arrays(self, previous: Mapping[str, np.ndarray] | None = None,
                        keep: bool = False) -> dict[str, np.ndarray]:
@@ -485,19 +494,29 @@ class CoVisitation:
         are unwritten), the same arrays bit for bit; anything that does not fit them
         builds from the rows. ``keep``: hold the result for ``kept_arrays`` if it takes
         at most ``KEEP_ARRAYS_BYTES`` (callers must not modify it)."""
-        out = None
+        csr = None
         if previous is not None and self._written is not None:
-            out = self._arrays_since(previous, self._written)
-        if out is None:
-            out = self.to_arrays()
+            csr = self._csr_since(previous, self._written)
+        if csr is None:
+            csr = self._csr()
+        out = self._packed(*csr)
         self._written = {}
-        self._kept = (out if keep and sum(a.nbytes for a in out.values()) <= KEEP_ARRAYS_BYTES
+        self._kept = ((out, csr[0])
+                      if keep and sum(a.nbytes for a in out.values()) <= KEEP_ARRAYS_BYTES
                       else None)
         return out
 
     def kept_arrays(self) -> dict[str, np.ndarray] | None:
         """The last ``publish_arrays(keep=True)``'s arrays if kept (see there), else None."""
-        return self._kept
+        return None if self._kept is None else self._kept[0]
+
+    def _vocabulary_of(self, prev: Mapping[str, np.ndarray]) -> list[str]:
+        """``prev``'s vocabulary as a new list: a copy of the kept one when ``prev`` is the
+        kept arrays (the same strings), else decoded from its blob."""
+        kept = self._kept
+        if kept is not None and prev is kept[0]:
+            return list(kept[1])
+        return unpack_strings(prev["vocab_blob"], prev["vocab_offsets"])
 
     def written_share(self) -> float | None:
         """Rows written since the last ``publish_arrays`` per row held (None: untracked)."""
@@ -505,9 +524,9 @@ class CoVisitation:
             return None
         return len(self._written) / len(self._rows)
 
-    def _arrays_since(self, prev: Mapping[str, np.ndarray], written: dict[str, bool]
-                      ) -> dict[str, np.ndarray] | None:
-        """``to_arrays`` from ``prev`` (this table's arrays when ``written`` was emptied)
+    def _csr_since(self, prev: Mapping[str, np.ndarray], written: dict[str, bool]
+                   ) -> Csr | None:
+        """``_csr`` from ``prev`` (this table's arrays when ``written`` was emptied)
         and the rows written since; None when ``prev`` cannot be that version.
 
         Names are first numbered in a working space (``prev``'s vocabulary, then new
@@ -521,7 +540,7 @@ class CoVisitation:
             if (int(prev["format"]) != _FORMAT or self._t_ref is None or not rows
                     or not bool(prev["has_t_ref"]) or int(prev["t_ref"]) != self._t_ref):
                 return None
-            names = unpack_strings(prev["vocab_blob"], prev["vocab_offsets"])
+            names = self._vocabulary_of(prev)
             n_prev = int(prev["n_rows"])
             pnbr, pval = np.asarray(prev["neighbors"]), np.asarray(prev["values"])
             starts = np.zeros(n_prev + 1, np.int64)
@@ -595,8 +614,8 @@ class CoVisitation:
         remap = np.zeros(len(names), np.int64)
         remap[order] = np.arange(order.size)
         sizes = np.fromiter([len(r.idx) for r in rows.values()], np.int64, len(rows))
-        return self._packed([names[g] for g in order.tolist()], sizes,
-                            remap[occ].astype(np.int32), np.concatenate(val_parts))
+        return ([names[g] for g in order.tolist()], sizes, remap[occ].astype(np.int32),
+                np.concatenate(val_parts))
 
     def _packed(self, names: list[str], sizes: np.ndarray, nbr: np.ndarray, val: np.ndarray
                 ) -> dict[str, np.ndarray]:
@@ -693,6 +712,7 @@ class FrozenCoVisitation(CoVisitation):
         self._starts = np.zeros(n_rows + 1, np.int64)
         np.cumsum(self._arrays["row_sizes"], out=self._starts[1:])
         self._full: OrderedDict[str, Row] | None = None
+        self._read: tuple[list[int], np.ndarray] | None = None
         self._t_ref = int(s["t_ref"]) if bool(s["has_t_ref"]) else None
         self.pairs_added, self.evicted_neighbors, self.evicted_rows = (
             int(x) for x in self._arrays["stats"])
@@ -722,11 +742,11 @@ class FrozenCoVisitation(CoVisitation):
         r = self._row_of.get(item_id)
         if r is None:
             return [], np.zeros(0)
-        a, b = int(self._starts[r]), int(self._starts[r + 1])
+        starts, names = self._read or self._reader()
+        a, b = starts[r], starts[r + 1]
         vals = self._arrays["values"][a:b]
         order = np.argsort(-vals, kind="stable")
-        vocab = self._vocab
-        return ([vocab[j] for j in self._arrays["neighbors"][a:b][order].tolist()],
+        return (names[self._arrays["neighbors"][a:b][order]].tolist(),
                 vals[order] * self._decay(now_ms))
 
     def row_weights(self, item_id: str, now_ms: int) -> dict[str, float]:
@@ -735,10 +755,20 @@ class FrozenCoVisitation(CoVisitation):
         r = self._row_of.get(item_id)
         if r is None:
             return {}
-        a, b = int(self._starts[r]), int(self._starts[r + 1])
-        idx = self._arrays["neighbors"][a:b].tolist()
-        return dict(zip(pick(self._vocab, idx), (self._arrays["values"][a:b] * self._decay(now_ms)).tolist(),
-                        strict=True))
+        starts, names = self._read or self._reader()
+        a, b = starts[r], starts[r + 1]
+        return dict(zip(names[self._arrays["neighbors"][a:b]].tolist(),
+                        (self._arrays["values"][a:b] * self._decay(now_ms)).tolist(), strict=True))
+
+    def _reader(self) -> tuple[list[int], np.ndarray]:
+        """(row starts as ints, the vocabulary as an object array), made at the first row
+        read of this table: a row's bounds without numpy scalars and its names by one
+        gather (readers read a few rows of a version; ~8 B a name and ~40 B a row)."""
+        if self._read is None:
+            names = np.empty(len(self._vocab), object)
+            names[:] = self._vocab
+            self._read = (self._starts.tolist(), names)
+        return self._read
 
     def neighbors(self, item_id: str, n: int, now_ms: int) -> list[tuple[str, float]]:
         if self._full is not None:

@@ -254,15 +254,18 @@ def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("slack", [0.5, 0.0])
 def test_published_arrays_built_from_the_previous_version_equal_a_full_build(
-        slack: float) -> None:
+        slack: float, keep: bool) -> None:
     """Issue 18 point 4: a new table's arrays are built from the last published ones
     and the rows written since (``publish_arrays``) and equal ``to_arrays`` bit for bit,
     through new names, neighbour-only names, pruned (slack) and cut (no slack) and
     evicted rows, removed rows and a rebase (a new ``t_ref``: every row rebuilt); the
     reuse is what runs, also for written rows that only appended neighbours (their
-    leading ids taken from the last version)."""
+    leading ids taken from the last version). ``keep``: the previous arrays are the kept
+    ones (their vocabulary list reused, not decoded), else a copy as read back from a
+    file."""
     import random
 
     rnd = random.Random(11)
@@ -270,16 +273,17 @@ def test_published_arrays_built_from_the_previous_version_equal_a_full_build(
                                   half_life_ms=H))
     names = [f"n{i}" for i in range(90)]
     previous = None
-    reused = appended = 0
-    original = CoVisitation._arrays_since
+    reused = appended = from_kept = 0
+    original = CoVisitation._csr_since
 
     def spy(self: CoVisitation, *args: object) -> object:
-        nonlocal reused
+        nonlocal reused, from_kept
+        from_kept += self._kept is not None and args[0] is self._kept[0]
         out = original(self, *args)  # type: ignore[arg-type]
         reused += out is not None
         return out
 
-    CoVisitation._arrays_since = spy  # type: ignore[method-assign]
+    CoVisitation._csr_since = spy  # type: ignore[method-assign]
     try:
         ts = T0
         for round_ in range(60):
@@ -292,12 +296,14 @@ def test_published_arrays_built_from_the_previous_version_equal_a_full_build(
             ts += 50 * H if round_ == 30 else rnd.randint(0, H)  # past 600 half-lives: a rebase
             if previous is not None and cv._written:
                 appended += sum(not v and a in cv for a, v in cv._written.items())
-            published = cv.publish_arrays(previous)
+            published = cv.publish_arrays(previous, keep=keep)
             _same_arrays(published, cv.to_arrays())
-            previous = {k: v.copy() for k, v in published.items()}  # as read back from a file
+            previous = (cv.kept_arrays() if keep
+                        else {k: v.copy() for k, v in published.items()})  # as read back
     finally:
-        CoVisitation._arrays_since = original  # type: ignore[method-assign]
+        CoVisitation._csr_since = original  # type: ignore[method-assign]
     assert reused > 30 and appended > 30
+    assert from_kept > 30 if keep else from_kept == 0
 
 
 def test_published_arrays_fall_back_to_a_full_build_when_previous_does_not_fit() -> None:
