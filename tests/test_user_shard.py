@@ -249,3 +249,32 @@ def test_a_shard_without_item_updates_writes_the_same_outputs_and_counters() -> 
         outs[0].pop("batch", None)
         assert outs[0] == outs[1] and "item-updates" not in outs[1]
     assert kinds == {"Interaction", "CatalogChange"}
+
+
+def test_plain_rows_by_names_identity_only_where_the_profile_check_holds() -> None:
+    """``_resolve_plain`` builds an item's wire row from the head of the last static names
+    it checked against the profile, told by identity (``_STATIC_NAMES``: one object per
+    names whose static features kept every name). An item whose None attribute was
+    compacted away has the same rounded names but a static name in the profile: it gets
+    the merged features, also when it comes from the memo after such a row."""
+    from collections import OrderedDict
+
+    from models.features import compact
+    from operators.example_codec import unwire_features
+    from operators.point_in_time import PointInTime, UserContext, static_item_features
+    from state.join_state import float32_features
+
+    catalog: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    catalog["a"] = {"price": 2.5}
+    catalog["b"] = {"category": None, "price": 3.5}  # i:category compacted away
+    catalog["c"] = {"price": 4.5}
+    context = PointInTime(catalog=catalog)
+    profile = {"u:country": "DE", "i:category": "c9"}
+    items = ["b", "a", "b", "c", "a"]  # the second b and a: from the memo
+    out: list[Any] = [None] * len(items)
+    context._resolve_plain(UserContext("u1", [], {}, None, profile), items,
+                           [catalog[i] for i in items], [False] * 5, range(5), out, True)
+    merged = [float32_features(compact({**profile, **static_item_features(i, None, catalog[i])}))
+              for i in items]  # resolve_all's general merge, item by item
+    assert [type(row) for row in out] == [dict, list, dict, list, list]
+    assert [unwire_features(row) if type(row) is list else row for row in out] == merged
