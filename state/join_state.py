@@ -500,17 +500,19 @@ class Joiner:
         self.counters.impressions += len(run)
         deadline = ts + self.wait_ms
         free = pending.free
-        impression, deadlines, features, flags = (pending.impression, pending.deadline,
-                                                  pending.features, pending.flags)
-        for imp, iid, token, mark in zip(run, ids, tokens, marks, strict=False):  # marks: maybe endless
-            if free:  # pending.add(imp, deadline, token, mark), inline
-                row = free.pop()
+        if len(free) >= len(run):  # pending.add of each, inline: the rows free.pop() gives
+            taken = free[:len(free) - len(run) - 1:-1]
+            del free[len(free) - len(run):]
+            rows.update(zip(ids, taken, strict=True))
+            impression, deadlines, features, flags = (pending.impression, pending.deadline,
+                                                      pending.features, pending.flags)
+            for row, imp, token, mark in zip(taken, run, tokens, marks, strict=False):  # marks: maybe endless
                 impression[row] = imp
                 deadlines[row] = deadline
                 features[row] = token
                 flags[row] = mark
-                rows[iid] = row
-            else:
+        else:
+            for imp, token, mark in zip(run, tokens, marks, strict=False):
                 pending.add(imp, deadline, token, mark)
         due = self._due.get(deadline)
         if due is None:
