@@ -500,9 +500,11 @@ class Joiner:
         self.counters.impressions += len(run)
         deadline = ts + self.wait_ms
         free = pending.free
-        if len(free) >= len(run):  # pending.add of each, inline: the rows free.pop() gives
-            taken = free[:len(free) - len(run) - 1:-1]
-            del free[len(free) - len(run):]
+        cut = len(free) - len(run)
+        if cut >= 0:  # pending.add of each, inline
+            taken = free[cut:]
+            taken.reverse()  # the rows free.pop() gives, in that order
+            del free[cut:]
             rows.update(zip(ids, taken, strict=True))
             impression, deadlines, features, flags = (pending.impression, pending.deadline,
                                                       pending.features, pending.flags)

@@ -153,6 +153,31 @@ def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
                 assert runs == one and len(one[0]) > 20, (rate, wire, max_pending)
 
 
+def test_a_run_takes_the_rows_free_pop_gives_and_counts_each_impression_once() -> None:
+    """A run as long as the free rows, shorter and longer: ``Joiner.on_impressions``
+    takes the rows one ``pending.add`` per impression takes (the last freed first) and
+    counts each impression once: the same counters, pending rows and free rows as the
+    per-event path, after each batch."""
+    def batch(n_req: int, size: int) -> list[Any]:
+        ts = T0 + 10_000 * n_req  # each request closes the windows before it
+        return [Impression(ts, f"m{n_req}-{j}", "u1", f"i{j}", f"r{n_req}", j, {})
+                for j in range(size)]
+
+    states: list[list[Any]] = [[], []]
+    for runs, seen in zip((False, True), states, strict=True):
+        s = UserShard(JoinConfig(wait_ms_override=3_000, allowed_lateness_ms=0),
+                      NegativeSampler(1.0, 0))
+        if not runs:  # the per-event path
+            s.profiles = {"off": None}  # type: ignore[dict-item]
+            s._profile = lambda event: None  # type: ignore[method-assign]
+        for n_req, size in enumerate((3, 3, 2, 4, 4, 1)):
+            s.process("u000", batch(n_req, size))
+            pending = s.joiner._pending
+            seen.append((s.joiner.counters.as_dict(), dict(pending.rows), list(pending.free)))
+    assert states[1] == states[0]
+    assert states[0][1][0]["impressions"] == 6 and states[0][1][2] == []  # 3 rows reused
+
+
 def test_a_resumed_shard_turns_computed_wire_features_back_into_dicts() -> None:
     """Impressions joined as a run have their features computed at once (in the wire form
     when the rows are wire rows); a shard resumed under a config that writes full records
