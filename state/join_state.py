@@ -500,21 +500,17 @@ class Joiner:
         self.counters.impressions += len(run)
         deadline = ts + self.wait_ms
         free = pending.free
-        cut = len(free) - len(run)
-        if cut >= 0:  # pending.add of each, inline
-            taken = free[cut:]
-            taken.reverse()  # the rows free.pop() gives, in that order
-            del free[cut:]
-            rows.update(zip(ids, taken, strict=True))
-            impression, deadlines, features, flags = (pending.impression, pending.deadline,
-                                                      pending.features, pending.flags)
-            for row, imp, token, mark in zip(taken, run, tokens, marks, strict=False):  # marks: maybe endless
+        impression, deadlines, features, flags = (pending.impression, pending.deadline,
+                                                  pending.features, pending.flags)
+        for imp, iid, token, mark in zip(run, ids, tokens, marks, strict=False):  # marks: maybe endless
+            if free:  # pending.add(imp, deadline, token, mark), inline
+                row = free.pop()
                 impression[row] = imp
                 deadlines[row] = deadline
                 features[row] = token
                 flags[row] = mark
-        else:
-            for imp, token, mark in zip(run, tokens, marks, strict=False):
+                rows[iid] = row
+            else:
                 pending.add(imp, deadline, token, mark)
         due = self._due.get(deadline)
         if due is None:
