@@ -674,6 +674,7 @@ class PointInTime:
         disjoint from the profile's, whose row head is ``plain_start``: an item not seen
         with a part of these names is that head and its values, tested by identity."""
         plain_start: list[Any] = []
+        several = len(items) > 1  # (a group of one item has no later row to build so)
         recency: dict[str, float] | None = None
         for j, item, attrs, was_seen in zip(members, items, attrs_of, seen, strict=True):
             hit = statics.get(item)
@@ -709,7 +710,7 @@ class PointInTime:
                         start = starts[names] = row[:len(row) - len(static_part[1])]
                 else:
                     out[j] = start + static_part[1]
-                if start is not None and _STATIC_NAMES.get(names) is names:
+                if several and start is not None and _STATIC_NAMES.get(names) is names:
                     plain_names, plain_start = names, start  # (disjoint: tested above)
             else:
                 out[j] = {**rounded, **static_rounded}
