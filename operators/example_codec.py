@@ -145,6 +145,13 @@ def pack_impressions(imps: list[Impression], labels: list[dict[str, float]], lab
         if type(feats) is not list:
             append(pack_impression(imp, label, dict(lab) if lab else {}, weight, feats))
             continue
+        request, context = imp.request_id, imp.context
+        if not lab and request is not None and context:  # the common row, in one display
+            append({"example_id": "imp:" + imp.impression_id, "ts": imp.ts,
+                    "user_id": imp.user_id, "item_id": imp.item_id, "label": label,
+                    "weight": weight, "position": imp.position, "request_id": request,
+                    "context": context, KEY: feats})
+            continue
         row: Record = {"example_id": "imp:" + imp.impression_id, "ts": imp.ts,
                        "user_id": imp.user_id, "item_id": imp.item_id, "label": label}
         if lab:

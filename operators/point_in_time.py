@@ -260,6 +260,24 @@ each shard computed the same static features again (~4 us an item: 7 of 8 shards
 reads). Its values are also in the shards' memos (shared, never modified); at most
 ``MAX_STATIC_MEMO`` entries (cleared when full), not part of any recovery state."""
 
+_STATIC_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
+"""One object per distinct names of the static parts whose static features kept every
+name (none compacted away: their names are those of the static features themselves), so
+``_resolve_plain`` tells a part of names it checked by identity. At most
+``MAX_STATIC_MEMO`` entries (cleared when full); not part of any recovery state."""
+
+
+def _static_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` as ``_STATIC_NAMES``' object (the names of a static part, every static
+    feature's name)."""
+    held = _STATIC_NAMES.get(names)
+    if held is None:
+        if len(_STATIC_NAMES) >= MAX_STATIC_MEMO:
+            _STATIC_NAMES.clear()
+        held = _STATIC_NAMES[names] = names
+    return held
+
+
 _KEY_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
@@ -651,11 +669,21 @@ class PointInTime:
         statics, static_part_of = self._statics, self._static_part
         starts: dict[tuple[str, ...], list[Any]] = {}
         """Static names -> a row's head and profile values (``join_parts``' first items)."""
+        plain_names: tuple[str, ...] | None = None
+        """Static names (``_STATIC_NAMES``' object: every static feature kept its name)
+        disjoint from the profile's, whose row head is ``plain_start``: an item not seen
+        with a part of these names is that head and its values, tested by identity."""
+        plain_start: list[Any] = []
+        several = len(items) > 1  # (a group of one item has no later row to build so)
         recency: dict[str, float] | None = None
         for j, item, attrs, was_seen in zip(members, items, attrs_of, seen, strict=True):
             hit = statics.get(item)
             if hit is not None and hit[0] is None and hit[1] is attrs:
-                static, static_rounded, static_part = hit[2], hit[3], hit[4]
+                static_part = hit[4]
+                if static_part is not None and static_part[0] is plain_names and not was_seen:
+                    out[j] = plain_start + static_part[1]  # the common row: as below, fewer steps
+                    continue
+                static, static_rounded = hit[2], hit[3]
             else:
                 static, static_rounded, static_part = static_part_of(item, None, attrs)
             if was_seen:  # its ui.* columns (as resolve_all's general path merges them)
@@ -674,13 +702,16 @@ class PointInTime:
             elif named and not keys.isdisjoint(static):
                 out[j] = float32_features(compact({**profile, **static}))
             elif part is not None and static_part is not None:
-                start = starts.get(static_part[0])
+                names = static_part[0]
+                start = starts.get(names)
                 if start is None:  # join_parts, once per static names of the group
                     row = out[j] = join_parts(part, static_part)
                     if type(row[0]) is str:
-                        starts[static_part[0]] = row[:len(row) - len(static_part[1])]
+                        start = starts[names] = row[:len(row) - len(static_part[1])]
                 else:
                     out[j] = start + static_part[1]
+                if several and start is not None and _STATIC_NAMES.get(names) is names:
+                    plain_names, plain_start = names, start  # (disjoint: tested above)
             else:
                 out[j] = {**rounded, **static_rounded}
 
@@ -704,6 +735,8 @@ class PointInTime:
             static = static_item_features(item_id, table, attrs)
             rounded = float32_features(compact(static))
             part = encoded_part(rounded)
+            if part is not None and len(rounded) == len(static):  # every name kept
+                part = (_static_names(part[0]), part[1])
             if attrs_key is not None:
                 if len(_SHARED_STATICS) >= MAX_STATIC_MEMO:
                     _SHARED_STATICS.clear()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from bytewax.operators import StatefulLogic
 
-from events.model import Event, Feedback, Item, Record, Request, processing_error
+from events.model import Event, Feedback, Impression, Item, Record, Request, processing_error
 from models.mf import MFConfig, UserFactors
 from operators.cold_start import backfill
 from operators.example_codec import WIRE_ROWS
@@ -187,11 +187,13 @@ class UserShard:
         while i < n:
             event = events[i]
             j = i + 1
-            if event.type == "impression" and event.request_id is not None:
+            # (type(e) is Impression: the class's "impression" type, without the generic
+            # attribute lookup a class attribute of a slots instance takes per event)
+            if type(event) is Impression and event.request_id is not None:
                 rid, user, ts = event.request_id, event.user_id, event.ts
                 while j < n:
                     nxt = events[j]
-                    if (nxt.type != "impression" or nxt.request_id != rid
+                    if (type(nxt) is not Impression or nxt.request_id != rid
                             or nxt.user_id != user or nxt.ts != ts):
                         break
                     j += 1

@@ -153,6 +153,31 @@ def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
                 assert runs == one and len(one[0]) > 20, (rate, wire, max_pending)
 
 
+def test_a_run_takes_the_rows_free_pop_gives_and_counts_each_impression_once() -> None:
+    """A run as long as the free rows, shorter and longer: ``Joiner.on_impressions``
+    takes the rows one ``pending.add`` per impression takes (the last freed first) and
+    counts each impression once: the same counters, pending rows and free rows as the
+    per-event path, after each batch."""
+    def batch(n_req: int, size: int) -> list[Any]:
+        ts = T0 + 10_000 * n_req  # each request closes the windows before it
+        return [Impression(ts, f"m{n_req}-{j}", "u1", f"i{j}", f"r{n_req}", j, {})
+                for j in range(size)]
+
+    states: list[list[Any]] = [[], []]
+    for runs, seen in zip((False, True), states, strict=True):
+        s = UserShard(JoinConfig(wait_ms_override=3_000, allowed_lateness_ms=0),
+                      NegativeSampler(1.0, 0))
+        if not runs:  # the per-event path
+            s.profiles = {"off": None}  # type: ignore[dict-item]
+            s._profile = lambda event: None  # type: ignore[method-assign]
+        for n_req, size in enumerate((3, 3, 2, 4, 4, 1)):
+            s.process("u000", batch(n_req, size))
+            pending = s.joiner._pending
+            seen.append((s.joiner.counters.as_dict(), dict(pending.rows), list(pending.free)))
+    assert states[1] == states[0]
+    assert states[0][1][0]["impressions"] == 6 and states[0][1][2] == []  # 3 rows reused
+
+
 def test_a_resumed_shard_turns_computed_wire_features_back_into_dicts() -> None:
     """Impressions joined as a run have their features computed at once (in the wire form
     when the rows are wire rows); a shard resumed under a config that writes full records
@@ -249,3 +274,32 @@ def test_a_shard_without_item_updates_writes_the_same_outputs_and_counters() -> 
         outs[0].pop("batch", None)
         assert outs[0] == outs[1] and "item-updates" not in outs[1]
     assert kinds == {"Interaction", "CatalogChange"}
+
+
+def test_plain_rows_by_names_identity_only_where_the_profile_check_holds() -> None:
+    """``_resolve_plain`` builds an item's wire row from the head of the last static names
+    it checked against the profile, told by identity (``_STATIC_NAMES``: one object per
+    names whose static features kept every name). An item whose None attribute was
+    compacted away has the same rounded names but a static name in the profile: it gets
+    the merged features, also when it comes from the memo after such a row."""
+    from collections import OrderedDict
+
+    from models.features import compact
+    from operators.example_codec import unwire_features
+    from operators.point_in_time import PointInTime, UserContext, static_item_features
+    from state.join_state import float32_features
+
+    catalog: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    catalog["a"] = {"price": 2.5}
+    catalog["b"] = {"category": None, "price": 3.5}  # i:category compacted away
+    catalog["c"] = {"price": 4.5}
+    context = PointInTime(catalog=catalog)
+    profile = {"u:country": "DE", "i:category": "c9"}
+    items = ["b", "a", "b", "c", "a"]  # the second b and a: from the memo
+    out: list[Any] = [None] * len(items)
+    context._resolve_plain(UserContext("u1", [], {}, None, profile), items,
+                           [catalog[i] for i in items], [False] * 5, range(5), out, True)
+    merged = [float32_features(compact({**profile, **static_item_features(i, None, catalog[i])}))
+              for i in items]  # resolve_all's general merge, item by item
+    assert [type(row) for row in out] == [dict, list, dict, list, list]
+    assert [unwire_features(row) if type(row) is list else row for row in out] == merged
