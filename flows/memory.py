@@ -92,6 +92,8 @@ BYTES: dict[str, float] = {
     "item": 700,
     "hot_item_profile": 6_000,
     "covis_neighbor": 105,  # a loaded table's row decoded for lookups (ItemTable.covis_row)
+    "covis_loaded_row": 48,  # a loaded table's vocabulary as an object array (8 B a name)
+    # and its row starts as ints (40 B a row), made at its first row read (FrozenCoVisitation)
     "covis_row_neighbor": 90,  # an item shard's live row (state.covisitation.Row): 105
     # measured with a float object per neighbour, 15 B less with the weights in one array
     "covis_written_row": 170,
@@ -210,7 +212,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
            if category_lists else 0)
     )
     channels = 2 if items.covis_any else 1
-    covis_bytes = channels * covis.max_items * 1.5 * covis.max_neighbors * b["covis_neighbor"]
+    covis_bytes = channels * covis.max_items * (
+        1.5 * covis.max_neighbors * b["covis_neighbor"] + b["covis_loaded_row"])
     per_item_shard = (
         items.max_items * b["item"]
         + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
