@@ -18,8 +18,11 @@ from models.rankers import make_ranker
 from operators.example_codec import (
     VOCABULARY,
     WIRE_ROWS,
+    encoded_part,
+    join_parts,
     pack_example,
     pack_impression,
+    pack_impressions,
     unpack_example,
 )
 from state.join_state import Example, float32_features
@@ -101,6 +104,29 @@ def test_impression_rows_built_directly_equal_the_packed_records(features: dict,
                      record["item_id"], record["request_id"], record["position"],
                      record["context"])
     row = pack_impression(imp, record["label"], record["labels"], record["weight"], features)
+    assert orjson.dumps(row) == orjson.dumps(pack_example(record))
+
+
+@pytest.mark.parametrize("fields", [
+    {},  # no context
+    {"context": {"device": "tv"}},  # the common row: no labels, a request, a context
+    {"labels": {"click": 1.0}, "context": {"device": "tv"}},
+    {"request_id": None, "context": {"device": "tv"}},
+    {"request_id": None, "position": -1, "labels": {"view": 1.0}},
+])
+def test_impression_rows_of_encoded_parts_equal_the_packed_records(fields: dict) -> None:
+    """``pack_impressions`` with features already encoded (``join_parts``: the joiner's
+    deferred rows) writes ``pack_example`` of the record, byte for byte, whichever of
+    labels, request and context a row has."""
+    user = {V[0]: 110.0, V[1]: 2.5, V[39]: "18-24"}
+    item = {V[58]: "c7", V[61]: -3.0}
+    record = joiner_record(features={**user, **item}, **fields)
+    imp = Impression(record["ts"], record["impression_id"], record["user_id"],
+                     record["item_id"], record["request_id"], record["position"],
+                     record["context"])
+    encoded = join_parts(encoded_part(user), encoded_part(item))
+    [row] = pack_impressions([imp], [record["labels"]], record["label"], record["weight"],
+                             [encoded])
     assert orjson.dumps(row) == orjson.dumps(pack_example(record))
 
 
