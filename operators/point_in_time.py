@@ -894,30 +894,20 @@ class PointInTime:
         """The user x item-attribute profile features of an item with ``attrs`` (one dict
         per ``user_x_<attr>`` profile whose attribute value is a string), memoised in
         ``cache`` by (attribute, value) (per request group, or per call) as a one-dict
-        list: with one such profile that list is the answer, shared by the group's items
-        of that value (never written; a deferred token holds it for minutes: one tracked
-        list per value instead of one per impression)."""
-        if not attrs:
-            return []
-        crosses = self._crosses
-        if len(crosses) == 1:
-            attr, store = crosses[0]
-            value = attrs.get(attr)
-            if not isinstance(value, str):
-                return []
-            hit = cache.get((attr, value))
-            if hit is None:
-                hit = cache[(attr, value)] = [self._cross_query(user_id, store, value, ts_ms)]
-            return hit
-        out: list[dict[str, Any]] = []
-        for attr, store in crosses:
-            value = attrs.get(attr)
-            if isinstance(value, str):
-                hit = cache.get((attr, value))
-                if hit is None:
-                    hit = cache[(attr, value)] = [self._cross_query(user_id, store, value, ts_ms)]
-                out += hit
-        return out
+        list: when one profile matches, that list is the answer, shared by the group's
+        items of that value (never written; a deferred token holds it for minutes: one
+        tracked list per value instead of one per impression); several make a new list."""
+        out: list[dict[str, Any]] | None = None
+        if attrs:
+            for attr, store in self._crosses:
+                value = attrs.get(attr)
+                if isinstance(value, str):
+                    hit = cache.get((attr, value))
+                    if hit is None:
+                        hit = cache[(attr, value)] = [
+                            self._cross_query(user_id, store, value, ts_ms)]
+                    out = hit if out is None else out + hit
+        return [] if out is None else out
 
     @staticmethod
     def _cross_query(user_id: str, store: ProfileStore, value: str, ts_ms: int | None

@@ -147,10 +147,11 @@ def test_member_mask_is_each_items_membership() -> None:
 
 
 def test_cross_values_of_one_profile_are_one_shared_list_per_value() -> None:
-    """With one user x attribute profile, ``_cross`` gives the items of one attribute
-    value (per request group's cache) one shared list (a deferred token holds it for
-    minutes: one tracked list per value, not per impression); with two, a fresh list of
-    both stores' values in order. Either holds what ``_cross_query`` answers."""
+    """When one user x attribute profile matches, ``_cross`` gives the items of one
+    attribute value (per request group's cache) one shared list (a deferred token holds
+    it for minutes: one tracked list per value, not per impression); when two match, a
+    fresh list of both stores' values in order. Either holds what ``_cross_query``
+    answers."""
     from state.feature_spec import default_features
     from state.profiles import stores_for
 
@@ -175,4 +176,8 @@ def test_cross_values_of_one_profile_are_one_shared_list_per_value() -> None:
     both = two._cross("u1", cache, {"category": "drama", "brand": "comedy"}, T0)
     assert both == [query("u1", cross, "drama", T0), query("u1", cross, "comedy", T0)]
     assert two._cross("u1", cache, {"category": "drama", "brand": "comedy"}, T0) is not both
-    assert two._cross("u1", cache, {"brand": "drama"}, T0) == [drama[0]]
+    brand = two._cross("u1", cache, {"brand": "drama"}, T0)
+    assert brand == [drama[0]]
+    assert two._cross("u1", cache, {"brand": "drama", "size": 2}, T0) is brand  # one matches
+    # the cached one-dict lists are never extended by a row of several
+    assert cache[("category", "drama")] == [both[0]] and cache[("brand", "comedy")] == [both[1]]
