@@ -440,7 +440,7 @@ class ItemRows:
             self.available[slots] = True
             self.first_seen[slots] = 0
             self.category[slots] = 0
-        if not size or size > _COLUMNS_MAX:
+        if not _as_columns(table):
             # an empty catalog, or one whose columns would cost more than the candidates
             if size:
                 self.category[slots] = self._named_codes(catalog, j, found)
@@ -508,12 +508,11 @@ class ItemRows:
         tables = self.tables
         if memo is not None and memo.table_map is self._map and memo.n_tables == len(tables):
             return memo
-        read = [t for t in tables if t is not None and _as_columns(t)]
-        columns = loaded_columns(read)
-        start = np.array([columns.offsets[t.shard] if t is not None and _as_columns(t)
-                          else -1 for t in tables], np.int64)
-        gets = [t.catalog._index.get if t is not None and _as_columns(t) else None
-                for t in tables]
+        read = [t if t is not None and _as_columns(t) else None for t in tables]
+        columns = loaded_columns([t for t in read if t is not None])
+        start = np.array([-1 if t is None else columns.offsets[t.shard] for t in read],
+                         np.int64)
+        gets = [None if t is None else t.catalog._index.get for t in read]
         memo = self._loaded = _LoadedMemo(self._map, len(tables), columns, start, gets, None)
         return memo
 
