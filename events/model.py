@@ -307,6 +307,11 @@ _BRACKETS = b"{["
 """The bytes that open an object or an array: a line holds as many as its length less
 that of the line without them (one pass in C, ~0.1 us less a line than two counts)."""
 
+_OPEN_ARRAY, _OPEN_OBJECT = ord("["), ord("{")
+"""A line without ``[`` (``in``: one ``memchr``) holds as many opening brackets as ``{``
+(one count): the bracket bound in ~2.2k instructions instead of ``translate``'s ~3.7k
+(callgrind); lines with ``[`` count both (``_BRACKETS``)."""
+
 _IMPRESSION = operator.itemgetter("ts", "impression_id", "user_id", "item_id", "request_id",
                                   "position", "context")
 """An impression's fields in one call (``EventParser.parse_many``; KeyError when one is
@@ -345,7 +350,9 @@ class EventParser:
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 obj = None
-            if type(obj) is dict and len(raw) - len(raw.translate(None, _BRACKETS)) <= MAX_DEPTH:
+            if type(obj) is dict and (
+                    _OPEN_ARRAY not in raw and raw.count(_OPEN_OBJECT) <= MAX_DEPTH
+                    or len(raw) - len(raw.translate(None, _BRACKETS)) <= MAX_DEPTH):
                 try:
                     return self._checked(obj)
                 except Invalid as err:
@@ -399,7 +406,9 @@ class EventParser:
                     obj = loads(raw)
                 except error:
                     obj = None
-                if type(obj) is dict and len(raw) - len(raw.translate(None, _BRACKETS)) <= MAX_DEPTH:
+                if type(obj) is dict and (  # at most MAX_DEPTH brackets (_OPEN_ARRAY)
+                        _OPEN_ARRAY not in raw and raw.count(_OPEN_OBJECT) <= MAX_DEPTH
+                        or len(raw) - len(raw.translate(None, _BRACKETS)) <= MAX_DEPTH):
                     kind, event = obj.get("type"), None
                     # (A string is no longer than its line: a line of at most MAX_ID_LEN
                     # bytes holds no ID that is too long.)

@@ -260,6 +260,15 @@ each shard computed the same static features again (~4 us an item: 7 of 8 shards
 reads). Its values are also in the shards' memos (shared, never modified); at most
 ``MAX_STATIC_MEMO`` entries (cleared when full), not part of any recovery state."""
 
+_SHARED_BY_ATTRS: dict[int, tuple[dict[str, Any], str, tuple[
+    dict[str, Any], dict[str, Any], EncodedPart | None]]] = {}
+"""``_static_part``'s results without a table by the attributes object's identity (held
+with them, so its id is not reused while here) and the item: the shards of a process
+share each ``item`` event's catalog entry (``operators.user_shard.catalog_attrs``), so a
+shard's first read of an item another shard read takes its results without building
+``_attrs_key`` (the same object: the same values). At most ``MAX_STATIC_MEMO`` entries
+(cleared when full), not part of any recovery state."""
+
 _STATIC_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
 """One object per distinct names of the static parts whose static features kept every
 name (none compacted away: their names are those of the static features themselves), so
@@ -727,20 +736,28 @@ class PointInTime:
         if hit is not None and hit[1] is attrs and (
                 hit[0] is None if table is None else hit[0] is not None and hit[0]() is table):
             return hit[2], hit[3], hit[4]
-        attrs_key = _attrs_key(attrs) if table is None and attrs else None
-        shared = None if attrs_key is None else _SHARED_STATICS.get((item_id, attrs_key))
-        if shared is not None:  # another shard's, from attributes equal to these
-            static, rounded, part = shared
+        same = _SHARED_BY_ATTRS.get(id(attrs)) if table is None and attrs else None
+        if same is not None and same[0] is attrs and same[1] == item_id:
+            static, rounded, part = same[2]  # another shard's, from this very object
         else:
-            static = static_item_features(item_id, table, attrs)
-            rounded = float32_features(compact(static))
-            part = encoded_part(rounded)
-            if part is not None and len(rounded) == len(static):  # every name kept
-                part = (_static_names(part[0]), part[1])
-            if attrs_key is not None:
-                if len(_SHARED_STATICS) >= MAX_STATIC_MEMO:
-                    _SHARED_STATICS.clear()
-                _SHARED_STATICS[item_id, attrs_key] = (static, rounded, part)
+            attrs_key = _attrs_key(attrs) if table is None and attrs else None
+            shared = None if attrs_key is None else _SHARED_STATICS.get((item_id, attrs_key))
+            if shared is not None:  # another shard's, from attributes equal to these
+                static, rounded, part = shared
+            else:
+                static = static_item_features(item_id, table, attrs)
+                rounded = float32_features(compact(static))
+                part = encoded_part(rounded)
+                if part is not None and len(rounded) == len(static):  # every name kept
+                    part = (_static_names(part[0]), part[1])
+                if attrs_key is not None:
+                    if len(_SHARED_STATICS) >= MAX_STATIC_MEMO:
+                        _SHARED_STATICS.clear()
+                    _SHARED_STATICS[item_id, attrs_key] = (static, rounded, part)
+            if table is None and attrs:
+                if len(_SHARED_BY_ATTRS) >= MAX_STATIC_MEMO:
+                    _SHARED_BY_ATTRS.clear()
+                _SHARED_BY_ATTRS[id(attrs)] = (attrs, item_id, (static, rounded, part))
         if len(self._statics) >= MAX_STATIC_MEMO:
             self._statics.clear()
         self._statics[item_id] = (None if table is None else weakref.ref(table), attrs, static,

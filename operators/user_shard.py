@@ -205,9 +205,23 @@ class UserShard:
                 except Exception:  # nothing joined: one by one, the failing one dead-lettered
                     for imp in run:
                         self._apply_one(shard, imp)
+            elif type(event) is Item:
+                self._catalog_item(shard, event)
             else:
                 self._apply_one(shard, event)
             i = j
+
+    def _catalog_item(self, shard: str, item: Item) -> None:
+        """``_apply_one`` of an ``item`` event without its dispatch: the clock (``observe``
+        called only when it moves), then the catalog (``_item``). Every shard takes each
+        ``item`` event: 8 shards apply a 1,000-item catalog as 8,000 events."""
+        joiner = self.joiner
+        try:
+            if joiner.max_ts_ms is None or item.ts > joiner.max_ts_ms:
+                joiner.observe(item.ts)
+            self._item(item)
+        except Exception as err:  # one bad event must not stop the flow
+            self._dead.append(processing_error(f"user_shard {shard}", item, err))
 
     def _apply_one(self, shard: str, event: Event) -> None:
         try:
@@ -336,8 +350,7 @@ class UserShard:
         self._recs.append(record)
 
     def _item(self, item: Item) -> None:
-        lru_put(self.catalog, item.item_id, dict(item.attrs, available=item.available),
-                self.max_items)
+        lru_put(self.catalog, item.item_id, catalog_attrs(item), self.max_items)
         if self.item_updates:
             self._item_updates.append(CatalogChange(item.item_id, item))
         else:
@@ -470,6 +483,30 @@ class UserShardLogic(StatefulLogic[tuple[str, list[Event], int], ShardOutput, Us
 
     def snapshot(self) -> UserShard:
         return self.shard
+
+
+_CATALOG_ATTRS: dict[int, tuple[Item, dict[str, Any]]] = {}
+"""``catalog_attrs``' dicts by the ``item`` event's identity (the event held with it, so
+its id is not reused while it is here); at most ``MAX_CATALOG_ATTRS``, cleared when full;
+not part of any recovery state."""
+
+MAX_CATALOG_ATTRS = 4_096
+
+
+def catalog_attrs(item: Item) -> dict[str, Any]:
+    """An ``item`` event's catalog entry: its attributes and ``available`` (a new dict,
+    never modified once in a catalog). The user shards of a process receive each ``item``
+    event as one object and share its entry: one dict per event instead of one per shard,
+    and the shards' static-feature memos find another shard's results for it by identity
+    (``operators.point_in_time``, ``_static_part``)."""
+    found = _CATALOG_ATTRS.get(id(item))
+    if found is not None and found[0] is item:
+        return found[1]
+    if len(_CATALOG_ATTRS) >= MAX_CATALOG_ATTRS:
+        _CATALOG_ATTRS.clear()
+    attrs = dict(item.attrs, available=item.available)
+    _CATALOG_ATTRS[id(item)] = (item, attrs)
+    return attrs
 
 
 def route_events(events: list[Event], shards: int, shard_of: Callable[[str], int],

@@ -752,10 +752,12 @@ class Joiner:
             rows = closing
         counters.windows_closed += len(closing)
         if self.sampler.rate < 1.0:
-            if all([mark & DECIDED for mark in set(marks)]):  # decided at the intake
-                keeps: list[Any] = [mark & KEPT for mark in marks]  # (0: dropped)
-            else:
-                keeps = self.sampler.keep_impressions(ids)
+            keeps: list[Any] = [mark & KEPT for mark in marks]  # decided at the intake (0: dropped)
+            if not all([mark & DECIDED for mark in set(marks)]):  # the others hashed now, once
+                undecided = [j for j, mark in enumerate(marks) if not mark & DECIDED]
+                for j, keep in zip(undecided, self.sampler.keep_impressions(
+                        [ids[j] for j in undecided]), strict=True):
+                    keeps[j] = keep
             counters.negatives_dropped += keeps.count(False)
             if False in keeps:
                 rows = list(itertools.compress(rows, keeps))

@@ -164,6 +164,26 @@ def test_deep_nesting_is_a_dead_letter_not_a_crash(levels: int) -> None:
         assert out["reason"] == "too_deep", out
 
 
+@pytest.mark.parametrize("levels", [MAX_DEPTH, MAX_DEPTH + 1, 300])
+def test_deep_objects_without_arrays_are_dead_letters_in_both_paths(levels: int) -> None:
+    """A line without ``[`` takes the bracket bound from its ``{`` alone: objects nested
+    ``levels`` deep (an impression's context the second level) are dead letters past
+    ``MAX_DEPTH`` in ``parse`` and ``parse_many`` alike, and braces inside strings only
+    send a shallow line through the general path (same event)."""
+    inner = b'{"a":' * (levels - 2) + b"1" + b"}" * (levels - 2)
+    deep = (b'{"type":"impression","ts":%d,"impression_id":"m","user_id":"u","item_id":"a",'
+            b'"request_id":"r","position":0,"context":{"a":' % TS + inner + b"}}")
+    braces = line(type="impression", ts=TS, impression_id="{" * 40, user_id="u", item_id="a",
+                  request_id="r", position=0, context={"d": "{" * 40})
+    for raw in (deep, braces):
+        one, many = EventParser(max_bytes=1 << 20), EventParser(max_bytes=1 << 20)
+        out, [batch] = one.parse(raw), many.parse_many([raw])
+        if raw is deep and levels > MAX_DEPTH:
+            assert out["reason"] == batch["reason"] == "too_deep", (out, batch)
+        else:
+            assert isinstance(out, Impression) and batch == out
+
+
 def test_events_pickle_as_class_and_field_values() -> None:
     """Events cross processes in item updates (``-i/-a``): each pickles as its class and
     its field values in constructor order (no dataclass ``__getstate__``/``__setstate__``

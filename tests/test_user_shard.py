@@ -153,6 +153,67 @@ def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
                 assert runs == one and len(one[0]) > 20, (rate, wire, max_pending)
 
 
+def test_item_events_on_the_runs_path_equal_the_per_event_path() -> None:
+    """``item`` events taken by ``_catalog_item`` (the runs path) leave the catalog (its
+    entries, order and write count), the clock and the closed windows as ``_apply`` does,
+    and one that fails is the same dead letter."""
+    events = [Item(T0, "a", {"category": "c1"}), Item(T0, "b", {"price": 2.5}, False),
+              Impression(T0 + 5, "m1", "u1", "a", "r1", 0, {}),
+              Impression(T0 + 5, "m2", "u1", "b", "r1", 1, {}),
+              Item(T0 + 4_000, "a", {"category": "c2"}),  # the clock moves: m1, m2 close
+              Item(T0 + 4_000, "c", {}), Item(T0 + 3_000, "bad", {})]
+    seen: list[Any] = []
+    for runs in (False, True):
+        s = UserShard(JoinConfig(wait_ms_override=1_000, allowed_lateness_ms=0),
+                      NegativeSampler(1.0, 0))
+        if not runs:  # the per-event path
+            s.profiles = {"off": None}  # type: ignore[dict-item]
+            s._profile = lambda event: None  # type: ignore[method-assign]
+        item = s._item
+
+        def failing(event: Item, item: Any = item) -> None:
+            if event.item_id == "bad":
+                raise ValueError("bad item")
+            item(event)
+
+        s._item = failing  # type: ignore[method-assign]
+        out = s.process("u000", events)
+        for d in out["dead-letters"]:
+            d.pop("ingest_ts")
+        seen.append((list(s.catalog.items()), s.catalog.version, s.joiner.max_ts_ms,
+                     out["examples"], out["dead-letters"]))
+    assert seen[1] == seen[0]
+    assert len(seen[0][3]) == 2 and [d["error"] for d in seen[0][4]] == ["ValueError: bad item"]
+
+
+def test_a_close_of_runs_and_single_impressions_hashes_each_impression_once() -> None:
+    """At r < 1 a run's keep decisions are taken at the intake (its flags); a window
+    closing with them and with impressions taken one by one (a request of one) hashes
+    only the latter: each impression id reaches the sampler once, and the examples
+    equal the per-event path's (which decides every one at the close)."""
+    events = [Impression(T0 + 10 * r, f"m{r}-{p}", "u1", f"i{p}", f"r{r}", p, {})
+              for r in range(30) for p in range(1 if r % 3 == 0 else 4)]
+    outs: list[list[Any]] = []
+    for runs in (False, True):
+        s = UserShard(JoinConfig(wait_ms_override=3_000), NegativeSampler(0.3, 1))
+        if not runs:  # the per-event path
+            s.profiles = {"off": None}  # type: ignore[dict-item]
+            s._profile = lambda event: None  # type: ignore[method-assign]
+        hashed: list[str] = []
+        keep_impressions = s.joiner.sampler.keep_impressions
+
+        def spy(ids: list[str], keep: Any = keep_impressions, seen: list[str] = hashed) -> Any:
+            seen.extend(ids)
+            return keep(ids)
+
+        s.joiner.sampler.keep_impressions = spy  # type: ignore[method-assign]
+        out = [s.process("u000", events[i:i + 7]) for i in range(0, len(events), 7)]
+        out.append(s.flush())
+        outs.append(sum((o.get("examples", []) for o in out), []))
+        assert sorted(hashed) == sorted(e.impression_id for e in events), runs
+    assert outs[1] == outs[0] and 0 < len(outs[0]) < len(events)
+
+
 def test_a_run_takes_the_rows_free_pop_gives_and_counts_each_impression_once() -> None:
     """A run as long as the free rows, shorter and longer: ``Joiner.on_impressions``
     takes the rows one ``pending.add`` per impression takes (the last freed first) and
