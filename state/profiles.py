@@ -825,12 +825,15 @@ class ProfileStore:
                         v[at_sacc + j], v[at_sref + j], v[at_slo + j], v[at_sexp + j] = (
                             part, sref, t, se)
             rref = fs[-1][0] + 1 if len(fs) > RAW else v[at_sref + js[0]]  # newest raw ts + 1
-            kmv = type(agg) is _Distinct
+            kind = type(agg)
             for j, (racc, re) in zip(js, self._raw_part(f, fs, t, rref), strict=True):
-                if kmv and racc is not None:  # a few raw hashes into the slices' sketch
-                    acc = agg.add_all(v[at_sacc + j], racc)
+                sacc = v[at_sacc + j]
+                if kind is _Count:  # agg.merge: integer counts
+                    acc = racc if sacc is None else sacc if racc is None else sacc + racc
+                elif kind is _Distinct and racc is not None:  # a few raw hashes into the sketch
+                    acc = agg.add_all(sacc, racc)
                 else:
-                    acc = agg.merge(v[at_sacc + j], v[at_sref + j], racc, rref, rref)
+                    acc = agg.merge(sacc, v[at_sref + j], racc, rref, rref)
                 sexp = v[at_sexp + j]
                 v[j], v[at_ref + j], v[at_lo + j], v[at_exp + j] = (
                     acc, rref, t, re if re < sexp else sexp)
@@ -838,7 +841,7 @@ class ProfileStore:
                 if acc is None:
                     out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 else:
-                    out[name] = agg.out(acc, rref, rref)
+                    out[name] = float(acc) if kind is _Count else agg.out(acc, rref, rref)
         p.hi = min(v[at_exp:at_sacc])
         p.lo_max = max(v[at_lo:at_exp])
 
@@ -846,7 +849,9 @@ class ProfileStore:
         """Fold new raw events ``(f, ts, v)`` of order-free features into the memoised
         outputs, in turn. Done after the merge's other memo changes rather than between
         them: those only forget outputs (``lo = FAR``, ``lo_max = FAR``), which an add
-        skips and a later refresh recomputes whole, so the memo answers alike."""
+        skips and a later refresh recomputes whole, so the memo answers alike. Windows of
+        a distinct count holding equal sketches (a young item's 1d and 7d viewers) take
+        the hash once and share the resulting tuple (accumulators are never mutated)."""
         plan = self.plan
         aggs, feat_outs = plan.aggs, plan.feat_out_specs
         cv, out = c.memo, c.out
