@@ -900,6 +900,19 @@ def _bits(x: Any) -> Any:
     return x
 
 
+def _raw_events(rnd: random.Random, n_min: int, n_max: int, max_gap: int,
+                values: tuple[Any, ...]) -> tuple[list[tuple[int, Any]], int]:
+    """``n_min``-``n_max`` raw ``(ts, value)`` events from a random time of a day (gaps 0, 1
+    or up to ``max_gap`` ms; a value of ``values``, a float of any sign and magnitude or
+    -0.0), and the last ts."""
+    ts = BASE + rnd.randrange(DAY)
+    events = []
+    for _ in range(rnd.randint(n_min, n_max)):
+        ts += rnd.choice((0, 1, rnd.randrange(1, max_gap)))
+        events.append((ts, rnd.choice((*values, rnd.uniform(-1e3, 1e3), rnd.random() * 1e-9, -0.0))))
+    return events, ts
+
+
 def test_fold_raw_is_the_event_by_event_merge_bit_for_bit() -> None:
     """``fold_raw`` (a raw part in one call: sums, means and decayed sums in one loop)
     gives the value of ``merge(add(None, ts, v, ts), ts, acc, r, r)`` per event, newest
@@ -915,12 +928,7 @@ def test_fold_raw_is_the_event_by_event_merge_bit_for_bit() -> None:
     aggs = [make_agg(s) for s in parse_features(raw_specs)]
     folds = 0
     for _ in range(300):
-        ts = BASE + rnd.randrange(DAY)
-        events = []
-        for _ in range(rnd.randint(0, 40)):
-            ts += rnd.choice((0, 1, rnd.randrange(1, 5 * MIN)))
-            v = rnd.choice((1, 1.0, rnd.uniform(-1e3, 1e3), rnd.random() * 1e-9, -0.0))
-            events.append((ts, v))
+        events, ts = _raw_events(rnd, 0, 40, 5 * MIN, (1, 1.0))
         r = (events[-1][0] if events else ts) + rnd.choice((0, 1, 2, HOUR))
         for agg in aggs:
             vals = [(e[0], abs(int(e[1] * 1e6))) if type(agg).__name__ == "_Distinct"
@@ -1271,12 +1279,7 @@ def test_slices_of_is_add_in_turn_bit_for_bit() -> None:
     aggs = [make_agg(s) for s in parse_features(raw_specs)]
     additive = 0
     for _ in range(300):
-        ts = BASE + rnd.randrange(DAY)
-        events = []
-        for _ in range(rnd.randint(1, 30)):
-            ts += rnd.choice((0, 1, rnd.randrange(1, 3 * MIN)))
-            v = rnd.choice((1, 2, 1.0, rnd.uniform(-1e3, 1e3), rnd.random() * 1e-9, -0.0))
-            events.append((ts, v))
+        events, _ = _raw_events(rnd, 1, 30, 3 * MIN, (1, 2, 1.0))
         for agg in aggs:
             name = type(agg).__name__
             vals = [(e[0], abs(int(e[1] * 1e6))) if name == "_Distinct"
