@@ -77,6 +77,26 @@ class _Count:
             acc = self.merge(self.add(None, ts, v, ts), ts, acc, r, r)
         return acc
 
+    def slices_of(self, events: Iterable[tuple[int, Any]], g: int) -> list[tuple[int, int, Any]]:
+        """Raw ``(ts, v)`` events (sorted by ts) folded into ``[(start, end, acc), ...]``
+        slices aligned to ``g`` ms: each event ``add`` ed in turn to its slice's accumulator
+        (referenced at the slice's end). Counts and sums add their values in one loop
+        (``add``'s ``acc + v``, the same additions in the same order)."""
+        out: list[tuple[int, int, Any]] = []
+        additive = type(self) is _Count or type(self) is _Sum
+        start = acc = None
+        for ts, v in events:
+            s = ts - ts % g
+            if s != start:
+                if start is not None:
+                    out.append((start, start + g, acc))
+                start, acc = s, (v if additive else self.add(None, ts, v, s + g))
+            else:
+                acc = acc + v if additive else self.add(acc, ts, v, s + g)
+        if start is not None:
+            out.append((start, start + g, acc))
+        return out
+
 
 class _Sum(_Count):
     def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:

@@ -42,6 +42,11 @@ MAX_KEYS = 4_096
 ~130 B each: flows/memory.py ``profile_key``)."""
 ItemAttrs = Callable[[Any], Mapping[str, Any] | None]
 """``item_id -> attrs dict`` (or None): where ``user_x_<attr>`` stores read an item's attribute."""
+WriteStep = tuple[int, Any, Any, Callable[[Any], Any], Callable[[Any], Any]]
+"""How an event writes feature f: ``(f, min_value, const, getter, prep)`` (``ProfilePlan``'s
+tables of f side by side; ``const`` is ``MISSING`` when the value is read from the event)."""
+MAX_ROUTES = 256
+"""``(type, action)`` pairs whose write steps a plan keeps (``ProfilePlan.write_steps``)."""
 
 
 def parse_tiers(tiers: Sequence[Sequence[Any]]) -> tuple[tuple[int, int | None], ...]:
@@ -193,6 +198,9 @@ class ProfilePlan:
                 if s.aggregate == "last_k":
                     self.list_outs.append(name)
             self.feat_outs.append(js)
+        self.feat_out_specs: list[tuple[tuple[int, int | None, str], ...]] = [
+            tuple((j, self.out_w[j], self.out_names[j]) for j in js) for js in self.feat_outs]
+        """Per feature f: (output j, its window in ms or None, its name) of each output."""
         self.rates: list[tuple[str, str, str, float]] = [
             (name, f"{s.entity}.{s.of[0]}.{lab}", f"{s.entity}.{s.of[1]}.{lab}", s.prior)
             for s in self.all_specs if s.of is not None
@@ -200,6 +208,7 @@ class ProfilePlan:
         """Derived outputs (name, numerator output, denominator output, prior), after the
         stored ones."""
         self.route = self._routes()
+        self._steps: dict[tuple[str, str | None], tuple[WriteStep, ...]] = {}
         self._keys: dict[str, int] = {}
         self._cross_keys: dict[tuple[Any, Any], int] = {}
 
@@ -240,6 +249,19 @@ class ProfilePlan:
         fids = self.route.get((etype, action))
         return self.route.get((etype, None)) if fids is None else fids
 
+    def write_steps(self, etype: str, action: str | None) -> tuple[WriteStep, ...]:
+        """The write steps of ``features_for(etype, action)``'s features, in its order (the
+        empty tuple: none), memoised per pair (at most ``MAX_ROUTES``, cleared when full)."""
+        pair = (etype, action)
+        steps = self._steps.get(pair)
+        if steps is None:
+            steps = tuple((f, self.min_values[f], self.consts[f], self.getters[f], self.preps[f])
+                          for f in self.features_for(etype, action) or ())
+            if len(self._steps) >= MAX_ROUTES:
+                self._steps.clear()
+            self._steps[pair] = steps
+        return steps
+
     def empty_outputs(self) -> dict[str, Any]:
         """Every output at its empty-window default (a fresh list for last_k)."""
         out = dict(self.defaults)
@@ -273,15 +295,10 @@ class ProfilePlan:
             key = self._cross_keys[pair] = stable_hash64(f"{user_id}\x1f{value}")
         return key
 
-    def keys_for(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None
-                 ) -> tuple[list[int], str | None]:
-        """(entity keys an event writes to, or [] with the reason counter to bump)."""
-        field = self.id_field
-        if field is not None:
-            eid = event.get(field)
-            if eid is None:
-                return [], "skipped_no_id"
-            return [self.key(eid)], None
+    def cross_keys_for(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None
+                       ) -> tuple[list[int], str | None]:
+        """(the ``user_x_<attr>`` keys an event writes to, or [] with the reason counter
+        to bump); a ``user`` or ``item`` store's one key is ``key(event[id_field])``."""
         uid, iid = event.get("user_id"), event.get("item_id")
         if uid is None or iid is None:
             return [], "skipped_no_id"

@@ -75,6 +75,10 @@ class Tiers:
         self.params = params
         self.counters = counters
         self._cuts_memo: dict[int, tuple[int, list[int]]] = {}
+        self._g0 = params.g0
+        tiers = params.tiers
+        self._crossings = [(tiers[i][0], tiers[i + 1][0], tiers[i][1]) for i in range(len(tiers) - 1)]
+        """Per tier but the last: (its granularity, the next tier's, its span), ms."""
 
     def cuts(self, cf: int) -> tuple[int, list[int]]:
         """(raw cut, tier bounds) for watermark cf: tier i holds slices starting in
@@ -157,14 +161,7 @@ class Tiers:
             n = (bisect.bisect_left(fs, raw_cut, RAW, key=TS) - RAW
                  if len(fs) > RAW and fs[RAW][0] < raw_cut else 0)  # raw events to fold
             if n:
-                folded: list[Any] = []
-                for ts, v in fs[RAW:RAW + n]:
-                    start = ts - ts % g0
-                    if folded and folded[-1][0] == start:
-                        last = folded[-1]
-                        folded[-1] = (start, last[1], agg.add(last[2], ts, v, last[1]))
-                    else:
-                        folded.append((start, start + g0, agg.add(None, ts, v, start + g0)))
+                folded = agg.slices_of(fs[RAW:RAW + n], g0)
                 del fs[RAW:RAW + n]
                 if type(folded[0][2]) is tuple:  # mean, last, distinct count
                     hold_young([s[2] for s in folded])
@@ -213,20 +210,16 @@ class Tiers:
         the oldest raw event folds, the oldest slice is truncated, or the oldest slice of
         a tier crosses that tier's bound. Granularity never increases along the list."""
         slices = fs[SLICES]
-        tiers = self.params.tiers
         d = self.raw_due(fs[RAW][0]) if len(fs) > RAW else FAR
         if slices:
             first = slices[0]
             h = first[1] + self.plan.horizon[f]
             if h < d:
                 d = h
-            finest = first[1] - first[0] == tiers[0][0]  # every slice at g0: the oldest first
-            for i in range(len(tiers) - 1):
-                g, span = tiers[i]
-                gn = tiers[i + 1][0]
-                if finest:
-                    st = first[0]
-                else:
+            finest = first[1] - first[0] == self._g0  # every slice at g0: the oldest first
+            st = first[0]
+            for g, gn, span in self._crossings:
+                if not finest:
                     idx = bisect.bisect_left(slices, -g, key=_neg_gran)  # first with gran <= g
                     if idx >= len(slices):
                         continue

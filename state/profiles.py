@@ -58,7 +58,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
-from state.aggregates import BAD, FOLD_SAME, FOLD_SUM, TS, _Count, _Distinct
+from state.aggregates import BAD, FOLD_SUM, TS, _Count, _Distinct, _Last
 from state.decay import exp2
 from state.feature_spec import MISSING, FeatureSpec, as_specs
 from state.profile_codec import FORMAT, NO_SLICES, RAW, SLICES, TAIL, TAIL_END, HotCold, Profile
@@ -82,8 +82,9 @@ def cache_offsets(n: int) -> tuple[int, int, int, int, int, int, int, int]:
     return 0, n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n, 7 * n
 
 
-def blank_memo(n: int) -> list[Any]:
-    """``Profile.memo`` of ``n`` outputs, none valid (lo = slo = FAR).
+def blank_memo(n: int, t: int) -> list[Any]:
+    """``Profile.memo`` of ``n`` outputs, each as a feature holding no data has it at t
+    (values None, references 0, valid for T in [t, FAR): ``lo = slo = t``).
 
     A hot profile's memoised outputs (``Profile.memo``, ``out``, ``hi``, ``lo_max``; kept
     on the profile itself, not in an object of their own: one tracked object fewer per
@@ -104,7 +105,7 @@ def blank_memo(n: int) -> list[Any]:
     long, and one list instead of eight is seven containers fewer for the collector to
     scan (``bench/gc_census.py``).
     """
-    return [None] * n + [0] * n + [FAR] * n + [0] * n + [None] * n + [0] * n + [FAR] * n + [0] * n
+    return [None] * n + [0] * n + [t] * n + [FAR] * n + [None] * n + [0] * n + [t] * n + [FAR] * n
 
 
 class ProfileStore:
@@ -143,7 +144,8 @@ class ProfileStore:
         self._tiers = Tiers(self.plan, self.params, self.counters)
         self._at = cache_offsets(len(self.plan.out_names))
         """Where each field's block of a ``Profile.memo`` starts."""
-        self._blank_memo = blank_memo(len(self.plan.out_names))
+        self._blank_memo = blank_memo(len(self.plan.out_names), 0)
+        """``blank_memo`` at 0: copied, its lo blocks set, per new memo (``_refresh``)."""
         self._table = HotCold(len(self.specs), self.params.hot_limit, self.params.compress_level,
                               self.params.max_entities, self.counters)
         self._buffer: dict[int, list[tuple[int, int, Any]]] = {}  # the write table
@@ -201,31 +203,35 @@ class ProfileStore:
         if not isinstance(etype, str) or not isinstance(action, (str, type(None))):
             return
         plan = self.plan
-        fids = plan.features_for(etype, action)
-        if fids is None:
+        steps = plan.write_steps(etype, action)
+        if not steps:
             return
         counters = self.counters
         counters["events"] += 1
-        keys, skipped = plan.keys_for(event, item_attrs)
-        if skipped is not None:
-            counters[skipped] += 1
-        if not keys:
-            return
+        if plan.id_field is not None:  # a user or item store: one key
+            eid = event.get(plan.id_field)
+            if eid is None:
+                counters["skipped_no_id"] += 1
+                return
+            keys: Sequence[int] = (plan.key(eid),)
+        else:
+            keys, skipped = plan.cross_keys_for(event, item_attrs)
+            if skipped is not None:
+                counters[skipped] += 1
+            if not keys:
+                return
         writes: list[tuple[int, int, Any]] = []
-        min_values, consts = plan.min_values, plan.consts
-        for f in fids:
-            mv = min_values[f]
+        for f, mv, v, getter, prep in steps:
             if mv is not None:
                 x = event.get("value", 1.0)
                 if not isinstance(x, (int, float)) or x < mv:
                     continue
-            v = consts[f]
             if v is MISSING:
-                v = plan.getters[f](event)
+                v = getter(event)
                 if v is MISSING:
                     counters["skipped_bad_value"] += 1
                     continue
-                v = plan.preps[f](v)
+                v = prep(v)
                 if v is BAD:
                     counters["skipped_bad_value"] += 1
                     continue
@@ -265,18 +271,20 @@ class ProfileStore:
         if base < 0:
             return False
         fold = self.plan.fold
+        folded = []
         for i in range(n):
             f, ts, v = writes[i]
             old = lst[base + i]
             kind = fold[f]
-            if (old[0] != f or old[1] != ts or not kind
-                    or (kind == FOLD_SAME and (type(old[2]) is not type(v) or old[2] != v))):
+            if old[0] != f or old[1] != ts or not kind:
                 return False
-        for i in range(n):
-            f, ts, v = writes[i]
-            if fold[f] == FOLD_SUM:
-                old = lst[base + i]
-                lst[base + i] = (f, ts, old[2] + v)
+            if kind == FOLD_SUM:
+                folded.append((f, ts, old[2] + v))
+            elif type(old[2]) is not type(v) or old[2] != v:  # FOLD_SAME: equal values
+                return False
+            else:
+                folded.append(old)
+        lst[base:] = folded
         return True
 
     def advance(self, now_ms: int) -> None:
@@ -555,8 +563,9 @@ class ProfileStore:
         raw_cut, bounds = tiers.cuts(cf)
         feats, due, incremental = p.feats, p.due, plan.incremental
         raw_ms = params.raw_ms
-        cache_add = self._cache_add
-        for f, ts, v in writes:
+        adds: list[tuple[int, int, Any]] = []  # raw writes of order-free features (c set)
+        for w in writes:
+            f, ts, v = w
             fs = feats[f]
             if fs is None:
                 fs = feats[f] = [NO_SLICES, None, None]
@@ -571,7 +580,7 @@ class ProfileStore:
                     due = p.due
                 if c is not None:
                     if incremental[f]:
-                        cache_add(c, f, ts, v)
+                        adds.append(w)
                     else:  # its combined values forgotten, the slice parts kept
                         cv, at_lo = c.memo, self._at[2]
                         for j in plan.feat_outs[f]:
@@ -583,6 +592,8 @@ class ProfileStore:
                 due = p.due
                 if c is not None:
                     self._invalidate(c, f)
+        if adds:
+            self._cache_add(c, adds)  # type: ignore[arg-type]
         p.dirty = True
         p.blob = None
 
@@ -610,6 +621,9 @@ class ProfileStore:
         accs = [s[2] for s in appended]  # never None: a folded slice holds an event
         v, out_w = c.memo, plan.out_w
         _, _, at_lo, at_exp, at_sacc, _, at_slo, at_sexp = self._at
+        lo_max = c.lo_max  # the lo block's max: f's los only rise here, so it stays one
+        sketch_in: Any = MISSING  # the last KMV sketch the slices went into, the result
+        sketch_out = None
         for j in plan.feat_outs[f]:
             w = out_w[j]
             lo_c = v[at_lo + j]
@@ -623,7 +637,9 @@ class ProfileStore:
                     if exp_c < c.hi:
                         c.hi = exp_c
                 else:
-                    v[at_lo + j] = FAR
+                    v[at_lo + j] = lo_c = FAR
+                if lo_c > lo_max:
+                    lo_max = lo_c
             slo = v[at_slo + j]
             if slo >= FAR:
                 continue
@@ -636,13 +652,17 @@ class ProfileStore:
                 continue
             acc = v[at_sacc + j]
             if type(agg) is _Distinct:
-                for a in accs:
-                    acc = agg.add_all(acc, a)
+                if acc is not sketch_in:  # windows sharing one sketch: added to once
+                    sketch_in = acc
+                    for a in accs:
+                        acc = agg.add_all(acc, a)
+                    sketch_out = acc
+                acc = sketch_out
             else:
                 for a in accs:
                     acc = a if acc is None else acc + a
             v[at_sacc + j], v[at_slo + j], v[at_sexp + j] = acc, lo, hi
-        c.lo_max = max(v[at_lo:at_exp])
+        c.lo_max = lo_max
 
     # ---- reads
 
@@ -767,10 +787,12 @@ class ProfileStore:
         plan = self.plan
         _, at_ref, at_lo, at_exp, at_sacc, at_sref, at_slo, at_sexp = self._at
         v = p.memo
-        if v is None:  # every output invalid (lo = FAR): every feature with one
-            v = p.memo = self._blank_memo.copy()
+        new = v is None
+        if new:  # every output as an empty feature's; the features holding data computed
+            v = p.memo = self._blank_memo.copy()  # blank_memo(n, t):
+            v[at_lo:at_exp] = v[at_slo:at_sexp] = [t] * len(plan.out_names)
             p.out = plan.empty_outputs()
-            stale = sorted(set(plan.out_feat))
+            stale = [f for f, fs in enumerate(p.feats) if fs is not None]
         else:
             stale = sorted({f for f, lo_j, exp_j in zip(plan.out_feat, v[at_lo:at_exp],
                                                         v[at_exp:at_sacc], strict=True)
@@ -790,7 +812,7 @@ class ProfileStore:
                     out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 continue
             slices = fs[SLICES]
-            stale_parts = [j for j in js if not v[at_slo + j] <= t < v[at_sexp + j]]
+            stale_parts = js if new else [j for j in js if not v[at_slo + j] <= t < v[at_sexp + j]]
             if stale_parts:
                 sref = slices[-1][1] if slices else (fs[TAIL_END] or 0)
                 if len(stale_parts) < len(js) and type(agg) in _EXACT:
@@ -803,12 +825,15 @@ class ProfileStore:
                         v[at_sacc + j], v[at_sref + j], v[at_slo + j], v[at_sexp + j] = (
                             part, sref, t, se)
             rref = fs[-1][0] + 1 if len(fs) > RAW else v[at_sref + js[0]]  # newest raw ts + 1
-            kmv = type(agg) is _Distinct
+            kind = type(agg)
             for j, (racc, re) in zip(js, self._raw_part(f, fs, t, rref), strict=True):
-                if kmv and racc is not None:  # a few raw hashes into the slices' sketch
-                    acc = agg.add_all(v[at_sacc + j], racc)
+                sacc = v[at_sacc + j]
+                if kind is _Count:  # agg.merge: integer counts
+                    acc = racc if sacc is None else sacc if racc is None else sacc + racc
+                elif kind is _Distinct and racc is not None:  # a few raw hashes into the sketch
+                    acc = agg.add_all(sacc, racc)
                 else:
-                    acc = agg.merge(v[at_sacc + j], v[at_sref + j], racc, rref, rref)
+                    acc = agg.merge(sacc, v[at_sref + j], racc, rref, rref)
                 sexp = v[at_sexp + j]
                 v[j], v[at_ref + j], v[at_lo + j], v[at_exp + j] = (
                     acc, rref, t, re if re < sexp else sexp)
@@ -816,42 +841,60 @@ class ProfileStore:
                 if acc is None:
                     out[name] = [] if name in plan.list_outs else plan.defaults[name]
                 else:
-                    out[name] = agg.out(acc, rref, rref)
+                    out[name] = float(acc) if kind is _Count else agg.out(acc, rref, rref)
         p.hi = min(v[at_exp:at_sacc])
         p.lo_max = max(v[at_lo:at_exp])
 
-    def _cache_add(self, c: Profile, f: int, ts: int, v: Any) -> None:
-        """Fold a new raw event into the memoised outputs of an order-free feature f."""
+    def _cache_add(self, c: Profile, adds: list[tuple[int, int, Any]]) -> None:
+        """Fold new raw events ``(f, ts, v)`` of order-free features into the memoised
+        outputs, in turn. Done after the merge's other memo changes rather than between
+        them: those only forget outputs (``lo = FAR``, ``lo_max = FAR``), which an add
+        skips and a later refresh recomputes whole, so the memo answers alike. Windows of
+        a distinct count holding equal sketches (a young item's 1d and 7d viewers) take
+        the hash once and share the resulting tuple (accumulators are never mutated)."""
         plan = self.plan
-        agg = plan.aggs[f]
-        kind = type(agg)
-        t1 = ts + 1
-        cv, out, out_w, names = c.memo, c.out, plan.out_w, plan.out_names
+        aggs, feat_outs = plan.aggs, plan.feat_out_specs
+        cv, out = c.memo, c.out
         at_lo, at_exp = self._at[2], self._at[3]
         hi, lo_max = c.hi, c.lo_max
-        for j in plan.feat_outs[f]:
-            lo = cv[at_lo + j]
-            if lo >= FAR:
-                continue
-            nlo = t1 if t1 > lo else lo
-            w = out_w[j]
-            if w is None or ts + w >= nlo:
-                acc = cv[j]  # acc: the first block
-                if kind is _Count:  # agg.merge(acc, 0, agg.add(None, ts, v, ts), 0, 0)
-                    acc = v if acc is None else acc + v
-                    out[names[j]] = float(acc)  # agg.out
-                else:
-                    acc = (agg.add_all(acc, (v,)) if kind is _Distinct
-                           else agg.merge(acc, 0, agg.add(None, ts, v, ts), 0, 0))
-                    out[names[j]] = agg.out(acc, 0, 0)
-                cv[j] = acc
-                if w is not None and ts + w + 1 < cv[at_exp + j]:
-                    cv[at_exp + j] = e = ts + w + 1
-                    if e < hi:
-                        hi = e
-            cv[at_lo + j] = nlo
-            if nlo > lo_max:
-                lo_max = nlo
+        for f, ts, v in adds:
+            agg = aggs[f]
+            kind = type(agg)
+            t1 = ts + 1
+            sketch_in: Any = MISSING  # the KMV sketch the hash last went into, the result
+            sketch_out = sketch_value = None
+            for j, w, name in feat_outs[f]:
+                lo = cv[at_lo + j]
+                if lo >= FAR:
+                    continue
+                nlo = t1 if t1 > lo else lo
+                if w is None or ts + w >= nlo:
+                    acc = cv[j]  # acc: the first block
+                    if kind is _Count:  # agg.merge(acc, 0, agg.add(None, ts, v, ts), 0, 0)
+                        acc = v if acc is None else acc + v
+                        out[name] = float(acc)  # agg.out
+                    elif kind is _Last:  # the same merge: the newer (ts, v) wins ties
+                        if acc is None or ts >= acc[0]:
+                            acc = (ts, v)
+                        out[name] = acc[1]  # agg.out
+                    elif kind is _Distinct:  # windows holding equal sketches: one add
+                        if acc is not sketch_in and acc != sketch_in:
+                            sketch_in = acc
+                            sketch_out = agg.add_all(acc, (v,))
+                            sketch_value = agg.out(sketch_out, 0, 0)
+                        acc = sketch_out
+                        out[name] = sketch_value
+                    else:
+                        acc = agg.merge(acc, 0, agg.add(None, ts, v, ts), 0, 0)
+                        out[name] = agg.out(acc, 0, 0)
+                    cv[j] = acc
+                    if w is not None and ts + w + 1 < cv[at_exp + j]:
+                        cv[at_exp + j] = e = ts + w + 1
+                        if e < hi:
+                            hi = e
+                cv[at_lo + j] = nlo
+                if nlo > lo_max:
+                    lo_max = nlo
         c.hi, c.lo_max = hi, lo_max
 
 

@@ -900,6 +900,19 @@ def _bits(x: Any) -> Any:
     return x
 
 
+def _raw_events(rnd: random.Random, n_min: int, n_max: int, max_gap: int,
+                values: tuple[Any, ...]) -> tuple[list[tuple[int, Any]], int]:
+    """``n_min``-``n_max`` raw ``(ts, value)`` events from a random time of a day (gaps 0, 1
+    or up to ``max_gap`` ms; a value of ``values``, a float of any sign and magnitude or
+    -0.0), and the last ts."""
+    ts = BASE + rnd.randrange(DAY)
+    events = []
+    for _ in range(rnd.randint(n_min, n_max)):
+        ts += rnd.choice((0, 1, rnd.randrange(1, max_gap)))
+        events.append((ts, rnd.choice((*values, rnd.uniform(-1e3, 1e3), rnd.random() * 1e-9, -0.0))))
+    return events, ts
+
+
 def test_fold_raw_is_the_event_by_event_merge_bit_for_bit() -> None:
     """``fold_raw`` (a raw part in one call: sums, means and decayed sums in one loop)
     gives the value of ``merge(add(None, ts, v, ts), ts, acc, r, r)`` per event, newest
@@ -915,12 +928,7 @@ def test_fold_raw_is_the_event_by_event_merge_bit_for_bit() -> None:
     aggs = [make_agg(s) for s in parse_features(raw_specs)]
     folds = 0
     for _ in range(300):
-        ts = BASE + rnd.randrange(DAY)
-        events = []
-        for _ in range(rnd.randint(0, 40)):
-            ts += rnd.choice((0, 1, rnd.randrange(1, 5 * MIN)))
-            v = rnd.choice((1, 1.0, rnd.uniform(-1e3, 1e3), rnd.random() * 1e-9, -0.0))
-            events.append((ts, v))
+        events, ts = _raw_events(rnd, 0, 40, 5 * MIN, (1, 1.0))
         r = (events[-1][0] if events else ts) + rnd.choice((0, 1, 2, HOUR))
         for agg in aggs:
             vals = [(e[0], abs(int(e[1] * 1e6))) if type(agg).__name__ == "_Distinct"
@@ -1244,3 +1252,98 @@ def test_distinct_count_prep_hashes_each_id_as_stable_hash64() -> None:
     got = [prep(v) for v in ids]
     want = [BAD if isinstance(v, (bool, float)) or v is None else stable_hash64(v) for v in ids]
     assert got == want
+
+
+def _slices_by_add(agg: Any, events: list[tuple[int, Any]], g: int) -> list[Any]:
+    """Raw events folded into ``g``-aligned slices as compaction did before
+    ``slices_of``: one ``add`` per event, referenced at its slice's end."""
+    folded: list[Any] = []
+    for ts, v in events:
+        start = ts - ts % g
+        if folded and folded[-1][0] == start:
+            last = folded[-1]
+            folded[-1] = (start, last[1], agg.add(last[2], ts, v, last[1]))
+        else:
+            folded.append((start, start + g, agg.add(None, ts, v, start + g)))
+    return folded
+
+
+def test_slices_of_is_add_in_turn_bit_for_bit() -> None:
+    """``slices_of`` (compaction's raw events into g0 slices; counts and sums in one
+    loop of additions) gives what ``add`` per event gives, bit for bit: every aggregate,
+    events sharing a minute or not, values of every sign and magnitude."""
+    from state.aggregates import make_agg
+
+    rnd = random.Random(21)
+    raw_specs = [*SPECS, _spec("d1s", FB, "decay_sum", half_life="1s")]
+    aggs = [make_agg(s) for s in parse_features(raw_specs)]
+    additive = 0
+    for _ in range(300):
+        events, _ = _raw_events(rnd, 1, 30, 3 * MIN, (1, 2, 1.0))
+        for agg in aggs:
+            name = type(agg).__name__
+            vals = [(e[0], abs(int(e[1] * 1e6))) if name == "_Distinct"
+                    else (e[0], f"it{int(e[1]) % 5}") if name == "_LastK"
+                    else (e[0], 1) if name == "_Count" else e for e in events]
+            got = agg.slices_of(vals, MIN)
+            assert _bits(got) == _bits(_slices_by_add(agg, vals, MIN)), (name, vals)
+            additive += name in ("_Count", "_Sum")
+    assert additive == 600  # the one-loop path was among those compared
+
+
+def test_write_steps_are_the_routed_features_tables() -> None:
+    """``ProfilePlan.write_steps``: per (type, action), the features ``features_for``
+    routes to, in its order, with their min value, constant, getter and prep; none for
+    an unrouted pair; memoised, and the memo bounded by ``MAX_ROUTES``."""
+    from state.profile_plan import MAX_ROUTES
+
+    plan = ProfileStore(SPECS, "user").plan
+    pairs = [("impression", None), ("feedback", "click"), ("feedback", "rating"),
+             ("feedback", "like"), ("feedback", None), ("request", None), ("item", "x")]
+    for etype, action in pairs:
+        fids = plan.features_for(etype, action) or []
+        want = tuple((f, plan.min_values[f], plan.consts[f], plan.getters[f], plan.preps[f])
+                     for f in fids)
+        assert plan.write_steps(etype, action) == want
+        assert plan.write_steps(etype, action) is plan.write_steps(etype, action)
+    assert plan.write_steps("feedback", "click") != ()
+    assert plan.write_steps("request", None) == ()
+    for i in range(MAX_ROUTES + 10):
+        assert plan.write_steps("feedback", f"a{i}") == plan.write_steps("feedback", None)
+    assert len(plan._steps) <= MAX_ROUTES
+
+
+def test_records_write_as_their_dicts() -> None:
+    """A store fed ``events.model`` records (fields read by their ``get``) answers and
+    snapshots as one fed the same events as dicts (every aggregate, a cross store's
+    item attributes, fields a record type lacks, e.g. a request's action)."""
+    from dataclasses import asdict
+
+    from events.model import Feedback, Impression, Request
+
+    rnd = random.Random(3)
+    cats = {f"it{j}": {"category": f"c{j % 3}"} for j in range(8)}
+    specs = [*({**s, "name": f"s_{s['name']}"} for s in SPECS), *default_features("user"),
+             *default_features("user_x_category")]
+    for kind in ("user", "user_x_category"):
+        by_record, by_dict = ProfileStore(specs, kind), ProfileStore(specs, kind)
+        ts = BASE
+        for i in range(600):
+            ts += rnd.choice((0, SEC, 30 * SEC, 10 * MIN))
+            user, item = f"u{rnd.randint(0, 2)}", f"it{rnd.randint(0, 7)}"
+            pick = rnd.random()
+            record: Any = (
+                Impression(ts=ts, impression_id=f"m{i}", user_id=user, item_id=item,
+                           position=rnd.randint(0, 9)) if pick < 0.6
+                else Request(ts=ts, request_id=f"r{i}", user_id=user) if pick < 0.7
+                else Feedback(ts=ts, user_id=user, item_id=item,
+                              action=rnd.choice(["click", "like", "rating", "dwell"]),
+                              value=float(rnd.randint(1, 5))))
+            as_dict = {**asdict(record), "type": record.type}
+            by_record.apply(record, cats.get)
+            by_dict.apply(as_dict, cats.get)
+            if i % 37 == 0:
+                who = user if kind == "user" else (user, cats[item]["category"])
+                assert by_record.query(who) == by_dict.query(who), i
+        assert by_record.counters["writes"] > 500
+        assert by_record.snapshot() == by_dict.snapshot()
