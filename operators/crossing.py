@@ -7,9 +7,10 @@ serialize every item (``pickle.dumps``; 6,882 dumps for 3,441 loads counted in a
 by the first ``dumps`` and hands the same bytes to the second; the receiving process
 unpickles ``value`` itself, as before. An item that stays in its process is never
 pickled: its stage gets the wrapper, and ``Unwrapped`` gives that stage the value either
-way; ``UnwrappedPartition`` does the same for a sink partition (the file records and
-answers go to ``operators.sinks.NamedSinks`` wrapped). Nothing about the value changes (one process: the same object; two: the same
-pickle round trip), so outputs are equal bit for bit.
+way; ``UnwrappedPartition`` does the same for a sink partition (the user shards' file
+records and answers go to ``operators.sinks.NamedSinks`` wrapped). Nothing about the
+value changes (one process: the same object; two: the same pickle round trip), so
+outputs are equal bit for bit.
 """
 
 from __future__ import annotations
