@@ -160,7 +160,7 @@ def work(state, n):
     if state is None:
         time.sleep(0.05)  # the main thread parks (or not) while the workers run
         state = _main_switches()
-    time.sleep(0.5)
+    time.sleep(1.0)
     Path({out!r}).with_suffix(f".{{n}}").write_text(str(_main_switches() - state))
     return state, n
 
@@ -174,9 +174,9 @@ op.output("out", op.stateful_map("work", keyed, work), StdOutSink())
 @pytest.mark.parametrize("park", [True, False])
 def test_a_cluster_process_main_thread_parks_while_its_workers_run(
         tmp_path: Path, park: bool) -> None:
-    """``python -m bytewax.run -w 2``: Bytewax's main thread wakes every 1 ms (about 500
-    voluntary switches in 0.5 s); parked, every ``PARK_STEP_S`` (20 ms: about 25). The
-    flow still ends (the main thread notices its workers have ended)."""
+    """``python -m bytewax.run -w 2``: Bytewax's main thread wakes every 1 ms (up to 1,000
+    voluntary switches in 1 s, fewer on a loaded machine); parked, only if a worker ends or every
+    ``PARK_CHECK_S`` (1 s). The flow still ends (the main thread sees its workers end)."""
     import subprocess
 
     (tmp_path / "parked_flow.py").write_text(
@@ -187,16 +187,16 @@ def test_a_cluster_process_main_thread_parks_while_its_workers_run(
     switches = [int(p.read_text()) for p in tmp_path.glob("switches.*")]
     assert len(switches) == 2
     if park:
-        assert max(switches) < 100, switches
+        assert max(switches) < 20, switches
     else:
-        assert min(switches) > 150, switches
+        assert min(switches) > 60, switches
 
 
 def test_the_main_thread_parks_only_in_bytewax_run_and_until_its_workers_end(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``_park_main`` returns at once from a frame that is not ``bytewax.run``'s (the main
     thread running code of its own); from Bytewax's wait it returns once the noted
-    worker thread has ended, not before."""
+    worker thread has ended (its pidfd), not before, and closes that pidfd."""
     import threading
     import time
     from types import SimpleNamespace
@@ -217,6 +217,8 @@ def test_the_main_thread_parks_only_in_bytewax_run_and_until_its_workers_end(
     thread.start()
     while not runtime._workers:
         time.sleep(0.001)
+    if None in runtime._workers.values():
+        pytest.skip("no thread pidfds (Linux 6.9+)")
     other = SimpleNamespace(f_globals={"__name__": "__main__", "__spec__": None})
     t0 = time.perf_counter()
     runtime._park_main(runtime.PARK_SIGNAL, other)  # type: ignore[arg-type]
@@ -225,4 +227,5 @@ def test_the_main_thread_parks_only_in_bytewax_run_and_until_its_workers_end(
     runtime._park_main(runtime.PARK_SIGNAL, bytewax_run)  # type: ignore[arg-type]
     returned = time.perf_counter()
     thread.join()
-    assert ended and ended[0] <= returned < ended[0] + 5 * runtime.PARK_STEP_S
+    assert ended and ended[0] <= returned < ended[0] + 0.1
+    assert runtime._workers == {}
