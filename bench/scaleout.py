@@ -34,10 +34,11 @@ Figures (the last line is JSON):
   runtime, pickling, the untimed steps, other threads); ``main_thread_cpu_s_2proc``:
   the processes' main threads (in a cluster process Bytewax's main thread builds the
   flow, then waits for the worker thread, taking the GIL every millisecond to check
-  for signals); ``main_thread_wait_cpu_s_2proc``:
-  their CPU after the flow's build (imports and build left out: the wait alone); ``crossing_items_2proc``, ``crossing_bytes_2proc``,
-  ``crossing_bytes_per_event_2proc``, ``unpickle_cpu_s_2proc``: the items Bytewax
-  pickled in one process and unpickled in the other; ``dumps_2proc``,
+  for signals); ``main_thread_wait_cpu_s_2proc``: their CPU after the flow's build
+  (imports and build left out: the wait alone); ``crossing_items_2proc``,
+  ``crossing_bytes_2proc``, ``crossing_bytes_per_event_2proc``,
+  ``unpickle_cpu_s_2proc``: the items Bytewax pickled in one process and unpickled in
+  the other; ``dumps_2proc``,
   ``dumps_bytes_2proc``, ``dumps_cpu_s_2proc``: the pickles made for them (Bytewax
   pickles a crossing item twice; ``operators.crossing.PickledOnce`` items once);
   ``startup_s_*`` (first build ->
@@ -556,7 +557,8 @@ def main() -> None:
     print(f"per process ({args.processes} processes): busy "
           f"{', '.join(f'{b:.0%}' for b in costs2['busy_share_per_process'])} of the wall time; "
           f"worker asleep {costs2['worker_idle_s_per_process']} s, waiting for a CPU "
-          f"{costs2['worker_runq_s_per_process']} s, on a CPU {costs2['worker_run_s_per_process']} s "
+          f"{costs2['worker_runq_s_per_process']} s, on a CPU "
+          f"{costs2['worker_run_s_per_process']} s "
           f"of {costs2['worker_span_s_per_process']} s from its first stage call to its last "
           f"end of input; last stage calls {costs2['finish_gap_s']:.2f} s apart "
           f"(1 process: worker asleep {costs1['worker_idle_s_per_process']} s)")

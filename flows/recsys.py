@@ -303,9 +303,10 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     # other outputs run.
     skip = frozenset(config.output.skip)
     if "recommendations" not in skip:
-        answers = op.filter_map("recommendations", shard_out,
-                                lambda kv: ("recommendations", PickledOnce(kv[1]["recommendations"]))
-                                if "recommendations" in kv[1] else None)
+        answers = op.filter_map(  # pickled once if they cross to the file's process
+            "recommendations", shard_out,
+            lambda kv: ("recommendations", PickledOnce(kv[1]["recommendations"]))
+            if "recommendations" in kv[1] else None)
         op.output("out_recommendations", answers, _sinks(("recommendations",), config))
     pack = None if wire else pack_example  # wire: the shards wrote them in their wire form
     written = tuple(n for n in ("late-labels", "examples", "dead-letters") if n not in skip)
