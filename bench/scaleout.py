@@ -34,9 +34,11 @@ Figures (the last line is JSON):
   runtime, pickling, the untimed steps, other threads); ``main_thread_cpu_s_2proc``:
   the processes' main threads (in a cluster process Bytewax's main thread builds the
   flow, then waits for the worker thread, taking the GIL every millisecond to check
-  for signals); ``crossing_items_2proc``, ``crossing_bytes_2proc``,
-  ``crossing_bytes_per_event_2proc``, ``unpickle_cpu_s_2proc``: the items Bytewax
-  pickled in one process and unpickled in the other; ``dumps_2proc``,
+  for signals); ``main_thread_wait_cpu_s_2proc``: their CPU after the flow's build
+  (imports and build left out: the wait alone); ``crossing_items_2proc``,
+  ``crossing_bytes_2proc``, ``crossing_bytes_per_event_2proc``,
+  ``unpickle_cpu_s_2proc``: the items Bytewax pickled in one process and unpickled in
+  the other; ``dumps_2proc``,
   ``dumps_bytes_2proc``, ``dumps_cpu_s_2proc``: the pickles made for them (Bytewax
   pickles a crossing item twice; ``operators.crossing.PickledOnce`` items once);
   ``startup_s_*`` (first build ->
@@ -46,6 +48,13 @@ Figures (the last line is JSON):
   the lower-numbered processes to listen (``wait_for_listeners``: without it the higher
   process often connected first, and timely retries a refused connection after a whole
   second, ~1 s of a 60,000-event run's ~20).
+* ``busy_share_per_process_2proc``: each process's CPU time over the 2-process wall
+  time; ``finish_gap_s_2proc``: the wall seconds between the processes' last stage
+  calls (the one done first then idles); ``worker_{span,run,runq,idle}_s_per_process_*``:
+  each worker thread's wall seconds from its first stage call to its last ``on_eof``
+  split by the scheduler (``/proc/thread-self/schedstat``) into on a CPU, waiting for a
+  CPU (the machine's load) and asleep (parked: waiting for the other process or for
+  input; what holds under load).
 * ``load_1min_start``/``load_1min_end``: the machine's load average around the runs.
 
 Correctness across processes is checked in the same run: the replay source has one
@@ -133,13 +142,39 @@ def _timed(f: Any, stage: str, cpu_ns: dict[str, int], lock: threading.Lock) -> 
     return timed
 
 
+def thread_schedstat() -> list[float]:
+    """The calling thread's scheduler times (Linux ``/proc/thread-self/schedstat``):
+    [seconds on a CPU, seconds runnable but waiting for one]; [] where it cannot be read."""
+    try:
+        with open("/proc/thread-self/schedstat") as fh:
+            run_ns, wait_ns = fh.read().split()[:2]
+    except (OSError, ValueError):
+        return []
+    return [int(run_ns) / 1e9, int(wait_ns) / 1e9]
+
+
+def worker_idle(stats: dict[str, Any]) -> dict[str, float] | None:
+    """The worker thread's wall seconds from its first stage call to its last ``on_eof``
+    split into on a CPU (``run_s``), waiting for a CPU (``runq_s``: the machine's load)
+    and asleep (``idle_s``: parked, waiting for input from the other process); None
+    without the scheduler's figures."""
+    first, last = stats.get("sched_first"), stats.get("sched_eof")
+    if not first or not last or "eof" not in stats:
+        return None
+    span = stats["eof"] - stats["first"]
+    run, runq = last[0] - first[0], last[1] - first[1]
+    return {"span_s": span, "run_s": run, "runq_s": runq, "idle_s": span - run - runq}
+
+
 def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]],
-                    marks: dict[str, float] | None = None) -> None:
+                    marks: dict[str, Any] | None = None) -> None:
     """Wrap the stateful stages' callbacks to add their thread CPU time to ``cpu_ns`` and
     the shard keys they saw (user and item shards) to ``keys``; also time the stateless
     plumbing (``PLUMBING``). ``marks`` gets ``first``/``last`` (epoch s: the start of
-    the first and the end of the last stateful call) and ``worker_cpu_s`` (the CPU time
-    of the thread that ran them, as of that last call)."""
+    the first and the end of the last stateful call), ``worker_cpu_s`` (the CPU time
+    of the thread that ran them, as of that last call), ``eof`` (the end of the last
+    ``on_eof`` call) and ``sched_first``/``sched_eof`` (``thread_schedstat`` at the first
+    call and at that last ``on_eof``)."""
     marks = {} if marks is None else marks
     import flows.recsys
     from events.model import EventParser
@@ -152,12 +187,14 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]],
             if original is None:
                 continue
 
-            def timed(self: Any, *args: Any, _f: Any = original, _s: str = stage) -> Any:
+            def timed(self: Any, *args: Any, _f: Any = original, _s: str = stage,
+                      _eof: bool = name == "on_eof") -> Any:
                 if _s in SHARDED and args and isinstance(args[0], tuple):
                     keys[_s].add(args[0][0])  # (shard key, ...) items
                 t0 = time.thread_time_ns()
                 if "first" not in marks:
                     marks["first"] = time.time()
+                    marks["sched_first"] = thread_schedstat()
                 try:
                     return _f(self, *args)
                 finally:
@@ -166,6 +203,9 @@ def _install_timers(cpu_ns: dict[str, int], keys: dict[str, set[str]],
                         cpu_ns[_stage_of(_s, self)] += t1 - t0
                         marks["last"] = time.time()
                         marks["worker_cpu_s"] = t1 / 1e9
+                        if _eof:
+                            marks["eof"] = marks["last"]
+                            marks["sched_eof"] = thread_schedstat()
 
             setattr(cls, name, timed)
     for cls in (c for c in vars(sources).values()
@@ -275,7 +315,8 @@ def timed_flow(config: dict[str, Any], stats_path: str, lower: list[str] | None 
     call), "main_cpu_s" (the main thread's CPU: in a cluster process it builds the
     flow, then only waits for the worker thread), "worker_cpu_s", "received": [items,
     bytes, unpickle CPU s] from other processes, "sent": [dumps calls, bytes, CPU s],
-    "listen_wait_s"}`` (from the flow's
+    "listen_wait_s", "main_wait_cpu_s" (the main thread's CPU after the build: waiting
+    for the worker)}`` (from the flow's
     build, after Python's imports, to exit) to ``stats_path`` (the entry point of the
     worker processes: ``python -m bytewax.run "bench/scaleout.py:timed_flow(...)"``).
     ``lower``: the addresses of the cluster's lower-numbered processes, whose listeners
@@ -285,7 +326,7 @@ def timed_flow(config: dict[str, Any], stats_path: str, lower: list[str] | None 
     cpu_ns: dict[str, int] = defaultdict(int)
     keys: dict[str, set[str]] = defaultdict(set)
     gc_ns = [0]
-    marks: dict[str, float] = {}
+    marks: dict[str, Any] = {}
     received = [0, 0, 0.0]
     sent = [0, 0, 0.0]
     _install_timers(cpu_ns, keys, marks)
@@ -295,6 +336,7 @@ def timed_flow(config: dict[str, Any], stats_path: str, lower: list[str] | None 
     start, wall0, cpu0 = time.time(), time.perf_counter(), time.process_time()
     main0 = time.thread_time()  # bytewax.run builds the flow on the main thread
     waited = 0.0
+    built = [main0]  # the main thread's CPU time once the flow is built
 
     def dump() -> None:
         Path(stats_path).write_bytes(orjson.dumps({
@@ -305,13 +347,16 @@ def timed_flow(config: dict[str, Any], stats_path: str, lower: list[str] | None 
             "keys": {s: sorted(k) for s, k in keys.items()},
             "first": marks.get("first", start), "last": marks.get("last", start),
             "main_cpu_s": time.thread_time() - main0,  # atexit runs on the main thread
+            "main_wait_cpu_s": time.thread_time() - built[0],
             "worker_cpu_s": marks.get("worker_cpu_s", 0.0), "received": received,
+            **{k: marks[k] for k in ("eof", "sched_first", "sched_eof") if k in marks},
             "sent": sent,
             "listen_wait_s": waited}))
 
     atexit.register(dump)
     flow = build(config)
     waited = wait_for_listeners(lower or [])
+    built[0] = time.thread_time()
     return flow
 
 
@@ -397,13 +442,21 @@ def cluster_costs(run: dict[str, Any], lines: int) -> dict[str, Any]:
     the items and bytes unpickled from other processes, and the wall seconds from the
     first process's build to the first stage call of the last process to start
     (``startup_s``: connecting the cluster, opening the inputs) and from the last stage
-    call to the last exit (``shutdown_s``: end of input, flushes, exit)."""
+    call to the last exit (``shutdown_s``: end of input, flushes, exit); per process, its
+    CPU over the run's wall time (``busy_share_per_process``), the wall seconds between
+    the first and the last process's last stage call (``finish_gap_s``: the imbalance)
+    and its worker thread's ``worker_idle`` split (``worker_idle_s_per_process``: asleep,
+    waiting for the other process or for input; ``worker_runq_s_per_process``: waiting
+    for a CPU, the load)."""
     stats = run["stats"]
+    idle = [worker_idle(s) for s in stats]
     staged = sum(sum(s["stage_cpu_s"].values()) for s in stats)
     received = [sum(s["received"][i] for s in stats) for i in range(3)]
     return {
         "outside_stages_cpu_s": round(run["cpu_s"] - staged, 2),
         "main_thread_cpu_s": round(sum(s["main_cpu_s"] for s in stats), 2)
+        if len(stats) > 1 else None,
+        "main_thread_wait_cpu_s": round(sum(s.get("main_wait_cpu_s", 0.0) for s in stats), 2)
         if len(stats) > 1 else None,
         "crossing_items": int(received[0]),
         "crossing_bytes": int(received[1]),
@@ -416,6 +469,10 @@ def cluster_costs(run: dict[str, Any], lines: int) -> dict[str, Any]:
         "shutdown_s": round(max(s["end"] for s in stats) - max(s["last"] for s in stats), 2),
         "cpu_s_per_process": [round(s["cpu_s"], 2) for s in stats],
         "listen_wait_s": [round(s.get("listen_wait_s", 0.0), 2) for s in stats],
+        "busy_share_per_process": [round(s["cpu_s"] / run["wall_s"], 3) for s in stats],
+        "finish_gap_s": round(max(s["last"] for s in stats) - min(s["last"] for s in stats), 2),
+        **{f"worker_{k}_per_process": [round(w[k], 2) if w else None for w in idle]
+           for k in ("span_s", "run_s", "runq_s", "idle_s")},
     }
 
 
@@ -488,7 +545,8 @@ def main() -> None:
     costs1, costs2 = cluster_costs(one, lines), cluster_costs(many, lines)
     print(f"CPU outside the timed stages: 1 process {costs1['outside_stages_cpu_s']:.1f} s, "
           f"{args.processes} processes {costs2['outside_stages_cpu_s']:.1f} s (of which their "
-          f"main threads, waiting for the workers, {costs2['main_thread_cpu_s']:.1f} s; "
+          f"main threads, waiting for the workers, {costs2['main_thread_cpu_s']:.1f} s, "
+          f"{costs2['main_thread_wait_cpu_s']:.2f} s after the build; "
           f"unpickling {costs2['unpickle_cpu_s']:.2f} s of {costs2['crossing_items']:,} items, "
           f"{costs2['crossing_bytes'] / 1e6:.1f} MB, that crossed between processes: "
           f"{costs2['crossing_bytes'] / lines:.0f} bytes and "
@@ -496,6 +554,14 @@ def main() -> None:
           f"wall time before the first stage call {costs1['startup_s']:.2f} / "
           f"{costs2['startup_s']:.2f} s, after the last {costs1['shutdown_s']:.2f} / "
           f"{costs2['shutdown_s']:.2f} s")
+    print(f"per process ({args.processes} processes): busy "
+          f"{', '.join(f'{b:.0%}' for b in costs2['busy_share_per_process'])} of the wall time; "
+          f"worker asleep {costs2['worker_idle_s_per_process']} s, waiting for a CPU "
+          f"{costs2['worker_runq_s_per_process']} s, on a CPU "
+          f"{costs2['worker_run_s_per_process']} s "
+          f"of {costs2['worker_span_s_per_process']} s from its first stage call to its last "
+          f"end of input; last stage calls {costs2['finish_gap_s']:.2f} s apart "
+          f"(1 process: worker asleep {costs1['worker_idle_s_per_process']} s)")
     print("stage CPU (1 process) and the flow's rate at which one key of it fills a core:")
     for stage in STAGES:
         if stage in ceilings:
@@ -521,7 +587,8 @@ def main() -> None:
         "gc_s_1proc": round(sum(st["gc_s"] for st in one["stats"]), 2),
         "gc_s_2proc": round(sum(st["gc_s"] for st in many["stats"]), 2),
         **{f"{k}_1proc": v for k, v in costs1.items() if k in ("outside_stages_cpu_s",
-                                                                "startup_s", "shutdown_s")},
+                                                                "startup_s", "shutdown_s",
+                                                                "worker_idle_s_per_process")},
         **{f"{k}_2proc": v for k, v in costs2.items()},
         "user_keys_per_process_2proc": [len(st["keys"].get("user_shard", ())) for st in many["stats"]],
         "item_keys_per_process_2proc": [len(st["keys"].get("item_shard", ())) for st in many["stats"]],

@@ -303,20 +303,22 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     # other outputs run.
     skip = frozenset(config.output.skip)
     if "recommendations" not in skip:
-        answers = op.filter_map("recommendations", shard_out,
-                                lambda kv: ("recommendations", kv[1]["recommendations"])
-                                if "recommendations" in kv[1] else None)
+        answers = op.filter_map(  # pickled once if they cross to the file's process
+            "recommendations", shard_out,
+            lambda kv: ("recommendations", PickledOnce(kv[1]["recommendations"]))
+            if "recommendations" in kv[1] else None)
         op.output("out_recommendations", answers, _sinks(("recommendations",), config))
     pack = None if wire else pack_example  # wire: the shards wrote them in their wire form
     written = tuple(n for n in ("late-labels", "examples", "dead-letters") if n not in skip)
 
     def shard_files(kv: tuple[str, dict[str, list[Any]]]) -> list[tuple[str, list[Any]]]:
-        """The user shard's records for the output files (examples in their wire form)."""
+        """The user shard's records for the output files (examples in their wire form),
+        each batch pickled once if it crosses to the process writing its file."""
         out = kv[1]
         items = [(n, out[n]) for n in written if n in out]
         if pack is not None and "examples" in out and "examples" in written:
             items = [(n, [pack(e) for e in b] if n == "examples" else b) for n, b in items]
-        return items
+        return [(n, PickledOnce(b)) for n, b in items]
 
     files = [op.flat_map("user_shard_files", shard_out, shard_files),
              op.filter_map("parse_dead_letters", parsed,

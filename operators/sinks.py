@@ -25,6 +25,7 @@ from bytewax.outputs import (
 
 from events.logfile import IO_BUFFER_BYTES
 from events.model import Record
+from operators.crossing import UnwrappedPartition
 
 WRITE_CHUNK = 64
 """Records encoded and written together. Encoding a whole micro-batch (~1,000 rows) before
@@ -112,7 +113,9 @@ class NamedSinks(FixedPartitionedSink[list[Record], Any]):
 
     One step instead of one per output (and its ``key_on``) saves Bytewax's scheduling
     and progress work per step and micro-batch. Bytewax numbers a sink's partitions in
-    the sorted order of their names: ``part_fn`` returns a name's place in it."""
+    the sorted order of their names: ``part_fn`` returns a name's place in it. A batch
+    may come as ``operators.crossing.PickledOnce(batch)`` (pickled once if it crosses
+    to the process writing it); each sink gets the batch itself."""
 
     def __init__(self, sinks: dict[str, FixedPartitionedSink[list[Record], Any]]) -> None:
         for name, sink in sinks.items():
@@ -130,7 +133,7 @@ class NamedSinks(FixedPartitionedSink[list[Record], Any]):
     def build_part(self, step_id: str, for_part: str, resume_state: Any
                    ) -> StatefulSinkPartition[list[Record], Any]:
         sink = self.sinks[for_part]
-        return sink.build_part(step_id, sink.list_parts()[0], resume_state)
+        return UnwrappedPartition(sink.build_part(step_id, sink.list_parts()[0], resume_state))
 
 
 class _NullPartition(StatelessSinkPartition[Any]):

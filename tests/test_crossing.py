@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from bytewax.operators import StatefulLogic
 
-from operators.crossing import PickledOnce, Unwrapped, unwrap
+from operators.crossing import PickledOnce, Unwrapped, UnwrappedPartition, unwrap
 
 
 class _Counted:
@@ -100,3 +101,26 @@ def test_an_unwrapped_stage_sees_the_values_whether_they_stayed_or_crossed() -> 
     assert inner.seen[0] is stayed and inner.seen[1] == ["b"]
     assert logic.on_eof() == (["eof"], True)
     assert logic.snapshot() is inner.seen and logic.notify_at() is None
+
+
+def test_named_sinks_write_wrapped_batches_as_the_batches_themselves(tmp_path: Path) -> None:
+    """The file records and answers go to ``NamedSinks`` as ``PickledOnce`` batches: one
+    that stayed in its process (the wrapper) and one that crossed (unpickled) are written
+    byte for byte as the bare batches; the partition's snapshot and close are the file's."""
+    from operators.sinks import JsonlFileSink, NamedSinks
+
+    batches = [[{"i": i, "x": [i * 0.5], "s": "é"} for i in range(n)] for n in (3, 0, 70)]
+    bare = JsonlFileSink(tmp_path / "bare", "examples").build_part("out", "examples.jsonl", None)
+    bare.write_batch(batches)
+    bare.close()
+    part = NamedSinks({"examples": JsonlFileSink(tmp_path, "examples")}).build_part(
+        "out", "examples", None)
+    assert isinstance(part, UnwrappedPartition)
+    stayed = [PickledOnce(b) for b in batches[:2]]
+    crossed = [pickle.loads(pickle.dumps(PickledOnce(batches[2])))]
+    part.write_batch(stayed)
+    part.write_batch(crossed)
+    assert part.snapshot() == (tmp_path / "examples.jsonl").stat().st_size
+    part.close()
+    assert (tmp_path / "examples.jsonl").read_bytes() == (
+        tmp_path / "bare" / "examples.jsonl").read_bytes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +40,47 @@ def test_output_check_catches_lost_duplicated_and_different_outputs() -> None:
 def test_cluster_costs_split_cpu_and_wall_outside_the_stages() -> None:
     def stats(start: float, first: float, last: float, end: float, cpu: float,
               stages: dict[str, float], main: float, received: list[float],
-              sent: list[float], waited: float) -> dict[str, Any]:
-        return {"start": start, "first": first, "last": last, "end": end, "cpu_s": cpu,
-                "stage_cpu_s": stages, "main_cpu_s": main, "received": received,
-                "sent": sent, "listen_wait_s": waited}
+              sent: list[float], waited: float, main_wait: float,
+              sched: tuple[list[float], list[float]] | None) -> dict[str, Any]:
+        out = {"start": start, "first": first, "last": last, "end": end, "cpu_s": cpu,
+               "stage_cpu_s": stages, "main_cpu_s": main, "received": received,
+               "sent": sent, "listen_wait_s": waited, "main_wait_cpu_s": main_wait}
+        if sched is not None:  # the scheduler's [on a CPU, waiting for one] at first / eof
+            out.update(eof=last - 0.5, sched_first=sched[0], sched_eof=sched[1])
+        return out
 
-    run = {"cpu_s": 20.0, "stats": [
+    run = {"cpu_s": 20.0, "wall_s": 12.5, "stats": [
         stats(100.0, 100.5, 110.0, 110.25, 10.0, {"user_shard": 8.0, "read": 0.5}, 0.75,
-              [10, 4000, 0.125], [60, 12000, 0.5], 0.0),
+              [10, 4000, 0.125], [60, 12000, 0.5], 0.0, 0.25, ([1.0, 0.5], [7.0, 2.5])),
         stats(100.25, 101.0, 110.5, 110.75, 10.0, {"user_shard": 7.0, "ranker": 1.0}, 1.0,
-              [30, 6000, 0.25], [20, 8000, 0.25], 0.5)]}
+              [30, 6000, 0.25], [20, 8000, 0.25], 0.5, 0.5, None)]}
     costs = _bench().cluster_costs(run, lines=1000)
     assert costs == {
-        "outside_stages_cpu_s": 3.5, "main_thread_cpu_s": 1.75, "crossing_items": 40,
+        "outside_stages_cpu_s": 3.5, "main_thread_cpu_s": 1.75, "main_thread_wait_cpu_s": 0.75,
+        "crossing_items": 40,
         "crossing_bytes": 10000, "crossing_bytes_per_event": 10.0, "unpickle_cpu_s": 0.375,
         "dumps": 80, "dumps_bytes": 20000, "dumps_cpu_s": 0.75,
         "startup_s": 1.0, "shutdown_s": 0.25, "cpu_s_per_process": [10.0, 10.0],
-        "listen_wait_s": [0.0, 0.5]}
-    one = _bench().cluster_costs({"cpu_s": 10.0, "stats": run["stats"][:1]}, lines=1000)
+        "listen_wait_s": [0.0, 0.5], "busy_share_per_process": [0.8, 0.8], "finish_gap_s": 0.5,
+        # p0's worker: 9 s from its first call (100.5) to its last on_eof (109.5): 6 on a
+        # CPU, 2 waiting for one, 1 asleep; p1 has no scheduler figures
+        "worker_span_s_per_process": [9.0, None], "worker_run_s_per_process": [6.0, None],
+        "worker_runq_s_per_process": [2.0, None], "worker_idle_s_per_process": [1.0, None]}
+    one = _bench().cluster_costs({"cpu_s": 10.0, "wall_s": 10.0, "stats": run["stats"][:1]},
+                                 lines=1000)
     assert one["main_thread_cpu_s"] is None  # one process: the main thread is the worker
+
+
+def test_thread_schedstat_counts_this_threads_cpu() -> None:
+    bench = _bench()
+    before = bench.thread_schedstat()
+    if not before:
+        pytest.skip("no /proc/thread-self/schedstat on this system")
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < 0.05:
+        pass
+    after = bench.thread_schedstat()
+    assert after[0] - before[0] >= 0.04 and after[1] >= before[1] >= 0.0
 
 
 def test_a_process_waits_for_the_lower_processes_listeners_without_connecting() -> None:
