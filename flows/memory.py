@@ -19,6 +19,7 @@ import orjson
 from operators.linear_scorer import MAX_ATTR_MEMO
 from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
+from operators.user_shard import MAX_CATALOG_ATTRS
 from state.change_log import LOG as CATALOG_LOG
 from state.covis_view import SLACK
 from state.covisitation import KEEP_ARRAYS_BYTES
@@ -115,6 +116,11 @@ BYTES: dict[str, float] = {
     "category_list": 700,
     "category_item": 100,
     "static_memo_item": 1_000,
+    "catalog_attrs_entry": 800,  # an item event held with its shared catalog entry (410 B and
+    # 280 B by tracemalloc on the zero-config catalog; operators/user_shard.py catalog_attrs)
+    "shared_by_attrs_entry": 1_400,  # the static features by the catalog entry's identity
+    # (operators/point_in_time.py _SHARED_BY_ATTRS): a static memo item's values, which it
+    # may hold alone once _SHARED_STATICS is cleared, the entry it keeps alive and a tuple
     "table_rate_item": 16,
     "category_row": 8,
     "ann_memo_user": 1_500,
@@ -236,7 +242,11 @@ def memory_bound(config: Config) -> dict[str, Any]:
         # plus the static item features the shards of a process share
         # (operators/point_in_time.py _SHARED_STATICS: values the shards' memos hold too,
         # counted again because a shard's memo may be cleared first)
-        "user_shards": sh.users * per_user_shard + MAX_STATIC_MEMO * b["static_memo_item"],
+        # and the item events' shared catalog entries and the static features by their
+        # identity (operators/user_shard.py catalog_attrs, point_in_time.py _SHARED_BY_ATTRS)
+        "user_shards": (sh.users * per_user_shard + MAX_STATIC_MEMO * b["static_memo_item"]
+                        + MAX_CATALOG_ATTRS * b["catalog_attrs_entry"]
+                        + MAX_STATIC_MEMO * b["shared_by_attrs_entry"]),
         "item_shards": sh.items * per_item_shard if items.enabled else 0.0,
         "serving_tables": sh.items * table_bytes if items.enabled else 0.0,
         # the builder's and the serving copy, whose live vectors are copied out once it
