@@ -222,3 +222,38 @@ def test_a_table_is_built_from_the_last_one_and_equals_a_full_build(
         assert reads == []  # the kept arrays, never the file
     else:
         assert len(reads) == 3 and lost not in reads  # each version read back but the lost one
+
+
+@pytest.mark.parametrize("min_neighbors", [0, 10**9])
+def test_kept_arrays_of_a_large_table_are_reused_past_the_written_share(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_neighbors: int) -> None:
+    """Issue 18 point 5 (ml21): with most rows written since the last table (~60%: past
+    ``REUSE_WRITTEN``, within ``REUSE_KEPT``), a table's kept arrays are still reused when
+    they hold at least ``REUSE_KEPT_NEIGHBORS`` neighbours, and the arrays equal a full
+    build; a smaller table builds from every row."""
+    monkeypatch.setattr(item_shard, "REUSE_KEPT_NEIGHBORS", min_neighbors)
+    s = ItemShard(ItemsConfig(refresh_interval_ms=10**12, mf={"dim": 4}), SnapshotStore(tmp_path))
+    items = [f"it{i}" for i in range(20)]
+    s.process("i000", [CovisPairs(a, [(a, b, 1.0)], T0, ch) for a in items for b in items[:9]
+                       if a != b for ch in ("liked", "any")])
+    since: list[bool] = []
+    original = covisitation.CoVisitation._csr_since
+
+    def spy(self: Any, prev: Any, written: Any) -> Any:
+        out = original(self, prev, written)
+        since.append(out is not None)
+        return out
+
+    monkeypatch.setattr(covisitation.CoVisitation, "_csr_since", spy)
+    for step in range(3):  # 12 of 20 rows written (the new name: appended, then new rows)
+        s.process("i000", [CovisPairs(a, [(a, f"new{step}", 0.5 + step)], T0 + step + 1, ch)
+                           for a in items[step:step + 12] for ch in ("liked", "any")])
+        assert all(0.4 < (c.written_share() or 0) <= 0.75 for c in (s.covis, s.covis_any)
+                   if c is not None)
+        m = s.publish()
+        table = np.load(SnapshotStore(tmp_path).verified_path(m))
+        for prefix, covis in (("covis_", s.covis), ("covisany_", s.covis_any)):
+            assert covis is not None
+            for k, v in covis.to_arrays().items():
+                assert np.array_equal(table[prefix + k], v), (step, prefix, k)
+    assert since == ([True] * 6 if min_neighbors == 0 else [])
