@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ from operators.item_updates import (
 from operators.placement import spread_key
 from state.covisitation import CoVisConfig, CoVisitation
 from state.feature_spec import parse_features
-from state.item_table import CatalogEntry, ItemTable, category_of
+from state.item_table import CatalogEntry, FrozenFeatures, ItemTable, category_of
 from state.popularity import PopularityCounter
 from state.profiles import ProfileStore
 from state.settings import doc
@@ -306,27 +308,39 @@ class ItemShard:
     def table(self) -> ItemTable:
         """The current read view, for immediate saving (it shares the live co-visitation rows)."""
         now = self.max_ts_ms or 0
-        return ItemTable(self.shard, now, self.covis, self.popular.scores(now),
-                         self.trending.scores(now), dict(self.catalog), self._features(),
-                         self.config.popular_half_life_ms, self.config.trending_half_life_ms,
-                         covis_any=self.covis_any, liked_counts=self.liked_counts.scores(now),
-                         interactions=self.interactions.scores(now))
+        matrix = self._feature_matrix()
+        table = ItemTable(self.shard, now, self.covis, self.popular.scores(now),
+                          self.trending.scores(now), dict(self.catalog), FrozenFeatures(*matrix),
+                          self.config.popular_half_life_ms, self.config.trending_half_life_ms,
+                          covis_any=self.covis_any, liked_counts=self.liked_counts.scores(now),
+                          interactions=self.interactions.scores(now))
+        table._matrix = matrix
+        return table
 
-    def _features(self) -> dict[str, dict[str, float]]:
-        """Numeric item-profile features of every profiled item, as of now."""
-        if self.profiles is None:
-            return {}
+    def _feature_matrix(self) -> tuple[dict[str, int], list[str], np.ndarray]:
+        """Numeric item-profile features of every profiled item, as of now, as
+        ``ItemTable.feature_matrix`` holds them: (item -> row, in ``profiled`` order; the
+        outputs that are a number for some item, sorted; float64 matrix items x outputs,
+        numbers as floats, NaN for other values (None means, lists) and absent ones).
+        Built by output columns, not a dict per item."""
         profiles, profiled = self.profiles, self.profiled
-        out = {}
+        if profiles is None or not profiled:
+            return {}, [], np.full((0, 0), np.nan)
         for item, key in profiled.items():
             if key is None:
-                key = profiled[item] = profiles.key_of(item)  # a value change: order kept
-            answer = profiles.query_key(key)
-            out[item] = (dict(answer) if _FLOAT.issuperset(map(type, answer.values()))
-                         else {name: float(v) if type(v) is not float else v
-                               for name, v in answer.items()
-                               if type(v) in _PLAIN_NUMBERS or _numeric(v)})
-        return out
+                profiled[item] = profiles.key_of(item)  # a value change: order kept
+        answers = profiles.query_keys(list(profiled.values()))
+        columns = sorted(_output_columns(answers), key=_NAME)
+        names, values = [], []
+        for name, column in columns:
+            numbers = _numbers(column)
+            if numbers is not None:
+                names.append(name)
+                values.append(numbers)
+        matrix = np.empty((len(answers), len(names)))
+        for j, numbers in enumerate(values):
+            matrix[:, j] = numbers
+        return dict(zip(profiled, range(len(answers)), strict=True)), names, matrix
 
     def publish(self) -> Manifest:
         """Write the item table of this shard as a new snapshot version (its co-visitation
@@ -415,7 +429,31 @@ _turns = _Turns()
 
 _PLAIN_NUMBERS = frozenset((int, float))
 _FLOAT = frozenset((float,))
-"""An answer whose values are all of this type is published as it is (a copy)."""
+"""A column whose values are all of this type is published as it is."""
+_NAME = itemgetter(0)
+_NAN = float("nan")
+
+
+def _output_columns(answers: list[dict[str, Any]]) -> Iterable[tuple[str, tuple[Any, ...]]]:
+    """(output name, every answer's value of it, None where absent), in the first
+    answer's key order: one transposition when every answer has its keys in that order
+    (a store's answers do), else a lookup per answer and output."""
+    first = tuple(answers[0])
+    if all(tuple(answer) == first for answer in answers):
+        return zip(first, zip(*map(dict.values, answers), strict=True), strict=True)
+    outputs = dict.fromkeys(chain.from_iterable(answers))
+    return [(name, tuple(answer.get(name) for answer in answers)) for name in outputs]
+
+
+def _numbers(column: tuple[Any, ...]) -> Sequence[float] | None:
+    """An output's published column: numbers as floats (not bools), NaN for other values;
+    None when no value is a number (the output is not published)."""
+    if _FLOAT.issuperset(map(type, column)):
+        return column
+    numeric = [type(v) in _PLAIN_NUMBERS or _numeric(v) for v in column]
+    if not any(numeric):
+        return None
+    return [float(v) if ok else _NAN for v, ok in zip(column, numeric, strict=True)]
 
 
 def _numeric(value: Any) -> bool:
