@@ -447,19 +447,22 @@ def _output_columns(answers: list[dict[str, Any]]) -> Iterable[tuple[str, tuple[
 
 def _numbers(column: tuple[Any, ...]) -> Sequence[float] | None:
     """An output's published column: numbers as floats (not bools), NaN for other values;
-    None when no value is a number (the output is not published)."""
-    if _FLOAT.issuperset(map(type, column)):
+    None when no value is a number (the output is not published). Decided per type."""
+    kinds = set(map(type, column))
+    if kinds <= _FLOAT:
         return column
-    numeric = [type(v) in _PLAIN_NUMBERS or _numeric(v) for v in column]
-    if not any(numeric):
+    numeric = {kind for kind in kinds if kind in _PLAIN_NUMBERS or _numeric_type(kind)}
+    if not numeric:
         return None
-    return [float(v) if ok else _NAN for v, ok in zip(column, numeric, strict=True)]
+    if kinds <= numeric:
+        return list(map(float, column))
+    return [float(v) if type(v) in numeric else _NAN for v in column]
 
 
-def _numeric(value: Any) -> bool:
-    """A number that is not a bool (a published feature value); the slow path of the
-    ``type(v) in _PLAIN_NUMBERS`` test, for subclasses such as numpy floats."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _numeric_type(kind: type) -> bool:
+    """A type of numbers that is not bool (a published feature value's), such as numpy
+    floats: the slow path of the ``kind in _PLAIN_NUMBERS`` test."""
+    return issubclass(kind, int | float) and not issubclass(kind, bool)
 
 
 _UPDATE_TYPES = (Interaction, MFStep, CovisPairs, CatalogChange, ProfileEvent)
