@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ from operators.item_updates import (
 from operators.placement import spread_key
 from state.covisitation import CoVisConfig, CoVisitation
 from state.feature_spec import parse_features
-from state.item_table import CatalogEntry, ItemTable, category_of
+from state.item_table import CatalogEntry, FrozenFeatures, ItemTable, category_of
 from state.popularity import PopularityCounter
 from state.profiles import ProfileStore
 from state.settings import doc
@@ -98,6 +100,15 @@ REUSE_WRITTEN = 0.4
 """The last table's co-visitation arrays are read back and reused when at most this share
 of a channel's rows was written since (MovieLens: ~25% per table; the zero-config
 world's ~50%, where reading and remapping cost more than walking every row)."""
+REUSE_KEPT = 0.75
+"""Kept arrays (``CoVisitation.kept_arrays``: no file read and hashed) of at least
+``REUSE_KEPT_NEIGHBORS`` neighbours are reused up to this written share: a written row
+that only appended neighbours keeps its old ids, so remapping still costs about half of
+walking every row at 40-75% written (the ml20k replay's tables of 10k-70k neighbours:
+3.9 vs 8.8 ms at 40-50%, 2.3 vs 3.8 ms at 60-70%; equal from 80%)."""
+REUSE_KEPT_NEIGHBORS = 8_000
+"""Below this many neighbours (the zero-config world's tables: ~1,400) walking every row
+is as cheap as remapping (0.25 vs 0.36 ms at 50-70% written)."""
 
 
 class ItemShard:
@@ -297,27 +308,39 @@ class ItemShard:
     def table(self) -> ItemTable:
         """The current read view, for immediate saving (it shares the live co-visitation rows)."""
         now = self.max_ts_ms or 0
-        return ItemTable(self.shard, now, self.covis, self.popular.scores(now),
-                         self.trending.scores(now), dict(self.catalog), self._features(),
-                         self.config.popular_half_life_ms, self.config.trending_half_life_ms,
-                         covis_any=self.covis_any, liked_counts=self.liked_counts.scores(now),
-                         interactions=self.interactions.scores(now))
+        matrix = self._feature_matrix()
+        table = ItemTable(self.shard, now, self.covis, self.popular.scores(now),
+                          self.trending.scores(now), dict(self.catalog), FrozenFeatures(*matrix),
+                          self.config.popular_half_life_ms, self.config.trending_half_life_ms,
+                          covis_any=self.covis_any, liked_counts=self.liked_counts.scores(now),
+                          interactions=self.interactions.scores(now))
+        table._matrix = matrix
+        return table
 
-    def _features(self) -> dict[str, dict[str, float]]:
-        """Numeric item-profile features of every profiled item, as of now."""
-        if self.profiles is None:
-            return {}
+    def _feature_matrix(self) -> tuple[dict[str, int], list[str], np.ndarray]:
+        """Numeric item-profile features of every profiled item, as of now, as
+        ``ItemTable.feature_matrix`` holds them: (item -> row, in ``profiled`` order; the
+        outputs that are a number for some item, sorted; float64 matrix items x outputs,
+        numbers as floats, NaN for other values (None means, lists) and absent ones).
+        Built by output columns, not a dict per item."""
         profiles, profiled = self.profiles, self.profiled
-        out = {}
+        if profiles is None or not profiled:
+            return {}, [], np.full((0, 0), np.nan)
         for item, key in profiled.items():
             if key is None:
-                key = profiled[item] = profiles.key_of(item)  # a value change: order kept
-            answer = profiles.query_key(key)
-            out[item] = (dict(answer) if _FLOAT.issuperset(map(type, answer.values()))
-                         else {name: float(v) if type(v) is not float else v
-                               for name, v in answer.items()
-                               if type(v) in _PLAIN_NUMBERS or _numeric(v)})
-        return out
+                profiled[item] = profiles.key_of(item)  # a value change: order kept
+        answers = profiles.query_keys(list(profiled.values()))
+        columns = sorted(_output_columns(answers), key=_NAME)
+        names, values = [], []
+        for name, column in columns:
+            numbers = _numbers(column)
+            if numbers is not None:
+                names.append(name)
+                values.append(numbers)
+        matrix = np.empty((len(answers), len(names)))
+        for j, numbers in enumerate(values):
+            matrix[:, j] = numbers
+        return dict(zip(profiled, range(len(answers)), strict=True)), names, matrix
 
     def publish(self) -> Manifest:
         """Write the item table of this shard as a new snapshot version (its co-visitation
@@ -347,11 +370,15 @@ class ItemShard:
         manifest, self.published = getattr(self, "published", None), None
         channels = [c for c in (self.covis, self.covis_any) if c is not None]
         shares = [c.written_share() for c in channels]
-        if manifest is None or not any(x is not None and x <= REUSE_WRITTEN for x in shares):
+        if manifest is None:
             return None, None
         kept = [c.kept_arrays() for c in channels]
         if all(k is not None for k in kept):
+            if not any(map(_reuse_kept, shares, kept)):
+                return None, None
             return kept[0], kept[1] if len(kept) > 1 else None
+        if not any(x is not None and x <= REUSE_WRITTEN for x in shares):
+            return None, None
         try:
             return ItemTable.covis_arrays_of(self.store.verified_path(manifest))
         except (SnapshotError, OSError, ValueError, KeyError):
@@ -360,6 +387,16 @@ class ItemShard:
     def finish(self) -> dict[str, list[Any]]:
         """End of input: publish what changed since the last table."""
         return {"snapshots": [self.publish()]} if self.dirty else {}
+
+
+def _reuse_kept(share: float | None, kept: dict[str, np.ndarray]) -> bool:
+    """Whether a channel whose ``share`` of rows was written since its kept arrays
+    (``kept``) builds its next ones cheaper from them than from every row:
+    ``REUSE_WRITTEN``, or ``REUSE_KEPT`` for tables of ``REUSE_KEPT_NEIGHBORS`` or more."""
+    if share is None:
+        return False
+    return share <= REUSE_WRITTEN or (share <= REUSE_KEPT
+                                      and kept["neighbors"].size >= REUSE_KEPT_NEIGHBORS)
 
 
 class _Turns(threading.local):
@@ -392,13 +429,40 @@ _turns = _Turns()
 
 _PLAIN_NUMBERS = frozenset((int, float))
 _FLOAT = frozenset((float,))
-"""An answer whose values are all of this type is published as it is (a copy)."""
+"""A column whose values are all of this type is published as it is."""
+_NAME = itemgetter(0)
+_NAN = float("nan")
 
 
-def _numeric(value: Any) -> bool:
-    """A number that is not a bool (a published feature value); the slow path of the
-    ``type(v) in _PLAIN_NUMBERS`` test, for subclasses such as numpy floats."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _output_columns(answers: list[dict[str, Any]]) -> Iterable[tuple[str, tuple[Any, ...]]]:
+    """(output name, every answer's value of it, None where absent), in the first
+    answer's key order: one transposition when every answer has its keys in that order
+    (a store's answers do), else a lookup per answer and output."""
+    first = tuple(answers[0])
+    if all(tuple(answer) == first for answer in answers):
+        return zip(first, zip(*map(dict.values, answers), strict=True), strict=True)
+    outputs = dict.fromkeys(chain.from_iterable(answers))
+    return [(name, tuple(answer.get(name) for answer in answers)) for name in outputs]
+
+
+def _numbers(column: tuple[Any, ...]) -> Sequence[float] | None:
+    """An output's published column: numbers as floats (not bools), NaN for other values;
+    None when no value is a number (the output is not published). Decided per type."""
+    kinds = set(map(type, column))
+    if kinds <= _FLOAT:
+        return column
+    numeric = {kind for kind in kinds if kind in _PLAIN_NUMBERS or _numeric_type(kind)}
+    if not numeric:
+        return None
+    if kinds <= numeric:
+        return list(map(float, column))
+    return [float(v) if type(v) in numeric else _NAN for v in column]
+
+
+def _numeric_type(kind: type) -> bool:
+    """A type of numbers that is not bool (a published feature value's), such as numpy
+    floats: the slow path of the ``kind in _PLAIN_NUMBERS`` test."""
+    return issubclass(kind, int | float) and not issubclass(kind, bool)
 
 
 _UPDATE_TYPES = (Interaction, MFStep, CovisPairs, CatalogChange, ProfileEvent)

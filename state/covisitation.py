@@ -471,7 +471,7 @@ class CoVisitation:
         # rows first (row i = vocab[i]), then neighbours in order of first appearance
         idxs = [r.idx for r in rows.values()]
         names = list(dict.fromkeys(chain(rows, chain.from_iterable(idxs))))
-        vocab: dict[str, int] = {a: n for n, a in enumerate(names)}
+        vocab: dict[str, int] = dict(zip(names, range(len(names)), strict=True))
         sizes = np.fromiter(map(len, idxs), np.int64, len(rows))
         nbr = np.fromiter(map(vocab.__getitem__, chain.from_iterable(idxs)), np.int32,
                           int(sizes.sum()))

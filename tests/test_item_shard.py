@@ -127,8 +127,8 @@ def test_published_features_are_the_profiles_numeric_outputs_as_of_publication(
     """Every profiled item's published features equal its profile query at publication
     (numbers as floats; None means and lists left out), across window roll-overs, writes
     after a first publication, LRU eviction, and a shard restored from its pickle; in
-    the query's key order, both for answers of floats only (published as a copy) and for
-    answers with other values (None means)."""
+    name order (the file's), both for answers of floats only and for answers with other
+    values (None means)."""
     import pickle
 
     from events.model import Feedback, Impression
@@ -162,7 +162,7 @@ def test_published_features_are_the_profiles_numeric_outputs_as_of_publication(
         want = expected(s)
         assert table.features == want
         assert [list(f.items()) for f in table.features.values()] == [
-            list(f.items()) for f in want.values()]
+            sorted(f.items()) for f in want.values()]  # in name order, as a loaded table
         assert s.profiles is not None
         kinds |= {frozenset(map(type, s.profiles.query(item).values())) for item in want}
         seen.append(table.features)
@@ -222,3 +222,70 @@ def test_a_table_is_built_from_the_last_one_and_equals_a_full_build(
         assert reads == []  # the kept arrays, never the file
     else:
         assert len(reads) == 3 and lost not in reads  # each version read back but the lost one
+
+
+@pytest.mark.parametrize("min_neighbors", [0, 10**9])
+def test_kept_arrays_of_a_large_table_are_reused_past_the_written_share(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_neighbors: int) -> None:
+    """Issue 18 point 5 (ml21): with most rows written since the last table (~60%: past
+    ``REUSE_WRITTEN``, within ``REUSE_KEPT``), a table's kept arrays are still reused when
+    they hold at least ``REUSE_KEPT_NEIGHBORS`` neighbours, and the arrays equal a full
+    build; a smaller table builds from every row."""
+    monkeypatch.setattr(item_shard, "REUSE_KEPT_NEIGHBORS", min_neighbors)
+    s = ItemShard(ItemsConfig(refresh_interval_ms=10**12, mf={"dim": 4}), SnapshotStore(tmp_path))
+    items = [f"it{i}" for i in range(20)]
+    s.process("i000", [CovisPairs(a, [(a, b, 1.0)], T0, ch) for a in items for b in items[:9]
+                       if a != b for ch in ("liked", "any")])
+    since: list[bool] = []
+    original = covisitation.CoVisitation._csr_since
+
+    def spy(self: Any, prev: Any, written: Any) -> Any:
+        out = original(self, prev, written)
+        since.append(out is not None)
+        return out
+
+    monkeypatch.setattr(covisitation.CoVisitation, "_csr_since", spy)
+    for step in range(3):  # 12 of 20 rows written (the new name: appended, then new rows)
+        s.process("i000", [CovisPairs(a, [(a, f"new{step}", 0.5 + step)], T0 + step + 1, ch)
+                           for a in items[step:step + 12] for ch in ("liked", "any")])
+        assert all(0.4 < (c.written_share() or 0) <= 0.75 for c in (s.covis, s.covis_any)
+                   if c is not None)
+        m = s.publish()
+        table = np.load(SnapshotStore(tmp_path).verified_path(m))
+        for prefix, covis in (("covis_", s.covis), ("covisany_", s.covis_any)):
+            assert covis is not None
+            for k, v in covis.to_arrays().items():
+                assert np.array_equal(table[prefix + k], v), (step, prefix, k)
+    assert since == ([True] * 6 if min_neighbors == 0 else [])
+
+
+def test_feature_columns_equal_the_per_item_filter_whatever_the_key_order() -> None:
+    """``_output_columns`` and ``_numbers`` (ml21: the published feature matrix built by
+    output columns) give, per item, the numbers of its answer as floats (not bools, not
+    None, not lists) and NaN elsewhere, for answers in one key order (the transposition)
+    and in several (the lookups), with absent outputs."""
+    import math
+    import random
+
+    rng = random.Random(7)
+    pool = [1.5, 2, None, True, [1], np.float64(0.25), float("nan"), 0.0, 3]
+    names = [f"o{k}" for k in range(6)]
+    for shuffle in (False, True):
+        answers = []
+        for _ in range(30):
+            keys = [n for n in names if rng.random() < (0.8 if shuffle else 2)]
+            if shuffle:
+                rng.shuffle(keys)
+            answers.append({n: rng.choice(pool) for n in keys})
+        want = [{n: float(v) for n, v in a.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)} for a in answers]
+        got: dict[str, list[float]] = {}
+        for name, column in item_shard._output_columns(answers):
+            numbers = item_shard._numbers(column)
+            if numbers is not None:
+                got[name] = list(numbers)
+        assert sorted(got) == sorted({n for w in want for n in w})
+        for name, numbers in got.items():
+            for w, x in zip(want, numbers, strict=True):
+                v = w.get(name, math.nan)
+                assert (x == v and type(x) is float) or (math.isnan(x) and math.isnan(v))
