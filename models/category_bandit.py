@@ -660,7 +660,7 @@ class CategoryBandit:
             if counts is not None and self.config.item_lift > 0:
                 lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
                 discount = discount / lift[best_first]
-            key = theta[:, cat_of[best_first]] / discount
+            key = theta.take(cat_of[best_first], axis=1) / discount  # theta[:, ...]
             top = best_first[best_by_row(key, k)]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
