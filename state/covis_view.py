@@ -37,9 +37,9 @@ CHANNELS = ("liked", "any")
 _EAGER_VOCAB = 8_192
 """Tables with at most this many distinct items have all their ids looked up at once."""
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
-_GATHERED = 1 << 16
-"""``CovisView._gathered``'s bound in row entries over all its seed lists (16 B an entry:
-an id and a weight; 1 MB a view; zc60k: ~350 entries a list)."""
+_GATHERED = 256
+"""``CovisView._gathered``'s bound (a seed list's entry: its rows' ids and weights, ~6 kB
+for ~350 entries)."""
 
 
 class CovisView:
@@ -67,11 +67,8 @@ class CovisView:
         """Per shard: the (channel, seed) entries of ``_by_seed`` its table holds."""
         self._gathered: dict[tuple[str, tuple[str, ...]], Gathered] = {}
         """``gather_prefixes``' concatenated rows by (channel, seeds) when every seed's row
-        was a ``_by_seed`` row (``_GATHERED`` row entries in all at most, oldest first out;
-        emptied when a synced table is replaced, so an entry's rows are its shards' synced
-        ones)."""
-        self._gathered_size = 0
-        """Row entries held in ``_gathered``."""
+        was a ``_by_seed`` row (at most ``_GATHERED`` entries, oldest first out; emptied
+        when a synced table is replaced, so an entry's rows are its shards' synced ones)."""
 
     def name_array(self) -> np.ndarray:
         """``names`` as an object array (its first ``len(names)`` entries; grown by
@@ -129,7 +126,7 @@ class CovisView:
                 continue
             old = self._tables.get(shard)
             if old is not None:  # rows of the replaced version go
-                self._gathered, self._gathered_size = {}, 0
+                self._gathered = {}
                 for ch, seed in self._seeds_of.pop(shard, ()):
                     self._by_seed[ch].pop(seed, None)
                 self._rows.pop(id(old), None)
@@ -298,24 +295,13 @@ class CovisView:
         sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
         w = np.concatenate([t[0][1] for t in taken])
         if cached:  # kept unweighted: w is weighted in a new array
-            hit = self._keep(key, Gathered.of(ids, w, sizes, [t[0][2] for t in taken]))
+            if len(gathered) >= _GATHERED:
+                del gathered[next(iter(gathered))]
+            hit = gathered[key] = Gathered.of(ids, w, sizes, [t[0][2] for t in taken])
             w = hit.weights * np.array([t[1] for t in taken]).repeat(sizes)
         else:
             w *= np.array([t[1] for t in taken]).repeat(sizes)  # in place: no third array
         return ids, w, _prefix_ends(sizes, [t[2] for t in taken], prefixes, len(seeds))
-
-    def _keep(self, key: tuple[str, tuple[str, ...]], entry: Gathered) -> Gathered:
-        """Put ``entry`` in ``_gathered`` (its oldest out past ``_GATHERED`` row entries)."""
-        gathered = self._gathered
-        size = getattr(self, "_gathered_size", 0) + entry.ids.size  # older state: none
-        replaced = gathered.pop(key, None)
-        if replaced is not None:
-            size -= replaced.ids.size
-        while gathered and size > _GATHERED:
-            size -= gathered.pop(next(iter(gathered))).ids.size
-        gathered[key] = entry
-        self._gathered_size = size
-        return entry
 
     def _whole_row(self, table: ItemTable, channel: str, item: str,
                    row: tuple[np.ndarray, np.ndarray]) -> bool:

@@ -301,24 +301,6 @@ def test_a_seed_lists_kept_gather_is_the_seed_by_seed_gather(
     assert len(kept) == 5  # requests 3-5, 10 and 11 (6-8: after s1's new version; 9: no s0)
 
 
-def test_kept_gathers_hold_at_most_their_bound_of_row_entries(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``CovisView._gathered`` drops its oldest seed lists past ``_GATHERED`` row entries
-    in all, and counts what it holds."""
-    monkeypatch.setattr(covis_view, "_GATHERED", 200)
-    table_map = tables(3, tmp_path)
-    view = CovisView()
-    view.sync(table_map)
-    rng = random.Random(3)
-    asked = [rng.sample(ITEMS, 6) for _ in range(12)]
-    for seeds in asked:
-        view.gather_seeds("liked", seeds, np.ones(len(seeds)), table_map, shard_of, T)
-    kept = view._gathered
-    assert view._gathered_size == sum(g.ids.size for g in kept.values()) <= 200
-    assert 0 < len(kept) < len(asked)
-    assert list(kept) == [("liked", tuple(s)) for s in asked[-len(kept):]]  # the newest
-
-
 @pytest.mark.parametrize(("seed", "counts"), [(0, (100, 1)), (1, (7, 2, 30)), (2, (1,))])
 def test_liked_knn_of_several_seed_counts_is_each_counts_row_by_row_sums(
         tmp_path: Path, seed: int, counts: tuple[int, ...]) -> None:
