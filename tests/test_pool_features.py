@@ -213,18 +213,6 @@ def test_views_of_one_loaded_table_share_its_rows(tmp_path: Path) -> None:
             assert fresh.names[before:] == [n for n in names if n not in known]
 
 
-def _tables_at(request: int, first: dict[str, ItemTable], newer: dict[str, ItemTable],
-               moved: int, dropped: int) -> dict[str, ItemTable]:
-    """The tables of request ``request``: ``first``, with shard s1 at its ``newer`` version
-    from request ``moved`` on, and no table of s0 at request ``dropped``."""
-    table_map = dict(first)
-    if request >= moved:
-        table_map["s1"] = newer["s1"]
-    if request == dropped:
-        del table_map["s0"]
-    return table_map
-
-
 @pytest.mark.parametrize(("seed", "loaded", "intern"),
                          [(0, True, True), (1, True, False), (2, False, True), (3, False, False)])
 def test_gather_seeds_is_the_seed_by_seed_gather_bit_for_bit(
@@ -239,7 +227,11 @@ def test_gather_seeds_is_the_seed_by_seed_gather_bit_for_bit(
     newer = tables(seed + 10, tmp_path if loaded else None)
     views = [CovisView(), CovisView()]
     for request in range(8):
-        table_map = _tables_at(request, first, newer, 4, 6)
+        table_map = dict(first)
+        if request >= 4:  # shard s1 moves to a new version
+            table_map["s1"] = newer["s1"]
+        if request == 6:  # and s0 has no table for one request
+            del table_map["s0"]
         seeds = rng.sample(ITEMS, 25) + ["not-an-item", "unseen-x"] + rng.sample(ITEMS, 3)
         weights = np.array([rng.random() for _ in seeds])
         ts = T + rng.randrange(10**7)
@@ -280,7 +272,11 @@ def test_a_seed_lists_kept_gather_is_the_seed_by_seed_gather(
     monkeypatch.setattr(covis_view.Gathered, "weighted",
                         lambda self, *a: kept.append(self) or weighted(self, *a))
     for request in range(12):
-        table_map = _tables_at(request, first, newer, 6, 9)
+        table_map = dict(first)
+        if request >= 6:  # shard s1 moves to a new version
+            table_map["s1"] = newer["s1"]
+        if request == 9:  # and s0 has no table for one request
+            del table_map["s0"]
         seeds = lists[request % 3]
         w = np.array([rng.random() for _ in seeds])
         ts = T + rng.randrange(10**7)
