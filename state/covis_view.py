@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -37,9 +37,6 @@ CHANNELS = ("liked", "any")
 _EAGER_VOCAB = 8_192
 """Tables with at most this many distinct items have all their ids looked up at once."""
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
-_GATHERED = 256
-"""``CovisView._gathered``'s bound (a seed list's entry: its rows' ids and weights, ~6 kB
-for ~350 entries)."""
 
 
 class CovisView:
@@ -65,10 +62,6 @@ class CovisView:
         with its table."""
         self._seeds_of: dict[str, list[tuple[str, str]]] = {}
         """Per shard: the (channel, seed) entries of ``_by_seed`` its table holds."""
-        self._gathered: dict[tuple[str, tuple[str, ...]], Gathered] = {}
-        """``gather_prefixes``' concatenated rows by (channel, seeds) when every seed's row
-        was a ``_by_seed`` row (at most ``_GATHERED`` entries, oldest first out; emptied
-        when a synced table is replaced, so an entry's rows are its shards' synced ones)."""
 
     def name_array(self) -> np.ndarray:
         """``names`` as an object array (its first ``len(names)`` entries; grown by
@@ -126,7 +119,6 @@ class CovisView:
                 continue
             old = self._tables.get(shard)
             if old is not None:  # rows of the replaced version go
-                self._gathered = {}
                 for ch, seed in self._seeds_of.pop(shard, ()):
                     self._by_seed[ch].pop(seed, None)
                 self._rows.pop(id(old), None)
@@ -248,15 +240,6 @@ class CovisView:
         none = [0] * len(prefixes)
         if not seeds:
             return *_EMPTY, none
-        if len(seed_weights) != len(seeds):
-            raise ValueError("one weight per seed")
-        key = (channel, tuple(seeds))
-        gathered = getattr(self, "_gathered", None)  # older state: none
-        if gathered is None:
-            gathered = self._gathered = {}
-        hit = gathered.get(key)
-        if hit is not None and hit.synced(tables, self._tables):
-            return hit.weighted(seed_weights, tables, ts_ms, prefixes)
         synced = self._tables
         by_seed = self._by_seed[channel]
         seed_row = by_seed.get
@@ -265,7 +248,8 @@ class CovisView:
         taken: list[tuple[tuple[np.ndarray, np.ndarray, Any], float, int]] = []
         take = taken.append  # (row, its weight, its seed's position): one append a seed
         seed_weight = seed_weights.tolist()
-        cached = True  # every seed's row is (now) its _by_seed row
+        if len(seed_weight) != len(seeds):
+            raise ValueError("one weight per seed")
         for k, seed in enumerate(seeds):
             row = seed_row(seed)  # (ids, weights, shard) of a synced table's whole row
             sh = shard_of(seed) if row is None else row[2]
@@ -277,14 +261,11 @@ class CovisView:
             if row is None or not info[2]:  # not cached, or its table is not the synced one
                 table = info[1]
                 if table is None:
-                    cached = False
                     continue
                 row = get_row(table, channel, seed)
                 if info[2] and self._whole_row(table, channel, seed, row):
-                    row = by_seed[seed] = (row[0], row[1], sh)
+                    by_seed[seed] = (row[0], row[1], sh)
                     self._seeds_of.setdefault(sh, []).append((channel, seed))
-                else:
-                    cached = False
             take((row, seed_weight[k] * info[0], k))
         if not taken:
             return *_EMPTY, none
@@ -294,14 +275,12 @@ class CovisView:
             return *_EMPTY, none
         sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
         w = np.concatenate([t[0][1] for t in taken])
-        if cached:  # kept unweighted: w is weighted in a new array
-            if len(gathered) >= _GATHERED:
-                del gathered[next(iter(gathered))]
-            hit = gathered[key] = Gathered.of(ids, w, sizes, [t[0][2] for t in taken])
-            w = hit.weights * np.array([t[1] for t in taken]).repeat(sizes)
-        else:
-            w *= np.array([t[1] for t in taken]).repeat(sizes)  # in place: no third array
-        return ids, w, _prefix_ends(sizes, [t[2] for t in taken], prefixes, len(seeds))
+        w *= np.array([t[1] for t in taken]).repeat(sizes)  # in place: no third array of ~10^4
+        if prefixes == (len(seeds),):
+            return ids, w, [ids.size]
+        at = [t[2] for t in taken]
+        ends = np.concatenate([[0], sizes.cumsum()])[np.searchsorted(at, prefixes)]
+        return ids, w, ends.tolist()
 
     def _whole_row(self, table: ItemTable, channel: str, item: str,
                    row: tuple[np.ndarray, np.ndarray]) -> bool:
@@ -343,65 +322,6 @@ class CovisView:
             ids = vmap[vocab_idx]
             ids[ids == -2] = -1
         return ids, bool(ids.min() >= 0)
-
-
-def _prefix_ends(sizes: np.ndarray, at: list[int], prefixes: tuple[int, ...],
-                 n_seeds: int) -> list[int]:
-    """``gather_prefixes``' entry count of each prefix of the seeds (``sizes``: the
-    concatenated rows' lengths, ``at``: each row's seed position, ascending)."""
-    if prefixes == (n_seeds,):
-        return [int(sizes.sum())]
-    ends = np.concatenate([[0], sizes.cumsum()])[np.searchsorted(at, prefixes)]
-    return ends.tolist()
-
-
-class Gathered(NamedTuple):
-    """A seed list's rows as ``gather_prefixes`` concatenates them, before the weights:
-    every seed has its shard's synced whole row (``CovisView._by_seed``), so the same
-    seeds while those tables stay synced give the same rows."""
-
-    ids: np.ndarray
-    """The rows' neighbour ids, concatenated in seed order (read-only)."""
-    weights: np.ndarray
-    """Their weights decayed to each table's ``ts`` (read-only)."""
-    sizes: np.ndarray
-    """Each seed's row length."""
-    shards: tuple[str, ...]
-    """The distinct shards of the seeds' tables, in first-seed order."""
-    shard_at: np.ndarray
-    """Each seed's shard as a position in ``shards``."""
-
-    @classmethod
-    def of(cls, ids: np.ndarray, weights: np.ndarray, sizes: np.ndarray,
-           seed_shards: list[str]) -> Gathered:
-        """The entry of rows ``ids``, ``weights`` of lengths ``sizes`` (their seeds'
-        shards ``seed_shards``); the arrays are made read-only, not copied."""
-        shards = tuple(dict.fromkeys(seed_shards))
-        at = {sh: j for j, sh in enumerate(shards)}
-        ids.flags.writeable = weights.flags.writeable = False
-        return cls(ids, weights, sizes, shards,
-                   np.fromiter(map(at.__getitem__, seed_shards), np.int64, len(seed_shards)))
-
-    def synced(self, tables: dict[str, ItemTable], synced: dict[str, ItemTable]) -> bool:
-        """Whether each of the shards' table in ``tables`` is the synced one."""
-        for sh in self.shards:
-            t = tables.get(sh)
-            if t is None or t is not synced.get(sh):
-                return False
-        return True
-
-    def weighted(self, seed_weights: np.ndarray, tables: dict[str, ItemTable], ts_ms: int,
-                 prefixes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """``gather_prefixes``' answer: every weight times its seed's weight times its
-        table's ``covis_factor(ts_ms)`` (the same products)."""
-        factors = np.array([tables[sh].covis_factor(ts_ms) for sh in self.shards])
-        per_seed = seed_weights * factors[self.shard_at]
-        w = self.weights * per_seed.repeat(self.sizes)
-        n = self.sizes.size  # every seed has a row here
-        if prefixes == (n,):
-            return self.ids, w, [self.ids.size]
-        ends = np.concatenate([[0], self.sizes.cumsum()])[[min(p, n) for p in prefixes]]
-        return self.ids, w, ends.tolist()
 
 
 def stored_row(table: ItemTable, channel: str, covis: FrozenCoVisitation, item: str

@@ -255,48 +255,6 @@ def test_gather_seeds_is_the_seed_by_seed_gather_bit_for_bit(
         assert ids0.size and np.array_equal(ids0, ids1) and np.array_equal(w0, w1)
 
 
-@pytest.mark.parametrize(("seed", "loaded"), [(0, True), (1, False)])
-def test_a_seed_lists_kept_gather_is_the_seed_by_seed_gather(
-        tmp_path: Path, seed: int, loaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same seed list asked again (``CovisView._gathered``: its rows kept while their
-    tables stay synced) gives the seed-by-seed rows times the new weights and time decay
-    bit for bit, and each prefix's end; a new table version of one shard, or a shard
-    without a table, is not read from the kept rows."""
-    rng = random.Random(seed)
-    first = tables(seed, tmp_path if loaded else None)
-    newer = tables(seed + 10, tmp_path if loaded else None)
-    lists = [rng.sample(ITEMS, 12) for _ in range(3)]
-    ref, view = CovisView(), CovisView()
-    kept = []
-    weighted = covis_view.Gathered.weighted
-    monkeypatch.setattr(covis_view.Gathered, "weighted",
-                        lambda self, *a: kept.append(self) or weighted(self, *a))
-    for request in range(12):
-        table_map = dict(first)
-        if request >= 6:  # shard s1 moves to a new version
-            table_map["s1"] = newer["s1"]
-        if request == 9:  # and s0 has no table for one request
-            del table_map["s0"]
-        seeds = lists[request % 3]
-        w = np.array([rng.random() for _ in seeds])
-        ts = T + rng.randrange(10**7)
-        for v in (ref, view):
-            v.sync(table_map)
-        parts = [(ref.row(table_map[shard_of(s)], "liked", s),
-                  x * table_map[shard_of(s)].covis_factor(ts))
-                 for s, x in zip(seeds, w.tolist(), strict=True) if shard_of(s) in table_map]
-        want = (np.concatenate([row[0] for row, _ in parts]),
-                np.concatenate([row[1] * x for row, x in parts]))
-        ids, got_w, ends = view.gather_prefixes("liked", seeds, w, table_map, shard_of, ts,
-                                                (5, len(seeds)))
-        assert ref.names == view.names
-        assert np.array_equal(ids, want[0]) and np.array_equal(got_w, want[1])
-        head = [s for s in seeds[:5] if shard_of(s) in table_map]
-        assert ends == [sum(ref.row(table_map[shard_of(s)], "liked", s)[0].size for s in head),
-                        want[0].size]
-    assert len(kept) == 5  # requests 3-5, 10 and 11 (6-8: after s1's new version; 9: no s0)
-
-
 @pytest.mark.parametrize(("seed", "counts"), [(0, (100, 1)), (1, (7, 2, 30)), (2, (1,))])
 def test_liked_knn_of_several_seed_counts_is_each_counts_row_by_row_sums(
         tmp_path: Path, seed: int, counts: tuple[int, ...]) -> None:
