@@ -562,9 +562,12 @@ class CategoryBandit:
         n = len(categories)
         groups = self._group_prior()
         if not self._tilted(entry, history, n):  # each category's (a, b) on its own counts
-            a, b = np.array(self._untilted_pairs(user_id, entry[1], categories),
-                            np.float64).reshape(-1, 2).T.copy()  # two contiguous rows
-            return a, b
+            if not n:
+                return np.zeros(0), np.zeros(0)
+            # two arrays from two tuples: half the instructions of one (n, 2) array's
+            # conversion of n pairs (numpy discovers each pair's shape), the same floats
+            a, b = zip(*self._untilted_pairs(user_id, entry[1], categories), strict=True)
+            return np.array(a, np.float64), np.array(b, np.float64)
         clicks, exposure = self._shard_counts()
         overall = (clicks + 1.0) / (exposure + 2.0)
         s = self.config.prior_strength
@@ -657,7 +660,7 @@ class CategoryBandit:
             if counts is not None and self.config.item_lift > 0:
                 lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
                 discount = discount / lift[best_first]
-            key = theta[:, cat_of[best_first]] / discount
+            key = theta.take(cat_of[best_first], axis=1) / discount  # theta[:, ...]
             top = best_first[best_by_row(key, k)]
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:

@@ -142,7 +142,7 @@ class CandidatePool:
             idx = keep
 
             def arrays(a: np.ndarray) -> np.ndarray:
-                return a[..., idx]
+                return a.take(idx, axis=-1)  # a[..., idx]: take is 2-4x fewer instructions
         il = idx.tolist()
         return CandidatePool(
             arrays(self.rows), pick(self.items, il), arrays(self.scores), arrays(self.has),
@@ -178,7 +178,7 @@ class CandidatePool:
         # each candidate's sources as one pattern number (bit b: SOURCES[b] retrieved it)
         # and its scores by source as Python lists (one conversion each)
         patterns = self._patterns(idx)
-        scores = (self.scores if idx is None else self.scores[:, idx]).T.tolist()
+        scores = (self.scores if idx is None else self.scores.take(idx, axis=1)).T.tolist()
         items = self.items
         if category is None:
             category = [None] * len(score)
@@ -192,7 +192,7 @@ class CandidatePool:
     def _patterns(self, idx: np.ndarray | None) -> list[int]:
         """Each candidate's pattern number at positions ``idx`` (default: all): bit b set
         when ``SOURCES[b]`` retrieved it."""
-        return (_SOURCE_BITS @ (self.has if idx is None else self.has[:, idx])).tolist()
+        return (_SOURCE_BITS @ (self.has if idx is None else self.has.take(idx, axis=1))).tolist()
 
     def record_items(self, idx: np.ndarray, propensities: list[float] | None = None
                      ) -> list[dict[str, Any]]:
