@@ -40,7 +40,7 @@ from flows.config import OUTPUTS, Config, ConfigError, InputConfig, load_config 
 from flows.kafka_wait import wait_for_kafka
 from flows.logs import install_excepthook, setup_logging
 from flows.memory import memory_bound
-from flows.runtime import GC_THRESHOLD, freeze_now  # noqa: F401 - GC_THRESHOLD re-exported
+from flows.runtime import GC_THRESHOLD, freeze_now, note_worker  # noqa: F401 - GC_THRESHOLD re-exported
 from flows.runtime import apply as apply_runtime
 from models.rankers import positive_hold_ms
 from operators.crossing import PickledOnce, Unwrapped
@@ -282,6 +282,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     the user shards write them in their wire form directly."""
 
     def user_shard_builder(resume: UserShard | None) -> UserShardLogic:
+        note_worker()  # a cluster process's main thread parks (flows.runtime)
         if resume is None:
             views = SnapshotViews(store, item_keys, poll_ms)
             items_on = config.items.enabled
@@ -406,6 +407,7 @@ def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], co
     records)`` (snapshot manifests, the item shards' processing-error dead letters)."""
 
     def item_builder(resume: ItemShard | None) -> Unwrapped[dict[str, list[Any]], ItemShard]:
+        note_worker()
         live = any(i.kind == "kafka" for i in config.inputs)
         shard = resume or ItemShard(config.items, store, config.features,
                                     hot_profiles=config.shards.hot_profiles)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +131,101 @@ def test_flow_freezes_its_heap_once_its_kafka_input_caught_up(
         assert gc.get_freeze_count() == 0 and not frozen
     answers = (tmp_path / "recommendations.jsonl").read_text().splitlines()
     assert [orjson.loads(a)["request_id"] for a in answers] == ["r1"]
+
+
+_PARKED_FLOW = '''
+import time
+from pathlib import Path
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSource
+from bytewax.connectors.stdio import StdOutSink
+
+from flows import runtime
+
+PARK = {park}
+if PARK:
+    runtime.park_main_thread()
+
+
+def _main_switches() -> int:
+    """Voluntary context switches of this process's main thread (its id is the pid)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def work(state, n):
+    runtime.note_worker()
+    if state is None:
+        time.sleep(0.05)  # the main thread parks (or not) while the workers run
+        state = _main_switches()
+    time.sleep(1.0)
+    Path({out!r}).with_suffix(f".{{n}}").write_text(str(_main_switches() - state))
+    return state, n
+
+
+flow = Dataflow("parked")
+keyed = op.key_on("key", op.input("in", flow, TestingSource(["a", "b"])), lambda k: k)
+op.output("out", op.stateful_map("work", keyed, work), StdOutSink())
+'''
+
+
+@pytest.mark.parametrize("park", [True, False])
+def test_a_cluster_process_main_thread_parks_while_its_workers_run(
+        tmp_path: Path, park: bool) -> None:
+    """``python -m bytewax.run -w 2``: Bytewax's main thread wakes every 1 ms (up to 1,000
+    voluntary switches in 1 s, fewer on a loaded machine); parked, only if a worker ends or every
+    ``PARK_CHECK_S`` (1 s). The flow still ends (the main thread sees its workers end)."""
+    import subprocess
+
+    (tmp_path / "parked_flow.py").write_text(
+        _PARKED_FLOW.format(park=park, out=str(tmp_path / "switches")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    subprocess.run([sys.executable, "-m", "bytewax.run", "parked_flow:flow", "-w", "2"],
+                   cwd=tmp_path, env=env, check=True, timeout=60, capture_output=True)
+    switches = [int(p.read_text()) for p in tmp_path.glob("switches.*")]
+    assert len(switches) == 2
+    if park:
+        assert max(switches) < 20, switches
+    else:
+        assert min(switches) > 60, switches
+
+
+def test_the_main_thread_parks_only_in_bytewax_run_and_until_its_workers_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_park_main`` returns at once from a frame that is not ``bytewax.run``'s (the main
+    thread running code of its own); from Bytewax's wait it returns once the noted
+    worker thread has ended (its pidfd), not before, and closes that pidfd."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from flows import runtime
+
+    monkeypatch.setattr(runtime, "_workers", {})
+    monkeypatch.setattr(runtime, "_parking", True)
+    monkeypatch.setattr(runtime._thread, "interrupt_main", lambda signum: None)
+    ended: list[float] = []
+
+    def worker() -> None:
+        runtime.note_worker()
+        time.sleep(0.2)
+        ended.append(time.perf_counter())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    while not runtime._workers:
+        time.sleep(0.001)
+    if None in runtime._workers.values():
+        pytest.skip("no thread pidfds (Linux 6.9+)")
+    other = SimpleNamespace(f_globals={"__name__": "__main__", "__spec__": None})
+    t0 = time.perf_counter()
+    runtime._park_main(runtime.PARK_SIGNAL, other)  # type: ignore[arg-type]
+    assert time.perf_counter() - t0 < 0.1 and not ended
+    bytewax_run = SimpleNamespace(f_globals={"__spec__": SimpleNamespace(name="bytewax.run")})
+    runtime._park_main(runtime.PARK_SIGNAL, bytewax_run)  # type: ignore[arg-type]
+    returned = time.perf_counter()
+    thread.join()
+    assert ended and ended[0] <= returned < ended[0] + 0.1
+    assert runtime._workers == {}
