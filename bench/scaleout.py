@@ -34,7 +34,7 @@ Figures (the last line is JSON):
   runtime, pickling, the untimed steps, other threads); ``main_thread_cpu_s_2proc``:
   the processes' main threads (in a cluster process Bytewax's main thread builds the
   flow, then waits for the worker thread, taking the GIL every millisecond to check
-  for signals); ``main_thread_wait_cpu_s_2proc``: their CPU after the flow's build
+  for signals, unless parked: ``flows.runtime``); ``main_thread_wait_cpu_s_2proc``: their CPU after the flow's build
   (imports and build left out: the wait alone); ``crossing_items_2proc``,
   ``crossing_bytes_2proc``, ``crossing_bytes_per_event_2proc``,
   ``unpickle_cpu_s_2proc``: the items Bytewax pickled in one process and unpickled in
