@@ -46,7 +46,7 @@ from state.item_table import (
 )
 from state.join_state import float32_features
 from state.profiles import ProfileStore
-from state.user_history import UserHistory
+from state.user_history import UserHistory, memo_put
 
 
 @dataclass
@@ -281,9 +281,7 @@ def _static_names(names: tuple[str, ...]) -> tuple[str, ...]:
     feature's name)."""
     held = _STATIC_NAMES.get(names)
     if held is None:
-        if len(_STATIC_NAMES) >= MAX_STATIC_MEMO:
-            _STATIC_NAMES.clear()
-        held = _STATIC_NAMES[names] = names
+        held = memo_put(_STATIC_NAMES, names, names, MAX_STATIC_MEMO)
     return held
 
 
@@ -751,17 +749,13 @@ class PointInTime:
                 if part is not None and len(rounded) == len(static):  # every name kept
                     part = (_static_names(part[0]), part[1])
                 if attrs_key is not None:
-                    if len(_SHARED_STATICS) >= MAX_STATIC_MEMO:
-                        _SHARED_STATICS.clear()
-                    _SHARED_STATICS[item_id, attrs_key] = (static, rounded, part)
+                    memo_put(_SHARED_STATICS, (item_id, attrs_key), (static, rounded, part),
+                             MAX_STATIC_MEMO)
             if table is None and attrs:
-                if len(_SHARED_BY_ATTRS) >= MAX_STATIC_MEMO:
-                    _SHARED_BY_ATTRS.clear()
-                _SHARED_BY_ATTRS[id(attrs)] = (attrs, item_id, (static, rounded, part))
-        if len(self._statics) >= MAX_STATIC_MEMO:
-            self._statics.clear()
-        self._statics[item_id] = (None if table is None else weakref.ref(table), attrs, static,
-                                  rounded, part)
+                memo_put(_SHARED_BY_ATTRS, id(attrs), (attrs, item_id, (static, rounded, part)),
+                         MAX_STATIC_MEMO)
+        memo_put(self._statics, item_id, (None if table is None else weakref.ref(table), attrs,
+                                          static, rounded, part), MAX_STATIC_MEMO)
         return static, rounded, part
 
     def _mf_rowwise(self, vector: np.ndarray | None, item_ids: list[str],

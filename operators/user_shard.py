@@ -54,7 +54,7 @@ from state.item_table import category_of
 from state.join_state import RECORD_ROWS, JoinConfig, Joiner
 from state.profiles import ProfileStore, stores_for
 from state.sampling import NegativeSampler
-from state.user_history import UserHistory, lru_put
+from state.user_history import UserHistory, lru_put, memo_put
 
 ShardOutput = dict[str, list[Any]]
 
@@ -502,10 +502,8 @@ def catalog_attrs(item: Item) -> dict[str, Any]:
     found = _CATALOG_ATTRS.get(id(item))
     if found is not None and found[0] is item:
         return found[1]
-    if len(_CATALOG_ATTRS) >= MAX_CATALOG_ATTRS:
-        _CATALOG_ATTRS.clear()
     attrs = dict(item.attrs, available=item.available)
-    _CATALOG_ATTRS[id(item)] = (item, attrs)
+    memo_put(_CATALOG_ATTRS, id(item), (item, attrs), MAX_CATALOG_ATTRS)
     return attrs
 
 

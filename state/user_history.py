@@ -22,6 +22,16 @@ def lru_put(lru: OrderedDict[Any, Any], key: Any, value: Any, capacity: int) -> 
         lru.popitem(last=False)
 
 
+def memo_put(memo: dict[Any, Any], key: Any, value: Any, capacity: int) -> Any:
+    """``memo[key] = value`` in a memo emptied when it holds ``capacity`` entries (a
+    bounded cache whose entries cost less to recompute than to keep in order); returns
+    ``value``."""
+    if len(memo) >= capacity:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 class UserHistory:
     """Recent distinct items per user, newest last; ``ts`` values are event time in ms."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.user_history import UserHistory
+from state.user_history import UserHistory, memo_put
 
 
 @settings(max_examples=200, deadline=None)
@@ -22,3 +22,12 @@ def test_recent_is_the_newest_distinct_items_newest_first(items: list[int], n: i
     want = sorted(last, key=last.__getitem__, reverse=True)[:min(n, 250)]
     assert history.recent("u", n) == want
     assert history.recent("nobody", n) == []
+
+
+def test_memo_put_empties_the_memo_when_full() -> None:
+    memo: dict[str, int] = {}
+    for n in range(3):
+        assert memo_put(memo, f"k{n}", n, 3) == n
+    assert memo == {"k0": 0, "k1": 1, "k2": 2}
+    memo_put(memo, "k3", 3, 3)
+    assert memo == {"k3": 3}
