@@ -161,7 +161,6 @@ def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
                                          producer_config=config.kafka.client_settings("producer")))
 
 
-_TYPE_OF = operator.attrgetter("type")
 _TS_OF = operator.attrgetter("ts")
 
 
@@ -169,7 +168,9 @@ def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
     """Metrics item of one parsed batch: events by type, dead letters by reason, max event
     time, and the Kafka read positions the batch carries (consumer lag)."""
     events, dead = parsed[0], parsed[1]
-    by_type = Counter(map(_TYPE_OF, events))
+    # counted by class (type() in C), then named: the same counts in the same key order,
+    # without an attribute lookup per event
+    by_type = Counter({cls.type: n for cls, n in Counter(map(type, events)).items()})
     if parsed[5]:  # a sharded replay's copies of item events (partition 0 counts them)
         by_type["item"] -= parsed[5]
     return "parse", {
