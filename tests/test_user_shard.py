@@ -154,7 +154,7 @@ def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
 
 
 def test_item_events_on_the_runs_path_equal_the_per_event_path() -> None:
-    """``item`` events taken by ``_catalog_item`` (the runs path) leave the catalog (its
+    """``item`` events taken by ``_catalog_items`` (the runs path) leave the catalog (its
     entries, order and write count), the clock and the closed windows as ``_apply`` does,
     and one that fails is the same dead letter."""
     events = [Item(T0, "a", {"category": "c1"}), Item(T0, "b", {"price": 2.5}, False),
