@@ -176,7 +176,8 @@ def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
     return "parse", {
         "events_by_type": +by_type,
         "dead_by_reason": Counter(d["reason"] for d in dead),
-        "max_ts": max(map(_TS_OF, events), default=None),
+        "max_ts": (parsed[6] if len(parsed) > 6 and parsed[6] is not None
+                   else max(map(_TS_OF, events), default=None)),
         "offsets": parsed[3],
     }
 
@@ -256,9 +257,11 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
 
     def parse(batch: list[Any]) -> tuple[Any, ...]:
         """(events, dead letters, ingest wall ns, Kafka offsets, user shard of a sharded
-        replay batch, item events in it that are copies, not counted)."""
+        replay batch, item events in it that are copies, not counted[, the events' largest
+        ts when the reader took it])."""
         if isinstance(batch, ParsedShardBatch):  # parsed in the replay's reader
-            return batch.events, batch.dead, time.time_ns(), None, batch.shard, batch.copies
+            return (batch.events, batch.dead, time.time_ns(), None, batch.shard, batch.copies,
+                    batch.max_ts)
         if isinstance(batch, ShardBatch):
             events, dead, copies = parse_shard_batch(parser, batch, user_shard_of)
             return events, dead, time.time_ns(), None, batch.shard, copies
