@@ -161,7 +161,6 @@ def _output(name: str, stream: Stream[list[Record]], config: Config) -> None:
                                          producer_config=config.kafka.client_settings("producer")))
 
 
-_TYPE_OF = operator.attrgetter("type")
 _TS_OF = operator.attrgetter("ts")
 
 
@@ -169,13 +168,16 @@ def _parse_counts(parsed: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
     """Metrics item of one parsed batch: events by type, dead letters by reason, max event
     time, and the Kafka read positions the batch carries (consumer lag)."""
     events, dead = parsed[0], parsed[1]
-    by_type = Counter(map(_TYPE_OF, events))
+    # counted by class (type() in C), then named: the same counts in the same key order,
+    # without an attribute lookup per event
+    by_type = Counter({cls.type: n for cls, n in Counter(map(type, events)).items()})
     if parsed[5]:  # a sharded replay's copies of item events (partition 0 counts them)
         by_type["item"] -= parsed[5]
     return "parse", {
         "events_by_type": +by_type,
         "dead_by_reason": Counter(d["reason"] for d in dead),
-        "max_ts": max(map(_TS_OF, events), default=None),
+        "max_ts": (parsed[6] if len(parsed) > 6 and parsed[6] is not None
+                   else max(map(_TS_OF, events), default=None)),
         "offsets": parsed[3],
     }
 
@@ -255,9 +257,11 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
 
     def parse(batch: list[Any]) -> tuple[Any, ...]:
         """(events, dead letters, ingest wall ns, Kafka offsets, user shard of a sharded
-        replay batch, item events in it that are copies, not counted)."""
+        replay batch, item events in it that are copies, not counted[, the events' largest
+        ts when the reader took it])."""
         if isinstance(batch, ParsedShardBatch):  # parsed in the replay's reader
-            return batch.events, batch.dead, time.time_ns(), None, batch.shard, batch.copies
+            return (batch.events, batch.dead, time.time_ns(), None, batch.shard, batch.copies,
+                    batch.max_ts)
         if isinstance(batch, ShardBatch):
             events, dead, copies = parse_shard_batch(parser, batch, user_shard_of)
             return events, dead, time.time_ns(), None, batch.shard, copies

@@ -67,7 +67,7 @@ class ParsedShardBatch:
     ``dead`` letters, ``copies``: item events that are copies, not counted), for user
     shard ``shard``. Empty (false) when it holds no event and no dead letter."""
 
-    __slots__ = ("copies", "dead", "events", "shard")
+    __slots__ = ("copies", "dead", "events", "max_ts", "shard")
 
     def __init__(self, events: list[Any], dead: list[dict[str, Any]], copies: int,
                  shard: int) -> None:
@@ -75,6 +75,9 @@ class ParsedShardBatch:
         self.dead = dead
         self.copies = copies
         self.shard = shard
+        self.max_ts: int | None = None
+        """The largest ``ts`` of ``events`` when ``parse_window`` took it while routing them
+        (the parse metrics' ``max_ts``); None: not taken (or no event)."""
 
     def __len__(self) -> int:
         return len(self.events) + len(self.dead)
@@ -136,18 +139,35 @@ def parse_window(lines: list[Any], parser: EventParser, shards: Iterable[int],
     events = {s: part.events for s, part in parts.items()}
     n_items = 0
     if not parser.dead_in_last:
-        user, own = None, None  # a request's impressions come in a row: one lookup
+        # A request's impressions come in a row: one lookup; the largest ts of each part
+        # is taken on the way (``top``, of the part being filled: ``top_of`` holds the
+        # others'; ``item_top`` the item events', which every part holds).
+        user, own, shard, top, item_top = None, None, None, -1, -1
+        top_of = dict.fromkeys(parts, -1)
         for out in outs:
             if type(out) is Item:
                 n_items += 1
                 for part in events.values():
                     part.append(out)
+                if out.ts > item_top:
+                    item_top = out.ts
             elif out.user_id == user:  # type: ignore[union-attr]
                 own.append(out)  # type: ignore[union-attr]
+                if out.ts > top:
+                    top = out.ts
             else:
+                top_of[shard] = top
                 user = out.user_id  # type: ignore[union-attr]
-                own = events[shard_of(user)]
+                shard = shard_of(user)
+                own = events[shard]
                 own.append(out)
+                top = top_of[shard]
+                if out.ts > top:
+                    top = out.ts
+        top_of[shard] = top
+        for s, part in parts.items():
+            if part.events:  # (every ts >= 0: a parsed event's)
+                part.max_ts = max(top_of[s], item_top)
     else:
         for line, out in zip(lines, outs, strict=True):
             if type(out) is dict:

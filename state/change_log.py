@@ -19,6 +19,8 @@ LOG = 1_024
 
 _MISSING = object()
 
+_SET = OrderedDict.__setitem__
+
 
 class ChangeLogDict(OrderedDict):  # type: ignore[type-arg]
     """``OrderedDict`` with ``version`` (writes so far) and ``changed_since``."""
@@ -43,8 +45,9 @@ class ChangeLogDict(OrderedDict):  # type: ignore[type-arg]
         return list(self._log)[len(self._log) - behind:] if behind else []
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self._wrote(key)
+        _SET(self, key, value)  # and _wrote(key), inline: every catalog write of a shard
+        self.version += 1
+        self._log.append(key)
 
     def __delitem__(self, key: Any) -> None:
         super().__delitem__(key)

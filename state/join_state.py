@@ -37,7 +37,7 @@ import heapq
 import itertools
 import operator
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -478,7 +478,7 @@ class Joiner:
             return
         items = [imp.item_id for imp in run]
         features_run = getattr(self.context, "features_run", None)
-        marks: Iterator[int] = itertools.repeat(0)
+        marks: list[int] | None = None  # None: every one 0
         # Those whose example is sure to be written (kept negatives, or clicked) are computed
         # now, while what they read is in the CPU's caches (ten minutes later, at the close,
         # it no longer is): the same values (a token reads only what was taken); the others
@@ -491,7 +491,7 @@ class Joiner:
                 tokens = self._resolve_all(tokens, self.rows.wire)
             elif self._resolve_all is not None:  # decisions kept in the flags: not hashed again
                 keeps = self.sampler.keep_impressions(ids)
-                marks = iter([DECIDED | KEPT if keep else DECIDED for keep in keeps])
+                marks = [DECIDED | KEPT if keep else DECIDED for keep in keeps]
                 if True in keeps:
                     kept = list(itertools.compress(range(len(tokens)), keeps))
                     for j, value in zip(kept, self._resolve_all([tokens[j] for j in kept],
@@ -499,19 +499,23 @@ class Joiner:
                         tokens[j] = value
         self.counters.impressions += len(run)
         deadline = ts + self.wait_ms
+        flags_of: Iterable[int] = itertools.repeat(0, len(run)) if marks is None else marks
         free = pending.free
-        impression, deadlines, features, flags = (pending.impression, pending.deadline,
-                                                  pending.features, pending.flags)
-        for imp, iid, token, mark in zip(run, ids, tokens, marks, strict=False):  # marks: maybe endless
-            if free:  # pending.add(imp, deadline, token, mark), inline
-                row = free.pop()
-                impression[row] = imp
-                deadlines[row] = deadline
-                features[row] = token
-                flags[row] = mark
-                rows[iid] = row
-            else:
-                pending.add(imp, deadline, token, mark)
+        if not free:  # no row to reuse: the columns extended at once
+            pending.extend(run, ids, deadline, tokens, flags_of)
+        else:
+            impression, deadlines, features, flags = (pending.impression, pending.deadline,
+                                                      pending.features, pending.flags)
+            for imp, iid, token, mark in zip(run, ids, tokens, flags_of, strict=True):
+                if free:  # pending.add(imp, deadline, token, mark), inline
+                    row = free.pop()
+                    impression[row] = imp
+                    deadlines[row] = deadline
+                    features[row] = token
+                    flags[row] = mark
+                    rows[iid] = row
+                else:
+                    pending.add(imp, deadline, token, mark)
         due = self._due.get(deadline)
         if due is None:
             self._due[deadline] = ids

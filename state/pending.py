@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
@@ -78,6 +79,19 @@ class PendingColumns:
             self.flags.append(flags)
         self.rows[imp.impression_id] = row
         return row
+
+    def extend(self, imps: list[Impression], ids: list[str], deadline_ms: int,
+               features: list[Any], flags: Iterable[int]) -> None:
+        """``add`` of each of ``imps`` (their ids ``ids``, none pending; one deadline;
+        ``flags`` theirs) when no row is free: the rows ``add`` would give them one by one
+        (appended in order), each column extended at once."""
+        n, start = len(imps), len(self.impression)
+        self.impression += imps
+        self.deadline += repeat(deadline_ms, n)
+        self.labels += repeat(NO_LABELS, n)
+        self.features += features
+        self.flags += flags
+        self.rows.update(zip(ids, range(start, start + n), strict=True))
 
     def release(self, rows: list[int]) -> None:
         """Free rows already taken out of ``rows`` (their objects are let go)."""

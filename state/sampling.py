@@ -37,4 +37,4 @@ class NegativeSampler:
         if self.rate >= 1.0:
             return [True] * len(impression_ids)
         prefix, rate = f"{self.seed}:imp:", self.rate
-        return [h / _TWO64 < rate for h in stable_hashes64([prefix + i for i in impression_ids])]
+        return [h / _TWO64 < rate for h in stable_hashes64(impression_ids, prefix)]

@@ -209,8 +209,8 @@ def test_events_pickle_as_class_and_field_values() -> None:
 
 
 def test_batch_parse_equals_one_by_one() -> None:
-    """``parse_many`` (impressions, feedback and requests of the common shape built in its
-    loop) gives exactly what ``parse`` gives line by line, dead letters and the watermark
+    """``parse_many`` (impressions, feedback, requests, items and users of the common shape
+    built in its loop) gives exactly what ``parse`` gives line by line, dead letters and the watermark
     included."""
     import pickle
 
@@ -247,6 +247,19 @@ def test_batch_parse_equals_one_by_one() -> None:
                     {"ts": -3}, {"ts": TS + 7}]
     raws += [line(**{**req, **v}) for v in req_variants]
     raws += [line(**{k: v for k, v in req.items() if k != name}) for name in req]
+    item = {"type": "item", "ts": TS, "item_id": "a", "attrs": {"category": "c"}, "available": False}
+    item_variants = [{}, {"attrs": None}, {"attrs": []}, {"attrs": "x"}, {"available": None},
+                     {"available": 1}, {"available": True}, {"item_id": 7}, {"item_id": ""},
+                     {"item_id": "i" * 256}, {"item_id": "i" * 257}, {"ts": TS + 10**12},
+                     {"ts": 5}, {"ts": True}, {"ts": TS + 3}, {"user_id": "u"}]
+    raws += [line(**{**item, **v}) for v in item_variants]
+    raws += [line(**{k: v for k, v in item.items() if k != name}) for name in item]
+    user = {"type": "user", "ts": TS, "user_id": "u", "attrs": {"age": 3}}
+    user_variants = [{}, {"attrs": None}, {"attrs": [1]}, {"user_id": 7}, {"user_id": ""},
+                     {"user_id": "u" * 256}, {"user_id": "u" * 257}, {"ts": -1},
+                     {"ts": TS + 10**12}, {"ts": TS + 11}, {"item_id": "a"}, {"available": 3}]
+    raws += [line(**{**user, **v}) for v in user_variants]
+    raws += [line(**{k: v for k, v in user.items() if k != name}) for name in user]
     raws += [b'{"type": "user", "ts": 1', b"[1]", "text", {"type": "user", "ts": TS, "user_id": "d"},
              line(type="user", ts=TS, user_id="u", attrs={"a": [[[[]]]]}),
              line(type="feedback", ts=TS, user_id="u", item_id="a", action="click"),

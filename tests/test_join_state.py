@@ -508,3 +508,38 @@ def test_column_of_gathers_rows_in_order() -> None:
     for rows in ([], [3], [7, 2], [9, 0, 9, 4], list(range(10))[::-1]):
         assert column_of(column, rows) == [column[row] for row in rows]
         assert type(column_of(column, rows)) is list
+
+
+def test_pending_extend_gives_the_rows_and_columns_of_one_add_each() -> None:
+    """``PendingColumns.extend`` (a run taken when no row is free) leaves the same rows,
+    columns and free list as ``add`` of each impression in order."""
+    from state.pending import NO_LABELS, PendingColumns
+
+    def columns(c: PendingColumns) -> tuple:
+        return (dict(c.rows), c.impression, c.deadline, c.labels, c.features, c.flags, c.free)
+
+    imps = [imp(f"m{j}", T0) for j in range(5)]
+    one, many = PendingColumns(), PendingColumns()
+    for c in (one, many):
+        c.add(imp("m-first", T0 - 1), T0 + 9, "x", 0)  # rows taken before the run
+    for j, i in enumerate(imps):
+        one.add(i, T0 + 10, ("tok", j), j % 3)
+    many.extend(imps, [i.impression_id for i in imps], T0 + 10, [("tok", j) for j in range(5)],
+                [j % 3 for j in range(5)])
+    assert columns(many) == columns(one)
+    assert list(many.rows) == ["m-first", "m0", "m1", "m2", "m3", "m4"]
+    assert many.labels[1:] == [NO_LABELS] * 5 and many.deadline[1:] == [T0 + 10] * 5
+
+
+def test_prefixed_hashes_are_the_hashes_of_the_prefixed_ids() -> None:
+    """``stable_hashes64(ids, prefix)`` is ``stable_hash64(prefix + id)`` of each (the
+    sampler's keep decisions: ``keep_impressions`` = ``keep_impression`` of each)."""
+    from state.hashing import stable_hash64, stable_hashes64
+
+    ids = ["m1", "imp0-17", "é-ü", "x" * 300]
+    assert stable_hashes64(ids, "0:imp:") == [stable_hash64("0:imp:" + i) for i in ids]
+    assert stable_hashes64(ids) == [stable_hash64(i) for i in ids]
+    sampler = NegativeSampler(0.3, 5)
+    many = [f"m{j}" for j in range(200)]
+    keeps = sampler.keep_impressions(many)
+    assert keeps == [sampler.keep_impression(i) for i in many] and 20 < sum(keeps) < 100

@@ -312,3 +312,36 @@ def test_partitions_resumed_at_other_offsets_read_privately(tmp_path: Path) -> N
     again = ShardedReplaySource(path, SHARDS, ShardOf(SHARDS), batch_size=16)
     tail = _round_robin([again.build_part("in", n, s) for n, s in zip(names, states, strict=True)])
     assert sorted(map(list, head + tail)) == sorted(whole)
+
+
+def test_a_window_without_dead_letters_gives_each_part_its_largest_ts() -> None:
+    """``parse_window`` takes each part's largest event ``ts`` while routing (the parse
+    metrics' ``max_ts``): the ``max`` of its events' (item copies included), with event
+    times out of order, a user's events in runs and item events later and earlier than
+    the users' events; a window with a dead letter leaves it to the metrics (None)."""
+    import random
+
+    rng = random.Random(3)
+    lines = []
+    for i in range(400):
+        ts = T0 + rng.randrange(50_000)
+        if i % 9 == 0:
+            lines.append(orjson.dumps({"type": "item", "ts": ts + rng.choice((-60_000, 60_000)),
+                                       "item_id": f"i{i}", "attrs": {}}))
+        else:
+            user = f"u{(i // 3) % 23}"  # runs of three events of one user
+            lines.append(orjson.dumps({"type": "impression", "ts": ts, "impression_id": f"m{i}",
+                                       "user_id": user, "item_id": "i1", "request_id": "r",
+                                       "position": 0, "context": {}}))
+    shard_of = ShardOf(SHARDS)
+    taken = 0
+    for size in (5, 37, 400):
+        parser = EventParser()
+        for i in range(0, len(lines), size):
+            for part in parse_window(lines[i:i + size], parser, range(SHARDS), shard_of).values():
+                assert part.max_ts == max((e.ts for e in part.events), default=None)
+                taken += part.max_ts is not None
+    assert taken > 100
+    parser = EventParser()
+    parts = parse_window([*lines[:20], b"{oops"], parser, range(SHARDS), shard_of)
+    assert [part.max_ts for part in parts.values()] == [None] * SHARDS

@@ -154,36 +154,36 @@ def test_a_requests_impressions_join_as_one_run_with_the_same_outputs() -> None:
 
 
 def test_item_events_on_the_runs_path_equal_the_per_event_path() -> None:
-    """``item`` events taken by ``_catalog_item`` (the runs path) leave the catalog (its
-    entries, order and write count), the clock and the closed windows as ``_apply`` does,
-    and one that fails is the same dead letter."""
+    """``item`` events taken by ``_catalog_items`` (the runs path) leave the catalog (its
+    entries, order and write count), the clock, the closed windows, the item updates (or
+    none made, with the shard's counters sent) as ``_apply`` does, and one that fails is
+    the same dead letter."""
     events = [Item(T0, "a", {"category": "c1"}), Item(T0, "b", {"price": 2.5}, False),
               Impression(T0 + 5, "m1", "u1", "a", "r1", 0, {}),
               Impression(T0 + 5, "m2", "u1", "b", "r1", 1, {}),
               Item(T0 + 4_000, "a", {"category": "c2"}),  # the clock moves: m1, m2 close
-              Item(T0 + 4_000, "c", {}), Item(T0 + 3_000, "bad", {})]
-    seen: list[Any] = []
-    for runs in (False, True):
-        s = UserShard(JoinConfig(wait_ms_override=1_000, allowed_lateness_ms=0),
-                      NegativeSampler(1.0, 0))
-        if not runs:  # the per-event path
-            s.profiles = {"off": None}  # type: ignore[dict-item]
-            s._profile = lambda event: None  # type: ignore[method-assign]
-        item = s._item
-
-        def failing(event: Item, item: Any = item) -> None:
-            if event.item_id == "bad":
-                raise ValueError("bad item")
-            item(event)
-
-        s._item = failing  # type: ignore[method-assign]
-        out = s.process("u000", events)
-        for d in out["dead-letters"]:
-            d.pop("ingest_ts")
-        seen.append((list(s.catalog.items()), s.catalog.version, s.joiner.max_ts_ms,
-                     out["examples"], out["dead-letters"]))
-    assert seen[1] == seen[0]
-    assert len(seen[0][3]) == 2 and [d["error"] for d in seen[0][4]] == ["ValueError: bad item"]
+              Item(T0 + 4_000, "c", {}), Item(T0 + 3_000, "bad", None),  # type: ignore[arg-type]
+              Item(T0 + 4_000, "d", {"price": 1.0})]  # (attrs None: its catalog entry fails)
+    for updates in (True, False):
+        seen: list[Any] = []
+        for runs in (False, True):
+            s = UserShard(JoinConfig(wait_ms_override=1_000, allowed_lateness_ms=0),
+                          NegativeSampler(1.0, 0))
+            s.item_updates = updates
+            if not runs:  # the per-event path
+                s.profiles = {"off": None}  # type: ignore[dict-item]
+                s._profile = lambda event: None  # type: ignore[method-assign]
+            out = s.process("u000", events)
+            for d in out["dead-letters"]:
+                d.pop("ingest_ts")
+            seen.append((list(s.catalog.items()), s.catalog.version, s.joiner.max_ts_ms,
+                         out["examples"], out["dead-letters"], out.get("item-updates"),
+                         out["counters"]))
+        assert seen[1] == seen[0]
+        assert len(seen[0][5] or ()) == (5 if updates else 0)
+    assert len(seen[0][3]) == 2 and [d["error"] for d in seen[0][4]] == [
+        "TypeError: 'NoneType' object is not iterable"]
+    assert [key for key, _ in seen[0][0]] == ["b", "a", "c", "d"] and seen[0][1] == 5
 
 
 def test_a_close_of_runs_and_single_impressions_hashes_each_impression_once() -> None:
