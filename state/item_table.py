@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -280,11 +280,12 @@ class ItemTable:
         self._top[source] = (n, best)
         return best
 
-    def save(self, path: str | os.PathLike,
+    def save(self, path: str | os.PathLike | BinaryIO,
              covis_arrays: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None]
              | None = None) -> None:
-        """Write one uncompressed ``.npz`` file. ``covis_arrays``: the two channels'
-        ``to_arrays`` when the caller has them (an item shard's ``publish_arrays``)."""
+        """Write one uncompressed ``.npz`` file (to ``path``, or into an open binary
+        file). ``covis_arrays``: the two channels' ``to_arrays`` when the caller has them
+        (an item shard's ``publish_arrays``)."""
         if covis_arrays is None:
             covis_arrays = (self.covis.to_arrays(),
                             None if self.covis_any is None else self.covis_any.to_arrays())
@@ -299,27 +300,26 @@ class ItemTable:
         cat_ids = list(self.catalog)
         index, names, matrix = self.feature_matrix()
         feat_ids = list(index)
-        with open(path, "wb") as f:
-            save_npz(f, dict(
-                shard=np.asarray(self.shard),
-                ts=np.asarray(self.ts, np.int64),
-                popular_ids=np.asarray(list(self.popular), dtype=np.str_),
-                popular=np.fromiter(self.popular.values(), np.float64, len(self.popular)),
-                trending_ids=np.asarray(list(self.trending), dtype=np.str_),
-                trending=np.fromiter(self.trending.values(), np.float64, len(self.trending)),
-                catalog_ids=np.asarray(cat_ids, dtype=np.str_),
-                catalog_category=np.asarray([self.catalog[i].category or "" for i in cat_ids],
-                                            dtype=np.str_),
-                catalog_available=np.asarray([self.catalog[i].available for i in cat_ids], bool),
-                catalog_first_seen=np.asarray([self.catalog[i].first_seen_ms for i in cat_ids],
-                                              np.int64),
-                half_lives=np.asarray([self.popular_half_life_ms, self.trending_half_life_ms],
-                                      np.int64),
-                feature_ids=np.asarray(feat_ids, dtype=np.str_),
-                feature_names=np.asarray(names, dtype=np.str_),
-                feature_values=matrix,
-                **arrays,
-            ))
+        save_npz(path, dict(
+            shard=np.asarray(self.shard),
+            ts=np.asarray(self.ts, np.int64),
+            popular_ids=np.asarray(list(self.popular), dtype=np.str_),
+            popular=np.fromiter(self.popular.values(), np.float64, len(self.popular)),
+            trending_ids=np.asarray(list(self.trending), dtype=np.str_),
+            trending=np.fromiter(self.trending.values(), np.float64, len(self.trending)),
+            catalog_ids=np.asarray(cat_ids, dtype=np.str_),
+            catalog_category=np.asarray([self.catalog[i].category or "" for i in cat_ids],
+                                        dtype=np.str_),
+            catalog_available=np.asarray([self.catalog[i].available for i in cat_ids], bool),
+            catalog_first_seen=np.asarray([self.catalog[i].first_seen_ms for i in cat_ids],
+                                          np.int64),
+            half_lives=np.asarray([self.popular_half_life_ms, self.trending_half_life_ms],
+                                  np.int64),
+            feature_ids=np.asarray(feat_ids, dtype=np.str_),
+            feature_names=np.asarray(names, dtype=np.str_),
+            feature_values=matrix,
+            **arrays,
+        ))
 
     @staticmethod
     def covis_arrays_of(path: str | os.PathLike | Path

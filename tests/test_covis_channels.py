@@ -196,6 +196,9 @@ def test_item_table_round_trips_both_channels_and_counts(tmp_path: Path) -> None
     assert back.channel("any")[1] is back.interactions
     with pytest.raises(ValueError, match="channel"):
         back.channel("nope")
+    with (tmp_path / "f.npz").open("wb") as f:  # into an open file: the same bytes
+        table.save(f)
+    assert (tmp_path / "f.npz").read_bytes() == (tmp_path / "t.npz").read_bytes()
 
 
 def test_prune_slack_bounds_rows_and_keeps_the_strongest() -> None:
