@@ -293,9 +293,10 @@ class ItemTable:
         arrays = {f"{_COVIS}{k}": v for k, v in liked.items()}
         if any_ is not None:
             arrays.update({f"{_COVIS_ANY}{k}": v for k, v in any_.items()})
+        made: list[tuple[list[str], np.ndarray]] = []
         for name in ("liked_counts", "interactions"):
             counts = getattr(self, name)
-            arrays[f"{name}_ids"] = np.asarray(list(counts), dtype=np.str_)
+            arrays[f"{name}_ids"] = _ids_array(list(counts), made)
             arrays[name] = np.fromiter(counts.values(), np.float64, len(counts))
         cat_ids = list(self.catalog)
         index, names, matrix = self.feature_matrix()
@@ -303,9 +304,9 @@ class ItemTable:
         save_npz(path, dict(
             shard=np.asarray(self.shard),
             ts=np.asarray(self.ts, np.int64),
-            popular_ids=np.asarray(list(self.popular), dtype=np.str_),
+            popular_ids=_ids_array(list(self.popular), made),
             popular=np.fromiter(self.popular.values(), np.float64, len(self.popular)),
-            trending_ids=np.asarray(list(self.trending), dtype=np.str_),
+            trending_ids=_ids_array(list(self.trending), made),
             trending=np.fromiter(self.trending.values(), np.float64, len(self.trending)),
             catalog_ids=np.asarray(cat_ids, dtype=np.str_),
             catalog_category=np.asarray([self.catalog[i].category or "" for i in cat_ids],
@@ -378,6 +379,18 @@ def set_memo(tables: Sequence[ItemTable], key: Hashable, make: Callable[[], T]) 
     value = make()
     tables[0].memo[memo_key] = (tuple(weakref.ref(t) for t in rest), value)
     return value
+
+
+def _ids_array(ids: list[str], made: list[tuple[list[str], np.ndarray]]) -> np.ndarray:
+    """``ids`` as a fixed-width str array, the one already ``made`` for an equal list when
+    there is one (a table's popular, trending and liked counts share their keys and order);
+    the arrays are written, never modified."""
+    for seen, array in made:
+        if seen == ids:
+            return array
+    array = np.asarray(ids, dtype=np.str_)
+    made.append((ids, array))
+    return array
 
 
 def _matrix_of(features: dict[str, dict[str, float]], names: list[str]) -> np.ndarray:
