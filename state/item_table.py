@@ -298,7 +298,7 @@ class ItemTable:
             counts = getattr(self, name)
             arrays[f"{name}_ids"] = _ids_array(list(counts), made)
             arrays[name] = np.fromiter(counts.values(), np.float64, len(counts))
-        cat_ids = list(self.catalog)
+        cat_ids, entries = list(self.catalog), list(self.catalog.values())
         index, names, matrix = self.feature_matrix()
         feat_ids = list(index)
         save_npz(path, dict(
@@ -309,11 +309,9 @@ class ItemTable:
             trending_ids=_ids_array(list(self.trending), made),
             trending=np.fromiter(self.trending.values(), np.float64, len(self.trending)),
             catalog_ids=np.asarray(cat_ids, dtype=np.str_),
-            catalog_category=np.asarray([self.catalog[i].category or "" for i in cat_ids],
-                                        dtype=np.str_),
-            catalog_available=np.asarray([self.catalog[i].available for i in cat_ids], bool),
-            catalog_first_seen=np.asarray([self.catalog[i].first_seen_ms for i in cat_ids],
-                                          np.int64),
+            catalog_category=np.asarray([e.category or "" for e in entries], dtype=np.str_),
+            catalog_available=np.asarray([e.available for e in entries], bool),
+            catalog_first_seen=np.asarray([e.first_seen_ms for e in entries], np.int64),
             half_lives=np.asarray([self.popular_half_life_ms, self.trending_half_life_ms],
                                   np.int64),
             feature_ids=np.asarray(feat_ids, dtype=np.str_),
