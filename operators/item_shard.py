@@ -357,8 +357,8 @@ class ItemShard:
                   "mf_items": len(self.factors),
                   "table": {k: int(v) for k, v in self.factors.table.stats().items()
                             if k in ("admitted", "rejected", "expired", "evicted", "rows")}}
-        self.published = manifest = self.store.write(
-            f"items-{self.shard}", "npz", lambda path: table.save(path, covis_arrays), ts, counts)
+        self.published = manifest = self.store.write_file(
+            f"items-{self.shard}", "npz", lambda file: table.save(file, covis_arrays), ts, counts)
         return manifest
 
     def _previous_covis(self) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:

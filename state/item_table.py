@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -280,11 +280,12 @@ class ItemTable:
         self._top[source] = (n, best)
         return best
 
-    def save(self, path: str | os.PathLike,
+    def save(self, path: str | os.PathLike | BinaryIO,
              covis_arrays: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None]
              | None = None) -> None:
-        """Write one uncompressed ``.npz`` file. ``covis_arrays``: the two channels'
-        ``to_arrays`` when the caller has them (an item shard's ``publish_arrays``)."""
+        """Write one uncompressed ``.npz`` file (to ``path``, or into an open binary
+        file). ``covis_arrays``: the two channels' ``to_arrays`` when the caller has them
+        (an item shard's ``publish_arrays``)."""
         if covis_arrays is None:
             covis_arrays = (self.covis.to_arrays(),
                             None if self.covis_any is None else self.covis_any.to_arrays())
@@ -292,34 +293,32 @@ class ItemTable:
         arrays = {f"{_COVIS}{k}": v for k, v in liked.items()}
         if any_ is not None:
             arrays.update({f"{_COVIS_ANY}{k}": v for k, v in any_.items()})
+        made: list[tuple[list[str], np.ndarray]] = []
         for name in ("liked_counts", "interactions"):
             counts = getattr(self, name)
-            arrays[f"{name}_ids"] = np.asarray(list(counts), dtype=np.str_)
+            arrays[f"{name}_ids"] = _ids_array(list(counts), made)
             arrays[name] = np.fromiter(counts.values(), np.float64, len(counts))
-        cat_ids = list(self.catalog)
+        cat_ids, entries = list(self.catalog), list(self.catalog.values())
         index, names, matrix = self.feature_matrix()
         feat_ids = list(index)
-        with open(path, "wb") as f:
-            save_npz(f, dict(
-                shard=np.asarray(self.shard),
-                ts=np.asarray(self.ts, np.int64),
-                popular_ids=np.asarray(list(self.popular), dtype=np.str_),
-                popular=np.fromiter(self.popular.values(), np.float64, len(self.popular)),
-                trending_ids=np.asarray(list(self.trending), dtype=np.str_),
-                trending=np.fromiter(self.trending.values(), np.float64, len(self.trending)),
-                catalog_ids=np.asarray(cat_ids, dtype=np.str_),
-                catalog_category=np.asarray([self.catalog[i].category or "" for i in cat_ids],
-                                            dtype=np.str_),
-                catalog_available=np.asarray([self.catalog[i].available for i in cat_ids], bool),
-                catalog_first_seen=np.asarray([self.catalog[i].first_seen_ms for i in cat_ids],
-                                              np.int64),
-                half_lives=np.asarray([self.popular_half_life_ms, self.trending_half_life_ms],
-                                      np.int64),
-                feature_ids=np.asarray(feat_ids, dtype=np.str_),
-                feature_names=np.asarray(names, dtype=np.str_),
-                feature_values=matrix,
-                **arrays,
-            ))
+        save_npz(path, dict(
+            shard=np.asarray(self.shard),
+            ts=np.asarray(self.ts, np.int64),
+            popular_ids=_ids_array(list(self.popular), made),
+            popular=np.fromiter(self.popular.values(), np.float64, len(self.popular)),
+            trending_ids=_ids_array(list(self.trending), made),
+            trending=np.fromiter(self.trending.values(), np.float64, len(self.trending)),
+            catalog_ids=np.asarray(cat_ids, dtype=np.str_),
+            catalog_category=np.asarray([e.category or "" for e in entries], dtype=np.str_),
+            catalog_available=np.asarray([e.available for e in entries], bool),
+            catalog_first_seen=np.asarray([e.first_seen_ms for e in entries], np.int64),
+            half_lives=np.asarray([self.popular_half_life_ms, self.trending_half_life_ms],
+                                  np.int64),
+            feature_ids=np.asarray(feat_ids, dtype=np.str_),
+            feature_names=np.asarray(names, dtype=np.str_),
+            feature_values=matrix,
+            **arrays,
+        ))
 
     @staticmethod
     def covis_arrays_of(path: str | os.PathLike | Path
@@ -378,6 +377,18 @@ def set_memo(tables: Sequence[ItemTable], key: Hashable, make: Callable[[], T]) 
     value = make()
     tables[0].memo[memo_key] = (tuple(weakref.ref(t) for t in rest), value)
     return value
+
+
+def _ids_array(ids: list[str], made: list[tuple[list[str], np.ndarray]]) -> np.ndarray:
+    """``ids`` as a fixed-width str array, the one already ``made`` for an equal list when
+    there is one (a table's popular, trending and liked counts share their keys and order);
+    the arrays are written, never modified."""
+    for seen, array in made:
+        if seen == ids:
+            return array
+    array = np.asarray(ids, dtype=np.str_)
+    made.append((ids, array))
+    return array
 
 
 def _matrix_of(features: dict[str, dict[str, float]], names: list[str]) -> np.ndarray:

@@ -133,13 +133,9 @@ def save_npz(file: str | os.PathLike | BinaryIO, arrays: Mapping[str, Any]) -> N
             return _savez(file, arrays)
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)  # np.savez writes the same values in C order
-        head = io.BytesIO()
-        try:
-            np.lib.format.write_array_header_1_0(
-                head, np.lib.format.header_data_from_array_1_0(arr))
-        except ValueError:  # a header too large for format 1.0
+        header = _npy_header(arr)
+        if header is None:  # a header too large for format 1.0
             return _savez(file, arrays)
-        header = head.getvalue()
         data = arr.reshape(-1).view(np.uint8).data if arr.size else b""
         size = len(header) + arr.nbytes
         crc = zlib.crc32(data, zlib.crc32(header))
@@ -164,6 +160,33 @@ def save_npz(file: str | os.PathLike | BinaryIO, arrays: Mapping[str, Any]) -> N
     with open(file, "wb") as f:
         f.writelines(parts)
     return None
+
+
+_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+"""``.npy`` format 1.0 headers written, by (dtype string, shape) of a C-ordered array
+without fields or metadata (what the header holds): most members of a kind's versions
+(scalars, configs) keep their shape. Emptied when it holds ``_MAX_HEADERS``."""
+_MAX_HEADERS = 4_096
+
+
+def _npy_header(arr: np.ndarray) -> bytes | None:
+    """The ``.npy`` format 1.0 header numpy writes for ``arr`` (C-contiguous, a plain
+    kind), None when it does not fit format 1.0; memoised in ``_HEADERS``."""
+    plain = arr.dtype.names is None and arr.dtype.metadata is None
+    key = (arr.dtype.str, arr.shape)
+    if plain and (header := _HEADERS.get(key)) is not None:
+        return header
+    head = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
+    except ValueError:
+        return None
+    header = head.getvalue()
+    if plain:
+        if len(_HEADERS) >= _MAX_HEADERS:
+            _HEADERS.clear()
+        _HEADERS[key] = header
+    return header
 
 
 def _savez(file: str | os.PathLike | BinaryIO, arrays: Mapping[str, Any]) -> None:

@@ -11,11 +11,24 @@ import numpy as np
 
 
 def pack_strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Strings as one UTF-8 byte array (uint8) plus int64 offsets (no fixed-width padding)."""
-    data = [s.encode("utf-8") for s in items]
-    offsets = np.zeros(len(data) + 1, np.int64)
-    np.cumsum([len(b) for b in data], out=offsets[1:])
-    return np.frombuffer(b"".join(data), np.uint8).copy(), offsets
+    """Strings as one UTF-8 byte array (uint8) plus int64 offsets (no fixed-width padding).
+    ASCII-only strings (one byte a character: item ids) are encoded in one piece and their
+    offsets taken from their lengths; others one by one (the same bytes)."""
+    n = len(items)
+    try:
+        text = "".join(items)
+    except TypeError:  # not all str: the per-item path raises as it always did
+        text = None
+    blob = None if text is None else text.encode("utf-8")
+    if blob is not None and len(blob) == len(text):  # type: ignore[arg-type]
+        lengths = np.fromiter(map(len, items), np.int64, n)
+    else:
+        data = [s.encode("utf-8") for s in items]
+        blob = b"".join(data)
+        lengths = np.fromiter(map(len, data), np.int64, n)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return np.frombuffer(blob, np.uint8).copy(), offsets
 
 
 def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:

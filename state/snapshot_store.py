@@ -26,10 +26,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar
 
 import orjson
 
@@ -52,6 +52,39 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class DigestingFile:
+    """A binary file being written whose sha256 and size follow the bytes given to
+    ``write``/``writelines``, so a written snapshot need not be read back to be hashed.
+    Any other use of the file (``seek``, ``tell``: e.g. ``np.savez``'s zip writer) is
+    passed through and clears ``sequential``: the caller then hashes the file itself."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._digest = hashlib.sha256()
+        self.size = 0
+        """Bytes written so far."""
+        self.sequential = True
+        """False once the file was used otherwise than by appending writes."""
+
+    def write(self, data: Any) -> int:
+        self._digest.update(data)
+        n = self._file.write(data)
+        self.size += n
+        return n
+
+    def writelines(self, parts: Iterable[Any]) -> None:
+        for part in parts:
+            self.write(part)
+
+    def hexdigest(self) -> str:
+        """Hex sha256 of the bytes written so far."""
+        return self._digest.hexdigest()
+
+    def __getattr__(self, name: str) -> Any:
+        self.sequential = False
+        return getattr(self._file, name)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,6 +132,11 @@ def _manifest_names(folder: Path) -> list[tuple[int, str]]:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return []
+    return _manifests_among(names)
+
+
+def _manifests_among(names: list[str]) -> list[tuple[int, str]]:
+    """(version, file name) of each version manifest ``v<digits>.json`` among ``names``."""
     return [(int(name[1:-5]), name) for name in names
             if name.startswith("v") and name.endswith(".json") and name[1:-5].isdigit()]
 
@@ -190,21 +228,45 @@ class SnapshotStore:
         are what stalled a live flow's worker: ~50-100 ms of I/O wait per version on a
         busy disk for ~10 ms of CPU); ``flush`` waits for them.
         """
+        folder, version, tmp = self._reserve(kind, ext)
+        writer(tmp)
+        return self._announce(kind, ext, folder, version, tmp, sha256_file(tmp),
+                              tmp.stat().st_size, ts, counts)
+
+    def write_file(self, kind: str, ext: str, fill: Callable[[BinaryIO], None], ts: int,
+                   counts: dict[str, Any] | None = None) -> Manifest:
+        """``write`` for a writer of an open binary file: ``fill(file)`` writes the
+        version's content, hashed as it is written (a ``DigestingFile``: no read back,
+        the same manifest)."""
+        folder, version, tmp = self._reserve(kind, ext)
+        with tmp.open("wb") as f:
+            file = DigestingFile(f)
+            fill(file)  # type: ignore[arg-type]
+        sha256, size = ((file.hexdigest(), file.size) if file.sequential
+                        else (sha256_file(tmp), tmp.stat().st_size))
+        return self._announce(kind, ext, folder, version, tmp, sha256, size, ts, counts)
+
+    def _reserve(self, kind: str, ext: str) -> tuple[Path, int, Path]:
+        """(the kind's folder, the next version of ``kind``, its temporary file's path)."""
         folder = self._kind_dir(kind)
         folder.mkdir(parents=True, exist_ok=True)
         with self._lock:
             version = max(self.next_version(kind), self._reserved.get(kind, 0) + 1)
             self._reserved[kind] = version
+        return folder, version, folder / f".v{version:010d}.{ext}.tmp-{os.getpid()}"
+
+    def _announce(self, kind: str, ext: str, folder: Path, version: int, tmp: Path,
+                  sha256: str, size: int, ts: int, counts: dict[str, Any] | None) -> Manifest:
+        """The manifest of a written temporary file (``size`` bytes, hex ``sha256``),
+        its version settled (made durable and visible) here or on the writer thread."""
         name = f"v{version:010d}"
         final = folder / f"{name}.{ext}"
-        tmp = folder / f".{name}.{ext}.tmp-{os.getpid()}"
-        writer(tmp)
         manifest: Manifest = {
             "kind": kind,
             "version": version,
             "path": str(final.relative_to(self.root)),
-            "sha256": sha256_file(tmp),
-            "bytes": tmp.stat().st_size,
+            "sha256": sha256,
+            "bytes": size,
             "ts": int(ts),
             "created_ms": int(time.time() * 1000),
             "counts": counts or {},
@@ -281,16 +343,20 @@ class SnapshotStore:
     def write_bytes(self, kind: str, ext: str, data: bytes, ts: int,
                     counts: dict[str, Any] | None = None) -> Manifest:
         """Write ``data`` as a new version of ``kind``."""
-        return self.write(kind, ext, lambda p: p.write_bytes(data), ts, counts)
+        return self.write_file(kind, ext, lambda f: f.write(data), ts, counts)
 
     def _prune(self, folder: Path, newest: int) -> None:
         """Delete every file of the versions ``keep`` or more below ``newest`` (the
         ``v<version>.*`` files of each ``v<version>.json`` manifest)."""
-        old = {name[:-5] for version, name in _manifest_names(folder)
+        try:
+            names = os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        old = {name[:-5] for version, name in _manifests_among(names)
                if version <= newest - self.keep}
         if not old:
             return
-        for name in os.listdir(folder):
+        for name in names:  # one listing: files of old versions are never written again
             stem, dot, _ = name.partition(".")
             if dot and stem in old:
                 (folder / name).unlink(missing_ok=True)

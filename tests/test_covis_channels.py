@@ -187,15 +187,21 @@ def test_item_table_round_trips_both_channels_and_counts(tmp_path: Path) -> None
     liked.observe(["a"], "b", T0)
     any_.observe(["a", "c"], "b", T0)
     table = ItemTable("i000", T0, liked, covis_any=any_, liked_counts={"a": 2.0, "b": 1.0},
-                      interactions={"a": 3.0, "b": 2.0, "c": 1.0})
+                      interactions={"a": 3.0, "b": 2.0, "c": 1.0}, popular={"a": 0.5, "b": 0.25},
+                      trending={"b": 4.0, "a": 1.0})  # the liked keys in their order, then not
     table.save(tmp_path / "t.npz")
     back = ItemTable.load(tmp_path / "t.npz")
     assert back.liked_counts == table.liked_counts and back.interactions == table.interactions
+    assert list(back.popular.items()) == list(table.popular.items())  # an ids array shared
+    assert list(back.trending.items()) == list(table.trending.items())
     assert back.covis_row("liked", "b") == {"a": pytest.approx(1.0)}
     assert back.covis_row("any", "b") == {"a": pytest.approx(1.0), "c": pytest.approx(PAIR_DECAY)}
     assert back.channel("any")[1] is back.interactions
     with pytest.raises(ValueError, match="channel"):
         back.channel("nope")
+    with (tmp_path / "f.npz").open("wb") as f:  # into an open file: the same bytes
+        table.save(f)
+    assert (tmp_path / "f.npz").read_bytes() == (tmp_path / "t.npz").read_bytes()
 
 
 def test_prune_slack_bounds_rows_and_keeps_the_strongest() -> None:

@@ -65,3 +65,29 @@ def test_what_save_npz_does_not_write_itself_goes_to_np_savez(tmp_path: Path) ->
     with np.load(tmp_path / "x", allow_pickle=False) as z:
         assert z["when"].tolist() == when.tolist() and z["pairs"].dtype == pairs.dtype
         assert z["n"].tolist() == [0, 1, 2]
+
+
+def test_memoised_headers_are_the_ones_numpy_writes() -> None:
+    """``_npy_header`` gives numpy's own format 1.0 header for each array, the first time
+    (computed) and again (from the memo), also after the memo was emptied when full."""
+    import state.npz as npz
+
+    arrays = [np.ascontiguousarray(a) for a in _arrays().values()]
+    arrays += [np.zeros((1, 5)), np.zeros((5, 1)), np.zeros(5, ">f8"), np.zeros(3, "<U12")]
+
+    def numpy_header(arr: np.ndarray) -> bytes:
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
+        return head.getvalue()
+
+    npz._HEADERS.clear()
+    for _ in range(2):
+        assert [npz._npy_header(a) for a in arrays] == [numpy_header(a) for a in arrays]
+    assert len(npz._HEADERS) == len({(a.dtype.str, a.shape) for a in arrays})
+    old_max, npz._MAX_HEADERS = npz._MAX_HEADERS, 3
+    npz._HEADERS.clear()
+    try:
+        assert [npz._npy_header(a) for a in arrays] == [numpy_header(a) for a in arrays]
+        assert len(npz._HEADERS) <= 3
+    finally:
+        npz._MAX_HEADERS = old_max

@@ -305,3 +305,31 @@ def test_readers_in_the_process_see_background_writes_as_if_written_in_place(
             list(range(i, max(0, i - 2), -1))  # pruned to keep=2 too
     assert writer.write_bytes("ranker", "bin", b"r", ts=1)["version"] == 1  # other kinds: no wait
     writer.flush()
+
+
+def test_write_file_hashes_as_written_and_gives_writes_manifest(tmp_path) -> None:
+    """``write_file`` hashes the bytes as the writer gives them (no read back): its
+    manifests (sha256, bytes) equal ``write``'s for the same content, also when the
+    writer seeks (``np.savez``'s zip writer), and the files verify."""
+    import numpy as np
+
+    parts = [b"head", memoryview(np.arange(1_000, dtype=np.float64)).cast("B"), b"", b"tail"]
+    content = b"".join(bytes(p) for p in parts)
+    by_path = SnapshotStore(tmp_path / "a").write("t", "bin", lambda p: p.write_bytes(content), 5)
+    store = SnapshotStore(tmp_path / "b")
+    streamed = store.write_file("t", "bin", lambda f: f.writelines(parts), 5)
+    one_write = store.write_file("t", "bin", lambda f: f.write(content), 6)
+
+    def seeking(f) -> None:
+        f.write(b"x" * len(content))
+        f.seek(0)
+        f.write(content)
+
+    sought = store.write_file("t", "bin", seeking, 7)
+    for m in (streamed, one_write, sought):
+        assert (m["sha256"], m["bytes"]) == (by_path["sha256"], by_path["bytes"])
+        assert store.verified_path(m).read_bytes() == content
+    arrays = {"a": np.arange(5), "b": np.array(["x", "yz"])}
+    saved = store.write_file("npz", "npz", lambda f: np.savez(f, **arrays), 8)
+    with np.load(store.verified_path(saved)) as z:
+        assert z["a"].tolist() == [0, 1, 2, 3, 4] and z["b"].tolist() == ["x", "yz"]
