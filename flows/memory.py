@@ -23,6 +23,7 @@ from operators.user_shard import MAX_CATALOG_ATTRS
 from state.change_log import LOG as CATALOG_LOG
 from state.covis_view import SLACK
 from state.covisitation import KEEP_ARRAYS_BYTES
+from state.npz import MAX_HEADERS
 from state.profile_plan import MAX_KEYS, ProfileParams
 
 if TYPE_CHECKING:
@@ -128,6 +129,8 @@ BYTES: dict[str, float] = {
     "queued_profile_write": 130,
     "profile_key": 120,  # 61 B of dict slot and int (tracemalloc), the id string it keeps
     "attr_memo_entry": 800,  # tracemalloc of 4,096 three-attribute sets (key and sum)
+    "npy_header_entry": 400,  # a memoised .npy header with its (dtype, shape) key (390 B by
+    # tracemalloc of 4,096 two-dimensional shapes; state/npz.py _HEADERS, one per process)
 }
 """Bytes per entry of each bounded structure, measured on CPython 3.11 (64-bit) with a
 deep-size walk of every store at the plateau of the churn stream (one or two
@@ -247,7 +250,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
         "user_shards": (sh.users * per_user_shard + MAX_STATIC_MEMO * b["static_memo_item"]
                         + MAX_CATALOG_ATTRS * b["catalog_attrs_entry"]
                         + MAX_STATIC_MEMO * b["shared_by_attrs_entry"]),
-        "item_shards": sh.items * per_item_shard if items.enabled else 0.0,
+        # plus the .npy headers the process's table writers memoise (state/npz.py _HEADERS)
+        "item_shards": (sh.items * per_item_shard + MAX_HEADERS * b["npy_header_entry"]
+                        if items.enabled else 0.0),
         "serving_tables": sh.items * table_bytes if items.enabled else 0.0,
         # the builder's and the serving copy, whose live vectors are copied out once it
         # is read often (state.item_index.ItemIndex._stored: a uint64 label and dim float32)

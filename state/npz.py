@@ -34,6 +34,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from state.user_history import memo_put
+
 _DOS_TIME = (0, (1980 - 1980) << 9 | 1 << 5 | 1)
 """Zip time and date fields of every member written: 00:00:00 on 1980-01-01."""
 _ZIP_MAX = 0xFFFF_FFFF
@@ -165,8 +167,8 @@ def save_npz(file: str | os.PathLike | BinaryIO, arrays: Mapping[str, Any]) -> N
 _HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 """``.npy`` format 1.0 headers written, by (dtype string, shape) of a C-ordered array
 without fields or metadata (what the header holds): most members of a kind's versions
-(scalars, configs) keep their shape. Emptied when it holds ``_MAX_HEADERS``."""
-_MAX_HEADERS = 4_096
+(scalars, configs) keep their shape. Emptied when it holds ``MAX_HEADERS``."""
+MAX_HEADERS = 4_096
 
 
 def _npy_header(arr: np.ndarray) -> bytes | None:
@@ -183,9 +185,7 @@ def _npy_header(arr: np.ndarray) -> bytes | None:
         return None
     header = head.getvalue()
     if plain:
-        if len(_HEADERS) >= _MAX_HEADERS:
-            _HEADERS.clear()
-        _HEADERS[key] = header
+        memo_put(_HEADERS, key, header, MAX_HEADERS)
     return header
 
 

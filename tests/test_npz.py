@@ -84,10 +84,10 @@ def test_memoised_headers_are_the_ones_numpy_writes() -> None:
     for _ in range(2):
         assert [npz._npy_header(a) for a in arrays] == [numpy_header(a) for a in arrays]
     assert len(npz._HEADERS) == len({(a.dtype.str, a.shape) for a in arrays})
-    old_max, npz._MAX_HEADERS = npz._MAX_HEADERS, 3
+    old_max, npz.MAX_HEADERS = npz.MAX_HEADERS, 3
     npz._HEADERS.clear()
     try:
         assert [npz._npy_header(a) for a in arrays] == [numpy_header(a) for a in arrays]
         assert len(npz._HEADERS) <= 3
     finally:
-        npz._MAX_HEADERS = old_max
+        npz.MAX_HEADERS = old_max
