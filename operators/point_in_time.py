@@ -592,15 +592,34 @@ class PointInTime:
                 numeric += detached.columns(ctx, items, self.covis.decay, [d[2] for d in group])
                 statics = [version.static(d[1], d[2]) for d in group]
             else:
-                cols = self.item_columns(ctx, items, first.ts, views=first.views,
-                                         attrs=[d[2] for d in group], cross=cross,
-                                         mf_rowwise=True)
-                numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
-                cross = cols.cross_lists()
-                statics = [self._static_part(d[1], cols.tables[j], cols.attrs[j])
-                           for j, d in enumerate(group)]
+                attrs = [d[2] for d in group]
+                numeric, tables = self._token_columns(ctx, items, first.ts, first.views, attrs)
+                statics = [self._static_part(item, tables[j], attrs[j])
+                           for j, item in enumerate(items)]
             self._assemble(ctx.profile, numeric, cross, statics, members, out, wire)
         return out
+
+    def _token_columns(self, ctx: UserContext, items: list[str], ts_ms: int,
+                       views: FrozenViews | None, attrs: list[dict[str, Any] | None]
+                       ) -> tuple[list[tuple[str, list[float]]], list[ItemTable | None]]:
+        """``item_columns(ctx, items, ts_ms, views=views, attrs=attrs, mf_rowwise=True)``'s
+        numeric columns as lists and each item's table, for the few tokens of a group
+        that are written (one or two: a click, the kept negatives of a close) without its
+        arrays: the snapshot columns (``_snapshot_columns``), the MF scores row by row
+        (``_mf_rowwise``), then the user's columns (``user_columns``); the same floats
+        by the same operations."""
+        tables: list[ItemTable | None] = [None] * len(items)
+        numeric: list[tuple[str, list[float]]] = []
+        if views is not None and self.item_shard_of is not None:
+            table_map = views.table_map()
+            rows = self._count_rows(items, table_map)
+            tables = [None if row is None else row[0] for row in rows]
+            numeric = self._snapshot_columns(ctx, items, ts_ms, _has_any_channel(views),
+                                             table_map, rows)
+            mf = self._mf_rowwise(ctx.vector, items, views)
+            if mf:
+                numeric.append(("mf", mf))
+        return numeric + user_columns(ctx, items, self.covis.decay, attrs), tables
 
     def _assemble(self, profile_in: dict[str, Any], numeric: list[tuple[str, list[float]]],
                   cross: list[list[dict[str, Any]]],
@@ -1293,12 +1312,21 @@ class _Detached:
                     score = memo[k] = float((vecs[k:k + 1] @ v)[0]) if found[k] else 0.0
                 scores.append(score)
             out.append(("mf", scores))
-        ui = user_item_columns(ctx, items, decay)
-        if ui is not None:
-            out += [(name, values.tolist()) for name, values in ui.items()]
-        if ctx.categories is not None:
-            out.append((CATEGORY_POSTERIOR, ctx.categories.of(attrs).tolist()))
-        return out
+        return out + user_columns(ctx, items, decay, attrs)
+
+
+def user_columns(ctx: UserContext, items: list[str], decay: float,
+                 attrs: list[dict[str, Any] | None]) -> list[tuple[str, list[float]]]:
+    """The numeric columns of ``items`` (their catalog attributes ``attrs``) that come
+    from the user alone, as lists in ``item_columns``' order: ``ui.*``
+    (``user_item_columns``), then the category posterior (``ctx.categories``)."""
+    out: list[tuple[str, list[float]]] = []
+    ui = user_item_columns(ctx, items, decay)
+    if ui is not None:
+        out += [(name, values.tolist()) for name, values in ui.items()]
+    if ctx.categories is not None:
+        out.append((CATEGORY_POSTERIOR, ctx.categories.of(attrs).tolist()))
+    return out
 
 
 class _CapturedTable:

@@ -117,14 +117,13 @@ def test_deferred_features_survive_new_snapshots_and_recovery(published: World) 
 def test_dropped_impressions_compute_no_item_features(published: World,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    original = PointInTime.item_columns
+    original = PointInTime._token_columns  # the joiner's item columns (serving's: item_columns)
 
-    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
-        if kw.get("cross") is not None:  # the joiner's (serving passes no cross profiles)
-            calls.extend(item_ids)
-        return original(self, ctx, item_ids, *args, **kw)
+    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any) -> Any:
+        calls.extend(item_ids)
+        return original(self, ctx, item_ids, *args)
 
-    monkeypatch.setattr(PointInTime, "item_columns", counting)
+    monkeypatch.setattr(PointInTime, "_token_columns", counting)
     lazy, _ = shard_pair(published)
     examples = run(lazy, stream())
     impressions = [e for e in examples if e["source"] == "impression"]
@@ -225,20 +224,19 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
 
     computed: list[str] = []
     summed: list[str] = []
-    original = PointInTime.item_columns
+    original = PointInTime._token_columns
     lookup = PointInTime._covis_lookup
 
-    def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
-        if kw.get("mf_rowwise"):  # the joiner's full computation (a detach asks no MF)
-            computed.extend(item_ids)
-        return original(self, ctx, item_ids, *args, **kw)
+    def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any) -> Any:
+        computed.extend(item_ids)  # the joiner's full computation (a detach makes none)
+        return original(self, ctx, item_ids, *args)
 
     def spy_sums(self: PointInTime, seeds: list[str], name: str, item_ids: list[str],
                  *args: Any, **kw: Any) -> Any:
         summed.extend(item_ids)
         return lookup(self, seeds, name, item_ids, *args, **kw)
 
-    monkeypatch.setattr(PointInTime, "item_columns", spy)
+    monkeypatch.setattr(PointInTime, "_token_columns", spy)
     monkeypatch.setattr(PointInTime, "_covis_lookup", spy_sums)
     lazy, eager = shard_pair(published)
     for shard in (lazy, eager):
@@ -286,18 +284,19 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
 def test_deferred_features_taken_together_at_new_snapshots_equal_impression_time(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """New item tables mid-stream: every pending impression whose negative the sampler
-    keeps is computed at once (``PointInTime.resolve_all``: one ``item_columns`` call
+    keeps is computed at once (``PointInTime.resolve_all``: one ``_token_columns`` call
     per request), the others when clicked, and every example is what the eager shard
     computed at impression time, MF and co-visitation included."""
     sizes: list[int] = []
-    original = PointInTime.item_columns
+    original = PointInTime._token_columns
 
-    def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
-        if kw.get("views") is not None:  # deferred features read their frozen views
+    def spy(self: PointInTime, ctx: Any, item_ids: list[str], ts: int, views: Any,
+            *args: Any) -> Any:
+        if views is not None:  # deferred features read their frozen views
             sizes.append(len(item_ids))
-        return original(self, ctx, item_ids, *args, **kw)
+        return original(self, ctx, item_ids, ts, views, *args)
 
-    monkeypatch.setattr(PointInTime, "item_columns", spy)
+    monkeypatch.setattr(PointInTime, "_token_columns", spy)
     events = stream(n_requests=40)
     half = len(events) // 2
     lazy, eager = shard_pair(published)
@@ -344,16 +343,15 @@ def test_later_interactions_do_not_leak_into_deferred_features(published: World)
 def test_windows_closing_together_compute_their_features_together(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """At r = 1 every negative is written: the impressions of a request share a deadline,
-    close in the same step and are computed in one ``item_columns`` call (not one per
+    close in the same step and are computed in one ``_token_columns`` call (not one per
     impression), with the values the eager shard computed at impression time; a click
     before the close is computed alone, at once."""
     sizes: list[int] = []
-    original = PointInTime.item_columns
+    original = PointInTime._token_columns  # the joiner's item columns
 
-    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
-        if kw.get("cross") is not None:  # the joiner's (serving passes no cross profiles)
-            sizes.append(len(item_ids))
-        return original(self, ctx, item_ids, *args, **kw)
+    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any) -> Any:
+        sizes.append(len(item_ids))
+        return original(self, ctx, item_ids, *args)
 
     lazy, eager = shard_pair(published)
     for shard in (lazy, eager):
@@ -370,7 +368,7 @@ def test_windows_closing_together_compute_their_features_together(
     events.append(Request(T0 + DAY, "late", "someone-else"))  # every window has closed
     want = [e for batch in (feed(eager, events[i:i + 13]) for i in range(0, len(events), 13))
             for e in batch.get("examples", []) if e["source"] == "impression"]
-    monkeypatch.setattr(PointInTime, "item_columns", counting)
+    monkeypatch.setattr(PointInTime, "_token_columns", counting)
     got = [e for batch in (feed(lazy, events[i:i + 13]) for i in range(0, len(events), 13))
            for e in batch.get("examples", []) if e["source"] == "impression"]
     assert got == want and len(got) == 60
@@ -381,7 +379,7 @@ def test_windows_closing_together_compute_their_features_together(
 def batched_and_per_item(world: World, rate: float | None = None
                          ) -> tuple[UserShard, UserShard, list[int]]:
     """(shard taking several items' features in one call, shard falling back to one
-    ``example_features`` call per item, the first one's ``item_columns`` calls)."""
+    ``example_features`` call per item, the first one's ``_token_columns`` calls)."""
     together, alone = world.user_shard(), world.user_shard()
     if rate is not None:
         for shard in (together, alone):
@@ -389,8 +387,8 @@ def batched_and_per_item(world: World, rate: float | None = None
     alone.joiner.context.features_run = None  # the joiner falls back per item
     calls: list[int] = []
     context = together.joiner.context
-    item_columns = context.item_columns
-    context.item_columns = lambda *a, **kw: calls.append(1) or item_columns(*a, **kw)
+    token_columns = context._token_columns
+    context._token_columns = lambda *a: calls.append(1) or token_columns(*a)
     return together, alone, calls
 
 
@@ -415,7 +413,7 @@ def test_sampled_negatives_taken_together_equal_one_at_a_time(published: World) 
 
 def test_an_interaction_and_its_sampled_negatives_take_one_features_call(published: World) -> None:
     """A positive organic interaction and its sampled negatives share one
-    ``item_columns`` call (its user context and co-visitation seeds read once); a
+    ``_token_columns`` call (its user context and co-visitation seeds read once); a
     negative interaction the sampler drops takes none. The examples equal those of one
     ``example_features`` call per item, bit for bit."""
     together, alone, calls = batched_and_per_item(published, RATE)
