@@ -388,8 +388,6 @@ class PointInTime:
         asked."""
         self._fold_memo: tuple[str, Any, list[str], np.ndarray] | None = None
         """``_folded_vector`` memo: (user, index version, seeds, vector) of the last call."""
-        self._pool_memo: tuple[weakref.ref[Any], list[str]] | None = None
-        """``negative_pool`` memo: (the frozen index version held weakly, its item ids)."""
         self._frozen_trust = False
         """Whether the owner announces its polls (``polled``)."""
         self._frozen_fresh = False
@@ -405,7 +403,6 @@ class PointInTime:
         state["_retained"] = deque()
         state["_statics"] = {}
         state["_fold_memo"] = None
-        state["_pool_memo"] = None
         state["_taken"] = None
         state["_open"] = []
         state["_frozen_fresh"] = False
@@ -416,7 +413,6 @@ class PointInTime:
         self.__dict__.setdefault("_retained", deque())  # state of older versions
         self.__dict__.setdefault("_statics", {})
         self.__dict__.setdefault("_fold_memo", None)
-        self.__dict__.setdefault("_pool_memo", None)
         self.__dict__.setdefault("_taken", None)
         self.__dict__.setdefault("_open", [])
         self.__dict__.setdefault("_open_limit", 1_024)
@@ -1246,19 +1242,24 @@ class PointInTime:
 
     def negative_pool(self) -> list[str]:
         """Items to sample BPR negatives from: the newest index snapshot, else the catalog.
-        A frozen index's list is made once per index version (``_pool_memo``; callers
-        must not modify it)."""
+        A frozen index's list is made once per index version for every user shard of the
+        process (``_POOLS``; callers must not modify it)."""
         index = self.views.index if self.views is not None else None
         if index is not None and index.index is not None:
             snapshot = index.index
-            memo = self._pool_memo
-            if memo is not None and memo[0]() is snapshot:
-                return memo[1]
-            pool: list[str] = snapshot.item_ids()
-            if getattr(snapshot, "frozen", False):  # immutable: its items stay these
-                self._pool_memo = (weakref.ref(snapshot), pool)
+            if not getattr(snapshot, "frozen", False):
+                return snapshot.item_ids()
+            pool = _POOLS.get(snapshot)
+            if pool is None:  # immutable: its items stay these
+                pool = _POOLS[snapshot] = snapshot.item_ids()
             return pool
         return [i for i, attrs in self.catalog.items() if attrs.get("available", True)]
+
+
+_POOLS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+"""``PointInTime.negative_pool``'s lists by frozen index version (the user shards of a
+process load the same versions), dropped with the version; not part of any recovery
+state."""
 
 
 class _Shared:
