@@ -270,6 +270,10 @@ cleared when full): the items a shard joins most, within the memory bound
 (flows/memory.py ``static_memo_item``). 65,536 added ~33 MB to the churn test's peak
 (tests/reliability/test_bounded_memory.py), past its bound."""
 
+MAX_VECTOR_MEMO = 2_048
+"""Entries of a user shard's memo of MF user vectors (``PointInTime._user_vector``; emptied
+at every MF step and when full): the users of a micro-batch."""
+
 _SHARED_STATICS: dict[tuple[str, tuple[Any, ...]],
                       tuple[dict[str, Any], dict[str, Any], EncodedPart | None]] = {}
 """``_static_part``'s results without a table, shared by the user shards of a process,
@@ -388,6 +392,9 @@ class PointInTime:
         asked."""
         self._fold_memo: tuple[str, Any, list[str], np.ndarray] | None = None
         """``_folded_vector`` memo: (user, index version, seeds, vector) of the last call."""
+        self._vectors: dict[str, np.ndarray | None] | None = None
+        """``_user_vector`` memo: user -> MF vector (read-only) or None, since the owner last
+        announced a change of the user vectors (``vectors_changed``); None: not announced."""
         self._frozen_trust = False
         """Whether the owner announces its polls (``polled``)."""
         self._frozen_fresh = False
@@ -403,6 +410,7 @@ class PointInTime:
         state["_retained"] = deque()
         state["_statics"] = {}
         state["_fold_memo"] = None
+        state["_vectors"] = None
         state["_taken"] = None
         state["_open"] = []
         state["_frozen_fresh"] = False
@@ -413,6 +421,7 @@ class PointInTime:
         self.__dict__.setdefault("_retained", deque())  # state of older versions
         self.__dict__.setdefault("_statics", {})
         self.__dict__.setdefault("_fold_memo", None)
+        self.__dict__.setdefault("_vectors", None)
         self.__dict__.setdefault("_taken", None)
         self.__dict__.setdefault("_open", [])
         self.__dict__.setdefault("_open_limit", 1_024)
@@ -436,9 +445,7 @@ class PointInTime:
                 profile[name] = _feature_value(name, profile[name], ts_ms)
         for key, value in self.user_attrs.get(user_id, {}).items():
             profile[f"u:{key}"] = value
-        vector = None
-        if self.users is not None:
-            vector = self.users.vector(user_id)
+        vector = self._user_vector(user_id) if self.users is not None else None
         recent = self.history.recent(user_id, 50)
         if vector is None and self.users is not None and recent:
             vector = self._folded_vector(user_id, recent[:20])
@@ -449,6 +456,28 @@ class PointInTime:
                            finished, lifts)
 
 
+
+    def vectors_changed(self) -> None:
+        """The owner is about to change the user vectors (MF steps, fold-ins: the only
+        writes of ``users``; an insert may evict another user's row): the vectors read
+        since are stale. An owner that never calls it gets a fresh read at every ``user``."""
+        self._vectors = {}
+
+    def _user_vector(self, user_id: str) -> np.ndarray | None:
+        """``users.vector(user_id)``, read once per user while the user vectors stay as
+        they are (``vectors_changed``): a request and its impressions' context (and the
+        user's other requests of the micro-batch) share one read-only array."""
+        assert self.users is not None
+        vectors = self._vectors
+        if vectors is None:
+            return self.users.vector(user_id)
+        if user_id in vectors:
+            return vectors[user_id]
+        vector = self.users.vector(user_id)
+        if vector is not None:
+            vector.setflags(write=False)
+        memo_put(vectors, user_id, vector, MAX_VECTOR_MEMO)
+        return vector
 
     def _folded_vector(self, user_id: str, seeds: list[str]) -> np.ndarray:
         """A user without an MF row: the mean of its recent items' vectors (read-only),

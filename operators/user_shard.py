@@ -316,6 +316,7 @@ class UserShard:
         users = [p[0] for p in pending]
         items = [p[1] for p in pending]
         ts = max(p[2] for p in pending)
+        self.context.vectors_changed()
         for user in users:
             self.context.forget(user)  # its MF vector changes
         for user, _, t, recent in pending:

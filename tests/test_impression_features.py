@@ -13,10 +13,12 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from serving_world import DAY, ITEMS, SEED, T0, TypeSpy, World, feed, warm_up
 
 from events.model import Event, Feedback, Impression, Item, Request
+from models.mf import UserFactors
 from operators.point_in_time import PointInTime
 from operators.user_shard import UserShard
 from state.sampling import NegativeSampler
@@ -131,6 +133,34 @@ def test_dropped_impressions_compute_no_item_features(published: World,
     assert counters.negatives_dropped > counters.negatives_kept
     # One computation per emitted impression example, none for dropped negatives.
     assert len(calls) == len(impressions) < counters.impressions
+
+
+def test_a_users_mf_vector_is_read_once_between_mf_steps(published: World,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's context and its impressions' take one read of the user's MF vector (a
+    read-only array) while no MF step runs; after the batch's MF steps the next context
+    reads the new vector, bit for bit the table's."""
+    shard = published.user_shard()
+    warm_up(shard)
+    feed(shard, [Feedback(T0 + DAY - 5_000, "u", SEED, "click")])  # an MF step: a row for u
+    assert shard.users is not None
+    reads: list[str] = []
+    original = UserFactors.vector
+
+    def counting(self: UserFactors, user_id: str) -> Any:
+        reads.append(user_id)
+        return original(self, user_id)
+
+    monkeypatch.setattr(UserFactors, "vector", counting)
+    first = shard.context.user("u", T0 + DAY)
+    again = shard.context.user("u", T0 + DAY + 20)
+    assert reads == ["u"] and first.vector is not None and again.vector is first.vector
+    assert not first.vector.flags.writeable
+    feed(shard, [Feedback(T0 + DAY + 1_000, "u", ITEMS[1], "click")])  # u's MF step
+    later = shard.context.user("u", T0 + DAY + 2_000)
+    assert reads == ["u", "u"] and later.vector is not None
+    assert np.array_equal(later.vector, original(shard.users, "u"))
+    assert not np.array_equal(later.vector, first.vector)
 
 
 def test_user_context_is_taken_once_per_request(published: World,
