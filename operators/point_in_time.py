@@ -169,6 +169,25 @@ def table_capture(item_id: str, table: ItemTable | None, raw: bool = False) -> T
     return (*profile, category) if type(profile) is tuple else (profile, category)
 
 
+def shared_capture(item_id: str, table: ItemTable) -> TableCapture:
+    """``table_capture(item_id, table, raw=True)``, made once per table version for every
+    user shard of the process (``table.memo``, dropped with the table): the shards detach
+    from the same loaded versions, and about half of their captured items are another
+    shard's too (zc60k, first 20k events: 5,766 distinct of 10,814). Shared, never
+    modified."""
+    captures = table.memo.get(_CAPTURES)
+    if captures is None:
+        captures = table.memo[_CAPTURES] = {}
+    found = captures.get(item_id)
+    if found is None:
+        found = captures[item_id] = table_capture(item_id, table, raw=True)
+    return found
+
+
+_CAPTURES = "point_in_time.table_capture"
+"""``shared_capture``'s key in an item table's ``memo``."""
+
+
 CountRow = tuple["ItemTable | _CapturedTable", float, float] | None
 """An item's table and its raw ``popular`` and ``trending`` counts there (0.0 when
 absent), as of the table's ``ts``; None when no table holds the item
@@ -250,6 +269,10 @@ MAX_STATIC_MEMO = 2_048
 cleared when full): the items a shard joins most, within the memory bound
 (flows/memory.py ``static_memo_item``). 65,536 added ~33 MB to the churn test's peak
 (tests/reliability/test_bounded_memory.py), past its bound."""
+
+MAX_VECTOR_MEMO = 2_048
+"""Entries of a user shard's memo of MF user vectors (``PointInTime._user_vector``; emptied
+at every MF step and when full): the users of a micro-batch."""
 
 _SHARED_STATICS: dict[tuple[str, tuple[Any, ...]],
                       tuple[dict[str, Any], dict[str, Any], EncodedPart | None]] = {}
@@ -369,8 +392,9 @@ class PointInTime:
         asked."""
         self._fold_memo: tuple[str, Any, list[str], np.ndarray] | None = None
         """``_folded_vector`` memo: (user, index version, seeds, vector) of the last call."""
-        self._pool_memo: tuple[weakref.ref[Any], list[str]] | None = None
-        """``negative_pool`` memo: (the frozen index version held weakly, its item ids)."""
+        self._vectors: dict[str, np.ndarray | None] | None = None
+        """``_user_vector`` memo: user -> MF vector (read-only) or None, since the owner last
+        announced a change of the user vectors (``vectors_changed``); None: not announced."""
         self._frozen_trust = False
         """Whether the owner announces its polls (``polled``)."""
         self._frozen_fresh = False
@@ -386,7 +410,7 @@ class PointInTime:
         state["_retained"] = deque()
         state["_statics"] = {}
         state["_fold_memo"] = None
-        state["_pool_memo"] = None
+        state["_vectors"] = None
         state["_taken"] = None
         state["_open"] = []
         state["_frozen_fresh"] = False
@@ -397,7 +421,7 @@ class PointInTime:
         self.__dict__.setdefault("_retained", deque())  # state of older versions
         self.__dict__.setdefault("_statics", {})
         self.__dict__.setdefault("_fold_memo", None)
-        self.__dict__.setdefault("_pool_memo", None)
+        self.__dict__.setdefault("_vectors", None)
         self.__dict__.setdefault("_taken", None)
         self.__dict__.setdefault("_open", [])
         self.__dict__.setdefault("_open_limit", 1_024)
@@ -421,9 +445,7 @@ class PointInTime:
                 profile[name] = _feature_value(name, profile[name], ts_ms)
         for key, value in self.user_attrs.get(user_id, {}).items():
             profile[f"u:{key}"] = value
-        vector = None
-        if self.users is not None:
-            vector = self.users.vector(user_id)
+        vector = self._user_vector(user_id) if self.users is not None else None
         recent = self.history.recent(user_id, 50)
         if vector is None and self.users is not None and recent:
             vector = self._folded_vector(user_id, recent[:20])
@@ -434,6 +456,28 @@ class PointInTime:
                            finished, lifts)
 
 
+
+    def vectors_changed(self) -> None:
+        """The owner is about to change the user vectors (MF steps, fold-ins: the only
+        writes of ``users``; an insert may evict another user's row): the vectors read
+        since are stale. An owner that never calls it gets a fresh read at every ``user``."""
+        self._vectors = {}
+
+    def _user_vector(self, user_id: str) -> np.ndarray | None:
+        """``users.vector(user_id)``, read once per user while the user vectors stay as
+        they are (``vectors_changed``): a request and its impressions' context (and the
+        user's other requests of the micro-batch) share one read-only array."""
+        assert self.users is not None
+        vectors = self._vectors
+        if vectors is None:
+            return self.users.vector(user_id)
+        if user_id in vectors:
+            return vectors[user_id]
+        vector = self.users.vector(user_id)
+        if vector is not None:
+            vector.setflags(write=False)
+        memo_put(vectors, user_id, vector, MAX_VECTOR_MEMO)
+        return vector
 
     def _folded_vector(self, user_id: str, seeds: list[str]) -> np.ndarray:
         """A user without an MF row: the mean of its recent items' vectors (read-only),
@@ -592,15 +636,34 @@ class PointInTime:
                 numeric += detached.columns(ctx, items, self.covis.decay, [d[2] for d in group])
                 statics = [version.static(d[1], d[2]) for d in group]
             else:
-                cols = self.item_columns(ctx, items, first.ts, views=first.views,
-                                         attrs=[d[2] for d in group], cross=cross,
-                                         mf_rowwise=True)
-                numeric = [(name, values.tolist()) for name, values in cols.numeric.items()]
-                cross = cols.cross_lists()
-                statics = [self._static_part(d[1], cols.tables[j], cols.attrs[j])
-                           for j, d in enumerate(group)]
+                attrs = [d[2] for d in group]
+                numeric, tables = self._token_columns(ctx, items, first.ts, first.views, attrs)
+                statics = [self._static_part(item, tables[j], attrs[j])
+                           for j, item in enumerate(items)]
             self._assemble(ctx.profile, numeric, cross, statics, members, out, wire)
         return out
+
+    def _token_columns(self, ctx: UserContext, items: list[str], ts_ms: int,
+                       views: FrozenViews | None, attrs: list[dict[str, Any] | None]
+                       ) -> tuple[list[tuple[str, list[float]]], list[ItemTable | None]]:
+        """``item_columns(ctx, items, ts_ms, views=views, attrs=attrs, mf_rowwise=True)``'s
+        numeric columns as lists and each item's table, for the few tokens of a group
+        that are written (one or two: a click, the kept negatives of a close) without its
+        arrays: the snapshot columns (``_snapshot_columns``), the MF scores row by row
+        (``_mf_rowwise``), then the user's columns (``user_columns``); the same floats
+        by the same operations."""
+        tables: list[ItemTable | None] = [None] * len(items)
+        numeric: list[tuple[str, list[float]]] = []
+        if views is not None and self.item_shard_of is not None:
+            table_map = views.table_map()
+            rows = self._count_rows(items, table_map)
+            tables = [None if row is None else row[0] for row in rows]
+            numeric = self._snapshot_columns(ctx, items, ts_ms, _has_any_channel(views),
+                                             table_map, rows)
+            mf = self._mf_rowwise(ctx.vector, items, views)
+            if mf:
+                numeric.append(("mf", mf))
+        return numeric + user_columns(ctx, items, self.covis.decay, attrs), tables
 
     def _assemble(self, profile_in: dict[str, Any], numeric: list[tuple[str, list[float]]],
                   cross: list[list[dict[str, Any]]],
@@ -1208,19 +1271,24 @@ class PointInTime:
 
     def negative_pool(self) -> list[str]:
         """Items to sample BPR negatives from: the newest index snapshot, else the catalog.
-        A frozen index's list is made once per index version (``_pool_memo``; callers
-        must not modify it)."""
+        A frozen index's list is made once per index version for every user shard of the
+        process (``_POOLS``; callers must not modify it)."""
         index = self.views.index if self.views is not None else None
         if index is not None and index.index is not None:
             snapshot = index.index
-            memo = self._pool_memo
-            if memo is not None and memo[0]() is snapshot:
-                return memo[1]
-            pool: list[str] = snapshot.item_ids()
-            if getattr(snapshot, "frozen", False):  # immutable: its items stay these
-                self._pool_memo = (weakref.ref(snapshot), pool)
+            if not getattr(snapshot, "frozen", False):
+                return snapshot.item_ids()
+            pool = _POOLS.get(snapshot)
+            if pool is None:  # immutable: its items stay these
+                pool = _POOLS[snapshot] = snapshot.item_ids()
             return pool
         return [i for i, attrs in self.catalog.items() if attrs.get("available", True)]
+
+
+_POOLS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+"""``PointInTime.negative_pool``'s lists by frozen index version (the user shards of a
+process load the same versions), dropped with the version; not part of any recovery
+state."""
 
 
 class _Shared:
@@ -1293,12 +1361,21 @@ class _Detached:
                     score = memo[k] = float((vecs[k:k + 1] @ v)[0]) if found[k] else 0.0
                 scores.append(score)
             out.append(("mf", scores))
-        ui = user_item_columns(ctx, items, decay)
-        if ui is not None:
-            out += [(name, values.tolist()) for name, values in ui.items()]
-        if ctx.categories is not None:
-            out.append((CATEGORY_POSTERIOR, ctx.categories.of(attrs).tolist()))
-        return out
+        return out + user_columns(ctx, items, decay, attrs)
+
+
+def user_columns(ctx: UserContext, items: list[str], decay: float,
+                 attrs: list[dict[str, Any] | None]) -> list[tuple[str, list[float]]]:
+    """The numeric columns of ``items`` (their catalog attributes ``attrs``) that come
+    from the user alone, as lists in ``item_columns``' order: ``ui.*``
+    (``user_item_columns``), then the category posterior (``ctx.categories``)."""
+    out: list[tuple[str, list[float]]] = []
+    ui = user_item_columns(ctx, items, decay)
+    if ui is not None:
+        out += [(name, values.tolist()) for name, values in ui.items()]
+    if ctx.categories is not None:
+        out.append((CATEGORY_POSTERIOR, ctx.categories.of(attrs).tolist()))
+    return out
 
 
 class _CapturedTable:
@@ -1358,7 +1435,7 @@ class _VersionCapture:
             self.vecs, found = index.vectors(items)
             self.found = found.tolist()
         self.captures: dict[str, TableCapture] = {
-            item: table_capture(item, row[0], raw=True) if row is not None else None
+            item: shared_capture(item, row[0]) if row is not None else None
             for item, row in zip(items, rows, strict=True)}
         """Item -> its ``table_capture`` (None: no table holds it)."""
         self.statics: dict[str, tuple[Any, dict[str, Any], dict[str, Any],

@@ -22,6 +22,7 @@ Order of work for one event (so nothing sees its own future):
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -323,6 +324,7 @@ class UserShard:
         users = [p[0] for p in pending]
         items = [p[1] for p in pending]
         ts = max(p[2] for p in pending)
+        self.context.vectors_changed()
         for user in users:
             self.context.forget(user)  # its MF vector changes
         for user, _, t, recent in pending:
@@ -337,13 +339,17 @@ class UserShard:
                 return
             m = config.negatives
             neg_ids = [[pool[j] for j in rng.integers(0, len(pool), m).tolist()] for _ in items]
-            flat = [j for negs in neg_ids for j in negs]
-            neg_vecs = self.context.item_vectors(flat).reshape(len(items), m, config.dim)
-        ids, user_vecs, coefs = self.users.step_batch(users, items, self.context.item_vectors(items), ts,
-                                                      neg_ids, neg_vecs)
-        for n, item in enumerate(ids):
-            self._item_updates.append(MFStep(item, ts, user_vecs[n],
-                                             None if coefs is None else float(coefs[n])))
+            # the positives' and the negatives' vectors in one read (row by row the same)
+            vecs = self.context.item_vectors(items + [j for negs in neg_ids for j in negs])
+            item_vecs, neg_vecs = vecs[:len(items)], vecs[len(items):].reshape(len(items), m, config.dim)
+        else:
+            item_vecs = self.context.item_vectors(items)
+        ids, user_vecs, coefs = self.users.step_batch(users, items, item_vecs, ts, neg_ids, neg_vecs)
+        updates = self._item_updates
+        if coefs is None:
+            updates += map(MFStep, ids, itertools.repeat(ts), user_vecs, itertools.repeat(None))
+        else:  # (tolist: the float of each float32 coefficient, as float(coefs[n]))
+            updates += map(MFStep, ids, itertools.repeat(ts), user_vecs, coefs.tolist())
 
     def _request(self, req: Request) -> None:
         self.requests += 1

@@ -13,10 +13,12 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from serving_world import DAY, ITEMS, SEED, T0, TypeSpy, World, feed, warm_up
 
 from events.model import Event, Feedback, Impression, Item, Request
+from models.mf import UserFactors
 from operators.point_in_time import PointInTime
 from operators.user_shard import UserShard
 from state.sampling import NegativeSampler
@@ -117,14 +119,13 @@ def test_deferred_features_survive_new_snapshots_and_recovery(published: World) 
 def test_dropped_impressions_compute_no_item_features(published: World,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    original = PointInTime.item_columns
+    original = PointInTime._token_columns  # the joiner's item columns (serving's: item_columns)
 
-    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
-        if kw.get("cross") is not None:  # the joiner's (serving passes no cross profiles)
-            calls.extend(item_ids)
-        return original(self, ctx, item_ids, *args, **kw)
+    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any) -> Any:
+        calls.extend(item_ids)
+        return original(self, ctx, item_ids, *args)
 
-    monkeypatch.setattr(PointInTime, "item_columns", counting)
+    monkeypatch.setattr(PointInTime, "_token_columns", counting)
     lazy, _ = shard_pair(published)
     examples = run(lazy, stream())
     impressions = [e for e in examples if e["source"] == "impression"]
@@ -132,6 +133,34 @@ def test_dropped_impressions_compute_no_item_features(published: World,
     assert counters.negatives_dropped > counters.negatives_kept
     # One computation per emitted impression example, none for dropped negatives.
     assert len(calls) == len(impressions) < counters.impressions
+
+
+def test_a_users_mf_vector_is_read_once_between_mf_steps(published: World,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's context and its impressions' take one read of the user's MF vector (a
+    read-only array) while no MF step runs; after the batch's MF steps the next context
+    reads the new vector, bit for bit the table's."""
+    shard = published.user_shard()
+    warm_up(shard)
+    feed(shard, [Feedback(T0 + DAY - 5_000, "u", SEED, "click")])  # an MF step: a row for u
+    assert shard.users is not None
+    reads: list[str] = []
+    original = UserFactors.vector
+
+    def counting(self: UserFactors, user_id: str) -> Any:
+        reads.append(user_id)
+        return original(self, user_id)
+
+    monkeypatch.setattr(UserFactors, "vector", counting)
+    first = shard.context.user("u", T0 + DAY)
+    again = shard.context.user("u", T0 + DAY + 20)
+    assert reads == ["u"] and first.vector is not None and again.vector is first.vector
+    assert not first.vector.flags.writeable
+    feed(shard, [Feedback(T0 + DAY + 1_000, "u", ITEMS[1], "click")])  # u's MF step
+    later = shard.context.user("u", T0 + DAY + 2_000)
+    assert reads == ["u", "u"] and later.vector is not None
+    assert np.array_equal(later.vector, original(shard.users, "u"))
+    assert not np.array_equal(later.vector, first.vector)
 
 
 def test_user_context_is_taken_once_per_request(published: World,
@@ -225,20 +254,19 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
 
     computed: list[str] = []
     summed: list[str] = []
-    original = PointInTime.item_columns
+    original = PointInTime._token_columns
     lookup = PointInTime._covis_lookup
 
-    def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
-        if kw.get("mf_rowwise"):  # the joiner's full computation (a detach asks no MF)
-            computed.extend(item_ids)
-        return original(self, ctx, item_ids, *args, **kw)
+    def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any) -> Any:
+        computed.extend(item_ids)  # the joiner's full computation (a detach makes none)
+        return original(self, ctx, item_ids, *args)
 
     def spy_sums(self: PointInTime, seeds: list[str], name: str, item_ids: list[str],
                  *args: Any, **kw: Any) -> Any:
         summed.extend(item_ids)
         return lookup(self, seeds, name, item_ids, *args, **kw)
 
-    monkeypatch.setattr(PointInTime, "item_columns", spy)
+    monkeypatch.setattr(PointInTime, "_token_columns", spy)
     monkeypatch.setattr(PointInTime, "_covis_lookup", spy_sums)
     lazy, eager = shard_pair(published)
     for shard in (lazy, eager):
@@ -286,18 +314,19 @@ def test_new_snapshots_detach_dropped_impressions_without_computing_them(
 def test_deferred_features_taken_together_at_new_snapshots_equal_impression_time(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """New item tables mid-stream: every pending impression whose negative the sampler
-    keeps is computed at once (``PointInTime.resolve_all``: one ``item_columns`` call
+    keeps is computed at once (``PointInTime.resolve_all``: one ``_token_columns`` call
     per request), the others when clicked, and every example is what the eager shard
     computed at impression time, MF and co-visitation included."""
     sizes: list[int] = []
-    original = PointInTime.item_columns
+    original = PointInTime._token_columns
 
-    def spy(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
-        if kw.get("views") is not None:  # deferred features read their frozen views
+    def spy(self: PointInTime, ctx: Any, item_ids: list[str], ts: int, views: Any,
+            *args: Any) -> Any:
+        if views is not None:  # deferred features read their frozen views
             sizes.append(len(item_ids))
-        return original(self, ctx, item_ids, *args, **kw)
+        return original(self, ctx, item_ids, ts, views, *args)
 
-    monkeypatch.setattr(PointInTime, "item_columns", spy)
+    monkeypatch.setattr(PointInTime, "_token_columns", spy)
     events = stream(n_requests=40)
     half = len(events) // 2
     lazy, eager = shard_pair(published)
@@ -344,16 +373,15 @@ def test_later_interactions_do_not_leak_into_deferred_features(published: World)
 def test_windows_closing_together_compute_their_features_together(
         published: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """At r = 1 every negative is written: the impressions of a request share a deadline,
-    close in the same step and are computed in one ``item_columns`` call (not one per
+    close in the same step and are computed in one ``_token_columns`` call (not one per
     impression), with the values the eager shard computed at impression time; a click
     before the close is computed alone, at once."""
     sizes: list[int] = []
-    original = PointInTime.item_columns
+    original = PointInTime._token_columns  # the joiner's item columns
 
-    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any, **kw: Any) -> Any:
-        if kw.get("cross") is not None:  # the joiner's (serving passes no cross profiles)
-            sizes.append(len(item_ids))
-        return original(self, ctx, item_ids, *args, **kw)
+    def counting(self: PointInTime, ctx: Any, item_ids: list[str], *args: Any) -> Any:
+        sizes.append(len(item_ids))
+        return original(self, ctx, item_ids, *args)
 
     lazy, eager = shard_pair(published)
     for shard in (lazy, eager):
@@ -370,7 +398,7 @@ def test_windows_closing_together_compute_their_features_together(
     events.append(Request(T0 + DAY, "late", "someone-else"))  # every window has closed
     want = [e for batch in (feed(eager, events[i:i + 13]) for i in range(0, len(events), 13))
             for e in batch.get("examples", []) if e["source"] == "impression"]
-    monkeypatch.setattr(PointInTime, "item_columns", counting)
+    monkeypatch.setattr(PointInTime, "_token_columns", counting)
     got = [e for batch in (feed(lazy, events[i:i + 13]) for i in range(0, len(events), 13))
            for e in batch.get("examples", []) if e["source"] == "impression"]
     assert got == want and len(got) == 60
@@ -381,7 +409,7 @@ def test_windows_closing_together_compute_their_features_together(
 def batched_and_per_item(world: World, rate: float | None = None
                          ) -> tuple[UserShard, UserShard, list[int]]:
     """(shard taking several items' features in one call, shard falling back to one
-    ``example_features`` call per item, the first one's ``item_columns`` calls)."""
+    ``example_features`` call per item, the first one's ``_token_columns`` calls)."""
     together, alone = world.user_shard(), world.user_shard()
     if rate is not None:
         for shard in (together, alone):
@@ -389,8 +417,8 @@ def batched_and_per_item(world: World, rate: float | None = None
     alone.joiner.context.features_run = None  # the joiner falls back per item
     calls: list[int] = []
     context = together.joiner.context
-    item_columns = context.item_columns
-    context.item_columns = lambda *a, **kw: calls.append(1) or item_columns(*a, **kw)
+    token_columns = context._token_columns
+    context._token_columns = lambda *a: calls.append(1) or token_columns(*a)
     return together, alone, calls
 
 
@@ -415,7 +443,7 @@ def test_sampled_negatives_taken_together_equal_one_at_a_time(published: World) 
 
 def test_an_interaction_and_its_sampled_negatives_take_one_features_call(published: World) -> None:
     """A positive organic interaction and its sampled negatives share one
-    ``item_columns`` call (its user context and co-visitation seeds read once); a
+    ``_token_columns`` call (its user context and co-visitation seeds read once); a
     negative interaction the sampler drops takes none. The examples equal those of one
     ``example_features`` call per item, bit for bit."""
     together, alone, calls = batched_and_per_item(published, RATE)
@@ -475,10 +503,8 @@ def test_groups_tracked_for_a_switch_stay_bounded_while_the_snapshots_stay(
 
 def test_the_negative_pool_is_listed_once_per_index_version(published: World) -> None:
     """BPR negatives are drawn from the index snapshot's items: listed once per frozen
-    index version (the same list while it stays), again when a new version is polled,
-    and not kept across a snapshot of the context (recovery)."""
-    import pickle
-
+    index version for every user shard of the process (the same list while it stays),
+    again when a new version is polled."""
     shard = published.user_shard()
     warm_up(shard)
     context = shard.context
@@ -496,7 +522,10 @@ def test_the_negative_pool_is_listed_once_per_index_version(published: World) ->
     moved = context.negative_pool()
     assert moved is not first and moved == context.views.index.index.item_ids()
     assert "new-item" in moved and "new-item" not in first
-    assert pickle.loads(pickle.dumps(context))._pool_memo is None
+    other = published.user_shard()  # another shard of the process: the same version's list
+    other.context.views.poll(T0 + 10)
+    assert other.context.views.index.index is context.views.index.index
+    assert other.context.negative_pool() is moved
 
 
 def test_groups_detached_from_one_version_share_each_items_static_features(

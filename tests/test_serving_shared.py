@@ -20,6 +20,7 @@ from models.category_bandit import CategoryExploreConfig
 from operators.category_items import CategoryItems, merge_categories, table_categories
 from operators.point_in_time import (
     UserContext,
+    shared_capture,
     static_features_of,
     static_item_features,
     table_capture,
@@ -216,6 +217,14 @@ def test_a_loaded_tables_features_are_the_saved_dicts(tmp_path: Path) -> None:
     assert capture is not None and type(capture[0]) is tuple
     gc.collect(0)
     assert not gc.is_tracked(capture)
+    # shared_capture (pit22): the raw capture, one object per item and table version for
+    # every shard of the process, kept in the table's memo
+    other = ItemTable.load(tmp_path / "t.npz")
+    for item in [*features, "zz"]:
+        first = shared_capture(item, other)
+        assert repr(first) == repr(table_capture(item, again, raw=True))  # (NaN: no value)
+        assert shared_capture(item, other) is first
+    assert shared_capture("c", again) is not shared_capture("c", other)  # per version
     assert loaded.feature_columns(("x",))[1].tolist() == t.feature_columns(("x",))[1].tolist()
 
 
