@@ -202,13 +202,7 @@ class _Distinct(_Count):
         self.k = k
 
     def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
-        if acc is None:
-            return (v,)
-        i = bisect.bisect_left(acc, v)
-        if (i < len(acc) and acc[i] == v) or i >= self.k:
-            return acc
-        end = self.k - 1 if len(acc) >= self.k else len(acc)  # a full sketch drops its largest
-        return (*acc[:i], v, *acc[i:end])
+        return self.add_all(acc, (v,))
 
     def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
         if a is None:
@@ -240,8 +234,11 @@ class _Distinct(_Count):
         for v in values:
             if acc is None:
                 acc = (v,)
-            elif len(acc) < k or v < acc[-1]:
-                acc = self.add(acc, 0, v, 0)
+            elif len(acc) < k or v < acc[-1]:  # else v is not among the k smallest
+                i = bisect.bisect_left(acc, v)
+                if i == len(acc) or acc[i] != v:  # a new hash: inserted in order
+                    end = k - 1 if len(acc) >= k else len(acc)  # a full sketch drops its largest
+                    acc = (*acc[:i], v, *acc[i:end])
         return acc
 
     def fold_raw(self, events: Iterable[tuple[int, Any]], acc: Any, r: int) -> Any:

@@ -1202,7 +1202,7 @@ def test_profile_keys_memoised_per_string_id_equal_the_hash() -> None:
     for _rep in range(2):
         for i in range(0, MAX_KEYS + 100, 7):
             assert plan.key(f"u{i}") == stable_hash64(f"u{i}")
-        assert len(plan._keys) <= MAX_KEYS
+        assert len(plan.keys) <= MAX_KEYS
     assert [plan.key(x) for x in (1, True, 1.0)] == [stable_hash64(x) for x in (1, True, 1.0)]
     assert len({plan.key(x) for x in (1, True, 1.0)}) == 3
     for n, uid in enumerate(("7", 7, "7")):
@@ -1302,15 +1302,15 @@ def test_write_steps_are_the_routed_features_tables() -> None:
              ("feedback", "like"), ("feedback", None), ("request", None), ("item", "x")]
     for etype, action in pairs:
         fids = plan.features_for(etype, action) or []
-        want = tuple((f, plan.min_values[f], plan.consts[f], plan.getters[f], plan.preps[f])
-                     for f in fids)
+        want = tuple((f, plan.min_values[f], plan.consts[f], *plan.fields[f], plan.getters[f],
+                      plan.preps[f]) for f in fids)
         assert plan.write_steps(etype, action) == want
         assert plan.write_steps(etype, action) is plan.write_steps(etype, action)
     assert plan.write_steps("feedback", "click") != ()
     assert plan.write_steps("request", None) == ()
     for i in range(MAX_ROUTES + 10):
         assert plan.write_steps("feedback", f"a{i}") == plan.write_steps("feedback", None)
-    assert len(plan._steps) <= MAX_ROUTES
+    assert len(plan.steps) <= MAX_ROUTES
 
 
 def test_records_write_as_their_dicts() -> None:
