@@ -565,10 +565,12 @@ class ProfileStore:
         if groups is not None:
             self._merge_queued(key, groups)
         pending = self._buffer.pop(key, None)
-        if pending is not None:
-            self._n_buffered -= len(pending)
-            self._merge(self._table.load(key, True), pending)
-        return self._table.load(key, False)
+        if pending is None:
+            return self._table.load(key, False)
+        self._n_buffered -= len(pending)
+        p = self._table.load(key, True)  # now the most recently used (a load evicts older ones)
+        self._merge(p, pending)
+        return p
 
     def _merge(self, p: Profile, writes: list[tuple[int, int, Any]]) -> None:
         """Merge one entity's buffered writes into its profile (read table)."""
