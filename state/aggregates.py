@@ -42,6 +42,9 @@ BAD = object()
 """A raw value a feature cannot aggregate (skipped and counted by the store)."""
 EXACT_INCREMENTAL = frozenset({"count", "min", "max", "last", "distinct_count", "last_k"})
 """Aggregates whose memoised value can be updated in place exactly (order-free, no floats)."""
+MAX_HASHES = 4_096
+"""String ids whose ``stable_hash64`` a distinct count's prep keeps (``_hash_prep``; ~120 B
+each: flows/memory.py ``profile_key``)."""
 FOLD_SUM, FOLD_SAME = 1, 2
 """How two writes of one feature in a row at the same ts fold into one (``fold_kind``):
 ``FOLD_SUM`` adds their values (counts: integers), ``FOLD_SAME`` keeps one of two equal
@@ -309,16 +312,22 @@ def make_agg(spec: FeatureSpec) -> Any:
 
 def _hash_prep() -> Callable[[Any], Any]:
     """A distinct count's prep: a string or integer id's ``stable_hash64`` (BAD for other
-    values). The last id's hash is kept (an item shard's impressions of one request hash
-    their viewer once): equal ids of one type hash alike, so the values are the same."""
-    last: list[Any] = [None, None]  # [id, its hash]
+    values). String ids' hashes are memoised (at most ``MAX_HASHES`` per feature, cleared
+    when full: an item shard's ``viewers`` hash each user once while the memo holds it);
+    other ids are hashed every time (``1``, ``True`` and ``1.0`` are one dict key)."""
+    memo: dict[str, int] = {}
 
     def prep(v: Any) -> Any:
+        if type(v) is str:
+            h = memo.get(v)
+            if h is None:
+                if len(memo) >= MAX_HASHES:
+                    memo.clear()
+                h = memo[v] = stable_hash64(v)
+            return h
         if not isinstance(v, (str, int)) or isinstance(v, bool):
             return BAD
-        if v != last[0] or type(v) is not type(last[0]):
-            last[0], last[1] = v, stable_hash64(v)
-        return last[1]
+        return stable_hash64(v)
     return prep
 
 
