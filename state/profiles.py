@@ -896,6 +896,8 @@ class ProfileStore:
             agg = aggs[f]
             kind = type(agg)
             t1 = ts + 1
+            if t1 > lo_max:  # each live window's lo becomes max(lo, t1), and lo <= lo_max
+                lo_max = t1
             sketch_in: Any = MISSING  # the KMV sketch the hash last went into, the result
             sketch_out = sketch_value = None
             for j, w, name in feat_outs[f]:
@@ -928,8 +930,6 @@ class ProfileStore:
                         if e < hi:
                             hi = e
                 cv[at_lo + j] = nlo
-                if nlo > lo_max:
-                    lo_max = nlo
         c.hi, c.lo_max = hi, lo_max
 
 
