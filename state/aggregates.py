@@ -35,6 +35,7 @@ from typing import Any
 from state.decay import exp2
 from state.feature_spec import DEFAULT_DISTINCT_K, DEFAULT_LAST_K, TRANSFORMS, FeatureSpec
 from state.hashing import stable_hash64
+from state.user_history import memo_put
 
 TS = itemgetter(0)
 """Sort key of ``[ts, ...]`` entries (raw events, last_k entries, slices by start)."""
@@ -320,11 +321,7 @@ def _hash_prep() -> Callable[[Any], Any]:
     def prep(v: Any) -> Any:
         if type(v) is str:
             h = memo.get(v)
-            if h is None:
-                if len(memo) >= MAX_HASHES:
-                    memo.clear()
-                h = memo[v] = stable_hash64(v)
-            return h
+            return memo_put(memo, v, stable_hash64(v), MAX_HASHES) if h is None else h
         if not isinstance(v, (str, int)) or isinstance(v, bool):
             return BAD
         return stable_hash64(v)
