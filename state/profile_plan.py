@@ -26,7 +26,6 @@ from events.model import _Record
 from state.aggregates import BAD, EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
 from state.feature_spec import MISSING, RATE_SCALE, FeatureSpec, parse_duration
 from state.hashing import stable_hash64
-from state.user_history import memo_put
 
 FAR = 1 << 62
 """"Never" / "infinitely late", in ms."""
@@ -316,8 +315,13 @@ class ProfilePlan:
         user's events hash their id once while it stays in the memo)."""
         if type(entity_id) is not str:  # 1, True and 1.0 are one dict key, not one hash
             return stable_hash64(entity_id)
-        key = self.keys.get(entity_id)
-        return memo_put(self.keys, entity_id, stable_hash64(entity_id), MAX_KEYS) if key is None else key
+        keys = self.keys
+        key = keys.get(entity_id)
+        if key is None:
+            if len(keys) >= MAX_KEYS:
+                keys.clear()
+            key = keys[entity_id] = stable_hash64(entity_id)
+        return key
 
     def cross_key(self, user_id: Any, value: Any) -> int:
         """``entity_key`` of the ``user_x_<attr>`` profile ``(user_id, value)``, memoised
@@ -326,8 +330,9 @@ class ProfilePlan:
         pair = (user_id, value)
         key = self._cross_keys.get(pair)
         if key is None:
-            key = memo_put(self._cross_keys, pair, stable_hash64(f"{user_id}\x1f{value}"),
-                           MAX_CROSS_KEYS)
+            if len(self._cross_keys) >= MAX_CROSS_KEYS:
+                self._cross_keys.clear()
+            key = self._cross_keys[pair] = stable_hash64(f"{user_id}\x1f{value}")
         return key
 
     def cross_keys_for(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None,
