@@ -11,6 +11,7 @@ compare its RSS with the bound.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from operators.linear_scorer import MAX_ATTR_MEMO
 from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
 from operators.user_shard import MAX_CATALOG_ATTRS
+from state.aggregates import MAX_HASHES
 from state.change_log import LOG as CATALOG_LOG
 from state.covis_view import SLACK
 from state.covisitation import KEEP_ARRAYS_BYTES
@@ -166,6 +168,9 @@ def memory_bound(config: Config) -> dict[str, Any]:
         config.items.mf_config(), config.items.covis_config()
     pool, explore = config.serving.pool, config.serving.category_explore
     kinds = {f.get("entity") for f in config.features}
+    # distinct counts per store kind: each keeps string ids' hashes (state.aggregates._hash_prep)
+    distinct = Counter(f.get("entity") for f in config.features
+                       if f.get("aggregate") == "distinct_count")
     # each category's best items: one merged copy per user shard, one per loaded table
     category_lists = (explore.max_categories * (b["category_list"] + explore.retrieve_per_category
                                                 * b["category_item"])
@@ -180,6 +185,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + user_kinds * QUEUED_WRITES * b["queued_profile_write"]
         # the user store's memo of id -> profile key (state.profile_plan.ProfilePlan.key)
         + ("user" in kinds) * MAX_KEYS * b["profile_key"]
+        + (sum(distinct.values()) - distinct["item"]) * MAX_HASHES * b["profile_key"]
         + sh.max_items * b["user_catalog_item"]
         + join.max_pending * (b["pending_impression"] + 4 * b["closed_impression"])
         + join.max_orphans * b["orphan"]
@@ -228,6 +234,7 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + ("item" in kinds) * min(sh.hot_profiles, items.max_items) * b["hot_item_profile"]
         + ("item" in kinds) * QUEUED_WRITES * b["queued_profile_write"]
         + ("item" in kinds) * MAX_KEYS * b["profile_key"]
+        + distinct["item"] * MAX_HASHES * b["profile_key"]
         + channels * covis.max_items * 1.5 * covis.max_neighbors * b["covis_row_neighbor"]
         # the last table's co-visitation arrays, kept when small (publish_arrays(keep=True))
         + channels * KEEP_ARRAYS_BYTES

@@ -35,6 +35,7 @@ from typing import Any
 from state.decay import exp2
 from state.feature_spec import DEFAULT_DISTINCT_K, DEFAULT_LAST_K, TRANSFORMS, FeatureSpec
 from state.hashing import stable_hash64
+from state.user_history import memo_put
 
 TS = itemgetter(0)
 """Sort key of ``[ts, ...]`` entries (raw events, last_k entries, slices by start)."""
@@ -42,6 +43,9 @@ BAD = object()
 """A raw value a feature cannot aggregate (skipped and counted by the store)."""
 EXACT_INCREMENTAL = frozenset({"count", "min", "max", "last", "distinct_count", "last_k"})
 """Aggregates whose memoised value can be updated in place exactly (order-free, no floats)."""
+MAX_HASHES = 4_096
+"""String ids whose ``stable_hash64`` a distinct count's prep keeps (``_hash_prep``; ~120 B
+each: flows/memory.py ``profile_key``)."""
 FOLD_SUM, FOLD_SAME = 1, 2
 """How two writes of one feature in a row at the same ts fold into one (``fold_kind``):
 ``FOLD_SUM`` adds their values (counts: integers), ``FOLD_SAME`` keeps one of two equal
@@ -202,13 +206,7 @@ class _Distinct(_Count):
         self.k = k
 
     def add(self, acc: Any, ts: int, v: Any, r: int) -> Any:
-        if acc is None:
-            return (v,)
-        i = bisect.bisect_left(acc, v)
-        if (i < len(acc) and acc[i] == v) or i >= self.k:
-            return acc
-        end = self.k - 1 if len(acc) >= self.k else len(acc)  # a full sketch drops its largest
-        return (*acc[:i], v, *acc[i:end])
+        return self.add_all(acc, (v,))
 
     def merge(self, a: Any, ra: int, b: Any, rb: int, r: int) -> Any:
         if a is None:
@@ -240,8 +238,11 @@ class _Distinct(_Count):
         for v in values:
             if acc is None:
                 acc = (v,)
-            elif len(acc) < k or v < acc[-1]:
-                acc = self.add(acc, 0, v, 0)
+            elif len(acc) < k or v < acc[-1]:  # else v is not among the k smallest
+                i = bisect.bisect_left(acc, v)
+                if i == len(acc) or acc[i] != v:  # a new hash: inserted in order
+                    end = k - 1 if len(acc) >= k else len(acc)  # a full sketch drops its largest
+                    acc = (*acc[:i], v, *acc[i:end])
         return acc
 
     def fold_raw(self, events: Iterable[tuple[int, Any]], acc: Any, r: int) -> Any:
@@ -312,16 +313,18 @@ def make_agg(spec: FeatureSpec) -> Any:
 
 def _hash_prep() -> Callable[[Any], Any]:
     """A distinct count's prep: a string or integer id's ``stable_hash64`` (BAD for other
-    values). The last id's hash is kept (an item shard's impressions of one request hash
-    their viewer once): equal ids of one type hash alike, so the values are the same."""
-    last: list[Any] = [None, None]  # [id, its hash]
+    values). String ids' hashes are memoised (at most ``MAX_HASHES`` per feature, cleared
+    when full: an item shard's ``viewers`` hash each user once while the memo holds it);
+    other ids are hashed every time (``1``, ``True`` and ``1.0`` are one dict key)."""
+    memo: dict[str, int] = {}
 
     def prep(v: Any) -> Any:
+        if type(v) is str:
+            h = memo.get(v)
+            return memo_put(memo, v, stable_hash64(v), MAX_HASHES) if h is None else h
         if not isinstance(v, (str, int)) or isinstance(v, bool):
             return BAD
-        if v != last[0] or type(v) is not type(last[0]):
-            last[0], last[1] = v, stable_hash64(v)
-        return last[1]
+        return stable_hash64(v)
     return prep
 
 

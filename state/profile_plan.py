@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from events.model import _Record
 from state.aggregates import BAD, EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
 from state.feature_spec import MISSING, RATE_SCALE, FeatureSpec, parse_duration
 from state.hashing import stable_hash64
@@ -42,11 +43,34 @@ MAX_KEYS = 4_096
 ~130 B each: flows/memory.py ``profile_key``)."""
 ItemAttrs = Callable[[Any], Mapping[str, Any] | None]
 """``item_id -> attrs dict`` (or None): where ``user_x_<attr>`` stores read an item's attribute."""
-WriteStep = tuple[int, Any, Any, Callable[[Any], Any], Callable[[Any], Any]]
-"""How an event writes feature f: ``(f, min_value, const, getter, prep)`` (``ProfilePlan``'s
-tables of f side by side; ``const`` is ``MISSING`` when the value is read from the event)."""
+WriteStep = tuple[int, Any, Any, str | None, Any, Callable[[Any], Any], Callable[[Any], Any]]
+"""How an event writes feature f: ``(f, min_value, const, field, default, getter, prep)``
+(``ProfilePlan``'s tables of f side by side; ``const`` is ``MISSING`` when the value is
+read from the event: from its top-level ``field`` (``default`` when absent) by the
+event's ``field_reader``, or by ``getter`` when ``field`` is None: a dotted path)."""
 MAX_ROUTES = 256
 """``(type, action)`` pairs whose write steps a plan keeps (``ProfilePlan.write_steps``)."""
+
+
+FieldReader = Callable[[Any, str, Any], Any]
+"""``reader(event, name, default)``: an event field's value, as ``event.get(name, default)``."""
+FIELD_READERS: dict[type, FieldReader] = {}
+"""``field_reader``'s memo: event class -> its reader (one per class of event)."""
+
+
+def field_reader(cls: type) -> FieldReader:
+    """How a store reads the fields of an event of class ``cls``: ``getattr`` for a typed
+    record (``events.model``, whose ``get`` is ``getattr(self, name, default)``: the same
+    values without a Python-level call per field), else the class's own ``get`` unbound
+    (``dict.get`` for a dict). Memoised per class.
+
+    >>> field_reader(dict)({"ts": 5}, "ts", None), field_reader(dict)({}, "action", None)
+    (5, None)
+    """
+    reader = FIELD_READERS.get(cls)
+    if reader is None:
+        reader = FIELD_READERS[cls] = getattr if getattr(cls, "get", None) is _Record.get else cls.get
+    return reader
 
 
 def parse_tiers(tiers: Sequence[Sequence[Any]]) -> tuple[tuple[int, int | None], ...]:
@@ -173,6 +197,10 @@ class ProfilePlan:
         """How a write folds into the previous one of its feature (``fold_kind``)."""
         self.has_all = [s.has_all for s in self.specs]
         self.min_values = [s.min_value for s in self.specs]
+        self.fields = [self._top_field(s) for s in self.specs]
+        """The top-level event field feature f's value is read from and its default when
+        absent (``value``: 1.0, another field: ``MISSING``), as ``getters[f]`` reads it;
+        ``(None, MISSING)`` for a constant or a dotted path (read by ``getters[f]``)."""
         self.consts = [self._const_value(s) for s in self.specs]
         """The stored value of every write of feature f when it does not depend on the
         event (a count's 1, a constant value prepared), else ``MISSING``."""
@@ -208,9 +236,21 @@ class ProfilePlan:
         """Derived outputs (name, numerator output, denominator output, prior), after the
         stored ones."""
         self.route = self._routes()
-        self._steps: dict[tuple[str, str | None], tuple[WriteStep, ...]] = {}
-        self._keys: dict[str, int] = {}
+        self.steps: dict[tuple[str, str | None], tuple[WriteStep, ...]] = {}
+        """``write_steps``' memo: (type, action) -> its write steps."""
+        self.keys: dict[str, int] = {}
+        """``key``'s memo: string id -> its key (no other type: 1, True and 1.0 are one
+        dict key but three ids)."""
         self._cross_keys: dict[tuple[Any, Any], int] = {}
+
+    @staticmethod
+    def _top_field(spec: FeatureSpec) -> tuple[str | None, Any]:
+        """``ProfilePlan.fields`` of one spec (``state.feature_spec``'s field getter:
+        ``event.get(field, default)`` for a field name without dots)."""
+        v = spec.value
+        if not isinstance(v, str) or "." in v:
+            return None, MISSING
+        return v, 1.0 if v == "value" else MISSING
 
     @staticmethod
     def _const_value(spec: FeatureSpec) -> Any:
@@ -253,13 +293,13 @@ class ProfilePlan:
         """The write steps of ``features_for(etype, action)``'s features, in its order (the
         empty tuple: none), memoised per pair (at most ``MAX_ROUTES``, cleared when full)."""
         pair = (etype, action)
-        steps = self._steps.get(pair)
+        steps = self.steps.get(pair)
         if steps is None:
-            steps = tuple((f, self.min_values[f], self.consts[f], self.getters[f], self.preps[f])
-                          for f in self.features_for(etype, action) or ())
-            if len(self._steps) >= MAX_ROUTES:
-                self._steps.clear()
-            self._steps[pair] = steps
+            steps = tuple((f, self.min_values[f], self.consts[f], *self.fields[f], self.getters[f],
+                           self.preps[f]) for f in self.features_for(etype, action) or ())
+            if len(self.steps) >= MAX_ROUTES:
+                self.steps.clear()
+            self.steps[pair] = steps
         return steps
 
     def empty_outputs(self) -> dict[str, Any]:
@@ -275,7 +315,7 @@ class ProfilePlan:
         user's events hash their id once while it stays in the memo)."""
         if type(entity_id) is not str:  # 1, True and 1.0 are one dict key, not one hash
             return stable_hash64(entity_id)
-        keys = self._keys
+        keys = self.keys
         key = keys.get(entity_id)
         if key is None:
             if len(keys) >= MAX_KEYS:
@@ -295,11 +335,12 @@ class ProfilePlan:
             key = self._cross_keys[pair] = stable_hash64(f"{user_id}\x1f{value}")
         return key
 
-    def cross_keys_for(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None
-                       ) -> tuple[list[int], str | None]:
+    def cross_keys_for(self, event: Mapping[str, Any], item_attrs: ItemAttrs | None,
+                       get: FieldReader) -> tuple[list[int], str | None]:
         """(the ``user_x_<attr>`` keys an event writes to, or [] with the reason counter
-        to bump); a ``user`` or ``item`` store's one key is ``key(event[id_field])``."""
-        uid, iid = event.get("user_id"), event.get("item_id")
+        to bump); a ``user`` or ``item`` store's one key is ``key(event[id_field])``.
+        ``get``: the event's ``field_reader``."""
+        uid, iid = get(event, "user_id", None), get(event, "item_id", None)
         if uid is None or iid is None:
             return [], "skipped_no_id"
         if item_attrs is None:
@@ -307,7 +348,8 @@ class ProfilePlan:
         attrs = item_attrs(iid) or {}
         av = attrs.get(self.cross_attr)
         if type(av) is str:  # one value (a category): the usual case
-            return [self.cross_key(uid, av)], None
+            key = self._cross_keys.get((uid, av))  # cross_key's memo
+            return [self.cross_key(uid, av) if key is None else key], None
         if av is None or av == [] or av == ():
             return [], "skipped_no_attr"
         vals = av if isinstance(av, (list, tuple)) else (av,)

@@ -74,7 +74,8 @@ class Tiers:
         self.plan = plan
         self.params = params
         self.counters = counters
-        self._cuts_memo: dict[int, tuple[int, list[int]]] = {}
+        self.cuts_memo: dict[int, tuple[int, list[int]]] = {}
+        """``cuts``' memo: watermark -> (raw cut, tier bounds)."""
         self._g0 = params.g0
         tiers = params.tiers
         self._crossings = [(tiers[i][0], tiers[i + 1][0], tiers[i][1]) for i in range(len(tiers) - 1)]
@@ -83,7 +84,7 @@ class Tiers:
     def cuts(self, cf: int) -> tuple[int, list[int]]:
         """(raw cut, tier bounds) for watermark cf: tier i holds slices starting in
         [bounds[i], bounds[i-1]) (tier 0 ends at the raw cut, the last tier is open)."""
-        memo = self._cuts_memo.get(cf)
+        memo = self.cuts_memo.get(cf)
         if memo is not None:
             return memo
         g0 = self.params.g0
@@ -93,9 +94,9 @@ class Tiers:
             span = self.params.tiers[i][1]
             g_next = self.params.tiers[i + 1][0]
             bounds.append((cf - span) // g_next * g_next)  # type: ignore[operator]
-        if len(self._cuts_memo) > 4096:
-            self._cuts_memo.clear()
-        memo = self._cuts_memo[cf] = (raw_cut, bounds)
+        if len(self.cuts_memo) > 4096:
+            self.cuts_memo.clear()
+        memo = self.cuts_memo[cf] = (raw_cut, bounds)
         return memo
 
     def gran(self, ts: int, bounds: list[int]) -> int:
@@ -146,11 +147,13 @@ class Tiers:
         """
         cf = p.cf
         assert cf is not None
-        raw_cut, bounds = self.cuts(cf)
-        g0 = self.params.tiers[0][0]
+        raw_cut, bounds = self.cuts_memo.get(cf) or self.cuts(cf)
+        g0 = self._g0
         changed: list[tuple[int, list[Any] | None]] = []
         due, feats, aggs = list(p.due), p.feats, self.plan.aggs  # p.due: a tuple, replaced
-        for f in [f for f, d in enumerate(due) if d <= cf]:  # the features due only
+        for f, d in enumerate(p.due):  # the features due only (p.due: as the pass began)
+            if d > cf:
+                continue
             fs = feats[f]
             if fs is None:
                 due[f] = FAR
@@ -175,7 +178,7 @@ class Tiers:
                     appended = folded
             trunc = cf - self.plan.horizon[f]
             work = bool(n)
-            if slices and self._misplaced(slices, bounds):
+            if slices and slices[0][0] < bounds[0] and self._misplaced(slices, bounds):
                 self._rebuild(fs, f, bounds, trunc)
                 slices = fs[SLICES]
                 work = True

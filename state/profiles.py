@@ -54,15 +54,23 @@ parameters, ``ProfileParams``, and the specs compiled into routing and output ta
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
 from state.aggregates import BAD, FOLD_SUM, TS, _Count, _Distinct, _Last
-from state.decay import exp2
 from state.feature_spec import MISSING, FeatureSpec, as_specs
 from state.profile_codec import FORMAT, NO_SLICES, RAW, SLICES, TAIL, TAIL_END, HotCold, Profile
-from state.profile_plan import FAR, ItemAttrs, ProfileParams, ProfilePlan, entity_key
+from state.profile_plan import (
+    FAR,
+    FIELD_READERS,
+    ItemAttrs,
+    ProfileParams,
+    ProfilePlan,
+    entity_key,
+    field_reader,
+)
 from state.profile_tiers import Tiers
 
 _END = itemgetter(1)
@@ -190,7 +198,8 @@ class ProfileStore:
         attrs dict`` is required by ``user_x_<attr>`` stores; a list-valued attribute
         (e.g. genres) updates one cross profile per value.
         """
-        ts = event.get("ts")
+        get = FIELD_READERS.get(type(event)) or field_reader(type(event))
+        ts = get(event, "ts", None)
         if type(ts) is not int and (isinstance(ts, bool) or not isinstance(ts, int)):
             raise ValueError(f"event ts must be integer epoch ms, got {ts!r}")
         now = self._now
@@ -198,36 +207,42 @@ class ProfileStore:
             self._now = ts
             if self._buf_since is not None and ts - self._buf_since >= self.params.flush_interval_ms:
                 self._close()
-        etype = event.get("type")
-        action = event.get("action")
-        if not isinstance(etype, str) or not isinstance(action, (str, type(None))):
-            return
+        etype = get(event, "type", None)
+        action = get(event, "action", None)
         plan = self.plan
-        steps = plan.write_steps(etype, action)
+        if type(etype) is str and (action is None or type(action) is str):
+            steps = plan.steps.get((etype, action))  # write_steps' memo (the usual case)
+            if steps is None:
+                steps = plan.write_steps(etype, action)
+        elif not isinstance(etype, str) or not isinstance(action, (str, type(None))):
+            return
+        else:
+            steps = plan.write_steps(etype, action)
         if not steps:
             return
         counters = self.counters
         counters["events"] += 1
         if plan.id_field is not None:  # a user or item store: one key
-            eid = event.get(plan.id_field)
+            eid = get(event, plan.id_field, None)
             if eid is None:
                 counters["skipped_no_id"] += 1
                 return
-            keys: Sequence[int] = (plan.key(eid),)
+            key = plan.keys.get(eid)  # key()'s memo: string ids only
+            keys: Sequence[int] = (plan.key(eid) if key is None else key,)
         else:
-            keys, skipped = plan.cross_keys_for(event, item_attrs)
+            keys, skipped = plan.cross_keys_for(event, item_attrs, get)
             if skipped is not None:
                 counters[skipped] += 1
             if not keys:
                 return
         writes: list[tuple[int, int, Any]] = []
-        for f, mv, v, getter, prep in steps:
+        for f, mv, v, field, default, getter, prep in steps:
             if mv is not None:
-                x = event.get("value", 1.0)
+                x = get(event, "value", 1.0)
                 if not isinstance(x, (int, float)) or x < mv:
                     continue
             if v is MISSING:
-                v = getter(event)
+                v = getter(event) if field is None else get(event, field, default)
                 if v is MISSING:
                     counters["skipped_bad_value"] += 1
                     continue
@@ -246,7 +261,7 @@ class ProfileStore:
             if lst is None:
                 buf[key] = writes if len(keys) == 1 else list(writes)
                 added += n
-            elif not self._fold(lst, writes):
+            elif lst[-1][1] != ts or not self._fold(lst, writes):  # _fold: the same ts only
                 lst.extend(writes)
                 added += n
         n *= len(keys)
@@ -318,9 +333,13 @@ class ProfileStore:
         self.counters["flushes"] += 1
         if self._queue and self._n_queued + n > self.params.batch_size:
             self._drain(FAR)
-        queue, load = self._queue, self._table.load
+        queue, hot, load = self._queue, self._table.hot, self._table.load
+        move = hot.move_to_end
         for key, writes in buf.items():
-            load(key, True)
+            if key in hot:
+                move(key)  # what load(key, True) does here
+            else:
+                load(key, True)
             groups = queue.get(key)
             if groups is None:
                 queue[key] = [writes]
@@ -386,11 +405,17 @@ class ProfileStore:
     def knows(self, key: int) -> bool:
         """Whether the store holds a profile or pending writes for ``key``
         (``key_of(entity_id)``): if not, every query of it gives ``empty_answer()``."""
-        return key in self._buffer or self._table.has(key)
+        table = self._table
+        return key in self._buffer or key in table.hot or key in table.cold  # table.has(key)
 
     def query_key(self, key: int, t_ms: int | None = None) -> dict[str, Any]:
         """``query`` by precomputed ``key_of(entity_id)``."""
-        p = self._load_current(key)
+        hot = self._table.hot
+        p = hot.get(key)
+        if p is not None and key not in self._buffer and key not in self._queue:
+            hot.move_to_end(key)  # what _load_current does here
+        else:
+            p = self._load_current(key)
         if p is None:
             return self.empty_answer()
         return self._answer(p, self._query_time(t_ms))
@@ -400,15 +425,22 @@ class ProfileStore:
         """``[query_key(key, t_ms) for key in keys]`` in one call (the same answers and
         counters, the query time read once); a key the store does not know (``knows``)
         gives ``unknown`` itself when one is given (a shared, read-only answer, e.g. an
-        ``empty_answer()`` kept by the caller) instead of a fresh dict."""
+        ``empty_answer()`` kept by the caller) instead of a fresh dict. A hot profile
+        with no writes pending is answered without ``_load_current`` (its LRU move only)."""
         t = self._query_time(t_ms)
-        buffer, has, load, answer = self._buffer, self._table.has, self._load_current, self._answer
+        buffer, queue, answer = self._buffer, self._queue, self._answer
+        hot, cold, load = self._table.hot, self._table.cold, self._load_current
+        move = hot.move_to_end
         answers: list[dict[str, Any]] = []
         for key in keys:
-            if unknown is not None and key not in buffer and not has(key):
+            p = hot.get(key)
+            if p is not None and key not in buffer and key not in queue:
+                move(key)  # what load(key) does here
+            elif unknown is not None and p is None and key not in buffer and key not in cold:
                 answers.append(unknown)
                 continue
-            p = load(key)
+            else:
+                p = load(key)
             answers.append(self.empty_answer() if p is None else answer(p, t))
         return answers
 
@@ -429,10 +461,11 @@ class ProfileStore:
                 self.counters["cache_hits"] += 1
             out = p.out.copy()
             v, at_ref = p.memo, self._at[1]
+            e2 = math.exp2  # decay.exp2's value: a reference is not after t (x <= 0)
             for j, name, hl in plan.decay_outs:
                 acc = v[j]  # acc: the first block
                 if acc is not None:
-                    out[name] = acc * exp2((v[at_ref + j] - t) / hl)
+                    out[name] = acc * e2((v[at_ref + j] - t) / hl)
             for name in plan.list_outs:
                 out[name] = list(out[name])
         else:
@@ -532,10 +565,12 @@ class ProfileStore:
         if groups is not None:
             self._merge_queued(key, groups)
         pending = self._buffer.pop(key, None)
-        if pending is not None:
-            self._n_buffered -= len(pending)
-            self._merge(self._table.load(key, True), pending)
-        return self._table.load(key, False)
+        if pending is None:
+            return self._table.load(key, False)
+        self._n_buffered -= len(pending)
+        p = self._table.load(key, True)  # now the most recently used (a load evicts older ones)
+        self._merge(p, pending)
+        return p
 
     def _merge(self, p: Profile, writes: list[tuple[int, int, Any]]) -> None:
         """Merge one entity's buffered writes into its profile (read table)."""
@@ -560,7 +595,7 @@ class ProfileStore:
                         self._extend(c, f, appended)
                     else:
                         self._invalidate(c, f)
-        raw_cut, bounds = tiers.cuts(cf)
+        raw_cut, bounds = tiers.cuts_memo.get(cf) or tiers.cuts(cf)
         feats, due, incremental = p.feats, p.due, plan.incremental
         raw_ms = params.raw_ms
         adds: list[tuple[int, int, Any]] = []  # raw writes of order-free features (c set)
@@ -861,6 +896,8 @@ class ProfileStore:
             agg = aggs[f]
             kind = type(agg)
             t1 = ts + 1
+            if t1 > lo_max:  # each live window's lo becomes max(lo, t1), and lo <= lo_max
+                lo_max = t1
             sketch_in: Any = MISSING  # the KMV sketch the hash last went into, the result
             sketch_out = sketch_value = None
             for j, w, name in feat_outs[f]:
@@ -893,8 +930,6 @@ class ProfileStore:
                         if e < hi:
                             hi = e
                 cv[at_lo + j] = nlo
-                if nlo > lo_max:
-                    lo_max = nlo
         c.hi, c.lo_max = hi, lo_max
 
 

@@ -1202,7 +1202,7 @@ def test_profile_keys_memoised_per_string_id_equal_the_hash() -> None:
     for _rep in range(2):
         for i in range(0, MAX_KEYS + 100, 7):
             assert plan.key(f"u{i}") == stable_hash64(f"u{i}")
-        assert len(plan._keys) <= MAX_KEYS
+        assert len(plan.keys) <= MAX_KEYS
     assert [plan.key(x) for x in (1, True, 1.0)] == [stable_hash64(x) for x in (1, True, 1.0)]
     assert len({plan.key(x) for x in (1, True, 1.0)}) == 3
     for n, uid in enumerate(("7", 7, "7")):
@@ -1240,15 +1240,17 @@ def test_constant_write_values_equal_the_getter_and_prep() -> None:
 
 
 def test_distinct_count_prep_hashes_each_id_as_stable_hash64() -> None:
-    """A distinct count's prep keeps the last id's hash (``_hash_prep``): every value
-    still equals ``stable_hash64`` of its own id, through repeats, ids of another type
-    that compare equal or not (1, True, "1", 1.0) and bad values between them."""
-    from state.aggregates import BAD, make_prep
+    """A distinct count's prep keeps string ids' hashes (``_hash_prep``, at most
+    ``MAX_HASHES``): every value still equals ``stable_hash64`` of its own id, through
+    repeats, ids of another type that compare equal or not (1, True, "1", 1.0), bad
+    values between them and a memo cleared when full."""
+    from state.aggregates import BAD, MAX_HASHES, make_prep
     from state.hashing import stable_hash64
 
     (spec,) = parse_features([_spec("ids", FB, "distinct_count", value="item_id")])
     prep = make_prep(spec)
     ids = ["a", "a", "b", 1, 1, "1", True, 1, 2.0, "a", None, "a", 7, 7]
+    ids += [f"x{i % (MAX_HASHES + 9)}" for i in range(2 * MAX_HASHES + 50)] + ["a", "b", "1", 1]
     got = [prep(v) for v in ids]
     want = [BAD if isinstance(v, (bool, float)) or v is None else stable_hash64(v) for v in ids]
     assert got == want
@@ -1302,21 +1304,55 @@ def test_write_steps_are_the_routed_features_tables() -> None:
              ("feedback", "like"), ("feedback", None), ("request", None), ("item", "x")]
     for etype, action in pairs:
         fids = plan.features_for(etype, action) or []
-        want = tuple((f, plan.min_values[f], plan.consts[f], plan.getters[f], plan.preps[f])
-                     for f in fids)
+        want = tuple((f, plan.min_values[f], plan.consts[f], *plan.fields[f], plan.getters[f],
+                      plan.preps[f]) for f in fids)
         assert plan.write_steps(etype, action) == want
         assert plan.write_steps(etype, action) is plan.write_steps(etype, action)
     assert plan.write_steps("feedback", "click") != ()
     assert plan.write_steps("request", None) == ()
     for i in range(MAX_ROUTES + 10):
         assert plan.write_steps("feedback", f"a{i}") == plan.write_steps("feedback", None)
-    assert len(plan._steps) <= MAX_ROUTES
+    assert len(plan.steps) <= MAX_ROUTES
+
+
+def test_field_reader_reads_as_get() -> None:
+    """``field_reader(type(event))(event, name, default)`` is ``event.get(name, default)``
+    for records (``getattr``), dicts and other mappings, present and absent fields alike;
+    a plan's top-level ``fields`` read through it give its getters' values."""
+    from dataclasses import asdict
+    from types import MappingProxyType
+
+    from events.model import Feedback, Impression, Request
+    from state.profile_plan import field_reader
+
+    events: list[Any] = [
+        Impression(ts=BASE, impression_id="m", user_id="u", item_id="i", position=3),
+        Feedback(ts=BASE, user_id="u", item_id="i", action="click", value=2.5),
+        Request(ts=BASE, request_id="r", user_id="u")]
+    events += [{**asdict(e), "type": e.type} for e in events[:3]]
+    events += [MappingProxyType(events[3]), {"ts": BASE, "value": None}]
+    assert field_reader(type(events[0])) is getattr and field_reader(dict) is dict.get
+    from state.feature_spec import MISSING
+
+    plan = ProfileStore([*({**s, "name": f"s_{s['name']}"} for s in SPECS),
+                         *default_features("user"), _spec("ctx", FB, "sum", value="context.x")],
+                        "user").plan
+    assert plan.fields[-1] == (None, MISSING)  # a dotted path: read by its getter
+    for e in events:
+        get = field_reader(type(e))
+        for name in ("ts", "type", "action", "value", "user_id", "item_id", "position", "nope"):
+            for default in (None, 1.0, MISSING):
+                assert get(e, name, default) is e.get(name, default)
+        for f, (field, default) in enumerate(plan.fields):
+            if field is not None:
+                assert get(e, field, default) == plan.getters[f](e)
+    assert [f for f in plan.fields if f[0] is not None]  # fields read without a getter
 
 
 def test_records_write_as_their_dicts() -> None:
-    """A store fed ``events.model`` records (fields read by their ``get``) answers and
-    snapshots as one fed the same events as dicts (every aggregate, a cross store's
-    item attributes, fields a record type lacks, e.g. a request's action)."""
+    """A store fed ``events.model`` records (fields read by ``getattr``: ``field_reader``)
+    answers and snapshots as one fed the same events as dicts (every aggregate, a cross
+    store's item attributes, fields a record type lacks, e.g. a request's action)."""
     from dataclasses import asdict
 
     from events.model import Feedback, Impression, Request
@@ -1324,8 +1360,8 @@ def test_records_write_as_their_dicts() -> None:
     rnd = random.Random(3)
     cats = {f"it{j}": {"category": f"c{j % 3}"} for j in range(8)}
     specs = [*({**s, "name": f"s_{s['name']}"} for s in SPECS), *default_features("user"),
-             *default_features("user_x_category")]
-    for kind in ("user", "user_x_category"):
+             *default_features("user_x_category"), *default_features("item")]
+    for kind in ("user", "user_x_category", "item"):
         by_record, by_dict = ProfileStore(specs, kind), ProfileStore(specs, kind)
         ts = BASE
         for i in range(600):
@@ -1343,7 +1379,7 @@ def test_records_write_as_their_dicts() -> None:
             by_record.apply(record, cats.get)
             by_dict.apply(as_dict, cats.get)
             if i % 37 == 0:
-                who = user if kind == "user" else (user, cats[item]["category"])
+                who = {"user": user, "item": item}.get(kind, (user, cats[item]["category"]))
                 assert by_record.query(who) == by_dict.query(who), i
         assert by_record.counters["writes"] > 500
         assert by_record.snapshot() == by_dict.snapshot()
