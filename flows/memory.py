@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from operators.linear_scorer import MAX_ATTR_MEMO
-from operators.point_in_time import MAX_STATIC_MEMO, RETAINED_VERSIONS
+from operators.point_in_time import MAX_STATIC_MEMO, MAX_VECTOR_MEMO, RETAINED_VERSIONS
 from operators.serving import ANN_MEMO_USERS
 from operators.user_shard import MAX_CATALOG_ATTRS
 from state.aggregates import MAX_HASHES
@@ -131,6 +131,8 @@ BYTES: dict[str, float] = {
     "queued_profile_write": 130,
     "profile_key": 120,  # 61 B of dict slot and int (tracemalloc), the id string it keeps
     "attr_memo_entry": 800,  # tracemalloc of 4,096 three-attribute sets (key and sum)
+    "vector_memo_user": 700,  # a read-only copy's array header, its dict slot and key
+    # (825 B by tracemalloc of 2,048 32-float vectors under new keys; plus 4 B a dimension)
     "npy_header_entry": 400,  # a memoised .npy header with its (dtype, shape) key (390 B by
     # tracemalloc of 4,096 two-dimensional shapes; state/npz.py _HEADERS, one per process)
 }
@@ -198,6 +200,8 @@ def memory_bound(config: Config) -> dict[str, Any]:
         + max(16_384, SLACK * sh.items * items.max_items) * b["covis_view_id"]
         + (pool.max_pending * pool.pool_size * b["pool_candidate"] if pool.enabled else 0)
         + (mf.max_users * b["mf_row"] if items.enabled else 0)
+        # the users' MF vectors read since the last MF step (point_in_time.py _user_vector)
+        + (MAX_VECTOR_MEMO * (b["vector_memo_user"] + 4 * mf.dim) if items.enabled else 0)
         # serving's last ANN answer per recent user (Server._ann_rows: 100 rows and scores
         # as int32 / float32, the vector's bytes)
         + ANN_MEMO_USERS * b["ann_memo_user"]
