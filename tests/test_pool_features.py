@@ -320,3 +320,43 @@ def test_gather_after_a_gather_without_new_ids_is_the_row_by_row_gather(
         assert ref.names == view.names
         assert np.array_equal(ids, want[0]) and np.array_equal(got_w, want[1])
     assert complete  # some rows read without new ids were whole rows
+
+
+@pytest.mark.parametrize(("seed", "loaded"), [(0, True), (1, False)])
+def test_a_kept_seed_list_gathers_the_seed_by_seed_rows_bit_for_bit(
+        tmp_path: Path, seed: int, loaded: bool) -> None:
+    """A seed list asked again with the same tables is kept (``CovisView._lists``) and
+    its later gathers (other weights, other times, prefixes) equal the seed-by-seed rows
+    times their weights bit for bit; a new table version of a shard drops it (the rows
+    are read again), and a list asked once is not kept."""
+    rng = random.Random(seed)
+    first = tables(seed, tmp_path if loaded else None)
+    newer = tables(seed + 10, tmp_path if loaded else None)
+    ref, view = CovisView(), CovisView()
+    seeds = rng.sample(ITEMS, 12)
+    kept = 0
+    for request in range(8):
+        table_map = dict(first)
+        if request >= 5:  # shard s1 moves to a new version
+            table_map["s1"] = newer["s1"]
+        for v in (ref, view):
+            v.sync(table_map)
+        ts = T + rng.randrange(10**7)
+        w = np.array([rng.random() for _ in seeds])
+        parts = [(ref.row(table_map[shard_of(s)], "liked", s),
+                  x * table_map[shard_of(s)].covis_factor(ts))
+                 for s, x in zip(seeds, w.tolist(), strict=True)]
+        want_ids = np.concatenate([row[0] for row, _ in parts])
+        want_w = np.concatenate([row[1] * x for row, x in parts])
+        ends = np.cumsum([row[0].size for row, _ in parts]).tolist()
+        was_kept = view._kept_list(("liked", tuple(seeds)), table_map) is not None
+        kept += was_kept
+        assert was_kept == (request not in (0, 1, 5))  # asked before, same tables
+        ids, got_w, got_ends = view.gather_prefixes("liked", seeds, w, table_map, shard_of, ts,
+                                                    (len(seeds), 3, 1))
+        assert np.array_equal(ids, want_ids) and np.array_equal(got_w, want_w)
+        assert got_ends == [ends[-1], ends[2], ends[0]]
+        assert ref.names == view.names
+    assert kept == 5
+    view.gather_prefixes("liked", seeds[:5], w[:5], table_map, shard_of, T, (5,))
+    assert ("liked", tuple(seeds[:5])) not in view._lists  # asked once: not kept
