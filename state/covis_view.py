@@ -100,9 +100,9 @@ class CovisView:
         """Per shard: the (channel, seed) entries of ``_by_seed`` its table holds."""
         self._lists: dict[tuple[str, tuple[str, ...]], _SeedList] = {}
         """``gather_prefixes``' last ``SEED_LISTS`` seed lists of whole rows, by channel and
-        seeds (oldest first); an entry is valid while ``_version`` is its own."""
-        self._asked: dict[tuple[str, tuple[str, ...]], int] = {}
-        """Seed lists gathered once (not kept yet), with the ``_version`` they were read at."""
+        seeds (oldest first; a request's liked-channel retrieval and pool features ask
+        the same list when the user has few positives, a user's next requests again);
+        an entry is valid while ``_version`` is its own."""
 
     def name_array(self) -> np.ndarray:
         """``names`` as an object array (its first ``len(names)`` entries; grown by
@@ -326,7 +326,7 @@ class CovisView:
         sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
         w = np.concatenate([t[0][1] for t in taken])
         per_entry = np.array([t[1] for t in taken]).repeat(sizes)
-        if whole and self._asked_before(key):  # every seed taken, each a whole row
+        if whole:  # every seed taken, each a whole row: kept as gathered (no copy)
             ids.flags.writeable = w.flags.writeable = False
             self._keep_list(key, _SeedList(self._version, ids, w, sizes,
                                            [t[0][2] for t in taken]))
@@ -343,7 +343,8 @@ class CovisView:
                    ) -> _SeedList | None:
         """The kept gather of a seed list (``key``: channel and seeds) when its rows are
         still the synced tables' and ``tables`` holds those tables, else None."""
-        kept = self._seed_lists()[0].get(key)
+        lists = getattr(self, "_lists", None)  # a view pickled before it: none
+        kept = lists.get(key) if lists is not None else None
         if kept is None:
             return None
         synced = self._tables
@@ -352,29 +353,11 @@ class CovisView:
             return None
         return kept
 
-    def _asked_before(self, key: tuple[str, tuple[str, ...]]) -> bool:
-        """Whether the seed list ``key`` was gathered before with the same tables (or is
-        kept from older ones): only such lists are kept (a list asked once costs no
-        copy; a rating log's long lists of users who rate between requests seldom come
-        back). Notes the list otherwise (the last ``4 x SEED_LISTS``)."""
-        lists, asked = self._seed_lists()
-        if key in lists or asked.pop(key, None) == self._version:
-            return True
-        if len(asked) >= 4 * SEED_LISTS:
-            asked.pop(next(iter(asked)))
-        asked[key] = self._version
-        return False
-
-    def _seed_lists(self) -> tuple[dict[tuple[str, tuple[str, ...]], _SeedList],
-                                   dict[tuple[str, tuple[str, ...]], int]]:
-        """``(_lists, _asked)`` (made for a view pickled before them)."""
-        if not hasattr(self, "_lists"):
-            self._lists, self._asked = {}, {}
-        return self._lists, self._asked
-
     def _keep_list(self, key: tuple[str, tuple[str, ...]], kept: _SeedList) -> None:
         """Keep a seed list's gather (the newest last; the oldest goes past ``SEED_LISTS``)."""
-        lists = self._lists
+        lists = getattr(self, "_lists", None)
+        if lists is None:  # a view pickled before it
+            lists = self._lists = {}
         lists.pop(key, None)
         if len(lists) >= SEED_LISTS:
             lists.pop(next(iter(lists)))
