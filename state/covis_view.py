@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -37,46 +37,10 @@ CHANNELS = ("liked", "any")
 _EAGER_VOCAB = 8_192
 """Tables with at most this many distinct items have all their ids looked up at once."""
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float64))
-SEED_LISTS = 64
-"""Seed lists whose gathered rows a view keeps (``CovisView.gather_prefixes``): a user's
-requests close in time ask the same lists. 16 B an entry (id and weight; the arrays the
-gather made anyway), at most ``SEED_LISTS`` x seeds x 1.5 ``max_neighbors`` entries."""
-
-
-class _SeedList(NamedTuple):
-    """``CovisView.gather_prefixes``' rows of one seed list of whole rows, before the
-    seeds' weights: what a request with the same seeds and tables gathers again."""
-
-    version: int
-    """``CovisView._version`` the rows were read at."""
-    ids: np.ndarray
-    """Every seed's row ids, in seed order (read-only)."""
-    weights: np.ndarray
-    """Their weights (decayed to their table's time), in the same order (read-only)."""
-    sizes: np.ndarray
-    """Entries of each seed's row."""
-    shards: list[str]
-    """Each seed's item shard."""
-
-    def gather(self, seed_weights: np.ndarray, tables: dict[str, ItemTable], ts_ms: int,
-               prefixes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """``gather_prefixes`` of the same seeds: weight ``seed_weights[k] x`` seed k's
-        table's ``covis_factor(ts_ms)`` (float64 products, as the Python floats of the
-        gather give) on each of its row's entries."""
-        factor = {sh: tables[sh].covis_factor(ts_ms) for sh in set(self.shards)}
-        per_seed = seed_weights * np.array([factor[sh] for sh in self.shards])
-        w = self.weights * per_seed.repeat(self.sizes)
-        if prefixes == (len(self.shards),):
-            return self.ids, w, [self.ids.size]
-        ends = np.concatenate([[0], self.sizes.cumsum()])
-        return self.ids, w, ends[np.minimum(prefixes, len(self.shards))].tolist()
 
 
 class CovisView:
     """Numeric co-visitation rows and counts of the loaded item tables."""
-
-    _version = 0
-    """Bumped whenever ``sync`` takes a new table (a view pickled before it starts at 0)."""
 
     def __init__(self) -> None:
         self.ids: dict[str, int] = {}
@@ -98,11 +62,6 @@ class CovisView:
         with its table."""
         self._seeds_of: dict[str, list[tuple[str, str]]] = {}
         """Per shard: the (channel, seed) entries of ``_by_seed`` its table holds."""
-        self._lists: dict[tuple[str, tuple[str, ...]], _SeedList] = {}
-        """``gather_prefixes``' last ``SEED_LISTS`` seed lists of whole rows, by channel and
-        seeds (oldest first; a request's liked-channel retrieval and pool features ask
-        the same list when the user has few positives, a user's next requests again);
-        an entry is valid while ``_version`` is its own."""
 
     def name_array(self) -> np.ndarray:
         """``names`` as an object array (its first ``len(names)`` entries; grown by
@@ -167,7 +126,6 @@ class CovisView:
                 for ch in CHANNELS:
                     self._vmaps.pop((id(old), ch), None)
             self._tables[shard] = table
-            self._version += 1
             get = self.ids.get
             for ch in CHANNELS:
                 counts = table.channel(ch)[1]
@@ -282,12 +240,6 @@ class CovisView:
         none = [0] * len(prefixes)
         if not seeds:
             return *_EMPTY, none
-        if len(seed_weights) != len(seeds):
-            raise ValueError("one weight per seed")
-        key = (channel, tuple(seeds))
-        kept = self._kept_list(key, tables)
-        if kept is not None:
-            return kept.gather(seed_weights, tables, ts_ms, prefixes)
         synced = self._tables
         by_seed = self._by_seed[channel]
         seed_row = by_seed.get
@@ -296,7 +248,8 @@ class CovisView:
         taken: list[tuple[tuple[np.ndarray, np.ndarray, Any], float, int]] = []
         take = taken.append  # (row, its weight, its seed's position): one append a seed
         seed_weight = seed_weights.tolist()
-        whole = True  # every seed's row is a synced table's whole row (``_by_seed``)
+        if len(seed_weight) != len(seeds):
+            raise ValueError("one weight per seed")
         for k, seed in enumerate(seeds):
             row = seed_row(seed)  # (ids, weights, shard) of a synced table's whole row
             sh = shard_of(seed) if row is None else row[2]
@@ -308,14 +261,11 @@ class CovisView:
             if row is None or not info[2]:  # not cached, or its table is not the synced one
                 table = info[1]
                 if table is None:
-                    whole = False
                     continue
                 row = get_row(table, channel, seed)
                 if info[2] and self._whole_row(table, channel, seed, row):
-                    row = by_seed[seed] = (row[0], row[1], sh)
+                    by_seed[seed] = (row[0], row[1], sh)
                     self._seeds_of.setdefault(sh, []).append((channel, seed))
-                else:
-                    whole = False
             take((row, seed_weight[k] * info[0], k))
         if not taken:
             return *_EMPTY, none
@@ -325,43 +275,12 @@ class CovisView:
             return *_EMPTY, none
         sizes = np.fromiter(map(len, ids_parts), np.int64, len(ids_parts))
         w = np.concatenate([t[0][1] for t in taken])
-        per_entry = np.array([t[1] for t in taken]).repeat(sizes)
-        if whole:  # every seed taken, each a whole row: kept as gathered (no copy)
-            ids.flags.writeable = w.flags.writeable = False
-            self._keep_list(key, _SeedList(self._version, ids, w, sizes,
-                                           [t[0][2] for t in taken]))
-            w = w * per_entry
-        else:
-            w *= per_entry  # in place: no third array of ~10^4
+        w *= np.array([t[1] for t in taken]).repeat(sizes)  # in place: no third array of ~10^4
         if prefixes == (len(seeds),):
             return ids, w, [ids.size]
         at = [t[2] for t in taken]
         ends = np.concatenate([[0], sizes.cumsum()])[np.searchsorted(at, prefixes)]
         return ids, w, ends.tolist()
-
-    def _kept_list(self, key: tuple[str, tuple[str, ...]], tables: dict[str, ItemTable]
-                   ) -> _SeedList | None:
-        """The kept gather of a seed list (``key``: channel and seeds) when its rows are
-        still the synced tables' and ``tables`` holds those tables, else None."""
-        lists = getattr(self, "_lists", None)  # a view pickled before it: none
-        kept = lists.get(key) if lists is not None else None
-        if kept is None:
-            return None
-        synced = self._tables
-        if kept.version != self._version or any(
-                tables.get(sh) is not synced[sh] for sh in set(kept.shards)):
-            return None
-        return kept
-
-    def _keep_list(self, key: tuple[str, tuple[str, ...]], kept: _SeedList) -> None:
-        """Keep a seed list's gather (the newest last; the oldest goes past ``SEED_LISTS``)."""
-        lists = getattr(self, "_lists", None)
-        if lists is None:  # a view pickled before it
-            lists = self._lists = {}
-        lists.pop(key, None)
-        if len(lists) >= SEED_LISTS:
-            lists.pop(next(iter(lists)))
-        lists[key] = kept
 
     def _whole_row(self, table: ItemTable, channel: str, item: str,
                    row: tuple[np.ndarray, np.ndarray]) -> bool:
