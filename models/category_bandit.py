@@ -183,19 +183,21 @@ def check_category_config(config: CategoryExploreConfig) -> None:
 
 
 def item_lift(cat_of: np.ndarray, clicks: np.ndarray, shown: np.ndarray,
-              strength: float) -> np.ndarray:
+              strength: float, n_codes: int | None = None) -> np.ndarray:
     """Each candidate's click rate over its category's among the candidates (``cat_of``:
     category codes): ``(clicks + s r_c) / (shown + s) / r_c``, ``r_c`` the category's
     pooled rate shrunk by ``s`` impressions toward the candidates' overall rate."""
-    return rate_lift(clicks, shown, category_rates(cat_of, clicks, shown, strength), strength)
+    return rate_lift(clicks, shown, category_rates(cat_of, clicks, shown, strength, n_codes),
+                     strength)
 
 
 def category_rates(cat_of: np.ndarray, clicks: np.ndarray, shown: np.ndarray,
-                   strength: float) -> np.ndarray:
-    """Each item's category click rate (``cat_of``: category codes): the category's
-    pooled clicks over impressions, shrunk by ``strength`` impressions toward the
-    overall rate ``(clicks + 1) / (impressions + 2)``."""
-    n = int(cat_of.max()) + 1 if len(cat_of) else 0
+                   strength: float, n_codes: int | None = None) -> np.ndarray:
+    """Each item's category click rate (``cat_of``: category codes, all below
+    ``n_codes`` when given, else their max + 1 is read): the category's pooled clicks
+    over impressions, shrunk by ``strength`` impressions toward the overall rate
+    ``(clicks + 1) / (impressions + 2)``."""
+    n = n_codes if n_codes is not None else int(cat_of.max()) + 1 if len(cat_of) else 0
     overall = (clicks.sum() + 1.0) / (shown.sum() + 2.0)
     rate = (np.bincount(cat_of, clicks, n) + strength * overall) / (
         np.bincount(cat_of, shown, n) + strength)
@@ -658,7 +660,8 @@ class CategoryBandit:
             discount = _rank_discount(len(best_first))
             lift = None
             if counts is not None and self.config.item_lift > 0:
-                lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift)
+                lift = item_lift(cat_of, counts[0], counts[1], self.config.item_lift,
+                                 len(names))
                 discount = discount / lift[best_first]
             key = theta.take(cat_of[best_first], axis=1) / discount  # theta[:, ...]
             top = best_first[best_by_row(key, k)]
