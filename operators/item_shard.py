@@ -308,14 +308,12 @@ class ItemShard:
     def table(self) -> ItemTable:
         """The current read view, for immediate saving (it shares the live co-visitation rows)."""
         now = self.max_ts_ms or 0
-        matrix = self._feature_matrix()
-        table = ItemTable(self.shard, now, self.covis, self.popular.scores(now),
-                          self.trending.scores(now), dict(self.catalog), FrozenFeatures(*matrix),
-                          self.config.popular_half_life_ms, self.config.trending_half_life_ms,
-                          covis_any=self.covis_any, liked_counts=self.liked_counts.scores(now),
-                          interactions=self.interactions.scores(now))
-        table._matrix = matrix
-        return table
+        return ItemTable(self.shard, now, self.covis, self.popular.scores(now),
+                         self.trending.scores(now), dict(self.catalog),
+                         FrozenFeatures(*self._feature_matrix()),
+                         self.config.popular_half_life_ms, self.config.trending_half_life_ms,
+                         covis_any=self.covis_any, liked_counts=self.liked_counts.scores(now),
+                         interactions=self.interactions.scores(now))
 
     def _feature_matrix(self) -> tuple[dict[str, int], list[str], np.ndarray]:
         """Numeric item-profile features of every profiled item, as of now, as

@@ -125,6 +125,8 @@ class FrozenFeatures(Mapping[str, dict[str, float]]):
     version; serving reads the matrix). Read-only."""
 
     def __init__(self, index: dict[str, int], names: list[str], values: np.ndarray) -> None:
+        self.matrix = (index, names, values)
+        """The arrays as given: ``ItemTable.feature_matrix`` of a table holding these."""
         self._index = index
         self._names = tuple(names)
         self._values = values
@@ -204,9 +206,12 @@ class ItemTable:
 
     def feature_matrix(self) -> tuple[dict[str, int], list[str], np.ndarray]:
         """``features`` as (item -> row, feature names, float64 matrix items x names, NaN =
-        no value): the file's arrays for a loaded table, else built once from the dicts
-        (a published table is immutable). Callers must not modify them."""
-        if self._matrix is None:
+        no value): the arrays its ``FrozenFeatures`` hold (a loaded table's file arrays, an
+        item shard's as built), else built once from the dicts (a published table is
+        immutable). Callers must not modify them."""
+        if self._matrix is None and type(self.features) is FrozenFeatures:
+            self._matrix = self.features.matrix
+        elif self._matrix is None:
             ids = list(self.features)
             names = sorted({n for feats in self.features.values() for n in feats})
             self._matrix = (dict(zip(ids, range(len(ids)), strict=True)), names,
@@ -342,7 +347,7 @@ class ItemTable:
         matrix = _feature_arrays(z)
         catalog = FrozenCatalog(z["catalog_ids"].tolist(), z["catalog_category"].tolist(),
                                 z["catalog_available"], z["catalog_first_seen"])
-        table = cls(
+        return cls(
             shard=str(z["shard"]),
             ts=int(z["ts"]),
             covis=covis,
@@ -355,9 +360,6 @@ class ItemTable:
             liked_counts=_counts(z, "liked_counts"),
             interactions=_counts(z, "interactions"),
         )
-        if matrix is not None:
-            table._matrix = matrix
-        return table
 
 
 def set_memo(tables: Sequence[ItemTable], key: Hashable, make: Callable[[], T]) -> T:

@@ -26,6 +26,7 @@ from events.model import _Record
 from state.aggregates import BAD, EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
 from state.feature_spec import MISSING, RATE_SCALE, FeatureSpec, parse_duration
 from state.hashing import stable_hash64
+from state.user_history import memo_put
 
 FAR = 1 << 62
 """"Never" / "infinitely late", in ms."""
@@ -297,9 +298,7 @@ class ProfilePlan:
         if steps is None:
             steps = tuple((f, self.min_values[f], self.consts[f], *self.fields[f], self.getters[f],
                            self.preps[f]) for f in self.features_for(etype, action) or ())
-            if len(self.steps) >= MAX_ROUTES:
-                self.steps.clear()
-            self.steps[pair] = steps
+            memo_put(self.steps, pair, steps, MAX_ROUTES)
         return steps
 
     def empty_outputs(self) -> dict[str, Any]:
