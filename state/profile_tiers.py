@@ -280,8 +280,8 @@ class Tiers:
             if new and new[-1][0] == start:
                 prev = new[-1]
                 new[-1] = (start, end, agg.merge(prev[2], prev[1], acc, s[1], end))
-            elif end == s[1]:
-                new.append(s)
+            elif end == s[1]:  # acc is referenced at its coarse slice's end already
+                new.append(s if start == s[0] else (start, end, acc))
             else:
                 new.append((start, end, agg.merge(None, end, acc, s[1], end)))
         new.extend(slices[n_old:])
