@@ -43,7 +43,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from itertools import chain, islice
+from functools import cache
+from itertools import chain, islice, repeat
 
 import numpy as np
 
@@ -87,6 +88,29 @@ class CoVisConfig:
 
 def _weight(kv: tuple[str, float]) -> float:
     return kv[1]
+
+
+@cache
+def _position_weights(decay: float, window: int) -> tuple[float, ...]:
+    """``decay**k`` for ``k < window`` as repeated products (``w *= decay`` from 1.0):
+    the pair weight of the ``k``-th kept recent item."""
+    out, w = [], 1.0
+    for _ in range(window):
+        out.append(w)
+        w *= decay
+    return tuple(out)
+
+
+def _first_distinct(recent_items: Sequence[str], new_item: str, window: int) -> list[str]:
+    """The first ``window`` distinct items of ``recent_items`` other than ``new_item``, in
+    order: a list's head as it is when it holds neither a repeat nor ``new_item`` (the
+    user shard's lists), else by ``dict.fromkeys``."""
+    if isinstance(recent_items, list):
+        head = recent_items[:window]
+        distinct = set(head)
+        if len(distinct) == len(head) and new_item not in distinct:
+            return head
+    return list(islice(dict.fromkeys(chain((new_item,), recent_items)), 1, window + 1))
 
 
 _SLOTS: list[int] = list(range(1024))
@@ -242,20 +266,16 @@ class CoVisitation:
         """Symmetric weighted pairs for ``new_item`` consumed after ``recent_items``
         (newest first): ``(new, r_k, d**k)`` and ``(r_k, new, d**k)`` for the first
         ``window`` distinct recent items other than ``new_item`` (``k`` counts those
-        kept, 0 = most recent). ``ts_ms`` is accepted for API symmetry (unused)."""
+        kept, 0 = most recent), in that order. ``ts_ms`` is accepted for API symmetry
+        (unused). Built by C-level iteration (``zip`` into the even and odd slots), not a
+        loop per recent item."""
         c = self.config
-        out: list[Pair] = []
-        seen = {new_item}
-        w = 1.0
-        for r in recent_items:
-            if r in seen:
-                continue
-            seen.add(r)
-            out.append((new_item, r, w))
-            out.append((r, new_item, w))
-            if len(seen) > c.window:
-                break
-            w *= c.position_decay
+        kept = _first_distinct(recent_items, new_item, c.window)
+        n = len(kept)
+        weights = _position_weights(c.position_decay, c.window)
+        out: list[Pair] = [None] * (2 * n)  # type: ignore[list-item]
+        out[0::2] = zip(repeat(new_item, n), kept, weights, strict=False)
+        out[1::2] = zip(kept, repeat(new_item, n), weights, strict=False)
         return out
 
     def add(self, pairs: Iterable[Pair], ts_ms: int) -> None:

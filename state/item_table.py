@@ -196,8 +196,9 @@ class ItemTable:
         return decay_factor(now_ms - self.ts, half_life)
     _top: dict[str, tuple[int, list[tuple[str, float]]]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
-    _rows: dict[tuple[str, str], dict[str, float]] = field(
+    _rows: dict[str, dict[str, dict[str, float]]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    """``covis_row``'s rows by channel, then item (no key tuple made per read)."""
     _matrix: tuple[dict[str, int], list[str], np.ndarray] | None = field(
         default=None, init=False, repr=False, compare=False)
     memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -247,12 +248,14 @@ class ItemTable:
         """Every neighbour of ``item_id`` in channel ``name`` -> its weight decayed to
         ``ts``, in stored order (for lookups by neighbour: ``neighbors`` sorts); cached per
         table (published tables are immutable, so callers must not modify the dict)."""
-        key = (name, item_id)
-        row = self._rows.get(key)
+        rows = self._rows.get(name)
+        if rows is None:
+            self.channel(name)  # raises on an unknown channel
+            rows = self._rows[name] = {}
+        row = rows.get(item_id)
         if row is None:
             covis = self.channel(name)[0]
-            row = self._rows[key] = (covis.row_weights(item_id, self.ts)
-                                     if covis is not None else {})
+            row = rows[item_id] = covis.row_weights(item_id, self.ts) if covis is not None else {}
         return row
 
     def covis_row_arrays(self, name: str, item_id: str) -> tuple[list[str], np.ndarray]:

@@ -199,6 +199,13 @@ def test_item_table_round_trips_both_channels_and_counts(tmp_path: Path) -> None
     assert back.channel("any")[1] is back.interactions
     with pytest.raises(ValueError, match="channel"):
         back.channel("nope")
+    for name, item in [("liked", "b"), ("any", "b"), ("any", "a"), ("liked", "zz")]:
+        row = back.covis_row(name, item)  # a read is kept per table: the same dict again
+        assert row == back.channel(name)[0].row_weights(item, back.ts)
+        assert back.covis_row(name, item) is row
+    assert back.covis_row("liked", "b") is not back.covis_row("any", "b")
+    with pytest.raises(ValueError, match="channel"):
+        back.covis_row("nope", "b")
     with (tmp_path / "f.npz").open("wb") as f:  # into an open file: the same bytes
         table.save(f)
     assert (tmp_path / "f.npz").read_bytes() == (tmp_path / "t.npz").read_bytes()

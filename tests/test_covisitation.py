@@ -28,6 +28,42 @@ def test_pairs_for_position_decay_symmetric_and_windowed() -> None:
     assert cv.pairs_for([], "x", T0) == []
 
 
+def _pairs_by_loop(recent: list[str], new: str, window: int, decay: float
+                   ) -> list[tuple[str, str, float]]:
+    """``pairs_for`` as the loop over recent items it was: the reference."""
+    out: list[tuple[str, str, float]] = []
+    seen, w = {new}, 1.0
+    for r in recent:
+        if r in seen:
+            continue
+        seen.add(r)
+        out += [(new, r, w), (r, new, w)]
+        if len(seen) > window:
+            break
+        w *= decay
+    return out
+
+
+@pytest.mark.parametrize("decay", [0.95, 0.8, 0.5, 1.0, 0.3333])
+def test_pairs_for_equals_the_loop_over_recent_items(decay: float) -> None:
+    """Random histories (repeats, the new item among them, shorter and longer than the
+    window): the pairs, their order and each weight's bits equal the loop's."""
+    import random
+
+    rnd = random.Random(int(decay * 1000))
+    names = [f"i{k}" for k in range(60)]
+    for _ in range(300):
+        window = rnd.randint(1, 45)
+        cv = CoVisitation(CoVisConfig(position_decay=decay, window=window))
+        recent = [rnd.choice(names[:rnd.randint(1, 60)]) for _ in range(rnd.randint(0, 70))]
+        new = rnd.choice(names)
+        got = cv.pairs_for(recent, new)
+        want = _pairs_by_loop(recent, new, window, decay)
+        assert got == want
+        assert [p[2].hex() for p in got] == [p[2].hex() for p in want]
+        assert cv.pairs_for(iter(recent), new) == want  # any iterable
+
+
 def test_decayed_counts_exact_on_a_small_log() -> None:
     cv = CoVisitation(CoVisConfig(half_life_ms=2 * H, position_decay=0.5, window=10))
     # user 1 consumes a, b, c one hour apart; user 2 consumes c then a at hour 3
