@@ -13,7 +13,7 @@ repeat policy blocks, or the catalog marks unavailable. Backfilled items carry s
 from __future__ import annotations
 
 import heapq
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
 from state.hashing import stable_hashes64
@@ -30,24 +30,23 @@ def backfill(record: dict[str, Any], k: int, catalog: Mapping[str, Mapping[str, 
         return 0
     taken = {i["item_id"] for i in items}
 
-    def eligible(item: str) -> bool:
-        attrs = catalog.get(item)
-        return (attrs is not None and attrs.get("available", True) is not False
-                and item not in taken and item not in blocked and item not in excluded)
+    def eligible(pairs: Iterable[tuple[str, Mapping[str, Any] | None]]) -> list[str]:
+        """The items of (item, catalog attributes) ``pairs`` that may be added, in order."""
+        return [item for item, attrs in pairs
+                if attrs is not None and attrs.get("available", True) is not False
+                and item not in taken and item not in blocked and item not in excluded]
 
     added = 0
-    for item in popularity.top(4 * k):
-        if added == missing:
-            break
-        if eligible(item):
-            taken.add(item)
-            items.append({"item_id": item, "score": 0.0, "source": "catalog",
-                          "propensity": 1.0})
-            added += 1
+    get = catalog.get
+    # (the popular items are distinct: none of them blocks another by joining ``taken``)
+    for item in eligible((i, get(i)) for i in popularity.top(4 * k))[:missing]:
+        taken.add(item)
+        items.append({"item_id": item, "score": 0.0, "source": "catalog", "propensity": 1.0})
+        added += 1
     if added < missing:
         seed = record.get("request_id", "")
-        rest = [i for i in catalog if eligible(i)]
-        keys = stable_hashes64([f"{seed}|{i}" for i in rest])
+        rest = eligible(catalog.items())
+        keys = stable_hashes64(rest, f"{seed}|")
         # sorted(rest, key=hash)[:n], stable: equal keys in catalog order
         for j in heapq.nsmallest(missing - added, range(len(rest)), key=keys.__getitem__):
             item = rest[j]

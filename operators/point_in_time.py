@@ -521,7 +521,9 @@ class PointInTime:
         if (shared is None or group is None or shared.group != group or shared.ts != ts_ms
                 or shared.user_id != user_id):
             shared = self._shared_context(user_id, ts_ms)
-        views = self._frozen_views() if self.views is not None else None
+        views = self._frozen
+        if views is None or not self._frozen_fresh:  # (else: _frozen_views' answer, inline)
+            views = self._frozen_views()
         taken = self._taken
         if taken is None or taken.ctx is not shared.ctx or taken.views is not views:
             taken = self._taken = _Taken(shared.ctx, ts_ms, views)
@@ -1530,13 +1532,20 @@ class _QueryPlan:
         self.empty = FixedFeatures(store.empty_answer()) if fixed else None
 
 
-_QUERY_PLANS: weakref.WeakKeyDictionary[ProfileStore, _QueryPlan] = weakref.WeakKeyDictionary()
+_QUERY_PLANS: dict[int, tuple[weakref.ref[ProfileStore], _QueryPlan]] = {}
+"""``_query_plan``'s plans by ``id(store)``, with a weak reference to the store (its entry
+leaves when the store dies): one dict lookup per query, without a ``WeakKeyDictionary``'s
+Python-level ``get`` (every user context and cross profile query asks)."""
 
 
 def _query_plan(store: ProfileStore) -> _QueryPlan:
-    plan = _QUERY_PLANS.get(store)
-    if plan is None:
-        plan = _QUERY_PLANS[store] = _QueryPlan(store)
+    held = _QUERY_PLANS.get(id(store))
+    if held is not None and held[0]() is store:
+        return held[1]
+    plan = _QueryPlan(store)
+    key = id(store)
+    _QUERY_PLANS[key] = (weakref.ref(store, lambda _, key=key: _QUERY_PLANS.pop(key, None)),
+                         plan)
     return plan
 
 

@@ -29,10 +29,17 @@ def stable_hash64(entity_id: str | int) -> int:
 def stable_hashes64(entity_ids: list[str], prefix: str = "") -> list[int]:
     """``stable_hash64(prefix + i)`` of each string ID ``i``, in one pass (no Python call
     and no prefixed list per ID: the joiner decides the negatives of a batch of closing
-    windows at once)."""
-    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
-    return [from_bytes(blake2b((prefix + i).encode(), digest_size=8).digest(), "little")
-            for i in entity_ids]
+    windows at once). The prefix is hashed once and its state copied per ID (BLAKE2b
+    buffers its input, so ``prefix`` then ``i`` is the digest of ``prefix + i``): a copy
+    costs a quarter of a new hash object's parameter setup."""
+    start = hashlib.blake2b(prefix.encode(), digest_size=8)
+    copy, from_bytes = start.copy, int.from_bytes
+    out = []
+    for i in entity_ids:
+        h = copy()
+        h.update(i.encode())
+        out.append(from_bytes(h.digest(), "little"))
+    return out
 
 
 def shard_of(entity_id: str | int, shards: int) -> int:

@@ -125,3 +125,43 @@ def test_background_round_builds_the_top_lists_the_first_request_needs(world: Wo
         for source in ("popular", "trending"):  # the warm lists give what a cold table does
             for n in (1, 3, 150):
                 assert table.top(source, n) == cold.top(source, n)
+
+
+def test_replay_polls_of_a_process_share_a_version_installed_from_the_same_manifest(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """poll_ms 0: the second shard's poll installs the first one's objects for the
+    manifests LATEST still holds (no second ``prepare``), exactly what ``refresh`` would
+    install; a newer LATEST, or a batch too early for it, goes through ``refresh``'s path."""
+    from state.snapshot_store import SnapshotReader
+
+    prepared: list[str] = []
+    original = SnapshotReader.prepare
+
+    def prepare(self: SnapshotReader[Any], manifest: Any, newer_than: int | None = None) -> Any:
+        prepared.append(self.kind)
+        return original(self, manifest, newer_than)
+
+    monkeypatch.setattr(SnapshotReader, "prepare", prepare)
+    world.publish_all()
+    first = SnapshotViews(world.store, ITEM_KEYS, poll_ms=0)
+    second = SnapshotViews(world.store, ITEM_KEYS, poll_ms=0)
+    first.poll()
+    assert {"ranker", *(f"items-{k}" for k in ITEM_KEYS)} <= set(prepared)
+    prepared.clear()
+    second.poll()
+    assert prepared == ["index"]  # the others came from the first shard's install
+    assert _versions(second) == _versions(first) == dict.fromkeys(["ranker", "index", *ITEM_KEYS], 1)
+    for key in ITEM_KEYS:
+        assert second.tables[key].current is first.tables[key].current
+        assert second.tables[key].manifest is first.tables[key].manifest
+    assert second.ranker.current is first.ranker.current
+
+    ts = world_ts(world) + 1
+    world.publish_tables(ts=ts)
+    second.poll(max_ts=ts - 1)  # the batch starts before v2's events: keeps v1
+    assert _versions(second)[ITEM_KEYS[0]] == 1
+    second.poll(max_ts=ts)
+    first.poll(max_ts=ts)
+    assert _versions(first) == _versions(second)
+    assert all(first.tables[k].current is second.tables[k].current for k in ITEM_KEYS)
+    assert all(first.tables[k].version == 2 for k in ITEM_KEYS)
