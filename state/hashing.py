@@ -16,29 +16,35 @@ import numpy as np
 _MASK64 = (1 << 64) - 1
 
 
+_BLAKE2B_8 = hashlib.blake2b(digest_size=8)
+"""An empty BLAKE2b state with an 8-byte digest: a copy fed ``data`` gives the digest of
+``blake2b(data, digest_size=8)`` without the constructor's keyword parsing (~1.6k
+instructions of ~5.6k a hash, callgrind); never fed itself."""
+
+
 def stable_hash64(entity_id: str | int) -> int:
     """Return an unsigned 64-bit hash of ``entity_id`` that is stable across processes.
 
     Integers and their decimal strings hash equal (``42`` and ``"42"``), since event
     IDs may arrive as either.
     """
-    data = str(entity_id).encode("utf-8")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    state = _BLAKE2B_8.copy()
+    state.update(str(entity_id).encode("utf-8"))
+    return int.from_bytes(state.digest(), "little")
 
 
 def stable_hashes64(entity_ids: list[str], prefix: str = "") -> list[int]:
     """``stable_hash64(prefix + i)`` of each string ID ``i``, in one pass (no Python call
-    and no prefixed list per ID: the joiner decides the negatives of a batch of closing
-    windows at once). The prefix is hashed once and its state copied per ID (BLAKE2b
-    buffers its input, so ``prefix`` then ``i`` is the digest of ``prefix + i``): a copy
-    costs a quarter of a new hash object's parameter setup."""
-    start = hashlib.blake2b(prefix.encode(), digest_size=8)
-    copy, from_bytes = start.copy, int.from_bytes
-    out = []
+    and no prefixed string per ID: the prefix is fed once, each ID to a copy of that
+    state; the joiner decides the negatives of a batch of closing windows at once)."""
+    prefixed = _BLAKE2B_8.copy()
+    prefixed.update(prefix.encode())
+    from_bytes = int.from_bytes
+    out: list[int] = []
     for i in entity_ids:
-        h = copy()
-        h.update(i.encode())
-        out.append(from_bytes(h.digest(), "little"))
+        state = prefixed.copy()
+        state.update(i.encode())
+        out.append(from_bytes(state.digest(), "little"))
     return out
 
 

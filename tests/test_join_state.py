@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -538,6 +540,10 @@ def test_prefixed_hashes_are_the_hashes_of_the_prefixed_ids() -> None:
 
     ids = ["m1", "imp0-17", "é-ü", "x" * 300]
     assert stable_hashes64(ids, "0:imp:") == [stable_hash64("0:imp:" + i) for i in ids]
+    for key in [*ids, "0:imp:m1", "", 42]:  # the BLAKE2b digest of the UTF-8 bytes, as ever
+        assert stable_hash64(key) == int.from_bytes(hashlib.blake2b(
+            str(key).encode(), digest_size=8).digest(), "little")
+    assert stable_hash64("u1") == 0xd56a4e3f684d9992  # (pinned: shard routing, sampling)
     assert stable_hashes64(ids) == [stable_hash64(i) for i in ids]
     sampler = NegativeSampler(0.3, 5)
     many = [f"m{j}" for j in range(200)]
