@@ -664,7 +664,7 @@ class CategoryBandit:
                                  len(names))
                 discount = discount / lift[best_first]
             key = theta.take(cat_of[best_first], axis=1) / discount  # theta[:, ...]
-            top = best_first[best_by_row(key, k)]
+            top = best_first.take(best_by_row(key, k))  # a strided 2-D index: take's cast
             explore = min(self.config.explore_slots, top.shape[1])
             if explore:
                 top = self._explore(top, theta, by_score, cat_of, lift, explore)

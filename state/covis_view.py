@@ -309,7 +309,7 @@ class CovisView:
                                       len(vocab))
             entry = self._vmaps[key] = [table, vmap, bool(vmap.size) and int(vmap.min()) >= 0]
         vmap = entry[1]
-        ids = vmap[vocab_idx]
+        ids = vmap.take(vocab_idx)  # vmap[vocab_idx]: take casts the int32 index once
         if entry[2] or ids.min() >= 0:  # every entry has its id (the usual case)
             return ids, True
         unknown = ids == -2
@@ -319,7 +319,7 @@ class CovisView:
             vmap[todo] = np.fromiter((get(vocab[j], -2) for j in todo.tolist()), np.int64,
                                      todo.size)
             entry[2] = int(vmap.min()) >= 0
-            ids = vmap[vocab_idx]
+            ids = vmap.take(vocab_idx)
             ids[ids == -2] = -1
         return ids, bool(ids.min() >= 0)
 

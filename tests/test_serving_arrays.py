@@ -29,11 +29,44 @@ from serving_world import (
 from events.model import Item
 from models.category_bandit import CategoryLifts, CodedCategories
 from operators.candidates import SOURCES, Candidate, MergeScratch, merge, top_indices
+from operators.point_in_time import member_mask
+from operators.serving import blocked_mask, log1p_retrieved
 from operators.trainer import RankerConfig, Trainer
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
 from state.item_rows import ItemRows, dense_codes
 from state.item_table import CatalogEntry, ItemTable
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_blocked_mask_is_the_member_mask(seed: int) -> None:
+    """The filter's mask of blocked candidates by rows equals ``member_mask`` by name for
+    dicts and sets of few items (some without a row, some not in the pool), for larger
+    ones and for other containers."""
+    rng = np.random.default_rng(seed)
+    names = [f"i{j}" for j in range(400)]
+    ids = {name: j for j, name in enumerate(names)}
+    rows = rng.choice(300, 120, replace=False).astype(np.int64)
+    items = [names[r] for r in rows.tolist()]
+    for n in (1, 2, 5, 8, 9, 40):
+        picked = [names[j] for j in rng.choice(400, n, replace=False).tolist()] + ["unknown"]
+        for blocked in (dict.fromkeys(picked, 1), set(picked), frozenset(picked), tuple(picked)):
+            got = blocked_mask(blocked, rows, items, ids)
+            assert got.dtype == bool
+            assert np.array_equal(got, member_mask(blocked, items))
+    assert blocked_mask({items[3]: 0}, rows, items, ids).nonzero()[0].tolist() == [3]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_log1p_retrieved_is_log1p_of_the_whole_row_bit_for_bit(seed: int) -> None:
+    """log1p of a source's pool row taken only where the source retrieved a candidate (the
+    other entries are 0.0) is ``np.log1p`` of the whole row, bit for bit."""
+    rng = np.random.default_rng(seed)
+    retrieved = rng.random(300) < 0.3
+    scores = np.where(retrieved, rng.random(300) * 10.0 ** rng.integers(-3, 4, 300), 0.0)
+    scores[retrieved.nonzero()[0][:2]] = 0.0  # retrieved with a score of 0
+    got = log1p_retrieved(scores, retrieved)
+    assert got.tobytes() == np.log1p(scores).tobytes()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -451,7 +484,7 @@ def test_pool_features_of_the_numeric_columns_alone_are_the_full_columns_bit_for
         assert kwargs["numeric"] is None  # the LR did not score
         assert "age" in names and "pop" in names
         rows, space, given = kwargs["rows"], kwargs["space"], kwargs["slots"]
-        assert given is not None and given.dtype == np.int32
+        assert given is not None and given.dtype == np.intp
         full = context.item_columns(ctx, items, ts, covis, attrs=kwargs.get("attrs"), rows=rows,
                                     space=space)
         alone = context.item_columns(ctx, items, ts, covis, attrs=kwargs.get("attrs"), rows=rows,
