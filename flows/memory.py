@@ -84,11 +84,12 @@ BYTES: dict[str, float] = {
     "pool_item": 190,  # 120 measured, plus the sampling arrays kept side by side (67 B:
     # the position dict, the ids list, the float64 log scores; state.popularity.arrays)
     "duel_user": 2_700,
-    "serving_slot": 150,  # measured before the 4 B feature row (ItemRows.feat_row) and the
+    "serving_slot": 158,  # measured before the 4 B feature row (ItemRows.feat_row) and the
     # 4 B column in the side-by-side rate matrix (ItemRows.profile_values), which the int32
-    # generation counters (8 B less per slot) pay for
-    "covis_view_id": 178,  # 160 measured, plus the names' object array (8 B, 1.25x) and
-    # serving's merge scratch (operators/candidates.py MergeScratch: two int32 per id)
+    # generation counters (8 B less per slot) pay for; + 8 B: shard and category intp
+    "covis_view_id": 182,  # 160 measured, plus the names' object array (8 B, 1.25x) and
+    # serving's merge scratch (operators/candidates.py MergeScratch: two int32 per id);
+    # + 4 B: ItemRows.slot_of intp
     "pool_candidate": 100,
     "mf_row": 310,
     "mf_item_log": 100,  # an item's place in ItemFactors' change tracking (49 B) and its
