@@ -37,6 +37,7 @@ from operators.item_updates import (
     ProfileEvent,
 )
 from operators.placement import spread_key
+from state.bounded import lru_put
 from state.covisitation import CoVisConfig, CoVisitation
 from state.feature_spec import parse_features
 from state.item_table import CatalogEntry, FrozenFeatures, ItemTable, category_of
@@ -44,7 +45,6 @@ from state.popularity import PopularityCounter
 from state.profiles import ProfileStore
 from state.settings import doc
 from state.snapshot_store import Manifest, SnapshotError, SnapshotStore
-from state.user_history import lru_put
 
 IndexChange = tuple[list[str], np.ndarray | None, list[str], int]
 """(upsert ids, their vectors (n, dim) float32 or None, removed ids, event time ms)."""

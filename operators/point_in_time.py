@@ -34,6 +34,7 @@ from models.features import compact
 from models.mf import UserFactors
 from operators.example_codec import EncodedPart, encoded_part, join_parts
 from operators.snapshot_views import FrozenViews, SnapshotViews
+from state.bounded import memo_put
 from state.covis_view import SparseScores
 from state.decay import decay_factor
 from state.embedding_table import keys_of
@@ -46,7 +47,7 @@ from state.item_table import (
 )
 from state.join_state import float32_features
 from state.profiles import ProfileStore
-from state.user_history import UserHistory, memo_put
+from state.user_history import UserHistory
 
 
 @dataclass

@@ -46,7 +46,7 @@ covers sources of up to 100 items); the first request on a new table finds them.
 _INSTALLED: weakref.WeakKeyDictionary[SnapshotStore, dict[str, tuple[Manifest, Any]]] = (
     weakref.WeakKeyDictionary())
 """Per store, per kind: the manifest a synchronous poll installed last in this process and
-its loaded object (``_refresh``)."""
+its loaded object (``SnapshotReader.refresh``'s ``installed``)."""
 
 _loader: ThreadPoolExecutor | None = None
 _loader_lock = threading.Lock()
@@ -108,11 +108,14 @@ class SnapshotViews:
             if self._pending is None:
                 self._pending = _background_loader().submit(self._prepare_round, max_ts)
             return
-        _refresh(self.ranker, max_ts)
-        _refresh(self.pool, max_ts)
+        installed = _INSTALLED.get(self.store)
+        if installed is None:
+            installed = _INSTALLED[self.store] = {}
+        self.ranker.refresh(max_ts, installed)
+        self.pool.refresh(max_ts, installed)
         self.index.refresh(max_ts)
         for reader in self.tables.values():
-            _refresh(reader, max_ts)
+            reader.refresh(max_ts, installed)
 
     def _readers(self) -> dict[str, SnapshotReader[Any]]:
         return {"ranker": self.ranker, "pool": self.pool, "index": self.index.reader,
@@ -204,28 +207,6 @@ class SnapshotViews:
                       state.get("background"))
         self.ranker, self.index, self.tables = state["ranker"], state["index"], state["tables"]
         self.pool = state.get("pool", self.pool)  # older state: none yet
-
-
-def _refresh(reader: SnapshotReader[Any], max_ts: int | None) -> None:
-    """``reader.refresh(max_ts)``, except that a version another reader of the process has
-    installed from the same manifest (the store's LATEST read as the same object, so
-    every shard of a batch meets it) is installed as that reader's object, without
-    ``prepare``'s refusal check, cache lookup and signature check again: the object
-    ``prepare`` would find in ``SnapshotReader``'s cache (it stays there while it is
-    held here) after checks the same manifest passed."""
-    installed = _INSTALLED.get(reader.store)
-    if installed is None:
-        installed = _INSTALLED[reader.store] = {}
-    for manifest in reader.candidates(max_ts):
-        last = installed.get(reader.kind)
-        if (last is not None and last[0] is manifest
-                and manifest["version"] > (reader.version or 0)):
-            reader.install(manifest, last[1])
-            return
-        if reader.offer(manifest):
-            if hasattr(type(reader.current), "__weakref__"):  # what the cache shares
-                installed[reader.kind] = (manifest, reader.current)
-            return
 
 
 class FrozenViews:

@@ -48,6 +48,7 @@ from operators.placement import spread_key
 from operators.point_in_time import CovisQuery, PointInTime
 from operators.serving import Server, ServingConfig, repeat_blocked
 from operators.snapshot_views import SnapshotViews
+from state.bounded import lru_put, memo_put
 from state.change_log import ChangeLogDict
 from state.covisitation import CoVisConfig, CoVisitation
 from state.hashing import stable_hash64
@@ -55,7 +56,7 @@ from state.item_table import category_of
 from state.join_state import RECORD_ROWS, JoinConfig, Joiner
 from state.profiles import ProfileStore, stores_for
 from state.sampling import NegativeSampler
-from state.user_history import UserHistory, lru_put, memo_put
+from state.user_history import UserHistory
 
 ShardOutput = dict[str, list[Any]]
 

@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterable
 from operator import itemgetter
 from typing import Any
 
+from state.bounded import memo_put
 from state.decay import exp2
 from state.feature_spec import DEFAULT_DISTINCT_K, DEFAULT_LAST_K, TRANSFORMS, FeatureSpec
 from state.hashing import stable_hash64
-from state.user_history import memo_put
 
 TS = itemgetter(0)
 """Sort key of ``[ts, ...]`` entries (raw events, last_k entries, slices by start)."""

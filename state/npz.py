@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from state.user_history import memo_put
+from state.bounded import memo_put
 
 _DOS_TIME = (0, (1980 - 1980) << 9 | 1 << 5 | 1)
 """Zip time and date fields of every member written: 00:00:00 on 1980-01-01."""

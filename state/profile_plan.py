@@ -24,9 +24,9 @@ from typing import Any
 
 from events.model import _Record
 from state.aggregates import BAD, EXACT_INCREMENTAL, fold_kind, make_agg, make_prep
+from state.bounded import memo_put
 from state.feature_spec import MISSING, RATE_SCALE, FeatureSpec, parse_duration
 from state.hashing import stable_hash64
-from state.user_history import memo_put
 
 FAR = 1 << 62
 """"Never" / "infinitely late", in ms."""

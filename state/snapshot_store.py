@@ -128,11 +128,15 @@ def _manifest_names(folder: Path) -> list[tuple[int, str]]:
     """(version, file name) of each version manifest ``v<digits>.json`` in ``folder``, in
     directory order (none when it is missing): ``folder.glob("v*.json")`` with a digit
     stem, from one ``os.listdir`` without pattern matching or a path per entry."""
+    return _manifests_among(_listdir(folder))
+
+
+def _listdir(folder: Path) -> list[str]:
+    """``os.listdir(folder)``; none when the folder is missing."""
     try:
-        names = os.listdir(folder)
+        return os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return _manifests_among(names)
 
 
 def _manifests_among(names: list[str]) -> list[tuple[int, str]]:
@@ -348,10 +352,7 @@ class SnapshotStore:
     def _prune(self, folder: Path, newest: int) -> None:
         """Delete every file of the versions ``keep`` or more below ``newest`` (the
         ``v<version>.*`` files of each ``v<version>.json`` manifest)."""
-        try:
-            names = os.listdir(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            return
+        names = _listdir(folder)
         old = {name[:-5] for version, name in _manifests_among(names)
                if version <= newest - self.keep}
         if not old:
@@ -595,9 +596,28 @@ class SnapshotReader(Generic[T]):
         yield from (m for m in self.store.manifests(self.kind)
                     if m["version"] < newest and (max_ts is None or m.get("ts", 0) <= max_ts))
 
-    def refresh(self, max_ts: int | None = None) -> bool:
+    def refresh(self, max_ts: int | None = None,
+                installed: dict[str, tuple[Manifest, Any]] | None = None) -> bool:
         """Load the newest version of this kind in the store that verifies (and, with
         ``max_ts``, whose event time is at most ``max_ts`` ms), if newer than the
         current one (LATEST first; when it is refused or too new, the versions before
-        it); True when a version became current."""
-        return any(self.offer(m) for m in self.candidates(max_ts))
+        it); True when a version became current.
+
+        ``installed`` (kind -> (manifest, object)), shared by readers of this store in
+        the process: a version another of them installed from the same manifest object
+        (the store's LATEST read once, met by every shard of a batch) is installed as
+        its object without ``prepare``'s refusal check, cache lookup and signature
+        check again (the checks that manifest passed; the object ``prepare`` would find
+        in the cache, where it stays while held there); what this reader installs is
+        recorded there when the cache shares it (weakly referable)."""
+        for manifest in self.candidates(max_ts):
+            last = installed.get(self.kind) if installed is not None else None
+            if (last is not None and last[0] is manifest
+                    and manifest["version"] > (self.version or 0)):
+                self.install(manifest, last[1])
+                return True
+            if self.offer(manifest):
+                if installed is not None and hasattr(type(self.current), "__weakref__"):
+                    installed[self.kind] = (manifest, self.current)
+                return True
+        return False

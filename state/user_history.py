@@ -10,26 +10,6 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from typing import Any
-
-
-def lru_put(lru: OrderedDict[Any, Any], key: Any, value: Any, capacity: int) -> None:
-    """``lru[key] = value`` as its most recent entry; the oldest entries beyond
-    ``capacity`` are dropped."""
-    lru[key] = value
-    lru.move_to_end(key)
-    while len(lru) > capacity:
-        lru.popitem(last=False)
-
-
-def memo_put(memo: dict[Any, Any], key: Any, value: Any, capacity: int) -> Any:
-    """``memo[key] = value`` in a memo emptied when it holds ``capacity`` entries (a
-    bounded cache whose entries cost less to recompute than to keep in order); returns
-    ``value``."""
-    if len(memo) >= capacity:
-        memo.clear()
-    memo[key] = value
-    return value
 
 
 class UserHistory:

@@ -18,12 +18,12 @@ from serving_world import DIM, T0, World, warm_up
 from operators.point_in_time import UserContext
 from operators.serving import Server
 from state import item_rows
+from state.bounded import lru_put
 from state.change_log import LOG, ChangeLogDict
 from state.covis_view import CovisView
 from state.covisitation import CoVisConfig, CoVisitation
 from state.item_rows import ItemRows
 from state.item_table import CatalogEntry, ItemTable
-from state.user_history import lru_put
 
 
 def _ctx(user: str, vector: np.ndarray) -> UserContext:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.user_history import UserHistory, memo_put
+from state.bounded import memo_put
+from state.user_history import UserHistory
 
 
 @settings(max_examples=200, deadline=None)
