@@ -38,12 +38,14 @@ copy that refuses to learn; snapshots are written as data, not pickles
 from __future__ import annotations
 
 import heapq
+import math
 import pickle
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from river import base, facto, linear_model, optim
+from river.utils import VectorDict
 
 from models.calibration import (
     correct_downsampled,
@@ -199,6 +201,8 @@ class Ranker:
         y = bool(example["label"])
         if self.kind == "efm":
             self.model.learn_one(x, y, w, now_ms=self.last_ts_ms)
+        elif self.kind == "lr" and plain_lr(self.model):
+            lr_learn_one(self.model, x, y, w)
         else:
             self.model.learn_one(x, y, w)
         self.n_learned += 1
@@ -337,6 +341,62 @@ class GroupAdaGrad(optim.AdaGrad):
             rate = lr if "=" in i else numeric_lr
             w[i] -= rate / (s + eps) ** 0.5 * gi
         return w
+
+
+def plain_lr(model: Any) -> bool:
+    """Whether ``lr_learn_one`` is River's ``learn_one`` for ``model``: a River
+    ``LogisticRegression`` with ``GroupAdaGrad``, log loss, zero initial weights and no
+    l1/l2 penalty (``make_ranker("lr")`` without ``l2``)."""
+    return (type(model) is linear_model.LogisticRegression
+            and type(model.optimizer) is GroupAdaGrad and type(model.loss) is optim.losses.Log
+            and type(model.initializer) is optim.initializers.Zeros
+            and not model.l1 and not model.l2)
+
+
+def lr_learn_one(model: linear_model.LogisticRegression, x: Features, y: bool, w: float) -> None:
+    """River's ``LogisticRegression.learn_one(x, y, w)`` for a ``plain_lr`` model, the
+    same float operations in the same order without River's per-example wrappers (the
+    masked weight view, the gradient ``VectorDict``, the optimizer's vector attempt):
+    the logit ``weights.dot(x) + intercept``, the log loss gradient times ``w`` clipped
+    to ``clip_gradient``, the intercept step, then ``GroupAdaGrad``'s step on
+    ``g_i = x_i * gradient`` in ``x``'s order, the weights moved by one
+    ``VectorDict.isub_scaled`` of the steps (absent weights start at 0.0, added in
+    ``x``'s order). The same weights, ``g2`` (values and key order), intercept and
+    iteration count."""
+    weights, opt, loss = model._weights, model.optimizer, model.loss
+    z = weights.dot(x) + model.intercept
+    if y:
+        sign, scale = 1, loss.weight_pos
+    else:
+        sign, scale = -1, loss.weight_neg
+    z = z * sign
+    if z > 18.0:
+        grad = scale * math.exp(-z) * -sign
+    elif z < -18.0:
+        grad = scale * -sign
+    else:
+        grad = scale * -sign / (math.exp(z) + 1.0)
+    grad *= w
+    clip = model.clip_gradient
+    grad = float(max(min(grad, clip), -clip))
+    model.intercept -= model.intercept_lr.get(opt.n_iterations) * grad
+    g2, eps = opt.g2, opt.eps
+    lr, numeric_lr = opt.learning_rate, opt.numeric_lr
+    steps: dict[str, float] = {}
+    if numeric_lr is None:
+        for i, xi in x.items():
+            gi = xi * grad
+            s = g2[i] + gi**2
+            g2[i] = s
+            steps[i] = lr / (s + eps) ** 0.5 * gi
+    else:
+        for i, xi in x.items():
+            gi = xi * grad
+            s = g2[i] + gi**2
+            g2[i] = s
+            steps[i] = (lr if "=" in i else numeric_lr) / (s + eps) ** 0.5 * gi
+    weights.isub_scaled(VectorDict(steps), 1.0)  # w_i - 1.0 * step_i: w_i - step_i exactly
+    opt.n_iterations += 1
 
 
 def positive_hold_ms(join: JoinConfig) -> int:
