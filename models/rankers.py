@@ -41,6 +41,7 @@ import heapq
 import math
 import pickle
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -195,18 +196,6 @@ class Ranker:
         """Learn one joiner example (``features``: its precomputed ``example_features``)."""
         self.learn_many([example], None if features is None else [features])
 
-    def _learn_one(self, example: Example, features: Features | None) -> None:
-        w = self._observe(example)
-        x = example_features(example) if features is None else features
-        y = bool(example["label"])
-        if self.kind == "efm":
-            self.model.learn_one(x, y, w, now_ms=self.last_ts_ms)
-        elif self.kind == "lr" and plain_lr(self.model):
-            lr_learn_one(self.model, x, y, w)
-        else:
-            self.model.learn_one(x, y, w)
-        self.n_learned += 1
-
     def learn_many(self, examples: Sequence[Example],
                    features: Sequence[Features] | None = None) -> None:
         """Learn examples in order: per example for River models, in mini-batches of
@@ -220,9 +209,15 @@ class Ranker:
 
     def _learn_now(self, examples: Sequence[Example],
                    features: Sequence[Features | None] | None) -> None:
-        if self.kind != "efm":
+        if self.kind != "efm":  # per example; the default LR by lr_learn_one
+            model = self.model
+            learn = (partial(lr_learn_one, model) if self.kind == "lr" and plain_lr(model)
+                     else model.learn_one)
             for i, ex in enumerate(examples):
-                self._learn_one(ex, None if features is None else features[i])
+                w = self._observe(ex)
+                x = None if features is None else features[i]
+                learn(example_features(ex) if x is None else x, bool(ex["label"]), w)
+                self.n_learned += 1
             if self.max_features:
                 self._prune()
             return
