@@ -319,23 +319,34 @@ class GroupAdaGrad(optim.AdaGrad):
 
     def _step_with_dict(self, w: Any, g: Any) -> Any:
         """River's AdaGrad step (per coordinate ``g2 += g**2``, ``w -= rate / sqrt(g2 +
-        eps) * g``, the same float operations in the same order), with the rate read
-        once per step instead of once per coordinate and each ``g2`` sum kept instead of
-        read back (the same value): the same bits as ``AdaGrad._step_with_dict``."""
+        eps) * g``, the same float operations in the same order) by ``steps``: the
+        same bits as ``AdaGrad._step_with_dict``."""
+        for i, step in self.steps(g, 1.0).items():
+            w[i] -= step
+        return w
+
+    def steps(self, x: Mapping[str, float], scale: float) -> dict[str, float]:
+        """The AdaGrad step of gradient ``g_i = x_i * scale`` per coordinate, in ``x``'s
+        order (``g2[i] += g_i**2``; ``rate / (g2[i] + eps)**0.5 * g_i``, to subtract
+        from the weight), the ``g2`` sums updated. The rate is read once per step, not
+        per coordinate, and each sum kept instead of read back (the same values);
+        ``scale`` 1.0 leaves ``x``'s values as they are."""
         g2, eps = self.g2, self.eps
         lr, numeric_lr = self.learning_rate, self.numeric_lr
+        out: dict[str, float] = {}
         if numeric_lr is None:
-            for i, gi in g.items():
+            for i, xi in x.items():
+                gi = xi * scale
                 s = g2[i] + gi**2
                 g2[i] = s
-                w[i] -= lr / (s + eps) ** 0.5 * gi
-            return w
-        for i, gi in g.items():
+                out[i] = lr / (s + eps) ** 0.5 * gi
+            return out
+        for i, xi in x.items():
+            gi = xi * scale
             s = g2[i] + gi**2
             g2[i] = s
-            rate = lr if "=" in i else numeric_lr
-            w[i] -= rate / (s + eps) ** 0.5 * gi
-        return w
+            out[i] = (lr if "=" in i else numeric_lr) / (s + eps) ** 0.5 * gi
+        return out
 
 
 def plain_lr(model: Any) -> bool:
@@ -353,7 +364,7 @@ def lr_learn_one(model: linear_model.LogisticRegression, x: Features, y: bool, w
     same float operations in the same order without River's per-example wrappers (the
     masked weight view, the gradient ``VectorDict``, the optimizer's vector attempt):
     the logit ``weights.dot(x) + intercept``, the log loss gradient times ``w`` clipped
-    to ``clip_gradient``, the intercept step, then ``GroupAdaGrad``'s step on
+    to ``clip_gradient``, the intercept step, then ``GroupAdaGrad.steps`` of
     ``g_i = x_i * gradient`` in ``x``'s order, the weights moved by one
     ``VectorDict.isub_scaled`` of the steps (absent weights start at 0.0, added in
     ``x``'s order). The same weights, ``g2`` (values and key order), intercept and
@@ -375,22 +386,8 @@ def lr_learn_one(model: linear_model.LogisticRegression, x: Features, y: bool, w
     clip = model.clip_gradient
     grad = float(max(min(grad, clip), -clip))
     model.intercept -= model.intercept_lr.get(opt.n_iterations) * grad
-    g2, eps = opt.g2, opt.eps
-    lr, numeric_lr = opt.learning_rate, opt.numeric_lr
-    steps: dict[str, float] = {}
-    if numeric_lr is None:
-        for i, xi in x.items():
-            gi = xi * grad
-            s = g2[i] + gi**2
-            g2[i] = s
-            steps[i] = lr / (s + eps) ** 0.5 * gi
-    else:
-        for i, xi in x.items():
-            gi = xi * grad
-            s = g2[i] + gi**2
-            g2[i] = s
-            steps[i] = (lr if "=" in i else numeric_lr) / (s + eps) ** 0.5 * gi
-    weights.isub_scaled(VectorDict(steps), 1.0)  # w_i - 1.0 * step_i: w_i - step_i exactly
+    # w_i - 1.0 * step_i is w_i - step_i exactly
+    weights.isub_scaled(VectorDict(opt.steps(x, grad)), 1.0)
     opt.n_iterations += 1
 
 
