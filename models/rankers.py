@@ -38,12 +38,15 @@ copy that refuses to learn; snapshots are written as data, not pickles
 from __future__ import annotations
 
 import heapq
+import math
 import pickle
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from river import base, facto, linear_model, optim
+from river.utils import VectorDict
 
 from models.calibration import (
     correct_downsampled,
@@ -193,16 +196,6 @@ class Ranker:
         """Learn one joiner example (``features``: its precomputed ``example_features``)."""
         self.learn_many([example], None if features is None else [features])
 
-    def _learn_one(self, example: Example, features: Features | None) -> None:
-        w = self._observe(example)
-        x = example_features(example) if features is None else features
-        y = bool(example["label"])
-        if self.kind == "efm":
-            self.model.learn_one(x, y, w, now_ms=self.last_ts_ms)
-        else:
-            self.model.learn_one(x, y, w)
-        self.n_learned += 1
-
     def learn_many(self, examples: Sequence[Example],
                    features: Sequence[Features] | None = None) -> None:
         """Learn examples in order: per example for River models, in mini-batches of
@@ -216,9 +209,15 @@ class Ranker:
 
     def _learn_now(self, examples: Sequence[Example],
                    features: Sequence[Features | None] | None) -> None:
-        if self.kind != "efm":
+        if self.kind != "efm":  # per example; the default LR by lr_learn_one
+            model = self.model
+            learn = (partial(lr_learn_one, model) if self.kind == "lr" and plain_lr(model)
+                     else model.learn_one)
             for i, ex in enumerate(examples):
-                self._learn_one(ex, None if features is None else features[i])
+                w = self._observe(ex)
+                x = None if features is None else features[i]
+                learn(example_features(ex) if x is None else x, bool(ex["label"]), w)
+                self.n_learned += 1
             if self.max_features:
                 self._prune()
             return
@@ -320,23 +319,76 @@ class GroupAdaGrad(optim.AdaGrad):
 
     def _step_with_dict(self, w: Any, g: Any) -> Any:
         """River's AdaGrad step (per coordinate ``g2 += g**2``, ``w -= rate / sqrt(g2 +
-        eps) * g``, the same float operations in the same order), with the rate read
-        once per step instead of once per coordinate and each ``g2`` sum kept instead of
-        read back (the same value): the same bits as ``AdaGrad._step_with_dict``."""
+        eps) * g``, the same float operations in the same order) by ``steps``: the
+        same bits as ``AdaGrad._step_with_dict``."""
+        for i, step in self.steps(g, 1.0).items():
+            w[i] -= step
+        return w
+
+    def steps(self, x: Mapping[str, float], scale: float) -> dict[str, float]:
+        """The AdaGrad step of gradient ``g_i = x_i * scale`` per coordinate, in ``x``'s
+        order (``g2[i] += g_i**2``; ``rate / (g2[i] + eps)**0.5 * g_i``, to subtract
+        from the weight), the ``g2`` sums updated. The rate is read once per step, not
+        per coordinate, and each sum kept instead of read back (the same values);
+        ``scale`` 1.0 leaves ``x``'s values as they are."""
         g2, eps = self.g2, self.eps
         lr, numeric_lr = self.learning_rate, self.numeric_lr
+        out: dict[str, float] = {}
         if numeric_lr is None:
-            for i, gi in g.items():
+            for i, xi in x.items():
+                gi = xi * scale
                 s = g2[i] + gi**2
                 g2[i] = s
-                w[i] -= lr / (s + eps) ** 0.5 * gi
-            return w
-        for i, gi in g.items():
+                out[i] = lr / (s + eps) ** 0.5 * gi
+            return out
+        for i, xi in x.items():
+            gi = xi * scale
             s = g2[i] + gi**2
             g2[i] = s
-            rate = lr if "=" in i else numeric_lr
-            w[i] -= rate / (s + eps) ** 0.5 * gi
-        return w
+            out[i] = (lr if "=" in i else numeric_lr) / (s + eps) ** 0.5 * gi
+        return out
+
+
+def plain_lr(model: Any) -> bool:
+    """Whether ``lr_learn_one`` is River's ``learn_one`` for ``model``: a River
+    ``LogisticRegression`` with ``GroupAdaGrad``, log loss, zero initial weights and no
+    l1/l2 penalty (``make_ranker("lr")`` without ``l2``)."""
+    return (type(model) is linear_model.LogisticRegression
+            and type(model.optimizer) is GroupAdaGrad and type(model.loss) is optim.losses.Log
+            and type(model.initializer) is optim.initializers.Zeros
+            and not model.l1 and not model.l2)
+
+
+def lr_learn_one(model: linear_model.LogisticRegression, x: Features, y: bool, w: float) -> None:
+    """River's ``LogisticRegression.learn_one(x, y, w)`` for a ``plain_lr`` model, the
+    same float operations in the same order without River's per-example wrappers (the
+    masked weight view, the gradient ``VectorDict``, the optimizer's vector attempt):
+    the logit ``weights.dot(x) + intercept``, the log loss gradient times ``w`` clipped
+    to ``clip_gradient``, the intercept step, then ``GroupAdaGrad.steps`` of
+    ``g_i = x_i * gradient`` in ``x``'s order, the weights moved by one
+    ``VectorDict.isub_scaled`` of the steps (absent weights start at 0.0, added in
+    ``x``'s order). The same weights, ``g2`` (values and key order), intercept and
+    iteration count."""
+    weights, opt, loss = model._weights, model.optimizer, model.loss
+    z = weights.dot(x) + model.intercept
+    if y:
+        sign, scale = 1, loss.weight_pos
+    else:
+        sign, scale = -1, loss.weight_neg
+    z = z * sign
+    if z > 18.0:
+        grad = scale * math.exp(-z) * -sign
+    elif z < -18.0:
+        grad = scale * -sign
+    else:
+        grad = scale * -sign / (math.exp(z) + 1.0)
+    grad *= w
+    clip = model.clip_gradient
+    grad = float(max(min(grad, clip), -clip))
+    model.intercept -= model.intercept_lr.get(opt.n_iterations) * grad
+    # w_i - 1.0 * step_i is w_i - step_i exactly
+    weights.isub_scaled(VectorDict(opt.steps(x, grad)), 1.0)
+    opt.n_iterations += 1
 
 
 def positive_hold_ms(join: JoinConfig) -> int:

@@ -36,7 +36,14 @@ from models.features import (
     signed_log,
 )
 from models.metrics import ProgressiveMetrics, delayed_prequential, exact_auc
-from models.rankers import GroupAdaGrad, Ranker, make_ranker, positive_hold_ms
+from models.rankers import (
+    GroupAdaGrad,
+    Ranker,
+    lr_learn_one,
+    make_ranker,
+    plain_lr,
+    positive_hold_ms,
+)
 from models.synthetic import SYNTH_JOIN, SyntheticStream, simulated_stream
 from state.embedding_table import keys_of
 
@@ -524,6 +531,40 @@ def test_the_grouped_rates_step_is_the_per_coordinate_loop_to_the_last_bit(
     assert ours._weights.to_dict() == ref._weights.to_dict()
     assert dict(ours.optimizer.g2) == dict(ref.optimizer.g2)
     assert ours.intercept == ref.intercept
+
+
+@pytest.mark.parametrize("numeric_lr", [None, 0.03])
+def test_the_fused_lr_step_is_rivers_learn_one_to_the_last_bit(
+        stream: SyntheticStream, numeric_lr: float | None) -> None:
+    """``lr_learn_one`` against River's own ``learn_one`` on a twin model: the same
+    weights (values and key order), AdaGrad sums, intercept and iteration count, through
+    weighted examples, logits past +-18 (the loss's exponential branches) and gradients
+    past ``clip_gradient``."""
+    ref = make_ranker("lr", numeric_lr=numeric_lr).model
+    ours = make_ranker("lr", numeric_lr=numeric_lr).model
+    assert plain_lr(ours)
+    for n, (x, y) in enumerate(feature_dataset(stream, 2_000)):
+        w = 2.5 if n % 3 == 0 else 1.0
+        if n % 97 == 5:
+            x = {k: v * 400.0 for k, v in x.items()}  # a logit far past 18
+        if n % 211 == 7:
+            w = 1e13  # a gradient past clip_gradient (1e12)
+        ref.learn_one(x, y, w)
+        lr_learn_one(ours, x, y, w)
+    assert list(ours._weights.to_dict().items()) == list(ref._weights.to_dict().items())
+    assert list(ours.optimizer.g2.items()) == list(ref.optimizer.g2.items())
+    assert ours.intercept == ref.intercept
+    assert ours.optimizer.n_iterations == ref.optimizer.n_iterations == 2_000
+
+
+def test_rankers_take_the_fused_lr_step_only_where_it_is_rivers() -> None:
+    """The default LR takes it; an l2 penalty, a FM or other optimizers keep River's."""
+    from river import linear_model, optim
+
+    assert plain_lr(make_ranker("lr").model)
+    assert not plain_lr(make_ranker("lr", l2=0.01).model)
+    assert not plain_lr(make_ranker("fm").model)
+    assert not plain_lr(linear_model.LogisticRegression(optimizer=optim.AdaGrad(0.1)))
 
 
 def _correlated_counts_log_loss(seed: int, **params: float) -> float:
