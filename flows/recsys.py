@@ -44,6 +44,7 @@ from flows.runtime import GC_THRESHOLD, freeze_now, note_worker  # noqa: F401 - 
 from flows.runtime import apply as apply_runtime
 from models.rankers import positive_hold_ms
 from operators.crossing import PickledOnce, Unwrapped
+from operators.epoch_settle import SettledAtEpochEnd
 from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
@@ -65,7 +66,7 @@ from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
 from state.sampling import NegativeSampler
-from state.snapshot_store import SnapshotStore
+from state.snapshot_store import Manifest, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,9 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     # Versions are made durable and visible off the worker thread (their fsyncs stalled
     # requests, and a replay's batches); a reader in the process waits for the versions
     # of its kind still settling, so a replay's reads by event time meet the same
-    # versions at the same batch as if they were written in place.
+    # versions at the same batch as if they were written in place, and each writing
+    # stage waits for them when its epoch ends (``SettledAtEpochEnd``), so the readers
+    # of a cluster's other processes meet them at the next epoch too.
     store.background = True
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,
                          min_ts_ms=config.parse.min_ts_ms)
@@ -410,13 +413,14 @@ def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], co
     updates, source micro-batch id)))``; returns the streams of their ``(output name,
     records)`` (snapshot manifests, the item shards' processing-error dead letters)."""
 
-    def item_builder(resume: ItemShard | None) -> Unwrapped[dict[str, list[Any]], ItemShard]:
+    def item_builder(resume: ItemShard | None
+                     ) -> SettledAtEpochEnd[dict[str, list[Any]], ItemShard]:
         note_worker()
         live = any(i.kind == "kafka" for i in config.inputs)
         shard = resume or ItemShard(config.items, store, config.features,
                                     hot_profiles=config.shards.hot_profiles)
         shard.one_table_per_batch = live  # how the input runs now, not state
-        return Unwrapped(ItemShardLogic(shard))
+        return SettledAtEpochEnd(Unwrapped(ItemShardLogic(shard)), shard.store)
 
     item_out = op.stateful("item_shard", routed, item_builder)
     dim = config.items.mf_config().dim
@@ -425,8 +429,9 @@ def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], co
     # (items leaving and entering) before an early refresh.
     max_pending = 2 * config.shards.items * config.items.mf_config().max_items
 
-    def index_builder(resume: IndexStage | None) -> IndexBuilderLogic:
-        return IndexBuilderLogic(resume or IndexStage(config.index, dim, store, max_pending))
+    def index_builder(resume: IndexStage | None) -> SettledAtEpochEnd[list[Manifest], IndexStage]:
+        stage = resume or IndexStage(config.index, dim, store, max_pending)
+        return SettledAtEpochEnd(IndexBuilderLogic(stage), stage.store)
 
     changes = op.flat_map("index_changes", item_out,
                           lambda kv: [(INDEX_KEY, c) for c in kv[1].get("index", ())])
@@ -443,9 +448,9 @@ def _trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: Config
         return None
     rate = config.sampler.negative_rate
 
-    def builder(resume: Trainer | None) -> Unwrapped[Any, Trainer]:
-        return Unwrapped(TrainerLogic(resume or Trainer(config.ranker, rate, store,
-                                                        positive_hold_ms(config.join))))
+    def builder(resume: Trainer | None) -> SettledAtEpochEnd[Any, Trainer]:
+        trainer = resume or Trainer(config.ranker, rate, store, positive_hold_ms(config.join))
+        return SettledAtEpochEnd(Unwrapped(TrainerLogic(trainer)), trainer.store)
 
     examples = op.filter_map("ranker_examples", shard_out,
                              lambda kv: (RANKER_KEY, PickledOnce(kv[1]["examples"]))
@@ -461,8 +466,9 @@ def _pool_trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: C
     if not (config.serving.enabled and pool.enabled and pool.training == "central"):
         return None
 
-    def builder(resume: PoolTrainer | None) -> Unwrapped[Any, PoolTrainer]:
-        return Unwrapped(TrainerLogic(resume or PoolTrainer(pool, store)))
+    def builder(resume: PoolTrainer | None) -> SettledAtEpochEnd[Any, PoolTrainer]:
+        trainer = resume or PoolTrainer(pool, store)
+        return SettledAtEpochEnd(Unwrapped(TrainerLogic(trainer)), trainer.store)
 
     pairs = op.filter_map("pool_pairs", shard_out,
                           lambda kv: (POOL_KEY, PickledOnce(kv[1]["pool-pairs"]))
