@@ -43,7 +43,7 @@ from flows.memory import memory_bound
 from flows.runtime import GC_THRESHOLD, freeze_now, note_worker  # noqa: F401 - GC_THRESHOLD re-exported
 from flows.runtime import apply as apply_runtime
 from models.rankers import positive_hold_ms
-from operators.crossing import PickledOnce, Unwrapped
+from operators.crossing import PickledOnce
 from operators.epoch_settle import SettledAtEpochEnd
 from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
@@ -420,7 +420,7 @@ def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], co
         shard = resume or ItemShard(config.items, store, config.features,
                                     hot_profiles=config.shards.hot_profiles)
         shard.one_table_per_batch = live  # how the input runs now, not state
-        return SettledAtEpochEnd(Unwrapped(ItemShardLogic(shard)), shard.store)
+        return SettledAtEpochEnd(ItemShardLogic(shard), shard.store)
 
     item_out = op.stateful("item_shard", routed, item_builder)
     dim = config.items.mf_config().dim
@@ -450,7 +450,7 @@ def _trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: Config
 
     def builder(resume: Trainer | None) -> SettledAtEpochEnd[Any, Trainer]:
         trainer = resume or Trainer(config.ranker, rate, store, positive_hold_ms(config.join))
-        return SettledAtEpochEnd(Unwrapped(TrainerLogic(trainer)), trainer.store)
+        return SettledAtEpochEnd(TrainerLogic(trainer), trainer.store)
 
     examples = op.filter_map("ranker_examples", shard_out,
                              lambda kv: (RANKER_KEY, PickledOnce(kv[1]["examples"]))
@@ -468,7 +468,7 @@ def _pool_trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: C
 
     def builder(resume: PoolTrainer | None) -> SettledAtEpochEnd[Any, PoolTrainer]:
         trainer = resume or PoolTrainer(pool, store)
-        return SettledAtEpochEnd(Unwrapped(TrainerLogic(trainer)), trainer.store)
+        return SettledAtEpochEnd(TrainerLogic(trainer), trainer.store)
 
     pairs = op.filter_map("pool_pairs", shard_out,
                           lambda kv: (POOL_KEY, PickledOnce(kv[1]["pool-pairs"]))

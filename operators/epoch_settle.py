@@ -20,39 +20,27 @@ the one process of a 1-process run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from bytewax.operators import StatefulLogic
 
+from operators.crossing import Unwrapped
 from state.snapshot_store import SnapshotStore
 
 W = TypeVar("W")
 S = TypeVar("S")
 
 
-class SettledAtEpochEnd(StatefulLogic[Any, W, S], Generic[W, S]):
-    """``inner``'s logic; its ``snapshot`` (at the end of every epoch in which the key
-    ran) first waits until every version written through ``store`` is durable and
-    visible (``SnapshotStore.flush``). The recovery state is ``inner``'s, unchanged."""
+class SettledAtEpochEnd(Unwrapped[W, S], Generic[W, S]):
+    """``inner``'s logic fed ``PickledOnce`` items or plain ones (``Unwrapped``); its
+    ``snapshot`` (at the end of every epoch in which the key ran) first waits until every
+    version written through ``store`` is durable and visible (``SnapshotStore.flush``).
+    The recovery state is ``inner``'s, unchanged."""
 
     def __init__(self, inner: StatefulLogic[Any, W, S], store: SnapshotStore) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.store = store
-
-    def on_item(self, value: Any) -> tuple[Iterable[W], bool]:
-        return self.inner.on_item(value)
-
-    def on_notify(self) -> tuple[Iterable[W], bool]:
-        return self.inner.on_notify()
-
-    def on_eof(self) -> tuple[Iterable[W], bool]:
-        return self.inner.on_eof()
-
-    def notify_at(self) -> datetime | None:
-        return self.inner.notify_at()
 
     def snapshot(self) -> S:
         self.store.flush()
-        return self.inner.snapshot()
+        return super().snapshot()
