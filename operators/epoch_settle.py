@@ -15,7 +15,9 @@ moves past the epoch, so before any input of the cluster reads the next epoch
 (``bytewax.inputs``: a source waits until every output finished the previous epoch);
 it waits there for the versions the stage's store is still settling. Every version
 written in epoch N is then visible to every process from epoch N + 1 on, as it is to
-the one process of a 1-process run.
+the one process of a 1-process run. The flow wraps its publishing stages so in replays
+and simulator runs (``flows.recsys._publishing``); live Kafka input keeps that I/O off
+the worker thread (serving polls by wall time there).
 """
 
 from __future__ import annotations
