@@ -28,10 +28,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
+from bytewax.operators import StatefulLogic
 
 from events.logfile import LogFileError, check_log
 from events.model import EventParser, Record
@@ -44,6 +45,7 @@ from flows.runtime import GC_THRESHOLD, freeze_now, note_worker  # noqa: F401 - 
 from flows.runtime import apply as apply_runtime
 from models.rankers import positive_hold_ms
 from operators.crossing import PickledOnce, Unwrapped
+from operators.epoch_settle import SettledAtEpochEnd
 from operators.example_codec import pack_example
 from operators.index_builder import IndexBuilderLogic, IndexStage
 from operators.item_shard import ItemShard, ItemShardLogic, item_shard_key, route_updates
@@ -65,9 +67,12 @@ from operators.trainer import Trainer, TrainerLogic
 from operators.user_shard import UserShard, UserShardLogic, route_events
 from state.hashing import ShardOf
 from state.sampling import NegativeSampler
-from state.snapshot_store import SnapshotStore
+from state.snapshot_store import Manifest, SnapshotStore
 
 log = logging.getLogger(__name__)
+
+W = TypeVar("W")
+S = TypeVar("S")
 
 RANKER_KEY, POOL_KEY, INDEX_KEY, METRICS_KEY = (last_key(n) for n in ("ranker", "pool", "index",
                                                                       "metrics"))
@@ -247,7 +252,9 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
     # Versions are made durable and visible off the worker thread (their fsyncs stalled
     # requests, and a replay's batches); a reader in the process waits for the versions
     # of its kind still settling, so a replay's reads by event time meet the same
-    # versions at the same batch as if they were written in place.
+    # versions at the same batch as if they were written in place, and in a replay each
+    # writing stage waits for them when its epoch ends (``_publishing``), so the readers
+    # of a cluster's other processes meet them at the next epoch too.
     store.background = True
     parser = EventParser(config.parse.max_bytes, config.parse.max_future_skew_ms,
                          min_ts_ms=config.parse.min_ts_ms)
@@ -404,6 +411,18 @@ def _stage_counts(named: tuple[str, list[Record]]) -> list[tuple[str, tuple[str,
     return []
 
 
+def _publishing(logic: StatefulLogic[Any, W, S], store: SnapshotStore, config: Config
+                ) -> Unwrapped[W, S]:
+    """The logic of a stage that publishes snapshots through ``store``, fed ``PickledOnce``
+    items. Replays and the simulator wait for its versions still settling when each epoch
+    ends (``SettledAtEpochEnd``: a cluster's other processes meet them at the next
+    micro-batch); live Kafka input does not (serving polls by wall time there, and the
+    worker would hold requests while the fsyncs finish)."""
+    if any(i.kind == "kafka" for i in config.inputs):
+        return Unwrapped(logic)
+    return SettledAtEpochEnd(logic, store)
+
+
 def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], config: Config,
                store: SnapshotStore) -> list[Stream[tuple[str, list[Record]]]]:
     """Item shards and the index builder, fed ``(item shard key, PickledOnce((key,
@@ -416,7 +435,7 @@ def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], co
         shard = resume or ItemShard(config.items, store, config.features,
                                     hot_profiles=config.shards.hot_profiles)
         shard.one_table_per_batch = live  # how the input runs now, not state
-        return Unwrapped(ItemShardLogic(shard))
+        return _publishing(ItemShardLogic(shard), shard.store, config)
 
     item_out = op.stateful("item_shard", routed, item_builder)
     dim = config.items.mf_config().dim
@@ -425,8 +444,9 @@ def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], co
     # (items leaving and entering) before an early refresh.
     max_pending = 2 * config.shards.items * config.items.mf_config().max_items
 
-    def index_builder(resume: IndexStage | None) -> IndexBuilderLogic:
-        return IndexBuilderLogic(resume or IndexStage(config.index, dim, store, max_pending))
+    def index_builder(resume: IndexStage | None) -> Unwrapped[list[Manifest], IndexStage]:
+        stage = resume or IndexStage(config.index, dim, store, max_pending)
+        return _publishing(IndexBuilderLogic(stage), stage.store, config)
 
     changes = op.flat_map("index_changes", item_out,
                           lambda kv: [(INDEX_KEY, c) for c in kv[1].get("index", ())])
@@ -444,8 +464,8 @@ def _trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: Config
     rate = config.sampler.negative_rate
 
     def builder(resume: Trainer | None) -> Unwrapped[Any, Trainer]:
-        return Unwrapped(TrainerLogic(resume or Trainer(config.ranker, rate, store,
-                                                        positive_hold_ms(config.join))))
+        trainer = resume or Trainer(config.ranker, rate, store, positive_hold_ms(config.join))
+        return _publishing(TrainerLogic(trainer), trainer.store, config)
 
     examples = op.filter_map("ranker_examples", shard_out,
                              lambda kv: (RANKER_KEY, PickledOnce(kv[1]["examples"]))
@@ -462,7 +482,8 @@ def _pool_trainer(shard_out: Stream[tuple[str, dict[str, list[Any]]]], config: C
         return None
 
     def builder(resume: PoolTrainer | None) -> Unwrapped[Any, PoolTrainer]:
-        return Unwrapped(TrainerLogic(resume or PoolTrainer(pool, store)))
+        trainer = resume or PoolTrainer(pool, store)
+        return _publishing(TrainerLogic(trainer), trainer.store, config)
 
     pairs = op.filter_map("pool_pairs", shard_out,
                           lambda kv: (POOL_KEY, PickledOnce(kv[1]["pool-pairs"]))
