@@ -100,12 +100,14 @@ def test_families_grouped_by_stage_and_health(tmp_path) -> None:
     assert code == 200 and details["status"] == "ok" and details["app"] == "stages"
 
 
-def test_healthz_reports_a_stalled_process() -> None:
+def test_healthz_reports_a_stalled_process(monkeypatch) -> None:
     port = free_port()
-    MetricsServer.serve(MetricsConfig(port=port, health_stall_s=0.3))
+    MetricsServer.serve(MetricsConfig(port=port, health_stall_s=5.0))
     health.beat()
     assert _get(port, "/healthz")[0] == 200
-    time.sleep(0.6)  # no input partition asked for data, no metrics item: stalled
+    # the last beat 10 s ago (no input partition asked for data, no metrics item): stalled;
+    # backdated rather than slept, so a loaded machine cannot make the first answer late
+    monkeypatch.setattr(health, "_last_beat", time.monotonic() - 10.0)
     code, _, body = _get(port, "/healthz")
     assert code == 503 and orjson.loads(body)["status"] == "stalled"
     health.beat()

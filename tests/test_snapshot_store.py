@@ -246,21 +246,22 @@ def test_background_write_returns_before_the_fsyncs_and_settles_in_order(tmp_pat
     file is written and hashed; the slow fsyncs and the renames that make it visible run
     on the writer thread, in write order; ``flush`` waits for them."""
     import os
-    import time
+    import threading
 
     real_fsync = os.fsync
+    gate, synced = threading.Event(), []
 
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.2)
+    def held_fsync(fd: int) -> None:  # held until the writes returned (10 s at most)
+        gate.wait(10.0)
         real_fsync(fd)
+        synced.append(fd)
 
     store = SnapshotStore(tmp_path, keep=10, background=True)
-    monkeypatch.setattr(os, "fsync", slow_fsync)
-    start = time.perf_counter()
+    monkeypatch.setattr(os, "fsync", held_fsync)
     manifests = [store.write_bytes("items-i000", "bin", b"table@%d" % i, ts=1_000 * i)
                  for i in range(1, 4)]
-    took = time.perf_counter() - start
-    assert took < 0.2, f"three background writes took {took:.2f} s: they waited for fsync"
+    assert not synced, "the background writes waited for an fsync"
+    gate.set()
     assert [m["version"] for m in manifests] == [1, 2, 3]
     # a reader in this process waits for the versions of its kind still settling
     assert store.latest("items-i000") == manifests[-1]
@@ -283,26 +284,31 @@ def test_readers_in_the_process_see_background_writes_as_if_written_in_place(
     store of the same root, waits for the versions of its kind still settling, so a
     replay's reads by event time meet the versions an in-place write would show."""
     import os
-    import time
+    import threading
 
     real_fsync = os.fsync
+    gate, synced = threading.Event(), []
 
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.05)
+    def held_fsync(fd: int) -> None:  # held until the reader asks (10 s at most)
+        gate.wait(10.0)
         real_fsync(fd)
+        synced.append(fd)
 
     writer = SnapshotStore(tmp_path, keep=2, background=True)
     reader_store = SnapshotStore(tmp_path, keep=2)  # another stage's instance
     reader = SnapshotReader(reader_store, "items-i000", lambda p: p.read_bytes())
-    monkeypatch.setattr(os, "fsync", slow_fsync)
+    monkeypatch.setattr(os, "fsync", held_fsync)
     for i in range(1, 5):
-        start = time.perf_counter()
+        gate.clear()
+        done = len(synced)
         manifest = writer.write_bytes("items-i000", "bin", b"v%d" % i, ts=i)
-        assert time.perf_counter() - start < 0.05  # the fsyncs are not waited for here
+        assert len(synced) == done  # the fsyncs are not waited for here
+        threading.Timer(0.05, gate.set).start()  # they finish while the reader waits
         assert reader.refresh() and reader.current == b"v%d" % i
         assert reader_store.verified_path(manifest).read_bytes() == b"v%d" % i
         assert [m["version"] for m in reader_store.manifests("items-i000")] == \
             list(range(i, max(0, i - 2), -1))  # pruned to keep=2 too
+        writer.flush()  # no fsync of this version left to meet the next one's closed gate
     assert writer.write_bytes("ranker", "bin", b"r", ts=1)["version"] == 1  # other kinds: no wait
     writer.flush()
 
