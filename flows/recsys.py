@@ -286,7 +286,7 @@ def build(config: str | Path | dict[str, Any] | Config | None = None,
 
     # Replays and the simulator read snapshots by event time at every micro-batch (a
     # replay gives the same answers at any speed); live Kafka input polls by wall time.
-    poll_ms = (config.serving.poll_ms if any(i.kind == "kafka" for i in config.inputs) else 0)
+    poll_ms = config.serving.poll_ms if _live(config) else 0
 
     wire = not config.ranker.enabled
     """No stage reads the full example records (the in-flow trainer is the one that does):
@@ -418,9 +418,13 @@ def _publishing(logic: StatefulLogic[Any, W, S], store: SnapshotStore, config: C
     ends (``SettledAtEpochEnd``: a cluster's other processes meet them at the next
     micro-batch); live Kafka input does not (serving polls by wall time there, and the
     worker would hold requests while the fsyncs finish)."""
-    if any(i.kind == "kafka" for i in config.inputs):
-        return Unwrapped(logic)
-    return SettledAtEpochEnd(logic, store)
+    return Unwrapped(logic) if _live(config) else SettledAtEpochEnd(logic, store)
+
+
+def _live(config: Config) -> bool:
+    """Whether the flow reads live Kafka input (wall-clock polls and publication), not a
+    replay or the simulator (event-time ones)."""
+    return any(i.kind == "kafka" for i in config.inputs)
 
 
 def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], config: Config,
@@ -431,10 +435,9 @@ def _item_side(routed: Stream[tuple[str, tuple[str, list[ItemUpdate], int]]], co
 
     def item_builder(resume: ItemShard | None) -> Unwrapped[dict[str, list[Any]], ItemShard]:
         note_worker()
-        live = any(i.kind == "kafka" for i in config.inputs)
         shard = resume or ItemShard(config.items, store, config.features,
                                     hot_profiles=config.shards.hot_profiles)
-        shard.one_table_per_batch = live  # how the input runs now, not state
+        shard.one_table_per_batch = _live(config)  # how the input runs now, not state
         return _publishing(ItemShardLogic(shard), shard.store, config)
 
     item_out = op.stateful("item_shard", routed, item_builder)
